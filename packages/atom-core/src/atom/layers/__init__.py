@@ -1,0 +1,1 @@
+"""nn.Modules built from atom.ops: the pieces every model family is made of."""

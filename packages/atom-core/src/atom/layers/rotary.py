@@ -1,0 +1,73 @@
+"""Rotary embedding module: builds the cos/sin table for the config's rope type once.
+
+Frequencies for the scaled variants (linear, dynamic NTK, YaRN, Llama-3, longrope) come from
+transformers' own `ROPE_INIT_FUNCTIONS`, so ATOM's positions match transformers' by construction.
+Dynamic NTK depends on the longest position seen: past the original context it is recomputed for the
+current length, as transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atom.ops.registry import resolve
+
+
+def rope_parameters(config) -> dict:
+    if hasattr(config, "standardize_rope_params"):
+        config.standardize_rope_params()
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:  # older-style configs
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int, is_neox: bool = True, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.head_dim = head_dim
+        self.is_neox = is_neox
+        params = rope_parameters(config)
+        self.rope_type = params["rope_type"]
+        self.original_max = int(
+            params.get("original_max_position_embeddings") or config.max_position_embeddings
+        )
+        self.num_positions = max(int(config.max_position_embeddings), max_positions or 0)
+        inv_freq, scale = self._inv_freq(seq_len=None)
+        self.register_buffer("cos_sin", self._table(inv_freq, scale, self.num_positions), persistent=False)
+        self._op = resolve("rotary_embedding")
+
+    def _inv_freq(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            params = rope_parameters(self.config)
+            rot = int(self.head_dim * params.get("partial_rotary_factor",
+                                                 getattr(self.config, "partial_rotary_factor", 1.0)))
+            exponent = torch.arange(0, rot, 2, dtype=torch.int64).float() / rot
+            return 1.0 / (params["rope_theta"] ** exponent), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unsupported rope type {self.rope_type!r}; "
+                             f"supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+        kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"), **kwargs)
+
+    @staticmethod
+    def _table(inv_freq: torch.Tensor, scale: float, n: int) -> torch.Tensor:
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos_sin = self.cos_sin
+        if self.rope_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.original_max:
+                inv_freq, scale = self._inv_freq(seq_len=seq_len)
+                cos_sin = self._table(inv_freq, scale, seq_len).to(cos_sin.device)
+        elif positions.numel() and positions.device.type == "cpu" and int(positions.max()) >= cos_sin.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond the rope table ({cos_sin.shape[0]})")
+        return self._op(positions, q, k, self.head_dim, cos_sin, self.is_neox)

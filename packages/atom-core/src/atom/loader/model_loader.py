@@ -1,0 +1,119 @@
+"""Build an ATOM model from a checkpoint: HF folder (safetensors), a GGUF file, or random weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+from atom.layers.attention import AttentionFactory
+from atom.models.registry import model_class_for_config
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def is_gguf(path: str) -> bool:
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def load_config(model: str, trust_remote_code: bool = False):
+    """The transformers config of an HF folder or a GGUF file, with a clear error when it is missing."""
+    if is_gguf(model):
+        from atom.loader.gguf import gguf_config
+
+        return gguf_config(model)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"model path {model!r} is neither a folder nor a .gguf file "
+                                "(ATOM loads local checkpoints only; no hub downloads)")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model} has no config.json")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"cannot read {os.path.join(model, 'config.json')}: {e}") from e
+
+
+def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = _DTYPES.get(cfg_dtype, None)
+    if cfg_dtype in (None, torch.float32):
+        # As vLLM: float32 checkpoints run in bf16 on GPUs; keep float32 on CPU for exactness.
+        return torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+    return cfg_dtype
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def checkpoint_weights(model: str, progress: bool = True) -> Iterable[tuple[str, torch.Tensor]]:
+    if is_gguf(model):
+        from atom.loader.gguf import iterate_gguf
+
+        return iterate_gguf(model, progress=progress)
+    from atom.loader.safetensors_files import iterate_safetensors
+
+    return iterate_safetensors(model, progress=progress)
+
+
+def random_weights_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every parameter with small random values (benchmarks: speed does not depend on weights)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+            continue
+        values = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
+        p.data.copy_(values.to(p.dtype))
+
+
+def load_model(
+    model: str,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    attn_factory: AttentionFactory | None = None,
+    load_format: str = "auto",
+    max_positions: int | None = None,
+    config=None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+):
+    """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights)."""
+    config = config if config is not None else load_config(model, trust_remote_code)
+    cls = model_class_for_config(config)
+    torch_dtype = resolve_dtype(config, dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with default_dtype(torch_dtype), torch.device(device):
+        net = cls(config, attn_factory=attn_factory, max_positions=max_positions)
+    if load_format == "dummy":
+        random_weights_(net)
+    else:
+        loaded = net.load_weights(checkpoint_weights(model, progress=progress))
+        expected = {n for n, _ in net.named_parameters(remove_duplicate=False)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint {model} lacks tensors for: {', '.join(missing[:10])}"
+                             + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    net.eval()
+    return net, config

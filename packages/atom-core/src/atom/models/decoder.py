@@ -1,0 +1,269 @@
+"""One decoder-only transformer that every supported family configures.
+
+Families differ in a handful of switches (QKV bias, qk-norm, sliding window, dense MLP or MoE), so they
+share this code and each family file only says which switches it sets (see llama.py, qwen3_moe.py...).
+Parameter names follow the Hugging Face checkpoints, except the merged ones: qkv_proj (q|k|v),
+gate_up_proj (gate|up) and the stacked experts w13 / w2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atom.layers.activation import GatedActivation
+from atom.layers.attention import Attention, AttentionFactory, AttentionSpec
+from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from atom.layers.moe import FusedMoE
+from atom.layers.norm import RMSNorm
+from atom.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    moe: str | None = None  # None | "qwen3_moe" | "mixtral"
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _sliding_window(config, layer_idx: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if hasattr(config, "use_sliding_window") and not config.use_sliding_window:
+        return None
+    return window
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, opts: DecoderOptions, attn_factory: AttentionFactory | None,
+                 prefix: str, max_positions: int | None):
+        super().__init__()
+        self.head_dim = _head_dim(config)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=opts.qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=opts.o_bias)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = opts.qk_norm
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, is_neox=True, max_positions=max_positions)
+        spec = AttentionSpec(
+            layer_idx=layer_idx,
+            num_heads=self.qkv_proj.num_heads,
+            num_kv_heads=self.qkv_proj.num_kv_heads,
+            head_dim=self.head_dim,
+            scale=self.head_dim**-0.5,
+            sliding_window=_sliding_window(config, layer_idx),
+            logit_softcap=getattr(config, "attn_logit_softcapping", None),
+            prefix=f"{prefix}.attn",
+        )
+        self.attn = Attention(spec, attn_factory)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            t = x.shape[0]
+            q = self.q_norm(q.reshape(t, -1, self.head_dim)).reshape(t, self.q_size)
+            k = self.k_norm(k.reshape(t, -1, self.head_dim)).reshape(t, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act = GatedActivation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config, opts: DecoderOptions):
+        super().__init__()
+        if opts.moe == "mixtral":
+            num_experts, inter, renorm = config.num_local_experts, config.intermediate_size, True
+        else:
+            num_experts, inter = config.num_experts, config.moe_intermediate_size
+            renorm = bool(getattr(config, "norm_topk_prob", False))
+        self.gate = ReplicatedLinear(config.hidden_size, num_experts, bias=False)
+        act = "silu" if config.hidden_act in ("silu", "swish") else "gelu_tanh"
+        self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size, inter,
+                                renormalize=renorm, activation=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, self.gate(x))
+
+
+def _is_moe_layer(config, layer_idx: int, opts: DecoderOptions) -> bool:
+    if opts.moe == "mixtral":
+        return True
+    if opts.moe == "qwen3_moe":
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        return (layer_idx not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
+                and (layer_idx + 1) % step == 0)
+    return False
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, opts: DecoderOptions, attn_factory, prefix: str,
+                 max_positions: int | None):
+        super().__init__()
+        self.self_attn = SelfAttention(config, layer_idx, opts, attn_factory, f"{prefix}.self_attn", max_positions)
+        if _is_moe_layer(config, layer_idx, opts):
+            self.mlp = SparseMoE(config, opts)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, opts.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, opts: DecoderOptions, attn_factory, prefix: str = "model",
+                 max_positions: int | None = None):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, opts, attn_factory, f"{prefix}.layers.{i}", max_positions)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, inputs_embeds=None):
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+# checkpoint name piece -> (merged parameter piece, shard id)
+_STACKED = (
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
+_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every family class. Subclasses set `options(config)`."""
+
+    @classmethod
+    def options(cls, config) -> DecoderOptions:  # pragma: no cover - overridden
+        return DecoderOptions()
+
+    def __init__(self, config, attn_factory: AttentionFactory | None = None, prefix: str = "",
+                 max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        opts = self.options(config)
+        self.model = DecoderModel(config, opts, attn_factory, prefix=f"{prefix}model" if not prefix else f"{prefix}.model",
+                                  max_positions=max_positions)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        tie_to = self.model.embed_tokens if self.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tie_to=tie_to)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Flattened tokens of the whole batch -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Map a checkpoint tensor name onto this model's names; None skips it."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if self.tie_word_embeddings and name == "lm_head.weight":
+            return None
+        return name.replace(".block_sparse_moe.", ".mlp.")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors into the parameters; returns the parameter names that were loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+
+        def param(target: str, source: str) -> nn.Parameter:
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {source!r} has no matching parameter ({target!r}) "
+                                 f"in {type(self).__name__}")
+            loaded.add(target)
+            return params[target]
+
+        for source, tensor in weights:
+            name = self.checkpoint_name(source)
+            if name is None:
+                continue
+            if m := _EXPERT.match(name):
+                base, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+                shard = _EXPERT_SHARD[kind]
+                target = f"{base}.{'w2' if shard == 'w2' else 'w13'}"
+                p = param(target, source)
+                p.weight_loader(p, tensor, shard, expert)
+                continue
+            if m := _FUSED_EXPERTS.match(name):
+                base, kind = m.groups()
+                target = f"{base}.{'w13' if kind == 'gate_up_proj' else 'w2'}"
+                p = param(target, source)
+                for e in range(tensor.shape[0]):
+                    p.weight_loader(p, tensor[e], "w13" if kind == "gate_up_proj" else "w2", e)
+                continue
+            for piece, merged, shard in _STACKED:
+                if piece in name and ".experts." not in name:
+                    target = name.replace(piece, merged)
+                    p = param(target, source)
+                    p.weight_loader(p, tensor, shard)
+                    break
+            else:
+                p = param(name, source)
+                loader = getattr(p, "weight_loader", None)
+                if loader is not None:
+                    loader(p, tensor)
+                else:
+                    if tuple(p.shape) != tuple(tensor.shape):
+                        raise ValueError(f"shape mismatch for {source}: checkpoint {tuple(tensor.shape)}, "
+                                         f"model {tuple(p.shape)}")
+                    p.data.copy_(tensor)
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded

@@ -1,0 +1,91 @@
+"""Attention over a paged KV cache.
+
+Cache layout (per layer): k_cache, v_cache = [num_blocks, block_size, num_kv_heads, head_dim].
+A token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+
+`paged_attention` is varlen: sequence b has query tokens q[query_start_loc[b]:query_start_loc[b+1]],
+which are the *last* tokens of its seq_lens[b] context tokens (the earlier ones are a cached prefix).
+Decode is the case where every query length is 1. Causal masking, GQA/MQA (num_heads a multiple of
+num_kv_heads), sliding window (a query at position i sees keys j with i - j < window, as
+transformers defines it) and logit soft-capping (cap * tanh(s / cap)) are supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atom.ops.registry import register
+
+
+@register("reshape_and_cache", "torch")
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+
+@register("paged_attention", "torch")
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1])."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    device = q.device
+    batch = seq_lens.shape[0]
+    qsl = query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    seq_lens = seq_lens.long()
+    max_q = int(max_query_len if max_query_len is not None else q_lens.max())
+    max_l = int(max_seq_len if max_seq_len is not None else seq_lens.max())
+
+    # Gather each sequence's keys/values from the cache, padded to max_l: [B, max_l, Hkv, D].
+    pos = torch.arange(max_l, device=device)
+    blocks = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)]
+    slots = blocks * block_size + pos % block_size
+    key_valid = pos[None, :] < seq_lens[:, None]
+    slots = torch.where(key_valid, slots, 0)
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    k = flat_k[slots].float()
+    v = flat_v[slots].float()
+
+    # Pack queries into [B, max_q, H, D].
+    qi = torch.arange(max_q, device=device)
+    q_valid = qi[None, :] < q_lens[:, None]
+    tok = torch.where(q_valid, qsl[:-1, None] + qi[None, :], 0)
+    qp = q[tok].float().view(batch, max_q, num_kv_heads, group, head_dim)
+
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qp, k) * scale
+    if logit_softcap:
+        scores = logit_softcap * torch.tanh(scores / logit_softcap)
+    q_pos = (seq_lens - q_lens)[:, None] + qi[None, :]  # absolute position of each query
+    allowed = (pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+    if sliding_window:
+        allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
+    scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, max_q, num_heads, head_dim)
+    result = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=device)
+    result[tok[q_valid]] = out[q_valid].to(q.dtype)
+    return result
