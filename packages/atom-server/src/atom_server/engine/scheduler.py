@@ -1,0 +1,116 @@
+"""Continuous batching with chunked prefill.
+
+Every step spends a token budget (max_num_batched_tokens): running sequences first, in admission
+order (a decode costs one token, an unfinished prefill continues with the next chunk), then waiting
+ones, FCFS. When the KV pool runs out, the most recently admitted running sequence is preempted: its
+blocks are freed and it goes back to the *front* of the waiting queue to be recomputed later (its
+own blocks often come back from the prefix cache), so nothing starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from atom_server.engine.block_manager import BlockManager
+from atom_server.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.ensure_slots(seq, seq.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+                continue
+            break
+        # Admitting new work right after a preemption would only take the blocks back.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._sibling_prefilling(seq):
+                break  # wait one step so the sibling's prompt blocks are cached and shared
+            hits = [] if seq.wants_prompt_logprobs else self.bm.lookup(seq)
+            num_computed = len(hits) * self.bm.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.bm.can_admit(hits, num_computed + num_new):
+                break
+            self.bm.admit(seq, hits)
+            ok = self.bm.ensure_slots(seq, num_computed + num_new)
+            assert ok
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        if seq.params.n == 1:
+            return False
+        return any(s.request_id == seq.request_id and s.num_computed_tokens < s.prompt_len for s in self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Account the tokens the model just computed."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.bm.register_computed(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence wherever it is and free its blocks."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free_seq(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,73 @@
+"""A sequence: one generated continuation of a request (a request with n > 1 owns n of them)."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from atom_server.outputs import TokenLogprobs
+from atom_server.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, eos_ids: frozenset[int], max_model_len: int):
+        # Only the first of n siblings scores the prompt (the request reports it once).
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # position among the request's n outputs
+        self.params = params
+        self.prompt_len = len(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.status = SeqStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, computed lazily
+        self.num_registered_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        budget = max_model_len - self.prompt_len
+        self.max_tokens = min(params.max_tokens, budget) if params.max_tokens is not None else budget
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu").manual_seed(params.seed + index)
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None and index == 0 else None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()

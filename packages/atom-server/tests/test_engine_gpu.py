@@ -1,0 +1,55 @@
+"""The engine on a GPU: KV sizing from a profile run, greedy parity with transformers, seeded sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_checkpoint import write_tiny_llama
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA or ROCm device", allow_module_level=True)
+
+from atom_server import LLM, SamplingParams  # noqa: E402
+
+
+def test_gpu_greedy_parity_and_profiled_kv(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = write_tiny_llama(tmp_path)
+    llm = LLM(ckpt, dtype="float32", block_size=16, max_model_len=256, gpu_memory_utilization=0.3,
+              max_num_batched_tokens=64)
+    eng = llm.llm_engine
+    assert eng.device.type == "cuda"
+    # Sized from free memory: far more than max_num_seqs * max_model_len needs, so capped there.
+    assert eng.kv_capacity_tokens == 256 * 256
+    prompts = [[5 + i for i in range(n)] for n in (3, 40, 17, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                         use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).cuda().eval()
+    hf.generation_config.eos_token_id = None
+    for p, g in zip(prompts, got):
+        out = hf.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                          pad_token_id=0)
+        assert g == out[0, len(p):].tolist()
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
+    a = llm.generate({"prompt_token_ids": prompts[1]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    b = llm.generate([{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": prompts[1]}], [params, seeded],
+                     use_tqdm=False)[1].outputs[0].token_ids
+    assert a == b
+    stats = eng.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_cuda_graphs_match_eager(tmp_path):
+    ckpt = write_tiny_llama(tmp_path)
+    prompts = [{"prompt_token_ids": [7 + (i * 13) % 250 for i in range(n)]} for n in (5, 33, 70, 12, 2, 48)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(ckpt, dtype="float32", block_size=16, max_model_len=256, max_num_seqs=8,
+                  gpu_memory_utilization=0.3, enforce_eager=eager)
+        assert (llm.llm_engine.runner.graphs is None) == eager
+        runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert runs[True] == runs[False]
