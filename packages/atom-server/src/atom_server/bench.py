@@ -1,5 +1,5 @@
 """Offline throughput: random prompts of input_len tokens, output_len new tokens each (greedy, EOS ignored),
-one batch per size; prints a table and returns one dict per batch size.
+one batch per size (warm-up, then the median of `repeats`); prints a table and returns one dict per batch size.
 
 `model` is a checkpoint (folder or .gguf) or one of PRESETS (the shapes in /work/shared/MODELS.md,
 random weights: speed does not depend on weight values).
@@ -46,9 +46,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def run_throughput(model: str | None, input_len: int = 128, output_len: int = 128,
                    batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), load_format: str = "auto",
-                   seed: int = 0, **engine_args: Any) -> list[dict[str, Any]]:
+                   seed: int = 0, repeats: int = 3, quiet: bool = False,
+                   **engine_args: Any) -> list[dict[str, Any]]:
+    """Per batch size: one warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
+    runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1)."""
     from atom_server.llm import LLM
     from atom_server.sampling_params import SamplingParams
 
@@ -58,37 +67,58 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     engine_args.setdefault("max_model_len", input_len + output_len)
     engine_args.setdefault("max_num_seqs", max(batch_sizes))
     engine_args.setdefault("enable_prefix_caching", False)  # random prompts share nothing; keep it honest
-    llm = LLM(model, load_format=load_format, skip_tokenizer_init=load_format == "dummy", **engine_args)
-    vocab = llm.llm_engine.runner.vocab_size
+    engine_args.setdefault("skip_tokenizer_init", True)  # token ids in and out: no tokenizer needed
+    start = time.perf_counter()
+    llm = LLM(model, load_format=load_format, seed=seed, **engine_args)
+    init_s = time.perf_counter() - start
+    engine = llm.llm_engine
+    vocab = engine.runner.vocab_size
     rng = random.Random(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    full = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    first = full.clone(max_tokens=1)
 
     def prompts(n: int) -> list[dict[str, list[int]]]:
         return [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(input_len)]} for _ in range(n)]
 
-    llm.generate(prompts(min(batch_sizes)), params.clone(max_tokens=min(4, output_len)), use_tqdm=False)  # warm-up
-    rows = []
-    for bs in batch_sizes:
-        batch = prompts(bs)
+    def timed(n: int, params: SamplingParams) -> tuple[float, int]:
+        batch = prompts(n)
         _sync()
-        start = time.perf_counter()
+        t = time.perf_counter()
         outs = llm.generate(batch, params, use_tqdm=False)
         _sync()
-        elapsed = time.perf_counter() - start
-        generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        rows.append(dict(model=llm.llm_engine.served_model_name, batch_size=bs, input_len=input_len,
+        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    rows = []
+    for bs in batch_sizes:
+        timed(bs, full)  # warm-up: allocator, autotuning, CUDA graphs of this batch size
+        pre = [timed(bs, first)[0] for _ in range(repeats)]
+        runs = [timed(bs, full) for _ in range(repeats)]
+        totals = [t for t, _ in runs]
+        generated = runs[0][1]
+        if any(n != bs * output_len for _, n in runs):
+            raise RuntimeError(f"batch {bs}: expected {bs * output_len} new tokens, got {[n for _, n in runs]}")
+        elapsed, prefill = _median(totals), _median(pre)
+        step = (elapsed - prefill) / (output_len - 1) if output_len > 1 else None
+        rows.append(dict(model=engine.served_model_name, batch_size=bs, input_len=input_len,
                          output_len=output_len, elapsed_s=elapsed, output_tokens=generated,
                          output_tok_s=generated / elapsed, total_tok_s=(generated + bs * input_len) / elapsed,
-                         device=str(llm.llm_engine.device), dtype=str(llm.llm_engine.dtype).replace("torch.", ""),
-                         kernel_backend=llm.llm_engine.kernel_backend))
-    print(format_table(rows))
+                         prefill_ms=prefill * 1e3, ms_per_step=None if step is None else step * 1e3,
+                         decode_tok_s=None if not step or step <= 0 else bs / step,
+                         total_s_all=totals, prefill_s_all=pre, init_s=init_s,
+                         device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
+                         kernel_backend=engine.kernel_backend))
+    if not quiet:
+        print(format_table(rows))
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'batch':>6} {'in':>6} {'out':>6} {'time s':>9} {'out tok/s':>11} {'total tok/s':>12}"
+    head = (f"{'batch':>6} {'in':>6} {'out':>6} {'prefill ms':>11} {'total s':>9} {'ms/step':>9} "
+            f"{'out tok/s':>11} {'total tok/s':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['batch_size']:>6} {r['input_len']:>6} {r['output_len']:>6} {r['elapsed_s']:>9.2f} "
-                     f"{r['output_tok_s']:>11.1f} {r['total_tok_s']:>12.1f}")
+        step = r.get("ms_per_step")
+        step_s = f"{step:>9.2f}" if step is not None else f"{'-':>9}"
+        lines.append(f"{r['batch_size']:>6} {r['input_len']:>6} {r['output_len']:>6} {r['prefill_ms']:>11.1f} "
+                     f"{r['elapsed_s']:>9.3f} {step_s} {r['output_tok_s']:>11.1f} {r['total_tok_s']:>12.1f}")
     return "\n".join(lines)

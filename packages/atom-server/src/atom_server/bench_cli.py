@@ -1,0 +1,141 @@
+"""`atom bench throughput|serve`: the offline throughput benchmark and the online serving benchmark.
+
+Hook into `atom` with `bench_cli.add_parser(subparsers)`; runs on its own as
+`python -m atom_server.bench_cli throughput ...` / `python -m atom_server.bench_cli serve ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from atom_server.config import EngineArgs
+
+# Flags whose EngineArgs default suits serving but not a benchmark of random prompts.
+_BENCH_DEFAULTS = dict(enable_prefix_caching=False, max_num_seqs=None)
+# Set by the benchmark itself, never from the command line.
+_NOT_FORWARDED = {"model", "load_format", "seed", "tokenizer", "skip_tokenizer_init"}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_throughput_parser(subparsers) -> argparse.ArgumentParser:
+    from atom_server.bench import PRESETS
+
+    p = subparsers.add_parser(
+        "throughput", help="offline throughput on random prompts (greedy, EOS ignored)",
+        description="Offline throughput: random prompts of --input-len tokens, --output-len new tokens each, "
+                    "greedy, EOS ignored; per batch size a warm-up run, then the median of --num-iters. "
+                    f"--model takes a checkpoint or a preset shape ({', '.join(sorted(PRESETS))}) that runs "
+                    "with random weights.")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(**_BENCH_DEFAULTS)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 128], help="comma-separated, e.g. 1,32,128")
+    p.add_argument("--num-iters", type=int, default=3, help="timed runs per batch size (the median is reported)")
+    p.add_argument("--output-json", type=str, default=None, help="write the results here")
+    p.set_defaults(func=run_throughput_cmd)
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """`bench` with its subcommands `throughput` and `serve`."""
+    from atom_server import bench_serve
+
+    p = subparsers.add_parser("bench", help="benchmarks: offline throughput, online serving",
+                              description="Benchmarks of ATOM (and of any OpenAI-compatible server).")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    sub.required = True
+    add_throughput_parser(sub)
+    bench_serve.add_parser(sub)
+    return p
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("atom-core", "atom-server", "torch", "triton", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def throughput_report(ns: argparse.Namespace) -> dict[str, Any]:
+    from atom_server.bench import run_throughput
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)} - _NOT_FORWARDED
+    engine = {n: getattr(ns, n) for n in sorted(names) if getattr(ns, n, None) is not None}
+    started = time.time()
+    rows = run_throughput(ns.model, input_len=ns.input_len, output_len=ns.output_len,
+                          batch_sizes=ns.batch_sizes, load_format=ns.load_format, seed=ns.seed,
+                          repeats=ns.num_iters, **engine)
+    return dict(engine="atom", model=ns.model, device=_device_name(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                wall_s=time.time() - started, versions=_versions(), command=" ".join(sys.argv),
+                args=dict(input_len=ns.input_len, output_len=ns.output_len, batch_sizes=ns.batch_sizes,
+                          load_format=ns.load_format, seed=ns.seed, num_iters=ns.num_iters, **engine),
+                runs=rows)
+
+
+def run_throughput_cmd(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from atom_server.bench import PRESETS
+
+    if ns.model is None:
+        parser.error("--model is required (a checkpoint or one of " + ", ".join(sorted(PRESETS)) + ")")
+    if ns.model not in PRESETS and not os.path.exists(ns.model):
+        parser.error(f"model {ns.model!r} is neither a path nor a preset ({', '.join(sorted(PRESETS))})")
+    if ns.num_iters < 1 or ns.input_len < 1 or ns.output_len < 1:
+        parser.error("--input-len, --output-len and --num-iters must be >= 1")
+    report = throughput_report(ns)
+    if ns.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(ns.output_json)), exist_ok=True)
+        with open(ns.output_json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {ns.output_json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atom bench", description="ATOM benchmarks")
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    sub.required = True
+    add_throughput_parser(sub)
+    from atom_server import bench_serve
+
+    bench_serve.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    return ns.func(ns, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""POST /v1/completions: text, token-id and batched prompts; echo, logprobs, n, streaming."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from atom_server.outputs import RequestOutput
+from atom_server.protocol import CompletionRequest
+from atom_server.serving import openai_format as fmt
+from atom_server.serving.context import ServingContext, engine_error
+from atom_server.serving.errors import bad_request
+from atom_server.serving.streams import SSE_DONE, chain, sse
+
+CLIENT_GONE = 499
+
+
+def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt: a string, a list of ids, or a list of either."""
+    p = req.prompt
+    items = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
+    if not items:
+        raise bad_request("the prompt is empty", param="prompt")
+    prompts = []
+    for item in items:
+        ids = ctx.encode(item, req.add_special_tokens) if isinstance(item, str) else list(item)
+        ctx.check_ids(ids, "prompt")
+        prompts.append((item if isinstance(item, str) else None, ids))
+    return prompts
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
+    ctx.check_model(req.model)
+    ctx.check_engine()
+    prompts = _prompts(ctx, req)
+    max_tokens = [ctx.fit_max_tokens(len(ids), req.max_tokens, "max_tokens") for _, ids in prompts]
+    k = req.logprobs
+    prompt_k = k if (req.echo and k is not None) else None
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    gens = [ctx.client.generate(f"{rid}-{i}", ids, ctx.sampling_params(req, max_tokens[i], k, prompt_k), text)
+            for i, (text, ids) in enumerate(prompts)]
+    first, source = await ctx.start(raw, gens)
+    if first is None:
+        return Response(status_code=CLIENT_GONE)
+    created = int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name}
+
+    def echo_text(pi: int, ro: RequestOutput) -> str:
+        text = prompts[pi][0]
+        return text if text is not None else ctx.tokenizer.decode(ro.prompt_token_ids)
+
+    def echo_logprobs(ro: RequestOutput) -> dict:
+        entries = ro.prompt_logprobs or [None] * len(ro.prompt_token_ids)
+        return fmt.completion_logprobs(ro.prompt_token_ids, entries, k, ctx.text_of, 0)
+
+    def index(pi: int, ci: int) -> int:
+        return pi * req.n + ci
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def body():
+            trackers: dict[tuple[int, int], fmt.DeltaTracker] = {}
+            offsets: dict[tuple[int, int], int] = {}
+            finals: dict[int, RequestOutput] = {}
+            try:
+                async for pi, ro in chain(first, source):
+                    finals[pi] = ro
+                    for co in ro.outputs:
+                        key = (pi, co.index)
+                        tr = trackers.setdefault(key, fmt.DeltaTracker())
+                        first_chunk = not tr.started
+                        text, ids, lps, done = tr.delta(co)
+                        prefix, lp_obj = "", None
+                        if first_chunk and req.echo:
+                            prefix = echo_text(pi, ro)
+                            lp_obj = echo_logprobs(ro) if k is not None else None
+                        if not text and not done and not prefix:
+                            continue
+                        tr.started = True
+                        if k is not None:
+                            off = offsets.get(key, len(prefix))
+                            lp_obj = fmt.merge_completion_logprobs(lp_obj, fmt.completion_logprobs(
+                                ids, lps or [None] * len(ids), k, ctx.text_of, off))
+                            offsets[key] = off + len(text)
+                        yield sse({**head, "choices": [{
+                            "index": index(pi, co.index), "text": prefix + text, "logprobs": lp_obj,
+                            "finish_reason": co.finish_reason if done else None,
+                            "stop_reason": co.stop_reason if done else None}]})
+                if include_usage and len(finals) == len(prompts):
+                    yield sse({**head, "choices": [], "usage": fmt.usage(list(finals.values()))})
+            except Exception as e:
+                yield ctx.stream_error(e)
+            yield SSE_DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for pi, ro in chain(first, source):
+            finals[pi] = ro
+    except Exception as e:
+        raise engine_error(e) from e
+    if len(finals) < len(prompts) or not all(ro.finished for ro in finals.values()):
+        return Response(status_code=CLIENT_GONE)
+    choices = []
+    for pi in range(len(prompts)):
+        ro = finals[pi]
+        for co in sorted(ro.outputs, key=lambda c: c.index):
+            prefix = echo_text(pi, ro) if req.echo else ""
+            lp_obj = None
+            if k is not None:
+                lp_obj = fmt.merge_completion_logprobs(echo_logprobs(ro) if req.echo else None, fmt.completion_logprobs(
+                    co.token_ids, co.logprobs or [None] * len(co.token_ids), k, ctx.text_of, len(prefix)))
+            choices.append({"index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
+                            "finish_reason": co.finish_reason, "stop_reason": co.stop_reason})
+    return {**head, "choices": choices, "usage": fmt.usage([finals[i] for i in range(len(prompts))])}

