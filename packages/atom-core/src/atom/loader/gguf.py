@@ -227,6 +227,12 @@ def gguf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
+    cache = _tokenizer_cache_dir(path)
+    if cache and os.path.exists(os.path.join(cache, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
     reader = _open(path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise ValueError(f"GGUF file {path} has no tokenizer (no tokenizer.ggml.tokens metadata)")
@@ -238,7 +244,31 @@ def gguf_tokenizer(path: str):
         raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from e
     if template and not tok.chat_template:
         tok.chat_template = template
+    if cache:
+        # Converting a GGUF vocabulary takes tens of seconds; later loads (and the server's second
+        # process) read the converted tokenizer back. Written to a temp dir then renamed: no torn entries.
+        try:
+            tmp = f"{cache}.tmp{os.getpid()}"
+            tok.save_pretrained(tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
     return tok
+
+
+def _tokenizer_cache_dir(path: str) -> str | None:
+    """Cache folder for the tokenizer converted from one GGUF file (keyed on path, size, mtime)."""
+    if os.environ.get("ATOM_DISABLE_TOKENIZER_CACHE") == "1":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    import hashlib
+
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    root = os.environ.get("ATOM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atom")
+    return os.path.join(root, "gguf-tokenizers", key)
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
