@@ -21,13 +21,21 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
+def _check_full_dim(loaded: torch.Tensor, dim: int, expected: int, name: str) -> None:
+    # Before narrowing to this rank's slice: a too-large checkpoint tensor would otherwise be cut silently.
+    if loaded.dim() <= dim or loaded.shape[dim] != expected:
+        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, expected size {expected} "
+                         f"in dim {dim}")
+
+
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model {tuple(param.shape)}")
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, params_dtype: torch.dtype | None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 params_dtype: torch.dtype | None = None):
         super().__init__()
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank, tp.world_size
@@ -62,6 +70,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
+        _check_full_dim(loaded, 0, size * self.tp_size, type(self).__name__)
         loaded = loaded.narrow(0, self.tp_rank * size, size)
         _check_shape(param, loaded, type(self).__name__)
         param.data.copy_(loaded)
@@ -77,6 +86,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         sizes = [s // self.tp_size for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
+        _check_full_dim(loaded, 0, self.output_sizes[shard_id], f"{type(self).__name__}[{shard_id}]")
         loaded = loaded.narrow(0, self.tp_rank * size, size)
         target = param.data.narrow(0, offset, size)
         _check_shape(target, loaded, f"{type(self).__name__}[{shard_id}]")
@@ -114,6 +124,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size, rank = self.kv_size, self.tp_rank // self.kv_replicas
+        ranks_with_distinct_shards = self.tp_size // (1 if shard_id == "q" else self.kv_replicas)
+        _check_full_dim(loaded, 0, size * ranks_with_distinct_shards, f"QKVParallelLinear[{shard_id}]")
         loaded = loaded.narrow(0, rank * size, size)
         target = param.data.narrow(0, offset, size)
         _check_shape(target, loaded, f"QKVParallelLinear[{shard_id}]")
@@ -132,6 +144,7 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 2:
             size = param.shape[1]
+            _check_full_dim(loaded, 1, size * self.tp_size, type(self).__name__)
             loaded = loaded.narrow(1, self.tp_rank * size, size)
         _check_shape(param, loaded, type(self).__name__)
         param.data.copy_(loaded)

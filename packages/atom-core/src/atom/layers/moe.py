@@ -36,6 +36,13 @@ class FusedMoE(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"expert id {expert_id} out of range (num_experts={self.num_experts})")
+        full_inter = self.inter * self.tp_size
+        if shard_id in ("w1", "w3", "w2") and loaded.shape[0 if shard_id != "w2" else 1] != full_inter:
+            raise ValueError(f"shape mismatch for expert {expert_id} {shard_id}: checkpoint {tuple(loaded.shape)}, "
+                             f"expected intermediate size {full_inter}")
+        if shard_id == "w13" and loaded.shape[0] != 2 * full_inter:
+            raise ValueError(f"shape mismatch for expert {expert_id} w13: checkpoint {tuple(loaded.shape)}, "
+                             f"expected {2 * full_inter} rows")
         if shard_id in ("w1", "w3"):
             loaded = loaded.narrow(0, self.tp_rank * self.inter, self.inter)
             target = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else self.inter, self.inter)

@@ -68,6 +68,8 @@ class RotaryEmbedding(nn.Module):
             if seq_len > self.original_max:
                 inv_freq, scale = self._inv_freq(seq_len=seq_len)
                 cos_sin = self._table(inv_freq, scale, seq_len).to(cos_sin.device)
-        elif positions.numel() and positions.device.type == "cpu" and int(positions.max()) >= cos_sin.shape[0]:
+        # The bounds check reads a tensor value: eager CPU only (a graph under torch.compile cannot branch on it).
+        elif (positions.numel() and positions.device.type == "cpu" and not torch.compiler.is_compiling()
+              and int(positions.max()) >= cos_sin.shape[0]):
             raise ValueError(f"position {int(positions.max())} is beyond the rope table ({cos_sin.shape[0]})")
         return self._op(positions, q, k, self.head_dim, cos_sin, self.is_neox)

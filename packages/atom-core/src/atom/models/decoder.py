@@ -184,6 +184,9 @@ _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 class DecoderForCausalLM(nn.Module):
     """Base of every family class. Subclasses set `options(config)`."""
 
+    # Hosts may swap the backbone for a subclass (atom-vllm decorates it for vLLM's torch.compile).
+    backbone_cls: type[DecoderModel] = DecoderModel
+
     @classmethod
     def options(cls, config) -> DecoderOptions:  # pragma: no cover - overridden
         return DecoderOptions()
@@ -193,7 +196,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         opts = self.options(config)
-        self.model = DecoderModel(config, opts, attn_factory, prefix=f"{prefix}model" if not prefix else f"{prefix}.model",
+        self.model = self.backbone_cls(config, opts, attn_factory, prefix=f"{prefix}model" if not prefix else f"{prefix}.model",
                                   max_positions=max_positions)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         tie_to = self.model.embed_tokens if self.tie_word_embeddings else None
@@ -231,39 +234,42 @@ class DecoderForCausalLM(nn.Module):
             return params[target]
 
         for source, tensor in weights:
-            name = self.checkpoint_name(source)
-            if name is None:
-                continue
-            if m := _EXPERT.match(name):
-                base, expert, kind = m.group(1), int(m.group(2)), m.group(3)
-                shard = _EXPERT_SHARD[kind]
-                target = f"{base}.{'w2' if shard == 'w2' else 'w13'}"
-                p = param(target, source)
-                p.weight_loader(p, tensor, shard, expert)
-                continue
-            if m := _FUSED_EXPERTS.match(name):
-                base, kind = m.groups()
-                target = f"{base}.{'w13' if kind == 'gate_up_proj' else 'w2'}"
-                p = param(target, source)
-                for e in range(tensor.shape[0]):
-                    p.weight_loader(p, tensor[e], "w13" if kind == "gate_up_proj" else "w2", e)
-                continue
-            for piece, merged, shard in _STACKED:
-                if piece in name and ".experts." not in name:
-                    target = name.replace(piece, merged)
-                    p = param(target, source)
-                    p.weight_loader(p, tensor, shard)
-                    break
-            else:
-                p = param(name, source)
-                loader = getattr(p, "weight_loader", None)
-                if loader is not None:
-                    loader(p, tensor)
-                else:
-                    if tuple(p.shape) != tuple(tensor.shape):
-                        raise ValueError(f"shape mismatch for {source}: checkpoint {tuple(tensor.shape)}, "
-                                         f"model {tuple(p.shape)}")
-                    p.data.copy_(tensor)
+            try:
+                self._load_tensor(source, tensor, param)
+            except ValueError as e:
+                if repr(source) in str(e):
+                    raise
+                raise ValueError(f"cannot load checkpoint tensor {source!r}: {e}") from e
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
+        name = self.checkpoint_name(source)
+        if name is None:
+            return
+        if m := _EXPERT.match(name):
+            base, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+            shard = _EXPERT_SHARD[kind]
+            p = param(f"{base}.{'w2' if shard == 'w2' else 'w13'}", source)
+            p.weight_loader(p, tensor, shard, expert)
+            return
+        if m := _FUSED_EXPERTS.match(name):
+            base, kind = m.groups()
+            p = param(f"{base}.{'w13' if kind == 'gate_up_proj' else 'w2'}", source)
+            for e in range(tensor.shape[0]):
+                p.weight_loader(p, tensor[e], "w13" if kind == "gate_up_proj" else "w2", e)
+            return
+        for piece, merged, shard in _STACKED:
+            if piece in name and ".experts." not in name:
+                p = param(name.replace(piece, merged), source)
+                p.weight_loader(p, tensor, shard)
+                return
+        p = param(name, source)
+        loader = getattr(p, "weight_loader", None)
+        if loader is not None:
+            loader(p, tensor)
+            return
+        if tuple(p.shape) != tuple(tensor.shape):
+            raise ValueError(f"shape mismatch for {source}: checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}")
+        p.data.copy_(tensor)

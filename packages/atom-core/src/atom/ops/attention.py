@@ -67,8 +67,11 @@ def paged_attention(
     slots = torch.where(key_valid, slots, 0)
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    k = flat_k[slots].float()
-    v = flat_v[slots].float()
+    # Padding keys read slot 0, which may hold garbage (NaN/inf in a torch.empty cache); zero them so
+    # 0-probability * garbage cannot poison the output.
+    pad = ~key_valid[:, :, None, None]
+    k = flat_k[slots].float().masked_fill(pad, 0.0)
+    v = flat_v[slots].float().masked_fill(pad, 0.0)
 
     # Pack queries into [B, max_q, H, D].
     qi = torch.arange(max_q, device=device)

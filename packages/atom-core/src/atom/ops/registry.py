@@ -44,7 +44,9 @@ def _overrides() -> dict[str, str]:
         if "=" not in item:
             raise ValueError(f"ATOM_KERNEL_OVERRIDES entry {item!r} is not of the form op=backend")
         op, backend = (s.strip() for s in item.split("=", 1))
-        out[op] = backend
+        if op not in _OP_FAMILY:  # a typo would otherwise be silently ignored
+            raise ValueError(f"ATOM_KERNEL_OVERRIDES names unknown op {op!r}; ops: {', '.join(sorted(_OP_FAMILY))}")
+        out[op] = backend.lower()
     return out
 
 
@@ -59,7 +61,12 @@ def backend_for(op: str) -> str:
 def resolve(op: str, backend: str | None = None) -> Callable:
     """The implementation of `op` for `backend` (default: the configured one), torch as fallback."""
     importlib.import_module(f"atom.ops.{_OP_FAMILY[op]}")
-    backend = backend or backend_for(op)
+    if backend is None:
+        backend = backend_for(op)
+    else:
+        ok, reason = backend_status(backend)
+        if not ok:
+            raise RuntimeError(f"kernel backend {backend!r} requested for op {op!r} is not usable here: {reason}")
     _load_backend(backend)
     impls = _IMPLS[op]
     if backend in impls:
@@ -88,4 +95,5 @@ _OP_FAMILY = {
     "reshape_and_cache": "attention",
     "paged_attention": "attention",
     "sample": "sampling",
+    "qk_norm_rope_cache": "qk_norm_rope_cache",
 }

@@ -1,0 +1,244 @@
+"""AITER (amd-aiter) implementations of ATOM's ops, for ROCm GPUs.
+
+UNVERIFIED ON HARDWARE: these wrappers were written against amd-aiter 0.1.7's Python API and kernel
+sources (and vLLM's ROCm backends, for how they are called) without an AMD GPU to run them on. The
+aiter tests in tests/test_registry.py compare them with the torch references and run only on ROCm.
+
+The registry imports this module only when the aiter backend is selected, i.e. on ROCm where
+`import aiter` works (aiter looks for hipconfig at import; it is never imported, or faked, elsewhere).
+Each wrapper keeps the torch reference's signature and return convention (new tensors, inputs left
+untouched) and adapts to aiter's out-parameter style inside. Where a case is outside what the aiter
+kernel is known to handle (dtype, head size, activation), the wrapper calls the torch reference.
+
+Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul,
+moe_topk_softmax, fused_experts (silu, 16-bit), reshape_and_cache, paged_attention (decode through
+paged_attention_v1 on the NHD cache; prefill/varlen through flash_attn_varlen_func on gathered K/V).
+Not mapped (torch reference): sample.
+"""
+
+from __future__ import annotations
+
+import aiter
+import torch
+
+from atom.ops import activation as ref_activation
+from atom.ops import attention as ref_attention
+from atom.ops import moe as ref_moe
+from atom.ops.registry import register
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # aiter's norm kernels are 2-D ([M, N]); ATOM also norms [T, H, D] (qk-norm).
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@register("rms_norm", "aiter")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return aiter.rms_norm(_rows(x), weight, eps).view(x.shape)
+
+
+@register("fused_add_rms_norm", "aiter")
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2, res2 = _rows(x), _rows(residual)
+    out, res_out = torch.empty_like(x2), torch.empty_like(x2)
+    aiter.rmsnorm2d_fwd_with_add(out, x2, res2, res_out, weight, eps, 0)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def _gated(kernel, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
+    kernel(out, x.contiguous())  # act(x[..., :d]) * x[..., d:], as the reference
+    return out
+
+
+@register("silu_and_mul", "aiter")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in _HALF:  # aiter's gate kernels dispatch on fp16/bf16 only
+        return ref_activation.silu_and_mul(x)
+    return _gated(aiter.silu_and_mul, x)
+
+
+@register("gelu_tanh_and_mul", "aiter")
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in _HALF:
+        return ref_activation.gelu_tanh_and_mul(x)
+    return _gated(aiter.gelu_tanh_and_mul, x)
+
+
+# The rope table is float32 [P, rot_dim] = cat(cos, sin); aiter wants separate contiguous cos and sin
+# tables in q's dtype. Converted once per table (dynamic NTK builds new tables, hence a small cache).
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cos_sin(cos_sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (cos_sin.data_ptr(), cos_sin._version, tuple(cos_sin.shape), dtype)
+    if key not in _ROPE_TABLES:
+        if len(_ROPE_TABLES) >= 8:
+            _ROPE_TABLES.pop(next(iter(_ROPE_TABLES)))
+        cos, sin = cos_sin.to(dtype).chunk(2, dim=-1)
+        _ROPE_TABLES[key] = (cos.contiguous(), sin.contiguous())
+    return _ROPE_TABLES[key]
+
+
+@register("rotary_embedding", "aiter")
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    head_dim: int,
+    cos_sin: torch.Tensor,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernel rotates in place (first rot_dim = 2 * cos.shape[-1] channels of each head, rest kept);
+    # rotate copies so callers keep the reference's "returns new tensors" contract.
+    cos, sin = _cos_sin(cos_sin, q.dtype)
+    q, k = q.contiguous().clone(), k.contiguous().clone()
+    aiter.rotary_embedding_fwd(positions.long().contiguous(), q, k, head_dim, cos, sin, is_neox, False)
+    return q, k
+
+
+@register("moe_topk_softmax", "aiter")
+def moe_topk_softmax(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = router_logits.shape[0]
+    dev = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=dev)
+    token_expert = torch.empty(tokens, top_k, dtype=torch.int32, device=dev)
+    aiter.topk_softmax(weights, ids, token_expert, router_logits.contiguous(), renormalize)
+    return weights, ids.long()  # int64 like the reference, so any fused_experts can consume it
+
+
+# aiter's CK MoE reads expert weights in a (16, 16)-shuffled layout (vLLM shuffles them once after
+# loading). ATOM's FusedMoE keeps the checkpoint layout, so the shuffled copies are made on first use
+# and kept per weight tensor (costs a second copy of the expert weights).
+_SHUFFLED: dict[tuple, torch.Tensor] = {}
+
+
+def _shuffled(w: torch.Tensor) -> torch.Tensor:
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    if key not in _SHUFFLED:
+        from aiter.ops.shuffle import shuffle_weight
+
+        _SHUFFLED[key] = shuffle_weight(w.contiguous(), layout=(16, 16))
+    return _SHUFFLED[key]
+
+
+def _shuffle_fits(w: torch.Tensor) -> bool:
+    return w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0
+
+
+@register("fused_experts", "aiter")
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    # aiter's ActivationType.Gelu is not documented as the tanh approximation, so gelu_tanh stays on
+    # the reference rather than risking a silent numerics change.
+    if activation != "silu" or x.dtype not in _HALF or not (_shuffle_fits(w13) and _shuffle_fits(w2)):
+        return ref_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+    from aiter import ActivationType, QuantType
+    from aiter.fused_moe import fused_moe
+
+    return fused_moe(x.contiguous(), _shuffled(w13), _shuffled(w2), topk_weights.float().contiguous(),
+                     topk_ids.to(torch.int32).contiguous(), None, ActivationType.Silu, QuantType.No)
+
+
+_ONE = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    if device not in _ONE:
+        _ONE[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _ONE[device]
+
+
+@register("reshape_and_cache", "aiter")
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    # "flash" layout = [num_blocks, block_size, num_kv_heads, head_dim], ATOM's; negative slots skipped.
+    if key.dtype != k_cache.dtype:
+        return ref_attention.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    one = _unit_scale(key.device)
+    aiter.reshape_and_cache_flash(key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping.long(),
+                                  "auto", one, one)
+
+
+_PARTITION = 256  # paged_attention_v1 partition size, as vLLM's ROCm backend uses
+_MIN_DECODE_HEAD_DIM = 64  # the ll4mi decode kernel needs head_dim >= 16 * NWARPS
+
+
+def _decode(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window,
+            logit_softcap, max_seq_len):
+    num_seqs, (_, num_heads, head_dim) = seq_lens.shape[0], q.shape
+    partitions = -(-max_seq_len // _PARTITION)
+    elem = q.element_size()
+    workspace = torch.empty(num_seqs * num_heads * partitions * head_dim * elem + 2 * num_seqs * num_heads
+                            * partitions * 4, dtype=torch.uint8, device=q.device)
+    out = torch.empty_like(q)
+    one = _unit_scale(q.device)
+    aiter.paged_attention_v1(
+        out, workspace, q.contiguous(), k_cache, v_cache, scale, block_tables.to(torch.int32),
+        query_start_loc[:num_seqs].to(torch.int32), seq_lens.to(torch.int32), max_seq_len, None, "auto", "NHD",
+        float(logit_softcap or 0.0), one, one, None, _PARTITION, 1, int(sliding_window or 0))
+    return out
+
+
+def _varlen(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window,
+            logit_softcap, max_query_len, max_seq_len):
+    # Gather each sequence's context from the paged cache into packed [total_k, Hkv, D] (what vLLM's
+    # ROCm backend does for chunked prefill), then one varlen flash-attention call, causal aligned to
+    # the end of each sequence (ATOM's queries are the last tokens of their sequence).
+    block_size = k_cache.shape[1]
+    lens = seq_lens.long()
+    cu_k = torch.zeros(lens.shape[0] + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = lens.cumsum(0)
+    seq_of = torch.repeat_interleave(torch.arange(lens.shape[0], device=q.device), lens)
+    pos = torch.arange(seq_of.shape[0], device=q.device) - cu_k[:-1].long()[seq_of]
+    slots = block_tables.long()[seq_of, pos // block_size] * block_size + pos % block_size
+    k = k_cache.flatten(0, 1)[slots]
+    v = v_cache.flatten(0, 1)[slots]
+    window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+    return aiter.flash_attn_varlen_func(
+        q.contiguous(), k, v, query_start_loc.to(torch.int32), cu_k, max_query_len, max_seq_len,
+        softmax_scale=scale, logits_soft_cap=float(logit_softcap or 0.0), causal=True, window_size=window)
+
+
+@register("paged_attention", "aiter")
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, logit_softcap)
+    if q.dtype not in _HALF or k_cache.dtype != q.dtype:
+        return ref_attention.paged_attention(*args, max_query_len, max_seq_len)
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if max_query_len == 1 and q.shape[-1] >= _MIN_DECODE_HEAD_DIM:
+        return _decode(*args, max_seq_len)
+    return _varlen(*args, max_query_len, max_seq_len)
