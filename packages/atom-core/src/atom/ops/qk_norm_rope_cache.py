@@ -1,0 +1,38 @@
+"""Attention input prep in one op: per-head RMSNorm of q and k (Qwen3-style qk-norm, optional), rotary
+embedding, and the KV-cache write of the rotated k and of v. The torch reference composes the existing ops."""
+
+from __future__ import annotations
+
+import torch
+
+from atom.ops.attention import reshape_and_cache
+from atom.ops.norm import rms_norm
+from atom.ops.registry import register
+from atom.ops.rope import rotary_embedding
+
+
+@register("qk_norm_rope_cache", "torch")
+def qk_norm_rope_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    head_dim: int,
+    cos_sin: torch.Tensor,
+    is_neox: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq*D], k/v [T, Hk*D] -> (rotated q, rotated k); writes rotated k and v at slot_mapping (-1 skipped).
+    q_weight/k_weight [D] are the qk-norm weights; None (both) means no qk-norm."""
+    t = positions.shape[0]
+    if q_weight is not None:
+        q = rms_norm(q.reshape(t, -1, head_dim), q_weight, eps).reshape(t, -1)
+        k = rms_norm(k.reshape(t, -1, head_dim), k_weight, eps).reshape(t, -1)
+    q, k = rotary_embedding(positions, q, k, head_dim, cos_sin, is_neox)
+    reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping)
+    return q, k

@@ -1,0 +1,15 @@
+"""Triton implementations of atom-core's hot ops (NVIDIA and AMD GPUs; CPU only under TRITON_INTERPRET=1).
+
+Importing this package registers every kernel under the "triton" backend of `atom.ops.registry`.
+Each op keeps the exact signature and semantics of its torch reference in `atom.ops.<family>`.
+"""
+
+from atom.ops.triton_kernels import (  # noqa: F401
+    activation,
+    attention,
+    moe,
+    norm,
+    qk_norm_rope_cache,
+    rope,
+    sampling,
+)

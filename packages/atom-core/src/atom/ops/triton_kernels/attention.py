@@ -1,0 +1,274 @@
+"""Paged attention: KV-cache writes, and one flash-attention kernel that serves decode and varlen prefill.
+
+A program owns one KV head and BLOCK_Q consecutive query tokens of one sequence, with all GROUP query heads
+that share that KV head stacked into the rows of its tile (row r = token r // GROUP, head r % GROUP), so each
+K/V tile is read once per group. Keys are gathered token by token through the block table, so a tile may
+span several cache blocks of any block size. Decode (BLOCK_Q = 1) may split the context over several
+programs (flash-decoding); a second kernel merges their partial softmax states.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.registry import register
+from atom.ops.triton_kernels.common import interpreting, num_sms
+
+# Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
+# tools/device/kernel_bench.py can sweep it.
+PREFILL_TILE = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+
+
+@triton.jit
+def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads, head_dim, block_size,
+                              k_stride_t, k_stride_h, v_stride_t, v_stride_h, kc_stride_b, kc_stride_s,
+                              kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // block_size
+    off = slot % block_size
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    m = (h < num_heads) & (d < head_dim)
+    key = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=m)
+    val = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=m)
+    tl.store(kc_ptr + blk * kc_stride_b + off * kc_stride_s + h * kc_stride_h + d,
+             key.to(kc_ptr.dtype.element_ty), mask=m)
+    tl.store(vc_ptr + blk * vc_stride_b + off * vc_stride_s + h * vc_stride_h + d,
+             val.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+@register("reshape_and_cache", "triton")
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped."""
+    num_tokens, num_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, num_heads, head_dim, k_cache.shape[1],
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4)
+
+
+@triton.jit
+def _softcapped(s, softcap):
+    # softcap * tanh(s / softcap), with tanh written through exp so the interpreter runs it too
+    return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    scale, softcap, window, head_dim, block_size, tokens_per_split, num_heads,
+    q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    F32_DOT: tl.constexpr, KV_ALIGN: tl.constexpr,
+):
+    b = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kvh = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    ctx = seq_len - q_len  # cached prefix before this sequence's queries
+
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // GROUP
+    head = kvh * GROUP + r % GROUP
+    row_ok = (r < BLOCK_Q * GROUP) & (qi < q_len)
+    q_pos = ctx + qi
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+
+    # keys this tile can see: causal up to its last query, sliding window from its first
+    hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, ctx + q_tile * BLOCK_Q - window + 1)
+    if NUM_SPLITS > 1:
+        lo = lo + split * tokens_per_split
+        hi = tl.minimum(hi, lo + tokens_per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+        in_blk = (k_pos % block_size).to(tl.int64)
+        # offsets come from the block table, so the compiler cannot see they are aligned: say so, or the
+        # K/V rows are read element by element instead of in 16-byte vectors
+        k_off = tl.multiple_of(blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h, KV_ALIGN)
+        v_off = tl.multiple_of(blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h, KV_ALIGN)
+        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if F32_DOT:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k)
+        if USE_SOFTCAP:
+            s = _softcapped(s * scale, softcap) * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        ok = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            ok = ok & ((q_pos[:, None] - k_pos[None, :]) < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32_DOT:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    tok = q_start + qi
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = (tok * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_heads, head_dim, out_stride_t,
+                         out_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    base = (t * num_heads + h) * NUM_SPLITS
+    m = tl.load(part_m_ptr + base + s)
+    l_s = tl.load(part_l_ptr + base + s)
+    m_max = tl.max(m, axis=0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_ref)
+    l_tot = tl.sum(l_s * w, axis=0)
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+def _decode_splits(device: torch.device, batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
+    """Enough splits to give every SM a few programs, none shorter than 4 key tiles; a power of two."""
+    programs = batch * num_kv_heads
+    want = triton.cdiv(DECODE_TILE["programs_per_sm"] * num_sms(device), max(programs, 1))
+    most = max(1, max_seq_len // (4 * block_n))
+    splits = min(want, most, 64)
+    return 1 if splits <= 1 else triton.next_power_of_2(splits)
+
+
+def paged_attention_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention` with the decode split count open to callers (tests force the merge path)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    batch = seq_lens.shape[0]
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    block_d = triton.next_power_of_2(head_dim)
+    if max_query_len == 1:
+        tile = DECODE_TILE
+        block_q, block_n = 1, tile["block_n"]
+        if num_splits is None:
+            num_splits = _decode_splits(q.device, batch, num_kv_heads, max_seq_len, block_n)
+    else:
+        tile = PREFILL_TILE
+        block_q, block_n = max(1, tile["block_m"] // group), tile["block_n"]
+        num_splits = 1
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(num_tokens, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out
+    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+    kv_align = 16 if all(st % 16 == 0 for st in kv_strides) else 1
+    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
+        float(scale), float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
+        tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
+        F32_DOT=interpreting(), KV_ALIGN=kv_align, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_m, part_l, part_acc, out, num_heads, head_dim, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+@register("paged_attention", "triton")
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim]; decode splits long contexts over SMs."""
+    return paged_attention_impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                sliding_window, logit_softcap, max_query_len, max_seq_len)

@@ -1,0 +1,229 @@
+"""MoE routing (softmax + top-k per token) and the expert computation as two grouped GEMMs.
+
+fused_experts sorts (token, k) pairs by expert and pads each expert's run to BLOCK_M rows, so every row
+tile of the grouped GEMM belongs to one expert (found from the cumulative padded counts); each GEMM is a
+single launch over all experts. The grid is sized by an upper bound on the padded row count, so no host
+sync is needed; tiles past the real end exit. Small batches are sorted by one Triton program.
+GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 scales by the
+routing weight and writes one fp32 row per pair, summed over k afterwards (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.registry import register
+from atom.ops.triton_kernels.activation import _act
+from atom.ops.triton_kernels.common import interpreting
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, num_experts, stride, TOP_K: tl.constexpr,
+                         RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + t * stride + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(e < num_experts, p, -1.0)
+    total = 0.0
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # lowest index among ties, like torch.topk
+        tl.store(w_ptr + t * TOP_K + k, best)
+        tl.store(ids_ptr + t * TOP_K + k, idx.to(tl.int64))
+        total += best
+        p = tl.where(e == idx, -1.0, p)
+    if RENORM:
+        for k in tl.static_range(TOP_K):
+            tl.store(w_ptr + t * TOP_K + k, tl.load(w_ptr + t * TOP_K + k) / total)
+
+
+@register("moe_topk_softmax", "triton")
+def moe_topk_softmax(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over experts, keep the top_k; returns (weights float32 [T, k], expert ids int64 [T, k])."""
+    num_tokens, num_experts = router_logits.shape
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens:
+        _topk_softmax_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0), TOP_K=top_k,
+                                            RENORM=renormalize,
+                                            BLOCK_E=triton.next_power_of_2(num_experts), num_warps=1)
+    return weights, ids
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_experts, BLOCK_M: tl.constexpr,
+                  E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: count pairs per expert, pad to BLOCK_M, place each pair at its stable rank."""
+    e = tl.arange(0, E_PAD)
+    c = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + start + c, mask=start + c < num_pairs, other=E_PAD).to(tl.int32)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    tl.store(padded_end_ptr + e, padded_end, mask=e < num_experts)
+    # padding rows of each expert get the sentinel num_pairs (disjoint from the rows written below)
+    for p in range(BLOCK_M):
+        pos = padded_start + counts + p
+        tl.store(sorted_ids_ptr + pos, num_pairs, mask=(pos < padded_end) & (e < num_experts))
+    seen = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + start + c, mask=start + c < num_pairs, other=E_PAD).to(tl.int32)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        earlier = tl.sum(((ids[:, None] == ids[None, :]) & (c[None, :] < c[:, None])).to(tl.int32), axis=1)
+        base = tl.sum(onehot * (padded_start + seen)[None, :], axis=1)
+        tl.store(sorted_ids_ptr + base + earlier, start + c, mask=start + c < num_pairs)
+        seen += tl.sum(onehot, axis=0)
+
+
+# Up to this many (token, k) pairs one program sorts them (decode); beyond, torch ops do (their fixed cost
+# is small next to the GEMMs there).
+_ALIGN_KERNEL_MAX_PAIRS = 2048
+
+
+def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(pair ids sorted by expert, each expert's run padded to block_m with the sentinel num_pairs;
+    cumulative padded row count per expert [E] int32). Sync-free, so CUDA graphs can capture it."""
+    flat = topk_ids.reshape(-1)
+    num_pairs = flat.numel()
+    max_rows = (triton.cdiv(num_pairs, block_m) + num_experts) * block_m  # each expert pads < one tile
+    if num_pairs <= _ALIGN_KERNEL_MAX_PAIRS:
+        sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=flat.device)
+        padded_end = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+        _align_kernel[(1,)](flat, sorted_ids, padded_end, num_pairs, num_experts, BLOCK_M=block_m,
+                            E_PAD=triton.next_power_of_2(num_experts + 1), CHUNK=64, num_warps=4)
+        return sorted_ids, padded_end
+    # scatter_add, not bincount: bincount syncs with the host on CUDA
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    sorted_expert = flat[order]
+    rank_in_expert = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
+    dest = (padded_end - padded)[sorted_expert] + rank_in_expert
+    sorted_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_ids[dest] = order.to(torch.int32)
+    return sorted_ids, padded_end.to(torch.int32)
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,
+    GATED: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..)."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    e = tl.arange(0, E_PAD)
+    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
+    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+        return
+    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
+    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = pair < num_pairs
+    a_row = pair // a_row_div
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * a_stride + kk[None, :]
+    w_base = w_ptr + expert * w_stride_e
+    w_ptrs = w_base + n[None, :] * w_stride_n + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up_ptrs = w_ptrs + n_out * w_stride_n
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_ok = (k0 + kk) < k_dim
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if F32_DOT:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+        if GATED:
+            u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if F32_DOT:
+                u = u.to(tl.float32)
+            acc_up = tl.dot(a, u, acc_up)
+            up_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = a_ptr.dtype.element_ty
+    if GATED:
+        # round like the reference: projections in the activation dtype, then act(gate) * up
+        gate = acc.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        acc = _act(gate, ACT).to(dtype).to(tl.float32) * up
+    if SCALE:
+        acc = acc.to(dtype).to(tl.float32) * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + pair[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+# Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, block_k, num_warps, num_stages).
+GEMM_TILE_OVERRIDE: dict | None = None
+
+
+def _gemm_tile(num_pairs: int, num_experts: int) -> dict:
+    if GEMM_TILE_OVERRIDE is not None:
+        return GEMM_TILE_OVERRIDE
+    per_expert = num_pairs / max(num_experts, 1)
+    if per_expert <= 16:  # decode: weight-bandwidth bound, many narrow tiles keep every SM streaming
+        return dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+    if per_expert <= 64:
+        return dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+@register("fused_experts", "triton")
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """sum_k w_k * expert_{id_k}(x) via two grouped GEMMs over expert-sorted (token, k) pairs."""
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_tokens == 0:
+        return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    assert w13.stride(-1) == 1 and w2.stride(-1) == 1
+    tile = _gemm_tile(num_pairs, num_experts)
+    block_m, bn, bk = tile["block_m"], tile["block_n"], tile["block_k"]
+    sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
+    e_pad = triton.next_power_of_2(num_experts)
+    weights = topk_weights.reshape(-1).float().contiguous()
+    num_tiles = sorted_ids.numel() // block_m
+    act = 0 if activation == "silu" else 1
+
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _expert_gemm_kernel[(num_tiles, triton.cdiv(inter, bn))](
+        x, w13, h, sorted_ids, padded_end, weights, inter, hidden, num_pairs, num_experts, top_k, x.stride(0),
+        w13.stride(0), w13.stride(1), h.stride(0), GATED=True, ACT=act, SCALE=False, E_PAD=e_pad,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, F32_DOT=interpreting(), num_warps=tile["num_warps"],
+        num_stages=tile["num_stages"])
+
+    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    _expert_gemm_kernel[(num_tiles, triton.cdiv(w2.shape[1], bn))](
+        h, w2, y, sorted_ids, padded_end, weights, w2.shape[1], inter, num_pairs, num_experts, 1, h.stride(0),
+        w2.stride(0), w2.stride(1), y.stride(0), GATED=False, ACT=act, SCALE=True, E_PAD=e_pad,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, F32_DOT=interpreting(), num_warps=tile["num_warps"],
+        num_stages=tile["num_stages"])
+    return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)

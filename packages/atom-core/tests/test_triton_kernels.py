@@ -1,0 +1,360 @@
+"""Triton kernels vs their torch references, on fresh random inputs, in the precision they run in.
+
+Without a GPU the kernels run under Triton's interpreter, which must be switched on before triton is
+imported, so this module runs as its own pytest process on CPU:
+    TRITON_INTERPRET=1 pytest packages/atom-core/tests/test_triton_*.py
+(setting the variable from here would leak into every other test of a shared session). The "large" cases
+need a GPU and are skipped otherwise. Each check prints an `ERR` line (max abs / relative-norm error)
+for the report (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+
+from atom.ops import activation as ref_act  # noqa: E402
+from atom.ops import attention as ref_attn  # noqa: E402
+from atom.ops import moe as ref_moe  # noqa: E402
+from atom.ops import norm as ref_norm  # noqa: E402
+from atom.ops import rope as ref_rope  # noqa: E402
+from atom.ops import sampling as ref_sampling  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+LARGE = pytest.param("large", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")])
+SIZES = ["tiny", LARGE]
+# Relative-norm error bounds: bf16 rounding; fp32 through tf32 matrix units on GPU. The interpreter
+# (triton 3.9) truncates fp32 -> bf16 instead of rounding to nearest, which about doubles bf16 errors.
+TOL = {torch.bfloat16: 1.6e-2 if ON_GPU else 3e-2, torch.float32: 5e-3 if ON_GPU else 1e-5}
+
+
+def triton_op(name: str):
+    return resolve(name, "triton")
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    o, r = out.double(), ref.double()
+    assert not torch.isnan(o).any(), f"{name}: NaN in output"
+    max_abs = (o - r).abs().max().item() if o.numel() else 0.0
+    rel = ((o - r).norm() / r.norm().clamp_min(1e-30)).item() if o.numel() else 0.0
+    print(f"ERR {name}: max_abs={max_abs:.3e} rel={rel:.3e}")
+    assert rel < tol, f"{name}: relative error {rel:.3e} >= {tol:.1e} (max abs {max_abs:.3e})"
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ---------------------------------------------------------------- norm
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(size, dtype):
+    rows, hidden = (5, 96) if size == "tiny" else (4096, 4096)
+    x, w = rand(rows, hidden, dtype=dtype), rand(hidden, dtype=dtype)
+    check(f"rms_norm {size} {dtype}", triton_op("rms_norm")(x, w, 1e-6), ref_norm.rms_norm(x, w, 1e-6), TOL[dtype])
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(size, dtype):
+    rows, hidden = (6, 80) if size == "tiny" else (4096, 4096)
+    x, res, w = rand(rows, hidden, dtype=dtype), rand(rows, hidden, dtype=dtype), rand(hidden, dtype=dtype)
+    res_before = res.clone()
+    out, new_res = triton_op("fused_add_rms_norm")(x, res, w, 1e-5)
+    ref_out, ref_res = ref_norm.fused_add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(res, res_before), "the residual input must not be modified (the reference returns a new one)"
+    check(f"fused_add_rms_norm.out {size} {dtype}", out, ref_out, TOL[dtype])
+    check(f"fused_add_rms_norm.residual {size} {dtype}", new_res, ref_res, TOL[dtype])
+
+
+# ---------------------------------------------------------------- rope
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("partial", [False, True])
+def test_rotary_embedding(size, is_neox, partial):
+    if size == "tiny":
+        tokens, hq, hk, head_dim, dtype = 5, 4, 2, 16, torch.float32
+    else:
+        tokens, hq, hk, head_dim, dtype = 4096, 32, 8, 128, torch.bfloat16
+    rot_dim = head_dim // 2 if partial else head_dim
+    max_pos = 64 if size == "tiny" else 8192
+    cos_sin = rand(max_pos, rot_dim)
+    positions = torch.randint(0, max_pos, (tokens,), device=DEVICE)
+    # q and k as views of one fused qkv projection, as the attention layer produces them
+    qkv = rand(tokens, (hq + 2 * hk) * head_dim, dtype=dtype)
+    q, k = qkv[:, : hq * head_dim], qkv[:, hq * head_dim : (hq + hk) * head_dim]
+    oq, ok = triton_op("rotary_embedding")(positions, q, k, head_dim, cos_sin, is_neox)
+    rq, rk = ref_rope.rotary_embedding(positions, q, k, head_dim, cos_sin, is_neox)
+    name = f"rotary_embedding {size} neox={is_neox} rot_dim={rot_dim}"
+    check(name + " q", oq, rq, TOL[dtype])
+    check(name + " k", ok, rk, TOL[dtype])
+
+
+# ---------------------------------------------------------------- activation
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("op", ["silu_and_mul", "gelu_tanh_and_mul"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_activation(size, op, dtype):
+    shape = (2, 3, 2 * 40) if size == "tiny" else (4096, 2 * 14336)
+    x = rand(*shape, dtype=dtype, scale=2.0)
+    check(f"{op} {size} {dtype}", triton_op(op)(x), getattr(ref_act, op)(x), TOL[dtype])
+
+
+# ---------------------------------------------------------------- KV cache + attention
+def _paged_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    """Random caches (never zeros), shuffled block tables, and the matching metadata."""
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    blocks_per_seq = [triton.cdiv(s, block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, device=DEVICE)
+    width = max(blocks_per_seq)
+    tables = torch.zeros(len(q_lens), width, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[used : used + n].int()
+        used += n
+    k_cache = rand(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    v_cache = rand(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    qsl = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).int()
+    q = rand(int(qsl[-1]), num_heads, head_dim, dtype=dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, tables, qsl, lens, max(q_lens), max(seq_lens)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_reshape_and_cache(size):
+    tokens, kv_heads, head_dim, block_size, num_blocks, dtype = (
+        (7, 2, 16, 4, 5, torch.float32) if size == "tiny" else (4096, 8, 128, 16, 1024, torch.bfloat16))
+    kv = rand(tokens, 2 * kv_heads, head_dim, dtype=dtype)
+    key, value = kv[:, :kv_heads], kv[:, kv_heads:]  # strided views, as split from a fused projection
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[::3] = -1  # padding tokens are not written
+    k_cache = rand(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = rand(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    rk, rv = k_cache.clone(), v_cache.clone()
+    triton_op("reshape_and_cache")(key, value, k_cache, v_cache, slots)
+    ref_attn.reshape_and_cache(key, value, rk, rv, slots)
+    assert torch.equal(k_cache, rk) and torch.equal(v_cache, rv)
+    print(f"ERR reshape_and_cache {size}: exact")
+
+
+ATTN_CASES = {
+    # name: (q_lens, ctx_lens, Hq, Hkv, head_dim, block_size, window, softcap, num_splits)
+    "decode": ([1, 1, 1], [9, 30, 2], 4, 2, 32, 4, None, None, None),
+    "decode_split": ([1, 1], [37, 70], 4, 1, 32, 4, None, None, 4),
+    "decode_window_softcap": ([1, 1], [20, 45], 6, 2, 32, 8, 16, 30.0, 2),
+    "prefill_prefix": ([5, 19, 1], [0, 14, 33], 4, 2, 32, 4, None, None, None),
+    "prefill_window_softcap": ([17, 6], [10, 0], 4, 4, 16, 4, 7, 20.0, None),
+}
+LARGE_ATTN_CASES = {
+    "decode_bs128": ([1] * 128, None, 32, 8, 128, 16, None, None, None),
+    "prefill_bs4": ([1024, 512, 300, 77], [0, 1536, 1000, 3000], 32, 8, 128, 16, None, None, None),
+    "prefill_window": ([700, 256], [300, 2000], 32, 8, 128, 16, 512, 50.0, None),
+}
+
+
+def _run_attention(name, case, dtype):
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, softcap, splits = case
+    if ctx_lens is None:  # decode at realistic contexts, 1..4k
+        ctx_lens = torch.randint(1, 4096, (len(q_lens),)).tolist()
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size, dtype)
+    scale = head_dim**-0.5
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    out = paged_attention_impl(q, kc, vc, tables, qsl, lens, scale, window, softcap, max_q, max_l, num_splits=splits)
+    ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, scale, window, softcap, max_q, max_l)
+    check(f"paged_attention {name} {dtype}", out, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ATTN_CASES))
+def test_paged_attention(name, dtype):
+    _run_attention(name, ATTN_CASES[name], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("name", sorted(LARGE_ATTN_CASES))
+def test_paged_attention_large(name):
+    _run_attention(name, LARGE_ATTN_CASES[name], torch.bfloat16)
+
+
+def test_paged_attention_registered_op_dispatches_decode_and_prefill():
+    op = triton_op("paged_attention")
+    for name in ("decode", "prefill_prefix"):
+        q_lens, ctx, hq, hkv, hd, bs, *_ = ATTN_CASES[name]
+        q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx, hq, hkv, hd, bs, torch.float32)
+        out = op(q, kc, vc, tables, qsl, lens, 0.3, None, None, max_q, max_l)
+        check(f"paged_attention op {name}", out, ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, 0.3),
+              TOL[torch.float32])
+
+
+# ---------------------------------------------------------------- MoE
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_topk_softmax(size, renormalize):
+    tokens, experts, top_k = (9, 8, 3) if size == "tiny" else (4096, 128, 8)
+    logits = rand(tokens, experts, dtype=torch.bfloat16 if size == "large" else torch.float32, scale=3.0)
+    w, ids = triton_op("moe_topk_softmax")(logits, top_k, renormalize)
+    rw, rids = ref_moe.moe_topk_softmax(logits, top_k, renormalize)
+    # bf16 logits tie often: the chosen probabilities must match; ids must match where a value is unique
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    probs = torch.softmax(logits.float(), -1)
+    chosen = probs.gather(1, rids)
+    assert torch.allclose(probs.gather(1, ids), chosen, rtol=0, atol=1e-6)
+    unique = (probs[:, None, :] == chosen[:, :, None]).sum(-1) == 1
+    assert torch.equal(ids[unique], rids[unique])
+    check(f"moe_topk_softmax {size} renorm={renormalize}", w, rw, 1e-5)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_experts(size, activation, dtype):
+    if size == "tiny":
+        tokens, hidden, inter, experts, top_k = 10, 32, 48, 5, 2
+    else:
+        tokens, hidden, inter, experts, top_k = 512, 2048, 768, 128, 8
+    x = rand(tokens, hidden, dtype=dtype)
+    w13 = rand(experts, 2 * inter, hidden, dtype=dtype, scale=hidden**-0.5)
+    w2 = rand(experts, hidden, inter, dtype=dtype, scale=inter**-0.5)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    out = triton_op("fused_experts")(x, w13, w2, weights, ids, activation)
+    ref = ref_moe.fused_experts(x, w13, w2, weights, ids, activation)
+    check(f"fused_experts {size} {activation} {dtype}", out, ref, TOL[dtype])
+
+
+# ---------------------------------------------------------------- sampling
+def _allowed_probs(logits, temperature, top_k, top_p, min_p):
+    """The distribution the reference samples from (per row)."""
+    scaled = ref_sampling.apply_top_k_top_p_min_p(logits / temperature[:, None], top_k, top_p, min_p)
+    return torch.softmax(scaled, -1)
+
+
+SAMPLE_CASES = {
+    "temperature": dict(temperature=0.7),
+    "top_k": dict(temperature=1.3, top_k=4),
+    "top_k_top_p": dict(temperature=1.0, top_k=6, top_p=0.7),
+    "top_p_only": dict(temperature=0.9, top_p=0.8),
+    "min_p": dict(temperature=1.0, min_p=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_CASES))
+def test_sample_distribution(name):
+    params = SAMPLE_CASES[name]
+    # each row is one program: the interpreter runs ~1k of them in seconds; 5 sigma bounds on the gap
+    rows, vocab = (20000, 10) if ON_GPU else (400, 10)
+    bound = 0.02 if ON_GPU else 0.12
+    base = rand(vocab, scale=1.5)
+    logits = base.expand(rows, vocab).contiguous()
+    full = lambda key, default, dt: torch.full((rows,), params.get(key, default), dtype=dt, device=DEVICE)  # noqa: E731
+    temperature = full("temperature", 1.0, torch.float32)
+    top_k = full("top_k", 0, torch.int64) if "top_k" in params else None
+    top_p = full("top_p", 1.0, torch.float32) if "top_p" in params else None
+    min_p = full("min_p", 0.0, torch.float32) if "min_p" in params else None
+    tokens = triton_op("sample")(logits, temperature, top_k, top_p, min_p)
+    probs = _allowed_probs(logits[:1], temperature[:1], *(t[:1] if t is not None else None for t in (top_k, top_p, min_p)))[0]
+    assert tokens.dtype == torch.int64 and tokens.shape == (rows,)
+    assert bool((probs[tokens] > 0).all()), f"{name}: sampled a filtered-out token"
+    freq = torch.bincount(tokens, minlength=vocab).double() / rows
+    gap = (freq - probs.double()).abs().max().item()
+    print(f"ERR sample {name}: max |freq - p| = {gap:.3e} over {rows} draws")
+    assert gap < bound, (freq, probs)
+
+
+def test_sample_greedy_and_mixed_rows():
+    rows, vocab = 6, 1000 if ON_GPU else 300
+    logits = rand(rows, vocab, scale=3.0)
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.8, 1.0, 0.5], device=DEVICE)
+    top_k = torch.tensor([0, 1, 5, 0, 1, 3], device=DEVICE)
+    tokens = triton_op("sample")(logits, temperature, top_k, None, None)
+    argmax = logits.argmax(-1)
+    # greedy rows and top_k == 1 rows are deterministic
+    for i in (0, 1, 2, 4):
+        assert tokens[i] == argmax[i]
+    assert tokens[5] in logits[5].topk(3).indices
+    assert torch.equal(triton_op("sample")(logits, torch.zeros(rows, device=DEVICE)), argmax)
+
+
+def test_sample_seeded_rows_ignore_the_rest_of_the_batch():
+    vocab = 50
+    row = rand(vocab)
+
+    def draw(batch_rows, pos, top_k):
+        logits = rand(batch_rows, vocab)
+        logits[pos] = row
+        gens = [None] * batch_rows
+        gens[pos] = torch.Generator(device=DEVICE).manual_seed(1234)
+        temp = torch.ones(batch_rows, device=DEVICE)
+        k = torch.full((batch_rows,), top_k, device=DEVICE)
+        return [int(triton_op("sample")(logits, temp, k, None, None, gens)[pos]) for _ in range(1)][0]
+
+    for top_k in (0, 8):
+        first = [draw(4, 1, top_k) for _ in range(3)]
+        assert len(set(first)) == 1
+        assert draw(7, 5, top_k) == first[0]
+
+
+def test_moe_align_kernel_matches_the_torch_path(monkeypatch):
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    experts, block_m = 6, 16
+    ids = torch.randint(0, experts, (37, 3), device=DEVICE)
+    ids[:, 0] = 2  # one crowded expert, some likely empty
+    got_ids, got_end = tk_moe._align_by_expert(ids, experts, block_m)
+    monkeypatch.setattr(tk_moe, "_ALIGN_KERNEL_MAX_PAIRS", 0)
+    ref_ids, ref_end = tk_moe._align_by_expert(ids, experts, block_m)
+    assert torch.equal(got_end, ref_end)
+    total = int(ref_end[-1])
+    assert torch.equal(got_ids[:total], ref_ids[:total])
+    # every pair appears exactly once, in its expert's run, in order
+    flat = ids.reshape(-1)
+    real = ref_ids[:total][ref_ids[:total] < flat.numel()].long()
+    assert torch.equal(real.sort().values, torch.arange(flat.numel(), device=DEVICE))
+    assert torch.equal(flat[real], flat[real].sort(stable=True).values)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("is_neox,partial", [(True, False), (False, True)])
+def test_qk_norm_rope_cache(size, qk_norm, is_neox, partial):
+    from atom.ops import qk_norm_rope_cache as ref_fused
+
+    if size == "tiny":
+        tokens, hq, hk, head_dim, block_size, num_blocks, dtype = 6, 4, 2, 16, 4, 5, torch.float32
+    else:
+        tokens, hq, hk, head_dim, block_size, num_blocks, dtype = 4096, 32, 8, 128, 16, 1024, torch.bfloat16
+    rot_dim = head_dim // 2 if partial else head_dim
+    cos_sin = rand(64, rot_dim)
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    qkv = rand(tokens, (hq + 2 * hk) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+    qw, kw = (rand(head_dim, dtype=dtype), rand(head_dim, dtype=dtype)) if qk_norm else (None, None)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[1::4] = -1
+    caches = [rand(num_blocks, block_size, hk, head_dim, dtype=dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    args = (positions, q, k, v, qw, kw, 1e-6, head_dim, cos_sin, is_neox)
+    oq, ok = triton_op("qk_norm_rope_cache")(*args, *caches, slots)
+    rq, rk = ref_fused.qk_norm_rope_cache(*args, *ref_caches, slots)
+    name = f"qk_norm_rope_cache {size} norm={qk_norm} neox={is_neox} rot_dim={rot_dim}"
+    check(name + " q", oq, rq, TOL[dtype])
+    check(name + " k", ok, rk, TOL[dtype])
+    check(name + " k_cache", caches[0], ref_caches[0], TOL[dtype])
+    assert torch.equal(caches[1], ref_caches[1]), "v is copied into the cache unchanged"

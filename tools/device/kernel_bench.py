@@ -1,0 +1,195 @@
+"""Micro-benchmark of atom-core's Triton kernels against their bandwidth (or matrix-rate) floor.
+
+Run on a GPU machine: PYTHONPATH=packages/atom-core/src python3 tools/device/kernel_bench.py [--out f.json]
+Each row: median time (triton.testing.do_bench), the fewest bytes the op must move (every input read once,
+every output written once), achieved GB/s and its share of the measured device-to-device copy rate, and
+the torch reference's median time on the same inputs. Inputs are random, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from atom.ops import activation as ref_act
+from atom.ops import attention as ref_attn
+from atom.ops import moe as ref_moe
+from atom.ops import norm as ref_norm
+from atom.ops import rope as ref_rope
+from atom.ops import sampling as ref_sampling
+from atom.ops.registry import resolve
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def t(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
+
+
+def graph_time(fn) -> float:
+    """Median ms of a CUDA-graph replay of fn: the GPU time without Python launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return t(g.replay)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy, bytes read + written."""
+    a = torch.randn(1 << 28, device=DEV)  # 1 GiB of fp32
+    b = torch.empty_like(a)
+    ms = t(lambda: b.copy_(a))
+    return 2 * a.numel() * 4 / ms / 1e6
+
+
+def rnd(*shape, dtype=BF16, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+def paged(batch, q_len, ctx, hq=32, hkv=8, d=128, bs=16):
+    seq = [c + q_len for c in ctx]
+    nblk = [triton.cdiv(s, bs) for s in seq]
+    perm = torch.randperm(sum(nblk), device=DEV).int()
+    tables = torch.zeros(batch, max(nblk), dtype=torch.int32, device=DEV)
+    used = 0
+    for i, n in enumerate(nblk):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+    kc, vc = rnd(sum(nblk), bs, hkv, d), rnd(sum(nblk), bs, hkv, d)
+    qsl = (torch.arange(batch + 1, device=DEV) * q_len).int()
+    q = rnd(batch * q_len, hq, d)
+    lens = torch.tensor(seq, dtype=torch.int32, device=DEV)
+    args = (q, kc, vc, tables, qsl, lens, d**-0.5, None, None, q_len, max(seq))
+    kv_bytes = sum(seq) * hkv * d * 2 * 2
+    return args, kv_bytes + 2 * q.numel() * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--no-ref", action="store_true", help="skip timing the torch references")
+    opts = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    rows = []
+
+    def bench(name, op, ref, args, nbytes, flops=0.0, graph=True):
+        eager = t(lambda: op(*args))
+        # rates from the graph replay where the op can be captured (no host syncs): that is how the
+        # engine runs decode; eager time adds Python launch overhead
+        ms = graph_time(lambda: op(*args)) if graph else eager
+        ref_ms = t(lambda: ref(*args)) if (ref is not None and not opts.no_ref) else float("nan")
+        rows.append(dict(kernel=name, ms=ms, eager_ms=eager, graph=graph, bytes=nbytes, gbps=nbytes / ms / 1e6,
+                         frac_bw=nbytes / ms / 1e6 / bw, tflops=flops / ms / 1e9 if flops else 0.0, ref_ms=ref_ms))
+        print(f"{name:44s} {ms * 1e3:9.1f} us (eager {eager * 1e3:8.1f})  {nbytes / ms / 1e6:7.0f} GB/s  "
+              f"ref {ref_ms * 1e3:9.1f} us", flush=True)
+
+    T, H = 4096, 4096
+    x, res, w = rnd(T, H), rnd(T, H), rnd(H)
+    bench("rms_norm 4096x4096", resolve("rms_norm", "triton"), ref_norm.rms_norm, (x, w, 1e-6), 2 * T * H * 2)
+    bench("fused_add_rms_norm 4096x4096", resolve("fused_add_rms_norm", "triton"), ref_norm.fused_add_rms_norm,
+          (x, res, w, 1e-6), 4 * T * H * 2)
+
+    hq, hk, d = 32, 8, 128
+    qkv = rnd(T, (hq + 2 * hk) * d)
+    q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
+    cs = torch.randn(32768, d, device=DEV)
+    pos = torch.randint(0, 32768, (T,), device=DEV)
+    bench("rotary_embedding T4096 32q/8k x128 neox", resolve("rotary_embedding", "triton"),
+          ref_rope.rotary_embedding, (pos, q, k, d, cs, True), 2 * T * (hq + hk) * d * 2)
+
+    inter = 14336
+    xa = rnd(T, 2 * inter)
+    for op in ("silu_and_mul", "gelu_tanh_and_mul"):
+        bench(f"{op} 4096x{inter}", resolve(op, "triton"), getattr(ref_act, op), (xa,), 3 * T * inter * 2)
+
+    kv = rnd(T, 2 * hk, d)
+    kcache, vcache = rnd(8192, 16, hk, d), rnd(8192, 16, hk, d)
+    slots = torch.randperm(8192 * 16, device=DEV)[:T]
+    bench("reshape_and_cache T4096 8x128", resolve("reshape_and_cache", "triton"), ref_attn.reshape_and_cache,
+          (kv[:, :hk], kv[:, hk:], kcache, vcache, slots), 4 * T * hk * d * 2)
+
+    qw, kw = rnd(d), rnd(d)
+    vv = qkv[:, (hq + hk) * d :]
+    prep_bytes = (T * (hq + 2 * hk) * d + T * (hq + hk) * d + 2 * T * hk * d) * 2
+    bench("qk_norm_rope_cache T4096 32q/8k x128", resolve("qk_norm_rope_cache", "triton"),
+          resolve("qk_norm_rope_cache", "torch"), (pos, q, k, vv, qw, kw, 1e-6, d, cs, True, kcache, vcache, slots),
+          prep_bytes)
+
+    attn = resolve("paged_attention", "triton")
+    for batch, ctx in ((1, 4096), (1, 32768), (32, 4096), (128, 1024), (128, 4096)):
+        args, nbytes = paged(batch, 1, [ctx - 1] * batch)
+        bench(f"paged_attention decode bs{batch} ctx{ctx}", attn,
+              ref_attn.paged_attention if batch * ctx <= 128 * 4096 else None, args, nbytes,
+              4 * batch * 32 * 128 * ctx)
+    for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
+        args, nbytes = paged(batch, q_len, [ctx] * batch)
+        # causal: each query sees ctx + (its index + 1) keys
+        pairs = batch * sum(ctx + i + 1 for i in range(q_len))
+        bench(f"paged_attention prefill bs{batch} q{q_len} ctx{ctx}", attn, ref_attn.paged_attention, args,
+              nbytes, 4 * pairs * 32 * 128)
+
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    E, K, Hm, Im = 128, 8, 2048, 768
+    logits = rnd(T, E)
+    bench("moe_topk_softmax T4096 E128 k8", resolve("moe_topk_softmax", "triton"), ref_moe.moe_topk_softmax,
+          (logits, K, True), T * E * 2 + T * K * 12)
+    w13, w2 = rnd(E, 2 * Im, Hm, scale=Hm**-0.5), rnd(E, Hm, Im, scale=Im**-0.5)
+    for tokens in (1, 32, 128, 1024, 4096):
+        xm = rnd(tokens, Hm)
+        tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
+        touched = int(torch.unique(tid).numel())
+        nbytes = touched * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2
+        bench(f"fused_experts qwen3-30b-a3b T{tokens} ({touched} experts)", resolve("fused_experts", "triton"),
+              ref_moe.fused_experts, (xm, w13, w2, tw, tid), nbytes, 2 * tokens * K * 3 * Hm * Im)
+
+    for tokens in (1, 32):
+        xm = rnd(tokens, Hm)
+        tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
+        touched = int(torch.unique(tid).numel())
+        nbytes = touched * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2
+        for tile in (dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+                     dict(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
+                     dict(block_m=16, block_n=16, block_k=128, num_warps=2, num_stages=4)):
+            tk_moe.GEMM_TILE_OVERRIDE = tile
+            bench(f"  sweep fused_experts T{tokens} {tile}", resolve("fused_experts", "triton"), None,
+                  (xm, w13, w2, tw, tid), nbytes)
+    tk_moe.GEMM_TILE_OVERRIDE = None
+
+    B, V = 128, 151936
+    lg = torch.randn(B, V, device=DEV) * 4
+    ones = torch.ones(B, device=DEV)
+    sample = resolve("sample", "triton")
+    bench("sample greedy B128 V151936", sample, ref_sampling.sample, (lg, ones * 0), B * V * 4, graph=False)
+    bench("sample temperature B128 V151936", sample, ref_sampling.sample, (lg, ones * 0.8), B * V * 4, graph=False)
+    topk = torch.full((B,), 50, device=DEV)
+    bench("sample top-k 50 + top-p 0.9", sample, ref_sampling.sample, (lg, ones * 0.8, topk, ones * 0.9), B * V * 4, graph=False)
+    bench("sample top-p 0.9 (sort fallback)", sample, ref_sampling.sample, (lg, ones * 0.8, None, ones * 0.9),
+          B * V * 4, graph=False)
+
+    print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"measured copy bandwidth: {bw:.0f} GB/s (datasheet 4800)\n")
+    print("| kernel | us (graph) | us eager | GB/s | % copy BW | TFLOP/s | torch ref us (eager) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        graph_us = f"{r['ms'] * 1e3:.1f}" if r["graph"] else "-"
+        print(f"| {r['kernel']} | {graph_us} | {r['eager_ms'] * 1e3:.1f} | {r['gbps']:.0f} | "
+              f"{100 * r['frac_bw']:.0f}% | {r['tflops']:.1f} | {r['ref_ms'] * 1e3:.1f} |")
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(dict(copy_gbps=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
