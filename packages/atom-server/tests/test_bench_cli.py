@@ -120,3 +120,63 @@ def test_serve_bench_unknown_model_fails_clearly(server):
                         "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2",
                         "--disable-tqdm"])
     assert "test request" in str(e.value) and "404" in str(e.value)
+
+
+def _make_table_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[3] / "tools" / "device" / "make_table.py"
+    spec = importlib.util.spec_from_file_location("make_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_device_table_rooflines_match_perf_md():
+    from atom_server.bench import PRESETS
+
+    mt = _make_table_module()
+    gb = {name: mt.step_bytes(PRESETS[name], 1, 0) / 1e9 for name in PRESETS}
+    # PERF.md: 1.19 GB, 15.1 GB and ~6.1 GB per batch-1 step; the MoE shape reads ~53 GB at batch 32, 61 at 128
+    assert gb["qwen3-0.6b"] == pytest.approx(1.19, abs=0.01)
+    assert gb["qwen3-8b"] == pytest.approx(15.1, abs=0.1)
+    assert gb["qwen3-30b-a3b"] == pytest.approx(6.1, abs=0.1)
+    assert mt.step_bytes(PRESETS["qwen3-30b-a3b"], 32, 0) / 1e9 == pytest.approx(53, abs=1)
+    assert mt.step_bytes(PRESETS["qwen3-30b-a3b"], 128, 0) / 1e9 == pytest.approx(61, abs=1)
+    assert mt.roofline_ms(PRESETS["qwen3-8b"], 1, 0, 2970) == pytest.approx(5.10, abs=0.01)
+
+
+def test_device_table_markdown():
+    from atom_server.bench import PRESETS
+
+    mt = _make_table_module()
+
+    def rep(tok_s, step):
+        return dict(versions={"torch": "2.11.0"}, runs=[dict(batch_size=1, input_len=128, output_len=128,
+                                                             output_tok_s=tok_s, ms_per_step=step, prefill_ms=9.0)])
+
+    bench = dict(shape="qwen3-8b", device="NVIDIA H200", bandwidth_gbps=4300.0, date="2026-11-24", dtype="bfloat16",
+                 config=PRESETS["qwen3-8b"], command="bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b",
+                 engines=dict(atom=rep(120.0, 8.0), vllm=rep(150.0, 6.4),
+                              **{"atom-vllm": dict(error="timed out after 240 s", atom_model_built=False)}))
+    text = mt.markdown([bench])
+    row = next(line for line in text.splitlines() if line.startswith("| qwen3-8b | 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["120", "150", "-", "0.80x", "-"]
+    roof = mt.roofline_ms(PRESETS["qwen3-8b"], 1, 192, 4300.0)
+    assert cells[10] == f"{roof:.2f}" and cells[11] == f"{roof / 8.0:.0%}"
+    assert "NVIDIA H200" in text and "timed out after 240 s" in text and "no 'ATOM built' line" in text
+
+
+def test_device_table_merges_calls_per_shape():
+    mt = _make_table_module()
+    run = dict(batch_size=1, input_len=128, output_len=128, output_tok_s=100.0, ms_per_step=9.0, prefill_ms=5.0)
+    first = dict(shape="s", date="2026-11-24", time="10:00:00", command="call A", config=None,
+                 engines=dict(atom=dict(runs=[run]), vllm=dict(error="timed out")))
+    second = dict(shape="s", date="2026-11-24", time="10:09:00", command="call B", config=None,
+                  engines=dict(vllm=dict(runs=[{**run, "output_tok_s": 200.0}]), atom=dict(error="skipped")))
+    (merged,) = mt.merge([second, first])
+    assert merged["commands"] == ["call A", "call B"]
+    assert merged["engines"]["atom"]["runs"][0]["output_tok_s"] == 100.0  # a later failure keeps the runs
+    assert merged["engines"]["vllm"]["runs"][0]["output_tok_s"] == 200.0

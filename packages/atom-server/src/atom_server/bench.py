@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,9 +56,11 @@ def _median(xs: list[float]) -> float:
 def run_throughput(model: str | None, input_len: int = 128, output_len: int = 128,
                    batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), load_format: str = "auto",
                    seed: int = 0, repeats: int = 3, quiet: bool = False,
+                   on_row: Callable[[list[dict[str, Any]]], None] | None = None,
                    **engine_args: Any) -> list[dict[str, Any]]:
     """Per batch size: one warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
-    runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1)."""
+    runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
+    on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
     from atom_server.llm import LLM
     from atom_server.sampling_params import SamplingParams
 
@@ -107,6 +110,8 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                          total_s_all=totals, prefill_s_all=pre, init_s=init_s,
                          device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
                          kernel_backend=engine.kernel_backend))
+        if on_row is not None:
+            on_row(rows)
     if not quiet:
         print(format_table(rows))
     return rows

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_serve_parser(sub)
+    from atom_server import bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 

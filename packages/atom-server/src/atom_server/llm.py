@@ -97,7 +97,7 @@ class LLM:
         try:
             for prompt_ids, p, text in requests:
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt_ids, p, prompt=text)
+                engine.add_request(rid, prompt_ids, p, prompt=text, final_only=True)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)

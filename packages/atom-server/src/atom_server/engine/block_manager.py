@@ -91,6 +91,7 @@ class BlockManager:
                 del self.free[b]
             block.ref_count += 1
         seq.block_table = list(hits)
+        seq.table_gen += 1
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_registered_blocks = len(hits)
@@ -145,5 +146,6 @@ class BlockManager:
                 if block.hash is None:  # nothing to reuse: recycle it first
                     self.free.move_to_end(b, last=False)
         seq.block_table = []
+        seq.table_gen += 1
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

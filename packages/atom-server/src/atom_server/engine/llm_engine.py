@@ -70,6 +70,7 @@ class RequestState:
     detoks: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.time)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    final_only: bool = False  # report only the finished output (offline generate), not every step
 
     @property
     def finished(self) -> bool:
@@ -128,7 +129,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, final_only: bool = False) -> None:
+        """final_only: step() reports this request once, when it finishes (saves building an output for
+        every token of every request when nobody streams them)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -144,7 +147,8 @@ class LLMEngine:
         seqs = [Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, self.eos_ids,
                          self.max_model_len) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in seqs]
-        state = RequestState(request_id, prompt, list(prompt_token_ids), params, seqs, detoks)
+        state = RequestState(request_id, prompt, list(prompt_token_ids), params, seqs, detoks,
+                             final_only=final_only)
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
         self.requests[request_id] = state
@@ -177,8 +181,9 @@ class LLMEngine:
         results = self.runner.execute(batch)
         self.scheduler.commit(batch)
         touched: dict[str, RequestState] = {}
+        requests = self.requests
         for res in results:
-            state = self.requests[res.seq.request_id]
+            state = requests[res.seq.request_id]
             if res.prompt_logprobs:
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in res.prompt_logprobs)
                 res.seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
@@ -186,9 +191,11 @@ class LLMEngine:
                 self._append(state, res)
                 touched[state.request_id] = state
         for state in touched.values():
-            outputs.append(self._output(state))
-            if state.finished:
-                del self.requests[state.request_id]
+            finished = state.finished
+            if finished or not state.final_only:
+                outputs.append(self._output(state))
+            if finished:
+                del requests[state.request_id]
         return outputs
 
     def _append(self, state: RequestState, res: SeqStepResult) -> None:
@@ -197,17 +204,23 @@ class LLMEngine:
         if res.logprobs is not None:
             seq.logprobs.append(self._logprob_dict(res.logprobs))
             seq.cumulative_logprob += res.logprobs.logprob
-        detok = state.detoks[seq.index]
         p = seq.params
         reason = None
         stopped_by_token = False
-        if seq.num_output_tokens > p.min_tokens - 1:
+        num_out = seq.num_output_tokens
+        if num_out > p.min_tokens - 1:
             if token in seq.eos_ids:
                 reason, stopped_by_token = "stop", True
             elif token in p.stop_token_ids:
                 reason, stopped_by_token, seq.stop_reason = "stop", True, token
-        if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
+        if self.tokenizer is None:  # no text to build, hence no stop strings either
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+            return
+        detok = state.detoks[seq.index]
         # The stop token's text is left out unless asked for (as vLLM).
         stop_str = detok.add_token(token, detokenize=not stopped_by_token or p.include_stop_str_in_output)
         if stop_str is None and reason is not None:

@@ -144,6 +144,28 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SeqStepResult]:
+        if self.graphs is not None and self._is_graph_decode(batch):
+            return self._execute_decode_graph(batch.seqs)
+        return self._execute_eager(batch)
+
+    def _is_graph_decode(self, batch: ScheduledBatch) -> bool:
+        # A scheduled decode (one new token) is always the sequence's last token; a prompt of one token
+        # still scoring its prompt logprobs is the only one-token step that needs more than the graph gives.
+        return (self.graphs.can_run(len(batch.seqs)) and max(batch.num_new_tokens) == 1
+                and not any(s.wants_prompt_logprobs for s in batch.seqs))
+
+    def _execute_decode_graph(self, seqs: list[Sequence]) -> list[SeqStepResult]:  # pragma: no cover - GPU
+        g = self.graphs
+        n = len(seqs)
+        bs = g.prepare(seqs)
+        logits, greedy = g.replay(bs)
+        if all(s.argmax_ok for s in seqs):
+            g.fetch_tokens(greedy, n)
+            return [SeqStepResult(s, t) for s, t in zip(seqs, g.tokens_list(n))]
+        tokens, lps = self._sample_rows(logits[:n].float(), seqs)
+        return [SeqStepResult(s, t, lp) for s, t, lp in zip(seqs, tokens, lps)]
+
+    def _execute_eager(self, batch: ScheduledBatch) -> list[SeqStepResult]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -208,8 +230,6 @@ class ModelRunner:
         return self._forward(ids, positions, slots, qsl, seq_lens, tables)
 
     def _forward(self, ids, positions, slots, qsl, seq_lens, tables) -> torch.Tensor:
-        if self.graphs is not None and len(ids) == len(seq_lens) and self.graphs.can_run(len(ids)):
-            return self.graphs.run(ids, positions, slots, seq_lens, tables)
         width = max(len(t) for t in tables)
         dev = self.device
         md = PagedAttentionMetadata(

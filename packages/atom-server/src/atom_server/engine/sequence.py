@@ -31,6 +31,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.block_table: list[int] = []
+        self.table_gen = 0  # bumped whenever block_table is replaced (not grown), for cached copies of it
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, computed lazily
         self.num_registered_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
@@ -39,6 +40,11 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device="cpu").manual_seed(params.seed + index)
+        # Output tokens from which greedy argmax alone picks the next token (no logprobs, penalties or
+        # min_tokens bans in the way); -1: never.
+        bans = params.min_tokens > 0 and bool(self.eos_ids or params.stop_token_ids)
+        plain = params.greedy and params.logprobs is None and not params.has_penalties
+        self.argmax_from = (params.min_tokens if bans else 0) if plain else -1
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None and index == 0 else None
@@ -66,6 +72,11 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    @property
+    def argmax_ok(self) -> bool:
+        """The next token is the plain argmax of the logits."""
+        return 0 <= self.argmax_from <= len(self.token_ids) - self.prompt_len
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

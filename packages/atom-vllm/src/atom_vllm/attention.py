@@ -1,0 +1,50 @@
+"""AttentionFactory that builds vLLM's `Attention` layer from ATOM's AttentionSpec (DESIGN.md, seam 1).
+
+vLLM then owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs; the layer registers
+itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from atom.layers.attention import AttentionSpec
+
+
+def vllm_attention_cls() -> type[nn.Module]:
+    try:  # vLLM >= 0.30
+        from vllm.model_executor.layers.attention import Attention
+    except ImportError:  # vLLM 0.24 - 0.29
+        from vllm.attention import Attention
+    return Attention
+
+
+class VllmAttentionFactory:
+    def __init__(self, cache_config, quant_config=None):
+        self.cache_config = cache_config
+        self.quant_config = quant_config
+        self.attention_cls = vllm_attention_cls()
+
+    def __call__(self, spec: AttentionSpec) -> nn.Module:
+        numbers = re.findall(r"\d+", spec.prefix)
+        if len(numbers) != 1 or int(numbers[0]) != spec.layer_idx:
+            raise ValueError(f"attention layer name {spec.prefix!r} must contain exactly one integer, the layer "
+                             f"index {spec.layer_idx} (vLLM keys its KV cache by it)")
+        kwargs = {}
+        if spec.sliding_window is not None:
+            kwargs["per_layer_sliding_window"] = spec.sliding_window
+        if spec.logit_softcap is not None:
+            kwargs["logits_soft_cap"] = spec.logit_softcap
+        # Attention(q [T, H*D], k, v [T, Hkv*D]) -> [T, H*D]: the same contract as ATOM's impl modules.
+        return self.attention_cls(
+            spec.num_heads,
+            spec.head_dim,
+            spec.scale,
+            num_kv_heads=spec.num_kv_heads,
+            cache_config=self.cache_config,
+            quant_config=self.quant_config,
+            prefix=spec.prefix,
+            **kwargs,
+        )

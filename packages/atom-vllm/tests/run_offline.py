@@ -1,0 +1,47 @@
+"""Run offline vLLM greedy generation over checkpoints; print one JSON line per run.
+
+Usage: python run_offline.py SPEC [SPEC...]   where SPEC = CKPT[@compile][@tp2]
+  @compile: vLLM's compilation on (enforce_eager=False; set VLLM_CPU_CI_ENV=1 on CPU for Dynamo + eager
+            backend instead of Inductor); @tp2: tensor_parallel_size=2.
+The environment decides whether ATOM's plugin is on. Each line: "RESULT " + {"spec", "model_class"
+(module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts"}.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_checkpoints_vllm import PROMPTS  # noqa: E402
+
+MAX_TOKENS = 12
+
+
+def _model_class(model) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def run(spec: str, dtype: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    path, *opts = spec.split("@")
+    llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
+              seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    result = {"spec": spec, "model_class": llm.apply_model(_model_class),
+              "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
+    del llm
+    gc.collect()
+    return result
+
+
+if __name__ == "__main__":
+    dtype = os.environ.get("ATOM_TEST_DTYPE", "float32")
+    for spec in sys.argv[1:]:
+        print("RESULT " + json.dumps(run(spec, dtype)), flush=True)

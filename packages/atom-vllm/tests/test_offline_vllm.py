@@ -1,0 +1,66 @@
+"""Offline vllm.LLM: ATOM's classes are used, and their greedy tokens equal vLLM's built-in models'."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_checkpoints_vllm import ARCHS, PROMPTS
+
+VLLM_CLASS = {
+    "llama": "vllm.model_executor.models.llama.LlamaForCausalLM",
+    "qwen3": "vllm.model_executor.models.qwen3.Qwen3ForCausalLM",
+    "qwen3_moe": "vllm.model_executor.models.qwen3_moe.Qwen3MoeForCausalLM",
+}
+ATOM_CLASS = {
+    "llama": "atom_vllm.models.LlamaForCausalLM",
+    "qwen3": "atom_vllm.models.Qwen3ForCausalLM",
+    "qwen3_moe": "atom_vllm.models.Qwen3MoeForCausalLM",
+}
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vllm_instantiates_atom_class(arch, checkpoints, offline_runs):
+    assert offline_runs["atom"]["results"][checkpoints[arch]]["model_class"] == [ATOM_CLASS[arch]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disable_flag_gives_vllm_builtin_class(arch, checkpoints, offline_runs):
+    assert offline_runs["builtin"]["results"][checkpoints[arch]]["model_class"] == [VLLM_CLASS[arch]]
+
+
+def _tokens(run, spec):
+    tokens = run["results"][spec]["tokens"]
+    assert len(tokens) == len(PROMPTS) and all(len(t) == 12 for t in tokens)
+    return tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_match_vllm_builtin(arch, checkpoints, offline_runs):
+    path = checkpoints[arch]
+    assert _tokens(offline_runs["atom"], path) == _tokens(offline_runs["builtin"], path)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_compiled_greedy_tokens_match_vllm_builtin(arch, checkpoints, offline_runs):
+    path = checkpoints[arch]
+    assert _tokens(offline_runs["atom"], path + "@compile") == _tokens(offline_runs["builtin"], path)
+
+
+def test_compile_traces_dense_backbone_and_skips_reference_moe(offline_runs):
+    log = offline_runs["atom"]["log"]
+    # vLLM says this once per model it compiles (Dynamo with the eager backend on CPU CI)...
+    assert log.count("Detected eager backend, disabling AOT compile") == 1
+    # ...and the MoE model on the torch-reference experts runs eagerly, with the reason.
+    assert log.count("ATOM: running the MoE backbone without torch.compile") == 1
+
+
+def test_tensor_parallel_2_matches_vllm_builtin(checkpoints, offline_runs):
+    path = checkpoints["qwen3_moe"]
+    run = offline_runs["atom"]["results"][path + "@tp2"]
+    assert run["model_class"] == [ATOM_CLASS["qwen3_moe"]] * 2
+    assert _tokens(offline_runs["atom"], path + "@tp2") == _tokens(offline_runs["builtin"], path)
+
+
+def test_atom_build_logged_and_disabled_run_silent(offline_runs):
+    assert "ATOM built atom_vllm.models.Qwen3MoeForCausalLM (TP 1/2" in offline_runs["atom"]["log"]
+    assert "ATOM built" not in offline_runs["builtin"]["log"]

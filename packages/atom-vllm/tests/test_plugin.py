@@ -1,0 +1,126 @@
+"""Entry points, switches, version guard and registration, in-process (no engine start)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+from atom_vllm import plugin
+from atom_vllm.switches import check_vllm_version
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """vLLM's real ModelRegistry, restored afterwards; the plugin's once-per-process latch reset."""
+    from vllm import ModelRegistry
+
+    saved = dict(ModelRegistry.models)
+    monkeypatch.setattr(plugin, "_registered", None)
+    for k in ("ATOM_DISABLE_VLLM_PLUGIN", "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION"):
+        monkeypatch.delenv(k, raising=False)
+    yield ModelRegistry
+    ModelRegistry.models.clear()
+    ModelRegistry.models.update(saved)
+
+
+def test_entry_points_declared():
+    eps = {(group, ep.name): ep.value for group in ("vllm.platform_plugins", "vllm.general_plugins")
+           for ep in importlib.metadata.entry_points(group=group) if ep.value.startswith("atom_vllm")}
+    assert eps == {("vllm.platform_plugins", "atom"): "atom_vllm.plugin:platform_plugin",
+                   ("vllm.general_plugins", "atom"): "atom_vllm.plugin:register"}
+
+
+@pytest.mark.parametrize("version,ok", [
+    ("0.23.9", False), ("0.24.0", True), ("0.32.0", True), ("0.32.0+cpu", True), ("0.33.7", True),
+    ("0.34.0rc1", False), ("0.34.0", False), ("1.0.0", False), ("dev", False),
+])
+def test_version_guard(version, ok):
+    supported, reason = check_vllm_version(version)
+    assert supported is ok
+    assert version in reason
+
+
+def test_installed_vllm_is_supported():
+    assert check_vllm_version()[0]
+
+
+def test_platform_plugin_is_none_without_rocm(monkeypatch):
+    monkeypatch.delenv("ATOM_DISABLE_VLLM_PLUGIN", raising=False)
+    assert plugin.platform_plugin() is None  # this machine has no ROCm GPU
+    monkeypatch.setenv("ATOM_DISABLE_VLLM_PLUGIN", "1")
+    assert plugin.platform_plugin() is None
+
+
+def test_register_takes_over_atom_architectures(fresh_registry):
+    from atom.models import supported_architectures
+
+    builtin_internlm3 = fresh_registry.models["InternLM3ForCausalLM"]
+    archs = plugin.register()
+    assert set(supported_architectures()) | {"LLaMAForCausalLM"} == set(archs)
+    for arch in archs:
+        entry = fresh_registry.models[arch]
+        assert entry.module_name == "atom_vllm.models", arch
+    assert fresh_registry.models["LLaMAForCausalLM"].class_name == "LlamaForCausalLM"
+    # An alias whose config ATOM does not read stays with vLLM.
+    assert fresh_registry.models["InternLM3ForCausalLM"] is builtin_internlm3
+    # vLLM loads and inspects ATOM's class through its own registry.
+    assert fresh_registry._try_load_model_cls("Qwen3MoeForCausalLM").__module__ == "atom_vllm.models"
+    info = fresh_registry._try_inspect_model_cls("Qwen3MoeForCausalLM")
+    assert info is not None and info.is_text_generation_model and not info.supports_pp
+    assert plugin.register() == archs  # idempotent
+
+
+def test_register_disabled_changes_nothing(fresh_registry, monkeypatch):
+    monkeypatch.setenv("ATOM_DISABLE_VLLM_PLUGIN", "1")
+    before = dict(fresh_registry.models)
+    assert plugin.register() == []
+    assert fresh_registry.models == before
+
+
+def test_register_with_attention_switch_keeps_models(fresh_registry, monkeypatch):
+    monkeypatch.setenv("ATOM_DISABLE_VLLM_PLUGIN_ATTENTION", "1")
+    assert "LlamaForCausalLM" in plugin.register()
+    assert fresh_registry.models["LlamaForCausalLM"].module_name == "atom_vllm.models"
+
+
+def test_register_out_of_range_version_stays_off(fresh_registry, monkeypatch):
+    import atom_vllm.switches as switches
+
+    monkeypatch.setattr(switches, "vllm_version", lambda: "0.20.0")
+    before = dict(fresh_registry.models)
+    assert plugin.register() == []
+    assert fresh_registry.models == before
+
+
+def test_quantized_and_pipeline_parallel_refused():
+    from vllm.config import ParallelConfig, VllmConfig
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    from atom_vllm.models import check_supported
+
+    check_supported(VllmConfig())
+    with pytest.raises(ValueError, match="unquantized checkpoints only"):
+        check_supported(VllmConfig(quant_config=Fp8Config()))
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        check_supported(VllmConfig(parallel_config=ParallelConfig(pipeline_parallel_size=2)))
+
+
+def test_attention_factory_builds_vllm_attention(checkpoints):
+    from atom.layers.attention import AttentionSpec
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+
+    from atom_vllm.attention import VllmAttentionFactory, vllm_attention_cls
+
+    factory = VllmAttentionFactory(cache_config=None)
+    spec = AttentionSpec(layer_idx=3, num_heads=4, num_kv_heads=2, head_dim=32, scale=32**-0.5,
+                         prefix="model.layers.3.self_attn.attn")
+    config = VllmConfig(model_config=ModelConfig(model=checkpoints["llama"], dtype="float32"))
+    with set_current_vllm_config(config), torch.device("cpu"):
+        layer = factory(spec)
+    assert isinstance(layer, vllm_attention_cls())
+    assert (layer.num_heads, layer.num_kv_heads, layer.head_size, layer.layer_name) == (
+        4, 2, 32, "model.layers.3.self_attn.attn")
+    bad = AttentionSpec(layer_idx=0, num_heads=4, num_kv_heads=2, head_dim=32, scale=1.0, prefix="mtp.0.layers.0.attn")
+    with pytest.raises(ValueError, match="exactly one integer"):
+        factory(bad)

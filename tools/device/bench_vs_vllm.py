@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""ATOM vs vLLM on one GPU machine, in one call: the PERF.md workload on preset shapes.
+
+  bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b [--engines atom,vllm,atom-vllm] [--budget-s 500]
+
+(the .sh sets up /tmp/site first; tools/device/README.md has the whole sequence of device calls.)
+For each shape: one config-only checkpoint (atom_server.bench.preset_checkpoint) shared by the engines,
+then each engine in its own process, one after the other, under a time budget:
+  atom       atom-server's offline engine (`python -m atom_server.bench_cli throughput`)
+  vllm       vLLM's built-in model (tools/device/vllm_throughput.py, ATOM_DISABLE_VLLM_PLUGIN=1)
+  atom-vllm  vLLM running ATOM's model through the atom-vllm plugin (the same script, plugin on)
+Writes $OUT/bench_<shape>_<HHMMSS>.json (after every engine, so a cut-off call keeps what finished)
+and the matching .log, and prints the table of make_table.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+BANDWIDTH_PROBE = r"""
+import json, torch
+n = 1 << 30  # 2 GiB of bf16, random (never time on zeros)
+a = torch.randn(n, dtype=torch.bfloat16, device="cuda"); b = torch.empty_like(a)
+for _ in range(3): b.copy_(a)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+times = []
+for _ in range(10):
+    torch.cuda.synchronize(); s.record(); b.copy_(a); e.record(); e.synchronize(); times.append(s.elapsed_time(e))
+ms = sorted(times)[len(times) // 2]
+print(json.dumps({"bandwidth_gbps": 2 * a.numel() * a.element_size() / ms / 1e6,
+                  "device": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+"""
+
+
+def write_tokenizer(folder: str) -> None:
+    """A tiny WordLevel tokenizer beside the config: vLLM runs with skip_tokenizer_init, but some of its
+    start-up checks look for tokenizer files in the model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<|endoftext|>"] + "the a of to and in is it you that".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(folder)
+
+
+def make_checkpoint(shape: str, root: str) -> tuple[str, str, dict]:
+    """(name, folder, config) for a preset shape, or for a config folder given as a path (CPU dry runs)."""
+    from atom_server.bench import preset_checkpoint
+
+    if os.path.isdir(shape):
+        name, folder = os.path.basename(os.path.normpath(shape)), shape
+    else:
+        name, folder = shape, os.path.join(root, shape)
+        os.makedirs(folder, exist_ok=True)
+        preset_checkpoint(shape, folder)
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        write_tokenizer(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        return name, folder, json.load(f)
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log, timeout_s: float, tag: str) -> tuple[int | None, str]:
+    """Run cmd in its own process group, echo its output with a tag into stdout and the log; kill the whole
+    group (vLLM's engine-core children too) at the timeout and when it ends. Returns (rc or None, output)."""
+    log.write(f"\n===== {tag}: {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+    lines: list[str] = []
+
+    def pump() -> None:  # a thread, so the deadline holds however the child writes
+        for line in proc.stdout:
+            lines.append(line)
+            log.write(line)
+            sys.stdout.write(f"[{tag}] {line}")
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        _kill_group(proc)
+        reader.join(10)
+        log.flush()
+        sys.stdout.flush()
+    return (None if timed_out else proc.returncode), "".join(lines)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)  # the group this script started for proc; nothing else
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; its children may still be up for a moment
+        time.sleep(1)
+
+
+def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
+    common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
+              "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json]
+    env = dict(os.environ)
+    if engine == "atom":
+        cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
+               "dummy", "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *ns.atom_args.split()]
+    else:
+        cmd = [sys.executable, os.path.join(HERE, "vllm_throughput.py"), "--model", model,
+               "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *ns.vllm_args.split()]
+        if engine == "vllm":
+            env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"
+        else:
+            env.pop("ATOM_DISABLE_VLLM_PLUGIN", None)
+    return cmd, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="qwen3-0.6b",
+                   help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b) or config folders")
+    p.add_argument("--engines", default="atom,vllm,atom-vllm")
+    p.add_argument("--batch-sizes", default="1,32,128")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--budget-s", type=float, default=500, help="stop starting engines past this many seconds")
+    p.add_argument("--engine-timeout-s", type=float, default=240, help="most seconds one engine may take")
+    p.add_argument("--min-engine-s", type=float, default=90, help="skip an engine with less time than this left")
+    p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
+    p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
+    ns = p.parse_args(argv)
+    t0 = time.monotonic()
+    os.makedirs(ns.out, exist_ok=True)
+    parts = "/tmp/bench_parts"
+    os.makedirs(parts, exist_ok=True)
+    import make_table
+
+    probe = subprocess.run([sys.executable, "-c", BANDWIDTH_PROBE], capture_output=True, text=True, timeout=120)
+    hw = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else {}
+    print("device:", hw or probe.stderr[-2000:], flush=True)
+    benches = []
+    for shape in ns.shapes.split(","):
+        shape, model, config = make_checkpoint(shape, "/tmp/bench_models")
+        bench = dict(shape=shape, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
+                     date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
+                     dtype=ns.dtype, config=config,
+                     command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
+                     engines={})
+        stem = f"bench_{shape}_{time.strftime('%H%M%S')}"  # two calls on one shape keep both files
+        path = os.path.join(ns.out, stem + ".json")
+        with open(os.path.join(ns.out, stem + ".log"), "w") as log:
+            for engine in ns.engines.split(","):
+                left = ns.budget_s - (time.monotonic() - t0)
+                if left < ns.min_engine_s:
+                    bench["engines"][engine] = dict(error=f"skipped: {left:.0f} s of the budget left")
+                    print(f"[{engine}] skipped, {left:.0f} s left", flush=True)
+                    continue
+                out_json = os.path.join(parts, f"{engine}_{shape}.json")
+                if os.path.exists(out_json):
+                    os.remove(out_json)
+                cmd, env = engine_command(engine, model, ns, out_json)
+                started = time.monotonic()
+                rc, text = run_logged(cmd, env, log, min(ns.engine_timeout_s, left), engine)
+                took = time.monotonic() - started
+                rep = {}
+                if os.path.exists(out_json):  # written after every batch size: partial when cut short
+                    with open(out_json) as f:
+                        rep = json.load(f)
+                if rc != 0:
+                    why = "timed out" if rc is None else f"exit status {rc}"
+                    lines = text.strip().splitlines()
+                    errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
+                    rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
+                rep["took_s"] = took
+                if engine != "atom":
+                    rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
+                bench["engines"][engine] = rep
+                with open(path, "w") as f:
+                    json.dump(bench, f, indent=1)
+        benches.append(bench)
+        with open(path, "w") as f:
+            json.dump(bench, f, indent=1)
+    print()
+    print(make_table.markdown(benches))
+    print(f"total {time.monotonic() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

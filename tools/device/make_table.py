@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Merge the bench_<shape>.json files of tools/device/bench_vs_vllm.py into the markdown for BENCHMARKS.md.
+
+  python3 tools/device/make_table.py bench-results/ [--out table.md]    (files or folders of bench_*.json)
+
+For each shape and batch size: end-to-end output tok/s of ATOM (atom-server), vLLM's built-in model and
+vLLM running ATOM's model through the atom-vllm plugin; their ratios to vLLM; decode ms/step of each and
+the share of the decode roofline it reaches. The roofline is the bytes one decode step must read
+(weights without the input embedding, the experts a batch touches, the KV cache at the mean context)
+over the device-to-device copy rate measured in the same device call (PERF.md's method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Any
+
+ENGINES = ("atom", "vllm", "atom-vllm")
+LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM"}
+# PERF.md (H100 80GB, 2,970 GB/s): batch-1 decode roofline in ms/step, for reference next to this device's.
+PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.05}
+
+
+def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2) -> float:
+    """Bytes one decode step reads: every weight but the input embedding (a gather of `batch` rows), the
+    experts that `batch` tokens routed at random touch (E * (1 - (1 - k/E)^batch) per layer), and the K and
+    V cache of `batch` sequences of `context` tokens."""
+    h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2  # q and o, k and v
+    if "num_experts" in cfg:
+        e, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+        touched = e * (1 - (1 - k / e) ** batch)
+        mlp = h * e + touched * 3 * h * cfg["moe_intermediate_size"]
+    else:
+        mlp = 3 * h * cfg["intermediate_size"]
+    weights = layers * (attn + mlp) + v * h  # the lm head (the tied embedding is read once, as the head)
+    kv_cache = batch * context * layers * 2 * kv * hd
+    return (weights + kv_cache) * dtype_bytes
+
+
+def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dtype_bytes: int = 2) -> float:
+    return step_bytes(cfg, batch, context, dtype_bytes) / (gbps * 1e9) * 1e3
+
+
+def load(paths: list[str]) -> list[dict[str, Any]]:
+    files = []
+    for p in paths:
+        files += sorted(glob.glob(os.path.join(p, "bench_*.json"))) if os.path.isdir(p) else [p]
+    benches = []
+    for f in files:
+        with open(f) as fh:
+            benches.append(json.load(fh))
+    return merge(benches)
+
+
+def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per shape: for each engine, the latest report that has runs (else the latest one)."""
+    by_shape: dict[str, dict[str, Any]] = {}
+    for b in sorted(benches, key=lambda b: (b.get("date", ""), b.get("time", ""))):
+        m = by_shape.setdefault(b["shape"], {**b, "engines": {}, "commands": []})
+        m["commands"].append(b["command"])
+        for k in ("device", "bandwidth_gbps", "config", "dtype", "input_len", "output_len"):
+            m[k] = b.get(k) if b.get(k) is not None else m.get(k)
+        for e, rep in b["engines"].items():
+            if rep.get("runs") or not m["engines"].get(e, {}).get("runs"):
+                m["engines"][e] = rep
+    return list(by_shape.values())
+
+
+def _runs(report: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    if not report or "runs" not in report:
+        return {}
+    return {r["batch_size"]: r for r in report["runs"]}
+
+
+def _f(x: float | None, fmt: str = ",.0f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for b in benches:
+        shape, gbps = b["shape"], b.get("bandwidth_gbps")
+        runs = {e: _runs(b["engines"].get(e)) for e in ENGINES}
+        for bs in sorted({bs for r in runs.values() for bs in r}):
+            row: dict[str, Any] = dict(shape=shape, batch=bs)
+            for e in ENGINES:
+                r = runs[e].get(bs)
+                row[f"{e}_tok_s"] = r["output_tok_s"] if r else None
+                row[f"{e}_ms_step"] = r.get("ms_per_step") if r else None
+                row[f"{e}_prefill_ms"] = r.get("prefill_ms") if r else None
+            any_run = next(r[bs] for r in runs.values() if bs in r)
+            context = any_run["input_len"] + any_run["output_len"] / 2
+            nbytes = 4 if b.get("dtype") in ("float32", "float") else 2
+            row["roof_ms"] = roofline_ms(b["config"], bs, context, gbps, nbytes) if gbps and b.get("config") else None
+            out.append(row)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _share(roof: float | None, ms: float | None) -> str:
+    return "-" if not roof or not ms or ms <= 0 else f"{roof / ms:.0%}"
+
+
+def table(benches: list[dict[str, Any]]) -> str:
+    head = ("| shape | batch | ATOM tok/s | vLLM tok/s | vLLM+ATOM tok/s | ATOM / vLLM | vLLM+ATOM / vLLM "
+            "| ATOM ms/step | vLLM ms/step | vLLM+ATOM ms/step | roofline ms/step | ATOM % roof | vLLM % roof "
+            "| vLLM+ATOM % roof |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows(benches):
+        a, v, p = r["atom_tok_s"], r["vllm_tok_s"], r["atom-vllm_tok_s"]
+        lines.append(" | ".join([
+            f"| {r['shape']}", str(r["batch"]), _f(a), _f(v), _f(p), _ratio(a, v), _ratio(p, v),
+            _f(r["atom_ms_step"], ".2f"), _f(r["vllm_ms_step"], ".2f"), _f(r["atom-vllm_ms_step"], ".2f"),
+            _f(r["roof_ms"], ".2f"), _share(r["roof_ms"], r["atom_ms_step"]), _share(r["roof_ms"], r["vllm_ms_step"]),
+            _share(r["roof_ms"], r["atom-vllm_ms_step"]) + " |"]))
+    return "\n".join(lines)
+
+
+def _problems(benches: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    for b in benches:
+        for e in ENGINES:
+            rep = b["engines"].get(e)
+            if rep is None:
+                continue
+            if "error" in rep:
+                notes.append(f"- {b['shape']} {LABEL[e]}: {rep['error']}")
+            if e == "atom-vllm" and rep.get("atom_model_built") is False:
+                notes.append(f"- {b['shape']} vLLM+ATOM: the log shows no 'ATOM built' line: vLLM may have run "
+                             "its own model; treat that column as vLLM's")
+            if e == "vllm" and rep.get("atom_model_built") is True:
+                notes.append(f"- {b['shape']} vLLM: ATOM's model was built although the plugin was disabled")
+    return notes
+
+
+def markdown(benches: list[dict[str, Any]]) -> str:
+    if not benches:
+        return "no results\n"
+    first = benches[0]
+    versions: dict[str, str] = {}
+    for b in benches:
+        for rep in b["engines"].values():
+            versions.update({k: v for k, v in (rep.get("versions") or {}).items() if v})
+    gbps = sorted({round(b["bandwidth_gbps"]) for b in benches if b.get("bandwidth_gbps")})
+    dates = sorted({b["date"] for b in benches})
+    cmds = [c for b in benches for c in b.get("commands", [b.get("command", "?")])]
+    out = [f"## {first.get('device', '?')}: ATOM vs vLLM, offline throughput", "",
+           f"- date: {', '.join(dates)}",
+           "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+           f"- workload: random {first.get('input_len', 128)}-token prompts, {first.get('output_len', 128)} new "
+           "tokens, greedy, EOS ignored, bf16, random weights (load_format=dummy), prefix caching off; per batch "
+           "size one warm-up, then the median of 3 runs; tok/s = output tokens / end-to-end time",
+           f"- device-to-device copy rate measured in the same call(s): {', '.join(f'{g:,} GB/s' for g in gbps) or '-'}",
+           "- roofline ms/step: bytes one decode step must read (weights without the input embedding, the experts "
+           "a random batch touches, KV at the mean context) / that copy rate; % roof = roofline / measured ms/step. "
+           "PERF.md's H100 batch-1 rooflines for reference: "
+           + ", ".join(f"{k} {v:.2f} ms" for k, v in PERF_MD_H100_BS1_MS.items()),
+           "- commands (tools/device/README.md has the full sequence):", ""]
+    out += [f"      {c}" for c in cmds]
+    out += ["", table(benches), ""]
+    problems = _problems(benches)
+    if problems:
+        out += ["Problems seen:", *problems, ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="bench_<shape>.json files or folders holding them")
+    p.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    ns = p.parse_args(argv)
+    text = markdown(load(ns.paths))
+    if ns.out:
+        with open(ns.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
