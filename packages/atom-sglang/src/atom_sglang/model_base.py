@@ -1,0 +1,54 @@
+"""The SGLang face of an ATOM model: SGLang's constructor, forward and logits, ATOM's everything else.
+
+Each class in `atom_sglang.models` subclasses `SGLangModelMixin` and the ATOM family class, so the
+parameter names, the weight loading and the numerics are atom-core's; only the attention (RadixAttention)
+and the logits (SGLang's LogitsProcessor, which reads `lm_head.weight`) come from SGLang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from atom.forward_context import set_forward_context
+from atom_sglang.distributed import adopt_sglang_tp_group
+from atom_sglang.radix import radix_attention_factory
+from atom_sglang.version import require_supported_sglang
+
+
+class SGLangModelMixin:
+    """Put first in the bases: `class LlamaForCausalLM(SGLangModelMixin, atom.models.llama.LlamaForCausalLM)`."""
+
+    def __init__(self, config, quant_config=None, prefix: str = "", **kwargs):
+        require_supported_sglang()
+        if quant_config is not None:
+            name = quant_config.get_name() if hasattr(quant_config, "get_name") else type(quant_config).__name__
+            raise NotImplementedError(
+                f"atom-sglang does not support quantized checkpoints yet (quantization {name!r}); "
+                f"unset SGLANG_EXTERNAL_MODEL_PACKAGE to serve this checkpoint with SGLang's own model")
+        adopt_sglang_tp_group()
+        super().__init__(config, attn_factory=radix_attention_factory, prefix=prefix,
+                         max_positions=getattr(config, "max_position_embeddings", None))
+        from sglang.srt.layers.logits_processor import LogitsProcessor
+
+        self.quant_config = None
+        self.logits_processor = LogitsProcessor(config)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
+                get_embedding: bool = False, **kwargs):
+        if get_embedding:
+            raise NotImplementedError("atom-sglang models are generation models; embedding mode is not supported")
+        with set_forward_context(forward_batch):
+            hidden = self.model(input_ids, positions, input_embeds)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_embed_and_head(self):
+        return self.model.embed_tokens.weight, self.lm_head.weight
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(weights)

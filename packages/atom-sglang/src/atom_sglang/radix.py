@@ -1,0 +1,53 @@
+"""ATOM's attention seam filled with SGLang's RadixAttention (model side).
+
+Each ATOM attention layer gets a `RadixAttention`; SGLang's selected attention backend (ATOM's own "atom"
+backend or any built-in one) then owns the KV pool and the metadata. The model wrapper publishes the
+step's ForwardBatch through atom.forward_context, which is where the layer finds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atom.forward_context import get_forward_context
+from atom.layers.attention import AttentionSpec
+
+
+def sglang_sliding_window(window: int | None) -> int:
+    """HF window (a query sees `window` keys, itself included) -> SGLang's (keys back from the query, -1 = off).
+
+    SGLang's kernels let position i see keys j with i - j <= sliding_window_size (Gemma-2 passes
+    config.sliding_window - 1 for the same reason).
+    """
+    return window - 1 if window else -1
+
+
+class RadixAttentionImpl(nn.Module):
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        self.spec = spec
+        self.attn = RadixAttention(
+            num_heads=spec.num_heads,
+            head_dim=spec.head_dim,
+            scaling=spec.scale,
+            num_kv_heads=spec.num_kv_heads,
+            layer_id=spec.layer_idx,
+            logit_cap=float(spec.logit_softcap or 0.0),
+            sliding_window_size=sglang_sliding_window(spec.sliding_window),
+            prefix=spec.prefix,
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        forward_batch = get_forward_context()
+        if forward_batch is None:
+            raise RuntimeError("RadixAttentionImpl needs SGLang's ForwardBatch in atom's forward context; "
+                               "call the model through its SGLang forward(input_ids, positions, forward_batch)")
+        out = self.attn(q, k, v, forward_batch)
+        return out.reshape(q.shape[0], self.spec.num_heads * self.spec.head_dim)
+
+
+def radix_attention_factory(spec: AttentionSpec) -> nn.Module:
+    return RadixAttentionImpl(spec)
