@@ -17,9 +17,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
-def write_chat_checkpoint(path) -> str:
+def write_chat_checkpoint(path, **overrides) -> str:
     """The engine tests' tiny llama plus a chat template, so chat endpoints have something to apply."""
-    path = write_tiny_llama(os.fspath(path))
+    path = write_tiny_llama(os.fspath(path), **overrides)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
         f.write(CHAT_TEMPLATE)
     return path

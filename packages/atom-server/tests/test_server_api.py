@@ -276,10 +276,29 @@ def test_api_key_required(server):
 
 
 # ---- disconnects, metrics ------------------------------------------------------------------------------
+LONG_MAX_MODEL_LEN = 16384
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A server whose requests cannot finish before the client leaves: 16k tokens of context to fill."""
+    ckpt = write_chat_checkpoint(tmp_path_factory.mktemp("long-ckpt"), max_position_embeddings=LONG_MAX_MODEL_LEN)
+    srv = ServerProcess([ckpt, "--served-model-name", MODEL, "--api-key", API_KEY,
+                         "--max-model-len", str(LONG_MAX_MODEL_LEN)],
+                        tmp_path_factory.mktemp("long-log") / "server.log")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_request(server, http, stream):
+def test_client_disconnect_aborts_request(long_server, stream):
+    server = long_server
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
     aborted_before = metric(http, "atom:request_success_total", '{finished_reason="abort"}')
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": stream}
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": LONG_MAX_MODEL_LEN - 64, "ignore_eos": True,
+            "stream": stream}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         if stream:
             with c.stream("POST", "/v1/completions", json=body, timeout=60) as r:
@@ -289,8 +308,7 @@ def test_client_disconnect_aborts_request(server, http, stream):
         else:
             with pytest.raises(httpx.ReadTimeout):
                 c.post("/v1/completions", json=body, timeout=1.0)
-    # the engine dropped the request (it would need several more seconds to finish 200 tokens) and freed
-    # every block
+    # the engine dropped the request (16k tokens would take far longer) and freed every block
     def idle():
         s = engine_stats(http)
         return s["num_running"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
