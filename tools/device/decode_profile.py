@@ -59,6 +59,7 @@ def instrument(engine) -> None:
         wrap(g, "run", "  graphs.run (old: inputs + replay)")
     wrap(engine, "_append", "  engine._append (per seq)")
     wrap(engine, "_output", "  engine._output (per request)")
+    wrap(engine, "_resolve", "  engine._resolve (async bookkeeping)")
 
 
 def profile_steps(llm: LLM, bs: int, input_len: int, output_len: int) -> dict:
@@ -154,10 +155,10 @@ def main() -> None:
             print(f"[{a.label}] {preset} bs={r['batch_size']:>4} out tok/s {r['output_tok_s']:>10.1f}  "
                   f"ms/step {r['ms_per_step']:.3f}  prefill {r['prefill_ms']:.1f} ms  init {r['init_s']:.1f}s",
                   flush=True)
+        res["graph_gpu_us"] = graph_gpu_times(llm, sizes)
+        print(f"[{a.label}] {preset} graph replay GPU us: "
+              + ", ".join(f"bs{k}={v:.0f}" for k, v in res["graph_gpu_us"].items()), flush=True)
         if not a.no_profile:
-            res["graph_gpu_us"] = graph_gpu_times(llm, sizes)
-            print(f"[{a.label}] {preset} graph replay GPU us: "
-                  + ", ".join(f"bs{k}={v:.0f}" for k, v in res["graph_gpu_us"].items()), flush=True)
             instrument(eng)
             res["phases"] = [profile_steps(llm, bs, a.input_len, a.output_len) for bs in sizes]
             for p in res["phases"]:

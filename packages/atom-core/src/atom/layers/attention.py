@@ -54,20 +54,42 @@ class PagedAttention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._write = resolve("reshape_and_cache")
         self._attend = resolve("paged_attention")
+        self._prep = resolve("qk_norm_rope_cache")
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s = self.spec
+    def _context(self):
         md = get_forward_context()
         if not isinstance(md, PagedAttentionMetadata) or self.kv_cache is None:
             raise RuntimeError("PagedAttention needs PagedAttentionMetadata in the forward context and a bound KV cache")
+        return md
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        md = self._context()
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, s.num_heads, s.head_dim)
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         k_cache, v_cache = self.kv_cache
         self._write(k, v, k_cache, v_cache, md.slot_mapping)
-        out = self._attend(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, s.scale,
-                           s.sliding_window, s.logit_softcap, md.max_query_len, md.max_seq_len)
+        return self._attend_cached(q, md)
+
+    def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                          cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+        """forward() with the model's qk-norm (optional) and rope folded in: one qk_norm_rope_cache op does
+        norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
+        md = self._context()
+        k_cache, v_cache = self.kv_cache
+        q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
+                          k_cache, v_cache, md.slot_mapping)
+        return self._attend_cached(q, md)
+
+    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
+        s = self.spec
+        num_tokens = q.shape[0]
+        k_cache, v_cache = self.kv_cache
+        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), k_cache, v_cache, md.block_tables,
+                           md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
+                           md.max_query_len, md.max_seq_len)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 

@@ -75,10 +75,18 @@ class SelfAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
         self.attn = Attention(spec, attn_factory)
+        # An implementation that can do qk-norm + rope + its KV write in one op gets them un-normed.
+        self._fused_prep = (getattr(self.attn.impl, "forward_with_prep", None)
+                            if self.rotary_emb.rope_type != "dynamic" else None)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self._fused_prep is not None:
+            qn, kn = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+            out = self._fused_prep(positions, q, k, v, qn.weight if qn else None, kn.weight if kn else None,
+                                   qn.eps if qn else 0.0, self.rotary_emb.cos_sin, self.rotary_emb.is_neox)
+            return self.o_proj(out)
         if self.qk_norm:
             t = x.shape[0]
             q = self.q_norm(q.reshape(t, -1, self.head_dim)).reshape(t, self.q_size)

@@ -15,8 +15,8 @@ from atom.platform import default_device, kernel_backend
 from atom_server.config import EngineArgs
 from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.detokenizer import IncrementalDetokenizer
-from atom_server.engine.model_runner import ModelRunner, SeqStepResult, TokenLogprobsRaw
-from atom_server.engine.scheduler import Scheduler
+from atom_server.engine.model_runner import DecodeLaunch, ModelRunner, TokenLogprobsRaw
+from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
 from atom_server.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from atom_server.sampling_params import SamplingParams
@@ -109,6 +109,10 @@ class LLMEngine:
         self.kv_capacity_tokens = self.runner.num_blocks * args.block_size
         self.requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # aborted requests, reported at the next step
+        self._inflight: DecodeLaunch | None = None  # a launched decode step not read yet
+        # Async scheduling needs the decode graphs (their sampled tokens feed the next step on the device).
+        self.async_scheduling = (self.runner.graphs is not None
+                                 and os.environ.get("ATOM_ASYNC_SCHEDULING", "1") != "0")
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -174,9 +178,26 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One model step. With async scheduling a greedy decode step is launched on the GPU and read at
+        the next call, after that call has launched its own step: its outputs come one call later."""
         outputs, self._pending = self._pending, []
+        prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule()
+        launched = None
+        if prev is not None and batch.seqs and self.runner.can_launch_async(batch):
+            launched = self.runner.launch_decode(batch.seqs, prev)
+        if prev is not None:
+            self._resolve(prev, outputs)
+        if launched is not None:
+            self._start_inflight(batch, launched)
+            return outputs
+        if prev is not None and any(s.is_finished for s in batch.seqs):
+            keep = [i for i, s in enumerate(batch.seqs) if not s.is_finished]
+            batch = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])
         if not batch.seqs:
+            return outputs
+        if self.async_scheduling and self.runner.can_launch_async(batch):
+            self._start_inflight(batch, self.runner.launch_decode(batch.seqs, None))
             return outputs
         results = self.runner.execute(batch)
         self.scheduler.commit(batch)
@@ -188,22 +209,51 @@ class LLMEngine:
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in res.prompt_logprobs)
                 res.seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
             if res.token_id is not None:
-                self._append(state, res)
+                self._append(state, res.seq, res.token_id, res.logprobs)
                 touched[state.request_id] = state
+        self._report(touched, outputs)
+        return outputs
+
+    def _start_inflight(self, batch: ScheduledBatch, launch: DecodeLaunch) -> None:
+        self.scheduler.commit(batch)  # skips sequences that finished while this step was being launched
+        max_len = self.max_model_len
+        for seq in batch.seqs:
+            if seq.is_finished:
+                continue
+            seq.append_placeholder()
+            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
+                seq.final_pending = True
+        self._inflight = launch
+
+    def _resolve(self, launch: DecodeLaunch, outputs: list[RequestOutput]) -> None:
+        """Read a launched step's tokens into its sequences (those finished meanwhile drop theirs)."""
+        touched: dict[str, RequestState] = {}
+        requests = self.requests
+        for seq, token in zip(launch.seqs, self.runner.collect(launch)):
+            if seq.is_finished or not seq.pending:
+                continue
+            state = requests[seq.request_id]
+            seq.resolve_placeholder(token)
+            self._append(state, seq, token, None, appended=True)
+            touched[state.request_id] = state
+        self._report(touched, outputs)
+
+    def _report(self, touched: dict[str, RequestState], outputs: list[RequestOutput]) -> None:
+        requests = self.requests
         for state in touched.values():
             finished = state.finished
             if finished or not state.final_only:
                 outputs.append(self._output(state))
             if finished:
                 del requests[state.request_id]
-        return outputs
 
-    def _append(self, state: RequestState, res: SeqStepResult) -> None:
-        seq, token = res.seq, res.token_id
-        seq.append_token(token)
-        if res.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(res.logprobs))
-            seq.cumulative_logprob += res.logprobs.logprob
+    def _append(self, state: RequestState, seq: Sequence, token: int, logprobs: TokenLogprobsRaw | None,
+                appended: bool = False) -> None:
+        if not appended:
+            seq.append_token(token)
+        if logprobs is not None:
+            seq.logprobs.append(self._logprob_dict(logprobs))
+            seq.cumulative_logprob += logprobs.logprob
         p = seq.params
         reason = None
         stopped_by_token = False

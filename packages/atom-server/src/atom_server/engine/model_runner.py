@@ -1,7 +1,9 @@
 """Runs the model for one scheduled batch: inputs + paged-attention metadata, one forward, sampling.
 
-The CPU path is plain PyTorch; a GPU adds only faster kernels (chosen by atom's op registry), memory
-sizing from free device memory, and (later) CUDA graphs for the decode batches.
+The CPU path is plain PyTorch; a GPU adds faster kernels (chosen by atom's op registry), memory sizing
+from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
+replay; see cuda_graphs.py), which can also be launched ahead of reading their tokens (launch_decode /
+collect: the engine's async scheduling).
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ class SeqStepResult:
     token_id: int | None = None  # None: a prefill chunk that does not reach the end of the prompt
     logprobs: TokenLogprobsRaw | None = None
     prompt_logprobs: list[TokenLogprobsRaw] | None = None
+
+
+@dataclass
+class DecodeLaunch:
+    seqs: list[Sequence]
+    rows: dict[int, int]  # seq id -> row of the replay (where the next step finds its token)
+    ticket: int
 
 
 def kv_bytes_per_block(specs, block_size: int, dtype: torch.dtype) -> int:
@@ -160,10 +169,30 @@ class ModelRunner:
         bs = g.prepare(seqs)
         logits, greedy = g.replay(bs)
         if all(s.argmax_ok for s in seqs):
-            g.fetch_tokens(greedy, n)
-            return [SeqStepResult(s, t) for s, t in zip(seqs, g.tokens_list(n))]
+            ticket = g.fetch_tokens(greedy, n)
+            return [SeqStepResult(s, t) for s, t in zip(seqs, g.tokens_list(ticket, n))]
         tokens, lps = self._sample_rows(logits[:n].float(), seqs)
         return [SeqStepResult(s, t, lp) for s, t, lp in zip(seqs, tokens, lps)]
+
+    # ---- async decode: launch now, read the tokens one step later ---------------------------------
+    def can_launch_async(self, batch: ScheduledBatch) -> bool:
+        """A decode batch whose next tokens the graph alone picks (greedy argmax)."""
+        return (self.graphs is not None and self._is_graph_decode(batch)
+                and all(s.argmax_ok for s in batch.seqs))
+
+    def launch_decode(self, seqs: list[Sequence], prev: DecodeLaunch | None) -> DecodeLaunch:  # pragma: no cover
+        """Start a greedy decode step; sequences whose last token is pending take it from prev's replay."""
+        with torch.inference_mode():
+            g = self.graphs
+            n = len(seqs)
+            bs = g.prepare(seqs, prev.rows if prev is not None else None)
+            _, greedy = g.replay(bs)
+            ticket = g.fetch_tokens(greedy, n)
+        return DecodeLaunch(seqs, {s.seq_id: i for i, s in enumerate(seqs)}, ticket)
+
+    def collect(self, launch: DecodeLaunch) -> list[int]:  # pragma: no cover - needs a GPU
+        """Wait for a launched step and return its tokens (one per sequence, in launch order)."""
+        return self.graphs.tokens_list(launch.ticket, len(launch.seqs))
 
     def _execute_eager(self, batch: ScheduledBatch) -> list[SeqStepResult]:
         bs = self.block_size

@@ -51,6 +51,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.final_pending:  # its last token is in flight; nothing more to compute
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
@@ -98,8 +101,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def commit(self, batch: ScheduledBatch) -> None:
-        """Account the tokens the model just computed."""
+        """Account the tokens the model just computed (sequences finished since scheduling are skipped)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is SeqStatus.FINISHED:
+                continue
             seq.num_computed_tokens += n
             self.bm.register_computed(seq)
 

@@ -32,6 +32,10 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.block_table: list[int] = []
         self.table_gen = 0  # bumped whenever block_table is replaced (not grown), for cached copies of it
+        # Async scheduling: the last entry of token_ids is a placeholder for a token still on the device;
+        # final_pending: that token is the last one (length), so the scheduler does not schedule it again.
+        self.pending = False
+        self.final_pending = False
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, computed lazily
         self.num_registered_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
@@ -59,7 +63,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len:len(self.token_ids) - self.pending]
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,5 +84,15 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    def append_placeholder(self) -> None:
+        self.token_ids.append(-1)
+        self.pending = True
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        self.token_ids[-1] = token_id
+        self.pending = False
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
