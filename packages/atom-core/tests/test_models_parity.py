@@ -192,14 +192,13 @@ def test_bfloat16_logits_close_to_transformers(name, reference, parity_report):
     top1 = float((got.argmax(-1) == ref.logits.argmax(-1)).float().mean())
     parity_report.append(f"bfloat16 {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} top1={top1:.0%}")
     assert top1 >= 0.8
-    if err >= 5e-2:
-        # A router or near-tie flip in bf16 moves a few logits a lot; accept it only when transformers
-        # itself in bf16 (same tokens) is off by as much.
-        hf = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.bfloat16, attn_implementation="eager")
-        _, hf_logits = _hf_greedy(hf.eval(), ref.prompts, DECODE_STEPS, ref.split, forced=ref.tokens)
-        hf_err = rel_err(torch.cat(hf_logits), ref.logits)
-        parity_report.append(f"bfloat16 {name:32s} transformers-bf16 rel_err={hf_err:.2e}")
-        assert err < 2 * hf_err, f"ATOM bf16 rel_err {err:.2e} vs transformers bf16 {hf_err:.2e}"
+    # Per position: a bf16 near-tie in an MoE router (or in a greedy argmax) moves one position's logits a
+    # lot without anything being wrong, so the bound is on most positions, not the worst one. A systematic
+    # bug (wrong rope, bias, routing) moves every position and still fails.
+    row_err = (got - ref.logits).abs().amax(-1) / ref.logits.abs().amax(-1)
+    within = float((row_err < 5e-2).float().mean())
+    parity_report.append(f"bfloat16 {name:32s} positions within 5e-2: {within:.0%}")
+    assert within >= 0.9, f"only {within:.0%} of positions within 5e-2 (overall rel_err {err:.2e})"
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):

@@ -12,13 +12,32 @@ from collections.abc import Iterable
 import torch
 
 from atom.forward_context import set_forward_context
+from atom.models.decoder import DecoderModel
 from atom_sglang.distributed import adopt_sglang_tp_group
 from atom_sglang.radix import radix_attention_factory
 from atom_sglang.version import require_supported_sglang
 
 
+class SGLangBackbone(DecoderModel):
+    """The transformer body with SGLang's calling convention.
+
+    SGLang's prefill CUDA-graph runner (breakable graphs) calls the body directly as
+    `model.model.forward(input_ids, positions, forward_batch, input_embeds=...)`, bypassing the outer
+    forward; so the body itself takes forward_batch and sets it as the attention's forward context.
+    """
+
+    def forward(self, input_ids, positions, forward_batch=None, input_embeds=None, inputs_embeds=None, **kwargs):
+        embeds = input_embeds if input_embeds is not None else inputs_embeds
+        if forward_batch is None:
+            return super().forward(input_ids, positions, embeds)
+        with set_forward_context(forward_batch):
+            return super().forward(input_ids, positions, embeds)
+
+
 class SGLangModelMixin:
     """Put first in the bases: `class LlamaForCausalLM(SGLangModelMixin, atom.models.llama.LlamaForCausalLM)`."""
+
+    backbone_cls = SGLangBackbone
 
     def __init__(self, config, quant_config=None, prefix: str = "", **kwargs):
         require_supported_sglang()
@@ -40,8 +59,7 @@ class SGLangModelMixin:
                 get_embedding: bool = False, **kwargs):
         if get_embedding:
             raise NotImplementedError("atom-sglang models are generation models; embedding mode is not supported")
-        with set_forward_context(forward_batch):
-            hidden = self.model(input_ids, positions, input_embeds)
+        hidden = self.model(input_ids, positions, forward_batch, input_embeds)
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     def get_input_embeddings(self):

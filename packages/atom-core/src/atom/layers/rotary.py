@@ -46,7 +46,7 @@ class RotaryEmbedding(nn.Module):
             params = rope_parameters(self.config)
             rot = int(self.head_dim * params.get("partial_rotary_factor",
                                                  getattr(self.config, "partial_rotary_factor", 1.0)))
-            exponent = torch.arange(0, rot, 2, dtype=torch.int64).float() / rot
+            exponent = torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot
             return 1.0 / (params["rope_theta"] ** exponent), 1.0
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -58,8 +58,12 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def _table(inv_freq: torch.Tensor, scale: float, n: int) -> torch.Tensor:
-        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+        # Built on the CPU (hosts may construct models under a CUDA device context, and the frequency
+        # helpers return CPU tensors), then placed on the default device like every other buffer.
+        cpu = torch.device("cpu")
+        freqs = torch.arange(n, dtype=torch.float32, device=cpu)[:, None] * inv_freq.to(cpu).float()[None, :]
+        table = torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+        return table.to(torch.get_default_device())
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos_sin = self.cos_sin
