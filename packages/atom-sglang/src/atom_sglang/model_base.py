@@ -53,6 +53,10 @@ class SGLangModelMixin:
 
         self.quant_config = None
         self.logits_processor = LogitsProcessor(config)
+        # SGLang registers `layers[i].self_attn.attn` as each layer's attention: put the RadixAttention
+        # itself there (it accepts atom's attn(q, k, v) call), not atom's front-end that wraps it.
+        for layer in self.model.layers:
+            layer.self_attn.attn = layer.self_attn.attn.impl
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,

@@ -23,31 +23,44 @@ def sglang_sliding_window(window: int | None) -> int:
     return window - 1 if window else -1
 
 
-class RadixAttentionImpl(nn.Module):
-    def __init__(self, spec: AttentionSpec):
-        super().__init__()
-        from sglang.srt.layers.radix_attention import RadixAttention
+def _radix_class():
+    """RadixAttention that also takes atom's seam call `attn(q, k, v)` (ForwardBatch from the context).
 
-        self.spec = spec
-        self.attn = RadixAttention(
-            num_heads=spec.num_heads,
-            head_dim=spec.head_dim,
-            scaling=spec.scale,
-            num_kv_heads=spec.num_kv_heads,
-            layer_id=spec.layer_idx,
-            logit_cap=float(spec.logit_softcap or 0.0),
-            sliding_window_size=sglang_sliding_window(spec.sliding_window),
-            prefix=spec.prefix,
-        )
+    It is the layer SGLang sees: SGLang's model runner registers `layers[i].self_attn.attn` as the
+    attention layer of each decoder layer (its prefill CUDA-graph path calls the backend with it), so the
+    SGLang model puts this module at that path (see model_base.SGLangModelMixin).
+    """
+    from sglang.srt.layers.radix_attention import RadixAttention
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        forward_batch = get_forward_context()
-        if forward_batch is None:
-            raise RuntimeError("RadixAttentionImpl needs SGLang's ForwardBatch in atom's forward context; "
-                               "call the model through its SGLang forward(input_ids, positions, forward_batch)")
-        out = self.attn(q, k, v, forward_batch)
-        return out.reshape(q.shape[0], self.spec.num_heads * self.spec.head_dim)
+    class AtomRadixAttention(RadixAttention):
+        def __init__(self, spec: AttentionSpec):
+            super().__init__(
+                num_heads=spec.num_heads,
+                head_dim=spec.head_dim,
+                scaling=spec.scale,
+                num_kv_heads=spec.num_kv_heads,
+                layer_id=spec.layer_idx,
+                logit_cap=float(spec.logit_softcap or 0.0),
+                sliding_window_size=sglang_sliding_window(spec.sliding_window),
+                prefix=spec.prefix,
+            )
+            self.spec = spec
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch=None, **kwargs):
+            forward_batch = forward_batch if forward_batch is not None else get_forward_context()
+            if forward_batch is None:
+                raise RuntimeError("AtomRadixAttention needs SGLang's ForwardBatch in atom's forward context; "
+                                   "call the model through its SGLang forward(input_ids, positions, forward_batch)")
+            out = super().forward(q, k, v, forward_batch, **kwargs)
+            return out.reshape(q.shape[0], self.spec.num_heads * self.spec.head_dim)
+
+    return AtomRadixAttention
+
+
+_cls = None
 
 
 def radix_attention_factory(spec: AttentionSpec) -> nn.Module:
-    return RadixAttentionImpl(spec)
+    global _cls
+    _cls = _cls or _radix_class()
+    return _cls(spec)
