@@ -26,7 +26,8 @@ from pathlib import Path
 OUT = Path(os.environ.get("OUT") or "/tmp/sglang_gpu")
 WRAPPER = Path(__file__).resolve().parents[2] / "packages/atom-sglang/tests/run_one_batch.py"
 ARCHS = ["LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
-BACKENDS = ["triton", "atom"]
+BACKENDS = os.environ.get("SGL_BACKENDS", "triton,atom").split(",")
+EXTRA = os.environ.get("SGL_EXTRA_ARGS", "").split()  # e.g. --disable-prefill-cuda-graph
 
 
 def _env() -> dict:
@@ -55,7 +56,7 @@ def correctness(report: dict) -> None:
             cmd = [sys.executable, str(WRAPPER), "--model-path", str(base / "model"), "--tokenizer-path",
                    str(base / "tokenizer"), "--attention-backend", backend, "--sampling-backend", "pytorch",
                    "--dtype", "float32", "--correctness-test", "--max-total-tokens", "4096",
-                   "--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8"]
+                   "--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", *EXTRA]
             procs[(arch, backend)] = (subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT, text=True), hf, tok)
     for (arch, backend), (proc, hf, tok) in procs.items():
@@ -100,5 +101,6 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     correctness(report)
-    speed(report)
+    if os.environ.get("SGL_SKIP_SPEED") != "1":
+        speed(report)
     (OUT / "sglang_gpu.json").write_text(json.dumps(report, indent=1))
