@@ -33,10 +33,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if a.itemsize > b.itemsize else b
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     n = x.shape[-1]
     x2 = _rows(x)
-    out_dtype = torch.result_type(weight, x)
+    # Plain dtype logic, not torch.result_type: torch.compile (vLLM's Dynamo) cannot trace an op that returns a dtype.
+    out_dtype = x.dtype if weight.dtype == x.dtype else _promote(weight.dtype, x.dtype)
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     res2 = _rows(residual) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out
