@@ -334,3 +334,24 @@ def test_metrics_exposition(http, client):
     text = http.get("/metrics").text
     for name in ("atom:num_requests_running", "atom:num_requests_waiting", "atom:kv_cache_usage_perc"):
         assert re.search(rf"^{name} ", text, re.M)
+
+
+@pytest.mark.parametrize("endpoint,field,value", [
+    ("/v1/completions", "logit_bias", {"5": 10.0}),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "suffix", " end"),
+    ("/v1/completions", "guided_json", {"type": "object"}),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+])
+def test_unsupported_features_are_refused_not_ignored(http, endpoint, field, value):
+    body = {"model": MODEL, "max_tokens": 2, field: value}
+    body.update({"prompt": "x"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    err = assert_error_object(http.post(endpoint, json=body), 400)
+    assert err["param"] == field and "not supported" in err["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_fine(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                         response_format={"type": "text"}, logit_bias={})
+    assert out.choices[0].message.content is not None
