@@ -35,6 +35,7 @@ for p in atom-core atom-server atom-vllm atom-sglang; do
 done
 ls dist
 
+echo "ci: total $(( $(date +%s) - start )) s"
 .venv/bin/python - "$results" <<'PY' || status=1
 import sys, glob, xml.etree.ElementTree as ET
 tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
@@ -47,5 +48,4 @@ passed = tot["tests"] - failed - tot["skipped"]
 print(f"ci: {passed} passed, {failed} failed, {tot['skipped']} skipped")
 sys.exit(1 if failed or passed == 0 else 0)
 PY
-echo "ci: total $(( $(date +%s) - start )) s"
 exit $status
