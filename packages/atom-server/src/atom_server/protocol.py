@@ -10,6 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_LOGPROBS = 20
 
 
+def _refuse_if_set(value, info, what: str | None = None):
+    """A field atom-server does not implement: a request that sets it gets a 400 naming it."""
+    if value:
+        raise ValueError(f"{what or info.field_name} is not supported by atom-server")
+    return value
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -53,9 +60,7 @@ class _SamplingFields(_Body):
                      "structured_outputs")
     @classmethod
     def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by atom-server")
-        return value
+        return _refuse_if_set(value, info)
 
     @field_validator("best_of")
     @classmethod
@@ -86,10 +91,8 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("suffix")
     @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported by atom-server")
-        return value
+    def _no_suffix(cls, value, info):
+        return _refuse_if_set(value, info)
 
 
 class TextPart(_Body):
@@ -119,10 +122,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calling is not supported by atom-server yet")
-        return value
+    def _no_tools(cls, value, info):
+        return _refuse_if_set(value, info, "tool calling (tools)")
 
 
 class TokenizeCompletionRequest(_Body):
