@@ -192,13 +192,16 @@ def test_bfloat16_logits_close_to_transformers(name, reference, parity_report):
     top1 = float((got.argmax(-1) == ref.logits.argmax(-1)).float().mean())
     parity_report.append(f"bfloat16 {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} top1={top1:.0%}")
     assert top1 >= 0.8
-    # Per position: a bf16 near-tie in an MoE router (or in a greedy argmax) moves one position's logits a
-    # lot without anything being wrong, so the bound is on most positions, not the worst one. A systematic
-    # bug (wrong rope, bias, routing) moves every position and still fails.
+    # Per position: a bf16 near-tie in an MoE router (or a greedy argmax) changes one position's expert
+    # choice, and the KV it writes then moves later positions of that sequence too, so neither the worst
+    # position nor a fixed fraction of positions is a stable bound. The median is: flips move a minority,
+    # while a systematic bug (wrong rope, bias, routing) moves every position. Measured: medians 5e-3 to
+    # 1e-2 over 15 fresh seeds, MoE cases included.
     row_err = (got - ref.logits).abs().amax(-1) / ref.logits.abs().amax(-1)
-    within = float((row_err < 5e-2).float().mean())
-    parity_report.append(f"bfloat16 {name:32s} positions within 5e-2: {within:.0%}")
-    assert within >= 0.9, f"only {within:.0%} of positions within 5e-2 (overall rel_err {err:.2e})"
+    median = float(row_err.median())
+    parity_report.append(f"bfloat16 {name:32s} median per-position rel_err {median:.2e} "
+                         f"(worst {float(row_err.max()):.2e})")
+    assert median < 2.5e-2, f"median per-position rel_err {median:.2e} (overall {err:.2e})"
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
