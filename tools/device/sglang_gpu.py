@@ -7,7 +7,9 @@
 
 1. Correctness, CUDA graphs on: `sglang.benchmark.one_batch --correctness-test` on tiny checkpoints of
    Llama, Qwen3 and Qwen3-MoE (float32) with SGLang's `triton` attention backend and with ATOM's `atom`
-   backend; greedy text must equal transformers' greedy continuation of the same ids (computed here).
+   backend; greedy text must equal transformers' greedy continuation of the same ids (computed here), and
+   every logits row one_batch computed (prefill, extend over the cached prefix, decode steps; saved by
+   run_one_batch.py) is compared with transformers' float32 logits on the GPU (max relative error per run).
 2. Speed: one_batch on the qwen3-0.6b shape (random bf16 weights, load_format dummy), batch 1 and 32,
    input 128, output 32, for both backends; prints SGLang's own latency/throughput lines.
 Writes $OUT/sglang_gpu.json and one log per run.
@@ -57,17 +59,25 @@ def correctness(report: dict) -> None:
                    str(base / "tokenizer"), "--attention-backend", backend, "--sampling-backend", "pytorch",
                    "--dtype", "float32", "--correctness-test", "--max-total-tokens", "4096",
                    "--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", *EXTRA]
-            procs[(arch, backend)] = (subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
-                                                       stderr=subprocess.STDOUT, text=True), hf, tok)
-    for (arch, backend), (proc, hf, tok) in procs.items():
+            dump = base / f"logits_{backend}.pt"
+            env = {**_env(), "ATOM_SGL_DUMP_LOGITS": str(dump)}
+            procs[(arch, backend)] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True), hf, tok, dump)
+    for (arch, backend), (proc, hf, tok, dump) in procs.items():
         out, _ = proc.communicate(timeout=420)
         (OUT / f"sgl_{arch}_{backend}.log").write_text(out)
         entry = {"rc": proc.returncode, "cuda_graph": "Capture cuda graph" in out or "cuda graph" in out.lower()}
         try:
             ids = ast.literal_eval(re.search(r"input_ids=(\[\[.*?\]\])", out).group(1))
             texts = re.findall(r"========== Prompt \d+ ==========\n(.*?) \n", out)
-            matches = [t == tok.decode(_greedy(hf, i, 16)) for i, t in zip(ids, texts)]
+            greedy = [_greedy(hf, i, 16) for i in ids]
+            matches = [t == tok.decode(g) for g, t in zip(greedy, texts)]
             entry.update(prompts=len(texts), greedy_matches=sum(matches))
+            import torch
+            from one_batch_logits import logit_errors
+
+            errors = logit_errors(hf.float(), ids, greedy, torch.load(dump))
+            entry.update(logit_calls=len(errors), max_rel_logit_err=max(errors))
         except Exception as e:  # noqa: BLE001 - report what broke
             entry["error"] = f"{type(e).__name__}: {e}; tail: {out[-1500:]}"
         report[f"{arch}/{backend}"] = entry

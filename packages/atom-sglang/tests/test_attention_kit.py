@@ -80,3 +80,40 @@ def test_decode_through_cuda_graph_buffers(name):
         assert md.max_seq_len == fixture.backend.max_context_len  # the static-buffer path was taken
         expected = kit.expected_dense_fixture_output(fixture)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_graph_capture_dummy_batch_longer_than_context():
+    """SGLang 0.5.15+ captures prefill CUDA graphs on a dummy batch: one sequence of `num_tokens` new tokens
+    (up to --cuda-graph-max-bs-prefill, 4096 by default) plus zero-length sentinel requests, whatever the
+    model's context length. Its req_to_token rows are narrower than that sequence; the backend must still
+    run it (on the GPU the kernel read past the table: an illegal memory access in the first capture)."""
+    import copy
+
+    case = next(c for c in _cases() if c.forward_mode == ForwardMode.EXTEND)
+    with torch.no_grad():
+        fixture = kit.build_dense_attention_fixture(_NoSkip(), case, dtype=torch.float32, device="cpu")
+        backend = fixture.backend
+        width = backend.req_to_token_pool.req_to_token.shape[1]
+        n, slots = width + 37, 3  # what capture_prepare builds: lens [n, 0, 0], starts [0, n, n]
+        batch = copy.copy(fixture.forward_batch)
+        batch.batch_size = slots
+        batch.req_pool_indices = torch.arange(slots)
+        batch.seq_lens = torch.tensor([n, 0, 0])
+        batch.seq_lens_cpu = batch.seq_lens.clone()
+        batch.extend_seq_lens = batch.seq_lens.clone()
+        batch.extend_seq_lens_cpu = batch.seq_lens.clone()
+        batch.extend_prefix_lens = torch.zeros(slots, dtype=torch.int64)
+        batch.extend_prefix_lens_cpu = batch.extend_prefix_lens.clone()
+        batch.extend_start_loc = torch.tensor([0, n, n])
+        batch.extend_num_tokens = n
+        batch.seq_lens_sum = n
+        batch.out_cache_loc = torch.zeros(n, dtype=torch.int64)  # the capture buffers' padding slot
+        layer = fixture.actual_module.attn
+        q = torch.randn(n, layer.tp_q_head_num * layer.qk_head_dim)
+        k = torch.randn(n, layer.tp_k_head_num, layer.qk_head_dim)
+        v = torch.randn(n, layer.tp_v_head_num, layer.v_head_dim)
+        backend.init_forward_metadata(batch)
+        assert backend.forward_metadata.block_tables.shape[1] >= n
+        out = backend.forward_extend(q, k, v, layer, batch)
+    assert out.shape == (n, layer.tp_q_head_num * layer.v_head_dim)
+    assert torch.isfinite(out).all()

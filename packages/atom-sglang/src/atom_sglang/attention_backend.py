@@ -88,7 +88,14 @@ class AtomAttnBackend(AttentionBackend):
             max_seq_len = int(forward_batch.seq_lens_cpu[:bs].max())
         else:
             max_seq_len = int(forward_batch.seq_lens[:bs].max())
-        block_tables = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[:bs], :max_seq_len]
+        width = min(max_seq_len, self.max_context_len)
+        block_tables = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[:bs], :width]
+        if max_seq_len > width:
+            # Only SGLang's own dummy batches get here: its prefill CUDA-graph capture (0.5.15+) runs one
+            # sequence of up to --cuda-graph-max-bs-prefill tokens, which may exceed the context length. The
+            # kernel reads a key slot per position through the table, so pad the table with slot 0 (the
+            # pool's padding slot) instead of letting it read past the rows of req_to_token.
+            block_tables = torch.nn.functional.pad(block_tables, (0, max_seq_len - width))
         if mode.is_decode():
             qsl = torch.arange(bs + 1, dtype=torch.int32, device=self.device)
             max_query_len = 1

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import interpreting, num_sms
+from atom.ops.triton_kernels.common import dot_ieee, fit_stages, interpreting, num_sms
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -79,7 +79,7 @@ def _attention_kernel(
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    F32_DOT: tl.constexpr, KV_ALIGN: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr,
 ):
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -130,7 +130,10 @@ def _attention_kernel(
         k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         if F32_DOT:
             k = k.to(tl.float32)
-        s = tl.dot(q, k)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
         if USE_SOFTCAP:
             s = _softcapped(s * scale, softcap) * 1.4426950408889634
         else:
@@ -147,7 +150,10 @@ def _attention_kernel(
         v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if F32_DOT:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     tok = q_start + qi
@@ -231,6 +237,15 @@ def paged_attention_impl(
         block_q, block_n = max(1, tile["block_m"] // group), tile["block_n"]
         num_splits = 1
     block_m = max(16, triton.next_power_of_2(block_q * group))
+    num_warps, num_stages = tile["num_warps"], tile["num_stages"]
+    elem = k_cache.element_size()
+    while True:  # K and V tiles per stage; the q tile and p (the second dot's operand) once
+        num_stages = fit_stages(tile["num_stages"], 2 * block_n * block_d * elem,
+                                block_m * (block_d + block_n) * max(elem, q.element_size()), q.device)
+        if num_stages or block_n <= 16:
+            num_stages = max(num_stages, 1)
+            break
+        block_n //= 2
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -249,7 +264,8 @@ def paged_attention_impl(
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), KV_ALIGN=kv_align, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

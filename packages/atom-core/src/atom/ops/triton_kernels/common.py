@@ -20,3 +20,39 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@functools.cache
+def _shared_memory_limit(device_index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory (LDS on AMD) one program may use: 227 KiB on Hopper, 64 KiB on CDNA3. Under
+    the interpreter there is no limit."""
+    if interpreting() or device.type != "cuda":
+        return 1 << 30
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# What Triton adds beyond the operand tiles (layout conversions, reductions, barriers): kept free.
+_SMEM_SLACK = 16 * 1024
+
+
+def fit_stages(num_stages: int, stage_bytes: int, fixed_bytes: int, device: torch.device) -> int:
+    """The deepest software pipeline, at most `num_stages`, whose operand buffers fit in shared memory;
+    0 when even one stage does not fit (the caller shrinks its tile). The tiles are sized for 2-byte
+    types on Hopper; float32 operands or AMD's 64 KiB LDS need fewer stages or a smaller tile."""
+    budget = shared_memory_limit(device) - _SMEM_SLACK
+    for stages in range(num_stages, 0, -1):
+        if fixed_bytes + stages * stage_bytes <= budget:
+            return stages
+    return 0
+
+
+def dot_ieee(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must run in exact float32 (not TF32): float32 runs are the correctness mode, held to
+    transformers' float32 logits, and TF32 keeps only 10 mantissa bits."""
+    return dtype == torch.float32 or interpreting()

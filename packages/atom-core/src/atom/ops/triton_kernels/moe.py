@@ -16,7 +16,7 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import _act
-from atom.ops.triton_kernels.common import interpreting
+from atom.ops.triton_kernels.common import dot_ieee, fit_stages, interpreting
 
 
 @triton.jit
@@ -122,6 +122,7 @@ def _expert_gemm_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,
     GATED: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..)."""
     tile = tl.program_id(0)
@@ -150,12 +151,18 @@ def _expert_gemm_kernel(
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if F32_DOT:
             a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
         if GATED:
             u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if F32_DOT:
                 u = u.to(tl.float32)
-            acc_up = tl.dot(a, u, acc_up)
+            if IEEE:
+                acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, u, acc_up)
             up_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -213,17 +220,25 @@ def fused_experts(
     num_tiles = sorted_ids.numel() // block_m
     act = 0 if activation == "silu" else 1
 
-    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _expert_gemm_kernel[(num_tiles, triton.cdiv(inter, bn))](
-        x, w13, h, sorted_ids, padded_end, weights, inter, hidden, num_pairs, num_experts, top_k, x.stride(0),
-        w13.stride(0), w13.stride(1), h.stride(0), GATED=True, ACT=act, SCALE=False, E_PAD=e_pad,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, F32_DOT=interpreting(), num_warps=tile["num_warps"],
-        num_stages=tile["num_stages"])
+    ieee = dot_ieee(x.dtype)
 
+    def launch(a, w, out, n_out, k_dim, a_row_div, gated):
+        # Shrink the pipeline, then the K step, until the A and W tiles fit in shared memory (float32 or
+        # AMD's 64 KiB LDS; the tiles are sized for bf16 on Hopper).
+        k_step, elem = bk, a.element_size()
+        while True:
+            stages = fit_stages(tile["num_stages"], (block_m + (2 if gated else 1) * bn) * k_step * elem, 0, a.device)
+            if stages or k_step <= 16:
+                break
+            k_step //= 2
+        _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
+            a, w, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, a_row_div,
+            a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, SCALE=not gated,
+            E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
+            num_warps=tile["num_warps"], num_stages=max(stages, 1))
+
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    launch(x, w13, h, inter, hidden, top_k, gated=True)
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
-    _expert_gemm_kernel[(num_tiles, triton.cdiv(w2.shape[1], bn))](
-        h, w2, y, sorted_ids, padded_end, weights, w2.shape[1], inter, num_pairs, num_experts, 1, h.stride(0),
-        w2.stride(0), w2.stride(1), y.stride(0), GATED=False, ACT=act, SCALE=True, E_PAD=e_pad,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, F32_DOT=interpreting(), num_warps=tile["num_warps"],
-        num_stages=tile["num_stages"])
+    launch(h, w2, y, w2.shape[1], inter, 1, gated=False)
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
