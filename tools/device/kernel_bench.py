@@ -78,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--no-ref", action="store_true", help="skip timing the torch references")
+    ap.add_argument("--moe-only", action="store_true", help="only the MoE rows and tile sweeps")
     opts = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -94,50 +95,52 @@ def main() -> None:
         print(f"{name:44s} {ms * 1e3:9.1f} us (eager {eager * 1e3:8.1f})  {nbytes / ms / 1e6:7.0f} GB/s  "
               f"ref {ref_ms * 1e3:9.1f} us", flush=True)
 
-    T, H = 4096, 4096
-    x, res, w = rnd(T, H), rnd(T, H), rnd(H)
-    bench("rms_norm 4096x4096", resolve("rms_norm", "triton"), ref_norm.rms_norm, (x, w, 1e-6), 2 * T * H * 2)
-    bench("fused_add_rms_norm 4096x4096", resolve("fused_add_rms_norm", "triton"), ref_norm.fused_add_rms_norm,
-          (x, res, w, 1e-6), 4 * T * H * 2)
+    T = 4096
+    if not opts.moe_only:
+        H = 4096
+        x, res, w = rnd(T, H), rnd(T, H), rnd(H)
+        bench("rms_norm 4096x4096", resolve("rms_norm", "triton"), ref_norm.rms_norm, (x, w, 1e-6), 2 * T * H * 2)
+        bench("fused_add_rms_norm 4096x4096", resolve("fused_add_rms_norm", "triton"), ref_norm.fused_add_rms_norm,
+              (x, res, w, 1e-6), 4 * T * H * 2)
 
-    hq, hk, d = 32, 8, 128
-    qkv = rnd(T, (hq + 2 * hk) * d)
-    q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
-    cs = torch.randn(32768, d, device=DEV)
-    pos = torch.randint(0, 32768, (T,), device=DEV)
-    bench("rotary_embedding T4096 32q/8k x128 neox", resolve("rotary_embedding", "triton"),
-          ref_rope.rotary_embedding, (pos, q, k, d, cs, True), 2 * T * (hq + hk) * d * 2)
+        hq, hk, d = 32, 8, 128
+        qkv = rnd(T, (hq + 2 * hk) * d)
+        q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
+        cs = torch.randn(32768, d, device=DEV)
+        pos = torch.randint(0, 32768, (T,), device=DEV)
+        bench("rotary_embedding T4096 32q/8k x128 neox", resolve("rotary_embedding", "triton"),
+              ref_rope.rotary_embedding, (pos, q, k, d, cs, True), 2 * T * (hq + hk) * d * 2)
 
-    inter = 14336
-    xa = rnd(T, 2 * inter)
-    for op in ("silu_and_mul", "gelu_tanh_and_mul"):
-        bench(f"{op} 4096x{inter}", resolve(op, "triton"), getattr(ref_act, op), (xa,), 3 * T * inter * 2)
+        inter = 14336
+        xa = rnd(T, 2 * inter)
+        for op in ("silu_and_mul", "gelu_tanh_and_mul"):
+            bench(f"{op} 4096x{inter}", resolve(op, "triton"), getattr(ref_act, op), (xa,), 3 * T * inter * 2)
 
-    kv = rnd(T, 2 * hk, d)
-    kcache, vcache = rnd(8192, 16, hk, d), rnd(8192, 16, hk, d)
-    slots = torch.randperm(8192 * 16, device=DEV)[:T]
-    bench("reshape_and_cache T4096 8x128", resolve("reshape_and_cache", "triton"), ref_attn.reshape_and_cache,
-          (kv[:, :hk], kv[:, hk:], kcache, vcache, slots), 4 * T * hk * d * 2)
+        kv = rnd(T, 2 * hk, d)
+        kcache, vcache = rnd(8192, 16, hk, d), rnd(8192, 16, hk, d)
+        slots = torch.randperm(8192 * 16, device=DEV)[:T]
+        bench("reshape_and_cache T4096 8x128", resolve("reshape_and_cache", "triton"), ref_attn.reshape_and_cache,
+              (kv[:, :hk], kv[:, hk:], kcache, vcache, slots), 4 * T * hk * d * 2)
 
-    qw, kw = rnd(d), rnd(d)
-    vv = qkv[:, (hq + hk) * d :]
-    prep_bytes = (T * (hq + 2 * hk) * d + T * (hq + hk) * d + 2 * T * hk * d) * 2
-    bench("qk_norm_rope_cache T4096 32q/8k x128", resolve("qk_norm_rope_cache", "triton"),
-          resolve("qk_norm_rope_cache", "torch"), (pos, q, k, vv, qw, kw, 1e-6, d, cs, True, kcache, vcache, slots),
-          prep_bytes)
+        qw, kw = rnd(d), rnd(d)
+        vv = qkv[:, (hq + hk) * d :]
+        prep_bytes = (T * (hq + 2 * hk) * d + T * (hq + hk) * d + 2 * T * hk * d) * 2
+        bench("qk_norm_rope_cache T4096 32q/8k x128", resolve("qk_norm_rope_cache", "triton"),
+              resolve("qk_norm_rope_cache", "torch"), (pos, q, k, vv, qw, kw, 1e-6, d, cs, True, kcache, vcache, slots),
+              prep_bytes)
 
-    attn = resolve("paged_attention", "triton")
-    for batch, ctx in ((1, 4096), (1, 32768), (32, 4096), (128, 1024), (128, 4096)):
-        args, nbytes = paged(batch, 1, [ctx - 1] * batch)
-        bench(f"paged_attention decode bs{batch} ctx{ctx}", attn,
-              ref_attn.paged_attention if batch * ctx <= 128 * 4096 else None, args, nbytes,
-              4 * batch * 32 * 128 * ctx)
-    for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
-        args, nbytes = paged(batch, q_len, [ctx] * batch)
-        # causal: each query sees ctx + (its index + 1) keys
-        pairs = batch * sum(ctx + i + 1 for i in range(q_len))
-        bench(f"paged_attention prefill bs{batch} q{q_len} ctx{ctx}", attn, ref_attn.paged_attention, args,
-              nbytes, 4 * pairs * 32 * 128)
+        attn = resolve("paged_attention", "triton")
+        for batch, ctx in ((1, 4096), (1, 32768), (32, 4096), (128, 1024), (128, 4096)):
+            args, nbytes = paged(batch, 1, [ctx - 1] * batch)
+            bench(f"paged_attention decode bs{batch} ctx{ctx}", attn,
+                  ref_attn.paged_attention if batch * ctx <= 128 * 4096 else None, args, nbytes,
+                  4 * batch * 32 * 128 * ctx)
+        for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
+            args, nbytes = paged(batch, q_len, [ctx] * batch)
+            # causal: each query sees ctx + (its index + 1) keys
+            pairs = batch * sum(ctx + i + 1 for i in range(q_len))
+            bench(f"paged_attention prefill bs{batch} q{q_len} ctx{ctx}", attn, ref_attn.paged_attention, args,
+                  nbytes, 4 * pairs * 32 * 128)
 
     from atom.ops.triton_kernels import moe as tk_moe
 
@@ -154,18 +157,37 @@ def main() -> None:
         bench(f"fused_experts qwen3-30b-a3b T{tokens} ({touched} experts)", resolve("fused_experts", "triton"),
               ref_moe.fused_experts, (xm, w13, w2, tw, tid), nbytes, 2 * tokens * K * 3 * Hm * Im)
 
-    for tokens in (1, 32):
+    # decode sizes: the per-pair GEMV path, its tile, and the sorted path at the same size for comparison
+    default_pair_tile = dict(tk_moe.PAIR_TILE)
+    for tokens in (1, 4):
         xm = rnd(tokens, Hm)
         tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
-        touched = int(torch.unique(tid).numel())
-        nbytes = touched * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2
-        for tile in (dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
-                     dict(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
-                     dict(block_m=16, block_n=16, block_k=128, num_warps=2, num_stages=4)):
-            tk_moe.GEMM_TILE_OVERRIDE = tile
-            bench(f"  sweep fused_experts T{tokens} {tile}", resolve("fused_experts", "triton"), None,
-                  (xm, w13, w2, tw, tid), nbytes)
+        pair_bytes = tokens * K * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2  # weights read once per pair
+        for tile in (dict(gate_block_n=8, down_block_n=16, block_k=256, num_warps=4),
+                     dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4),
+                     dict(gate_block_n=16, down_block_n=16, block_k=512, num_warps=8),
+                     dict(gate_block_n=32, down_block_n=32, block_k=128, num_warps=4),
+                     dict(gate_block_n=8, down_block_n=8, block_k=512, num_warps=4)):
+            tk_moe.PAIR_TILE = tile
+            bench(f"  sweep per-pair T{tokens} {tile}", resolve("fused_experts", "triton"), None,
+                  (xm, w13, w2, tw, tid), pair_bytes)
+        tk_moe.PAIR_TILE = default_pair_tile
+        tk_moe.PAIR_GEMV_MAX_PAIRS = 0
+        bench(f"  sorted path T{tokens}", resolve("fused_experts", "triton"), None, (xm, w13, w2, tw, tid), pair_bytes)
+        tk_moe.PAIR_GEMV_MAX_PAIRS = 32
+    xm = rnd(32, Hm)
+    tw, tid = ref_moe.moe_topk_softmax(rnd(32, E, dtype=torch.float32), K, True)
+    nbytes = int(torch.unique(tid).numel()) * 3 * Hm * Im * 2 + 2 * 32 * Hm * 2
+    for tile in (dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+                 dict(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
+                 dict(block_m=16, block_n=16, block_k=128, num_warps=2, num_stages=4)):
+        tk_moe.GEMM_TILE_OVERRIDE = tile
+        bench(f"  sweep fused_experts T32 {tile}", resolve("fused_experts", "triton"), None,
+              (xm, w13, w2, tw, tid), nbytes)
     tk_moe.GEMM_TILE_OVERRIDE = None
+    if opts.moe_only:
+        rows_out(rows, bw, opts)
+        return
 
     B, V = 128, 151936
     lg = torch.randn(B, V, device=DEV) * 4
@@ -178,6 +200,10 @@ def main() -> None:
     bench("sample top-p 0.9 (sort fallback)", sample, ref_sampling.sample, (lg, ones * 0.8, None, ones * 0.9),
           B * V * 4, graph=False)
 
+    rows_out(rows, bw, opts)
+
+
+def rows_out(rows, bw, opts) -> None:
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"measured copy bandwidth: {bw:.0f} GB/s (datasheet 4800)\n")
     print("| kernel | us (graph) | us eager | GB/s | % copy BW | TFLOP/s | torch ref us (eager) |")

@@ -224,12 +224,20 @@ def test_moe_topk_softmax(size, renormalize):
     check(f"moe_topk_softmax {size} renorm={renormalize}", w, rw, 1e-5)
 
 
-@pytest.mark.parametrize("size", SIZES + [pytest.param("prefill", marks=LARGE.marks)])
+@pytest.mark.parametrize("size", ["tiny_decode"] + SIZES + [pytest.param("decode", marks=LARGE.marks),
+                                                             pytest.param("prefill", marks=LARGE.marks)])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_experts(size, activation, dtype):
-    if size == "tiny":
-        tokens, hidden, inter, experts, top_k = 10, 32, 48, 5, 2
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    # "decode" sizes take the per-pair GEMV path (no sort), the others the sorted grouped GEMM
+    if size == "tiny_decode":
+        tokens, hidden, inter, experts, top_k = 3, 40, 24, 6, 2  # sizes off the block multiples
+    elif size == "decode":
+        tokens, hidden, inter, experts, top_k = 2, 2048, 768, 128, 8
+    elif size == "tiny":
+        tokens, hidden, inter, experts, top_k = 20, 32, 48, 5, 2
     elif size == "large":
         tokens, hidden, inter, experts, top_k = 512, 2048, 768, 128, 8
     else:  # a 4k-token prefill takes the widest tile, which in float32 must shrink to fit shared memory
@@ -238,6 +246,7 @@ def test_fused_experts(size, activation, dtype):
     w13 = rand(experts, 2 * inter, hidden, dtype=dtype, scale=hidden**-0.5)
     w2 = rand(experts, hidden, inter, dtype=dtype, scale=inter**-0.5)
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    assert (tokens * top_k <= tk_moe.PAIR_GEMV_MAX_PAIRS) == size.endswith("decode")
     out = triton_op("fused_experts")(x, w13, w2, weights, ids, activation)
     ref = ref_moe.fused_experts(x, w13, w2, weights, ids, activation)
     check(f"fused_experts {size} {activation} {dtype}", out, ref, TOL[dtype])
@@ -362,3 +371,19 @@ def test_qk_norm_rope_cache(size, qk_norm, is_neox, partial):
     check(name + " k", ok, rk, TOL[dtype])
     check(name + " k_cache", caches[0], ref_caches[0], TOL[dtype])
     assert torch.equal(caches[1], ref_caches[1]), "v is copied into the cache unchanged"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("tokens", [1, 64])  # per-pair GEMV path, sorted grouped GEMM path
+def test_fused_experts_traces_under_torch_compile(tokens):
+    """vLLM compiles ATOM's model with torch.compile (fullgraph): the host-side code around the kernels
+    (tile choice, shared-memory fit) must be traceable, not only the kernels."""
+    x = rand(tokens, 256, dtype=torch.bfloat16)
+    w13 = rand(16, 2 * 128, 256, dtype=torch.bfloat16, scale=256**-0.5)
+    w2 = rand(16, 256, 128, dtype=torch.bfloat16, scale=128**-0.5)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 16), 4, True)
+    op = triton_op("fused_experts")
+    torch._dynamo.reset()
+    compiled = torch.compile(op, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w13, w2, weights, ids, "silu"), op(x, w13, w2, weights, ids, "silu"))

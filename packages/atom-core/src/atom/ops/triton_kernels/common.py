@@ -23,18 +23,16 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.cache
-def _shared_memory_limit(device_index: int) -> int:
-    from triton.runtime import driver
-
-    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
-
-
 def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory (LDS on AMD) one program may use: 227 KiB on Hopper, 64 KiB on CDNA3. Under
-    the interpreter there is no limit."""
+    """Bytes of shared memory (LDS on AMD) one program may use: 227 KiB on Hopper, 64 KiB on CDNA3, 160 KiB
+    on CDNA4. Under the interpreter there is no limit. Read from torch's device properties (as num_sms is),
+    which torch.compile can trace, unlike Triton's driver query."""
     if interpreting() or device.type != "cuda":
         return 1 << 30
-    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return 160 * 1024 if "gfx950" in getattr(props, "gcnArchName", "") else 64 * 1024
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
 # What Triton adds beyond the operand tiles (layout conversions, reductions, barriers): kept free.

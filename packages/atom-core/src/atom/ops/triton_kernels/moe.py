@@ -3,9 +3,11 @@
 fused_experts sorts (token, k) pairs by expert and pads each expert's run to BLOCK_M rows, so every row
 tile of the grouped GEMM belongs to one expert (found from the cumulative padded counts); each GEMM is a
 single launch over all experts. The grid is sized by an upper bound on the padded row count, so no host
-sync is needed; tiles past the real end exit. Small batches are sorted by one Triton program.
+sync is needed; tiles past the real end exit. Small batches are sorted by one Triton program. At decode
+sizes (a few pairs, nearly all on different experts) there is no sort: one GEMV per (pair, column block).
 GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 scales by the
-routing weight and writes one fp32 row per pair, summed over k afterwards (deterministic, no atomics).
+routing weight and writes one fp32 row per pair, summed over k by a last small kernel (deterministic, no
+atomics).
 """
 
 from __future__ import annotations
@@ -178,6 +180,106 @@ def _expert_gemm_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, inter, k_dim, top_k, x_stride, w_stride_e, w_stride_n,
+                         h_stride, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode: h[pair] = act(x W_gate^T) * (x W_up^T) for the pair's expert, one GEMV per (pair, n block)."""
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < inter
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // top_k) * x_stride + kk
+    g_ptrs = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n + kk[None, :]
+    u_ptrs = g_ptrs + inter * w_stride_n
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_ok = (k0 + kk) < k_dim
+        xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        m = n_ok[:, None] & k_ok[None, :]
+        acc_g += tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32) * xv
+        acc_u += tl.load(u_ptrs, mask=m, other=0.0).to(tl.float32) * xv
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    dtype = h_ptr.dtype.element_ty
+    # round like the reference: projections in the activation dtype, then act(gate) * up
+    gate = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
+    h = _act(gate, ACT).to(dtype).to(tl.float32) * up
+    tl.store(h_ptr + pair * h_stride + n, h.to(dtype), mask=n_ok)
+
+
+@triton.jit
+def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
+                      y_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode: y[pair] = w_pair * (h[pair] W2[expert]^T) in fp32, one GEMV per (pair, n block)."""
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + pair * h_stride + kk
+    w_ptrs = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n + kk[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_ok = (k0 + kk) < k_dim
+        hv = tl.load(h_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * hv
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + pair)
+    tl.store(y_ptr + pair * y_stride + n, y, mask=n_ok)
+
+
+@triton.jit
+def _sum_topk_kernel(y_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """out[t] = sum_k y[t * top_k + k] (fp32 rows), cast to the output dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.arange(0, K_PAD)
+    m = (k[:, None] < top_k) & (n[None, :] < n_out)
+    y = tl.load(y_ptr + (t * top_k + k[:, None]) * y_stride + n[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
+
+
+# Up to this many (token, k) pairs, fused_experts runs one GEMV per pair instead of sorting pairs by expert:
+# no sort, no padded tiles, and as many weight reads as the sort path while pairs rarely share an expert
+# (decode at small batch). Module-level for tools/device/kernel_bench.py sweeps and the tests.
+PAIR_GEMV_MAX_PAIRS = 32
+PAIR_TILE = dict(gate_block_n=16, down_block_n=16, block_k=256, num_warps=4)
+
+
+def _sum_topk(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
+    block = 256
+    _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
+        y, out, y.shape[1], top_k, y.stride(0), out.stride(0), K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
+        num_warps=4)
+    return out
+
+
+def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    inter = w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).float().contiguous()
+    tile = PAIR_TILE
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
+        x, w13, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), ACT=act,
+        BLOCK_N=tile["gate_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"])
+    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    _pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
+        h, w2, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_N=tile["down_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"])
+    return _sum_topk(y, num_tokens, top_k, x.dtype)
+
+
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, block_k, num_warps, num_stages).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -212,13 +314,15 @@ def fused_experts(
         return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1
+    act = 0 if activation == "silu" else 1
+    if num_pairs <= PAIR_GEMV_MAX_PAIRS:
+        return _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act)
     tile = _gemm_tile(num_pairs, num_experts)
     block_m, bn, bk = tile["block_m"], tile["block_n"], tile["block_k"]
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     e_pad = triton.next_power_of_2(num_experts)
     weights = topk_weights.reshape(-1).float().contiguous()
     num_tiles = sorted_ids.numel() // block_m
-    act = 0 if activation == "silu" else 1
 
     ieee = dot_ieee(x.dtype)
 
@@ -241,4 +345,4 @@ def fused_experts(
     launch(x, w13, h, inter, hidden, top_k, gated=True)
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     launch(h, w2, y, w2.shape[1], inter, 1, gated=False)
-    return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    return _sum_topk(y, num_tokens, top_k, x.dtype)
