@@ -224,16 +224,20 @@ def test_moe_topk_softmax(size, renormalize):
     check(f"moe_topk_softmax {size} renorm={renormalize}", w, rw, 1e-5)
 
 
-@pytest.mark.parametrize("size", ["tiny_decode"] + SIZES + [pytest.param("decode", marks=LARGE.marks),
-                                                             pytest.param("prefill", marks=LARGE.marks)])
+@pytest.mark.parametrize("size", ["tiny_one_decode", "tiny_decode"] + SIZES + [
+    pytest.param(s, marks=LARGE.marks) for s in ("one_decode", "decode", "prefill")])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_experts(size, activation, dtype):
     from atom.ops.triton_kernels import moe as tk_moe
 
     # "decode" sizes take the per-pair GEMV path (no sort), the others the sorted grouped GEMM
-    if size == "tiny_decode":
-        tokens, hidden, inter, experts, top_k = 3, 40, 24, 6, 2  # sizes off the block multiples
+    if size == "tiny_one_decode":  # one token: its own tile
+        tokens, hidden, inter, experts, top_k = 1, 40, 24, 6, 2  # sizes off the block multiples
+    elif size == "tiny_decode":
+        tokens, hidden, inter, experts, top_k = 3, 40, 24, 6, 2
+    elif size == "one_decode":
+        tokens, hidden, inter, experts, top_k = 1, 2048, 768, 128, 8
     elif size == "decode":
         tokens, hidden, inter, experts, top_k = 2, 2048, 768, 128, 8
     elif size == "tiny":

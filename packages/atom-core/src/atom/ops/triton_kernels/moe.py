@@ -248,8 +248,16 @@ def _sum_topk_kernel(y_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: 
 # Up to this many (token, k) pairs, fused_experts runs one GEMV per pair instead of sorting pairs by expert:
 # no sort, no padded tiles, and as many weight reads as the sort path while pairs rarely share an expert
 # (decode at small batch). Module-level for tools/device/kernel_bench.py sweeps and the tests.
-PAIR_GEMV_MAX_PAIRS = 32
-PAIR_TILE = dict(gate_block_n=16, down_block_n=16, block_k=256, num_warps=4)
+# H200, qwen3-30b-a3b experts (tools/device/moe_kernels_profile.py): at one token (8 pairs) the per-pair
+# kernels take 16.7 + 11.8 + 1.3 us against 2 x 14.4 + 5.0 (sort) + 1.3 us for the sorted path; at two
+# tokens 30.5 + 15.4 + 1.3 against 2 x 22.3 + 4.8 + 1.4 us; at four tokens the two paths tie (92 us).
+PAIR_GEMV_MAX_PAIRS = 16
+PAIR_TILE = dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4)
+# One token: the down projection (K = 768) runs faster as wide, short tiles
+PAIR_TILE_ONE_TOKEN = dict(gate_block_n=16, down_block_n=64, block_k=256, down_block_k=128, num_warps=4)
+
+
+_DEFAULT_PAIR_TILE = PAIR_TILE  # a sweep that sets PAIR_TILE gets exactly that tile
 
 
 def _sum_topk(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -268,7 +276,7 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()
-    tile = PAIR_TILE
+    tile = PAIR_TILE_ONE_TOKEN if num_tokens == 1 and PAIR_TILE is _DEFAULT_PAIR_TILE else PAIR_TILE
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
         x, w13, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), ACT=act,
@@ -276,7 +284,7 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     _pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
         h, w2, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_N=tile["down_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"])
+        BLOCK_N=tile["down_block_n"], BLOCK_K=tile.get("down_block_k", tile["block_k"]), num_warps=tile["num_warps"])
     return _sum_topk(y, num_tokens, top_k, x.dtype)
 
 
