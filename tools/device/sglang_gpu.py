@@ -49,20 +49,38 @@ def _greedy(hf, ids: list[int], n: int) -> list[int]:
 def correctness(report: dict) -> None:
     from tiny_models import write_checkpoint, write_tokenizer
 
-    procs = {}
-    for arch in ARCHS:
-        base = Path(f"/tmp/sgl_{arch}")
-        hf = write_checkpoint(arch, base / "model")
-        tok = write_tokenizer(base / "tokenizer", hf.config.vocab_size)
-        for backend in BACKENDS:
-            cmd = [sys.executable, str(WRAPPER), "--model-path", str(base / "model"), "--tokenizer-path",
-                   str(base / "tokenizer"), "--attention-backend", backend, "--sampling-backend", "pytorch",
-                   "--dtype", "float32", "--correctness-test", "--max-total-tokens", "4096",
-                   "--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", *EXTRA]
-            dump = base / f"logits_{backend}.pt"
-            env = {**_env(), "ATOM_SGL_DUMP_LOGITS": str(dump)}
-            procs[(arch, backend)] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+    # one_batch's three default prompts, then one prompt alone: SGLang 0.5.15's breakable prefill graphs
+    # run single-request prefills only, so the second wave is what replays ATOM's model in a prefill graph
+    prompt_file = Path("/tmp/sgl_one_prompt.txt")
+    prompt_file.write_text("Today is a sunny day and I like")
+    for wave in ("3 prompts", "1 prompt"):
+        procs = {}
+        for arch in ARCHS:
+            base = Path(f"/tmp/sgl_{arch}")
+            if arch not in _HF:
+                _HF[arch] = write_checkpoint(arch, base / "model")
+                _TOK[arch] = write_tokenizer(base / "tokenizer", _HF[arch].config.vocab_size)
+            hf, tok = _HF[arch], _TOK[arch]
+            for backend in BACKENDS:
+                cmd = [sys.executable, str(WRAPPER), "--model-path", str(base / "model"), "--tokenizer-path",
+                       str(base / "tokenizer"), "--attention-backend", backend, "--sampling-backend", "pytorch",
+                       "--dtype", "float32", "--correctness-test", "--max-total-tokens", "4096",
+                       "--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", *EXTRA]
+                if wave == "1 prompt":
+                    cmd += ["--batch-size", "1", "--prompt-filename", str(prompt_file)]
+                tag = f"{backend}{'_1prompt' if wave == '1 prompt' else ''}"
+                dump = base / f"logits_{tag}.pt"
+                env = {**_env(), "ATOM_SGL_DUMP_LOGITS": str(dump)}
+                procs[(arch, tag)] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT, text=True), hf, tok, dump)
+        _collect(procs, report)
+
+
+_HF: dict = {}
+_TOK: dict = {}
+
+
+def _collect(procs: dict, report: dict) -> None:
     for (arch, backend), (proc, hf, tok, dump) in procs.items():
         out, _ = proc.communicate(timeout=420)
         (OUT / f"sgl_{arch}_{backend}.log").write_text(out)
@@ -76,8 +94,10 @@ def correctness(report: dict) -> None:
             import torch
             from one_batch_logits import logit_errors
 
-            errors = logit_errors(hf.float(), ids, greedy, torch.load(dump))
-            entry.update(logit_calls=len(errors), max_rel_logit_err=max(errors))
+            calls = torch.load(dump)
+            errors = logit_errors(hf.float(), ids, greedy, calls)
+            entry.update(logit_calls=len(errors), max_rel_logit_err=max(errors),
+                         graph_replays={k: sum(c["graph"] for c in calls if c["kind"] == k) for k in ("extend", "decode")})
         except Exception as e:  # noqa: BLE001 - report what broke
             entry["error"] = f"{type(e).__name__}: {e}; tail: {out[-1500:]}"
         report[f"{arch}/{backend}"] = entry

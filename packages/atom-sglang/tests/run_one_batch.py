@@ -2,7 +2,8 @@
 
 With ATOM_SGL_DUMP_LOGITS=FILE, every next-token logits tensor one_batch computes (each extend, then each
 decode step, in order) is saved to FILE with torch.save, for a logit comparison against transformers
-(tools/device/sglang_gpu.py). The wrap only copies the returned logits; one_batch runs unchanged.
+(tools/device/sglang_gpu.py), with whether that forward replayed a CUDA graph. The wraps only copy what
+one_batch's functions return; one_batch runs unchanged.
 """
 
 import os
@@ -17,16 +18,34 @@ def _record_logits(path: str) -> None:
     calls: list[dict] = []
     extend, decode = one_batch.extend, one_batch.decode
 
+    graph_flags: list[bool] = []
+
+    def watch(model_runner) -> None:
+        """Note whether each forward replayed a CUDA graph (ModelRunnerOutput.can_run_graph)."""
+        if getattr(model_runner, "_atom_watched", False):
+            return
+        forward = model_runner.forward
+
+        def forward_and_note(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            graph_flags.append(bool(getattr(out, "can_run_graph", False)))
+            return out
+
+        model_runner.forward, model_runner._atom_watched = forward_and_note, True
+
     def save(kind: str, logits) -> None:
-        calls.append({"kind": kind, "logits": logits.detach().float().cpu()})
+        calls.append({"kind": kind, "logits": logits.detach().float().cpu(),
+                      "graph": graph_flags[-1] if graph_flags else False})
         torch.save(calls, path)
 
     def extend_and_record(reqs, model_runner):
+        watch(model_runner)
         ids, logits, batch = extend(reqs, model_runner)
         save("extend", logits)
         return ids, logits, batch
 
     def decode_and_record(input_token_ids, batch, model_runner):
+        watch(model_runner)
         ids, logits = decode(input_token_ids, batch, model_runner)
         save("decode", logits)
         return ids, logits
