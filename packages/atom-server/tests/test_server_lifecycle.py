@@ -48,13 +48,31 @@ def test_sigterm_drains_in_flight_request_and_exits_zero(server):
     assert "engine process exited with code 0" in server.log()
 
 
-def test_killed_engine_gives_503_without_hanging(server):
+@pytest.fixture
+def long_server(tmp_path_factory, tmp_path):
+    """A 16k-context server: its requests run long enough to be seen running together on a slow machine
+    (200 tokens at a 256-token context could finish before the poll saw both)."""
+    ckpt = write_chat_checkpoint(tmp_path_factory.mktemp("long-ckpt"), max_position_embeddings=LONG_CONTEXT)
+    srv = ServerProcess([ckpt, "--served-model-name", "tiny", "--max-model-len", str(LONG_CONTEXT)],
+                        tmp_path / "server.log")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
+LONG_CONTEXT = 16384
+
+
+def test_killed_engine_gives_503_without_hanging(long_server):
+    server = long_server
     client = _client(server)
     results: dict[str, object] = {}
 
     def pending_request():
         try:
-            client.completions.create(model="tiny", prompt="Hello", max_tokens=200, extra_body={"ignore_eos": True})
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=LONG_CONTEXT - 64,
+                                      extra_body={"ignore_eos": True})
             results["plain"] = "finished"
         except openai.APIStatusError as e:
             results["plain"] = e.status_code
@@ -62,7 +80,8 @@ def test_killed_engine_gives_503_without_hanging(server):
     def pending_stream():
         try:
             list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                max_tokens=200, stream=True, extra_body={"ignore_eos": True}))
+                                                max_tokens=LONG_CONTEXT - 64, stream=True,
+                                                extra_body={"ignore_eos": True}))
             results["stream"] = "finished"
         except openai.APIError as e:  # the error arrives as an event inside the 200 stream
             results["stream"] = e.message
