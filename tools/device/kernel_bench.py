@@ -175,16 +175,20 @@ def main() -> None:
         tk_moe.PAIR_GEMV_MAX_PAIRS = 0
         bench(f"  sorted path T{tokens}", resolve("fused_experts", "triton"), None, (xm, w13, w2, tw, tid), pair_bytes)
         tk_moe.PAIR_GEMV_MAX_PAIRS = default_max_pairs
-    xm = rnd(32, Hm)
-    tw, tid = ref_moe.moe_topk_softmax(rnd(32, E, dtype=torch.float32), K, True)
-    nbytes = int(torch.unique(tid).numel()) * 3 * Hm * Im * 2 + 2 * 32 * Hm * 2
-    for tile in (dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
-                 dict(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
-                 dict(block_m=16, block_n=16, block_k=128, num_warps=2, num_stages=4)):
-        tk_moe.GEMM_TILE_OVERRIDE = tile
-        bench(f"  sweep fused_experts T32 {tile}", resolve("fused_experts", "triton"), None,
-              (xm, w13, w2, tw, tid), nbytes)
-    tk_moe.GEMM_TILE_OVERRIDE = None
+    gemm_sweep = json.loads(os.environ.get("ATOM_GEMM_SWEEP", "null")) or [
+        dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+        dict(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
+        dict(block_m=16, block_n=16, block_k=128, num_warps=2, num_stages=4)]
+    for tokens in [int(v) for v in os.environ.get("ATOM_GEMM_SWEEP_TOKENS", "32").split(",")]:
+        xm = rnd(tokens, Hm)
+        tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
+        nbytes = int(torch.unique(tid).numel()) * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2
+        bench(f"  default tile T{tokens}", resolve("fused_experts", "triton"), None, (xm, w13, w2, tw, tid), nbytes)
+        for tile in gemm_sweep:
+            tk_moe.GEMM_TILE_OVERRIDE = tile
+            bench(f"  sweep fused_experts T{tokens} {tile}", resolve("fused_experts", "triton"), None,
+                  (xm, w13, w2, tw, tid), nbytes)
+        tk_moe.GEMM_TILE_OVERRIDE = None
     if opts.moe_only:
         rows_out(rows, bw, opts)
         return
