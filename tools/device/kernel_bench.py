@@ -159,7 +159,7 @@ def main() -> None:
               ref_moe.fused_experts, (xm, w13, w2, tw, tid), nbytes, 2 * tokens * K * 3 * Hm * Im)
 
     # decode sizes: the per-pair GEMV path, its tile, and the sorted path at the same size for comparison
-    default_pair_tile, default_max_pairs = tk_moe.PAIR_TILE, tk_moe.PAIR_GEMV_MAX_PAIRS
+    default_max_pairs = tk_moe.PAIR_GEMV_MAX_PAIRS
     for tokens in (1, 4):
         xm = rnd(tokens, Hm)
         tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
@@ -168,10 +168,10 @@ def main() -> None:
             dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4),
             dict(gate_block_n=4, down_block_n=8, block_k=1024, num_warps=4)]
         for tile in sweep:
-            tk_moe.PAIR_TILE = tile
+            tk_moe.PAIR_TILE_OVERRIDE = tile
             bench(f"  sweep per-pair T{tokens} {tile}", resolve("fused_experts", "triton"), None,
                   (xm, w13, w2, tw, tid), pair_bytes)
-        tk_moe.PAIR_TILE = default_pair_tile
+        tk_moe.PAIR_TILE_OVERRIDE = None
         tk_moe.PAIR_GEMV_MAX_PAIRS = 0
         bench(f"  sorted path T{tokens}", resolve("fused_experts", "triton"), None, (xm, w13, w2, tw, tid), pair_bytes)
         tk_moe.PAIR_GEMV_MAX_PAIRS = default_max_pairs

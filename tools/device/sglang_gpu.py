@@ -46,6 +46,10 @@ def _greedy(hf, ids: list[int], n: int) -> list[int]:
     return ids
 
 
+_HF: dict = {}  # arch -> the transformers model written as its checkpoint (both waves use it)
+_TOK: dict = {}
+
+
 def correctness(report: dict) -> None:
     from tiny_models import write_checkpoint, write_tokenizer
 
@@ -75,9 +79,6 @@ def correctness(report: dict) -> None:
                                                        stderr=subprocess.STDOUT, text=True), hf, tok, dump)
         _collect(procs, report)
 
-
-_HF: dict = {}
-_TOK: dict = {}
 
 
 def _collect(procs: dict, report: dict) -> None:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import dot_ieee, fit_stages, interpreting, num_sms
+from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -237,15 +237,10 @@ def paged_attention_impl(
         block_q, block_n = max(1, tile["block_m"] // group), tile["block_n"]
         num_splits = 1
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    num_warps, num_stages = tile["num_warps"], tile["num_stages"]
-    elem = k_cache.element_size()
-    while True:  # K and V tiles per stage; the q tile and p (the second dot's operand) once
-        num_stages = fit_stages(tile["num_stages"], 2 * block_n * block_d * elem,
-                                block_m * (block_d + block_n) * max(elem, q.element_size()), q.device)
-        if num_stages or block_n <= 16:
-            num_stages = max(num_stages, 1)
-            break
-        block_n //= 2
+    elem = max(k_cache.element_size(), q.element_size())
+    # per stage the K and V tiles; once the q tile and p (the second dot's operand)
+    block_n, num_stages = fit_tile(tile["num_stages"], block_n,
+                                   lambda n: (2 * n * block_d * elem, block_m * (block_d + n) * elem), q.device)
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -264,7 +259,7 @@ def paged_attention_impl(
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, num_warps=num_warps,
+        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, num_warps=tile["num_warps"],
         num_stages=num_stages,
     )
     if num_splits > 1:

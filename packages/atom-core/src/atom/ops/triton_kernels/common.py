@@ -39,15 +39,20 @@ def shared_memory_limit(device: torch.device) -> int:
 _SMEM_SLACK = 16 * 1024
 
 
-def fit_stages(num_stages: int, stage_bytes: int, fixed_bytes: int, device: torch.device) -> int:
-    """The deepest software pipeline, at most `num_stages`, whose operand buffers fit in shared memory;
-    0 when even one stage does not fit (the caller shrinks its tile). The tiles are sized for 2-byte
-    types on Hopper; float32 operands or AMD's 64 KiB LDS need fewer stages or a smaller tile."""
+def fit_tile(num_stages: int, block: int, smem_bytes, device: torch.device) -> tuple[int, int]:
+    """(block, stages) for a pipelined loop whose shared memory is `smem_bytes(block)` = (bytes per stage,
+    bytes held once): the deepest pipeline up to `num_stages` at the given block size, halving the block
+    (down to 16) while not even one stage fits. The tiles are sized for 2-byte types on Hopper; float32
+    operands or AMD's 64 KiB LDS need fewer stages or a smaller tile."""
     budget = shared_memory_limit(device) - _SMEM_SLACK
-    for stages in range(num_stages, 0, -1):
-        if fixed_bytes + stages * stage_bytes <= budget:
-            return stages
-    return 0
+    while True:
+        stage_bytes, fixed_bytes = smem_bytes(block)
+        for stages in range(num_stages, 0, -1):
+            if fixed_bytes + stages * stage_bytes <= budget:
+                return block, stages
+        if block <= 16:
+            return block, 1
+        block //= 2
 
 
 def dot_ieee(dtype: torch.dtype) -> bool:

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import _act
-from atom.ops.triton_kernels.common import dot_ieee, fit_stages, interpreting
+from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 
 
 @triton.jit
@@ -252,12 +252,17 @@ def _sum_topk_kernel(y_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: 
 # kernels take 16.7 + 11.8 + 1.3 us against 2 x 14.4 + 5.0 (sort) + 1.3 us for the sorted path; at two
 # tokens 30.5 + 15.4 + 1.3 against 2 x 22.3 + 4.8 + 1.4 us; at four tokens the two paths tie (92 us).
 PAIR_GEMV_MAX_PAIRS = 16
-PAIR_TILE = dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4)
-# One token: the down projection (K = 768) runs faster as wide, short tiles
-PAIR_TILE_ONE_TOKEN = dict(gate_block_n=16, down_block_n=64, block_k=256, down_block_k=128, num_warps=4)
+# Tile override for sweeps (kernel_bench.py, moe_kernels_profile.py): dict(gate_block_n, down_block_n, block_k,
+# [down_block_k], num_warps).
+PAIR_TILE_OVERRIDE: dict | None = None
 
 
-_DEFAULT_PAIR_TILE = PAIR_TILE  # a sweep that sets PAIR_TILE gets exactly that tile
+def _pair_tile(num_tokens: int) -> dict:
+    if PAIR_TILE_OVERRIDE is not None:
+        return PAIR_TILE_OVERRIDE
+    if num_tokens == 1:  # the down projection (K = 768) runs faster as wide, short tiles
+        return dict(gate_block_n=16, down_block_n=64, block_k=256, down_block_k=128, num_warps=4)
+    return dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4)
 
 
 def _sum_topk(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -276,7 +281,7 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()
-    tile = PAIR_TILE_ONE_TOKEN if num_tokens == 1 and PAIR_TILE is _DEFAULT_PAIR_TILE else PAIR_TILE
+    tile = _pair_tile(num_tokens)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
         x, w13, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), ACT=act,
@@ -335,19 +340,14 @@ def fused_experts(
     ieee = dot_ieee(x.dtype)
 
     def launch(a, w, out, n_out, k_dim, a_row_div, gated):
-        # Shrink the pipeline, then the K step, until the A and W tiles fit in shared memory (float32 or
-        # AMD's 64 KiB LDS; the tiles are sized for bf16 on Hopper).
-        k_step, elem = bk, a.element_size()
-        while True:
-            stages = fit_stages(tile["num_stages"], (block_m + (2 if gated else 1) * bn) * k_step * elem, 0, a.device)
-            if stages or k_step <= 16:
-                break
-            k_step //= 2
+        # A and W tiles per stage; the K step shrinks when not even one stage fits
+        rows = block_m + (2 if gated else 1) * bn
+        k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
         _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
             a, w, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, a_row_div,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, SCALE=not gated,
             E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
-            num_warps=tile["num_warps"], num_stages=max(stages, 1))
+            num_warps=tile["num_warps"], num_stages=stages)
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     launch(x, w13, h, inter, hidden, top_k, gated=True)
