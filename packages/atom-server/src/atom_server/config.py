@@ -27,6 +27,7 @@ class EngineArgs:
     load_format: str = "auto"
     device: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only checkpoints)
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +55,8 @@ class EngineArgs:
             raise bad("dtype", "must be one of auto, float32, float16, bfloat16")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
 
@@ -83,6 +86,9 @@ class EngineArgs:
         parser.add_argument("--device", type=str, default=None, help="cpu | cuda (default: what is present)")
         parser.add_argument("--skip-tokenizer-init", action="store_true",
                             help="no tokenizer: prompts as token ids, outputs without text")
+        parser.add_argument("--max-logprobs", type=int, default=d["max_logprobs"].default,
+                            help="most logprobs (top_logprobs, prompt_logprobs) a request may ask for; -1: no "
+                                 "cap (default: %(default)s)")
         return parser
 
     @classmethod
