@@ -27,6 +27,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", type=str, default=os.environ.get("ATOM_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on the API (default: $ATOM_API_KEY)")
     p.add_argument("--uvicorn-log-level", type=str, default="info", choices=UVICORN_LOG_LEVELS)
+    from atom_server.serving.server_args import ServerLimits
+
+    ServerLimits.add_cli_args(p)
     p.set_defaults(func=run_serve)
     return p
 
@@ -60,6 +63,9 @@ def _engine_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Eng
     if not 0 < ns.port < 65536:
         parser.error(f"--port must be in 1..65535, got {ns.port}")
     try:
+        from atom_server.serving.server_args import ServerLimits
+
+        ns.server_limits = ServerLimits.from_cli_args(ns)
         return EngineArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
@@ -81,7 +87,7 @@ def run_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logger.info("starting the engine for %s", args.model)
     try:
         return asyncio.run(serve(args, host=ns.host, port=ns.port, api_key=ns.api_key,
-                                 uvicorn_log_level=ns.uvicorn_log_level))
+                                 uvicorn_log_level=ns.uvicorn_log_level, limits=ns.server_limits))
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, OSError, ValueError) as e:  # start-up failures: the engine or the tokenizer

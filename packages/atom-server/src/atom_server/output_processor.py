@@ -82,7 +82,7 @@ class ProcessedOutputs:
     stop: dict[str, list[int]] = field(default_factory=dict)  # request id -> sequences a stop string ended
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why the engine failed it (its
     # output, with finish_reason "error" on the sequences it cut short, is in outputs too)
-    finished: list[str] = field(default_factory=list)  # requests that ended in this batch of outputs
+    finished: dict[str, str | None] = field(default_factory=dict)  # requests that ended: first sequence's reason
     new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens received (all sequences)
 
 
@@ -138,7 +138,7 @@ class OutputProcessor:
                         seq.finish_reason = "error"
                 del self.requests[req.request_id]
                 result.errors[req.request_id] = out.error
-                result.finished.append(req.request_id)
+                result.finished[req.request_id] = "error"
                 result.outputs.append(self._cumulative(req) if req.kind is not OutputKind.DELTA else
                                       self._delta(req) or self._request_output(req, [], None))
                 continue
@@ -155,7 +155,7 @@ class OutputProcessor:
             finished = req.finished
             if finished:
                 del self.requests[req.request_id]
-                result.finished.append(req.request_id)
+                result.finished[req.request_id] = req.seqs[0].finish_reason
             ro = self._report(req, finished, bool(new))
             if ro is not None:
                 result.outputs.append(ro)

@@ -1,13 +1,22 @@
 """Request bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extra sampling fields).
-Unknown fields are ignored, as vLLM does; ranges are checked here so errors name the field."""
+Unknown fields are ignored, as vLLM does; ranges are checked here so errors name the field. Every integer is
+bounded to int64 and every float must be finite (JSON's NaN/Infinity are refused), so no value reaches the
+engine's tensors unchecked."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_LOGPROBS = 20
+from atom_server.sampling_params import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]  # range against the vocabulary: checked later
+
+
+def _int(default, *, ge: int = INT64_MIN, le: int = INT64_MAX, **kw):
+    return Field(default, ge=ge, le=le, **kw)
 
 
 def _refuse_if_set(value, info, what: str | None = None):
@@ -18,7 +27,7 @@ def _refuse_if_set(value, info, what: str | None = None):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -27,16 +36,16 @@ class StreamOptions(_Body):
 
 class _SamplingFields(_Body):
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = _int(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = _int(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = _int(None)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = _int(0, ge=0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -48,7 +57,7 @@ class _SamplingFields(_Body):
     # Accepted by OpenAI/vLLM but not implemented here: a request that sets them gets a 400 naming the
     # field rather than an answer that silently ignores what it asked for.
     logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    best_of: int | None = _int(None)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -78,13 +87,13 @@ class _SamplingFields(_Body):
         return value
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = _int(16, ge=1)
+    logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     echo: bool = False
     add_special_tokens: bool = True
     suffix: str | None = None
@@ -101,17 +110,18 @@ class TextPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... go to the chat template as given
+    # tool_calls, name, ... go to the chat template as given
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # null (or absent) is an empty turn, as vLLM
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = _int(None, ge=1)
+    max_completion_tokens: int | None = _int(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -146,5 +156,5 @@ class TokenizeChatRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
