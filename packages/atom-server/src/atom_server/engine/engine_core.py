@@ -284,8 +284,7 @@ class EngineCore:
         results = self._execute_isolated(batch, report)
         self.scheduler.commit(batch)
         requests = self.requests
-        for res in results:
-            seq = res.seq
+        for seq, res in results:
             if seq.is_finished:  # its request failed in this step
                 continue
             req = requests[seq.request_id]
@@ -299,35 +298,51 @@ class EngineCore:
                 seq.append_token(res.token_id)
                 self._append(seq, res.token_id, res.logprobs, report)
 
-    def _execute_isolated(self, batch: ScheduledBatch, report: _StepReport) -> list[SeqStepResult]:
-        """runner.execute(batch); when it raises (and the device is fine), the batch is run again in halves
-        until the failing requests are found: they are failed, the others' results come back as usual."""
-        snapshots = [(s, s.generator, s.generator.get_state()) for s in batch.seqs if s.generator is not None]
+    # The two places that touch the runner for a synchronous step: running a batch, and the seeded generators'
+    # state (a failed attempt may have drawn from them).
+    def _execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, SeqStepResult]]:
+        return [(res.seq, res) for res in self.runner.execute(batch)]
+
+    def _generator_states(self, batch: ScheduledBatch):
+        """A function that puts the seeded generators of some of batch's sequences back as they are now."""
+        saved = {s.seq_id: (s.generator, s.generator.get_state()) for s in batch.seqs if s.generator is not None}
+
+        def restore(seqs: list[Sequence]) -> None:
+            for seq in seqs:
+                if seq.seq_id in saved:
+                    generator, state = saved[seq.seq_id]
+                    seq.generator = generator  # (the runner may have swapped in a device generator)
+                    generator.set_state(state)
+
+        return restore
+
+    def _execute_isolated(self, batch: ScheduledBatch, report: _StepReport) -> list[tuple[Sequence, SeqStepResult]]:
+        """Run the batch; when that raises (and the device is fine), run it again in halves until the failing
+        requests are found: they are failed, the others' results come back as usual. Seeded draws come out
+        as if the failed attempts never happened."""
+        restore = self._generator_states(batch)
         try:
-            return self.runner.execute(batch)
+            return self._execute(batch)
         except Exception as e:
             if is_device_fatal(e):
                 raise
             logger.warning("a step of %d sequences failed (%s: %s); finding the request that caused it",
                            len(batch.seqs), type(e).__name__, e)
-        results: list[SeqStepResult] = []
+        results: list[tuple[Sequence, SeqStepResult]] = []
         groups = [list(range(len(batch.seqs)))]
         while groups:
             rows = [i for i in groups.pop() if not batch.seqs[i].is_finished]
             if not rows:
                 continue
             sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
-            for seq, generator, state in snapshots:  # seeded draws as if the failed attempt never happened
-                if seq in sub.seqs:
-                    seq.generator = generator
-                    generator.set_state(state)
+            restore(sub.seqs)
             try:
-                results.extend(self.runner.execute(sub))
+                results.extend(self._execute(sub))
             except Exception as e:
                 if is_device_fatal(e):
                     raise
                 if len(rows) == 1:
-                    self._fail(self.requests[batch.seqs[rows[0]].request_id], e, report)
+                    self._fail(self.requests[sub.seqs[0].request_id], e, report)
                 else:
                     half = len(rows) // 2
                     groups += [rows[half:], rows[:half]]

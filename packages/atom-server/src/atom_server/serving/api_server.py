@@ -303,6 +303,8 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
         logger.info("HTTP server stopped; stopping the engine")
         code = await client.shutdown()
         await templates.close()
+        if state.request_templates is not None:
+            await state.request_templates.close()
         state.preprocess.close()
         logger.info("engine process exited with code %s", code)
     if state.exit_code:

@@ -53,7 +53,8 @@ class ServerState:
     api_key: str | None = None
     limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
     preprocess: Preprocessor | None = None
-    templates: ChatTemplateRenderer | None = None
+    templates: ChatTemplateRenderer | None = None  # the model's own chat template
+    request_templates: ChatTemplateRenderer | None = None  # templates sent in requests (trusted servers only)
     shutting_down: bool = False
     exit_code: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -63,6 +64,10 @@ class ServerState:
             self.preprocess = Preprocessor(self.tokenizer)
         if self.templates is None:
             self.templates = ChatTemplateRenderer(timeout_s=self.limits.chat_template_timeout)
+        if self.request_templates is None and self.limits.trust_request_chat_template:
+            # Their own worker, started on first use: a slow request template cannot hold up everyone else's
+            # chat requests, which render the model's template in the other pool.
+            self.request_templates = ChatTemplateRenderer(num_workers=1, timeout_s=self.limits.chat_template_timeout)
 
 
 class ServingContext:
@@ -196,7 +201,8 @@ class ServingContext:
             raise bad_request("the tokenizer has no chat template; pass chat_template "
                               "(with --trust-request-chat-template)", param="messages") from e
         try:
-            return await self.state.templates.render(
+            renderer = self.state.templates if template is None else self.state.request_templates
+            return await renderer.render(
                 source, dicts, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
                 kwargs={**self.special_tokens, **template_kwargs})
         except TemplateError as e:

@@ -54,6 +54,10 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, num_prompt_tokens: int):
         self.m = metrics
         self.arrival = time.monotonic()
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_generated = 0  # tokens over all of the request's sequences
+        self.num_token_steps = 0  # engine steps that brought tokens
+        self.first_token_at: float | None = None
         self.last: float | None = None
         self.done = False
         metrics.prompt_tokens.inc(num_prompt_tokens)
@@ -64,9 +68,12 @@ class RequestTracker:
         self.m.generation_tokens.inc(num_new)
         if self.last is None:
             self.m.ttft.observe(now - self.arrival)
+            self.first_token_at = now
         else:
             self.m.itl.observe(now - self.last)
         self.last = now
+        self.num_generated += num_new
+        self.num_token_steps += 1
 
     def on_finish(self, reason: str | None) -> None:
         if not self.done:
