@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from atom_server.outputs import EngineCoreOutput, PositionLogprobs, SequenceDelta
+from atom_server.outputs import EngineCoreOutputs, PositionLogprobs
 from atom_server.sampling_params import SamplingParams
 from atom_server.serving import wire
 
 
 def _step(i: int, finished: bool = False) -> wire.EngineOutputs:
-    lp = PositionLogprobs(100 + i, -0.25 * i, 1, [100 + i, 7], [-0.25 * i, -9.0])
-    return wire.EngineOutputs([EngineCoreOutput(
-        "req-1", [SequenceDelta(0, [100 + i], [lp], "length" if finished else None),
-                  SequenceDelta(1, [200 + i], None)], finished=finished, num_cached_tokens=16)])
+    out = EngineCoreOutputs()
+    row = out.add("req-1", 0, 100 + i)
+    out.logprobs[row] = PositionLogprobs(100 + i, -0.25 * i, 1, [100 + i, 7], [-0.25 * i, -9.0])
+    out.add("req-1", 1, 200 + i)
+    if finished:
+        out.finish(row, "length", None)
+    return wire.EngineOutputs(out)
 
 
 def test_engine_outputs_round_trip_and_carry_only_new_tokens():

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from atom_server.engine.detokenizer import IncrementalDetokenizer
 from atom_server.outputs import (
     CompletionOutput,
-    EngineCoreOutput,
+    EngineCoreOutputs,
     Logprob,
     PositionLogprobs,
     RequestOutput,
-    SequenceDelta,
     TokenLogprobs,
 )
 from atom_server.sampling_params import SamplingParams
@@ -71,9 +70,19 @@ class _Request:
     num_cached_tokens: int = 0
     sent_prompt_logprobs: bool = False
 
+    unfinished: int = -1  # sequences without a finish reason yet
+
+    def __post_init__(self) -> None:
+        self.unfinished = len(self.seqs)
+
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+        return self.unfinished == 0
+
+    def finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:
+        if seq.finish_reason is None:
+            self.unfinished -= 1
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
 
 
 @dataclass
@@ -83,7 +92,6 @@ class ProcessedOutputs:
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why the engine failed it (its
     # output, with finish_reason "error" on the sequences it cut short, is in outputs too)
     finished: dict[str, str | None] = field(default_factory=dict)  # requests that ended: first sequence's reason
-    new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens received (all sequences)
 
 
 class OutputProcessor:
@@ -117,88 +125,99 @@ class OutputProcessor:
             return None
         for s in req.seqs:
             if s.finish_reason is None:
-                s.finish_reason = "abort"
+                req.finish(s, "abort")
         return self._cumulative(req) if req.kind is not OutputKind.DELTA else self._delta(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     # ---- engine outputs ------------------------------------------------------------------------
-    def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+    def process(self, step: EngineCoreOutputs) -> ProcessedOutputs:
         result = ProcessedOutputs()
-        now = time.monotonic()
-        for out in core_outputs:
-            req = self.requests.get(out.request_id)
+        requests = self.requests
+        for rid, error in step.errors.items():  # the engine failed it: the error, and what it had made so far
+            req = requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if seq.finish_reason is None:
+                    req.finish(seq, "error")
+            result.errors[rid] = error
+            result.finished[rid] = "error"
+            result.outputs.append(self._cumulative(req) if req.kind is not OutputKind.DELTA else
+                                  self._delta(req) or self._request_output(req, [], None))
+        for rid, entries in step.prompt_logprobs.items():
+            req = requests.get(rid)
+            if req is not None and req.prompt_logprobs is not None:
+                req.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
+        for rid, cached in step.num_cached_tokens.items():
+            req = requests.get(rid)
+            if req is not None:
+                req.num_cached_tokens = cached
+        finishes = (dict(zip(step.finish_rows, zip(step.finish_reasons, step.stop_token_ids)))
+                    if step.finish_rows else None)
+        logprobs = step.logprobs or None
+        touched: dict[str, _Request] = {}
+        for row, (rid, index, token) in enumerate(zip(step.request_ids, step.seq_indices, step.token_ids)):
+            req = requests.get(rid)
             if req is None:  # aborted or finished here already: late tokens are dropped
                 continue
-            req.num_cached_tokens = out.num_cached_tokens
-            if out.error is not None:  # the engine failed it: the error, and what it had made so far
-                for seq in req.seqs:
-                    if seq.finish_reason is None:
-                        seq.finish_reason = "error"
-                del self.requests[req.request_id]
-                result.errors[req.request_id] = out.error
-                result.finished[req.request_id] = "error"
-                result.outputs.append(self._cumulative(req) if req.kind is not OutputKind.DELTA else
-                                      self._delta(req) or self._request_output(req, [], None))
+            seq = req.seqs[index]
+            if seq.finish_reason is not None:  # a stop string ended it here; this one was in flight
                 continue
-            if out.prompt_logprobs and req.prompt_logprobs is not None:
-                req.prompt_logprobs.extend(self._logprob_dict(e) if e is not None else None
-                                           for e in out.prompt_logprobs)
-            new = 0
-            for delta in out.seqs:
-                new += self._add(req, req.seqs[delta.index], delta, result)
-            if new:
-                result.new_tokens[req.request_id] = new
-                if req.first_token_mono is None:
-                    req.first_token_mono = now
-            finished = req.finished
+            touched[rid] = req
+            lp = logprobs.get(row) if logprobs else None
+            finish = finishes.get(row) if finishes else None
+            if seq.detok is None and lp is None and finish is None:  # token ids only: nothing else to do
+                seq.token_ids.append(token)
+            else:
+                self._add(req, seq, token, lp, finish, result)
+        now = time.monotonic()
+        for rid, req in touched.items():
+            if req.first_token_mono is None:
+                req.first_token_mono = now
+            finished = req.unfinished == 0
             if finished:
-                del self.requests[req.request_id]
-                result.finished[req.request_id] = req.seqs[0].finish_reason
-            ro = self._report(req, finished, bool(new))
-            if ro is not None:
-                result.outputs.append(ro)
+                del requests[rid]
+                result.finished[rid] = req.seqs[0].finish_reason
+            elif req.kind is OutputKind.FINAL_ONLY:
+                continue
+            out = self._report(req, finished)
+            if out is not None:
+                result.outputs.append(out)
         return result
 
-    def _add(self, req: _Request, seq: _Seq, delta: SequenceDelta, result: ProcessedOutputs) -> int:
-        """Take a sequence's new tokens; returns how many it took."""
-        if seq.finish_reason is not None:  # a stop string ended it here; these were in flight
-            return 0
-        p = req.params
-        ids = delta.token_ids
-        last = len(ids) - 1
-        taken = 0
-        for i, token in enumerate(ids):
-            taken += 1
-            seq.token_ids.append(token)
-            lp = delta.logprobs[i] if delta.logprobs is not None else None
-            if lp is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_dict(lp))
-                seq.cumulative_logprob += lp.logprob
-            engine_finish = delta.finish_reason if i == last else None
-            stop_str = None
-            if seq.detok is not None:
-                # The text of an EOS / stop token is left out unless asked for (as vLLM).
-                by_token = engine_finish == "stop"
-                stop_str = seq.detok.add_token(token, detokenize=not by_token or p.include_stop_str_in_output)
-                if stop_str is None and engine_finish is not None:
-                    stop_str = seq.detok.flush()
+    def _add(self, req: _Request, seq: _Seq, token: int, lp: PositionLogprobs | None,
+             finish: tuple[str, int | None] | None, result: ProcessedOutputs) -> None:
+        """One new token of a running sequence: text, stop strings, the engine's finish."""
+        seq.token_ids.append(token)
+        if lp is not None and seq.logprobs is not None:
+            seq.logprobs.append(self._logprob_dict(lp))
+            seq.cumulative_logprob += lp.logprob
+        detok = seq.detok
+        if detok is not None:
+            p = req.params
+            # The text of an EOS / stop token is left out unless asked for (as vLLM).
+            by_token = finish is not None and finish[0] == "stop"
+            stop_str = detok.add_token(token, detokenize=not by_token or p.include_stop_str_in_output)
+            if stop_str is None and finish is not None:
+                stop_str = detok.flush()
             if stop_str is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop_str
-                if engine_finish is None:  # the engine does not know yet: stop it there
+                req.finish(seq, "stop", stop_str)
+                if finish is None:  # the engine does not know yet: stop it there
                     result.stop.setdefault(req.request_id, []).append(seq.index)
-                break
-            if engine_finish is not None:
-                seq.finish_reason, seq.stop_reason = engine_finish, delta.stop_reason
-        return taken
+                return
+        if finish is not None:
+            req.finish(seq, finish[0], finish[1])
 
     # ---- RequestOutputs ------------------------------------------------------------------------
-    def _report(self, req: _Request, finished: bool, has_new: bool) -> RequestOutput | None:
-        if req.kind is OutputKind.FINAL_ONLY:
+    def _report(self, req: _Request, finished: bool) -> RequestOutput | None:
+        """The output of a request that took tokens in this step, in the kind it asked for."""
+        kind = req.kind
+        if kind is OutputKind.FINAL_ONLY:
             return self._cumulative(req) if finished else None
-        if req.kind is OutputKind.CUMULATIVE:
-            return self._cumulative(req) if finished or has_new else None
+        if kind is OutputKind.CUMULATIVE:
+            return self._cumulative(req)
         return self._delta(req)
 
     def _metrics(self, req: _Request) -> dict[str, float]:

@@ -65,21 +65,31 @@ class PositionLogprobs(msgspec.Struct, array_like=True):
     top_logprobs: list[float]
 
 
-class SequenceDelta(msgspec.Struct, array_like=True):
-    """What one sequence (one of a request's n) produced since its last report."""
+class EngineCoreOutputs(msgspec.Struct, array_like=True):
+    """What one engine step produced, column-wise (a decode step of a large batch costs a few list appends
+    per sequence, not an object each). Row i: sequence seq_indices[i] of request request_ids[i] took token
+    token_ids[i]; a sequence may take two tokens in one step (an async step resolved, then a new one)."""
 
-    index: int
-    token_ids: list[int]
-    logprobs: list[PositionLogprobs | None] | None = None
-    # "stop" (an EOS or stop token: the last id), "length", "abort"; None while running
-    finish_reason: str | None = None
-    stop_reason: int | None = None  # the stop token id when stop_token_ids ended it
+    request_ids: list[str] = []
+    seq_indices: list[int] = []
+    token_ids: list[int] = []
+    # rows whose token ended the sequence: "stop" (an EOS or stop token; the stop token id when stop_token_ids
+    # ended it) or "length"
+    finish_rows: list[int] = []
+    finish_reasons: list[str] = []
+    stop_token_ids: list[int | None] = []
+    logprobs: dict[int, PositionLogprobs] = {}  # row -> logprobs (requests that asked for them)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = {}  # request id -> entries new in this step
+    num_cached_tokens: dict[str, int] = {}  # request id -> prompt tokens its admission found cached
+    errors: dict[str, str] = {}  # request id -> why the engine failed it (it is forgotten)
 
+    def add(self, request_id: str, index: int, token: int) -> int:
+        self.request_ids.append(request_id)
+        self.seq_indices.append(index)
+        self.token_ids.append(token)
+        return len(self.token_ids) - 1
 
-class EngineCoreOutput(msgspec.Struct, array_like=True):
-    request_id: str
-    seqs: list[SequenceDelta]
-    finished: bool = False  # every sequence of the request is done; the engine has forgotten it
-    prompt_logprobs: list[PositionLogprobs | None] | None = None  # entries new since the last report
-    num_cached_tokens: int = 0
-    error: str | None = None  # the engine failed this request (finished is True); the reason, for the log
+    def finish(self, row: int, reason: str, stop_token: int | None) -> None:
+        self.finish_rows.append(row)
+        self.finish_reasons.append(reason)
+        self.stop_token_ids.append(stop_token)

@@ -1,8 +1,8 @@
 """The engine core: token ids in, token ids out, one model step at a time.
 
-It owns the model runner, the KV-cache block manager and the scheduler. Each step reports, per request,
-only what is new: the token ids (and logprobs) each sequence produced and whether it finished by an EOS or
-stop token or by length. Text, stop strings and accumulation are the output processor's job (in the API
+It owns the model runner, the KV-cache block manager and the scheduler. Each step reports only what is
+new: the token ids (and logprobs) each sequence produced and whether it finished by an EOS or stop token or
+by length (`EngineCoreOutputs`, column-wise). Text, stop strings and accumulation are the output processor's job (in the API
 process for the server, in-process for the offline `LLM`); it stops a sequence whose text hit a stop string
 with `stop_sequences`.
 
@@ -27,7 +27,7 @@ from atom_server.engine.decode_pipeline import DecodePipeline
 from atom_server.engine.model_runner import ModelRunner, SeqStepResult, TokenLogprobsRaw
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
-from atom_server.outputs import EngineCoreOutput, PositionLogprobs, SequenceDelta
+from atom_server.outputs import EngineCoreOutputs, PositionLogprobs
 from atom_server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -95,30 +95,6 @@ class CoreRequest:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-
-class _StepReport:
-    """The EngineCoreOutputs one step builds: one per request it touched, one delta per sequence."""
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, EngineCoreOutput] = {}
-        self._deltas: dict[tuple[str, int], SequenceDelta] = {}
-
-    def request(self, req: CoreRequest) -> EngineCoreOutput:
-        out = self.outputs.get(req.request_id)
-        if out is None:
-            out = EngineCoreOutput(req.request_id, [], num_cached_tokens=req.seqs[0].num_cached_tokens)
-            self.outputs[req.request_id] = out
-        return out
-
-    def sequence(self, req: CoreRequest, seq: Sequence) -> SequenceDelta:
-        key = (req.request_id, seq.index)
-        delta = self._deltas.get(key)
-        if delta is None:
-            delta = SequenceDelta(seq.index, [], [] if seq.params.logprobs is not None else None)
-            self._deltas[key] = delta
-            self.request(req).seqs.append(delta)
-        return delta
 
 
 def _position_logprobs(raw: TokenLogprobsRaw) -> PositionLogprobs:
@@ -246,21 +222,19 @@ class EngineCore:
                 self.scheduler.finish(seq)
                 seq.finish_reason = reason
 
-    def _fail(self, req: CoreRequest, error: BaseException, report: _StepReport) -> None:
+    def _fail(self, req: CoreRequest, error: BaseException, report: EngineCoreOutputs) -> None:
         logger.error("request %s failed and was aborted (the engine goes on): %s: %s", req.request_id,
                      type(error).__name__, error, exc_info=error)
         self.num_failed_requests += 1
         self._finish_all(req, "abort")
         self.requests.pop(req.request_id, None)
-        out = report.request(req)
-        out.finished = True
-        out.error = f"{type(error).__name__}: {error}"
+        report.errors[req.request_id] = f"{type(error).__name__}: {error}"
 
     # ---- one step ------------------------------------------------------------------------------
-    def step(self) -> list[EngineCoreOutput]:
-        """One model step; returns what is new for each request it touched. With async scheduling a greedy
+    def step(self) -> EngineCoreOutputs:
+        """One model step; returns what is new (every token any sequence took). With async scheduling a greedy
         decode step is launched here and its tokens are reported by the next call (see DecodePipeline)."""
-        report = _StepReport()
+        report = EngineCoreOutputs()
         batch = self.scheduler.schedule()
         prev = self.pipeline.take_inflight()
         launched = None
@@ -278,9 +252,9 @@ class EngineCore:
         elif batch.seqs:
             self._run_sync(batch, report)
         self.num_steps += 1
-        return list(report.outputs.values())
+        return report
 
-    def _run_sync(self, batch: ScheduledBatch, report: _StepReport) -> None:
+    def _run_sync(self, batch: ScheduledBatch, report: EngineCoreOutputs) -> None:
         results = self._execute_isolated(batch, report)
         self.scheduler.commit(batch)
         requests = self.requests
@@ -289,10 +263,8 @@ class EngineCore:
                 continue
             req = requests[seq.request_id]
             if res.prompt_logprobs:
-                out = report.request(req)
-                if out.prompt_logprobs is None:
-                    out.prompt_logprobs = []
-                out.prompt_logprobs.extend(_position_logprobs(e) for e in res.prompt_logprobs)
+                report.prompt_logprobs.setdefault(req.request_id, []).extend(
+                    _position_logprobs(e) for e in res.prompt_logprobs)
                 seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
             if res.token_id is not None:
                 seq.append_token(res.token_id)
@@ -301,7 +273,7 @@ class EngineCore:
     # The two places that touch the runner for a synchronous step: running a batch, and the seeded generators'
     # state (a failed attempt may have drawn from them).
     def _execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, SeqStepResult]]:
-        return [(res.seq, res) for res in self.runner.execute(batch)]
+        return list(zip(batch.seqs, self.runner.execute(batch)))  # the runner answers in batch order
 
     def _generator_states(self, batch: ScheduledBatch):
         """A function that puts the seeded generators of some of batch's sequences back as they are now."""
@@ -316,7 +288,7 @@ class EngineCore:
 
         return restore
 
-    def _execute_isolated(self, batch: ScheduledBatch, report: _StepReport) -> list[tuple[Sequence, SeqStepResult]]:
+    def _execute_isolated(self, batch: ScheduledBatch, report: EngineCoreOutputs) -> list[tuple[Sequence, SeqStepResult]]:
         """Run the batch; when that raises (and the device is fine), run it again in halves until the failing
         requests are found: they are failed, the others' results come back as usual. Seeded draws come out
         as if the failed attempts never happened."""
@@ -348,31 +320,38 @@ class EngineCore:
                     groups += [rows[half:], rows[:half]]
         return results
 
-    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobsRaw | None, report: _StepReport) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobsRaw | None,
+                report: EngineCoreOutputs) -> None:
         """Report a token the sequence just took (already in seq.token_ids) and finish it on an EOS or stop
-        token (from min_tokens on) or at its length limit."""
-        req = self.requests[seq.request_id]
-        delta = report.sequence(req, seq)
-        delta.token_ids.append(token)
-        if delta.logprobs is not None:
-            delta.logprobs.append(_position_logprobs(logprobs) if logprobs is not None else None)
+        token (from min_tokens on) or at its length limit. (The hot path of a decode step: kept lean.)"""
+        rid = seq.request_id
+        report.request_ids.append(rid)
+        report.seq_indices.append(seq.index)
+        tokens = report.token_ids
+        tokens.append(token)
+        row = len(tokens) - 1
+        if logprobs is not None:
+            report.logprobs[row] = _position_logprobs(logprobs)
+        num_out = len(seq.token_ids) - seq.prompt_len
+        if num_out == 1:
+            report.num_cached_tokens[rid] = seq.num_cached_tokens
         reason = stop_token = None
-        num_out = seq.num_output_tokens
-        if num_out >= seq.params.min_tokens:
+        params = seq.params
+        if num_out >= params.min_tokens:
             if token in seq.eos_ids:
                 reason = "stop"
-            elif token in req.stop_token_ids:
+            elif params.stop_token_ids and token in self.requests[rid].stop_token_ids:
                 reason, stop_token = "stop", token
-        if reason is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (num_out >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
         if reason is None:
             return
         seq.finish_reason, seq.stop_reason = reason, stop_token
         self.scheduler.finish(seq)
-        delta.finish_reason, delta.stop_reason = reason, stop_token
+        report.finish(row, reason, stop_token)
+        req = self.requests[rid]
         if req.finished:
-            report.request(req).finished = True
-            del self.requests[req.request_id]
+            del self.requests[rid]
 
     # ---- introspection -------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -22,7 +23,7 @@ import zmq.asyncio
 
 from atom_server.config import EngineArgs
 from atom_server.output_processor import OutputKind, OutputProcessor
-from atom_server.outputs import CompletionOutput, RequestOutput
+from atom_server.outputs import CompletionOutput, EngineCoreOutputs, RequestOutput
 from atom_server.sampling_params import SamplingParams
 from atom_server.serving import wire
 from atom_server.serving.engine_proc import ENGINE_ARGS_ENV
@@ -329,13 +330,13 @@ class EngineClient:
         elif isinstance(msg, wire.EngineFailed):
             self._mark_dead(f"engine failed: {msg.message}")
 
-    def _on_outputs(self, outputs) -> None:
+    def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
         processed = self.processor.process(outputs)
         if processed.stop:
             self._send_quiet(wire.StopSequences(processed.stop))
         streams = self._streams
         now = time.monotonic()
-        for rid, n in processed.new_tokens.items():
+        for rid, n in Counter(outputs.request_ids).items():
             stream = streams.get(rid)
             if stream is not None:
                 stream.track.on_tokens(n, now)

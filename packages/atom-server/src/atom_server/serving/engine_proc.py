@@ -132,7 +132,7 @@ class EngineCoreProc:
                 self.num_steps += 1
                 if elapsed > self.longest_step_s:
                     self.longest_step_s = elapsed
-                if outputs:
+                if outputs.token_ids or outputs.errors or outputs.prompt_logprobs:
                     self._send(wire.EngineOutputs(outputs))
                 self.stats = self._stats()
         self.stats = self._stats()

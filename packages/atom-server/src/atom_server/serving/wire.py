@@ -1,7 +1,7 @@
 """Messages between the API server and the engine process: msgspec (msgpack) structs, never pickle.
 
-The engine sends token ids only (EngineCoreOutput: what each sequence produced since the last step); the
-API server's output processor turns them into text. Heartbeats come from a thread of their own in the
+The engine sends token ids only (EngineCoreOutputs: the tokens each sequence took in a step, column-wise);
+the API server's output processor turns them into text. Heartbeats come from a thread of their own in the
 engine process, so a long step does not silence them; they carry the step progress the API server's
 liveness check needs.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from atom_server.outputs import EngineCoreOutput
+from atom_server.outputs import EngineCoreOutputs
 from atom_server.sampling_params import SamplingParams
 
 
@@ -48,7 +48,7 @@ class EngineReady(msgspec.Struct, tag="ready"):
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):
-    outputs: list[EngineCoreOutput]
+    outputs: EngineCoreOutputs
 
 
 class RequestFailed(msgspec.Struct, tag="error"):
