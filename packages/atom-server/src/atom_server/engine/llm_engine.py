@@ -18,6 +18,7 @@ from atom_server.engine.detokenizer import IncrementalDetokenizer
 from atom_server.engine.model_runner import DecodeLaunch, ModelRunner, TokenLogprobsRaw
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
+from atom_server.engine.step_input import StepInputBuilder
 from atom_server.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from atom_server.sampling_params import SamplingParams
 
@@ -106,6 +107,7 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)
+        self.step_inputs = StepInputBuilder(self.scheduler)
         self.kv_capacity_tokens = self.runner.num_blocks * args.block_size
         self.requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # aborted requests, reported at the next step
@@ -185,7 +187,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None
         if prev is not None and batch.seqs and self.runner.can_launch_async(batch):
-            launched = self.runner.launch_decode(batch.seqs, prev)
+            launched = self._launch(batch, prev)
         if prev is not None:
             self._resolve(prev, outputs)
         if launched is not None:
@@ -197,22 +199,26 @@ class LLMEngine:
         if not batch.seqs:
             return outputs
         if self.async_scheduling and self.runner.can_launch_async(batch):
-            self._start_inflight(batch, self.runner.launch_decode(batch.seqs, None))
+            self._start_inflight(batch, self._launch(batch, None))
             return outputs
-        results = self.runner.execute(batch)
+        results = self.runner.execute(self.step_inputs.build(batch))
         self.scheduler.commit(batch)
         touched: dict[str, RequestState] = {}
         requests = self.requests
-        for res in results:
-            state = requests[res.seq.request_id]
+        for seq, res in zip(batch.seqs, results):
+            state = requests[seq.request_id]
             if res.prompt_logprobs:
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in res.prompt_logprobs)
-                res.seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
+                seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
             if res.token_id is not None:
-                self._append(state, res.seq, res.token_id, res.logprobs)
+                self._append(state, seq, res.token_id, res.logprobs)
                 touched[state.request_id] = state
         self._report(touched, outputs)
         return outputs
+
+    def _launch(self, batch: ScheduledBatch, prev: DecodeLaunch | None) -> DecodeLaunch:
+        step = self.step_inputs.build(batch, prev.rows if prev is not None else None)
+        return DecodeLaunch(batch.seqs, dict(zip(step.seq_ids, range(step.num_rows))), self.runner.launch_decode(step))
 
     def _start_inflight(self, batch: ScheduledBatch, launch: DecodeLaunch) -> None:
         self.scheduler.commit(batch)  # skips sequences that finished while this step was being launched
@@ -229,7 +235,7 @@ class LLMEngine:
         """Read a launched step's tokens into its sequences (those finished meanwhile drop theirs)."""
         touched: dict[str, RequestState] = {}
         requests = self.requests
-        for seq, token in zip(launch.seqs, self.runner.collect(launch)):
+        for seq, token in zip(launch.seqs, self.runner.collect(launch.ticket, len(launch.seqs))):
             if seq.is_finished or not seq.pending:
                 continue
             state = requests[seq.request_id]
