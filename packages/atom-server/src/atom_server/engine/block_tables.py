@@ -60,8 +60,8 @@ class BlockTables:
 
     def slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Cache slot of each position (rows[i] is the table row of positions[i])."""
-        bs = self.block_size
-        return self.table[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        size = self.block_size
+        return self.table[rows, positions // size].astype(np.int64) * size + positions % size
 
     def _take_row(self) -> int:
         if not self._free_rows:

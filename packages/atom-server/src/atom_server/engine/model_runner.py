@@ -73,17 +73,24 @@ def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def kv_blocks_needed(block_size: int, max_model_len: int, max_num_seqs: int) -> int:
+    """Blocks that max_num_seqs sequences of max_model_len tokens could ever use."""
+    return max_num_seqs * -(-max_model_len // block_size)
+
+
 def kv_blocks_for_budget(block_bytes: int, budget: int, block_size: int, max_model_len: int,
                          max_num_seqs: int) -> int:
-    """Blocks a KV budget buys (block_bytes: one block of every layer), capped at what max_num_seqs
-    sequences of max_model_len tokens could ever use."""
-    needed = max_num_seqs * -(-max_model_len // block_size)
-    return min(budget // block_bytes, needed)
+    """Blocks a KV budget buys (block_bytes: one block of every layer), capped at what can be used."""
+    return min(budget // block_bytes, kv_blocks_needed(block_size, max_model_len, max_num_seqs))
 
 
-def cpu_kv_budget(bytes_per_token: int, max_model_len: int, max_num_seqs: int, host_bytes: int) -> int:
-    """Default KV budget on CPU: max_num_seqs full-length sequences, at most CPU_KV_HOST_FRACTION of the host."""
-    return min(bytes_per_token * max_model_len * max_num_seqs, int(CPU_KV_HOST_FRACTION * host_bytes))
+def cpu_kv_budget(block_bytes: int, block_size: int, max_model_len: int, max_num_seqs: int,
+                  host_bytes: int) -> int:
+    """Default KV budget on CPU: what max_num_seqs full-length sequences need, capped at
+    CPU_KV_HOST_FRACTION of the host's memory but never below one full-length sequence."""
+    one_seq = block_bytes * kv_blocks_needed(block_size, max_model_len, 1)
+    need = block_bytes * kv_blocks_needed(block_size, max_model_len, max_num_seqs)
+    return min(need, max(int(CPU_KV_HOST_FRACTION * host_bytes), one_seq))
 
 
 class ModelRunner:
@@ -142,12 +149,12 @@ class ModelRunner:
         if kv_cache_memory_bytes is not None:
             return kv_cache_memory_bytes
         if self.device.type == "cpu":
-            per_token = bytes_per_block(self.kv_specs, 1)
             host = _host_memory_bytes()
-            budget = cpu_kv_budget(per_token, self.max_model_len, self.max_num_seqs, host)
-            logger.info("KV cache on CPU: %.2f GiB = the smaller of max_num_seqs (%d) x max_model_len (%d) x "
-                        "%d bytes per token (%s) and %d%% of the host's %.1f GiB; set kv_cache_memory_bytes "
-                        "to choose", budget / GiB, self.max_num_seqs, self.max_model_len, per_token,
+            budget = cpu_kv_budget(self.block_bytes, self.block_size, self.max_model_len, self.max_num_seqs, host)
+            logger.info("KV cache on CPU: %.2f GiB, the smaller of max_num_seqs (%d) x max_model_len (%d) tokens "
+                        "at %d bytes per token (%s) and %d%% of the host's %.1f GiB (at least one full-length "
+                        "sequence); --kv-cache-memory-bytes sets it", budget / GiB, self.max_num_seqs,
+                        self.max_model_len, bytes_per_block(self.kv_specs, 1),
                         ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in self.kv_specs})),
                         round(100 * CPU_KV_HOST_FRACTION), host / GiB)
             return budget

@@ -102,8 +102,8 @@ class StepInput(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @property
     def is_decode(self) -> bool:
-        """Every row computes exactly one token, its last, and nothing scores the prompt."""
-        return len(self.token_ids) == len(self.seq_ids) and not self.prompt_logprobs
+        """Every row computes exactly one token, its last (so every row samples), and nothing scores the prompt."""
+        return len(self.token_ids) == len(self.seq_ids) and self.sample_rows is None and not self.prompt_logprobs
 
     def sampled_rows(self) -> list[int]:
         return list(range(len(self.seq_ids))) if self.sample_rows is None else self.sample_rows
