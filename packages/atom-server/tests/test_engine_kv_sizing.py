@@ -50,7 +50,7 @@ def test_block_count_from_a_budget_follows_each_spec_kind():
 
 def test_runner_allocates_and_binds_what_the_specs_say(ckpt):
     block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4  # float32
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=37 * block_bytes + 100)
+    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=37 * block_bytes + 100, device="cpu")
     runner = llm.llm_engine.runner
     assert [s.kind for s in runner.kv_specs] == ["full", "full"]
     assert runner.block_bytes == block_bytes and runner.num_blocks == 37
@@ -63,7 +63,7 @@ def test_runner_allocates_and_binds_what_the_specs_say(ckpt):
 
 def test_cpu_default_is_sized_from_the_model_and_the_limits(ckpt, caplog):
     with caplog.at_level(logging.INFO, logger="atom_server.engine.model_runner"):
-        llm = LLM(ckpt, dtype="bfloat16", block_size=BLOCK, max_model_len=64, max_num_seqs=3)
+        llm = LLM(ckpt, dtype="bfloat16", block_size=BLOCK, max_model_len=64, max_num_seqs=3, device="cpu")
     runner = llm.llm_engine.runner
     assert runner.block_bytes == LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2  # bf16, the model's dtype
     assert all(s.dtype == torch.bfloat16 for s in runner.kv_specs)

@@ -29,7 +29,7 @@ def test_step_inputs_round_trip_and_drive_a_second_runner(ckpt):
     kv_bytes = 20 * 2 * 2 * BLOCK * 2 * 16 * 4  # 20 blocks (80 tokens): preemptions below
     args = dict(block_size=BLOCK, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=12,
                 kv_cache_memory_bytes=kv_bytes)
-    llm = LLM(ckpt, **args)
+    llm = LLM(ckpt, device="cpu", **args)
     eng = llm.llm_engine
     sent: list[tuple[bytes, si.StepInput, list]] = []
     execute = eng.runner.execute
@@ -76,7 +76,7 @@ def _run(ckpt, prompts, params, monkeypatch, mode: str):
     monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off" if mode == "eager" else "static")
     monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "1" if mode == "async" else "0")
     llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=80, max_num_seqs=4, max_num_batched_tokens=4,
-              kv_cache_memory_bytes=1 << 20)
+              kv_cache_memory_bytes=1 << 20, device="cpu")
     eng = llm.llm_engine
     assert eng.async_scheduling == (mode == "async") and (eng.runner.graphs is None) == (mode == "eager")
     counts = {"replays": 0, "launches": 0, "one_token_chunks": 0}

@@ -130,6 +130,8 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
         self.graphs = None
         mode = os.environ.get("ATOM_DECODE_GRAPHS", "auto")
+        if mode not in ("auto", "off", "static"):
+            raise ValueError(f"ATOM_DECODE_GRAPHS must be auto, off or static, got {mode!r}")
         if mode == "static":  # the graphs' input plumbing without capture (any device; tests)
             self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                        block_size, capture=False)
@@ -202,9 +204,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[RowResult]:
-        rows = self._begin(step)
         if step.prev_rows is not None:
             raise ValueError("a step whose tokens come from an unread replay must be launched (launch_decode)")
+        rows = self._begin(step)
         if self.graphs is not None and step.is_decode and self.graphs.can_run(step.num_rows):
             return self._execute_decode_graph(step, rows)
         return self._execute_eager(step, rows)
@@ -227,10 +229,11 @@ class ModelRunner:
     def launch_decode(self, step: StepInput) -> int:
         """Start a greedy decode step (rows with prev_rows >= 0 take their token from the previous replay);
         returns a ticket for collect()."""
+        if self.graphs is None or not step.is_decode or step.sampling is not None:
+            raise ValueError("only greedy decode steps on the decode graphs can be launched ahead of reading "
+                             "their tokens")
         with torch.inference_mode():
             rows = self._begin(step)
-            if not step.is_decode or step.sampling is not None:
-                raise ValueError("only greedy decode steps can be launched ahead of reading their tokens")
             g = self.graphs
             n = step.num_rows
             _, greedy = g.replay(g.prepare(step, self.tables, rows), n)
@@ -248,7 +251,8 @@ class ModelRunner:
                                      rows)
         results = [RowResult() for _ in range(step.num_rows)]
         sample_rows = step.sampled_rows()
-        flat = (qsl[1:] - 1)[sample_rows].tolist() if step.sample_rows is not None else (qsl[1:] - 1).tolist()
+        last = qsl[1:] - 1  # each row's last new token
+        flat = (last if step.sample_rows is None else last[sample_rows]).tolist()
         for req in step.prompt_logprobs:
             flat.extend(range(req.first, req.first + len(req.targets)))
         if not flat:
