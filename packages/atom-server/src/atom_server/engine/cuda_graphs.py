@@ -12,8 +12,9 @@ whole step's input is a single non-blocking copy (the leading `last` field is wr
 id the host wrote (src = n + i) or the token that the previous graph replay sampled at row j (src = j),
 without the host ever seeing it (async scheduling: the next step is launched before this one is read).
 Block-table rows are written on the host only when a row's table changed (another sequence in the row, a
-replaced table, or more blocks: BlockTables' `state` tells), and only the changed rows are copied. One graph per padded batch size, captured with attention metadata covering max_model_len,
-so the same graph serves any context length; padding rows write nowhere (slot -1).
+replaced table, or more blocks: BlockTables' `state` tells), and only the changed rows are copied. One
+graph per padded batch size, captured with attention metadata covering max_model_len, so the same graph
+serves any context length; padding rows write nowhere (slot -1).
 
 The inputs come from a StepInput (step_input.py) and the runner's BlockTables; the attention metadata
 is made by the attention implementation's builder (`build_for_graph`, once per size, over the static

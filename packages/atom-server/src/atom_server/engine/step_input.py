@@ -14,9 +14,11 @@ Block tables are sent as deltas. The runner keeps each live sequence's table; a 
 what changed since the last step: a whole table when a sequence is new or its table was replaced
 (admission, readmission after a preemption), the appended tail when it grew, and the ids of the
 sequences that finished (their tables and generators are dropped; a preempted sequence keeps both
-until it is readmitted or finishes, so its seeded draws continue where they stopped). A decode step of 256 sequences then sends ~16 short
-tails instead of 256 full rows (up to max_model_len / block_size ids each): the full rows would cost
-more host time than the rest of the step's input together, and far more bytes on a TP broadcast.
+until it is readmitted or finishes, so its seeded draws continue where they stopped). The scheduler
+side learns what changed from the block manager (`take_changed`), so the cost is per change, not per row.
+A decode step of 256 sequences then sends a few short tails (one block id per sequence that crossed a
+block) instead of 256 full rows (up to max_model_len / block_size ids each): full rows would cost more
+host time than the rest of the step's input together, and far more bytes on a TP broadcast.
 The price is order: every runner must apply every StepInput once, in order (a broadcast gives that).
 
 Sampling inputs are sent only when some sampled row needs more than the greedy argmax (the decode
