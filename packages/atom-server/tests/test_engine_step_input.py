@@ -5,6 +5,7 @@ CPU without capture (ATOM_DECODE_GRAPHS=static) and gives the eager path's greed
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_checkpoint import write_tiny_llama
@@ -129,3 +130,27 @@ def test_graph_input_plumbing_matches_eager_on_cpu(ckpt, monkeypatch):
         assert counts[mode]["replays"] > 10 and counts[mode]["one_token_chunks"] > 0, counts
     assert counts["async"]["launches"] > 5 and counts["sync"]["launches"] == 0
     assert got["async"][4] == got["sync"][4]  # seeded sampling: same draws on both graph paths
+
+
+def test_runner_block_tables_follow_the_deltas():
+    from atom_server.engine.block_tables import BlockTables
+
+    def step(updates=(), finished=()):
+        return si.StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
+                            block_updates=[si.BlockTableUpdate(*u) for u in updates], finished_seq_ids=list(finished))
+
+    tables = BlockTables(width=8, block_size=BLOCK, capacity=2)
+    tables.apply(step([(10, 0, [3, 4]), (11, 0, [5]), (12, 0, [6, 7, 8])]))  # three rows: capacity grows
+    rows = tables.rows([10, 11, 12])
+    state = tables.state[rows].copy()
+    assert tables.table[rows[2], :3].tolist() == [6, 7, 8] and tables.num_blocks[rows].tolist() == [2, 1, 3]
+    slots = tables.slots(rows, np.array([5, 0, 9]))
+    assert slots.tolist() == [4 * BLOCK + 1, 5 * BLOCK, 8 * BLOCK + 1]
+    tables.apply(step([(10, 2, [9]), (12, 0, [1])], finished=[11]))  # a tail; a replaced (shorter) table
+    assert tables.table[rows[0], :3].tolist() == [3, 4, 9] and tables.num_blocks[rows[0]] == 3
+    assert tables.table[rows[2]].tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and tables.num_blocks[rows[2]] == 1
+    assert (tables.state[rows[[0, 2]]] != state[[0, 2]]).all() and 11 not in tables.row_of
+    with pytest.raises(ValueError, match="exceeds the 8"):
+        tables.apply(step([(10, 3, [1] * 6)]))
+    with pytest.raises(ValueError, match="update from block 5"):
+        tables.apply(step([(12, 5, [1])]))
