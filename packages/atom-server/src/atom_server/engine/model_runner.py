@@ -17,7 +17,7 @@ import torch
 from atom.forward_context import set_forward_context
 from atom.layers.attention import PagedAttentionMetadata, attention_specs, bind_kv_caches
 from atom.loader import load_model
-from atom.ops.registry import backend_for, resolve
+from atom.ops.registry import cuda_graph_blockers, resolve
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.scheduler import ScheduledBatch
 from atom_server.engine.sequence import Sequence
@@ -99,8 +99,8 @@ class ModelRunner:
                     self.num_blocks * self.block_bytes / GiB)
         self.graphs = None
         if device.type == "cuda" and not enforce_eager:
-            if backend_for("paged_attention") == "torch":
-                logger.info("CUDA graphs off: the torch reference attention syncs with the host")
+            if blockers := cuda_graph_blockers(self.model):
+                logger.info("CUDA graphs off: %s cannot be captured", ", ".join(blockers))
             else:
                 try:
                     self.graphs = DecodeGraphs(self.model, device, max_num_seqs, max_model_len, block_size)
