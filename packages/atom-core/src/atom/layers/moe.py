@@ -76,8 +76,12 @@ class FusedMoE(nn.Module):
         return self._topk(router_logits, self.top_k, self.renormalize)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.select_experts(router_logits)
-        out = self.quant_method.apply(self, x, weights, ids)
+        return self.forward_routed(x, *self.select_experts(router_logits))
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts with routing already decided (models with their own router, e.g. DeepSeek's grouped
+        top-k): topk_weights float32 [T, k], topk_ids int64 [T, k]."""
+        out = self.quant_method.apply(self, x, topk_weights, topk_ids)
         if self.tp_size > 1 and self.reduce_results:
             out = get_tp_group().all_reduce(out)
         return out

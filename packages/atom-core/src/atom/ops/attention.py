@@ -51,7 +51,7 @@ def _attention_example(t, static):
 
 
 define_op("reshape_and_cache", mutates_args=("k_cache", "v_cache"), example=_cache_example,
-          fake=lambda key, value, k_cache, v_cache, slot_mapping: None)
+          fake=lambda *args, **kwargs: None)
 define_op("paged_attention", example=_attention_example, fake=lambda q, *args, **kwargs: q.new_empty(q.shape))
 
 

@@ -1,10 +1,12 @@
 """Kernel dispatch: one table of implementations per op, chosen once per layer at model build time.
 
 Adding an op: a torch reference registered with `@register("op", "torch")` (the oracle), its module named in
-`_OP_FAMILY`, and optionally `define_op(...)` next to it (what it mutates, its fake for torch.compile, the
-inputs of its self-check). Faster implementations register under "triton" or "aiter" in their own files,
+`_OP_FAMILY`, and `define_op(...)` next to it: what it writes in place, its fake for torch.compile, the
+inputs of its self-check. Faster implementations register under "triton" or "aiter" in their own files,
 with the same signature, and declare their capabilities (CUDA-graph capturable, dtypes, devices, whether
-they are verified).
+they are verified). Without define_op an op still runs, but is not a custom op under torch.compile
+(Dynamo traces into its Python, breaking the graph where it reads tensors on the host) and its unverified
+(AITER) implementations are never used (nothing to check them with).
 
 Choosing: ATOM_KERNEL_BACKEND=auto|torch|triton|aiter sets the requested backend of every op;
 ATOM_KERNEL_OVERRIDES="rms_norm=torch,paged_attention=triton" overrides single ops. From the requested
@@ -14,9 +16,9 @@ static arguments, or it is unverified and fails its numerical self-check against
 (atom.ops.self_check). The torch reference ends every chain.
 
 Compilers: `resolve` returns the implementation itself in eager mode; under torch.compile the opaque
-ones (every triton/aiter kernel, and torch references that read tensors on the host) are called through
-their `torch.library` custom op `torch.ops.atom.<op>_<backend>` (atom.ops.custom_ops), so Dynamo traces
-around them without a graph break and Inductor fuses their neighbours.
+ones of declared ops (every triton/aiter kernel, and torch references that read tensors on the host) are
+called through their `torch.library` custom op `torch.ops.atom.<op>_<backend>` (atom.ops.custom_ops), so
+Dynamo traces around them without a graph break and Inductor fuses their neighbours.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class OpDef:
     # (ref_outputs, outputs) -> None or a reason they differ; None: self_check.compare_outputs
     compare: Callable | None = None
     weight_args: tuple[str, ...] = ()  # arguments an implementation may want in its own layout (prepare_weights)
-    custom_op: bool = True  # False for host-side ops that take Python objects (sample's generators)
+    # False for host-side ops that take Python objects (sample's generators). An op without define_op is
+    # never a custom op: nothing says what it writes in place, and a wrong guess would drop the writes.
+    custom_op: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def define_op(name: str, **fields) -> OpDef:
 
 def op_def(name: str) -> OpDef:
     _import_family(name)
-    return _OPS.get(name) or OpDef(name)
+    return _OPS.get(name) or OpDef(name, custom_op=False)
 
 
 def register(op: str, backend: str, *, cuda_graph: bool = True, traceable: bool | None = None,
@@ -181,12 +185,16 @@ def _self_check_mode() -> str:
     return mode
 
 
-def _unusable(impl: Impl | None, backend: str, dtype: torch.dtype, device: torch.device,
-              static: Mapping) -> str | None:
-    """None when `impl` may serve this layer, else why not."""
+def _unusable(op: str, backend: str, dtype: torch.dtype, device: torch.device, static: Mapping) -> str | None:
+    """None when `backend`'s implementation of `op` may serve this layer, else why not."""
     ok, reason = platform.backend_status(backend)
     if not ok:
         return reason
+    try:
+        _load_backend(backend)
+    except Exception as e:  # pragma: no cover - a broken install of the backend's package
+        return f"the {backend} bindings failed to load: {e}"
+    impl = _IMPLS[op].get(backend)
     if impl is None:
         return f"there is no {backend} implementation"
     kind = _device_kind(device)
@@ -197,9 +205,9 @@ def _unusable(impl: Impl | None, backend: str, dtype: torch.dtype, device: torch
         return f"it does not support {dtype} (supports {', '.join(sorted(str(d) for d in impl.dtypes))})"
     if impl.supports is not None and (why := impl.supports(static)):
         return why
-    if backend == "torch" or kind == "meta":
+    if kind == "meta":  # a model built on the meta device never runs a kernel
         return None
-    if not impl.verified or (_self_check_mode() == "all" and op_def(impl.op).example is not None):
+    if not impl.verified or (_self_check_mode() == "all" and op_def(op).example is not None):
         return _checked(impl, dtype, device, static)
     return None
 
@@ -240,24 +248,15 @@ def resolve(op: str, backend: str | None = None, *, dtype: torch.dtype | None = 
         return _callable(impls.get(backend) or impls["torch"])
     requested = backend_for(op)
     dtype = dtype or torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.get_default_device()
+    device = torch.device(device) if device is not None else _build_device()
     static = dict(static or {})
     key = (op, requested, dtype, str(device), _freeze(static))
     if key in _RESOLVED:
         return _RESOLVED[key]
     chain = BACKEND_ORDER[BACKEND_ORDER.index(requested):]
-    for i, candidate in enumerate(chain):
-        if candidate == "torch":
-            chosen = _IMPLS[op]["torch"]
-            break
-        if platform.backend_status(candidate)[0]:
-            try:
-                _load_backend(candidate)
-            except Exception as e:  # pragma: no cover - a broken install of the backend package
-                logger.warning("op %s: the %s backend failed to load (%s); falling back to %s", op, candidate, e,
-                               chain[i + 1])
-                continue
-        why = _unusable(_IMPLS[op].get(candidate), candidate, dtype, device, static)
+    chosen = _IMPLS[op]["torch"]  # the end of every chain
+    for i, candidate in enumerate(chain[:-1]):
+        why = _unusable(op, candidate, dtype, device, static)
         if why is None:
             chosen = _IMPLS[op][candidate]
             break
@@ -267,6 +266,16 @@ def resolve(op: str, backend: str | None = None, *, dtype: torch.dtype | None = 
     if device.type != "meta":  # a model built on the meta device never runs: do not remember its choice
         _RESOLVED[key] = fn
     return fn
+
+
+def _build_device() -> torch.device:
+    """The device of the layer being built: the default device (hosts build models under their device),
+    or, when that is the CPU default in a GPU process (a host-side op resolved outside any build), the
+    process's accelerator."""
+    device = torch.get_default_device()
+    if device.type == "cpu" and platform.device_kind() != "cpu":
+        return platform.default_device()
+    return device
 
 
 @functools.cache
