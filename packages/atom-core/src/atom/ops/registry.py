@@ -89,7 +89,8 @@ _loaded_backends: set[str] = set()
 
 
 def define_op(name: str, **fields) -> OpDef:
-    """Declare an op's backend-independent facts (see OpDef). Optional: defaults suit a pure function."""
+    """Declare an op's backend-independent facts (see OpDef): what makes it a custom op under torch.compile
+    and gives its unverified implementations a self-check."""
     op = OpDef(name, **fields)
     _OPS[name] = op
     return op
