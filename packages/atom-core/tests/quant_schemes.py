@@ -141,12 +141,13 @@ def write_scaled_checkpoint(src, dst) -> None:
     os.makedirs(dst, exist_ok=True)
     out = {}
     for file in sorted(f for f in os.listdir(src) if f.endswith(".safetensors")):
-        for name, t in load_file(os.path.join(src, file)).items():
+        for name, t in sorted(load_file(os.path.join(src, file)).items()):
             if not _is_scaled(name, t):
                 out[name] = t
                 continue
             row = t.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-6)  # [out, 1]
-            tensor_scale = torch.rand(()) + 0.5  # a different one per checkpoint tensor: order matters
+            # a different one for each tensor of a layer (k, o, q, v, ... in name order): shard order matters
+            tensor_scale = torch.tensor(0.5 + 0.15 * (len(out) % 7))
             base = name[: -len("weight")]
             out[name] = (t.float() / (row * tensor_scale)).to(t.dtype)
             out[base + "weight_scale"] = row

@@ -12,11 +12,10 @@ import math
 import shutil
 
 import pytest
-import quant_schemes
 import torch
 import transformers
 from paged_harness import PagedHarness
-from quant_schemes import PROCESSED, set_quantization, write_scaled_checkpoint
+from quant_schemes import PROCESSED, set_quantization, write_scaled_checkpoint  # registers the test schemes
 
 from atom.loader import load_model
 from atom.ops import registry
@@ -168,5 +167,3 @@ def test_unquantized_moe_applies_the_kernels_weight_layout_once(checkpoints, pla
     assert len(calls) == 2  # the self-check's call, then the one layer's
     torch.testing.assert_close(_logits(checkpoints["qwen3_moe"]), reference, rtol=0, atol=0)
 
-
-assert quant_schemes  # registered on import

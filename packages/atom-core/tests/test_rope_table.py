@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from atom.loader import load_model
 from atom.layers.rotary import RotaryEmbedding
+from atom.loader import load_model
 
 
 def _ropes(model) -> list[RotaryEmbedding]:
