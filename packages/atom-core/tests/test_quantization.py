@@ -19,7 +19,14 @@ from quant_schemes import PROCESSED, set_quantization, write_scaled_checkpoint  
 
 from atom.loader import load_model
 from atom.ops import registry
-from atom.quantization import process_weights_after_loading, supported_quantizations, weights_reloading
+from atom.quantization import (
+    LinearMethod,
+    QuantizationConfig,
+    new_param,
+    process_weights_after_loading,
+    supported_quantizations,
+    weights_reloading,
+)
 from atom.quantization.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
 
 VOCAB = 128
@@ -167,3 +174,46 @@ def test_unquantized_moe_applies_the_kernels_weight_layout_once(checkpoints, pla
     assert len(calls) == 2  # the self-check's call, then the one layer's
     torch.testing.assert_close(_logits(checkpoints["qwen3_moe"]), reference, rtol=0, atol=0)
 
+
+
+class _BlockScaled(LinearMethod):
+    """A scale per block x block tile of the weight (the layout of 128x128 FP8 block scales)."""
+
+    def __init__(self, block: int):
+        self.block = block
+
+    def create_weights(self, layer, input_size, output_sizes, params_dtype):
+        b = self.block
+        new_param(layer, "weight_scale_inv", (-(-sum(output_sizes) // b), -(-input_size // b)), torch.float32,
+                  output_dim=0, input_dim=1, output_block=b, input_block=b)
+
+
+class _Scheme(QuantizationConfig):
+    def __init__(self, block: int):
+        self.block = block
+
+    def linear_method(self, layer, prefix):
+        return _BlockScaled(self.block)
+
+
+def test_block_scales_shard_by_whole_blocks(monkeypatch):
+    """Rank 1 of 2 takes its blocks of each merged shard and of the row-parallel input (the arithmetic only:
+    the ranks' group is a stand-in that is never asked to communicate)."""
+    from types import SimpleNamespace
+
+    from atom.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    monkeypatch.setattr("atom.layers.linear.get_tp_group", lambda: SimpleNamespace(rank=1, world_size=2))
+    merged = MergedColumnParallelLinear(16, [16, 8], quant_config=_Scheme(4))
+    gate, up = torch.arange(16.0).view(4, 4), 100 + torch.arange(8.0).view(2, 4)  # [out/4, in/4] per shard
+    merged.weight_loader(merged.weight_scale_inv, gate, 0)
+    merged.weight_loader(merged.weight_scale_inv, up, 1)
+    assert torch.equal(merged.weight_scale_inv.data, torch.cat((gate[2:4], up[1:2])))  # rows of rank 1
+    row = RowParallelLinear(16, 8, quant_config=_Scheme(4))
+    full = torch.arange(8.0).view(2, 4)  # [out/4, in/4]
+    row.weight_loader(row.weight_scale_inv, full)
+    assert torch.equal(row.weight_scale_inv.data, full[:, 2:4])
+    # a shard whose rank slice (4 features) is not a whole number of blocks (8) is refused by name
+    bad = MergedColumnParallelLinear(16, [16, 8], quant_config=_Scheme(8))
+    with pytest.raises(ValueError, match=r"MergedColumnParallelLinear\[1\].*does not fall on the quantization block of 8"):
+        bad.weight_loader(bad.weight_scale_inv, torch.ones(1, 2), 1)
