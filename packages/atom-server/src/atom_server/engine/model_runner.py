@@ -26,7 +26,7 @@ from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, attention_specs, metadata_builder
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
 from atom.loader import load_model
-from atom.ops.registry import backend_for, resolve
+from atom.ops.registry import cuda_graph_blockers, resolve
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.scheduler import ScheduledBatch
@@ -136,8 +136,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                        block_size, capture=False)
         elif device.type == "cuda" and not enforce_eager and mode != "off":
-            if backend_for("paged_attention") == "torch":
-                logger.info("CUDA graphs off: the torch reference attention syncs with the host")
+            if blockers := cuda_graph_blockers(self.model):
+                logger.info("CUDA graphs off: %s cannot be captured", ", ".join(blockers))
             else:
                 try:
                     self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
