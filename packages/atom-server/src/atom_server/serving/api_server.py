@@ -133,7 +133,7 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
     """Start the engine process, then serve HTTP until SIGTERM/SIGINT; drain, stop the engine."""
     import uvicorn
 
-    from atom_server.serving.tokenizer import load_tokenizer
+    from atom_server.tokenizer import load_tokenizer
 
     metrics = Metrics()
     client = EngineClient(engine_args, metrics)
