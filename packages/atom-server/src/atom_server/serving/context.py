@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from atom_server.generation_defaults import GenerationDefaults
 from atom_server.outputs import RequestOutput
 from atom_server.protocol import ChatMessage
 from atom_server.sampling_params import SamplingParams
@@ -37,6 +38,7 @@ class ServerState:
     tokenizer: object
     metrics: Metrics
     api_key: str | None = None
+    generation_defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -46,6 +48,7 @@ class ServingContext:
         self.client = state.client
         self.metrics = state.metrics
         self.tokenizer = tok = state.tokenizer
+        self.defaults = state.generation_defaults
         self.text_of = fmt.TokenText(tok)
         # The model's vocabulary can be larger than the tokenizer's (padded); the engine's is the limit.
         self.vocab_limit = state.client.info.vocab_size or max(len(tok), getattr(tok, "vocab_size", 0) or 0)
@@ -75,6 +78,18 @@ class ServingContext:
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", param=param)
 
+    def default_max_tokens(self, num_prompt: int, requested: int | None) -> int | None:
+        """vLLM's choice: the request's max_tokens, else the generation config's (cut to the room the
+        prompt leaves, so that a default never fails a request); a --generation-config folder's
+        max_new_tokens also caps what a request asks for."""
+        d = self.defaults
+        if requested is None and "max_tokens" in d.params:
+            room = self.info.max_model_len - num_prompt
+            requested = min(int(d.params["max_tokens"]), room) if room >= 1 else None
+        if requested is not None and d.max_tokens_cap is not None:
+            requested = min(requested, int(d.max_tokens_cap))
+        return requested
+
     def fit_max_tokens(self, num_prompt: int, max_tokens: int | None, param: str) -> int:
         """max_tokens, or all the room left when None; 400 when the request cannot fit (as vLLM)."""
         limit = self.info.max_model_len
@@ -96,8 +111,11 @@ class ServingContext:
                   include_stop_str_in_output=req.include_stop_str_in_output)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
-            if getattr(req, name) is not None:
-                kw[name] = getattr(req, name)
+            value = getattr(req, name)
+            if value is None:  # the model's generation_config.json default, if any (--generation-config)
+                value = self.defaults.params.get(name)
+            if value is not None:
+                kw[name] = value
         try:
             return SamplingParams(**kw)
         except ValueError as e:
