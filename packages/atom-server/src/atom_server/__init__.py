@@ -7,8 +7,10 @@ except ModuleNotFoundError as _e:  # atom-core missing altogether
 
 _require_atom_core("atom-server")  # a foreign `atom` package (PyPI's `atom`, old `atom-server`) fails here, clearly
 
-from atom_server.config import EngineArgs
-from atom_server.sampling_params import SamplingParams
+__version__ = "0.1.0"
+
+from atom_server.config import EngineArgs  # noqa: E402
+from atom_server.sampling_params import SamplingParams  # noqa: E402
 
 
 def __getattr__(name: str):

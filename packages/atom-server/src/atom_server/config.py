@@ -122,8 +122,9 @@ class EngineArgs:
                  "generation_config.json; vllm ignores it (neutral defaults); a folder: its "
                  "generation_config.json")
         add("--cpu-threads", type=int, default=None,
-            help="CPU only: torch threads of the engine process, pinned to that many physical cores "
-                 "(default: $OMP_NUM_THREADS if set, else the physical cores minus one for the API server)")
+            help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
+                 "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "
+                 "the API server; offline LLM and benchmarks: torch's own default)")
         return parser
 
     @classmethod
@@ -137,6 +138,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+        if "(default" in text or action.default is None or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)

@@ -18,6 +18,7 @@ from atom.forward_context import set_forward_context
 from atom.layers.attention import PagedAttentionMetadata, attention_specs, bind_kv_caches
 from atom.loader import load_model
 from atom.ops.registry import backend_for, resolve
+from atom_server import startup
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.scheduler import ScheduledBatch
 from atom_server.engine.sequence import Sequence
@@ -76,6 +77,7 @@ class ModelRunner:
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
                                              trust_remote_code=trust_remote_code)
+        startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         self.specs = attention_specs(self.model)
@@ -97,6 +99,7 @@ class ModelRunner:
         bind_kv_caches(self.model, self.kv_caches)
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_blocks, block_size,
                     self.num_blocks * self.block_bytes / GiB)
+        startup.phase_done("KV cache")
         self.graphs = None
         if device.type == "cuda" and not enforce_eager:
             if backend_for("paged_attention") == "torch":
@@ -107,6 +110,7 @@ class ModelRunner:
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
+        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_budget(self, kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> int:

@@ -39,6 +39,7 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     generation_defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    served_model_names: list[str] = dataclasses.field(default_factory=list)  # default: the engine's name
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -58,13 +59,19 @@ class ServingContext:
         return self.client.info
 
     @property
+    def served_model_names(self) -> list[str]:
+        return self.state.served_model_names or [self.client.info.served_model_name]
+
+    @property
     def model_name(self) -> str:
-        return self.client.info.served_model_name
+        """The name responses report: the first served name (vLLM)."""
+        return self.served_model_names[0]
 
     # ---- checks ----
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+        if name is not None and name not in self.served_model_names:
+            served = ", ".join(repr(n) for n in self.served_model_names)
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def check_engine(self) -> None:
