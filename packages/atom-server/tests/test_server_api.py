@@ -336,6 +336,28 @@ def test_metrics_exposition(http, client):
         assert re.search(rf"^{name} ", text, re.M)
 
 
+def test_metrics_under_vllm_names(http, client):
+    """vLLM's names and labels (model_name, engine), with the same values as the atom: series."""
+    client.completions.create(model=MODEL, prompt="Count: 1 2 3", max_tokens=4, extra_body={"ignore_eos": True})
+    labels = f'{{engine="0",model_name="{MODEL}"}}'
+    text = http.get("/metrics").text
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} is not exported"
+        return float(m.group(1))
+
+    for name in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
+                 "request_prompt_tokens_count", "request_generation_tokens_sum", "num_preemptions_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "num_requests_running",
+                 "num_requests_waiting", "kv_cache_usage_perc", "request_time_per_output_token_seconds_count"):
+        assert value(f"vllm:{name}{labels}") == value(f"atom:{name}"), name
+    success = f'{{engine="0",finished_reason="length",model_name="{MODEL}"}}'
+    assert value(f"vllm:request_success_total{success}") == value('atom:request_success_total{finished_reason="length"}')
+    assert value(f"vllm:generation_tokens_total{labels}") >= 4
+
+
 # A realistic value for each refused field; fields without one get a generic non-neutral value.
 REFUSED_EXAMPLES = {
     "logit_bias": {"5": 10.0}, "prompt_logprobs": 1, "allowed_token_ids": [1, 2], "bad_words": ["fox"],

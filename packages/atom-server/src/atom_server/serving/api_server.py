@@ -146,7 +146,7 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
     defaults = load_generation_defaults(engine_args.model, engine_args.generation_config)
     logger.info("%s", defaults.describe())
     logger.info("starting the engine for %s", engine_args.model)
-    metrics = Metrics()
+    metrics = Metrics(model_name=names[0] if names else "")
     client = EngineClient(engine_args, metrics)
     loop = asyncio.get_running_loop()
     tokenizer_f = loop.run_in_executor(None, load_tokenizer, engine_args.model, engine_args.tokenizer,
