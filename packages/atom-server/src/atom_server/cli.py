@@ -46,15 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version_text() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    import atom
 
-    def of(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
+    import atom_server
 
-    return f"atom-server {of('atom-server')} (atom-core {of('atom-core')})"
+    return f"atom-server {atom_server.__version__} (atom-core {atom.__version__})"
 
 
 def model_problem(model: str) -> str | None:

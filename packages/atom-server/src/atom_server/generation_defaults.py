@@ -19,6 +19,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from atom_server.sampling_params import SamplingParams
+
 SAMPLING_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
                  "min_p", "max_new_tokens")
 FILE = "generation_config.json"
@@ -64,5 +66,9 @@ def load_generation_defaults(model: str, generation_config: str = "auto") -> Gen
     params = {k: raw[k] for k in SAMPLING_KEYS if raw.get(k) is not None}
     if "max_new_tokens" in params:
         params["max_tokens"] = params.pop("max_new_tokens")
+    try:  # a bad value is the file's fault: say so at start-up, not as a 400 on every request
+        SamplingParams(**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unusable sampling default: {e}") from e
     cap = params.get("max_tokens") if generation_config != "auto" else None
     return GenerationDefaults(params, path if params else None, cap)
