@@ -27,6 +27,7 @@ from atom.layers.attention import AttentionInputs, attention_specs, metadata_bui
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
+from atom_server import startup
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.scheduler import ScheduledBatch
@@ -107,6 +108,7 @@ class ModelRunner:
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
                                              trust_remote_code=trust_remote_code)
+        startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         self.specs = attention_specs(self.model)
@@ -125,6 +127,7 @@ class ModelRunner:
         bind_kv_caches(self.model, self.kv_caches)
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_blocks, block_size,
                     self.num_blocks * self.block_bytes / GiB)
+        startup.phase_done("KV cache")
         width = -(-max_model_len // block_size)
         self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs))
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
@@ -145,6 +148,7 @@ class ModelRunner:
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
+        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_budget(self, kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> int:
