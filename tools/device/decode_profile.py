@@ -47,6 +47,9 @@ def instrument(engine) -> None:
     wrap(engine.scheduler, "schedule", "scheduler.schedule")
     wrap(engine.scheduler, "commit", "scheduler.commit")
     wrap(r, "execute", "runner.execute")
+    wrap(r, "launch_decode", "runner.launch_decode (async)")
+    if getattr(engine, "step_inputs", None) is not None:
+        wrap(engine.step_inputs, "build", "step_inputs.build (StepInput)")
     wrap(r, "_forward", "  runner._forward (old: inputs+replay)")
     wrap(r.model, "compute_logits", "  model.compute_logits (eager)")
     wrap(r, "_sample_rows", "  runner._sample_rows")

@@ -39,6 +39,38 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("seed", f"replay with ATOM_TEST_SEED={seeds[0]}"))
 
 
+@pytest.fixture
+def planted_backend(monkeypatch):
+    """plant(op, fn, **capabilities): register `fn` as `op`'s "aiter" implementation for this test and
+    request it (ATOM_KERNEL_OVERRIDES=op=aiter). AITER cannot run here, so the platform is told the aiter
+    backend is usable and its real bindings are never imported; everything else (the fallback chain, the
+    self-check, the WARNINGs) is the registry's own. Registrations are restored afterwards."""
+    from atom import platform
+    from atom.ops import registry
+
+    real_status = platform.backend_status
+    monkeypatch.setattr(platform, "backend_status",
+                        lambda b: (True, "planted by the test") if b == "aiter" else real_status(b))
+    monkeypatch.setattr(registry, "_loaded_backends", registry._loaded_backends | {"aiter"})
+    replaced: dict[str, object] = {}  # op -> the aiter Impl it had before (None: none)
+
+    def plant(op: str, fn, **capabilities):
+        registry._import_family(op)
+        replaced.setdefault(op, registry._IMPLS[op].get("aiter"))
+        capabilities.setdefault("devices", {"cpu"})  # real aiter bindings run on ROCm only
+        registry.register(op, "aiter", **capabilities)(fn)
+        monkeypatch.setenv("ATOM_KERNEL_OVERRIDES", ",".join(f"{o}=aiter" for o in replaced))
+        return fn
+
+    yield plant
+    for op, impl in replaced.items():
+        if impl is None:
+            registry._IMPLS[op].pop("aiter", None)
+        else:
+            registry._IMPLS[op]["aiter"] = impl
+    registry.forget_resolutions()
+
+
 @pytest.fixture(scope="session")
 def parity_report(request) -> list[str]:
     """Lines the parity tests append (one per architecture case); printed in the terminal summary."""

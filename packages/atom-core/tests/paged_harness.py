@@ -9,19 +9,14 @@ from __future__ import annotations
 import torch
 
 from atom.forward_context import set_forward_context
-from atom.layers.attention import PagedAttentionMetadata, attention_specs, bind_kv_caches
+from atom.layers.attention import PagedAttentionMetadata
+from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, kv_cache_specs
 
 
 class PagedHarness:
-    def __init__(self, model, num_blocks: int = 256, block_size: int = 4, dtype=None, device="cpu"):
+    def __init__(self, model, num_blocks: int = 256, block_size: int = 4, device="cpu"):
         self.model, self.block_size = model, block_size
-        specs = attention_specs(model)
-        dtype = dtype or next(model.parameters()).dtype
-        self.caches = [
-            (torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
-             torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device))
-            for s in specs
-        ]
+        self.caches = allocate_kv_caches(kv_cache_specs(model), num_blocks, block_size, device)
         bind_kv_caches(model, self.caches)
         self.free = list(range(num_blocks))[::-1]
         self.tables: list[list[int]] = []

@@ -206,5 +206,6 @@ def test_aiter_cache_write_and_fused_experts_match_torch():  # pragma: no cover 
     w2 = torch.randn(experts, hidden, inter, dtype=dtype, device=dev) / 16
     weights, ids = resolve("moe_topk_softmax", "torch")(torch.randn(tokens, experts, device=dev), top_k, True)
     ref = resolve("fused_experts", "torch")(x, w13, w2, weights, ids)
-    out = resolve("fused_experts", "aiter")(x, w13, w2, weights, ids)
+    shuffled = registry.implementation("fused_experts", "aiter").prepare_weights(w13, w2)  # as layers do after loading
+    out = resolve("fused_experts", "aiter")(x, *shuffled, weights, ids)
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)

@@ -136,11 +136,13 @@ def test_failing_request_is_isolated(llm, monkeypatch):
     real = runner._sample_rows
     failures = []
 
-    def sample_rows(logits, seqs):
+    def sample_rows(logits, sampling, seq_ids):
+        running = {s.seq_id: s for r in engine.core.requests.values() for s in r.seqs}
+        seqs = [running[i] for i in seq_ids if i in running]
         if any(s.params.temperature == 0.77 and s.num_output_tokens >= 3 for s in seqs):
-            failures.append(len(seqs))
+            failures.append(len(seq_ids))
             raise OverflowError("planted: Python int too large to convert to C long")
-        return real(logits, seqs)
+        return real(logits, sampling, seq_ids)
 
     monkeypatch.setattr(runner, "_sample_rows", sample_rows)
     outs = llm.generate([PROMPT, PROMPT[:5], PROMPT[2:]], [greedy, seeded, marked], use_tqdm=False)

@@ -15,6 +15,7 @@ from tiny_checkpoint import write_tiny_llama
 from atom_server import LLM, EngineArgs, SamplingParams
 from atom_server.engine.model_runner import apply_penalties
 from atom_server.engine.sequence import Sequence
+from atom_server.engine.step_input import sampling_inputs
 from atom_server.outputs import RequestOutput
 
 BLOCK = 4
@@ -101,7 +102,7 @@ def test_penalties_match_vllm():
         s = Sequence(i, str(i), 0, pr, p, frozenset(), 64)
         s.token_ids.extend(out)
         seqs.append(s)
-    got = apply_penalties(logits.clone(), seqs, vocab)
+    got = apply_penalties(logits.clone(), sampling_inputs(seqs).penalties)
 
     def pad(rows):
         width = max(map(len, rows))

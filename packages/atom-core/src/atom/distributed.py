@@ -1,8 +1,9 @@
 """Tensor/expert-parallel group handles.
 
-atom-core asks this module for the TP group; atom-server installs its own, plugins hand over the host's
-(any object with `rank`, `world_size`, `all_reduce(t)` and `all_gather(t, dim)`). The default is a
-single-process group, so models run unchanged with TP=1.
+atom-core asks this module for the TP group; hosts install theirs before building a model (any object with
+`rank`, `world_size`, `all_reduce(t)` and `all_gather(t, dim)`): atom-vllm and atom-sglang hand over the
+host's group, a process running its own torch.distributed installs `TorchDistGroup`. The default is a
+single-process group, so models run unchanged with TP=1 (atom-server today).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class SingleProcessGroup:
 
 
 class TorchDistGroup:
-    """A TP group over torch.distributed (used by atom-server for TP > 1)."""
+    """A TP group over a torch.distributed process group (default: the world), for processes that set up
+    torch.distributed themselves. Used by tests/test_tensor_parallel.py (TP=2 on gloo, checked against TP=1);
+    atom-server's tensor-parallel workers are to install it (it runs one process today)."""
 
     def __init__(self, group=None):
         import torch.distributed as dist

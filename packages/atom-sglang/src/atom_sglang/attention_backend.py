@@ -58,7 +58,7 @@ class AtomAttnBackend(AttentionBackend):
             raise NotImplementedError("the atom attention backend does not support SGLang's hybrid SWA KV pool; "
                                       "use --attention-backend triton for this model")
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
-        self._attend = resolve("paged_attention")
+        self._attend = resolve("paged_attention", dtype=getattr(model_runner, "dtype", None), device=self.device)
         logger.info("ATOM attention backend: paged_attention from %s", self._attend.__module__)
         self.forward_metadata: AtomForwardMetadata | None = None
         self._graph: dict[str, torch.Tensor] | None = None

@@ -13,6 +13,7 @@ import torch
 
 from atom.forward_context import set_forward_context
 from atom.models.decoder import DecoderModel
+from atom.quantization import QuantizationConfig, process_weights_after_loading, quantization_config
 from atom_sglang.distributed import adopt_sglang_tp_group
 from atom_sglang.radix import radix_attention_factory
 from atom_sglang.version import require_supported_sglang
@@ -34,6 +35,22 @@ class SGLangBackbone(DecoderModel):
             return super().forward(input_ids, positions, embeds)
 
 
+def atom_quant_config(config, sglang_quant_config) -> QuantizationConfig | None:
+    """ATOM's scheme for SGLang's quantization (None: unquantized); NotImplementedError when ATOM has none."""
+    if sglang_quant_config is None:
+        return None
+    name = (sglang_quant_config.get_name() if hasattr(sglang_quant_config, "get_name")
+            else type(sglang_quant_config).__name__)
+    raw = getattr(config, "quantization_config", None)
+    raw = raw if raw is None or isinstance(raw, dict) else raw.to_dict()
+    try:
+        return quantization_config(name, raw, source="the checkpoint's quantization")
+    except ValueError as e:
+        raise NotImplementedError(
+            f"atom-sglang does not support these quantized checkpoints yet ({e}); unset "
+            "SGLANG_EXTERNAL_MODEL_PACKAGE to serve this checkpoint with SGLang's own model") from e
+
+
 class SGLangModelMixin:
     """Put first in the bases: `class LlamaForCausalLM(SGLangModelMixin, atom.models.llama.LlamaForCausalLM)`."""
 
@@ -41,14 +58,10 @@ class SGLangModelMixin:
 
     def __init__(self, config, quant_config=None, prefix: str = "", **kwargs):
         require_supported_sglang()
-        if quant_config is not None:
-            name = quant_config.get_name() if hasattr(quant_config, "get_name") else type(quant_config).__name__
-            raise NotImplementedError(
-                f"atom-sglang does not support quantized checkpoints yet (quantization {name!r}); "
-                f"unset SGLANG_EXTERNAL_MODEL_PACKAGE to serve this checkpoint with SGLang's own model")
+        atom_quant = atom_quant_config(config, quant_config)
         adopt_sglang_tp_group()
         super().__init__(config, attn_factory=radix_attention_factory, prefix=prefix,
-                         max_positions=getattr(config, "max_position_embeddings", None))
+                         max_positions=getattr(config, "max_position_embeddings", None), quant_config=atom_quant)
         from sglang.srt.layers.logits_processor import LogitsProcessor
 
         self.quant_config = None
@@ -73,4 +86,8 @@ class SGLangModelMixin:
         return self.model.embed_tokens.weight, self.lm_head.weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(weights)
+        # SGLang's loader also calls each layer's quant_method.process_weights_after_loading (dummy weights
+        # included); ATOM's methods run once per load whoever calls first.
+        loaded = super().load_weights(weights)
+        process_weights_after_loading(self)
+        return loaded

@@ -1,15 +1,16 @@
-"""vLLM entry points: `platform_plugin` (group vllm.platform_plugins) and `register` (vllm.general_plugins).
+"""vLLM entry point `register` (group vllm.general_plugins).
 
-vLLM calls both in every process it starts (API server, engine core, workers, the model-inspection
-subprocess), so both are cheap and idempotent.
+vLLM calls it in every process it starts (API server, engine core, workers, the model-inspection
+subprocess), so it is cheap and idempotent. ATOM ships no vLLM platform plugin: it changes nothing in
+vLLM's platforms (kernels are chosen by atom-core's registry, ATOM_KERNEL_BACKEND).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
 
-from atom_vllm.switches import attention_disabled, check_vllm_version, plugin_disabled
+from atom_vllm.switches import REMOVED_SWITCHES, check_vllm_version, plugin_disabled
 
 # Under the "vllm" logger tree so the line goes through vLLM's own handler and format.
 logger = logging.getLogger("vllm.atom_vllm")
@@ -22,27 +23,6 @@ MODELS_MODULE = "atom_vllm.models"
 ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
 
 _registered: list[str] | None = None
-
-
-@functools.cache
-def _rocm_present() -> bool:
-    # vLLM's own ROCm probe (amdsmi): sees the hardware without initialising a GPU context.
-    from vllm.platforms import rocm_platform_plugin
-
-    return rocm_platform_plugin() is not None
-
-
-def platform_plugin() -> str | None:
-    """ATOM's platform on ROCm; None elsewhere (ATOM changes nothing in vLLM's CUDA or CPU platforms)."""
-    if plugin_disabled():
-        return None
-    if not _rocm_present():
-        return None
-    ok, reason = check_vllm_version()
-    if not ok:
-        logger.warning("atom-vllm platform plugin is off: %s", reason)
-        return None
-    return "atom_vllm.platform.AtomRocmPlatform"
 
 
 def _same_builtin(registry, alias: str, canonical: str) -> bool:
@@ -112,11 +92,11 @@ def register() -> list[str]:
     for arch, cls_name in archs.items():
         ModelRegistry.register_model(arch, f"{MODELS_MODULE}:{cls_name}")
     clear_registry_caches()
-    # ATOM ships no vLLM attention backend yet: with or without the switch, attention runs through vLLM's
-    # Attention layer on vLLM's default backend for the platform.
-    attention = ("vLLM's default backend (ATOM_DISABLE_VLLM_PLUGIN_ATTENTION=1)" if attention_disabled()
-                 else "vLLM's Attention layer on vLLM's default backend")
-    logger.info("ATOM took over %s on %s; attention: %s", ", ".join(sorted(archs)), _describe_platform(),
-                attention)
+    for name, why in REMOVED_SWITCHES.items():
+        if name in os.environ:
+            logger.warning("%s is set but has no effect: %s", name, why)
+    # ATOM ships no vLLM attention backend yet: attention runs through vLLM's Attention layer.
+    logger.info("ATOM took over %s on %s; attention: vLLM's Attention layer on vLLM's default backend",
+                ", ".join(sorted(archs)), _describe_platform())
     _registered = sorted(archs)
     return list(_registered)

@@ -21,9 +21,11 @@ def plugin_disabled() -> bool:
     return _flag("ATOM_DISABLE_VLLM_PLUGIN")
 
 
-def attention_disabled() -> bool:
-    """ATOM_DISABLE_VLLM_PLUGIN_ATTENTION=1: keep ATOM's models, leave attention to vLLM's default backend."""
-    return _flag("ATOM_DISABLE_VLLM_PLUGIN_ATTENTION")
+# Switches that no longer exist, and why (logged once when still set).
+REMOVED_SWITCHES = {
+    "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION": "ATOM has no vLLM attention backend to disable; attention always runs "
+    "through vLLM's Attention layer",
+}
 
 
 def _release(version: str) -> tuple[int, ...]:

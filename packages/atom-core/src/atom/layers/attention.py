@@ -6,20 +6,34 @@ that the *host* supplies when the model is built, through an `AttentionFactory`:
 out [T, H*D]. The model never builds or sees a KV cache.
 
 `PagedAttention` is ATOM's own implementation over a paged KV cache (used by atom-server and by the
-core's tests). It reads `PagedAttentionMetadata` from the forward context and its layer's cache from
-`self.kv_cache`, bound by the host with `bind_kv_caches`.
+core's tests). An implementation that keeps a host-allocated cache follows two small contracts:
+- its `kv_cache_spec` (a `KVCacheSpec`, see kv_cache.py) says what to allocate; the host binds the
+  allocated object to its `kv_cache` attribute (`bind_kv_caches`);
+- its class names a `metadata_builder_cls` (an `AttentionMetadataBuilder`): the host builds one per
+  model (`metadata_builder(model)`), turns each step's input into `AttentionInputs` (device tensors) and
+  puts `builder.build(inputs)` in the forward context; for CUDA graphs it calls
+  `builder.build_for_graph(inputs)` once per captured batch size with static buffers that it rewrites in
+  place before every replay, then `builder.prepare_replay(metadata, num_rows)`.
+An MLA implementation brings its own spec and builder the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from atom.forward_context import get_forward_context
+from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
+                                  bind_kv_caches, kv_cache_layers)
 from atom.ops.registry import resolve
+
+__all__ = ["Attention", "AttentionFactory", "AttentionInputs", "AttentionMetadataBuilder", "AttentionSpec",
+           "PagedAttention", "PagedAttentionMetadata", "PagedAttentionMetadataBuilder", "attention_specs",
+           "bind_kv_caches", "metadata_builder", "paged_attention_factory"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,40 @@ AttentionFactory = Callable[[AttentionSpec], nn.Module]
 
 
 @dataclass
+class AttentionInputs:
+    """One step's attention inputs on the device, what every metadata builder starts from. B rows
+    (sequences), T tokens; row b's queries are its last T_b = query_start_loc[b+1] - query_start_loc[b]
+    tokens of seq_lens[b] context tokens. In a captured graph these are static buffers."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token, -1 = padding (not written)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context + new tokens
+    max_query_len: int
+    max_seq_len: int
+
+
+class AttentionMetadataBuilder:
+    """Makes an attention implementation's per-step metadata (what it reads from the forward context)."""
+
+    def __init__(self, specs: Sequence[KVCacheSpec]):
+        self.specs = list(specs)
+
+    def build(self, inputs: AttentionInputs) -> Any:
+        """Eager step: metadata for these inputs."""
+        raise NotImplementedError
+
+    def build_for_graph(self, inputs: AttentionInputs) -> Any:
+        """Once per captured batch size: metadata that aliases the static buffers of `inputs` (or buffers
+        that prepare_replay refreshes), so in-place writes before a replay reach the graph."""
+        return self.build(inputs)
+
+    def prepare_replay(self, metadata: Any, num_rows: int) -> None:
+        """Before each replay, after the host's inputs are on the device: device-side refresh of derived
+        buffers (no host sync). num_rows: the real rows (the rest is padding)."""
+
+
+@dataclass
 class PagedAttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, -1 = padding (not written)
     block_tables: torch.Tensor  # [B, max_blocks] int32
@@ -47,11 +95,27 @@ class PagedAttentionMetadata:
     max_seq_len: int
 
 
+class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
+    """PagedAttention reads the inputs as they are; its graph form aliases the static buffers."""
+
+    def build(self, inputs: AttentionInputs) -> PagedAttentionMetadata:
+        return PagedAttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.query_start_loc,
+                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len)
+
+
 class PagedAttention(nn.Module):
-    def __init__(self, spec: AttentionSpec):
+    metadata_builder_cls = PagedAttentionMetadataBuilder
+
+    def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None):
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction)."""
         super().__init__()
         self.spec = spec
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        dtype = kv_cache_dtype or torch.get_default_dtype()
+        common = dict(layer_idx=spec.layer_idx, dtype=dtype, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+        self.kv_cache_spec: FullAttentionKVSpec = (
+            SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window
+            else FullAttentionKVSpec(**common))
+        self.kv_cache: PagedKVCache | None = None
         self._write = resolve("reshape_and_cache")
         self._attend = resolve("paged_attention")
         self._prep = resolve("qk_norm_rope_cache")
@@ -68,8 +132,8 @@ class PagedAttention(nn.Module):
         num_tokens = q.shape[0]
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
-        k_cache, v_cache = self.kv_cache
-        self._write(k, v, k_cache, v_cache, md.slot_mapping)
+        cache = self.kv_cache
+        self._write(k, v, cache.k, cache.v, md.slot_mapping)
         return self._attend_cached(q, md)
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -78,16 +142,16 @@ class PagedAttention(nn.Module):
         """forward() with the model's qk-norm (optional) and rope folded in: one qk_norm_rope_cache op does
         norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
         md = self._context()
-        k_cache, v_cache = self.kv_cache
+        cache = self.kv_cache
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
-                          k_cache, v_cache, md.slot_mapping)
+                          cache.k, cache.v, md.slot_mapping)
         return self._attend_cached(q, md)
 
     def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
         s = self.spec
         num_tokens = q.shape[0]
-        k_cache, v_cache = self.kv_cache
-        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), k_cache, v_cache, md.block_tables,
+        cache = self.kv_cache
+        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, md.block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
                            md.max_query_len, md.max_seq_len)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
@@ -102,11 +166,17 @@ def attention_specs(model: nn.Module) -> list[AttentionSpec]:
     return sorted((m.spec for m in model.modules() if isinstance(m, Attention)), key=lambda s: s.layer_idx)
 
 
-def bind_kv_caches(model: nn.Module, caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Give each PagedAttention its layer's (k_cache, v_cache)."""
-    for m in model.modules():
-        if isinstance(m, PagedAttention):
-            m.kv_cache = caches[m.spec.layer_idx]
+def metadata_builder(model: nn.Module) -> AttentionMetadataBuilder | None:
+    """The metadata builder of the model's cache-owning attention implementation (None: no such layer).
+    Every such layer of one model must use the same builder class (one metadata object per step)."""
+    layers = kv_cache_layers(model)
+    classes = {type(m).metadata_builder_cls for m in layers}
+    if not classes:
+        return None
+    if len(classes) > 1:
+        raise ValueError("the model mixes attention implementations with different metadata builders: "
+                         + ", ".join(sorted(c.__name__ for c in classes)))
+    return classes.pop()([m.kv_cache_spec for m in layers])
 
 
 class Attention(nn.Module):

@@ -1,18 +1,29 @@
 """Tensor-parallel linear layers.
 
 Column-parallel layers split the output features across TP ranks, row-parallel layers split the input
-features and all-reduce the result. Merged layers (QKV, gate-up) hold several checkpoint tensors in one
-parameter; each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies this
-rank's slice of a checkpoint tensor into the right place.
+features and all-reduce the result. Merged layers (QKV, gate-up) hold several checkpoint tensors
+("shards") in one parameter.
+
+What a layer stores and how it multiplies is its quantization method's (atom.quantization): the method
+creates the parameters, `apply` is the forward, and `process_weights_after_loading` runs once after
+loading. Every parameter carries `weight_loader(param, tensor, shard_id=None)`, which copies this rank's
+slice of a checkpoint tensor into place, guided by attributes the method set on the parameter:
+  output_dim    dim that runs along output features: split across column-parallel ranks, and where
+                merged shards are stacked (None: not split by output)
+  input_dim     dim that runs along input features: split across row-parallel ranks
+  output_block / input_block
+                features per element along that dim (1 for weights; 128 for 128x128 block scales)
+  per_shard     dim 0 has one entry per merged shard (per-tensor scales): shard s loads into [s], whole
+Unmarked parameters (a scalar input scale) are copied whole.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atom.distributed import get_tp_group
+from atom.quantization import QuantizationConfig, linear_method_for, set_weight_attrs
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -33,27 +44,70 @@ def _check_shape(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model {tuple(param.shape)}")
 
 
+def _in_blocks(offset: int, size: int, ranks: int, block: int, name: str) -> tuple[int, int, int]:
+    """(offset, size, full checkpoint size) in elements of a dim holding `block` features per element."""
+    if block == 1:
+        return offset, size, size * ranks
+    if offset % block or (ranks > 1 and size % block):
+        raise ValueError(f"{name}: a slice of {size} features at offset {offset} (over {ranks} ranks) does not "
+                         f"fall on the quantization block of {block}")
+    return offset // block, -(-size // block), -(-size * ranks // block)
+
+
+def load_sharded(param: nn.Parameter, loaded: torch.Tensor, name: str, index: int, axis: str, offset: int,
+                 size: int, rank: int, ranks: int) -> None:
+    """Copy this rank's slice of `loaded` into `param`. The slice runs along the param's `axis`_dim
+    ("output" or "input"): rank `rank` of `ranks` takes `size` features, placed at `offset`. A per-shard
+    param takes `loaded` whole at entry `index`."""
+    target = param.data
+    if getattr(param, "per_shard", False):
+        target = target[index]
+    elif (dim := getattr(param, f"{axis}_dim", None)) is not None:
+        off, n, full = _in_blocks(offset, size, ranks, getattr(param, f"{axis}_block", 1), name)
+        _check_full_dim(loaded, dim, full, name)
+        loaded = loaded.narrow(dim, rank * n, n)
+        target = target.narrow(dim, off, n)
+    _check_shape(target, loaded, name)
+    target.copy_(loaded)
+
+
 class LinearBase(nn.Module):
+    """in_features / out_features are this rank's (subclasses divide the full sizes)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 params_dtype: torch.dtype | None = None):
+                 params_dtype: torch.dtype | None = None, *, quant_config: QuantizationConfig | None = None,
+                 prefix: str = ""):
         super().__init__()
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank, tp.world_size
+        self.input_size, self.output_size = in_features, out_features
+        self.prefix = prefix
         dtype = params_dtype or torch.get_default_dtype()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = dtype
+        self.quant_method = linear_method_for(quant_config, self, prefix)
+        self.quant_method.create_weights(self, in_features, self.output_partition_sizes(), dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_attrs(self.bias, weight_loader=self.weight_loader, output_dim=0)
         else:
             self.register_parameter("bias", None)
 
+    def output_partition_sizes(self) -> list[int]:
+        """This rank's output features of each merged shard."""
+        return [self.output_size]
+
+    def shard(self, shard_id) -> tuple[int, int, int, int, int]:
+        """Where checkpoint shard `shard_id` goes: (index, offset, size) of this rank's output features,
+        and (rank, ranks): which of the checkpoint's equal slices this rank takes."""
+        return 0, 0, self.output_size, 0, 1
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _check_shape(param, loaded, type(self).__name__)
-        param.data.copy_(loaded)
+        name = type(self).__name__ + (f"[{shard_id}]" if shard_id is not None else "")
+        index, offset, size, rank, ranks = self.shard(shard_id)
+        load_sharded(param, loaded, name, index, "output", offset, size, rank, ranks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -63,41 +117,39 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """y = x A^T with A's rows (output features) split across ranks; output stays sharded."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None, *,
+                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
         tp_size = get_tp_group().world_size
         self.out_features_total = out_features
-        super().__init__(in_features, _divide(out_features, tp_size, "output features"), bias, params_dtype)
+        super().__init__(in_features, _divide(out_features, tp_size, "output features"), bias, params_dtype,
+                         quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[0]
-        _check_full_dim(loaded, 0, size * self.tp_size, type(self).__name__)
-        loaded = loaded.narrow(0, self.tp_rank * size, size)
-        _check_shape(param, loaded, type(self).__name__)
-        param.data.copy_(loaded)
+    def shard(self, shard_id) -> tuple[int, int, int, int, int]:
+        return 0, 0, self.output_size, self.tp_rank, self.tp_size
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stacked (e.g. gate_proj|up_proj); shard_id is the index."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, params_dtype=None):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, params_dtype=None, *,
+                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, params_dtype)
+        super().__init__(in_features, sum(output_sizes), bias, params_dtype, quant_config=quant_config,
+                         prefix=prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        sizes = [s // self.tp_size for s in self.output_sizes]
-        offset, size = sum(sizes[:shard_id]), sizes[shard_id]
-        _check_full_dim(loaded, 0, self.output_sizes[shard_id], f"{type(self).__name__}[{shard_id}]")
-        loaded = loaded.narrow(0, self.tp_rank * size, size)
-        target = param.data.narrow(0, offset, size)
-        _check_shape(target, loaded, f"{type(self).__name__}[{shard_id}]")
-        target.copy_(loaded)
+    def output_partition_sizes(self) -> list[int]:
+        return [s // self.tp_size for s in self.output_sizes]
+
+    def shard(self, shard_id) -> tuple[int, int, int, int, int]:
+        sizes = self.output_partition_sizes()
+        return shard_id, sum(sizes[:shard_id]), sizes[shard_id], self.tp_rank, self.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q|k|v projections in one matmul. KV heads are replicated when there are fewer than TP ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 params_dtype=None):
+                 params_dtype=None, *, quant_config: QuantizationConfig | None = None, prefix: str = ""):
         tp_size = get_tp_group().world_size
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
@@ -108,7 +160,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = 1
             self.kv_replicas = _divide(tp_size, num_kv_heads, "tensor_parallel_size / num_key_value_heads")
         out_total = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, out_total, bias, params_dtype)
+        super().__init__(hidden_size, out_total, bias, params_dtype, quant_config=quant_config, prefix=prefix)
 
     @property
     def q_size(self) -> int:
@@ -118,40 +170,36 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def output_partition_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def shard(self, shard_id) -> tuple[int, int, int, int, int]:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
-        else:
-            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
-        ranks_with_distinct_shards = self.tp_size // (1 if shard_id == "q" else self.kv_replicas)
-        _check_full_dim(loaded, 0, size * ranks_with_distinct_shards, f"QKVParallelLinear[{shard_id}]")
-        loaded = loaded.narrow(0, rank * size, size)
-        target = param.data.narrow(0, offset, size)
-        _check_shape(target, loaded, f"QKVParallelLinear[{shard_id}]")
-        target.copy_(loaded)
+            return 0, 0, self.q_size, self.tp_rank, self.tp_size
+        if shard_id not in ("k", "v"):
+            raise ValueError(f"QKVParallelLinear: unknown shard {shard_id!r} (expected q, k or v)")
+        index = 1 if shard_id == "k" else 2
+        return (index, self.q_size + (index - 1) * self.kv_size, self.kv_size, self.tp_rank // self.kv_replicas,
+                self.tp_size // self.kv_replicas)
 
 
 class RowParallelLinear(LinearBase):
     """y = x A^T with A's columns (input features) split across ranks; the partial sums are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True,
-                 params_dtype=None):
+                 params_dtype=None, *, quant_config: QuantizationConfig | None = None, prefix: str = ""):
         tp_size = get_tp_group().world_size
-        super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype)
+        super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype,
+                         quant_config=quant_config, prefix=prefix)
         self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if param.dim() == 2:
-            size = param.shape[1]
-            _check_full_dim(loaded, 1, size * self.tp_size, type(self).__name__)
-            loaded = loaded.narrow(1, self.tp_rank * size, size)
-        _check_shape(param, loaded, type(self).__name__)
-        param.data.copy_(loaded)
+        # Split along input features only: the bias (output_dim only) is whole on every rank.
+        load_sharded(param, loaded, type(self).__name__, 0, "input", 0, self.input_size, self.tp_rank, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Bias is added once, after the reduction.
-        y = F.linear(x, self.weight)
+        y = self.quant_method.apply(self, x, None)
         if self.tp_size > 1 and self.reduce_results:
             y = get_tp_group().all_reduce(y)
         if self.bias is not None:

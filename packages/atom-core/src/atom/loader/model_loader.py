@@ -11,6 +11,7 @@ import torch
 
 from atom.layers.attention import AttentionFactory
 from atom.models.registry import model_class_for_config
+from atom.quantization import QuantizationConfig, process_weights_after_loading, quantization_config_for
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
-    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # `dtype` only: reading `torch_dtype` makes transformers 5 print a deprecation warning on every start
+    # (it maps a checkpoint's torch_dtype to `dtype` when it reads config.json).
+    cfg_dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(cfg_dtype, str):
         cfg_dtype = _DTYPES.get(cfg_dtype, None)
     if cfg_dtype in (None, torch.float32):
@@ -98,14 +101,24 @@ def load_model(
     config=None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    quantization: str | None = None,
+    quant_config: QuantizationConfig | None = None,
 ):
-    """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights)."""
+    """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights).
+
+    The quantization scheme comes from the checkpoint's quantization_config (or `quantization`, a
+    quant_method name forcing one, or a ready `quant_config` from a host); after the weights are in,
+    every layer's quantization method processes them once (the post-load hook)."""
     config = config if config is not None else load_config(model, trust_remote_code)
     cls = model_class_for_config(config)
     torch_dtype = resolve_dtype(config, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if quant_config is None:
+        quant_config = quantization_config_for(config, quantization)
+    # Only schemes are passed: a model class that predates the seam still builds unquantized.
+    extra = {"quant_config": quant_config} if quant_config is not None else {}
     with default_dtype(torch_dtype), torch.device(device):
-        net = cls(config, attn_factory=attn_factory, max_positions=max_positions)
+        net = cls(config, attn_factory=attn_factory, max_positions=max_positions, **extra)
     if load_format == "dummy":
         random_weights_(net)
     else:
@@ -115,5 +128,7 @@ def load_model(
         if missing:
             raise ValueError(f"checkpoint {model} lacks tensors for: {', '.join(missing[:10])}"
                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    with torch.device(device):
+        process_weights_after_loading(net)
     net.eval()
     return net, config

@@ -22,6 +22,7 @@ from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, Re
 from atom.layers.moe import FusedMoE
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding
+from atom.quantization import QuantizationConfig, weights_reloading
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,14 @@ def _sliding_window(config, layer_idx: int) -> int | None:
 
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx: int, opts: DecoderOptions, attn_factory: AttentionFactory | None,
-                 prefix: str, max_positions: int | None):
+                 prefix: str, max_positions: int | None, *, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.head_dim = _head_dim(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=opts.qkv_bias)
+                                          config.num_key_value_heads, bias=opts.qkv_bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=opts.o_bias)
+                                        bias=opts.o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         if opts.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -96,10 +98,13 @@ class SelfAttention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False, *,
+                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act = GatedActivation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,17 +112,20 @@ class DenseMLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config, opts: DecoderOptions):
+    def __init__(self, config, opts: DecoderOptions, *, quant_config: QuantizationConfig | None = None,
+                 prefix: str = ""):
         super().__init__()
         if opts.moe == "mixtral":
             num_experts, inter, renorm = config.num_local_experts, config.intermediate_size, True
         else:
             num_experts, inter = config.num_experts, config.moe_intermediate_size
             renorm = bool(getattr(config, "norm_topk_prob", False))
-        self.gate = ReplicatedLinear(config.hidden_size, num_experts, bias=False)
+        # The router stays unquantized (as in vLLM and the FP8 checkpoints).
+        self.gate = ReplicatedLinear(config.hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
         act = "silu" if config.hidden_act in ("silu", "swish") else "gelu_tanh"
         self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size, inter,
-                                renormalize=renorm, activation=act)
+                                renormalize=renorm, activation=act, quant_config=quant_config,
+                                prefix=f"{prefix}.experts")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))
@@ -135,13 +143,15 @@ def _is_moe_layer(config, layer_idx: int, opts: DecoderOptions) -> bool:
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, opts: DecoderOptions, attn_factory, prefix: str,
-                 max_positions: int | None):
+                 max_positions: int | None, *, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.self_attn = SelfAttention(config, layer_idx, opts, attn_factory, f"{prefix}.self_attn", max_positions)
+        self.self_attn = SelfAttention(config, layer_idx, opts, attn_factory, f"{prefix}.self_attn", max_positions,
+                                       quant_config=quant_config)
         if _is_moe_layer(config, layer_idx, opts):
-            self.mlp = SparseMoE(config, opts)
+            self.mlp = SparseMoE(config, opts, quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, opts.mlp_bias)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, opts.mlp_bias,
+                                quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -158,11 +168,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(self, config, opts: DecoderOptions, attn_factory, prefix: str = "model",
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, *, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, opts, attn_factory, f"{prefix}.layers.{i}", max_positions)
+            DecoderLayer(config, i, opts, attn_factory, f"{prefix}.layers.{i}", max_positions,
+                         quant_config=quant_config)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -184,7 +195,9 @@ _STACKED = (
     (".gate_proj.", ".gate_up_proj.", 0),
     (".up_proj.", ".gate_up_proj.", 1),
 )
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+# experts.<e>.<proj>.<suffix>: "weight" loads into w13 / w2, any other suffix (a quantization scheme's
+# weight_scale, ...) into w13_<suffix> / w2_<suffix>.
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\w+)$")
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 
@@ -200,12 +213,12 @@ class DecoderForCausalLM(nn.Module):
         return DecoderOptions()
 
     def __init__(self, config, attn_factory: AttentionFactory | None = None, prefix: str = "",
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, *, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
         opts = self.options(config)
-        self.model = self.backbone_cls(config, opts, attn_factory, prefix=f"{prefix}model" if not prefix else f"{prefix}.model",
-                                  max_positions=max_positions)
+        self.model = self.backbone_cls(config, opts, attn_factory, prefix=f"{prefix}.model" if prefix else "model",
+                                       max_positions=max_positions, quant_config=quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         tie_to = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tie_to=tie_to)
@@ -233,6 +246,7 @@ class DecoderForCausalLM(nn.Module):
         """Copy checkpoint tensors into the parameters; returns the parameter names that were loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
+        weights_reloading(self)  # the post-load hook runs again on these weights
 
         def param(target: str, source: str) -> nn.Parameter:
             if target not in params:
@@ -257,9 +271,10 @@ class DecoderForCausalLM(nn.Module):
         if name is None:
             return
         if m := _EXPERT.match(name):
-            base, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+            base, expert, kind, suffix = m.group(1), int(m.group(2)), m.group(3), m.group(4)
             shard = _EXPERT_SHARD[kind]
-            p = param(f"{base}.{'w2' if shard == 'w2' else 'w13'}", source)
+            stacked = "w2" if shard == "w2" else "w13"
+            p = param(f"{base}.{stacked}" if suffix == "weight" else f"{base}.{stacked}_{suffix}", source)
             p.weight_loader(p, tensor, shard, expert)
             return
         if m := _FUSED_EXPERTS.match(name):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+for _name in ("silu_and_mul", "gelu_tanh_and_mul"):
+    define_op(_name, example=lambda t, static: (t.randn(7, 2 * int(static.get("intermediate_size", 256))),))
 
 
 @register("silu_and_mul", "torch")

@@ -1,19 +1,25 @@
 """AITER (amd-aiter) implementations of ATOM's ops, for ROCm GPUs.
 
 UNVERIFIED ON HARDWARE: these wrappers were written against amd-aiter 0.1.7's Python API and kernel
-sources (and vLLM's ROCm backends, for how they are called) without an AMD GPU to run them on. The
-aiter tests in tests/test_registry.py compare them with the torch references and run only on ROCm.
+sources (and vLLM's ROCm backends, for how they are called) without an AMD GPU to run them on. So every
+one is registered unverified: the registry uses it only after it passes a numerical self-check against
+the torch reference on the machine that runs it (tiny inputs, at model build; atom.ops.self_check), and
+otherwise falls back to the triton implementation with a WARNING. The aiter tests in tests/test_registry.py
+compare them with the torch references at more shapes and run only on ROCm.
 
 The registry imports this module only when the aiter backend is selected, i.e. on ROCm where
 `import aiter` works (aiter looks for hipconfig at import; it is never imported, or faked, elsewhere).
 Each wrapper keeps the torch reference's signature and return convention (new tensors, inputs left
-untouched) and adapts to aiter's out-parameter style inside. Where a case is outside what the aiter
-kernel is known to handle (dtype, head size, activation), the wrapper calls the torch reference.
+untouched) and adapts to aiter's out-parameter style inside. What a kernel is known not to handle is
+declared at registration (dtypes; for fused_experts the activation and shapes), so the registry picks
+another implementation for that layer at build time; a few call-time cases (a KV cache of another dtype)
+still go to the torch reference.
 
 Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul,
-moe_topk_softmax, fused_experts (silu, 16-bit), reshape_and_cache, paged_attention (decode through
-paged_attention_v1 on the NHD cache; prefill/varlen through flash_attn_varlen_func on gathered K/V).
-Not mapped (torch reference): sample.
+moe_topk_softmax, fused_experts (silu, 16-bit, expert weights pre-shuffled once after loading),
+reshape_and_cache, paged_attention (decode through paged_attention_v1 on the NHD cache; prefill/varlen
+through flash_attn_varlen_func on gathered K/V).
+Not mapped (triton, else torch reference): sample, qk_norm_rope_cache.
 """
 
 from __future__ import annotations
@@ -21,9 +27,7 @@ from __future__ import annotations
 import aiter
 import torch
 
-from atom.ops import activation as ref_activation
 from atom.ops import attention as ref_attention
-from atom.ops import moe as ref_moe
 from atom.ops.registry import register
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -55,17 +59,13 @@ def _gated(kernel, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@register("silu_and_mul", "aiter")
+@register("silu_and_mul", "aiter", dtypes=_HALF)  # aiter's gate kernels dispatch on fp16/bf16 only
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype not in _HALF:  # aiter's gate kernels dispatch on fp16/bf16 only
-        return ref_activation.silu_and_mul(x)
     return _gated(aiter.silu_and_mul, x)
 
 
-@register("gelu_tanh_and_mul", "aiter")
+@register("gelu_tanh_and_mul", "aiter", dtypes=_HALF)
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype not in _HALF:
-        return ref_activation.gelu_tanh_and_mul(x)
     return _gated(aiter.gelu_tanh_and_mul, x)
 
 
@@ -114,26 +114,27 @@ def moe_topk_softmax(
     return weights, ids.long()  # int64 like the reference, so any fused_experts can consume it
 
 
-# aiter's CK MoE reads expert weights in a (16, 16)-shuffled layout (vLLM shuffles them once after
-# loading). ATOM's FusedMoE keeps the checkpoint layout, so the shuffled copies are made on first use
-# and kept per weight tensor (costs a second copy of the expert weights).
-_SHUFFLED: dict[tuple, torch.Tensor] = {}
+def _moe_supports(static) -> str | None:
+    # aiter's ActivationType.Gelu is not documented as the tanh approximation, so gelu_tanh stays elsewhere
+    # rather than risking a silent numerics change; the (16, 16) shuffle tiles need these divisibilities.
+    if static.get("activation", "silu") != "silu":
+        return f"activation {static['activation']!r} (the aiter MoE kernel is wired for silu only)"
+    hidden, inter = static.get("hidden_size"), static.get("intermediate_size")
+    if hidden is not None and inter is not None and (hidden % 32 or inter % 32):
+        return f"hidden {hidden} / intermediate {inter} are not multiples of 32 (aiter's shuffled layout)"
+    return None
 
 
-def _shuffled(w: torch.Tensor) -> torch.Tensor:
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
-    if key not in _SHUFFLED:
-        from aiter.ops.shuffle import shuffle_weight
+def shuffle_expert_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """aiter's CK MoE reads expert weights in a (16, 16)-shuffled layout (as vLLM shuffles them once after
+    loading). Applied once by the layer after loading (atom.quantization), in place of the checkpoint
+    layout: no second copy of the experts is kept."""
+    from aiter.ops.shuffle import shuffle_weight
 
-        _SHUFFLED[key] = shuffle_weight(w.contiguous(), layout=(16, 16))
-    return _SHUFFLED[key]
-
-
-def _shuffle_fits(w: torch.Tensor) -> bool:
-    return w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0
+    return shuffle_weight(w13.contiguous(), layout=(16, 16)), shuffle_weight(w2.contiguous(), layout=(16, 16))
 
 
-@register("fused_experts", "aiter")
+@register("fused_experts", "aiter", dtypes=_HALF, supports=_moe_supports, prepare_weights=shuffle_expert_weights)
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -142,14 +143,11 @@ def fused_experts(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    # aiter's ActivationType.Gelu is not documented as the tanh approximation, so gelu_tanh stays on
-    # the reference rather than risking a silent numerics change.
-    if activation != "silu" or x.dtype not in _HALF or not (_shuffle_fits(w13) and _shuffle_fits(w2)):
-        return ref_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+    """w13 and w2 in the shuffled layout of shuffle_expert_weights."""
     from aiter import ActivationType, QuantType
     from aiter.fused_moe import fused_moe
 
-    return fused_moe(x.contiguous(), _shuffled(w13), _shuffled(w2), topk_weights.float().contiguous(),
+    return fused_moe(x.contiguous(), w13, w2, topk_weights.float().contiguous(),
                      topk_ids.to(torch.int32).contiguous(), None, ActivationType.Silu, QuantType.No)
 
 
@@ -162,7 +160,7 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return _ONE[device]
 
 
-@register("reshape_and_cache", "aiter")
+@register("reshape_and_cache", "aiter", dtypes=_HALF)
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -218,7 +216,7 @@ def _varlen(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
         softmax_scale=scale, logits_soft_cap=float(logit_softcap or 0.0), causal=True, window_size=window)
 
 
-@register("paged_attention", "aiter")
+@register("paged_attention", "aiter", dtypes=_HALF)
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -14,10 +14,49 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+CHECK_BLOCK_SIZE = 16
 
 
-@register("reshape_and_cache", "torch")
+def _heads(static) -> tuple[int, int, int]:
+    return int(static.get("num_heads", 4)), int(static.get("num_kv_heads", 2)), int(static.get("head_dim", 128))
+
+
+def slot_example(t, num_tokens: int, num_blocks: int = 4) -> torch.Tensor:
+    """Distinct cache slots for a self-check, one of them -1 (a padding token, not written)."""
+    slots = t.randperm(num_blocks * CHECK_BLOCK_SIZE)[:num_tokens]
+    slots[num_tokens // 2] = -1
+    return slots
+
+
+def _cache_example(t, static):
+    _, kv, d = _heads(static)
+    caches = [torch.zeros(4, CHECK_BLOCK_SIZE, kv, d, dtype=t.dtype, device=t.device) for _ in range(2)]
+    return (t.randn(6, kv, d), t.randn(6, kv, d), *caches, slot_example(t, 6))
+
+
+def _attention_example(t, static):
+    """A decode-only batch and a mixed prefill/decode batch over a paged cache with shuffled blocks."""
+    h, kv, d = _heads(static)
+    window, softcap = static.get("sliding_window"), static.get("logit_softcap")
+    k_cache, v_cache = t.randn(8, CHECK_BLOCK_SIZE, kv, d), t.randn(8, CHECK_BLOCK_SIZE, kv, d)
+    tables = t.randperm(8)[:6].view(2, 3).to(torch.int32)
+    calls = []
+    for q_lens, ctx in (([1, 1], [40, 7]), ([1, 5], [23, 40])):
+        qsl = t.tensor([0, q_lens[0], q_lens[0] + q_lens[1]], torch.int32)
+        calls.append((t.randn(sum(q_lens), h, d), k_cache, v_cache, tables, qsl, t.tensor(ctx, torch.int32),
+                      d**-0.5, window, softcap, max(q_lens), max(ctx)))
+    return calls
+
+
+define_op("reshape_and_cache", mutates_args=("k_cache", "v_cache"), example=_cache_example,
+          fake=lambda *args, **kwargs: None)
+define_op("paged_attention", example=_attention_example, fake=lambda q, *args, **kwargs: q.new_empty(q.shape))
+
+
+# Boolean-mask indexing: a data-dependent shape, so no graph capture and a custom op under compile.
+@register("reshape_and_cache", "torch", cuda_graph=False, traceable=False)
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -33,7 +72,7 @@ def reshape_and_cache(
     v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 
 
-@register("paged_attention", "torch")
+@register("paged_attention", "torch", cuda_graph=False, traceable=False)
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -7,7 +7,44 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+
+def _router_logits(t, tokens: int, experts: int) -> torch.Tensor:
+    # Distinct values k/4 (exact in bf16): no ties, so every implementation must pick the same experts.
+    rows = [t.randperm(experts) for _ in range(tokens)]
+    return torch.stack(rows).to(t.dtype) / 4
+
+
+def _topk_example(t, static):
+    experts = int(static.get("num_experts", 16))
+    return (_router_logits(t, 5, experts), int(static.get("top_k", 4)), bool(static.get("renormalize", True)))
+
+
+def _same_experts(ref, out) -> str | None:
+    """Top-k sets compared per token in expert order (an implementation need not sort by weight)."""
+    from atom.ops.self_check import compare_outputs
+
+    (rw, ri), (ow, oi) = ref, out
+    if ri.shape != oi.shape:
+        return f"ids {list(oi.shape)}, the reference gives {list(ri.shape)}"
+    ro, oo = ri.long().sort(-1), oi.long().sort(-1)
+    return compare_outputs((rw.gather(-1, ro.indices), ro.values), (ow.float().gather(-1, oo.indices), oo.values))
+
+
+def _experts_example(t, static):
+    hidden = int(static.get("hidden_size", 256))
+    inter = int(static.get("intermediate_size", 128))
+    experts, tokens, top_k = 4, 5, 2
+    ids = torch.stack([t.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights = torch.softmax(t.randn(tokens, top_k, dtype=torch.float32), dim=-1)
+    return (t.randn(tokens, hidden), t.randn(experts, 2 * inter, hidden, scale=hidden**-0.5),
+            t.randn(experts, hidden, inter, scale=inter**-0.5), weights, ids, static.get("activation", "silu"))
+
+
+define_op("moe_topk_softmax", example=_topk_example, compare=_same_experts)
+define_op("fused_experts", example=_experts_example, weight_args=("w13", "w2"),
+          fake=lambda x, w13, w2, topk_weights, topk_ids, activation="silu": x.new_empty(x.shape[0], w2.shape[1]))
 
 
 @register("moe_topk_softmax", "torch")
@@ -22,7 +59,8 @@ def moe_topk_softmax(
     return weights, ids
 
 
-@register("fused_experts", "torch")
+# Reads per-expert token counts on the host: neither capturable nor traceable (a custom op under compile).
+@register("fused_experts", "torch", cuda_graph=False, traceable=False)
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+
+def _hidden(static) -> int:
+    return int(static.get("hidden_size", 256))
+
+
+define_op("rms_norm", example=lambda t, static: (
+    t.randn(7, _hidden(static)), 1 + t.randn(_hidden(static), scale=0.1), 1e-6))
+define_op("fused_add_rms_norm", example=lambda t, static: (
+    t.randn(7, _hidden(static)), t.randn(7, _hidden(static)), 1 + t.randn(_hidden(static), scale=0.1), 1e-6))
 
 
 @register("rms_norm", "torch")

@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.attention import reshape_and_cache
+from atom.ops.attention import CHECK_BLOCK_SIZE, reshape_and_cache, slot_example
 from atom.ops.norm import rms_norm
-from atom.ops.registry import register
-from atom.ops.rope import rotary_embedding
+from atom.ops.registry import define_op, register
+from atom.ops.rope import rope_example, rotary_embedding
 
 
-@register("qk_norm_rope_cache", "torch")
+def _example(t, static):
+    h, kv, d = int(static.get("num_heads", 4)), int(static.get("num_kv_heads", 2)), int(static.get("head_dim", 128))
+    positions, cos_sin = rope_example(t, {"head_dim": d, **static})
+    n = positions.shape[0]
+    norm = bool(static.get("qk_norm", True))
+    weights = (1 + t.randn(d, scale=0.1), 1 + t.randn(d, scale=0.1)) if norm else (None, None)
+    caches = [torch.zeros(4, CHECK_BLOCK_SIZE, kv, d, dtype=t.dtype, device=t.device) for _ in range(2)]
+    return (positions, t.randn(n, h * d), t.randn(n, kv * d), t.randn(n, kv * d), *weights, 1e-6, d, cos_sin,
+            bool(static.get("is_neox", True)), *caches, slot_example(t, n))
+
+
+define_op("qk_norm_rope_cache", mutates_args=("k_cache", "v_cache"), example=_example,
+          fake=lambda positions, q, k, *args: (q.new_empty(q.shape), k.new_empty(k.shape)))
+
+
+@register("qk_norm_rope_cache", "torch", cuda_graph=False, traceable=False)
 def qk_norm_rope_cache(
     positions: torch.Tensor,
     q: torch.Tensor,

@@ -9,7 +9,28 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+
+def rope_example(t, static: dict, num_tokens: int = 6, num_positions: int = 64):
+    """(positions, cos_sin) for a self-check: a table of random angles (any angles test the rotation)."""
+    head_dim = int(static.get("head_dim", 128))
+    rot = int(static.get("rotary_dim", head_dim))
+    theta = t.randn(num_positions, rot // 2, dtype=torch.float32, scale=3.0)
+    cos_sin = torch.cat((theta.cos(), theta.sin()), dim=-1)
+    positions = t.randperm(num_positions)[:num_tokens]
+    return positions, cos_sin
+
+
+def _example(t, static):
+    head_dim = int(static.get("head_dim", 128))
+    positions, cos_sin = rope_example(t, static)
+    n = positions.shape[0]
+    return (positions, t.randn(n, 4 * head_dim), t.randn(n, 2 * head_dim), head_dim, cos_sin,
+            bool(static.get("is_neox", True)))
+
+
+define_op("rotary_embedding", example=_example)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.registry import register
+from atom.ops.registry import define_op, register
+
+# Host-side op (the runner calls it on logits, outside the model): not a custom op (per-row torch.Generators
+# have no schema type); its self-check is greedy rows, where every implementation must give the argmax.
+define_op("sample", custom_op=False, example=lambda t, static: (
+    t.randn(4, 1000, dtype=torch.float32), torch.zeros(4, dtype=torch.float32, device=t.device)))
 
 
 def apply_top_k_top_p_min_p(
@@ -37,7 +42,7 @@ def apply_top_k_top_p_min_p(
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-@register("sample", "torch")
+@register("sample", "torch", cuda_graph=False)
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,

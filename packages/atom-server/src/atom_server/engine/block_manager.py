@@ -43,6 +43,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
+        self._changed: dict[int, Sequence] = {}  # sequences whose block table was set or grew since take_changed()
 
     @property
     def num_total_blocks(self) -> int:
@@ -92,6 +93,7 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = list(hits)
         seq.table_gen += 1
+        self._changed[seq.seq_id] = seq
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_registered_blocks = len(hits)
@@ -108,7 +110,14 @@ class BlockManager:
             return False
         for _ in range(need):
             seq.block_table.append(self._take_free())
+        self._changed[seq.seq_id] = seq
         return True
+
+    def take_changed(self) -> list[Sequence]:
+        """The sequences whose block table was set (admission) or grew since the last call."""
+        changed = list(self._changed.values())
+        self._changed.clear()
+        return changed
 
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)

@@ -11,19 +11,28 @@ whole step's input is a single non-blocking copy (the leading `last` field is wr
 `last` and `ids` form one token array: row i's input token is tokens[src[i]], so a row takes either the
 id the host wrote (src = n + i) or the token that the previous graph replay sampled at row j (src = j),
 without the host ever seeing it (async scheduling: the next step is launched before this one is read).
-Block-table rows are written on the host only when a row's sequence or its block count changed, and only
-the changed rows are copied. One graph per padded batch size, captured with attention metadata covering
-max_model_len, so the same graph serves any context length; padding rows write nowhere (slot -1).
+Block-table rows are written on the host only when a row's table changed (another sequence in the row, a
+replaced table, or more blocks: BlockTables' `state` tells), and only the changed rows are copied. One
+graph per padded batch size, captured with attention metadata covering max_model_len, so the same graph
+serves any context length; padding rows write nowhere (slot -1).
+
+The inputs come from a StepInput (step_input.py) and the runner's BlockTables; the attention metadata
+is made by the attention implementation's builder (`build_for_graph`, once per size, over the static
+buffers). With capture=False the same buffers, copies and body run without a graph (each "replay" runs
+the body eagerly): CPU tests exercise this input plumbing against the eager path.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from atom.forward_context import set_forward_context
-from atom.layers.attention import PagedAttentionMetadata
+from atom.layers.attention import AttentionInputs, AttentionMetadataBuilder
+from atom_server.engine.block_tables import BlockTables
+from atom_server.engine.step_input import StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,20 @@ def capture_sizes(max_num_seqs: int, limit: int = 512) -> list[int]:
     if sizes[-1] != top:
         sizes.append(top)
     return sizes
+
+
+class _HostEvent:
+    """What a CUDA event gives the host, for devices whose copies are synchronous (CPU)."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _event(device: torch.device):
+    return torch.cuda.Event() if device.type == "cuda" else _HostEvent()
 
 
 class _IOBuffers:
@@ -59,16 +82,20 @@ class _IOBuffers:
 
 
 class DecodeGraphs:
-    def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int, block_size: int):
+    def __init__(self, model, builder: AttentionMetadataBuilder, device: torch.device, max_num_seqs: int,
+                 max_model_len: int, block_size: int, capture: bool = True):
         self.model = model
+        self.builder = builder
         self.device = device
+        self.capture = capture
         self.sizes = capture_sizes(max_num_seqs)
         self.max_bs = n = self.sizes[-1]
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.width = -(-max_model_len // block_size)
+        pinned = device.type == "cuda"
         self.dev = _IOBuffers(n, self.width, device, pinned=False)
-        self.host = _IOBuffers(n, self.width, torch.device("cpu"), pinned=True)
+        self.host = _IOBuffers(n, self.width, torch.device("cpu"), pinned=pinned)
         self.dev.slots.fill_(-1)
         self.dev.seq_lens.fill_(1)
         h = self.host
@@ -78,26 +105,31 @@ class DecodeGraphs:
         self.h_tables = h.tables.numpy()
         self.h_slots[:] = -1
         self.h_lens[:] = 1
-        self.h_src[:] = range(n, 2 * n)
+        self.own_src = np.arange(n, 2 * n, dtype=np.int64)  # row i reads the id the host wrote
+        self.h_src[:] = self.own_src
         self.dev.src.copy_(h.src)
-        # What the device's block-table rows hold: (seq id, table generation) and how many entries.
-        self.row_owner: list[tuple[int, int] | None] = [None] * n
-        self.row_blocks = [0] * n
+        self._src_own = True  # h_src holds own_src in every row
+        hs, he = h.header_start, h.header_bytes
+        self._header = (self.dev.raw[hs:he], h.raw[hs:he])  # the part of the layout copied every step
+        # What the device's block-table rows hold: the BlockTables state they were copied from (0: nothing).
+        self.row_state = np.zeros(n, dtype=np.int64)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
         # Two pinned landing buffers for sampled tokens: one step's copy may be pending while the next runs.
-        self.tokens_host = [torch.zeros(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self.tokens_ready = [torch.cuda.Event() for _ in range(2)]
+        self.tokens_host = [torch.zeros(n, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self.tokens_ready = [_event(device) for _ in range(2)]
         self._turn = 0
-        self.copied = torch.cuda.Event()  # the last H2D copy is done: the pinned buffer may be rewritten
-        # bs -> (graph, logits [bs, V], greedy tokens [bs])
+        self.copied = _event(device)  # the last H2D copy is done: the pinned buffer may be rewritten
+        self.metadata = {bs: self.builder.build_for_graph(self._inputs(bs)) for bs in self.sizes}
+        # bs -> (graph, logits [bs, V], greedy tokens [bs]); empty without capture
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._capture()
+        if capture:
+            self._capture()
 
-    def _metadata(self, bs: int) -> PagedAttentionMetadata:
+    def _inputs(self, bs: int) -> AttentionInputs:
         d = self.dev
-        return PagedAttentionMetadata(slot_mapping=d.slots[:bs], block_tables=d.tables[:bs],
-                                      query_start_loc=self.qsl[:bs + 1], seq_lens=d.seq_lens[:bs],
-                                      max_query_len=1, max_seq_len=self.max_model_len)
+        return AttentionInputs(slot_mapping=d.slots[:bs], block_tables=d.tables[:bs],
+                               query_start_loc=self.qsl[:bs + 1], seq_lens=d.seq_lens[:bs],
+                               max_query_len=1, max_seq_len=self.max_model_len)
 
     def _body(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dev
@@ -112,7 +144,7 @@ class DecodeGraphs:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            with set_forward_context(self._metadata(bs)):
+            with set_forward_context(self.metadata[bs]):
                 self._body(bs)  # warm-up (autotuning, lazy init)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -128,61 +160,65 @@ class DecodeGraphs:
     def padded(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
-    def prepare(self, seqs, prev_rows: dict[int, int] | None = None) -> int:
-        """Write the decode inputs of seqs (each computes its last token) and copy them to the device.
-        A sequence whose last token is still pending takes the token the previous replay sampled in its
-        row (prev_rows: seq id -> row). Returns the padded batch size."""
-        n = len(seqs)
+    def prepare(self, step: StepInput, tables: BlockTables, rows: np.ndarray) -> int:
+        """Write the inputs of a decode step (every row computes its last token; rows: each row's
+        BlockTables row) and copy them to the device. A row with step.prev_rows[i] >= 0 takes the token
+        the previous replay sampled in that row. Returns the padded batch size."""
+        n = step.num_rows
         bs = self.padded(n)
         self.copied.synchronize()  # the previous copy has left the pinned buffer
-        B = self.block_size
-        ids, pos, slots, lens, tables = self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables
-        src, base = self.h_src, self.max_bs
-        owner, nblocks = self.row_owner, self.row_blocks
-        lo, hi = n, 0
-        for i, s in enumerate(seqs):
-            toks = s.token_ids
-            length = len(toks)
-            p = length - 1
-            table = s.block_table
-            if s.pending:
-                src[i] = prev_rows[s.seq_id]
-            else:
-                src[i] = base + i
-                ids[i] = toks[p]
-            pos[i] = p
-            lens[i] = length
-            slots[i] = table[p // B] * B + p % B
-            nb = len(table)
-            key = (s.seq_id, s.table_gen)
-            if owner[i] != key:
-                tables[i, :nb] = table
-                owner[i], nblocks[i] = key, nb
-            elif nblocks[i] != nb:
-                tables[i, nblocks[i]:nb] = table[nblocks[i]:nb]
-                nblocks[i] = nb
-            else:
-                continue
-            lo = min(lo, i)
-            hi = i + 1
+        lens = self.h_lens
+        lens[:n] = step.seq_lens
+        pos = self.h_pos[:n]
+        np.subtract(lens[:n], 1, out=pos, casting="unsafe")
+        block, offset = np.divmod(pos, self.block_size)
+        slots = self.h_slots[:n]
+        np.multiply(tables.table[rows, block], self.block_size, out=slots, casting="unsafe")
+        slots += offset
+        ids = self.h_ids
+        ids[:n] = step.token_ids
+        if step.prev_rows is not None:
+            prev = np.asarray(step.prev_rows, dtype=np.int64)
+            self.h_src[:n] = np.where(prev >= 0, prev, self.own_src[:n])
+            # A pending row's id is the -1 placeholder; the graph reads the previous replay's token instead,
+            # but the slot stays in ids and a later, smaller step can read it as a padding row: never
+            # leave an id the embedding cannot look up.
+            np.maximum(ids[:n], 0, out=ids[:n])
+            self._src_own = False
+        elif not self._src_own:
+            self.h_src[:] = self.own_src
+            self._src_own = True
+        state = tables.state[rows]
+        changed = np.flatnonzero(self.row_state[:n] != state)
         if bs > n:  # padding rows: write nowhere, attend to one (any) cached slot
-            slots[n:bs] = -1
+            self.h_slots[n:bs] = -1
             lens[n:bs] = 1
-            src[n:bs] = range(base + n, base + bs)
-        d, h = self.dev.raw, self.host.raw
-        start, end = self.host.header_start, self.host.header_bytes
-        if hi > lo:
-            a, b = self.host.row_bytes(lo, hi)
+            self.h_src[n:bs] = self.own_src[n:bs]
+            ids[n:bs] = 0
+        if changed.size:
+            self.h_tables[changed] = tables.table[rows[changed]]
+            self.row_state[changed] = state[changed]
+            d, h = self.dev.raw, self.host.raw
+            start, end = self.host.header_start, self.host.header_bytes
+            a, b = self.host.row_bytes(int(changed[0]), int(changed[-1]) + 1)
             if a == end:  # contiguous with the header: one copy
-                end = b
+                d[start:b].copy_(h[start:b], non_blocking=True)
             else:
                 d[a:b].copy_(h[a:b], non_blocking=True)
-        d[start:end].copy_(h[start:end], non_blocking=True)
+                d[start:end].copy_(h[start:end], non_blocking=True)
+        else:
+            self._header[0].copy_(self._header[1], non_blocking=True)
         self.copied.record()
         return bs
 
-    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the graph of padded size bs on the prepared inputs: (logits [bs, V], greedy tokens [bs])."""
+    def replay(self, bs: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph of padded size bs (n real rows) on the prepared inputs: (logits [bs, V], greedy
+        tokens [bs])."""
+        md = self.metadata[bs]
+        self.builder.prepare_replay(md, n)
+        if not self.capture:
+            with set_forward_context(md):
+                return self._body(bs)
         graph, logits, tokens = self.graphs[bs]
         graph.replay()
         return logits, tokens

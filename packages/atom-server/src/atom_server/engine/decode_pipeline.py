@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from atom_server.engine.model_runner import DecodeLaunch, ModelRunner
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
+from atom_server.engine.step_input import StepInputBuilder
 
 
 class DecodePipeline:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int, enabled: bool):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, step_inputs: StepInputBuilder, max_model_len: int,
+                 enabled: bool):
         self.runner = runner
         self.scheduler = scheduler
+        self.step_inputs = step_inputs
         self.max_model_len = max_model_len
         self.enabled = enabled
         self.inflight: DecodeLaunch | None = None
@@ -35,7 +38,9 @@ class DecodePipeline:
 
     def launch(self, batch: ScheduledBatch, prev: DecodeLaunch | None) -> DecodeLaunch:
         """Start the step on the device; sequences whose last token is pending take it from prev's replay."""
-        return self.runner.launch_decode(batch.seqs, prev)
+        step = self.step_inputs.build(batch, prev.rows if prev is not None else None)
+        ticket = self.runner.launch_decode(step)
+        return DecodeLaunch(batch.seqs, dict(zip(step.seq_ids, range(step.num_rows))), ticket)
 
     def start(self, batch: ScheduledBatch, launch: DecodeLaunch) -> None:
         """The launched step is now in flight: account its tokens and give each sequence a placeholder."""
@@ -50,7 +55,7 @@ class DecodePipeline:
 
     def resolve(self, launch: DecodeLaunch) -> Iterator[tuple[Sequence, int]]:
         """Wait for a launched step; yields (sequence, token) for the sequences still waiting on it."""
-        for seq, token in zip(launch.seqs, self.runner.collect(launch)):
+        for seq, token in zip(launch.seqs, self.runner.collect(launch.ticket, len(launch.seqs))):
             if seq.is_finished or not seq.pending:
                 continue
             seq.resolve_placeholder(token)

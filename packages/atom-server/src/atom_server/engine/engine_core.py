@@ -21,14 +21,17 @@ import torch
 
 from atom.loader.model_loader import is_gguf, load_config
 from atom.platform import default_device, kernel_backend
+from atom_server import startup
 from atom_server.config import EngineArgs
 from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.decode_pipeline import DecodePipeline
-from atom_server.engine.model_runner import ModelRunner, SeqStepResult, TokenLogprobsRaw
+from atom_server.engine.model_runner import ModelRunner, RowResult, TokenLogprobsRaw
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
+from atom_server.engine.step_input import StepInputBuilder
 from atom_server.outputs import EngineCoreOutputs, PositionLogprobs
 from atom_server.sampling_params import SamplingParams
+from atom_server.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +49,6 @@ def is_device_fatal(e: BaseException) -> bool:
     if accelerator_error is not None and isinstance(e, accelerator_error):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in _DEVICE_FATAL_MARKERS)
-
-
-def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: bool = False):
-    source = tokenizer or model
-    if is_gguf(source):
-        from atom.loader.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(source)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def eos_token_ids(tokenizer, model: str, config) -> frozenset[int]:
@@ -78,11 +70,6 @@ def eos_token_ids(tokenizer, model: str, config) -> frozenset[int]:
     elif is_gguf(model) or tokenizer is None:
         add(getattr(config, "eos_token_id", None))
     return frozenset(ids)
-
-
-def default_served_name(model: str) -> str:
-    name = os.path.basename(os.path.normpath(model))
-    return name[:-5] if name.endswith(".gguf") else name
 
 
 @dataclass
@@ -108,15 +95,18 @@ class EngineCore:
 
             args.model = resolve_model_path()
             args.served_model_name = args.served_model_name or SERVED_NAME
+        startup.begin()
         self.args = args
         self.model_path = args.model
         self.device = torch.device(args.device) if args.device else default_device()
         config = load_config(args.model, args.trust_remote_code)
+        startup.phase_done("config")
         self.max_model_len = self._max_model_len(args, config)
         max_batched = args.max_num_batched_tokens or (
             CPU_MAX_BATCHED_TOKENS if self.device.type == "cpu" else GPU_MAX_BATCHED_TOKENS)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.model, args.tokenizer,
                                                                               args.trust_remote_code)
+        startup.phase_done("tokenizer", "skipped" if args.skip_tokenizer_init else "")
         self.runner = ModelRunner(
             args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
@@ -127,19 +117,22 @@ class EngineCore:
         self.dtype = self.runner.dtype
         self.vocab_size = self.runner.vocab_size
         self.kernel_backend = kernel_backend()
-        self.served_model_name = args.served_model_name or default_served_name(args.model)
+        self.served_model_name = (args.served_model_names() or [args.model])[0]
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)
+        self.step_inputs = StepInputBuilder(self.scheduler)
         self.kv_capacity_tokens = self.runner.num_blocks * args.block_size
         self.requests: dict[str, CoreRequest] = {}
         # Async scheduling needs the decode graphs (their sampled tokens feed the next step on the device).
         self.async_scheduling = (self.runner.graphs is not None
                                  and os.environ.get("ATOM_ASYNC_SCHEDULING", "1") != "0")
-        self.pipeline = DecodePipeline(self.runner, self.scheduler, self.max_model_len, self.async_scheduling)
+        self.pipeline = DecodePipeline(self.runner, self.scheduler, self.step_inputs, self.max_model_len,
+                                       self.async_scheduling)
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.num_failed_requests = 0
+        startup.phase_done("ready", f"engine built in {startup.total():.1f} s")
 
     @staticmethod
     def _max_model_len(args: EngineArgs, config) -> int:
@@ -272,23 +265,28 @@ class EngineCore:
 
     # The two places that touch the runner for a synchronous step: running a batch, and the seeded generators'
     # state (a failed attempt may have drawn from them).
-    def _execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, SeqStepResult]]:
-        return list(zip(batch.seqs, self.runner.execute(batch)))  # the runner answers in batch order
+    def _execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, RowResult]]:
+        return list(zip(batch.seqs, self.runner.execute(self.step_inputs.build(batch))))  # rows in batch order
 
     def _generator_states(self, batch: ScheduledBatch):
-        """A function that puts the seeded generators of some of batch's sequences back as they are now."""
-        saved = {s.seq_id: (s.generator, s.generator.get_state()) for s in batch.seqs if s.generator is not None}
+        """A function that puts the runner's seeded generators of some of batch's sequences back as they are
+        now (one made by a failed attempt is dropped, so the retry seeds it afresh)."""
+        generators = self.runner._generators
+        saved = {s.seq_id: (generators[s.seq_id], generators[s.seq_id].get_state())
+                 for s in batch.seqs if s.seq_id in generators}
 
         def restore(seqs: list[Sequence]) -> None:
             for seq in seqs:
                 if seq.seq_id in saved:
                     generator, state = saved[seq.seq_id]
-                    seq.generator = generator  # (the runner may have swapped in a device generator)
                     generator.set_state(state)
+                    generators[seq.seq_id] = generator
+                else:
+                    generators.pop(seq.seq_id, None)
 
         return restore
 
-    def _execute_isolated(self, batch: ScheduledBatch, report: EngineCoreOutputs) -> list[tuple[Sequence, SeqStepResult]]:
+    def _execute_isolated(self, batch: ScheduledBatch, report: EngineCoreOutputs) -> list[tuple[Sequence, RowResult]]:
         """Run the batch; when that raises (and the device is fine), run it again in halves until the failing
         requests are found: they are failed, the others' results come back as usual. Seeded draws come out
         as if the failed attempts never happened."""
@@ -300,7 +298,7 @@ class EngineCore:
                 raise
             logger.warning("a step of %d sequences failed (%s: %s); finding the request that caused it",
                            len(batch.seqs), type(e).__name__, e)
-        results: list[tuple[Sequence, SeqStepResult]] = []
+        results: list[tuple[Sequence, RowResult]] = []
         groups = [list(range(len(batch.seqs)))]
         while groups:
             rows = [i for i in groups.pop() if not batch.seqs[i].is_finished]

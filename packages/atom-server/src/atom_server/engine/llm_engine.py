@@ -14,7 +14,6 @@ from atom_server.engine.engine_core import (  # noqa: F401 (re-exported: the eng
     GPU_MAX_BATCHED_TOKENS,
     EngineCore,
     eos_token_ids,
-    load_tokenizer,
 )
 from atom_server.output_processor import OutputKind, OutputProcessor
 from atom_server.outputs import RequestOutput

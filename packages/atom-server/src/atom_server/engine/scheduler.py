@@ -20,6 +20,8 @@ from atom_server.engine.sequence import Sequence, SeqStatus
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    # Set once by step_input's checks (a batch is not changed after scheduling; filtering makes a new one).
+    is_decode: bool | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -37,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._finished: list[int] = []  # ids of the sequences finished since take_finished()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -118,4 +121,11 @@ class Scheduler:
             except ValueError:
                 pass
         self.bm.free_seq(seq)
+        self._finished.append(seq.seq_id)
         seq.status = SeqStatus.FINISHED
+
+    def take_finished(self) -> list[int]:
+        """Ids of the sequences finished or aborted since the last call (the model runners drop what they
+        keep per sequence: block table, generator)."""
+        finished, self._finished = self._finished, []
+        return finished

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from atom_server.outputs import TokenLogprobs
 from atom_server.sampling_params import SamplingParams
 
@@ -41,14 +39,12 @@ class Sequence:
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
         budget = max_model_len - self.prompt_len
         self.max_tokens = min(params.max_tokens, budget) if params.max_tokens is not None else budget
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device="cpu").manual_seed(params.seed + index)
         # Output tokens from which greedy argmax alone picks the next token (no logprobs, penalties or
         # min_tokens bans in the way); -1: never.
         bans = params.min_tokens > 0 and bool(self.eos_ids or params.stop_token_ids)
         plain = params.greedy and params.logprobs is None and not params.has_penalties
         self.argmax_from = (params.min_tokens if bans else 0) if plain else -1
+        self.always_argmax = self.argmax_from == 0  # argmax_ok without looking (a cheap per-step check)
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None and index == 0 else None

@@ -6,6 +6,8 @@ import asyncio
 import hmac
 import logging
 import re
+import socket
+import time
 import uuid
 
 import uvicorn
@@ -25,6 +27,7 @@ from atom_server.serving.chat_templates import ChatTemplateRenderer
 from atom_server.serving.context import ServerState, ServingContext, engine_error
 from atom_server.serving.engine_client import EngineClient, EngineDeadError, EngineShutdownError
 from atom_server.serving.errors import APIError, bad_request, current_request_id, install_error_handlers
+from atom_server.serving.listen import bind_port
 from atom_server.serving.metrics import Metrics
 from atom_server.serving.server_args import ServerLimits
 
@@ -175,8 +178,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         info = ctx.info
         return {"object": "list", "data": [{
-            "id": info.served_model_name, "object": "model", "created": state.created, "owned_by": "atom",
-            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}]}
+            "id": name, "object": "model", "created": state.created, "owned_by": "atom",
+            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
+            for name in ctx.served_model_names]}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest):
@@ -255,35 +259,45 @@ async def _supervise(client: EngineClient, state: ServerState, server: uvicorn.S
 
 
 async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: str | None = None,
-                uvicorn_log_level: str = "info", limits: ServerLimits | None = None) -> int:
-    """Start the engine process, then serve HTTP until SIGTERM/SIGINT (drain, stop the engine: 0) or until the
-    engine dies without a restart policy (1)."""
-    from atom_server.serving.tokenizer import load_tokenizer
+                uvicorn_log_level: str = "info", sock: socket.socket | None = None,
+                limits: ServerLimits | None = None) -> int:
+    """Take the port, start the engine process, then serve HTTP until SIGTERM/SIGINT (drain, stop the engine:
+    0) or until the engine dies without a restart policy (1)."""
+    from atom_server.generation_defaults import load_generation_defaults
+    from atom_server.tokenizer import load_tokenizer
 
+    started = time.perf_counter()
     limits = limits or ServerLimits()
-    metrics = Metrics()
+    sock = sock or bind_port(host, port)
+    names = engine_args.served_model_names()
+    defaults = load_generation_defaults(engine_args.model, engine_args.generation_config)
+    logger.info("%s", defaults.describe())
+    logger.info("starting the engine for %s", engine_args.model)
+    metrics = Metrics(model_name=names[0] if names else "")
     client = EngineClient(engine_args, metrics)
     templates = ChatTemplateRenderer(timeout_s=limits.chat_template_timeout)
     loop = asyncio.get_running_loop()
     tokenizer_f = loop.run_in_executor(None, load_tokenizer, engine_args.model, engine_args.tokenizer,
                                        engine_args.trust_remote_code)
+    # If the engine fails first, its error is the one to report: the tokenizer's is then only consumed.
+    tokenizer_f.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
-        info, tokenizer, _ = await asyncio.gather(client.start(), tokenizer_f, templates.start())
+        info, _ = await asyncio.gather(client.start(), templates.start())
+        tokenizer = await tokenizer_f
     except BaseException:
+        sock.close()
         await client.shutdown(timeout_s=5)
         await templates.close()
         raise
     client.attach_tokenizer(tokenizer)
-    logger.info("model %s (served as %r), dtype %s, kernel backend %s, KV cache capacity %d tokens, "
-                "max_model_len %d", info.model_path, info.served_model_name, info.dtype, info.kernel_backend,
-                info.kv_capacity_tokens, info.max_model_len)
+    logger.info("model %s (served as %s), dtype %s, kernel backend %s, KV cache capacity %d tokens, "
+                "max_model_len %d", info.model_path, ", ".join(repr(n) for n in names), info.dtype,
+                info.kernel_backend, info.kv_capacity_tokens, info.max_model_len)
     logger.info("on engine death: %s; shutdown drain up to %g s (--shutdown-timeout)",
                 "start a new engine (--engine-restart always)" if limits.engine_restart == "always"
                 else "exit with status 1 (--engine-restart never)", limits.shutdown_timeout)
-    logger.info("OpenAI-compatible API at http://%s:%d/v1 (listening on %s)", _url_host(host), port,
-                "all interfaces" if host in ("0.0.0.0", "::", "") else host)
-    state = ServerState(client=client, tokenizer=tokenizer, metrics=metrics, api_key=api_key, limits=limits,
-                        templates=templates)
+    state = ServerState(client=client, tokenizer=tokenizer, metrics=metrics, api_key=api_key,
+                        generation_defaults=defaults, served_model_names=names, limits=limits, templates=templates)
 
     async def drain() -> None:
         state.shutting_down = True
@@ -295,9 +309,12 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
     app = build_app(state)
     server = _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level,
                                             timeout_graceful_shutdown=5), drain)
+    logger.info("start-up: ready in %.1f s; OpenAI-compatible API at http://%s:%d/v1 (listening on %s)",
+                time.perf_counter() - started, _url_host(host), port,
+                "all interfaces" if host in ("0.0.0.0", "::", "") else host)
     supervisor = asyncio.create_task(_supervise(client, state, server))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         supervisor.cancel()
         logger.info("HTTP server stopped; stopping the engine")

@@ -30,6 +30,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     wanted, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
         wanted, param = req.max_completion_tokens, "max_completion_tokens"
+    wanted = ctx.default_max_tokens(len(ids), wanted)
     max_tokens = ctx.fit_max_tokens(len(ids), wanted, param if wanted is not None else "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = ctx.sampling_params(req, max_tokens, k, None)

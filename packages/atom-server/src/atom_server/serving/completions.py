@@ -46,7 +46,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     items = _prompt_items(req)
     ctx.check_work(len(items), req.n, "prompt")
     prompts = await _prompts(ctx, items, req.add_special_tokens)
-    max_tokens = [ctx.fit_max_tokens(len(ids), req.max_tokens, "max_tokens") for _, ids in prompts]
+    max_tokens = [ctx.fit_max_tokens(len(ids), ctx.default_max_tokens(len(ids), req.max_tokens), "max_tokens")
+                  for _, ids in prompts]
     k = req.logprobs
     prompt_k = k if (req.echo and k is not None) else None
     params = [ctx.sampling_params(req, max_tokens[i], k, prompt_k) for i in range(len(prompts))]

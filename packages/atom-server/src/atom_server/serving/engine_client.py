@@ -274,7 +274,7 @@ class EngineClient:
             self.abort(cut)
         return len(cut)
 
-    async def shutdown(self, timeout_s: float = 10.0) -> int | None:
+    async def shutdown(self, timeout_s: float = 30.0) -> int | None:
         """Ask the engine to exit (after the API server has drained) and wait for it."""
         self.state = EngineState.CLOSED
         if self._proc is not None and self._proc.returncode is None:

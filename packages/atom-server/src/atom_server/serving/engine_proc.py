@@ -180,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(ns.output)
     try:
+        from atom_server.cpu_threads import configure_engine_process
         from atom_server.engine.engine_core import EngineCore
 
-        core = EngineCore(_engine_args_from_env())
+        args = _engine_args_from_env()
+        configure_engine_process(args)  # on CPU: threads and pinning, before torch starts its pool
+        core = EngineCore(args)
         push.send(wire.encoder.encode(wire.EngineReady(
             pid=os.getpid(),
             model_path=str(core.model_path),

@@ -2,14 +2,16 @@
 
 Each class is ATOM's family class with vLLM's constructor and forward signature: linears, norms, rope and
 MoE are atom-core's; attention is vLLM's `Attention` layer (built by VllmAttentionFactory), so vLLM owns
-the KV cache. The backbone carries vLLM's `@support_torch_compile`.
+the KV cache. The backbone carries vLLM's `@support_torch_compile`: ATOM's kernels are `torch.library`
+custom ops (atom.ops.custom_ops), so Dynamo traces the whole backbone and Inductor fuses around them.
+Quantization goes through atom-core's seam: vLLM's quantization method is looked up in ATOM's registry
+(atom.quantization); one ATOM lacks is refused with the reason.
 
 vLLM hashes every module of this package to validate its model-info cache, so keep the classes here.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterable
 
@@ -21,9 +23,9 @@ from atom.models.mixtral import MixtralForCausalLM as _AtomMixtral
 from atom.models.qwen2 import Qwen2ForCausalLM as _AtomQwen2
 from atom.models.qwen3 import Qwen3ForCausalLM as _AtomQwen3
 from atom.models.qwen3_moe import Qwen3MoeForCausalLM as _AtomQwen3Moe
-from atom.ops.moe import fused_experts as reference_fused_experts
-from atom.ops.registry import resolve
 from atom.platform import kernel_backend
+from atom.quantization import QuantizationConfig, quantization_config
+from atom.quantization import process_weights_after_loading as atom_post_load
 from vllm.compilation.decorators import support_torch_compile
 
 from atom_vllm.attention import VllmAttentionFactory
@@ -32,55 +34,47 @@ from atom_vllm.distributed import install_tp_group
 logger = logging.getLogger("vllm.atom_vllm")
 
 
-def compilable(vllm_config) -> bool:
-    """Whether vLLM may torch.compile the backbone of this model.
-
-    Not an MoE model on ATOM's torch-reference `fused_experts`: its per-expert loop reads token counts on
-    the host (`.tolist()`), which a graph cannot hold. Dense models trace (checked on CPU with Dynamo); the
-    Triton/AITER MoE kernels read nothing on the host and are left to vLLM's compiler (not checked on a GPU).
-    """
-    if getattr(getattr(vllm_config.compilation_config, "mode", None), "name", None) == "NONE":
-        return False  # eager run: nothing to decide, nothing to warn about
-    config = vllm_config.model_config.hf_config
-    is_moe = any(getattr(config, a, None) for a in ("num_experts", "num_local_experts"))
-    if is_moe and resolve("fused_experts") is reference_fused_experts:
-        logger.warning("ATOM: running the MoE backbone without torch.compile: the torch reference fused_experts "
-                       "(kernel backend %s) cannot be traced", kernel_backend())
-        return False
-    return True
-
-
 _DYNAMIC_DIMS = {"input_ids": 0, "positions": -1, "inputs_embeds": 0}
-if "enable_if" in inspect.signature(support_torch_compile).parameters:
-    _compile = support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS, enable_if=compilable)
-else:  # older vLLM without enable_if: always eligible
-    _compile = support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
 
 
-@_compile
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
 class VllmDecoderModel(DecoderModel):
     """ATOM's backbone, compiled by vLLM (piecewise around vLLM's attention op) when compilation is on."""
 
     # Unannotated on purpose: the decorator isinstance-checks positional arguments against the
     # annotations of __init__ (offset by `self`), and string annotations would make that raise.
-    def __init__(self, config, opts, attn_factory, prefix="model", max_positions=None):
-        super().__init__(config, opts, attn_factory, prefix=prefix, max_positions=max_positions)
+    def __init__(self, config, opts, attn_factory, prefix="model", max_positions=None, quant_config=None):
+        super().__init__(config, opts, attn_factory, prefix=prefix, max_positions=max_positions,
+                         quant_config=quant_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(input_ids, positions, inputs_embeds)
 
 
-def check_supported(vllm_config) -> None:
-    """Refuse, with the reason, what ATOM's models do not do inside vLLM."""
-    if vllm_config.quant_config is not None:
-        method = getattr(vllm_config.model_config, "quantization", None) or type(vllm_config.quant_config).__name__
-        raise ValueError(f"atom-vllm runs unquantized checkpoints only; this one is quantized ({method}). "
-                         "Set ATOM_DISABLE_VLLM_PLUGIN=1 to serve it with vLLM's own model.")
+def atom_quant_config(vllm_config) -> QuantizationConfig | None:
+    """ATOM's scheme for vLLM's quantization method (None: unquantized); ValueError when ATOM has none."""
+    if vllm_config.quant_config is None:
+        return None
+    model_config = vllm_config.model_config
+    method = getattr(model_config, "quantization", None) or vllm_config.quant_config.get_name()
+    raw = getattr(getattr(model_config, "hf_config", None), "quantization_config", None)
+    raw = raw if raw is None or isinstance(raw, dict) else raw.to_dict()
+    try:
+        return quantization_config(method, raw, source="the checkpoint's quantization")
+    except ValueError as e:
+        raise ValueError(f"atom-vllm cannot serve this quantized checkpoint: {e}. "
+                         "Set ATOM_DISABLE_VLLM_PLUGIN=1 to serve it with vLLM's own model.") from e
+
+
+def check_supported(vllm_config) -> QuantizationConfig | None:
+    """Refuse, with the reason, what ATOM's models do not do inside vLLM; returns ATOM's quantization."""
+    quant_config = atom_quant_config(vllm_config)
     pp = vllm_config.parallel_config.pipeline_parallel_size
     if pp > 1:
         raise ValueError(f"atom-vllm does not support pipeline parallelism (pipeline_parallel_size={pp}); "
                          "use tensor parallelism or set ATOM_DISABLE_VLLM_PLUGIN=1")
+    return quant_config
 
 
 class VllmCausalLM:
@@ -89,12 +83,12 @@ class VllmCausalLM:
     backbone_cls = VllmDecoderModel
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        check_supported(vllm_config)
+        quant_config = check_supported(vllm_config)
         tp = install_tp_group()
         model_config = vllm_config.model_config
         factory = VllmAttentionFactory(vllm_config.cache_config, vllm_config.quant_config)
         super().__init__(model_config.hf_config, attn_factory=factory, prefix=prefix,
-                         max_positions=model_config.max_model_len)
+                         max_positions=model_config.max_model_len, quant_config=quant_config)
         logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: vLLM's Attention layer)",
                     type(self).__module__, type(self).__qualname__, tp.rank, tp.world_size, kernel_backend())
 
@@ -109,7 +103,14 @@ class VllmCausalLM:
         return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(weights)
+        loaded = super().load_weights(weights)
+        atom_post_load(self)  # for vLLMs without the model-level hook below (it runs once either way)
+        return loaded
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level post-load hook (it also runs after dummy weights): ATOM's layers process their
+        weights once (vLLM's own loop skips them: their methods are not vLLM's QuantizeMethodBase)."""
+        atom_post_load(self)
 
 
 class LlamaForCausalLM(VllmCausalLM, _AtomLlama):

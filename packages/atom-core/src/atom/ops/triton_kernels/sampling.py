@@ -106,7 +106,7 @@ def _topk_candidates(scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor 
     return vals, ids
 
 
-@register("sample", "triton")
+@register("sample", "triton", cuda_graph=False)  # reads the batch's filters on the host
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,

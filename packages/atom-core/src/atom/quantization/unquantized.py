@@ -1,0 +1,40 @@
+"""The unquantized methods: the checkpoint's weights in the model dtype, F.linear and fused_experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atom.ops.registry import impl_of, resolve
+from atom.quantization.base import LinearMethod, MoEMethod, new_param
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        new_param(layer, "weight", (sum(output_sizes), input_size), params_dtype, output_dim=0, input_dim=1)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class UnquantizedMoEMethod(MoEMethod):
+    """w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], through the fused_experts op. An
+    implementation that wants its own weight layout (AITER's shuffled tiles) gets it once, after loading."""
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
+                       params_dtype: torch.dtype) -> None:
+        new_param(layer, "w13", (num_experts, 2 * intermediate_size, hidden_size), params_dtype, output_dim=0)
+        new_param(layer, "w2", (num_experts, hidden_size, intermediate_size), params_dtype, input_dim=1)
+        self.experts = resolve("fused_experts", static={"activation": layer.activation, "hidden_size": hidden_size,
+                                                        "intermediate_size": intermediate_size})
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        prepare = impl_of(self.experts).prepare_weights
+        if prepare is not None:  # replaces the storage: the checkpoint layout is not kept alongside
+            layer.w13.data, layer.w2.data = prepare(layer.w13.data, layer.w2.data)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, layer.w13, layer.w2, topk_weights, topk_ids, layer.activation)

@@ -1,0 +1,42 @@
+"""Triton kernels as torch.library custom ops, under Triton's CPU interpreter (run this module alone with
+TRITON_INTERPRET=1, like test_triton_kernels.py): opcheck of every op's fake against the real kernel, and
+torch.compile(fullgraph=True) of each op and of a tiny model forward with the Triton implementations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from compile_checks import check_custom_op, compiled_model_logits, opaque_ops, write_tiny_qwen3_moe  # noqa: E402
+
+from atom.ops import registry  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_every_model_op_has_a_triton_custom_op():
+    assert set(opaque_ops("triton")) == set(registry._OP_FAMILY) - {"sample"}
+
+
+@pytest.mark.parametrize("op", opaque_ops("triton"))
+def test_triton_custom_op(op):
+    check_custom_op(op, "triton", DEVICE)
+
+
+def test_tiny_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    write_tiny_qwen3_moe(tmp_path)
+    eager, compiled, model = compiled_model_logits(tmp_path, DEVICE, "aot_eager")
+    assert {i.backend for i in registry.resolved_impls(model)} == {"triton"}
+    assert registry.cuda_graph_blockers(model) == []  # every op it runs can be captured
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
