@@ -2,6 +2,7 @@
 
 It plays the host's part (block allocation, metadata) with the simplest possible policy, so model tests
 exercise the same PagedAttention path atom-server uses, with a block size smaller than the prompts.
+MLA layers (DeepSeek) get their latent caches from their specs (PagedMLAAttention).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from atom.forward_context import set_forward_context
 from atom.layers.attention import PagedAttentionMetadata, attention_specs, bind_kv_caches
+from atom.layers.mla import bind_mla_kv_caches, mla_attention_specs
 
 
 class PagedHarness:
@@ -23,6 +25,10 @@ class PagedHarness:
             for s in specs
         ]
         bind_kv_caches(model, self.caches)
+        # MLA layers: one latent tensor per layer, shaped and typed by its spec
+        self.mla_caches = {s.layer_idx: s.allocate(num_blocks, block_size, device)
+                           for s in mla_attention_specs(model)}
+        bind_mla_kv_caches(model, self.mla_caches)
         self.free = list(range(num_blocks))[::-1]
         self.tables: list[list[int]] = []
         self.lens: list[int] = []

@@ -67,3 +67,11 @@ class FusedMoE(nn.Module):
         if self.tp_size > 1 and self.reduce_results:
             out = get_tp_group().all_reduce(out)
         return out
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts with routing already decided (models with their own router, e.g. DeepSeek's grouped
+        top-k): topk_weights float32 [T, k], topk_ids int64 [T, k]."""
+        out = self._experts(x, self.w13, self.w2, topk_weights, topk_ids, self.activation)
+        if self.tp_size > 1 and self.reduce_results:
+            out = get_tp_group().all_reduce(out)
+        return out
