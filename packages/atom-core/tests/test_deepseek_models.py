@@ -25,7 +25,7 @@ import transformers
 from test_models_parity import DECODE_STEPS, Reference, _atom_logits, _hf_greedy, _randomize_, rel_err
 from transformers import AutoModelForCausalLM
 
-from atom.layers.mla import MLAAttentionSpec, mla_attention_specs
+from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 
 VOCAB = 320
@@ -185,20 +185,3 @@ def test_mtp_layers_load_and_are_kept(name, tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         load_model(str(tmp_path), dtype="float32", progress=False)
 
-
-def test_latent_cache_sizing_vs_multi_head_equivalent():
-    """The latent cache holds kv_lora_rank + rope_dim values per token, against 2 * heads * head_dim for the
-    multi-head layout of the same model (keys and values of head_dim = nope + rope); for a given memory budget
-    the block count grows by the ratio of the per-token bytes (DeepSeek-V2-Lite's shapes, bf16, block 16)."""
-    heads, lora, nope, rope, v_dim, block = 16, 512, 128, 64, 128, 16
-    spec = MLAAttentionSpec(layer_idx=0, num_heads=heads, kv_lora_rank=lora, qk_nope_head_dim=nope,
-                            qk_rope_head_dim=rope, v_head_dim=v_dim, scale=1.0, dtype=torch.bfloat16)
-    assert spec.bytes_per_block(block) == block * (512 + 64) * 2
-    mha_bytes_per_block = block * 2 * heads * (nope + rope) * torch.bfloat16.itemsize
-    budget = 1 << 30
-    mla_blocks, mha_blocks = budget // spec.bytes_per_block(block), budget // mha_bytes_per_block
-    ratio = mha_bytes_per_block / spec.bytes_per_block(block)
-    assert ratio == pytest.approx(2 * 16 * 192 / 576)  # 10.7x
-    assert mla_blocks == int(budget // (mha_bytes_per_block / ratio))
-    assert mla_blocks >= int(mha_blocks * ratio) - 1
-    assert spec.allocate(3, block).shape == (3, block, 576)

@@ -215,3 +215,39 @@ def test_tiny_model_float32_parity_with_transformers_on_gpu(name, tmp_path):
     print(f"ERR tiny model {name} float32 on GPU: rel_err={err:.2e}")
     assert err < 1e-4
     assert torch.equal(got_all.argmax(-1), ref_all.argmax(-1))  # the greedy tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_decode_ops_replay_in_a_cuda_graph():
+    """One decode step's MLA ops and the router, captured once at a padded batch and replayed on new
+    inputs (other lengths, other cache rows, other logits), equal their eager results: no host sync, and
+    nothing of the capture-time values is baked in but the shapes and max_seq_len."""
+    dims, batch, max_len = V2_LITE, 8, 2048
+    dtype = torch.bfloat16
+    q_nope, q_pe, cache, w, tables, _, seq_lens, _, _ = _latent_case([max_len - 1] * batch, [1] * batch, dims, dtype)
+    kv = rand(batch, dims["lora"] + dims["rope"], dtype=dtype)
+    kv_c, k_pe = kv.split([dims["lora"], dims["rope"]], dim=-1)
+    slots = torch.arange(batch, device=DEVICE) * dims["block"]
+    logits, bias = rand(batch, 256, scale=2.0), rand(256, scale=0.1)
+    scale = (dims["nope"] + dims["rope"]) ** -0.5
+    write, decode, route = triton_op("mla_cache_write"), triton_op("mla_decode"), triton_op("moe_grouped_topk")
+
+    def step():
+        write(kv_c, k_pe, cache, slots)
+        return (decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max_len),
+                route(logits, bias, 8, 8, 4, "sigmoid", "top2_sum", True, 2.5))
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, (weights, ids) = step()
+    seq_lens.copy_(torch.randint(0, max_len, (batch,), device=DEVICE, dtype=torch.int32))
+    for t in (q_nope, q_pe, kv, logits):
+        t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
+    slots.copy_(torch.randperm(tables.numel() * dims["block"] // 2, device=DEVICE)[:batch])
+    graph.replay()
+    eager_out, (eager_w, eager_ids) = step()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_out) and torch.equal(ids, eager_ids) and torch.equal(weights, eager_w)
