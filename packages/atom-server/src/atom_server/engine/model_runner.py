@@ -16,6 +16,7 @@ import torch
 
 from atom.forward_context import set_forward_context
 from atom.layers.attention import PagedAttentionMetadata, attention_specs, bind_kv_caches
+from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 from atom.ops.registry import backend_for, resolve
 from atom_server.engine.cuda_graphs import DecodeGraphs
@@ -79,6 +80,9 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         self.specs = attention_specs(self.model)
+        if mla_attention_specs(self.model):  # their one-tensor latent caches need the spec-owned cache layout
+            raise ValueError(f"{type(self.model).__name__} uses multi-head latent attention (MLA), which atom-server "
+                             "does not serve yet (atom-core runs it: atom.layers.mla)")
         self._sample = resolve("sample")
         self.block_bytes = kv_bytes_per_block(self.specs, block_size, self.dtype)
         needed = max_num_seqs * -(-max_model_len // block_size)  # more would never be used
