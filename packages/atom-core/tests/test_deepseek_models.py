@@ -25,6 +25,7 @@ import transformers
 from test_models_parity import DECODE_STEPS, Reference, _atom_logits, _hf_greedy, _randomize_, rel_err
 from transformers import AutoModelForCausalLM
 
+from atom.layers.attention import attention_specs
 from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 
@@ -172,7 +173,8 @@ def test_mtp_layers_load_and_are_kept(name, tmp_path):
     assert torch.equal(kept["layers.0.shared_head.head.weight"], mtp[f"model.layers.{n}.shared_head.head.weight"])
     assert torch.equal(kept["layers.0.mtp_block.mlp.gate.weight"], mtp[f"model.layers.{n}.mlp.gate.weight"])
     # its attention is kept out of the KV-cache specs (not run yet)
-    assert [s.layer_idx for s in mla_attention_specs(model)] == (list(range(n)) if "v3" in name else [])
+    specs = mla_attention_specs(model) if "v3" in name else attention_specs(model)
+    assert [s.layer_idx for s in specs] == list(range(n))
 
     # a layer past num_hidden_layers + num_nextn_predict_layers is still an unknown tensor
     extra = {f"model.layers.{n + 1}.enorm.weight": torch.rand(config.hidden_size)}
@@ -185,3 +187,29 @@ def test_mtp_layers_load_and_are_kept(name, tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         load_model(str(tmp_path), dtype="float32", progress=False)
 
+
+
+def test_host_mla_factory_gets_the_spec_and_kv_b_proj(reference):
+    """The MLA seam: a host's factory is called once per layer with the layer's spec and its kv_b_proj (the
+    model keeps owning that weight: no second copy among the model's parameters); a plain multi-head
+    attention factory is refused with the reason."""
+    from atom.layers.attention import paged_attention_factory
+    from atom.layers.mla import PagedMLAAttention
+    from atom.loader.model_loader import load_config
+    from atom.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+    ref = reference("v3_grouped_norm_topk")
+    config = load_config(ref.path)
+    calls = []
+
+    def factory(spec, kv_b_proj):
+        calls.append((spec, kv_b_proj))
+        return PagedMLAAttention(spec, kv_b_proj)
+
+    model = DeepseekV3ForCausalLM(config, mla_factory=factory)
+    assert [s.layer_idx for s, _ in calls] == list(range(config.num_hidden_layers))
+    for (spec, kv_b_proj), layer in zip(calls, model.model.layers, strict=True):
+        assert kv_b_proj is layer.self_attn.kv_b_proj and spec.prefix == f"model.layers.{spec.layer_idx}.self_attn.attn"
+    assert not [n for n, _ in model.named_parameters(remove_duplicate=False) if ".impl." in n]
+    with pytest.raises(ValueError, match="mla_factory"):
+        DeepseekV3ForCausalLM(config, attn_factory=paged_attention_factory)

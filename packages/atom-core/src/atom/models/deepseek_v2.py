@@ -99,9 +99,14 @@ def mla_softmax_scale(config) -> float:
     return scale
 
 
+def mla_rotary(config, rope_interleaved: bool, max_positions: int | None) -> RotaryEmbedding:
+    """The rope of the qk_rope_head_dim channels: one table, shared by every MLA layer of a model."""
+    return RotaryEmbedding(config, config.qk_rope_head_dim, is_neox=not rope_interleaved, max_positions=max_positions)
+
+
 class DeepseekMLA(nn.Module):
     def __init__(self, config, layer_idx: int, mla_factory: MLAAttentionFactory | None, prefix: str,
-                 max_positions: int | None, rope_interleaved: bool):
+                 rotary_emb: RotaryEmbedding):
         super().__init__()
         tp_size = get_tp_group().world_size
         if config.num_attention_heads % tp_size:
@@ -124,8 +129,7 @@ class DeepseekMLA(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank,
                                               config.num_attention_heads * (self.nope_dim + self.v_head_dim))
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.v_head_dim, hidden, bias=bias)
-        self.rotary_emb = RotaryEmbedding(config, self.rope_dim, is_neox=not rope_interleaved,
-                                          max_positions=max_positions)
+        self.rotary_emb = rotary_emb
         spec = MLAAttentionSpec(layer_idx=layer_idx, num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
                                 qk_nope_head_dim=self.nope_dim, qk_rope_head_dim=self.rope_dim,
                                 v_head_dim=self.v_head_dim, scale=mla_softmax_scale(config), prefix=f"{prefix}.attn")
@@ -151,7 +155,7 @@ class MoEGate(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32), requires_grad=False)
         if correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts, dtype=torch.float32),
                                                         requires_grad=False)
@@ -159,7 +163,7 @@ class MoEGate(nn.Module):
             self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        return F.linear(x.float(), self.weight)
 
 
 class DeepseekMoE(nn.Module):
@@ -225,8 +229,8 @@ class DecoderBlock(nn.Module):
 
 
 def deepseek_block(config, layer_idx: int, opts: DeepseekOptions, mla_factory, prefix: str,
-                   max_positions: int | None) -> DecoderBlock:
-    attn = DeepseekMLA(config, layer_idx, mla_factory, f"{prefix}.self_attn", max_positions, opts.rope_interleaved)
+                   rotary_emb: RotaryEmbedding) -> DecoderBlock:
+    attn = DeepseekMLA(config, layer_idx, mla_factory, f"{prefix}.self_attn", rotary_emb)
     mlp = moe_or_dense_mlp(config, layer_idx, opts.routing, bool(getattr(config, "mlp_bias", False)))
     return DecoderBlock(attn, mlp, config.hidden_size, config.rms_norm_eps)
 
@@ -252,8 +256,10 @@ class BlockStack(nn.Module):
 class DeepseekV2Model(BlockStack):
     def __init__(self, config, opts: DeepseekOptions, mla_factory: MLAAttentionFactory | None, prefix: str = "model",
                  max_positions: int | None = None):
-        super().__init__(config, (deepseek_block(config, i, opts, mla_factory, f"{prefix}.layers.{i}", max_positions)
+        rotary_emb = mla_rotary(config, opts.rope_interleaved, max_positions)
+        super().__init__(config, (deepseek_block(config, i, opts, mla_factory, f"{prefix}.layers.{i}", rotary_emb)
                                   for i in range(config.num_hidden_layers)))
+        self.rotary_emb = rotary_emb
 
 
 # ------------------------------------------------------------------ MTP layers (kept, not run yet)
@@ -380,7 +386,6 @@ class DeepseekV2ForCausalLM(MTPKeepingCausalLM):
                              "implementation as mla_factory (the attention factory given builds multi-head "
                              "attention only)")
         super().__init__(config, attn_factory=mla_factory, prefix=prefix, max_positions=max_positions)
-        self._max_positions = max_positions
 
     @classmethod
     def options(cls, config) -> DeepseekOptions:
@@ -388,7 +393,7 @@ class DeepseekV2ForCausalLM(MTPKeepingCausalLM):
 
     def make_block(self, layer_idx: int, prefix: str) -> nn.Module:
         return deepseek_block(self.config, layer_idx, self.options(self.config), _kept_factory, prefix,
-                              self._max_positions)
+                              self.model.rotary_emb)
 
     def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
         name = self.checkpoint_name(source)
