@@ -18,7 +18,7 @@ from atom.ops.registry import register
 def _grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride, num_groups, per_group, scaling,
                          TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
                          HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr, GROUPED: tl.constexpr,
-                         RENORM: tl.constexpr, G_PAD: tl.constexpr, E_PAD: tl.constexpr):
+                         RENORM: tl.constexpr, G_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_PAD)
     j = tl.arange(0, E_PAD)
@@ -53,20 +53,21 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride, num_group
             group_score = tl.where(g == gi, neg, group_score)
         choice = tl.where(keep[:, None], choice, neg)
 
-    total = 0.0
+    # the picks stay in registers and are stored once
+    slot = tl.arange(0, K_PAD)
+    weights = tl.zeros([K_PAD], tl.float32)
+    ids = tl.zeros([K_PAD], tl.int64)
     for k in tl.static_range(TOP_K):
         top = tl.max(tl.max(choice, axis=1), axis=0)
         idx = tl.min(tl.min(tl.where(choice == top, e, G_PAD * E_PAD), axis=1), axis=0)
         w = tl.sum(tl.sum(tl.where(e == idx, s, 0.0), axis=1), axis=0)
-        tl.store(w_ptr + t * TOP_K + k, w)
-        tl.store(ids_ptr + t * TOP_K + k, idx.to(tl.int64))
-        total += w
+        weights = tl.where(slot == k, w, weights)
+        ids = tl.where(slot == k, idx.to(tl.int64), ids)
         choice = tl.where(e == idx, neg, choice)
-    for k in tl.static_range(TOP_K):
-        w = tl.load(w_ptr + t * TOP_K + k)
-        if RENORM:
-            w = w / (total + 1e-20)
-        tl.store(w_ptr + t * TOP_K + k, w * scaling)
+    if RENORM:
+        weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    tl.store(w_ptr + t * TOP_K + slot, weights * scaling, mask=slot < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slot, ids, mask=slot < TOP_K)
 
 
 @register("moe_grouped_topk", "triton")
@@ -93,5 +94,5 @@ def moe_grouped_topk(
             num_groups, per_group, float(routed_scaling_factor), TOP_K=top_k, TOPK_GROUP=topk_group,
             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_score == "top2_sum",
             GROUPED=num_groups > 1, RENORM=renormalize, G_PAD=triton.next_power_of_2(num_groups),
-            E_PAD=triton.next_power_of_2(per_group), num_warps=1 if num_experts <= 64 else 4)
+            E_PAD=triton.next_power_of_2(per_group), K_PAD=triton.next_power_of_2(top_k), num_warps=1 if num_experts <= 64 else 4)
     return weights, ids
