@@ -22,6 +22,11 @@ MODELS_MODULE = "atom_vllm.models"
 # its `qkv_bias`, IQuestCoder, TeleChat3, Ministral3) read config fields ATOM does not, so vLLM keeps them.
 ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
 
+# atom-core architectures that atom_vllm.models has no class for yet: vLLM keeps serving them with its own
+# model. DeepSeek-V2/V3 need vLLM's MLA attention layer behind ATOM's MLA seam (atom.layers.mla), and their
+# backbones (and GLM-4-MoE's) are not the DecoderModel that VllmCausalLM compiles.
+NOT_IN_VLLM_YET = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"})
+
 _registered: list[str] | None = None
 
 
@@ -36,7 +41,7 @@ def architectures(registry=None) -> dict[str, str]:
     """vLLM architecture name -> class name in atom_vllm.models, for everything ATOM serves."""
     from atom.models import supported_architectures
 
-    archs = {arch: arch for arch in supported_architectures()}
+    archs = {arch: arch for arch in supported_architectures() if arch not in NOT_IN_VLLM_YET}
     if registry is not None:
         for alias, canonical in ALIASES.items():
             if canonical in archs and _same_builtin(registry, alias, canonical):
