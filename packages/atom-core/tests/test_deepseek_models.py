@@ -145,6 +145,9 @@ def test_yarn_mscale_enters_the_softmax_scale(reference):
     model, _ = load_model(ref.path, dtype="float32", progress=False)
     mscale = 0.1 * 0.8 * math.log(4.0) + 1.0
     assert mla_attention_specs(model)[0].scale == pytest.approx((16 + 8) ** -0.5 * mscale * mscale)
+    # every MLA layer's rope reads the one shared cos|sin table (atom.layers.rotary)
+    tables = {id(layer.self_attn.rotary_emb.table) for layer in model.model.layers}
+    assert len(tables) == 1 and len(model.model.layers) == 3
 
 
 def _mtp_tensors(config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,6 +184,13 @@ def test_mtp_layers_load_and_are_kept(name, tmp_path):
     specs = mla_attention_specs(model) if "v3" in name else attention_specs(model)
     assert [s.layer_idx for s in specs] == list(range(n))
     assert [s.layer_idx for s in kv_cache_specs(model)] == list(range(n))
+
+    # a host that drafts with its own MTP model skips them: loaded without error, not held
+    skipping = type(model)(config)
+    skipping.keep_mtp_layers = False
+    loaded = skipping.load_weights(iter({**weights, **mtp}.items()))
+    assert loaded == {n for n, _ in skipping.named_parameters(remove_duplicate=False)}
+    assert not hasattr(skipping, "mtp")
 
     # a layer past num_hidden_layers + num_nextn_predict_layers is still an unknown tensor
     extra = {f"model.layers.{n + 1}.enorm.weight": torch.rand(config.hidden_size)}

@@ -47,6 +47,7 @@ class MLAAttentionSpec:
     v_head_dim: int
     scale: float  # softmax scale, DeepSeek's yarn mscale included
     prefix: str = ""
+    q_lora_rank: int | None = None  # the model's query compression (None: a plain q_proj); hosts may want it
 
     @property
     def head_size(self) -> int:

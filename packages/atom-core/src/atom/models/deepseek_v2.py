@@ -139,8 +139,10 @@ class DeepseekMLA(nn.Module):
                                           max_positions=max_positions)
         spec = MLAAttentionSpec(layer_idx=layer_idx, num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
                                 qk_nope_head_dim=self.nope_dim, qk_rope_head_dim=self.rope_dim,
-                                v_head_dim=self.v_head_dim, scale=mla_softmax_scale(config), prefix=f"{prefix}.attn")
-        self.attn = MLAAttention(spec, self.kv_b_proj, mla_factory)
+                                v_head_dim=self.v_head_dim, scale=mla_softmax_scale(config), prefix=f"{prefix}.attn",
+                                q_lora_rank=self.q_lora_rank or None)
+        # named like vLLM's MLA wrapper, not `attn`: SGLang takes a layer's `self_attn.attn` for a RadixAttention
+        self.mla_attn = MLAAttention(spec, self.kv_b_proj, mla_factory)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -153,7 +155,7 @@ class DeepseekMLA(nn.Module):
         kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c)
         q_pe, k_pe = self.rotary_emb(positions, q_pe.reshape(t, self.num_heads * self.rope_dim), k_pe.contiguous())
-        out = self.attn(q_nope, q_pe.view(t, self.num_heads, self.rope_dim), kv_c, k_pe)
+        out = self.mla_attn(q_nope, q_pe.view(t, self.num_heads, self.rope_dim), kv_c, k_pe)
         return self.o_proj(out)
 
 
@@ -337,7 +339,11 @@ _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
 class MTPKeepingCausalLM(DecoderForCausalLM):
     """A DecoderForCausalLM whose checkpoint may carry MTP layers (num_nextn_predict_layers, named as layers
     num_hidden_layers + i): they load into `self.mtp` (built on demand, so checkpoints without them load as
-    before), are kept for speculative decoding and are not run. A layer index past them still raises."""
+    before), are kept for speculative decoding and are not run. A layer index past them still raises.
+    A host that drafts with its own MTP model (vLLM, SGLang) sets keep_mtp_layers = False: the MTP tensors
+    are then checked and skipped, not held in memory (one more decoder layer, ~11B parameters on V3)."""
+
+    keep_mtp_layers: bool = True
 
     def __init__(self, config, attn_factory=None, prefix: str = "", max_positions: int | None = None, *,
                  quant_config: QuantizationConfig | None = None):
@@ -388,9 +394,9 @@ class MTPKeepingCausalLM(DecoderForCausalLM):
 
         def main_model(weights):
             for name, tensor in weights:
-                if self._mtp_index(name) is None:
+                if self._mtp_index(name) is None:  # raises for a layer past the MTP layers
                     yield name, tensor
-                else:
+                elif self.keep_mtp_layers:
                     mtp.append((name, tensor))
 
         loaded = super().load_weights(main_model(weights))
