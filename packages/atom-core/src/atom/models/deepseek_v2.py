@@ -194,7 +194,11 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = (DenseMLP(config.hidden_size, config.moe_intermediate_size * shared, config.hidden_act,
                                         mlp_bias, quant_config=quant_config, prefix=f"{prefix}.shared_experts")
                                if shared else None)
-        self._route = resolve("moe_grouped_topk")
+        # the build-time properties an implementation may not support (and its self-check's inputs)
+        self._route = resolve("moe_grouped_topk", static=dict(
+            num_experts=num_experts, top_k=top_k, num_groups=routing.num_groups, topk_group=routing.topk_group,
+            scoring=routing.scoring, group_score=routing.group_score, correction_bias=routing.correction_bias,
+            renormalize=routing.renormalize, routed_scaling_factor=routing.scaling))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
