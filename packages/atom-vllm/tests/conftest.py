@@ -101,12 +101,14 @@ def serve_launch(checkpoints, tmp_path_factory):
 def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]:
     """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
 
-    ATOM's process also runs Qwen3 and Qwen3-MoE with vLLM's compilation on and Qwen3-MoE with TP=2; the
-    reference for all of them is vLLM's built-in model, eager, TP=1.
+    ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
+    TP=2; the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
+    see test_offline_vllm.py).
     """
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
-    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile", checkpoints["qwen3_moe"] + "@tp2"]
+    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
+             checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3_moe"] + "@tp2"]
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
