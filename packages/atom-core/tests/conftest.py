@@ -31,7 +31,7 @@ _PARITY_KEY = pytest.StashKey[list]()
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session", params=[pytest.param(d, marks=[pytest.mark.gpu] if d != "cpu" else [])
+@pytest.fixture(scope="module", params=[pytest.param(d, marks=[pytest.mark.gpu] if d != "cpu" else [])
                                         for d in devices_under_test()])
 def device(request) -> str:
     """The device under test: "cpu", and "cuda" on a GPU machine."""

@@ -48,13 +48,13 @@ PRECISIONS = [Precision(d, dt) for d in devices_under_test() for dt in ("float32
               if d != "cpu" or dt == "float32"]
 
 
-@pytest.fixture(scope="session", params=[_param(d, d) for d in devices_under_test()])
+@pytest.fixture(scope="module", params=[_param(d, d) for d in devices_under_test()])
 def device(request) -> str:
     """The device under test: "cpu", and "cuda" on a GPU machine."""
     return request.param
 
 
-@pytest.fixture(scope="session", params=[_param(p, p.device) for p in PRECISIONS])
+@pytest.fixture(scope="module", params=[_param(p, p.device) for p in PRECISIONS])
 def precision(request) -> Precision:
     """(device, dtype) of a parity test: cpu/float32, and cuda/float32 + cuda/bfloat16 on a GPU machine."""
     return request.param
