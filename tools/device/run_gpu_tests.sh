@@ -60,8 +60,10 @@ run_pass() {
   fi
   echo "=== $name (limit ${limit} s)"
   local t0; t0=$(date +%s)
+  # --continue-on-collection-errors: a module that cannot import here (a missing package) is one error, not
+  # the end of the pass.
   timeout -s INT -k 30 "$limit" python3 -m pytest -q -p no:cacheprovider --timeout "$per_test" \
-    --junitxml="$out/$name.xml" "$@" ${extra[@]+"${extra[@]}"} > "$out/$name.log" 2>&1
+    --continue-on-collection-errors --junitxml="$out/$name.xml" "$@" ${extra[@]+"${extra[@]}"} > "$out/$name.log" 2>&1
   local rc=$?
   # pytest's short summary (failures, errors, skip reasons) and its last line; the whole log is in $OUT
   if grep -q "short test summary info" "$out/$name.log"; then
