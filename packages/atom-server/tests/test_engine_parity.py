@@ -126,8 +126,9 @@ def test_greedy_matches_transformers(ckpt, expect_greedy, case, precision, monke
 
 
 def test_shared_prefix_hits_cache(ckpt, expect_greedy, precision):
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=96, kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize),
-              max_num_batched_tokens=32, dtype=precision.dtype, device=precision.device)
+    llm = LLM(ckpt, block_size=BLOCK, max_model_len=96, max_num_batched_tokens=32,
+              kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize), dtype=precision.dtype,
+              device=precision.device)
     prefix = _prompts(7, [22])[0]
     prompts = [prefix + tail for tail in _prompts(8, [3, 1, 6, 9])]
     first = _generate_ids(llm, prompts[:1])
@@ -139,8 +140,9 @@ def test_shared_prefix_hits_cache(ckpt, expect_greedy, precision):
 
 
 def test_n_greedy_siblings_share_prompt_blocks(ckpt, expect_greedy, precision):
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize),
-              dtype=precision.dtype, device=precision.device)
+    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64,
+              kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize), dtype=precision.dtype,
+              device=precision.device)
     prompt = MIXED[2]
     out = llm.generate({"prompt_token_ids": prompt}, GREEDY.clone(n=3), use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -151,8 +153,9 @@ def test_n_greedy_siblings_share_prompt_blocks(ckpt, expect_greedy, precision):
 
 
 def test_text_prompts_and_order(ckpt, expect_greedy, precision):
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize),
-              dtype=precision.dtype, device=precision.device)
+    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64,
+              kv_cache_memory_bytes=256 * _block_bytes(precision.itemsize), dtype=precision.dtype,
+              device=precision.device)
     tok = llm.get_tokenizer()
     texts = ["Hello world! How are you", "The quick brown fox", "Prefix caching"]
     outs = llm.generate(texts, [GREEDY, GREEDY.clone(max_tokens=3), GREEDY], use_tqdm=False)

@@ -25,7 +25,7 @@ from tiny_checkpoints_vllm import ARCHS, make_checkpoint  # noqa: E402
 
 ENGINE_TIMEOUT_S = 900
 ON_GPU = torch.cuda.is_available()
-GPU_SHARE = "0.25"  # of the GPU's memory, per engine: ATOM's, the built-in reference and `vllm serve` run at once
+GPU_SHARE = "0.25"  # GPU memory per engine: ATOM's, the built-in reference and `vllm serve` run at once
 TP2 = not ON_GPU or torch.cuda.device_count() >= 2  # CPU: two worker processes; GPU: one GPU per rank
 
 

@@ -49,7 +49,8 @@ def test_compiled_greedy_tokens_match_vllm_builtin(arch, checkpoints, offline_ru
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the eager-backend line is vLLM's CPU CI mode "
-                    "(VLLM_CPU_CI_ENV); on a GPU Inductor compiles, and the compiled runs' tokens are checked above")
+                    "(VLLM_CPU_CI_ENV); on a GPU Inductor compiles, and the compiled runs' tokens are "
+                    "checked above")
 def test_compile_traces_dense_and_moe_backbones(offline_runs):
     log = offline_runs["atom"]["log"]
     # vLLM says this once per model it compiles (Dynamo with the eager backend on CPU CI): both the dense and

@@ -34,7 +34,7 @@ BF16_MIN_TOP1 = 0.8
 
 
 def devices_under_test() -> list[str]:
-    """The devices under test here: "cpu", plus "cuda" when a GPU is present; ATOM_TEST_DEVICES narrows them."""
+    """The devices under test: "cpu", plus "cuda" when a GPU is present; ATOM_TEST_DEVICES narrows them."""
     found = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     wanted = [d.strip() for d in os.environ.get("ATOM_TEST_DEVICES", "").split(",") if d.strip()]
     if not wanted:
@@ -85,5 +85,5 @@ def assert_bf16_greedy_close(tokens: Sequence[Sequence[int]], ref_logits: Sequen
         raise AssertionError("bfloat16 greedy tokens diverge from the float32 reference where it has no "
                              "near-tie:\n" + "\n".join(problems))
     if total and agree / total < min_top1:
-        raise AssertionError(f"bfloat16 greedy tokens equal the float32 reference's argmax at {agree} of {total} "
-                             f"positions, fewer than {min_top1:.0%}")
+        raise AssertionError(f"bfloat16 greedy tokens equal the float32 reference's argmax at {agree} of "
+                             f"{total} positions, fewer than {min_top1:.0%}")
