@@ -87,6 +87,10 @@ def set_expert_parallel(enabled: bool) -> None:
     _expert_parallel = bool(enabled)
 
 
+def expert_parallel_enabled() -> bool:
+    return _expert_parallel
+
+
 def get_ep_group():
     """The group MoE experts are sharded over: the TP group when expert parallelism is on and TP > 1,
     else None (experts are sliced along their intermediate size over the TP ranks)."""

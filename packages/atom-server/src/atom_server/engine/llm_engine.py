@@ -16,7 +16,8 @@ from atom_server import startup
 from atom_server.config import EngineArgs
 from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.detokenizer import IncrementalDetokenizer
-from atom_server.engine.model_runner import DecodeLaunch, ModelRunner, TokenLogprobsRaw
+from atom_server.engine.executor import build_runner
+from atom_server.engine.model_runner import DecodeLaunch, TokenLogprobsRaw
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
 from atom_server.engine.step_input import StepInputBuilder
@@ -88,8 +89,10 @@ class LLMEngine:
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.model, args.tokenizer,
                                                                               args.trust_remote_code)
         startup.phase_done("tokenizer", "skipped" if args.skip_tokenizer_init else "")
-        self.runner = ModelRunner(
-            args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
+        # rank 0's ModelRunner; under tensor parallelism a TPExecutor around it (same interface)
+        self.runner = build_runner(
+            tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+            model_path=args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             load_format=args.load_format, config=config, trust_remote_code=args.trust_remote_code, seed=args.seed,
@@ -166,6 +169,12 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                     seq.finish_reason = "abort"
             self._pending.append(self._output(state))
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._pending)

@@ -187,6 +187,13 @@ class StepInputBuilder:
             step.sampling = sampling_inputs(sampled)
         return step
 
+    def flush(self) -> StepInput:
+        """A step of no rows that only releases the runners' state of the sequences finished since the last
+        step (their tables and generators; the engine otherwise sends them with its next step)."""
+        finished = self.scheduler.take_finished()
+        return StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
+                         block_updates=self._table_updates(finished), finished_seq_ids=finished)
+
     def _table_updates(self, finished: list[int]) -> list[BlockTableUpdate]:
         """What the runners' tables lack: whole tables that were replaced, tails that grew."""
         sent = self._sent

@@ -174,7 +174,11 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
     try:
         await server.serve(sockets=[sock])
     finally:
+        died = client.dead_reason  # set before our own shutdown: the engine died under us
         logger.info("HTTP server stopped; stopping the engine")
         code = await client.shutdown()
         logger.info("engine process exited with code %s", code)
+        if died is not None:  # exit non-zero, also when SIGTERM (re-raised by uvicorn as SystemExit(0)) ends us
+            logger.error("atom serve exits 1: the engine died (%s)", died)
+            raise SystemExit(1)
     return 0 if server.started else 1
