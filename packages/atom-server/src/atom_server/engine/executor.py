@@ -144,9 +144,11 @@ class TPExecutor:
         self._dead: WorkerError | None = None
         self._failures: dict[int, str] = {}  # rank -> the exception a worker reported before exiting
         self._replies: queue.Queue = queue.Queue()
-        self._in_call = 0.0  # monotonic time the main thread entered a call (0: not in one)
+        self._in_call = False  # the main thread is inside a call that can block on a collective
+        self._dead_at = 0.0
         self._aborted = False
         self._closed = False
+        self._threads_before: int | None = None
         self._procs: list[subprocess.Popen] = []
         self._tmpdir = tempfile.mkdtemp(prefix="atom-tp-")
         self._ctx = zmq.Context()
@@ -163,7 +165,6 @@ class TPExecutor:
         self._watch = threading.Thread(target=self._watch_loop, args=(replies,), name="tp-watch", daemon=True)
         TPExecutor._live = self
         atexit.register(self.shutdown)
-        self._in_call = time.monotonic()  # start-up counts as a call (a stuck rendezvous ends the process)
         try:
             threads = max(1, (os.cpu_count() or 1) // tp) if backend == "gloo" else None
             init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -171,16 +172,18 @@ class TPExecutor:
             self._watch.start()
             self._await(ch.Hello, tp - 1, "join")
             self._await_subscriptions(tp - 1)
-            self._init_rank0(backend, init_method, threads)
-            with self._calling():
+            # the rendezvous and the runner's start-up collectives cannot be polled; a bad setting (e.g. a KV
+            # cache too small) fails every rank alike: rank 0's own error is the one to show
+            with self._calling(own_errors_first=True):
+                self._init_rank0(backend, init_method, threads)
                 self.runner = ModelRunner(device=device, config=config, **runner_kwargs)
             ready = self._await(ch.Ready, tp - 1, "build its model runner")
-            assert all(r.num_blocks == self.runner.num_blocks for r in ready)
+            if any(r.num_blocks != self.runner.num_blocks for r in ready):
+                raise WorkerError(f"the ranks sized different KV caches: {self.runner.num_blocks} blocks on rank 0, "
+                                  + ", ".join(f"{r.num_blocks} on rank {r.rank}" for r in ready))
         except BaseException:
             self.shutdown()
             raise
-        finally:
-            self._in_call = 0.0
         logger.info("tensor parallel over %d ranks (%s%s), workers: %s", tp, backend,
                     ", expert parallel" if enable_expert_parallel else "",
                     ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(self._procs, start=1)))
@@ -206,7 +209,8 @@ class TPExecutor:
         if backend == "nccl":
             torch.cuda.set_device(0)
             kwargs["device_id"] = torch.device("cuda", 0)
-        elif threads:
+        elif threads:  # the ranks share the host's cores (restored at shutdown)
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
@@ -297,17 +301,17 @@ class TPExecutor:
         self._steps.send(kind + encode(step), copy=False)
 
     @contextlib.contextmanager
-    def _calling(self):
+    def _calling(self, own_errors_first: bool = False):
         self._raise_if_dead()
-        self._in_call = time.monotonic()
+        self._in_call = True
         try:
             yield
         except Exception as e:
-            if self._dead is None and not _looks_collective(e):
+            if (self._dead is None or own_errors_first) and not _looks_collective(e):
                 raise  # rank 0's own error (e.g. sampling one request), as at TP=1
             raise self._collective_failure(e) from e
         finally:
-            self._in_call = 0.0
+            self._in_call = False
 
     def _collective_failure(self, e: BaseException) -> WorkerError:
         """The dead worker behind a failed collective (its exit may lag the peer's closed socket)."""
@@ -332,7 +336,7 @@ class TPExecutor:
                         self._failures[msg.rank] = msg.message
                     else:
                         self._replies.put(msg)
-                if self._dead is None and not self._stop_watch.is_set():
+                if self._dead is None and not self._closed:  # (workers leave on shutdown)
                     self._check_workers(replies)
                 elif self._dead is not None and self._in_call and self._fatal_handler is None:
                     self._end_if_stuck()
@@ -349,6 +353,7 @@ class TPExecutor:
                 if isinstance(msg, ch.Failed):
                     self._failures[msg.rank] = msg.message
             reason = self._failures.get(rank)
+            self._dead_at = time.monotonic()
             self._dead = WorkerError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_signal_name(code)}"
                                      + (f": {reason}" if reason else ""), rank)
             logger.error("%s; the engine cannot continue", self._dead)
@@ -363,7 +368,7 @@ class TPExecutor:
                 import torch.distributed as dist
 
                 dist.distributed_c10d._abort_process_group()
-        if self._in_call and time.monotonic() - self._in_call > HANG_GRACE_S:
+        if self._in_call and time.monotonic() - self._dead_at > HANG_GRACE_S:
             logger.error("the engine is stuck in a collective with a dead peer (%s); exiting", self._dead)
             os._exit(1)
 
@@ -398,5 +403,7 @@ class TPExecutor:
                 dist.destroy_process_group()
         set_tp_group(SingleProcessGroup())
         set_expert_parallel(False)
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
         if TPExecutor._live is self:
             TPExecutor._live = None

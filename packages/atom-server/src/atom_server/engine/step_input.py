@@ -2,7 +2,7 @@
 
 `StepInputBuilder.build(batch)` turns a `ScheduledBatch` into a `StepInput`, a msgspec struct of plain
 lists and ints (no tensors, no numpy, no Sequence objects): it round-trips through msgpack and is what
-tensor parallelism will broadcast. A runner runs a step from the StepInputs it received, in order, and
+the tensor-parallel executor publishes to every rank (executor.py, tp_channel.py). A runner runs a step from the StepInputs it received, in order, and
 nothing else (runner.py; block_tables.py keeps its copy of the block tables).
 
 Rows are the scheduled sequences, in batch order; the step's new tokens are the rows' tokens
