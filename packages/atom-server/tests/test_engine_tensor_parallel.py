@@ -20,7 +20,7 @@ import transformers
 from tp_checkpoints import BASE, CONFIGS, hf_greedy, kv_bytes, write_checkpoint
 
 from atom_server import LLM, SamplingParams
-from atom_server.engine.executor import ExecutorFatalError, TPExecutor, WorkerError
+from atom_server.engine.executor import ExecutorFatalError, TPExecutor, WorkerError, cpu_shares
 
 BLOCK = 4
 MAX_NEW = 8
@@ -131,3 +131,17 @@ def test_more_ranks_than_gpus_is_refused(config_only):
     tp = max(2, visible + 1)
     with pytest.raises(ValueError, match=f"tensor_parallel_size={tp} needs {tp} GPUs, {visible} visible"):
         LLM(config_only(CONFIGS["llama"]()), tensor_parallel_size=tp, skip_tokenizer_init=True, device="cuda")
+
+
+@pytest.mark.parametrize("allowed,cores,total,tp,want", [
+    # atom serve pinned the engine to 6 of 8 cores: the two ranks split them
+    ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], 8, 2, ([(0, 1, 2), (3, 4, 5)], 3)),
+    # SMT: 12 logical CPUs pinned, 6 physical cores among them: one CPU per core, split
+    (list(range(12)), [0, 2, 4, 6, 8, 10], 16, 3, ([(0, 2), (4, 6), (8, 10)], 2)),
+    # not pinned (offline LLM): threads split, the ranks float
+    (list(range(8)), list(range(8)), 8, 2, ([None, None], 4)),
+    # pinned to fewer cores than ranks: they share, one thread each
+    ([0], [0], 2, 2, ([None, None], 1)),
+])
+def test_cpu_ranks_split_the_engines_cores(allowed, cores, total, tp, want):
+    assert cpu_shares(tp, allowed, cores, total) == want

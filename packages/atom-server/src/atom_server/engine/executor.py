@@ -46,6 +46,7 @@ import msgspec
 import torch
 import zmq
 
+from atom_server import startup
 from atom_server.engine import tp_channel as ch
 from atom_server.engine.model_runner import ModelRunner
 from atom_server.engine.step_input import StepInput, encode
@@ -119,6 +120,24 @@ def _device_check(tp: int, device: torch.device) -> str:
     return "gloo"
 
 
+def cpu_shares(tp: int, allowed: list[int] | None = None, cores: list[int] | None = None,
+               total: int | None = None) -> tuple[list[tuple[int, ...] | None], int]:
+    """CPU ranks: (each rank's CPUs, torch threads per rank). The physical cores this process may use are
+    split evenly; pinned only when this process is pinned already (`atom serve` pins its engine to the cores
+    it may use, atom_server.cpu_threads): the ranks then split that set instead of all crowding into it.
+    allowed / cores / total (the logical CPUs this process may use, one per physical core among them, all
+    the machine's) default to this machine's."""
+    from atom_server.cpu_threads import allowed_cpus, one_cpu_per_core
+
+    allowed = allowed_cpus() if allowed is None else allowed
+    cores = one_cpu_per_core(allowed) if cores is None else cores
+    total = (os.cpu_count() or len(allowed)) if total is None else total
+    threads = max(1, len(cores) // tp)
+    if len(allowed) < total and len(cores) >= tp:
+        return [tuple(cores[r * threads:(r + 1) * threads]) for r in range(tp)], threads
+    return [None] * tp, threads
+
+
 class TPExecutor:
     """Rank 0 of N: the runner interface the engine uses, with every step published to the workers."""
 
@@ -149,6 +168,7 @@ class TPExecutor:
         self._aborted = False
         self._closed = False
         self._threads_before: int | None = None
+        self._cpus_before: list[int] | None = None
         self._procs: list[subprocess.Popen] = []
         self._tmpdir = tempfile.mkdtemp(prefix="atom-tp-")
         self._ctx = zmq.Context()
@@ -166,16 +186,17 @@ class TPExecutor:
         TPExecutor._live = self
         atexit.register(self.shutdown)
         try:
-            threads = max(1, (os.cpu_count() or 1) // tp) if backend == "gloo" else None
+            cpus, threads = cpu_shares(tp) if backend == "gloo" else ([None] * tp, None)
             init_method = f"tcp://127.0.0.1:{_free_port()}"
-            self._spawn(tp, backend, init_method, steps_addr, replies_addr, device, threads, runner_kwargs)
+            self._spawn(tp, backend, init_method, steps_addr, replies_addr, device, cpus, threads, runner_kwargs)
             self._watch.start()
             self._await(ch.Hello, tp - 1, "join")
             self._await_subscriptions(tp - 1)
             # the rendezvous and the runner's start-up collectives cannot be polled; a bad setting (e.g. a KV
             # cache too small) fails every rank alike: rank 0's own error is the one to show
             with self._calling(own_errors_first=True):
-                self._init_rank0(backend, init_method, threads)
+                self._init_rank0(backend, init_method, cpus[0], threads)
+                startup.phase_done("tensor-parallel workers", f"{tp - 1} joined ({backend})")
                 self.runner = ModelRunner(device=device, config=config, **runner_kwargs)
             ready = self._await(ch.Ready, tp - 1, "build its model runner")
             if any(r.num_blocks != self.runner.num_blocks for r in ready):
@@ -189,18 +210,22 @@ class TPExecutor:
                     ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(self._procs, start=1)))
 
     # ---- start-up --------------------------------------------------------------------------------
-    def _spawn(self, tp, backend, init_method, steps_addr, replies_addr, device, threads, runner_kwargs) -> None:
+    def _spawn(self, tp, backend, init_method, steps_addr, replies_addr, device, cpus, threads,
+               runner_kwargs) -> None:
         main_thread = threading.current_thread() is threading.main_thread()
         for rank in range(1, tp):
             spec = ch.WorkerSpec(rank=rank, world_size=tp, backend=backend, init_method=init_method,
                                  timeout_s=COLLECTIVE_TIMEOUT_S, steps_addr=steps_addr, replies_addr=replies_addr,
                                  parent_pid=os.getpid(), death_signal=main_thread, device=device.type,
-                                 num_threads=threads, expert_parallel=self.expert_parallel,
-                                 runner_kwargs=runner_kwargs)
+                                 num_threads=threads, cpus=list(cpus[rank]) if cpus[rank] else None,
+                                 expert_parallel=self.expert_parallel, runner_kwargs=runner_kwargs)
             env = {**os.environ, ch.SPEC_ENV: msgspec.json.encode(spec).decode()}
+            if threads:  # OpenMP reads it when torch starts its pool (the engine's own count is inherited)
+                env["OMP_NUM_THREADS"] = str(threads)
             self._procs.append(subprocess.Popen([sys.executable, "-m", "atom_server.engine.worker"], env=env))
 
-    def _init_rank0(self, backend: str, init_method: str, threads: int | None) -> None:
+    def _init_rank0(self, backend: str, init_method: str, cpus: tuple[int, ...] | None,
+                    threads: int | None) -> None:
         import torch.distributed as dist
 
         from atom.distributed import TorchDistGroup, set_expert_parallel, set_tp_group
@@ -209,9 +234,13 @@ class TPExecutor:
         if backend == "nccl":
             torch.cuda.set_device(0)
             kwargs["device_id"] = torch.device("cuda", 0)
-        elif threads:  # the ranks share the host's cores (restored at shutdown)
+        elif threads:  # the ranks share this process's cores (restored at shutdown)
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
+            if cpus:
+                self._cpus_before = sorted(os.sched_getaffinity(0))
+                os.sched_setaffinity(0, cpus)
+            logger.info("CPU rank 0: %d torch threads%s", threads, f", CPUs {list(cpus)}" if cpus else "")
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         set_tp_group(TorchDistGroup())
@@ -405,5 +434,8 @@ class TPExecutor:
         set_expert_parallel(False)
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
+        if self._cpus_before is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._cpus_before)
         if TPExecutor._live is self:
             TPExecutor._live = None

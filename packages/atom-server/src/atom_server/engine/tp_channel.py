@@ -72,6 +72,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     death_signal: bool  # PR_SET_PDEATHSIG is safe (spawned from the parent's main thread)
     device: str  # cpu | cuda
     num_threads: int | None = None  # torch threads on CPU
+    cpus: list[int] | None = None  # CPUs to pin to (CPU ranks of a pinned engine)
     expert_parallel: bool = False
     runner_kwargs: dict = {}
 

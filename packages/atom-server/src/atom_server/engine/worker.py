@@ -61,7 +61,11 @@ def _init_distributed(spec: ch.WorkerSpec):
         torch.cuda.set_device(spec.rank)
         kwargs["device_id"] = torch.device("cuda", spec.rank)
     elif spec.num_threads:
+        if spec.cpus:
+            os.sched_setaffinity(0, spec.cpus)
         torch.set_num_threads(spec.num_threads)
+        logger.info("CPU rank %d: %d torch threads%s", spec.rank, spec.num_threads,
+                    f", CPUs {spec.cpus}" if spec.cpus else "")
     dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
                             world_size=spec.world_size, timeout=datetime.timedelta(seconds=spec.timeout_s), **kwargs)
     set_tp_group(TorchDistGroup())
