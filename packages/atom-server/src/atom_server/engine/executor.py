@@ -20,8 +20,10 @@ and checks the worker processes; on a death it records a `WorkerError` naming th
     the dead peer; the executor turns that into the WorkerError), at its next call if idle; a main thread
     stuck for ATOM_TP_HANG_GRACE_S inside a device collective that cannot fail (NCCL) ends the process.
 Exceptions keep their kinds: `WorkerError` (a subclass of `ExecutorFatalError`) means the ranks are out of
-step and the engine must stop; any other exception is rank 0's own runner raising before or after the
-collectives (e.g. while sampling one request), exactly as at TP=1.
+step and the engine must stop; any other exception is rank 0's own runner, as at TP=1. One raised after the
+collectives (sampling one request) concerns rank 0 alone; one raised before them (preparing a step's
+inputs) is raised by the workers too, and a worker's own error is fatal (worker.py says why), so the engine
+stops at its next step.
 """
 
 from __future__ import annotations
