@@ -51,8 +51,12 @@ def _run(path: str, name: str, tp: int, ep: bool = False) -> tuple[list[list[int
     llm = LLM(path, tensor_parallel_size=tp, enable_expert_parallel=ep, block_size=BLOCK, max_model_len=64,
               max_num_batched_tokens=16, kv_cache_memory_bytes=kv_bytes(name, tp, NUM_BLOCKS, BLOCK),
               skip_tokenizer_init=True, dtype="float32", device="cpu")
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-    assert all(o.finished and len(o.outputs[0].token_ids) == MAX_NEW for o in outs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        assert all(o.finished and len(o.outputs[0].token_ids) == MAX_NEW for o in outs)
+    except BaseException:
+        llm.llm_engine.shutdown()  # the next case starts its own workers
+        raise
     return [o.outputs[0].token_ids for o in outs], llm
 
 
