@@ -30,7 +30,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 def _tokens(path: str, **kwargs) -> tuple[list[list[int]], LLM]:
     llm = LLM(path, dtype="float32", block_size=16, max_model_len=64, max_num_seqs=8, gpu_memory_utilization=0.3,
               skip_tokenizer_init=True, **kwargs)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    except BaseException:
+        llm.llm_engine.shutdown()  # the next case starts its own workers
+        raise
     return [o.outputs[0].token_ids for o in outs], llm
 
 
