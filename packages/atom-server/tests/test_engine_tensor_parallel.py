@@ -1,6 +1,6 @@
 """Tensor and expert parallelism in atom-server's engine: TP=2 (two processes on gloo) and TP=2 with expert
 parallelism give the greedy tokens of TP=1 and of transformers, for Llama, Qwen3, Qwen3-MoE and Mixtral
-tiny checkpoints in float32, through prefix-cache hits, chunked prefills and preemptions; every KV block
+tiny checkpoints in float32 (and DeepSeek-V3 with expert parallelism: MLA, grouped routing, shared experts), through prefix-cache hits, chunked prefills and preemptions; every KV block
 is free at the end and every rank's runner holds the same block tables as rank 0's (nothing once released).
 Some cases run the decode graphs' buffers (ATOM_DECODE_GRAPHS=static), hence async scheduling: launched
 steps whose tokens each rank takes from its own previous replay. Bad TP configurations fail before any
@@ -19,6 +19,7 @@ import transformers
 
 from tp_checkpoints import BASE, CONFIGS, hf_greedy, kv_bytes, write_checkpoint
 
+from atom.layers.moe import FusedMoE
 from atom_server import LLM, SamplingParams
 from atom_server.engine.executor import ExecutorFatalError, TPExecutor, WorkerError, cpu_shares
 
@@ -27,7 +28,7 @@ MAX_NEW = 8
 NUM_BLOCKS = 20  # 80 tokens for 8 sequences of up to ~50: preemptions
 # (family, expert parallel, decode graphs' buffers + async scheduling)
 CASES = [("llama", False, True), ("qwen3", False, False), ("qwen3_moe", False, False), ("qwen3_moe", True, True),
-         ("mixtral", False, True), ("mixtral", True, False)]
+         ("mixtral", False, True), ("mixtral", True, False), ("deepseek_v3", True, False)]
 
 
 def _prompts() -> list[list[int]]:
@@ -77,8 +78,8 @@ def test_tp2_greedy_matches_tp1_and_transformers(checkpoints, name, ep, graphs, 
         assert isinstance(runner, TPExecutor) and runner.world_size == 2
         assert engine.async_scheduling == graphs
         if ep:  # whole experts, half of them per rank
-            experts = runner.model.model.layers[0].mlp.experts
-            assert (experts.num_local_experts, experts.tp_size) == (2, 1)
+            experts = next(m for m in runner.model.modules() if isinstance(m, FusedMoE))
+            assert (experts.num_local_experts, experts.tp_size) == (experts.num_experts // 2, 1)
         assert got == want
         stats = engine.stats()
         assert stats["num_total_blocks"] == NUM_BLOCKS

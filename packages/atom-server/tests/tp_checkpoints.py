@@ -1,4 +1,4 @@
-"""Tiny float32 checkpoints of the four tensor-parallel test families, and transformers' greedy tokens on them.
+"""Tiny float32 checkpoints of the tensor-parallel test families, and transformers' greedy tokens on them.
 
 Weights are drawn larger than transformers' default init, so the logits stand far apart: no near-ties that
 a different summation order (all-reduce over ranks) could flip in argmax.
@@ -22,6 +22,13 @@ CONFIGS = {
                                                      norm_topk_prob=True),
     "mixtral": lambda: transformers.MixtralConfig(**{**BASE, "intermediate_size": 32}, num_key_value_heads=2,
                                                   num_local_experts=4, num_experts_per_tok=2),
+    # MLA (latent cache, whole on every rank), grouped top-k routing, a shared expert, a dense first layer
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1,
+        max_position_embeddings=64, tie_word_embeddings=False),
 }
 
 
@@ -48,7 +55,10 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new: int, device: str = "
 
 
 def kv_bytes(name: str, tp: int, num_blocks: int, block_size: int) -> int:
-    """Bytes per rank for num_blocks float32 blocks: each rank holds max(1, kv_heads / tp) KV heads."""
+    """Bytes per rank for num_blocks float32 blocks: each rank holds max(1, kv_heads / tp) KV heads, or the
+    whole latent row (MLA)."""
     cfg = CONFIGS[name]()
+    if getattr(cfg, "kv_lora_rank", None):
+        return num_blocks * cfg.num_hidden_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     heads = max(1, cfg.num_key_value_heads // tp)
     return num_blocks * 2 * cfg.num_hidden_layers * block_size * heads * cfg.head_dim * 4
