@@ -126,7 +126,7 @@ class ModelRunner:
         self.specs = attention_specs(self.model) + mla_attention_specs(self.model)
         self.kv_specs = kv_cache_specs(self.model)
         self.attn_builder = metadata_builder(self.model)
-        self._sample = resolve("sample")
+        self._sample = resolve("sample", device=device)
         self.block_bytes = bytes_per_block(self.kv_specs, block_size)
         budget = self._kv_budget(kv_cache_memory_bytes, gpu_memory_utilization)
         self.num_blocks = kv_blocks_for_budget(self.block_bytes, budget, block_size, max_model_len, max_num_seqs)
