@@ -12,7 +12,8 @@ kernel is known to handle (dtype, head size, activation), the wrapper calls the 
 
 Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul,
 moe_topk_softmax, fused_experts (silu, 16-bit), reshape_and_cache, paged_attention (decode through
-paged_attention_v1 on the NHD cache; prefill/varlen through flash_attn_varlen_func on gathered K/V).
+paged_attention_v1 on the NHD cache; prefill/varlen through flash_attn_varlen_func on gathered K/V;
+with attention sinks, ATOM's Triton kernel).
 Not mapped (torch reference): sample.
 """
 
@@ -231,8 +232,13 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, logit_softcap)
+    if sinks is not None:  # the AITER kernels mapped here have no attention sinks: ATOM's Triton kernel does
+        from atom.ops.triton_kernels.attention import paged_attention_impl
+
+        return paged_attention_impl(*args, max_query_len, max_seq_len, sinks=sinks)
     if q.dtype not in _HALF or k_cache.dtype != q.dtype:
         return ref_attention.paged_attention(*args, max_query_len, max_seq_len)
     if max_query_len is None:
