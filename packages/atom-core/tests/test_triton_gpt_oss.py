@@ -100,6 +100,10 @@ EXPERT_SIZES = {
     "tiny_decode": (3, 64, 64, 6, 2),
     "tiny": (20, 64, 96, 5, 2),
 }
+K_CHUNK_SIZES = {  # K over several chunks, the last one partial (hidden 320 = 10 scale blocks, intermediate 160)
+    "k_chunks_decode": (2, 320, 160, 4, 2),
+    "k_chunks": (12, 320, 160, 4, 2),
+}
 LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 32 experts, top-4
     "one_decode": (1, 2880, 2880, 32, 4),
     "decode": (4, 2880, 2880, 32, 4),
@@ -137,6 +141,12 @@ def _run_experts(name, size, weights_format, dtype):
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES))
 def test_fused_experts_swigluoai(name, weights_format, dtype):
     _run_experts(name, EXPERT_SIZES[name], weights_format, dtype)
+
+
+@pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
+@pytest.mark.parametrize("name", sorted(K_CHUNK_SIZES))
+def test_fused_experts_swigluoai_k_chunks(name, weights_format):
+    _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -80,17 +80,21 @@ def _a_chunk(a_rows, row_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constex
 
 
 @triton.jit
-def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             MXFP4: tl.constexpr):
     """Weights of a K chunk as dot operands [K, BLOCK_N] (w_cols: pointers to each column n's row start):
-    dense, or the decoded even and odd elements (MXFP4: bytes k0/2.. of each row, a scale per 16 bytes)."""
+    dense, or the decoded even and odd elements (MXFP4: bytes k0/2.. of each row; the chunk's BLOCK_K/32
+    scales loaded once and broadcast over their 16 bytes)."""
     if MXFP4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        m = (kb < k_dim // 2)[:, None] & n_ok[None, :]
-        packed = tl.load(w_cols + kb[:, None], mask=m, other=0)
-        scale = _e8m0_to_f32(tl.load(s_cols + (kb // 16)[:, None], mask=m, other=127))
-        low = (_e2m1_to_f32(packed & 15) * scale).to(dtype)
-        high = (_e2m1_to_f32(packed >> 4) * scale).to(dtype)
-        return low, high
+        packed = tl.load(w_cols + kb[:, None], mask=(kb < k_dim // 2)[:, None] & n_ok[None, :], other=0)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_cols + g[:, None], mask=(g < k_dim // 32)[:, None] & n_ok[None, :],
+                                     other=127))[:, None, :]
+        low = tl.reshape(_e2m1_to_f32(packed & 15), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        high = tl.reshape(_e2m1_to_f32(packed >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        return (tl.reshape(low, [BLOCK_K // 2, BLOCK_N]).to(dtype),
+                tl.reshape(high, [BLOCK_K // 2, BLOCK_N]).to(dtype))
     kk = k0 + tl.arange(0, BLOCK_K)
     w = tl.load(w_cols + kk[:, None], mask=(kk < k_dim)[:, None] & n_ok[None, :], other=0.0).to(dtype)
     return w, w
@@ -125,13 +129,13 @@ def _expert_gemm_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         a0, a1 = _a_chunk(a_rows, row_ok, k0, k_dim, BLOCK_K, MXFP4, F32_DOT)
-        w0, w1 = _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype, BLOCK_K, MXFP4)
+        w0, w1 = _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype, BLOCK_N, BLOCK_K, MXFP4)
         acc = _dot(a0, w0, acc, IEEE)
         if MXFP4:
             acc = _dot(a1, w1, acc, IEEE)
         if GATED:
             u0, u1 = _w_chunk(w_cols + n_out * w_stride_n, s_cols + n_out * s_stride_n, n_ok, k0, k_dim, dtype,
-                              BLOCK_K, MXFP4)
+                              BLOCK_N, BLOCK_K, MXFP4)
             acc_up = _dot(a0, u0, acc_up, IEEE)
             if MXFP4:
                 acc_up = _dot(a1, u1, acc_up, IEEE)
@@ -151,17 +155,20 @@ def _expert_gemm_kernel(
 
 @triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
-    """Products W[n, k] * x[k] of a K chunk in float32, [BLOCK_N, BLOCK_K] (dense) or [BLOCK_N, BLOCK_K/2]
-    (MXFP4: even and odd elements of each byte summed); w_rows: pointers to each row n's start."""
+    """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
+    for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
+    sum is exact); w_rows: pointers to each row n's start."""
     if MXFP4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         ok = kb < k_dim // 2
-        m = n_ok[:, None] & ok[None, :]
-        packed = tl.load(w_rows + kb[None, :], mask=m, other=0)
-        scale = _e8m0_to_f32(tl.load(s_rows + (kb // 16)[None, :], mask=m, other=127))
+        packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        return (_e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd) * scale
+        prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
+                                     other=127))
+        return tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
     kk = k0 + tl.arange(0, BLOCK_K)
     ok = kk < k_dim
     w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
@@ -259,7 +266,7 @@ def fused_experts_swigluoai(
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
-                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 2 if mxfp4 else block_k,
+                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
                 num_warps=tile["num_warps"])
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
