@@ -86,7 +86,7 @@ def random_weights_(module: torch.nn.Module, seed: int = 0) -> None:
             continue
         if not p.dtype.is_floating_point:  # packed data (MXFP4 codes, scales): its layer says what is sane
             low, high = getattr(p, "dummy_range", (0, 2))
-            p.data.copy_(torch.randint(low, high, p.shape, generator=gen, dtype=torch.int32).to(p.dtype))
+            p.data.copy_(torch.randint(low, high, p.shape, generator=gen, dtype=p.dtype))
             continue
         values = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
         p.data.copy_(values.to(p.dtype))
