@@ -107,6 +107,15 @@ def test_mxfp4_config_with_dense_experts_is_refused(checkpoints, tmp_path):
         load_model(str(tmp_path), dtype="float32", progress=False)
 
 
+def test_a_host_attention_without_sinks_is_refused(checkpoints):
+    def no_sinks_factory(spec):  # a host implementation that predates sinks
+        return torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="has attention sinks, which this host's attention implementation "
+                                         r"\(.*no_sinks_factory\) does not support"):
+        load_model(checkpoints["dense"][0], dtype="float32", attn_factory=no_sinks_factory, progress=False)
+
+
 def test_quantize_tool_refuses_what_it_cannot_convert(checkpoints, tmp_path, capsys):
     tool = quantize_tool()
     assert tool.main([checkpoints["mxfp4"][0], str(tmp_path / "again")]) == 1
