@@ -26,4 +26,4 @@ def test_presets_are_valid_configs(name, tmp_path):
     from atom.loader import load_config
 
     cfg = load_config(preset_checkpoint(name, str(tmp_path)))
-    assert cfg.vocab_size == 151936 and cfg.head_dim == 128
+    assert cfg.vocab_size == PRESETS[name]["vocab_size"] and cfg.head_dim == PRESETS[name]["head_dim"]

@@ -22,6 +22,11 @@ MODELS_MODULE = "atom_vllm.models"
 # its `qkv_bias`, IQuestCoder, TeleChat3, Ministral3) read config fields ATOM does not, so vLLM keeps them.
 ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
 
+# atom-core architectures that atom_vllm.models has no class for yet: vLLM keeps serving them with its own
+# model. GPT-OSS needs its sinks handed to vLLM's Attention and vLLM's MXFP4 quantization config mapped
+# onto ATOM's MXFP4 experts (the quantization seam).
+NOT_IN_VLLM_YET = frozenset({"GptOssForCausalLM"})
+
 _registered: list[str] | None = None
 
 
@@ -36,7 +41,7 @@ def architectures(registry=None) -> dict[str, str]:
     """vLLM architecture name -> class name in atom_vllm.models, for everything ATOM serves."""
     from atom.models import supported_architectures
 
-    archs = {arch: arch for arch in supported_architectures()}
+    archs = {arch: arch for arch in supported_architectures() if arch not in NOT_IN_VLLM_YET}
     if registry is not None:
         for alias, canonical in ALIASES.items():
             if canonical in archs and _same_builtin(registry, alias, canonical):

@@ -5,6 +5,12 @@ that the *host* supplies when the model is built, through an `AttentionFactory`:
 `AttentionSpec` and returning a module `impl(q, k, v) -> out` with q [T, H*D], k and v [T, Hkv*D],
 out [T, H*D]. The model never builds or sees a KV cache.
 
+Attention sinks (GPT-OSS: a learned logit per head in the softmax denominator) are the model's parameter;
+a layer that has them sets `spec.has_sinks` and the factory is called as `factory(spec, sinks=tensor)`, so
+the implementation holds the tensor from construction on (vLLM's Attention takes it there; SGLang's
+RadixAttention takes it per call, which its wrapper can do from the stored reference). A factory without
+a `sinks` parameter cannot build such a layer and is refused with the reason.
+
 `PagedAttention` is ATOM's own implementation over a paged KV cache (used by atom-server and by the
 core's tests). An implementation that keeps a host-allocated cache follows two small contracts:
 - its `kv_cache_spec` (a `KVCacheSpec`, see kv_cache.py) says what to allocate; the host binds the
@@ -19,6 +25,7 @@ An MLA implementation brings its own spec and builder the same way.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +53,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     logit_softcap: float | None = None
     prefix: str = ""
+    has_sinks: bool = False  # per-head sink logits join the softmax denominator (passed to the factory)
 
 
 AttentionFactory = Callable[[AttentionSpec], nn.Module]
@@ -106,10 +114,15 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 class PagedAttention(nn.Module):
     metadata_builder_cls = PagedAttentionMetadataBuilder
 
-    def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None):
-        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction)."""
+    def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None,
+                 sinks: torch.Tensor | None = None):
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction).
+        sinks: the model's [num_heads] sink logits when spec.has_sinks."""
         super().__init__()
         self.spec = spec
+        # A reference to the model's parameter, deliberately not registered here: the model owns and loads
+        # it (registering it twice would list it under a second name).
+        object.__setattr__(self, "sinks", sinks)
         dtype = kv_cache_dtype or torch.get_default_dtype()
         common = dict(layer_idx=spec.layer_idx, dtype=dtype, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
         self.kv_cache_spec: FullAttentionKVSpec = (
@@ -117,7 +130,8 @@ class PagedAttention(nn.Module):
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
         self._write = resolve("reshape_and_cache")
-        self._attend = resolve("paged_attention")
+        # sink layers ask for an implementation that has sinks (the AITER binding does not)
+        self._attend = resolve("paged_attention", static={"has_sinks": True} if sinks is not None else None)
         self._prep = resolve("qk_norm_rope_cache")
 
     def _context(self):
@@ -153,12 +167,12 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, md.block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len, md.max_seq_len)
+                           md.max_query_len, md.max_seq_len, sinks=self.sinks)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 
-def paged_attention_factory(spec: AttentionSpec) -> nn.Module:
-    return PagedAttention(spec)
+def paged_attention_factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
+    return PagedAttention(spec, sinks=sinks)
 
 
 def attention_specs(model: nn.Module) -> list[AttentionSpec]:
@@ -179,13 +193,33 @@ def metadata_builder(model: nn.Module) -> AttentionMetadataBuilder | None:
     return classes.pop()([m.kv_cache_spec for m in layers])
 
 
+def _takes_sinks(factory: AttentionFactory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: let the call decide
+        return True
+    return any(p.name == "sinks" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class Attention(nn.Module):
     """Model-side attention front-end: holds the spec and the host's implementation."""
 
-    def __init__(self, spec: AttentionSpec, attn_factory: AttentionFactory | None = None):
+    def __init__(self, spec: AttentionSpec, attn_factory: AttentionFactory | None = None,
+                 sinks: torch.Tensor | None = None):
         super().__init__()
+        if spec.has_sinks != (sinks is not None):
+            raise ValueError(f"attention layer {spec.prefix!r}: spec.has_sinks={spec.has_sinks} but sinks "
+                             f"{'missing' if sinks is None else 'given'}")
         self.spec = spec
-        self.impl = (attn_factory or paged_attention_factory)(spec)
+        factory = attn_factory or paged_attention_factory
+        if sinks is None:
+            self.impl = factory(spec)
+            return
+        if not _takes_sinks(factory):
+            raise ValueError(f"attention layer {spec.prefix!r} has attention sinks, which this host's attention "
+                             f"implementation ({getattr(factory, '__qualname__', type(factory).__qualname__)}) "
+                             "does not support")
+        self.impl = factory(spec, sinks=sinks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.impl(q, k, v)

@@ -12,6 +12,7 @@ _MODELS = {
     "Qwen3ForCausalLM": "atom.models.qwen3:Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM": "atom.models.qwen3_moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "atom.models.mixtral:MixtralForCausalLM",
+    "GptOssForCausalLM": "atom.models.gpt_oss:GptOssForCausalLM",
 }
 
 
