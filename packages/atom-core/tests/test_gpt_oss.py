@@ -105,6 +105,25 @@ def test_mxfp4_config_with_dense_experts_is_refused(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method='fp8'"):
         load_model(str(tmp_path), dtype="float32", progress=False)
+    # a registered scheme whose MoE method is not GPT-OSS's (plain SwiGLU experts, no biases)
+    import quant_schemes  # noqa: F401  registers atom_test_transposed
+
+    config["quantization_config"] = {"quant_method": "atom_test_transposed"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quant_method='atom_test_transposed': that scheme gives TransposedMoE, "
+                                         "which does not implement GPT-OSS's"):
+        load_model(str(tmp_path), dtype="float32", progress=False)
+
+
+def test_mxfp4_on_another_moe_is_refused(tmp_path):
+    from compile_checks import write_tiny_qwen3_moe
+
+    write_tiny_qwen3_moe(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts: ATOM's MXFP4 experts are GPT-OSS's"):
+        load_model(str(tmp_path), dtype="float32", progress=False)
 
 
 def test_a_host_attention_without_sinks_is_refused(checkpoints):
