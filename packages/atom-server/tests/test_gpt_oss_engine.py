@@ -1,6 +1,8 @@
-"""GPT-OSS with MXFP4 experts through atom-server's engine: greedy tokens equal transformers' on the
-dequantized weights, with prompts longer than the sliding window (5), blocks of 4 tokens, chunked prefill
-and prefix caching. Sinks reach ATOM's paged attention through the attention factory (no runner change)."""
+"""GPT-OSS through atom-server's engine: greedy tokens equal transformers' (dense experts in transformers'
+layout, and MXFP4 experts against transformers on the dequantized weights), with prompts longer than the
+sliding window (5), blocks of 4 tokens, chunked prefill and a prefix-cache hit; the sliding-window layer
+keeps only its window (the window pool) unless --disable-hybrid-kv-cache-manager. The decode graphs'
+input plumbing (window slots and tables in the static buffers) runs on CPU without capture."""
 
 from __future__ import annotations
 
@@ -13,45 +15,135 @@ import torch
 from tiny_checkpoint import write_tiny_gpt_oss
 
 from atom_server import LLM, SamplingParams
+from atom_server.engine import step_input as si
+from atom_server.engine.model_runner import ModelRunner
 
 MAX_NEW = 10
+BLOCK, WINDOW = 4, 5
 REPO = Path(__file__).resolve().parents[3]
+PROMPT_LENS = (3, 17, 41, 9, 26)
+ENGINE = dict(block_size=BLOCK, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16,
+              kv_cache_memory_bytes=1 << 20, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def mxfp4_ckpt(tmp_path_factory):
-    dense = write_tiny_gpt_oss(tmp_path_factory.mktemp("gpt_oss_dense"))
+def _quantize(dense: str, out: str) -> None:
     spec = importlib.util.spec_from_file_location("quantize_mxfp4", REPO / "tools" / "quantize_mxfp4.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    out = tmp_path_factory.mktemp("gpt_oss_mxfp4")
-    tool.convert(dense, str(out))
-    return str(out)
+    tool.convert(dense, out)
 
 
-def test_greedy_matches_transformers_on_dequantized_weights(mxfp4_ckpt):
+def _hf_greedy(hf, prompts) -> list[list[int]]:
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                              pad_token_id=0, eos_token_id=None)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     rng = random.Random(3)
-    prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in (3, 17, 41, 9, 26)]
-    hf = AutoModelForCausalLM.from_pretrained(mxfp4_ckpt, dtype=torch.float32,
-                                              quantization_config=Mxfp4Config(dequantize=True)).float().eval()
-    want = []
-    with torch.no_grad():
-        for p in prompts:
-            out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
-                              pad_token_id=0, eos_token_id=None)
-            want.append(out[0, len(p):].tolist())
-    llm = LLM(mxfp4_ckpt, block_size=4, max_model_len=64, max_num_batched_tokens=16,
-              kv_cache_memory_bytes=256 * 2 * 2 * 4 * 2 * 16 * 4)
-    experts = llm.llm_engine.runner.model.model.layers[0].mlp.experts
-    assert experts.w13_weight.dtype == torch.uint8  # served packed
+    prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in PROMPT_LENS]
+    prompts.append(prompts[2][:30] + [7, 8])  # a cached prefix of the 41-token prompt, run afterwards
+    dense = write_tiny_gpt_oss(tmp_path_factory.mktemp("gpt_oss_dense"))
+    mxfp4 = str(tmp_path_factory.mktemp("gpt_oss_mxfp4"))
+    _quantize(dense, mxfp4)
+    hf_dense = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    hf_mxfp4 = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32,
+                                                    quantization_config=Mxfp4Config(dequantize=True)).float().eval()
+    return {"prompts": prompts, "dense": (dense, _hf_greedy(hf_dense, prompts)),
+            "mxfp4": (mxfp4, _hf_greedy(hf_mxfp4, prompts))}
+
+
+def _watch_window(engine) -> list[int]:
+    """After every commit: window-pool blocks each running sequence holds (the most seen is returned)."""
+    held = [0]
+    commit = engine.scheduler.commit
+
+    def watching_commit(batch):
+        commit(batch)
+        for s in engine.scheduler.running:
+            held[0] = max(held[0], len(s.window_table) - s.window_start)
+
+    engine.scheduler.commit = watching_commit
+    return held
+
+
+@pytest.mark.parametrize("experts,windowed", [("dense", True), ("mxfp4", True), ("dense", False)],
+                         ids=["dense-window-pool", "mxfp4-window-pool", "dense-full-length"])
+def test_greedy_matches_transformers(experts, windowed, checkpoints):
+    path, want = checkpoints[experts]
+    prompts = checkpoints["prompts"]
+    llm = LLM(path, disable_hybrid_kv_cache_manager=not windowed, **ENGINE)
+    engine = llm.llm_engine
+    runner = engine.runner
+    assert runner.model.model.layers[0].mlp.experts.w13_weight.dtype == (
+        torch.uint8 if experts == "mxfp4" else torch.float32)  # MXFP4 served packed
+    sliding = runner.model.model.layers[0].self_attn.attn.impl.kv_cache
+    full = runner.model.model.layers[1].self_attn.attn.impl.kv_cache
+    if windowed:
+        assert runner.kv_window == WINDOW and sliding.k.shape[0] == runner.num_window_blocks < full.k.shape[0]
+    else:
+        assert runner.kv_window is None and sliding.k.shape == full.k.shape
+    held = _watch_window(engine)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:-1]], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want[:-1]
+    again = llm.generate([{"prompt_token_ids": prompts[-1]}], params, use_tqdm=False)
+    assert engine.stats()["prefix_cache_hits"] > 0 and again[0].outputs[0].token_ids == want[-1]
+    if windowed:  # the last WINDOW - 1 tokens span at most 2 blocks of 4
+        assert 0 < held[0] <= -(-(WINDOW - 1) // BLOCK) + 1
+        assert len(engine.block_manager.window_pool.free) == runner.num_window_blocks  # all given back
+
+
+def _generate(path, prompts, monkeypatch, mode: str, record: list | None = None):
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off" if mode == "eager" else "static")
+    monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "1" if mode == "async" else "0")
+    llm = LLM(path, **ENGINE)
+    engine = llm.llm_engine
+    assert (engine.runner.graphs is None) == (mode == "eager") and engine.runner.kv_window == WINDOW
+    replays = [0]
+    if engine.runner.graphs is not None:
+        replay = engine.runner.graphs.replay
+
+        def counting_replay(*a):
+            replays[0] += 1
+            return replay(*a)
+
+        engine.runner.graphs.replay = counting_replay
+    if record is not None:
+        execute = engine.runner.execute
+
+        def recording_execute(step):
+            results = execute(step)
+            record.append((si.encode(step), results))
+            return results
+
+        engine.runner.execute = recording_execute
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW + i, ignore_eos=True) for i in range(len(prompts))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == want
-    again = llm.generate([{"prompt_token_ids": prompts[2][:30] + [7, 8]}], params, use_tqdm=False)  # cached prefix
-    assert llm.llm_engine.stats()["prefix_cache_hits"] > 0
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompts[2][:30] + [7, 8]]), do_sample=False, max_new_tokens=MAX_NEW,
-                          min_new_tokens=MAX_NEW, pad_token_id=0, eos_token_id=None)
-    assert again[0].outputs[0].token_ids == ref[0, 32:].tolist()
+    return [o.outputs[0].token_ids for o in outs], replays[0]
+
+
+def test_decode_graph_inputs_with_the_window_pool_on_cpu(checkpoints, monkeypatch):
+    """The static graph buffers carry the window pool's slots and tables (sync and async launches); the
+    StepInputs with window-table deltas round-trip and drive a second runner to the same results."""
+    path, _ = checkpoints["mxfp4"]
+    prompts = checkpoints["prompts"][:5]
+    sent: list = []
+    eager, _ = _generate(path, prompts, monkeypatch, "eager")
+    static, replays = _generate(path, prompts, monkeypatch, "static", record=sent)
+    asynchronous, async_replays = _generate(path, prompts, monkeypatch, "async")
+    assert static == eager and asynchronous == eager and replays > 10 and async_replays > 10
+    steps = [si.decode(data) for data, _ in sent]
+    assert any(u.start > 0 for s in steps for u in s.window_block_updates)  # grown tails of window tables
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off")
+    other = ModelRunner(path, dtype="auto", device=torch.device("cpu"), gpu_memory_utilization=0.9,
+                        load_format="auto", **{k: v for k, v in ENGINE.items() if k != "device"})
+    for step, (_, results) in zip(steps, sent):
+        assert other.execute(step) == results

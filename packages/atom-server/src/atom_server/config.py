@@ -19,6 +19,8 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    # vLLM's flag: full-length caches for sliding-window layers too (default: they keep only the window)
+    disable_hybrid_kv_cache_manager: bool = False
     tensor_parallel_size: int = 1
     seed: int = 0
     enforce_eager: bool = False
@@ -73,6 +75,8 @@ class EngineArgs:
         parser.add_argument("--max-num-batched-tokens", type=int, default=None)
         parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                             default=d["enable_prefix_caching"].default)
+        parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                            help="keep full-length KV caches for sliding-window layers (default: only the window)")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"].default)
         parser.add_argument("--seed", type=int, default=d["seed"].default)
         parser.add_argument("--enforce-eager", action="store_true")

@@ -71,10 +71,19 @@ class AttentionInputs:
     seq_lens: torch.Tensor  # [B] int32, context + new tokens
     max_query_len: int
     max_seq_len: int
+    # A host that keeps only the window for sliding-window layers (a pool of their own): those layers'
+    # slots and block tables (same logical block numbering; blocks before the window may be stale). None:
+    # every layer uses slot_mapping / block_tables.
+    window_slot_mapping: torch.Tensor | None = None
+    window_block_tables: torch.Tensor | None = None
 
 
 class AttentionMetadataBuilder:
     """Makes an attention implementation's per-step metadata (what it reads from the forward context)."""
+
+    # The implementation's sliding-window layers read AttentionInputs.window_* when given (a host may
+    # then keep only the window for them, in a pool of their own).
+    supports_window_pool = False
 
     def __init__(self, specs: Sequence[KVCacheSpec]):
         self.specs = list(specs)
@@ -101,14 +110,19 @@ class PagedAttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, context + new tokens
     max_query_len: int
     max_seq_len: int
+    window_slot_mapping: torch.Tensor | None = None  # sliding-window layers' own (AttentionInputs)
+    window_block_tables: torch.Tensor | None = None
 
 
 class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
     """PagedAttention reads the inputs as they are; its graph form aliases the static buffers."""
 
+    supports_window_pool = True
+
     def build(self, inputs: AttentionInputs) -> PagedAttentionMetadata:
         return PagedAttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.query_start_loc,
-                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len)
+                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len,
+                                      inputs.window_slot_mapping, inputs.window_block_tables)
 
 
 class PagedAttention(nn.Module):
@@ -140,6 +154,13 @@ class PagedAttention(nn.Module):
             raise RuntimeError("PagedAttention needs PagedAttentionMetadata in the forward context and a bound KV cache")
         return md
 
+    def _slots_and_tables(self, md: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cache slots and block tables: the window pool's for a sliding-window layer when the
+        host keeps one, else the main ones."""
+        if self.spec.sliding_window and md.window_block_tables is not None:
+            return md.window_slot_mapping, md.window_block_tables
+        return md.slot_mapping, md.block_tables
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.spec
         md = self._context()
@@ -147,8 +168,9 @@ class PagedAttention(nn.Module):
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         cache = self.kv_cache
-        self._write(k, v, cache.k, cache.v, md.slot_mapping)
-        return self._attend_cached(q, md)
+        slots, tables = self._slots_and_tables(md)
+        self._write(k, v, cache.k, cache.v, slots)
+        return self._attend_cached(q, md, tables)
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
@@ -157,15 +179,16 @@ class PagedAttention(nn.Module):
         norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
         md = self._context()
         cache = self.kv_cache
+        slots, tables = self._slots_and_tables(md)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
-                          cache.k, cache.v, md.slot_mapping)
-        return self._attend_cached(q, md)
+                          cache.k, cache.v, slots)
+        return self._attend_cached(q, md, tables)
 
-    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
+    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor) -> torch.Tensor:
         s = self.spec
         num_tokens = q.shape[0]
         cache = self.kv_cache
-        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, md.block_tables,
+        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
                            md.max_query_len, md.max_seq_len, sinks=self.sinks)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)

@@ -115,8 +115,12 @@ def paged_attention(
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     # Padding keys read slot 0, which may hold garbage (NaN/inf in a torch.empty cache); zero them so
-    # 0-probability * garbage cannot poison the output.
-    pad = ~key_valid[:, :, None, None]
+    # 0-probability * garbage cannot poison the output. So are keys before every query's window: a host
+    # that keeps only the window (atom-server's window pool) leaves stale block ids there.
+    unused = ~key_valid
+    if sliding_window:
+        unused |= pos[None, :] < (seq_lens - q_lens - sliding_window + 1)[:, None]
+    pad = unused[:, :, None, None]
     k = flat_k[slots].float().masked_fill(pad, 0.0)
     v = flat_v[slots].float().masked_fill(pad, 0.0)
 
