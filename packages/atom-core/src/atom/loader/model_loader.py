@@ -49,7 +49,9 @@ def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
-    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # `dtype` only: reading `torch_dtype` makes transformers 5 print a deprecation warning on every start
+    # (it maps a checkpoint's torch_dtype to `dtype` when it reads config.json).
+    cfg_dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(cfg_dtype, str):
         cfg_dtype = _DTYPES.get(cfg_dtype, None)
     if cfg_dtype in (None, torch.float32):

@@ -206,10 +206,15 @@ class DecodeGraphs:
             wslots = self.h_wslots[:n]
             np.multiply(tables.window[rows, block], self.block_size, out=wslots, casting="unsafe")
             wslots += offset
-        self.h_ids[:n] = step.token_ids
+        ids = self.h_ids
+        ids[:n] = step.token_ids
         if step.prev_rows is not None:
             prev = np.asarray(step.prev_rows, dtype=np.int64)
             self.h_src[:n] = np.where(prev >= 0, prev, self.own_src[:n])
+            # A pending row's id is the -1 placeholder; the graph reads the previous replay's token instead,
+            # but the slot stays in ids and a later, smaller step can read it as a padding row: never
+            # leave an id the embedding cannot look up.
+            np.maximum(ids[:n], 0, out=ids[:n])
             self._src_own = False
         elif not self._src_own:
             self.h_src[:] = self.own_src
@@ -222,6 +227,7 @@ class DecodeGraphs:
                 self.h_wslots[n:bs] = -1
             lens[n:bs] = 1
             self.h_src[n:bs] = self.own_src[n:bs]
+            ids[n:bs] = 0
         if changed.size:
             self.h_tables[changed] = tables.table[rows[changed]]
             ranges = [(self.host.header_start, self.host.header_bytes),

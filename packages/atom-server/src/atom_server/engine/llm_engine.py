@@ -12,6 +12,7 @@ import torch
 
 from atom.loader.model_loader import is_gguf, load_config
 from atom.platform import default_device, kernel_backend
+from atom_server import startup
 from atom_server.config import EngineArgs
 from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.detokenizer import IncrementalDetokenizer
@@ -21,23 +22,13 @@ from atom_server.engine.sequence import Sequence
 from atom_server.engine.step_input import StepInputBuilder
 from atom_server.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from atom_server.sampling_params import SamplingParams
+from atom_server.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 CPU_MAX_MODEL_LEN = 8192
 CPU_MAX_BATCHED_TOKENS = 2048
 GPU_MAX_BATCHED_TOKENS = 8192
-
-
-def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: bool = False):
-    source = tokenizer or model
-    if is_gguf(source):
-        from atom.loader.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(source)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def eos_token_ids(tokenizer, model: str, config) -> frozenset[int]:
@@ -85,15 +76,18 @@ class LLMEngine:
 
             args.model = resolve_model_path()
             args.served_model_name = args.served_model_name or SERVED_NAME
+        startup.begin()
         self.args = args
         self.model_path = args.model
         self.device = torch.device(args.device) if args.device else default_device()
         config = load_config(args.model, args.trust_remote_code)
+        startup.phase_done("config")
         self.max_model_len = self._max_model_len(args, config)
         max_batched = args.max_num_batched_tokens or (
             CPU_MAX_BATCHED_TOKENS if self.device.type == "cpu" else GPU_MAX_BATCHED_TOKENS)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.model, args.tokenizer,
                                                                               args.trust_remote_code)
+        startup.phase_done("tokenizer", "skipped" if args.skip_tokenizer_init else "")
         self.runner = ModelRunner(
             args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
@@ -103,7 +97,7 @@ class LLMEngine:
         self.config = self.runner.config
         self.dtype = self.runner.dtype
         self.kernel_backend = kernel_backend()
-        self.served_model_name = args.served_model_name or _default_served_name(args.model)
+        self.served_model_name = (args.served_model_names() or [args.model])[0]
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                           window=self.runner.kv_window, num_window_blocks=self.runner.num_window_blocks)
@@ -117,6 +111,7 @@ class LLMEngine:
         self.async_scheduling = (self.runner.graphs is not None
                                  and os.environ.get("ATOM_ASYNC_SCHEDULING", "1") != "0")
         self._seq_ids = itertools.count()
+        startup.phase_done("ready", f"engine built in {startup.total():.1f} s")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -343,7 +338,3 @@ class LLMEngine:
             "num_preemptions": sch.num_preemptions,
         }
 
-
-def _default_served_name(model: str) -> str:
-    name = os.path.basename(os.path.normpath(model))
-    return name[:-5] if name.endswith(".gguf") else name

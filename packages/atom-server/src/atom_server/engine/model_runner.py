@@ -29,6 +29,7 @@ from atom.layers.attention import AttentionInputs, attention_specs, metadata_bui
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
+from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
@@ -131,6 +132,7 @@ class ModelRunner:
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
                                              trust_remote_code=trust_remote_code)
+        startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         self.specs = attention_specs(self.model)
@@ -166,6 +168,7 @@ class ModelRunner:
             logger.info("KV cache of the sliding-window layers (window %d): %d blocks (%.2f GiB), only the window "
                         "of each running sequence", self.kv_window, self.num_window_blocks,
                         self.window_pool_bytes / GiB)
+        startup.phase_done("KV cache")
         width = -(-max_model_len // block_size)
         self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs),
                                   windowed=self.kv_window is not None)
@@ -187,6 +190,7 @@ class ModelRunner:
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
+        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_window(self) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -21,6 +23,7 @@ from atom_server.serving.completions import create_completion
 from atom_server.serving.context import ServerState, ServingContext, engine_error
 from atom_server.serving.engine_client import EngineClient, EngineDeadError
 from atom_server.serving.errors import APIError, bad_request, install_error_handlers
+from atom_server.serving.listen import bind_port
 from atom_server.serving.metrics import Metrics
 
 logger = logging.getLogger("atom_server.api")
@@ -94,8 +97,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         info = ctx.info
         return {"object": "list", "data": [{
-            "id": info.served_model_name, "object": "model", "created": state.created, "owned_by": "atom",
-            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}]}
+            "id": name, "object": "model", "created": state.created, "owned_by": "atom",
+            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
+            for name in ctx.served_model_names]}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest):
@@ -129,33 +133,46 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: str | None = None,
-                uvicorn_log_level: str = "info") -> int:
-    """Start the engine process, then serve HTTP until SIGTERM/SIGINT; drain, stop the engine."""
+                uvicorn_log_level: str = "info", sock: socket.socket | None = None) -> int:
+    """Take the port, start the engine process, then serve HTTP until SIGTERM/SIGINT; drain, stop the engine."""
     import uvicorn
 
-    from atom_server.serving.tokenizer import load_tokenizer
+    from atom_server.generation_defaults import load_generation_defaults
+    from atom_server.tokenizer import load_tokenizer
 
-    metrics = Metrics()
+    started = time.perf_counter()
+    sock = sock or bind_port(host, port)
+    names = engine_args.served_model_names()
+    defaults = load_generation_defaults(engine_args.model, engine_args.generation_config)
+    logger.info("%s", defaults.describe())
+    logger.info("starting the engine for %s", engine_args.model)
+    metrics = Metrics(model_name=names[0] if names else "")
     client = EngineClient(engine_args, metrics)
     loop = asyncio.get_running_loop()
     tokenizer_f = loop.run_in_executor(None, load_tokenizer, engine_args.model, engine_args.tokenizer,
                                        engine_args.trust_remote_code)
+    # If the engine fails first, its error is the one to report: the tokenizer's is then only consumed.
+    tokenizer_f.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         info = await client.start()
         tokenizer = await tokenizer_f
     except BaseException:
+        sock.close()
         await client.shutdown(timeout_s=5)
         raise
     shown_host = "localhost" if host in ("0.0.0.0", "::", "") else host
-    logger.info("model %s (served as %r), dtype %s, kernel backend %s, KV cache capacity %d tokens, "
-                "max_model_len %d", info.model_path, info.served_model_name, info.dtype, info.kernel_backend,
-                info.kv_capacity_tokens, info.max_model_len)
-    logger.info("OpenAI-compatible API at http://%s:%d/v1", shown_host, port)
-    app = build_app(ServerState(client=client, tokenizer=tokenizer, metrics=metrics, api_key=api_key))
+    logger.info("model %s (served as %s), dtype %s, kernel backend %s, KV cache capacity %d tokens, "
+                "max_model_len %d", info.model_path, ", ".join(repr(n) for n in names), info.dtype,
+                info.kernel_backend, info.kv_capacity_tokens, info.max_model_len)
+    state = ServerState(client=client, tokenizer=tokenizer, metrics=metrics, api_key=api_key,
+                        generation_defaults=defaults, served_model_names=names)
+    app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level,
                                            timeout_graceful_shutdown=None))
+    logger.info("start-up: ready in %.1f s; OpenAI-compatible API at http://%s:%d/v1",
+                time.perf_counter() - started, shown_host, port)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         logger.info("HTTP server stopped; stopping the engine")
         code = await client.shutdown()

@@ -29,6 +29,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     wanted, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
         wanted, param = req.max_completion_tokens, "max_completion_tokens"
+    wanted = ctx.default_max_tokens(len(ids), wanted)
     max_tokens = ctx.fit_max_tokens(len(ids), wanted, param if wanted is not None else "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     rid = f"chatcmpl-{uuid.uuid4().hex}"

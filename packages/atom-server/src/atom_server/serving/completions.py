@@ -36,7 +36,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_model(req.model)
     ctx.check_engine()
     prompts = _prompts(ctx, req)
-    max_tokens = [ctx.fit_max_tokens(len(ids), req.max_tokens, "max_tokens") for _, ids in prompts]
+    max_tokens = [ctx.fit_max_tokens(len(ids), ctx.default_max_tokens(len(ids), req.max_tokens), "max_tokens")
+                  for _, ids in prompts]
     k = req.logprobs
     prompt_k = k if (req.echo and k is not None) else None
     rid = f"cmpl-{uuid.uuid4().hex}"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from atom_server.generation_defaults import GenerationDefaults
 from atom_server.outputs import RequestOutput
 from atom_server.protocol import ChatMessage
 from atom_server.sampling_params import SamplingParams
@@ -37,6 +38,8 @@ class ServerState:
     tokenizer: object
     metrics: Metrics
     api_key: str | None = None
+    generation_defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    served_model_names: list[str] = dataclasses.field(default_factory=list)  # default: the engine's name
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -46,6 +49,7 @@ class ServingContext:
         self.client = state.client
         self.metrics = state.metrics
         self.tokenizer = tok = state.tokenizer
+        self.defaults = state.generation_defaults
         self.text_of = fmt.TokenText(tok)
         # The model's vocabulary can be larger than the tokenizer's (padded); the engine's is the limit.
         self.vocab_limit = state.client.info.vocab_size or max(len(tok), getattr(tok, "vocab_size", 0) or 0)
@@ -55,13 +59,19 @@ class ServingContext:
         return self.client.info
 
     @property
+    def served_model_names(self) -> list[str]:
+        return self.state.served_model_names or [self.client.info.served_model_name]
+
+    @property
     def model_name(self) -> str:
-        return self.client.info.served_model_name
+        """The name responses report: the first served name (vLLM)."""
+        return self.served_model_names[0]
 
     # ---- checks ----
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+        if name is not None and name not in self.served_model_names:
+            served = ", ".join(repr(n) for n in self.served_model_names)
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def check_engine(self) -> None:
@@ -74,6 +84,18 @@ class ServingContext:
         bad = [t for t in ids if t < 0 or t >= self.vocab_limit]
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", param=param)
+
+    def default_max_tokens(self, num_prompt: int, requested: int | None) -> int | None:
+        """vLLM's choice: the request's max_tokens, else the generation config's (cut to the room the
+        prompt leaves, so that a default never fails a request); a --generation-config folder's
+        max_new_tokens also caps what a request asks for."""
+        d = self.defaults
+        if requested is None and "max_tokens" in d.params:
+            room = self.info.max_model_len - num_prompt
+            requested = min(int(d.params["max_tokens"]), room) if room >= 1 else None
+        if requested is not None and d.max_tokens_cap is not None:
+            requested = min(requested, int(d.max_tokens_cap))
+        return requested
 
     def fit_max_tokens(self, num_prompt: int, max_tokens: int | None, param: str) -> int:
         """max_tokens, or all the room left when None; 400 when the request cannot fit (as vLLM)."""
@@ -96,8 +118,11 @@ class ServingContext:
                   include_stop_str_in_output=req.include_stop_str_in_output)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
-            if getattr(req, name) is not None:
-                kw[name] = getattr(req, name)
+            value = getattr(req, name)
+            if value is None:  # the model's generation_config.json default, if any (--generation-config)
+                value = self.defaults.params.get(name)
+            if value is not None:
+                kw[name] = value
         try:
             return SamplingParams(**kw)
         except ValueError as e:

@@ -140,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(ns.output)
     try:
+        from atom_server.cpu_threads import configure_engine_process
         from atom_server.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine.from_engine_args(_engine_args_from_env())
+        args = _engine_args_from_env()
+        configure_engine_process(args)  # on CPU: threads and pinning, before torch starts its pool
+        engine = LLMEngine.from_engine_args(args)
         push.send(wire.encoder.encode(wire.EngineReady(
             pid=os.getpid(),
             model_path=str(engine.model_path),
