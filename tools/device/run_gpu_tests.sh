@@ -29,6 +29,12 @@ PYTHONPATH=packages/atom-server/src:$PYTHONPATH:${ATOM_SITE:-/tmp/site} python3 
   packages/atom-server/tests/test_engine_gpu.py packages/atom-server/tests/test_engine_async.py 2>&1 | tee "$out/server_gpu_tests.log"
 server=${PIPESTATUS[0]}
 [ "$server" = 5 ] && server=0
+# GPT-OSS: decode graphs with sinks, windows and MXFP4 experts (only the gpu-marked test of the file)
+PYTHONPATH=packages/atom-server/src:$PYTHONPATH:${ATOM_SITE:-/tmp/site} python3 -m pytest -q -p no:cacheprovider -m gpu \
+  packages/atom-server/tests/test_gpt_oss_engine.py 2>&1 | tee -a "$out/server_gpu_tests.log"
+gpt_oss=${PIPESTATUS[0]}
+[ "$gpt_oss" = 5 ] && gpt_oss=0
+[ "$gpt_oss" = 0 ] || server=$gpt_oss
 
 bench=0
 if [ "${ATOM_SKIP_BENCH:-0}" != 1 ]; then  # ATOM_SKIP_BENCH=1: tests only

@@ -147,3 +147,31 @@ def test_decode_graph_inputs_with_the_window_pool_on_cpu(checkpoints, monkeypatc
                         load_format="auto", **{k: v for k, v in ENGINE.items() if k != "device"})
     for step, (_, results) in zip(steps, sent):
         assert other.execute(step) == results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_with_sinks_and_the_window_pool(tmp_path):  # pragma: no cover - GPU
+    """Decode graphs captured over the Triton kernels (sinks, window, MXFP4 experts), KV sized by the profile
+    run with the window pool: the same greedy tokens as eager steps and as transformers (float32)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    dense = write_tiny_gpt_oss(tmp_path / "dense")
+    mxfp4 = str(tmp_path / "mxfp4")
+    _quantize(dense, mxfp4)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in (5, 33, 70, 12, 2, 48)]
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(mxfp4, dtype="float32", block_size=BLOCK, max_model_len=128, max_num_seqs=8,
+                  gpu_memory_utilization=0.3, enforce_eager=eager)
+        runner = llm.llm_engine.runner
+        assert runner.kv_window == WINDOW and (runner.graphs is None) == eager
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        runs[eager] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                    params, use_tqdm=False)]
+        del llm
+    assert runs[True] == runs[False]
+    hf = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32,
+                                              quantization_config=Mxfp4Config(dequantize=True)).float().eval()
+    assert runs[False] == _hf_greedy(hf, prompts)
