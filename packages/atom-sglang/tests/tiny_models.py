@@ -22,7 +22,16 @@ CONFIGS = {
         **{**_COMMON, "intermediate_size": 64}, head_dim=16, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]),
     "MixtralForCausalLM": lambda: transformers.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # sinks, window 5 on layer 0 (shorter than the prompts), YaRN, clamped SwiGLU experts with biases
+    "GptOssForCausalLM": lambda: transformers.GptOssConfig(
+        **{**_COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=5, layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150000.0}),
 }
+# Architectures whose attention has sinks: SGLang's torch_native backend has none (GPT-OSS runs on "atom").
+SINK_ARCHS = {"GptOssForCausalLM"}
 
 
 def write_checkpoint(arch: str, path: Path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -34,10 +43,25 @@ def write_checkpoint(arch: str, path: Path, seed: int = 0) -> transformers.PreTr
     model = getattr(transformers, arch)(config).float().eval()
     with torch.no_grad():  # default init leaves norms at 1 and biases at 0; perturb them so they matter
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "sinks", "_bias")):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return model
+
+
+def write_mxfp4_checkpoint(dense_path: Path, path: Path) -> transformers.PreTrainedModel:
+    """The MXFP4 version of a dense GPT-OSS checkpoint (tools/quantize_mxfp4.py); returns transformers' model
+    on its dequantized experts (float32), the reference of a weight-only quantized model."""
+    import importlib.util
+
+    tool_path = Path(__file__).resolve().parents[3] / "tools" / "quantize_mxfp4.py"
+    spec = importlib.util.spec_from_file_location("quantize_mxfp4", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.convert(str(dense_path), str(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True))
+    return model.float().eval()
 
 
 # one_batch's --correctness-test prompts (sglang.benchmark.one_batch.prepare_inputs_for_correctness_test)

@@ -23,9 +23,8 @@ MODELS_MODULE = "atom_vllm.models"
 ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
 
 # atom-core architectures that atom_vllm.models has no class for yet: vLLM keeps serving them with its own
-# model. GPT-OSS needs its sinks handed to vLLM's Attention and vLLM's MXFP4 quantization config mapped
-# onto ATOM's MXFP4 experts (the quantization seam).
-NOT_IN_VLLM_YET = frozenset({"GptOssForCausalLM"})
+# model.
+NOT_IN_VLLM_YET = frozenset()
 
 _registered: list[str] | None = None
 

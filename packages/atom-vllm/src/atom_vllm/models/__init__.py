@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from atom.models.decoder import DecoderModel
+from atom.models.gpt_oss import GptOssForCausalLM as _AtomGptOss
 from atom.models.llama import LlamaForCausalLM as _AtomLlama
 from atom.models.llama import MistralForCausalLM as _AtomMistral
 from atom.models.mixtral import MixtralForCausalLM as _AtomMixtral
@@ -52,12 +53,18 @@ class VllmDecoderModel(DecoderModel):
         return super().forward(input_ids, positions, inputs_embeds)
 
 
+# vLLM quantization method names that are another name of one of ATOM's schemes: vLLM renames a GPT-OSS
+# checkpoint's "mxfp4" (GptOssMxfp4Config, 0.24 and 0.32).
+VLLM_QUANT_ALIASES = {"gpt_oss_mxfp4": "mxfp4"}
+
+
 def atom_quant_config(vllm_config) -> QuantizationConfig | None:
     """ATOM's scheme for vLLM's quantization method (None: unquantized); ValueError when ATOM has none."""
     if vllm_config.quant_config is None:
         return None
     model_config = vllm_config.model_config
     method = getattr(model_config, "quantization", None) or vllm_config.quant_config.get_name()
+    method = VLLM_QUANT_ALIASES.get(str(method), method)
     raw = getattr(getattr(model_config, "hf_config", None), "quantization_config", None)
     raw = raw if raw is None or isinstance(raw, dict) else raw.to_dict()
     try:
@@ -137,5 +144,9 @@ class MixtralForCausalLM(VllmCausalLM, _AtomMixtral):
     pass
 
 
-__all__ = ["LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+class GptOssForCausalLM(VllmCausalLM, _AtomGptOss):
+    pass
+
+
+__all__ = ["GptOssForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
            "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "VllmDecoderModel"]
