@@ -163,8 +163,10 @@ def test_cuda_graphs_with_sinks_and_the_window_pool(tmp_path):  # pragma: no cov
     prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in (5, 33, 70, 12, 2, 48)]
     runs = {}
     for eager in (True, False):
+        # 64-token steps: the window pool (twice what 8 windows and one step hold) is then smaller than
+        # full-length caches, so the engine uses it
         llm = LLM(mxfp4, dtype="float32", block_size=BLOCK, max_model_len=128, max_num_seqs=8,
-                  gpu_memory_utilization=0.3, enforce_eager=eager)
+                  max_num_batched_tokens=64, gpu_memory_utilization=0.3, enforce_eager=eager)
         runner = llm.llm_engine.runner
         assert runner.kv_window == WINDOW and (runner.graphs is None) == eager
         params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
