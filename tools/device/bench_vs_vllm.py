@@ -135,7 +135,8 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="qwen3-0.6b",
-                   help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b) or config folders")
+                   help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b,deepseek-v2-lite) or config "
+                        "folders")
     p.add_argument("--engines", default="atom,vllm,atom-vllm")
     p.add_argument("--batch-sizes", default="1,32,128")
     p.add_argument("--input-len", type=int, default=128)

@@ -29,6 +29,8 @@ def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int
     """Bytes one decode step reads: every weight but the input embedding (a gather of `batch` rows), the
     experts that `batch` tokens routed at random touch (E * (1 - (1 - k/E)^batch) per layer), and the K and
     V cache of `batch` sequences of `context` tokens."""
+    if cfg.get("kv_lora_rank"):  # DeepSeek-V2/V3: MLA + DeepSeekMoE
+        return mla_step_bytes(cfg, batch, context, dtype_bytes)
     h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
@@ -55,6 +57,25 @@ def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int
     seen = sum(min(context, window) if t == "sliding_attention" else context for t in types)
     kv_cache = batch * seen * 2 * kv * hd
     return (weights + kv_cache) * dtype_bytes + expert_bytes
+
+
+def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2) -> float:
+    """step_bytes of a DeepSeek-V2/V3 model: MLA's projections (q or q_a/q_b, kv_a, kv_b, o), dense MLPs in the
+    first_k_dense_replace layers, then per MoE layer the router, the shared experts and the routed experts
+    the batch touches; the latent cache (kv_lora_rank + qk_rope_head_dim values per token and layer)."""
+    h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, lora, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, vd, q_lora = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    q = h * q_lora + q_lora * heads * (nope + rope) if q_lora else h * heads * (nope + rope)
+    attn = q + h * (lora + rope) + lora * heads * (nope + vd) + heads * vd * h
+    dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    touched = e * (1 - (1 - k / e) ** batch)
+    inter = cfg["moe_intermediate_size"]
+    moe = h * e + (touched + (cfg.get("n_shared_experts") or 0)) * 3 * h * inter
+    weights = layers * attn + dense * 3 * h * cfg["intermediate_size"] + (layers - dense) * moe + v * h
+    latent = batch * context * layers * (lora + rope)
+    return (weights + latent) * dtype_bytes
 
 
 def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dtype_bytes: int = 2) -> float:

@@ -22,11 +22,14 @@ python3 -m pytest -q -p no:cacheprovider -m gpu packages/atom-core/tests \
 other=${PIPESTATUS[0]}
 [ "$other" = 5 ] && other=0
 
-# atom-server's GPU tests: CUDA graphs vs eager, async scheduling, profiled KV sizing. The engine needs
+# atom-server's GPU tests: CUDA graphs vs eager, async scheduling, profiled KV sizing, MLA decode graphs
+# (DeepSeek-V2/V3 tiny, float32 greedy = transformers). The engine needs
 # msgspec, which the image lacks: setup_device.sh puts it in /tmp/site with the carried vLLM dependencies
 # (last on the path, so the source trees win over installed atom wheels).
 PYTHONPATH=packages/atom-server/src:$PYTHONPATH:${ATOM_SITE:-/tmp/site} python3 -m pytest -q -p no:cacheprovider \
-  packages/atom-server/tests/test_engine_gpu.py packages/atom-server/tests/test_engine_async.py 2>&1 | tee "$out/server_gpu_tests.log"
+  packages/atom-server/tests/test_engine_gpu.py packages/atom-server/tests/test_engine_async.py \
+  "packages/atom-server/tests/test_glm_deepseek_engine.py::test_mla_cuda_graphs_greedy_matches_transformers_on_gpu" \
+  2>&1 | tee "$out/server_gpu_tests.log"
 server=${PIPESTATUS[0]}
 [ "$server" = 5 ] && server=0
 # GPT-OSS: decode graphs with sinks, windows and MXFP4 experts (only the gpu-marked test of the file)

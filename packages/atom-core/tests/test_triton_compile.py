@@ -15,13 +15,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from compile_checks import (  # noqa: E402
-    VARIANTS,
-    check_custom_op,
-    compiled_model_logits,
-    opaque_ops,
-    write_tiny_qwen3_moe,
-)
+from compile_checks import (VARIANTS, check_custom_op, compiled_model_logits, opaque_ops,  # noqa: E402
+                            write_tiny_deepseek_v3, write_tiny_qwen3_moe)
 from gpt_oss_checkpoint import write_dense, write_mxfp4  # noqa: E402
 
 from atom.ops import registry  # noqa: E402
@@ -64,4 +59,16 @@ def test_gpt_oss_mxfp4_compiles_in_one_graph_over_the_triton_ops(tmp_path, monke
     eager, compiled, model = compiled_model_logits(tmp_path / "mxfp4", DEVICE, "aot_eager")
     assert {i.backend for i in registry.resolved_impls(model)} == {"triton"}
     assert registry.cuda_graph_blockers(model) == []
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_deepseek_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    write_tiny_deepseek_v3(tmp_path)
+    eager, compiled, model = compiled_model_logits(tmp_path, DEVICE, "aot_eager")
+    used = {(i.op, i.backend) for i in registry.resolved_impls(model)}
+    assert {("mla_decode", "triton"), ("mla_prefill", "triton"), ("moe_grouped_topk", "triton")} <= used
+    assert registry.cuda_graph_blockers(model) == []  # every op it runs can be captured
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

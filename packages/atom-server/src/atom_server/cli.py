@@ -28,6 +28,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer <key>' on the API (default: $ATOM_API_KEY)")
     p.add_argument("--uvicorn-log-level", type=str, default="info", choices=UVICORN_LOG_LEVELS,
                    help="log level of the HTTP server (uvicorn)")
+    from atom_server.serving.server_args import ServerLimits
+
+    ServerLimits.add_cli_args(p)
     p.set_defaults(func=run_serve)
     return p
 
@@ -75,6 +78,9 @@ def _engine_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Eng
     if not 0 < ns.port < 65536:
         parser.error(f"--port must be in 1..65535, got {ns.port}")
     try:  # flags first, so a bad flag is named even when the model is wrong too
+        from atom_server.serving.server_args import ServerLimits
+
+        ns.server_limits = ServerLimits.from_cli_args(ns)
         args = EngineArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
@@ -114,7 +120,7 @@ def run_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return asyncio.run(serve(args, host=ns.host, port=ns.port, api_key=ns.api_key,
-                                 uvicorn_log_level=ns.uvicorn_log_level, sock=sock))
+                                 uvicorn_log_level=ns.uvicorn_log_level, sock=sock, limits=ns.server_limits))
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, OSError, ValueError) as e:  # start-up failures: the engine or the tokenizer

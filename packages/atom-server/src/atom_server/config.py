@@ -37,6 +37,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only checkpoints)
     generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
     cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +66,8 @@ class EngineArgs:
             raise bad("dtype", "must be one of auto, float32, float16, bfloat16")
         if self.load_format not in LOAD_FORMATS:
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
         names = self.served_model_name
@@ -126,6 +129,8 @@ class EngineArgs:
                  "min_p, repetition/presence/frequency penalties and max_new_tokens from the model's "
                  "generation_config.json; vllm ignores it (neutral defaults); a folder: its "
                  "generation_config.json")
+        add("--max-logprobs", type=int, default=d["max_logprobs"],
+            help="most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; -1: no cap")
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "

@@ -8,15 +8,25 @@ one of three kinds:
 - refused: any value but its neutral one gets a 400 naming the field (REFUSED_CHAT_FIELDS,
   REFUSED_COMPLETION_FIELDS), never an answer that silently ignores what was asked.
 Fields outside vLLM's protocol are ignored, as before. Ranges are checked here so errors name the field.
+Every integer is bounded to int64 and every float must be finite (JSON's NaN/Infinity are refused), so no
+value reaches the engine's tensors unchecked.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-MAX_LOGPROBS = 20
+from atom_server.sampling_params import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Int64  # its range against the vocabulary is checked later
+
+
+def _int(default, *, ge: int = INT64_MIN, le: int = INT64_MAX, **kw):
+    return Field(default, ge=ge, le=le, **kw)
+
 
 _NOT_YET = "is not supported by atom-server yet"
 _NO = "is not supported by atom-server"
@@ -96,7 +106,7 @@ def _with_refusals(name: str, base: type[BaseModel], refused: dict[str, tuple[tu
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -105,16 +115,16 @@ class StreamOptions(_Body):
 
 class _SamplingFields(_Body):
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = _int(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = _int(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = _int(None)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = _int(0, ge=0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -128,7 +138,7 @@ class _SamplingFields(_Body):
     length_penalty: float = 1.0  # beam search only, and beam search is refused
     mm_payload: Literal["tensors", "none"] = "tensors"
     # Refused unless neutral, with their own rules.
-    best_of: int | None = None
+    best_of: int | None = _int(None)
     response_format: dict[str, Any] | None = None
 
     @field_validator("best_of")
@@ -147,13 +157,13 @@ class _SamplingFields(_Body):
         return value
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(_with_refusals("_CompletionFields", _SamplingFields, REFUSED_COMPLETION_FIELDS)):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = _int(16, ge=1)
+    logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     echo: bool = False
     add_special_tokens: bool = True
 
@@ -164,17 +174,18 @@ class TextPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... go to the chat template as given
+    # tool_calls, name, ... go to the chat template as given
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # null (or absent) is an empty turn, as vLLM
 
 
 class ChatCompletionRequest(_with_refusals("_ChatFields", _SamplingFields, REFUSED_CHAT_FIELDS)):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = _int(None, ge=1)
+    max_completion_tokens: int | None = _int(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -215,5 +226,5 @@ class TokenizeChatRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 

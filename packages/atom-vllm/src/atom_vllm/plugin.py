@@ -23,8 +23,8 @@ MODELS_MODULE = "atom_vllm.models"
 ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
 
 # atom-core architectures that atom_vllm.models has no class for yet: vLLM keeps serving them with its own
-# model.
-NOT_IN_VLLM_YET = frozenset()
+# model (empty today; other work adds to it, union the entries when merging).
+NOT_IN_VLLM_YET: frozenset[str] = frozenset()
 
 _registered: list[str] | None = None
 

@@ -19,8 +19,9 @@ Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_
 moe_topk_softmax, fused_experts (silu, 16-bit, expert weights pre-shuffled once after loading),
 reshape_and_cache, paged_attention (decode through paged_attention_v1 on the NHD cache; prefill/varlen
 through flash_attn_varlen_func on gathered K/V; layers with attention sinks are declared unsupported, so
-they get ATOM's Triton kernel, which has them).
-Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, fused_experts_swigluoai.
+they get ATOM's Triton kernel, which has them), moe_grouped_topk (biased_grouped_topk / grouped_topk).
+Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, fused_experts_swigluoai, the mla_*
+ops (aiter's MLA decode wants page-size-1 indptr metadata, not ATOM's block tables).
 """
 
 from __future__ import annotations
@@ -251,3 +252,40 @@ def paged_attention(
     if max_query_len == 1 and q.shape[-1] >= _MIN_DECODE_HEAD_DIM:
         return _decode(*args, max_seq_len)
     return _varlen(*args, max_query_len, max_seq_len)
+
+
+# ---- DeepSeek's group-limited top-k routing (atom.ops.moe_routing), as vLLM's ROCm path calls aiter ----
+def _grouped_topk_supports(static) -> str | None:
+    bias, score = static.get("correction_bias"), static.get("group_score")
+    if bias and (static.get("scoring") != "sigmoid" or score != "top2_sum"):
+        return "a correction bias with other than sigmoid scores and top-2-sum group scores (aiter's " \
+               "biased_grouped_topk is DeepSeek-V3's router)"
+    if bias is False and score not in (None, "max"):
+        return f"group score {score!r} without a correction bias (aiter's grouped_topk scores groups by their max)"
+    return None
+
+
+@register("moe_grouped_topk", "aiter", supports=_grouped_topk_supports)
+def moe_grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_group: int,
+    scoring: str,
+    group_score: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = router_logits.shape[0]
+    dev = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=dev)
+    logits = router_logits.contiguous()
+    if correction_bias is not None:
+        aiter.biased_grouped_topk(logits, correction_bias.to(logits.dtype), weights, ids, num_groups, topk_group,
+                                  renormalize, routed_scaling_factor)
+    else:
+        aiter.grouped_topk(logits, weights, ids, num_groups, topk_group, renormalize, scoring == "softmax",
+                           routed_scaling_factor)
+    return weights, ids.long()

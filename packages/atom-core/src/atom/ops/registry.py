@@ -365,4 +365,8 @@ _OP_FAMILY = {
     "paged_attention": "attention",
     "sample": "sampling",
     "qk_norm_rope_cache": "qk_norm_rope_cache",
+    "moe_grouped_topk": "moe_routing",
+    "mla_cache_write": "mla",
+    "mla_decode": "mla",
+    "mla_prefill": "mla",
 }

@@ -59,6 +59,14 @@ class LinearMethod(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight as a dense [out, in] tensor in the compute dtype, for ops that read a layer's
+        weight directly instead of calling it (MLA's absorbed attention reads kv_b_proj's W_UK / W_UV). Called
+        every forward: a scheme that stores something else keeps the dense copy it makes after loading."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hand out a dense weight (layer "
+                                  f"{getattr(layer, 'prefix', '') or type(layer).__name__}); this layer's weight "
+                                  "is read directly by another op (e.g. MLA's kv_b_proj)")
+
 
 class MoEMethod(QuantMethod):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,

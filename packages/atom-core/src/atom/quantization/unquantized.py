@@ -18,6 +18,9 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
 
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight
+
 
 class UnquantizedMoEMethod(MoEMethod):
     """w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], through the fused_experts op. An

@@ -27,6 +27,7 @@ import torch
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, attention_specs, metadata_builder
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
+from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
 from atom_server import startup
@@ -135,7 +136,8 @@ class ModelRunner:
         startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
-        self.specs = attention_specs(self.model)
+        # every attention layer's spec, multi-head and latent (MLA) alike: the CPU path sizes its scores by heads
+        self.specs = attention_specs(self.model) + mla_attention_specs(self.model)
         self.kv_specs = kv_cache_specs(self.model)
         self.attn_builder = metadata_builder(self.model)
         self._sample = resolve("sample")

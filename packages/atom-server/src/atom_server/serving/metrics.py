@@ -13,7 +13,6 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from atom_server.outputs import RequestOutput
 
 PREFIX = "atom:"
 VLLM_PREFIX = "vllm:"
@@ -93,47 +92,45 @@ class _Partial:
 
 
 class RequestTracker:
-    """Latency and token accounting of one request, fed with its cumulative outputs."""
+    """Latency and token accounting of one request, fed as its tokens arrive from the engine."""
 
     def __init__(self, metrics: Metrics, num_prompt_tokens: int):
         self.m = metrics
         self.arrival = time.monotonic()
-        self.last = None
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_generated = 0  # tokens over all of the request's sequences
+        self.num_token_steps = 0  # engine steps that brought tokens
         self.first_token_at: float | None = None
-        self.tokens_seen = 0
-        self.per_seq_seen = 0
+        self.last: float | None = None
         self.done = False
         metrics.prompt_tokens.inc(num_prompt_tokens)
 
-    def on_output(self, out: RequestOutput) -> None:
-        now = time.monotonic()
-        per_seq = max((len(o.token_ids) for o in out.outputs), default=0)
-        total = sum(len(o.token_ids) for o in out.outputs)
-        new_total = total - self.tokens_seen
-        if new_total > 0:
-            self.m.generation_tokens.inc(new_total)
-            if self.last is None:
-                self.m.ttft.observe(now - self.arrival)
-                self.first_token_at = now
-            else:
-                new_per_seq = max(1, per_seq - self.per_seq_seen)
-                for _ in range(new_per_seq):
-                    self.m.itl.observe((now - self.last) / new_per_seq)
-            self.last = now
-            self.tokens_seen = total
-        self.per_seq_seen = per_seq
-        if out.finished and not self.done:
+    def on_tokens(self, num_new: int, now: float | None = None) -> None:
+        """num_new tokens (over all of the request's sequences) came with one engine step."""
+        now = time.monotonic() if now is None else now
+        self.m.generation_tokens.inc(num_new)
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+            self.first_token_at = now
+        else:
+            self.m.itl.observe(now - self.last)
+        self.last = now
+        self.num_generated += num_new
+        self.num_token_steps += 1
+
+    def on_finish(self, reason: str | None) -> None:
+        if not self.done:
             self.done = True
-            reason = out.outputs[0].finish_reason if out.outputs else None
             self.m.finished.labels(finished_reason=reason or "unknown").inc()
-            e2e = now - self.arrival
-            self.m.e2e.observe(e2e)
-            self.m.request_prompt_tokens.observe(len(out.prompt_token_ids or ()))
-            self.m.request_generation_tokens.observe(total)
-            if self.first_token_at is not None and per_seq > 1:
-                self.m.time_per_output_token.observe((now - self.first_token_at) / (per_seq - 1))
+            now = time.monotonic()
+            self.m.e2e.observe(now - self.arrival)
+            self.m.request_prompt_tokens.observe(self.num_prompt_tokens)
+            self.m.request_generation_tokens.observe(self.num_generated)
+            if self.first_token_at is not None and self.num_token_steps > 1:
+                self.m.time_per_output_token.observe((now - self.first_token_at) / (self.num_token_steps - 1))
 
     def on_abort(self) -> None:
+        """The client left (or the server cut the request short at shutdown): an abort, not an error."""
         if not self.done:
             self.done = True
             self.m.finished.labels(finished_reason="abort").inc()

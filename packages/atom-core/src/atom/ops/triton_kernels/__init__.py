@@ -7,7 +7,9 @@ Each op keeps the exact signature and semantics of its torch reference in `atom.
 from atom.ops.triton_kernels import (  # noqa: F401
     activation,
     attention,
+    mla,
     moe,
+    moe_routing,
     moe_swigluoai,
     norm,
     qk_norm_rope_cache,
