@@ -38,13 +38,17 @@ def run(spec: str, dtype: str) -> dict:
 
     path, *opts = spec.split("@")
     dtype = "bfloat16" if "bf16" in opts else dtype
+    share = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE")  # on a GPU shared with other engines (conftest.py)
+    extra = {"gpu_memory_utilization": float(share)} if share else {}
+    if "block32" in opts:
+        extra["block_size"] = 32
     llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
-              seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1,
-              **({"block_size": 32} if "block32" in opts else {}))
+              seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = {"spec": spec, "model_class": llm.apply_model(_model_class),
-              "expert_dtype": llm.apply_model(_expert_dtype), "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
+              "expert_dtype": llm.apply_model(_expert_dtype),
+              "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
     del llm
     gc.collect()
     return result

@@ -2,7 +2,7 @@
 
 `StepInputBuilder.build(batch)` turns a `ScheduledBatch` into a `StepInput`, a msgspec struct of plain
 lists and ints (no tensors, no numpy, no Sequence objects): it round-trips through msgpack and is what
-tensor parallelism will broadcast. A runner runs a step from the StepInputs it received, in order, and
+the tensor-parallel executor publishes to every rank (executor.py, tp_channel.py). A runner runs a step from the StepInputs it received, in order, and
 nothing else (runner.py; block_tables.py keeps its copy of the block tables).
 
 Rows are the scheduled sequences, in batch order; the step's new tokens are the rows' tokens
@@ -191,6 +191,17 @@ class StepInputBuilder:
             step.prompt_logprobs = self._prompt_logprobs(batch, step)
         if not _all_argmax(sampled):
             step.sampling = sampling_inputs(sampled)
+        return step
+
+    def flush(self) -> StepInput:
+        """A step of no rows that only releases the runners' state of the sequences finished since the last
+        step (their tables and generators; the engine otherwise sends them with its next step)."""
+        finished = self.scheduler.take_finished()
+        updates, window_updates = self._table_updates(finished)
+        step = StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
+                         block_updates=updates, finished_seq_ids=finished)
+        if window_updates:  # whatever take_changed handed over must reach the runners, this step or never
+            step.window_block_updates = window_updates
         return step
 
     def _table_updates(self, finished: list[int]) -> tuple[list[BlockTableUpdate], list[BlockTableUpdate]]:
