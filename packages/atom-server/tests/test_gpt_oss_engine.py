@@ -16,6 +16,7 @@ from tiny_checkpoint import write_tiny_gpt_oss
 
 from atom_server import LLM, SamplingParams
 from atom_server.engine import step_input as si
+from atom_server.engine.executor import TPExecutor
 from atom_server.engine.model_runner import ModelRunner
 
 MAX_NEW = 10
@@ -149,7 +150,50 @@ def test_decode_graph_inputs_with_the_window_pool_on_cpu(checkpoints, monkeypatc
         assert other.execute(step) == results
 
 
+def test_tp2_with_the_window_pool_matches_transformers(checkpoints, monkeypatch):
+    """MXFP4 GPT-OSS at TP=2 (a worker process, gloo): heads and sinks split over the ranks, each expert's
+    intermediate size too (MXFP4 codes and scales sliced, the down bias added by one rank); the window pool's
+    table deltas reach the worker in StepInput.window_block_updates. Decode graphs' buffers with async
+    scheduling (each rank feeds its own replay's tokens). Greedy tokens = transformers (float32), through a
+    prefix-cache hit; both ranks hold the same main and window-pool tables, and nothing once released."""
+    path, want = checkpoints["mxfp4"]
+    prompts = checkpoints["prompts"]
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")  # inherited by the worker
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE)
+    engine = llm.llm_engine
+    runner = engine.runner
+    try:
+        assert isinstance(runner, TPExecutor) and runner.kv_window == WINDOW and engine.async_scheduling
+        attn = runner.model.model.layers[0].self_attn
+        assert attn.sinks.shape == (2,) and runner.model.model.layers[0].mlp.experts.w13_weight.shape[1] == 64
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:-1]], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want[:-1]
+        states = runner.rank_states()
+        assert states[0].window_tables and states[1].window_tables == states[0].window_tables
+        assert states[1].tables == states[0].tables
+        again = llm.generate([{"prompt_token_ids": prompts[-1]}], params, use_tqdm=False)
+        assert engine.stats()["prefix_cache_hits"] > 0 and again[0].outputs[0].token_ids == want[-1]
+        runner.execute(engine.step_inputs.flush())
+        assert all(not s.tables and not s.window_tables for s in runner.rank_states())
+        assert len(engine.block_manager.window_pool.free) == runner.num_window_blocks
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("experts,method", [("dense", "UnquantizedSwigluOaiMethod"),
+                                            ("mxfp4", "Mxfp4SwigluOaiMethod")])
+def test_expert_parallel_is_refused_before_workers_start(checkpoints, experts, method):
+    """GPT-OSS's expert kernels take every id as a local expert (no -1 skipping): --enable-expert-parallel is
+    refused by name, from the meta-device check, before any worker process starts."""
+    with pytest.raises(ValueError, match=f"and expert parallelism: .*{method} experts yet.*without "
+                                         "--enable-expert-parallel"):
+        LLM(checkpoints[experts][0], tensor_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+    assert TPExecutor._live is None
+
+
 @pytest.mark.gpu
+@pytest.mark.serial  # KV sized from free GPU memory: not beside other GPU tests
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graphs_with_sinks_and_the_window_pool(tmp_path):  # pragma: no cover - GPU
     """Decode graphs captured over the Triton kernels (sinks, window, MXFP4 experts), KV sized by the profile

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atom.distributed import get_tp_group
+from atom.distributed import get_ep_group, get_tp_group
 from atom.layers.linear import ReplicatedLinear
 from atom.ops.mxfp4 import BLOCK as MXFP4_BLOCK
 from atom.ops.registry import resolve
@@ -66,6 +66,11 @@ class SwigluOaiExperts(nn.Module):
         self.alpha, self.limit, self.reduce_results = float(alpha), float(limit), reduce_results
         self.prefix = prefix
         self.quant_method = swigluoai_method_for(quant_config, self, prefix)
+        if get_ep_group() is not None and not self.quant_method.supports_expert_parallel:
+            raise ValueError(f"{prefix or 'GPT-OSS experts'}: expert parallelism is not supported by the "
+                             f"{type(self.quant_method).__name__} experts yet (their kernels do not skip other "
+                             "ranks' experts); run without --enable-expert-parallel (tensor parallelism slices "
+                             "every expert instead)")
         self.quant_method.create_weights(self, num_experts, hidden_size, self.inter,
                                          params_dtype or torch.get_default_dtype())
 
@@ -138,6 +143,9 @@ class SwigluOaiMethod(MoEMethod):
     forward through the fused_experts_swigluoai op; subclasses say how the weights are stored."""
 
     mxfp4 = False
+    # The experts are always sliced along I over the TP ranks: fused_experts_swigluoai (torch, Triton) takes
+    # every id as a local expert, so expert parallelism (ids of -1) is refused by SwigluOaiExperts.
+    supports_expert_parallel = False
 
     def create_weights(self, layer: SwigluOaiExperts, num_experts: int, hidden_size: int, intermediate_size: int,
                        params_dtype: torch.dtype) -> None:
