@@ -272,7 +272,7 @@ def fused_experts_swigluoai(
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
         pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],
              tile.get("down_block_k", tile["block_k"]))
-        return _sum_topk(y, num_tokens, top_k, x.dtype)
+        return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
     tile = GEMM_TILE_OVERRIDE or _gemm_tile(num_pairs, num_experts)
     block_m, bn, bk = tile["block_m"], tile["block_n"], max(64, tile["block_k"])  # MXFP4: half-K dots >= 32
@@ -292,4 +292,4 @@ def fused_experts_swigluoai(
 
     gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
     gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False)
-    return _sum_topk(y, num_tokens, top_k, x.dtype)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
