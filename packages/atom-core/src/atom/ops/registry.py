@@ -379,6 +379,7 @@ _OP_FAMILY = {
     "gelu_tanh_and_mul": "activation",
     "moe_topk_softmax": "moe",
     "fused_experts": "moe",
+    "fused_experts_swigluoai": "moe_swigluoai",
     "reshape_and_cache": "attention",
     "paged_attention": "attention",
     "sample": "sampling",
