@@ -57,7 +57,7 @@ class EngineCoreProc:
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.AddRequest):
             try:
-                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.priority)
             except ValueError as e:
                 self._send(wire.RequestFailed(msg.request_id, str(e), 400))
             except Exception as e:  # a bad request must not take the engine down

@@ -20,6 +20,7 @@ class AddRequest(msgspec.Struct, tag="add"):
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None  # not used by the engine (text stays in the API process)
+    priority: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
