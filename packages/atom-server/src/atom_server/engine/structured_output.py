@@ -62,9 +62,16 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(_ebnf_literal(c) for c in dict.fromkeys(choices))
 
 
+# JSON may put whitespace between tokens (vLLM's default, any_whitespace); ATOM bounds each run of it, so a
+# model that keeps emitting newlines (small models do, under a grammar that allows it) still has to make
+# progress through the schema. Pretty-printed JSON (a newline and indentation) fits in the bound.
+MAX_JSON_WHITESPACE = 16
+
+
 def _whitespace_kwargs(spec: StructuredOutputsParams) -> dict:
-    return {"any_whitespace": not spec.disable_any_whitespace,
-            "separators": (",", ":") if spec.disable_any_whitespace else None}
+    if spec.disable_any_whitespace:
+        return {"any_whitespace": False, "separators": (",", ":")}
+    return {"any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
 def grammar_of(spec: StructuredOutputsParams):
