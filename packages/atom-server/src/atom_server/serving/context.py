@@ -181,6 +181,11 @@ class ServingContext:
             if not 0 <= t < limit:
                 raise bad_request(f"{param}: token id {t} is out of range [0, {limit})", param=param)
 
+    def check_priority(self, req) -> None:
+        if req.priority != 0 and self.client.args.scheduling_policy != "priority":
+            raise bad_request(f"priority {req.priority} needs priority scheduling (--scheduling-policy priority); "
+                              "this server schedules first come, first served", param="priority")
+
     def check_prompt_logprobs(self, req) -> None:
         value = req.prompt_logprobs
         if value is None:
@@ -215,6 +220,7 @@ class ServingContext:
     def sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                         structured_outputs=None, skip_special_tokens: bool | None = None) -> SamplingParams:
         self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
+        self.check_priority(req)
         kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed,
                   logprobs=logprobs, prompt_logprobs=prompt_logprobs,
