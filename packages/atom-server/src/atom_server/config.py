@@ -26,6 +26,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE experts sharded whole over the TP ranks (vLLM's flag)
     seed: int = 0
     enforce_eager: bool = False
     # One name or several (vLLM's --served-model-name); None: the --model string as given.
@@ -73,8 +74,6 @@ class EngineArgs:
             raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise bad("scheduling_policy", "must be fcfs or priority")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
         names = self.served_model_name
         if names is not None:
             listed = [names] if isinstance(names, str) else list(names)
@@ -114,7 +113,10 @@ class EngineArgs:
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"],
             help="reuse the KV cache of shared prompt prefixes")
         add("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
-            help="GPUs per model (only 1 for now)")
+            help="ranks that split the model: GPUs 0..N-1 (choose them with CUDA_VISIBLE_DEVICES), or processes "
+                 "on CPU")
+        add("--enable-expert-parallel", action="store_true",
+            help="shard MoE layers by whole experts over the tensor-parallel ranks instead of slicing every expert")
         add("--seed", type=int, default=d["seed"], help="random seed of the engine (requests can set their own)")
         add("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
         add("--served-model-name", type=str, nargs="+", default=None, metavar="NAME",
