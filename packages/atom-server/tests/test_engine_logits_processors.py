@@ -203,6 +203,60 @@ def test_grammar_on_the_decode_graph_path(ckpt, monkeypatch):
     assert re.fullmatch(r"[0-9]{4}", out.text) and out.finish_reason == "stop"
 
 
+def _join_mid_decode(ckpt, monkeypatch, async_scheduling: bool):
+    """Plain greedy requests decode; grammar requests join mid-way and finish first; the plain ones go on.
+    Returns ({request id: (text, token ids, finish reason)}, steps that left a launched step in flight before
+    the grammar requests came, while they ran, after they finished)."""
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
+    monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "1" if async_scheduling else "0")
+    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=8)
+    eng = llm.llm_engine
+    assert eng.async_scheduling == async_scheduling
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i in range(3):
+        eng.add_request(f"plain{i}", PROMPT[i:], plain, final_only=True)
+    outs, overlapped = {}, {"before": 0, "during": 0, "after": 0}
+
+    def step(phase: str) -> None:
+        outs.update((o.request_id, o) for o in eng.step())
+        overlapped[phase] += eng.core.pipeline.inflight is not None
+
+    for _ in range(5):
+        step("before")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"]}
+    grammars = {"regex": StructuredOutputsParams(regex=r"[0-9]{3}-(yes|no)"),
+                "json": StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+                "choice": StructuredOutputsParams(choice=["Paris", "Berlin"])}
+    for name, spec in grammars.items():
+        eng.add_request(name, PROMPT[::-1], SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=spec),
+                        final_only=True)
+    while any(name not in outs for name in grammars):
+        step("during")
+    while eng.has_unfinished_requests():
+        step("after")
+    stats = eng.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    return {rid: (o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for rid, o in outs.items()}, \
+        overlapped
+
+
+def test_grammar_requests_join_an_async_decode(ckpt, monkeypatch):
+    """Async scheduling (a greedy decode step launched before the previous one is read) next to grammar rows,
+    whose next-token mask depends on the token just taken: a batch holding a grammar row resolves the step in
+    flight and runs synchronously, so every mask is computed from the committed tokens. Same outputs as the
+    synchronous engine; the grammar outputs match their definition; the plain rows overlap again afterwards."""
+    got, overlapped = _join_mid_decode(ckpt, monkeypatch, async_scheduling=True)
+    want, none = _join_mid_decode(ckpt, monkeypatch, async_scheduling=False)
+    assert overlapped["before"] > 0 and overlapped["after"] > 0 and overlapped["during"] == 0, overlapped
+    assert not any(none.values())
+    assert got == want
+    assert re.fullmatch(r"[0-9]{3}-(yes|no)", got["regex"][0]) and got["regex"][2] == "stop"
+    assert 0 <= json.loads(got["json"][0])["n"] <= 9 and got["json"][2] == "stop"
+    assert got["choice"][0] in ("Paris", "Berlin")
+    assert all(len(got[f"plain{i}"][1]) == 40 for i in range(3))
+
+
 def test_bitmask_op_matches_xgrammar():
     xgr = pytest.importorskip("xgrammar")
     from atom.ops.sampling import apply_token_bitmask
