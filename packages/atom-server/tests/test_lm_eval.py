@@ -129,7 +129,8 @@ def _generation_matches(hf, samples, prompt_ids_of) -> None:
     tok, model = hf["tokenizer"], hf["model"]
     for s in samples:
         context, gen = s["arguments"][0]  # one request per sample: (context, generation kwargs)
-        ids = prompt_ids_of(getattr(context, "prompt", context))  # chat: a JsonChatStr of the messages
+        # chat: a JsonChatStr (a NamedTuple of the messages' JSON), which the logged samples may hold as a plain tuple
+        ids = prompt_ids_of(context[0] if isinstance(context, tuple) else context)
         new = _greedy(model, tok, ids, gen["max_gen_toks"], gen["until"])
         if tok.eos_token_id in new:
             new = new[:new.index(tok.eos_token_id)]

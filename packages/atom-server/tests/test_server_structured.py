@@ -251,3 +251,31 @@ def test_bad_combinations_are_400s_naming_the_field(server, client, body, param)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_bad_constraints_do_not_disturb_requests_in_flight(server, client):
+    """Per-request isolation: while a plain request and a structured one decode, every bad constraint above is
+    refused with its 400; both running requests finish as asked and the server keeps serving."""
+    import httpx
+
+    def plain():
+        return client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=48, temperature=0,
+                                         extra_body={"ignore_eos": True})
+
+    def structured():
+        return chat(client, "Give a code.", max_tokens=20, extra_body={"guided_regex": r"[0-9]{3}-[a-z]{2}"})
+
+    def bad(body):
+        return httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                **body})
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(plain), pool.submit(structured)]
+        refused = list(pool.map(bad, [body for body, _ in BAD]))
+        long_out, code = (f.result() for f in running)
+    assert [r.status_code for r in refused] == [400] * len(BAD)
+    assert [r.json()["error"]["param"] for r in refused] == [param for _, param in BAD]
+    assert long_out.choices[0].finish_reason == "length" and long_out.usage.completion_tokens == 48
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", code.choices[0].message.content)
+    assert httpx.get(server.url + "/health").status_code == 200
