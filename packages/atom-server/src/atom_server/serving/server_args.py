@@ -78,9 +78,11 @@ class ServerLimits:
                             "request has tools); needs --tool-call-parser")
         t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
                        help="how tool calls are read from the model's output: hermes (Qwen2/2.5/3, Hermes), "
-                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS])")
+                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS]) (default: none; tool_choice \"auto\" "
+                            "is refused, \"required\" and a named function still work)")
         t.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
-                       help="split <think>...</think> from the answer into reasoning_content: qwen3, deepseek_r1")
+                       help="split <think>...</think> from the answer into reasoning_content: qwen3, deepseek_r1 "
+                            "(default: none; the whole output is content)")
         return parser
 
     @classmethod
