@@ -31,9 +31,14 @@ def ckpt(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def make_llm(ckpt: str, device: str, **kw) -> LLM:
+    """The engine under test: float32 (the transformers reference's dtype) on the device under test."""
+    return LLM(ckpt, dtype="float32", device=device, block_size=BLOCK, **kw)
+
+
 @pytest.fixture(scope="module")
-def llm(ckpt):
-    return LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES)
+def llm(ckpt, device):
+    return make_llm(ckpt, device, max_model_len=64, kv_cache_memory_bytes=KV_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +132,8 @@ def test_truncate_prompt_tokens(llm):
     assert whole.prompt_token_ids == long
 
 
-def test_priority_scheduling(ckpt):
-    eng = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=1,
+def test_priority_scheduling(ckpt, device):
+    eng = make_llm(ckpt, device, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=1,
               scheduling_policy="priority").llm_engine
     p = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for rid, prio in (("late", 5), ("urgent", -1), ("normal", 0)):
@@ -137,16 +142,16 @@ def test_priority_scheduling(ckpt):
     while eng.has_unfinished_requests():
         finished += [o.request_id for o in eng.step() if o.finished]
     assert finished == ["urgent", "normal", "late"]
-    fcfs = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES).llm_engine
+    fcfs = make_llm(ckpt, device, max_model_len=64, kv_cache_memory_bytes=KV_BYTES).llm_engine
     with pytest.raises(ValueError, match="priority"):
         fcfs.add_request("x", PROMPT, p, priority=1)
 
 
-def test_priority_preemption_takes_the_lowest_priority(ckpt):
+def test_priority_preemption_takes_the_lowest_priority(ckpt, device):
     """A KV pool for about two sequences: the running sequence with the largest (priority, arrival) is
     preempted; every request still ends with the tokens it gets alone."""
     small = 12 * 2 * 2 * BLOCK * 2 * 16 * 4  # 12 blocks of the tiny model (K and V, 2 layers, 2 heads of 16)
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=48, kv_cache_memory_bytes=small, scheduling_policy="priority")
+    llm = make_llm(ckpt, device, max_model_len=48, kv_cache_memory_bytes=small, scheduling_policy="priority")
     eng = llm.llm_engine
     p = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     eng.add_request("low", PROMPT, p, priority=9)
@@ -193,23 +198,26 @@ def test_grammar_rows_next_to_plain_rows(llm):
     assert re.fullmatch("[a-z]{2,6}", outs[1].outputs[0].text)
 
 
-def test_grammar_on_the_decode_graph_path(ckpt, monkeypatch):
-    """ATOM_DECODE_GRAPHS=static: decode steps read the graph's captured logits; grammar rows mask them."""
-    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=4)
+def test_grammar_on_the_decode_graph_path(ckpt, device, monkeypatch):
+    """Decode steps read the graph's captured logits (on CPU: ATOM_DECODE_GRAPHS=static); grammar rows mask
+    them."""
+    if device == "cpu":
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
+    llm = make_llm(ckpt, device, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=4)
     assert llm.llm_engine.core.runner.graphs is not None
     out = generate(llm, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{4}"), max_tokens=12,
                    ignore_eos=False).outputs[0]
     assert re.fullmatch(r"[0-9]{4}", out.text) and out.finish_reason == "stop"
 
 
-def _join_mid_decode(ckpt, monkeypatch, async_scheduling: bool):
+def _join_mid_decode(ckpt, device, monkeypatch, async_scheduling: bool):
     """Plain greedy requests decode; grammar requests join mid-way and finish first; the plain ones go on.
     Returns ({request id: (text, token ids, finish reason)}, steps that left a launched step in flight before
     the grammar requests came, while they ran, after they finished)."""
-    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
+    if device == "cpu":  # the decode graphs' buffers and body without capture (on a GPU: captured)
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
     monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "1" if async_scheduling else "0")
-    llm = LLM(ckpt, block_size=BLOCK, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=8)
+    llm = make_llm(ckpt, device, max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=8)
     eng = llm.llm_engine
     assert eng.async_scheduling == async_scheduling
     plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -229,25 +237,27 @@ def _join_mid_decode(ckpt, monkeypatch, async_scheduling: bool):
                 "json": StructuredOutputsParams(json=schema, disable_any_whitespace=True),
                 "choice": StructuredOutputsParams(choice=["Paris", "Berlin"])}
     for name, spec in grammars.items():
-        eng.add_request(name, PROMPT[::-1], SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=spec),
-                        final_only=True)
+        params = SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=spec)
+        eng.add_request(name, PROMPT[::-1], params, final_only=True)
     while any(name not in outs for name in grammars):
         step("during")
     while eng.has_unfinished_requests():
         step("after")
     stats = eng.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    return {rid: (o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for rid, o in outs.items()}, \
-        overlapped
+    results = {rid: (o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
+               for rid, o in outs.items()}
+    return results, overlapped
 
 
-def test_grammar_requests_join_an_async_decode(ckpt, monkeypatch):
+def test_grammar_requests_join_an_async_decode(ckpt, device, monkeypatch):
     """Async scheduling (a greedy decode step launched before the previous one is read) next to grammar rows,
     whose next-token mask depends on the token just taken: a batch holding a grammar row resolves the step in
     flight and runs synchronously, so every mask is computed from the committed tokens. Same outputs as the
-    synchronous engine; the grammar outputs match their definition; the plain rows overlap again afterwards."""
-    got, overlapped = _join_mid_decode(ckpt, monkeypatch, async_scheduling=True)
-    want, none = _join_mid_decode(ckpt, monkeypatch, async_scheduling=False)
+    synchronous engine; the grammar outputs match their definition; the plain rows overlap again
+    afterwards."""
+    got, overlapped = _join_mid_decode(ckpt, device, monkeypatch, async_scheduling=True)
+    want, none = _join_mid_decode(ckpt, device, monkeypatch, async_scheduling=False)
     assert overlapped["before"] > 0 and overlapped["after"] > 0 and overlapped["during"] == 0, overlapped
     assert not any(none.values())
     assert got == want

@@ -50,8 +50,9 @@ def test_tp2_server_chats_like_tp1_and_a_killed_worker_ends_it(checkpoint, tmp_p
     want = tp1.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     # structured outputs at TP=2: the bitmask travels in every rank's StepInput, rank 0 alone applies it
     regex = r"[a-z]{2,6} [0-9]{2}"
-    guided = tp1.chat(messages, SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputsParams(
-        regex=regex)), use_tqdm=False)[0].outputs[0].text
+    constrained = SamplingParams(temperature=0.0, max_tokens=16,
+                                 structured_outputs=StructuredOutputsParams(regex=regex))
+    guided = tp1.chat(messages, constrained, use_tqdm=False)[0].outputs[0].text
     del tp1
     srv = _start(checkpoint, tmp_path / "server.log")
     try:
