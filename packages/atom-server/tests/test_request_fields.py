@@ -12,6 +12,7 @@ import pytest
 
 from atom_server.protocol import (
     ACCEPTED_NO_OP,
+    IMPLEMENTED_VLLM_FIELDS,
     REFUSED_CHAT_FIELDS,
     REFUSED_COMPLETION_FIELDS,
     ChatCompletionRequest,
@@ -52,8 +53,15 @@ def test_every_vllm_field_is_declared(relpath, class_name, ours, refused):
         assert name in ours.model_fields
 
 
-def test_sampler_side_fields_stay_refused():
-    # The later sampler work flips these to implemented; until then they must stay refused.
-    for name in ("prompt_logprobs", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
-                 "return_token_ids", "priority", "logit_bias", "request_id"):
-        assert name in REFUSED_CHAT_FIELDS and name in REFUSED_COMPLETION_FIELDS
+def test_sampler_side_fields_are_implemented():
+    """Issue 19's sampler-side fields (and issue 18's structured outputs and tools) flipped from refused to
+    implemented: declared with their types, refused nowhere, not in the no-op list either."""
+    sampler = ("prompt_logprobs", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "return_token_ids",
+               "priority", "logit_bias", "request_id")
+    assert set(sampler) <= set(IMPLEMENTED_VLLM_FIELDS)
+    for name in IMPLEMENTED_VLLM_FIELDS:
+        assert name not in REFUSED_CHAT_FIELDS and name not in REFUSED_COMPLETION_FIELDS, name
+        assert name not in ACCEPTED_NO_OP, name
+        assert name in ChatCompletionRequest.model_fields, name
+        if name not in ("tools", "tool_choice", "include_reasoning"):
+            assert name in CompletionRequest.model_fields, name

@@ -21,6 +21,7 @@ def server(tmp_path_factory):
     ckpt = write_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
     srv = ServerProcess([ckpt, "--served-model-name", MODEL, "--api-key", API_KEY],
                         tmp_path_factory.mktemp("log") / "server.log")
+    srv.ckpt = ckpt
     try:
         yield srv.wait_healthy()
     finally:
@@ -417,14 +418,14 @@ def _refused_cases():
 @pytest.mark.parametrize("endpoint,field,value", [
     *_refused_cases(),
     ("/v1/completions", "best_of", 3),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "response_format", {"type": "structural_tag", "format": {}}),
+    ("/v1/chat/completions", "guided_decoding_backend", "outlines"),
 ])
 def test_unsupported_features_are_refused_not_ignored(http, endpoint, field, value):
     body = {"model": MODEL, "max_tokens": 2, field: value}
     body.update({"prompt": "x"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
     err = assert_error_object(http.post(endpoint, json=body), 400)
-    assert err["param"] == field and "not supported" in err["message"] and field in err["message"]
+    assert err["param"].split(".")[0] == field and "not supported" in err["message"] and field in err["message"]
 
 
 def test_neutral_values_of_unsupported_fields_and_no_op_fields_are_fine(http):
@@ -440,8 +441,94 @@ def test_neutral_values_of_unsupported_fields_and_no_op_fields_are_fine(http):
         if endpoint == "/v1/completions":
             body["prompt"] = "x"
         else:
-            body.update(messages=[{"role": "user", "content": "x"}], tool_choice="auto", parallel_tool_calls=False,
+            body.update(messages=[{"role": "user", "content": "x"}], tool_choice="none", parallel_tool_calls=False,
                         include_reasoning=False)
         r = http.post(endpoint, json=body)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- issue 19's sampler-side fields over HTTP ---------------------------------------------------------------
+def test_prompt_logprobs_match_transformers(server, client, http):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = http.post("/tokenize", json={"prompt": "The quick brown fox jumps"}).json()["tokens"]
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    entries = out.choices[0].model_extra["prompt_logprobs"]
+    hf = AutoModelForCausalLM.from_pretrained(server.ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert entries[0] is None and len(entries) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = {int(k): v for k, v in entries[pos].items()}
+        row = ref[pos - 1]
+        tok = ids[pos]
+        assert entry[tok]["logprob"] == pytest.approx(float(row[tok]), abs=1e-4)
+        assert entry[tok]["rank"] == int((row >= row[tok]).sum())
+        top = row.topk(2)
+        for tid, val in zip(top.indices.tolist(), top.values.tolist()):
+            assert entry[tid]["logprob"] == pytest.approx(val, abs=1e-4)
+        assert len(entry) <= 3 and all(v["decoded_token"] is not None for v in entry.values())
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    lps = chat.model_extra["prompt_logprobs"]
+    assert lps[0] is None and all(len(e) == 1 for e in lps[1:])  # 0: only the prompt token itself
+
+
+def test_return_token_ids_request_id_and_truncation(client, http):
+    ids = http.post("/tokenize", json={"prompt": "Paged attention stores keys"}).json()["tokens"]
+    kw = dict(model=MODEL, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(prompt=ids, **{**kw, "extra_body": {
+        "ignore_eos": True, "return_token_ids": True, "request_id": "my-req-7"}})
+    choice = out.choices[0].model_extra
+    assert out.id == "cmpl-my-req-7"
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 5
+    assert http.post("/detokenize", json={"tokens": choice["token_ids"]}).json()["prompt"] == out.choices[0].text
+    streamed = list(client.completions.create(prompt=ids, stream=True, **{**kw, "extra_body": {
+        "ignore_eos": True, "return_token_ids": True}}))
+    assert streamed[0].choices[0].model_extra["prompt_token_ids"] == ids
+    assert sum((c.choices[0].model_extra["token_ids"] for c in streamed), []) == choice["token_ids"]
+    cut = client.completions.create(prompt=ids, **{**kw, "extra_body": {"ignore_eos": True,
+                                                                         "truncate_prompt_tokens": 3}})
+    assert cut.usage.prompt_tokens == 3
+    assert cut.choices[0].text == client.completions.create(prompt=ids[-3:], **kw).choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          extra_body={"return_token_ids": True, "request_id": "c1"})
+    assert chat.id == "chatcmpl-c1" and chat.model_extra["prompt_token_ids"]
+    assert len(chat.choices[0].model_extra["token_ids"]) == chat.usage.completion_tokens
+
+
+def test_token_id_fields_over_http(client, http):
+    allowed = [40, 41, 42]
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=1.0, seed=1,
+                                    extra_body={"allowed_token_ids": allowed, "ignore_eos": True,
+                                                "return_token_ids": True})
+    assert set(out.choices[0].model_extra["token_ids"]) <= set(allowed)
+    biased = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                       logit_bias={"77": 100}, extra_body={"ignore_eos": True,
+                                                                           "return_token_ids": True})
+    assert biased.choices[0].model_extra["token_ids"] == [77] * 4
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw, extra_body={"ignore_eos": True, "return_token_ids": True})
+    plain_ids = plain.choices[0].model_extra["token_ids"]
+
+    def text(t):
+        return http.post("/detokenize", json={"tokens": [t]}).json()["prompt"]
+
+    def alone(t):  # the token's text (without leading spaces) is that one token
+        ids = http.post("/tokenize", json={"prompt": text(t).lstrip(), "add_special_tokens": False}).json()["tokens"]
+        return text(t).strip() and ids == [t]
+
+    t = next(t for t in plain_ids if alone(t))
+    banned = client.completions.create(**kw, extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                          "bad_words": [text(t)]})
+    assert t not in banned.choices[0].model_extra["token_ids"]
+    for body, param in (({"priority": 1}, "priority"), ({"allowed_token_ids": []}, "allowed_token_ids"),
+                        ({"truncate_prompt_tokens": MAX_MODEL_LEN + 1}, "truncate_prompt_tokens"),
+                        ({"logit_bias": {"x": 1}}, "logit_bias"), ({"bad_words": [""]}, "bad_words")):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
+        err = assert_error_object(r, 400, param)
+        if param == "priority":
+            assert "--scheduling-policy priority" in err["message"]

@@ -6,6 +6,7 @@ hangs), the engine exits, and the CLI exits non-zero naming the dead rank."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from atom_server import LLM, SamplingParams
+from atom_server.sampling_params import StructuredOutputsParams
 from server_harness import ServerProcess, pid_alive, wait_until, write_chat_checkpoint
 
 CONTEXT = 4096  # long enough that the killed requests are still running
@@ -44,7 +46,14 @@ def _client(srv) -> openai.OpenAI:
 def test_tp2_server_chats_like_tp1_and_a_killed_worker_ends_it(checkpoint, tmp_path):
     """One server for both (each start costs three processes' imports on a 2-core CI box)."""
     messages = [{"role": "user", "content": "Hello world! How are you today?"}]
-    want = LLM(checkpoint).chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    tp1 = LLM(checkpoint)
+    want = tp1.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    # structured outputs at TP=2: the bitmask travels in every rank's StepInput, rank 0 alone applies it
+    regex = r"[a-z]{2,6} [0-9]{2}"
+    constrained = SamplingParams(temperature=0.0, max_tokens=16,
+                                 structured_outputs=StructuredOutputsParams(regex=regex))
+    guided = tp1.chat(messages, constrained, use_tqdm=False)[0].outputs[0].text
+    del tp1
     srv = _start(checkpoint, tmp_path / "server.log")
     try:
         engine = srv.engine_pid()
@@ -53,6 +62,9 @@ def test_tp2_server_chats_like_tp1_and_a_killed_worker_ends_it(checkpoint, tmp_p
         reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16)
         assert reply.choices[0].message.content == want.outputs[0].text
         assert reply.usage.completion_tokens == len(want.outputs[0].token_ids)
+        reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16,
+                                               extra_body={"guided_regex": regex})
+        assert reply.choices[0].message.content == guided and re.fullmatch(regex, guided)
 
         # a worker killed mid-generation
         results: dict[str, object] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from atom_server.generation_defaults import check_generation_config
@@ -39,8 +40,12 @@ class EngineArgs:
     generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
     cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
+    scheduling_policy: str = "fcfs"  # fcfs | priority (requests' priority field; lower first), vLLM's
+    profiler_dir: str | None = None  # torch profiler traces (/start_profile, /stop_profile); None: off
 
     def __post_init__(self) -> None:
+        if self.profiler_dir is None and os.environ.get("VLLM_TORCH_PROFILER_DIR"):
+            self.profiler_dir = os.environ["VLLM_TORCH_PROFILER_DIR"]
         self.validate()
 
     def validate(self) -> None:
@@ -69,6 +74,8 @@ class EngineArgs:
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
             raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise bad("scheduling_policy", "must be fcfs or priority")
         names = self.served_model_name
         if names is not None:
             listed = [names] if isinstance(names, str) else list(names)
@@ -133,6 +140,12 @@ class EngineArgs:
                  "generation_config.json")
         add("--max-logprobs", type=int, default=d["max_logprobs"],
             help="most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; -1: no cap")
+        add("--scheduling-policy", type=str, default=d["scheduling_policy"], choices=("fcfs", "priority"),
+            help="fcfs: first come, first served; priority: by the requests' priority field (lower first, ties "
+                 "by arrival; the lowest-priority running request is preempted when the KV cache is full)")
+        add("--profiler-dir", type=str, default=None, metavar="DIR",
+            help="enable POST /start_profile and /stop_profile: torch profiler traces of the engine written to "
+                 "DIR (default: $VLLM_TORCH_PROFILER_DIR, else profiling is off)")
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "

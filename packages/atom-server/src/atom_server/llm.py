@@ -37,13 +37,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """Prompts: a string, a list of strings, {"prompt": ...} or {"prompt_token_ids": [...]} dicts (or a
-        list of them). Returns one RequestOutput per prompt, in input order."""
+        list of them). priority: one per prompt (lower first; needs scheduling_policy="priority").
+        Returns one RequestOutput per prompt, in input order."""
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = self._params_for(sampling_params, len(items))
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"priority: got {len(priority)} for {len(items)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(items)
         tok = self.get_tokenizer()
         requests = []
         for item, p in zip(items, params):
@@ -56,7 +60,7 @@ class LLM:
                                      "(the engine runs with skip_tokenizer_init)")
                 ids = tok(text)["input_ids"]
             requests.append((ids, p, text))
-        return self._run(requests, use_tqdm)
+        return self._run(requests, use_tqdm, priorities)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -105,13 +109,23 @@ class LLM:
             raise ValueError(f"sampling_params: got {len(sampling_params)} for {n} prompts")
         return sampling_params
 
-    def _run(self, requests: list[tuple[list[int], SamplingParams, str | None]], use_tqdm: bool) -> list[RequestOutput]:
+    def start_profile(self) -> None:
+        """Start the torch profiler in the engine (needs profiler_dir= or $VLLM_TORCH_PROFILER_DIR)."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> str:
+        """Stop it and write the trace; returns the trace file's path."""
+        return self.llm_engine.stop_profile()
+
+    def _run(self, requests: list[tuple[list[int], SamplingParams, str | None]], use_tqdm: bool,
+             priorities: list[int] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
+        priorities = priorities or [0] * len(requests)
         try:
-            for prompt_ids, p, text in requests:
+            for (prompt_ids, p, text), priority in zip(requests, priorities):
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt_ids, p, prompt=text, final_only=True)
+                engine.add_request(rid, prompt_ids, p, prompt=text, final_only=True, priority=priority)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)

@@ -28,30 +28,12 @@ def _int(default, *, ge: int = INT64_MIN, le: int = INT64_MAX, **kw):
     return Field(default, ge=ge, le=le, **kw)
 
 
-_NOT_YET = "is not supported by atom-server yet"
 _NO = "is not supported by atom-server"
 
-# field -> (neutral values besides None / [] / {}, why it is refused). The first group is sampler-side
-# work planned next (it flips these to implemented); keep them here until then.
+# field -> (neutral values besides None / [] / {}, why it is refused).
 REFUSED_COMMON: dict[str, tuple[tuple, str]] = {
-    "prompt_logprobs": ((), _NOT_YET),
-    "allowed_token_ids": ((), _NOT_YET),
-    "bad_words": ((), _NOT_YET),
-    "truncate_prompt_tokens": ((), _NOT_YET),
-    "truncation_side": ((), f"{_NOT_YET} (it only acts with truncate_prompt_tokens)"),
-    "return_token_ids": ((False,), _NOT_YET),
-    "priority": ((0,), f"{_NOT_YET} (the scheduler is first come, first served)"),
-    "logit_bias": ((), _NOT_YET),
-    "request_id": ((), _NOT_YET),
-    # Features ATOM does not have.
     "use_beam_search": ((False,), f"{_NO} (beam search)"),
     "logprob_token_ids": ((), _NO),
-    "structured_outputs": ((), f"{_NO} (structured outputs)"),
-    "guided_json": ((), f"{_NO} (structured outputs)"),
-    "guided_regex": ((), f"{_NO} (structured outputs)"),
-    "guided_choice": ((), f"{_NO} (structured outputs)"),
-    "guided_grammar": ((), f"{_NO} (structured outputs)"),
-    "guided_decoding_backend": ((), f"{_NO} (structured outputs)"),
     "watermarking": ((False,), _NO),
     "return_tokens_as_token_ids": ((False,), _NO),
     "return_token_offsets": ((False,), _NO),
@@ -70,7 +52,6 @@ REFUSED_COMMON: dict[str, tuple[tuple, str]] = {
 }
 REFUSED_CHAT_FIELDS: dict[str, tuple[tuple, str]] = {
     **REFUSED_COMMON,
-    "tools": ((), f"{_NO} (tool calling)"),
     "echo": ((False,), f"{_NO} for chat completions"),
     "documents": ((), f"{_NO} (pass them through chat_template_kwargs)"),
     "reasoning_effort": ((), f"{_NO} (pass it through chat_template_kwargs)"),
@@ -81,10 +62,17 @@ REFUSED_COMPLETION_FIELDS: dict[str, tuple[tuple, str]] = {
     "suffix": (("",), _NO),
     "prompt_embeds": ((), _NO),
 }
-# vLLM fields accepted without effect: nothing in ATOM (nor in vLLM serving a text-only model on its
-# own) would act on them. `tool_choice` only in its neutral values ("none", "auto"), since tools are refused.
-ACCEPTED_NO_OP = ("user", "session_id", "length_penalty", "include_reasoning", "parallel_tool_calls",
-                  "mm_payload", "tool_choice")
+# vLLM fields accepted without effect: nothing in ATOM (nor in vLLM serving a text-only model on its own)
+# would act on them.
+ACCEPTED_NO_OP = ("user", "session_id", "length_penalty", "parallel_tool_calls", "mm_payload")
+# vLLM fields atom-server implements on top of OpenAI's (the sampler-side ones of issue 19, structured
+# outputs, tools and reasoning); test_request_fields.py checks none of them is refused.
+IMPLEMENTED_VLLM_FIELDS = (
+    "prompt_logprobs", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "truncation_side",
+    "return_token_ids", "priority", "logit_bias", "request_id", "structured_outputs", "guided_json",
+    "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "response_format",
+    "tools", "tool_choice", "include_reasoning")
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def _neutral(value, neutral: tuple) -> bool:
@@ -113,6 +101,41 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _no_structural_tag(cls, value):
+        if value == "structural_tag":
+            raise ValueError("response_format type 'structural_tag' is not supported by atom-server")
+        return value
+
+
+class StructuredOutputsFields(_Body):
+    """vLLM's structured_outputs object (StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json")  # "json" would shadow BaseModel.json
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
 class _SamplingFields(_Body):
     model: str | None = None
     n: int = _int(1, ge=1, le=128)
@@ -132,6 +155,24 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's sampler-side fields
+    prompt_logprobs: int | None = _int(None, ge=-1)  # at most --max-logprobs
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    truncate_prompt_tokens: int | None = _int(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    return_token_ids: bool | None = None
+    priority: int = _int(0)
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    # Structured outputs (at most one of these; tools' required / named tool_choice count too).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     # Accepted, no effect (ACCEPTED_NO_OP).
     user: str | None = None
     session_id: str | None = None
@@ -139,7 +180,6 @@ class _SamplingFields(_Body):
     mm_payload: Literal["tensors", "none"] = "tensors"
     # Refused unless neutral, with their own rules.
     best_of: int | None = _int(None)
-    response_format: dict[str, Any] | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -148,12 +188,25 @@ class _SamplingFields(_Body):
             raise ValueError("best_of > 1 is not supported by atom-server; use n")
         return value
 
-    @field_validator("response_format")
+    @field_validator("guided_decoding_backend")
     @classmethod
-    def _text_only(cls, value):
-        if value and value.get("type", "text") != "text":
-            raise ValueError(f"response_format type {value.get('type')!r} is not supported by atom-server "
-                             "(only 'text')")
+    def _xgrammar_only(cls, value):
+        if value is not None and value not in ("auto", "xgrammar"):
+            raise ValueError(f"guided_decoding_backend {value!r} is not supported by atom-server (xgrammar only)")
+        return value
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _some_allowed(cls, value):
+        if value is not None and not value:
+            raise ValueError("allowed_token_ids must not be empty")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_not_zero(cls, value):
+        if value == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 (the context length) or >= 1")
         return value
 
 
@@ -180,6 +233,27 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None  # null (or absent) is an empty turn, as vLLM
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Body):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(_with_refusals("_ChatFields", _SamplingFields, REFUSED_CHAT_FIELDS)):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = _int(None, ge=1)
@@ -191,18 +265,16 @@ class ChatCompletionRequest(_with_refusals("_ChatFields", _SamplingFields, REFUS
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Accepted, no effect (ACCEPTED_NO_OP): without tools there is no tool call to choose or parallelize,
-    # and without a reasoning parser no reasoning to include.
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = True
-    include_reasoning: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: false drops reasoning_content
+    parallel_tool_calls: bool | None = True  # accepted, no effect (ACCEPTED_NO_OP)
 
-    @field_validator("tool_choice")
+    @field_validator("tools")
     @classmethod
-    def _no_tool_choice(cls, value):
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool_choice other than 'none' or 'auto' is not supported by atom-server "
-                             "(tool calling)")
+    def _some_tools(cls, value):
+        if value is not None and not value:
+            raise ValueError("tools must not be an empty array (omit the field instead)")
         return value
 
 

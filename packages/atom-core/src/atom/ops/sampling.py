@@ -42,6 +42,23 @@ def apply_top_k_top_p_min_p(
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Structured outputs: mask (to -inf, in place) the tokens a grammar does not allow. bitmask: int32
+    [k, ceil(V / 32)] (xgrammar's layout: bit j of word i allows token 32 i + j); rows: the k rows of logits
+    it applies to (None: the first k). Batched and shape-static: one device op chain for every grammar row."""
+    vocab = logits.shape[-1]
+    k = bitmask.shape[0]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)
+    if allowed.shape[1] < vocab:  # ids past the bitmask are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = allowed[:, :vocab]
+    if rows is None:
+        logits[:k].masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+
 @register("sample", "torch", cuda_graph=False)
 def sample(
     logits: torch.Tensor,

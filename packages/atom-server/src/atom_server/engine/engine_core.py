@@ -27,6 +27,7 @@ from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.decode_pipeline import DecodePipeline
 from atom_server.engine.executor import ExecutorFatalError, build_runner
 from atom_server.engine.model_runner import RowResult, TokenLogprobsRaw
+from atom_server.engine.profiler import EngineProfiler
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
 from atom_server.engine.step_input import StepInputBuilder
@@ -128,7 +129,7 @@ class EngineCore:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                           window=self.runner.kv_window, num_window_blocks=self.runner.num_window_blocks)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched, args.scheduling_policy)
         self.step_inputs = StepInputBuilder(self.scheduler)
         self.kv_capacity_tokens = self.runner.num_blocks * args.block_size
         self.requests: dict[str, CoreRequest] = {}
@@ -137,6 +138,8 @@ class EngineCore:
                                  and os.environ.get("ATOM_ASYNC_SCHEDULING", "1") != "0")
         self.pipeline = DecodePipeline(self.runner, self.scheduler, self.step_inputs, self.max_model_len,
                                        self.async_scheduling)
+        self.profiler = EngineProfiler(args.profiler_dir)
+        self._grammars = None  # GrammarCompiler, built when the first request with a grammar arrives
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.num_failed_requests = 0
@@ -171,6 +174,17 @@ class EngineCore:
             v = getattr(params, name)
             if v is not None and cap != -1 and (v == -1 or v > cap):
                 raise ValueError(f"{name}={v} exceeds the server's max_logprobs ({cap})")
+        for name in ("allowed_token_ids", "logit_bias"):
+            ids = getattr(params, name)
+            if ids and any(t >= vocab for t in ids):
+                raise ValueError(f"{name}: token ids must be in [0, {vocab})")
+        if params.bad_words and params.bad_words_token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("bad_words: the engine has no tokenizer (skip_tokenizer_init)")
+            params = params.clone()
+            params.update_from_tokenizer(self.tokenizer)
+        if params.bad_words_token_ids and any(t >= vocab for w in params.bad_words_token_ids for t in w):
+            raise ValueError(f"bad_words: token ids must be in [0, {vocab})")
         changes = {}
         if params.top_k >= vocab:
             changes["top_k"] = 0  # the same distribution: every token is in the top vocab
@@ -180,15 +194,38 @@ class EngineCore:
                 changes[name] = vocab
         return params.clone(**changes) if changes else params
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """priority: lower runs first under --scheduling-policy priority (vLLM's); refused otherwise."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if priority != 0 and self.scheduler.policy != "priority":
+            raise ValueError(f"priority {priority} needs priority scheduling (--scheduling-policy priority); "
+                             "the server schedules first come, first served")
         params = self.check_request(prompt_token_ids, params)
+        grammars = None
+        if params.structured_outputs is not None:
+            grammars = self.grammar_compiler.matchers(params.structured_outputs, params.n)
         seqs = [Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, self.eos_ids,
                          self.max_model_len) for i in range(params.n)]
+        if grammars is not None:
+            for seq, grammar in zip(seqs, grammars):
+                seq.grammar = grammar
+        for seq in seqs:
+            seq.priority = priority
         self.requests[request_id] = CoreRequest(request_id, params, seqs, frozenset(params.stop_token_ids))
         for seq in seqs:
             self.scheduler.add(seq)
+
+    @property
+    def grammar_compiler(self):
+        """The structured-output compiler (xgrammar over the tokenizer's vocabulary), built on first use."""
+        if self._grammars is None:
+            from atom_server.engine.structured_output import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            self.step_inputs.grammars = self._grammars
+        return self._grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Drop requests (the caller already knows they are over: nothing is reported)."""
@@ -343,11 +380,15 @@ class EngineCore:
             report.num_cached_tokens[rid] = seq.num_cached_tokens
         reason = stop_token = None
         params = seq.params
+        if seq.grammar is not None and not self._advance_grammar(seq, [token], report):
+            return
         if num_out >= params.min_tokens:
             if token in seq.eos_ids:
                 reason = "stop"
             elif params.stop_token_ids and token in self.requests[rid].stop_token_ids:
                 reason, stop_token = "stop", token
+        if reason is None and seq.grammar is not None and seq.grammar.terminated:
+            reason = "stop"  # the grammar took its stop token (ignore_eos, or min_tokens held EOS back)
         if reason is None and (num_out >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
         if reason is None:
@@ -358,6 +399,18 @@ class EngineCore:
         req = self.requests[rid]
         if req.finished:
             del self.requests[rid]
+
+    def _advance_grammar(self, seq: Sequence, tokens: list[int], report: EngineCoreOutputs) -> bool:
+        """Advance the sequence's grammar by the tokens it committed (one call per commit, however many tokens:
+        the grammar's own per-token loop). A token the grammar refuses means the mask was not applied: the
+        request fails (its client gets an error), the engine goes on. False when it failed."""
+        if seq.grammar.accept(tokens):
+            return True
+        req = self.requests.get(seq.request_id)
+        if req is not None:
+            self._fail(req, RuntimeError(f"token(s) {tokens} of sequence {seq.index} are not allowed by the "
+                                         "request's grammar"), report)
+        return False
 
     # ---- introspection -------------------------------------------------------------------------
     def stats(self) -> dict:

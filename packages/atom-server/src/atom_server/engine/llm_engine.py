@@ -40,14 +40,18 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, final_only: bool = False) -> None:
+                    prompt: str | None = None, final_only: bool = False, priority: int = 0) -> None:
         """final_only: step() reports this request once, when it finishes (no output built for every token
         of every request when nobody streams them); otherwise every step that gives it a token reports its
-        cumulative output."""
+        cumulative output. The prompt is cut as params.truncate_prompt_tokens says."""
         if request_id in self.processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.processor.check(params)
-        self.core.add_request(request_id, prompt_token_ids, params)
+        if params.truncate_prompt_tokens is not None:
+            cut = params.truncate(prompt_token_ids, self.core.max_model_len)
+            if len(cut) != len(prompt_token_ids):
+                prompt_token_ids, prompt = cut, None  # the text no longer matches the ids
+        self.core.add_request(request_id, prompt_token_ids, params, priority)
         kind = OutputKind.FINAL_ONLY if final_only else OutputKind.CUMULATIVE
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, kind)
 
@@ -82,3 +86,9 @@ class LLMEngine:
 
     def stats(self) -> dict:
         return self.core.stats()
+
+    def start_profile(self) -> None:
+        self.core.profiler.start()
+
+    def stop_profile(self) -> str:
+        return self.core.profiler.stop()

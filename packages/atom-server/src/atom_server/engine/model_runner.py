@@ -37,6 +37,7 @@ from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_b
 from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
+from atom.ops.sampling import apply_token_bitmask
 from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
 from atom_server.engine.block_tables import BlockTables, positions_of
@@ -423,8 +424,15 @@ class ModelRunner:
         if sampling is None:  # greedy argmax for every row
             return logits.argmax(dim=-1).tolist(), [None] * n
         dev = logits.device
+        if sampling.grammar_rows is not None:  # first, so logprobs see the grammar (as vLLM)
+            rows = sampling.grammar_rows
+            words = np.frombuffer(sampling.grammar_bitmask, dtype=np.int32).reshape(len(rows), -1)
+            apply_token_bitmask(logits, torch.from_numpy(words.copy()).to(dev, non_blocking=True),
+                                None if rows == list(range(len(rows))) else torch.tensor(rows, device=dev))
         want_lp = sampling.logprobs
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp is not None else None
+        if sampling.allowed_token_ids is not None or sampling.logit_bias is not None:
+            logits = apply_logits_processors(logits, sampling.allowed_token_ids, sampling.logit_bias)
         if sampling.penalties is not None:
             logits = apply_penalties(logits, sampling.penalties)
         if sampling.banned_token_ids is not None:
@@ -477,6 +485,27 @@ def gather_logprobs(logprobs: torch.Tensor, token_id: int, num: int) -> TokenLog
         vals, idx = torch.topk(logprobs, num)
         top_ids, top_vals = idx.tolist(), vals.tolist()
     return TokenLogprobsRaw(token_id, float(value), rank, top_ids, top_vals)
+
+
+def apply_logits_processors(logits: torch.Tensor, allowed: list[list[int] | None] | None,
+                            bias: list[dict[int, float] | None] | None) -> torch.Tensor:
+    """vLLM's allowed_token_ids (every other id masked out) and logit_bias (added), one entry per row."""
+    width = logits.shape[-1]
+    dev = logits.device
+    if allowed is not None:
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        for j, ids in enumerate(allowed):
+            if ids:
+                keep[j] = False
+                keep[j, torch.tensor([t for t in ids if t < width], dtype=torch.long, device=dev)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if bias is not None:
+        logits = logits.clone() if allowed is None else logits
+        for j, b in enumerate(bias):
+            if b:
+                ids = [t for t in b if t < width]
+                logits[j, ids] += torch.tensor([b[t] for t in ids], dtype=logits.dtype, device=dev)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, penalties: list[Penalties | None]) -> torch.Tensor:

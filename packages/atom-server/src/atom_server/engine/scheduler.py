@@ -2,13 +2,20 @@
 
 Every step spends a token budget (max_num_batched_tokens): running sequences first, in admission
 order (a decode costs one token, an unfinished prefill continues with the next chunk), then waiting
-ones, FCFS. When the KV pool runs out, the most recently admitted running sequence is preempted: its
-blocks are freed and it goes back to the *front* of the waiting queue to be recomputed later (its
-own blocks often come back from the prefix cache), so nothing starves.
+ones. When the KV pool runs out, a running sequence is preempted: its blocks are freed and it goes back
+to the waiting queue to be recomputed later (its own blocks often come back from the prefix cache).
+
+Two policies, vLLM's `--scheduling-policy`:
+- fcfs (default): waiting sequences are admitted in arrival order; the most recently admitted running
+  sequence is preempted and goes back to the *front* of the waiting queue, so nothing starves;
+- priority: waiting sequences are admitted by (priority, arrival), lower values first; the running
+  sequence with the largest (priority, arrival) is preempted (taken back out of this step's batch if it
+  was already in it) and waits in its place of that order.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,12 +38,57 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+def _priority_key(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.seq_id  # seq ids grow with arrival
+
+
+class PriorityQueue:
+    """The waiting queue of the priority policy: the deque operations the scheduler uses, kept in
+    (priority, arrival) order."""
+
+    def __init__(self):
+        self._keys: list[tuple[int, int]] = []
+        self._seqs: list[Sequence] = []
+
+    def append(self, seq: Sequence) -> None:
+        key = _priority_key(seq)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self._seqs.insert(i, seq)
+
+    appendleft = append  # a preempted sequence waits in its place of the order
+
+    def popleft(self) -> Sequence:
+        self._keys.pop(0)
+        return self._seqs.pop(0)
+
+    def remove(self, seq: Sequence) -> None:
+        i = self._seqs.index(seq)
+        del self._keys[i], self._seqs[i]
+
+    def __getitem__(self, i: int) -> Sequence:
+        return self._seqs[i]
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __iter__(self):
+        return iter(self._seqs)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.policy = policy
+        self.waiting: deque[Sequence] | PriorityQueue = deque() if policy == "fcfs" else PriorityQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished: list[int] = []  # ids of the sequences finished since take_finished()
@@ -59,7 +111,13 @@ class Scheduler:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.ensure_slots(seq, seq.num_computed_tokens + num_new):
-                victim = self.running.pop()
+                victim, at = self._victim()
+                self.running.pop(at)
+                if at < i:  # scheduled earlier in this step (priority policy): take it back out of the batch
+                    j = batch.seqs.index(victim)
+                    budget += batch.num_new_tokens.pop(j)
+                    batch.seqs.pop(j)
+                    i -= 1
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -91,6 +149,14 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
         return batch
+
+    def _victim(self) -> tuple[Sequence, int]:
+        """The running sequence to preempt and its index: the last admitted (fcfs) or the one last in
+        (priority, arrival) order."""
+        if self.policy == "fcfs":
+            return self.running[-1], len(self.running) - 1
+        at = max(range(len(self.running)), key=lambda k: _priority_key(self.running[k]))
+        return self.running[at], at
 
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         if seq.params.n == 1:

@@ -21,6 +21,7 @@ class Sequence:
         # Only the first of n siblings scores the prompt (the request reports it once).
         self.seq_id = seq_id
         self.request_id = request_id
+        self.priority = 0  # the priority scheduling policy's key (lower first), set by the engine core
         self.index = index  # position among the request's n outputs
         self.params = params
         self.prompt_len = len(prompt_token_ids)
@@ -46,12 +47,14 @@ class Sequence:
         # Output tokens from which greedy argmax alone picks the next token (no logprobs, penalties or
         # min_tokens bans in the way); -1: never.
         bans = params.min_tokens > 0 and bool(self.eos_ids or params.stop_token_ids)
-        plain = params.greedy and params.logprobs is None and not params.has_penalties
+        plain = (params.greedy and params.logprobs is None and not params.has_penalties
+                 and not params.has_logits_processors)
         self.argmax_from = (params.min_tokens if bans else 0) if plain else -1
         self.always_argmax = self.argmax_from == 0  # argmax_ok without looking (a cheap per-step check)
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None and index == 0 else None
+        self.grammar = None  # structured outputs: its SequenceGrammar (engine/structured_output.py)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.arrival_time = time.monotonic()

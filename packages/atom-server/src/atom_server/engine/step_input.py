@@ -27,8 +27,9 @@ stale ids, which no kernel reads).
 Sampling inputs are sent only when some sampled row needs more than the greedy argmax (the decode
 graphs take the argmax inside the replay), and for each such row: temperature, top-k/p, min-p, the
 seed of its generator (the runner keeps one torch.Generator per seeded sequence and advances it),
-logprobs, penalties (the token ids they count) and the min_tokens bans. Prompt logprobs name the rows
-and the next-token ids to score.
+logprobs, penalties (the token ids they count), the min_tokens and bad_words bans, allowed token ids,
+logit biases and, for the rows with a grammar (structured outputs), their next-token bitmasks (filled
+here, from each sequence's grammar state). Prompt logprobs name the rows and the next-token ids to score.
 
 Async scheduling: a decode step may be launched before the previous replay's tokens are read. Then a
 row's input token is the token that replay sampled in row prev_rows[i] (on the device), not token_ids[i].
@@ -72,7 +73,14 @@ class SamplingInputs(msgspec.Struct, kw_only=True, omit_defaults=True):
     seeds: list[int | None] | None = None  # the seed of the row's generator (created on first use)
     logprobs: list[int | None] | None = None  # top-N logprobs of the sampled token (-1: whole vocabulary)
     penalties: list[Penalties | None] | None = None
-    banned_token_ids: list[list[int]] | None = None  # min_tokens: ids masked out this step
+    banned_token_ids: list[list[int]] | None = None  # min_tokens and bad_words: ids masked out this step
+    allowed_token_ids: list[list[int] | None] | None = None  # only these ids may be sampled (None: any)
+    logit_bias: list[dict[int, float] | None] | None = None  # added to the logits before sampling
+    # Structured outputs: the rows (indices into the sampled rows) with a grammar, and their next-token
+    # bitmasks, int32 [len(grammar_rows), ceil(vocab / 32)] packed as bytes (bit set: allowed), applied to the
+    # logits on the device before anything else (vLLM's order: logprobs see the mask).
+    grammar_rows: list[int] | None = None
+    grammar_bitmask: bytes | None = None
 
 
 class PromptLogprobs(msgspec.Struct, array_like=True):
@@ -166,6 +174,7 @@ class StepInputBuilder:
         self.scheduler = scheduler
         self.bm = scheduler.bm
         self._sent: dict[int, tuple[int, int]] = {}  # seq id -> (table generation, entries) the runners hold
+        self.grammars = None  # the engine's GrammarCompiler once a request has a grammar (fills bitmasks)
 
     def build(self, batch: ScheduledBatch, prev_rows: dict[int, int] | None = None) -> StepInput:
         """prev_rows (async scheduling): seq id -> row of the launched, unread step that samples the
@@ -190,7 +199,7 @@ class StepInputBuilder:
         if _any_prompt_logprobs(seqs):
             step.prompt_logprobs = self._prompt_logprobs(batch, step)
         if not _all_argmax(sampled):
-            step.sampling = sampling_inputs(sampled)
+            step.sampling = sampling_inputs(sampled, self.grammars)
         return step
 
     def flush(self) -> StepInput:
@@ -261,8 +270,19 @@ class StepInputBuilder:
         return out
 
 
-def sampling_inputs(seqs) -> SamplingInputs:
-    """The sampling inputs of these sequences (one row each), with the all-off fields left out."""
+def bad_word_bans(words: list[list[int]], output: list[int]) -> list[int]:
+    """vLLM's bad_words: a word's last token is banned when the output ends with the rest of the word."""
+    bans = []
+    for word in words:
+        n = len(word) - 1
+        if n <= len(output) and (n == 0 or output[-n:] == word[:-1]):
+            bans.append(word[-1])
+    return bans
+
+
+def sampling_inputs(seqs, grammars=None) -> SamplingInputs:
+    """The sampling inputs of these sequences (one row each), with the all-off fields left out. grammars:
+    what fills the bitmasks of sequences with a grammar (the engine's GrammarCompiler)."""
     params = [s.params for s in seqs]
     out = SamplingInputs(temperature=[p.temperature for p in params])
     if any(p.top_k > 0 for p in params):
@@ -281,6 +301,17 @@ def sampling_inputs(seqs) -> SamplingInputs:
                          for s, p in zip(seqs, params)]
     bans = [[*s.eos_ids, *s.params.stop_token_ids] if s.num_output_tokens < s.params.min_tokens else []
             for s in seqs]
+    for ban, s, p in zip(bans, seqs, params):
+        if p.bad_words_token_ids:
+            ban.extend(bad_word_bans(p.bad_words_token_ids, s.output_token_ids))
     if any(bans):
         out.banned_token_ids = bans
+    if any(p.allowed_token_ids for p in params):
+        out.allowed_token_ids = [p.allowed_token_ids or None for p in params]
+    if any(p.logit_bias for p in params):
+        out.logit_bias = [p.logit_bias or None for p in params]
+    rows = [j for j, s in enumerate(seqs) if s.grammar is not None]
+    if rows:
+        out.grammar_rows = rows
+        out.grammar_bitmask = grammars.fill_bitmask([seqs[j].grammar for j in rows])
     return out

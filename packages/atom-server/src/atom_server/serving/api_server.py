@@ -204,6 +204,25 @@ def build_app(state: ServerState) -> FastAPI:
                 raise bad_request(f"token id {t} is out of range [0, {limit})", param="tokens")
         return {"prompt": await ctx.decode(req.tokens)}
 
+    if state.client.info is not None and state.client.info.profiling:
+        @app.post("/start_profile")
+        async def start_profile():
+            return await _profile(True)
+
+        @app.post("/stop_profile")
+        async def stop_profile():
+            return await _profile(False)
+
+    async def _profile(start: bool):
+        ctx.check_engine()
+        try:
+            done = await state.client.profile(start)
+        except Exception as e:
+            raise engine_error(e) from e
+        if done.error is not None:
+            raise bad_request(done.error)
+        return Response(status_code=200) if start else {"trace_path": done.trace_path}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(ctx, req, raw)

@@ -1,9 +1,9 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, n, logprobs, streaming role then content."""
+"""POST /v1/chat/completions: the tokenizer's chat template (with the request's tools), n, logprobs, structured
+outputs, tool calls and reasoning (vLLM's shapes), streaming role then deltas."""
 
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -13,7 +13,99 @@ from atom_server.serving import openai_format as fmt
 from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext, engine_error
 from atom_server.serving.errors import bad_request
+from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
 from atom_server.serving.streams import SSE_DONE, chain, sse
+from atom_server.serving.structured import structured_outputs_of, tool_choice_constraint
+from atom_server.serving.tool_parsers import (
+    TOOL_PARSERS,
+    NamedToolParser,
+    RequiredToolParser,
+    ToolCallStreamer,
+    extract_tool_calls,
+)
+
+
+def _tool_setup(ctx: ServingContext, req: ChatCompletionRequest):
+    """(a factory of the tool parser that reads the output, or None; the constraint the tool_choice forces, or
+    None; the auto parser is on). vLLM's rules: tool_choice defaults to "auto" when tools are given, "auto"
+    needs --enable-auto-tool-choice with --tool-call-parser, a named function must be one of the tools."""
+    tools, choice = req.tools, req.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        return None, None, False
+    choice = "auto" if choice is None else choice
+    if choice == "none":
+        return None, None, False
+    if choice == "auto":
+        lim = ctx.limits
+        if not (lim.enable_auto_tool_choice and lim.tool_call_parser):
+            raise bad_request('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                              "--tool-call-parser", param="tool_choice")
+        return TOOL_PARSERS[lim.tool_call_parser], None, True
+    if choice == "required":
+        return RequiredToolParser, ("tool_choice", tool_choice_constraint(tools, choice)), False
+    name = choice.function.name
+    if all(t.function.name != name for t in tools):
+        raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools",
+                          param="tool_choice")
+    return (lambda: NamedToolParser(name)), ("tool_choice", tool_choice_constraint(tools, choice)), False
+
+
+class _ChoiceOutput:
+    """One choice's text -> reasoning, content and tool calls (whole, or delta by delta while streaming)."""
+
+    def __init__(self, reasoning_parser, tool_parser, include_reasoning: bool):
+        self.reasoning = ReasoningStreamer(reasoning_parser) if reasoning_parser is not None else None
+        self.tools = ToolCallStreamer(tool_parser) if tool_parser is not None else None
+        self.reasoning_parser = reasoning_parser
+        self.tool_parser = tool_parser
+        self.include_reasoning = include_reasoning
+
+    def delta(self, text: str, final: bool) -> dict:
+        reasoning, content = self.reasoning.feed(text, final) if self.reasoning is not None else ("", text)
+        out: dict = {}
+        if self.tools is not None:
+            content, calls = self.tools.feed(content, final)
+            if calls:
+                out["tool_calls"] = calls
+        if reasoning and self.include_reasoning:
+            out["reasoning_content"] = out["reasoning"] = reasoning
+        if content:
+            out["content"] = content
+        return out
+
+    @property
+    def tools_called(self) -> bool:
+        return self.tools is not None and self.tools.called
+
+    def message(self, text: str) -> tuple[dict, bool]:
+        """The whole message and whether it called tools."""
+        message: dict = {"role": "assistant"}
+        content: str | None = text
+        if self.reasoning_parser is not None:
+            split = self.reasoning_parser.extract(text)
+            content = split.content
+            if self.include_reasoning:
+                message["reasoning_content"] = message["reasoning"] = split.reasoning
+        called = False
+        if self.tool_parser is not None:
+            extracted = extract_tool_calls(self.tool_parser, content or "")
+            content = extracted.content if extracted.called or content is not None else None
+            if extracted.called:
+                message["tool_calls"] = extracted.tool_calls
+                called = True
+        message["content"] = content
+        if "tool_calls" not in message:
+            message["tool_calls"] = []
+        return message, called
+
+
+def _finish_reason(reason: str | None, called: bool, named: bool) -> str | None:
+    """OpenAI's: "tool_calls" when auto / required tool calls ended the answer, "stop" for a named function."""
+    if reason == "stop" and called and not named:
+        return "tool_calls"
+    return reason
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -22,10 +114,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
     ctx.check_logprobs(req.top_logprobs, "top_logprobs")
+    ctx.check_prompt_logprobs(req)
     ctx.check_work(1, req.n, "messages")
+    tool_parser_cls, forced, auto_tools = _tool_setup(ctx, req)
+    structured = await structured_outputs_of(ctx, req, forced)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     text = await ctx.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                 req.chat_template, req.chat_template_kwargs)
-    ids = await ctx.encode(text, req.add_special_tokens, "messages")
+                                 req.chat_template, req.chat_template_kwargs, tools=tools)
+    ids = ctx.truncate(await ctx.encode(text, req.add_special_tokens, "messages"), req)
     ctx.check_ids(ids, "messages")
     wanted, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
@@ -33,14 +129,22 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     wanted = ctx.default_max_tokens(len(ids), wanted)
     max_tokens = ctx.fit_max_tokens(len(ids), wanted, param if wanted is not None else "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = ctx.sampling_params(req, max_tokens, k, None)
+    # A tool parser reads markers that tokenizers often keep as special tokens ([TOOL_CALLS], <|python_tag|>).
+    params = ctx.sampling_params(req, max_tokens, k, req.prompt_logprobs, structured,
+                                 skip_special_tokens=False if auto_tools else None)
     ctx.check_engine()
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = ctx.client.generate(rid, ids, params, text, stream=req.stream)
+    rid, engine_rid = ctx.response_id(req, "chatcmpl")
+    gen = ctx.client.generate(engine_rid, ids, params, text, stream=req.stream, priority=req.priority)
     first, source = await ctx.start(raw, [gen])
     if first is None:
         return Response(status_code=CLIENT_GONE)
     created = int(time.time())
+    reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
+    named = forced is not None and req.tool_choice != "required"
+
+    def choice_output() -> _ChoiceOutput:
+        return _ChoiceOutput(reasoning_cls(req.chat_template_kwargs) if reasoning_cls is not None else None,
+                             tool_parser_cls() if tool_parser_cls is not None else None, req.include_reasoning)
 
     def logprobs_of(ids: list[int], entries: list | None) -> dict | None:
         if k is None or not ids:
@@ -50,26 +154,35 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+        outputs = [choice_output() for _ in range(req.n)]
 
         async def body():
             completion_tokens = 0
             finished = False
             try:
                 for i in range(req.n):
-                    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
+                    chunk = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+                    if req.return_token_ids and i == 0:
+                        chunk["prompt_token_ids"] = ids
+                    yield sse(chunk)
                 async for _, ro in chain(first, source):  # delta outputs: only what is new
                     finished = ro.finished
                     for co in ro.outputs:
                         completion_tokens += len(co.token_ids)
                         done = co.finish_reason is not None
-                        if not co.text and not done:
+                        out = outputs[co.index]
+                        delta = out.delta(co.text, done)
+                        if not delta and not done and not (req.return_token_ids and co.token_ids):
                             continue
-                        yield sse({**head, "choices": [{
-                            "index": co.index, "delta": {"content": co.text} if co.text else {},
-                            "logprobs": logprobs_of(co.token_ids, co.logprobs),
-                            "finish_reason": co.finish_reason if done else None,
-                            "stop_reason": co.stop_reason if done else None}]})
+                        choice = {"index": co.index, "delta": delta,
+                                  "logprobs": logprobs_of(co.token_ids, co.logprobs),
+                                  "finish_reason": _finish_reason(co.finish_reason, out.tools_called, named)
+                                  if done else None,
+                                  "stop_reason": co.stop_reason if done else None}
+                        if req.return_token_ids:
+                            choice["token_ids"] = list(co.token_ids)
+                        yield sse({**head, "choices": [choice]})
                 if include_usage and finished:
                     yield sse({**head, "choices": [], "usage": fmt.usage_counts(len(ids), completion_tokens)})
             except Exception as e:
@@ -86,9 +199,19 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         raise engine_error(e) from e
     if not final.finished:
         return Response(status_code=CLIENT_GONE)
-    choices = [{"index": co.index, "message": {"role": "assistant", "content": co.text},
-                "logprobs": logprobs_of(co.token_ids, co.logprobs),
-                "finish_reason": co.finish_reason, "stop_reason": co.stop_reason}
-               for co in sorted(final.outputs, key=lambda c: c.index)]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
-            "choices": choices, "usage": fmt.usage([final])}
+    choices = []
+    for co in sorted(final.outputs, key=lambda c: c.index):
+        message, called = choice_output().message(co.text)
+        choice = {"index": co.index, "message": message, "logprobs": logprobs_of(co.token_ids, co.logprobs),
+                  "finish_reason": _finish_reason(co.finish_reason, called, named), "stop_reason": co.stop_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(co.token_ids)
+        choices.append(choice)
+    response = {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
+                "choices": choices, "usage": fmt.usage([final])}
+    if req.prompt_logprobs is not None:
+        response["prompt_logprobs"] = fmt.prompt_logprobs(final.prompt_logprobs, final.prompt_token_ids,
+                                                          req.prompt_logprobs, ctx.text_of)
+    if req.return_token_ids:
+        response["prompt_token_ids"] = final.prompt_token_ids
+    return response

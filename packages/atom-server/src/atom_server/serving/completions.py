@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -14,6 +13,7 @@ from atom_server.serving import openai_format as fmt
 from atom_server.serving.context import ServingContext, engine_error
 from atom_server.serving.errors import bad_request
 from atom_server.serving.streams import SSE_DONE, chain, sse
+from atom_server.serving.structured import structured_outputs_of
 
 CLIENT_GONE = 499
 
@@ -26,16 +26,19 @@ def _prompt_items(req: CompletionRequest) -> list:
     return items
 
 
-async def _prompts(ctx: ServingContext, items: list, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
-    """(text or None, token ids) per prompt: a string, a list of ids, or a list of either."""
+async def _prompts(ctx: ServingContext, items: list, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt: a string, a list of ids, or a list of either (truncated as
+    truncate_prompt_tokens says; the text of a truncated prompt is its ids' text)."""
     prompts = []
     for item in items:
         if isinstance(item, str):
-            ids = await ctx.encode(item, add_special_tokens, "prompt")
+            ids = await ctx.encode(item, req.add_special_tokens, "prompt")
         else:
             ids = list(item)
-        ctx.check_ids(ids, "prompt")
-        prompts.append((item if isinstance(item, str) else None, ids))
+        cut = ctx.truncate(ids, req)
+        text = item if isinstance(item, str) and len(cut) == len(ids) else None
+        ctx.check_ids(cut, "prompt")
+        prompts.append((text, cut))
     return prompts
 
 
@@ -43,20 +46,24 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_model(req.model)
     ctx.check_engine()
     ctx.check_logprobs(req.logprobs, "logprobs")
+    ctx.check_prompt_logprobs(req)
     items = _prompt_items(req)
     ctx.check_work(len(items), req.n, "prompt")
-    prompts = await _prompts(ctx, items, req.add_special_tokens)
+    structured = await structured_outputs_of(ctx, req)
+    prompts = await _prompts(ctx, items, req)
     max_tokens = [ctx.fit_max_tokens(len(ids), ctx.default_max_tokens(len(ids), req.max_tokens), "max_tokens")
                   for _, ids in prompts]
     k = req.logprobs
-    prompt_k = k if (req.echo and k is not None) else None
-    params = [ctx.sampling_params(req, max_tokens[i], k, prompt_k) for i in range(len(prompts))]
+    echo_k = k if (req.echo and k is not None) else None
+    wanted = [v for v in (echo_k, req.prompt_logprobs) if v is not None]
+    prompt_k = (-1 if -1 in wanted else max(wanted)) if wanted else None
+    params = [ctx.sampling_params(req, max_tokens[i], k, prompt_k, structured) for i in range(len(prompts))]
     echo_texts = [None] * len(prompts)
     if req.echo:
         echo_texts = [text if text is not None else await ctx.decode(ids) for text, ids in prompts]
     ctx.check_engine()
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    gens = [ctx.client.generate(f"{rid}-{i}", ids, params[i], text, stream=req.stream)
+    rid, engine_rid = ctx.response_id(req, "cmpl")
+    gens = [ctx.client.generate(f"{engine_rid}-{i}", ids, params[i], text, stream=req.stream, priority=req.priority)
             for i, (text, ids) in enumerate(prompts)]
     first, source = await ctx.start(raw, gens)
     if first is None:
@@ -83,6 +90,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
 
         async def body():
             started: set[tuple[int, int]] = set()
+            ids_started: set[tuple[int, int]] = set()
             offsets: dict[tuple[int, int], int] = {}
             finished: set[int] = set()
             completion_tokens = 0
@@ -108,10 +116,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                             lp_obj = fmt.merge_completion_logprobs(lp_obj, fmt.completion_logprobs(
                                 co.token_ids, co.logprobs or [None] * len(co.token_ids), k, ctx.text_of, off))
                             offsets[key] = off + len(co.text)
-                        yield sse({**head, "choices": [{
-                            "index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
-                            "finish_reason": co.finish_reason if done else None,
-                            "stop_reason": co.stop_reason if done else None}]})
+                        choice = {"index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
+                                  "finish_reason": co.finish_reason if done else None,
+                                  "stop_reason": co.stop_reason if done else None}
+                        if req.return_token_ids:
+                            if key not in ids_started:
+                                choice["prompt_token_ids"] = prompts[pi][1]
+                                ids_started.add(key)
+                            choice["token_ids"] = list(co.token_ids)
+                        yield sse({**head, "choices": [choice]})
                 if include_usage and len(finished) == len(prompts):
                     num_prompt = sum(len(ids) for _, ids in prompts)
                     yield sse({**head, "choices": [], "usage": fmt.usage_counts(num_prompt, completion_tokens)})
@@ -138,6 +151,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             if k is not None:
                 lp_obj = fmt.merge_completion_logprobs(echo_logprobs(pi, ro) if req.echo else None, fmt.completion_logprobs(
                     co.token_ids, co.logprobs or [None] * len(co.token_ids), k, ctx.text_of, len(prefix)))
-            choices.append({"index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
-                            "finish_reason": co.finish_reason, "stop_reason": co.stop_reason})
+            choice = {"index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
+                      "finish_reason": co.finish_reason, "stop_reason": co.stop_reason}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = fmt.prompt_logprobs(
+                    ro.prompt_logprobs, ro.prompt_token_ids, req.prompt_logprobs, ctx.text_of)
+            if req.return_token_ids:
+                choice["prompt_token_ids"] = ro.prompt_token_ids
+                choice["token_ids"] = list(co.token_ids)
+            choices.append(choice)
     return {**head, "choices": choices, "usage": fmt.usage([finals[i] for i in range(len(prompts))])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -173,14 +174,60 @@ class ServingContext:
                            "or the completion.", param=param, code="context_length_exceeded")
         return max_tokens if max_tokens is not None else limit - num_prompt
 
+    def check_token_ids(self, ids, param: str) -> None:
+        limit = self.vocab_limit
+        for t in ids or ():
+            t = int(t)
+            if not 0 <= t < limit:
+                raise bad_request(f"{param}: token id {t} is out of range [0, {limit})", param=param)
+
+    def check_priority(self, req) -> None:
+        if req.priority != 0 and self.client.args.scheduling_policy != "priority":
+            raise bad_request(f"priority {req.priority} needs priority scheduling (--scheduling-policy priority); "
+                              "this server schedules first come, first served", param="priority")
+
+    def check_prompt_logprobs(self, req) -> None:
+        value = req.prompt_logprobs
+        if value is None:
+            return
+        if req.stream and value != 0:
+            raise bad_request("prompt_logprobs are not available when stream=true", param="prompt_logprobs")
+        self.check_logprobs(value, "prompt_logprobs")
+
+    def truncate(self, ids: list[int], req) -> list[int]:
+        """truncate_prompt_tokens (vLLM's): keep the last k tokens (truncation_side "right": the first k)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        limit = self.info.max_model_len
+        if k > limit:
+            raise bad_request(f"truncate_prompt_tokens ({k}) is larger than max_model_len ({limit})",
+                              param="truncate_prompt_tokens")
+        k = limit - 1 if k == -1 else k
+        if len(ids) <= k:
+            return ids
+        return ids[:k] if req.truncation_side == "right" else ids[-k:]
+
+    def response_id(self, req, prefix: str) -> tuple[str, str]:
+        """(the id responses carry, a unique engine id): the request's request_id when given (vLLM)."""
+        if req.request_id is None:
+            rid = f"{prefix}-{uuid.uuid4().hex}"
+            return rid, rid
+        rid = f"{prefix}-{req.request_id}"
+        return rid, f"{rid}-{uuid.uuid4().hex[:8]}"
+
     # ---- conversions ----
-    def sampling_params(self, req, max_tokens: int, logprobs: int | None,
-                        prompt_logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                        structured_outputs=None, skip_special_tokens: bool | None = None) -> SamplingParams:
+        self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
+        self.check_priority(req)
         kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed,
                   logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                  skip_special_tokens=req.skip_special_tokens,
-                  include_stop_str_in_output=req.include_stop_str_in_output)
+                  skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+                  include_stop_str_in_output=req.include_stop_str_in_output,
+                  allowed_token_ids=req.allowed_token_ids, logit_bias=req.logit_bias, bad_words=req.bad_words,
+                  structured_outputs=structured_outputs)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(req, name)
@@ -189,12 +236,17 @@ class ServingContext:
             if value is not None:
                 kw[name] = value
         try:
-            return SamplingParams(**kw)
+            params = SamplingParams(**kw)
+            if params.bad_words:
+                params.update_from_tokenizer(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, _PARAM_FIELDS) from e
+        if params.logit_bias:
+            self.check_token_ids(params.logit_bias, "logit_bias")
+        return params
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool,
-                          template: str | None, template_kwargs: dict | None) -> str:
+                          template: str | None, template_kwargs: dict | None, tools: list | None = None) -> str:
         template_kwargs = dict(template_kwargs or {})
         if template_kwargs.get("chat_template") is not None:
             template = template or template_kwargs.pop("chat_template")
@@ -229,7 +281,7 @@ class ServingContext:
             renderer = self.state.templates if template is None else self.state.request_templates
             return await renderer.render(
                 source, dicts, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
-                kwargs={**self.special_tokens, **template_kwargs})
+                kwargs={**self.special_tokens, **template_kwargs}, tools=tools)
         except TemplateError as e:
             raise bad_request(str(e), param="chat_template" if template is not None else "messages") from e
 

@@ -160,6 +160,7 @@ class EngineClient:
         self._generation = 0
         self._open_sockets()
         self._tasks: list[asyncio.Task] = []
+        self._profile_waiter: asyncio.Future | None = None
 
     def _open_sockets(self) -> None:
         """Fresh sockets per engine process, so nothing a dead engine left in flight reaches its successor."""
@@ -329,6 +330,10 @@ class EngineClient:
                 stream.fail(EngineRequestError(msg.message, msg.status))
         elif isinstance(msg, wire.EngineFailed):
             self._mark_dead(f"engine failed: {msg.message}")
+        elif isinstance(msg, wire.ProfileDone):
+            waiter, self._profile_waiter = self._profile_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
 
     def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
         processed = self.processor.process(outputs)
@@ -386,13 +391,26 @@ class EngineClient:
         with contextlib.suppress(EngineDeadError):
             self._send(msg)
 
+    async def profile(self, start: bool, timeout_s: float = 300.0) -> wire.ProfileDone:
+        """Start or stop the engine's profiler and wait for its answer (writing a trace can take a while)."""
+        if self._profile_waiter is not None:
+            return wire.ProfileDone(start, error="another profiler request is in progress")
+        self._profile_waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._send(wire.Profile(start))
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        finally:
+            if self._profile_waiter is waiter:
+                self._profile_waiter = None
+
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.processor.abort(rid)
         self._send_quiet(wire.AbortRequests(request_ids))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, stream: bool = True,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """stream=True: yields delta RequestOutputs (what is new: text, token ids, logprobs), merged when the
         consumer is slower than the engine; stream=False: yields the final cumulative output once. The last
         output has finished=True. Leaving early aborts the request."""
@@ -408,7 +426,7 @@ class EngineClient:
         s = _RequestStream(self.metrics.track_request(len(prompt_token_ids)))
         self._streams[request_id] = s
         try:
-            self._send(wire.AddRequest(request_id, list(prompt_token_ids), params))
+            self._send(wire.AddRequest(request_id, list(prompt_token_ids), params, priority=priority))
             while True:
                 out = await s.get()
                 yield out

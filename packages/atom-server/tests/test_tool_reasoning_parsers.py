@@ -1,0 +1,132 @@
+"""Tool-call and reasoning parsers on fixed texts (vLLM's formats), whole and fed delta by delta: every split of
+a text into deltas must stream the same content, reasoning and tool calls as the whole-text parse."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
+from atom_server.serving.tool_parsers import (
+    TOOL_PARSERS,
+    NamedToolParser,
+    RequiredToolParser,
+    ToolCallStreamer,
+    extract_tool_calls,
+)
+
+WEATHER = {"city": "Paris", "unit": "celsius", "days": [1, 2], "note": "a \"quoted\" } brace"}
+TIME = {"zone": "UTC"}
+
+CASES = [
+    # (parser, text, content, [(name, arguments)])
+    ("hermes", f'Let me look.<tool_call>\n{{"name": "get_weather", "arguments": {json.dumps(WEATHER)}}}\n</tool_call>'
+               f'<tool_call>{{"name": "get_time", "arguments": {json.dumps(TIME)}}}</tool_call>',
+     "Let me look.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("hermes", "No tools needed: 2 + 2 = 4.", "No tools needed: 2 + 2 = 4.", []),
+    ("llama3_json", f'{{"name": "get_weather", "parameters": {json.dumps(WEATHER)}}}; '
+                    f'{{"name": "get_time", "parameters": {json.dumps(TIME)}}}',
+     None, [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("llama3_json", f'<|python_tag|>{{"name": "get_time", "parameters": {json.dumps(TIME)}}}', None,
+     [("get_time", TIME)]),
+    ("llama3_json", "Hello {not a call}", "Hello {not a call}", []),
+    ("mistral", f'Sure.[TOOL_CALLS][{{"name": "get_weather", "arguments": {json.dumps(WEATHER)}}}, '
+                f'{{"name": "get_time", "arguments": {json.dumps(TIME)}}}]',
+     "Sure.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("mistral", f"[TOOL_CALLS]get_time[ARGS]{json.dumps(TIME)}[TOOL_CALLS]get_weather[ARGS]{json.dumps(WEATHER)}",
+     None, [("get_time", TIME), ("get_weather", WEATHER)]),
+]
+
+
+def _parser(name):
+    return TOOL_PARSERS[name]()
+
+
+@pytest.mark.parametrize("name,text,content,calls", CASES)
+def test_whole_output(name, text, content, calls):
+    out = extract_tool_calls(_parser(name), text)
+    assert out.content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in out.tool_calls] == calls
+    assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function" for c in out.tool_calls)
+
+
+def stream(streamer, text: str, rng: random.Random):
+    """Feed text in random pieces (1-6 characters); collect content and per-call name / argument text."""
+    content, calls = "", {}
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        c, deltas = streamer.feed(text[i:i + n], final=False)
+        content += c
+        i += n
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] not in calls and d["type"] == "function" and d["function"]["arguments"] == ""
+                calls[d["index"]] = [d["function"]["name"], ""]
+            else:
+                calls[d["index"]][1] += d["function"]["arguments"]
+    c, deltas = streamer.feed("", final=True)
+    content += c
+    for d in deltas:
+        calls.setdefault(d["index"], [d["function"].get("name"), ""])[1] += d["function"]["arguments"]
+    return content, [calls[k] for k in sorted(calls)]
+
+
+@pytest.mark.parametrize("name,text,content,calls", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_deltas_match_the_whole_parse(name, text, content, calls, seed):
+    got_content, got_calls = stream(ToolCallStreamer(_parser(name)), text, random.Random(seed))
+    assert got_content == (content or "")
+    assert [(n, json.loads(a)) for n, a in got_calls] == calls
+
+
+def test_required_and_named_forms():
+    text = json.dumps([{"name": "get_weather", "parameters": WEATHER}, {"name": "get_time", "parameters": TIME}])
+    out = extract_tool_calls(RequiredToolParser(), text)
+    assert out.content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in out.tool_calls] == [
+        ("get_weather", WEATHER), ("get_time", TIME)]
+    content, calls = stream(ToolCallStreamer(RequiredToolParser()), text, random.Random(5))
+    assert content == "" and [(n, json.loads(a)) for n, a in calls] == [("get_weather", WEATHER), ("get_time", TIME)]
+    named = json.dumps(TIME)
+    out = extract_tool_calls(NamedToolParser("get_time"), named)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in out.tool_calls] == [
+        ("get_time", TIME)]
+    content, calls = stream(ToolCallStreamer(NamedToolParser("get_time")), named, random.Random(6))
+    assert content == "" and calls == [["get_time", named]]
+
+
+def test_broken_call_stays_content():
+    text = '<tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>'
+    out = extract_tool_calls(_parser("hermes"), text)
+    assert out.content == text and out.tool_calls == []
+
+
+REASONING = [
+    # (parser, chat_template_kwargs, text, reasoning, content)
+    ("deepseek_r1", None, "<think>Add them.</think>The sum is 4.", "Add them.", "The sum is 4."),
+    ("deepseek_r1", None, "Add them.</think>The sum is 4.", "Add them.", "The sum is 4."),  # <think> in the prompt
+    ("deepseek_r1", None, "Still thinking about it", "Still thinking about it", None),
+    ("qwen3", None, "<think>\nCheck the tools.\n</think>\n\nIt is sunny.", "\nCheck the tools.\n", "\n\nIt is sunny."),
+    ("qwen3", None, "Weather first.<tool_call>{}</tool_call>", "Weather first.", "<tool_call>{}</tool_call>"),
+    ("qwen3", {"enable_thinking": False}, "<think>x</think>y", None, "<think>x</think>y"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,text,reasoning,content", REASONING)
+def test_reasoning_split(name, kwargs, text, reasoning, content):
+    parser = REASONING_PARSERS[name](kwargs)
+    split = parser.extract(text)
+    assert (split.reasoning, split.content) == (reasoning, content)
+    for seed in range(3):
+        rng = random.Random(seed)
+        streamer = ReasoningStreamer(REASONING_PARSERS[name](kwargs))
+        r_all, c_all, i = "", "", 0
+        while i < len(text):
+            n = rng.randint(1, 5)
+            r, c = streamer.feed(text[i:i + n], final=False)
+            r_all, c_all, i = r_all + r, c_all + c, i + n
+        r, c = streamer.feed("", final=True)
+        assert (r_all + r or None, c_all + c or None) == (reasoning, content)
