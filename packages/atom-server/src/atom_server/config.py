@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from atom_server.generation_defaults import check_generation_config
 
@@ -36,8 +38,16 @@ class EngineArgs:
     generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
     cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
+    # vLLM's speculative_config (a dict, or its JSON text): {"method": "mtp" | "ngram", "num_speculative_tokens":
+    # K, ...}; see atom_server.engine.speculative
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, str):
+            from atom_server.engine.speculative import parse_speculative_config
+
+            parse_speculative_config(self.speculative_config)  # a clear error for bad JSON
+            self.speculative_config = json.loads(self.speculative_config) or None
         self.validate()
 
     def validate(self) -> None:
@@ -74,6 +84,9 @@ class EngineArgs:
             if not listed or any(not isinstance(n, str) or not n.strip() for n in listed):
                 raise bad("served_model_name", "must be one or more non-empty names")
         check_generation_config(self.generation_config)
+        from atom_server.engine.speculative import parse_speculative_config
+
+        parse_speculative_config(self.speculative_config)
 
     def served_model_names(self) -> list[str]:
         """The names clients may use; the first is the one reported (vLLM). Default: --model as given."""
@@ -126,6 +139,13 @@ class EngineArgs:
                  "generation_config.json")
         add("--max-logprobs", type=int, default=d["max_logprobs"],
             help="most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; -1: no cap")
+        add("--speculative-config", type=str, default=None, metavar="JSON",
+            help='speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\' drafts with the '
+                 'checkpoint\'s MTP layer (DeepSeek-V3, GLM-4-MoE; K defaults to num_nextn_predict_layers); '
+                 '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+                 'drafts by prompt lookup (any model). Benchmarks only: "rejection_sample_method": "synthetic" with '
+                 '"synthetic_acceptance_length" (or "synthetic_acceptance_rates") forces the acceptance: outputs are '
+                 'then not the model\'s (default: off)')
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "
