@@ -2,6 +2,7 @@
 """ATOM vs vLLM on one GPU machine, in one call: the PERF.md workload on preset shapes.
 
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b [--engines atom,vllm,atom-vllm] [--budget-s 500]
+      [--tp 2 [--ep]]   (tensor / expert parallel over the first N GPUs, the same for every engine)
 
 (the .sh sets up /tmp/site first; tools/device/README.md has the whole sequence of device calls.)
 For each shape: one config-only checkpoint (atom_server.bench.preset_checkpoint) shared by the engines,
@@ -117,7 +118,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
     common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
-              "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json]
+              "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json,
+              "--tensor-parallel-size", str(ns.tp)] + (["--enable-expert-parallel"] if ns.ep else [])
     env = dict(os.environ)
     if engine == "atom":
         cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=500, help="stop starting engines past this many seconds")
     p.add_argument("--engine-timeout-s", type=float, default=240, help="most seconds one engine may take")
     p.add_argument("--min-engine-s", type=float, default=90, help="skip an engine with less time than this left")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
+    p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
@@ -162,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     benches = []
     for shape in ns.shapes.split(","):
         shape, model, config = make_checkpoint(shape, "/tmp/bench_models")
-        bench = dict(shape=shape, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
+        par = (f"_tp{ns.tp}" if ns.tp > 1 else "") + ("_ep" if ns.ep else "")
+        bench = dict(shape=shape + par, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
                      date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
-                     dtype=ns.dtype, config=config,
+                     dtype=ns.dtype, config=config, tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
                      command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
                      engines={})
-        stem = f"bench_{shape}_{time.strftime('%H%M%S')}"  # two calls on one shape keep both files
+        stem = f"bench_{shape}{par}_{time.strftime('%H%M%S')}"  # two calls on one shape keep both files
         path = os.path.join(ns.out, stem + ".json")
         with open(os.path.join(ns.out, stem + ".log"), "w") as log:
             for engine in ns.engines.split(","):
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench["engines"][engine] = dict(error=f"skipped: {left:.0f} s of the budget left")
                     print(f"[{engine}] skipped, {left:.0f} s left", flush=True)
                     continue
-                out_json = os.path.join(parts, f"{engine}_{shape}.json")
+                out_json = os.path.join(parts, f"{engine}_{shape}{par}.json")
                 if os.path.exists(out_json):
                     os.remove(out_json)
                 cmd, env = engine_command(engine, model, ns, out_json)

@@ -7,7 +7,8 @@ For each shape and batch size: end-to-end output tok/s of ATOM (atom-server), vL
 vLLM running ATOM's model through the atom-vllm plugin; their ratios to vLLM; decode ms/step of each and
 the share of the decode roofline it reaches. The roofline is the bytes one decode step must read
 (weights without the input embedding, the experts a batch touches, the KV cache at the mean context)
-over the device-to-device copy rate measured in the same device call (PERF.md's method).
+over the device-to-device copy rate measured in the same device call (PERF.md's method); under tensor
+parallelism (bench_<shape>_tp<N>[_ep]) each of the N GPUs reads 1/N of those bytes.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             any_run = next(r[bs] for r in runs.values() if bs in r)
             context = any_run["input_len"] + any_run["output_len"] / 2
             nbytes = 4 if b.get("dtype") in ("float32", "float") else 2
-            row["roof_ms"] = roofline_ms(b["config"], bs, context, gbps, nbytes) if gbps and b.get("config") else None
+            # tensor parallel: each of the N GPUs reads 1/N of the bytes, at the same time (collectives not counted)
+            tp = b.get("tensor_parallel_size") or 1
+            row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes) / tp
+                              if gbps and b.get("config") else None)
             out.append(row)
     return out
 

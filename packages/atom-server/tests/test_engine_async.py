@@ -15,6 +15,7 @@ from tiny_checkpoint import write_tiny_llama
 from atom_server import LLM, SamplingParams
 
 ON_GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.serial  # on a GPU its KV cache is sized from free memory: not beside other GPU tests
 
 
 def _run(ckpt, prompts, params, monkeypatch, mode: str):

@@ -30,8 +30,10 @@ def run(spec: str, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
     path, *opts = spec.split("@")
+    share = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE")  # on a GPU shared with other engines (conftest.py)
+    extra = {"gpu_memory_utilization": float(share)} if share else {}
     llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
-              seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1)
+              seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = {"spec": spec, "model_class": llm.apply_model(_model_class),

@@ -143,9 +143,15 @@ def run_throughput_cmd(ns: argparse.Namespace, parser: argparse.ArgumentParser) 
         ns.load_format = "dummy"  # a preset is a config-only checkpoint: random weights
     import logging
 
+    from atom_server.engine.executor import ExecutorFatalError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"atom bench throughput: {ns.model} (loading the model; start-up phases are logged)", flush=True)
-    throughput_report(ns)
+    try:
+        throughput_report(ns)
+    except ExecutorFatalError as e:  # a tensor-parallel worker died: say which, no traceback of rank 0
+        print(f"atom bench throughput: {e}", file=sys.stderr)
+        return 1
     if ns.output_json:
         print(f"wrote {ns.output_json}")
     return 0

@@ -27,6 +27,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE experts sharded whole over the TP ranks (vLLM's flag)
     seed: int = 0
     enforce_eager: bool = False
     # One name or several (vLLM's --served-model-name); None: the --model string as given.
@@ -76,8 +77,6 @@ class EngineArgs:
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
             raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
         names = self.served_model_name
         if names is not None:
             listed = [names] if isinstance(names, str) else list(names)
@@ -86,7 +85,12 @@ class EngineArgs:
         check_generation_config(self.generation_config)
         from atom_server.engine.speculative import parse_speculative_config
 
-        parse_speculative_config(self.speculative_config)
+        spec = parse_speculative_config(self.speculative_config)
+        if spec is not None and spec.is_mtp and self.tensor_parallel_size > 1:
+            # the MTP layer's first pass reads where each row's verification stopped and the token it drew,
+            # which only rank 0 knows; the workers would need them mid-step (not built yet)
+            raise bad("speculative_config", "method 'mtp' does not run with tensor_parallel_size > 1 yet; "
+                      "use method 'ngram' there, or tensor_parallel_size 1")
 
     def served_model_names(self) -> list[str]:
         """The names clients may use; the first is the one reported (vLLM). Default: --model as given."""
@@ -120,7 +124,10 @@ class EngineArgs:
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"],
             help="reuse the KV cache of shared prompt prefixes")
         add("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
-            help="GPUs per model (only 1 for now)")
+            help="ranks that split the model: GPUs 0..N-1 (choose them with CUDA_VISIBLE_DEVICES), or processes "
+                 "on CPU")
+        add("--enable-expert-parallel", action="store_true",
+            help="shard MoE layers by whole experts over the tensor-parallel ranks instead of slicing every expert")
         add("--seed", type=int, default=d["seed"], help="random seed of the engine (requests can set their own)")
         add("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
         add("--served-model-name", type=str, nargs="+", default=None, metavar="NAME",

@@ -120,6 +120,8 @@ def _moe_supports(static) -> str | None:
     # rather than risking a silent numerics change; the (16, 16) shuffle tiles need these divisibilities.
     if static.get("activation", "silu") != "silu":
         return f"activation {static['activation']!r} (the aiter MoE kernel is wired for silu only)"
+    if static.get("expert_parallel"):
+        return "expert parallelism (the binding does not pass aiter an expert mask for other ranks' experts)"
     hidden, inter = static.get("hidden_size"), static.get("intermediate_size")
     if hidden is not None and inter is not None and (hidden % 32 or inter % 32):
         return f"hidden {hidden} / intermediate {inter} are not multiples of 32 (aiter's shuffled layout)"

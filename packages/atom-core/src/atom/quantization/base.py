@@ -69,9 +69,13 @@ class LinearMethod(QuantMethod):
 
 
 class MoEMethod(QuantMethod):
+    # Expert parallelism hands apply() topk_ids of -1 for the pairs routed to another rank's experts, which
+    # must contribute nothing; a method whose kernels do that says so (FusedMoE refuses EP otherwise).
+    supports_expert_parallel: ClassVar[bool] = False
+
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
                        params_dtype: torch.dtype) -> None:
-        """Register the experts' parameters (intermediate_size is this rank's share)."""
+        """Register the experts' parameters (num_experts and intermediate_size are this rank's share)."""
         raise NotImplementedError
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,

@@ -29,6 +29,7 @@ import logging
 import numpy as np
 import torch
 
+from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, AttentionMetadataBuilder
 from atom_server.engine.block_tables import BlockTables
@@ -143,12 +144,16 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
+        # Tensor parallel: every rank captures the same sizes in the same order, the collectives inside (the
+        # warm-up runs them eagerly first, so the communicators exist). NCCL's watchdog thread queries CUDA
+        # events meanwhile: only this thread's calls may be held against the capture.
+        mode = "thread_local" if get_tp_group().world_size > 1 else "global"
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             with set_forward_context(self.metadata[bs]):
                 self._body(bs)  # warm-up (autotuning, lazy init)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     logits, tokens = self._body(bs)
             self.graphs[bs] = (graph, logits, tokens)
         torch.cuda.synchronize()

@@ -30,7 +30,8 @@ from atom_server import startup
 from atom_server.config import EngineArgs
 from atom_server.engine.block_manager import BlockManager
 from atom_server.engine.decode_pipeline import DecodePipeline
-from atom_server.engine.model_runner import ModelRunner, RowResult, TokenLogprobsRaw
+from atom_server.engine.executor import ExecutorFatalError, build_runner
+from atom_server.engine.model_runner import RowResult, TokenLogprobsRaw
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
 from atom_server.engine.speculative import NgramProposer, parse_speculative_config
@@ -51,6 +52,10 @@ _DEVICE_FATAL_MARKERS = ("CUDA error", "HIP error", "hipError", "cudaError", "de
 
 
 def is_device_fatal(e: BaseException) -> bool:
+    """An error after which no step can be trusted: the device is poisoned, or (tensor parallel) the ranks are
+    out of step — a worker that skipped a step would pair its collectives with the next one."""
+    if isinstance(e, ExecutorFatalError):
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(e, accelerator_error):
         return True
@@ -150,8 +155,10 @@ class EngineCore:
             if spec.synthetic:
                 logger.warning("speculative_config: rejection_sample_method 'synthetic' forces the acceptance of "
                                "drafts for benchmarks: the outputs are NOT the model's")
-        self.runner = ModelRunner(
-            args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
+        # rank 0's ModelRunner; under tensor parallelism a TPExecutor around it (same interface)
+        self.runner = build_runner(
+            tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+            model_path=args.model, dtype=args.dtype, device=self.device, block_size=args.block_size,
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             load_format=args.load_format, config=config, trust_remote_code=args.trust_remote_code, seed=args.seed,

@@ -51,6 +51,12 @@ class LLMEngine:
         kind = OutputKind.FINAL_ONLY if final_only else OutputKind.CUMULATIVE
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, kind)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        shutdown = getattr(self.core.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self.core.abort_requests(ids)

@@ -11,6 +11,12 @@ from free device memory, and CUDA graphs for decode batches (forward, LM head an
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
 async scheduling). ATOM_DECODE_GRAPHS=static runs decode batches through the graphs' buffers without
 capturing them, on any device (tests of the graph input plumbing on CPU).
+
+Under tensor parallelism (executor.py, worker.py) every rank runs a runner on its shard of the model, from
+the same StepInputs, taking the same path through each step (the collectives inside the model must line
+up): forward, LM head (vocab-parallel, all-gathered) and, in the graphs, the greedy argmax on every rank
+(a launched step's tokens feed the next one on each rank's device). Only rank 0 samples and returns rows;
+the KV cache of every rank holds the smallest block count any rank can afford.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, attention_specs, metadata_builder
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
@@ -112,8 +119,10 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, load_format: str,
                  config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | dict | None = None):
         torch.manual_seed(seed)
+        if isinstance(speculative, dict):  # a tensor-parallel worker's copy (runner kwargs travel as JSON)
+            speculative = SpeculativeConfig.from_fields(speculative)
         self.speculative = speculative
         mtp = speculative is not None and speculative.is_mtp
         self.device = device
@@ -127,6 +136,9 @@ class ModelRunner:
         startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
+        tp = get_tp_group()
+        self.tp_size = tp.world_size
+        self.samples = tp.rank == 0  # only rank 0 turns logits into tokens
         # every attention layer's spec, multi-head and latent (MLA) alike: the CPU path sizes its scores by heads
         self.specs = attention_specs(self.model) + mla_attention_specs(self.model)
         self.kv_specs = kv_cache_specs(self.model)
@@ -135,6 +147,10 @@ class ModelRunner:
         self.block_bytes = bytes_per_block(self.kv_specs, block_size)
         budget = self._kv_budget(kv_cache_memory_bytes, gpu_memory_utilization)
         self.num_blocks = kv_blocks_for_budget(self.block_bytes, budget, block_size, max_model_len, max_num_seqs)
+        if self.tp_size > 1:  # one block table for every rank: the rank with the least memory decides
+            own, self.num_blocks = self.num_blocks, tp.all_reduce_min(self.num_blocks)
+            if own != self.num_blocks:
+                logger.info("KV cache: %d blocks here, %d on the smallest rank", own, self.num_blocks)
         if self.num_blocks * block_size < max_model_len:
             raise ValueError(
                 f"kv_cache_memory_bytes: the KV cache holds {self.num_blocks * block_size} tokens "
@@ -159,13 +175,18 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                        block_size, capture=False)
         elif device.type == "cuda" and not enforce_eager and mode != "off":
-            if blockers := cuda_graph_blockers(self.model):
+            if mtp:  # every step runs eager (execute): the drafter reads hidden states the graphs do not keep
+                logger.info("CUDA graphs off: the MTP drafter reads the target's hidden states at every position")
+            elif blockers := cuda_graph_blockers(self.model):
                 logger.info("CUDA graphs off: %s cannot be captured", ", ".join(blockers))
             else:
                 try:
                     self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                                block_size)
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
+                    if self.tp_size > 1:  # every rank must take the same path through a step
+                        raise RuntimeError(f"CUDA graph capture failed on a tensor-parallel rank ({e}); "
+                                           "run with --enforce-eager") from e
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
         startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
@@ -233,6 +254,11 @@ class ModelRunner:
         if step.prev_rows is not None:
             raise ValueError("a step whose tokens come from an unread replay must be launched (launch_decode)")
         rows = self._begin(step)
+        if not step.seq_ids:  # nothing to run: the step only releases finished sequences (flush)
+            return []
+        # The MTP drafter reads the target's hidden states at every position of the step, which the decode graphs
+        # do not keep: with MTP every step runs eager. A step with drafts (K + 1 tokens per row) is not a decode
+        # step (is_decode), so n-gram verify steps run eager too; n-gram steps without drafts replay the graphs.
         if (self.graphs is not None and self.drafter is None and step.is_decode
                 and self.graphs.can_run(step.num_rows)):
             return self._execute_decode_graph(step, rows)
@@ -242,6 +268,8 @@ class ModelRunner:
         g = self.graphs
         n = step.num_rows
         logits, greedy = g.replay(g.prepare(step, self.tables, rows), n)
+        if not self.samples:
+            return []
         if step.sampling is None:
             ticket = g.fetch_tokens(greedy, n)
             return [RowResult(t) for t in g.tokens_list(ticket, n)]
@@ -264,11 +292,18 @@ class ModelRunner:
             g = self.graphs
             n = step.num_rows
             _, greedy = g.replay(g.prepare(step, self.tables, rows), n)
-            return g.fetch_tokens(greedy, n)
+            return g.fetch_tokens(greedy, n) if self.samples else -1
 
     def collect(self, ticket: int, num_rows: int) -> list[int]:
         """Wait for a launched step and return its tokens (one per row)."""
         return self.graphs.tokens_list(ticket, num_rows)
+
+    def rank_state(self) -> tuple[dict[int, list[int]], list[int]]:
+        """(each live sequence's block table, the sequences with a seeded generator): what this runner keeps
+        between steps, for checking that every rank holds the same (and nothing once all is released)."""
+        tables = {sid: self.tables.table[row, :self.tables.num_blocks[row]].tolist()
+                  for sid, row in self.tables.row_of.items()}
+        return tables, sorted(self._generators)
 
     def _execute_eager(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
         qsl, seq_lens, positions = positions_of(step)
@@ -289,14 +324,15 @@ class ModelRunner:
         stops: dict[int, int] = {}  # sampled row -> flat index of the last token whose KV is now valid
         if flat:
             logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)]).float()
-            if sample_rows:
+            # the LM head's gather is a collective: every rank runs it, rank 0 samples and verifies
+            if sample_rows and self.samples:
                 if step.num_drafts is None:
                     self._sample_plain(logits[:num_sampled], step, sample_rows, results)
                 else:
                     self._sample_speculative(logits[:num_sampled], step, sample_rows, ids, last, results)
                 for i in sample_rows:
                     stops[i] = int(last[i]) - step.drafts_of(i) + len(results[i].spec_token_ids or ())
-            if step.prompt_logprobs:
+            if step.prompt_logprobs and self.samples:
                 self._prompt_logprobs(logits[num_sampled:], step, results)
         if self.drafter is not None:
             self.drafter.propose(step, ids, positions, slots, qsl, seq_lens, rows, hidden, stops, results)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 METHODS = ("mtp", "ngram")
+# vLLM's older per-model MTP method names that it maps to "mtp" (those of the models ATOM drafts for)
+MTP_ALIASES = ("deepseek_mtp", "glm4_moe_mtp")
 MAX_SPECULATIVE_TOKENS = 8
 _FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "rejection_sample_method",
            "synthetic_acceptance_length", "synthetic_acceptance_rates")
@@ -56,6 +58,12 @@ class SpeculativeConfig:
         next step verifies (a captured verify step always computes K + 1 positions per row), plus K - 1 for
         the MTP's draft steps, which write its cache at the positions of the drafts they read."""
         return self.k + (self.k - 1 if self.is_mtp else 0)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> SpeculativeConfig:
+        """The config from its fields as a dict (how it reaches a tensor-parallel worker, through JSON)."""
+        rates = fields.get("synthetic_acceptance_rates")
+        return cls(**{**fields, "synthetic_acceptance_rates": None if rates is None else tuple(rates)})
 
     def describe(self) -> str:
         extra = (f", prompt_lookup {self.prompt_lookup_min}..{self.prompt_lookup_max}" if self.method == "ngram"
@@ -93,9 +101,12 @@ def parse_speculative_config(value: str | dict[str, Any] | None, num_mtp_layers:
         return v
 
     method = value.get("method")
+    if method in MTP_ALIASES:
+        method = "mtp"
     if method not in METHODS:
         raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {method!r} "
-                         "(draft models, EAGLE and Medusa heads are not supported)")
+                         "(or {', '.join(MTP_ALIASES)}, vLLM's older names of 'mtp'; draft models, EAGLE and Medusa heads "
+                         "are not supported)")
     k = integer("num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
     if k is None:
         if method == "mtp" and num_mtp_layers:

@@ -147,6 +147,24 @@ def _vocab_size(core) -> int | None:
     return None
 
 
+def _fail_fast(output: str):
+    """A fatal handler for the tensor-parallel executor: a dead worker ends the engine at once (even while it
+    idles), saying which rank died; the front-end then reports the engine dead."""
+
+    def handler(message: str) -> None:
+        logger.error("engine core exits: %s", message)
+        ctx = zmq.Context()  # this runs on the executor's watch thread: its own context, flushed below
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(output)
+        sock.send(wire.encoder.encode(wire.EngineFailed(message)))
+        sock.close(linger=2000)
+        ctx.term()  # returns once the message is out (or after the linger)
+        time.sleep(0.3)  # let the front-end read why before it sees the process exit
+        os._exit(1)
+
+    return handler
+
+
 def _engine_args_from_env():
     from atom_server.config import EngineArgs
 
@@ -186,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _engine_args_from_env()
         configure_engine_process(args)  # on CPU: threads and pinning, before torch starts its pool
         core = EngineCore(args)
+        if hasattr(core.runner, "set_fatal_handler"):  # tensor parallel: a dead worker is fatal
+            core.runner.set_fatal_handler(_fail_fast(ns.output))
         push.send(wire.encoder.encode(wire.EngineReady(
             pid=os.getpid(),
             model_path=str(core.model_path),
