@@ -175,10 +175,14 @@ def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatc
     ({"method": "mtp", "num_speculative_tokens": 2, "rejection_sample_method": "synthetic",
       "synthetic_acceptance_rates": [0.5, 0.9]}, "synthetic_acceptance_rates"),
     ("{not json", "JSON"),
+    ({"method": "qwen3_next_mtp", "num_speculative_tokens": 2}, "method must be one of"),
+    # the MTP layer's first pass needs rank 0's verification mid-step: refused under TP, before any worker starts
+    ({"method": "mtp", "num_speculative_tokens": 2}, "tensor_parallel_size > 1"),
 ])
 def test_speculative_config_errors(value, error):
+    tp = 2 if error == "tensor_parallel_size > 1" else 1
     with pytest.raises(ValueError, match=error):
-        EngineArgs(speculative_config=value)
+        EngineArgs(speculative_config=value, tensor_parallel_size=tp)
 
 
 def test_speculative_config_cli_and_defaults():
@@ -198,6 +202,13 @@ def test_speculative_config_cli_and_defaults():
     synthetic = parse_speculative_config({"method": "mtp", "num_speculative_tokens": 3,
                                           "rejection_sample_method": "synthetic", "synthetic_acceptance_length": 2.5})
     assert synthetic.synthetic_acceptance_rates == (1.0, 0.5, 0.0)
+    # vLLM's older per-model name of MTP; the config survives the JSON trip to a tensor-parallel worker
+    assert parse_speculative_config({"method": "deepseek_mtp", "num_speculative_tokens": 2}).method == "mtp"
+    import msgspec
+
+    from atom_server.engine.speculative import SpeculativeConfig
+
+    assert SpeculativeConfig.from_fields(msgspec.json.decode(msgspec.json.encode(synthetic))) == synthetic
 
 
 def test_mtp_needs_mtp_layers(tmp_path):
@@ -218,3 +229,58 @@ def test_ngram_proposer_takes_the_earliest_longest_match():
     assert ngram.propose([5, 6, 1, 2, 3, 4, 6], 10) == []  # a 1-gram match is below prompt_lookup_min
     assert ngram.propose([1, 2, 1, 2], 10) == [1, 2]  # shorter n when the longest has no match; up to the end
     assert ngram.propose([4, 4, 4, 4], 10) == [4]  # overlapping matches count; proposals stop at the end
+
+
+@pytest.mark.slow
+def test_ngram_on_smollm2_matches_no_speculation():
+    """Real weights: prompt lookup drafts from a repetitive prompt, and greedy output (text and tokens) equals
+    decoding without speculation while part of the drafts are accepted."""
+    pytest.importorskip("gguf")
+    from atom_server.default_model import DefaultModelMissing, resolve_model_path
+
+    try:
+        path = resolve_model_path()
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+    prompts = ["Count: one two three, one two three, one two three, one two three, one two",
+               "The list is: apple, banana, cherry, apple, banana, cherry, apple,"]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    got = {}
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                        "prompt_lookup_min": 1}):
+        llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=32 << 20, speculative_config=spec)
+        got[spec is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = _check_all_free(llm)
+    assert got[False] == got[True]
+    assert 0 < stats["spec_decode_num_accepted_tokens"] <= stats["spec_decode_num_draft_tokens"], stats
+
+
+def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
+    """TP=2 (gloo): the drafts travel in the StepInput (tokens + num_drafts), every rank runs the same K + 1
+    token verify forward (its collectives line up), only rank 0 verifies; greedy tokens equal TP=1 without
+    speculation, drafts are accepted on repetitive prompts, ranks hold the same block tables."""
+    from tp_checkpoints import write_checkpoint
+
+    path = write_checkpoint("llama", tmp_path / "llama")
+    rng = random.Random(5)
+    motif = [rng.randrange(2, 150) for _ in range(4)]
+    prompts = [motif * 5, [rng.randrange(2, 150) for _ in range(9)] + motif * 3, motif * 2 + [7]]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = None
+    for tp, spec in ((1, None), (2, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2})):
+        llm = LLM(path, tensor_parallel_size=tp, block_size=BLOCK, max_model_len=64, max_num_batched_tokens=16,
+                  skip_tokenizer_init=True, dtype="float32", device="cpu", speculative_config=spec)
+        engine = llm.llm_engine
+        try:
+            got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                                 use_tqdm=False)]
+            stats = _check_all_free(llm)
+            if tp == 1:
+                want = got
+                continue
+            assert got == want
+            assert stats["spec_decode_num_draft_tokens"] > 0, stats
+            states = engine.runner.rank_states()
+            assert states[1].tables == states[0].tables
+        finally:
+            engine.shutdown()

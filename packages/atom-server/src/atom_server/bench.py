@@ -45,6 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                                            "mscale_all_dim": 0.707},
                              bos_token_id=100000, eos_token_id=100001),
 }
+# the same with one MTP layer (as DeepSeek-V3/R1 ship), for speculative decoding's mechanism benchmarks
+# (--speculative-config with method mtp and a synthetic acceptance: random weights accept nothing on their own)
+PRESETS["deepseek-v2-lite-mtp"] = dict(PRESETS["deepseek-v2-lite"], num_nextn_predict_layers=1)
 _COMMON = dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
                torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
 
