@@ -158,6 +158,33 @@ def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatc
         # verify steps with drafts: 3 per sequence when every draft is accepted (1 + 4 + 4 + 4 tokens), else one
         # per token until the last (no draft left to verify then: the 13th token takes a plain step)
         assert stats["spec_decode_num_drafts"] == (2 * 3 if length == 4 else 2 * 11)
+        if length == 4:  # the heartbeat's stats as /metrics exports them, under vLLM's names and labels
+            _check_exposition(stats)
+
+
+def _check_exposition(stats: dict) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from atom_server.serving.metrics import _EngineStatsCollector
+
+    collector = _EngineStatsCollector("m")
+    collector.stats = stats
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+
+    def value(series: str) -> float:
+        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+        assert m, f"{series} is not exported"
+        return float(m.group(1))
+
+    labels = 'engine="0",model_name="m"'
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert value(f"vllm:spec_decode_{name}_total{{{labels}}}") == stats[f"spec_decode_{name}"]
+        assert value(f"atom:spec_decode_{name}_total") == stats[f"spec_decode_{name}"]
+    for pos in range(3):
+        assert (value(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="{pos}"}}')
+                == stats[f"spec_decode_num_accepted_tokens_per_pos.{pos}"])
 
 
 @pytest.mark.parametrize("value,error", [
@@ -284,3 +311,35 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
             assert states[1].tables == states[0].tables
         finally:
             engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
+    """CUDA, float32: K = 0 decodes through the captured graphs (async scheduling on); MTP K = 2 runs every step
+    eager (no graphs are captured with the drafter) and n-gram K = 3 replays the graphs for steps without drafts
+    and verifies eagerly; all give the same greedy tokens, every block free at the end."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rng = random.Random(1)
+    vocab = deepseek_v3_config().vocab_size
+    motif = [rng.randrange(vocab) for _ in range(3)]
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (4, 17, 9)] + [motif * 6]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    runs = {}
+    for name, spec in (("none", None), ("mtp", _mtp(2)), ("ngram", {"method": "ngram", "num_speculative_tokens": 3,
+                                                                      "prompt_lookup_min": 2})):
+        llm = LLM(partial_mtp, dtype="float32", block_size=16, max_model_len=128, skip_tokenizer_init=True,
+                  device="cuda", gpu_memory_utilization=0.2, speculative_config=spec)
+        engine = llm.llm_engine
+        assert (engine.runner.graphs is not None) == (name != "mtp") and engine.async_scheduling == (name == "none")
+        runs[name] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                   params, use_tqdm=False)]
+        stats = _check_all_free(llm)
+        if spec is not None:
+            assert stats["spec_decode_num_draft_tokens"] > 0, (name, stats)
+        engine.shutdown()
+        del llm, engine
+        torch.cuda.empty_cache()
+    assert runs["mtp"] == runs["none"] and runs["ngram"] == runs["none"]
