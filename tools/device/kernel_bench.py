@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--no-ref", action="store_true", help="skip timing the torch references")
     ap.add_argument("--moe-only", action="store_true", help="only the MoE rows and tile sweeps")
+    ap.add_argument("--gpt-oss-only", action="store_true", help="only the GPT-OSS rows (sinks, MXFP4 experts)")
     ap.add_argument("--mla-only", action="store_true", help="only the MLA and grouped-routing rows")
     opts = ap.parse_args()
     torch.manual_seed(0)
@@ -98,6 +99,10 @@ def main() -> None:
         print(f"{name:44s} {ms * 1e3:9.1f} us (eager {eager * 1e3:8.1f})  {nbytes / ms / 1e6:7.0f} GB/s  "
               f"ref {ref_ms * 1e3:9.1f} us", flush=True)
 
+    if opts.gpt_oss_only:
+        gpt_oss_rows(bench)
+        rows_out(rows, bw, opts)
+        return
     T = 4096
     if opts.mla_only:
         mla_rows(bench, T)
@@ -211,7 +216,68 @@ def main() -> None:
     bench("sample top-p 0.9 (sort fallback)", sample, ref_sampling.sample, (lg, ones * 0.8, None, ones * 0.9),
           B * V * 4, graph=False)
 
+    gpt_oss_rows(bench)
     rows_out(rows, bw, opts)
+
+
+def gpt_oss_rows(bench) -> None:
+    """gpt-oss-20b shapes: attention with sinks (64 q / 8 kv heads x 64, window 128 on half the layers) and
+    the MXFP4 experts (32 experts, top-4, hidden = intermediate = 2880). MXFP4 bytes: 0.5 per weight plus
+    one scale byte per 32, and the touched experts' biases."""
+    from atom.ops import moe_swigluoai as ref_oai
+    from atom.ops.triton_kernels import moe_swigluoai as tk_oai
+
+    attn = resolve("paged_attention", "triton")
+    hq, hkv, d, window = 64, 8, 64, 128
+    sinks = rnd(hq)
+    for batch, ctx in ((1, 4096), (32, 4096), (128, 4096)):
+        for win in (window, None):
+            args, _ = paged(batch, 1, [ctx - 1] * batch, hq=hq, hkv=hkv, d=d)
+            args = (*args[:7], win, *args[8:])
+            seen = min(ctx, win or ctx)
+            nbytes = batch * seen * hkv * d * 2 * 2 + 2 * batch * hq * d * 2
+            bench(f"gpt-oss attention decode sinks bs{batch} ctx{ctx} window {win}",
+                  lambda *a: attn(*a, sinks=sinks), None, args, nbytes, 4 * batch * hq * d * seen)
+    args, _ = paged(4, 1024, [1024] * 4, hq=hq, hkv=hkv, d=d)
+    pairs = 4 * sum(min(1024 + i + 1, window) for i in range(1024))
+    bench("gpt-oss attention prefill sinks bs4 q1024 ctx1024 window 128",
+          lambda *a: attn(*(a[:7]), window, *a[8:], sinks=sinks), None, args, 0, 4 * pairs * hq * d)
+
+    E, K, H, I = 32, 4, 2880, 2880
+    op = resolve("fused_experts_swigluoai", "triton")
+    blocks13 = torch.randint(0, 256, (E, 2 * I, H // 2), dtype=torch.uint8, device=DEV)
+    scales13 = torch.randint(118, 125, (E, 2 * I, H // 32), dtype=torch.uint8, device=DEV)
+    blocks2 = torch.randint(0, 256, (E, H, I // 2), dtype=torch.uint8, device=DEV)
+    scales2 = torch.randint(118, 125, (E, H, I // 32), dtype=torch.uint8, device=DEV)
+    dense13, dense2 = rnd(E, 2 * I, H, scale=H**-0.5), rnd(E, H, I, scale=I**-0.5)
+    b13, b2 = rnd(E, 2 * I, scale=0.1), rnd(E, H, scale=0.1)
+    mxfp4_expert_bytes = 3 * H * I // 2 + 3 * H * I // 32 + (2 * I + H) * 2
+    dense_expert_bytes = 3 * H * I * 2 + (2 * I + H) * 2
+    for tokens in (1, 4, 32, 128, 1024):
+        x = rnd(tokens, H)
+        tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
+        touched = int(torch.unique(tid).numel())
+        act_bytes = 2 * tokens * H * 2
+        flops = 2 * tokens * K * 3 * H * I
+        ref = ref_oai.fused_experts_swigluoai if tokens <= 32 else None
+        bench(f"gpt-oss experts MXFP4 T{tokens} ({touched} experts)", op, ref,
+              (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2),
+              touched * mxfp4_expert_bytes + act_bytes, flops)
+        if tokens in (1, 32):
+            bench(f"gpt-oss experts bf16 T{tokens} ({touched} experts)", op, None,
+                  (x, dense13, dense2, b13, b2, tw, tid, 1.702, 7.0), touched * dense_expert_bytes + act_bytes, flops)
+    # per-pair tile sweep at one token (ATOM_OAI_PAIR_SWEEP='[{...}]' overrides; keys as moe.PAIR_TILE_OVERRIDE)
+    x = rnd(1, H)
+    tw, tid = ref_moe.moe_topk_softmax(rnd(1, E, dtype=torch.float32), K, True)
+    sweep = json.loads(os.environ.get("ATOM_OAI_PAIR_SWEEP", "null")) or [
+        dict(gate_block_n=16, down_block_n=64, block_k=512, down_block_k=512, num_warps=4),
+        dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4),
+        dict(gate_block_n=32, down_block_n=32, block_k=256, down_block_k=256, num_warps=8)]
+    for tile in sweep:
+        tk_oai.PAIR_TILE_OVERRIDE = tile
+        bench(f"  sweep MXFP4 per-pair T1 {tile}", op, None,
+              (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2), K * mxfp4_expert_bytes)
+    tk_oai.PAIR_TILE_OVERRIDE = None
 
 
 def mla(batch, q_len, ctx, heads=16, lora=512, rope=64, nope=128, v=128, bs=16):

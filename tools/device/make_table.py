@@ -36,15 +36,28 @@ def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int
     heads = cfg["num_attention_heads"]
     kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
     attn = h * heads * hd * 2 + h * kv * hd * 2  # q and o, k and v
-    if "num_experts" in cfg:
-        e, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    expert_bytes = 0.0
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if experts:
+        e, k = experts, cfg["num_experts_per_tok"]
         touched = e * (1 - (1 - k / e) ** batch)
-        mlp = h * e + touched * 3 * h * cfg["moe_intermediate_size"]
+        inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        mlp = h * e
+        if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":  # 4 bits + a scale byte per 32
+            expert_bytes = layers * touched * 3 * h * inter * (0.5 + 1 / 32)
+        else:
+            mlp += touched * 3 * h * inter
     else:
         mlp = 3 * h * cfg["intermediate_size"]
     weights = layers * (attn + mlp) + v * h  # the lm head (the tied embedding is read once, as the head)
-    kv_cache = batch * context * layers * 2 * kv * hd
-    return (weights + kv_cache) * dtype_bytes
+    # sliding-window layers (GPT-OSS: every other one) read at most their window
+    types = cfg.get("layer_types") or ["full_attention"] * layers
+    if cfg.get("model_type") == "gpt_oss" and not cfg.get("layer_types"):  # its config's default
+        types = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+    window = cfg.get("sliding_window") or context
+    seen = sum(min(context, window) if t == "sliding_attention" else context for t in types)
+    kv_cache = batch * seen * 2 * kv * hd
+    return (weights + kv_cache) * dtype_bytes + expert_bytes
 
 
 def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2) -> float:

@@ -30,13 +30,18 @@ def _clone(args):
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def check_custom_op(op: str, backend: str, device: str, dtype=torch.float32, compile_backend="aot_eager") -> None:
+# Layer properties whose example inputs take another path through an op (optional arguments set).
+VARIANTS = [("paged_attention", {"has_sinks": True}), ("fused_experts_swigluoai", {"mxfp4": True})]
+
+
+def check_custom_op(op: str, backend: str, device: str, dtype=torch.float32, compile_backend="aot_eager",
+                    static: dict | None = None) -> None:
     """opcheck (schema with its mutations, fake vs real shapes/dtypes/strides, AOT dispatch with dynamic
-    shapes) on the op's example inputs, then resolve(op, backend) compiled with fullgraph=True must equal
-    eager, outputs and in-place writes alike."""
+    shapes) on the op's example inputs (for a layer with `static` properties), then resolve(op, backend)
+    compiled with fullgraph=True must equal eager, outputs and in-place writes alike."""
     impl = registry.implementation(op, backend)
     opdef = registry.op_def(op)
-    calls = opdef.example(CheckInputs(dtype, torch.device(device)), SMALL)
+    calls = opdef.example(CheckInputs(dtype, torch.device(device)), {**SMALL, **(static or {})})
     calls = calls if isinstance(calls, list) else [calls]
     custom = custom_op_for(impl, opdef)
     for args in calls:

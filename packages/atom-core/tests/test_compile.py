@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_checks import (check_custom_op, compiled_model_logits, opaque_ops, write_tiny_deepseek_v3,
+from compile_checks import (VARIANTS, check_custom_op, compiled_model_logits, opaque_ops, write_tiny_deepseek_v3,
                             write_tiny_qwen3_moe)
+from gpt_oss_checkpoint import write_dense, write_mxfp4
 
 from atom.ops import registry
 
@@ -23,13 +24,31 @@ def torch_backend_on_cpu(monkeypatch):
 
 
 def test_the_host_reading_references_are_custom_ops():
-    assert set(opaque_ops("torch")) == {"fused_experts", "paged_attention", "reshape_and_cache", "qk_norm_rope_cache",
-                                        "mla_cache_write", "mla_prefill"}
+    assert set(opaque_ops("torch")) == {"fused_experts", "fused_experts_swigluoai", "paged_attention",
+                                        "reshape_and_cache", "qk_norm_rope_cache", "mla_cache_write", "mla_prefill"}
 
 
 @pytest.mark.parametrize("op", opaque_ops("torch"))
 def test_torch_reference_custom_op(op):
     check_custom_op(op, "torch", "cpu")
+
+
+@pytest.mark.parametrize("op,static", VARIANTS, ids=[f"{op}-{'-'.join(s)}" for op, s in VARIANTS])
+def test_torch_reference_custom_op_with_optional_arguments(op, static):
+    """Attention sinks and MXFP4 scales: optional tensor arguments of the schema, set."""
+    check_custom_op(op, "torch", "cpu", static=static)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU torch references")
+@pytest.mark.parametrize("experts", ["dense", "mxfp4"])
+def test_gpt_oss_compiles_in_one_graph_on_the_torch_references(experts, tmp_path):
+    """Sinks, windows and the swigluoai experts (MXFP4 too) trace without a graph break."""
+    write_dense(tmp_path / "dense")
+    if experts == "mxfp4":
+        write_mxfp4(tmp_path / "dense", tmp_path / "mxfp4")
+    eager, compiled, model = compiled_model_logits(tmp_path / experts, "cpu", "aot_eager", decode_steps=2)
+    assert {i.op for i in registry.resolved_impls(model)} >= {"fused_experts_swigluoai", "paged_attention"}
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU torch references (the GPU test below covers GPUs)")

@@ -75,7 +75,8 @@ def test_neox_rotary_matches_transformers_for_each_rope_type(rope, num_positions
         positions = positions.clamp(max=config.max_position_embeddings - 1)
     q, k = torch.randn(len(positions), nq * head_dim), torch.randn(len(positions), nk * head_dim)
 
-    rope_mod = RotaryEmbedding(config, head_dim, is_neox=True)
+    with torch.device("cpu"):  # CPU tensors below, CPU kernels also in a GPU process
+        rope_mod = RotaryEmbedding(config, head_dim, is_neox=True)
     q_out, k_out = rope_mod(positions, q.clone(), k.clone())
 
     hf = LlamaRotaryEmbedding(config)
@@ -93,7 +94,9 @@ def test_neox_partial_rotary_matches_gpt_neox():
                            max_position_embeddings=64)
     positions = torch.randint(0, 64, (11,))
     q, k = torch.randn(11, heads * head_dim), torch.randn(11, heads * head_dim)
-    q_out, k_out = RotaryEmbedding(config, head_dim, is_neox=True)(positions, q, k)
+    with torch.device("cpu"):
+        rope_mod = RotaryEmbedding(config, head_dim, is_neox=True)
+    q_out, k_out = rope_mod(positions, q, k)
 
     qh, kh = (t.view(1, -1, heads, head_dim).transpose(1, 2) for t in (q, k))
     cos, sin = GPTNeoXRotaryEmbedding(config)(qh, positions[None])

@@ -15,8 +15,9 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from compile_checks import (check_custom_op, compiled_model_logits, opaque_ops,  # noqa: E402
+from compile_checks import (VARIANTS, check_custom_op, compiled_model_logits, opaque_ops,  # noqa: E402
                             write_tiny_deepseek_v3, write_tiny_qwen3_moe)
+from gpt_oss_checkpoint import write_dense, write_mxfp4  # noqa: E402
 
 from atom.ops import registry  # noqa: E402
 
@@ -32,6 +33,11 @@ def test_triton_custom_op(op):
     check_custom_op(op, "triton", DEVICE)
 
 
+@pytest.mark.parametrize("op,static", VARIANTS, ids=[f"{op}-{'-'.join(s)}" for op, s in VARIANTS])
+def test_triton_custom_op_with_optional_arguments(op, static):
+    check_custom_op(op, "triton", DEVICE, static=static)
+
+
 def test_tiny_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypatch):
     monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
     monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
@@ -40,6 +46,19 @@ def test_tiny_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypa
     eager, compiled, model = compiled_model_logits(tmp_path, DEVICE, "aot_eager")
     assert {i.backend for i in registry.resolved_impls(model)} == {"triton"}
     assert registry.cuda_graph_blockers(model) == []  # every op it runs can be captured
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_oss_mxfp4_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypatch):
+    """Sinks + windows in the Triton attention, MXFP4 experts in the Triton MoE: one graph, capturable."""
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    write_dense(tmp_path / "dense")
+    write_mxfp4(tmp_path / "dense", tmp_path / "mxfp4")
+    eager, compiled, model = compiled_model_logits(tmp_path / "mxfp4", DEVICE, "aot_eager")
+    assert {i.backend for i in registry.resolved_impls(model)} == {"triton"}
+    assert registry.cuda_graph_blockers(model) == []
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 

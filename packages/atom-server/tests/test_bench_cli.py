@@ -145,6 +145,13 @@ def test_device_table_rooflines_match_perf_md():
     assert mt.step_bytes(PRESETS["qwen3-30b-a3b"], 32, 0) / 1e9 == pytest.approx(53, abs=1)
     assert mt.step_bytes(PRESETS["qwen3-30b-a3b"], 128, 0) / 1e9 == pytest.approx(61, abs=1)
     assert mt.roofline_ms(PRESETS["qwen3-8b"], 1, 0, 2970) == pytest.approx(5.10, abs=0.01)
+    # gpt-oss-20b, batch 1: 4 of 32 experts in MXFP4 (24 x 4 x 3 x 2880^2 x 17/32 B = 1.27 GB) + bf16 attention,
+    # router and LM head (2.44 GB); the 12 windowed layers read at most 128 tokens of KV
+    assert gb["gpt-oss-20b"] == pytest.approx(1.27 + 2.44, abs=0.01)
+    assert gb["gpt-oss-20b-bf16"] == pytest.approx(1.27 * 64 / 17 + 2.44, abs=0.01)  # 2 bytes a weight
+    kv_token = 2 * 8 * 64 * 2  # K and V bytes per token and layer
+    assert mt.step_bytes(PRESETS["gpt-oss-20b"], 1, 4096) - mt.step_bytes(PRESETS["gpt-oss-20b"], 1, 0) == \
+        pytest.approx((12 * 4096 + 12 * 128) * kv_token)
 
 
 def test_device_table_markdown():

@@ -50,3 +50,36 @@ def write_tiny_llama(path: str, seed: int = 0, **overrides) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return os.fspath(path)
+
+
+def write_tiny_gpt_oss(path: str, seed: int = 0) -> str:
+    """Save a 2-layer GPT-OSS (float32, dense experts; sliding window 5 on layer 0, sinks, YaRN) plus tokenizer."""
+    import math
+
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    tok = build_tokenizer()
+    config = GptOssConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256, swiglu_limit=1.2,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False, "original_max_position_embeddings": 64,
+                                           "rope_theta": 150000.0})
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # spread: sinks, biases and norms away from their init, ~unit-gain projections
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("sinks") or "bias" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                fan_in = p.shape[-2] if ".experts." in name else p.shape[-1]
+                p.copy_((4 if name.startswith("lm_head") else 1) * torch.randn_like(p) / math.sqrt(fan_in))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return os.fspath(path)

@@ -2,8 +2,10 @@
 
 Prefill (in two chunks, so the second extends a cached prefix) and decode run through SGLang's real
 token pool, RadixAttention and LogitsProcessor, with ATOM's "atom" backend and with SGLang's own
-torch_native backend. DeepSeek-V2/V3 run over SGLang's MLA pool (absorbed attention through RadixAttention);
-ATOM's "atom" backend refuses them with the reason.
+torch_native backend (which has no attention sinks: GPT-OSS runs on "atom" only). DeepSeek-V2/V3 run
+over SGLang's MLA pool (absorbed attention through RadixAttention); ATOM's "atom" backend refuses them with
+the reason. GPT-OSS also runs with MXFP4 experts, SGLang's Mxfp4Config mapped to ATOM's scheme, against
+transformers on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import transformers
 
 from atom_sglang.plugin import register
-from tiny_models import CONFIGS, MLA_ARCHS, write_checkpoint
+from tiny_models import CONFIGS, MLA_ARCHS, SINK_ARCHS, write_checkpoint, write_mxfp4_checkpoint
 
 assert register()
 
@@ -32,8 +34,8 @@ def test_every_module_imports_strictly():
     import atom_sglang.models as pkg
 
     names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
-    assert sorted(names) == ["deepseek_v2", "deepseek_v3", "glm4_moe", "llama", "mixtral", "qwen2", "qwen3",
-                             "qwen3_moe"]
+    assert sorted(names) == ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "llama", "mixtral", "qwen2",
+                             "qwen3", "qwen3_moe"]
     for name in names:
         importlib.import_module(f"atom_sglang.models.{name}")  # raises instead of SGLang's log-and-drop
     classes = import_model_classes("atom_sglang.models", strict=True)
@@ -72,10 +74,40 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", ["atom", "torch_native"])
 def test_prefill_decode_logits_match_transformers(checkpoint, backend):
     arch, path, hf = checkpoint
+    if arch in SINK_ARCHS and backend == "torch_native":
+        pytest.skip("SGLang's torch_native backend has no attention sinks (SGLang refuses it for GPT-OSS)")
+    _check_prefill_decode(path, hf, backend)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    write_checkpoint("GptOssForCausalLM", root / "dense")
+    return root / "dense", root / "mxfp4", write_mxfp4_checkpoint(root / "dense", root / "mxfp4")
+
+
+def test_gpt_oss_mxfp4_logits_match_transformers_on_dequantized_weights(gpt_oss_mxfp4):
+    """SGLang's Mxfp4Config, as its loader builds it for this checkpoint on a GPU, handed to ATOM's class.
+    (On CPU, SGLang's config check lists no mxfp4 method and refuses the checkpoint before any model code
+    runs, so the process config published here is the dense twin's.)"""
+    from sglang.srt.layers.quantization.mxfp4 import Mxfp4Config
+
+    dense, path, hf = gpt_oss_mxfp4
     config = transformers.AutoConfig.from_pretrained(path)
-    publish_server_args(path, backend)
+    model = _check_prefill_decode(path, hf, "atom", Mxfp4Config.from_config(config.quantization_config),
+                                  published=dense)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.w13_weight.dtype == torch.uint8 and type(experts.quant_method).__name__ == "Mxfp4SwigluOaiMethod"
+
+
+def _check_prefill_decode(path, hf, backend: str, quant_config=None, published=None):
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = config.architectures[0]
+    # SGLang's config-time checks accept only its own backends for GPT-OSS: publish one of them (the
+    # harness below drives `backend` itself).
+    publish_server_args(published or path, "triton" if arch in SINK_ARCHS else backend)
     cls, _ = ModelRegistry.resolve_model_cls(config.architectures)
-    model = cls(config=config, quant_config=None).float().eval()
+    model = cls(config=config, quant_config=quant_config).float().eval()
     loaded = model.load_weights(safetensors_weights_iterator([str(p) for p in path.glob("*.safetensors")]))
     assert loaded == {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
@@ -106,6 +138,28 @@ def test_prefill_decode_logits_match_transformers(checkpoint, backend):
             s.append(t)
         logits = harness.step([[t] for t in nxt])
         check(logits, f"decode step {step}")
+    return model
+
+
+def test_atom_backend_refuses_the_hybrid_swa_pool_with_the_fix():
+    """SGLang's default pool for GPT-OSS keeps the sliding-window layers apart; the atom backend names the
+    flag that gives one pool."""
+    import types
+
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    from atom_sglang.attention_backend import AtomAttnBackend
+
+    pool = SWAKVPool(size=64, size_swa=32, page_size=1, dtype=torch.float32, head_num=2, head_dim=16,
+                     swa_attention_layer_ids=[0], full_attention_layer_ids=[1], device="cpu",
+                     enable_memory_saver=False)
+    runner = types.SimpleNamespace(device="cpu", dtype=torch.float32, token_to_kv_pool=pool,
+                                   req_to_token_pool=ReqToTokenPool(size=2, max_context_len=32, device="cpu",
+                                                                    enable_memory_saver=False))
+    with pytest.raises(NotImplementedError, match="--disable-hybrid-swa-memory"):
+        AtomAttnBackend(runner)
+
 
 
 def test_mla_layers_are_found_where_sglang_looks(checkpoint):

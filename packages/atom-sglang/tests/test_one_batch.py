@@ -4,6 +4,10 @@ one_batch runs SGLang's ModelRunner, loader, KV pools, schedule batch and sample
 4 tokens, an extend over that cached prefix, then 15 greedy decode steps) on the checkpoint; its greedy
 text must equal transformers' greedy continuation of the same token ids, and every logits row it computed
 (saved by run_one_batch.py) must match transformers' float32 logits.
+
+GPT-OSS runs on SGLang's triton attention backend (Triton's interpreter on CPU): SGLang accepts only its
+own backends for GptOssForCausalLM (an assert on the architecture), and runs it on its hybrid SWA pool
+(the sliding-window layers in a pool of their own); ATOM's model passes its sinks per call.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import pytest
 import torch
 
 from one_batch_logits import logit_errors
-from tiny_models import CONFIGS, write_checkpoint, write_tokenizer
+from tiny_models import CONFIGS, SINK_ARCHS, write_checkpoint, write_tokenizer
 
 WRAPPER = Path(__file__).with_name("run_one_batch.py")
 OUTPUT_LEN = 16  # one_batch's default --output-len
 
-RUNS = [(arch, "torch_native") for arch in sorted(CONFIGS)] + [("MistralForCausalLM", "atom")]
+RUNS = ([(arch, "torch_native") for arch in sorted(CONFIGS) if arch not in SINK_ARCHS]
+        + [("MistralForCausalLM", "atom"), ("GptOssForCausalLM", "triton")])
 
 
 def _greedy(hf, ids: list[int], n: int) -> list[int]:
@@ -47,6 +52,8 @@ def one_batch_runs(tmp_path_factory):
         tokenizer = write_tokenizer(path / "tokenizer", hf.config.vocab_size)
         env = {**os.environ, "SGLANG_EXTERNAL_MODEL_PACKAGE": "atom_sglang.models", "OMP_NUM_THREADS": "1",
                "ATOM_SGL_DUMP_LOGITS": str(path / "logits.pt")}
+        if backend == "triton":  # SGLang's Triton kernels on CPU: the interpreter, set before triton imports
+            env["TRITON_INTERPRET"] = "1"
         cmd = [sys.executable, str(WRAPPER), "--model-path", str(path / "model"),
                "--tokenizer-path", str(path / "tokenizer"), "--device", "cpu",
                "--attention-backend", backend, "--sampling-backend", "pytorch", "--dtype", "float32",
@@ -67,6 +74,8 @@ def test_one_batch_greedy_matches_transformers(one_batch_runs, arch, backend):
     assert f"atom-sglang serves {arch} with atom_sglang.models." in out
     assert f"type={arch}" in out, "SGLang did not load this architecture"
     assert ("ATOM attention backend: paged_attention from atom.ops." in out) == (backend == "atom")
+    if arch in SINK_ARCHS:  # SGLang's hybrid pool: the sliding-window layer keeps fewer tokens
+        assert "Use sliding window memory pool" in out
 
     input_ids = ast.literal_eval(re.search(r"input_ids=(\[\[.*?\]\])", out).group(1))
     texts = re.findall(r"========== Prompt \d+ ==========\n(.*?) \n", out)

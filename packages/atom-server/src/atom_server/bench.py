@@ -44,10 +44,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                                            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                            "mscale_all_dim": 0.707},
                              bos_token_id=100000, eos_token_id=100001),
+    # openai/gpt-oss-20b's config (MXFP4 experts: random packed codes and scales under load_format dummy)
+    "gpt-oss-20b": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], hidden_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        attention_bias=True, swiglu_limit=7.0, vocab_size=201088, tie_word_embeddings=False,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=150000.0,
+                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 4096},
+                        bos_token_id=199998, eos_token_id=200002,
+                        quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+                            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                            "lm_head"]}),
 }
 # the same with one MTP layer (as DeepSeek-V3/R1 ship), for speculative decoding's mechanism benchmarks
 # (--speculative-config with method mtp and a synthetic acceptance: random weights accept nothing on their own)
 PRESETS["deepseek-v2-lite-mtp"] = dict(PRESETS["deepseek-v2-lite"], num_nextn_predict_layers=1)
+# the same shape with bf16 experts (what a peer without an MXFP4 path on the GPU runs)
+PRESETS["gpt-oss-20b-bf16"] = {k: v for k, v in PRESETS["gpt-oss-20b"].items() if k != "quantization_config"}
 _COMMON = dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
                torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
 

@@ -26,6 +26,8 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    # vLLM's flag: full-length caches for sliding-window layers too (default: they keep only the window)
+    disable_hybrid_kv_cache_manager: bool = False
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE experts sharded whole over the TP ranks (vLLM's flag)
     seed: int = 0
@@ -123,6 +125,9 @@ class EngineArgs:
             help="most tokens in one step (default: 2048 on CPU, 8192 on GPUs)")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"],
             help="reuse the KV cache of shared prompt prefixes")
+        add("--disable-hybrid-kv-cache-manager", action="store_true",
+            help="keep full-length KV caches for sliding-window layers too (default: those layers keep only "
+                 "the window of each sequence, in a pool of their own)")
         add("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
             help="ranks that split the model: GPUs 0..N-1 (choose them with CUDA_VISIBLE_DEVICES), or processes "
                  "on CPU")

@@ -4,7 +4,13 @@ SGLang's token pool holds, per layer, K and V as [num_slots, num_kv_heads, head_
 token slots in `req_to_token[req_pool_idx, :seq_len]`. That is ATOM's paged layout with block size 1:
 the rows of req_to_token are the block tables. So the backend writes K/V at `out_cache_loc` through the
 pool and calls `resolve("paged_attention")` — the torch reference on CPU, ATOM's Triton/AITER kernels
-on GPUs (following ATOM_KERNEL_BACKEND).
+on GPUs (following ATOM_KERNEL_BACKEND). Attention sinks (GPT-OSS) come per call (`sinks=`, from the
+RadixAttention) and go to paged_attention's `sinks` argument, through an implementation that has them.
+
+SGLang's hybrid SWA pool (its default for GPT-OSS: a second, smaller pool for the sliding-window layers,
+reached through a full->SWA slot translation whose interface differs between 0.5.15 and 0.5.23) is
+refused with the fix: `--disable-hybrid-swa-memory` gives one pool, where the sliding-window layers
+read only their window (the kernels skip the rest), at the memory cost of full-length caches.
 """
 
 from __future__ import annotations
@@ -59,10 +65,15 @@ class AtomAttnBackend(AttentionBackend):
                 "DeepSeek models run on SGLang's MLA backends, e.g. --attention-backend triton (GPU) or "
                 "torch_native (CPU)")
         if getattr(self.token_to_kv_pool, "swa_layer_nums", 0):
-            raise NotImplementedError("the atom attention backend does not support SGLang's hybrid SWA KV pool; "
-                                      "use --attention-backend triton for this model")
+            raise NotImplementedError(
+                "the atom attention backend does not support SGLang's hybrid SWA KV pool (a separate pool for "
+                "the sliding-window layers, SGLang's default for this model): start SGLang with "
+                "--disable-hybrid-swa-memory (one pool; the sliding-window layers read only their window), "
+                "or use another --attention-backend (e.g. triton)")
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
-        self._attend = resolve("paged_attention", dtype=getattr(model_runner, "dtype", None), device=self.device)
+        self._dtype = getattr(model_runner, "dtype", None)
+        self._attend = resolve("paged_attention", dtype=self._dtype, device=self.device)
+        self._attend_sinks = None  # resolved on the first layer with sinks (AITER's kernels have none)
         logger.info("ATOM attention backend: paged_attention from %s", self._attend.__module__)
         self.forward_metadata: AtomForwardMetadata | None = None
         self._graph: dict[str, torch.Tensor] | None = None
@@ -137,7 +148,7 @@ class AtomAttnBackend(AttentionBackend):
 
     # ---- forward --------------------------------------------------------------------------------
 
-    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool, sinks=None) -> torch.Tensor:
         if layer.qk_head_dim != layer.v_head_dim:
             raise NotImplementedError("the atom attention backend needs equal q/k and v head dims")
         if layer.is_cross_attention or getattr(getattr(layer, "attn_type", None), "value", "decoder") != "decoder":
@@ -153,7 +164,13 @@ class AtomAttnBackend(AttentionBackend):
         # SGLang's window counts keys back from the query (i - j <= w); ATOM's counts keys seen (i - j < w).
         sgl_window = layer.sliding_window_size
         window = sgl_window + 1 if sgl_window is not None and sgl_window >= 0 else None
-        out = self._attend(
+        attend = self._attend
+        if sinks is not None:
+            if self._attend_sinks is None:
+                self._attend_sinks = resolve("paged_attention", dtype=self._dtype, device=self.device,
+                                             static={"has_sinks": True})
+            attend = self._attend_sinks
+        out = attend(
             q.reshape(-1, num_heads, head_dim),
             k_cache.unsqueeze(1),  # [slots, 1 (block size), Hkv, D]
             v_cache.unsqueeze(1),
@@ -165,14 +182,15 @@ class AtomAttnBackend(AttentionBackend):
             layer.logit_cap if layer.logit_cap and layer.logit_cap > 0 else None,
             md.max_query_len,
             md.max_seq_len,
+            sinks=sinks,
         )
         return out.reshape(-1, num_heads * head_dim)
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
-        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, sinks=None, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, sinks)
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
-        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, sinks=None, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, sinks)
 
     def support_triton(self):
         return False

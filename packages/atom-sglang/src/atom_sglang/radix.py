@@ -2,7 +2,9 @@
 
 Each ATOM attention layer gets a `RadixAttention`; SGLang's selected attention backend (ATOM's own "atom"
 backend or any built-in one) then owns the KV pool and the metadata. The model wrapper publishes the
-step's ForwardBatch through atom.forward_context, which is where the layer finds it.
+step's ForwardBatch through atom.forward_context, which is where the layer finds it. A layer with attention
+sinks (GPT-OSS) keeps a reference to the model's sink tensor and passes it on every call (`sinks=`), as
+SGLang's own GPT-OSS does: the backend (triton, fa3, trtllm_mha, atom, ...) takes it per call.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _radix_class():
     from sglang.srt.layers.radix_attention import RadixAttention
 
     class AtomRadixAttention(RadixAttention):
-        def __init__(self, spec: AttentionSpec):
+        def __init__(self, spec: AttentionSpec, sinks: torch.Tensor | None = None):
             super().__init__(
                 num_heads=spec.num_heads,
                 head_dim=spec.head_dim,
@@ -45,12 +47,16 @@ def _radix_class():
                 prefix=spec.prefix,
             )
             self.spec = spec
+            # The model's parameter (it owns and loads it); not registered here, or it would be listed twice.
+            object.__setattr__(self, "sinks", sinks)
 
         def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch=None, **kwargs):
             forward_batch = forward_batch if forward_batch is not None else get_forward_context()
             if forward_batch is None:
                 raise RuntimeError("AtomRadixAttention needs SGLang's ForwardBatch in atom's forward context; "
                                    "call the model through its SGLang forward(input_ids, positions, forward_batch)")
+            if self.sinks is not None:
+                kwargs["sinks"] = self.sinks
             out = super().forward(q, k, v, forward_batch, **kwargs)
             return out.reshape(q.shape[0], self.spec.num_heads * self.spec.head_dim)
 
@@ -60,7 +66,7 @@ def _radix_class():
 _cls = None
 
 
-def radix_attention_factory(spec: AttentionSpec) -> nn.Module:
+def radix_attention_factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
     global _cls
     _cls = _cls or _radix_class()
-    return _cls(spec)
+    return _cls(spec, sinks)

@@ -2,12 +2,17 @@
 
 vLLM then owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs; the layer registers
 itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
+A sliding-window layer passes its window (`per_layer_sliding_window`: vLLM's hybrid KV cache manager then
+keeps only the window for it); a layer with attention sinks passes the model's sink tensor (`sinks=`,
+in the model dtype as vLLM's own GPT-OSS does), which selects a backend that has them (CPU_ATTN on CPU;
+FlashAttention 3 or Triton on Hopper).
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from atom.layers.attention import AttentionSpec
@@ -27,7 +32,7 @@ class VllmAttentionFactory:
         self.quant_config = quant_config
         self.attention_cls = vllm_attention_cls()
 
-    def __call__(self, spec: AttentionSpec) -> nn.Module:
+    def __call__(self, spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
         numbers = re.findall(r"\d+", spec.prefix)
         if len(numbers) != 1 or int(numbers[0]) != spec.layer_idx:
             raise ValueError(f"attention layer name {spec.prefix!r} must contain exactly one integer, the layer "
@@ -37,6 +42,8 @@ class VllmAttentionFactory:
             kwargs["per_layer_sliding_window"] = spec.sliding_window
         if spec.logit_softcap is not None:
             kwargs["logits_soft_cap"] = spec.logit_softcap
+        if sinks is not None:
+            kwargs["sinks"] = sinks
         # Attention(q [T, H*D], k, v [T, Hkv*D]) -> [T, H*D]: the same contract as ATOM's impl modules.
         return self.attention_cls(
             spec.num_heads,

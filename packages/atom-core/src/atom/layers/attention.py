@@ -5,6 +5,12 @@ that the *host* supplies when the model is built, through an `AttentionFactory`:
 `AttentionSpec` and returning a module `impl(q, k, v) -> out` with q [T, H*D], k and v [T, Hkv*D],
 out [T, H*D]. The model never builds or sees a KV cache.
 
+Attention sinks (GPT-OSS: a learned logit per head in the softmax denominator) are the model's parameter;
+a layer that has them sets `spec.has_sinks` and the factory is called as `factory(spec, sinks=tensor)`, so
+the implementation holds the tensor from construction on (vLLM's Attention takes it there; SGLang's
+RadixAttention takes it per call, which its wrapper can do from the stored reference). A factory without
+a `sinks` parameter cannot build such a layer and is refused with the reason.
+
 `PagedAttention` is ATOM's own implementation over a paged KV cache (used by atom-server and by the
 core's tests). An implementation that keeps a host-allocated cache follows two small contracts:
 - its `kv_cache_spec` (a `KVCacheSpec`, see kv_cache.py) says what to allocate; the host binds the
@@ -19,6 +25,7 @@ An MLA implementation brings its own spec and builder the same way.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +53,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     logit_softcap: float | None = None
     prefix: str = ""
+    has_sinks: bool = False  # per-head sink logits join the softmax denominator (passed to the factory)
 
 
 AttentionFactory = Callable[[AttentionSpec], nn.Module]
@@ -63,10 +71,19 @@ class AttentionInputs:
     seq_lens: torch.Tensor  # [B] int32, context + new tokens
     max_query_len: int
     max_seq_len: int
+    # A host that keeps only the window for sliding-window layers (a pool of their own): those layers'
+    # slots and block tables (same logical block numbering; blocks before the window may be stale). None:
+    # every layer uses slot_mapping / block_tables.
+    window_slot_mapping: torch.Tensor | None = None
+    window_block_tables: torch.Tensor | None = None
 
 
 class AttentionMetadataBuilder:
     """Makes an attention implementation's per-step metadata (what it reads from the forward context)."""
+
+    # The implementation's sliding-window layers read AttentionInputs.window_* when given (a host may
+    # then keep only the window for them, in a pool of their own).
+    supports_window_pool = False
 
     def __init__(self, specs: Sequence[KVCacheSpec]):
         self.specs = list(specs)
@@ -93,23 +110,33 @@ class PagedAttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, context + new tokens
     max_query_len: int
     max_seq_len: int
+    window_slot_mapping: torch.Tensor | None = None  # sliding-window layers' own (AttentionInputs)
+    window_block_tables: torch.Tensor | None = None
 
 
 class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
     """PagedAttention reads the inputs as they are; its graph form aliases the static buffers."""
 
+    supports_window_pool = True
+
     def build(self, inputs: AttentionInputs) -> PagedAttentionMetadata:
         return PagedAttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.query_start_loc,
-                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len)
+                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len,
+                                      inputs.window_slot_mapping, inputs.window_block_tables)
 
 
 class PagedAttention(nn.Module):
     metadata_builder_cls = PagedAttentionMetadataBuilder
 
-    def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None):
-        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction)."""
+    def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None,
+                 sinks: torch.Tensor | None = None):
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction).
+        sinks: the model's [num_heads] sink logits when spec.has_sinks."""
         super().__init__()
         self.spec = spec
+        # A reference to the model's parameter, deliberately not registered here: the model owns and loads
+        # it (registering it twice would list it under a second name).
+        object.__setattr__(self, "sinks", sinks)
         dtype = kv_cache_dtype or torch.get_default_dtype()
         common = dict(layer_idx=spec.layer_idx, dtype=dtype, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
         self.kv_cache_spec: FullAttentionKVSpec = (
@@ -117,7 +144,8 @@ class PagedAttention(nn.Module):
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
         self._write = resolve("reshape_and_cache")
-        self._attend = resolve("paged_attention")
+        # sink layers ask for an implementation that has sinks (the AITER binding does not)
+        self._attend = resolve("paged_attention", static={"has_sinks": True} if sinks is not None else None)
         self._prep = resolve("qk_norm_rope_cache")
 
     def _context(self):
@@ -126,6 +154,13 @@ class PagedAttention(nn.Module):
             raise RuntimeError("PagedAttention needs PagedAttentionMetadata in the forward context and a bound KV cache")
         return md
 
+    def _slots_and_tables(self, md: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cache slots and block tables: the window pool's for a sliding-window layer when the
+        host keeps one, else the main ones."""
+        if self.spec.sliding_window and md.window_block_tables is not None:
+            return md.window_slot_mapping, md.window_block_tables
+        return md.slot_mapping, md.block_tables
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.spec
         md = self._context()
@@ -133,8 +168,9 @@ class PagedAttention(nn.Module):
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         cache = self.kv_cache
-        self._write(k, v, cache.k, cache.v, md.slot_mapping)
-        return self._attend_cached(q, md)
+        slots, tables = self._slots_and_tables(md)
+        self._write(k, v, cache.k, cache.v, slots)
+        return self._attend_cached(q, md, tables)
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
@@ -143,22 +179,23 @@ class PagedAttention(nn.Module):
         norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
         md = self._context()
         cache = self.kv_cache
+        slots, tables = self._slots_and_tables(md)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
-                          cache.k, cache.v, md.slot_mapping)
-        return self._attend_cached(q, md)
+                          cache.k, cache.v, slots)
+        return self._attend_cached(q, md, tables)
 
-    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
+    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor) -> torch.Tensor:
         s = self.spec
         num_tokens = q.shape[0]
         cache = self.kv_cache
-        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, md.block_tables,
+        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len, md.max_seq_len)
+                           md.max_query_len, md.max_seq_len, sinks=self.sinks)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 
-def paged_attention_factory(spec: AttentionSpec) -> nn.Module:
-    return PagedAttention(spec)
+def paged_attention_factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
+    return PagedAttention(spec, sinks=sinks)
 
 
 def attention_specs(model: nn.Module) -> list[AttentionSpec]:
@@ -179,13 +216,33 @@ def metadata_builder(model: nn.Module) -> AttentionMetadataBuilder | None:
     return classes.pop()([m.kv_cache_spec for m in layers])
 
 
+def _takes_sinks(factory: AttentionFactory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: let the call decide
+        return True
+    return any(p.name == "sinks" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class Attention(nn.Module):
     """Model-side attention front-end: holds the spec and the host's implementation."""
 
-    def __init__(self, spec: AttentionSpec, attn_factory: AttentionFactory | None = None):
+    def __init__(self, spec: AttentionSpec, attn_factory: AttentionFactory | None = None,
+                 sinks: torch.Tensor | None = None):
         super().__init__()
+        if spec.has_sinks != (sinks is not None):
+            raise ValueError(f"attention layer {spec.prefix!r}: spec.has_sinks={spec.has_sinks} but sinks "
+                             f"{'missing' if sinks is None else 'given'}")
         self.spec = spec
-        self.impl = (attn_factory or paged_attention_factory)(spec)
+        factory = attn_factory or paged_attention_factory
+        if sinks is None:
+            self.impl = factory(spec)
+            return
+        if not _takes_sinks(factory):
+            raise ValueError(f"attention layer {spec.prefix!r} has attention sinks, which this host's attention "
+                             f"implementation ({getattr(factory, '__qualname__', type(factory).__qualname__)}) "
+                             "does not support")
+        self.impl = factory(spec, sinks=sinks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.impl(q, k, v)

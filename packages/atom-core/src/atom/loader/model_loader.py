@@ -87,6 +87,12 @@ def random_weights_(module: torch.nn.Module, seed: int = 0) -> None:
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
             continue
+        if not p.dtype.is_floating_point:  # packed data (MXFP4 codes, scales): its layer says what is sane
+            low, high = getattr(p, "dummy_range", (0, 2))
+            # drawn where it lives (gpt-oss-20b has 12.7 GB of it), from a generator seeded by `gen`
+            local = torch.Generator(device=p.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            p.data.copy_(torch.randint(low, high, p.shape, generator=local, dtype=p.dtype, device=p.device))
+            continue
         values = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
         p.data.copy_(values.to(p.dtype))
 

@@ -18,6 +18,7 @@ from torch import nn
 from atom.layers.activation import GatedActivation
 from atom.layers.attention import Attention, AttentionFactory, AttentionSpec
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from atom.layers.gpt_oss_moe import GptOssMoE
 from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from atom.layers.moe import FusedMoE
 from atom.layers.norm import RMSNorm
@@ -31,7 +32,8 @@ class DecoderOptions:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-    moe: str | None = None  # None | "qwen3_moe" | "mixtral"
+    moe: str | None = None  # None | "qwen3_moe" | "mixtral" | "gpt_oss"
+    attention_sinks: bool = False  # a learned logit per head in the softmax denominator (GPT-OSS)
 
 
 def _head_dim(config) -> int:
@@ -66,6 +68,10 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = opts.qk_norm
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, is_neox=True, max_positions=max_positions)
+        sinks = None
+        if opts.attention_sinks:
+            self.sinks = sinks = nn.Parameter(torch.empty(self.qkv_proj.num_heads), requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
         spec = AttentionSpec(
             layer_idx=layer_idx,
             num_heads=self.qkv_proj.num_heads,
@@ -75,11 +81,19 @@ class SelfAttention(nn.Module):
             sliding_window=_sliding_window(config, layer_idx),
             logit_softcap=getattr(config, "attn_logit_softcapping", None),
             prefix=f"{prefix}.attn",
+            has_sinks=opts.attention_sinks,
         )
-        self.attn = Attention(spec, attn_factory)
+        self.attn = Attention(spec, attn_factory, sinks=sinks)
         # An implementation that can do qk-norm + rope + its KV write in one op gets them un-normed.
         self._fused_prep = (getattr(self.attn.impl, "forward_with_prep", None)
                             if self.rotary_emb.rope_type != "dynamic" else None)
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        n, rank = param.shape[0], self.qkv_proj.tp_rank
+        if tuple(loaded.shape) != (n * self.qkv_proj.tp_size,):
+            raise ValueError(f"shape mismatch for sinks: checkpoint {tuple(loaded.shape)}, expected "
+                             f"({n * self.qkv_proj.tp_size},) (one per attention head)")
+        param.data.copy_(loaded.narrow(0, rank * n, n))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -132,7 +146,7 @@ class SparseMoE(nn.Module):
 
 
 def _is_moe_layer(config, layer_idx: int, opts: DecoderOptions) -> bool:
-    if opts.moe == "mixtral":
+    if opts.moe in ("mixtral", "gpt_oss"):
         return True
     if opts.moe == "qwen3_moe":
         step = getattr(config, "decoder_sparse_step", 1) or 1
@@ -148,7 +162,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(config, layer_idx, opts, attn_factory, f"{prefix}.self_attn", max_positions,
                                        quant_config=quant_config)
         if _is_moe_layer(config, layer_idx, opts):
-            self.mlp = SparseMoE(config, opts, quant_config=quant_config, prefix=f"{prefix}.mlp")
+            if opts.moe == "gpt_oss":
+                self.mlp = GptOssMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
+            else:
+                self.mlp = SparseMoE(config, opts, quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, opts.mlp_bias,
                                 quant_config=quant_config, prefix=f"{prefix}.mlp")

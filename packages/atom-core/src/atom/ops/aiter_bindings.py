@@ -18,9 +18,10 @@ still go to the torch reference.
 Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul,
 moe_topk_softmax, fused_experts (silu, 16-bit, expert weights pre-shuffled once after loading),
 reshape_and_cache, paged_attention (decode through paged_attention_v1 on the NHD cache; prefill/varlen
-through flash_attn_varlen_func on gathered K/V), moe_grouped_topk (biased_grouped_topk / grouped_topk).
-Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, the mla_* ops (aiter's MLA decode
-wants page-size-1 indptr metadata, not ATOM's block tables).
+through flash_attn_varlen_func on gathered K/V; layers with attention sinks are declared unsupported, so
+they get ATOM's Triton kernel, which has them), moe_grouped_topk (biased_grouped_topk / grouped_topk).
+Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, fused_experts_swigluoai, the mla_*
+ops (aiter's MLA decode wants page-size-1 indptr metadata, not ATOM's block tables).
 """
 
 from __future__ import annotations
@@ -219,7 +220,13 @@ def _varlen(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
         softmax_scale=scale, logits_soft_cap=float(logit_softcap or 0.0), causal=True, window_size=window)
 
 
-@register("paged_attention", "aiter", dtypes=_HALF)
+def _attention_supports(static) -> str | None:
+    if static.get("has_sinks"):
+        return "the mapped AITER attention kernels have no attention sinks"
+    return None
+
+
+@register("paged_attention", "aiter", dtypes=_HALF, supports=_attention_supports)
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -232,7 +239,11 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if sinks is not None:  # _attention_supports keeps sink layers away; a direct call is a caller's bug
+        raise ValueError("the AITER paged_attention binding has no attention sinks (resolve with "
+                         "static={'has_sinks': True} to get an implementation that has them)")
     args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, logit_softcap)
     if q.dtype not in _HALF or k_cache.dtype != q.dtype:
         return ref_attention.paged_attention(*args, max_query_len, max_seq_len)

@@ -7,7 +7,10 @@ A token at position p of a sequence lives in slot block_table[p // block_size] *
 which are the *last* tokens of its seq_lens[b] context tokens (the earlier ones are a cached prefix).
 Decode is the case where every query length is 1. Causal masking, GQA/MQA (num_heads a multiple of
 num_kv_heads), sliding window (a query at position i sees keys j with i - j < window, as
-transformers defines it) and logit soft-capping (cap * tanh(s / cap)) are supported.
+transformers defines it), logit soft-capping (cap * tanh(s / cap)) and attention sinks are supported.
+A sink (GPT-OSS) is a learned logit per query head that joins each row's softmax denominator and
+nothing else: p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h)), on the scale of the (scaled, capped)
+scores, as transformers' eager attention of gpt_oss computes it.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def _attention_example(t, static):
     calls = []
     for q_lens, ctx in (([1, 1], [40, 7]), ([1, 5], [23, 40])):
         qsl = t.tensor([0, q_lens[0], q_lens[0] + q_lens[1]], torch.int32)
-        calls.append((t.randn(sum(q_lens), h, d), k_cache, v_cache, tables, qsl, t.tensor(ctx, torch.int32),
-                      d**-0.5, window, softcap, max(q_lens), max(ctx)))
+        call = (t.randn(sum(q_lens), h, d), k_cache, v_cache, tables, qsl, t.tensor(ctx, torch.int32), d**-0.5,
+                window, softcap, max(q_lens), max(ctx))
+        if static.get("has_sinks"):
+            call += (t.randn(h, dtype=torch.float32, scale=2.0),)
+        calls.append(call)
     return calls
 
 
@@ -85,8 +91,10 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1])."""
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]).
+    sinks: optional [num_heads] sink logits (any float dtype)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -107,8 +115,12 @@ def paged_attention(
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     # Padding keys read slot 0, which may hold garbage (NaN/inf in a torch.empty cache); zero them so
-    # 0-probability * garbage cannot poison the output.
-    pad = ~key_valid[:, :, None, None]
+    # 0-probability * garbage cannot poison the output. So are keys before every query's window: a host
+    # that keeps only the window (atom-server's window pool) leaves stale block ids there.
+    unused = ~key_valid
+    if sliding_window:
+        unused |= pos[None, :] < (seq_lens - q_lens - sliding_window + 1)[:, None]
+    pad = unused[:, :, None, None]
     k = flat_k[slots].float().masked_fill(pad, 0.0)
     v = flat_v[slots].float().masked_fill(pad, 0.0)
 
@@ -126,7 +138,11 @@ def paged_attention(
     if sliding_window:
         allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
     scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        sink = sinks.float().view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, max_q, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, max_q, num_heads, head_dim)
     result = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=device)
     result[tok[q_valid]] = out[q_valid].to(q.dtype)

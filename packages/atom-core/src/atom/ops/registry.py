@@ -270,13 +270,32 @@ def resolve(op: str, backend: str | None = None, *, dtype: torch.dtype | None = 
 
 
 def _build_device() -> torch.device:
-    """The device of the layer being built: the default device (hosts build models under their device),
-    or, when that is the CPU default in a GPU process (a host-side op resolved outside any build), the
-    process's accelerator."""
+    """The device of the layer being built: the default device (hosts build models under their device,
+    `with torch.device(...)` or torch.set_default_device), or, when nothing set one in a GPU process (a
+    host-side op resolved outside any build), the process's accelerator. A CPU build in a GPU process
+    (LLM(device="cpu"), load_model(device="cpu"), the CPU variants of the tests) gets CPU kernels."""
+    explicit = _explicit_default_device()
+    if explicit is not None:
+        return explicit
     device = torch.get_default_device()
     if device.type == "cpu" and platform.device_kind() != "cpu":
         return platform.default_device()
     return device
+
+
+def _explicit_default_device() -> torch.device | None:
+    """The device set by an active `with torch.device(...)` or by torch.set_default_device, else None
+    (torch.get_default_device() answers "cpu" for both an explicit CPU and no setting at all)."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+    except ImportError:  # pragma: no cover - a torch without these internals: the heuristic alone
+        return None
+    if any(isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack()):
+        return torch.get_default_device()
+    if getattr(getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None), "device_context", None) is not None:
+        return torch.get_default_device()
+    return None
 
 
 @functools.cache
@@ -360,6 +379,7 @@ _OP_FAMILY = {
     "gelu_tanh_and_mul": "activation",
     "moe_topk_softmax": "moe",
     "fused_experts": "moe",
+    "fused_experts_swigluoai": "moe_swigluoai",
     "reshape_and_cache": "attention",
     "paged_attention": "attention",
     "sample": "sampling",

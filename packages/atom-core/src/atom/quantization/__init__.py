@@ -17,6 +17,7 @@ from atom.quantization.registry import (
     supported_quantizations,
 )
 from atom.quantization.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
+from atom.quantization import mxfp4  # noqa: E402,F401  registers the "mxfp4" scheme
 
 
 def linear_method_for(quant_config: QuantizationConfig | None, layer, prefix: str) -> LinearMethod:

@@ -8,6 +8,8 @@ Inputs live in one device byte buffer, mirrored by one pinned host buffer with t
 whole step's input is a single non-blocking copy (the leading `last` field is written by the graphs only):
     last int64[n] | ids int64[n] | src int64[n] | positions int64[n] | slots int64[n] | seq_lens int32[n]
     | block tables int32[n, width]
+With a window pool (block_manager.py) the sliding-window layers' slots and tables join it:
+    ... | slots int64[n] | window slots int64[n] | seq_lens int32[n] | block tables | window tables int32[n, width]
 `last` and `ids` form one token array: row i's input token is tokens[src[i]], so a row takes either the
 id the host wrote (src = n + i) or the token that the previous graph replay sampled at row j (src = j),
 without the host ever seeing it (async scheduling: the next step is launched before this one is read).
@@ -60,31 +62,48 @@ def _event(device: torch.device):
     return torch.cuda.Event() if device.type == "cuda" else _HostEvent()
 
 
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges in increasing order with touching ones joined (fewer copies)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 class _IOBuffers:
     """Typed views over one byte buffer (device or pinned host) in the layout of the module doc."""
 
-    def __init__(self, n: int, width: int, device: torch.device, pinned: bool):
+    def __init__(self, n: int, width: int, device: torch.device, pinned: bool, windowed: bool = False):
         self.n, self.width = n, width
         self.header_start = 8 * n  # the H2D copy starts after `last`
-        self.header_bytes = 44 * n
-        self.nbytes = self.header_bytes + 4 * n * width
+        w = 8 * n if windowed else 0  # window slots
+        self.header_bytes = 44 * n + w
+        self.table_bytes = 4 * n * width
+        self.nbytes = self.header_bytes + self.table_bytes * (2 if windowed else 1)
         self.raw = torch.zeros(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pinned)
         self.tokens = self.raw[0:16 * n].view(torch.int64)  # last | ids
         self.ids = self.raw[8 * n:16 * n].view(torch.int64)
         self.src = self.raw[16 * n:24 * n].view(torch.int64)
         self.positions = self.raw[24 * n:32 * n].view(torch.int64)
         self.slots = self.raw[32 * n:40 * n].view(torch.int64)
-        self.seq_lens = self.raw[40 * n:44 * n].view(torch.int32)
-        self.tables = self.raw[44 * n:].view(torch.int32).view(n, width)
+        self.window_slots = self.raw[40 * n:40 * n + w].view(torch.int64) if windowed else None
+        self.seq_lens = self.raw[40 * n + w:44 * n + w].view(torch.int32)
+        h, t = self.header_bytes, self.table_bytes
+        self.tables = self.raw[h:h + t].view(torch.int32).view(n, width)
+        self.window_tables = self.raw[h + t:h + 2 * t].view(torch.int32).view(n, width) if windowed else None
 
-    def row_bytes(self, lo: int, hi: int) -> tuple[int, int]:
-        """Byte range of block-table rows [lo, hi)."""
-        return self.header_bytes + 4 * lo * self.width, self.header_bytes + 4 * hi * self.width
+    def row_bytes(self, lo: int, hi: int, window: bool = False) -> tuple[int, int]:
+        """Byte range of block-table rows [lo, hi) (window: of the window tables)."""
+        start = self.header_bytes + (self.table_bytes if window else 0)
+        return start + 4 * lo * self.width, start + 4 * hi * self.width
 
 
 class DecodeGraphs:
     def __init__(self, model, builder: AttentionMetadataBuilder, device: torch.device, max_num_seqs: int,
-                 max_model_len: int, block_size: int, capture: bool = True):
+                 max_model_len: int, block_size: int, capture: bool = True, windowed: bool = False):
         self.model = model
         self.builder = builder
         self.device = device
@@ -95,8 +114,9 @@ class DecodeGraphs:
         self.block_size = block_size
         self.width = -(-max_model_len // block_size)
         pinned = device.type == "cuda"
-        self.dev = _IOBuffers(n, self.width, device, pinned=False)
-        self.host = _IOBuffers(n, self.width, torch.device("cpu"), pinned=pinned)
+        self.windowed = windowed
+        self.dev = _IOBuffers(n, self.width, device, pinned=False, windowed=windowed)
+        self.host = _IOBuffers(n, self.width, torch.device("cpu"), pinned=pinned, windowed=windowed)
         self.dev.slots.fill_(-1)
         self.dev.seq_lens.fill_(1)
         h = self.host
@@ -104,6 +124,10 @@ class DecodeGraphs:
                                                              h.seq_lens.numpy())
         self.h_src = h.src.numpy()
         self.h_tables = h.tables.numpy()
+        if windowed:
+            self.dev.window_slots.fill_(-1)
+            self.h_wslots, self.h_wtables = h.window_slots.numpy(), h.window_tables.numpy()
+            self.h_wslots[:] = -1
         self.h_slots[:] = -1
         self.h_lens[:] = 1
         self.own_src = np.arange(n, 2 * n, dtype=np.int64)  # row i reads the id the host wrote
@@ -128,9 +152,12 @@ class DecodeGraphs:
 
     def _inputs(self, bs: int) -> AttentionInputs:
         d = self.dev
-        return AttentionInputs(slot_mapping=d.slots[:bs], block_tables=d.tables[:bs],
-                               query_start_loc=self.qsl[:bs + 1], seq_lens=d.seq_lens[:bs],
-                               max_query_len=1, max_seq_len=self.max_model_len)
+        inputs = AttentionInputs(slot_mapping=d.slots[:bs], block_tables=d.tables[:bs],
+                                 query_start_loc=self.qsl[:bs + 1], seq_lens=d.seq_lens[:bs],
+                                 max_query_len=1, max_seq_len=self.max_model_len)
+        if self.windowed:
+            inputs.window_slot_mapping, inputs.window_block_tables = d.window_slots[:bs], d.window_tables[:bs]
+        return inputs
 
     def _body(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dev
@@ -180,6 +207,10 @@ class DecodeGraphs:
         slots = self.h_slots[:n]
         np.multiply(tables.table[rows, block], self.block_size, out=slots, casting="unsafe")
         slots += offset
+        if self.windowed:
+            wslots = self.h_wslots[:n]
+            np.multiply(tables.window[rows, block], self.block_size, out=wslots, casting="unsafe")
+            wslots += offset
         ids = self.h_ids
         ids[:n] = step.token_ids
         if step.prev_rows is not None:
@@ -197,20 +228,22 @@ class DecodeGraphs:
         changed = np.flatnonzero(self.row_state[:n] != state)
         if bs > n:  # padding rows: write nowhere, attend to one (any) cached slot
             self.h_slots[n:bs] = -1
+            if self.windowed:
+                self.h_wslots[n:bs] = -1
             lens[n:bs] = 1
             self.h_src[n:bs] = self.own_src[n:bs]
             ids[n:bs] = 0
         if changed.size:
             self.h_tables[changed] = tables.table[rows[changed]]
+            ranges = [(self.host.header_start, self.host.header_bytes),
+                      self.host.row_bytes(int(changed[0]), int(changed[-1]) + 1)]
+            if self.windowed:
+                self.h_wtables[changed] = tables.window[rows[changed]]
+                ranges.append(self.host.row_bytes(int(changed[0]), int(changed[-1]) + 1, window=True))
             self.row_state[changed] = state[changed]
             d, h = self.dev.raw, self.host.raw
-            start, end = self.host.header_start, self.host.header_bytes
-            a, b = self.host.row_bytes(int(changed[0]), int(changed[-1]) + 1)
-            if a == end:  # contiguous with the header: one copy
-                d[start:b].copy_(h[start:b], non_blocking=True)
-            else:
+            for a, b in _merged(ranges):
                 d[a:b].copy_(h[a:b], non_blocking=True)
-                d[start:end].copy_(h[start:end], non_blocking=True)
         else:
             self._header[0].copy_(self._header[1], non_blocking=True)
         self.copied.record()

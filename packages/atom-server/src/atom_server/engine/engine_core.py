@@ -162,14 +162,21 @@ class EngineCore:
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             load_format=args.load_format, config=config, trust_remote_code=args.trust_remote_code, seed=args.seed,
-            enforce_eager=args.enforce_eager, speculative=spec)
+            enforce_eager=args.enforce_eager, windowed_kv=not args.disable_hybrid_kv_cache_manager,
+            speculative=spec)
         self.config = self.runner.config
         self.dtype = self.runner.dtype
         self.vocab_size = self.runner.vocab_size
         self.kernel_backend = kernel_backend()
         self.served_model_name = (args.served_model_names() or [args.model])[0]
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
-        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
+                                          window=self.runner.kv_window, num_window_blocks=self.runner.num_window_blocks)
+        if spec is not None and self.runner.kv_window is not None:
+            # the window pool gives back blocks behind each sequence's window after every step; lookahead
+            # slots and rolled-back drafts are not wired into it
+            raise ValueError("speculative_config: not with the sliding-window KV pool of this model yet; "
+                             "pass --disable-hybrid-kv-cache-manager (full-length caches) to speculate")
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,
                                    lookahead=spec.lookahead_slots if spec is not None else 0,
                                    max_model_len=self.max_model_len)

@@ -201,9 +201,11 @@ class TPExecutor:
                 startup.phase_done("tensor-parallel workers", f"{tp - 1} joined ({backend})")
                 self.runner = ModelRunner(device=device, config=config, **runner_kwargs)
             ready = self._await(ch.Ready, tp - 1, "build its model runner")
-            if any(r.num_blocks != self.runner.num_blocks for r in ready):
-                raise WorkerError(f"the ranks sized different KV caches: {self.runner.num_blocks} blocks on rank 0, "
-                                  + ", ".join(f"{r.num_blocks} on rank {r.rank}" for r in ready))
+            own = (self.runner.num_blocks, self.runner.num_window_blocks)
+            if any((r.num_blocks, r.num_window_blocks) != own for r in ready):
+                raise WorkerError(f"the ranks sized different KV caches: {own[0]} blocks (+ {own[1]} window-pool "
+                                  "blocks) on rank 0, " + ", ".join(
+                                      f"{r.num_blocks} (+ {r.num_window_blocks}) on rank {r.rank}" for r in ready))
         except BaseException:
             self.shutdown()
             raise
@@ -301,8 +303,8 @@ class TPExecutor:
         """Every rank's runner state (rank 0 first), read between steps."""
         self._raise_if_dead()
         self._steps.send(ch.QUERY)
-        tables, generators = self.runner.rank_state()
-        states = [ch.RankState(0, tables, generators)]
+        tables, generators, window_tables = self.runner.rank_state()
+        states = [ch.RankState(0, tables, generators, window_tables)]
         deadline = time.monotonic() + timeout_s
         while len(states) < self.world_size:
             self._raise_if_dead()

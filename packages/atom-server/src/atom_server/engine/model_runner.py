@@ -4,7 +4,9 @@ The runner never sees Sequence objects: it keeps its own copy of the block table
 of the seeded generators, both updated from the StepInputs, so a runner on another rank can run the same
 steps from the same inputs. Inputs become `AttentionInputs` and then the attention implementation's
 metadata through the builder that implementation names (eager steps), or the decode graphs' static
-buffers (cuda_graphs.py). The KV cache is sized and allocated from the layers' KV cache specs.
+buffers (cuda_graphs.py). The KV cache is sized and allocated from the layers' KV cache specs; with
+sliding-window layers (and windowed_kv) those layers get a pool of their own that keeps only the window
+of each running sequence (block_manager.py's window pool; split_kv_budget sizes both pools).
 
 The CPU path is plain PyTorch; a GPU adds faster kernels (chosen by atom's op registry), memory sizing
 from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
@@ -37,6 +39,7 @@ from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
 from atom_server import startup
+from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.mtp_drafter import MTPDrafter
@@ -105,6 +108,24 @@ def kv_blocks_for_budget(block_bytes: int, budget: int, block_size: int, max_mod
     return min(budget // block_bytes, kv_blocks_needed(block_size, max_model_len, max_num_seqs))
 
 
+def split_kv_budget(budget: int, block_bytes: int, window_block_bytes: int, window: int, block_size: int,
+                    max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, int]:
+    """(main pool blocks, window pool blocks) for a KV budget. The window pool gets what the running
+    windows can ever hold (window_pool_blocks) times WINDOW_POOL_CACHE_FACTOR (the rest caches freed
+    window blocks for prefix hits), but no more than the sliding-window layers would get as full-length
+    caches of the same budget, and never less than one sequence's worst step (so a sequence running alone
+    always fits); the main pool gets the rest. When the window pool is short, the scheduler preempts as
+    for the main pool. block_bytes 0 (every layer windowed): the main pool only counts blocks."""
+    worst = WINDOW_POOL_CACHE_FACTOR * window_pool_blocks(window, block_size, max_num_seqs, max_num_batched_tokens)
+    lone = window_pool_blocks(window, block_size, 1, min(max_num_batched_tokens, max_model_len))
+    full_length = budget // (block_bytes + window_block_bytes)
+    window_blocks = min(worst, max(full_length, lone))
+    rest = budget - window_blocks * window_block_bytes
+    cap = kv_blocks_needed(block_size, max_model_len, max_num_seqs)
+    main_blocks = min(rest // block_bytes, cap) if block_bytes else cap
+    return max(main_blocks, 0), window_blocks
+
+
 def cpu_kv_budget(block_bytes: int, block_size: int, max_model_len: int, max_num_seqs: int,
                   host_bytes: int) -> int:
     """Default KV budget on CPU: what max_num_seqs full-length sequences need, capped at
@@ -119,7 +140,9 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, load_format: str,
                  config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False,
-                 speculative: SpeculativeConfig | dict | None = None):
+                 windowed_kv: bool = True, speculative: SpeculativeConfig | dict | None = None):
+        """windowed_kv: give sliding-window layers a window pool (False: full-length caches for every layer,
+        vLLM's --disable-hybrid-kv-cache-manager). speculative: speculative decoding (engine/speculative.py)."""
         torch.manual_seed(seed)
         if isinstance(speculative, dict):  # a tensor-parallel worker's copy (runner kwargs travel as JSON)
             speculative = SpeculativeConfig.from_fields(speculative)
@@ -143,26 +166,49 @@ class ModelRunner:
         self.specs = attention_specs(self.model) + mla_attention_specs(self.model)
         self.kv_specs = kv_cache_specs(self.model)
         self.attn_builder = metadata_builder(self.model)
-        self._sample = resolve("sample")
-        self.block_bytes = bytes_per_block(self.kv_specs, block_size)
+        self._sample = resolve("sample", device=device)
+        # The window pool: None, or the (largest) window of the sliding-window layers it holds.
+        self.kv_window = self._kv_window() if windowed_kv else None
+        self.block_bytes = bytes_per_block([s for s in self.kv_specs if not self._in_window_pool(s)], block_size)
+        self.window_block_bytes = bytes_per_block([s for s in self.kv_specs if self._in_window_pool(s)], block_size)
         budget = self._kv_budget(kv_cache_memory_bytes, gpu_memory_utilization)
-        self.num_blocks = kv_blocks_for_budget(self.block_bytes, budget, block_size, max_model_len, max_num_seqs)
+        if self.kv_window is None:
+            self.num_blocks = kv_blocks_for_budget(self.block_bytes, budget, block_size, max_model_len, max_num_seqs)
+            self.num_window_blocks = 0
+        else:
+            self.num_blocks, self.num_window_blocks = split_kv_budget(
+                budget, self.block_bytes, self.window_block_bytes, self.kv_window, block_size, max_model_len,
+                max_num_seqs, max_num_batched_tokens)
         if self.tp_size > 1:  # one block table for every rank: the rank with the least memory decides
             own, self.num_blocks = self.num_blocks, tp.all_reduce_min(self.num_blocks)
             if own != self.num_blocks:
                 logger.info("KV cache: %d blocks here, %d on the smallest rank", own, self.num_blocks)
+            if self.kv_window is not None:  # the window pool's tables are shared by the ranks too
+                own, self.num_window_blocks = self.num_window_blocks, tp.all_reduce_min(self.num_window_blocks)
+                if own != self.num_window_blocks:
+                    logger.info("Window pool: %d blocks here, %d on the smallest rank", own,
+                                self.num_window_blocks)
+        self.window_pool_bytes = self.num_window_blocks * self.window_block_bytes
         if self.num_blocks * block_size < max_model_len:
+            window = (f" after the sliding-window layers' pool ({self.window_pool_bytes} bytes)"
+                      if self.window_pool_bytes else "")
             raise ValueError(
-                f"kv_cache_memory_bytes: the KV cache holds {self.num_blocks * block_size} tokens "
-                f"({self.num_blocks} blocks of {block_size}), fewer than max_model_len={max_model_len}; "
-                "give the KV cache more memory or lower max_model_len")
-        self.kv_caches = allocate_kv_caches(self.kv_specs, self.num_blocks, block_size, device)
+                f"kv_cache_memory_bytes: the KV cache holds {max(self.num_blocks, 0) * block_size} tokens "
+                f"({max(self.num_blocks, 0)} blocks of {block_size}){window}, fewer than "
+                f"max_model_len={max_model_len}; give the KV cache more memory or lower max_model_len")
+        self.kv_caches = [s.allocate(self.num_window_blocks if self._in_window_pool(s) else self.num_blocks,
+                                     block_size, device) for s in self.kv_specs]
         bind_kv_caches(self.model, self.kv_caches)
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_blocks, block_size,
                     self.num_blocks * self.block_bytes / GiB)
+        if self.kv_window is not None:
+            logger.info("KV cache of the sliding-window layers (window %d): %d blocks (%.2f GiB), only the window "
+                        "of each running sequence", self.kv_window, self.num_window_blocks,
+                        self.window_pool_bytes / GiB)
         startup.phase_done("KV cache")
         width = -(-max_model_len // block_size)
-        self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs))
+        self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs),
+                                  windowed=self.kv_window is not None)
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
         self.drafter = MTPDrafter(self, speculative.k) if mtp else None
         # benchmarks (forced acceptance): its own stream, so request draws are untouched
@@ -173,7 +219,7 @@ class ModelRunner:
             raise ValueError(f"ATOM_DECODE_GRAPHS must be auto, off or static, got {mode!r}")
         if mode == "static":  # the graphs' input plumbing without capture (any device; tests)
             self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
-                                       block_size, capture=False)
+                                       block_size, capture=False, windowed=self.kv_window is not None)
         elif device.type == "cuda" and not enforce_eager and mode != "off":
             if mtp:  # every step runs eager (execute): the drafter reads hidden states the graphs do not keep
                 logger.info("CUDA graphs off: the MTP drafter reads the target's hidden states at every position")
@@ -182,7 +228,7 @@ class ModelRunner:
             else:
                 try:
                     self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
-                                               block_size)
+                                               block_size, windowed=self.kv_window is not None)
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
                     if self.tp_size > 1:  # every rank must take the same path through a step
                         raise RuntimeError(f"CUDA graph capture failed on a tensor-parallel rank ({e}); "
@@ -192,6 +238,20 @@ class ModelRunner:
         startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
 
     # ---- memory sizing -------------------------------------------------------------------------
+    def _kv_window(self) -> int | None:
+        """The window pool's window: the largest window of the sliding-window layers, when the attention
+        implementation reads a window pool and the pool would be smaller than full-length caches."""
+        windows = [s.sliding_window for s in self.kv_specs if s.kind == "sliding_window"]
+        if not windows or not getattr(self.attn_builder, "supports_window_pool", False):
+            return None
+        window = max(windows)
+        pool = WINDOW_POOL_CACHE_FACTOR * window_pool_blocks(window, self.block_size, self.max_num_seqs,
+                                                             self.max_num_batched_tokens)
+        return window if pool < kv_blocks_needed(self.block_size, self.max_model_len, self.max_num_seqs) else None
+
+    def _in_window_pool(self, spec) -> bool:
+        return self.kv_window is not None and spec.kind == "sliding_window"
+
     def _kv_budget(self, kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> int:
         if kv_cache_memory_bytes is not None:
             return kv_cache_memory_bytes
@@ -201,9 +261,12 @@ class ModelRunner:
             logger.info("KV cache on CPU: %.2f GiB, the smaller of max_num_seqs (%d) x max_model_len (%d) tokens "
                         "at %d bytes per token (%s) and %d%% of the host's %.1f GiB (at least one full-length "
                         "sequence); --kv-cache-memory-bytes sets it", budget / GiB, self.max_num_seqs,
-                        self.max_model_len, bytes_per_block(self.kv_specs, 1),
+                        self.max_model_len, self.block_bytes // self.block_size,
                         ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in self.kv_specs})),
                         round(100 * CPU_KV_HOST_FRACTION), host / GiB)
+            if self.kv_window is not None:  # plus the window pool
+                budget += self.window_block_bytes * WINDOW_POOL_CACHE_FACTOR * window_pool_blocks(
+                    self.kv_window, self.block_size, self.max_num_seqs, self.max_num_batched_tokens)
             return budget
         return self._profile_gpu_budget(gpu_memory_utilization)
 
@@ -222,6 +285,8 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
             max_query_len=tokens, max_seq_len=tokens)
+        if self.kv_window is not None:  # the scratch cache has num_blocks blocks in every layer
+            inputs.window_slot_mapping, inputs.window_block_tables = inputs.slot_mapping, inputs.block_tables
         ids = torch.randint(0, self.vocab_size, (tokens,), device=self.device)
         with set_forward_context(self.attn_builder.build(inputs)):
             hidden = self.model(ids, torch.arange(tokens, device=self.device))
@@ -298,19 +363,23 @@ class ModelRunner:
         """Wait for a launched step and return its tokens (one per row)."""
         return self.graphs.tokens_list(ticket, num_rows)
 
-    def rank_state(self) -> tuple[dict[int, list[int]], list[int]]:
-        """(each live sequence's block table, the sequences with a seeded generator): what this runner keeps
-        between steps, for checking that every rank holds the same (and nothing once all is released)."""
-        tables = {sid: self.tables.table[row, :self.tables.num_blocks[row]].tolist()
-                  for sid, row in self.tables.row_of.items()}
-        return tables, sorted(self._generators)
+    def rank_state(self) -> tuple[dict[int, list[int]], list[int], dict[int, list[int]]]:
+        """(each live sequence's block table, the sequences with a seeded generator, each live sequence's
+        window-pool table or nothing without a pool): what this runner keeps between steps, for checking that
+        every rank holds the same (and nothing once all is released)."""
+        t = self.tables
+        tables = {sid: t.table[row, :t.num_blocks[row]].tolist() for sid, row in t.row_of.items()}
+        window = ({sid: t.window[row, :t.window_num_blocks[row]].tolist() for sid, row in t.row_of.items()}
+                  if t.windowed else {})
+        return tables, sorted(self._generators), window
 
     def _execute_eager(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
         qsl, seq_lens, positions = positions_of(step)
         token_rows = rows if step.num_tokens == step.num_rows else np.repeat(rows, np.diff(qsl))
         slots = self.tables.slots(token_rows, positions)
+        window_slots = self.tables.slots(token_rows, positions, window=True) if self.tables.windowed else None
         ids = np.asarray(step.token_ids, dtype=np.int64)
-        hidden = self._forward_batch(ids, positions, slots, qsl, seq_lens, rows)
+        hidden = self._forward_batch(ids, positions, slots, window_slots, qsl, seq_lens, rows)
         results = [RowResult() for _ in range(step.num_rows)]
         sample_rows = step.sampled_rows()
         last = qsl[1:] - 1  # each row's last new token
@@ -428,9 +497,10 @@ class ModelRunner:
             return None
         return [self._generator(sid, sampling.seeds[j]) for j, sid in zip(sample_js, seq_ids)]
 
-    def _forward_batch(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, qsl: np.ndarray,
-                       seq_lens: np.ndarray, rows: np.ndarray, fn: ForwardFn | None = None,
-                       extra: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_batch(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                       window_slots: np.ndarray | None, qsl: np.ndarray, seq_lens: np.ndarray,
+                       rows: np.ndarray, fn: ForwardFn | None = None, extra: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """Hidden states of a step's tokens: fn(ids, positions, extra) under the step's attention metadata (fn:
         the model itself by default; the MTP drafter passes its layer, extra [T, H] the hidden states it reads)."""
         fn = fn or self._target
@@ -447,18 +517,22 @@ class ModelRunner:
                     tok = np.flatnonzero((q_lens[token_row] == 1) == decode)
                     sub_qsl = np.concatenate([[0], np.cumsum(q_lens[group])])
                     index = torch.from_numpy(tok).to(self.device)
-                    hidden[index] = self._forward(ids[tok], positions[tok], slots[tok], sub_qsl, seq_lens[group],
-                                                  rows[group], fn, None if extra is None else extra[index])
+                    hidden[index] = self._forward(
+                        ids[tok], positions[tok], slots[tok], window_slots[tok] if window_slots is not None else None,
+                        sub_qsl, seq_lens[group], rows[group], fn, None if extra is None else extra[index])
                 return hidden
-        return self._forward(ids, positions, slots, qsl, seq_lens, rows, fn, extra)
+        return self._forward(ids, positions, slots, window_slots, qsl, seq_lens, rows, fn, extra)
 
     def _target(self, ids: torch.Tensor, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return self.model(ids, positions)
 
-    def _forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, qsl: np.ndarray,
-                 seq_lens: np.ndarray, rows: np.ndarray, fn: ForwardFn, extra: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, window_slots: np.ndarray | None,
+                 qsl: np.ndarray, seq_lens: np.ndarray, rows: np.ndarray, fn: ForwardFn | None = None,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+        fn = fn or self._target
         dev = self.device
-        width = int(self.tables.num_blocks[rows].max())
+        tables = self.tables
+        width = int(tables.num_blocks[rows].max())
         inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slots).to(dev),
             block_tables=torch.from_numpy(self.tables.table[rows, :width]).to(dev),
@@ -467,6 +541,10 @@ class ModelRunner:
             max_query_len=int(np.diff(qsl).max()),
             max_seq_len=int(seq_lens.max()),
         )
+        if window_slots is not None:
+            inputs.window_slot_mapping = torch.from_numpy(window_slots).to(dev)
+            window_width = int(tables.window_num_blocks[rows].max())
+            inputs.window_block_tables = torch.from_numpy(tables.window[rows, :window_width]).to(dev)
         with set_forward_context(self.attn_builder.build(inputs)):
             return fn(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), extra)
 

@@ -76,7 +76,7 @@ class MTPDrafter:
         -> flat index of its last valid token (its new token, results[i].token_id, follows it)."""
         r = self.runner
         nxt = self.first_pass_ids(step, ids, qsl, stops, results)
-        h = r._forward_batch(nxt, positions, slots, qsl, seq_lens, rows, fn=self._layer, extra=hidden)
+        h = r._forward_batch(nxt, positions, slots, None, qsl, seq_lens, rows, fn=self._layer, extra=hidden)
         draft_rows = [i for i in (step.draft_rows or []) if i in stops]
         if not draft_rows:
             return
@@ -113,7 +113,7 @@ class MTPDrafter:
             inside = p < capacity
             p_in = np.minimum(p, capacity - 1)  # a row past its slots runs on, writing nowhere; its drafts stop
             step_slots = np.where(inside, r.tables.slots(table_rows, p_in), -1)
-            h = r._forward(tokens.cpu().numpy(), p_in, step_slots, np.arange(n + 1), p_in + 1, table_rows,
+            h = r._forward(tokens.cpu().numpy(), p_in, step_slots, None, np.arange(n + 1), p_in + 1, table_rows,
                            self._layer, h)
         kept: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
         sampled_rows = [m for m, g in enumerate(greedy) if not g]

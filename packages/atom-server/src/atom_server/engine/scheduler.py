@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from atom_server.engine.block_manager import BlockManager
+from atom_server.engine.block_manager import BlockManager, PrefixHit
 from atom_server.engine.sequence import Sequence, SeqStatus
 
 
@@ -101,7 +101,7 @@ class Scheduler:
             seq = self.waiting[0]
             if self._sibling_prefilling(seq):
                 break  # wait one step so the sibling's prompt blocks are cached and shared
-            hits = [] if seq.wants_prompt_logprobs else self.bm.lookup(seq)
+            hits = PrefixHit() if seq.wants_prompt_logprobs else self.bm.lookup(seq)
             num_computed = len(hits) * self.bm.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
             slots = self._slots(seq, num_new, num_new, num_computed)

@@ -29,6 +29,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.block_table: list[int] = []
+        # Window pool (block_manager.py): the sliding-window layers' table, by the same logical block
+        # numbers; entries before window_start were given back (out of every later query's window).
+        self.window_table: list[int] = []
+        self.window_start = 0
         self.table_gen = 0  # bumped whenever block_table is replaced (not grown), for cached copies of it
         # Async scheduling: the last entry of token_ids is a placeholder for a token still on the device;
         # final_pending: that token is the last one (length), so the scheduler does not schedule it again.

@@ -20,6 +20,9 @@ A decode step of 256 sequences then sends a few short tails (one block id per se
 block) instead of 256 full rows (up to max_model_len / block_size ids each): full rows would cost more
 host time than the rest of the step's input together, and far more bytes on a TP broadcast.
 The price is order: every runner must apply every StepInput once, in order (a broadcast gives that).
+With a window pool (block_manager.py) the sliding-window layers' tables travel the same way in
+`window_block_updates` (a table whose head slid out of the window is not resent: the runner keeps the
+stale ids, which no kernel reads).
 
 Sampling inputs are sent only when some sampled row needs more than the greedy argmax (the decode
 graphs take the argmax inside the replay), and for each such row: temperature, top-k/p, min-p, the
@@ -96,6 +99,7 @@ class StepInput(msgspec.Struct, kw_only=True, omit_defaults=True):
     query_start_loc: list[int]  # [rows + 1]
     seq_lens: list[int]  # [rows]: context + new tokens
     block_updates: list[BlockTableUpdate] = []
+    window_block_updates: list[BlockTableUpdate] = []  # the window pool's tables (block_manager.py)
     finished_seq_ids: list[int] = []  # sequences whose runner state goes, before this step's updates
     sample_rows: list[int] | None = None  # rows that sample their next token; None: every row
     sampling: SamplingInputs | None = None  # None: greedy argmax for every sampled row
@@ -186,7 +190,7 @@ class StepInputBuilder:
         token a pending sequence is waiting for."""
         seqs = batch.seqs
         finished = self.scheduler.take_finished()
-        updates = self._table_updates(finished)
+        updates, window_updates = self._table_updates(finished)
         seq_ids = list(map(_seq_id, seqs))
         if batch.num_drafts is None and _is_decode(batch):
             step = StepInput(seq_ids=seq_ids, token_ids=list(map(_last, map(_token_ids, seqs))),
@@ -197,6 +201,8 @@ class StepInputBuilder:
         else:
             step = self._mixed(batch, seq_ids, updates, finished)
             sampled = seqs if step.sample_rows is None else [seqs[i] for i in step.sample_rows]
+        if window_updates:
+            step.window_block_updates = window_updates
         if prev_rows is not None:
             step.prev_rows = [prev_rows[s.seq_id] if s.pending else -1 for s in seqs]
         if _any_prompt_logprobs(seqs):
@@ -211,8 +217,12 @@ class StepInputBuilder:
         """A step of no rows that only releases the runners' state of the sequences finished since the last
         step (their tables and generators; the engine otherwise sends them with its next step)."""
         finished = self.scheduler.take_finished()
-        return StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
-                         block_updates=self._table_updates(finished), finished_seq_ids=finished)
+        updates, window_updates = self._table_updates(finished)
+        step = StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
+                         block_updates=updates, finished_seq_ids=finished)
+        if window_updates:  # whatever take_changed handed over must reach the runners, this step or never
+            step.window_block_updates = window_updates
+        return step
 
     def _mtp_inputs(self, batch: ScheduledBatch, step: StepInput) -> None:
         sampled = set(step.sampled_rows())
@@ -224,26 +234,31 @@ class StepInputBuilder:
         can = self.can_draft
         step.draft_rows = [i for i in sorted(sampled) if can is None or can(batch.seqs[i])]
 
-    def _table_updates(self, finished: list[int]) -> list[BlockTableUpdate]:
-        """What the runners' tables lack: whole tables that were replaced, tails that grew."""
+    def _table_updates(self, finished: list[int]) -> tuple[list[BlockTableUpdate], list[BlockTableUpdate]]:
+        """What the runners' tables lack: whole tables that were replaced, tails that grew (main pool, and
+        window pool when there is one)."""
         sent = self._sent
         for sid in finished:
             sent.pop(sid, None)
         updates: list[BlockTableUpdate] = []
+        window_updates: list[BlockTableUpdate] = []
         for s in self.bm.take_changed():
             table = s.block_table
             if not table or s.is_finished:  # preempted or finished since: readmission sends it whole
                 continue
             have = sent.get(s.seq_id)
             if have is None or have[0] != s.table_gen:
-                updates.append(BlockTableUpdate(s.seq_id, 0, list(table)))
-            elif have[1] != len(table):  # grown (or, shrunk: an update from its end with no ids truncates)
+                have = (s.table_gen, 0, 0)
+            window = s.window_table
+            # grown, or (speculative decoding giving back lookahead blocks) shrunk: an update from its end with
+            # no ids truncates
+            if have[1] != len(table):
                 start = min(have[1], len(table))
                 updates.append(BlockTableUpdate(s.seq_id, start, table[start:]))
-            else:
-                continue
-            sent[s.seq_id] = (s.table_gen, len(table))
-        return updates
+            if have[2] < len(window):
+                window_updates.append(BlockTableUpdate(s.seq_id, have[2], window[have[2]:]))
+            sent[s.seq_id] = (s.table_gen, len(table), len(window))
+        return updates, window_updates
 
     @staticmethod
     def _mixed(batch: ScheduledBatch, seq_ids, updates, finished) -> StepInput:

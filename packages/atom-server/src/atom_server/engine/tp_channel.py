@@ -36,14 +36,17 @@ class Ready(msgspec.Struct, tag="ready"):
 
     rank: int
     num_blocks: int
+    num_window_blocks: int = 0  # the sliding-window layers' pool (model_runner.py)
 
 
 class RankState(msgspec.Struct, tag="state"):
-    """What a runner holds between steps: each live sequence's block table and its seeded generators."""
+    """What a runner holds between steps: each live sequence's block table (and window-pool table) and its
+    seeded generators."""
 
     rank: int
     tables: dict[int, list[int]]
     generators: list[int]
+    window_tables: dict[int, list[int]] = {}
 
 
 class Failed(msgspec.Struct, tag="failed"):

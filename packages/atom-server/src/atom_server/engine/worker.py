@@ -81,7 +81,7 @@ def serve(spec: ch.WorkerSpec, steps: zmq.Socket, replies: zmq.Socket) -> None:
     replies.send(ch.reply_encoder.encode(ch.Hello(spec.rank, os.getpid())))
     device = _init_distributed(spec)
     runner = ModelRunner(device=device, **spec.runner_kwargs)
-    replies.send(ch.reply_encoder.encode(ch.Ready(spec.rank, runner.num_blocks)))
+    replies.send(ch.reply_encoder.encode(ch.Ready(spec.rank, runner.num_blocks, runner.num_window_blocks)))
     while True:
         frame = steps.recv(copy=False).buffer
         kind = bytes(frame[:1])
@@ -90,8 +90,8 @@ def serve(spec: ch.WorkerSpec, steps: zmq.Socket, replies: zmq.Socket) -> None:
         elif kind == ch.LAUNCH:
             runner.launch_decode(decode(frame[1:]))
         elif kind == ch.QUERY:
-            tables, generators = runner.rank_state()
-            replies.send(ch.reply_encoder.encode(ch.RankState(spec.rank, tables, generators)))
+            tables, generators, window_tables = runner.rank_state()
+            replies.send(ch.reply_encoder.encode(ch.RankState(spec.rank, tables, generators, window_tables)))
         elif kind == ch.STOP:
             return
         else:

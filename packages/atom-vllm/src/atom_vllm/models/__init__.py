@@ -23,6 +23,7 @@ from atom.models.deepseek_v2 import DeepseekV2Model
 from atom.models.deepseek_v3 import DeepseekV3ForCausalLM as _AtomDeepseekV3
 from atom.models.glm4_moe import Glm4MoeForCausalLM as _AtomGlm4Moe
 from atom.models.glm4_moe import Glm4MoeModel
+from atom.models.gpt_oss import GptOssForCausalLM as _AtomGptOss
 from atom.models.llama import LlamaForCausalLM as _AtomLlama
 from atom.models.llama import MistralForCausalLM as _AtomMistral
 from atom.models.mixtral import MixtralForCausalLM as _AtomMixtral
@@ -59,6 +60,11 @@ class VllmDecoderModel(DecoderModel):
         return super().forward(input_ids, positions, inputs_embeds)
 
 
+# vLLM quantization method names that are another name of one of ATOM's schemes: vLLM renames a GPT-OSS
+# checkpoint's "mxfp4" (GptOssMxfp4Config, 0.24 and 0.32).
+VLLM_QUANT_ALIASES = {"gpt_oss_mxfp4": "mxfp4"}
+
+
 @support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
 class VllmDeepseekV2Model(DeepseekV2Model):
     """DeepSeek-V2/V3's backbone (MLA + DeepSeekMoE blocks), compiled by vLLM like VllmDecoderModel."""
@@ -91,6 +97,7 @@ def atom_quant_config(vllm_config) -> QuantizationConfig | None:
         return None
     model_config = vllm_config.model_config
     method = getattr(model_config, "quantization", None) or vllm_config.quant_config.get_name()
+    method = VLLM_QUANT_ALIASES.get(str(method), method)
     raw = getattr(getattr(model_config, "hf_config", None), "quantization_config", None)
     raw = raw if raw is None or isinstance(raw, dict) else raw.to_dict()
     try:
@@ -191,6 +198,10 @@ class Glm4MoeForCausalLM(VllmCausalLM, _AtomGlm4Moe):
     backbone_cls = VllmGlm4MoeModel
 
 
-__all__ = ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "LlamaForCausalLM",
-           "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-           "VllmDecoderModel", "VllmDeepseekV2Model", "VllmGlm4MoeModel"]
+class GptOssForCausalLM(VllmCausalLM, _AtomGptOss):
+    pass
+
+
+__all__ = ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
+           "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+           "Qwen3MoeForCausalLM", "VllmDecoderModel", "VllmDeepseekV2Model", "VllmGlm4MoeModel"]

@@ -10,6 +10,7 @@ from atom.ops.triton_kernels import (  # noqa: F401
     mla,
     moe,
     moe_routing,
+    moe_swigluoai,
     norm,
     qk_norm_rope_cache,
     rope,

@@ -4,7 +4,9 @@ A program owns one KV head and BLOCK_Q consecutive query tokens of one sequence,
 that share that KV head stacked into the rows of its tile (row r = token r // GROUP, head r % GROUP), so each
 K/V tile is read once per group. Keys are gathered token by token through the block table, so a tile may
 span several cache blocks of any block size. Decode (BLOCK_Q = 1) may split the context over several
-programs (flash-decoding); a second kernel merges their partial softmax states.
+programs (flash-decoding); a second kernel merges their partial softmax states. Attention sinks (one logit
+per query head, GPT-OSS) join the softmax denominator where a row's state is final: at the end of the
+one-split kernel, or in the merge.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ def _softcapped(s, softcap):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr,
     scale, softcap, window, head_dim, block_size, tokens_per_split, num_heads,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -158,6 +160,12 @@ def _attention_kernel(
 
     tok = q_start + qi
     if NUM_SPLITS == 1:
+        if USE_SINKS:  # the sink's exp joins the denominator (log2 units, like m_i)
+            sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sink)
+            rescale = tl.exp2(m_i - m_fin)
+            l_i = l_i * rescale + tl.exp2(sink - m_fin)
+            acc = acc * rescale[:, None]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -169,8 +177,9 @@ def _attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_heads, head_dim, out_stride_t,
-                         out_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, num_heads, head_dim,
+                         out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_SINKS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -179,9 +188,14 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_head
     m = tl.load(part_m_ptr + base + s)
     l_s = tl.load(part_l_ptr + base + s)
     m_max = tl.max(m, axis=0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_ref)
     l_tot = tl.sum(l_s * w, axis=0)
+    if USE_SINKS:
+        l_tot += tl.exp2(sink - m_ref)
     acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)
     tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
@@ -212,6 +226,7 @@ def paged_attention_impl(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the decode split count open to callers (tests force the merge path)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -225,13 +240,15 @@ def paged_attention_impl(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    # keys one decode query can see: a windowed layer splits its window, not the whole context
+    span = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     block_d = triton.next_power_of_2(head_dim)
     if max_query_len == 1:
         tile = DECODE_TILE
         block_q, block_n = 1, tile["block_n"]
         if num_splits is None:
-            num_splits = _decode_splits(q.device, batch, num_kv_heads, max_seq_len, block_n)
+            num_splits = _decode_splits(q.device, batch, num_kv_heads, span, block_n)
     else:
         tile = PREFILL_TILE
         block_q, block_n = max(1, tile["block_m"] // group), tile["block_n"]
@@ -241,7 +258,7 @@ def paged_attention_impl(
     # per stage the K and V tiles; once the q tile and p (the second dot's operand)
     block_n, num_stages = fit_tile(tile["num_stages"], block_n,
                                    lambda n: (2 * n * block_d * elem, block_m * (block_d + n) * elem), q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
@@ -251,21 +268,22 @@ def paged_attention_impl(
     kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     kv_align = 16 if all(st % 16 == 0 for st in kv_strides) else 1
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
     _attention_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc, sinks_arg,
         float(scale), float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
         tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, num_warps=tile["num_warps"],
-        num_stages=num_stages,
+        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
+        num_warps=tile["num_warps"], num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_m, part_l, part_acc, out, num_heads, head_dim, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4)
+            part_m, part_l, part_acc, out, sinks_arg, num_heads, head_dim, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4)
     return out
 
 
@@ -282,7 +300,8 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim]; decode splits long contexts over SMs."""
     return paged_attention_impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                sliding_window, logit_softcap, max_query_len, max_seq_len)
+                                sliding_window, logit_softcap, max_query_len, max_seq_len, sinks=sinks)

@@ -1,0 +1,295 @@
+"""fused_experts_swigluoai in Triton: GPT-OSS experts (biases, clamped SwiGLU) with bf16/fp32 or MXFP4 weights.
+
+The structure is that of atom.ops.triton_kernels.moe (read it first), whose sort, tile choice and top-k sum
+this module reuses: up to PAIR_GEMV_MAX_PAIRS (token, k) pairs, one GEMV per (pair, column block) and no
+sort; beyond, the pairs sorted by expert and padded to tiles of BLOCK_M rows, and two grouped GEMMs (the
+first computes gate and up tiles together, adds their biases and applies the activation in registers; the
+second adds the bias and scales by the routing weight); then the fp32 rows summed over k.
+
+MXFP4 weights are read packed, 0.53 bytes per weight, and decoded in registers: a byte holds elements 2j
+(low nibble) and 2j+1 (high nibble) of a row, so a K chunk of the weights is taken as its even and its odd
+elements, each multiplied with the matching even / odd activations (two half-K dots, or one GEMV with two
+products), and no interleaving is ever materialized. E2M1 codes and E8M0 scales become float32 by building
+their bits (exact), then the dot operand dtype (exact in bf16 too).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.registry import register
+from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
+from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk
+
+# Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
+PAIR_GEMV_MAX_PAIRS = 16
+# Tile overrides for tools/device/kernel_bench.py sweeps (the same keys as moe.PAIR_TILE_OVERRIDE and
+# moe.GEMM_TILE_OVERRIDE); None: moe's choice.
+PAIR_TILE_OVERRIDE: dict | None = None
+GEMM_TILE_OVERRIDE: dict | None = None
+
+
+@triton.jit
+def _e2m1_to_f32(code):
+    """E2M1 codes (0..15, sign | exponent(2) | mantissa(1)) -> float32, by building the float's bits."""
+    c = code.to(tl.uint32)
+    e = (c >> 1) & 3
+    m = c & 1
+    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))  # 0.5 * m, or 2^(e-1) * 1.m
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_to_f32(s):
+    """E8M0 scale bytes -> 2^(s - 127) (s = 0 is the subnormal 2^-127)."""
+    s = s.to(tl.uint32)
+    return tl.where(s == 0, 5.877471754111438e-39, (s << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _swigluoai(gate, up, alpha, limit):
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    return (up + 1.0) * gate * tl.sigmoid(gate * alpha)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _a_chunk(a_rows, row_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, F32_DOT: tl.constexpr):
+    """Activations of a K chunk, [BLOCK_M, BLOCK_K] (dense), or its even and odd columns (MXFP4)."""
+    if MXFP4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        m = row_ok[:, None] & (kb < k_dim // 2)[None, :]
+        even = tl.load(a_rows + 2 * kb[None, :], mask=m, other=0.0)
+        odd = tl.load(a_rows + 2 * kb[None, :] + 1, mask=m, other=0.0)
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        even = tl.load(a_rows + kk[None, :], mask=row_ok[:, None] & (kk < k_dim)[None, :], other=0.0)
+        odd = even
+    if F32_DOT:
+        even, odd = even.to(tl.float32), odd.to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             MXFP4: tl.constexpr):
+    """Weights of a K chunk as dot operands [K, BLOCK_N] (w_cols: pointers to each column n's row start):
+    dense, or the decoded even and odd elements (MXFP4: bytes k0/2.. of each row; the chunk's BLOCK_K/32
+    scales loaded once and broadcast over their 16 bytes)."""
+    if MXFP4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_cols + kb[:, None], mask=(kb < k_dim // 2)[:, None] & n_ok[None, :], other=0)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_cols + g[:, None], mask=(g < k_dim // 32)[:, None] & n_ok[None, :],
+                                     other=127))[:, None, :]
+        low = tl.reshape(_e2m1_to_f32(packed & 15), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        high = tl.reshape(_e2m1_to_f32(packed >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        return (tl.reshape(low, [BLOCK_K // 2, BLOCK_N]).to(dtype),
+                tl.reshape(high, [BLOCK_K // 2, BLOCK_N]).to(dtype))
+    kk = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_cols + kk[:, None], mask=(kk < k_dim)[:, None] & n_ok[None, :], other=0.0).to(dtype)
+    return w, w
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, MXFP4: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """GATED: out[pair] = swigluoai(A W_gate^T + b_gate, A W_up^T + b_up), W_up = rows n_out..;
+    else out[pair] = w_pair * (A W^T + b) in fp32. A row = pair // a_row_div; W the tile's expert's."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    e = tl.arange(0, E_PAD)
+    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
+    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+        return
+    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)
+    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = pair < num_pairs
+    a_rows = a_ptr + (pair // a_row_div)[:, None] * a_stride
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    w_cols = w_ptr + expert * w_stride_e + n[None, :] * w_stride_n
+    s_cols = s_ptr + expert * s_stride_e + n[None, :] * s_stride_n
+    dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        a0, a1 = _a_chunk(a_rows, row_ok, k0, k_dim, BLOCK_K, MXFP4, F32_DOT)
+        w0, w1 = _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype, BLOCK_N, BLOCK_K, MXFP4)
+        acc = _dot(a0, w0, acc, IEEE)
+        if MXFP4:
+            acc = _dot(a1, w1, acc, IEEE)
+        if GATED:
+            u0, u1 = _w_chunk(w_cols + n_out * w_stride_n, s_cols + n_out * s_stride_n, n_ok, k0, k_dim, dtype,
+                              BLOCK_N, BLOCK_K, MXFP4)
+            acc_up = _dot(a0, u0, acc_up, IEEE)
+            if MXFP4:
+                acc_up = _dot(a1, u1, acc_up, IEEE)
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    if GATED:
+        # round like the reference: projection + bias in the activation dtype, then the activation
+        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype).to(tl.float32)
+        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype)
+        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
+    else:
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype).to(tl.float32)
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + pair[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+    """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
+    for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
+    sum is exact); w_rows: pointers to each row n's start."""
+    if MXFP4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ok = kb < k_dim // 2
+        packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
+        x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+        prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
+                                     other=127))
+        return tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
+    kk = k0 + tl.arange(0, BLOCK_K)
+    ok = kk < k_dim
+    w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    return w * tl.load(x_ptr + kk, mask=ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
+                 w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
+                 GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACC_K: tl.constexpr):
+    """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
+    x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    x_row = x_ptr + (pair // x_row_div) * x_stride
+    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
+    acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, ACC_K], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4)
+        if GATED:
+            acc_up += _gemv_chunk(x_row, w_rows + n_out * w_stride_n, s_rows + n_out * s_stride_n, n_ok, k0, k_dim,
+                                  BLOCK_K, MXFP4)
+    dtype = x_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    if GATED:
+        up = (tl.sum(acc_up, axis=1) + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
+        y = _swigluoai(y, up.to(tl.float32), alpha, limit)
+    else:
+        y = y * tl.load(topk_w_ptr + pair)
+    tl.store(out_ptr + pair * out_stride + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: bool) -> tuple[int, int]:
+    """(hidden, inter) after checking every operand against them."""
+    num_experts, two_i = w13.shape[:2]
+    inter = two_i // 2
+    hidden = x.shape[1]
+    packing = 2 if mxfp4 else 1
+    expect = {"w13": (w13, (num_experts, two_i, hidden // packing)), "w2": (w2, (num_experts, hidden, inter // packing)),
+              "w13_bias": (w13_bias, (num_experts, two_i)), "w2_bias": (w2_bias, (num_experts, hidden))}
+    if mxfp4:
+        expect["w13_scale"] = (w13_scale, (num_experts, two_i, hidden // 32))
+        expect["w2_scale"] = (w2_scale, (num_experts, hidden, inter // 32))
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape or t.stride(-1) != 1:
+            raise ValueError(f"fused_experts_swigluoai: {name} is {tuple(t.shape)} (strides {t.stride()}), "
+                             f"expected {shape} with a contiguous last dim")
+    return hidden, inter
+
+
+@register("fused_experts_swigluoai", "triton")
+def fused_experts_swigluoai(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_bias: torch.Tensor,
+    w2_bias: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    alpha: float,
+    limit: float,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_k w_k * expert_{id_k}(x): per-pair GEMVs at decode sizes, expert-sorted grouped GEMMs beyond."""
+    mxfp4 = w13_scale is not None
+    if mxfp4 != (w2_scale is not None):
+        raise ValueError("fused_experts_swigluoai: give both MXFP4 scales (w13_scale, w2_scale) or neither")
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    hidden, inter = _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4)
+    num_experts = w13.shape[0]
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    weights = topk_weights.reshape(-1).float().contiguous()
+    s13 = w13_scale if mxfp4 else w13  # any pointer when dense
+    s2 = w2_scale if mxfp4 else w2
+    alpha, limit = float(alpha), float(limit)
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+
+    if num_pairs <= PAIR_GEMV_MAX_PAIRS:
+        ids = topk_ids.reshape(-1).contiguous()
+        tile = PAIR_TILE_OVERRIDE or _pair_tile(num_tokens)
+
+        def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
+            _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
+                a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
+                s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
+                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
+                num_warps=tile["num_warps"])
+
+        pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
+        pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],
+             tile.get("down_block_k", tile["block_k"]))
+        return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
+
+    tile = GEMM_TILE_OVERRIDE or _gemm_tile(num_pairs, num_experts)
+    block_m, bn, bk = tile["block_m"], tile["block_n"], max(64, tile["block_k"])  # MXFP4: half-K dots >= 32
+    sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
+    num_tiles = sorted_ids.numel() // block_m
+    ieee = dot_ieee(x.dtype)
+
+    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
+        rows = block_m + (2 if gated else 1) * bn
+        k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
+        _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
+            a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
+            a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
+            limit, GATED=gated, MXFP4=mxfp4, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
+            BLOCK_N=bn, BLOCK_K=max(k_step, 64 if mxfp4 else 16), F32_DOT=interpreting(), IEEE=ieee,
+            num_warps=tile["num_warps"], num_stages=stages)
+
+    gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
+    gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)

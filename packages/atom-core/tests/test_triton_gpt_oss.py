@@ -1,0 +1,188 @@
+"""GPT-OSS's Triton kernels vs their torch references: paged attention with sinks and sliding windows, and
+fused_experts_swigluoai with dense and MXFP4 experts.
+
+As test_triton_kernels.py (whose helpers this module uses): without a GPU it runs alone under Triton's
+interpreter (TRITON_INTERPRET=1, tiny shapes); the "large" cases are gpt-oss-20b shapes on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from test_triton_kernels import DEVICE, LARGE, ON_GPU, TOL, _paged_case, check, rand, triton_op  # noqa: E402
+
+from atom.ops import attention as ref_attn  # noqa: E402
+from atom.ops import moe as ref_moe  # noqa: E402
+from atom.ops.moe_swigluoai import fused_experts_swigluoai as ref_experts  # noqa: E402
+from atom.ops.mxfp4 import quantize_mxfp4  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+GPU = LARGE.marks  # gpu marker + skip without one
+
+ATTN_CASES = {
+    # name: (q_lens, ctx_lens, Hq, Hkv, head_dim, block_size, window, num_splits); every case has sinks
+    "decode": ([1, 1, 1], [9, 30, 2], 4, 2, 32, 4, None, None),
+    "decode_split": ([1, 1], [37, 70], 4, 1, 32, 4, None, 4),  # sinks joined in the merge kernel
+    "decode_window_inside_block": ([1, 1, 1], [20, 45, 3], 4, 2, 32, 4, 7, None),
+    "decode_window_split": ([1, 1], [40, 70], 8, 2, 16, 8, 13, 2),
+    "prefill_prefix_window": ([5, 19, 1], [0, 14, 33], 4, 2, 32, 4, 6, None),
+    "prefill_long_prompt_window": ([30], [0], 4, 4, 16, 4, 5, None),
+}
+LARGE_ATTN_CASES = {  # gpt-oss-20b attention: 64 query heads, 8 KV heads, head dim 64, window 128
+    "decode_bs1_window": ([1], [4095], 64, 8, 64, 16, 128, None),
+    "decode_bs32_full": ([1] * 32, None, 64, 8, 64, 16, None, None),
+    "decode_bs128_window": ([1] * 128, None, 64, 8, 64, 16, 128, None),
+    "prefill_bs4_window": ([1024, 512, 300, 77], [0, 1536, 1000, 3000], 64, 8, 64, 16, 128, None),
+    "prefill_bs2_full": ([700, 256], [300, 2000], 64, 8, 64, 16, None, None),
+}
+
+
+def _run_attention(name, case, dtype):
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, splits = case
+    if ctx_lens is None:  # decode at realistic contexts, 1..4k
+        ctx_lens = torch.randint(1, 4096, (len(q_lens),)).tolist()
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size, dtype)
+    sinks = rand(hq, dtype=dtype, scale=2.0)
+    scale = head_dim**-0.5
+    out = paged_attention_impl(q, kc, vc, tables, qsl, lens, scale, window, None, max_q, max_l, num_splits=splits,
+                               sinks=sinks)
+    ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, scale, window, None, max_q, max_l, sinks=sinks)
+    check(f"paged_attention sinks {name} {dtype}", out, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ATTN_CASES))
+def test_paged_attention_sinks(name, dtype):
+    _run_attention(name, ATTN_CASES[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(LARGE_ATTN_CASES))
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_paged_attention_sinks_large(name, dtype):
+    _run_attention(name, LARGE_ATTN_CASES[name], dtype)
+
+
+def test_registered_attention_op_passes_sinks():
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case([1, 4], [6, 3], 4, 2, 16, 4, torch.float32)
+    sinks = rand(4, scale=3.0)
+    out = triton_op("paged_attention")(q, kc, vc, tables, qsl, lens, 0.3, 5, None, max_q, max_l, sinks=sinks)
+    ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, 0.3, 5, None, max_q, max_l, sinks=sinks)
+    check("paged_attention op sinks", out, ref, TOL[torch.float32])
+    without = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, 0.3, 5, None, max_q, max_l)
+    assert (out - without).abs().max() > 1e-3  # the sinks are not a no-op
+
+
+# ---------------------------------------------------------------- GPT-OSS experts
+def _mxfp4_weights(experts: int, rows: int, cols: int, scale_range: tuple[int, int]):
+    """Random packed codes (all 16 E2M1 values) with random E8M0 scales: the kernels' decoding is checked
+    on every code and many exponents, independently of the quantizer."""
+    blocks = torch.randint(0, 256, (experts, rows, cols // 2), dtype=torch.uint8, device=DEVICE)
+    scales = torch.randint(*scale_range, (experts, rows, cols // 32), dtype=torch.uint8, device=DEVICE)
+    return blocks, scales
+
+
+EXPERT_SIZES = {
+    # name: (tokens, hidden, inter, experts, top_k); "decode" sizes take the per-pair GEMV path
+    "tiny_one_decode": (1, 64, 96, 6, 2),
+    "tiny_decode": (3, 64, 64, 6, 2),
+    "tiny": (20, 64, 96, 5, 2),
+}
+K_CHUNK_SIZES = {  # K over several chunks, the last one partial (hidden 320 = 10 scale blocks, intermediate 160)
+    "k_chunks_decode": (2, 320, 160, 4, 2),
+    "k_chunks": (12, 320, 160, 4, 2),
+}
+LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 32 experts, top-4
+    "one_decode": (1, 2880, 2880, 32, 4),
+    "decode": (4, 2880, 2880, 32, 4),
+    "batch32": (32, 2880, 2880, 32, 4),
+    "prefill": (1024, 2880, 2880, 32, 4),
+}
+
+
+def _run_experts(name, size, weights_format, dtype):
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    tokens, hidden, inter, experts, top_k = size
+    x = rand(tokens, hidden, dtype=dtype)
+    if weights_format == "mxfp4_random_codes":
+        # about unit-gain weights: E2M1 magnitudes average 2.25, so scale ~ 1 / (2.25 sqrt(fan-in))
+        w13, s13 = _mxfp4_weights(experts, 2 * inter, hidden, (118, 125) if hidden > 256 else (121, 126))
+        w2, s2 = _mxfp4_weights(experts, hidden, inter, (118, 125) if inter > 256 else (121, 126))
+    elif weights_format == "mxfp4_quantized":
+        (w13, s13), (w2, s2) = (quantize_mxfp4(rand(experts, 2 * inter, hidden, scale=hidden**-0.5)),
+                                quantize_mxfp4(rand(experts, hidden, inter, scale=inter**-0.5)))
+    else:
+        w13 = rand(experts, 2 * inter, hidden, dtype=dtype, scale=hidden**-0.5)
+        w2 = rand(experts, hidden, inter, dtype=dtype, scale=inter**-0.5)
+        s13 = s2 = None
+    b13, b2 = rand(experts, 2 * inter, dtype=dtype, scale=0.3), rand(experts, hidden, dtype=dtype, scale=0.3)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
+    args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    out = triton_op("fused_experts_swigluoai")(*args)
+    check(f"fused_experts_swigluoai {name} {weights_format} {dtype}", out, ref_experts(*args), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes", "mxfp4_quantized"])
+@pytest.mark.parametrize("name", sorted(EXPERT_SIZES))
+def test_fused_experts_swigluoai(name, weights_format, dtype):
+    _run_experts(name, EXPERT_SIZES[name], weights_format, dtype)
+
+
+@pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
+@pytest.mark.parametrize("name", sorted(K_CHUNK_SIZES))
+def test_fused_experts_swigluoai_k_chunks(name, weights_format):
+    _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
+@pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fused_experts_swigluoai_large(name, weights_format, dtype):
+    _run_experts(name, LARGE_EXPERT_SIZES[name], weights_format, dtype)
+
+
+def test_fused_experts_swigluoai_refuses_half_mxfp4():
+    x = rand(2, 64)
+    w13, s13 = _mxfp4_weights(4, 64, 64, (120, 125))
+    with pytest.raises(ValueError, match="both MXFP4 scales"):
+        triton_op("fused_experts_swigluoai")(x, w13, w13, rand(4, 64), rand(4, 64), torch.ones(2, 1),
+                                             torch.zeros(2, 1, dtype=torch.long), 1.702, 7.0, s13, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("tokens", [1, 64])  # per-pair GEMV path, sorted grouped GEMM path
+def test_mxfp4_experts_capture_in_a_cuda_graph(tokens):
+    """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""
+    x = rand(tokens, 2880, dtype=torch.bfloat16)
+    w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (118, 125))
+    w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))
+    b13, b2 = rand(32, 2 * 2880, dtype=torch.bfloat16), rand(32, 2880, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
+    op = triton_op("fused_experts_swigluoai")
+    args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    eager = op(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(*args)
+    x.copy_(rand(tokens, 2880, dtype=torch.bfloat16))
+    graph.replay()
+    torch.testing.assert_close(out, op(*args))
+    assert not torch.equal(out, eager)
