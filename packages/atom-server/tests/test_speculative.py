@@ -343,3 +343,24 @@ def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
         del llm, engine
         torch.cuda.empty_cache()
     assert runs["mtp"] == runs["none"] and runs["ngram"] == runs["none"]
+
+
+def test_speculation_with_the_window_pool_is_refused(tmp_path):
+    """A sliding-window model (GPT-OSS) gets a window pool; speculation is refused with it, naming the flag that
+    turns it off, and works with full-length caches (n-gram greedy = no speculation)."""
+    from tiny_checkpoint import write_tiny_gpt_oss
+
+    ckpt = write_tiny_gpt_oss(tmp_path)
+    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}
+    engine = dict(dtype="float32", block_size=BLOCK, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16,
+                  kv_cache_memory_bytes=1 << 20, device="cpu")  # a window pool without speculation
+    with pytest.raises(ValueError, match="--disable-hybrid-kv-cache-manager"):
+        LLM(ckpt, speculative_config=ngram, **engine)
+    prompt = [{"prompt_token_ids": [5, 6, 7, 5, 6, 7, 5, 6]}]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    got = []
+    for spec in (None, ngram):
+        llm = LLM(ckpt, disable_hybrid_kv_cache_manager=True, speculative_config=spec, **engine)
+        got.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+        _check_all_free(llm)
+    assert got[0] == got[1]
