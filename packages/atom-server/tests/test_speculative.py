@@ -314,6 +314,7 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.serial  # KV sized from free GPU memory
 def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
     """CUDA, float32: K = 0 decodes through the captured graphs (async scheduling on); MTP K = 2 runs every step
     eager (no graphs are captured with the drafter) and n-gram K = 3 replays the graphs for steps without drafts
