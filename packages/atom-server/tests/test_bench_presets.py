@@ -37,3 +37,13 @@ def test_deepseek_v2_lite_preset_is_the_released_shape(tmp_path):
     mscale = 0.1 * 0.707 * math.log(40) + 1.0
     assert mla_attention_specs(model)[0].scale == pytest.approx((128 + 64) ** -0.5 * mscale**2)
     assert PRESETS["deepseek-v2-lite"]["architectures"] == ["DeepseekV2ForCausalLM"]
+
+
+def test_deepseek_v2_lite_mtp_preset_drafts_with_one_mtp_layer(tmp_path):
+    """The speculative-decoding benchmark shape: V2-Lite plus one MTP layer, which a drafting engine builds and
+    gives its own latent cache (layer index num_hidden_layers)."""
+    cfg = load_config(preset_checkpoint("deepseek-v2-lite-mtp", str(tmp_path)))
+    assert cfg.num_nextn_predict_layers == 1
+    with torch.device("meta"):
+        model = model_class_for_config(cfg)(cfg, max_positions=256, run_mtp=True)
+    assert len(kv_cache_specs(model)) == cfg.num_hidden_layers + 1

@@ -57,6 +57,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                             "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
                             "lm_head"]}),
 }
+# the same with one MTP layer (as DeepSeek-V3/R1 ship), for speculative decoding's mechanism benchmarks
+# (--speculative-config with method mtp and a synthetic acceptance: random weights accept nothing on their own)
+PRESETS["deepseek-v2-lite-mtp"] = dict(PRESETS["deepseek-v2-lite"], num_nextn_predict_layers=1)
 # the same shape with bf16 experts (what a peer without an MXFP4 path on the GPU runs)
 PRESETS["gpt-oss-20b-bf16"] = {k: v for k, v in PRESETS["gpt-oss-20b"].items() if k != "quantization_config"}
 _COMMON = dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from atom_server.generation_defaults import check_generation_config
 
@@ -42,10 +44,18 @@ class EngineArgs:
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
     scheduling_policy: str = "fcfs"  # fcfs | priority (requests' priority field; lower first), vLLM's
     profiler_dir: str | None = None  # torch profiler traces (/start_profile, /stop_profile); None: off
+    # vLLM's speculative_config (a dict, or its JSON text): {"method": "mtp" | "ngram", "num_speculative_tokens":
+    # K, ...}; see atom_server.engine.speculative
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.profiler_dir is None and os.environ.get("VLLM_TORCH_PROFILER_DIR"):
             self.profiler_dir = os.environ["VLLM_TORCH_PROFILER_DIR"]
+        if isinstance(self.speculative_config, str):
+            from atom_server.engine.speculative import parse_speculative_config
+
+            parse_speculative_config(self.speculative_config)  # a clear error for bad JSON
+            self.speculative_config = json.loads(self.speculative_config) or None
         self.validate()
 
     def validate(self) -> None:
@@ -82,6 +92,14 @@ class EngineArgs:
             if not listed or any(not isinstance(n, str) or not n.strip() for n in listed):
                 raise bad("served_model_name", "must be one or more non-empty names")
         check_generation_config(self.generation_config)
+        from atom_server.engine.speculative import parse_speculative_config
+
+        spec = parse_speculative_config(self.speculative_config)
+        if spec is not None and spec.is_mtp and self.tensor_parallel_size > 1:
+            # the MTP layer's first pass reads where each row's verification stopped and the token it drew,
+            # which only rank 0 knows; the workers would need them mid-step (not built yet)
+            raise bad("speculative_config", "method 'mtp' does not run with tensor_parallel_size > 1 yet; "
+                      "use method 'ngram' there, or tensor_parallel_size 1")
 
     def served_model_names(self) -> list[str]:
         """The names clients may use; the first is the one reported (vLLM). Default: --model as given."""
@@ -146,6 +164,13 @@ class EngineArgs:
         add("--profiler-dir", type=str, default=None, metavar="DIR",
             help="enable POST /start_profile and /stop_profile: torch profiler traces of the engine written to "
                  "DIR (default: $VLLM_TORCH_PROFILER_DIR, else profiling is off)")
+        add("--speculative-config", type=str, default=None, metavar="JSON",
+            help='speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\' drafts with the '
+                 'checkpoint\'s MTP layer (DeepSeek-V3, GLM-4-MoE; K defaults to num_nextn_predict_layers); '
+                 '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+                 'drafts by prompt lookup (any model). Benchmarks only: "rejection_sample_method": "synthetic" with '
+                 '"synthetic_acceptance_length" (or "synthetic_acceptance_rates") forces the acceptance: outputs are '
+                 'then not the model\'s (default: off)')
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "

@@ -109,8 +109,12 @@ def load_model(
     progress: bool = True,
     quantization: str | None = None,
     quant_config: QuantizationConfig | None = None,
+    run_mtp: bool = False,
 ):
     """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights).
+
+    run_mtp: build the checkpoint's MTP layers to draft with (speculative decoding, method "mtp"); the first
+    one gets its attention from attn_factory like the model's layers (see deepseek_v2.MTPKeepingCausalLM).
 
     The quantization scheme comes from the checkpoint's quantization_config (or `quantization`, a
     quant_method name forcing one, or a ready `quant_config` from a host); after the weights are in,
@@ -123,6 +127,12 @@ def load_model(
         quant_config = quantization_config_for(config, quantization)
     # Only schemes are passed: a model class that predates the seam still builds unquantized.
     extra = {"quant_config": quant_config} if quant_config is not None else {}
+    if run_mtp:
+        if not getattr(cls, "supports_mtp", False):
+            raise ValueError(f"{cls.__name__} has no MTP layers to draft with (speculative method 'mtp' needs a "
+                             "DeepSeek-V3 / GLM-4-MoE style checkpoint with num_nextn_predict_layers); the 'ngram' "
+                             "method works with every model")
+        extra["run_mtp"] = True
     with default_dtype(torch_dtype), torch.device(device):
         net = cls(config, attn_factory=attn_factory, max_positions=max_positions, **extra)
     if load_format == "dummy":

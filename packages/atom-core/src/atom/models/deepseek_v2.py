@@ -281,18 +281,18 @@ class DeepseekV2Model(BlockStack):
                                   for i in range(config.num_hidden_layers)))
 
 
-# ------------------------------------------------------------------ MTP layers (kept, not run yet)
+# ------------------------------------------------------------------ MTP layers
 class KeptAttention(nn.Module):
-    """Stands in for the attention of an MTP layer: its weights are loaded and kept; the attention itself (and
-    its KV cache) is attached when speculative decoding runs the layer, so no host sizes a cache for it now."""
+    """Stands in for the attention of an MTP layer that is loaded and kept but not run (no speculative decoding,
+    or an MTP layer past the first): no host sizes a KV cache for it."""
 
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
 
     def forward(self, *args, **kwargs):
-        raise NotImplementedError("MTP layers are loaded and kept for speculative decoding, which does not run "
-                                  "them yet")
+        raise NotImplementedError("this MTP layer is loaded and kept, not run (speculative decoding with "
+                                  "method 'mtp' runs the first MTP layer)")
 
 
 def _kept_factory(spec, *args) -> nn.Module:
@@ -316,18 +316,37 @@ class SharedHead(nn.Module):
 class MTPLayer(nn.Module):
     """One multi-token-prediction module (checkpoint layer num_hidden_layers + i): the embedding and the
     previous hidden state, each normed (enorm, hnorm), concatenated and projected (eh_proj), go through a
-    decoder block (mtp_block) and the shared head. Its embed_tokens is the model's (checkpoints repeat it)."""
+    decoder block (mtp_block) and the shared head. Its embed_tokens is the model's (checkpoints repeat it).
+
+    At position p it reads the hidden state h_p the target's LM head reads (after the final norm) and the
+    embedding of token p + 1, and predicts token p + 2. Its output (shared_head.norm of the block's residual
+    stream) is both what its head turns into logits and the hidden state a next draft step reads: vLLM's and
+    SGLang's DeepSeek MTP chain the same way. Its attention is a real layer (its own KV cache, the same
+    positions and block tables as the target's) when `run` is set, a KeptAttention otherwise."""
 
     def __init__(self, config, block: nn.Module, *, quant_config: QuantizationConfig | None = None,
-                 prefix: str = ""):
+                 prefix: str = "", run: bool = False):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = ReplicatedLinear(2 * config.hidden_size, config.hidden_size, quant_config=quant_config,
                                         prefix=f"{prefix}.eh_proj")
         self.shared_head = SharedHead(config)
-        _detach_attention(block)
+        if not run:
+            _detach_attention(block)
         self.mtp_block = block
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:
+        """embeds [T, H] (of the tokens after each position), positions [T], prev_hidden [T, H] -> [T, H]."""
+        # position 0 has no previous token to condition on: its embedding is masked, as in vLLM's DeepSeek MTP
+        embeds = embeds.masked_fill((positions == 0)[:, None], 0)
+        x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(prev_hidden)], dim=-1))
+        hidden, residual = self.mtp_block(positions, x, None)
+        normed, _ = self.shared_head.norm(hidden, residual)
+        return normed
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.shared_head.head(hidden)
 
 
 class MTPLayers(nn.Module):
@@ -343,21 +362,35 @@ _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
 class MTPKeepingCausalLM(DecoderForCausalLM):
     """A DecoderForCausalLM whose checkpoint may carry MTP layers (num_nextn_predict_layers, named as layers
     num_hidden_layers + i): they load into `self.mtp` (built on demand, so checkpoints without them load as
-    before), are kept for speculative decoding and are not run. A layer index past them still raises.
+    before) and are kept. A layer index past them still raises.
+    With run_mtp (a host drafting with them: atom-server's speculative decoding, method "mtp") they are built
+    from the config up front and the first one runs: its attention comes from the host's factory, like the
+    model's layers (layer index num_hidden_layers, so it gets its own KV cache spec), and `mtp_forward` /
+    `mtp_logits` draft with it. Further MTP layers stay kept (drafting reuses the first one recursively).
     A host that drafts with its own MTP model (vLLM, SGLang) sets keep_mtp_layers = False: the MTP tensors
     are then checked and skipped, not held in memory (one more decoder layer, ~11B parameters on V3)."""
 
     keep_mtp_layers: bool = True
+    supports_mtp: bool = True
 
     def __init__(self, config, attn_factory=None, prefix: str = "", max_positions: int | None = None, *,
-                 quant_config: QuantizationConfig | None = None):
+                 quant_config: QuantizationConfig | None = None, run_mtp: bool = False):
         super().__init__(config, attn_factory=attn_factory, prefix=prefix, max_positions=max_positions,
                          quant_config=quant_config)
         # what make_block needs to build MTP blocks like the model's (on demand, when a checkpoint has them)
         self._max_positions, self._mtp_quant_config = max_positions, quant_config
+        self._mtp_factory = attn_factory
+        self.run_mtp = run_mtp
+        if run_mtp:
+            count = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+            if count < 1:
+                raise ValueError(f"{type(self).__name__}: the config has no MTP layers (num_nextn_predict_layers "
+                                 "is 0 or missing), so it cannot draft with them")
+            self._build_mtp(count)
 
-    def make_block(self, layer_idx: int, prefix: str) -> nn.Module:  # pragma: no cover - overridden
-        """A decoder block like the model's layer `layer_idx`, its attention never run (see KeptAttention)."""
+    def make_block(self, layer_idx: int, prefix: str, attn_factory=_kept_factory) -> nn.Module:  # pragma: no cover
+        """A decoder block like the model's layer `layer_idx`, its attention built by attn_factory (the default
+        makes a KeptAttention, never run; None: the default implementation, as for the model's layers)."""
         raise NotImplementedError
 
     def _mtp_index(self, source: str) -> int | None:
@@ -388,10 +421,14 @@ class MTPKeepingCausalLM(DecoderForCausalLM):
 
         ref = self.model.embed_tokens.weight
         n = self.config.num_hidden_layers
+        layers = []
         with default_dtype(ref.dtype), torch.device(ref.device):
-            self.mtp = MTPLayers(MTPLayer(self.config, self.make_block(n + i, f"model.layers.{n + i}"),
-                                          quant_config=self._mtp_quant_config, prefix=f"model.layers.{n + i}")
-                                 for i in range(count))
+            for i in range(count):
+                run = self.run_mtp and i == 0
+                block = self.make_block(n + i, f"model.layers.{n + i}", self._mtp_factory if run else _kept_factory)
+                layers.append(MTPLayer(self.config, block, quant_config=self._mtp_quant_config,
+                                       prefix=f"model.layers.{n + i}", run=run))
+        self.mtp = MTPLayers(layers)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         mtp: list[tuple[str, torch.Tensor]] = []
@@ -400,35 +437,47 @@ class MTPKeepingCausalLM(DecoderForCausalLM):
             for name, tensor in weights:
                 if self._mtp_index(name) is None:  # raises for a layer past the MTP layers
                     yield name, tensor
-                elif self.keep_mtp_layers:
+                elif self.keep_mtp_layers or self.run_mtp:
                     mtp.append((name, tensor))
 
         loaded = super().load_weights(main_model(weights))
         if mtp:
-            self._build_mtp(1 + max(self._mtp_index(name) for name, _ in mtp))
+            if not hasattr(self, "mtp"):
+                self._build_mtp(1 + max(self._mtp_index(name) for name, _ in mtp))
             loaded |= super().load_weights(mtp)
         return loaded
+
+    # ---- drafting (run_mtp) ----------------------------------------------------------------------
+    def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:
+        """The first MTP layer at `positions`: input_ids [T] are the tokens *after* each position, prev_hidden
+        [T, H] the hidden states there (the target's final ones, or the previous draft step's) -> [T, H], the
+        hidden states mtp_logits reads and a next draft step takes as prev_hidden."""
+        return self.mtp.layers[0](self.model.embed_tokens(input_ids), positions, prev_hidden)
+
+    def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mtp.layers[0].compute_logits(hidden)
 
 
 class DeepseekV2ForCausalLM(MTPKeepingCausalLM):
     backbone_cls = DeepseekV2Model
 
     def __init__(self, config, attn_factory=None, prefix: str = "", max_positions: int | None = None, *,
-                 mla_factory: MLAAttentionFactory | None = None, quant_config: QuantizationConfig | None = None):
+                 mla_factory: MLAAttentionFactory | None = None, quant_config: QuantizationConfig | None = None,
+                 run_mtp: bool = False):
         if attn_factory is not None and mla_factory is None:
             raise ValueError(f"{type(self).__name__} uses multi-head latent attention: pass the host's MLA "
                              "implementation as mla_factory (the attention factory given builds multi-head "
                              "attention only)")
         super().__init__(config, attn_factory=mla_factory, prefix=prefix, max_positions=max_positions,
-                         quant_config=quant_config)
+                         quant_config=quant_config, run_mtp=run_mtp)
 
     @classmethod
     def options(cls, config) -> DeepseekOptions:
         return DeepseekOptions(routing=v2_routing(config), rope_interleaved=True)
 
-    def make_block(self, layer_idx: int, prefix: str) -> nn.Module:
-        return deepseek_block(self.config, layer_idx, self.options(self.config), _kept_factory, prefix,
-                              self._max_positions, quant_config=self._mtp_quant_config)
+    def make_block(self, layer_idx: int, prefix: str, attn_factory=_kept_factory) -> nn.Module:
+        return deepseek_block(self.config, layer_idx, self.options(self.config), attn_factory,
+                              prefix, self._max_positions, quant_config=self._mtp_quant_config)
 
     def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
         name = self.checkpoint_name(source)

@@ -54,6 +54,6 @@ class Glm4MoeForCausalLM(MTPKeepingCausalLM):
                                                        qk_norm=bool(getattr(config, "use_qk_norm", False))),
                               routing=v3_routing(config))
 
-    def make_block(self, layer_idx: int, prefix: str) -> nn.Module:
-        return glm4_moe_block(self.config, layer_idx, self.options(self.config), _kept_factory, prefix,
-                              self._max_positions, quant_config=self._mtp_quant_config)
+    def make_block(self, layer_idx: int, prefix: str, attn_factory=_kept_factory) -> nn.Module:
+        return glm4_moe_block(self.config, layer_idx, self.options(self.config), attn_factory,
+                              prefix, self._max_positions, quant_config=self._mtp_quant_config)

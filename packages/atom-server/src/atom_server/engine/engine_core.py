@@ -8,6 +8,11 @@ with `stop_sequences`.
 
 Isolation: a request whose preparation or sampling raises is failed on its own (an error output) while the
 rest of the batch goes on; only an error that leaves the device in an unknown state stops the engine.
+
+Speculative decoding (`speculative_config`, engine/speculative.py): a decoding sequence carries draft tokens
+(from the runner's MTP drafter, or the n-gram proposer here); the step that schedules it verifies them, and the
+sequence takes the accepted drafts plus one token of its own, one by one through the same stop checks as any
+token (EOS, stop tokens, max_tokens, max_model_len): nothing past a stop is reported.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from atom_server.engine.model_runner import RowResult, TokenLogprobsRaw
 from atom_server.engine.profiler import EngineProfiler
 from atom_server.engine.scheduler import ScheduledBatch, Scheduler
 from atom_server.engine.sequence import Sequence
+from atom_server.engine.speculative import NgramProposer, parse_speculative_config
 from atom_server.engine.step_input import StepInputBuilder
 from atom_server.outputs import EngineCoreOutputs, PositionLogprobs
 from atom_server.sampling_params import SamplingParams
@@ -79,6 +85,36 @@ def eos_token_ids(tokenizer, model: str, config) -> frozenset[int]:
 
 
 @dataclass
+class SpecDecodingStats:
+    """Cumulative speculative-decoding counters (vLLM's spec_decode metrics): verify rows with drafts, drafts,
+    accepted drafts, and accepted drafts by position (the acceptance rate is accepted / drafts, the mean
+    acceptance length 1 + accepted / drafts rows)."""
+
+    k: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_pos = [0] * self.k
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    def as_stats(self) -> dict[str, int]:
+        out = {"spec_decode_num_drafts": self.num_drafts, "spec_decode_num_draft_tokens": self.num_draft_tokens,
+               "spec_decode_num_accepted_tokens": self.num_accepted_tokens}
+        for i, n in enumerate(self.accepted_per_pos):
+            out[f"spec_decode_num_accepted_tokens_per_pos.{i}"] = n
+        return out
+
+
+@dataclass
 class CoreRequest:
     request_id: str
     params: SamplingParams
@@ -113,6 +149,13 @@ class EngineCore:
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.model, args.tokenizer,
                                                                               args.trust_remote_code)
         startup.phase_done("tokenizer", "skipped" if args.skip_tokenizer_init else "")
+        self.speculative = spec = parse_speculative_config(
+            args.speculative_config, int(getattr(config, "num_nextn_predict_layers", 0) or 0))
+        if spec is not None:
+            logger.info("speculative decoding: %s", spec.describe())
+            if spec.synthetic:
+                logger.warning("speculative_config: rejection_sample_method 'synthetic' forces the acceptance of "
+                               "drafts for benchmarks: the outputs are NOT the model's")
         # rank 0's ModelRunner; under tensor parallelism a TPExecutor around it (same interface)
         self.runner = build_runner(
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
@@ -120,7 +163,8 @@ class EngineCore:
             max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             load_format=args.load_format, config=config, trust_remote_code=args.trust_remote_code, seed=args.seed,
-            enforce_eager=args.enforce_eager, windowed_kv=not args.disable_hybrid_kv_cache_manager)
+            enforce_eager=args.enforce_eager, windowed_kv=not args.disable_hybrid_kv_cache_manager,
+            speculative=spec)
         self.config = self.runner.config
         self.dtype = self.runner.dtype
         self.vocab_size = self.runner.vocab_size
@@ -129,12 +173,23 @@ class EngineCore:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                           window=self.runner.kv_window, num_window_blocks=self.runner.num_window_blocks)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched, args.scheduling_policy)
-        self.step_inputs = StepInputBuilder(self.scheduler)
+        if spec is not None and self.runner.kv_window is not None:
+            # the window pool gives back blocks behind each sequence's window after every step; lookahead
+            # slots and rolled-back drafts are not wired into it
+            raise ValueError("speculative_config: not with the sliding-window KV pool of this model yet; "
+                             "pass --disable-hybrid-kv-cache-manager (full-length caches) to speculate")
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched, args.scheduling_policy,
+                                   lookahead=spec.lookahead_slots if spec is not None else 0,
+                                   max_model_len=self.max_model_len)
+        self.step_inputs = StepInputBuilder(self.scheduler, mtp=spec is not None and spec.is_mtp,
+                                            can_draft=self._can_draft)
+        self.ngram = NgramProposer(spec) if spec is not None and spec.method == "ngram" else None
+        self.spec_stats = SpecDecodingStats(spec.k if spec is not None else 0)
         self.kv_capacity_tokens = self.runner.num_blocks * args.block_size
         self.requests: dict[str, CoreRequest] = {}
         # Async scheduling needs the decode graphs (their sampled tokens feed the next step on the device).
-        self.async_scheduling = (self.runner.graphs is not None
+        # Speculative steps are synchronous: how far a sequence got is known only after verification.
+        self.async_scheduling = (self.runner.graphs is not None and spec is None
                                  and os.environ.get("ATOM_ASYNC_SCHEDULING", "1") != "0")
         self.pipeline = DecodePipeline(self.runner, self.scheduler, self.step_inputs, self.max_model_len,
                                        self.async_scheduling)
@@ -294,6 +349,9 @@ class EngineCore:
 
     def _run_sync(self, batch: ScheduledBatch, report: EngineCoreOutputs) -> None:
         results = self._execute_isolated(batch, report)
+        if self.speculative is not None:
+            self._take_speculative(batch, results, report)
+            return
         self.scheduler.commit(batch)
         requests = self.requests
         for seq, res in results:
@@ -307,6 +365,61 @@ class EngineCore:
             if res.token_id is not None:
                 seq.append_token(res.token_id)
                 self._append(seq, res.token_id, res.logprobs, report)
+
+    # ---- speculative decoding ------------------------------------------------------------------
+    def _can_draft(self, seq: Sequence) -> bool:
+        """Whether seq takes drafts: not with penalties, nor while min_tokens bans EOS / stop tokens, nor with
+        a grammar, allowed_token_ids, logit_bias or bad_words (the verification applies none of these; such a
+        row decodes one token a step, in the same batch)."""
+        p = seq.params
+        if seq.grammar is not None or p.allowed_token_ids or p.logit_bias or p.bad_words_token_ids:
+            return False
+        return not p.has_penalties and (p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens)
+
+    def _draft_limit(self, seq: Sequence) -> int:
+        """Drafts worth verifying next: the step also takes one token of its own, and stays in max_model_len."""
+        return min(self.speculative.k, seq.max_tokens - seq.num_output_tokens - 1,
+                   self.max_model_len - seq.num_tokens)
+
+    def _take_speculative(self, batch: ScheduledBatch, results: list[tuple[Sequence, RowResult]],
+                          report: EngineCoreOutputs) -> None:
+        """A synchronous step with speculative decoding: each sequence takes its accepted drafts and its own
+        token, one at a time (a stop or length limit inside the run ends it there); only what was accepted is
+        committed; then its drafts for the next step."""
+        requests = self.requests
+        drafts_of = {s.seq_id: (batch.num_drafts[i] if batch.num_drafts is not None else 0, n)
+                     for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))}
+        computed = {}
+        for seq, res in results:
+            k, n = drafts_of[seq.seq_id]
+            accepted = res.spec_token_ids or []
+            computed[seq.seq_id] = n - k + len(accepted)
+            if seq.is_finished:  # its request failed in this step
+                continue
+            if res.prompt_logprobs:
+                req = requests[seq.request_id]
+                report.prompt_logprobs.setdefault(req.request_id, []).extend(
+                    _position_logprobs(e) for e in res.prompt_logprobs)
+                seq.prompt_logprobs.extend([None] * len(res.prompt_logprobs))  # progress marker
+            if res.token_id is None:
+                continue
+            if k:
+                self.spec_stats.observe(k, len(accepted))
+            lps = res.spec_logprobs or [None] * len(accepted)
+            for token, lp in zip([*accepted, res.token_id], [*lps, res.logprobs]):
+                seq.append_token(token)
+                self._append(seq, token, lp, report)
+                if seq.is_finished:
+                    break
+        self.scheduler.commit(batch, [computed.get(s.seq_id, 0) for s in batch.seqs])
+        for seq, res in results:
+            if seq.is_finished or res.token_id is None:
+                continue
+            limit = self._draft_limit(seq) if self._can_draft(seq) else 0
+            if self.ngram is not None:
+                seq.draft_token_ids = self.ngram.propose(seq.token_ids, limit) if limit > 0 else []
+            else:
+                seq.draft_token_ids = (res.draft_token_ids or [])[:max(limit, 0)]
 
     # The two places that touch the runner for a synchronous step: running a batch, and the seeded generators'
     # state (a failed attempt may have drawn from them).
@@ -349,7 +462,7 @@ class EngineCore:
             rows = [i for i in groups.pop() if not batch.seqs[i].is_finished]
             if not rows:
                 continue
-            sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
+            sub = batch.subset(rows)
             restore(sub.seqs)
             try:
                 results.extend(self._execute(sub))
@@ -427,11 +540,11 @@ class EngineCore:
             "num_preemptions": sch.num_preemptions,
             "num_steps": self.num_steps,
             "num_failed_requests": self.num_failed_requests,
+            **(self.spec_stats.as_stats() if self.speculative is not None else {}),
         }
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:
     if not any(s.is_finished for s in batch.seqs):
         return batch
-    keep = [i for i, s in enumerate(batch.seqs) if not s.is_finished]
-    return ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])
+    return batch.subset([i for i, s in enumerate(batch.seqs) if not s.is_finished])

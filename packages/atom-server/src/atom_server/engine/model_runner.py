@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +43,17 @@ from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
+from atom_server.engine.mtp_drafter import MTPDrafter
 from atom_server.engine.scheduler import ScheduledBatch
 from atom_server.engine.sequence import Sequence
-from atom_server.engine.step_input import Penalties, SamplingInputs, StepInput, is_greedy_decode
+from atom_server.engine.rejection_sampler import (draw, synthetic_accepted, target_probs, verify_greedy,
+                                                  verify_sampled)
+from atom_server.engine.speculative import SpeculativeConfig
+from atom_server.engine.step_input import Penalties, SamplingInputs, StepInput, is_greedy_decode, subset_sampling
 
 logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 GiB = 1 << 30
 CPU_SPLIT_SCORES_BYTES = 256 << 20
@@ -71,6 +78,11 @@ class RowResult:
     token_id: int | None = None  # None: a prefill chunk that does not reach the end of the prompt
     logprobs: TokenLogprobsRaw | None = None
     prompt_logprobs: list[TokenLogprobsRaw] | None = None
+    # speculative decoding: the drafts verification accepted (the row takes them, then token_id) and their
+    # logprobs; the MTP drafter's drafts for the row's next step
+    spec_token_ids: list[int] | None = None
+    spec_logprobs: list[TokenLogprobsRaw] | None = None
+    draft_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -129,10 +141,14 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, load_format: str,
                  config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False,
-                 windowed_kv: bool = True):
+                 windowed_kv: bool = True, speculative: SpeculativeConfig | dict | None = None):
         """windowed_kv: give sliding-window layers a window pool (False: full-length caches for every layer,
-        vLLM's --disable-hybrid-kv-cache-manager)."""
+        vLLM's --disable-hybrid-kv-cache-manager). speculative: speculative decoding (engine/speculative.py)."""
         torch.manual_seed(seed)
+        if isinstance(speculative, dict):  # a tensor-parallel worker's copy (runner kwargs travel as JSON)
+            speculative = SpeculativeConfig.from_fields(speculative)
+        self.speculative = speculative
+        mtp = speculative is not None and speculative.is_mtp
         self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -140,7 +156,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
-                                             trust_remote_code=trust_remote_code)
+                                             trust_remote_code=trust_remote_code, run_mtp=mtp)
         startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
@@ -195,6 +211,9 @@ class ModelRunner:
         self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs),
                                   windowed=self.kv_window is not None)
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
+        self.drafter = MTPDrafter(self, speculative.k) if mtp else None
+        # benchmarks (forced acceptance): its own stream, so request draws are untouched
+        self._synthetic_generator = torch.Generator().manual_seed(seed)
         self.graphs = None
         mode = os.environ.get("ATOM_DECODE_GRAPHS", "auto")
         if mode not in ("auto", "off", "static"):
@@ -203,7 +222,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                        block_size, capture=False, windowed=self.kv_window is not None)
         elif device.type == "cuda" and not enforce_eager and mode != "off":
-            if blockers := cuda_graph_blockers(self.model):
+            if mtp:  # every step runs eager (execute): the drafter reads hidden states the graphs do not keep
+                logger.info("CUDA graphs off: the MTP drafter reads the target's hidden states at every position")
+            elif blockers := cuda_graph_blockers(self.model):
                 logger.info("CUDA graphs off: %s cannot be captured", ", ".join(blockers))
             else:
                 try:
@@ -290,6 +311,8 @@ class ModelRunner:
         self.tables.apply(step)
         for sid in step.finished_seq_ids:
             self._generators.pop(sid, None)
+        if self.drafter is not None:
+            self.drafter.forget(step.finished_seq_ids)
         return self.tables.rows(step.seq_ids)
 
     @torch.inference_mode()
@@ -299,7 +322,11 @@ class ModelRunner:
         rows = self._begin(step)
         if not step.seq_ids:  # nothing to run: the step only releases finished sequences (flush)
             return []
-        if self.graphs is not None and step.is_decode and self.graphs.can_run(step.num_rows):
+        # The MTP drafter reads the target's hidden states at every position of the step, which the decode graphs
+        # do not keep: with MTP every step runs eager. A step with drafts (K + 1 tokens per row) is not a decode
+        # step (is_decode), so n-gram verify steps run eager too; n-gram steps without drafts replay the graphs.
+        if (self.graphs is not None and self.drafter is None and step.is_decode
+                and self.graphs.can_run(step.num_rows)):
             return self._execute_decode_graph(step, rows)
         return self._execute_eager(step, rows)
 
@@ -352,32 +379,132 @@ class ModelRunner:
         token_rows = rows if step.num_tokens == step.num_rows else np.repeat(rows, np.diff(qsl))
         slots = self.tables.slots(token_rows, positions)
         window_slots = self.tables.slots(token_rows, positions, window=True) if self.tables.windowed else None
-        hidden = self._forward_batch(np.asarray(step.token_ids, dtype=np.int64), positions, slots, window_slots,
-                                     qsl, seq_lens, rows)
+        ids = np.asarray(step.token_ids, dtype=np.int64)
+        hidden = self._forward_batch(ids, positions, slots, window_slots, qsl, seq_lens, rows)
         results = [RowResult() for _ in range(step.num_rows)]
         sample_rows = step.sampled_rows()
         last = qsl[1:] - 1  # each row's last new token
-        flat = (last if step.sample_rows is None else last[sample_rows]).tolist()
+        if step.num_drafts is None:
+            flat = (last if step.sample_rows is None else last[sample_rows]).tolist()
+        else:  # a verify row's logits: its last committed token and each draft
+            flat = [t for i in sample_rows for t in range(last[i] - step.num_drafts[i], last[i] + 1)]
+        num_sampled = len(flat)
         for req in step.prompt_logprobs:
             flat.extend(range(req.first, req.first + len(req.targets)))
-        if not flat:
-            return results
-        logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)]).float()
-        if not self.samples:  # the LM head's gather is a collective: every rank runs it, rank 0 samples
-            return results
-        if sample_rows:
-            sampled_ids = [step.seq_ids[i] for i in sample_rows]
-            tokens, lps = self._sample_rows(logits[:len(sample_rows)], step.sampling, sampled_ids)
-            for j, i in enumerate(sample_rows):
-                results[i].token_id = tokens[j]
-                results[i].logprobs = lps[j]
-        if step.prompt_logprobs:
-            self._prompt_logprobs(logits[len(sample_rows):], step, results)
+        stops: dict[int, int] = {}  # sampled row -> flat index of the last token whose KV is now valid
+        if flat:
+            logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)]).float()
+            # the LM head's gather is a collective: every rank runs it, rank 0 samples and verifies
+            if sample_rows and self.samples:
+                if step.num_drafts is None:
+                    self._sample_plain(logits[:num_sampled], step, sample_rows, results)
+                else:
+                    self._sample_speculative(logits[:num_sampled], step, sample_rows, ids, last, results)
+                for i in sample_rows:
+                    stops[i] = int(last[i]) - step.drafts_of(i) + len(results[i].spec_token_ids or ())
+            if step.prompt_logprobs and self.samples:
+                self._prompt_logprobs(logits[num_sampled:], step, results)
+        if self.drafter is not None:
+            self.drafter.propose(step, ids, positions, slots, qsl, seq_lens, rows, hidden, stops, results)
         return results
+
+    def _sample_plain(self, logits: torch.Tensor, step: StepInput, sample_rows: list[int],
+                      results: list[RowResult]) -> None:
+        tokens, lps = self._sample_rows(logits, step.sampling, [step.seq_ids[i] for i in sample_rows])
+        for j, i in enumerate(sample_rows):
+            results[i].token_id = tokens[j]
+            results[i].logprobs = lps[j]
+
+    def _sample_speculative(self, logits: torch.Tensor, step: StepInput, sample_rows: list[int], ids: np.ndarray,
+                            last: np.ndarray, results: list[RowResult]) -> None:
+        """Sampled rows of a step with drafts: logits hold each row's k + 1 positions, row after row. Rows
+        without drafts sample as usual (penalties, bans: such rows never get drafts); the others keep what
+        verification accepts (rejection_sampler.py) plus one token of their own."""
+        sampling = step.sampling
+        counts = [step.num_drafts[i] for i in sample_rows]
+        starts = np.concatenate([[0], np.cumsum(np.asarray(counts) + 1)])
+        plain = [j for j, k in enumerate(counts) if k == 0]
+        if plain:
+            index = torch.tensor(starts[plain], device=logits.device)
+            sub = subset_sampling(sampling, plain)
+            tokens, lps = self._sample_rows(logits[index], sub, [step.seq_ids[sample_rows[j]] for j in plain])
+            for m, j in enumerate(plain):
+                results[sample_rows[j]].token_id = tokens[m]
+                results[sample_rows[j]].logprobs = lps[m]
+        spec = [j for j, k in enumerate(counts) if k > 0]
+        if not spec:
+            return
+        drafts = [ids[last[sample_rows[j]] - counts[j] + 1:last[sample_rows[j]] + 1].tolist() for j in spec]
+        pos = [int(starts[j]) + m for j in spec for m in range(counts[j] + 1)]  # rows of logits, row after row
+        row_logits = logits[torch.tensor(pos, device=logits.device)]
+        greedy = [sampling is None or sampling.temperature[j] <= 1e-5 for j in spec]
+        emitted: list[list[int]] = [[] for _ in spec]
+        synthetic = self.speculative is not None and self.speculative.synthetic
+        if synthetic:
+            accepted = synthetic_accepted(self.speculative.synthetic_acceptance_rates, [len(d) for d in drafts],
+                                          self._synthetic_generator)
+            stop_pos = [sum(len(d) + 1 for d in drafts[:m]) + a for m, a in enumerate(accepted)]
+            own = self._own_tokens(row_logits[torch.tensor(stop_pos, device=logits.device)], step, sample_rows,
+                                   spec, greedy)
+            emitted = [d[:a] + [t] for d, a, t in zip(drafts, accepted, own)]
+        else:
+            offs = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
+            for flag in (True, False):
+                group = [m for m, g in enumerate(greedy) if g == flag]
+                if not group:
+                    continue
+                index = torch.tensor([t for m in group for t in range(offs[m], offs[m + 1])], device=logits.device)
+                sub_drafts = [drafts[m] for m in group]
+                if flag:
+                    verdict = verify_greedy(row_logits[index], sub_drafts)
+                else:
+                    rows_j = [spec[m] for m in group]
+                    per_pos = [j for j in rows_j for _ in range(counts[j] + 1)]
+                    probs = target_probs(row_logits[index], subset_sampling(sampling, per_pos))
+                    seq_ids = [step.seq_ids[sample_rows[j]] for j in rows_j]
+                    q = [self.drafter.draft_probs(sid, d) if self.drafter is not None else None
+                         for sid, d in zip(seq_ids, sub_drafts)]
+                    verdict = verify_sampled(probs, sub_drafts, q, self._generators_of(sampling, rows_j, seq_ids))
+                for m, toks in zip(group, verdict.tokens):
+                    emitted[m] = toks
+        want_lp = sampling.logprobs if sampling is not None else None
+        offs = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
+        for m, j in enumerate(spec):
+            res = results[sample_rows[j]]
+            toks = emitted[m]
+            res.token_id, res.spec_token_ids = toks[-1], toks[:-1]
+            if want_lp is not None and want_lp[j] is not None:
+                lp = torch.log_softmax(row_logits[int(offs[m]):int(offs[m]) + len(toks)], dim=-1)
+                entries = [gather_logprobs(lp[t], tok, want_lp[j]) for t, tok in enumerate(toks)]
+                res.logprobs, res.spec_logprobs = entries[-1], entries[:-1]
+
+    def _own_tokens(self, logits: torch.Tensor, step: StepInput, sample_rows: list[int], rows_j: list[int],
+                    greedy: list[bool]) -> list[int]:
+        """Synthetic acceptance: the target's own token at each row's stop position (argmax, or a draw)."""
+        out = logits.argmax(dim=-1).tolist()
+        sampled = [m for m, g in enumerate(greedy) if not g]
+        if sampled:
+            sub = subset_sampling(step.sampling, [rows_j[m] for m in sampled])
+            probs = target_probs(logits[torch.tensor(sampled, device=logits.device)], sub)
+            seq_ids = [step.seq_ids[sample_rows[rows_j[m]]] for m in sampled]
+            drawn = draw(probs, self._generators_of(step.sampling, [rows_j[m] for m in sampled], seq_ids)).tolist()
+            for m, t in zip(sampled, drawn):
+                out[m] = t
+        return out
+
+    def _generators_of(self, sampling: SamplingInputs | None, sample_js: list[int],
+                       seq_ids: list[int]) -> list[torch.Generator | None] | None:
+        if sampling is None or sampling.seeds is None:
+            return None
+        return [self._generator(sid, sampling.seeds[j]) for j, sid in zip(sample_js, seq_ids)]
 
     def _forward_batch(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                        window_slots: np.ndarray | None, qsl: np.ndarray, seq_lens: np.ndarray,
-                       rows: np.ndarray) -> torch.Tensor:
+                       rows: np.ndarray, fn: ForwardFn | None = None, extra: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Hidden states of a step's tokens: fn(ids, positions, extra) under the step's attention metadata (fn:
+        the model itself by default; the MTP drafter passes its layer, extra [T, H] the hidden states it reads)."""
+        fn = fn or self._target
         q_lens = np.diff(qsl)
         # The torch reference attention pads every query to the longest one: a long prefill chunk next to
         # many decodes would cost batch x chunk x context scores. Run decodes and prefills apart then.
@@ -390,14 +517,20 @@ class ModelRunner:
                     group = np.flatnonzero((q_lens == 1) == decode)
                     tok = np.flatnonzero((q_lens[token_row] == 1) == decode)
                     sub_qsl = np.concatenate([[0], np.cumsum(q_lens[group])])
-                    hidden[torch.from_numpy(tok)] = self._forward(
+                    index = torch.from_numpy(tok).to(self.device)
+                    hidden[index] = self._forward(
                         ids[tok], positions[tok], slots[tok], window_slots[tok] if window_slots is not None else None,
-                        sub_qsl, seq_lens[group], rows[group])
+                        sub_qsl, seq_lens[group], rows[group], fn, None if extra is None else extra[index])
                 return hidden
-        return self._forward(ids, positions, slots, window_slots, qsl, seq_lens, rows)
+        return self._forward(ids, positions, slots, window_slots, qsl, seq_lens, rows, fn, extra)
+
+    def _target(self, ids: torch.Tensor, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        return self.model(ids, positions)
 
     def _forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, window_slots: np.ndarray | None,
-                 qsl: np.ndarray, seq_lens: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+                 qsl: np.ndarray, seq_lens: np.ndarray, rows: np.ndarray, fn: ForwardFn | None = None,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+        fn = fn or self._target
         dev = self.device
         tables = self.tables
         width = int(tables.num_blocks[rows].max())
@@ -414,7 +547,7 @@ class ModelRunner:
             window_width = int(tables.window_num_blocks[rows].max())
             inputs.window_block_tables = torch.from_numpy(tables.window[rows, :window_width]).to(dev)
         with set_forward_context(self.attn_builder.build(inputs)):
-            return self.model(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev))
+            return fn(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), extra)
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample_rows(self, logits: torch.Tensor, sampling: SamplingInputs | None,

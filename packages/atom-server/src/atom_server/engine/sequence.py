@@ -41,6 +41,9 @@ class Sequence:
         self.final_pending = False
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, computed lazily
         self.num_registered_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        # Speculative decoding: tokens proposed to follow token_ids, verified by the next step that schedules
+        # this sequence. Never part of token_ids (nor of the prefix-cache hash chain) until accepted.
+        self.draft_token_ids: list[int] = []
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
         budget = max_model_len - self.prompt_len
         self.max_tokens = min(params.max_tokens, budget) if params.max_tokens is not None else budget

@@ -33,6 +33,14 @@ here, from each sequence's grammar state). Prompt logprobs name the rows and the
 
 Async scheduling: a decode step may be launched before the previous replay's tokens are read. Then a
 row's input token is the token that replay sampled in row prev_rows[i] (on the device), not token_ids[i].
+
+Speculative decoding: a row may end with drafts (`num_drafts[i]` of its tokens, after its last committed
+token): the runner scores them and every row that samples reports the tokens it keeps (engine/
+rejection_sampler.py). With the MTP drafter, the runner also runs the MTP layer over every row's tokens (its
+own KV cache at the same positions): `mtp_next_ids[i]` is the token after a row that does not sample (a
+prefill chunk; the MTP at position p reads token p + 1), and `draft_rows` are the rows to draft for. So a
+worker on another rank runs a verify step from the StepInput alone; what sampling decided (rank 0) is the
+only thing it has to be told.
 """
 
 from __future__ import annotations
@@ -105,6 +113,9 @@ class StepInput(msgspec.Struct, kw_only=True, omit_defaults=True):
     sampling: SamplingInputs | None = None  # None: greedy argmax for every sampled row
     prompt_logprobs: list[PromptLogprobs] = []
     prev_rows: list[int] | None = None  # async: row i's token is the previous replay's row prev_rows[i] (-1: own)
+    num_drafts: list[int] | None = None  # speculative: per row, draft tokens at the end of its tokens (None: none)
+    mtp_next_ids: list[int] | None = None  # MTP drafter: per row, the token after its last one if it does not sample
+    draft_rows: list[int] | None = None  # MTP drafter: rows that draft tokens for their next step
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +132,9 @@ class StepInput(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def sampled_rows(self) -> list[int]:
         return list(range(len(self.seq_ids))) if self.sample_rows is None else self.sample_rows
+
+    def drafts_of(self, row: int) -> int:
+        return 0 if self.num_drafts is None else self.num_drafts[row]
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -170,9 +184,13 @@ def is_greedy_decode(batch: ScheduledBatch) -> bool:
 class StepInputBuilder:
     """Scheduler side: ScheduledBatch -> StepInput, remembering which block tables the runners hold."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, mtp: bool = False, can_draft=None):
+        """mtp: the runners draft with the MTP layer (send mtp_next_ids and draft_rows); can_draft(seq): whether
+        a sequence takes drafts for its next step."""
         self.scheduler = scheduler
         self.bm = scheduler.bm
+        self.mtp = mtp
+        self.can_draft = can_draft
         self._sent: dict[int, tuple[int, int]] = {}  # seq id -> (table generation, entries) the runners hold
         self.grammars = None  # the engine's GrammarCompiler once a request has a grammar (fills bitmasks)
 
@@ -183,7 +201,7 @@ class StepInputBuilder:
         finished = self.scheduler.take_finished()
         updates, window_updates = self._table_updates(finished)
         seq_ids = list(map(_seq_id, seqs))
-        if _is_decode(batch):
+        if batch.num_drafts is None and _is_decode(batch):
             step = StepInput(seq_ids=seq_ids, token_ids=list(map(_last, map(_token_ids, seqs))),
                              query_start_loc=list(range(len(seqs) + 1)),
                              seq_lens=list(map(len, map(_token_ids, seqs))),
@@ -200,6 +218,8 @@ class StepInputBuilder:
             step.prompt_logprobs = self._prompt_logprobs(batch, step)
         if not _all_argmax(sampled):
             step.sampling = sampling_inputs(sampled, self.grammars)
+        if self.mtp:
+            self._mtp_inputs(batch, step)
         return step
 
     def flush(self) -> StepInput:
@@ -212,6 +232,16 @@ class StepInputBuilder:
         if window_updates:  # whatever take_changed handed over must reach the runners, this step or never
             step.window_block_updates = window_updates
         return step
+
+    def _mtp_inputs(self, batch: ScheduledBatch, step: StepInput) -> None:
+        sampled = set(step.sampled_rows())
+        nxt = []
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            end = s.num_computed_tokens + n
+            nxt.append(-1 if i in sampled else s.token_ids[end])
+        step.mtp_next_ids = nxt
+        can = self.can_draft
+        step.draft_rows = [i for i in sorted(sampled) if can is None or can(batch.seqs[i])]
 
     def _table_updates(self, finished: list[int]) -> tuple[list[BlockTableUpdate], list[BlockTableUpdate]]:
         """What the runners' tables lack: whole tables that were replaced, tails that grew (main pool, and
@@ -229,8 +259,11 @@ class StepInputBuilder:
             if have is None or have[0] != s.table_gen:
                 have = (s.table_gen, 0, 0)
             window = s.window_table
-            if have[1] < len(table):
-                updates.append(BlockTableUpdate(s.seq_id, have[1], table[have[1]:]))
+            # grown, or (speculative decoding giving back lookahead blocks) shrunk: an update from its end with
+            # no ids truncates
+            if have[1] != len(table):
+                start = min(have[1], len(table))
+                updates.append(BlockTableUpdate(s.seq_id, start, table[start:]))
             if have[2] < len(window):
                 window_updates.append(BlockTableUpdate(s.seq_id, have[2], window[have[2]:]))
             sent[s.seq_id] = (s.table_gen, len(table), len(window))
@@ -242,17 +275,23 @@ class StepInputBuilder:
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        drafts = batch.num_drafts
         for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = s.num_computed_tokens
             end = start + n
-            ids.extend(s.token_ids[start:end])
+            k = drafts[i] if drafts is not None else 0
+            ids.extend(s.token_ids[start:end - k])
+            if k:
+                ids.extend(s.draft_token_ids[:k])
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            if end == len(s.token_ids):
+            if end - k == len(s.token_ids):
                 sample_rows.append(i)
         step = StepInput(seq_ids=seq_ids, token_ids=ids, query_start_loc=qsl, seq_lens=seq_lens,
                          block_updates=updates, finished_seq_ids=finished)
         step.sample_rows = None if len(sample_rows) == len(seq_ids) else sample_rows
+        if drafts is not None:
+            step.num_drafts = list(drafts)
         return step
 
     @staticmethod
@@ -315,3 +354,27 @@ def sampling_inputs(seqs, grammars=None) -> SamplingInputs:
         out.grammar_rows = rows
         out.grammar_bitmask = grammars.fill_bitmask([seqs[j].grammar for j in rows])
     return out
+
+
+def subset_sampling(sampling: SamplingInputs | None, index: list[int]) -> SamplingInputs | None:
+    """The sampling inputs of some sampled rows (index: positions in sample-row order; repeats allowed)."""
+    if sampling is None:
+        return None
+
+    def pick(values):
+        return None if values is None else [values[j] for j in index]
+
+    grammar_rows = grammar_bitmask = None
+    if sampling.grammar_rows:  # the picked rows that have a grammar, and their bitmask rows
+        width = len(sampling.grammar_bitmask) // len(sampling.grammar_rows)
+        at = {row: k for k, row in enumerate(sampling.grammar_rows)}
+        picked = [(p, at[j]) for p, j in enumerate(index) if j in at]
+        if picked:
+            grammar_rows = [p for p, _ in picked]
+            grammar_bitmask = b"".join(sampling.grammar_bitmask[k * width:(k + 1) * width] for _, k in picked)
+    return SamplingInputs(temperature=pick(sampling.temperature), top_k=pick(sampling.top_k),
+                          top_p=pick(sampling.top_p), min_p=pick(sampling.min_p), seeds=pick(sampling.seeds),
+                          logprobs=pick(sampling.logprobs), penalties=pick(sampling.penalties),
+                          banned_token_ids=pick(sampling.banned_token_ids),
+                          allowed_token_ids=pick(sampling.allowed_token_ids), logit_bias=pick(sampling.logit_bias),
+                          grammar_rows=grammar_rows, grammar_bitmask=grammar_bitmask)

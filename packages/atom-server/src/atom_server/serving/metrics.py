@@ -3,8 +3,10 @@ engine's own gauges/counters as last reported in its heartbeat.
 
 Each series is exported twice: under ATOM's `atom:` names (no labels), and under vLLM's `vllm:` names
 with vLLM's labels (`model_name` = the first served name, `engine` = "0") and the same meaning, so
-dashboards and alerts written for vLLM (its Grafana dashboard) work unchanged. vLLM series ATOM has
-no counterpart for (speculative decoding, KV connectors, LoRA, ...) are not exported."""
+dashboards and alerts written for vLLM (its Grafana dashboard) work unchanged. With speculative decoding on,
+vLLM's spec_decode counters (drafts, draft tokens, accepted tokens, accepted tokens per position with a
+`position` label) are exported too: acceptance rate = accepted / draft tokens, mean acceptance length =
+1 + accepted / drafts. vLLM series ATOM has no counterpart for (KV connectors, LoRA, ...) are not exported."""
 
 from __future__ import annotations
 
@@ -79,6 +81,24 @@ class _EngineStatsCollector:
             ("num_preemptions", "num_preemptions", "Sequences preempted by the scheduler"),
         ):
             yield from self._families(CounterMetricFamily, name, doc, float(s.get(key, 0.0)))
+        if "spec_decode_num_drafts" in s:
+            yield from self._spec_decode(s)
+
+    def _spec_decode(self, s: dict[str, float]):
+        for name, doc in (("spec_decode_num_drafts", "Number of spec decoding drafts."),
+                          ("spec_decode_num_draft_tokens", "Number of draft tokens."),
+                          ("spec_decode_num_accepted_tokens", "Number of accepted tokens.")):
+            yield from self._families(CounterMetricFamily, name, doc, float(s.get(name, 0.0)))
+        per_pos = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in s.items()
+                         if k.startswith("spec_decode_num_accepted_tokens_per_pos."))
+        name, doc = "spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position."
+        atom = CounterMetricFamily(PREFIX + name, doc, labels=["position"])
+        vllm = CounterMetricFamily(VLLM_PREFIX + name, doc, labels=[*VLLM_LABELS, "position"])
+        for pos, value in per_pos:
+            atom.add_metric([str(pos)], float(value))
+            vllm.add_metric([self.model_name, "0", str(pos)], float(value))
+        yield atom
+        yield vllm
 
 
 class _Partial:

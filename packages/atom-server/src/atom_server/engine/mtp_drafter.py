@@ -1,0 +1,129 @@
+"""The MTP drafter (runner side): the checkpoint's first MTP layer drafts K tokens after every target forward.
+
+The MTP layer at position p reads the target's hidden state h_p (what the LM head reads) and the embedding of
+token p + 1, and predicts token p + 2; its attention keeps its own KV cache at the same positions and block
+tables as the target's (layer index num_hidden_layers: the runner allocates it from its spec like any other).
+
+Each step, after the target's forward and verification:
+1. First pass, the same rows, positions, slots and attention metadata as the target's forward: the input of
+   position p is (h_p, token p + 1). Within a row that is the row's next token; after the row's last token it
+   is `mtp_next_ids` (a prefill chunk: the next prompt token) or, for a row that sampled, its new token, which
+   goes at the row's stop (the last position whose KV is valid: its last committed token plus the accepted
+   drafts). Positions past the stop (rejected drafts) write MTP cache entries that a later step overwrites
+   before anything reads them, as the target's own.
+2. Draft 1 = the MTP's prediction at each drafting row's stop; drafts 2..K: the MTP again, one token per row at
+   the next position, reading the previous draft and the previous MTP output (vLLM reuses its one MTP layer the
+   same way when K exceeds num_nextn_predict_layers). These write the MTP cache at positions the next step's
+   first pass rewrites. A row drafts only as far as its block table reaches (the scheduler's lookahead slots).
+Greedy rows draft the argmax; sampled rows draw from the MTP head's distribution under their own sampling
+parameters (and generator), and that distribution is kept (rank 0, with the rest of sampling) for the
+rejection sampler of the next step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from atom_server.engine.rejection_sampler import draw, target_probs
+from atom_server.engine.step_input import StepInput, subset_sampling
+
+if TYPE_CHECKING:
+    from atom_server.engine.model_runner import ModelRunner, RowResult
+
+
+class MTPDrafter:
+    def __init__(self, runner: ModelRunner, k: int):
+        self.runner = runner
+        self.model = runner.model
+        self.k = k
+        # seq id -> (its drafts, the distributions they were drawn from [n, V]): sampled rows only
+        self._draft_probs: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def forget(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self._draft_probs.pop(sid, None)
+
+    def draft_probs(self, seq_id: int, drafts: list[int]) -> torch.Tensor | None:
+        """The distributions the drafts of seq_id were drawn from, if these are (a prefix of) its last drafts."""
+        entry = self._draft_probs.get(seq_id)
+        if entry is None or entry[0][:len(drafts)] != tuple(drafts):
+            return None
+        return entry[1]
+
+    def _layer(self, ids: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor | None) -> torch.Tensor:
+        return self.model.mtp_forward(ids, positions, prev_hidden)
+
+    def first_pass_ids(self, step: StepInput, ids: np.ndarray, qsl: np.ndarray, stops: dict[int, int],
+                       results: list[RowResult]) -> np.ndarray:
+        """The token after each position of the step (see the module docstring, 1)."""
+        nxt = np.empty_like(ids)
+        nxt[:-1] = ids[1:]
+        last = qsl[1:] - 1
+        following = step.mtp_next_ids
+        for i in range(step.num_rows):
+            nxt[last[i]] = max(following[i], 0) if following is not None else 0
+        for i, index in stops.items():
+            nxt[index] = results[i].token_id
+        return nxt
+
+    def propose(self, step: StepInput, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, qsl: np.ndarray,
+                seq_lens: np.ndarray, rows: np.ndarray, hidden: torch.Tensor, stops: dict[int, int],
+                results: list[RowResult]) -> None:
+        """Run the MTP over the step and set results[i].draft_token_ids for step.draft_rows. stops: sampled row
+        -> flat index of its last valid token (its new token, results[i].token_id, follows it)."""
+        r = self.runner
+        nxt = self.first_pass_ids(step, ids, qsl, stops, results)
+        h = r._forward_batch(nxt, positions, slots, None, qsl, seq_lens, rows, fn=self._layer, extra=hidden)
+        draft_rows = [i for i in (step.draft_rows or []) if i in stops]
+        if not draft_rows:
+            return
+        sampled_pos = {row: j for j, row in enumerate(step.sampled_rows())}
+        sample_js = [sampled_pos[i] for i in draft_rows]
+        sampling = step.sampling
+        greedy = [sampling is None or sampling.temperature[j] <= 1e-5 for j in sample_js]
+        sub = subset_sampling(sampling, [j for j, g in zip(sample_js, greedy) if not g])
+        seq_ids = [step.seq_ids[i] for i in draft_rows]
+        generators = r._generators_of(sampling, sample_js, seq_ids)
+        sampled_gens = None if generators is None else [g for g, flag in zip(generators, greedy) if not flag]
+        index = np.asarray([stops[i] for i in draft_rows], dtype=np.int64)
+        dev = hidden.device
+        h = h[torch.from_numpy(index).to(dev)]
+        pos = positions[index]
+        table_rows = rows[draft_rows]
+        capacity = r.tables.num_blocks[table_rows] * r.block_size
+        limit = np.minimum(self.k, capacity - pos)  # draft j >= 2 is read at position pos + j - 1 < capacity
+        n = len(draft_rows)
+        drafts: list[list[int]] = []
+        probs: list[torch.Tensor] = []
+        sampled_idx = torch.tensor([m for m, g in enumerate(greedy) if not g], dtype=torch.int64, device=dev)
+        for j in range(self.k):
+            logits = self.model.mtp_logits(h).float()
+            tokens = logits.argmax(dim=-1)
+            if sampled_idx.numel():
+                q = target_probs(logits[sampled_idx], sub)
+                tokens[sampled_idx] = draw(q, sampled_gens)
+                probs.append(q)
+            drafts.append(tokens.tolist())
+            if j + 1 >= int(limit.max()):
+                break
+            p = pos + j + 1
+            inside = p < capacity
+            p_in = np.minimum(p, capacity - 1)  # a row past its slots runs on, writing nowhere; its drafts stop
+            step_slots = np.where(inside, r.tables.slots(table_rows, p_in), -1)
+            h = r._forward(tokens.cpu().numpy(), p_in, step_slots, None, np.arange(n + 1), p_in + 1, table_rows,
+                           self._layer, h)
+        kept: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        sampled_rows = [m for m, g in enumerate(greedy) if not g]
+        for m, i in enumerate(draft_rows):
+            take = max(int(limit[m]), 0)
+            results[i].draft_token_ids = [drafts[j][m] for j in range(min(take, len(drafts)))]
+        for s, m in enumerate(sampled_rows):
+            d = tuple(results[draft_rows[m]].draft_token_ids)
+            if d:
+                kept[seq_ids[m]] = (d, torch.stack([q[s] for q in probs[:len(d)]]))
+        for sid in seq_ids:
+            self._draft_probs.pop(sid, None)
+        self._draft_probs.update(kept)
