@@ -302,3 +302,32 @@ def test_step_input_carries_bitmasks(llm):
     tok = llm.get_tokenizer()
     allowed = [t for t in range(core.vocab_size) if (words[0, t // 32] >> (t % 32)) & 1]
     assert allowed and all(set(tok.decode([t])) <= {"a", "b"} for t in allowed)
+
+
+def test_grammar_and_bias_rows_next_to_ngram_speculation(ckpt):
+    """Speculative decoding (n-gram) with rows it must not draft for: a grammar row and a logit_bias row decode
+    one token a step in the same batches as drafted plain rows. The plain rows' greedy tokens equal the engine
+    without speculation (drafts were proposed from their repetitive prompts and verified), the grammar output matches its regex,
+    the biased row equals its non-speculative run, and every block comes back."""
+    motif = [11, 42, 7, 99]
+    plain_prompts = [motif * 4, [3, 5] + motif * 3]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    regex = SamplingParams(temperature=0.0, max_tokens=12,
+                           structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-(yes|no)"))
+    biased = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logit_bias={motif[0]: 5.0})
+    runs = {}
+    # one-token lookups: the random tiny model repeats single tokens often, longer n-grams rarely
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                        "prompt_lookup_max": 2}):
+        llm = make_llm(ckpt, "cpu", max_model_len=64, kv_cache_memory_bytes=KV_BYTES, max_num_seqs=8,
+                       speculative_config=spec)
+        prompts = [{"prompt_token_ids": p} for p in (*plain_prompts, PROMPT, motif * 3)]
+        outs = llm.generate(prompts, [greedy, greedy, regex, biased], use_tqdm=False)
+        stats = llm.llm_engine.stats()
+        assert stats["num_free_blocks"] == stats["num_total_blocks"]
+        runs[spec is not None] = ([o.outputs[0].token_ids for o in outs], outs[2].outputs[0].text, stats)
+        llm.llm_engine.shutdown()
+    (base, base_text, _), (spec_ids, spec_text, stats) = runs[False], runs[True]
+    assert spec_ids == base
+    assert spec_text == base_text and re.fullmatch(r"[0-9]{3}-(yes|no)", spec_text), spec_text
+    assert stats["spec_decode_num_draft_tokens"] > 0, stats  # verify steps ran next to the undrafted rows
