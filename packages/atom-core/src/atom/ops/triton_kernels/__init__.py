@@ -10,6 +10,7 @@ from atom.ops.triton_kernels import (  # noqa: F401
     moe,
     norm,
     qk_norm_rope_cache,
+    quant_fp8,
     rope,
     sampling,
 )
