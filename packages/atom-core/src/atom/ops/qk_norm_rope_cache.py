@@ -26,13 +26,17 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq*D], k/v [T, Hk*D] -> (rotated q, rotated k); writes rotated k and v at slot_mapping (-1 skipped).
-    q_weight/k_weight [D] are the qk-norm weights; None (both) means no qk-norm."""
+    q_weight/k_weight [D] are the qk-norm weights; None (both) means no qk-norm. FP8 caches store
+    k / k_scale and v / v_scale (see atom.ops.attention)."""
     t = positions.shape[0]
     if q_weight is not None:
         q = rms_norm(q.reshape(t, -1, head_dim), q_weight, eps).reshape(t, -1)
         k = rms_norm(k.reshape(t, -1, head_dim), k_weight, eps).reshape(t, -1)
     q, k = rotary_embedding(positions, q, k, head_dim, cos_sin, is_neox)
-    reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping)
+    reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping,
+                      k_scale, v_scale)
     return q, k

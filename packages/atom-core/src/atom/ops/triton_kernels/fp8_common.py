@@ -67,3 +67,31 @@ def tl_fp8(dtype: torch.dtype):
 
 def pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
+
+
+@triton.jit
+def to_cache(x, scale, dtype: tl.constexpr, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+             EMULATE: tl.constexpr):
+    """A KV-cache entry: fp8(clamp(x / scale)) for FP8 caches (scale [1, 1] float32), a cast otherwise."""
+    if KV_FP8:
+        return quantize(x.to(tl.float32), scale, dtype, FP8_MAX, MIN_EXP, EMULATE)
+    return x.to(dtype)
+
+
+@triton.jit
+def load_kv_scale(ptr, HAS_SCALE: tl.constexpr):
+    """A per-tensor KV scale as a [1, 1] float32 tensor (1.0 without one)."""
+    if HAS_SCALE:
+        return tl.load(ptr + tl.zeros([1, 1], tl.int32)).to(tl.float32)
+    return tl.full([1, 1], 1.0, tl.float32)
+
+
+def kv_cache_consts(k_cache: torch.Tensor, k_scale, v_scale) -> dict:
+    """Kernel arguments for writing/reading a KV cache that may be FP8 (scales apply to FP8 caches only)."""
+    from atom.ops.quant_fp8 import FP8_DTYPES
+
+    fp8 = k_cache.dtype in FP8_DTYPES
+    consts = fp8_consts(k_cache.dtype) if fp8 else dict(FP8_MAX=448.0, MIN_EXP=-6, EMULATE=False)
+    consts.pop("MIN_SCALE", None)
+    return dict(KV_FP8=fp8, HAS_K_SCALE=fp8 and k_scale is not None, HAS_V_SCALE=fp8 and v_scale is not None,
+                **consts)
