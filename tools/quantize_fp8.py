@@ -144,7 +144,10 @@ def _copy_tokenizer(src: str, out: str) -> None:
     if src.endswith(".gguf"):
         from atom.loader.gguf import gguf_tokenizer
 
-        gguf_tokenizer(src).save_pretrained(out)
+        try:
+            gguf_tokenizer(src).save_pretrained(out)
+        except ValueError as e:  # a GGUF without tokenizer metadata: the weights are still useful
+            print(f"warning: no tokenizer written: {e}", file=sys.stderr)
         return
     for f in os.listdir(src):
         if f.endswith(".safetensors") or f in ("config.json", "model.safetensors.index.json"):
@@ -225,6 +228,13 @@ def dequantize_checkpoint(src: str, out: str, dtype: str = "float32") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except ValueError as e:  # a bad checkpoint: one line naming the tensor or field, no traceback
+        raise SystemExit(f"error: {e}") from e
+
+
+def _main(argv: list[str] | None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="HF folder, .gguf file, or 'smollm2'")
     ap.add_argument("out", help="output folder")

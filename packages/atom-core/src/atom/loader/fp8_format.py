@@ -72,7 +72,7 @@ def _parse_fp8(qc: dict) -> Fp8Format:
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ValueError(f"quantization_config.fmt {fmt!r} is not supported (ATOM reads e4m3 FP8)")
-    scheme = qc.get("activation_scheme", "dynamic")
+    scheme = _field(qc, "activation_scheme")
     if scheme != "dynamic":
         raise ValueError(f"quantization_config.activation_scheme {scheme!r} is not supported: ATOM quantizes "
                          "activations dynamically (activation_scheme: dynamic)")
