@@ -10,6 +10,8 @@ partial groups) are added on top.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,9 @@ from atom.ops import attention as ref_attn
 from atom.ops import moe as ref_moe
 from atom.ops import quant_fp8 as Q
 from atom.ops.qk_norm_rope_cache import qk_norm_rope_cache
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fp8_helpers import make_fp8_experts  # noqa: E402
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
 
@@ -233,24 +238,6 @@ def test_fp8_linear_errors_name_the_problem():
         Q.fp8_linear(x, q, s, torch.randn(3), [128, 128])
     with pytest.raises(ValueError, match="block_size must be two positive ints"):
         Q.fp8_linear(x, q, s, None, [128])
-
-
-def make_fp8_experts(e: int, hidden: int, inter: int, block_size, dtype=torch.float8_e4m3fn):
-    """(w13, w2, w13_scale, w2_scale) FP8 experts quantized from random float ones: gate and up quantized
-    as the two checkpoint tensors they are (their block scales stack)."""
-    w13 = torch.randn(e, 2 * inter, hidden) / hidden**0.5
-    w2 = torch.randn(e, hidden, inter) / inter**0.5
-    scheme = "block" if block_size else "channel"
-    bs = block_size or (128, 128)
-    q13, s13, q2, s2 = [], [], [], []
-    for i in range(e):
-        parts = [Q.quantize_weight_fp8(w13[i, j * inter:(j + 1) * inter], scheme, bs, dtype) for j in (0, 1)]
-        q13.append(torch.cat([p[0] for p in parts]))
-        s13.append(torch.cat([p[1] for p in parts]))
-        qq, ss = Q.quantize_weight_fp8(w2[i], scheme, bs, dtype)
-        q2.append(qq)
-        s2.append(ss)
-    return torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2)
 
 
 @pytest.mark.parametrize("block_size", [[32, 32], None])
