@@ -8,13 +8,14 @@ Two weight layouts share one GEMM kernel:
 - per-token activations x per-channel (or per-tensor: stride 0) weight scales: plain fp8 dots,
   promoted to float32 every K step (max_num_imprecise_acc), both scales applied once at the end.
 
-Activation quantization: for M <= FUSED_QUANT_MAX_M (decode) the GEMM quantizes A itself while loading
-it (its prologue): with block scales each K step is one group, so the scale of a tile comes from that
-tile alone; per token, a first pass over the row finds its absolute max. Every column-block program
-repeats this for its rows, which costs little at decode sizes (A is a few KB, read from L2) and saves
-the launch and the HBM round trip of a separate quantization kernel, a visible share of a decode step's
-small GEMMs. Larger M (prefill) runs one quantization kernel first (A quantized once instead of once per
-column block, and read back as FP8: half the bytes) and feeds the fp8 A to the GEMM.
+Activation quantization: at decode sizes (M <= FUSED_QUANT_MAX_M with block scales, FUSED_TOKEN_QUANT_MAX_M
+per token) the GEMM quantizes A itself while loading it (its prologue): with block scales each K step is
+one group, so the scale of a tile comes from that tile alone; per token, a first pass over the rows finds
+their absolute max. Every column-block program repeats this for its rows, which costs little at decode
+sizes (A is a few KB, read from L2) and saves the launch and the HBM round trip of a separate quantization
+kernel, a visible share of a decode step's small GEMMs (kernel_bench.py times both). Larger M (prefill)
+runs one quantization kernel first (A quantized once instead of once per column block, and read back as
+FP8: half the bytes) and feeds the fp8 A to the GEMM.
 
 Decode tiles: BLOCK_M 16, and split-K over several programs when the column blocks alone cannot keep
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
@@ -208,8 +209,11 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.co
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# M up to which the GEMM quantizes its activations itself (module-level for sweeps and tests).
+# M up to which the GEMM quantizes its activations itself (module-level for sweeps and tests). Per token, every
+# program first reads its rows' whole K for their scale, so that stays at smaller M (at M = 16 and split-K 4 on
+# a 4096 x 4096 weight the re-reads would be twice the weight's bytes, from L2).
 FUSED_QUANT_MAX_M = 16
+FUSED_TOKEN_QUANT_MAX_M = 4
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -270,7 +274,7 @@ def fp8_linear(
         ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
         ws_stride_k = 0
     tile = _gemm_tile(m, n, k, block_k, x.device)
-    quant_a = m <= FUSED_QUANT_MAX_M
+    quant_a = m <= (FUSED_QUANT_MAX_M if block_scales else FUSED_TOKEN_QUANT_MAX_M)
     if quant_a:
         a, a_scale, as_stride = x2, x2, 0  # a_scale unused
     elif block_scales:
