@@ -24,6 +24,9 @@ _MIN_EXP = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}
 def fp8_consts(dtype: torch.dtype) -> dict:
     """Kernel arguments describing an FP8 dtype: clamp bound, scale floor, smallest normal exponent,
     and whether to emulate the rounding (interpreter)."""
+    if dtype == torch.float8_e4m3fnuz and torch.cuda.is_available() and not torch.version.hip and not interpreting():
+        raise ValueError("float8_e4m3fnuz is AMD MI300's FP8 format; Triton has no such type on NVIDIA GPUs "
+                         "(use float8_e4m3fn)")
     return dict(FP8_MAX=fp8_max(dtype), MIN_SCALE=fp8_min_scale(dtype), MIN_EXP=_MIN_EXP[dtype],
                 EMULATE=interpreting())
 
