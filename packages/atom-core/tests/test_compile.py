@@ -22,12 +22,19 @@ def torch_backend_on_cpu(monkeypatch):
 
 
 def test_the_host_reading_references_are_custom_ops():
-    assert set(opaque_ops("torch")) == {"fused_experts", "paged_attention", "reshape_and_cache", "qk_norm_rope_cache"}
+    assert set(opaque_ops("torch")) == {"fused_experts", "paged_attention", "reshape_and_cache", "qk_norm_rope_cache",
+                                        "fp8_fused_experts"}
 
 
 @pytest.mark.parametrize("op", opaque_ops("torch"))
 def test_torch_reference_custom_op(op):
     check_custom_op(op, "torch", "cpu")
+
+
+@pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache"])
+def test_torch_reference_custom_op_over_an_fp8_kv_cache(op):
+    """The schemas carry the optional k_scale / v_scale; fakes and compiled calls match eager on FP8 caches."""
+    check_custom_op(op, "torch", "cpu", static={"kv_cache_dtype": torch.float8_e4m3fn})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU torch references (the GPU test below covers GPUs)")

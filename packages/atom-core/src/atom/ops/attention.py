@@ -8,12 +8,18 @@ which are the *last* tokens of its seq_lens[b] context tokens (the earlier ones 
 Decode is the case where every query length is 1. Causal masking, GQA/MQA (num_heads a multiple of
 num_kv_heads), sliding window (a query at position i sees keys j with i - j < window, as
 transformers defines it) and logit soft-capping (cap * tanh(s / cap)) are supported.
+
+FP8 KV cache (float8_e4m3fn / float8_e4m3fnuz caches): the cache holds fp8(clamp(k / k_scale)) and
+fp8(clamp(v / v_scale)) (vLLM's convention; per-tensor scales from the checkpoint, else 1.0), read back
+as q * scale. k_scale / v_scale are float32 tensors of one element (so CUDA graphs capture them as
+inputs) or None (1.0); they are ignored for caches that are not FP8.
 """
 
 from __future__ import annotations
 
 import torch
 
+from atom.ops.quant_fp8 import FP8_DTYPES, fp8_max
 from atom.ops.registry import define_op, register
 
 CHECK_BLOCK_SIZE = 16
@@ -30,24 +36,56 @@ def slot_example(t, num_tokens: int, num_blocks: int = 4) -> torch.Tensor:
     return slots
 
 
+def kv_cache_example(t, static, num_blocks: int = 4, fill: bool = False) -> tuple:
+    """(k_cache, v_cache, scales) for a self-check in the layer's cache dtype (static["kv_cache_dtype"],
+    default the activations'): scales are the trailing (k_scale, v_scale) arguments, != 1, of an FP8
+    cache, and () otherwise (the call then leaves them out)."""
+    _, kv, d = _heads(static)
+    dtype = static.get("kv_cache_dtype") or t.dtype
+    caches = []
+    for _ in range(2):
+        c = t.randn(num_blocks, CHECK_BLOCK_SIZE, kv, d, dtype=torch.float32) if fill else \
+            torch.zeros(num_blocks, CHECK_BLOCK_SIZE, kv, d, device=t.device)
+        caches.append(c.to(dtype))
+    if dtype not in FP8_DTYPES:
+        return (*caches, ())
+    return (*caches, (t.tensor(0.5, torch.float32), t.tensor(2.0, torch.float32)))
+
+
 def _cache_example(t, static):
     _, kv, d = _heads(static)
-    caches = [torch.zeros(4, CHECK_BLOCK_SIZE, kv, d, dtype=t.dtype, device=t.device) for _ in range(2)]
-    return (t.randn(6, kv, d), t.randn(6, kv, d), *caches, slot_example(t, 6))
+    k_cache, v_cache, scales = kv_cache_example(t, static)
+    return (t.randn(6, kv, d), t.randn(6, kv, d), k_cache, v_cache, slot_example(t, 6), *scales)
 
 
 def _attention_example(t, static):
     """A decode-only batch and a mixed prefill/decode batch over a paged cache with shuffled blocks."""
     h, kv, d = _heads(static)
     window, softcap = static.get("sliding_window"), static.get("logit_softcap")
-    k_cache, v_cache = t.randn(8, CHECK_BLOCK_SIZE, kv, d), t.randn(8, CHECK_BLOCK_SIZE, kv, d)
+    k_cache, v_cache, scales = kv_cache_example(t, static, num_blocks=8, fill=True)
     tables = t.randperm(8)[:6].view(2, 3).to(torch.int32)
     calls = []
     for q_lens, ctx in (([1, 1], [40, 7]), ([1, 5], [23, 40])):
         qsl = t.tensor([0, q_lens[0], q_lens[0] + q_lens[1]], torch.int32)
         calls.append((t.randn(sum(q_lens), h, d), k_cache, v_cache, tables, qsl, t.tensor(ctx, torch.int32),
-                      d**-0.5, window, softcap, max(q_lens), max(ctx)))
+                      d**-0.5, window, softcap, max(q_lens), max(ctx), *scales))
     return calls
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """x as the cache stores it: fp8(clamp(x / scale)) for FP8 caches, a plain cast otherwise."""
+    if cache_dtype not in FP8_DTYPES:
+        return x.to(cache_dtype)
+    y = x.float() if scale is None else x.float() / scale.float().reshape(())
+    return y.clamp(-fp8_max(cache_dtype), fp8_max(cache_dtype)).to(cache_dtype)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 values of cache entries (dequantized for FP8 caches)."""
+    y = x.float()
+    if x.dtype in FP8_DTYPES and scale is not None:
+        y = y * scale.float().reshape(())
+    return y
 
 
 define_op("reshape_and_cache", mutates_args=("k_cache", "v_cache"), example=_cache_example,
@@ -63,13 +101,19 @@ def reshape_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped.
+    FP8 caches store key / k_scale and value / v_scale (module docstring)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        rows = to_cache_dtype(x[keep], cache.dtype, scale)
+        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slots, rows)
 
 
 @register("paged_attention", "torch", cuda_graph=False, traceable=False)
@@ -85,8 +129,11 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1])."""
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]); FP8 caches
+    are read as entry * k_scale / v_scale."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -109,8 +156,8 @@ def paged_attention(
     # Padding keys read slot 0, which may hold garbage (NaN/inf in a torch.empty cache); zero them so
     # 0-probability * garbage cannot poison the output.
     pad = ~key_valid[:, :, None, None]
-    k = flat_k[slots].float().masked_fill(pad, 0.0)
-    v = flat_v[slots].float().masked_fill(pad, 0.0)
+    k = from_cache(flat_k[slots], k_scale).masked_fill(pad, 0.0)
+    v = from_cache(flat_v[slots], v_scale).masked_fill(pad, 0.0)
 
     # Pack queries into [B, max_q, H, D].
     qi = torch.arange(max_q, device=device)

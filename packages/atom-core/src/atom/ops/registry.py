@@ -364,4 +364,9 @@ _OP_FAMILY = {
     "paged_attention": "attention",
     "sample": "sampling",
     "qk_norm_rope_cache": "qk_norm_rope_cache",
+    "fp8_quant_group": "quant_fp8",
+    "fp8_quant_token": "quant_fp8",
+    "fp8_quantize_weight": "quant_fp8",
+    "fp8_linear": "quant_fp8",
+    "fp8_fused_experts": "quant_fp8",
 }

@@ -8,8 +8,10 @@ from atom.ops.triton_kernels import (  # noqa: F401
     activation,
     attention,
     moe,
+    moe_fp8,
     norm,
     qk_norm_rope_cache,
+    quant_fp8,
     rope,
     sampling,
 )
