@@ -2,6 +2,7 @@
 """Write an FP8 checkpoint from a float one, or a float checkpoint back from an FP8 one.
 
     python tools/quantize_fp8.py SRC OUT --format fp8-block|fp8-tensor|compressed-tensors [--block-size 128 128]
+                                 [--ignore MODULE ...] [--kv-cache-scales]
     python tools/quantize_fp8.py SRC OUT --dequantize [--dtype float32]
 
 SRC is a Hugging Face folder (config.json + safetensors, as transformers' save_pretrained writes it), a
@@ -18,6 +19,9 @@ Formats (atom/loader/fp8_format.py has the details):
 Quantized: the 2-D weights of the decoder layers' linear modules (attention and MLP projections, MoE
 experts). Kept in their dtype, as real checkpoints do: embeddings, lm_head, norms, biases, MoE routers
 (`mlp.gate`, `block_sparse_moe.gate`).
+
+--kv-cache-scales adds per-tensor FP8 KV-cache scales (`model.layers.<i>.self_attn.k_scale` / `v_scale`, amax /
+448 of the cached keys and values over random tokens; compressed-tensors also declares its kv_cache_scheme).
 
 --dequantize reads any of the three formats and writes dequantized float weights without a
 quantization_config: the float model a reference (transformers) runs to compare with ATOM's FP8 path.
@@ -177,27 +181,68 @@ def _write(out: str, shard_iter, transform) -> dict[str, str]:
     return weight_map
 
 
-def quantize_checkpoint(src: str, out: str, fmt_name: str, block_size=(128, 128), dtype: str = "auto") -> Fp8Format:
-    """Write `out` from `src` in one FP8 format; returns the format."""
+def calibrate_kv_scales(src: str, num_tokens: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-tensor FP8 KV-cache scales of an HF float checkpoint: amax / 448 of each layer's cached keys and
+    values (after rope and qk-norm: what the cache stores), from one transformers forward over random
+    tokens. Named `model.layers.<i>.self_attn.k_scale` / `v_scale` (llm-compressor's names; vLLM reads them)."""
+    from transformers import AutoModelForCausalLM
+
+    if src.endswith(".gguf") or not os.path.isdir(src):
+        raise SystemExit("--kv-cache-scales calibrates with transformers on an HF folder (not a GGUF file)")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=gen)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        for kind, t in (("k", layer.keys), ("v", layer.values)):
+            out[f"model.layers.{i}.self_attn.{kind}_scale"] = (t.float().abs().amax() / 448.0).clamp_min(1e-8)
+    return out
+
+
+# compressed-tensors' declaration of a per-tensor FP8 KV cache (as llm-compressor writes it)
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+                   "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+                   "observer_kwargs": {}}
+
+
+def quantize_checkpoint(src: str, out: str, fmt_name: str, block_size=(128, 128), dtype: str = "auto",
+                        ignore: tuple[str, ...] = (), kv_cache_scales: bool = False) -> Fp8Format:
+    """Write `out` from `src` in one FP8 format; returns the format. `ignore`: module names (or `re:`
+    patterns) kept in float and listed in the config; kv_cache_scales: add calibrated per-tensor FP8
+    KV-cache scales (calibrate_kv_scales)."""
     src = _source(src)
     config = _read_config(src)
     if config.get("quantization_config"):
         raise SystemExit(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
     cast = _DTYPES.get(dtype) if dtype != "auto" else (torch.bfloat16 if src.endswith(".gguf") else None)
     os.makedirs(out, exist_ok=True)
-    ignored = ["lm_head"]
+    ignored = ["lm_head", *ignore]
+    kv_scales = calibrate_kv_scales(src) if kv_cache_scales else {}
+    keep = Fp8Format("fp8", "tensor", None, tuple(ignore))  # is_quantized() of the user's list
 
     def transform(tensors):
         if cast is not None:
             tensors = {k: v.to(cast) if v.dtype.is_floating_point else v for k, v in tensors.items()}
         ignored.extend(sorted(module_of(k) for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2
                               and is_router(module_of(k))))
-        return quantize_tensors(format_of(fmt_name, block_size, []), tensors)
+        kept = {k: v for k, v in tensors.items() if not keep.is_quantized(module_of(k))}
+        out = quantize_tensors(format_of(fmt_name, block_size, []),
+                               {k: v for k, v in tensors.items() if k not in kept})
+        return {**out, **kept, **kv_scales_once()}
+
+    def kv_scales_once():
+        scales = dict(kv_scales)
+        kv_scales.clear()
+        return scales
 
     if cast is not None:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(cast).removeprefix("torch.")
     _write(out, _shards(src), transform)
     fmt = format_of(fmt_name, block_size, ignored)
+    if kv_cache_scales and fmt.method == "compressed-tensors":
+        fmt = Fp8Format(fmt.method, fmt.layout, fmt.block_size, fmt.ignored, dict(KV_CACHE_SCHEME))
     config["quantization_config"] = quantization_config(fmt)
     _write_config(out, config)
     _copy_tokenizer(src, out)
@@ -244,6 +289,11 @@ def _main(argv: list[str] | None) -> None:
                     help="dtype of the unquantized tensors (quantize; default auto: the source's, bfloat16 for "
                          "GGUF) or of the dequantized weights (--dequantize; default float32)")
     ap.add_argument("--dequantize", action="store_true", help="write the float checkpoint of an FP8 one")
+    ap.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
+                    help="modules kept in float (names or re:<pattern>), listed in the config")
+    ap.add_argument("--kv-cache-scales", action="store_true",
+                    help="add per-tensor FP8 KV-cache scales (self_attn.k_scale / v_scale) calibrated with "
+                         "transformers on random tokens (HF folders)")
     args = ap.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         raise SystemExit(f"{args.out} exists and is not empty")
@@ -255,7 +305,8 @@ def _main(argv: list[str] | None) -> None:
         return
     if not args.format:
         raise SystemExit(f"--format is required: one of {', '.join(FORMATS)}")
-    fmt = quantize_checkpoint(args.src, args.out, args.format, tuple(args.block_size), args.dtype or "auto")
+    fmt = quantize_checkpoint(args.src, args.out, args.format, tuple(args.block_size), args.dtype or "auto",
+                              tuple(args.ignore), args.kv_cache_scales)
     print(f"wrote {args.format} ({fmt.layout} weight scales) checkpoint {args.out}")
 
 

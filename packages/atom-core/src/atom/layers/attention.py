@@ -19,6 +19,8 @@ An MLA implementation brings its own spec and builder the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +30,14 @@ from torch import nn
 
 from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
-                                  bind_kv_caches, kv_cache_layers)
+                                  bind_kv_caches, is_fp8, kv_cache_layers)
 from atom.ops.registry import resolve
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Attention", "AttentionFactory", "AttentionInputs", "AttentionMetadataBuilder", "AttentionSpec",
            "PagedAttention", "PagedAttentionMetadata", "PagedAttentionMetadataBuilder", "attention_specs",
-           "bind_kv_caches", "metadata_builder", "paged_attention_factory"]
+           "bind_kv_caches", "metadata_builder", "paged_attention_factory", "paged_attention_factory_for"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,9 @@ class PagedAttention(nn.Module):
     metadata_builder_cls = PagedAttentionMetadataBuilder
 
     def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None):
-        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction)."""
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction); an
+        FP8 type (torch.float8_e4m3fn, or float8_e4m3fnuz on MI300) stores fp8(k / k_scale), fp8(v / v_scale)
+        with per-tensor scales from the checkpoint (load_kv_scale), else 1.0."""
         super().__init__()
         self.spec = spec
         dtype = kv_cache_dtype or torch.get_default_dtype()
@@ -116,9 +122,26 @@ class PagedAttention(nn.Module):
             SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
-        self._write = resolve("reshape_and_cache")
-        self._attend = resolve("paged_attention")
-        self._prep = resolve("qk_norm_rope_cache")
+        # An FP8 cache is a build-time property of the ops (AITER's cache kernels do not take one yet).
+        static = {"kv_cache_dtype": dtype} if is_fp8(dtype) else None
+        self._write = resolve("reshape_and_cache", static=static)
+        self._attend = resolve("paged_attention", static=static)
+        self._prep = resolve("qk_norm_rope_cache", static=static)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
+        entry = fp8(x / scale). Goes into the spec (what the host allocates from) and into a bound cache."""
+        if kind not in ("k", "v"):
+            raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
+        if not value > 0:
+            raise ValueError(f"{self.spec.prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must "
+                             "be positive")
+        if self.kv_cache_spec.dtype == torch.float8_e4m3fnuz:
+            value *= 2.0  # checkpoint scales are for e4m3fn (max 448); e4m3fnuz's values are worth half
+        self.kv_cache_spec = dataclasses.replace(self.kv_cache_spec, **{f"{kind}_scale": float(value)})
+        cache = self.kv_cache
+        if cache is not None and getattr(cache, f"{kind}_scale") is not None:
+            getattr(cache, f"{kind}_scale").fill_(value)
 
     def _context(self):
         md = get_forward_context()
@@ -133,7 +156,7 @@ class PagedAttention(nn.Module):
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         cache = self.kv_cache
-        self._write(k, v, cache.k, cache.v, md.slot_mapping)
+        self._write(k, v, cache.k, cache.v, md.slot_mapping, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md)
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -144,7 +167,7 @@ class PagedAttention(nn.Module):
         md = self._context()
         cache = self.kv_cache
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
-                          cache.k, cache.v, md.slot_mapping)
+                          cache.k, cache.v, md.slot_mapping, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md)
 
     def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
@@ -153,12 +176,19 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, md.block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len, md.max_seq_len)
+                           md.max_query_len, md.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 
 def paged_attention_factory(spec: AttentionSpec) -> nn.Module:
     return PagedAttention(spec)
+
+
+def paged_attention_factory_for(kv_cache_dtype: torch.dtype | None) -> AttentionFactory:
+    """ATOM's paged attention with its cache in `kv_cache_dtype` (None: the model's dtype)."""
+    if kv_cache_dtype is None:
+        return paged_attention_factory
+    return lambda spec: PagedAttention(spec, kv_cache_dtype=kv_cache_dtype)
 
 
 def attention_specs(model: nn.Module) -> list[AttentionSpec]:
@@ -189,3 +219,19 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.impl(q, k, v)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's
+        implementation (its `load_kv_scale`); one without it ignores the scales (logged once), as vLLM does
+        for a layer that does not take them."""
+        load = getattr(self.impl, "load_kv_scale", None)
+        if load is not None:
+            load(kind, value)
+        elif not _warned_kv_scales:
+            _warned_kv_scales.append(type(self.impl).__name__)
+            logger.warning("the checkpoint has FP8 KV-cache scales (%s_scale of %s), but the attention "
+                           "implementation %s does not take them: ignored", kind, self.spec.prefix,
+                           type(self.impl).__name__)
+
+
+_warned_kv_scales: list[str] = []

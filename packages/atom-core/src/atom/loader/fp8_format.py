@@ -233,11 +233,16 @@ def row_expanded_block_scale(scale: torch.Tensor, n_rows: int, block_n: int) -> 
     return scale.repeat_interleave(block_n, 0)[:n_rows].contiguous()
 
 
+def is_kv_cache_scale(name: str) -> bool:
+    """A per-tensor FP8 KV-cache scale (`...self_attn.k_scale`, `k_proj.k_scale`, the old `kv_scale`)."""
+    return name.endswith((".k_scale", ".v_scale", ".kv_scale"))
+
+
 def dequantize_tensors(fmt: Fp8Format, tensors: dict[str, torch.Tensor],
                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors with every FP8 weight dequantized to `dtype` and the scales dropped: what a
-    float reference model (transformers) runs. Errors name missing or misfit scales, and scales without
-    a weight."""
+    """A checkpoint's tensors with every FP8 weight dequantized to `dtype` and the scales (KV-cache scales
+    too) dropped: what a float reference model (transformers) runs. Errors name missing or misfit scales,
+    and scales without a weight."""
     out, used = {}, set()
     for name, t in tensors.items():
         if t.dtype in FP8_DTYPES:
@@ -247,7 +252,7 @@ def dequantize_tensors(fmt: Fp8Format, tensors: dict[str, torch.Tensor],
             out[name] = dequantize_weight(t, scale, fmt.block_size).to(dtype)
             used.add(scale_name)
     for name, t in tensors.items():
-        if t.dtype in FP8_DTYPES or name in used:
+        if t.dtype in FP8_DTYPES or name in used or is_kv_cache_scale(name):
             continue
         if name.endswith(("." + fmt.scale_suffix, ".weight_scale", ".weight_scale_inv")):
             raise ValueError(f"checkpoint has the scale {name} but no FP8 weight it belongs to")

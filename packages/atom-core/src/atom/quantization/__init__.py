@@ -18,6 +18,8 @@ from atom.quantization.registry import (
 )
 from atom.quantization.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
 
+from atom.quantization import fp8  # noqa: E402,F401  (registers the fp8 and compressed-tensors schemes)
+
 
 def linear_method_for(quant_config: QuantizationConfig | None, layer, prefix: str) -> LinearMethod:
     method = quant_config.linear_method(layer, prefix) if quant_config is not None else None
