@@ -27,6 +27,8 @@ class EngineArgs:
     load_format: str = "auto"
     device: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only checkpoints)
+    quantization: str | None = None  # None: the checkpoint's quantization_config (if any); "fp8": quantize
+    kv_cache_dtype: str = "auto"  # auto | fp8 | fp8_e4m3
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +56,16 @@ class EngineArgs:
             raise bad("dtype", "must be one of auto, float32, float16, bfloat16")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
+        if self.quantization is not None:
+            from atom.quantization import supported_quantizations
+
+            if self.quantization not in supported_quantizations():
+                raise bad("quantization", f"must be one of {', '.join(supported_quantizations())} (or left unset)")
+        from atom.loader.model_loader import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            extra = " (ATOM's FP8 KV cache is e4m3)" if self.kv_cache_dtype == "fp8_e5m2" else ""
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}{extra}")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
 
@@ -83,6 +95,20 @@ class EngineArgs:
         parser.add_argument("--device", type=str, default=None, help="cpu | cuda (default: what is present)")
         parser.add_argument("--skip-tokenizer-init", action="store_true",
                             help="no tokenizer: prompts as token ids, outputs without text")
+        from atom.loader.model_loader import KV_CACHE_DTYPES
+        from atom.quantization import supported_quantizations
+
+        parser.add_argument("--quantization", "-q", type=str, default=None, choices=supported_quantizations(),
+                            help="Method used to quantize the weights. If None, we first check the "
+                                 "`quantization_config` attribute in the model config file. If that is None, we "
+                                 "assume the model weights are not quantized and use `dtype` to determine the data "
+                                 "type of the weights. fp8 on a float checkpoint quantizes its linear layers to FP8 "
+                                 "(per output channel) at load time.")
+        parser.add_argument("--kv-cache-dtype", type=str, default=d["kv_cache_dtype"].default, choices=KV_CACHE_DTYPES,
+                            help="Data type for kv cache storage. If \"auto\", will use model data type (or FP8 "
+                                 "when the checkpoint's quantization declares an FP8 KV cache). fp8 (=fp8_e4m3) "
+                                 "stores e4m3 with per-tensor scales from the checkpoint (k_scale / v_scale), 1.0 "
+                                 "otherwise: half the bytes of bf16, twice the blocks.")
         return parser
 
     @classmethod

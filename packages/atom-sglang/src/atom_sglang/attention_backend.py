@@ -4,7 +4,8 @@ SGLang's token pool holds, per layer, K and V as [num_slots, num_kv_heads, head_
 token slots in `req_to_token[req_pool_idx, :seq_len]`. That is ATOM's paged layout with block size 1:
 the rows of req_to_token are the block tables. So the backend writes K/V at `out_cache_loc` through the
 pool and calls `resolve("paged_attention")` — the torch reference on CPU, ATOM's Triton/AITER kernels
-on GPUs (following ATOM_KERNEL_BACKEND).
+on GPUs (following ATOM_KERNEL_BACKEND). With `--kv-cache-dtype fp8_e4m3` the pool holds e4m3 entries
+(k / k_scale with a checkpoint's per-tensor scales, else k); the op reads them with the same scales.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from atom.layers.kv_cache import is_fp8
 from atom.ops.registry import resolve
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
@@ -58,10 +60,28 @@ class AtomAttnBackend(AttentionBackend):
             raise NotImplementedError("the atom attention backend does not support SGLang's hybrid SWA KV pool; "
                                       "use --attention-backend triton for this model")
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
-        self._attend = resolve("paged_attention", dtype=getattr(model_runner, "dtype", None), device=self.device)
+        # --kv-cache-dtype fp8_e4m3: SGLang's pool holds fp8(k / k_scale) (a layer's checkpoint scale, else 1.0);
+        # ATOM's op reads it back with the same per-tensor scales, kept on the device from the start (CUDA
+        # graphs capture them as inputs).
+        self.kv_dtype = getattr(self.token_to_kv_pool, "dtype", None)
+        self.fp8_kv = self.kv_dtype is not None and is_fp8(self.kv_dtype)
+        self._scales = self._kv_scales(model_runner) if self.fp8_kv else {}
+        static = {"kv_cache_dtype": self.kv_dtype} if self.fp8_kv else None
+        self._attend = resolve("paged_attention", dtype=getattr(model_runner, "dtype", None), device=self.device,
+                               static=static)
         logger.info("ATOM attention backend: paged_attention from %s", self._attend.__module__)
         self.forward_metadata: AtomForwardMetadata | None = None
         self._graph: dict[str, torch.Tensor] | None = None
+
+    def _kv_scales(self, model_runner) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer id -> (k_scale, v_scale) device tensors of every attention layer with checkpoint scales."""
+        out = {}
+        model = getattr(model_runner, "model", None)
+        for m in model.modules() if model is not None else ():
+            if getattr(m, "k_scale_float", None) is not None and hasattr(m, "layer_id"):
+                out[m.layer_id] = tuple(torch.tensor(float(s), dtype=torch.float32, device=self.device)
+                                        for s in (m.k_scale_float, m.v_scale_float or m.k_scale_float))
+        return out
 
     # ---- metadata -------------------------------------------------------------------------------
 
@@ -142,8 +162,13 @@ class AtomAttnBackend(AttentionBackend):
             raise NotImplementedError(f"logit capping method {layer.logit_capping_method!r} is not supported")
         md = self.forward_metadata
         num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
+        scales = self._scales.get(layer.layer_id, (None, None))
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k, v)
+            if self.fp8_kv and layer.k_scale is not None:  # the pool divides k and v in place by the scales
+                self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k.clone(), v.clone(),
+                                                    layer.k_scale, layer.v_scale)
+            else:
+                self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k, v)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         # SGLang's window counts keys back from the query (i - j <= w); ATOM's counts keys seen (i - j < w).
@@ -161,6 +186,8 @@ class AtomAttnBackend(AttentionBackend):
             layer.logit_cap if layer.logit_cap and layer.logit_cap > 0 else None,
             md.max_query_len,
             md.max_seq_len,
+            k_scale=scales[0],
+            v_scale=scales[1],
         )
         return out.reshape(-1, num_heads * head_dim)
 

@@ -97,7 +97,8 @@ class ModelRunner:
     def __init__(self, model_path: str, *, dtype: str, device: torch.device, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, load_format: str,
-                 config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False):
+                 config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         torch.manual_seed(seed)
         self.device = device
         self.block_size = block_size
@@ -106,7 +107,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
-                                             trust_remote_code=trust_remote_code)
+                                             trust_remote_code=trust_remote_code, quantization=quantization,
+                                             kv_cache_dtype=kv_cache_dtype)
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         self.specs = attention_specs(self.model)
@@ -123,8 +125,9 @@ class ModelRunner:
                 "give the KV cache more memory or lower max_model_len")
         self.kv_caches = allocate_kv_caches(self.kv_specs, self.num_blocks, block_size, device)
         bind_kv_caches(self.model, self.kv_caches)
-        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_blocks, block_size,
-                    self.num_blocks * self.block_bytes / GiB)
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s)", self.num_blocks, block_size,
+                    self.num_blocks * self.block_bytes / GiB,
+                    ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in self.kv_specs})))
         width = -(-max_model_len // block_size)
         self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs))
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
