@@ -22,11 +22,13 @@ python3 -m pytest -q -p no:cacheprovider -m gpu packages/atom-core/tests \
 other=${PIPESTATUS[0]}
 [ "$other" = 5 ] && other=0
 
-# atom-server's GPU tests: CUDA graphs vs eager, async scheduling, profiled KV sizing. The engine needs
+# atom-server's GPU tests: CUDA graphs vs eager, async scheduling, profiled KV sizing, FP8 checkpoints with an
+# FP8 KV cache on CUDA graphs vs the CPU reference. The engine needs
 # msgspec, which the image lacks: setup_device.sh puts it in /tmp/site with the carried vLLM dependencies
 # (last on the path, so the source trees win over installed atom wheels).
 PYTHONPATH=packages/atom-server/src:$PYTHONPATH:${ATOM_SITE:-/tmp/site} python3 -m pytest -q -p no:cacheprovider \
-  packages/atom-server/tests/test_engine_gpu.py packages/atom-server/tests/test_engine_async.py 2>&1 | tee "$out/server_gpu_tests.log"
+  packages/atom-server/tests/test_engine_gpu.py packages/atom-server/tests/test_engine_async.py \
+  packages/atom-server/tests/test_engine_fp8_gpu.py 2>&1 | tee "$out/server_gpu_tests.log"
 server=${PIPESTATUS[0]}
 [ "$server" = 5 ] && server=0
 

@@ -10,6 +10,7 @@ FP8 model run outside the engine (the same weights, the same reference ops).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -107,3 +108,35 @@ def test_checkpoint_kv_scales_reach_the_engine_cache(ckpt, tmp_path):
     assert [float(c.k_scale) for c in runner.kv_caches] == pytest.approx([m.kv_cache_spec.k_scale for m in layers])
     assert all(float(c.k_scale) != 1.0 and c.k.dtype == torch.float8_e4m3fn for c in runner.kv_caches)
     assert len(llm.generate(PROMPTS, GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    from server_harness import free_port
+
+    return subprocess.run([sys.executable, "-m", "atom_server", "serve", *args, "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype"),
+    (["--quantization", "awq"], "--quantization"),
+])
+def test_atom_serve_bad_fp8_flags_exit_2(ckpt, flags, needle):
+    out = _serve(ckpt, *flags)
+    assert out.returncode == 2 and needle in out.stderr and "invalid choice" in out.stderr, out.stderr
+
+
+def test_atom_serve_names_a_missing_scale_and_exits_1(ckpt, tmp_path):
+    """A checkpoint missing one FP8 scale: the engine fails to start and the log names the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    fp8_dir = tmp_path / "block"
+    quantize_fp8.quantize_checkpoint(ckpt, str(fp8_dir), "fp8-block", (32, 32))
+    file = str(fp8_dir / "model.safetensors")
+    tensors = load_file(file)
+    del tensors["model.layers.0.self_attn.v_proj.weight_scale_inv"]
+    save_file(tensors, file)
+    out = _serve(str(fp8_dir), "--device", "cpu")
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log[-3000:]
+    assert "model.layers.0.self_attn.v_proj.weight_scale_inv" in log, log[-3000:]

@@ -31,7 +31,7 @@ import triton.language as tl
 from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import fit_tile, num_sms
-from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize, tl_fp8
+from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 
 
 # ---------------------------------------------------------------- activation quantization
