@@ -26,6 +26,9 @@ TRITON_INTERPRET=1 run_suite triton-interpret .venv/bin/python packages/atom-cor
 run_suite server .venv/bin/python packages/atom-server/tests
 run_suite vllm .venv/bin/python packages/atom-vllm/tests
 run_suite sglang .venv-sglang/bin/python packages/atom-sglang/tests
+# The README's quick start in a fresh virtual environment (pip cache and the on-disk torch wheel reused),
+# answering one chat request with the bundled SmolLM2 through the official openai client.
+run_suite quickstart .venv/bin/python ci/test_quickstart.py -s
 
 echo "=== wheels"
 rm -rf dist && mkdir -p dist

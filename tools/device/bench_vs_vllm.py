@@ -2,6 +2,7 @@
 """ATOM vs vLLM on one GPU machine, in one call: the PERF.md workload on preset shapes.
 
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b [--engines atom,vllm,atom-vllm] [--budget-s 500]
+      [--tp 2 [--ep]]   (tensor / expert parallel over the first N GPUs, the same for every engine)
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 --engines atom,vllm,atom-base
 
 (the .sh sets up /tmp/site first; tools/device/README.md has the whole sequence of device calls.)
@@ -121,7 +122,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
     common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
-              "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json]
+              "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json,
+              "--tensor-parallel-size", str(ns.tp)] + (["--enable-expert-parallel"] if ns.ep else [])
     env = dict(os.environ)
     quant = []
     if engine != "atom-base":
@@ -144,7 +146,8 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="qwen3-0.6b",
-                   help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b) or config folders")
+                   help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b,deepseek-v2-lite) or config "
+                        "folders")
     p.add_argument("--engines", default="atom,vllm,atom-vllm")
     p.add_argument("--batch-sizes", default="1,32,128")
     p.add_argument("--input-len", type=int, default=128)
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-engine-s", type=float, default=90, help="skip an engine with less time than this left")
     p.add_argument("--quantization", default=None, help="fp8: every engine but atom-base quantizes at load time")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: every engine but atom-base stores an FP8 KV cache")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
+    p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
@@ -172,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     benches = []
     for shape in ns.shapes.split(","):
         shape, model, config = make_checkpoint(shape, "/tmp/bench_models")
-        bench = dict(shape=shape, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
+        par = (f"_tp{ns.tp}" if ns.tp > 1 else "") + ("_ep" if ns.ep else "")
+        bench = dict(shape=shape + par, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
                      date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
                      dtype=ns.dtype, config=config, quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
+                     tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
                      command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
                      engines={})
         variant = make_table.variant(bench)
-        stem = f"bench_{shape}{'_' + variant if variant else ''}_{time.strftime('%H%M%S')}"  # calls keep their files
+        variant = "_" + variant if variant else ""
+        stem = f"bench_{shape}{par}{variant}_{time.strftime('%H%M%S')}"  # calls keep their files
         path = os.path.join(ns.out, stem + ".json")
         with open(os.path.join(ns.out, stem + ".log"), "w") as log:
             for engine in ns.engines.split(","):
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench["engines"][engine] = dict(error=f"skipped: {left:.0f} s of the budget left")
                     print(f"[{engine}] skipped, {left:.0f} s left", flush=True)
                     continue
-                out_json = os.path.join(parts, f"{engine}_{shape}.json")
+                out_json = os.path.join(parts, f"{engine}_{shape}{par}.json")
                 if os.path.exists(out_json):
                     os.remove(out_json)
                 cmd, env = engine_command(engine, model, ns, out_json)

@@ -86,7 +86,7 @@ def profile_steps(llm: LLM, bs: int, input_len: int, output_len: int) -> dict:
 def graph_gpu_times(llm: LLM, sizes: list[int]) -> dict[int, float]:
     g = llm.llm_engine.runner.graphs
     out = {}
-    if g is None:
+    if g is None or getattr(llm.llm_engine.runner, "world_size", 1) > 1:  # TP: rank 0 alone would wait forever
         return out
     for bs in sizes:
         key = min(s for s in g.graphs if s >= bs)

@@ -9,6 +9,7 @@ the torch reference's median time on the same inputs. Inputs are random, never z
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import json
 
@@ -18,6 +19,7 @@ from triton.testing import do_bench
 
 from atom.ops import activation as ref_act
 from atom.ops import attention as ref_attn
+from atom.ops import mla as ref_mla
 from atom.ops import moe as ref_moe
 from atom.ops import norm as ref_norm
 from atom.ops import rope as ref_rope
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip timing the torch references")
     ap.add_argument("--moe-only", action="store_true", help="only the MoE rows and tile sweeps")
     ap.add_argument("--fp8-only", action="store_true", help="only the FP8 rows (GEMM, MoE, KV cache) and sweeps")
+    ap.add_argument("--mla-only", action="store_true", help="only the MLA and grouped-routing rows")
     opts = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -103,6 +106,10 @@ def main() -> None:
         return
 
     T = 4096
+    if opts.mla_only:
+        mla_rows(bench, T)
+        rows_out(rows, bw, opts)
+        return
     if not opts.moe_only:
         H = 4096
         x, res, w = rnd(T, H), rnd(T, H), rnd(H)
@@ -148,6 +155,7 @@ def main() -> None:
             pairs = batch * sum(ctx + i + 1 for i in range(q_len))
             bench(f"paged_attention prefill bs{batch} q{q_len} ctx{ctx}", attn, ref_attn.paged_attention, args,
                   nbytes, 4 * pairs * 32 * 128)
+        mla_rows(bench, T)
 
     from atom.ops.triton_kernels import moe as tk_moe
 
@@ -307,10 +315,55 @@ def fp8_rows(bench, opts) -> None:
     for batch, ctx in ((1, 4096), (32, 4096), (128, 4096)):
         args, nbytes = paged(batch, 1, [ctx - 1] * batch)
         q, kc, vc, *rest = args
-        fp8_args = (q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), *rest, one, one)
+        fp8_args = (q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), *rest)
         kv_bytes = (nbytes - 2 * q.numel() * 2) // 2
-        bench(f"paged_attention decode bs{batch} ctx{ctx} fp8 KV", attn, None, fp8_args, kv_bytes + 2 * q.numel() * 2,
-              4 * batch * 32 * 128 * ctx)
+        attn_fp8 = functools.partial(attn, k_scale=one, v_scale=one)
+        bench(f"paged_attention decode bs{batch} ctx{ctx} fp8 KV", attn_fp8, None, fp8_args,
+              kv_bytes + 2 * q.numel() * 2, 4 * batch * 32 * 128 * ctx)
+
+
+def mla(batch, q_len, ctx, heads=16, lora=512, rope=64, nope=128, v=128, bs=16):
+    """DeepSeek-V2-Lite's per-layer MLA shapes (V3: heads=128): paged latent cache, queries, kv_b_proj."""
+    seq = [c + q_len for c in ctx]
+    nblk = [triton.cdiv(s, bs) for s in seq]
+    perm = torch.randperm(sum(nblk), device=DEV).int()
+    tables = torch.zeros(batch, max(nblk), dtype=torch.int32, device=DEV)
+    used = 0
+    for i, n in enumerate(nblk):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+    cache = rnd(sum(nblk), bs, lora + rope)
+    q = rnd(batch * q_len, heads, nope + rope)
+    w = rnd(heads * (nope + v), lora, scale=nope**-0.5)
+    qsl = (torch.arange(batch + 1, device=DEV) * q_len).int()
+    lens = torch.tensor(seq, dtype=torch.int32, device=DEV)
+    scale = (nope + rope) ** -0.5
+    nbytes = (sum(seq) * (lora + rope) + w.numel() + q.numel() + batch * q_len * heads * v) * 2
+    return q[..., :nope], q[..., nope:], cache, w, tables, qsl, lens, scale, max(seq), nbytes
+
+
+def mla_rows(bench, T) -> None:
+    """MLA decode (absorbed, split-K) and prefill (absorbed, varlen over a cached prefix), grouped top-k."""
+    decode, prefill = resolve("mla_decode", "triton"), resolve("mla_prefill", "triton")
+    for heads, batch, ctx in ((16, 1, 4096), (16, 32, 4096), (16, 128, 1024), (16, 128, 4096), (128, 32, 4096)):
+        qn, qp, cache, w, tables, _, lens, scale, max_l, nbytes = mla(batch, 1, [ctx - 1] * batch, heads=heads)
+        flops = 2 * batch * heads * (ctx * (512 + 64 + 512) + 128 * 512 * 2)
+        bench(f"mla_decode H{heads} bs{batch} ctx{ctx}", decode,
+              ref_mla.mla_decode if batch * ctx <= 32 * 4096 else None,
+              (qn, qp, cache, w, tables, lens, scale, max_l), nbytes, flops)
+    for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
+        qn, qp, cache, w, tables, qsl, lens, scale, max_l, nbytes = mla(batch, q_len, [ctx] * batch)
+        pairs = batch * sum(ctx + i + 1 for i in range(q_len))
+        bench(f"mla_prefill H16 bs{batch} q{q_len} ctx{ctx}", prefill, None,
+              (qn, qp, cache, w, tables, qsl, lens, scale, q_len, max_l), nbytes, 2 * pairs * 16 * (512 + 64 + 512),
+              graph=False)
+    for experts, k, groups, topk_group, scoring, gscore, bias in ((256, 8, 8, 4, "sigmoid", "top2_sum", True),
+                                                                   (64, 6, 1, 1, "softmax", "max", False)):
+        logits = torch.randn(T, experts, device=DEV)
+        corr = torch.randn(experts, device=DEV) * 0.1 if bias else None
+        bench(f"moe_grouped_topk T{T} E{experts} k{k} groups {groups}/{topk_group}", resolve("moe_grouped_topk", "triton"),
+              resolve("moe_grouped_topk", "torch"),
+              (logits, corr, k, groups, topk_group, scoring, gscore, True, 2.5), T * experts * 4 + T * k * 12)
 
 
 def rows_out(rows, bw, opts) -> None:

@@ -7,7 +7,8 @@ For each shape and batch size: end-to-end output tok/s of ATOM (atom-server), vL
 vLLM running ATOM's model through the atom-vllm plugin; their ratios to vLLM; decode ms/step of each and
 the share of the decode roofline it reaches. The roofline is the bytes one decode step must read
 (weights without the input embedding, the experts a batch touches, the KV cache at the mean context)
-over the device-to-device copy rate measured in the same device call (PERF.md's method).
+over the device-to-device copy rate measured in the same device call (PERF.md's method); under tensor
+parallelism (bench_<shape>_tp<N>[_ep]) each of the N GPUs reads 1/N of those bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int
     LM head, norms and routers stay at dtype_bytes."""
     weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
     kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
+    if cfg.get("kv_lora_rank"):  # DeepSeek-V2/V3: MLA + DeepSeekMoE
+        return mla_step_bytes(cfg, batch, context, dtype_bytes, weight_bytes, kv_bytes)
     h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
@@ -62,6 +65,30 @@ def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int
     other = (layers * router + v * h) * dtype_bytes  # routers, the lm head (a tied embedding is read once, as the head)
     kv_cache = batch * context * layers * 2 * kv * hd * kv_bytes
     return linear + other + kv_cache
+
+
+def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2,
+                   weight_bytes: float | None = None, kv_bytes: float | None = None) -> float:
+    """step_bytes of a DeepSeek-V2/V3 model: MLA's projections (q or q_a/q_b, kv_a, kv_b, o), dense MLPs in the
+    first_k_dense_replace layers, then per MoE layer the router, the shared experts and the routed experts
+    the batch touches; the latent cache (kv_lora_rank + qk_rope_head_dim values per token and layer).
+    weight_bytes / kv_bytes as in step_bytes (FP8 scales not counted here)."""
+    weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
+    kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
+    h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, lora, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, vd, q_lora = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    q = h * q_lora + q_lora * heads * (nope + rope) if q_lora else h * heads * (nope + rope)
+    attn = q + h * (lora + rope) + lora * heads * (nope + vd) + heads * vd * h
+    dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    touched = e * (1 - (1 - k / e) ** batch)
+    inter = cfg["moe_intermediate_size"]
+    linear = layers * attn + dense * 3 * h * cfg["intermediate_size"] + (layers - dense) * (
+        (touched + (cfg.get("n_shared_experts") or 0)) * 3 * h * inter)
+    other = (layers - dense) * h * e + v * h  # routers, the lm head
+    latent = batch * context * layers * (lora + rope)
+    return linear * weight_bytes + other * dtype_bytes + latent * kv_bytes
 
 
 def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dtype_bytes: int = 2,
@@ -122,7 +149,9 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             nbytes = 4 if b.get("dtype") in ("float32", "float") else 2
             wbytes = 1 if b.get("quantization") == "fp8" else None
             kvbytes = 1 if str(b.get("kv_cache_dtype") or "auto").startswith("fp8") else None
-            row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes, wbytes, kvbytes)
+            # tensor parallel: each of the N GPUs reads 1/N of the bytes, at the same time (collectives not counted)
+            tp = b.get("tensor_parallel_size") or 1
+            row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes, wbytes, kvbytes) / tp
                               if gbps and b.get("config") else None)
             base = runs["atom-base"].get(bs)
             row["atom-base_tok_s"] = base["output_tok_s"] if base else None

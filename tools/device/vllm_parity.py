@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Greedy parity of vLLM's built-in models vs ATOM's (atom-vllm plugin) on the GPU, CUDA graphs on.
 
-  python3 tools/device/vllm_parity.py            # after tools/device/setup_device.sh (vLLM + atom in /tmp/site)
+  python3 tools/device/vllm_parity.py [ARCH,...]  # after tools/device/setup_device.sh (vLLM + atom in /tmp/site)
 
-For each architecture (Llama, Qwen3, Qwen3-MoE) it writes a small random checkpoint with transformers
+For each architecture (Llama, Qwen3, Qwen3-MoE; DeepSeek-V2, DeepSeek-V3 and GLM-4-MoE when named, e.g.
+`deepseek_v2,deepseek_v3,glm4_moe`: MoE, so vLLM needs the c3 carry) it writes a small random checkpoint with transformers
 (bf16; initializer_range large enough that logits are peaked, so greedy ties are rare), runs vLLM offline
 twice in fresh processes — ATOM_DISABLE_VLLM_PLUGIN=1 (vLLM's own class) and plugin on (ATOM's class,
 checked in the log) — on the same 16 random prompts x 48 greedy tokens, and reports exact sequence
@@ -35,7 +36,8 @@ def make_tokenizer(d: str) -> None:
 
 def make_checkpoint(arch: str, d: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, LlamaConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                   head_dim=64, vocab_size=VOCAB, max_position_embeddings=1024, initializer_range=0.08,
@@ -44,10 +46,27 @@ def make_checkpoint(arch: str, d: str) -> None:
         cfg = LlamaConfig(intermediate_size=1024, **common)
     elif arch == "qwen3":
         cfg = Qwen3Config(intermediate_size=1024, **common)
-    else:
+    elif arch == "qwen3_moe":
         cfg = Qwen3MoeConfig(intermediate_size=1024, moe_intermediate_size=256, num_experts=16,
                              num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                              **common)
+    elif arch in ("deepseek_v2", "deepseek_v3"):  # V2-Lite's latent width (576: every Hopper MLA backend)
+        mla = dict(common, num_key_value_heads=8, head_dim=64, kv_lora_rank=512, qk_rope_head_dim=64,
+                   qk_nope_head_dim=128, v_head_dim=128, intermediate_size=1024, moe_intermediate_size=256,
+                   n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1)
+        if arch == "deepseek_v2":
+            cfg = DeepseekV2Config(**mla, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1,
+                                   norm_topk_prob=False)
+        else:
+            cfg = DeepseekV3Config(**mla, q_lora_rank=256, topk_method="noaux_tc", scoring_func="sigmoid", n_group=4,
+                                   topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    elif arch == "glm4_moe":
+        cfg = Glm4MoeConfig(intermediate_size=1024, moe_intermediate_size=256, n_routed_experts=16,
+                            num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                            norm_topk_prob=True, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5,
+                            **common)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(d)
@@ -87,10 +106,10 @@ def compare(a: list, b: list) -> dict:
     return {"exact": exact, "total": len(a), "divergences": divs}
 
 
-def main() -> None:
+def main(archs: list[str]) -> None:
     os.makedirs(OUT, exist_ok=True)
     report = {}
-    for arch in ("llama", "qwen3", "qwen3_moe"):
+    for arch in archs:
         d = f"/tmp/parity_{arch}"
         if not os.path.exists(os.path.join(d, "config.json")):
             make_checkpoint(arch, d)
@@ -127,4 +146,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "run":
         run_engine(sys.argv[2], sys.argv[3])
     else:
-        main()
+        main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["llama", "qwen3", "qwen3_moe"])

@@ -69,6 +69,17 @@ def write_tiny_qwen3_moe(path) -> None:
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
 
 
+def write_tiny_deepseek_v3(path) -> None:
+    """2 layers of MLA (q_lora on) with one dense and one DeepSeekMoE layer (grouped sigmoid routing)."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=96, moe_intermediate_size=24, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        max_position_embeddings=64)
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(path)
+
+
 class _Compiled:
     """What PagedHarness drives: the model's forward compiled with fullgraph=True (no graph breaks)."""
 

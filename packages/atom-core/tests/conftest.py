@@ -3,6 +3,15 @@
 Random inputs are fresh on every run (DESIGN.md: never fixed, never zeros); each test gets its own seed,
 printed on failure so a failing draw can be replayed with ATOM_TEST_SEED=<seed>.
 The model-parity tests report their measured errors here, printed once at the end of the session.
+
+Devices and dtypes (issue 21; atom.testing has the details): a test that is meaningful on every device takes
+the `device` fixture ("cpu" always, "cuda" too on a GPU machine, marked gpu there) and builds on it, e.g.
+`load_model(path, dtype="float32", device=device)` and `PagedHarness(model, device=device)`; CI's CPU run
+is unchanged (one "cpu" variant). Every comparison with a reference states its dtype: float32 meets the
+same tolerances on CUDA as on CPU (ATOM's Triton kernels are IEEE in float32); bfloat16 uses the bounds
+of atom.testing (BF16_REL_ERR and friends). A test that needs a GPU only is marked gpu and skips without
+one; one that measures free GPU memory is also marked serial (tools/device/run_gpu_tests.sh runs those
+alone, after the parallel pass).
 """
 
 from __future__ import annotations
@@ -13,11 +22,20 @@ import random
 import pytest
 import torch
 
+from atom.testing import devices_under_test
+
 _PARITY_KEY = pytest.StashKey[list]()
 
 # Test tensors are tiny: one intra-op thread is several times faster than OpenMP spinning on a shared
 # 2-core CI machine, and results do not depend on it.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=[pytest.param(d, marks=[pytest.mark.gpu] if d != "cpu" else [])
+                                        for d in devices_under_test()])
+def device(request) -> str:
+    """The device under test: "cpu", and "cuda" on a GPU machine."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_checks import check_custom_op, compiled_model_logits, opaque_ops, write_tiny_qwen3_moe
+from compile_checks import (check_custom_op, compiled_model_logits, opaque_ops, write_tiny_deepseek_v3,
+                            write_tiny_qwen3_moe)
 
 from atom.ops import registry
 
@@ -23,7 +24,7 @@ def torch_backend_on_cpu(monkeypatch):
 
 def test_the_host_reading_references_are_custom_ops():
     assert set(opaque_ops("torch")) == {"fused_experts", "paged_attention", "reshape_and_cache", "qk_norm_rope_cache",
-                                        "fp8_fused_experts"}
+                                        "fp8_fused_experts", "mla_cache_write", "mla_prefill"}
 
 
 @pytest.mark.parametrize("op", opaque_ops("torch"))
@@ -42,6 +43,16 @@ def test_moe_model_compiles_in_one_graph_on_the_torch_references(tmp_path):
     """Before the custom ops, the MoE loop's .tolist() broke the graph (vLLM ran such models eagerly)."""
     write_tiny_qwen3_moe(tmp_path)
     eager, compiled, model = compiled_model_logits(tmp_path, "cpu", "aot_eager")
+    assert {i.backend for i in registry.resolved_impls(model)} == {"torch"}
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU torch references (the GPU test below covers GPUs)")
+def test_deepseek_model_compiles_in_one_graph_on_the_torch_references(tmp_path):
+    """MLA (latent cache write, expanded prefill over the cache, absorbed decode), grouped routing and the
+    experts: one graph, as vLLM's compile of the DeepSeek backbone needs."""
+    write_tiny_deepseek_v3(tmp_path)
+    eager, compiled, model = compiled_model_logits(tmp_path, "cpu", "aot_eager", decode_steps=2)
     assert {i.backend for i in registry.resolved_impls(model)} == {"torch"}
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 

@@ -240,19 +240,25 @@ def test_fp8_linear_errors_name_the_problem():
         Q.fp8_linear(x, q, s, None, [128])
 
 
+@pytest.mark.parametrize("skipped", [False, True])
 @pytest.mark.parametrize("block_size", [[32, 32], None])
-def test_fp8_fused_experts_is_the_per_token_composition_of_fp8_linear(block_size):
+def test_fp8_fused_experts_is_the_per_token_composition_of_fp8_linear(block_size, skipped):
     from atom.ops.activation import silu_and_mul
 
     tokens, hidden, inter, e, k = 5, 80, 48, 4, 2  # inter 48: gate/up block rows do not align with 32
     w13, w2, s13, s2 = make_fp8_experts(e, hidden, inter, block_size)
     x = torch.randn(tokens, hidden)
     weights, ids = ref_moe.moe_topk_softmax(torch.randn(tokens, e), k, True)
+    if skipped:  # expert parallelism: pairs routed to another rank's expert are -1 and contribute nothing
+        ids[::2, 0] = -1
+        ids[1, :] = -1
     out = Q.fp8_fused_experts(x, w13, w2, s13, s2, weights, ids, "silu", block_size)
     want = torch.zeros(tokens, hidden)
     for t in range(tokens):
         for j in range(k):
             ex = int(ids[t, j])
+            if ex < 0:
+                continue
             half = s13[ex].shape[0] // 2
             gate = Q.fp8_linear(x[t:t + 1], w13[ex, :inter], s13[ex, :half], None, block_size)
             up = Q.fp8_linear(x[t:t + 1], w13[ex, inter:], s13[ex, half:], None, block_size)
@@ -310,7 +316,7 @@ def test_fp8_kv_write_stores_value_over_scale(dtype, with_scale):
     k_cache = torch.randn(blocks, block_size, heads, dim).to(dtype)
     v_cache = torch.randn(blocks, block_size, heads, dim).to(dtype)
     before = k_cache.clone()
-    ref_attn.reshape_and_cache(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+    ref_attn.reshape_and_cache(key, value, k_cache, v_cache, slots, k_scale=k_scale, v_scale=v_scale)
     ks = 1.0 if k_scale is None else k_scale.item()
     flat = k_cache.view(-1, heads, dim).float()
     fmax = Q.fp8_max(dtype)

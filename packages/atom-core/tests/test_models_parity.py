@@ -7,9 +7,10 @@ second on top of a cached prefix), then >= 8 decode steps fed with the oracle's 
 compared at every step.
 
 Relative error = max|atom - hf| / max|hf| over all compared logits of a case. float32 must be < 1e-4;
-bfloat16 (ATOM in bf16 vs transformers in float32): top-1 agreement on >= 80% of positions and rel err
-< 5e-2, or, where bf16 rounding flips an MoE routing decision, no worse than 2x transformers' own bf16 error.
-The measured errors are printed in the session summary (see conftest.py).
+bfloat16 (ATOM in bf16 vs transformers in float32): top-1 agreement on >= 80% of positions and a median
+per-position rel err < 2.5e-2 (atom.testing's bf16 bounds, which the engine tests of the other packages share).
+Both run on every device under test (conftest.py: CPU, and CUDA on a GPU machine, where float32 meets the
+same 1e-4). The measured errors are printed in the session summary (see conftest.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from atom.loader import load_model
 from atom.models import supported_architectures
+from atom.testing import BF16_MIN_TOP1, BF16_REL_ERR
 
 VOCAB, HIDDEN, LAYERS, HEADS, HEAD_DIM = 320, 64, 2, 4, 16
 DECODE_STEPS = 8
@@ -120,19 +122,20 @@ def _hf_greedy(model, prompts: list[list[int]], steps: int, split: int | None,
 
 
 @torch.no_grad()
-def _atom_logits(model, prompts: list[list[int]], tokens: list[list[int]], split: int | None) -> list[torch.Tensor]:
-    harness = PagedHarness(model, num_blocks=64, block_size=4)
+def _atom_logits(model, prompts: list[list[int]], tokens: list[list[int]], split: int | None,
+                 device: str = "cpu") -> list[torch.Tensor]:
+    harness = PagedHarness(model, num_blocks=64, block_size=4, device=device)
     seqs = harness.add(len(prompts))
     out: list[list[torch.Tensor]] = [[] for _ in prompts]
     chunks = [[p[:split], p[split:]] if split is not None else [p] for p in prompts]
     for part in range(len(chunks[0])):
         logits = harness.step([c[part] for c in chunks], seqs)
         for i in range(len(prompts)):
-            out[i].append(logits[i].float())
+            out[i].append(logits[i].float().cpu())
     for step in range(len(tokens[0])):
         logits = harness.step([[t[step]] for t in tokens], seqs)
         for i in range(len(prompts)):
-            out[i].append(logits[i].float())
+            out[i].append(logits[i].float().cpu())
     return [torch.stack(x) for x in out]
 
 
@@ -171,27 +174,28 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_float32_logits_match_transformers(name, reference, parity_report):
+def test_float32_logits_match_transformers(name, reference, parity_report, device):
     ref = reference(name)
-    model, config = load_model(ref.path, dtype="float32", progress=False)
+    model, config = load_model(ref.path, dtype="float32", device=device, progress=False)
     assert type(model).__name__ == config.architectures[0]
-    got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split))
+    got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split, device))
     err = rel_err(got, ref.logits)
-    parity_report.append(f"float32  {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} "
+    parity_report.append(f"float32  {device:4s} {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} "
                          f"({got.shape[0]} positions)")
     assert err < 1e-4
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bfloat16_logits_close_to_transformers(name, reference, parity_report):
+def test_bfloat16_logits_close_to_transformers(name, reference, parity_report, device):
     ref = reference(name)
-    model, config = load_model(ref.path, dtype="bfloat16", progress=False)
+    model, config = load_model(ref.path, dtype="bfloat16", device=device, progress=False)
     assert next(model.parameters()).dtype == torch.bfloat16
-    got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split))
+    got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split, device))
     err = rel_err(got, ref.logits)
     top1 = float((got.argmax(-1) == ref.logits.argmax(-1)).float().mean())
-    parity_report.append(f"bfloat16 {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} top1={top1:.0%}")
-    assert top1 >= 0.8
+    parity_report.append(f"bfloat16 {device:4s} {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} "
+                         f"top1={top1:.0%}")
+    assert top1 >= BF16_MIN_TOP1
     # Per position: a bf16 near-tie in an MoE router (or a greedy argmax) changes one position's expert
     # choice, and the KV it writes then moves later positions of that sequence too, so neither the worst
     # position nor a fixed fraction of positions is a stable bound. The median is: flips move a minority,
@@ -199,9 +203,9 @@ def test_bfloat16_logits_close_to_transformers(name, reference, parity_report):
     # 1e-2 over 15 fresh seeds, MoE cases included.
     row_err = (got - ref.logits).abs().amax(-1) / ref.logits.abs().amax(-1)
     median = float(row_err.median())
-    parity_report.append(f"bfloat16 {name:32s} median per-position rel_err {median:.2e} "
+    parity_report.append(f"bfloat16 {device:4s} {name:32s} median per-position rel_err {median:.2e} "
                          f"(worst {float(row_err.max()):.2e})")
-    assert median < 2.5e-2, f"median per-position rel_err {median:.2e} (overall {err:.2e})"
+    assert median < BF16_REL_ERR, f"median per-position rel_err {median:.2e} (overall {err:.2e})"
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):

@@ -157,8 +157,9 @@ def test_moe_topk_softmax_matches_per_row_formulation(renormalize):
         torch.testing.assert_close(weights[t].double(), torch.tensor(w, dtype=torch.float64), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("activation,act", [("silu", "silu"), ("gelu_tanh", "gelu_pytorch_tanh")])
-def test_fused_experts_matches_dense_per_token_loop(activation, act):
+@pytest.mark.parametrize("activation,act,skipped", [("silu", "silu", False), ("gelu_tanh", "gelu_pytorch_tanh", False),
+                                                    ("silu", "silu", True)])
+def test_fused_experts_matches_dense_per_token_loop(activation, act, skipped):
     tokens, experts, hidden, inter, top_k = 11, 6, 32, 24, 2
     x = torch.randn(tokens, hidden)
     w1, w3 = torch.randn(experts, inter, hidden) / 4, torch.randn(experts, inter, hidden) / 4
@@ -166,11 +167,17 @@ def test_fused_experts_matches_dense_per_token_loop(activation, act):
     weights = torch.rand(tokens, top_k)
     # Distinct experts per token, some experts unused.
     ids = torch.stack([torch.randperm(experts - 1)[:top_k] for _ in range(tokens)])
+    if skipped:  # expert parallelism: pairs routed to another rank's expert are -1 and contribute nothing
+        ids[torch.rand(tokens, top_k) < 0.4] = -1
+        ids[0] = -1  # a token with no expert here at all
+        assert (ids >= 0).any()
     out = resolve("fused_experts", "torch")(x, torch.cat((w1, w3), dim=1), w2, weights, ids, activation)
     ref = torch.zeros(tokens, hidden)
     for t in range(tokens):
         for j in range(top_k):
             e = int(ids[t, j])
+            if e < 0:
+                continue
             h = ACT2FN[act](w1[e] @ x[t]) * (w3[e] @ x[t])
             ref[t] += weights[t, j] * (w2[e] @ h)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)

@@ -209,3 +209,18 @@ def test_aiter_cache_write_and_fused_experts_match_torch():  # pragma: no cover 
     shuffled = registry.implementation("fused_experts", "aiter").prepare_weights(w13, w2)  # as layers do after loading
     out = resolve("fused_experts", "aiter")(x, *shuffled, weights, ids)
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(not _AITER_OK, reason=f"aiter unavailable: {_AITER_REASON}")
+@pytest.mark.parametrize("args", [("bias", 6, 8, 4, "sigmoid", "top2_sum", True, 2.5),  # V3 / GLM
+                                  (None, 6, 8, 3, "softmax", "max", False, 1.0)])  # V2 group_limited_greedy
+def test_aiter_grouped_topk_matches_torch(args):  # pragma: no cover - needs ROCm
+    bias, *rest = args
+    logits = torch.randn(37, 64, device="cuda", dtype=torch.float32)
+    corr = 0.1 * torch.randn(64, device="cuda") if bias else None
+    w, ids = resolve("moe_grouped_topk", "aiter")(logits, corr, *rest)
+    rw, rids = resolve("moe_grouped_topk", "torch")(logits, corr, *rest)
+    ids_s, order = ids.sort(-1)
+    rids_s, rorder = rids.sort(-1)
+    assert torch.equal(ids_s, rids_s)
+    torch.testing.assert_close(w.gather(1, order), rw.gather(1, rorder), rtol=1e-5, atol=1e-6)

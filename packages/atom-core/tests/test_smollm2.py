@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from atom.loader import load_model
-from atom.loader.gguf import gguf_config, gguf_tokenizer, smollm2_path
+from atom.bundled_model import smollm2_path
+from atom.loader.gguf import gguf_config, gguf_tokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from paged_harness import PagedHarness  # noqa: E402
@@ -84,3 +85,31 @@ def test_fixture_is_current(fixture):
     assert len(fixture["cases"]) >= 5 and any(c["chat_template"] for c in fixture["cases"])
     assert all(len(c["output_ids"]) == fixture["max_new_tokens"] >= 32 for c in fixture["cases"])
     assert {"transformers", "gguf"} <= set(fixture["versions"])
+
+
+def test_tokenizer_converted_once_by_concurrent_processes(tmp_path, monkeypatch):
+    """Two processes starting together (the server's API and engine processes) share one conversion: one
+    converts under the lock, the other reads its result; no temp folder is left; a stale one is cleared."""
+    import subprocess
+
+    cache_root = tmp_path / "cache"
+    key_dir = cache_root / "gguf-tokenizers"
+    key_dir.mkdir(parents=True)
+    from atom.loader.gguf import _tokenizer_cache_dir
+
+    monkeypatch.setenv("ATOM_CACHE_DIR", str(cache_root))
+    monkeypatch.delenv("ATOM_DISABLE_TOKENIZER_CACHE", raising=False)
+    env = dict(os.environ)
+    entry = _tokenizer_cache_dir(PATH)
+    os.makedirs(entry + ".tmp4242")  # left behind by a writer that was killed
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from atom.loader.gguf import gguf_tokenizer; "
+            f"print('IDS', list(gguf_tokenizer({PATH!r})('What is the capital of Germany?').input_ids))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("converting the tokenizer of") for o in outs) == 1, outs
+    ids = {line for o in outs for line in o.splitlines() if line.startswith("IDS")}
+    assert len(ids) == 1  # both got the same tokenizer
+    assert sorted(os.listdir(key_dir)) == sorted([os.path.basename(entry), os.path.basename(entry) + ".lock"])

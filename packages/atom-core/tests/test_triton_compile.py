@@ -15,7 +15,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from compile_checks import check_custom_op, compiled_model_logits, opaque_ops, write_tiny_qwen3_moe  # noqa: E402
+from compile_checks import (check_custom_op, compiled_model_logits, opaque_ops,  # noqa: E402
+                            write_tiny_deepseek_v3, write_tiny_qwen3_moe)
 
 from atom.ops import registry  # noqa: E402
 
@@ -44,5 +45,17 @@ def test_tiny_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypa
     write_tiny_qwen3_moe(tmp_path)
     eager, compiled, model = compiled_model_logits(tmp_path, DEVICE, "aot_eager")
     assert {i.backend for i in registry.resolved_impls(model)} == {"triton"}
+    assert registry.cuda_graph_blockers(model) == []  # every op it runs can be captured
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_deepseek_model_compiles_in_one_graph_over_the_triton_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    write_tiny_deepseek_v3(tmp_path)
+    eager, compiled, model = compiled_model_logits(tmp_path, DEVICE, "aot_eager")
+    used = {(i.op, i.backend) for i in registry.resolved_impls(model)}
+    assert {("mla_decode", "triton"), ("mla_prefill", "triton"), ("moe_grouped_topk", "triton")} <= used
     assert registry.cuda_graph_blockers(model) == []  # every op it runs can be captured
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

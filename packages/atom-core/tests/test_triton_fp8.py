@@ -252,12 +252,16 @@ MOE_CASES = {
 }
 
 
-def _run_moe(name, tokens, hidden, inter, experts, top_k, block, xdtype, tol, dtype=torch.float8_e4m3fn):
+def _run_moe(name, tokens, hidden, inter, experts, top_k, block, xdtype, tol, dtype=torch.float8_e4m3fn,
+             skipped=False):
     from atom.ops.triton_kernels import moe as tk_moe
 
     w13, w2, s13, s2 = make_fp8_experts(experts, hidden, inter, block, dtype, DEVICE)
     x = rand(tokens, hidden, dtype=xdtype)
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    if skipped:  # expert parallelism: another rank's experts are -1 (one token has none of its own)
+        ids[::2, 0] = -1
+        ids[-1, :] = -1
     assert (tokens * top_k <= tk_moe.PAIR_GEMV_MAX_PAIRS) == ("decode" in name)
     out = triton_op("fp8_fused_experts")(x, w13, w2, s13, s2, weights, ids, "silu", block)
     ref = Q.fp8_fused_experts(x, w13, w2, s13, s2, weights, ids, "silu", block)
@@ -272,6 +276,12 @@ def test_fp8_fused_experts(name):
 @pytest.mark.parametrize("name", ["decode_block", "sorted_channel"])
 def test_fp8_fused_experts_bf16(name):
     _run_moe(name, *MOE_CASES[name], torch.bfloat16, TOL_BF16_MOE)
+
+
+@pytest.mark.parametrize("name", ["decode_block", "sorted_block", "sorted_channel"])
+def test_fp8_fused_experts_skip_other_ranks_experts(name):
+    """Pairs of id -1 (expert parallelism) are skipped on both paths, as in the reference."""
+    _run_moe(name + " ep", *MOE_CASES[name], torch.float32, TOL_F32_MOE, skipped=True)
 
 
 @needs_fnuz

@@ -256,6 +256,32 @@ def test_fused_experts(size, activation, dtype):
     check(f"fused_experts {size} {activation} {dtype}", out, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("path", ["per_pair", "align_kernel", "align_torch"])
+def test_fused_experts_skips_pairs_of_other_ranks(path, monkeypatch):
+    """Expert parallelism: a pair of id -1 (another rank's expert) contributes nothing, on every path. Checked
+    against the reference and against the same routing with those pairs' weights zeroed on a real expert."""
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    tokens = 3 if path == "per_pair" else 20
+    hidden, inter, experts, top_k = 40, 24, 6, 2
+    if path == "align_torch":
+        monkeypatch.setattr(tk_moe, "_ALIGN_KERNEL_MAX_PAIRS", 0)
+    x = rand(tokens, hidden)
+    w13 = rand(experts, 2 * inter, hidden, scale=hidden**-0.5)
+    w2 = rand(experts, hidden, inter, scale=inter**-0.5)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    skip = torch.rand(tokens, top_k, device=DEVICE) < 0.5
+    skip[0] = True  # a token with no expert on this rank
+    skip[1] = False
+    local = ids.masked_fill(skip, -1)
+    assert (tokens * top_k <= tk_moe.PAIR_GEMV_MAX_PAIRS) == (path == "per_pair")
+    out = triton_op("fused_experts")(x, w13, w2, weights, local, "silu")
+    check(f"fused_experts -1 ids {path}", out, ref_moe.fused_experts(x, w13, w2, weights, local, "silu"), 1e-5)
+    zeroed = ref_moe.fused_experts(x, w13, w2, weights.masked_fill(skip, 0.0), ids, "silu")
+    check(f"fused_experts -1 ids {path} vs zero weights", out, zeroed, 1e-5)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
 # ---------------------------------------------------------------- sampling
 def _allowed_probs(logits, temperature, top_k, top_p, min_p):
     """The distribution the reference samples from (per row)."""
@@ -334,16 +360,17 @@ def test_moe_align_kernel_matches_the_torch_path(monkeypatch):
     experts, block_m = 6, 16
     ids = torch.randint(0, experts, (37, 3), device=DEVICE)
     ids[:, 0] = 2  # one crowded expert, some likely empty
+    ids[::5, 1] = -1  # other ranks' experts (expert parallelism): left out
     got_ids, got_end = tk_moe._align_by_expert(ids, experts, block_m)
     monkeypatch.setattr(tk_moe, "_ALIGN_KERNEL_MAX_PAIRS", 0)
     ref_ids, ref_end = tk_moe._align_by_expert(ids, experts, block_m)
     assert torch.equal(got_end, ref_end)
     total = int(ref_end[-1])
     assert torch.equal(got_ids[:total], ref_ids[:total])
-    # every pair appears exactly once, in its expert's run, in order
+    # every pair of a real expert appears exactly once, in its expert's run, in order
     flat = ids.reshape(-1)
     real = ref_ids[:total][ref_ids[:total] < flat.numel()].long()
-    assert torch.equal(real.sort().values, torch.arange(flat.numel(), device=DEVICE))
+    assert torch.equal(real.sort().values, torch.nonzero(flat >= 0).reshape(-1))
     assert torch.equal(flat[real], flat[real].sort(stable=True).values)
 
 

@@ -33,6 +33,8 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, args: list[str], log_path, env: dict | None = None):
+        if "--dtype" not in args:  # the float32 checkpoint in float32 on every device (auto: bf16 on GPUs)
+            args = [*args, "--dtype", "float32"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.fspath(log_path)

@@ -180,3 +180,21 @@ def test_device_table_merges_calls_per_shape():
     assert merged["commands"] == ["call A", "call B"]
     assert merged["engines"]["atom"]["runs"][0]["output_tok_s"] == 100.0  # a later failure keeps the runs
     assert merged["engines"]["vllm"]["runs"][0]["output_tok_s"] == 200.0
+
+
+def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys):
+    from atom_server.default_model import DefaultModelMissing, resolve_model_path
+
+    try:
+        path = resolve_model_path()
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+    out = tmp_path / "atom.json"
+    rc = bench_cli.main(["throughput", "--input-len", "4", "--output-len", "2", "--batch-sizes", "1",
+                         "--num-iters", "1", "--kv-cache-memory-bytes", str(8 << 20), "--output-json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == path and report["runs"][0]["output_tokens"] == 2
+    captured = capsys.readouterr()
+    assert "loading the model" in captured.out
+    assert "batch 1: full" in captured.err and "3/3" in captured.err  # tqdm: warm-up, prefill, full

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_checkpoint import write_tiny_llama
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.serial]  # KV sized from free memory: not beside other GPU tests
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA or ROCm device", allow_module_level=True)
 

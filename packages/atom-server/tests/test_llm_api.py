@@ -13,7 +13,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     ckpt = write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-    return LLM(ckpt, block_size=4, max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    return LLM(ckpt, dtype="float32", block_size=4, max_model_len=64, kv_cache_memory_bytes=1 << 20)
 
 
 def test_prompt_forms_agree(llm):

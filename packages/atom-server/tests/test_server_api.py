@@ -268,11 +268,35 @@ def test_unknown_model_via_openai_client(client):
 
 
 def test_api_key_required(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                    {"Authorization": f"Basic {API_KEY}"}):
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
         assert_error_object(r, 401)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    for scheme in ("bearer", "BEARER", "Bearer "):  # the scheme is case-insensitive (RFC 7235)
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"})
+        assert r.status_code == 200, scheme
+    for path in ("/healthz", "/health-check", "/metricsx", "/debug/stats", "/openapi.json"):  # open paths are exact
+        assert_error_object(httpx.get(server.url + path), 401)
+
+
+def test_request_chat_template_needs_trust(http):
+    for extra in ({"chat_template": "{{ messages[0]['content'] }}"},
+                  {"chat_template_kwargs": {"chat_template": "{{ messages[0]['content'] }}"}}):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+        err = assert_error_object(http.post("/v1/chat/completions", json=body), 400, "chat_template")
+        assert "--trust-request-chat-template" in err["message"]
+
+
+def test_null_content_is_an_empty_turn(client, http):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "Hi"}]
+    empty = [{**m, "content": ""} if m["content"] is None else m for m in msgs]
+    kw = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert (client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+            == client.chat.completions.create(messages=empty, **kw).choices[0].message.content)
+    tokens = [http.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (msgs, empty)]
+    assert tokens[0] == tokens[1]
 
 
 # ---- disconnects, metrics ------------------------------------------------------------------------------
@@ -315,6 +339,7 @@ def test_client_disconnect_aborts_request(long_server, stream):
 
     assert wait_until(idle, 5)
     assert metric(http, "atom:request_success_total", '{finished_reason="abort"}') == aborted_before + 1
+    assert metric(http, "atom:request_errors_total", '{status="500"}') == 0  # a disconnect is not a server error
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -336,22 +361,87 @@ def test_metrics_exposition(http, client):
         assert re.search(rf"^{name} ", text, re.M)
 
 
+def test_metrics_under_vllm_names(http, client):
+    """vLLM's names and labels (model_name, engine), with the same values as the atom: series."""
+    client.completions.create(model=MODEL, prompt="Count: 1 2 3", max_tokens=4, extra_body={"ignore_eos": True})
+    labels = f'{{engine="0",model_name="{MODEL}"}}'
+    text = http.get("/metrics").text
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} is not exported"
+        return float(m.group(1))
+
+    for name in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
+                 "request_prompt_tokens_count", "request_generation_tokens_sum", "num_preemptions_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "num_requests_running",
+                 "num_requests_waiting", "kv_cache_usage_perc", "request_time_per_output_token_seconds_count"):
+        assert value(f"vllm:{name}{labels}") == value(f"atom:{name}"), name
+    success = f'{{engine="0",finished_reason="length",model_name="{MODEL}"}}'
+    assert value(f"vllm:request_success_total{success}") == value('atom:request_success_total{finished_reason="length"}')
+    assert value(f"vllm:generation_tokens_total{labels}") >= 4
+
+
+# A realistic value for each refused field; fields without one get a generic non-neutral value.
+REFUSED_EXAMPLES = {
+    "logit_bias": {"5": 10.0}, "prompt_logprobs": 1, "allowed_token_ids": [1, 2], "bad_words": ["fox"],
+    "truncate_prompt_tokens": 8, "truncation_side": "left", "request_id": "my-request", "priority": 5,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "documents": [{"title": "t", "text": "x"}], "reasoning_effort": "low", "suffix": " end",
+    "structured_outputs": {"json": {"type": "object"}}, "guided_json": {"type": "object"},
+    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
+    "logprob_token_ids": [3], "cache_salt": "salt", "vllm_xargs": {"k": 1}, "stream_interval": 4,
+}
+
+
+def non_neutral(field: str, neutral: tuple):
+    if field in REFUSED_EXAMPLES:
+        return REFUSED_EXAMPLES[field]
+    if any(isinstance(v, bool) for v in neutral):
+        return not next(v for v in neutral if isinstance(v, bool))
+    if neutral and isinstance(neutral[0], int):
+        return neutral[0] + 3
+    return {"x": 1}
+
+
+def _refused_cases():
+    from atom_server.protocol import REFUSED_CHAT_FIELDS, REFUSED_COMPLETION_FIELDS
+
+    for endpoint, table in (("/v1/chat/completions", REFUSED_CHAT_FIELDS),
+                            ("/v1/completions", REFUSED_COMPLETION_FIELDS)):
+        for field, (neutral, _) in sorted(table.items()):
+            yield pytest.param(endpoint, field, non_neutral(field, neutral), id=f"{endpoint.split('/')[-1]}-{field}")
+
+
 @pytest.mark.parametrize("endpoint,field,value", [
-    ("/v1/completions", "logit_bias", {"5": 10.0}),
+    *_refused_cases(),
     ("/v1/completions", "best_of", 3),
-    ("/v1/completions", "suffix", " end"),
-    ("/v1/completions", "guided_json", {"type": "object"}),
     ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
 ])
 def test_unsupported_features_are_refused_not_ignored(http, endpoint, field, value):
     body = {"model": MODEL, "max_tokens": 2, field: value}
     body.update({"prompt": "x"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
     err = assert_error_object(http.post(endpoint, json=body), 400)
-    assert err["param"] == field and "not supported" in err["message"]
+    assert err["param"] == field and "not supported" in err["message"] and field in err["message"]
 
 
-def test_neutral_values_of_unsupported_fields_are_fine(client):
-    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                         response_format={"type": "text"}, logit_bias={})
-    assert out.choices[0].message.content is not None
+def test_neutral_values_of_unsupported_fields_and_no_op_fields_are_fine(http):
+    """Clients that send every field with its default (or vLLM's no-op fields) get an answer."""
+    from atom_server.protocol import REFUSED_CHAT_FIELDS, REFUSED_COMPLETION_FIELDS
+
+    no_ops = {"user": "u1", "session_id": "s1", "length_penalty": 2.0, "mm_payload": "none"}
+    for endpoint, table in (("/v1/chat/completions", REFUSED_CHAT_FIELDS),
+                            ("/v1/completions", REFUSED_COMPLETION_FIELDS)):
+        body = {"model": MODEL, "max_tokens": 2, "response_format": {"type": "text"}, **no_ops}
+        body.update({field: neutral[0] if neutral else None for field, (neutral, _) in table.items()})
+        body["logit_bias"], body["bad_words"] = {}, []
+        if endpoint == "/v1/completions":
+            body["prompt"] = "x"
+        else:
+            body.update(messages=[{"role": "user", "content": "x"}], tool_choice="auto", parallel_tool_calls=False,
+                        include_reasoning=False)
+        r = http.post(endpoint, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1

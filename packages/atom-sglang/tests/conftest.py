@@ -1,3 +1,9 @@
+"""Devices and dtypes (issue 21, atom.testing): these tests state theirs explicitly, SGLang on CPU in float32
+(`--device cpu --dtype float32`, the harness's ServerArgs) against transformers in float32, so they run the
+same on a GPU machine; SGLang on the GPU is checked by tools/device/sglang_gpu.py. A new test meaningful on
+both devices takes its device from atom.testing.devices_under_test() and a bf16 run uses atom.testing's
+bounds."""
+
 from __future__ import annotations
 
 import os

@@ -3,7 +3,9 @@
 It plays the scheduler's part with the simplest policy: request r owns token slots
 [1 + r * max_context_len, ...) (slot 0 is the pool's padding slot), shuffled within the request so a
 backend that assumes contiguous slots fails. The runner scaffolding (server-args context, pool sizing) is
-SGLang's own attention test kit's; the pool is rebuilt with one layer per model layer.
+SGLang's own attention test kit's; the pool is rebuilt with one layer per model layer: SGLang's MLA pool (one
+[slots, 1, kv_lora_rank + qk_rope_head_dim] latent buffer per layer) for a config with kv_lora_rank, as SGLang's
+model runner picks it for DeepSeek-V2/V3.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 import torch
 
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
@@ -41,10 +43,21 @@ class SGLangHarness:
                                            context_len=max_context_len)
         runner = kit.MockModelRunner(case=case, model_config=model_config, dtype=dtype, device="cpu",
                                      max_context_len=max_context_len, head_dim=head_dim)
-        runner.token_to_kv_pool = MHATokenToKVPool(
-            size=1 + batch_size * max_context_len, page_size=1, dtype=dtype, head_num=case.num_kv_heads,
-            head_dim=head_dim, layer_num=hf_config.num_hidden_layers, device="cpu", enable_memory_saver=False,
-            enable_alt_stream=False)
+        size = 1 + batch_size * max_context_len
+        if getattr(hf_config, "kv_lora_rank", None):
+            from sglang.srt.configs.model_config import AttentionArch
+
+            runner.use_mla_backend = True
+            model_config.attention_arch = AttentionArch.MLA
+            runner.token_to_kv_pool = MLATokenToKVPool(
+                size=size, page_size=1, dtype=dtype, kv_lora_rank=hf_config.kv_lora_rank,
+                qk_rope_head_dim=hf_config.qk_rope_head_dim, layer_num=hf_config.num_hidden_layers, device="cpu",
+                enable_memory_saver=False)
+        else:
+            runner.token_to_kv_pool = MHATokenToKVPool(
+                size=size, page_size=1, dtype=dtype, head_num=case.num_kv_heads, head_dim=head_dim,
+                layer_num=hf_config.num_hidden_layers, device="cpu", enable_memory_saver=False,
+                enable_alt_stream=False)
         runner.init_kv_index_translator()
         self.runner, self.model = runner, model
         self.backend = ATTENTION_BACKENDS[backend](runner)

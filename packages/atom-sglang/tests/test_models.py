@@ -2,7 +2,8 @@
 
 Prefill (in two chunks, so the second extends a cached prefix) and decode run through SGLang's real
 token pool, RadixAttention and LogitsProcessor, with ATOM's "atom" backend and with SGLang's own
-torch_native backend.
+torch_native backend. DeepSeek-V2/V3 run over SGLang's MLA pool (absorbed attention through RadixAttention);
+ATOM's "atom" backend refuses them with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import transformers
 
 from atom_sglang.plugin import register
-from tiny_models import CONFIGS, write_checkpoint
+from tiny_models import CONFIGS, MLA_ARCHS, write_checkpoint
 
 assert register()
 
@@ -31,7 +32,8 @@ def test_every_module_imports_strictly():
     import atom_sglang.models as pkg
 
     names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
-    assert sorted(names) == ["llama", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
+    assert sorted(names) == ["deepseek_v2", "deepseek_v3", "glm4_moe", "llama", "mixtral", "qwen2", "qwen3",
+                             "qwen3_moe"]
     for name in names:
         importlib.import_module(f"atom_sglang.models.{name}")  # raises instead of SGLang's log-and-drop
     classes = import_model_classes("atom_sglang.models", strict=True)
@@ -87,6 +89,10 @@ def test_prefill_decode_logits_match_transformers(checkpoint, backend):
 
     torch.manual_seed(1)
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (9, 6)]
+    if arch in MLA_ARCHS and backend == "atom":
+        with pytest.raises(NotImplementedError, match="MLA.*--attention-backend"):
+            SGLangHarness(model, config, backend, batch_size=len(prompts))
+        return
     harness = SGLangHarness(model, config, backend, batch_size=len(prompts))
     seqs = [[] for _ in prompts]
 
@@ -108,3 +114,45 @@ def test_prefill_decode_logits_match_transformers(checkpoint, backend):
             s.append(t)
         logits = harness.step([[t] for t in nxt])
         check(logits, f"decode step {step}")
+
+
+def test_mla_layers_are_found_where_sglang_looks(checkpoint):
+    """SGLang's model runner takes `self_attn.attn` (a RadixAttention), or `self_attn.attn_mqa` for DeepSeek."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.model_runner_components.layer_setup import compute_attention_and_moe_layers
+
+    arch, path, _ = checkpoint
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls, _ = ModelRegistry.resolve_model_cls(config.architectures)
+    model = cls(config=config, quant_config=None)
+    layers = compute_attention_and_moe_layers(model.model).attention_layers
+    assert [type(a) for a in layers] and all(isinstance(a, RadixAttention) for a in layers)
+    assert [a.layer_id for a in layers] == list(range(config.num_hidden_layers))
+    if arch in MLA_ARCHS:  # one latent "KV head" of kv_lora_rank + rope dims, values the first kv_lora_rank
+        assert {(a.tp_k_head_num, a.qk_head_dim, a.v_head_dim) for a in layers} == {
+            (1, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank)}
+
+
+@pytest.mark.parametrize("arch", sorted(MLA_ARCHS))
+def test_mtp_layers_of_a_checkpoint_load_and_are_skipped(arch, tmp_path):
+    """SGLang drafts with its own MTP model: the target loads a checkpoint with an MTP layer without error and
+    holds no copy of it; a tensor of a layer past the MTP layers is still refused."""
+    import safetensors.torch
+
+    hf = write_checkpoint(arch, tmp_path)
+    file = next(tmp_path.glob("*.safetensors"))
+    weights = safetensors.torch.load_file(file)
+    n = hf.config.num_hidden_layers
+    mtp = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): t.clone() for k, t in weights.items()
+           if k.startswith(f"model.layers.{n - 1}.")}
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.randn(hf.config.hidden_size, 2 * hf.config.hidden_size)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    config.num_nextn_predict_layers = 1
+    cls, _ = ModelRegistry.resolve_model_cls(config.architectures)
+    model = cls(config=config, quant_config=None)
+    loaded = model.load_weights(iter({**weights, **mtp}.items()))
+    assert loaded == {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    assert not hasattr(model, "mtp")
+    with pytest.raises(ValueError, match=f"model.layers.{n + 1}.eh_proj.weight"):
+        model.load_weights(iter({f"model.layers.{n + 1}.eh_proj.weight": mtp[f"model.layers.{n}.eh_proj.weight"]}
+                                .items()))

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny checkpoints and vLLM engine runs in subprocesses (vLLM start-up is the cost)."""
+"""Shared fixtures: tiny checkpoints and vLLM engine runs in subprocesses (vLLM start-up is the cost).
+
+Devices (issue 21, atom.testing): the engines run on vLLM's own device choice, the GPU when there is one, in
+float32 (run_offline.py's ATOM_TEST_DTYPE, `vllm serve --dtype float32`), compared with vLLM's built-in
+models in the same dtype. On a GPU the three engines started together share it (a quarter of its memory
+each), and the TP=2 run needs two GPUs (skipped with the reason on one)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -18,6 +24,9 @@ sys.path.insert(0, HERE)
 from tiny_checkpoints_vllm import ARCHS, make_checkpoint, make_fp8_checkpoints  # noqa: E402
 
 ENGINE_TIMEOUT_S = 900
+ON_GPU = torch.cuda.is_available()
+GPU_SHARE = "0.25"  # GPU memory per engine: ATOM's, the built-in reference and `vllm serve` run at once
+TP2 = not ON_GPU or torch.cuda.device_count() >= 2  # CPU: two worker processes; GPU: one GPU per rank
 
 
 def vllm_env(**extra: str) -> dict[str, str]:
@@ -26,6 +35,8 @@ def vllm_env(**extra: str) -> dict[str, str]:
         env.pop(k, None)
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if ON_GPU:
+        env["ATOM_TEST_VLLM_GPU_SHARE"] = GPU_SHARE
     env.update(extra)
     return env
 
@@ -88,6 +99,8 @@ def serve_launch(checkpoints, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [*_serve_command(), path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0"]
+    if ON_GPU:
+        cmd += ["--gpu-memory-utilization", GPU_SHARE]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
     try:
@@ -106,14 +119,17 @@ def serve_launch(checkpoints, tmp_path_factory):
 def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]:
     """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
 
-    ATOM's process also runs Qwen3 and Qwen3-MoE with vLLM's compilation on and Qwen3-MoE with TP=2; the
-    reference for all of them is vLLM's built-in model, eager, TP=1.
+    ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
+    TP=2; the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
+    see test_offline_vllm.py).
     """
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
     fp8 = [checkpoints["llama_fp8_kv"] + "@bf16"]  # vLLM's FP8 needs bf16/fp16 activations
-    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile", checkpoints["qwen3_moe"] + "@tp2",
-             checkpoints["qwen3_moe_fp8_block"] + "@bf16@kvfp8"]
+    extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
+             checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3_moe_fp8_block"] + "@bf16@kvfp8"]
+    if TP2:
+        extra.append(checkpoints["qwen3_moe"] + "@tp2")
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.

@@ -46,6 +46,9 @@ def run(spec: str, dtype: str) -> dict:
 
     path, *opts = spec.split("@")
     extra = {"kv_cache_dtype": "fp8"} if "kvfp8" in opts else {}
+    share = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE")  # on a GPU shared with other engines (conftest.py)
+    if share:
+        extra["gpu_memory_utilization"] = float(share)
     llm = LLM(model=path, dtype="bfloat16" if "bf16" in opts else dtype, enforce_eager="compile" not in opts,
               max_model_len=256, max_num_seqs=8, seed=0, disable_log_stats=True,
               tensor_parallel_size=2 if "tp2" in opts else 1, **extra)

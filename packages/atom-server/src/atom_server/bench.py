@@ -29,6 +29,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                           intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                           num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                           vocab_size=151936, tie_word_embeddings=False),
+    # deepseek-ai/DeepSeek-V2-Lite's config: 15.7B parameters, 2.4B active (MLA without q_lora, 64 routed experts
+    # top-6 + 2 shared, the first layer dense); its tokenizer ids
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], hidden_size=2048,
+                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                             intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+                             num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1,
+                             topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                             routed_scaling_factor=1.0, scoring_func="softmax", aux_loss_alpha=0.001,
+                             seq_aux=True, ep_size=1, attention_bias=False, vocab_size=102400,
+                             tie_word_embeddings=False, max_position_embeddings=163840, rope_theta=10000.0,
+                             rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                           "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                           "mscale_all_dim": 0.707},
+                             bos_token_id=100000, eos_token_id=100001),
 }
 _COMMON = dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
                torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
@@ -56,7 +71,7 @@ def _median(xs: list[float]) -> float:
 def run_throughput(model: str | None, input_len: int = 128, output_len: int = 128,
                    batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), load_format: str = "auto",
                    seed: int = 0, repeats: int = 3, quiet: bool = False,
-                   on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                   on_row: Callable[[list[dict[str, Any]]], None] | None = None, progress: bool = False,
                    **engine_args: Any) -> list[dict[str, Any]]:
     """Per batch size: one warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
     runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
@@ -64,6 +79,8 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     from atom_server.llm import LLM
     from atom_server.sampling_params import SamplingParams
 
+    if model is not None:  # rows name the model as given (a preset, or the path), not a temp folder
+        engine_args.setdefault("served_model_name", model)
     if model in PRESETS:
         model = preset_checkpoint(model)
         load_format = "dummy"
@@ -91,11 +108,25 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
         _sync()
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batch_sizes) * (1 + 2 * repeats), unit="run", dynamic_ncols=True)
+
+    def tick(label: str, bs: int, params: SamplingParams) -> tuple[float, int]:
+        if bar is not None:
+            bar.set_description(f"batch {bs}: {label}")
+        result = timed(bs, params)
+        if bar is not None:
+            bar.update(1)
+        return result
+
     rows = []
     for bs in batch_sizes:
-        timed(bs, full)  # warm-up: allocator, autotuning, CUDA graphs of this batch size
-        pre = [timed(bs, first)[0] for _ in range(repeats)]
-        runs = [timed(bs, full) for _ in range(repeats)]
+        tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
+        pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
+        runs = [tick("full", bs, full) for _ in range(repeats)]
         totals = [t for t, _ in runs]
         generated = runs[0][1]
         if any(n != bs * output_len for _, n in runs):
@@ -112,6 +143,8 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                          kernel_backend=engine.kernel_backend))
         if on_row is not None:
             on_row(rows)
+    if bar is not None:
+        bar.close()
     if not quiet:
         print(format_table(rows))
     return rows

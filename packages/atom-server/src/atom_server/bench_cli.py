@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from atom_server.config import EngineArgs
+from atom_server.config import EngineArgs, HelpFormatter
 
 # Flags whose EngineArgs default suits serving but not a benchmark of random prompts.
 _BENCH_DEFAULTS = dict(enable_prefix_caching=False, max_num_seqs=None)
@@ -38,17 +38,23 @@ def add_throughput_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "throughput", help="offline throughput on random prompts (greedy, EOS ignored)",
+        formatter_class=HelpFormatter,
         description="Offline throughput: random prompts of --input-len tokens, --output-len new tokens each, "
                     "greedy, EOS ignored; per batch size a warm-up run, then the median of --num-iters. "
                     f"--model takes a checkpoint or a preset shape ({', '.join(sorted(PRESETS))}) that runs "
-                    "with random weights.")
+                    "with random weights (default: the bundled SmolLM2-135M-Instruct).")
     EngineArgs.add_cli_args(p)
     p.set_defaults(**_BENCH_DEFAULTS)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 128], help="comma-separated, e.g. 1,32,128")
+    for action in p._actions:  # what the benchmark's own defaults mean
+        if action.dest == "max_num_seqs":
+            action.help = "most sequences in one batch (default: the largest of --batch-sizes)"
+        elif action.dest == "enable_prefix_caching":
+            action.help = "reuse the KV cache of shared prompt prefixes (default: off: random prompts share none)"
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 128], help="comma-separated (default: 1,32,128)")
     p.add_argument("--num-iters", type=int, default=3, help="timed runs per batch size (the median is reported)")
-    p.add_argument("--output-json", type=str, default=None, help="write the results here")
+    p.add_argument("--output-json", type=str, default=None, help="write the results here (default: print only)")
     p.set_defaults(func=run_throughput_cmd, bench_parser=p)  # errors name `throughput`, however it was reached
     return p
 
@@ -113,7 +119,8 @@ def throughput_report(ns: argparse.Namespace) -> dict[str, Any]:
             _write_json(ns.output_json, report)
 
     run_throughput(ns.model, input_len=ns.input_len, output_len=ns.output_len, batch_sizes=ns.batch_sizes,
-                   load_format=ns.load_format, seed=ns.seed, repeats=ns.num_iters, on_row=on_row, **engine)
+                   load_format=ns.load_format, seed=ns.seed, repeats=ns.num_iters, on_row=on_row, progress=True,
+                   **engine)
     return report
 
 
@@ -122,14 +129,29 @@ def run_throughput_cmd(ns: argparse.Namespace, parser: argparse.ArgumentParser) 
 
     parser = getattr(ns, "bench_parser", parser)
     if ns.model is None:
-        parser.error("--model is required (a checkpoint or one of " + ", ".join(sorted(PRESETS)) + ")")
+        from atom_server.default_model import DefaultModelMissing, resolve_model_path
+
+        try:
+            ns.model = resolve_model_path()
+        except DefaultModelMissing as e:
+            parser.error(f"{e}; or give --model (a checkpoint or one of {', '.join(sorted(PRESETS))})")
     if ns.model not in PRESETS and not os.path.exists(ns.model):
         parser.error(f"model {ns.model!r} is neither a path nor a preset ({', '.join(sorted(PRESETS))})")
     if ns.num_iters < 1 or ns.input_len < 1 or ns.output_len < 1:
         parser.error("--input-len, --output-len and --num-iters must be >= 1")
     if ns.model in PRESETS:
         ns.load_format = "dummy"  # a preset is a config-only checkpoint: random weights
-    throughput_report(ns)
+    import logging
+
+    from atom_server.engine.executor import ExecutorFatalError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"atom bench throughput: {ns.model} (loading the model; start-up phases are logged)", flush=True)
+    try:
+        throughput_report(ns)
+    except ExecutorFatalError as e:  # a tensor-parallel worker died: say which, no traceback of rank 0
+        print(f"atom bench throughput: {e}", file=sys.stderr)
+        return 1
     if ns.output_json:
         print(f"wrote {ns.output_json}")
     return 0

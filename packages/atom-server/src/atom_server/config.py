@@ -1,10 +1,15 @@
-"""Engine configuration: vLLM's argument names, defaults and CLI flags."""
+"""Engine configuration: vLLM's argument names, defaults and CLI flags (each with help and its default)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass
+
+from atom_server.generation_defaults import check_generation_config
+
+DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 @dataclass
@@ -20,15 +25,20 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE experts sharded whole over the TP ranks (vLLM's flag)
     seed: int = 0
     enforce_eager: bool = False
-    served_model_name: str | None = None
+    # One name or several (vLLM's --served-model-name); None: the --model string as given.
+    served_model_name: str | list[str] | None = None
     trust_remote_code: bool = False
     load_format: str = "auto"
     device: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only checkpoints)
     quantization: str | None = None  # None: the checkpoint's quantization_config (if any); "fp8": quantize
     kv_cache_dtype: str = "auto"  # auto | fp8 | fp8_e4m3
+    generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
+    cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,11 +60,12 @@ class EngineArgs:
         positive("max_model_len", optional=True)
         positive("max_num_batched_tokens", optional=True)
         positive("kv_cache_memory_bytes", optional=True)
+        positive("cpu_threads", optional=True)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
-        if self.dtype not in ("auto", "float32", "float", "float16", "half", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise bad("dtype", "must be one of auto, float32, float16, bfloat16")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+        if self.load_format not in LOAD_FORMATS:
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
         if self.quantization is not None:
             from atom.quantization import supported_quantizations
@@ -66,52 +77,97 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             extra = " (ATOM's FP8 KV cache is e4m3)" if self.kv_cache_dtype == "fp8_e5m2" else ""
             raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}{extra}")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1 (tensor parallelism is not wired into atom-server yet)")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
+        names = self.served_model_name
+        if names is not None:
+            listed = [names] if isinstance(names, str) else list(names)
+            if not listed or any(not isinstance(n, str) or not n.strip() for n in listed):
+                raise bad("served_model_name", "must be one or more non-empty names")
+        check_generation_config(self.generation_config)
+
+    def served_model_names(self) -> list[str]:
+        """The names clients may use; the first is the one reported (vLLM). Default: --model as given."""
+        names = self.served_model_name
+        if names is None:
+            return [self.model] if self.model else []
+        return [names] if isinstance(names, str) else list(names)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        d = EngineArgs.__dataclass_fields__
-        parser.add_argument("--model", type=str, default=None,
-                            help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-        parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer folder (default: the model's)")
-        parser.add_argument("--dtype", type=str, default=d["dtype"].default,
-                            choices=["auto", "float32", "float", "float16", "half", "bfloat16"])
-        parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--block-size", type=int, default=d["block_size"].default)
-        parser.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default)
-        parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-        parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
-        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                            default=d["enable_prefix_caching"].default)
-        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"].default)
-        parser.add_argument("--seed", type=int, default=d["seed"].default)
-        parser.add_argument("--enforce-eager", action="store_true")
-        parser.add_argument("--served-model-name", type=str, default=None)
-        parser.add_argument("--trust-remote-code", action="store_true")
-        parser.add_argument("--load-format", type=str, default=d["load_format"].default,
-                            choices=["auto", "safetensors", "gguf", "dummy"])
-        parser.add_argument("--device", type=str, default=None, help="cpu | cuda (default: what is present)")
-        parser.add_argument("--skip-tokenizer-init", action="store_true",
-                            help="no tokenizer: prompts as token ids, outputs without text")
         from atom.loader.model_loader import KV_CACHE_DTYPES
         from atom.quantization import supported_quantizations
 
-        parser.add_argument("--quantization", "-q", type=str, default=None, choices=supported_quantizations(),
-                            help="Method used to quantize the weights. If None, we first check the "
-                                 "`quantization_config` attribute in the model config file. If that is None, we "
-                                 "assume the model weights are not quantized and use `dtype` to determine the data "
-                                 "type of the weights. fp8 on a float checkpoint quantizes its linear layers to FP8 "
-                                 "(per output channel) at load time.")
-        parser.add_argument("--kv-cache-dtype", type=str, default=d["kv_cache_dtype"].default, choices=KV_CACHE_DTYPES,
-                            help="Data type for kv cache storage. If \"auto\", will use model data type (or FP8 "
-                                 "when the checkpoint's quantization declares an FP8 KV cache). fp8 (=fp8_e4m3) "
-                                 "stores e4m3 with per-tensor scales from the checkpoint (k_scale / v_scale), 1.0 "
-                                 "otherwise: half the bytes of bf16, twice the blocks.")
+        d = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
+        add = parser.add_argument
+        add("--model", type=str, default=None,
+            help="HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+        add("--tokenizer", type=str, default=None, help="tokenizer folder (default: the model's own)")
+        add("--dtype", type=str, default=d["dtype"], choices=DTYPES,
+            help="dtype of weights and activations; auto: the checkpoint's, except float32 checkpoints, "
+                 "which run in bfloat16 on GPUs (as vLLM)")
+        add("--max-model-len", type=int, default=None,
+            help="context length, prompt plus output (default: the model's max_position_embeddings, at most "
+                 "8192 on CPU)")
+        add("--block-size", type=int, default=d["block_size"], help="tokens per KV-cache block")
+        add("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"],
+            help="fraction of the GPU's memory the engine may take (weights, activations, KV cache)")
+        add("--kv-cache-memory-bytes", type=int, default=None,
+            help="KV-cache size in bytes, instead of what --gpu-memory-utilization leaves (default: sized by "
+                 "the engine)")
+        add("--max-num-seqs", type=int, default=d["max_num_seqs"], help="most sequences in one batch")
+        add("--max-num-batched-tokens", type=int, default=None,
+            help="most tokens in one step (default: 2048 on CPU, 8192 on GPUs)")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"],
+            help="reuse the KV cache of shared prompt prefixes")
+        add("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
+            help="ranks that split the model: GPUs 0..N-1 (choose them with CUDA_VISIBLE_DEVICES), or processes "
+                 "on CPU")
+        add("--enable-expert-parallel", action="store_true",
+            help="shard MoE layers by whole experts over the tensor-parallel ranks instead of slicing every expert")
+        add("--seed", type=int, default=d["seed"], help="random seed of the engine (requests can set their own)")
+        add("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
+        add("--served-model-name", type=str, nargs="+", default=None, metavar="NAME",
+            help="one or more names the API serves the model under; the first is the one reported "
+                 "(default: the --model argument as given; SmolLM2-135M-Instruct for the bundled model)")
+        add("--trust-remote-code", action="store_true", help="let transformers run the checkpoint's own code")
+        add("--load-format", type=str, default=d["load_format"], choices=LOAD_FORMATS,
+            help="weights format; dummy: random weights of the checkpoint's shapes (benchmarks)")
+        add("--device", type=str, default=None, help="cpu or cuda (default: cuda when a GPU is present)")
+        add("--skip-tokenizer-init", action="store_true",
+            help="no tokenizer: prompts as token ids, outputs without text")
+        add("--generation-config", type=str, default=d["generation_config"], metavar="auto|vllm|FOLDER",
+            help="sampling defaults of requests that do not set them: auto takes temperature, top_p, top_k, "
+                 "min_p, repetition/presence/frequency penalties and max_new_tokens from the model's "
+                 "generation_config.json; vllm ignores it (neutral defaults); a folder: its "
+                 "generation_config.json")
+        add("--max-logprobs", type=int, default=d["max_logprobs"],
+            help="most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; -1: no cap")
+        add("--cpu-threads", type=int, default=None,
+            help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
+                 "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "
+                 "the API server; offline LLM and benchmarks: torch's own default)")
+        add("--quantization", "-q", type=str, default=None, choices=supported_quantizations(),
+            help="method used to quantize the weights (default: the checkpoint's quantization_config, if any, "
+                 "else unquantized in --dtype); fp8 on a float checkpoint quantizes its linear layers to FP8 "
+                 "(per output channel) at load time")
+        add("--kv-cache-dtype", type=str, default=d["kv_cache_dtype"], choices=KV_CACHE_DTYPES,
+            help="KV-cache storage; auto: the model's dtype (or FP8 when the checkpoint's quantization declares "
+                 "an FP8 KV cache); fp8 (= fp8_e4m3) stores e4m3 with per-tensor scales from the checkpoint "
+                 "(k_scale / v_scale), 1.0 otherwise: half the bytes of bf16, twice the blocks")
         return parser
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(ns, n) for n in names if hasattr(ns, n)})
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)

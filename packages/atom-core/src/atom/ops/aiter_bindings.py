@@ -18,8 +18,9 @@ still go to the torch reference.
 Mapped: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul,
 moe_topk_softmax, fused_experts (silu, 16-bit, expert weights pre-shuffled once after loading),
 reshape_and_cache, paged_attention (decode through paged_attention_v1 on the NHD cache; prefill/varlen
-through flash_attn_varlen_func on gathered K/V).
-Not mapped (triton, else torch reference): sample, qk_norm_rope_cache.
+through flash_attn_varlen_func on gathered K/V), moe_grouped_topk (biased_grouped_topk / grouped_topk).
+Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, the mla_* ops (aiter's MLA decode
+wants page-size-1 indptr metadata, not ATOM's block tables).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def _moe_supports(static) -> str | None:
     # rather than risking a silent numerics change; the (16, 16) shuffle tiles need these divisibilities.
     if static.get("activation", "silu") != "silu":
         return f"activation {static['activation']!r} (the aiter MoE kernel is wired for silu only)"
+    if static.get("expert_parallel"):
+        return "expert parallelism (the binding does not pass aiter an expert mask for other ranks' experts)"
     hidden, inter = static.get("hidden_size"), static.get("intermediate_size")
     if hidden is not None and inter is not None and (hidden % 32 or inter % 32):
         return f"hidden {hidden} / intermediate {inter} are not multiples of 32 (aiter's shuffled layout)"
@@ -182,7 +185,8 @@ def reshape_and_cache(
     # "flash" layout = [num_blocks, block_size, num_kv_heads, head_dim], ATOM's; negative slots skipped.
     # FP8 caches (dtype differs) take the torch reference until an AITER FP8 path passes its self-check.
     if key.dtype != k_cache.dtype:
-        return ref_attention.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return ref_attention.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping,
+                                               k_scale=k_scale, v_scale=v_scale)
     one = _unit_scale(key.device)
     aiter.reshape_and_cache_flash(key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping.long(),
                                   "auto", one, one)
@@ -246,7 +250,7 @@ def paged_attention(
 ) -> torch.Tensor:
     args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, logit_softcap)
     if q.dtype not in _HALF or k_cache.dtype != q.dtype:
-        return ref_attention.paged_attention(*args, max_query_len, max_seq_len, k_scale, v_scale)
+        return ref_attention.paged_attention(*args, max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
@@ -254,3 +258,40 @@ def paged_attention(
     if max_query_len == 1 and q.shape[-1] >= _MIN_DECODE_HEAD_DIM:
         return _decode(*args, max_seq_len)
     return _varlen(*args, max_query_len, max_seq_len)
+
+
+# ---- DeepSeek's group-limited top-k routing (atom.ops.moe_routing), as vLLM's ROCm path calls aiter ----
+def _grouped_topk_supports(static) -> str | None:
+    bias, score = static.get("correction_bias"), static.get("group_score")
+    if bias and (static.get("scoring") != "sigmoid" or score != "top2_sum"):
+        return "a correction bias with other than sigmoid scores and top-2-sum group scores (aiter's " \
+               "biased_grouped_topk is DeepSeek-V3's router)"
+    if bias is False and score not in (None, "max"):
+        return f"group score {score!r} without a correction bias (aiter's grouped_topk scores groups by their max)"
+    return None
+
+
+@register("moe_grouped_topk", "aiter", supports=_grouped_topk_supports)
+def moe_grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_group: int,
+    scoring: str,
+    group_score: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = router_logits.shape[0]
+    dev = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=dev)
+    logits = router_logits.contiguous()
+    if correction_bias is not None:
+        aiter.biased_grouped_topk(logits, correction_bias.to(logits.dtype), weights, ids, num_groups, topk_group,
+                                  renormalize, routed_scaling_factor)
+    else:
+        aiter.grouped_topk(logits, weights, ids, num_groups, topk_group, renormalize, scoring == "softmax",
+                           routed_scaling_factor)
+    return weights, ids.long()

@@ -1,6 +1,10 @@
 """Mixture-of-experts: routing and expert computation.
 
 Expert weights are stacked: w13 [E, 2*I, H] (gate rows then up rows), w2 [E, H, I].
+
+fused_experts takes (token, k) pairs of expert id -1 as routed elsewhere: they contribute nothing (expert
+parallelism: another rank holds that expert). An implementation that cannot skip them refuses a layer built
+with static {"expert_parallel": True} in its `supports`.
 """
 
 from __future__ import annotations
@@ -69,17 +73,18 @@ def fused_experts(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """sum_k w_k * expert_{id_k}(x), looping over the experts that received tokens."""
+    """sum_k w_k * expert_{id_k}(x), looping over the experts that received tokens (id -1: none)."""
     from atom.ops.activation import gelu_tanh_and_mul, silu_and_mul
 
     act = silu_and_mul if activation == "silu" else gelu_tanh_and_mul
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    skipped = int((flat_ids < 0).sum())  # sorted first: start after them
+    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w13.shape[0]).tolist()
     token_of = order // topk_ids.shape[1]
     weight_of = topk_weights.reshape(-1)[order]
-    start = 0
+    start = skipped
     for e, n in enumerate(counts):
         if n == 0:
             continue

@@ -53,5 +53,5 @@ def qk_norm_rope_cache(
         k = rms_norm(k.reshape(t, -1, head_dim), k_weight, eps).reshape(t, -1)
     q, k = rotary_embedding(positions, q, k, head_dim, cos_sin, is_neox)
     reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping,
-                      k_scale, v_scale)
+                      k_scale=k_scale, v_scale=v_scale)
     return q, k

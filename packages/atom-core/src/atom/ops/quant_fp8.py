@@ -477,7 +477,8 @@ def fp8_fused_experts(
     channel ([E, 2I(, 1)] and [E, H(, 1)], block_size None). x and the intermediate activation h are
     quantized dynamically (1 x bk groups or per token) exactly as in fp8_linear; the rounding points of
     the float path are kept (projections to x's dtype, act(gate) * up in x's dtype, each expert's output
-    to x's dtype, weighted sum in float32)."""
+    to x's dtype, weighted sum in float32). Pairs of expert id -1 (another rank's, under expert
+    parallelism) contribute nothing."""
     from atom.ops.activation import gelu_tanh_and_mul, silu_and_mul
 
     check_experts_args(x, w13, w2, w13_scale, w2_scale, block_size)
@@ -486,11 +487,12 @@ def fp8_fused_experts(
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    skipped = int((flat_ids < 0).sum())  # sorted first: start after them
+    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w13.shape[0]).tolist()
     token_of = order // topk_ids.shape[1]
     weight_of = topk_weights.reshape(-1)[order]
     xq = fake_quantize_activations(x, block_size, fp8)
-    start = 0
+    start = skipped
     for e, n in enumerate(counts):
         if n == 0:
             continue

@@ -369,4 +369,8 @@ _OP_FAMILY = {
     "fp8_quantize_weight": "quant_fp8",
     "fp8_linear": "quant_fp8",
     "fp8_fused_experts": "quant_fp8",
+    "moe_grouped_topk": "moe_routing",
+    "mla_cache_write": "mla",
+    "mla_decode": "mla",
+    "mla_prefill": "mla",
 }

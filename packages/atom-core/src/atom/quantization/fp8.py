@@ -49,7 +49,7 @@ from atom.ops.quant_fp8 import (
     quantize_with_scale,
 )
 from atom.ops.registry import impl_of, resolve
-from atom.quantization.base import LinearMethod, MoEMethod, QuantizationConfig, new_param
+from atom.quantization.base import LinearMethod, MoEMethod, QuantizationConfig, dense_weight_read, new_param
 from atom.quantization.registry import register_quantization
 
 # ATOM's merged modules -> the checkpoint modules they hold (to test a module against `ignore` lists)
@@ -124,6 +124,7 @@ class Fp8LinearMethod(LinearMethod):
         self.block_size = list(fmt.block_size) if fmt.layout == "block" else None
         self.loaded: set[tuple] = set()
         self.w_hat: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None  # for a layer whose weight another op reads (MLA's kv_b_proj)
 
     @property
     def scale_name(self) -> str:
@@ -195,6 +196,14 @@ class Fp8LinearMethod(LinearMethod):
         impl = impl_of(self.linear)
         if impl is not None and impl.backend == "torch" and q.device.type == "cpu" and _dequant_cache_enabled():
             self.w_hat = dequantize_weight(q, layer.weight_scale.data, self.block_size)
+        self.dense = self.dequantized_weight(layer) if dense_weight_read(layer) else None
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """W_hat (the oracle's weight: fp8 entries times their scales) in the compute dtype. MLA's absorbed
+        attention multiplies the latent cache by it: that product is not an FP8 GEMM, so it runs in float."""
+        if self.dense is not None:
+            return self.dense
+        return dequantize_weight(layer.weight, layer.weight_scale, self.block_size).to(self.out_dtype)
 
     def _row_expanded(self, scale: torch.Tensor) -> torch.Tensor:
         """Per-shard block rows -> one row of K-block scales per output channel ([N, KB], block [1, bk])."""
@@ -223,6 +232,9 @@ class Fp8LinearMethod(LinearMethod):
 
 
 class Fp8MoEMethod(MoEMethod):
+    # both fp8_fused_experts implementations (torch reference, Triton) skip pairs of id -1
+    supports_expert_parallel = True
+
     def __init__(self, fmt: Fp8Format):
         self.format = fmt
         self.online = fmt.method == "fp8-online"
@@ -262,9 +274,11 @@ class Fp8MoEMethod(MoEMethod):
             a = new_param(layer, s13, (e, 2 * i, 1), torch.float32, output_dim=0)
             b = new_param(layer, s2, (e, h, 1), torch.float32)
             a.weight_loader = b.weight_loader = _ScaleLoader(layer, self, "channel_scale")
-        self.experts = resolve("fp8_fused_experts", static={
-            "activation": layer.activation, "hidden_size": h, "intermediate_size": i,
-            "block_size": tuple(self.block_size) if self.block_size else None})
+        static = {"activation": layer.activation, "hidden_size": h, "intermediate_size": i,
+                  "block_size": tuple(self.block_size) if self.block_size else None}
+        if getattr(layer, "ep_size", 1) > 1:  # an implementation that cannot skip id -1 refuses it (atom.ops.moe)
+            static["expert_parallel"] = True
+        self.experts = resolve("fp8_fused_experts", static=static)
 
     def _check_experts_loaded(self, layer: nn.Module) -> None:
         if not self.loaded:

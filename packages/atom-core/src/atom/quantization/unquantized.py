@@ -18,17 +18,25 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
 
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight
+
 
 class UnquantizedMoEMethod(MoEMethod):
     """w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], through the fused_experts op. An
-    implementation that wants its own weight layout (AITER's shuffled tiles) gets it once, after loading."""
+    implementation that wants its own weight layout (AITER's shuffled tiles) gets it once, after loading.
+    Under expert parallelism the chosen fused_experts implementation must skip pairs of id -1."""
+
+    supports_expert_parallel = True
 
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
                        params_dtype: torch.dtype) -> None:
         new_param(layer, "w13", (num_experts, 2 * intermediate_size, hidden_size), params_dtype, output_dim=0)
         new_param(layer, "w2", (num_experts, hidden_size, intermediate_size), params_dtype, input_dim=1)
-        self.experts = resolve("fused_experts", static={"activation": layer.activation, "hidden_size": hidden_size,
-                                                        "intermediate_size": intermediate_size})
+        static = {"activation": layer.activation, "hidden_size": hidden_size, "intermediate_size": intermediate_size}
+        if getattr(layer, "ep_size", 1) > 1:
+            static["expert_parallel"] = True
+        self.experts = resolve("fused_experts", static=static)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         prepare = impl_of(self.experts).prepare_weights

@@ -29,6 +29,7 @@ import logging
 import numpy as np
 import torch
 
+from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, AttentionMetadataBuilder
 from atom_server.engine.block_tables import BlockTables
@@ -143,12 +144,16 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
+        # Tensor parallel: every rank captures the same sizes in the same order, the collectives inside (the
+        # warm-up runs them eagerly first, so the communicators exist). NCCL's watchdog thread queries CUDA
+        # events meanwhile: only this thread's calls may be held against the capture.
+        mode = "thread_local" if get_tp_group().world_size > 1 else "global"
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             with set_forward_context(self.metadata[bs]):
                 self._body(bs)  # warm-up (autotuning, lazy init)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     logits, tokens = self._body(bs)
             self.graphs[bs] = (graph, logits, tokens)
         torch.cuda.synchronize()
@@ -175,10 +180,15 @@ class DecodeGraphs:
         slots = self.h_slots[:n]
         np.multiply(tables.table[rows, block], self.block_size, out=slots, casting="unsafe")
         slots += offset
-        self.h_ids[:n] = step.token_ids
+        ids = self.h_ids
+        ids[:n] = step.token_ids
         if step.prev_rows is not None:
             prev = np.asarray(step.prev_rows, dtype=np.int64)
             self.h_src[:n] = np.where(prev >= 0, prev, self.own_src[:n])
+            # A pending row's id is the -1 placeholder; the graph reads the previous replay's token instead,
+            # but the slot stays in ids and a later, smaller step can read it as a padding row: never
+            # leave an id the embedding cannot look up.
+            np.maximum(ids[:n], 0, out=ids[:n])
             self._src_own = False
         elif not self._src_own:
             self.h_src[:] = self.own_src
@@ -189,6 +199,7 @@ class DecodeGraphs:
             self.h_slots[n:bs] = -1
             lens[n:bs] = 1
             self.h_src[n:bs] = self.own_src[n:bs]
+            ids[n:bs] = 0
         if changed.size:
             self.h_tables[changed] = tables.table[rows[changed]]
             self.row_state[changed] = state[changed]

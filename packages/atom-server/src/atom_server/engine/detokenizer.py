@@ -74,12 +74,23 @@ class IncrementalDetokenizer:
 
     def output_text(self, finished: bool) -> str:
         """The text so far, less any tail that may still turn into a stop string."""
-        if finished or self.stopped or not self.stop:
-            return self.text
+        n = self.visible_length(finished)
+        return self.text if n == len(self.text) else self.text[:n]
+
+    def visible_length(self, finished: bool) -> int:
+        """How much of the text may be handed out: all of it, less a tail that is the start of a stop string."""
+        text = self.text
+        if finished or self.stopped or not self.stop or not text:
+            return len(text)
         hold = 0
+        last = text[-1]
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:k]):
+            # Longest k with text ending in s[:k] (k < len(s)); only a k whose s[k-1] is the text's last
+            # character can match, so walk those from the longest down.
+            k = s.rfind(last, 0, min(len(s) - 1, len(text))) + 1
+            while k > hold:
+                if text.endswith(s[:k]):
                     hold = k
                     break
-        return self.text[:len(self.text) - hold] if hold else self.text
+                k = s.rfind(last, 0, k - 1) + 1
+        return len(text) - hold

@@ -11,6 +11,12 @@ from free device memory, and CUDA graphs for decode batches (forward, LM head an
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
 async scheduling). ATOM_DECODE_GRAPHS=static runs decode batches through the graphs' buffers without
 capturing them, on any device (tests of the graph input plumbing on CPU).
+
+Under tensor parallelism (executor.py, worker.py) every rank runs a runner on its shard of the model, from
+the same StepInputs, taking the same path through each step (the collectives inside the model must line
+up): forward, LM head (vocab-parallel, all-gathered) and, in the graphs, the greedy argmax on every rank
+(a launched step's tokens feed the next one on each rank's device). Only rank 0 samples and returns rows;
+the KV cache of every rank holds the smallest block count any rank can afford.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, attention_specs, metadata_builder
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
+from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
 from atom.ops.registry import cuda_graph_blockers, resolve
+from atom_server import startup
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.scheduler import ScheduledBatch
@@ -109,15 +118,24 @@ class ModelRunner:
                                              max_positions=max_model_len, config=config,
                                              trust_remote_code=trust_remote_code, quantization=quantization,
                                              kv_cache_dtype=kv_cache_dtype)
+        startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
-        self.specs = attention_specs(self.model)
+        tp = get_tp_group()
+        self.tp_size = tp.world_size
+        self.samples = tp.rank == 0  # only rank 0 turns logits into tokens
+        # every attention layer's spec, multi-head and latent (MLA) alike: the CPU path sizes its scores by heads
+        self.specs = attention_specs(self.model) + mla_attention_specs(self.model)
         self.kv_specs = kv_cache_specs(self.model)
         self.attn_builder = metadata_builder(self.model)
         self._sample = resolve("sample")
         self.block_bytes = bytes_per_block(self.kv_specs, block_size)
         budget = self._kv_budget(kv_cache_memory_bytes, gpu_memory_utilization)
         self.num_blocks = kv_blocks_for_budget(self.block_bytes, budget, block_size, max_model_len, max_num_seqs)
+        if self.tp_size > 1:  # one block table for every rank: the rank with the least memory decides
+            own, self.num_blocks = self.num_blocks, tp.all_reduce_min(self.num_blocks)
+            if own != self.num_blocks:
+                logger.info("KV cache: %d blocks here, %d on the smallest rank", own, self.num_blocks)
         if self.num_blocks * block_size < max_model_len:
             raise ValueError(
                 f"kv_cache_memory_bytes: the KV cache holds {self.num_blocks * block_size} tokens "
@@ -128,6 +146,7 @@ class ModelRunner:
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s)", self.num_blocks, block_size,
                     self.num_blocks * self.block_bytes / GiB,
                     ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in self.kv_specs})))
+        startup.phase_done("KV cache")
         width = -(-max_model_len // block_size)
         self.tables = BlockTables(width, block_size, capacity=max(16, max_num_seqs))
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
@@ -146,8 +165,12 @@ class ModelRunner:
                     self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
                                                block_size)
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
+                    if self.tp_size > 1:  # every rank must take the same path through a step
+                        raise RuntimeError(f"CUDA graph capture failed on a tensor-parallel rank ({e}); "
+                                           "run with --enforce-eager") from e
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
+        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_budget(self, kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> int:
@@ -210,6 +233,8 @@ class ModelRunner:
         if step.prev_rows is not None:
             raise ValueError("a step whose tokens come from an unread replay must be launched (launch_decode)")
         rows = self._begin(step)
+        if not step.seq_ids:  # nothing to run: the step only releases finished sequences (flush)
+            return []
         if self.graphs is not None and step.is_decode and self.graphs.can_run(step.num_rows):
             return self._execute_decode_graph(step, rows)
         return self._execute_eager(step, rows)
@@ -218,6 +243,8 @@ class ModelRunner:
         g = self.graphs
         n = step.num_rows
         logits, greedy = g.replay(g.prepare(step, self.tables, rows), n)
+        if not self.samples:
+            return []
         if step.sampling is None:
             ticket = g.fetch_tokens(greedy, n)
             return [RowResult(t) for t in g.tokens_list(ticket, n)]
@@ -240,11 +267,18 @@ class ModelRunner:
             g = self.graphs
             n = step.num_rows
             _, greedy = g.replay(g.prepare(step, self.tables, rows), n)
-            return g.fetch_tokens(greedy, n)
+            return g.fetch_tokens(greedy, n) if self.samples else -1
 
     def collect(self, ticket: int, num_rows: int) -> list[int]:
         """Wait for a launched step and return its tokens (one per row)."""
         return self.graphs.tokens_list(ticket, num_rows)
+
+    def rank_state(self) -> tuple[dict[int, list[int]], list[int]]:
+        """(each live sequence's block table, the sequences with a seeded generator): what this runner keeps
+        between steps, for checking that every rank holds the same (and nothing once all is released)."""
+        tables = {sid: self.tables.table[row, :self.tables.num_blocks[row]].tolist()
+                  for sid, row in self.tables.row_of.items()}
+        return tables, sorted(self._generators)
 
     def _execute_eager(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
         qsl, seq_lens, positions = positions_of(step)
@@ -261,6 +295,8 @@ class ModelRunner:
         if not flat:
             return results
         logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)]).float()
+        if not self.samples:  # the LM head's gather is a collective: every rank runs it, rank 0 samples
+            return results
         if sample_rows:
             sampled_ids = [step.seq_ids[i] for i in sample_rows]
             tokens, lps = self._sample_rows(logits[:len(sample_rows)], step.sampling, sampled_ids)

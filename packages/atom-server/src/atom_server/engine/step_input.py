@@ -2,7 +2,7 @@
 
 `StepInputBuilder.build(batch)` turns a `ScheduledBatch` into a `StepInput`, a msgspec struct of plain
 lists and ints (no tensors, no numpy, no Sequence objects): it round-trips through msgpack and is what
-tensor parallelism will broadcast. A runner runs a step from the StepInputs it received, in order, and
+the tensor-parallel executor publishes to every rank (executor.py, tp_channel.py). A runner runs a step from the StepInputs it received, in order, and
 nothing else (runner.py; block_tables.py keeps its copy of the block tables).
 
 Rows are the scheduled sequences, in batch order; the step's new tokens are the rows' tokens
@@ -186,6 +186,13 @@ class StepInputBuilder:
         if not _all_argmax(sampled):
             step.sampling = sampling_inputs(sampled)
         return step
+
+    def flush(self) -> StepInput:
+        """A step of no rows that only releases the runners' state of the sequences finished since the last
+        step (their tables and generators; the engine otherwise sends them with its next step)."""
+        finished = self.scheduler.take_finished()
+        return StepInput(seq_ids=[], token_ids=[], query_start_loc=[0], seq_lens=[],
+                         block_updates=self._table_updates(finished), finished_seq_ids=finished)
 
     def _table_updates(self, finished: list[int]) -> list[BlockTableUpdate]:
         """What the runners' tables lack: whole tables that were replaced, tails that grew."""

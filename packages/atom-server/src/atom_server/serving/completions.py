@@ -18,15 +18,22 @@ from atom_server.serving.streams import SSE_DONE, chain, sse
 CLIENT_GONE = 499
 
 
-def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """(text or None, token ids) per prompt: a string, a list of ids, or a list of either."""
+def _prompt_items(req: CompletionRequest) -> list:
     p = req.prompt
     items = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
     if not items:
         raise bad_request("the prompt is empty", param="prompt")
+    return items
+
+
+async def _prompts(ctx: ServingContext, items: list, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt: a string, a list of ids, or a list of either."""
     prompts = []
     for item in items:
-        ids = ctx.encode(item, req.add_special_tokens) if isinstance(item, str) else list(item)
+        if isinstance(item, str):
+            ids = await ctx.encode(item, add_special_tokens, "prompt")
+        else:
+            ids = list(item)
         ctx.check_ids(ids, "prompt")
         prompts.append((item if isinstance(item, str) else None, ids))
     return prompts
@@ -35,12 +42,21 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     ctx.check_model(req.model)
     ctx.check_engine()
-    prompts = _prompts(ctx, req)
-    max_tokens = [ctx.fit_max_tokens(len(ids), req.max_tokens, "max_tokens") for _, ids in prompts]
+    ctx.check_logprobs(req.logprobs, "logprobs")
+    items = _prompt_items(req)
+    ctx.check_work(len(items), req.n, "prompt")
+    prompts = await _prompts(ctx, items, req.add_special_tokens)
+    max_tokens = [ctx.fit_max_tokens(len(ids), ctx.default_max_tokens(len(ids), req.max_tokens), "max_tokens")
+                  for _, ids in prompts]
     k = req.logprobs
     prompt_k = k if (req.echo and k is not None) else None
+    params = [ctx.sampling_params(req, max_tokens[i], k, prompt_k) for i in range(len(prompts))]
+    echo_texts = [None] * len(prompts)
+    if req.echo:
+        echo_texts = [text if text is not None else await ctx.decode(ids) for text, ids in prompts]
+    ctx.check_engine()
     rid = f"cmpl-{uuid.uuid4().hex}"
-    gens = [ctx.client.generate(f"{rid}-{i}", ids, ctx.sampling_params(req, max_tokens[i], k, prompt_k), text)
+    gens = [ctx.client.generate(f"{rid}-{i}", ids, params[i], text, stream=req.stream)
             for i, (text, ids) in enumerate(prompts)]
     first, source = await ctx.start(raw, gens)
     if first is None:
@@ -48,12 +64,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     created = int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name}
 
-    def echo_text(pi: int, ro: RequestOutput) -> str:
-        text = prompts[pi][0]
-        return text if text is not None else ctx.tokenizer.decode(ro.prompt_token_ids)
+    def echo_text(pi: int) -> str:
+        return echo_texts[pi]
 
-    def echo_logprobs(ro: RequestOutput) -> dict:
-        entries = ro.prompt_logprobs or [None] * len(ro.prompt_token_ids)
+    prompt_lps: dict[int, list] = {}  # deltas carry a request's prompt logprobs once: keep them
+
+    def echo_logprobs(pi: int, ro: RequestOutput) -> dict:
+        if ro.prompt_logprobs is not None:
+            prompt_lps[pi] = ro.prompt_logprobs
+        entries = prompt_lps.get(pi) or [None] * len(ro.prompt_token_ids)
         return fmt.completion_logprobs(ro.prompt_token_ids, entries, k, ctx.text_of, 0)
 
     def index(pi: int, ci: int) -> int:
@@ -63,35 +82,39 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def body():
-            trackers: dict[tuple[int, int], fmt.DeltaTracker] = {}
+            started: set[tuple[int, int]] = set()
             offsets: dict[tuple[int, int], int] = {}
-            finals: dict[int, RequestOutput] = {}
+            finished: set[int] = set()
+            completion_tokens = 0
             try:
-                async for pi, ro in chain(first, source):
-                    finals[pi] = ro
+                async for pi, ro in chain(first, source):  # delta outputs: only what is new
+                    if ro.finished:
+                        finished.add(pi)
+                    if ro.prompt_logprobs is not None:
+                        prompt_lps[pi] = ro.prompt_logprobs
                     for co in ro.outputs:
+                        completion_tokens += len(co.token_ids)
                         key = (pi, co.index)
-                        tr = trackers.setdefault(key, fmt.DeltaTracker())
-                        first_chunk = not tr.started
-                        text, ids, lps, done = tr.delta(co)
+                        done = co.finish_reason is not None
                         prefix, lp_obj = "", None
-                        if first_chunk and req.echo:
-                            prefix = echo_text(pi, ro)
-                            lp_obj = echo_logprobs(ro) if k is not None else None
-                        if not text and not done and not prefix:
+                        if key not in started and req.echo:
+                            prefix = echo_text(pi)
+                            lp_obj = echo_logprobs(pi, ro) if k is not None else None
+                        if not co.text and not done and not prefix:
                             continue
-                        tr.started = True
+                        started.add(key)
                         if k is not None:
                             off = offsets.get(key, len(prefix))
                             lp_obj = fmt.merge_completion_logprobs(lp_obj, fmt.completion_logprobs(
-                                ids, lps or [None] * len(ids), k, ctx.text_of, off))
-                            offsets[key] = off + len(text)
+                                co.token_ids, co.logprobs or [None] * len(co.token_ids), k, ctx.text_of, off))
+                            offsets[key] = off + len(co.text)
                         yield sse({**head, "choices": [{
-                            "index": index(pi, co.index), "text": prefix + text, "logprobs": lp_obj,
+                            "index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
                             "finish_reason": co.finish_reason if done else None,
                             "stop_reason": co.stop_reason if done else None}]})
-                if include_usage and len(finals) == len(prompts):
-                    yield sse({**head, "choices": [], "usage": fmt.usage(list(finals.values()))})
+                if include_usage and len(finished) == len(prompts):
+                    num_prompt = sum(len(ids) for _, ids in prompts)
+                    yield sse({**head, "choices": [], "usage": fmt.usage_counts(num_prompt, completion_tokens)})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE
@@ -110,10 +133,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     for pi in range(len(prompts)):
         ro = finals[pi]
         for co in sorted(ro.outputs, key=lambda c: c.index):
-            prefix = echo_text(pi, ro) if req.echo else ""
+            prefix = echo_text(pi) if req.echo else ""
             lp_obj = None
             if k is not None:
-                lp_obj = fmt.merge_completion_logprobs(echo_logprobs(ro) if req.echo else None, fmt.completion_logprobs(
+                lp_obj = fmt.merge_completion_logprobs(echo_logprobs(pi, ro) if req.echo else None, fmt.completion_logprobs(
                     co.token_ids, co.logprobs or [None] * len(co.token_ids), k, ctx.text_of, len(prefix)))
             choices.append({"index": index(pi, co.index), "text": prefix + co.text, "logprobs": lp_obj,
                             "finish_reason": co.finish_reason, "stop_reason": co.stop_reason})

@@ -1,5 +1,5 @@
-"""What every OpenAI endpoint shares: the engine client and tokenizer, and the checks and conversions
-from a request body to engine inputs (prompt ids, SamplingParams)."""
+"""What every OpenAI endpoint shares: the engine client, tokenizer and preprocessing workers, and the checks
+and conversions from a request body to engine inputs (prompt ids, SamplingParams)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from atom_server.generation_defaults import GenerationDefaults
 from atom_server.outputs import RequestOutput
 from atom_server.protocol import ChatMessage
 from atom_server.sampling_params import SamplingParams
 from atom_server.serving import openai_format as fmt
-from atom_server.serving.engine_client import EngineClient, EngineDeadError, EngineRequestError
-from atom_server.serving.errors import APIError, bad_request, from_value_error
+from atom_server.serving.chat_templates import ChatTemplateRenderer, TemplateError
+from atom_server.serving.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    EngineRequestError,
+    EngineShutdownError,
+)
+from atom_server.serving.errors import APIError, bad_request, from_value_error, internal_error
 from atom_server.serving.metrics import Metrics
+from atom_server.serving.preprocess import Preprocessor, PromptTooLong, QueueFull
+from atom_server.serving.server_args import ServerLimits
 from atom_server.serving.streams import merge, until_disconnect
 
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -25,10 +34,16 @@ def engine_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineDeadError):
-        return APIError(503, f"the engine is not running: {e}", code="engine_dead")
+        return APIError(503, "the engine is not running", code="engine_dead", detail=str(e))
+    if isinstance(e, EngineShutdownError):
+        return APIError(503, "the server is shutting down", code="shutting_down", detail=str(e))
+    if isinstance(e, QueueFull):
+        return APIError(503, "the server is busy; retry later", code="server_busy", detail=str(e))
     if isinstance(e, EngineRequestError):
-        return APIError(e.status, str(e), code="invalid_value" if e.status == 400 else "engine_error")
-    return APIError(500, f"{type(e).__name__}: {e}", code="internal_error")
+        if e.status < 500:
+            return APIError(e.status, str(e), code="invalid_value")
+        return APIError(e.status, "internal server error", code="internal_error", detail=str(e))
+    return internal_error(e)
 
 
 @dataclasses.dataclass
@@ -37,7 +52,25 @@ class ServerState:
     tokenizer: object
     metrics: Metrics
     api_key: str | None = None
+    generation_defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    served_model_names: list[str] = dataclasses.field(default_factory=list)  # default: the engine's name
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
+    preprocess: Preprocessor | None = None
+    templates: ChatTemplateRenderer | None = None  # the model's own chat template
+    request_templates: ChatTemplateRenderer | None = None  # templates sent in requests (trusted servers only)
+    shutting_down: bool = False
+    exit_code: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            self.preprocess = Preprocessor(self.tokenizer)
+        if self.templates is None:
+            self.templates = ChatTemplateRenderer(timeout_s=self.limits.chat_template_timeout)
+        if self.request_templates is None and self.limits.trust_request_chat_template:
+            # Their own worker, started on first use: a slow request template cannot hold up everyone else's
+            # chat requests, which render the model's template in the other pool.
+            self.request_templates = ChatTemplateRenderer(num_workers=1, timeout_s=self.limits.chat_template_timeout)
 
 
 class ServingContext:
@@ -45,8 +78,12 @@ class ServingContext:
         self.state = state
         self.client = state.client
         self.metrics = state.metrics
+        self.limits = state.limits
+        self.preprocess = state.preprocess
         self.tokenizer = tok = state.tokenizer
+        self.defaults = state.generation_defaults
         self.text_of = fmt.TokenText(tok)
+        self.special_tokens = dict(getattr(tok, "special_tokens_map", None) or {})
         # The model's vocabulary can be larger than the tokenizer's (padded); the engine's is the limit.
         self.vocab_limit = state.client.info.vocab_size or max(len(tok), getattr(tok, "vocab_size", 0) or 0)
 
@@ -55,25 +92,75 @@ class ServingContext:
         return self.client.info
 
     @property
+    def served_model_names(self) -> list[str]:
+        return self.state.served_model_names or [self.client.info.served_model_name]
+
+    @property
     def model_name(self) -> str:
-        return self.client.info.served_model_name
+        """The name responses report: the first served name (vLLM)."""
+        return self.served_model_names[0]
 
     # ---- checks ----
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+        if name is not None and name not in self.served_model_names:
+            served = ", ".join(repr(n) for n in self.served_model_names)
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def check_engine(self) -> None:
+        if self.state.shutting_down:
+            raise engine_error(EngineShutdownError("draining"))
         if self.client.dead:
-            raise engine_error(EngineDeadError(self.client.dead_reason))
+            raise engine_error(EngineDeadError(self.client.dead_reason or self.client.state.value))
 
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise bad_request("the prompt is empty", param=param)
-        bad = [t for t in ids if t < 0 or t >= self.vocab_limit]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", param=param)
+        if len(ids) >= self.info.max_model_len:
+            return  # refused by fit_max_tokens with the context-length message; no need to scan it
+        limit = self.vocab_limit
+        for t in ids:
+            if not 0 <= t < limit:
+                raise bad_request(f"token id {t} is out of range [0, {limit})", param=param)
+
+    def check_prompt_length(self, num_tokens: int, param: str, at_least: bool = False) -> None:
+        limit = self.info.max_model_len
+        if num_tokens >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
+                           f"has {'more than ' if at_least else ''}{num_tokens} tokens. Please reduce the length "
+                           "of the prompt.", param=param, code="context_length_exceeded")
+
+    def check_logprobs(self, value: int | None, param: str) -> None:
+        cap = self.info_max_logprobs
+        if value is not None and cap != -1 and (value == -1 or value > cap):
+            raise bad_request(f"{param}={value} is more than this server allows ({cap}; see --max-logprobs)",
+                              param=param)
+
+    @property
+    def info_max_logprobs(self) -> int:
+        return self.client.args.max_logprobs
+
+    def check_work(self, num_prompts: int, n: int, param: str) -> None:
+        lim = self.limits
+        if num_prompts > lim.max_prompts_per_request:
+            raise bad_request(f"{num_prompts} prompts in one request; this server takes at most "
+                              f"{lim.max_prompts_per_request} (--max-prompts-per-request)", param=param)
+        if num_prompts * n > lim.max_seqs_per_request:
+            raise bad_request(f"{num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences in one request; this "
+                              f"server takes at most {lim.max_seqs_per_request} (--max-seqs-per-request)",
+                              param="n")
+
+    def default_max_tokens(self, num_prompt: int, requested: int | None) -> int | None:
+        """vLLM's choice: the request's max_tokens, else the generation config's (cut to the room the
+        prompt leaves, so that a default never fails a request); a --generation-config folder's
+        max_new_tokens also caps what a request asks for."""
+        d = self.defaults
+        if requested is None and "max_tokens" in d.params:
+            room = self.info.max_model_len - num_prompt
+            requested = min(int(d.params["max_tokens"]), room) if room >= 1 else None
+        if requested is not None and d.max_tokens_cap is not None:
+            requested = min(requested, int(d.max_tokens_cap))
+        return requested
 
     def fit_max_tokens(self, num_prompt: int, max_tokens: int | None, param: str) -> int:
         """max_tokens, or all the room left when None; 400 when the request cannot fit (as vLLM)."""
@@ -96,15 +183,29 @@ class ServingContext:
                   include_stop_str_in_output=req.include_stop_str_in_output)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
-            if getattr(req, name) is not None:
-                kw[name] = getattr(req, name)
+            value = getattr(req, name)
+            if value is None:  # the model's generation_config.json default, if any (--generation-config)
+                value = self.defaults.params.get(name)
+            if value is not None:
+                kw[name] = value
         try:
             return SamplingParams(**kw)
         except ValueError as e:
             raise from_value_error(e, _PARAM_FIELDS) from e
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool,
-                    template: str | None, template_kwargs: dict | None) -> str:
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool,
+                          template: str | None, template_kwargs: dict | None) -> str:
+        template_kwargs = dict(template_kwargs or {})
+        if template_kwargs.get("chat_template") is not None:
+            template = template or template_kwargs.pop("chat_template")
+        template_kwargs.pop("chat_template", None)
+        if template is not None and not self.limits.trust_request_chat_template:
+            raise bad_request("a chat_template in the request is refused: the server was not started with "
+                              "--trust-request-chat-template", param="chat_template")
+        if continue_final and add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true (set "
+                              "add_generation_prompt to false to continue the final message)",
+                              param="continue_final_message")
         dicts = []
         for i, m in enumerate(messages):
             d = m.model_dump(exclude_none=True)
@@ -116,18 +217,36 @@ class ServingContext:
                                           param=f"messages.{i}.content")
                     texts.append(part.text)
                 d["content"] = "\n".join(texts)
+            elif m.content is None:
+                d["content"] = ""  # OpenAI allows null content (an assistant turn with tool calls); vLLM does this
             dicts.append(d)
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request("the tokenizer has no chat template; pass chat_template", param="messages")
         try:
-            return self.tokenizer.apply_chat_template(
-                dicts, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final, chat_template=template, **(template_kwargs or {}))
-        except Exception as e:  # a template error is the request's fault (roles, content)
-            raise bad_request(f"cannot apply the chat template: {e}", param="messages") from e
+            source = self.tokenizer.get_chat_template(template)
+        except ValueError as e:
+            raise bad_request("the tokenizer has no chat template; pass chat_template "
+                              "(with --trust-request-chat-template)", param="messages") from e
+        try:
+            renderer = self.state.templates if template is None else self.state.request_templates
+            return await renderer.render(
+                source, dicts, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
+                kwargs={**self.special_tokens, **template_kwargs})
+        except TemplateError as e:
+            raise bad_request(str(e), param="chat_template" if template is not None else "messages") from e
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return await self.preprocess.encode(text, add_special_tokens, self.info.max_model_len)
+        except PromptTooLong as e:
+            self.check_prompt_length(e.num_tokens, param, at_least=True)
+            raise  # unreachable: num_tokens >= max_model_len
+        except QueueFull as e:
+            raise engine_error(e) from e
+
+    async def decode(self, ids: list[int]) -> str:
+        try:
+            return await self.preprocess.decode(ids)
+        except QueueFull as e:
+            raise engine_error(e) from e
 
     # ---- running ----
     async def start(self, raw: Request, gens: list) -> tuple[tuple[int, RequestOutput] | None, AsyncIterator]:
@@ -147,4 +266,5 @@ class ServingContext:
         """An error after the 200 status went out: an error event in the stream."""
         err = engine_error(e)
         self.metrics.count_error(err.status)
+        err.log()
         return err.sse()

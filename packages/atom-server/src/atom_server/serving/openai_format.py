@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from atom_server.outputs import CompletionOutput, Logprob, RequestOutput
+from atom_server.outputs import Logprob, RequestOutput
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -74,30 +74,12 @@ def chat_logprobs(token_ids: list[int], entries: list, k: int, text_of: TokenTex
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
+    """Usage of finished cumulative outputs."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return usage_counts(prompt, completion)
 
 
-class DeltaTracker:
-    """What a client has already been sent of one choice; hands out the new part of each output."""
-
-    def __init__(self) -> None:
-        self.text_len = 0
-        self.num_tokens = 0
-        self.started = False
-        self.finished = False
-
-    def delta(self, out: CompletionOutput) -> tuple[str, list[int], list | None, bool]:
-        """(new text, new token ids, their logprob entries, just finished). Tokens are released
-        together with text, so logprobs line up with the text a chunk carries."""
-        text = out.text[self.text_len:]
-        done = out.finish_reason is not None and not self.finished
-        if not text and not done:
-            return "", [], None, False
-        ids = out.token_ids[self.num_tokens:]
-        lps = out.logprobs[self.num_tokens:len(out.token_ids)] if out.logprobs is not None else None
-        self.text_len = len(out.text)
-        self.num_tokens = len(out.token_ids)
-        self.finished = self.finished or done
-        return text, list(ids), lps, done
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import Request
 
 from atom_server.outputs import RequestOutput
@@ -24,26 +25,35 @@ async def _wait_disconnect(raw: Request) -> None:
 
 
 async def until_disconnect(raw: Request, source: AsyncIterator) -> AsyncIterator:
-    """Iterate `source`; when the client goes away, close it (which aborts its engine requests)."""
+    """Iterate `source`; when the client goes away, close it (which aborts its engine requests).
+
+    The cleanup is shielded: a streaming response is cancelled by Starlette when its client leaves (anyio
+    cancels again at every await in the cancelled scope), and closing `source` while its pending step still
+    runs would fail ("asynchronous generator is already running") and surface as a server error."""
     gone = asyncio.ensure_future(_wait_disconnect(raw))
+    nxt: asyncio.Future | None = None
     try:
-        async with contextlib.aclosing(source):
-            while True:
-                nxt = asyncio.ensure_future(source.__anext__())
-                done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    logger.info("client disconnected; request aborted")
-                    return
-                try:
-                    item = nxt.result()
-                except StopAsyncIteration:
-                    return
-                yield item
+        while True:
+            nxt = asyncio.ensure_future(source.__anext__())
+            await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                logger.info("client disconnected; request aborted")
+                return
+            done, nxt = nxt, None
+            try:
+                item = done.result()
+            except StopAsyncIteration:
+                return
+            yield item
     finally:
         gone.cancel()
+        with anyio.CancelScope(shield=True):
+            if nxt is not None:
+                nxt.cancel()
+                await asyncio.wait({nxt})
+                if not nxt.cancelled():
+                    nxt.exception()  # retrieved: the request is being dropped anyway
+            await source.aclose()
 
 
 async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -79,7 +89,8 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple
     finally:
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def chain(first, source: AsyncIterator) -> AsyncIterator:

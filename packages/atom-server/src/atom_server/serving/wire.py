@@ -1,10 +1,16 @@
-"""Messages between the API server and the engine process: msgspec (msgpack) structs, never pickle."""
+"""Messages between the API server and the engine process: msgspec (msgpack) structs, never pickle.
+
+The engine sends token ids only (EngineCoreOutputs: the tokens each sequence took in a step, column-wise);
+the API server's output processor turns them into text. Heartbeats come from a thread of their own in the
+engine process, so a long step does not silence them; they carry the step progress the API server's
+liveness check needs.
+"""
 
 from __future__ import annotations
 
 import msgspec
 
-from atom_server.outputs import TokenLogprobs
+from atom_server.outputs import EngineCoreOutputs
 from atom_server.sampling_params import SamplingParams
 
 
@@ -13,11 +19,16 @@ class AddRequest(msgspec.Struct, tag="add"):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
+    prompt: str | None = None  # not used by the engine (text stays in the API process)
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
     request_ids: list[str]
+
+
+class StopSequences(msgspec.Struct, tag="stop"):
+    """Sequences whose text reached a stop string in the API process (request id -> sequence indices)."""
+    stops: dict[str, list[int]]
 
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
@@ -36,30 +47,8 @@ class EngineReady(msgspec.Struct, tag="ready"):
     vocab_size: int | None = None
 
 
-class CompletionDelta(msgspec.Struct):
-    """What is new in one sequence since the last message (see output_deltas)."""
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    cumulative_logprob: float | None
-    finish_reason: str | None
-    stop_reason: str | int | None
-    text_reset: bool = False  # text replaces what was sent before instead of extending it
-
-
-class RequestDelta(msgspec.Struct):
-    request_id: str
-    finished: bool
-    metrics: dict[str, float]
-    outputs: list[CompletionDelta]
-    prompt: str | None = None  # prompt fields: first message of a request only
-    prompt_token_ids: list[int] | None = None
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when it changed
-
-
 class EngineOutputs(msgspec.Struct, tag="outputs"):
-    outputs: list[RequestDelta]
+    outputs: EngineCoreOutputs
 
 
 class RequestFailed(msgspec.Struct, tag="error"):
@@ -70,13 +59,16 @@ class RequestFailed(msgspec.Struct, tag="error"):
 
 class Heartbeat(msgspec.Struct, tag="beat"):
     stats: dict[str, float]
+    num_steps: int = 0
+    step_running_s: float = 0.0  # how long the step in progress has been running (0: idle)
+    longest_step_s: float = 0.0  # the longest step so far
 
 
 class EngineFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-ToEngine = AddRequest | AbortRequests | Shutdown
+ToEngine = AddRequest | AbortRequests | StopSequences | Shutdown
 FromEngine = EngineReady | EngineOutputs | RequestFailed | Heartbeat | EngineFailed
 
 encoder = msgspec.msgpack.Encoder()

@@ -1,7 +1,8 @@
 """vLLM model classes over ATOM's decoders: one per architecture, named as the HF architecture.
 
 Each class is ATOM's family class with vLLM's constructor and forward signature: linears, norms, rope and
-MoE are atom-core's; attention is vLLM's `Attention` layer (built by VllmAttentionFactory), so vLLM owns
+MoE are atom-core's; attention is vLLM's `Attention` layer (built by VllmAttentionFactory), or for
+DeepSeek-V2/V3's multi-head latent attention vLLM's `MLAAttention` layer (VllmMLAFactory), so vLLM owns
 the KV cache. The backbone carries vLLM's `@support_torch_compile`: ATOM's kernels are `torch.library`
 custom ops (atom.ops.custom_ops), so Dynamo traces the whole backbone and Inductor fuses around them.
 Quantization goes through atom-core's seam: the method vLLM resolved (the checkpoint's quant_method, or
@@ -23,6 +24,11 @@ from collections.abc import Iterable
 
 import torch
 from atom.models.decoder import DecoderModel
+from atom.models.deepseek_v2 import DeepseekV2ForCausalLM as _AtomDeepseekV2
+from atom.models.deepseek_v2 import DeepseekV2Model
+from atom.models.deepseek_v3 import DeepseekV3ForCausalLM as _AtomDeepseekV3
+from atom.models.glm4_moe import Glm4MoeForCausalLM as _AtomGlm4Moe
+from atom.models.glm4_moe import Glm4MoeModel
 from atom.models.llama import LlamaForCausalLM as _AtomLlama
 from atom.models.llama import MistralForCausalLM as _AtomMistral
 from atom.models.mixtral import MixtralForCausalLM as _AtomMixtral
@@ -36,6 +42,7 @@ from vllm.compilation.decorators import support_torch_compile
 
 from atom_vllm.attention import VllmAttentionFactory
 from atom_vllm.distributed import install_tp_group
+from atom_vllm.mla import VllmMLAFactory
 
 logger = logging.getLogger("vllm.atom_vllm")
 
@@ -49,6 +56,32 @@ class VllmDecoderModel(DecoderModel):
 
     # Unannotated on purpose: the decorator isinstance-checks positional arguments against the
     # annotations of __init__ (offset by `self`), and string annotations would make that raise.
+    def __init__(self, config, opts, attn_factory, prefix="model", max_positions=None, quant_config=None):
+        super().__init__(config, opts, attn_factory, prefix=prefix, max_positions=max_positions,
+                         quant_config=quant_config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(input_ids, positions, inputs_embeds)
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
+class VllmDeepseekV2Model(DeepseekV2Model):
+    """DeepSeek-V2/V3's backbone (MLA + DeepSeekMoE blocks), compiled by vLLM like VllmDecoderModel."""
+
+    def __init__(self, config, opts, mla_factory, prefix="model", max_positions=None, quant_config=None):
+        super().__init__(config, opts, mla_factory, prefix=prefix, max_positions=max_positions,
+                         quant_config=quant_config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(input_ids, positions, inputs_embeds)
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
+class VllmGlm4MoeModel(Glm4MoeModel):
+    """GLM-4-MoE's backbone (grouped-query attention + DeepSeekMoE blocks), compiled by vLLM."""
+
     def __init__(self, config, opts, attn_factory, prefix="model", max_positions=None, quant_config=None):
         super().__init__(config, opts, attn_factory, prefix=prefix, max_positions=max_positions,
                          quant_config=quant_config)
@@ -96,16 +129,23 @@ class VllmCausalLM:
     """Mixin turning an ATOM DecoderForCausalLM subclass into a vLLM model class."""
 
     backbone_cls = VllmDecoderModel
+    uses_mla = False  # DeepSeek's multi-head latent attention: vLLM's MLAAttention layer instead of Attention
+    # vLLM drafts with its own MTP model (speculative_config): the target skips a checkpoint's MTP layers
+    keep_mtp_layers = False
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         quant_config = check_supported(vllm_config)
         tp = install_tp_group()
         model_config = vllm_config.model_config
-        factory = VllmAttentionFactory(vllm_config.cache_config, vllm_config.quant_config)
-        super().__init__(model_config.hf_config, attn_factory=factory, prefix=prefix,
-                         max_positions=model_config.max_model_len, quant_config=quant_config)
-        logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: vLLM's Attention layer)",
-                    type(self).__module__, type(self).__qualname__, tp.rank, tp.world_size, kernel_backend())
+        if self.uses_mla:
+            factories = {"mla_factory": VllmMLAFactory(vllm_config.cache_config, vllm_config.quant_config)}
+        else:
+            factories = {"attn_factory": VllmAttentionFactory(vllm_config.cache_config, vllm_config.quant_config)}
+        super().__init__(model_config.hf_config, prefix=prefix, max_positions=model_config.max_model_len,
+                         quant_config=quant_config, **factories)
+        logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: vLLM's %s layer)",
+                    type(self).__module__, type(self).__qualname__, tp.rank, tp.world_size, kernel_backend(),
+                    "MLAAttention" if self.uses_mla else "Attention")
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -152,5 +192,20 @@ class MixtralForCausalLM(VllmCausalLM, _AtomMixtral):
     pass
 
 
-__all__ = ["LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
-           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "VllmDecoderModel"]
+class DeepseekV2ForCausalLM(VllmCausalLM, _AtomDeepseekV2):
+    backbone_cls = VllmDeepseekV2Model
+    uses_mla = True
+
+
+class DeepseekV3ForCausalLM(VllmCausalLM, _AtomDeepseekV3):
+    backbone_cls = VllmDeepseekV2Model
+    uses_mla = True
+
+
+class Glm4MoeForCausalLM(VllmCausalLM, _AtomGlm4Moe):
+    backbone_cls = VllmGlm4MoeModel
+
+
+__all__ = ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "LlamaForCausalLM",
+           "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+           "VllmDecoderModel", "VllmDeepseekV2Model", "VllmGlm4MoeModel"]

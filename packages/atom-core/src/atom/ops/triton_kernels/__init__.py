@@ -7,8 +7,10 @@ Each op keeps the exact signature and semantics of its torch reference in `atom.
 from atom.ops.triton_kernels import (  # noqa: F401
     activation,
     attention,
+    mla,
     moe,
     moe_fp8,
+    moe_routing,
     norm,
     qk_norm_rope_cache,
     quant_fp8,

@@ -7,7 +7,8 @@ sync is needed; tiles past the real end exit. Small batches are sorted by one Tr
 sizes (a few pairs, nearly all on different experts) there is no sort: one GEMV per (pair, column block).
 GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 scales by the
 routing weight and writes one fp32 row per pair, summed over k by a last small kernel (deterministic, no
-atomics).
+atomics). Pairs of expert id -1 (another rank's expert under expert parallelism) are never placed, never
+computed, and left out of the sum.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_expert
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
         earlier = tl.sum(((ids[:, None] == ids[None, :]) & (c[None, :] < c[:, None])).to(tl.int32), axis=1)
         base = tl.sum(onehot * (padded_start + seen)[None, :], axis=1)
-        tl.store(sorted_ids_ptr + base + earlier, start + c, mask=start + c < num_pairs)
+        tl.store(sorted_ids_ptr + base + earlier, start + c, mask=(start + c < num_pairs) & (ids >= 0))
         seen += tl.sum(onehot, axis=0)
 
 
@@ -94,7 +95,8 @@ _ALIGN_KERNEL_MAX_PAIRS = 2048
 
 def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(pair ids sorted by expert, each expert's run padded to block_m with the sentinel num_pairs;
-    cumulative padded row count per expert [E] int32). Sync-free, so CUDA graphs can capture it."""
+    cumulative padded row count per expert [E] int32). Pairs of id -1 are left out. Sync-free, so CUDA
+    graphs can capture it."""
     flat = topk_ids.reshape(-1)
     num_pairs = flat.numel()
     max_rows = (triton.cdiv(num_pairs, block_m) + num_experts) * block_m  # each expert pads < one tile
@@ -104,18 +106,21 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         _align_kernel[(1,)](flat, sorted_ids, padded_end, num_pairs, num_experts, BLOCK_M=block_m,
                             E_PAD=triton.next_power_of_2(num_experts + 1), CHUNK=64, num_warps=4)
         return sorted_ids, padded_end
+    # Pairs of id -1 go to an extra bucket E, whose rows all land on one dump row past the end.
+    key = torch.where(flat >= 0, flat, num_experts)
     # scatter_add, not bincount: bincount syncs with the host on CUDA
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
-    sorted_expert = flat[order]
+    order = torch.argsort(key, stable=True)
+    sorted_expert = key[order]
     rank_in_expert = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
-    dest = (padded_end - padded)[sorted_expert] + rank_in_expert
-    sorted_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=flat.device)
+    run_start = torch.cat([padded_end - padded, padded_end.new_full((1,), max_rows)])
+    dest = torch.where(sorted_expert < num_experts, run_start[sorted_expert] + rank_in_expert, max_rows)
+    sorted_ids = torch.full((max_rows + 1,), num_pairs, dtype=torch.int32, device=flat.device)
     sorted_ids[dest] = order.to(torch.int32)
-    return sorted_ids, padded_end.to(torch.int32)
+    return sorted_ids[:max_rows], padded_end.to(torch.int32)
 
 
 @triton.jit
@@ -188,6 +193,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, inter, k_dim, top_k, x_st
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < inter
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:  # another rank's expert: left out of the sum
+        return
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (pair // top_k) * x_stride + kk
     g_ptrs = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n + kk[None, :]
@@ -219,6 +226,8 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:
+        return
     kk = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + pair * h_stride + kk
     w_ptrs = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n + kk[None, :]
@@ -234,13 +243,14 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_
 
 
 @triton.jit
-def _sum_topk_kernel(y_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
+def _sum_topk_kernel(y_ptr, ids_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """out[t] = sum_k y[t * top_k + k] (fp32 rows), cast to the output dtype."""
+    """out[t] = sum_k y[t * top_k + k] (fp32 rows) over the pairs of id >= 0, cast to the output dtype."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     k = tl.arange(0, K_PAD)
-    m = (k[:, None] < top_k) & (n[None, :] < n_out)
+    ids = tl.load(ids_ptr + t * top_k + k, mask=k < top_k, other=-1)
+    m = ((k < top_k) & (ids >= 0))[:, None] & (n[None, :] < n_out)
     y = tl.load(y_ptr + (t * top_k + k[:, None]) * y_stride + n[None, :], mask=m, other=0.0)
     tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
 
@@ -265,11 +275,11 @@ def _pair_tile(num_tokens: int) -> dict:
     return dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4)
 
 
-def _sum_topk(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
     block = 256
     _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
-        y, out, y.shape[1], top_k, y.stride(0), out.stride(0), K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
+        y, ids, out, y.shape[1], top_k, y.stride(0), out.stride(0), K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
         num_warps=4)
     return out
 
@@ -290,7 +300,7 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     _pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
         h, w2, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_N=tile["down_block_n"], BLOCK_K=tile.get("down_block_k", tile["block_k"]), num_warps=tile["num_warps"])
-    return _sum_topk(y, num_tokens, top_k, x.dtype)
+    return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, block_k, num_warps, num_stages).
@@ -353,4 +363,4 @@ def fused_experts(
     launch(x, w13, h, inter, hidden, top_k, gated=True)
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     launch(h, w2, y, w2.shape[1], inter, 1, gated=False)
-    return _sum_topk(y, num_tokens, top_k, x.dtype)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)

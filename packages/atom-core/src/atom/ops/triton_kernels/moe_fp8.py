@@ -10,6 +10,8 @@
   pairs, with the scale handling of the dense FP8 GEMM (block scales per K step, or per-token x
   per-channel scales at the end). GEMM 1 computes gate and up tiles together and applies the activation
   in registers; GEMM 2 scales by the routing weight; moe._sum_topk adds the k rows of each token.
+Pairs of expert id -1 (another rank's expert under expert parallelism) are never computed (the GEMV
+kernels return, the sort leaves them out) and left out of the sum.
 
 Weight scales: block [E, 2 ceil(I/bn), ceil(H/bk)] for w13 (the gate's block rows, then the up's) and
 [E, ceil(H/bn), ceil(I/bk)] for w2; per channel [E, 2I(, 1)] and [E, H(, 1)].
@@ -68,6 +70,8 @@ def _fp8_pair_gate_up_kernel(
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < inter
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:  # another rank's expert (expert parallelism): left out of the sum
+        return
     fp8 = w_ptr.dtype.element_ty
     x_row = x_ptr + (pair // top_k) * x_stride
     g_base = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
@@ -120,6 +124,8 @@ def _fp8_pair_down_kernel(
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:
+        return
     fp8 = w_ptr.dtype.element_ty
     h_row = h_ptr + pair * h_stride
     w_base = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
@@ -280,7 +286,7 @@ def _per_pair(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, act, bloc
         h, w2, w2_scale, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), *s2,
         y.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, BLOCK_N=tile["down_block_n"], QG=group,
         SUBS=tile["subs"], **consts, num_warps=tile["num_warps"])
-    return float_moe._sum_topk(y, num_tokens, top_k, x.dtype)
+    return float_moe._sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
 
 def _quantized(a: torch.Tensor, block_size, fp8: torch.dtype):
@@ -344,4 +350,4 @@ def fp8_fused_experts(
     hq, hs = _quantized(h, block_size, w13.dtype)
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     launch(hq, hs, w2, w2_scale, y, w2.shape[1], inter, 1, False, 0)
-    return float_moe._sum_topk(y, num_tokens, top_k, x.dtype)
+    return float_moe._sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)

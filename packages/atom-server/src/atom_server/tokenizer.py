@@ -1,5 +1,5 @@
-"""The API server's own tokenizer (prompts, chat templates, /tokenize): HF folder or GGUF file,
-built the way the engine builds it (atom.loader.gguf for GGUF files)."""
+"""The one tokenizer loader of atom-server (the engine's and the API server's): an HF folder, or the
+tokenizer stored in a GGUF file (converted once and cached by atom.loader.gguf)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,293 @@
+"""MLA over a paged latent cache (see atom.ops.mla for the layout and the two formulations).
+
+Decode and prefill both run the absorbed form here: the query's no-rope half is folded into the latent
+space (q_lat = q_nope @ W_UK, one batched GEMM over the heads), one kernel attends over the latent rows
+of the cache, and the result goes back through W_UV (a second batched GEMM). The cache has one "KV head"
+shared by all query heads, so a program stacks up to 16 heads (times BLOCK_Q query tokens of one
+sequence) into the rows of its tile and reads each latent row once for all of them: logits are
+q_lat . kv_c + q_pe . k_pe, values are kv_c itself. Decode (one query per sequence) splits the context
+over several programs (flash-decoding) and merges their partial softmax states with the paged-attention
+merge kernel. Nothing reads device values on the host, and the grid depends only on the batch size,
+the head count and max_seq_len, so a padded decode batch replays in a CUDA graph.
+
+Prefill in the absorbed form costs (L + R + L) / (P + R + V) times the attention FLOPs of the expanded
+form (3.4x at DeepSeek's shapes) but needs no K/V expansion of the cached prefix; the expanded form is
+the torch reference (atom.ops.mla.mla_prefill) and the oracle these kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.mla import split_kv_b
+from atom.ops.registry import register
+from atom.ops.triton_kernels.attention import _merge_splits_kernel
+from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
+
+# Heads stacked per program; rows per prefill program; keys per step; warps; pipeline depth. Module-level
+# so tools/device/kernel_bench.py can sweep them.
+MAX_HEADS_PER_TILE = 16
+DECODE_TILE = dict(block_m=16, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2)
+PREFILL_TILE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, lora, rope, block_size, c_stride_t,
+                            pe_stride_t, cache_stride_b, cache_stride_s,
+                            BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    row = cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+    lo = tl.arange(0, BLOCK_L)
+    c = tl.load(kv_c_ptr + t * c_stride_t + lo, mask=lo < lora)
+    tl.store(row + lo, c.to(cache_ptr.dtype.element_ty), mask=lo < lora)
+    r = tl.arange(0, BLOCK_R)
+    pe = tl.load(k_pe_ptr + t * pe_stride_t + r, mask=r < rope)
+    tl.store(row + lora + r, pe.to(cache_ptr.dtype.element_ty), mask=r < rope)
+
+
+@register("mla_cache_write", "triton")
+def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """Write kv_c [T, L] and k_pe [T, R] into kv_cache [blocks, block_size, L + R]; slots < 0 are skipped."""
+    num_tokens, lora = kv_c.shape
+    rope = k_pe.shape[-1]
+    if num_tokens == 0:
+        return
+    assert kv_c.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    _mla_cache_write_kernel[(num_tokens,)](
+        kv_c, k_pe, kv_cache, slot_mapping, lora, rope, kv_cache.shape[1], kv_c.stride(0), k_pe.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), BLOCK_L=triton.next_power_of_2(lora),
+        BLOCK_R=triton.next_power_of_2(rope), num_warps=4)
+
+
+@triton.jit
+def _mla_attention_kernel(
+    ql_ptr, qp_ptr, cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    scale, lora, rope, block_size, tokens_per_split, num_heads,
+    ql_stride_t, ql_stride_h, qp_stride_t, qp_stride_h, out_stride_t, out_stride_h, c_stride_b, c_stride_s,
+    bt_stride,
+    HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):
+    b = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    head_tile = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    if DECODE:  # token b is sequence b's only query
+        q_start = b.to(tl.int64)
+        q_len = 1
+    else:
+        q_start = tl.load(qsl_ptr + b).to(tl.int64)
+        q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    ctx = seq_len - q_len  # cached prefix before this sequence's queries
+
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // HEADS
+    head = head_tile * HEADS + r % HEADS
+    row_ok = (r < BLOCK_Q * HEADS) & (qi < q_len) & (head < num_heads)
+    q_pos = ctx + qi
+    tok = q_start + qi
+    lc = tl.arange(0, BLOCK_L)
+    l_ok = lc < lora
+    e = tl.arange(0, BLOCK_R)
+    e_ok = e < rope
+    q_lat = tl.load(ql_ptr + tok[:, None] * ql_stride_t + head[:, None] * ql_stride_h + lc[None, :],
+                    mask=row_ok[:, None] & l_ok[None, :], other=0.0)
+    q_pe = tl.load(qp_ptr + tok[:, None] * qp_stride_t + head[:, None] * qp_stride_h + e[None, :],
+                   mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    if F32_DOT:
+        q_lat = q_lat.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    # keys this tile can see: causal up to its last query
+    hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
+    lo = 0
+    if NUM_SPLITS > 1:
+        lo = split * tokens_per_split
+        hi = tl.minimum(hi, lo + tokens_per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_L], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+        # offsets come from the block table: say they are aligned, or rows are read element by element
+        row = tl.multiple_of(blk * c_stride_b + (k_pos % block_size).to(tl.int64) * c_stride_s, ROW_ALIGN)
+        c = tl.load(cache_ptr + row[:, None] + lc[None, :], mask=k_ok[:, None] & l_ok[None, :], other=0.0)
+        pe = tl.load(cache_ptr + row[:, None] + lora + e[None, :], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        if F32_DOT:
+            c = c.to(tl.float32)
+            pe = pe.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")
+            s += tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
+        else:
+            s = tl.dot(q_lat, tl.trans(c))
+            s += tl.dot(q_pe, tl.trans(pe))
+        s = s * qk_scale
+        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + lc[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & l_ok[None, :])
+    else:
+        part = (tok * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_L + lc[None, :], acc, mask=row_ok[:, None])
+
+
+def _decode_splits(device: torch.device, batch: int, head_tiles: int, max_seq_len: int, block_n: int) -> int:
+    """Enough splits to give every SM a few programs, none shorter than one key tile; a power of two."""
+    programs = batch * head_tiles
+    want = triton.cdiv(DECODE_TILE["programs_per_sm"] * num_sms(device), max(programs, 1))
+    most = max(1, max_seq_len // block_n)
+    splits = min(want, most, 64)
+    return 1 if splits <= 1 else triton.next_power_of_2(splits)
+
+
+def mla_latent_attention(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention over the latent cache (the absorbed core): q_lat [T, H, L], q_pe [T, H, R] -> o_lat, a
+    [T, H, L] view of an [H, T, L] tensor (what the W_UV batched GEMM reads). query_start_loc None: decode,
+    token b is sequence b's only query. num_splits is open to tests (forces the merge path)."""
+    num_tokens, num_heads, lora = q_lat.shape
+    rope = q_pe.shape[-1]
+    batch = seq_lens.shape[0]
+    out = torch.empty(num_heads, num_tokens, lora, dtype=q_lat.dtype, device=q_lat.device).transpose(0, 1)
+    if num_tokens == 0 or batch == 0:
+        return out
+    assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    decode = query_start_loc is None
+    assert not decode or num_tokens == batch, "decode: one query token per sequence"
+    heads = min(triton.next_power_of_2(num_heads), MAX_HEADS_PER_TILE)
+    head_tiles = triton.cdiv(num_heads, heads)
+    if decode:
+        tile, block_q = DECODE_TILE, 1
+        if num_splits is None:
+            num_splits = _decode_splits(q_lat.device, batch, head_tiles, max_seq_len, tile["block_n"])
+    else:
+        tile, num_splits = PREFILL_TILE, 1
+        block_q = max(1, tile["block_m"] // heads)
+    block_m = max(16, triton.next_power_of_2(block_q * heads))
+    block_l, block_r = max(16, triton.next_power_of_2(lora)), max(16, triton.next_power_of_2(rope))
+    elem = max(kv_cache.element_size(), q_lat.element_size())
+    # per stage the latent rows (kv_c and k_pe); once the query tiles and p (the second dot's operand)
+    block_n, num_stages = fit_tile(tile["num_stages"], tile["block_n"],
+                                   lambda n: (n * (block_l + block_r) * elem, block_m * (block_l + block_r + n) * elem),
+                                   q_lat.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(num_tokens, num_heads, num_splits, block_l, dtype=torch.float32, device=q_lat.device)
+    else:
+        part_m = part_l = part_acc = out
+    row_align = 16 if all(st % 16 == 0 for st in kv_cache.stride()[:2]) else 1
+    grid = (batch, 1 if decode else triton.cdiv(max_query_len, block_q), head_tiles * num_splits)
+    _mla_attention_kernel[grid](
+        q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
+        part_m, part_l, part_acc, float(scale), lora, rope, kv_cache.shape[1], tokens_per_split, num_heads,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        HEADS=heads, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
+        NUM_SPLITS=num_splits, DECODE=decode, F32_DOT=interpreting(), IEEE=dot_ieee(q_lat.dtype),
+        ROW_ALIGN=row_align, num_warps=tile["num_warps"], num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_m, part_l, part_acc, out, num_heads, lora, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_D=block_l, num_warps=4)
+    return out
+
+
+def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale, max_query_len,
+              max_seq_len, num_splits=None) -> torch.Tensor:
+    num_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    w_uk, w_uv = split_kv_b(w_kv_b, num_heads, nope_dim)
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)  # [T, H, L]
+    o_lat = mla_latent_attention(q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, scale,
+                                 max_query_len, max_seq_len, num_splits)
+    out = torch.bmm(o_lat.transpose(0, 1), w_uv.to(o_lat.dtype).transpose(1, 2))  # [H, T, V]
+    # [T, H, V] contiguous, as the op's contract says (its callers flatten the heads, which copies anyway)
+    return out.transpose(0, 1).contiguous()
+
+
+def mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len=None,
+                    num_splits=None) -> torch.Tensor:
+    """`mla_decode` with the split count open to callers (tests force the merge path)."""
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * kv_cache.shape[1]
+    return _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, None, seq_lens, scale, 1, max_seq_len,
+                     num_splits)
+
+
+@register("mla_decode", "triton")
+def mla_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """q_nope [B, H, P], q_pe [B, H, R] -> out [B, H, V]; one query per sequence."""
+    return mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len)
+
+
+@register("mla_prefill", "triton")
+def mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Varlen causal MLA over cached prefix + new tokens: q_nope [T, H, P], q_pe [T, H, R] -> [T, H, V]."""
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    return _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale,
+                     max_query_len, max_seq_len)

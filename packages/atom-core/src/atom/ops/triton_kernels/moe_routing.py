@@ -1,0 +1,98 @@
+"""Group-limited top-k routing (atom.ops.moe_routing) in one program per token.
+
+The token's expert scores are held as a [groups, experts per group] tile, so the group scores are row
+reductions; the topk_group best groups and then the top_k experts are picked by repeated max (lowest index
+among ties, as torch.topk on distinct values). No host sync: the launch captures in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.registry import register
+
+
+@triton.jit
+def _grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride, num_groups, per_group, scaling,
+                         TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr, GROUPED: tl.constexpr,
+                         RENORM: tl.constexpr, G_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    j = tl.arange(0, E_PAD)
+    valid = (g[:, None] < num_groups) & (j[None, :] < per_group)
+    e = g[:, None] * per_group + j[None, :]
+    neg = float("-inf")
+    x = tl.load(logits_ptr + t * stride + e, mask=valid, other=neg).to(tl.float32)
+    if SIGMOID:
+        s = tl.sigmoid(x)
+    else:
+        p = tl.exp(x - tl.max(tl.max(x, axis=1), axis=0))
+        s = p / tl.sum(tl.sum(p, axis=1), axis=0)
+    choice = s
+    if HAS_BIAS:
+        choice = s + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, neg)
+
+    if GROUPED:
+        best1 = tl.max(choice, axis=1)
+        if GROUP_TOP2:
+            first = tl.min(tl.where(choice == best1[:, None], j[None, :], E_PAD), axis=1)
+            best2 = tl.max(tl.where(j[None, :] == first[:, None], neg, choice), axis=1)
+            group_score = best1 + best2
+        else:
+            group_score = best1
+        group_score = tl.where(g < num_groups, group_score, neg)
+        keep = g < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(group_score, axis=0)
+            gi = tl.min(tl.where(group_score == top, g, G_PAD), axis=0)
+            keep = keep | (g == gi)
+            group_score = tl.where(g == gi, neg, group_score)
+        choice = tl.where(keep[:, None], choice, neg)
+
+    # the picks stay in registers and are stored once
+    slot = tl.arange(0, K_PAD)
+    weights = tl.zeros([K_PAD], tl.float32)
+    ids = tl.zeros([K_PAD], tl.int64)
+    for k in tl.static_range(TOP_K):
+        top = tl.max(tl.max(choice, axis=1), axis=0)
+        idx = tl.min(tl.min(tl.where(choice == top, e, G_PAD * E_PAD), axis=1), axis=0)
+        w = tl.sum(tl.sum(tl.where(e == idx, s, 0.0), axis=1), axis=0)
+        weights = tl.where(slot == k, w, weights)
+        ids = tl.where(slot == k, idx.to(tl.int64), ids)
+        choice = tl.where(e == idx, neg, choice)
+    if RENORM:
+        weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    tl.store(w_ptr + t * TOP_K + slot, weights * scaling, mask=slot < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slot, ids, mask=slot < TOP_K)
+
+
+@register("moe_grouped_topk", "triton")
+def moe_grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_group: int,
+    scoring: str,
+    group_score: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights float32 [T, top_k], expert ids int64 [T, top_k])."""
+    num_tokens, num_experts = router_logits.shape
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens:
+        per_group = num_experts // num_groups
+        _grouped_topk_kernel[(num_tokens,)](
+            logits, correction_bias if correction_bias is not None else logits, weights, ids, logits.stride(0),
+            num_groups, per_group, float(routed_scaling_factor), TOP_K=top_k, TOPK_GROUP=topk_group,
+            SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_score == "top2_sum",
+            GROUPED=num_groups > 1, RENORM=renormalize, G_PAD=triton.next_power_of_2(num_groups),
+            E_PAD=triton.next_power_of_2(per_group), K_PAD=triton.next_power_of_2(top_k), num_warps=1 if num_experts <= 64 else 4)
+    return weights, ids

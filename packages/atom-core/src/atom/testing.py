@@ -1,0 +1,89 @@
+"""What the four packages' test suites share: the devices a test runs on, and how far bfloat16 may be from
+a float32 reference.
+
+Devices: "cpu" always, plus "cuda" when a GPU is present (ROCm GPUs answer to "cuda" in torch). On a CPU-only
+machine every device-aware test runs once, as before; on a GPU machine it runs on both. ATOM_TEST_DEVICES
+(a comma list, e.g. "cuda") narrows the set, for a GPU run that leaves CPU to CI.
+
+Dtypes: a test that compares against a reference states the dtype. Against transformers (or a host) in
+float32, ATOM runs float32 on every device and meets the CPU tolerances on GPUs too: ATOM's Triton kernels
+compute float32 dots in IEEE precision (input_precision="ieee", no TF32) and cuBLAS keeps TF32 off by
+default. bfloat16 is compared with the bounds below.
+
+bfloat16 bounds (measured by atom-core's test_models_parity: per position, max|bf16 - fp32| over the logits
+row is 5e-3 to 1e-2 of max|fp32 logits| on the tiny checkpoints, MoE included; that test bounds the median at
+BF16_REL_ERR):
+- logits and logprobs of a position: within 2 * BF16_REL_ERR * max|reference row| (an error of up to
+  BF16_REL_ERR on each side of a difference);
+- greedy tokens: the reference is run on the engine's own tokens (teacher forcing, so one flip does not
+  cascade into the rest of the sequence); where the engine's pick is not the reference's argmax, it counts as
+  a divergence only when the reference's argmax is clearly ahead of it, by more than that margin (the
+  reference's top-2 logits are then clearly apart). Near-ties may flip; and at least BF16_MIN_TOP1 of all
+  positions must agree exactly (atom-core's top-1 bound), so a wholesale drift cannot hide behind them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+BF16_REL_ERR = 2.5e-2
+BF16_MIN_TOP1 = 0.8
+
+
+def devices_under_test() -> list[str]:
+    """The devices under test: "cpu", plus "cuda" when a GPU is present; ATOM_TEST_DEVICES narrows them."""
+    found = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wanted = [d.strip() for d in os.environ.get("ATOM_TEST_DEVICES", "").split(",") if d.strip()]
+    if not wanted:
+        return found
+    unknown = [d for d in wanted if d not in ("cpu", "cuda")]
+    if unknown:
+        raise ValueError(f"ATOM_TEST_DEVICES: unknown device(s) {unknown}; use cpu and/or cuda")
+    return [d for d in found if d in wanted]
+
+
+
+def bf16_margin(ref_row: torch.Tensor, rel_err: float = BF16_REL_ERR) -> float:
+    """How far a bfloat16 logit or logprob may be from the float32 reference at this position."""
+    return 2 * rel_err * float(ref_row.float().abs().max())
+
+
+def bf16_greedy_divergences(tokens: Sequence[int], ref_logits: torch.Tensor,
+                            rel_err: float = BF16_REL_ERR) -> tuple[list[str], int]:
+    """Compare one sequence's greedy tokens with float32 reference logits at the same positions
+    (ref_logits[i]: the reference's logits for tokens[i], computed on the prompt plus tokens[:i]).
+
+    Returns (divergences on a clear margin, each described; how many positions agree exactly)."""
+    ref = ref_logits.float().cpu()
+    if ref.shape[0] != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but reference logits for {ref.shape[0]} positions")
+    bad, agree = [], 0
+    for i, (tok, row) in enumerate(zip(tokens, ref)):
+        best = int(row.argmax())
+        if tok == best:
+            agree += 1
+            continue
+        gap, margin = float(row[best] - row[tok]), bf16_margin(row, rel_err)
+        if gap > margin:
+            bad.append(f"position {i}: token {tok}, reference argmax {best} ahead by {gap:.4f} > "
+                       f"near-tie margin {margin:.4f}")
+    return bad, agree
+
+
+def assert_bf16_greedy_close(tokens: Sequence[Sequence[int]], ref_logits: Sequence[torch.Tensor],
+                             rel_err: float = BF16_REL_ERR, min_top1: float = BF16_MIN_TOP1) -> None:
+    """Several sequences: no divergence on a clear margin, and at least min_top1 of the positions exact."""
+    problems, agree, total = [], 0, 0
+    for n, (seq, ref) in enumerate(zip(tokens, ref_logits, strict=True)):
+        bad, ok = bf16_greedy_divergences(seq, ref, rel_err)
+        problems += [f"sequence {n}, {b}" for b in bad]
+        agree, total = agree + ok, total + len(seq)
+    if problems:
+        raise AssertionError("bfloat16 greedy tokens diverge from the float32 reference where it has no "
+                             "near-tie:\n" + "\n".join(problems))
+    if total and agree / total < min_top1:
+        raise AssertionError(f"bfloat16 greedy tokens equal the float32 reference's argmax at {agree} of "
+                             f"{total} positions, fewer than {min_top1:.0%}")
