@@ -99,7 +99,7 @@ def quantize_tensors(fmt: Fp8Format, tensors: dict[str, torch.Tensor]) -> dict[s
 
 def _source(src: str) -> str:
     if src == "smollm2":
-        from atom.loader.gguf import smollm2_path
+        from atom.bundled_model import smollm2_path
 
         path = smollm2_path()
         if path is None:

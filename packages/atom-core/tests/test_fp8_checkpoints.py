@@ -25,7 +25,7 @@ from atom.loader.fp8_format import (
     parse_quantization_config,
     quantization_config,
 )
-from atom.loader.gguf import smollm2_path
+from atom.bundled_model import smollm2_path
 from atom.ops.quant_fp8 import FP8_DTYPES, expand_weight_scale
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")

