@@ -254,7 +254,8 @@ def gpt_oss_rows(bench) -> None:
     # sinks over an FP8 KV cache (one byte a cached value)
     one = torch.ones((), device=DEV)
     args, _ = paged(32, 1, [4095] * 32, hq=hq, hkv=hkv, d=d)
-    fp8_args = (args[0], args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn), *args[3:7], window, *args[8:])
+    k8, v8 = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
+    fp8_args = (args[0], k8, v8, *args[3:7], window, *args[8:])
     bench("gpt-oss attention decode sinks bs32 ctx4096 window 128 fp8 KV",
           lambda *a: attn(*a, k_scale=one, v_scale=one, sinks=sinks), None, fp8_args,
           32 * window * hkv * d * 2 + 2 * 32 * hq * d * 2, 4 * 32 * hq * d * window)

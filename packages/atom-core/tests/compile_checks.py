@@ -43,8 +43,9 @@ def _has_fp8(args) -> bool:
 def check_custom_op(op: str, backend: str, device: str, dtype=torch.float32, compile_backend="aot_eager",
                     static: dict | None = None) -> None:
     """opcheck (schema with its mutations, fake vs real shapes/dtypes/strides, AOT dispatch with dynamic
-    shapes) on the op's example inputs (for a layer with `static` properties, e.g. sinks or an FP8 KV cache),
-    then resolve(op, backend) compiled with fullgraph=True must equal eager, outputs and in-place writes alike."""
+    shapes) on the op's example inputs (for a layer with `static` properties, e.g. sinks or an FP8 KV
+    cache), then resolve(op, backend) compiled with fullgraph=True must equal eager, outputs and in-place
+    writes alike."""
     impl = registry.implementation(op, backend)
     opdef = registry.op_def(op)
     calls = opdef.example(CheckInputs(dtype, torch.device(device)), {**SMALL, **(static or {})})

@@ -82,7 +82,8 @@ class AtomAttnBackend(AttentionBackend):
         self._scales = self._kv_scales(model_runner) if self.fp8_kv else {}
         self._static = {"kv_cache_dtype": self.kv_dtype} if self.fp8_kv else {}
         self._dtype = getattr(model_runner, "dtype", None)
-        self._attend = resolve("paged_attention", dtype=self._dtype, device=self.device, static=self._static or None)
+        self._attend = resolve("paged_attention", dtype=self._dtype, device=self.device,
+                               static=self._static or None)
         self._attend_sinks = None  # resolved on the first layer with sinks (AITER's kernels have none)
         logger.info("ATOM attention backend: paged_attention from %s", self._attend.__module__)
         self.forward_metadata: AtomForwardMetadata | None = None

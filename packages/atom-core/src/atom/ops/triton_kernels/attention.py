@@ -85,7 +85,8 @@ def _softcapped(s, softcap):
 @triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, block_size, tokens_per_split, num_heads,
+    k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, block_size, tokens_per_split,
+    num_heads,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
