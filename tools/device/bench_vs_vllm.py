@@ -3,6 +3,7 @@
 
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b [--engines atom,vllm,atom-vllm] [--budget-s 500]
       [--tp 2 [--ep]]   (tensor / expert parallel over the first N GPUs, the same for every engine)
+  bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 --engines atom,vllm,atom-base
 
 (the .sh sets up /tmp/site first; tools/device/README.md has the whole sequence of device calls.)
 For each shape: one config-only checkpoint (atom_server.bench.preset_checkpoint) shared by the engines,
@@ -10,6 +11,9 @@ then each engine in its own process, one after the other, under a time budget:
   atom       atom-server's offline engine (`python -m atom_server.bench_cli throughput`)
   vllm       vLLM's built-in model (tools/device/vllm_throughput.py, ATOM_DISABLE_VLLM_PLUGIN=1)
   atom-vllm  vLLM running ATOM's model through the atom-vllm plugin (the same script, plugin on)
+  atom-base  atom-server without --quantization / --kv-cache-dtype (ATOM's bf16 next to its FP8 run)
+--quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
+at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
 Writes $OUT/bench_<shape>_<HHMMSS>.json (after every engine, so a cut-off call keeps what finished)
 and the matching .log, and prints the table of make_table.py.
 """
@@ -121,12 +125,17 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
               "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json,
               "--tensor-parallel-size", str(ns.tp)] + (["--enable-expert-parallel"] if ns.ep else [])
     env = dict(os.environ)
-    if engine == "atom":
+    quant = []
+    if engine != "atom-base":
+        quant += ["--quantization", ns.quantization] if ns.quantization else []
+        quant += ["--kv-cache-dtype", ns.kv_cache_dtype] if ns.kv_cache_dtype != "auto" else []
+    if engine in ("atom", "atom-base"):
         cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
-               "dummy", "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *ns.atom_args.split()]
+               "dummy", "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant,
+               *ns.atom_args.split()]
     else:
         cmd = [sys.executable, os.path.join(HERE, "vllm_throughput.py"), "--model", model,
-               "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *ns.vllm_args.split()]
+               "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant, *ns.vllm_args.split()]
         if engine == "vllm":
             env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"
         else:
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=500, help="stop starting engines past this many seconds")
     p.add_argument("--engine-timeout-s", type=float, default=240, help="most seconds one engine may take")
     p.add_argument("--min-engine-s", type=float, default=90, help="skip an engine with less time than this left")
+    p.add_argument("--quantization", default=None, help="fp8: every engine but atom-base quantizes at load time")
+    p.add_argument("--kv-cache-dtype", default="auto", help="fp8: every engine but atom-base stores an FP8 KV cache")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
@@ -169,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         par = (f"_tp{ns.tp}" if ns.tp > 1 else "") + ("_ep" if ns.ep else "")
         bench = dict(shape=shape + par, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
                      date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
-                     dtype=ns.dtype, config=config, tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
+                     dtype=ns.dtype, config=config, quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
+                     tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
                      command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
                      engines={})
-        stem = f"bench_{shape}{par}_{time.strftime('%H%M%S')}"  # two calls on one shape keep both files
+        variant = make_table.variant(bench)
+        variant = "_" + variant if variant else ""
+        stem = f"bench_{shape}{par}{variant}_{time.strftime('%H%M%S')}"  # calls keep their files
         path = os.path.join(ns.out, stem + ".json")
         with open(os.path.join(ns.out, stem + ".log"), "w") as log:
             for engine in ns.engines.split(","):
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
                     rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
                 rep["took_s"] = took
-                if engine != "atom":
+                if engine not in ("atom", "atom-base"):
                     rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
                 bench["engines"][engine] = rep
                 with open(path, "w") as f:

@@ -9,6 +9,7 @@ the torch reference's median time on the same inputs. Inputs are random, never z
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import json
 
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip timing the torch references")
     ap.add_argument("--moe-only", action="store_true", help="only the MoE rows and tile sweeps")
     ap.add_argument("--gpt-oss-only", action="store_true", help="only the GPT-OSS rows (sinks, MXFP4 experts)")
+    ap.add_argument("--fp8-only", action="store_true", help="only the FP8 rows (GEMM, MoE, KV cache) and sweeps")
     ap.add_argument("--mla-only", action="store_true", help="only the MLA and grouped-routing rows")
     opts = ap.parse_args()
     torch.manual_seed(0)
@@ -103,6 +105,11 @@ def main() -> None:
         gpt_oss_rows(bench)
         rows_out(rows, bw, opts)
         return
+    if opts.fp8_only:
+        fp8_rows(bench, opts)
+        rows_out(rows, bw, opts)
+        return
+
     T = 4096
     if opts.mla_only:
         mla_rows(bench, T)
@@ -205,6 +212,8 @@ def main() -> None:
         rows_out(rows, bw, opts)
         return
 
+    fp8_rows(bench, opts)
+
     B, V = 128, 151936
     lg = torch.randn(B, V, device=DEV) * 4
     ones = torch.ones(B, device=DEV)
@@ -242,6 +251,14 @@ def gpt_oss_rows(bench) -> None:
     pairs = 4 * sum(min(1024 + i + 1, window) for i in range(1024))
     bench("gpt-oss attention prefill sinks bs4 q1024 ctx1024 window 128",
           lambda *a: attn(*(a[:7]), window, *a[8:], sinks=sinks), None, args, 0, 4 * pairs * hq * d)
+    # sinks over an FP8 KV cache (one byte a cached value)
+    one = torch.ones((), device=DEV)
+    args, _ = paged(32, 1, [4095] * 32, hq=hq, hkv=hkv, d=d)
+    k8, v8 = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
+    fp8_args = (args[0], k8, v8, *args[3:7], window, *args[8:])
+    bench("gpt-oss attention decode sinks bs32 ctx4096 window 128 fp8 KV",
+          lambda *a: attn(*a, k_scale=one, v_scale=one, sinks=sinks), None, fp8_args,
+          32 * window * hkv * d * 2 + 2 * 32 * hq * d * 2, 4 * 32 * hq * d * window)
 
     E, K, H, I = 32, 4, 2880, 2880
     op = resolve("fused_experts_swigluoai", "triton")
@@ -278,6 +295,105 @@ def gpt_oss_rows(bench) -> None:
         bench(f"  sweep MXFP4 per-pair T1 {tile}", op, None,
               (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2), K * mxfp4_expert_bytes)
     tk_oai.PAIR_TILE_OVERRIDE = None
+
+
+# qwen3-8b GEMMs (N, K): fused qkv, o, fused gate|up, down
+FP8_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+
+
+def fp8_rows(bench, opts) -> None:
+    """FP8 rows: the 8b GEMMs at decode and prefill sizes (with cuBLAS bf16 on the same shape as the
+    baseline to beat), the activation quantization kernels, the 30b-a3b experts, attention over an FP8 KV
+    cache. Bytes = the FP8 weight (+ scales) read once + activations in and out: the bandwidth roofline of
+    a weight-streaming GEMM. Sweeps: ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,
+    "num_stages":4,"split_k":4}, ...]' at ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes."""
+    import torch.nn.functional as F
+
+    from atom.ops import quant_fp8 as Q
+    from atom.ops.triton_kernels import quant_fp8 as tk_fp8
+
+    lin = resolve("fp8_linear", "triton")
+    weights = {}
+    for proj, (n, k) in FP8_LINEARS.items():
+        w = rnd(n, k, scale=k**-0.5)
+        weights[proj] = dict(bf16=w, block=Q.quantize_weight_fp8(w, "block"), channel=Q.quantize_weight_fp8(w, "channel"))
+    for proj, (n, k) in FP8_LINEARS.items():
+        for m in (1, 4, 16, 32, 64, 128, 1024):
+            x = rnd(m, k)
+            for layout in ("block", "channel") if m in (1, 16, 128) else ("block",):
+                q, s = weights[proj][layout]
+                block = [128, 128] if layout == "block" else None
+                nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
+                bench(f"fp8_linear 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
+            bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
+                  2 * n * k + 2 * m * (k + n), 2 * m * n * k)
+    # fused activation quantization (the GEMM's prologue) against a separate quantization kernel
+    for m in (1, 4, 16):
+        n, k = FP8_LINEARS["o"]
+        x = rnd(m, k)
+        fused = (tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M)
+        tk_fp8.FUSED_QUANT_MAX_M = tk_fp8.FUSED_TOKEN_QUANT_MAX_M = 0
+        for layout in ("block", "channel"):
+            q, s = weights["o"][layout]
+            bench(f"  separate quant kernel: fp8_linear o M{m} {layout}", lin, None,
+                  (x, q, s, None, [128, 128] if layout == "block" else None), n * k + 2 * m * (k + n))
+        tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M = fused
+    sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []
+    for m in [int(v) for v in os.environ.get("ATOM_FP8_SWEEP_M", "1,16,128").split(",")] if sweep else []:
+        for proj in ("o", "down"):
+            n, k = FP8_LINEARS[proj]
+            q, s = weights[proj]["block"]
+            x = rnd(m, k)
+            for tile in sweep:
+                tk_fp8.GEMM_TILE_OVERRIDE = tile
+                bench(f"  sweep fp8_linear {proj} M{m} {tile}", lin, None, (x, q, s, None, [128, 128]),
+                      n * k + 2 * m * (k + n))
+            tk_fp8.GEMM_TILE_OVERRIDE = None
+    for m, k in ((1, 4096), (128, 4096), (4096, 4096), (4096, 12288)):
+        x = rnd(m, k)
+        bench(f"fp8_quant_group M{m} K{k}", resolve("fp8_quant_group", "triton"), Q.per_token_group_quant_fp8,
+              (x,), m * k * 3 + m * (k // 128) * 4)
+        bench(f"fp8_quant_token M{m} K{k}", resolve("fp8_quant_token", "triton"), Q.per_token_quant_fp8, (x,),
+              m * k * 3 + m * 4)
+
+    E, K, Hm, Im = 128, 8, 2048, 768
+    experts = resolve("fp8_fused_experts", "triton")
+    float_experts = resolve("fused_experts", "triton")
+    w13, w2 = rnd(E, 2 * Im, Hm, scale=Hm**-0.5), rnd(E, Hm, Im, scale=Im**-0.5)
+    fp8_w = {}
+    for layout in ("block", "channel"):
+        q13, s13, q2, s2 = [], [], [], []
+        for e in range(E):
+            parts = [Q.quantize_weight_fp8(w13[e, j * Im:(j + 1) * Im], layout) for j in (0, 1)]
+            q13.append(torch.cat([p[0] for p in parts]))
+            s13.append(torch.cat([p[1] for p in parts]))
+            a, b = Q.quantize_weight_fp8(w2[e], layout)
+            q2.append(a)
+            s2.append(b)
+        fp8_w[layout] = (torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
+    for tokens in (1, 2, 4, 32, 128, 1024):
+        xm = rnd(tokens, Hm)
+        tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
+        touched = int(torch.unique(tid).numel())
+        for layout in ("block", "channel"):
+            q13, q2, s13, s2 = fp8_w[layout]
+            nbytes = touched * 3 * Hm * Im + 2 * tokens * Hm * 2
+            bench(f"fp8_fused_experts 30b-a3b T{tokens} ({touched} experts) {layout}", experts, None,
+                  (xm, q13, q2, s13, s2, tw, tid, "silu", [128, 128] if layout == "block" else None), nbytes,
+                  2 * tokens * K * 3 * Hm * Im)
+        bench(f"  bf16 fused_experts 30b-a3b T{tokens}", float_experts, None, (xm, w13, w2, tw, tid),
+              touched * 3 * Hm * Im * 2 + 2 * tokens * Hm * 2, 2 * tokens * K * 3 * Hm * Im)
+
+    attn = resolve("paged_attention", "triton")
+    one = torch.ones((), device=DEV)
+    for batch, ctx in ((1, 4096), (32, 4096), (128, 4096)):
+        args, nbytes = paged(batch, 1, [ctx - 1] * batch)
+        q, kc, vc, *rest = args
+        fp8_args = (q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), *rest)
+        kv_bytes = (nbytes - 2 * q.numel() * 2) // 2
+        attn_fp8 = functools.partial(attn, k_scale=one, v_scale=one)
+        bench(f"paged_attention decode bs{batch} ctx{ctx} fp8 KV", attn_fp8, None, fp8_args,
+              kv_bytes + 2 * q.numel() * 2, 4 * batch * 32 * 128 * ctx)
 
 
 def mla(batch, q_len, ctx, heads=16, lora=512, rope=64, nope=128, v=128, bs=16):

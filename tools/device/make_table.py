@@ -20,50 +20,74 @@ import os
 import sys
 from typing import Any
 
-ENGINES = ("atom", "vllm", "atom-vllm")
-LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM"}
+ENGINES = ("atom", "vllm", "atom-vllm", "atom-base")
+LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16"}
 # PERF.md (H100 80GB, 2,970 GB/s): batch-1 decode roofline in ms/step, for reference next to this device's.
 PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.05}
 
 
-def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2) -> float:
+def variant(bench: dict[str, Any]) -> str:
+    """'' for the bf16 runs; e.g. 'fp8-kvfp8' for --quantization fp8 --kv-cache-dtype fp8 (its own table rows)."""
+    parts = []
+    if bench.get("quantization"):
+        parts.append(str(bench["quantization"]))
+    if bench.get("kv_cache_dtype") not in (None, "auto"):
+        parts.append("kv" + str(bench["kv_cache_dtype"]).replace("_", ""))
+    return "-".join(parts)
+
+
+def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2, weight_bytes: float | None = None,
+               kv_bytes: float | None = None) -> float:
     """Bytes one decode step reads: every weight but the input embedding (a gather of `batch` rows), the
     experts that `batch` tokens routed at random touch (E * (1 - (1 - k/E)^batch) per layer), and the K and
-    V cache of `batch` sequences of `context` tokens."""
+    V cache of `batch` sequences of `context` tokens. weight_bytes / kv_bytes: bytes per element of the
+    decoder layers' linear weights (1 for FP8, plus its float32 per-channel scales) and of the KV cache; the
+    LM head, norms and routers stay at dtype_bytes. MXFP4 experts (GPT-OSS's quantization_config) count
+    17/32 byte a weight whatever weight_bytes is; sliding-window layers read at most their window of KV."""
+    weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
+    kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
     if cfg.get("kv_lora_rank"):  # DeepSeek-V2/V3: MLA + DeepSeekMoE
-        return mla_step_bytes(cfg, batch, context, dtype_bytes)
+        return mla_step_bytes(cfg, batch, context, dtype_bytes, weight_bytes, kv_bytes)
     h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
     attn = h * heads * hd * 2 + h * kv * hd * 2  # q and o, k and v
-    expert_bytes = 0.0
+    attn_rows = heads * hd + 2 * kv * hd + h  # output channels of qkv and o (one float32 scale each, FP8)
+    scale = 4 if weight_bytes < dtype_bytes else 0
+    router, expert_bytes = 0, 0.0
     experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     if experts:
         e, k = experts, cfg["num_experts_per_tok"]
         touched = e * (1 - (1 - k / e) ** batch)
         inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-        mlp = h * e
+        router = h * e
         if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":  # 4 bits + a scale byte per 32
+            mlp, mlp_rows = 0, 0
             expert_bytes = layers * touched * 3 * h * inter * (0.5 + 1 / 32)
         else:
-            mlp += touched * 3 * h * inter
+            mlp, mlp_rows = touched * 3 * h * inter, touched * (2 * inter + h)
     else:
-        mlp = 3 * h * cfg["intermediate_size"]
-    weights = layers * (attn + mlp) + v * h  # the lm head (the tied embedding is read once, as the head)
+        mlp, mlp_rows = 3 * h * cfg["intermediate_size"], 2 * cfg["intermediate_size"] + h
+    linear = layers * ((attn + mlp) * weight_bytes + (attn_rows + mlp_rows) * scale) + expert_bytes
+    other = (layers * router + v * h) * dtype_bytes  # routers, the lm head (a tied embedding is read once, as the head)
     # sliding-window layers (GPT-OSS: every other one) read at most their window
     types = cfg.get("layer_types") or ["full_attention"] * layers
     if cfg.get("model_type") == "gpt_oss" and not cfg.get("layer_types"):  # its config's default
         types = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
     window = cfg.get("sliding_window") or context
     seen = sum(min(context, window) if t == "sliding_attention" else context for t in types)
-    kv_cache = batch * seen * 2 * kv * hd
-    return (weights + kv_cache) * dtype_bytes + expert_bytes
+    kv_cache = batch * seen * 2 * kv * hd * kv_bytes
+    return linear + other + kv_cache
 
 
-def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2) -> float:
+def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2,
+                   weight_bytes: float | None = None, kv_bytes: float | None = None) -> float:
     """step_bytes of a DeepSeek-V2/V3 model: MLA's projections (q or q_a/q_b, kv_a, kv_b, o), dense MLPs in the
     first_k_dense_replace layers, then per MoE layer the router, the shared experts and the routed experts
-    the batch touches; the latent cache (kv_lora_rank + qk_rope_head_dim values per token and layer)."""
+    the batch touches; the latent cache (kv_lora_rank + qk_rope_head_dim values per token and layer).
+    weight_bytes / kv_bytes as in step_bytes (FP8 scales not counted here)."""
+    weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
+    kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
     h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads, lora, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
     nope, vd, q_lora = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
@@ -73,14 +97,16 @@ def mla_step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes:
     e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     touched = e * (1 - (1 - k / e) ** batch)
     inter = cfg["moe_intermediate_size"]
-    moe = h * e + (touched + (cfg.get("n_shared_experts") or 0)) * 3 * h * inter
-    weights = layers * attn + dense * 3 * h * cfg["intermediate_size"] + (layers - dense) * moe + v * h
+    linear = layers * attn + dense * 3 * h * cfg["intermediate_size"] + (layers - dense) * (
+        (touched + (cfg.get("n_shared_experts") or 0)) * 3 * h * inter)
+    other = (layers - dense) * h * e + v * h  # routers, the lm head
     latent = batch * context * layers * (lora + rope)
-    return (weights + latent) * dtype_bytes
+    return linear * weight_bytes + other * dtype_bytes + latent * kv_bytes
 
 
-def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dtype_bytes: int = 2) -> float:
-    return step_bytes(cfg, batch, context, dtype_bytes) / (gbps * 1e9) * 1e3
+def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dtype_bytes: int = 2,
+                weight_bytes: float | None = None, kv_bytes: float | None = None) -> float:
+    return step_bytes(cfg, batch, context, dtype_bytes, weight_bytes, kv_bytes) / (gbps * 1e9) * 1e3
 
 
 def load(paths: list[str]) -> list[dict[str, Any]]:
@@ -96,11 +122,12 @@ def load(paths: list[str]) -> list[dict[str, Any]]:
 
 def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per shape: for each engine, the latest report that has runs (else the latest one)."""
-    by_shape: dict[str, dict[str, Any]] = {}
+    by_shape: dict[tuple[str, str], dict[str, Any]] = {}
     for b in sorted(benches, key=lambda b: (b.get("date", ""), b.get("time", ""))):
-        m = by_shape.setdefault(b["shape"], {**b, "engines": {}, "commands": []})
+        m = by_shape.setdefault((b["shape"], variant(b)), {**b, "engines": {}, "commands": []})
         m["commands"].append(b["command"])
-        for k in ("device", "bandwidth_gbps", "config", "dtype", "input_len", "output_len"):
+        for k in ("device", "bandwidth_gbps", "config", "dtype", "input_len", "output_len", "quantization",
+                  "kv_cache_dtype"):
             m[k] = b.get(k) if b.get(k) is not None else m.get(k)
         for e, rep in b["engines"].items():
             if rep.get("runs") or not m["engines"].get(e, {}).get("runs"):
@@ -121,7 +148,7 @@ def _f(x: float | None, fmt: str = ",.0f", suffix: str = "") -> str:
 def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for b in benches:
-        shape, gbps = b["shape"], b.get("bandwidth_gbps")
+        shape, gbps = b["shape"] + (f" {variant(b)}" if variant(b) else ""), b.get("bandwidth_gbps")
         runs = {e: _runs(b["engines"].get(e)) for e in ENGINES}
         for bs in sorted({bs for r in runs.values() for bs in r}):
             row: dict[str, Any] = dict(shape=shape, batch=bs)
@@ -133,10 +160,14 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             any_run = next(r[bs] for r in runs.values() if bs in r)
             context = any_run["input_len"] + any_run["output_len"] / 2
             nbytes = 4 if b.get("dtype") in ("float32", "float") else 2
+            wbytes = 1 if b.get("quantization") == "fp8" else None
+            kvbytes = 1 if str(b.get("kv_cache_dtype") or "auto").startswith("fp8") else None
             # tensor parallel: each of the N GPUs reads 1/N of the bytes, at the same time (collectives not counted)
             tp = b.get("tensor_parallel_size") or 1
-            row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes) / tp
+            row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes, wbytes, kvbytes) / tp
                               if gbps and b.get("config") else None)
+            base = runs["atom-base"].get(bs)
+            row["atom-base_tok_s"] = base["output_tok_s"] if base else None
             out.append(row)
     return out
 
@@ -161,6 +192,11 @@ def table(benches: list[dict[str, Any]]) -> str:
             _f(r["atom_ms_step"], ".2f"), _f(r["vllm_ms_step"], ".2f"), _f(r["atom-vllm_ms_step"], ".2f"),
             _f(r["roof_ms"], ".2f"), _share(r["roof_ms"], r["atom_ms_step"]), _share(r["roof_ms"], r["vllm_ms_step"]),
             _share(r["roof_ms"], r["atom-vllm_ms_step"]) + " |"]))
+    base = [r for r in rows(benches) if r.get("atom-base_tok_s")]
+    if base:
+        lines += ["", "| shape | batch | ATOM tok/s | ATOM bf16 tok/s (same call) | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['batch']} | {_f(r['atom_tok_s'])} | {_f(r['atom-base_tok_s'])} | "
+                  f"{_ratio(r['atom_tok_s'], r['atom-base_tok_s'])} |" for r in base]
     return "\n".join(lines)
 
 
@@ -198,6 +234,9 @@ def markdown(benches: list[dict[str, Any]]) -> str:
            f"- workload: random {first.get('input_len', 128)}-token prompts, {first.get('output_len', 128)} new "
            "tokens, greedy, EOS ignored, bf16, random weights (load_format=dummy), prefix caching off; per batch "
            "size one warm-up, then the median of 3 runs; tok/s = output tokens / end-to-end time",
+           "- rows marked fp8: --quantization fp8 (the random bf16 weights quantized at load time: ATOM per output "
+           "channel with per-token activations, vLLM 0.24 per tensor); kvfp8: --kv-cache-dtype fp8 (scales 1.0); "
+           "their roofline counts one byte per linear weight (+ float32 channel scales) and per KV element",
            f"- device-to-device copy rate measured in the same call(s): {', '.join(f'{g:,} GB/s' for g in gbps) or '-'}",
            "- roofline ms/step: bytes one decode step must read (weights without the input embedding, the experts "
            "a random batch touches, KV at the mean context) / that copy rate; % roof = roofline / measured ms/step. "

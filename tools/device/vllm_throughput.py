@@ -2,7 +2,7 @@
 """vLLM offline throughput, measured exactly as `atom bench throughput` measures ATOM.
 
   python3 tools/device/vllm_throughput.py --model DIR --batch-sizes 1,32,128 --output-json F [--enforce-eager]
-      [-tp N] [--enable-expert-parallel]
+      [--quantization fp8] [--kv-cache-dtype fp8] [-tp N] [--enable-expert-parallel]
 
 Random prompts of --input-len token ids, --output-len new tokens, greedy, EOS ignored. Per batch size:
 one warm-up run, then --num-iters prefill-only runs (max_tokens=1) and --num-iters full runs on fresh
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=None, help="default: input + output length (as ATOM)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None,
+                   help="vLLM's --quantization (fp8: vLLM 0.24 quantizes the dummy bf16 weights at load time)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype (auto, fp8, fp8_e4m3)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=ns.model, skip_tokenizer_init=True, load_format="dummy", dtype=ns.dtype, seed=ns.seed,
               max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
-              enable_prefix_caching=False, enforce_eager=ns.enforce_eager,
-              tensor_parallel_size=ns.tensor_parallel_size, enable_expert_parallel=ns.enable_expert_parallel)
+              enable_prefix_caching=False, enforce_eager=ns.enforce_eager, quantization=ns.quantization,
+              kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,
+              enable_expert_parallel=ns.enable_expert_parallel)
     init_s = time.perf_counter() - t0
     info = engine_info(llm)
     print("INFO", json.dumps(info), flush=True)

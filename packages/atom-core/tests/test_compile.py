@@ -24,8 +24,9 @@ def torch_backend_on_cpu(monkeypatch):
 
 
 def test_the_host_reading_references_are_custom_ops():
-    assert set(opaque_ops("torch")) == {"fused_experts", "fused_experts_swigluoai", "paged_attention",
-                                        "reshape_and_cache", "qk_norm_rope_cache", "mla_cache_write", "mla_prefill"}
+    assert set(opaque_ops("torch")) == {"fused_experts", "fused_experts_swigluoai", "fp8_fused_experts",
+                                        "paged_attention", "reshape_and_cache", "qk_norm_rope_cache",
+                                        "mla_cache_write", "mla_prefill"}
 
 
 @pytest.mark.parametrize("op", opaque_ops("torch"))
@@ -35,7 +36,7 @@ def test_torch_reference_custom_op(op):
 
 @pytest.mark.parametrize("op,static", VARIANTS, ids=[f"{op}-{'-'.join(s)}" for op, s in VARIANTS])
 def test_torch_reference_custom_op_with_optional_arguments(op, static):
-    """Attention sinks and MXFP4 scales: optional tensor arguments of the schema, set."""
+    """Attention sinks (over an FP8 KV cache too) and MXFP4 scales: optional tensor arguments of the schema, set."""
     check_custom_op(op, "torch", "cpu", static=static)
 
 
@@ -49,6 +50,12 @@ def test_gpt_oss_compiles_in_one_graph_on_the_torch_references(experts, tmp_path
     eager, compiled, model = compiled_model_logits(tmp_path / experts, "cpu", "aot_eager", decode_steps=2)
     assert {i.op for i in registry.resolved_impls(model)} >= {"fused_experts_swigluoai", "paged_attention"}
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache"])
+def test_torch_reference_custom_op_over_an_fp8_kv_cache(op):
+    """The schemas carry the optional k_scale / v_scale; fakes and compiled calls match eager on FP8 caches."""
+    check_custom_op(op, "torch", "cpu", static={"kv_cache_dtype": torch.float8_e4m3fn})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU torch references (the GPU test below covers GPUs)")

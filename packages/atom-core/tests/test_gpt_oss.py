@@ -101,9 +101,12 @@ def test_mxfp4_config_with_dense_experts_is_refused(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"experts\.\w+'? is dense, but the config declares the experts MXFP4"):
         load_model(str(tmp_path), dtype="float32", progress=False)
-    config["quantization_config"] = {"quant_method": "fp8"}
+    # a scheme that exists, with experts of its own that are not GPT-OSS's (FP8: plain SwiGLU experts)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="quant_method='fp8'"):
+    with pytest.raises(ValueError, match=r"GPT-OSS experts \(model\.layers\.0\.mlp\.experts\) with "
+                                         r"quant_method='fp8': that scheme gives Fp8MoEMethod, which does not "
+                                         "implement GPT-OSS's"):
         load_model(str(tmp_path), dtype="float32", progress=False)
     # a registered scheme whose MoE method is not GPT-OSS's (plain SwiGLU experts, no biases)
     import quant_schemes  # noqa: F401  registers atom_test_transposed

@@ -4,13 +4,15 @@ run tiny checkpoints with TP=2 and must give the TP=1 logits.
 Covers the sharded loaders of every layer kind (QKV with KV heads split and replicated, gate-up, row-parallel
 with its bias added after the all-reduce, experts sliced or, under expert parallelism, held whole by one rank,
 vocab-parallel embedding and LM head) and of the quantization seam's scale parameters (tests/quant_schemes.py:
-per-channel scales split across ranks, per-shard scales of merged layers).
+per-channel scales split across ranks, per-shard scales of merged layers; a block-FP8 checkpoint's weights and
+block scales).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -23,15 +25,21 @@ from quant_schemes import write_scaled_checkpoint
 from atom.distributed import SingleProcessGroup, TorchDistGroup, set_expert_parallel, set_tp_group
 from atom.loader import load_model
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
+import quantize_fp8  # noqa: E402
+
 PROMPTS = [[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]]
 FORCED = [[7, 8], [9, 10], [11, 12]]  # decode tokens fed after the prefill
-CASES = ("qwen3_moe", "llama_mqa_bias", "qwen3_moe_scaled", "qwen3_moe_ep")  # _ep: expert parallel
+CASES = ("qwen3_moe", "llama_mqa_bias", "qwen3_moe_scaled", "qwen3_moe_ep",  # _ep: expert parallel
+         "qwen3_moe_fp8_block", "qwen3_moe_fp8_block_ep")
 # q|k|v rows at TP=1 and on each of 2 ranks (head_dim 16): 4 heads + 2 KV heads split in two; for MQA the one
 # KV head is replicated on both ranks
-QKV_ROWS = {"qwen3_moe": (128, 64), "qwen3_moe_scaled": (128, 64), "llama_mqa_bias": (96, 64), "qwen3_moe_ep": (128, 64)}
+QKV_ROWS = {"qwen3_moe": (128, 64), "qwen3_moe_scaled": (128, 64), "llama_mqa_bias": (96, 64),
+            "qwen3_moe_ep": (128, 64), "qwen3_moe_fp8_block": (128, 64), "qwen3_moe_fp8_block_ep": (128, 64)}
 # experts x intermediate rows (gate|up) of layer 0's w13 on each rank: 4 experts of 32 sliced in two, or two
 # whole experts per rank under expert parallelism
-EXPERT_SHAPE = {"qwen3_moe": (4, 32), "qwen3_moe_scaled": (4, 32), "qwen3_moe_ep": (2, 64)}
+EXPERT_SHAPE = {"qwen3_moe": (4, 32), "qwen3_moe_scaled": (4, 32), "qwen3_moe_ep": (2, 64),
+                "qwen3_moe_fp8_block": (4, 32), "qwen3_moe_fp8_block_ep": (2, 64)}
 
 
 def _write(root) -> dict[str, str]:
@@ -53,6 +61,10 @@ def _write(root) -> dict[str, str]:
         hf.save_pretrained(paths[name])
     write_scaled_checkpoint(paths["qwen3_moe"], paths["qwen3_moe_scaled"])
     paths["qwen3_moe_ep"] = paths["qwen3_moe"]
+    # 16x16 block FP8 (tools/quantize_fp8.py): each rank's slice of every shard is whole blocks, and its
+    # activation groups (1 x 16) fall within its input slice, so TP=2 quantizes exactly as TP=1
+    quantize_fp8.quantize_checkpoint(paths["qwen3_moe"], paths["qwen3_moe_fp8_block"], "fp8-block", (16, 16))
+    paths["qwen3_moe_fp8_block_ep"] = paths["qwen3_moe_fp8_block"]  # FP8 experts skip other ranks' (id -1)
     return paths
 
 
@@ -95,7 +107,9 @@ def test_tp2_over_torch_distributed_matches_tp1(tmp_path):
     paths = _write(tmp_path)
     set_tp_group(SingleProcessGroup())
     expected = {name: _run(path) for name, path in paths.items() if not name.endswith("_ep")}
-    expected["qwen3_moe_ep"] = expected["qwen3_moe"]
+    for name in CASES:
+        if name.endswith("_ep"):
+            expected[name] = expected[name.removesuffix("_ep")]
     mp.spawn(_worker, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2, join=True)
     for name in CASES:
         for rank in range(2):

@@ -85,6 +85,30 @@ def test_registered_attention_op_passes_sinks():
     assert (out - without).abs().max() > 1e-3  # the sinks are not a no-op
 
 
+@pytest.mark.parametrize("name", ["decode_split", "decode_window_split", "prefill_prefix_window"])
+def test_paged_attention_sinks_over_an_fp8_kv_cache(name):
+    """Sinks and FP8 KV scales together (k_scale, v_scale, sinks by keyword): Triton and the torch reference
+    on the e4m3 cache both equal the torch reference on the dequantized float cache with the same sinks."""
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, splits = ATTN_CASES[name]
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size,
+                                                             torch.float32)
+    ks = torch.tensor(0.5, device=DEVICE)
+    vs = torch.tensor(2.0, device=DEVICE)
+    k8, v8 = (kc / ks).to(torch.float8_e4m3fn), (vc / vs).to(torch.float8_e4m3fn)
+    sinks = rand(hq, scale=2.0)
+    scale = head_dim**-0.5
+    args = (tables, qsl, lens, scale, window, None, max_q, max_l)
+    want = ref_attn.paged_attention(q, k8.float() * ks, v8.float() * vs, *args, sinks=sinks)
+    out = paged_attention_impl(q, k8, v8, *args, num_splits=splits, k_scale=ks, v_scale=vs, sinks=sinks)
+    check(f"paged_attention sinks fp8 KV {name}", out, want, TOL[torch.float32])
+    ref = ref_attn.paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs, sinks=sinks)
+    check(f"paged_attention sinks fp8 KV {name} (torch)", ref, want, TOL[torch.float32])
+    no_sinks = ref_attn.paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs)
+    assert (out - no_sinks).abs().max() > 1e-3  # the sinks are not dropped on the FP8 path
+
+
 # ---------------------------------------------------------------- GPT-OSS experts
 def _mxfp4_weights(experts: int, rows: int, cols: int, scale_range: tuple[int, int]):
     """Random packed codes (all 16 E2M1 values) with random E8M0 scales: the kernels' decoding is checked

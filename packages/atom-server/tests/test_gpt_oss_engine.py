@@ -102,6 +102,31 @@ def test_greedy_matches_transformers(experts, windowed, checkpoints):
         assert len(engine.block_manager.window_pool.free) == runner.num_window_blocks  # all given back
 
 
+def test_fp8_kv_cache_in_both_pools(checkpoints):
+    """--kv-cache-dtype fp8 with the window pool: the sliding-window layer's pool is FP8 too (one byte a
+    value), and the greedy tokens equal those of the same FP8 cache at full length
+    (--disable-hybrid-kv-cache-manager): keeping only the window changes nothing on an FP8 cache either,
+    prefix-cache hit included."""
+    path, _ = checkpoints["dense"]
+    prompts = [{"prompt_token_ids": p} for p in checkpoints["prompts"]]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    tokens = {}
+    for windowed in (True, False):
+        llm = LLM(path, kv_cache_dtype="fp8", disable_hybrid_kv_cache_manager=not windowed, **ENGINE)
+        engine = llm.llm_engine
+        runner = engine.runner
+        assert {c.k.dtype for c in runner.kv_caches} == {torch.float8_e4m3fn}
+        if windowed:
+            spec = runner.model.model.layers[0].self_attn.attn.impl.kv_cache_spec
+            assert runner.kv_window == WINDOW and runner.num_window_blocks > 0
+            assert runner.window_block_bytes == 2 * BLOCK * spec.num_kv_heads * spec.head_dim  # k and v, e4m3
+        outs = llm.generate(prompts[:-1], params, use_tqdm=False)
+        again = llm.generate(prompts[-1:], params, use_tqdm=False)
+        assert engine.stats()["prefix_cache_hits"] > 0
+        tokens[windowed] = [o.outputs[0].token_ids for o in outs + again]
+    assert tokens[True] == tokens[False]
+
+
 def _generate(path, prompts, monkeypatch, mode: str, record: list | None = None):
     monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off" if mode == "eager" else "static")
     monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "1" if mode == "async" else "0")

@@ -2,13 +2,23 @@
 
 With ATOM_SGL_DUMP_LOGITS=FILE, every next-token logits tensor one_batch computes (each extend, then each
 decode step, in order) is saved to FILE with torch.save, for a logit comparison against transformers
-(tools/device/sglang_gpu.py), with whether that forward replayed a CUDA graph. The wraps only copy what
+(tools/device/sglang_gpu.py), with whether that forward replayed a CUDA graph, and with ATOM_SGL_DUMP_KV=1 the
+KV pool's state (dtype, layers' KV scales, layer 0's stored keys; small pools only). The wraps only copy what
 one_batch's functions return; one_batch runs unchanged.
 """
 
 import os
 
 from atom_sglang.plugin import register
+
+
+def _kv_state(model_runner) -> dict:
+    """The KV pool's dtype, each attention layer's checkpoint KV scales (None: none loaded) and layer 0's keys
+    as the pool stores them (float32 of the stored entries: FP8 pools hold k / k_scale)."""
+    pool = model_runner.token_to_kv_pool
+    scales = {m.layer_id: (m.k_scale_float, m.v_scale_float) for m in model_runner.model.modules()
+              if hasattr(m, "k_scale_float") and hasattr(m, "layer_id")}
+    return {"dtype": str(pool.dtype), "scales": scales, "k0": pool.get_key_buffer(0).detach().float().cpu()}
 
 
 def _record_logits(path: str) -> None:
@@ -33,21 +43,22 @@ def _record_logits(path: str) -> None:
 
         model_runner.forward, model_runner._atom_watched = forward_and_note, True
 
-    def save(kind: str, logits) -> None:
+    def save(kind: str, logits, model_runner) -> None:
         calls.append({"kind": kind, "logits": logits.detach().float().cpu(),
-                      "graph": graph_flags[-1] if graph_flags else False})
+                      "graph": graph_flags[-1] if graph_flags else False,
+                      "kv": _kv_state(model_runner) if os.environ.get("ATOM_SGL_DUMP_KV") == "1" else None})
         torch.save(calls, path)
 
     def extend_and_record(reqs, model_runner):
         watch(model_runner)
         ids, logits, batch = extend(reqs, model_runner)
-        save("extend", logits)
+        save("extend", logits, model_runner)
         return ids, logits, batch
 
     def decode_and_record(input_token_ids, batch, model_runner):
         watch(model_runner)
         ids, logits = decode(input_token_ids, batch, model_runner)
-        save("decode", logits)
+        save("decode", logits, model_runner)
         return ids, logits
 
     one_batch.extend, one_batch.decode = extend_and_record, decode_and_record

@@ -49,15 +49,23 @@ def test_registry_resolves_atom_class(arch):
     assert cls.__module__.startswith("atom_sglang.models."), cls
 
 
-def test_quantized_checkpoint_is_refused():
+def test_quantization_goes_through_atom_and_unknown_methods_are_refused(tmp_path):
+    from sglang.srt.layers.quantization.blockwise_int8 import BlockInt8Config
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+
+    from atom.quantization.fp8 import Fp8LinearMethod
     from atom_sglang.models.llama import LlamaForCausalLM
 
-    class FakeQuantConfig:  # stands for any SGLang QuantizationConfig; only its name is read
-        def get_name(self):
-            return "fp8"
-
-    with pytest.raises(NotImplementedError, match="quantized checkpoints"):
-        LlamaForCausalLM(config=CONFIGS["LlamaForCausalLM"](), quant_config=FakeQuantConfig())
+    # SGLang's --quantization fp8 on a float checkpoint: ATOM's online FP8 (its name picks ATOM's scheme)
+    write_checkpoint("LlamaForCausalLM", tmp_path)
+    publish_server_args(tmp_path, "atom")
+    model = LlamaForCausalLM(config=CONFIGS["LlamaForCausalLM"](), quant_config=Fp8Config())
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj.quant_method, Fp8LinearMethod)
+    with pytest.raises(NotImplementedError, match=r"cannot serve this quantized checkpoint.*'blockwise_int8' is not "
+                                                  r"supported by ATOM; supported: compressed-tensors, fp8"):
+        LlamaForCausalLM(config=CONFIGS["LlamaForCausalLM"](),
+                         quant_config=BlockInt8Config(is_checkpoint_int8_serialized=True, activation_scheme="dynamic",
+                                                      ignored_layers=None, weight_block_size=[128, 128]))
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -21,7 +21,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from tiny_checkpoints_vllm import ARCHS, GPT_OSS, make_checkpoint  # noqa: E402
+from tiny_checkpoints_vllm import ARCHS, GPT_OSS, make_checkpoint, make_fp8_checkpoints  # noqa: E402
 
 ENGINE_TIMEOUT_S = 900
 ON_GPU = torch.cuda.is_available()
@@ -43,8 +43,13 @@ def vllm_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The float checkpoints of each architecture, plus FP8 ones written by tools/quantize_fp8.py:
+    llama_fp8_kv (compressed-tensors with calibrated KV-cache scales: vLLM's CPU build runs it with its own
+    model) and qwen3_moe_fp8_block (128x128 blocks: vLLM's CPU build has no kernel for those nor for FP8 MoE)."""
     root = tmp_path_factory.mktemp("ckpt")
-    return {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS + GPT_OSS}
+    out = {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS + GPT_OSS}
+    out.update(make_fp8_checkpoints(out, root))
+    return out
 
 
 def _start_offline(paths: list[str], log_path: str, **env: str) -> subprocess.Popen:
@@ -122,8 +127,9 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     """
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
+    fp8 = [checkpoints["llama_fp8_kv"] + "@bf16"]  # vLLM's FP8 needs bf16/fp16 activations
     extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
-             checkpoints["deepseek_v3"] + "@compile"]
+             checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3_moe_fp8_block"] + "@bf16@kvfp8"]
     if TP2:
         extra.append(checkpoints["qwen3_moe"] + "@tp2")
     gpt_oss = [checkpoints["gpt_oss"] + "@block32"]
@@ -132,9 +138,11 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
-    atom = _start_offline(eager + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    builtin = _start_offline(eager + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
+    atom = _start_offline(eager + fp8 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
+                          VLLM_CPU_OMP_THREADS_BIND="nobind")
+    builtin = _start_offline(eager + fp8 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
     runs = {"atom": _collect(atom, str(logs / "atom.log")), "builtin": _collect(builtin, str(logs / "builtin.log"))}
-    print(f"offline vLLM runs ({len(eager) + len(extra)} + {len(eager) + len(gpt_oss)} engines in 2 processes) "
+    print(f"offline vLLM runs ({len(eager) + len(fp8) + len(extra)} + {len(eager) + len(fp8) + len(gpt_oss)} engines "
+          "in 2 processes) "
           f"took {time.monotonic() - t0:.0f} s")
     return runs

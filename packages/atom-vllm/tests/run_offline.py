@@ -1,12 +1,14 @@
 """Run offline vLLM greedy generation over checkpoints; print one JSON line per run.
 
-Usage: python run_offline.py SPEC [SPEC...]   where SPEC = CKPT[@compile][@tp2][@bf16][@block32]
+Usage: python run_offline.py SPEC [SPEC...]
+  where SPEC = CKPT[@compile][@tp2][@bf16][@block32][@kvfp8]
   @compile: vLLM's compilation on (enforce_eager=False; set VLLM_CPU_CI_ENV=1 on CPU for Dynamo + eager
             backend instead of Inductor); @tp2: tensor_parallel_size=2; @bf16: dtype bfloat16 (else
-            $ATOM_TEST_DTYPE, default float32); @block32: KV blocks of 32 tokens (else vLLM's default,
-            128 on CPU).
+            $ATOM_TEST_DTYPE, default float32; vLLM's FP8 needs bf16); @block32: KV blocks of 32 tokens
+            (else vLLM's default, 128 on CPU); @kvfp8: kv_cache_dtype="fp8".
 The environment decides whether ATOM's plugin is on. Each line: "RESULT " + {"spec", "model_class"
-(module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts"}.
+(module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts", "gaps" (top-2
+logprob gap of each generated token), "kv": (dtype of vLLM's KV cache, k_scale of every attention layer)}.
 """
 
 from __future__ import annotations
@@ -33,22 +35,38 @@ def _expert_dtype(model) -> str | None:
     return next((str(p.dtype) for n, p in model.named_parameters() if n.endswith("experts.w13_weight")), None)
 
 
+def _kv(model) -> tuple[str, list[float]]:
+    layers = [m for m in model.modules() if hasattr(m, "_k_scale_float") and hasattr(m, "kv_cache_dtype")]
+    return (layers[0].kv_cache_dtype if layers else "none"), [float(m._k_scale_float) for m in layers]
+
+
+def _gaps(output) -> list[float]:
+    gaps = []
+    for step in output.logprobs or []:
+        top = sorted((lp.logprob for lp in step.values()), reverse=True)
+        gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+    return gaps
+
+
 def run(spec: str, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
     path, *opts = spec.split("@")
     dtype = "bfloat16" if "bf16" in opts else dtype
+    extra = {"kv_cache_dtype": "fp8"} if "kvfp8" in opts else {}
     share = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE")  # on a GPU shared with other engines (conftest.py)
-    extra = {"gpu_memory_utilization": float(share)} if share else {}
+    if share:
+        extra["gpu_memory_utilization"] = float(share)
     if "block32" in opts:
         extra["block_size"] = 32
     llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
               seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1, **extra)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = {"spec": spec, "model_class": llm.apply_model(_model_class),
               "expert_dtype": llm.apply_model(_expert_dtype),
-              "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
+              "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
+              "gaps": [_gaps(o.outputs[0]) for o in outs], "kv": llm.apply_model(_kv)[0]}
     del llm
     gc.collect()
     return result

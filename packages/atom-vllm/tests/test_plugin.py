@@ -92,17 +92,22 @@ def test_register_out_of_range_version_stays_off(fresh_registry, monkeypatch):
     assert fresh_registry.models == before
 
 
-def test_quantized_and_pipeline_parallel_refused():
+def test_quantization_mapped_through_atom_and_the_rest_refused():
     from vllm.config import ParallelConfig, VllmConfig
+    from vllm.model_executor.layers.quantization import get_quantization_config
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 
+    from atom.quantization.fp8 import Fp8Config as AtomFp8
     from atom_vllm.models import check_supported
 
     assert check_supported(VllmConfig()) is None
-    # Through ATOM's quantization registry, which has no fp8 scheme yet: refused, naming the method.
-    with pytest.raises(ValueError, match=r"cannot serve this quantized checkpoint.*quant_method='fp8' is not supported "
-                                         r"by ATOM.*ATOM_DISABLE_VLLM_PLUGIN=1"):
-        check_supported(VllmConfig(quant_config=Fp8Config()))
+    # vLLM's method name is looked up in ATOM's registry: fp8 without a checkpoint config is ATOM's online FP8
+    atom = check_supported(VllmConfig(quant_config=Fp8Config()))
+    assert isinstance(atom, AtomFp8) and atom.format.method == "fp8-online"
+    # a method ATOM lacks: refused, naming it and the way out
+    with pytest.raises(ValueError, match=r"cannot serve this quantized checkpoint.*quant_method='experts_int8' is not "
+                                         r"supported by ATOM; supported: compressed-tensors, fp8.*ATOM_DISABLE_VLLM_PLUGIN=1"):
+        check_supported(VllmConfig(quant_config=get_quantization_config("experts_int8")()))
     with pytest.raises(ValueError, match="pipeline parallelism"):
         check_supported(VllmConfig(parallel_config=ParallelConfig(pipeline_parallel_size=2)))
 

@@ -172,3 +172,19 @@ def _quantize_tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_fp8_checkpoints(floats: dict[str, str], root) -> dict[str, str]:
+    """FP8 versions of the float checkpoints, written by tools/quantize_fp8.py (tokenizer copied)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tools"))
+    import quantize_fp8
+
+    out = {"llama_fp8_kv": str(root / "llama_fp8_kv"), "qwen3_moe_fp8_block": str(root / "qwen3_moe_fp8_block")}
+    if not os.path.exists(os.path.join(out["llama_fp8_kv"], "config.json")):
+        quantize_fp8.quantize_checkpoint(floats["llama"], out["llama_fp8_kv"], "compressed-tensors",
+                                         kv_cache_scales=True)
+    if not os.path.exists(os.path.join(out["qwen3_moe_fp8_block"], "config.json")):
+        quantize_fp8.quantize_checkpoint(floats["qwen3_moe"], out["qwen3_moe_fp8_block"], "fp8-block", (128, 128))
+    return out

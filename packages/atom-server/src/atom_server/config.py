@@ -39,6 +39,8 @@ class EngineArgs:
     load_format: str = "auto"
     device: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only checkpoints)
+    quantization: str | None = None  # None: the checkpoint's quantization_config (if any); "fp8": quantize
+    kv_cache_dtype: str = "auto"  # auto | fp8 | fp8_e4m3
     generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
     cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
@@ -82,6 +84,16 @@ class EngineArgs:
             raise bad("dtype", "must be one of auto, float32, float16, bfloat16")
         if self.load_format not in LOAD_FORMATS:
             raise bad("load_format", "must be one of auto, safetensors, gguf, dummy")
+        if self.quantization is not None:
+            from atom.quantization import supported_quantizations
+
+            if self.quantization not in supported_quantizations():
+                raise bad("quantization", f"must be one of {', '.join(supported_quantizations())} (or left unset)")
+        from atom.loader.model_loader import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            extra = " (ATOM's FP8 KV cache is e4m3)" if self.kv_cache_dtype == "fp8_e5m2" else ""
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}{extra}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
             raise bad("max_logprobs", "must be -1 (no cap) or an integer >= 0")
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -110,6 +122,9 @@ class EngineArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        from atom.loader.model_loader import KV_CACHE_DTYPES
+        from atom.quantization import supported_quantizations
+
         d = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
         add = parser.add_argument
         add("--model", type=str, default=None,
@@ -175,6 +190,14 @@ class EngineArgs:
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "
                  "the API server; offline LLM and benchmarks: torch's own default)")
+        add("--quantization", "-q", type=str, default=None, choices=supported_quantizations(),
+            help="method used to quantize the weights (default: the checkpoint's quantization_config, if any, "
+                 "else unquantized in --dtype); fp8 on a float checkpoint quantizes its linear layers to FP8 "
+                 "(per output channel) at load time")
+        add("--kv-cache-dtype", type=str, default=d["kv_cache_dtype"], choices=KV_CACHE_DTYPES,
+            help="KV-cache storage; auto: the model's dtype (or FP8 when the checkpoint's quantization declares "
+                 "an FP8 KV cache); fp8 (= fp8_e4m3) stores e4m3 with per-tensor scales from the checkpoint "
+                 "(k_scale / v_scale), 1.0 otherwise: half the bytes of bf16, twice the blocks")
         return parser
 
     @classmethod

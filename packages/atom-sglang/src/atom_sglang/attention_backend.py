@@ -6,6 +6,8 @@ the rows of req_to_token are the block tables. So the backend writes K/V at `out
 pool and calls `resolve("paged_attention")` — the torch reference on CPU, ATOM's Triton/AITER kernels
 on GPUs (following ATOM_KERNEL_BACKEND). Attention sinks (GPT-OSS) come per call (`sinks=`, from the
 RadixAttention) and go to paged_attention's `sinks` argument, through an implementation that has them.
+With `--kv-cache-dtype fp8_e4m3` the pool holds e4m3 entries (k / k_scale with a checkpoint's per-tensor
+scales, else k); the op reads them with the same scales (sinks and an FP8 pool combine).
 
 SGLang's hybrid SWA pool (its default for GPT-OSS: a second, smaller pool for the sliding-window layers,
 reached through a full->SWA slot translation whose interface differs between 0.5.15 and 0.5.23) is
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from atom.layers.kv_cache import is_fp8
 from atom.ops.registry import resolve
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
@@ -71,12 +74,30 @@ class AtomAttnBackend(AttentionBackend):
                 "--disable-hybrid-swa-memory (one pool; the sliding-window layers read only their window), "
                 "or use another --attention-backend (e.g. triton)")
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
+        # --kv-cache-dtype fp8_e4m3: SGLang's pool holds fp8(k / k_scale) (a layer's checkpoint scale, else 1.0);
+        # ATOM's op reads it back with the same per-tensor scales, kept on the device from the start (CUDA
+        # graphs capture them as inputs).
+        self.kv_dtype = getattr(self.token_to_kv_pool, "dtype", None)
+        self.fp8_kv = self.kv_dtype is not None and is_fp8(self.kv_dtype)
+        self._scales = self._kv_scales(model_runner) if self.fp8_kv else {}
+        self._static = {"kv_cache_dtype": self.kv_dtype} if self.fp8_kv else {}
         self._dtype = getattr(model_runner, "dtype", None)
-        self._attend = resolve("paged_attention", dtype=self._dtype, device=self.device)
+        self._attend = resolve("paged_attention", dtype=self._dtype, device=self.device,
+                               static=self._static or None)
         self._attend_sinks = None  # resolved on the first layer with sinks (AITER's kernels have none)
         logger.info("ATOM attention backend: paged_attention from %s", self._attend.__module__)
         self.forward_metadata: AtomForwardMetadata | None = None
         self._graph: dict[str, torch.Tensor] | None = None
+
+    def _kv_scales(self, model_runner) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer id -> (k_scale, v_scale) device tensors of every attention layer with checkpoint scales."""
+        out = {}
+        model = getattr(model_runner, "model", None)
+        for m in model.modules() if model is not None else ():
+            if getattr(m, "k_scale_float", None) is not None and hasattr(m, "layer_id"):
+                out[m.layer_id] = tuple(torch.tensor(float(s), dtype=torch.float32, device=self.device)
+                                        for s in (m.k_scale_float, m.v_scale_float or m.k_scale_float))
+        return out
 
     # ---- metadata -------------------------------------------------------------------------------
 
@@ -157,8 +178,13 @@ class AtomAttnBackend(AttentionBackend):
             raise NotImplementedError(f"logit capping method {layer.logit_capping_method!r} is not supported")
         md = self.forward_metadata
         num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
+        scales = self._scales.get(layer.layer_id, (None, None))
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k, v)
+            if self.fp8_kv and layer.k_scale is not None:  # the pool divides k and v in place by the scales
+                self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k.clone(), v.clone(),
+                                                    layer.k_scale, layer.v_scale)
+            else:
+                self.token_to_kv_pool.set_kv_buffer(layer, _write_loc(forward_batch), k, v)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         # SGLang's window counts keys back from the query (i - j <= w); ATOM's counts keys seen (i - j < w).
@@ -168,7 +194,7 @@ class AtomAttnBackend(AttentionBackend):
         if sinks is not None:
             if self._attend_sinks is None:
                 self._attend_sinks = resolve("paged_attention", dtype=self._dtype, device=self.device,
-                                             static={"has_sinks": True})
+                                             static={**self._static, "has_sinks": True})
             attend = self._attend_sinks
         out = attend(
             q.reshape(-1, num_heads, head_dim),
@@ -182,6 +208,8 @@ class AtomAttnBackend(AttentionBackend):
             layer.logit_cap if layer.logit_cap and layer.logit_cap > 0 else None,
             md.max_query_len,
             md.max_seq_len,
+            k_scale=scales[0],
+            v_scale=scales[1],
             sinks=sinks,
         )
         return out.reshape(-1, num_heads * head_dim)

@@ -51,7 +51,11 @@ class SGLangGlm4MoeBackbone(SGLangBackboneMixin, Glm4MoeModel):
 
 
 def atom_quant_config(config, sglang_quant_config) -> QuantizationConfig | None:
-    """ATOM's scheme for SGLang's quantization (None: unquantized); NotImplementedError when ATOM has none."""
+    """ATOM's scheme for SGLang's quantization (None: unquantized); NotImplementedError when ATOM has none.
+
+    SGLang's method name (the checkpoint's quant_method or --quantization) picks ATOM's scheme, which reads the
+    checkpoint's own quantization_config (as in atom-vllm: the dict every host shares; SGLang's config objects
+    and layer methods are its own). `--quantization fp8` on a float checkpoint is ATOM's online FP8."""
     if sglang_quant_config is None:
         return None
     name = (sglang_quant_config.get_name() if hasattr(sglang_quant_config, "get_name")
@@ -62,8 +66,8 @@ def atom_quant_config(config, sglang_quant_config) -> QuantizationConfig | None:
         return quantization_config(name, raw, source="the checkpoint's quantization")
     except ValueError as e:
         raise NotImplementedError(
-            f"atom-sglang does not support these quantized checkpoints yet ({e}); unset "
-            "SGLANG_EXTERNAL_MODEL_PACKAGE to serve this checkpoint with SGLang's own model") from e
+            f"atom-sglang cannot serve this quantized checkpoint ({e}); unset "
+            "SGLANG_EXTERNAL_MODEL_PACKAGE to serve it with SGLang's own model") from e
 
 
 class SGLangModelMixin:

@@ -50,6 +50,14 @@ def _radix_class():
             # The model's parameter (it owns and loads it); not registered here, or it would be listed twice.
             object.__setattr__(self, "sinks", sinks)
 
+        def load_kv_scale(self, kind: str, value: float) -> None:
+            """A checkpoint's per-tensor FP8 KV-cache scale, where SGLang's backends look for it: `k_scale`
+            (a tensor; the pool divides by it when writing an FP8 cache) and `k_scale_float` (the kernels)."""
+            if kind not in ("k", "v"):
+                raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
+            setattr(self, f"{kind}_scale", torch.tensor(float(value), dtype=torch.float32))
+            setattr(self, f"{kind}_scale_float", float(value))
+
         def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch=None, **kwargs):
             forward_batch = forward_batch if forward_batch is not None else get_forward_context()
             if forward_batch is None:

@@ -10,12 +10,16 @@ FlashAttention 3 or Triton on Hopper).
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 import torch
 from torch import nn
 
 from atom.layers.attention import AttentionSpec
+
+logger = logging.getLogger("vllm.atom_vllm")
 
 
 def vllm_attention_cls() -> type[nn.Module]:
@@ -45,7 +49,9 @@ class VllmAttentionFactory:
         if sinks is not None:
             kwargs["sinks"] = sinks
         # Attention(q [T, H*D], k, v [T, Hkv*D]) -> [T, H*D]: the same contract as ATOM's impl modules.
-        return self.attention_cls(
+        # vLLM's cache_config carries --kv-cache-dtype; its quant_config gives the layer a KV-cache method
+        # (k_scale / v_scale parameters) for FP8 checkpoints, which vLLM's loader finalizes after loading.
+        layer = self.attention_cls(
             spec.num_heads,
             spec.head_dim,
             spec.scale,
@@ -55,3 +61,18 @@ class VllmAttentionFactory:
             prefix=spec.prefix,
             **kwargs,
         )
+        layer.load_kv_scale = functools.partial(load_kv_scale, layer)
+        return layer
+
+
+def load_kv_scale(layer: nn.Module, kind: str, value: float) -> None:
+    """A checkpoint's FP8 KV-cache scale (ATOM's loader found it under any of vLLM's spellings) into vLLM's
+    Attention: its `k_scale` / `v_scale` parameter, which vLLM's KV-cache method turns into the scales its
+    kernels read after loading. A layer without one (no KV-cache method for this quantization) ignores the
+    scale, as vLLM's own loader does."""
+    param = getattr(layer, f"{kind}_scale", None)
+    if isinstance(param, nn.Parameter):
+        param.data.fill_(value)
+    else:
+        logger.debug("%s: no %s_scale parameter (vLLM's quantization gives this layer no KV-cache method); "
+                     "checkpoint scale ignored", getattr(layer, "layer_name", "?"), kind)

@@ -25,7 +25,9 @@ An MLA implementation brings its own spec and builder the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +37,14 @@ from torch import nn
 
 from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
-                                  bind_kv_caches, kv_cache_layers)
+                                  bind_kv_caches, is_fp8, kv_cache_layers)
 from atom.ops.registry import resolve
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Attention", "AttentionFactory", "AttentionInputs", "AttentionMetadataBuilder", "AttentionSpec",
            "PagedAttention", "PagedAttentionMetadata", "PagedAttentionMetadataBuilder", "attention_specs",
-           "bind_kv_caches", "metadata_builder", "paged_attention_factory"]
+           "bind_kv_caches", "metadata_builder", "paged_attention_factory", "paged_attention_factory_for"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,9 @@ class PagedAttention(nn.Module):
 
     def __init__(self, spec: AttentionSpec, kv_cache_dtype: torch.dtype | None = None,
                  sinks: torch.Tensor | None = None):
-        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction).
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction); an
+        FP8 type (torch.float8_e4m3fn, or float8_e4m3fnuz on MI300) stores fp8(k / k_scale), fp8(v / v_scale)
+        with per-tensor scales from the checkpoint (load_kv_scale), else 1.0.
         sinks: the model's [num_heads] sink logits when spec.has_sinks."""
         super().__init__()
         self.spec = spec
@@ -143,10 +149,28 @@ class PagedAttention(nn.Module):
             SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
-        self._write = resolve("reshape_and_cache")
-        # sink layers ask for an implementation that has sinks (the AITER binding does not)
-        self._attend = resolve("paged_attention", static={"has_sinks": True} if sinks is not None else None)
-        self._prep = resolve("qk_norm_rope_cache")
+        # An FP8 cache is a build-time property of the ops (AITER's cache kernels do not take one yet); sink
+        # layers ask for an implementation that has sinks (the AITER binding does not).
+        static = {"kv_cache_dtype": dtype} if is_fp8(dtype) else {}
+        self._write = resolve("reshape_and_cache", static=static or None)
+        self._attend = resolve("paged_attention", static={**static, "has_sinks": True} if sinks is not None
+                               else static or None)
+        self._prep = resolve("qk_norm_rope_cache", static=static or None)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
+        entry = fp8(x / scale). Goes into the spec (what the host allocates from) and into a bound cache."""
+        if kind not in ("k", "v"):
+            raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
+        if not value > 0:
+            raise ValueError(f"{self.spec.prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must "
+                             "be positive")
+        if self.kv_cache_spec.dtype == torch.float8_e4m3fnuz:
+            value *= 2.0  # checkpoint scales are for e4m3fn (max 448); e4m3fnuz's values are worth half
+        self.kv_cache_spec = dataclasses.replace(self.kv_cache_spec, **{f"{kind}_scale": float(value)})
+        cache = self.kv_cache
+        if cache is not None and getattr(cache, f"{kind}_scale") is not None:
+            getattr(cache, f"{kind}_scale").fill_(value)
 
     def _context(self):
         md = get_forward_context()
@@ -169,7 +193,7 @@ class PagedAttention(nn.Module):
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
-        self._write(k, v, cache.k, cache.v, slots)
+        self._write(k, v, cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -181,7 +205,7 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
-                          cache.k, cache.v, slots)
+                          cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
 
     def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor) -> torch.Tensor:
@@ -190,12 +214,24 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len, md.max_seq_len, sinks=self.sinks)
+                           md.max_query_len, md.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
+                           sinks=self.sinks)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 
 def paged_attention_factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
     return PagedAttention(spec, sinks=sinks)
+
+
+def paged_attention_factory_for(kv_cache_dtype: torch.dtype | None) -> AttentionFactory:
+    """ATOM's paged attention with its cache in `kv_cache_dtype` (None: the model's dtype)."""
+    if kv_cache_dtype is None:
+        return paged_attention_factory
+
+    def factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
+        return PagedAttention(spec, kv_cache_dtype=kv_cache_dtype, sinks=sinks)
+
+    return factory
 
 
 def attention_specs(model: nn.Module) -> list[AttentionSpec]:
@@ -246,3 +282,19 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.impl(q, k, v)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's
+        implementation (its `load_kv_scale`); one without it ignores the scales (logged once), as vLLM does
+        for a layer that does not take them."""
+        load = getattr(self.impl, "load_kv_scale", None)
+        if load is not None:
+            load(kind, value)
+        elif not _warned_kv_scales:
+            _warned_kv_scales.append(type(self.impl).__name__)
+            logger.warning("the checkpoint has FP8 KV-cache scales (%s_scale of %s), but the attention "
+                           "implementation %s does not take them: ignored", kind, self.spec.prefix,
+                           type(self.impl).__name__)
+
+
+_warned_kv_scales: list[str] = []

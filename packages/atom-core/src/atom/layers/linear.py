@@ -12,7 +12,8 @@ slice of a checkpoint tensor into place, guided by attributes the method set on 
                 merged shards are stacked (None: not split by output)
   input_dim     dim that runs along input features: split across row-parallel ranks
   output_block / input_block
-                features per element along that dim (1 for weights; 128 for 128x128 block scales)
+                features per element along that dim (1 for weights; 128 for 128x128 block scales);
+                merged shards are stacked block by block (shard i at sum_{j<i} ceil(N_j / block))
   per_shard     dim 0 has one entry per merged shard (per-tensor scales): shard s loads into [s], whole
 Unmarked parameters (a scalar input scale) are copied whole.
 """
@@ -44,26 +45,33 @@ def _check_shape(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model {tuple(param.shape)}")
 
 
-def _in_blocks(offset: int, size: int, ranks: int, block: int, name: str) -> tuple[int, int, int]:
-    """(offset, size, full checkpoint size) in elements of a dim holding `block` features per element."""
+def _in_blocks(offset: int, size: int, ranks: int, block: int, name: str,
+               preceding: list[int] | None = None) -> tuple[int, int, int]:
+    """(offset, size, full checkpoint size) in elements of a dim holding `block` features per element.
+
+    preceding: the sizes of the merged shards stored before this one. Each checkpoint shard is its own
+    tensor with its own (possibly partial) edge block, so shard i starts at sum_{j<i} ceil(N_j / block)
+    and the shards need not be multiples of the block; a rank's slice of a shard must be whole blocks."""
     if block == 1:
         return offset, size, size * ranks
-    if offset % block or (ranks > 1 and size % block):
+    if (preceding is None and offset % block) or (ranks > 1 and size % block):
         raise ValueError(f"{name}: a slice of {size} features at offset {offset} (over {ranks} ranks) does not "
                          f"fall on the quantization block of {block}")
-    return offset // block, -(-size // block), -(-size * ranks // block)
+    start = offset // block if preceding is None else sum(-(-s // block) for s in preceding)
+    return start, -(-size // block), -(-size * ranks // block)
 
 
 def load_sharded(param: nn.Parameter, loaded: torch.Tensor, name: str, index: int, axis: str, offset: int,
-                 size: int, rank: int, ranks: int) -> None:
+                 size: int, rank: int, ranks: int, preceding: list[int] | None = None) -> None:
     """Copy this rank's slice of `loaded` into `param`. The slice runs along the param's `axis`_dim
-    ("output" or "input"): rank `rank` of `ranks` takes `size` features, placed at `offset`. A per-shard
-    param takes `loaded` whole at entry `index`."""
+    ("output" or "input"): rank `rank` of `ranks` takes `size` features, placed at `offset` (for
+    block-scale params, after the blocks of the `preceding` merged shards' sizes). A per-shard param takes
+    `loaded` whole at entry `index`."""
     target = param.data
     if getattr(param, "per_shard", False):
         target = target[index]
     elif (dim := getattr(param, f"{axis}_dim", None)) is not None:
-        off, n, full = _in_blocks(offset, size, ranks, getattr(param, f"{axis}_block", 1), name)
+        off, n, full = _in_blocks(offset, size, ranks, getattr(param, f"{axis}_block", 1), name, preceding)
         _check_full_dim(loaded, dim, full, name)
         loaded = loaded.narrow(dim, rank * n, n)
         target = target.narrow(dim, off, n)
@@ -104,7 +112,8 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         name = type(self).__name__ + (f"[{shard_id}]" if shard_id is not None else "")
         index, offset, size, rank, ranks = self.shard(shard_id)
-        load_sharded(param, loaded, name, index, "output", offset, size, rank, ranks)
+        load_sharded(param, loaded, name, index, "output", offset, size, rank, ranks,
+                     self.output_partition_sizes()[:index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)

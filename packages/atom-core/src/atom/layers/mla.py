@@ -31,6 +31,7 @@ from atom.forward_context import get_forward_context
 from atom.layers.attention import PagedAttentionMetadata, PagedAttentionMetadataBuilder
 from atom.layers.kv_cache import MLAKVCache, MLAKVSpec
 from atom.ops.registry import resolve
+from atom.quantization.base import mark_dense_weight_read
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class MLAAttention(nn.Module):
     def __init__(self, spec: MLAAttentionSpec, kv_b_proj: nn.Module, mla_factory: MLAAttentionFactory | None = None):
         super().__init__()
         self.spec = spec
+        mark_dense_weight_read(kv_b_proj)  # every host's implementation reads it through kv_b_weight
         self.impl = (mla_factory or paged_mla_factory)(spec, kv_b_proj)
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from atom.layers.attention import AttentionFactory
+from atom.layers.attention import AttentionFactory, paged_attention_factory_for
 from atom.models.registry import model_class_for_config
 from atom.quantization import QuantizationConfig, process_weights_after_loading, quantization_config_for
 
@@ -17,6 +17,35 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16}
+
+
+# vLLM's --kv-cache-dtype names that ATOM's paged attention stores
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    if name not in KV_CACHE_DTYPES:
+        extra = " (ATOM's FP8 KV cache is e4m3)" if name == "fp8_e5m2" else ""
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported{extra}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str | torch.dtype | None, quant_config: QuantizationConfig | None = None,
+                         device: torch.device | str | None = None) -> torch.dtype | None:
+    """The KV cache's element type for vLLM's --kv-cache-dtype (None: the model's dtype).
+
+    auto: the model's dtype, unless the checkpoint's quantization declares an FP8 KV cache (compressed-tensors
+    kv_cache_scheme), which vLLM then uses too; fp8 / fp8_e4m3: e4m3 (float8_e4m3fnuz on MI300 GPUs)."""
+    if isinstance(kv_cache_dtype, torch.dtype):
+        return kv_cache_dtype
+    name = kv_cache_dtype or "auto"
+    check_kv_cache_dtype(name)
+    scheme = getattr(quant_config, "kv_cache_scheme", None)
+    if name == "auto" and not (scheme and scheme.get("type") == "float" and scheme.get("num_bits") == 8):
+        return None
+    from atom.ops.quant_fp8 import default_fp8_dtype
+
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return default_fp8_dtype() if on_gpu else torch.float8_e4m3fn
 
 
 def is_gguf(path: str) -> bool:
@@ -110,6 +139,7 @@ def load_model(
     quantization: str | None = None,
     quant_config: QuantizationConfig | None = None,
     run_mtp: bool = False,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ):
     """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights).
 
@@ -117,14 +147,26 @@ def load_model(
     one gets its attention from attn_factory like the model's layers (see deepseek_v2.MTPKeepingCausalLM).
 
     The quantization scheme comes from the checkpoint's quantization_config (or `quantization`, a
-    quant_method name forcing one, or a ready `quant_config` from a host); after the weights are in,
-    every layer's quantization method processes them once (the post-load hook)."""
+    quant_method name forcing one, e.g. "fp8" on a float checkpoint, or a ready `quant_config` from a host);
+    after the weights are in, every layer's quantization method processes them once (the post-load hook).
+    kv_cache_dtype (vLLM's names: auto, fp8, fp8_e4m3; or a torch dtype) sets the cache of ATOM's paged
+    attention when no `attn_factory` is given."""
     config = config if config is not None else load_config(model, trust_remote_code)
     cls = model_class_for_config(config)
     torch_dtype = resolve_dtype(config, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if quant_config is None:
         quant_config = quantization_config_for(config, quantization)
+    if attn_factory is None:
+        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, quant_config, device)
+        if kv_dtype is not None and getattr(config, "kv_lora_rank", None):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: ATOM has no FP8 latent cache for multi-head "
+                             f"latent attention ({type(config).__name__}) yet; use kv_cache_dtype 'auto'")
+        # None: every model builds its default attention (multi-head or latent) in the model's dtype
+        attn_factory = paged_attention_factory_for(kv_dtype) if kv_dtype is not None else None
+    elif kv_cache_dtype not in (None, "auto"):
+        raise ValueError("kv_cache_dtype applies to ATOM's paged attention; with an attn_factory the host sets "
+                         "the KV cache's dtype")
     # Only schemes are passed: a model class that predates the seam still builds unquantized.
     extra = {"quant_config": quant_config} if quant_config is not None else {}
     if run_mtp:

@@ -14,7 +14,6 @@ import logging
 import torch
 
 from atom.distributed import SingleProcessGroup, expert_parallel_enabled, get_tp_group, set_expert_parallel, set_tp_group
-from atom.layers.moe import FusedMoE
 from atom.loader.model_loader import default_dtype, resolve_dtype
 from atom.models.registry import model_class_for_config
 from atom.quantization import quantization_config_for
@@ -23,11 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_tensor_parallel(config, tensor_parallel_size: int, expert_parallel: bool = False,
-                          max_positions: int | None = None) -> None:
+                          max_positions: int | None = None, quantization: str | None = None) -> None:
     """Raise ValueError naming what does not divide when the model cannot run at `tensor_parallel_size`.
     Logs (once) when expert parallelism is asked for a model without experts, as vLLM ignores it there."""
     cls = model_class_for_config(config)
-    quant_config = quantization_config_for(config)
+    quant_config = quantization_config_for(config, quantization)  # `quantization`: --quantization
     extra = {"quant_config": quant_config} if quant_config is not None else {}
     previous, previous_ep = get_tp_group(), expert_parallel_enabled()
     set_tp_group(SingleProcessGroup(rank=0, world_size=tensor_parallel_size))
@@ -47,5 +46,7 @@ def check_tensor_parallel(config, tensor_parallel_size: int, expert_parallel: bo
         registry_log.setLevel(level)
         set_tp_group(previous)
         set_expert_parallel(previous_ep)
+    from atom.layers.moe import FusedMoE  # here: atom.quantization's fp8 imports atom.loader, before the layers
+
     if expert_parallel and not any(isinstance(m, FusedMoE) for m in model.modules()):
         logger.warning("--enable-expert-parallel has no effect: %s has no mixture-of-experts layers", cls.__name__)

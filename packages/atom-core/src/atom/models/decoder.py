@@ -217,6 +217,11 @@ _STACKED = (
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\w+)$")
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+# FP8 KV-cache scales, in the spellings vLLM reads (ModelOpt / llm-compressor: self_attn.k_proj.k_scale,
+# self_attn.k_scale, self_attn.qkv_proj.k_scale, self_attn.attn.k_scale; the deprecated kv_scale sets both).
+_KV_SCALE = re.compile(r"^(.*\.self_attn)\.(?:(?:[kv]_proj|qkv_proj|attn)\.)?(k|v|kv)_scale$")
+# Static query / softmax scales of FP8 attention: ATOM does not quantize queries, so they are not used.
+_UNUSED_ATTN_SCALE = re.compile(r"^.*\.self_attn\.(?:(?:[qkv]_proj|qkv_proj|attn)\.)?(q|prob)_scale$")
 
 
 class DecoderForCausalLM(nn.Module):
@@ -285,7 +290,10 @@ class DecoderForCausalLM(nn.Module):
 
     def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
         name = self.checkpoint_name(source)
-        if name is None:
+        if name is None or _UNUSED_ATTN_SCALE.match(name):
+            return
+        if m := _KV_SCALE.match(name):
+            self._load_kv_scale(source, m.group(1), m.group(2), tensor)
             return
         if m := _EXPERT.match(name):
             base, expert, kind, suffix = m.group(1), int(m.group(2)), m.group(3), m.group(4)
@@ -313,3 +321,18 @@ class DecoderForCausalLM(nn.Module):
         if tuple(p.shape) != tuple(tensor.shape):
             raise ValueError(f"shape mismatch for {source}: checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}")
         p.data.copy_(tensor)
+
+    def _load_kv_scale(self, source: str, attn_prefix: str, kind: str, tensor: torch.Tensor) -> None:
+        """A per-tensor FP8 KV-cache scale -> the layer's attention (which hands it to the host's
+        implementation: ATOM's paged cache spec, SGLang's RadixAttention, vLLM's Attention)."""
+        try:
+            attn = self.get_submodule(f"{attn_prefix}.attn")
+        except AttributeError:
+            raise ValueError(f"checkpoint tensor {source!r} has no matching attention layer in "
+                             f"{type(self).__name__}") from None
+        if tensor.numel() != 1:
+            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}; ATOM reads per-tensor "
+                             "KV-cache scales (one element)")
+        value = float(tensor.float().reshape(()))
+        for k in ("k", "v") if kind == "kv" else (kind,):
+            attn.load_kv_scale(k, value)

@@ -164,17 +164,30 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return _ONE[device]
 
 
-@register("reshape_and_cache", "aiter", dtypes=_HALF)
+def _kv_supports(static) -> str | None:
+    # AITER's FP8 cache paths (kv_cache_dtype "fp8" with scale tensors) are not bound yet: an FP8 cache
+    # falls back to the Triton kernels, which write and read it (and are capturable).
+    dtype = static.get("kv_cache_dtype")
+    if dtype is not None and dtype not in _HALF:
+        return f"a {dtype} KV cache is not bound to AITER's cache kernels yet"
+    return None
+
+
+@register("reshape_and_cache", "aiter", dtypes=_HALF, supports=_kv_supports)
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     # "flash" layout = [num_blocks, block_size, num_kv_heads, head_dim], ATOM's; negative slots skipped.
+    # FP8 caches (dtype differs) take the torch reference until an AITER FP8 path passes its self-check.
     if key.dtype != k_cache.dtype:
-        return ref_attention.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return ref_attention.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping,
+                                               k_scale=k_scale, v_scale=v_scale)
     one = _unit_scale(key.device)
     aiter.reshape_and_cache_flash(key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping.long(),
                                   "auto", one, one)
@@ -223,7 +236,7 @@ def _varlen(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
 def _attention_supports(static) -> str | None:
     if static.get("has_sinks"):
         return "the mapped AITER attention kernels have no attention sinks"
-    return None
+    return _kv_supports(static)
 
 
 @register("paged_attention", "aiter", dtypes=_HALF, supports=_attention_supports)
@@ -239,6 +252,8 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if sinks is not None:  # _attention_supports keeps sink layers away; a direct call is a caller's bug
@@ -246,7 +261,7 @@ def paged_attention(
                          "static={'has_sinks': True} to get an implementation that has them)")
     args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, logit_softcap)
     if q.dtype not in _HALF or k_cache.dtype != q.dtype:
-        return ref_attention.paged_attention(*args, max_query_len, max_seq_len)
+        return ref_attention.paged_attention(*args, max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:

@@ -11,12 +11,21 @@ transformers defines it), logit soft-capping (cap * tanh(s / cap)) and attention
 A sink (GPT-OSS) is a learned logit per query head that joins each row's softmax denominator and
 nothing else: p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h)), on the scale of the (scaled, capped)
 scores, as transformers' eager attention of gpt_oss computes it.
+
+FP8 KV cache (float8_e4m3fn / float8_e4m3fnuz caches): the cache holds fp8(clamp(k / k_scale)) and
+fp8(clamp(v / v_scale)) (vLLM's convention; per-tensor scales from the checkpoint, else 1.0), read back
+as q * scale. k_scale / v_scale are float32 tensors of one element (so CUDA graphs capture them as
+inputs) or None (1.0); they are ignored for caches that are not FP8.
+
+Trailing optional arguments of paged_attention, in this order everywhere (torch, Triton, AITER, the op
+schema): ..., max_query_len, max_seq_len, k_scale, v_scale, sinks; callers pass them by keyword.
 """
 
 from __future__ import annotations
 
 import torch
 
+from atom.ops.quant_fp8 import FP8_DTYPES, fp8_max
 from atom.ops.registry import define_op, register
 
 CHECK_BLOCK_SIZE = 16
@@ -33,27 +42,59 @@ def slot_example(t, num_tokens: int, num_blocks: int = 4) -> torch.Tensor:
     return slots
 
 
+def kv_cache_example(t, static, num_blocks: int = 4, fill: bool = False) -> tuple:
+    """(k_cache, v_cache, scales) for a self-check in the layer's cache dtype (static["kv_cache_dtype"],
+    default the activations'): scales are the trailing (k_scale, v_scale) arguments, != 1, of an FP8
+    cache, and () otherwise (the call then leaves them out)."""
+    _, kv, d = _heads(static)
+    dtype = static.get("kv_cache_dtype") or t.dtype
+    caches = []
+    for _ in range(2):
+        c = t.randn(num_blocks, CHECK_BLOCK_SIZE, kv, d, dtype=torch.float32) if fill else \
+            torch.zeros(num_blocks, CHECK_BLOCK_SIZE, kv, d, device=t.device)
+        caches.append(c.to(dtype))
+    if dtype not in FP8_DTYPES:
+        return (*caches, ())
+    return (*caches, (t.tensor(0.5, torch.float32), t.tensor(2.0, torch.float32)))
+
+
 def _cache_example(t, static):
     _, kv, d = _heads(static)
-    caches = [torch.zeros(4, CHECK_BLOCK_SIZE, kv, d, dtype=t.dtype, device=t.device) for _ in range(2)]
-    return (t.randn(6, kv, d), t.randn(6, kv, d), *caches, slot_example(t, 6))
+    k_cache, v_cache, scales = kv_cache_example(t, static)
+    return (t.randn(6, kv, d), t.randn(6, kv, d), k_cache, v_cache, slot_example(t, 6), *scales)
 
 
 def _attention_example(t, static):
     """A decode-only batch and a mixed prefill/decode batch over a paged cache with shuffled blocks."""
     h, kv, d = _heads(static)
     window, softcap = static.get("sliding_window"), static.get("logit_softcap")
-    k_cache, v_cache = t.randn(8, CHECK_BLOCK_SIZE, kv, d), t.randn(8, CHECK_BLOCK_SIZE, kv, d)
+    k_cache, v_cache, scales = kv_cache_example(t, static, num_blocks=8, fill=True)
     tables = t.randperm(8)[:6].view(2, 3).to(torch.int32)
     calls = []
     for q_lens, ctx in (([1, 1], [40, 7]), ([1, 5], [23, 40])):
         qsl = t.tensor([0, q_lens[0], q_lens[0] + q_lens[1]], torch.int32)
         call = (t.randn(sum(q_lens), h, d), k_cache, v_cache, tables, qsl, t.tensor(ctx, torch.int32), d**-0.5,
-                window, softcap, max(q_lens), max(ctx))
+                window, softcap, max(q_lens), max(ctx), *scales)
         if static.get("has_sinks"):
-            call += (t.randn(h, dtype=torch.float32, scale=2.0),)
+            call += (() if scales else (None, None)) + (t.randn(h, dtype=torch.float32, scale=2.0),)
         calls.append(call)
     return calls
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """x as the cache stores it: fp8(clamp(x / scale)) for FP8 caches, a plain cast otherwise."""
+    if cache_dtype not in FP8_DTYPES:
+        return x.to(cache_dtype)
+    y = x.float() if scale is None else x.float() / scale.float().reshape(())
+    return y.clamp(-fp8_max(cache_dtype), fp8_max(cache_dtype)).to(cache_dtype)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 values of cache entries (dequantized for FP8 caches)."""
+    y = x.float()
+    if x.dtype in FP8_DTYPES and scale is not None:
+        y = y * scale.float().reshape(())
+    return y
 
 
 define_op("reshape_and_cache", mutates_args=("k_cache", "v_cache"), example=_cache_example,
@@ -69,13 +110,19 @@ def reshape_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped.
+    FP8 caches store key / k_scale and value / v_scale (module docstring)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        rows = to_cache_dtype(x[keep], cache.dtype, scale)
+        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slots, rows)
 
 
 @register("paged_attention", "torch", cuda_graph=False, traceable=False)
@@ -91,10 +138,12 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]).
-    sinks: optional [num_heads] sink logits (any float dtype)."""
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]); FP8 caches
+    are read as entry * k_scale / v_scale. sinks: optional [num_heads] sink logits (any float dtype)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -121,8 +170,8 @@ def paged_attention(
     if sliding_window:
         unused |= pos[None, :] < (seq_lens - q_lens - sliding_window + 1)[:, None]
     pad = unused[:, :, None, None]
-    k = flat_k[slots].float().masked_fill(pad, 0.0)
-    v = flat_v[slots].float().masked_fill(pad, 0.0)
+    k = from_cache(flat_k[slots], k_scale).masked_fill(pad, 0.0)
+    v = from_cache(flat_v[slots], v_scale).masked_fill(pad, 0.0)
 
     # Pack queries into [B, max_q, H, D].
     qi = torch.arange(max_q, device=device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.attention import CHECK_BLOCK_SIZE, reshape_and_cache, slot_example
+from atom.ops.attention import kv_cache_example, reshape_and_cache, slot_example
 from atom.ops.norm import rms_norm
 from atom.ops.registry import define_op, register
 from atom.ops.rope import rope_example, rotary_embedding
@@ -17,9 +17,9 @@ def _example(t, static):
     n = positions.shape[0]
     norm = bool(static.get("qk_norm", True))
     weights = (1 + t.randn(d, scale=0.1), 1 + t.randn(d, scale=0.1)) if norm else (None, None)
-    caches = [torch.zeros(4, CHECK_BLOCK_SIZE, kv, d, dtype=t.dtype, device=t.device) for _ in range(2)]
+    k_cache, v_cache, scales = kv_cache_example(t, static)
     return (positions, t.randn(n, h * d), t.randn(n, kv * d), t.randn(n, kv * d), *weights, 1e-6, d, cos_sin,
-            bool(static.get("is_neox", True)), *caches, slot_example(t, n))
+            bool(static.get("is_neox", True)), k_cache, v_cache, slot_example(t, n), *scales)
 
 
 define_op("qk_norm_rope_cache", mutates_args=("k_cache", "v_cache"), example=_example,
@@ -41,13 +41,17 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq*D], k/v [T, Hk*D] -> (rotated q, rotated k); writes rotated k and v at slot_mapping (-1 skipped).
-    q_weight/k_weight [D] are the qk-norm weights; None (both) means no qk-norm."""
+    q_weight/k_weight [D] are the qk-norm weights; None (both) means no qk-norm. FP8 caches store
+    k / k_scale and v / v_scale (see atom.ops.attention)."""
     t = positions.shape[0]
     if q_weight is not None:
         q = rms_norm(q.reshape(t, -1, head_dim), q_weight, eps).reshape(t, -1)
         k = rms_norm(k.reshape(t, -1, head_dim), k_weight, eps).reshape(t, -1)
     q, k = rotary_embedding(positions, q, k, head_dim, cos_sin, is_neox)
-    reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping)
+    reshape_and_cache(k.view(t, -1, head_dim), v.reshape(t, -1, head_dim), k_cache, v_cache, slot_mapping,
+                      k_scale=k_scale, v_scale=v_scale)
     return q, k

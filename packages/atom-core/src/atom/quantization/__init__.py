@@ -5,6 +5,8 @@ from atom.quantization.base import (
     MoEMethod,
     QuantizationConfig,
     QuantMethod,
+    dense_weight_read,
+    mark_dense_weight_read,
     new_param,
     process_weights_after_loading,
     set_weight_attrs,
@@ -32,7 +34,11 @@ def moe_method_for(quant_config: QuantizationConfig | None, layer, prefix: str) 
 
 __all__ = [
     "LinearMethod", "MoEMethod", "QuantMethod", "QuantizationConfig", "UnquantizedLinearMethod",
-    "UnquantizedMoEMethod", "linear_method_for", "moe_method_for", "new_param", "process_weights_after_loading",
+    "UnquantizedMoEMethod", "dense_weight_read", "linear_method_for", "mark_dense_weight_read", "moe_method_for",
+    "new_param", "process_weights_after_loading",
     "quantization_config", "quantization_config_for", "register_quantization", "set_weight_attrs",
     "supported_quantizations", "weights_reloading",
 ]
+
+# Last: fp8 imports atom.loader, whose package imports the layers, which import this package's names above.
+from atom.quantization import fp8  # noqa: E402,F401  (registers the fp8 and compressed-tensors schemes)

@@ -25,6 +25,17 @@ import torch
 from torch import nn
 
 _PROCESSED = "_atom_weights_processed"
+_DENSE_WEIGHT_READ = "_atom_dense_weight_read"
+
+
+def mark_dense_weight_read(layer: nn.Module) -> None:
+    """Another op reads this layer's weight directly through `dequantized_weight` (MLA's kv_b_proj): a
+    scheme that stores something else makes its dense copy once, after loading. Call before loading."""
+    layer.__dict__[_DENSE_WEIGHT_READ] = True
+
+
+def dense_weight_read(layer: nn.Module) -> bool:
+    return bool(layer.__dict__.get(_DENSE_WEIGHT_READ))
 
 
 class QuantMethod:
@@ -62,7 +73,8 @@ class LinearMethod(QuantMethod):
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         """The layer's weight as a dense [out, in] tensor in the compute dtype, for ops that read a layer's
         weight directly instead of calling it (MLA's absorbed attention reads kv_b_proj's W_UK / W_UV). Called
-        every forward: a scheme that stores something else keeps the dense copy it makes after loading."""
+        every forward: a scheme that stores something else keeps the dense copy it makes after loading (for
+        the layers marked with `mark_dense_weight_read`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot hand out a dense weight (layer "
                                   f"{getattr(layer, 'prefix', '') or type(layer).__name__}); this layer's weight "
                                   "is read directly by another op (e.g. MLA's kv_b_proj)")

@@ -46,6 +46,8 @@ def quantization_config(method: str | None = None, config: Mapping[str, Any] | N
             raise ValueError(f"{source} has no quant_method field; ATOM supports: {_supported_text()}")
         return None
     method = str(method).lower()
+    if method not in _SCHEMES and method.replace("_", "-") in _SCHEMES:  # SGLang says compressed_tensors
+        method = method.replace("_", "-")
     if method not in _SCHEMES:
         raise ValueError(f"{source}.quant_method={method!r} is not supported by ATOM; supported: {_supported_text()}")
     return _SCHEMES[method].from_config(config)

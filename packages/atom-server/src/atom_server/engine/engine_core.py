@@ -164,7 +164,7 @@ class EngineCore:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             load_format=args.load_format, config=config, trust_remote_code=args.trust_remote_code, seed=args.seed,
             enforce_eager=args.enforce_eager, windowed_kv=not args.disable_hybrid_kv_cache_manager,
-            speculative=spec)
+            speculative=spec, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         self.config = self.runner.config
         self.dtype = self.runner.dtype
         self.vocab_size = self.runner.vocab_size

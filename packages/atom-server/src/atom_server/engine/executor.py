@@ -157,7 +157,8 @@ class TPExecutor:
         config = runner_kwargs.pop("config", None)
         if config is None:
             config = load_config(runner_kwargs["model_path"], runner_kwargs.get("trust_remote_code", False))
-        check_tensor_parallel(config, tp, enable_expert_parallel, max_positions=runner_kwargs.get("max_model_len"))
+        check_tensor_parallel(config, tp, enable_expert_parallel, max_positions=runner_kwargs.get("max_model_len"),
+                              quantization=runner_kwargs.get("quantization"))
         self.world_size = tp
         self.expert_parallel = enable_expert_parallel
         self.backend = backend

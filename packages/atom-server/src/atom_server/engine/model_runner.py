@@ -141,9 +141,12 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, load_format: str,
                  config=None, trust_remote_code: bool = False, seed: int = 0, enforce_eager: bool = False,
-                 windowed_kv: bool = True, speculative: SpeculativeConfig | dict | None = None):
+                 windowed_kv: bool = True, speculative: SpeculativeConfig | dict | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         """windowed_kv: give sliding-window layers a window pool (False: full-length caches for every layer,
-        vLLM's --disable-hybrid-kv-cache-manager). speculative: speculative decoding (engine/speculative.py)."""
+        vLLM's --disable-hybrid-kv-cache-manager). speculative: speculative decoding (engine/speculative.py).
+        quantization / kv_cache_dtype: as load_model takes them (an FP8 KV cache is in the layers' KV cache
+        specs, so both pools get it)."""
         torch.manual_seed(seed)
         if isinstance(speculative, dict):  # a tensor-parallel worker's copy (runner kwargs travel as JSON)
             speculative = SpeculativeConfig.from_fields(speculative)
@@ -156,7 +159,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
-                                             trust_remote_code=trust_remote_code, run_mtp=mtp)
+                                             trust_remote_code=trust_remote_code, run_mtp=mtp,
+                                             quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         startup.phase_done("weights")
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
@@ -200,8 +204,9 @@ class ModelRunner:
         self.kv_caches = [s.allocate(self.num_window_blocks if self._in_window_pool(s) else self.num_blocks,
                                      block_size, device) for s in self.kv_specs]
         bind_kv_caches(self.model, self.kv_caches)
-        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_blocks, block_size,
-                    self.num_blocks * self.block_bytes / GiB)
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s)", self.num_blocks, block_size,
+                    self.num_blocks * self.block_bytes / GiB,
+                    ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in self.kv_specs})))
         if self.kv_window is not None:
             logger.info("KV cache of the sliding-window layers (window %d): %d blocks (%.2f GiB), only the window "
                         "of each running sequence", self.kv_window, self.num_window_blocks,

@@ -5,8 +5,14 @@ MoE are atom-core's; attention is vLLM's `Attention` layer (built by VllmAttenti
 DeepSeek-V2/V3's multi-head latent attention vLLM's `MLAAttention` layer (VllmMLAFactory), so vLLM owns
 the KV cache. The backbone carries vLLM's `@support_torch_compile`: ATOM's kernels are `torch.library`
 custom ops (atom.ops.custom_ops), so Dynamo traces the whole backbone and Inductor fuses around them.
-Quantization goes through atom-core's seam: vLLM's quantization method is looked up in ATOM's registry
-(atom.quantization); one ATOM lacks is refused with the reason.
+Quantization goes through atom-core's seam: the method vLLM resolved (the checkpoint's quant_method, or
+--quantization) is looked up in ATOM's registry (atom.quantization) with the checkpoint's own
+quantization_config, which ATOM re-reads rather than mapping vLLM's config object: that dict is the contract
+every host shares (so ATOM builds the same layers, scales and kernels in vLLM, SGLang and its own engine),
+while vLLM's config classes change between releases (0.32 moved online FP8 to fp8_per_tensor /
+fp8_per_channel) and their layer methods cannot run ATOM's layers anyway. vLLM's object still goes to vLLM's
+own Attention layer, whose KV-cache method holds the checkpoint's k_scale / v_scale for --kv-cache-dtype fp8.
+A method ATOM lacks is refused with the reason.
 
 vLLM hashes every module of this package to validate its model-info cache, so keep the classes here.
 """
@@ -91,6 +97,11 @@ class VllmGlm4MoeModel(Glm4MoeModel):
         return super().forward(input_ids, positions, inputs_embeds)
 
 
+# vLLM >= 0.32's online FP8 names (`--quantization fp8_per_channel` on a float checkpoint; 0.24 said `fp8`):
+# ATOM's online FP8, which quantizes weights per output channel and activations per token.
+ONLINE_FP8 = ("fp8_per_channel", "fp8_per_tensor")
+
+
 def atom_quant_config(vllm_config) -> QuantizationConfig | None:
     """ATOM's scheme for vLLM's quantization method (None: unquantized); ValueError when ATOM has none."""
     if vllm_config.quant_config is None:
@@ -100,6 +111,10 @@ def atom_quant_config(vllm_config) -> QuantizationConfig | None:
     method = VLLM_QUANT_ALIASES.get(str(method), method)
     raw = getattr(getattr(model_config, "hf_config", None), "quantization_config", None)
     raw = raw if raw is None or isinstance(raw, dict) else raw.to_dict()
+    if method in ONLINE_FP8 and raw is None:
+        logger.info("atom-vllm: --quantization %s runs as ATOM's online FP8 (weights per output channel, "
+                    "activations per token)", method)
+        method = "fp8"
     try:
         return quantization_config(method, raw, source="the checkpoint's quantization")
     except ValueError as e:

@@ -9,10 +9,12 @@ from atom.ops.triton_kernels import (  # noqa: F401
     attention,
     mla,
     moe,
+    moe_fp8,
     moe_routing,
     moe_swigluoai,
     norm,
     qk_norm_rope_cache,
+    quant_fp8,
     rope,
     sampling,
 )

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
+from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -25,10 +26,12 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
 
 
 @triton.jit
-def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads, head_dim, block_size,
-                              k_stride_t, k_stride_h, v_stride_t, v_stride_h, kc_stride_b, kc_stride_s,
+def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, num_heads, head_dim,
+                              block_size, k_stride_t, k_stride_h, v_stride_t, v_stride_h, kc_stride_b, kc_stride_s,
                               kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
+                              HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP8_MAX: tl.constexpr,
+                              MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -40,10 +43,12 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads,
     m = (h < num_heads) & (d < head_dim)
     key = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=m)
     val = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=m)
-    tl.store(kc_ptr + blk * kc_stride_b + off * kc_stride_s + h * kc_stride_h + d,
-             key.to(kc_ptr.dtype.element_ty), mask=m)
-    tl.store(vc_ptr + blk * vc_stride_b + off * vc_stride_s + h * vc_stride_h + d,
-             val.to(vc_ptr.dtype.element_ty), mask=m)
+    key = to_cache(key, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP,
+                   EMULATE)
+    val = to_cache(val, load_kv_scale(v_scale_ptr, HAS_V_SCALE), vc_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP,
+                   EMULATE)
+    tl.store(kc_ptr + blk * kc_stride_b + off * kc_stride_s + h * kc_stride_h + d, key, mask=m)
+    tl.store(vc_ptr + blk * vc_stride_b + off * vc_stride_s + h * vc_stride_h + d, val, mask=m)
 
 
 @register("reshape_and_cache", "triton")
@@ -53,18 +58,22 @@ def reshape_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped."""
+    """Write key/value [T, num_kv_heads, head_dim] into the caches; slots < 0 (padding) are skipped.
+    FP8 caches store key / k_scale and value / v_scale (atom.ops.attention)."""
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     _reshape_and_cache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, num_heads, head_dim, k_cache.shape[1],
+        key, value, k_cache, v_cache, slot_mapping, key if k_scale is None else k_scale,
+        key if v_scale is None else v_scale, num_heads, head_dim, k_cache.shape[1],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4)
+        **kv_cache_consts(k_cache, k_scale, v_scale), num_warps=4)
 
 
 @triton.jit
@@ -75,13 +84,15 @@ def _softcapped(s, softcap):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr,
-    scale, softcap, window, head_dim, block_size, tokens_per_split, num_heads,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, block_size, tokens_per_split,
+    num_heads,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, USE_SINKS: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -119,6 +130,8 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_K_SCALE:  # an FP8 key is k_cache * k_scale: q.k scales by it
+        scale = scale * tl.load(k_scale_ptr).to(tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
@@ -132,6 +145,8 @@ def _attention_kernel(
         k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         if F32_DOT:
             k = k.to(tl.float32)
+        elif KV_FP8:  # e4m3 -> bf16/fp16 is exact
+            k = k.to(q_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -152,12 +167,16 @@ def _attention_kernel(
         v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if F32_DOT:
             v = v.to(tl.float32)
+        elif KV_FP8:
+            v = v.to(q_ptr.dtype.element_ty)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if HAS_V_SCALE:  # an FP8 value is v_cache * v_scale
+        acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     tok = q_start + qi
     if NUM_SPLITS == 1:
         if USE_SINKS:  # the sink's exp joins the denominator (log2 units, like m_i)
@@ -226,6 +245,8 @@ def paged_attention_impl(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the decode split count open to callers (tests force the merge path)."""
@@ -269,15 +290,18 @@ def paged_attention_impl(
     kv_align = 16 if all(st % 16 == 0 for st in kv_strides) else 1
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
+    kv = kv_cache_consts(k_cache, k_scale, v_scale)
     _attention_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc, sinks_arg,
-        float(scale), float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
+        q if k_scale is None else k_scale, q if v_scale is None else v_scale, sinks_arg, float(scale),
+        float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
         tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
+        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, KV_FP8=kv["KV_FP8"],
+        HAS_K_SCALE=kv["HAS_K_SCALE"], HAS_V_SCALE=kv["HAS_V_SCALE"], USE_SINKS=sinks is not None,
         num_warps=tile["num_warps"], num_stages=num_stages,
     )
     if num_splits > 1:
@@ -300,8 +324,12 @@ def paged_attention(
     logit_softcap: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim]; decode splits long contexts over SMs."""
+    """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim]; decode splits long contexts over SMs.
+    FP8 caches are read as entry * k_scale / v_scale."""
     return paged_attention_impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                sliding_window, logit_softcap, max_query_len, max_seq_len, sinks=sinks)
+                                sliding_window, logit_softcap, max_query_len, max_seq_len, k_scale=k_scale,
+                                v_scale=v_scale, sinks=sinks)

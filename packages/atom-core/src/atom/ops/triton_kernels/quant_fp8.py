@@ -1,0 +1,306 @@
+"""FP8 activation quantization and the FP8 GEMM (fp8 tl.dot, float32 accumulation) behind `fp8_linear`.
+
+Two weight layouts share one GEMM kernel:
+- block scales (BLOCK_SCALES): W [N, K] with scales per [bn, bk] block and activations in 1 x bk groups.
+  The K step is one group, so each step is one fp8 dot whose float32 result is multiplied by the
+  group's activation scale and the block's weight scale before it joins the accumulator (DeepSeek-V3's
+  scheme; it also promotes Hopper's reduced-precision FP8 accumulation to float32 every group).
+- per-token activations x per-channel (or per-tensor: stride 0) weight scales: plain fp8 dots,
+  promoted to float32 every K step (max_num_imprecise_acc), both scales applied once at the end.
+
+Activation quantization: at decode sizes (M <= FUSED_QUANT_MAX_M with block scales, FUSED_TOKEN_QUANT_MAX_M
+per token) the GEMM quantizes A itself while loading it (its prologue): with block scales each K step is
+one group, so the scale of a tile comes from that tile alone; per token, a first pass over the rows finds
+their absolute max. Every column-block program repeats this for its rows, which costs little at decode
+sizes (A is a few KB, read from L2) and saves the launch and the HBM round trip of a separate quantization
+kernel, a visible share of a decode step's small GEMMs (kernel_bench.py times both). Larger M (prefill)
+runs one quantization kernel first (A quantized once instead of once per column block, and read back as
+FP8: half the bytes) and feeds the fp8 A to the GEMM.
+
+Decode tiles: BLOCK_M 16, and split-K over several programs when the column blocks alone cannot keep
+every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
+sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.quant_fp8 import check_linear_args
+from atom.ops.registry import register
+from atom.ops.triton_kernels.common import fit_tile, num_sms
+from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+
+
+# ---------------------------------------------------------------- activation quantization
+
+
+@triton.jit
+def _quant_group_kernel(x_ptr, q_ptr, s_ptr, k_dim, num_groups, x_stride, q_stride, s_stride,
+                        GROUP: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                        MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+    """GROUPS consecutive 1 x GROUP groups of one row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    ok = (col < k_dim) & (g[:, None] < num_groups)
+    x = tl.load(x_ptr + row * x_stride + col, mask=ok, other=0.0).to(tl.float32)
+    s = dynamic_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, MIN_SCALE)
+    q = quantize(x, s[:, None], q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE)
+    tl.store(q_ptr + row * q_stride + col, q, mask=ok)
+    tl.store(s_ptr + row * s_stride + g, s, mask=g < num_groups)
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: tl.constexpr,
+                        FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+                        EMULATE: tl.constexpr):
+    """One row per program: its absolute max, then the quantized row."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, k_dim, BLOCK):
+        x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+    for k0 in range(0, k_dim, BLOCK):
+        x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * q_stride + k0 + c, quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
+                 mask=k0 + c < k_dim)
+    tl.store(s_ptr + row + tl.arange(0, 1), s)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@register("fp8_quant_group", "triton")
+def per_token_group_quant_fp8(
+    x: torch.Tensor, group_size: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] fp8, scales [..., ceil(K / group_size)] float32)."""
+    if group_size <= 0 or group_size & (group_size - 1):
+        raise ValueError(f"the Triton FP8 group quantization needs a power-of-two group size, got {group_size}")
+    x2 = _rows(x)
+    rows, k = x2.shape
+    groups = triton.cdiv(k, group_size)
+    q = torch.empty(rows, k, dtype=fp8_dtype, device=x.device)
+    s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    per_prog = max(1, min(triton.next_power_of_2(groups), 2048 // group_size))
+    if rows:
+        _quant_group_kernel[(rows, triton.cdiv(groups, per_prog))](
+            x2, q, s, k, groups, x2.stride(0), q.stride(0), s.stride(0), GROUP=group_size, GROUPS=per_prog,
+            **fp8_consts(fp8_dtype), num_warps=4)
+    return q.view(x.shape), s.view(*x.shape[:-1], groups)
+
+
+@register("fp8_quant_token", "triton")
+def per_token_quant_fp8(
+    x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] fp8, scales [..., 1] float32)."""
+    x2 = _rows(x)
+    rows, k = x2.shape
+    q = torch.empty(rows, k, dtype=fp8_dtype, device=x.device)
+    s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0),
+                                     BLOCK=min(4096, triton.next_power_of_2(max(k, 16))), **fp8_consts(fp8_dtype),
+                                     num_warps=4)
+    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
+# ---------------------------------------------------------------- GEMM
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
+    k_per_split,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """out = A W^T (scaled); A fp8 with scales, or float quantized here (QUANT_A); W [N, K] fp8."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M row blocks walk the same column blocks together, so W tiles are reused from L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < N
+    m64 = m.to(tl.int64)
+    n64 = n.to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    fp8 = w_ptr.dtype.element_ty
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    sa = tl.zeros([BLOCK_M], tl.float32)
+    if not BLOCK_SCALES:  # one activation scale per row, over all of K
+        if QUANT_A:
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                a = tl.load(a_ptr + m64[:, None] * a_stride + (k0 + kk)[None, :],
+                            mask=m_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+            sa = dynamic_scale(amax, FP8_MAX, MIN_SCALE)
+        else:
+            sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        if QUANT_A:
+            a = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            if BLOCK_SCALES:
+                sa = dynamic_scale(tl.max(tl.abs(a), axis=1), FP8_MAX, MIN_SCALE)
+            aq = quantize(a, sa[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE)
+        else:
+            aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0)
+            if BLOCK_SCALES:
+                sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+        w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if BLOCK_SCALES:
+            sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
+                         other=0.0)
+            acc += tl.dot(aq, w) * (sa[:, None] * sw[None, :])
+        else:
+            acc = tl.dot(aq, w, acc, max_num_imprecise_acc=BLOCK_K)
+    if not BLOCK_SCALES:
+        sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
+        acc = acc * (sa[:, None] * sw[None, :])
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m64[:, None] * out_stride_m + n64[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * out_stride_split + m64[:, None] * out_stride_m + n64[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out = sum over splits of the float32 partials (in split order) + bias, cast to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# M up to which the GEMM quantizes its activations itself (module-level for sweeps and tests). Per token, every
+# program first reads its rows' whole K for their scale, so that stays at smaller M (at M = 16 and split-K 4 on
+# a 4096 x 4096 weight the re-reads would be twice the weight's bytes, from L2).
+FUSED_QUANT_MAX_M = 16
+FUSED_TOKEN_QUANT_MAX_M = 4
+# Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
+GEMM_TILE_OVERRIDE: dict | None = None
+
+
+def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
+    if GEMM_TILE_OVERRIDE is not None:
+        return dict(GEMM_TILE_OVERRIDE)
+    if m <= 16:
+        tile = dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
+    elif m <= 32:
+        tile = dict(block_m=32, block_n=64, num_warps=4, num_stages=4)
+    elif m <= 64:
+        tile = dict(block_m=64, block_n=64, num_warps=4, num_stages=4)
+    elif m <= 128:
+        tile = dict(block_m=128, block_n=64, num_warps=8, num_stages=4)
+    else:
+        tile = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
+    # at least four K steps per split
+    programs = triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, tile["block_n"])
+    want = triton.cdiv(2 * num_sms(device), programs)
+    most = max(1, triton.cdiv(k, block_k) // 4)
+    split = 1
+    while split * 2 <= min(want, most, 8):
+        split *= 2
+    tile["split_k"] = split
+    return tile
+
+
+@register("fp8_linear", "triton")
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: list[int] | None = None,
+) -> torch.Tensor:
+    """y = x W^T + b with an FP8 weight [N, K] (block, per-channel or per-tensor scales; see
+    atom.ops.quant_fp8.fp8_linear) and dynamically quantized activations; y in x's dtype."""
+    check_linear_args(x, weight, weight_scale, bias, block_size)
+    n, k = weight.shape
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    if weight.stride(-1) != 1:
+        raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
+    fp8 = weight.dtype
+    block_scales = block_size is not None
+    if block_scales:
+        scale_bn, block_k = int(block_size[0]), int(block_size[1])
+        if block_k < 32 or block_k & (block_k - 1):
+            raise ValueError(f"the Triton FP8 GEMM needs block_k to be a power of two >= 32, got {block_k}")
+        ws_stride_n, ws_stride_k = weight_scale.stride(0), weight_scale.stride(1)
+    else:
+        scale_bn, block_k = 1, 128
+        ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
+        ws_stride_k = 0
+    tile = _gemm_tile(m, n, k, block_k, x.device)
+    quant_a = m <= (FUSED_QUANT_MAX_M if block_scales else FUSED_TOKEN_QUANT_MAX_M)
+    if quant_a:
+        a, a_scale, as_stride = x2, x2, 0  # a_scale unused
+    elif block_scales:
+        a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
+        as_stride = a_scale.stride(0)
+    else:
+        a, a_scale = per_token_quant_fp8(x2, fp8)
+        as_stride = a_scale.stride(0)
+    # per stage: the A tile (float when quantized here) and the fp8 W tile
+    a_bytes = a.element_size()
+    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
+                               lambda bn: ((tile["block_m"] * a_bytes + bn) * block_k, 0), x.device)
+    split = tile["split_k"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)
+    has_bias = bias is not None
+    _fp8_gemm_kernel[grid](
+        a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), as_stride,
+        weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
+        SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, QUANT_A=quant_a, HAS_BIAS=has_bias and split == 1,
+        SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, **fp8_consts(fp8),
+        num_warps=tile["num_warps"], num_stages=stages)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
+                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], n)

@@ -1,0 +1,496 @@
+"""FP8 Triton kernels vs their torch references (atom.ops.quant_fp8, the FP8 KV cache), fresh random inputs.
+
+Runs under Triton's CPU interpreter (TRITON_INTERPRET=1, its own pytest process, like test_triton_kernels.py)
+and on a GPU. What each covers:
+- interpreter: the kernels' indexing, masking, scale layouts, split-K, both paths of each op, and the
+  quantization arithmetic with the e4m3 rounding emulated in float32 (the interpreter's own float32 -> FP8
+  cast is not round-to-nearest-even, see fp8_common.py); fp8 loads and fp8 x fp8 tl.dot do run exactly.
+- GPU only ("large" cases, marked gpu): the hardware FP8 conversion, Hopper's FP8 tensor cores and their
+  accumulation, shared-memory fit, the real 8b / 30b-a3b shapes, torch.compile tracing.
+The activation quantization is bit-exact against the reference (same IEEE float32 operations); the GEMMs
+differ from it only in float32 summation order and in the output's rounding. `ERR` lines (pytest -s)
+report the measured errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+
+from atom.ops import attention as ref_attn  # noqa: E402
+from atom.ops import moe as ref_moe  # noqa: E402
+from atom.ops import quant_fp8 as Q  # noqa: E402
+from atom.ops.qk_norm_rope_cache import qk_norm_rope_cache as ref_qk_norm_rope_cache  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fp8_helpers import make_fp8_experts  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]
+# e4m3fnuz is AMD's (MI300) format: NVIDIA GPUs have no such type in Triton; the interpreter runs both
+FNUZ_OK = not ON_GPU or bool(torch.version.hip)
+FNUZ = pytest.param(torch.float8_e4m3fnuz, marks=pytest.mark.skipif(not FNUZ_OK, reason="e4m3fnuz needs an AMD GPU"))
+FP8 = [torch.float8_e4m3fn, FNUZ]
+needs_fnuz = pytest.mark.skipif(not FNUZ_OK, reason="e4m3fnuz needs an AMD GPU")
+# Relative-norm error bounds vs the reference. float32: summation order only. bfloat16 GEMM: the output's
+# rounding (the interpreter truncates float32 -> bf16, about doubling it). bfloat16 MoE: the intermediate h
+# is rounded to bf16 and then quantized, so an h that differs by one bf16 ulp (summation order, or the
+# interpreter's truncation everywhere) can land on the next FP8 value.
+TOL_F32 = 1e-5
+TOL_F32_MOE = 1e-3  # a float32 h one ulp off (summation order) flips an FP8 code now and then
+TOL_BF16 = 5e-3 if ON_GPU else 3e-2
+TOL_BF16_MOE = 2e-2 if ON_GPU else 8e-2
+
+
+def triton_op(name: str):
+    return resolve(name, "triton")
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    o, r = out.double(), ref.double()
+    assert not torch.isnan(o).any(), f"{name}: NaN in output"
+    max_abs = (o - r).abs().max().item() if o.numel() else 0.0
+    rel = ((o - r).norm() / r.norm().clamp_min(1e-30)).item() if o.numel() else 0.0
+    print(f"ERR {name}: max_abs={max_abs:.3e} rel={rel:.3e}")
+    assert rel < tol, f"{name}: relative error {rel:.3e} >= {tol:.1e} (max abs {max_abs:.3e})"
+
+
+def same_codes(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff = (got.view(torch.uint8) != want.view(torch.uint8)).sum().item()
+    print(f"ERR {name}: {diff} of {got.numel()} FP8 codes differ")
+    assert diff == 0
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def activations(rows: int, k: int, dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(rows, k, device=DEVICE) * (0.1 + torch.rand(rows, 1, device=DEVICE)) * 8
+    x[0, : k // 3] *= 1e-5  # a tiny group next to normal ones
+    if rows > 2:
+        x[-1] *= 1e-5  # a row under the scale floor
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_rounding_is_nearest_even_like_torch(dtype):
+    """Each group holds fp8_max, so its scale is exactly 1 and the kernel's codes are the plain cast of x:
+    ties between two codes, subnormals and values near the top all round as torch's cast does."""
+    fmax = Q.fp8_max(dtype)
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[torch.isfinite(codes) & (codes.abs() <= fmax)].sort().values
+    ties = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([ties, grid, torch.empty(2000).uniform_(-fmax, fmax), torch.empty(1000).uniform_(-0.03, 0.03)])
+    groups = -(-x.numel() // 127)
+    rows = torch.nn.functional.pad(x, (0, groups * 127 - x.numel())).view(groups, 127)
+    rows = torch.cat([torch.full((groups, 1), fmax), rows], 1).to(DEVICE)  # scale = fmax / fmax = 1
+    q, s = triton_op("fp8_quant_group")(rows, 128, dtype)
+    assert bool((s == 1.0).all())
+    same_codes(f"fp8 rounding {dtype}", q, rows.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [128, 64, None])
+def test_activation_quantization_is_bit_exact(dtype, xdtype, group):
+    x = activations(6, 300, xdtype)  # 300: a partial last group
+    if group is None:
+        q, s = triton_op("fp8_quant_token")(x, dtype)
+        rq, rs = Q.per_token_quant_fp8(x, dtype)
+    else:
+        q, s = triton_op("fp8_quant_group")(x, group, dtype)
+        rq, rs = Q.per_token_group_quant_fp8(x, group, dtype)
+    assert torch.equal(s, rs)
+    same_codes(f"quant group={group} {dtype} {xdtype}", q, rq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("shape", [(4096, 4096), (1, 12288), (4096, 12288)])
+def test_activation_quantization_large(shape):
+    x = activations(*shape, torch.bfloat16)
+    q, s = triton_op("fp8_quant_group")(x, 128)
+    rq, rs = Q.per_token_group_quant_fp8(x, 128)
+    assert torch.equal(s, rs)
+    same_codes(f"quant group {shape}", q, rq)
+    q, s = triton_op("fp8_quant_token")(x)
+    rq, rs = Q.per_token_quant_fp8(x)
+    assert torch.equal(s, rs)
+    same_codes(f"quant token {shape}", q, rq)
+
+
+# ---------------------------------------------------------------- linear
+
+
+def _weight(n: int, k: int, layout: str, block=(128, 128), dtype=torch.float8_e4m3fn):
+    w = torch.randn(n, k, device=DEVICE) / k**0.5
+    q, s = Q.quantize_weight_fp8(w, layout, block, dtype)
+    return q, s, (list(block) if layout == "block" else None)
+
+
+LINEAR_CASES = {
+    # name: (M, N, K, layout, block, split_k override)
+    "decode_block": (3, 200, 300, "block", (128, 128), None),
+    "decode_block_64": (5, 96, 320, "block", (32, 64), None),
+    "decode_channel": (2, 200, 300, "channel", None, None),
+    "decode_tensor": (4, 200, 300, "tensor", None, None),
+    "decode_block_split": (1, 130, 520, "block", (128, 128), 4),
+    "decode_channel_split": (3, 130, 520, "channel", None, 2),
+    "small_channel_separate_quant": (9, 130, 260, "channel", None, None),
+    "prefill_block": (40, 200, 300, "block", (128, 128), None),
+    "prefill_channel": (37, 150, 300, "channel", None, None),
+    "prefill_tensor_split": (33, 72, 300, "tensor", None, 2),
+}
+
+
+def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    q, s, block_size = _weight(n, k, layout, block or (128, 128), dtype)
+    x = activations(m, k, xdtype)
+    b = rand(n, dtype=xdtype) if bias else None
+    if split is not None:
+        tile = tk._gemm_tile(m, n, k, block_size[1] if block_size else 128, x.device)
+        tk.GEMM_TILE_OVERRIDE = dict(tile, split_k=split)
+    try:
+        out = triton_op("fp8_linear")(x, q, s, b, block_size)
+    finally:
+        tk.GEMM_TILE_OVERRIDE = None
+    ref = Q.fp8_linear(x, q, s, b, block_size)
+    check(f"fp8_linear {name} M={m} {xdtype} {dtype}", out, ref, TOL_F32 if xdtype == torch.float32 else TOL_BF16)
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_CASES))
+def test_fp8_linear(name):
+    _run_linear(name, *LINEAR_CASES[name], torch.float32)
+
+
+@pytest.mark.parametrize("name", ["decode_block", "prefill_channel"])
+def test_fp8_linear_bf16(name):
+    _run_linear(name, *LINEAR_CASES[name], torch.bfloat16)
+
+
+@needs_fnuz
+def test_fp8_linear_e4m3fnuz_and_no_bias():
+    _run_linear("decode_block", *LINEAR_CASES["decode_block"], torch.float32, torch.float8_e4m3fnuz, bias=False)
+    _run_linear("prefill_tensor", 20, 64, 256, "tensor", None, None, torch.float32, torch.float8_e4m3fnuz)
+
+
+def test_fp8_linear_row_expanded_block_scales():
+    """block_size [1, bk]: one row of K-block scales per output channel (merged layers with unaligned shards)."""
+    from atom.loader.fp8_format import row_expanded_block_scale
+
+    q, s, _ = _weight(200, 256, "block")
+    rows = row_expanded_block_scale(s, 200, 128)
+    for m in (2, 24):  # fused and separate activation quantization
+        x = activations(m, 256)
+        check(f"fp8_linear row-expanded M={m}", triton_op("fp8_linear")(x, q, rows, None, [1, 128]),
+              Q.fp8_linear(x, q, s, None, [128, 128]), TOL_F32)
+
+
+def test_fp8_linear_rejects_what_the_kernel_cannot_run():
+    q, s, _ = _weight(64, 96, "block", (32, 16))
+    with pytest.raises(ValueError, match="block_k to be a power of two >= 32"):
+        triton_op("fp8_linear")(rand(2, 96), q, s, None, [32, 16])
+    q, s, _ = _weight(64, 256, "block")
+    with pytest.raises(ValueError, match="block scale has shape"):
+        triton_op("fp8_linear")(rand(2, 256), q, s, None, [32, 128])
+
+
+# the GEMMs of the qwen3-8b shape: qkv, o, gate|up, down
+LARGE_LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("layout", ["block", "channel"])
+@pytest.mark.parametrize("m", [1, 16, 128, 1024])
+@pytest.mark.parametrize("proj", sorted(LARGE_LINEAR))
+def test_fp8_linear_large(proj, m, layout):
+    n, k = LARGE_LINEAR[proj]
+    _run_linear(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 64])
+def test_fp8_linear_traces_under_torch_compile(m):
+    q, s, block = _weight(512, 256, "block")
+    x = rand(m, 256, dtype=torch.bfloat16)
+    op = triton_op("fp8_linear")
+    torch._dynamo.reset()
+    compiled = torch.compile(op, fullgraph=True)
+    torch.testing.assert_close(compiled(x, q, s, None, block), op(x, q, s, None, block))
+
+
+# ---------------------------------------------------------------- MoE
+
+MOE_CASES = {
+    # name: (tokens, hidden, inter, experts, top_k, block)  per-pair path up to 16 pairs, sorted beyond
+    "one_decode_block": (1, 160, 96, 6, 2, [32, 32]),
+    "decode_block": (3, 160, 80, 6, 2, [32, 64]),
+    "decode_channel": (4, 160, 96, 6, 3, None),
+    "sorted_block": (20, 160, 96, 5, 2, [32, 32]),
+    "sorted_channel": (18, 96, 48, 5, 2, None),
+}
+
+
+def _run_moe(name, tokens, hidden, inter, experts, top_k, block, xdtype, tol, dtype=torch.float8_e4m3fn,
+             skipped=False):
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    w13, w2, s13, s2 = make_fp8_experts(experts, hidden, inter, block, dtype, DEVICE)
+    x = rand(tokens, hidden, dtype=xdtype)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    if skipped:  # expert parallelism: another rank's experts are -1 (one token has none of its own)
+        ids[::2, 0] = -1
+        ids[-1, :] = -1
+    assert (tokens * top_k <= tk_moe.PAIR_GEMV_MAX_PAIRS) == ("decode" in name)
+    out = triton_op("fp8_fused_experts")(x, w13, w2, s13, s2, weights, ids, "silu", block)
+    ref = Q.fp8_fused_experts(x, w13, w2, s13, s2, weights, ids, "silu", block)
+    check(f"fp8_fused_experts {name} {xdtype} {dtype}", out, ref, tol)
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CASES))
+def test_fp8_fused_experts(name):
+    _run_moe(name, *MOE_CASES[name], torch.float32, TOL_F32_MOE)
+
+
+@pytest.mark.parametrize("name", ["decode_block", "sorted_channel"])
+def test_fp8_fused_experts_bf16(name):
+    _run_moe(name, *MOE_CASES[name], torch.bfloat16, TOL_BF16_MOE)
+
+
+@pytest.mark.parametrize("name", ["decode_block", "sorted_block", "sorted_channel"])
+def test_fp8_fused_experts_skip_other_ranks_experts(name):
+    """Pairs of id -1 (expert parallelism) are skipped on both paths, as in the reference."""
+    _run_moe(name + " ep", *MOE_CASES[name], torch.float32, TOL_F32_MOE, skipped=True)
+
+
+@needs_fnuz
+def test_fp8_fused_experts_e4m3fnuz():
+    _run_moe("one_decode_block", *MOE_CASES["one_decode_block"], torch.float32, TOL_F32_MOE, torch.float8_e4m3fnuz)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("block", [[128, 128], None])
+@pytest.mark.parametrize("tokens", [1, 2, 32, 512])
+def test_fp8_fused_experts_large(tokens, block):
+    """qwen3-30b-a3b experts: hidden 2048, moe inter 768, 128 experts, top 8."""
+    kind = "decode" if tokens * 8 <= 16 else "sorted"
+    _run_moe(f"30b-a3b {kind} T{tokens}", tokens, 2048, 768, 128, 8, block, torch.bfloat16, TOL_BF16_MOE)
+
+
+# ---------------------------------------------------------------- FP8 KV cache
+
+
+def _paged(q_lens, ctx_lens, hq, hkv, d, block_size, dtype, kv_dtype):
+    seq = [c + q for c, q in zip(ctx_lens, q_lens)]
+    nblk = [triton.cdiv(s, block_size) for s in seq]
+    total = sum(nblk) + 3
+    perm = torch.randperm(total, device=DEVICE)
+    tables = torch.zeros(len(q_lens), max(nblk), dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(nblk):
+        tables[i, :n] = perm[used:used + n].int()
+        used += n
+    kc = (torch.randn(total, block_size, hkv, d, device=DEVICE) * 2).to(kv_dtype)
+    vc = (torch.randn(total, block_size, hkv, d, device=DEVICE) * 2).to(kv_dtype)
+    qsl = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).int()
+    q = rand(int(qsl[-1]), hq, d, dtype=dtype)
+    return q, kc, vc, tables, qsl, torch.tensor(seq, dtype=torch.int32, device=DEVICE), max(q_lens), max(seq)
+
+
+def _scales(with_scale: bool):
+    if not with_scale:
+        return None, None
+    return (torch.tensor(0.2 + torch.rand(()).item(), device=DEVICE),
+            torch.tensor([0.5 + torch.rand(()).item()], device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_reshape_and_cache_fp8(dtype, with_scale):
+    tokens, heads, dim, block_size, blocks = 7, 2, 16, 4, 5
+    kv = rand(tokens, 2 * heads, dim, scale=3.0)
+    key, value = kv[:, :heads], kv[:, heads:]
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    slots[::3] = -1
+    kc = rand(blocks, block_size, heads, dim).to(dtype)
+    vc = rand(blocks, block_size, heads, dim).to(dtype)
+    rk, rv = kc.clone(), vc.clone()
+    ks, vs = _scales(with_scale)
+    triton_op("reshape_and_cache")(key, value, kc, vc, slots, ks, vs)
+    ref_attn.reshape_and_cache(key, value, rk, rv, slots, ks, vs)
+    same_codes(f"reshape_and_cache k {dtype} scale={with_scale}", kc, rk)
+    same_codes(f"reshape_and_cache v {dtype} scale={with_scale}", vc, rv)
+
+
+ATTN_CASES = {
+    # name: (q_lens, ctx_lens, Hq, Hkv, head_dim, block_size, num_splits)
+    "decode": ([1, 1, 1], [9, 30, 2], 4, 2, 32, 4, None),
+    "decode_split": ([1, 1], [37, 70], 4, 1, 32, 4, 4),
+    "prefill_prefix": ([5, 19, 1], [0, 14, 33], 4, 2, 32, 4, None),
+}
+
+
+def _run_attention(name, case, dtype, kv_dtype, with_scale, tol):
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    q_lens, ctx_lens, hq, hkv, d, bs, splits = case
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged(q_lens, ctx_lens, hq, hkv, d, bs, dtype, kv_dtype)
+    ks, vs = _scales(with_scale)
+    out = paged_attention_impl(q, kc, vc, tables, qsl, lens, d**-0.5, None, None, max_q, max_l, num_splits=splits,
+                               k_scale=ks, v_scale=vs)
+    ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, d**-0.5, None, None, max_q, max_l, k_scale=ks,
+                                   v_scale=vs)
+    check(f"paged_attention fp8 KV {name} {dtype} {kv_dtype} scale={with_scale}", out, ref, tol)
+
+
+@pytest.mark.parametrize("name", sorted(ATTN_CASES))
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_paged_attention_fp8_kv(name, with_scale):
+    _run_attention(name, ATTN_CASES[name], torch.float32, torch.float8_e4m3fn, with_scale, TOL_F32)
+
+
+def test_paged_attention_fp8_kv_bf16():
+    _run_attention("decode", ATTN_CASES["decode"], torch.bfloat16, torch.float8_e4m3fn, True, TOL_BF16)
+
+
+@needs_fnuz
+def test_paged_attention_fp8_kv_e4m3fnuz():
+    _run_attention("prefill_prefix", ATTN_CASES["prefill_prefix"], torch.float32, torch.float8_e4m3fnuz, True,
+                   TOL_F32)
+
+
+def test_paged_attention_registered_op_passes_kv_scales():
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged([1, 1], [20, 7], 4, 2, 32, 4, torch.float32,
+                                                        torch.float8_e4m3fn)
+    ks, vs = _scales(True)
+    out = triton_op("paged_attention")(q, kc, vc, tables, qsl, lens, 0.3, None, None, max_q, max_l, k_scale=ks,
+                                       v_scale=vs)
+    check("paged_attention op fp8 KV", out, ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, 0.3, k_scale=ks,
+                                                                      v_scale=vs), TOL_F32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("name,case", [
+    ("decode_bs32", ([1] * 32, [4095] * 32, 32, 8, 128, 16, None)),
+    ("prefill_bs4", ([1024, 512, 300, 77], [0, 1536, 1000, 3000], 32, 8, 128, 16, None)),
+])
+def test_paged_attention_fp8_kv_large(name, case):
+    _run_attention(name, case, torch.bfloat16, torch.float8_e4m3fn, True, TOL_BF16)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_qk_norm_rope_cache_fp8(dtype):
+    tokens, hq, hk, d, block_size, blocks = 6, 4, 2, 16, 4, 5
+    cs = rand(64, d // 2)  # partial rotary: the pass-through channels are written too
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    qkv = rand(tokens, (hq + 2 * hk) * d, scale=2.0)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    qw, kw = rand(d), rand(d)
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    slots[1::4] = -1
+    caches = [rand(blocks, block_size, hk, d).to(dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    ks, vs = _scales(True)
+    args = (positions, q, k, v, qw, kw, 1e-6, d, cs, True)
+    oq, ok = triton_op("qk_norm_rope_cache")(*args, *caches, slots, ks, vs)
+    rq, rk = ref_qk_norm_rope_cache(*args, *ref_caches, slots, ks, vs)
+    check("qk_norm_rope_cache fp8 q", oq, rq, TOL_F32)
+    check("qk_norm_rope_cache fp8 k", ok, rk, TOL_F32)
+    # the cached k is quantized from the rotated k: equal codes wherever the float32 k agrees bit for bit
+    agree = (ok == rk).view(tokens, hk, d)
+    written = slots >= 0
+    got = caches[0].view(-1, hk, d)[slots[written]].view(torch.uint8)
+    want = ref_caches[0].view(-1, hk, d)[slots[written]].view(torch.uint8)
+    assert torch.equal(got[agree[written]], want[agree[written]])
+    same_codes(f"qk_norm_rope_cache v cache {dtype}", caches[1], ref_caches[1])
+
+
+# ---------------------------------------------------------------- a whole FP8 model on the Triton kernels
+
+
+def _tiny_fp8_qwen3_moe(tmp_path) -> str:
+    """Qwen3-MoE (qk-norm: the fused qk-norm/rope/FP8-cache op; one MoE and one dense layer), 32x32 block FP8
+    written by tools/quantize_fp8.py (block_k 32: the Triton GEMM's smallest)."""
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
+    import quantize_fp8
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "float")
+    quantize_fp8.quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "fp8"), "fp8-block", (32, 32))
+    return str(tmp_path / "fp8")
+
+
+def _fp8_model_logits(path: str, backend: str, monkeypatch, kv_cache_dtype) -> tuple[torch.Tensor, object]:
+    """Prefill of two prompts (block size 4 < the prompts) then 3 decode steps, FP8 weights, float32
+    activations, every op on `backend`, the same tokens fed to both."""
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+    from atom.ops import registry
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", backend)
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    model, _ = load_model(path, dtype="float32", device=DEVICE, kv_cache_dtype=kv_cache_dtype, progress=False)
+    harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
+    seqs = harness.add(2)
+    out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
+    for tokens in ([7, 8], [11, 12], [13, 14]):
+        out.append(harness.step([[t] for t in tokens], seqs))
+    return torch.cat(out).float().cpu(), model
+
+
+# An FP8 KV cache holds values on the e4m3 grid; attention over them returns sums of few grid values, whose
+# per-token FP8 quantization at o_proj often lands exactly on a rounding tie (x / scale between two e4m3
+# codes), so float32 summation-order differences of 1e-7 upstream pick the other code: measured 2% at o_proj's
+# output and 1% on the logits (layer 0's cache codes identical, 35 of 4096 of layer 1's differ). With a float
+# KV cache the two backends agree to 2e-7.
+TOL_FP8_KV_MODEL = 5e-2
+
+
+@pytest.mark.parametrize("kv", ["float", "fp8"])
+def test_fp8_model_on_triton_kernels_matches_the_torch_references(kv, tmp_path, monkeypatch):
+    """Block-FP8 linears and experts (and an FP8 KV cache written by the fused qk-norm/rope/cache op, read by
+    paged attention in prefill and decode): the Triton model against the torch-reference model, float32
+    activations (the activation quantization is the same bit for bit)."""
+    from atom.ops import registry
+
+    path = _tiny_fp8_qwen3_moe(tmp_path)
+    kv_dtype = "fp8" if kv == "fp8" else None
+    ref, _ = _fp8_model_logits(path, "torch", monkeypatch, kv_dtype)
+    got, model = _fp8_model_logits(path, "triton", monkeypatch, kv_dtype)
+    used = {(i.op, i.backend) for i in registry.resolved_impls(model)}
+    for op in ("fp8_linear", "fp8_fused_experts", "qk_norm_rope_cache", "paged_attention"):
+        assert (op, "triton") in used, (op, used)
+    assert registry.cuda_graph_blockers(model) == []  # capturable end to end
+    check(f"fp8 model, {kv} KV cache (triton vs torch)", got, ref, TOL_FP8_KV_MODEL if kv == "fp8" else TOL_F32_MOE)
+    registry.forget_resolutions()
