@@ -12,12 +12,23 @@ import transformers
 
 REPO = Path(__file__).resolve().parents[3]
 
+
+def _reference_swiglu_limit(wanted: float) -> float:
+    """transformers before 5.18 hard-codes GPT-OSS's SwiGLU limit (7.0) and ignores config.swiglu_limit (seen
+    with 5.17 on the GPU machine: every logit off); there the tiny checkpoints use 7.0, so reference and ATOM
+    (which reads the config) compute the same model."""
+    import inspect
+
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    return wanted if "config.swiglu_limit" in inspect.getsource(modeling_gpt_oss.GptOssExperts) else 7.0
+
 # Every GPT-OSS feature at a size the CPU runs in seconds: GQA (4 heads, 2 KV heads), sliding window 5
 # (smaller than the prompts, ending inside 4-token blocks) on layer 0 and full attention on layer 1, YaRN
 # with truncate false as the released checkpoints, and a SwiGLU limit low enough that the clamps engage.
 CONFIG = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
-              max_position_embeddings=128, swiglu_limit=1.2, tie_word_embeddings=False,
+              max_position_embeddings=128, swiglu_limit=_reference_swiglu_limit(1.2), tie_word_embeddings=False,
               rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                "truncate": False, "original_max_position_embeddings": 32, "rope_theta": 150000.0})
 

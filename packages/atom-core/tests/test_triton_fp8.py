@@ -49,6 +49,9 @@ needs_fnuz = pytest.mark.skipif(not FNUZ_OK, reason="e4m3fnuz needs an AMD GPU")
 # interpreter's truncation everywhere) can land on the next FP8 value.
 TOL_F32 = 1e-5
 TOL_F32_MOE = 1e-3  # a float32 h one ulp off (summation order) flips an FP8 code now and then
+# Hopper's FP8 tensor-core MMA (the tl.dot path of the prefill GEMM) accumulates with ~14 significant bits,
+# not float32's 24 (DeepSeek-V3 report, sec. 3.3.2; measured on the H200: 1.2e-4 relative on these K = 300 cases).
+TOL_F32_FP8_MMA = 5e-4 if ON_GPU else TOL_F32
 TOL_BF16 = 5e-3 if ON_GPU else 3e-2
 TOL_BF16_MOE = 2e-2 if ON_GPU else 8e-2
 
@@ -174,7 +177,8 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     finally:
         tk.GEMM_TILE_OVERRIDE = None
     ref = Q.fp8_linear(x, q, s, b, block_size)
-    check(f"fp8_linear {name} M={m} {xdtype} {dtype}", out, ref, TOL_F32 if xdtype == torch.float32 else TOL_BF16)
+    f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
+    check(f"fp8_linear {name} M={m} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_CASES))

@@ -52,6 +52,17 @@ def write_tiny_llama(path: str, seed: int = 0, **overrides) -> str:
     return os.fspath(path)
 
 
+def _reference_swiglu_limit(wanted: float) -> float:
+    """transformers before 5.18 hard-codes GPT-OSS's SwiGLU limit (7.0) and ignores config.swiglu_limit (seen
+    with 5.17 on the GPU machine: every logit off); there the tiny checkpoints use 7.0, so reference and ATOM
+    (which reads the config) compute the same model."""
+    import inspect
+
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    return wanted if "config.swiglu_limit" in inspect.getsource(modeling_gpt_oss.GptOssExperts) else 7.0
+
+
 def write_tiny_gpt_oss(path: str, seed: int = 0) -> str:
     """Save a 2-layer GPT-OSS (float32, dense experts; sliding window 5 on layer 0, sinks, YaRN) plus tokenizer."""
     import math
@@ -62,7 +73,8 @@ def write_tiny_gpt_oss(path: str, seed: int = 0) -> str:
     tok = build_tokenizer()
     config = GptOssConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256, swiglu_limit=1.2,
+                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256,
+                          swiglu_limit=_reference_swiglu_limit(1.2),
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
                           rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                            "truncate": False, "original_max_position_embeddings": 64,

@@ -71,7 +71,10 @@ def load_config(model: str, trust_remote_code: bool = False):
         raise ValueError(f"cannot read {os.path.join(model, 'config.json')}: {e}") from e
 
 
-def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
+def resolve_dtype(config, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    """The model's dtype; "auto" follows the checkpoint, except that a float32 (or unstated) checkpoint runs in
+    bf16 on a GPU (vLLM's rule) and stays float32 on CPU; `device` is where the model will run (default: the
+    accelerator when there is one), so a CPU model in a GPU process is float32 too."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -85,7 +88,8 @@ def resolve_dtype(config, dtype: str | torch.dtype = "auto") -> torch.dtype:
         cfg_dtype = _DTYPES.get(cfg_dtype, None)
     if cfg_dtype in (None, torch.float32):
         # As vLLM: float32 checkpoints run in bf16 on GPUs; keep float32 on CPU for exactness.
-        return torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+        on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+        return torch.float32 if on_cpu else torch.bfloat16
     return cfg_dtype
 
 
@@ -153,8 +157,8 @@ def load_model(
     attention when no `attn_factory` is given."""
     config = config if config is not None else load_config(model, trust_remote_code)
     cls = model_class_for_config(config)
-    torch_dtype = resolve_dtype(config, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    torch_dtype = resolve_dtype(config, dtype, device)
     if quant_config is None:
         quant_config = quantization_config_for(config, quantization)
     if attn_factory is None:

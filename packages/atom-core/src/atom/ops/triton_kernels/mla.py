@@ -230,8 +230,8 @@ def mla_latent_attention(
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_m, part_l, part_acc, out, num_heads, lora, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_D=block_l, num_warps=4)
+            part_m, part_l, part_acc, out, out, num_heads, lora, out.stride(0), out.stride(1),  # no sinks (unread)
+            NUM_SPLITS=num_splits, BLOCK_D=block_l, USE_SINKS=False, num_warps=4)
     return out
 
 

@@ -93,11 +93,13 @@ def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.c
                                      other=127))[:, None, :]
         low = tl.reshape(_e2m1_to_f32(packed & 15), [BLOCK_K // 32, 16, BLOCK_N]) * scale
         high = tl.reshape(_e2m1_to_f32(packed >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * scale
-        return (tl.reshape(low, [BLOCK_K // 2, BLOCK_N]).to(dtype),
-                tl.reshape(high, [BLOCK_K // 2, BLOCK_N]).to(dtype))
-    kk = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(w_cols + kk[:, None], mask=(kk < k_dim)[:, None] & n_ok[None, :], other=0.0).to(dtype)
-    return w, w
+        first = tl.reshape(low, [BLOCK_K // 2, BLOCK_N]).to(dtype)
+        second = tl.reshape(high, [BLOCK_K // 2, BLOCK_N]).to(dtype)
+    else:  # one return for both branches: Triton (3.6) type-checks every return of a function together
+        kk = k0 + tl.arange(0, BLOCK_K)
+        first = tl.load(w_cols + kk[:, None], mask=(kk < k_dim)[:, None] & n_ok[None, :], other=0.0).to(dtype)
+        second = first
+    return first, second
 
 
 @triton.jit
@@ -168,11 +170,13 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
                                      other=127))
-        return tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
-    kk = k0 + tl.arange(0, BLOCK_K)
-    ok = kk < k_dim
-    w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
-    return w * tl.load(x_ptr + kk, mask=ok, other=0.0).to(tl.float32)[None, :]
+        out = tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
+    else:  # one return for both branches (see _w_chunk)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        ok = kk < k_dim
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+        out = w * tl.load(x_ptr + kk, mask=ok, other=0.0).to(tl.float32)[None, :]
+    return out
 
 
 @triton.jit
