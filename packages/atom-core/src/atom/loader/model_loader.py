@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 import torch
@@ -80,15 +81,42 @@ def checkpoint_weights(model: str, progress: bool = True) -> Iterable[tuple[str,
     return iterate_safetensors(model, progress=progress)
 
 
-def random_weights_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Fill every parameter with small random values (benchmarks: speed does not depend on weights)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-            continue
-        values = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
-        p.data.copy_(values.to(p.dtype))
+DUMMY_LOW, DUMMY_HIGH, DUMMY_SEED = -1e-3, 1e-3, 1234
+
+
+@torch.no_grad()
+def dummy_weight_(tensor: torch.Tensor, low: float = DUMMY_LOW, high: float = DUMMY_HIGH,
+                  seed: int = DUMMY_SEED) -> None:
+    """vLLM's dummy-weight rule for one tensor (`initialize_single_dummy_weight`, vLLM 0.24 and 0.32): a
+    generator on the tensor's own device seeded with `seed` for this tensor alone, then uniform_(low, high)
+    in the tensor's dtype (through float16 for 8-bit types); integer tensors are left as they are. The values
+    depend only on the tensor's size, dtype and device, so ATOM and vLLM draw identical weights wherever
+    their layouts agree (and every rank of a sharded model draws the same rule)."""
+    if tensor.device.type == "meta" or not torch.is_floating_point(tensor):
+        return
+    gen = torch.Generator(device=tensor.device)
+    gen.manual_seed(seed)
+    if torch.finfo(tensor.dtype).bits < 16:  # uniform_ has no 8-bit kernels
+        tmp = torch.empty_like(tensor, dtype=torch.float16)
+        tmp.uniform_(low, high, generator=gen)
+        tensor.copy_(tmp)
+    else:
+        tensor.uniform_(low, high, generator=gen)
+
+
+def dummy_weights_(module: torch.nn.Module, seed: int = DUMMY_SEED) -> None:
+    """Random weights for benchmarks, as vLLM's `load_format=dummy` makes them: every floating parameter and
+    persistent buffer (norm weights and routers included) uniform in [-1e-3, 1e-3], drawn where it lives
+    (on the GPU: no host generation and copy). Non-persistent buffers (the RoPE table) keep their values."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        tensors = list(sub.named_parameters(recurse=False)) + [
+            (n, b) for n, b in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set]
+        for _, t in tensors:
+            if t is None or id(t) in seen:  # tied weights: drawn once
+                continue
+            seen.add(id(t))
+            dummy_weight_(t.data, seed=seed)
 
 
 def load_model(
@@ -103,8 +131,11 @@ def load_model(
     progress: bool = True,
     quantization: str | None = None,
     quant_config: QuantizationConfig | None = None,
+    timings: dict[str, float] | None = None,
 ):
     """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights).
+    `timings`, when given, receives the seconds of each part: build, weights (loading or the dummy draw),
+    post_load (the quantization methods' processing).
 
     The quantization scheme comes from the checkpoint's quantization_config (or `quantization`, a
     quant_method name forcing one, or a ready `quant_config` from a host); after the weights are in,
@@ -117,10 +148,12 @@ def load_model(
         quant_config = quantization_config_for(config, quantization)
     # Only schemes are passed: a model class that predates the seam still builds unquantized.
     extra = {"quant_config": quant_config} if quant_config is not None else {}
+    clock = _Clock(device, timings)
     with default_dtype(torch_dtype), torch.device(device):
         net = cls(config, attn_factory=attn_factory, max_positions=max_positions, **extra)
+    clock.lap("build")
     if load_format == "dummy":
-        random_weights_(net)
+        dummy_weights_(net)
     else:
         loaded = net.load_weights(checkpoint_weights(model, progress=progress))
         expected = {n for n, _ in net.named_parameters(remove_duplicate=False)}
@@ -128,7 +161,26 @@ def load_model(
         if missing:
             raise ValueError(f"checkpoint {model} lacks tensors for: {', '.join(missing[:10])}"
                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    clock.lap("weights")
     with torch.device(device):
         process_weights_after_loading(net)
+    clock.lap("post_load")
     net.eval()
     return net, config
+
+
+class _Clock:
+    """Laps of load_model into `timings` (synchronising the device first, so a lap holds its own work)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
