@@ -46,6 +46,13 @@ def test_throughput_cli_writes_json(tmp_path, capsys):
     for r in runs:
         assert len(r["total_s_all"]) == 2 and len(r["prefill_s_all"]) == 2
         assert r["prefill_ms"] > 0 and r["output_tok_s"] > 0 and r["ms_per_step"] is not None
+        # what a comparison with vLLM must show next to vLLM's own settings
+        assert r["settings"]["max_num_seqs"] == 3 and r["settings"]["cuda_graphs"] is False
+    # the start-up breakdown: every phase of the engine, the weights' laps named in its detail
+    phases = [p["phase"] for p in report["startup"]["phases"]]
+    assert phases[0] == "config" and phases[-1] == "ready" and "weights" in phases
+    weights = next(p for p in report["startup"]["phases"] if p["phase"] == "weights")
+    assert weights["detail"].startswith("dummy: build") and "post_load" in weights["detail"]
     table = capsys.readouterr().out
     assert "prefill ms" in table and "ms/step" in table and "out tok/s" in table
 

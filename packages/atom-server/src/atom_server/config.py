@@ -37,6 +37,7 @@ class EngineArgs:
     generation_config: str = "auto"  # auto | vllm | folder with generation_config.json
     cpu_threads: int | None = None  # `atom serve` on CPU: the engine's torch threads (None: cpu_threads.plan)
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: no cap (vLLM's)
+    startup_profile: bool = False  # log where start-up time goes, Triton JIT compiles included (startup.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +129,10 @@ class EngineArgs:
                  "generation_config.json")
         add("--max-logprobs", type=int, default=d["max_logprobs"],
             help="most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; -1: no cap")
+        add("--startup-profile", action="store_true",
+            help="log where start-up time goes: each phase, each captured CUDA-graph batch size, and every Triton "
+                 "JIT compile (kernel, seconds, which specialisation made it compile again); also "
+                 "ATOM_STARTUP_PROFILE=1")
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "
