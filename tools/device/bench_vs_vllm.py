@@ -7,15 +7,19 @@
 
 (the .sh sets up /tmp/site first; tools/device/README.md has the whole sequence of device calls.)
 For each shape: one config-only checkpoint (atom_server.bench.preset_checkpoint) shared by the engines,
-then each engine in its own process, one after the other, under a time budget:
+then each engine in its own fresh process, --repeats times interleaved (A B C A B C ...), under a time budget:
   atom       atom-server's offline engine (`python -m atom_server.bench_cli throughput`)
-  vllm       vLLM's built-in model (tools/device/vllm_throughput.py, ATOM_DISABLE_VLLM_PLUGIN=1)
+  vllm       vLLM's built-in model (tools/device/vllm_throughput.py) from a PYTHONPATH without any atom
+             package (setup_device.sh keeps the atom wheels in their own site; the script refuses to run
+             when atom is importable)
   atom-vllm  vLLM running ATOM's model through the atom-vllm plugin (the same script, plugin on)
   atom-base  atom-server without --quantization / --kv-cache-dtype (ATOM's bf16 next to its FP8 run)
 --quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
 at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
-Writes $OUT/bench_<shape>_<HHMMSS>.json (after every engine, so a cut-off call keeps what finished)
-and the matching .log, and prints the table of make_table.py.
+Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule). Writes
+$OUT/bench_<shape>_<HHMMSS>.json (after every run, so a cut-off call keeps what finished) with the device
+session it ran in (make_table.py pairs engines of one session only) and the matching .log, and prints
+the table of make_table.py (medians and min-max spread over the repeats).
 """
 
 from __future__ import annotations
@@ -120,6 +124,37 @@ def _kill_group(proc: subprocess.Popen) -> None:
         time.sleep(1)
 
 
+ATOM_MODULES = ("atom", "atom_server", "atom_vllm", "atom_sglang")
+
+
+def has_atom(entry: str) -> bool:
+    """Whether a PYTHONPATH entry provides an atom package (a source tree or an installed wheel)."""
+    if not os.path.isdir(entry):
+        return False
+    names = os.listdir(entry)
+    return any(n in ATOM_MODULES for n in names) or any(n.startswith("atom_") and n.endswith(".dist-info")
+                                                        for n in names)
+
+
+def without_atom(pythonpath: str) -> str:
+    """PYTHONPATH less every entry that provides atom: vLLM's baseline must not even see atom installed."""
+    return os.pathsep.join(e for e in pythonpath.split(os.pathsep) if e and not has_atom(e))
+
+
+def session_id() -> str:
+    """The device session: one id per machine start (a fresh machine has an empty /tmp). make_table.py
+    compares engines only within one session: two machines (or two starts of one) differ by more than the
+    engines do."""
+    path = "/tmp/atom-bench-session"
+    if not os.path.exists(path):
+        import uuid
+
+        with open(path, "w") as f:
+            f.write(f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    with open(path) as f:
+        return f.read().strip()
+
+
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
     common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
               "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json,
@@ -137,10 +172,37 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
         cmd = [sys.executable, os.path.join(HERE, "vllm_throughput.py"), "--model", model,
                "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant, *ns.vllm_args.split()]
         if engine == "vllm":
-            env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"
+            env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"  # belt and braces: atom is not importable at all
+            env["PYTHONPATH"] = without_atom(env.get("PYTHONPATH", ""))
+            cmd.append("--expect-no-atom")
         else:
             env.pop("ATOM_DISABLE_VLLM_PLUGIN", None)
     return cmd, env
+
+
+def run_engine(engine: str, model: str, ns: argparse.Namespace, tag: str, log, timeout_s: float,
+               rnd: int) -> dict:
+    """One fresh process of one engine; its report (partial when cut short) with took_s and any error."""
+    out_json = os.path.join("/tmp/bench_parts", f"{engine}_{tag}_{rnd}.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    cmd, env = engine_command(engine, model, ns, out_json)
+    started = time.monotonic()
+    rc, text = run_logged(cmd, env, log, timeout_s, f"{engine} #{rnd + 1}")
+    took = time.monotonic() - started
+    rep: dict = {}
+    if os.path.exists(out_json):  # written after every batch size: partial when cut short
+        with open(out_json) as f:
+            rep = json.load(f)
+    if rc != 0:
+        why = "timed out" if rc is None else f"exit status {rc}"
+        lines = text.strip().splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
+        rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
+    rep["took_s"] = took
+    if engine not in ("atom", "atom-base"):
+        rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
+    return rep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="fresh-process runs of each engine, interleaved (A B C A B C ...); the table shows medians "
+                        "and the min-max spread")
     p.add_argument("--budget-s", type=float, default=500, help="stop starting engines past this many seconds")
     p.add_argument("--engine-timeout-s", type=float, default=240, help="most seconds one engine may take")
     p.add_argument("--min-engine-s", type=float, default=90, help="skip an engine with less time than this left")
@@ -188,35 +253,24 @@ def main(argv: list[str] | None = None) -> int:
         variant = "_" + variant if variant else ""
         stem = f"bench_{shape}{par}{variant}_{time.strftime('%H%M%S')}"  # calls keep their files
         path = os.path.join(ns.out, stem + ".json")
+        bench["session"] = session_id()
+        bench["repeats"] = []  # one {engine: report} per round; "engines" keeps the first round's (older readers)
         with open(os.path.join(ns.out, stem + ".log"), "w") as log:
-            for engine in ns.engines.split(","):
-                left = ns.budget_s - (time.monotonic() - t0)
-                if left < ns.min_engine_s:
-                    bench["engines"][engine] = dict(error=f"skipped: {left:.0f} s of the budget left")
-                    print(f"[{engine}] skipped, {left:.0f} s left", flush=True)
-                    continue
-                out_json = os.path.join(parts, f"{engine}_{shape}{par}.json")
-                if os.path.exists(out_json):
-                    os.remove(out_json)
-                cmd, env = engine_command(engine, model, ns, out_json)
-                started = time.monotonic()
-                rc, text = run_logged(cmd, env, log, min(ns.engine_timeout_s, left), engine)
-                took = time.monotonic() - started
-                rep = {}
-                if os.path.exists(out_json):  # written after every batch size: partial when cut short
-                    with open(out_json) as f:
-                        rep = json.load(f)
-                if rc != 0:
-                    why = "timed out" if rc is None else f"exit status {rc}"
-                    lines = text.strip().splitlines()
-                    errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
-                    rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
-                rep["took_s"] = took
-                if engine not in ("atom", "atom-base"):
-                    rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
-                bench["engines"][engine] = rep
-                with open(path, "w") as f:
-                    json.dump(bench, f, indent=1)
+            for rnd in range(ns.repeats):
+                bench["repeats"].append({})
+                for engine in ns.engines.split(","):
+                    left = ns.budget_s - (time.monotonic() - t0)
+                    if left < ns.min_engine_s:
+                        print(f"[{engine}] round {rnd + 1} skipped, {left:.0f} s left", flush=True)
+                        if rnd == 0:
+                            bench["engines"][engine] = dict(error=f"skipped: {left:.0f} s of the budget left")
+                        continue
+                    rep = run_engine(engine, model, ns, shape + par, log, min(ns.engine_timeout_s, left), rnd)
+                    bench["repeats"][rnd][engine] = rep
+                    if rnd == 0:
+                        bench["engines"][engine] = rep
+                    with open(path, "w") as f:
+                        json.dump(bench, f, indent=1)
         benches.append(bench)
         with open(path, "w") as f:
             json.dump(bench, f, indent=1)

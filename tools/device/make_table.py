@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 from typing import Any
 
@@ -121,10 +122,14 @@ def load(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per shape: for each engine, the latest report that has runs (else the latest one)."""
-    by_shape: dict[tuple[str, str], dict[str, Any]] = {}
+    """One entry per shape, variant (fp8 rows: variant()) and device session, never across sessions (two
+    machines, or two starts of one, differ by more than the engines do): the rounds of every call of that
+    session, in order. A file from before sessions were recorded is a session of its own."""
+    by_key: dict[tuple[str, str, str], dict[str, Any]] = {}
     for b in sorted(benches, key=lambda b: (b.get("date", ""), b.get("time", ""))):
-        m = by_shape.setdefault((b["shape"], variant(b)), {**b, "engines": {}, "commands": []})
+        session = b.get("session") or f"{b.get('date', '?')} {b.get('time', '?')}"
+        m = by_key.setdefault((b["shape"], variant(b), session),
+                              {**b, "session": session, "engines": {}, "commands": [], "repeats": []})
         m["commands"].append(b["command"])
         for k in ("device", "bandwidth_gbps", "config", "dtype", "input_len", "output_len", "quantization",
                   "kv_cache_dtype"):
@@ -132,7 +137,16 @@ def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for e, rep in b["engines"].items():
             if rep.get("runs") or not m["engines"].get(e, {}).get("runs"):
                 m["engines"][e] = rep
-    return list(by_shape.values())
+        m["repeats"] += b.get("repeats") or [b["engines"]]
+    merged = list(by_key.values())
+    sessions: dict[str, int] = {}
+    for m in merged:
+        m["label"] = m["shape"] + (f" {variant(m)}" if variant(m) else "")
+        sessions[m["label"]] = sessions.get(m["label"], 0) + 1
+    for m in merged:  # a shape measured in several sessions: one row group per session, labelled
+        if sessions[m["label"]] > 1:
+            m["label"] += f" ({m['session']})"
+    return merged
 
 
 def _runs(report: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
@@ -141,23 +155,35 @@ def _runs(report: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
     return {r["batch_size"]: r for r in report["runs"]}
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 def _f(x: float | None, fmt: str = ",.0f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{suffix}"
 
 
 def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape (and session) and batch size: each engine's values over the rounds (fresh processes,
+    interleaved), and the ratios to vLLM paired by round."""
     out = []
     for b in benches:
-        shape, gbps = b["shape"] + (f" {variant(b)}" if variant(b) else ""), b.get("bandwidth_gbps")
-        runs = {e: _runs(b["engines"].get(e)) for e in ENGINES}
-        for bs in sorted({bs for r in runs.values() for bs in r}):
+        shape, gbps = b.get("label", b["shape"]), b.get("bandwidth_gbps")
+        rounds = [{e: _runs(rnd.get(e)) for e in ENGINES} for rnd in (b.get("repeats") or [b["engines"]])]
+        sizes = sorted({bs for rnd in rounds for r in rnd.values() for bs in r})
+        for bs in sizes:
             row: dict[str, Any] = dict(shape=shape, batch=bs)
             for e in ENGINES:
-                r = runs[e].get(bs)
-                row[f"{e}_tok_s"] = r["output_tok_s"] if r else None
-                row[f"{e}_ms_step"] = r.get("ms_per_step") if r else None
-                row[f"{e}_prefill_ms"] = r.get("prefill_ms") if r else None
-            any_run = next(r[bs] for r in runs.values() if bs in r)
+                got = [rnd[e][bs] for rnd in rounds if bs in rnd[e]]
+                row[f"{e}_tok_s_all"] = [r["output_tok_s"] for r in got]
+                row[f"{e}_ms_step_all"] = [r["ms_per_step"] for r in got if r.get("ms_per_step")]
+                row[f"{e}_tok_s"] = _median(row[f"{e}_tok_s_all"])
+                row[f"{e}_ms_step"] = _median(row[f"{e}_ms_step_all"])
+                row[f"{e}_prefill_ms"] = _median([r["prefill_ms"] for r in got if r.get("prefill_ms")])
+                if e != "vllm":  # paired by round: never a ratio of two different rounds' luck
+                    row[f"{e}_ratio_all"] = [rnd[e][bs]["output_tok_s"] / rnd["vllm"][bs]["output_tok_s"]
+                                             for rnd in rounds if bs in rnd[e] and bs in rnd["vllm"]]
+            any_run = next(rnd[e][bs] for rnd in rounds for e in ENGINES if bs in rnd[e])
             context = any_run["input_len"] + any_run["output_len"] / 2
             nbytes = 4 if b.get("dtype") in ("float32", "float") else 2
             wbytes = 1 if b.get("quantization") == "fp8" else None
@@ -166,10 +192,21 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             tp = b.get("tensor_parallel_size") or 1
             row["roof_ms"] = (roofline_ms(b["config"], bs, context, gbps, nbytes, wbytes, kvbytes) / tp
                               if gbps and b.get("config") else None)
-            base = runs["atom-base"].get(bs)
-            row["atom-base_tok_s"] = base["output_tok_s"] if base else None
+            # ATOM's FP8 run over its bf16 one (atom-base), paired by round like the ratios to vLLM
+            row["atom_base_ratio_all"] = [
+                rnd["atom"][bs]["output_tok_s"] / rnd["atom-base"][bs]["output_tok_s"]
+                for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-base"]]
+            row["rounds"] = len(rounds)
             out.append(row)
     return out
+
+
+def _spread(xs: list[float], fmt: str = ",.0f", suffix: str = "") -> str:
+    """median, and [min-max] when there are several values."""
+    if not xs:
+        return "-"
+    med = f"{statistics.median(xs):{fmt}}{suffix}"
+    return med if len(xs) == 1 else f"{med} [{min(xs):{fmt}}-{max(xs):{fmt}}{suffix}] n={len(xs)}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -186,34 +223,38 @@ def table(benches: list[dict[str, Any]]) -> str:
             "| vLLM+ATOM % roof |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows(benches):
-        a, v, p = r["atom_tok_s"], r["vllm_tok_s"], r["atom-vllm_tok_s"]
         lines.append(" | ".join([
-            f"| {r['shape']}", str(r["batch"]), _f(a), _f(v), _f(p), _ratio(a, v), _ratio(p, v),
+            f"| {r['shape']}", str(r["batch"]), _spread(r["atom_tok_s_all"]), _spread(r["vllm_tok_s_all"]),
+            _spread(r["atom-vllm_tok_s_all"]), _spread(r["atom_ratio_all"], ".2f", "x"),
+            _spread(r["atom-vllm_ratio_all"], ".2f", "x"),
             _f(r["atom_ms_step"], ".2f"), _f(r["vllm_ms_step"], ".2f"), _f(r["atom-vllm_ms_step"], ".2f"),
             _f(r["roof_ms"], ".2f"), _share(r["roof_ms"], r["atom_ms_step"]), _share(r["roof_ms"], r["vllm_ms_step"]),
             _share(r["roof_ms"], r["atom-vllm_ms_step"]) + " |"]))
     base = [r for r in rows(benches) if r.get("atom-base_tok_s")]
     if base:
         lines += ["", "| shape | batch | ATOM tok/s | ATOM bf16 tok/s (same call) | ratio |", "|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['batch']} | {_f(r['atom_tok_s'])} | {_f(r['atom-base_tok_s'])} | "
-                  f"{_ratio(r['atom_tok_s'], r['atom-base_tok_s'])} |" for r in base]
+        lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
+                  f"{_spread(r['atom-base_tok_s_all'])} | {_spread(r['atom_base_ratio_all'], '.2f', 'x')} |"
+                  for r in base]
     return "\n".join(lines)
 
 
 def _problems(benches: list[dict[str, Any]]) -> list[str]:
     notes = []
     for b in benches:
-        for e in ENGINES:
-            rep = b["engines"].get(e)
-            if rep is None:
-                continue
+        reports = [(i, e, rnd[e]) for i, rnd in enumerate(b.get("repeats") or [b["engines"]]) for e in ENGINES
+                   if rnd.get(e) is not None]
+        for i, e, rep in reports:
+            where = f"- {b['shape']} {LABEL[e]} round {i + 1}"
             if "error" in rep:
-                notes.append(f"- {b['shape']} {LABEL[e]}: {rep['error']}")
+                notes.append(f"{where}: {rep['error']}")
             if e == "atom-vllm" and rep.get("atom_model_built") is False:
-                notes.append(f"- {b['shape']} vLLM+ATOM: the log shows no 'ATOM built' line: vLLM may have run "
-                             "its own model; treat that column as vLLM's")
+                notes.append(f"{where}: the log shows no 'ATOM built' line: vLLM may have run its own model; "
+                             "treat that column as vLLM's")
             if e == "vllm" and rep.get("atom_model_built") is True:
-                notes.append(f"- {b['shape']} vLLM: ATOM's model was built although the plugin was disabled")
+                notes.append(f"{where}: ATOM's model was built although the plugin was disabled")
+            if e == "vllm" and rep.get("atom_importable"):
+                notes.append(f"{where}: atom was importable in vLLM's baseline ({rep['atom_importable']})")
     return notes
 
 
@@ -237,6 +278,9 @@ def markdown(benches: list[dict[str, Any]]) -> str:
            "- rows marked fp8: --quantization fp8 (the random bf16 weights quantized at load time: ATOM per output "
            "channel with per-token activations, vLLM 0.24 per tensor); kvfp8: --kv-cache-dtype fp8 (scales 1.0); "
            "their roofline counts one byte per linear weight (+ float32 channel scales) and per KV element",
+           "- each engine ran in fresh processes, interleaved (A B C A B C); cells give the median over those "
+           "processes, [min-max] n=processes; ratios are paired by round and never across device sessions "
+           "(sessions: " + ", ".join(sorted({str(b.get("session")) for b in benches})) + ")",
            f"- device-to-device copy rate measured in the same call(s): {', '.join(f'{g:,} GB/s' for g in gbps) or '-'}",
            "- roofline ms/step: bytes one decode step must read (weights without the input embedding, the experts "
            "a random batch touches, KV at the mean context) / that copy rate; % roof = roofline / measured ms/step. "

@@ -43,7 +43,7 @@ if [ -f .carry/vllm/c1/part-00 ] || [ -f .carry/vllm/c2/part-01 ] || ls .carry/a
   source tools/device/setup_device.sh || echo "setup_device.sh: exit $? (vLLM not installed; see above)"
 fi
 # Source trees first (they win over carried atom wheels, whose dist-info only serves the vLLM entry point).
-export PYTHONPATH=packages/atom-core/src:packages/atom-server/src:packages/atom-vllm/src:packages/atom-sglang/src:$site
+export PYTHONPATH=packages/atom-core/src:packages/atom-server/src:packages/atom-vllm/src:packages/atom-sglang/src:${ATOM_SITE_ATOM:-/tmp/site-atom}:$site
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \

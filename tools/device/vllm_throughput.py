@@ -51,6 +51,8 @@ def engine_info(llm) -> dict:
                     compile_mode=str(getattr(cc, "mode", getattr(cc, "level", None))),
                     max_num_seqs=vc.scheduler_config.max_num_seqs,
                     max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+                    async_scheduling=getattr(vc.scheduler_config, "async_scheduling", None),
+                    multiprocessing=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") not in ("0", "false"),
                     architectures=list(getattr(vc.model_config.hf_config, "architectures", None) or []))
     except Exception as e:  # noqa: BLE001 - informational only; vLLM moves these attributes between releases
         info["info_error"] = repr(e)
@@ -75,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", required=True)
+    p.add_argument("--expect-no-atom", action="store_true",
+                   help="refuse to run when any atom package is importable (vLLM's baseline, issue 16)")
     ns = p.parse_args(argv)
+    import importlib.util
+
+    found = [m for m in ("atom", "atom_server", "atom_vllm") if importlib.util.find_spec(m) is not None]
+    if ns.expect_no_atom:
+        if found:
+            print(f"vllm_throughput: --expect-no-atom, but {', '.join(found)} is importable "
+                  f"(PYTHONPATH={os.environ.get('PYTHONPATH', '')})", file=sys.stderr)
+            return 2
     ns.max_model_len = ns.max_model_len or ns.input_len + ns.output_len
 
     from vllm import LLM, SamplingParams
@@ -110,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001
         device = platform.machine()
     rows: list[dict] = []
-    report = dict(engine="vllm" if plugin == "off" else "atom-vllm", atom_plugin=plugin, model=ns.model,
+    report = dict(engine="vllm" if plugin == "off" else "atom-vllm", atom_plugin=plugin, atom_importable=found,
+                  model=ns.model,
                   device=device, date=time.strftime("%Y-%m-%d %H:%M:%S"), versions=versions(), info=info,
                   command=" ".join(sys.argv), args=dict(vars(ns)), runs=rows)
 

@@ -297,6 +297,40 @@ def test_paged_attention_bfloat16_close_to_float32():
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_sinks_and_stale_blocks_before_the_window(dtype):
+    """GPT-OSS under atom-server's window pool: sink logits join the softmax denominator only, and table
+    entries before every query's window point at a block of NaN (freed, never written), which must not
+    reach the output."""
+    ctx_lens, q_lens, heads, kv_heads, block_size, window = [13, 18, 9], [1, 4, 2], 4, 2, 2, 5
+    q, k_cache, v_cache, tables, qsl, keys, values, queries = _paged_case(
+        ctx_lens, q_lens, heads, kv_heads, 16, block_size, dtype)
+    nan_block = k_cache.shape[0]  # an extra block nobody writes
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
+    for b, (n, n_q) in enumerate(zip(ctx_lens, q_lens)):
+        first_read = n - n_q - window + 1
+        tables[b, : max(first_read, 0) // block_size] = nan_block
+    sinks = torch.randn(heads)
+    scale = 0.25
+    out = resolve("paged_attention", "torch")(
+        q, k_cache, v_cache, tables, qsl, torch.tensor(ctx_lens, dtype=torch.int32), scale, window, None,
+        max(q_lens), max(ctx_lens), sinks=sinks)
+    assert torch.isfinite(out).all()
+    for b, (n, n_q) in enumerate(zip(ctx_lens, q_lens)):
+        qh = queries[b].double()  # [Q, H, D]
+        kh = keys[b].double().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
+        vh = values[b].double().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qh, kh) * scale
+        qpos, kpos = torch.arange(n - n_q, n)[:, None], torch.arange(n)[None, :]
+        scores = scores.masked_fill(~((kpos <= qpos) & (qpos - kpos < window)), float("-inf"))
+        with_sink = torch.cat((scores, sinks.double()[:, None, None].expand(-1, n_q, 1)), dim=-1)
+        probs = torch.softmax(with_sink, dim=-1)[..., :-1]
+        ref = torch.einsum("hqk,khd->qhd", probs, vh)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out[int(qsl[b]):int(qsl[b + 1])].double(), ref, rtol=tol, atol=tol)
+
+
 def test_reshape_and_cache_writes_each_token_to_its_slot_and_skips_padding():
     num_blocks, block_size, kv_heads, head_dim = 6, 4, 2, 8
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)

@@ -46,6 +46,13 @@ def test_throughput_cli_writes_json(tmp_path, capsys):
     for r in runs:
         assert len(r["total_s_all"]) == 2 and len(r["prefill_s_all"]) == 2
         assert r["prefill_ms"] > 0 and r["output_tok_s"] > 0 and r["ms_per_step"] is not None
+        # what a comparison with vLLM must show next to vLLM's own settings
+        assert r["settings"]["max_num_seqs"] == 3 and r["settings"]["cuda_graphs"] is False
+    # the start-up breakdown: every phase of the engine, the weights' laps named in its detail
+    phases = [p["phase"] for p in report["startup"]["phases"]]
+    assert phases[0] == "config" and phases[-1] == "ready" and "weights" in phases
+    weights = next(p for p in report["startup"]["phases"] if p["phase"] == "weights")
+    assert weights["detail"].startswith("dummy: build") and "post_load" in weights["detail"]
     table = capsys.readouterr().out
     assert "prefill ms" in table and "ms/step" in table and "out tok/s" in table
 
@@ -179,14 +186,36 @@ def test_device_table_markdown():
 def test_device_table_merges_calls_per_shape():
     mt = _make_table_module()
     run = dict(batch_size=1, input_len=128, output_len=128, output_tok_s=100.0, ms_per_step=9.0, prefill_ms=5.0)
-    first = dict(shape="s", date="2026-11-24", time="10:00:00", command="call A", config=None,
+    first = dict(shape="s", date="2026-11-24", time="10:00:00", command="call A", config=None, session="S1",
                  engines=dict(atom=dict(runs=[run]), vllm=dict(error="timed out")))
-    second = dict(shape="s", date="2026-11-24", time="10:09:00", command="call B", config=None,
+    second = dict(shape="s", date="2026-11-24", time="10:09:00", command="call B", config=None, session="S1",
                   engines=dict(vllm=dict(runs=[{**run, "output_tok_s": 200.0}]), atom=dict(error="skipped")))
     (merged,) = mt.merge([second, first])
     assert merged["commands"] == ["call A", "call B"]
     assert merged["engines"]["atom"]["runs"][0]["output_tok_s"] == 100.0  # a later failure keeps the runs
     assert merged["engines"]["vllm"]["runs"][0]["output_tok_s"] == 200.0
+
+
+def test_device_table_never_pairs_sessions_and_reports_the_spread():
+    """Issue 16's method: engines of two device sessions are never compared; rounds give median and spread."""
+    mt = _make_table_module()
+
+    def rnd(atom: float, vllm: float) -> dict:
+        row = dict(batch_size=1, input_len=128, output_len=128, ms_per_step=9.0, prefill_ms=5.0)
+        return dict(atom=dict(runs=[{**row, "output_tok_s": atom}]), vllm=dict(runs=[{**row, "output_tok_s": vllm}]))
+
+    rounds = [rnd(100.0, 50.0), rnd(90.0, 60.0), rnd(120.0, 40.0)]
+    one = dict(shape="s", date="2026-11-24", time="10:00:00", command="A", config=None, session="S1",
+               engines=rounds[0], repeats=rounds)
+    other = dict(shape="s", date="2026-11-25", time="10:00:00", command="B", config=None, session="S2",
+                 engines=dict(vllm=rounds[0]["vllm"]), repeats=[dict(vllm=rounds[0]["vllm"])])
+    rows = mt.rows(mt.merge([one, other]))
+    assert [r["shape"] for r in rows] == ["s (S1)", "s (S2)"]
+    s1, s2 = rows
+    assert s1["atom_tok_s"] == 100.0 and s1["vllm_tok_s"] == 50.0  # medians over the rounds
+    assert sorted(s1["atom_ratio_all"]) == [1.5, 2.0, 3.0]  # paired by round, not medians over medians
+    assert s2["atom_tok_s"] is None and s2["atom_ratio_all"] == []  # S1's ATOM never meets S2's vLLM
+    assert "2.00x [1.50-3.00x] n=3" in mt.table(mt.merge([one]))
 
 
 def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys):

@@ -130,3 +130,25 @@ def test_attention_factory_builds_vllm_attention(checkpoints):
     bad = AttentionSpec(layer_idx=0, num_heads=4, num_kv_heads=2, head_dim=32, scale=1.0, prefix="mtp.0.layers.0.attn")
     with pytest.raises(ValueError, match="exactly one integer"):
         factory(bad)
+
+
+def test_dummy_weights_match_vllm_dummy_loader(tmp_path):
+    """ATOM's load_format=dummy draws every tensor as vLLM's dummy loader does, so both engines benchmark
+    the same random weights (MoE routing, and so the experts a batch touches, depends on them)."""
+    from transformers import Qwen3MoeConfig
+    from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
+
+    from atom.loader.model_loader import load_model
+
+    Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                   num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=16, architectures=["Qwen3MoeForCausalLM"]).save_pretrained(tmp_path)
+    net, _ = load_model(str(tmp_path), dtype="bfloat16", device=torch.device("cpu"), load_format="dummy",
+                        progress=False)
+    tensors = dict(net.named_parameters())
+    assert any("norm" in n for n in tensors) and any("gate" in n for n in tensors)
+    for name, t in tensors.items():
+        expected = torch.empty_like(t.data)
+        initialize_single_dummy_weight(expected)
+        assert torch.equal(t.data, expected), name
+        assert t.abs().max() <= 1e-3, name  # norms too: vLLM draws them like every other weight

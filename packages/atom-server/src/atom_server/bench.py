@@ -110,6 +110,13 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     init_s = time.perf_counter() - start
     engine = llm.llm_engine
     vocab = engine.runner.vocab_size
+    graphs = getattr(engine.runner, "graphs", None)
+    # the settings a comparison with vLLM must show next to vLLM's own (tools/device/vllm_throughput.py)
+    settings = dict(async_scheduling=bool(getattr(engine, "async_scheduling", False)),
+                    multiprocessing=False,  # LLM() runs the engine core in the calling process
+                    cuda_graphs=graphs is not None and getattr(graphs, "capture", False),
+                    cudagraph_capture_sizes=list(getattr(graphs, "sizes", []) or []),
+                    max_num_seqs=engine.args.max_num_seqs, tensor_parallel_size=engine.args.tensor_parallel_size)
     rng = random.Random(seed)
     full = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     first = full.clone(max_tokens=1)
@@ -139,9 +146,13 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
             bar.update(1)
         return result
 
+    from atom_server import startup
+
     rows = []
     for bs in batch_sizes:
+        startup.set_label(f"bs={bs} warm-up")  # Triton compiles of the first requests (--startup-profile)
         tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
+        startup.set_label(f"bs={bs} timed runs")
         pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
         runs = [tick("full", bs, full) for _ in range(repeats)]
         totals = [t for t, _ in runs]
@@ -157,7 +168,7 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                          decode_tok_s=None if not step or step <= 0 else bs / step,
                          total_s_all=totals, prefill_s_all=pre, init_s=init_s,
                          device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
-                         kernel_backend=engine.kernel_backend))
+                         kernel_backend=engine.kernel_backend, settings=settings))
         if on_row is not None:
             on_row(rows)
     if bar is not None:

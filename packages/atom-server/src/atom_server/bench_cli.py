@@ -113,8 +113,10 @@ def throughput_report(ns: argparse.Namespace) -> dict[str, Any]:
                             load_format=ns.load_format, seed=ns.seed, num_iters=ns.num_iters, **engine),
                   runs=[])
 
+    from atom_server import startup
+
     def on_row(rows: list[dict[str, Any]]) -> None:
-        report.update(runs=list(rows), wall_s=time.time() - started)
+        report.update(runs=list(rows), wall_s=time.time() - started, startup=startup.profile_report())
         if ns.output_json:
             _write_json(ns.output_json, report)
 
@@ -149,6 +151,10 @@ def run_throughput_cmd(ns: argparse.Namespace, parser: argparse.ArgumentParser) 
     print(f"atom bench throughput: {ns.model} (loading the model; start-up phases are logged)", flush=True)
     try:
         throughput_report(ns)
+        from atom_server import startup
+
+        if startup.profiling():  # the compiles of the warm-ups too (the first requests of each batch size)
+            print(startup.format_profile(), flush=True)
     except ExecutorFatalError as e:  # a tensor-parallel worker died: say which, no traceback of rank 0
         print(f"atom bench throughput: {e}", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ class EngineArgs:
     # vLLM's speculative_config (a dict, or its JSON text): {"method": "mtp" | "ngram", "num_speculative_tokens":
     # K, ...}; see atom_server.engine.speculative
     speculative_config: dict[str, Any] | None = None
+    startup_profile: bool = False  # log where start-up time goes, Triton JIT compiles included (startup.py)
 
     def __post_init__(self) -> None:
         if self.profiler_dir is None and os.environ.get("VLLM_TORCH_PROFILER_DIR"):
@@ -186,6 +187,10 @@ class EngineArgs:
                  'drafts by prompt lookup (any model). Benchmarks only: "rejection_sample_method": "synthetic" with '
                  '"synthetic_acceptance_length" (or "synthetic_acceptance_rates") forces the acceptance: outputs are '
                  'then not the model\'s (default: off)')
+        add("--startup-profile", action="store_true",
+            help="log where start-up time goes: each phase, each captured CUDA-graph batch size, and every Triton "
+                 "JIT compile (kernel, seconds, which specialisation made it compile again); also "
+                 "ATOM_STARTUP_PROFILE=1")
         add("--cpu-threads", type=int, default=None,
             help="CPU only: torch threads of the engine; `atom serve` pins its engine process to that many "
                  "physical cores (default there: $OMP_NUM_THREADS if set, else the physical cores minus one for "

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atom.distributed import get_tp_group
+from atom.ops import cpu_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -53,7 +54,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = tie_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = cpu_linear.linear(hidden, self.weight, None, self)
         if self.tp_size > 1:
             logits = get_tp_group().all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

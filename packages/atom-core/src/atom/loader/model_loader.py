@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 import torch
@@ -113,21 +114,51 @@ def checkpoint_weights(model: str, progress: bool = True) -> Iterable[tuple[str,
     return iterate_safetensors(model, progress=progress)
 
 
-def random_weights_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Fill every parameter with small random values (benchmarks: speed does not depend on weights)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-            continue
-        if not p.dtype.is_floating_point:  # packed data (MXFP4 codes, scales): its layer says what is sane
-            low, high = getattr(p, "dummy_range", (0, 2))
-            # drawn where it lives (gpt-oss-20b has 12.7 GB of it), from a generator seeded by `gen`
-            local = torch.Generator(device=p.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-            p.data.copy_(torch.randint(low, high, p.shape, generator=local, dtype=p.dtype, device=p.device))
-            continue
-        values = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
-        p.data.copy_(values.to(p.dtype))
+DUMMY_LOW, DUMMY_HIGH, DUMMY_SEED = -1e-3, 1e-3, 1234
+
+
+@torch.no_grad()
+def dummy_weight_(tensor: torch.Tensor, low: float = DUMMY_LOW, high: float = DUMMY_HIGH,
+                  seed: int = DUMMY_SEED, int_range: tuple[int, int] | None = None) -> None:
+    """vLLM's dummy-weight rule for one tensor (`initialize_single_dummy_weight`, vLLM 0.24 and 0.32): a
+    generator on the tensor's own device seeded with `seed` for this tensor alone, then uniform_(low, high)
+    in the tensor's dtype (through float16 for 8-bit types). Integer tensors are left as they are unless their
+    layer gives an `int_range` (packed data such as MXFP4 codes and scales: garbage there could decode to
+    inf/NaN), drawn uniformly in [low, high) by the same seeded generator. The values
+    depend only on the tensor's size, dtype and device, so ATOM and vLLM draw identical weights wherever
+    their layouts agree (and every rank of a sharded model draws the same rule)."""
+    if tensor.device.type == "meta" or (not torch.is_floating_point(tensor) and int_range is None):
+        return
+    gen = torch.Generator(device=tensor.device)
+    gen.manual_seed(seed)
+    if not torch.is_floating_point(tensor):
+        low_int, high_int = int_range
+        tensor.copy_(torch.randint(low_int, high_int, tensor.shape, generator=gen, dtype=tensor.dtype,
+                                   device=tensor.device))
+        return
+    if torch.finfo(tensor.dtype).bits < 16:  # uniform_ has no 8-bit kernels
+        tmp = torch.empty_like(tensor, dtype=torch.float16)
+        tmp.uniform_(low, high, generator=gen)
+        tensor.copy_(tmp)
+    else:
+        tensor.uniform_(low, high, generator=gen)
+
+
+def dummy_weights_(module: torch.nn.Module, seed: int = DUMMY_SEED) -> None:
+    """Random weights for benchmarks, as vLLM's `load_format=dummy` makes them: every floating parameter and
+    persistent buffer (norm weights and routers included) uniform in [-1e-3, 1e-3], drawn where it lives
+    (on the GPU: no host generation and copy); integer parameters with a `dummy_range` (their layer's sane
+    values, e.g. MXFP4 codes and scales) uniform in it. Non-persistent buffers (the RoPE table) keep their
+    values."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        tensors = list(sub.named_parameters(recurse=False)) + [
+            (n, b) for n, b in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set]
+        for _, t in tensors:
+            if t is None or id(t) in seen:  # tied weights: drawn once
+                continue
+            seen.add(id(t))
+            dummy_weight_(t.data, seed=seed, int_range=getattr(t, "dummy_range", None))
 
 
 def load_model(
@@ -144,8 +175,11 @@ def load_model(
     quant_config: QuantizationConfig | None = None,
     run_mtp: bool = False,
     kv_cache_dtype: str | torch.dtype | None = None,
+    timings: dict[str, float] | None = None,
 ):
     """Returns (model, config). load_format: auto | safetensors | gguf | dummy (random weights).
+    `timings`, when given, receives the seconds of each part: build, weights (loading or the dummy draw),
+    post_load (the quantization methods' processing).
 
     run_mtp: build the checkpoint's MTP layers to draft with (speculative decoding, method "mtp"); the first
     one gets its attention from attn_factory like the model's layers (see deepseek_v2.MTPKeepingCausalLM).
@@ -179,10 +213,12 @@ def load_model(
                              "DeepSeek-V3 / GLM-4-MoE style checkpoint with num_nextn_predict_layers); the 'ngram' "
                              "method works with every model")
         extra["run_mtp"] = True
+    clock = _Clock(device, timings)
     with default_dtype(torch_dtype), torch.device(device):
         net = cls(config, attn_factory=attn_factory, max_positions=max_positions, **extra)
+    clock.lap("build")
     if load_format == "dummy":
-        random_weights_(net)
+        dummy_weights_(net)
     else:
         loaded = net.load_weights(checkpoint_weights(model, progress=progress))
         expected = {n for n, _ in net.named_parameters(remove_duplicate=False)}
@@ -190,7 +226,26 @@ def load_model(
         if missing:
             raise ValueError(f"checkpoint {model} lacks tensors for: {', '.join(missing[:10])}"
                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    clock.lap("weights")
     with torch.device(device):
         process_weights_after_loading(net)
+    clock.lap("post_load")
     net.eval()
     return net, config
+
+
+class _Clock:
+    """Laps of load_model into `timings` (synchronising the device first, so a lap holds its own work)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now

@@ -155,7 +155,7 @@ def paged_attention(
     max_q = int(max_query_len if max_query_len is not None else q_lens.max())
     max_l = int(max_seq_len if max_seq_len is not None else seq_lens.max())
 
-    # Gather each sequence's keys/values from the cache, padded to max_l: [B, max_l, Hkv, D].
+    # Each sequence's cache slots, padded to max_l.
     pos = torch.arange(max_l, device=device)
     blocks = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)]
     slots = blocks * block_size + pos % block_size
@@ -163,36 +163,61 @@ def paged_attention(
     slots = torch.where(key_valid, slots, 0)
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    # Padding keys read slot 0, which may hold garbage (NaN/inf in a torch.empty cache); zero them so
-    # 0-probability * garbage cannot poison the output. So are keys before every query's window: a host
-    # that keeps only the window (atom-server's window pool) leaves stale block ids there.
+    # Keys no query reads: padding past seq_len, and (sliding windows) keys before every query's window,
+    # where a host that keeps only the window (atom-server's window pool) leaves stale block ids whose
+    # blocks may hold garbage (NaN/inf in a torch.empty cache). 0-probability * NaN would poison the output.
     unused = ~key_valid
     if sliding_window:
         unused |= pos[None, :] < (seq_lens - q_lens - sliding_window + 1)[:, None]
-    pad = unused[:, :, None, None]
-    k = from_cache(flat_k[slots], k_scale).masked_fill(pad, 0.0)
-    v = from_cache(flat_v[slots], v_scale).masked_fill(pad, 0.0)
 
     # Pack queries into [B, max_q, H, D].
     qi = torch.arange(max_q, device=device)
     q_valid = qi[None, :] < q_lens[:, None]
     tok = torch.where(q_valid, qsl[:-1, None] + qi[None, :], 0)
-    qp = q[tok].float().view(batch, max_q, num_kv_heads, group, head_dim)
-
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", qp, k) * scale
-    if logit_softcap:
-        scores = logit_softcap * torch.tanh(scores / logit_softcap)
     q_pos = (seq_lens - q_lens)[:, None] + qi[None, :]  # absolute position of each query
     allowed = (pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
     if sliding_window:
         allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
-    scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
-    if sinks is not None:
-        sink = sinks.float().view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, max_q, 1)
-        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, max_q, num_heads, head_dim)
+
+    if not logit_softcap and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # Batched matmuls in the cache dtype on keys/values gathered straight into [Hkv, B, max_l, D]: no
+        # float32 copies of them and no einsum re-layouts (on CPU those cost more than the GEMMs at batch
+        # 32); only the small scores go through float32 for the softmax.
+        # Unused keys read the sequence's newest slot instead (just written, so finite) and are masked out
+        # below by `allowed`.
+        newest = slots.gather(1, (seq_lens - 1).clamp(0, max_l - 1)[:, None])
+        safe = torch.where(unused, newest, slots)
+        k = flat_k.transpose(0, 1)[:, safe]
+        v = flat_v.transpose(0, 1)[:, safe]
+        # queries [Hkv, B, max_q * group, D], row = query * group + g
+        qp = q[tok].view(batch, max_q, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
+        qp = qp.reshape(num_kv_heads, batch, max_q * group, head_dim).to(k.dtype)
+        scores = torch.matmul(qp, k.transpose(-1, -2)).float() * scale  # [Hkv, B, max_q * group, max_l]
+        mask = (~allowed)[None, :, :, None, :].expand(1, batch, max_q, group, max_l)
+        scores = scores.masked_fill_(mask.reshape(1, batch, max_q * group, max_l), float("-inf"))
+        if sinks is not None:  # head = kv_head * group + g; the sink joins the denominator only
+            sink = sinks.float().view(num_kv_heads, 1, 1, group).expand(-1, batch, max_q, -1)
+            scores = torch.cat((scores, sink.reshape(num_kv_heads, batch, max_q * group, 1)), dim=-1)
+            probs = torch.softmax(scores, dim=-1)[..., :-1].to(v.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(v.dtype)
+        out = torch.matmul(probs, v).view(num_kv_heads, batch, max_q, group, head_dim)
+        out = out.permute(1, 2, 0, 3, 4).reshape(batch, max_q, num_heads, head_dim)
+    else:  # soft-capped logits, or an 8-bit (FP8) cache: everything in float32
+        pad = unused[:, :, None, None]
+        k = from_cache(flat_k[slots], k_scale).masked_fill(pad, 0.0)
+        v = from_cache(flat_v[slots], v_scale).masked_fill(pad, 0.0)
+        qp = q[tok].float().view(batch, max_q, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bqhgd,bkhd->bhgqk", qp, k) * scale
+        if logit_softcap:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, max_q, 1)
+            probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, max_q, num_heads, head_dim)
     result = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=device)
     result[tok[q_valid]] = out[q_valid].to(q.dtype)
     return result

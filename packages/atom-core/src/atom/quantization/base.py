@@ -131,6 +131,9 @@ def new_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.
 
 def process_weights_after_loading(model: nn.Module) -> None:
     """The post-load hook: every layer's method processes its freshly loaded weights, once."""
+    from atom.ops import cpu_linear
+
+    cpu_linear.forget(model)  # layers without a method too (the LM head)
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, QuantMethod):
@@ -139,5 +142,8 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 def weights_reloading(model: nn.Module) -> None:
     """Mark every layer as holding unprocessed weights (a new load is starting)."""
+    from atom.ops import cpu_linear
+
+    cpu_linear.forget(model)
     for module in model.modules():
         module.__dict__.pop(_PROCESSED, None)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom.ops import cpu_linear
 from atom.ops.registry import impl_of, resolve
 from atom.quantization.base import LinearMethod, MoEMethod, new_param
 
@@ -15,8 +16,11 @@ class UnquantizedLinearMethod(LinearMethod):
                        params_dtype: torch.dtype) -> None:
         new_param(layer, "weight", (sum(output_sizes), input_size), params_dtype, output_dim=0, input_dim=1)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        cpu_linear.forget(layer)  # new weights: the CPU packed copy is made again on the next forward
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return cpu_linear.linear(x, layer.weight, bias, layer)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight

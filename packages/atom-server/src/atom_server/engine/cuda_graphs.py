@@ -34,6 +34,7 @@ import torch
 from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, AttentionMetadataBuilder
+from atom_server import startup
 from atom_server.engine.block_tables import BlockTables
 from atom_server.engine.step_input import StepInput
 
@@ -176,12 +177,13 @@ class DecodeGraphs:
         # events meanwhile: only this thread's calls may be held against the capture.
         mode = "thread_local" if get_tp_group().world_size > 1 else "global"
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            with set_forward_context(self.metadata[bs]):
-                self._body(bs)  # warm-up (autotuning, lazy init)
+            with startup.subphase(f"CUDA graph bs={bs}"), set_forward_context(self.metadata[bs]):
+                self._body(bs)  # warm-up (autotuning, lazy init, Triton JIT of this size's specialisations)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     logits, tokens = self._body(bs)
+                torch.cuda.synchronize()
             self.graphs[bs] = (graph, logits, tokens)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)

@@ -137,6 +137,8 @@ class EngineCore:
 
             args.model = resolve_model_path()
             args.served_model_name = args.served_model_name or SERVED_NAME
+        if args.startup_profile or startup.wanted():
+            startup.enable_profile()
         startup.begin()
         self.args = args
         self.model_path = args.model
@@ -199,6 +201,8 @@ class EngineCore:
         self.num_steps = 0
         self.num_failed_requests = 0
         startup.phase_done("ready", f"engine built in {startup.total():.1f} s")
+        if startup.profiling():
+            logger.info("%s", startup.format_profile())
 
     @staticmethod
     def _max_model_len(args: EngineArgs, config) -> int:

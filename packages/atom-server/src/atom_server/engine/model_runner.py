@@ -157,11 +157,13 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        laps: dict[str, float] = {}
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
                                              trust_remote_code=trust_remote_code, run_mtp=mtp,
-                                             quantization=quantization, kv_cache_dtype=kv_cache_dtype)
-        startup.phase_done("weights")
+                                             quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                                             timings=laps)
+        startup.phase_done("weights", f"{load_format}: " + ", ".join(f"{k} {v:.1f} s" for k, v in laps.items()))
         self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
         tp = get_tp_group()

@@ -82,7 +82,10 @@ def _softcapped(s, softcap):
     return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
 
 
-@triton.jit
+# do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
+# batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
+# this scalar offset does not use (tools/triton_specializations.py counts the compiles).
+@triton.jit(do_not_specialize=["bt_stride"])
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, block_size, tokens_per_split,

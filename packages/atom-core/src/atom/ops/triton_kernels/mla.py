@@ -65,7 +65,10 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
         BLOCK_R=triton.next_power_of_2(rope), num_warps=4)
 
 
-@triton.jit
+# do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
+# batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
+# this scalar offset does not use (tools/triton_specializations.py counts the compiles).
+@triton.jit(do_not_specialize=["bt_stride"])
 def _mla_attention_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     scale, lora, rope, block_size, tokens_per_split, num_heads,

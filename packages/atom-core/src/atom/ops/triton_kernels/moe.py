@@ -60,7 +60,10 @@ def moe_topk_softmax(
     return weights, ids
 
 
-@triton.jit
+# do_not_specialize: num_pairs (tokens x top_k) changes with the batch; Triton would compile again each time it
+# turns 1 or a multiple of 16 (an odd prompt length), for a divisibility hint that this loop bound and mask
+# do not use (tools/triton_specializations.py counts the compiles).
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_kernel(ids_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_experts, BLOCK_M: tl.constexpr,
                   E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """One program: count pairs per expert, pad to BLOCK_M, place each pair at its stable rank."""
@@ -123,7 +126,10 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids[:max_rows], padded_end.to(torch.int32)
 
 
-@triton.jit
+# do_not_specialize: num_pairs (tokens x top_k) changes with the batch; Triton would compile again each time it
+# turns 1 or a multiple of 16 (an odd prompt length), for a divisibility hint that this loop bound and mask
+# do not use (tools/triton_specializations.py counts the compiles).
+@triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,

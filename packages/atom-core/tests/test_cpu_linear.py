@@ -1,0 +1,44 @@
+"""atom.ops.cpu_linear: CPU linear layers through a oneDNN-packed copy of the weight give F.linear's results,
+and a weight (re)load drops the packed copy so it never serves stale weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atom.ops import cpu_linear
+from atom.quantization.base import process_weights_after_loading
+
+pytestmark = pytest.mark.skipif(not cpu_linear.enabled(), reason="torch built without mkldnn")
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96)])
+def test_packed_linear_matches_f_linear_bf16(shape):
+    gen = torch.Generator().manual_seed(0)
+    owner = nn.Module()
+    w = torch.randn(160, 96, generator=gen).to(torch.bfloat16)
+    b = torch.randn(160, generator=gen).to(torch.bfloat16)
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    out = cpu_linear.linear(x, w, b, owner)
+    assert cpu_linear._KEY in owner.__dict__  # the packed path ran
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
+
+
+def test_float32_keeps_f_linear():
+    owner = nn.Module()
+    w, x = torch.randn(32, 16), torch.randn(4, 16)
+    assert torch.equal(cpu_linear.linear(x, w, None, owner), F.linear(x, w))
+    assert cpu_linear._KEY not in owner.__dict__
+
+
+def test_reload_drops_the_packed_weight():
+    model = nn.Sequential(nn.Linear(16, 8, bias=False)).to(torch.bfloat16)
+    layer = model[0]
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    cpu_linear.linear(x, layer.weight, None, layer)
+    layer.weight.data.copy_(torch.randn(8, 16))  # new weights in place (same storage)
+    process_weights_after_loading(model)
+    torch.testing.assert_close(cpu_linear.linear(x, layer.weight, None, layer), F.linear(x, layer.weight),
+                               rtol=0, atol=0)
