@@ -48,7 +48,7 @@ def _client(srv) -> openai.OpenAI:
 def test_tp2_server_chats_like_tp1_and_a_killed_worker_ends_it(checkpoint, tmp_path):
     """One server for both (each start costs three processes' imports on a 2-core CI box)."""
     messages = [{"role": "user", "content": "Hello world! How are you today?"}]
-    tp1 = LLM(checkpoint)
+    tp1 = LLM(checkpoint, device="cpu", dtype="float32")  # as the server: CPU ranks, float32
     want = tp1.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     # structured outputs at TP=2: the bitmask travels in every rank's StepInput, rank 0 alone applies it
     regex = r"[a-z]{2,6} [0-9]{2}"
