@@ -31,10 +31,14 @@ def plant(site, name: str, version: str, files: dict[str, str]) -> str:
     return site
 
 
-def run_import(module: str, first_on_path: str) -> subprocess.CompletedProcess:
-    path = os.pathsep.join([first_on_path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
-                            SGLANG_SRC])
-    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+def run_import(module: str, first_on_path: str | None = None, last_on_path: str | None = None
+               ) -> subprocess.CompletedProcess:
+    """Import `module` in a fresh interpreter with first_on_path ahead of everything (it shadows) or
+    last_on_path after everything, site-packages included (it cannot shadow, its metadata is still found)."""
+    path = os.pathsep.join([*filter(None, [first_on_path]),
+                            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), SGLANG_SRC])
+    code = f"import sys; sys.path.append({last_on_path!r}); import {module}" if last_on_path else f"import {module}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": path})
 
 
@@ -61,11 +65,12 @@ def test_old_pypi_atom_server_is_named(tmp_path):
 
 
 def test_atom_core_refuses_a_co_installed_claimant(tmp_path):
-    """atom-core's own __init__ ran (its files won), but metadata says another project shares them."""
-    site = plant(tmp_path, "atom", "0.13.0", {})
-    with open(os.path.join(site, "atom-0.13.0.dist-info", "RECORD"), "a") as f:
-        f.write("atom/__init__.py,,\natom/catom.cpython-311-x86_64-linux-gnu.so,,\n")
-    out = run_import("atom", site)
+    """atom-core's own __init__ ran (its files won), but metadata says another project shares them. The
+    claimant's files exist where its RECORD says (Python >= 3.12 drops RECORD entries missing on disk from
+    Distribution.files: an empty claimant passed unnoticed on the GPU machine's 3.12); its site comes after
+    ATOM's sources on the path, so ATOM's atom is the one imported."""
+    site = plant(tmp_path, "atom", "0.13.0", {"atom/__init__.py": "", "atom/catom.py": ""})
+    out = run_import("atom", last_on_path=site)
     assert out.returncode != 0
     assert "ForeignAtomError" in out.stderr and "atom 0.13.0 is installed in the same environment" in out.stderr
 
