@@ -23,13 +23,13 @@ import triton.language as tl
 
 from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
-from atom.ops.triton_kernels.attention import _merge_splits_kernel
-from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
+from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
+from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 
 # Heads stacked per program; rows per prefill program; keys per step; warps; pipeline depth. Module-level
 # so tools/device/kernel_bench.py can sweep them.
 MAX_HEADS_PER_TILE = 16
-DECODE_TILE = dict(block_m=16, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2)
+DECODE_TILE = dict(block_m=16, block_n=32, num_warps=4, num_stages=2)  # splits: attention._decode_splits
 PREFILL_TILE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
 
 
@@ -162,15 +162,6 @@ def _mla_attention_kernel(
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
         tl.store(part_l_ptr + part, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * BLOCK_L + lc[None, :], acc, mask=row_ok[:, None])
-
-
-def _decode_splits(device: torch.device, batch: int, head_tiles: int, max_seq_len: int, block_n: int) -> int:
-    """Enough splits to give every SM a few programs, none shorter than one key tile; a power of two."""
-    programs = batch * head_tiles
-    want = triton.cdiv(DECODE_TILE["programs_per_sm"] * num_sms(device), max(programs, 1))
-    most = max(1, max_seq_len // block_n)
-    splits = min(want, most, 64)
-    return 1 if splits <= 1 else triton.next_power_of_2(splits)
 
 
 def mla_latent_attention(
