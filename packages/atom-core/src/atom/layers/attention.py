@@ -149,8 +149,8 @@ class PagedAttention(nn.Module):
             SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
-        # An FP8 cache is a build-time property of the ops (AITER's cache kernels do not take one yet); sink
-        # layers ask for an implementation that has sinks (the AITER binding does not).
+        # An FP8 cache is a build-time property of the ops (AITER's cache kernels take only the GPU's own FP8
+        # type); sink layers ask for an implementation that has sinks (the AITER binding does not).
         static = {"kv_cache_dtype": dtype} if is_fp8(dtype) else {}
         self._write = resolve("reshape_and_cache", static=static or None)
         self._attend = resolve("paged_attention", static={**static, "has_sinks": True} if sinks is not None
