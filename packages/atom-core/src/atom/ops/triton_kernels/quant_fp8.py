@@ -123,7 +123,7 @@ def _fp8_gemm_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+    GROUP_M: tl.constexpr, PRE_M: tl.constexpr, PRE_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     """out = A W^T (scaled); A fp8 with scales, or float quantized here (QUANT_A); W [N, K] fp8."""
@@ -152,11 +152,19 @@ def _fp8_gemm_kernel(
     sa = tl.zeros([BLOCK_M], tl.float32)
     if not BLOCK_SCALES:  # one activation scale per row, over all of K
         if QUANT_A:
+            # The rows' absolute max first (M <= PRE_M rows, all in this row block). Each step of this loop
+            # waits for its load (nothing feeds a dot, so it is not pipelined): wide PRE_K steps keep the chain
+            # short (4 steps for K = 4096 instead of 32 of BLOCK_K).
+            pr = tl.arange(0, PRE_M)
+            pk = tl.arange(0, PRE_K)
+            pre_amax = tl.zeros([PRE_M], tl.float32)
+            for k0 in range(0, K, PRE_K):
+                a = tl.load(a_ptr + pr.to(tl.int64)[:, None] * a_stride + (k0 + pk)[None, :],
+                            mask=(pr < M)[:, None] & ((k0 + pk) < K)[None, :], other=0.0).to(tl.float32)
+                pre_amax = tl.maximum(pre_amax, tl.max(tl.abs(a), axis=1))
             amax = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                a = tl.load(a_ptr + m64[:, None] * a_stride + (k0 + kk)[None, :],
-                            mask=m_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+            for r in tl.static_range(PRE_M):  # the PRE_M maxima into the BLOCK_M row vector
+                amax = tl.where(m == r, tl.sum(tl.where(pr == r, pre_amax, 0.0), axis=0), amax)
             sa = dynamic_scale(amax, FP8_MAX, MIN_SCALE)
         else:
             sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
@@ -213,7 +221,7 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.co
 # program first reads its rows' whole K for their scale, so that stays at smaller M (at M = 16 and split-K 4 on
 # a 4096 x 4096 weight the re-reads would be twice the weight's bytes, from L2).
 FUSED_QUANT_MAX_M = 16
-FUSED_TOKEN_QUANT_MAX_M = 4
+FUSED_TOKEN_QUANT_MAX_M = 4  # a power of two, <= the smallest BLOCK_M (the per-token prologue's PRE_M)
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -297,7 +305,8 @@ def fp8_linear(
         a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), as_stride,
         weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
         SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, QUANT_A=quant_a, HAS_BIAS=has_bias and split == 1,
-        SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, **fp8_consts(fp8),
+        SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        PRE_M=max(FUSED_TOKEN_QUANT_MAX_M, 2), PRE_K=1024, **fp8_consts(fp8),
         num_warps=tile["num_warps"], num_stages=stages)
     if split > 1:
         block = 1024
