@@ -169,3 +169,54 @@ def test_mla_cuda_graphs_greedy_matches_transformers_on_gpu(name, tmp_path):  # 
         assert got == want, f"{name} eager={eager}"
         del llm
         torch.cuda.empty_cache()
+
+
+def test_fp8_latent_cache_doubles_the_blocks_and_decodes_as_atoms_fp8_model(tmp_path, monkeypatch):
+    """--kv-cache-dtype fp8_e4m3 (then fp8, the same) on DeepSeek-V3: e4m3 latent caches (scale 1.0: the checkpoint has none, as
+    in vLLM) from the same specs, so the same budget buys twice the blocks of the bf16 latent; greedy generation
+    through the scheduler (chunked prefill, a pool small enough to preempt) equals ATOM's FP8-latent model driven
+    outside the engine, teacher-forced with the engine's tokens (the same weights and reference ops; the
+    logits' accuracy against a float latent cache is atom-core's tests/test_mla_fp8_kv_cache.py)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "atom-core" / "tests"))
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+
+    config = CONFIGS["deepseek_v3"]()
+    _write(tmp_path, config)
+    layers, row = config.num_hidden_layers, config.kv_lora_rank + config.qk_rope_head_dim
+    bf16_block = layers * BLOCK * row * 2
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
+    monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "0")
+    args = dict(block_size=BLOCK, max_model_len=64, max_num_batched_tokens=16, skip_tokenizer_init=True,
+                device="cpu", enable_prefix_caching=False)
+    # a bf16 model's latent caches at bf16_block bytes a block get 40 blocks from this budget (the runner's sizing:
+    # test_mla_kv_blocks_for_a_budget_scale_with_the_latent_bytes)
+    fp8 = LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="fp8_e4m3", kv_cache_memory_bytes=40 * bf16_block,
+              **args)
+    runner = fp8.llm_engine.runner
+    assert runner.block_bytes * 2 == bf16_block and runner.num_blocks == 80
+    assert all(isinstance(c, MLAKVCache) and c.latent.dtype == torch.float8_e4m3fn and float(c.scale) == 1.0
+               for c in runner.kv_caches) and len(runner.kv_caches) == layers
+    del fp8, runner
+
+    # float32 activations, a pool small enough to preempt (20 blocks for up to 4 x 9 blocks of context)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 19, 11, 23)]
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_dtype="fp8", kv_cache_memory_bytes=20 * layers * BLOCK * row,
+              **args)
+    assert llm.llm_engine.runner.num_blocks == 20
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                        use_tqdm=False)]
+    assert llm.llm_engine.stats()["num_preemptions"] > 0
+    model, _ = load_model(str(tmp_path), dtype="float32", kv_cache_dtype="fp8", progress=False)
+    harness = PagedHarness(model, num_blocks=64, block_size=BLOCK)
+    for prompt, tokens in zip(prompts, got):
+        seq = harness.add(1)
+        logits = [harness.step([prompt], seq)]
+        for t in tokens[:-1]:
+            logits.append(harness.step([[t]], seq))
+        assert torch.cat(logits).argmax(-1).tolist() == tokens

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 import torch
 
 from atom.layers.attention import AttentionFactory, paged_attention_factory_for
-from atom.layers.mla import paged_mla_factory_for
 from atom.models.registry import model_class_for_config
 from atom.quantization import QuantizationConfig, process_weights_after_loading, quantization_config_for
 
@@ -203,6 +202,8 @@ def load_model(
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, quant_config, device)
         # None: every model builds its default attention (multi-head or latent) in the model's dtype
         if kv_dtype is not None and getattr(cls, "uses_mla", False):
+            from atom.layers.mla import paged_mla_factory_for  # atom.layers.mla imports the loader (quantization)
+
             extra["mla_factory"] = paged_mla_factory_for(kv_dtype)  # the FP8 latent cache
         elif kv_dtype is not None:
             attn_factory = paged_attention_factory_for(kv_dtype)
