@@ -35,6 +35,9 @@ from atom.layers.kv_cache import MLAKVSpec, bytes_per_block, kv_cache_specs
 from atom.layers.mla import PagedMLAAttention
 from atom.loader import load_model
 
+ON_GPU = torch.cuda.is_available()
+# The CPU runs use the torch references; "cuda" the Triton kernels (latent write, split-K decode, prefill)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")])]
 PROMPT_LENS = (7, 12, 10, 9)
 SPLIT = min(PROMPT_LENS) - 3  # the first prefill chunk; the second runs over the cached (FP8) prefix
 STEPS = 12
@@ -46,15 +49,16 @@ def bound(layers: int) -> float:
     return 2 * layers * 2**-4
 
 
-def run(path, prompts, feed=None, latent_scale=None, **load_kw):
-    """(logits [1 + STEPS, B, V] of each prompt's last prefill token and each decode step, greedy tokens,
-    harness, model). `feed` teacher-forces the decode tokens; `latent_scale` overrides every layer's scale."""
-    model, _ = load_model(str(path), dtype="float32", progress=False, **load_kw)
+def run(path, prompts, feed=None, latent_scale=None, device="cpu", **load_kw):
+    """(logits [1 + STEPS, B, V] of each prompt's last prefill token and each decode step (on the CPU), greedy
+    tokens, harness, model). `feed` teacher-forces the decode tokens; `latent_scale` overrides every layer's
+    scale."""
+    model, _ = load_model(str(path), dtype="float32", progress=False, device=device, **load_kw)
     if latent_scale is not None:
         for m in model.modules():
             if isinstance(m, PagedMLAAttention):
                 m.load_kv_scale("k", latent_scale)
-    harness = PagedHarness(model, num_blocks=64, block_size=4)
+    harness = PagedHarness(model, num_blocks=64, block_size=4, device=device)
     seqs = harness.add(len(prompts))
     harness.step([p[:SPLIT] for p in prompts], seqs)
     out = [harness.step([p[SPLIT:] for p in prompts], seqs)]
@@ -63,32 +67,37 @@ def run(path, prompts, feed=None, latent_scale=None, **load_kw):
         step = feed[i] if feed is not None else out[-1].argmax(-1).tolist()
         tokens.append(step)
         out.append(harness.step([[t] for t in step], seqs))
-    return torch.stack(out), tokens, harness, model
+    return torch.stack(out).cpu(), tokens, harness, model
 
 
 def latent(harness, layer: int) -> torch.Tensor:
     """float32 latent rows of a layer as its cache holds them (dequantized with its scale)."""
     cache = harness.caches[layer]
     rows = cache.latent.float()
-    return rows * cache.scale if cache.scale is not None else rows
+    return (rows * cache.scale if cache.scale is not None else rows).cpu()
 
 
 def prompts_for() -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["v3_grouped_norm_topk", "v2_lite_greedy_yarn"])
-def test_fp8_latent_cache_decode_within_bound_of_float32_cache(name, tmp_path):
+def test_fp8_latent_cache_decode_within_bound_of_float32_cache(name, device, tmp_path):
     hf = _write_case(name, tmp_path, **DENSE)
     layers = hf.config.num_hidden_layers
     prompts = prompts_for()
-    ref, tokens, ref_h, _ = run(tmp_path, prompts)
-    got, _, h, model = run(tmp_path, prompts, tokens, kv_cache_dtype="fp8")
+    ref, tokens, ref_h, _ = run(tmp_path, prompts, device=device)
+    got, _, h, model = run(tmp_path, prompts, tokens, device=device, kv_cache_dtype="fp8")
+    if device == "cuda":
+        from atom.ops.registry import resolved_impls
+
+        assert {i.backend for i in resolved_impls(model) if i.op.startswith("mla_")} == {"triton"}
     specs = kv_cache_specs(model)
     assert all(isinstance(s, MLAKVSpec) and s.dtype == torch.float8_e4m3fn and s.scale == 1.0 for s in specs)
     assert {c.latent.dtype for c in h.caches} == {torch.float8_e4m3fn}
     err = float((got - ref).norm() / ref.norm())
-    print(f"FP8 latent cache {name} (dense MLPs): logits rel err {err:.3f} vs float32 latent "
+    print(f"FP8 latent cache {name} (dense MLPs, {device}): logits rel err {err:.3f} vs float32 latent "
           f"(bound {bound(layers):.3f})")
     assert err < bound(layers), (name, err)
     # layer 0 writes the same rows in both runs (later layers see the FP8 error of the ones before): its
@@ -98,20 +107,21 @@ def test_fp8_latent_cache_decode_within_bound_of_float32_cache(name, tmp_path):
     assert not torch.equal(got0, want0)  # really rounded
 
 
-def test_fp8_latent_cache_greedy_tokens_equal_except_near_ties(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_latent_cache_greedy_tokens_equal_except_near_ties(device, tmp_path):
     """The MoE model (V3: grouped sigmoid routing, shared experts, a dense first layer), its rows
     teacher-forced; see the module docstring for the near-tie rule."""
     _write_case("v3_grouped_norm_topk", tmp_path)
     prompts = prompts_for()
-    ref, tokens, _, _ = run(tmp_path, prompts)
-    got, _, _, _ = run(tmp_path, prompts, tokens, kv_cache_dtype="fp8")
-    other, _, _, _ = run(tmp_path, prompts, tokens, kv_cache_dtype="fp8", latent_scale=1 + 2**-4)
+    ref, tokens, _, _ = run(tmp_path, prompts, device=device)
+    got, _, _, _ = run(tmp_path, prompts, tokens, device=device, kv_cache_dtype="fp8")
+    other, _, _, _ = run(tmp_path, prompts, tokens, device=device, kv_cache_dtype="fp8", latent_scale=1 + 2**-4)
     movement = (other - got).abs().amax(-1)  # M_r
     top = ref.topk(2, -1)
     gap = top.values[..., 0] - top.values[..., 1]
     decided = gap > 2 * movement
     same = got.argmax(-1) == top.indices[..., 0]
-    print(f"FP8 latent cache, DeepSeek-V3 MoE: greedy token = float32 run's on {int(same.sum())} of {same.numel()} "
+    print(f"FP8 latent cache, DeepSeek-V3 MoE ({device}): greedy token = float32 run's on {int(same.sum())} of {same.numel()} "
           f"rows; {int(decided.sum())} rows outside near ties, all equal: {bool(same[decided].all())}")
     assert bool(same[decided].all()), (gap[decided & ~same], movement[decided & ~same])
     assert int(decided.sum()) >= MIN_DECIDED * decided.numel()
