@@ -37,7 +37,8 @@ from atom.loader import load_model
 
 ON_GPU = torch.cuda.is_available()
 # The CPU runs use the torch references; "cuda" the Triton kernels (latent write, split-K decode, prefill)
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                               pytest.mark.skipif(not ON_GPU, reason="needs a GPU")])]
 PROMPT_LENS = (7, 12, 10, 9)
 SPLIT = min(PROMPT_LENS) - 3  # the first prefill chunk; the second runs over the cached (FP8) prefix
 STEPS = 12
@@ -121,8 +122,8 @@ def test_fp8_latent_cache_greedy_tokens_equal_except_near_ties(device, tmp_path)
     gap = top.values[..., 0] - top.values[..., 1]
     decided = gap > 2 * movement
     same = got.argmax(-1) == top.indices[..., 0]
-    print(f"FP8 latent cache, DeepSeek-V3 MoE ({device}): greedy token = float32 run's on {int(same.sum())} of {same.numel()} "
-          f"rows; {int(decided.sum())} rows outside near ties, all equal: {bool(same[decided].all())}")
+    print(f"FP8 latent cache, DeepSeek-V3 MoE ({device}): greedy token = float32 run's on {int(same.sum())} of "
+          f"{same.numel()} rows; {int(decided.sum())} rows outside near ties, all equal: {bool(same[decided].all())}")
     assert bool(same[decided].all()), (gap[decided & ~same], movement[decided & ~same])
     assert int(decided.sum()) >= MIN_DECIDED * decided.numel()
 

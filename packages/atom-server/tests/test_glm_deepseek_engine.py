@@ -172,11 +172,12 @@ def test_mla_cuda_graphs_greedy_matches_transformers_on_gpu(name, tmp_path):  # 
 
 
 def test_fp8_latent_cache_doubles_the_blocks_and_decodes_as_atoms_fp8_model(tmp_path, monkeypatch):
-    """--kv-cache-dtype fp8_e4m3 (then fp8, the same) on DeepSeek-V3: e4m3 latent caches (scale 1.0: the checkpoint has none, as
-    in vLLM) from the same specs, so the same budget buys twice the blocks of the bf16 latent; greedy generation
-    through the scheduler (chunked prefill, a pool small enough to preempt) equals ATOM's FP8-latent model driven
-    outside the engine, teacher-forced with the engine's tokens (the same weights and reference ops; the
-    logits' accuracy against a float latent cache is atom-core's tests/test_mla_fp8_kv_cache.py)."""
+    """--kv-cache-dtype fp8_e4m3 (then fp8, the same) on DeepSeek-V3: e4m3 latent caches (scale 1.0: the
+    checkpoint has none, as in vLLM) from the same specs, so the same budget buys twice the blocks of the bf16
+    latent; greedy generation through the scheduler (chunked prefill, a pool small enough to preempt) equals
+    ATOM's FP8-latent model driven outside the engine, teacher-forced with the engine's tokens (the same weights
+    and reference ops; the logits' accuracy against a float latent cache is atom-core's
+    tests/test_mla_fp8_kv_cache.py)."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "atom-core" / "tests"))

@@ -55,7 +55,8 @@ def check_kv_scale(prefix: str, kind: str, value: float, cache_dtype: torch.dtyp
     if kind not in ("k", "v"):
         raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
     if not value > 0:
-        raise ValueError(f"{prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must be positive")
+        raise ValueError(f"{prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must be "
+                         "positive")
     return float(value) * (2.0 if cache_dtype == torch.float8_e4m3fnuz else 1.0)
 
 

@@ -202,7 +202,8 @@ def load_model(
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, quant_config, device)
         # None: every model builds its default attention (multi-head or latent) in the model's dtype
         if kv_dtype is not None and getattr(cls, "uses_mla", False):
-            from atom.layers.mla import paged_mla_factory_for  # atom.layers.mla imports the loader (quantization)
+            # here, not at the top: atom.layers.mla imports atom.quantization, which imports this module
+            from atom.layers.mla import paged_mla_factory_for
 
             extra["mla_factory"] = paged_mla_factory_for(kv_dtype)  # the FP8 latent cache
         elif kv_dtype is not None:

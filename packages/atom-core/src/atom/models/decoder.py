@@ -229,7 +229,7 @@ class DecoderForCausalLM(nn.Module):
 
     # Hosts may swap the backbone for a subclass (atom-vllm decorates it for vLLM's torch.compile).
     backbone_cls: type[DecoderModel] = DecoderModel
-    # Multi-head latent attention (DeepSeek): the model takes an `mla_factory` instead of an attention factory.
+    # Multi-head latent attention (DeepSeek): the model takes an `mla_factory`, not an attention factory.
     uses_mla: bool = False
     # The submodule of a layer's self_attn that takes its checkpoint FP8 KV-cache scales (load_kv_scale).
     kv_scale_owner: str = "attn"

@@ -128,7 +128,8 @@ def _gather_latent(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens:
     blocks = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)]
     valid = pos[None, :] < seq_lens.long()[:, None]
     slots = torch.where(valid, blocks * block_size + pos % block_size, 0)
-    latent = from_cache(kv_cache.view(-1, kv_cache.shape[-1])[slots], kv_scale).masked_fill(~valid[..., None], 0.0)
+    rows = kv_cache.view(-1, kv_cache.shape[-1])[slots]
+    latent = from_cache(rows, kv_scale).masked_fill(~valid[..., None], 0.0)
     return latent, pos, valid
 
 

@@ -48,8 +48,8 @@ def _latent_scale(scale_ptr, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, lora, rope, block_size, c_stride_t,
-                            pe_stride_t, cache_stride_b, cache_stride_s,
+def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, lora, rope, block_size,
+                            c_stride_t, pe_stride_t, cache_stride_b, cache_stride_s,
                             BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, KV_FP8: tl.constexpr,
                             HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
                             EMULATE: tl.constexpr):
@@ -61,7 +61,8 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, 
     s = _latent_scale(scale_ptr, HAS_SCALE)
     lo = tl.arange(0, BLOCK_L)
     c = tl.load(kv_c_ptr + t * c_stride_t + lo, mask=lo < lora)
-    tl.store(row + lo, to_cache(c, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=lo < lora)
+    tl.store(row + lo, to_cache(c, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
+             mask=lo < lora)
     r = tl.arange(0, BLOCK_R)
     pe = tl.load(k_pe_ptr + t * pe_stride_t + r, mask=r < rope)
     tl.store(row + lora + r, to_cache(pe, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
@@ -187,7 +188,7 @@ def _mla_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
         m_i = m_new
 
-    if HAS_SCALE:  # the values are the latent rows: entry * kv_scale (linear, so the split merge is unchanged)
+    if HAS_SCALE:  # the values are the latent rows, entry * kv_scale (linear: the split merge is unchanged)
         acc = acc * tl.load(kv_scale_ptr).to(tl.float32)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -254,7 +255,8 @@ def mla_latent_attention(
     grid = (batch, 1 if decode else triton.cdiv(max_query_len, block_q), head_tiles * num_splits)
     _mla_attention_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
-        part_m, part_l, part_acc, seq_lens if kv_scale is None else kv_scale, float(scale), lora, rope, kv_cache.shape[1], tokens_per_split, num_heads,
+        part_m, part_l, part_acc, seq_lens if kv_scale is None else kv_scale, float(scale), lora, rope,
+        kv_cache.shape[1], tokens_per_split, num_heads,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         HEADS=heads, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
