@@ -186,6 +186,9 @@ def test_checkpoint_k_scale_is_the_latent_scale(tmp_path):
 
 
 def test_unsupported_kv_cache_dtype_is_named(tmp_path):
+    """vLLM's name fp8_e5m2 and the torch type alike: ATOM's FP8 caches are e4m3."""
     _write_case("v2_lite_greedy_yarn", tmp_path)
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp8_e5m2' is not supported .*e4m3.*auto, fp8, fp8_e4m3"):
         load_model(str(tmp_path), dtype="float32", kv_cache_dtype="fp8_e5m2", progress=False)
+    with pytest.raises(ValueError, match=r"kv_cache_dtype torch\.float8_e5m2: ATOM's FP8 KV caches are e4m3"):
+        load_model(str(tmp_path), dtype="float32", kv_cache_dtype=torch.float8_e5m2, progress=False)

@@ -37,7 +37,8 @@ from torch import nn
 
 from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
-                                  bind_kv_caches, check_kv_scale, is_fp8, kv_cache_layers)
+                                  bind_kv_caches, check_cache_dtype, check_kv_scale, is_fp8,
+                                  kv_cache_layers)
 from atom.ops.registry import resolve
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class PagedAttention(nn.Module):
         # A reference to the model's parameter, deliberately not registered here: the model owns and loads
         # it (registering it twice would list it under a second name).
         object.__setattr__(self, "sinks", sinks)
-        dtype = kv_cache_dtype or torch.get_default_dtype()
+        dtype = check_cache_dtype(kv_cache_dtype or torch.get_default_dtype())
         common = dict(layer_idx=spec.layer_idx, dtype=dtype, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
         self.kv_cache_spec: FullAttentionKVSpec = (
             SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window

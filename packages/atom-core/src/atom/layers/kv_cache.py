@@ -48,6 +48,14 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def check_cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """An attention cache's element type, refused when it is an FP8 type ATOM's kernels do not store."""
+    if is_fp8(dtype) and dtype not in (torch.float8_e4m3fn, getattr(torch, "float8_e4m3fnuz", None)):
+        raise ValueError(f"kv_cache_dtype {dtype}: ATOM's FP8 KV caches are e4m3 (torch.float8_e4m3fn, or "
+                         "float8_e4m3fnuz on MI300); use one of those")
+    return dtype
+
+
 def check_kv_scale(prefix: str, kind: str, value: float, cache_dtype: torch.dtype) -> float:
     """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") as the cache of `cache_dtype` applies it:
     checked positive, doubled for e4m3fnuz (checkpoint scales are for e4m3fn, max 448; e4m3fnuz's values are

@@ -38,7 +38,7 @@ from torch import nn
 
 from atom.forward_context import get_forward_context
 from atom.layers.attention import PagedAttentionMetadata, PagedAttentionMetadataBuilder, hand_kv_scale
-from atom.layers.kv_cache import MLAKVCache, MLAKVSpec, check_kv_scale, is_fp8
+from atom.layers.kv_cache import MLAKVCache, MLAKVSpec, check_cache_dtype, check_kv_scale, is_fp8
 from atom.ops.registry import resolve
 from atom.quantization.base import mark_dense_weight_read
 
@@ -92,7 +92,7 @@ class PagedMLAAttention(nn.Module):
         # The model owns kv_b_proj (its checkpoint name is the model's); hold it without making it a child,
         # so its weight is not a second parameter of the model.
         self.__dict__["kv_b_proj"] = kv_b_proj
-        dtype = kv_cache_dtype or torch.get_default_dtype()
+        dtype = check_cache_dtype(kv_cache_dtype or torch.get_default_dtype())
         self.kv_cache_spec = MLAKVSpec(layer_idx=spec.layer_idx, dtype=dtype, kv_lora_rank=spec.kv_lora_rank,
                                        qk_rope_head_dim=spec.qk_rope_head_dim)
         self.kv_cache: MLAKVCache | None = None
