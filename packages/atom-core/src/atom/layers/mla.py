@@ -27,11 +27,10 @@ parameter; SGLang's RadixAttention).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
