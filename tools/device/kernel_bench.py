@@ -426,6 +426,14 @@ def mla_rows(bench, T) -> None:
         bench(f"mla_decode H{heads} bs{batch} ctx{ctx}", decode,
               ref_mla.mla_decode if batch * ctx <= 32 * 4096 else None,
               (qn, qp, cache, w, tables, lens, scale, max_l), nbytes, flops)
+        if batch > 1:  # the FP8 latent cache (--kv-cache-dtype fp8): half the cache bytes
+            from atom.ops.attention import to_cache_dtype
+
+            kv_scale = torch.tensor(0.05, device=DEV)
+            fp8 = to_cache_dtype(cache, torch.float8_e4m3fn, kv_scale)
+            fp8_bytes = nbytes - batch * ctx * (512 + 64)
+            bench(f"mla_decode H{heads} bs{batch} ctx{ctx} fp8 latent", lambda *a: decode(*a, kv_scale=kv_scale),
+                  None, (qn, qp, fp8, w, tables, lens, scale, max_l), fp8_bytes, flops)
     for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
         qn, qp, cache, w, tables, qsl, lens, scale, max_l, nbytes = mla(batch, q_len, [ctx] * batch)
         pairs = batch * sum(ctx + i + 1 for i in range(q_len))
