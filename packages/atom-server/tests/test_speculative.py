@@ -189,12 +189,32 @@ def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatc
         assert stats["spec_decode_num_drafts"] == (2 * 3 if length == 4 else 2 * 11)
         if mode == "static":  # one prefill step (eager); every later step replays a verify graph (or, for the
             # last token when no draft is left, a decode graph), then the MTP graphs (first pass, drafts)
-            replays = llm.llm_engine.runner.graphs.replays
+            runner = llm.llm_engine.runner
+            replays = runner.graphs.replays
             graph_steps = replays["verify"] + replays["decode"]
+            assert runner.eager_steps == 1, (runner.eager_steps, replays)
             assert replays["verify"] == (3 if length == 4 else 11), replays
             assert replays["mtp_first_pass"] == replays["mtp_drafts"] == graph_steps, replays
         if length == 4:  # the heartbeat's stats as /metrics exports them, under vLLM's names and labels
             _check_exposition(stats)
+
+
+def test_mtp_drafts_stop_at_max_model_len(partial_mtp, monkeypatch):
+    """A sequence that runs into max_model_len: the MTP's draft steps stay inside the rope table (the block
+    table's slots reach past max_model_len: 16-token blocks, max_model_len 20), eager and on the step graphs;
+    the same tokens as without speculation, finished by length."""
+    prompt = [{"prompt_token_ids": [random.Random(0).randrange(300) for _ in range(8)]}]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = {}
+    for k, mode in ((0, "off"), (3, "off"), (3, "static")):
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", mode)
+        llm = LLM(partial_mtp, dtype="float32", block_size=16, max_model_len=20, skip_tokenizer_init=True,
+                  device="cpu", speculative_config=_mtp(k))
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        got[k, mode] = (out.token_ids, out.finish_reason)
+        _check_all_free(llm)
+    assert got[0, "off"][1] == "length" and len(got[0, "off"][0]) == 12
+    assert got[3, "off"] == got[0, "off"] and got[3, "static"] == got[0, "off"]
 
 
 def _check_exposition(stats: dict) -> None:

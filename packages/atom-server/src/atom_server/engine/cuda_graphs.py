@@ -186,12 +186,10 @@ class DecodeGraphs:
         self._turn = 0
         self.copied = _event(device)  # the last H2D copy is done: the pinned buffer may be rewritten
         self.metadata = {bs: self.builder.build_for_graph(self._inputs(bs)) for bs in self.sizes}
-        # Outputs every graph of a kind writes (one allocation for all sizes); logits_out is allocated by the first
-        # verify body that runs (its width is the LM head's).
-        dtype = next(model.parameters()).dtype
-        hidden_size = int(model.config.hidden_size)
-        self.hidden_out = torch.zeros(t, hidden_size, dtype=dtype, device=device) if keep_hidden else None
-        self._keep_hidden = keep_hidden
+        # Outputs every graph of a kind writes (one allocation for all sizes), allocated by the first body that
+        # writes them (the warm-up of the largest graph when capturing), in the dtype and width the model gives.
+        self.keep_hidden = keep_hidden
+        self.hidden_out: torch.Tensor | None = None
         self.logits_out: torch.Tensor | None = None
         self.best_out = torch.zeros(max(self.max_verify_bs * (verify_q or 1), 1), dtype=torch.int64, device=device)
         if verify_q:
@@ -236,8 +234,8 @@ class DecodeGraphs:
         d = self.dev
         ids = d.tokens[d.src[:bs]]
         hidden = self.model(ids, d.positions[:bs])
-        if self._keep_hidden:
-            self.hidden_out[:bs].copy_(hidden)
+        if self.keep_hidden:
+            self._keep(hidden, bs)
         logits = self.model.compute_logits(hidden)
         tokens = logits.argmax(dim=-1)
         d.tokens[:bs].copy_(tokens)  # `last`, for a next step launched before the host reads these
@@ -248,13 +246,18 @@ class DecodeGraphs:
         t = bs * self.verify_q
         hidden = self.model(d.ids[:t], d.positions[:t])
         logits = self.model.compute_logits(hidden)
-        if self.logits_out is None:  # first run (the warm-up before any capture): the largest size comes first
+        if self.logits_out is None:
             self.logits_out = torch.empty(self.best_out.shape[0], logits.shape[-1], dtype=logits.dtype,
                                           device=logits.device)
-        if self._keep_hidden:
-            self.hidden_out[:t].copy_(hidden)
+        if self.keep_hidden:
+            self._keep(hidden, t)
         self.logits_out[:t].copy_(logits)
         self.best_out[:t].copy_(logits.argmax(dim=-1))
+
+    def _keep(self, hidden: torch.Tensor, count: int) -> None:
+        if self.hidden_out is None:
+            self.hidden_out = torch.zeros(self.dev.t, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        self.hidden_out[:count].copy_(hidden)
 
     def capture_graph(self, label: str, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
         """Warm up body (autotuning, lazy init, Triton JIT of this shape's specialisations), then capture it into

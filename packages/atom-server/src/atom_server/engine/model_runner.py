@@ -233,6 +233,7 @@ class ModelRunner:
         self._synthetic_generator = torch.Generator().manual_seed(seed)
         self.graphs: DecodeGraphs | None = None
         self.mtp_graphs: MTPGraphs | None = None
+        self.eager_steps = 0  # steps run eager (the graphs count their replays: graphs.replays)
         mode = _graph_mode()
         if mode == "static":  # the graphs' input plumbing without capture (any device; tests)
             self._build_graphs(capture=False)
@@ -277,7 +278,7 @@ class ModelRunner:
             return 0
         entries = verify_capture_sizes(self.max_num_seqs)[-1] * (spec.k + 1)
         hidden = 3 * int(self.config.hidden_size) if spec.is_mtp else 0
-        return entries * (2 * self.vocab_size + hidden) * self.dtype.itemsize
+        return entries * (2 * self.vocab_size + hidden) * max(self.dtype.itemsize, 2)  # (8-bit weights: bf16 out)
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_window(self) -> int | None:
@@ -478,6 +479,7 @@ class ModelRunner:
         return tables, sorted(self._generators), window
 
     def _execute_eager(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
+        self.eager_steps += 1
         qsl, seq_lens, positions = positions_of(step)
         token_rows = rows if step.num_tokens == step.num_rows else np.repeat(rows, np.diff(qsl))
         slots = self.tables.slots(token_rows, positions)

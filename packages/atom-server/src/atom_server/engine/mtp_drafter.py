@@ -14,7 +14,8 @@ Each step, after the target's forward and verification:
 2. Draft 1 = the MTP's prediction at each drafting row's stop; drafts 2..K: the MTP again, one token per row at
    the next position, reading the previous draft and the previous MTP output (vLLM reuses its one MTP layer the
    same way when K exceeds num_nextn_predict_layers). These write the MTP cache at positions the next step's
-   first pass rewrites. A row drafts only as far as its block table reaches (the scheduler's lookahead slots).
+   first pass rewrites. A row drafts only as far as its block table reaches (the scheduler's lookahead slots)
+   and max_model_len allows (the rope table's end; the engine keeps no draft past it anyway).
 Greedy rows draft the argmax; sampled rows draw from the MTP head's distribution under their own sampling
 parameters (and generator), and that distribution is kept (rank 0, with the rest of sampling) for the
 rejection sampler of the next step.
@@ -63,6 +64,11 @@ class MTPDrafter:
     def _layer(self, ids: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor | None) -> torch.Tensor:
         return self.model.mtp_forward(ids, positions, prev_hidden)
 
+    def _capacity(self, table_rows: np.ndarray) -> np.ndarray:
+        """Positions each row's draft steps may use: its block table's slots, within max_model_len."""
+        r = self.runner
+        return np.minimum(r.tables.num_blocks[table_rows] * r.block_size, r.max_model_len)
+
     def first_pass_ids(self, step: StepInput, ids: np.ndarray, qsl: np.ndarray, stops: dict[int, int],
                        results: list[RowResult]) -> np.ndarray:
         """The token after each position of the step (see the module docstring, 1)."""
@@ -100,7 +106,7 @@ class MTPDrafter:
         h = h[torch.from_numpy(index).to(dev)]
         pos = positions[index]
         table_rows = rows[draft_rows]
-        capacity = r.tables.num_blocks[table_rows] * r.block_size
+        capacity = self._capacity(table_rows)
         limit = np.minimum(self.k, capacity - pos)  # draft j >= 2 is read at position pos + j - 1 < capacity
         n = len(draft_rows)
         drafts: list[list[int]] = []
@@ -160,7 +166,7 @@ class MTPDrafter:
             return
         stop_flat = np.asarray([stops[i] for i in range(n)], dtype=np.int64)
         pos = positions[stop_flat]
-        capacity = r.tables.num_blocks[rows] * r.block_size
+        capacity = self._capacity(rows)
         limit = np.minimum(self.k, capacity - pos)
         # draft step j (1..K-1) reads the previous draft at pos + j; past a row's slots it runs on writing nowhere
         ahead = pos[None, :] + np.arange(1, self.k, dtype=np.int64)[:, None]  # [K - 1, n]

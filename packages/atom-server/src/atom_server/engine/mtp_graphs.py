@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class MTPGraphs:
     def __init__(self, model, graphs: DecodeGraphs, k: int):
-        if graphs.hidden_out is None or not graphs.verify_q:
+        if not graphs.keep_hidden or not graphs.verify_q:
             raise ValueError("the MTP graphs need target graphs that keep their hidden states and verify graphs")
         if graphs.windowed:
             raise ValueError("the MTP graphs do not run with a window pool")
@@ -54,7 +54,7 @@ class MTPGraphs:
             buf.chain_slots.fill_(-1)
             buf.chain_lens.fill_(1)
         self.copied = _event(g.device)
-        self.mtp_hidden = torch.zeros_like(g.hidden_out)
+        self.mtp_hidden: torch.Tensor | None = None  # [t, H], allocated by the first first pass
         self.drafts = torch.zeros(n, k, dtype=torch.int64, device=g.device)
         self.first_pass_shapes = [(bs, 1) for bs in g.sizes] + [(bs, g.verify_q) for bs in g.verify_sizes]
         self.draft_sizes = sorted(set(g.sizes) | set(g.verify_sizes))
@@ -73,6 +73,8 @@ class MTPGraphs:
         t = bs * q
         with set_forward_context(g.metadata[bs] if q == 1 else g.verify_metadata[bs]):
             hidden = self.model.mtp_forward(self.dev.nxt[:t], g.dev.positions[:t], g.hidden_out[:t])
+        if self.mtp_hidden is None:
+            self.mtp_hidden = torch.zeros(self.t, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         self.mtp_hidden[:t].copy_(hidden)
 
     def _draft_body(self, bs: int) -> None:
