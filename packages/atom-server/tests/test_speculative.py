@@ -378,9 +378,11 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.serial  # KV sized from free GPU memory
 def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
-    """CUDA, float32: K = 0 decodes through the captured graphs (async scheduling on); MTP K = 2 runs every step
-    eager (no graphs are captured with the drafter) and n-gram K = 3 replays the graphs for steps without drafts
-    and verifies eagerly; all give the same greedy tokens, every block free at the end."""
+    """CUDA, float32, graphs captured for real: K = 0 decodes through the decode graphs (async scheduling on);
+    MTP K = 2 replays the verify graphs and the MTP drafter's graphs (first pass, greedy drafts); n-gram K = 3
+    the verify graphs, rows with fewer drafts padded in front, and the decode graphs for steps without drafts;
+    all give the same greedy tokens, every block free at the end. Then the benchmark's forced acceptance
+    (synthetic, K = 3, L = 4): after the prefill every step is a graph replay, every draft accepted."""
     import torch
 
     if not torch.cuda.is_available():
@@ -390,22 +392,41 @@ def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
     motif = [rng.randrange(vocab) for _ in range(3)]
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (4, 17, 9)] + [motif * 6]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    engine_args = dict(dtype="float32", block_size=16, max_model_len=128, skip_tokenizer_init=True, device="cuda",
+                       gpu_memory_utilization=0.2)
     runs = {}
     for name, spec in (("none", None), ("mtp", _mtp(2)), ("ngram", {"method": "ngram", "num_speculative_tokens": 3,
                                                                       "prompt_lookup_min": 2})):
-        llm = LLM(partial_mtp, dtype="float32", block_size=16, max_model_len=128, skip_tokenizer_init=True,
-                  device="cuda", gpu_memory_utilization=0.2, speculative_config=spec)
+        llm = LLM(partial_mtp, speculative_config=spec, **engine_args)
         engine = llm.llm_engine
-        assert (engine.runner.graphs is not None) == (name != "mtp") and engine.async_scheduling == (name == "none")
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.capture and engine.async_scheduling == (name == "none")
         runs[name] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                                    params, use_tqdm=False)]
         stats = _check_all_free(llm)
         if spec is not None:
             assert stats["spec_decode_num_draft_tokens"] > 0, (name, stats)
+            assert graphs.replays["verify"] > 0, (name, graphs.replays)
+        if name == "mtp":
+            assert graphs.replays["mtp_first_pass"] >= graphs.replays["mtp_drafts"] > 0, graphs.replays
+        if name == "ngram":
+            assert graphs.short_rows > 0 and graphs.replays["decode"] > 0, (graphs.short_rows, graphs.replays)
         engine.shutdown()
-        del llm, engine
+        del llm, engine, graphs
         torch.cuda.empty_cache()
     assert runs["mtp"] == runs["none"] and runs["ngram"] == runs["none"]
+
+    synthetic = {"method": "mtp", "num_speculative_tokens": 3, "rejection_sample_method": "synthetic",
+                 "synthetic_acceptance_length": 4}
+    llm = LLM(partial_mtp, speculative_config=synthetic, **engine_args)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params.clone(max_tokens=13), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [13, 13]
+    stats = _check_all_free(llm)
+    runner = llm.llm_engine.runner
+    assert stats["spec_decode_num_drafts"] == 2 * 3 and runner.eager_steps == 1, (stats, runner.graphs.replays)
+    assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"]
+    assert runner.graphs.replays["verify"] == 3 and runner.graphs.replays["mtp_drafts"] == 3, runner.graphs.replays
+    llm.llm_engine.shutdown()
 
 
 def test_speculation_with_the_window_pool_is_refused(tmp_path):

@@ -11,8 +11,10 @@ of each running sequence (block_manager.py's window pool; split_kv_budget sizes 
 The CPU path is plain PyTorch; a GPU adds faster kernels (chosen by atom's op registry), memory sizing
 from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
-async scheduling). ATOM_DECODE_GRAPHS=static runs decode batches through the graphs' buffers without
-capturing them, on any device (tests of the graph input plumbing on CPU).
+async scheduling). With speculative decoding, verify batches (K + 1 tokens a row) replay graphs too, and so
+does the MTP drafter (mtp_graphs.py); `_graph_q` picks the path of each step. ATOM_DECODE_GRAPHS=static runs
+those batches through the graphs' buffers without capturing them, on any device (tests of the graph input
+plumbing on CPU).
 
 Under tensor parallelism (executor.py, worker.py) every rank runs a runner on its shard of the model, from
 the same StepInputs, taking the same path through each step (the collectives inside the model must line
