@@ -327,18 +327,6 @@ def fp8_rows(bench, opts) -> None:
                 bench(f"fp8_linear 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
-    # fused activation quantization (the GEMM's prologue) against a separate quantization kernel
-    for proj in ("o", "down"):
-        for m in (1, 4, 16):
-            n, k = FP8_LINEARS[proj]
-            x = rnd(m, k)
-            fused = (tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M)
-            tk_fp8.FUSED_QUANT_MAX_M = tk_fp8.FUSED_TOKEN_QUANT_MAX_M = 0
-            for layout in ("block", "channel"):
-                q, s = weights[proj][layout]
-                bench(f"  separate quant kernel: fp8_linear {proj} M{m} {layout}", lin, None,
-                      (x, q, s, None, [128, 128] if layout == "block" else None), n * k + 2 * m * (k + n))
-            tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M = fused
     sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []
     for m in [int(v) for v in os.environ.get("ATOM_FP8_SWEEP_M", "1,16,128").split(",")] if sweep else []:
         for proj in ("o", "down"):

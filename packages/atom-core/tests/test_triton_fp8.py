@@ -156,7 +156,7 @@ LINEAR_CASES = {
     "decode_tensor": (4, 200, 300, "tensor", None, None),
     "decode_block_split": (1, 130, 520, "block", (128, 128), 4),
     "decode_channel_split": (3, 130, 520, "channel", None, 2),
-    "decode_channel_long_k": (4, 72, 2100, "channel", None, None),  # the per-token prologue takes 3 steps
+    "decode_channel_long_k": (4, 72, 2100, "channel", None, None),
     "small_channel_separate_quant": (9, 130, 260, "channel", None, None),
     "prefill_block": (40, 200, 300, "block", (128, 128), None),
     "prefill_channel": (37, 150, 300, "channel", None, None),

@@ -8,14 +8,10 @@ Two weight layouts share one GEMM kernel:
 - per-token activations x per-channel (or per-tensor: stride 0) weight scales: plain fp8 dots,
   promoted to float32 every K step (max_num_imprecise_acc), both scales applied once at the end.
 
-Activation quantization: at decode sizes (M <= FUSED_QUANT_MAX_M with block scales, FUSED_TOKEN_QUANT_MAX_M
-per token) the GEMM quantizes A itself while loading it (its prologue): with block scales each K step is
-one group, so the scale of a tile comes from that tile alone; per token, a first pass over the rows finds
-their absolute max. Every column-block program repeats this for its rows, which costs little at decode
-sizes (A is a few KB, read from L2) and saves the launch and the HBM round trip of a separate quantization
-kernel, a visible share of a decode step's small GEMMs (kernel_bench.py times both). Larger M (prefill)
-runs one quantization kernel first (A quantized once instead of once per column block, and read back as
-FP8: half the bytes) and feeds the fp8 A to the GEMM.
+Activation quantization is its own kernel before the GEMM, at every M: A is quantized once and read back as
+FP8 (half the bytes). A GEMM that quantized A itself while loading it (its prologue, every column-block program
+repeating it) was measured slower at every decode size on the H200 (kernel_bench.py, 2026-12-01: 8b o M1 39.5 us
+against 16.2 us with the separate kernel, down M1 102 against 28.5, M16 20.1 against 16.4), so it was removed.
 
 Decode tiles: BLOCK_M 16, and split-K over several programs when the column blocks alone cannot keep
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
@@ -121,12 +117,11 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
     k_per_split,
-    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRE_M: tl.constexpr, PRE_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """out = A W^T (scaled); A fp8 with scales, or float quantized here (QUANT_A); W [N, K] fp8."""
+    """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -145,44 +140,19 @@ def _fp8_gemm_kernel(
     m64 = m.to(tl.int64)
     n64 = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    fp8 = w_ptr.dtype.element_ty
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    sa = tl.zeros([BLOCK_M], tl.float32)
     if not BLOCK_SCALES:  # one activation scale per row, over all of K
-        if QUANT_A:
-            # The rows' absolute max first (M <= PRE_M rows, all in this row block). Each step of this loop
-            # waits for its load (nothing feeds a dot, so it is not pipelined): wide PRE_K steps keep the chain
-            # short (4 steps for K = 4096 instead of 32 of BLOCK_K).
-            pr = tl.arange(0, PRE_M)
-            pk = tl.arange(0, PRE_K)
-            pre_amax = tl.zeros([PRE_M], tl.float32)
-            for k0 in range(0, K, PRE_K):
-                a = tl.load(a_ptr + pr.to(tl.int64)[:, None] * a_stride + (k0 + pk)[None, :],
-                            mask=(pr < M)[:, None] & ((k0 + pk) < K)[None, :], other=0.0).to(tl.float32)
-                pre_amax = tl.maximum(pre_amax, tl.max(tl.abs(a), axis=1))
-            amax = tl.zeros([BLOCK_M], tl.float32)
-            for r in tl.static_range(PRE_M):  # the PRE_M maxima into the BLOCK_M row vector
-                amax = tl.where(m == r, tl.sum(tl.where(pr == r, pre_amax, 0.0), axis=0), amax)
-            sa = dynamic_scale(amax, FP8_MAX, MIN_SCALE)
-        else:
-            sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
+        sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        if QUANT_A:
-            a = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            if BLOCK_SCALES:
-                sa = dynamic_scale(tl.max(tl.abs(a), axis=1), FP8_MAX, MIN_SCALE)
-            aq = quantize(a, sa[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE)
-        else:
-            aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0)
-            if BLOCK_SCALES:
-                sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+        aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_SCALES:
+            sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
         w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_SCALES:
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
@@ -217,11 +187,6 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.co
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# M up to which the GEMM quantizes its activations itself (module-level for sweeps and tests). Per token, every
-# program first reads its rows' whole K for their scale, so that stays at smaller M (at M = 16 and split-K 4 on
-# a 4096 x 4096 weight the re-reads would be twice the weight's bytes, from L2).
-FUSED_QUANT_MAX_M = 16
-FUSED_TOKEN_QUANT_MAX_M = 4  # a power of two, <= the smallest BLOCK_M (the per-token prologue's PRE_M)
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -282,19 +247,13 @@ def fp8_linear(
         ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
         ws_stride_k = 0
     tile = _gemm_tile(m, n, k, block_k, x.device)
-    quant_a = m <= (FUSED_QUANT_MAX_M if block_scales else FUSED_TOKEN_QUANT_MAX_M)
-    if quant_a:
-        a, a_scale, as_stride = x2, x2, 0  # a_scale unused
-    elif block_scales:
+    if block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
-        as_stride = a_scale.stride(0)
     else:
         a, a_scale = per_token_quant_fp8(x2, fp8)
-        as_stride = a_scale.stride(0)
-    # per stage: the A tile (float when quantized here) and the fp8 W tile
-    a_bytes = a.element_size()
+    # per stage: the fp8 A and W tiles
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] * a_bytes + bn) * block_k, 0), x.device)
+                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), x.device)
     split = tile["split_k"]
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
@@ -302,11 +261,10 @@ def fp8_linear(
     grid = (triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)
     has_bias = bias is not None
     _fp8_gemm_kernel[grid](
-        a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), as_stride,
+        a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), a_scale.stride(0),
         weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-        SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, QUANT_A=quant_a, HAS_BIAS=has_bias and split == 1,
+        SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=has_bias and split == 1,
         SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        PRE_M=max(FUSED_TOKEN_QUANT_MAX_M, 2), PRE_K=1024, **fp8_consts(fp8),
         num_warps=tile["num_warps"], num_stages=stages)
     if split > 1:
         block = 1024
