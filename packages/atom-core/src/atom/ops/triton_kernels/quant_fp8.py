@@ -187,6 +187,116 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.co
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+# ---------------------------------------------------------------- GEMV (M <= GEMV_MAX_M)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
+    k_per_split,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
+):
+    """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
+
+    Each program owns BLOCK_N output columns and one K range; a K step loads a W tile [BLOCK_N, GROUPS, SUB_K]
+    (K contiguous: wide loads) as float32 and reduces it against each row's activations. With block scales SUB_K
+    is the scale block's K size, so every (row, column, K block) partial sum is multiplied by its activation
+    group scale and weight block scale before it is added, as the tl.dot kernel does; otherwise the two scales
+    are applied once at the end. The accumulator is [BLOCK_N, M_PAD] (rows along the second axis, so a row's
+    column sums join it without changing layout)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    n64 = n.to(tl.int64)
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, SUB_K)
+    kg = g[:, None] * SUB_K + j[None, :]  # [GROUPS, SUB_K]: offsets in one K step
+    rows = tl.arange(0, M_PAD)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    for k0 in range(k_lo, k_hi, GROUPS * SUB_K):
+        k = k0 + kg
+        k_ok = k < K
+        w = tl.load(w_ptr + n64[:, None, None] * w_stride + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
+                    other=0.0).to(tl.float32)
+        if BLOCK_SCALES:
+            kb = k0 // SUB_K + g  # the K blocks of this step
+            sw = tl.load(ws_ptr + (n64 // SCALE_BN)[:, None] * ws_stride_n + kb[None, :] * ws_stride_k,
+                         mask=n_ok[:, None] & (kb * SUB_K < K)[None, :], other=0.0)  # [BLOCK_N, GROUPS]
+        for r in tl.static_range(M_PAD):
+            a = tl.load(a_ptr + r * a_stride + k, mask=k_ok & (k * 0 + r < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * a[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+            if BLOCK_SCALES:
+                sa = tl.load(as_ptr + r * as_stride + kb, mask=(kb * SUB_K < K) & (kb * 0 + r < M),
+                             other=0.0)
+                part = part * (sa[None, :] * sw)
+            acc += tl.where(rows[None, :] == r, tl.sum(part, axis=1)[:, None], 0.0)
+    m_ok = rows < M
+    if not BLOCK_SCALES:
+        sa_rows = tl.load(as_ptr + rows * as_stride, mask=m_ok, other=0.0)
+        sw_cols = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
+        acc = acc * (sw_cols[:, None] * sa_rows[None, :])
+
+    mask = n_ok[:, None] & m_ok[None, :]
+    offs = rows.to(tl.int64)[None, :] * out_stride_m + n64[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
+
+
+# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM (0: the tl.dot GEMM at every M; for
+# kernel_bench.py's comparison of the two).
+GEMV_MAX_M = 4
+# Tile override for kernel_bench.py sweeps: dict(block_n, block_k, num_warps, split_k).
+GEMV_TILE_OVERRIDE: dict | None = None
+
+
+def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
+    """The GEMV streams W once; what matters is bytes in flight per SM. A K step of a [32, 512] fp8 tile is
+    16 KiB per program (64 B a thread at 8 warps: four 16-byte loads, 64 float32 registers after the
+    conversion); ~2 programs per SM keep ~32 KiB in flight, about what HBM3e's latency-bandwidth product needs
+    per SM. 32 columns per program give 128-768 programs on the 8b shapes (N 4096-24576); where that is under
+    ~2 per SM, K is split (powers of two, at least two K steps per split) and the partials added in order.
+    block_k is a multiple of the scale block (sub_k), so every K step holds whole scale blocks."""
+    if GEMV_TILE_OVERRIDE is not None:
+        tile = dict(GEMV_TILE_OVERRIDE)
+    else:
+        block_k = max(sub_k, min(512, triton.next_power_of_2(k)))
+        tile = dict(block_n=32, block_k=block_k, num_warps=8 if block_k >= 512 else 4)
+        programs = triton.cdiv(n, tile["block_n"])
+        want = triton.cdiv(2 * num_sms(device), programs)
+        most = max(1, triton.cdiv(k, block_k) // 2)
+        split = 1
+        while split * 2 <= min(want, most, 8):
+            split *= 2
+        tile["split_k"] = split
+    if tile["block_k"] % sub_k or tile["block_k"] & (tile["block_k"] - 1):
+        raise ValueError(f"GEMV block_k {tile['block_k']} must be a power of two and a multiple of {sub_k}")
+    return tile
+
+
+def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out) -> None:
+    """Run `launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`) into out, or into float32 partials added in split
+    order (plus bias) by _split_k_sum_kernel."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    has_bias = bias is not None
+    launch(target, k_per_split, split, has_bias and split == 1)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
+                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+
+
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -246,28 +356,37 @@ def fp8_linear(
         scale_bn, block_k = 1, 128
         ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
         ws_stride_k = 0
-    tile = _gemm_tile(m, n, k, block_k, x.device)
     if block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
     else:
         a, a_scale = per_token_quant_fp8(x2, fp8)
+    common = (a, a_scale, weight, weight_scale)
+    strides = (a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n)
+
+    if m <= GEMV_MAX_M:
+        tile = _gemv_tile(n, k, block_k, x.device)
+
+        def gemv(target, k_per_split, split, add_bias):
+            _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
+                *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
+                SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
+                M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
+                SUB_K=block_k, num_warps=tile["num_warps"])
+
+        _launch_split(gemv, m, n, k, tile["block_k"], tile["split_k"], bias, out)
+        return out.view(*x.shape[:-1], n)
+
+    tile = _gemm_tile(m, n, k, block_k, x.device)
     # per stage: the fp8 A and W tiles
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
                                lambda bn: ((tile["block_m"] + bn) * block_k, 0), x.device)
-    split = tile["split_k"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)
-    has_bias = bias is not None
-    _fp8_gemm_kernel[grid](
-        a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), a_scale.stride(0),
-        weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-        SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=has_bias and split == 1,
-        SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        num_warps=tile["num_warps"], num_stages=stages)
-    if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
-                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+
+    def gemm(target, k_per_split, split, add_bias):
+        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
+            *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
+            SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
+            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=tile["num_warps"], num_stages=stages)
+
+    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
     return out.view(*x.shape[:-1], n)
