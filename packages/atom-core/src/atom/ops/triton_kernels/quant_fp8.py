@@ -1,6 +1,6 @@
-"""FP8 activation quantization and the FP8 GEMM (fp8 tl.dot, float32 accumulation) behind `fp8_linear`.
+"""FP8 activation quantization and the FP8 GEMM (fp8 tl.dot, float32 accumulation) and GEMV behind `fp8_linear`.
 
-Two weight layouts share one GEMM kernel:
+Two weight layouts share each kernel:
 - block scales (BLOCK_SCALES): W [N, K] with scales per [bn, bk] block and activations in 1 x bk groups.
   The K step is one group, so each step is one fp8 dot whose float32 result is multiplied by the
   group's activation scale and the block's weight scale before it joins the accumulator (DeepSeek-V3's
@@ -16,6 +16,12 @@ against 16.2 us with the separate kernel, down M1 102 against 28.5, M16 20.1 aga
 Decode tiles: BLOCK_M 16, and split-K over several programs when the column blocks alone cannot keep
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
 sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+
+M <= GEMV_MAX_M (4) runs a GEMV instead: a 16-row tl.dot tile for one row streamed the 8b weights at only
+~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [BLOCK_N, BLOCK_K] with wide K-contiguous
+loads, converts them to float32 and reduces them against each row with FMAs (tl.sum), the same scales at the
+same granularity as the tl.dot kernel, split-K through the same partial-sum kernel. GEMV_MAX_M = 0 restores the
+tl.dot GEMM at every M (kernel_bench.py compares the two).
 """
 
 from __future__ import annotations
@@ -222,8 +228,8 @@ def _fp8_gemv_kernel(
     for k0 in range(k_lo, k_hi, GROUPS * SUB_K):
         k = k0 + kg
         k_ok = k < K
-        w = tl.load(w_ptr + n64[:, None, None] * w_stride + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
-                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n64[:, None, None] * w_stride + k[None, :, :],
+                    mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
         if BLOCK_SCALES:
             kb = k0 // SUB_K + g  # the K blocks of this step
             sw = tl.load(ws_ptr + (n64 // SCALE_BN)[:, None] * ws_stride_n + kb[None, :] * ws_stride_k,
@@ -255,37 +261,38 @@ def _fp8_gemv_kernel(
 # Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM (0: the tl.dot GEMM at every M; for
 # kernel_bench.py's comparison of the two).
 GEMV_MAX_M = 4
-# Tile override for kernel_bench.py sweeps: dict(block_n, block_k, num_warps, split_k).
+# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k (the rest as chosen below;
+# split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
 def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
-    """The GEMV streams W once; what matters is bytes in flight per SM. A K step of a [32, 512] fp8 tile is
+    """The GEMV streams W once, so what matters is bytes in flight per SM. A K step of a [32, 512] fp8 tile is
     16 KiB per program (64 B a thread at 8 warps: four 16-byte loads, 64 float32 registers after the
     conversion); ~2 programs per SM keep ~32 KiB in flight, about what HBM3e's latency-bandwidth product needs
     per SM. 32 columns per program give 128-768 programs on the 8b shapes (N 4096-24576); where that is under
-    ~2 per SM, K is split (powers of two, at least two K steps per split) and the partials added in order.
-    block_k is a multiple of the scale block (sub_k), so every K step holds whole scale blocks."""
-    if GEMV_TILE_OVERRIDE is not None:
-        tile = dict(GEMV_TILE_OVERRIDE)
-    else:
-        block_k = max(sub_k, min(512, triton.next_power_of_2(k)))
-        tile = dict(block_n=32, block_k=block_k, num_warps=8 if block_k >= 512 else 4)
-        programs = triton.cdiv(n, tile["block_n"])
-        want = triton.cdiv(2 * num_sms(device), programs)
+    ~2 per SM, K is split (powers of two, at least two K steps per split; o and down: 2, qkv: 2, gate_up: 1)
+    and the partials added in order. block_k is a multiple of the scale block (sub_k), so every K step holds
+    whole scale blocks. Unmeasured as written: kernel_bench.py's GEMV sweep picks the tiles."""
+    tile = dict(GEMV_TILE_OVERRIDE or {})
+    block_k = tile.setdefault("block_k", max(sub_k, min(512, triton.next_power_of_2(k))))
+    if block_k % sub_k or block_k & (block_k - 1):
+        raise ValueError(f"GEMV block_k {block_k} must be a power of two and a multiple of {sub_k}")
+    tile.setdefault("block_n", 32)
+    tile.setdefault("num_warps", 8 if block_k >= 512 else 4)
+    if "split_k" not in tile:
+        want = triton.cdiv(2 * num_sms(device), triton.cdiv(n, tile["block_n"]))
         most = max(1, triton.cdiv(k, block_k) // 2)
         split = 1
         while split * 2 <= min(want, most, 8):
             split *= 2
         tile["split_k"] = split
-    if tile["block_k"] % sub_k or tile["block_k"] & (tile["block_k"] - 1):
-        raise ValueError(f"GEMV block_k {tile['block_k']} must be a power of two and a multiple of {sub_k}")
     return tile
 
 
 def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out) -> None:
-    """Run `launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`) into out, or into float32 partials added in split
-    order (plus bias) by _split_k_sum_kernel."""
+    """`launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`): straight into
+    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias)."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
