@@ -305,7 +305,8 @@ def fp8_rows(bench, opts) -> None:
     """FP8 rows: the 8b GEMMs at decode and prefill sizes (with cuBLAS bf16 on the same shape as the
     baseline to beat), the activation quantization kernels, the 30b-a3b experts, attention over an FP8 KV
     cache. Bytes = the FP8 weight (+ scales) read once + activations in and out: the bandwidth roofline of
-    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV, fp8_linear's default there) against
+    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE; fp8_linear's
+    default stays the tl.dot GEMM until these rows show the GEMV faster) against
     `fp8 dot` (the same call with GEMV_MAX_M = 0: the tl.dot GEMM) and cuBLAS bf16. Sweeps:
     ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,"num_stages":4,"split_k":4}, ...]' at
     ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes (tl.dot GEMM, M > 4); the GEMV's tiles:
@@ -317,6 +318,7 @@ def fp8_rows(bench, opts) -> None:
     from atom.ops.triton_kernels import quant_fp8 as tk_fp8
 
     lin = resolve("fp8_linear", "triton")
+    tk_fp8.GEMV_MAX_M = tk_fp8.GEMV_MAX_M_CANDIDATE  # the gemv rows and sweeps time the GEMV
     weights = {}
     for proj, (n, k) in FP8_LINEARS.items():
         w = rnd(n, k, scale=k**-0.5)
