@@ -17,11 +17,13 @@ Decode tiles: BLOCK_M 16, and split-K over several programs when the column bloc
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
 sums are added in a fixed order by a second small kernel (deterministic, no atomics).
 
-M <= GEMV_MAX_M (0 until measured; the candidate is 4) runs a GEMV instead: a 16-row tl.dot tile for one row streamed the 8b weights at only
-~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [BLOCK_N, BLOCK_K] with wide K-contiguous
-loads, converts them to float32 and reduces them against each row with FMAs (tl.sum), the same scales at the
-same granularity as the tl.dot kernel, split-K through the same partial-sum kernel. It is off by default
-(GEMV_MAX_M = 0) until a device run shows it faster; kernel_bench.py compares the two.
+M <= GEMV_MAX_M (1) runs a GEMV instead: a 16-row tl.dot tile for one row streamed the 8b weights at only
+~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [16, 1024-2048] with wide K-contiguous loads,
+converts them to float32 and reduces them against the row with FMAs (tl.sum), the same scales at the same
+granularity as the tl.dot kernel, and quantizes the activations itself (no quantization kernel before it: at
+one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step). Measured at M = 1 it beats the
+tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at only 1.4-2.5 TB/s:
+kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ def _fp8_gemv_kernel(
 def _env_gemv_max_m() -> int:
     raw = os.environ.get("ATOM_FP8_GEMV_MAX_M", "").strip()
     if not raw:
-        return 0
+        return 1
     try:
         value = int(raw)
     except ValueError:
@@ -302,12 +304,14 @@ def _env_gemv_max_m() -> int:
     return value
 
 
-# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM. 0 (the tl.dot GEMM at every M) until a
-# device run measures the GEMV faster: it was written without a GPU (kernel_bench.py compares the two with it
-# set to 4; KERNEL_NOTES.md has the rule for setting it). ATOM_FP8_GEMV_MAX_M overrides it per process (the
-# engine benchmarks set it to compare the two paths end to end).
+# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM: 1. On the H200 (2026-12-02, kernel_bench.py
+# --fp8-only, CUDA-graph replay, the quantization included in both) the GEMV with the tiles below beat the tl.dot
+# path at M = 1 on all four 8b shapes (qkv 16.9 against 19.8 us, o 13.1 / 16.2, gate_up 40.1 / 40.6, down 26.7 /
+# 28.1) and lost at M = 2 and 4 (each row re-reads W tiles from L1/L2 and the FMA work grows with M, while the
+# tl.dot tile of 16 rows costs the same). ATOM_FP8_GEMV_MAX_M overrides it per process (0: the tl.dot GEMM at
+# every M; the engine benchmarks use it to compare the two paths end to end).
 GEMV_MAX_M = _env_gemv_max_m()
-GEMV_MAX_M_CANDIDATE = 4  # what kernel_bench.py and the tests set
+GEMV_MAX_M_CANDIDATE = 4  # the most rows the GEMV is tested and benchmarked at (kernel_bench.py, the tests)
 # The GEMV quantizes its activations itself (QUANT_A: no quantization kernel before it); False runs the
 # quantization kernel first and the GEMV reads FP8 activations (kernel_bench.py compares the two).
 GEMV_FUSED_QUANT = True
@@ -317,23 +321,27 @@ GEMV_TILE_OVERRIDE: dict | None = None
 
 
 def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
-    """The GEMV streams W once, so what matters is that every SM has enough weight bytes in flight. Columns per
-    program: the widest of 32 / 16 / 8 that still gives ~1.5 programs per SM (the 8b shapes: o, down and qkv
-    16, gate_up 32), so split-K, which costs a second kernel and a float32 round trip of the partials (about
-    the GEMV's own time at decode sizes), is only the last resort (N < 8 x SMs: K split in powers of two, at
-    least two K steps per split, partials added in order). K steps of 512 (four 16-byte loads a thread at 4
-    warps for 16 columns). block_k is a multiple of the scale block (sub_k), so every K step holds whole scale
-    blocks. kernel_bench.py's GEMV sweep measures the alternatives."""
+    """16 columns per program and long K steps, no split-K, from the H200 sweeps (kernel_bench.py --fp8-only,
+    2026-12-02, M = 1, the GEMV quantizing its own activations; us per call under CUDA-graph replay):
+    - the GEMV streams W with no software pipelining, so the bytes one K step puts in flight decide the rate:
+      [16, 2048] steps at 8 warps (32 KiB) won where a program has a long K and there are few programs
+      (N / 16 <= 2 per SM: o 13.1 us, down 26.7, against 16.4 / 39.2 with [16, 512] at 4 warps);
+      [16, 1024] at 4 warps where there are more programs (qkv 16.9, gate_up 40.1 against 18.2 / 40.9);
+    - 8 or 4 columns a program lost everywhere (more programs, each streaming less), 32 and 64 lost except on
+      gate_up (tie), and split-K (a second kernel plus a float32 round trip of the partials) never paid
+      for these shapes; it stays the fallback when N / 16 is under one program per SM.
+    block_k is a multiple of the scale block (sub_k), so every K step holds whole scale blocks."""
     tile = dict(GEMV_TILE_OVERRIDE or {})
-    block_k = tile.setdefault("block_k", max(sub_k, min(512, triton.next_power_of_2(k))))
+    sms = num_sms(device)
+    tile.setdefault("block_n", 16)
+    programs = triton.cdiv(n, tile["block_n"])
+    long_k = 2048 if programs <= 2 * sms else 1024
+    block_k = tile.setdefault("block_k", max(sub_k, min(long_k, triton.next_power_of_2(k))))
     if block_k % sub_k or block_k & (block_k - 1):
         raise ValueError(f"GEMV block_k {block_k} must be a power of two and a multiple of {sub_k}")
-    sms = num_sms(device)
-    if "block_n" not in tile:
-        tile["block_n"] = next((bn for bn in (32, 16) if 2 * triton.cdiv(n, bn) >= 3 * sms), 8)
-    tile.setdefault("num_warps", 8 if tile["block_n"] * block_k >= 16384 else 4)
+    tile.setdefault("num_warps", 8 if tile["block_n"] * block_k >= 32768 else 4)
     if "split_k" not in tile:
-        want = triton.cdiv(sms, triton.cdiv(n, tile["block_n"]))
+        want = triton.cdiv(sms, programs)
         most = max(1, triton.cdiv(k, block_k) // 2)
         split = 1
         while split * 2 <= min(want, most, 8):
