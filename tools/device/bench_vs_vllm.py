@@ -249,10 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         shape, model, config = make_checkpoint(shape, "/tmp/bench_models")
         ns.load_format = "dummy"
         if ns.materialize:
-            from materialize_checkpoint import materialize
-
+            # in its own process: the weights it builds on the GPU stay reserved by the caching allocator of
+            # the process that built them (on 2026-12-02 this process kept 48 GiB, and vLLM, asking for 85% of
+            # the GPU at start, refused to run)
             t = time.monotonic()
-            model = materialize(model, model + "-weights", ns.router_scale)
+            out_dir = model + "-weights"
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "materialize_checkpoint.py"), model, out_dir,
+                            "--router-scale", str(ns.router_scale)], check=True, timeout=900)
+            model = out_dir
             ns.load_format = "auto"
             print(f"materialized random weights in {model} ({time.monotonic() - t:.0f} s)", flush=True)
         par = (f"_tp{ns.tp}" if ns.tp > 1 else "") + ("_ep" if ns.ep else "")
