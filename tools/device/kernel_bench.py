@@ -179,6 +179,14 @@ def main() -> None:
         bench(f"fused_experts qwen3-30b-a3b T{tokens} ({touched} experts)", resolve("fused_experts", "triton"),
               ref_moe.fused_experts, (xm, w13, w2, tw, tid), nbytes, 2 * tokens * K * 3 * Hm * Im)
 
+    # the sort of (token, k) pairs by expert alone (two chunked kernels; 17 us a layer at 256 pairs when one
+    # program did it): qwen3-30b-a3b (E128 k8) and deepseek-v2-lite (E64 k6) batch sizes, block_m as the GEMM's
+    for experts, top_k, tokens in ((128, 8, 32), (128, 8, 128), (64, 6, 32), (64, 6, 128), (128, 8, 256)):
+        _, tid = ref_moe.moe_topk_softmax(rnd(tokens, experts, dtype=torch.float32), top_k, True)
+        block_m = tk_moe._gemm_tile(tokens * top_k, experts)["block_m"]
+        bench(f"moe align-by-expert T{tokens} E{experts} k{top_k} ({tokens * top_k} pairs)",
+              lambda ids, e=experts, b=block_m: tk_moe._align_by_expert(ids, e, b), None, (tid,), tid.numel() * 4)
+
     # decode sizes: the per-pair GEMV path, its tile, and the sorted path at the same size for comparison
     default_max_pairs = tk_moe.PAIR_GEMV_MAX_PAIRS
     for tokens in (1, 4):
