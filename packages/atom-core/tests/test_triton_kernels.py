@@ -354,10 +354,11 @@ def test_sample_seeded_rows_ignore_the_rest_of_the_batch():
         assert draw(7, 5, top_k) == first[0]
 
 
-@pytest.mark.parametrize("experts,block_m,tokens,top_k", [(6, 16, 37, 3), (64, 16, 130, 6), (128, 64, 65, 8)])
+@pytest.mark.parametrize("experts,block_m,tokens,top_k", [(6, 16, 37, 3), (64, 16, 130, 6), (128, 64, 65, 8),
+                                                          (8, 16, 9, 4)])
 def test_moe_align_kernel_matches_the_torch_path(monkeypatch, experts, block_m, tokens, top_k):
-    """The chunked two-kernel sort (1-13 chunks of 64 pairs, a partial last chunk, padding rows spread over
-    the programs) gives the torch path's layout exactly."""
+    """The chunked two-kernel sort (2-13 chunks of 64 pairs, a partial last chunk, padding rows spread over
+    the programs; one chunk: a single kernel) gives the torch path's layout exactly."""
     from atom.ops.triton_kernels import moe as tk_moe
 
     ids = torch.randint(0, experts, (tokens, top_k), device=DEVICE)

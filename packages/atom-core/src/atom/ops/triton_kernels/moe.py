@@ -81,15 +81,25 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHU
 
 @triton.jit(do_not_specialize=["num_pairs", "num_chunks"])
 def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_experts, num_chunks,
-                        BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+                        BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+                        ONE_CHUNK: tl.constexpr):
     """Each expert's run padded to BLOCK_M (padding rows hold the sentinel num_pairs), the pairs of this chunk
-    at their stable rank in their expert's run; program 0 writes the cumulative padded ends."""
+    at their stable rank in their expert's run; program 0 writes the cumulative padded ends. ONE_CHUNK: the
+    only program counts its pairs itself (no count kernel before it)."""
     chunk = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    r = tl.arange(0, CHUNKS_PAD)
-    per_chunk = tl.load(counts_ptr + r[:, None] * E_PAD + e[None, :], mask=(r < num_chunks)[:, None], other=0)
-    counts = tl.sum(per_chunk, axis=0)
-    before = tl.sum(tl.where((r < chunk)[:, None], per_chunk, 0), axis=0)  # this chunk's offset in each run
+    c = tl.arange(0, CHUNK)
+    idx = chunk * CHUNK + c
+    ids = tl.load(ids_ptr + idx, mask=idx < num_pairs, other=E_PAD).to(tl.int32)
+    onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+    if ONE_CHUNK:
+        counts = tl.sum(onehot, axis=0)
+        before = tl.zeros([E_PAD], tl.int32)
+    else:
+        r = tl.arange(0, CHUNKS_PAD)
+        per_chunk = tl.load(counts_ptr + r[:, None] * E_PAD + e[None, :], mask=(r < num_chunks)[:, None], other=0)
+        counts = tl.sum(per_chunk, axis=0)
+        before = tl.sum(tl.where((r < chunk)[:, None], per_chunk, 0), axis=0)  # this chunk's offset in each run
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
     padded_start = padded_end - padded
@@ -99,10 +109,6 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num
     for p in range(chunk, BLOCK_M, num_chunks):
         pos = padded_start + counts + p
         tl.store(sorted_ids_ptr + pos, num_pairs, mask=(pos < padded_end) & (e < num_experts))
-    c = tl.arange(0, CHUNK)
-    idx = chunk * CHUNK + c
-    ids = tl.load(ids_ptr + idx, mask=idx < num_pairs, other=E_PAD).to(tl.int32)
-    onehot = (ids[:, None] == e[None, :]).to(tl.int32)
     earlier = tl.sum(((ids[:, None] == ids[None, :]) & (c[None, :] < c[:, None])).to(tl.int32), axis=1)
     base = tl.sum(onehot * (padded_start + before)[None, :], axis=1)
     tl.store(sorted_ids_ptr + base + earlier, idx, mask=(idx < num_pairs) & (ids >= 0))
@@ -126,11 +132,13 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         padded_end = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
         e_pad = triton.next_power_of_2(num_experts + 1)
         chunks = triton.cdiv(num_pairs, _ALIGN_CHUNK)
-        counts = torch.empty(chunks, e_pad, dtype=torch.int32, device=flat.device)
-        _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4)
+        counts = torch.empty(chunks, e_pad, dtype=torch.int32, device=flat.device) if chunks > 1 else padded_end
+        if chunks > 1:
+            _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4)
         _align_place_kernel[(chunks,)](flat, counts, sorted_ids, padded_end, num_pairs, num_experts, chunks,
                                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK,
-                                       CHUNKS_PAD=triton.next_power_of_2(chunks), num_warps=4)
+                                       CHUNKS_PAD=triton.next_power_of_2(chunks), ONE_CHUNK=chunks == 1,
+                                       num_warps=4)
         return sorted_ids, padded_end
     # Pairs of id -1 go to an extra bucket E, whose rows all land on one dump row past the end.
     key = torch.where(flat >= 0, flat, num_experts)
