@@ -377,10 +377,11 @@ def fp8_rows(bench, opts) -> None:
                       n * k + 2 * m * (k + n))
             tk_fp8.GEMM_TILE_OVERRIDE = None
     gemv_sweep = json.loads(os.environ.get("ATOM_FP8_GEMV_SWEEP", "null"))
-    if gemv_sweep is None:  # around the default [32, 512] tile: narrower / wider columns, longer K steps, splits
+    if gemv_sweep is None:  # around the default tiles ([16, 1024-2048]), then with W loads pipelined over K steps
         gemv_sweep = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in (
-            (16, 512, 4, 1), (16, 512, 8, 1), (16, 1024, 8, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (32, 512, 8, 1),
-            (32, 256, 4, 1), (16, 512, 4, 2), (32, 512, 8, 2), (64, 256, 8, 1))]
+            (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 1024, 8, 1))] + [
+            dict(block_n=16, block_k=bk, num_warps=w, split_k=1, num_stages=st)  # software-pipelined W loads
+            for bk, w, st in ((1024, 4, 2), (1024, 4, 3), (512, 4, 3), (2048, 8, 2))]
     for m in [int(v) for v in os.environ.get("ATOM_FP8_GEMV_SWEEP_M", "1").split(",")] if gemv_sweep else []:
         for proj, (n, k) in FP8_LINEARS.items():
             q, s = weights[proj]["block"]

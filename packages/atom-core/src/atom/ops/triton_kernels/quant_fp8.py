@@ -208,7 +208,7 @@ def _fp8_gemv_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
     QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
 
@@ -252,7 +252,7 @@ def _fp8_gemv_kernel(
             sa_rows = tl.load(as_ptr + rows * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-    for k0 in range(k_lo, k_hi, GROUPS * SUB_K):
+    for k0 in tl.range(k_lo, k_hi, GROUPS * SUB_K, num_stages=STAGES):  # STAGES: W loads pipelined over K steps
         k = k0 + kg
         k_ok = k < K
         w = tl.load(w_ptr + n64[:, None, None] * w_stride + k[None, :, :],
@@ -315,8 +315,8 @@ GEMV_MAX_M_CANDIDATE = 4  # the most rows the GEMV is tested and benchmarked at 
 # The GEMV quantizes its activations itself (QUANT_A: no quantization kernel before it); False runs the
 # quantization kernel first and the GEMV reads FP8 activations (kernel_bench.py compares the two).
 GEMV_FUSED_QUANT = True
-# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k (the rest as chosen below;
-# split_k derived from the overridden tile unless given).
+# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages (the rest as
+# chosen below; split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
@@ -340,6 +340,9 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     if block_k % sub_k or block_k & (block_k - 1):
         raise ValueError(f"GEMV block_k {block_k} must be a power of two and a multiple of {sub_k}")
     tile.setdefault("num_warps", 8 if tile["block_n"] * block_k >= 32768 else 4)
+    # None: the loop as measured (Triton's own choice: a jitted `range` is tl.range(num_stages=None)); 2 and 3 are
+    # rows of kernel_bench.py's GEMV sweep, unmeasured yet
+    tile.setdefault("num_stages", None)
     if "split_k" not in tile:
         want = triton.cdiv(sms, programs)
         most = max(1, triton.cdiv(k, block_k) // 2)
@@ -443,7 +446,8 @@ def fp8_linear(
                 *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
                 SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
                 M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
-                SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, num_warps=tile["num_warps"])
+                SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, STAGES=tile["num_stages"],
+                num_warps=tile["num_warps"])
 
         _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
         return out.view(*x.shape[:-1], n)
