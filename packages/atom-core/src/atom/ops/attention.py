@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from atom.ops import cpu_native
 from atom.ops.quant_fp8 import FP8_DTYPES, fp8_max
 from atom.ops.registry import define_op, register
 
@@ -125,6 +126,26 @@ def reshape_and_cache(
         flat.index_copy_(0, slots, rows)
 
 
+def write_kv_slots(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """reshape_and_cache when every slot is a real one (no -1 padding): no boolean mask, so torch.compile
+    traces it (Inductor writes the rows in place)."""
+    slots = slot_mapping.long()
+    for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        rows = to_cache_dtype(x, cache.dtype, scale)
+        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slots, rows)
+
+
 @register("paged_attention", "torch", cuda_graph=False, traceable=False)
 def paged_attention(
     q: torch.Tensor,
@@ -144,6 +165,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]); FP8 caches
     are read as entry * k_scale / v_scale. sinks: optional [num_heads] sink logits (any float dtype)."""
+    if max_query_len == 1:  # every row decodes one token (the caller says so)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                      logit_softcap, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -221,3 +245,61 @@ def paged_attention(
     result = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=device)
     result[tok[q_valid]] = out[q_valid].to(q.dtype)
     return result
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention where every row has one query, its newest token: q [B, H, D] -> out [B, H, D].
+
+    No host reads and shapes set by (B, block-table width), so torch.compile traces it. On CPU the native kernel
+    (atom.ops.cpu_native, one pass over each row's keys and values; an opaque custom op under torch.compile)
+    runs it; elsewhere, or without the kernel, each row's blocks are gathered once into [B, Hkv, L, D] for
+    batched matmuls. Keys past a row's length (the rest of its last block, table padding) and, with a window,
+    keys before it (possibly stale blocks) are never read by the kernel and are masked out (values zeroed) by
+    the matmul form, so garbage there (NaN in a torch.empty cache) never reaches the output."""
+    if cpu_native.decode_attention_supported(q, k_cache, v_cache):
+        return cpu_native.paged_decode_attention_op(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                    sliding_window, logit_softcap, sinks)
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_l = block_tables.shape[1] * block_size
+    pos = torch.arange(max_l, device=q.device)
+    seq = seq_lens.long()[:, None]
+    used = pos[None, :] < seq  # [B, L]
+    if sliding_window:  # the query (position seq - 1) sees keys j with seq - 1 - j < window
+        used = used & (pos[None, :] >= seq - sliding_window)
+    # table entries past a row's blocks may be anything: read block 0 there (masked out below)
+    blocks_used = -(-seq // block_size)  # [B, 1]
+    tables = torch.where(torch.arange(block_tables.shape[1], device=q.device)[None, :] < blocks_used,
+                         block_tables.long(), 0)
+    k = k_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    if not logit_softcap and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        k, v = k.contiguous(), v.contiguous()  # matmuls in the cache dtype
+    else:  # soft-capped or FP8: float32
+        k, v = from_cache(k, k_scale), from_cache(v, v_scale)
+    v = v.masked_fill(~used[:, None, :, None], 0.0)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    if logit_softcap:
+        scores = logit_softcap * torch.tanh(scores / logit_softcap)
+    scores = scores.masked_fill(~used[:, None, None, :], float("-inf"))
+    if sinks is not None:  # head = kv_head * group + g; the sink joins the denominator only
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(batch, -1, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)

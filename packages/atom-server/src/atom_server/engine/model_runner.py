@@ -41,7 +41,9 @@ from atom.ops.registry import cuda_graph_blockers, resolve
 from atom.ops.sampling import apply_token_bitmask
 from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
+from atom_server.engine import cpu_compile
 from atom_server.engine.block_tables import BlockTables, positions_of
+from atom_server.engine.cpu_compile import CompiledDecode
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.mtp_drafter import MTPDrafter
 from atom_server.engine.scheduler import ScheduledBatch
@@ -243,7 +245,35 @@ class ModelRunner:
                                            "run with --enforce-eager") from e
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     torch.cuda.synchronize()
-        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
+        if device.type != "cpu":
+            startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
+        self.compiled_decode: CompiledDecode | None = None
+        if device.type == "cpu":
+            startup.phase_done("compile", self._compile_cpu_decode(enforce_eager, mtp))
+
+    def _compile_cpu_decode(self, enforce_eager: bool, mtp: bool) -> str:
+        """Compile the CPU decode step (cpu_compile.py) unless something rules it out; says what happened."""
+        if enforce_eager:
+            return "off (--enforce-eager)"
+        if not cpu_compile.enabled_by_env():
+            return "off (ATOM_CPU_COMPILE=0)"
+        if self.graphs is not None:
+            return "off (decode graphs in use)"
+        if mtp or self.tp_size > 1:
+            return "off (" + ("MTP drafter" if mtp else "tensor parallelism") + ")"
+        if (reason := cpu_compile.unsupported_reason(self.model)) is not None:
+            logger.info("CPU decode step not compiled: %s", reason)
+            return f"off ({reason})"
+        compiled = CompiledDecode(self.model)
+        try:
+            seconds = compiled.warm_up(windowed=self.tables.windowed)
+        except Exception as e:  # no C++ compiler, an op Inductor cannot lower: eager steps still work
+            logger.warning("compiling the CPU decode step failed, decode steps run eagerly: %s", e)
+            return "failed (eager)"
+        self.compiled_decode = compiled
+        logger.info("CPU decode step compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
+                    seconds)
+        return f"decode step in {seconds:.1f} s"
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_window(self) -> int | None:
@@ -335,7 +365,23 @@ class ModelRunner:
         if (self.graphs is not None and self.drafter is None and step.is_decode
                 and self.graphs.can_run(step.num_rows)):
             return self._execute_decode_graph(step, rows)
+        if self.compiled_decode is not None and step.is_decode:
+            return self._execute_compiled_decode(step, rows)
         return self._execute_eager(step, rows)
+
+    def _execute_compiled_decode(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
+        _, seq_lens, positions = positions_of(step)
+        slots, tables, lens, window_slots, window_tables = cpu_compile.step_tensors(
+            self.tables, rows, positions, seq_lens, self.tables.windowed)
+        md = self.compiled_decode.metadata(slots, tables, lens, window_slots, window_tables)
+        logits, greedy = self.compiled_decode.run(torch.tensor(step.token_ids), torch.from_numpy(positions), md)
+        if not self.samples:
+            return []
+        if step.sampling is None:
+            return [RowResult(t) for t in greedy.tolist()]
+        results = [RowResult() for _ in range(step.num_rows)]
+        self._sample_plain(logits, step, list(range(step.num_rows)), results)
+        return results
 
     def _execute_decode_graph(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
         g = self.graphs

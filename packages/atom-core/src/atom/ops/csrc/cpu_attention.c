@@ -1,0 +1,200 @@
+/* Paged decode attention on CPU: every row has one query (its newest token) over a paged KV cache.
+
+Built at run time by atom/ops/cpu_native.py (cc -O3 -march=native) and called through ctypes. Layouts (all
+contiguous): q and out [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]
+int32; seq_lens [B] int32. Head h reads KV head h / (H / Hkv). Row b's query sits at position
+seq_lens[b] - 1 and sees keys max(0, seq_lens[b] - window) .. seq_lens[b] - 1 (window 0: all of them).
+Optional: logit soft-capping (softcap > 0: s = softcap * tanh(s / softcap)) and per-head sink logits that
+join the softmax denominator only (sinks != NULL, float32 [H]). Scores, softmax and the weighted sum run in
+float32; each key and value row is read once per KV head, for all the query heads that share it.
+Element types: 0 float32, 1 bfloat16, 2 float16 (only where the compiler has _Float16).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 1024
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+int atom_cpu_attention_abi(void) { return 1; }
+
+int atom_has_f16(void) {
+#ifdef __FLT16_MAX__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* src row of n elements of type `dtype` -> float32 */
+static inline void load_row(const void *src, float *dst, int64_t n, int dtype) {
+    if (dtype == F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        uint32_t *d = (uint32_t *)dst; /* -fno-strict-aliasing */
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+    }
+#ifdef __FLT16_MAX__
+    else {
+        const _Float16 *s = (const _Float16 *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    }
+#endif
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_row(void *dst, const float *src, float mul, int64_t n, int dtype) {
+    if (dtype == F32) {
+        float *d = (float *)dst;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = src[i] * mul;
+    } else if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) d[i] = to_bf16(src[i] * mul);
+    }
+#ifdef __FLT16_MAX__
+    else {
+        _Float16 *d = (_Float16 *)dst;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)(src[i] * mul);
+    }
+#endif
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e) with a degree-6 polynomial for the fraction,
+   written so the compiler vectorizes it (relative error ~2e-7, 0 below -87). */
+static inline float exp_nonpos(float x) {
+    float t = (x < -87.0f ? -87.0f : x) * 1.4426950408889634f;
+    int32_t i = (int32_t)t;
+    i -= (t < (float)i);
+    float f = t - (float)i;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    uint32_t bits = (uint32_t)(i + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+static inline int64_t elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
+
+/* One row: queries q [H, D] (float32, pre-scaled), its keys and values read through `table`; out [H, D].
+   HEAD_DIM is a compile-time constant in the common specializations (fully unrolled inner loops). */
+#define DEFINE_ROW(NAME, HEAD_DIM)                                                                           \
+static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, const int32_t *table,          \
+                 int64_t start, int64_t len, int64_t num_heads, int64_t group, int64_t head_dim_arg,         \
+                 int64_t block_size, int64_t token_elems, int dtype, float softcap, const float *sinks,      \
+                 float *scores, float *abuf, float *row, void *out) {                                          \
+    const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_arg;                                         \
+    const int64_t esz = elem_size(dtype);                                                                  \
+    const int64_t n = len - start;                                                                           \
+    /* pass 1: every key row (all KV heads of a token at once), scored against the heads that share it */    \
+    for (int64_t pos = start, j = 0; pos < len;) {                                                           \
+        const int64_t blk = table[pos / block_size];                                                         \
+        const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+        for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
+            load_row(k_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
+            for (int64_t h = 0; h < num_heads; h++) {                                                        \
+                const float *qh = qbuf + h * head_dim, *kh = row + (h / group) * head_dim;                   \
+                float s = 0.0f;                                                                              \
+                _Pragma("omp simd reduction(+ : s)")                                                         \
+                for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];                                   \
+                scores[h * n + j] = s;                                                                       \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int64_t h = 0; h < num_heads; h++) {                                                                \
+        float *sh = scores + h * n;                                                                          \
+        if (softcap > 0.0f)                                                                                  \
+            for (int64_t j = 0; j < n; j++) sh[j] = softcap * tanhf(sh[j] / softcap);                        \
+        float m = sinks ? sinks[h] : -INFINITY;                                                              \
+        for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;                                           \
+        float total = 0.0f;                                                                                  \
+        _Pragma("omp simd reduction(+ : total)")                                                             \
+        for (int64_t j = 0; j < n; j++) {                                                                    \
+            sh[j] = exp_nonpos(sh[j] - m);                                                                   \
+            total += sh[j];                                                                                  \
+        }                                                                                                    \
+        if (sinks) total += exp_nonpos(sinks[h] - m);                                                        \
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;                                                \
+        _Pragma("omp simd")                                                                                  \
+        for (int64_t j = 0; j < n; j++) sh[j] *= inv;                                                        \
+    }                                                                                                        \
+    memset(abuf, 0, (size_t)(num_heads * head_dim) * sizeof(float));                                         \
+    /* pass 2: the probability-weighted sum of the value rows */                                             \
+    for (int64_t pos = start, j = 0; pos < len;) {                                                           \
+        const int64_t blk = table[pos / block_size];                                                         \
+        const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+        for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
+            load_row(v_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
+            for (int64_t h = 0; h < num_heads; h++) {                                                        \
+                const float p = scores[h * n + j];                                                           \
+                const float *vh = row + (h / group) * head_dim;                                              \
+                float *a = abuf + h * head_dim;                                                              \
+                _Pragma("omp simd")                                                                          \
+                for (int64_t d = 0; d < head_dim; d++) a[d] += p * vh[d];                                    \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    store_row(out, abuf, 1.0f, num_heads * head_dim, dtype);                                                 \
+}
+
+DEFINE_ROW(row_attention_64, 64)
+DEFINE_ROW(row_attention_128, 128)
+DEFINE_ROW(row_attention_any, 0)
+
+int atom_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out, int dtype,
+                                const int32_t *block_tables, int64_t table_width, const int32_t *seq_lens,
+                                int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                int64_t block_size, float scale, int64_t window, float softcap,
+                                const float *sinks) {
+    if (head_dim > MAX_HEAD_DIM || num_kv_heads <= 0 || num_heads % num_kv_heads || num_kv_heads > 64) return 1;
+    if (dtype == F16 && !atom_has_f16()) return 3;
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t esz = elem_size(dtype);
+    const int64_t token_elems = num_kv_heads * head_dim; /* one token's keys (all KV heads) */
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < batch; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    /* scores [H, max_len], queries and accumulators [H, D], one token's keys or values [Hkv * D] */
+    float *scratch = (float *)malloc((size_t)(num_heads * (max_len + 2 * head_dim) + token_elems) * sizeof(float));
+    if (!scratch) return 4;
+    float *scores = scratch, *qbuf = scores + num_heads * max_len, *abuf = qbuf + num_heads * head_dim;
+    float *row = abuf + num_heads * head_dim;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t len = seq_lens[b];
+        const int64_t start = (window > 0 && len > window) ? len - window : 0;
+        load_row((const char *)q + b * num_heads * head_dim * esz, qbuf, num_heads * head_dim, dtype);
+#pragma omp simd
+        for (int64_t i = 0; i < num_heads * head_dim; i++) qbuf[i] *= scale;
+        const int32_t *table = block_tables + b * table_width;
+        void *dst = (char *)out + b * num_heads * head_dim * esz;
+        if (head_dim == 64)
+            row_attention_64(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+                             token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
+        else if (head_dim == 128)
+            row_attention_128(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+                              token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
+        else
+            row_attention_any(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+                              token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
+    }
+    free(scratch);
+    return 0;
+}

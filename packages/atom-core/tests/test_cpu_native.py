@@ -1,0 +1,143 @@
+"""The native CPU decode attention (atom.ops.cpu_native, csrc/cpu_attention.c) and the decode formulation of
+paged attention against the general (padded) torch reference, on random paged caches whose unused blocks and
+table entries hold garbage (NaN): GQA, block sizes 16 and 1 (SGLang's pool), sliding windows, soft-capping,
+attention sinks; float32 tightly, bfloat16 / float16 against a float64 computation on the same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atom.ops import cpu_native
+from atom.ops.attention import paged_attention, paged_decode_attention
+
+pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler: the native kernels are not built")
+
+CASES = {"plain": {}, "window": {"sliding_window": 23}, "softcap": {"logit_softcap": 20.0},
+         "sinks": {"sinks": True}, "window_sinks": {"sliding_window": 9, "sinks": True}}
+
+
+def _paged(dtype, block_size: int, lens: list[int], heads=(8, 2), head_dim=64, seed=0):
+    """q [B, H, D], caches with NaN in every slot no row owns, tables padded with stale (garbage) blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    num_heads, num_kv = heads
+    widths = [-(-n // block_size) for n in lens]
+    num_blocks = sum(widths) + 3
+    k = torch.full((num_blocks, block_size, num_kv, head_dim), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1
+    tables = torch.zeros(len(lens), max(widths) + 1, dtype=torch.int32)
+    used = 0
+    for b, (n, w) in enumerate(zip(lens, widths)):
+        blocks = order[used:used + w]
+        used += w
+        tables[b, :w] = blocks
+        tables[b, w:] = order[-1]  # a block nobody owns: NaN
+        for j in range(n):
+            k[blocks[j // block_size], j % block_size] = torch.randn(num_kv, head_dim, generator=gen)
+            v[blocks[j // block_size], j % block_size] = torch.randn(num_kv, head_dim, generator=gen)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    sinks = torch.randn(num_heads, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), sinks
+
+
+def _reference(q, k, v, tables, lens, scale, **kw):
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    return paged_attention(q, k, v, tables, qsl, lens, scale, kw.get("sliding_window"), kw.get("logit_softcap"),
+                           sinks=kw.get("sinks"))  # max_query_len not given: the general (padded) path
+
+
+def _kwargs(case: str, sinks: torch.Tensor) -> dict:
+    kw = dict(CASES[case])
+    if kw.pop("sinks", False):
+        kw["sinks"] = sinks
+    return kw
+
+
+@pytest.mark.parametrize("block_size", [16, 1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_float32_matches_reference(case, block_size):
+    q, k, v, tables, lens, sinks = _paged(torch.float32, block_size, [1, 17, 50, 33, 64])
+    kw = _kwargs(case, sinks)
+    scale = q.shape[-1] ** -0.5
+    assert cpu_native.decode_attention_supported(q, k, v)
+    out = cpu_native.paged_decode_attention(q, k, v, tables, lens, scale, **kw)
+    torch.testing.assert_close(out, _reference(q, k, v, tables, lens, scale, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("case", ["plain", "window_sinks", "softcap"])
+def test_native_16_bit_is_as_close_to_float64_as_the_reference(dtype, atol, case):
+    """The kernel computes in float32 and rounds once; the torch reference rounds scores and probabilities to
+    the cache dtype on the way. Both against float64 on the same (rounded) inputs."""
+    if dtype == torch.float16 and not cpu_native.available(torch.float16):
+        pytest.skip("the compiler has no _Float16")
+    q, k, v, tables, lens, sinks = _paged(dtype, 16, [5, 40, 64, 2], heads=(12, 4), head_dim=128, seed=1)
+    kw = _kwargs(case, sinks)
+    scale = q.shape[-1] ** -0.5
+    truth = _reference(q.double(), k.double(), v.double(), tables, lens, scale, **kw)
+    native = cpu_native.paged_decode_attention(q, k, v, tables, lens, scale, **kw)
+    reference = _reference(q, k, v, tables, lens, scale, **kw)
+    assert native.dtype == dtype
+    native_err = (native.double() - truth).abs().max().item()
+    assert native_err <= atol
+    assert native_err <= (reference.double() - truth).abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_decode_formulation_matches_reference(case, monkeypatch):
+    """Without the native kernel (no compiler, FP8 caches, GPUs) decode runs the gathered-matmul formulation."""
+    monkeypatch.setattr(cpu_native, "decode_attention_supported", lambda *args: False)
+    q, k, v, tables, lens, sinks = _paged(torch.float32, 16, [1, 17, 50, 33, 64])
+    kw = _kwargs(case, sinks)
+    scale = q.shape[-1] ** -0.5
+    out = paged_decode_attention(q, k, v, tables, lens, scale, **kw)
+    torch.testing.assert_close(out, _reference(q, k, v, tables, lens, scale, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_decode_goes_to_the_decode_formulation():
+    q, k, v, tables, lens, sinks = _paged(torch.float32, 16, [3, 30])
+    qsl = torch.arange(3, dtype=torch.int32)
+    via_reference = paged_attention(q, k, v, tables, qsl, lens, 0.125, None, None, 1, int(lens.max()))
+    assert torch.equal(via_reference, paged_decode_attention(q, k, v, tables, lens, 0.125))
+
+
+def test_compiled_call_is_one_opaque_op():
+    """Under torch.compile the kernel is the custom op atom::cpu_paged_decode_attention (fullgraph: no break)."""
+    q, k, v, tables, lens, sinks = _paged(torch.bfloat16, 16, [3, 30, 8])
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    fn = torch.compile(lambda *a: paged_decode_attention(*a, 0.125, sinks=sinks), backend=backend, fullgraph=True)
+    out = fn(q, k, v, tables, lens)
+    assert ops == ["atom.cpu_paged_decode_attention"]  # the whole call, nothing traced around it
+    assert torch.equal(out, paged_decode_attention(q, k, v, tables, lens, 0.125, sinks=sinks))
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ATOM_CACHE_DIR", str(tmp_path))
+    q, k, v, tables, lens, _ = _paged(torch.float32, 16, [3, 30])
+    with caplog.at_level("WARNING", logger="atom.ops.cpu_native"):
+        assert not cpu_native.decode_attention_supported(q, k, v)
+    assert "building the native CPU kernels failed" in caplog.text
+    out = paged_decode_attention(q, k, v, tables, lens, 0.125)  # the torch formulation
+    torch.testing.assert_close(out, _reference(q, k, v, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_build_is_cached_and_rebuilt_when_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATOM_CACHE_DIR", str(tmp_path))
+    compiler = cpu_native._compiler()
+    path = cpu_native._build(compiler)
+    assert path.startswith(str(tmp_path / "cpu-kernels"))
+    built = (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).stat().st_mtime_ns
+    assert cpu_native._build(compiler) == path
+    assert (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).stat().st_mtime_ns == built  # found, not rebuilt
+    assert [p.name for p in (tmp_path / "cpu-kernels").iterdir()] == [path.rsplit("/", 1)[-1]]  # no leftovers
+    (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).unlink()
+    assert cpu_native._build(compiler) == path

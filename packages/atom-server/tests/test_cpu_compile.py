@@ -1,0 +1,91 @@
+"""The compiled CPU decode step (atom_server.engine.cpu_compile): decode steps through torch.compile (one
+graph for every layer, batch size and context length, called without Dynamo after the warm-up) give
+transformers' float32 greedy tokens, and the same logprobs as the eager engine; --enforce-eager and
+ATOM_CPU_COMPILE=0 turn it off. conftest.py runs every other test eagerly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_checkpoint import write_tiny_gpt_oss, write_tiny_llama
+
+from atom_server import LLM, SamplingParams
+
+MAX_NEW = 10
+BLOCK = 4
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 300) for _ in range(n)] for n in lengths]
+
+
+PROMPTS = _prompts(1, [3, 17, 41, 9, 30, 5])  # batches of 1..6 rows; tables 1..13 blocks wide
+
+
+def _hf_greedy(ckpt: str, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                              pad_token_id=0, eos_token_id=None)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def _llm(ckpt: str, compiled: bool, monkeypatch, **kw) -> LLM:
+    monkeypatch.setenv("ATOM_CPU_COMPILE", "1" if compiled else "0")
+    return LLM(ckpt, dtype="float32", device="cpu", block_size=BLOCK, max_model_len=64, max_num_seqs=8,
+               kv_cache_memory_bytes=1 << 20, **kw)
+
+
+def _generate(llm: LLM, prompts: list[list[int]], params: SamplingParams):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def test_compiled_llama_matches_transformers_and_the_eager_engine(llama, monkeypatch):
+    llm = _llm(llama, True, monkeypatch)
+    compiled = llm.llm_engine.runner.compiled_decode
+    assert compiled is not None and compiled._direct is not None  # graphs bound for direct calls
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=3)
+    outs = _generate(llm, PROMPTS, greedy)
+    assert compiled.steps >= MAX_NEW - 1  # the decode steps ran compiled
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(llama, PROMPTS)
+
+    eager = _llm(llama, False, monkeypatch)
+    assert eager.llm_engine.runner.compiled_decode is None
+    ref = _generate(eager, PROMPTS, greedy)
+    for got, want in zip(outs, ref):  # logprobs come from the compiled step's logits
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            assert list(a) == list(b)
+            assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-4)
+    assert llm.llm_engine.stats()["num_free_blocks"] == llm.llm_engine.stats()["num_total_blocks"]
+
+
+def test_enforce_eager_turns_it_off(llama, monkeypatch):
+    llm = _llm(llama, True, monkeypatch, enforce_eager=True)
+    assert llm.llm_engine.runner.compiled_decode is None
+
+
+def test_compiled_gpt_oss_window_pool_and_sinks(tmp_path, monkeypatch):
+    """Sliding-window layers on their own window pool (window slots and tables in the compiled step), attention
+    sinks, MoE experts (an opaque custom op inside the graph): transformers' greedy tokens."""
+    ckpt = write_tiny_gpt_oss(tmp_path / "gpt_oss")
+    prompts = _prompts(3, [3, 17, 26, 9])
+    llm = _llm(ckpt, True, monkeypatch, max_num_batched_tokens=16)  # small steps: the window pool pays
+    runner = llm.llm_engine.runner
+    assert runner.compiled_decode is not None and runner.tables.windowed
+    assert runner.compiled_decode._direct is not None  # one graph per layer kind (windowed, full), bound
+    outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    assert runner.compiled_decode.steps >= MAX_NEW - 1
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(ckpt, prompts)
