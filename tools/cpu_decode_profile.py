@@ -6,7 +6,7 @@ Per batch size: prefill `batch` random prompts of --context tokens, then time --
 LM head + argmax) and print ms/step (median, min-max), wall and this process's CPU time (with one thread,
 CPU time leaves out the time other processes took the core: steadier on a shared machine). --profile adds torch.profiler's op table of a few
 steps (self CPU time) and the share of the step spent outside torch ops (Python). --compile runs the
-decode steps through the runner's compiled decode step (atom_server.engine.cpu_compile) instead of eager.
+decode steps through atom-server's compiled CPU forward (atom_server.engine.cpu_compile) instead of eager.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     compiled = None
     if ns.compile:
-        from atom_server.engine.cpu_compile import CompiledDecode
+        from atom_server.engine.cpu_compile import CompiledForward
 
-        compiled = CompiledDecode(model)
+        compiled = CompiledForward(model)
         print(f"compiled in {compiled.warm_up(windowed=False):.1f} s", flush=True)
     for bs in bs_list:
         tables = torch.arange(bs * blocks_per_seq, dtype=torch.int32).view(bs, blocks_per_seq) + 1
@@ -75,8 +75,8 @@ def main() -> None:
                 lens.add_(1)
                 md = meta(torch.ones(bs, dtype=torch.int32), positions, torch.arange(bs))
                 if compiled is not None:
-                    md = compiled.metadata(md.slot_mapping, tables, lens.clone())
-                    _, tok = compiled.run(tok, positions, md)
+                    md.traceable = True
+                    _, tok = compiled.decode(tok, positions, md)
                     return
                 with set_forward_context(md):
                     h = model(tok, positions)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atom.ops import cpu_native
-from atom.ops.attention import paged_attention, paged_decode_attention
+from atom.ops.attention import paged_attention, paged_attention_padded, paged_decode_attention
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler: the native kernels are not built")
 
@@ -43,8 +43,8 @@ def _paged(dtype, block_size: int, lens: list[int], heads=(8, 2), head_dim=64, s
 
 def _reference(q, k, v, tables, lens, scale, **kw):
     qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
-    return paged_attention(q, k, v, tables, qsl, lens, scale, kw.get("sliding_window"), kw.get("logit_softcap"),
-                           sinks=kw.get("sinks"))  # max_query_len not given: the general (padded) path
+    return paged_attention_padded(q, k, v, tables, qsl, lens, scale, kw.get("sliding_window"),
+                                  kw.get("logit_softcap"), sinks=kw.get("sinks"))
 
 
 def _kwargs(case: str, sinks: torch.Tensor) -> dict:
@@ -141,3 +141,22 @@ def test_build_is_cached_and_rebuilt_when_missing(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "cpu-kernels").iterdir()] == [path.rsplit("/", 1)[-1]]  # no leftovers
     (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).unlink()
     assert cpu_native._build(compiler) == path
+
+
+@pytest.mark.parametrize("window", [None, 6, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rows_path_matches_padded_reference(dtype, window):
+    """Mixed steps on CPU: decoding rows batched, each prefill row (with a cached prefix or without, longer and
+    shorter than the window) through torch's fused attention, against the padded formulation."""
+    q_lens, lens = [1, 5, 17, 1, 30, 12], [9, 5, 40, 64, 30, 50]
+    _, k, v, tables, seq_lens, _ = _paged(dtype, 16, lens)
+    q = torch.randn(sum(q_lens), 8, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = paged_attention(q, k, v, tables, qsl, seq_lens, 0.125, window, None, max(q_lens), max(lens))
+    ref = paged_attention_padded(q, k, v, tables, qsl, seq_lens, 0.125, window, None)
+    assert not out.isnan().any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        truth = paged_attention_padded(q.double(), k.double(), v.double(), tables, qsl, seq_lens, 0.125, window, None)
+        assert (out.double() - truth).abs().max() <= (ref.double() - truth).abs().max() + 1e-2

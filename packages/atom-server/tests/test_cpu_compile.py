@@ -1,7 +1,7 @@
-"""The compiled CPU decode step (atom_server.engine.cpu_compile): decode steps through torch.compile (one
-graph for every layer, batch size and context length, called without Dynamo after the warm-up) give
-transformers' float32 greedy tokens, and the same logprobs as the eager engine; --enforce-eager and
-ATOM_CPU_COMPILE=0 turn it off. conftest.py runs every other test eagerly."""
+"""The compiled CPU forward (atom_server.engine.cpu_compile): prefill, mixed and decode steps through
+torch.compile (one graph per layer kind for every size and context length, called without Dynamo after the
+warm-up) give transformers' float32 greedy tokens, and the same logprobs as the eager engine; --enforce-eager
+and ATOM_CPU_COMPILE=0 turn it off. conftest.py runs every other test eagerly."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [[rng.randrange(2, 300) for _ in range(n)] for n in lengths]
 
 
-PROMPTS = _prompts(1, [3, 17, 41, 9, 30, 5])  # batches of 1..6 rows; tables 1..13 blocks wide
+PROMPTS = _prompts(1, [3, 17, 41, 9, 30, 5])  # prefill chunks, mixed and decode steps of 1..6 rows
 
 
 def _hf_greedy(ckpt: str, prompts: list[list[int]]) -> list[list[int]]:
@@ -40,6 +40,7 @@ def _hf_greedy(ckpt: str, prompts: list[list[int]]) -> list[list[int]]:
 
 def _llm(ckpt: str, compiled: bool, monkeypatch, **kw) -> LLM:
     monkeypatch.setenv("ATOM_CPU_COMPILE", "1" if compiled else "0")
+    kw.setdefault("max_num_batched_tokens", 32)  # prefill chunks next to decoding rows
     return LLM(ckpt, dtype="float32", device="cpu", block_size=BLOCK, max_model_len=64, max_num_seqs=8,
                kv_cache_memory_bytes=1 << 20, **kw)
 
@@ -55,15 +56,15 @@ def llama(tmp_path_factory):
 
 def test_compiled_llama_matches_transformers_and_the_eager_engine(llama, monkeypatch):
     llm = _llm(llama, True, monkeypatch)
-    compiled = llm.llm_engine.runner.compiled_decode
-    assert compiled is not None and compiled._direct is not None  # graphs bound for direct calls
+    compiled = llm.llm_engine.runner.compiled
+    assert compiled is not None and compiled._layers is not None  # graphs bound for direct calls
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=3)
     outs = _generate(llm, PROMPTS, greedy)
-    assert compiled.steps >= MAX_NEW - 1  # the decode steps ran compiled
+    assert compiled.steps["forward"] > 0 and compiled.steps["decode"] > 0  # prefill/mixed and decode steps
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(llama, PROMPTS)
 
     eager = _llm(llama, False, monkeypatch)
-    assert eager.llm_engine.runner.compiled_decode is None
+    assert eager.llm_engine.runner.compiled is None
     ref = _generate(eager, PROMPTS, greedy)
     for got, want in zip(outs, ref):  # logprobs come from the compiled step's logits
         for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
@@ -74,7 +75,7 @@ def test_compiled_llama_matches_transformers_and_the_eager_engine(llama, monkeyp
 
 def test_enforce_eager_turns_it_off(llama, monkeypatch):
     llm = _llm(llama, True, monkeypatch, enforce_eager=True)
-    assert llm.llm_engine.runner.compiled_decode is None
+    assert llm.llm_engine.runner.compiled is None
 
 
 def test_compiled_gpt_oss_window_pool_and_sinks(tmp_path, monkeypatch):
@@ -82,10 +83,10 @@ def test_compiled_gpt_oss_window_pool_and_sinks(tmp_path, monkeypatch):
     sinks, MoE experts (an opaque custom op inside the graph): transformers' greedy tokens."""
     ckpt = write_tiny_gpt_oss(tmp_path / "gpt_oss")
     prompts = _prompts(3, [3, 17, 26, 9])
-    llm = _llm(ckpt, True, monkeypatch, max_num_batched_tokens=16)  # small steps: the window pool pays
+    llm = _llm(ckpt, True, monkeypatch, max_num_batched_tokens=16)  # small steps: the window pool pays off
     runner = llm.llm_engine.runner
-    assert runner.compiled_decode is not None and runner.tables.windowed
-    assert runner.compiled_decode._direct is not None  # one graph per layer kind (windowed, full), bound
+    assert runner.compiled is not None and runner.tables.windowed
+    assert runner.compiled._layers is not None  # one graph per layer kind (windowed, full), bound
     outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
-    assert runner.compiled_decode.steps >= MAX_NEW - 1
+    assert runner.compiled.steps["forward"] > 0 and runner.compiled.steps["decode"] > 0
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(ckpt, prompts)

@@ -168,6 +168,80 @@ def paged_attention(
     if max_query_len == 1:  # every row decodes one token (the caller says so)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                       logit_softcap, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
+    if (q.device.type == "cpu" and not logit_softcap and sinks is None
+            and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.dtype == k_cache.dtype):
+        return _paged_attention_rows(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                     sliding_window)
+    return paged_attention_padded(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                  sliding_window, logit_softcap, max_query_len, max_seq_len, k_scale, v_scale, sinks)
+
+
+def _paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          sliding_window: int | None) -> torch.Tensor:
+    """paged_attention on CPU, row by row: the decoding rows (one query) together through
+    paged_decode_attention, each prefill row through torch's fused scaled_dot_product_attention over the keys
+    it can see (gathered from its blocks; with a window, only the window's: blocks before it may be stale).
+    No [rows, longest query, longest context] score tensor as in the padded form."""
+    if q.shape[0] == seq_lens.shape[0]:  # one query per row: decode
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    out = torch.empty_like(q)
+    decode = [b for b, n in enumerate(q_lens) if n == 1]
+    if decode:
+        rows = torch.tensor(decode, device=q.device)
+        tokens = torch.tensor([starts[b] for b in decode], device=q.device)
+        out[tokens] = paged_decode_attention(q[tokens], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
+                                             sliding_window)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    for b, n in enumerate(q_lens):
+        if n <= 1:
+            continue
+        length, first_query = lens[b], lens[b] - n
+        first_key = max(0, first_query - sliding_window + 1) if sliding_window else 0
+        blocks = block_tables[b, first_key // block_size:-(-length // block_size)].long()
+        offset = first_key // block_size * block_size  # position of the first gathered slot
+        k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        queries = q[starts[b]:starts[b] + n].transpose(0, 1)[None]  # [1, H, n, D]
+        mask = None
+        if first_key or first_query:  # causal from position first_query on, within the window
+            key_pos = torch.arange(first_key, length, device=q.device)
+            query_pos = torch.arange(first_query, length, device=q.device)[:, None]
+            mask = key_pos[None, :] <= query_pos
+            if sliding_window:
+                mask &= query_pos - key_pos[None, :] < sliding_window
+        elif sliding_window and sliding_window < n:
+            pos = torch.arange(n, device=q.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < sliding_window)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            queries, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=True)
+        out[starts[b]:starts[b] + n] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_padded(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention for any rows and features, every query padded to the longest of the step (the general
+    formulation: GPUs' torch backend, soft-capping, sinks, FP8 caches; the oracle the others are checked
+    against)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads

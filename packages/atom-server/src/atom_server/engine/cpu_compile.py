@@ -1,26 +1,29 @@
-"""CPU decode steps through torch.compile (Inductor's C++ backend): the CPU counterpart of the decode graphs.
+"""The CPU forward through torch.compile (Inductor's C++ backend): the CPU counterpart of the decode graphs.
 
-Eager PyTorch issues ~30 small ops per layer and decode step (norms, rope, the KV write, the attention's
-index arithmetic), whose Python and dispatch overhead outweighs their work on a CPU; Inductor fuses them into
-a few C++ loops per layer. What is compiled:
-- one decoder layer (`DecoderLayer.forward`), the same graph for every layer of the model (regional
-  compilation: the compile takes the time of one layer whatever the depth), dynamic in the batch size and
-  the block-table width, so neither new batch sizes nor growing contexts recompile (sizes are treated
-  size-obliviously: batch 1 runs the same graph as batch 32);
-- the final norm, the LM head and the greedy argmax.
+Eager PyTorch issues ~30 small ops per layer and step (norms, rope, the KV write, the attention's index
+arithmetic), whose Python and dispatch overhead outweighs their work on a CPU at decode batch sizes, and whose
+float32 round trips cost a prefill ~15% of its time; Inductor fuses them into a few C++ loops per layer.
+What is compiled:
+- one decoder layer (`DecoderLayer.forward`): one graph for every layer of the model (regional compilation:
+  the compile takes the time of one layer whatever the depth; models with layer kinds, e.g. sliding-window
+  and full attention, get one graph per kind), dynamic in the token count, the row count and the block-table
+  width, so prefill, mixed and decode steps of any size and context run the same graph without recompiling
+  (sizes are treated size-obliviously: one row runs the same graph as 32);
+- for decode steps, also the final norm, the LM head and the greedy argmax (`decode`).
 The embedding lookup stays eager (one op). Every layer gets a residual (zeros for the first: the fused
 add + norm then computes exactly what the first layer does without one), so all layers share one graph.
 
-The layers see `PagedAttentionMetadata(traceable_decode=True)`: qk-norm, rope and the KV write run as plain
-tensor code that Inductor fuses, the attention is the native CPU kernel (atom.ops.cpu_native, the custom op
-`atom::cpu_paged_decode_attention`), and the linear layers keep oneDNN's packed weights through the custom
-op `atom::cpu_packed_linear`. After the warm-up the compiled graphs are called directly (`_DirectCall`),
-not through Dynamo's frame evaluation: its guards are what tells one compiled graph from another, and
-here there is only one per function, valid for every batch size and table width.
+The layers see `PagedAttentionMetadata(traceable=True)`: qk-norm, rope and the KV write run as plain tensor
+code that Inductor fuses; the attention is the resolved paged_attention implementation as one opaque custom
+op that finds the step's shape itself (on CPU the torch reference: decoding rows through the native kernel
+of atom.ops.cpu_native, prefill rows through torch's fused attention); the linear layers keep oneDNN's packed
+weights through the custom op `atom::cpu_packed_linear`. After the warm-up the compiled graphs are called
+directly (`_DirectCall`), not through Dynamo's frame evaluation: its guards are what tells one compiled graph
+from another, and here each layer has its one graph, valid for every size.
 
-Used for decode steps (every row one new token, no drafts) on CPU when the model is a `DecoderModel` with
-`PagedAttention` layers at TP=1; off with `--enforce-eager` (as vLLM's flag turns its compilation off) or
-ATOM_CPU_COMPILE=0. Compiled at start-up (`warm_up`); Inductor caches the compiled code on disk
+Used on CPU when the model is a `DecoderModel` with `PagedAttention` layers at TP=1 and no MTP drafter; off
+with `--enforce-eager` (as vLLM's flag turns its compilation off) or ATOM_CPU_COMPILE=0. Compiled at start-up
+(`warm_up`, ~10-30 s on two cores the first time); Inductor caches the compiled code on disk
 (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>), so later starts mostly skip the C++ compile.
 """
 
@@ -32,13 +35,12 @@ import os
 import time
 import types
 
-import numpy as np
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from atom.forward_context import set_forward_context
-from atom.layers.attention import PagedAttention, PagedAttentionMetadata
+from atom.layers.attention import AttentionInputs, PagedAttention, PagedAttentionMetadata
 from atom.layers.kv_cache import kv_cache_layers
 from atom.models.decoder import DecoderLayer, DecoderModel
 from atom.ops import cpu_native
@@ -104,7 +106,7 @@ class _Graph:
 
 
 def _own_copy(fn):
-    """`fn` with a code object of its own, hence a Dynamo cache of its own: each CompiledDecode compiles and
+    """`fn` with a code object of its own, hence a Dynamo cache of its own: each CompiledForward compiles and
     captures its own graphs (Dynamo caches compiled graphs per code object, process-wide)."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
@@ -148,8 +150,8 @@ class _DirectCall:
         return self.fn(*args)
 
 
-class CompiledDecode:
-    """The compiled decode step of one model (see the module docstring)."""
+class CompiledForward:
+    """The compiled CPU forward of one model (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -159,101 +161,116 @@ class CompiledDecode:
         self._layer = torch.compile(self._layer_fn, fullgraph=True, backend=self._layer_graph)
         self._head = torch.compile(self._head_fn, fullgraph=True, backend=self._head_graph)
         self._layer_graph_of: list[int] = []  # per layer, the graph it runs (layer kinds differ, e.g. windowed)
-        self._direct: tuple[list[tuple[_DirectCall, list]], tuple[_DirectCall, list]] | None = None
+        self._layers: list[tuple[_DirectCall, list]] | None = None  # bound direct calls, per layer
+        self._head_call: tuple[_DirectCall, list] | None = None
         self.compile_s: float | None = None
-        self.steps = 0  # decode steps run compiled (tests, stats)
+        self.steps = {"forward": 0, "decode": 0}  # steps run compiled, by kind (tests, stats)
 
-    def metadata(self, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 window_slots: torch.Tensor | None = None,
-                 window_tables: torch.Tensor | None = None) -> PagedAttentionMetadata:
-        num_rows = seq_lens.shape[0]
-        # query_start_loc and the max lengths are not read on the traceable path; kept for the metadata's shape
-        return PagedAttentionMetadata(slots, block_tables, torch.arange(num_rows + 1, dtype=torch.int32), seq_lens,
-                                      max_query_len=1, max_seq_len=0, window_slot_mapping=window_slots,
-                                      window_block_tables=window_tables, traceable_decode=True)
+    @staticmethod
+    def metadata(inputs: AttentionInputs) -> PagedAttentionMetadata:
+        """The layers' metadata for a step (every slot a real one): the traceable kind, no max lengths read."""
+        return PagedAttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.query_start_loc,
+                                      inputs.seq_lens, inputs.max_query_len, inputs.max_seq_len,
+                                      inputs.window_slot_mapping, inputs.window_block_tables, traceable=True)
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, positions: torch.Tensor,
-            md: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float32 logits [B, vocab], greedy tokens [B]) of one decode step; writes the step's KV."""
-        self.steps += 1
-        with set_forward_context(md):
-            hidden = self.backbone.embed_tokens(ids)
-            residual = torch.zeros_like(hidden)
-            if self._direct is None:
-                return self._run_dynamo(positions, hidden, residual)
-            layers, (head_call, head_template) = self._direct
-            inputs: dict[int, list] = {}  # per graph: its per-step inputs, read once
-            for call, template in layers:
-                if id(call) not in inputs:
-                    inputs[id(call)] = call.inputs(positions=positions, hidden=hidden, residual=residual)
-                hidden, residual = call(template, inputs[id(call)], hidden=hidden, residual=residual)
-            return tuple(head_call(head_template, head_call.inputs(hidden=hidden, residual=residual)))
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor,
+                      md: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) after the last layer, before the final norm, for every token of the step; writes
+        the step's KV. The caller sets the forward context (md)."""
+        hidden = self.backbone.embed_tokens(ids)
+        return self._run_layers(positions, hidden, torch.zeros_like(hidden))
 
-    def _run_dynamo(self, positions: torch.Tensor, hidden: torch.Tensor,
+    def _run_layers(self, positions: torch.Tensor, hidden: torch.Tensor,
                     residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with fx_config.patch(backed_size_oblivious=True):  # batch 1 takes the general graph too
-            graph_of = []
-            for layer in self.backbone.layers:
-                hidden, residual = self._layer(layer, positions, hidden, residual)
-                graph_of.append(self._layer_graph.last)
-            self._layer_graph_of = graph_of
-            return self._head(self.backbone.norm, self.model, hidden, residual)
+        if self._layers is None:
+            with fx_config.patch(backed_size_oblivious=True):  # batch 1 takes the general graph too
+                graph_of = []
+                for layer in self.backbone.layers:
+                    hidden, residual = self._layer(layer, positions, hidden, residual)
+                    graph_of.append(self._layer_graph.last)
+                self._layer_graph_of = graph_of
+            return hidden, residual
+        inputs: dict[int, list] = {}  # per graph: its per-step inputs, read once
+        for call, template in self._layers:
+            if id(call) not in inputs:
+                inputs[id(call)] = call.inputs(positions=positions, hidden=hidden, residual=residual)
+            hidden, residual = call(template, inputs[id(call)], hidden=hidden, residual=residual)
+        return hidden, residual
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, md: PagedAttentionMetadata) -> torch.Tensor:
+        """The model's final hidden states [T, hidden] (what model(ids, positions) returns)."""
+        self.steps["forward"] += 1
+        with set_forward_context(md):
+            hidden, residual = self.hidden_states(ids, positions, md)
+        return self.backbone.norm(hidden, residual)[0]
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor,
+               md: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step (one token per row): (float32 logits [B, vocab], greedy tokens [B])."""
+        self.steps["decode"] += 1
+        with set_forward_context(md):
+            hidden, residual = self.hidden_states(ids, positions, md)
+        if self._head_call is None:
+            with fx_config.patch(backed_size_oblivious=True):
+                return self._head(self.backbone.norm, self.model, hidden, residual)
+        call, template = self._head_call
+        return tuple(call(template, call.inputs(hidden=hidden, residual=residual)))
 
     @torch.inference_mode()  # the inputs are inference tensors, as in the runner's steps
     def warm_up(self, windowed: bool) -> float:
-        """Compile now (a two-row step on block 0 of the cache, which holds nothing yet: whatever it writes
-        there is overwritten before any sequence reads it), then bind the direct calls. Returns the seconds."""
+        """Compile now, then bind the direct calls; returns the seconds it took. The layers are traced on a
+        two-row step of three tokens (a decoding row and a two-token prefill, so the token count and the row
+        count stay distinct sizes: one graph serves prefill, mixed and decode steps), the head on a decode
+        step. Both write block 0 of the cache, which holds nothing yet: a sequence that gets that block writes
+        every slot it reads first."""
         start = time.perf_counter()
         cpu_native.library()  # built (or found missing) before tracing: the trace bakes in which attention runs
-        ids = torch.zeros(2, dtype=torch.long)
-        positions = torch.tensor([0, 1])
-        slots = torch.tensor([0, 1])
-        tables = torch.zeros(2, 2, dtype=torch.int32)
-        seq_lens = torch.tensor([1, 2], dtype=torch.int32)
-        window = (slots.clone(), tables.clone()) if windowed else (None, None)
-        md = self.metadata(slots, tables, seq_lens, *window)
-        # the batch size and the table width vary from step to step: one graph for all of them
-        for t in (ids, positions, slots, seq_lens, *[w for w in window if w is not None]):
-            torch._dynamo.mark_dynamic(t, 0)
-        for t in (tables, window[1]) if windowed else (tables,):
-            torch._dynamo.mark_dynamic(t, 0)
-            torch._dynamo.mark_dynamic(t, 1)
+        slots = torch.tensor([0, 1, 2])
+        inputs = AttentionInputs(slot_mapping=slots, block_tables=torch.zeros(2, 2, dtype=torch.int32),
+                                 query_start_loc=torch.tensor([0, 1, 3], dtype=torch.int32),
+                                 seq_lens=torch.tensor([1, 3], dtype=torch.int32), max_query_len=2, max_seq_len=3)
+        if windowed:
+            inputs.window_slot_mapping, inputs.window_block_tables = slots.clone(), inputs.block_tables.clone()
+        ids, positions = torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2])
+        # the token count, the row count and the table width vary from step to step
+        for t in (ids, positions, inputs.slot_mapping, inputs.query_start_loc, inputs.seq_lens,
+                  inputs.window_slot_mapping):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 0)
+        for t in (inputs.block_tables, inputs.window_block_tables):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.mark_dynamic(t, 1)
+        md = self.metadata(inputs)
         with set_forward_context(md):
             hidden = self.backbone.embed_tokens(ids)
             residual = torch.zeros_like(hidden)
             for t in (hidden, residual):
                 torch._dynamo.mark_dynamic(t, 0)
-            self._run_dynamo(positions, hidden, residual)
+            self._run_layers(positions, hidden, residual)
+            hidden, residual = hidden[:2], residual[:2]
+            for t in (hidden, residual):
+                torch._dynamo.mark_dynamic(t, 0)
+            with fx_config.patch(backed_size_oblivious=True):
+                self._head(self.backbone.norm, self.model, hidden, residual)
         try:
             self._bind()
         except Exception as e:  # Dynamo's graph inputs not as expected: the compiled graphs through Dynamo
-            logger.warning("compiled CPU decode step: calling the graphs directly failed (%s); going through "
+            logger.warning("compiled CPU forward: calling the graphs directly failed (%s); going through "
                            "torch.compile's frame evaluation instead (slower at small batches)", e)
         self.compile_s = time.perf_counter() - start
         return self.compile_s
 
     def _bind(self) -> None:
-        if len(self._head_graph.compiled) != 1 or None in self._layer_graph_of:
+        if len(self._head_graph.compiled) != 1 or not self._layer_graph_of or None in self._layer_graph_of:
             raise RuntimeError(f"unexpected graphs: {len(self._head_graph.compiled)} for the head, layers took "
                                f"{self._layer_graph_of}")
         calls = [_DirectCall(*graph, self._layer_fn.__globals__, static=("layer",))
                  for graph in self._layer_graph.compiled]
-        layers = [(calls[g], calls[g].template(layer=layer)) for g, layer in zip(self._layer_graph_of,
-                                                                                self.backbone.layers)]
-        head_call = _DirectCall(*self._head_graph.compiled[0], self._head_fn.__globals__, static=("norm", "model"))
-        self._direct = (layers, (head_call, head_call.template(norm=self.backbone.norm, model=self.model)))
-
-
-def step_tensors(tables, rows: np.ndarray, positions: np.ndarray, seq_lens: np.ndarray,
-                 windowed: bool) -> tuple[torch.Tensor, ...]:
-    """(slots, block tables, seq lens, window slots, window tables) of a decode step as CPU tensors."""
-    slots = torch.from_numpy(tables.slots(rows, positions))
-    width = int(tables.num_blocks[rows].max())
-    block_tables = torch.from_numpy(tables.table[rows, :width])
-    lens = torch.from_numpy(seq_lens.astype(np.int32))
-    if not windowed:
-        return slots, block_tables, lens, None, None
-    window_width = int(tables.window_num_blocks[rows].max())
-    return (slots, block_tables, lens, torch.from_numpy(tables.slots(rows, positions, window=True)),
-            torch.from_numpy(tables.window[rows, :window_width]))
+        layers = [(calls[g], calls[g].template(layer=layer))
+                  for g, layer in zip(self._layer_graph_of, self.backbone.layers)]
+        head = _DirectCall(*self._head_graph.compiled[0], self._head_fn.__globals__, static=("norm", "model"))
+        self._layers, self._head_call = layers, (head, head.template(norm=self.backbone.norm, model=self.model))

@@ -43,7 +43,7 @@ from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
 from atom_server.engine import cpu_compile
 from atom_server.engine.block_tables import BlockTables, positions_of
-from atom_server.engine.cpu_compile import CompiledDecode
+from atom_server.engine.cpu_compile import CompiledForward
 from atom_server.engine.cuda_graphs import DecodeGraphs
 from atom_server.engine.mtp_drafter import MTPDrafter
 from atom_server.engine.scheduler import ScheduledBatch
@@ -247,12 +247,12 @@ class ModelRunner:
                     torch.cuda.synchronize()
         if device.type != "cpu":
             startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
-        self.compiled_decode: CompiledDecode | None = None
+        self.compiled: CompiledForward | None = None
         if device.type == "cpu":
-            startup.phase_done("compile", self._compile_cpu_decode(enforce_eager, mtp))
+            startup.phase_done("compile", self._compile_cpu(enforce_eager, mtp))
 
-    def _compile_cpu_decode(self, enforce_eager: bool, mtp: bool) -> str:
-        """Compile the CPU decode step (cpu_compile.py) unless something rules it out; says what happened."""
+    def _compile_cpu(self, enforce_eager: bool, mtp: bool) -> str:
+        """Compile the CPU forward (cpu_compile.py) unless something rules it out; says what happened."""
         if enforce_eager:
             return "off (--enforce-eager)"
         if not cpu_compile.enabled_by_env():
@@ -262,18 +262,18 @@ class ModelRunner:
         if mtp or self.tp_size > 1:
             return "off (" + ("MTP drafter" if mtp else "tensor parallelism") + ")"
         if (reason := cpu_compile.unsupported_reason(self.model)) is not None:
-            logger.info("CPU decode step not compiled: %s", reason)
+            logger.info("CPU forward not compiled: %s", reason)
             return f"off ({reason})"
-        compiled = CompiledDecode(self.model)
+        compiled = CompiledForward(self.model)
         try:
             seconds = compiled.warm_up(windowed=self.tables.windowed)
         except Exception as e:  # no C++ compiler, an op Inductor cannot lower: eager steps still work
-            logger.warning("compiling the CPU decode step failed, decode steps run eagerly: %s", e)
+            logger.warning("compiling the CPU forward failed, steps run eagerly: %s", e)
             return "failed (eager)"
-        self.compiled_decode = compiled
-        logger.info("CPU decode step compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
+        self.compiled = compiled
+        logger.info("CPU forward compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
                     seconds)
-        return f"decode step in {seconds:.1f} s"
+        return f"forward in {seconds:.1f} s"
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_window(self) -> int | None:
@@ -365,16 +365,17 @@ class ModelRunner:
         if (self.graphs is not None and self.drafter is None and step.is_decode
                 and self.graphs.can_run(step.num_rows)):
             return self._execute_decode_graph(step, rows)
-        if self.compiled_decode is not None and step.is_decode:
+        if self.compiled is not None and step.is_decode:
             return self._execute_compiled_decode(step, rows)
         return self._execute_eager(step, rows)
 
     def _execute_compiled_decode(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
-        _, seq_lens, positions = positions_of(step)
-        slots, tables, lens, window_slots, window_tables = cpu_compile.step_tensors(
-            self.tables, rows, positions, seq_lens, self.tables.windowed)
-        md = self.compiled_decode.metadata(slots, tables, lens, window_slots, window_tables)
-        logits, greedy = self.compiled_decode.run(torch.tensor(step.token_ids), torch.from_numpy(positions), md)
+        """A decode step through the compiled forward, LM head and greedy argmax (cpu_compile.py)."""
+        qsl, seq_lens, positions = positions_of(step)
+        slots = self.tables.slots(rows, positions)
+        window_slots = self.tables.slots(rows, positions, window=True) if self.tables.windowed else None
+        md = self.compiled.metadata(self._attention_inputs(slots, window_slots, qsl, seq_lens, rows))
+        logits, greedy = self.compiled.decode(torch.tensor(step.token_ids), torch.from_numpy(positions), md)
         if not self.samples:
             return []
         if step.sampling is None:
@@ -585,11 +586,21 @@ class ModelRunner:
                  extra: torch.Tensor | None = None) -> torch.Tensor:
         fn = fn or self._target
         dev = self.device
+        inputs = self._attention_inputs(slots, window_slots, qsl, seq_lens, rows)
+        ids_t, positions_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
+        if self.compiled is not None and fn == self._target:
+            return self.compiled.forward(ids_t, positions_t, self.compiled.metadata(inputs))
+        with set_forward_context(self.attn_builder.build(inputs)):
+            return fn(ids_t, positions_t, extra)
+
+    def _attention_inputs(self, slots: np.ndarray, window_slots: np.ndarray | None, qsl: np.ndarray,
+                          seq_lens: np.ndarray, rows: np.ndarray) -> AttentionInputs:
+        dev = self.device
         tables = self.tables
         width = int(tables.num_blocks[rows].max())
         inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(self.tables.table[rows, :width]).to(dev),
+            block_tables=torch.from_numpy(tables.table[rows, :width]).to(dev),
             query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
             max_query_len=int(np.diff(qsl).max()),
@@ -599,8 +610,7 @@ class ModelRunner:
             inputs.window_slot_mapping = torch.from_numpy(window_slots).to(dev)
             window_width = int(tables.window_num_blocks[rows].max())
             inputs.window_block_tables = torch.from_numpy(tables.window[rows, :window_width]).to(dev)
-        with set_forward_context(self.attn_builder.build(inputs)):
-            return fn(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), extra)
+        return inputs
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample_rows(self, logits: torch.Tensor, sampling: SamplingInputs | None,

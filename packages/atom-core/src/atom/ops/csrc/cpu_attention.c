@@ -99,24 +99,28 @@ static inline int64_t elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
    HEAD_DIM is a compile-time constant in the common specializations (fully unrolled inner loops). */
 #define DEFINE_ROW(NAME, HEAD_DIM)                                                                           \
 static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, const int32_t *table,          \
-                 int64_t start, int64_t len, int64_t num_heads, int64_t group, int64_t head_dim_arg,         \
+                 int64_t start, int64_t len, int64_t num_kv_heads, int64_t group, int64_t head_dim_arg,      \
                  int64_t block_size, int64_t token_elems, int dtype, float softcap, const float *sinks,      \
                  float *scores, float *abuf, float *row, void *out) {                                          \
     const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_arg;                                         \
     const int64_t esz = elem_size(dtype);                                                                  \
     const int64_t n = len - start;                                                                           \
+    const int64_t num_heads = num_kv_heads * group;                                                          \
     /* pass 1: every key row (all KV heads of a token at once), scored against the heads that share it */    \
     for (int64_t pos = start, j = 0; pos < len;) {                                                           \
         const int64_t blk = table[pos / block_size];                                                         \
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
             load_row(k_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
-            for (int64_t h = 0; h < num_heads; h++) {                                                        \
-                const float *qh = qbuf + h * head_dim, *kh = row + (h / group) * head_dim;                   \
-                float s = 0.0f;                                                                              \
-                _Pragma("omp simd reduction(+ : s)")                                                         \
-                for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];                                   \
-                scores[h * n + j] = s;                                                                       \
+            for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
+                const float *kh = row + hk * head_dim;                                                       \
+                for (int64_t g = 0; g < group; g++, h++) {                                                   \
+                    const float *qh = qbuf + h * head_dim;                                                   \
+                    float s = 0.0f;                                                                          \
+                    _Pragma("omp simd reduction(+ : s)")                                                     \
+                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];                               \
+                    scores[h * n + j] = s;                                                                   \
+                }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
@@ -144,12 +148,14 @@ static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, co
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
             load_row(v_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
-            for (int64_t h = 0; h < num_heads; h++) {                                                        \
-                const float p = scores[h * n + j];                                                           \
-                const float *vh = row + (h / group) * head_dim;                                              \
-                float *a = abuf + h * head_dim;                                                              \
-                _Pragma("omp simd")                                                                          \
-                for (int64_t d = 0; d < head_dim; d++) a[d] += p * vh[d];                                    \
+            for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
+                const float *vh = row + hk * head_dim;                                                       \
+                for (int64_t g = 0; g < group; g++, h++) {                                                   \
+                    const float p = scores[h * n + j];                                                       \
+                    float *a = abuf + h * head_dim;                                                          \
+                    _Pragma("omp simd")                                                                      \
+                    for (int64_t d = 0; d < head_dim; d++) a[d] += p * vh[d];                                \
+                }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
@@ -186,13 +192,13 @@ int atom_paged_decode_attention(const void *q, const void *k_cache, const void *
         const int32_t *table = block_tables + b * table_width;
         void *dst = (char *)out + b * num_heads * head_dim * esz;
         if (head_dim == 64)
-            row_attention_64(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+            row_attention_64(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                              token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
         else if (head_dim == 128)
-            row_attention_128(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+            row_attention_128(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                               token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
         else
-            row_attention_any(qbuf, k_cache, v_cache, table, start, len, num_heads, group, head_dim, block_size,
+            row_attention_any(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                               token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
     }
     free(scratch);
