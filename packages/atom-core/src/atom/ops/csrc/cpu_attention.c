@@ -13,6 +13,12 @@ Element types: 0 float32, 1 bfloat16, 2 float16 (only where the compiler has _Fl
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16_DOT 1
+#else
+#define HAVE_BF16_DOT 0
+#endif
 
 #define MAX_HEAD_DIM 1024
 
@@ -95,10 +101,48 @@ static inline float exp_nonpos(float x) {
 
 static inline int64_t elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
 
+/* Ask for the next block's rows while this one is computed: the blocks of a sequence are scattered over the
+   cache, so the hardware prefetcher cannot guess the next one (from DRAM, the kernel is latency-bound). */
+static inline void prefetch(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
+#if HAVE_BF16_DOT
+/* Pass 1 for bfloat16 caches on CPUs with AVX512-BF16: q . k straight from the bf16 rows (vdpbf16ps: exact
+   products, float32 sums), scaled after. head_dim a multiple of 32. */
+static void scores_bf16(const uint16_t *q, const uint16_t *k_cache, const int32_t *table, int64_t start, int64_t len,
+                        int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale,
+                        float *scores) {
+    const int64_t n = len - start, token_elems = num_kv_heads * head_dim, chunks = head_dim / 32;
+    for (int64_t pos = start, j = 0; pos < len;) {
+        const int64_t blk = table[pos / block_size];
+        const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len;
+        if (end < len)
+            prefetch((const char *)(k_cache + (int64_t)table[end / block_size] * block_size * token_elems),
+                     (len - end < block_size ? len - end : block_size) * token_elems * 2);
+        for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {
+            const uint16_t *row = k_cache + slot * token_elems;
+            for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {
+                const uint16_t *kh = row + hk * head_dim;
+                for (int64_t g = 0; g < group; g++, h++) {
+                    const uint16_t *qh = q + h * head_dim;
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t c = 0; c < chunks; c++)
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + 32 * c),
+                                               (__m512bh)_mm512_loadu_si512(kh + 32 * c));
+                    scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* One row: queries q [H, D] (float32, pre-scaled), its keys and values read through `table`; out [H, D].
    HEAD_DIM is a compile-time constant in the common specializations (fully unrolled inner loops). */
 #define DEFINE_ROW(NAME, HEAD_DIM)                                                                           \
-static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, const int32_t *table,          \
+static void NAME(const float *qbuf, const void *q_raw, float scale, const char *k_cache, const char *v_cache,  \
+                 const int32_t *table,                                                                       \
                  int64_t start, int64_t len, int64_t num_kv_heads, int64_t group, int64_t head_dim_arg,      \
                  int64_t block_size, int64_t token_elems, int dtype, float softcap, const float *sinks,      \
                  float *scores, float *abuf, float *row, void *out) {                                          \
@@ -107,9 +151,15 @@ static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, co
     const int64_t n = len - start;                                                                           \
     const int64_t num_heads = num_kv_heads * group;                                                          \
     /* pass 1: every key row (all KV heads of a token at once), scored against the heads that share it */    \
+    if (HAVE_BF16_DOT && dtype == BF16 && head_dim % 32 == 0)                                                \
+        BF16_SCORES(q_raw, k_cache, table, start, len, num_kv_heads, group, head_dim, block_size, scale, scores); \
+    else                                                                                                     \
     for (int64_t pos = start, j = 0; pos < len;) {                                                           \
         const int64_t blk = table[pos / block_size];                                                         \
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+        if (end < len)                                                                                       \
+            prefetch(k_cache + (int64_t)table[end / block_size] * block_size * token_elems * esz,             \
+                     (len - end < block_size ? len - end : block_size) * token_elems * esz);               \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
             load_row(k_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
             for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
@@ -124,6 +174,8 @@ static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, co
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
+    prefetch(v_cache + ((int64_t)table[start / block_size] * block_size + start % block_size) * token_elems * esz, \
+             (block_size - start % block_size < n ? block_size - start % block_size : n) * token_elems * esz);   \
     for (int64_t h = 0; h < num_heads; h++) {                                                                \
         float *sh = scores + h * n;                                                                          \
         if (softcap > 0.0f)                                                                                  \
@@ -146,6 +198,9 @@ static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, co
     for (int64_t pos = start, j = 0; pos < len;) {                                                           \
         const int64_t blk = table[pos / block_size];                                                         \
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+        if (end < len)                                                                                       \
+            prefetch(v_cache + (int64_t)table[end / block_size] * block_size * token_elems * esz,             \
+                     (len - end < block_size ? len - end : block_size) * token_elems * esz);               \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
             load_row(v_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
             for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
@@ -161,6 +216,12 @@ static void NAME(const float *qbuf, const char *k_cache, const char *v_cache, co
     }                                                                                                        \
     store_row(out, abuf, 1.0f, num_heads * head_dim, dtype);                                                 \
 }
+
+#if HAVE_BF16_DOT
+#define BF16_SCORES(q, k, ...) scores_bf16((const uint16_t *)(q), (const uint16_t *)(k), __VA_ARGS__)
+#else
+#define BF16_SCORES(...) ((void)0)
+#endif
 
 DEFINE_ROW(row_attention_64, 64)
 DEFINE_ROW(row_attention_128, 128)
@@ -186,19 +247,20 @@ int atom_paged_decode_attention(const void *q, const void *k_cache, const void *
     for (int64_t b = 0; b < batch; b++) {
         const int64_t len = seq_lens[b];
         const int64_t start = (window > 0 && len > window) ? len - window : 0;
-        load_row((const char *)q + b * num_heads * head_dim * esz, qbuf, num_heads * head_dim, dtype);
+        const void *q_raw = (const char *)q + b * num_heads * head_dim * esz;
+        load_row(q_raw, qbuf, num_heads * head_dim, dtype);
 #pragma omp simd
         for (int64_t i = 0; i < num_heads * head_dim; i++) qbuf[i] *= scale;
         const int32_t *table = block_tables + b * table_width;
         void *dst = (char *)out + b * num_heads * head_dim * esz;
         if (head_dim == 64)
-            row_attention_64(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
+            row_attention_64(qbuf, q_raw, scale, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                              token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
         else if (head_dim == 128)
-            row_attention_128(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
+            row_attention_128(qbuf, q_raw, scale, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                               token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
         else
-            row_attention_any(qbuf, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
+            row_attention_any(qbuf, q_raw, scale, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                               token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
     }
     free(scratch);
