@@ -79,21 +79,23 @@ static inline void store_row(void *dst, const float *src, float mul, int64_t n, 
 #endif
 }
 
-/* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e) with a degree-6 polynomial for the fraction,
-   written so the compiler vectorizes it (relative error ~2e-7, 0 below -87). */
+/* exp(x) for x <= 0 (scores minus their maximum), written so the compiler vectorizes it: Cephes' expf (range
+   reduction by ln 2 in two parts, degree-6 polynomial), relative error < 1e-7; 0 below -87. */
 static inline float exp_nonpos(float x) {
-    float t = (x < -87.0f ? -87.0f : x) * 1.4426950408889634f;
-    int32_t i = (int32_t)t;
-    i -= (t < (float)i);
-    float f = t - (float)i;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    uint32_t bits = (uint32_t)(i + 127) << 23;
+    const float xc = x < -87.0f ? -87.0f : x;
+    const float t = xc * 1.44269504088896341f + 0.5f;
+    int32_t n = (int32_t)t;
+    n -= (t < (float)n); /* floor */
+    const float fn = (float)n;
+    const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x < -87.0f ? 0.0f : p * scale;
