@@ -19,6 +19,12 @@ inputs) or None (1.0); they are ignored for caches that are not FP8.
 
 Trailing optional arguments of paged_attention, in this order everywhere (torch, Triton, AITER, the op
 schema): ..., max_query_len, max_seq_len, k_scale, v_scale, sinks; callers pass them by keyword.
+
+The torch implementation has three formulations: `paged_attention_padded` (every query padded to the longest of
+the step: any feature, any device; the oracle), `paged_decode_attention` (one query per row; on CPU the native
+kernel of atom.ops.cpu_native, else gathered batched matmuls), and on CPU `_paged_attention_rows` (decoding
+rows together, each prefill row through torch's fused scaled_dot_product_attention), which
+`paged_attention` picks from max_query_len (1: decode) and the device and features.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ buffers (cuda_graphs.py). The KV cache is sized and allocated from the layers' K
 sliding-window layers (and windowed_kv) those layers get a pool of their own that keeps only the window
 of each running sequence (block_manager.py's window pool; split_kv_budget sizes both pools).
 
-The CPU path is plain PyTorch; a GPU adds faster kernels (chosen by atom's op registry), memory sizing
+The CPU path is PyTorch, its forward compiled (cpu_compile.py) unless enforce_eager; a GPU adds faster
+kernels (chosen by atom's op registry), memory sizing
 from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
 async scheduling). ATOM_DECODE_GRAPHS=static runs decode batches through the graphs' buffers without
