@@ -103,10 +103,38 @@ static inline float exp_nonpos(float x) {
 
 static inline int64_t elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
 
-/* Ask for the next block's rows while this one is computed: the blocks of a sequence are scattered over the
-   cache, so the hardware prefetcher cannot guess the next one (from DRAM, the kernel is latency-bound). */
-static inline void prefetch(const char *p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+/* Software prefetch, PREFETCH_TOKENS key (or value) rows ahead of the one being read: a sequence's blocks are
+   scattered over the cache, so the hardware prefetcher cannot follow them (from DRAM, the kernel would wait on
+   every block). A cursor walks the block table once per pass, one row per row read. */
+#define PREFETCH_TOKENS 32
+
+typedef struct {
+    const char *cache;
+    const int32_t *table;
+    int64_t pos, len, blk, off, block_size, row_bytes;
+} prefetch_cursor;
+
+static inline void prefetch_row(const prefetch_cursor *c) {
+    const char *p = c->cache + ((int64_t)c->table[c->blk] * c->block_size + c->off) * c->row_bytes;
+    for (int64_t i = 0; i < c->row_bytes; i += 64) __builtin_prefetch(p + i, 0, 1);
+}
+
+static inline void prefetch_next(prefetch_cursor *c) {
+    if (c->pos >= c->len) return;
+    prefetch_row(c);
+    c->pos++;
+    if (++c->off == c->block_size) {
+        c->off = 0;
+        c->blk++;
+    }
+}
+
+/* A cursor over rows start .. len - 1 whose first PREFETCH_TOKENS rows are requested now. */
+static inline prefetch_cursor prefetch_start(const char *cache, const int32_t *table, int64_t start, int64_t len,
+                                             int64_t block_size, int64_t row_bytes) {
+    prefetch_cursor c = {cache, table, start, len, start / block_size, start % block_size, block_size, row_bytes};
+    for (int i = 0; i < PREFETCH_TOKENS; i++) prefetch_next(&c);
+    return c;
 }
 
 #if HAVE_BF16_DOT
@@ -116,13 +144,12 @@ static void scores_bf16(const uint16_t *q, const uint16_t *k_cache, const int32_
                         int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale,
                         float *scores) {
     const int64_t n = len - start, token_elems = num_kv_heads * head_dim, chunks = head_dim / 32;
+    prefetch_cursor ahead = prefetch_start((const char *)k_cache, table, start, len, block_size, token_elems * 2);
     for (int64_t pos = start, j = 0; pos < len;) {
         const int64_t blk = table[pos / block_size];
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len;
-        if (end < len)
-            prefetch((const char *)(k_cache + (int64_t)table[end / block_size] * block_size * token_elems),
-                     (len - end < block_size ? len - end : block_size) * token_elems * 2);
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {
+            prefetch_next(&ahead);
             const uint16_t *row = k_cache + slot * token_elems;
             for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {
                 const uint16_t *kh = row + hk * head_dim;
@@ -155,14 +182,13 @@ static void NAME(const float *qbuf, const void *q_raw, float scale, const char *
     /* pass 1: every key row (all KV heads of a token at once), scored against the heads that share it */    \
     if (HAVE_BF16_DOT && dtype == BF16 && head_dim % 32 == 0)                                                \
         BF16_SCORES(q_raw, k_cache, table, start, len, num_kv_heads, group, head_dim, block_size, scale, scores); \
-    else                                                                                                     \
+    else {                                                                                                   \
+    prefetch_cursor ahead = prefetch_start(k_cache, table, start, len, block_size, token_elems * esz);       \
     for (int64_t pos = start, j = 0; pos < len;) {                                                           \
         const int64_t blk = table[pos / block_size];                                                         \
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
-        if (end < len)                                                                                       \
-            prefetch(k_cache + (int64_t)table[end / block_size] * block_size * token_elems * esz,             \
-                     (len - end < block_size ? len - end : block_size) * token_elems * esz);               \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
+            prefetch_next(&ahead);                                                                           \
             load_row(k_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
             for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
                 const float *kh = row + hk * head_dim;                                                       \
@@ -176,8 +202,8 @@ static void NAME(const float *qbuf, const void *q_raw, float scale, const char *
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
-    prefetch(v_cache + ((int64_t)table[start / block_size] * block_size + start % block_size) * token_elems * esz, \
-             (block_size - start % block_size < n ? block_size - start % block_size : n) * token_elems * esz);   \
+    }                                                                                                        \
+    prefetch_cursor v_ahead = prefetch_start(v_cache, table, start, len, block_size, token_elems * esz);     \
     for (int64_t h = 0; h < num_heads; h++) {                                                                \
         float *sh = scores + h * n;                                                                          \
         if (softcap > 0.0f)                                                                                  \
@@ -200,10 +226,8 @@ static void NAME(const float *qbuf, const void *q_raw, float scale, const char *
     for (int64_t pos = start, j = 0; pos < len;) {                                                           \
         const int64_t blk = table[pos / block_size];                                                         \
         const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
-        if (end < len)                                                                                       \
-            prefetch(v_cache + (int64_t)table[end / block_size] * block_size * token_elems * esz,             \
-                     (len - end < block_size ? len - end : block_size) * token_elems * esz);               \
         for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {           \
+            prefetch_next(&v_ahead);                                                                         \
             load_row(v_cache + slot * token_elems * esz, row, token_elems, dtype);                          \
             for (int64_t hk = 0, h = 0; hk < num_kv_heads; hk++) {                                           \
                 const float *vh = row + hk * head_dim;                                                       \
