@@ -167,6 +167,112 @@ static void scores_bf16(const uint16_t *q, const uint16_t *k_cache, const int32_
 }
 #endif
 
+#if HAVE_BF16_DOT
+/* The four sums of a, b, c, d's lanes (one shuffle tree instead of four horizontal reductions). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    /* 128-bit lanes now hold a's, b's, c's, d's partial sums (4 floats each) */
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    const __m128 la = _mm512_castps512_ps128(abcd), lb = _mm512_extractf32x4_ps(abcd, 1);
+    const __m128 lc = _mm512_extractf32x4_ps(abcd, 2), ld = _mm512_extractf32x4_ps(abcd, 3);
+    return _mm_hadd_ps(_mm_hadd_ps(la, lb), _mm_hadd_ps(lc, ld));
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* One row over a bf16 cache with head_dim HD (64 or 128): for each KV head, its query heads G_CHUNK at a time
+   with their q (bf16) and output accumulators (float32) in registers; one pass over the keys for the scores
+   (vdpbf16ps, four heads reduced together), the softmax, one pass over the values. The first KV head's passes
+   prefetch whole key/value rows (every KV head's part), the others find them in L2. */
+#define DEFINE_BF16_ROW(NAME, HD, G_CHUNK)                                                                  \
+static void NAME(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,  \
+                 int64_t start, int64_t len, int64_t num_kv_heads, int64_t group, int64_t block_size,        \
+                 float scale, float softcap, const float *sinks, float *scores, uint16_t *out) {             \
+    const int64_t n = len - start, token_elems = num_kv_heads * HD;                                           \
+    for (int64_t hk = 0; hk < num_kv_heads; hk++) {                                                          \
+        for (int64_t g0 = 0; g0 < group; g0 += G_CHUNK) {                                                    \
+            const int64_t h0 = hk * group + g0, m = group - g0 < G_CHUNK ? group - g0 : G_CHUNK;             \
+            const int first = hk == 0 && g0 == 0;                                                            \
+            __m512bh qv[G_CHUNK][HD / 32];                                                                   \
+            for (int g = 0; g < G_CHUNK; g++)                                                                \
+                for (int c = 0; c < HD / 32; c++)                                                            \
+                    qv[g][c] = (__m512bh)(g < m ? _mm512_loadu_si512(q + (h0 + g) * HD + 32 * c)              \
+                                                : _mm512_setzero_si512());                                   \
+            prefetch_cursor ahead = first ? prefetch_start((const char *)k_cache, table, start, len,          \
+                                                           block_size, token_elems * 2)                      \
+                                          : (prefetch_cursor){0};                                            \
+            for (int64_t pos = start, j = 0; pos < len;) {                                                   \
+                const int64_t blk = table[pos / block_size];                                                 \
+                const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+                for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {   \
+                    if (first) prefetch_next(&ahead);                                                        \
+                    const uint16_t *kh = k_cache + slot * token_elems + hk * HD;                             \
+                    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),           \
+                                     _mm512_setzero_ps()};                                                   \
+                    for (int c = 0; c < HD / 32; c++) {                                                      \
+                        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kh + 32 * c);                       \
+                        for (int g = 0; g < G_CHUNK; g++)                                                    \
+                            if (g < m) acc[g] = _mm512_dpbf16_ps(acc[g], qv[g][c], kv);                      \
+                    }                                                                                        \
+                    float sums[4];                                                                           \
+                    _mm_storeu_ps(sums, _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale))); \
+                    for (int g = 0; g < m; g++) scores[g * n + j] = sums[g];                                 \
+                }                                                                                            \
+            }                                                                                                \
+            for (int g = 0; g < m; g++) { /* softmax of head h0 + g */                                       \
+                float *sh = scores + g * n;                                                                  \
+                if (softcap > 0.0f)                                                                          \
+                    for (int64_t j = 0; j < n; j++) sh[j] = softcap * tanhf(sh[j] / softcap);                \
+                float mx = sinks ? sinks[h0 + g] : -INFINITY;                                                \
+                for (int64_t j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;                                \
+                float total = 0.0f;                                                                          \
+                _Pragma("omp simd reduction(+ : total)")                                                     \
+                for (int64_t j = 0; j < n; j++) {                                                            \
+                    sh[j] = exp_nonpos(sh[j] - mx);                                                          \
+                    total += sh[j];                                                                          \
+                }                                                                                            \
+                if (sinks) total += exp_nonpos(sinks[h0 + g] - mx);                                          \
+                const float inv = total > 0.0f ? 1.0f / total : 0.0f;                                        \
+                _Pragma("omp simd")                                                                          \
+                for (int64_t j = 0; j < n; j++) sh[j] *= inv;                                                \
+            }                                                                                                \
+            __m512 o[G_CHUNK][HD / 16];                                                                      \
+            for (int g = 0; g < G_CHUNK; g++)                                                                \
+                for (int c = 0; c < HD / 16; c++) o[g][c] = _mm512_setzero_ps();                              \
+            prefetch_cursor v_ahead = first ? prefetch_start((const char *)v_cache, table, start, len,        \
+                                                             block_size, token_elems * 2)                    \
+                                            : (prefetch_cursor){0};                                          \
+            for (int64_t pos = start, j = 0; pos < len;) {                                                   \
+                const int64_t blk = table[pos / block_size];                                                 \
+                const int64_t end = (pos / block_size + 1) * block_size < len ? (pos / block_size + 1) * block_size : len; \
+                for (int64_t slot = blk * block_size + pos % block_size; pos < end; pos++, slot++, j++) {   \
+                    if (first) prefetch_next(&v_ahead);                                                      \
+                    const uint16_t *vh = v_cache + slot * token_elems + hk * HD;                             \
+                    __m512 v[HD / 16];                                                                       \
+                    for (int c = 0; c < HD / 16; c++) v[c] = bf16x16_to_f32(vh + 16 * c);                    \
+                    for (int g = 0; g < G_CHUNK; g++) {                                                      \
+                        if (g >= m) break;                                                                   \
+                        const __m512 p = _mm512_set1_ps(scores[g * n + j]);                                  \
+                        for (int c = 0; c < HD / 16; c++) o[g][c] = _mm512_fmadd_ps(p, v[c], o[g][c]);         \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+            for (int g = 0; g < m; g++) {                                                                    \
+                float tmp[HD];                                                                               \
+                for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(tmp + 16 * c, o[g][c]);                   \
+                for (int d = 0; d < HD; d++) out[(h0 + g) * HD + d] = to_bf16(tmp[d]);                       \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+DEFINE_BF16_ROW(bf16_row_64, 64, 4)
+DEFINE_BF16_ROW(bf16_row_128, 128, 2)
+#endif
+
 /* One row: queries q [H, D] (float32, pre-scaled), its keys and values read through `table`; out [H, D].
    HEAD_DIM is a compile-time constant in the common specializations (fully unrolled inner loops). */
 #define DEFINE_ROW(NAME, HEAD_DIM)                                                                           \
@@ -279,6 +385,15 @@ int atom_paged_decode_attention(const void *q, const void *k_cache, const void *
         for (int64_t i = 0; i < num_heads * head_dim; i++) qbuf[i] *= scale;
         const int32_t *table = block_tables + b * table_width;
         void *dst = (char *)out + b * num_heads * head_dim * esz;
+#if HAVE_BF16_DOT
+        if (dtype == BF16 && (head_dim == 64 || head_dim == 128)) {
+            (head_dim == 64 ? bf16_row_64 : bf16_row_128)((const uint16_t *)q_raw, (const uint16_t *)k_cache,
+                                                          (const uint16_t *)v_cache, table, start, len, num_kv_heads,
+                                                          group, block_size, scale, softcap, sinks, scores,
+                                                          (uint16_t *)dst);
+            continue;
+        }
+#endif
         if (head_dim == 64)
             row_attention_64(qbuf, q_raw, scale, k_cache, v_cache, table, start, len, num_kv_heads, group, head_dim, block_size,
                              token_elems, dtype, softcap, sinks, scores, abuf, row, dst);
