@@ -53,7 +53,7 @@ def enabled_by_env() -> bool:
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """None when the compiled decode step can run `model`, else why not."""
+    """None when the compiled CPU forward can run `model`, else why not."""
     backbone = getattr(model, "model", None)
     if not isinstance(backbone, DecoderModel) or type(backbone).forward is not DecoderModel.forward:
         return f"{type(model).__name__} has no plain DecoderModel backbone"
