@@ -4,6 +4,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+# Bytecode is compiled on first import and kept: ci/setup.sh does not compile the environments ahead (most
+# of their modules are never imported here), so a PYTHONDONTWRITEBYTECODE from outside would make every
+# process compile torch, transformers and vLLM again.
+unset PYTHONDONTWRITEBYTECODE
 bash ci/setup.sh all || { echo "ci: environment setup failed"; exit 1; }
 
 results=$(mktemp -d)

@@ -16,7 +16,8 @@ then each engine in its own fresh process, --repeats times interleaved (A B C A 
   atom-base  atom-server without --quantization / --kv-cache-dtype (ATOM's bf16 next to its FP8 run)
 --quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
 at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
-Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule). Writes
+Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule), or, with --materialize,
+loads one random checkpoint written to disk first (MoE shapes: the same routing in every engine). Writes
 $OUT/bench_<shape>_<HHMMSS>.json (after every run, so a cut-off call keeps what finished) with the device
 session it ran in (make_table.py pairs engines of one session only) and the matching .log, and prints
 the table of make_table.py (medians and min-max spread over the repeats).
@@ -166,10 +167,10 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
         quant += ["--kv-cache-dtype", ns.kv_cache_dtype] if ns.kv_cache_dtype != "auto" else []
     if engine in ("atom", "atom-base"):
         cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
-               "dummy", "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant,
+               ns.load_format, "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant,
                *ns.atom_args.split()]
     else:
-        cmd = [sys.executable, os.path.join(HERE, "vllm_throughput.py"), "--model", model,
+        cmd = [sys.executable, os.path.join(HERE, "vllm_throughput.py"), "--model", model, "--load-format", ns.load_format,
                "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant, *ns.vllm_args.split()]
         if engine == "vllm":
             env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"  # belt and braces: atom is not importable at all
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
+    p.add_argument("--materialize", action="store_true",
+                   help="every engine loads one random checkpoint written to disk (materialize_checkpoint.py) instead "
+                        "of drawing dummy weights: the same MoE routing in every engine")
+    p.add_argument("--router-scale", type=float, default=1.0, help="with --materialize: the routers' uniform bound")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
     ns = p.parse_args(argv)
     t0 = time.monotonic()
@@ -242,11 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     benches = []
     for shape in ns.shapes.split(","):
         shape, model, config = make_checkpoint(shape, "/tmp/bench_models")
+        ns.load_format = "dummy"
+        if ns.materialize:
+            from materialize_checkpoint import materialize
+
+            t = time.monotonic()
+            model = materialize(model, model + "-weights", ns.router_scale)
+            ns.load_format = "auto"
+            print(f"materialized random weights in {model} ({time.monotonic() - t:.0f} s)", flush=True)
         par = (f"_tp{ns.tp}" if ns.tp > 1 else "") + ("_ep" if ns.ep else "")
         bench = dict(shape=shape + par, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
                      date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
                      dtype=ns.dtype, config=config, quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
                      tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
+                     weights=f"materialized (routers ±{ns.router_scale})" if ns.materialize else "dummy",
                      command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
                      engines={})
         variant = make_table.variant(bench)

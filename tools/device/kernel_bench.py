@@ -305,20 +305,42 @@ def fp8_rows(bench, opts) -> None:
     """FP8 rows: the 8b GEMMs at decode and prefill sizes (with cuBLAS bf16 on the same shape as the
     baseline to beat), the activation quantization kernels, the 30b-a3b experts, attention over an FP8 KV
     cache. Bytes = the FP8 weight (+ scales) read once + activations in and out: the bandwidth roofline of
-    a weight-streaming GEMM. Sweeps: ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,
-    "num_stages":4,"split_k":4}, ...]' at ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes."""
+    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE; fp8_linear's
+    default stays the tl.dot GEMM until these rows show the GEMV faster) against
+    `fp8 dot` (the same call with GEMV_MAX_M = 0: the tl.dot GEMM) and cuBLAS bf16. Sweeps:
+    ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,"num_stages":4,"split_k":4}, ...]' at
+    ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes (tl.dot GEMM, M > 4); the GEMV's tiles:
+    ATOM_FP8_GEMV_SWEEP='[{"block_n":32,"block_k":512,"num_warps":8,"split_k":2}, ...]' (keys as
+    GEMV_TILE_OVERRIDE; unset: a built-in list, '[]': none) at ATOM_FP8_GEMV_SWEEP_M (default 1) on all four."""
     import torch.nn.functional as F
 
     from atom.ops import quant_fp8 as Q
     from atom.ops.triton_kernels import quant_fp8 as tk_fp8
 
     lin = resolve("fp8_linear", "triton")
+    tk_fp8.GEMV_MAX_M = tk_fp8.GEMV_MAX_M_CANDIDATE  # the gemv rows and sweeps time the GEMV
     weights = {}
     for proj, (n, k) in FP8_LINEARS.items():
         w = rnd(n, k, scale=k**-0.5)
         weights[proj] = dict(bf16=w, block=Q.quantize_weight_fp8(w, "block"), channel=Q.quantize_weight_fp8(w, "channel"))
     for proj, (n, k) in FP8_LINEARS.items():
-        for m in (1, 4, 16, 32, 64, 128, 1024):
+        for m in (1, 2, 4):
+            x = rnd(m, k)
+            for layout in ("block", "channel"):
+                q, s = weights[proj][layout]
+                block = [128, 128] if layout == "block" else None
+                nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
+                bench(f"fp8 gemv 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
+                default_max_m, tk_fp8.GEMV_MAX_M = tk_fp8.GEMV_MAX_M, 0
+                try:
+                    bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
+                          2 * m * n * k)
+                finally:
+                    tk_fp8.GEMV_MAX_M = default_max_m
+            bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
+                  2 * n * k + 2 * m * (k + n), 2 * m * n * k)
+    for proj, (n, k) in FP8_LINEARS.items():
+        for m in (16, 32, 64, 128, 1024):
             x = rnd(m, k)
             for layout in ("block", "channel") if m in (1, 16, 128) else ("block",):
                 q, s = weights[proj][layout]
@@ -327,17 +349,6 @@ def fp8_rows(bench, opts) -> None:
                 bench(f"fp8_linear 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
-    # fused activation quantization (the GEMM's prologue) against a separate quantization kernel
-    for m in (1, 4, 16):
-        n, k = FP8_LINEARS["o"]
-        x = rnd(m, k)
-        fused = (tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M)
-        tk_fp8.FUSED_QUANT_MAX_M = tk_fp8.FUSED_TOKEN_QUANT_MAX_M = 0
-        for layout in ("block", "channel"):
-            q, s = weights["o"][layout]
-            bench(f"  separate quant kernel: fp8_linear o M{m} {layout}", lin, None,
-                  (x, q, s, None, [128, 128] if layout == "block" else None), n * k + 2 * m * (k + n))
-        tk_fp8.FUSED_QUANT_MAX_M, tk_fp8.FUSED_TOKEN_QUANT_MAX_M = fused
     sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []
     for m in [int(v) for v in os.environ.get("ATOM_FP8_SWEEP_M", "1,16,128").split(",")] if sweep else []:
         for proj in ("o", "down"):
@@ -349,6 +360,22 @@ def fp8_rows(bench, opts) -> None:
                 bench(f"  sweep fp8_linear {proj} M{m} {tile}", lin, None, (x, q, s, None, [128, 128]),
                       n * k + 2 * m * (k + n))
             tk_fp8.GEMM_TILE_OVERRIDE = None
+    gemv_sweep = json.loads(os.environ.get("ATOM_FP8_GEMV_SWEEP", "null"))
+    if gemv_sweep is None:  # around the default [32, 512] tile: narrower / wider columns, longer K steps, splits
+        gemv_sweep = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in (
+            (32, 512, 8, 1), (32, 512, 8, 2), (32, 512, 8, 4), (16, 512, 4, 2), (16, 1024, 8, 2), (64, 256, 8, 2),
+            (64, 512, 8, 4), (8, 1024, 4, 1), (32, 256, 4, 4))]
+    for m in [int(v) for v in os.environ.get("ATOM_FP8_GEMV_SWEEP_M", "1").split(",")] if gemv_sweep else []:
+        for proj, (n, k) in FP8_LINEARS.items():
+            q, s = weights[proj]["block"]
+            x = rnd(m, k)
+            for tile in gemv_sweep:
+                tk_fp8.GEMV_TILE_OVERRIDE = tile
+                try:
+                    bench(f"  sweep fp8 gemv {proj} M{m} {tile}", lin, None, (x, q, s, None, [128, 128]),
+                          n * k + s.numel() * 4 + 2 * m * (k + n))
+                finally:
+                    tk_fp8.GEMV_TILE_OVERRIDE = None
     for m, k in ((1, 4096), (128, 4096), (4096, 4096), (4096, 12288)):
         x = rnd(m, k)
         bench(f"fp8_quant_group M{m} K{k}", resolve("fp8_quant_group", "triton"), Q.per_token_group_quant_fp8,
@@ -425,6 +452,14 @@ def mla_rows(bench, T) -> None:
         bench(f"mla_decode H{heads} bs{batch} ctx{ctx}", decode,
               ref_mla.mla_decode if batch * ctx <= 32 * 4096 else None,
               (qn, qp, cache, w, tables, lens, scale, max_l), nbytes, flops)
+        if batch > 1:  # the FP8 latent cache (--kv-cache-dtype fp8): half the cache bytes
+            from atom.ops.attention import to_cache_dtype
+
+            kv_scale = torch.tensor(0.05, device=DEV)
+            fp8 = to_cache_dtype(cache, torch.float8_e4m3fn, kv_scale)
+            fp8_bytes = nbytes - batch * ctx * (512 + 64)
+            bench(f"mla_decode H{heads} bs{batch} ctx{ctx} fp8 latent", lambda *a: decode(*a, kv_scale=kv_scale),
+                  None, (qn, qp, fp8, w, tables, lens, scale, max_l), fp8_bytes, flops)
     for batch, q_len, ctx in ((1, 4096, 0), (4, 1024, 0), (4, 512, 3584)):
         qn, qp, cache, w, tables, qsl, lens, scale, max_l, nbytes = mla(batch, q_len, [ctx] * batch)
         pairs = batch * sum(ctx + i + 1 for i in range(q_len))

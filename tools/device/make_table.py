@@ -28,12 +28,15 @@ PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.
 
 
 def variant(bench: dict[str, Any]) -> str:
-    """'' for the bf16 runs; e.g. 'fp8-kvfp8' for --quantization fp8 --kv-cache-dtype fp8 (its own table rows)."""
+    """'' for the bf16 runs; e.g. 'fp8-kvfp8' for --quantization fp8 --kv-cache-dtype fp8, 'ckpt' for --materialize
+    (their own table rows)."""
     parts = []
     if bench.get("quantization"):
         parts.append(str(bench["quantization"]))
     if bench.get("kv_cache_dtype") not in (None, "auto"):
         parts.append("kv" + str(bench["kv_cache_dtype"]).replace("_", ""))
+    if str(bench.get("weights", "dummy")).startswith("materialized"):
+        parts.append("ckpt")  # one random checkpoint on disk, loaded by every engine
     return "-".join(parts)
 
 

@@ -1,8 +1,9 @@
 """n-gram speculative decoding on a repetitive workload: real acceptance and speed-up against no speculation.
 
 Greedy decoding of prompts that repeat a passage (code-edit / summarise-the-document shape, where prompt lookup
-pays), with K = 0 and the given K values; prints tok/s, acceptance rate and mean acceptance length per K, and
-checks the outputs equal K = 0's. Default model: the bundled SmolLM2-135M-Instruct.
+pays), with K = 0 and the given K values; prints tok/s, acceptance rate and mean acceptance length per K, the
+steps by path (graph replays: decode, verify; eager), and checks the outputs equal K = 0's. Default model: the
+bundled SmolLM2-135M-Instruct.
 
   python tools/device/spec_ngram_bench.py [--model PATH] [--ks 2,4] [--batch-sizes 1,8] [--output-len 128]
 """
@@ -16,6 +17,13 @@ from atom_server import LLM, SamplingParams
 
 PASSAGE = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
            "def mul(a, b):\n    return a * b\n\n")
+
+
+def _paths(llm: LLM) -> dict[str, int]:
+    """Steps by path so far: graph replays by kind (decode, verify) and eager steps."""
+    runner = llm.llm_engine.runner
+    graphs = runner.graphs
+    return {**(dict(graphs.replays) if graphs is not None else {}), "eager": runner.eager_steps}
 
 
 def main() -> None:
@@ -39,6 +47,7 @@ def main() -> None:
         for b in sizes:
             llm.generate(prompts[:b], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
             before = llm.llm_engine.stats()
+            paths_before = _paths(llm)
             t = time.perf_counter()
             outs = llm.generate(prompts[:b], params, use_tqdm=False)
             dt = time.perf_counter() - t
@@ -52,8 +61,9 @@ def main() -> None:
                                                                    "spec_decode_num_accepted_tokens")}
             rate = d["spec_decode_num_accepted_tokens"] / max(d["spec_decode_num_draft_tokens"], 1)
             mean_len = 1 + d["spec_decode_num_accepted_tokens"] / max(d["spec_decode_num_drafts"], 1)
+            paths = {n: v - paths_before.get(n, 0) for n, v in _paths(llm).items()}
             print(f"K={k} batch={b}: {b * ns.output_len / dt:8.1f} tok/s  acceptance {rate:.2f}  "
-                  f"mean acceptance length {mean_len:.2f}  same as K=0: {same}", flush=True)
+                  f"mean acceptance length {mean_len:.2f}  same as K=0: {same}  steps {paths}", flush=True)
         llm.llm_engine.shutdown()
         del llm
 

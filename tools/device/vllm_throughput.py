@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--load-format", default="dummy", help="dummy (random weights) or auto (a checkpoint's own)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: input + output length (as ATOM)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     t0 = time.perf_counter()
-    llm = LLM(model=ns.model, skip_tokenizer_init=True, load_format="dummy", dtype=ns.dtype, seed=ns.seed,
+    llm = LLM(model=ns.model, skip_tokenizer_init=True, load_format=ns.load_format, dtype=ns.dtype, seed=ns.seed,
               max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
               enable_prefix_caching=False, enforce_eager=ns.enforce_eager, quantization=ns.quantization,
               kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,

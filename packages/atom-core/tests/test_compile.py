@@ -52,9 +52,11 @@ def test_gpt_oss_compiles_in_one_graph_on_the_torch_references(experts, tmp_path
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache"])
+@pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache",
+                                "mla_cache_write", "mla_prefill"])
 def test_torch_reference_custom_op_over_an_fp8_kv_cache(op):
-    """The schemas carry the optional k_scale / v_scale; fakes and compiled calls match eager on FP8 caches."""
+    """The schemas carry the optional k_scale / v_scale (MLA: kv_scale); fakes and compiled calls match eager
+    on FP8 caches."""
     check_custom_op(op, "torch", "cpu", static={"kv_cache_dtype": torch.float8_e4m3fn})
 
 

@@ -85,9 +85,10 @@ def _randomize_router_bias_(model: torch.nn.Module) -> None:
                 buf.copy_(0.1 * torch.randn_like(buf))
 
 
-def _write_case(name: str, path) -> transformers.PreTrainedModel:
+def _write_case(name: str, path, **changes) -> transformers.PreTrainedModel:
+    """CASES[name] (with config `changes`, if any) written to `path` with spread-out random weights."""
     config_class, overrides = CASES[name]
-    config = getattr(transformers, config_class)(**overrides)
+    config = getattr(transformers, config_class)(**{**overrides, **changes})
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
     _randomize_(hf)
     _randomize_router_bias_(hf)

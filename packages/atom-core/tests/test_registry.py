@@ -153,7 +153,8 @@ def test_aiter_bindings_register_known_ops_with_the_reference_signature():
 
     wrappers = _aiter_wrappers()
     assert {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul",
-            "moe_topk_softmax", "fused_experts", "reshape_and_cache", "paged_attention"} <= set(wrappers)
+            "moe_topk_softmax", "fused_experts", "reshape_and_cache", "paged_attention", "moe_grouped_topk",
+            "fp8_linear", "fp8_fused_experts"} <= set(wrappers)
     for op, fn in wrappers.items():
         assert op in registry._OP_FAMILY, f"aiter binding for unknown op {op!r}"
         ref = inspect.signature(resolve(op, "torch"))

@@ -156,6 +156,7 @@ LINEAR_CASES = {
     "decode_tensor": (4, 200, 300, "tensor", None, None),
     "decode_block_split": (1, 130, 520, "block", (128, 128), 4),
     "decode_channel_split": (3, 130, 520, "channel", None, 2),
+    "decode_channel_long_k": (4, 72, 2100, "channel", None, None),
     "small_channel_separate_quant": (9, 130, 260, "channel", None, None),
     "prefill_block": (40, 200, 300, "block", (128, 128), None),
     "prefill_channel": (37, 150, 300, "channel", None, None),
@@ -163,22 +164,38 @@ LINEAR_CASES = {
 }
 
 
-def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True):
+def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True, gemv_max_m=None,
+                gemv_tile=None, f32_tol=None):
+    """split: a split-K override for the path M takes (the GEMV's K step is then one scale block, so tiny K
+    still has several steps); gemv_max_m: the GEMV/tl.dot bound for this call (None: the module's)."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     q, s, block_size = _weight(n, k, layout, block or (128, 128), dtype)
     x = activations(m, k, xdtype)
     b = rand(n, dtype=xdtype) if bias else None
-    if split is not None:
-        tile = tk._gemm_tile(m, n, k, block_size[1] if block_size else 128, x.device)
-        tk.GEMM_TILE_OVERRIDE = dict(tile, split_k=split)
+    sub_k = block_size[1] if block_size else 128
+    default_max_m = tk.GEMV_MAX_M
+    if gemv_max_m is not None:
+        tk.GEMV_MAX_M = gemv_max_m
+    gemv = m <= tk.GEMV_MAX_M
+    if gemv and (split is not None or gemv_tile):
+        tk.GEMV_TILE_OVERRIDE = {**tk._gemv_tile(n, k, sub_k, x.device), "block_k": sub_k, **(gemv_tile or {})}
+        if split is not None:
+            tk.GEMV_TILE_OVERRIDE["split_k"] = split
+    elif split is not None:
+        tk.GEMM_TILE_OVERRIDE = dict(tk._gemm_tile(m, n, k, sub_k, x.device), split_k=split)
     try:
         out = triton_op("fp8_linear")(x, q, s, b, block_size)
     finally:
-        tk.GEMM_TILE_OVERRIDE = None
+        tk.GEMM_TILE_OVERRIDE = tk.GEMV_TILE_OVERRIDE = None
+        tk.GEMV_MAX_M = default_max_m
     ref = Q.fp8_linear(x, q, s, b, block_size)
-    f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
-    check(f"fp8_linear {name} M={m} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
+    # the GEMV (M <= GEMV_MAX_M) sums the exact fp8 x fp8 products with float32 FMAs, on the GPU too: only the
+    # summation order differs from the reference, as for the tl.dot path at decode sizes
+    if f32_tol is None:
+        f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
+    path = "gemv" if gemv else "dot"
+    check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_CASES))
@@ -189,6 +206,57 @@ def test_fp8_linear(name):
 @pytest.mark.parametrize("name", ["decode_block", "prefill_channel"])
 def test_fp8_linear_bf16(name):
     _run_linear(name, *LINEAR_CASES[name], torch.bfloat16)
+
+
+def _gemv_candidate() -> int:
+    """The row bound the GEMV is meant for (fp8_linear runs it only once GEMV_MAX_M is set to it)."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    return tk.GEMV_MAX_M_CANDIDATE
+
+
+# GEMV cases (M <= GEMV_MAX_M): N = 72 leaves a partial 32-column block; K = 300 a partial scale block and a
+# partial K step; a split override of 2 over 128-wide K steps gives two splits, the second one partial.
+@pytest.mark.parametrize("layout", ["block", "channel"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_fp8_linear_gemv(m, layout):
+    split = 2 if m % 2 == 0 else None
+    xdtype = torch.bfloat16 if m == 2 else torch.float32
+    _run_linear(f"gemv_{layout}{'_split' if split else ''}", m, 72, 300, layout, (128, 128), split, xdtype,
+                bias=m != 3, gemv_max_m=_gemv_candidate())
+
+
+def test_fp8_linear_gemv_block_64_tensor_and_wide_k_steps():
+    """Scale blocks of [32, 64] with four of them in each 256-wide K step (and split 2); a per-tensor scale."""
+    _run_linear("gemv_block_64_split", 3, 40, 600, "block", (32, 64), 2, torch.float32, gemv_tile=dict(block_k=256),
+                gemv_max_m=_gemv_candidate())
+    _run_linear("gemv_tensor", 4, 50, 200, "tensor", None, None, torch.float32, bias=False, gemv_max_m=_gemv_candidate())
+
+
+@needs_fnuz
+def test_fp8_linear_gemv_e4m3fnuz():
+    _run_linear("gemv_channel", 2, 72, 300, "channel", None, 2, torch.float32, torch.float8_e4m3fnuz, gemv_max_m=_gemv_candidate())
+
+
+@pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])
+def test_fp8_linear_dot_path_at_small_m(name):
+    """GEMV_MAX_M = 0 (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
+    _run_linear(name, *LINEAR_CASES[name], torch.float32, gemv_max_m=0)
+
+
+def test_fp8_linear_routes_small_m_to_the_gemv():
+    """M <= GEMV_MAX_M reaches the GEMV's tile choice (an invalid override is refused there), larger M does not."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    q, s, block = _weight(64, 256, "block")
+    tk.GEMV_TILE_OVERRIDE = dict(block_n=32, block_k=96, num_warps=4, split_k=1)
+    default_max_m, tk.GEMV_MAX_M = tk.GEMV_MAX_M, tk.GEMV_MAX_M_CANDIDATE
+    try:
+        with pytest.raises(ValueError, match="GEMV block_k 96"):
+            triton_op("fp8_linear")(rand(tk.GEMV_MAX_M, 256), q, s, None, block)
+        assert triton_op("fp8_linear")(rand(tk.GEMV_MAX_M + 1, 256), q, s, None, block).shape == (tk.GEMV_MAX_M + 1, 64)
+    finally:
+        tk.GEMV_TILE_OVERRIDE, tk.GEMV_MAX_M = None, default_max_m
 
 
 @needs_fnuz
@@ -225,23 +293,49 @@ LARGE_LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096)
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("layout", ["block", "channel"])
-@pytest.mark.parametrize("m", [1, 16, 128, 1024])
+@pytest.mark.parametrize("m", [1, 2, 4, 16, 128, 1024])
 @pytest.mark.parametrize("proj", sorted(LARGE_LINEAR))
 def test_fp8_linear_large(proj, m, layout):
+    """M <= 4: the GEMV at its candidate bound (its default tiles and split-K on the real SM count) and the tl.dot
+    GEMM (fp8_linear's default there); beyond: the tl.dot GEMM."""
     n, k = LARGE_LINEAR[proj]
-    _run_linear(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False)
+    _run_linear(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
+                gemv_max_m=_gemv_candidate())
+    if m <= _gemv_candidate():
+        _run_linear(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
+                    gemv_max_m=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("proj", ["o", "down"])
+def test_fp8_linear_large_float32_gemv_and_dot(proj, m):
+    """float32 activations on the 8b shapes: the GEMV within TOL_F32 (float32 FMAs only, K up to 12288), the
+    tl.dot GEMM at the same M (GEMV_MAX_M = 0, kernel_bench's comparison) within the FP8 MMA bound."""
+    n, k = LARGE_LINEAR[proj]
+    _run_linear(f"8b {proj} block", m, n, k, "block", (128, 128), None, torch.float32, gemv_max_m=_gemv_candidate())
+    _run_linear(f"8b {proj} block", m, n, k, "block", (128, 128), None, torch.float32, gemv_max_m=0,
+                f32_tol=TOL_F32_FP8_MMA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 4, 64])
 def test_fp8_linear_traces_under_torch_compile(m):
     q, s, block = _weight(512, 256, "block")
     x = rand(m, 256, dtype=torch.bfloat16)
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
     op = triton_op("fp8_linear")
-    torch._dynamo.reset()
-    compiled = torch.compile(op, fullgraph=True)
-    torch.testing.assert_close(compiled(x, q, s, None, block), op(x, q, s, None, block))
+    for gemv_max_m in {tk.GEMV_MAX_M, tk.GEMV_MAX_M_CANDIDATE}:  # the default path and the GEMV
+        default, tk.GEMV_MAX_M = tk.GEMV_MAX_M, gemv_max_m
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(op, fullgraph=True)
+            torch.testing.assert_close(compiled(x, q, s, None, block), op(x, q, s, None, block))
+        finally:
+            tk.GEMV_MAX_M = default
 
 
 # ---------------------------------------------------------------- MoE

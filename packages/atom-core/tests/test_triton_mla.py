@@ -6,6 +6,11 @@ test_triton_kernels.py, whose helpers this module shares. The triton MLA ops com
 their prefill oracle is the expanded form (atom.ops.mla.mla_prefill), so a prefill check also confirms
 that the two formulations agree. The "large" cases use DeepSeek-V2-Lite's per-layer shapes (16 heads,
 kv_lora_rank 512, rope 64, nope 128, v 128, block size 16) and V3's 128 heads; they need a GPU.
+
+FP8 latent cache (the `fp8` cases): the cache holds e4m3 rows written with a per-tensor scale != 1; the write
+must produce the reference's codes exactly (the interpreter emulates the hardware's round-to-nearest-even,
+see fp8_common.py), and decode / prefill read the same dequantized rows as the reference, so they are held to
+the same bounds as the float caches (only the activations' rounding differs).
 """
 
 from __future__ import annotations
@@ -17,14 +22,28 @@ from test_triton_kernels import DEVICE, DTYPES, LARGE, ON_GPU, TOL, check, rand,
 import triton  # noqa: E402  (the module above skips this file without a GPU or the interpreter)
 from atom.ops import mla as ref_mla  # noqa: E402
 from atom.ops import moe_routing as ref_routing  # noqa: E402
+from atom.ops.attention import to_cache_dtype  # noqa: E402
+from atom.ops.quant_fp8 import fp8_max  # noqa: E402
 
 V2_LITE = dict(heads=16, lora=512, rope=64, nope=128, v=128, block=16)
 TINY = dict(heads=4, lora=32, rope=8, nope=16, v=12, block=4)
+FP8 = torch.float8_e4m3fn
+# e4m3fnuz is AMD MI300's format: Triton has no such type on NVIDIA GPUs; the interpreter runs it
+FNUZ = pytest.param(torch.float8_e4m3fnuz, marks=pytest.mark.skipif(ON_GPU and not torch.version.hip,
+                                                                   reason="e4m3fnuz needs an AMD GPU"))
+KV_SCALE = 0.37  # != 1, so a scale left out or applied twice shows
 
 
-def _latent_case(ctx_lens, q_lens, dims, dtype):
+def _fp8_cache(rows: torch.Tensor, kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows as an FP8 latent cache stores them, with its per-tensor scale."""
+    scale = torch.tensor(KV_SCALE, dtype=torch.float32, device=DEVICE)
+    return to_cache_dtype(rows, kv_dtype, scale), scale
+
+
+def _latent_case(ctx_lens, q_lens, dims, dtype, kv_dtype=None):
     """A paged latent cache full of random rows (never zeros), shuffled block tables, matching metadata,
-    random queries and kv_b_proj weight."""
+    random queries and kv_b_proj weight; with an FP8 kv_dtype the cache is quantized with KV_SCALE (the
+    scale is the last element returned, None otherwise)."""
     h, lora, rope, nope, v, bs = (dims[k] for k in ("heads", "lora", "rope", "nope", "v", "block"))
     seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
     per_seq = [max(1, triton.cdiv(s, bs)) for s in seq_lens]
@@ -35,14 +54,16 @@ def _latent_case(ctx_lens, q_lens, dims, dtype):
     for i, n in enumerate(per_seq):
         tables[i, :n] = perm[used:used + n].int()
         used += n
-    cache = rand(num_blocks, bs, lora + rope, dtype=dtype)
+    cache, kv_scale = rand(num_blocks, bs, lora + rope, dtype=dtype), None
+    if kv_dtype is not None:
+        cache, kv_scale = _fp8_cache(cache, kv_dtype)
     qsl = torch.tensor([0] + list(q_lens), device=DEVICE).cumsum(0).int()
     t = int(qsl[-1])
     q = rand(t, h, nope + rope, dtype=dtype)  # one projection output, split as the model does
     q_nope, q_pe = q.split([nope, rope], dim=-1)
     w_kv_b = rand(h * (nope + v), lora, dtype=dtype, scale=nope**-0.5)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    return q_nope, q_pe, cache, w_kv_b, tables, qsl, lens, max(q_lens), max(seq_lens)
+    return q_nope, q_pe, cache, w_kv_b, tables, qsl, lens, max(q_lens), max(seq_lens), kv_scale
 
 
 @pytest.mark.parametrize("size", ["tiny", LARGE])
@@ -61,6 +82,29 @@ def test_mla_cache_write(size):
     print(f"ERR mla_cache_write {size}: exact")
 
 
+@pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", ["tiny", LARGE])
+def test_mla_cache_write_fp8(size, dtype, kv_dtype):
+    """The FP8 latent write stores the reference's codes: fp8(clamp(row / kv_scale)), nearest even, values
+    past e4m3's range saturated, padding slots untouched."""
+    dims, tokens, num_blocks = (TINY, 7, 5) if size == "tiny" else (V2_LITE, 4096, 1024)
+    kv = rand(tokens, dims["lora"] + dims["rope"], scale=3.0, dtype=dtype)
+    kv[0, :4] = torch.tensor([1e3, -1e3, 1e-4, 0.0])  # saturation (448 * 0.37 = 166), a subnormal, a zero
+    kv_c, k_pe = kv.split([dims["lora"], dims["rope"]], dim=-1)
+    slots = torch.randperm(num_blocks * dims["block"], device=DEVICE)[:tokens]
+    slots[1::3] = -1
+    cache, scale = _fp8_cache(rand(num_blocks, dims["block"], dims["lora"] + dims["rope"]), kv_dtype)
+    ref = cache.clone()
+    triton_op("mla_cache_write")(kv_c, k_pe, cache, slots, kv_scale=scale)
+    ref_mla.mla_cache_write(kv_c, k_pe, ref, slots, kv_scale=scale)
+    diff = int((cache.view(torch.uint8) != ref.view(torch.uint8)).sum())
+    print(f"ERR mla_cache_write fp8 {size} {dtype} {kv_dtype}: {diff} of {cache.numel()} codes differ")
+    assert diff == 0
+    fmax = fp8_max(kv_dtype)  # ATOM's clamp bound: 448 (e4m3fn), 224 (e4m3fnuz, vLLM's choice)
+    assert ref.view(-1, ref.shape[-1])[slots[0]][:2].float().tolist() == [fmax, -fmax]  # saturated, not inf/NaN
+
+
 DECODE_CASES = {
     # name: (context lengths incl. the new token, dims, forced splits)
     "one_block": ([3, 4, 1], TINY, None),
@@ -76,19 +120,20 @@ LARGE_DECODE_CASES = {
 }
 
 
-def _run_decode(name, case, dtype):
+def _run_decode(name, case, dtype, kv_dtype=None):
     lens, dims, splits = case
     if lens is None:
         lens = torch.randint(1, 4096, (32 if "bs32" in name else 8,)).tolist()
-    q_nope, q_pe, cache, w, tables, _, seq_lens, _, max_l = _latent_case(
-        [max(n - 1, 0) for n in lens], [1] * len(lens), dims, dtype)
+    q_nope, q_pe, cache, w, tables, _, seq_lens, _, max_l, kv_scale = _latent_case(
+        [max(n - 1, 0) for n in lens], [1] * len(lens), dims, dtype, kv_dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = (dims["nope"] + dims["rope"]) ** -0.5
     from atom.ops.triton_kernels.mla import mla_decode_impl
 
-    out = mla_decode_impl(q_nope, q_pe, cache, w, tables, seq_lens, scale, max(lens), num_splits=splits)
-    ref = ref_mla.mla_decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max(lens))
-    check(f"mla_decode {name} {dtype}", out.contiguous(), ref, TOL[dtype])
+    out = mla_decode_impl(q_nope, q_pe, cache, w, tables, seq_lens, scale, max(lens), num_splits=splits,
+                          kv_scale=kv_scale)
+    ref = ref_mla.mla_decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max(lens), kv_scale=kv_scale)
+    check(f"mla_decode {name} {dtype} cache {kv_dtype or dtype}", out.contiguous(), ref, TOL[dtype])
     if 0 in lens:
         assert torch.all(out[lens.index(0)] == 0)
 
@@ -99,12 +144,27 @@ def test_mla_decode(name, dtype):
     _run_decode(name, DECODE_CASES[name], dtype)
 
 
+@pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["split_merge", "padding_row", "heads_20"])
+def test_mla_decode_fp8_cache(name, dtype, kv_dtype):
+    _run_decode(name, DECODE_CASES[name], dtype, kv_dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(LARGE_DECODE_CASES))
 def test_mla_decode_large(name, dtype):
     _run_decode(name, LARGE_DECODE_CASES[name], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(LARGE_DECODE_CASES))
+def test_mla_decode_fp8_cache_large(name, dtype):
+    _run_decode(name, LARGE_DECODE_CASES[name], dtype, FP8)
 
 
 PREFILL_CASES = {
@@ -118,13 +178,14 @@ LARGE_PREFILL_CASES = {
 }
 
 
-def _run_prefill(name, case, dtype):
+def _run_prefill(name, case, dtype, kv_dtype=None):
     ctx, q_lens, dims = case
-    q_nope, q_pe, cache, w, tables, qsl, lens, max_q, max_l = _latent_case(ctx, q_lens, dims, dtype)
+    q_nope, q_pe, cache, w, tables, qsl, lens, max_q, max_l, kv_scale = _latent_case(ctx, q_lens, dims, dtype,
+                                                                                     kv_dtype)
     scale = (dims["nope"] + dims["rope"]) ** -0.5
-    out = triton_op("mla_prefill")(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l)
-    ref = ref_mla.mla_prefill(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l)
-    check(f"mla_prefill {name} {dtype}", out.contiguous(), ref, TOL[dtype])
+    out = triton_op("mla_prefill")(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l, kv_scale=kv_scale)
+    ref = ref_mla.mla_prefill(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l, kv_scale=kv_scale)
+    check(f"mla_prefill {name} {dtype} cache {kv_dtype or dtype}", out.contiguous(), ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,12 +194,27 @@ def test_mla_prefill(name, dtype):
     _run_prefill(name, PREFILL_CASES[name], dtype)
 
 
+@pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["cached_prefix_and_decode_row", "heads_6"])
+def test_mla_prefill_fp8_cache(name, dtype, kv_dtype):
+    _run_prefill(name, PREFILL_CASES[name], dtype, kv_dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(LARGE_PREFILL_CASES))
 def test_mla_prefill_large(name, dtype):
     _run_prefill(name, LARGE_PREFILL_CASES[name], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(LARGE_PREFILL_CASES))
+def test_mla_prefill_fp8_cache_large(name, dtype):
+    _run_prefill(name, LARGE_PREFILL_CASES[name], dtype, FP8)
 
 
 ROUTING_CASES = {
@@ -219,13 +295,16 @@ def test_tiny_model_float32_parity_with_transformers_on_gpu(name, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_decode_ops_replay_in_a_cuda_graph():
+@pytest.mark.parametrize("kv_dtype", [None, FP8])
+def test_decode_ops_replay_in_a_cuda_graph(kv_dtype):
     """One decode step's MLA ops and the router, captured once at a padded batch and replayed on new
-    inputs (other lengths, other cache rows, other logits), equal their eager results: no host sync, and
-    nothing of the capture-time values is baked in but the shapes and max_seq_len."""
+    inputs (other lengths, other cache rows, other logits; an FP8 cache's scale changed too), equal their
+    eager results: no host sync, and nothing of the capture-time values is baked in but the shapes and
+    max_seq_len."""
     dims, batch, max_len = V2_LITE, 8, 2048
     dtype = torch.bfloat16
-    q_nope, q_pe, cache, w, tables, _, seq_lens, _, _ = _latent_case([max_len - 1] * batch, [1] * batch, dims, dtype)
+    q_nope, q_pe, cache, w, tables, _, seq_lens, _, _, kv_scale = _latent_case(
+        [max_len - 1] * batch, [1] * batch, dims, dtype, kv_dtype)
     kv = rand(batch, dims["lora"] + dims["rope"], dtype=dtype)
     kv_c, k_pe = kv.split([dims["lora"], dims["rope"]], dim=-1)
     slots = torch.arange(batch, device=DEVICE) * dims["block"]
@@ -234,8 +313,8 @@ def test_decode_ops_replay_in_a_cuda_graph():
     write, decode, route = triton_op("mla_cache_write"), triton_op("mla_decode"), triton_op("moe_grouped_topk")
 
     def step():
-        write(kv_c, k_pe, cache, slots)
-        return (decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max_len),
+        write(kv_c, k_pe, cache, slots, kv_scale=kv_scale)
+        return (decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max_len, kv_scale=kv_scale),
                 route(logits, bias, 8, 8, 4, "sigmoid", "top2_sum", True, 2.5))
 
     step()  # compile outside the capture
@@ -247,6 +326,8 @@ def test_decode_ops_replay_in_a_cuda_graph():
     for t in (q_nope, q_pe, kv, logits):
         t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
     slots.copy_(torch.randperm(tables.numel() * dims["block"] // 2, device=DEVICE)[:batch])
+    if kv_scale is not None:
+        kv_scale.fill_(2 * KV_SCALE)
     graph.replay()
     eager_out, (eager_w, eager_ids) = step()
     torch.cuda.synchronize()

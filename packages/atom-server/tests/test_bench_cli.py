@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from atom_server import bench_cli
 from atom_server.bench_serve import RequestResult, random_prompts, summarize
@@ -47,7 +48,8 @@ def test_throughput_cli_writes_json(tmp_path, capsys):
         assert len(r["total_s_all"]) == 2 and len(r["prefill_s_all"]) == 2
         assert r["prefill_ms"] > 0 and r["output_tok_s"] > 0 and r["ms_per_step"] is not None
         # what a comparison with vLLM must show next to vLLM's own settings
-        assert r["settings"]["max_num_seqs"] == 3 and r["settings"]["cuda_graphs"] is False
+        # the bench runs on the GPU when there is one, with CUDA graphs on (as vLLM's does); on CPU there are none
+        assert r["settings"]["max_num_seqs"] == 3 and r["settings"]["cuda_graphs"] is torch.cuda.is_available()
     # the start-up breakdown: every phase of the engine, the weights' laps named in its detail
     phases = [p["phase"] for p in report["startup"]["phases"]]
     assert phases[0] == "config" and phases[-1] == "ready" and "weights" in phases
@@ -129,12 +131,12 @@ def test_serve_bench_unknown_model_fails_clearly(server):
     assert "test request" in str(e.value) and "404" in str(e.value)
 
 
-def _make_table_module():
+def _make_table_module(name: str = "make_table"):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[3] / "tools" / "device" / "make_table.py"
-    spec = importlib.util.spec_from_file_location("make_table", path)
+    path = pathlib.Path(__file__).resolve().parents[3] / "tools" / "device" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -234,3 +236,47 @@ def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys
     captured = capsys.readouterr()
     assert "loading the model" in captured.out
     assert "batch 1: full" in captured.err and "3/3" in captured.err  # tqdm: warm-up, prefill, full
+
+
+def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
+    """tools/device/materialize_checkpoint.py (bench_vs_vllm.py --materialize): one random MoE checkpoint on disk,
+    routers at their own scale, in the hub's tensor names: ATOM's greedy tokens on it equal transformers'."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from atom_server.llm import LLM
+    from atom_server.sampling_params import SamplingParams
+
+    mat = _make_table_module("materialize_checkpoint")
+    Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, max_position_embeddings=128, dtype="float32",
+                   architectures=["Qwen3MoeForCausalLM"]).save_pretrained(tmp_path / "cfg")
+    out = mat.materialize(str(tmp_path / "cfg"), str(tmp_path / "ckpt"), router_scale=0.5, device="cpu")
+    files = [f for f in (tmp_path / "ckpt").iterdir() if f.suffix == ".safetensors"]
+    routers = other = 0.0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                amax = st.get_tensor(key).abs().max().item()
+                if key.endswith("mlp.gate.weight"):
+                    routers = max(routers, amax)
+                else:
+                    other = max(other, amax)
+            assert any(".experts.0.gate_proj.weight" in k for k in st.keys())  # the hub's per-expert names
+    assert 0.4 < routers <= 0.5 and other <= 1e-3
+    prompts = [[5, 17, 33, 2, 90], [7, 7, 8]]
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want = [ref.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    llm = LLM(out, device="cpu", dtype="float32", skip_tokenizer_init=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))]
+    assert [list(g) for g in got] == want
+    assert mat.materialize(str(tmp_path / "cfg"), out, router_scale=0.5) == out  # kept, not rewritten
+    with open(tmp_path / "cfg" / "config.json") as f:
+        cfg = json.load(f)
+    (tmp_path / "q").mkdir()
+    with open(tmp_path / "q" / "config.json", "w") as f:
+        json.dump({**cfg, "quantization_config": {"quant_method": "mxfp4"}}, f)
+    with pytest.raises(ValueError, match="quantized config"):
+        mat.materialize(str(tmp_path / "q"), str(tmp_path / "q-out"))

@@ -169,3 +169,133 @@ def test_mla_cuda_graphs_greedy_matches_transformers_on_gpu(name, tmp_path):  # 
         assert got == want, f"{name} eager={eager}"
         del llm
         torch.cuda.empty_cache()
+
+
+def test_fp8_latent_cache_doubles_the_blocks_and_decodes_as_atoms_fp8_model(tmp_path, monkeypatch):
+    """--kv-cache-dtype fp8_e4m3 (then fp8, the same) on DeepSeek-V3: e4m3 latent caches (scale 1.0: the
+    checkpoint has none, as in vLLM) from the same specs, so the same budget buys twice the blocks of the bf16
+    latent; greedy generation through the scheduler (chunked prefill, a pool small enough to preempt) equals
+    ATOM's FP8-latent model driven outside the engine, teacher-forced with the engine's tokens (the same weights
+    and reference ops; the logits' accuracy against a float latent cache is atom-core's
+    tests/test_mla_fp8_kv_cache.py)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "atom-core" / "tests"))
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+
+    config = CONFIGS["deepseek_v3"]()
+    _write(tmp_path, config)
+    layers, row = config.num_hidden_layers, config.kv_lora_rank + config.qk_rope_head_dim
+    bf16_block = layers * BLOCK * row * 2
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "static")
+    monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "0")
+    args = dict(block_size=BLOCK, max_model_len=64, max_num_batched_tokens=16, skip_tokenizer_init=True,
+                device="cpu", enable_prefix_caching=False)
+    # a bf16 model's latent caches at bf16_block bytes a block get 40 blocks from this budget (the runner's sizing:
+    # test_mla_kv_blocks_for_a_budget_scale_with_the_latent_bytes)
+    fp8 = LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="fp8_e4m3", kv_cache_memory_bytes=40 * bf16_block,
+              **args)
+    runner = fp8.llm_engine.runner
+    assert runner.block_bytes * 2 == bf16_block and runner.num_blocks == 80
+    assert all(isinstance(c, MLAKVCache) and c.latent.dtype == torch.float8_e4m3fn and float(c.scale) == 1.0
+               for c in runner.kv_caches) and len(runner.kv_caches) == layers
+    del fp8, runner
+
+    # float32 activations, a pool small enough to preempt (20 blocks for up to 4 x 9 blocks of context)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 19, 11, 23)]
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_dtype="fp8", kv_cache_memory_bytes=20 * layers * BLOCK * row,
+              **args)
+    assert llm.llm_engine.runner.num_blocks == 20
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                        use_tqdm=False)]
+    assert llm.llm_engine.stats()["num_preemptions"] > 0
+    model, _ = load_model(str(tmp_path), dtype="float32", kv_cache_dtype="fp8", progress=False)
+    harness = PagedHarness(model, num_blocks=64, block_size=BLOCK)
+    for prompt, tokens in zip(prompts, got):
+        seq = harness.add(1)
+        logits = [harness.step([prompt], seq)]
+        for t in tokens[:-1]:
+            logits.append(harness.step([[t]], seq))
+        assert torch.cat(logits).argmax(-1).tolist() == tokens
+
+
+def test_mtp_drafting_over_fp8_latent_caches_matches_no_speculation(tmp_path, monkeypatch):
+    """The original ATOM's DeepSeek recipe: MTP speculation with --kv-cache-dtype fp8. The drafting MTP layer's
+    latent cache is FP8 too (built by the same factory); greedy tokens equal the run without speculation (the
+    verify step reads the FP8 prefix through mla_prefill, plain decode through mla_decode: the same stored rows)."""
+    from spec_checkpoint import deepseek_v3_config, write_deepseek_v3_mtp
+
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off")
+    path = write_deepseek_v3_mtp(tmp_path, draft="bigram", target_scale=0.03)
+    config = deepseek_v3_config()
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(config.vocab_size) for _ in range(n)]} for n in (5, 19, 11, 2)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    runs = {}
+    for k in (0, 2):
+        llm = LLM(path, dtype="float32", block_size=BLOCK, max_model_len=64, skip_tokenizer_init=True, device="cpu",
+                  kv_cache_dtype="fp8", speculative_config={"method": "mtp", "num_speculative_tokens": k} if k else None)
+        caches = llm.llm_engine.runner.kv_caches
+        assert len(caches) == config.num_hidden_layers + (1 if k else 0)  # + the MTP layer's
+        assert {c.latent.dtype for c in caches} == {torch.float8_e4m3fn}
+        runs[k] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.llm_engine.stats()
+    assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+    assert runs[2] == runs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
+def test_mla_fp8_latent_cache_with_cuda_graphs_on_gpu(tmp_path):  # pragma: no cover - GPU
+    """The runner captures the FP8-latent MLA decode (Triton FP8 latent write, split-K decode reading e4m3 rows,
+    the scale a graph input) in CUDA graphs. With and without the graphs, greedy tokens follow ATOM's FP8-latent
+    model driven outside the engine (teacher-forced with the engine's tokens, the same Triton kernels): equal
+    wherever that run's top-2 gap is above `tie`. A batched step and a single-sequence step round float32 sums
+    differently, which can move an element that sits within an ulp of an e4m3 rounding boundary to the other
+    side (one latent value changed by up to 2^-3 of itself): rare, and a small logit change, so a token may
+    differ only at a near tie (0.05 on logits of size ~16; the whole FP8 error is ~0.5 at most on these models,
+    tests/test_mla_fp8_kv_cache.py)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "atom-core" / "tests"))
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+    from atom.ops.registry import cuda_graph_blockers
+
+    tie = 0.05
+    config = CONFIGS["deepseek_v3"]()
+    _write(tmp_path, config)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 33, 17, 50, 2)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    model, _ = load_model(str(tmp_path), dtype="float32", kv_cache_dtype="fp8", device="cuda", progress=False)
+    for eager in (False, True):
+        llm = LLM(str(tmp_path), dtype="float32", block_size=16, max_model_len=128, max_num_seqs=8,
+                  gpu_memory_utilization=0.3, enforce_eager=eager, skip_tokenizer_init=True, kv_cache_dtype="fp8")
+        runner = llm.llm_engine.runner
+        assert cuda_graph_blockers(runner.model) == [] and (runner.graphs is None) == eager
+        assert {c.latent.dtype for c in runner.kv_caches} == {torch.float8_e4m3fn}
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+        del llm, runner
+        torch.cuda.empty_cache()
+        harness = PagedHarness(model, num_blocks=64, block_size=16, device="cuda")
+        same = steps = 0
+        for prompt, tokens in zip(prompts, got):
+            seq = harness.add(1)
+            logits = [harness.step([prompt], seq)]
+            for t in tokens[:-1]:
+                logits.append(harness.step([[t]], seq))
+            top = torch.cat(logits).float().topk(2, -1)
+            for step, t in enumerate(tokens):
+                steps += 1
+                same += int(top.indices[step, 0]) == t
+                gap = float(top.values[step, 0] - top.values[step, 1])
+                assert int(top.indices[step, 0]) == t or gap < tie, (eager, step, gap)
+        print(f"FP8 latent cache on GPU (graphs {'off' if eager else 'on'}): {same} of {steps} tokens = the "
+              "harness's argmax")

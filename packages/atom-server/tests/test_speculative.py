@@ -54,35 +54,52 @@ def partial_mtp(tmp_path_factory):
 def test_mtp_greedy_matches_no_speculation(partial_mtp, monkeypatch):
     """K = 0 (no speculation), 1, 2, 3 on the same batches: identical tokens and logprobs, with chunked prefill
     (a 16-token budget), preemption (a pool too small for the batch), prefix caching (a second wave sharing
-    whole blocks with the first), and every KV block free at the end."""
-    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off")
+    whole blocks with the first), and every KV block free at the end. K = 1, 2, 3 run eager and on the step
+    graphs' buffers (ATOM_DECODE_GRAPHS=static: the verify graphs, rows with fewer drafts padded in front, the
+    decode graphs keeping hidden states, and the MTP drafter's first pass and greedy drafts replay their bodies):
+    the same results, and a seeded sampled row of the second wave (its drafts are drawn eager, over the graph's
+    hidden states) draws the same tokens in both."""
     config = deepseek_v3_config()
     rng = random.Random(0)
     first = [[rng.randrange(config.vocab_size) for _ in range(n)] for n in (5, 19, 11, 23, 2)]
-    second = [first[1][:12] + [rng.randrange(config.vocab_size) for _ in range(6)], first[3][:20] + [7, 8, 9]]
+    second = [first[1][:12] + [rng.randrange(config.vocab_size) for _ in range(6)], first[3][:20] + [7, 8, 9],
+              [rng.randrange(config.vocab_size) for _ in range(7)]]
     lengths = [14, 9, 17, 12, 6]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=2 if i % 2 else None)
               for i, m in enumerate(lengths)]
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)
     runs = {}
-    for k in (0, 1, 2, 3):
+    for k, mode in ((0, "off"), *((k, mode) for k in (1, 2, 3) for mode in ("off", "static"))):
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", mode)
         llm = LLM(partial_mtp, dtype="float32", block_size=BLOCK, max_model_len=64, max_num_batched_tokens=16,
                   kv_cache_memory_bytes=POOL_BLOCKS * BLOCK * kv_bytes_per_token(config, 1 if k else 0),
                   skip_tokenizer_init=True, device="cpu", speculative_config=_mtp(k))
-        assert llm.llm_engine.runner.num_blocks == POOL_BLOCKS
-        outs = [llm.generate([{"prompt_token_ids": p} for p in wave], params[:len(wave)], use_tqdm=False)
-                for wave in (first, second)]
+        runner = llm.llm_engine.runner
+        assert runner.num_blocks == POOL_BLOCKS and (runner.graphs is None) == (mode == "off")
+        outs = [llm.generate([{"prompt_token_ids": p} for p in wave], ps, use_tqdm=False)
+                for wave, ps in ((first, params), (second, [*params[:2], sampled]))]
         stats = _check_all_free(llm)
-        runs[k] = [(_outputs(o), _logprobs(o)) for o in outs], stats
+        runs[k, mode] = [(_outputs(o), _logprobs(o)) for o in outs], stats
         assert stats["num_preemptions"] > 0, (k, stats)
         assert stats["prefix_cache_hits"] >= 12 + 20 - 8, (k, stats)
-    base = runs[0][0]
+        if mode == "static":
+            replays = runner.graphs.replays
+            assert replays["verify"] > 0 and replays["mtp_first_pass"] > 0 and replays["mtp_drafts"] > 0, replays
+            if k > 1:  # rows near max_tokens draft fewer than K
+                assert runner.graphs.short_rows > 0
+    base = runs[0, "off"][0]
     assert [len(c[0][0]) for c in base[0][0]] == lengths
     chained = 0
     for k in (1, 2, 3):
-        got, stats = runs[k]
-        for (tokens, lps), (want_tokens, want_lps) in zip(got, base):
-            assert tokens == want_tokens, k
-            _assert_logprobs_close(lps, want_lps)
+        got, stats = runs[k, "off"]
+        graphed, graphed_stats = runs[k, "static"]
+        assert _outputs_of(graphed) == _outputs_of(got), k  # the sampled row included
+        for mode_got in (got, graphed):
+            for (tokens, lps), (want_tokens, want_lps) in zip(_greedy_rows(mode_got), _greedy_rows(base)):
+                assert tokens == want_tokens, k
+                _assert_logprobs_close(lps, want_lps)
+        for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"):
+            assert graphed_stats[name] == stats[name], name
         assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"], stats
         assert stats["spec_decode_num_draft_tokens"] <= k * stats["spec_decode_num_drafts"]
         per_pos = [stats[f"spec_decode_num_accepted_tokens_per_pos.{i}"] for i in range(k)]
@@ -90,6 +107,16 @@ def test_mtp_greedy_matches_no_speculation(partial_mtp, monkeypatch):
         assert per_pos == sorted(per_pos, reverse=True)  # position i is accepted only after i - 1
         chained += sum(per_pos[1:])
     assert chained > 0  # runs of two or more accepted drafts happened
+
+
+def _outputs_of(waves):
+    return [tokens for tokens, _ in waves]
+
+
+def _greedy_rows(waves):
+    """The waves' (outputs, logprobs) without the second wave's sampled row."""
+    (first, first_lps), (second, second_lps) = waves
+    return [(first, first_lps), (second[:2], second_lps[:2])]
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +165,12 @@ def test_stops_and_length_inside_accepted_runs(bigram_mtp, monkeypatch):
     assert [len(o[0][0]) for o in run(3, greedy)] == [2, 3, 5, 6, 7, 9]
 
 
-def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatch):
+@pytest.mark.parametrize("mode", ["off", "static"])
+def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatch, mode):
     """Benchmarks: synthetic_acceptance_length L = K + 1 accepts every draft, L = 1 none, whatever the tokens;
-    the bonus token is the target's own."""
-    monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off")
+    the bonus token is the target's own. Eager, and on the step graphs' buffers (what the device benchmark
+    measures): every step after the prefill a verify or decode graph, the drafts on the MTP graphs."""
+    monkeypatch.setenv("ATOM_DECODE_GRAPHS", mode)
     prompts = [{"prompt_token_ids": [3, 4, 5, 6, 7][:n]} for n in (2, 5)]
     params = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
     for length, accepted in ((4, lambda d: d), (1, lambda d: 0)):
@@ -158,8 +187,34 @@ def test_synthetic_acceptance_forces_the_accepted_length(partial_mtp, monkeypatc
         # verify steps with drafts: 3 per sequence when every draft is accepted (1 + 4 + 4 + 4 tokens), else one
         # per token until the last (no draft left to verify then: the 13th token takes a plain step)
         assert stats["spec_decode_num_drafts"] == (2 * 3 if length == 4 else 2 * 11)
+        if mode == "static":  # one prefill step (eager); every later step replays a verify graph (or, for the
+            # last token when no draft is left, a decode graph), then the MTP graphs (first pass, drafts)
+            runner = llm.llm_engine.runner
+            replays = runner.graphs.replays
+            graph_steps = replays["verify"] + replays["decode"]
+            assert runner.eager_steps == 1, (runner.eager_steps, replays)
+            assert replays["verify"] == (3 if length == 4 else 11), replays
+            assert replays["mtp_first_pass"] == replays["mtp_drafts"] == graph_steps, replays
         if length == 4:  # the heartbeat's stats as /metrics exports them, under vLLM's names and labels
             _check_exposition(stats)
+
+
+def test_mtp_drafts_stop_at_max_model_len(partial_mtp, monkeypatch):
+    """A sequence that runs into max_model_len: the MTP's draft steps stay inside the rope table (the block
+    table's slots reach past max_model_len: 16-token blocks, max_model_len 20), eager and on the step graphs;
+    the same tokens as without speculation, finished by length."""
+    prompt = [{"prompt_token_ids": [random.Random(0).randrange(300) for _ in range(8)]}]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = {}
+    for k, mode in ((0, "off"), (3, "off"), (3, "static")):
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", mode)
+        llm = LLM(partial_mtp, dtype="float32", block_size=16, max_model_len=20, skip_tokenizer_init=True,
+                  device="cpu", speculative_config=_mtp(k))
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        got[k, mode] = (out.token_ids, out.finish_reason)
+        _check_all_free(llm)
+    assert got[0, "off"][1] == "length" and len(got[0, "off"][0]) == 12
+    assert got[3, "off"] == got[0, "off"] and got[3, "static"] == got[0, "off"]
 
 
 def _check_exposition(stats: dict) -> None:
@@ -282,10 +337,12 @@ def test_ngram_on_smollm2_matches_no_speculation():
     assert 0 < stats["spec_decode_num_accepted_tokens"] <= stats["spec_decode_num_draft_tokens"], stats
 
 
-def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
+def test_ngram_under_tensor_parallel_matches_tp1(tmp_path, monkeypatch):
     """TP=2 (gloo): the drafts travel in the StepInput (tokens + num_drafts), every rank runs the same K + 1
     token verify forward (its collectives line up), only rank 0 verifies; greedy tokens equal TP=1 without
-    speculation, drafts are accepted on repetitive prompts, ranks hold the same block tables."""
+    speculation, drafts are accepted on repetitive prompts, ranks hold the same block tables. The speculative
+    runs go through the step graphs' buffers (ATOM_DECODE_GRAPHS=static, on every rank): verify steps replay the
+    verify graphs, rows with fewer drafts than K padded in front, steps without drafts the decode graphs."""
     from tp_checkpoints import write_checkpoint
 
     path = write_checkpoint("llama", tmp_path / "llama")
@@ -293,8 +350,10 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
     motif = [rng.randrange(2, 150) for _ in range(4)]
     prompts = [motif * 5, [rng.randrange(2, 150) for _ in range(9)] + motif * 3, motif * 2 + [7]]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}
     want = None
-    for tp, spec in ((1, None), (2, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2})):
+    for tp, spec in ((1, None), (1, ngram), (2, ngram)):
+        monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off" if spec is None else "static")  # inherited by the worker
         llm = LLM(path, tensor_parallel_size=tp, block_size=BLOCK, max_model_len=64, max_num_batched_tokens=16,
                   skip_tokenizer_init=True, dtype="float32", device="cpu", speculative_config=spec)
         engine = llm.llm_engine
@@ -302,13 +361,16 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
             got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                                  use_tqdm=False)]
             stats = _check_all_free(llm)
-            if tp == 1:
+            if spec is None:
                 want = got
                 continue
-            assert got == want
+            assert got == want, tp
             assert stats["spec_decode_num_draft_tokens"] > 0, stats
-            states = engine.runner.rank_states()
-            assert states[1].tables == states[0].tables
+            graphs = engine.runner.graphs
+            assert graphs.replays["verify"] > 0 and graphs.short_rows > 0, (graphs.replays, graphs.short_rows)
+            if tp == 2:
+                states = engine.runner.rank_states()
+                assert states[1].tables == states[0].tables
         finally:
             engine.shutdown()
 
@@ -316,9 +378,11 @@ def test_ngram_under_tensor_parallel_matches_tp1(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.serial  # KV sized from free GPU memory
 def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
-    """CUDA, float32: K = 0 decodes through the captured graphs (async scheduling on); MTP K = 2 runs every step
-    eager (no graphs are captured with the drafter) and n-gram K = 3 replays the graphs for steps without drafts
-    and verifies eagerly; all give the same greedy tokens, every block free at the end."""
+    """CUDA, float32, graphs captured for real: K = 0 decodes through the decode graphs (async scheduling on);
+    MTP K = 2 replays the verify graphs and the MTP drafter's graphs (first pass, greedy drafts); n-gram K = 3
+    the verify graphs, rows with fewer drafts padded in front, and the decode graphs for steps without drafts;
+    all give the same greedy tokens, every block free at the end. Then the benchmark's forced acceptance
+    (synthetic, K = 3, L = 4): after the prefill every step is a graph replay, every draft accepted."""
     import torch
 
     if not torch.cuda.is_available():
@@ -328,22 +392,41 @@ def test_speculation_on_cuda_matches_graph_decoding(partial_mtp):
     motif = [rng.randrange(vocab) for _ in range(3)]
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (4, 17, 9)] + [motif * 6]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    engine_args = dict(dtype="float32", block_size=16, max_model_len=128, skip_tokenizer_init=True, device="cuda",
+                       gpu_memory_utilization=0.2)
     runs = {}
     for name, spec in (("none", None), ("mtp", _mtp(2)), ("ngram", {"method": "ngram", "num_speculative_tokens": 3,
                                                                       "prompt_lookup_min": 2})):
-        llm = LLM(partial_mtp, dtype="float32", block_size=16, max_model_len=128, skip_tokenizer_init=True,
-                  device="cuda", gpu_memory_utilization=0.2, speculative_config=spec)
+        llm = LLM(partial_mtp, speculative_config=spec, **engine_args)
         engine = llm.llm_engine
-        assert (engine.runner.graphs is not None) == (name != "mtp") and engine.async_scheduling == (name == "none")
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.capture and engine.async_scheduling == (name == "none")
         runs[name] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                                    params, use_tqdm=False)]
         stats = _check_all_free(llm)
         if spec is not None:
             assert stats["spec_decode_num_draft_tokens"] > 0, (name, stats)
+            assert graphs.replays["verify"] > 0, (name, graphs.replays)
+        if name == "mtp":
+            assert graphs.replays["mtp_first_pass"] >= graphs.replays["mtp_drafts"] > 0, graphs.replays
+        if name == "ngram":
+            assert graphs.short_rows > 0 and graphs.replays["decode"] > 0, (graphs.short_rows, graphs.replays)
         engine.shutdown()
-        del llm, engine
+        del llm, engine, graphs
         torch.cuda.empty_cache()
     assert runs["mtp"] == runs["none"] and runs["ngram"] == runs["none"]
+
+    synthetic = {"method": "mtp", "num_speculative_tokens": 3, "rejection_sample_method": "synthetic",
+                 "synthetic_acceptance_length": 4}
+    llm = LLM(partial_mtp, speculative_config=synthetic, **engine_args)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params.clone(max_tokens=13), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [13, 13]
+    stats = _check_all_free(llm)
+    runner = llm.llm_engine.runner
+    assert stats["spec_decode_num_drafts"] == 2 * 3 and runner.eager_steps == 1, (stats, runner.graphs.replays)
+    assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"]
+    assert runner.graphs.replays["verify"] == 3 and runner.graphs.replays["mtp_drafts"] == 3, runner.graphs.replays
+    llm.llm_engine.shutdown()
 
 
 def test_speculation_with_the_window_pool_is_refused(tmp_path):

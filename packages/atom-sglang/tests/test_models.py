@@ -210,3 +210,25 @@ def test_mtp_layers_of_a_checkpoint_load_and_are_skipped(arch, tmp_path):
     with pytest.raises(ValueError, match=f"model.layers.{n + 1}.eh_proj.weight"):
         model.load_weights(iter({f"model.layers.{n + 1}.eh_proj.weight": mtp[f"model.layers.{n}.eh_proj.weight"]}
                                 .items()))
+
+
+def test_checkpoint_k_scale_is_the_latent_scale_sglang_reads(tmp_path):
+    """A DeepSeek checkpoint's per-layer k_scale (vLLM's / ModelOpt's spellings) goes to the layer's
+    RadixAttention as SGLang's backends read it (k_scale tensor for the triton backend's write, k_scale_float for
+    its descale) and, the values being the same latent row, as its v_scale too; a checkpoint v_scale is ignored."""
+    import safetensors.torch
+
+    write_checkpoint("DeepseekV3ForCausalLM", tmp_path)
+    publish_server_args(tmp_path, "torch_native")
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    cls, _ = ModelRegistry.resolve_model_cls(config.architectures)
+    model = cls(config=config, quant_config=None).float().eval()
+    weights = safetensors.torch.load_file(next(tmp_path.glob("*.safetensors")))
+    weights.update({"model.layers.0.self_attn.k_scale": torch.tensor(0.02),
+                    "model.layers.1.self_attn.k_proj.k_scale": torch.tensor(0.03),
+                    "model.layers.1.self_attn.v_proj.v_scale": torch.tensor(5.0)})
+    model.load_weights(iter(weights.items()))
+    for layer, want in enumerate((0.02, 0.03)):
+        attn = model.model.layers[layer].self_attn.attn_mqa
+        assert (attn.k_scale_float, attn.v_scale_float) == pytest.approx((want, want))
+        assert (float(attn.k_scale), float(attn.v_scale)) == pytest.approx((want, want))

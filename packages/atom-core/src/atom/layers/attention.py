@@ -37,7 +37,8 @@ from torch import nn
 
 from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
-                                  bind_kv_caches, is_fp8, kv_cache_layers)
+                                  bind_kv_caches, check_cache_dtype, check_kv_scale, is_fp8,
+                                  kv_cache_layers)
 from atom.ops.attention import write_kv_slots
 from atom.ops.norm import rms_norm
 from atom.ops.registry import resolve
@@ -151,14 +152,14 @@ class PagedAttention(nn.Module):
         # A reference to the model's parameter, deliberately not registered here: the model owns and loads
         # it (registering it twice would list it under a second name).
         object.__setattr__(self, "sinks", sinks)
-        dtype = kv_cache_dtype or torch.get_default_dtype()
+        dtype = check_cache_dtype(kv_cache_dtype or torch.get_default_dtype())
         common = dict(layer_idx=spec.layer_idx, dtype=dtype, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
         self.kv_cache_spec: FullAttentionKVSpec = (
             SlidingWindowKVSpec(sliding_window=spec.sliding_window, **common) if spec.sliding_window
             else FullAttentionKVSpec(**common))
         self.kv_cache: PagedKVCache | None = None
-        # An FP8 cache is a build-time property of the ops (AITER's cache kernels do not take one yet); sink
-        # layers ask for an implementation that has sinks (the AITER binding does not).
+        # An FP8 cache is a build-time property of the ops (AITER's cache kernels take only the GPU's own FP8
+        # type); sink layers ask for an implementation that has sinks (the AITER binding does not).
         static = {"kv_cache_dtype": dtype} if is_fp8(dtype) else {}
         self._write = resolve("reshape_and_cache", static=static or None)
         self._attend = resolve("paged_attention", static={**static, "has_sinks": True} if sinks is not None
@@ -168,13 +169,7 @@ class PagedAttention(nn.Module):
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
         entry = fp8(x / scale). Goes into the spec (what the host allocates from) and into a bound cache."""
-        if kind not in ("k", "v"):
-            raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
-        if not value > 0:
-            raise ValueError(f"{self.spec.prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must "
-                             "be positive")
-        if self.kv_cache_spec.dtype == torch.float8_e4m3fnuz:
-            value *= 2.0  # checkpoint scales are for e4m3fn (max 448); e4m3fnuz's values are worth half
+        value = check_kv_scale(self.spec.prefix, kind, value, self.kv_cache_spec.dtype)
         self.kv_cache_spec = dataclasses.replace(self.kv_cache_spec, **{f"{kind}_scale": float(value)})
         cache = self.kv_cache
         if cache is not None and getattr(cache, f"{kind}_scale") is not None:
@@ -307,14 +302,19 @@ class Attention(nn.Module):
         """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's
         implementation (its `load_kv_scale`); one without it ignores the scales (logged once), as vLLM does
         for a layer that does not take them."""
-        load = getattr(self.impl, "load_kv_scale", None)
-        if load is not None:
-            load(kind, value)
-        elif not _warned_kv_scales:
-            _warned_kv_scales.append(type(self.impl).__name__)
-            logger.warning("the checkpoint has FP8 KV-cache scales (%s_scale of %s), but the attention "
-                           "implementation %s does not take them: ignored", kind, self.spec.prefix,
-                           type(self.impl).__name__)
+        hand_kv_scale(self.impl, self.spec.prefix, kind, value)
+
+
+def hand_kv_scale(impl: nn.Module, prefix: str, kind: str, value: float) -> None:
+    """Give a host implementation a checkpoint's FP8 KV-cache scale through its `load_kv_scale`; an
+    implementation without one ignores the scales (logged once)."""
+    load = getattr(impl, "load_kv_scale", None)
+    if load is not None:
+        load(kind, value)
+    elif not _warned_kv_scales:
+        _warned_kv_scales.append(type(impl).__name__)
+        logger.warning("the checkpoint has FP8 KV-cache scales (%s_scale of %s), but the attention "
+                       "implementation %s does not take them: ignored", kind, prefix, type(impl).__name__)
 
 
 _warned_kv_scales: list[str] = []

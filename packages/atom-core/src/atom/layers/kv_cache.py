@@ -25,7 +25,9 @@ Specs defined here:
 - `SlidingWindowKVSpec`: the same layout for a layer with a window (the pool keeps whole sequences today;
   a host may later free blocks that slid out of every window).
 - `MLAKVSpec`: multi-head latent attention's compressed cache, ONE tensor
-  [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] bound as `MLAKVCache(latent, scale)`.
+  [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] bound as `MLAKVCache(latent, scale)`; an FP8
+  dtype halves its bytes too and carries ONE per-tensor float32 scale (1.0 unless the checkpoint gives the
+  layer a k_scale).
 """
 
 from __future__ import annotations
@@ -44,6 +46,26 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz
 
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
+
+
+def check_cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """An attention cache's element type, refused when it is an FP8 type ATOM's kernels do not store."""
+    if is_fp8(dtype) and dtype not in (torch.float8_e4m3fn, getattr(torch, "float8_e4m3fnuz", None)):
+        raise ValueError(f"kv_cache_dtype {dtype}: ATOM's FP8 KV caches are e4m3 (torch.float8_e4m3fn, or "
+                         "float8_e4m3fnuz on MI300); use one of those")
+    return dtype
+
+
+def check_kv_scale(prefix: str, kind: str, value: float, cache_dtype: torch.dtype) -> float:
+    """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") as the cache of `cache_dtype` applies it:
+    checked positive, doubled for e4m3fnuz (checkpoint scales are for e4m3fn, max 448; e4m3fnuz's values are
+    worth half)."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"KV-cache scale kind must be 'k' or 'v', got {kind!r}")
+    if not value > 0:
+        raise ValueError(f"{prefix}: the checkpoint's {kind}_scale is {value}; KV-cache scales must be "
+                         "positive")
+    return float(value) * (2.0 if cache_dtype == torch.float8_e4m3fnuz else 1.0)
 
 
 def _scale(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -119,7 +141,7 @@ class MLAKVSpec(KVCacheSpec):
     kind: ClassVar[str] = "mla"
     kv_lora_rank: int
     qk_rope_head_dim: int
-    scale: float = 1.0
+    scale: float = 1.0  # per-tensor scale of an FP8 latent cache (ignored for other dtypes)
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim)

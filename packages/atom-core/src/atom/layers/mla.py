@@ -16,11 +16,19 @@ the KV-cache spec seam (atom.layers.kv_cache): its `kv_cache_spec` is an `MLAKVS
 the `MLAKVCache` with the generic `bind_kv_caches`. It reads `PagedAttentionMetadata` (its
 `metadata_builder_cls` is PagedAttention's builder: slots, block tables, query offsets and lengths are all
 MLA needs, in eager steps and captured decode graphs alike), so a host that runs PagedAttention runs MLA
-unchanged.
+unchanged. With an FP8 kv_cache_dtype the latent cache is e4m3 with ONE per-tensor scale per layer (the
+checkpoint's k_scale of the layer, else 1.0: what vLLM's MLA layer reads; a checkpoint's v_scale has no
+tensor to apply to and is ignored, as in vLLM), handed to every MLA op as `kv_scale`.
+
+Checkpoint FP8 KV-cache scales reach the host's implementation through `MLAAttention.load_kv_scale(kind,
+value)`, which calls the implementation's own `load_kv_scale` (PagedMLAAttention's spec; vLLM's MLAAttention
+parameter; SGLang's RadixAttention).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,10 +36,12 @@ import torch
 from torch import nn
 
 from atom.forward_context import get_forward_context
-from atom.layers.attention import PagedAttentionMetadata, PagedAttentionMetadataBuilder
-from atom.layers.kv_cache import MLAKVCache, MLAKVSpec
+from atom.layers.attention import PagedAttentionMetadata, PagedAttentionMetadataBuilder, hand_kv_scale
+from atom.layers.kv_cache import MLAKVCache, MLAKVSpec, check_cache_dtype, check_kv_scale, is_fp8
 from atom.ops.registry import resolve
 from atom.quantization.base import mark_dense_weight_read
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,18 +83,35 @@ class PagedMLAAttention(nn.Module):
     metadata_builder_cls = PagedAttentionMetadataBuilder
 
     def __init__(self, spec: MLAAttentionSpec, kv_b_proj: nn.Module, kv_cache_dtype: torch.dtype | None = None):
-        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction)."""
+        """kv_cache_dtype: None = the dtype the model is built in (torch's default dtype at construction); an
+        FP8 type (torch.float8_e4m3fn, or float8_e4m3fnuz on MI300) stores fp8([kv_c | k_pe] / scale) with one
+        per-tensor scale from the checkpoint (load_kv_scale), else 1.0."""
         super().__init__()
         self.spec = spec
         # The model owns kv_b_proj (its checkpoint name is the model's); hold it without making it a child,
         # so its weight is not a second parameter of the model.
         self.__dict__["kv_b_proj"] = kv_b_proj
-        self.kv_cache_spec = MLAKVSpec(layer_idx=spec.layer_idx, dtype=kv_cache_dtype or torch.get_default_dtype(),
-                                       kv_lora_rank=spec.kv_lora_rank, qk_rope_head_dim=spec.qk_rope_head_dim)
+        dtype = check_cache_dtype(kv_cache_dtype or torch.get_default_dtype())
+        self.kv_cache_spec = MLAKVSpec(layer_idx=spec.layer_idx, dtype=dtype, kv_lora_rank=spec.kv_lora_rank,
+                                       qk_rope_head_dim=spec.qk_rope_head_dim)
         self.kv_cache: MLAKVCache | None = None
-        self._write = resolve("mla_cache_write")
-        self._decode = resolve("mla_decode")
-        self._prefill = resolve("mla_prefill")
+        # An FP8 cache is a build-time property of the ops (an implementation without it declines the layer)
+        static = {"kv_cache_dtype": dtype} if is_fp8(dtype) else None
+        self._write = resolve("mla_cache_write", static=static)
+        self._decode = resolve("mla_decode", static=static)
+        self._prefill = resolve("mla_prefill", static=static)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """The checkpoint's per-tensor FP8 KV-cache scale of this layer: "k" is the latent cache's scale (the
+        cache stores fp8(row / scale)); "v" has no tensor of its own in MLA and is ignored, as vLLM does."""
+        value = check_kv_scale(self.spec.prefix, kind, value, self.kv_cache_spec.dtype)
+        if kind == "v":
+            logger.debug("%s: v_scale ignored (the latent cache has one scale, the checkpoint's k_scale)",
+                         self.spec.prefix)
+            return
+        self.kv_cache_spec = dataclasses.replace(self.kv_cache_spec, scale=value)
+        if self.kv_cache is not None and self.kv_cache.scale is not None:
+            self.kv_cache.scale.fill_(value)
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
                 k_pe: torch.Tensor) -> torch.Tensor:
@@ -93,19 +120,31 @@ class PagedMLAAttention(nn.Module):
             raise RuntimeError("PagedMLAAttention needs PagedAttentionMetadata in the forward context and a bound "
                                "latent cache (bind_kv_caches)")
         s = self.spec
-        cache = self.kv_cache.latent
-        self._write(kv_c, k_pe, cache, md.slot_mapping)
+        cache, kv_scale = self.kv_cache
+        self._write(kv_c, k_pe, cache, md.slot_mapping, kv_scale=kv_scale)
         w = kv_b_weight(self.kv_b_proj)
         if md.max_query_len == 1:
-            out = self._decode(q_nope, q_pe, cache, w, md.block_tables, md.seq_lens, s.scale, md.max_seq_len)
+            out = self._decode(q_nope, q_pe, cache, w, md.block_tables, md.seq_lens, s.scale, md.max_seq_len,
+                               kv_scale=kv_scale)
         else:
             out = self._prefill(q_nope, q_pe, cache, w, md.block_tables, md.query_start_loc, md.seq_lens,
-                                s.scale, md.max_query_len, md.max_seq_len)
+                                s.scale, md.max_query_len, md.max_seq_len, kv_scale=kv_scale)
         return out.reshape(q_nope.shape[0], s.num_heads * s.v_head_dim)
 
 
 def paged_mla_factory(spec: MLAAttentionSpec, kv_b_proj: nn.Module) -> nn.Module:
     return PagedMLAAttention(spec, kv_b_proj)
+
+
+def paged_mla_factory_for(kv_cache_dtype: torch.dtype | None) -> MLAAttentionFactory:
+    """ATOM's paged MLA with its latent cache in `kv_cache_dtype` (None: the model's dtype)."""
+    if kv_cache_dtype is None:
+        return paged_mla_factory
+
+    def factory(spec: MLAAttentionSpec, kv_b_proj: nn.Module) -> nn.Module:
+        return PagedMLAAttention(spec, kv_b_proj, kv_cache_dtype=kv_cache_dtype)
+
+    return factory
 
 
 class MLAAttention(nn.Module):
@@ -120,6 +159,11 @@ class MLAAttention(nn.Module):
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """q_nope [T, H, P], q_pe [T, H, R] (roped), kv_c [T, L] (normed), k_pe [T, R] (roped) -> [T, H * V]."""
         return self.impl(q_nope, q_pe, kv_c, k_pe)
+
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's
+        implementation (see Attention.load_kv_scale)."""
+        hand_kv_scale(self.impl, self.spec.prefix, kind, value)
 
 
 def mla_attention_specs(model: nn.Module) -> list[MLAAttentionSpec]:

@@ -188,25 +188,29 @@ def load_model(
     quant_method name forcing one, e.g. "fp8" on a float checkpoint, or a ready `quant_config` from a host);
     after the weights are in, every layer's quantization method processes them once (the post-load hook).
     kv_cache_dtype (vLLM's names: auto, fp8, fp8_e4m3; or a torch dtype) sets the cache of ATOM's paged
-    attention when no `attn_factory` is given."""
+    attention when no `attn_factory` is given: K/V pages, or the latent cache of a multi-head latent attention
+    model (DeepSeek-V2/V3)."""
     config = config if config is not None else load_config(model, trust_remote_code)
     cls = model_class_for_config(config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     torch_dtype = resolve_dtype(config, dtype, device)
     if quant_config is None:
         quant_config = quantization_config_for(config, quantization)
+    # Only schemes are passed: a model class that predates the seam still builds unquantized.
+    extra = {"quant_config": quant_config} if quant_config is not None else {}
     if attn_factory is None:
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, quant_config, device)
-        if kv_dtype is not None and getattr(config, "kv_lora_rank", None):
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: ATOM has no FP8 latent cache for multi-head "
-                             f"latent attention ({type(config).__name__}) yet; use kv_cache_dtype 'auto'")
         # None: every model builds its default attention (multi-head or latent) in the model's dtype
-        attn_factory = paged_attention_factory_for(kv_dtype) if kv_dtype is not None else None
+        if kv_dtype is not None and getattr(cls, "uses_mla", False):
+            # here, not at the top: atom.layers.mla imports atom.quantization, which imports this module
+            from atom.layers.mla import paged_mla_factory_for
+
+            extra["mla_factory"] = paged_mla_factory_for(kv_dtype)  # the FP8 latent cache
+        elif kv_dtype is not None:
+            attn_factory = paged_attention_factory_for(kv_dtype)
     elif kv_cache_dtype not in (None, "auto"):
         raise ValueError("kv_cache_dtype applies to ATOM's paged attention; with an attn_factory the host sets "
                          "the KV cache's dtype")
-    # Only schemes are passed: a model class that predates the seam still builds unquantized.
-    extra = {"quant_config": quant_config} if quant_config is not None else {}
     if run_mtp:
         if not getattr(cls, "supports_mtp", False):
             raise ValueError(f"{cls.__name__} has no MTP layers to draft with (speculative method 'mtp' needs a "

@@ -229,6 +229,10 @@ class DecoderForCausalLM(nn.Module):
 
     # Hosts may swap the backbone for a subclass (atom-vllm decorates it for vLLM's torch.compile).
     backbone_cls: type[DecoderModel] = DecoderModel
+    # Multi-head latent attention (DeepSeek): the model takes an `mla_factory`, not an attention factory.
+    uses_mla: bool = False
+    # The submodule of a layer's self_attn that takes its checkpoint FP8 KV-cache scales (load_kv_scale).
+    kv_scale_owner: str = "attn"
 
     @classmethod
     def options(cls, config) -> DecoderOptions:  # pragma: no cover - overridden
@@ -326,7 +330,7 @@ class DecoderForCausalLM(nn.Module):
         """A per-tensor FP8 KV-cache scale -> the layer's attention (which hands it to the host's
         implementation: ATOM's paged cache spec, SGLang's RadixAttention, vLLM's Attention)."""
         try:
-            attn = self.get_submodule(f"{attn_prefix}.attn")
+            attn = self.get_submodule(f"{attn_prefix}.{self.kv_scale_owner}")
         except AttributeError:
             raise ValueError(f"checkpoint tensor {source!r} has no matching attention layer in "
                              f"{type(self).__name__}") from None

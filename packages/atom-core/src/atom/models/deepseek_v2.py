@@ -294,6 +294,9 @@ class KeptAttention(nn.Module):
         raise NotImplementedError("this MTP layer is loaded and kept, not run (speculative decoding with "
                                   "method 'mtp' runs the first MTP layer)")
 
+    def load_kv_scale(self, kind: str, value: float) -> None:
+        """A checkpoint's FP8 KV-cache scale of a layer that keeps no cache: nothing to apply it to."""
+
 
 def _kept_factory(spec, *args) -> nn.Module:
     return KeptAttention(spec)
@@ -460,6 +463,8 @@ class MTPKeepingCausalLM(DecoderForCausalLM):
 
 class DeepseekV2ForCausalLM(MTPKeepingCausalLM):
     backbone_cls = DeepseekV2Model
+    uses_mla = True
+    kv_scale_owner = "mla_attn"  # self_attn.k_scale (any of vLLM's spellings): the latent cache's scale
 
     def __init__(self, config, attn_factory=None, prefix: str = "", max_positions: int | None = None, *,
                  mla_factory: MLAAttentionFactory | None = None, quant_config: QuantizationConfig | None = None,

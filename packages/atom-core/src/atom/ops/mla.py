@@ -17,12 +17,20 @@ Two formulations, equal in exact arithmetic:
 - absorbed ("MQA", data-movement friendly): q_lat[h] = q_nope[h] @ W_UK[h] (L values), attend over the
   latent cache itself (logits q_lat . kv_c + q_pe . k_pe, values kv_c), then out[h] = o_lat[h] @ W_UV[h]^T.
   Decode uses it: the cache is read once for all heads.
+
+FP8 latent cache (float8_e4m3fn / float8_e4m3fnuz caches): one per-tensor scale per layer, `kv_scale`, a
+float32 tensor of one element (the checkpoint's k_scale of the layer, else 1.0, as vLLM's MLA reads it); the
+cache holds fp8(clamp([kv_c | k_pe] / kv_scale)) and is read back as entry * kv_scale (the same convention
+as the paged attention's k_scale, atom.ops.attention). kv_scale is the trailing optional argument of every
+MLA op (torch, Triton, the op schemas); None means 1.0, and it is ignored for caches that are not FP8.
 """
 
 from __future__ import annotations
 
 import torch
 
+from atom.ops.attention import from_cache, to_cache_dtype
+from atom.ops.quant_fp8 import FP8_DTYPES
 from atom.ops.registry import define_op, register
 
 CHECK_BLOCK_SIZE = 16
@@ -35,31 +43,45 @@ def _dims(static) -> tuple[int, int, int, int, int]:
                                                      ("v_head_dim", 32)))
 
 
+def _latent_cache_example(t, static, num_blocks: int, fill: bool) -> tuple:
+    """(cache, trailing kv_scale arguments) in the layer's cache dtype (static["kv_cache_dtype"], default the
+    activations'): an FP8 cache holds random rows quantized with a scale != 1, passed as (kv_scale,); other
+    caches give ()."""
+    _, lora, rope, _, _ = _dims(static)
+    dtype = static.get("kv_cache_dtype") or t.dtype
+    rows = t.randn(num_blocks, CHECK_BLOCK_SIZE, lora + rope, dtype=torch.float32) if fill else \
+        torch.zeros(num_blocks, CHECK_BLOCK_SIZE, lora + rope, device=t.device)
+    if dtype not in FP8_DTYPES:
+        return rows.to(dtype), ()
+    scale = t.tensor(0.5, torch.float32)
+    return to_cache_dtype(rows, dtype, scale), (scale,)
+
+
 def _write_example(t, static):
     from atom.ops.attention import slot_example
 
     _, lora, rope, _, _ = _dims(static)
-    cache = torch.zeros(4, CHECK_BLOCK_SIZE, lora + rope, dtype=t.dtype, device=t.device)
-    return (t.randn(6, lora), t.randn(6, rope), cache, slot_example(t, 6))
+    cache, scales = _latent_cache_example(t, static, 4, fill=False)
+    return (t.randn(6, lora), t.randn(6, rope), cache, slot_example(t, 6), *scales)
 
 
 def _latent_example(t, static, q_lens: list[int], ctx: list[int]):
     h, lora, rope, nope, v = _dims(static)
-    cache = t.randn(8, CHECK_BLOCK_SIZE, lora + rope)
+    cache, scales = _latent_cache_example(t, static, 8, fill=True)
     tables = t.randperm(8)[:6].view(2, 3).to(torch.int32)
     tokens = sum(q_lens)
     return (t.randn(tokens, h, nope), t.randn(tokens, h, rope), cache, t.randn(h * (nope + v), lora, scale=lora**-0.5),
-            tables, t.tensor(ctx, torch.int32))
+            tables, t.tensor(ctx, torch.int32)), scales
 
 
 def _decode_example(t, static):
-    q_nope, q_pe, cache, w, tables, lens = _latent_example(t, static, [1, 1], [40, 7])
-    return (q_nope, q_pe, cache, w, tables, lens, 0.1, 40)
+    (q_nope, q_pe, cache, w, tables, lens), scales = _latent_example(t, static, [1, 1], [40, 7])
+    return (q_nope, q_pe, cache, w, tables, lens, 0.1, 40, *scales)
 
 
 def _prefill_example(t, static):
-    q_nope, q_pe, cache, w, tables, lens = _latent_example(t, static, [1, 5], [23, 40])
-    return (q_nope, q_pe, cache, w, tables, t.tensor([0, 1, 6], torch.int32), lens, 0.1, 5, 40)
+    (q_nope, q_pe, cache, w, tables, lens), scales = _latent_example(t, static, [1, 5], [23, 40])
+    return (q_nope, q_pe, cache, w, tables, t.tensor([0, 1, 6], torch.int32), lens, 0.1, 5, 40, *scales)
 
 
 def _out_like(q_nope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor:
@@ -84,23 +106,30 @@ def split_kv_b(w_kv_b: torch.Tensor, num_heads: int, nope_dim: int) -> tuple[tor
 # Boolean-mask indexing (padding slots skipped): a data-dependent shape, so no capture, a custom op under compile.
 @register("mla_cache_write", "torch", cuda_graph=False, traceable=False)
 def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Write kv_c [T, L] and k_pe [T, R] into kv_cache [blocks, block_size, L + R]; slots < 0 are skipped."""
+                    slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None) -> None:
+    """Write kv_c [T, L] and k_pe [T, R] into kv_cache [blocks, block_size, L + R]; slots < 0 are skipped.
+    An FP8 cache stores fp8(clamp(row / kv_scale)) (module docstring)."""
     keep = slot_mapping >= 0
-    rows = torch.cat((kv_c, k_pe), dim=-1)[keep].to(kv_cache.dtype)
-    kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping[keep].long(), rows)
+    rows = to_cache_dtype(torch.cat((kv_c, k_pe), dim=-1)[keep], kv_cache.dtype, kv_scale)
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    if kv_cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+        flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+    flat.index_copy_(0, slot_mapping[keep].long(), rows)
 
 
 def _gather_latent(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sequence's latent rows, padded: (latent [B, max_l, L + R] float32, key positions [max_l],
-    valid [B, max_l]). Padding rows are zero (a torch.empty cache may hold NaN there)."""
+                   max_seq_len: int, kv_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's latent rows, padded: (latent [B, max_l, L + R] float32 (an FP8 cache's dequantized
+    with kv_scale), key positions [max_l], valid [B, max_l]). Padding rows are zero (a torch.empty cache may
+    hold NaN there)."""
     block_size = kv_cache.shape[1]
     pos = torch.arange(max_seq_len, device=kv_cache.device)
     blocks = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)]
     valid = pos[None, :] < seq_lens.long()[:, None]
     slots = torch.where(valid, blocks * block_size + pos % block_size, 0)
-    latent = kv_cache.view(-1, kv_cache.shape[-1])[slots].float().masked_fill(~valid[..., None], 0.0)
+    rows = kv_cache.view(-1, kv_cache.shape[-1])[slots]
+    latent = from_cache(rows, kv_scale).masked_fill(~valid[..., None], 0.0)
     return latent, pos, valid
 
 
@@ -114,17 +143,19 @@ def mla_decode(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence (token b belongs to sequence b), absorbed form.
     q_nope [B, H, P], q_pe [B, H, R] -> out [B, H, V]. A sequence of length 0 (batch padding) gives zeros.
-    Without max_seq_len the whole block table is read (no host sync: capturable)."""
+    Without max_seq_len the whole block table is read (no host sync: capturable). An FP8 cache is read as
+    entry * kv_scale."""
     num_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
     lora = kv_cache.shape[-1] - q_pe.shape[-1]
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * kv_cache.shape[1]
     w_uk, w_uv = split_kv_b(w_kv_b, num_heads, nope_dim)
     q_lat = torch.einsum("bhp,hpl->bhl", q_nope.float(), w_uk.float())
-    latent, _, valid = _gather_latent(kv_cache, block_tables, seq_lens, max_seq_len)
+    latent, _, valid = _gather_latent(kv_cache, block_tables, seq_lens, max_seq_len, kv_scale)
     kv_c, k_pe = latent[..., :lora], latent[..., lora:]
     scores = (torch.einsum("bhl,bkl->bhk", q_lat, kv_c) + torch.einsum("bhr,bkr->bhk", q_pe.float(), k_pe)) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
@@ -146,17 +177,19 @@ def mla_prefill(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal MLA, expanded form: sequence b's queries q[qsl[b]:qsl[b+1]] are the last tokens of its
     seq_lens[b] cached tokens (their own latent rows already written), so they see the cached prefix and
-    each other causally. q_nope [T, H, P], q_pe [T, H, R] -> out [T, H, V]."""
+    each other causally. q_nope [T, H, P], q_pe [T, H, R] -> out [T, H, V]. An FP8 cache is read as
+    entry * kv_scale."""
     num_tokens, num_heads, nope_dim = q_nope.shape
     lora = kv_cache.shape[-1] - q_pe.shape[-1]
     qsl = query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
     max_q = int(max_query_len if max_query_len is not None else q_lens.max())
     max_l = int(max_seq_len if max_seq_len is not None else seq_lens.max())
-    latent, pos, valid = _gather_latent(kv_cache, block_tables, seq_lens, max_l)
+    latent, pos, valid = _gather_latent(kv_cache, block_tables, seq_lens, max_l, kv_scale)
     kv_c, k_pe = latent[..., :lora], latent[..., lora:]
     w_uk, w_uv = split_kv_b(w_kv_b, num_heads, nope_dim)
     k_nope = torch.einsum("bkl,hpl->bkhp", kv_c, w_uk.float())

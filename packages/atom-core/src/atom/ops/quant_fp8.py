@@ -174,7 +174,7 @@ define_op("fp8_quantize_weight", custom_op=False,
                                      for scheme in ("block", "channel", "tensor")])
 define_op("fp8_linear", example=_linear_example,
           fake=lambda x, weight, *args, **kwargs: x.new_empty(*x.shape[:-1], weight.shape[0]))
-define_op("fp8_fused_experts", example=_experts_example,
+define_op("fp8_fused_experts", example=_experts_example, weight_args=("w13", "w2"),
           fake=lambda x, w13, w2, *args, **kwargs: x.new_empty(x.shape[0], w2.shape[1]))
 
 

@@ -17,10 +17,14 @@ Where the scales live (per layer, after loading):
   per-channel scales stay [N, 1]. All scales are float32.
 - MoE experts: w13 [E, 2I, H] and w2 [E, H, I] fp8 with w13_<suffix> / w2_<suffix> scales: block
   [E, 2 ceil(I/bn), ceil(H/bk)] (gate's block rows, then up's) and [E, ceil(H/bn), ceil(I/bk)], or per
-  channel [E, 2I, 1] / [E, H, 1] (per-tensor and online experts are stored in the channel form).
+  channel [E, 2I, 1] / [E, H, 1] (per-tensor and online experts are stored in the channel form). An
+  fp8_fused_experts implementation that reads its own weight layout (AITER's (16, 16)-shuffled tiles:
+  Impl.prepare_weights) gets w13 / w2 converted once after loading, in place of the checkpoint layout.
 Modules the checkpoint keeps in float (`ignored_layers`, `modules_to_not_convert`, compressed-tensors
 `ignore`; lm_head, embeddings, norms and MoE routers are never built with a scheme) get the unquantized
-methods. On AMD MI300 (e4m3fnuz) e4m3fn checkpoint weights are converted (scales doubled, exact).
+methods. On AMD MI300 (e4m3fnuz) e4m3fn checkpoint weights are converted (scales doubled, exact), for
+every backend (the kernels read the GPU's own FP8 type); layers resolve their kernels with that type in
+`static["fp8_dtype"]`, so self-checks quantize their inputs the same way and guards can refuse it.
 
 The forward is the op registry's `fp8_linear` / `fp8_fused_experts` (Triton on GPUs, the torch reference
 on CPU). On CPU the reference dequantizes the whole weight on every call; the linear method keeps the
@@ -157,7 +161,7 @@ class Fp8LinearMethod(LinearMethod):
             s.weight_loader = _ScaleLoader(layer, self, "channel_scale")
         self.linear = resolve("fp8_linear", static={
             "block_size": tuple(self.block_size) if self.block_size else None, "output_size": n,
-            "input_size": input_size})
+            "input_size": input_size, "fp8_dtype": self.fp8_dtype})
 
     def _check_shards_loaded(self, layer: nn.Module) -> None:
         if not self.loaded or len(self.output_sizes) == 1:
@@ -185,7 +189,8 @@ class Fp8LinearMethod(LinearMethod):
                 scale = self._row_expanded(scale)
                 self.block_size = [1, self.block_size[1]]
                 self.linear = resolve("fp8_linear", static={"block_size": tuple(self.block_size),
-                                                            "output_size": q.shape[0], "input_size": q.shape[1]})
+                                                            "output_size": q.shape[0], "input_size": q.shape[1],
+                                                            "fp8_dtype": self.fp8_dtype})
             if self.fp8_dtype == torch.float8_e4m3fnuz:
                 q, scale = e4m3fn_to_e4m3fnuz(q, scale)
         for name in ("weight", self.scale_name):
@@ -275,7 +280,7 @@ class Fp8MoEMethod(MoEMethod):
             b = new_param(layer, s2, (e, h, 1), torch.float32)
             a.weight_loader = b.weight_loader = _ScaleLoader(layer, self, "channel_scale")
         static = {"activation": layer.activation, "hidden_size": h, "intermediate_size": i,
-                  "block_size": tuple(self.block_size) if self.block_size else None}
+                  "block_size": tuple(self.block_size) if self.block_size else None, "fp8_dtype": self.fp8_dtype}
         if getattr(layer, "ep_size", 1) > 1:  # an implementation that cannot skip id -1 refuses it (atom.ops.moe)
             static["expert_parallel"] = True
         self.experts = resolve("fp8_fused_experts", static=static)
@@ -310,6 +315,9 @@ class Fp8MoEMethod(MoEMethod):
             if self.fp8_dtype == torch.float8_e4m3fnuz:
                 w13, s13 = e4m3fn_to_e4m3fnuz(w13, s13)
                 w2, s2 = e4m3fn_to_e4m3fnuz(w2, s2)
+        prepare = impl_of(self.experts).prepare_weights
+        if prepare is not None:  # the kernel's own layout (AITER's shuffled tiles), instead of the checkpoint's
+            w13, w2 = prepare(w13, w2)
         for name in ("w13", "w2", f"w13_{self.suffix}", f"w2_{self.suffix}"):
             if hasattr(layer, name):
                 delattr(layer, name)

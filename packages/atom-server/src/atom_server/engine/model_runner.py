@@ -12,8 +12,10 @@ The CPU path is PyTorch, its forward compiled (cpu_compile.py) unless enforce_ea
 kernels (chosen by atom's op registry), memory sizing
 from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
-async scheduling). ATOM_DECODE_GRAPHS=static runs decode batches through the graphs' buffers without
-capturing them, on any device (tests of the graph input plumbing on CPU).
+async scheduling). With speculative decoding, verify batches (K + 1 tokens a row) replay graphs too, and so
+does the MTP drafter (mtp_graphs.py); `_graph_q` picks the path of each step. ATOM_DECODE_GRAPHS=static runs
+those batches through the graphs' buffers without capturing them, on any device (tests of the graph input
+plumbing on CPU).
 
 Under tensor parallelism (executor.py, worker.py) every rank runs a runner on its shard of the model, from
 the same StepInputs, taking the same path through each step (the collectives inside the model must line
@@ -45,12 +47,13 @@ from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_po
 from atom_server.engine import cpu_compile
 from atom_server.engine.block_tables import BlockTables, positions_of
 from atom_server.engine.cpu_compile import CompiledForward
-from atom_server.engine.cuda_graphs import DecodeGraphs
+from atom_server.engine.cuda_graphs import DecodeGraphs, verify_capture_sizes
 from atom_server.engine.mtp_drafter import MTPDrafter
+from atom_server.engine.mtp_graphs import MTPGraphs
 from atom_server.engine.scheduler import ScheduledBatch
 from atom_server.engine.sequence import Sequence
-from atom_server.engine.rejection_sampler import (draw, synthetic_accepted, target_probs, verify_greedy,
-                                                  verify_sampled)
+from atom_server.engine.rejection_sampler import (accept_greedy, draw, synthetic_accepted, target_probs,
+                                                  verify_greedy, verify_sampled)
 from atom_server.engine.speculative import SpeculativeConfig
 from atom_server.engine.step_input import Penalties, SamplingInputs, StepInput, is_greedy_decode, subset_sampling
 
@@ -95,6 +98,14 @@ class DecodeLaunch:
     seqs: list[Sequence]
     rows: dict[int, int]  # seq id -> row of the replay (where the next step finds its token)
     ticket: int
+
+
+def _graph_mode() -> str:
+    """ATOM_DECODE_GRAPHS: auto (capture on CUDA), off, or static (the graphs' buffers without capture; tests)."""
+    mode = os.environ.get("ATOM_DECODE_GRAPHS", "auto")
+    if mode not in ("auto", "off", "static"):
+        raise ValueError(f"ATOM_DECODE_GRAPHS must be auto, off or static, got {mode!r}")
+    return mode
 
 
 def _host_memory_bytes() -> int:
@@ -160,6 +171,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.enforce_eager = enforce_eager
         laps: dict[str, float] = {}
         self.model, self.config = load_model(model_path, dtype=dtype, device=device, load_format=load_format,
                                              max_positions=max_model_len, config=config,
@@ -224,27 +236,24 @@ class ModelRunner:
         self.drafter = MTPDrafter(self, speculative.k) if mtp else None
         # benchmarks (forced acceptance): its own stream, so request draws are untouched
         self._synthetic_generator = torch.Generator().manual_seed(seed)
-        self.graphs = None
-        mode = os.environ.get("ATOM_DECODE_GRAPHS", "auto")
-        if mode not in ("auto", "off", "static"):
-            raise ValueError(f"ATOM_DECODE_GRAPHS must be auto, off or static, got {mode!r}")
+        self.graphs: DecodeGraphs | None = None
+        self.mtp_graphs: MTPGraphs | None = None
+        self.eager_steps = 0  # steps run eager (the graphs count their replays: graphs.replays)
+        mode = _graph_mode()
         if mode == "static":  # the graphs' input plumbing without capture (any device; tests)
-            self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
-                                       block_size, capture=False, windowed=self.kv_window is not None)
-        elif device.type == "cuda" and not enforce_eager and mode != "off":
-            if mtp:  # every step runs eager (execute): the drafter reads hidden states the graphs do not keep
-                logger.info("CUDA graphs off: the MTP drafter reads the target's hidden states at every position")
-            elif blockers := cuda_graph_blockers(self.model):
+            self._build_graphs(capture=False)
+        elif self._captures_graphs():
+            if blockers := cuda_graph_blockers(self.model):
                 logger.info("CUDA graphs off: %s cannot be captured", ", ".join(blockers))
             else:
                 try:
-                    self.graphs = DecodeGraphs(self.model, self.attn_builder, device, max_num_seqs, max_model_len,
-                                               block_size, windowed=self.kv_window is not None)
+                    self._build_graphs(capture=True)
                 except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail
                     if self.tp_size > 1:  # every rank must take the same path through a step
                         raise RuntimeError(f"CUDA graph capture failed on a tensor-parallel rank ({e}); "
                                            "run with --enforce-eager") from e
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
+                    self.graphs = self.mtp_graphs = None
                     torch.cuda.synchronize()
         if device.type != "cpu":
             startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
@@ -275,6 +284,34 @@ class ModelRunner:
         logger.info("CPU forward compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
                     seconds)
         return f"forward in {seconds:.1f} s"
+
+    def _captures_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.enforce_eager and _graph_mode() == "auto"
+
+    def _build_graphs(self, capture: bool) -> None:
+        """Decode graphs; with speculation also verify graphs (K + 1 tokens a row); with the MTP drafter the target
+        graphs keep their hidden states and the drafter gets graphs of its own (mtp_graphs.py). Under MTP the decode
+        graphs take the verify graphs' coarser batch sizes (the drafter's first pass follows either kind at the same
+        size; decode steps are rare there: only when no row of the batch has drafts)."""
+        spec = self.speculative
+        self.graphs = DecodeGraphs(
+            self.model, self.attn_builder, self.device, self.max_num_seqs, self.max_model_len, self.block_size,
+            capture=capture, windowed=self.kv_window is not None, verify_q=spec.k + 1 if spec is not None else None,
+            keep_hidden=self.drafter is not None,
+            sizes=verify_capture_sizes(self.max_num_seqs) if self.drafter is not None else None)
+        if self.drafter is not None:
+            self.mtp_graphs = MTPGraphs(self.model, self.graphs, spec.k)
+
+    def spec_graph_bytes(self) -> int:
+        """Device memory the speculative graphs hold beyond the decode graphs': the verify logits (the shared
+        output buffer and the captured LM head's own, at the largest verify size) and the hidden states the MTP
+        graphs keep (target, first pass, the captured forward's)."""
+        spec = self.speculative
+        if spec is None:
+            return 0
+        entries = verify_capture_sizes(self.max_num_seqs)[-1] * (spec.k + 1)
+        hidden = 3 * int(self.config.hidden_size) if spec.is_mtp else 0
+        return entries * (2 * self.vocab_size + hidden) * max(self.dtype.itemsize, 2)  # (8-bit weights: bf16 out)
 
     # ---- memory sizing -------------------------------------------------------------------------
     def _kv_window(self) -> int | None:
@@ -337,7 +374,11 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         other = total - free - torch.cuda.memory_reserved()  # other processes, NCCL, CUDA context
-        budget = int(total * utilization) - peak - max(other, 0)
+        graphs = self.spec_graph_bytes() if self._captures_graphs() else 0
+        if graphs:
+            logger.info("KV cache budget: %.2f GiB held back for the speculative CUDA graphs' logits and hidden "
+                        "states", graphs / GiB)
+        budget = int(total * utilization) - peak - max(other, 0) - graphs
         if budget <= 0:
             raise ValueError(f"gpu_memory_utilization={utilization}: no memory left for the KV cache "
                              f"(peak activations {peak / GiB:.2f} GiB of {total / GiB:.2f} GiB)")
@@ -360,12 +401,11 @@ class ModelRunner:
         rows = self._begin(step)
         if not step.seq_ids:  # nothing to run: the step only releases finished sequences (flush)
             return []
-        # The MTP drafter reads the target's hidden states at every position of the step, which the decode graphs
-        # do not keep: with MTP every step runs eager. A step with drafts (K + 1 tokens per row) is not a decode
-        # step (is_decode), so n-gram verify steps run eager too; n-gram steps without drafts replay the graphs.
-        if (self.graphs is not None and self.drafter is None and step.is_decode
-                and self.graphs.can_run(step.num_rows)):
+        q = self._graph_q(step)
+        if q == 1:
             return self._execute_decode_graph(step, rows)
+        if q is not None:
+            return self._execute_verify_graph(step, rows)
         if self.compiled is not None and step.is_decode:
             return self._execute_compiled_decode(step, rows)
         return self._execute_eager(step, rows)
@@ -385,17 +425,76 @@ class ModelRunner:
         self._sample_plain(logits, step, list(range(step.num_rows)), results)
         return results
 
+    def _graph_q(self, step: StepInput) -> int | None:
+        """Which graph runs a step: 1 (a decode graph: every row computes one token and samples), the verify graphs'
+        q = K + 1 (every row samples and computes its last token plus d <= K drafts, padded in front to q, which
+        needs seq_len >= q), or None (eager: prefill chunks, prompt logprobs, a batch over the largest size)."""
+        g = self.graphs
+        if g is None:
+            return None
+        n = step.num_rows
+        if step.is_decode:
+            return 1 if g.can_run(n) else None
+        q = g.verify_q
+        if not q or step.num_drafts is None or step.sample_rows is not None or step.prompt_logprobs \
+                or n > g.max_verify_bs or min(step.seq_lens) < q:
+            return None
+        q_lens = np.diff(step.query_start_loc)
+        return q if np.array_equal(q_lens, np.asarray(step.num_drafts) + 1) else None
+
     def _execute_decode_graph(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
         g = self.graphs
         n = step.num_rows
-        logits, greedy = g.replay(g.prepare(step, self.tables, rows), n)
+        bs = g.prepare(step, self.tables, rows)
+        logits, greedy = g.replay(bs, n)
         if not self.samples:
             return []
         if step.sampling is None:
             ticket = g.fetch_tokens(greedy, n)
-            return [RowResult(t) for t in g.tokens_list(ticket, n)]
-        tokens, lps = self._sample_rows(logits[:n].float(), step.sampling, step.seq_ids)
-        return [RowResult(t, lp) for t, lp in zip(tokens, lps)]
+            results = [RowResult(t) for t in g.tokens_list(ticket, n)]
+        else:
+            tokens, lps = self._sample_rows(logits[:n].float(), step.sampling, step.seq_ids)
+            results = [RowResult(t, lp) for t, lp in zip(tokens, lps)]
+        if self.drafter is not None:
+            self._draft_after_graph(step, rows, bs, 1, np.arange(n), {i: i for i in range(n)}, results)
+        return results
+
+    def _execute_verify_graph(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
+        """A step with drafts on the verify graphs: the logits (or, all rows plain greedy, the argmax) of every
+        row's k + 1 positions, verified as in an eager step."""
+        g = self.graphs
+        n = step.num_rows
+        bs, entries = g.prepare_verify(step, self.tables, rows)
+        logits, best = g.replay_verify(bs, n)
+        if not self.samples:
+            return []
+        results = [RowResult() for _ in range(n)]
+        ids = np.asarray(step.token_ids, dtype=np.int64)
+        last = np.asarray(step.query_start_loc[1:], dtype=np.int64) - 1
+        index = torch.from_numpy(entries).to(self.device)
+        every_row = list(range(n))
+        if step.sampling is None:
+            self._sample_speculative(None, step, every_row, ids, last, results, best=best[index].tolist())
+        else:
+            self._sample_speculative(logits[index].float(), step, every_row, ids, last, results)
+        if self.drafter is not None:
+            stops = {i: int(last[i]) - step.drafts_of(i) + len(results[i].spec_token_ids or ()) for i in every_row}
+            self._draft_after_graph(step, rows, bs, g.verify_q, entries, stops, results)
+        return results
+
+    def _draft_after_graph(self, step: StepInput, rows: np.ndarray, bs: int, q: int, entries: np.ndarray,
+                           stops: dict[int, int], results: list[RowResult]) -> None:
+        """The MTP drafter after a step on the target's graphs: on its own graphs when every drafting row is
+        greedy, else eager over the graph's hidden states (entries: the graph entry of each of the step's tokens)."""
+        if self.drafter.greedy_drafts(step):
+            self.drafter.propose_on_graphs(self.mtp_graphs, step, rows, bs, q, entries, stops, results)
+            return
+        qsl, seq_lens, positions = positions_of(step)
+        token_rows = rows if step.num_tokens == step.num_rows else np.repeat(rows, np.diff(qsl))
+        slots = self.tables.slots(token_rows, positions)
+        hidden = self.graphs.hidden_out[torch.from_numpy(entries).to(self.device)]
+        self.drafter.propose(step, np.asarray(step.token_ids, dtype=np.int64), positions, slots, qsl, seq_lens, rows,
+                             hidden, stops, results)
 
     # ---- async decode: launch now, read the tokens one step later ---------------------------------
     def can_launch_async(self, batch: ScheduledBatch) -> bool:
@@ -430,6 +529,7 @@ class ModelRunner:
         return tables, sorted(self._generators), window
 
     def _execute_eager(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
+        self.eager_steps += 1
         qsl, seq_lens, positions = positions_of(step)
         token_rows = rows if step.num_tokens == step.num_rows else np.repeat(rows, np.diff(qsl))
         slots = self.tables.slots(token_rows, positions)
@@ -470,16 +570,21 @@ class ModelRunner:
             results[i].token_id = tokens[j]
             results[i].logprobs = lps[j]
 
-    def _sample_speculative(self, logits: torch.Tensor, step: StepInput, sample_rows: list[int], ids: np.ndarray,
-                            last: np.ndarray, results: list[RowResult]) -> None:
+    def _sample_speculative(self, logits: torch.Tensor | None, step: StepInput, sample_rows: list[int],
+                            ids: np.ndarray, last: np.ndarray, results: list[RowResult],
+                            best: list[int] | None = None) -> None:
         """Sampled rows of a step with drafts: logits hold each row's k + 1 positions, row after row. Rows
         without drafts sample as usual (penalties, bans: such rows never get drafts); the others keep what
-        verification accepts (rejection_sampler.py) plus one token of their own."""
+        verification accepts (rejection_sampler.py) plus one token of their own. best: the argmax of each of
+        those positions instead of the logits, when every row is plain greedy (step.sampling is None)."""
         sampling = step.sampling
         counts = [step.num_drafts[i] for i in sample_rows]
         starts = np.concatenate([[0], np.cumsum(np.asarray(counts) + 1)])
         plain = [j for j, k in enumerate(counts) if k == 0]
-        if plain:
+        if plain and best is not None:
+            for j in plain:
+                results[sample_rows[j]].token_id = best[starts[j]]
+        elif plain:
             index = torch.tensor(starts[plain], device=logits.device)
             sub = subset_sampling(sampling, plain)
             tokens, lps = self._sample_rows(logits[index], sub, [step.seq_ids[sample_rows[j]] for j in plain])
@@ -491,25 +596,37 @@ class ModelRunner:
             return
         drafts = [ids[last[sample_rows[j]] - counts[j] + 1:last[sample_rows[j]] + 1].tolist() for j in spec]
         pos = [int(starts[j]) + m for j in spec for m in range(counts[j] + 1)]  # rows of logits, row after row
-        row_logits = logits[torch.tensor(pos, device=logits.device)]
+        row_logits = row_best = None
+        if best is None:
+            row_logits = logits[torch.tensor(pos, device=logits.device)]
+        else:
+            row_best = [best[p] for p in pos]
         greedy = [sampling is None or sampling.temperature[j] <= 1e-5 for j in spec]
         emitted: list[list[int]] = [[] for _ in spec]
         synthetic = self.speculative is not None and self.speculative.synthetic
+        offs = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
         if synthetic:
             accepted = synthetic_accepted(self.speculative.synthetic_acceptance_rates, [len(d) for d in drafts],
                                           self._synthetic_generator)
             stop_pos = [sum(len(d) + 1 for d in drafts[:m]) + a for m, a in enumerate(accepted)]
-            own = self._own_tokens(row_logits[torch.tensor(stop_pos, device=logits.device)], step, sample_rows,
-                                   spec, greedy)
+            if row_best is not None:
+                own = [row_best[p] for p in stop_pos]
+            else:
+                own = self._own_tokens(row_logits[torch.tensor(stop_pos, device=logits.device)], step, sample_rows,
+                                       spec, greedy)
             emitted = [d[:a] + [t] for d, a, t in zip(drafts, accepted, own)]
         else:
-            offs = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
             for flag in (True, False):
                 group = [m for m, g in enumerate(greedy) if g == flag]
                 if not group:
                     continue
-                index = torch.tensor([t for m in group for t in range(offs[m], offs[m + 1])], device=logits.device)
                 sub_drafts = [drafts[m] for m in group]
+                if flag and row_best is not None:
+                    verdict = accept_greedy([row_best[offs[m]:offs[m + 1]] for m in group], sub_drafts)
+                    for m, toks in zip(group, verdict.tokens):
+                        emitted[m] = toks
+                    continue
+                index = torch.tensor([t for m in group for t in range(offs[m], offs[m + 1])], device=logits.device)
                 if flag:
                     verdict = verify_greedy(row_logits[index], sub_drafts)
                 else:
@@ -523,7 +640,6 @@ class ModelRunner:
                 for m, toks in zip(group, verdict.tokens):
                     emitted[m] = toks
         want_lp = sampling.logprobs if sampling is not None else None
-        offs = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
         for m, j in enumerate(spec):
             res = results[sample_rows[j]]
             toks = emitted[m]

@@ -14,10 +14,16 @@ Each step, after the target's forward and verification:
 2. Draft 1 = the MTP's prediction at each drafting row's stop; drafts 2..K: the MTP again, one token per row at
    the next position, reading the previous draft and the previous MTP output (vLLM reuses its one MTP layer the
    same way when K exceeds num_nextn_predict_layers). These write the MTP cache at positions the next step's
-   first pass rewrites. A row drafts only as far as its block table reaches (the scheduler's lookahead slots).
+   first pass rewrites. A row drafts only as far as its block table reaches (the scheduler's lookahead slots)
+   and max_model_len allows (the rope table's end; the engine keeps no draft past it anyway).
 Greedy rows draft the argmax; sampled rows draw from the MTP head's distribution under their own sampling
 parameters (and generator), and that distribution is kept (rank 0, with the rest of sampling) for the
 rejection sampler of the next step.
+
+After a step on the target's CUDA graphs (decode or verify), `propose_on_graphs` does the same on the MTP graphs
+(mtp_graphs.py): the first pass over the target graph's entries, then the K draft steps of every row at once,
+when every drafting row is greedy; a step with a sampled drafting row runs `propose` (eager) on the graph's
+hidden states.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from atom_server.engine.block_tables import positions_of
 from atom_server.engine.rejection_sampler import draw, target_probs
 from atom_server.engine.step_input import StepInput, subset_sampling
 
 if TYPE_CHECKING:
     from atom_server.engine.model_runner import ModelRunner, RowResult
+    from atom_server.engine.mtp_graphs import MTPGraphs
 
 
 class MTPDrafter:
@@ -55,6 +63,11 @@ class MTPDrafter:
 
     def _layer(self, ids: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor | None) -> torch.Tensor:
         return self.model.mtp_forward(ids, positions, prev_hidden)
+
+    def _capacity(self, table_rows: np.ndarray) -> np.ndarray:
+        """Positions each row's draft steps may use: its block table's slots, within max_model_len."""
+        r = self.runner
+        return np.minimum(r.tables.num_blocks[table_rows] * r.block_size, r.max_model_len)
 
     def first_pass_ids(self, step: StepInput, ids: np.ndarray, qsl: np.ndarray, stops: dict[int, int],
                        results: list[RowResult]) -> np.ndarray:
@@ -93,7 +106,7 @@ class MTPDrafter:
         h = h[torch.from_numpy(index).to(dev)]
         pos = positions[index]
         table_rows = rows[draft_rows]
-        capacity = r.tables.num_blocks[table_rows] * r.block_size
+        capacity = self._capacity(table_rows)
         limit = np.minimum(self.k, capacity - pos)  # draft j >= 2 is read at position pos + j - 1 < capacity
         n = len(draft_rows)
         drafts: list[list[int]] = []
@@ -127,3 +140,45 @@ class MTPDrafter:
         for sid in seq_ids:
             self._draft_probs.pop(sid, None)
         self._draft_probs.update(kept)
+
+    def greedy_drafts(self, step: StepInput) -> bool:
+        """Every row that drafts this step drafts the argmax (what the MTP graphs compute)."""
+        sampling = step.sampling
+        if sampling is None:
+            return True
+        sampled_pos = {row: j for j, row in enumerate(step.sampled_rows())}
+        return all(sampling.temperature[sampled_pos[i]] <= 1e-5 for i in step.draft_rows or [] if i in sampled_pos)
+
+    def propose_on_graphs(self, graphs: MTPGraphs, step: StepInput, rows: np.ndarray, bs: int, q: int,
+                          entries: np.ndarray, stops: dict[int, int], results: list[RowResult]) -> None:
+        """propose() after a step on the target's graph of size bs and q tokens per row (every row sampled, every
+        drafting row greedy): entries, the graph entry of each of the step's tokens; stops, as propose()."""
+        r = self.runner
+        n = step.num_rows
+        ids = np.asarray(step.token_ids, dtype=np.int64)
+        qsl, _, positions = positions_of(step)
+        nxt = np.zeros(bs * q, dtype=np.int64)
+        nxt[entries] = self.first_pass_ids(step, ids, qsl, stops, results)
+        draft_rows = [i for i in (step.draft_rows or []) if i in stops]
+        if not draft_rows:
+            graphs.prepare(n, nxt)
+            graphs.replay_first_pass(bs, q, n)
+            return
+        stop_flat = np.asarray([stops[i] for i in range(n)], dtype=np.int64)
+        pos = positions[stop_flat]
+        capacity = self._capacity(rows)
+        limit = np.minimum(self.k, capacity - pos)
+        # draft step j (1..K-1) reads the previous draft at pos + j; past a row's slots it runs on writing nowhere
+        ahead = pos[None, :] + np.arange(1, self.k, dtype=np.int64)[:, None]  # [K - 1, n]
+        inside = ahead < capacity[None, :]
+        at = np.minimum(ahead, capacity[None, :] - 1)
+        slots = np.where(inside, r.tables.slots(np.broadcast_to(rows, at.shape), at), -1)
+        drafting = np.zeros(n, dtype=bool)
+        drafting[draft_rows] = True
+        slots[:, ~drafting] = -1
+        graphs.prepare(n, nxt, entries[stop_flat], (at, slots, at + 1))
+        graphs.replay_first_pass(bs, q, n)
+        drafts = graphs.replay_drafts(bs, n)
+        for i in draft_rows:
+            results[i].draft_token_ids = drafts[i][:max(int(limit[i]), 0)]
+            self._draft_probs.pop(step.seq_ids[i], None)

@@ -88,15 +88,23 @@ def _uniform(shape: tuple[int, int], device, generators: list[torch.Generator | 
 
 def verify_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> Verdict:
     """logits [sum(k + 1), V] of the rows' positions, row after row; drafts: each row's k drafts."""
-    num = [len(d) for d in drafts]
-    index, valid = padded_index(num, logits.device)
-    best = logits.argmax(dim=-1)[index]  # [R, K + 1]
-    width = index.shape[1]
-    d = torch.tensor([r + [-1] * (width - 1 - len(r)) for r in drafts], dtype=torch.int64, device=logits.device)
-    match = (d == best[:, :-1]) & valid[:, 1:]
-    accepted = torch.cumprod(match.to(torch.int64), dim=1).sum(dim=1).tolist()
-    best = best.tolist()
-    return Verdict(accepted, [best[r][:a + 1] for r, a in enumerate(accepted)])
+    best = logits.argmax(dim=-1).tolist()
+    starts = [0]
+    for d in drafts:
+        starts.append(starts[-1] + len(d) + 1)
+    return accept_greedy([best[a:b] for a, b in zip(starts, starts[1:])], drafts)
+
+
+def accept_greedy(best: list[list[int]], drafts: list[list[int]]) -> Verdict:
+    """Greedy verification from the target's argmax at each row's k + 1 positions (best; a CUDA graph computes
+    them): a row keeps its drafts while each equals the argmax before it, then the argmax where it stops."""
+    accepted = []
+    for b, d in zip(best, drafts):
+        a = 0
+        while a < len(d) and d[a] == b[a]:
+            a += 1
+        accepted.append(a)
+    return Verdict(accepted, [b[:a + 1] for b, a in zip(best, accepted)])
 
 
 def verify_sampled(probs: torch.Tensor, drafts: list[list[int]], draft_probs: list[torch.Tensor | None],

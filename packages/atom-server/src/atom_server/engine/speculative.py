@@ -55,8 +55,8 @@ class SpeculativeConfig:
     @property
     def lookahead_slots(self) -> int:
         """KV slots a row that reaches the end of its tokens holds past its last token: K for the drafts the
-        next step verifies (a captured verify step always computes K + 1 positions per row), plus K - 1 for
-        the MTP's draft steps, which write its cache at the positions of the drafts they read."""
+        next step verifies, plus K - 1 for the MTP's draft steps, which write its cache at the positions of the
+        drafts they read. (A verify graph pads a row with fewer drafts in front, at positions it already holds.)"""
         return self.k + (self.k - 1 if self.is_mtp else 0)
 
     @classmethod
@@ -156,6 +156,12 @@ def _synthetic_rates(value: dict[str, Any], k: int) -> tuple[float, ...]:
         return tuple(float(r) for r in rates)
     if not isinstance(length, (int, float)) or isinstance(length, bool) or not 1 <= length <= k + 1:
         raise ValueError(f"speculative_config.synthetic_acceptance_length must be in [1, {k + 1}], got {length!r}")
+    return synthetic_rates_for_length(k, length)
+
+
+def synthetic_rates_for_length(k: int, length: float) -> tuple[float, ...]:
+    """The per-position rates of synthetic_acceptance_length (in [1, K + 1]): whole drafts always accepted, then
+    the fraction (the least-variance schedule)."""
     drafts = float(length) - 1
     whole = int(drafts)
     return tuple(([1.0] * whole + [drafts - whole] + [0.0] * k)[:k])

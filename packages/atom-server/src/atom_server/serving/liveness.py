@@ -1,8 +1,10 @@
 """Is the engine process alive and making progress? Judged in the API server from its heartbeats.
 
 Two signs of a stalled engine:
-- silence: no heartbeat for `silence_timeout_s` (a few seconds). Heartbeats come from a thread of their own,
-  so a busy engine still sends them; a stopped, frozen or swapped-out-for-good process does not.
+- silence: no heartbeat for `silence_timeout_s` (30 s). Heartbeats come from a thread of their own, so a busy
+  engine still sends them; a stopped, frozen or swapped-out-for-good process does not. The bound is generous
+  because a false alarm ends every request in flight: on an overloaded 2-core CI box a 5 s bound killed a
+  healthy engine whose heartbeat thread was starved (a process that exits is seen at once anyway).
 - a step that does not end: the heartbeat says a step has been running longer than the step bound, which is
   derived from the longest step seen so far (STEP_BOUND_FACTOR times it, never under a floor that covers a
   cold start), e.g. a GPU kernel that never finishes while the heartbeat thread still runs.
@@ -23,7 +25,7 @@ def _env_float(name: str, default: float) -> float:
 
 @dataclass
 class LivenessConfig:
-    silence_timeout_s: float = 5.0
+    silence_timeout_s: float = 30.0
     step_bound_floor_s: float = 30.0
 
     @classmethod

@@ -10,6 +10,11 @@ over several programs (flash-decoding) and merges their partial softmax states w
 merge kernel. Nothing reads device values on the host, and the grid depends only on the batch size,
 the head count and max_seq_len, so a padded decode batch replays in a CUDA graph.
 
+FP8 latent cache: the write quantizes each row to fp8(clamp(row / kv_scale)) (fp8_common.to_cache: the
+reference's rounding, emulated under the interpreter); the attention loads e4m3 rows, widens them to the
+query's dtype (exact) and folds kv_scale into the softmax scale (logits) and into the accumulator (values:
+the latent rows themselves), so a row is never dequantized element by element.
+
 Prefill in the absorbed form costs (L + R + L) / (P + R + V) times the attention FLOPs of the expanded
 form (3.4x at DeepSeek's shapes) but needs no K/V expansion of the cached prefix; the expanded form is
 the torch reference (atom.ops.mla.mla_prefill) and the oracle these kernels are tested against.
@@ -25,6 +30,7 @@ from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
 from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
+from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 
 # Heads stacked per program; rows per prefill program; keys per step; warps; pipeline depth. Module-level
 # so tools/device/kernel_bench.py can sweep them.
@@ -34,35 +40,58 @@ PREFILL_TILE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
 
 
 @triton.jit
-def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, lora, rope, block_size, c_stride_t,
-                            pe_stride_t, cache_stride_b, cache_stride_s,
-                            BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+def _latent_scale(scale_ptr, HAS_SCALE: tl.constexpr):
+    """The per-tensor latent scale as a [1] float32 tensor (1.0 without one)."""
+    if HAS_SCALE:
+        return tl.load(scale_ptr + tl.zeros([1], tl.int32)).to(tl.float32)
+    return tl.full([1], 1.0, tl.float32)
+
+
+@triton.jit
+def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, lora, rope, block_size,
+                            c_stride_t, pe_stride_t, cache_stride_b, cache_stride_s,
+                            BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, KV_FP8: tl.constexpr,
+                            HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+                            EMULATE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
     row = cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+    s = _latent_scale(scale_ptr, HAS_SCALE)
     lo = tl.arange(0, BLOCK_L)
     c = tl.load(kv_c_ptr + t * c_stride_t + lo, mask=lo < lora)
-    tl.store(row + lo, c.to(cache_ptr.dtype.element_ty), mask=lo < lora)
+    tl.store(row + lo, to_cache(c, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
+             mask=lo < lora)
     r = tl.arange(0, BLOCK_R)
     pe = tl.load(k_pe_ptr + t * pe_stride_t + r, mask=r < rope)
-    tl.store(row + lora + r, pe.to(cache_ptr.dtype.element_ty), mask=r < rope)
+    tl.store(row + lora + r, to_cache(pe, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
+             mask=r < rope)
+
+
+def _fp8_consts(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> dict:
+    """KV_FP8 / HAS_SCALE (+ the FP8 rounding constants) for a latent cache that may be FP8."""
+    consts = kv_cache_consts(kv_cache, kv_scale, None)
+    consts["HAS_SCALE"] = consts.pop("HAS_K_SCALE")
+    consts.pop("HAS_V_SCALE")
+    return consts
 
 
 @register("mla_cache_write", "triton")
 def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Write kv_c [T, L] and k_pe [T, R] into kv_cache [blocks, block_size, L + R]; slots < 0 are skipped."""
+                    slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None) -> None:
+    """Write kv_c [T, L] and k_pe [T, R] into kv_cache [blocks, block_size, L + R]; slots < 0 are skipped.
+    An FP8 cache stores fp8(clamp(row / kv_scale))."""
     num_tokens, lora = kv_c.shape
     rope = k_pe.shape[-1]
     if num_tokens == 0:
         return
     assert kv_c.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    consts = _fp8_consts(kv_cache, kv_scale)
     _mla_cache_write_kernel[(num_tokens,)](
-        kv_c, k_pe, kv_cache, slot_mapping, lora, rope, kv_cache.shape[1], kv_c.stride(0), k_pe.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), BLOCK_L=triton.next_power_of_2(lora),
-        BLOCK_R=triton.next_power_of_2(rope), num_warps=4)
+        kv_c, k_pe, kv_cache, slot_mapping, slot_mapping if kv_scale is None else kv_scale, lora, rope,
+        kv_cache.shape[1], kv_c.stride(0), k_pe.stride(0), kv_cache.stride(0), kv_cache.stride(1),
+        BLOCK_L=triton.next_power_of_2(lora), BLOCK_R=triton.next_power_of_2(rope), **consts, num_warps=4)
 
 
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
@@ -71,12 +100,13 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
 @triton.jit(do_not_specialize=["bt_stride"])
 def _mla_attention_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    scale, lora, rope, block_size, tokens_per_split, num_heads,
+    kv_scale_ptr, scale, lora, rope, block_size, tokens_per_split, num_heads,
     ql_stride_t, ql_stride_h, qp_stride_t, qp_stride_h, out_stride_t, out_stride_h, c_stride_b, c_stride_s,
     bt_stride,
     HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -122,6 +152,8 @@ def _mla_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_L], tl.float32)
+    if HAS_SCALE:  # an FP8 latent row is entry * kv_scale: the logits scale by it (the values below too)
+        scale = scale * tl.load(kv_scale_ptr).to(tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
@@ -134,6 +166,9 @@ def _mla_attention_kernel(
         if F32_DOT:
             c = c.to(tl.float32)
             pe = pe.to(tl.float32)
+        elif KV_FP8:  # e4m3 -> bf16/fp16 is exact
+            c = c.to(ql_ptr.dtype.element_ty)
+            pe = pe.to(ql_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")
             s += tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
@@ -153,6 +188,8 @@ def _mla_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
         m_i = m_new
 
+    if HAS_SCALE:  # the values are the latent rows, entry * kv_scale (linear: the split merge is unchanged)
+        acc = acc * tl.load(kv_scale_ptr).to(tl.float32)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + lc[None, :],
@@ -175,10 +212,12 @@ def mla_latent_attention(
     max_query_len: int,
     max_seq_len: int,
     num_splits: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the latent cache (the absorbed core): q_lat [T, H, L], q_pe [T, H, R] -> o_lat, a
     [T, H, L] view of an [H, T, L] tensor (what the W_UV batched GEMM reads). query_start_loc None: decode,
-    token b is sequence b's only query. num_splits is open to tests (forces the merge path)."""
+    token b is sequence b's only query. num_splits is open to tests (forces the merge path). An FP8 cache
+    is read as entry * kv_scale."""
     num_tokens, num_heads, lora = q_lat.shape
     rope = q_pe.shape[-1]
     batch = seq_lens.shape[0]
@@ -212,15 +251,18 @@ def mla_latent_attention(
     else:
         part_m = part_l = part_acc = out
     row_align = 16 if all(st % 16 == 0 for st in kv_cache.stride()[:2]) else 1
+    fp8 = _fp8_consts(kv_cache, kv_scale)
     grid = (batch, 1 if decode else triton.cdiv(max_query_len, block_q), head_tiles * num_splits)
     _mla_attention_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
-        part_m, part_l, part_acc, float(scale), lora, rope, kv_cache.shape[1], tokens_per_split, num_heads,
+        part_m, part_l, part_acc, seq_lens if kv_scale is None else kv_scale, float(scale), lora, rope,
+        kv_cache.shape[1], tokens_per_split, num_heads,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         HEADS=heads, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
         NUM_SPLITS=num_splits, DECODE=decode, F32_DOT=interpreting(), IEEE=dot_ieee(q_lat.dtype),
-        ROW_ALIGN=row_align, num_warps=tile["num_warps"], num_stages=num_stages,
+        ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], num_warps=tile["num_warps"],
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -230,24 +272,24 @@ def mla_latent_attention(
 
 
 def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale, max_query_len,
-              max_seq_len, num_splits=None) -> torch.Tensor:
+              max_seq_len, num_splits=None, kv_scale=None) -> torch.Tensor:
     num_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
     w_uk, w_uv = split_kv_b(w_kv_b, num_heads, nope_dim)
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)  # [T, H, L]
     o_lat = mla_latent_attention(q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, scale,
-                                 max_query_len, max_seq_len, num_splits)
+                                 max_query_len, max_seq_len, num_splits, kv_scale)
     out = torch.bmm(o_lat.transpose(0, 1), w_uv.to(o_lat.dtype).transpose(1, 2))  # [H, T, V]
     # [T, H, V] contiguous, as the op's contract says (its callers flatten the heads, which copies anyway)
     return out.transpose(0, 1).contiguous()
 
 
 def mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len=None,
-                    num_splits=None) -> torch.Tensor:
+                    num_splits=None, kv_scale=None) -> torch.Tensor:
     """`mla_decode` with the split count open to callers (tests force the merge path)."""
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * kv_cache.shape[1]
     return _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, None, seq_lens, scale, 1, max_seq_len,
-                     num_splits)
+                     num_splits, kv_scale)
 
 
 @register("mla_decode", "triton")
@@ -260,9 +302,11 @@ def mla_decode(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q_nope [B, H, P], q_pe [B, H, R] -> out [B, H, V]; one query per sequence."""
-    return mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len)
+    return mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len,
+                           kv_scale=kv_scale)
 
 
 @register("mla_prefill", "triton")
@@ -277,6 +321,7 @@ def mla_prefill(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal MLA over cached prefix + new tokens: q_nope [T, H, P], q_pe [T, H, R] -> [T, H, V]."""
     if max_query_len is None:
@@ -284,4 +329,4 @@ def mla_prefill(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     return _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale,
-                     max_query_len, max_seq_len)
+                     max_query_len, max_seq_len, kv_scale=kv_scale)

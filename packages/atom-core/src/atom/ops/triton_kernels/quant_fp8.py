@@ -1,6 +1,6 @@
-"""FP8 activation quantization and the FP8 GEMM (fp8 tl.dot, float32 accumulation) behind `fp8_linear`.
+"""FP8 activation quantization and the FP8 GEMM (fp8 tl.dot, float32 accumulation) and GEMV behind `fp8_linear`.
 
-Two weight layouts share one GEMM kernel:
+Two weight layouts share each kernel:
 - block scales (BLOCK_SCALES): W [N, K] with scales per [bn, bk] block and activations in 1 x bk groups.
   The K step is one group, so each step is one fp8 dot whose float32 result is multiplied by the
   group's activation scale and the block's weight scale before it joins the accumulator (DeepSeek-V3's
@@ -8,18 +8,20 @@ Two weight layouts share one GEMM kernel:
 - per-token activations x per-channel (or per-tensor: stride 0) weight scales: plain fp8 dots,
   promoted to float32 every K step (max_num_imprecise_acc), both scales applied once at the end.
 
-Activation quantization: at decode sizes (M <= FUSED_QUANT_MAX_M with block scales, FUSED_TOKEN_QUANT_MAX_M
-per token) the GEMM quantizes A itself while loading it (its prologue): with block scales each K step is
-one group, so the scale of a tile comes from that tile alone; per token, a first pass over the rows finds
-their absolute max. Every column-block program repeats this for its rows, which costs little at decode
-sizes (A is a few KB, read from L2) and saves the launch and the HBM round trip of a separate quantization
-kernel, a visible share of a decode step's small GEMMs (kernel_bench.py times both). Larger M (prefill)
-runs one quantization kernel first (A quantized once instead of once per column block, and read back as
-FP8: half the bytes) and feeds the fp8 A to the GEMM.
+Activation quantization is its own kernel before the GEMM, at every M: A is quantized once and read back as
+FP8 (half the bytes). A GEMM that quantized A itself while loading it (its prologue, every column-block program
+repeating it) was measured slower at every decode size on the H200 (kernel_bench.py, 2026-12-01: 8b o M1 39.5 us
+against 16.2 us with the separate kernel, down M1 102 against 28.5, M16 20.1 against 16.4), so it was removed.
 
 Decode tiles: BLOCK_M 16, and split-K over several programs when the column blocks alone cannot keep
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
 sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+
+M <= GEMV_MAX_M (0 until measured; the candidate is 4) runs a GEMV instead: a 16-row tl.dot tile for one row streamed the 8b weights at only
+~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [BLOCK_N, BLOCK_K] with wide K-contiguous
+loads, converts them to float32 and reduces them against each row with FMAs (tl.sum), the same scales at the
+same granularity as the tl.dot kernel, split-K through the same partial-sum kernel. It is off by default
+(GEMV_MAX_M = 0) until a device run shows it faster; kernel_bench.py compares the two.
 """
 
 from __future__ import annotations
@@ -121,12 +123,11 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
     k_per_split,
-    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """out = A W^T (scaled); A fp8 with scales, or float quantized here (QUANT_A); W [N, K] fp8."""
+    """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -145,36 +146,19 @@ def _fp8_gemm_kernel(
     m64 = m.to(tl.int64)
     n64 = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    fp8 = w_ptr.dtype.element_ty
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    sa = tl.zeros([BLOCK_M], tl.float32)
     if not BLOCK_SCALES:  # one activation scale per row, over all of K
-        if QUANT_A:
-            amax = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                a = tl.load(a_ptr + m64[:, None] * a_stride + (k0 + kk)[None, :],
-                            mask=m_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-            sa = dynamic_scale(amax, FP8_MAX, MIN_SCALE)
-        else:
-            sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
+        sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        if QUANT_A:
-            a = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            if BLOCK_SCALES:
-                sa = dynamic_scale(tl.max(tl.abs(a), axis=1), FP8_MAX, MIN_SCALE)
-            aq = quantize(a, sa[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE)
-        else:
-            aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=a_mask, other=0.0)
-            if BLOCK_SCALES:
-                sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+        aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_SCALES:
+            sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
         w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_SCALES:
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
@@ -209,11 +193,119 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.co
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# M up to which the GEMM quantizes its activations itself (module-level for sweeps and tests). Per token, every
-# program first reads its rows' whole K for their scale, so that stays at smaller M (at M = 16 and split-K 4 on
-# a 4096 x 4096 weight the re-reads would be twice the weight's bytes, from L2).
-FUSED_QUANT_MAX_M = 16
-FUSED_TOKEN_QUANT_MAX_M = 4
+# ---------------------------------------------------------------- GEMV (M <= GEMV_MAX_M)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
+    k_per_split,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
+):
+    """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
+
+    Each program owns BLOCK_N output columns and one K range; a K step loads a W tile [BLOCK_N, GROUPS, SUB_K]
+    (K contiguous: wide loads) as float32 and reduces it against each row's activations. With block scales SUB_K
+    is the scale block's K size, so every (row, column, K block) partial sum is multiplied by its activation
+    group scale and weight block scale before it is added, as the tl.dot kernel does; otherwise the two scales
+    are applied once at the end. The accumulator is [BLOCK_N, M_PAD] (rows along the second axis, so a row's
+    column sums join it without changing layout)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    n64 = n.to(tl.int64)
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, SUB_K)
+    kg = g[:, None] * SUB_K + j[None, :]  # [GROUPS, SUB_K]: offsets in one K step
+    rows = tl.arange(0, M_PAD)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    for k0 in range(k_lo, k_hi, GROUPS * SUB_K):
+        k = k0 + kg
+        k_ok = k < K
+        w = tl.load(w_ptr + n64[:, None, None] * w_stride + k[None, :, :],
+                    mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+        if BLOCK_SCALES:
+            kb = k0 // SUB_K + g  # the K blocks of this step
+            sw = tl.load(ws_ptr + (n64 // SCALE_BN)[:, None] * ws_stride_n + kb[None, :] * ws_stride_k,
+                         mask=n_ok[:, None] & (kb * SUB_K < K)[None, :], other=0.0)  # [BLOCK_N, GROUPS]
+        for r in tl.static_range(M_PAD):
+            a = tl.load(a_ptr + r * a_stride + k, mask=k_ok & (k * 0 + r < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * a[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+            if BLOCK_SCALES:
+                sa = tl.load(as_ptr + r * as_stride + kb, mask=(kb * SUB_K < K) & (kb * 0 + r < M),
+                             other=0.0)
+                part = part * (sa[None, :] * sw)
+            acc += tl.where(rows[None, :] == r, tl.sum(part, axis=1)[:, None], 0.0)
+    m_ok = rows < M
+    if not BLOCK_SCALES:
+        sa_rows = tl.load(as_ptr + rows * as_stride, mask=m_ok, other=0.0)
+        sw_cols = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
+        acc = acc * (sw_cols[:, None] * sa_rows[None, :])
+
+    mask = n_ok[:, None] & m_ok[None, :]
+    offs = rows.to(tl.int64)[None, :] * out_stride_m + n64[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
+
+
+# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM. 0 (the tl.dot GEMM at every M) until a
+# device run measures the GEMV faster: it was written without a GPU (kernel_bench.py compares the two with it
+# set to 4; KERNEL_NOTES.md has the rule for setting it).
+GEMV_MAX_M = 0
+GEMV_MAX_M_CANDIDATE = 4  # what kernel_bench.py and the tests set
+# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k (the rest as chosen below;
+# split_k derived from the overridden tile unless given).
+GEMV_TILE_OVERRIDE: dict | None = None
+
+
+def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
+    """The GEMV streams W once, so what matters is bytes in flight per SM. A K step of a [32, 512] fp8 tile is
+    16 KiB per program (64 B a thread at 8 warps: four 16-byte loads, 64 float32 registers after the
+    conversion); ~2 programs per SM keep ~32 KiB in flight, about what HBM3e's latency-bandwidth product needs
+    per SM. 32 columns per program give 128-768 programs on the 8b shapes (N 4096-24576); where that is under
+    ~2 per SM, K is split (powers of two, at least two K steps per split; o and down: 2, qkv: 2, gate_up: 1)
+    and the partials added in order. block_k is a multiple of the scale block (sub_k), so every K step holds
+    whole scale blocks. Unmeasured as written: kernel_bench.py's GEMV sweep picks the tiles."""
+    tile = dict(GEMV_TILE_OVERRIDE or {})
+    block_k = tile.setdefault("block_k", max(sub_k, min(512, triton.next_power_of_2(k))))
+    if block_k % sub_k or block_k & (block_k - 1):
+        raise ValueError(f"GEMV block_k {block_k} must be a power of two and a multiple of {sub_k}")
+    tile.setdefault("block_n", 32)
+    tile.setdefault("num_warps", 8 if block_k >= 512 else 4)
+    if "split_k" not in tile:
+        want = triton.cdiv(2 * num_sms(device), triton.cdiv(n, tile["block_n"]))
+        most = max(1, triton.cdiv(k, block_k) // 2)
+        split = 1
+        while split * 2 <= min(want, most, 8):
+            split *= 2
+        tile["split_k"] = split
+    return tile
+
+
+def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out) -> None:
+    """`launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`): straight into
+    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    has_bias = bias is not None
+    launch(target, k_per_split, split, has_bias and split == 1)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
+                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+
+
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
 GEMM_TILE_OVERRIDE: dict | None = None
 
@@ -273,34 +365,37 @@ def fp8_linear(
         scale_bn, block_k = 1, 128
         ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
         ws_stride_k = 0
-    tile = _gemm_tile(m, n, k, block_k, x.device)
-    quant_a = m <= (FUSED_QUANT_MAX_M if block_scales else FUSED_TOKEN_QUANT_MAX_M)
-    if quant_a:
-        a, a_scale, as_stride = x2, x2, 0  # a_scale unused
-    elif block_scales:
+    if block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
-        as_stride = a_scale.stride(0)
     else:
         a, a_scale = per_token_quant_fp8(x2, fp8)
-        as_stride = a_scale.stride(0)
-    # per stage: the A tile (float when quantized here) and the fp8 W tile
-    a_bytes = a.element_size()
+    common = (a, a_scale, weight, weight_scale)
+    strides = (a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n)
+
+    if m <= GEMV_MAX_M:
+        tile = _gemv_tile(n, k, block_k, x.device)
+
+        def gemv(target, k_per_split, split, add_bias):
+            _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
+                *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
+                SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
+                M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
+                SUB_K=block_k, num_warps=tile["num_warps"])
+
+        _launch_split(gemv, m, n, k, tile["block_k"], tile["split_k"], bias, out)
+        return out.view(*x.shape[:-1], n)
+
+    tile = _gemm_tile(m, n, k, block_k, x.device)
+    # per stage: the fp8 A and W tiles
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] * a_bytes + bn) * block_k, 0), x.device)
-    split = tile["split_k"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)
-    has_bias = bias is not None
-    _fp8_gemm_kernel[grid](
-        a, a_scale, weight, weight_scale, bias if has_bias else out, target, m, n, k, a.stride(0), as_stride,
-        weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-        SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, QUANT_A=quant_a, HAS_BIAS=has_bias and split == 1,
-        SPLIT=split, BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, **fp8_consts(fp8),
-        num_warps=tile["num_warps"], num_stages=stages)
-    if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
-                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), x.device)
+
+    def gemm(target, k_per_split, split, add_bias):
+        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
+            *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
+            SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
+            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=tile["num_warps"], num_stages=stages)
+
+    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
     return out.view(*x.shape[:-1], n)

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""A random checkpoint on disk (safetensors, the hub's tensor names) that every engine of a benchmark loads.
+
+Why: under `load_format=dummy` each engine draws its own weights (uniform +-1e-3, vLLM's rule). MoE routers
+then produce near-uniform logits (about 5e-5), so which experts a batch reads hangs on each engine's rounding
+of the router softmax: on the H200 vLLM 0.24's DeepSeek-V2-Lite decode at batch 32 ran at 156% of the roofline
+of the experts a random batch touches, i.e. it read far fewer experts than ATOM (BENCHMARKS.md). Loading one
+checkpoint, whose router weights are large enough (`router_scale`) that the routing is spread and decided the
+same way everywhere, makes the engines do the same work.
+
+Every tensor is uniform(-1e-3, 1e-3) from a generator seeded per tensor (vLLM's dummy rule), except the MoE
+routers, uniform(-router_scale, router_scale). transformers builds the model from the config on `device` and
+writes it with `save_pretrained` (its MoE conversions give the hub's per-expert names). Quantized configs are
+refused (their packed tensors are not what transformers builds).
+
+    python3 tools/device/materialize_checkpoint.py CONFIG_FOLDER OUT_FOLDER [--router-scale 1.0] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+# parameter names of the MoE routers (DeepSeek / Qwen-MoE / GLM: mlp.gate; Mixtral: block_sparse_moe.gate;
+# GPT-OSS: mlp.router)
+ROUTER_SUFFIXES = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")
+DONE = ".materialized.json"
+
+
+def is_router(name: str) -> bool:
+    return name.endswith(ROUTER_SUFFIXES)
+
+
+@torch.no_grad()
+def fill(model: torch.nn.Module, router_scale: float, seed: int = 1234) -> int:
+    """Overwrite every parameter in place; returns how many router weights got router_scale."""
+    routers = 0
+    for name, p in model.named_parameters():
+        gen = torch.Generator(device=p.device).manual_seed(seed)
+        bound = router_scale if is_router(name) else 1e-3
+        routers += is_router(name)
+        if p.is_floating_point():
+            p.uniform_(-bound, bound, generator=gen)
+    return routers
+
+
+def materialize(config_folder: str, out: str, router_scale: float = 1.0, device: str | None = None) -> str:
+    """Write the checkpoint into out (kept when an earlier call wrote it with the same settings); returns out."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with open(os.path.join(config_folder, "config.json")) as f:
+        config = json.load(f)
+    if config.get("quantization_config"):
+        raise ValueError(f"{config_folder}: a quantized config ({config['quantization_config'].get('quant_method')}) "
+                         "cannot be materialized; run it with load_format=dummy")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stamp = dict(config=config, router_scale=router_scale)
+    done = os.path.join(out, DONE)
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f) == stamp:
+                return out
+    dtype = getattr(torch, str(config.get("torch_dtype", "bfloat16")).removeprefix("torch."))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder), dtype=dtype)
+    routers = fill(model, router_scale)
+    if config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"):
+        if not routers:
+            raise ValueError(f"{config_folder}: an MoE config, but no router weight matched {ROUTER_SUFFIXES}")
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="5GB")
+    del model
+    for name in os.listdir(config_folder):  # the tokenizer files, and the preset's own config
+        if name.startswith("tokenizer") or name.endswith(".jinja") or name == "config.json":
+            shutil.copy(os.path.join(config_folder, name), out)
+    with open(done, "w") as f:
+        json.dump(stamp, f)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config_folder")
+    ap.add_argument("out")
+    ap.add_argument("--router-scale", type=float, default=1.0)
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args()
+    print(materialize(a.config_folder, a.out, a.router_scale, a.device))
+
+
+if __name__ == "__main__":
+    main()
