@@ -5,6 +5,10 @@ attention sinks; float32 tightly, bfloat16 / float16 against a float64 computati
 
 from __future__ import annotations
 
+import os
+import platform
+import tempfile
+
 import pytest
 import torch
 
@@ -117,21 +121,88 @@ def test_compiled_call_is_one_opaque_op():
     assert torch.equal(out, paged_decode_attention(q, k, v, tables, lens, 0.125, sinks=sinks))
 
 
-def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_native, "_tried", False)
-    monkeypatch.setattr(cpu_native, "_lib", None)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """cpu_native as in a new process (library not tried yet), building into tmp_path; the module's loaded
+    library is restored afterwards."""
+    for name, value in (("_tried", False), ("_lib", None), ("_has_f16", False)):
+        monkeypatch.setattr(cpu_native, name, value)
     monkeypatch.setenv("ATOM_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("how", ["CC names a missing binary", "no compiler on PATH"])
+def test_no_compiler_falls_back_with_a_warning(how, fresh_library, monkeypatch, caplog):
+    if how == "CC names a missing binary":
+        monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
+        expected = "building the native CPU kernels failed"
+    else:
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", str(fresh_library))
+        expected = "no C compiler found"
     q, k, v, tables, lens, _ = _paged(torch.float32, 16, [3, 30])
     with caplog.at_level("WARNING", logger="atom.ops.cpu_native"):
         assert not cpu_native.decode_attention_supported(q, k, v)
-    assert "building the native CPU kernels failed" in caplog.text
+    assert expected in caplog.text and len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
     out = paged_decode_attention(q, k, v, tables, lens, 0.125)  # the torch formulation
     torch.testing.assert_close(out, _reference(q, k, v, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
 
 
-def test_build_is_cached_and_rebuilt_when_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv("ATOM_CACHE_DIR", str(tmp_path))
+def test_disabled_by_env(fresh_library, monkeypatch):
+    monkeypatch.setenv("ATOM_CPU_NATIVE", "0")
+    q, k, v, _, _, _ = _paged(torch.float32, 16, [3])
+    assert cpu_native.library() is None and not cpu_native.decode_attention_supported(q, k, v)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")
+def test_portable_build_without_avx512_matches_reference(fresh_library, monkeypatch, caplog):
+    """The C path every CPU without AVX512-BF16 runs (ATOM_CPU_NATIVE_ARCH=x86-64-v3: AVX2, no AVX512), for
+    float32 / bfloat16 / float16, head_dim 64 and 128, GQA, windows, sinks, soft-capping."""
+    monkeypatch.setenv("ATOM_CPU_NATIVE_ARCH", "x86-64-v3")
+    with caplog.at_level("INFO", logger="atom.ops.cpu_native"):
+        lib = cpu_native.library()
+    assert lib is not None and lib.atom_has_bf16_dot() == 0
+    assert "AVX512-BF16 dot products: no" in caplog.text
+    for case in CASES:
+        q, k, v, tables, lens, sinks = _paged(torch.float32, 16, [1, 17, 50, 33, 64])
+        kw = _kwargs(case, sinks)
+        out = cpu_native.paged_decode_attention(q, k, v, tables, lens, 0.125, **kw)
+        torch.testing.assert_close(out, _reference(q, k, v, tables, lens, 0.125, **kw), rtol=1e-5, atol=1e-5)
+    for dtype, atol in ((torch.bfloat16, 2e-2), (torch.float16, 3e-3)):
+        if not cpu_native.available(dtype):
+            continue
+        for heads, head_dim in (((8, 2), 64), ((12, 4), 128)):
+            q, k, v, tables, lens, sinks = _paged(dtype, 16, [5, 40, 64, 2], heads=heads, head_dim=head_dim, seed=1)
+            kw = _kwargs("window_sinks", sinks)
+            truth = _reference(q.double(), k.double(), v.double(), tables, lens, 0.1, **kw)
+            native = cpu_native.paged_decode_attention(q, k, v, tables, lens, 0.1, **kw)
+            assert (native.double() - truth).abs().max().item() <= atol
+
+
+def test_block_table_out_of_range_is_an_error_not_a_read():
+    q, k, v, tables, lens, _ = _paged(torch.float32, 16, [3, 30])
+    bad = tables.clone()
+    bad[1, 1] = k.shape[0]  # one past the last block
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_native.paged_decode_attention(q, k, v, bad, lens, 0.125)
+    with pytest.raises(RuntimeError, match="out of range"):  # longer than its table
+        cpu_native.paged_decode_attention(q, k, v, tables, torch.tensor([3, 16 * tables.shape[1] + 1]), 0.125)
+    bad = tables.clone()
+    bad[0, 0] = -1
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_native.paged_decode_attention(q, k, v, bad, lens, 0.125)
+
+
+def test_unwritable_cache_dir_builds_in_a_temporary_folder(fresh_library, monkeypatch):
+    blocker = fresh_library / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATOM_CACHE_DIR", str(blocker))  # cpu-kernels cannot be made under a file
+    path = cpu_native._build(cpu_native._compiler())
+    assert os.path.dirname(path).startswith(tempfile.gettempdir())
+
+
+def test_build_is_cached_and_rebuilt_when_missing(fresh_library):
+    tmp_path = fresh_library
     compiler = cpu_native._compiler()
     path = cpu_native._build(compiler)
     assert path.startswith(str(tmp_path / "cpu-kernels"))

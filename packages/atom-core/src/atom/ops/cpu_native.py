@@ -7,9 +7,14 @@ and costs more than the GEMMs of a decode step at batch 32 (SmolLM2-135M, one co
 each key and value once.
 
 The library is built once per (source, compiler, flags, CPU) into $ATOM_CACHE_DIR/cpu-kernels (default
-~/.cache/atom/cpu-kernels), ~1 s, and loaded on first use. Without a C compiler, when the build fails, or
-with ATOM_CPU_NATIVE=0, `library()` is None (logged once) and callers run their PyTorch formulation. The
-kernels are single-threaded (the engine's CPU default is one thread per process).
+~/.cache/atom/cpu-kernels; a per-user temporary folder when that one cannot be written), ~1 s, and loaded on
+first use. Processes building at once each compile in a private folder and rename the result into place
+(atomic). Without a C compiler ($CC, else cc, gcc or clang), when the build fails, or with ATOM_CPU_NATIVE=0,
+`library()` is None (one log line says why) and callers run their PyTorch formulation. The code is built
+for the CPU it runs on (-march=native: AVX512-BF16 dot products where the CPU has them, portable C
+vectorized by the compiler elsewhere); ATOM_CPU_NATIVE_ARCH=<gcc -march value> builds for another target
+(e.g. x86-64-v3: no AVX512; tests build the portable path that way). The kernels are single-threaded (the
+engine's CPU default is one thread per process) and reentrant.
 Under torch.compile the kernel is the custom op `torch.ops.atom.cpu_paged_decode_attention`.
 """
 
@@ -20,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -31,9 +37,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_attention.c",)
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-strict-aliasing", "-fno-math-errno", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-fopenmp-simd", "-fno-strict-aliasing", "-fno-math-errno", "-shared", "-fPIC"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 1
+_ABI = 2
+_ERRORS = {1: "unsupported shape", 2: "a sequence length or block-table entry out of range",
+           3: "float16 not supported by this build", 4: "out of memory"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -45,8 +53,32 @@ def enabled() -> bool:
     return os.environ.get("ATOM_CPU_NATIVE", "1").lower() not in ("0", "false", "no", "off")
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The C compiler command: $CC (may carry a wrapper, e.g. "ccache gcc"), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
+def _flags() -> list[str]:
+    return [f"-march={os.environ.get('ATOM_CPU_NATIVE_ARCH') or 'native'}", *_FLAGS]
+
+
+def _cache_folder() -> str:
+    """$ATOM_CACHE_DIR/cpu-kernels (default ~/.cache/atom), or a per-user temporary folder when that one cannot
+    be created or written (a read-only home)."""
+    root = os.environ.get("ATOM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atom")
+    folder = os.path.join(root, "cpu-kernels")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except OSError:
+        pass
+    folder = os.path.join(tempfile.gettempdir(), f"atom-cpu-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
 
 
 def _cpu_id() -> str:
@@ -57,26 +89,26 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> str:
+def _build(compiler: list[str]) -> str:
     source = "".join((resources.files("atom.ops") / "csrc" / name).read_text() for name in _SOURCES)
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([source, compiler, version, " ".join(_FLAGS), platform.machine(),
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = _flags()
+    key = hashlib.sha256("\0".join([source, " ".join(compiler), version, " ".join(flags), platform.machine(),
                                     _cpu_id()]).encode()).hexdigest()[:20]
-    root = os.environ.get("ATOM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atom")
-    folder = os.path.join(root, "cpu-kernels")
+    folder = _cache_folder()
     path = os.path.join(folder, f"atom_cpu_{key}.so")
     if os.path.exists(path):
         return path
-    os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src = os.path.join(tmp, "kernels.c")
         with open(src, "w") as f:
             f.write(source)
         out = os.path.join(tmp, "kernels.so")
-        done = subprocess.run([compiler, *_FLAGS, "-o", out, src, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([*compiler, *flags, "-o", out, src, "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[-300:])
+            raise RuntimeError(f"{' '.join(compiler)} {' '.join(flags[:1])} failed: {first.strip()}")
         os.replace(out, path)  # atomic: processes building at once each install a whole library
     return path
 
@@ -95,22 +127,26 @@ def library() -> ctypes.CDLL | None:
             return None
         compiler = _compiler()
         if compiler is None:
-            logger.warning("no C compiler found (cc, gcc, clang or $CC): CPU decode attention runs as PyTorch ops, "
-                           "which is slower")
+            logger.warning("native CPU kernels not built: no C compiler found (cc, gcc, clang or $CC); CPU decode "
+                           "attention runs as PyTorch ops, which is slower")
             return None
         try:
-            lib = ctypes.CDLL(_build(compiler))
+            path = _build(compiler)
+            lib = ctypes.CDLL(path)
             if lib.atom_cpu_attention_abi() != _ABI:
                 raise RuntimeError("stale kernel library")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            reason = " ".join(str(e).split())[:300]
             logger.warning("building the native CPU kernels failed (%s): CPU decode attention runs as PyTorch ops, "
-                           "which is slower", e)
+                           "which is slower", reason)
             return None
         fn = lib.atom_paged_decode_attention
         fn.restype = ctypes.c_int
         fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-                       + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p])
+                       + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p])
         _has_f16 = bool(lib.atom_has_f16())
+        logger.info("native CPU kernels loaded from %s (AVX512-BF16 dot products: %s)", path,
+                    "yes" if lib.atom_has_bf16_dot() else "no")
         _lib = lib
         return _lib
 
@@ -128,7 +164,9 @@ def available(dtype: torch.dtype) -> bool:
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the native kernel takes this call: CPU tensors of one supported element type, contiguous caches,
     the library built."""
-    return (q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype and q.shape[-1] <= 1024
+    return (q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype and q.dim() == 3
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and q.shape[-1] == k_cache.shape[-1] <= 1024
+            and q.shape[1] % k_cache.shape[2] == 0
             and k_cache.is_contiguous() and v_cache.is_contiguous() and available(k_cache.dtype))
 
 
@@ -149,11 +187,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     rc = library().atom_paged_decode_attention(
         _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(out), _DTYPE_CODES[q.dtype], _ptr(tables), tables.shape[1],
-        _ptr(lens), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], float(scale),
+        _ptr(lens), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0], float(scale),
         int(sliding_window or 0), float(logit_softcap or 0.0), _ptr(sink))
     if rc != 0:
-        raise RuntimeError(f"native decode attention failed (code {rc}) for q {tuple(q.shape)}, "
-                           f"cache {tuple(k_cache.shape)}")
+        raise RuntimeError(f"native decode attention: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
+                           f"cache {tuple(k_cache.shape)}, block tables {tuple(tables.shape)})")
     return out
 
 

@@ -8,6 +8,11 @@ Optional: logit soft-capping (softcap > 0: s = softcap * tanh(s / softcap)) and 
 join the softmax denominator only (sinks != NULL, float32 [H]). Scores, softmax and the weighted sum run in
 float32; each key and value row is read once per KV head, for all the query heads that share it.
 Element types: 0 float32, 1 bfloat16, 2 float16 (only where the compiler has _Float16).
+Returns 0, or: 1 unsupported shape, 2 a row's length or block-table entries out of range (checked before
+anything is read: a bad table is an error, never a read outside the cache), 3 float16 without _Float16,
+4 out of memory.
+With AVX512-BF16 (-march=native on a CPU that has it) bfloat16 caches take vdpbf16ps dot products and, for
+head_dim 64 and 128, a register-blocked row; everywhere else the portable C rows (vectorized by the compiler).
 */
 #include <math.h>
 #include <stdint.h>
@@ -24,7 +29,9 @@ Element types: 0 float32, 1 bfloat16, 2 float16 (only where the compiler has _Fl
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
-int atom_cpu_attention_abi(void) { return 1; }
+int atom_cpu_attention_abi(void) { return 2; }
+
+int atom_has_bf16_dot(void) { return HAVE_BF16_DOT; }
 
 int atom_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -362,10 +369,21 @@ DEFINE_ROW(row_attention_any, 0)
 int atom_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out, int dtype,
                                 const int32_t *block_tables, int64_t table_width, const int32_t *seq_lens,
                                 int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                int64_t block_size, float scale, int64_t window, float softcap,
+                                int64_t block_size, int64_t num_blocks, float scale, int64_t window, float softcap,
                                 const float *sinks) {
-    if (head_dim > MAX_HEAD_DIM || num_kv_heads <= 0 || num_heads % num_kv_heads || num_kv_heads > 64) return 1;
+    if (head_dim <= 0 || head_dim > MAX_HEAD_DIM || num_kv_heads <= 0 || num_heads % num_kv_heads ||
+        block_size <= 0 || batch < 0 || (dtype != F32 && dtype != BF16 && dtype != F16))
+        return 1;
     if (dtype == F16 && !atom_has_f16()) return 3;
+    for (int64_t b = 0; b < batch; b++) { /* every block a row will read exists */
+        const int64_t len = seq_lens[b];
+        if (len < 0 || (len + block_size - 1) / block_size > table_width) return 2;
+        const int64_t first = (window > 0 && len > window) ? (len - window) / block_size : 0;
+        for (int64_t i = first; i < (len + block_size - 1) / block_size; i++) {
+            const int32_t blk = block_tables[b * table_width + i];
+            if (blk < 0 || blk >= num_blocks) return 2;
+        }
+    }
     const int64_t group = num_heads / num_kv_heads;
     const int64_t esz = elem_size(dtype);
     const int64_t token_elems = num_kv_heads * head_dim; /* one token's keys (all KV heads) */
