@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--moe-only", action="store_true", help="only the MoE rows and tile sweeps")
     ap.add_argument("--gpt-oss-only", action="store_true", help="only the GPT-OSS rows (sinks, MXFP4 experts)")
     ap.add_argument("--fp8-only", action="store_true", help="only the FP8 rows (GEMM, MoE, KV cache) and sweeps")
+    ap.add_argument("--fp8-decode-only", action="store_true",
+                    help="with --fp8-only: only the decode-size linear rows (GEMV variants, tl.dot, cuBLAS) and sweeps")
     ap.add_argument("--mla-only", action="store_true", help="only the MLA and grouped-routing rows")
     opts = ap.parse_args()
     torch.manual_seed(0)
@@ -305,8 +307,8 @@ def fp8_rows(bench, opts) -> None:
     """FP8 rows: the 8b GEMMs at decode and prefill sizes (with cuBLAS bf16 on the same shape as the
     baseline to beat), the activation quantization kernels, the 30b-a3b experts, attention over an FP8 KV
     cache. Bytes = the FP8 weight (+ scales) read once + activations in and out: the bandwidth roofline of
-    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE; fp8_linear's
-    default stays the tl.dot GEMM until these rows show the GEMV faster) against
+    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE, quantizing its
+    activations itself), `fp8 gemv+quant kernel` (the quantization kernel first) against
     `fp8 dot` (the same call with GEMV_MAX_M = 0: the tl.dot GEMM) and cuBLAS bf16. Sweeps:
     ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,"num_stages":4,"split_k":4}, ...]' at
     ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes (tl.dot GEMM, M > 4); the GEMV's tiles:
@@ -331,6 +333,12 @@ def fp8_rows(bench, opts) -> None:
                 block = [128, 128] if layout == "block" else None
                 nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
                 bench(f"fp8 gemv 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
+                tk_fp8.GEMV_FUSED_QUANT = False
+                try:
+                    bench(f"  fp8 gemv+quant kernel 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block),
+                          nbytes, 2 * m * n * k)
+                finally:
+                    tk_fp8.GEMV_FUSED_QUANT = True
                 default_max_m, tk_fp8.GEMV_MAX_M = tk_fp8.GEMV_MAX_M, 0
                 try:
                     bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
@@ -339,7 +347,7 @@ def fp8_rows(bench, opts) -> None:
                     tk_fp8.GEMV_MAX_M = default_max_m
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
-    for proj, (n, k) in FP8_LINEARS.items():
+    for proj, (n, k) in FP8_LINEARS.items() if not opts.fp8_decode_only else ():
         for m in (16, 32, 64, 128, 1024):
             x = rnd(m, k)
             for layout in ("block", "channel") if m in (1, 16, 128) else ("block",):
@@ -363,8 +371,8 @@ def fp8_rows(bench, opts) -> None:
     gemv_sweep = json.loads(os.environ.get("ATOM_FP8_GEMV_SWEEP", "null"))
     if gemv_sweep is None:  # around the default [32, 512] tile: narrower / wider columns, longer K steps, splits
         gemv_sweep = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in (
-            (32, 512, 8, 1), (32, 512, 8, 2), (32, 512, 8, 4), (16, 512, 4, 2), (16, 1024, 8, 2), (64, 256, 8, 2),
-            (64, 512, 8, 4), (8, 1024, 4, 1), (32, 256, 4, 4))]
+            (16, 512, 4, 1), (16, 512, 8, 1), (16, 1024, 8, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (32, 512, 8, 1),
+            (32, 256, 4, 1), (16, 512, 4, 2), (32, 512, 8, 2), (64, 256, 8, 1))]
     for m in [int(v) for v in os.environ.get("ATOM_FP8_GEMV_SWEEP_M", "1").split(",")] if gemv_sweep else []:
         for proj, (n, k) in FP8_LINEARS.items():
             q, s = weights[proj]["block"]
@@ -376,6 +384,8 @@ def fp8_rows(bench, opts) -> None:
                           n * k + s.numel() * 4 + 2 * m * (k + n))
                 finally:
                     tk_fp8.GEMV_TILE_OVERRIDE = None
+    if opts.fp8_decode_only:
+        return
     for m, k in ((1, 4096), (128, 4096), (4096, 4096), (4096, 12288)):
         x = rnd(m, k)
         bench(f"fp8_quant_group M{m} K{k}", resolve("fp8_quant_group", "triton"), Q.per_token_group_quant_fp8,

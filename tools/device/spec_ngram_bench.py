@@ -5,7 +5,7 @@ pays), with K = 0 and the given K values; prints tok/s, acceptance rate and mean
 steps by path (graph replays: decode, verify; eager), and checks the outputs equal K = 0's. Default model: the
 bundled SmolLM2-135M-Instruct.
 
-  python tools/device/spec_ngram_bench.py [--model PATH] [--ks 2,4] [--batch-sizes 1,8] [--output-len 128]
+  python tools/device/spec_ngram_bench.py [--model PATH] [--ks 2,4] [--batch-sizes 1,8] [--output-len 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per (K, batch): the median and min-max")
     ns = ap.parse_args()
     ks = [0] + [int(k) for k in ns.ks.split(",")]
     sizes = [int(b) for b in ns.batch_sizes.split(",")]
@@ -48,9 +49,13 @@ def main() -> None:
             llm.generate(prompts[:b], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
             before = llm.llm_engine.stats()
             paths_before = _paths(llm)
-            t = time.perf_counter()
-            outs = llm.generate(prompts[:b], params, use_tqdm=False)
-            dt = time.perf_counter() - t
+            times = []
+            for _ in range(ns.repeats):  # the same greedy work each time: the median and the spread
+                t = time.perf_counter()
+                outs = llm.generate(prompts[:b], params, use_tqdm=False)
+                times.append(time.perf_counter() - t)
+            times.sort()
+            dt = times[len(times) // 2]
             after = llm.llm_engine.stats()
             tokens = [o.outputs[0].token_ids for o in outs]
             if k == 0:
@@ -62,7 +67,8 @@ def main() -> None:
             rate = d["spec_decode_num_accepted_tokens"] / max(d["spec_decode_num_draft_tokens"], 1)
             mean_len = 1 + d["spec_decode_num_accepted_tokens"] / max(d["spec_decode_num_drafts"], 1)
             paths = {n: v - paths_before.get(n, 0) for n, v in _paths(llm).items()}
-            print(f"K={k} batch={b}: {b * ns.output_len / dt:8.1f} tok/s  acceptance {rate:.2f}  "
+            spread = f"[{b * ns.output_len / times[-1]:.1f}-{b * ns.output_len / times[0]:.1f}]"
+            print(f"K={k} batch={b}: {b * ns.output_len / dt:8.1f} tok/s {spread} n={len(times)}  acceptance {rate:.2f}  "
                   f"mean acceptance length {mean_len:.2f}  same as K=0: {same}  steps {paths}", flush=True)
         llm.llm_engine.shutdown()
         del llm

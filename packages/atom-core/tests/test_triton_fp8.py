@@ -165,18 +165,21 @@ LINEAR_CASES = {
 
 
 def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True, gemv_max_m=None,
-                gemv_tile=None, f32_tol=None):
+                gemv_tile=None, f32_tol=None, gemv_fused=None):
     """split: a split-K override for the path M takes (the GEMV's K step is then one scale block, so tiny K
-    still has several steps); gemv_max_m: the GEMV/tl.dot bound for this call (None: the module's)."""
+    still has several steps); gemv_max_m: the GEMV/tl.dot bound for this call (None: the module's); gemv_fused:
+    whether the GEMV quantizes the activations itself (None: the module's GEMV_FUSED_QUANT). Returns the output."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     q, s, block_size = _weight(n, k, layout, block or (128, 128), dtype)
     x = activations(m, k, xdtype)
     b = rand(n, dtype=xdtype) if bias else None
     sub_k = block_size[1] if block_size else 128
-    default_max_m = tk.GEMV_MAX_M
+    default_max_m, default_fused = tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT
     if gemv_max_m is not None:
         tk.GEMV_MAX_M = gemv_max_m
+    if gemv_fused is not None:
+        tk.GEMV_FUSED_QUANT = gemv_fused
     gemv = m <= tk.GEMV_MAX_M
     if gemv and (split is not None or gemv_tile):
         tk.GEMV_TILE_OVERRIDE = {**tk._gemv_tile(n, k, sub_k, x.device), "block_k": sub_k, **(gemv_tile or {})}
@@ -188,7 +191,7 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
         out = triton_op("fp8_linear")(x, q, s, b, block_size)
     finally:
         tk.GEMM_TILE_OVERRIDE = tk.GEMV_TILE_OVERRIDE = None
-        tk.GEMV_MAX_M = default_max_m
+        tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT = default_max_m, default_fused
     ref = Q.fp8_linear(x, q, s, b, block_size)
     # the GEMV (M <= GEMV_MAX_M) sums the exact fp8 x fp8 products with float32 FMAs, on the GPU too: only the
     # summation order differs from the reference, as for the tl.dot path at decode sizes
@@ -196,6 +199,7 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
         f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
     path = "gemv" if gemv else "dot"
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_CASES))
@@ -220,10 +224,19 @@ def _gemv_candidate() -> int:
 @pytest.mark.parametrize("layout", ["block", "channel"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_fp8_linear_gemv(m, layout):
+    """Both GEMV variants (quantizing the activations itself, or reading the quantization kernel's output) against
+    the reference, and against each other: the same FP8 codes and scales summed in the same order, so the two
+    outputs are bit-identical."""
     split = 2 if m % 2 == 0 else None
     xdtype = torch.bfloat16 if m == 2 else torch.float32
-    _run_linear(f"gemv_{layout}{'_split' if split else ''}", m, 72, 300, layout, (128, 128), split, xdtype,
-                bias=m != 3, gemv_max_m=_gemv_candidate())
+    name = f"gemv_{layout}{'_split' if split else ''}"
+    seed = torch.initial_seed() % 2**31 + m
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(seed)  # the same weights and activations for both
+        outs.append(_run_linear(name, m, 72, 300, layout, (128, 128), split, xdtype, bias=m != 3,
+                                gemv_max_m=_gemv_candidate(), gemv_fused=fused))
+    assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 
 
 def test_fp8_linear_gemv_block_64_tensor_and_wide_k_steps():
@@ -235,7 +248,9 @@ def test_fp8_linear_gemv_block_64_tensor_and_wide_k_steps():
 
 @needs_fnuz
 def test_fp8_linear_gemv_e4m3fnuz():
-    _run_linear("gemv_channel", 2, 72, 300, "channel", None, 2, torch.float32, torch.float8_e4m3fnuz, gemv_max_m=_gemv_candidate())
+    for fused in (True, False):
+        _run_linear("gemv_channel", 2, 72, 300, "channel", None, 2, torch.float32, torch.float8_e4m3fnuz,
+                    gemv_max_m=_gemv_candidate(), gemv_fused=fused)
 
 
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])

@@ -26,6 +26,8 @@ same granularity as the tl.dot kernel, split-K through the same partial-sum kern
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +205,8 @@ def _fp8_gemv_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
+    QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
 
@@ -211,7 +215,12 @@ def _fp8_gemv_kernel(
     is the scale block's K size, so every (row, column, K block) partial sum is multiplied by its activation
     group scale and weight block scale before it is added, as the tl.dot kernel does; otherwise the two scales
     are applied once at the end. The accumulator is [BLOCK_N, M_PAD] (rows along the second axis, so a row's
-    column sums join it without changing layout)."""
+    column sums join it without changing layout).
+
+    QUANT_A: a_ptr holds the unquantized activations and the program quantizes the slices it reads, to the
+    same codes and scales as the quantization kernels (1 x SUB_K groups, or one scale per row from the row's
+    absolute max over all of K, computed first), so no quantization kernel runs before it. The activations are
+    a few KiB read from L2 by every program; W is what streams from HBM."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,8 +230,24 @@ def _fp8_gemv_kernel(
     j = tl.arange(0, SUB_K)
     kg = g[:, None] * SUB_K + j[None, :]  # [GROUPS, SUB_K]: offsets in one K step
     rows = tl.arange(0, M_PAD)
+    m_ok = rows < M
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    fp8 = w_ptr.dtype.element_ty
+
+    if not BLOCK_SCALES:  # one activation scale per row
+        if QUANT_A:
+            sa_rows = tl.zeros([M_PAD], tl.float32)
+            for r in tl.static_range(M_PAD):
+                amax = tl.zeros([GROUPS, SUB_K], tl.float32)
+                for k0 in range(0, K, GROUPS * SUB_K):
+                    k = k0 + kg
+                    x = tl.load(a_ptr + r * a_stride + k, mask=(k < K) & (k * 0 + r < M), other=0.0)
+                    amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+                row_max = tl.max(tl.max(amax, axis=1), axis=0, keep_dims=True)  # [1]
+                sa_rows = tl.where(rows == r, dynamic_scale(row_max, FP8_MAX, MIN_SCALE), sa_rows)
+        else:
+            sa_rows = tl.load(as_ptr + rows * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     for k0 in range(k_lo, k_hi, GROUPS * SUB_K):
@@ -236,15 +261,21 @@ def _fp8_gemv_kernel(
                          mask=n_ok[:, None] & (kb * SUB_K < K)[None, :], other=0.0)  # [BLOCK_N, GROUPS]
         for r in tl.static_range(M_PAD):
             a = tl.load(a_ptr + r * a_stride + k, mask=k_ok & (k * 0 + r < M), other=0.0).to(tl.float32)
+            if BLOCK_SCALES:
+                if QUANT_A:  # this step's 1 x SUB_K groups of row r
+                    sa = dynamic_scale(tl.max(tl.abs(a), axis=1), FP8_MAX, MIN_SCALE)  # [GROUPS]
+                    a = quantize(a, sa[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE).to(tl.float32)
+                else:
+                    sa = tl.load(as_ptr + r * as_stride + kb, mask=(kb * SUB_K < K) & (kb * 0 + r < M),
+                                 other=0.0)
+            elif QUANT_A:
+                s_r = tl.max(tl.where(rows == r, sa_rows, 0.0), axis=0, keep_dims=True)  # [1]; scales are > 0
+                a = quantize(a, s_r[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE).to(tl.float32)
             part = tl.sum(w * a[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
             if BLOCK_SCALES:
-                sa = tl.load(as_ptr + r * as_stride + kb, mask=(kb * SUB_K < K) & (kb * 0 + r < M),
-                             other=0.0)
                 part = part * (sa[None, :] * sw)
             acc += tl.where(rows[None, :] == r, tl.sum(part, axis=1)[:, None], 0.0)
-    m_ok = rows < M
     if not BLOCK_SCALES:
-        sa_rows = tl.load(as_ptr + rows * as_stride, mask=m_ok, other=0.0)
         sw_cols = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
         acc = acc * (sw_cols[:, None] * sa_rows[None, :])
 
@@ -258,32 +289,51 @@ def _fp8_gemv_kernel(
         tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
 
 
+def _env_gemv_max_m() -> int:
+    raw = os.environ.get("ATOM_FP8_GEMV_MAX_M", "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"ATOM_FP8_GEMV_MAX_M must be an integer (rows), got {raw!r}") from None
+    if not 0 <= value <= 16:
+        raise ValueError(f"ATOM_FP8_GEMV_MAX_M must be between 0 and 16, got {value}")
+    return value
+
+
 # Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM. 0 (the tl.dot GEMM at every M) until a
 # device run measures the GEMV faster: it was written without a GPU (kernel_bench.py compares the two with it
-# set to 4; KERNEL_NOTES.md has the rule for setting it).
-GEMV_MAX_M = 0
+# set to 4; KERNEL_NOTES.md has the rule for setting it). ATOM_FP8_GEMV_MAX_M overrides it per process (the
+# engine benchmarks set it to compare the two paths end to end).
+GEMV_MAX_M = _env_gemv_max_m()
 GEMV_MAX_M_CANDIDATE = 4  # what kernel_bench.py and the tests set
+# The GEMV quantizes its activations itself (QUANT_A: no quantization kernel before it); False runs the
+# quantization kernel first and the GEMV reads FP8 activations (kernel_bench.py compares the two).
+GEMV_FUSED_QUANT = True
 # Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k (the rest as chosen below;
 # split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
 def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
-    """The GEMV streams W once, so what matters is bytes in flight per SM. A K step of a [32, 512] fp8 tile is
-    16 KiB per program (64 B a thread at 8 warps: four 16-byte loads, 64 float32 registers after the
-    conversion); ~2 programs per SM keep ~32 KiB in flight, about what HBM3e's latency-bandwidth product needs
-    per SM. 32 columns per program give 128-768 programs on the 8b shapes (N 4096-24576); where that is under
-    ~2 per SM, K is split (powers of two, at least two K steps per split; o and down: 2, qkv: 2, gate_up: 1)
-    and the partials added in order. block_k is a multiple of the scale block (sub_k), so every K step holds
-    whole scale blocks. Unmeasured as written: kernel_bench.py's GEMV sweep picks the tiles."""
+    """The GEMV streams W once, so what matters is that every SM has enough weight bytes in flight. Columns per
+    program: the widest of 32 / 16 / 8 that still gives ~1.5 programs per SM (the 8b shapes: o, down and qkv
+    16, gate_up 32), so split-K, which costs a second kernel and a float32 round trip of the partials (about
+    the GEMV's own time at decode sizes), is only the last resort (N < 8 x SMs: K split in powers of two, at
+    least two K steps per split, partials added in order). K steps of 512 (four 16-byte loads a thread at 4
+    warps for 16 columns). block_k is a multiple of the scale block (sub_k), so every K step holds whole scale
+    blocks. kernel_bench.py's GEMV sweep measures the alternatives."""
     tile = dict(GEMV_TILE_OVERRIDE or {})
     block_k = tile.setdefault("block_k", max(sub_k, min(512, triton.next_power_of_2(k))))
     if block_k % sub_k or block_k & (block_k - 1):
         raise ValueError(f"GEMV block_k {block_k} must be a power of two and a multiple of {sub_k}")
-    tile.setdefault("block_n", 32)
-    tile.setdefault("num_warps", 8 if block_k >= 512 else 4)
+    sms = num_sms(device)
+    if "block_n" not in tile:
+        tile["block_n"] = next((bn for bn in (32, 16) if 2 * triton.cdiv(n, bn) >= 3 * sms), 8)
+    tile.setdefault("num_warps", 8 if tile["block_n"] * block_k >= 16384 else 4)
     if "split_k" not in tile:
-        want = triton.cdiv(2 * num_sms(device), triton.cdiv(n, tile["block_n"]))
+        want = triton.cdiv(sms, triton.cdiv(n, tile["block_n"]))
         most = max(1, triton.cdiv(k, block_k) // 2)
         split = 1
         while split * 2 <= min(want, most, 8):
@@ -365,24 +415,29 @@ def fp8_linear(
         scale_bn, block_k = 1, 128
         ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
         ws_stride_k = 0
-    if block_scales:
+    gemv = m <= GEMV_MAX_M
+    quant_in_gemv = gemv and GEMV_FUSED_QUANT
+    if quant_in_gemv:  # the GEMV quantizes the activations itself
+        a, a_scale = x2, x2
+    elif block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
     else:
         a, a_scale = per_token_quant_fp8(x2, fp8)
     common = (a, a_scale, weight, weight_scale)
     strides = (a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n)
 
-    if m <= GEMV_MAX_M:
+    if gemv:
         tile = _gemv_tile(n, k, block_k, x.device)
+        consts = fp8_consts(fp8)
 
-        def gemv(target, k_per_split, split, add_bias):
+        def gemv_launch(target, k_per_split, split, add_bias):
             _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
                 *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
                 SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
                 M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
-                SUB_K=block_k, num_warps=tile["num_warps"])
+                SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, num_warps=tile["num_warps"])
 
-        _launch_split(gemv, m, n, k, tile["block_k"], tile["split_k"], bias, out)
+        _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
         return out.view(*x.shape[:-1], n)
 
     tile = _gemm_tile(m, n, k, block_k, x.device)
