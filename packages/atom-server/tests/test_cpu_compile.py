@@ -90,3 +90,28 @@ def test_compiled_gpt_oss_window_pool_and_sinks(tmp_path, monkeypatch):
     outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
     assert runner.compiled.steps["forward"] > 0 and runner.compiled.steps["decode"] > 0
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(ckpt, prompts)
+
+
+def test_no_compilers_run_eager_with_one_warning(llama, monkeypatch, tmp_path, caplog):
+    """A machine without C/C++ compilers: Inductor cannot build the compiled forward, the native attention kernel
+    is not built either; the engine says so in one line each and serves eagerly (transformers' tokens)."""
+    import torch._inductor.config as inductor_config
+
+    from atom.ops import cpu_native
+
+    for name, value in (("_tried", False), ("_lib", None), ("_has_f16", False)):
+        monkeypatch.setattr(cpu_native, name, value)
+    monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    monkeypatch.setenv("ATOM_CACHE_DIR", str(tmp_path / "atom"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled to reuse
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-c++")))
+    with caplog.at_level("WARNING"):
+        llm = _llm(llama, True, monkeypatch)
+    assert llm.llm_engine.runner.compiled is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("compiling the CPU forward failed" in w for w in warnings), warnings
+    assert any("building the native CPU kernels failed" in w for w in warnings), warnings
+    assert all("\n" not in w for w in warnings)
+    prompts = PROMPTS[:3]
+    outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(llama, prompts)

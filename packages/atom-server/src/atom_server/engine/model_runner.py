@@ -278,7 +278,9 @@ class ModelRunner:
         try:
             seconds = compiled.warm_up(windowed=self.tables.windowed)
         except Exception as e:  # no C++ compiler, an op Inductor cannot lower: eager steps still work
-            logger.warning("compiling the CPU forward failed, steps run eagerly: %s", e)
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            logger.warning("compiling the CPU forward failed, steps run eagerly (ATOM_CPU_COMPILE=0 or "
+                           "--enforce-eager skips the attempt): %s: %s", type(e).__name__, reason[:300])
             return "failed (eager)"
         self.compiled = compiled
         logger.info("CPU forward compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
