@@ -201,19 +201,6 @@ def test_unwritable_cache_dir_builds_in_a_temporary_folder(fresh_library, monkey
     assert os.path.dirname(path).startswith(tempfile.gettempdir())
 
 
-def test_build_is_cached_and_rebuilt_when_missing(fresh_library):
-    tmp_path = fresh_library
-    compiler = cpu_native._compiler()
-    path = cpu_native._build(compiler)
-    assert path.startswith(str(tmp_path / "cpu-kernels"))
-    built = (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).stat().st_mtime_ns
-    assert cpu_native._build(compiler) == path
-    assert (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).stat().st_mtime_ns == built  # found, not rebuilt
-    assert [p.name for p in (tmp_path / "cpu-kernels").iterdir()] == [path.rsplit("/", 1)[-1]]  # no leftovers
-    (tmp_path / "cpu-kernels" / path.rsplit("/", 1)[-1]).unlink()
-    assert cpu_native._build(compiler) == path
-
-
 @pytest.mark.parametrize("window", [None, 6, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_rows_path_matches_padded_reference(dtype, window):
@@ -231,3 +218,26 @@ def test_cpu_rows_path_matches_padded_reference(dtype, window):
     else:
         truth = paged_attention_padded(q.double(), k.double(), v.double(), tables, qsl, seq_lens, 0.125, window, None)
         assert (out.double() - truth).abs().max() <= (ref.double() - truth).abs().max() + 1e-2
+
+
+def test_concurrent_builds_install_one_whole_library_which_is_cached(fresh_library):
+    """Builders racing on one cache folder (processes starting together do) each compile in a private folder and
+    rename into place: every one gets a loadable library at the same path, nothing is left behind; a later
+    build finds it (not rebuilt) and rebuilds it when it is gone; threads asking library() at once all get the
+    one library."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiler = cpu_native._compiler()
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: cpu_native._build(compiler), range(2)))
+    path = paths[0]
+    assert paths == [path, path] and path.startswith(str(fresh_library / "cpu-kernels"))
+    assert [p.name for p in (fresh_library / "cpu-kernels").iterdir()] == [os.path.basename(path)]
+    built = os.stat(path).st_mtime_ns
+    assert cpu_native._build(compiler) == path and os.stat(path).st_mtime_ns == built  # found, not rebuilt
+    with ThreadPoolExecutor(4) as pool:
+        libs = list(pool.map(lambda _: cpu_native.library(), range(4)))
+    assert libs[0] is not None and all(lib is libs[0] for lib in libs)
+    assert libs[0].atom_cpu_attention_abi() == cpu_native._ABI
+    os.unlink(path)
+    assert cpu_native._build(compiler) == path and os.path.exists(path)

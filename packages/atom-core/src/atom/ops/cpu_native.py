@@ -114,41 +114,46 @@ def _build(compiler: list[str]) -> str:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (disabled, no compiler, build failed: logged once)."""
-    global _lib, _tried, _has_f16
+    """The loaded kernel library, or None (disabled, no compiler, build failed: logged once). Thread-safe: a
+    caller that comes while another builds waits for the outcome (`_tried` is set only once `_lib` is final)."""
+    global _lib, _tried
     if _tried:
         return _lib
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if not enabled():
-            logger.info("native CPU kernels off (ATOM_CPU_NATIVE=0): PyTorch formulations run instead")
-            return None
-        compiler = _compiler()
-        if compiler is None:
-            logger.warning("native CPU kernels not built: no C compiler found (cc, gcc, clang or $CC); CPU decode "
-                           "attention runs as PyTorch ops, which is slower")
-            return None
-        try:
-            path = _build(compiler)
-            lib = ctypes.CDLL(path)
-            if lib.atom_cpu_attention_abi() != _ABI:
-                raise RuntimeError("stale kernel library")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            reason = " ".join(str(e).split())[:300]
-            logger.warning("building the native CPU kernels failed (%s): CPU decode attention runs as PyTorch ops, "
-                           "which is slower", reason)
-            return None
-        fn = lib.atom_paged_decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-                       + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p])
-        _has_f16 = bool(lib.atom_has_f16())
-        logger.info("native CPU kernels loaded from %s (AVX512-BF16 dot products: %s)", path,
-                    "yes" if lib.atom_has_bf16_dot() else "no")
-        _lib = lib
+        if not _tried:
+            _lib = _load()
+            _tried = True
         return _lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _has_f16
+    if not enabled():
+        logger.info("native CPU kernels off (ATOM_CPU_NATIVE=0): PyTorch formulations run instead")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("native CPU kernels not built: no C compiler found (cc, gcc, clang or $CC); CPU decode "
+                       "attention runs as PyTorch ops, which is slower")
+        return None
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(path)
+        if lib.atom_cpu_attention_abi() != _ABI:
+            raise RuntimeError("stale kernel library")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        reason = " ".join(str(e).split())[:300]
+        logger.warning("building the native CPU kernels failed (%s): CPU decode attention runs as PyTorch ops, "
+                       "which is slower", reason)
+        return None
+    fn = lib.atom_paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                   + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p])
+    _has_f16 = bool(lib.atom_has_f16())
+    logger.info("native CPU kernels loaded from %s (AVX512-BF16 dot products: %s)", path,
+                "yes" if lib.atom_has_bf16_dot() else "no")
+    return lib
 
 
 def available(dtype: torch.dtype) -> bool:
