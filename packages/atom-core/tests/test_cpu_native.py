@@ -155,10 +155,12 @@ def test_disabled_by_env(fresh_library, monkeypatch):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")
-def test_portable_build_without_avx512_matches_reference(fresh_library, monkeypatch, caplog):
-    """The C path every CPU without AVX512-BF16 runs (ATOM_CPU_NATIVE_ARCH=x86-64-v3: AVX2, no AVX512), for
-    float32 / bfloat16 / float16, head_dim 64 and 128, GQA, windows, sinks, soft-capping."""
-    monkeypatch.setenv("ATOM_CPU_NATIVE_ARCH", "x86-64-v3")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_portable_build_without_avx512_matches_reference(arch, fresh_library, monkeypatch, caplog):
+    """The C paths CPUs without AVX512-BF16 run (ATOM_CPU_NATIVE_ARCH: x86-64-v3, AVX2 + FMA intrinsics, no
+    AVX512; x86-64, plain C), for float32 / bfloat16 / float16, head_dim 64 and 128, GQA, windows, sinks,
+    soft-capping."""
+    monkeypatch.setenv("ATOM_CPU_NATIVE_ARCH", arch)
     with caplog.at_level("INFO", logger="atom.ops.cpu_native"):
         lib = cpu_native.library()
     assert lib is not None and lib.atom_has_bf16_dot() == 0

@@ -18,7 +18,7 @@ head_dim 64 and 128, a register-blocked row; everywhere else the portable C rows
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -110,6 +110,26 @@ static inline float exp_nonpos(float x) {
     return x < -87.0f ? 0.0f : p * scale;
 }
 
+/* a . b over n floats. The portable rows' q . k: with AVX2 + FMA eight lanes at a time (GCC 12 ran the
+   omp-simd reduction inside the row macros scalar: ~60% of a batch-32 call on an x86-64-v3 build). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t d = 0;
+    float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; d + 16 <= n; d += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+    }
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    s = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+#endif
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
 /* Scores of one head -> probabilities, in place: soft-capping (softcap > 0), the maximum (the sink's logit
    too), exp, the sum (the sink joins the denominator only). One function outside the row macros so the
    compiler vectorizes its loops (inlined into the macros' loop nests, GCC 12 ran exp scalar: ~40% of a
@@ -148,6 +168,37 @@ __attribute__((noinline)) static void softmax_scores(float *restrict sh, int64_t
         acc = _mm512_add_ps(acc, e);
     }
     total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* the same, 8 lanes (the tail scalar) */
+    const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(sh + j), vmx);
+        const __m256 xc = _mm256_max_ps(x, lo);
+        const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f),
+                                                          _mm256_set1_ps(0.5f)));
+        const __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f),
+                                          _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc));
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+        const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
+        const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+        _mm256_storeu_ps(sh + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    total = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+    for (; j < n; j++) {
+        sh[j] = exp_nonpos(sh[j] - mx);
+        total += sh[j];
+    }
 #else
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < n; j++) {
@@ -345,10 +396,7 @@ static void NAME(const float *qbuf, const void *q_raw, float scale, const char *
                 const float *kh = row + hk * head_dim;                                                       \
                 for (int64_t g = 0; g < group; g++, h++) {                                                   \
                     const float *qh = qbuf + h * head_dim;                                                   \
-                    float s = 0.0f;                                                                          \
-                    _Pragma("omp simd reduction(+ : s)")                                                     \
-                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];                               \
-                    scores[h * n + j] = s;                                                                   \
+                    scores[h * n + j] = dot_f32(qh, kh, head_dim);                                           \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
