@@ -11,9 +11,9 @@ The library is built once per (source, compiler, flags, CPU) into $ATOM_CACHE_DI
 first use. Processes building at once each compile in a private folder and rename the result into place
 (atomic). Without a C compiler ($CC, else cc, gcc or clang), when the build fails, or with ATOM_CPU_NATIVE=0,
 `library()` is None (one log line says why) and callers run their PyTorch formulation. The code is built
-for the CPU it runs on (-march=native: AVX512-BF16 dot products where the CPU has them, portable C
-vectorized by the compiler elsewhere); ATOM_CPU_NATIVE_ARCH=<gcc -march value> builds for another target
-(e.g. x86-64-v3: no AVX512; tests build the portable path that way). The kernels are single-threaded (the
+for the CPU it runs on (-march=native: AVX512-BF16 dot products where the CPU has them, AVX512 or AVX2+FMA
+intrinsics for the float32 dot products and the softmax, plain C elsewhere); ATOM_CPU_NATIVE_ARCH=<gcc -march
+value> builds for another target (tests build x86-64-v3, no AVX512, and x86-64, plain C, that way). The kernels are single-threaded (the
 engine's CPU default is one thread per process) and reentrant.
 Under torch.compile the kernel is the custom op `torch.ops.atom.cpu_paged_decode_attention`.
 """

@@ -12,7 +12,8 @@ Returns 0, or: 1 unsupported shape, 2 a row's length or block-table entries out 
 anything is read: a bad table is an error, never a read outside the cache), 3 float16 without _Float16,
 4 out of memory.
 With AVX512-BF16 (-march=native on a CPU that has it) bfloat16 caches take vdpbf16ps dot products and, for
-head_dim 64 and 128, a register-blocked row; everywhere else the portable C rows (vectorized by the compiler).
+head_dim 64 and 128, a register-blocked row; everywhere else the portable C rows (q . k and the softmax's exp
+with AVX512 / AVX2+FMA intrinsics where the build has them, plain C otherwise).
 */
 #include <math.h>
 #include <stdint.h>
