@@ -61,6 +61,8 @@ def test_readme_quickstart(tmp_path):
     shutil.copy(os.path.join(REPO, "README.md"), work)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(PIP_RETRIES="0", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_COMPILE="false")
+    # the compiled CPU forward costs ~30 s of cold compile on the CI machine; test_cpu_compile.py checks it
+    env["ATOM_CPU_COMPILE"] = "0"
     for cmd in install:
         t0 = time.monotonic()
         out = subprocess.run(cmd, shell=True, cwd=work, env=env, capture_output=True, text=True,
@@ -96,6 +98,6 @@ def test_readme_quickstart(tmp_path):
     log = log_path.read_text()
     print(log[-4000:])
     assert code == 0, log
-    for phase in ("config in", "tokenizer in", "weights in", "KV cache in", "CUDA graphs in", "ready in"):
+    for phase in ("config in", "tokenizer in", "weights in", "KV cache in", "compile in", "ready in"):
         assert f"start-up: {phase}" in log, phase
     assert "Traceback" not in log and "deprecated" not in log.lower()

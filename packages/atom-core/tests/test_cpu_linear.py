@@ -22,7 +22,7 @@ def test_packed_linear_matches_f_linear_bf16(shape):
     b = torch.randn(160, generator=gen).to(torch.bfloat16)
     x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
     out = cpu_linear.linear(x, w, b, owner)
-    assert cpu_linear._KEY in owner.__dict__  # the packed path ran
+    assert cpu_linear.has_packed_copy(w)  # the packed path ran
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
 
 
@@ -30,7 +30,7 @@ def test_float32_keeps_f_linear():
     owner = nn.Module()
     w, x = torch.randn(32, 16), torch.randn(4, 16)
     assert torch.equal(cpu_linear.linear(x, w, None, owner), F.linear(x, w))
-    assert cpu_linear._KEY not in owner.__dict__
+    assert not cpu_linear.has_packed_copy(w)
 
 
 def test_reload_drops_the_packed_weight():
@@ -42,3 +42,23 @@ def test_reload_drops_the_packed_weight():
     process_weights_after_loading(model)
     torch.testing.assert_close(cpu_linear.linear(x, layer.weight, None, layer), F.linear(x, layer.weight),
                                rtol=0, atol=0)
+
+
+def test_compiled_linear_keeps_the_packed_weight():
+    """Under torch.compile the packed GEMM is the custom op atom::cpu_packed_linear (Inductor cannot hold the
+    packed tensor), fed the parameter itself, with the eager packed results."""
+    layer = nn.Linear(96, 160).to(torch.bfloat16)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    fn = torch.compile(lambda x: cpu_linear.linear(x, layer.weight, layer.bias, layer).relu(), backend=backend,
+                       fullgraph=True)
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = fn(x)
+    assert "atom.cpu_packed_linear" in ops
+    assert cpu_linear.has_packed_copy(layer.weight)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias).relu(), rtol=0, atol=0)

@@ -15,16 +15,22 @@
   own --dtype, on the server's own device choice (CUDA with its graphs on a GPU machine).
 - A test that sizes the KV cache from free GPU memory and checks the result is marked `serial`:
   tools/device/run_gpu_tests.sh runs those alone, after the parallel (xdist) pass.
+- CPU engines run their decode steps eagerly here (ATOM_CPU_COMPILE=0, inherited by `atom serve`
+  subprocesses): compiling the decode step costs tens of seconds per model shape on the CI machine.
+  test_cpu_compile.py turns it on and checks the compiled steps against the eager ones and transformers.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from atom.testing import devices_under_test
+
+os.environ.setdefault("ATOM_CPU_COMPILE", "0")
 
 
 @dataclass(frozen=True)

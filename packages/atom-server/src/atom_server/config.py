@@ -157,7 +157,8 @@ class EngineArgs:
         add("--enable-expert-parallel", action="store_true",
             help="shard MoE layers by whole experts over the tensor-parallel ranks instead of slicing every expert")
         add("--seed", type=int, default=d["seed"], help="random seed of the engine (requests can set their own)")
-        add("--enforce-eager", action="store_true", help="no CUDA graphs (GPU only)")
+        add("--enforce-eager", action="store_true",
+            help="eager PyTorch only: no CUDA graphs on a GPU, no compiled forward (torch.compile) on CPU")
         add("--served-model-name", type=str, nargs="+", default=None, metavar="NAME",
             help="one or more names the API serves the model under; the first is the one reported "
                  "(default: the --model argument as given; SmolLM2-135M-Instruct for the bundled model)")

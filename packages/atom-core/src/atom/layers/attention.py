@@ -39,7 +39,10 @@ from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
                                   bind_kv_caches, check_cache_dtype, check_kv_scale, is_fp8,
                                   kv_cache_layers)
+from atom.ops.attention import write_kv_slots
+from atom.ops.norm import rms_norm
 from atom.ops.registry import resolve
+from atom.ops.rope import rotary_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,11 @@ class PagedAttentionMetadata:
     max_seq_len: int
     window_slot_mapping: torch.Tensor | None = None  # sliding-window layers' own (AttentionInputs)
     window_block_tables: torch.Tensor | None = None
+    # Every new token has a real slot (no padding rows), and the layers must not read max_query_len /
+    # max_seq_len (a compiled step must not depend on them): qk-norm, rope and the KV write run as plain tensor
+    # code that torch.compile traces, the attention implementation gets no max lengths (it computes them) and
+    # is one opaque custom op under torch.compile. Set by atom-server's compiled CPU steps.
+    traceable: bool = False
 
 
 class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
@@ -188,6 +196,9 @@ class PagedAttention(nn.Module):
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
+        if md.traceable:
+            write_kv_slots(k, v, cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
+            return self._attend_cached(q, md, tables, max_lengths=False)
         self._write(k, v, cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
 
@@ -197,20 +208,29 @@ class PagedAttention(nn.Module):
         """forward() with the model's qk-norm (optional) and rope folded in: one qk_norm_rope_cache op does
         norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
         md = self._context()
+        if md.traceable:  # the same ops, as traceable tensor code
+            s = self.spec
+            t = q.shape[0]
+            if q_weight is not None:
+                q = rms_norm(q.reshape(t, -1, s.head_dim), q_weight, eps).reshape(t, -1)
+                k = rms_norm(k.reshape(t, -1, s.head_dim), k_weight, eps).reshape(t, -1)
+            q, k = rotary_embedding(positions, q, k, s.head_dim, cos_sin, is_neox)
+            return self.forward(q, k, v)
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
                           cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
 
-    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor) -> torch.Tensor:
+    def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor,
+                       max_lengths: bool = True) -> torch.Tensor:
         s = self.spec
         num_tokens = q.shape[0]
         cache = self.kv_cache
         out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
                            md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len, md.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                           sinks=self.sinks)
+                           md.max_query_len if max_lengths else None, md.max_seq_len if max_lengths else None,
+                           k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks)
         return out.reshape(num_tokens, s.num_heads * s.head_dim)
 
 

@@ -19,12 +19,19 @@ inputs) or None (1.0); they are ignored for caches that are not FP8.
 
 Trailing optional arguments of paged_attention, in this order everywhere (torch, Triton, AITER, the op
 schema): ..., max_query_len, max_seq_len, k_scale, v_scale, sinks; callers pass them by keyword.
+
+The torch implementation has three formulations: `paged_attention_padded` (every query padded to the longest of
+the step: any feature, any device; the oracle), `paged_decode_attention` (one query per row; on CPU the native
+kernel of atom.ops.cpu_native, else gathered batched matmuls), and on CPU `_paged_attention_rows` (decoding
+rows together, each prefill row through torch's fused scaled_dot_product_attention), which
+`paged_attention` picks from max_query_len (1: decode) and the device and features.
 """
 
 from __future__ import annotations
 
 import torch
 
+from atom.ops import cpu_native
 from atom.ops.quant_fp8 import FP8_DTYPES, fp8_max
 from atom.ops.registry import define_op, register
 
@@ -125,6 +132,26 @@ def reshape_and_cache(
         flat.index_copy_(0, slots, rows)
 
 
+def write_kv_slots(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """reshape_and_cache when every slot is a real one (no -1 padding): no boolean mask, so torch.compile
+    traces it (Inductor writes the rows in place)."""
+    slots = slot_mapping.long()
+    for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        rows = to_cache_dtype(x, cache.dtype, scale)
+        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slots, rows)
+
+
 @register("paged_attention", "torch", cuda_graph=False, traceable=False)
 def paged_attention(
     q: torch.Tensor,
@@ -144,6 +171,83 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim] -> out [T, num_heads, head_dim] (T = query_start_loc[-1]); FP8 caches
     are read as entry * k_scale / v_scale. sinks: optional [num_heads] sink logits (any float dtype)."""
+    if max_query_len == 1:  # every row decodes one token (the caller says so)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                      logit_softcap, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
+    if (q.device.type == "cpu" and not logit_softcap and sinks is None
+            and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.dtype == k_cache.dtype):
+        return _paged_attention_rows(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                     sliding_window)
+    return paged_attention_padded(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                  sliding_window, logit_softcap, max_query_len, max_seq_len, k_scale, v_scale, sinks)
+
+
+def _paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          sliding_window: int | None) -> torch.Tensor:
+    """paged_attention on CPU, row by row: the decoding rows (one query) together through
+    paged_decode_attention, each prefill row through torch's fused scaled_dot_product_attention over the keys
+    it can see (gathered from its blocks; with a window, only the window's: blocks before it may be stale).
+    No [rows, longest query, longest context] score tensor as in the padded form."""
+    if q.shape[0] == seq_lens.shape[0]:  # one query per row: decode
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    out = torch.empty_like(q)
+    decode = [b for b, n in enumerate(q_lens) if n == 1]
+    if decode:
+        rows = torch.tensor(decode, device=q.device)
+        tokens = torch.tensor([starts[b] for b in decode], device=q.device)
+        out[tokens] = paged_decode_attention(q[tokens], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
+                                             sliding_window)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    for b, n in enumerate(q_lens):
+        if n <= 1:
+            continue
+        length, first_query = lens[b], lens[b] - n
+        first_key = max(0, first_query - sliding_window + 1) if sliding_window else 0
+        blocks = block_tables[b, first_key // block_size:-(-length // block_size)].long()
+        offset = first_key // block_size * block_size  # position of the first gathered slot
+        k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        queries = q[starts[b]:starts[b] + n].transpose(0, 1)[None]  # [1, H, n, D]
+        mask = None
+        if first_key or first_query:  # causal from position first_query on, within the window
+            key_pos = torch.arange(first_key, length, device=q.device)
+            query_pos = torch.arange(first_query, length, device=q.device)[:, None]
+            mask = key_pos[None, :] <= query_pos
+            if sliding_window:
+                mask &= query_pos - key_pos[None, :] < sliding_window
+        elif sliding_window and sliding_window < n:
+            pos = torch.arange(n, device=q.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < sliding_window)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            queries, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=True)
+        out[starts[b]:starts[b] + n] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_padded(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention for any rows and features, every query padded to the longest of the step (the general
+    formulation: GPUs' torch backend, soft-capping, sinks, FP8 caches; the oracle the others are checked
+    against)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -221,3 +325,61 @@ def paged_attention(
     result = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=device)
     result[tok[q_valid]] = out[q_valid].to(q.dtype)
     return result
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention where every row has one query, its newest token: q [B, H, D] -> out [B, H, D].
+
+    No host reads and shapes set by (B, block-table width), so torch.compile traces it. On CPU the native kernel
+    (atom.ops.cpu_native, one pass over each row's keys and values; an opaque custom op under torch.compile)
+    runs it; elsewhere, or without the kernel, each row's blocks are gathered once into [B, Hkv, L, D] for
+    batched matmuls. Keys past a row's length (the rest of its last block, table padding) and, with a window,
+    keys before it (possibly stale blocks) are never read by the kernel and are masked out (values zeroed) by
+    the matmul form, so garbage there (NaN in a torch.empty cache) never reaches the output."""
+    if cpu_native.decode_attention_supported(q, k_cache, v_cache):
+        return cpu_native.paged_decode_attention_op(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                    sliding_window, logit_softcap, sinks)
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_l = block_tables.shape[1] * block_size
+    pos = torch.arange(max_l, device=q.device)
+    seq = seq_lens.long()[:, None]
+    used = pos[None, :] < seq  # [B, L]
+    if sliding_window:  # the query (position seq - 1) sees keys j with seq - 1 - j < window
+        used = used & (pos[None, :] >= seq - sliding_window)
+    # table entries past a row's blocks may be anything: read block 0 there (masked out below)
+    blocks_used = -(-seq // block_size)  # [B, 1]
+    tables = torch.where(torch.arange(block_tables.shape[1], device=q.device)[None, :] < blocks_used,
+                         block_tables.long(), 0)
+    k = k_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    if not logit_softcap and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        k, v = k.contiguous(), v.contiguous()  # matmuls in the cache dtype
+    else:  # soft-capped or FP8: float32
+        k, v = from_cache(k, k_scale), from_cache(v, v_scale)
+    v = v.masked_fill(~used[:, None, :, None], 0.0)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    if logit_softcap:
+        scores = logit_softcap * torch.tanh(scores / logit_softcap)
+    scores = scores.masked_fill(~used[:, None, None, :], float("-inf"))
+    if sinks is not None:  # head = kv_head * group + g; the sink joins the denominator only
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(batch, -1, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -8,7 +8,8 @@ buffers (cuda_graphs.py). The KV cache is sized and allocated from the layers' K
 sliding-window layers (and windowed_kv) those layers get a pool of their own that keeps only the window
 of each running sequence (block_manager.py's window pool; split_kv_budget sizes both pools).
 
-The CPU path is plain PyTorch; a GPU adds faster kernels (chosen by atom's op registry), memory sizing
+The CPU path is PyTorch, its forward compiled (cpu_compile.py) unless enforce_eager; a GPU adds faster
+kernels (chosen by atom's op registry), memory sizing
 from free device memory, and CUDA graphs for decode batches (forward, LM head and greedy argmax in one
 replay), which can also be launched ahead of reading their tokens (launch_decode / collect: the engine's
 async scheduling). With speculative decoding, verify batches (K + 1 tokens a row) replay graphs too, and so
@@ -43,7 +44,9 @@ from atom.ops.registry import cuda_graph_blockers, resolve
 from atom.ops.sampling import apply_token_bitmask
 from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
+from atom_server.engine import cpu_compile
 from atom_server.engine.block_tables import BlockTables, positions_of
+from atom_server.engine.cpu_compile import CompiledForward
 from atom_server.engine.cuda_graphs import DecodeGraphs, verify_capture_sizes
 from atom_server.engine.mtp_drafter import MTPDrafter
 from atom_server.engine.mtp_graphs import MTPGraphs
@@ -252,7 +255,37 @@ class ModelRunner:
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
                     self.graphs = self.mtp_graphs = None
                     torch.cuda.synchronize()
-        startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
+        if device.type != "cpu":
+            startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
+        self.compiled: CompiledForward | None = None
+        if device.type == "cpu":
+            startup.phase_done("compile", self._compile_cpu(enforce_eager, mtp))
+
+    def _compile_cpu(self, enforce_eager: bool, mtp: bool) -> str:
+        """Compile the CPU forward (cpu_compile.py) unless something rules it out; says what happened."""
+        if enforce_eager:
+            return "off (--enforce-eager)"
+        if not cpu_compile.enabled_by_env():
+            return "off (ATOM_CPU_COMPILE=0)"
+        if self.graphs is not None:
+            return "off (decode graphs in use)"
+        if mtp or self.tp_size > 1:
+            return "off (" + ("MTP drafter" if mtp else "tensor parallelism") + ")"
+        if (reason := cpu_compile.unsupported_reason(self.model)) is not None:
+            logger.info("CPU forward not compiled: %s", reason)
+            return f"off ({reason})"
+        compiled = CompiledForward(self.model)
+        try:
+            seconds = compiled.warm_up(windowed=self.tables.windowed)
+        except Exception as e:  # no C++ compiler, an op Inductor cannot lower: eager steps still work
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            logger.warning("compiling the CPU forward failed, steps run eagerly (ATOM_CPU_COMPILE=0 or "
+                           "--enforce-eager skips the attempt): %s: %s", type(e).__name__, reason[:300])
+            return "failed (eager)"
+        self.compiled = compiled
+        logger.info("CPU forward compiled in %.1f s (torch.compile, Inductor C++; --enforce-eager turns it off)",
+                    seconds)
+        return f"forward in {seconds:.1f} s"
 
     def _captures_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.enforce_eager and _graph_mode() == "auto"
@@ -375,7 +408,24 @@ class ModelRunner:
             return self._execute_decode_graph(step, rows)
         if q is not None:
             return self._execute_verify_graph(step, rows)
+        if self.compiled is not None and step.is_decode:
+            return self._execute_compiled_decode(step, rows)
         return self._execute_eager(step, rows)
+
+    def _execute_compiled_decode(self, step: StepInput, rows: np.ndarray) -> list[RowResult]:
+        """A decode step through the compiled forward, LM head and greedy argmax (cpu_compile.py)."""
+        qsl, seq_lens, positions = positions_of(step)
+        slots = self.tables.slots(rows, positions)
+        window_slots = self.tables.slots(rows, positions, window=True) if self.tables.windowed else None
+        md = self.compiled.metadata(self._attention_inputs(slots, window_slots, qsl, seq_lens, rows))
+        logits, greedy = self.compiled.decode(torch.tensor(step.token_ids), torch.from_numpy(positions), md)
+        if not self.samples:
+            return []
+        if step.sampling is None:
+            return [RowResult(t) for t in greedy.tolist()]
+        results = [RowResult() for _ in range(step.num_rows)]
+        self._sample_plain(logits, step, list(range(step.num_rows)), results)
+        return results
 
     def _graph_q(self, step: StepInput) -> int | None:
         """Which graph runs a step: 1 (a decode graph: every row computes one token and samples), the verify graphs'
@@ -655,11 +705,21 @@ class ModelRunner:
                  extra: torch.Tensor | None = None) -> torch.Tensor:
         fn = fn or self._target
         dev = self.device
+        inputs = self._attention_inputs(slots, window_slots, qsl, seq_lens, rows)
+        ids_t, positions_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
+        if self.compiled is not None and fn == self._target:
+            return self.compiled.forward(ids_t, positions_t, self.compiled.metadata(inputs))
+        with set_forward_context(self.attn_builder.build(inputs)):
+            return fn(ids_t, positions_t, extra)
+
+    def _attention_inputs(self, slots: np.ndarray, window_slots: np.ndarray | None, qsl: np.ndarray,
+                          seq_lens: np.ndarray, rows: np.ndarray) -> AttentionInputs:
+        dev = self.device
         tables = self.tables
         width = int(tables.num_blocks[rows].max())
         inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(self.tables.table[rows, :width]).to(dev),
+            block_tables=torch.from_numpy(tables.table[rows, :width]).to(dev),
             query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
             max_query_len=int(np.diff(qsl).max()),
@@ -669,8 +729,7 @@ class ModelRunner:
             inputs.window_slot_mapping = torch.from_numpy(window_slots).to(dev)
             window_width = int(tables.window_num_blocks[rows].max())
             inputs.window_block_tables = torch.from_numpy(tables.window[rows, :window_width]).to(dev)
-        with set_forward_context(self.attn_builder.build(inputs)):
-            return fn(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), extra)
+        return inputs
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample_rows(self, logits: torch.Tensor, sampling: SamplingInputs | None,
