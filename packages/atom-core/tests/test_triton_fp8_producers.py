@@ -1,0 +1,177 @@
+"""FP8 activation producers (RMSNorm / SiLU-and-mul emitting FP8 codes + scales) and fp8_linear_quantized:
+bit-identical (torch.equal) to the unfused Triton path (float op, then the quantization kernel, then
+fp8_linear) and to the torch references, under Triton's CPU interpreter (TRITON_INTERPRET=1, its own pytest
+process) and on a GPU (the `gpu` cases: 8b shapes, the hardware FP8 conversion).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from atom.ops import quant_fp8 as Q  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+def triton(op: str):
+    return resolve(op, "triton")
+
+
+def torch_ref(op: str):
+    return resolve(op, "torch")
+
+
+def unfused_quant(y: torch.Tensor, group: int | None, backend=triton):
+    """The quantization kernel fp8_linear runs before its GEMM (or its torch reference)."""
+    if group is None:
+        return backend("fp8_quant_token")(y, FP8)
+    return backend("fp8_quant_group")(y, group, FP8)
+
+
+def check_fused(fused, float_out: torch.Tensor, group: int | None) -> None:
+    """Equal to the Triton quantization kernel on the float kernel's output, and to the torch quantization
+    reference on it. (Not to the torch references of the float ops themselves: their float32 sums run in
+    another order, and the interpreter rounds float32 -> bfloat16 by truncation.)"""
+    assert_same(fused[:2], unfused_quant(float_out, group))
+    assert_same(fused[:2], unfused_quant(float_out, group, torch_ref))
+
+
+def assert_same(got, want) -> None:
+    """torch.equal on every output (FP8 codes compared as bytes: e4m3fn has NaN and -0)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
+        if g.dtype == FP8:
+            g, w = g.view(torch.uint8), w.view(torch.uint8)
+        assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
+
+
+def hidden_states(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(m, k, device=DEVICE) * (0.1 + torch.rand(m, 1, device=DEVICE)) * 4
+    x[0, : k // 3] *= 1e-4  # a small slice next to normal ones
+    return x.to(dtype)
+
+
+# (M, K): M not a multiple of any tile, K not a multiple of 128, K below one group, K = several groups
+SHAPES = [(1, 200), (5, 320), (17, 96), (3, 512)]
+LAYOUTS = [128, 64, None]  # group sizes; None: per token
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_rms_norm_quant_equals_norm_then_quant(m, k, group, dtype):
+    x = hidden_states(m, k, dtype)
+    w = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    fused = triton("rms_norm_quant_fp8")(x, w, 1e-6, group, FP8)
+    check_fused(fused, triton("rms_norm")(x, w, 1e-6), group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_fused_add_rms_norm_quant_equals_add_norm_then_quant(m, k, group, dtype):
+    x, res = hidden_states(m, k, dtype), hidden_states(m, k, dtype)
+    w = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    q, s, r = triton("fused_add_rms_norm_quant_fp8")(x, res, w, 1e-6, group, FP8)
+    y, r_unfused = triton("fused_add_rms_norm")(x, res, w, 1e-6)
+    check_fused((q, s), y, group)
+    assert torch.equal(r, r_unfused)
+
+
+def test_rms_norm_quant_with_a_float32_weight_quantizes_the_float32_output():
+    """A bf16 input with a float32 weight: the norm's output (and so what is quantized) is float32."""
+    x = hidden_states(4, 256, torch.bfloat16)
+    w = 1 + 0.2 * torch.randn(256, device=DEVICE)
+    assert_same(triton("rms_norm_quant_fp8")(x, w, 1e-6, 128, FP8),
+                unfused_quant(triton("rms_norm")(x, w, 1e-6), 128))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,d", [(1, 200), (5, 1100), (17, 96)])
+def test_silu_and_mul_quant_equals_act_then_quant(m, d, group, dtype):
+    x = hidden_states(m, 2 * d, dtype)
+    fused = triton("silu_and_mul_quant_fp8")(x, group, FP8)
+    check_fused(fused, triton("silu_and_mul")(x), group)
+
+
+def _weight(n: int, k: int, layout: str):
+    w = torch.randn(n, k, device=DEVICE) / k**0.5
+    if layout == "block":
+        return (*Q.quantize_weight_fp8(w, "block", (128, 128), FP8), [128, 128])
+    if layout == "block64":
+        return (*Q.quantize_weight_fp8(w, "block", (32, 64), FP8), [32, 64])
+    q, s = Q.quantize_weight_fp8(w, "tensor" if layout == "tensor" else "channel", fp8_dtype=FP8)
+    return q, s.float(), None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["block", "block64", "channel", "tensor"])
+@pytest.mark.parametrize("m", [17, 37])  # above any GEMV_MAX_M (at most 16)
+def test_fp8_linear_quantized_equals_fp8_linear(m, layout, dtype):
+    """At M above the GEMV's rows both run the same GEMM on the same codes: equal outputs; the torch
+    references agree with each other exactly too."""
+    n, k = 96, 320
+    w, ws, block = _weight(n, k, layout)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    x = hidden_states(m, k, dtype)
+    q, s = Q.quantize_activations(x, block, FP8)
+    want = triton("fp8_linear")(x, w, ws, bias, block)
+    assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, bias, block, dtype), want)
+    assert torch.equal(torch_ref("fp8_linear_quantized")(q, s, w, ws, bias, block, dtype),
+                       torch_ref("fp8_linear")(x, w, ws, bias, block))
+
+
+def test_fp8_linear_quantized_rejects_mismatched_inputs():
+    w, ws, block = _weight(64, 256, "block")
+    q, s = Q.quantize_activations(hidden_states(4, 256, torch.float32), block, FP8)
+    op = triton("fp8_linear_quantized")
+    with pytest.raises(ValueError, match="activation scales"):
+        op(q, s[:, :1], w, ws, None, block, torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        op(q[:, :128], s[:, :1], w, ws, None, block, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        triton("silu_and_mul_quant_fp8")(hidden_states(2, 192, torch.float32), 96, FP8)
+
+
+# ---------------------------------------------------------------- GPU: qwen3-8b shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("group", [128, None])
+@pytest.mark.parametrize("m", [17, 128, 300])
+@pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
+def test_fused_path_equals_unfused_at_8b_shapes(site, m, group):
+    """Producer + fp8_linear_quantized against producer's float op + fp8_linear on the GPU, bf16, 8b shapes."""
+    hidden, inter = 4096, 12288
+    k, n = {"qkv": (hidden, 6144), "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}[site]
+    w, ws, block = _weight(n, k, "block" if group else "channel")
+    dtype = torch.bfloat16
+    if site == "down":
+        x = hidden_states(m, 2 * inter, dtype)
+        q, s = triton("silu_and_mul_quant_fp8")(x, group, FP8)
+        want = triton("fp8_linear")(triton("silu_and_mul")(x), w, ws, None, block)
+    else:
+        x, res = hidden_states(m, hidden, dtype), hidden_states(m, hidden, dtype)
+        nw = (1 + 0.2 * torch.randn(hidden, device=DEVICE)).to(dtype)
+        q, s, r = triton("fused_add_rms_norm_quant_fp8")(x, res, nw, 1e-6, group, FP8)
+        y, r_want = triton("fused_add_rms_norm")(x, res, nw, 1e-6)
+        assert torch.equal(r, r_want)
+        want = triton("fp8_linear")(y, w, ws, None, block)
+    assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, None, block, dtype), want)
+
