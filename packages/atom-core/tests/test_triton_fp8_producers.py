@@ -175,3 +175,89 @@ def test_fused_path_equals_unfused_at_8b_shapes(site, m, group):
         want = triton("fp8_linear")(y, w, ws, None, block)
     assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, None, block, dtype), want)
 
+
+
+# ---------------------------------------------------------------- a whole FP8 model, fused and not
+
+
+def _tiny_fp8_qwen3(tmp_path, fmt: str) -> str:
+    """A 2-layer dense Qwen3 (qk-norm, hidden 64: below one 128-group; block_k 32 groups: two per row),
+    written in FP8 by tools/quantize_fp8.py: "fp8-block" (1 x 32 activation groups) or "compressed-tensors"
+    (per-channel weights, per-token activations)."""
+    import sys
+
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
+    import quantize_fp8
+
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "float")
+    quantize_fp8.quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / fmt), fmt, (32, 32))
+    return str(tmp_path / fmt)
+
+
+def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16"):
+    """Prefill of two prompts then a decode step (2 rows) on the Triton kernels; returns the logits and how
+    many FP8 linear calls took producer-quantized activations."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+    from atom.ops import registry
+    from atom.quantization.fp8 import Fp8LinearMethod
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    monkeypatch.setenv("ATOM_FP8_FUSED_PRODUCERS", "1" if fused else "0")
+    registry.forget_resolutions()
+    model, _ = load_model(path, dtype=dtype, device=DEVICE, progress=False)
+    calls = []
+    for m in model.modules():
+        method = getattr(m, "quant_method", None)
+        if isinstance(method, Fp8LinearMethod) and method.linear_quantized is not None:
+            inner = method.linear_quantized
+            method.linear_quantized = lambda *a, _f=inner, _p=m.prefix: (calls.append(_p), _f(*a))[1]
+    harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
+    seqs = harness.add(2)
+    out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
+    out.append(harness.step([[7], [8]], seqs))
+    registry.forget_resolutions()
+    return torch.cat(out).float().cpu(), calls
+
+
+@pytest.mark.parametrize("fmt,gemv_max_m", [("fp8-block", 0), ("compressed-tensors", 0), ("fp8-block", 2)])
+def test_fp8_model_logits_are_identical_with_and_without_fused_producers(fmt, gemv_max_m, tmp_path, monkeypatch):
+    """qkv_proj, gate_up_proj and down_proj fed by their producers (bf16 activations) give the very logits of
+    the unfused model; with GEMV_MAX_M 2 the decode steps (2 rows) take the float path into the GEMV."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
+    path = _tiny_fp8_qwen3(tmp_path, fmt)
+    want, none = _model_logits(path, False, monkeypatch)
+    got, calls = _model_logits(path, True, monkeypatch)
+    assert none == []
+    steps = 1 if gemv_max_m >= 2 else 2  # forward passes with more rows than the GEMV takes
+    per_step = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                                    "mlp.down_proj")]
+    assert sorted(calls) == sorted(per_step * steps)
+    assert torch.equal(got, want)
+
+
+def test_the_torch_path_has_no_fused_producers(tmp_path, monkeypatch):
+    """The torch references (the CPU path) keep their float ops: no producer links to its linear."""
+    from atom.loader import load_model
+    from atom.ops import registry
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "torch")
+    registry.forget_resolutions()
+    model, _ = load_model(_tiny_fp8_qwen3(tmp_path, "fp8-block"), dtype="bfloat16", device=DEVICE, progress=False)
+    layer = model.model.layers[0]
+    assert layer.input_layernorm._fp8 is None and layer.mlp.act._fp8 is None
+    assert layer.self_attn.qkv_proj.quant_method.fused_input_format() is None
+    registry.forget_resolutions()
