@@ -261,3 +261,28 @@ def test_the_torch_path_has_no_fused_producers(tmp_path, monkeypatch):
     assert layer.input_layernorm._fp8 is None and layer.mlp.act._fp8 is None
     assert layer.self_attn.qkv_proj.quant_method.fused_input_format() is None
     registry.forget_resolutions()
+
+
+def test_fp8_model_with_fused_producers_compiles_in_one_graph(tmp_path, monkeypatch):
+    """Under torch.compile (atom-vllm compiles the backbone) the producers keep their float ops: the model
+    traces into one graph (fullgraph) and gives the eager model's logits, which took the fused path."""
+    import sys
+
+    import torch._dynamo
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from compile_checks import compiled_model_logits
+
+    from atom.ops import registry
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    monkeypatch.setenv("ATOM_FP8_FUSED_PRODUCERS", "1")
+    registry.forget_resolutions()
+    eager, compiled, model = compiled_model_logits(_tiny_fp8_qwen3(tmp_path, "fp8-block"), DEVICE, "aot_eager",
+                                                   dtype="bfloat16")
+    assert model.model.layers[0].input_layernorm._fp8 is not None
+    assert registry.cuda_graph_blockers(model) == []
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+    registry.forget_resolutions()

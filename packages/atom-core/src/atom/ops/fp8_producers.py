@@ -17,6 +17,8 @@ from atom.ops.activation import silu_and_mul
 from atom.ops.norm import fused_add_rms_norm, rms_norm
 from atom.ops.quant_fp8 import (
     _fp8_of,
+    _linear_example,
+    quantize_activations,
     check_weight_scale,
     dequantize_activations,
     dequantize_weight,
@@ -55,7 +57,15 @@ define_op("silu_and_mul_quant_fp8",
           example=lambda t, static: (t.randn(7, 2 * int(static.get("intermediate_size", 320))),
                                      static.get("group_size", 128), _fp8_of(static)),
           fake=lambda x, group_size, fp8_dtype: _quant_fake(x, x.shape[-1] // 2, group_size, fp8_dtype))
-define_op("fp8_linear_quantized",
+def _linear_quantized_example(t, static):
+    """fp8_linear's example calls with their activations quantized in the weight's layout."""
+    calls = []
+    for x, q, scale, bias, block in _linear_example(t, static):
+        calls.append((*quantize_activations(x, block, q.dtype), q, scale, bias, block, x.dtype))
+    return calls
+
+
+define_op("fp8_linear_quantized", example=_linear_quantized_example,
           fake=lambda q, scale, weight, *args: q.new_empty(*q.shape[:-1], weight.shape[0], dtype=args[-1]))
 
 
