@@ -200,7 +200,7 @@ def _tiny_fp8_qwen3(tmp_path, fmt: str) -> str:
     return str(tmp_path / fmt)
 
 
-def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16"):
+def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", **load_kw):
     """Prefill of two prompts then a decode step (2 rows) on the Triton kernels; returns the logits and how
     many FP8 linear calls took producer-quantized activations."""
     import sys
@@ -216,7 +216,8 @@ def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16"):
     monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
     monkeypatch.setenv("ATOM_FP8_FUSED_PRODUCERS", "1" if fused else "0")
     registry.forget_resolutions()
-    model, _ = load_model(path, dtype=dtype, device=DEVICE, progress=False)
+    torch.manual_seed(0)  # the same dummy weights in both runs
+    model, _ = load_model(path, dtype=dtype, device=DEVICE, progress=False, **load_kw)
     calls = []
     for m in model.modules():
         method = getattr(m, "quant_method", None)
@@ -246,6 +247,27 @@ def test_fp8_model_logits_are_identical_with_and_without_fused_producers(fmt, ge
     per_step = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.qkv_proj", "mlp.gate_up_proj",
                                                                     "mlp.down_proj")]
     assert sorted(calls) == sorted(per_step * steps)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fp8_model_at_8b_shapes_is_identical_with_and_without_fused_producers(tmp_path, monkeypatch):
+    """Two Qwen3-8B layers (hidden 4096, intermediate 12288, 32 / 8 heads of 128), random weights quantized
+    at load time (--quantization fp8: per-channel weights, per-token activations), bf16, on the GPU."""
+    import transformers
+
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 1)  # decode steps of 2 rows take the fused path
+    transformers.Qwen3Config(vocab_size=1024, hidden_size=4096, intermediate_size=12288, num_hidden_layers=2,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             max_position_embeddings=256, architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path)
+    kw = dict(load_format="dummy", quantization="fp8")
+    want, none = _model_logits(str(tmp_path), False, monkeypatch, **kw)
+    got, calls = _model_logits(str(tmp_path), True, monkeypatch, **kw)
+    assert none == [] and len(calls) == 2 * 3 * 2  # layers x sites x (prefill, decode of 2 rows)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
     assert torch.equal(got, want)
 
 
