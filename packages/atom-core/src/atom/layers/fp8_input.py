@@ -60,8 +60,11 @@ class Fp8ConsumerLink:
     producer ops, resolved on the producer's float op's backend."""
 
     def __init__(self, consumer: nn.Module, fused_ops: tuple[Callable, ...]):
+        from atom.ops.triton_kernels import quant_fp8  # the producer runs Triton: importable
+
         self._consumer = (consumer,)  # a tuple: nn.Module would register a module attribute as a child
         self.ops = fused_ops
+        self._gemm_module = quant_fp8  # its GEMV_MAX_M, read per call (a process may change it)
 
     def format_for(self, x: torch.Tensor) -> Fp8InputFormat | None:
         """The layout to hand this call's output over in, or None for the float output."""
@@ -71,10 +74,8 @@ class Fp8ConsumerLink:
         fmt = wants() if wants is not None else None
         if fmt is None:
             return None
-        from atom.ops.triton_kernels import quant_fp8  # the consumer runs Triton: importable
-
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return fmt if rows > quant_fp8.GEMV_MAX_M else None
+        return fmt if rows > self._gemm_module.GEMV_MAX_M else None
 
 
 def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...],
