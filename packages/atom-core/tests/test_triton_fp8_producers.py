@@ -113,6 +113,9 @@ def _weight(n: int, k: int, layout: str):
     w = torch.randn(n, k, device=DEVICE) / k**0.5
     if layout == "block":
         return (*Q.quantize_weight_fp8(w, "block", (128, 128), FP8), [128, 128])
+    if layout == "block_rows":  # one row of K-block scales per output row (merged shards not multiples of bn)
+        q, sc = Q.quantize_weight_fp8(w, "block", (128, 128), FP8)
+        return q, sc.repeat_interleave(128, 0)[:n].contiguous(), [1, 128]
     if layout == "block64":
         return (*Q.quantize_weight_fp8(w, "block", (32, 64), FP8), [32, 64])
     q, s = Q.quantize_weight_fp8(w, "tensor" if layout == "tensor" else "channel", fp8_dtype=FP8)
@@ -120,7 +123,7 @@ def _weight(n: int, k: int, layout: str):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["block", "block64", "channel", "tensor"])
+@pytest.mark.parametrize("layout", ["block", "block64", "block_rows", "channel", "tensor"])
 @pytest.mark.parametrize("m", [17, 37])  # above any GEMV_MAX_M (at most 16)
 def test_fp8_linear_quantized_equals_fp8_linear(m, layout, dtype):
     """At M above the GEMV's rows both run the same GEMM on the same codes: equal outputs; the torch
