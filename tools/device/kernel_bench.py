@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--fp8-only", action="store_true", help="only the FP8 rows (GEMM, MoE, KV cache) and sweeps")
     ap.add_argument("--fp8-decode-only", action="store_true",
                     help="with --fp8-only: only the decode-size linear rows (GEMV variants, tl.dot, cuBLAS) and sweeps")
+    ap.add_argument("--fp8-producers-only", action="store_true",
+                    help="only the FP8 producer rows (norm / SiLU-and-mul emitting FP8, fp8_linear_quantized)")
     ap.add_argument("--mla-only", action="store_true", help="only the MLA and grouped-routing rows")
     opts = ap.parse_args()
     torch.manual_seed(0)
@@ -107,8 +109,14 @@ def main() -> None:
         gpt_oss_rows(bench)
         rows_out(rows, bw, opts)
         return
+    if opts.fp8_producers_only:
+        fp8_producer_rows(bench)
+        rows_out(rows, bw, opts)
+        return
     if opts.fp8_only:
         fp8_rows(bench, opts)
+        if not opts.fp8_decode_only:
+            fp8_producer_rows(bench)
         rows_out(rows, bw, opts)
         return
 
@@ -223,6 +231,7 @@ def main() -> None:
         return
 
     fp8_rows(bench, opts)
+    fp8_producer_rows(bench)
 
     B, V = 128, 151936
     lg = torch.randn(B, V, device=DEV) * 4
@@ -440,6 +449,81 @@ def fp8_rows(bench, opts) -> None:
         attn_fp8 = functools.partial(attn, k_scale=one, v_scale=one)
         bench(f"paged_attention decode bs{batch} ctx{ctx} fp8 KV", attn_fp8, None, fp8_args,
               kv_bytes + 2 * q.numel() * 2, 4 * batch * 32 * 128 * ctx)
+
+
+# ---- FP8 producers (fp8-producer branch; atom.ops.fp8_producers) ----
+def fp8_producer_rows(bench) -> None:
+    """The 8b decoder's FP8 activation producers, fused against their unfused pairs, at M 16 / 128 (above
+    GEMV_MAX_M: below it the GEMV quantizes inside itself), block (1 x 128 groups) and channel (per-token)
+    layouts, all as CUDA-graph replays:
+    - `fp8 producer add+rms_norm+quant` (one kernel) vs `  unfused: fused_add_rms_norm, quant` (two kernels);
+    - `fp8 producer silu_and_mul+quant` vs `  unfused: silu_and_mul, quant`;
+    - `fp8_linear_quantized 8b <proj>` (the tl.dot GEMM on pre-quantized input) vs `  fp8_linear` (quantization
+      kernel + the same GEMM);
+    - `fp8 chain <site>`: the producer and its linear together, fused vs unfused: the saving per call site
+      (qkv after input_layernorm, gate_up after post_attention_layernorm, down after SiLU-and-mul).
+    Bytes: what each kernel must read and write (the fused rows skip writing and re-reading the bf16 activations)."""
+    from atom.ops import quant_fp8 as Q
+
+    lin, lin_q = resolve("fp8_linear", "triton"), resolve("fp8_linear_quantized", "triton")
+    add_norm, add_norm_q = resolve("fused_add_rms_norm", "triton"), resolve("fused_add_rms_norm_quant_fp8", "triton")
+    silu, silu_q = resolve("silu_and_mul", "triton"), resolve("silu_and_mul_quant_fp8", "triton")
+    quant_g, quant_t = resolve("fp8_quant_group", "triton"), resolve("fp8_quant_token", "triton")
+    fp8 = torch.float8_e4m3fn
+    H, inter = FP8_LINEARS["o"][1], FP8_LINEARS["down"][1]  # 4096, 12288
+    weights = {proj: {layout: Q.quantize_weight_fp8(rnd(n, k, scale=k**-0.5), layout)
+                      for layout in ("block", "channel")} for proj, (n, k) in FP8_LINEARS.items()}
+    nw = 1 + 0.1 * rnd(H)
+    for m in (16, 128):
+        for layout in ("block", "channel"):
+            group, block = (128, [128, 128]) if layout == "block" else (None, None)
+            groups = H // 128 if group else 1
+
+            def quant(y, group=group):
+                return quant_g(y, group, fp8) if group else quant_t(y, fp8)
+
+            x, res = rnd(m, H), rnd(m, H)
+            gu = rnd(m, 2 * inter)
+            norm_bytes = 3 * m * H * 2 + m * H + m * groups * 4
+            bench(f"fp8 producer add+rms_norm+quant M{m} {layout}", add_norm_q, None,
+                  (x, res, nw, 1e-6, group, fp8), norm_bytes)
+            bench(f"  unfused: fused_add_rms_norm, quant M{m} {layout}",
+                  lambda x, res: quant(add_norm(x, res, nw, 1e-6)[0]), None, (x, res), norm_bytes + 2 * m * H * 2)
+            silu_bytes = m * 2 * inter * 2 + m * inter + m * (inter // 128 if group else 1) * 4
+            bench(f"fp8 producer silu_and_mul+quant M{m} {layout}", silu_q, None, (gu, group, fp8), silu_bytes)
+            bench(f"  unfused: silu_and_mul, quant M{m} {layout}", lambda gu: quant(silu(gu)), None, (gu,),
+                  silu_bytes + 2 * m * inter * 2)
+            for proj, (n, k) in FP8_LINEARS.items():
+                q, s = weights[proj][layout]
+                s = s.float()
+                a = rnd(m, k)
+                aq, as_ = Q.quantize_activations(a, block, fp8)
+                nbytes = n * k + s.numel() * 4 + m * k + m * n * 2
+                bench(f"fp8_linear_quantized 8b {proj} M{m} {layout}", lin_q, None,
+                      (aq, as_, q, s, None, block, BF16), nbytes, 2 * m * n * k)
+                bench(f"  fp8_linear 8b {proj} M{m} {layout}", lin, None, (a, q, s, None, block),
+                      nbytes + m * k * 2, 2 * m * n * k)
+            for site, proj in (("qkv", "qkv"), ("gate_up", "gate_up"), ("down", "down")):
+                q, s = weights[proj][layout]
+                s = s.float()
+                n, k = FP8_LINEARS[proj]
+                if site == "down":
+                    fused = lambda gu, q=q, s=s: lin_q(*silu_q(gu, group, fp8), q, s, None, block, BF16)  # noqa: E731
+                    unfused = lambda gu, q=q, s=s: lin(silu(gu), q, s, None, block)  # noqa: E731
+                    args = (gu,)
+                else:
+                    def fused(x, res, q=q, s=s):
+                        aq, as_, _ = add_norm_q(x, res, nw, 1e-6, group, fp8)
+                        return lin_q(aq, as_, q, s, None, block, BF16)
+
+                    def unfused(x, res, q=q, s=s):
+                        return lin(add_norm(x, res, nw, 1e-6)[0], q, s, None, block)
+
+                    args = (x, res)
+                nbytes = n * k + s.numel() * 4 + m * n * 2
+                bench(f"fp8 chain {site} M{m} {layout} fused", fused, None, args, nbytes, 2 * m * n * k)
+                bench(f"  fp8 chain {site} M{m} {layout} unfused", unfused, None, args, nbytes, 2 * m * n * k)
+# ---- end FP8 producers ----
 
 
 def mla(batch, q_len, ctx, heads=16, lora=512, rope=64, nope=128, v=128, bs=16):

@@ -1,10 +1,11 @@
-"""RMSNorm module over the rms_norm / fused_add_rms_norm ops."""
+"""RMSNorm module over the rms_norm / fused_add_rms_norm ops (and their FP8-emitting forms, atom.layers.fp8_input)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, link_fp8_consumer
 from atom.ops.registry import resolve
 
 
@@ -16,9 +17,25 @@ class RMSNorm(nn.Module):
                                    requires_grad=False)
         self._norm = resolve("rms_norm")
         self._add_norm = resolve("fused_add_rms_norm")
+        self._fp8: Fp8ConsumerLink | None = None
+
+    def feed_fp8_linear(self, linear: nn.Module) -> None:
+        """This norm's output goes to `linear` alone: hand it FP8 activations when it is an FP8 linear that
+        takes them (see atom.layers.fp8_input)."""
+        self._fp8 = link_fp8_consumer(self._norm, ("rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8"), linear)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x), or (norm(x + residual), x + residual) when a residual is given."""
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given; norm(...) is an
+        Fp8Activation when the linear this norm feeds takes one."""
+        fmt = self._fp8.format_for(x) if self._fp8 is not None else None
+        if fmt is not None:
+            w = self.weight
+            dtype = x.dtype if w.dtype == x.dtype or x.dtype.itemsize > w.dtype.itemsize else w.dtype  # the norm's
+            if residual is None:
+                q, s = self._fp8.ops[0](x, w, self.eps, fmt.group_size, fmt.fp8_dtype)
+                return Fp8Activation(q, s, dtype)
+            q, s, residual = self._fp8.ops[1](x, residual, w, self.eps, fmt.group_size, fmt.fp8_dtype)
+            return Fp8Activation(q, s, dtype), residual
         if residual is None:
             return self._norm(x, self.weight, self.eps)
         return self._add_norm(x, residual, self.weight, self.eps)

@@ -104,7 +104,7 @@ class SelfAttention(nn.Module):
                                    qn.eps if qn else 0.0, self.rotary_emb.cos_sin, self.rotary_emb.is_neox)
             return self.o_proj(out)
         if self.qk_norm:
-            t = x.shape[0]
+            t = qkv.shape[0]  # x may be an Fp8Activation (atom.layers.fp8_input)
             q = self.q_norm(q.reshape(t, -1, self.head_dim)).reshape(t, self.q_size)
             k = self.k_norm(k.reshape(t, -1, self.head_dim)).reshape(t, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
@@ -120,6 +120,7 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj")
         self.act = GatedActivation(hidden_act)
+        self.act.feed_fp8_linear(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -171,6 +172,10 @@ class DecoderLayer(nn.Module):
                                 quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # each norm's output feeds one linear alone: FP8 linears take it quantized (atom.layers.fp8_input)
+        self.input_layernorm.feed_fp8_linear(self.self_attn.qkv_proj)
+        if isinstance(self.mlp, DenseMLP):
+            self.post_attention_layernorm.feed_fp8_linear(self.mlp.gate_up_proj)
 
     def forward(self, positions, hidden, residual):
         if residual is None:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from atom.distributed import get_tp_group
+from atom.layers.fp8_input import Fp8Activation, Fp8InputFormat
 from atom.loader.fp8_format import Fp8Format, check_block_partition, parse_quantization_config
 from atom.ops.quant_fp8 import (
     FP8_DTYPES,
@@ -159,9 +160,16 @@ class Fp8LinearMethod(LinearMethod):
         elif not self.online:  # channel
             s = new_param(layer, self.scale_name, (n, 1), torch.float32, output_dim=0)
             s.weight_loader = _ScaleLoader(layer, self, "channel_scale")
+        self._resolve_linear(n, input_size)
+
+    def _resolve_linear(self, n: int, k: int) -> None:
         self.linear = resolve("fp8_linear", static={
-            "block_size": tuple(self.block_size) if self.block_size else None, "output_size": n,
-            "input_size": input_size, "fp8_dtype": self.fp8_dtype})
+            "block_size": tuple(self.block_size) if self.block_size else None, "output_size": n, "input_size": k,
+            "fp8_dtype": self.fp8_dtype})
+        # activations quantized by their producer (atom.layers.fp8_input) meet the same Triton GEMM
+        impl = impl_of(self.linear)
+        self.linear_quantized = (resolve("fp8_linear_quantized", "triton")
+                                 if impl is not None and impl.backend == "triton" else None)
 
     def _check_shards_loaded(self, layer: nn.Module) -> None:
         if not self.loaded or len(self.output_sizes) == 1:
@@ -188,9 +196,7 @@ class Fp8LinearMethod(LinearMethod):
             elif self.format.layout == "block" and any(s % self.block_size[0] for s in self.output_sizes[:-1]):
                 scale = self._row_expanded(scale)
                 self.block_size = [1, self.block_size[1]]
-                self.linear = resolve("fp8_linear", static={"block_size": tuple(self.block_size),
-                                                            "output_size": q.shape[0], "input_size": q.shape[1],
-                                                            "fp8_dtype": self.fp8_dtype})
+                self._resolve_linear(q.shape[0], q.shape[1])
             if self.fp8_dtype == torch.float8_e4m3fnuz:
                 q, scale = e4m3fn_to_e4m3fnuz(q, scale)
         for name in ("weight", self.scale_name):
@@ -230,7 +236,18 @@ class Fp8LinearMethod(LinearMethod):
         q, scale = quantize_weight_fp8(w, "channel", fp8_dtype=self.fp8_dtype)
         return q, scale.float()
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def fused_input_format(self) -> Fp8InputFormat | None:
+        """The layout in which this layer takes pre-quantized activations (an Fp8Activation: its Triton GEMM
+        without the quantization kernel), or None when it does not (the CPU torch path)."""
+        if self.linear_quantized is None or self.w_hat is not None:
+            return None
+        return Fp8InputFormat(int(self.block_size[1]) if self.block_size else None, self.fp8_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):  # quantized by its producer in fused_input_format's layout
+            return self.linear_quantized(x.q, x.scale, layer.weight, layer.weight_scale, bias, self.block_size,
+                                         x.dtype)
         if self.w_hat is not None:
             return linear_on_dequantized(x, self.w_hat, bias, self.block_size, layer.weight.dtype)
         return self.linear(x, layer.weight, layer.weight_scale, bias, self.block_size)

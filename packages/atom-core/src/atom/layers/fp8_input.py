@@ -1,0 +1,88 @@
+"""FP8 activations handed straight from their producer (RMSNorm, SiLU-and-mul) to the FP8 linear they feed.
+
+An FP8 linear quantizes its input with a kernel of its own before its GEMM. When the input comes from a norm or
+a gated activation whose output goes nowhere else, the producer's kernel can write the FP8 codes and scales
+itself (atom.ops.fp8_producers: bit-identical to the float op followed by the quantization kernel) and the
+linear skips its quantization kernel.
+
+The model wires each such pair at build time (`producer.feed_fp8_linear(linear)`, decoder.py: input_layernorm
+-> qkv_proj, post_attention_layernorm -> a dense MLP's gate_up_proj, the MLP's activation -> down_proj). On
+every call the producer asks its link for the layout the linear wants (`Fp8InputFormat`); the answer is None,
+and the producer returns its usual float tensor, unless
+- fusion is on (ATOM_FP8_FUSED_PRODUCERS, default 1) and the producer's float op runs the Triton kernel
+  (so the fused kernel reproduces it exactly),
+- the linear is an FP8 linear running the Triton GEMM (`Fp8LinearMethod.fused_input_format`: not the CPU
+  torch path, not a float linear),
+- the call has more rows than fp8_linear's GEMV takes (M <= GEMV_MAX_M: the GEMV quantizes inside itself),
+- nothing is being traced by torch.compile (atom-vllm compiles the backbone: the compiled graph keeps the
+  float ops, which Inductor may fuse on its own).
+Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. All of these are decided from
+build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from atom.ops.registry import impl_of, resolve
+
+
+class Fp8InputFormat(NamedTuple):
+    """How an FP8 linear quantizes its input: 1 x group_size groups (None: one scale per token), to fp8_dtype."""
+
+    group_size: int | None
+    fp8_dtype: torch.dtype
+
+
+class Fp8Activation(NamedTuple):
+    """Activations already quantized for an FP8 linear: q [M, K] FP8, scale [M, groups] float32, and the float
+    dtype the producer would have returned (the linear's output dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def fused_producers_enabled() -> bool:
+    raw = os.environ.get("ATOM_FP8_FUSED_PRODUCERS", "1").strip().lower()
+    if raw not in ("0", "1", "false", "true", "off", "on", ""):
+        raise ValueError(f"ATOM_FP8_FUSED_PRODUCERS must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "on", "")
+
+
+class Fp8ConsumerLink:
+    """Held by a producer module: the linear its output feeds (a plain reference, not a submodule) and the fused
+    producer ops, resolved on the producer's float op's backend."""
+
+    def __init__(self, consumer: nn.Module, fused_ops: tuple[Callable, ...]):
+        from atom.ops.triton_kernels import quant_fp8  # the producer runs Triton: importable
+
+        self._consumer = (consumer,)  # a tuple: nn.Module would register a module attribute as a child
+        self.ops = fused_ops
+        self._gemm_module = quant_fp8  # its GEMV_MAX_M, read per call (a process may change it)
+
+    def format_for(self, x: torch.Tensor) -> Fp8InputFormat | None:
+        """The layout to hand this call's output over in, or None for the float output."""
+        if torch.compiler.is_compiling():
+            return None
+        wants = getattr(self._consumer[0].quant_method, "fused_input_format", None)
+        fmt = wants() if wants is not None else None
+        if fmt is None:
+            return None
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return fmt if rows > self._gemm_module.GEMV_MAX_M else None
+
+
+def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...],
+                      consumer: nn.Module) -> Fp8ConsumerLink | None:
+    """The link a producer keeps to its consumer, or None when fusion cannot apply to this producer (off, or
+    its float op is not the Triton kernel the fused kernels reproduce)."""
+    impl = impl_of(float_op)
+    if not fused_producers_enabled() or impl is None or impl.backend != "triton":
+        return None
+    return Fp8ConsumerLink(consumer, tuple(resolve(name, "triton") for name in fused_op_names))

@@ -1,0 +1,244 @@
+"""RMSNorm / SiLU-and-mul that write FP8 codes + scales instead of their float output, and the FP8 GEMM on
+pre-quantized activations (`fp8_linear_quantized`): together they replace norm -> quantization kernel -> GEMM
+(three kernels, the float activations written and read back once more) by two kernels.
+
+Bit-identity with the unfused path: the float part is the same code as the float kernels (norm.py,
+activation.py: same block sizes, same reductions, same roundings), its result is rounded to the float op's
+output dtype, and the quantization is fp8_common's dynamic_scale / quantize on the same 1 x GROUP slices (or
+the whole row), as quant_fp8's quantization kernels do. fp8_linear_quantized launches quant_fp8's tl.dot GEMM
+with the tile fp8_linear picks, so its output equals fp8_linear's wherever fp8_linear runs that GEMM
+(M > GEMV_MAX_M; the layers hand plain activations to the GEMV below that).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.fp8_producers import check_quantized_input
+from atom.ops.quant_fp8 import check_weight_scale
+from atom.ops.registry import register
+from atom.ops.triton_kernels.activation import _act
+from atom.ops.triton_kernels.common import fit_tile
+from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_kernel, _gemm_tile, _launch_split
+
+_TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _store_quantized(y, q_row, s_row, col0, n_cols, num_groups, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                     ROW_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+    """Quantize y (float32 [BLOCK], the row's columns col0 + [0, BLOCK); columns past n_cols are 0) and store
+    the codes at q_row + col and the scales at s_row. ROW_SCALE: y is the whole row and gets one scale (per
+    token, or a single group); otherwise BLOCK // GROUP scales, one per 1 x GROUP slice."""
+    fp8 = q_row.dtype.element_ty
+    if ROW_SCALE:
+        cols = col0 + tl.arange(0, BLOCK)
+        s = dynamic_scale(tl.max(tl.abs(y), axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        tl.store(q_row + cols, quantize(y, s, fp8, FP8_MAX, MIN_EXP, EMULATE), mask=cols < n_cols)
+        tl.store(s_row + tl.arange(0, 1), s)
+    else:
+        g = tl.arange(0, BLOCK // GROUP)
+        cols = col0 + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        y2 = tl.reshape(y, (BLOCK // GROUP, GROUP))  # row-major: y2[i, j] is column col0 + i * GROUP + j
+        s = dynamic_scale(tl.max(tl.abs(y2), axis=1), FP8_MAX, MIN_SCALE)
+        tl.store(q_row + cols, quantize(y2, s[:, None], fp8, FP8_MAX, MIN_EXP, EMULATE), mask=cols < n_cols)
+        gi = col0 // GROUP + g
+        tl.store(s_row + gi, s, mask=gi < num_groups)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_cols, num_groups, x_stride,
+                           res_stride, q_stride, s_stride, eps, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                           BLOCK: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr,
+                           FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+                           EMULATE: tl.constexpr):
+    # the float part is norm.py's _rms_norm_kernel line for line (bit-identical norm output)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (normed * w).to(ACT).to(tl.float32)  # the norm's output, as the unfused norm stores it
+    _store_quantized(y, q_ptr + row * q_stride, s_ptr + row * s_stride, 0, n_cols, num_groups, BLOCK, GROUP,
+                     ROW_SCALE, FP8_MAX, MIN_SCALE, MIN_EXP, EMULATE)
+
+
+@triton.jit
+def _silu_mul(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
+    """silu(gate) * up for columns `cols`, as activation.py's _gated_kernel computes and stores it, in float32."""
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0)
+    a = _act(gate.to(tl.float32), 0)
+    return (a.to(gate.dtype).to(tl.float32) * up.to(tl.float32)).to(ACT).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_quant_group_kernel(x_ptr, q_ptr, s_ptr, d, num_groups, x_stride, q_stride, s_stride,
+                                 ACT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                                 FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
+                                 EMULATE: tl.constexpr):
+    """BLOCK // GROUP whole groups of one row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK
+    y = _silu_mul(x_ptr, row, col0 + tl.arange(0, BLOCK), d, x_stride, ACT)
+    _store_quantized(y, q_ptr + row * q_stride, s_ptr + row * s_stride, col0, d, num_groups, BLOCK, GROUP, False,
+                     FP8_MAX, MIN_SCALE, MIN_EXP, EMULATE)
+
+
+@triton.jit
+def _silu_mul_quant_token_kernel(x_ptr, q_ptr, s_ptr, d, x_stride, q_stride, ACT: tl.constexpr,
+                                 BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+    """One row per program: the row's absolute max over all of it, then the row again, quantized (the
+    product is recomputed from the input, which is cheaper than writing and reading it back)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, d, BLOCK):
+        amax = tl.maximum(amax, tl.abs(_silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)))
+    s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+    for k0 in range(0, d, BLOCK):
+        y = _silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)
+        tl.store(q_ptr + row * q_stride + k0 + c, quantize(y, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
+                 mask=k0 + c < d)
+    tl.store(s_ptr + row + tl.arange(0, 1), s)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check_group(group_size: int | None) -> None:
+    if group_size is not None and (group_size <= 0 or group_size & (group_size - 1)):
+        raise ValueError(f"the Triton FP8 producers need a power-of-two group size, got {group_size}")
+
+
+def _act_dtype(dtype: torch.dtype):
+    if dtype not in _TL_FLOAT:
+        raise ValueError(f"the Triton FP8 producers take float32 / bfloat16 / float16 activations, got {dtype}")
+    return _TL_FLOAT[dtype]
+
+
+def _outputs(lead, k: int, rows: int, group_size: int | None, fp8_dtype: torch.dtype, device):
+    groups = 1 if group_size is None else triton.cdiv(k, group_size)
+    q = torch.empty(rows, k, dtype=fp8_dtype, device=device)
+    s = torch.empty(rows, groups, dtype=torch.float32, device=device)
+    return q, s, lambda: (q.view(*lead, k), s.view(*lead, groups))
+
+
+def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
+    _check_group(group_size)
+    n = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    # the unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read
+    act = x.dtype if weight.dtype == x.dtype else (x.dtype if x.dtype.itemsize > weight.dtype.itemsize
+                                                    else weight.dtype)
+    q, s, views = _outputs(x.shape[:-1], n, rows, group_size, fp8_dtype, x.device)
+    res2 = _rows(residual) if residual is not None else x2
+    res_out = torch.empty_like(x2) if residual is not None else q
+    block = triton.next_power_of_2(n)  # as the unfused norm: the same reduction
+    row_scale = group_size is None or block <= group_size  # per token, or one group holding the whole row
+    if rows:
+        _rms_norm_quant_kernel[(rows,)](
+            x2, res2, weight, q, s, res_out, n, s.shape[1], x2.stride(0), res2.stride(0), q.stride(0), s.stride(0),
+            eps, ACT=_act_dtype(act), HAS_RES=residual is not None, BLOCK=block, GROUP=group_size or block,
+            ROW_SCALE=row_scale, **fp8_consts(fp8_dtype), num_warps=min(max(block // 256, 1), 16))
+    return (*views(), res_out.view(x.shape))
+
+
+@register("rms_norm_quant_fp8", "triton")
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None,
+                       fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_quant(x, None, weight, eps, group_size, fp8_dtype)[:2]
+
+
+@register("fused_add_rms_norm_quant_fp8", "triton")
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None,
+    fp8_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _norm_quant(x, residual, weight, eps, group_size, fp8_dtype)
+
+
+@register("silu_and_mul_quant_fp8", "triton")
+def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
+                           fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_group(group_size)
+    d = x.shape[-1] // 2
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    q, s, views = _outputs(x.shape[:-1], d, rows, group_size, fp8_dtype, x.device)
+    consts = dict(ACT=_act_dtype(x.dtype), **fp8_consts(fp8_dtype))
+    if rows and group_size is not None:
+        block = max(group_size, min(triton.next_power_of_2(d), 1024))  # whole groups per program
+        _silu_mul_quant_group_kernel[(rows, triton.cdiv(d, block))](
+            x2, q, s, d, s.shape[1], x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, GROUP=group_size,
+            **consts, num_warps=4)
+    elif rows:
+        _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0),
+                                              BLOCK=min(2048, triton.next_power_of_2(max(d, 16))), **consts,
+                                              num_warps=4)
+    return views()
+
+
+@register("fp8_linear_quantized", "triton")
+def fp8_linear_quantized(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: list[int] | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """quant_fp8's tl.dot GEMM (fp8_linear's at M > GEMV_MAX_M, with its tiles) on pre-quantized activations."""
+    check_quantized_input(q, scale, weight, block_size)
+    n, k = weight.shape
+    check_weight_scale(weight_scale, n, k, block_size, "fp8_linear_quantized weight")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp8_linear_quantized bias has shape {tuple(bias.shape)}, expected ({n},)")
+    if weight.stride(-1) != 1:
+        raise ValueError("fp8_linear_quantized: the weight's K dimension must be contiguous")
+    a = _rows(q)
+    a_scale = _rows(scale)
+    m = a.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    if m == 0:
+        return out.view(*q.shape[:-1], n)
+    if block_size is not None:
+        scale_bn, block_k = int(block_size[0]), int(block_size[1])
+        if block_k < 32 or block_k & (block_k - 1):
+            raise ValueError(f"the Triton FP8 GEMM needs block_k to be a power of two >= 32, got {block_k}")
+        ws_stride_n, ws_stride_k = weight_scale.stride(0), weight_scale.stride(1)
+    else:
+        scale_bn, block_k = 1, 128
+        ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
+        ws_stride_k = 0
+    tile = _gemm_tile(m, n, k, block_k, q.device)
+    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
+                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), q.device)
+
+    def gemm(target, k_per_split, split, add_bias):
+        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
+            a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
+            a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
+            SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
+            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=tile["num_warps"], num_stages=stages)
+
+    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
+    return out.view(*q.shape[:-1], n)

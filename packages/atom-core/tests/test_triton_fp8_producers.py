@@ -1,0 +1,313 @@
+"""FP8 activation producers (RMSNorm / SiLU-and-mul emitting FP8 codes + scales) and fp8_linear_quantized:
+bit-identical (torch.equal) to the unfused Triton path (float op, then the quantization kernel, then
+fp8_linear) and to the torch references, under Triton's CPU interpreter (TRITON_INTERPRET=1, its own pytest
+process) and on a GPU (the `gpu` cases: 8b shapes, the hardware FP8 conversion).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from atom.ops import quant_fp8 as Q  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+def triton(op: str):
+    return resolve(op, "triton")
+
+
+def torch_ref(op: str):
+    return resolve(op, "torch")
+
+
+def unfused_quant(y: torch.Tensor, group: int | None, backend=triton):
+    """The quantization kernel fp8_linear runs before its GEMM (or its torch reference)."""
+    if group is None:
+        return backend("fp8_quant_token")(y, FP8)
+    return backend("fp8_quant_group")(y, group, FP8)
+
+
+def check_fused(fused, float_out: torch.Tensor, group: int | None) -> None:
+    """Equal to the Triton quantization kernel on the float kernel's output, and to the torch quantization
+    reference on it. (Not to the torch references of the float ops themselves: their float32 sums run in
+    another order, and the interpreter rounds float32 -> bfloat16 by truncation.)"""
+    assert_same(fused[:2], unfused_quant(float_out, group))
+    assert_same(fused[:2], unfused_quant(float_out, group, torch_ref))
+
+
+def assert_same(got, want) -> None:
+    """torch.equal on every output (FP8 codes compared as bytes: e4m3fn has NaN and -0)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
+        if g.dtype == FP8:
+            g, w = g.view(torch.uint8), w.view(torch.uint8)
+        assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
+
+
+def hidden_states(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(m, k, device=DEVICE) * (0.1 + torch.rand(m, 1, device=DEVICE)) * 4
+    x[0, : k // 3] *= 1e-4  # a small slice next to normal ones
+    return x.to(dtype)
+
+
+# (M, K): M not a multiple of any tile, K not a multiple of 128, K below one group, K = several groups
+SHAPES = [(1, 200), (5, 320), (17, 96), (3, 512)]
+LAYOUTS = [128, 64, None]  # group sizes; None: per token
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_rms_norm_quant_equals_norm_then_quant(m, k, group, dtype):
+    x = hidden_states(m, k, dtype)
+    w = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    fused = triton("rms_norm_quant_fp8")(x, w, 1e-6, group, FP8)
+    check_fused(fused, triton("rms_norm")(x, w, 1e-6), group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_fused_add_rms_norm_quant_equals_add_norm_then_quant(m, k, group, dtype):
+    x, res = hidden_states(m, k, dtype), hidden_states(m, k, dtype)
+    w = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    q, s, r = triton("fused_add_rms_norm_quant_fp8")(x, res, w, 1e-6, group, FP8)
+    y, r_unfused = triton("fused_add_rms_norm")(x, res, w, 1e-6)
+    check_fused((q, s), y, group)
+    assert torch.equal(r, r_unfused)
+
+
+def test_rms_norm_quant_with_a_float32_weight_quantizes_the_float32_output():
+    """A bf16 input with a float32 weight: the norm's output (and so what is quantized) is float32."""
+    x = hidden_states(4, 256, torch.bfloat16)
+    w = 1 + 0.2 * torch.randn(256, device=DEVICE)
+    assert_same(triton("rms_norm_quant_fp8")(x, w, 1e-6, 128, FP8),
+                unfused_quant(triton("rms_norm")(x, w, 1e-6), 128))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", LAYOUTS)
+@pytest.mark.parametrize("m,d", [(1, 200), (5, 1100), (17, 96)])
+def test_silu_and_mul_quant_equals_act_then_quant(m, d, group, dtype):
+    x = hidden_states(m, 2 * d, dtype)
+    fused = triton("silu_and_mul_quant_fp8")(x, group, FP8)
+    check_fused(fused, triton("silu_and_mul")(x), group)
+
+
+def _weight(n: int, k: int, layout: str):
+    w = torch.randn(n, k, device=DEVICE) / k**0.5
+    if layout == "block":
+        return (*Q.quantize_weight_fp8(w, "block", (128, 128), FP8), [128, 128])
+    if layout == "block_rows":  # one row of K-block scales per output row (merged shards not multiples of bn)
+        q, sc = Q.quantize_weight_fp8(w, "block", (128, 128), FP8)
+        return q, sc.repeat_interleave(128, 0)[:n].contiguous(), [1, 128]
+    if layout == "block64":
+        return (*Q.quantize_weight_fp8(w, "block", (32, 64), FP8), [32, 64])
+    q, s = Q.quantize_weight_fp8(w, "tensor" if layout == "tensor" else "channel", fp8_dtype=FP8)
+    return q, s.float(), None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["block", "block64", "block_rows", "channel", "tensor"])
+@pytest.mark.parametrize("m", [17, 37])  # above any GEMV_MAX_M (at most 16)
+def test_fp8_linear_quantized_equals_fp8_linear(m, layout, dtype):
+    """At M above the GEMV's rows both run the same GEMM on the same codes: equal outputs; the torch
+    references agree with each other exactly too."""
+    n, k = 96, 320
+    w, ws, block = _weight(n, k, layout)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    x = hidden_states(m, k, dtype)
+    q, s = Q.quantize_activations(x, block, FP8)
+    want = triton("fp8_linear")(x, w, ws, bias, block)
+    assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, bias, block, dtype), want)
+    assert torch.equal(torch_ref("fp8_linear_quantized")(q, s, w, ws, bias, block, dtype),
+                       torch_ref("fp8_linear")(x, w, ws, bias, block))
+
+
+def test_fp8_linear_quantized_rejects_mismatched_inputs():
+    w, ws, block = _weight(64, 256, "block")
+    q, s = Q.quantize_activations(hidden_states(4, 256, torch.float32), block, FP8)
+    op = triton("fp8_linear_quantized")
+    with pytest.raises(ValueError, match="activation scales"):
+        op(q, s[:, :1], w, ws, None, block, torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        op(q[:, :128], s[:, :1], w, ws, None, block, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        triton("silu_and_mul_quant_fp8")(hidden_states(2, 192, torch.float32), 96, FP8)
+
+
+# ---------------------------------------------------------------- GPU: qwen3-8b shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("group", [128, None])
+@pytest.mark.parametrize("m", [17, 128, 300])
+@pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
+def test_fused_path_equals_unfused_at_8b_shapes(site, m, group):
+    """Producer + fp8_linear_quantized against producer's float op + fp8_linear on the GPU, bf16, 8b shapes."""
+    hidden, inter = 4096, 12288
+    k, n = {"qkv": (hidden, 6144), "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}[site]
+    w, ws, block = _weight(n, k, "block" if group else "channel")
+    dtype = torch.bfloat16
+    if site == "down":
+        x = hidden_states(m, 2 * inter, dtype)
+        q, s = triton("silu_and_mul_quant_fp8")(x, group, FP8)
+        want = triton("fp8_linear")(triton("silu_and_mul")(x), w, ws, None, block)
+    else:
+        x, res = hidden_states(m, hidden, dtype), hidden_states(m, hidden, dtype)
+        nw = (1 + 0.2 * torch.randn(hidden, device=DEVICE)).to(dtype)
+        q, s, r = triton("fused_add_rms_norm_quant_fp8")(x, res, nw, 1e-6, group, FP8)
+        y, r_want = triton("fused_add_rms_norm")(x, res, nw, 1e-6)
+        assert torch.equal(r, r_want)
+        want = triton("fp8_linear")(y, w, ws, None, block)
+    assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, None, block, dtype), want)
+
+
+
+# ---------------------------------------------------------------- a whole FP8 model, fused and not
+
+
+def _tiny_fp8_qwen3(tmp_path, fmt: str) -> str:
+    """A 2-layer dense Qwen3 (qk-norm, hidden 64: below one 128-group; block_k 32 groups: two per row),
+    written in FP8 by tools/quantize_fp8.py: "fp8-block" (1 x 32 activation groups) or "compressed-tensors"
+    (per-channel weights, per-token activations)."""
+    import sys
+
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
+    import quantize_fp8
+
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "float")
+    quantize_fp8.quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / fmt), fmt, (32, 32))
+    return str(tmp_path / fmt)
+
+
+def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", **load_kw):
+    """Prefill of two prompts then a decode step (2 rows) on the Triton kernels; returns the logits and how
+    many FP8 linear calls took producer-quantized activations."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+    from atom.ops import registry
+    from atom.quantization.fp8 import Fp8LinearMethod
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    monkeypatch.setenv("ATOM_FP8_FUSED_PRODUCERS", "1" if fused else "0")
+    registry.forget_resolutions()
+    torch.manual_seed(0)  # the same dummy weights in both runs
+    model, _ = load_model(path, dtype=dtype, device=DEVICE, progress=False, **load_kw)
+    calls = []
+    for m in model.modules():
+        method = getattr(m, "quant_method", None)
+        if isinstance(method, Fp8LinearMethod) and method.linear_quantized is not None:
+            inner = method.linear_quantized
+            method.linear_quantized = lambda *a, _f=inner, _p=m.prefix: (calls.append(_p), _f(*a))[1]
+    harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
+    seqs = harness.add(2)
+    out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
+    out.append(harness.step([[7], [8]], seqs))
+    registry.forget_resolutions()
+    return torch.cat(out).float().cpu(), calls
+
+
+@pytest.mark.parametrize("fmt,gemv_max_m", [("fp8-block", 0), ("compressed-tensors", 0), ("fp8-block", 2)])
+def test_fp8_model_logits_are_identical_with_and_without_fused_producers(fmt, gemv_max_m, tmp_path, monkeypatch):
+    """qkv_proj, gate_up_proj and down_proj fed by their producers (bf16 activations) give the very logits of
+    the unfused model; with GEMV_MAX_M 2 the decode steps (2 rows) take the float path into the GEMV."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
+    path = _tiny_fp8_qwen3(tmp_path, fmt)
+    want, none = _model_logits(path, False, monkeypatch)
+    got, calls = _model_logits(path, True, monkeypatch)
+    assert none == []
+    steps = 1 if gemv_max_m >= 2 else 2  # forward passes with more rows than the GEMV takes
+    per_step = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                                    "mlp.down_proj")]
+    assert sorted(calls) == sorted(per_step * steps)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fp8_model_at_8b_shapes_is_identical_with_and_without_fused_producers(tmp_path, monkeypatch):
+    """Two Qwen3-8B layers (hidden 4096, intermediate 12288, 32 / 8 heads of 128), random weights quantized
+    at load time (--quantization fp8: per-channel weights, per-token activations), bf16, on the GPU."""
+    import transformers
+
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 1)  # decode steps of 2 rows take the fused path
+    transformers.Qwen3Config(vocab_size=1024, hidden_size=4096, intermediate_size=12288, num_hidden_layers=2,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             max_position_embeddings=256, architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path)
+    kw = dict(load_format="dummy", quantization="fp8")
+    want, none = _model_logits(str(tmp_path), False, monkeypatch, **kw)
+    got, calls = _model_logits(str(tmp_path), True, monkeypatch, **kw)
+    assert none == [] and len(calls) == 2 * 3 * 2  # layers x sites x (prefill, decode of 2 rows)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+    assert torch.equal(got, want)
+
+
+def test_the_torch_path_has_no_fused_producers(tmp_path, monkeypatch):
+    """The torch references (the CPU path) keep their float ops: no producer links to its linear."""
+    from atom.loader import load_model
+    from atom.ops import registry
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "torch")
+    registry.forget_resolutions()
+    model, _ = load_model(_tiny_fp8_qwen3(tmp_path, "fp8-block"), dtype="bfloat16", device=DEVICE, progress=False)
+    layer = model.model.layers[0]
+    assert layer.input_layernorm._fp8 is None and layer.mlp.act._fp8 is None
+    assert layer.self_attn.qkv_proj.quant_method.fused_input_format() is None
+    registry.forget_resolutions()
+
+
+def test_fp8_model_with_fused_producers_compiles_in_one_graph(tmp_path, monkeypatch):
+    """Under torch.compile (atom-vllm compiles the backbone) the producers keep their float ops: the model
+    traces into one graph (fullgraph) and gives the eager model's logits, which took the fused path."""
+    import sys
+
+    import torch._dynamo
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from compile_checks import compiled_model_logits
+
+    from atom.ops import registry
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    monkeypatch.setenv("ATOM_FP8_FUSED_PRODUCERS", "1")
+    registry.forget_resolutions()
+    eager, compiled, model = compiled_model_logits(_tiny_fp8_qwen3(tmp_path, "fp8-block"), DEVICE, "aot_eager",
+                                                   dtype="bfloat16")
+    assert model.model.layers[0].input_layernorm._fp8 is not None
+    assert registry.cuda_graph_blockers(model) == []
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+    registry.forget_resolutions()
