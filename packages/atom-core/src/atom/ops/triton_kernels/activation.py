@@ -26,16 +26,24 @@ def _act(gate, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gated_kernel(x_ptr, out_ptr, d, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def gated_cols(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
+    """act(gate) * up for columns `cols` of one row of (gate | up), in float32 before the cast to the output
+    dtype. Shared by the float kernel below and the FP8-emitting one (fp8_producers.py), so their outputs agree
+    bit for bit."""
     mask = cols < d
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0)
     # act(gate) is rounded to the input dtype before the product, as the torch reference does
     a = _act(gate.to(tl.float32), ACT)
-    y = a.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    return a.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
+def _gated_kernel(x_ptr, out_ptr, d, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    y = gated_cols(x_ptr, row, cols, d, x_stride, ACT)
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=cols < d)
 
 
 def _gated(x: torch.Tensor, act: int) -> torch.Tensor:

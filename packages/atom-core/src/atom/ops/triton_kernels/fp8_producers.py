@@ -19,9 +19,10 @@ import triton.language as tl
 from atom.ops.fp8_producers import check_quantized_input
 from atom.ops.quant_fp8 import check_weight_scale
 from atom.ops.registry import register
-from atom.ops.triton_kernels.activation import _act
+from atom.ops.triton_kernels.activation import gated_cols
 from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+from atom.ops.triton_kernels.norm import rms_norm_row
 from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_kernel, _gemm_tile, _launch_split
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -56,20 +57,10 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_c
                            BLOCK: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr,
                            FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
                            EMULATE: tl.constexpr):
-    # the float part is norm.py's _rms_norm_kernel line for line (bit-identical norm output)
+    # the float part is norm.py's own row function (bit-identical norm output)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (normed * w).to(ACT).to(tl.float32)  # the norm's output, as the unfused norm stores it
+    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK)
+    y = y.to(ACT).to(tl.float32)  # the norm's output, as the unfused norm stores it
     _store_quantized(y, q_ptr + row * q_stride, s_ptr + row * s_stride, 0, n_cols, num_groups, BLOCK, GROUP,
                      ROW_SCALE, FP8_MAX, MIN_SCALE, MIN_EXP, EMULATE)
 
@@ -77,11 +68,7 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_c
 @triton.jit
 def _silu_mul(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
     """silu(gate) * up for columns `cols`, as activation.py's _gated_kernel computes and stores it, in float32."""
-    mask = cols < d
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0)
-    a = _act(gate.to(tl.float32), 0)
-    return (a.to(gate.dtype).to(tl.float32) * up.to(tl.float32)).to(ACT).to(tl.float32)
+    return gated_cols(x_ptr, row, cols, d, x_stride, 0).to(ACT).to(tl.float32)
 
 
 @triton.jit
