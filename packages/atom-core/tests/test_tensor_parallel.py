@@ -118,5 +118,17 @@ def test_tp2_over_torch_distributed_matches_tp1(tmp_path):
             assert (expected[name]["qkv_rows"], got["qkv_rows"]) == QKV_ROWS[name]
             if name in EXPERT_SHAPE:
                 assert got["experts"] == EXPERT_SHAPE[name] and expected[name]["experts"] == (4, 64)
-            torch.testing.assert_close(got["logits"], expected[name]["logits"], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+            if "fp8" not in name:
+                torch.testing.assert_close(got["logits"], expected[name]["logits"], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+                continue
+            # FP8: each rank quantizes the same 1 x 16 activation groups as TP=1, but the row-parallel all-reduce
+            # adds the partial sums in another order, and a 1-ulp float32 difference can move a value across an
+            # e4m3 rounding boundary of the next layer's dynamic quantization (one code: up to 2^-3 of that
+            # element). So the FP8 cases are held to the FP8 bound of the other FP8 model tests, 2 * L * 2^-4
+            # of the largest logit (L = 2 layers), far below what a wrong weight or scale shard gives; most runs
+            # are exact (ATOM_TEST_SEED=2134276320 is one that is not: max |TP2 - TP1| 0.086).
+            want = expected[name]["logits"]
+            bound = 2 * 2 * 2**-4 * want.abs().max().item()
+            err = (got["logits"] - want).abs().max().item()
+            assert err <= bound, f"{name} rank {rank}: max |TP2 - TP1| {err:.3g} > {bound:.3g}"
