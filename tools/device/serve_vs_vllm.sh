@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 16 target 5 on the GPU machine: `atom serve` against vLLM 0.24's own server (from /tmp/site, where atom
+# is not installed) on a preset shape with random weights, measured by `atom bench serve` (random token-id
+# prompts, greedy, EOS ignored), fresh servers interleaved (atom vllm atom vllm ...), via
+# tools/cpu_serving_compare.py (its --runs / --concurrency / --input-len / --output-len / --prompts-per-slot
+# flags pass through). The model folder gets a WordLevel tokenizer with one word per id, so both servers can
+# detokenize whatever a random model samples. vLLM must be set up first (tools/device/setup_device.sh: the c1
+# call, then this script in the call carrying c2 + deps + the sha256). Results: $OUT/serve_<shape>.json.
+#   bash tools/device/serve_vs_vllm.sh qwen3-8b --runs 3 --concurrency 1,16,64 --input-len 1024 --output-len 1024
+cd "$(dirname "$0")/../.."
+shape=${1:?usage: serve_vs_vllm.sh SHAPE [cpu_serving_compare.py flags]}
+shift
+source tools/device/setup_device.sh || exit $?
+site=${ATOM_SITE:-/tmp/site}
+folder=/tmp/serve_models/$shape
+mkdir -p "$folder"
+PYTHONPATH=packages/atom-core/src:packages/atom-server/src:$site python3 - "$shape" "$folder" <<'PY' || exit 3
+import json, os, sys
+sys.path.insert(0, "tools/device")
+from atom_server.bench import preset_checkpoint
+from bench_vs_vllm import write_tokenizer
+
+shape, folder = sys.argv[1], sys.argv[2]
+preset_checkpoint(shape, folder)
+with open(os.path.join(folder, "config.json")) as f:
+    vocab = json.load(f)["vocab_size"]
+write_tokenizer(folder, vocab_size=vocab)
+print(f"{folder}: random-weight {shape}, tokenizer over all {vocab} ids", flush=True)
+PY
+export PYTHONPATH=packages/atom-core/src:packages/atom-server/src:$site
+exec python3 tools/cpu_serving_compare.py "$folder" --vllm-python python3 --vllm-pythonpath "$site" \
+  --atom-extra "--load-format dummy" --vllm-extra "--load-format dummy --gpu-memory-utilization 0.85" \
+  --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" "$@"
