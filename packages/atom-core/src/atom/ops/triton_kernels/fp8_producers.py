@@ -23,7 +23,7 @@ from atom.ops.triton_kernels.activation import gated_cols
 from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.norm import rms_norm_row
-from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_kernel, _gemm_tile, _launch_split
+from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_kernel, _gemm_tile, _launch_split, _rows, check_group_size
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -103,16 +103,6 @@ def _silu_mul_quant_token_kernel(x_ptr, q_ptr, s_ptr, d, x_stride, q_stride, ACT
     tl.store(s_ptr + row + tl.arange(0, 1), s)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _check_group(group_size: int | None) -> None:
-    if group_size is not None and (group_size <= 0 or group_size & (group_size - 1)):
-        raise ValueError(f"the Triton FP8 producers need a power-of-two group size, got {group_size}")
-
-
 def _act_dtype(dtype: torch.dtype):
     if dtype not in _TL_FLOAT:
         raise ValueError(f"the Triton FP8 producers take float32 / bfloat16 / float16 activations, got {dtype}")
@@ -127,7 +117,7 @@ def _outputs(lead, k: int, rows: int, group_size: int | None, fp8_dtype: torch.d
 
 
 def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
-    _check_group(group_size)
+    check_group_size(group_size, "the Triton FP8 producers")
     n = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
@@ -164,7 +154,7 @@ def fused_add_rms_norm_quant_fp8(
 @register("silu_and_mul_quant_fp8", "triton")
 def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
                            fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_group(group_size)
+    check_group_size(group_size, "the Triton FP8 producers")
     d = x.shape[-1] // 2
     x2 = _rows(x)
     rows = x2.shape[0]

@@ -78,6 +78,12 @@ def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: t
     tl.store(s_ptr + row + tl.arange(0, 1), s)
 
 
+def check_group_size(group_size: int | None, who: str) -> None:
+    """Activation groups of the Triton FP8 kernels are 1 x a power of two (None: one scale per token)."""
+    if group_size is not None and (group_size <= 0 or group_size & (group_size - 1)):
+        raise ValueError(f"{who} needs a power-of-two group size, got {group_size}")
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -88,8 +94,7 @@ def per_token_group_quant_fp8(
     x: torch.Tensor, group_size: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q [..., K] fp8, scales [..., ceil(K / group_size)] float32)."""
-    if group_size <= 0 or group_size & (group_size - 1):
-        raise ValueError(f"the Triton FP8 group quantization needs a power-of-two group size, got {group_size}")
+    check_group_size(group_size, "the Triton FP8 group quantization")
     x2 = _rows(x)
     rows, k = x2.shape
     groups = triton.cdiv(k, group_size)
@@ -320,6 +325,14 @@ GEMV_FUSED_QUANT = True
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
+def _pow2_split(want: int, most: int) -> int:
+    """The largest power of two <= want, <= most (K steps allow) and <= 8: how many K ranges a GEMM splits into."""
+    split = 1
+    while split * 2 <= min(want, most, 8):
+        split *= 2
+    return split
+
+
 def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     """16 columns per program and long K steps, no split-K, from the H200 sweeps (kernel_bench.py --fp8-only,
     2026-12-02, M = 1, the GEMV quantizing its own activations; us per call under CUDA-graph replay):
@@ -344,12 +357,7 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     # rows of kernel_bench.py's GEMV sweep, unmeasured yet
     tile.setdefault("num_stages", None)
     if "split_k" not in tile:
-        want = triton.cdiv(sms, programs)
-        most = max(1, triton.cdiv(k, block_k) // 2)
-        split = 1
-        while split * 2 <= min(want, most, 8):
-            split *= 2
-        tile["split_k"] = split
+        tile["split_k"] = _pow2_split(triton.cdiv(sms, programs), triton.cdiv(k, block_k) // 2)
     return tile
 
 
@@ -387,12 +395,7 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
     # at least four K steps per split
     programs = triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, tile["block_n"])
-    want = triton.cdiv(2 * num_sms(device), programs)
-    most = max(1, triton.cdiv(k, block_k) // 4)
-    split = 1
-    while split * 2 <= min(want, most, 8):
-        split *= 2
-    tile["split_k"] = split
+    tile["split_k"] = _pow2_split(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(k, block_k) // 4)
     return tile
 
 
