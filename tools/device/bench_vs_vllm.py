@@ -14,6 +14,8 @@ then each engine in its own fresh process, --repeats times interleaved (A B C A 
              when atom is importable)
   atom-vllm  vLLM running ATOM's model through the atom-vllm plugin (the same script, plugin on)
   atom-base  atom-server without --quantization / --kv-cache-dtype (ATOM's bf16 next to its FP8 run)
+  atom-alt   atom-server with the environment of --alt-env added (an A/B of one switch, e.g.
+             --alt-env ATOM_FP8_SCALED_MM=0, in the same call and rounds)
 --quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
 at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
 Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule), or, with --materialize,
@@ -168,7 +170,11 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
     if engine != "atom-base":
         quant += ["--quantization", ns.quantization] if ns.quantization else []
         quant += ["--kv-cache-dtype", ns.kv_cache_dtype] if ns.kv_cache_dtype != "auto" else []
-    if engine in ("atom", "atom-base"):
+    if engine == "atom-alt":
+        for pair in ns.alt_env.split():
+            name, _, value = pair.partition("=")
+            env[name] = value
+    if engine in ("atom", "atom-base", "atom-alt"):
         cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
                ns.load_format, "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant,
                *ns.atom_args.split()]
@@ -204,7 +210,9 @@ def run_engine(engine: str, model: str, ns: argparse.Namespace, tag: str, log, t
         errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
         rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
     rep["took_s"] = took
-    if engine not in ("atom", "atom-base"):
+    if engine == "atom-alt":
+        rep["alt_env"] = ns.alt_env
+    if engine not in ("atom", "atom-base", "atom-alt"):
         rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
     return rep
 
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: every engine but atom-base stores an FP8 KV cache")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
+    p.add_argument("--alt-env", default="", help="for the atom-alt engine: NAME=VALUE pairs, space-separated")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
     p.add_argument("--materialize", action="store_true",

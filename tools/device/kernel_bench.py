@@ -9,6 +9,7 @@ the torch reference's median time on the same inputs. Inputs are random, never z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import json
@@ -320,11 +321,25 @@ def gpt_oss_rows(bench) -> None:
 FP8_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 
 
+@contextlib.contextmanager
+def patched(module, **values):
+    """Set module attributes for the rows inside, restore them after."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def fp8_rows(bench, opts) -> None:
     """FP8 rows: the 8b GEMMs at decode and prefill sizes (with cuBLAS bf16 on the same shape as the
     baseline to beat), the activation quantization kernels, the 30b-a3b experts, attention over an FP8 KV
     cache. Bytes = the FP8 weight (+ scales) read once + activations in and out: the bandwidth roofline of
-    a weight-streaming GEMM. M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE, quantizing its
+    a weight-streaming GEMM. Per-channel rows above GEMV_MAX_M run torch._scaled_mm (SCALED_MM; `(scaled_mm)` in
+    the name) with the tl.dot GEMM on the same call below them (`fp8 dot`). M <= 4 (decode): `fp8 gemv` rows (the GEMV at GEMV_MAX_M_CANDIDATE, quantizing its
     activations itself), `fp8 gemv+quant kernel` (the quantization kernel first) against
     `fp8 dot` (the same call with GEMV_MAX_M = 0: the tl.dot GEMM) and cuBLAS bf16. Sweeps:
     ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,"num_stages":4,"split_k":4}, ...]' at
@@ -356,22 +371,29 @@ def fp8_rows(bench, opts) -> None:
                           nbytes, 2 * m * n * k)
                 finally:
                     tk_fp8.GEMV_FUSED_QUANT = True
-                default_max_m, tk_fp8.GEMV_MAX_M = tk_fp8.GEMV_MAX_M, 0
-                try:
+                with patched(tk_fp8, GEMV_MAX_M=0, SCALED_MM=False):
                     bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
                           2 * m * n * k)
-                finally:
-                    tk_fp8.GEMV_MAX_M = default_max_m
+                if layout == "channel":
+                    with patched(tk_fp8, GEMV_MAX_M=0, SCALED_MM=True):
+                        bench(f"  fp8 scaled_mm 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block),
+                              nbytes, 2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
     for proj, (n, k) in FP8_LINEARS.items() if not opts.fp8_decode_only else ():
         for m in (16, 32, 64, 128, 1024):
             x = rnd(m, k)
-            for layout in ("block", "channel") if m in (1, 16, 128) else ("block",):
+            for layout in ("block", "channel"):
                 q, s = weights[proj][layout]
                 block = [128, 128] if layout == "block" else None
                 nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
-                bench(f"fp8_linear 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
+                path = "scaled_mm" if tk_fp8.scaled_mm_applies(q, q, block, x.dtype) else "dot"
+                bench(f"fp8_linear 8b {proj} M{m} {layout} ({path})", lin, None, (x, q, s, None, block), nbytes,
+                      2 * m * n * k)
+                if path == "scaled_mm":  # the tl.dot GEMM on the same call (ATOM_FP8_SCALED_MM=0)
+                    with patched(tk_fp8, SCALED_MM=False):
+                        bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
+                              2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
     sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []

@@ -21,8 +21,8 @@ import statistics
 import sys
 from typing import Any
 
-ENGINES = ("atom", "vllm", "atom-vllm", "atom-base")
-LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16"}
+ENGINES = ("atom", "vllm", "atom-vllm", "atom-base", "atom-alt")
+LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16", "atom-alt": "ATOM alt"}
 # PERF.md (H100 80GB, 2,970 GB/s): batch-1 decode roofline in ms/step, for reference next to this device's.
 PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.05}
 
@@ -199,6 +199,10 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["atom_base_ratio_all"] = [
                 rnd["atom"][bs]["output_tok_s"] / rnd["atom-base"][bs]["output_tok_s"]
                 for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-base"]]
+            # ATOM over ATOM with --alt-env (atom-alt), paired by round
+            row["atom_alt_ratio_all"] = [
+                rnd["atom"][bs]["output_tok_s"] / rnd["atom-alt"][bs]["output_tok_s"]
+                for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-alt"]]
             row["rounds"] = len(rounds)
             out.append(row)
     return out
@@ -239,6 +243,16 @@ def table(benches: list[dict[str, Any]]) -> str:
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
                   f"{_spread(r['atom-base_tok_s_all'])} | {_spread(r['atom_base_ratio_all'], '.2f', 'x')} |"
                   for r in base]
+    alt = [r for r in rows(benches) if r.get("atom-alt_tok_s")]
+    if alt:
+        envs = sorted({str(rnd["atom-alt"].get("alt_env")) for b in benches
+                       for rnd in (b.get("repeats") or [b["engines"]]) if rnd.get("atom-alt")})
+        lines += ["", f"ATOM alt: ATOM with {' / '.join(envs)}", "",
+                  "| shape | batch | ATOM tok/s | ATOM alt tok/s (same call) | ATOM / alt | ATOM ms/step | alt ms/step |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
+                  f"{_spread(r['atom-alt_tok_s_all'])} | {_spread(r['atom_alt_ratio_all'], '.2f', 'x')} | "
+                  f"{_f(r['atom_ms_step'], '.2f')} | {_f(r['atom-alt_ms_step'], '.2f')} |" for r in alt]
     return "\n".join(lines)
 
 

@@ -197,7 +197,7 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     # summation order differs from the reference, as for the tl.dot path at decode sizes
     if f32_tol is None:
         f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
-    path = "gemv" if gemv else "dot"
+    path = "gemv" if gemv else ("scaled_mm" if tk.scaled_mm_applies(q, q, block_size, out.dtype) else "dot")
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
     return out
 
@@ -299,6 +299,51 @@ def test_fp8_linear_rejects_what_the_kernel_cannot_run():
     q, s, _ = _weight(64, 256, "block")
     with pytest.raises(ValueError, match="block scale has shape"):
         triton_op("fp8_linear")(rand(2, 256), q, s, None, [32, 128])
+
+
+@pytest.mark.parametrize("scale_layout", ["channel_n", "channel_n1", "tensor"])
+def test_rowwise_scaled_mm_matches_the_reference(scale_layout):
+    """torch._scaled_mm's rowwise path (what fp8_linear runs above GEMV_MAX_M for per-channel / per-tensor
+    weights on sm90; torch runs it on CPU too) with the scale shapes ATOM's layers hold, and a bias."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    n, k, m = 96, 256, 5
+    q, s, _ = _weight(n, k, "tensor" if scale_layout == "tensor" else "channel")
+    s = s.reshape(n, 1) if scale_layout == "channel_n1" else s
+    x = activations(m, k, torch.bfloat16)
+    b = rand(n, dtype=torch.bfloat16)
+    a, a_scale = Q.per_token_quant_fp8(x)
+    out = tk.rowwise_scaled_mm(a, a_scale, q, s, b, torch.bfloat16)
+    check(f"rowwise_scaled_mm {scale_layout}", out, Q.fp8_linear(x, q, s, b, None), TOL_BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [2, 16, 128])
+def test_fp8_linear_routes_per_channel_gemms_to_scaled_mm(m):
+    """On sm90 a per-channel bf16 GEMM above GEMV_MAX_M runs torch._scaled_mm (SCALED_MM), block scales run the
+    tl.dot GEMM; with SCALED_MM off the same per-channel GEMM runs tl.dot; all three within TOL_BF16."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    if torch.cuda.get_device_capability() < (9, 0) or torch.version.hip:
+        pytest.skip("torch._scaled_mm's rowwise path is used on sm90+ only")
+    n, k = LARGE_LINEAR["o"]
+    q, s, _ = _weight(n, k, "channel")
+    qb, sb, block = _weight(n, k, "block")
+    x = activations(m, k, torch.bfloat16)
+    assert tk.scaled_mm_applies(q, q, None, torch.bfloat16) and not tk.scaled_mm_applies(q, q, block, torch.bfloat16)
+    default = tk.SCALED_MM
+    try:
+        outs = {}
+        for tk.SCALED_MM in (True, False):
+            outs[tk.SCALED_MM] = triton_op("fp8_linear")(x, q, s, None, None)
+    finally:
+        tk.SCALED_MM = default
+    ref = Q.fp8_linear(x, q, s, None, None)
+    check(f"fp8_linear o channel M={m} scaled_mm", outs[True], ref, TOL_BF16)
+    check(f"fp8_linear o channel M={m} dot", outs[False], ref, TOL_BF16)
+    check(f"fp8_linear o block M={m} dot", triton_op("fp8_linear")(x, qb, sb, None, block),
+          Q.fp8_linear(x, qb, sb, None, block), TOL_BF16)
 
 
 # the GEMMs of the qwen3-8b shape: qkv, o, gate|up, down

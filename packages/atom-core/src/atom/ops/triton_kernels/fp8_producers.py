@@ -5,9 +5,10 @@ pre-quantized activations (`fp8_linear_quantized`): together they replace norm -
 Bit-identity with the unfused path: the float part is the same code as the float kernels (norm.py,
 activation.py: same block sizes, same reductions, same roundings), its result is rounded to the float op's
 output dtype, and the quantization is fp8_common's dynamic_scale / quantize on the same 1 x GROUP slices (or
-the whole row), as quant_fp8's quantization kernels do. fp8_linear_quantized launches quant_fp8's tl.dot GEMM
-with the tile fp8_linear picks, so its output equals fp8_linear's wherever fp8_linear runs that GEMM
-(M > GEMV_MAX_M; the layers hand plain activations to the GEMV below that).
+the whole row), as quant_fp8's quantization kernels do. fp8_linear_quantized runs quant_fp8's
+fp8_gemm_quantized (torch._scaled_mm or the tl.dot GEMM, chosen the same way), so its output equals
+fp8_linear's wherever fp8_linear runs that GEMM (M > GEMV_MAX_M; the layers hand plain activations to the GEMV
+below that).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from atom.ops.fp8_producers import check_quantized_input
 from atom.ops.quant_fp8 import check_weight_scale
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import gated_cols
-from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.norm import rms_norm_row
-from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_kernel, _gemm_tile, _launch_split, _rows, check_group_size
+from atom.ops.triton_kernels.quant_fp8 import _rows, check_group_size, fp8_gemm_quantized
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -182,7 +182,7 @@ def fp8_linear_quantized(
     block_size: list[int] | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """quant_fp8's tl.dot GEMM (fp8_linear's at M > GEMV_MAX_M, with its tiles) on pre-quantized activations."""
+    """quant_fp8's GEMM on pre-quantized activations (fp8_gemm_quantized: what fp8_linear runs at M > GEMV_MAX_M)."""
     check_quantized_input(q, scale, weight, block_size)
     n, k = weight.shape
     check_weight_scale(weight_scale, n, k, block_size, "fp8_linear_quantized weight")
@@ -190,32 +190,5 @@ def fp8_linear_quantized(
         raise ValueError(f"fp8_linear_quantized bias has shape {tuple(bias.shape)}, expected ({n},)")
     if weight.stride(-1) != 1:
         raise ValueError("fp8_linear_quantized: the weight's K dimension must be contiguous")
-    a = _rows(q)
-    a_scale = _rows(scale)
-    m = a.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    if m == 0:
-        return out.view(*q.shape[:-1], n)
-    if block_size is not None:
-        scale_bn, block_k = int(block_size[0]), int(block_size[1])
-        if block_k < 32 or block_k & (block_k - 1):
-            raise ValueError(f"the Triton FP8 GEMM needs block_k to be a power of two >= 32, got {block_k}")
-        ws_stride_n, ws_stride_k = weight_scale.stride(0), weight_scale.stride(1)
-    else:
-        scale_bn, block_k = 1, 128
-        ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
-        ws_stride_k = 0
-    tile = _gemm_tile(m, n, k, block_k, q.device)
-    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), q.device)
-
-    def gemm(target, k_per_split, split, add_bias):
-        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
-            a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
-            a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-            SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
-            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            num_warps=tile["num_warps"], num_stages=stages)
-
-    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
-    return out.view(*q.shape[:-1], n)
+    return fp8_gemm_quantized(_rows(q), _rows(scale), weight, weight_scale, bias, block_size, out_dtype).view(
+        *q.shape[:-1], n)

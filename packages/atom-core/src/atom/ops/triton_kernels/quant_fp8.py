@@ -24,10 +24,15 @@ granularity as the tl.dot kernel, and quantizes the activations itself (no quant
 one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step). Measured at M = 1 it beats the
 tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at only 1.4-2.5 TB/s:
 kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
+
+Per-token x per-channel / per-tensor GEMMs above GEMV_MAX_M go to torch._scaled_mm's rowwise-scaled kernel
+(CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled weights and other devices keep
+the tl.dot GEMM.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,7 +41,7 @@ import triton.language as tl
 
 from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import fit_tile, num_sms
+from atom.ops.triton_kernels.common import fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 
 
@@ -399,6 +404,91 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     return tile
 
 
+def _scale_layout(weight_scale: torch.Tensor, block_size: list[int] | None) -> tuple[int, int, int, int]:
+    """(scale_bn, block_k, ws_stride_n, ws_stride_k) of a weight scale: per [bn, bk] block, or per channel /
+    per tensor (stride 0) with K steps of 128."""
+    if block_size is not None:
+        scale_bn, block_k = int(block_size[0]), int(block_size[1])
+        if block_k < 32 or block_k & (block_k - 1):
+            raise ValueError(f"the Triton FP8 GEMM needs block_k to be a power of two >= 32, got {block_k}")
+        return scale_bn, block_k, weight_scale.stride(0), weight_scale.stride(1)
+    return 1, 128, 0 if weight_scale.numel() == 1 else weight_scale.stride(0), 0
+
+
+def _env_scaled_mm() -> bool:
+    raw = os.environ.get("ATOM_FP8_SCALED_MM", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"ATOM_FP8_SCALED_MM must be 0 or 1, got {raw!r}")
+    return raw != "0"
+
+
+# Per-token x per-channel (or per-tensor) FP8 GEMMs above GEMV_MAX_M run torch._scaled_mm's rowwise-scaled
+# kernel (CUTLASS on sm90) instead of the tl.dot GEMM where it applies (CUDA, compute capability >= 9.0, bf16
+# output, N and K multiples of 16). ATOM_FP8_SCALED_MM=0 keeps the tl.dot GEMM (engine A/B, kernel_bench.py).
+# Block-scaled weights always run the tl.dot GEMM.
+SCALED_MM = _env_scaled_mm()
+
+
+@functools.cache
+def _rowwise_scaled_mm_device(device: torch.device) -> bool:
+    return (device.type == "cuda" and not interpreting() and not torch.version.hip
+            and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def scaled_mm_applies(a: torch.Tensor, weight: torch.Tensor, block_size, out_dtype: torch.dtype) -> bool:
+    """Whether fp8_gemm_quantized hands this GEMM to torch._scaled_mm (see SCALED_MM)."""
+    n, k = weight.shape
+    return (SCALED_MM and block_size is None and out_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
+            and a.dtype == weight.dtype == torch.float8_e4m3fn and _rowwise_scaled_mm_device(a.device))
+
+
+def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a * a_scale) (W * w_scale)^T + bias through torch._scaled_mm's rowwise scaling: a [M, K] fp8 with
+    float32 scales [M, 1] (per token), W [N, K] fp8 with a per-channel [N] / [N, 1] or per-tensor scale."""
+    n = weight.shape[0]
+    scale_b = weight_scale.to(torch.float32).reshape(1, -1)
+    if scale_b.shape[1] != n:  # per tensor: one column scale each
+        scale_b = scale_b.expand(1, n).contiguous()
+    scale_a = a_scale.to(torch.float32).reshape(-1, 1)
+    out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b.contiguous(), out_dtype=out_dtype)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """out [M, N] in out_dtype = the FP8 GEMM on activations already quantized (a [M, K] fp8, a_scale [M, 1]
+    per token or [M, K / bk] per group): torch._scaled_mm where scaled_mm_applies, else the tl.dot GEMM with
+    split-K. fp8_linear (M > GEMV_MAX_M) and fp8_linear_quantized (the fused producers) both end here, so
+    their outputs are equal."""
+    n, k = weight.shape
+    m = a.shape[0]
+    if m and scaled_mm_applies(a, weight, block_size, out_dtype):
+        return rowwise_scaled_mm(a, a_scale, weight, weight_scale, bias, out_dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out
+    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
+    tile = _gemm_tile(m, n, k, block_k, a.device)
+    # per stage: the fp8 A and W tiles
+    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
+                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), a.device)
+
+    def gemm(target, k_per_split, split, add_bias):
+        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
+            a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
+            a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
+            SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
+            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=tile["num_warps"], num_stages=stages)
+
+    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
+    return out
+
+
 @register("fp8_linear", "triton")
 def fp8_linear(
     x: torch.Tensor,
@@ -413,22 +503,13 @@ def fp8_linear(
     n, k = weight.shape
     x2 = _rows(x)
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.view(*x.shape[:-1], n)
+        return torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if weight.stride(-1) != 1:
         raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
     fp8 = weight.dtype
     block_scales = block_size is not None
-    if block_scales:
-        scale_bn, block_k = int(block_size[0]), int(block_size[1])
-        if block_k < 32 or block_k & (block_k - 1):
-            raise ValueError(f"the Triton FP8 GEMM needs block_k to be a power of two >= 32, got {block_k}")
-        ws_stride_n, ws_stride_k = weight_scale.stride(0), weight_scale.stride(1)
-    else:
-        scale_bn, block_k = 1, 128
-        ws_stride_n = 0 if weight_scale.numel() == 1 else weight_scale.stride(0)
-        ws_stride_k = 0
+    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
     gemv = m <= GEMV_MAX_M
     quant_in_gemv = gemv and GEMV_FUSED_QUANT
     if quant_in_gemv:  # the GEMV quantizes the activations itself
@@ -437,35 +518,22 @@ def fp8_linear(
         a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
     else:
         a, a_scale = per_token_quant_fp8(x2, fp8)
-    common = (a, a_scale, weight, weight_scale)
-    strides = (a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n)
+    if not gemv:
+        return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(
+            *x.shape[:-1], n)
 
-    if gemv:
-        tile = _gemv_tile(n, k, block_k, x.device)
-        consts = fp8_consts(fp8)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tile = _gemv_tile(n, k, block_k, x.device)
+    consts = fp8_consts(fp8)
 
-        def gemv_launch(target, k_per_split, split, add_bias):
-            _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
-                *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
-                SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
-                M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
-                SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, STAGES=tile["num_stages"],
-                num_warps=tile["num_warps"])
-
-        _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
-        return out.view(*x.shape[:-1], n)
-
-    tile = _gemm_tile(m, n, k, block_k, x.device)
-    # per stage: the fp8 A and W tiles
-    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), x.device)
-
-    def gemm(target, k_per_split, split, add_bias):
-        _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
-            *common, bias if add_bias else out, target, m, n, k, *strides, k_per_split,
+    def gemv_launch(target, k_per_split, split, add_bias):
+        _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
+            a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k, a.stride(0),
+            a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
-            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            num_warps=tile["num_warps"], num_stages=stages)
+            M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
+            SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, STAGES=tile["num_stages"],
+            num_warps=tile["num_warps"])
 
-    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
+    _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
     return out.view(*x.shape[:-1], n)
