@@ -364,7 +364,9 @@ def fp8_rows(bench, opts) -> None:
                 q, s = weights[proj][layout]
                 block = [128, 128] if layout == "block" else None
                 nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
-                bench(f"fp8 gemv 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes, 2 * m * n * k)
+                with patched(tk_fp8, GEMV_FUSED_QUANT_PER_TOKEN=True):
+                    bench(f"fp8 gemv 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
+                          2 * m * n * k)
                 tk_fp8.GEMV_FUSED_QUANT = False
                 try:
                     bench(f"  fp8 gemv+quant kernel 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block),
@@ -375,7 +377,7 @@ def fp8_rows(bench, opts) -> None:
                     bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
                           2 * m * n * k)
                 if layout == "channel":
-                    with patched(tk_fp8, GEMV_MAX_M=0, SCALED_MM=True):
+                    with patched(tk_fp8, GEMV_MAX_M=0, SCALED_MM=True, SCALED_MM_MIN_M=0):
                         bench(f"  fp8 scaled_mm 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block),
                               nbytes, 2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
@@ -387,13 +389,17 @@ def fp8_rows(bench, opts) -> None:
                 q, s = weights[proj][layout]
                 block = [128, 128] if layout == "block" else None
                 nbytes = n * k + s.numel() * 4 + 2 * m * (k + n)
-                path = "scaled_mm" if tk_fp8.scaled_mm_applies(q, q, block, x.dtype) else "dot"
+                path = "scaled_mm" if tk_fp8.scaled_mm_applies(m, q, block, x.dtype) else "dot"
                 bench(f"fp8_linear 8b {proj} M{m} {layout} ({path})", lin, None, (x, q, s, None, block), nbytes,
                       2 * m * n * k)
                 if path == "scaled_mm":  # the tl.dot GEMM on the same call (ATOM_FP8_SCALED_MM=0)
                     with patched(tk_fp8, SCALED_MM=False):
                         bench(f"  fp8 dot 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block), nbytes,
                               2 * m * n * k)
+                elif layout == "channel":  # torch._scaled_mm below SCALED_MM_MIN_M
+                    with patched(tk_fp8, SCALED_MM_MIN_M=0):
+                        bench(f"  fp8 scaled_mm 8b {proj} M{m} {layout}", lin, None, (x, q, s, None, block),
+                              nbytes, 2 * m * n * k)
             bench(f"  bf16 F.linear (cuBLAS) 8b {proj} M{m}", F.linear, None, (x, weights[proj]["bf16"]),
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
     sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []

@@ -197,7 +197,7 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     # summation order differs from the reference, as for the tl.dot path at decode sizes
     if f32_tol is None:
         f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
-    path = "gemv" if gemv else ("scaled_mm" if tk.scaled_mm_applies(q, q, block_size, out.dtype) else "dot")
+    path = "gemv" if gemv else ("scaled_mm" if tk.scaled_mm_applies(m, q, block_size, out.dtype) else "dot")
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
     return out
 
@@ -321,8 +321,9 @@ def test_rowwise_scaled_mm_matches_the_reference(scale_layout):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("m", [2, 16, 128])
 def test_fp8_linear_routes_per_channel_gemms_to_scaled_mm(m):
-    """On sm90 a per-channel bf16 GEMM above GEMV_MAX_M runs torch._scaled_mm (SCALED_MM), block scales run the
-    tl.dot GEMM; with SCALED_MM off the same per-channel GEMM runs tl.dot; all three within TOL_BF16."""
+    """On sm90 a per-channel bf16 GEMM of SCALED_MM_MIN_M rows or more runs torch._scaled_mm (SCALED_MM), fewer rows
+    and block scales run the tl.dot GEMM; with SCALED_MM off the per-channel GEMM runs tl.dot; all within
+    TOL_BF16."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     if torch.cuda.get_device_capability() < (9, 0) or torch.version.hip:
@@ -331,7 +332,8 @@ def test_fp8_linear_routes_per_channel_gemms_to_scaled_mm(m):
     q, s, _ = _weight(n, k, "channel")
     qb, sb, block = _weight(n, k, "block")
     x = activations(m, k, torch.bfloat16)
-    assert tk.scaled_mm_applies(q, q, None, torch.bfloat16) and not tk.scaled_mm_applies(q, q, block, torch.bfloat16)
+    assert tk.scaled_mm_applies(m, q, None, torch.bfloat16) == (m >= tk.SCALED_MM_MIN_M)
+    assert not tk.scaled_mm_applies(m, q, block, torch.bfloat16)
     default = tk.SCALED_MM
     try:
         outs = {}

@@ -2,6 +2,11 @@
 bit-identical (torch.equal) to the unfused Triton path (float op, then the quantization kernel, then
 fp8_linear) and to the torch references, under Triton's CPU interpreter (TRITON_INTERPRET=1, its own pytest
 process) and on a GPU (the `gpu` cases: 8b shapes, the hardware FP8 conversion).
+
+One exception, float32 on a GPU: the backend compiler may contract the norm's sum of squares into FMAs in one
+kernel and not in the other (measured on the H200, 2026-12-02: one per-token scale of 3 differed), so the
+float32 outputs can differ by an ulp there: scales within 4 float32 ulps, codes at most one e4m3 step apart.
+bf16 / fp16 outputs (what models run) absorb it in the rounding to the float op's dtype and stay bit-identical.
 """
 
 from __future__ import annotations
@@ -44,18 +49,26 @@ def check_fused(fused, float_out: torch.Tensor, group: int | None) -> None:
     """Equal to the Triton quantization kernel on the float kernel's output, and to the torch quantization
     reference on it. (Not to the torch references of the float ops themselves: their float32 sums run in
     another order, and the interpreter rounds float32 -> bfloat16 by truncation.)"""
-    assert_same(fused[:2], unfused_quant(float_out, group))
-    assert_same(fused[:2], unfused_quant(float_out, group, torch_ref))
+    ulp_level = ON_GPU and float_out.dtype == torch.float32  # see the module docstring
+    assert_same(fused[:2], unfused_quant(float_out, group), ulp_level)
+    assert_same(fused[:2], unfused_quant(float_out, group, torch_ref), ulp_level)
 
 
-def assert_same(got, want) -> None:
-    """torch.equal on every output (FP8 codes compared as bytes: e4m3fn has NaN and -0)."""
+def assert_same(got, want, ulp_level: bool = False) -> None:
+    """torch.equal on every output (FP8 codes compared as bytes: e4m3fn has NaN and -0); with ulp_level,
+    float32 values within 4 ulps and FP8 codes at most one step apart (same sign)."""
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
         if g.dtype == FP8:
             g, w = g.view(torch.uint8), w.view(torch.uint8)
-        assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
+        if ulp_level and g.dtype == torch.uint8:
+            step = ((g.int() - w.int()).abs() * ((g ^ w) < 128)).max().item() if g.numel() else 0
+            assert bool(((g ^ w) < 128).all()) and step <= 1, f"FP8 codes differ by {step} steps or in sign"
+        elif ulp_level and g.dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=4 * 2.0**-23, atol=0)
+        else:
+            assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
 
 
 def hidden_states(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -25,8 +25,8 @@ one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step). Meas
 tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at only 1.4-2.5 TB/s:
 kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
 
-Per-token x per-channel / per-tensor GEMMs above GEMV_MAX_M go to torch._scaled_mm's rowwise-scaled kernel
-(CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled weights and other devices keep
+Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (128) rows or more go to torch._scaled_mm's
+rowwise-scaled kernel (CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled weights and other devices keep
 the tl.dot GEMM.
 """
 
@@ -325,6 +325,12 @@ GEMV_MAX_M_CANDIDATE = 4  # the most rows the GEMV is tested and benchmarked at 
 # The GEMV quantizes its activations itself (QUANT_A: no quantization kernel before it); False runs the
 # quantization kernel first and the GEMV reads FP8 activations (kernel_bench.py compares the two).
 GEMV_FUSED_QUANT = True
+# ... for per-token activations (per-channel / per-tensor weights) too. Off: measured on the H200 (2026-12-02,
+# kernel_bench.py --fp8-only, M = 1, us): every program must read the whole row for its amax before it streams
+# W, and the per-token GEMV quantizing itself lost to the quantization kernel + GEMV on o / gate_up / down
+# (18.1 / 46.0 / 38.4 against 16.1 / 43.2 / 32.3; qkv 17.8 against 18.7); 1 x 128 groups (block layouts) are
+# quantized step by step and keep the fused form (o 13.1 against 14.7).
+GEMV_FUSED_QUANT_PER_TOKEN = False
 # Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages (the rest as
 # chosen below; split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
@@ -422,11 +428,17 @@ def _env_scaled_mm() -> bool:
     return raw != "0"
 
 
-# Per-token x per-channel (or per-tensor) FP8 GEMMs above GEMV_MAX_M run torch._scaled_mm's rowwise-scaled
+# Per-token x per-channel (or per-tensor) FP8 GEMMs of SCALED_MM_MIN_M rows or more run torch._scaled_mm's rowwise-scaled
 # kernel (CUTLASS on sm90) instead of the tl.dot GEMM where it applies (CUDA, compute capability >= 9.0, bf16
 # output, N and K multiples of 16). ATOM_FP8_SCALED_MM=0 keeps the tl.dot GEMM (engine A/B, kernel_bench.py).
 # Block-scaled weights always run the tl.dot GEMM.
 SCALED_MM = _env_scaled_mm()
+# ... from this many rows up. On the H200 (2026-12-02, kernel_bench.py --fp8-only, 8b shapes, per-channel, us
+# a call with the quantization kernel) torch._scaled_mm lost to the tl.dot GEMM at M = 1-64 (o M16 21.9 against
+# 18.3, down M64 46.6 / 36.0, gate_up M32 53.6 / 43.4), tied at M = 128 (the four GEMMs 139.3 against 139.9 us)
+# and won at M = 1024 by 1.4-2x (gate_up 188 against 271, o 38 against 75): prefill. In the engine (8b FP8,
+# bench_vs_vllm.sh, 3 rounds) scaled_mm at every M > 1 made batch 32 0.86x and batch 128 1.11x of tl.dot.
+SCALED_MM_MIN_M = 128
 
 
 @functools.cache
@@ -435,11 +447,13 @@ def _rowwise_scaled_mm_device(device: torch.device) -> bool:
             and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
-def scaled_mm_applies(a: torch.Tensor, weight: torch.Tensor, block_size, out_dtype: torch.dtype) -> bool:
-    """Whether fp8_gemm_quantized hands this GEMM to torch._scaled_mm (see SCALED_MM)."""
+def scaled_mm_applies(m: int, weight: torch.Tensor, block_size, out_dtype: torch.dtype) -> bool:
+    """Whether fp8_gemm_quantized hands an M-row GEMM on this weight (activations quantized to its dtype) to
+    torch._scaled_mm (see SCALED_MM, SCALED_MM_MIN_M)."""
     n, k = weight.shape
-    return (SCALED_MM and block_size is None and out_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
-            and a.dtype == weight.dtype == torch.float8_e4m3fn and _rowwise_scaled_mm_device(a.device))
+    return (SCALED_MM and m >= SCALED_MM_MIN_M and block_size is None and out_dtype == torch.bfloat16
+            and n % 16 == 0 and k % 16 == 0 and weight.dtype == torch.float8_e4m3fn
+            and _rowwise_scaled_mm_device(weight.device))
 
 
 def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -466,7 +480,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     their outputs are equal."""
     n, k = weight.shape
     m = a.shape[0]
-    if m and scaled_mm_applies(a, weight, block_size, out_dtype):
+    if m and a.dtype == weight.dtype and scaled_mm_applies(m, weight, block_size, out_dtype):
         return rowwise_scaled_mm(a, a_scale, weight, weight_scale, bias, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
@@ -511,7 +525,7 @@ def fp8_linear(
     block_scales = block_size is not None
     scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
     gemv = m <= GEMV_MAX_M
-    quant_in_gemv = gemv and GEMV_FUSED_QUANT
+    quant_in_gemv = gemv and GEMV_FUSED_QUANT and (block_scales or GEMV_FUSED_QUANT_PER_TOKEN)
     if quant_in_gemv:  # the GEMV quantizes the activations itself
         a, a_scale = x2, x2
     elif block_scales:
