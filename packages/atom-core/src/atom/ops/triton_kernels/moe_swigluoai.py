@@ -87,13 +87,14 @@ def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.c
     scales loaded once and broadcast over their 16 bytes)."""
     if MXFP4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ok = (kb < k_dim // 2)[:, None] & n_ok[None, :]
-        packed = tl.load(w_cols + kb[:, None], mask=ok, other=0)
-        # each byte's scale read at its own position (16 bytes share one; the repeats hit L1): no 3D reshape,
-        # whose layout conversions made the kernel decode-bound (56 GB/s at 1024 tokens on the H200)
-        scale = _e8m0_to_f32(tl.load(s_cols + (kb // 16)[:, None], mask=ok, other=127))
-        first = (_e2m1_to_f32(packed & 15) * scale).to(dtype)
-        second = (_e2m1_to_f32(packed >> 4) * scale).to(dtype)
+        packed = tl.load(w_cols + kb[:, None], mask=(kb < k_dim // 2)[:, None] & n_ok[None, :], other=0)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_cols + g[:, None], mask=(g < k_dim // 32)[:, None] & n_ok[None, :],
+                                     other=127))[:, None, :]
+        low = tl.reshape(_e2m1_to_f32(packed & 15), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        high = tl.reshape(_e2m1_to_f32(packed >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * scale
+        first = tl.reshape(low, [BLOCK_K // 2, BLOCK_N]).to(dtype)
+        second = tl.reshape(high, [BLOCK_K // 2, BLOCK_N]).to(dtype)
     else:  # one return for both branches: Triton (3.6) type-checks every return of a function together
         kk = k0 + tl.arange(0, BLOCK_K)
         first = tl.load(w_cols + kk[:, None], mask=(kk < k_dim)[:, None] & n_ok[None, :], other=0.0).to(dtype)
@@ -156,19 +157,20 @@ def _expert_gemm_kernel(
 
 @triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
-    """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/2]
-    for MXFP4 (each the even and the odd element of one byte); w_rows: pointers to each row n's start."""
+    """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
+    for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
+    sum is exact); w_rows: pointers to each row n's start."""
     if MXFP4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         ok = kb < k_dim // 2
-        m = n_ok[:, None] & ok[None, :]
-        packed = tl.load(w_rows + kb[None, :], mask=m, other=0)
+        packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        # the scale of each byte's 32-element block at the byte's position (see _w_chunk): power-of-two scales
-        # make every product exact, so scaling before the sum changes nothing but the summation order
-        scale = _e8m0_to_f32(tl.load(s_rows + (kb // 16)[None, :], mask=m, other=127))
-        out = (_e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd) * scale
+        prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
+                                     other=127))
+        out = tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
     else:  # one return for both branches (see _w_chunk)
         kk = k0 + tl.arange(0, BLOCK_K)
         ok = kk < k_dim
@@ -268,7 +270,7 @@ def fused_experts_swigluoai(
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
-                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 2 if mxfp4 else block_k,
+                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
                 num_warps=tile["num_warps"])
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
