@@ -12,27 +12,52 @@ bash ci/setup.sh all || { echo "ci: environment setup failed"; exit 1; }
 
 results=$(mktemp -d)
 status=0
+# Each suite's output goes to its own log, printed whole once every suite is done (in the order below); the
+# live output is one line when a suite starts and one when it ends.
 run_suite() {  # name, python, pytest args...
   local name=$1 py=$2; shift 2
-  echo "=== suite: $name"
-  local t0; t0=$(date +%s)
-  "$py" -m pytest -q -p no:cacheprovider --junitxml="$results/$name.xml" "$@"
+  echo "=== suite $name: started"
+  local t0=$SECONDS
+  "$py" -m pytest -q -p no:cacheprovider --junitxml="$results/$name.xml" "$@" >"$results/$name.log" 2>&1
   local rc=$?
-  echo "=== suite $name: exit $rc in $(( $(date +%s) - t0 )) s"
-  if [ $rc -ne 0 ]; then status=1; fi  # includes 5 = no tests collected
+  echo "$rc $(( SECONDS - t0 ))" >"$results/$name.rc"
+  echo "=== suite $name: exit $rc in $(( SECONDS - t0 )) s"
 }
 
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Two lanes at once on the 2-core CI machine: each suite is one pytest process, mostly on one core (atom-core
+# pins torch to one thread; the server suite spends much of its wall time starting `atom serve` subprocesses
+# and waiting on them), so a sequential run left a core idle. The server suite is the longest (~9 min); the
+# other lane holds the rest, in about as much time.
 # atom-core, atom-server, atom-vllm on torch 2.13 CPU (Triton kernel tests run in their own process
 # because TRITON_INTERPRET must be set before triton is imported).
-run_suite core .venv/bin/python packages/atom-core/tests --ignore-glob='*test_triton_*'
-TRITON_INTERPRET=1 run_suite triton-interpret .venv/bin/python packages/atom-core/tests/test_triton_*.py
-run_suite server .venv/bin/python packages/atom-server/tests
-run_suite vllm .venv/bin/python packages/atom-vllm/tests
-run_suite sglang .venv-sglang/bin/python packages/atom-sglang/tests
-# The README's quick start in a fresh virtual environment (pip cache and the on-disk torch wheel reused),
-# answering one chat request with the bundled SmolLM2 through the official openai client.
-run_suite quickstart .venv/bin/python ci/test_quickstart.py -s
+lane_server() {
+  run_suite server .venv/bin/python packages/atom-server/tests
+  # The README's quick start in a fresh virtual environment (pip cache and the on-disk torch wheel reused),
+  # answering one chat request with the bundled SmolLM2 through the official openai client.
+  run_suite quickstart .venv/bin/python ci/test_quickstart.py -s
+}
+lane_rest() {
+  run_suite core .venv/bin/python packages/atom-core/tests --ignore-glob='*test_triton_*'
+  TRITON_INTERPRET=1 run_suite triton-interpret .venv/bin/python packages/atom-core/tests/test_triton_*.py
+  run_suite vllm .venv/bin/python packages/atom-vllm/tests
+  run_suite sglang .venv-sglang/bin/python packages/atom-sglang/tests
+}
+suites_t0=$SECONDS
+lane_server & lane_server_pid=$!
+lane_rest & lane_rest_pid=$!
+wait $lane_server_pid $lane_rest_pid
+echo "=== suites: $(( SECONDS - suites_t0 )) s"
+for name in core triton-interpret server vllm sglang quickstart; do
+  echo "=== suite: $name"
+  cat "$results/$name.log" 2>/dev/null
+  if read -r rc secs <"$results/$name.rc" 2>/dev/null; then
+    echo "=== suite $name: exit $rc in $secs s"
+  else
+    rc=1; echo "=== suite $name: did not finish"
+  fi
+  if [ "$rc" -ne 0 ]; then status=1; fi  # includes 5 = no tests collected
+done
 
 echo "=== wheels"
 rm -rf dist && mkdir -p dist

@@ -89,13 +89,20 @@ def write_float(path, arch: str) -> None:
     hf.save_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def float_checkpoints(tmp_path_factory):
-    out = {}
-    for arch in ARCHS:
-        out[arch] = tmp_path_factory.mktemp(arch)
-        write_float(out[arch], arch)
-    return out
+@pytest.fixture
+def float_checkpoint(fresh_seed, tmp_path):
+    """write(arch) -> the path of a fresh float checkpoint. Drawn after this test's own seed is set (fresh_seed),
+    never from what earlier tests left in the global RNG, so ATOM_TEST_SEED replays it in any order."""
+    drawn = 0
+
+    def write(arch: str):
+        nonlocal drawn
+        drawn += 1
+        path = tmp_path / f"float_{arch}_{drawn}"
+        write_float(path, arch)
+        return path
+
+    return write
 
 
 def atom_logits(path, tokens: list[int], **load_kw) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -128,18 +135,47 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_fp8_checkpoint_logits(case, float_checkpoints, tmp_path):
-    arch, fmt, block = CASES[case]
-    src = float_checkpoints[arch]
+# A dense model's greedy check needs a position whose top-2 gap beats the quantization shift; a random tiny
+# llama has none in ~2% of draws (per-tensor: 6 of 300 seeds), so its checkpoint is redrawn (from the same
+# seeded stream) up to this many times before the guard below fails.
+DENSE_DRAWS = 4
+
+
+def references(src, arch: str, fmt: str, block, out) -> tuple:
+    """The FP8 checkpoint of `src`, what it dequantizes to, the float model's greedy tokens on it, the names of
+    its quantized weights, and the two references' logits on those tokens (oracle, float model)."""
     # the reference weights: what the checkpoint dequantizes to (online: per-channel quantization with float32
     # scales, which is what compressed-tensors of a float32 model stores)
-    fp8 = tmp_path / "fp8"
+    fp8 = out / "fp8"
     quantize_fp8.quantize_checkpoint(str(src), str(fp8), "compressed-tensors" if fmt == "online" else fmt,
                                      block or (128, 128))
-    deq = tmp_path / "dequantized"
+    deq = out / "dequantized"
     quantize_fp8.dequantize_checkpoint(str(fp8), str(deq))
     tokens = hf_greedy(deq)
+    quantized = quantized_params(fp8)
+    if arch == "deepseek_v3":
+        # MLA's absorbed attention multiplies by kv_b_proj's dequantized weight in float (as vLLM's MLA does):
+        # its input, the latent cache, is never quantized
+        quantized = {n for n in quantized if ".kv_b_proj." not in n}
+    return fp8, deq, tokens, quantized, hf_logits(deq, tokens, quantized, block), hf_logits(deq, tokens)
+
+
+def decisive_positions(oracle: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """Where the float model's top-2 gap exceeds twice what activation quantization moves that position."""
+    shift = (oracle - plain).abs().amax(-1)
+    top2 = plain.topk(2, -1).values
+    return (top2[:, 0] - top2[:, 1]) > 2 * shift
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp8_checkpoint_logits(case, float_checkpoint, tmp_path):
+    arch, fmt, block = CASES[case]
+    for draw in range(DENSE_DRAWS if arch == "llama" else 1):
+        src = float_checkpoint(arch)
+        fp8, deq, tokens, quantized, oracle, plain = references(src, arch, fmt, block, tmp_path / f"draw{draw}")
+        decisive = decisive_positions(oracle, plain)
+        if bool(decisive.any()):
+            break
     if fmt == "online":
         atom, model = atom_logits(src, tokens, quantization="fp8")
     else:
@@ -147,14 +183,9 @@ def test_fp8_checkpoint_logits(case, float_checkpoints, tmp_path):
     methods = {type(m.quant_method) for m in model.modules() if hasattr(m, "quant_method")}
     assert Fp8LinearMethod in methods and (arch == "llama" or Fp8MoEMethod in methods), methods
 
-    quantized = quantized_params(fp8)
     if arch == "deepseek_v3":
-        # MLA's absorbed attention multiplies by kv_b_proj's dequantized weight in float (as vLLM's MLA does):
-        # its input, the latent cache, is never quantized
+        # the reference leaves kv_b_proj's input unquantized (references()): so must ATOM
         assert model.model.layers[0].self_attn.kv_b_proj.quant_method.dense is not None
-        quantized = {n for n in quantized if ".kv_b_proj." not in n}
-    oracle = hf_logits(deq, tokens, quantized, block)
-    plain = hf_logits(deq, tokens)
     plain_err = float((atom - plain).norm() / plain.norm())
     if arch == "llama":
         oracle_err = _rel(atom, oracle)
@@ -167,22 +198,20 @@ def test_fp8_checkpoint_logits(case, float_checkpoints, tmp_path):
     if arch == "llama":
         bound = math.sqrt(4 * 2) * 2**-4
         assert plain_err <= bound, (case, plain_err, bound)
-    shift = (oracle - plain).abs().amax(-1)  # what activation quantization moves each position
-    top2 = plain.topk(2, -1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > 2 * shift
-    # (a tiny MoE's routing can flip at every position, leaving no decisive one; dense models always have some)
+    # (a tiny MoE's routing can flip at every position, leaving no decisive one; a dense model was redrawn until
+    # it had one: all DENSE_DRAWS without is a ~1e-7 event, not a draw to shrug off)
     assert bool(decisive.any()) or arch != "llama", f"{case}: every position is a near tie"
     assert torch.equal(atom.argmax(-1)[decisive], plain.argmax(-1)[decisive]), case
     RESULTS[case] = (f"vs oracle {oracle_err:.1e}, vs float model {plain_err:.3f} (rel norm), greedy equal at "
-                     f"{int(decisive.sum())}/{len(decisive)} decisive positions")
+                     f"{int(decisive.sum())}/{len(decisive)} decisive positions (checkpoint draw {draw + 1})")
     print(f"{case}: {RESULTS[case]}")
 
 
-def test_ignored_modules_stay_float_and_a_split_merged_layer_is_refused(float_checkpoints, tmp_path):
+def test_ignored_modules_stay_float_and_a_split_merged_layer_is_refused(float_checkpoint, tmp_path):
     """compressed-tensors `ignore` (a regex, as llm-compressor writes it): o_proj stays in float in ATOM too and
     the model still matches its oracle; ignoring one shard of a merged layer is one clear error."""
     fp8, deq = tmp_path / "fp8", tmp_path / "deq"
-    quantize_fp8.quantize_checkpoint(str(float_checkpoints["llama"]), str(fp8), "compressed-tensors",
+    quantize_fp8.quantize_checkpoint(str(float_checkpoint("llama")), str(fp8), "compressed-tensors",
                                      ignore=("re:.*self_attn\\.o_proj$",))
     quantize_fp8.dequantize_checkpoint(str(fp8), str(deq))
     tokens = hf_greedy(deq)
@@ -196,7 +225,7 @@ def test_ignored_modules_stay_float_and_a_split_merged_layer_is_refused(float_ch
     assert _rel(atom, hf_logits(deq, tokens, quantized)) < MAX_ORACLE_ERR
 
     split = tmp_path / "split"
-    quantize_fp8.quantize_checkpoint(str(float_checkpoints["llama"]), str(split), "compressed-tensors",
+    quantize_fp8.quantize_checkpoint(str(float_checkpoint("llama")), str(split), "compressed-tensors",
                                      ignore=("model.layers.0.self_attn.k_proj",))
     with pytest.raises(ValueError, match=r"q_proj.*k_proj.*v_proj are merged into one layer .*same precision"):
         load_model(str(split), dtype="float32", progress=False)
@@ -247,10 +276,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-def test_a_bad_fp8_checkpoint_gets_one_clear_error(bad, float_checkpoints, tmp_path):
+def test_a_bad_fp8_checkpoint_gets_one_clear_error(bad, float_checkpoint, tmp_path):
     edit, message = BAD[bad]
     fp8 = tmp_path / "fp8"
-    quantize_fp8.quantize_checkpoint(str(float_checkpoints["llama"]), str(fp8), "fp8-block", (32, 32))
+    quantize_fp8.quantize_checkpoint(str(float_checkpoint("llama")), str(fp8), "fp8-block", (32, 32))
     _edit(fp8, **edit)
     with pytest.raises(ValueError, match=message):
         load_model(str(fp8), dtype="float32", progress=False)
