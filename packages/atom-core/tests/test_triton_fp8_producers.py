@@ -136,6 +136,25 @@ def _weight(n: int, k: int, layout: str):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channel", "tensor"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fp8_linear_quantized_equals_fp8_linear_in_the_gemv(m, layout, dtype, monkeypatch):
+    """Per-token layouts at the GEMV's rows (GEMV_MAX_M 4 here): fp8_linear runs the quantization kernel and the
+    GEMV on its codes, fp8_linear_quantized the GEMV on the producer's: equal outputs."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 4)
+    assert not tk.gemv_quantizes_input(m, False) and tk.gemv_quantizes_input(m, True)
+    n, k = 96, 320
+    w, ws, block = _weight(n, k, layout)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    x = hidden_states(m, k, dtype)
+    q, s = Q.quantize_activations(x, block, FP8)
+    assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, bias, block, dtype),
+                       triton("fp8_linear")(x, w, ws, bias, block))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["block", "block64", "block_rows", "channel", "tensor"])
 @pytest.mark.parametrize("m", [17, 37])  # above any GEMV_MAX_M (at most 16)
 def test_fp8_linear_quantized_equals_fp8_linear(m, layout, dtype):
@@ -248,10 +267,13 @@ def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", 
     return torch.cat(out).float().cpu(), calls
 
 
-@pytest.mark.parametrize("fmt,gemv_max_m", [("fp8-block", 0), ("compressed-tensors", 0), ("fp8-block", 2)])
+@pytest.mark.parametrize("fmt,gemv_max_m", [("fp8-block", 0), ("compressed-tensors", 0), ("fp8-block", 2),
+                                            ("compressed-tensors", 2)])
 def test_fp8_model_logits_are_identical_with_and_without_fused_producers(fmt, gemv_max_m, tmp_path, monkeypatch):
     """qkv_proj, gate_up_proj and down_proj fed by their producers (bf16 activations) give the very logits of
-    the unfused model; with GEMV_MAX_M 2 the decode steps (2 rows) take the float path into the GEMV."""
+    the unfused model; with GEMV_MAX_M 2 the decode steps (2 rows) of the block checkpoint take the float path
+    into the GEMV (which quantizes 1 x 128 groups itself), those of the per-channel one (per-token
+    activations) take the producers' codes into the GEMV."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
@@ -259,7 +281,7 @@ def test_fp8_model_logits_are_identical_with_and_without_fused_producers(fmt, ge
     want, none = _model_logits(path, False, monkeypatch)
     got, calls = _model_logits(path, True, monkeypatch)
     assert none == []
-    steps = 1 if gemv_max_m >= 2 else 2  # forward passes with more rows than the GEMV takes
+    steps = 1 if gemv_max_m >= 2 and fmt == "fp8-block" else 2  # forward passes handed FP8 by the producers
     per_step = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.qkv_proj", "mlp.gate_up_proj",
                                                                     "mlp.down_proj")]
     assert sorted(calls) == sorted(per_step * steps)

@@ -475,11 +475,14 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
                        bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype
                        ) -> torch.Tensor:
     """out [M, N] in out_dtype = the FP8 GEMM on activations already quantized (a [M, K] fp8, a_scale [M, 1]
-    per token or [M, K / bk] per group): torch._scaled_mm where scaled_mm_applies, else the tl.dot GEMM with
-    split-K. fp8_linear (M > GEMV_MAX_M) and fp8_linear_quantized (the fused producers) both end here, so
-    their outputs are equal."""
+    per token or [M, K / bk] per group): the GEMV up to GEMV_MAX_M rows, torch._scaled_mm where
+    scaled_mm_applies, else the tl.dot GEMM with split-K. fp8_linear (wherever it runs a quantization kernel,
+    gemv_quantizes_input) and fp8_linear_quantized (the fused producers) both end here, so their outputs are
+    equal."""
     n, k = weight.shape
     m = a.shape[0]
+    if 0 < m <= GEMV_MAX_M:
+        return _gemv(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, quant_a=False)
     if m and a.dtype == weight.dtype and scaled_mm_applies(m, weight, block_size, out_dtype):
         return rowwise_scaled_mm(a, a_scale, weight, weight_scale, bias, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -521,33 +524,41 @@ def fp8_linear(
         return torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if weight.stride(-1) != 1:
         raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
-    fp8 = weight.dtype
     block_scales = block_size is not None
-    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
-    gemv = m <= GEMV_MAX_M
-    quant_in_gemv = gemv and GEMV_FUSED_QUANT and (block_scales or GEMV_FUSED_QUANT_PER_TOKEN)
-    if quant_in_gemv:  # the GEMV quantizes the activations itself
-        a, a_scale = x2, x2
-    elif block_scales:
-        a, a_scale = per_token_group_quant_fp8(x2, block_k, fp8)
+    if gemv_quantizes_input(m, block_scales):
+        return _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True).view(*x.shape[:-1], n)
+    if block_scales:
+        a, a_scale = per_token_group_quant_fp8(x2, _scale_layout(weight_scale, block_size)[1], weight.dtype)
     else:
-        a, a_scale = per_token_quant_fp8(x2, fp8)
-    if not gemv:
-        return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(
-            *x.shape[:-1], n)
+        a, a_scale = per_token_quant_fp8(x2, weight.dtype)
+    return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(*x.shape[:-1], n)
 
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tile = _gemv_tile(n, k, block_k, x.device)
-    consts = fp8_consts(fp8)
+
+def gemv_quantizes_input(m: int, block_scales: bool) -> bool:
+    """Whether fp8_linear's GEMV quantizes an M-row input itself (GEMV_FUSED_QUANT; per-token layouts only with
+    GEMV_FUSED_QUANT_PER_TOKEN): then a producer hands the linear floats, elsewhere FP8 codes + scales
+    (atom.layers.fp8_input)."""
+    return m <= GEMV_MAX_M and GEMV_FUSED_QUANT and (block_scales or GEMV_FUSED_QUANT_PER_TOKEN)
+
+
+def _gemv(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+          bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, quant_a: bool
+          ) -> torch.Tensor:
+    """The GEMV (M <= GEMV_MAX_M) on quantized activations, or (quant_a) on float ones it quantizes itself (a and
+    a_scale both the float rows)."""
+    m, (n, k) = a.shape[0], weight.shape
+    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    tile = _gemv_tile(n, k, block_k, a.device)
 
     def gemv_launch(target, k_per_split, split, add_bias):
         _fp8_gemv_kernel[(triton.cdiv(n, tile["block_n"]), split)](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k, a.stride(0),
             a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-            SCALE_BN=scale_bn, BLOCK_SCALES=block_scales, HAS_BIAS=add_bias, SPLIT=split,
+            SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
-            SUB_K=block_k, QUANT_A=quant_in_gemv, **consts, STAGES=tile["num_stages"],
+            SUB_K=block_k, QUANT_A=quant_a, **fp8_consts(weight.dtype), STAGES=tile["num_stages"],
             num_warps=tile["num_warps"])
 
     _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
-    return out.view(*x.shape[:-1], n)
+    return out
