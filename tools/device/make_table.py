@@ -248,7 +248,8 @@ def table(benches: list[dict[str, Any]]) -> str:
         envs = sorted({str(rnd["atom-alt"].get("alt_env")) for b in benches
                        for rnd in (b.get("repeats") or [b["engines"]]) if rnd.get("atom-alt")})
         lines += ["", f"ATOM alt: ATOM with {' / '.join(envs)}", "",
-                  "| shape | batch | ATOM tok/s | ATOM alt tok/s (same call) | ATOM / alt | ATOM ms/step | alt ms/step |",
+                  "| shape | batch | ATOM tok/s | ATOM alt tok/s (same call) | ATOM / alt | ATOM ms/step "
+                  "| alt ms/step |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
                   f"{_spread(r['atom-alt_tok_s_all'])} | {_spread(r['atom_alt_ratio_all'], '.2f', 'x')} | "

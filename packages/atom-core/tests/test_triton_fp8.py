@@ -197,7 +197,8 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     # summation order differs from the reference, as for the tl.dot path at decode sizes
     if f32_tol is None:
         f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
-    path = "gemv" if gemv else ("scaled_mm" if tk.scaled_mm_applies(m, q, block_size, out.dtype) else "dot")
+    scaled_mm = tk.scaled_mm_applies(m, q, block_size, out.dtype)
+    path = "gemv" if gemv else ("scaled_mm" if scaled_mm else "dot")
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
     return out
 

@@ -25,9 +25,12 @@ one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step). Meas
 tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at only 1.4-2.5 TB/s:
 kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
 
+With per-token activations (per-channel / per-tensor weights) the GEMV reads the quantization kernel's codes
+instead (GEMV_FUSED_QUANT_PER_TOKEN: quantizing a whole row in every program lost), or a fused producer's.
+
 Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (128) rows or more go to torch._scaled_mm's
-rowwise-scaled kernel (CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled weights and other devices keep
-the tl.dot GEMM.
+rowwise-scaled kernel (CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled
+weights and other devices keep the tl.dot GEMM.
 """
 
 from __future__ import annotations
@@ -428,9 +431,10 @@ def _env_scaled_mm() -> bool:
     return raw != "0"
 
 
-# Per-token x per-channel (or per-tensor) FP8 GEMMs of SCALED_MM_MIN_M rows or more run torch._scaled_mm's rowwise-scaled
-# kernel (CUTLASS on sm90) instead of the tl.dot GEMM where it applies (CUDA, compute capability >= 9.0, bf16
-# output, N and K multiples of 16). ATOM_FP8_SCALED_MM=0 keeps the tl.dot GEMM (engine A/B, kernel_bench.py).
+# Per-token x per-channel (or per-tensor) FP8 GEMMs of SCALED_MM_MIN_M rows or more run torch._scaled_mm's
+# rowwise-scaled kernel (CUTLASS on sm90) instead of the tl.dot GEMM where it applies (CUDA, compute capability
+# >= 9.0, bf16 output, N and K multiples of 16). ATOM_FP8_SCALED_MM=0 keeps the tl.dot GEMM (engine A/B,
+# kernel_bench.py).
 # Block-scaled weights always run the tl.dot GEMM.
 SCALED_MM = _env_scaled_mm()
 # ... from this many rows up. On the H200 (2026-12-02, kernel_bench.py --fp8-only, 8b shapes, per-channel, us
@@ -526,7 +530,8 @@ def fp8_linear(
         raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
     block_scales = block_size is not None
     if gemv_quantizes_input(m, block_scales):
-        return _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True).view(*x.shape[:-1], n)
+        out = _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True)
+        return out.view(*x.shape[:-1], n)
     if block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, _scale_layout(weight_scale, block_size)[1], weight.dtype)
     else:
