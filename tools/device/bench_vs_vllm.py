@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-scale", type=float, default=1.0, help="with --materialize: the routers' uniform bound")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
     ns = p.parse_args(argv)
+    bad = [pair for pair in ns.alt_env.split() if not pair.partition("=")[0] or "=" not in pair]
+    if bad:
+        p.error(f"--alt-env takes NAME=VALUE pairs, got {' '.join(bad)!r}")
+    if "atom-alt" in ns.engines.split(",") and not ns.alt_env.split():
+        p.error("the atom-alt engine needs --alt-env NAME=VALUE ... (what it changes against atom)")
     t0 = time.monotonic()
     os.makedirs(ns.out, exist_ok=True)
     parts = "/tmp/bench_parts"

@@ -185,6 +185,26 @@ def test_device_table_markdown():
     assert "NVIDIA H200" in text and "timed out after 240 s" in text and "no 'ATOM built' line" in text
 
 
+def test_device_table_pairs_atom_alt_by_round():
+    """bench_vs_vllm.py's atom-alt engine (ATOM with --alt-env): ATOM / alt per round, its own table."""
+    mt = _make_table_module()
+
+    def rep(tok_s, step, **extra):
+        return dict(runs=[dict(batch_size=1, input_len=128, output_len=128, output_tok_s=tok_s, ms_per_step=step,
+                               prefill_ms=9.0)], **extra)
+
+    rounds = [dict(atom=rep(110.0, 8.0), vllm=rep(100.0, 9.0), **{"atom-alt": rep(100.0, 8.5, alt_env="X=0")}),
+              dict(atom=rep(120.0, 7.5), vllm=rep(100.0, 9.0), **{"atom-alt": rep(80.0, 9.5, alt_env="X=0")})]
+    bench = dict(shape="s", date="2026-12-02", dtype="bfloat16", config=None, command="c", session="S1",
+                 engines=rounds[0], repeats=rounds)
+    (row,) = mt.rows([bench])
+    assert row["atom_alt_ratio_all"] == [1.1, 1.5]  # paired by round, not medians of each engine
+    text = mt.markdown([bench])
+    assert "ATOM alt: ATOM with X=0" in text
+    alt_row = [line for line in text.splitlines() if line.startswith("| s | 1 |")][-1]
+    assert "1.30x [1.10-1.50x] n=2" in alt_row
+
+
 def test_device_table_merges_calls_per_shape():
     mt = _make_table_module()
     run = dict(batch_size=1, input_len=128, output_len=128, output_tok_s=100.0, ms_per_step=9.0, prefill_ms=5.0)
