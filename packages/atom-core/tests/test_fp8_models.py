@@ -8,9 +8,9 @@ the weights the FP8 checkpoint dequantizes to (quantize_fp8.py --dequantize), in
 - the oracle: transformers with the input of every quantized linear (experts' inputs and intermediate
   activations included) quantized the way ATOM's FP8 GEMMs do (atom.ops.quant_fp8: per 1 x bk group for block
   checkpoints, per token otherwise). It differs from ATOM's FP8 path by float32 rounding only, so the logits
-  must agree to MAX_ORACLE_ERR (max |diff| / max |logit|, MoE: the median position) or, dense models, to
-  MAX_ORACLE_FLIP_ERR (a rounding-level difference can move an element across an e4m3 rounding boundary, a
-  2^-4 step of one activation, hence not 1e-5);
+  must agree to MAX_ORACLE_FLIP_ERR (max |diff| / max |logit| at the worst position, MoE models at the median
+  one): a rounding-level difference can move an element across an e4m3 rounding boundary, a 2^-4 step of one
+  activation, hence not 1e-5 (most draws agree to ~4e-7);
 - transformers alone: the float model. ATOM differs from it by activation quantization, whose bound per
   quantized linear (atom/ops/quant_fp8.py) is |y_hat - y| <= 2^-4 (|x| @ |W|^T) + 2^-10 (s @ |W|^T) per
   element, about 2.5% RMS. Asserted: dense models' relative-norm logit error <= sqrt(n) * 2^-4 for the n
@@ -43,8 +43,7 @@ import quantize_fp8  # noqa: E402
 
 PROMPT = [5, 9, 2, 77, 3, 14, 8]
 DECODE_STEPS = 7
-MAX_ORACLE_ERR = 2e-3
-# Dense models, the largest position: float32 rounding can put an activation (or a per-token scale) on the other
+# The worst position (MoE: the median one): float32 rounding can put an activation (or a per-token scale) on the other
 # side of an e4m3 rounding midpoint than the oracle's, a one-code step that a tiny model carries to its logits
 # (and, in the prompt, to every later position through the KV cache): up to 1.06e-2 in a scan of 80 seeds for
 # each of three llama cases (ATOM_TEST_SEED=123518 replays it for llama_tensor, 123454 for llama_online); the
@@ -201,8 +200,10 @@ def test_fp8_checkpoint_logits(case, float_checkpoint, tmp_path):
         # MoE: a rounding-level difference that moves a router input across an e4m3 boundary can flip an expert
         # choice at one position (and so the KV it writes for the next ones): seen in ~1 of 6 seeds for
         # deepseek_v3_block at 2e-2. Bound the median position instead, as the bf16 parity tests do.
+        # The same e4m3 flip, early in the prompt, moves every later position through the KV cache and the
+        # routing (qwen3_moe_online 1.4e-2 with ATOM_TEST_SEED=851244462): the median is held to the flip bound.
         oracle_err = float(((atom - oracle).abs().amax(-1) / oracle.abs().amax()).median())
-        assert oracle_err < MAX_ORACLE_ERR, (case, oracle_err)
+        assert oracle_err < MAX_ORACLE_FLIP_ERR, (case, oracle_err)
     if arch == "llama":
         bound = math.sqrt(4 * 2) * 2**-4
         assert plain_err <= bound, (case, plain_err, bound)
