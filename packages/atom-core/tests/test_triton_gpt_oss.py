@@ -136,7 +136,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype):
+def _run_experts(name, size, weights_format, dtype, scaled_dot=False):
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -156,8 +156,17 @@ def _run_experts(name, size, weights_format, dtype):
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
-    out = triton_op("fused_experts_swigluoai")(*args)
-    check(f"fused_experts_swigluoai {name} {weights_format} {dtype}", out, ref_experts(*args), TOL[dtype])
+    saved = tk.MXFP4_SCALED_DOT
+    tk.MXFP4_SCALED_DOT = scaled_dot
+    try:
+        # the path under test is the one that runs: tl.dot_scaled for MXFP4 with bf16 activations when asked
+        assert tk.scaled_dot_path(dtype, s13 is not None, tokens * top_k) == (
+            scaled_dot and s13 is not None and dtype == torch.bfloat16)
+        out = triton_op("fused_experts_swigluoai")(*args)
+    finally:
+        tk.MXFP4_SCALED_DOT = saved
+    path = " scaled-dot" if scaled_dot else ""
+    check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,6 +182,13 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
     _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
 
 
+@pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
+@pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
+def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
+    """The tl.dot_scaled MXFP4 path (ATOM_MXFP4_SCALED_DOT=1), decode sizes and partial K chunks included."""
+    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
@@ -180,6 +196,13 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_large(name, weights_format, dtype):
     _run_experts(name, LARGE_EXPERT_SIZES[name], weights_format, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fused_experts_swigluoai_scaled_dot_large(name):
+    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True)
 
 
 def test_fused_experts_swigluoai_refuses_half_mxfp4():
@@ -192,9 +215,13 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("scaled_dot", [False, True])
 @pytest.mark.parametrize("tokens", [1, 64])  # per-pair GEMV path, sorted grouped GEMM path
-def test_mxfp4_experts_capture_in_a_cuda_graph(tokens):
+def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, scaled_dot, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MXFP4_SCALED_DOT", scaled_dot)
     x = rand(tokens, 2880, dtype=torch.bfloat16)
     w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (118, 125))
     w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))

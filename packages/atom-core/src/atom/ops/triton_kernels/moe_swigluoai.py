@@ -11,9 +11,16 @@ MXFP4 weights are read packed, 0.53 bytes per weight, and decoded in registers: 
 elements, each multiplied with the matching even / odd activations (two half-K dots, or one GEMV with two
 products), and no interleaving is ever materialized. E2M1 codes and E8M0 scales become float32 by building
 their bits (exact), then the dot operand dtype (exact in bf16 too).
+
+A second MXFP4 path (ATOM_MXFP4_SCALED_DOT=1, bf16 / fp16 activations, every batch size) leaves the decode to
+the compiler: tl.dot_scaled with the packed weights and their E8M0 scales as the first operand, read in their
+stored layout, so out^T = W A^T and a tile's tokens are the matrix instruction's narrow side. Both paths are
+exact to the dequantized weights up to the dot's own accumulation.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -29,6 +36,16 @@ PAIR_GEMV_MAX_PAIRS = 16
 # moe.GEMM_TILE_OVERRIDE); None: moe's choice.
 PAIR_TILE_OVERRIDE: dict | None = None
 GEMM_TILE_OVERRIDE: dict | None = None
+# ATOM_MXFP4_SCALED_DOT=1: MXFP4 experts with bf16 / fp16 activations run _expert_gemm_mx_kernel
+# (tl.dot_scaled, the weights as the first operand) from MX_GEMM_MIN_PAIRS pairs on, decode sizes included,
+# instead of the register-decode kernels (per-pair GEMV, _expert_gemm_kernel), which float32 activations
+# always take. Off by default until the H200 has timed it against them (kernel_bench.py --gpt-oss-only rows
+# "scaled-dot" / "register-decode" and ATOM_MX_SWEEP tiles): the register decode made the grouped GEMM
+# decode-bound (56 GB/s at 1,024 tokens, KERNEL_NOTES.md).
+MXFP4_SCALED_DOT = os.environ.get("ATOM_MXFP4_SCALED_DOT", "0") == "1"
+MX_GEMM_MIN_PAIRS = 1
+# Tile override for sweeps: dict(block_m, block_n, block_k, num_warps, num_stages); None: _mx_tile's choice.
+MX_TILE_OVERRIDE: dict | None = None
 
 
 @triton.jit
@@ -156,6 +173,62 @@ def _expert_gemm_kernel(
 
 
 @triton.jit
+def _expert_gemm_mx_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, ACT_FORMAT: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The MXFP4 grouped GEMM as out^T = W A^T: the expert's packed rows [BLOCK_N, BLOCK_K/2] and their scales
+    are the scaled dot's first operand, read in their stored layout (K contiguous) and decoded by the
+    compiler's MXFP4 upcast (tl.dot_scaled); the tile's activation rows [BLOCK_K, BLOCK_M] the second. The
+    expert's output columns fill the matrix instruction's 64-row side and the tile's tokens its narrow side
+    (8..256), so a tile of 16 tokens wastes no weight decode. Same epilogue as _expert_gemm_kernel."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    e = tl.arange(0, E_PAD)
+    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
+    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+        return
+    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)
+    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = pair < num_pairs
+    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_cols + kk[:, None], mask=(kk < k_dim)[:, None] & row_ok[None, :], other=0.0)
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        w_mask = n_ok[:, None] & (kb < k_dim // 2)[None, :]
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
+        w = tl.load(w_rows + kb[None, :], mask=w_mask, other=0)
+        s = tl.load(s_rows + g[None, :], mask=s_mask, other=127)
+        acc = tl.dot_scaled(w, s, "e2m1", a, None, ACT_FORMAT, acc)
+        if GATED:
+            u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
+            su = tl.load(s_rows + n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
+            acc_up = tl.dot_scaled(u, su, "e2m1", a, None, ACT_FORMAT, acc_up)
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    if GATED:
+        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
+        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
+    else:
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
     for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
@@ -229,6 +302,50 @@ def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: boo
     return hidden, inter
 
 
+_ACT_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def scaled_dot_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> bool:
+    """Whether fused_experts_swigluoai runs _expert_gemm_mx_kernel for these experts."""
+    return mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= MX_GEMM_MIN_PAIRS
+
+
+def _mx_tile(num_pairs: int, num_experts: int) -> dict:
+    """Tiles of _expert_gemm_mx_kernel: block_m tokens (the padding unit of the expert sort), block_n expert
+    output columns, block_k the K step in elements."""
+    if MX_TILE_OVERRIDE is not None:
+        return MX_TILE_OVERRIDE
+    per_expert = num_pairs / max(num_experts, 1)
+    if per_expert <= 16:  # decode: weight-bandwidth bound, the fewest padded rows
+        return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if per_expert <= 64:
+        return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+
+
+def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit) -> torch.Tensor:
+    num_tokens = x.shape[0]
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    inter, hidden = h.shape[1], y.shape[1]
+    tile = _mx_tile(num_pairs, num_experts)
+    block_m = tile["block_m"]
+    sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
+    num_tiles = sorted_ids.numel() // block_m
+
+    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
+        _expert_gemm_mx_kernel[(num_tiles, triton.cdiv(n_out, tile["block_n"]))](
+            a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
+            a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
+            limit, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
+            BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"],
+            num_stages=tile["num_stages"])
+
+    gemm(x, w13, s13, b13, h, inter, hidden, top_k, True)
+    gemm(h, w2, s2, b2, y, hidden, inter, 1, False)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
+
+
 @register("fused_experts_swigluoai", "triton")
 def fused_experts_swigluoai(
     x: torch.Tensor,
@@ -261,6 +378,9 @@ def fused_experts_swigluoai(
     alpha, limit = float(alpha), float(limit)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+
+    if scaled_dot_path(x.dtype, mxfp4, num_pairs):
+        return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit)
 
     if num_pairs <= PAIR_GEMV_MAX_PAIRS:
         ids = topk_ids.reshape(-1).contiguous()
