@@ -107,12 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         vocab = runner.vocab_size
         for n in [int(x) for x in ns.prefill_lens.split(",") if x]:
             log.label = f"prefill {n} tokens"
-            runner.tables.table[0, :] = np.arange(runner.tables.table.shape[1]) % runner.num_blocks
-            runner.tables.num_blocks[0] = -(-n // 16)
+            tables = runner.tables
+            tables.table[0, :] = np.arange(tables.table.shape[1]) % runner.num_blocks
+            tables.num_blocks[0] = -(-n // 16)
+            if tables.windowed:  # sliding-window layers' own pool (gpt-oss)
+                tables.window[0, :] = np.arange(tables.window.shape[1]) % runner.num_window_blocks
+                tables.window_num_blocks[0] = -(-n // 16)
             qsl = np.array([0, n])
             pos = np.arange(n)
-            slots = (runner.tables.table[0, pos // 16] * 16 + pos % 16).astype(np.int64)
-            runner._forward(np.random.randint(0, vocab, n), pos, slots, qsl, np.array([n]), np.array([0]))
+            rows = np.zeros(n, dtype=np.int64)
+            slots = tables.slots(rows, pos)
+            window_slots = tables.slots(rows, pos, window=True) if tables.windowed else None
+            runner._forward(np.random.randint(0, vocab, n), pos, slots, window_slots, qsl, np.array([n]),
+                            np.array([0]))
     InterpretedFunction.run = real_run
     print(f"{ns.preset} ({ns.layers} layers), decode graphs for batch sizes {g.sizes}, max_model_len "
           f"{ns.max_model_len}, {ns.sms} SMs; Triton {triton.__version__}")

@@ -157,6 +157,18 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids[:max_rows], padded_end.to(torch.int32)
 
 
+@triton.jit
+def sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A tile of _align_by_expert's output: (its expert, its BLOCK_M pair ids, whether it lies past the last
+    expert's padded run, where the grouped GEMMs' programs return at once)."""
+    e = tl.arange(0, E_PAD)
+    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
+    past_end = tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1)
+    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
+    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return expert, pair, past_end
+
+
 # do_not_specialize: num_pairs (tokens x top_k) changes with the batch; Triton would compile again each time it
 # turns 1 or a multiple of 16 (an odd prompt length), for a divisibility hint that this loop bound and mask
 # do not use (tools/triton_specializations.py counts the compiles).
@@ -171,12 +183,9 @@ def _expert_gemm_kernel(
     """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..)."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
         return
-    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
-    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = pair < num_pairs
     a_row = pair // a_row_div
     n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -167,12 +167,9 @@ def _fp8_expert_gemm_kernel(
     """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr)."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+    expert, pair, past_end = float_moe.sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
         return
-    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)
-    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = pair < num_pairs
     a_row = pair // a_row_div
     n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)

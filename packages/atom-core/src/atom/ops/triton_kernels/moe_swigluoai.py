@@ -28,7 +28,7 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
-from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk
+from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile
 
 # Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
 PAIR_GEMV_MAX_PAIRS = 16
@@ -119,7 +119,7 @@ def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.c
     return first, second
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # as moe._expert_gemm_kernel: one compile for every batch
 def _expert_gemm_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
@@ -131,12 +131,9 @@ def _expert_gemm_kernel(
     else out[pair] = w_pair * (A W^T + b) in fp32. A row = pair // a_row_div; W the tile's expert's."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
         return
-    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)
-    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = pair < num_pairs
     a_rows = a_ptr + (pair // a_row_div)[:, None] * a_stride
     n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,7 +169,7 @@ def _expert_gemm_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mx_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
@@ -187,12 +184,9 @@ def _expert_gemm_mx_kernel(
     (8..256), so a tile of 16 tokens wastes no weight decode. Same epilogue as _expert_gemm_kernel."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    if tile * BLOCK_M >= tl.load(padded_end_ptr + num_experts - 1):
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
         return
-    expert = tl.sum((ends <= tile * BLOCK_M).to(tl.int32), axis=0).to(tl.int64)
-    pair = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = pair < num_pairs
     a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
     n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
