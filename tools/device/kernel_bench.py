@@ -293,8 +293,8 @@ def gpt_oss_rows(bench) -> None:
     # scaled-dot tiles swept at every size (ATOM_MX_SWEEP='[{...}]' overrides; keys as moe_swigluoai.MX_TILE_OVERRIDE)
     mx_sweep = json.loads(os.environ.get("ATOM_MX_SWEEP", "null")) or [
         dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=3)
-        for m, n, k, w in ((16, 64, 128, 4), (16, 128, 256, 8), (32, 128, 128, 4), (64, 128, 128, 8),
-                           (128, 128, 128, 8))]
+        for m, n, k, w in ((16, 32, 128, 4), (16, 64, 128, 4), (16, 128, 256, 8), (32, 128, 128, 4),
+                           (64, 128, 128, 8), (128, 128, 128, 8))]
     scaled_dot_default = tk_oai.MXFP4_SCALED_DOT
     for tokens in (1, 4, 32, 128, 1024):
         x = rnd(tokens, H)
