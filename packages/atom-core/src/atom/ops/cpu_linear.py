@@ -10,11 +10,17 @@ Only 16-bit weights are packed (float32 keeps F.linear's exact results); ATOM_CP
 it off. Under torch.compile the call is the custom op `torch.ops.atom.cpu_packed_linear` (Inductor cannot
 hold oneDNN's opaque packed tensor), so a compiled CPU forward keeps the packed GEMMs; the op receives the
 parameter itself and finds its packed copy there.
+
+A host with faster CPU GEMMs of its own hands them in with `set_host_packer` (atom-vllm: vLLM's CPU GEMM
+dispatch, a cached oneDNN matmul primitive per weight or SGL's AMX kernel for small ones; torch's
+`_linear_pointwise` sets its oneDNN primitive up on every call, ~8-20 us more per GEMM at decode sizes on
+this project's CPU); the packed copy is then the host's callable.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +39,52 @@ def _packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in _DTYPES and x.dtype == weight.dtype and enabled()
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of `weight`, made on first use and kept on the tensor."""
+PackedLinear = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (x, bias) -> x @ weight^T + bias
+_host_packer: Callable[[torch.Tensor], PackedLinear] | None = None
+_host_name = ""
+_OWNER_KEY = "_atom_cpu_gemm"  # a host GEMM attached to its layer (attach), what a compiled forward calls
+
+
+def set_host_packer(packer: Callable[[torch.Tensor], PackedLinear] | None, name: str = "") -> None:
+    """Pack every 16-bit CPU weight with `packer(weight) -> fn(x, bias)` from now on (None: torch's oneDNN
+    ops again). fn must be traceable by Dynamo (the host's own ops, no data-dependent Python): a compiled
+    forward calls it inline (see attach). Copies packed before stay as they are; call before loading."""
+    global _host_packer, _host_name
+    _host_packer, _host_name = packer, name if packer is not None else ""
+
+
+def attach(owner: nn.Module, weight: torch.Tensor) -> bool:
+    """Pack `weight` now with the host's packer and keep the GEMM on `owner`, so that a compiled forward
+    calls the host's ops inline (as the host's own models do) instead of through the opaque
+    atom::cpu_packed_linear, whose Python body costs ~10-20 us a call. Call after the weights are loaded
+    (forget drops it); False where no host packer is set or the weight is not packed."""
+    owner.__dict__.pop(_OWNER_KEY, None)
+    if _host_packer is None or not _packs(weight, weight):
+        return False
+    owner.__dict__[_OWNER_KEY] = packed_linear(weight)
+    return True
+
+
+def host_packer_name() -> str:
+    return _host_name
+
+
+def _mkldnn_packer(weight: torch.Tensor) -> PackedLinear:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    return lambda x, bias: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packed_linear(weight: torch.Tensor) -> PackedLinear:
+    """The packed GEMM of `weight` (fn(x, bias)), made on first use and kept on the tensor."""
     cached = weight.__dict__.get(_KEY)
     if cached is None or cached[0] != (weight.data_ptr(), weight.shape):
-        cached = ((weight.data_ptr(), weight.shape), torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        cached = ((weight.data_ptr(), weight.shape), (_host_packer or _mkldnn_packer)(weight.detach()))
         weight.__dict__[_KEY] = cached
     return cached[1]
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias, "none", [], "")
+    return packed_linear(weight)(x.contiguous(), bias)
 
 
 # A plain Library op on the CPU key: the least dispatch cost a Python kernel gets (a compiled decode step
@@ -60,12 +101,16 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, owner: nn.Module) -> torch.Tensor:
     """F.linear(x, weight, bias), through the packed copy of `weight` where that is faster. `owner`: the
-    layer holding the weight (kept for callers; the packed copy lives on the weight)."""
+    layer holding the weight (the packed copy lives on the weight; a host GEMM attached for compiled forwards
+    on the layer)."""
     if not _packs(x, weight):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
+        gemm = getattr(owner, _OWNER_KEY, None)
+        if gemm is not None:  # the host's GEMM, attached after loading: traced as the host's own ops
+            return gemm(x, bias)
         return torch.ops.atom.cpu_packed_linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return packed_linear(weight)(x, bias)
 
 
 def has_packed_copy(weight: torch.Tensor) -> bool:
@@ -76,5 +121,6 @@ def forget(module: nn.Module) -> None:
     """Drop the packed copies of the weights of `module` and its children (their weights are being replaced)."""
     for p in module.parameters(recurse=True):
         p.__dict__.pop(_KEY, None)
-    for m in module.modules():  # copies an older version kept on the layer
+    for m in module.modules():  # copies an older version kept on the layer; attached host GEMMs
         m.__dict__.pop(_KEY, None)
+        m.__dict__.pop(_OWNER_KEY, None)

@@ -26,6 +26,13 @@ class UnquantizedLinearMethod(LinearMethod):
         return layer.weight
 
 
+def attach_host_cpu_gemms(model: nn.Module) -> int:
+    """Pack the model's unquantized linears with the host's CPU GEMMs now (cpu_linear.attach), after its weights
+    are loaded and before it is compiled; returns how many."""
+    return sum(cpu_linear.attach(m, m.weight) for m in model.modules()
+               if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod))
+
+
 class UnquantizedMoEMethod(MoEMethod):
     """w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], through the fused_experts op. An
     implementation that wants its own weight layout (AITER's shuffled tiles) gets it once, after loading.

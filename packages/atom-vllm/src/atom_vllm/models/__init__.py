@@ -39,8 +39,11 @@ from atom.models.qwen3_moe import Qwen3MoeForCausalLM as _AtomQwen3Moe
 from atom.platform import kernel_backend
 from atom.quantization import QuantizationConfig, quantization_config
 from atom.quantization import process_weights_after_loading as atom_post_load
+from atom.quantization.unquantized import attach_host_cpu_gemms
 from vllm.compilation.decorators import support_torch_compile
+from vllm.platforms import current_platform
 
+from atom_vllm import cpu_gemm
 from atom_vllm.attention import VllmAttentionFactory
 from atom_vllm.distributed import install_tp_group
 from atom_vllm.mla import VllmMLAFactory
@@ -143,6 +146,8 @@ class VllmCausalLM:
     def __init__(self, *, vllm_config, prefix: str = ""):
         quant_config = check_supported(vllm_config)
         tp = install_tp_group()
+        if current_platform.is_cpu():
+            cpu_gemm.install()
         model_config = vllm_config.model_config
         if self.uses_mla:
             factories = {"mla_factory": VllmMLAFactory(vllm_config.cache_config, vllm_config.quant_config)}
@@ -166,13 +171,18 @@ class VllmCausalLM:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
-        atom_post_load(self)  # for vLLMs without the model-level hook below (it runs once either way)
+        self._post_load()  # for vLLMs without the model-level hook below (it runs once either way)
         return loaded
 
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level post-load hook (it also runs after dummy weights): ATOM's layers process their
         weights once (vLLM's own loop skips them: their methods are not vLLM's QuantizeMethodBase)."""
+        self._post_load()
+
+    def _post_load(self) -> None:
         atom_post_load(self)
+        if cpu_gemm.active():  # vLLM's CPU GEMMs packed now, before vLLM compiles the backbone
+            attach_host_cpu_gemms(self)
 
 
 class LlamaForCausalLM(VllmCausalLM, _AtomLlama):
