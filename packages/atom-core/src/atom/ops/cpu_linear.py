@@ -13,8 +13,8 @@ parameter itself and finds its packed copy there.
 
 A host with faster CPU GEMMs of its own hands them in with `set_host_packer` (atom-vllm: vLLM's CPU GEMM
 dispatch, a cached oneDNN matmul primitive per weight or SGL's AMX kernel for small ones; torch's
-`_linear_pointwise` sets its oneDNN primitive up on every call, ~8-20 us more per GEMM at decode sizes on
-this project's CPU); the packed copy is then the host's callable.
+`_linear_pointwise` sets its oneDNN primitive up on every call, 7-35 us more per GEMM at decode sizes on a
+2-core Xeon); the packed copy is then the host's callable.
 """
 
 from __future__ import annotations
