@@ -6,8 +6,8 @@ sets its oneDNN primitive up again on every call. vLLM's CPU build has faster GE
 (`onednn_mm`), or SGL's AMX / AVX-512 kernel for small weights (`weight_packed_linear`), or zentorch on AMD
 Zen. Measured on a 2-core Xeon with AMX (SmolLM2-135M shapes, one thread, 1 and 32 rows): 7-35 us less per
 GEMM than torch's op; vLLM+ATOM went from 0.94x / 0.95x to 1.05x / 1.04x of vLLM's built-in model
-(BENCHMARKS.md). Under vLLM on CPU, atom-vllm hands that dispatch to atom-core, so ATOM's linears and LM head run the
-very GEMMs vLLM's built-in models run; ATOM_VLLM_CPU_GEMM=0 keeps torch's oneDNN op.
+(BENCHMARKS.md). Under vLLM on CPU, atom-vllm hands that dispatch to atom-core, so ATOM's linears and LM head
+run the very GEMMs vLLM's built-in models run; ATOM_VLLM_CPU_GEMM=0 keeps torch's oneDNN op.
 
 The dispatch's kernels want the bias in different dtypes (SGL's: float32; oneDNN's: the activation dtype),
 found once per weight when it is packed. After loading, each unquantized linear gets its GEMM attached
