@@ -290,12 +290,20 @@ def gpt_oss_rows(bench) -> None:
     b13, b2 = rnd(E, 2 * I, scale=0.1), rnd(E, H, scale=0.1)
     mxfp4_expert_bytes = 3 * H * I // 2 + 3 * H * I // 32 + (2 * I + H) * 2
     dense_expert_bytes = 3 * H * I * 2 + (2 * I + H) * 2
-    # scaled-dot tiles swept at every size (ATOM_MX_SWEEP='[{...}]' overrides; keys as moe_swigluoai.MX_TILE_OVERRIDE)
+    # scaled-dot tiles swept from 32 tokens (ATOM_MX_SWEEP='[{...}]' overrides; keys as moe_swigluoai.MX_TILE_OVERRIDE);
+    # at 1 and 4 tokens every scaled-dot tile lost to the per-pair GEMV on 2026-12-02
     mx_sweep = json.loads(os.environ.get("ATOM_MX_SWEEP", "null")) or [
-        dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=3)
-        for m, n, k, w in ((16, 32, 128, 4), (16, 64, 128, 4), (16, 128, 256, 8), (32, 128, 128, 4),
-                           (64, 128, 128, 8), (128, 128, 128, 8))]
-    scaled_dot_default = tk_oai.MXFP4_SCALED_DOT
+        dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
+        for m, n, k, w, st in ((16, 64, 128, 4, 3), (32, 128, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 128, 4, 4),
+                               (64, 128, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (32, 256, 128, 8, 3))]
+    # per-pair GEMV tiles at 1 and 4 tokens, each with the f32 and the f16 decode (ATOM_OAI_PAIR_SWEEP overrides)
+    pair_sweep = json.loads(os.environ.get("ATOM_OAI_PAIR_SWEEP", "null")) or [
+        dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4),
+        dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4),
+        dict(gate_block_n=8, down_block_n=16, block_k=1024, down_block_k=512, num_warps=4),
+        dict(gate_block_n=4, down_block_n=8, block_k=512, down_block_k=256, num_warps=4),
+        dict(gate_block_n=8, down_block_n=8, block_k=512, down_block_k=512, num_warps=2)]
+    saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE
     for tokens in (1, 4, 32, 128, 1024):
         x = rnd(tokens, H)
         tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
@@ -305,38 +313,41 @@ def gpt_oss_rows(bench) -> None:
         ref = ref_oai.fused_experts_swigluoai if tokens <= 32 else None
         args = (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2)
         nbytes = touched * mxfp4_expert_bytes + act_bytes
+        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE = saved
+        bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts)", op, ref, args, nbytes, flops)
         # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel) against the scaled-dot kernel
         tk_oai.MXFP4_SCALED_DOT = False
         want = op(*args).float()
-        bench(f"gpt-oss experts MXFP4 register-decode T{tokens} ({touched} experts)", op, ref, args, nbytes, flops)
-        tk_oai.MXFP4_SCALED_DOT = True
-        for tile in [None, *mx_sweep]:  # None: _mx_tile's choice
-            tk_oai.MX_TILE_OVERRIDE = tile
-            label = "" if tile is None else f" {tuple(tile.values())}"
-            try:
-                diff = (op(*args).float() - want).abs().max().item()
-                bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} scaled-dot T{tokens}{label} "
-                      f"(diff {diff:.2g} of max {want.abs().max().item():.3g})", op, None, args, nbytes, flops)
-            except Exception as exc:  # a tile (or the whole path) the compiler refuses
-                print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-        tk_oai.MX_TILE_OVERRIDE = None
+        bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
+        if tokens * K <= tk_oai.PAIR_GEMV_MAX_PAIRS:
+            for decode in ("f32", "f16"):
+                tk_oai.MX_GEMV_DECODE = decode
+                for tile in pair_sweep:
+                    tk_oai.PAIR_TILE_OVERRIDE = tile
+                    try:
+                        diff = (op(*args).float() - want).abs().max().item()
+                        bench(f"  sweep MXFP4 per-pair T{tokens} decode {decode} {tuple(tile.values())} (diff {diff:.2g})",
+                              op, None, args, nbytes, flops)
+                    except Exception as exc:
+                        print(f"  per-pair T{tokens} {decode} {tile}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                tk_oai.PAIR_TILE_OVERRIDE = None
+            tk_oai.MX_GEMV_DECODE = saved[2]
+        else:
+            tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS = True, 1
+            for tile in [None, *mx_sweep]:  # None: _mx_tile's choice
+                tk_oai.MX_TILE_OVERRIDE = tile
+                label = "" if tile is None else f" {tuple(tile.values())}"
+                try:
+                    diff = (op(*args).float() - want).abs().max().item()
+                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} scaled-dot T{tokens}{label} "
+                          f"(diff {diff:.2g} of max {want.abs().max().item():.3g})", op, None, args, nbytes, flops)
+                except Exception as exc:  # a tile (or the whole path) the compiler refuses
+                    print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            tk_oai.MX_TILE_OVERRIDE = None
+        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE = saved
         if tokens in (1, 32):
             bench(f"gpt-oss experts bf16 T{tokens} ({touched} experts)", op, None,
                   (x, dense13, dense2, b13, b2, tw, tid, 1.702, 7.0), touched * dense_expert_bytes + act_bytes, flops)
-    # per-pair tile sweep at one token (ATOM_OAI_PAIR_SWEEP='[{...}]' overrides; keys as moe.PAIR_TILE_OVERRIDE)
-    x = rnd(1, H)
-    tw, tid = ref_moe.moe_topk_softmax(rnd(1, E, dtype=torch.float32), K, True)
-    sweep = json.loads(os.environ.get("ATOM_OAI_PAIR_SWEEP", "null")) or [
-        dict(gate_block_n=16, down_block_n=64, block_k=512, down_block_k=512, num_warps=4),
-        dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4),
-        dict(gate_block_n=32, down_block_n=32, block_k=256, down_block_k=256, num_warps=8)]
-    tk_oai.MXFP4_SCALED_DOT = False  # the per-pair GEMV is the register-decode path's
-    for tile in sweep:
-        tk_oai.PAIR_TILE_OVERRIDE = tile
-        bench(f"  sweep MXFP4 per-pair T1 {tile}", op, None,
-              (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2), K * mxfp4_expert_bytes)
-    tk_oai.PAIR_TILE_OVERRIDE = None
-    tk_oai.MXFP4_SCALED_DOT = scaled_dot_default
 
 
 # qwen3-8b GEMMs (N, K): fused qkv, o, fused gate|up, down

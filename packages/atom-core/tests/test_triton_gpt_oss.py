@@ -136,7 +136,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, scaled_dot=False):
+def _run_experts(name, size, weights_format, dtype, scaled_dot=False, gemv_decode="f32"):
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -156,16 +156,18 @@ def _run_experts(name, size, weights_format, dtype, scaled_dot=False):
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
-    saved = tk.MXFP4_SCALED_DOT
-    tk.MXFP4_SCALED_DOT = scaled_dot
+    saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_GEMV_DECODE
+    # scaled_dot: the tl.dot_scaled kernel at every size, decode sizes too (by default they take the GEMV)
+    tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = scaled_dot, 1 if scaled_dot else saved[1]
+    tk.MX_GEMV_DECODE = gemv_decode
     try:
         # the path under test is the one that runs: tl.dot_scaled for MXFP4 with bf16 activations when asked
         assert tk.scaled_dot_path(dtype, s13 is not None, tokens * top_k) == (
             scaled_dot and s13 is not None and dtype == torch.bfloat16)
         out = triton_op("fused_experts_swigluoai")(*args)
     finally:
-        tk.MXFP4_SCALED_DOT = saved
-    path = " scaled-dot" if scaled_dot else ""
+        tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_GEMV_DECODE = saved
+    path = (" scaled-dot" if scaled_dot else "") + (f" gemv decode {gemv_decode}" if gemv_decode != "f32" else "")
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
@@ -189,6 +191,15 @@ def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
+@pytest.mark.parametrize("name", ["tiny_one_decode", "tiny_decode", "k_chunks_decode"])
+def test_fused_experts_swigluoai_gemv_f16_decode(name, weights_format, dtype):
+    """The per-pair GEMV with E2M1 codes decoded through float16 bits (ATOM_MX_GEMV_DECODE=f16): every code
+    (0.5 is a float16 subnormal) and many exponents, exact to the dequantized reference like the f32 decode."""
+    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, dtype, gemv_decode="f16")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
@@ -203,6 +214,30 @@ def test_fused_experts_swigluoai_large(name, weights_format, dtype):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_scaled_dot_large(name):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["one_decode", "decode"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fused_experts_swigluoai_gemv_f16_decode_large(name, dtype):
+    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", dtype, gemv_decode="f16")
+
+
+def test_mxfp4_default_paths():
+    """By default (the H200 timings in moe_swigluoai): MXFP4 with bf16 / fp16 activations runs the per-pair
+    GEMV up to PAIR_GEMV_MAX_PAIRS pairs and the scaled-dot grouped GEMM beyond; float32 activations and
+    dense weights never take the scaled dot."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    assert tk.MXFP4_SCALED_DOT == (os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1")
+    limit = tk.PAIR_GEMV_MAX_PAIRS
+    if tk.MXFP4_SCALED_DOT:
+        assert not tk.scaled_dot_path(torch.bfloat16, True, limit)
+        assert tk.scaled_dot_path(torch.bfloat16, True, limit + 1)
+        assert tk.scaled_dot_path(torch.float16, True, 4096)
+    assert not tk.scaled_dot_path(torch.float32, True, 4096)
+    assert not tk.scaled_dot_path(torch.bfloat16, False, 4096)
 
 
 def test_fused_experts_swigluoai_refuses_half_mxfp4():

@@ -36,16 +36,23 @@ PAIR_GEMV_MAX_PAIRS = 16
 # moe.GEMM_TILE_OVERRIDE); None: moe's choice.
 PAIR_TILE_OVERRIDE: dict | None = None
 GEMM_TILE_OVERRIDE: dict | None = None
-# ATOM_MXFP4_SCALED_DOT=1: MXFP4 experts with bf16 / fp16 activations run _expert_gemm_mx_kernel
-# (tl.dot_scaled, the weights as the first operand) from MX_GEMM_MIN_PAIRS pairs on, decode sizes included,
-# instead of the register-decode kernels (per-pair GEMV, _expert_gemm_kernel), which float32 activations
-# always take. Off by default until the H200 has timed it against them (kernel_bench.py --gpt-oss-only rows
-# "scaled-dot" / "register-decode" and ATOM_MX_SWEEP tiles): the register decode made the grouped GEMM
-# decode-bound (56 GB/s at 1,024 tokens, KERNEL_NOTES.md).
-MXFP4_SCALED_DOT = os.environ.get("ATOM_MXFP4_SCALED_DOT", "0") == "1"
-MX_GEMM_MIN_PAIRS = 1
+# MXFP4 experts with bf16 / fp16 activations run _expert_gemm_mx_kernel (tl.dot_scaled, the weights as the
+# first operand) from MX_GEMM_MIN_PAIRS pairs on, instead of the register-decode grouped GEMM
+# (_expert_gemm_kernel), which float32 activations always take. H200, kernel_bench.py --gpt-oss-only
+# (2026-12-02, gpt-oss-20b experts, us a layer): 620 / 770 / 3,213 against 850 / 1,468 / 7,779 at 32 / 128 /
+# 1,024 tokens; at 1 token the per-pair GEMV (99-126) beats every scaled-dot tile (153-373) and at 4 tokens
+# they tie (304 against 320), so up to PAIR_GEMV_MAX_PAIRS pairs the GEMV stays. ATOM_MXFP4_SCALED_DOT=0
+# turns the scaled-dot path off (A/B).
+MXFP4_SCALED_DOT = os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1"
+MX_GEMM_MIN_PAIRS = PAIR_GEMV_MAX_PAIRS + 1
 # Tile override for sweeps: dict(block_m, block_n, block_k, num_warps, num_stages); None: _mx_tile's choice.
 MX_TILE_OVERRIDE: dict | None = None
+# How the per-pair GEMV decodes E2M1 codes: "f32" builds each float32's bits (_e2m1_to_f32, the measured
+# path), "f16" places the code's 3 magnitude bits into a float16's exponent and mantissa (_e2m1_to_f16: a
+# value 2^-14 times the code's, subnormal for 0.5, exact) and folds the 2^14 into the block's scale, about
+# half the integer instructions a weight. The GEMV is decode-bound on the H200 (T1: 99-126 us for 53 MB,
+# ~0.5 TB/s). "f16" is not timed yet: ATOM_MX_GEMV_DECODE=f16 and kernel_bench.py's "decode f16" rows.
+MX_GEMV_DECODE = os.environ.get("ATOM_MX_GEMV_DECODE", "f32")
 
 
 @triton.jit
@@ -56,6 +63,16 @@ def _e2m1_to_f32(code):
     m = c & 1
     bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))  # 0.5 * m, or 2^(e-1) * 1.m
     return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_to_f16(code):
+    """E2M1 codes (0..15) -> float16 equal to 2^-14 times the code's value: the magnitude bits (exponent(2)
+    | mantissa(1)) land in the float16's low exponent bits and top mantissa bit, so exponent e >= 1 gives
+    2^(e-15) * 1.m and e = 0, m = 1 the subnormal 2^-15; the sign moves to bit 15. Four integer instructions
+    and no select; the float16 -> float32 conversion is exact for subnormals too."""
+    c = code.to(tl.uint16)
+    return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -223,7 +240,8 @@ def _expert_gemm_mx_kernel(
 
 
 @triton.jit
-def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+                F16_DECODE: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
     for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
     sum is exact); w_rows: pointers to each row n's start."""
@@ -233,11 +251,18 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
         packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
+        if F16_DECODE:  # values 2^-14 times the codes', the factor restored after the block sum
+            prod = (_e2m1_to_f16(packed & 15).to(tl.float32) * x_even
+                    + _e2m1_to_f16(packed >> 4).to(tl.float32) * x_odd)
+        else:
+            prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
                                      other=127))
-        out = tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * scale
+        out = tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2)
+        if F16_DECODE:
+            out = out * 16384.0
+        out = out * scale
     else:  # one return for both branches (see _w_chunk)
         kk = k0 + tl.arange(0, BLOCK_K)
         ok = kk < k_dim
@@ -250,7 +275,7 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
 def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
                  w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
                  GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACC_K: tl.constexpr):
+                 ACC_K: tl.constexpr, F16_DECODE: tl.constexpr):
     """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
     x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
     pair = tl.program_id(0).to(tl.int64)
@@ -263,10 +288,10 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
     acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
-        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4)
+        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4, F16_DECODE)
         if GATED:
             acc_up += _gemv_chunk(x_row, w_rows + n_out * w_stride_n, s_rows + n_out * s_stride_n, n_ok, k0, k_dim,
-                                  BLOCK_K, MXFP4)
+                                  BLOCK_K, MXFP4, F16_DECODE)
     dtype = x_ptr.dtype.element_ty
     bias = bias_ptr + expert * bias_stride_e + n
     y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
@@ -304,17 +329,29 @@ def scaled_dot_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> bool:
     return mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= MX_GEMM_MIN_PAIRS
 
 
+def _mx_pair_tile(num_tokens: int) -> dict:
+    """Tiles of the MXFP4 per-pair GEMV. H200, gpt-oss-20b experts at one token (kernel_bench.py
+    --gpt-oss-only, 2026-12-02): 8 gate / 16 down columns a program with K steps of 512 / 256 took 98.8 us a
+    layer against 121.6 for moe._pair_tile's [16 / 64, 256 / 128] and 111.8 for [32 / 32, 256 / 256, 8 warps]:
+    the decode is the bottleneck, so more programs (more SMs decoding) win. Other sizes: moe._pair_tile."""
+    if num_tokens == 1:
+        return dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4)
+    return _pair_tile(num_tokens)
+
+
 def _mx_tile(num_pairs: int, num_experts: int) -> dict:
     """Tiles of _expert_gemm_mx_kernel: block_m tokens (the padding unit of the expert sort), block_n expert
     output columns, block_k the K step in elements."""
     if MX_TILE_OVERRIDE is not None:
         return MX_TILE_OVERRIDE
+    # H200 sweep (kernel_bench.py --gpt-oss-only, 2026-12-02, 32 experts, top-4): [16 tokens, 64 columns] won
+    # at 4 pairs an expert (32 tokens: 620 us; [32, 128] 756), [32, 128] at 16 and 128 (128 tokens: 770 against
+    # 937 for [16, 64]; 1,024 tokens: 3,213 against 3,351-7,296 for the other five tiles); 8 warps and K steps
+    # of 256 lost everywhere
     per_expert = num_pairs / max(num_experts, 1)
-    if per_expert <= 16:  # decode: weight-bandwidth bound, the fewest padded rows
+    if per_expert <= 8:
         return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
-    if per_expert <= 64:
-        return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
-    return dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+    return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
 def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit) -> torch.Tensor:
@@ -378,14 +415,16 @@ def fused_experts_swigluoai(
 
     if num_pairs <= PAIR_GEMV_MAX_PAIRS:
         ids = topk_ids.reshape(-1).contiguous()
-        tile = PAIR_TILE_OVERRIDE or _pair_tile(num_tokens)
+        tile = PAIR_TILE_OVERRIDE or (_mx_pair_tile(num_tokens) if mxfp4 else _pair_tile(num_tokens))
+        if MX_GEMV_DECODE not in ("f32", "f16"):
+            raise ValueError(f"ATOM_MX_GEMV_DECODE must be f32 or f16, not {MX_GEMV_DECODE!r}")
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
                 BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
-                num_warps=tile["num_warps"])
+                F16_DECODE=mxfp4 and MX_GEMV_DECODE == "f16", num_warps=tile["num_warps"])
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
         pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],

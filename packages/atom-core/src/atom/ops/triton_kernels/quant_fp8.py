@@ -339,6 +339,20 @@ GEMV_FUSED_QUANT_PER_TOKEN = False
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
+def _env_gemv_stages() -> int | None:
+    raw = os.environ.get("ATOM_FP8_GEMV_STAGES", "").strip()
+    if not raw:
+        return None
+    if raw not in ("1", "2", "3", "4"):
+        raise ValueError(f"ATOM_FP8_GEMV_STAGES must be 1-4 (software-pipelining depth of the W loads), got {raw!r}")
+    return int(raw)
+
+
+# The GEMV's software-pipelining depth over K steps (tl.range num_stages); None: the loop as measured. The engine
+# A/B of a depth that kernel_bench.py's sweep favours: ATOM_FP8_GEMV_STAGES=2 (or 3) in atom-alt's environment.
+GEMV_STAGES = _env_gemv_stages()
+
+
 def _pow2_split(want: int, most: int) -> int:
     """The largest power of two <= want, <= most (K steps allow) and <= 8: how many K ranges a GEMM splits into."""
     split = 1
@@ -369,7 +383,7 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     tile.setdefault("num_warps", 8 if tile["block_n"] * block_k >= 32768 else 4)
     # None: the loop as measured (Triton's own choice: a jitted `range` is tl.range(num_stages=None)); 2 and 3 are
     # rows of kernel_bench.py's GEMV sweep, unmeasured yet
-    tile.setdefault("num_stages", None)
+    tile.setdefault("num_stages", GEMV_STAGES)
     if "split_k" not in tile:
         tile["split_k"] = _pow2_split(triton.cdiv(sms, programs), triton.cdiv(k, block_k) // 2)
     return tile
