@@ -296,15 +296,15 @@ def gpt_oss_rows(bench) -> None:
         dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
         for m, n, k, w, st in ((16, 64, 128, 4, 3), (32, 128, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 128, 4, 4),
                                (64, 128, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (32, 256, 128, 8, 3))]
-    # per-pair GEMV tiles at 1 and 4 tokens, each with the f32 and the f16 decode (ATOM_OAI_PAIR_SWEEP overrides)
+    # per-pair GEMV tiles at 1 and 4 tokens (ATOM_OAI_PAIR_SWEEP overrides)
     pair_sweep = json.loads(os.environ.get("ATOM_OAI_PAIR_SWEEP", "null")) or [
         dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4),
         dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4),
         dict(gate_block_n=8, down_block_n=16, block_k=1024, down_block_k=512, num_warps=4),
         dict(gate_block_n=4, down_block_n=8, block_k=512, down_block_k=256, num_warps=4),
         dict(gate_block_n=8, down_block_n=8, block_k=512, down_block_k=512, num_warps=2)]
-    saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE
-    for tokens in (1, 4, 32, 128, 1024):
+    saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS
+    for tokens in (1, 4, 32, 128, 512, 1024, 4096):
         x = rnd(tokens, H)
         tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
         touched = int(torch.unique(tid).numel())
@@ -313,28 +313,28 @@ def gpt_oss_rows(bench) -> None:
         ref = ref_oai.fused_experts_swigluoai if tokens <= 32 else None
         args = (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2)
         nbytes = touched * mxfp4_expert_bytes + act_bytes
-        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE = saved
-        bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts)", op, ref, args, nbytes, flops)
-        # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel) against the scaled-dot kernel
-        tk_oai.MXFP4_SCALED_DOT = False
+        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS = saved
+        path = tk_oai.experts_path(x.dtype, True, tokens * K)
+        bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts, {path})", op, ref, args, nbytes, flops)
+        tk_oai.MX_DEQUANT_MIN_PAIRS = 0  # every row below: the packed-weight kernels, unless it says dequant
+        if tokens <= 128:  # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel)
+            tk_oai.MXFP4_SCALED_DOT = False
+            bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
+        tk_oai.MXFP4_SCALED_DOT = True
         want = op(*args).float()
-        bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
         if tokens * K <= tk_oai.PAIR_GEMV_MAX_PAIRS:
-            for decode in ("f32", "f16"):
-                tk_oai.MX_GEMV_DECODE = decode
-                for tile in pair_sweep:
-                    tk_oai.PAIR_TILE_OVERRIDE = tile
-                    try:
-                        diff = (op(*args).float() - want).abs().max().item()
-                        bench(f"  sweep MXFP4 per-pair T{tokens} decode {decode} {tuple(tile.values())} (diff {diff:.2g})",
-                              op, None, args, nbytes, flops)
-                    except Exception as exc:
-                        print(f"  per-pair T{tokens} {decode} {tile}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                tk_oai.PAIR_TILE_OVERRIDE = None
-            tk_oai.MX_GEMV_DECODE = saved[2]
+            for tile in pair_sweep:
+                tk_oai.PAIR_TILE_OVERRIDE = tile
+                try:
+                    diff = (op(*args).float() - want).abs().max().item()
+                    bench(f"  sweep MXFP4 per-pair T{tokens} {tuple(tile.values())} (diff {diff:.2g})",
+                          op, None, args, nbytes, flops)
+                except Exception as exc:
+                    print(f"  per-pair T{tokens} {tile}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            tk_oai.PAIR_TILE_OVERRIDE = None
         else:
-            tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS = True, 1
-            for tile in [None, *mx_sweep]:  # None: _mx_tile's choice
+            tk_oai.MX_GEMM_MIN_PAIRS = 1
+            for tile in [None, *(mx_sweep if tokens in (32, 128, 1024) else ())]:  # None: _mx_tile's choice
                 tk_oai.MX_TILE_OVERRIDE = tile
                 label = "" if tile is None else f" {tuple(tile.values())}"
                 try:
@@ -344,10 +344,17 @@ def gpt_oss_rows(bench) -> None:
                 except Exception as exc:  # a tile (or the whole path) the compiler refuses
                     print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             tk_oai.MX_TILE_OVERRIDE = None
-        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMV_DECODE = saved
-        if tokens in (1, 32):
+        if tokens >= 128:  # dequantize + the dense grouped GEMM (prefill's path from MX_DEQUANT_MIN_PAIRS)
+            tk_oai.MX_DEQUANT_MIN_PAIRS = 1
+            diff = (op(*args).float() - want).abs().max().item()
+            bench(f"gpt-oss experts MXFP4 dequant+dense T{tokens} (diff {diff:.2g})", op, None, args, nbytes, flops)
+        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS = saved
+        if tokens in (1, 32, 128, 1024):
             bench(f"gpt-oss experts bf16 T{tokens} ({touched} experts)", op, None,
                   (x, dense13, dense2, b13, b2, tw, tid, 1.702, 7.0), touched * dense_expert_bytes + act_bytes, flops)
+    # the dequantization alone (gate/up of one layer): packed codes + scales in, bf16 out
+    bench("mxfp4_dequantize w13 32x5760x2880 -> bf16", lambda b, sc: tk_oai.mxfp4_dequantize(b, sc, torch.bfloat16),
+          None, (blocks13, scales13), blocks13.numel() + scales13.numel() + 4 * blocks13.numel())
 
 
 # qwen3-8b GEMMs (N, K): fused qkv, o, fused gate|up, down
@@ -378,7 +385,8 @@ def fp8_rows(bench, opts) -> None:
     ATOM_FP8_GEMM_SWEEP='[{"block_m":16,"block_n":32,"num_warps":4,"num_stages":4,"split_k":4}, ...]' at
     ATOM_FP8_SWEEP_M (default 1,16,128) on the o and down shapes (tl.dot GEMM, M > 4); the GEMV's tiles:
     ATOM_FP8_GEMV_SWEEP='[{"block_n":32,"block_k":512,"num_warps":8,"split_k":2}, ...]' (keys as
-    GEMV_TILE_OVERRIDE; unset: a built-in list, '[]': none) at ATOM_FP8_GEMV_SWEEP_M (default 1) on all four."""
+    GEMV_TILE_OVERRIDE; unset: a built-in list, '[]': none) at ATOM_FP8_GEMV_SWEEP_M (default 1) on all four, in
+    the layouts of ATOM_FP8_GEMV_SWEEP_LAYOUTS (default block,channel)."""
     import torch.nn.functional as F
 
     from atom.ops import quant_fp8 as Q
@@ -447,22 +455,28 @@ def fp8_rows(bench, opts) -> None:
                       n * k + 2 * m * (k + n))
             tk_fp8.GEMM_TILE_OVERRIDE = None
     gemv_sweep = json.loads(os.environ.get("ATOM_FP8_GEMV_SWEEP", "null"))
-    if gemv_sweep is None:  # around the default tiles ([16, 1024-2048]), then with W loads pipelined over K steps
+    if gemv_sweep is None:  # around the default tiles ([16, 1024-2048]); W loads pipelined over K steps
+        # (num_stages 2-3) were 2-4x slower on every shape (2026-12-02, KERNEL_NOTES.md) and are left out
         gemv_sweep = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in (
             (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 1024, 8, 1))] + [
-            dict(block_n=16, block_k=bk, num_warps=w, split_k=1, num_stages=st)  # software-pipelined W loads
-            for bk, w, st in ((1024, 4, 2), (1024, 4, 3), (512, 4, 3), (2048, 8, 2))]
+            # the next K step's W tile loaded ahead into registers (tile key prefetch)
+            dict(block_n=bn, block_k=bk, num_warps=w, split_k=1, prefetch=True) for bn, bk, w in (
+                (16, 2048, 8), (16, 1024, 4), (16, 1024, 8), (16, 512, 4), (8, 1024, 4))]
     for m in [int(v) for v in os.environ.get("ATOM_FP8_GEMV_SWEEP_M", "1").split(",")] if gemv_sweep else []:
+        # block: the GEMV quantizes its 1 x 128 groups itself; channel (what --quantization fp8 makes): the
+        # quantization kernel runs first, inside the row's time
         for proj, (n, k) in FP8_LINEARS.items():
-            q, s = weights[proj]["block"]
-            x = rnd(m, k)
-            for tile in gemv_sweep:
-                tk_fp8.GEMV_TILE_OVERRIDE = tile
-                try:
-                    bench(f"  sweep fp8 gemv {proj} M{m} {tile}", lin, None, (x, q, s, None, [128, 128]),
-                          n * k + s.numel() * 4 + 2 * m * (k + n))
-                finally:
-                    tk_fp8.GEMV_TILE_OVERRIDE = None
+            for layout in os.environ.get("ATOM_FP8_GEMV_SWEEP_LAYOUTS", "block,channel").split(","):
+                q, s = weights[proj][layout]
+                block = [128, 128] if layout == "block" else None
+                x = rnd(m, k)
+                for tile in gemv_sweep:
+                    tk_fp8.GEMV_TILE_OVERRIDE = tile
+                    try:
+                        bench(f"  sweep fp8 gemv {proj} M{m} {layout} {tile}", lin, None, (x, q, s, None, block),
+                              n * k + s.numel() * 4 + 2 * m * (k + n))
+                    finally:
+                        tk_fp8.GEMV_TILE_OVERRIDE = None
     if opts.fp8_decode_only:
         return
     for m, k in ((1, 4096), (128, 4096), (4096, 4096), (4096, 12288)):

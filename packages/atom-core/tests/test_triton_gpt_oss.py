@@ -136,7 +136,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, scaled_dot=False, gemv_decode="f32"):
+def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=False):
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -156,18 +156,22 @@ def _run_experts(name, size, weights_format, dtype, scaled_dot=False, gemv_decod
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
-    saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_GEMV_DECODE
-    # scaled_dot: the tl.dot_scaled kernel at every size, decode sizes too (by default they take the GEMV)
+    saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS
+    # scaled_dot: the tl.dot_scaled kernel at every size, decode sizes too (by default they take the GEMV);
+    # dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,048 pairs); neither:
+    # the register-decode kernels
     tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = scaled_dot, 1 if scaled_dot else saved[1]
-    tk.MX_GEMV_DECODE = gemv_decode
+    tk.MX_DEQUANT_MIN_PAIRS = 1 if dequant else 0
     try:
-        # the path under test is the one that runs: tl.dot_scaled for MXFP4 with bf16 activations when asked
-        assert tk.scaled_dot_path(dtype, s13 is not None, tokens * top_k) == (
-            scaled_dot and s13 is not None and dtype == torch.bfloat16)
+        # the path under test is the one that runs
+        mxfp4 = s13 is not None
+        want = ("dequant" if dequant and mxfp4 else "scaled_dot" if scaled_dot and mxfp4 and dtype == torch.bfloat16
+                else "per_pair" if tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS else "grouped")
+        assert tk.experts_path(dtype, mxfp4, tokens * top_k) == want
         out = triton_op("fused_experts_swigluoai")(*args)
     finally:
-        tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_GEMV_DECODE = saved
-    path = (" scaled-dot" if scaled_dot else "") + (f" gemv decode {gemv_decode}" if gemv_decode != "f32" else "")
+        tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS = saved
+    path = " scaled-dot" if scaled_dot else " dequant" if dequant else ""
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
@@ -193,11 +197,26 @@ def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
-@pytest.mark.parametrize("name", ["tiny_one_decode", "tiny_decode", "k_chunks_decode"])
-def test_fused_experts_swigluoai_gemv_f16_decode(name, weights_format, dtype):
-    """The per-pair GEMV with E2M1 codes decoded through float16 bits (ATOM_MX_GEMV_DECODE=f16): every code
-    (0.5 is a float16 subnormal) and many exponents, exact to the dequantized reference like the f32 decode."""
-    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, dtype, gemv_decode="f16")
+@pytest.mark.parametrize("name", ["tiny_decode", "tiny", "k_chunks"])
+def test_fused_experts_swigluoai_dequant(name, weights_format, dtype):
+    """Prefill's path (MX_DEQUANT_MIN_PAIRS): the MXFP4 experts dequantized by _mx_dequant_kernel, then the dense
+    grouped GEMM; exact to the dequantized reference like the other paths."""
+    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, dtype, dequant=True)
+
+
+def test_mxfp4_dequantize_matches_the_reference():
+    """Every code and E8M0 scales over a wide range (2^-125 .. 2^72: no value falls below float32's normal range,
+    which a GPU may flush), odd row counts and a K that ends inside a kernel block: bit for bit the reference
+    dequantization, in float32 and bfloat16."""
+    from atom.ops import mxfp4 as ref_mx
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    blocks, scales = _mxfp4_weights(3, 37, 320, (2, 200))
+    want = ref_mx.dequantize_mxfp4(blocks, scales, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = tk.mxfp4_dequantize(blocks, scales, dtype)
+        assert got.dtype == dtype and got.shape == (3, 37, 320)
+        assert torch.equal(got, want.to(dtype)), (got.float() - want).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -216,14 +235,6 @@ def test_fused_experts_swigluoai_scaled_dot_large(name):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", ["one_decode", "decode"])
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_fused_experts_swigluoai_gemv_f16_decode_large(name, dtype):
-    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", dtype, gemv_decode="f16")
-
-
 def test_mxfp4_default_paths():
     """By default (the H200 timings in moe_swigluoai): MXFP4 with bf16 / fp16 activations runs the per-pair
     GEMV up to PAIR_GEMV_MAX_PAIRS pairs and the scaled-dot grouped GEMM beyond; float32 activations and
@@ -231,13 +242,18 @@ def test_mxfp4_default_paths():
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     assert tk.MXFP4_SCALED_DOT == (os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1")
-    limit = tk.PAIR_GEMV_MAX_PAIRS
-    if tk.MXFP4_SCALED_DOT:
-        assert not tk.scaled_dot_path(torch.bfloat16, True, limit)
-        assert tk.scaled_dot_path(torch.bfloat16, True, limit + 1)
-        assert tk.scaled_dot_path(torch.float16, True, 4096)
-    assert not tk.scaled_dot_path(torch.float32, True, 4096)
-    assert not tk.scaled_dot_path(torch.bfloat16, False, 4096)
+    limit, dequant = tk.PAIR_GEMV_MAX_PAIRS, tk.MX_DEQUANT_MIN_PAIRS
+    assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert tk.experts_path(dtype, True, limit) == "per_pair"
+        assert tk.experts_path(dtype, False, limit) == "per_pair"
+        mid = tk.experts_path(dtype, True, limit + 1)
+        assert mid == ("scaled_dot" if tk.MXFP4_SCALED_DOT and dtype != torch.float32 else "grouped")
+        if dequant > limit + 1:
+            assert tk.experts_path(dtype, True, dequant - 1) == mid
+        if dequant > 0:
+            assert tk.experts_path(dtype, True, dequant) == "dequant"
+        assert tk.experts_path(dtype, False, 1 << 20) == "grouped"
 
 
 def test_fused_experts_swigluoai_refuses_half_mxfp4():

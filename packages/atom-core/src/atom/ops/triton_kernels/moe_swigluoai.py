@@ -47,12 +47,14 @@ MXFP4_SCALED_DOT = os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1"
 MX_GEMM_MIN_PAIRS = PAIR_GEMV_MAX_PAIRS + 1
 # Tile override for sweeps: dict(block_m, block_n, block_k, num_warps, num_stages); None: _mx_tile's choice.
 MX_TILE_OVERRIDE: dict | None = None
-# How the per-pair GEMV decodes E2M1 codes: "f32" builds each float32's bits (_e2m1_to_f32, the measured
-# path), "f16" places the code's 3 magnitude bits into a float16's exponent and mantissa (_e2m1_to_f16: a
-# value 2^-14 times the code's, subnormal for 0.5, exact) and folds the 2^14 into the block's scale, about
-# half the integer instructions a weight. The GEMV is decode-bound on the H200 (T1: 99-126 us for 53 MB,
-# ~0.5 TB/s). "f16" is not timed yet: ATOM_MX_GEMV_DECODE=f16 and kernel_bench.py's "decode f16" rows.
-MX_GEMV_DECODE = os.environ.get("ATOM_MX_GEMV_DECODE", "f32")
+# From this many (token, k) pairs on (prefill), MXFP4 experts are first dequantized into a scratch copy in the
+# activation dtype (one bandwidth-bound kernel per projection, ~0.5 ms a gpt-oss-20b layer on an H200) and then run
+# the dense grouped GEMM: the scaled-dot kernel is bound by its decode at every size (1,024 tokens: 3.0-3.2 ms a
+# layer, ~65 TFLOPS), which at prefill sizes costs more than writing the weights out once. The scratch holds one
+# projection's experts at a time (gpt-oss-20b: 1.06 GB for gate/up), inside the engine's profiled peak. Not timed
+# yet: 2,048 pairs (512 tokens at top-4) is a guess from the two paths' parts; kernel_bench.py --gpt-oss-only times
+# both at 512-4,096 tokens. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
+MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
 
 
 @triton.jit
@@ -240,29 +242,27 @@ def _expert_gemm_mx_kernel(
 
 
 @triton.jit
-def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
-                F16_DECODE: tl.constexpr):
+def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
     for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
-    sum is exact); w_rows: pointers to each row n's start."""
+    sum is exact); w_rows: pointers to each row n's start.
+
+    MXFP4 codes are decoded through float16 bits (_e2m1_to_f16: values 2^-14 times the codes', the factor
+    restored with the block's scale): on the H200 (kernel_bench.py --gpt-oss-only, 2026-12-02) this took the
+    gpt-oss-20b experts at one token from 98.8 to 61.7 us a layer and at four tokens from 319.7 to 174.8 us
+    against _e2m1_to_f32's bit building (same results, bit for bit); the GEMV is bound by its decode
+    instructions, not by the 53 MB it reads."""
     if MXFP4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         ok = kb < k_dim // 2
         packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        if F16_DECODE:  # values 2^-14 times the codes', the factor restored after the block sum
-            prod = (_e2m1_to_f16(packed & 15).to(tl.float32) * x_even
-                    + _e2m1_to_f16(packed >> 4).to(tl.float32) * x_odd)
-        else:
-            prod = _e2m1_to_f32(packed & 15) * x_even + _e2m1_to_f32(packed >> 4) * x_odd
+        prod = _e2m1_to_f16(packed & 15).to(tl.float32) * x_even + _e2m1_to_f16(packed >> 4).to(tl.float32) * x_odd
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
                                      other=127))
-        out = tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2)
-        if F16_DECODE:
-            out = out * 16384.0
-        out = out * scale
+        out = (tl.sum(tl.reshape(prod, [prod.shape[0], BLOCK_K // 32, 16]), axis=2) * 16384.0) * scale
     else:  # one return for both branches (see _w_chunk)
         kk = k0 + tl.arange(0, BLOCK_K)
         ok = kk < k_dim
@@ -275,7 +275,7 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
 def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
                  w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
                  GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACC_K: tl.constexpr, F16_DECODE: tl.constexpr):
+                 ACC_K: tl.constexpr):
     """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
     x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
     pair = tl.program_id(0).to(tl.int64)
@@ -288,10 +288,10 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
     acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
-        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4, F16_DECODE)
+        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4)
         if GATED:
             acc_up += _gemv_chunk(x_row, w_rows + n_out * w_stride_n, s_rows + n_out * s_stride_n, n_ok, k0, k_dim,
-                                  BLOCK_K, MXFP4, F16_DECODE)
+                                  BLOCK_K, MXFP4)
     dtype = x_ptr.dtype.element_ty
     bias = bias_ptr + expert * bias_stride_e + n
     y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
@@ -301,6 +301,44 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
     else:
         y = y * tl.load(topk_w_ptr + pair)
     tl.store(out_ptr + pair * out_stride + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _mx_dequant_kernel(w_ptr, s_ptr, out_ptr, n_rows, k_dim, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e, r, k] = E2M1(code) * 2^(scale - 127), written in out's dtype (contiguous [E, n_rows, k_dim]); the
+    packed rows' byte j holds elements 2j (low nibble) and 2j + 1 (high nibble). Exact wherever the value is
+    representable in out's dtype (bf16: every E8M0 scale but the top two)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    g = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    e = tl.program_id(2).to(tl.int64)
+    r_ok = r < n_rows
+    rows = r.to(tl.int64)[:, None]
+    packed = tl.load(w_ptr + e * w_stride_e + rows * w_stride_n + kb[None, :],
+                     mask=r_ok[:, None] & (kb < k_dim // 2)[None, :], other=0)
+    scale = _e8m0_to_f32(tl.load(s_ptr + e * s_stride_e + rows * s_stride_n + g[None, :],
+                                 mask=r_ok[:, None] & (g < k_dim // 32)[None, :], other=127))[:, :, None]
+    # codes through float16 bits (2^-14 times the value) times 2^14: the exact E2M1 values in float32
+    low = tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32) * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
+    high = tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32) * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
+    both = tl.join(tl.reshape(low, [BLOCK_R, BLOCK_K // 2]), tl.reshape(high, [BLOCK_R, BLOCK_K // 2]))
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + (e * n_rows + rows) * k_dim + k[None, :],
+             tl.reshape(both, [BLOCK_R, BLOCK_K]).to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & (k < k_dim)[None, :])
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[E, N, K/2] packed E2M1 codes + [E, N, K/32] E8M0 scales -> [E, N, K] in dtype (a fresh tensor)."""
+    num_experts, n_rows, half_k = blocks.shape
+    k_dim = 2 * half_k
+    out = torch.empty(num_experts, n_rows, k_dim, dtype=dtype, device=blocks.device)
+    block_r, block_k = 16, 256
+    _mx_dequant_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(k_dim, block_k), num_experts)](
+        blocks, scales, out, n_rows, k_dim, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: bool) -> tuple[int, int]:
@@ -324,16 +362,23 @@ def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: boo
 _ACT_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def scaled_dot_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> bool:
-    """Whether fused_experts_swigluoai runs _expert_gemm_mx_kernel for these experts."""
-    return mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= MX_GEMM_MIN_PAIRS
+def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> str:
+    """Which kernels fused_experts_swigluoai runs: "dequant" (MXFP4 dequantized, then the dense grouped GEMM),
+    "scaled_dot" (_expert_gemm_mx_kernel), "per_pair" (the GEMVs) or "grouped" (_expert_gemm_kernel)."""
+    if mxfp4 and 0 < MX_DEQUANT_MIN_PAIRS <= num_pairs:
+        return "dequant"
+    if mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= MX_GEMM_MIN_PAIRS:
+        return "scaled_dot"
+    return "per_pair" if num_pairs <= PAIR_GEMV_MAX_PAIRS else "grouped"
 
 
 def _mx_pair_tile(num_tokens: int) -> dict:
     """Tiles of the MXFP4 per-pair GEMV. H200, gpt-oss-20b experts at one token (kernel_bench.py
     --gpt-oss-only, 2026-12-02): 8 gate / 16 down columns a program with K steps of 512 / 256 took 98.8 us a
     layer against 121.6 for moe._pair_tile's [16 / 64, 256 / 128] and 111.8 for [32 / 32, 256 / 256, 8 warps]:
-    the decode is the bottleneck, so more programs (more SMs decoding) win. Other sizes: moe._pair_tile."""
+    the decode is the bottleneck, so more programs (more SMs decoding) win; with the float16-bit decode the same
+    tile took 61.7 us (the others 62.4-66.8). At four tokens moe._pair_tile's [16 / 32, 256] won (174.8 us against
+    181.8-206.6), as for every other size."""
     if num_tokens == 1:
         return dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4)
     return _pair_tile(num_tokens)
@@ -348,10 +393,13 @@ def _mx_tile(num_pairs: int, num_experts: int) -> dict:
     # at 4 pairs an expert (32 tokens: 620 us; [32, 128] 756), [32, 128] at 16 and 128 (128 tokens: 770 against
     # 937 for [16, 64]; 1,024 tokens: 3,213 against 3,351-7,296 for the other five tiles); 8 warps and K steps
     # of 256 lost everywhere
+    # (second sweep, same day: at 128 pairs an expert [64, 128] took 2,969 us against 3,193 for [32, 128])
     per_expert = num_pairs / max(num_experts, 1)
     if per_expert <= 8:
         return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
-    return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    if per_expert <= 64:
+        return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
 def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit) -> torch.Tensor:
@@ -410,27 +458,28 @@ def fused_experts_swigluoai(
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
 
-    if scaled_dot_path(x.dtype, mxfp4, num_pairs):
+    path = experts_path(x.dtype, mxfp4, num_pairs)
+    if path == "scaled_dot":
         return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit)
 
-    if num_pairs <= PAIR_GEMV_MAX_PAIRS:
+    if path == "per_pair":
         ids = topk_ids.reshape(-1).contiguous()
         tile = PAIR_TILE_OVERRIDE or (_mx_pair_tile(num_tokens) if mxfp4 else _pair_tile(num_tokens))
-        if MX_GEMV_DECODE not in ("f32", "f16"):
-            raise ValueError(f"ATOM_MX_GEMV_DECODE must be f32 or f16, not {MX_GEMV_DECODE!r}")
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
                 BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
-                F16_DECODE=mxfp4 and MX_GEMV_DECODE == "f16", num_warps=tile["num_warps"])
+                num_warps=tile["num_warps"])
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
         pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],
              tile.get("down_block_k", tile["block_k"]))
         return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
+    # prefill sizes: MXFP4 experts dequantized, one projection at a time, then the dense grouped GEMM
+    dequant = path == "dequant"
     tile = GEMM_TILE_OVERRIDE or _gemm_tile(num_pairs, num_experts)
     block_m, bn, bk = tile["block_m"], tile["block_n"], max(64, tile["block_k"])  # MXFP4: half-K dots >= 32
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
@@ -438,13 +487,16 @@ def fused_experts_swigluoai(
     ieee = dot_ieee(x.dtype)
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
+        packed = mxfp4 and not dequant
+        if dequant:
+            w = s = mxfp4_dequantize(w, s, a.dtype)
         rows = block_m + (2 if gated else 1) * bn
         k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
         _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
             a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
             a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
-            limit, GATED=gated, MXFP4=mxfp4, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
-            BLOCK_N=bn, BLOCK_K=max(k_step, 64 if mxfp4 else 16), F32_DOT=interpreting(), IEEE=ieee,
+            limit, GATED=gated, MXFP4=packed, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
+            BLOCK_N=bn, BLOCK_K=max(k_step, 64 if packed else 16), F32_DOT=interpreting(), IEEE=ieee,
             num_warps=tile["num_warps"], num_stages=stages)
 
     gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
