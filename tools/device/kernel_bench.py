@@ -303,6 +303,12 @@ def gpt_oss_rows(bench) -> None:
         dict(gate_block_n=8, down_block_n=16, block_k=1024, down_block_k=512, num_warps=4),
         dict(gate_block_n=4, down_block_n=8, block_k=512, down_block_k=256, num_warps=4),
         dict(gate_block_n=8, down_block_n=8, block_k=512, down_block_k=512, num_warps=2)]
+    # tiles of the f16dot kernel (block_k: scale blocks per loop step x 32); ATOM_MX16_SWEEP overrides
+    f16dot_sweep = json.loads(os.environ.get("ATOM_MX16_SWEEP", "null")) or [
+        dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
+        for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3),
+                               (16, 64, 256, 4, 3), (16, 32, 128, 4, 3), (32, 128, 64, 4, 4), (64, 128, 128, 8, 3))]
+    saved_gemm = tk_oai.MX_GEMM
     saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS
     for tokens in (1, 4, 32, 128, 512, 1024, 4096):
         x = rnd(tokens, H)
@@ -344,6 +350,18 @@ def gpt_oss_rows(bench) -> None:
                 except Exception as exc:  # a tile (or the whole path) the compiler refuses
                     print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             tk_oai.MX_TILE_OVERRIDE = None
+        if tokens >= 4:  # the hand-decoded float16-dot kernel (ATOM_MX_GEMM=f16dot), its own tile sweep
+            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, "f16dot"
+            for tile in [None, *(f16dot_sweep if tokens in (4, 32, 128, 1024) else ())]:
+                tk_oai.MX_TILE_OVERRIDE = tile
+                label = "" if tile is None else f" {tuple(tile.values())}"
+                try:
+                    diff = (op(*args).float() - want).abs().max().item()
+                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} f16dot T{tokens}{label} (diff {diff:.2g})",
+                          op, None, args, nbytes, flops)
+                except Exception as exc:
+                    print(f"  f16dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM = None, saved_gemm
         if tokens >= 128:  # dequantize + the dense grouped GEMM (prefill's path from MX_DEQUANT_MIN_PAIRS)
             tk_oai.MX_DEQUANT_MIN_PAIRS = 1
             diff = (op(*args).float() - want).abs().max().item()

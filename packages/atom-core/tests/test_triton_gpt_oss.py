@@ -136,7 +136,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=False):
+def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=False, mx_gemm="scaled_dot"):
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -156,12 +156,12 @@ def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=Fa
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
-    saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS
+    saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM
     # scaled_dot: the tl.dot_scaled kernel at every size, decode sizes too (by default they take the GEMV);
     # dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,048 pairs); neither:
     # the register-decode kernels
     tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = scaled_dot, 1 if scaled_dot else saved[1]
-    tk.MX_DEQUANT_MIN_PAIRS = 1 if dequant else 0
+    tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = 1 if dequant else 0, mx_gemm
     try:
         # the path under test is the one that runs
         mxfp4 = s13 is not None
@@ -170,8 +170,8 @@ def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=Fa
         assert tk.experts_path(dtype, mxfp4, tokens * top_k) == want
         out = triton_op("fused_experts_swigluoai")(*args)
     finally:
-        tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS = saved
-    path = " scaled-dot" if scaled_dot else " dequant" if dequant else ""
+        tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = saved
+    path = f" {mx_gemm}" if scaled_dot else " dequant" if dequant else ""
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
@@ -193,6 +193,15 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
 def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
     """The tl.dot_scaled MXFP4 path (ATOM_MXFP4_SCALED_DOT=1), decode sizes and partial K chunks included."""
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
+
+
+@pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
+@pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
+def test_fused_experts_swigluoai_f16dot(name, weights_format):
+    """The hand-decoded MXFP4 grouped GEMM (ATOM_MX_GEMM=f16dot): float16 dots per scale block, every code and
+    many exponents, decode sizes and partial K chunks; the reference's tolerance for bf16."""
+    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True,
+                 mx_gemm="f16dot")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,6 +242,14 @@ def test_fused_experts_swigluoai_large(name, weights_format, dtype):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_scaled_dot_large(name):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True)
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_fused_experts_swigluoai_f16dot_large(name):
+    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True,
+                 mx_gemm="f16dot")
 
 
 def test_mxfp4_default_paths():

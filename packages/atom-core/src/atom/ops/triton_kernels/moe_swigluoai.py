@@ -55,6 +55,12 @@ MX_TILE_OVERRIDE: dict | None = None
 # yet: 2,048 pairs (512 tokens at top-4) is a guess from the two paths' parts; kernel_bench.py --gpt-oss-only times
 # both at 512-4,096 tokens. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
 MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
+# The kernel of the "scaled_dot" path: "scaled_dot" (_expert_gemm_mx_kernel, tl.dot_scaled: the compiler's
+# upcast, measured above) or "f16dot" (_expert_gemm_mx16_kernel: the float16-bit decode of the GEMV feeding
+# float16 dots one scale block at a time, the block's scale applied to the dot's float32 result; activations
+# converted to float16, exact for |x| in [2^-14, 65504]). "f16dot" is not timed yet: ATOM_MX_GEMM=f16dot, or
+# kernel_bench.py's "f16dot" rows.
+MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
 
 
 @triton.jit
@@ -241,6 +247,65 @@ def _expert_gemm_mx_kernel(
              mask=n_ok[:, None] & row_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["num_pairs"])
+def _expert_gemm_mx16_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """The MXFP4 grouped GEMM as out^T = W A^T (as _expert_gemm_mx_kernel), decoded by hand: per 32-element
+    scale block, the expert's codes [BLOCK_N, 16 bytes] become two float16 operands (low and high nibbles:
+    elements 2j and 2j + 1, each 2^-14 times its E2M1 value, exact) against the tile's even and odd activation
+    columns [16, BLOCK_M] in float16; the two K = 16 dots' float32 sum is scaled by 2^14 and the block's E8M0
+    scale. GROUPS scale blocks per loop step. Same epilogue as _expert_gemm_kernel."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
+        return
+    row_ok = pair < num_pairs
+    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + n * s_stride_n
+    j = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, k_dim, 32 * GROUPS):
+        for gi in tl.static_range(GROUPS):
+            g = k0 // 32 + gi
+            kb = g * 16 + j  # the block's bytes
+            kb_ok = kb < k_dim // 2
+            a_mask = kb_ok[:, None] & row_ok[None, :]
+            a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(tl.float16)
+            a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(tl.float16)
+            w_mask = n_ok[:, None] & kb_ok[None, :]
+            s_mask = n_ok & (n * 0 + g < k_dim // 32)
+            packed = tl.load(w_rows + kb[None, :], mask=w_mask, other=0)
+            scale = _e8m0_to_f32(tl.load(s_rows + g, mask=s_mask, other=127))[:, None]
+            part = tl.dot(_e2m1_to_f16(packed & 15), a_even) + tl.dot(_e2m1_to_f16(packed >> 4), a_odd)
+            acc += (part * 16384.0) * scale
+            if GATED:
+                u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
+                su = _e8m0_to_f32(tl.load(s_rows + n_out * s_stride_n + g, mask=s_mask, other=127))[:, None]
+                part_up = tl.dot(_e2m1_to_f16(u & 15), a_even) + tl.dot(_e2m1_to_f16(u >> 4), a_odd)
+                acc_up += (part_up * 16384.0) * su
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    if GATED:
+        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
+        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
+    else:
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & row_ok[None, :])
+
+
 @triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
@@ -412,11 +477,21 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
+    if MX_GEMM not in ("scaled_dot", "f16dot"):
+        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot or f16dot, not {MX_GEMM!r}")
+
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
-        _expert_gemm_mx_kernel[(num_tiles, triton.cdiv(n_out, tile["block_n"]))](
-            a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
-            a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
-            limit, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
+        grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
+        args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
+                a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
+                limit)
+        if MX_GEMM == "f16dot":
+            _expert_gemm_mx16_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
+                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // 32,
+                                           num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+            return
+        _expert_gemm_mx_kernel[grid](
+            *args, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"],
             num_stages=tile["num_stages"])
 
