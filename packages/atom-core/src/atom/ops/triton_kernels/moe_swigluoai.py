@@ -48,18 +48,19 @@ MX_GEMM_MIN_PAIRS = PAIR_GEMV_MAX_PAIRS + 1
 # Tile override for sweeps: dict(block_m, block_n, block_k, num_warps, num_stages); None: _mx_tile's choice.
 MX_TILE_OVERRIDE: dict | None = None
 # From this many (token, k) pairs on (prefill), MXFP4 experts are first dequantized into a scratch copy in the
-# activation dtype (one bandwidth-bound kernel per projection, ~0.5 ms a gpt-oss-20b layer on an H200) and then run
-# the dense grouped GEMM: the scaled-dot kernel is bound by its decode at every size (1,024 tokens: 3.0-3.2 ms a
-# layer, ~65 TFLOPS), which at prefill sizes costs more than writing the weights out once. The scratch holds one
-# projection's experts at a time (gpt-oss-20b: 1.06 GB for gate/up), inside the engine's profiled peak. Not timed
-# yet: 2,048 pairs (512 tokens at top-4) is a guess from the two paths' parts; kernel_bench.py --gpt-oss-only times
-# both at 512-4,096 tokens. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
+# activation dtype (_mx_dequant_kernel, one projection at a time) and then run the dense grouped GEMM: the
+# scaled-dot kernel is bound by its decode. H200, gpt-oss-20b experts (tools/device/mx_paths_bench.py,
+# 2026-12-02, us a layer call): 128 tokens 1,014 against 763 for scaled-dot; 1,024 tokens 1,449 against 2,771;
+# 4,096 tokens 3,207 against 8,986; results bit-identical. The crossover lies between 512 and 4,096 pairs; 2,048
+# (512 tokens at top-4) is not yet measured. The scratch (gpt-oss-20b: 1.06 GB for gate/up) falls inside the
+# engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
 MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
 # The kernel of the "scaled_dot" path: "scaled_dot" (_expert_gemm_mx_kernel, tl.dot_scaled: the compiler's
-# upcast, measured above) or "f16dot" (_expert_gemm_mx16_kernel: the float16-bit decode of the GEMV feeding
-# float16 dots one scale block at a time, the block's scale applied to the dot's float32 result; activations
-# converted to float16, exact for |x| in [2^-14, 65504]). "f16dot" is not timed yet: ATOM_MX_GEMM=f16dot, or
-# kernel_bench.py's "f16dot" rows.
+# upcast) or "f16dot" (_expert_gemm_mx16_kernel: the GEMV's float16-bit decode feeding float16 dots one scale
+# block at a time, the block's scale applied to the dot's float32 result). H200 (mx_paths_bench.py, 2026-12-02,
+# default tiles, us a layer): f16dot 567 against 608 at 32 tokens, but 1,963 against 763 at 128 and 10,826
+# against 2,771 at 1,024 tokens (one K = 16 dot pair per 32 elements starves the matrix units). It stays
+# opt-in (ATOM_MX_GEMM=f16dot) until a tile sweep (kernel_bench.py's f16dot rows) says where it wins.
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
 
 
