@@ -292,7 +292,7 @@ def markdown(benches: list[dict[str, Any]]) -> str:
            "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
            f"- workload: random {first.get('input_len', 128)}-token prompts, {first.get('output_len', 128)} new "
            "tokens, greedy, EOS ignored, bf16, random weights (load_format=dummy), prefix caching off; per batch "
-           "size one warm-up, then the median of 3 runs; tok/s = output tokens / end-to-end time",
+           "size a full and a prefill-only warm-up, then the median of 3 runs; tok/s = output tokens / end-to-end time",
            "- rows marked fp8: --quantization fp8 (the random bf16 weights quantized at load time: ATOM per output "
            "channel with per-token activations, vLLM 0.24 per tensor); kvfp8: --kv-cache-dtype fp8 (scales 1.0); "
            "their roofline counts one byte per linear weight (+ float32 channel scales) and per KV element",

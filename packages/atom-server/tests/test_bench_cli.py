@@ -255,7 +255,7 @@ def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys
     assert report["model"] == path and report["runs"][0]["output_tokens"] == 2
     captured = capsys.readouterr()
     assert "loading the model" in captured.out
-    assert "batch 1: full" in captured.err and "3/3" in captured.err  # tqdm: warm-up, prefill, full
+    assert "batch 1: full" in captured.err and "4/4" in captured.err  # tqdm: two warm-ups, prefill, full
 
 
 def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):

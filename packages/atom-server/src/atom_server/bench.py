@@ -90,7 +90,7 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                    seed: int = 0, repeats: int = 3, quiet: bool = False,
                    on_row: Callable[[list[dict[str, Any]]], None] | None = None, progress: bool = False,
                    **engine_args: Any) -> list[dict[str, Any]]:
-    """Per batch size: one warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
+    """Per batch size: a full and a prefill-only warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
     runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
     on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
     from atom_server.llm import LLM
@@ -151,7 +151,7 @@ def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batch_sizes) * (1 + 2 * repeats), unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(batch_sizes) * (2 + 2 * repeats), unit="run", dynamic_ncols=True)
 
     def tick(label: str, bs: int, params: SamplingParams) -> tuple[float, int]:
         if bar is not None:
@@ -167,6 +167,7 @@ def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
     for bs in batch_sizes:
         startup.set_label(f"bs={bs} warm-up")  # Triton compiles of the first requests (--startup-profile)
         tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
+        tick("warm-up", bs, first)  # the prefill-only shape too (tools/device/vllm_throughput.py does the same)
         startup.set_label(f"bs={bs} timed runs")
         pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
         before = _path_counters(engine)
