@@ -308,7 +308,7 @@ def gpt_oss_rows(bench) -> None:
         dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
         for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3),
                                (16, 64, 256, 4, 3), (16, 32, 128, 4, 3), (32, 128, 64, 4, 4), (64, 128, 128, 8, 3))]
-    saved_gemm = tk_oai.MX_GEMM
+    saved_gemm, saved_asm = tk_oai.MX_GEMM, tk_oai.MX_GEMV_ASM
     saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS
     for tokens in (1, 4, 32, 128, 512, 1024, 4096):
         x = rnd(tokens, H)
@@ -329,15 +329,18 @@ def gpt_oss_rows(bench) -> None:
         tk_oai.MXFP4_SCALED_DOT = True
         want = op(*args).float()
         if tokens * K <= tk_oai.PAIR_GEMV_MAX_PAIRS:
-            for tile in pair_sweep:
-                tk_oai.PAIR_TILE_OVERRIDE = tile
-                try:
-                    diff = (op(*args).float() - want).abs().max().item()
-                    bench(f"  sweep MXFP4 per-pair T{tokens} {tuple(tile.values())} (diff {diff:.2g})",
-                          op, None, args, nbytes, flops)
-                except Exception as exc:
-                    print(f"  per-pair T{tokens} {tile}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            tk_oai.PAIR_TILE_OVERRIDE = None
+            for ptx in (False, True):  # the element-wise decode, then the inline-PTX one (ATOM_MX_GEMV_ASM)
+                tk_oai.MX_GEMV_ASM = ptx
+                for tile in pair_sweep:
+                    tk_oai.PAIR_TILE_OVERRIDE = tile
+                    try:
+                        diff = (op(*args).float() - want).abs().max().item()
+                        bench(f"  sweep MXFP4 per-pair T{tokens}{' ptx' if ptx else ''} {tuple(tile.values())} "
+                              f"(diff {diff:.2g})", op, None, args, nbytes, flops)
+                    except Exception as exc:
+                        print(f"  per-pair T{tokens}{' ptx' if ptx else ''} {tile}: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}", flush=True)
+            tk_oai.PAIR_TILE_OVERRIDE, tk_oai.MX_GEMV_ASM = None, saved_asm
         else:
             tk_oai.MX_GEMM_MIN_PAIRS = 1
             for tile in [None, *(mx_sweep if tokens in (32, 128, 1024) else ())]:  # None: _mx_tile's choice

@@ -252,6 +252,30 @@ def test_fused_experts_swigluoai_f16dot_large(name):
                  mx_gemm="f16dot")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.version.hip is not None, reason="needs an NVIDIA GPU (inline PTX)")
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_mxfp4_gemv_ptx_decode_is_bit_identical(tokens, monkeypatch):
+    """ATOM_MX_GEMV_ASM: the per-pair GEMV's inline-PTX decode gives the element-wise decode's bits, at the
+    gpt-oss-20b expert shapes, every code and many exponents (and matches the reference)."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    x = rand(tokens, 2880, dtype=torch.bfloat16)
+    w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (118, 125))
+    w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))
+    b13, b2 = rand(32, 2 * 2880, dtype=torch.bfloat16), rand(32, 2880, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
+    args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    op = triton_op("fused_experts_swigluoai")
+    assert tk.experts_path(x.dtype, True, tokens * 4) == "per_pair"
+    monkeypatch.setattr(tk, "MX_GEMV_ASM", False)
+    plain = op(*args)
+    monkeypatch.setattr(tk, "MX_GEMV_ASM", True)
+    ptx = op(*args)
+    assert torch.equal(plain, ptx), (plain.float() - ptx.float()).abs().max()
+    check(f"fused_experts_swigluoai ptx decode T{tokens}", ptx, ref_experts(*args), TOL[torch.bfloat16])
+
+
 def test_mxfp4_default_paths():
     """By default (the H200 timings in moe_swigluoai): MXFP4 with bf16 / fp16 activations runs the per-pair
     GEMV up to PAIR_GEMV_MAX_PAIRS pairs and the scaled-dot grouped GEMM beyond; float32 activations and

@@ -62,6 +62,11 @@ MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
 # against 2,771 at 1,024 tokens (one K = 16 dot pair per 32 elements starves the matrix units). It stays
 # opt-in (ATOM_MX_GEMM=f16dot) until a tile sweep (kernel_bench.py's f16dot rows) says where it wins.
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
+# ATOM_MX_GEMV_ASM=1: on CUDA the per-pair GEMV decodes its packed bytes with inline PTX (_e2m1_bytes_ptx: four
+# bytes per block, the float16 bits of two codes built in one 32-bit register, ~3.75 instructions a code against
+# ~8 for the element-wise form). Same values (test_mxfp4_gemv_ptx_decode_is_bit_identical on a GPU); not yet timed,
+# so off by default (kernel_bench.py's "ptx" rows). Never on ROCm or under the interpreter.
+MX_GEMV_ASM = os.environ.get("ATOM_MX_GEMV_ASM", "0") == "1"
 
 
 @triton.jit
@@ -82,6 +87,57 @@ def _e2m1_to_f16(code):
     and no select; the float16 -> float32 conversion is exact for subnormals too."""
     c = code.to(tl.uint16)
     return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_bytes_ptx(packed):
+    """(low, high): float32 2^-14 times the E2M1 values of each byte's low and high nibble, as _e2m1_to_f16 gives
+    them, computed four bytes at a time in PTX. prmt spreads bytes 0, 1 (then 2, 3) into the two 16-bit halves of a
+    register; shifts and masks move each half's code into float16 bit positions (magnitude to bits 9-11, sign to
+    bit 15) for both halves at once; the halves are converted to float32. CUDA only."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, x, y, w;
+        .reg .b16 l0, l1, l2, l3, h0, h1, h2, h3;
+        prmt.b32 t0, $8, 0, 0x4140;
+        prmt.b32 t1, $8, 0, 0x4342;
+        shl.b32 x, t0, 9;
+        and.b32 x, x, 0x0E000E00;
+        shl.b32 y, t0, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mov.b32 {l0, l1}, w;
+        shl.b32 x, t0, 5;
+        and.b32 x, x, 0x0E000E00;
+        shl.b32 y, t0, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mov.b32 {h0, h1}, w;
+        shl.b32 x, t1, 9;
+        and.b32 x, x, 0x0E000E00;
+        shl.b32 y, t1, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mov.b32 {l2, l3}, w;
+        shl.b32 x, t1, 5;
+        and.b32 x, x, 0x0E000E00;
+        shl.b32 y, t1, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mov.b32 {h2, h3}, w;
+        cvt.f32.f16 $0, l0;
+        cvt.f32.f16 $1, l1;
+        cvt.f32.f16 $2, l2;
+        cvt.f32.f16 $3, l3;
+        cvt.f32.f16 $4, h0;
+        cvt.f32.f16 $5, h1;
+        cvt.f32.f16 $6, h2;
+        cvt.f32.f16 $7, h3;
+        }
+        """,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+        args=[packed], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -308,7 +364,8 @@ def _expert_gemm_mx16_kernel(
 
 
 @triton.jit
-def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+                PTX: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
     for MXFP4, each the sum over one 32-element block times its scale (scaling by a power of two after the
     sum is exact); w_rows: pointers to each row n's start.
@@ -324,7 +381,11 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
         packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        prod = _e2m1_to_f16(packed & 15).to(tl.float32) * x_even + _e2m1_to_f16(packed >> 4).to(tl.float32) * x_odd
+        if PTX:
+            low, high = _e2m1_bytes_ptx(packed)
+        else:
+            low, high = _e2m1_to_f16(packed & 15).to(tl.float32), _e2m1_to_f16(packed >> 4).to(tl.float32)
+        prod = low * x_even + high * x_odd
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
                                      other=127))
@@ -341,7 +402,7 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
 def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
                  w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
                  GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACC_K: tl.constexpr):
+                 ACC_K: tl.constexpr, PTX: tl.constexpr):
     """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
     x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
     pair = tl.program_id(0).to(tl.int64)
@@ -354,10 +415,10 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
     acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
-        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4)
+        acc += _gemv_chunk(x_row, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K, MXFP4, PTX)
         if GATED:
             acc_up += _gemv_chunk(x_row, w_rows + n_out * w_stride_n, s_rows + n_out * s_stride_n, n_ok, k0, k_dim,
-                                  BLOCK_K, MXFP4)
+                                  BLOCK_K, MXFP4, PTX)
     dtype = x_ptr.dtype.element_ty
     bias = bias_ptr + expert * bias_stride_e + n
     y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
@@ -541,12 +602,13 @@ def fused_experts_swigluoai(
     if path == "per_pair":
         ids = topk_ids.reshape(-1).contiguous()
         tile = PAIR_TILE_OVERRIDE or (_mx_pair_tile(num_tokens) if mxfp4 else _pair_tile(num_tokens))
+        ptx = mxfp4 and MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
-                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k,
+                BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k, PTX=ptx,
                 num_warps=tile["num_warps"])
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
