@@ -353,17 +353,18 @@ def gpt_oss_rows(bench) -> None:
                 except Exception as exc:  # a tile (or the whole path) the compiler refuses
                     print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             tk_oai.MX_TILE_OVERRIDE = None
-        if tokens >= 4:  # the hand-decoded float16-dot kernel (ATOM_MX_GEMM=f16dot), its own tile sweep
-            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, "f16dot"
+        # the hand-decoded kernels (ATOM_MX_GEMM=f16dot / regdot), each with the tile sweep
+        for kernel in ("f16dot", "regdot") if tokens >= 4 else ():
+            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, kernel
             for tile in [None, *(f16dot_sweep if tokens in (4, 32, 128, 1024) else ())]:
                 tk_oai.MX_TILE_OVERRIDE = tile
                 label = "" if tile is None else f" {tuple(tile.values())}"
                 try:
                     diff = (op(*args).float() - want).abs().max().item()
-                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} f16dot T{tokens}{label} (diff {diff:.2g})",
-                          op, None, args, nbytes, flops)
+                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} {kernel} T{tokens}{label} "
+                          f"(diff {diff:.2g})", op, None, args, nbytes, flops)
                 except Exception as exc:
-                    print(f"  f16dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    print(f"  {kernel} T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM = None, saved_gemm
         if tokens >= 128:  # dequantize + the dense grouped GEMM (prefill's path from MX_DEQUANT_MIN_PAIRS)
             tk_oai.MX_DEQUANT_MIN_PAIRS = 1

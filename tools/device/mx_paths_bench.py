@@ -1,6 +1,6 @@
 """The MXFP4 expert paths side by side at gpt-oss-20b shapes, in about a minute (a short device call).
 
-For each token count: the scaled-dot kernel (tl.dot_scaled), the hand-decoded float16-dot kernel (f16dot),
+For each token count: the scaled-dot kernel (tl.dot_scaled), the hand-decoded kernels (f16dot, regdot),
 dequantize + the dense grouped GEMM, each with its default tile, as CUDA-graph replays (us per layer call), and
 each one's max difference from the scaled-dot output. kernel_bench.py --gpt-oss-only has the full rows and tile
 sweeps; this is the quick look.
@@ -40,6 +40,7 @@ def main() -> None:
     rows = []
     paths = {"scaled_dot": dict(MX_GEMM="scaled_dot", MX_DEQUANT_MIN_PAIRS=0),
              "f16dot": dict(MX_GEMM="f16dot", MX_DEQUANT_MIN_PAIRS=0),
+             "regdot": dict(MX_GEMM="regdot", MX_DEQUANT_MIN_PAIRS=0),
              "dequant": dict(MX_GEMM="scaled_dot", MX_DEQUANT_MIN_PAIRS=1)}
     saved = {name: getattr(tk, name) for name in ("MX_GEMM", "MX_DEQUANT_MIN_PAIRS", "MXFP4_SCALED_DOT",
                                                   "MX_GEMM_MIN_PAIRS")}

@@ -195,13 +195,15 @@ def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
 
 
+@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot"])
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
-def test_fused_experts_swigluoai_f16dot(name, weights_format):
-    """The hand-decoded MXFP4 grouped GEMM (ATOM_MX_GEMM=f16dot): float16 dots per scale block, every code and
-    many exponents, decode sizes and partial K chunks; the reference's tolerance for bf16."""
+def test_fused_experts_swigluoai_hand_decoded(name, weights_format, mx_gemm):
+    """The hand-decoded MXFP4 grouped GEMMs (ATOM_MX_GEMM=f16dot: float16 dots per scale block; regdot: scaled
+    weights decoded in registers, one accumulator over K): every code and many exponents, decode sizes and
+    partial K chunks; the reference's tolerance for bf16."""
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True,
-                 mx_gemm="f16dot")
+                 mx_gemm=mx_gemm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -245,11 +247,12 @@ def test_fused_experts_swigluoai_scaled_dot_large(name):
 
 
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
+@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_fused_experts_swigluoai_f16dot_large(name):
+def test_fused_experts_swigluoai_hand_decoded_large(name, mx_gemm):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True,
-                 mx_gemm="f16dot")
+                 mx_gemm=mx_gemm)
 
 
 @pytest.mark.gpu

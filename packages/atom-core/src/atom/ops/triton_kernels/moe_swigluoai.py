@@ -60,7 +60,10 @@ MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
 # block at a time, the block's scale applied to the dot's float32 result). H200 (mx_paths_bench.py, 2026-12-02,
 # default tiles, us a layer): f16dot 567 against 608 at 32 tokens, but 1,963 against 763 at 128 and 10,826
 # against 2,771 at 1,024 tokens (one K = 16 dot pair per 32 elements starves the matrix units). It stays
-# opt-in (ATOM_MX_GEMM=f16dot) until a tile sweep (kernel_bench.py's f16dot rows) says where it wins.
+# opt-in (ATOM_MX_GEMM=f16dot) until a tile sweep (kernel_bench.py's f16dot rows) says where it wins. "regdot"
+# (_expert_gemm_mxr_kernel): the same decode with the block scales folded into the decoded weights, which feed
+# one float32 accumulator over all of K (two dots of BLOCK_K/2 per step), the weights the first operand; not yet
+# timed (ATOM_MX_GEMM=regdot, kernel_bench.py's / mx_paths_bench.py's "regdot" rows).
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
 # ATOM_MX_GEMV_ASM=1: on CUDA the per-pair GEMV decodes its packed bytes with inline PTX (_e2m1_bytes_ptx: four
 # bytes per block, the float16 bits of two codes built in one 32-bit register, ~3.75 instructions a code against
@@ -364,6 +367,77 @@ def _expert_gemm_mx16_kernel(
 
 
 @triton.jit
+def _e8m0_times_2p14(s):
+    """E8M0 scale bytes -> 2^(s - 127 + 14) in float32 (the float16-bit decode's 2^-14 folded in), built in the
+    exponent bits: exact for s <= 240 (s = 0 included: 2^-113 is a normal float32); real scales are far below."""
+    return ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _expert_gemm_mxr_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
+    Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
+    memory): per K step the expert's packed rows [BLOCK_N, BLOCK_K/2] become two scaled operands in the activation
+    dtype (low nibbles: elements 2j, high: 2j + 1; the float16-bit decode times 2^(s - 127 + 14), exact), dotted
+    with the tile's even and odd activation columns [BLOCK_K/2, BLOCK_M] into one float32 accumulator over all
+    of K. Same epilogue as _expert_gemm_kernel."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
+        return
+    row_ok = pair < num_pairs
+    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
+    dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kb_ok = kb < k_dim // 2
+        a_mask = kb_ok[:, None] & row_ok[None, :]
+        a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(dtype)
+        a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(dtype)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        w_mask = n_ok[:, None] & kb_ok[None, :]
+        s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
+        for up in tl.static_range(2 if GATED else 1):
+            packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
+            scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask,
+                                             other=113))[:, :, None]
+            low = tl.reshape(tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32), [BLOCK_N, BLOCK_K // 32, 16])
+                             * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+            high = tl.reshape(tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32), [BLOCK_N, BLOCK_K // 32, 16])
+                              * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+            if up == 0:
+                acc = tl.dot(low, a_even, acc)
+                acc = tl.dot(high, a_odd, acc)
+            else:
+                acc_up = tl.dot(low, a_even, acc_up)
+                acc_up = tl.dot(high, a_odd, acc_up)
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    if GATED:
+        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        up_v = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
+        acc = _swigluoai(gate, up_v.to(tl.float32), alpha, limit)
+    else:
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
                 PTX: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
@@ -539,14 +613,20 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
-    if MX_GEMM not in ("scaled_dot", "f16dot"):
-        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot or f16dot, not {MX_GEMM!r}")
+    if MX_GEMM not in ("scaled_dot", "f16dot", "regdot"):
+        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot or regdot, not {MX_GEMM!r}")
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
         args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
+        if MX_GEMM == "regdot":
+            _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
+                                          BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
+                                          F32_DOT=interpreting(), num_warps=tile["num_warps"],
+                                          num_stages=tile["num_stages"])
+            return
         if MX_GEMM == "f16dot":
             _expert_gemm_mx16_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
                                            BLOCK_M=block_m, BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // 32,
