@@ -254,6 +254,25 @@ def _expert_gemm_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                      n_out, pair, row_ok, alpha, limit, GATED: tl.constexpr):
+    """The epilogue of the out^T = W A^T kernels (accumulators [BLOCK_N, BLOCK_M]), as _expert_gemm_kernel's:
+    projection + bias rounded to the activation dtype, then the clamped SwiGLU (GATED: acc_up holds the up
+    projection) or the routing weight; out[pair, n] stored."""
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    if GATED:
+        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
+        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
+    else:
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & row_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mx_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
@@ -294,17 +313,8 @@ def _expert_gemm_mx_kernel(
             u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
             su = tl.load(s_rows + n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
             acc_up = tl.dot_scaled(u, su, "e2m1", a, None, ACT_FORMAT, acc_up)
-    out_dtype = a_ptr.dtype.element_ty
-    bias = bias_ptr + expert * bias_stride_e + n
-    if GATED:
-        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
-        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
-    else:
-        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
-    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & row_ok[None, :])
+    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                      n_out, pair, row_ok, alpha, limit, GATED)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -353,17 +363,8 @@ def _expert_gemm_mx16_kernel(
                 su = _e8m0_to_f32(tl.load(s_rows + n_out * s_stride_n + g, mask=s_mask, other=127))[:, None]
                 part_up = tl.dot(_e2m1_to_f16(u & 15), a_even) + tl.dot(_e2m1_to_f16(u >> 4), a_odd)
                 acc_up += (part_up * 16384.0) * su
-    out_dtype = a_ptr.dtype.element_ty
-    bias = bias_ptr + expert * bias_stride_e + n
-    if GATED:
-        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
-        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
-    else:
-        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
-    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & row_ok[None, :])
+    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                      n_out, pair, row_ok, alpha, limit, GATED)
 
 
 @triton.jit
@@ -424,17 +425,8 @@ def _expert_gemm_mxr_kernel(
             else:
                 acc_up = tl.dot(low, a_even, acc_up)
                 acc_up = tl.dot(high, a_odd, acc_up)
-    out_dtype = a_ptr.dtype.element_ty
-    bias = bias_ptr + expert * bias_stride_e + n
-    if GATED:
-        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        up_v = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
-        acc = _swigluoai(gate, up_v.to(tl.float32), alpha, limit)
-    else:
-        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
-    tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & row_ok[None, :])
+    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                      n_out, pair, row_ok, alpha, limit, GATED)
 
 
 @triton.jit
