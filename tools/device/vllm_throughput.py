@@ -5,8 +5,8 @@
       [--quantization fp8] [--kv-cache-dtype fp8] [-tp N] [--enable-expert-parallel]
 
 Random prompts of --input-len token ids, --output-len new tokens, greedy, EOS ignored. Per batch size:
-a full and a prefill-only warm-up run, then --num-iters prefill-only runs (max_tokens=1) and --num-iters full runs on fresh
-prompts; the medians are reported (ms/step = (full - prefill) / (output_len - 1)). Run it with
+a full and a prefill-only warm-up run, then --num-iters prefill-only runs (max_tokens=1) and --num-iters full
+runs on fresh prompts; the medians are reported (ms/step = (full - prefill) / (output_len - 1)). Run it with
 ATOM_DISABLE_VLLM_PLUGIN=1 for vLLM's built-in model, without it for ATOM's model through atom-vllm.
 """
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for bs in ns.batch_sizes:
         timed(bs, full)  # warm-up
-        timed(bs, first)  # and a prefill-only one: vLLM's MoE kernels JIT-compiled inside timed prefill-only runs (2026-12-02)
+        # and a prefill-only one: vLLM's MoE kernels JIT-compiled inside its timed prefill-only runs (2026-12-02)
+        timed(bs, first)
         pre = [timed(bs, first)[0] for _ in range(ns.num_iters)]
         runs = [timed(bs, full) for _ in range(ns.num_iters)]
         if any(n != bs * ns.output_len for _, n in runs):

@@ -240,7 +240,8 @@ def test_fp8_linear_gemv(m, layout):
     assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 
 
-@pytest.mark.parametrize("layout,m,split", [("block", 1, None), ("block", 3, 2), ("channel", 1, 2), ("channel", 4, None)])
+@pytest.mark.parametrize("layout,m,split",
+                         [("block", 1, None), ("block", 3, 2), ("channel", 1, 2), ("channel", 4, None)])
 def test_fp8_linear_gemv_prefetch(layout, m, split):
     """The GEMV with the next K step's W tile loaded ahead (tile key prefetch): same reference, and bit-identical
     to the plain loop (the same products summed in the same order), over 128-wide K steps with a partial last one

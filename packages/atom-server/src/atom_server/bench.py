@@ -90,9 +90,9 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
                    seed: int = 0, repeats: int = 3, quiet: bool = False,
                    on_row: Callable[[list[dict[str, Any]]], None] | None = None, progress: bool = False,
                    **engine_args: Any) -> list[dict[str, Any]]:
-    """Per batch size: a full and a prefill-only warm-up run, then `repeats` prefill-only runs (max_tokens=1) and `repeats` full
-    runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) / (out - 1).
-    on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
+    """Per batch size: a full and a prefill-only warm-up run, then `repeats` prefill-only runs (max_tokens=1) and
+    `repeats` full runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) /
+    (out - 1). on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
     from atom_server.llm import LLM
 
     if model is not None:  # rows name the model as given (a preset, or the path), not a temp folder

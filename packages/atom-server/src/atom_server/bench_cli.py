@@ -40,7 +40,8 @@ def add_throughput_parser(subparsers) -> argparse.ArgumentParser:
         "throughput", help="offline throughput on random prompts (greedy, EOS ignored)",
         formatter_class=HelpFormatter,
         description="Offline throughput: random prompts of --input-len tokens, --output-len new tokens each, "
-                    "greedy, EOS ignored; per batch size a full and a prefill-only warm-up run, then the median of --num-iters. "
+                    "greedy, EOS ignored; per batch size a full and a prefill-only warm-up run, then the median "
+                    "of --num-iters. "
                     f"--model takes a checkpoint or a preset shape ({', '.join(sorted(PRESETS))}) that runs "
                     "with random weights (default: the bundled SmolLM2-135M-Instruct).")
     EngineArgs.add_cli_args(p)

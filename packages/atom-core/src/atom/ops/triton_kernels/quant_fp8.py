@@ -346,8 +346,8 @@ GEMV_FUSED_QUANT = True
 # (18.1 / 46.0 / 38.4 against 16.1 / 43.2 / 32.3; qkv 17.8 against 18.7); 1 x 128 groups (block layouts) are
 # quantized step by step and keep the fused form (o 13.1 against 14.7).
 GEMV_FUSED_QUANT_PER_TOKEN = False
-# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages, prefetch (the rest as
-# chosen below; split_k derived from the overridden tile unless given).
+# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages, prefetch (the
+# rest as chosen below; split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
