@@ -371,6 +371,15 @@ def gpt_oss_rows(bench) -> None:
                 except Exception as exc:
                     print(f"  {kernel} T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM = None, saved_gemm
+        if tokens >= 4:  # regdot with each byte's scale loaded at its position (default tile)
+            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM, tk_oai.MX_REGDOT_SCALE_PER_BYTE = 1, "regdot", True
+            try:
+                diff = (op(*args).float() - want).abs().max().item()
+                bench(f"gpt-oss experts MXFP4 regdot scale-per-byte T{tokens} (diff {diff:.2g})", op, None, args,
+                      nbytes, flops)
+            except Exception as exc:
+                print(f"  regdot scale-per-byte T{tokens}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            tk_oai.MX_GEMM, tk_oai.MX_REGDOT_SCALE_PER_BYTE = saved_gemm, False
         if tokens >= 128:  # dequantize + the dense grouped GEMM (prefill's path from MX_DEQUANT_MIN_PAIRS)
             tk_oai.MX_DEQUANT_MIN_PAIRS = 1
             diff = (op(*args).float() - want).abs().max().item()

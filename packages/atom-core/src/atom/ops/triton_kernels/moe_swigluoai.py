@@ -65,6 +65,8 @@ MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
 # one float32 accumulator over all of K (two dots of BLOCK_K/2 per step), the weights the first operand; not yet
 # timed (ATOM_MX_GEMM=regdot, kernel_bench.py's / mx_paths_bench.py's "regdot" rows).
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
+# regdot's scales: each byte's loaded at its position (True) or the decoded tile reshaped into scale blocks (False)
+MX_REGDOT_SCALE_PER_BYTE = os.environ.get("ATOM_MX_REGDOT_SCALE_PER_BYTE", "0") == "1"
 # ATOM_MX_GEMV_ASM=1: on CUDA the per-pair GEMV decodes its packed bytes with inline PTX (_e2m1_bytes_ptx: four
 # bytes per block, the float16 bits of two codes built in one 32-bit register, ~3.75 instructions a code against
 # ~8 for the element-wise form). Same values (test_mxfp4_gemv_ptx_decode_is_bit_identical on a GPU); not yet timed,
@@ -380,14 +382,15 @@ def _expert_gemm_mxr_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, SCALE_PER_BYTE: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
     Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
     memory): per K step the expert's packed rows [BLOCK_N, BLOCK_K/2] become two scaled operands in the activation
     dtype (low nibbles: elements 2j, high: 2j + 1; the float16-bit decode times 2^(s - 127 + 14), exact), dotted
     with the tile's even and odd activation columns [BLOCK_K/2, BLOCK_M] into one float32 accumulator over all
-    of K. Same epilogue as _expert_gemm_kernel."""
+    of K. SCALE_PER_BYTE: each byte's scale is loaded at its own position (the same 4 bytes a row, from L1)
+    instead of reshaping the decoded tile into scale blocks and back. Same epilogue as _expert_gemm_kernel."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -413,12 +416,18 @@ def _expert_gemm_mxr_kernel(
         s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
         for up in tl.static_range(2 if GATED else 1):
             packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-            scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask,
-                                             other=113))[:, :, None]
-            low = tl.reshape(tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32), [BLOCK_N, BLOCK_K // 32, 16])
-                             * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
-            high = tl.reshape(tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32), [BLOCK_N, BLOCK_K // 32, 16])
-                              * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+            if SCALE_PER_BYTE:
+                scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + (kb // 16)[None, :], mask=w_mask,
+                                                 other=113))
+                low = (_e2m1_to_f16(packed & 15).to(tl.float32) * scale).to(dtype)
+                high = (_e2m1_to_f16(packed >> 4).to(tl.float32) * scale).to(dtype)
+            else:
+                scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask,
+                                                 other=113))[:, :, None]
+                low = tl.reshape(tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32),
+                                            [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+                high = tl.reshape(tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32),
+                                             [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
             if up == 0:
                 acc = tl.dot(low, a_even, acc)
                 acc = tl.dot(high, a_odd, acc)
@@ -616,8 +625,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
         if MX_GEMM == "regdot":
             _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                                          F32_DOT=interpreting(), num_warps=tile["num_warps"],
-                                          num_stages=tile["num_stages"])
+                                          F32_DOT=interpreting(), SCALE_PER_BYTE=MX_REGDOT_SCALE_PER_BYTE,
+                                          num_warps=tile["num_warps"], num_stages=tile["num_stages"])
             return
         if MX_GEMM == "f16dot":
             _expert_gemm_mx16_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
