@@ -54,7 +54,16 @@ MX_TILE_OVERRIDE: dict | None = None
 # 4,096 tokens 3,207 against 8,986; results bit-identical. The crossover lies between 512 and 4,096 pairs; 2,048
 # (512 tokens at top-4) is not yet measured. The scratch (gpt-oss-20b: 1.06 GB for gate/up) falls inside the
 # engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
-MX_DEQUANT_MIN_PAIRS = int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
+def _env_pairs(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{name} must be a number of (token, expert) pairs >= 0 (0: off), got {raw!r}")
+    return int(raw)
+
+
+MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2048)
 # The kernel of the "scaled_dot" path: "scaled_dot" (_expert_gemm_mx_kernel, tl.dot_scaled: the compiler's
 # upcast) or "f16dot" (_expert_gemm_mx16_kernel: the GEMV's float16-bit decode feeding float16 dots one scale
 # block at a time, the block's scale applied to the dot's float32 result). H200 (mx_paths_bench.py, 2026-12-02,
