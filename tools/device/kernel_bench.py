@@ -308,6 +308,10 @@ def gpt_oss_rows(bench) -> None:
         dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
         for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3),
                                (16, 64, 256, 4, 3), (16, 32, 128, 4, 3), (32, 128, 64, 4, 4), (64, 128, 128, 8, 3))]
+    # tiles of the per-expert GEMV (rows): block_m rows a tile, block_n columns, K steps of block_k bytes x 2
+    rows_sweep = [dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=1)
+                  for m, n, k, w in ((4, 16, 512, 4), (8, 16, 512, 4), (4, 8, 512, 4), (4, 32, 256, 4), (2, 16, 512, 4),
+                                     (8, 8, 1024, 4))]
     saved_gemm, saved_asm = tk_oai.MX_GEMM, tk_oai.MX_GEMV_ASM
     saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS
     for tokens in (1, 4, 32, 128, 512, 1024, 4096):
@@ -355,13 +359,14 @@ def gpt_oss_rows(bench) -> None:
             tk_oai.MX_TILE_OVERRIDE = None
         # the hand-decoded kernels (ATOM_MX_GEMM=f16dot / regdot), each with the tile sweep
         # (f16dot lost 2.6-4x to scaled-dot from 128 tokens on, 2026-12-02: swept at 4 and 32 tokens only, not
-        # run beyond 128)
-        for kernel in ("f16dot", "regdot") if tokens >= 4 else ():
-            if kernel == "f16dot" and tokens > 128:
+        # run beyond 128; rows, the per-expert GEMV, is meant for decode batches: up to 128 tokens)
+        for kernel in ("f16dot", "regdot", "rows", "rows ptx") if tokens >= 4 else ():
+            if kernel != "regdot" and tokens > 128:
                 continue
-            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, kernel
-            sweep_at = (4, 32) if kernel == "f16dot" else (4, 32, 128, 1024)
-            for tile in [None, *(f16dot_sweep if tokens in sweep_at else ())]:
+            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, kernel.split()[0]
+            tk_oai.MX_GEMV_ASM = kernel.endswith("ptx")
+            sweep_at = {"f16dot": (4, 32), "regdot": (4, 32, 128, 1024), "rows": (4, 32, 128)}.get(kernel, ())
+            for tile in [None, *((rows_sweep if kernel == "rows" else f16dot_sweep) if tokens in sweep_at else ())]:
                 tk_oai.MX_TILE_OVERRIDE = tile
                 label = "" if tile is None else f" {tuple(tile.values())}"
                 try:
@@ -370,7 +375,7 @@ def gpt_oss_rows(bench) -> None:
                           f"(diff {diff:.2g})", op, None, args, nbytes, flops)
                 except Exception as exc:
                     print(f"  {kernel} T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM = None, saved_gemm
+            tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM, tk_oai.MX_GEMV_ASM = None, saved_gemm, saved_asm
         if tokens >= 4:  # regdot with each byte's scale loaded at its position (default tile)
             tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM, tk_oai.MX_REGDOT_SCALE_PER_BYTE = 1, "regdot", True
             try:

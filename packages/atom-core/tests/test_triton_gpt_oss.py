@@ -195,13 +195,13 @@ def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
 
 
-@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot", "regdot_scale_per_byte"])
+@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot", "regdot_scale_per_byte", "rows"])
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
 def test_fused_experts_swigluoai_hand_decoded(name, weights_format, mx_gemm, monkeypatch):
-    """The hand-decoded MXFP4 grouped GEMMs (ATOM_MX_GEMM=f16dot: float16 dots per scale block; regdot: scaled
-    weights decoded in registers, one accumulator over K): every code and many exponents, decode sizes and
-    partial K chunks; the reference's tolerance for bf16."""
+    """The hand-decoded MXFP4 grouped kernels (ATOM_MX_GEMM=f16dot: float16 dots per scale block; regdot: scaled
+    weights decoded in registers, one accumulator over K; rows: a GEMV per expert tile, FMAs over its rows):
+    every code and many exponents, decode sizes and partial K chunks; the reference's tolerance for bf16."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     monkeypatch.setattr(tk, "MX_REGDOT_SCALE_PER_BYTE", mx_gemm.endswith("per_byte"))
@@ -250,7 +250,7 @@ def test_fused_experts_swigluoai_scaled_dot_large(name):
 
 
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
-@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot"])
+@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot", "rows"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_hand_decoded_large(name, mx_gemm):

@@ -73,6 +73,8 @@ MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2048)
 # (_expert_gemm_mxr_kernel): the same decode with the block scales folded into the decoded weights, which feed
 # one float32 accumulator over all of K (two dots of BLOCK_K/2 per step), the weights the first operand; not yet
 # timed (ATOM_MX_GEMM=regdot, kernel_bench.py's / mx_paths_bench.py's "regdot" rows).
+# "rows" (_expert_gemv_rows_kernel): a GEMV per (expert tile, column block) that decodes each weight once and
+# reduces it against the tile's few rows with FMAs (decode batches: 1-8 pairs an expert); not yet timed.
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
 # regdot's scales: each byte's loaded at its position (True) or the decoded tile reshaped into scale blocks (False)
 MX_REGDOT_SCALE_PER_BYTE = os.environ.get("ATOM_MX_REGDOT_SCALE_PER_BYTE", "0") == "1"
@@ -447,6 +449,61 @@ def _expert_gemm_mxr_kernel(
                       n_out, pair, row_ok, alpha, limit, GATED)
 
 
+@triton.jit(do_not_specialize=["num_pairs"])
+def _expert_gemv_rows_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PTX: tl.constexpr,
+):
+    """Decode batches of a few pairs an expert: a GEMV over the expert's packed rows [BLOCK_N, BLOCK_K/2] that
+    decodes each K chunk once (float16 bits, or PTX) and reduces it with FMAs against each of the tile's BLOCK_M
+    rows (as the per-pair GEMV does for one), per-block sums times the block scales; no matrix instructions, so
+    the decode is paid once per expert instead of once per pair. Accumulators [BLOCK_N, BLOCK_M] as the out^T
+    kernels'; same epilogue."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
+        return
+    row_ok = pair < num_pairs
+    rows = tl.arange(0, BLOCK_M)
+    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kb_ok = kb < k_dim // 2
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        w_mask = n_ok[:, None] & kb_ok[None, :]
+        s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
+        for up in tl.static_range(2 if GATED else 1):
+            packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
+            if PTX:
+                low, high = _e2m1_bytes_ptx(packed)
+            else:
+                low, high = _e2m1_to_f16(packed & 15).to(tl.float32), _e2m1_to_f16(packed >> 4).to(tl.float32)
+            scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=113))
+            for r in tl.static_range(BLOCK_M):
+                pair_r = tl.load(sorted_ids_ptr + tile * BLOCK_M + r).to(tl.int64)
+                x_row = a_ptr + (pair_r // a_row_div) * a_stride
+                x_ok = kb_ok & (kb * 0 + pair_r < num_pairs)
+                x_even = tl.load(x_row + 2 * kb, mask=x_ok, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * kb + 1, mask=x_ok, other=0.0).to(tl.float32)
+                prod = low * x_even[None, :] + high * x_odd[None, :]
+                part = tl.sum(tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // 32, 16]), axis=2) * scale, axis=1)
+                if up == 0:
+                    acc += tl.where(rows[None, :] == r, part[:, None], 0.0)
+                else:
+                    acc_up += tl.where(rows[None, :] == r, part[:, None], 0.0)
+    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                      n_out, pair, row_ok, alpha, limit, GATED)
+
+
 @triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
                 PTX: tl.constexpr):
@@ -595,6 +652,15 @@ def _mx_pair_tile(num_tokens: int) -> dict:
     return _pair_tile(num_tokens)
 
 
+def _mx_rows_tile(num_pairs: int, num_experts: int) -> dict:
+    """Tiles of _expert_gemv_rows_kernel (MX_GEMM = "rows", not yet timed): block_m rows (the sort's padding
+    unit: about the pairs an expert gets), 16 columns and K steps of 512 as the per-pair GEMV's."""
+    if MX_TILE_OVERRIDE is not None:
+        return MX_TILE_OVERRIDE
+    per_expert = num_pairs / max(num_experts, 1)
+    return dict(block_m=4 if per_expert <= 4 else 8, block_n=16, block_k=512, num_warps=4, num_stages=1)
+
+
 def _mx_tile(num_pairs: int, num_experts: int) -> dict:
     """Tiles of _expert_gemm_mx_kernel: block_m tokens (the padding unit of the expert sort), block_n expert
     output columns, block_k the K step in elements."""
@@ -618,19 +684,25 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_tile(num_pairs, num_experts)
+    tile = _mx_rows_tile(num_pairs, num_experts) if MX_GEMM == "rows" else _mx_tile(num_pairs, num_experts)
     block_m = tile["block_m"]
+    ptx = MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
-    if MX_GEMM not in ("scaled_dot", "f16dot", "regdot"):
-        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot or regdot, not {MX_GEMM!r}")
+    if MX_GEMM not in ("scaled_dot", "f16dot", "regdot", "rows"):
+        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot, regdot or rows, not {MX_GEMM!r}")
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
         args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
+        if MX_GEMM == "rows":
+            _expert_gemv_rows_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
+                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
+                                           PTX=ptx, num_warps=tile["num_warps"])
+            return
         if MX_GEMM == "regdot":
             _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
