@@ -312,8 +312,24 @@ def gpt_oss_rows(bench) -> None:
     rows_sweep = [dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=1)
                   for m, n, k, w in ((4, 16, 512, 4), (8, 16, 512, 4), (4, 8, 512, 4), (4, 32, 256, 4), (2, 16, 512, 4),
                                      (8, 8, 1024, 4))]
-    saved_gemm, saved_asm = tk_oai.MX_GEMM, tk_oai.MX_GEMV_ASM
-    saved = tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS
+    # Each variant: its label, the moe_swigluoai settings it runs under (on top of: the scaled-dot slot from one
+    # pair on, no dequantization), the token counts it runs at, its tile sweep, the counts swept at, and the tile
+    # override it sweeps. f16dot lost 2.6-4x to scaled-dot from 128 tokens on (2026-12-02) and is not run beyond;
+    # rows, the per-expert GEMV, is meant for decode batches.
+    big = (32, 128, 512, 1024, 4096)
+    pair_settings = dict(MX_GEMM_MIN_PAIRS=tk_oai.MX_GEMM_MIN_PAIRS)  # the per-pair GEMV up to 16 pairs
+    variants = [
+        ("per-pair", pair_settings, (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
+        ("per-pair ptx", dict(pair_settings, MX_GEMV_ASM=True), (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
+        ("scaled-dot", dict(MX_GEMM="scaled_dot"), big, mx_sweep, (32, 128, 1024), "MX_TILE_OVERRIDE"),
+        ("f16dot", dict(MX_GEMM="f16dot"), (4, 32, 128), f16dot_sweep, (4, 32), "MX_TILE_OVERRIDE"),
+        ("regdot", dict(MX_GEMM="regdot"), (4, *big), f16dot_sweep, (4, 32, 128, 1024), "MX_TILE_OVERRIDE"),
+        ("regdot scale-per-byte", dict(MX_GEMM="regdot", MX_REGDOT_SCALE_PER_BYTE=True), (4, *big), [], (), None),
+        ("rows", dict(MX_GEMM="rows"), (4, 32, 128), rows_sweep, (4, 32, 128), "MX_TILE_OVERRIDE"),
+        ("rows ptx", dict(MX_GEMM="rows", MX_GEMV_ASM=True), (4, 32, 128), [], (), None),
+        ("dequant+dense", dict(MX_DEQUANT_MIN_PAIRS=1), (128, 512, 1024, 4096), [], (), None),
+    ]
+    base = dict(MXFP4_SCALED_DOT=True, MX_GEMM_MIN_PAIRS=1, MX_DEQUANT_MIN_PAIRS=0)
     for tokens in (1, 4, 32, 128, 512, 1024, 4096):
         x = rnd(tokens, H)
         tw, tid = ref_moe.moe_topk_softmax(rnd(tokens, E, dtype=torch.float32), K, True)
@@ -323,73 +339,27 @@ def gpt_oss_rows(bench) -> None:
         ref = ref_oai.fused_experts_swigluoai if tokens <= 32 else None
         args = (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2)
         nbytes = touched * mxfp4_expert_bytes + act_bytes
-        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS = saved
         path = tk_oai.experts_path(x.dtype, True, tokens * K)
         bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts, {path})", op, ref, args, nbytes, flops)
-        tk_oai.MX_DEQUANT_MIN_PAIRS = 0  # every row below: the packed-weight kernels, unless it says dequant
         if tokens <= 128:  # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel)
-            tk_oai.MXFP4_SCALED_DOT = False
-            bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
-        tk_oai.MXFP4_SCALED_DOT = True
-        want = op(*args).float()
-        if tokens * K <= tk_oai.PAIR_GEMV_MAX_PAIRS:
-            for ptx in (False, True):  # the element-wise decode, then the inline-PTX one (ATOM_MX_GEMV_ASM)
-                tk_oai.MX_GEMV_ASM = ptx
-                for tile in pair_sweep:
-                    tk_oai.PAIR_TILE_OVERRIDE = tile
-                    try:
-                        diff = (op(*args).float() - want).abs().max().item()
-                        bench(f"  sweep MXFP4 per-pair T{tokens}{' ptx' if ptx else ''} {tuple(tile.values())} "
-                              f"(diff {diff:.2g})", op, None, args, nbytes, flops)
-                    except Exception as exc:
-                        print(f"  per-pair T{tokens}{' ptx' if ptx else ''} {tile}: {type(exc).__name__}: "
-                              f"{str(exc)[:300]}", flush=True)
-            tk_oai.PAIR_TILE_OVERRIDE, tk_oai.MX_GEMV_ASM = None, saved_asm
-        else:
-            tk_oai.MX_GEMM_MIN_PAIRS = 1
-            for tile in [None, *(mx_sweep if tokens in (32, 128, 1024) else ())]:  # None: _mx_tile's choice
-                tk_oai.MX_TILE_OVERRIDE = tile
-                label = "" if tile is None else f" {tuple(tile.values())}"
-                try:
-                    diff = (op(*args).float() - want).abs().max().item()
-                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} scaled-dot T{tokens}{label} "
-                          f"(diff {diff:.2g} of max {want.abs().max().item():.3g})", op, None, args, nbytes, flops)
-                except Exception as exc:  # a tile (or the whole path) the compiler refuses
-                    print(f"  scaled-dot T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            tk_oai.MX_TILE_OVERRIDE = None
-        # the hand-decoded kernels (ATOM_MX_GEMM=f16dot / regdot), each with the tile sweep
-        # (f16dot lost 2.6-4x to scaled-dot from 128 tokens on, 2026-12-02: swept at 4 and 32 tokens only, not
-        # run beyond 128; rows, the per-expert GEMV, is meant for decode batches: up to 128 tokens)
-        for kernel in ("f16dot", "regdot", "rows", "rows ptx") if tokens >= 4 else ():
-            if kernel != "regdot" and tokens > 128:
+            with patched(tk_oai, MXFP4_SCALED_DOT=False, MX_DEQUANT_MIN_PAIRS=0):
+                bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
+        with patched(tk_oai, MX_DEQUANT_MIN_PAIRS=0):  # the differences below are from the packed-weight path
+            want = op(*args).float()
+        for label, settings, at, sweep, sweep_at, override in variants:
+            if tokens not in at:
                 continue
-            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM = 1, kernel.split()[0]
-            tk_oai.MX_GEMV_ASM = kernel.endswith("ptx")
-            sweep_at = {"f16dot": (4, 32), "regdot": (4, 32, 128, 1024), "rows": (4, 32, 128)}.get(kernel, ())
-            for tile in [None, *((rows_sweep if kernel == "rows" else f16dot_sweep) if tokens in sweep_at else ())]:
-                tk_oai.MX_TILE_OVERRIDE = tile
-                label = "" if tile is None else f" {tuple(tile.values())}"
-                try:
-                    diff = (op(*args).float() - want).abs().max().item()
-                    bench(f"{'  sweep' if tile else 'gpt-oss experts MXFP4'} {kernel} T{tokens}{label} "
-                          f"(diff {diff:.2g})", op, None, args, nbytes, flops)
-                except Exception as exc:
-                    print(f"  {kernel} T{tokens}{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            tk_oai.MX_TILE_OVERRIDE, tk_oai.MX_GEMM, tk_oai.MX_GEMV_ASM = None, saved_gemm, saved_asm
-        if tokens >= 4:  # regdot with each byte's scale loaded at its position (default tile)
-            tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_GEMM, tk_oai.MX_REGDOT_SCALE_PER_BYTE = 1, "regdot", True
-            try:
-                diff = (op(*args).float() - want).abs().max().item()
-                bench(f"gpt-oss experts MXFP4 regdot scale-per-byte T{tokens} (diff {diff:.2g})", op, None, args,
-                      nbytes, flops)
-            except Exception as exc:
-                print(f"  regdot scale-per-byte T{tokens}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            tk_oai.MX_GEMM, tk_oai.MX_REGDOT_SCALE_PER_BYTE = saved_gemm, False
-        if tokens >= 128:  # dequantize + the dense grouped GEMM (prefill's path from MX_DEQUANT_MIN_PAIRS)
-            tk_oai.MX_DEQUANT_MIN_PAIRS = 1
-            diff = (op(*args).float() - want).abs().max().item()
-            bench(f"gpt-oss experts MXFP4 dequant+dense T{tokens} (diff {diff:.2g})", op, None, args, nbytes, flops)
-        tk_oai.MXFP4_SCALED_DOT, tk_oai.MX_GEMM_MIN_PAIRS, tk_oai.MX_DEQUANT_MIN_PAIRS = saved
+            with patched(tk_oai, **{**base, **settings}):
+                for tile in [None, *(sweep if tokens in sweep_at else ())]:  # None: the variant's own tile choice
+                    name = f"gpt-oss experts MXFP4 {label} T{tokens}" if tile is None else \
+                        f"  sweep {label} T{tokens} {tuple(tile.values())}"
+                    try:
+                        with patched(tk_oai, **({override: tile} if override else {})):
+                            diff = (op(*args).float() - want).abs().max().item()
+                            bench(f"{name} (diff {diff:.2g} of max {want.abs().max().item():.3g})", op, None, args,
+                                  nbytes, flops)
+                    except Exception as exc:  # a tile (or a whole kernel) the compiler refuses
+                        print(f"{name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         if tokens in (1, 32, 128, 1024):
             bench(f"gpt-oss experts bf16 T{tokens} ({touched} experts)", op, None,
                   (x, dense13, dense2, b13, b2, tw, tid, 1.702, 7.0), touched * dense_expert_bytes + act_bytes, flops)

@@ -76,6 +76,8 @@ MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2048)
 # "rows" (_expert_gemv_rows_kernel): a GEMV per (expert tile, column block) that decodes each weight once and
 # reduces it against the tile's few rows with FMAs (decode batches: 1-8 pairs an expert); not yet timed.
 MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
+if MX_GEMM not in ("scaled_dot", "f16dot", "regdot", "rows"):
+    raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot, regdot or rows, not {MX_GEMM!r}")
 # regdot's scales: each byte's loaded at its position (True) or the decoded tile reshaped into scale blocks (False)
 MX_REGDOT_SCALE_PER_BYTE = os.environ.get("ATOM_MX_REGDOT_SCALE_PER_BYTE", "0") == "1"
 # ATOM_MX_GEMV_ASM=1: on CUDA the per-pair GEMV decodes its packed bytes with inline PTX (_e2m1_bytes_ptx: four
@@ -154,6 +156,24 @@ def _e2m1_bytes_ptx(packed):
         """,
         constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
         args=[packed], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _e2m1_bytes(packed, PTX: tl.constexpr):
+    """(low, high): float32 2^-14 times the E2M1 values of each packed byte's low and high nibble (elements 2j and
+    2j + 1 of a row), by the PTX decode (CUDA) or the element-wise float16-bit one."""
+    if PTX:
+        low, high = _e2m1_bytes_ptx(packed)
+    else:
+        low, high = _e2m1_to_f16(packed & 15).to(tl.float32), _e2m1_to_f16(packed >> 4).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _e8m0_times_2p14(s):
+    """E8M0 scale bytes -> 2^(s - 127 + 14) in float32 (the float16-bit decode's 2^-14 folded in), built in the
+    exponent bits: exact for s <= 240 (s = 0 included: 2^-113 is a normal float32); real scales are far below."""
+    return ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -341,7 +361,7 @@ def _expert_gemm_mx16_kernel(
     """The MXFP4 grouped GEMM as out^T = W A^T (as _expert_gemm_mx_kernel), decoded by hand: per 32-element
     scale block, the expert's codes [BLOCK_N, 16 bytes] become two float16 operands (low and high nibbles:
     elements 2j and 2j + 1, each 2^-14 times its E2M1 value, exact) against the tile's even and odd activation
-    columns [16, BLOCK_M] in float16; the two K = 16 dots' float32 sum is scaled by 2^14 and the block's E8M0
+    columns [16, BLOCK_M] in float16; the two K = 16 dots' float32 sum is scaled by 2^14 times the block's E8M0
     scale. GROUPS scale blocks per loop step. Same epilogue as _expert_gemm_kernel."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
@@ -368,23 +388,16 @@ def _expert_gemm_mx16_kernel(
             w_mask = n_ok[:, None] & kb_ok[None, :]
             s_mask = n_ok & (n * 0 + g < k_dim // 32)
             packed = tl.load(w_rows + kb[None, :], mask=w_mask, other=0)
-            scale = _e8m0_to_f32(tl.load(s_rows + g, mask=s_mask, other=127))[:, None]
+            scale = _e8m0_times_2p14(tl.load(s_rows + g, mask=s_mask, other=113))[:, None]
             part = tl.dot(_e2m1_to_f16(packed & 15), a_even) + tl.dot(_e2m1_to_f16(packed >> 4), a_odd)
-            acc += (part * 16384.0) * scale
+            acc += part * scale
             if GATED:
                 u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-                su = _e8m0_to_f32(tl.load(s_rows + n_out * s_stride_n + g, mask=s_mask, other=127))[:, None]
+                su = _e8m0_times_2p14(tl.load(s_rows + n_out * s_stride_n + g, mask=s_mask, other=113))[:, None]
                 part_up = tl.dot(_e2m1_to_f16(u & 15), a_even) + tl.dot(_e2m1_to_f16(u >> 4), a_odd)
-                acc_up += (part_up * 16384.0) * su
+                acc_up += part_up * su
     _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
                       n_out, pair, row_ok, alpha, limit, GATED)
-
-
-@triton.jit
-def _e8m0_times_2p14(s):
-    """E8M0 scale bytes -> 2^(s - 127 + 14) in float32 (the float16-bit decode's 2^-14 folded in), built in the
-    exponent bits: exact for s <= 240 (s = 0 included: 2^-113 is a normal float32); real scales are far below."""
-    return ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -427,18 +440,18 @@ def _expert_gemm_mxr_kernel(
         s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
         for up in tl.static_range(2 if GATED else 1):
             packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
+            low, high = _e2m1_bytes(packed, False)
             if SCALE_PER_BYTE:
                 scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + (kb // 16)[None, :], mask=w_mask,
                                                  other=113))
-                low = (_e2m1_to_f16(packed & 15).to(tl.float32) * scale).to(dtype)
-                high = (_e2m1_to_f16(packed >> 4).to(tl.float32) * scale).to(dtype)
+                low, high = (low * scale).to(dtype), (high * scale).to(dtype)
             else:
                 scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask,
                                                  other=113))[:, :, None]
-                low = tl.reshape(tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32),
-                                            [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
-                high = tl.reshape(tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32),
-                                             [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+                low = tl.reshape(tl.reshape(low, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
+                                 [BLOCK_N, BLOCK_K // 2]).to(dtype)
+                high = tl.reshape(tl.reshape(high, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
+                                  [BLOCK_N, BLOCK_K // 2]).to(dtype)
             if up == 0:
                 acc = tl.dot(low, a_even, acc)
                 acc = tl.dot(high, a_odd, acc)
@@ -483,10 +496,7 @@ def _expert_gemv_rows_kernel(
         s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
         for up in tl.static_range(2 if GATED else 1):
             packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-            if PTX:
-                low, high = _e2m1_bytes_ptx(packed)
-            else:
-                low, high = _e2m1_to_f16(packed & 15).to(tl.float32), _e2m1_to_f16(packed >> 4).to(tl.float32)
+            low, high = _e2m1_bytes(packed, PTX)
             scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=113))
             for r in tl.static_range(BLOCK_M):
                 pair_r = tl.load(sorted_ids_ptr + tile * BLOCK_M + r).to(tl.int64)
@@ -522,10 +532,7 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
         packed = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         x_even = tl.load(x_ptr + 2 * kb, mask=ok, other=0.0).to(tl.float32)[None, :]
         x_odd = tl.load(x_ptr + 2 * kb + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        if PTX:
-            low, high = _e2m1_bytes_ptx(packed)
-        else:
-            low, high = _e2m1_to_f16(packed & 15).to(tl.float32), _e2m1_to_f16(packed >> 4).to(tl.float32)
+        low, high = _e2m1_bytes(packed, PTX)
         prod = low * x_even + high * x_odd
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         scale = _e8m0_to_f32(tl.load(s_rows + g[None, :], mask=n_ok[:, None] & (g < k_dim // 32)[None, :],
@@ -587,9 +594,9 @@ def _mx_dequant_kernel(w_ptr, s_ptr, out_ptr, n_rows, k_dim, w_stride_e, w_strid
                      mask=r_ok[:, None] & (kb < k_dim // 2)[None, :], other=0)
     scale = _e8m0_to_f32(tl.load(s_ptr + e * s_stride_e + rows * s_stride_n + g[None, :],
                                  mask=r_ok[:, None] & (g < k_dim // 32)[None, :], other=127))[:, :, None]
-    # codes through float16 bits (2^-14 times the value) times 2^14: the exact E2M1 values in float32
-    low = tl.reshape(_e2m1_to_f16(packed & 15).to(tl.float32) * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
-    high = tl.reshape(_e2m1_to_f16(packed >> 4).to(tl.float32) * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
+    low, high = _e2m1_bytes(packed, False)  # 2^-14 times the values: 2^14 restored first, the exact E2M1 values
+    low = tl.reshape(low * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
+    high = tl.reshape(high * 16384.0, [BLOCK_R, BLOCK_K // 32, 16]) * scale
     both = tl.join(tl.reshape(low, [BLOCK_R, BLOCK_K // 2]), tl.reshape(high, [BLOCK_R, BLOCK_K // 2]))
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + (e * n_rows + rows) * k_dim + k[None, :],
@@ -628,6 +635,11 @@ def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: boo
 
 
 _ACT_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _ptx_decode(x: torch.Tensor) -> bool:
+    """Whether the GEMVs decode with inline PTX (ATOM_MX_GEMV_ASM, CUDA only, never under the interpreter)."""
+    return MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
 
 
 def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> str:
@@ -686,12 +698,9 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     inter, hidden = h.shape[1], y.shape[1]
     tile = _mx_rows_tile(num_pairs, num_experts) if MX_GEMM == "rows" else _mx_tile(num_pairs, num_experts)
     block_m = tile["block_m"]
-    ptx = MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
+    ptx = _ptx_decode(x)
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
-
-    if MX_GEMM not in ("scaled_dot", "f16dot", "regdot", "rows"):
-        raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot, regdot or rows, not {MX_GEMM!r}")
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
@@ -764,7 +773,7 @@ def fused_experts_swigluoai(
     if path == "per_pair":
         ids = topk_ids.reshape(-1).contiguous()
         tile = PAIR_TILE_OVERRIDE or (_mx_pair_tile(num_tokens) if mxfp4 else _pair_tile(num_tokens))
-        ptx = mxfp4 and MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
+        ptx = mxfp4 and _ptx_decode(x)
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
