@@ -1,11 +1,12 @@
-"""The MXFP4 expert paths side by side at gpt-oss-20b shapes, in about a minute (a short device call).
+"""The MXFP4 expert paths side by side at gpt-oss-20b shapes, in a few minutes (a short device call).
 
-For each token count: the scaled-dot kernel (tl.dot_scaled), the hand-decoded kernels (f16dot, regdot, rows),
-dequantize + the dense grouped GEMM, each with its default tile, as CUDA-graph replays (us per layer call), and
-each one's max difference from the scaled-dot output. kernel_bench.py --gpt-oss-only has the full rows and tile
-sweeps; this is the quick look.
+For each token count: the per-pair GEMV (element-wise and PTX decode), regdot (element-wise, PTX float32 and PTX
+bf16 decode), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM, each with its default tile, as
+CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
+--sweep adds regdot's tiles (default decode) at a few sizes. The routing is random over the 32 experts, so a
+batch touches every expert from about 16 tokens on.
 
-    PYTHONPATH=packages/atom-core/src python3 tools/device/mx_paths_bench.py [--tokens 32,128,1024]
+    PYTHONPATH=packages/atom-core/src python3 tools/device/mx_paths_bench.py [--tokens 32,128,1024] [--sweep]
 """
 
 from __future__ import annotations
@@ -20,16 +21,38 @@ from atom.ops import moe as ref_moe
 from atom.ops.registry import resolve
 from atom.ops.triton_kernels import moe_swigluoai as tk
 
-E, K, H, I = 32, 4, 2880, 2880
+K = 4
+E, H, I = 32, 2880, 2880  # gpt-oss-20b experts (--device cpu: 8 experts of 64 x 64)
+BIG = 10**9
+GEMV = dict(MX_GEMM_MIN_PAIRS=BIG, PAIR_GEMV_MAX_PAIRS=BIG, MX_PTX_GEMV_MAX_PAIRS=BIG, MX_DEQUANT_MIN_PAIRS=0)
+GEMM = dict(MXFP4_SCALED_DOT=True, MX_GEMM_MIN_PAIRS=1, MX_DEQUANT_MIN_PAIRS=0)
+PATHS = {  # name: (module settings, token counts it runs at)
+    "per_pair": (dict(GEMV, MX_PTX=False), lambda t: t <= 16),
+    "per_pair_ptx": (dict(GEMV, MX_PTX=True), lambda t: t <= 16),
+    "regdot": (dict(GEMM, MX_GEMM="regdot", MX_PTX=False), lambda t: 4 <= t <= 1024),
+    "regdot_ptx": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), lambda t: 4 <= t <= 1024),
+    "regdot_bf16": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
+    "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
+    "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
+}
+SWEEP_TOKENS = (8, 32, 128, 512)
+SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+         for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
+                                   (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
+                                   (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="32,128,1024")
+    ap.add_argument("--tokens", default="1,4,8,16,32,64,128,512,1024")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--sweep", action="store_true", help="regdot's tiles (default decode) at 8 / 32 / 128 / 512")
     ap.add_argument("--out")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (no timings)")
     opts = ap.parse_args()
     torch.manual_seed(0)
-    dev = "cuda"
+    dev = opts.device
+    E, H, I = (32, 2880, 2880) if dev == "cuda" else (8, 64, 64)
     op = resolve("fused_experts_swigluoai", "triton")
     w13 = torch.randint(0, 256, (E, 2 * I, H // 2), dtype=torch.uint8, device=dev)
     s13 = torch.randint(118, 125, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev)
@@ -37,34 +60,41 @@ def main() -> None:
     s2 = torch.randint(118, 125, (E, H, I // 32), dtype=torch.uint8, device=dev)
     b13 = torch.randn(E, 2 * I, device=dev, dtype=torch.bfloat16) * 0.1
     b2 = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * 0.1
+    names = {key for settings, _ in PATHS.values() for key in settings} | {"MX_TILE_OVERRIDE"}
+    saved = {name: getattr(tk, name) for name in names}
     rows = []
-    paths = {"scaled_dot": dict(MX_GEMM="scaled_dot", MX_DEQUANT_MIN_PAIRS=0),
-             "f16dot": dict(MX_GEMM="f16dot", MX_DEQUANT_MIN_PAIRS=0),
-             "regdot": dict(MX_GEMM="regdot", MX_DEQUANT_MIN_PAIRS=0),
-             "rows": dict(MX_GEMM="rows", MX_DEQUANT_MIN_PAIRS=0),  # decode batches only (<= 128 tokens)
-             "dequant": dict(MX_GEMM="scaled_dot", MX_DEQUANT_MIN_PAIRS=1)}
-    saved = {name: getattr(tk, name) for name in ("MX_GEMM", "MX_DEQUANT_MIN_PAIRS", "MXFP4_SCALED_DOT",
-                                                  "MX_GEMM_MIN_PAIRS")}
-    tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = True, 1
+
+    def run(tokens, name, settings, args, want, tile=None):
+        for key, value in saved.items():
+            setattr(tk, key, value)
+        for key, value in settings.items():
+            setattr(tk, key, value)
+        tk.MX_TILE_OVERRIDE = tile
+        try:
+            out = op(*args).float()
+            us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda else 0.0
+            row = dict(tokens=tokens, path=name, us=us, diff=0.0 if want is None else (out - want).abs().max().item())
+        except Exception as exc:  # a path or tile the compiler refuses
+            out, row = want, dict(tokens=tokens, path=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        if tile:
+            row["tile"] = tile
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return out
+
     for tokens in [int(t) for t in opts.tokens.split(",")]:
         x = torch.randn(tokens, H, device=dev, dtype=torch.bfloat16)
         tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device=dev), K, True)
         args = (x, w13, w2, b13, b2, tw, tid, 1.702, 7.0, s13, s2)
         want = None
-        for name, values in paths.items():
-            if name == "rows" and tokens > 128:
-                continue
-            for key, value in values.items():
-                setattr(tk, key, value)
-            try:
-                out = op(*args).float()
-                want = out if want is None else want
-                us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3
-                row = dict(tokens=tokens, path=name, us=us, diff=(out - want).abs().max().item())
-            except Exception as exc:  # a path the compiler refuses
-                row = dict(tokens=tokens, path=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for name in opts.paths.split(","):
+            settings, sizes = PATHS[name]
+            if sizes(tokens):
+                out = run(tokens, name, settings, args, want)
+                want = out if want is None else want  # the first path run at this size is the reference
+        if opts.sweep and tokens in SWEEP_TOKENS:
+            for tile in SWEEP:
+                run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
     for key, value in saved.items():
         setattr(tk, key, value)
     if opts.out:

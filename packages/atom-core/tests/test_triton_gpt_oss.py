@@ -136,7 +136,10 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=False, mx_gemm="scaled_dot"):
+def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False):
+    """mx_gemm ("regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes too (by default
+    they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,048
+    pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode grouped kernel)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -157,21 +160,20 @@ def _run_experts(name, size, weights_format, dtype, scaled_dot=False, dequant=Fa
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM
-    # scaled_dot: the tl.dot_scaled kernel at every size, decode sizes too (by default they take the GEMV);
-    # dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,048 pairs); neither:
-    # the register-decode kernels
-    tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = scaled_dot, 1 if scaled_dot else saved[1]
-    tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = 1 if dequant else 0, mx_gemm
+    tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = mx_gemm is not None, 1 if mx_gemm else saved[1]
+    tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = 1 if dequant else 0, mx_gemm or saved[3]
     try:
         # the path under test is the one that runs
         mxfp4 = s13 is not None
-        want = ("dequant" if dequant and mxfp4 else "scaled_dot" if scaled_dot and mxfp4 and dtype == torch.bfloat16
-                else "per_pair" if tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS else "grouped")
-        assert tk.experts_path(dtype, mxfp4, tokens * top_k) == want
+        ptx = mxfp4 and tk._ptx_decode(x)
+        gemv_max = tk.MX_PTX_GEMV_MAX_PAIRS if ptx else tk.PAIR_GEMV_MAX_PAIRS
+        want = ("dequant" if dequant and mxfp4 else "mx_gemm" if mx_gemm and mxfp4 and dtype == torch.bfloat16
+                else "per_pair" if tokens * top_k <= gemv_max else "grouped")
+        assert tk.experts_path(dtype, mxfp4, tokens * top_k, ptx) == want
         out = triton_op("fused_experts_swigluoai")(*args)
     finally:
         tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = saved
-    path = f" {mx_gemm}" if scaled_dot else " dequant" if dequant else ""
+    path = f" {mx_gemm}" if mx_gemm else " dequant" if dequant else ""
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
@@ -188,25 +190,14 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
     _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
 
 
+@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
-def test_fused_experts_swigluoai_scaled_dot(name, weights_format):
-    """The tl.dot_scaled MXFP4 path (ATOM_MXFP4_SCALED_DOT=1), decode sizes and partial K chunks included."""
-    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True)
-
-
-@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot", "regdot_scale_per_byte", "rows"])
-@pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
-@pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
-def test_fused_experts_swigluoai_hand_decoded(name, weights_format, mx_gemm, monkeypatch):
-    """The hand-decoded MXFP4 grouped kernels (ATOM_MX_GEMM=f16dot: float16 dots per scale block; regdot: scaled
-    weights decoded in registers, one accumulator over K; rows: a GEMV per expert tile, FMAs over its rows):
-    every code and many exponents, decode sizes and partial K chunks; the reference's tolerance for bf16."""
-    from atom.ops.triton_kernels import moe_swigluoai as tk
-
-    monkeypatch.setattr(tk, "MX_REGDOT_SCALE_PER_BYTE", mx_gemm.endswith("per_byte"))
-    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, scaled_dot=True,
-                 mx_gemm=mx_gemm.removesuffix("_scale_per_byte"))
+def test_fused_experts_swigluoai_mx_gemm(name, weights_format, mx_gemm):
+    """The MXFP4 grouped kernels (ATOM_MX_GEMM=regdot: scaled weights decoded in registers, one accumulator over
+    K; scaled_dot: tl.dot_scaled) at every size, decode sizes and partial K chunks included: every code and many
+    exponents; the reference's tolerance for bf16."""
+    _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, mx_gemm=mx_gemm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -243,64 +234,66 @@ def test_fused_experts_swigluoai_large(name, weights_format, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
+@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_fused_experts_swigluoai_scaled_dot_large(name):
-    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True)
-
-
-@pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
-@pytest.mark.parametrize("mx_gemm", ["f16dot", "regdot", "rows"])
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_fused_experts_swigluoai_hand_decoded_large(name, mx_gemm):
-    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, scaled_dot=True,
-                 mx_gemm=mx_gemm)
+def test_fused_experts_swigluoai_mx_gemm_large(name, mx_gemm):
+    _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, mx_gemm=mx_gemm)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU or torch.version.hip is not None, reason="needs an NVIDIA GPU (inline PTX)")
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_mxfp4_gemv_ptx_decode_is_bit_identical(tokens, monkeypatch):
-    """ATOM_MX_GEMV_ASM: the per-pair GEMV's inline-PTX decode gives the element-wise decode's bits, at the
-    gpt-oss-20b expert shapes, every code and many exponents (and matches the reference)."""
+@pytest.mark.parametrize("tokens", [1, 4, 8, 64])
+def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
+    """ATOM_MX_PTX: the inline-PTX decodes give the element-wise decode's bits at the gpt-oss-20b expert shapes,
+    every code and many exponents, scales beyond 2^1 included (regdot's bf16 decode splits those over its two
+    multiplies): the per-pair GEMV at 1-8 tokens, regdot's float32 and bf16 PTX decodes at 64; and they match
+    the reference."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     x = rand(tokens, 2880, dtype=torch.bfloat16)
-    w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (118, 125))
+    w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (116, 131))
     w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))
     b13, b2 = rand(32, 2 * 2880, dtype=torch.bfloat16), rand(32, 2880, dtype=torch.bfloat16)
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     op = triton_op("fused_experts_swigluoai")
-    assert tk.experts_path(x.dtype, True, tokens * 4) == "per_pair"
-    monkeypatch.setattr(tk, "MX_GEMV_ASM", False)
+    monkeypatch.setattr(tk, "MX_GEMM", "regdot")
+    assert tk.experts_path(x.dtype, True, tokens * 4, True) == ("per_pair" if tokens <= 8 else "mx_gemm")
+    monkeypatch.setattr(tk, "MX_PTX", False)
     plain = op(*args)
-    monkeypatch.setattr(tk, "MX_GEMV_ASM", True)
-    ptx = op(*args)
-    assert torch.equal(plain, ptx), (plain.float() - ptx.float()).abs().max()
+    monkeypatch.setattr(tk, "MX_PTX", True)
+    for bf16 in (False, True) if tokens > 8 else (False,):
+        monkeypatch.setattr(tk, "MX_REGDOT_BF16", bf16)
+        ptx = op(*args)
+        assert torch.equal(plain, ptx), (bf16, (plain.float() - ptx.float()).abs().max())
     check(f"fused_experts_swigluoai ptx decode T{tokens}", ptx, ref_experts(*args), TOL[torch.bfloat16])
 
 
 def test_mxfp4_default_paths():
     """By default (the H200 timings in moe_swigluoai): MXFP4 with bf16 / fp16 activations runs the per-pair
-    GEMV up to PAIR_GEMV_MAX_PAIRS pairs and the scaled-dot grouped GEMM beyond; float32 activations and
-    dense weights never take the scaled dot."""
+    GEMV up to PAIR_GEMV_MAX_PAIRS pairs (MX_PTX_GEMV_MAX_PAIRS with the PTX decode), regdot beyond and the
+    dequantized weights from MX_DEQUANT_MIN_PAIRS; float32 activations and dense weights never take the MXFP4
+    GEMM."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     assert tk.MXFP4_SCALED_DOT == (os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1")
-    limit, dequant = tk.PAIR_GEMV_MAX_PAIRS, tk.MX_DEQUANT_MIN_PAIRS
+    assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot")
+    assert tk.MX_PTX == (os.environ.get("ATOM_MX_PTX", "1") == "1")
+    dequant = tk.MX_DEQUANT_MIN_PAIRS
     assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert tk.experts_path(dtype, True, limit) == "per_pair"
-        assert tk.experts_path(dtype, False, limit) == "per_pair"
-        mid = tk.experts_path(dtype, True, limit + 1)
-        assert mid == ("scaled_dot" if tk.MXFP4_SCALED_DOT and dtype != torch.float32 else "grouped")
-        if dequant > limit + 1:
-            assert tk.experts_path(dtype, True, dequant - 1) == mid
-        if dequant > 0:
-            assert tk.experts_path(dtype, True, dequant) == "dequant"
-        assert tk.experts_path(dtype, False, 1 << 20) == "grouped"
+    for ptx, limit in ((False, tk.PAIR_GEMV_MAX_PAIRS), (True, tk.MX_PTX_GEMV_MAX_PAIRS)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert tk.experts_path(dtype, True, limit, ptx) == "per_pair"
+            assert tk.experts_path(dtype, False, tk.PAIR_GEMV_MAX_PAIRS, ptx) == "per_pair"
+            assert tk.experts_path(dtype, False, tk.PAIR_GEMV_MAX_PAIRS + 1, ptx) == "grouped"
+            mid = tk.experts_path(dtype, True, limit + 1, ptx)
+            assert mid == ("mx_gemm" if tk.MXFP4_SCALED_DOT and dtype != torch.float32 else "grouped")
+            if dequant > limit + 1:
+                assert tk.experts_path(dtype, True, dequant - 1, ptx) == mid
+            if dequant > 0:
+                assert tk.experts_path(dtype, True, dequant, ptx) == "dequant"
+            assert tk.experts_path(dtype, False, 1 << 20, ptx) == "grouped"
 
 
 def test_fused_experts_swigluoai_refuses_half_mxfp4():
@@ -313,13 +306,14 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("scaled_dot", [False, True])
+@pytest.mark.parametrize("mx_gemm", [None, "regdot", "scaled_dot"])
 @pytest.mark.parametrize("tokens", [1, 64])  # per-pair GEMV path, sorted grouped GEMM path
-def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, scaled_dot, monkeypatch):
+def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
-    monkeypatch.setattr(tk, "MXFP4_SCALED_DOT", scaled_dot)
+    monkeypatch.setattr(tk, "MXFP4_SCALED_DOT", mx_gemm is not None)
+    monkeypatch.setattr(tk, "MX_GEMM", mx_gemm or tk.MX_GEMM)
     x = rand(tokens, 2880, dtype=torch.bfloat16)
     w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (118, 125))
     w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))

@@ -12,10 +12,12 @@ elements, each multiplied with the matching even / odd activations (two half-K d
 products), and no interleaving is ever materialized. E2M1 codes and E8M0 scales become float32 by building
 their bits (exact), then the dot operand dtype (exact in bf16 too).
 
-A second MXFP4 path (ATOM_MXFP4_SCALED_DOT=1, bf16 / fp16 activations, every batch size) leaves the decode to
-the compiler: tl.dot_scaled with the packed weights and their E8M0 scales as the first operand, read in their
-stored layout, so out^T = W A^T and a tile's tokens are the matrix instruction's narrow side. Both paths are
-exact to the dequantized weights up to the dot's own accumulation.
+MXFP4 with bf16 / fp16 activations (experts_path): the per-pair GEMV up to PAIR_GEMV_MAX_PAIRS pairs
+(MX_PTX_GEMV_MAX_PAIRS with the inline-PTX decode), then an MXFP4 grouped GEMM as out^T = W A^T, the tile's
+tokens the matrix instruction's narrow side: "regdot" (the default: weights decoded in registers, block scales
+folded in, as the first operand) or "scaled_dot" (tl.dot_scaled, the compiler's upcast); from
+MX_DEQUANT_MIN_PAIRS pairs (prefill) the weights are dequantized into a scratch copy and run the dense grouped
+GEMM. All are exact to the dequantized weights up to the dot's own accumulation.
 """
 
 from __future__ import annotations
@@ -32,28 +34,30 @@ from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile
 
 # Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
 PAIR_GEMV_MAX_PAIRS = 16
+# MXFP4 with the PTX decode: the per-pair GEMV up to this many pairs. H200, gpt-oss-20b experts
+# (tools/device/mx_paths_bench.py, 2026-12-02, us a layer call): the PTX GEMV took 42.0 / 123.7 / 224.5 / 424.6
+# at 1 / 4 / 8 / 16 tokens against regdot's 206.4 / 287.5 / 395.0 at 4 / 8 / 16, so it wins up to 8 tokens (32
+# pairs) and loses from 16.
+MX_PTX_GEMV_MAX_PAIRS = 32
 # Tile overrides for tools/device/kernel_bench.py sweeps (the same keys as moe.PAIR_TILE_OVERRIDE and
 # moe.GEMM_TILE_OVERRIDE); None: moe's choice.
 PAIR_TILE_OVERRIDE: dict | None = None
 GEMM_TILE_OVERRIDE: dict | None = None
-# MXFP4 experts with bf16 / fp16 activations run _expert_gemm_mx_kernel (tl.dot_scaled, the weights as the
-# first operand) from MX_GEMM_MIN_PAIRS pairs on, instead of the register-decode grouped GEMM
-# (_expert_gemm_kernel), which float32 activations always take. H200, kernel_bench.py --gpt-oss-only
-# (2026-12-02, gpt-oss-20b experts, us a layer): 620 / 770 / 3,213 against 850 / 1,468 / 7,779 at 32 / 128 /
-# 1,024 tokens; at 1 token the per-pair GEMV (99-126) beats every scaled-dot tile (153-373) and at 4 tokens
-# they tie (304 against 320), so up to PAIR_GEMV_MAX_PAIRS pairs the GEMV stays. ATOM_MXFP4_SCALED_DOT=0
-# turns the scaled-dot path off (A/B).
+# MXFP4 experts with bf16 / fp16 activations run an MXFP4 grouped GEMM (MX_GEMM's kernel) beyond the per-pair
+# GEMV's pairs, instead of the register-decode grouped GEMM (_expert_gemm_kernel), which float32 activations
+# always take. ATOM_MXFP4_SCALED_DOT=0 turns that path off (A/B). MX_GEMM_MIN_PAIRS (sweeps only): the GEMM from
+# this many pairs on; None: one past the GEMV's limit.
 MXFP4_SCALED_DOT = os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1"
-MX_GEMM_MIN_PAIRS = PAIR_GEMV_MAX_PAIRS + 1
+MX_GEMM_MIN_PAIRS: int | None = None
 # Tile override for sweeps: dict(block_m, block_n, block_k, num_warps, num_stages); None: _mx_tile's choice.
 MX_TILE_OVERRIDE: dict | None = None
 # From this many (token, k) pairs on (prefill), MXFP4 experts are first dequantized into a scratch copy in the
 # activation dtype (_mx_dequant_kernel, one projection at a time) and then run the dense grouped GEMM: the
-# scaled-dot kernel is bound by its decode. H200, gpt-oss-20b experts (tools/device/mx_paths_bench.py,
-# 2026-12-02, us a layer call): 128 tokens 1,014 against 763 for scaled-dot; 1,024 tokens 1,449 against 2,771;
-# 4,096 tokens 3,207 against 8,986; results bit-identical. The crossover lies between 512 and 4,096 pairs; 2,048
-# (512 tokens at top-4) is not yet measured. The scratch (gpt-oss-20b: 1.06 GB for gate/up) falls inside the
-# engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
+# grouped MXFP4 kernels are bound by their decode. H200, gpt-oss-20b experts (tools/device/mx_paths_bench.py,
+# 2026-12-02, us a layer call): 128 tokens 995 against 596 for regdot; 512 tokens 1,179 against 1,329 (regdot)
+# and 1,695 (scaled-dot); 1,024 tokens 1,420 against 2,781 (scaled-dot); 4,096 tokens 3,207 against 8,986;
+# results bit-identical. So from 2,048 pairs (512 tokens at top-4). The scratch (gpt-oss-20b: 1.06 GB for
+# gate/up) falls inside the engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
 def _env_pairs(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -64,27 +68,24 @@ def _env_pairs(name: str, default: int) -> int:
 
 
 MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2048)
-# The kernel of the "scaled_dot" path: "scaled_dot" (_expert_gemm_mx_kernel, tl.dot_scaled: the compiler's
-# upcast) or "f16dot" (_expert_gemm_mx16_kernel: the GEMV's float16-bit decode feeding float16 dots one scale
-# block at a time, the block's scale applied to the dot's float32 result). H200 (mx_paths_bench.py, 2026-12-02,
-# default tiles, us a layer): f16dot 567 against 608 at 32 tokens, but 1,963 against 763 at 128 and 10,826
-# against 2,771 at 1,024 tokens (one K = 16 dot pair per 32 elements starves the matrix units). It stays
-# opt-in (ATOM_MX_GEMM=f16dot) until a tile sweep (kernel_bench.py's f16dot rows) says where it wins. "regdot"
-# (_expert_gemm_mxr_kernel): the same decode with the block scales folded into the decoded weights, which feed
-# one float32 accumulator over all of K (two dots of BLOCK_K/2 per step), the weights the first operand; not yet
-# timed (ATOM_MX_GEMM=regdot, kernel_bench.py's / mx_paths_bench.py's "regdot" rows).
-# "rows" (_expert_gemv_rows_kernel): a GEMV per (expert tile, column block) that decodes each weight once and
-# reduces it against the tile's few rows with FMAs (decode batches: 1-8 pairs an expert); not yet timed.
-MX_GEMM = os.environ.get("ATOM_MX_GEMM", "scaled_dot")
-if MX_GEMM not in ("scaled_dot", "f16dot", "regdot", "rows"):
-    raise ValueError(f"ATOM_MX_GEMM must be scaled_dot, f16dot, regdot or rows, not {MX_GEMM!r}")
-# regdot's scales: each byte's loaded at its position (True) or the decoded tile reshaped into scale blocks (False)
-MX_REGDOT_SCALE_PER_BYTE = os.environ.get("ATOM_MX_REGDOT_SCALE_PER_BYTE", "0") == "1"
-# ATOM_MX_GEMV_ASM=1: on CUDA the per-pair GEMV decodes its packed bytes with inline PTX (_e2m1_bytes_ptx: four
-# bytes per block, the float16 bits of two codes built in one 32-bit register, ~3.75 instructions a code against
-# ~8 for the element-wise form). Same values (test_mxfp4_gemv_ptx_decode_is_bit_identical on a GPU); not yet timed,
-# so off by default (kernel_bench.py's "ptx" rows). Never on ROCm or under the interpreter.
-MX_GEMV_ASM = os.environ.get("ATOM_MX_GEMV_ASM", "0") == "1"
+# The MXFP4 grouped GEMM: "regdot" (_expert_gemm_mxr_kernel: the weights decoded in registers, block scales
+# folded in, as the first operand of one float32 accumulator over K) or "scaled_dot" (_expert_gemm_mx_kernel,
+# tl.dot_scaled: the compiler's upcast on Hopper, native MXFP4 matrix instructions where the GPU has them).
+# H200, gpt-oss-20b experts (mx_paths_bench.py, 2026-12-02, default tiles, us a layer call, 4 / 8 / 16 / 32 / 64
+# / 128 / 512 tokens): regdot 206 / 288 / 395 / 436 / 444 / 596 / 1,329, scaled-dot 297 / 400 / 554 / 610 / 620
+# / 757 / 1,695. Two other hand-decoded kernels lost everywhere and were removed: float16 dots per scale block
+# (381-1,878) and a per-expert multi-row GEMV (292-4,260).
+MX_GEMM = os.environ.get("ATOM_MX_GEMM", "regdot")
+if MX_GEMM not in ("regdot", "scaled_dot"):
+    raise ValueError(f"ATOM_MX_GEMM must be regdot or scaled_dot, not {MX_GEMM!r}")
+# ATOM_MX_PTX (default on; CUDA only, never on ROCm or under the interpreter): the MXFP4 GEMV and regdot decode
+# their packed bytes with inline PTX, four bytes a block (_e2m1_bytes_ptx: the float16 bits of two codes built in
+# one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical); H200,
+# per-pair GEMV: 42.0 / 123.7 / 224.5 us at 1 / 4 / 8 tokens against 54.3 / 168.8 / 317.9.
+MX_PTX = os.environ.get("ATOM_MX_PTX", "1") == "1"
+# ATOM_MX_REGDOT_BF16 (with MX_PTX, bf16 activations): regdot's PTX decode builds bf16 weights and applies the
+# block scale with two bf16x2 multiplies (_e2m1_bytes_bf16_ptx), instead of float32 values scaled and converted.
+MX_REGDOT_BF16 = os.environ.get("ATOM_MX_REGDOT_BF16", "1") == "1"
 
 
 @triton.jit
@@ -156,6 +157,64 @@ def _e2m1_bytes_ptx(packed):
         """,
         constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
         args=[packed], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _e2m1_bytes_bf16_ptx(packed, scale_lo, scale_hi):
+    """(low, high): bf16 E2M1 values of each byte's low and high nibble times the block scale 2^(s - 127), in PTX,
+    four bytes at a time. Each code's magnitude bits go to bf16 bits 6-8 and its sign to bit 15 (two codes per
+    32-bit register), which is 2^-126 times its value (0.5 the subnormal 2^-127); two bf16x2 multiplies by
+    scale_lo = 2^(min(s, 128) - 1) and scale_hi = 2^(max(s, 128) - 128) apply 2^126 * 2^(s - 127). Every product
+    is a power of two times at most two significant bits, so exact: the same bits as the float32 decode converted
+    to bf16. CUDA sm_90+ (mul.rn.bf16x2)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, x, y, w;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 x, t0, 6;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t0, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mul.rn.bf16x2 w, w, $5;
+        mul.rn.bf16x2 $0, w, $7;
+        shl.b32 x, t1, 6;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t1, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mul.rn.bf16x2 w, w, $6;
+        mul.rn.bf16x2 $1, w, $8;
+        shl.b32 x, t0, 2;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t0, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mul.rn.bf16x2 w, w, $5;
+        mul.rn.bf16x2 $2, w, $7;
+        shl.b32 x, t1, 2;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t1, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 w, x, y;
+        mul.rn.bf16x2 w, w, $6;
+        mul.rn.bf16x2 $3, w, $8;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r,r",
+        args=[packed, scale_lo, scale_hi], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _e8m0_bf16_pair(s):
+    """E8M0 scale bytes -> (2^(min(s, 128) - 1), 2^(max(s, 128) - 128)) as bf16, built in the exponent bits: their
+    product is 2^126 * 2^(s - 127), each factor a normal bf16 for every s."""
+    s = s.to(tl.uint16)
+    lo = ((tl.minimum(s, 128) + 126) << 7).to(tl.bfloat16, bitcast=True)
+    hi = ((tl.maximum(s, 128) - 1) << 7).to(tl.bfloat16, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
@@ -351,70 +410,21 @@ def _expert_gemm_mx_kernel(
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _expert_gemm_mx16_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
-    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
-    bias_stride_e, out_stride, alpha, limit,
-    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr,
-):
-    """The MXFP4 grouped GEMM as out^T = W A^T (as _expert_gemm_mx_kernel), decoded by hand: per 32-element
-    scale block, the expert's codes [BLOCK_N, 16 bytes] become two float16 operands (low and high nibbles:
-    elements 2j and 2j + 1, each 2^-14 times its E2M1 value, exact) against the tile's even and odd activation
-    columns [16, BLOCK_M] in float16; the two K = 16 dots' float32 sum is scaled by 2^14 times the block's E8M0
-    scale. GROUPS scale blocks per loop step. Same epilogue as _expert_gemm_kernel."""
-    tile = tl.program_id(0)
-    n_blk = tl.program_id(1)
-    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
-    if past_end:
-        return
-    row_ok = pair < num_pairs
-    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
-    s_rows = s_ptr + expert * s_stride_e + n * s_stride_n
-    j = tl.arange(0, 16)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, k_dim, 32 * GROUPS):
-        for gi in tl.static_range(GROUPS):
-            g = k0 // 32 + gi
-            kb = g * 16 + j  # the block's bytes
-            kb_ok = kb < k_dim // 2
-            a_mask = kb_ok[:, None] & row_ok[None, :]
-            a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(tl.float16)
-            a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(tl.float16)
-            w_mask = n_ok[:, None] & kb_ok[None, :]
-            s_mask = n_ok & (n * 0 + g < k_dim // 32)
-            packed = tl.load(w_rows + kb[None, :], mask=w_mask, other=0)
-            scale = _e8m0_times_2p14(tl.load(s_rows + g, mask=s_mask, other=113))[:, None]
-            part = tl.dot(_e2m1_to_f16(packed & 15), a_even) + tl.dot(_e2m1_to_f16(packed >> 4), a_odd)
-            acc += part * scale
-            if GATED:
-                u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-                su = _e8m0_times_2p14(tl.load(s_rows + n_out * s_stride_n + g, mask=s_mask, other=113))[:, None]
-                part_up = tl.dot(_e2m1_to_f16(u & 15), a_even) + tl.dot(_e2m1_to_f16(u >> 4), a_odd)
-                acc_up += part_up * su
-    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                      n_out, pair, row_ok, alpha, limit, GATED)
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mxr_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, SCALE_PER_BYTE: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
     Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
     memory): per K step the expert's packed rows [BLOCK_N, BLOCK_K/2] become two scaled operands in the activation
     dtype (low nibbles: elements 2j, high: 2j + 1; the float16-bit decode times 2^(s - 127 + 14), exact), dotted
     with the tile's even and odd activation columns [BLOCK_K/2, BLOCK_M] into one float32 accumulator over all
-    of K. SCALE_PER_BYTE: each byte's scale is loaded at its own position (the same 4 bytes a row, from L1)
-    instead of reshaping the decoded tile into scale blocks and back. Same epilogue as _expert_gemm_kernel."""
+    of K. DECODE: "f32" (the element-wise float16-bit decode, scaled in float32 and converted), "ptx" (the same
+    values by _e2m1_bytes_ptx) or "bf16" (_e2m1_bytes_bf16_ptx: bf16 weights scaled by bf16x2 multiplies; bf16
+    activations). Same epilogue as _expert_gemm_kernel."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -440,14 +450,18 @@ def _expert_gemm_mxr_kernel(
         s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
         for up in tl.static_range(2 if GATED else 1):
             packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-            low, high = _e2m1_bytes(packed, False)
-            if SCALE_PER_BYTE:
-                scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + (kb // 16)[None, :], mask=w_mask,
-                                                 other=113))
-                low, high = (low * scale).to(dtype), (high * scale).to(dtype)
+            scale_bytes = tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
+            if DECODE == "bf16":
+                scale_lo, scale_hi = _e8m0_bf16_pair(scale_bytes)
+                shape3: tl.constexpr = [BLOCK_N, BLOCK_K // 32, 16]
+                low, high = _e2m1_bytes_bf16_ptx(tl.reshape(packed, shape3),
+                                                 tl.broadcast_to(scale_lo[:, :, None], shape3),
+                                                 tl.broadcast_to(scale_hi[:, :, None], shape3))
+                low = tl.reshape(low, [BLOCK_N, BLOCK_K // 2])
+                high = tl.reshape(high, [BLOCK_N, BLOCK_K // 2])
             else:
-                scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask,
-                                                 other=113))[:, :, None]
+                low, high = _e2m1_bytes(packed, DECODE == "ptx")
+                scale = _e8m0_times_2p14(scale_bytes)[:, :, None]
                 low = tl.reshape(tl.reshape(low, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
                                  [BLOCK_N, BLOCK_K // 2]).to(dtype)
                 high = tl.reshape(tl.reshape(high, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
@@ -458,58 +472,6 @@ def _expert_gemm_mxr_kernel(
             else:
                 acc_up = tl.dot(low, a_even, acc_up)
                 acc_up = tl.dot(high, a_odd, acc_up)
-    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                      n_out, pair, row_ok, alpha, limit, GATED)
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
-def _expert_gemv_rows_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
-    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
-    bias_stride_e, out_stride, alpha, limit,
-    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PTX: tl.constexpr,
-):
-    """Decode batches of a few pairs an expert: a GEMV over the expert's packed rows [BLOCK_N, BLOCK_K/2] that
-    decodes each K chunk once (float16 bits, or PTX) and reduces it with FMAs against each of the tile's BLOCK_M
-    rows (as the per-pair GEMV does for one), per-block sums times the block scales; no matrix instructions, so
-    the decode is paid once per expert instead of once per pair. Accumulators [BLOCK_N, BLOCK_M] as the out^T
-    kernels'; same epilogue."""
-    tile = tl.program_id(0)
-    n_blk = tl.program_id(1)
-    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
-    if past_end:
-        return
-    row_ok = pair < num_pairs
-    rows = tl.arange(0, BLOCK_M)
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
-    s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        kb_ok = kb < k_dim // 2
-        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        w_mask = n_ok[:, None] & kb_ok[None, :]
-        s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
-        for up in tl.static_range(2 if GATED else 1):
-            packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
-            low, high = _e2m1_bytes(packed, PTX)
-            scale = _e8m0_times_2p14(tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=113))
-            for r in tl.static_range(BLOCK_M):
-                pair_r = tl.load(sorted_ids_ptr + tile * BLOCK_M + r).to(tl.int64)
-                x_row = a_ptr + (pair_r // a_row_div) * a_stride
-                x_ok = kb_ok & (kb * 0 + pair_r < num_pairs)
-                x_even = tl.load(x_row + 2 * kb, mask=x_ok, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_row + 2 * kb + 1, mask=x_ok, other=0.0).to(tl.float32)
-                prod = low * x_even[None, :] + high * x_odd[None, :]
-                part = tl.sum(tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // 32, 16]), axis=2) * scale, axis=1)
-                if up == 0:
-                    acc += tl.where(rows[None, :] == r, part[:, None], 0.0)
-                else:
-                    acc_up += tl.where(rows[None, :] == r, part[:, None], 0.0)
     _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
                       n_out, pair, row_ok, alpha, limit, GATED)
 
@@ -638,18 +600,21 @@ _ACT_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _ptx_decode(x: torch.Tensor) -> bool:
-    """Whether the GEMVs decode with inline PTX (ATOM_MX_GEMV_ASM, CUDA only, never under the interpreter)."""
-    return MX_GEMV_ASM and x.is_cuda and torch.version.hip is None and not interpreting()
+    """Whether the MXFP4 kernels decode with inline PTX (ATOM_MX_PTX, CUDA only, never under the interpreter)."""
+    return MX_PTX and x.is_cuda and torch.version.hip is None and not interpreting()
 
 
-def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int) -> str:
+def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int, ptx: bool = False) -> str:
     """Which kernels fused_experts_swigluoai runs: "dequant" (MXFP4 dequantized, then the dense grouped GEMM),
-    "scaled_dot" (_expert_gemm_mx_kernel), "per_pair" (the GEMVs) or "grouped" (_expert_gemm_kernel)."""
+    "mx_gemm" (MX_GEMM's MXFP4 grouped kernel), "per_pair" (the GEMVs) or "grouped" (_expert_gemm_kernel).
+    ptx: the MXFP4 kernels decode with inline PTX (_ptx_decode), which moves the GEMV's limit."""
     if mxfp4 and 0 < MX_DEQUANT_MIN_PAIRS <= num_pairs:
         return "dequant"
-    if mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= MX_GEMM_MIN_PAIRS:
-        return "scaled_dot"
-    return "per_pair" if num_pairs <= PAIR_GEMV_MAX_PAIRS else "grouped"
+    gemv_max = MX_PTX_GEMV_MAX_PAIRS if mxfp4 and ptx else PAIR_GEMV_MAX_PAIRS
+    gemm_min = gemv_max + 1 if MX_GEMM_MIN_PAIRS is None else MX_GEMM_MIN_PAIRS
+    if mxfp4 and MXFP4_SCALED_DOT and dtype in _ACT_FORMAT and num_pairs >= gemm_min:
+        return "mx_gemm"
+    return "per_pair" if num_pairs <= gemv_max else "grouped"
 
 
 def _mx_pair_tile(num_tokens: int) -> dict:
@@ -662,15 +627,6 @@ def _mx_pair_tile(num_tokens: int) -> dict:
     if num_tokens == 1:
         return dict(gate_block_n=8, down_block_n=16, block_k=512, down_block_k=256, num_warps=4)
     return _pair_tile(num_tokens)
-
-
-def _mx_rows_tile(num_pairs: int, num_experts: int) -> dict:
-    """Tiles of _expert_gemv_rows_kernel (MX_GEMM = "rows", not yet timed): block_m rows (the sort's padding
-    unit: about the pairs an expert gets), 16 columns and K steps of 512 as the per-pair GEMV's."""
-    if MX_TILE_OVERRIDE is not None:
-        return MX_TILE_OVERRIDE
-    per_expert = num_pairs / max(num_experts, 1)
-    return dict(block_m=4 if per_expert <= 4 else 8, block_n=16, block_k=512, num_warps=4, num_stages=1)
 
 
 def _mx_tile(num_pairs: int, num_experts: int) -> dict:
@@ -696,9 +652,10 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_rows_tile(num_pairs, num_experts) if MX_GEMM == "rows" else _mx_tile(num_pairs, num_experts)
+    tile = _mx_tile(num_pairs, num_experts)
     block_m = tile["block_m"]
     ptx = _ptx_decode(x)
+    decode = ("bf16" if MX_REGDOT_BF16 and x.dtype == torch.bfloat16 else "ptx") if ptx else "f32"
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
@@ -707,21 +664,11 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
         args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
-        if MX_GEMM == "rows":
-            _expert_gemv_rows_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
-                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                                           PTX=ptx, num_warps=tile["num_warps"])
-            return
         if MX_GEMM == "regdot":
             _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                                          F32_DOT=interpreting(), SCALE_PER_BYTE=MX_REGDOT_SCALE_PER_BYTE,
-                                          num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-            return
-        if MX_GEMM == "f16dot":
-            _expert_gemm_mx16_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
-                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // 32,
-                                           num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+                                          F32_DOT=interpreting(), DECODE=decode, num_warps=tile["num_warps"],
+                                          num_stages=tile["num_stages"])
             return
         _expert_gemm_mx_kernel[grid](
             *args, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
@@ -766,14 +713,14 @@ def fused_experts_swigluoai(
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
 
-    path = experts_path(x.dtype, mxfp4, num_pairs)
-    if path == "scaled_dot":
+    ptx = mxfp4 and _ptx_decode(x)
+    path = experts_path(x.dtype, mxfp4, num_pairs, ptx)
+    if path == "mx_gemm":
         return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit)
 
     if path == "per_pair":
         ids = topk_ids.reshape(-1).contiguous()
         tile = PAIR_TILE_OVERRIDE or (_mx_pair_tile(num_tokens) if mxfp4 else _pair_tile(num_tokens))
-        ptx = mxfp4 and _ptx_decode(x)
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
