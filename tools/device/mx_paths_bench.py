@@ -75,7 +75,7 @@ def main() -> None:
             us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda else 0.0
             row = dict(tokens=tokens, path=name, us=us, diff=0.0 if want is None else (out - want).abs().max().item())
         except Exception as exc:  # a path or tile the compiler refuses
-            out, row = want, dict(tokens=tokens, path=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            out, row = want, dict(tokens=tokens, path=name, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
         if tile:
             row["tile"] = tile
         rows.append(row)

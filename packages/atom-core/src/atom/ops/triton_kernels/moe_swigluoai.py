@@ -211,9 +211,9 @@ def _e2m1_bytes_bf16_ptx(packed, scale_lo, scale_hi):
 def _e8m0_bf16_pair(s):
     """E8M0 scale bytes -> (2^(min(s, 128) - 1), 2^(max(s, 128) - 128)) as bf16, built in the exponent bits: their
     product is 2^126 * 2^(s - 127), each factor a normal bf16 for every s."""
-    s = s.to(tl.uint16)
-    lo = ((tl.minimum(s, 128) + 126) << 7).to(tl.bfloat16, bitcast=True)
-    hi = ((tl.maximum(s, 128) - 1) << 7).to(tl.bfloat16, bitcast=True)
+    s = s.to(tl.uint32)
+    lo = ((tl.minimum(s, 128) + 126) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    hi = ((tl.maximum(s, 128) - 1) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return lo, hi
 
 
@@ -453,10 +453,10 @@ def _expert_gemm_mxr_kernel(
             scale_bytes = tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
             if DECODE == "bf16":
                 scale_lo, scale_hi = _e8m0_bf16_pair(scale_bytes)
-                shape3: tl.constexpr = [BLOCK_N, BLOCK_K // 32, 16]
-                low, high = _e2m1_bytes_bf16_ptx(tl.reshape(packed, shape3),
-                                                 tl.broadcast_to(scale_lo[:, :, None], shape3),
-                                                 tl.broadcast_to(scale_hi[:, :, None], shape3))
+                low, high = _e2m1_bytes_bf16_ptx(
+                    tl.reshape(packed, [BLOCK_N, BLOCK_K // 32, 16]),
+                    tl.broadcast_to(scale_lo[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]),
+                    tl.broadcast_to(scale_hi[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]))
                 low = tl.reshape(low, [BLOCK_N, BLOCK_K // 2])
                 high = tl.reshape(high, [BLOCK_N, BLOCK_K // 2])
             else:
