@@ -259,7 +259,9 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     op = triton_op("fused_experts_swigluoai")
     monkeypatch.setattr(tk, "MX_GEMM", "regdot")
-    assert tk.experts_path(x.dtype, True, tokens * 4, True) == ("per_pair" if tokens <= 8 else "mx_gemm")
+    monkeypatch.setattr(tk, "PAIR_GEMV_MAX_PAIRS", tk.MX_PTX_GEMV_MAX_PAIRS)  # the same kernel without PTX too
+    for ptx in (False, True):
+        assert tk.experts_path(x.dtype, True, tokens * 4, ptx) == ("per_pair" if tokens <= 8 else "mx_gemm")
     monkeypatch.setattr(tk, "MX_PTX", False)
     plain = op(*args)
     monkeypatch.setattr(tk, "MX_PTX", True)
@@ -281,7 +283,7 @@ def test_mxfp4_default_paths():
     assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot")
     assert tk.MX_PTX == (os.environ.get("ATOM_MX_PTX", "1") == "1")
     dequant = tk.MX_DEQUANT_MIN_PAIRS
-    assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2048"))
+    assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2560"))
     for ptx, limit in ((False, tk.PAIR_GEMV_MAX_PAIRS), (True, tk.MX_PTX_GEMV_MAX_PAIRS)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             assert tk.experts_path(dtype, True, limit, ptx) == "per_pair"

@@ -54,10 +54,11 @@ MX_TILE_OVERRIDE: dict | None = None
 # From this many (token, k) pairs on (prefill), MXFP4 experts are first dequantized into a scratch copy in the
 # activation dtype (_mx_dequant_kernel, one projection at a time) and then run the dense grouped GEMM: the
 # grouped MXFP4 kernels are bound by their decode. H200, gpt-oss-20b experts (tools/device/mx_paths_bench.py,
-# 2026-12-02, us a layer call): 128 tokens 995 against 596 for regdot; 512 tokens 1,179 against 1,329 (regdot)
-# and 1,695 (scaled-dot); 1,024 tokens 1,420 against 2,781 (scaled-dot); 4,096 tokens 3,207 against 8,986;
-# results bit-identical. So from 2,048 pairs (512 tokens at top-4). The scratch (gpt-oss-20b: 1.06 GB for
-# gate/up) falls inside the engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
+# 2026-12-02, us a layer call): 512 tokens 1,216 against 1,003 for regdot (bf16 decode); 1,024 tokens 1,436
+# against 1,981 for regdot (float32 PTX decode; the bf16 one, 5-7% faster at 8-512 tokens, was not run there)
+# and 2,774 for scaled-dot; 4,096 tokens 3,207 against 8,986 (scaled-dot); results bit-identical. The
+# crossover, interpolated, lies near 680 tokens: so from 2,560 pairs (640 tokens at top-4). The scratch (gpt-oss-20b: 1.06 GB for gate/up) falls inside the engine's
+# profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
 def _env_pairs(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -67,7 +68,7 @@ def _env_pairs(name: str, default: int) -> int:
     return int(raw)
 
 
-MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2048)
+MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2560)
 # The MXFP4 grouped GEMM: "regdot" (_expert_gemm_mxr_kernel: the weights decoded in registers, block scales
 # folded in, as the first operand of one float32 accumulator over K) or "scaled_dot" (_expert_gemm_mx_kernel,
 # tl.dot_scaled: the compiler's upcast on Hopper, native MXFP4 matrix instructions where the GPU has them).
@@ -80,11 +81,15 @@ if MX_GEMM not in ("regdot", "scaled_dot"):
     raise ValueError(f"ATOM_MX_GEMM must be regdot or scaled_dot, not {MX_GEMM!r}")
 # ATOM_MX_PTX (default on; CUDA only, never on ROCm or under the interpreter): the MXFP4 GEMV and regdot decode
 # their packed bytes with inline PTX, four bytes a block (_e2m1_bytes_ptx: the float16 bits of two codes built in
-# one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical); H200,
-# per-pair GEMV: 42.0 / 123.7 / 224.5 us at 1 / 4 / 8 tokens against 54.3 / 168.8 / 317.9.
+# one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical). H200,
+# gpt-oss-20b experts (mx_paths_bench.py, 2026-12-02, us a layer call): the GEMV 42.0 / 123.7 / 224.5 at 1 / 4 /
+# 8 tokens against 54.3 / 168.8 / 317.9; regdot 183 / 227 / 355 / 488 / 1,067 at 4 / 8 / 32 / 128 / 512 tokens
+# against 206 / 287 / 435 / 603 / 1,326.
 MX_PTX = os.environ.get("ATOM_MX_PTX", "1") == "1"
-# ATOM_MX_REGDOT_BF16 (with MX_PTX, bf16 activations): regdot's PTX decode builds bf16 weights and applies the
-# block scale with two bf16x2 multiplies (_e2m1_bytes_bf16_ptx), instead of float32 values scaled and converted.
+# ATOM_MX_REGDOT_BF16 (default on; with MX_PTX and bf16 activations): regdot's PTX decode builds bf16 weights and
+# applies the block scale with two bf16x2 multiplies (_e2m1_bytes_bf16_ptx) instead of scaling float32 values and
+# converting them. Bit-identical; H200, same bench: 236 / 336 / 462 / 1,003 us at 8 / 32 / 128 / 512 tokens
+# against 252 / 355 / 488 / 1,067 for the float32 PTX decode.
 MX_REGDOT_BF16 = os.environ.get("ATOM_MX_REGDOT_BF16", "1") == "1"
 
 
@@ -629,17 +634,28 @@ def _mx_pair_tile(num_tokens: int) -> dict:
     return _pair_tile(num_tokens)
 
 
-def _mx_tile(num_pairs: int, num_experts: int) -> dict:
-    """Tiles of _expert_gemm_mx_kernel: block_m tokens (the padding unit of the expert sort), block_n expert
-    output columns, block_k the K step in elements."""
+def _mx_tile(num_pairs: int, num_experts: int, kernel: str) -> dict:
+    """Tiles of the MXFP4 grouped GEMMs (kernel: MX_GEMM): block_m tokens (the padding unit of the expert sort),
+    block_n expert output columns, block_k the K step in elements."""
     if MX_TILE_OVERRIDE is not None:
         return MX_TILE_OVERRIDE
-    # H200 sweep (kernel_bench.py --gpt-oss-only, 2026-12-02, 32 experts, top-4): [16 tokens, 64 columns] won
-    # at 4 pairs an expert (32 tokens: 620 us; [32, 128] 756), [32, 128] at 16 and 128 (128 tokens: 770 against
-    # 937 for [16, 64]; 1,024 tokens: 3,213 against 3,351-7,296 for the other five tiles); 8 warps and K steps
-    # of 256 lost everywhere
-    # (second sweep, same day: at 128 pairs an expert [64, 128] took 2,969 us against 3,193 for [32, 128])
     per_expert = num_pairs / max(num_experts, 1)
+    if kernel == "regdot":
+        # H200 sweep of the bf16 decode (mx_paths_bench.py --sweep, 2026-12-02, 32 experts, top-4, us a layer):
+        # [16, 64] won at 1 and 4 pairs an expert (8 tokens 236 against 283-684; 32 tokens 336 against 396-1,009),
+        # [32, 64] at 16 (128 tokens: 441 against 462 for [32, 128] and 483 for [16, 64]), [32, 128] at 64 (512
+        # tokens: 1,003 against 1,035-1,654); 8 warps, K steps of 64 or 256 lost everywhere. Beyond 64 pairs an
+        # expert the dequantized path takes over (MX_DEQUANT_MIN_PAIRS) for gpt-oss's 32 experts.
+        if per_expert <= 8:
+            return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        if per_expert <= 16:
+            return dict(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        return dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    # scaled-dot, H200 sweep (kernel_bench.py --gpt-oss-only, 2026-12-02, 32 experts, top-4): [16 tokens, 64
+    # columns] won at 4 pairs an expert (32 tokens: 620 us; [32, 128] 756), [32, 128] at 16 and 128 (128 tokens: 770
+    # against 937 for [16, 64]; 1,024 tokens: 3,213 against 3,351-7,296 for the other five tiles); 8 warps and K
+    # steps of 256 lost everywhere (second sweep, same day: at 128 pairs an expert [64, 128] took 2,969 us against
+    # 3,193 for [32, 128])
     if per_expert <= 8:
         return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if per_expert <= 64:
@@ -652,7 +668,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_tile(num_pairs, num_experts)
+    tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
     block_m = tile["block_m"]
     ptx = _ptx_decode(x)
     decode = ("bf16" if MX_REGDOT_BF16 and x.dtype == torch.bfloat16 else "ptx") if ptx else "f32"
