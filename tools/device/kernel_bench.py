@@ -303,30 +303,26 @@ def gpt_oss_rows(bench) -> None:
         dict(gate_block_n=8, down_block_n=16, block_k=1024, down_block_k=512, num_warps=4),
         dict(gate_block_n=4, down_block_n=8, block_k=512, down_block_k=256, num_warps=4),
         dict(gate_block_n=8, down_block_n=8, block_k=512, down_block_k=512, num_warps=2)]
-    # tiles of the f16dot kernel (block_k: scale blocks per loop step x 32); ATOM_MX16_SWEEP overrides
-    f16dot_sweep = json.loads(os.environ.get("ATOM_MX16_SWEEP", "null")) or [
+    # tiles of regdot (_expert_gemm_mxr_kernel; block_k: scale blocks per loop step x 32); ATOM_MX_REGDOT_SWEEP
+    # overrides
+    regdot_sweep = json.loads(os.environ.get("ATOM_MX_REGDOT_SWEEP", "null")) or [
         dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st)
-        for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3),
+        for m, n, k, w, st in ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3),
                                (16, 64, 256, 4, 3), (16, 32, 128, 4, 3), (32, 128, 64, 4, 4), (64, 128, 128, 8, 3))]
-    # tiles of the per-expert GEMV (rows): block_m rows a tile, block_n columns, K steps of block_k bytes x 2
-    rows_sweep = [dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=1)
-                  for m, n, k, w in ((4, 16, 512, 4), (8, 16, 512, 4), (4, 8, 512, 4), (4, 32, 256, 4), (2, 16, 512, 4),
-                                     (8, 8, 1024, 4))]
-    # Each variant: its label, the moe_swigluoai settings it runs under (on top of: the scaled-dot slot from one
+    # Each variant: its label, the moe_swigluoai settings it runs under (on top of: the MXFP4 grouped GEMM from one
     # pair on, no dequantization), the token counts it runs at, its tile sweep, the counts swept at, and the tile
-    # override it sweeps. f16dot lost 2.6-4x to scaled-dot from 128 tokens on (2026-12-02) and is not run beyond;
-    # rows, the per-expert GEMV, is meant for decode batches.
+    # override it sweeps. MX_PTX / MX_REGDOT_BF16 only take effect on CUDA (moe_swigluoai._ptx_decode).
     big = (32, 128, 512, 1024, 4096)
-    pair_settings = dict(MX_GEMM_MIN_PAIRS=tk_oai.MX_GEMM_MIN_PAIRS)  # the per-pair GEMV up to 16 pairs
+    # the per-pair GEMV at every size (both GEMV limits lifted, the GEMM from one past them)
+    pair_settings = dict(PAIR_GEMV_MAX_PAIRS=1 << 30, MX_PTX_GEMV_MAX_PAIRS=1 << 30, MX_GEMM_MIN_PAIRS=None)
     variants = [
-        ("per-pair", pair_settings, (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
-        ("per-pair ptx", dict(pair_settings, MX_GEMV_ASM=True), (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
+        ("per-pair", dict(pair_settings, MX_PTX=False), (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
+        ("per-pair ptx", dict(pair_settings, MX_PTX=True), (1, 4), pair_sweep, (1, 4), "PAIR_TILE_OVERRIDE"),
         ("scaled-dot", dict(MX_GEMM="scaled_dot"), big, mx_sweep, (32, 128, 1024), "MX_TILE_OVERRIDE"),
-        ("f16dot", dict(MX_GEMM="f16dot"), (4, 32, 128), f16dot_sweep, (4, 32), "MX_TILE_OVERRIDE"),
-        ("regdot", dict(MX_GEMM="regdot"), (4, *big), f16dot_sweep, (4, 32, 128, 1024), "MX_TILE_OVERRIDE"),
-        ("regdot scale-per-byte", dict(MX_GEMM="regdot", MX_REGDOT_SCALE_PER_BYTE=True), (4, *big), [], (), None),
-        ("rows", dict(MX_GEMM="rows"), (4, 32, 128), rows_sweep, (4, 32, 128), "MX_TILE_OVERRIDE"),
-        ("rows ptx", dict(MX_GEMM="rows", MX_GEMV_ASM=True), (4, 32, 128), [], (), None),
+        ("regdot", dict(MX_GEMM="regdot", MX_PTX=False), (4, *big), [], (), None),
+        ("regdot ptx", dict(MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), (4, *big), [], (), None),
+        ("regdot bf16", dict(MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), (4, *big), regdot_sweep,
+         (4, 32, 128, 1024), "MX_TILE_OVERRIDE"),
         ("dequant+dense", dict(MX_DEQUANT_MIN_PAIRS=1), (128, 512, 1024, 4096), [], (), None),
     ]
     base = dict(MXFP4_SCALED_DOT=True, MX_GEMM_MIN_PAIRS=1, MX_DEQUANT_MIN_PAIRS=0)
@@ -339,11 +335,20 @@ def gpt_oss_rows(bench) -> None:
         ref = ref_oai.fused_experts_swigluoai if tokens <= 32 else None
         args = (x, blocks13, blocks2, b13, b2, tw, tid, 1.702, 7.0, scales13, scales2)
         nbytes = touched * mxfp4_expert_bytes + act_bytes
-        path = tk_oai.experts_path(x.dtype, True, tokens * K)
+        ptx = tk_oai._ptx_decode(x)  # the label names the path that runs: the PTX decode moves the GEMV's limit
+        path = tk_oai.experts_path(x.dtype, True, tokens * K, ptx)
+        if path == "per_pair" and ptx:
+            path += " ptx"
+        elif path == "mx_gemm":
+            path += f" {tk_oai.MX_GEMM}"
+            if tk_oai.MX_GEMM == "regdot" and ptx:
+                path += " bf16" if tk_oai.MX_REGDOT_BF16 and x.dtype == torch.bfloat16 else " ptx"
         bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts, {path})", op, ref, args, nbytes, flops)
         if tokens <= 128:  # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel)
             with patched(tk_oai, MXFP4_SCALED_DOT=False, MX_DEQUANT_MIN_PAIRS=0):
-                bench(f"gpt-oss experts MXFP4 register-decode T{tokens}", op, None, args, nbytes, flops)
+                path = tk_oai.experts_path(x.dtype, True, tokens * K, ptx)
+                path += " ptx" if path == "per_pair" and ptx else ""
+                bench(f"gpt-oss experts MXFP4 register-decode T{tokens} ({path})", op, None, args, nbytes, flops)
         with patched(tk_oai, MX_DEQUANT_MIN_PAIRS=0):  # the differences below are from the packed-weight path
             want = op(*args).float()
         for label, settings, at, sweep, sweep_at, override in variants:
@@ -469,10 +474,10 @@ def fp8_rows(bench, opts) -> None:
     if gemv_sweep is None:  # around the default tiles ([16, 1024-2048]); W loads pipelined over K steps
         # (num_stages 2-3) were 2-4x slower on every shape (2026-12-02, KERNEL_NOTES.md) and are left out
         gemv_sweep = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in (
-            (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 1024, 8, 1))] + [
-            # the next K step's W tile loaded ahead into registers (tile key prefetch)
-            dict(block_n=bn, block_k=bk, num_warps=w, split_k=1, prefetch=True) for bn, bk, w in (
-                (16, 2048, 8), (16, 1024, 4), (16, 1024, 8), (16, 512, 4), (8, 1024, 4))]
+            (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 1024, 8, 1))]
+        # (loading the next K step's W tile into registers early was measured slower on every shape, 2026-12-02:
+        # gate_up 58.6-91.3 us against 39.9-43.3, o 17.3-21.4 against 13.0-16.7, down 38.4-50.0 against
+        # 26.8-39.6; removed)
     for m in [int(v) for v in os.environ.get("ATOM_FP8_GEMV_SWEEP_M", "1").split(",")] if gemv_sweep else []:
         # block: the GEMV quantizes its 1 x 128 groups itself; channel (what --quantization fp8 makes): the
         # quantization kernel runs first, inside the row's time

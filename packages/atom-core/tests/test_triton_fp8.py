@@ -240,22 +240,6 @@ def test_fp8_linear_gemv(m, layout):
     assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 
 
-@pytest.mark.parametrize("layout,m,split",
-                         [("block", 1, None), ("block", 3, 2), ("channel", 1, 2), ("channel", 4, None)])
-def test_fp8_linear_gemv_prefetch(layout, m, split):
-    """The GEMV with the next K step's W tile loaded ahead (tile key prefetch): same reference, and bit-identical
-    to the plain loop (the same products summed in the same order), over 128-wide K steps with a partial last one
-    and split K ranges."""
-    seed = torch.initial_seed() % 2**31 + 17 * m
-    outs = []
-    for prefetch in (False, True):
-        torch.manual_seed(seed)
-        outs.append(_run_linear(f"gemv_{layout}{'_split' if split else ''}", m, 72, 300, layout, (128, 128), split,
-                                torch.float32, gemv_tile=dict(block_k=128, prefetch=prefetch),
-                                gemv_max_m=_gemv_candidate()))
-    assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
-
-
 def test_fp8_linear_gemv_block_64_tensor_and_wide_k_steps():
     """Scale blocks of [32, 64] with four of them in each 256-wide K step (and split 2); a per-tensor scale."""
     _run_linear("gemv_block_64_split", 3, 40, 600, "block", (32, 64), 2, torch.float32, gemv_tile=dict(block_k=256),

@@ -221,7 +221,7 @@ def _fp8_gemv_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
     QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    EMULATE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
 
@@ -237,8 +237,9 @@ def _fp8_gemv_kernel(
     absolute max over all of K, computed first), so no quantization kernel runs before it. The activations are
     a few KiB read from L2 by every program; W is what streams from HBM.
 
-    PREFETCH: the next K step's W tile is loaded (into registers) before this step's reduction, so two steps'
-    bytes are in flight per program instead of one; the loop is otherwise the same, and so is the result."""
+    Loading the next K step's W tile into registers early was measured slower and removed (H200, 2026-12-02,
+    qwen3-8b, M = 1, us with / without: gate_up 58.6-91.3 / 39.9-43.3, o 17.3-21.4 / 13.0-16.7, down 38.4-50.0 /
+    26.8-39.6)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,19 +270,10 @@ def _fp8_gemv_kernel(
 
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     w_rows = w_ptr + n64[:, None, None] * w_stride
-    if PREFETCH:
-        w_next = tl.load(w_rows + (k_lo + kg)[None, :, :], mask=n_ok[:, None, None] & (k_lo + kg < k_hi)[None, :, :],
-                         other=0.0)
     for k0 in tl.range(k_lo, k_hi, GROUPS * SUB_K, num_stages=STAGES):  # STAGES: W loads pipelined over K steps
         k = k0 + kg
         k_ok = k < K
-        if PREFETCH:
-            w = w_next.to(tl.float32)
-            k_next = k + GROUPS * SUB_K
-            w_next = tl.load(w_rows + k_next[None, :, :], mask=n_ok[:, None, None] & (k_next < k_hi)[None, :, :],
-                             other=0.0)
-        else:
-            w = tl.load(w_rows + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+        w = tl.load(w_rows + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
         if BLOCK_SCALES:
             kb = k0 // SUB_K + g  # the K blocks of this step
             sw = tl.load(ws_ptr + (n64 // SCALE_BN)[:, None] * ws_stride_n + kb[None, :] * ws_stride_k,
@@ -346,8 +338,8 @@ GEMV_FUSED_QUANT = True
 # (18.1 / 46.0 / 38.4 against 16.1 / 43.2 / 32.3; qkv 17.8 against 18.7); 1 x 128 groups (block layouts) are
 # quantized step by step and keep the fused form (o 13.1 against 14.7).
 GEMV_FUSED_QUANT_PER_TOKEN = False
-# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages, prefetch (the
-# rest as chosen below; split_k derived from the overridden tile unless given).
+# Tile override for kernel_bench.py sweeps: any of block_n, block_k, num_warps, split_k, num_stages (the rest as
+# chosen below; split_k derived from the overridden tile unless given).
 GEMV_TILE_OVERRIDE: dict | None = None
 
 
@@ -383,9 +375,6 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     # (W loads software-pipelined over K steps) were 2-4x slower on all four 8b shapes (H200, 2026-12-02: o M1
     # 32-38 us against 12.9, gate_up 126-194 against 39.9), so they stay a GEMV_TILE_OVERRIDE key only
     tile.setdefault("num_stages", None)
-    # True: the next K step's W tile is loaded before this step's reduction (register double buffering; not yet
-    # timed, a row of kernel_bench.py's GEMV sweep)
-    tile.setdefault("prefetch", False)
     if "split_k" not in tile:
         tile["split_k"] = _pow2_split(triton.cdiv(sms, programs), triton.cdiv(k, block_k) // 2)
     return tile
@@ -579,7 +568,7 @@ def _gemv(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_s
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
             SUB_K=block_k, QUANT_A=quant_a, **fp8_consts(weight.dtype), STAGES=tile["num_stages"],
-            PREFETCH=tile["prefetch"], num_warps=tile["num_warps"])
+            num_warps=tile["num_warps"])
 
     _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
     return out
