@@ -163,6 +163,7 @@ def session_id() -> str:
 
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
     common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
+              "--warmup-runs", str(ns.warmup_runs),
               "--batch-sizes", ns.batch_sizes, "--dtype", ns.dtype, "--output-json", out_json,
               "--tensor-parallel-size", str(ns.tp)] + (["--enable-expert-parallel"] if ns.ep else [])
     env = dict(os.environ)
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--alt-env", default="", help="for the atom-alt engine: NAME=VALUE pairs, space-separated")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="untimed full + prefill-only runs per batch size, in every engine")
     p.add_argument("--vllm-args", default="", help="extra flags for vllm_throughput.py (e.g. --enforce-eager)")
     p.add_argument("--materialize", action="store_true",
                    help="every engine loads one random checkpoint written to disk (materialize_checkpoint.py) instead "

@@ -5,9 +5,9 @@
       [--quantization fp8] [--kv-cache-dtype fp8] [-tp N] [--enable-expert-parallel]
 
 Random prompts of --input-len token ids, --output-len new tokens, greedy, EOS ignored. Per batch size:
-a full and a prefill-only warm-up run, then --num-iters prefill-only runs (max_tokens=1) and --num-iters full
-runs on fresh prompts; the medians are reported (ms/step = (full - prefill) / (output_len - 1)). Run it with
-ATOM_DISABLE_VLLM_PLUGIN=1 for vLLM's built-in model, without it for ATOM's model through atom-vllm.
+--warmup-runs (1) full and prefill-only warm-up runs, then --num-iters prefill-only runs (max_tokens=1) and
+--num-iters full runs on fresh prompts; the medians are reported (ms/step = (full - prefill) / (output_len - 1)).
+Run it with ATOM_DISABLE_VLLM_PLUGIN=1 for vLLM's built-in model, without it for ATOM's model through atom-vllm.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
     p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="untimed full + prefill-only runs per batch size before the timed ones")
+    p.add_argument("--jit-monitor-verbose", action="store_true",
+                   help="vLLM logs every Triton JIT compile during inference, not only a kernel's first (its "
+                        "MXFP4 routing kernels compiled inside timed runs, 2026-12-02); runs print timestamps")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--load-format", default="dummy", help="dummy (random weights) or auto (a checkpoint's own)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: input + output length (as ATOM)")
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
               enable_prefix_caching=False, enforce_eager=ns.enforce_eager, quantization=ns.quantization,
               kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,
-              enable_expert_parallel=ns.enable_expert_parallel)
+              enable_expert_parallel=ns.enable_expert_parallel,
+              **({"jit_monitor_verbose": True} if ns.jit_monitor_verbose else {}))
     init_s = time.perf_counter() - t0
     info = engine_info(llm)
     print("INFO", json.dumps(info), flush=True)
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(n: int, params) -> tuple[float, int]:
         batch = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]} for _ in range(n)]
+        if ns.jit_monitor_verbose:  # to place vLLM's timestamped JIT warnings between runs
+            print(f"RUN {time.strftime('%H:%M:%S')} bs={n} max_tokens={params.max_tokens}", flush=True)
         t = time.perf_counter()  # generate() returns once the tokens are on the host: no sync needed
         outs = llm.generate(batch, params, use_tqdm=False)
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
@@ -136,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(ns.output_json + ".tmp", ns.output_json)
 
     for bs in ns.batch_sizes:
-        timed(bs, full)  # warm-up
-        # and a prefill-only one: vLLM's MoE kernels JIT-compiled inside its timed prefill-only runs (2026-12-02)
-        timed(bs, first)
+        for _ in range(ns.warmup_runs):
+            timed(bs, full)  # warm-up
+            # and a prefill-only one: vLLM's MoE kernels JIT-compiled inside its timed prefill-only runs (2026-12-02)
+            timed(bs, first)
         pre = [timed(bs, first)[0] for _ in range(ns.num_iters)]
         runs = [timed(bs, full) for _ in range(ns.num_iters)]
         if any(n != bs * ns.output_len for _, n in runs):

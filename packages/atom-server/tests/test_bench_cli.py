@@ -240,7 +240,8 @@ def test_device_table_never_pairs_sessions_and_reports_the_spread():
     assert "2.00x [1.50-3.00x] n=3" in mt.table(mt.merge([one]))
 
 
-def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys):
+@pytest.mark.parametrize("warmup_runs", [None, 0, 2])
+def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys, warmup_runs):
     from atom_server.default_model import DefaultModelMissing, resolve_model_path
 
     try:
@@ -248,14 +249,25 @@ def test_throughput_defaults_to_the_bundled_model_with_progress(tmp_path, capsys
     except DefaultModelMissing as e:
         pytest.skip(str(e))
     out = tmp_path / "atom.json"
+    extra = [] if warmup_runs is None else ["--warmup-runs", str(warmup_runs)]
     rc = bench_cli.main(["throughput", "--input-len", "4", "--output-len", "2", "--batch-sizes", "1",
-                         "--num-iters", "1", "--kv-cache-memory-bytes", str(8 << 20), "--output-json", str(out)])
+                         "--num-iters", "1", "--kv-cache-memory-bytes", str(8 << 20), "--output-json", str(out),
+                         *extra])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["model"] == path and report["runs"][0]["output_tokens"] == 2
+    assert report["args"]["warmup_runs"] == (1 if warmup_runs is None else warmup_runs)
     captured = capsys.readouterr()
     assert "loading the model" in captured.out
-    assert "batch 1: full" in captured.err and "4/4" in captured.err  # tqdm: two warm-ups, prefill, full
+    # tqdm: a full and a prefill-only run per warm-up (one by default), then one prefill and one full timed run
+    runs = 2 * (1 if warmup_runs is None else warmup_runs) + 2
+    assert "batch 1: full" in captured.err and f"{runs}/{runs}" in captured.err
+
+
+def test_throughput_refuses_negative_warmup_runs(capsys):
+    with pytest.raises(SystemExit):
+        bench_cli.main(["throughput", "--model", "qwen3-0.6b", "--warmup-runs", "-1"])
+    assert "--warmup-runs must be >= 0" in capsys.readouterr().err
 
 
 def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):

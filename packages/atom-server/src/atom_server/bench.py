@@ -87,12 +87,13 @@ def _median(xs: list[float]) -> float:
 
 def run_throughput(model: str | None, input_len: int = 128, output_len: int = 128,
                    batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), load_format: str = "auto",
-                   seed: int = 0, repeats: int = 3, quiet: bool = False,
+                   seed: int = 0, repeats: int = 3, quiet: bool = False, warmup_runs: int = 1,
                    on_row: Callable[[list[dict[str, Any]]], None] | None = None, progress: bool = False,
                    **engine_args: Any) -> list[dict[str, Any]]:
-    """Per batch size: a full and a prefill-only warm-up run, then `repeats` prefill-only runs (max_tokens=1) and
-    `repeats` full runs, each on fresh random prompts; the row holds the medians. ms/step = (full - prefill) /
-    (out - 1). on_row(rows so far) is called after each batch size (so a run cut short keeps what it measured)."""
+    """Per batch size: `warmup_runs` full and prefill-only warm-up runs, then `repeats` prefill-only runs
+    (max_tokens=1) and `repeats` full runs, each on fresh random prompts; the row holds the medians. ms/step =
+    (full - prefill) / (out - 1). on_row(rows so far) is called after each batch size (so a run cut short keeps
+    what it measured)."""
     from atom_server.llm import LLM
 
     if model is not None:  # rows name the model as given (a preset, or the path), not a temp folder
@@ -108,13 +109,14 @@ def run_throughput(model: str | None, input_len: int = 128, output_len: int = 12
     llm = LLM(model, load_format=load_format, seed=seed, **engine_args)
     init_s = time.perf_counter() - start
     return measure_throughput(llm, input_len, output_len, batch_sizes, seed=seed, repeats=repeats, quiet=quiet,
-                              on_row=on_row, progress=progress, init_s=init_s)
+                              on_row=on_row, progress=progress, init_s=init_s, warmup_runs=warmup_runs)
 
 
 def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
                        batch_sizes: tuple[int, ...] | list[int] = (1, 32, 128), seed: int = 0, repeats: int = 3,
                        quiet: bool = False, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
-                       progress: bool = False, init_s: float | None = None) -> list[dict[str, Any]]:
+                       progress: bool = False, init_s: float | None = None,
+                       warmup_runs: int = 1) -> list[dict[str, Any]]:
     """run_throughput's measurement on an engine already built (an `LLM`): the same rows. Each row also says
     which path the timed full runs took (graph replays by kind, eager steps) and, with speculative decoding,
     their acceptance (spec_decode counters, mean acceptance length)."""
@@ -151,7 +153,7 @@ def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batch_sizes) * (2 + 2 * repeats), unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(batch_sizes) * (2 * warmup_runs + 2 * repeats), unit="run", dynamic_ncols=True)
 
     def tick(label: str, bs: int, params: SamplingParams) -> tuple[float, int]:
         if bar is not None:
@@ -166,8 +168,9 @@ def measure_throughput(llm, input_len: int = 128, output_len: int = 128,
     rows = []
     for bs in batch_sizes:
         startup.set_label(f"bs={bs} warm-up")  # Triton compiles of the first requests (--startup-profile)
-        tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
-        tick("warm-up", bs, first)  # the prefill-only shape too (tools/device/vllm_throughput.py does the same)
+        for _ in range(warmup_runs):
+            tick("warm-up", bs, full)  # allocator, autotuning, CUDA graphs of this batch size
+            tick("warm-up", bs, first)  # the prefill-only shape too (tools/device/vllm_throughput.py does the same)
         startup.set_label(f"bs={bs} timed runs")
         pre = [tick("prefill", bs, first)[0] for _ in range(repeats)]
         before = _path_counters(engine)

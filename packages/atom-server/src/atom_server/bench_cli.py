@@ -55,6 +55,8 @@ def add_throughput_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128, help="new tokens per request")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 128], help="comma-separated (default: 1,32,128)")
     p.add_argument("--num-iters", type=int, default=3, help="timed runs per batch size (the median is reported)")
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="untimed full + prefill-only runs per batch size before the timed ones")
     p.add_argument("--output-json", type=str, default=None, help="write the results here (default: print only)")
     p.set_defaults(func=run_throughput_cmd, bench_parser=p)  # errors name `throughput`, however it was reached
     return p
@@ -111,7 +113,8 @@ def throughput_report(ns: argparse.Namespace) -> dict[str, Any]:
     report = dict(engine="atom", model=ns.model, device=_device_name(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   versions=_versions(), command=" ".join(sys.argv),
                   args=dict(input_len=ns.input_len, output_len=ns.output_len, batch_sizes=ns.batch_sizes,
-                            load_format=ns.load_format, seed=ns.seed, num_iters=ns.num_iters, **engine),
+                            load_format=ns.load_format, seed=ns.seed, num_iters=ns.num_iters,
+                            warmup_runs=ns.warmup_runs, **engine),
                   runs=[])
 
     from atom_server import startup
@@ -122,7 +125,8 @@ def throughput_report(ns: argparse.Namespace) -> dict[str, Any]:
             _write_json(ns.output_json, report)
 
     run_throughput(ns.model, input_len=ns.input_len, output_len=ns.output_len, batch_sizes=ns.batch_sizes,
-                   load_format=ns.load_format, seed=ns.seed, repeats=ns.num_iters, on_row=on_row, progress=True,
+                   load_format=ns.load_format, seed=ns.seed, repeats=ns.num_iters, warmup_runs=ns.warmup_runs,
+                   on_row=on_row, progress=True,
                    **engine)
     return report
 
@@ -142,6 +146,8 @@ def run_throughput_cmd(ns: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"model {ns.model!r} is neither a path nor a preset ({', '.join(sorted(PRESETS))})")
     if ns.num_iters < 1 or ns.input_len < 1 or ns.output_len < 1:
         parser.error("--input-len, --output-len and --num-iters must be >= 1")
+    if ns.warmup_runs < 0:
+        parser.error("--warmup-runs must be >= 0")
     if ns.model in PRESETS:
         ns.load_format = "dummy"  # a preset is a config-only checkpoint: random weights
     import logging

@@ -57,8 +57,9 @@ MX_TILE_OVERRIDE: dict | None = None
 # 2026-12-02, us a layer call): 512 tokens 1,216 against 1,003 for regdot (bf16 decode); 1,024 tokens 1,436
 # against 1,981 for regdot (float32 PTX decode; the bf16 one, 5-7% faster at 8-512 tokens, was not run there)
 # and 2,774 for scaled-dot; 4,096 tokens 3,207 against 8,986 (scaled-dot); results bit-identical. The
-# crossover, interpolated, lies near 680 tokens: so from 2,560 pairs (640 tokens at top-4). The scratch (gpt-oss-20b: 1.06 GB for gate/up) falls inside the engine's
-# profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns it off.
+# crossover, interpolated, lies near 680 tokens: so from 2,560 pairs (640 tokens at top-4). The scratch
+# (gpt-oss-20b: 1.06 GB for gate/up) falls inside the engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns
+# it off.
 def _env_pairs(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
