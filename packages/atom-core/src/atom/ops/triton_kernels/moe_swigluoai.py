@@ -22,6 +22,7 @@ GEMM. All are exact to the dequantized weights up to the dot's own accumulation.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -610,6 +611,12 @@ def _ptx_decode(x: torch.Tensor) -> bool:
     return MX_PTX and x.is_cuda and torch.version.hip is None and not interpreting()
 
 
+@functools.cache
+def _has_bf16x2_mul(device_index: int | None) -> bool:
+    """mul.rn.bf16x2 (regdot's bf16 decode) needs sm_90 or newer; Ampere takes the float32 PTX decode."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int, ptx: bool = False) -> str:
     """Which kernels fused_experts_swigluoai runs: "dequant" (MXFP4 dequantized, then the dense grouped GEMM),
     "mx_gemm" (MX_GEMM's MXFP4 grouped kernel), "per_pair" (the GEMVs) or "grouped" (_expert_gemm_kernel).
@@ -672,7 +679,10 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
     block_m = tile["block_m"]
     ptx = _ptx_decode(x)
-    decode = ("bf16" if MX_REGDOT_BF16 and x.dtype == torch.bfloat16 else "ptx") if ptx else "f32"
+    decode = "f32"
+    if ptx:  # CUDA
+        bf16 = MX_REGDOT_BF16 and x.dtype == torch.bfloat16 and _has_bf16x2_mul(x.device.index)
+        decode = "bf16" if bf16 else "ptx"
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
