@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--alt-env takes NAME=VALUE pairs, got {' '.join(bad)!r}")
     if "atom-alt" in ns.engines.split(",") and not ns.alt_env.split():
         p.error("the atom-alt engine needs --alt-env NAME=VALUE ... (what it changes against atom)")
+    if ns.warmup_runs < 0:
+        p.error("--warmup-runs must be >= 0")
     t0 = time.monotonic()
     os.makedirs(ns.out, exist_ok=True)
     parts = "/tmp/bench_parts"
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = dict(shape=shape + par, device=hw.get("device"), bandwidth_gbps=hw.get("bandwidth_gbps"),
                      date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), input_len=ns.input_len, output_len=ns.output_len,
                      dtype=ns.dtype, config=config, quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
-                     tensor_parallel_size=ns.tp, expert_parallel=ns.ep,
+                     tensor_parallel_size=ns.tp, expert_parallel=ns.ep, warmup_runs=ns.warmup_runs,
                      weights=f"materialized (routers ±{ns.router_scale})" if ns.materialize else "dummy",
                      command="bash tools/device/bench_vs_vllm.sh " + " ".join(sys.argv[1:] if argv is None else argv),
                      engines={})

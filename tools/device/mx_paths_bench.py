@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -21,8 +22,7 @@ from atom.ops import moe as ref_moe
 from atom.ops.registry import resolve
 from atom.ops.triton_kernels import moe_swigluoai as tk
 
-K = 4
-E, H, I = 32, 2880, 2880  # gpt-oss-20b experts (--device cpu: 8 experts of 64 x 64)
+K = 4  # top-k; the experts: gpt-oss-20b's 32 of 2880 x 2880 (--device cpu: 8 of 64 x 64, see main)
 BIG = 10**9
 GEMV = dict(MX_GEMM_MIN_PAIRS=BIG, PAIR_GEMV_MAX_PAIRS=BIG, MX_PTX_GEMV_MAX_PAIRS=BIG, MX_DEQUANT_MIN_PAIRS=0)
 GEMM = dict(MXFP4_SCALED_DOT=True, MX_GEMM_MIN_PAIRS=1, MX_DEQUANT_MIN_PAIRS=0)
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (no timings)")
     opts = ap.parse_args()
+    if opts.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     torch.manual_seed(0)
     dev = opts.device
     E, H, I = (32, 2880, 2880) if dev == "cuda" else (8, 64, 64)
@@ -82,21 +84,23 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return out
 
-    for tokens in [int(t) for t in opts.tokens.split(",")]:
-        x = torch.randn(tokens, H, device=dev, dtype=torch.bfloat16)
-        tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device=dev), K, True)
-        args = (x, w13, w2, b13, b2, tw, tid, 1.702, 7.0, s13, s2)
-        want = None
-        for name in opts.paths.split(","):
-            settings, sizes = PATHS[name]
-            if sizes(tokens):
-                out = run(tokens, name, settings, args, want)
-                want = out if want is None else want  # the first path run at this size is the reference
-        if opts.sweep and tokens in SWEEP_TOKENS:
-            for tile in SWEEP:
-                run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
-    for key, value in saved.items():
-        setattr(tk, key, value)
+    try:
+        for tokens in [int(t) for t in opts.tokens.split(",")]:
+            x = torch.randn(tokens, H, device=dev, dtype=torch.bfloat16)
+            tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device=dev), K, True)
+            args = (x, w13, w2, b13, b2, tw, tid, 1.702, 7.0, s13, s2)
+            want = None
+            for name in opts.paths.split(","):
+                settings, sizes = PATHS[name]
+                if sizes(tokens):
+                    out = run(tokens, name, settings, args, want)
+                    want = out if want is None else want  # the first path run at this size is the reference
+            if opts.sweep and tokens in SWEEP_TOKENS:
+                for tile in SWEEP:
+                    run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
+    finally:
+        for key, value in saved.items():
+            setattr(tk, key, value)
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(rows, f, indent=1)

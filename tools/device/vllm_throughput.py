@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expect-no-atom", action="store_true",
                    help="refuse to run when any atom package is importable (vLLM's baseline, issue 16)")
     ns = p.parse_args(argv)
+    if ns.warmup_runs < 0:
+        p.error("--warmup-runs must be >= 0")
     import importlib.util
 
     found = [m for m in ("atom", "atom_server", "atom_vllm") if importlib.util.find_spec(m) is not None]

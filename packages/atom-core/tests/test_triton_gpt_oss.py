@@ -126,7 +126,7 @@ EXPERT_SIZES = {
 }
 K_CHUNK_SIZES = {  # K over several chunks, the last one partial (hidden 320 = 10 scale blocks, intermediate 160)
     "k_chunks_decode": (2, 320, 160, 4, 2),
-    "k_chunks": (12, 320, 160, 4, 2),
+    "k_chunks": (17, 320, 160, 4, 2),  # 34 pairs: past the PTX GEMV's 32 too
 }
 LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 32 experts, top-4
     "one_decode": (1, 2880, 2880, 32, 4),
@@ -138,7 +138,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 
 def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False):
     """mx_gemm ("regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes too (by default
-    they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,048
+    they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,720
     pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode grouped kernel)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
@@ -157,7 +157,9 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False)
         s13 = s2 = None
     b13, b2 = rand(experts, 2 * inter, dtype=dtype, scale=0.3), rand(experts, hidden, dtype=dtype, scale=0.3)
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
-    assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode")
+    # "decode" sizes take the GEMV with either decode's limit, the others neither
+    assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode") == (
+        tokens * top_k <= tk.MX_PTX_GEMV_MAX_PAIRS)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM
     tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = mx_gemm is not None, 1 if mx_gemm else saved[1]
@@ -265,7 +267,9 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
     monkeypatch.setattr(tk, "MX_PTX", False)
     plain = op(*args)
     monkeypatch.setattr(tk, "MX_PTX", True)
-    for bf16 in (False, True) if tokens > 8 else (False,):
+    assert tk._ptx_decode(x)  # not the element-wise decode against itself (e.g. under TRITON_INTERPRET)
+    bf16_ok = tk._has_bf16x2_mul(x.device.index)  # sm_90+; otherwise regdot takes the float32 PTX decode
+    for bf16 in (False, True) if tokens > 8 and bf16_ok else (False,):
         monkeypatch.setattr(tk, "MX_REGDOT_BF16", bf16)
         ptx = op(*args)
         assert torch.equal(plain, ptx), (bf16, (plain.float() - ptx.float()).abs().max())
@@ -283,7 +287,7 @@ def test_mxfp4_default_paths():
     assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot")
     assert tk.MX_PTX == (os.environ.get("ATOM_MX_PTX", "1") == "1")
     dequant = tk.MX_DEQUANT_MIN_PAIRS
-    assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2560"))
+    assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2720"))
     for ptx, limit in ((False, tk.PAIR_GEMV_MAX_PAIRS), (True, tk.MX_PTX_GEMV_MAX_PAIRS)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             assert tk.experts_path(dtype, True, limit, ptx) == "per_pair"
@@ -308,8 +312,8 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("mx_gemm", [None, "regdot", "scaled_dot"])
-@pytest.mark.parametrize("tokens", [1, 64])  # per-pair GEMV path, sorted grouped GEMM path
+@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot")])
+# one token: the per-pair GEMV; 64: the register-decode grouped GEMM or an MXFP4 grouped kernel
 def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk

@@ -36,9 +36,9 @@ from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile
 # Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
 PAIR_GEMV_MAX_PAIRS = 16
 # MXFP4 with the PTX decode: the per-pair GEMV up to this many pairs. H200, gpt-oss-20b experts
-# (tools/device/mx_paths_bench.py, 2026-12-02, us a layer call): the PTX GEMV took 42.0 / 123.7 / 224.5 / 424.6
-# at 1 / 4 / 8 / 16 tokens against regdot's 206.4 / 287.5 / 395.0 at 4 / 8 / 16, so it wins up to 8 tokens (32
-# pairs) and loses from 16.
+# (tools/device/mx_paths_bench.py, 2026-12-02, us a layer call): the PTX GEMV took 123.7 / 224.5 / 424.6 at 4 /
+# 8 / 16 tokens against 183.2 / 227.4-251.6 / 310.8 for regdot with the float32 PTX decode (236.3 with the bf16
+# one at 8): it wins up to 8 tokens (32 pairs; by 5% over the bf16 regdot there) and loses from 16.
 MX_PTX_GEMV_MAX_PAIRS = 32
 # Tile overrides for tools/device/kernel_bench.py sweeps (the same keys as moe.PAIR_TILE_OVERRIDE and
 # moe.GEMM_TILE_OVERRIDE); None: moe's choice.
@@ -58,7 +58,7 @@ MX_TILE_OVERRIDE: dict | None = None
 # 2026-12-02, us a layer call): 512 tokens 1,216 against 1,003 for regdot (bf16 decode); 1,024 tokens 1,436
 # against 1,981 for regdot (float32 PTX decode; the bf16 one, 5-7% faster at 8-512 tokens, was not run there)
 # and 2,774 for scaled-dot; 4,096 tokens 3,207 against 8,986 (scaled-dot); results bit-identical. The
-# crossover, interpolated, lies near 680 tokens: so from 2,560 pairs (640 tokens at top-4). The scratch
+# crossover, interpolated, lies near 680 tokens: so from 2,720 pairs (680 tokens at top-4). The scratch
 # (gpt-oss-20b: 1.06 GB for gate/up) falls inside the engine's profiled peak. ATOM_MX_DEQUANT_MIN_PAIRS=0 turns
 # it off.
 def _env_pairs(name: str, default: int) -> int:
@@ -70,7 +70,7 @@ def _env_pairs(name: str, default: int) -> int:
     return int(raw)
 
 
-MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2560)
+MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2720)
 # The MXFP4 grouped GEMM: "regdot" (_expert_gemm_mxr_kernel: the weights decoded in registers, block scales
 # folded in, as the first operand of one float32 accumulator over K) or "scaled_dot" (_expert_gemm_mx_kernel,
 # tl.dot_scaled: the compiler's upcast on Hopper, native MXFP4 matrix instructions where the GPU has them).
@@ -85,8 +85,8 @@ if MX_GEMM not in ("regdot", "scaled_dot"):
 # their packed bytes with inline PTX, four bytes a block (_e2m1_bytes_ptx: the float16 bits of two codes built in
 # one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical). H200,
 # gpt-oss-20b experts (mx_paths_bench.py, 2026-12-02, us a layer call): the GEMV 42.0 / 123.7 / 224.5 at 1 / 4 /
-# 8 tokens against 54.3 / 168.8 / 317.9; regdot 183 / 227 / 355 / 488 / 1,067 at 4 / 8 / 32 / 128 / 512 tokens
-# against 206 / 287 / 435 / 603 / 1,326.
+# 8 tokens against 54.3 / 168.8 / 317.9; regdot 183 / 227-252 / 354 / 488 / 1,066 at 4 / 8 / 32 / 128 / 512
+# tokens against 206 / 288 / 436 / 596 / 1,329 (two calls; at 8 tokens they differed by 10%).
 MX_PTX = os.environ.get("ATOM_MX_PTX", "1") == "1"
 # ATOM_MX_REGDOT_BF16 (default on; with MX_PTX and bf16 activations): regdot's PTX decode builds bf16 weights and
 # applies the block scale with two bf16x2 multiplies (_e2m1_bytes_bf16_ptx) instead of scaling float32 values and
@@ -652,7 +652,7 @@ def _mx_tile(num_pairs: int, num_experts: int, kernel: str) -> dict:
         # H200 sweep of the bf16 decode (mx_paths_bench.py --sweep, 2026-12-02, 32 experts, top-4, us a layer):
         # [16, 64] won at 1 and 4 pairs an expert (8 tokens 236 against 283-684; 32 tokens 336 against 396-1,009),
         # [32, 64] at 16 (128 tokens: 441 against 462 for [32, 128] and 483 for [16, 64]), [32, 128] at 64 (512
-        # tokens: 1,003 against 1,035-1,654); 8 warps, K steps of 64 or 256 lost everywhere. Beyond 64 pairs an
+        # tokens: 1,003 against 1,035-1,654); 8 warps, K steps of 64 or 256 lost everywhere. From 85 pairs an
         # expert the dequantized path takes over (MX_DEQUANT_MIN_PAIRS) for gpt-oss's 32 experts.
         if per_expert <= 8:
             return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
