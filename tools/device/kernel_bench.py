@@ -341,9 +341,8 @@ def gpt_oss_rows(bench) -> None:
             path += " ptx"
         elif path == "mx_gemm":
             path += f" {tk_oai.MX_GEMM}"
-            if tk_oai.MX_GEMM == "regdot" and ptx:
-                bf16 = tk_oai.MX_REGDOT_BF16 and x.dtype == torch.bfloat16 and tk_oai._has_bf16x2_mul(x.device.index)
-                path += " bf16" if bf16 else " ptx"
+            if tk_oai.MX_GEMM == "regdot":
+                path += f" {tk_oai.regdot_decode(x)}"
         bench(f"gpt-oss experts MXFP4 default T{tokens} ({touched} experts, {path})", op, ref, args, nbytes, flops)
         if tokens <= 128:  # the register-decode kernels (per-pair GEMV / _expert_gemm_kernel)
             with patched(tk_oai, MXFP4_SCALED_DOT=False, MX_DEQUANT_MIN_PAIRS=0):

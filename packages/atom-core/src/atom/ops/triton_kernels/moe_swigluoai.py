@@ -617,6 +617,15 @@ def _has_bf16x2_mul(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+def regdot_decode(x: torch.Tensor) -> str:
+    """regdot's decode for activations x: "bf16" (PTX, bf16x2 scaling: bf16 activations on sm_90+, unless
+    ATOM_MX_REGDOT_BF16=0), "ptx" (the float32 PTX decode, other CUDA cases) or "f32" (element-wise)."""
+    if not _ptx_decode(x):
+        return "f32"
+    bf16 = MX_REGDOT_BF16 and x.dtype == torch.bfloat16 and _has_bf16x2_mul(x.device.index)
+    return "bf16" if bf16 else "ptx"
+
+
 def experts_path(dtype: torch.dtype, mxfp4: bool, num_pairs: int, ptx: bool = False) -> str:
     """Which kernels fused_experts_swigluoai runs: "dequant" (MXFP4 dequantized, then the dense grouped GEMM),
     "mx_gemm" (MX_GEMM's MXFP4 grouped kernel), "per_pair" (the GEMVs) or "grouped" (_expert_gemm_kernel).
@@ -678,11 +687,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     inter, hidden = h.shape[1], y.shape[1]
     tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
     block_m = tile["block_m"]
-    ptx = _ptx_decode(x)
-    decode = "f32"
-    if ptx:  # CUDA
-        bf16 = MX_REGDOT_BF16 and x.dtype == torch.bfloat16 and _has_bf16x2_mul(x.device.index)
-        decode = "bf16" if bf16 else "ptx"
+    decode = regdot_decode(x) if MX_GEMM == "regdot" else None
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
