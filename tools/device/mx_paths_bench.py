@@ -3,10 +3,13 @@
 For each token count: the per-pair GEMV (element-wise and PTX decode), regdot (element-wise, PTX float32 and PTX
 bf16 decode), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM, each with its default tile, as
 CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
---sweep adds regdot's tiles (default decode) at a few sizes. The routing is random over the 32 experts, so a
-batch touches every expert from about 16 tokens on.
+--sweep adds regdot's and regdot_shared's tiles (default decode) at a few sizes. --routing random (default) spreads
+the pairs over the 32 experts, so a batch touches every expert from about 16 tokens on; --routing concentrated
+sends every token to the same 4 experts, which is what a random-weight engine (load_format=dummy, ATOM's and
+vLLM's benchmarks) does: the router's bias decides, so each of those experts gets the whole batch.
 
-    PYTHONPATH=packages/atom-core/src python3 tools/device/mx_paths_bench.py [--tokens 32,128,1024] [--sweep]
+    PYTHONPATH=packages/atom-core/src python3 tools/device/mx_paths_bench.py [--tokens 32,128,1024] [--sweep] \
+        [--routing concentrated]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ PATHS = {  # name: (module settings, token counts it runs at)
     "regdot": (dict(GEMM, MX_GEMM="regdot", MX_PTX=False), lambda t: 4 <= t <= 1024),
     "regdot_ptx": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), lambda t: 4 <= t <= 1024),
     "regdot_bf16": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
+    "regdot_shared": (dict(GEMM, MX_GEMM="regdot_shared", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
     "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
     "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
 }
@@ -40,13 +44,24 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
          for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
                                    (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
+# regdot_shared: (sub_m, subs, block_n, block_k, warps, stages); the default is (16, as many as the batch needs
+# up to 8, 64, 128, 4, 3)
+SHARED_SWEEP = [dict(block_m=sm * n, sub_m=sm, subs=n, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+                for sm, n, bn, bk, w, st in ((16, 2, 64, 128, 4, 3), (16, 4, 64, 128, 4, 3), (16, 8, 64, 128, 4, 3),
+                                             (32, 4, 64, 128, 4, 3), (16, 8, 64, 64, 4, 3), (16, 8, 64, 256, 4, 3),
+                                             (16, 8, 128, 128, 8, 3), (16, 4, 128, 128, 4, 3),
+                                             (16, 8, 64, 128, 4, 1))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,4,8,16,32,64,128,512,1024")
     ap.add_argument("--paths", default=",".join(PATHS))
-    ap.add_argument("--sweep", action="store_true", help="regdot's tiles (default decode) at 8 / 32 / 128 / 512")
+    ap.add_argument("--sweep", action="store_true",
+                    help="regdot's and regdot_shared's tiles (default decode) at 8 / 32 / 128 / 512")
+    ap.add_argument("--routing", choices=("random", "concentrated"), default="random")
+    ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
+    ap.add_argument("--sweep-kernels", default="regdot,regdot_shared")
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (no timings)")
     opts = ap.parse_args()
@@ -75,7 +90,8 @@ def main() -> None:
         try:
             out = op(*args).float()
             us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda else 0.0
-            row = dict(tokens=tokens, path=name, us=us, diff=0.0 if want is None else (out - want).abs().max().item())
+            row = dict(tokens=tokens, path=name, routing=opts.routing, us=us,
+                       diff=0.0 if want is None else (out - want).abs().max().item())
         except Exception as exc:  # a path or tile the compiler refuses
             out, row = want, dict(tokens=tokens, path=name, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
         if tile:
@@ -88,6 +104,8 @@ def main() -> None:
         for tokens in [int(t) for t in opts.tokens.split(",")]:
             x = torch.randn(tokens, H, device=dev, dtype=torch.bfloat16)
             tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device=dev), K, True)
+            if opts.routing == "concentrated":
+                tid = (torch.arange(K, device=dev) * (E // K) + 1).to(tid).expand(tokens, K).contiguous()
             args = (x, w13, w2, b13, b2, tw, tid, 1.702, 7.0, s13, s2)
             want = None
             for name in opts.paths.split(","):
@@ -95,9 +113,12 @@ def main() -> None:
                 if sizes(tokens):
                     out = run(tokens, name, settings, args, want)
                     want = out if want is None else want  # the first path run at this size is the reference
-            if opts.sweep and tokens in SWEEP_TOKENS:
-                for tile in SWEEP:
+            if opts.sweep and tokens in [int(t) for t in opts.sweep_tokens.split(",")]:
+                kernels = opts.sweep_kernels.split(",")
+                for tile in SWEEP if "regdot" in kernels else ():
                     run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
+                for tile in SHARED_SWEEP if "regdot_shared" in kernels else ():
+                    run(tokens, "regdot_shared_tile", PATHS["regdot_shared"][0], args, want, tile)
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)

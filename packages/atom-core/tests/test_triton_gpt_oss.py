@@ -136,10 +136,12 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False):
-    """mx_gemm ("regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes too (by default
-    they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by default from 2,720
-    pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode grouped kernel)."""
+def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False, concentrated=False):
+    """mx_gemm ("regdot_shared" / "regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes
+    too (by default they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by
+    default from 2,720 pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode
+    grouped kernel). concentrated: every token routed to the same top_k experts (what random-weight engines
+    see: the router's bias decides), so each of them gets all the tokens."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -157,6 +159,8 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False)
         s13 = s2 = None
     b13, b2 = rand(experts, 2 * inter, dtype=dtype, scale=0.3), rand(experts, hidden, dtype=dtype, scale=0.3)
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    if concentrated:
+        ids = torch.randperm(experts)[:top_k].to(ids).expand(tokens, top_k).contiguous()
     # "decode" sizes take the GEMV with either decode's limit, the others neither
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode") == (
         tokens * top_k <= tk.MX_PTX_GEMV_MAX_PAIRS)
@@ -175,7 +179,7 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False)
         out = triton_op("fused_experts_swigluoai")(*args)
     finally:
         tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = saved
-    path = f" {mx_gemm}" if mx_gemm else " dequant" if dequant else ""
+    path = (f" {mx_gemm}" if mx_gemm else " dequant" if dequant else "") + (" concentrated" if concentrated else "")
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
 
 
@@ -192,14 +196,31 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
     _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
 
 
-@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
+@pytest.mark.parametrize("mx_gemm", ["regdot_shared", "regdot", "scaled_dot"])
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
 def test_fused_experts_swigluoai_mx_gemm(name, weights_format, mx_gemm):
     """The MXFP4 grouped kernels (ATOM_MX_GEMM=regdot: scaled weights decoded in registers, one accumulator over
-    K; scaled_dot: tl.dot_scaled) at every size, decode sizes and partial K chunks included: every code and many
-    exponents; the reference's tolerance for bf16."""
+    K; regdot_shared: the same with each decoded chunk shared by several 16-token sub-tiles; scaled_dot:
+    tl.dot_scaled) at every size, decode sizes and partial K chunks included: every code and many exponents;
+    the reference's tolerance for bf16."""
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, mx_gemm=mx_gemm)
+
+
+SHARED_SIZES = {  # regdot_shared: experts with more pairs than one 16-token sub-tile
+    "crowded": (70, 64, 96, 3, 2),  # ~47 pairs an expert: 3 of the tile's 8 sub-tiles live, 5 padding only
+    "k_chunks_crowded": (40, 320, 160, 4, 2),  # partial K chunks, 4 sub-tiles a tile
+}
+
+
+@pytest.mark.parametrize("concentrated", [False, True])
+@pytest.mark.parametrize("name", sorted(SHARED_SIZES) + ["tiny"])
+def test_fused_experts_swigluoai_regdot_shared_subtiles(name, concentrated):
+    """regdot_shared where experts get several sub-tiles of tokens: routed at random (some sub-tiles live, the
+    rest padding) and concentrated (every token on the same experts, as in a random-weight engine: all of an
+    expert's sub-tiles live); gate and up rows split from one accumulator."""
+    _run_experts(name, {**SHARED_SIZES, **EXPERT_SIZES}[name], "mxfp4_random_codes", torch.bfloat16,
+                 mx_gemm="regdot_shared", concentrated=concentrated)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -236,11 +257,21 @@ def test_fused_experts_swigluoai_large(name, weights_format, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
-@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
+@pytest.mark.parametrize("mx_gemm", ["regdot_shared", "regdot", "scaled_dot"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_mx_gemm_large(name, mx_gemm):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, mx_gemm=mx_gemm)
+
+
+@pytest.mark.parametrize("tokens", [32, 128])
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_regdot_shared_large_concentrated(tokens):
+    """gpt-oss-20b experts with every token on the same 4 experts (the random-weight engine's routing): 2 / 8
+    live sub-tiles a tile, the compiled decode (PTX on CUDA)."""
+    _run_experts(f"batch{tokens}", (tokens, 2880, 2880, 32, 4), "mxfp4_random_codes", torch.bfloat16,
+                 mx_gemm="regdot_shared", concentrated=True)
 
 
 @pytest.mark.gpu
@@ -260,20 +291,21 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     op = triton_op("fused_experts_swigluoai")
-    monkeypatch.setattr(tk, "MX_GEMM", "regdot")
     monkeypatch.setattr(tk, "PAIR_GEMV_MAX_PAIRS", tk.MX_PTX_GEMV_MAX_PAIRS)  # the same kernel without PTX too
     for ptx in (False, True):
         assert tk.experts_path(x.dtype, True, tokens * 4, ptx) == ("per_pair" if tokens <= 8 else "mx_gemm")
-    monkeypatch.setattr(tk, "MX_PTX", False)
-    plain = op(*args)
-    monkeypatch.setattr(tk, "MX_PTX", True)
-    assert tk._ptx_decode(x)  # not the element-wise decode against itself (e.g. under TRITON_INTERPRET)
     bf16_ok = tk._has_bf16x2_mul(x.device.index)  # sm_90+; otherwise regdot takes the float32 PTX decode
-    for bf16 in (False, True) if tokens > 8 and bf16_ok else (False,):
-        monkeypatch.setattr(tk, "MX_REGDOT_BF16", bf16)
-        ptx = op(*args)
-        assert torch.equal(plain, ptx), (bf16, (plain.float() - ptx.float()).abs().max())
-    check(f"fused_experts_swigluoai ptx decode T{tokens}", ptx, ref_experts(*args), TOL[torch.bfloat16])
+    for gemm in ("regdot", "regdot_shared") if tokens > 8 else ("regdot",):
+        monkeypatch.setattr(tk, "MX_GEMM", gemm)
+        monkeypatch.setattr(tk, "MX_PTX", False)
+        plain = op(*args)
+        monkeypatch.setattr(tk, "MX_PTX", True)
+        assert tk._ptx_decode(x)  # not the element-wise decode against itself (e.g. under TRITON_INTERPRET)
+        for bf16 in (False, True) if tokens > 8 and bf16_ok else (False,):
+            monkeypatch.setattr(tk, "MX_REGDOT_BF16", bf16)
+            ptx = op(*args)
+            assert torch.equal(plain, ptx), (gemm, bf16, (plain.float() - ptx.float()).abs().max())
+        check(f"fused_experts_swigluoai ptx decode T{tokens} {gemm}", ptx, ref_experts(*args), TOL[torch.bfloat16])
 
 
 def test_mxfp4_default_paths():
@@ -284,7 +316,7 @@ def test_mxfp4_default_paths():
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     assert tk.MXFP4_SCALED_DOT == (os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1")
-    assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot")
+    assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot_shared")
     assert tk.MX_PTX == (os.environ.get("ATOM_MX_PTX", "1") == "1")
     dequant = tk.MX_DEQUANT_MIN_PAIRS
     assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2720"))
@@ -312,7 +344,8 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot")])
+@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot"),
+                                            (128, "regdot_shared")])
 # one token: the per-pair GEMV; 64: the register-decode grouped GEMM or an MXFP4 grouped kernel
 def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""

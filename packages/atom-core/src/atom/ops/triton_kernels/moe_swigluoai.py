@@ -78,9 +78,13 @@ MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2720)
 # / 128 / 512 tokens): regdot 206 / 288 / 395 / 436 / 444 / 596 / 1,329, scaled-dot 297 / 400 / 554 / 610 / 620
 # / 757 / 1,695. Two other hand-decoded kernels lost everywhere and were removed: float16 dots per scale block
 # (381-1,878) and a per-expert multi-row GEMV (292-4,260).
-MX_GEMM = os.environ.get("ATOM_MX_GEMM", "regdot")
-if MX_GEMM not in ("regdot", "scaled_dot"):
-    raise ValueError(f"ATOM_MX_GEMM must be regdot or scaled_dot, not {MX_GEMM!r}")
+# "regdot_shared" (_expert_gemm_mxs_kernel) is regdot with each decoded K chunk shared by up to 8 sub-tiles of 16
+# tokens of the same expert: when routing sends many of a batch's tokens to one expert, its weights are decoded
+# once per 128 tokens instead of once per 16-32.
+MX_GEMM = os.environ.get("ATOM_MX_GEMM", "regdot_shared")
+MX_GEMMS = ("regdot_shared", "regdot", "scaled_dot")
+if MX_GEMM not in MX_GEMMS:
+    raise ValueError(f"ATOM_MX_GEMM must be one of {', '.join(MX_GEMMS)}, not {MX_GEMM!r}")
 # ATOM_MX_PTX (default on; CUDA only, never on ROCm or under the interpreter): the MXFP4 GEMV and regdot decode
 # their packed bytes with inline PTX, four bytes a block (_e2m1_bytes_ptx: the float16 bits of two codes built in
 # one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical). H200,
@@ -416,6 +420,29 @@ def _expert_gemm_mx_kernel(
                       n_out, pair, row_ok, alpha, limit, GATED)
 
 
+@triton.jit
+def _mx_decode_chunk(packed, scale_bytes, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DECODE: tl.constexpr):
+    """A K chunk of packed MXFP4 rows [BLOCK_N, BLOCK_K/2] and their E8M0 scales [BLOCK_N, BLOCK_K/32] -> (low,
+    high) [BLOCK_N, BLOCK_K/2] in dtype: the scaled elements 2j and 2j + 1 of each row (exact). DECODE: "f32"
+    (element-wise float16-bit decode, scaled in float32), "ptx" (the same values by _e2m1_bytes_ptx) or "bf16"
+    (_e2m1_bytes_bf16_ptx: bf16 values scaled by bf16x2 multiplies)."""
+    if DECODE == "bf16":
+        scale_lo, scale_hi = _e8m0_bf16_pair(scale_bytes)
+        low, high = _e2m1_bytes_bf16_ptx(
+            tl.reshape(packed, [BLOCK_N, BLOCK_K // 32, 16]),
+            tl.broadcast_to(scale_lo[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]),
+            tl.broadcast_to(scale_hi[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]))
+        low = tl.reshape(low, [BLOCK_N, BLOCK_K // 2])
+        high = tl.reshape(high, [BLOCK_N, BLOCK_K // 2])
+    else:
+        low, high = _e2m1_bytes(packed, DECODE == "ptx")
+        scale = _e8m0_times_2p14(scale_bytes)[:, :, None]
+        low = tl.reshape(tl.reshape(low, [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+        high = tl.reshape(tl.reshape(high, [BLOCK_N, BLOCK_K // 32, 16]) * scale, [BLOCK_N, BLOCK_K // 2]).to(dtype)
+    return low, high
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mxr_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
@@ -458,21 +485,7 @@ def _expert_gemm_mxr_kernel(
         for up in tl.static_range(2 if GATED else 1):
             packed = tl.load(w_rows + up * n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
             scale_bytes = tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
-            if DECODE == "bf16":
-                scale_lo, scale_hi = _e8m0_bf16_pair(scale_bytes)
-                low, high = _e2m1_bytes_bf16_ptx(
-                    tl.reshape(packed, [BLOCK_N, BLOCK_K // 32, 16]),
-                    tl.broadcast_to(scale_lo[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]),
-                    tl.broadcast_to(scale_hi[:, :, None], [BLOCK_N, BLOCK_K // 32, 16]))
-                low = tl.reshape(low, [BLOCK_N, BLOCK_K // 2])
-                high = tl.reshape(high, [BLOCK_N, BLOCK_K // 2])
-            else:
-                low, high = _e2m1_bytes(packed, DECODE == "ptx")
-                scale = _e8m0_times_2p14(scale_bytes)[:, :, None]
-                low = tl.reshape(tl.reshape(low, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
-                                 [BLOCK_N, BLOCK_K // 2]).to(dtype)
-                high = tl.reshape(tl.reshape(high, [BLOCK_N, BLOCK_K // 32, 16]) * scale,
-                                  [BLOCK_N, BLOCK_K // 2]).to(dtype)
+            low, high = _mx_decode_chunk(packed, scale_bytes, dtype, BLOCK_N, BLOCK_K, DECODE)
             if up == 0:
                 acc = tl.dot(low, a_even, acc)
                 acc = tl.dot(high, a_odd, acc)
@@ -481,6 +494,140 @@ def _expert_gemm_mxr_kernel(
                 acc_up = tl.dot(high, a_odd, acc_up)
     _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
                       n_out, pair, row_ok, alpha, limit, GATED)
+
+
+@triton.jit
+def _sub_rows(sorted_ids_ptr, a_ptr, tile_start, r: tl.constexpr, num_pairs, a_row_div, a_stride,
+              SUB_M: tl.constexpr):
+    """Sub-tile r of a tile: its SUB_M pair ids, which are real, whether any is (a run's real pairs come before
+    its padding, so the first id tells), and its activation row pointers [1, SUB_M]."""
+    pair = tl.load(sorted_ids_ptr + tile_start + r * SUB_M + tl.arange(0, SUB_M)).to(tl.int64)
+    live = tl.load(sorted_ids_ptr + tile_start + r * SUB_M) < num_pairs
+    return pair, pair < num_pairs, live, a_ptr + (pair // a_row_div)[None, :] * a_stride
+
+
+@triton.jit
+def _sub_step(acc, live, low, high, a_cols, kb, kb_ok, row_ok, dtype: tl.constexpr):
+    """acc += the decoded chunk (low: elements 2j, high: 2j + 1) times the sub-tile's even / odd activation
+    columns, skipped when the sub-tile holds only padding."""
+    if live:
+        a_mask = kb_ok[:, None] & row_ok[None, :]
+        a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(dtype)
+        a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(dtype)
+        acc = tl.dot(low, a_even, acc)
+        acc = tl.dot(high, a_odd, acc)
+    return acc
+
+
+@triton.jit
+def _sub_store(acc, live, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
+               pair, row_ok, alpha, limit, GATED: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr):
+    """_store_transposed for one sub-tile; GATED: rows [0, BLOCK_N/2) of acc are the gate, the rest the up
+    projection of the same columns n."""
+    if live:
+        if GATED:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, SUB_M]), (1, 2, 0)))
+        else:
+            gate, up = acc, acc
+        _store_transposed(gate, up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
+                          n_ok, n_out, pair, row_ok, alpha, limit, GATED)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _expert_gemm_mxs_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
+    bias_stride_e, out_stride, alpha, limit,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, SUB_M: tl.constexpr, SUBS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr,
+):
+    """regdot with the decoded weights shared by up to SUBS sub-tiles of SUB_M tokens ("regdot_shared"): a tile of
+    SUBS * SUB_M sorted pairs decodes each K chunk of its expert's rows once and dots it with every sub-tile that
+    holds real pairs (sub-tiles of padding only cost a scalar test), each into its own float32 accumulator. An
+    expert that gets many of a batch's tokens (routing concentrated on few experts) has its weights decoded
+    once per SUBS * SUB_M tokens, not once per SUB_M, while a sparsely routed batch pays no matrix work for
+    the padding. GATED: the program's BLOCK_N weight rows are BLOCK_N / 2 gate rows and the up rows of the same
+    columns, so one accumulator holds both (half the registers of two) and the epilogue splits it. Same
+    decode (_mx_decode_chunk) and epilogue as _expert_gemm_mxr_kernel."""
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    BLOCK_M: tl.constexpr = SUB_M * SUBS
+    tile_start = tile * BLOCK_M
+    if tile_start >= tl.load(padded_end_ptr + num_experts - 1):
+        return
+    e = tl.arange(0, E_PAD)
+    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
+    expert = tl.sum((ends <= tile_start).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
+    r = tl.arange(0, BLOCK_N)
+    if GATED:
+        n = n_blk * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # the program's output columns
+        col = n_blk * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        w_row = col + (r // (BLOCK_N // 2)) * n_out
+    else:
+        n = n_blk * BLOCK_N + r
+        col = n
+        w_row = col
+    n_ok = n < n_out
+    col_ok = col < n_out
+    w_rows = w_ptr + expert * w_stride_e + w_row[:, None].to(tl.int64) * w_stride_n
+    s_rows = s_ptr + expert * s_stride_e + w_row[:, None].to(tl.int64) * s_stride_n
+    dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
+    p0, ok0, live0, a0 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 0, num_pairs, a_row_div, a_stride, SUB_M)
+    acc0 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+    if SUBS > 1:
+        p1, ok1, live1, a1 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 1, num_pairs, a_row_div, a_stride, SUB_M)
+        acc1 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+    if SUBS > 2:
+        p2, ok2, live2, a2 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 2, num_pairs, a_row_div, a_stride, SUB_M)
+        p3, ok3, live3, a3 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 3, num_pairs, a_row_div, a_stride, SUB_M)
+        acc2 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+        acc3 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+    if SUBS > 4:
+        p4, ok4, live4, a4 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 4, num_pairs, a_row_div, a_stride, SUB_M)
+        p5, ok5, live5, a5 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 5, num_pairs, a_row_div, a_stride, SUB_M)
+        p6, ok6, live6, a6 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 6, num_pairs, a_row_div, a_stride, SUB_M)
+        p7, ok7, live7, a7 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 7, num_pairs, a_row_div, a_stride, SUB_M)
+        acc4 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+        acc5 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+        acc6 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+        acc7 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kb_ok = kb < k_dim // 2
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        packed = tl.load(w_rows + kb[None, :], mask=col_ok[:, None] & kb_ok[None, :], other=0)
+        scale_bytes = tl.load(s_rows + g[None, :], mask=col_ok[:, None] & (g < k_dim // 32)[None, :], other=127)
+        low, high = _mx_decode_chunk(packed, scale_bytes, dtype, BLOCK_N, BLOCK_K, DECODE)
+        acc0 = _sub_step(acc0, live0, low, high, a0, kb, kb_ok, ok0, dtype)
+        if SUBS > 1:
+            acc1 = _sub_step(acc1, live1, low, high, a1, kb, kb_ok, ok1, dtype)
+        if SUBS > 2:
+            acc2 = _sub_step(acc2, live2, low, high, a2, kb, kb_ok, ok2, dtype)
+            acc3 = _sub_step(acc3, live3, low, high, a3, kb, kb_ok, ok3, dtype)
+        if SUBS > 4:
+            acc4 = _sub_step(acc4, live4, low, high, a4, kb, kb_ok, ok4, dtype)
+            acc5 = _sub_step(acc5, live5, low, high, a5, kb, kb_ok, ok5, dtype)
+            acc6 = _sub_step(acc6, live6, low, high, a6, kb, kb_ok, ok6, dtype)
+            acc7 = _sub_step(acc7, live7, low, high, a7, kb, kb_ok, ok7, dtype)
+    _sub_store(acc0, live0, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p0, ok0, alpha, limit, GATED, BLOCK_N, SUB_M)
+    if SUBS > 1:
+        _sub_store(acc1, live1, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p1, ok1, alpha, limit, GATED, BLOCK_N, SUB_M)
+    if SUBS > 2:
+        _sub_store(acc2, live2, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p2, ok2, alpha, limit, GATED, BLOCK_N, SUB_M)
+        _sub_store(acc3, live3, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p3, ok3, alpha, limit, GATED, BLOCK_N, SUB_M)
+    if SUBS > 4:
+        _sub_store(acc4, live4, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p4, ok4, alpha, limit, GATED, BLOCK_N, SUB_M)
+        _sub_store(acc5, live5, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p5, ok5, alpha, limit, GATED, BLOCK_N, SUB_M)
+        _sub_store(acc6, live6, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p6, ok6, alpha, limit, GATED, BLOCK_N, SUB_M)
+        _sub_store(acc7, live7, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
+                   n_out, p7, ok7, alpha, limit, GATED, BLOCK_N, SUB_M)
 
 
 @triton.jit
@@ -651,12 +798,21 @@ def _mx_pair_tile(num_tokens: int) -> dict:
     return _pair_tile(num_tokens)
 
 
-def _mx_tile(num_pairs: int, num_experts: int, kernel: str) -> dict:
+def _mx_tile(num_pairs: int, num_experts: int, kernel: str, max_per_expert: int | None = None) -> dict:
     """Tiles of the MXFP4 grouped GEMMs (kernel: MX_GEMM): block_m tokens (the padding unit of the expert sort),
-    block_n expert output columns, block_k the K step in elements."""
+    block_n expert output columns (regdot_shared, gated: weight rows, half gate, half up), block_k the K step in
+    elements; regdot_shared: subs sub-tiles of sub_m tokens. max_per_expert: the most pairs one expert can get
+    (the batch's tokens)."""
+    if max_per_expert is None:
+        max_per_expert = num_pairs
     if MX_TILE_OVERRIDE is not None:
         return MX_TILE_OVERRIDE
     per_expert = num_pairs / max(num_experts, 1)
+    if kernel == "regdot_shared":
+        # sub-tiles of 16 tokens, as many as an expert can get (a token picks an expert once, so at most
+        # num_pairs / top_k = the batch's tokens, passed in as max_per_expert), up to 8
+        subs = min(8, triton.next_power_of_2(triton.cdiv(max(max_per_expert, 1), 16)))
+        return dict(block_m=16 * subs, sub_m=16, subs=subs, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if kernel == "regdot":
         # H200 sweep of the bf16 decode (mx_paths_bench.py --sweep, 2026-12-02, 32 experts, top-4, us a layer):
         # [16, 64] won at 1 and 4 pairs an expert (8 tokens 236 against 283-684; 32 tokens 336 against 396-1,009),
@@ -685,9 +841,9 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
+    tile = _mx_tile(num_pairs, num_experts, MX_GEMM, num_tokens)
     block_m = tile["block_m"]
-    decode = regdot_decode(x) if MX_GEMM == "regdot" else None
+    decode = regdot_decode(x) if MX_GEMM != "scaled_dot" else None
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
 
@@ -696,6 +852,13 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
         args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
+        if MX_GEMM == "regdot_shared":
+            cols = tile["block_n"] // 2 if gated else tile["block_n"]  # gated: half the rows are the up rows
+            _expert_gemm_mxs_kernel[(num_tiles, triton.cdiv(n_out, cols))](
+                *args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), SUB_M=tile["sub_m"],
+                SUBS=tile["subs"], BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], F32_DOT=interpreting(),
+                DECODE=decode, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+            return
         if MX_GEMM == "regdot":
             _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
                                           BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
