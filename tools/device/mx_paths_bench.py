@@ -3,7 +3,7 @@
 For each token count: the per-pair GEMV (element-wise and PTX decode), regdot (element-wise, PTX float32 and PTX
 bf16 decode), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM, each with its default tile, as
 CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
---sweep adds regdot's and regdot_shared's tiles (default decode) at a few sizes. --routing random (default) spreads
+--sweep adds regdot's tiles and its K splits (default decode) at a few sizes. --routing random (default) spreads
 the pairs over the 32 experts, so a batch touches every expert from about 16 tokens on; --routing concentrated
 sends every token to the same 4 experts, which is what a random-weight engine (load_format=dummy, ATOM's and
 vLLM's benchmarks) does: the router's bias decides, so each of those experts gets the whole batch.
@@ -35,7 +35,6 @@ PATHS = {  # name: (module settings, token counts it runs at)
     "regdot": (dict(GEMM, MX_GEMM="regdot", MX_PTX=False), lambda t: 4 <= t <= 1024),
     "regdot_ptx": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), lambda t: 4 <= t <= 1024),
     "regdot_bf16": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
-    "regdot_shared": (dict(GEMM, MX_GEMM="regdot_shared", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
     "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
     "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
 }
@@ -44,13 +43,9 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
          for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
                                    (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
-# regdot_shared: (sub_m, subs, block_n, block_k, warps, stages); the default is (16, as many as the batch needs
-# up to 8, 64, 128, 4, 3)
-SHARED_SWEEP = [dict(block_m=sm * n, sub_m=sm, subs=n, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-                for sm, n, bn, bk, w, st in ((16, 2, 64, 128, 4, 3), (16, 4, 64, 128, 4, 3), (16, 8, 64, 128, 4, 3),
-                                             (32, 4, 64, 128, 4, 3), (16, 8, 64, 64, 4, 3), (16, 8, 64, 256, 4, 3),
-                                             (16, 8, 128, 128, 8, 3), (16, 4, 128, 128, 4, 3),
-                                             (16, 8, 64, 128, 4, 1))]
+# regdot's K split (ATOM_MX_SPLIT_K) with three tiles: (block_m, block_n, split_k)
+SPLIT_SWEEP = [(dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3), split)
+               for bm, bn in ((16, 64), (32, 64), (32, 128)) for split in (1, 2, 3, 4, 6)]
 
 
 def main() -> None:
@@ -58,10 +53,10 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,8,16,32,64,128,512,1024")
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--sweep", action="store_true",
-                    help="regdot's and regdot_shared's tiles (default decode) at 8 / 32 / 128 / 512")
+                    help="regdot's tiles and K splits (default decode) at 8 / 32 / 128 / 512")
     ap.add_argument("--routing", choices=("random", "concentrated"), default="random")
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
-    ap.add_argument("--sweep-kernels", default="regdot,regdot_shared")
+    ap.add_argument("--sweep-kernels", default="regdot,split", help="regdot: its tiles; split: its K splits")
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (no timings)")
     opts = ap.parse_args()
@@ -77,7 +72,7 @@ def main() -> None:
     s2 = torch.randint(118, 125, (E, H, I // 32), dtype=torch.uint8, device=dev)
     b13 = torch.randn(E, 2 * I, device=dev, dtype=torch.bfloat16) * 0.1
     b2 = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * 0.1
-    names = {key for settings, _ in PATHS.values() for key in settings} | {"MX_TILE_OVERRIDE"}
+    names = {key for settings, _ in PATHS.values() for key in settings} | {"MX_TILE_OVERRIDE", "MX_SPLIT_K"}
     saved = {name: getattr(tk, name) for name in names}
     rows = []
 
@@ -117,8 +112,9 @@ def main() -> None:
                 kernels = opts.sweep_kernels.split(",")
                 for tile in SWEEP if "regdot" in kernels else ():
                     run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
-                for tile in SHARED_SWEEP if "regdot_shared" in kernels else ():
-                    run(tokens, "regdot_shared_tile", PATHS["regdot_shared"][0], args, want, tile)
+                for tile, split in SPLIT_SWEEP if "split" in kernels else ():
+                    run(tokens, "regdot_split", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args, want,
+                        dict(tile, split_k=split))
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)

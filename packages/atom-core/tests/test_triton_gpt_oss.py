@@ -137,7 +137,7 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 
 
 def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False, concentrated=False):
-    """mx_gemm ("regdot_shared" / "regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes
+    """mx_gemm ("regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes
     too (by default they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by
     default from 2,720 pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode
     grouped kernel). concentrated: every token routed to the same top_k experts (what random-weight engines
@@ -196,31 +196,34 @@ def test_fused_experts_swigluoai_k_chunks(name, weights_format):
     _run_experts(name, K_CHUNK_SIZES[name], weights_format, torch.float32)
 
 
-@pytest.mark.parametrize("mx_gemm", ["regdot_shared", "regdot", "scaled_dot"])
+@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
 @pytest.mark.parametrize("weights_format", ["mxfp4_random_codes", "mxfp4_quantized"])
 @pytest.mark.parametrize("name", sorted(EXPERT_SIZES) + sorted(K_CHUNK_SIZES))
 def test_fused_experts_swigluoai_mx_gemm(name, weights_format, mx_gemm):
     """The MXFP4 grouped kernels (ATOM_MX_GEMM=regdot: scaled weights decoded in registers, one accumulator over
-    K; regdot_shared: the same with each decoded chunk shared by several 16-token sub-tiles; scaled_dot:
-    tl.dot_scaled) at every size, decode sizes and partial K chunks included: every code and many exponents;
+    K; scaled_dot: tl.dot_scaled) at every size, decode sizes and partial K chunks included: every code and many exponents;
     the reference's tolerance for bf16."""
     _run_experts(name, {**EXPERT_SIZES, **K_CHUNK_SIZES}[name], weights_format, torch.bfloat16, mx_gemm=mx_gemm)
 
 
-SHARED_SIZES = {  # regdot_shared: experts with more pairs than one 16-token sub-tile
-    "crowded": (70, 64, 96, 3, 2),  # ~47 pairs an expert: 3 of the tile's 8 sub-tiles live, 5 padding only
-    "k_chunks_crowded": (40, 320, 160, 4, 2),  # partial K chunks, 4 sub-tiles a tile
+CROWDED_SIZES = {  # experts with several tiles of pairs
+    "crowded": (70, 64, 96, 3, 2),  # ~47 pairs an expert
+    "k_chunks_crowded": (40, 320, 160, 4, 2),  # 10 / 5 scale blocks of K: splits that end inside a K step
 }
 
 
+@pytest.mark.parametrize("split_k", [1, 2, 3])
 @pytest.mark.parametrize("concentrated", [False, True])
-@pytest.mark.parametrize("name", sorted(SHARED_SIZES) + ["tiny"])
-def test_fused_experts_swigluoai_regdot_shared_subtiles(name, concentrated):
-    """regdot_shared where experts get several sub-tiles of tokens: routed at random (some sub-tiles live, the
-    rest padding) and concentrated (every token on the same experts, as in a random-weight engine: all of an
-    expert's sub-tiles live); gate and up rows split from one accumulator."""
-    _run_experts(name, {**SHARED_SIZES, **EXPERT_SIZES}[name], "mxfp4_random_codes", torch.bfloat16,
-                 mx_gemm="regdot_shared", concentrated=concentrated)
+@pytest.mark.parametrize("name", sorted(CROWDED_SIZES) + ["tiny"])
+def test_fused_experts_swigluoai_regdot_split_k(name, concentrated, split_k, monkeypatch):
+    """regdot with K split over 1-3 programs a tile (partial sums added by _split_k_finish_kernel), routed at
+    random and concentrated (every token on the same experts, as in a random-weight engine), K ranges that end
+    inside the last step and splits left with no K step at all (320 / 128 = 3 steps over 3 splits, 160: 2)."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
+    _run_experts(name, {**CROWDED_SIZES, **EXPERT_SIZES}[name], "mxfp4_random_codes", torch.bfloat16,
+                 mx_gemm="regdot", concentrated=concentrated)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -257,21 +260,25 @@ def test_fused_experts_swigluoai_large(name, weights_format, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(LARGE_EXPERT_SIZES))
-@pytest.mark.parametrize("mx_gemm", ["regdot_shared", "regdot", "scaled_dot"])
+@pytest.mark.parametrize("mx_gemm", ["regdot", "scaled_dot"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_fused_experts_swigluoai_mx_gemm_large(name, mx_gemm):
     _run_experts(name, LARGE_EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, mx_gemm=mx_gemm)
 
 
+@pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("tokens", [32, 128])
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_regdot_shared_large_concentrated(tokens):
-    """gpt-oss-20b experts with every token on the same 4 experts (the random-weight engine's routing): 2 / 8
-    live sub-tiles a tile, the compiled decode (PTX on CUDA)."""
+def test_regdot_large_concentrated(tokens, split_k, monkeypatch):
+    """gpt-oss-20b experts with every token on the same 4 experts (the random-weight engine's routing), K whole
+    and split in 4, the compiled decode (PTX on CUDA)."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
     _run_experts(f"batch{tokens}", (tokens, 2880, 2880, 32, 4), "mxfp4_random_codes", torch.bfloat16,
-                 mx_gemm="regdot_shared", concentrated=True)
+                 mx_gemm="regdot", concentrated=True)
 
 
 @pytest.mark.gpu
@@ -291,12 +298,13 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
     op = triton_op("fused_experts_swigluoai")
+    monkeypatch.setattr(tk, "MX_GEMM", "regdot")
     monkeypatch.setattr(tk, "PAIR_GEMV_MAX_PAIRS", tk.MX_PTX_GEMV_MAX_PAIRS)  # the same kernel without PTX too
     for ptx in (False, True):
         assert tk.experts_path(x.dtype, True, tokens * 4, ptx) == ("per_pair" if tokens <= 8 else "mx_gemm")
     bf16_ok = tk._has_bf16x2_mul(x.device.index)  # sm_90+; otherwise regdot takes the float32 PTX decode
-    for gemm in ("regdot", "regdot_shared") if tokens > 8 else ("regdot",):
-        monkeypatch.setattr(tk, "MX_GEMM", gemm)
+    for split in ("1", "3") if tokens > 8 else ("1",):  # regdot whole and split (the same sums both ways)
+        monkeypatch.setattr(tk, "MX_SPLIT_K", split)
         monkeypatch.setattr(tk, "MX_PTX", False)
         plain = op(*args)
         monkeypatch.setattr(tk, "MX_PTX", True)
@@ -304,8 +312,29 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
         for bf16 in (False, True) if tokens > 8 and bf16_ok else (False,):
             monkeypatch.setattr(tk, "MX_REGDOT_BF16", bf16)
             ptx = op(*args)
-            assert torch.equal(plain, ptx), (gemm, bf16, (plain.float() - ptx.float()).abs().max())
-        check(f"fused_experts_swigluoai ptx decode T{tokens} {gemm}", ptx, ref_experts(*args), TOL[torch.bfloat16])
+            assert torch.equal(plain, ptx), (split, bf16, (plain.float() - ptx.float()).abs().max())
+        check(f"fused_experts_swigluoai ptx decode T{tokens} split {split}", ptx, ref_experts(*args),
+              TOL[torch.bfloat16])
+
+
+def test_split_k_rule():
+    """ATOM_MX_SPLIT_K: a number, or "T:S,...,S" (up to T tokens split S, the last S beyond); anything else is
+    refused with the variable's name; scaled-dot never splits."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    assert tk._split_rule("48:4,192:2,1") == [(48, 4), (192, 2), (2**62, 1)]
+    for bad in ("0", "four", "48:", "48:0,1", "", "48:4"):  # "48:4": no split beyond 48 tokens
+        with pytest.raises(ValueError, match="ATOM_MX_SPLIT_K"):
+            tk._split_rule(bad)
+    saved = tk.MX_SPLIT_K
+    try:
+        tk.MX_SPLIT_K = "48:4,192:2,1"
+        assert [tk._mx_split_k(t, "regdot") for t in (1, 48, 49, 192, 193)] == [4, 4, 2, 2, 1]
+        assert tk._mx_split_k(32, "scaled_dot") == 1
+        tk.MX_SPLIT_K = "3"
+        assert tk._mx_split_k(1000, "regdot") == 3
+    finally:
+        tk.MX_SPLIT_K = saved
 
 
 def test_mxfp4_default_paths():
@@ -316,7 +345,7 @@ def test_mxfp4_default_paths():
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     assert tk.MXFP4_SCALED_DOT == (os.environ.get("ATOM_MXFP4_SCALED_DOT", "1") == "1")
-    assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot_shared")
+    assert tk.MX_GEMM == os.environ.get("ATOM_MX_GEMM", "regdot")
     assert tk.MX_PTX == (os.environ.get("ATOM_MX_PTX", "1") == "1")
     dequant = tk.MX_DEQUANT_MIN_PAIRS
     assert dequant == int(os.environ.get("ATOM_MX_DEQUANT_MIN_PAIRS", "2720"))
@@ -344,8 +373,7 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot"),
-                                            (128, "regdot_shared")])
+@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot")])
 # one token: the per-pair GEMV; 64: the register-decode grouped GEMM or an MXFP4 grouped kernel
 def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""

@@ -78,13 +78,9 @@ MX_DEQUANT_MIN_PAIRS = _env_pairs("ATOM_MX_DEQUANT_MIN_PAIRS", 2720)
 # / 128 / 512 tokens): regdot 206 / 288 / 395 / 436 / 444 / 596 / 1,329, scaled-dot 297 / 400 / 554 / 610 / 620
 # / 757 / 1,695. Two other hand-decoded kernels lost everywhere and were removed: float16 dots per scale block
 # (381-1,878) and a per-expert multi-row GEMV (292-4,260).
-# "regdot_shared" (_expert_gemm_mxs_kernel) is regdot with each decoded K chunk shared by up to 8 sub-tiles of 16
-# tokens of the same expert: when routing sends many of a batch's tokens to one expert, its weights are decoded
-# once per 128 tokens instead of once per 16-32.
-MX_GEMM = os.environ.get("ATOM_MX_GEMM", "regdot_shared")
-MX_GEMMS = ("regdot_shared", "regdot", "scaled_dot")
-if MX_GEMM not in MX_GEMMS:
-    raise ValueError(f"ATOM_MX_GEMM must be one of {', '.join(MX_GEMMS)}, not {MX_GEMM!r}")
+MX_GEMM = os.environ.get("ATOM_MX_GEMM", "regdot")
+if MX_GEMM not in ("regdot", "scaled_dot"):
+    raise ValueError(f"ATOM_MX_GEMM must be regdot or scaled_dot, not {MX_GEMM!r}")
 # ATOM_MX_PTX (default on; CUDA only, never on ROCm or under the interpreter): the MXFP4 GEMV and regdot decode
 # their packed bytes with inline PTX, four bytes a block (_e2m1_bytes_ptx: the float16 bits of two codes built in
 # one 32-bit register). Bit-identical to the element-wise decode (test_mxfp4_ptx_decode_is_bit_identical). H200,
@@ -97,6 +93,30 @@ MX_PTX = os.environ.get("ATOM_MX_PTX", "1") == "1"
 # converting them. Bit-identical; H200, same bench: 236 / 336 / 462 / 1,003 us at 8 / 32 / 128 / 512 tokens
 # against 252 / 355 / 488 / 1,067 for the float32 PTX decode.
 MX_REGDOT_BF16 = os.environ.get("ATOM_MX_REGDOT_BF16", "1") == "1"
+# ATOM_MX_SPLIT_K: regdot splits K over this many programs a tile, each storing float32 partial sums that
+# _split_k_finish_kernel adds (in a fixed order) before the epilogue. For batches with few tiles: a random-weight
+# engine routes every token to the same 4 experts (the router's bias decides), which leaves 4 experts x 1-4 tiles
+# x 45 column blocks of 23 sequential K steps each. "auto": MX_SPLIT_K_RULE; a number: always that split; or a
+# rule "T:S,...,S" (up to T tokens split S, the last S beyond), for sweeps.
+def _split_rule(raw: str) -> list[tuple[int, int]]:
+    """"T:S,...,S" -> [(T, S), ..., (2**62, S)]."""
+    rule, parts = [], [p.strip() for p in raw.split(",")]
+    try:
+        for part in parts[:-1]:
+            tokens, split = part.split(":")
+            rule.append((int(tokens), int(split)))
+        rule.append((2**62, int(parts[-1])))
+    except ValueError:
+        rule = []
+    if not rule or any(split < 1 for _, split in rule):
+        raise ValueError(f"ATOM_MX_SPLIT_K must be auto, a number >= 1 or a rule like 48:4,192:2,1; got {raw!r}")
+    return rule
+
+
+MX_SPLIT_K_RULE = _split_rule("1")  # placeholder until the H200 sweep (mx_paths_bench.py --sweep-kernels split)
+MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
+if MX_SPLIT_K != "auto":
+    _split_rule(MX_SPLIT_K)  # refuse a bad value at import
 
 
 @triton.jit
@@ -447,9 +467,9 @@ def _mx_decode_chunk(packed, scale_bytes, dtype: tl.constexpr, BLOCK_N: tl.const
 def _expert_gemm_mxr_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
-    bias_stride_e, out_stride, alpha, limit,
+    bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
     Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
@@ -458,7 +478,10 @@ def _expert_gemm_mxr_kernel(
     with the tile's even and odd activation columns [BLOCK_K/2, BLOCK_M] into one float32 accumulator over all
     of K. DECODE: "f32" (the element-wise float16-bit decode, scaled in float32 and converted), "ptx" (the same
     values by _e2m1_bytes_ptx) or "bf16" (_e2m1_bytes_bf16_ptx: bf16 weights scaled by bf16x2 multiplies; bf16
-    activations). Same epilogue as _expert_gemm_kernel."""
+    activations). Same epilogue as _expert_gemm_kernel. SPLIT_K > 1: program_id(2) takes one of SPLIT_K ranges of
+    K steps and stores its float32 sums (gate, then up: [pair, 2 n_out]) into part_ptr[split]; _split_k_finish_kernel
+    adds them in a fixed order and applies the epilogue. That is for batches whose tiles are too few to fill the
+    GPU, such as every token routed to the same few experts."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -473,7 +496,14 @@ def _expert_gemm_mxr_kernel(
     dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
+    k_begin = 0
+    k_end = k_dim
+    if SPLIT_K > 1:
+        split = tl.program_id(2)
+        k_span = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = split * k_span
+        k_end = tl.minimum(k_dim, k_begin + k_span)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         kb_ok = kb < k_dim // 2
         a_mask = kb_ok[:, None] & row_ok[None, :]
@@ -492,142 +522,46 @@ def _expert_gemm_mxr_kernel(
             else:
                 acc_up = tl.dot(low, a_even, acc_up)
                 acc_up = tl.dot(high, a_odd, acc_up)
-    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                      n_out, pair, row_ok, alpha, limit, GATED)
-
-
-@triton.jit
-def _sub_rows(sorted_ids_ptr, a_ptr, tile_start, r: tl.constexpr, num_pairs, a_row_div, a_stride,
-              SUB_M: tl.constexpr):
-    """Sub-tile r of a tile: its SUB_M pair ids, which are real, whether any is (a run's real pairs come before
-    its padding, so the first id tells), and its activation row pointers [1, SUB_M]."""
-    pair = tl.load(sorted_ids_ptr + tile_start + r * SUB_M + tl.arange(0, SUB_M)).to(tl.int64)
-    live = tl.load(sorted_ids_ptr + tile_start + r * SUB_M) < num_pairs
-    return pair, pair < num_pairs, live, a_ptr + (pair // a_row_div)[None, :] * a_stride
-
-
-@triton.jit
-def _sub_step(acc, live, low, high, a_cols, kb, kb_ok, row_ok, dtype: tl.constexpr):
-    """acc += the decoded chunk (low: elements 2j, high: 2j + 1) times the sub-tile's even / odd activation
-    columns, skipped when the sub-tile holds only padding."""
-    if live:
-        a_mask = kb_ok[:, None] & row_ok[None, :]
-        a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(dtype)
-        a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(dtype)
-        acc = tl.dot(low, a_even, acc)
-        acc = tl.dot(high, a_odd, acc)
-    return acc
-
-
-@triton.jit
-def _sub_store(acc, live, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
-               pair, row_ok, alpha, limit, GATED: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr):
-    """_store_transposed for one sub-tile; GATED: rows [0, BLOCK_N/2) of acc are the gate, the rest the up
-    projection of the same columns n."""
-    if live:
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
+        part_mask = n_ok[:, None] & row_ok[None, :]
+        tl.store(part, acc, mask=part_mask)
         if GATED:
-            gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, SUB_M]), (1, 2, 0)))
-        else:
-            gate, up = acc, acc
-        _store_transposed(gate, up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
+            tl.store(part + n_out, acc_up, mask=part_mask)
+    else:
+        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
                           n_ok, n_out, pair, row_ok, alpha, limit, GATED)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _expert_gemm_mxs_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
-    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
-    bias_stride_e, out_stride, alpha, limit,
-    GATED: tl.constexpr, E_PAD: tl.constexpr, SUB_M: tl.constexpr, SUBS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr,
-):
-    """regdot with the decoded weights shared by up to SUBS sub-tiles of SUB_M tokens ("regdot_shared"): a tile of
-    SUBS * SUB_M sorted pairs decodes each K chunk of its expert's rows once and dots it with every sub-tile that
-    holds real pairs (sub-tiles of padding only cost a scalar test), each into its own float32 accumulator. An
-    expert that gets many of a batch's tokens (routing concentrated on few experts) has its weights decoded
-    once per SUBS * SUB_M tokens, not once per SUB_M, while a sparsely routed batch pays no matrix work for
-    the padding. GATED: the program's BLOCK_N weight rows are BLOCK_N / 2 gate rows and the up rows of the same
-    columns, so one accumulator holds both (half the registers of two) and the epilogue splits it. Same
-    decode (_mx_decode_chunk) and epilogue as _expert_gemm_mxr_kernel."""
-    tile = tl.program_id(0)
-    n_blk = tl.program_id(1)
-    BLOCK_M: tl.constexpr = SUB_M * SUBS
-    tile_start = tile * BLOCK_M
-    if tile_start >= tl.load(padded_end_ptr + num_experts - 1):
+@triton.jit
+def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, part_stride_s,
+                           part_stride_p, bias_stride_e, out_stride, alpha, limit, GATED: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """The split-K regdot's epilogue for one pair and BLOCK columns: its SPLIT_K float32 partial sums added in split
+    order (deterministic), then _store_transposed's arithmetic: projection + bias rounded to the activation dtype
+    (a_ptr's), the clamped SwiGLU (GATED) or the routing weight."""
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:  # a pair of id -1 (another rank's expert) has no rows: nothing reads its output
         return
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    expert = tl.sum((ends <= tile_start).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
-    r = tl.arange(0, BLOCK_N)
-    if GATED:
-        n = n_blk * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # the program's output columns
-        col = n_blk * (BLOCK_N // 2) + r % (BLOCK_N // 2)
-        w_row = col + (r // (BLOCK_N // 2)) * n_out
-    else:
-        n = n_blk * BLOCK_N + r
-        col = n
-        w_row = col
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < n_out
-    col_ok = col < n_out
-    w_rows = w_ptr + expert * w_stride_e + w_row[:, None].to(tl.int64) * w_stride_n
-    s_rows = s_ptr + expert * s_stride_e + w_row[:, None].to(tl.int64) * s_stride_n
-    dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
-    p0, ok0, live0, a0 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 0, num_pairs, a_row_div, a_stride, SUB_M)
-    acc0 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    if SUBS > 1:
-        p1, ok1, live1, a1 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 1, num_pairs, a_row_div, a_stride, SUB_M)
-        acc1 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    if SUBS > 2:
-        p2, ok2, live2, a2 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 2, num_pairs, a_row_div, a_stride, SUB_M)
-        p3, ok3, live3, a3 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 3, num_pairs, a_row_div, a_stride, SUB_M)
-        acc2 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        acc3 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    if SUBS > 4:
-        p4, ok4, live4, a4 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 4, num_pairs, a_row_div, a_stride, SUB_M)
-        p5, ok5, live5, a5 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 5, num_pairs, a_row_div, a_stride, SUB_M)
-        p6, ok6, live6, a6 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 6, num_pairs, a_row_div, a_stride, SUB_M)
-        p7, ok7, live7, a7 = _sub_rows(sorted_ids_ptr, a_ptr, tile_start, 7, num_pairs, a_row_div, a_stride, SUB_M)
-        acc4 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        acc5 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        acc6 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        acc7 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        kb_ok = kb < k_dim // 2
-        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        packed = tl.load(w_rows + kb[None, :], mask=col_ok[:, None] & kb_ok[None, :], other=0)
-        scale_bytes = tl.load(s_rows + g[None, :], mask=col_ok[:, None] & (g < k_dim // 32)[None, :], other=127)
-        low, high = _mx_decode_chunk(packed, scale_bytes, dtype, BLOCK_N, BLOCK_K, DECODE)
-        acc0 = _sub_step(acc0, live0, low, high, a0, kb, kb_ok, ok0, dtype)
-        if SUBS > 1:
-            acc1 = _sub_step(acc1, live1, low, high, a1, kb, kb_ok, ok1, dtype)
-        if SUBS > 2:
-            acc2 = _sub_step(acc2, live2, low, high, a2, kb, kb_ok, ok2, dtype)
-            acc3 = _sub_step(acc3, live3, low, high, a3, kb, kb_ok, ok3, dtype)
-        if SUBS > 4:
-            acc4 = _sub_step(acc4, live4, low, high, a4, kb, kb_ok, ok4, dtype)
-            acc5 = _sub_step(acc5, live5, low, high, a5, kb, kb_ok, ok5, dtype)
-            acc6 = _sub_step(acc6, live6, low, high, a6, kb, kb_ok, ok6, dtype)
-            acc7 = _sub_step(acc7, live7, low, high, a7, kb, kb_ok, ok7, dtype)
-    _sub_store(acc0, live0, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p0, ok0, alpha, limit, GATED, BLOCK_N, SUB_M)
-    if SUBS > 1:
-        _sub_store(acc1, live1, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p1, ok1, alpha, limit, GATED, BLOCK_N, SUB_M)
-    if SUBS > 2:
-        _sub_store(acc2, live2, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p2, ok2, alpha, limit, GATED, BLOCK_N, SUB_M)
-        _sub_store(acc3, live3, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p3, ok3, alpha, limit, GATED, BLOCK_N, SUB_M)
-    if SUBS > 4:
-        _sub_store(acc4, live4, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p4, ok4, alpha, limit, GATED, BLOCK_N, SUB_M)
-        _sub_store(acc5, live5, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p5, ok5, alpha, limit, GATED, BLOCK_N, SUB_M)
-        _sub_store(acc6, live6, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p6, ok6, alpha, limit, GATED, BLOCK_N, SUB_M)
-        _sub_store(acc7, live7, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                   n_out, p7, ok7, alpha, limit, GATED, BLOCK_N, SUB_M)
+    rows = part_ptr + pair * part_stride_p + n
+    acc = tl.load(rows, mask=n_ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(rows + s * part_stride_s, mask=n_ok, other=0.0)
+    out_dtype = a_ptr.dtype.element_ty
+    bias = bias_ptr + expert * bias_stride_e + n
+    acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(out_dtype).to(tl.float32)
+    if GATED:
+        up = tl.load(rows + n_out, mask=n_ok, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):
+            up += tl.load(rows + n_out + s * part_stride_s, mask=n_ok, other=0.0)
+        up = (up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)).to(out_dtype).to(tl.float32)
+        acc = _swigluoai(acc, up, alpha, limit)
+    else:
+        acc = acc * tl.load(topk_w_ptr + pair)
+    tl.store(out_ptr + pair * out_stride + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -798,21 +732,12 @@ def _mx_pair_tile(num_tokens: int) -> dict:
     return _pair_tile(num_tokens)
 
 
-def _mx_tile(num_pairs: int, num_experts: int, kernel: str, max_per_expert: int | None = None) -> dict:
+def _mx_tile(num_pairs: int, num_experts: int, kernel: str) -> dict:
     """Tiles of the MXFP4 grouped GEMMs (kernel: MX_GEMM): block_m tokens (the padding unit of the expert sort),
-    block_n expert output columns (regdot_shared, gated: weight rows, half gate, half up), block_k the K step in
-    elements; regdot_shared: subs sub-tiles of sub_m tokens. max_per_expert: the most pairs one expert can get
-    (the batch's tokens)."""
-    if max_per_expert is None:
-        max_per_expert = num_pairs
+    block_n expert output columns, block_k the K step in elements."""
     if MX_TILE_OVERRIDE is not None:
         return MX_TILE_OVERRIDE
     per_expert = num_pairs / max(num_experts, 1)
-    if kernel == "regdot_shared":
-        # sub-tiles of 16 tokens, as many as an expert can get (a token picks an expert once, so at most
-        # num_pairs / top_k = the batch's tokens, passed in as max_per_expert), up to 8
-        subs = min(8, triton.next_power_of_2(triton.cdiv(max(max_per_expert, 1), 16)))
-        return dict(block_m=16 * subs, sub_m=16, subs=subs, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if kernel == "regdot":
         # H200 sweep of the bf16 decode (mx_paths_bench.py --sweep, 2026-12-02, 32 experts, top-4, us a layer):
         # [16, 64] won at 1 and 4 pairs an expert (8 tokens 236 against 283-684; 32 tokens 336 against 396-1,009),
@@ -836,34 +761,47 @@ def _mx_tile(num_pairs: int, num_experts: int, kernel: str, max_per_expert: int 
     return dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
+def _mx_split_k(num_tokens: int, kernel: str) -> int:
+    """How many K ranges regdot splits its GEMMs into (MX_SPLIT_K; "auto": by the batch's tokens)."""
+    if kernel != "regdot":
+        return 1
+    rule = MX_SPLIT_K_RULE if MX_SPLIT_K == "auto" else _split_rule(MX_SPLIT_K)
+    return next(split for max_tokens, split in rule if num_tokens <= max_tokens)
+
+
 def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit) -> torch.Tensor:
     num_tokens = x.shape[0]
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_tile(num_pairs, num_experts, MX_GEMM, num_tokens)
+    tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
     block_m = tile["block_m"]
-    decode = regdot_decode(x) if MX_GEMM != "scaled_dot" else None
+    decode = regdot_decode(x) if MX_GEMM == "regdot" else None
+    split_k = tile.get("split_k") or _mx_split_k(num_tokens, MX_GEMM)
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
+    ids = topk_ids.reshape(-1)
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
         args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
-        if MX_GEMM == "regdot_shared":
-            cols = tile["block_n"] // 2 if gated else tile["block_n"]  # gated: half the rows are the up rows
-            _expert_gemm_mxs_kernel[(num_tiles, triton.cdiv(n_out, cols))](
-                *args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), SUB_M=tile["sub_m"],
-                SUBS=tile["subs"], BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], F32_DOT=interpreting(),
-                DECODE=decode, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-            return
         if MX_GEMM == "regdot":
-            _expert_gemm_mxr_kernel[grid](*args, GATED=gated, E_PAD=triton.next_power_of_2(num_experts),
-                                          BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                                          F32_DOT=interpreting(), DECODE=decode, num_warps=tile["num_warps"],
-                                          num_stages=tile["num_stages"])
+            part = out  # any pointer without the split
+            if split_k > 1:
+                part = torch.empty(split_k, num_pairs, (2 if gated else 1) * n_out, dtype=torch.float32,
+                                   device=a.device)
+            _expert_gemm_mxr_kernel[(*grid, split_k)](
+                *args, part, part.stride(0) if split_k > 1 else 0, part.stride(-2), GATED=gated,
+                E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
+                BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
+                num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+            if split_k > 1:
+                block = 256
+                _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
+                    part, a, b, out, ids, weights, n_out, part.stride(0), part.stride(1), b.stride(0), out.stride(0),
+                    alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4)
             return
         _expert_gemm_mx_kernel[grid](
             *args, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
