@@ -43,9 +43,9 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
          for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
                                    (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
-# regdot's K split (ATOM_MX_SPLIT_K) with three tiles: (block_m, block_n, split_k)
+# regdot's K split (ATOM_MX_SPLIT_K) with two tiles: (block_m, block_n, split_k)
 SPLIT_SWEEP = [(dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3), split)
-               for bm, bn in ((16, 64), (32, 64), (32, 128)) for split in (1, 2, 3, 4, 6)]
+               for bm, bn in ((16, 64), (32, 64)) for split in (1, 2, 3, 4, 6)]
 
 
 def main() -> None:
