@@ -43,10 +43,9 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
          for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
                                    (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
-# regdot's K split (ATOM_MX_SPLIT_K) and sub-tiles: (block_m, sub_m (None: one dot over the tile), split_k)
-SPLIT_SWEEP = [(dict(block_m=bm, block_n=64, block_k=128, num_warps=4, num_stages=3, **({"sub_m": sm} if sm else {})),
-                split)
-               for bm, sm, split in ((16, None, 3), (32, None, 2), (32, 16, 2), (32, 16, 3), (64, 16, 2), (64, 16, 4))]
+# regdot's K split (ATOM_MX_SPLIT_K) with two tiles: (block_m, block_n, split_k)
+SPLIT_SWEEP = [(dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3), split)
+               for bm, bn in ((16, 64), (32, 64)) for split in (1, 2, 3, 4, 6)]
 
 
 def main() -> None:

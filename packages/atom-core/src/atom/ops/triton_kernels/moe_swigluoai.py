@@ -463,107 +463,52 @@ def _mx_decode_chunk(packed, scale_bytes, dtype: tl.constexpr, BLOCK_N: tl.const
     return low, high
 
 
-@triton.jit
-def _mxr_sub(sorted_ids_ptr, a_ptr, tile_start, r: tl.constexpr, num_pairs, a_row_div, a_stride,
-             SUB_M: tl.constexpr):
-    """Sub-tile r of a regdot tile: its SUB_M pair ids, which are real, whether any is (an expert's real pairs come
-    before its padding, so its first id tells; sub-tile 0 of a tile always has one) and its activation row
-    pointers [1, SUB_M]."""
-    pair = tl.load(sorted_ids_ptr + tile_start + r * SUB_M + tl.arange(0, SUB_M)).to(tl.int64)
-    live = tl.load(sorted_ids_ptr + tile_start + r * SUB_M) < num_pairs
-    return pair, pair < num_pairs, live, a_ptr + (pair // a_row_div)[None, :] * a_stride
-
-
-@triton.jit
-def _mxr_dot(acc, live, low, high, a_cols, kb, kb_ok, row_ok, dtype: tl.constexpr, ALWAYS: tl.constexpr):
-    """acc += the decoded chunk (low: elements 2j, high: 2j + 1) times the sub-tile's even / odd activation
-    columns; skipped when the sub-tile holds padding only (unless ALWAYS: sub-tile 0)."""
-    if ALWAYS or live:
-        a_mask = kb_ok[:, None] & row_ok[None, :]
-        a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(dtype)
-        a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(dtype)
-        acc = tl.dot(low, a_even, acc)
-        acc = tl.dot(high, a_odd, acc)
-    return acc
-
-
-@triton.jit
-def _mxr_store(acc, acc_up, live, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
-               n_ok, n_out, pair, row_ok, alpha, limit, part_ptr, part_stride_s, part_stride_p,
-               GATED: tl.constexpr, SPLIT_K: tl.constexpr, ALWAYS: tl.constexpr):
-    """A sub-tile's epilogue: _store_transposed, or (SPLIT_K > 1) its float32 partial sums into part_ptr[split]."""
-    if ALWAYS or live:
-        if SPLIT_K > 1:
-            part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
-            part_mask = n_ok[:, None] & row_ok[None, :]
-            tl.store(part, acc, mask=part_mask)
-            if GATED:
-                tl.store(part + n_out, acc_up, mask=part_mask)
-        else:
-            _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride,
-                              n, n_ok, n_out, pair, row_ok, alpha, limit, GATED)
-
-
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mxr_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
-    GATED: tl.constexpr, E_PAD: tl.constexpr, SUB_M: tl.constexpr, SUBS: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
     Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
     memory): per K step the expert's packed rows [BLOCK_N, BLOCK_K/2] become two scaled operands in the activation
     dtype (low nibbles: elements 2j, high: 2j + 1; the float16-bit decode times 2^(s - 127 + 14), exact), dotted
-    with the tile's even and odd activation columns [BLOCK_K/2, SUB_M] into float32 accumulators over all of K.
-    DECODE: "f32" (the element-wise float16-bit decode, scaled in float32 and converted), "ptx" (the same values
-    by _e2m1_bytes_ptx) or "bf16" (_e2m1_bytes_bf16_ptx: bf16 weights scaled by bf16x2 multiplies; bf16
-    activations). Same epilogue as _expert_gemm_kernel.
-    A tile is SUBS (1, 2 or 4) sub-tiles of SUB_M sorted pairs that share each decoded chunk, each with its own
-    accumulators; a sub-tile of padding only skips its loads and dots, so a tile of 2-4 sub-tiles costs about one
-    sub-tile's matrix work when its expert has few pairs, and decodes once for all of them when it has many.
-    SPLIT_K > 1: program_id(2) takes one of SPLIT_K ranges of K steps and stores its float32 sums (gate, then up:
-    [pair, 2 n_out]) into part_ptr[split]; _split_k_finish_kernel adds them in a fixed order and applies the
-    epilogue. Both are for batches whose tiles are too few to fill the GPU, such as every token routed to the
-    same few experts."""
+    with the tile's even and odd activation columns [BLOCK_K/2, BLOCK_M] into one float32 accumulator over all
+    of K. DECODE: "f32" (the element-wise float16-bit decode, scaled in float32 and converted), "ptx" (the same
+    values by _e2m1_bytes_ptx) or "bf16" (_e2m1_bytes_bf16_ptx: bf16 weights scaled by bf16x2 multiplies; bf16
+    activations). Same epilogue as _expert_gemm_kernel. SPLIT_K > 1: program_id(2) takes one of SPLIT_K ranges of
+    K steps and stores its float32 sums (gate, then up: [pair, 2 n_out]) into part_ptr[split]; _split_k_finish_kernel
+    adds them in a fixed order and applies the epilogue. That is for batches whose tiles are too few to fill the
+    GPU, such as every token routed to the same few experts."""
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    BLOCK_M: tl.constexpr = SUB_M * SUBS
-    tile_start = tile * BLOCK_M
-    if tile_start >= tl.load(padded_end_ptr + num_experts - 1):
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
         return
-    e = tl.arange(0, E_PAD)
-    ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=2**30)
-    expert = tl.sum((ends <= tile_start).to(tl.int32), axis=0).to(tl.int64)  # the run this tile is in
+    row_ok = pair < num_pairs
+    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
     n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     w_rows = w_ptr + expert * w_stride_e + n[:, None] * w_stride_n
     s_rows = s_ptr + expert * s_stride_e + n[:, None] * s_stride_n
     dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
-    p0, ok0, live0, a0 = _mxr_sub(sorted_ids_ptr, a_ptr, tile_start, 0, num_pairs, a_row_div, a_stride, SUB_M)
-    acc0 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    up0 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    if SUBS > 1:
-        p1, ok1, live1, a1 = _mxr_sub(sorted_ids_ptr, a_ptr, tile_start, 1, num_pairs, a_row_div, a_stride, SUB_M)
-        acc1 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        up1 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-    if SUBS > 2:
-        p2, ok2, live2, a2 = _mxr_sub(sorted_ids_ptr, a_ptr, tile_start, 2, num_pairs, a_row_div, a_stride, SUB_M)
-        p3, ok3, live3, a3 = _mxr_sub(sorted_ids_ptr, a_ptr, tile_start, 3, num_pairs, a_row_div, a_stride, SUB_M)
-        acc2 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        up2 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        acc3 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
-        up3 = tl.zeros([BLOCK_N, SUB_M], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     k_begin = 0
     k_end = k_dim
     if SPLIT_K > 1:
+        split = tl.program_id(2)
         k_span = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_begin = tl.program_id(2) * k_span
+        k_begin = split * k_span
         k_end = tl.minimum(k_dim, k_begin + k_span)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         kb_ok = kb < k_dim // 2
+        a_mask = kb_ok[:, None] & row_ok[None, :]
+        a_even = tl.load(a_cols + (2 * kb)[:, None], mask=a_mask, other=0.0).to(dtype)
+        a_odd = tl.load(a_cols + (2 * kb + 1)[:, None], mask=a_mask, other=0.0).to(dtype)
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w_mask = n_ok[:, None] & kb_ok[None, :]
         s_mask = n_ok[:, None] & (g < k_dim // 32)[None, :]
@@ -572,29 +517,20 @@ def _expert_gemm_mxr_kernel(
             scale_bytes = tl.load(s_rows + up * n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
             low, high = _mx_decode_chunk(packed, scale_bytes, dtype, BLOCK_N, BLOCK_K, DECODE)
             if up == 0:
-                acc0 = _mxr_dot(acc0, live0, low, high, a0, kb, kb_ok, ok0, dtype, True)
-                if SUBS > 1:
-                    acc1 = _mxr_dot(acc1, live1, low, high, a1, kb, kb_ok, ok1, dtype, False)
-                if SUBS > 2:
-                    acc2 = _mxr_dot(acc2, live2, low, high, a2, kb, kb_ok, ok2, dtype, False)
-                    acc3 = _mxr_dot(acc3, live3, low, high, a3, kb, kb_ok, ok3, dtype, False)
+                acc = tl.dot(low, a_even, acc)
+                acc = tl.dot(high, a_odd, acc)
             else:
-                up0 = _mxr_dot(up0, live0, low, high, a0, kb, kb_ok, ok0, dtype, True)
-                if SUBS > 1:
-                    up1 = _mxr_dot(up1, live1, low, high, a1, kb, kb_ok, ok1, dtype, False)
-                if SUBS > 2:
-                    up2 = _mxr_dot(up2, live2, low, high, a2, kb, kb_ok, ok2, dtype, False)
-                    up3 = _mxr_dot(up3, live3, low, high, a3, kb, kb_ok, ok3, dtype, False)
-    _mxr_store(acc0, up0, live0, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-               n_out, p0, ok0, alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K, True)
-    if SUBS > 1:
-        _mxr_store(acc1, up1, live1, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
-                   n_ok, n_out, p1, ok1, alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K, False)
-    if SUBS > 2:
-        _mxr_store(acc2, up2, live2, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
-                   n_ok, n_out, p2, ok2, alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K, False)
-        _mxr_store(acc3, up3, live3, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
-                   n_ok, n_out, p3, ok3, alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K, False)
+                acc_up = tl.dot(low, a_even, acc_up)
+                acc_up = tl.dot(high, a_odd, acc_up)
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
+        part_mask = n_ok[:, None] & row_ok[None, :]
+        tl.store(part, acc, mask=part_mask)
+        if GATED:
+            tl.store(part + n_out, acc_up, mask=part_mask)
+    else:
+        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
+                          n_ok, n_out, pair, row_ok, alpha, limit, GATED)
 
 
 @triton.jit
@@ -842,9 +778,6 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     block_m = tile["block_m"]
     decode = regdot_decode(x) if MX_GEMM == "regdot" else None
     split_k = tile.get("split_k") or _mx_split_k(num_tokens, MX_GEMM)
-    sub_m = tile.get("sub_m", block_m)  # regdot: sub-tiles of sub_m pairs (block_m: one dot over the whole tile)
-    if block_m // sub_m not in (1, 2, 4) or block_m % sub_m:
-        raise ValueError(f"regdot tile: block_m {block_m} must be 1, 2 or 4 sub-tiles of sub_m {sub_m}")
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
     ids = topk_ids.reshape(-1)
@@ -861,8 +794,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                                    device=a.device)
             _expert_gemm_mxr_kernel[(*grid, split_k)](
                 *args, part, part.stride(0) if split_k > 1 else 0, part.stride(-2), GATED=gated,
-                E_PAD=triton.next_power_of_2(num_experts), SUB_M=sub_m, SUBS=block_m // sub_m,
-                BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
+                E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
+                BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
                 num_warps=tile["num_warps"], num_stages=tile["num_stages"])
             if split_k > 1:
                 block = 256
