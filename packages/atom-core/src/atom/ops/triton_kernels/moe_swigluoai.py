@@ -113,7 +113,15 @@ def _split_rule(raw: str) -> list[tuple[int, int]]:
     return rule
 
 
-MX_SPLIT_K_RULE = _split_rule("1")  # placeholder until the H200 sweep (mx_paths_bench.py --sweep-kernels split)
+# H200, gpt-oss-20b experts (mx_paths_bench.py --sweep-kernels split, two calls of 2026-12-02, us a layer call,
+# concentrated / random routing): 32 tokens, [16, 64] tile: split 1 142.9, 138.2 / 331.7, 329.6; split 3 111.7,
+# 114.1 / 334.5, 337.1 (split 2 119.7 / 329.4, 4 110.3 / 341.2, 6 113.7 / 354.1). 128 tokens, [32, 64]: split 1
+# 281.3, 277.3 / 440.2, 471.1; split 2 250.2, 257.8 / 438.5, 471.7 (3 253.8 / 452.9, 4 261.9 / 466.2). In the
+# engine (gpt-oss-20b, random weights) batch 32 went from 5.08 to 4.38 ms a step. The [32, 64] tile with split 2
+# was faster still where routing is concentrated (84.6-90.2 us; engine 3.87 ms) but 18-28% slower with random
+# routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
+# everywhere (125.6 / 426.9 at 32 tokens).
+MX_SPLIT_K_RULE = _split_rule("64:3,192:2,1")
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
