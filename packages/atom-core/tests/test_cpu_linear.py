@@ -12,8 +12,30 @@ from atom.ops import cpu_linear
 from atom.quantization.base import process_weights_after_loading
 
 pytestmark = pytest.mark.skipif(not cpu_linear.enabled(), reason="torch built without mkldnn")
+ONEDNN_BF16 = torch.bfloat16 in cpu_linear._ONEDNN_DTYPES
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU's oneDNN has no bf16 linear (no AVX512)")
 
 
+def test_onednn_dtypes_follow_the_cpu():
+    """The dtypes packed are those torch's oneDNN runs on this CPU (bf16: AVX512 or AVX-NE-CONVERT)."""
+    assert ONEDNN_BF16 == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert (torch.float16 in cpu_linear._ONEDNN_DTYPES) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def test_a_cpu_without_onednn_bf16_keeps_f_linear(monkeypatch):
+    """On an AVX2-only CPU `_reorder_linear_weight` raises for bf16: such weights keep F.linear (same results, no
+    packed copy), eager and compiled, instead of failing the forward."""
+    monkeypatch.setattr(cpu_linear, "_ONEDNN_DTYPES", ())
+    layer = nn.Linear(96, 160).to(torch.bfloat16)
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    want = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(cpu_linear.linear(x, layer.weight, layer.bias, layer), want)
+    assert not cpu_linear.has_packed_copy(layer.weight)
+    out, ops = _compiled_ops(layer, x)
+    assert "atom.cpu_packed_linear" not in ops and torch.equal(out, want)
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96)])
 def test_packed_linear_matches_f_linear_bf16(shape):
     gen = torch.Generator().manual_seed(0)
@@ -33,6 +55,7 @@ def test_float32_keeps_f_linear():
     assert not cpu_linear.has_packed_copy(w)
 
 
+@needs_onednn_bf16
 def test_reload_drops_the_packed_weight():
     model = nn.Sequential(nn.Linear(16, 8, bias=False)).to(torch.bfloat16)
     layer = model[0]
@@ -44,6 +67,7 @@ def test_reload_drops_the_packed_weight():
                                rtol=0, atol=0)
 
 
+@needs_onednn_bf16
 def test_compiled_linear_keeps_the_packed_weight():
     """Under torch.compile the packed GEMM is the custom op atom::cpu_packed_linear (Inductor cannot hold the
     packed tensor), fed the parameter itself, with the eager packed results."""
@@ -111,4 +135,4 @@ def test_host_packer_serves_the_linears_and_can_be_taken_back():
     torch.testing.assert_close(cpu_linear.linear(x, layer.weight, layer.bias, layer),
                                F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
     _, ops = _compiled_ops(layer, x)
-    assert "atom.cpu_packed_linear" in ops and len(packed) == 1
+    assert ("atom.cpu_packed_linear" in ops) == ONEDNN_BF16 and len(packed) == 1

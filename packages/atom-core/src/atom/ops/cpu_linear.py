@@ -6,8 +6,9 @@ against 163 ms at batch 32; BENCHMARKS.md, CPU).
 
 The packed copy lives on the weight tensor itself (the plain weight stays: the embedding, tied heads, reloads
 and other hosts read it), made on the weight's first CPU forward and dropped when its weights are (re)loaded.
-Only 16-bit weights are packed (float32 keeps F.linear's exact results); ATOM_CPU_PACKED_LINEAR=0 turns
-it off. Under torch.compile the call is the custom op `torch.ops.atom.cpu_packed_linear` (Inductor cannot
+Only 16-bit weights are packed (float32 keeps F.linear's exact results), and only in the dtypes this CPU's
+oneDNN runs (bf16 needs AVX512 or AVX-NE-CONVERT: an AVX2-only CPU keeps F.linear); ATOM_CPU_PACKED_LINEAR=0
+turns it off. Under torch.compile the call is the custom op `torch.ops.atom.cpu_packed_linear` (Inductor cannot
 hold oneDNN's opaque packed tensor), so a compiled CPU forward keeps the packed GEMMs; the op receives the
 parameter itself and finds its packed copy there.
 
@@ -31,12 +32,32 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _MKLDNN = torch.backends.mkldnn.is_available()  # (read once: torch.compile cannot trace the query)
 
 
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The 16-bit dtypes torch's oneDNN linear runs on this CPU: its bf16 path needs AVX512 (bw, vl, dq) or
+    AVX-NE-CONVERT, its fp16 path AVX512-FP16 or AVX-NE-CONVERT; on others (AVX2-only CPUs: many AMD and
+    laptop parts) `_reorder_linear_weight` raises, so those weights keep F.linear."""
+    checks = ((torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported"))
+    out = []
+    for dtype, name in checks:
+        try:
+            if getattr(torch.ops.mkldnn, name)():
+                out.append(dtype)
+        except (AttributeError, RuntimeError):  # a torch without the query: do not pack that dtype
+            pass
+    return tuple(out)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes() if _MKLDNN else ()  # (read once, as _MKLDNN)
+
+
 def enabled() -> bool:
     return os.environ.get("ATOM_CPU_PACKED_LINEAR", "1").lower() not in ("0", "false", "no", "off") and _MKLDNN
 
 
 def _packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in _DTYPES and x.dtype == weight.dtype and enabled()
+    # a host packer (set_host_packer) brings its own GEMMs; torch's oneDNN ops only the dtypes this CPU runs
+    dtypes = _DTYPES if _host_packer is not None else _ONEDNN_DTYPES
+    return weight.device.type == "cpu" and weight.dtype in dtypes and x.dtype == weight.dtype and enabled()
 
 
 PackedLinear = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (x, bias) -> x @ weight^T + bias
