@@ -28,6 +28,7 @@ import sys
 
 import pytest
 import torch
+from conftest import NO_VLLM_FP8_KV, VLLM_FP8_KV
 from tiny_checkpoints_vllm import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,7 @@ def identical_until_near_ties(got: list[list[int]], ref: list[list[int]], ref_ga
     return same
 
 
+@pytest.mark.skipif(not VLLM_FP8_KV, reason=NO_VLLM_FP8_KV)
 def test_fp8_checkpoint_with_kv_scales_matches_vllm_builtin(checkpoints, offline_runs):
     spec = checkpoints["llama_fp8_kv"] + "@bf16"
     atom, builtin = offline_runs["atom"]["results"][spec], offline_runs["builtin"]["results"][spec]
@@ -86,6 +88,7 @@ def _atom_reference(path: str) -> tuple[list[list[int]], list[list[float]]]:
     return tokens, gaps
 
 
+@pytest.mark.skipif(not VLLM_FP8_KV, reason=NO_VLLM_FP8_KV)
 def test_block_fp8_moe_with_fp8_kv_cache_matches_atom_reference(checkpoints, offline_runs):
     path = checkpoints["qwen3_moe_fp8_block"]
     run = offline_runs["atom"]["results"][path + "@bf16@kvfp8"]
