@@ -113,8 +113,8 @@ def main() -> None:
                 for tile in SWEEP if "regdot" in kernels else ():
                     run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
                 for tile, split in SPLIT_SWEEP if "split" in kernels else ():
-                    run(tokens, "regdot_split", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args, want,
-                        dict(tile, split_k=split))
+                    run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args,
+                        want, tile)
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)

@@ -317,24 +317,20 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
               TOL[torch.bfloat16])
 
 
-def test_split_k_rule():
+def test_split_k_rule(monkeypatch):
     """ATOM_MX_SPLIT_K: a number, or "T:S,...,S" (up to T tokens split S, the last S beyond); anything else is
     refused with the variable's name; scaled-dot never splits."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
-    assert tk._split_rule("48:4,192:2,1") == [(48, 4), (192, 2), (2**62, 1)]
+    assert tk._split_rule("48:4,192:2,1") == ((48, 4), (192, 2), (2**62, 1))
     for bad in ("0", "four", "48:", "48:0,1", "", "48:4"):  # "48:4": no split beyond 48 tokens
         with pytest.raises(ValueError, match="ATOM_MX_SPLIT_K"):
             tk._split_rule(bad)
-    saved = tk.MX_SPLIT_K
-    try:
-        tk.MX_SPLIT_K = "48:4,192:2,1"
-        assert [tk._mx_split_k(t, "regdot") for t in (1, 48, 49, 192, 193)] == [4, 4, 2, 2, 1]
-        assert tk._mx_split_k(32, "scaled_dot") == 1
-        tk.MX_SPLIT_K = "3"
-        assert tk._mx_split_k(1000, "regdot") == 3
-    finally:
-        tk.MX_SPLIT_K = saved
+    monkeypatch.setattr(tk, "MX_SPLIT_K", "48:4,192:2,1")
+    assert [tk._mx_split_k(t, "regdot") for t in (1, 48, 49, 192, 193)] == [4, 4, 2, 2, 1]
+    assert tk._mx_split_k(32, "scaled_dot") == 1
+    monkeypatch.setattr(tk, "MX_SPLIT_K", "3")
+    assert tk._mx_split_k(1000, "regdot") == 3
 
 
 def test_mxfp4_default_paths():

@@ -98,8 +98,9 @@ MX_REGDOT_BF16 = os.environ.get("ATOM_MX_REGDOT_BF16", "1") == "1"
 # engine routes every token to the same 4 experts (the router's bias decides), which leaves 4 experts x 1-4 tiles
 # x 45 column blocks of 23 sequential K steps each. "auto": MX_SPLIT_K_RULE; a number: always that split; or a
 # rule "T:S,...,S" (up to T tokens split S, the last S beyond), for sweeps.
-def _split_rule(raw: str) -> list[tuple[int, int]]:
-    """"T:S,...,S" -> [(T, S), ..., (2**62, S)]."""
+@functools.cache  # _mx_split_k reads it on every MoE call
+def _split_rule(raw: str) -> tuple[tuple[int, int], ...]:
+    """"T:S,...,S" -> ((T, S), ..., (2**62, S))."""
     rule, parts = [], [p.strip() for p in raw.split(",")]
     try:
         for part in parts[:-1]:
@@ -110,7 +111,7 @@ def _split_rule(raw: str) -> list[tuple[int, int]]:
         rule = []
     if not rule or any(split < 1 for _, split in rule):
         raise ValueError(f"ATOM_MX_SPLIT_K must be auto, a number >= 1 or a rule like 48:4,192:2,1; got {raw!r}")
-    return rule
+    return tuple(rule)
 
 
 # H200, gpt-oss-20b experts (mx_paths_bench.py --sweep-kernels split, two calls of 2026-12-02, us a layer call,
@@ -121,7 +122,7 @@ def _split_rule(raw: str) -> list[tuple[int, int]]:
 # was faster still where routing is concentrated (84.6-90.2 us; engine 3.87 ms) but 18-28% slower with random
 # routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
 # everywhere (125.6 / 426.9 at 32 tokens).
-MX_SPLIT_K_RULE = _split_rule("64:3,192:2,1")
+MX_SPLIT_K_RULE = "64:3,192:2,1"
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
@@ -386,20 +387,30 @@ def _expert_gemm_kernel(
 
 
 @triton.jit
+def _epilogue(acc, acc_up, bias, bias_up, weight, out_dtype: tl.constexpr, alpha, limit, GATED: tl.constexpr):
+    """Projection + bias (float32, broadcast to acc's shape) rounded to the activation dtype, then the clamped
+    SwiGLU (GATED: acc_up holds the up projection, bias_up its bias) or the routing weight."""
+    acc = (acc + bias).to(out_dtype).to(tl.float32)
+    if GATED:
+        acc = _swigluoai(acc, (acc_up + bias_up).to(out_dtype).to(tl.float32), alpha, limit)
+    else:
+        acc = acc * weight
+    return acc
+
+
+@triton.jit
 def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
                       n_out, pair, row_ok, alpha, limit, GATED: tl.constexpr):
-    """The epilogue of the out^T = W A^T kernels (accumulators [BLOCK_N, BLOCK_M]), as _expert_gemm_kernel's:
-    projection + bias rounded to the activation dtype, then the clamped SwiGLU (GATED: acc_up holds the up
-    projection) or the routing weight; out[pair, n] stored."""
-    out_dtype = a_ptr.dtype.element_ty
+    """The epilogue of the out^T = W A^T kernels (accumulators [BLOCK_N, BLOCK_M]), as _expert_gemm_kernel's
+    (_epilogue); out[pair, n] stored."""
     bias = bias_ptr + expert * bias_stride_e + n
+    b = tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if GATED:
-        gate = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype)
-        acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
+        acc = _epilogue(acc, acc_up, b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None], 1.0,
+                        a_ptr.dtype.element_ty, alpha, limit, GATED)
     else:
-        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]).to(out_dtype).to(tl.float32)
-        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :]
+        acc = _epilogue(acc, acc_up, b, 0.0, tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :],
+                        a_ptr.dtype.element_ty, alpha, limit, GATED)
     tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & row_ok[None, :])
 
@@ -542,12 +553,20 @@ def _expert_gemm_mxr_kernel(
 
 
 @triton.jit
+def _sum_splits(rows, part_stride_s, n_ok, SPLIT_K: tl.constexpr):
+    """The SPLIT_K float32 partial sums of rows, added in split order (the same bits every run)."""
+    acc = tl.load(rows, mask=n_ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(rows + s * part_stride_s, mask=n_ok, other=0.0)
+    return acc
+
+
+@triton.jit
 def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, part_stride_s,
                            part_stride_p, bias_stride_e, out_stride, alpha, limit, GATED: tl.constexpr,
                            SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """The split-K regdot's epilogue for one pair and BLOCK columns: its SPLIT_K float32 partial sums added in split
-    order (deterministic), then _store_transposed's arithmetic: projection + bias rounded to the activation dtype
-    (a_ptr's), the clamped SwiGLU (GATED) or the routing weight."""
+    order (_sum_splits), then _epilogue (the activation dtype is a_ptr's)."""
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     if expert < 0:  # a pair of id -1 (another rank's expert) has no rows: nothing reads its output
@@ -555,20 +574,15 @@ def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_p
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < n_out
     rows = part_ptr + pair * part_stride_p + n
-    acc = tl.load(rows, mask=n_ok, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(rows + s * part_stride_s, mask=n_ok, other=0.0)
-    out_dtype = a_ptr.dtype.element_ty
     bias = bias_ptr + expert * bias_stride_e + n
-    acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(out_dtype).to(tl.float32)
+    acc = _sum_splits(rows, part_stride_s, n_ok, SPLIT_K)
+    b = tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)
     if GATED:
-        up = tl.load(rows + n_out, mask=n_ok, other=0.0)
-        for s in tl.static_range(1, SPLIT_K):
-            up += tl.load(rows + n_out + s * part_stride_s, mask=n_ok, other=0.0)
-        up = (up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)).to(out_dtype).to(tl.float32)
-        acc = _swigluoai(acc, up, alpha, limit)
+        acc = _epilogue(acc, _sum_splits(rows + n_out, part_stride_s, n_ok, SPLIT_K),
+                        b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32), 1.0, a_ptr.dtype.element_ty,
+                        alpha, limit, GATED)
     else:
-        acc = acc * tl.load(topk_w_ptr + pair)
+        acc = _epilogue(acc, acc, b, 0.0, tl.load(topk_w_ptr + pair), a_ptr.dtype.element_ty, alpha, limit, GATED)
     tl.store(out_ptr + pair * out_stride + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -773,7 +787,7 @@ def _mx_split_k(num_tokens: int, kernel: str) -> int:
     """How many K ranges regdot splits its GEMMs into (MX_SPLIT_K; "auto": by the batch's tokens)."""
     if kernel != "regdot":
         return 1
-    rule = MX_SPLIT_K_RULE if MX_SPLIT_K == "auto" else _split_rule(MX_SPLIT_K)
+    rule = _split_rule(MX_SPLIT_K_RULE if MX_SPLIT_K == "auto" else MX_SPLIT_K)
     return next(split for max_tokens, split in rule if num_tokens <= max_tokens)
 
 
@@ -785,7 +799,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
     block_m = tile["block_m"]
     decode = regdot_decode(x) if MX_GEMM == "regdot" else None
-    split_k = tile.get("split_k") or _mx_split_k(num_tokens, MX_GEMM)
+    split_k = _mx_split_k(num_tokens, MX_GEMM)
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
     ids = topk_ids.reshape(-1)
@@ -796,19 +810,20 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
         if MX_GEMM == "regdot":
-            part = out  # any pointer without the split
+            part, part_strides = out, (0, 0)  # any pointer without the split
             if split_k > 1:
                 part = torch.empty(split_k, num_pairs, (2 if gated else 1) * n_out, dtype=torch.float32,
                                    device=a.device)
+                part_strides = part.stride(0), part.stride(1)
             _expert_gemm_mxr_kernel[(*grid, split_k)](
-                *args, part, part.stride(0) if split_k > 1 else 0, part.stride(-2), GATED=gated,
+                *args, part, *part_strides, GATED=gated,
                 E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
                 BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
                 num_warps=tile["num_warps"], num_stages=tile["num_stages"])
             if split_k > 1:
                 block = 256
                 _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
-                    part, a, b, out, ids, weights, n_out, part.stride(0), part.stride(1), b.stride(0), out.stride(0),
+                    part, a, b, out, ids, weights, n_out, *part_strides, b.stride(0), out.stride(0),
                     alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4)
             return
         _expert_gemm_mx_kernel[grid](
