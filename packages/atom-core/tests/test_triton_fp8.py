@@ -165,23 +165,31 @@ LINEAR_CASES = {
 
 
 def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True, gemv_max_m=None,
-                gemv_tile=None, f32_tol=None, gemv_fused=None):
+                gemv_tile=None, f32_tol=None, gemv_fused=None, swap_max_m=None, swap_tile=None):
     """split: a split-K override for the path M takes (the GEMV's K step is then one scale block, so tiny K
     still has several steps); gemv_max_m: the GEMV/tl.dot bound for this call (None: the module's); gemv_fused:
-    whether the GEMV quantizes the activations itself (None: the module's GEMV_FUSED_QUANT). Returns the output."""
+    whether the GEMV quantizes the activations itself (None: the module's GEMV_FUSED_QUANT); swap_max_m /
+    swap_tile: the swap-AB kernel's row bound and tile for this call. Returns the output."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     q, s, block_size = _weight(n, k, layout, block or (128, 128), dtype)
     x = activations(m, k, xdtype)
     b = rand(n, dtype=xdtype) if bias else None
     sub_k = block_size[1] if block_size else 128
-    default_max_m, default_fused = tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT
+    default_max_m, default_fused, default_swap = tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT, tk.SWAP_MAX_M
     if gemv_max_m is not None:
         tk.GEMV_MAX_M = gemv_max_m
     if gemv_fused is not None:
         tk.GEMV_FUSED_QUANT = gemv_fused
+    if swap_max_m is not None:
+        tk.SWAP_MAX_M = swap_max_m
     gemv = m <= tk.GEMV_MAX_M
-    if gemv and (split is not None or gemv_tile):
+    swap = not gemv and m <= tk.SWAP_MAX_M
+    if swap and (split is not None or swap_tile):
+        tk.SWAP_TILE_OVERRIDE = dict(swap_tile or {})
+        if split is not None:
+            tk.SWAP_TILE_OVERRIDE["split_k"] = split
+    elif gemv and (split is not None or gemv_tile):
         tk.GEMV_TILE_OVERRIDE = {**tk._gemv_tile(n, k, sub_k, x.device), "block_k": sub_k, **(gemv_tile or {})}
         if split is not None:
             tk.GEMV_TILE_OVERRIDE["split_k"] = split
@@ -190,15 +198,15 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     try:
         out = triton_op("fp8_linear")(x, q, s, b, block_size)
     finally:
-        tk.GEMM_TILE_OVERRIDE = tk.GEMV_TILE_OVERRIDE = None
-        tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT = default_max_m, default_fused
+        tk.GEMM_TILE_OVERRIDE = tk.GEMV_TILE_OVERRIDE = tk.SWAP_TILE_OVERRIDE = None
+        tk.GEMV_MAX_M, tk.GEMV_FUSED_QUANT, tk.SWAP_MAX_M = default_max_m, default_fused, default_swap
     ref = Q.fp8_linear(x, q, s, b, block_size)
     # the GEMV (M <= GEMV_MAX_M) sums the exact fp8 x fp8 products with float32 FMAs, on the GPU too: only the
     # summation order differs from the reference, as for the tl.dot path at decode sizes
     if f32_tol is None:
         f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
     scaled_mm = tk.scaled_mm_applies(m, q, block_size, out.dtype)
-    path = "gemv" if gemv else ("scaled_mm" if scaled_mm else "dot")
+    path = "gemv" if gemv else ("swap" if swap else ("scaled_mm" if scaled_mm else "dot"))
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
     return out
 
@@ -252,6 +260,42 @@ def test_fp8_linear_gemv_e4m3fnuz():
     for fused in (True, False):
         _run_linear("gemv_channel", 2, 72, 300, "channel", None, 2, torch.float32, torch.float8_e4m3fnuz,
                     gemv_max_m=_gemv_candidate(), gemv_fused=fused)
+
+
+# The swap-AB kernel (weights on the matrix instruction's wide side): every LINEAR_CASES layout at decode and
+# prefill sizes, with the GEMV off so M = 1 reaches it too; M = 40 at a 16-row tile runs three row blocks (the
+# last partial), split 4 over K = 520 leaves a partial last split.
+SWAP_CASES = {
+    "decode_block_m1": ((1, 130, 520, "block", (128, 128), 4), {}),
+    "decode_block_64": (LINEAR_CASES["decode_block_64"], {}),
+    "decode_channel_split": (LINEAR_CASES["decode_channel_split"], {}),
+    "decode_tensor": (LINEAR_CASES["decode_tensor"], dict(block_n=32)),
+    "prefill_block_row_blocks": (LINEAR_CASES["prefill_block"], dict(block_m=16)),
+    "prefill_channel_32": (LINEAR_CASES["prefill_channel"], dict(block_m=32, block_n=128, num_warps=8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWAP_CASES))
+def test_fp8_linear_swap_ab(name):
+    case, tile = SWAP_CASES[name]
+    _run_linear("swap_" + name, *case, torch.float32, gemv_max_m=0, swap_max_m=64, swap_tile=tile,
+                f32_tol=TOL_F32_FP8_MMA)
+
+
+def test_fp8_linear_swap_ab_bf16_no_bias():
+    _run_linear("swap_decode_block", *LINEAR_CASES["decode_block"], torch.bfloat16, bias=False, gemv_max_m=0,
+                swap_max_m=16)
+
+
+def test_swap_max_m_env(monkeypatch):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setenv("ATOM_FP8_SWAP_MAX_M", "16")
+    assert tk._env_swap_max_m() == 16
+    for bad in ("x", "65", "-1"):
+        monkeypatch.setenv("ATOM_FP8_SWAP_MAX_M", bad)
+        with pytest.raises(ValueError, match="ATOM_FP8_SWAP_MAX_M"):
+            tk._env_swap_max_m()
 
 
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])

@@ -197,6 +197,61 @@ def _fp8_gemm_kernel(
 
 
 @triton.jit
+def _fp8_gemm_swap_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
+    k_per_split,
+    SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
+    first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
+    narrow side (wgmma's N). Same scales at the same granularity as _fp8_gemm_kernel, per K step of one scale
+    block (block layouts) or once at the end; programs over (column block, K split, row block)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    m_ok = m < M
+    n64 = n.to(tl.int64)
+    m64 = m.to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    if not BLOCK_SCALES:
+        sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if BLOCK_SCALES:
+            sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+            sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
+                         other=0.0)
+            acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
+        else:
+            acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
+    if not BLOCK_SCALES:
+        sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
+        acc = acc * (sw[:, None] * sa[None, :])
+
+    mask = n_ok[:, None] & m_ok[None, :]
+    offs = m64[None, :] * out_stride_m + n64[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
+
+
+@triton.jit
 def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK: tl.constexpr):
     """out = sum over splits of the float32 partials (in split order) + bias, cast to out's dtype."""
@@ -418,6 +473,41 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     return tile
 
 
+def _env_swap_max_m() -> int:
+    raw = os.environ.get("ATOM_FP8_SWAP_MAX_M", "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"ATOM_FP8_SWAP_MAX_M must be an integer (rows), got {raw!r}") from None
+    if not 0 <= value <= 64:
+        raise ValueError(f"ATOM_FP8_SWAP_MAX_M must be between 0 and 64, got {value}")
+    return value
+
+
+# Rows up to which fp8_gemm_quantized runs the swap-AB kernel (weights on the matrix instruction's wide side)
+# instead of the tl.dot GEMM whose 16-row activation tile is the wide side. Not measured yet: 0 (off) until the
+# device run decides; ATOM_FP8_SWAP_MAX_M sets it per process.
+SWAP_MAX_M = _env_swap_max_m()
+# Tile override for sweeps: any of block_m, block_n, num_warps, num_stages, split_k.
+SWAP_TILE_OVERRIDE: dict | None = None
+
+
+def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
+    """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
+    padded to a power of two >= 16; split K until about two programs per SM stream weights (>= 4 K steps each)."""
+    tile = dict(SWAP_TILE_OVERRIDE or {})
+    tile.setdefault("block_m", max(16, triton.next_power_of_2(m)))
+    tile.setdefault("block_n", 64)
+    tile.setdefault("num_warps", 4)
+    tile.setdefault("num_stages", 5)
+    if "split_k" not in tile:
+        programs = triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, tile["block_n"])
+        tile["split_k"] = _pow2_split(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(k, block_k) // 4)
+    return tile
+
+
 def _scale_layout(weight_scale: torch.Tensor, block_size: list[int] | None) -> tuple[int, int, int, int]:
     """(scale_bn, block_k, ws_stride_n, ws_stride_k) of a weight scale: per [bn, bk] block, or per channel /
     per tensor (stride 0) with K steps of 128."""
@@ -498,6 +588,21 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     if m == 0:
         return out
     scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
+    if m <= SWAP_MAX_M:
+        tile = _swap_tile(m, n, k, block_k, a.device)
+        block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
+                                   lambda bn: ((tile["block_m"] + bn) * block_k, 0), a.device)
+
+        def swap(target, k_per_split, split, add_bias):
+            _fp8_gemm_swap_kernel[(triton.cdiv(n, block_n), split, triton.cdiv(m, tile["block_m"]))](
+                a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
+                a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
+                SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
+                BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=tile["num_warps"], num_stages=stages)
+
+        _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out)
+        return out
     tile = _gemm_tile(m, n, k, block_k, a.device)
     # per stage: the fp8 A and W tiles
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],

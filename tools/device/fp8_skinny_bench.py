@@ -1,0 +1,133 @@
+"""FP8 linears at decode sizes on the GPU: the GEMV, the tl.dot GEMM and the swap-AB kernel, against the copy rate.
+
+Run on a GPU machine:
+    PYTHONPATH=packages/atom-core/src python3 tools/device/fp8_skinny_bench.py [--out f.json] [--sweep]
+
+qwen3-8b's four linears (kernel_bench.FP8_LINEARS) at M rows, block [128, 128] and per-channel weights. Each
+row times a CUDA graph that calls the op on ROTATE weight copies in turn (together > 2x the 50 MB L2, so every
+call streams its weight from HBM, as in the engine) and reports us a call, GB/s of weight bytes and the share of
+the measured copy rate (read + write counted, as in ../shared/PERF.md; a pure read can go a little faster).
+Paths per (shape, M, layout):
+  gemv        the GEMV quantizing its own activations (fp8_linear with GEMV_MAX_M >= M)
+  dot         the tl.dot GEMM with its 16-64-row activation tile (GEMV and swap off) + the quantization kernel
+  swap        the swap-AB kernel + the quantization kernel
+  swap codes  the swap-AB kernel on codes a producer made (fp8_linear_quantized: no quantization kernel)
+  bf16        cuBLAS on the bf16 weight (the same shape, twice the bytes)
+--sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import FP8_LINEARS, copy_bandwidth, patched, t  # noqa: E402
+
+from atom.ops import quant_fp8 as Q  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
+
+DEV = "cuda"
+L2_BYTES = 50 << 20
+
+
+def graph_us(fn, calls: int) -> float:
+    """us per call of `calls` calls of fn captured in one CUDA graph (median replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return t(g.replay) * 1e3 / calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--shapes", default=",".join(FP8_LINEARS))
+    opts = ap.parse_args()
+    torch.manual_seed(0)
+    copy = copy_bandwidth()
+    print(f"copy rate {copy:.0f} GB/s (read + write)", flush=True)
+    lin, lin_q = resolve("fp8_linear", "triton"), resolve("fp8_linear_quantized", "triton")
+    rows_out = []
+
+    def row(name, fn, nbytes, calls):
+        try:
+            us = graph_us(fn, calls)
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row, not the end of the run
+            print(f"{name:70s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            rows_out.append(dict(name=name, error=str(e)[:500]))
+            return
+        gbs = nbytes / us / 1e3
+        print(f"{name:70s} {us:8.2f} us {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}% of copy", flush=True)
+        rows_out.append(dict(name=name, us=us, gbs=gbs, pct_copy=100 * gbs / copy))
+
+    for proj in opts.shapes.split(","):
+        n, k = FP8_LINEARS[proj]
+        rotate = max(2, -(-2 * L2_BYTES // (n * k)))
+        w = [torch.randn(n, k, device=DEV) / k**0.5 for _ in range(rotate)]
+        layouts = {lay: [Q.quantize_weight_fp8(x, lay) for x in w] for lay in ("block", "channel")}
+        bf16 = [x.to(torch.bfloat16) for x in w]
+        del w
+        for m in [int(v) for v in opts.rows.split(",")]:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            for lay, ws in layouts.items():
+                block = [128, 128] if lay == "block" else None
+                nbytes = n * k
+                tag = f"{proj} M{m} {lay}"
+
+                def call_all(fn=lin):
+                    def run():
+                        for q, s in ws:
+                            fn(x, q, s, None, block)
+                    return run
+
+                if m <= tk.GEMV_MAX_M_CANDIDATE:
+                    with patched(tk, GEMV_MAX_M=tk.GEMV_MAX_M_CANDIDATE, GEMV_FUSED_QUANT_PER_TOKEN=True):
+                        row(f"gemv {tag}", call_all(), nbytes, rotate)
+                with patched(tk, GEMV_MAX_M=0, SWAP_MAX_M=0, SCALED_MM=False):
+                    row(f"dot {tag}", call_all(), nbytes, rotate)
+                with patched(tk, GEMV_MAX_M=0, SWAP_MAX_M=64):
+                    row(f"swap {tag}", call_all(), nbytes, rotate)
+                    if block is not None:
+                        a, sa = tk.per_token_group_quant_fp8(x, 128, torch.float8_e4m3fn)
+                    else:
+                        a, sa = tk.per_token_quant_fp8(x, torch.float8_e4m3fn)
+
+                    def codes():
+                        for q, s in ws:
+                            lin_q(a, sa, q, s, None, block, torch.bfloat16)
+                    row(f"swap codes {tag}", codes, nbytes, rotate)
+                    if opts.sweep and lay == "block" and m in (1, 16, 64):
+                        auto = tk._swap_tile(m, n, k, 128, x.device)["split_k"]
+                        for bn, warps, stages in ((64, 4, 3), (64, 4, 5), (64, 4, 7), (128, 4, 4), (128, 8, 4),
+                                                  (128, 8, 6), (256, 8, 3)):
+                            for split in sorted({auto, max(1, auto // 2), min(8, auto * 2)}):
+                                tile = dict(block_n=bn, num_warps=warps, num_stages=stages, split_k=split)
+                                with patched(tk, SWAP_TILE_OVERRIDE=tile):
+                                    row(f"  sweep swap codes {tag} {tile}", codes, nbytes, rotate)
+
+            def cublas():
+                for wb in bf16:
+                    torch.nn.functional.linear(x, wb)
+            row(f"bf16 cublas {proj} M{m} (2 B a weight)", cublas, 2 * n * k, rotate)
+        del layouts, bf16
+        torch.cuda.empty_cache()
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(dict(copy_gbs=copy, rows=rows_out), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
