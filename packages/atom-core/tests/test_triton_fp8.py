@@ -124,9 +124,23 @@ def test_activation_quantization_is_bit_exact(dtype, xdtype, group):
     same_codes(f"quant group={group} {dtype} {xdtype}", q, rq)
 
 
+@pytest.mark.parametrize("row_block_max", [64, 256])
+def test_token_quantization_of_rows_longer_than_a_block(monkeypatch, row_block_max):
+    """Rows wider than ROW_BLOCK_MAX are quantized in chunks (two passes), 300 wider than both: bit-exact too."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "ROW_BLOCK_MAX", row_block_max)
+    assert tk.row_block(300)[0] == row_block_max
+    x = activations(3, 300, torch.bfloat16)
+    q, s = triton_op("fp8_quant_token")(x)
+    rq, rs = Q.per_token_quant_fp8(x)
+    assert torch.equal(s, rs)
+    same_codes(f"quant token in chunks of {row_block_max}", q, rq)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("shape", [(4096, 4096), (1, 12288), (4096, 12288)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1, 12288), (4096, 12288), (2, 20000)])
 def test_activation_quantization_large(shape):
     x = activations(*shape, torch.bfloat16)
     q, s = triton_op("fp8_quant_group")(x, 128)
@@ -203,8 +217,9 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
     ref = Q.fp8_linear(x, q, s, b, block_size)
     # the GEMV (M <= GEMV_MAX_M) sums the exact fp8 x fp8 products with float32 FMAs, on the GPU too: only the
     # summation order differs from the reference, as for the tl.dot path at decode sizes
-    if f32_tol is None:
-        f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") else TOL_F32
+    if f32_tol is None:  # the tl.dot GEMM's 16-row tiles at decode sizes accumulate in float32 (mma.sync);
+        # prefill tiles and the swap-AB kernel's 64 weight rows run wgmma's reduced-precision FP8 accumulation
+        f32_tol = TOL_F32_FP8_MMA if name.startswith("prefill") or swap else TOL_F32
     scaled_mm = tk.scaled_mm_applies(m, q, block_size, out.dtype)
     path = "gemv" if gemv else ("swap" if swap else ("scaled_mm" if scaled_mm else "dot"))
     check(f"fp8_linear {name} M={m} {path} {xdtype} {dtype}", out, ref, f32_tol if xdtype == torch.float32 else TOL_BF16)
@@ -300,8 +315,8 @@ def test_swap_max_m_env(monkeypatch):
 
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])
 def test_fp8_linear_dot_path_at_small_m(name):
-    """GEMV_MAX_M = 0 (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
-    _run_linear(name, *LINEAR_CASES[name], torch.float32, gemv_max_m=0)
+    """GEMV and swap-AB off (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
+    _run_linear(name, *LINEAR_CASES[name], torch.float32, gemv_max_m=0, swap_max_m=0)
 
 
 def test_fp8_linear_routes_small_m_to_the_gemv():
@@ -419,11 +434,13 @@ def test_fp8_linear_large(proj, m, layout):
 @pytest.mark.parametrize("proj", ["o", "down"])
 def test_fp8_linear_large_float32_gemv_and_dot(proj, m):
     """float32 activations on the 8b shapes: the GEMV within TOL_F32 (float32 FMAs only, K up to 12288), the
-    tl.dot GEMM at the same M (GEMV_MAX_M = 0, kernel_bench's comparison) within the FP8 MMA bound."""
+    tl.dot GEMM and the swap-AB kernel at the same M within the FP8 MMA bound."""
     n, k = LARGE_LINEAR[proj]
     _run_linear(f"8b {proj} block", m, n, k, "block", (128, 128), None, torch.float32, gemv_max_m=_gemv_candidate())
     _run_linear(f"8b {proj} block", m, n, k, "block", (128, 128), None, torch.float32, gemv_max_m=0,
-                f32_tol=TOL_F32_FP8_MMA)
+                swap_max_m=0, f32_tol=TOL_F32_FP8_MMA)
+    _run_linear(f"8b {proj} block", m, n, k, "block", (128, 128), None, torch.float32, gemv_max_m=0,
+                swap_max_m=64, f32_tol=TOL_F32_FP8_MMA)
 
 
 @pytest.mark.gpu
@@ -435,7 +452,7 @@ def test_fp8_linear_traces_under_torch_compile(m):
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     op = triton_op("fp8_linear")
-    for gemv_max_m in {tk.GEMV_MAX_M, tk.GEMV_MAX_M_CANDIDATE}:  # the default path and the GEMV
+    for gemv_max_m in {tk.GEMV_MAX_M, tk.GEMV_MAX_M_CANDIDATE}:  # the default path (swap-AB) and the GEMV
         default, tk.GEMV_MAX_M = tk.GEMV_MAX_M, gemv_max_m
         try:
             torch._dynamo.reset()

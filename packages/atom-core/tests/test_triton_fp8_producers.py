@@ -122,6 +122,17 @@ def test_silu_and_mul_quant_equals_act_then_quant(m, d, group, dtype):
     check_fused(fused, triton("silu_and_mul")(x), group)
 
 
+@pytest.mark.parametrize("d", [200, 1100])
+def test_silu_and_mul_quant_token_of_rows_longer_than_a_block(monkeypatch, d):
+    """Per-token rows wider than ROW_BLOCK_MAX take the two-pass kernel (amax, then the codes, the product
+    recomputed); the fused producer still equals SiLU-and-mul then the quantization."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "ROW_BLOCK_MAX", 64)
+    x = hidden_states(3, 2 * d, torch.bfloat16)
+    check_fused(triton("silu_and_mul_quant_fp8")(x, None, FP8), triton("silu_and_mul")(x), None)
+
+
 def _weight(n: int, k: int, layout: str):
     w = torch.randn(n, k, device=DEVICE) / k**0.5
     if layout == "block":

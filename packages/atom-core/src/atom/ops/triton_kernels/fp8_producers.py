@@ -23,7 +23,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import gated_cols
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.norm import rms_norm_row
-from atom.ops.triton_kernels.quant_fp8 import _rows, check_group_size, fp8_gemm_quantized
+from atom.ops.triton_kernels.quant_fp8 import _rows, check_group_size, fp8_gemm_quantized, row_block
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -88,18 +88,25 @@ def _silu_mul_quant_group_kernel(x_ptr, q_ptr, s_ptr, d, num_groups, x_stride, q
 def _silu_mul_quant_token_kernel(x_ptr, q_ptr, s_ptr, d, x_stride, q_stride, ACT: tl.constexpr,
                                  BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
                                  MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
-    """One row per program: the row's absolute max over all of it, then the row again, quantized (the
-    product is recomputed from the input, which is cheaper than writing and reading it back)."""
+    """One row per program: the row's absolute max over all of it, then the row quantized. A row that fits one
+    BLOCK (row_block) is read once and kept in registers; a longer one is read again and its product recomputed
+    (cheaper than writing and reading it back)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, d, BLOCK):
-        amax = tl.maximum(amax, tl.abs(_silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)))
-    s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
-    for k0 in range(0, d, BLOCK):
-        y = _silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)
-        tl.store(q_ptr + row * q_stride + k0 + c, quantize(y, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
-                 mask=k0 + c < d)
+    if BLOCK >= d:  # the whole row in registers: one read, no second pass
+        y = _silu_mul(x_ptr, row, c, d, x_stride, ACT)
+        s = dynamic_scale(tl.max(tl.abs(y), axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        tl.store(q_ptr + row * q_stride + c, quantize(y, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
+                 mask=c < d)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, d, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)))
+        s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        for k0 in range(0, d, BLOCK):
+            y = _silu_mul(x_ptr, row, k0 + c, d, x_stride, ACT)
+            tl.store(q_ptr + row * q_stride + k0 + c,
+                     quantize(y, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE), mask=k0 + c < d)
     tl.store(s_ptr + row + tl.arange(0, 1), s)
 
 
@@ -166,9 +173,9 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
             x2, q, s, d, s.shape[1], x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, GROUP=group_size,
             **consts, num_warps=4)
     elif rows:
-        _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0),
-                                              BLOCK=min(2048, triton.next_power_of_2(max(d, 16))), **consts,
-                                              num_warps=4)
+        block, warps = row_block(d)
+        _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0), BLOCK=block, **consts,
+                                              num_warps=warps)
     return views()
 
 

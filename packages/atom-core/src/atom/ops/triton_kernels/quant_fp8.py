@@ -71,19 +71,39 @@ def _quant_group_kernel(x_ptr, q_ptr, s_ptr, k_dim, num_groups, x_stride, q_stri
 def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: tl.constexpr,
                         FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
                         EMULATE: tl.constexpr):
-    """One row per program: its absolute max, then the quantized row."""
+    """One row per program: its absolute max, then the quantized row (read once when it fits one BLOCK)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, k_dim, BLOCK):
-        x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
-    for k0 in range(0, k_dim, BLOCK):
-        x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * q_stride + k0 + c, quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
-                 mask=k0 + c < k_dim)
+    if BLOCK >= k_dim:
+        x = tl.load(x_ptr + row * x_stride + c, mask=c < k_dim, other=0.0).to(tl.float32)
+        s = dynamic_scale(tl.max(tl.abs(x), axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        tl.store(q_ptr + row * q_stride + c, quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
+                 mask=c < k_dim)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, k_dim, BLOCK):
+            x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        for k0 in range(0, k_dim, BLOCK):
+            x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+            tl.store(q_ptr + row * q_stride + k0 + c,
+                     quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE), mask=k0 + c < k_dim)
     tl.store(s_ptr + row + tl.arange(0, 1), s)
+
+
+# Per-token quantization: one program a row, so at decode a handful of programs do all the work. Measured in the
+# engine (H200, 2026-12-02, qwen3-8b FP8 batch 1): a row looped in 2,048-4,096 chunks, twice (amax, then the
+# codes), took 12.1 us for SiLU-and-mul + quantization of 12,288 columns and 6.4 us for 4,096: latency of one
+# chunk after another. Rows up to ROW_BLOCK_MAX columns are now read once, in one block, with warps to match.
+ROW_BLOCK_MAX = 16384
+
+
+def row_block(k: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a one-program-a-row kernel over k columns: the whole row up to ROW_BLOCK_MAX (32
+    values a thread at most), else ROW_BLOCK_MAX chunks."""
+    block = min(ROW_BLOCK_MAX, triton.next_power_of_2(max(k, 16)))
+    return block, min(16, max(4, block // 512))
 
 
 def check_group_size(group_size: int | None, who: str) -> None:
@@ -126,9 +146,9 @@ def per_token_quant_fp8(
     q = torch.empty(rows, k, dtype=fp8_dtype, device=x.device)
     s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0),
-                                     BLOCK=min(4096, triton.next_power_of_2(max(k, 16))), **fp8_consts(fp8_dtype),
-                                     num_warps=4)
+        block, warps = row_block(k)
+        _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=block, **fp8_consts(fp8_dtype),
+                                     num_warps=warps)
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
 
 
@@ -366,7 +386,7 @@ def _fp8_gemv_kernel(
 def _env_gemv_max_m() -> int:
     raw = os.environ.get("ATOM_FP8_GEMV_MAX_M", "").strip()
     if not raw:
-        return 1
+        return 0
     try:
         value = int(raw)
     except ValueError:
@@ -376,7 +396,11 @@ def _env_gemv_max_m() -> int:
     return value
 
 
-# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM: 1. On the H200 (2026-12-02, kernel_bench.py
+# Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM: 0 (off) since the swap-AB kernel (SWAP_MAX_M)
+# beat it on codes a producer made (fp8_skinny_bench.py, H200, 2026-12-02 19:2x UTC, M = 1, us: per-channel qkv
+# 12.6 / o 9.7 / gate_up 32.0 / down 19.9 against ~110 a layer for the four GEMVs with their quantization; block
+# layouts 13.0 / 9.9 / 32.1 / 20.8 against the self-quantizing GEMV's 12.8 / 9.5 / 36.5 / 22.6). Before that, 1:
+# on the H200 (2026-12-02, kernel_bench.py
 # --fp8-only, CUDA-graph replay, the quantization included in both) the GEMV with the tiles below beat the tl.dot
 # path at M = 1 on all four 8b shapes (qkv 16.9 against 19.8 us, o 13.1 / 16.2, gate_up 40.1 / 40.6, down 26.7 /
 # 28.1) and lost at M = 2 and 4 (each row re-reads W tiles from L1/L2 and the FMA work grows with M, while the
@@ -476,7 +500,7 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
 def _env_swap_max_m() -> int:
     raw = os.environ.get("ATOM_FP8_SWAP_MAX_M", "").strip()
     if not raw:
-        return 0
+        return 32
     try:
         value = int(raw)
     except ValueError:
@@ -487,8 +511,12 @@ def _env_swap_max_m() -> int:
 
 
 # Rows up to which fp8_gemm_quantized runs the swap-AB kernel (weights on the matrix instruction's wide side)
-# instead of the tl.dot GEMM whose 16-row activation tile is the wide side. Not measured yet: 0 (off) until the
-# device run decides; ATOM_FP8_SWAP_MAX_M sets it per process.
+# instead of the tl.dot GEMM whose 16-64-row activation tile is the wide side: 32. On the H200 (2026-12-02,
+# tools/device/fp8_skinny_bench.py, qwen3-8b shapes, weights rotated past L2, codes from a producer) it beat the
+# tl.dot GEMM at M = 1-32 on every shape and layout (gate_up M1 per-channel 32.0 against 36.7 us, down 19.9 / 28.6
+# with the quantization kernel in the dot row: 23-30% of that is the kernel) and lost at M = 64 (gate_up 50.5
+# against 38.7: a 64-row activation tile). Engine, qwen3-8b FP8, one round: batch 1 3.94 -> 3.82 ms a step, batch
+# 32 4.88 -> 4.60. ATOM_FP8_SWAP_MAX_M sets it per process (0: off).
 SWAP_MAX_M = _env_swap_max_m()
 # Tile override for sweeps: any of block_m, block_n, num_warps, num_stages, split_k.
 SWAP_TILE_OVERRIDE: dict | None = None
