@@ -297,6 +297,33 @@ def test_fp8_linear_swap_ab(name):
                 f32_tol=TOL_F32_FP8_MMA)
 
 
+@pytest.mark.parametrize("m,split", [(1, 4), (40, 3)])
+def test_fp8_linear_swap_ab_serial_split_equals_the_sum_kernel(monkeypatch, m, split):
+    """Serial split-K (the last program of a tile adds the partials) gives the same bits as the second kernel: the
+    same float32 partials added in the same order, plus the bias; the counters are back at zero after each call,
+    so a second call (a CUDA-graph replay) works the same. M = 40 at 16-row tiles: three row blocks; split 3 over
+    K = 520 leaves a partial last split."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    q, s, block = _weight(130, 520, "block")
+    x, b = activations(m, 520, torch.float32), rand(130)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(tk, "SWAP_MAX_M", 64)
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, split_k=split))
+    outs = {}
+    for serial in (False, True, True):
+        monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
+        # NaN where the partials will likely be allocated: a sum that ran before every partial was stored shows
+        real_split = triton.cdiv(520, triton.cdiv(triton.cdiv(520, split), 128) * 128)  # _launch_split's ranges
+        poison = torch.full((real_split, m, 130), float("nan"), device=DEVICE)
+        del poison
+        outs.setdefault(serial, []).append(triton_op("fp8_linear")(x, q, s, b, block))
+    counters = tk._split_counters(x.device)
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][0])
+    check(f"fp8_linear swap serial split M={m}", outs[True][0], Q.fp8_linear(x, q, s, b, block), TOL_F32_FP8_MMA)
+
+
 def test_fp8_linear_swap_ab_bf16_no_bias():
     _run_linear("swap_decode_block", *LINEAR_CASES["decode_block"], torch.bfloat16, bias=False, gemv_max_m=0,
                 swap_max_m=16)

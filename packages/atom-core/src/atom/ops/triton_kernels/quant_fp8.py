@@ -17,7 +17,13 @@ Decode tiles: BLOCK_M 16, and split-K over several programs when the column bloc
 every SM streaming weights (a 4096 x 4096 weight has 64 column blocks of 64 for 132 SMs); split partial
 sums are added in a fixed order by a second small kernel (deterministic, no atomics).
 
-M <= GEMV_MAX_M (1) runs a GEMV instead: a 16-row tl.dot tile for one row streamed the 8b weights at only
+M <= SWAP_MAX_M (32) runs the swap-AB kernel (_fp8_gemm_swap_kernel): out^T = W A^T, so the weight tile [64, 128]
+is the matrix instruction's wide operand and the few activation rows its narrow side (wgmma N = 16-32), instead of
+a 16-row activation tile that leaves most of an MMA empty; same scales, same split-K. On the H200 it beat the tl.dot
+GEMM and the GEMV below at M = 1-32 on every qwen3-8b shape (tools/device/fp8_skinny_bench.py), and the engine's
+batch 1 / 32 steps went from 3.94 / 4.88 to 3.57 / 4.28 ms (with the one-block per-token quantization).
+
+The GEMV (M <= GEMV_MAX_M, 0 by default now; ATOM_FP8_GEMV_MAX_M=1 brings it back): a 16-row tl.dot tile for one row streamed the 8b weights at only
 ~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [16, 1024-2048] with wide K-contiguous loads,
 converts them to float32 and reduces them against the row with FMAs (tl.sum), the same scales at the same
 granularity as the tl.dot kernel, and quantizes the activations itself (no quantization kernel before it: at
@@ -95,7 +101,8 @@ def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: t
 # Per-token quantization: one program a row, so at decode a handful of programs do all the work. Measured in the
 # engine (H200, 2026-12-02, qwen3-8b FP8 batch 1): a row looped in 2,048-4,096 chunks, twice (amax, then the
 # codes), took 12.1 us for SiLU-and-mul + quantization of 12,288 columns and 6.4 us for 4,096: latency of one
-# chunk after another. Rows up to ROW_BLOCK_MAX columns are now read once, in one block, with warps to match.
+# chunk after another. Rows up to ROW_BLOCK_MAX columns are now read once, in one block, with warps to match:
+# 6.2 and 4.0 us a call in the same profile (engine batch 1: 3.82 -> 3.57 ms a step together with nothing else).
 ROW_BLOCK_MAX = 16384
 
 
@@ -218,16 +225,22 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _fp8_gemm_swap_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, final_ptr, cnt_ptr,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SERIAL: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
     narrow side (wgmma's N). Same scales at the same granularity as _fp8_gemm_kernel, per K step of one scale
-    block (block layouts) or once at the end; programs over (column block, K split, row block)."""
+    block (block layouts) or once at the end; programs over (column block, K split, row block).
+
+    Split over K, each program stores its float32 partial (out_ptr [split, M, N]). SERIAL: the last of a tile's
+    programs to arrive (an acq_rel counter per tile in cnt_ptr, zero between launches) adds the partials in split
+    order, as _split_k_sum_kernel does, plus the bias, writes final_ptr and resets the counter: no second kernel.
+    Without SERIAL, _split_k_sum_kernel runs after."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -269,6 +282,19 @@ def _fp8_gemm_swap_kernel(
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
+        if SERIAL:
+            tl.debug_barrier()  # every thread's partial is stored before the counter moves (release)
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                for s in tl.static_range(SPLIT):  # L2 reads (.cg): the other programs' partials
+                    total += tl.load(out_ptr + s * out_stride_split + offs, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                tl.store(final_ptr + offs, total.to(final_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
@@ -459,13 +485,18 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
     return tile
 
 
-def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out) -> None:
+def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out,
+                  reduces_itself=lambda split: False) -> None:
     """`launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`): straight into
-    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias)."""
+    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias), unless
+    `reduces_itself(split)` says the kernel adds them itself (then it adds the bias too)."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     has_bias = bias is not None
+    if split > 1 and reduces_itself(split):
+        launch(target, k_per_split, split, has_bias)
+        return
     launch(target, k_per_split, split, has_bias and split == 1)
     if split > 1:
         block = 1024
@@ -520,6 +551,35 @@ def _env_swap_max_m() -> int:
 SWAP_MAX_M = _env_swap_max_m()
 # Tile override for sweeps: any of block_m, block_n, num_warps, num_stages, split_k.
 SWAP_TILE_OVERRIDE: dict | None = None
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return default if raw == "" else raw == "1"
+
+
+# Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
+# (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode, 1.2 us a launch plus its gap in the graph).
+# Off until measured on a GPU (ATOM_FP8_SWAP_SERIAL_SPLIT=1 turns it on); bit-identical either way (same order).
+SWAP_SERIAL_SPLIT = _env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
+SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
+
+
+def _split_counters(device: torch.device) -> torch.Tensor | None:
+    """The zeroed per-tile arrival counters of serial split-K on `device` (the kernel leaves them zeroed), made
+    once, never inside a CUDA-graph capture (None there until made outside). One stream at a time: ATOM launches
+    its GEMMs on one."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
@@ -621,15 +681,20 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
         block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
                                    lambda bn: ((tile["block_m"] + bn) * block_k, 0), a.device)
 
+        grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
+        counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
+        serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
+
         def swap(target, k_per_split, split, add_bias):
-            _fp8_gemm_swap_kernel[(triton.cdiv(n, block_n), split, triton.cdiv(m, tile["block_m"]))](
-                a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
+            _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
+                a, a_scale, weight, weight_scale, bias if add_bias else out, target, out,
+                counters if serial else out, m, n, k,
                 a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
                 SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
-                BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
+                BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
                 num_warps=tile["num_warps"], num_stages=stages)
 
-        _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out)
+        _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=lambda split: serial)
         return out
     tile = _gemm_tile(m, n, k, block_k, a.device)
     # per stage: the fp8 A and W tiles
