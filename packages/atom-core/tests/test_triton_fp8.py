@@ -338,6 +338,11 @@ def test_swap_max_m_env(monkeypatch):
         monkeypatch.setenv("ATOM_FP8_SWAP_MAX_M", bad)
         with pytest.raises(ValueError, match="ATOM_FP8_SWAP_MAX_M"):
             tk._env_swap_max_m()
+    monkeypatch.setenv("ATOM_FP8_SWAP_SERIAL_SPLIT", "yes")
+    with pytest.raises(ValueError, match="ATOM_FP8_SWAP_SERIAL_SPLIT must be 0 or 1"):
+        tk._env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
+    monkeypatch.setenv("ATOM_FP8_SWAP_SERIAL_SPLIT", "1")
+    assert tk._env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 
 
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])

@@ -409,17 +409,29 @@ def _fp8_gemv_kernel(
         tl.store(out_ptr + split * out_stride_split + offs, acc, mask=mask)
 
 
-def _env_gemv_max_m() -> int:
-    raw = os.environ.get("ATOM_FP8_GEMV_MAX_M", "").strip()
+def _env_rows(name: str, default: int, most: int) -> int:
+    """A row bound from the environment (unset: default), refused with a message naming it outside 0..most."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return 0
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"ATOM_FP8_GEMV_MAX_M must be an integer (rows), got {raw!r}") from None
-    if not 0 <= value <= 16:
-        raise ValueError(f"ATOM_FP8_GEMV_MAX_M must be between 0 and 16, got {value}")
+        raise ValueError(f"{name} must be an integer (rows), got {raw!r}") from None
+    if not 0 <= value <= most:
+        raise ValueError(f"{name} must be between 0 and {most}, got {value}")
     return value
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return default if raw == "" else raw == "1"
+
+
+def _env_gemv_max_m() -> int:
+    return _env_rows("ATOM_FP8_GEMV_MAX_M", 0, 16)
 
 
 # Rows up to which fp8_linear runs the GEMV instead of the tl.dot GEMM: 0 (off) since the swap-AB kernel (SWAP_MAX_M)
@@ -529,16 +541,7 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
 
 
 def _env_swap_max_m() -> int:
-    raw = os.environ.get("ATOM_FP8_SWAP_MAX_M", "").strip()
-    if not raw:
-        return 32
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"ATOM_FP8_SWAP_MAX_M must be an integer (rows), got {raw!r}") from None
-    if not 0 <= value <= 64:
-        raise ValueError(f"ATOM_FP8_SWAP_MAX_M must be between 0 and 64, got {value}")
-    return value
+    return _env_rows("ATOM_FP8_SWAP_MAX_M", 32, 64)
 
 
 # Rows up to which fp8_gemm_quantized runs the swap-AB kernel (weights on the matrix instruction's wide side)
@@ -551,13 +554,6 @@ def _env_swap_max_m() -> int:
 SWAP_MAX_M = _env_swap_max_m()
 # Tile override for sweeps: any of block_m, block_n, num_warps, num_stages, split_k.
 SWAP_TILE_OVERRIDE: dict | None = None
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return default if raw == "" else raw == "1"
 
 
 # Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
@@ -608,10 +604,7 @@ def _scale_layout(weight_scale: torch.Tensor, block_size: list[int] | None) -> t
 
 
 def _env_scaled_mm() -> bool:
-    raw = os.environ.get("ATOM_FP8_SCALED_MM", "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"ATOM_FP8_SCALED_MM must be 0 or 1, got {raw!r}")
-    return raw != "0"
+    return _env_flag("ATOM_FP8_SCALED_MM", True)
 
 
 # Per-token x per-channel (or per-tensor) FP8 GEMMs of SCALED_MM_MIN_M rows or more run torch._scaled_mm's
