@@ -11,7 +11,9 @@ Paths per (shape, M, layout):
   gemv        the GEMV quantizing its own activations (fp8_linear with GEMV_MAX_M >= M)
   dot         the tl.dot GEMM with its 16-64-row activation tile (GEMV and swap off) + the quantization kernel
   swap        the swap-AB kernel + the quantization kernel
-  swap codes  the swap-AB kernel on codes a producer made (fp8_linear_quantized: no quantization kernel)
+  swap codes  the swap-AB kernel on codes a producer made (fp8_linear_quantized: no quantization kernel), and
+              the same with serial split-K switched (the last program of a tile adds the partials; the row says
+              which way it ran)
   bf16        cuBLAS on the bf16 weight (the same shape, twice the bytes)
 --sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout.
 """
@@ -109,6 +111,8 @@ def main() -> None:
                         for q, s in ws:
                             lin_q(a, sa, q, s, None, block, torch.bfloat16)
                     row(f"swap codes {tag}", codes, nbytes, rotate)
+                    with patched(tk, SWAP_SERIAL_SPLIT=not tk.SWAP_SERIAL_SPLIT):
+                        row(f"swap codes {tag} serial split {tk.SWAP_SERIAL_SPLIT}", codes, nbytes, rotate)
                     if opts.sweep and lay == "block" and m in (1, 16, 64):
                         auto = tk._swap_tile(m, n, k, 128, x.device)["split_k"]
                         for bn, warps, stages in ((64, 4, 3), (64, 4, 5), (64, 4, 7), (128, 4, 4), (128, 8, 4),
