@@ -23,13 +23,13 @@ a 16-row activation tile that leaves most of an MMA empty; same scales, same spl
 GEMM and the GEMV below at M = 1-32 on every qwen3-8b shape (tools/device/fp8_skinny_bench.py), and the engine's
 batch 1 / 32 steps went from 3.94 / 4.88 to 3.57 / 4.28 ms (with the one-block per-token quantization).
 
-The GEMV (M <= GEMV_MAX_M, 0 by default now; ATOM_FP8_GEMV_MAX_M=1 brings it back): a 16-row tl.dot tile for one row streamed the 8b weights at only
-~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W tiles [16, 1024-2048] with wide K-contiguous loads,
-converts them to float32 and reduces them against the row with FMAs (tl.sum), the same scales at the same
-granularity as the tl.dot kernel, and quantizes the activations itself (no quantization kernel before it: at
-one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step). Measured at M = 1 it beats the
-tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at only 1.4-2.5 TB/s:
-kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
+The GEMV (M <= GEMV_MAX_M: off by default now, ATOM_FP8_GEMV_MAX_M=1 brings it back) came first, because a 16-row
+tl.dot tile for one row streamed the 8b weights at only ~1.0-1.8 TB/s on the H200 (2026-12-01). The GEMV loads W
+tiles [16, 1024-2048] with wide K-contiguous loads, converts them to float32 and reduces them against the row with
+FMAs (tl.sum), the same scales at the same granularity as the tl.dot kernel, and quantizes the activations itself
+(no quantization kernel before it: at one row that kernel alone was 4.4 us a call, 16% of an 8b FP8 decode step).
+Measured at M = 1 it beats the tl.dot path by 3-19% per shape (2026-12-02), but both still stream FP8 weights at
+only 1.4-2.5 TB/s: kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL_NOTES.md).
 
 With per-token activations (per-channel / per-tensor weights) the GEMV reads the quantization kernel's codes
 instead (GEMV_FUSED_QUANT_PER_TOKEN: quantizing a whole row in every program lost), or a fused producer's.
@@ -438,8 +438,8 @@ def _env_gemv_max_m() -> int:
 # beat it on codes a producer made (fp8_skinny_bench.py, H200, 2026-12-02 19:2x UTC, M = 1, us: per-channel qkv
 # 12.6 / o 9.7 / gate_up 32.0 / down 19.9 against ~110 a layer for the four GEMVs with their quantization; block
 # layouts 13.0 / 9.9 / 32.1 / 20.8 against the self-quantizing GEMV's 12.8 / 9.5 / 36.5 / 22.6). Before that, 1:
-# on the H200 (2026-12-02, kernel_bench.py
-# --fp8-only, CUDA-graph replay, the quantization included in both) the GEMV with the tiles below beat the tl.dot
+# on the H200 (2026-12-02, kernel_bench.py --fp8-only, CUDA-graph replay, the quantization included in both)
+# the GEMV with the tiles below beat the tl.dot
 # path at M = 1 on all four 8b shapes (qkv 16.9 against 19.8 us, o 13.1 / 16.2, gate_up 40.1 / 40.6, down 26.7 /
 # 28.1) and lost at M = 2 and 4 (each row re-reads W tiles from L1/L2 and the FMA work grows with M, while the
 # tl.dot tile of 16 rows costs the same). ATOM_FP8_GEMV_MAX_M overrides it per process (0: the tl.dot GEMM at
