@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import FP8_LINEARS, copy_bandwidth, patched, t  # noqa: E402
+from kernel_bench import FP8_LINEARS, copy_bandwidth, graph_time, patched  # noqa: E402
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
@@ -39,16 +39,8 @@ L2_BYTES = 50 << 20
 
 
 def graph_us(fn, calls: int) -> float:
-    """us per call of `calls` calls of fn captured in one CUDA graph (median replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return t(g.replay) * 1e3 / calls
+    """us per call of `calls` calls of fn captured in one CUDA graph (kernel_bench.graph_time, median replay)."""
+    return graph_time(fn) * 1e3 / calls
 
 
 def main() -> None:

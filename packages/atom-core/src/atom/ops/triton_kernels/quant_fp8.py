@@ -498,15 +498,15 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
 
 
 def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out,
-                  reduces_itself=lambda split: False) -> None:
+                  reduces_itself: bool = False) -> None:
     """`launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`): straight into
-    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias), unless
-    `reduces_itself(split)` says the kernel adds them itself (then it adds the bias too)."""
+    out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias), unless the kernel
+    `reduces_itself` (then it adds the bias too)."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     has_bias = bias is not None
-    if split > 1 and reduces_itself(split):
+    if split > 1 and reduces_itself:
         launch(target, k_per_split, split, has_bias)
         return
     launch(target, k_per_split, split, has_bias and split == 1)
@@ -687,7 +687,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
                 BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
                 num_warps=tile["num_warps"], num_stages=stages)
 
-        _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=lambda split: serial)
+        _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
         return out
     tile = _gemm_tile(m, n, k, block_k, a.device)
     # per stage: the fp8 A and W tiles
