@@ -16,6 +16,7 @@ then each engine in its own fresh process, --repeats times interleaved (A B C A 
   atom-base  atom-server without --quantization / --kv-cache-dtype (ATOM's bf16 next to its FP8 run)
   atom-alt   atom-server with the environment of --alt-env added (an A/B of one switch, e.g.
              --alt-env ATOM_FP8_SCALED_MM=0, in the same call and rounds)
+  atom-alt2  the same with --alt2-env (a second switch in the same rounds)
 --quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
 at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
 Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule), or, with --materialize,
@@ -161,6 +162,15 @@ def session_id() -> str:
         return f.read().strip()
 
 
+ALT_ENGINES = ("atom-alt", "atom-alt2")
+ATOM_ENGINES = ("atom", "atom-base", *ALT_ENGINES)
+
+
+def alt_env(engine: str, ns: argparse.Namespace) -> str:
+    """The NAME=VALUE pairs an atom-alt engine adds to the environment ('' for the others)."""
+    return {"atom-alt": ns.alt_env, "atom-alt2": ns.alt2_env}.get(engine, "")
+
+
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
     common = ["--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
               "--warmup-runs", str(ns.warmup_runs),
@@ -171,11 +181,10 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
     if engine != "atom-base":
         quant += ["--quantization", ns.quantization] if ns.quantization else []
         quant += ["--kv-cache-dtype", ns.kv_cache_dtype] if ns.kv_cache_dtype != "auto" else []
-    if engine == "atom-alt":
-        for pair in ns.alt_env.split():
-            name, _, value = pair.partition("=")
-            env[name] = value
-    if engine in ("atom", "atom-base", "atom-alt"):
+    for pair in alt_env(engine, ns).split():
+        name, _, value = pair.partition("=")
+        env[name] = value
+    if engine in ATOM_ENGINES:
         cmd = [sys.executable, "-m", "atom_server.bench_cli", "throughput", "--model", model, "--load-format",
                ns.load_format, "--gpu-memory-utilization", str(ns.gpu_memory_utilization), *common, *quant,
                *ns.atom_args.split()]
@@ -211,9 +220,9 @@ def run_engine(engine: str, model: str, ns: argparse.Namespace, tag: str, log, t
         errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
         rep["error"] = f"{why} after {took:.0f} s: " + " / ".join(errors[-3:])[-600:]
     rep["took_s"] = took
-    if engine == "atom-alt":
-        rep["alt_env"] = ns.alt_env
-    if engine not in ("atom", "atom-base", "atom-alt"):
+    if engine in ALT_ENGINES:
+        rep["alt_env"] = alt_env(engine, ns)
+    if engine not in ATOM_ENGINES:
         rep["atom_model_built"] = "ATOM built atom_vllm.models" in text
     return rep
 
@@ -240,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--alt-env", default="", help="for the atom-alt engine: NAME=VALUE pairs, space-separated")
+    p.add_argument("--alt2-env", default="", help="for the atom-alt2 engine: NAME=VALUE pairs, space-separated")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="untimed full + prefill-only runs per batch size, in every engine")
@@ -250,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-scale", type=float, default=1.0, help="with --materialize: the routers' uniform bound")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
     ns = p.parse_args(argv)
-    bad = [pair for pair in ns.alt_env.split() if not pair.partition("=")[0] or "=" not in pair]
-    if bad:
-        p.error(f"--alt-env takes NAME=VALUE pairs, got {' '.join(bad)!r}")
-    if "atom-alt" in ns.engines.split(",") and not ns.alt_env.split():
-        p.error("the atom-alt engine needs --alt-env NAME=VALUE ... (what it changes against atom)")
+    for engine, flag in (("atom-alt", "--alt-env"), ("atom-alt2", "--alt2-env")):
+        pairs = alt_env(engine, ns).split()
+        bad = [pair for pair in pairs if not pair.partition("=")[0] or "=" not in pair]
+        if bad:
+            p.error(f"{flag} takes NAME=VALUE pairs, got {' '.join(bad)!r}")
+        if engine in ns.engines.split(",") and not pairs:
+            p.error(f"the {engine} engine needs {flag} NAME=VALUE ... (what it changes against atom)")
     if ns.warmup_runs < 0:
         p.error("--warmup-runs must be >= 0")
     t0 = time.monotonic()

@@ -15,7 +15,10 @@ Paths per (shape, M, layout):
               the same with serial split-K switched (the last program of a tile adds the partials; the row says
               which way it ran)
   bf16        cuBLAS on the bf16 weight (the same shape, twice the bytes)
---sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout.
+--sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout. --pdl adds
+swap codes rows with programmatic dependent launch (pdl.py) switched, with L2 prefetch sizes of 0 / 256 / 4,096
+bytes a weight row, and with serial split-K switched at prefetch 0: consecutive calls in the graph overlap as
+consecutive kernels of a decode step do.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kernel_bench import FP8_LINEARS, copy_bandwidth, graph_time, patched  # noq
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
+from atom.ops.triton_kernels import pdl  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 
 DEV = "cuda"
@@ -47,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--pdl", action="store_true",
+                    help="swap codes rows with programmatic dependent launch switched, and L2 prefetch sizes")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--shapes", default=",".join(FP8_LINEARS))
     opts = ap.parse_args()
@@ -105,6 +111,15 @@ def main() -> None:
                     row(f"swap codes {tag}", codes, nbytes, rotate)
                     with patched(tk, SWAP_SERIAL_SPLIT=not tk.SWAP_SERIAL_SPLIT):
                         row(f"swap codes {tag} serial split {tk.SWAP_SERIAL_SPLIT}", codes, nbytes, rotate)
+                    if opts.pdl:
+                        with patched(pdl, ENABLED=not pdl.ENABLED):
+                            row(f"swap codes {tag} pdl {pdl.ENABLED}", codes, nbytes, rotate)
+                        for pf in (0, 256, 4096):
+                            with patched(tk, PDL_PREFETCH_BYTES=pf):
+                                row(f"swap codes {tag} pdl prefetch {pf}", codes, nbytes, rotate)
+                        with patched(tk, SWAP_SERIAL_SPLIT=not tk.SWAP_SERIAL_SPLIT, PDL_PREFETCH_BYTES=0):
+                            row(f"swap codes {tag} serial split {tk.SWAP_SERIAL_SPLIT} prefetch 0", codes, nbytes,
+                                rotate)
                     if opts.sweep and lay == "block" and m in (1, 16, 64):
                         auto = tk._swap_tile(m, n, k, 128, x.device)["split_k"]
                         for bn, warps, stages in ((64, 4, 3), (64, 4, 5), (64, 4, 7), (128, 4, 4), (128, 8, 4),

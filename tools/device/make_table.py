@@ -21,8 +21,10 @@ import statistics
 import sys
 from typing import Any
 
-ENGINES = ("atom", "vllm", "atom-vllm", "atom-base", "atom-alt")
-LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16", "atom-alt": "ATOM alt"}
+ALTS = ("atom-alt", "atom-alt2")
+ENGINES = ("atom", "vllm", "atom-vllm", "atom-base", *ALTS)
+LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16", "atom-alt": "ATOM alt",
+         "atom-alt2": "ATOM alt2"}
 # PERF.md (H100 80GB, 2,970 GB/s): batch-1 decode roofline in ms/step, for reference next to this device's.
 PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.05}
 
@@ -199,10 +201,11 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["atom_base_ratio_all"] = [
                 rnd["atom"][bs]["output_tok_s"] / rnd["atom-base"][bs]["output_tok_s"]
                 for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-base"]]
-            # ATOM over ATOM with --alt-env (atom-alt), paired by round
-            row["atom_alt_ratio_all"] = [
-                rnd["atom"][bs]["output_tok_s"] / rnd["atom-alt"][bs]["output_tok_s"]
-                for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-alt"]]
+            # ATOM over ATOM with --alt-env / --alt2-env (atom-alt, atom-alt2), paired by round
+            for alt in ALTS:
+                row[f"{alt}_ratio_all"] = [
+                    rnd["atom"][bs]["output_tok_s"] / rnd[alt][bs]["output_tok_s"]
+                    for rnd in rounds if bs in rnd["atom"] and bs in rnd[alt]]
             row["rounds"] = len(rounds)
             out.append(row)
     return out
@@ -243,17 +246,20 @@ def table(benches: list[dict[str, Any]]) -> str:
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
                   f"{_spread(r['atom-base_tok_s_all'])} | {_spread(r['atom_base_ratio_all'], '.2f', 'x')} |"
                   for r in base]
-    alt = [r for r in rows(benches) if r.get("atom-alt_tok_s")]
-    if alt:
-        envs = sorted({str(rnd["atom-alt"].get("alt_env")) for b in benches
-                       for rnd in (b.get("repeats") or [b["engines"]]) if rnd.get("atom-alt")})
-        lines += ["", f"ATOM alt: ATOM with {' / '.join(envs)}", "",
-                  "| shape | batch | ATOM tok/s | ATOM alt tok/s (same call) | ATOM / alt | ATOM ms/step "
-                  "| alt ms/step |",
+    for name in ALTS:
+        alt = [r for r in rows(benches) if r.get(f"{name}_tok_s")]
+        if not alt:
+            continue
+        envs = sorted({str(rnd[name].get("alt_env")) for b in benches
+                       for rnd in (b.get("repeats") or [b["engines"]]) if rnd.get(name)})
+        label = LABEL[name]
+        lines += ["", f"{label}: ATOM with {' / '.join(envs)}", "",
+                  f"| shape | batch | ATOM tok/s | {label} tok/s (same call) | ATOM / {label} | ATOM ms/step "
+                  f"| {label} ms/step |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
-                  f"{_spread(r['atom-alt_tok_s_all'])} | {_spread(r['atom_alt_ratio_all'], '.2f', 'x')} | "
-                  f"{_f(r['atom_ms_step'], '.2f')} | {_f(r['atom-alt_ms_step'], '.2f')} |" for r in alt]
+                  f"{_spread(r[f'{name}_tok_s_all'])} | {_spread(r[f'{name}_ratio_all'], '.2f', 'x')} | "
+                  f"{_f(r['atom_ms_step'], '.2f')} | {_f(r[f'{name}_ms_step'], '.2f')} |" for r in alt]
     return "\n".join(lines)
 
 

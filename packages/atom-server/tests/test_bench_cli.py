@@ -186,23 +186,27 @@ def test_device_table_markdown():
 
 
 def test_device_table_pairs_atom_alt_by_round():
-    """bench_vs_vllm.py's atom-alt engine (ATOM with --alt-env): ATOM / alt per round, its own table."""
+    """bench_vs_vllm.py's atom-alt / atom-alt2 engines (ATOM with --alt-env / --alt2-env): ATOM / alt per round,
+    a table each."""
     mt = _make_table_module()
 
     def rep(tok_s, step, **extra):
         return dict(runs=[dict(batch_size=1, input_len=128, output_len=128, output_tok_s=tok_s, ms_per_step=step,
                                prefill_ms=9.0)], **extra)
 
-    rounds = [dict(atom=rep(110.0, 8.0), vllm=rep(100.0, 9.0), **{"atom-alt": rep(100.0, 8.5, alt_env="X=0")}),
-              dict(atom=rep(120.0, 7.5), vllm=rep(100.0, 9.0), **{"atom-alt": rep(80.0, 9.5, alt_env="X=0")})]
+    rounds = [dict(atom=rep(110.0, 8.0), vllm=rep(100.0, 9.0), **{"atom-alt": rep(100.0, 8.5, alt_env="X=0"),
+                                                                  "atom-alt2": rep(55.0, 8.5, alt_env="Y=1")}),
+              dict(atom=rep(120.0, 7.5), vllm=rep(100.0, 9.0), **{"atom-alt": rep(80.0, 9.5, alt_env="X=0"),
+                                                                  "atom-alt2": rep(120.0, 7.5, alt_env="Y=1")})]
     bench = dict(shape="s", date="2026-12-02", dtype="bfloat16", config=None, command="c", session="S1",
                  engines=rounds[0], repeats=rounds)
     (row,) = mt.rows([bench])
-    assert row["atom_alt_ratio_all"] == [1.1, 1.5]  # paired by round, not medians of each engine
+    assert row["atom-alt_ratio_all"] == [1.1, 1.5]  # paired by round, not medians of each engine
+    assert row["atom-alt2_ratio_all"] == [2.0, 1.0]
     text = mt.markdown([bench])
-    assert "ATOM alt: ATOM with X=0" in text
-    alt_row = [line for line in text.splitlines() if line.startswith("| s | 1 |")][-1]
-    assert "1.30x [1.10-1.50x] n=2" in alt_row
+    assert "ATOM alt: ATOM with X=0" in text and "ATOM alt2: ATOM with Y=1" in text
+    alt_row, alt2_row = [line for line in text.splitlines() if line.startswith("| s | 1 |")][-2:]
+    assert "1.30x [1.10-1.50x] n=2" in alt_row and "1.50x [1.00-2.00x] n=2" in alt2_row
 
 
 def test_device_table_merges_calls_per_shape():

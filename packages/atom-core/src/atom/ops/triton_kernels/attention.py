@@ -18,6 +18,7 @@ import triton.language as tl
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -95,8 +96,9 @@ def _attention_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
     kvh = tl.program_id(2) // NUM_SPLITS
@@ -201,7 +203,8 @@ def _attention_kernel(
 @triton.jit
 def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, num_heads, head_dim,
                          out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         USE_SINKS: tl.constexpr):
+                         USE_SINKS: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -305,12 +308,13 @@ def paged_attention_impl(
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
         F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, KV_FP8=kv["KV_FP8"],
         HAS_K_SCALE=kv["HAS_K_SCALE"], HAS_V_SCALE=kv["HAS_V_SCALE"], USE_SINKS=sinks is not None,
-        num_warps=tile["num_warps"], num_stages=num_stages,
+        num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_m, part_l, part_acc, out, sinks_arg, num_heads, head_dim, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4)
+            NUM_SPLITS=num_splits, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4,
+            **pdl_args(q.device))
     return out
 
 

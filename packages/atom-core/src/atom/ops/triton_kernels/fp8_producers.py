@@ -23,6 +23,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import gated_cols
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.norm import rms_norm_row
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 from atom.ops.triton_kernels.quant_fp8 import _rows, check_group_size, fp8_gemm_quantized, row_block
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -56,8 +57,9 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_c
                            res_stride, q_stride, s_stride, eps, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                            BLOCK: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr,
                            FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-                           EMULATE: tl.constexpr):
+                           EMULATE: tl.constexpr, PDL: tl.constexpr):
     # the float part is norm.py's own row function (bit-identical norm output)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK)
     y = y.to(ACT).to(tl.float32)  # the norm's output, as the unfused norm stores it
@@ -75,8 +77,9 @@ def _silu_mul(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
 def _silu_mul_quant_group_kernel(x_ptr, q_ptr, s_ptr, d, num_groups, x_stride, q_stride, s_stride,
                                  ACT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                                  FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-                                 EMULATE: tl.constexpr):
+                                 EMULATE: tl.constexpr, PDL: tl.constexpr):
     """BLOCK // GROUP whole groups of one row per program."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     col0 = tl.program_id(1) * BLOCK
     y = _silu_mul(x_ptr, row, col0 + tl.arange(0, BLOCK), d, x_stride, ACT)
@@ -87,10 +90,11 @@ def _silu_mul_quant_group_kernel(x_ptr, q_ptr, s_ptr, d, num_groups, x_stride, q
 @triton.jit
 def _silu_mul_quant_token_kernel(x_ptr, q_ptr, s_ptr, d, x_stride, q_stride, ACT: tl.constexpr,
                                  BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+                                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     """One row per program: the row's absolute max over all of it, then the row quantized. A row that fits one
     BLOCK (row_block) is read once and kept in registers; a longer one is read again and its product recomputed
     (cheaper than writing and reading it back)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     if BLOCK >= d:  # the whole row in registers: one read, no second pass
@@ -140,7 +144,8 @@ def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
         _rms_norm_quant_kernel[(rows,)](
             x2, res2, weight, q, s, res_out, n, s.shape[1], x2.stride(0), res2.stride(0), q.stride(0), s.stride(0),
             eps, ACT=_act_dtype(act), HAS_RES=residual is not None, BLOCK=block, GROUP=group_size or block,
-            ROW_SCALE=row_scale, **fp8_consts(fp8_dtype), num_warps=min(max(block // 256, 1), 16))
+            ROW_SCALE=row_scale, **fp8_consts(fp8_dtype), num_warps=min(max(block // 256, 1), 16),
+            **pdl_args(x.device))
     return (*views(), res_out.view(x.shape))
 
 
@@ -171,11 +176,11 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
         block = max(group_size, min(triton.next_power_of_2(d), 1024))  # whole groups per program
         _silu_mul_quant_group_kernel[(rows, triton.cdiv(d, block))](
             x2, q, s, d, s.shape[1], x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, GROUP=group_size,
-            **consts, num_warps=4)
+            **consts, num_warps=4, **pdl_args(x.device))
     elif rows:
         block, warps = row_block(d)
         _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0), BLOCK=block, **consts,
-                                              num_warps=warps)
+                                              num_warps=warps, **pdl_args(x.device))
     return views()
 
 

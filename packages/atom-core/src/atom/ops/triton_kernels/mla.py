@@ -31,6 +31,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
+from atom.ops.triton_kernels.pdl import pdl_args
 
 # Heads stacked per program; rows per prefill program; keys per step; warps; pipeline depth. Module-level
 # so tools/device/kernel_bench.py can sweep them.
@@ -267,7 +268,7 @@ def mla_latent_attention(
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_m, part_l, part_acc, out, out, num_heads, lora, out.stride(0), out.stride(1),  # no sinks (unread)
-            NUM_SPLITS=num_splits, BLOCK_D=block_l, USE_SINKS=False, num_warps=4)
+            NUM_SPLITS=num_splits, BLOCK_D=block_l, USE_SINKS=False, num_warps=4, **pdl_args(q_lat.device))
     return out
 
 

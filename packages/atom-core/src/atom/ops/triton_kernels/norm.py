@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
@@ -32,7 +33,8 @@ def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
-                     eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK)
     cols = tl.arange(0, BLOCK)
@@ -60,7 +62,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_warps = min(max(block // 256, 1), 16)
     _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, n, x2.stride(0), res2.stride(0),
                                      out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
-                                     num_warps=num_warps)
+                                     num_warps=num_warps, **pdl_args(x.device))
     return out.view(x.shape), res_out.view(x.shape)
 
 

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
@@ -71,8 +72,9 @@ def _qk_norm_rope_cache_kernel(
     NORM: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, KV_FP8: tl.constexpr,
     HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_R)[None, :]
@@ -143,5 +145,5 @@ def qk_norm_rope_cache(
             NORM=norm, IS_NEOX=is_neox, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
             BLOCK_R=triton.next_power_of_2(rot_half), BLOCK_D=triton.next_power_of_2(head_dim),
             BLOCK_P=triton.next_power_of_2(passthrough) if passthrough else 0,
-            **kv_cache_consts(k_cache, k_scale, v_scale), num_warps=4)
+            **kv_cache_consts(k_cache, k_scale, v_scale), num_warps=4, **pdl_args(q.device))
     return q_out.view(q.shape), k_out.view(k.shape)

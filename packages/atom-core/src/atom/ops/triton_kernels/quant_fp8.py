@@ -42,7 +42,6 @@ weights and other devices keep the tl.dot GEMM.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -50,8 +49,10 @@ import triton.language as tl
 
 from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import fit_tile, interpreting, num_sms
+from atom.ops.triton_kernels.common import env_flag as _env_flag
+from atom.ops.triton_kernels.common import env_int, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_l2
 
 
 # ---------------------------------------------------------------- activation quantization
@@ -60,8 +61,9 @@ from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quanti
 @triton.jit
 def _quant_group_kernel(x_ptr, q_ptr, s_ptr, k_dim, num_groups, x_stride, q_stride, s_stride,
                         GROUP: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                        MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+                        MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     """GROUPS consecutive 1 x GROUP groups of one row per program."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -76,8 +78,9 @@ def _quant_group_kernel(x_ptr, q_ptr, s_ptr, k_dim, num_groups, x_stride, q_stri
 @triton.jit
 def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: tl.constexpr,
                         FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-                        EMULATE: tl.constexpr):
+                        EMULATE: tl.constexpr, PDL: tl.constexpr):
     """One row per program: its absolute max, then the quantized row (read once when it fits one BLOCK)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     if BLOCK >= k_dim:
@@ -139,7 +142,7 @@ def per_token_group_quant_fp8(
     if rows:
         _quant_group_kernel[(rows, triton.cdiv(groups, per_prog))](
             x2, q, s, k, groups, x2.stride(0), q.stride(0), s.stride(0), GROUP=group_size, GROUPS=per_prog,
-            **fp8_consts(fp8_dtype), num_warps=4)
+            **fp8_consts(fp8_dtype), num_warps=4, **pdl_args(x.device))
     return q.view(x.shape), s.view(*x.shape[:-1], groups)
 
 
@@ -155,7 +158,7 @@ def per_token_quant_fp8(
     if rows:
         block, warps = row_block(k)
         _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=block, **fp8_consts(fp8_dtype),
-                                     num_warps=warps)
+                                     num_warps=warps, **pdl_args(x.device))
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
 
 
@@ -169,9 +172,10 @@ def _fp8_gemm_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8."""
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -230,7 +234,7 @@ def _fp8_gemm_swap_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SERIAL: tl.constexpr,
+    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -240,7 +244,10 @@ def _fp8_gemm_swap_kernel(
     Split over K, each program stores its float32 partial (out_ptr [split, M, N]). SERIAL: the last of a tile's
     programs to arrive (an acq_rel counter per tile in cnt_ptr, zero between launches) adds the partials in split
     order, as _split_k_sum_kernel does, plus the bias, writes final_ptr and resets the counter: no second kernel.
-    Without SERIAL, _split_k_sum_kernel runs after."""
+    Without SERIAL, _split_k_sum_kernel runs after.
+
+    PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
+    bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -253,6 +260,11 @@ def _fp8_gemm_swap_kernel(
     kk = tl.arange(0, BLOCK_K)
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    if PREFETCH > 0:  # constant weights only: before the wait (K % 16 == 0, checked at launch)
+        rows = tl.minimum(n64, N - 1)
+        prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
+    pdl_wait(PDL)
 
     if not BLOCK_SCALES:
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
@@ -299,8 +311,9 @@ def _fp8_gemm_swap_kernel(
 
 @triton.jit
 def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, total, n_cols, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = sum over splits of the float32 partials (in split order) + bias, cast to out's dtype."""
+    pdl_wait(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros([BLOCK], tl.float32)
@@ -410,24 +423,7 @@ def _fp8_gemv_kernel(
 
 
 def _env_rows(name: str, default: int, most: int) -> int:
-    """A row bound from the environment (unset: default), refused with a message naming it outside 0..most."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer (rows), got {raw!r}") from None
-    if not 0 <= value <= most:
-        raise ValueError(f"{name} must be between 0 and {most}, got {value}")
-    return value
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return default if raw == "" else raw == "1"
+    return env_int(name, default, most, "rows")
 
 
 def _env_gemv_max_m() -> int:
@@ -513,7 +509,8 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
-                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+                                                          **pdl_args(out.device))
 
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
@@ -576,6 +573,12 @@ def _split_counters(device: torch.device) -> torch.Tensor | None:
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+# Bytes of each weight row's K range a swap-AB program asks into L2 before its PDL wait (pdl.py): the part of its
+# slice it can fetch while the previous kernel finishes (1,024: at most 64 KiB a program, ~17-25 MB a linear at
+# decode, within the 50 MB L2). ATOM_FP8_PDL_PREFETCH sets it per process (0: no prefetch, PDL alone).
+PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 1024, 1 << 20, "bytes") // 16 * 16
 
 
 def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
@@ -677,6 +680,8 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
         grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
         counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
         serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
+        pdl = pdl_args(a.device)
+        prefetch = PDL_PREFETCH_BYTES if pdl["PDL"] and k % 16 == 0 else 0
 
         def swap(target, k_per_split, split, add_bias):
             _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
@@ -685,7 +690,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
                 a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
                 SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
                 BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-                num_warps=tile["num_warps"], num_stages=stages)
+                PREFETCH=prefetch, num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
         _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
         return out
@@ -700,7 +705,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            num_warps=tile["num_warps"], num_stages=stages)
+            num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
     return out

@@ -1,0 +1,85 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel of the decode chain starts while the kernel
+before it is still finishing, instead of after it has drained.
+
+At decode most of ATOM's kernels are one wave of small programs, and a CUDA-graph replay of a step runs ~13 of
+them a layer back to back: each pays its launch, its first loads' DRAM latency and the previous kernel's tail.
+With PDL (`launch_pdl=True`), the next kernel's programs are scheduled as soon as every program of the current
+one has signalled (gdc_launch_dependents, which ATOM's kernels do right after their own wait); they run their
+prologue and then block in `gdc_wait` until the previous grid has completed and its writes are visible. The
+weight-streaming GEMMs use that window to pull the first part of their weight slice into L2 (`prefetch_l2`):
+weights are constant, so reading them early is safe.
+
+The rule every PDL kernel keeps: before `gdc_wait` it reads nothing but constant weights and writes nothing
+(the previous kernel may still read what it would overwrite). `pdl_args(device)` gives both halves together,
+the launch option and the kernel's `PDL` constexpr, so a kernel never launches early without its wait.
+
+On: NVIDIA sm_90+ with a Triton that has the launch option, outside torch.compile's tracing (Dynamo's Triton
+wrapper does not pass the option) and outside the interpreter. ATOM_PDL=0 turns it off per process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.triton_kernels.common import env_flag, interpreting
+
+ENABLED = env_flag("ATOM_PDL", True)
+
+
+@functools.cache
+def _triton_has_launch_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception:  # noqa: BLE001 - a Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.cache
+def _device_supports(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.version.hip or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and _triton_has_launch_pdl()
+
+
+def pdl_on(device: torch.device) -> bool:
+    """Whether kernels launched now on `device` use PDL."""
+    if not ENABLED or interpreting():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return _device_supports(device)
+
+
+_OFF = {"PDL": False}
+_ON = {"PDL": True, "launch_pdl": True}
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Keyword arguments of a launch of a kernel with a `PDL: tl.constexpr` parameter: the constexpr and, when
+    on, Triton's launch option (always both or neither)."""
+    return _ON if pdl_on(device) else _OFF
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Block until the previous kernel of the stream has completed (its writes visible), then let the next
+    kernel's programs be scheduled. A no-op without PDL. Call before the first read of anything a previous
+    kernel writes and before the first write."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Ask the GPU to bring `nbytes` (a multiple of 16, > 0) from each address of `ptrs` (16-byte aligned) into
+    L2 without waiting for them (Hopper's bulk prefetch, `cp.async.bulk.prefetch.L2`). For constant weights
+    before pdl_wait; the returned zeros keep the instruction alive and can be ignored."""
+    return tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+        "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)

@@ -1,0 +1,122 @@
+"""Programmatic dependent launch (atom.ops.triton_kernels.pdl): when it is on, and that a decode chain of ATOM's
+kernels launched early gives the same bits as the same chain launched one after the other.
+
+A kernel launched with PDL may start while the previous one still runs; a missing or misplaced wait shows as a
+read of stale activations or a write over ones still being read, i.e. outputs that differ from the serial run.
+The chain below is a quantized decoder layer's op sequence (norm + quantization, the swap-AB GEMM with split-K,
+SiLU-and-mul + quantization, the split-K sum or the serial split, per-token quantization, a plain norm) repeated
+and fed back into itself, captured in a CUDA graph (as the engine replays it) and replayed; every replay must
+equal the chain run with PDL off. The interpreter half checks the switch (off on CPU and under the interpreter,
+ATOM_PDL parsed strictly).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run this module alone with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
+                allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from atom.ops import quant_fp8 as Q  # noqa: E402
+from atom.ops.registry import resolve  # noqa: E402
+from atom.ops.triton_kernels import common, pdl  # noqa: E402
+from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+HOPPER = ON_GPU and not torch.version.hip and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
+    assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.pdl_on(torch.device("cuda", 0))
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not pdl.pdl_on(torch.device("cuda", 0))  # ATOM_PDL=0 wins on any device
+
+
+def test_atom_pdl_env_is_parsed_strictly(monkeypatch):
+    for raw, want in (("", True), ("1", True), ("0", False)):
+        monkeypatch.setenv("ATOM_PDL", raw)
+        assert common.env_flag("ATOM_PDL", True) is want
+    monkeypatch.setenv("ATOM_PDL", "on")
+    with pytest.raises(ValueError, match="ATOM_PDL must be 0 or 1, got 'on'"):
+        common.env_flag("ATOM_PDL", True)
+    monkeypatch.setenv("ATOM_FP8_PDL_PREFETCH", "lots")
+    with pytest.raises(ValueError, match=r"ATOM_FP8_PDL_PREFETCH must be an integer \(bytes\)"):
+        common.env_int("ATOM_FP8_PDL_PREFETCH", 1024, 1 << 20, "bytes")
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
+def test_pdl_is_on_for_hopper():
+    """The H200 (sm_90) with the Triton ATOM ships against: both halves of a PDL launch are passed."""
+    assert pdl.pdl_args(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
+
+
+def _fp8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5
+    return Q.quantize_weight_fp8(w, "channel")
+
+
+def _layer_chain(x, weights, norms, layers: int):
+    """`layers` quantized decoder-layer op sequences on x [M, H] (bf16), each feeding the next."""
+    add_norm_quant = resolve("fused_add_rms_norm_quant_fp8", "triton")
+    linear_q = resolve("fp8_linear_quantized", "triton")
+    silu_quant = resolve("silu_and_mul_quant_fp8", "triton")
+    linear = resolve("fp8_linear", "triton")
+    rms_norm = resolve("rms_norm", "triton")
+    residual = x
+    h = x
+    for i in range(layers):
+        (w_up, s_up), (w_down, s_down), (w_o, s_o) = weights[i % len(weights)]
+        q, s, residual = add_norm_quant(h, residual, norms[0], 1e-6, None, torch.float8_e4m3fn)
+        up = linear_q(q, s, w_up, s_up, None, None, torch.bfloat16)  # swap-AB, one split at these sizes
+        q2, s2 = silu_quant(up, None, torch.float8_e4m3fn)
+        h = linear_q(q2, s2, w_down, s_down, None, None, torch.bfloat16)  # split over K
+        h = linear(rms_norm(h, norms[1], 1e-6), w_o, s_o, None, None)  # per-token quantization kernel + GEMM
+    return h + residual
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("m", [1, 8, 32])
+@pytest.mark.parametrize("serial", [False, True])
+def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypatch, m, serial):
+    gen = torch.Generator(device="cuda").manual_seed(1000 + m)
+    hidden, inter = 1024, 3072
+    weights = [(_fp8_weight(2 * inter, hidden, gen), _fp8_weight(hidden, inter, gen), _fp8_weight(hidden, hidden, gen))
+               for _ in range(2)]
+    norms = [1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    x = torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
+    layers = 12
+
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = _layer_chain(x, weights, norms, layers)
+    torch.cuda.synchronize()
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    eager = _layer_chain(x, weights, norms, layers)  # PDL launches outside a graph (prefill, eager mode)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _layer_chain(static_x, weights, norms, layers)  # warm-up: compiles, makes the split counters
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _layer_chain(static_x, weights, norms, layers)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, want)
+    for replay in range(20):
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
+    assert torch.isfinite(want).all() and want.abs().max() > 0
