@@ -172,9 +172,11 @@ def _fp8_gemm_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8."""
+    """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8. PRECISE (float32
+    outputs, the correctness mode): the codes are widened to bf16 (exactly: e4m3 fits in bf16) for a dot that
+    accumulates in full float32, instead of Hopper's FP8 MMA (~14-bit accumulation between promotions)."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -208,10 +210,15 @@ def _fp8_gemm_kernel(
         if BLOCK_SCALES:
             sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
         w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PRECISE:
+            aq = aq.to(tl.bfloat16)
+            w = w.to(tl.bfloat16)
         if BLOCK_SCALES:
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
                          other=0.0)
             acc += tl.dot(aq, w) * (sa[:, None] * sw[None, :])
+        elif PRECISE:
+            acc = tl.dot(aq, w, acc)
         else:
             acc = tl.dot(aq, w, acc, max_num_imprecise_acc=BLOCK_K)
     if not BLOCK_SCALES:
@@ -234,7 +241,7 @@ def _fp8_gemm_swap_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -247,7 +254,8 @@ def _fp8_gemm_swap_kernel(
     Without SERIAL, _split_k_sum_kernel runs after.
 
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
-    bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2."""
+    bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
+    _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -275,11 +283,16 @@ def _fp8_gemm_swap_kernel(
         k_ok = k < K
         w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if PRECISE:
+            w = w.to(tl.bfloat16)
+            a_t = a_t.to(tl.bfloat16)
         if BLOCK_SCALES:
             sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
                          other=0.0)
             acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
+        elif PRECISE:
+            acc = tl.dot(w, a_t, acc)
         else:
             acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
     if not BLOCK_SCALES:
@@ -575,10 +588,13 @@ def _split_counters(device: torch.device) -> torch.Tensor | None:
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-# Bytes of each weight row's K range a swap-AB program asks into L2 before its PDL wait (pdl.py): the part of its
-# slice it can fetch while the previous kernel finishes (1,024: at most 64 KiB a program, ~17-25 MB a linear at
-# decode, within the 50 MB L2). ATOM_FP8_PDL_PREFETCH sets it per process (0: no prefetch, PDL alone).
-PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 1024, 1 << 20, "bytes") // 16 * 16
+# Bytes of each weight row's K range a swap-AB program asks into L2 (cp.async.bulk.prefetch) before its PDL wait
+# (pdl.py). 0: none. On the H200 (2026-12-03, fp8_skinny_bench.py --pdl, qwen3-8b linears at M = 1 / 32, consecutive
+# calls in one graph) PDL alone took o_proj 9.75 -> 8.49 us and down 19.75 -> 18.68 at M = 1; prefetching 256 bytes a
+# row changed nothing, 1,024 undid the gain and 4,096 cost 20-45% (gate_up 31.7 -> 46.9 us): the early programs'
+# prefetches compete with the running kernel's own stream and are fetched again when the L2 set is full.
+# ATOM_FP8_PDL_PREFETCH sets it per process.
+PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
 def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
@@ -672,10 +688,13 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     if m == 0:
         return out
     scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
+    # float32 outputs are the correctness mode (held to float32 references): exact products, float32 sums
+    precise = out_dtype == torch.float32 and a.is_cuda and not interpreting()
     if m <= SWAP_MAX_M:
         tile = _swap_tile(m, n, k, block_k, a.device)
         block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                                   lambda bn: ((tile["block_m"] + bn) * block_k, 0), a.device)
+                                   lambda bn: ((tile["block_m"] + bn) * block_k * (3 if precise else 1), 0),
+                                   a.device)
 
         grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
         counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
@@ -690,21 +709,21 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
                 a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
                 SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
                 BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-                PREFETCH=prefetch, num_warps=tile["num_warps"], num_stages=stages, **pdl)
+                PREFETCH=prefetch, PRECISE=precise, num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
         _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
         return out
     tile = _gemm_tile(m, n, k, block_k, a.device)
-    # per stage: the fp8 A and W tiles
+    # per stage: the fp8 A and W tiles (and their bf16 copies when precise)
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] + bn) * block_k, 0), a.device)
+                               lambda bn: ((tile["block_m"] + bn) * block_k * (3 if precise else 1), 0), a.device)
 
     def gemm(target, k_per_split, split, add_bias):
         _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
-            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, PRECISE=precise,
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
