@@ -3,7 +3,8 @@
 For each preset: `atom_server.bench.run_throughput` (tok/s at the given batch sizes), then, on the same
 engine, a per-phase host timing of the engine step (perf_counter around schedule / prepare / replay /
 sample / sync / bookkeeping, whichever exist in the code on the path), the GPU time of one graph replay
-per batch size (CUDA events), and the top kernels of a few decode steps (torch.profiler).
+per batch size (CUDA events), the top kernels of a few engine steps (torch.profiler) and those of the decode
+step alone (graph replays under torch.profiler: launches and GPU us a step per kernel).
 
     PYTHONPATH=packages/atom-core/src:packages/atom-server/src python3 tools/device/decode_profile.py \
         --presets qwen3-0.6b --batch-sizes 1,32,128 --label new --out $OUT/prof_new.json
@@ -121,6 +122,35 @@ def kernel_table(llm: LLM, bs: int, input_len: int, steps: int = 8) -> str:
         return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70)
 
 
+def replay_kernel_table(llm: LLM, bs: int, replays: int = 20) -> list[dict]:
+    """The kernels of one decode step alone: `replays` replays of the batch-size graph under torch.profiler (its
+    static inputs hold the last step the engine ran), per kernel the launches and GPU us a step, largest first.
+    The kernel table above mixes in the prefill of its 9 steps; this one has none. With programmatic dependent
+    launch a kernel starts before its predecessor ends and its time includes that wait: run with ATOM_PDL=0 for
+    times that add up to the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = llm.llm_engine.runner.graphs
+    if g is None:
+        return []
+    graph = g.graphs[min(s for s in g.graphs if s >= bs)][0]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = ev.self_cuda_time_total
+        if us > 0:
+            rows.append(dict(name=ev.key, calls_per_step=ev.count / replays, us_per_step=us / replays))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="qwen3-0.6b")
@@ -174,6 +204,14 @@ def main() -> None:
                 tab = kernel_table(llm, bs, a.input_len)
                 res["kernels"][bs] = tab
                 print(f"[{a.label}] {preset} kernels, bs={bs} (9 steps incl. prefill):\n{tab}", flush=True)
+                rows = replay_kernel_table(llm, bs)
+                res.setdefault("decode_kernels", {})[bs] = rows
+                total = sum(r["us_per_step"] for r in rows)
+                print(f"[{a.label}] {preset} decode step alone, bs={bs} (graph replays): {total:.0f} us of kernels "
+                      "a step; kernel, launches a step, us a step, share", flush=True)
+                for r in rows[:30]:
+                    print(f"    {r['name'][:70]:<70} {r['calls_per_step']:>6.1f} {r['us_per_step']:>9.1f} "
+                          f"{100 * r['us_per_step'] / total:>5.1f}%", flush=True)
         results.append(res)
         del llm, eng
         holder.clear()

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
@@ -39,7 +40,9 @@ def gated_cols(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gated_kernel(x_ptr, out_ptr, d, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_kernel(x_ptr, out_ptr, d, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     y = gated_cols(x_ptr, row, cols, d, x_stride, ACT)
@@ -55,7 +58,7 @@ def _gated(x: torch.Tensor, act: int) -> torch.Tensor:
     block = min(triton.next_power_of_2(d), 1024)
     if x2.shape[0]:
         _gated_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), out.stride(0), ACT=act,
-                                                            BLOCK=block, num_warps=4)
+                                                            BLOCK=block, num_warps=4, **pdl_args(x2.device))
     return out.view(*x.shape[:-1], d)
 
 

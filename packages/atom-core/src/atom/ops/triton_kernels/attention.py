@@ -32,7 +32,8 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale_pt
                               kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
                               HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP8_MAX: tl.constexpr,
-                              MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+                              MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -74,7 +75,7 @@ def reshape_and_cache(
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        **kv_cache_consts(k_cache, k_scale, v_scale), num_warps=4)
+        **kv_cache_consts(k_cache, k_scale, v_scale), num_warps=4, **pdl_args(key.device))
 
 
 @triton.jit

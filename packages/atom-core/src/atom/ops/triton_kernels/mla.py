@@ -31,7 +31,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
-from atom.ops.triton_kernels.pdl import pdl_args
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 # Heads stacked per program; rows per prefill program; keys per step; warps; pipeline depth. Module-level
 # so tools/device/kernel_bench.py can sweep them.
@@ -53,7 +53,8 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, 
                             c_stride_t, pe_stride_t, cache_stride_b, cache_stride_s,
                             BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, KV_FP8: tl.constexpr,
                             HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
-                            EMULATE: tl.constexpr):
+                            EMULATE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -92,7 +93,8 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
     _mla_cache_write_kernel[(num_tokens,)](
         kv_c, k_pe, kv_cache, slot_mapping, slot_mapping if kv_scale is None else kv_scale, lora, rope,
         kv_cache.shape[1], kv_c.stride(0), k_pe.stride(0), kv_cache.stride(0), kv_cache.stride(1),
-        BLOCK_L=triton.next_power_of_2(lora), BLOCK_R=triton.next_power_of_2(rope), **consts, num_warps=4)
+        BLOCK_L=triton.next_power_of_2(lora), BLOCK_R=triton.next_power_of_2(rope), **consts, num_warps=4,
+        **pdl_args(kv_c.device))
 
 
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
@@ -107,8 +109,9 @@ def _mla_attention_kernel(
     HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
     head_tile = tl.program_id(2) // NUM_SPLITS
@@ -263,7 +266,7 @@ def mla_latent_attention(
         HEADS=heads, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
         NUM_SPLITS=num_splits, DECODE=decode, F32_DOT=interpreting(), IEEE=dot_ieee(q_lat.dtype),
         ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], num_warps=tile["num_warps"],
-        num_stages=num_stages,
+        num_stages=num_stages, **pdl_args(q_lat.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

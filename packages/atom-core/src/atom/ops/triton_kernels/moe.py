@@ -20,11 +20,13 @@ import triton.language as tl
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, num_experts, stride, TOP_K: tl.constexpr,
-                         RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
+                         RENORM: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * stride + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
@@ -56,7 +58,8 @@ def moe_topk_softmax(
     if num_tokens:
         _topk_softmax_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0), TOP_K=top_k,
                                             RENORM=renormalize,
-                                            BLOCK_E=triton.next_power_of_2(num_experts), num_warps=1)
+                                            BLOCK_E=triton.next_power_of_2(num_experts), num_warps=1,
+                                            **pdl_args(logits.device))
     return weights, ids
 
 
@@ -69,9 +72,10 @@ def moe_topk_softmax(
 # again each time they turn 1 or a multiple of 16 (an odd prompt length), for a divisibility hint that these
 # loop bounds and masks do not use (tools/triton_specializations.py counts the compiles).
 @triton.jit(do_not_specialize=["num_pairs"])
-def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """counts[chunk, e] = pairs of this chunk routed to expert e (ids of -1, other ranks' experts, count
     nowhere)."""
+    pdl_wait(PDL)
     chunk = tl.program_id(0)
     idx = chunk * CHUNK + tl.arange(0, CHUNK)
     e = tl.arange(0, E_PAD)
@@ -82,10 +86,11 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHU
 @triton.jit(do_not_specialize=["num_pairs", "num_chunks"])
 def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_experts, num_chunks,
                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Each expert's run padded to BLOCK_M (padding rows hold the sentinel num_pairs), the pairs of this chunk
     at their stable rank in their expert's run; program 0 writes the cumulative padded ends. ONE_CHUNK: the
     only program counts its pairs itself (no count kernel before it)."""
+    pdl_wait(PDL)
     chunk = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     c = tl.arange(0, CHUNK)
@@ -134,11 +139,12 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         chunks = triton.cdiv(num_pairs, _ALIGN_CHUNK)
         counts = torch.empty(chunks, e_pad, dtype=torch.int32, device=flat.device) if chunks > 1 else padded_end
         if chunks > 1:
-            _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4)
+            _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4,
+                                           **pdl_args(flat.device))
         _align_place_kernel[(chunks,)](flat, counts, sorted_ids, padded_end, num_pairs, num_experts, chunks,
                                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK,
                                        CHUNKS_PAD=triton.next_power_of_2(chunks), ONE_CHUNK=chunks == 1,
-                                       num_warps=4)
+                                       num_warps=4, **pdl_args(flat.device))
         return sorted_ids, padded_end
     # Pairs of id -1 go to an extra bucket E, whose rows all land on one dump row past the end.
     key = torch.where(flat >= 0, flat, num_experts)
@@ -178,9 +184,10 @@ def _expert_gemm_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,
     GATED: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..)."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -233,8 +240,10 @@ def _expert_gemm_kernel(
 
 @triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, inter, k_dim, top_k, x_stride, w_stride_e, w_stride_n,
-                         h_stride, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         h_stride, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
     """Decode: h[pair] = act(x W_gate^T) * (x W_up^T) for the pair's expert, one GEMV per (pair, n block)."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < inter
@@ -266,8 +275,9 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, inter, k_dim, top_k, x_st
 
 @triton.jit
 def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
-                      y_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      y_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Decode: y[pair] = w_pair * (h[pair] W2[expert]^T) in fp32, one GEMV per (pair, n block)."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
@@ -290,8 +300,9 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_
 
 @triton.jit
 def _sum_topk_kernel(y_ptr, ids_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_k y[t * top_k + k] (fp32 rows) over the pairs of id >= 0, cast to the output dtype."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     k = tl.arange(0, K_PAD)
@@ -326,7 +337,7 @@ def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, d
     block = 256
     _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
         y, ids, out, y.shape[1], top_k, y.stride(0), out.stride(0), K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
-        num_warps=4)
+        num_warps=4, **pdl_args(y.device))
     return out
 
 
@@ -341,11 +352,12 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
         x, w13, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), ACT=act,
-        BLOCK_N=tile["gate_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"])
+        BLOCK_N=tile["gate_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"], **pdl_args(x.device))
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     _pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
         h, w2, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_N=tile["down_block_n"], BLOCK_K=tile.get("down_block_k", tile["block_k"]), num_warps=tile["num_warps"])
+        BLOCK_N=tile["down_block_n"], BLOCK_K=tile.get("down_block_k", tile["block_k"]), num_warps=tile["num_warps"],
+        **pdl_args(h.device))
     return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
 
@@ -403,7 +415,7 @@ def fused_experts(
             a, w, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, a_row_div,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, SCALE=not gated,
             E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
-            num_warps=tile["num_warps"], num_stages=stages)
+            num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     launch(x, w13, h, inter, hidden, top_k, gated=True)

@@ -30,6 +30,7 @@ from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.quant_fp8 import per_token_group_quant_fp8, per_token_quant_fp8
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 # ---------------------------------------------------------------- decode: one GEMV per (pair, column block)
@@ -63,9 +64,10 @@ def _fp8_pair_gate_up_kernel(
     ws_stride_e, ws_stride_n, ws_stride_k, up_scale_off, h_stride,
     ACT: tl.constexpr, SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
     QG: tl.constexpr, SUBS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """h[pair] = act(x W_gate^T) * (x W_up^T) for the pair's expert; x quantized on the fly."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < inter
@@ -117,9 +119,10 @@ def _fp8_pair_down_kernel(
     ws_stride_e, ws_stride_n, ws_stride_k, y_stride,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, QG: tl.constexpr,
     SUBS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[pair] = w_pair * (h[pair] W2[expert]^T) in float32; h quantized on the fly."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
@@ -162,9 +165,10 @@ def _fp8_expert_gemm_kernel(
     ws_stride_e, ws_stride_n, ws_stride_k, up_scale_off, out_stride,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     SCALE: tl.constexpr, ACT_DTYPE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr)."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = float_moe.sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -276,13 +280,13 @@ def _per_pair(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, act, bloc
     _fp8_pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
         x, w13, w13_scale, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), *s13, up_off,
         h.stride(0), ACT=act, SCALE_BN=scale_bn, BLOCK_SCALES=block, BLOCK_N=tile["gate_block_n"], QG=group,
-        SUBS=tile["subs"], **consts, num_warps=tile["num_warps"])
+        SUBS=tile["subs"], **consts, num_warps=tile["num_warps"], **pdl_args(x.device))
     y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
     s2 = _scale_strides(w2_scale, block)
     _fp8_pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
         h, w2, w2_scale, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), *s2,
         y.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, BLOCK_N=tile["down_block_n"], QG=group,
-        SUBS=tile["subs"], **consts, num_warps=tile["num_warps"])
+        SUBS=tile["subs"], **consts, num_warps=tile["num_warps"], **pdl_args(h.device))
     return float_moe._sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
 
@@ -339,7 +343,8 @@ def fp8_fused_experts(
             a_row_div, a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), *_scale_strides(w_scale, block),
             up_scale_off, out.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, GATED=gated, ACT=act,
             SCALE=not gated, ACT_DTYPE=_TL_DTYPE[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, num_warps=tile["num_warps"], num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, num_warps=tile["num_warps"], num_stages=stages,
+            **pdl_args(a.device))
 
     xq, xs = _quantized(x, block_size, w13.dtype)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)

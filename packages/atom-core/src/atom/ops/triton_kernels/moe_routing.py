@@ -12,13 +12,16 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
 def _grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride, num_groups, per_group, scaling,
                          TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
                          HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr, GROUPED: tl.constexpr,
-                         RENORM: tl.constexpr, G_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr):
+                         RENORM: tl.constexpr, G_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_PAD)
     j = tl.arange(0, E_PAD)
@@ -94,5 +97,6 @@ def moe_grouped_topk(
             num_groups, per_group, float(routed_scaling_factor), TOP_K=top_k, TOPK_GROUP=topk_group,
             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_score == "top2_sum",
             GROUPED=num_groups > 1, RENORM=renormalize, G_PAD=triton.next_power_of_2(num_groups),
-            E_PAD=triton.next_power_of_2(per_group), K_PAD=triton.next_power_of_2(top_k), num_warps=1 if num_experts <= 64 else 4)
+            E_PAD=triton.next_power_of_2(per_group), K_PAD=triton.next_power_of_2(top_k),
+            num_warps=1 if num_experts <= 64 else 4, **pdl_args(logits.device))
     return weights, ids

@@ -32,6 +32,7 @@ import triton.language as tl
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 # Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
 PAIR_GEMV_MAX_PAIRS = 16
@@ -342,10 +343,11 @@ def _expert_gemm_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, MXFP4: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """GATED: out[pair] = swigluoai(A W_gate^T + b_gate, A W_up^T + b_up), W_up = rows n_out..;
     else out[pair] = w_pair * (A W^T + b) in fp32. A row = pair // a_row_div; W the tile's expert's."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -421,13 +423,14 @@ def _expert_gemm_mx_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, ACT_FORMAT: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T: the expert's packed rows [BLOCK_N, BLOCK_K/2] and their scales
     are the scaled dot's first operand, read in their stored layout (K contiguous) and decoded by the
     compiler's MXFP4 upcast (tl.dot_scaled); the tile's activation rows [BLOCK_K, BLOCK_M] the second. The
     expert's output columns fill the matrix instruction's 64-row side and the tile's tokens its narrow side
     (8..256), so a tile of 16 tokens wastes no weight decode. Same epilogue as _expert_gemm_kernel."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -488,7 +491,7 @@ def _expert_gemm_mxr_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """The MXFP4 grouped GEMM as out^T = W A^T with the weights decoded in registers as the first operand (on
     Hopper the matrix instruction's A may come from registers, so the decoded tile needs no trip through shared
@@ -501,6 +504,7 @@ def _expert_gemm_mxr_kernel(
     K steps and stores its float32 sums (gate, then up: [pair, 2 n_out]) into part_ptr[split]; _split_k_finish_kernel
     adds them in a fixed order and applies the epilogue. That is for batches whose tiles are too few to fill the
     GPU, such as every token routed to the same few experts."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
@@ -564,9 +568,10 @@ def _sum_splits(rows, part_stride_s, n_ok, SPLIT_K: tl.constexpr):
 @triton.jit
 def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, part_stride_s,
                            part_stride_p, bias_stride_e, out_stride, alpha, limit, GATED: tl.constexpr,
-                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The split-K regdot's epilogue for one pair and BLOCK columns: its SPLIT_K float32 partial sums added in split
     order (_sum_splits), then _epilogue (the activation dtype is a_ptr's)."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     if expert < 0:  # a pair of id -1 (another rank's expert) has no rows: nothing reads its output
@@ -622,9 +627,10 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
 def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
                  w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
                  GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACC_K: tl.constexpr, PTX: tl.constexpr):
+                 ACC_K: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
     """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
     x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
@@ -652,10 +658,11 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
 
 @triton.jit
 def _mx_dequant_kernel(w_ptr, s_ptr, out_ptr, n_rows, k_dim, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[e, r, k] = E2M1(code) * 2^(scale - 127), written in out's dtype (contiguous [E, n_rows, k_dim]); the
     packed rows' byte j holds elements 2j (low nibble) and 2j + 1 (high nibble). Exact wherever the value is
     representable in out's dtype (bf16: every E8M0 scale but the top two)."""
+    pdl_wait(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     g = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
@@ -684,7 +691,7 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     block_r, block_k = 16, 256
     _mx_dequant_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(k_dim, block_k), num_experts)](
         blocks, scales, out, n_rows, k_dim, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **pdl_args(blocks.device))
     return out
 
 
@@ -819,17 +826,17 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                 *args, part, *part_strides, GATED=gated,
                 E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
                 BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
-                num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+                num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_args(a.device))
             if split_k > 1:
                 block = 256
                 _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
                     part, a, b, out, ids, weights, n_out, *part_strides, b.stride(0), out.stride(0),
-                    alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4)
+                    alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4, **pdl_args(part.device))
             return
         _expert_gemm_mx_kernel[grid](
             *args, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"],
-            num_stages=tile["num_stages"])
+            num_stages=tile["num_stages"], **pdl_args(a.device))
 
     gemm(x, w13, s13, b13, h, inter, hidden, top_k, True)
     gemm(h, w2, s2, b2, y, hidden, inter, 1, False)
@@ -883,7 +890,7 @@ def fused_experts_swigluoai(
                 a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
                 BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k, PTX=ptx,
-                num_warps=tile["num_warps"])
+                num_warps=tile["num_warps"], **pdl_args(a.device))
 
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
         pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],
@@ -909,7 +916,7 @@ def fused_experts_swigluoai(
             a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
             limit, GATED=gated, MXFP4=packed, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
             BLOCK_N=bn, BLOCK_K=max(k_step, 64 if packed else 16), F32_DOT=interpreting(), IEEE=ieee,
-            num_warps=tile["num_warps"], num_stages=stages)
+            num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
     gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False)

@@ -567,8 +567,11 @@ SWAP_TILE_OVERRIDE: dict | None = None
 
 
 # Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
-# (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode, 1.2 us a launch plus its gap in the graph).
-# Off until measured on a GPU (ATOM_FP8_SWAP_SERIAL_SPLIT=1 turns it on); bit-identical either way (same order).
+# (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode). Off: on the H200 (2026-12-03,
+# fp8_skinny_bench.py, qwen3-8b linears) it was slower than the second kernel in every row (o M32 13.0 against 10.5
+# us; with PDL 11.7 against 9.1): the last program's partial reads sit on the critical path, while under PDL the
+# sum kernel overlaps the GEMM's tail. ATOM_FP8_SWAP_SERIAL_SPLIT=1 turns it on; bit-identical either way (same
+# order); kept for GPUs without PDL.
 SWAP_SERIAL_SPLIT = _env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
@@ -35,7 +36,8 @@ def _rope_heads(src, dst, src_stride_t, t, num_heads, cos, sin, head_dim, rot_ha
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, q_out, k_out, q_stride, k_stride, cs_stride, num_q_heads,
                  num_k_heads, head_dim, rot_half, IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                 BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                 BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_R)[None, :]
@@ -74,5 +76,6 @@ def rotary_embedding(
             positions, q2, k2, cs, q_out, k_out, q2.stride(0), k2.stride(0), cs.stride(0), hq, hk, head_dim,
             rot_half, IS_NEOX=is_neox, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
             BLOCK_R=triton.next_power_of_2(rot_half),
-            BLOCK_P=triton.next_power_of_2(passthrough) if passthrough else 0, num_warps=4)
+            BLOCK_P=triton.next_power_of_2(passthrough) if passthrough else 0, num_warps=4,
+            **pdl_args(positions.device))
     return q_out.view(q.shape), k_out.view(k.shape)

@@ -20,6 +20,7 @@ import triton.language as tl
 from atom.ops.registry import register
 from atom.ops.sampling import apply_top_k_top_p_min_p
 from atom.ops.triton_kernels.common import num_sms
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 _SEED_HIGH = 2**31 - 1
 # Beyond this many candidates, torch.topk costs about what a sort does: use the reference path.
@@ -37,11 +38,12 @@ def _race_step(row_ptr, j, hi, r, temp, inv_t, best, best_j):
 
 @triton.jit
 def _race_kernel(x_ptr, temp_ptr, seed_ptr, best_ptr, best_idx_ptr, n, stride, chunk, NUM_SPLITS: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, split) scans [split * chunk, (split + 1) * chunk) of its row: best score and its index.
 
     The Philox generator is the cost here (not the logits read): one randint4x call feeds four quarter-tiles.
     """
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
@@ -81,7 +83,8 @@ def _race(x: torch.Tensor, ids: torch.Tensor | None, temp: torch.Tensor, seeds: 
     best = torch.empty(rows, splits, dtype=torch.float32, device=x.device)
     best_idx = torch.empty(rows, splits, dtype=torch.int32, device=x.device)
     _race_kernel[(rows, splits)](x, temp, seeds, best, best_idx, n, x.stride(0), chunk, NUM_SPLITS=splits,
-                                 BLOCK=min(_BLOCK, max(16, triton.next_power_of_2(n))), num_warps=4)
+                                 BLOCK=min(_BLOCK, max(16, triton.next_power_of_2(n))), num_warps=4,
+                                 **pdl_args(x.device))
     j = best_idx.gather(1, best.argmax(dim=1, keepdim=True)).long()
     return (ids.gather(1, j) if ids is not None else j).squeeze(1)
 
