@@ -120,3 +120,60 @@ def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypat
         torch.cuda.synchronize()
         assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
     assert torch.isfinite(want).all() and want.abs().max() > 0
+
+
+def _moe_chain(x, router, w13, w2, norm, layers: int, top_k: int):
+    """`layers` MoE blocks on x [T, H] (bf16): RMSNorm (Triton), router GEMM (cuBLAS: a kernel without PDL between
+    two with it), top-k softmax, the fused experts (the per-pair GEMVs and top-k sum, or the expert-sorting
+    kernels and the grouped GEMMs, by the number of pairs), residual add (torch)."""
+    rms_norm = resolve("rms_norm", "triton")
+    topk = resolve("moe_topk_softmax", "triton")
+    experts = resolve("fused_experts", "triton")
+    h = x
+    for _ in range(layers):
+        y = rms_norm(h, norm, 1e-6)
+        weights, ids = topk(y @ router.t(), top_k, True)
+        h = h + experts(y, w13, w2, weights, ids)
+    return h
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("tokens", [2, 8, 64])
+def test_moe_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypatch, tokens):
+    """The MoE kernels (routing, expert sorting in one or several chunks, grouped GEMMs or per-pair GEMVs, top-k
+    sum) launched early, in a captured graph and eagerly, against the same chain with PDL off: equal bits."""
+    gen = torch.Generator(device="cuda").manual_seed(2000 + tokens)
+    hidden, inter, experts, top_k = 256, 512, 16, 4
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+    router = rand(experts, hidden, scale=hidden ** -0.5)
+    w13 = rand(experts, 2 * inter, hidden, scale=hidden ** -0.5)
+    w2 = rand(experts, hidden, inter, scale=inter ** -0.5)
+    norm = 1 + 0.1 * rand(hidden)
+    x = rand(tokens, hidden)
+    layers = 6
+
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = _moe_chain(x, router, w13, w2, norm, layers, top_k)
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    eager = _moe_chain(x, router, w13, w2, norm, layers, top_k)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _moe_chain(static_x, router, w13, w2, norm, layers, top_k)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _moe_chain(static_x, router, w13, w2, norm, layers, top_k)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, want)
+    for replay in range(20):
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
+    assert torch.isfinite(want).all() and want.abs().max() > 0
