@@ -53,6 +53,44 @@ def test_atom_pdl_env_is_parsed_strictly(monkeypatch):
         common.env_int("ATOM_FP8_PDL_PREFETCH", 1024, 1 << 20, "bytes")
 
 
+def _kernels():
+    """(module file, FunctionDef) of every Triton kernel (a jitted function named *_kernel) in atom's Triton backend."""
+    import ast
+    import glob
+
+    import atom.ops.triton_kernels as pkg
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(pkg.__file__), "*.py"))):
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                yield os.path.basename(path), node
+
+
+def test_every_triton_kernel_waits_before_it_touches_memory():
+    """The rule PDL rests on, checked in the source: every kernel takes the PDL constexpr and calls pdl_wait(PDL)
+    in its top-level body, and nothing before that call loads, stores or runs an atomic; the one helper allowed
+    there is prefetch_l2 (constant weights). A kernel launched early without it would read stale activations."""
+    import ast
+
+    memory = ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min",
+              "inline_asm_elementwise")
+    kernels = list(_kernels())
+    assert len(kernels) >= 30  # the glob found the backend
+    for fname, fn in kernels:
+        where = f"{fname}:{fn.name}"
+        assert "PDL" in [a.arg for a in fn.args.args], f"{where} has no PDL constexpr"
+        waits = [i for i, st in enumerate(fn.body) if ast.unparse(st) == "pdl_wait(PDL)"]
+        assert waits, f"{where} never calls pdl_wait(PDL) in its top-level body"
+        for st in fn.body[:waits[0]]:
+            for call in (c for c in ast.walk(st) if isinstance(c, ast.Call)):
+                name = ast.unparse(call.func)
+                assert name.split(".")[-1] not in memory, f"{where}: {name} before pdl_wait"
+                # a helper (another jitted function) may load: only prefetch_l2 is allowed; tl.* and tensor
+                # methods (x.to) are arithmetic
+                assert not isinstance(call.func, ast.Name) or name == "prefetch_l2", f"{where}: {name}() before pdl_wait"
+
+
 @pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
 def test_pdl_is_on_for_hopper():
     """The H200 (sm_90) with the Triton ATOM ships against: both halves of a PDL launch are passed."""

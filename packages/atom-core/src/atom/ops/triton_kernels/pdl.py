@@ -1,20 +1,22 @@
-"""Programmatic dependent launch (PDL, Hopper and later): a kernel of the decode chain starts while the kernel
-before it is still finishing, instead of after it has drained.
+"""Programmatic dependent launch (PDL, Hopper and later): each Triton kernel starts while the kernel before it
+is still finishing, instead of after it has drained.
 
 At decode most of ATOM's kernels are one wave of small programs, and a CUDA-graph replay of a step runs ~13 of
-them a layer back to back: each pays its launch, its first loads' DRAM latency and the previous kernel's tail.
-With PDL (`launch_pdl=True`), the next kernel's programs are scheduled as soon as every program of the current
-one has signalled (gdc_launch_dependents, which ATOM's kernels do right after their own wait); they run their
-prologue and then block in `gdc_wait` until the previous grid has completed and its writes are visible. The
-weight-streaming GEMMs use that window to pull the first part of their weight slice into L2 (`prefetch_l2`):
-weights are constant, so reading them early is safe.
+them a layer back to back: each pays its launch and the previous kernel's drain. With PDL (`launch_pdl=True`),
+the next kernel's programs are scheduled as soon as every program of the current one has signalled
+(gdc_launch_dependents, which ATOM's kernels do right after their own wait); they then block in `gdc_wait`
+until the previous grid has completed and its writes are visible. In a captured graph the launches become
+programmatic edges. Measured on the H200 (BENCHMARKS.md, 2026-12-03): ~1 us a kernel boundary, qwen3-8b FP8
+decode 1.07x / 1.05x at batch 1 / 32, qwen3-0.6b 1.04-1.09x.
 
 The rule every PDL kernel keeps: before `gdc_wait` it reads nothing but constant weights and writes nothing
-(the previous kernel may still read what it would overwrite). `pdl_args(device)` gives both halves together,
-the launch option and the kernel's `PDL` constexpr, so a kernel never launches early without its wait.
+(the previous kernel may still read what it would overwrite). ATOM's kernels wait first thing; only the FP8
+swap-AB GEMM can do something before it (`prefetch_l2` of its weight slice, ATOM_FP8_PDL_PREFETCH: measured
+slower, off). `pdl_args(device)` gives both halves together, the launch option and the kernel's `PDL`
+constexpr, so a kernel never launches early without its wait.
 
-On: NVIDIA sm_90+ with a Triton that has the launch option, outside torch.compile's tracing (Dynamo's Triton
-wrapper does not pass the option) and outside the interpreter. ATOM_PDL=0 turns it off per process.
+On: NVIDIA sm_90+ with a Triton that has the launch option (3.4+), outside torch.compile's tracing (Dynamo's
+Triton wrapper does not pass the option) and outside the interpreter. ATOM_PDL=0 turns it off per process.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Two weight layouts share each kernel:
   scheme; it also promotes Hopper's reduced-precision FP8 accumulation to float32 every group).
 - per-token activations x per-channel (or per-tensor: stride 0) weight scales: plain fp8 dots,
   promoted to float32 every K step (max_num_imprecise_acc), both scales applied once at the end.
+float32 outputs (the correctness mode, held to float32 references) take neither FP8 MMA: the codes are widened to
+bf16 (exact) for a dot that accumulates in float32 (PRECISE; an H200 float32 FP8 model drifted 8e-3 on the FP8 MMA).
 
 Activation quantization is its own kernel before the GEMM, at every M: A is quantized once and read back as
 FP8 (half the bytes). A GEMM that quantized A itself while loading it (its prologue, every column-block program
@@ -348,7 +350,7 @@ def _fp8_gemv_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB_K: tl.constexpr,
     QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr, STAGES: tl.constexpr,
+    EMULATE: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[:M] = A W^T (scaled) for a few rows, by FMA reductions over K (no tl.dot).
 
@@ -367,6 +369,7 @@ def _fp8_gemv_kernel(
     Loading the next K step's W tile into registers early was measured slower and removed (H200, 2026-12-02,
     qwen3-8b, M = 1, us with / without: gate_up 58.6-91.3 / 39.9-43.3, o 17.3-21.4 / 13.0-16.7, down 38.4-50.0 /
     26.8-39.6)."""
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -786,7 +789,7 @@ def _gemv(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_s
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             M_PAD=triton.next_power_of_2(m), BLOCK_N=tile["block_n"], GROUPS=tile["block_k"] // block_k,
             SUB_K=block_k, QUANT_A=quant_a, **fp8_consts(weight.dtype), STAGES=tile["num_stages"],
-            num_warps=tile["num_warps"])
+            num_warps=tile["num_warps"], **pdl_args(a.device))
 
     _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
     return out
