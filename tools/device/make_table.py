@@ -232,7 +232,8 @@ def table(benches: list[dict[str, Any]]) -> str:
             "| ATOM ms/step | vLLM ms/step | vLLM+ATOM ms/step | roofline ms/step | ATOM % roof | vLLM % roof "
             "| vLLM+ATOM % roof |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for r in rows(benches):
+    all_rows = rows(benches)
+    for r in all_rows:
         lines.append(" | ".join([
             f"| {r['shape']}", str(r["batch"]), _spread(r["atom_tok_s_all"]), _spread(r["vllm_tok_s_all"]),
             _spread(r["atom-vllm_tok_s_all"]), _spread(r["atom_ratio_all"], ".2f", "x"),
@@ -240,14 +241,14 @@ def table(benches: list[dict[str, Any]]) -> str:
             _f(r["atom_ms_step"], ".2f"), _f(r["vllm_ms_step"], ".2f"), _f(r["atom-vllm_ms_step"], ".2f"),
             _f(r["roof_ms"], ".2f"), _share(r["roof_ms"], r["atom_ms_step"]), _share(r["roof_ms"], r["vllm_ms_step"]),
             _share(r["roof_ms"], r["atom-vllm_ms_step"]) + " |"]))
-    base = [r for r in rows(benches) if r.get("atom-base_tok_s")]
+    base = [r for r in all_rows if r.get("atom-base_tok_s")]
     if base:
         lines += ["", "| shape | batch | ATOM tok/s | ATOM bf16 tok/s (same call) | ratio |", "|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
                   f"{_spread(r['atom-base_tok_s_all'])} | {_spread(r['atom_base_ratio_all'], '.2f', 'x')} |"
                   for r in base]
     for name in ALTS:
-        alt = [r for r in rows(benches) if r.get(f"{name}_tok_s")]
+        alt = [r for r in all_rows if r.get(f"{name}_tok_s")]
         if not alt:
             continue
         envs = sorted({str(rnd[name].get("alt_env")) for b in benches

@@ -121,6 +121,33 @@ def _layer_chain(x, weights, norms, layers: int):
     return h + residual
 
 
+def _check_chain_under_pdl(monkeypatch, chain, x, replays: int = 20):
+    """chain(x) with PDL off is the reference; with PDL on, run eagerly and as a captured CUDA graph replayed
+    `replays` times on a static copy of x, it must give the same bits every time."""
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = chain(x)
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    eager = chain(x)  # PDL launches outside a graph (prefill, eager mode)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static_x)  # warm-up: compiles, makes the split counters
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, want)
+    for replay in range(replays):
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+
+
 @pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
 @pytest.mark.parametrize("m", [1, 8, 32])
 @pytest.mark.parametrize("serial", [False, True])
@@ -133,31 +160,7 @@ def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypat
     x = torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
     monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
     monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
-    layers = 12
-
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    want = _layer_chain(x, weights, norms, layers)
-    torch.cuda.synchronize()
-
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    eager = _layer_chain(x, weights, norms, layers)  # PDL launches outside a graph (prefill, eager mode)
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _layer_chain(static_x, weights, norms, layers)  # warm-up: compiles, makes the split counters
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = _layer_chain(static_x, weights, norms, layers)
-    torch.cuda.synchronize()
-    assert torch.equal(eager, want)
-    for replay in range(20):
-        static_x.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
-    assert torch.isfinite(want).all() and want.abs().max() > 0
+    _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
 
 
 def _moe_chain(x, router, w13, w2, norm, layers: int, top_k: int):
@@ -191,27 +194,4 @@ def test_moe_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypatch,
     w2 = rand(experts, hidden, inter, scale=inter ** -0.5)
     norm = 1 + 0.1 * rand(hidden)
     x = rand(tokens, hidden)
-    layers = 6
-
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    want = _moe_chain(x, router, w13, w2, norm, layers, top_k)
-    torch.cuda.synchronize()
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    eager = _moe_chain(x, router, w13, w2, norm, layers, top_k)
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _moe_chain(static_x, router, w13, w2, norm, layers, top_k)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = _moe_chain(static_x, router, w13, w2, norm, layers, top_k)
-    torch.cuda.synchronize()
-    assert torch.equal(eager, want)
-    for replay in range(20):
-        static_x.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, want), f"replay {replay}: {(static_out.float() - want.float()).abs().max()}"
-    assert torch.isfinite(want).all() and want.abs().max() > 0
+    _check_chain_under_pdl(monkeypatch, lambda inp: _moe_chain(inp, router, w13, w2, norm, 6, top_k), x)
