@@ -1,6 +1,11 @@
-"""Per-kernel GPU times of fused_experts at decode sizes (torch.profiler), qwen3-30b-a3b expert shapes.
+"""Per-kernel GPU times of fused_experts at decode sizes (torch.profiler), on an expert shape.
 
-    PYTHONPATH=packages/atom-core/src python3 tools/device/moe_kernels_profile.py [--tokens 1,4]
+    PYTHONPATH=packages/atom-core/src python3 tools/device/moe_kernels_profile.py [--tokens 1,4] [--shape v2-lite]
+
+Shapes: qwen3-30b-a3b (128 experts, top-8, H 2048, I 768) and v2-lite (DeepSeek-V2-Lite's 64 routed experts
+top-6 plus its 2 shared experts as expert slots, always chosen: 8 pairs a token, H 2048, I 1408).
+ATOM_PAIR_SWEEP='[{"gate_block_n": 16, "down_block_n": 32, "block_k": 256, "down_block_k": 128, "num_warps": 4}, ...]'
+times the per-pair kernels with each tile (None in the list: the shipped choice).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from atom.ops.triton_kernels import moe as tk_moe
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", default="1,4")
+ap.add_argument("--shape", default="qwen3-30b-a3b", choices=["qwen3-30b-a3b", "v2-lite"])
 opts = ap.parse_args()
-E, K, H, I = 128, 8, 2048, 768
-w13 = (torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16()
-w2 = (torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16()
+# experts, routed top-k, shared slots, hidden, intermediate
+E, K, S, H, I = (128, 8, 0, 2048, 768) if opts.shape == "qwen3-30b-a3b" else (64, 6, 2, 2048, 1408)
+w13 = (torch.randn(E + S, 2 * I, H, device="cuda") * H**-0.5).bfloat16()
+w2 = (torch.randn(E + S, H, I, device="cuda") * I**-0.5).bfloat16()
 op = resolve("fused_experts", "triton")
 for tokens in [int(t) for t in opts.tokens.split(",")]:
     tiles = json.loads(os.environ.get("ATOM_PAIR_SWEEP", "null")) or [None]  # None: the shipped tiles
@@ -29,6 +36,10 @@ for tokens in [int(t) for t in opts.tokens.split(",")]:
         tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE = limit, tile
         x = torch.randn(tokens, H, device="cuda").bfloat16()
         tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device="cuda"), K, True)
+        if S:
+            from atom.ops.moe_routing import append_shared
+
+            tw, tid = append_shared(tw, tid, E, S)
         for _ in range(3):
             op(x, w13, w2, tw, tid)
         torch.cuda.synchronize()
@@ -36,7 +47,7 @@ for tokens in [int(t) for t in opts.tokens.split(",")]:
             for _ in range(20):
                 op(x, w13, w2, tw, tid)
             torch.cuda.synchronize()
-        print(f"== T{tokens} {path} {(tile or 'default tile') if limit else ''}")
+        print(f"== {opts.shape} T{tokens} {path} {(tile or 'default tile') if limit else ''}")
         for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             if evt.device_time_total > 0:
                 print(f"   {evt.key[:60]:60s} {evt.device_time_total / evt.count:8.1f} us x{evt.count // 20}")

@@ -229,3 +229,38 @@ def test_host_mla_factory_gets_the_spec_and_kv_b_proj(reference):
     assert not [n for n, _ in model.named_parameters(remove_duplicate=False) if ".impl." in n]
     with pytest.raises(ValueError, match="mla_factory"):
         DeepseekV3ForCausalLM(config, attn_factory=paged_attention_factory)
+
+
+@pytest.mark.parametrize("name", ["v2_lite_greedy_yarn", "glm4_moe_qk_norm_partial_rope", "v2_group_limited_bias"])
+def test_shared_experts_run_as_expert_slots(name, reference, monkeypatch):
+    """DeepSeekMoE holds its n shared experts as expert slots E .. E + n - 1 (feature block j of the shared
+    gate / up / down in slot E + j) and one fused_experts call runs routed and shared together: the slots hold
+    exactly the checkpoint's blocks, and the logits equal those of the separate shared MLP
+    (ATOM_FUSE_SHARED_EXPERTS=0). MLP biases keep the separate MLP."""
+    ref = reference(name)
+    weights = safetensors.torch.load_file(f"{ref.path}/model.safetensors")
+    fused, config = load_model(ref.path, dtype="float32", progress=False)
+    monkeypatch.setenv("ATOM_FUSE_SHARED_EXPERTS", "0")
+    separate, _ = load_model(ref.path, dtype="float32", progress=False)
+    n, inter = config.n_shared_experts, config.moe_intermediate_size
+    moe_layers = [i for i, layer in enumerate(fused.model.layers) if hasattr(layer.mlp, "fused_shared")]
+    assert moe_layers
+    for i in moe_layers:
+        mlp, plain = fused.model.layers[i].mlp, separate.model.layers[i].mlp
+        assert plain.fused_shared == 0 and plain.shared_experts is not None
+        if getattr(config, "mlp_bias", False):
+            assert mlp.fused_shared == 0 and mlp.shared_experts is not None
+            continue
+        assert mlp.fused_shared == n and mlp.shared_experts is None
+        assert mlp.experts.w13.shape[0] == config.n_routed_experts + n
+        prefix = f"model.layers.{i}.mlp.shared_experts"
+        for j in range(n):
+            block = slice(j * inter, (j + 1) * inter)
+            slot = config.n_routed_experts + j
+            assert torch.equal(mlp.experts.w13[slot, :inter], weights[f"{prefix}.gate_proj.weight"][block])
+            assert torch.equal(mlp.experts.w13[slot, inter:], weights[f"{prefix}.up_proj.weight"][block])
+            assert torch.equal(mlp.experts.w2[slot], weights[f"{prefix}.down_proj.weight"][:, block])
+    got = torch.cat(_atom_logits(fused, ref.prompts, ref.tokens, ref.split))
+    want = torch.cat(_atom_logits(separate, ref.prompts, ref.tokens, ref.split))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, ref.logits) < 1e-4

@@ -251,6 +251,37 @@ def test_moe_grouped_topk(name):
     _run_routing(name, ROUTING_CASES[name])
 
 
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_router_logits(tokens, experts, hidden, dtype):
+    """DeepSeek's float32 router in one kernel: x in the model dtype against the float32 weight, masked edges
+    on every axis (experts and hidden not multiples of the tiles, more tokens than one token tile)."""
+    x = rand(tokens, hidden).to(dtype)
+    w = rand(experts, hidden) * hidden ** -0.5
+    got = triton_op("moe_router_logits")(x, w)
+    assert got.dtype == torch.float32 and got.shape == (tokens, experts)
+    check("moe_router_logits", got, ref_routing.moe_router_logits(x, w), 1e-6)
+
+
+@pytest.mark.parametrize("num_shared", [1, 2, 3])
+def test_moe_grouped_topk_appends_the_shared_expert_slots(num_shared):
+    """num_shared > 0 (DeepSeekMoE's shared experts held as expert slots): the routed columns are the plain
+    routing's, then ids E .. E + num_shared - 1 with weight 1.0, in the reference and the kernel alike."""
+    tokens, experts = 5, 16
+    logits, corr = rand(tokens, experts, scale=2.0), rand(experts, scale=0.1)
+    args = (4, 4, 2, "sigmoid", "top2_sum", True, 2.5)
+    plain_w, plain_ids = ref_routing.moe_grouped_topk(logits, corr, *args)
+    shared_ids = torch.arange(experts, experts + num_shared, device=logits.device).expand(tokens, num_shared)
+    for fn in (ref_routing.moe_grouped_topk, triton_op("moe_grouped_topk")):
+        w, ids = fn(logits, corr, *args, num_shared)
+        assert w.shape == ids.shape == (tokens, 4 + num_shared)
+        assert torch.equal(ids[:, 4:], shared_ids) and torch.equal(w[:, 4:], torch.ones_like(w[:, 4:]))
+        ids_s, order = ids[:, :4].sort(dim=-1)
+        rids_s, rorder = plain_ids.sort(dim=-1)
+        assert torch.equal(ids_s, rids_s)
+        check("moe_grouped_topk shared slots", w[:, :4].gather(1, order), plain_w.gather(1, rorder), 1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name", sorted(LARGE_ROUTING_CASES))

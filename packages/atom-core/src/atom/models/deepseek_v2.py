@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from atom.distributed import get_tp_group
+from atom.distributed import get_ep_group, get_tp_group
+from atom.envs import env_flag
 from atom.layers.attention import Attention
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -160,7 +160,8 @@ class DeepseekMLA(nn.Module):
 
 
 class MoEGate(nn.Module):
-    """Router weights (and V3's e_score_correction_bias); logits in float32, as transformers computes them."""
+    """Router weights (and V3's e_score_correction_bias); logits in float32, as transformers computes them
+    (the moe_router_logits op: on the GPU one kernel, without a float32 copy of x)."""
 
     def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool):
         super().__init__()
@@ -170,13 +171,34 @@ class MoEGate(nn.Module):
                                                         requires_grad=False)
         else:
             self.register_parameter("e_score_correction_bias", None)
+        self._logits = resolve("moe_router_logits", static={"num_experts": num_experts, "hidden_size": hidden_size})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight)
+        return self._logits(x, self.weight)
+
+
+def fuse_shared_experts(config, mlp_bias: bool, quant_config: QuantizationConfig | None) -> int:
+    """How many shared experts a DeepSeekMoE block holds as extra expert slots (0: a separate DenseMLP).
+
+    The shared MLP (intermediate size n_shared * I) is n_shared experts of intermediate size I side by side:
+    act(gate) * up is elementwise over the intermediate features and down sums over them, so slot j takes the
+    features j*I .. (j+1)*I of gate, up and down, and its output summed with weight 1.0 beside the routed
+    experts' is the shared MLP's. One fused_experts call then runs both (at decode one pair kernel each for
+    gate|up and down instead of two more GEMMs, the activation and an add a layer; SGLang's shared-experts
+    fusion). Under tensor parallelism each rank's slots hold its slice of the features, which partitions
+    them as well. Left separate: quantized checkpoints (their scales are laid out per linear), expert
+    parallelism (the slots would have to be on every rank), biases, an activation other than SiLU, and
+    ATOM_FUSE_SHARED_EXPERTS=0."""
+    shared = int(getattr(config, "n_shared_experts", 0) or 0)
+    if (not shared or quant_config is not None or mlp_bias or get_ep_group() is not None
+            or config.hidden_act not in ("silu", "swish") or not env_flag("ATOM_FUSE_SHARED_EXPERTS", True)):
+        return 0
+    return shared
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts chosen by grouped top-k, plus always-on shared experts."""
+    """Routed experts chosen by grouped top-k, plus always-on shared experts (held as extra expert slots
+    when fuse_shared_experts says so, else a DenseMLP)."""
 
     def __init__(self, config, routing: MoERouting, mlp_bias: bool = False, *,
                  quant_config: QuantizationConfig | None = None, prefix: str = ""):
@@ -184,16 +206,19 @@ class DeepseekMoE(nn.Module):
         num_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
         check_routing(num_experts, top_k, routing.num_groups, routing.topk_group, routing.scoring,
                       routing.group_score)
-        self.routing, self.top_k = routing, top_k
+        self.routing, self.top_k, self.num_routed = routing, top_k, num_experts
+        self.moe_inter = config.moe_intermediate_size
         self.gate = MoEGate(config.hidden_size, num_experts, routing.correction_bias)
         act = "silu" if config.hidden_act in ("silu", "swish") else "gelu_tanh"
-        self.experts = FusedMoE(num_experts, top_k, config.hidden_size, config.moe_intermediate_size,
-                                renormalize=routing.renormalize, activation=act, quant_config=quant_config,
-                                prefix=f"{prefix}.experts")
+        # shared experts held as slots num_experts .. num_experts + fused_shared - 1 of the experts
+        self.fused_shared = fuse_shared_experts(config, mlp_bias, quant_config)
+        self.experts = FusedMoE(num_experts + self.fused_shared, top_k, config.hidden_size,
+                                config.moe_intermediate_size, renormalize=routing.renormalize, activation=act,
+                                quant_config=quant_config, prefix=f"{prefix}.experts")
         shared = getattr(config, "n_shared_experts", 0) or 0
         self.shared_experts = (DenseMLP(config.hidden_size, config.moe_intermediate_size * shared, config.hidden_act,
                                         mlp_bias, quant_config=quant_config, prefix=f"{prefix}.shared_experts")
-                               if shared else None)
+                               if shared and not self.fused_shared else None)
         # the build-time properties an implementation may not support (and its self-check's inputs)
         self._route = resolve("moe_grouped_topk", static=dict(
             num_experts=num_experts, top_k=top_k, num_groups=routing.num_groups, topk_group=routing.topk_group,
@@ -203,7 +228,8 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         weights, ids = self._route(self.gate(x), self.gate.e_score_correction_bias, self.top_k, r.num_groups,
-                                   r.topk_group, r.scoring, r.group_score, r.renormalize, r.scaling)
+                                   r.topk_group, r.scoring, r.group_score, r.renormalize, r.scaling,
+                                   self.fused_shared)
         out = self.experts.forward_routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -359,6 +385,23 @@ class MTPLayers(nn.Module):
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_SHARED_EXPERT = re.compile(r"^(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def load_fused_shared(moe: DeepseekMoE, mlp_name: str, kind: str, tensor: torch.Tensor, param, source: str) -> None:
+    """A checkpoint's shared-expert linear (gate_proj / up_proj [n * I, H], down_proj [H, n * I]) into the
+    n shared slots of moe.experts, feature block j into slot num_routed + j (see fuse_shared_experts); the
+    experts' weight_loader then takes each block as it takes a routed expert's (the TP slice included)."""
+    n, inter = moe.fused_shared, moe.moe_inter
+    dim, shard = (1, "w2") if kind == "down_proj" else (0, "w1" if kind == "gate_proj" else "w3")
+    if tensor.dim() != 2 or tensor.shape[dim] != n * inter:
+        raise ValueError(f"shape mismatch for {source}: checkpoint {tuple(tensor.shape)}, expected {n * inter} "
+                         f"(n_shared_experts={n} x moe_intermediate_size={inter}) in dim {dim}")
+    p = param(f"{mlp_name}.experts.{'w2' if shard == 'w2' else 'w13'}", source)
+    for j in range(n):
+        p.weight_loader(p, tensor.narrow(dim, j * inter, inter), shard, moe.num_routed + j)
+
+
 _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
 
@@ -449,6 +492,18 @@ class MTPKeepingCausalLM(DecoderForCausalLM):
                 self._build_mtp(1 + max(self._mtp_index(name) for name, _ in mtp))
             loaded |= super().load_weights(mtp)
         return loaded
+
+    def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
+        name = self.checkpoint_name(source)
+        if name is not None and (m := _SHARED_EXPERT.match(name)):
+            try:
+                moe = self.get_submodule(m.group(1))
+            except AttributeError:  # no such layer: the generic path names the tensor in its error
+                moe = None
+            if getattr(moe, "fused_shared", 0):
+                load_fused_shared(moe, m.group(1), m.group(2), tensor, param, source)
+                return
+        super()._load_tensor(source, tensor, param)
 
     # ---- drafting (run_mtp) ----------------------------------------------------------------------
     def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:

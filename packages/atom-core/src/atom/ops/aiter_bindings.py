@@ -298,7 +298,10 @@ def moe_grouped_topk(
     group_score: str,
     renormalize: bool,
     routed_scaling_factor: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    from atom.ops.moe_routing import append_shared
+
     tokens = router_logits.shape[0]
     dev = router_logits.device
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=dev)
@@ -310,7 +313,7 @@ def moe_grouped_topk(
     else:
         aiter.grouped_topk(logits, weights, ids, num_groups, topk_group, renormalize, scoring == "softmax",
                            routed_scaling_factor)
-    return weights, ids.long()
+    return append_shared(weights, ids.long(), router_logits.shape[1], num_shared)
 
 
 # ---- FP8 linear and MoE (atom.ops.quant_fp8's ops; the guards and why: atom.ops.aiter_support) ----

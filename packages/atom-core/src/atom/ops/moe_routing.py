@@ -8,11 +8,15 @@
     ids     = top_k of choice among the selectable experts
     weights = scores[ids] (without the bias), divided by their sum + 1e-20 when renormalize,
               times routed_scaling_factor
+    num_shared > 0 appends that many always-on columns: ids E, E + 1, ... (the shared experts held as extra
+              expert slots after the E routed ones, atom.models.deepseek_v2) with weight 1.0, so one
+              fused_experts call runs routed and shared experts together
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from atom.ops.registry import define_op, register
 
@@ -55,10 +59,22 @@ def _grouped_compare(ref, out) -> str | None:
     return _same_experts(ref, out)
 
 
-def _grouped_fake(router_logits, correction_bias, top_k, *args, **kwargs):
+def _grouped_fake(router_logits, correction_bias, top_k, num_groups, topk_group, scoring, group_score, renormalize,
+                  routed_scaling_factor, num_shared=0):
     num_tokens = router_logits.shape[0]
-    return (router_logits.new_empty(num_tokens, top_k, dtype=torch.float32),
-            router_logits.new_empty(num_tokens, top_k, dtype=torch.int64))
+    return (router_logits.new_empty(num_tokens, top_k + num_shared, dtype=torch.float32),
+            router_logits.new_empty(num_tokens, top_k + num_shared, dtype=torch.int64))
+
+
+def append_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                  num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The always-on shared-expert columns (ids num_experts .. num_experts + num_shared - 1, weight 1.0)."""
+    if not num_shared:
+        return weights, ids
+    tokens = ids.shape[0]
+    shared = torch.arange(num_experts, num_experts + num_shared, dtype=ids.dtype, device=ids.device)
+    return (torch.cat([weights, weights.new_ones(tokens, num_shared)], dim=1),
+            torch.cat([ids, shared.expand(tokens, num_shared)], dim=1))
 
 
 define_op("moe_grouped_topk", example=_grouped_example, compare=_grouped_compare, fake=_grouped_fake)
@@ -75,8 +91,9 @@ def moe_grouped_topk(
     group_score: str,
     renormalize: bool,
     routed_scaling_factor: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights float32 [T, top_k], expert ids int64 [T, top_k])."""
+    """router_logits [T, E] -> (weights float32 [T, top_k + num_shared], expert ids int64 [T, top_k + num_shared])."""
     logits = router_logits.float()
     scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
     choice = scores + correction_bias.float() if correction_bias is not None else scores
@@ -94,4 +111,19 @@ def moe_grouped_topk(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids
+    return append_shared(weights * routed_scaling_factor, ids, router_logits.shape[1], num_shared)
+
+
+def _router_example(t, static):
+    experts, hidden = int(static.get("num_experts", 16)), int(static.get("hidden_size", 64))
+    return (t.randn(5, hidden), t.randn(experts, hidden, dtype=torch.float32, scale=hidden ** -0.5))
+
+
+define_op("moe_router_logits", example=_router_example)
+
+
+@register("moe_router_logits", "torch")
+def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's router: x [T, H] (the model dtype) against the float32 weight [E, H] -> float32 logits [T, E],
+    computed in float32 as transformers does (x upcast first)."""
+    return F.linear(x.float(), weight.float())

@@ -394,6 +394,7 @@ _OP_FAMILY = {
     "silu_and_mul_quant_fp8": "fp8_producers",
     "fp8_linear_quantized": "fp8_producers",
     "moe_grouped_topk": "moe_routing",
+    "moe_router_logits": "moe_routing",
     "mla_cache_write": "mla",
     "mla_decode": "mla",
     "mla_prefill": "mla",

@@ -7,33 +7,13 @@ import os
 
 import torch
 
+from atom.envs import env_flag, env_int  # noqa: F401  (the kernels' switches read them from here)
+
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter, whose tl.dot mis-handles bf16/fp16 operands (seen with triton
     3.9): kernels then upcast dot operands to fp32, which changes rounding only."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def env_int(name: str, default: int, most: int, unit: str) -> int:
-    """A bound from the environment (unset: default), refused with a message naming it outside 0..most."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer ({unit}), got {raw!r}") from None
-    if not 0 <= value <= most:
-        raise ValueError(f"{name} must be between 0 and {most}, got {value}")
-    return value
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A 0 / 1 switch from the environment (unset: default); anything else is refused naming it."""
-    raw = os.environ.get(name, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return default if raw == "" else raw == "1"
 
 
 @functools.cache
