@@ -6,6 +6,8 @@ Shapes: qwen3-30b-a3b (128 experts, top-8, H 2048, I 768) and v2-lite (DeepSeek-
 top-6 plus its 2 shared experts as expert slots, always chosen: 8 pairs a token, H 2048, I 1408).
 ATOM_PAIR_SWEEP='[{"gate_block_n": 16, "down_block_n": 32, "block_k": 256, "down_block_k": 128, "num_warps": 4}, ...]'
 times the per-pair kernels with each tile (None in the list: the shipped choice).
+ATOM_GEMM_SWEEP='[{"block_m": 16, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 4}, ...]' does the same
+for the sorted path's grouped GEMM (both projections take the tile; `_gemm_tile` is the shipped rule).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ w2 = (torch.randn(E + S, H, I, device="cuda") * I**-0.5).bfloat16()
 op = resolve("fused_experts", "triton")
 for tokens in [int(t) for t in opts.tokens.split(",")]:
     tiles = json.loads(os.environ.get("ATOM_PAIR_SWEEP", "null")) or [None]  # None: the shipped tiles
-    for path, limit, tile in [("per-pair", 16, t) for t in tiles] + [("sorted", 0, tiles[0])]:
-        tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE = limit, tile
+    gemm_tiles = json.loads(os.environ.get("ATOM_GEMM_SWEEP", "null")) or [None]
+    runs = [("per-pair", 16, t, None) for t in tiles] if tokens * (K + S) <= 16 else []
+    for path, limit, tile, gemm in runs + [("sorted", 0, tiles[0], g) for g in gemm_tiles]:
+        tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE, tk_moe.GEMM_TILE_OVERRIDE = limit, tile, gemm
         x = torch.randn(tokens, H, device="cuda").bfloat16()
         tw, tid = ref_moe.moe_topk_softmax(torch.randn(tokens, E, device="cuda"), K, True)
         if S:
@@ -47,8 +51,8 @@ for tokens in [int(t) for t in opts.tokens.split(",")]:
             for _ in range(20):
                 op(x, w13, w2, tw, tid)
             torch.cuda.synchronize()
-        print(f"== {opts.shape} T{tokens} {path} {(tile or 'default tile') if limit else ''}")
+        print(f"== {opts.shape} T{tokens} {path} {(tile or 'default tile') if limit else (gemm or 'default tile')}")
         for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             if evt.device_time_total > 0:
                 print(f"   {evt.key[:60]:60s} {evt.device_time_total / evt.count:8.1f} us x{evt.count // 20}")
-tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE = 16, None
+tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE, tk_moe.GEMM_TILE_OVERRIDE = 16, None, None

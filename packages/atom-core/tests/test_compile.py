@@ -26,7 +26,7 @@ def torch_backend_on_cpu(monkeypatch):
 def test_the_host_reading_references_are_custom_ops():
     assert set(opaque_ops("torch")) == {"fused_experts", "fused_experts_swigluoai", "fp8_fused_experts",
                                         "paged_attention", "reshape_and_cache", "qk_norm_rope_cache",
-                                        "mla_cache_write", "mla_prefill"}
+                                        "mla_cache_write", "mla_norm_rope_cache", "mla_prefill"}
 
 
 @pytest.mark.parametrize("op", opaque_ops("torch"))
@@ -53,7 +53,7 @@ def test_gpt_oss_compiles_in_one_graph_on_the_torch_references(experts, tmp_path
 
 
 @pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache",
-                                "mla_cache_write", "mla_prefill"])
+                                "mla_cache_write", "mla_norm_rope_cache", "mla_prefill"])
 def test_torch_reference_custom_op_over_an_fp8_kv_cache(op):
     """The schemas carry the optional k_scale / v_scale (MLA: kv_scale); fakes and compiled calls match eager
     on FP8 caches."""

@@ -264,3 +264,22 @@ def test_shared_experts_run_as_expert_slots(name, reference, monkeypatch):
     want = torch.cat(_atom_logits(separate, ref.prompts, ref.tokens, ref.split))
     assert rel_err(got, want) < 1e-5
     assert rel_err(got, ref.logits) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["v2_lite_greedy_yarn", "v3_no_norm_topk_neox", "v2_group_limited_bias"])
+def test_mla_input_prep_runs_as_one_op(name, reference, monkeypatch):
+    """ATOM's paged MLA takes the latent norm, both ropes and the cache write as one mla_norm_rope_cache op
+    (DeepseekMLA hands it q_pe and kv_a as the projections give them): logits over prefill in two chunks and
+    paged decode equal those of the separate norm / rope / write (ATOM_MLA_FUSED_PREP=0), and transformers'."""
+    ref = reference(name)
+    fused, _ = load_model(ref.path, dtype="float32", progress=False)
+    monkeypatch.setenv("ATOM_MLA_FUSED_PREP", "0")
+    separate, _ = load_model(ref.path, dtype="float32", progress=False)
+    attn = [layer.self_attn for layer in fused.model.layers]
+    assert all(a._fused_prep is not None for a in attn)
+    assert all(layer.self_attn._fused_prep is None for layer in separate.model.layers)
+    got = torch.cat(_atom_logits(fused, ref.prompts, ref.tokens, ref.split))
+    want = torch.cat(_atom_logits(separate, ref.prompts, ref.tokens, ref.split))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, ref.logits) < 1e-4
+

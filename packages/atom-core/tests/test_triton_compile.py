@@ -40,7 +40,7 @@ def test_triton_custom_op_with_optional_arguments(op, static):
 
 
 @pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache",
-                                "mla_cache_write", "mla_decode", "mla_prefill"])
+                                "mla_cache_write", "mla_norm_rope_cache", "mla_decode", "mla_prefill"])
 def test_triton_custom_op_over_an_fp8_kv_cache(op):
     check_custom_op(op, "triton", DEVICE, static={"kv_cache_dtype": torch.float8_e4m3fn})
 

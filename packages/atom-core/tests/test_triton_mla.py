@@ -22,7 +22,7 @@ from test_triton_kernels import DEVICE, DTYPES, LARGE, ON_GPU, TOL, check, rand,
 import triton  # noqa: E402  (the module above skips this file without a GPU or the interpreter)
 from atom.ops import mla as ref_mla  # noqa: E402
 from atom.ops import moe_routing as ref_routing  # noqa: E402
-from atom.ops.attention import to_cache_dtype  # noqa: E402
+from atom.ops.attention import from_cache, to_cache_dtype  # noqa: E402
 from atom.ops.quant_fp8 import fp8_max  # noqa: E402
 
 V2_LITE = dict(heads=16, lora=512, rope=64, nope=128, v=128, block=16)
@@ -103,6 +103,53 @@ def test_mla_cache_write_fp8(size, dtype, kv_dtype):
     assert diff == 0
     fmax = fp8_max(kv_dtype)  # ATOM's clamp bound: 448 (e4m3fn), 224 (e4m3fnuz, vLLM's choice)
     assert ref.view(-1, ref.shape[-1])[slots[0]][:2].float().tolist() == [fmax, -fmax]  # saturated, not inf/NaN
+
+
+@pytest.mark.parametrize("kv_dtype", [None, FP8])
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", ["tiny", LARGE])
+def test_mla_norm_rope_cache(size, dtype, is_neox, kv_dtype):
+    """The fused MLA input prep against rms_norm + rotary_embedding + mla_cache_write one after the other: the
+    roped q_pe from a strided view of the q projection, the normed / roped latent row in the cache (FP8: with a
+    per-tensor scale), padding slots untouched."""
+    dims, tokens, num_blocks = (TINY, 7, 5) if size == "tiny" else (V2_LITE, 4096, 1024)
+    h, lora, rope, nope = dims["heads"], dims["lora"], dims["rope"], dims["nope"]
+    q = rand(tokens, h, nope + rope, dtype=dtype)
+    q_pe = q[..., nope:]  # a view, as the model splits the projection
+    kv_a = rand(tokens, lora + rope, scale=2.0, dtype=dtype)
+    weight = (1 + rand(lora, scale=0.2)).to(dtype)
+    cos_sin = rand(64, rope)
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    slots = torch.randperm(num_blocks * dims["block"], device=DEVICE)[:tokens]
+    slots[1::3] = -1
+    rows = rand(num_blocks, dims["block"], lora + rope, dtype=dtype)
+    cache, scale = (rows, None) if kv_dtype is None else _fp8_cache(rows.float(), kv_dtype)
+    ref = cache.clone()
+    args = (positions, q_pe, kv_a, weight, 1e-6, cos_sin, is_neox)
+    out = triton_op("mla_norm_rope_cache")(*args, cache, slots, kv_scale=scale)
+    expect = ref_mla.mla_norm_rope_cache(*args, ref, slots, kv_scale=scale)
+    name = f"mla_norm_rope_cache {size} {dtype} neox={is_neox} kv={kv_dtype}"
+    assert out.is_contiguous() and out.shape == (tokens, h, rope)
+    check(name + " q_pe", out, expect, TOL[dtype])
+    skipped = slots < 0
+    flat, flat_ref = cache.view(-1, lora + rope), ref.view(-1, lora + rope)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[slots[~skipped].long()] = False
+    assert torch.equal(flat.view(torch.uint8)[untouched], flat_ref.view(torch.uint8)[untouched])
+    written = slots[~skipped].long()
+    if kv_dtype is None:
+        check(name + " cache", flat[written], flat_ref[written], TOL[dtype])
+    else:
+        diff = (flat[written].view(torch.uint8) != flat_ref[written].view(torch.uint8)).float().mean().item()
+        print(f"ERR {name}: {diff:.2%} of the written codes differ")
+        check(name + " cache", from_cache(flat[written], scale), from_cache(flat_ref[written], scale), 0.05)
+        # float32: the reference's codes. bf16: a value one bf16 step away (the norm's sum order) can land on the
+        # next e4m3 code; under the interpreter, which truncates to bf16 instead of rounding, up to ~15% do
+        if dtype == torch.float32:
+            assert diff == 0
+        elif ON_GPU:
+            assert diff < 0.01
 
 
 DECODE_CASES = {

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from atom.envs import env_flag
 from atom.forward_context import get_forward_context
 from atom.layers.attention import PagedAttentionMetadata, PagedAttentionMetadataBuilder, hand_kv_scale
 from atom.layers.kv_cache import MLAKVCache, MLAKVSpec, check_cache_dtype, check_kv_scale, is_fp8
@@ -100,6 +101,7 @@ class PagedMLAAttention(nn.Module):
         self._write = resolve("mla_cache_write", static=static)
         self._decode = resolve("mla_decode", static=static)
         self._prefill = resolve("mla_prefill", static=static)
+        self._prep = resolve("mla_norm_rope_cache", static=static)
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer: "k" is the latent cache's scale (the
@@ -113,15 +115,36 @@ class PagedMLAAttention(nn.Module):
         if self.kv_cache is not None and self.kv_cache.scale is not None:
             self.kv_cache.scale.fill_(value)
 
-    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
-                k_pe: torch.Tensor) -> torch.Tensor:
+    def _context(self) -> PagedAttentionMetadata:
         md = get_forward_context()
         if not isinstance(md, PagedAttentionMetadata) or self.kv_cache is None:
             raise RuntimeError("PagedMLAAttention needs PagedAttentionMetadata in the forward context and a bound "
                                "latent cache (bind_kv_caches)")
-        s = self.spec
+        return md
+
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
+                k_pe: torch.Tensor) -> torch.Tensor:
+        md = self._context()
         cache, kv_scale = self.kv_cache
         self._write(kv_c, k_pe, cache, md.slot_mapping, kv_scale=kv_scale)
+        return self._attend(md, q_nope, q_pe)
+
+    def forward_with_prep(self, positions: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                          kv_a: torch.Tensor, kv_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor,
+                          is_neox: bool) -> torch.Tensor:
+        """forward() with the latent norm and both ropes folded in: one mla_norm_rope_cache op ropes q_pe and
+        writes [rms_norm(kv_c) * kv_weight | rope(k_pe)] into the cache (at decode one kernel instead of the
+        k_pe / q_pe copies, the norm, the rope and the cache write). q_pe un-roped, kv_a = [kv_c | k_pe] as
+        kv_a_proj_with_mqa gives it."""
+        md = self._context()
+        cache, kv_scale = self.kv_cache
+        q_pe = self._prep(positions, q_pe, kv_a, kv_weight, eps, cos_sin, is_neox, cache, md.slot_mapping,
+                          kv_scale=kv_scale)
+        return self._attend(md, q_nope, q_pe)
+
+    def _attend(self, md: PagedAttentionMetadata, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        cache, kv_scale = self.kv_cache
         w = kv_b_weight(self.kv_b_proj)
         if md.max_query_len == 1:
             out = self._decode(q_nope, q_pe, cache, w, md.block_tables, md.seq_lens, s.scale, md.max_seq_len,
@@ -159,6 +182,15 @@ class MLAAttention(nn.Module):
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """q_nope [T, H, P], q_pe [T, H, R] (roped), kv_c [T, L] (normed), k_pe [T, R] (roped) -> [T, H * V]."""
         return self.impl(q_nope, q_pe, kv_c, k_pe)
+
+    @property
+    def fused_prep(self):
+        """The implementation's forward_with_prep (latent norm + ropes + cache write in one op; see
+        PagedMLAAttention), or None when it has none (vLLM's and SGLang's MLA layers) or
+        ATOM_MLA_FUSED_PREP=0."""
+        if not env_flag("ATOM_MLA_FUSED_PREP", True):
+            return None
+        return getattr(self.impl, "forward_with_prep", None)
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's

@@ -143,6 +143,9 @@ class DeepseekMLA(nn.Module):
                                 q_lora_rank=self.q_lora_rank or None)
         # named like vLLM's MLA wrapper, not `attn`: SGLang takes a layer's `self_attn.attn` for a RadixAttention
         self.mla_attn = MLAAttention(spec, self.kv_b_proj, mla_factory)
+        # An implementation that does the latent norm, both ropes and its cache write in one op gets kv_a and q_pe as
+        # the projections give them.
+        self._fused_prep = self.mla_attn.fused_prep if self.rotary_emb.rope_type != "dynamic" else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -152,7 +155,12 @@ class DeepseekMLA(nn.Module):
             q = self.q_proj(x)
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_a = self.kv_a_proj_with_mqa(x)
+        if self._fused_prep is not None:
+            norm, rope = self.kv_a_layernorm, self.rotary_emb
+            out = self._fused_prep(positions, q_nope, q_pe, kv_a, norm.weight, norm.eps, rope.cos_sin, rope.is_neox)
+            return self.o_proj(out)
+        kv_c, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c)
         q_pe, k_pe = self.rotary_emb(positions, q_pe.reshape(t, self.num_heads * self.rope_dim), k_pe.contiguous())
         out = self.mla_attn(q_nope, q_pe.view(t, self.num_heads, self.rope_dim), kv_c, k_pe)

@@ -97,6 +97,23 @@ define_op("mla_prefill", example=_prefill_example,
           fake=lambda q_nope, q_pe, kv_cache, w_kv_b, *args, **kwargs: _out_like(q_nope, w_kv_b))
 
 
+def _prep_example(t, static):
+    from atom.ops.attention import slot_example
+    from atom.ops.rope import rope_example
+
+    h, lora, rope, nope, _ = _dims(static)
+    positions, cos_sin = rope_example(t, {"head_dim": rope})
+    n = positions.shape[0]
+    cache, scales = _latent_cache_example(t, static, 4, fill=False)
+    q = t.randn(n, h, nope + rope)
+    return (positions, q[..., nope:], t.randn(n, lora + rope), 1 + t.randn(lora, scale=0.1), 1e-6, cos_sin,
+            bool(static.get("is_neox", False)), cache, slot_example(t, n), *scales)
+
+
+define_op("mla_norm_rope_cache", mutates_args=("kv_cache",), example=_prep_example,
+          fake=lambda positions, q_pe, *args, **kwargs: q_pe.new_empty(q_pe.shape))
+
+
 def split_kv_b(w_kv_b: torch.Tensor, num_heads: int, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_UK [H, P, L], W_UV [H, V, L]) as views of kv_b_proj's weight [H * (P + V), L]."""
     w = w_kv_b.view(num_heads, -1, w_kv_b.shape[-1])
@@ -115,6 +132,27 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
     if kv_cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
         flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
     flat.index_copy_(0, slot_mapping[keep].long(), rows)
+
+
+# Composes ops that cannot be captured (mla_cache_write's boolean mask).
+@register("mla_norm_rope_cache", "torch", cuda_graph=False, traceable=False)
+def mla_norm_rope_cache(positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch.Tensor, kv_weight: torch.Tensor,
+                        eps: float, cos_sin: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's input prep in one op: q_pe [T, H, R] (un-roped; any strides, e.g. a view into q_proj's output) and
+    kv_a [T, L + R] (kv_a_proj_with_mqa's output: the latent kv_c, then k_pe) -> the roped q_pe [T, H, R]
+    (contiguous); writes the cache row [rms_norm(kv_c) * kv_weight | rope(k_pe)] at slot_mapping (-1 skipped).
+    The same arithmetic as rms_norm, rotary_embedding and mla_cache_write one after the other."""
+    from atom.ops.norm import rms_norm
+    from atom.ops.rope import rotary_embedding
+
+    num_tokens, num_heads, rope = q_pe.shape
+    lora = kv_a.shape[-1] - rope
+    kv_c = rms_norm(kv_a[:, :lora], kv_weight, eps)
+    q_rot, k_pe = rotary_embedding(positions, q_pe.reshape(num_tokens, num_heads * rope), kv_a[:, lora:], rope,
+                                   cos_sin, is_neox)
+    mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_scale)
+    return q_rot.reshape(num_tokens, num_heads, rope)
 
 
 def _gather_latent(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,

@@ -396,6 +396,7 @@ _OP_FAMILY = {
     "moe_grouped_topk": "moe_routing",
     "moe_router_logits": "moe_routing",
     "mla_cache_write": "mla",
+    "mla_norm_rope_cache": "mla",
     "mla_decode": "mla",
     "mla_prefill": "mla",
 }

@@ -97,6 +97,93 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
         **pdl_args(kv_c.device))
 
 
+@triton.jit
+def _rotate_pair(x1, x2, cos, sin):
+    """(x1 cos - x2 sin, x2 cos + x1 sin) in float32, rounded to the input dtype (rotary_embedding's rule)."""
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
+
+
+@triton.jit
+def _mla_norm_rope_cache_kernel(pos_ptr, qpe_ptr, kva_ptr, w_ptr, cs_ptr, q_out_ptr, cache_ptr, slot_ptr, scale_ptr,
+                                eps, num_heads, lora, rot_half, block_size, qpe_stride_t, qpe_stride_h, kva_stride_t,
+                                cs_stride, cache_stride_b, cache_stride_s,
+                                IS_NEOX: tl.constexpr, ROUND_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                                BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, KV_FP8: tl.constexpr,
+                                HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+                                EMULATE: tl.constexpr, PDL: tl.constexpr):
+    """One program per token: rope q_pe (all heads) into q_out; norm kv_c, rope k_pe, both into the cache row."""
+    pdl_wait(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_R)
+    r_ok = i < rot_half
+    cos = tl.load(cs_ptr + pos * cs_stride + i, mask=r_ok, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * cs_stride + rot_half + i, mask=r_ok, other=0.0).to(tl.float32)
+    if IS_NEOX:
+        i1, i2 = i, i + rot_half
+    else:
+        i1, i2 = 2 * i, 2 * i + 1
+    # q_pe of every head -> q_out [T, H, R]
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    m = (heads < num_heads) & r_ok[None, :]
+    src = qpe_ptr + t * qpe_stride_t + heads * qpe_stride_h
+    o1, o2 = _rotate_pair(tl.load(src + i1[None, :], mask=m, other=0.0), tl.load(src + i2[None, :], mask=m, other=0.0),
+                          cos[None, :], sin[None, :])
+    dst = q_out_ptr + (t * num_heads + heads) * (2 * rot_half)
+    tl.store(dst + i1[None, :], o1, mask=m)
+    tl.store(dst + i2[None, :], o2, mask=m)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    row = cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+    s = _latent_scale(scale_ptr, HAS_SCALE)
+    cdt = cache_ptr.dtype.element_ty
+    # k_pe (one shared head) -> cache[L:]
+    kp = kva_ptr + t * kva_stride_t + lora
+    k1, k2 = _rotate_pair(tl.load(kp + i1, mask=r_ok, other=0.0), tl.load(kp + i2, mask=r_ok, other=0.0), cos, sin)
+    tl.store(row + lora + i1, to_cache(k1, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=r_ok)
+    tl.store(row + lora + i2, to_cache(k2, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=r_ok)
+    # kv_c -> rms_norm(kv_c) * w -> cache[:L], rounded like the reference (normalized value to the input dtype,
+    # times the weight, to the product's dtype)
+    lo = tl.arange(0, BLOCK_L)
+    l_ok = lo < lora
+    c = tl.load(kva_ptr + t * kva_stride_t + lo, mask=l_ok, other=0.0)
+    cf = c.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(cf * cf, axis=0) / lora + eps)
+    normed = (cf * rstd).to(c.dtype).to(tl.float32) * tl.load(w_ptr + lo, mask=l_ok, other=0.0).to(tl.float32)
+    if ROUND_NORM:
+        normed = normed.to(c.dtype)
+    tl.store(row + lo, to_cache(normed, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=l_ok)
+
+
+@register("mla_norm_rope_cache", "triton")
+def mla_norm_rope_cache(positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch.Tensor, kv_weight: torch.Tensor,
+                        eps: float, cos_sin: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q_pe [T, H, R] (any token / head strides), kv_a [T, L + R] -> roped q_pe [T, H, R]; writes
+    [rms_norm(kv_c) * kv_weight | rope(k_pe)] into the latent cache (atom.ops.mla.mla_norm_rope_cache)."""
+    num_tokens, num_heads, rope = q_pe.shape
+    lora = kv_a.shape[-1] - rope
+    q_out = torch.empty(num_tokens, num_heads, rope, dtype=q_pe.dtype, device=q_pe.device)
+    if num_tokens == 0:
+        return q_out
+    assert q_pe.stride(-1) == 1 and kv_a.stride(-1) == 1 and kv_cache.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    rot_half = cos_sin.shape[-1] // 2
+    assert 2 * rot_half == rope, "MLA ropes the whole q_pe / k_pe"
+    # torch's promotion of weight * normalized (in kv_a's dtype): rounded to that dtype when both are it
+    round_norm = kv_weight.dtype == kv_a.dtype and kv_a.dtype != torch.float32
+    consts = _fp8_consts(kv_cache, kv_scale)
+    _mla_norm_rope_cache_kernel[(num_tokens,)](
+        positions, q_pe, kv_a, kv_weight, cos_sin, q_out, kv_cache, slot_mapping,
+        slot_mapping if kv_scale is None else kv_scale, float(eps), num_heads, lora, rot_half, kv_cache.shape[1],
+        q_pe.stride(0), q_pe.stride(1), kv_a.stride(0), cos_sin.stride(0), kv_cache.stride(0), kv_cache.stride(1),
+        IS_NEOX=is_neox, ROUND_NORM=round_norm, BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_L=triton.next_power_of_2(lora), BLOCK_R=triton.next_power_of_2(rot_half), **consts, num_warps=4,
+        **pdl_args(q_pe.device))
+    return q_out
+
+
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
@@ -282,9 +369,11 @@ def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)  # [T, H, L]
     o_lat = mla_latent_attention(q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, scale,
                                  max_query_len, max_seq_len, num_splits, kv_scale)
-    out = torch.bmm(o_lat.transpose(0, 1), w_uv.to(o_lat.dtype).transpose(1, 2))  # [H, T, V]
-    # [T, H, V] contiguous, as the op's contract says (its callers flatten the heads, which copies anyway)
-    return out.transpose(0, 1).contiguous()
+    # [T, H, V] contiguous, as the op's contract says: the batched GEMM writes it directly (cuBLAS takes the
+    # [H, T, V] view's row stride H * V; no transpose copy after it)
+    out = torch.empty(q_nope.shape[0], num_heads, w_uv.shape[1], dtype=o_lat.dtype, device=o_lat.device)
+    torch.bmm(o_lat.transpose(0, 1), w_uv.to(o_lat.dtype).transpose(1, 2), out=out.transpose(0, 1))
+    return out
 
 
 def mla_decode_impl(q_nope, q_pe, kv_cache, w_kv_b, block_tables, seq_lens, scale, max_seq_len=None,
