@@ -283,3 +283,25 @@ def test_mla_input_prep_runs_as_one_op(name, reference, monkeypatch):
     assert rel_err(got, want) < 1e-5
     assert rel_err(got, ref.logits) < 1e-4
 
+
+@pytest.mark.parametrize("name", ["v2_lite_greedy_yarn", "v3_grouped_norm_topk"])
+def test_mla_input_projections_run_as_one_gemm(name, reference, monkeypatch):
+    """Unquantized at TP 1, DeepseekMLA reads x with one GEMM: fused_qkv_a_proj holds q_a_proj (q_proj without
+    q_lora) then kv_a_proj_with_mqa, exactly the checkpoint's rows; logits equal the two-GEMM layout's
+    (ATOM_MLA_FUSED_QKV_A=0) and transformers'."""
+    ref = reference(name)
+    weights = safetensors.torch.load_file(f"{ref.path}/model.safetensors")
+    fused, config = load_model(ref.path, dtype="float32", progress=False)
+    monkeypatch.setenv("ATOM_MLA_FUSED_QKV_A", "0")
+    separate, _ = load_model(ref.path, dtype="float32", progress=False)
+    q_name = "q_a_proj" if config.q_lora_rank else "q_proj"
+    for i, layer in enumerate(fused.model.layers):
+        attn, prefix = layer.self_attn, f"model.layers.{i}.self_attn"
+        assert not hasattr(attn, "kv_a_proj_with_mqa") and separate.model.layers[i].self_attn.fused_qkv_a_proj is None
+        expect = torch.cat((weights[f"{prefix}.{q_name}.weight"], weights[f"{prefix}.kv_a_proj_with_mqa.weight"]))
+        assert torch.equal(attn.fused_qkv_a_proj.weight, expect)
+    got = torch.cat(_atom_logits(fused, ref.prompts, ref.tokens, ref.split))
+    want = torch.cat(_atom_logits(separate, ref.prompts, ref.tokens, ref.split))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, ref.logits) < 1e-4
+

@@ -298,7 +298,7 @@ def test_moe_grouped_topk(name):
     _run_routing(name, ROUTING_CASES[name])
 
 
-@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96)])
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96), (128, 64, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_router_logits(tokens, experts, hidden, dtype):
     """DeepSeek's float32 router in one kernel: x in the model dtype against the float32 weight, masked edges

@@ -123,6 +123,25 @@ class ReplicatedLinear(LinearBase):
     pass
 
 
+class MergedReplicatedLinear(LinearBase):
+    """Several replicated outputs stacked in one parameter (DeepSeek's q_a_proj | kv_a_proj_with_mqa: one GEMM
+    instead of two); shard_id is the index. Every rank holds them whole."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, params_dtype=None, *,
+                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, params_dtype, quant_config=quant_config,
+                         prefix=prefix)
+
+    def output_partition_sizes(self) -> list[int]:
+        return list(self.output_sizes)
+
+    def shard(self, shard_id) -> tuple[int, int, int, int, int]:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"MergedReplicatedLinear: unknown shard {shard_id!r} (expected 0..{len(self.output_sizes) - 1})")
+        return shard_id, sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id], 0, 1
+
+
 class ColumnParallelLinear(LinearBase):
     """y = x A^T with A's rows (output features) split across ranks; output stays sharded."""
 

@@ -30,7 +30,7 @@ from atom.distributed import get_ep_group, get_tp_group
 from atom.envs import env_flag
 from atom.layers.attention import Attention
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from atom.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from atom.layers.linear import ColumnParallelLinear, MergedReplicatedLinear, ReplicatedLinear, RowParallelLinear
 from atom.layers.mla import MLAAttention, MLAAttentionFactory, MLAAttentionSpec
 from atom.layers.moe import FusedMoE
 from atom.layers.norm import RMSNorm
@@ -102,6 +102,15 @@ def mla_softmax_scale(config) -> float:
     return scale
 
 
+def fuse_qkv_a(config, tp_size: int, quant_config: QuantizationConfig | None) -> bool:
+    """Whether DeepseekMLA reads x with one GEMM (fused_qkv_a_proj = q_a_proj | kv_a_proj_with_mqa, or q_proj |
+    kv_a_proj_with_mqa without q_lora) instead of two: one launch and one pass over x less a layer. Needs both
+    whole on every rank (q_proj is column-parallel: fused at TP 1 only) and an unquantized checkpoint (a block
+    scale layout per linear); ATOM_MLA_FUSED_QKV_A=0 keeps them apart."""
+    whole = bool(config.q_lora_rank) or tp_size == 1
+    return whole and quant_config is None and env_flag("ATOM_MLA_FUSED_QKV_A", True)
+
+
 class DeepseekMLA(nn.Module):
     def __init__(self, config, layer_idx: int, mla_factory: MLAAttentionFactory | None, prefix: str,
                  rope_interleaved: bool, max_positions: int | None, *,
@@ -118,16 +127,24 @@ class DeepseekMLA(nn.Module):
         qk_head_dim = self.nope_dim + self.rope_dim
         hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
         q = dict(quant_config=quant_config)
+        # The projections that read x, as one GEMM when they are all whole on this rank (fuse_qkv_a)
+        self.q_in_size = self.q_lora_rank or self.num_heads * qk_head_dim
+        if fuse_qkv_a(config, tp_size, quant_config):
+            self.fused_qkv_a_proj = MergedReplicatedLinear(hidden, [self.q_in_size, self.kv_lora_rank + self.rope_dim],
+                                                           bias=bias, prefix=f"{prefix}.fused_qkv_a_proj", **q)
+        else:
+            self.fused_qkv_a_proj = None
+            if self.q_lora_rank:
+                self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, prefix=f"{prefix}.q_a_proj", **q)
+            else:
+                self.q_proj = ColumnParallelLinear(hidden, config.num_attention_heads * qk_head_dim,
+                                                   prefix=f"{prefix}.q_proj", **q)
+            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias,
+                                                       prefix=f"{prefix}.kv_a_proj_with_mqa", **q)
         if self.q_lora_rank:
-            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, prefix=f"{prefix}.q_a_proj", **q)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, config.num_attention_heads * qk_head_dim,
                                                  prefix=f"{prefix}.q_b_proj", **q)
-        else:
-            self.q_proj = ColumnParallelLinear(hidden, config.num_attention_heads * qk_head_dim,
-                                               prefix=f"{prefix}.q_proj", **q)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias,
-                                                   prefix=f"{prefix}.kv_a_proj_with_mqa", **q)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
         # read directly by the MLA implementation (W_UK / W_UV), through atom.layers.mla.kv_b_weight
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank,
@@ -149,13 +166,14 @@ class DeepseekMLA(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.fused_qkv_a_proj is not None:
+            q_in, kv_a = self.fused_qkv_a_proj(x).split([self.q_in_size, self.kv_lora_rank + self.rope_dim], dim=-1)
         else:
-            q = self.q_proj(x)
+            q_in = self.q_a_proj(x) if self.q_lora_rank else self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q = self.q_b_proj(self.q_a_layernorm(q_in)) if self.q_lora_rank else q_in
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv_a = self.kv_a_proj_with_mqa(x)
         if self._fused_prep is not None:
             norm, rope = self.kv_a_layernorm, self.rotary_emb
             out = self._fused_prep(positions, q_nope, q_pe, kv_a, norm.weight, norm.eps, rope.cos_sin, rope.is_neox)
@@ -410,6 +428,9 @@ def load_fused_shared(moe: DeepseekMoE, mlp_name: str, kind: str, tensor: torch.
         p.weight_loader(p, tensor.narrow(dim, j * inter, inter), shard, moe.num_routed + j)
 
 
+# self_attn.{q_a_proj | q_proj (no q_lora) | kv_a_proj_with_mqa}.<param>: shards of fused_qkv_a_proj when fused
+_QKV_A = re.compile(r"^(.*\.self_attn)\.(q_a_proj|q_proj|kv_a_proj_with_mqa)\.(\w+)$")
+
 _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
 
@@ -549,6 +570,15 @@ class DeepseekV2ForCausalLM(MTPKeepingCausalLM):
 
     def _load_tensor(self, source: str, tensor: torch.Tensor, param) -> None:
         name = self.checkpoint_name(source)
+        if name is not None and (m := _QKV_A.match(name)):
+            try:
+                attn = self.get_submodule(m.group(1))
+            except AttributeError:  # no such layer: the generic path names the tensor in its error
+                attn = None
+            if getattr(attn, "fused_qkv_a_proj", None) is not None:
+                p = param(f"{m.group(1)}.fused_qkv_a_proj.{m.group(3)}", source)
+                p.weight_loader(p, tensor, 1 if m.group(2) == "kv_a_proj_with_mqa" else 0)
+                return
         if name is not None and ".self_attn.q_proj." in name:  # MLA's q_proj is whole, not a q|k|v shard
             p = param(name, source)
             p.weight_loader(p, tensor)

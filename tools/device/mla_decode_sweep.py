@@ -1,0 +1,58 @@
+"""Sweep of the DeepSeek-V2-Lite decode kernels that sit beside the experts (run on the GPU machine):
+the latent attention (split count and tile of `mla_latent_attention`, merge included) and the float32
+router (`moe_router_logits` tile), each timed as a CUDA-graph replay (no launch overhead), at decode batch
+sizes. The first row of each group is the shipped choice.
+
+    PYTHONPATH=packages/atom-core/src python3 tools/device/mla_decode_sweep.py [--batch-sizes 32,128] [--ctx 192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import graph_time, mla, rnd  # noqa: E402
+
+from atom.ops.registry import resolve  # noqa: E402
+from atom.ops.triton_kernels import mla as tk_mla  # noqa: E402
+from atom.ops.triton_kernels import moe_routing as tk_routing  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch-sizes", default="1,32,128")
+ap.add_argument("--ctx", type=int, default=192, help="context length of every sequence (mean of a 128+128 run)")
+opts = ap.parse_args()
+
+TILES = [None, dict(block_m=16, block_n=64, num_warps=4, num_stages=2), dict(block_m=16, block_n=16, num_warps=4, num_stages=2),
+         dict(block_m=16, block_n=32, num_warps=8, num_stages=2), dict(block_m=16, block_n=32, num_warps=4, num_stages=3),
+         dict(block_m=16, block_n=64, num_warps=8, num_stages=2)]
+ROUTER = [None, (8, 16, 64), (8, 8, 128), (4, 16, 128), (8, 32, 32), (16, 8, 64), (2, 16, 256), (1, 16, 512)]
+shipped_tile = dict(tk_mla.DECODE_TILE)
+route = resolve("moe_router_logits", "triton")
+for batch in [int(b) for b in opts.batch_sizes.split(",")]:
+    qn, qp, cache, w, tables, _, lens, scale, max_l, _ = mla(batch, 1, [opts.ctx - 1] * batch)
+    q_lat = rnd(16, batch, 512).transpose(0, 1)
+    q_pe = qp.contiguous()
+    for tile in TILES:
+        tk_mla.DECODE_TILE = tile or shipped_tile
+        for splits in (None, 1, 2, 4, 8):
+            try:
+                us = 1e3 * graph_time(lambda: tk_mla.mla_latent_attention(q_lat, q_pe, cache, tables, None, lens, scale, 1,
+                                                                         max_l, splits))
+            except Exception as e:  # a tile that does not fit: say so, go on
+                print(f"mla bs{batch} ctx{opts.ctx} {tile or 'shipped'} splits={splits}: {type(e).__name__}")
+                continue
+            print(f"mla bs{batch} ctx{opts.ctx} {tile or 'shipped'} splits={splits or 'auto'}: {us:7.1f} us")
+    tk_mla.DECODE_TILE = shipped_tile
+    x, rw = rnd(batch, 2048), torch.randn(64, 2048, device="cuda") * 2048**-0.5
+    for tile in ROUTER:
+        tk_routing.ROUTER_TILE_OVERRIDE = tile
+        print(f"router bs{batch} {tile or 'shipped ' + str(tk_routing._router_tile(batch, 64))}: "
+              f"{1e3 * graph_time(lambda: route(x, rw)):6.1f} us")
+    tk_routing.ROUTER_TILE_OVERRIDE = None
+    for name, fn in (("w_uk bmm", lambda: torch.bmm(qn.transpose(0, 1), w.view(16, 256, 512)[:, :128])),
+                     ("w_uv bmm", lambda: torch.bmm(q_lat.transpose(0, 1), w.view(16, 256, 512)[:, 128:].transpose(1, 2)))):
+        print(f"{name} bs{batch}: {1e3 * graph_time(fn):6.1f} us")
