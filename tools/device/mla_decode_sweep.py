@@ -24,19 +24,20 @@ from atom.ops.triton_kernels import moe_routing as tk_routing  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch-sizes", default="1,32,128")
 ap.add_argument("--ctx", type=int, default=192, help="context length of every sequence (mean of a 128+128 run)")
+ap.add_argument("--router-only", action="store_true", help="only the router rows")
 opts = ap.parse_args()
 
 TILES = [None, dict(block_m=16, block_n=64, num_warps=4, num_stages=2), dict(block_m=16, block_n=16, num_warps=4, num_stages=2),
          dict(block_m=16, block_n=32, num_warps=8, num_stages=2), dict(block_m=16, block_n=32, num_warps=4, num_stages=3),
          dict(block_m=16, block_n=64, num_warps=8, num_stages=2)]
-ROUTER = [None, (8, 16, 64), (8, 8, 128), (4, 16, 128), (8, 32, 32), (16, 8, 64), (2, 16, 256), (1, 16, 512)]
+ROUTER = [None, (1, 4), (2, 4), (4, 4), (8, 4), (1, 2), (2, 2), (4, 2)]  # (BLOCK_T, BLOCK_E)
 shipped_tile = dict(tk_mla.DECODE_TILE)
 route = resolve("moe_router_logits", "triton")
 for batch in [int(b) for b in opts.batch_sizes.split(",")]:
     qn, qp, cache, w, tables, _, lens, scale, max_l, _ = mla(batch, 1, [opts.ctx - 1] * batch)
     q_lat = rnd(16, batch, 512).transpose(0, 1)
     q_pe = qp.contiguous()
-    for tile in TILES:
+    for tile in TILES if not opts.router_only else []:
         tk_mla.DECODE_TILE = tile or shipped_tile
         for splits in (None, 1, 2, 4, 8):
             try:
@@ -47,12 +48,14 @@ for batch in [int(b) for b in opts.batch_sizes.split(",")]:
                 continue
             print(f"mla bs{batch} ctx{opts.ctx} {tile or 'shipped'} splits={splits or 'auto'}: {us:7.1f} us")
     tk_mla.DECODE_TILE = shipped_tile
+    tiny = torch.zeros(1, device="cuda")
+    print(f"floor (one tiny kernel's graph replay) bs{batch}: {1e3 * graph_time(lambda: tiny.add_(1)):6.1f} us")
     x, rw = rnd(batch, 2048), torch.randn(64, 2048, device="cuda") * 2048**-0.5
     for tile in ROUTER:
         tk_routing.ROUTER_TILE_OVERRIDE = tile
-        print(f"router bs{batch} {tile or 'shipped ' + str(tk_routing._router_tile(batch, 64))}: "
+        print(f"router bs{batch} {tile or 'shipped'}: "
               f"{1e3 * graph_time(lambda: route(x, rw)):6.1f} us")
     tk_routing.ROUTER_TILE_OVERRIDE = None
-    for name, fn in (("w_uk bmm", lambda: torch.bmm(qn.transpose(0, 1), w.view(16, 256, 512)[:, :128])),
+    for name, fn in () if opts.router_only else (("w_uk bmm", lambda: torch.bmm(qn.transpose(0, 1), w.view(16, 256, 512)[:, :128])),
                      ("w_uv bmm", lambda: torch.bmm(q_lat.transpose(0, 1), w.view(16, 256, 512)[:, 128:].transpose(1, 2)))):
         print(f"{name} bs{batch}: {1e3 * graph_time(fn):6.1f} us")

@@ -18,36 +18,27 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 @triton.jit
 def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, x_stride, w_stride, out_stride,
                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """logits[t, e] = sum_h float(x[t, h]) * w[e, h] in float32 FMAs. A program owns a [BLOCK_T, BLOCK_E] tile of
-    the logits and walks the hidden size in BLOCK_H steps, accumulating the products element-wise in a
-    [BLOCK_T, BLOCK_E, BLOCK_H] register tile (no reduction inside the loop, so its loads pipeline); one sum at
-    the end. On the H200 a float32 tl.dot in IEEE precision took 45 us a call, and a loop over tokens one at a
-    time 11 us at 32-128 tokens (its per-token reductions serialize)."""
+    """logits[t, e] = sum_h float(x[t, h]) * w[e, h] in float32 FMAs. One program holds BLOCK_E whole weight
+    rows in registers (read once) and walks BLOCK_T tokens: at decode the weight is spread over
+    E / BLOCK_E programs (a float32 tl.dot in IEEE precision measured 45 us a call on the H200)."""
     pdl_wait(PDL)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t0 = tl.program_id(1) * BLOCK_T
     h = tl.arange(0, BLOCK_H)
-    t_ok, e_ok = t < num_tokens, e < num_experts
-    x_ptrs = x_ptr + t[:, None].to(tl.int64) * x_stride + h[None, :]
-    w_ptrs = w_ptr + e[:, None].to(tl.int64) * w_stride + h[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_H], tl.float32)
-    for h0 in range(0, hidden, BLOCK_H):
-        h_ok = (h0 + h) < hidden
-        xv = tl.load(x_ptrs, mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        wv = tl.load(w_ptrs, mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        acc += xv[:, None, :] * wv[None, :, :]
-        x_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
-    logits = tl.sum(acc, axis=2)
-    tl.store(out_ptr + t[:, None].to(tl.int64) * out_stride + e[None, :], logits, mask=t_ok[:, None] & e_ok[None, :])
+    e_ok, h_ok = e < num_experts, h < hidden
+    w = tl.load(w_ptr + e[:, None].to(tl.int64) * w_stride + h[None, :], mask=e_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)
+    for i in range(BLOCK_T):
+        t = (t0 + i).to(tl.int64)
+        xv = tl.load(x_ptr + t * x_stride + h, mask=h_ok & ((t + 0 * h) < num_tokens), other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * out_stride + e, tl.sum(w * xv[None, :], axis=1),
+                 mask=e_ok & ((t + 0 * e) < num_tokens))
 
 
-def _router_tile(num_tokens: int, num_experts: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_E, BLOCK_H): up to 8 tokens a program; experts split so that small batches still spread
-    over a few dozen programs (each reads its BLOCK_E router rows once); 8K products in registers."""
-    block_t = min(8, triton.next_power_of_2(max(num_tokens, 1)))
-    block_e = min(triton.next_power_of_2(num_experts), 4 if num_tokens <= 8 else 8 if num_tokens <= 64 else 16)
-    return block_t, block_e, max(16, min(256, 8192 // (block_t * block_e)))
+# (BLOCK_T, BLOCK_E) for sweeps (tools/device/mla_decode_sweep.py). H200, 2026-12-04 (that script, graph replays
+# less a ~5 us floor): 16 tokens a program took ~13-14 us at 32 and 128 tokens, the tiles above ~2.5 and ~6 us; a
+# [T, E, H] register-tile variant (no reduction in the H loop) measured 1.5-3x slower than 16 a program.
+ROUTER_TILE_OVERRIDE: tuple[int, int] | None = None
 
 
 @register("moe_router_logits", "triton")
@@ -60,16 +51,19 @@ def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if num_tokens:
         x = x if x.stride(-1) == 1 else x.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        block_t, block_e, block_h = ROUTER_TILE_OVERRIDE or _router_tile(num_tokens, num_experts)
+        block_h = triton.next_power_of_2(hidden)
+        # 8K float32 weights a program (32 a thread at 8 warps); 1-16 tokens a program
+        block_e = max(1, min(16, 8192 // block_h, triton.next_power_of_2(num_experts)))
+        # few tokens a program: their walk is serial (H200: 16 a program took ~13 us at 32-128 tokens, 2 a program
+        # ~2.5 us at 32, 4 a program ~6 us at 128; DeepSeek-V2-Lite's router, 64 x 2048)
+        block_t = min(num_tokens, 2 if num_tokens <= 64 else 4)
+        if ROUTER_TILE_OVERRIDE is not None:
+            block_t, block_e = ROUTER_TILE_OVERRIDE
         grid = (triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_t))
         _router_logits_kernel[grid](x, w, out, num_tokens, num_experts, hidden, x.stride(0), w.stride(0), out.stride(0),
-                                    BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4,
+                                    BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=8,
                                     **pdl_args(x.device))
     return out
-
-
-# (BLOCK_T, BLOCK_E, BLOCK_H) for sweeps (tools/device/mla_decode_sweep.py)
-ROUTER_TILE_OVERRIDE: tuple[int, int, int] | None = None
 
 
 @triton.jit
