@@ -159,18 +159,22 @@ DECODE_CASES = {
     "split_merge": ([37, 70, 5], TINY, 4),
     "padding_row": ([13, 0, 6], TINY, 2),  # a padded batch slot (length 0) gives zeros, no NaN
     "heads_20": ([11, 25], dict(TINY, heads=20), 2),  # two head tiles, the second partly empty
+    # enough programs for the GPU (the interpreter counts 4 SMs): one split, FULL_DECODE_TILE
+    "full_tile": ([9, 30, 2, 17, 0, 40], TINY, None),
 }
 LARGE_DECODE_CASES = {
     "v2_lite_bs1": ([3000], V2_LITE, None),
     "v2_lite_bs32": (None, V2_LITE, None),
     "v3_heads_bs8": (None, dict(V2_LITE, heads=128), None),
+    "v2_lite_bs128": (None, V2_LITE, None),  # fills the SMs unsplit: FULL_DECODE_TILE
 }
 
 
 def _run_decode(name, case, dtype, kv_dtype=None):
     lens, dims, splits = case
     if lens is None:
-        lens = torch.randint(1, 4096, (32 if "bs32" in name else 8,)).tolist()
+        lens = (torch.randint(1, 512, (128,)) if "bs128" in name
+                else torch.randint(1, 4096, (32 if "bs32" in name else 8,))).tolist()
     q_nope, q_pe, cache, w, tables, _, seq_lens, _, max_l, kv_scale = _latent_case(
         [max(n - 1, 0) for n in lens], [1] * len(lens), dims, dtype, kv_dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)

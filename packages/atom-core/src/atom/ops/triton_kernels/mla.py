@@ -29,7 +29,7 @@ import triton.language as tl
 from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
 from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
-from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
+from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -37,6 +37,12 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 # so tools/device/kernel_bench.py can sweep them.
 MAX_HEADS_PER_TILE = 16
 DECODE_TILE = dict(block_m=16, block_n=32, num_warps=4, num_stages=2)  # splits: attention._decode_splits
+# Decode batches whose unsplit programs already fill ~all SMs: one split (no merge) and a wider key tile. H200,
+# DeepSeek-V2-Lite's layer at 128 sequences of ~192 tokens (tools/device/mla_decode_sweep.py, graph replays): ~20 us
+# of kernel time against ~30 for 4 splits + merge with DECODE_TILE; at 32 sequences the split path stays best.
+# ATOM_MLA_DECODE_FULL=0 keeps DECODE_TILE and the split rule everywhere (A/B).
+FULL_DECODE_TILE = dict(block_m=16, block_n=64, num_warps=8, num_stages=2)
+FULL_DECODE_SHARE = 0.9  # programs >= this share of the SMs
 PREFILL_TILE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
 
 
@@ -323,7 +329,11 @@ def mla_latent_attention(
     if decode:
         tile, block_q = DECODE_TILE, 1
         if num_splits is None:
-            num_splits = _decode_splits(q_lat.device, batch, head_tiles, max_seq_len, tile["block_n"])
+            if (batch * head_tiles >= FULL_DECODE_SHARE * num_sms(q_lat.device)
+                    and env_flag("ATOM_MLA_DECODE_FULL", True)):
+                tile, num_splits = FULL_DECODE_TILE, 1
+            else:
+                num_splits = _decode_splits(q_lat.device, batch, head_tiles, max_seq_len, tile["block_n"])
     else:
         tile, num_splits = PREFILL_TILE, 1
         block_q = max(1, tile["block_m"] // heads)
