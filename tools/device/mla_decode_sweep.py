@@ -56,6 +56,8 @@ for batch in [int(b) for b in opts.batch_sizes.split(",")]:
         print(f"router bs{batch} {tile or 'shipped'}: "
               f"{1e3 * graph_time(lambda: route(x, rw)):6.1f} us")
     tk_routing.ROUTER_TILE_OVERRIDE = None
-    for name, fn in () if opts.router_only else (("w_uk bmm", lambda: torch.bmm(qn.transpose(0, 1), w.view(16, 256, 512)[:, :128])),
+    if opts.router_only:
+        continue
+    for name, fn in (("w_uk bmm", lambda: torch.bmm(qn.transpose(0, 1), w.view(16, 256, 512)[:, :128])),
                      ("w_uv bmm", lambda: torch.bmm(q_lat.transpose(0, 1), w.view(16, 256, 512)[:, 128:].transpose(1, 2)))):
         print(f"{name} bs{batch}: {1e3 * graph_time(fn):6.1f} us")

@@ -55,6 +55,19 @@ def _latent_scale(scale_ptr, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _latent_row(cache_ptr, slot, block_size, cache_stride_b, cache_stride_s):
+    """Pointer to the cache row of a slot (block_table-resolved slot index)."""
+    return cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+
+
+@triton.jit
+def _store_latent(row, offs, vals, mask, s, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+                  EMULATE: tl.constexpr):
+    """row[offs] = cache entry of vals (fp8(clamp(vals / s)) in an FP8 cache, a cast otherwise)."""
+    tl.store(row + offs, to_cache(vals, s, row.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=mask)
+
+
+@triton.jit
 def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, lora, rope, block_size,
                             c_stride_t, pe_stride_t, cache_stride_b, cache_stride_s,
                             BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, KV_FP8: tl.constexpr,
@@ -65,16 +78,14 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, scale_ptr, 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    row = cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+    row = _latent_row(cache_ptr, slot, block_size, cache_stride_b, cache_stride_s)
     s = _latent_scale(scale_ptr, HAS_SCALE)
     lo = tl.arange(0, BLOCK_L)
     c = tl.load(kv_c_ptr + t * c_stride_t + lo, mask=lo < lora)
-    tl.store(row + lo, to_cache(c, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
-             mask=lo < lora)
+    _store_latent(row, lo, c, lo < lora, s, KV_FP8, FP8_MAX, MIN_EXP, EMULATE)
     r = tl.arange(0, BLOCK_R)
     pe = tl.load(k_pe_ptr + t * pe_stride_t + r, mask=r < rope)
-    tl.store(row + lora + r, to_cache(pe, s, cache_ptr.dtype.element_ty, KV_FP8, FP8_MAX, MIN_EXP, EMULATE),
-             mask=r < rope)
+    _store_latent(row, lora + r, pe, r < rope, s, KV_FP8, FP8_MAX, MIN_EXP, EMULATE)
 
 
 def _fp8_consts(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> dict:
@@ -142,14 +153,13 @@ def _mla_norm_rope_cache_kernel(pos_ptr, qpe_ptr, kva_ptr, w_ptr, cs_ptr, q_out_
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    row = cache_ptr + (slot // block_size) * cache_stride_b + (slot % block_size) * cache_stride_s
+    row = _latent_row(cache_ptr, slot, block_size, cache_stride_b, cache_stride_s)
     s = _latent_scale(scale_ptr, HAS_SCALE)
-    cdt = cache_ptr.dtype.element_ty
     # k_pe (one shared head) -> cache[L:]
     kp = kva_ptr + t * kva_stride_t + lora
     k1, k2 = _rotate_pair(tl.load(kp + i1, mask=r_ok, other=0.0), tl.load(kp + i2, mask=r_ok, other=0.0), cos, sin)
-    tl.store(row + lora + i1, to_cache(k1, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=r_ok)
-    tl.store(row + lora + i2, to_cache(k2, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=r_ok)
+    _store_latent(row, lora + i1, k1, r_ok, s, KV_FP8, FP8_MAX, MIN_EXP, EMULATE)
+    _store_latent(row, lora + i2, k2, r_ok, s, KV_FP8, FP8_MAX, MIN_EXP, EMULATE)
     # kv_c -> rms_norm(kv_c) * w -> cache[:L], rounded like the reference (normalized value to the input dtype,
     # times the weight, to the product's dtype)
     lo = tl.arange(0, BLOCK_L)
@@ -160,7 +170,7 @@ def _mla_norm_rope_cache_kernel(pos_ptr, qpe_ptr, kva_ptr, w_ptr, cs_ptr, q_out_
     normed = (cf * rstd).to(c.dtype).to(tl.float32) * tl.load(w_ptr + lo, mask=l_ok, other=0.0).to(tl.float32)
     if ROUND_NORM:
         normed = normed.to(c.dtype)
-    tl.store(row + lo, to_cache(normed, s, cdt, KV_FP8, FP8_MAX, MIN_EXP, EMULATE), mask=l_ok)
+    _store_latent(row, lo, normed, l_ok, s, KV_FP8, FP8_MAX, MIN_EXP, EMULATE)
 
 
 @register("mla_norm_rope_cache", "triton")

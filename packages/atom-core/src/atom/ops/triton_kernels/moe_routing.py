@@ -52,7 +52,7 @@ def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x if x.stride(-1) == 1 else x.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
         block_h = triton.next_power_of_2(hidden)
-        # 8K float32 weights a program (32 a thread at 8 warps); 1-16 tokens a program
+        # 8K float32 weights a program (32 a thread at 8 warps)
         block_e = max(1, min(16, 8192 // block_h, triton.next_power_of_2(num_experts)))
         # few tokens a program: their walk is serial (H200: 16 a program took ~13 us at 32-128 tokens, 2 a program
         # ~2.5 us at 32, 4 a program ~6 us at 128; DeepSeek-V2-Lite's router, 64 x 2048)
