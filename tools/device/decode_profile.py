@@ -106,6 +106,7 @@ def graph_gpu_times(llm: LLM, sizes: list[int]) -> dict[int, float]:
 
 
 def kernel_table(llm: LLM, bs: int, input_len: int, steps: int = 8) -> str:
+    """Top kernels of one generate() of bs prompts: the prefill and `steps` decode steps (0: the prefill alone)."""
     from torch.profiler import ProfilerActivity, profile
 
     eng = llm.llm_engine
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--kernels", default="1,128", help="batch sizes for the torch.profiler kernel table")
+    ap.add_argument("--kernel-steps", type=int, default=8,
+                    help="decode steps in the kernel table after the prefill (0: the prefill alone)")
     ap.add_argument("--engine-args", default="{}", help="JSON dict of extra engine args")
     a = ap.parse_args()
     sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -201,9 +204,10 @@ def main() -> None:
                     print(f"    {k:<44} {v['calls']:>6} {v['median_us']:>10.1f} {v['total_ms']:>10.2f}")
             res["kernels"] = {}
             for bs in [int(x) for x in a.kernels.split(",") if x]:
-                tab = kernel_table(llm, bs, a.input_len)
+                tab = kernel_table(llm, bs, a.input_len, a.kernel_steps)
                 res["kernels"][bs] = tab
-                print(f"[{a.label}] {preset} kernels, bs={bs} (9 steps incl. prefill):\n{tab}", flush=True)
+                print(f"[{a.label}] {preset} kernels, bs={bs} (the prefill and {a.kernel_steps} decode steps):\n{tab}",
+                      flush=True)
                 rows = replay_kernel_table(llm, bs)
                 res.setdefault("decode_kernels", {})[bs] = rows
                 total = sum(r["us_per_step"] for r in rows)

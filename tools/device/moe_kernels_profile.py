@@ -7,7 +7,9 @@ top-6 plus its 2 shared experts as expert slots, always chosen: 8 pairs a token,
 ATOM_PAIR_SWEEP='[{"gate_block_n": 16, "down_block_n": 32, "block_k": 256, "down_block_k": 128, "num_warps": 4}, ...]'
 times the per-pair kernels with each tile (None in the list: the shipped choice).
 ATOM_GEMM_SWEEP='[{"block_m": 16, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 4}, ...]' does the same
-for the sorted path's grouped GEMM (both projections take the tile; `_gemm_tile` is the shipped rule).
+for the sorted path's grouped GEMM (both projections take the tile, "down": {...} in it overrides the down projection's
+block_n / block_k / warps / stages / n_major; `_gemm_tile` is the shipped rule); the sorted rows print the two projections
+apart and the TFLOP/s of both.
 """
 
 from __future__ import annotations
@@ -55,4 +57,12 @@ for tokens in [int(t) for t in opts.tokens.split(",")]:
         for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             if evt.device_time_total > 0:
                 print(f"   {evt.key[:60]:60s} {evt.device_time_total / evt.count:8.1f} us x{evt.count // 20}")
+        # the grouped GEMM's two launches a call, in launch order: gate|up, then down
+        gemms = sorted((e for e in prof.events() if e.name == "_expert_gemm_kernel" and e.device_time_total > 0),
+                       key=lambda e: e.time_range.start)
+        if len(gemms) >= 2 and len(gemms) % 2 == 0:
+            gate = sum(e.device_time_total for e in gemms[0::2]) / (len(gemms) // 2)
+            down = sum(e.device_time_total for e in gemms[1::2]) / (len(gemms) // 2)
+            flop = 2 * tokens * (K + S) * H * I * 3
+            print(f"   gate|up {gate:8.1f} us, down {down:8.1f} us, {flop / (gate + down) / 1e6:6.1f} TFLOP/s")
 tk_moe.PAIR_GEMV_MAX_PAIRS, tk_moe.PAIR_TILE_OVERRIDE, tk_moe.GEMM_TILE_OVERRIDE = 16, None, None

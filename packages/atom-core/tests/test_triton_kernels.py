@@ -224,7 +224,7 @@ def test_moe_topk_softmax(size, renormalize):
     check(f"moe_topk_softmax {size} renorm={renormalize}", w, rw, 1e-5)
 
 
-@pytest.mark.parametrize("size", ["tiny_one_decode", "tiny_decode"] + SIZES + [
+@pytest.mark.parametrize("size", ["tiny_one_decode", "tiny_decode", "tiny_prefill"] + SIZES + [
     pytest.param(s, marks=LARGE.marks) for s in ("one_decode", "decode", "prefill")])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,6 +242,9 @@ def test_fused_experts(size, activation, dtype):
         tokens, hidden, inter, experts, top_k = 2, 2048, 768, 128, 8
     elif size == "tiny":
         tokens, hidden, inter, experts, top_k = 20, 32, 48, 5, 2
+    elif size == "tiny_prefill":  # > 128 pairs an expert: the prefill tile (128 rows, column blocks first)
+        tokens, hidden, inter, experts, top_k = 300, 40, 24, 3, 2
+        assert tk_moe._gemm_tile(tokens * top_k, experts).get("n_major")
     elif size == "large":
         tokens, hidden, inter, experts, top_k = 512, 2048, 768, 128, 8
     else:  # a 4k-token prefill takes the widest tile, which in float32 must shrink to fit shared memory

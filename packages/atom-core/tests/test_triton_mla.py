@@ -2,9 +2,10 @@
 tiny DeepSeek / GLM checkpoints in float32 against transformers.
 
 Run alone under Triton's interpreter on CPU (TRITON_INTERPRET=1 before triton is imported), like
-test_triton_kernels.py, whose helpers this module shares. The triton MLA ops compute the absorbed form;
-their prefill oracle is the expanded form (atom.ops.mla.mla_prefill), so a prefill check also confirms
-that the two formulations agree. The "large" cases use DeepSeek-V2-Lite's per-layer shapes (16 heads,
+test_triton_kernels.py, whose helpers this module shares. The triton MLA decode computes the absorbed form,
+the prefill either form (both checked); their prefill oracle is the expanded form in torch
+(atom.ops.mla.mla_prefill), so a prefill check of the absorbed kernel also confirms that the two formulations
+agree. The "large" cases use DeepSeek-V2-Lite's per-layer shapes (16 heads,
 kv_lora_rank 512, rope 64, nope 128, v 128, block size 16) and V3's 128 heads; they need a GPU.
 
 FP8 latent cache (the `fp8` cases): the cache holds e4m3 rows written with a per-tensor scale != 1; the write
@@ -226,23 +227,54 @@ PREFILL_CASES = {
 }
 LARGE_PREFILL_CASES = {
     "v2_lite_chunked": ([0, 1536, 1000, 3000], [1024, 512, 300, 77], V2_LITE),
+    "v2_lite_bs128_fresh": ([0] * 128, [128] * 128, V2_LITE),  # the benchmark's prefill (the expanded form)
 }
+# Both formulations of the Triton prefill against the one oracle: "expanded" (kv_b_proj expansion + a causal
+# flash kernel) and "absorbed" (attention over the latent rows); None: the shipped rule.
+FORMS = ["absorbed", "expanded"]
 
 
-def _run_prefill(name, case, dtype, kv_dtype=None):
+def _run_prefill(name, case, dtype, kv_dtype=None, form=None, monkeypatch=None):
+    from atom.ops.triton_kernels import mla as tk_mla
+
     ctx, q_lens, dims = case
     q_nope, q_pe, cache, w, tables, qsl, lens, max_q, max_l, kv_scale = _latent_case(ctx, q_lens, dims, dtype,
                                                                                      kv_dtype)
     scale = (dims["nope"] + dims["rope"]) ** -0.5
+    if form is not None:
+        monkeypatch.setattr(tk_mla, "PREFILL_FORM_OVERRIDE", form)
     out = triton_op("mla_prefill")(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l, kv_scale=kv_scale)
     ref = ref_mla.mla_prefill(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l, kv_scale=kv_scale)
     check(f"mla_prefill {name} {dtype} cache {kv_dtype or dtype}", out.contiguous(), ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(PREFILL_CASES))
-def test_mla_prefill(name, dtype):
-    _run_prefill(name, PREFILL_CASES[name], dtype)
+def test_mla_prefill(name, dtype, form, monkeypatch):
+    _run_prefill(name, PREFILL_CASES[name], dtype, form=form, monkeypatch=monkeypatch)
+
+
+def test_mla_prefill_expanded_in_sequence_groups(monkeypatch):
+    """A K|V budget smaller than one sequence's expansion: the expanded form runs one sequence at a time (its
+    queries found through query_start_loc, its rows at the group's offset) and still matches the oracle."""
+    from atom.ops.triton_kernels import mla as tk_mla
+
+    monkeypatch.setattr(tk_mla, "EXPANDED_CHUNK_BYTES", 1)
+    _run_prefill("cached_prefix_and_decode_row", PREFILL_CASES["cached_prefix_and_decode_row"], torch.float32,
+                 form="expanded", monkeypatch=monkeypatch)
+
+
+def test_mla_prefill_form_rule():
+    """Fresh prompts (no cached prefix, no decode rows) take the expanded form; a long cached prefix or a
+    decode row beside a prompt, and an FP8 cache, the absorbed one."""
+    from atom.ops.triton_kernels.mla import prefill_form
+
+    bf16, fp8 = torch.empty(1, 1, 1, dtype=torch.bfloat16), torch.empty(1, 1, 1, dtype=FP8)
+    assert prefill_form(num_tokens=128 * 128, batch=128, max_seq_len=128, kv_cache=bf16) == "expanded"
+    assert prefill_form(num_tokens=1000 + 5, batch=6, max_seq_len=1000, kv_cache=bf16) == "absorbed"
+    assert prefill_form(num_tokens=512, batch=1, max_seq_len=4096, kv_cache=bf16) == "absorbed"
+    assert prefill_form(num_tokens=128 * 128, batch=128, max_seq_len=128, kv_cache=fp8) == "absorbed"
 
 
 @pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])
@@ -254,10 +286,11 @@ def test_mla_prefill_fp8_cache(name, dtype, kv_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(LARGE_PREFILL_CASES))
-def test_mla_prefill_large(name, dtype):
-    _run_prefill(name, LARGE_PREFILL_CASES[name], dtype)
+def test_mla_prefill_large(name, dtype, form, monkeypatch):
+    _run_prefill(name, LARGE_PREFILL_CASES[name], dtype, form=form, monkeypatch=monkeypatch)
 
 
 @pytest.mark.gpu
@@ -302,11 +335,12 @@ def test_moe_grouped_topk(name):
     _run_routing(name, ROUTING_CASES[name])
 
 
-@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96), (128, 64, 2048)])
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96), (128, 64, 2048), (600, 20, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_router_logits(tokens, experts, hidden, dtype):
     """DeepSeek's float32 router in one kernel: x in the model dtype against the float32 weight, masked edges
-    on every axis (experts and hidden not multiples of the tiles, more tokens than one token tile)."""
+    on every axis (experts and hidden not multiples of the tiles, more tokens than one token tile); 600 tokens take
+    the prefill path (a float32 GEMM from ROUTER_GEMM_MIN_TOKENS on)."""
     x = rand(tokens, hidden).to(dtype)
     w = rand(experts, hidden) * hidden ** -0.5
     got = triton_op("moe_router_logits")(x, w)

@@ -43,7 +43,9 @@ DECODE_TILE = dict(block_m=16, block_n=32, num_warps=4, num_stages=2)  # splits:
 # ATOM_MLA_DECODE_FULL=0 keeps DECODE_TILE and the split rule everywhere (A/B).
 FULL_DECODE_TILE = dict(block_m=16, block_n=64, num_warps=8, num_stages=2)
 FULL_DECODE_SHARE = 0.9  # programs >= this share of the SMs
-PREFILL_TILE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
+# H200, 128 sequences of 128 new tokens, V2-Lite's 16 heads (tools/device/mla_decode_sweep.py --prefill, 2026-12-04):
+# 32-row tiles 982 us, 64-row (4 queries x 16 heads) 680 us; at 32 sequences 262 / 183 us
+PREFILL_TILE = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -422,6 +424,142 @@ def mla_decode(
                            kv_scale=kv_scale)
 
 
+# Prefill in the expanded form (see the module docstring): the latent rows of each sequence go through kv_b_proj
+# into per-head K (no-rope part) and V, then a causal flash kernel with the shared rope key. Taken when it does
+# not expand much more than the new tokens (batch * max_seq_len <= EXPANDED_MAX_ROWS_PER_TOKEN * new tokens: no
+# long cached prefix, no decode rows in the batch) and the cache is not FP8. H200, 128 sequences of 128 tokens,
+# V2-Lite: the absorbed form took 680 us of attention + two ~100 us batched GEMMs a layer.
+EXPANDED_MAX_ROWS_PER_TOKEN = 2
+# At most this many bytes of expanded K|V at a time (sequences in groups beyond it; DeepSeek-V3's 128 heads
+# expand a latent row to 64 KiB).
+EXPANDED_CHUNK_BYTES = 256 << 20
+# "absorbed" / "expanded" for tests and sweeps; None: the rule above.
+PREFILL_FORM_OVERRIDE: str | None = None
+EXPANDED_TILE = dict(block_q=64, block_n=64, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _mla_expanded_kernel(
+    qn_ptr, qp_ptr, kv_ptr, kpe_ptr, qsl_ptr, seq_lens_ptr, out_ptr, scale, seq0, rows_per_seq, nope, rope, v_dim,
+    qn_stride_t, qn_stride_h, qp_stride_t, qp_stride_h, kv_stride, kpe_stride, out_stride_t, out_stride_h,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+):
+    """Sequence seq0 + program_id(0), head program_id(2), BLOCK_Q of its queries: causal attention over its
+    expanded rows kv[(b - seq0) * rows_per_seq + position] = [k_nope (heads x nope) | v (heads x v_dim)] per
+    head, with the head-shared rope key kpe[...]."""
+    pdl_wait(PDL)
+    b = seq0 + tl.program_id(0)
+    q_tile = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    ctx = seq_len - q_len
+    qi = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = qi < q_len
+    tok = q_start + qi
+    q_pos = ctx + qi
+    pc = tl.arange(0, BLOCK_P)
+    rc = tl.arange(0, BLOCK_R)
+    vc = tl.arange(0, BLOCK_V)
+    qn = tl.load(qn_ptr + tok[:, None] * qn_stride_t + h * qn_stride_h + pc[None, :],
+                 mask=q_ok[:, None] & (pc < nope)[None, :], other=0.0)
+    qp = tl.load(qp_ptr + tok[:, None] * qp_stride_t + h * qp_stride_h + rc[None, :],
+                 mask=q_ok[:, None] & (rc < rope)[None, :], other=0.0)
+    if F32_DOT:
+        qn = qn.to(tl.float32)
+        qp = qp.to(tl.float32)
+    row0 = (b - seq0).to(tl.int64) * rows_per_seq
+    head_col = h * (nope + v_dim)
+    hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))  # causal: up to the last query
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_V], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(0, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        rows = row0 + k_pos
+        kn = tl.load(kv_ptr + rows[:, None] * kv_stride + head_col + pc[None, :],
+                     mask=k_ok[:, None] & (pc < nope)[None, :], other=0.0)
+        kp = tl.load(kpe_ptr + rows[:, None] * kpe_stride + rc[None, :], mask=k_ok[:, None] & (rc < rope)[None, :],
+                     other=0.0)
+        v = tl.load(kv_ptr + rows[:, None] * kv_stride + head_col + nope + vc[None, :],
+                    mask=k_ok[:, None] & (vc < v_dim)[None, :], other=0.0)
+        if F32_DOT:
+            kn, kp, v = kn.to(tl.float32), kp.to(tl.float32), v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(qn, tl.trans(kn), input_precision="ieee")
+            s += tl.dot(qp, tl.trans(kp), input_precision="ieee")
+        else:
+            s = tl.dot(qn, tl.trans(kn))
+            s += tl.dot(qp, tl.trans(kp))
+        s = s * qk_scale
+        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + tok[:, None] * out_stride_t + h * out_stride_h + vc[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & (vc < v_dim)[None, :])
+
+
+def _expanded(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale, max_query_len,
+              max_seq_len) -> torch.Tensor:
+    """Prefill in the expanded form: each sequence's max_seq_len latent rows (positions past its length are
+    read but masked) are gathered from the paged cache, expanded by kv_b_proj in one GEMM per group of
+    sequences, and attended by _mla_expanded_kernel. No host sync (sizes come from the host maxima)."""
+    num_tokens, num_heads, nope = q_nope.shape
+    rope = q_pe.shape[-1]
+    lora = kv_cache.shape[-1] - rope
+    v_dim = w_kv_b.shape[0] // num_heads - nope
+    batch, block_size = seq_lens.shape[0], kv_cache.shape[1]
+    out = torch.empty(num_tokens, num_heads, v_dim, dtype=q_nope.dtype, device=q_nope.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    assert q_nope.stride(-1) == 1 and q_pe.stride(-1) == 1
+    pos = torch.arange(max_seq_len, device=q_nope.device)
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    w = w_kv_b.to(q_nope.dtype)
+    row_bytes = w.shape[0] * q_nope.element_size()
+    per_chunk = max(1, min(batch, EXPANDED_CHUNK_BYTES // max(1, max_seq_len * row_bytes)))
+    t = EXPANDED_TILE
+    for seq0 in range(0, batch, per_chunk):
+        n = min(per_chunk, batch - seq0)
+        slots = block_tables[seq0:seq0 + n, pos // block_size].long() * block_size + pos % block_size
+        latent = flat[slots.reshape(-1)].to(q_nope.dtype)  # [n * max_seq_len, lora + rope]
+        kv = torch.mm(latent[:, :lora], w.t())  # [rows, heads * (nope + v)]
+        k_pe = latent[:, lora:]
+        grid = (n, triton.cdiv(max_query_len, t["block_q"]), num_heads)
+        _mla_expanded_kernel[grid](
+            q_nope, q_pe, kv, k_pe, query_start_loc, seq_lens, out, float(scale), seq0, max_seq_len, nope, rope,
+            v_dim, q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), k_pe.stride(0),
+            out.stride(0), out.stride(1), BLOCK_Q=t["block_q"], BLOCK_N=t["block_n"],
+            BLOCK_P=max(16, triton.next_power_of_2(nope)), BLOCK_R=max(16, triton.next_power_of_2(rope)),
+            BLOCK_V=max(16, triton.next_power_of_2(v_dim)), F32_DOT=interpreting(), IEEE=dot_ieee(q_nope.dtype),
+            num_warps=t["num_warps"], num_stages=t["num_stages"], **pdl_args(q_nope.device))
+    return out
+
+
+def prefill_form(num_tokens: int, batch: int, max_seq_len: int, kv_cache: torch.Tensor) -> str:
+    """Which formulation mla_prefill runs (EXPANDED_MAX_ROWS_PER_TOKEN above)."""
+    if PREFILL_FORM_OVERRIDE is not None:
+        return PREFILL_FORM_OVERRIDE
+    fp8 = kv_cache.element_size() == 1
+    return ("expanded" if not fp8 and batch * max_seq_len <= EXPANDED_MAX_ROWS_PER_TOKEN * num_tokens
+            else "absorbed")
+
+
 @register("mla_prefill", "triton")
 def mla_prefill(
     q_nope: torch.Tensor,
@@ -441,5 +579,9 @@ def mla_prefill(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if prefill_form(q_nope.shape[0], seq_lens.shape[0], max_seq_len, kv_cache) == "expanded":
+        assert kv_cache.element_size() > 1, "the expanded MLA prefill reads an unquantized latent cache"
+        return _expanded(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale,
+                         max_query_len, max_seq_len)
     return _absorbed(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq_lens, scale,
                      max_query_len, max_seq_len, kv_scale=kv_scale)

@@ -184,12 +184,20 @@ def _expert_gemm_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,
     GATED: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, N_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..)."""
+    """out[pair] = A[pair // a_row_div] @ W[e]^T (gated: act(A W_gate^T) * (A W_up^T), W_up = rows n_out..).
+    N_MAJOR: a 1-D grid whose consecutive programs take one row tile's column blocks (the row tile is read
+    from HBM once, its column blocks run side by side; the expert's weight stays in L2 across its row
+    tiles); otherwise grid (row tiles, column blocks), consecutive programs walking the row tiles."""
     pdl_wait(PDL)
-    tile = tl.program_id(0)
-    n_blk = tl.program_id(1)
+    if N_MAJOR:
+        n_blocks = tl.cdiv(n_out, BLOCK_N)
+        tile = tl.program_id(0) // n_blocks
+        n_blk = tl.program_id(0) % n_blocks
+    else:
+        tile = tl.program_id(0)
+        n_blk = tl.program_id(1)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
     if past_end:
         return
@@ -362,11 +370,15 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
 
 
-# Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, block_k, num_warps, num_stages).
+# Tile override for tools/device/kernel_bench.py / moe_kernels_profile.py sweeps: dict(block_m, block_n, block_k,
+# num_warps, num_stages, [n_major], [down]: the same keys but block_m for the down projection, when it differs).
 GEMM_TILE_OVERRIDE: dict | None = None
 
 
-def _gemm_tile(num_pairs: int, num_experts: int) -> dict:
+def _gemm_tile(num_pairs: int, num_experts: int, max_block_m: int = 128) -> dict:
+    """The grouped GEMM's tile for the gate|up projection; its optional "down" entry (same keys, block_m
+    excepted: both projections walk one sort) overrides it for the down projection. max_block_m: callers
+    whose kernel was not measured with taller tiles (moe_swigluoai) stop at 64."""
     if GEMM_TILE_OVERRIDE is not None:
         return GEMM_TILE_OVERRIDE
     per_expert = num_pairs / max(num_experts, 1)
@@ -374,7 +386,13 @@ def _gemm_tile(num_pairs: int, num_experts: int) -> dict:
         return dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
     if per_expert <= 64:
         return dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
-    return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    # prefill: compute bound. H200, DeepSeek-V2-Lite's experts at 16K tokens (131K pairs, PDL off,
+    # tools/device/moe_kernels_profile.py, 2026-12-04): 64 x 128 tiles walking the row tiles 6.22 ms a layer
+    # (364 TFLOP/s), the same tiles column blocks first (n_major) 5.65, 128 x 128 n_major 4.51 (503 TFLOP/s);
+    # at 4K tokens 1.64 / 1.48 / 1.19 ms
+    if per_expert <= 128 or max_block_m < 128:
+        return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3, n_major=True)
+    return dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, n_major=True)
 
 
 @register("fused_experts", "triton")
@@ -400,7 +418,7 @@ def fused_experts(
     if num_pairs <= PAIR_GEMV_MAX_PAIRS:
         return _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act)
     tile = _gemm_tile(num_pairs, num_experts)
-    block_m, bn, bk = tile["block_m"], tile["block_n"], tile["block_k"]
+    block_m = tile["block_m"]
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     e_pad = triton.next_power_of_2(num_experts)
     weights = topk_weights.reshape(-1).float().contiguous()
@@ -409,14 +427,20 @@ def fused_experts(
     ieee = dot_ieee(x.dtype)
 
     def launch(a, w, out, n_out, k_dim, a_row_div, gated):
+        t = tile if gated else {**tile, **tile.get("down", {})}
+        bn = t["block_n"]
         # A and W tiles per stage; the K step shrinks when not even one stage fits
         rows = block_m + (2 if gated else 1) * bn
-        k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
-        _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
+        k_step, stages = fit_tile(t["num_stages"], t["block_k"], lambda k: (rows * k * a.element_size(), 0),
+                                  a.device)
+        n_major = bool(t.get("n_major", False))
+        n_blocks = triton.cdiv(n_out, bn)
+        grid = (num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)
+        _expert_gemm_kernel[grid](
             a, w, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, a_row_div,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, SCALE=not gated,
             E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
-            num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
+            N_MAJOR=n_major, num_warps=t["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     launch(x, w13, h, inter, hidden, top_k, gated=True)

@@ -8,6 +8,7 @@ among ties, as torch.topk on distinct values). No host sync: the launch captures
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,6 +40,9 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden
 # less a ~5 us floor): 16 tokens a program took ~13-14 us at 32 and 128 tokens, the tiles above ~2.5 and ~6 us; a
 # [T, E, H] register-tile variant (no reduction in the H loop) measured 1.5-3x slower than 16 a program.
 ROUTER_TILE_OVERRIDE: tuple[int, int] | None = None
+# From this many tokens (prefill) the router is a float32 cuBLAS GEMM on an upcast copy of x, as the torch
+# reference computes it (module-level for sweeps and the tests).
+ROUTER_GEMM_MIN_TOKENS = 512
 
 
 @register("moe_router_logits", "triton")
@@ -47,6 +51,10 @@ def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     of x, no cuBLAS GEMV + reduction pair)."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
+    if num_tokens >= ROUTER_GEMM_MIN_TOKENS:
+        # prefill: the walk is serial over a program's tokens, a float32 GEMM is not (H200, V2-Lite's router:
+        # ~600 us a layer at 16K tokens on the kernel)
+        return F.linear(x.float(), weight.float())
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     if num_tokens:
         x = x if x.stride(-1) == 1 else x.contiguous()

@@ -899,7 +899,7 @@ def fused_experts_swigluoai(
 
     # prefill sizes: MXFP4 experts dequantized, one projection at a time, then the dense grouped GEMM
     dequant = path == "dequant"
-    tile = GEMM_TILE_OVERRIDE or _gemm_tile(num_pairs, num_experts)
+    tile = GEMM_TILE_OVERRIDE or _gemm_tile(num_pairs, num_experts, max_block_m=64)  # its kernel: no n_major
     block_m, bn, bk = tile["block_m"], tile["block_n"], max(64, tile["block_k"])  # MXFP4: half-K dots >= 32
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
