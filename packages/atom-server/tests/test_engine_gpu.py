@@ -53,3 +53,18 @@ def test_cuda_graphs_match_eager(tmp_path):
         assert (llm.llm_engine.runner.graphs is None) == eager
         runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert runs[True] == runs[False]
+
+
+def test_default_token_budget_is_vllms(tmp_path):
+    """vLLM's default step budget: the offline LLM class 16384 tokens on a GPU of >= 70 GiB other than the A100,
+    8192 on smaller ones; the KV sizing profiles a step of that many tokens (prompts of at most max_model_len),
+    so a full step's activations fit beside the cache."""
+    ckpt = write_tiny_llama(tmp_path)
+    props = torch.cuda.get_device_properties(0)
+    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+    llm = LLM(ckpt, dtype="float32", block_size=16, max_model_len=256, gpu_memory_utilization=0.3)
+    assert llm.llm_engine.scheduler.max_num_batched_tokens == (16384 if big else 8192)
+    # the whole budget in one step: 64 prompts of 256 tokens, one new token each
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 100 + 1 for j in range(256 - 1)]} for i in range(64)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outs)

@@ -75,3 +75,18 @@ def test_cpu_default_is_sized_from_the_model_and_the_limits(ckpt, caplog):
     assert cpu_kv_budget(block, BLOCK, 64, 256, host_bytes=1 << 40) == need
     assert cpu_kv_budget(block, BLOCK, 64, 256, host_bytes=1 << 20) == int(CPU_KV_HOST_FRACTION * (1 << 20))
     assert cpu_kv_budget(block, BLOCK, 64, 256, host_bytes=1 << 10) == block * (64 // BLOCK)
+
+
+def test_default_token_budget_follows_the_usage_context(ckpt):
+    """The offline LLM class runs as vLLM's LLM_CLASS usage context, a server as OPENAI_API_SERVER (their default
+    step budgets differ on large GPUs: test_engine_gpu.py); on CPU both take 2048 tokens."""
+    from atom_server.config import EngineArgs
+    from atom_server.engine.engine_core import default_max_num_batched_tokens
+
+    llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=64)
+    assert llm.engine_args.usage_context == "llm"
+    assert llm.llm_engine.scheduler.max_num_batched_tokens == 2048
+    assert EngineArgs().usage_context == "server"
+    assert default_max_num_batched_tokens(torch.device("cpu"), "server") == 2048
+    with pytest.raises(ValueError, match="usage_context"):
+        EngineArgs(usage_context="offline")

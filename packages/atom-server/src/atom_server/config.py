@@ -50,6 +50,9 @@ class EngineArgs:
     # K, ...}; see atom_server.engine.speculative
     speculative_config: dict[str, Any] | None = None
     startup_profile: bool = False  # log where start-up time goes, Triton JIT compiles included (startup.py)
+    # vLLM's UsageContext, not a flag: "llm" (the offline LLM class, `atom bench throughput`) or "server"; it picks
+    # the default max_num_batched_tokens (engine_core.default_max_num_batched_tokens)
+    usage_context: str = "server"
 
     def __post_init__(self) -> None:
         if self.profiler_dir is None and os.environ.get("VLLM_TORCH_PROFILER_DIR"):
@@ -77,6 +80,8 @@ class EngineArgs:
         positive("tensor_parallel_size")
         positive("max_model_len", optional=True)
         positive("max_num_batched_tokens", optional=True)
+        if self.usage_context not in ("llm", "server"):
+            raise bad("usage_context", "must be 'llm' or 'server'")
         positive("kv_cache_memory_bytes", optional=True)
         positive("cpu_threads", optional=True)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -145,7 +150,8 @@ class EngineArgs:
                  "the engine)")
         add("--max-num-seqs", type=int, default=d["max_num_seqs"], help="most sequences in one batch")
         add("--max-num-batched-tokens", type=int, default=None,
-            help="most tokens in one step (default: 2048 on CPU, 8192 on GPUs)")
+            help="most tokens in one step (default, as vLLM's: 2048 on CPU, 8192 on GPUs; the offline LLM class "
+                 "and `atom bench throughput`: 16384 on GPUs of 70 GiB or more other than the A100)")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"],
             help="reuse the KV cache of shared prompt prefixes")
         add("--disable-hybrid-kv-cache-manager", action="store_true",

@@ -17,7 +17,7 @@ PromptType = str | dict[str, Any] | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any):
-        self.engine_args = EngineArgs(model=model, **engine_args)
+        self.engine_args = EngineArgs(model=model, **{"usage_context": "llm", **engine_args})
         if self.engine_args.cpu_threads is not None:  # in-process: the count only, the caller's process is not pinned
             import torch
 

@@ -350,24 +350,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_gpu_budget(self, utilization: float) -> int:  # pragma: no cover - needs a GPU
-        """Run the largest batch once on a throwaway cache; what is left of utilization * total is KV."""
-        tokens = min(self.max_num_batched_tokens, self.max_model_len)
-        num_blocks = -(-tokens // self.block_size)
+        """Run the largest step once on a throwaway cache: the whole token budget (max_num_batched_tokens), as
+        prompts of at most max_model_len tokens (a step of many short prompts holds as many activations as one
+        long one: the MoE's per-pair buffers, MLA's expansion). What is left of utilization * total is KV."""
+        tokens = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
+        per_seq = min(tokens, self.max_model_len)
+        lens = [per_seq] * (tokens // per_seq) + ([tokens % per_seq] if tokens % per_seq else [])
+        per_blocks = -(-per_seq // self.block_size)
+        num_blocks = per_blocks * len(lens)
         scratch = allocate_kv_caches(self.kv_specs, num_blocks, self.block_size, self.device)
         bind_kv_caches(self.model, scratch)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        dev = self.device
+        tables = torch.arange(num_blocks, dtype=torch.int32, device=dev).view(len(lens), per_blocks)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        rows = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         inputs = AttentionInputs(
-            slot_mapping=torch.arange(tokens, device=self.device),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            max_query_len=tokens, max_seq_len=tokens)
+            slot_mapping=(rows * per_blocks * self.block_size + positions),
+            block_tables=tables,
+            query_start_loc=torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            seq_lens=seq_lens, max_query_len=per_seq, max_seq_len=per_seq)
         if self.kv_window is not None:  # the scratch cache has num_blocks blocks in every layer
             inputs.window_slot_mapping, inputs.window_block_tables = inputs.slot_mapping, inputs.block_tables
-        ids = torch.randint(0, self.vocab_size, (tokens,), device=self.device)
+        ids = torch.randint(0, self.vocab_size, (tokens,), device=dev)
         with set_forward_context(self.attn_builder.build(inputs)):
-            hidden = self.model(ids, torch.arange(tokens, device=self.device))
+            hidden = self.model(ids, positions)
         self.model.compute_logits(hidden[-min(tokens, 256):]).float()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
