@@ -83,7 +83,7 @@ def test_default_token_budget_follows_the_usage_context(ckpt):
     from atom_server.config import EngineArgs
     from atom_server.engine.engine_core import default_max_num_batched_tokens
 
-    llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=64)
+    llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=64, device="cpu")
     assert llm.engine_args.usage_context == "llm"
     assert llm.llm_engine.scheduler.max_num_batched_tokens == 2048
     assert EngineArgs().usage_context == "server"
