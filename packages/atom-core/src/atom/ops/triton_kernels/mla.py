@@ -428,7 +428,8 @@ def mla_decode(
 # into per-head K (no-rope part) and V, then a causal flash kernel with the shared rope key. Taken when it does
 # not expand much more than the new tokens (batch * max_seq_len <= EXPANDED_MAX_ROWS_PER_TOKEN * new tokens: no
 # long cached prefix, no decode rows in the batch) and the cache is not FP8. H200, 128 sequences of 128 tokens,
-# V2-Lite: the absorbed form took 680 us of attention + two ~100 us batched GEMMs a layer.
+# V2-Lite, one layer (tools/device/mla_decode_sweep.py --prefill): 261 us expanded against 680 us absorbed (its two
+# batched GEMMs included); 32 sequences 92 against 183 us.
 EXPANDED_MAX_ROWS_PER_TOKEN = 2
 # At most this many bytes of expanded K|V at a time (sequences in groups beyond it; DeepSeek-V3's 128 heads
 # expand a latent row to 64 KiB).
