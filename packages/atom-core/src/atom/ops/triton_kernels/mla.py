@@ -202,6 +202,36 @@ def mla_norm_rope_cache(positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch
     return q_out
 
 
+@triton.jit
+def _causal_logits(qa, ka, qb, kb, k_ok, k_pos, q_pos, qk_scale, IEEE: tl.constexpr):
+    """(qa . ka + qb . kb) * qk_scale for one key tile (two parts: the no-rope / latent part and the rope part),
+    -inf where the key is past the tile's end or after the query (causal)."""
+    if IEEE:
+        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
+        s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+    else:
+        s = tl.dot(qa, tl.trans(ka))
+        s += tl.dot(qb, tl.trans(kb))
+    s = s * qk_scale
+    return tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One key tile of the online softmax (base 2): logits s, values v -> (m_i, l_i, acc) after it. Rows with
+    nothing visible yet stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
@@ -278,24 +308,8 @@ def _mla_attention_kernel(
         elif KV_FP8:  # e4m3 -> bf16/fp16 is exact
             c = c.to(ql_ptr.dtype.element_ty)
             pe = pe.to(ql_ptr.dtype.element_ty)
-        if IEEE:
-            s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")
-            s += tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
-        else:
-            s = tl.dot(q_lat, tl.trans(c))
-            s += tl.dot(q_pe, tl.trans(pe))
-        s = s * qk_scale
-        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
-        m_i = m_new
+        s = _causal_logits(q_lat, c, q_pe, pe, k_ok, k_pos, q_pos, qk_scale, IEEE)
+        m_i, l_i, acc = _online_softmax_step(s, c, m_i, l_i, acc, IEEE)  # the values are the latent rows
 
     if HAS_SCALE:  # the values are the latent rows, entry * kv_scale (linear: the split merge is unchanged)
         acc = acc * tl.load(kv_scale_ptr).to(tl.float32)
@@ -492,24 +506,8 @@ def _mla_expanded_kernel(
                     mask=k_ok[:, None] & (vc < v_dim)[None, :], other=0.0)
         if F32_DOT:
             kn, kp, v = kn.to(tl.float32), kp.to(tl.float32), v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(qn, tl.trans(kn), input_precision="ieee")
-            s += tl.dot(qp, tl.trans(kp), input_precision="ieee")
-        else:
-            s = tl.dot(qn, tl.trans(kn))
-            s += tl.dot(qp, tl.trans(kp))
-        s = s * qk_scale
-        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        s = _causal_logits(qn, kn, qp, kp, k_ok, k_pos, q_pos, qk_scale, IEEE)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * out_stride_t + h * out_stride_h + vc[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_ok[:, None] & (vc < v_dim)[None, :])
