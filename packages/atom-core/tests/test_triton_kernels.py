@@ -259,7 +259,7 @@ def test_fused_experts(size, activation, dtype):
     check(f"fused_experts {size} {activation} {dtype}", out, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("path", ["per_pair", "align_kernel", "align_torch"])
+@pytest.mark.parametrize("path", ["per_pair", "align_kernel", "align_scan", "align_torch"])
 def test_fused_experts_skips_pairs_of_other_ranks(path, monkeypatch):
     """Expert parallelism: a pair of id -1 (another rank's expert) contributes nothing, on every path. Checked
     against the reference and against the same routing with those pairs' weights zeroed on a real expert."""
@@ -267,8 +267,8 @@ def test_fused_experts_skips_pairs_of_other_ranks(path, monkeypatch):
 
     tokens = 3 if path == "per_pair" else 20
     hidden, inter, experts, top_k = 40, 24, 6, 2
-    if path == "align_torch":
-        monkeypatch.setattr(tk_moe, "_ALIGN_KERNEL_MAX_PAIRS", 0)
+    if path in ("align_scan", "align_torch"):
+        monkeypatch.setattr(tk_moe, "ALIGN_PATH_OVERRIDE", path.removeprefix("align_"))
     x = rand(tokens, hidden)
     w13 = rand(experts, 2 * inter, hidden, scale=hidden**-0.5)
     w2 = rand(experts, hidden, inter, scale=inter**-0.5)
@@ -357,18 +357,22 @@ def test_sample_seeded_rows_ignore_the_rest_of_the_batch():
         assert draw(7, 5, top_k) == first[0]
 
 
+@pytest.mark.parametrize("path", ["kernels", "scan"])
 @pytest.mark.parametrize("experts,block_m,tokens,top_k", [(6, 16, 37, 3), (64, 16, 130, 6), (128, 64, 65, 8),
-                                                          (8, 16, 9, 4)])
-def test_moe_align_kernel_matches_the_torch_path(monkeypatch, experts, block_m, tokens, top_k):
-    """The chunked two-kernel sort (2-13 chunks of 64 pairs, a partial last chunk, padding rows spread over
-    the programs; one chunk: a single kernel) gives the torch path's layout exactly."""
+                                                          (8, 16, 9, 4), (66, 128, 700, 8)])
+def test_moe_align_kernel_matches_the_torch_path(monkeypatch, experts, block_m, tokens, top_k, path):
+    """The chunked sort (2-88 chunks of 64 pairs, a partial last chunk, padding rows spread over the programs;
+    one chunk: a single kernel) gives the torch path's layout exactly: "kernels" (every place program reduces
+    all chunks' counts), "scan" (a cumsum over the chunks first: what prefills above _ALIGN_KERNEL_MAX_PAIRS
+    take)."""
     from atom.ops.triton_kernels import moe as tk_moe
 
     ids = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
     ids[:, 0] = 2  # one crowded expert, some likely empty
     ids[::5, 1] = -1  # other ranks' experts (expert parallelism): left out
+    monkeypatch.setattr(tk_moe, "ALIGN_PATH_OVERRIDE", path)
     got_ids, got_end = tk_moe._align_by_expert(ids, experts, block_m)
-    monkeypatch.setattr(tk_moe, "_ALIGN_KERNEL_MAX_PAIRS", 0)
+    monkeypatch.setattr(tk_moe, "ALIGN_PATH_OVERRIDE", "torch")
     ref_ids, ref_end = tk_moe._align_by_expert(ids, experts, block_m)
     assert torch.equal(got_end, ref_end)
     total = int(ref_end[-1])

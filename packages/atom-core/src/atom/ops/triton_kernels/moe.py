@@ -86,10 +86,12 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHU
 @triton.jit(do_not_specialize=["num_pairs", "num_chunks"])
 def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num_pairs, num_experts, num_chunks,
                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, SCANNED: tl.constexpr, PDL: tl.constexpr):
     """Each expert's run padded to BLOCK_M (padding rows hold the sentinel num_pairs), the pairs of this chunk
     at their stable rank in their expert's run; program 0 writes the cumulative padded ends. ONE_CHUNK: the
-    only program counts its pairs itself (no count kernel before it)."""
+    only program counts its pairs itself (no count kernel before it). SCANNED: counts_ptr holds the chunks'
+    exclusive prefix sums [num_chunks + 1, E_PAD] (row num_chunks: the totals), so a program reads two rows
+    instead of reducing every chunk's counts (many chunks: prefill)."""
     pdl_wait(PDL)
     chunk = tl.program_id(0)
     e = tl.arange(0, E_PAD)
@@ -100,6 +102,9 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num
     if ONE_CHUNK:
         counts = tl.sum(onehot, axis=0)
         before = tl.zeros([E_PAD], tl.int32)
+    elif SCANNED:
+        counts = tl.load(counts_ptr + num_chunks * E_PAD + e)
+        before = tl.load(counts_ptr + chunk * E_PAD + e)
     else:
         r = tl.arange(0, CHUNKS_PAD)
         per_chunk = tl.load(counts_ptr + r[:, None] * E_PAD + e[None, :], mask=(r < num_chunks)[:, None], other=0)
@@ -119,10 +124,13 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num
     tl.store(sorted_ids_ptr + base + earlier, idx, mask=(idx < num_pairs) & (ids >= 0))
 
 
-# Up to this many (token, k) pairs the two kernels above sort them (decode and small prefills); beyond, torch ops
-# do (their fixed cost is small next to the GEMMs there).
+# Up to this many (token, k) pairs the two kernels above sort them as they are (decode and small prefills: every
+# place program reduces all chunks' counts); beyond, the counts go through one torch cumsum over the chunks first
+# (SCANNED). H200, DeepSeek-V2-Lite at 16K tokens (131K pairs): the torch sort it replaces (argsort + ~10 ops) took
+# ~270 us a layer. ALIGN_PATH_OVERRIDE: "kernels", "scan" or "torch" (the reference layout) for tests and sweeps.
 _ALIGN_KERNEL_MAX_PAIRS = 2048
 _ALIGN_CHUNK = 64
+ALIGN_PATH_OVERRIDE: str | None = None
 
 
 def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -132,19 +140,25 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     flat = topk_ids.reshape(-1)
     num_pairs = flat.numel()
     max_rows = (triton.cdiv(num_pairs, block_m) + num_experts) * block_m  # each expert pads < one tile
-    if num_pairs <= _ALIGN_KERNEL_MAX_PAIRS:
+    path = ALIGN_PATH_OVERRIDE or ("kernels" if num_pairs <= _ALIGN_KERNEL_MAX_PAIRS else "scan")
+    if path != "torch" and num_pairs:
         sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=flat.device)
         padded_end = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
         e_pad = triton.next_power_of_2(num_experts + 1)
         chunks = triton.cdiv(num_pairs, _ALIGN_CHUNK)
+        scanned = path == "scan" and chunks > 1
         counts = torch.empty(chunks, e_pad, dtype=torch.int32, device=flat.device) if chunks > 1 else padded_end
         if chunks > 1:
             _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4,
                                            **pdl_args(flat.device))
+        if scanned:  # exclusive prefix over the chunks, the totals as a last row
+            scan = torch.zeros(chunks + 1, e_pad, dtype=torch.int32, device=flat.device)
+            torch.cumsum(counts, 0, dtype=torch.int32, out=scan[1:])
+            counts = scan
         _align_place_kernel[(chunks,)](flat, counts, sorted_ids, padded_end, num_pairs, num_experts, chunks,
                                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK,
-                                       CHUNKS_PAD=triton.next_power_of_2(chunks), ONE_CHUNK=chunks == 1,
-                                       num_warps=4, **pdl_args(flat.device))
+                                       CHUNKS_PAD=1 if scanned else triton.next_power_of_2(chunks),
+                                       ONE_CHUNK=chunks == 1, SCANNED=scanned, num_warps=4, **pdl_args(flat.device))
         return sorted_ids, padded_end
     # Pairs of id -1 go to an extra bucket E, whose rows all land on one dump row past the end.
     key = torch.where(flat >= 0, flat, num_experts)
