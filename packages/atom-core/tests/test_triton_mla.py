@@ -335,12 +335,14 @@ def test_moe_grouped_topk(name):
     _run_routing(name, ROUTING_CASES[name])
 
 
-@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96), (128, 64, 2048), (600, 20, 96)])
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 200), (5, 10, 64), (37, 20, 96), (130, 20, 96), (600, 20, 96),
+                                                   pytest.param(128, 64, 2048, marks=LARGE.marks)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_router_logits(tokens, experts, hidden, dtype):
     """DeepSeek's float32 router in one kernel: x in the model dtype against the float32 weight, masked edges
-    on every axis (experts and hidden not multiples of the tiles, more tokens than one token tile); 600 tokens take
-    the prefill path (a float32 GEMM from ROUTER_GEMM_MIN_TOKENS on)."""
+    on every axis (experts and hidden not multiples of the tiles, more tokens than one token tile; 130 tokens: 4 a
+    program, a partial last one); 600 tokens take the prefill path (a float32 GEMM from ROUTER_GEMM_MIN_TOKENS on);
+    DeepSeek-V2-Lite's router (64 x 2048) on the GPU only (22 s under the interpreter)."""
     x = rand(tokens, hidden).to(dtype)
     w = rand(experts, hidden) * hidden ** -0.5
     got = triton_op("moe_router_logits")(x, w)
