@@ -364,11 +364,11 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         dev = self.device
         tables = torch.arange(num_blocks, dtype=torch.int32, device=dev).view(len(lens), per_blocks)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        rows = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+        token = torch.arange(tokens, device=dev)
+        positions = token % per_seq  # prompt r holds tokens r * per_seq .. and blocks r * per_blocks ..
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         inputs = AttentionInputs(
-            slot_mapping=(rows * per_blocks * self.block_size + positions),
+            slot_mapping=(token // per_seq) * per_blocks * self.block_size + positions,
             block_tables=tables,
             query_start_loc=torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0)),
             seq_lens=seq_lens, max_query_len=per_seq, max_seq_len=per_seq)

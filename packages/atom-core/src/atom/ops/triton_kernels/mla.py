@@ -528,6 +528,7 @@ def _expanded(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq
         return out
     assert q_nope.stride(-1) == 1 and q_pe.stride(-1) == 1
     pos = torch.arange(max_seq_len, device=q_nope.device)
+    blk_col, in_blk = pos // block_size, pos % block_size
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     w = w_kv_b.to(q_nope.dtype)
     row_bytes = w.shape[0] * q_nope.element_size()
@@ -535,7 +536,7 @@ def _expanded(q_nope, q_pe, kv_cache, w_kv_b, block_tables, query_start_loc, seq
     t = EXPANDED_TILE
     for seq0 in range(0, batch, per_chunk):
         n = min(per_chunk, batch - seq0)
-        slots = block_tables[seq0:seq0 + n, pos // block_size].long() * block_size + pos % block_size
+        slots = block_tables[seq0:seq0 + n, blk_col].long() * block_size + in_blk
         latent = flat[slots.reshape(-1)].to(q_nope.dtype)  # [n * max_seq_len, lora + rope]
         kv = torch.mm(latent[:, :lora], w.t())  # [rows, heads * (nope + v)]
         k_pe = latent[:, lora:]

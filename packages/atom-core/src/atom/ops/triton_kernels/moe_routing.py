@@ -47,8 +47,8 @@ ROUTER_GEMM_MIN_TOKENS = 512
 
 @register("moe_router_logits", "triton")
 def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, H] against the float32 router weight [E, H] -> float32 logits [T, E] in one kernel (no float32 copy
-    of x, no cuBLAS GEMV + reduction pair)."""
+    """x [T, H] against the float32 router weight [E, H] -> float32 logits [T, E]: below ROUTER_GEMM_MIN_TOKENS in
+    one kernel (no float32 copy of x, no cuBLAS GEMV + reduction pair), from there a float32 GEMM."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if num_tokens >= ROUTER_GEMM_MIN_TOKENS:
