@@ -31,7 +31,8 @@ import time
 
 import httpx
 
-METRICS = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms")
+METRICS = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+           "p99_tpot_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms")
 
 
 def free_port() -> int:
@@ -91,7 +92,7 @@ def bench(url: str, ns: argparse.Namespace, concurrency: int, prompts: int, outp
     cmd = [sys.executable, "-m", "atom_server.bench_cli", "serve", "--base-url", url, "--model", "m",
            "--tokenizer", ns.model, "--num-prompts", str(prompts), "--random-input-len", str(ns.input_len),
            "--random-output-len", str(output_len), "--max-concurrency", str(concurrency), "--ignore-eos",
-           "--disable-tqdm", "--seed", "0", "--save-result", "--result-dir", out_dir, "--result-filename", name]
+           "--disable-tqdm", "--seed", "0", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", out_dir, "--result-filename", name]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"bench failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -124,11 +125,13 @@ def main() -> int:
     ap.add_argument("--atom-extra", default="", help="more `atom serve` flags (quoted)")
     ap.add_argument("--vllm-extra", default="", help="more `vllm serve` flags (quoted)")
     ap.add_argument("--start-timeout", type=float, default=900)
-    ap.add_argument("--json", default=None, help="write every run's results here")
+    ap.add_argument("--json", default=None, help="write every run's results here (rewritten after each run)")
+    ap.add_argument("--log-dir", default=None, help="server logs and bench results (default: a temporary folder)")
     ns = ap.parse_args()
     ns.concurrency = [int(c) for c in ns.concurrency.split(",")]
     engines = ns.engines.split(",")
-    out_dir = tempfile.mkdtemp(prefix="cpu-serving-")
+    out_dir = ns.log_dir or tempfile.mkdtemp(prefix="cpu-serving-")
+    os.makedirs(out_dir, exist_ok=True)
     results: list[dict] = []
     for run in range(ns.runs):
         for engine in engines:
@@ -138,29 +141,39 @@ def main() -> int:
             log_path = os.path.join(out_dir, f"{engine}-{run}.log")
             proc, url, ready_s = start(engine, ns, log_path)
             try:
-                bench(url, ns, 2, 2, 8, out_dir, f"warmup-{engine}-{run}.json")
+                # process start -> first token: ready + the first request's TTFT (first-request compiles included)
+                warm = bench(url, ns, 2, 2, 8, out_dir, f"warmup-{engine}-{run}.json")
+                first_token_s = ready_s + min(t for t in warm["ttfts"] if t) if any(warm["ttfts"]) else None
                 for c in ns.concurrency:
                     r = bench(url, ns, c, max(4, ns.prompts_per_slot * c), ns.output_len, out_dir,
                               f"{engine}-{run}-c{c}.json")
-                    row = dict(run=run, engine=engine, concurrency=c, ready_s=ready_s, load_before=load[0],
+                    row = dict(run=run, engine=engine, concurrency=c, ready_s=ready_s, first_token_s=first_token_s,
+                               load_before=load[0],
                                **{k: r[k] for k in METRICS}, completed=r.get("completed"))
                     results.append(row)
                     print(f"   c={c}: {r['output_throughput']:.1f} tok/s, TTFT {r['mean_ttft_ms']:.0f} ms, "
-                          f"TPOT {r['mean_tpot_ms']:.1f} ms (ready after {ready_s:.0f} s)", flush=True)
+                          f"TPOT {r['mean_tpot_ms']:.1f} ms, ITL p50 / p99 {r['median_itl_ms']:.1f} / "
+                          f"{r['p99_itl_ms']:.1f} ms (ready after {ready_s:.0f} s)", flush=True)
             finally:
                 stop(proc)
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(dict(args=vars(ns), results=results, logs=out_dir), f, indent=1)
+            if ns.json:  # after every run: a run cut short by a time limit keeps what came before
+                with open(ns.json, "w") as f:
+                    json.dump(dict(args=vars(ns), results=results, logs=out_dir), f, indent=1)
     print(f"\nmedian [min-max] of {ns.runs} runs; server logs in {out_dir}")
-    print("| engine | conc | output tok/s | mean TTFT ms | mean TPOT ms | ready s |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | conc | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | ITL p50 ms | ITL p99 ms | "
+          "ready s | first token s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in ns.concurrency:
         for engine in engines:
             rows = [r for r in results if r["engine"] == engine and r["concurrency"] == c]
-            print(f"| {engine} | {c} | {spread([r['output_throughput'] for r in rows])} | "
-                  f"{spread([r['mean_ttft_ms'] for r in rows])} | {spread([r['mean_tpot_ms'] for r in rows])} | "
-                  f"{spread([r['ready_s'] for r in rows])} |")
+            if not rows:
+                continue
+            cols = [spread([r[k] for r in rows]) for k in ("output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+                                                            "mean_tpot_ms", "median_itl_ms", "p99_itl_ms", "ready_s")]
+            first = [r["first_token_s"] for r in rows if r["first_token_s"] is not None]
+            cols.append(spread(first) if first else "-")
+            print(f"| {engine} | {c} | " + " | ".join(cols) + " |")
+    print("(ready / first token: run 1 starts with empty Triton / torch.compile caches, later runs reuse them)")
     if set(engines) >= {"atom", "vllm"}:
         print("\nATOM / vLLM, paired by run: median [min-max]")
         for c in ns.concurrency:

@@ -30,4 +30,4 @@ PY
 export PYTHONPATH=packages/atom-core/src:packages/atom-server/src:$site
 exec python3 tools/cpu_serving_compare.py "$folder" --vllm-python python3 --vllm-pythonpath "$site" \
   --atom-extra "--load-format dummy" --vllm-extra "--load-format dummy --gpu-memory-utilization 0.85" \
-  --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" "$@"
+  --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" --log-dir "${OUT:-/tmp}/serve_logs_$shape" "$@"

@@ -145,10 +145,15 @@ def test_mla_norm_rope_cache(size, dtype, is_neox, kv_dtype):
         diff = (flat[written].view(torch.uint8) != flat_ref[written].view(torch.uint8)).float().mean().item()
         print(f"ERR {name}: {diff:.2%} of the written codes differ")
         check(name + " cache", from_cache(flat[written], scale), from_cache(flat_ref[written], scale), 0.05)
-        # float32: the reference's codes. bf16: a value one bf16 step away (the norm's sum order) can land on the
-        # next e4m3 code; under the interpreter, which truncates to bf16 instead of rounding, up to ~15% do
+        # float32: the reference's codes, except a value within a float32 rounding of an e4m3 midpoint (the norm's
+        # sum order differs on the GPU: a few codes in millions, each the neighbouring code). bf16: a value one bf16
+        # step away can land on the next e4m3 code; under the interpreter, which truncates to bf16 instead of
+        # rounding, up to ~15% do
         if dtype == torch.float32:
-            assert diff == 0
+            got, want = flat[written].view(torch.uint8), flat_ref[written].view(torch.uint8)
+            off = got != want
+            steps = (got[off].int() - want[off].int()).abs()  # same sign: neighbouring codes are 1 apart
+            assert diff < 1e-5 and bool((steps == 1).all()), (diff, steps.tolist()[:8])
         elif ON_GPU:
             assert diff < 0.01
 
