@@ -5,7 +5,9 @@
 # tools/cpu_serving_compare.py (its --runs / --concurrency / --input-len / --output-len / --prompts-per-slot
 # flags pass through). The model folder gets a WordLevel tokenizer with one word per id, so both servers can
 # detokenize whatever a random model samples. vLLM must be set up first (tools/device/setup_device.sh: the c1
-# call, then this script in the call carrying c2 + deps + the sha256). Results: $OUT/serve_<shape>.json.
+# call, then this script in the call carrying c2 + deps + the sha256 + .carry/vllm/serve: the wheels `vllm serve`
+# imports that the peer carry lacks, from tools/device/build_serve_deps.sh). Results: $OUT/serve_<shape>.json,
+# server logs and each benchmark's JSON in $OUT/serve_logs_<shape>.
 #   bash tools/device/serve_vs_vllm.sh qwen3-8b --runs 3 --concurrency 1,16,64 --input-len 1024 --output-len 1024
 cd "$(dirname "$0")/../.."
 shape=${1:?usage: serve_vs_vllm.sh SHAPE [cpu_serving_compare.py flags]}

@@ -33,6 +33,10 @@ if [ ! -f $S/vllm/__init__.py ] && [ -d .carry/vllm/deps ]; then
   cat /tmp/chunks/part-* | python3 -c "import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$S', filter='fully_trusted')"
   rm -f /tmp/chunks/part-*  # 99 MB of disk back; /tmp/site/vllm marks the install as done
 fi
+if ls .carry/vllm/serve/*.whl >/dev/null 2>&1 && [ -f $S/vllm/__init__.py ]; then  # `vllm serve`'s extra imports
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S .carry/vllm/serve/*.whl \
+    2> >(grep -v "Target directory .* already exists" >&2)
+fi
 if [ -f .carry/vllm/c3/moe.tar.xz ] && [ -f $S/vllm/__init__.py ] && [ ! -f $S/vllm/_moe_C_stable_libtorch.abi3.so ]; then
   tar -xJf .carry/vllm/c3/moe.tar.xz -C $S
 fi
