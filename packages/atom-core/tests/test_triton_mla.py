@@ -195,6 +195,24 @@ def _run_decode(name, case, dtype, kv_dtype=None):
         assert torch.all(out[lens.index(0)] == 0)
 
 
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_mla_decode_splits_under_a_graph_span(monkeypatch, per_sequence):
+    """max_seq_len = a CUDA graph's max_model_len, contexts far below it (one shorter than a key tile): the
+    splits over each sequence's own keys and over the graph's span both equal the reference."""
+    from atom.ops.triton_kernels import attention as tk
+    from atom.ops.triton_kernels.mla import mla_decode_impl
+
+    monkeypatch.setattr(tk, "SPLIT_PER_SEQUENCE", per_sequence)
+    lens = [3, 40, 90]
+    q_nope, q_pe, cache, w, tables, _, seq_lens, _, _, kv_scale = _latent_case(
+        [n - 1 for n in lens], [1] * len(lens), TINY, torch.float32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = (TINY["nope"] + TINY["rope"]) ** -0.5
+    out = mla_decode_impl(q_nope, q_pe, cache, w, tables, seq_lens, scale, 4096, num_splits=8)
+    ref = ref_mla.mla_decode(q_nope, q_pe, cache, w, tables, seq_lens, scale, max(lens))
+    check(f"mla_decode graph span per_sequence={per_sequence}", out.contiguous(), ref, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(DECODE_CASES))
 def test_mla_decode(name, dtype):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting, num_sms
+from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -24,6 +24,10 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 # tools/device/kernel_bench.py can sweep it.
 PREFILL_TILE = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+# Decode splits: each sequence's keys in NUM_SPLITS equal parts (True), or parts of the batch's longest span --
+# under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
+# splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
+SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 
 
 @triton.jit
@@ -130,8 +134,11 @@ def _attention_kernel(
     if USE_WINDOW:
         lo = tl.maximum(0, ctx + q_tile * BLOCK_Q - window + 1)
     if NUM_SPLITS > 1:
-        lo = lo + split * tokens_per_split
-        hi = tl.minimum(hi, lo + tokens_per_split)
+        span = tokens_per_split
+        if span == 0:  # this sequence's own keys in equal parts (not the batch's longest context, nor the
+            span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N  # max_model_len of a CUDA graph)
+        lo = lo + split * span
+        hi = tl.minimum(hi, lo + span)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -286,7 +293,7 @@ def paged_attention_impl(
     # per stage the K and V tiles; once the q tile and p (the second dot's operand)
     block_n, num_stages = fit_tile(tile["num_stages"], block_n,
                                    lambda n: (2 * n * block_d * elem, block_m * (block_d + n) * elem), q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    tokens_per_split = 0 if SPLIT_PER_SEQUENCE else triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)

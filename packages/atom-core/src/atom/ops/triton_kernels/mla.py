@@ -29,6 +29,7 @@ import triton.language as tl
 from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
 from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
+from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
@@ -285,8 +286,11 @@ def _mla_attention_kernel(
     hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
     lo = 0
     if NUM_SPLITS > 1:
-        lo = split * tokens_per_split
-        hi = tl.minimum(hi, lo + tokens_per_split)
+        span = tokens_per_split
+        if span == 0:  # this sequence's keys in equal parts (attention.SPLIT_PER_SEQUENCE)
+            span = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * span
+        hi = tl.minimum(hi, lo + span)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -370,7 +374,8 @@ def mla_latent_attention(
     block_n, num_stages = fit_tile(tile["num_stages"], tile["block_n"],
                                    lambda n: (n * (block_l + block_r) * elem, block_m * (block_l + block_r + n) * elem),
                                    q_lat.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    tokens_per_split = 0 if attention.SPLIT_PER_SEQUENCE else \
+        triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
         part_l = torch.empty_like(part_m)

@@ -1,0 +1,103 @@
+"""Decode attention at serving contexts, as atom-server's CUDA graphs run it: max_seq_len = max_model_len
+(the graph is captured once for every context), the split count from the engine's rule, GPU time of a graph
+replay. Compares the split rules of atom.ops.triton_kernels.attention: each sequence's keys in equal parts
+(SPLIT_PER_SEQUENCE, the default) against parts of the graph's span (the old rule), and the old rule given the
+batch's real longest context (what an eager step passes). KV bytes read / time against the copy rate.
+
+    PYTHONPATH=packages/atom-core/src python3 tools/device/attn_decode_bench.py [--batches 1,16,64,128]
+        [--contexts 512,1536,3072] [--max-model-len 4096] [--heads 32,8,128] [--mla]
+
+--mla: the DeepSeek-V2-Lite latent attention (mla_decode) instead of the GQA kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import copy_bandwidth, graph_time, paged, rnd  # noqa: E402
+
+from atom.ops.triton_kernels import attention as tk  # noqa: E402
+
+
+def gqa_case(batch, ctx, heads, max_model_len):
+    hq, hkv, d = heads
+    lens = torch.randint(max(1, ctx // 2), ctx + ctx // 2, (batch,)).tolist()  # mean ctx, +-50%
+    args, nbytes = paged(batch, 1, lens, hq, hkv, d)
+    q, kc, vc, tables, qsl, seq, scale = args[:7]
+    wide = torch.zeros(batch, max_model_len // 16, dtype=torch.int32, device="cuda")  # a graph's table width
+    wide[:, :tables.shape[1]] = tables
+
+    def run(max_seq_len):
+        return lambda: tk.paged_attention_impl(q, kc, vc, wide, qsl, seq, scale, None, None, 1, max_seq_len)
+
+    return run, int(seq.max()), nbytes, tk._decode_splits(q.device, batch, hkv, max_model_len, 64)
+
+
+def mla_case(batch, ctx, max_model_len, heads=16, lora=512, rope=64, nope=128, bs=16):
+    from atom.ops.triton_kernels import mla as tm
+
+    lens = torch.randint(max(1, ctx // 2), ctx + ctx // 2, (batch,)).tolist()
+    nblk = [(n + bs - 1) // bs for n in lens]
+    cache = rnd(sum(nblk), bs, lora + rope)
+    tables = torch.zeros(batch, max_model_len // bs, dtype=torch.int32, device="cuda")
+    perm = torch.randperm(sum(nblk), device="cuda").int()
+    used = 0
+    for i, n in enumerate(nblk):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+    q_nope, q_pe = rnd(batch, heads, nope), rnd(batch, heads, rope)
+    w = rnd(heads * (nope + 128), lora, scale=0.05)
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    scale = (nope + rope) ** -0.5
+
+    def run(max_seq_len):
+        return lambda: tm.mla_decode_impl(q_nope, q_pe, cache, w, tables, seq, scale, max_seq_len)
+
+    return run, max(lens), sum(lens) * (lora + rope) * 2, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,64,128")
+    ap.add_argument("--contexts", default="512,1536,3072")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim (qwen3-8b)")
+    ap.add_argument("--mla", action="store_true")
+    ap.add_argument("--out")
+    ns = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    heads = tuple(int(x) for x in ns.heads.split(","))
+    print(f"copy rate {bw:,.0f} GB/s; max_model_len {ns.max_model_len}; {'MLA' if ns.mla else f'GQA {heads}'}")
+    print("batch  ctx(mean)  splits  per-seq us (% copy)   span us (% copy)   span=real max us   per-seq speed-up")
+    rows = []
+    for b in (int(x) for x in ns.batches.split(",")):
+        for c in (int(x) for x in ns.contexts.split(",")):
+            if c * 3 // 2 > ns.max_model_len:
+                continue
+            run, real_max, nbytes, splits = (mla_case(b, c, ns.max_model_len) if ns.mla
+                                             else gqa_case(b, c, heads, ns.max_model_len))
+            res = {}
+            for name, per_seq, span in (("per_seq", True, ns.max_model_len), ("span", False, ns.max_model_len),
+                                        ("span_real", False, real_max)):
+                tk.SPLIT_PER_SEQUENCE = per_seq
+                res[name] = graph_time(run(span)) * 1e3
+            tk.SPLIT_PER_SEQUENCE = True
+            pct = {k: nbytes / (v * 1e-6) / 1e9 / bw * 100 for k, v in res.items()}
+            rows.append(dict(batch=b, ctx=c, splits=splits, us=res, pct_copy=pct, kv_bytes=nbytes))
+            print(f"{b:5d}  {c:9d}  {splits if splits else '-':>6}  {res['per_seq']:8.1f} ({pct['per_seq']:4.0f}%)"
+                  f"   {res['span']:8.1f} ({pct['span']:4.0f}%)   {res['span_real']:8.1f}"
+                  f"          x{res['span'] / res['per_seq']:.2f}", flush=True)
+    if ns.out:
+        with open(ns.out, "w") as f:
+            json.dump(dict(copy_gbps=bw, max_model_len=ns.max_model_len, mla=ns.mla, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
