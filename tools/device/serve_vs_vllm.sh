@@ -7,7 +7,7 @@
 # detokenize whatever a random model samples. vLLM must be set up first (tools/device/setup_device.sh: the c1
 # call, then this script in the call carrying c2 + deps + the sha256 + .carry/vllm/serve: the wheels `vllm serve`
 # imports that the peer carry lacks, from tools/device/build_serve_deps.sh). Results: $OUT/serve_<shape>.json,
-# server logs and each benchmark's JSON in $OUT/serve_logs_<shape>.
+# server logs and each benchmark's JSON in $OUT/serve_logs_<shape>.tar.gz.
 #   bash tools/device/serve_vs_vllm.sh qwen3-8b --runs 3 --concurrency 1,16,64 --input-len 1024 --output-len 1024
 cd "$(dirname "$0")/../.."
 shape=${1:?usage: serve_vs_vllm.sh SHAPE [cpu_serving_compare.py flags]}
@@ -30,6 +30,16 @@ write_tokenizer(folder, vocab_size=vocab)
 print(f"{folder}: random-weight {shape}, tokenizer over all {vocab} ids", flush=True)
 PY
 export PYTHONPATH=packages/atom-core/src:packages/atom-server/src:$site
-exec python3 tools/cpu_serving_compare.py "$folder" --vllm-python python3 --vllm-pythonpath "$site" \
-  --atom-extra "--load-format dummy" --vllm-extra "--load-format dummy --gpu-memory-utilization 0.85" \
-  --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" --log-dir "${OUT:-/tmp}/serve_logs_$shape" "$@"
+# SERVE_BUDGET_S bounds the comparison (default 540 s: a device call's 600 less the set-up), so the logs are
+# packed and the JSON (rewritten after every run) comes back even when the last run is cut; $OUT returns at most
+# 8 files, so the server logs and each benchmark's JSON travel as one archive.
+logs=/tmp/serve_logs_$shape
+rm -rf "$logs"
+timeout -s INT -k 20 "${SERVE_BUDGET_S:-540}" python3 tools/cpu_serving_compare.py "$folder" --vllm-python python3 \
+  --vllm-pythonpath "$site" --atom-extra "--load-format dummy" \
+  --vllm-extra "--load-format dummy --gpu-memory-utilization 0.85" \
+  --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" --log-dir "$logs" "$@"
+rc=$?
+[ $rc = 124 ] && echo "serve_vs_vllm: cut at SERVE_BUDGET_S=${SERVE_BUDGET_S:-540} s; the JSON holds the runs that finished"
+tar -czf "${OUT:-/tmp}/serve_logs_$shape.tar.gz" -C /tmp "serve_logs_$shape" 2>/dev/null
+exit $rc
