@@ -104,10 +104,40 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
 
 
+def summarize(results: list[dict], engines: list[str], concurrency: list[int]) -> None:
+    """Median [min-max] over the runs of each engine and concurrency; ATOM / vLLM paired by run index."""
+    print(f"median [min-max] of {len({r['run'] for r in results})} runs")
+    print("| engine | conc | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | ITL p50 ms | ITL p99 ms | "
+          "ready s | first token s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in concurrency:
+        for engine in engines:
+            rows = [r for r in results if r["engine"] == engine and r["concurrency"] == c]
+            if not rows:
+                continue
+            cols = [spread([r[k] for r in rows]) for k in ("output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+                                                            "mean_tpot_ms", "median_itl_ms", "p99_itl_ms", "ready_s")]
+            first = [r["first_token_s"] for r in rows if r["first_token_s"] is not None]
+            cols.append(spread(first) if first else "-")
+            print(f"| {engine} | {c} | " + " | ".join(cols) + " |")
+    print("(ready / first token: run 1 starts with empty Triton / torch.compile caches, later runs reuse them)")
+    if set(engines) >= {"atom", "vllm"}:
+        print("\nATOM / vLLM, paired by run: median [min-max]")
+        for c in concurrency:
+            pair = {(r["engine"], r["run"]): r for r in results if r["concurrency"] == c}
+            runs = sorted(i for (e, i) in pair if e == "atom" and ("vllm", i) in pair)
+            thr = [pair["atom", i]["output_throughput"] / pair["vllm", i]["output_throughput"] for i in runs]
+            tpot = [pair["vllm", i]["mean_tpot_ms"] / pair["atom", i]["mean_tpot_ms"] for i in runs]
+            print(f"  c={c}: throughput x{spread(thr)}, TPOT speed-up (vLLM TPOT / ATOM TPOT) x{spread(tpot)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="a Hugging Face folder both engines load")
+    ap.add_argument("model", nargs="?", help="a Hugging Face folder both engines load")
     ap.add_argument("--runs", type=int, default=3, help="fresh server processes per engine, interleaved")
+    ap.add_argument("--first-run", type=int, default=0,
+                    help="index of the first run (a later call of one device session continuing the rounds; "
+                         "merge the JSONs of both calls, each run keeps its index)")
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
@@ -127,16 +157,26 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--json", default=None, help="write every run's results here (rewritten after each run)")
     ap.add_argument("--log-dir", default=None, help="server logs and bench results (default: a temporary folder)")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                    help="print the summary of earlier runs' JSONs (the calls of one device session) and exit")
     ns = ap.parse_args()
     ns.concurrency = [int(c) for c in ns.concurrency.split(",")]
     engines = ns.engines.split(",")
+    if ns.from_json:
+        results = [r for path in ns.from_json for r in json.load(open(path))["results"]]
+        engines = [e for e in engines if any(r["engine"] == e for r in results)]
+        concurrency = sorted({r["concurrency"] for r in results})
+        summarize(results, engines, concurrency)
+        return 0
+    if ns.model is None:
+        ap.error("give the model folder (or --from-json)")
     out_dir = ns.log_dir or tempfile.mkdtemp(prefix="cpu-serving-")
     os.makedirs(out_dir, exist_ok=True)
     results: list[dict] = []
-    for run in range(ns.runs):
+    for run in range(ns.first_run, ns.first_run + ns.runs):
         for engine in engines:
             load = os.getloadavg()
-            print(f"== run {run + 1}/{ns.runs} {engine} (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
+            print(f"== run {run + 1}/{ns.first_run + ns.runs} {engine} (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
                   flush=True)
             log_path = os.path.join(out_dir, f"{engine}-{run}.log")
             proc, url, ready_s = start(engine, ns, log_path)
@@ -159,29 +199,8 @@ def main() -> int:
             if ns.json:  # after every run: a run cut short by a time limit keeps what came before
                 with open(ns.json, "w") as f:
                     json.dump(dict(args=vars(ns), results=results, logs=out_dir), f, indent=1)
-    print(f"\nmedian [min-max] of {ns.runs} runs; server logs in {out_dir}")
-    print("| engine | conc | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | ITL p50 ms | ITL p99 ms | "
-          "ready s | first token s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in ns.concurrency:
-        for engine in engines:
-            rows = [r for r in results if r["engine"] == engine and r["concurrency"] == c]
-            if not rows:
-                continue
-            cols = [spread([r[k] for r in rows]) for k in ("output_throughput", "mean_ttft_ms", "p99_ttft_ms",
-                                                            "mean_tpot_ms", "median_itl_ms", "p99_itl_ms", "ready_s")]
-            first = [r["first_token_s"] for r in rows if r["first_token_s"] is not None]
-            cols.append(spread(first) if first else "-")
-            print(f"| {engine} | {c} | " + " | ".join(cols) + " |")
-    print("(ready / first token: run 1 starts with empty Triton / torch.compile caches, later runs reuse them)")
-    if set(engines) >= {"atom", "vllm"}:
-        print("\nATOM / vLLM, paired by run: median [min-max]")
-        for c in ns.concurrency:
-            pair = {(r["engine"], r["run"]): r for r in results if r["concurrency"] == c}
-            runs = [i for i in range(ns.runs) if ("atom", i) in pair and ("vllm", i) in pair]
-            thr = [pair["atom", i]["output_throughput"] / pair["vllm", i]["output_throughput"] for i in runs]
-            tpot = [pair["vllm", i]["mean_tpot_ms"] / pair["atom", i]["mean_tpot_ms"] for i in runs]
-            print(f"  c={c}: throughput x{spread(thr)}, TPOT speed-up (vLLM TPOT / ATOM TPOT) x{spread(tpot)}")
+    print(f"\nserver logs in {out_dir}")
+    summarize(results, engines, ns.concurrency)
     return 0
 
 

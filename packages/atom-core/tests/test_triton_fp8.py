@@ -585,6 +585,16 @@ def test_fp8_fused_experts_skip_other_ranks_experts(name):
     _run_moe(name + " ep", *MOE_CASES[name], torch.float32, TOL_F32_MOE, skipped=True)
 
 
+@pytest.mark.parametrize("name", ["sorted_block", "sorted_channel"])
+def test_fp8_fused_experts_n_major(monkeypatch, name):
+    """The grouped GEMM's 1-D launch order (a row tile's column blocks adjacent) computes what the 2-D one
+    does: a tile with several column blocks and row tiles, both projections."""
+    from atom.ops.triton_kernels import moe_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=32, num_warps=4, num_stages=2, n_major=True))
+    _run_moe(name + " n_major", *MOE_CASES[name], torch.float32, TOL_F32_MOE)
+
+
 @needs_fnuz
 def test_fp8_fused_experts_e4m3fnuz():
     _run_moe("one_decode_block", *MOE_CASES["one_decode_block"], torch.float32, TOL_F32_MOE, torch.float8_e4m3fnuz)

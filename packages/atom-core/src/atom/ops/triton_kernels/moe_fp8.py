@@ -165,12 +165,18 @@ def _fp8_expert_gemm_kernel(
     ws_stride_e, ws_stride_n, ws_stride_k, up_scale_off, out_stride,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     SCALE: tl.constexpr, ACT_DTYPE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr)."""
+    """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr).
+    N_MAJOR: the 1-D launch order of moe._expert_gemm_kernel (a row tile's column blocks adjacent)."""
     pdl_wait(PDL)
-    tile = tl.program_id(0)
-    n_blk = tl.program_id(1)
+    if N_MAJOR:
+        n_blocks = tl.cdiv(n_out, BLOCK_N)
+        tile = tl.program_id(0) // n_blocks
+        n_blk = tl.program_id(0) % n_blocks
+    else:
+        tile = tl.program_id(0)
+        n_blk = tl.program_id(1)
     expert, pair, past_end = float_moe.sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
     if past_end:
         return
@@ -226,7 +232,9 @@ def _fp8_expert_gemm_kernel(
 
 
 # Tile overrides for sweeps (tools/device/kernel_bench.py): per-pair dict(gate_block_n, down_block_n, subs,
-# num_warps); sorted path dict(block_m, block_n, num_warps, num_stages).
+# num_warps); sorted path dict(block_m, block_n, num_warps, num_stages, [n_major]). n_major (the launch order
+# that took the bf16 prefill GEMM from 6.22 to 5.65 ms a layer at the same tile, moe._gemm_tile) is not on in
+# the shipped rule until measured here: tools/device/moe_kernels_profile.py --fp8 block|channel sweeps it.
 PAIR_TILE_OVERRIDE: dict | None = None
 GEMM_TILE_OVERRIDE: dict | None = None
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -338,13 +346,15 @@ def fp8_fused_experts(
         # A, W (and up) fp8 tiles per stage; the column block shrinks when not even one stage fits
         bn, stages = fit_tile(tile["num_stages"], tile["block_n"],
                               lambda b: ((block_m + (2 if gated else 1) * b) * block_k, 0), a.device)
-        _fp8_expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
+        n_major = bool(tile.get("n_major", False))
+        n_blocks = triton.cdiv(n_out, bn)
+        _fp8_expert_gemm_kernel[(num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)](
             a, a_scale, w, w_scale, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts,
             a_row_div, a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), *_scale_strides(w_scale, block),
             up_scale_off, out.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, GATED=gated, ACT=act,
             SCALE=not gated, ACT_DTYPE=_TL_DTYPE[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, num_warps=tile["num_warps"], num_stages=stages,
-            **pdl_args(a.device))
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, N_MAJOR=n_major, num_warps=tile["num_warps"],
+            num_stages=stages, **pdl_args(a.device))
 
     xq, xs = _quantized(x, block_size, w13.dtype)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
