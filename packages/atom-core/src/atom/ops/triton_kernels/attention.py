@@ -136,7 +136,10 @@ def _attention_kernel(
     if NUM_SPLITS > 1:
         span = tokens_per_split
         if span == 0:  # this sequence's own keys in equal parts (not the batch's longest context, nor the
-            span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N  # max_model_len of a CUDA graph)
+            span = _split_span(hi - lo, NUM_SPLITS, BLOCK_N)  # max_model_len of a CUDA graph)
+        empty = (tokens_per_split == 0) & (split * span >= hi - lo)
+        if empty:  # past this sequence's keys: no state to store, the merge does not read this split
+            return
         lo = lo + split * span
         hi = tl.minimum(hi, lo + span)
 
@@ -209,17 +212,34 @@ def _attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, num_heads, head_dim,
-                         out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         USE_SINKS: tl.constexpr, PDL: tl.constexpr):
+def _split_span(keys, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys a split takes when a sequence's `keys` go in NUM_SPLITS equal parts of whole key tiles (at least
+    one tile: a sequence with no keys fills no split)."""
+    return tl.cdiv(tl.cdiv(tl.maximum(keys, 1), NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, seq_lens_ptr, window,
+                         per_sequence, num_heads, head_dim, out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr):
+    """One decode token's head: its splits' partial softmax states merged (token t is sequence t's query).
+    per_sequence: the splits cut the sequence's own keys (window-limited), and only those that hold keys
+    stored a state; otherwise every split did."""
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     base = (t * num_heads + h) * NUM_SPLITS
-    m = tl.load(part_m_ptr + base + s)
-    l_s = tl.load(part_l_ptr + base + s)
+    filled = NUM_SPLITS
+    if per_sequence != 0:
+        keys = tl.load(seq_lens_ptr + t)
+        if window > 0:
+            keys = tl.minimum(keys, window)
+        filled = tl.cdiv(keys, _split_span(keys, NUM_SPLITS, BLOCK_N))
+    s_ok = s < filled
+    m = tl.load(part_m_ptr + base + s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base + s, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
     if USE_SINKS:
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
@@ -229,7 +249,7 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
     l_tot = tl.sum(l_s * w, axis=0)
     if USE_SINKS:
         l_tot += tl.exp2(sink - m_ref)
-    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)
     tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
@@ -293,7 +313,9 @@ def paged_attention_impl(
     # per stage the K and V tiles; once the q tile and p (the second dot's operand)
     block_n, num_stages = fit_tile(tile["num_stages"], block_n,
                                    lambda n: (2 * n * block_d * elem, block_m * (block_d + n) * elem), q.device)
-    tokens_per_split = 0 if SPLIT_PER_SEQUENCE else triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    # per sequence needs one query a sequence (token t = sequence t: the merge reads sequence t's length)
+    per_sequence = SPLIT_PER_SEQUENCE and num_tokens == batch
+    tokens_per_split = 0 if per_sequence else triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
@@ -320,9 +342,9 @@ def paged_attention_impl(
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_m, part_l, part_acc, out, sinks_arg, num_heads, head_dim, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4,
-            **pdl_args(q.device))
+            part_m, part_l, part_acc, out, sinks_arg, seq_lens, int(sliding_window or 0),
+            int(tokens_per_split == 0), num_heads, head_dim, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+            BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4, **pdl_args(q.device))
     return out
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
-from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel  # one split rule (per program: a KV head there, a head tile here)
+from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel, _split_span  # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
@@ -288,7 +288,10 @@ def _mla_attention_kernel(
     if NUM_SPLITS > 1:
         span = tokens_per_split
         if span == 0:  # this sequence's keys in equal parts (attention.SPLIT_PER_SEQUENCE)
-            span = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            span = _split_span(hi, NUM_SPLITS, BLOCK_N)
+        empty = (tokens_per_split == 0) & (split * span >= hi)
+        if empty:  # past this sequence's keys: no state to store, the merge does not read this split
+            return
         lo = split * span
         hi = tl.minimum(hi, lo + span)
 
@@ -397,9 +400,10 @@ def mla_latent_attention(
         num_stages=num_stages, **pdl_args(q_lat.device),
     )
     if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            part_m, part_l, part_acc, out, out, num_heads, lora, out.stride(0), out.stride(1),  # no sinks (unread)
-            NUM_SPLITS=num_splits, BLOCK_D=block_l, USE_SINKS=False, num_warps=4, **pdl_args(q_lat.device))
+        _merge_splits_kernel[(num_tokens, num_heads)](  # out as the sinks: none (unread)
+            part_m, part_l, part_acc, out, out, seq_lens, 0, int(tokens_per_split == 0), num_heads, lora,
+            out.stride(0), out.stride(1), NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_l, USE_SINKS=False,
+            num_warps=4, **pdl_args(q_lat.device))
     return out
 
 
