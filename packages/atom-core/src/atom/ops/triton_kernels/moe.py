@@ -178,6 +178,16 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit
+def tile_and_column_block(n_out, BLOCK_N: tl.constexpr, N_MAJOR: tl.constexpr):
+    """(row tile, column block) of this grouped-GEMM program. N_MAJOR: a 1-D grid whose consecutive programs
+    take one row tile's column blocks; otherwise a (row tiles, column blocks) grid."""
+    if N_MAJOR:
+        n_blocks = tl.cdiv(n_out, BLOCK_N)
+        return tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """A tile of _align_by_expert's output: (its expert, its BLOCK_M pair ids, whether it lies past the last
     expert's padded run, where the grouped GEMMs' programs return at once)."""
@@ -205,13 +215,7 @@ def _expert_gemm_kernel(
     from HBM once, its column blocks run side by side; the expert's weight stays in L2 across its row
     tiles); otherwise grid (row tiles, column blocks), consecutive programs walking the row tiles."""
     pdl_wait(PDL)
-    if N_MAJOR:
-        n_blocks = tl.cdiv(n_out, BLOCK_N)
-        tile = tl.program_id(0) // n_blocks
-        n_blk = tl.program_id(0) % n_blocks
-    else:
-        tile = tl.program_id(0)
-        n_blk = tl.program_id(1)
+    tile, n_blk = tile_and_column_block(n_out, BLOCK_N, N_MAJOR)
     expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
     if past_end:
         return

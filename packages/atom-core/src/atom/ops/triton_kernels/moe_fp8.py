@@ -170,13 +170,7 @@ def _fp8_expert_gemm_kernel(
     """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr).
     N_MAJOR: the 1-D launch order of moe._expert_gemm_kernel (a row tile's column blocks adjacent)."""
     pdl_wait(PDL)
-    if N_MAJOR:
-        n_blocks = tl.cdiv(n_out, BLOCK_N)
-        tile = tl.program_id(0) // n_blocks
-        n_blk = tl.program_id(0) % n_blocks
-    else:
-        tile = tl.program_id(0)
-        n_blk = tl.program_id(1)
+    tile, n_blk = float_moe.tile_and_column_block(n_out, BLOCK_N, N_MAJOR)
     expert, pair, past_end = float_moe.sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
     if past_end:
         return
