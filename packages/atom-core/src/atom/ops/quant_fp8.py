@@ -182,6 +182,14 @@ define_op("fp8_fused_experts", example=_experts_example, weight_args=("w13", "w2
 
 
 # _scale_of copies its divisor from the host: not capturable (the Triton kernels are).
+def _group_of_column(k: int, group_size: int, device) -> torch.Tensor:
+    """The group index of each of k columns. Per-column scales are gathered with it, not repeat_interleave'd
+    and sliced to k: Inductor miscompiled that slice (and the slice of padded fp8 codes back to k columns) under
+    size-oblivious dynamic shapes, atom-server's compiled CPU forward (torch 2.13: garbage when k is not a
+    multiple of the group size)."""
+    return torch.arange(k, device=device) // group_size
+
+
 @register("fp8_quant_group", "torch", cuda_graph=False)
 def per_token_group_quant_fp8(
     x: torch.Tensor, group_size: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn
@@ -195,7 +203,8 @@ def per_token_group_quant_fp8(
     rows = x.reshape(-1, k).float()
     padded = F.pad(rows, (0, groups * group_size - k)).view(rows.shape[0], groups, group_size)
     scales = _scale_of(padded.abs().amax(-1), fp8_dtype)
-    q = _to_fp8(padded / scales[..., None], fp8_dtype).view(rows.shape[0], -1)[:, :k]
+    # each element over its group's scale, on the unpadded rows (_group_of_column says why)
+    q = _to_fp8(rows / scales.index_select(-1, _group_of_column(k, group_size, x.device)), fp8_dtype)
     return q.reshape(x.shape), scales.reshape(*x.shape[:-1], groups)
 
 
@@ -219,7 +228,7 @@ def dequantize_activations(q: torch.Tensor, scales: torch.Tensor, group_size: in
         return q.float() * scales
     if scales.shape[-1] != -(-k // group_size):
         raise ValueError(f"{scales.shape[-1]} group scales for {k} features in groups of {group_size}")
-    return q.float() * scales.repeat_interleave(group_size, dim=-1)[..., :k]
+    return q.float() * scales.index_select(-1, _group_of_column(k, group_size, q.device))
 
 
 # ---------------------------------------------------------------- weights
