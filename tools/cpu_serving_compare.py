@@ -92,7 +92,8 @@ def bench(url: str, ns: argparse.Namespace, concurrency: int, prompts: int, outp
     cmd = [sys.executable, "-m", "atom_server.bench_cli", "serve", "--base-url", url, "--model", "m",
            "--tokenizer", ns.model, "--num-prompts", str(prompts), "--random-input-len", str(ns.input_len),
            "--random-output-len", str(output_len), "--max-concurrency", str(concurrency), "--ignore-eos",
-           "--disable-tqdm", "--seed", "0", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", out_dir, "--result-filename", name]
+           "--disable-tqdm", "--seed", "0", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir",
+           out_dir, "--result-filename", name]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"bench failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -176,7 +177,8 @@ def main() -> int:
     for run in range(ns.first_run, ns.first_run + ns.runs):
         for engine in engines:
             load = os.getloadavg()
-            print(f"== run {run + 1}/{ns.first_run + ns.runs} {engine} (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
+            print(f"== run {run + 1}/{ns.first_run + ns.runs} {engine} "
+                  f"(load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
                   flush=True)
             log_path = os.path.join(out_dir, f"{engine}-{run}.log")
             proc, url, ready_s = start(engine, ns, log_path)

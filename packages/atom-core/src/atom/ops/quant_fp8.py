@@ -181,7 +181,6 @@ define_op("fp8_fused_experts", example=_experts_example, weight_args=("w13", "w2
 # ---------------------------------------------------------------- activations
 
 
-# _scale_of copies its divisor from the host: not capturable (the Triton kernels are).
 def _group_of_column(k: int, group_size: int, device) -> torch.Tensor:
     """The group index of each of k columns. Per-column scales are gathered with it, not repeat_interleave'd
     and sliced to k: Inductor miscompiled that slice (and the slice of padded fp8 codes back to k columns) under
@@ -190,6 +189,7 @@ def _group_of_column(k: int, group_size: int, device) -> torch.Tensor:
     return torch.arange(k, device=device) // group_size
 
 
+# _scale_of copies its divisor from the host: not capturable (the Triton kernels are).
 @register("fp8_quant_group", "torch", cuda_graph=False)
 def per_token_group_quant_fp8(
     x: torch.Tensor, group_size: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn

@@ -28,8 +28,9 @@ import triton.language as tl
 
 from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
-from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel, _split_span  # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
+# one split rule (per program: a KV head there, a head tile here)
+from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel, _split_span
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
