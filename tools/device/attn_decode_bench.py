@@ -2,7 +2,8 @@
 (the graph is captured once for every context), the split count from the engine's rule, GPU time of a graph
 replay. Compares the split rules of atom.ops.triton_kernels.attention: each sequence's keys in equal parts
 (SPLIT_PER_SEQUENCE, the default) against parts of the graph's span (the old rule), and the old rule given the
-batch's real longest context (what an eager step passes). KV bytes read / time against the copy rate.
+batch's real longest context (what an eager step passes). Bytes read (KV; MLA: latent cache, kv_b_proj,
+queries and output) / time against the copy rate.
 
     PYTHONPATH=packages/atom-core/src python3 tools/device/attn_decode_bench.py [--batches 1,16,64,128]
         [--contexts 512,1536,3072] [--max-model-len 4096] [--heads 32,8,128] [--mla]
@@ -20,18 +21,27 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import copy_bandwidth, graph_time, paged, rnd  # noqa: E402
+from kernel_bench import copy_bandwidth, graph_time, mla, paged  # noqa: E402
 
 from atom.ops.triton_kernels import attention as tk  # noqa: E402
 
 
+def _graph_width(tables: torch.Tensor, max_model_len: int, block_size: int = 16) -> torch.Tensor:
+    """A block table as wide as a graph's (max_model_len // block_size columns)."""
+    wide = torch.zeros(tables.shape[0], max_model_len // block_size, dtype=torch.int32, device=tables.device)
+    wide[:, :tables.shape[1]] = tables
+    return wide
+
+
+def _contexts(batch: int, ctx: int) -> list[int]:
+    return torch.randint(max(1, ctx // 2), ctx + ctx // 2, (batch,)).tolist()  # mean ctx, +-50%
+
+
 def gqa_case(batch, ctx, heads, max_model_len):
     hq, hkv, d = heads
-    lens = torch.randint(max(1, ctx // 2), ctx + ctx // 2, (batch,)).tolist()  # mean ctx, +-50%
-    args, nbytes = paged(batch, 1, lens, hq, hkv, d)
+    args, nbytes = paged(batch, 1, _contexts(batch, ctx), hq, hkv, d)
     q, kc, vc, tables, qsl, seq, scale = args[:7]
-    wide = torch.zeros(batch, max_model_len // 16, dtype=torch.int32, device="cuda")  # a graph's table width
-    wide[:, :tables.shape[1]] = tables
+    wide = _graph_width(tables, max_model_len)
 
     def run(max_seq_len):
         return lambda: tk.paged_attention_impl(q, kc, vc, wide, qsl, seq, scale, None, None, 1, max_seq_len)
@@ -39,27 +49,16 @@ def gqa_case(batch, ctx, heads, max_model_len):
     return run, int(seq.max()), nbytes, tk._decode_splits(q.device, batch, hkv, max_model_len, 64)
 
 
-def mla_case(batch, ctx, max_model_len, heads=16, lora=512, rope=64, nope=128, bs=16):
+def mla_case(batch, ctx, max_model_len):
     from atom.ops.triton_kernels import mla as tm
 
-    lens = torch.randint(max(1, ctx // 2), ctx + ctx // 2, (batch,)).tolist()
-    nblk = [(n + bs - 1) // bs for n in lens]
-    cache = rnd(sum(nblk), bs, lora + rope)
-    tables = torch.zeros(batch, max_model_len // bs, dtype=torch.int32, device="cuda")
-    perm = torch.randperm(sum(nblk), device="cuda").int()
-    used = 0
-    for i, n in enumerate(nblk):
-        tables[i, :n] = perm[used:used + n]
-        used += n
-    q_nope, q_pe = rnd(batch, heads, nope), rnd(batch, heads, rope)
-    w = rnd(heads * (nope + 128), lora, scale=0.05)
-    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    scale = (nope + rope) ** -0.5
+    q_nope, q_pe, cache, w, tables, _, seq, scale, real_max, nbytes = mla(batch, 1, _contexts(batch, ctx))
+    wide = _graph_width(tables, max_model_len)
 
     def run(max_seq_len):
-        return lambda: tm.mla_decode_impl(q_nope, q_pe, cache, w, tables, seq, scale, max_seq_len)
+        return lambda: tm.mla_decode_impl(q_nope, q_pe, cache, w, wide, seq, scale, max_seq_len)
 
-    return run, max(lens), sum(lens) * (lora + rope) * 2, None
+    return run, real_max, nbytes, None
 
 
 def main() -> None:

@@ -254,6 +254,12 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
     tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
+def _tokens_per_split(per_sequence: bool, span: int, num_splits: int, block_n: int) -> int:
+    """The kernels' tokens_per_split argument: 0 = each sequence's own keys in num_splits parts (SPLIT_PER_SEQUENCE,
+    in the kernel), else parts of `span` (the batch's longest context; a CUDA graph's max_model_len)."""
+    return 0 if per_sequence else triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+
+
 def _decode_splits(device: torch.device, batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
     """Enough splits to give every SM a few programs, none shorter than one key tile; a power of two.
     (A floor of 4 tiles left small batches at short contexts on a handful of programs: at batch 1 and
@@ -314,8 +320,7 @@ def paged_attention_impl(
     block_n, num_stages = fit_tile(tile["num_stages"], block_n,
                                    lambda n: (2 * n * block_d * elem, block_m * (block_d + n) * elem), q.device)
     # per sequence needs one query a sequence (token t = sequence t: the merge reads sequence t's length)
-    per_sequence = SPLIT_PER_SEQUENCE and num_tokens == batch
-    tokens_per_split = 0 if per_sequence else triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    tokens_per_split = _tokens_per_split(SPLIT_PER_SEQUENCE and num_tokens == batch, span, num_splits, block_n)
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)

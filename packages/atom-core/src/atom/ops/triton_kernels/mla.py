@@ -30,7 +30,8 @@ from atom.ops.mla import split_kv_b
 from atom.ops.registry import register
 from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
 # one split rule (per program: a KV head there, a head tile here)
-from atom.ops.triton_kernels.attention import _decode_splits, _merge_splits_kernel, _split_span
+from atom.ops.triton_kernels.attention import (_decode_splits, _merge_splits_kernel, _split_span,
+                                                 _tokens_per_split)
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
@@ -378,8 +379,7 @@ def mla_latent_attention(
     block_n, num_stages = fit_tile(tile["num_stages"], tile["block_n"],
                                    lambda n: (n * (block_l + block_r) * elem, block_m * (block_l + block_r + n) * elem),
                                    q_lat.device)
-    tokens_per_split = 0 if attention.SPLIT_PER_SEQUENCE else \
-        triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    tokens_per_split = _tokens_per_split(attention.SPLIT_PER_SEQUENCE, max_seq_len, num_splits, block_n)
     if num_splits > 1:
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
         part_l = torch.empty_like(part_m)
