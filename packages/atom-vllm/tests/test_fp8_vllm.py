@@ -28,7 +28,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NO_VLLM_FP8_KV, VLLM_FP8_KV
+from conftest import ATOM_ATTENTION, NO_VLLM_FP8_KV, VLLM_FP8_KV
 from tiny_checkpoints_vllm import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def _atom_reference(path: str) -> tuple[list[list[int]], list[list[float]]]:
     return tokens, gaps
 
 
-@pytest.mark.skipif(not VLLM_FP8_KV, reason=NO_VLLM_FP8_KV)
+@pytest.mark.skipif(not (VLLM_FP8_KV or ATOM_ATTENTION), reason=NO_VLLM_FP8_KV)
 def test_block_fp8_moe_with_fp8_kv_cache_matches_atom_reference(checkpoints, offline_runs):
     path = checkpoints["qwen3_moe_fp8_block"]
     run = offline_runs["atom"]["results"][path + "@bf16@kvfp8"]

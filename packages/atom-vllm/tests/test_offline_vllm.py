@@ -22,6 +22,7 @@ VLLM_CLASS = {
 }
 ATOM_CLASS = {arch: f"atom_vllm.models.{name.rsplit('.', 1)[1]}" for arch, name in VLLM_CLASS.items()}
 TRANSFORMERS_REFERENCE = {"deepseek_v3"}
+MLA_ARCHS = {"deepseek_v2", "deepseek_v3"}  # vLLM's MLAAttention layer, not ATOM's attention backend
 pytestmark = pytest.mark.slow
 ONE_GPU = torch.cuda.is_available() and torch.cuda.device_count() < 2  # no TP=2 run (conftest.py)
 
@@ -68,6 +69,23 @@ def _reference(arch: str, checkpoints, offline_runs) -> list[list[int]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_match_vllm_builtin(arch, checkpoints, offline_runs):
     assert _tokens(offline_runs["atom"], checkpoints[arch]) == _reference(arch, checkpoints, offline_runs)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in MLA_ARCHS])
+def test_atom_models_attend_with_atoms_kernels(arch, checkpoints, offline_runs):
+    """ATOM's attention backend is what the layers run by default (the greedy checks above are its oracle)."""
+    assert offline_runs["atom"]["results"][checkpoints[arch]]["attn_impl"] == ["AtomAttentionImpl"]
+
+
+def test_atom_attention_chunked_prefill_and_prefix_cache_match_vllm_builtin(checkpoints, offline_runs):
+    """Qwen3 through ATOM's attention backend with prefills cut into 16-token chunks over 32-token blocks
+    (queries that continue a cached context), then the same prompts again, each full block now read from vLLM's
+    prefix cache: both passes give vLLM's built-in model's greedy tokens."""
+    run = offline_runs["atom"]["results"][checkpoints["qwen3"] + "@block32@chunk16"]
+    assert run["attn_impl"] == ["AtomAttentionImpl"]
+    reference = _reference("qwen3", checkpoints, offline_runs)
+    assert _tokens(offline_runs["atom"], checkpoints["qwen3"] + "@block32@chunk16") == reference
+    assert run["tokens_again"] == reference
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])

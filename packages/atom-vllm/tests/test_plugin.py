@@ -112,7 +112,7 @@ def test_quantization_mapped_through_atom_and_the_rest_refused():
         check_supported(VllmConfig(parallel_config=ParallelConfig(pipeline_parallel_size=2)))
 
 
-def test_attention_factory_builds_vllm_attention(checkpoints):
+def test_attention_factory_builds_vllm_attention(checkpoints, monkeypatch):
     from atom.layers.attention import AttentionSpec
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
 
@@ -127,6 +127,12 @@ def test_attention_factory_builds_vllm_attention(checkpoints):
     assert isinstance(layer, vllm_attention_cls())
     assert (layer.num_heads, layer.num_kv_heads, layer.head_size, layer.layer_name) == (
         4, 2, 32, "model.layers.3.self_attn.attn")
+    assert type(layer.impl).__name__ == "AtomAttentionImpl"  # ATOM's kernels by default
+    monkeypatch.setenv("ATOM_VLLM_ATTENTION", "0")  # vLLM's own backend (CPU_ATTN here)
+    config = VllmConfig(model_config=ModelConfig(model=checkpoints["llama"], dtype="float32"))
+    with set_current_vllm_config(config), torch.device("cpu"):
+        own = VllmAttentionFactory(cache_config=None)(spec)
+    assert type(own.impl).__name__ != "AtomAttentionImpl" and own.attn_backend.get_name() != "CUSTOM"
     bad = AttentionSpec(layer_idx=0, num_heads=4, num_kv_heads=2, head_dim=32, scale=1.0, prefix="mtp.0.layers.0.attn")
     with pytest.raises(ValueError, match="exactly one integer"):
         factory(bad)

@@ -1,10 +1,12 @@
 """AttentionFactory that builds vLLM's `Attention` layer from ATOM's AttentionSpec (DESIGN.md, seam 1).
 
-vLLM then owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs; the layer registers
+The layer runs ATOM's attention kernels (atom_vllm.attention_backend, handed over as `attn_backend`) unless
+ATOM_VLLM_ATTENTION=0, which leaves the choice to vLLM (FlashAttention 3 on Hopper, CPU_ATTN on CPU).
+vLLM owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs either way; the layer registers
 itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
 A sliding-window layer passes its window (`per_layer_sliding_window`: vLLM's hybrid KV cache manager then
 keeps only the window for it); a layer with attention sinks passes the model's sink tensor (`sinks=`,
-in the model dtype as vLLM's own GPT-OSS does), which selects a backend that has them (CPU_ATTN on CPU;
+in the model dtype as vLLM's own GPT-OSS does), which ATOM's kernels take, or with ATOM_VLLM_ATTENTION=0 selects a vLLM backend that has them (CPU_ATTN on CPU;
 FlashAttention 3 or Triton on Hopper).
 """
 
@@ -31,10 +33,21 @@ def vllm_attention_cls() -> type[nn.Module]:
 
 
 class VllmAttentionFactory:
-    def __init__(self, cache_config, quant_config=None):
+    def __init__(self, cache_config, quant_config=None, atom_backend: bool | None = None):
+        """atom_backend: run ATOM's kernels inside vLLM's Attention layers (atom_vllm.attention_backend);
+        None = unless ATOM_VLLM_ATTENTION=0."""
         self.cache_config = cache_config
         self.quant_config = quant_config
         self.attention_cls = vllm_attention_cls()
+        if atom_backend is None:
+            from atom_vllm.attention_backend import atom_attention_enabled
+
+            atom_backend = atom_attention_enabled()
+        self.backend_cls = None
+        if atom_backend:
+            from atom_vllm.attention_backend import AtomAttentionBackend
+
+            self.backend_cls = AtomAttentionBackend
 
     def __call__(self, spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
         numbers = re.findall(r"\d+", spec.prefix)
@@ -48,10 +61,14 @@ class VllmAttentionFactory:
             kwargs["logits_soft_cap"] = spec.logit_softcap
         if sinks is not None:
             kwargs["sinks"] = sinks
+        cls = self.attention_cls
+        if self.backend_cls is not None:
+            kwargs["attn_backend"] = self.backend_cls
+            cls = _prep_attention_cls(self.attention_cls)
         # Attention(q [T, H*D], k, v [T, Hkv*D]) -> [T, H*D]: the same contract as ATOM's impl modules.
         # vLLM's cache_config carries --kv-cache-dtype; its quant_config gives the layer a KV-cache method
         # (k_scale / v_scale parameters) for FP8 checkpoints, which vLLM's loader finalizes after loading.
-        layer = self.attention_cls(
+        layer = cls(
             spec.num_heads,
             spec.head_dim,
             spec.scale,
@@ -63,6 +80,26 @@ class VllmAttentionFactory:
         )
         layer.load_kv_scale = functools.partial(load_kv_scale, layer)
         return layer
+
+
+@functools.cache
+def _prep_attention_cls(base: type[nn.Module]) -> type[nn.Module]:
+    """vLLM's Attention with atom-core's `forward_with_prep` hook (atom.layers.attention.PagedAttention has the
+    same): the model hands over q and k before its qk-norm and rope, and ATOM's qk_norm_rope_cache op does norm,
+    rope and the KV write in one kernel (atom_vllm::norm_rope_write); vLLM's attention op then only attends."""
+
+    class AtomPrepAttention(base):
+        def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                              cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+            from atom_vllm.attention_backend import norm_rope_write
+
+            q = norm_rope_write(positions, q, k, v, q_weight, k_weight, float(eps), cos_sin, bool(is_neox),
+                                self.layer_name)
+            return self.forward(q, None, None)
+
+    AtomPrepAttention.__qualname__ = AtomPrepAttention.__name__ = f"AtomPrep{base.__name__}"
+    return AtomPrepAttention
 
 
 def load_kv_scale(layer: nn.Module, kind: str, value: float) -> None:

@@ -125,11 +125,36 @@ def reshape_and_cache(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
-        rows = to_cache_dtype(x[keep], cache.dtype, scale)
-        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
-        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
-            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
-        flat.index_copy_(0, slots, rows)
+        _write_slots(cache, slots, to_cache_dtype(x[keep], cache.dtype, scale))
+
+
+def _write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, ...][slot] = rows, for contiguous caches and strided views of a host's
+    cache alike (vLLM >= 0.30 interleaves K and V on the last axis)."""
+    if cache.dtype in FP8_DTYPES:  # no FP8 index kernels on CPU: copy the bytes
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    if cache.is_contiguous():
+        cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:]).index_copy_(0, slots, rows)
+    else:
+        block_size = cache.shape[1]
+        cache[slots // block_size, slots % block_size] = rows
+
+
+def _read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, ...] at slots (any shape) -> [*slots.shape, ...], without flattening a
+    strided host cache (that would copy all of it)."""
+    if cache.is_contiguous():
+        return cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])[slots]
+    block_size = cache.shape[1]
+    return cache[slots // block_size, slots % block_size]
+
+
+def _read_slots_by_head(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D] at slots [B, L] -> [Hkv, B, L, D], gathered straight into that
+    layout for a contiguous cache (no re-layout copy before the matmuls)."""
+    if cache.is_contiguous():
+        return cache.view(-1, *cache.shape[2:]).transpose(0, 1)[:, slots]
+    return _read_slots(cache, slots).permute(2, 0, 1, 3)
 
 
 def write_kv_slots(
@@ -145,11 +170,7 @@ def write_kv_slots(
     traces it (Inductor writes the rows in place)."""
     slots = slot_mapping.long()
     for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
-        rows = to_cache_dtype(x, cache.dtype, scale)
-        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
-        if cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
-            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
-        flat.index_copy_(0, slots, rows)
+        _write_slots(cache, slots, to_cache_dtype(x, cache.dtype, scale))
 
 
 @register("paged_attention", "torch", cuda_graph=False, traceable=False)
@@ -209,8 +230,8 @@ def _paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         first_key = max(0, first_query - sliding_window + 1) if sliding_window else 0
         blocks = block_tables[b, first_key // block_size:-(-length // block_size)].long()
         offset = first_key // block_size * block_size  # position of the first gathered slot
-        k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
-        v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[first_key - offset:length - offset]
         queries = q[starts[b]:starts[b] + n].transpose(0, 1)[None]  # [1, H, n, D]
         mask = None
         if first_key or first_query:  # causal from position first_query on, within the window
@@ -265,8 +286,6 @@ def paged_attention_padded(
     slots = blocks * block_size + pos % block_size
     key_valid = pos[None, :] < seq_lens[:, None]
     slots = torch.where(key_valid, slots, 0)
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     # Keys no query reads: padding past seq_len, and (sliding windows) keys before every query's window,
     # where a host that keeps only the window (atom-server's window pool) leaves stale block ids whose
     # blocks may hold garbage (NaN/inf in a torch.empty cache). 0-probability * NaN would poison the output.
@@ -291,8 +310,7 @@ def paged_attention_padded(
         # below by `allowed`.
         newest = slots.gather(1, (seq_lens - 1).clamp(0, max_l - 1)[:, None])
         safe = torch.where(unused, newest, slots)
-        k = flat_k.transpose(0, 1)[:, safe]
-        v = flat_v.transpose(0, 1)[:, safe]
+        k, v = _read_slots_by_head(k_cache, safe), _read_slots_by_head(v_cache, safe)
         # queries [Hkv, B, max_q * group, D], row = query * group + g
         qp = q[tok].view(batch, max_q, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
         qp = qp.reshape(num_kv_heads, batch, max_q * group, head_dim).to(k.dtype)
@@ -309,8 +327,8 @@ def paged_attention_padded(
         out = out.permute(1, 2, 0, 3, 4).reshape(batch, max_q, num_heads, head_dim)
     else:  # soft-capped logits, or an 8-bit (FP8) cache: everything in float32
         pad = unused[:, :, None, None]
-        k = from_cache(flat_k[slots], k_scale).masked_fill(pad, 0.0)
-        v = from_cache(flat_v[slots], v_scale).masked_fill(pad, 0.0)
+        k = from_cache(_read_slots(k_cache, slots), k_scale).masked_fill(pad, 0.0)
+        v = from_cache(_read_slots(v_cache, slots), v_scale).masked_fill(pad, 0.0)
         qp = q[tok].float().view(batch, max_q, num_kv_heads, group, head_dim)
         scores = torch.einsum("bqhgd,bkhd->bhgqk", qp, k) * scale
         if logit_softcap:
@@ -364,8 +382,8 @@ def paged_decode_attention(
     blocks_used = -(-seq // block_size)  # [B, 1]
     tables = torch.where(torch.arange(block_tables.shape[1], device=q.device)[None, :] < blocks_used,
                          block_tables.long(), 0)
-    k = k_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache[tables].view(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    k = k_cache[tables].reshape(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[tables].reshape(batch, max_l, num_kv_heads, head_dim).transpose(1, 2)
     if not logit_softcap and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
         k, v = k.contiguous(), v.contiguous()  # matmuls in the cache dtype
     else:  # soft-capped or FP8: float32

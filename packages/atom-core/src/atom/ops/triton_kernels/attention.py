@@ -288,13 +288,19 @@ def paged_attention_impl(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`paged_attention` with the decode split count open to callers (tests force the merge path)."""
+    """`paged_attention` with the decode split count open to callers (tests force the merge path) and, for
+    hosts that own the output buffer (atom-vllm), `out`: [num_tokens, num_heads, head_dim], unit last stride."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     batch = seq_lens.shape[0]
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} (last stride {out.stride(-1)}) must be q's shape {tuple(q.shape)} "
+                         "with a unit last stride")
     if num_tokens == 0 or batch == 0:
         return out
     if max_query_len is None:
