@@ -96,7 +96,9 @@ def _prep_attention_cls(base: type[nn.Module]) -> type[nn.Module]:
 
             q = norm_rope_write(positions, q, k, v, q_weight, k_weight, float(eps), cos_sin, bool(is_neox),
                                 self.layer_name)
-            return self.forward(q, None, None)
+            # no rows of K and V: the cache holds them already (vLLM's attention op takes tensors, not None)
+            none = k.new_empty((0, k.shape[-1]))
+            return self.forward(q, none, none)
 
     AtomPrepAttention.__qualname__ = AtomPrepAttention.__name__ = f"AtomPrep{base.__name__}"
     return AtomPrepAttention

@@ -164,11 +164,13 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         return k_cache, v_cache, layer._k_scale, layer._v_scale
 
     def norm_rope_write(self, layer: torch.nn.Module, kv_cache: torch.Tensor, md: AtomAttentionMetadata | None,
-                        positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slots: torch.Tensor | None, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                         cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
         """The model's qk-norm (optional) and rope of q and k and this layer's KV write in one ATOM op (atom-server's
-        decode prep); returns the rotated q for forward(), which then writes nothing (key None)."""
+        decode prep); returns the rotated q for forward(), which then writes nothing (no key rows).
+        slots: the forward context's slot mapping of the layer (the persistent buffer vLLM's own KV update reads
+        inside its piecewise graphs), else the metadata's."""
         num_tokens = q.shape[0]
         if md is None or kv_cache.numel() == 0:  # vLLM's memory-profiling run: nothing to write yet
             slots = torch.full((num_tokens,), -1, dtype=torch.long, device=q.device)
@@ -176,7 +178,7 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
             k_scale = v_scale = None
         else:
             k_cache, v_cache, k_scale, v_scale = self._caches(layer, kv_cache)
-            slots = md.slot_mapping
+            slots = md.slot_mapping if slots is None else slots
             if slots.shape[0] < num_tokens:  # rows past the step's tokens (padding) write nothing
                 slots = torch.cat((slots, slots.new_full((num_tokens - slots.shape[0],), -1)))
             slots = slots[:num_tokens]
@@ -195,7 +197,7 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         md = attn_metadata
         n = md.num_actual_tokens
         k_cache, v_cache, k_scale, v_scale = self._caches(layer, kv_cache)
-        if key is not None:  # None: norm_rope_write wrote this step's K and V
+        if key is not None and key.numel():  # no rows: norm_rope_write wrote this step's K and V
             self._write(key[:n], value[:n], k_cache, v_cache, md.slot_mapping[:n], k_scale=k_scale, v_scale=v_scale)
         args = (query[:n], k_cache, v_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale,
                 self.sliding_window, self.logits_soft_cap, md.max_query_len, md.max_seq_len)
@@ -235,9 +237,9 @@ def norm_rope_write(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     is its side effect, ordered before the attention by the rotated q the attention consumes)."""
     from vllm.model_executor.layers.attention.attention import get_attention_context
 
-    md, layer, kv_cache, _ = get_attention_context(layer_name)
-    return layer.impl.norm_rope_write(layer, kv_cache, md, positions, q, k, v, q_weight, k_weight, eps, cos_sin,
-                                      is_neox)
+    md, layer, kv_cache, slots = get_attention_context(layer_name)
+    return layer.impl.norm_rope_write(layer, kv_cache, md, slots, positions, q, k, v, q_weight, k_weight, eps,
+                                      cos_sin, is_neox)
 
 
 @norm_rope_write.register_fake
