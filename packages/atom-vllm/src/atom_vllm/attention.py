@@ -40,7 +40,7 @@ class VllmAttentionFactory:
         self.quant_config = quant_config
         self.attention_cls = vllm_attention_cls()
         if atom_backend is None:
-            from atom_vllm.attention_backend import atom_attention_enabled
+            from atom_vllm.switches import atom_attention_enabled
 
             atom_backend = atom_attention_enabled()
         self.backend_cls = None

@@ -22,7 +22,6 @@ the op eagerly between vLLM's piecewise graphs.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,13 +32,6 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
 logger = logging.getLogger("vllm.atom_vllm")
-
-_FALSE = {"0", "false", "no", "off"}
-
-
-def atom_attention_enabled() -> bool:
-    """ATOM_VLLM_ATTENTION=0: ATOM's models use vLLM's own attention backend (the default is ATOM's)."""
-    return os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in _FALSE
 
 
 @dataclass

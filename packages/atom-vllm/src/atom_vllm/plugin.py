@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from atom_vllm.switches import REMOVED_SWITCHES, check_vllm_version, plugin_disabled
+from atom_vllm.switches import REMOVED_SWITCHES, atom_attention_enabled, check_vllm_version, plugin_disabled
 
 # Under the "vllm" logger tree so the line goes through vLLM's own handler and format.
 logger = logging.getLogger("vllm.atom_vllm")
@@ -99,8 +99,8 @@ def register() -> list[str]:
     for name, why in REMOVED_SWITCHES.items():
         if name in os.environ:
             logger.warning("%s is set but has no effect: %s", name, why)
-    # ATOM ships no vLLM attention backend yet: attention runs through vLLM's Attention layer.
-    logger.info("ATOM took over %s on %s; attention: vLLM's Attention layer on vLLM's default backend",
-                ", ".join(sorted(archs)), _describe_platform())
+    logger.info("ATOM took over %s on %s; attention: vLLM's Attention layer running %s", ", ".join(sorted(archs)),
+                _describe_platform(), "ATOM's kernels (ATOM_VLLM_ATTENTION=0: vLLM's backend)"
+                if atom_attention_enabled() else "vLLM's backend (ATOM_VLLM_ATTENTION=0)")
     _registered = sorted(archs)
     return list(_registered)

@@ -155,9 +155,14 @@ class VllmCausalLM:
             factories = {"attn_factory": VllmAttentionFactory(vllm_config.cache_config, vllm_config.quant_config)}
         super().__init__(model_config.hf_config, prefix=prefix, max_positions=model_config.max_model_len,
                          quant_config=quant_config, **factories)
-        logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: vLLM's %s layer)",
-                    type(self).__module__, type(self).__qualname__, tp.rank, tp.world_size, kernel_backend(),
-                    "MLAAttention" if self.uses_mla else "Attention")
+        if self.uses_mla:
+            attention = "vLLM's MLAAttention layer"
+        elif factories["attn_factory"].backend_cls is not None:
+            attention = "vLLM's Attention layer running ATOM's kernels"
+        else:
+            attention = "vLLM's Attention layer on vLLM's backend"
+        logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: %s)", type(self).__module__,
+                    type(self).__qualname__, tp.rank, tp.world_size, kernel_backend(), attention)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
