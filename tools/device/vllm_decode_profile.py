@@ -32,9 +32,9 @@ for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STA
 
 # Kernel name -> group, first match wins (lower-case names). Coarse on purpose: it is what lets two engines'
 # differently named kernels be compared.
-GROUPS = [
-    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|cublas|splitk|_fp8_gemm|matmul|mm_kernel|scaled_mm|wgmma"),
+GROUPS = [  # attention first: FlashAttention's kernels are cutlass kernels
     ("attention", r"flash|fmha|attn|attention|paged|decode_kernel|merge_splits|reshape_and_cache|kv_write"),
+    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|cublas|splitk|_fp8_gemm|matmul|mm_kernel|scaled_mm|wgmma"),
     ("moe", r"expert|moe|topk|align"),
     ("norm/rope/act (fused)", r"norm|rope|rotary|silu|swiglu|act_and_mul|gelu|triton_(poi|red|per)_fused"),
     ("sampling/logits", r"argmax|sample|softmax|logit|gather|index|scatter|cumsum|sort"),
