@@ -2,6 +2,8 @@
 
 Cache layout (per layer): k_cache, v_cache = [num_blocks, block_size, num_kv_heads, head_dim].
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+The torch and Triton implementations also take strided views with a unit last stride (a host's cache: vLLM's
+K and V halves of a block, or K | V on the last axis), reading and writing them in place.
 
 `paged_attention` is varlen: sequence b has query tokens q[query_start_loc[b]:query_start_loc[b+1]],
 which are the *last* tokens of its seq_lens[b] context tokens (the earlier ones are a cached prefix).
