@@ -130,6 +130,14 @@ def test_attention_factory_builds_vllm_attention(checkpoints, monkeypatch):
     assert (layer.num_heads, layer.num_kv_heads, layer.head_size, layer.layer_name) == (
         4, 2, 32, "model.layers.3.self_attn.attn")
     assert type(layer.impl).__name__ == "AtomAttentionImpl"  # ATOM's kernels by default
+    from vllm.config import CacheConfig
+
+    with set_current_vllm_config(config), torch.device("cpu"), pytest.raises(
+            ValueError, match=r"--kv-cache-dtype fp8_e5m2: ATOM's attention backend stores auto, .*fp8_e4m3; set "
+                              r"ATOM_VLLM_ATTENTION=0"):
+        VllmAttentionFactory(cache_config=CacheConfig(cache_dtype="fp8_e5m2"))(
+            AttentionSpec(layer_idx=4, num_heads=4, num_kv_heads=2, head_dim=32, scale=1.0,
+                          prefix="model.layers.4.self_attn.attn"))
     monkeypatch.setenv("ATOM_VLLM_ATTENTION", "0")  # vLLM's own backend (CPU_ATTN here)
     config = VllmConfig(model_config=ModelConfig(model=checkpoints["llama"], dtype="float32"))
     with set_current_vllm_config(config), torch.device("cpu"):

@@ -6,8 +6,8 @@ vLLM owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs e
 itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
 A sliding-window layer passes its window (`per_layer_sliding_window`: vLLM's hybrid KV cache manager then
 keeps only the window for it); a layer with attention sinks passes the model's sink tensor (`sinks=`,
-in the model dtype as vLLM's own GPT-OSS does), which ATOM's kernels take, or with ATOM_VLLM_ATTENTION=0 selects a vLLM backend that has them (CPU_ATTN on CPU;
-FlashAttention 3 or Triton on Hopper).
+in the model dtype as vLLM's own GPT-OSS does), which ATOM's kernels take (with ATOM_VLLM_ATTENTION=0 vLLM
+selects a backend that has them: CPU_ATTN on CPU, FlashAttention 3 or Triton on Hopper).
 """
 
 from __future__ import annotations

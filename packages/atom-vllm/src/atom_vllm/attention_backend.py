@@ -21,7 +21,6 @@ the op eagerly between vLLM's piecewise graphs.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +30,9 @@ from atom.ops.registry import resolve
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-logger = logging.getLogger("vllm.atom_vllm")
+# vLLM's --kv-cache-dtype values ATOM's kernels store: the model's dtype, a 16-bit one, or FP8 e4m3 (per-tensor
+# scales; the FP8 type of the platform, e4m3fnuz on MI300)
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor
 
 class AtomAttentionBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "fp8", "fp8_e4m3"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
     forward_includes_kv_cache_update: bool = True  # ATOM writes K and V inside the op, before attending
 
     @staticmethod
@@ -126,6 +127,9 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         if kv_sharing_target_layer_name is not None:
             raise ValueError("ATOM's attention backend does not share KV caches across layers; "
                              "set ATOM_VLLM_ATTENTION=0")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: ATOM's attention backend stores "
+                             f"{', '.join(KV_CACHE_DTYPES)}; set ATOM_VLLM_ATTENTION=0 for vLLM's backends")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -156,8 +160,8 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         return k_cache, v_cache, layer._k_scale, layer._v_scale
 
     def norm_rope_write(self, layer: torch.nn.Module, kv_cache: torch.Tensor, md: AtomAttentionMetadata | None,
-                        slots: torch.Tensor | None, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                        slots: torch.Tensor | None, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                         cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
         """The model's qk-norm (optional) and rope of q and k and this layer's KV write in one ATOM op (atom-server's
         decode prep); returns the rotated q for forward(), which then writes nothing (no key rows).

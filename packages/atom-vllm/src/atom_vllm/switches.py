@@ -21,13 +21,13 @@ def plugin_disabled() -> bool:
     return _flag("ATOM_DISABLE_VLLM_PLUGIN")
 
 
-# Switches that no longer exist, and why (logged once when still set).
 def atom_attention_enabled() -> bool:
     """ATOM_VLLM_ATTENTION=0: ATOM's models run vLLM's own attention backend (default: ATOM's, see
     atom_vllm.attention_backend)."""
     return os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+# Switches that no longer exist, and why (logged once when still set).
 REMOVED_SWITCHES = {
     "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION": "ATOM's vLLM attention backend is switched off with ATOM_VLLM_ATTENTION=0",
 }
