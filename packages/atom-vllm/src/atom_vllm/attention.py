@@ -1,7 +1,8 @@
 """AttentionFactory that builds vLLM's `Attention` layer from ATOM's AttentionSpec (DESIGN.md, seam 1).
 
-The layer runs ATOM's attention kernels (atom_vllm.attention_backend, handed over as `attn_backend`) unless
-ATOM_VLLM_ATTENTION=0, which leaves the choice to vLLM (FlashAttention 3 on Hopper, CPU_ATTN on CPU).
+On GPUs the layer runs ATOM's attention kernels (atom_vllm.attention_backend, handed over as `attn_backend`);
+on CPU, or with ATOM_VLLM_ATTENTION=0, vLLM chooses (FlashAttention 3 on Hopper, CPU_ATTN on CPU);
+ATOM_VLLM_ATTENTION=1 asks for ATOM's kernels on CPU too.
 vLLM owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs either way; the layer registers
 itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
 A sliding-window layer passes its window (`per_layer_sliding_window`: vLLM's hybrid KV cache manager then
@@ -35,14 +36,16 @@ def vllm_attention_cls() -> type[nn.Module]:
 class VllmAttentionFactory:
     def __init__(self, cache_config, quant_config=None, atom_backend: bool | None = None):
         """atom_backend: run ATOM's kernels inside vLLM's Attention layers (atom_vllm.attention_backend);
-        None = unless ATOM_VLLM_ATTENTION=0."""
+        None = ATOM_VLLM_ATTENTION, by default on GPUs and not on CPU (atom_vllm.switches)."""
         self.cache_config = cache_config
         self.quant_config = quant_config
         self.attention_cls = vllm_attention_cls()
         if atom_backend is None:
+            from vllm.platforms import current_platform
+
             from atom_vllm.switches import atom_attention_enabled
 
-            atom_backend = atom_attention_enabled()
+            atom_backend = atom_attention_enabled(current_platform.is_cpu())
         self.backend_cls = None
         if atom_backend:
             from atom_vllm.attention_backend import AtomAttentionBackend

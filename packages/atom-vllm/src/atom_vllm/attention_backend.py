@@ -5,7 +5,8 @@ windows), the scheduler, the metadata its runner prepares and the CUDA graphs. T
 kernels its `Attention` layer runs: ATOM's KV write (`reshape_and_cache`) and ATOM's varlen paged attention
 (`paged_attention`: decode splits over each sequence's own keys, sinks, windows, soft-capping, FP8 caches),
 the ones atom-server runs. `VllmAttentionFactory` hands the class to each `Attention` layer it builds
-(`attn_backend=`), so no flag is needed; `ATOM_VLLM_ATTENTION=0` keeps vLLM's own backend.
+(`attn_backend=`), so no flag is needed: on GPUs by default, on CPU with ATOM_VLLM_ATTENTION=1 (vLLM's native CPU
+attention reads its own layout faster than ATOM's torch references do); ATOM_VLLM_ATTENTION=0 keeps vLLM's.
 
 The cache comes in vLLM's layout and ATOM's kernels read it through strides: vLLM <= 0.29 allocates what
 `get_kv_cache_shape` says, [num_blocks, 2, block_size, num_kv_heads, head_size] (K and V halves of a block);

@@ -99,8 +99,11 @@ def register() -> list[str]:
     for name, why in REMOVED_SWITCHES.items():
         if name in os.environ:
             logger.warning("%s is set but has no effect: %s", name, why)
+    from vllm.platforms import current_platform
+
     logger.info("ATOM took over %s on %s; attention: vLLM's Attention layer running %s", ", ".join(sorted(archs)),
                 _describe_platform(), "ATOM's kernels (ATOM_VLLM_ATTENTION=0: vLLM's backend)"
-                if atom_attention_enabled() else "vLLM's backend (ATOM_VLLM_ATTENTION=0)")
+                if atom_attention_enabled(current_platform.is_cpu())
+                else "vLLM's backend (ATOM_VLLM_ATTENTION=1: ATOM's kernels)")
     _registered = sorted(archs)
     return list(_registered)

@@ -21,15 +21,20 @@ def plugin_disabled() -> bool:
     return _flag("ATOM_DISABLE_VLLM_PLUGIN")
 
 
-def atom_attention_enabled() -> bool:
-    """ATOM_VLLM_ATTENTION=0: ATOM's models run vLLM's own attention backend (default: ATOM's, see
-    atom_vllm.attention_backend)."""
-    return os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in {"0", "false", "no", "off"}
+def atom_attention_enabled(on_cpu: bool) -> bool:
+    """Whether ATOM's models run ATOM's attention kernels in vLLM (atom_vllm.attention_backend).
+    ATOM_VLLM_ATTENTION=1 / 0 decides; unset: on GPUs yes (measured faster than vLLM's FlashAttention on the H200),
+    on CPU no (vLLM's native CPU attention kernels read its own cache layout; ATOM's torch references on that layout
+    run many more ops a step)."""
+    value = os.environ.get("ATOM_VLLM_ATTENTION", "").strip().lower()
+    if not value:
+        return not on_cpu
+    return value not in {"0", "false", "no", "off"}
 
 
 # Switches that no longer exist, and why (logged once when still set).
 REMOVED_SWITCHES = {
-    "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION": "ATOM's vLLM attention backend is switched off with ATOM_VLLM_ATTENTION=0",
+    "ATOM_DISABLE_VLLM_PLUGIN_ATTENTION": "ATOM's vLLM attention backend is switched with ATOM_VLLM_ATTENTION=0 / 1",
 }
 
 
