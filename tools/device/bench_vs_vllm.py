@@ -24,6 +24,9 @@ loads one random checkpoint written to disk first (MoE shapes: the same routing 
 $OUT/bench_<shape>_<HHMMSS>.json (after every run, so a cut-off call keeps what finished) with the device
 session it ran in (make_table.py pairs engines of one session only) and the matching .log, and prints
 the table of make_table.py (medians and min-max spread over the repeats).
+Once per device session (--crosscheck once), after a shape whose vllm engine measured, vLLM's own driver (`vllm bench
+latency`, tools/device/vllm_crosscheck.py) times one batch size of the same setup from the same atom-free site,
+and the JSON records its times against our harness's (issue 16's method: our vLLM figures checked by vLLM's code).
 """
 
 from __future__ import annotations
@@ -200,6 +203,69 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
     return cmd, env
 
 
+CROSSCHECK_MARKER = "/tmp/atom-bench-crosscheck"  # written once a cross-check compared both drivers (per machine start)
+
+
+def crosscheck_batch(ns: argparse.Namespace) -> int:
+    sizes = [int(b) for b in ns.batch_sizes.split(",")]
+    if ns.crosscheck_batch is not None:
+        return ns.crosscheck_batch
+    return 32 if 32 in sizes else max(sizes)
+
+
+def crosscheck_command(model: str, ns: argparse.Namespace, harness: list[str], out_json: str) -> tuple[list[str], dict]:
+    """vllm_crosscheck.py with the vllm engine's setup, from the vllm engine's environment (no atom)."""
+    cmd = [sys.executable, os.path.join(HERE, "vllm_crosscheck.py"), "--model", model, "--batch-size",
+           str(crosscheck_batch(ns)), "--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
+           "--dtype", ns.dtype, "--load-format", ns.load_format, "--gpu-memory-utilization",
+           str(ns.gpu_memory_utilization), "--tensor-parallel-size", str(ns.tp), "--output-json", out_json,
+           "--expect-no-atom", "--harness-json", *harness]
+    cmd += ["--enable-expert-parallel"] if ns.ep else []
+    cmd += ["--quantization", ns.quantization] if ns.quantization else []
+    cmd += ["--kv-cache-dtype", ns.kv_cache_dtype] if ns.kv_cache_dtype != "auto" else []
+    cmd += ["--enforce-eager"] if "--enforce-eager" in ns.vllm_args.split() else []
+    env = dict(os.environ)
+    env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"
+    env["PYTHONPATH"] = without_atom(env.get("PYTHONPATH", ""))
+    return cmd, env
+
+
+def run_crosscheck(bench: dict, model: str, ns: argparse.Namespace, tag: str, log, left: float) -> dict | None:
+    """vLLM's own driver against this call's vllm runs (see the module docstring); None when not due."""
+    if ns.crosscheck == "off" or "vllm" not in ns.engines.split(","):
+        return None
+    if ns.crosscheck == "once" and os.path.exists(CROSSCHECK_MARKER):
+        with open(CROSSCHECK_MARKER) as f:
+            return dict(skipped=f"done earlier in this session ({f.read().strip()})")
+    harness = []
+    for rnd, reports in enumerate(bench["repeats"]):
+        rep = reports.get("vllm")
+        if rep and rep.get("runs") and "error" not in rep:
+            harness.append(os.path.join("/tmp/bench_parts", f"crosscheck_harness_{tag}_{rnd}.json"))
+            with open(harness[-1], "w") as f:
+                json.dump(rep, f)
+    if not harness:
+        return dict(skipped="no vllm run measured in this call")
+    if left < ns.min_engine_s:
+        return dict(skipped=f"{left:.0f} s of the budget left")
+    out_json = os.path.join("/tmp/bench_parts", f"crosscheck_{tag}.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    cmd, env = crosscheck_command(model, ns, harness, out_json)
+    started = time.monotonic()
+    rc, text = run_logged(cmd, env, log, min(ns.engine_timeout_s, left), "crosscheck")
+    if rc != 0 or not os.path.exists(out_json):
+        lines = text.strip().splitlines()
+        why = "timed out" if rc is None else f"exit status {rc}"
+        return dict(error=f"{why} after {time.monotonic() - started:.0f} s: " + " / ".join(lines[-3:])[-600:])
+    with open(out_json) as f:
+        result = json.load(f)
+    if result.get("ratio") is not None:
+        with open(CROSSCHECK_MARKER, "w") as f:
+            f.write(f"{bench['session']}, {bench['shape']} at {bench['time']}")
+    return result
+
+
 def run_engine(engine: str, model: str, ns: argparse.Namespace, tag: str, log, timeout_s: float,
                rnd: int) -> dict:
     """One fresh process of one engine; its report (partial when cut short) with took_s and any error."""
@@ -258,8 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="every engine loads one random checkpoint written to disk (materialize_checkpoint.py) instead "
                         "of drawing dummy weights: the same MoE routing in every engine")
     p.add_argument("--router-scale", type=float, default=1.0, help="with --materialize: the routers' uniform bound")
+    p.add_argument("--crosscheck", choices=["once", "off", "always"], default="once",
+                   help="vLLM's own driver (vllm bench latency) against our vllm runs: once per device session (the "
+                        "first shape whose vllm engine measured), never, or after every shape")
+    p.add_argument("--crosscheck-batch", type=int, default=None,
+                   help="the batch size of the cross-check (default: 32 when measured, else the largest)")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out")
     ns = p.parse_args(argv)
+    if ns.crosscheck_batch is not None and str(ns.crosscheck_batch) not in ns.batch_sizes.split(","):
+        p.error(f"--crosscheck-batch {ns.crosscheck_batch} is not one of --batch-sizes {ns.batch_sizes}")
     for engine, flag in (("atom-alt", "--alt-env"), ("atom-alt2", "--alt2-env")):
         pairs = alt_env(engine, ns).split()
         bad = [pair for pair in pairs if not pair.partition("=")[0] or "=" not in pair]
@@ -324,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                         bench["engines"][engine] = rep
                     with open(path, "w") as f:
                         json.dump(bench, f, indent=1)
+            xc = run_crosscheck(bench, model, ns, shape + par, log, ns.budget_s - (time.monotonic() - t0))
+            if xc is not None:
+                bench["crosscheck"] = xc
         benches.append(bench)
         with open(path, "w") as f:
             json.dump(bench, f, indent=1)

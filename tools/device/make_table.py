@@ -115,6 +115,22 @@ def roofline_ms(cfg: dict[str, Any], batch: int, context: float, gbps: float, dt
     return step_bytes(cfg, batch, context, dtype_bytes, weight_bytes, kv_bytes) / (gbps * 1e9) * 1e3
 
 
+CROSSCHECK_DRIVER = "vllm.benchmarks.latency (vllm bench latency)"
+
+
+def crosscheck_line(xc: dict[str, Any]) -> str:
+    """One line for tools/device/vllm_crosscheck.py's result (vLLM's own driver against our vLLM harness)."""
+    if "skipped" in xc or "error" in xc:
+        return f"vLLM cross-check: {'skipped, ' + xc['skipped'] if 'skipped' in xc else 'failed, ' + xc['error']}"
+    head = (f"vLLM cross-check at batch {xc['batch_size']}: {CROSSCHECK_DRIVER} median {xc['driver_median_s']:.3f} s "
+            f"over {len(xc['driver_latencies_s'])} runs")
+    if xc.get("ratio") is None:
+        return head + "; no harness run at this batch size to compare"
+    verdict = "agree" if xc["agree"] else "DISAGREE"
+    return (f"{head}, our harness {xc['harness_median_s']:.3f} s over {len(xc['harness_s'])} runs: "
+            f"harness / driver {xc['ratio']:.3f} ({verdict}, tolerance {xc['tolerance']:.0%})")
+
+
 def load(paths: list[str]) -> list[dict[str, Any]]:
     files = []
     for p in paths:
@@ -143,6 +159,8 @@ def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if rep.get("runs") or not m["engines"].get(e, {}).get("runs"):
                 m["engines"][e] = rep
         m["repeats"] += b.get("repeats") or [b["engines"]]
+        if b.get("crosscheck"):
+            m["crosscheck"] = b["crosscheck"]
     merged = list(by_key.values())
     sessions: dict[str, int] = {}
     for m in merged:
@@ -280,6 +298,9 @@ def _problems(benches: list[dict[str, Any]]) -> list[str]:
                 notes.append(f"{where}: ATOM's model was built although the plugin was disabled")
             if e == "vllm" and rep.get("atom_importable"):
                 notes.append(f"{where}: atom was importable in vLLM's baseline ({rep['atom_importable']})")
+        xc = b.get("crosscheck") or {}
+        if "error" in xc or xc.get("agree") is False:
+            notes.append(f"- {b['shape']}: {crosscheck_line(xc)}")
     return notes
 
 
@@ -307,6 +328,8 @@ def markdown(benches: list[dict[str, Any]]) -> str:
            "processes, [min-max] n=processes; ratios are paired by round and never across device sessions "
            "(sessions: " + ", ".join(sorted({str(b.get("session")) for b in benches})) + ")",
            f"- device-to-device copy rate measured in the same call(s): {', '.join(f'{g:,} GB/s' for g in gbps) or '-'}",
+           *[f"- {b['label'] if 'label' in b else b['shape']}: {crosscheck_line(b['crosscheck'])}" for b in benches
+             if b.get("crosscheck")],
            "- roofline ms/step: bytes one decode step must read (weights without the input embedding, the experts "
            "a random batch touches, KV at the mean context) / that copy rate; % roof = roofline / measured ms/step. "
            "PERF.md's H100 batch-1 rooflines for reference: "
