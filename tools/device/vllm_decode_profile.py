@@ -3,7 +3,8 @@
 target 1). vLLM's engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so torch.profiler sees every
 kernel, CUDA-graph replays included. Per batch size: one generate() of `--steps` + 1 tokens and one of a single
 token (the prefill alone), both profiled on the same prompts' shape; a kernel's decode time per step is the
-difference of its two totals over `--steps`. Prints the table and writes it as JSON.
+difference of its two totals over `--steps`. Prints the table and writes it as JSON, with the prefill's own table
+(the single-token generate: batch x --input-len prompt tokens) beside it (`--prefill-rows N` prints it too).
 
   # vLLM's own model (atom not importable), then ATOM's (the plugin on):
   PYTHONPATH=/tmp/site python3 tools/device/vllm_decode_profile.py --model DIR --label vllm --out $OUT/p_vllm.json
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--rows", type=int, default=25, help="kernels printed per batch size")
+    p.add_argument("--prefill-rows", type=int, default=0,
+                   help="also print the prefill's kernel table (its groups and this many kernels); the JSON always "
+                        "has it")
     p.add_argument("--out", required=True, help="JSON output")
     ns = p.parse_args(argv)
 
@@ -115,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t
         return kernel_totals(prof, cuda), wall
 
-    for bs in ns.batch_sizes:
-        full, full_wall = profiled(bs, ns.steps + 1)
-        pre, pre_wall = profiled(bs, 1)
+    def table(totals: dict[str, tuple[float, int]], base: dict[str, tuple[float, int]], per: int) -> dict:
+        """Kernel rows (totals less base, over `per`), their groups and sums."""
         rows = []
-        for name in set(full) | set(pre):
-            us_f, n_f = full.get(name, (0.0, 0))
-            us_p, n_p = pre.get(name, (0.0, 0))
-            us, n = (us_f - us_p) / ns.steps, (n_f - n_p) / ns.steps
+        for name in set(totals) | set(base):
+            us_f, n_f = totals.get(name, (0.0, 0))
+            us_p, n_p = base.get(name, (0.0, 0))
+            us, n = (us_f - us_p) / per, (n_f - n_p) / per
             if us > 0.05 or n > 0.05:
                 rows.append(dict(name=name, group=group_of(name), us_per_step=round(us, 2),
                                  launches_per_step=round(n, 2)))
@@ -131,20 +134,33 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             groups[r["group"]][0] += r["us_per_step"]
             groups[r["group"]][1] += r["launches_per_step"]
-        total = sum(r["us_per_step"] for r in rows)
-        wall_step_ms = (full_wall - pre_wall) / ns.steps * 1e3
-        report["batches"].append(dict(batch_size=bs, kernels=rows, kernel_us_per_step=round(total, 1),
-                                      launches_per_step=round(sum(r["launches_per_step"] for r in rows), 1),
-                                      wall_ms_per_step_under_profiler=round(wall_step_ms, 3),
-                                      groups={g: dict(us=round(v[0], 1), launches=round(v[1], 1))
-                                              for g, v in sorted(groups.items(), key=lambda kv: -kv[1][0])}))
-        text = (f"== {ns.label} bs={bs}: kernels {total:.1f} us/step in "
-                 f"{report['batches'][-1]['launches_per_step']} launches; wall under the profiler "
-                 f"{wall_step_ms:.3f} ms/step\n")
-        for g, v in report["batches"][-1]["groups"].items():
+        return dict(kernels=rows, kernel_us_per_step=round(sum(r["us_per_step"] for r in rows), 1),
+                    launches_per_step=round(sum(r["launches_per_step"] for r in rows), 1),
+                    groups={g: dict(us=round(v[0], 1), launches=round(v[1], 1))
+                            for g, v in sorted(groups.items(), key=lambda kv: -kv[1][0])})
+
+    def printed(title: str, t: dict, wall_ms: float, unit: str, shown: int) -> str:
+        text = (f"== {title}: kernels {t['kernel_us_per_step']:.1f} us/{unit} in {t['launches_per_step']} launches; "
+                f"wall under the profiler {wall_ms:.3f} ms/{unit}\n")
+        for g, v in t["groups"].items():
             text += f"   {g:<24} {v['us']:9.1f} us  {v['launches']:7.1f} launches\n"
-        for r in rows[:ns.rows]:
+        for r in t["kernels"][:shown]:
             text += f"   {r['us_per_step']:9.1f} us {r['launches_per_step']:6.1f}x  [{r['group']}] {r['name'][:110]}\n"
+        return text
+
+    for bs in ns.batch_sizes:
+        full, full_wall = profiled(bs, ns.steps + 1)
+        pre, pre_wall = profiled(bs, 1)
+        decode = table(full, pre, ns.steps)
+        wall_step_ms = (full_wall - pre_wall) / ns.steps * 1e3
+        # the prefill of bs prompts of --input-len tokens (and the first token's sampling), as profiled
+        prefill = {**table(pre, {}, 1), "wall_ms_under_profiler": round(pre_wall * 1e3, 3)}
+        report["batches"].append(dict(batch_size=bs, **decode, wall_ms_per_step_under_profiler=round(wall_step_ms, 3),
+                                      prefill=prefill))
+        text = printed(f"{ns.label} bs={bs}", decode, wall_step_ms, "step", ns.rows)
+        if ns.prefill_rows:
+            text += printed(f"{ns.label} bs={bs} prefill of {bs} x {ns.input_len} tokens", prefill, pre_wall * 1e3,
+                            "prefill", ns.prefill_rows)
         print(text, flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
         with open(ns.out, "w") as f:
