@@ -5,9 +5,10 @@ tile of the grouped GEMM belongs to one expert (found from the cumulative padded
 single launch over all experts. The grid is sized by an upper bound on the padded row count, so no host
 sync is needed; tiles past the real end exit. Small batches are sorted by one Triton program. At decode
 sizes (a few pairs, nearly all on different experts) there is no sort: one GEMV per (pair, column block).
-GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 scales by the
-routing weight and writes one fp32 row per pair, summed over k by a last small kernel (deterministic, no
-atomics). Pairs of expert id -1 (another rank's expert under expert parallelism) are never placed, never
+GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 writes each pair's
+expert output in the activation dtype (the rounding the reference has there), and a last small kernel weights
+the k rows of a token by their routing weights in float32 and sums them (deterministic, no atomics; half the
+bytes of a float32 row a pair, which the prefill's 8 rows a token made ~1 GB a layer at 16K tokens). Pairs of expert id -1 (another rank's expert under expert parallelism) are never placed, never
 computed, and left out of the sum.
 """
 
@@ -204,9 +205,9 @@ def sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD: tl.con
 # do not use (tools/triton_specializations.py counts the compiles).
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    a_ptr, w_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, out_stride,
-    GATED: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, E_PAD: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
     IEEE: tl.constexpr, N_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -258,8 +259,6 @@ def _expert_gemm_kernel(
         gate = acc.to(dtype).to(tl.float32)
         up = acc_up.to(dtype).to(tl.float32)
         acc = _act(gate, ACT).to(dtype).to(tl.float32) * up
-    if SCALE:
-        acc = acc.to(dtype).to(tl.float32) * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + pair[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -300,9 +299,9 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, inter, k_dim, top_k, x_st
 
 
 @triton.jit
-def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
+def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
                       y_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Decode: y[pair] = w_pair * (h[pair] W2[expert]^T) in fp32, one GEMV per (pair, n block)."""
+    """Decode: y[pair] = h[pair] W2[expert]^T in h's dtype (the sum weights it), one GEMV per (pair, n block)."""
     pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,21 +319,24 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_
         acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * hv
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + pair)
-    tl.store(y_ptr + pair * y_stride + n, y, mask=n_ok)
+    tl.store(y_ptr + pair * y_stride + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
-def _sum_topk_kernel(y_ptr, ids_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[t] = sum_k y[t * top_k + k] (fp32 rows) over the pairs of id >= 0, cast to the output dtype."""
+def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
+                     WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = sum_k w[t, k] * y[t * top_k + k] in float32 over the pairs of id >= 0, cast to the output dtype.
+    WEIGHTED: y holds the experts' outputs (any dtype) and w the routing weights; otherwise y's float32 rows are
+    weighted already."""
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     k = tl.arange(0, K_PAD)
     ids = tl.load(ids_ptr + t * top_k + k, mask=k < top_k, other=-1)
     m = ((k < top_k) & (ids >= 0))[:, None] & (n[None, :] < n_out)
-    y = tl.load(y_ptr + (t * top_k + k[:, None]) * y_stride + n[None, :], mask=m, other=0.0)
+    y = tl.load(y_ptr + (t * top_k + k[:, None]) * y_stride + n[None, :], mask=m, other=0.0).to(tl.float32)
+    if WEIGHTED:
+        y = y * tl.load(w_ptr + t * top_k + k, mask=k < top_k, other=0.0)[:, None]
     tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
 
 
@@ -359,12 +361,16 @@ def _pair_tile(num_tokens: int) -> dict:
     return dict(gate_block_n=16, down_block_n=32, block_k=256, num_warps=4)
 
 
-def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's k rows of y summed in float32, times the flat float32 routing `weights` [T * k] when given
+    (y then holds the experts' outputs; without them y's float32 rows are weighted already)."""
     out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
     block = 256
     _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
-        y, ids, out, y.shape[1], top_k, y.stride(0), out.stride(0), K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
-        num_warps=4, **pdl_args(y.device))
+        y, ids, y if weights is None else weights, out, y.shape[1], top_k, y.stride(0), out.stride(0),
+        K_PAD=triton.next_power_of_2(top_k), WEIGHTED=weights is not None, BLOCK=block, num_warps=4,
+        **pdl_args(y.device))
     return out
 
 
@@ -380,12 +386,12 @@ def _fused_experts_per_pair(x, w13, w2, topk_weights, topk_ids, act: int) -> tor
     _pair_gate_up_kernel[(num_pairs, triton.cdiv(inter, tile["gate_block_n"]))](
         x, w13, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), ACT=act,
         BLOCK_N=tile["gate_block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"], **pdl_args(x.device))
-    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
-        h, w2, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        h, w2, y, ids, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_N=tile["down_block_n"], BLOCK_K=tile.get("down_block_k", tile["block_k"]), num_warps=tile["num_warps"],
         **pdl_args(h.device))
-    return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
+    return _sum_topk(y, ids, num_tokens, top_k, x.dtype, weights)
 
 
 # Tile override for tools/device/kernel_bench.py / moe_kernels_profile.py sweeps: dict(block_m, block_n, block_k,
@@ -455,13 +461,12 @@ def fused_experts(
         n_blocks = triton.cdiv(n_out, bn)
         grid = (num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)
         _expert_gemm_kernel[grid](
-            a, w, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, a_row_div,
-            a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, SCALE=not gated,
-            E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
+            a, w, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, a_row_div,
+            a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
             N_MAJOR=n_major, num_warps=t["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     launch(x, w13, h, inter, hidden, top_k, gated=True)
-    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     launch(h, w2, y, w2.shape[1], inter, 1, gated=False)
-    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)

@@ -9,7 +9,8 @@
   sorted by expert (moe._align_by_expert) and two grouped GEMMs with fp8 tl.dot run over the sorted
   pairs, with the scale handling of the dense FP8 GEMM (block scales per K step, or per-token x
   per-channel scales at the end). GEMM 1 computes gate and up tiles together and applies the activation
-  in registers; GEMM 2 scales by the routing weight; moe._sum_topk adds the k rows of each token.
+  in registers; GEMM 2 writes each pair's output in the activation dtype; moe._sum_topk weights the k rows of
+  each token by their routing weights and adds them (float32).
 Pairs of expert id -1 (another rank's expert under expert parallelism) are never computed (the GEMV
 kernels return, the sort leaves them out) and left out of the sum.
 
@@ -115,13 +116,13 @@ def _fp8_pair_gate_up_kernel(
 
 @triton.jit
 def _fp8_pair_down_kernel(
-    h_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
+    h_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, n_out, k_dim, h_stride, w_stride_e, w_stride_n,
     ws_stride_e, ws_stride_n, ws_stride_k, y_stride,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, QG: tl.constexpr,
     SUBS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """y[pair] = w_pair * (h[pair] W2[expert]^T) in float32; h quantized on the fly."""
+    """y[pair] = h[pair] W2[expert]^T in h's dtype (the sum weights it); h quantized on the fly."""
     pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,8 +152,7 @@ def _fp8_pair_down_kernel(
     y = tl.sum(acc, axis=1)
     if not BLOCK_SCALES:
         y = y * tl.load(s_base + n * ws_stride_n, mask=n_ok, other=0.0)
-    y = y.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + pair)
-    tl.store(y_ptr + pair * y_stride + n, y, mask=n_ok)
+    tl.store(y_ptr + pair * y_stride + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ---------------------------------------------------------------- sorted path: grouped GEMM over expert runs
@@ -160,11 +160,11 @@ def _fp8_pair_down_kernel(
 
 @triton.jit
 def _fp8_expert_gemm_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, as_stride, w_stride_e, w_stride_n,
     ws_stride_e, ws_stride_n, ws_stride_k, up_scale_off, out_stride,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-    SCALE: tl.constexpr, ACT_DTYPE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT_DTYPE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[pair] = A[pair // a_row_div] @ W[e]^T with fp8 A (scales as_ptr) and fp8 W (scales ws_ptr).
@@ -219,8 +219,6 @@ def _fp8_expert_gemm_kernel(
         gate = acc.to(ACT_DTYPE).to(tl.float32)
         up = acc_up.to(ACT_DTYPE).to(tl.float32)
         acc = _act(gate, ACT).to(ACT_DTYPE).to(tl.float32) * up
-    if SCALE:
-        acc = acc.to(ACT_DTYPE).to(tl.float32) * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + pair[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -283,13 +281,13 @@ def _per_pair(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, act, bloc
         x, w13, w13_scale, h, ids, inter, hidden, top_k, x.stride(0), w13.stride(0), w13.stride(1), *s13, up_off,
         h.stride(0), ACT=act, SCALE_BN=scale_bn, BLOCK_SCALES=block, BLOCK_N=tile["gate_block_n"], QG=group,
         SUBS=tile["subs"], **consts, num_warps=tile["num_warps"], **pdl_args(x.device))
-    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     s2 = _scale_strides(w2_scale, block)
     _fp8_pair_down_kernel[(num_pairs, triton.cdiv(w2.shape[1], tile["down_block_n"]))](
-        h, w2, w2_scale, y, ids, weights, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), *s2,
+        h, w2, w2_scale, y, ids, w2.shape[1], inter, h.stride(0), w2.stride(0), w2.stride(1), *s2,
         y.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, BLOCK_N=tile["down_block_n"], QG=group,
         SUBS=tile["subs"], **consts, num_warps=tile["num_warps"], **pdl_args(h.device))
-    return float_moe._sum_topk(y, ids, num_tokens, top_k, x.dtype)
+    return float_moe._sum_topk(y, ids, num_tokens, top_k, x.dtype, weights)
 
 
 def _quantized(a: torch.Tensor, block_size, fp8: torch.dtype):
@@ -343,10 +341,10 @@ def fp8_fused_experts(
         n_major = bool(tile.get("n_major", False))
         n_blocks = triton.cdiv(n_out, bn)
         _fp8_expert_gemm_kernel[(num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)](
-            a, a_scale, w, w_scale, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts,
+            a, a_scale, w, w_scale, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts,
             a_row_div, a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), *_scale_strides(w_scale, block),
             up_scale_off, out.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, GATED=gated, ACT=act,
-            SCALE=not gated, ACT_DTYPE=_TL_DTYPE[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
+            ACT_DTYPE=_TL_DTYPE[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, N_MAJOR=n_major, num_warps=tile["num_warps"],
             num_stages=stages, **pdl_args(a.device))
 
@@ -354,6 +352,6 @@ def fp8_fused_experts(
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     launch(xq, xs, w13, w13_scale, h, inter, hidden, top_k, True, up_off)
     hq, hs = _quantized(h, block_size, w13.dtype)
-    y = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     launch(hq, hs, w2, w2_scale, y, w2.shape[1], inter, 1, False, 0)
-    return float_moe._sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
+    return float_moe._sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
