@@ -212,6 +212,32 @@ def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_seque
               TOL[torch.float32])
 
 
+def test_decode_split_count_follows_the_programs_an_sm_aims_for(monkeypatch):
+    """_decode_splits: enough splits for DECODE_TILE["programs_per_sm"] programs an SM (a power of two, at most
+    one key tile each, at most 64); 0 never splits. ATOM_ATTN_DECODE_PROGRAMS_PER_SM sets it at import, and a
+    value that is not a count is refused naming the variable."""
+    import subprocess
+    import sys
+
+    from atom.ops.triton_kernels import attention as tk
+
+    sms = 132
+    monkeypatch.setattr(tk, "num_sms", lambda device: sms)
+    dev = torch.device("cpu")
+    for per_sm, batch, kv_heads, span, want in [(2, 1, 8, 4096, 64), (2, 32, 8, 4096, 2), (2, 128, 8, 4096, 1),
+                                                (2, 1, 8, 256, 4), (4, 32, 8, 4096, 4), (1, 32, 8, 4096, 1),
+                                                (0, 1, 8, 4096, 1)]:
+        monkeypatch.setitem(tk.DECODE_TILE, "programs_per_sm", per_sm)
+        assert tk._decode_splits(dev, batch, kv_heads, span, 64) == want, (per_sm, batch, span)
+    code = "from atom.ops.triton_kernels import attention as a; print(a.DECODE_TILE['programs_per_sm'])"
+    env = {**os.environ, "ATOM_ATTN_DECODE_PROGRAMS_PER_SM": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "0", done.stderr[-2000:]
+    env["ATOM_ATTN_DECODE_PROGRAMS_PER_SM"] = "two"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "ATOM_ATTN_DECODE_PROGRAMS_PER_SM" in done.stderr
+
+
 def _host_layout_caches(kc: torch.Tensor, vc: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The same K and V pages as views of one cache in a host's layout (what atom-vllm's backend gets):
     vLLM <= 0.29 [num_blocks, 2, block_size, H, D]; vLLM >= 0.30 [num_blocks, H, block_size, 2 * D] (K | V on

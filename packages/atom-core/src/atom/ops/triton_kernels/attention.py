@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atom.envs import env_int
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
@@ -23,7 +24,11 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
 PREFILL_TILE = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+# programs_per_sm: decode splits a batch's contexts until every SM has about this many programs (0: never
+# split); ATOM_ATTN_DECODE_PROGRAMS_PER_SM sets it for A/B runs in an engine without new wheels (at batch 32 on
+# qwen3-8b, 2 gives 2 splits + a merge a layer; whether 1 split is faster there is not yet measured).
+DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
+                   programs_per_sm=env_int("ATOM_ATTN_DECODE_PROGRAMS_PER_SM", 2, 64, "programs an SM"))
 # Decode splits: each sequence's keys in NUM_SPLITS equal parts (True), or parts of the batch's longest span --
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
