@@ -159,8 +159,8 @@ def merge(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if rep.get("runs") or not m["engines"].get(e, {}).get("runs"):
                 m["engines"][e] = rep
         m["repeats"] += b.get("repeats") or [b["engines"]]
-        if b.get("crosscheck"):
-            m["crosscheck"] = b["crosscheck"]
+        if b.get("crosscheck") and (m.get("crosscheck") is None or m["crosscheck"].get("ratio") is None):
+            m["crosscheck"] = b["crosscheck"]  # a later call's "done earlier" does not hide the measured one
     merged = list(by_key.values())
     sessions: dict[str, int] = {}
     for m in merged:

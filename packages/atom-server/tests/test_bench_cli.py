@@ -316,3 +316,22 @@ def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
         json.dump({**cfg, "quantization_config": {"quant_method": "mxfp4"}}, f)
     with pytest.raises(ValueError, match="quantized config"):
         mat.materialize(str(tmp_path / "q"), str(tmp_path / "q-out"))
+
+
+def test_device_table_keeps_the_sessions_measured_crosscheck():
+    """bench_vs_vllm.py cross-checks vLLM once a session: a later call of that session records "done earlier";
+    the merged table keeps the measured comparison and prints it."""
+    mt = _make_table_module()
+    measured = dict(batch_size=32, driver_median_s=0.80, driver_latencies_s=[0.79, 0.80, 0.81], harness_s=[0.82],
+                    harness_median_s=0.82, ratio=0.82 / 0.80, agree=True, tolerance=0.10)
+
+    def bench(time_, xc):
+        return dict(shape="qwen3-8b", date="2026-12-04", time=time_, session="s1", command=f"call at {time_}",
+                    engines={}, crosscheck=xc)
+
+    merged = mt.merge([bench("10:00:00", measured), bench("10:05:00", dict(skipped="done earlier in this session"))])
+    assert len(merged) == 1 and merged[0]["crosscheck"] is measured
+    text = mt.markdown(merged)
+    assert "harness / driver 1.025 (agree, tolerance 10%)" in text and "Problems seen" not in text
+    off = {**measured, "ratio": 1.3, "agree": False}
+    assert "DISAGREE" in "\n".join(mt._problems([bench("10:00:00", off)]))
