@@ -254,6 +254,11 @@ def test_fp8_fused_experts_is_the_per_token_composition_of_fp8_linear(block_size
         ids[1, :] = -1
     out = Q.fp8_fused_experts(x, w13, w2, s13, s2, weights, ids, "silu", block_size)
     want = torch.zeros(tokens, hidden)
+    # The fused path computes gate|up of an expert's tokens in one product, the composition one token and one
+    # projection at a time: float sums that may differ in the last bit, which can send an element of h to the
+    # neighbouring FP8 code when it sits at a rounding midpoint (seed 1982398286: one token's row, 1e-4). Each
+    # token's difference is bounded by twice the hard activation-quantization bound of its down projections.
+    bound = torch.zeros(tokens, hidden)
     for t in range(tokens):
         for j in range(k):
             ex = int(ids[t, j])
@@ -264,7 +269,13 @@ def test_fp8_fused_experts_is_the_per_token_composition_of_fp8_linear(block_size
             up = Q.fp8_linear(x[t:t + 1], w13[ex, inter:], s13[ex, half:], None, block_size)
             h = silu_and_mul(torch.cat([gate, up], -1))
             want[t] += weights[t, j] * Q.fp8_linear(h, w2[ex], s2[ex], None, block_size)[0]
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            w2_hat = Q.dequantize_weight(w2[ex], s2[ex], block_size)
+            bound[t] += weights[t, j] * 2 * Q.activation_error_bound(h, w2_hat, block_size, w2.dtype)[0]
+    diff = (out - want).abs()
+    assert (diff <= bound + 1e-5).all(), (diff - bound).max()
+    # and where no code turned (nearly every draw: every token) the two agree to float rounding
+    same_rows = (diff <= 1e-5 + 1e-5 * want.abs()).all(dim=1)
+    assert same_rows.sum() >= tokens - 1, diff.max(dim=1).values
     # and near the float experts on the dequantized weights (activation quantization only)
     d13 = torch.stack([Q.dequantize_expert_w13(w13[i], s13[i], block_size) for i in range(e)])
     d2 = torch.stack([Q.dequantize_weight(w2[i], s2[i], block_size) for i in range(e)])
