@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--enforce-eager"] if ns.enforce_eager else []
         args += ["--quantization", ns.quantization] if ns.quantization else []
         args += ["--enable-expert-parallel"] if ns.enable_expert_parallel else []
+        at = args.index("--output-json")
+        recorded = args[:at] + args[at + 2:]  # its own temporary output file left out
         parser = FlexibleArgumentParser()
         latency.add_cli_args(parser)
         started = time.perf_counter()
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = json.load(f)
     harness = harness_times(ns.harness_json, ns.batch_size)
     result = dict(driver=DRIVER, vllm=vllm.__version__, model=ns.model, batch_size=ns.batch_size,
-                  input_len=ns.input_len, output_len=ns.output_len, driver_args=args[:-2],
+                  input_len=ns.input_len, output_len=ns.output_len, driver_args=recorded,
                   driver_latencies_s=measured["latencies"], harness_json=ns.harness_json, harness_s=harness,
                   atom_importable=found, took_s=took, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   **compare(measured["latencies"], harness, ns.tolerance))

