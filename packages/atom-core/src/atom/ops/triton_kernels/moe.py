@@ -5,11 +5,12 @@ tile of the grouped GEMM belongs to one expert (found from the cumulative padded
 single launch over all experts. The grid is sized by an upper bound on the padded row count, so no host
 sync is needed; tiles past the real end exit. Small batches are sorted by one Triton program. At decode
 sizes (a few pairs, nearly all on different experts) there is no sort: one GEMV per (pair, column block).
-GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 writes each pair's
-expert output in the activation dtype (the rounding the reference has there), and a last small kernel weights
-the k rows of a token by their routing weights in float32 and sums them (deterministic, no atomics; half the
-bytes of a float32 row a pair, which the prefill's 8 rows a token made ~1 GB a layer at 16K tokens). Pairs of expert id -1 (another rank's expert under expert parallelism) are never placed, never
-computed, and left out of the sum.
+GEMM 1 computes gate and up tiles together and applies the activation in registers; GEMM 2 writes each
+pair's expert output in the activation dtype (the rounding the reference has there), and a last small kernel
+weights the k rows of a token by their routing weights in float32 and sums them (deterministic, no atomics;
+half the bytes of a float32 row a pair, which the prefill's 8 rows a token made ~1 GB a layer at 16K tokens).
+Pairs of expert id -1 (another rank's expert under expert parallelism) are never placed, never computed, and
+left out of the sum.
 """
 
 from __future__ import annotations
@@ -462,7 +463,8 @@ def fused_experts(
         grid = (num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)
         _expert_gemm_kernel[grid](
             a, w, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, a_row_div,
-            a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
+            a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, ACT=act, E_PAD=e_pad,
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=k_step, F32_DOT=interpreting(), IEEE=ieee,
             N_MAJOR=n_major, num_warps=t["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
