@@ -17,6 +17,9 @@ then each engine in its own fresh process, --repeats times interleaved (A B C A 
   atom-alt   atom-server with the environment of --alt-env added (an A/B of one switch, e.g.
              --alt-env ATOM_FP8_SCALED_MM=0, in the same call and rounds)
   atom-alt2  the same with --alt2-env (a second switch in the same rounds)
+  atom-vllm-alt  atom-vllm with the environment of --vllm-alt-env added (the same A/B inside vLLM+ATOM, e.g.
+             --engines atom-vllm,atom-vllm-alt --vllm-alt-env ATOM_ATTN_DECODE_PROGRAMS_PER_SM=1; plugin on,
+             from atom-vllm's site)
 --quantization fp8 and --kv-cache-dtype fp8 go to every engine but atom-base (random bf16 weights quantized
 at load time: ATOM per output channel, vLLM 0.24 per tensor; both read one byte per weight).
 Every engine draws the same random weights (ATOM's load_format=dummy is vLLM's rule), or, with --materialize,
@@ -165,13 +168,20 @@ def session_id() -> str:
         return f.read().strip()
 
 
-ALT_ENGINES = ("atom-alt", "atom-alt2")
-ATOM_ENGINES = ("atom", "atom-base", *ALT_ENGINES)
+# the alt engines: each is the engine it alters plus NAME=VALUE pairs of its flag in the environment
+ALT_ENV_FLAGS = {"atom-alt": "--alt-env", "atom-alt2": "--alt2-env", "atom-vllm-alt": "--vllm-alt-env"}
+ALT_OF = {"atom-alt": "atom", "atom-alt2": "atom", "atom-vllm-alt": "atom-vllm"}
+ALT_ENGINES = tuple(ALT_ENV_FLAGS)
+ATOM_ENGINES = ("atom", "atom-base", "atom-alt", "atom-alt2")
+ENGINES = ("atom", "vllm", "atom-vllm", "atom-base", *ALT_ENGINES)
+# names --vllm-alt-env may not set: they would turn the plugin off or change the site atom-vllm-alt runs from,
+# and the A/B would no longer be one ATOM switch inside the same vLLM+ATOM
+VLLM_ALT_FIXED = ("ATOM_DISABLE_VLLM_PLUGIN", "PYTHONPATH")
 
 
 def alt_env(engine: str, ns: argparse.Namespace) -> str:
-    """The NAME=VALUE pairs an atom-alt engine adds to the environment ('' for the others)."""
-    return {"atom-alt": ns.alt_env, "atom-alt2": ns.alt2_env}.get(engine, "")
+    """The NAME=VALUE pairs an alt engine adds to the environment ('' for the others)."""
+    return {"atom-alt": ns.alt_env, "atom-alt2": ns.alt2_env, "atom-vllm-alt": ns.vllm_alt_env}.get(engine, "")
 
 
 def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: str) -> tuple[list[str], dict]:
@@ -198,7 +208,7 @@ def engine_command(engine: str, model: str, ns: argparse.Namespace, out_json: st
             env["ATOM_DISABLE_VLLM_PLUGIN"] = "1"  # belt and braces: atom is not importable at all
             env["PYTHONPATH"] = without_atom(env.get("PYTHONPATH", ""))
             cmd.append("--expect-no-atom")
-        else:
+        else:  # atom-vllm and atom-vllm-alt: the plugin on, from the PYTHONPATH this script was given
             env.pop("ATOM_DISABLE_VLLM_PLUGIN", None)
     return cmd, env
 
@@ -293,7 +303,8 @@ def run_engine(engine: str, model: str, ns: argparse.Namespace, tag: str, log, t
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked before any engine starts (a malformed one would otherwise cost a device call)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="qwen3-0.6b",
                    help="comma-separated presets (qwen3-0.6b,qwen3-8b,qwen3-30b-a3b,deepseek-v2-lite) or config "
@@ -316,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", action="store_true", help="expert parallelism in every engine (MoE shapes)")
     p.add_argument("--alt-env", default="", help="for the atom-alt engine: NAME=VALUE pairs, space-separated")
     p.add_argument("--alt2-env", default="", help="for the atom-alt2 engine: NAME=VALUE pairs, space-separated")
+    p.add_argument("--vllm-alt-env", default="",
+                   help="for the atom-vllm-alt engine (atom-vllm with these): NAME=VALUE pairs, space-separated")
     p.add_argument("--atom-args", default="", help="extra flags for atom bench throughput")
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="untimed full + prefill-only runs per batch size, in every engine")
@@ -333,15 +346,27 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.crosscheck_batch is not None and str(ns.crosscheck_batch) not in ns.batch_sizes.split(","):
         p.error(f"--crosscheck-batch {ns.crosscheck_batch} is not one of --batch-sizes {ns.batch_sizes}")
-    for engine, flag in (("atom-alt", "--alt-env"), ("atom-alt2", "--alt2-env")):
+    unknown = [e for e in ns.engines.split(",") if e not in ENGINES]
+    if unknown:  # an unknown name would run as atom-vllm (the last branch of engine_command)
+        p.error(f"unknown engine(s) {','.join(unknown)}; the engines are {','.join(ENGINES)}")
+    for engine, flag in ALT_ENV_FLAGS.items():
         pairs = alt_env(engine, ns).split()
         bad = [pair for pair in pairs if not pair.partition("=")[0] or "=" not in pair]
         if bad:
             p.error(f"{flag} takes NAME=VALUE pairs, got {' '.join(bad)!r}")
         if engine in ns.engines.split(",") and not pairs:
-            p.error(f"the {engine} engine needs {flag} NAME=VALUE ... (what it changes against atom)")
+            p.error(f"the {engine} engine needs {flag} NAME=VALUE ... (what it changes against {ALT_OF[engine]})")
+    fixed = [pair for pair in ns.vllm_alt_env.split() if pair.partition("=")[0] in VLLM_ALT_FIXED]
+    if fixed:
+        p.error(f"--vllm-alt-env may not set {' '.join(fixed)!r}: atom-vllm-alt runs with the plugin on, from "
+                "atom-vllm's site")
     if ns.warmup_runs < 0:
         p.error("--warmup-runs must be >= 0")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
     t0 = time.monotonic()
     os.makedirs(ns.out, exist_ok=True)
     parts = "/tmp/bench_parts"

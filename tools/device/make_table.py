@@ -8,7 +8,9 @@ vLLM running ATOM's model through the atom-vllm plugin; their ratios to vLLM; de
 the share of the decode roofline it reaches. The roofline is the bytes one decode step must read
 (weights without the input embedding, the experts a batch touches, the KV cache at the mean context)
 over the device-to-device copy rate measured in the same device call (PERF.md's method); under tensor
-parallelism (bench_<shape>_tp<N>[_ep]) each of the N GPUs reads 1/N of those bytes.
+parallelism (bench_<shape>_tp<N>[_ep]) each of the N GPUs reads 1/N of those bytes. The alt engines
+(atom-alt, atom-alt2: ATOM with one switch changed; atom-vllm-alt: vLLM+ATOM with one) get a table each
+against the engine they alter, paired by round.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import statistics
 import sys
 from typing import Any
 
-ALTS = ("atom-alt", "atom-alt2")
+# each alt engine of bench_vs_vllm.py and the engine it alters (its env pairs added): their own table
+ALT_OF = {"atom-alt": "atom", "atom-alt2": "atom", "atom-vllm-alt": "atom-vllm"}
+ALTS = tuple(ALT_OF)
 ENGINES = ("atom", "vllm", "atom-vllm", "atom-base", *ALTS)
 LABEL = {"atom": "ATOM", "vllm": "vLLM", "atom-vllm": "vLLM+ATOM", "atom-base": "ATOM bf16", "atom-alt": "ATOM alt",
-         "atom-alt2": "ATOM alt2"}
+         "atom-alt2": "ATOM alt2", "atom-vllm-alt": "vLLM+ATOM alt"}
 # PERF.md (H100 80GB, 2,970 GB/s): batch-1 decode roofline in ms/step, for reference next to this device's.
 PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.05}
 
@@ -219,11 +223,12 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["atom_base_ratio_all"] = [
                 rnd["atom"][bs]["output_tok_s"] / rnd["atom-base"][bs]["output_tok_s"]
                 for rnd in rounds if bs in rnd["atom"] and bs in rnd["atom-base"]]
-            # ATOM over ATOM with --alt-env / --alt2-env (atom-alt, atom-alt2), paired by round
-            for alt in ALTS:
+            # ATOM over ATOM with --alt-env / --alt2-env (atom-alt, atom-alt2), vLLM+ATOM over vLLM+ATOM with
+            # --vllm-alt-env (atom-vllm-alt), paired by round (these replace the alt engines' ratios to vLLM)
+            for alt, base in ALT_OF.items():
                 row[f"{alt}_ratio_all"] = [
-                    rnd["atom"][bs]["output_tok_s"] / rnd[alt][bs]["output_tok_s"]
-                    for rnd in rounds if bs in rnd["atom"] and bs in rnd[alt]]
+                    rnd[base][bs]["output_tok_s"] / rnd[alt][bs]["output_tok_s"]
+                    for rnd in rounds if bs in rnd[base] and bs in rnd[alt]]
             row["rounds"] = len(rounds)
             out.append(row)
     return out
@@ -265,20 +270,20 @@ def table(benches: list[dict[str, Any]]) -> str:
         lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
                   f"{_spread(r['atom-base_tok_s_all'])} | {_spread(r['atom_base_ratio_all'], '.2f', 'x')} |"
                   for r in base]
-    for name in ALTS:
+    for name, base in ALT_OF.items():
         alt = [r for r in all_rows if r.get(f"{name}_tok_s")]
         if not alt:
             continue
         envs = sorted({str(rnd[name].get("alt_env")) for b in benches
                        for rnd in (b.get("repeats") or [b["engines"]]) if rnd.get(name)})
-        label = LABEL[name]
-        lines += ["", f"{label}: ATOM with {' / '.join(envs)}", "",
-                  f"| shape | batch | ATOM tok/s | {label} tok/s (same call) | ATOM / {label} | ATOM ms/step "
+        label, of = LABEL[name], LABEL[base]
+        lines += ["", f"{label}: {of} with {' / '.join(envs)}", "",
+                  f"| shape | batch | {of} tok/s | {label} tok/s (same call) | {of} / {label} | {of} ms/step "
                   f"| {label} ms/step |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['batch']} | {_spread(r['atom_tok_s_all'])} | "
+        lines += [f"| {r['shape']} | {r['batch']} | {_spread(r[f'{base}_tok_s_all'])} | "
                   f"{_spread(r[f'{name}_tok_s_all'])} | {_spread(r[f'{name}_ratio_all'], '.2f', 'x')} | "
-                  f"{_f(r['atom_ms_step'], '.2f')} | {_f(r[f'{name}_ms_step'], '.2f')} |" for r in alt]
+                  f"{_f(r[f'{base}_ms_step'], '.2f')} | {_f(r[f'{name}_ms_step'], '.2f')} |" for r in alt]
     return "\n".join(lines)
 
 
@@ -291,7 +296,7 @@ def _problems(benches: list[dict[str, Any]]) -> list[str]:
             where = f"- {b['shape']} {LABEL[e]} round {i + 1}"
             if "error" in rep:
                 notes.append(f"{where}: {rep['error']}")
-            if e == "atom-vllm" and rep.get("atom_model_built") is False:
+            if e in ("atom-vllm", "atom-vllm-alt") and rep.get("atom_model_built") is False:
                 notes.append(f"{where}: the log shows no 'ATOM built' line: vLLM may have run its own model; "
                              "treat that column as vLLM's")
             if e == "vllm" and rep.get("atom_model_built") is True:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -207,6 +208,82 @@ def test_device_table_pairs_atom_alt_by_round():
     assert "ATOM alt: ATOM with X=0" in text and "ATOM alt2: ATOM with Y=1" in text
     alt_row, alt2_row = [line for line in text.splitlines() if line.startswith("| s | 1 |")][-2:]
     assert "1.30x [1.10-1.50x] n=2" in alt_row and "1.50x [1.00-2.00x] n=2" in alt2_row
+
+
+def test_device_table_pairs_atom_vllm_alt_by_round():
+    """bench_vs_vllm.py's atom-vllm-alt engine (vLLM+ATOM with --vllm-alt-env): vLLM+ATOM / alt per round in a table
+    of its own; the main table's vLLM+ATOM columns stay atom-vllm's, against vLLM."""
+    mt = _make_table_module()
+
+    def rep(tok_s, step, **extra):
+        return dict(runs=[dict(batch_size=1, input_len=128, output_len=128, output_tok_s=tok_s, ms_per_step=step,
+                               prefill_ms=9.0)], **extra)
+
+    rounds = [dict(atom=rep(110.0, 8.0), vllm=rep(100.0, 9.0),
+                   **{"atom-vllm": rep(130.0, 7.0, atom_model_built=True),
+                      "atom-vllm-alt": rep(120.0, 7.5, alt_env="ATOM_X=1", atom_model_built=True)}),
+              dict(atom=rep(120.0, 7.5), vllm=rep(100.0, 9.0),
+                   **{"atom-vllm": rep(90.0, 10.0, atom_model_built=True),
+                      "atom-vllm-alt": rep(75.0, 12.0, alt_env="ATOM_X=1", atom_model_built=False)})]
+    bench = dict(shape="s", date="2026-12-02", dtype="bfloat16", config=None, command="c", session="S1",
+                 engines=rounds[0], repeats=rounds)
+    (row,) = mt.rows([bench])
+    # paired by round (130/120, 90/75: median 1.14), not medians of each engine (110/97.5 = 1.13)
+    assert row["atom-vllm-alt_ratio_all"] == pytest.approx([130 / 120, 1.2])
+    assert row["atom-vllm_ratio_all"] == pytest.approx([1.3, 0.9])  # atom-vllm against vLLM, as before
+    assert row["atom-alt_ratio_all"] == []
+    text = mt.markdown([bench])
+    main = next(line for line in text.splitlines() if line.startswith("| s | 1 |"))
+    cells = [c.strip() for c in main.strip("|").split("|")]
+    assert cells[4] == "110 [90-130] n=2" and cells[6] == "1.10x [0.90-1.30x] n=2"  # atom-vllm's, not the alt's
+    assert "vLLM+ATOM alt: vLLM+ATOM with ATOM_X=1" in text
+    assert not any(line.startswith("ATOM alt") for line in text.splitlines())  # no ATOM / alt table
+    assert "| shape | batch | vLLM+ATOM tok/s | vLLM+ATOM alt tok/s (same call) | vLLM+ATOM / vLLM+ATOM alt |" in text
+    alt_row = [line for line in text.splitlines() if line.startswith("| s | 1 |")][-1]
+    assert alt_row == "| s | 1 | 110 [90-130] n=2 | 98 [75-120] n=2 | 1.14x [1.08-1.20x] n=2 | 8.50 | 9.75 |"
+    assert "s vLLM+ATOM alt round 2: the log shows no 'ATOM built' line" in text
+
+
+def _bench_vs_vllm_module():
+    """tools/device/bench_vs_vllm.py, with sys.path as it was (the script puts its folder first)."""
+    saved = list(sys.path)
+    try:
+        return _make_table_module("bench_vs_vllm")
+    finally:
+        sys.path[:] = saved
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engines", "atom-vllm,atom-vllm-alt", "--vllm-alt-env", "ATOM_X=1 ATOM_Y"],
+     "--vllm-alt-env takes NAME=VALUE pairs, got 'ATOM_Y'"),
+    (["--engines", "atom-vllm,atom-vllm-alt", "--vllm-alt-env", "=1"], "--vllm-alt-env takes NAME=VALUE pairs"),
+    (["--engines", "atom-vllm,atom-vllm-alt"], "the atom-vllm-alt engine needs --vllm-alt-env NAME=VALUE ... "
+                                               "(what it changes against atom-vllm)"),
+    (["--engines", "atom-vllm-alt", "--vllm-alt-env", "ATOM_DISABLE_VLLM_PLUGIN=1"],
+     "--vllm-alt-env may not set 'ATOM_DISABLE_VLLM_PLUGIN=1'"),
+    (["--engines", "atom-vllm,atom-vllm-alt2", "--vllm-alt-env", "ATOM_X=1"], "unknown engine(s) atom-vllm-alt2"),
+])
+def test_device_bench_refuses_bad_vllm_alt_flags(argv, message, capsys):
+    bench = _bench_vs_vllm_module()
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_device_bench_vllm_alt_is_atom_vllm_with_its_env(monkeypatch):
+    """atom-vllm-alt runs atom-vllm's command from atom-vllm's PYTHONPATH with the plugin on, plus its pairs."""
+    bench = _bench_vs_vllm_module()
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site-atom:/tmp/site")
+    monkeypatch.setenv("ATOM_DISABLE_VLLM_PLUGIN", "1")
+    ns = bench.parse_args(["--engines", "atom-vllm,atom-vllm-alt", "--vllm-alt-env", "ATOM_X=1 ATOM_Y=a=b"])
+    ns.load_format = "dummy"
+    cmd, env = bench.engine_command("atom-vllm", "/m", ns, "/tmp/o.json")
+    alt_cmd, alt_env = bench.engine_command("atom-vllm-alt", "/m", ns, "/tmp/o.json")
+    assert alt_cmd == cmd and "--expect-no-atom" not in cmd and cmd[1].endswith("vllm_throughput.py")
+    assert set(alt_env) - set(env) == {"ATOM_X", "ATOM_Y"} and set(env) <= set(alt_env)
+    assert {k: v for k, v in alt_env.items() if env.get(k) != v} == {"ATOM_X": "1", "ATOM_Y": "a=b"}
+    assert alt_env["PYTHONPATH"] == "/tmp/site-atom:/tmp/site" and "ATOM_DISABLE_VLLM_PLUGIN" not in alt_env
+    assert bench.alt_env("atom-vllm-alt", ns) == "ATOM_X=1 ATOM_Y=a=b" and bench.alt_env("atom-alt", ns) == ""
 
 
 def test_device_table_merges_calls_per_shape():
