@@ -392,3 +392,77 @@ def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     graph.replay()
     torch.testing.assert_close(out, op(*args))
     assert not torch.equal(out, eager)
+
+
+def _as_kernel_casts(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 t cast to dtype as the kernels' final cast does: round to nearest on a GPU; the interpreter (Triton
+    3.9) truncates float32 -> bf16 (see TOL)."""
+    if ON_GPU or dtype == torch.float32:
+        return t.to(dtype)
+    return (t.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights_format", ["dense", "mxfp4_random_codes"])
+def test_fused_experts_swigluoai_weights_each_pair_row_in_float32(weights_format, dtype):
+    """The per-pair GEMV path: each pair's down projection (+ bias) is rounded to the activation dtype and the
+    top-k sum is sum_k w_k * row_k.float(), each product rounded to float32 (the reference's rounding points): the
+    top-2 output equals that composition of the rows the op gives at top-1 with weight 1 (then its output is the
+    row itself), bit for bit (two terms: the sum's order does not matter)."""
+    tokens, hidden, inter, experts = 5, 64, 96, 6
+    x = rand(tokens, hidden, dtype=dtype)
+    if weights_format == "dense":
+        w13 = rand(experts, 2 * inter, hidden, dtype=dtype, scale=hidden**-0.5)
+        w2 = rand(experts, hidden, inter, dtype=dtype, scale=inter**-0.5)
+        s13 = s2 = None
+    else:
+        (w13, s13), (w2, s2) = _mxfp4_weights(experts, 2 * inter, hidden, (121, 126)), _mxfp4_weights(
+            experts, hidden, inter, (121, 126))
+    b13, b2 = rand(experts, 2 * inter, dtype=dtype, scale=0.3), rand(experts, hidden, dtype=dtype, scale=0.3)
+    ids = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, 2, device=DEVICE) + 0.1  # not normalized: every product rounds
+    op = triton_op("fused_experts_swigluoai")
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    assert tokens * 2 <= tk.PAIR_GEMV_MAX_PAIRS  # both calls take the GEMV: each pair's row computed alone
+    common = (x, w13, w2, b13, b2)
+    rows = [op(*common, torch.ones(tokens, 1, device=DEVICE), ids[:, k:k + 1].contiguous(), 1.702, 7.0, s13, s2)
+            for k in range(2)]
+    out = op(*common, weights, ids, 1.702, 7.0, s13, s2)
+    want = _as_kernel_casts(rows[0].float() * weights[:, :1] + rows[1].float() * weights[:, 1:], dtype)
+    assert out.dtype == dtype and torch.equal(out, want), (out.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sum_topk_rounds_each_weighted_row_before_adding(dtype, monkeypatch):
+    """moe._sum_topk with routing weights (the bf16, FP8 and GPT-OSS experts' top-k sum): out = sum_k w_k *
+    y_k.float() with each product rounded to float32, pairs of id -1 left out, bit for bit; it is compiled without
+    floating-point contraction, which would turn w_k * y_k + partial into one fma (sm_90 PTX, Triton 3.9; emulated
+    on random top-4 rows, 23% of the float32 sums and 1 bf16 output in ~60,000 change). On a GPU the compiled PTX
+    holds no fma."""
+    from atom.ops.triton_kernels import moe
+
+    launches = []
+    kernel = moe._sum_topk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs, kernel[grid](*args, **kwargs)))
+                return launches[-1][1]
+            return launch
+
+    monkeypatch.setattr(moe, "_sum_topk_kernel", Spy())
+    tokens, width = (512, 2880) if ON_GPU else (6, 300)
+    y = rand(tokens * 2, width, dtype=dtype)
+    ids = torch.randint(0, 8, (tokens, 2), device=DEVICE)
+    ids[1, 0] = ids[2, 1] = -1  # another rank's experts
+    weights = torch.rand(tokens, 2, device=DEVICE) + 0.1
+    out = moe._sum_topk(y, ids.reshape(-1), tokens, 2, torch.float32, weights.reshape(-1).contiguous())
+    terms = y.float().view(tokens, 2, width) * weights[:, :, None]
+    terms = torch.where((ids >= 0)[:, :, None], terms, 0.0)
+    assert torch.equal(out, terms[:, 0] + terms[:, 1]), (out - terms[:, 0] - terms[:, 1]).abs().max()
+    (kwargs, compiled), = launches
+    assert kwargs.get("enable_fp_fusion") is False
+    if ON_GPU and torch.version.hip is None:
+        assert "fma" not in compiled.asm["ptx"]

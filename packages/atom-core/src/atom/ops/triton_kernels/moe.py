@@ -365,13 +365,18 @@ def _pair_tile(num_tokens: int) -> dict:
 def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype,
               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's k rows of y summed in float32, times the flat float32 routing `weights` [T * k] when given
-    (y then holds the experts' outputs; without them y's float32 rows are weighted already)."""
+    (y then holds the experts' outputs; without them y's float32 rows are weighted already).
+
+    Compiled without floating-point contraction (enable_fp_fusion=False): the weighted sum would otherwise
+    compile to fma(y_k, w_k, partial) (seen in the sm_90 PTX, Triton 3.9), which skips the product's own
+    rounding; without it each product is rounded to float32 and then added, the reference's rounding
+    (y.float() * w summed) and the bits of the float32 rows weighted in the GEMM epilogue that this replaced."""
     out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
     block = 256
     _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
         y, ids, y if weights is None else weights, out, y.shape[1], top_k, y.stride(0), out.stride(0),
         K_PAD=triton.next_power_of_2(top_k), WEIGHTED=weights is not None, BLOCK=block, num_warps=4,
-        **pdl_args(y.device))
+        enable_fp_fusion=False, **pdl_args(y.device))
     return out
 
 

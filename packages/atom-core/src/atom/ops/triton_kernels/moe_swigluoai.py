@@ -4,7 +4,8 @@ The structure is that of atom.ops.triton_kernels.moe (read it first), whose sort
 this module reuses: up to PAIR_GEMV_MAX_PAIRS (token, k) pairs, one GEMV per (pair, column block) and no
 sort; beyond, the pairs sorted by expert and padded to tiles of BLOCK_M rows, and two grouped GEMMs (the
 first computes gate and up tiles together, adds their biases and applies the activation in registers; the
-second adds the bias and scales by the routing weight); then the fp32 rows summed over k.
+second adds the bias and writes each pair's output in the activation dtype, the rounding the reference has
+there); then moe._sum_topk weights each token's k rows by their routing weights in float32 and sums them.
 
 MXFP4 weights are read packed, 0.53 bytes per weight, and decoded in registers: a byte holds elements 2j
 (low nibble) and 2j+1 (high nibble) of a row, so a K chunk of the weights is taken as its even and its odd
@@ -339,14 +340,15 @@ def _w_chunk(w_cols, s_cols, n_ok, k0, k_dim, dtype: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit(do_not_specialize=["num_pairs"])  # as moe._expert_gemm_kernel: one compile for every batch
 def _expert_gemm_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, MXFP4: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """GATED: out[pair] = swigluoai(A W_gate^T + b_gate, A W_up^T + b_up), W_up = rows n_out..;
-    else out[pair] = w_pair * (A W^T + b) in fp32. A row = pair // a_row_div; W the tile's expert's."""
+    else out[pair] = A W^T + b in the activation dtype (moe._sum_topk weights it). A row = pair // a_row_div;
+    W the tile's expert's."""
     pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
@@ -382,44 +384,41 @@ def _expert_gemm_kernel(
         up = (acc_up + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype)
         acc = _swigluoai(gate, up.to(tl.float32), alpha, limit)
     else:
-        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype).to(tl.float32)
-        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+        acc = (acc + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_dtype)
     tl.store(out_ptr + pair[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _epilogue(acc, acc_up, bias, bias_up, weight, out_dtype: tl.constexpr, alpha, limit, GATED: tl.constexpr):
-    """Projection + bias (float32, broadcast to acc's shape) rounded to the activation dtype, then the clamped
-    SwiGLU (GATED: acc_up holds the up projection, bias_up its bias) or the routing weight."""
-    acc = (acc + bias).to(out_dtype).to(tl.float32)
+def _epilogue(acc, acc_up, bias, bias_up, out_dtype: tl.constexpr, alpha, limit, GATED: tl.constexpr):
+    """Projection + bias (float32, broadcast to acc's shape) rounded to the activation dtype; GATED: then the
+    clamped SwiGLU of it (acc_up holds the up projection, bias_up its bias), in float32; else returned in the
+    activation dtype (the down projection's output, which moe._sum_topk weights)."""
+    acc = (acc + bias).to(out_dtype)
     if GATED:
-        acc = _swigluoai(acc, (acc_up + bias_up).to(out_dtype).to(tl.float32), alpha, limit)
-    else:
-        acc = acc * weight
+        acc = _swigluoai(acc.to(tl.float32), (acc_up + bias_up).to(out_dtype).to(tl.float32), alpha, limit)
     return acc
 
 
 @triton.jit
-def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                      n_out, pair, row_ok, alpha, limit, GATED: tl.constexpr):
+def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair,
+                      row_ok, alpha, limit, GATED: tl.constexpr):
     """The epilogue of the out^T = W A^T kernels (accumulators [BLOCK_N, BLOCK_M]), as _expert_gemm_kernel's
     (_epilogue); out[pair, n] stored."""
     bias = bias_ptr + expert * bias_stride_e + n
     b = tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if GATED:
-        acc = _epilogue(acc, acc_up, b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None], 1.0,
+        acc = _epilogue(acc, acc_up, b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)[:, None],
                         a_ptr.dtype.element_ty, alpha, limit, GATED)
     else:
-        acc = _epilogue(acc, acc_up, b, 0.0, tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[None, :],
-                        a_ptr.dtype.element_ty, alpha, limit, GATED)
+        acc = _epilogue(acc, acc_up, b, 0.0, a_ptr.dtype.element_ty, alpha, limit, GATED)
     tl.store(out_ptr + pair[None, :] * out_stride + n[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mx_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit,
     GATED: tl.constexpr, ACT_FORMAT: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -458,8 +457,8 @@ def _expert_gemm_mx_kernel(
             u = tl.load(w_rows + n_out * w_stride_n + kb[None, :], mask=w_mask, other=0)
             su = tl.load(s_rows + n_out * s_stride_n + g[None, :], mask=s_mask, other=127)
             acc_up = tl.dot_scaled(u, su, "e2m1", a, None, ACT_FORMAT, acc_up)
-    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n, n_ok,
-                      n_out, pair, row_ok, alpha, limit, GATED)
+    _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair,
+                      row_ok, alpha, limit, GATED)
 
 
 @triton.jit
@@ -487,7 +486,7 @@ def _mx_decode_chunk(packed, scale_bytes, dtype: tl.constexpr, BLOCK_N: tl.const
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mxr_kernel(
-    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr, topk_w_ptr,
+    a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, w_stride_n, s_stride_e, s_stride_n,
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -552,8 +551,8 @@ def _expert_gemm_mxr_kernel(
         if GATED:
             tl.store(part + n_out, acc_up, mask=part_mask)
     else:
-        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, topk_w_ptr, expert, bias_stride_e, out_stride, n,
-                          n_ok, n_out, pair, row_ok, alpha, limit, GATED)
+        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
+                          pair, row_ok, alpha, limit, GATED)
 
 
 @triton.jit
@@ -566,9 +565,9 @@ def _sum_splits(rows, part_stride_s, n_ok, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, part_stride_s,
-                           part_stride_p, bias_stride_e, out_stride, alpha, limit, GATED: tl.constexpr,
-                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, n_out, part_stride_s, part_stride_p,
+                           bias_stride_e, out_stride, alpha, limit, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The split-K regdot's epilogue for one pair and BLOCK columns: its SPLIT_K float32 partial sums added in split
     order (_sum_splits), then _epilogue (the activation dtype is a_ptr's)."""
     pdl_wait(PDL)
@@ -584,10 +583,10 @@ def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_p
     b = tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)
     if GATED:
         acc = _epilogue(acc, _sum_splits(rows + n_out, part_stride_s, n_ok, SPLIT_K),
-                        b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32), 1.0, a_ptr.dtype.element_ty,
+                        b, tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32), a_ptr.dtype.element_ty,
                         alpha, limit, GATED)
     else:
-        acc = _epilogue(acc, acc, b, 0.0, tl.load(topk_w_ptr + pair), a_ptr.dtype.element_ty, alpha, limit, GATED)
+        acc = _epilogue(acc, acc, b, 0.0, a_ptr.dtype.element_ty, alpha, limit, GATED)
     tl.store(out_ptr + pair * out_stride + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -624,12 +623,12 @@ def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, M
 
 
 @triton.jit
-def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_out, k_dim, x_row_div, x_stride,
-                 w_stride_e, w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
+def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, n_out, k_dim, x_row_div, x_stride, w_stride_e,
+                 w_stride_n, s_stride_e, s_stride_n, bias_stride_e, out_stride, alpha, limit,
                  GATED: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACC_K: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
     """Decode: one GEMV per (pair, n block) on the pair's expert. GATED: h[pair] = swigluoai(gate, up) of
-    x[pair // x_row_div]; else y[pair] = w_pair * (h[pair] W2^T + b2) in fp32."""
+    x[pair // x_row_div]; else y[pair] = h[pair] W2^T + b2 in h's dtype (moe._sum_topk weights it)."""
     pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -647,12 +646,10 @@ def _pair_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ids_ptr, topk_w_ptr, n_
                                   BLOCK_K, MXFP4, PTX)
     dtype = x_ptr.dtype.element_ty
     bias = bias_ptr + expert * bias_stride_e + n
-    y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    y = (tl.sum(acc, axis=1) + tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
     if GATED:
         up = (tl.sum(acc_up, axis=1) + tl.load(bias + n_out, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
-        y = _swigluoai(y, up.to(tl.float32), alpha, limit)
-    else:
-        y = y * tl.load(topk_w_ptr + pair)
+        y = _swigluoai(y.to(tl.float32), up.to(tl.float32), alpha, limit)
     tl.store(out_ptr + pair * out_stride + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -813,7 +810,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
-        args = (a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
+        args = (a, w, s, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
                 limit)
         if MX_GEMM == "regdot":
@@ -830,7 +827,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
             if split_k > 1:
                 block = 256
                 _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
-                    part, a, b, out, ids, weights, n_out, *part_strides, b.stride(0), out.stride(0),
+                    part, a, b, out, ids, n_out, *part_strides, b.stride(0), out.stride(0),
                     alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4, **pdl_args(part.device))
             return
         _expert_gemm_mx_kernel[grid](
@@ -840,7 +837,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
 
     gemm(x, w13, s13, b13, h, inter, hidden, top_k, True)
     gemm(h, w2, s2, b2, y, hidden, inter, 1, False)
-    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
 
 
 @register("fused_experts_swigluoai", "triton")
@@ -874,7 +871,7 @@ def fused_experts_swigluoai(
     s2 = w2_scale if mxfp4 else w2
     alpha, limit = float(alpha), float(limit)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # each pair's expert output, unweighted
 
     ptx = mxfp4 and _ptx_decode(x)
     path = experts_path(x.dtype, mxfp4, num_pairs, ptx)
@@ -887,7 +884,7 @@ def fused_experts_swigluoai(
 
         def pair(a, w, s, b, out, n_out, k_dim, row_div, gated, block_n, block_k):
             _pair_kernel[(num_pairs, triton.cdiv(n_out, block_n))](
-                a, w, s, b, out, ids, weights, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
+                a, w, s, b, out, ids, n_out, k_dim, row_div, a.stride(0), w.stride(0), w.stride(1),
                 s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit, GATED=gated, MXFP4=mxfp4,
                 BLOCK_N=block_n, BLOCK_K=block_k, ACC_K=block_k // 32 if mxfp4 else block_k, PTX=ptx,
                 num_warps=tile["num_warps"], **pdl_args(a.device))
@@ -895,7 +892,7 @@ def fused_experts_swigluoai(
         pair(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, tile["gate_block_n"], tile["block_k"])
         pair(h, w2, s2, w2_bias, y, hidden, inter, 1, False, tile["down_block_n"],
              tile.get("down_block_k", tile["block_k"]))
-        return _sum_topk(y, ids, num_tokens, top_k, x.dtype)
+        return _sum_topk(y, ids, num_tokens, top_k, x.dtype, weights)
 
     # prefill sizes: MXFP4 experts dequantized, one projection at a time, then the dense grouped GEMM
     dequant = path == "dequant"
@@ -912,7 +909,7 @@ def fused_experts_swigluoai(
         rows = block_m + (2 if gated else 1) * bn
         k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
         _expert_gemm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
-            a, w, s, b, out, sorted_ids, padded_end, weights, n_out, k_dim, num_pairs, num_experts, row_div,
+            a, w, s, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
             a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
             limit, GATED=gated, MXFP4=packed, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
             BLOCK_N=bn, BLOCK_K=max(k_step, 64 if packed else 16), F32_DOT=interpreting(), IEEE=ieee,
@@ -920,4 +917,4 @@ def fused_experts_swigluoai(
 
     gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
     gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False)
-    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype)
+    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
