@@ -48,6 +48,17 @@ def test_accepted_connections_have_tcp_nodelay():
     assert _accepted_nodelay(sock) != 0
 
 
+def test_the_listener_passes_tcp_nodelay_to_what_it_accepts():
+    """Loops that do not set the option per connection (uvloop, which uvicorn picks when it is installed, as
+    beside vLLM) rely on the kernel copying it from the listening socket."""
+    sock = bind_port("127.0.0.1", 0)
+    sock.listen()
+    with sock, socket.create_connection(sock.getsockname()[:2], timeout=10):
+        accepted, _ = sock.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_a_port_in_use_is_refused_by_name():
     first = bind_port("127.0.0.1", 0)
     first.listen()
