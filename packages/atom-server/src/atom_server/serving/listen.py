@@ -18,7 +18,7 @@ def bind_port(host: str, port: int) -> socket.socket:
     # Nagle's algorithm held every response body behind its headers until the client's delayed ACK (~40 ms on
     # Linux): from a connection's second request on, a 16-token stream arrived in one burst 40 ms late.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # and for loops that copy the listener's options
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux copies it to accepted sockets (uvloop)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
