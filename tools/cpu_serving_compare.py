@@ -6,7 +6,10 @@ weights, measured with `atom bench serve` (random token-id prompts, greedy, EOS 
         --vllm-python /path/to/venv/bin/python --json /tmp/cpu_serving.json
 
 Each run starts a fresh server process, interleaved (atom vllm atom vllm ...), sends a small warm-up
-benchmark (first-request compiles and allocations), then one `atom bench serve` per concurrency. The
+benchmark (first-request compiles and allocations), then one `atom bench serve` per concurrency. Every
+benchmark of a server draws its own prompts (WARMUP_SEED for the warm-up, MEASURED_SEED + concurrency for each
+level): both servers cache prefixes by default, and with one seed for all (before 2026-12-04) the warm-up's prompts
+were the first prompts of every level, so some TTFTs measured a prefix-cache hit instead of a prefill. The
 summary gives, per engine and concurrency, the median and the min-max of output throughput, mean TTFT and
 mean TPOT, and the ratios ATOM / vLLM paired by run index; the load average is recorded before each run,
 because on a shared machine it decides whether the figures mean anything.
@@ -87,13 +90,17 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+WARMUP_SEED = 1
+MEASURED_SEED = 1000  # + the concurrency: each level of a run its own prompts
+
+
 def bench(url: str, ns: argparse.Namespace, concurrency: int, prompts: int, output_len: int,
-          out_dir: str, name: str) -> dict:
+          out_dir: str, name: str, seed: int) -> dict:
     cmd = [sys.executable, "-m", "atom_server.bench_cli", "serve", "--base-url", url, "--model", "m",
            "--tokenizer", ns.model, "--num-prompts", str(prompts), "--random-input-len", str(ns.input_len),
            "--random-output-len", str(output_len), "--max-concurrency", str(concurrency), "--ignore-eos",
-           "--disable-tqdm", "--seed", "0", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir",
-           out_dir, "--result-filename", name]
+           "--disable-tqdm", "--seed", str(seed), "--metric-percentiles", "50,90,99", "--save-result",
+           "--result-dir", out_dir, "--result-filename", name]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"bench failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -184,11 +191,11 @@ def main() -> int:
             proc, url, ready_s = start(engine, ns, log_path)
             try:
                 # process start -> first token: ready + the first request's TTFT (first-request compiles included)
-                warm = bench(url, ns, 2, 2, 8, out_dir, f"warmup-{engine}-{run}.json")
+                warm = bench(url, ns, 2, 2, 8, out_dir, f"warmup-{engine}-{run}.json", WARMUP_SEED)
                 first_token_s = ready_s + min(t for t in warm["ttfts"] if t) if any(warm["ttfts"]) else None
                 for c in ns.concurrency:
                     r = bench(url, ns, c, max(4, ns.prompts_per_slot * c), ns.output_len, out_dir,
-                              f"{engine}-{run}-c{c}.json")
+                              f"{engine}-{run}-c{c}.json", MEASURED_SEED + c)
                     row = dict(run=run, engine=engine, concurrency=c, ready_s=ready_s, first_token_s=first_token_s,
                                load_before=load[0],
                                **{k: r[k] for k in METRICS}, completed=r.get("completed"))
