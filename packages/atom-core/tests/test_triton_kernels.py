@@ -212,6 +212,115 @@ def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_seque
               TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype,kv_fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("qk_norm,is_neox,partial", [(True, True, False), (False, False, True)])
+@pytest.mark.parametrize("splits,window", [(1, None), (4, None), (2, 16)])
+def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_norm, is_neox, partial, splits,
+                                                             window):
+    """paged_attention_impl(prep=...) at decode: the attention kernel normalizes and rotates its queries and the
+    program holding each sequence's new key stores it (and its value) first; the same outputs and caches as
+    qk_norm_rope_cache followed by the attention (bit for bit under the interpreter, where neither the compiler's
+    contractions nor reduction layouts differ; within the dtype's tolerance on a GPU), also against the torch
+    references. A padding token (slot -1) stores nothing."""
+    from atom.ops import qk_norm_rope_cache as ref_prep
+    from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
+
+    hq, hk, head_dim, block_size = 4, 2, 32, 4
+    ctx = [9, 37, 70, 3]
+    q_raw, kc, vc, tables, qsl, lens, _, _ = _paged_case([1] * len(ctx), ctx, hq, hk, head_dim, block_size, dtype)
+    rot_dim = head_dim // 2 if partial else head_dim
+    cos_sin = rand(128, rot_dim)
+    positions = (lens - 1).long()
+    new = lens.long() - 1
+    slots = tables.long().gather(1, (new // block_size)[:, None])[:, 0] * block_size + new % block_size
+    slots[3] = -1  # a padding entry of a captured batch
+    kv = rand(len(ctx), 2 * hk * head_dim, dtype=dtype)
+    k_raw, v_raw = kv.split(hk * head_dim, dim=-1)  # strided rows, as split from a fused projection
+    qw, kw = (rand(head_dim, dtype=dtype), rand(head_dim, dtype=dtype)) if qk_norm else (None, None)
+    scales = {}
+    if kv_fp8:
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        scales = dict(k_scale=torch.tensor([0.75], device=DEVICE), v_scale=torch.tensor([1.25], device=DEVICE))
+    caches = [kc.clone(), vc.clone()]
+    q_rot, _ = triton_op("qk_norm_rope_cache")(positions, q_raw.reshape(len(ctx), -1), k_raw, v_raw, qw, kw, 1e-6,
+                                               head_dim, cos_sin, is_neox, *caches, slots, **scales)
+    args = (tables, qsl, lens, head_dim**-0.5, window, None, 1, 4096)
+    want = paged_attention_impl(q_rot.view(q_raw.shape), *caches, *args, num_splits=splits, **scales)
+    fused = [kc.clone(), vc.clone()]
+    got = paged_attention_impl(q_raw, *fused, *args, num_splits=splits, **scales,
+                               prep=DecodePrep(positions, k_raw, v_raw, qw, kw, 1e-6, cos_sin, is_neox, slots))
+    name = f"decode prep in attention {dtype} fp8={kv_fp8} norm={qk_norm} neox={is_neox} splits={splits}"
+    if ON_GPU:
+        check(name, got, want, TOL[dtype])
+        for a, b in zip(fused, caches):
+            check(name + " cache", a.float(), b.float(), TOL[dtype])
+    else:
+        assert torch.equal(got, want), name
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(fused, caches)), name
+    if not kv_fp8:  # the torch references: prep, then attention
+        ref_caches = [kc.clone(), vc.clone()]
+        rq, _ = ref_prep.qk_norm_rope_cache(positions, q_raw.reshape(len(ctx), -1), k_raw, v_raw, qw, kw, 1e-6,
+                                            head_dim, cos_sin, is_neox, *ref_caches, slots)
+        ref = ref_attn.paged_attention(rq.view(q_raw.shape), *ref_caches, *args)
+        check(name + " vs torch", got, ref, TOL[dtype])
+
+
+def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
+    """A tiny Qwen3 (qk-norm, rope) on the Triton kernels through PagedHarness: its decode steps take the fused
+    prep (counted) and give the logits and KV caches of the model with qk_norm_rope_cache as its own kernel
+    (ATOM_ATTN_FUSED_DECODE_PREP=0's path): bit for bit under the interpreter, within bf16 tolerance on a GPU."""
+    import sys
+
+    import transformers
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from paged_harness import PagedHarness
+
+    from atom.layers import attention as layers_attn
+    from atom.loader import load_model
+    from atom.ops import registry
+    from atom.ops.triton_kernels import attention as tk
+
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    fused_calls = []
+    impl = tk.paged_attention_impl
+
+    def counting(*args, **kwargs):
+        fused_calls.append(kwargs.get("prep") is not None)
+        return impl(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "paged_attention_impl", counting)
+
+    def run(fused: bool):
+        monkeypatch.setattr(layers_attn, "FUSED_DECODE_PREP", fused)
+        registry.forget_resolutions()
+        model, _ = load_model(str(tmp_path), dtype="bfloat16", device=DEVICE, progress=False)
+        harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
+        seqs = harness.add(2)
+        out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
+        for token in (7, 8, 9):
+            out.append(harness.step([[token], [token + 20]], seqs))
+        caches = [m.kv_cache for m in model.modules() if isinstance(m, layers_attn.PagedAttention)]
+        registry.forget_resolutions()
+        return torch.cat(out).float().cpu(), [(c.k.float().cpu(), c.v.float().cpu()) for c in caches]
+
+    want, want_caches = run(False)
+    assert not any(fused_calls)
+    got, got_caches = run(True)
+    assert sum(fused_calls) == 3 * 2, fused_calls  # every decode step, both layers; the prefill is not fused
+    if ON_GPU:
+        check("qwen3 decode prep fused", got, want, TOL[torch.bfloat16])
+    else:
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for pa, pb in zip(got_caches, want_caches) for a, b in zip(pa, pb))
+
+
 def test_decode_split_count_follows_the_programs_an_sm_aims_for(monkeypatch):
     """_decode_splits: enough splits for DECODE_TILE["programs_per_sm"] programs an SM (a power of two, at most
     one key tile each, at most 64); 0 never splits. ATOM_ATTN_DECODE_PROGRAMS_PER_SM sets it at import, and a

@@ -41,7 +41,8 @@ from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache
                                   kv_cache_layers)
 from atom.ops.attention import write_kv_slots
 from atom.ops.norm import rms_norm
-from atom.ops.registry import resolve
+from atom.envs import env_flag
+from atom.ops.registry import impl_of, resolve
 from atom.ops.rope import rotary_embedding
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,12 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
                                       inputs.window_slot_mapping, inputs.window_block_tables)
 
 
+# ATOM_ATTN_FUSED_DECODE_PREP=1: at decode the attention kernel does qk_norm_rope_cache's work itself (one
+# launch a layer less; atom.ops.triton_kernels.attention's PREP). Off by default until it has run on a GPU:
+# written and tested under the interpreter only (bit-identical there; tools/device/README.md item G2).
+FUSED_DECODE_PREP = env_flag("ATOM_ATTN_FUSED_DECODE_PREP", False)
+
+
 class PagedAttention(nn.Module):
     metadata_builder_cls = PagedAttentionMetadataBuilder
 
@@ -165,6 +172,10 @@ class PagedAttention(nn.Module):
         self._attend = resolve("paged_attention", static={**static, "has_sinks": True} if sinks is not None
                                else static or None)
         self._prep = resolve("qk_norm_rope_cache", static=static or None)
+        # decode steps: the attention kernel does the prep's work itself (one launch a layer less), where both
+        # ops are the Triton kernels it merges
+        self._fused_prep = FUSED_DECODE_PREP and all(
+            getattr(impl_of(op), "backend", None) == "triton" for op in (self._attend, self._prep))
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
@@ -218,6 +229,18 @@ class PagedAttention(nn.Module):
             return self.forward(q, k, v)
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
+        # not under torch.compile: the fused launch is a plain function, not a custom op dynamo can keep opaque
+        if (self._fused_prep and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
+                and not torch.compiler.is_compiling()):
+            from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
+
+            s = self.spec
+            out = paged_attention_impl(
+                q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,
+                md.seq_lens, s.scale, s.sliding_window, s.logit_softcap, md.max_query_len, md.max_seq_len,
+                k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks,
+                prep=DecodePrep(positions, k, v, q_weight, k_weight, eps, cos_sin, is_neox, slots))
+            return out.reshape(q.shape[0], s.num_heads * s.head_dim)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
                           cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)

@@ -11,6 +11,8 @@ one-split kernel, or in the merge.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,27 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
+
+
+class DecodePrep(NamedTuple):
+    """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself
+    (paged_attention_impl's prep): positions [T], raw k / v [T, Hk * D] (or [T, Hk, D]), the qk-norm weights
+    (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves or interleaved pairs, and
+    the cache slots [T] (-1: padding, nothing stored)."""
+
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    cos_sin: torch.Tensor
+    is_neox: bool
+    slot_mapping: torch.Tensor
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @triton.jit
@@ -93,6 +116,40 @@ def _softcapped(s, softcap):
     return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
 
 
+@triton.jit
+def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, NORM: tl.constexpr,
+                    IS_NEOX: tl.constexpr):
+    """Rows of q or k (row_ptr [R, 1]: each row's first element; row_ok [R, 1]) RMS-normalized (NORM, weight
+    w_ptr) and rotated by the cos / sin row cs_row (cos then sin, rot_half each), in the rows' dtype: the
+    arithmetic and roundings of qk_norm_rope_cache's _norm_rope_heads, laid out over d [BLOCK_D] instead of
+    the two rotation halves (each element reads its rotation partner)."""
+    dd = d[None, :]
+    m = row_ok & (dd < head_dim)
+    x = tl.load(row_ptr + dd, mask=m, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    rot = dd < 2 * rot_half
+    if IS_NEOX:
+        first = dd < rot_half
+        partner = tl.where(first, dd + rot_half, dd - rot_half)
+        ci = tl.where(first, dd, dd - rot_half)
+    else:
+        first = dd % 2 == 0
+        partner = tl.where(first, dd + 1, dd - 1)
+        ci = dd // 2
+    xp = tl.load(row_ptr + partner, mask=m & rot, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1, keep_dims=True) / head_dim + eps)
+        w = tl.load(w_ptr + dd, mask=dd < head_dim, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=rot & (dd < head_dim), other=0.0).to(tl.float32)
+        xf = ((xf * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+        xp = ((xp * rstd).to(dt).to(tl.float32) * wp).to(dt).to(tl.float32)
+    cos = tl.load(cs_row + ci, mask=rot, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + rot_half + ci, mask=rot, other=0.0).to(tl.float32)
+    o = tl.where(first, xf * cos - xp * sin, xf * cos + xp * sin)
+    return tl.where(rot, o, xf).to(dt)
+
+
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
@@ -103,11 +160,19 @@ def _attention_kernel(
     num_heads,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
+    pos_ptr, k_raw_ptr, v_raw_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, eps, k_raw_stride_t, v_raw_stride_t, cs_stride,
+    rot_half,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PREP: tl.constexpr,
+    NORM: tl.constexpr, IS_NEOX: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    """PREP (decode only: one query a sequence): q_ptr holds the raw queries and k_raw / v_raw this step's raw
+    keys and values; the program normalizes and rotates its query heads itself, and the program whose keys end
+    at the sequence's new key first normalizes, rotates and stores that key (and its value) in the cache, then
+    walks its keys as usual (qk_norm_rope_cache's work, without its launch; no other program reads the new key)."""
     pdl_wait(PDL)
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -128,8 +193,13 @@ def _attention_kernel(
     q_pos = ctx + qi
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    q = tl.load(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PREP:
+        cs_row = cs_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * cs_stride
+        q = _norm_rope_rows(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h,
+                            row_ok[:, None], d, qw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX)
+    else:
+        q = tl.load(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if F32_DOT:
         q = q.to(tl.float32)
 
@@ -147,6 +217,23 @@ def _attention_kernel(
             return
         lo = lo + split * span
         hi = tl.minimum(hi, lo + span)
+
+    if PREP:
+        slot = tl.load(slot_ptr + q_start).to(tl.int64)
+        if (hi == seq_len) & (lo < hi) & (slot >= 0):  # this program's keys end at the new one: store it first
+            one = tl.full([1, 1], 1, tl.int1)
+            k_row = k_raw_ptr + q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
+            k_new = _norm_rope_rows(k_row, one, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX)
+            v_new = tl.load(v_raw_ptr + q_start * v_raw_stride_t + kvh * head_dim + d[None, :], mask=d_ok[None, :])
+            blk_new = slot // block_size
+            in_new = slot % block_size
+            tl.store(kc_ptr + blk_new * kc_stride_b + in_new * kc_stride_s + kvh * kc_stride_h + d[None, :],
+                     to_cache(k_new, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8,
+                              FP8_MAX, MIN_EXP, EMULATE), mask=d_ok[None, :])
+            tl.store(vc_ptr + blk_new * vc_stride_b + in_new * vc_stride_s + kvh * vc_stride_h + d[None, :],
+                     to_cache(v_new, load_kv_scale(v_scale_ptr, HAS_V_SCALE), vc_ptr.dtype.element_ty, KV_FP8,
+                              FP8_MAX, MIN_EXP, EMULATE), mask=d_ok[None, :])
+        tl.debug_barrier()  # those stores visible to every thread of the program before the walk reads them
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -294,9 +381,12 @@ def paged_attention_impl(
     v_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    prep: DecodePrep | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the decode split count open to callers (tests force the merge path) and, for
-    hosts that own the output buffer (atom-vllm), `out`: [num_tokens, num_heads, head_dim], unit last stride."""
+    hosts that own the output buffer (atom-vllm), `out`: [num_tokens, num_heads, head_dim], unit last stride.
+    prep (decode steps: one query a sequence): q is raw (before qk-norm and rope) and the kernel does
+    qk_norm_rope_cache's work for the step's keys and values itself (see _attention_kernel)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -343,17 +433,29 @@ def paged_attention_impl(
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
     kv = kv_cache_consts(k_cache, k_scale, v_scale)
+    if prep is not None:
+        if max_query_len != 1 or num_tokens != batch:
+            raise ValueError("paged_attention_impl: prep is for decode steps (one query a sequence)")
+        k_raw, v_raw = (_unit_rows(x.reshape(num_tokens, -1)) for x in (prep.k, prep.v))
+        cs = _unit_rows(prep.cos_sin)
+        norm = prep.q_weight is not None
+        prep_args = (prep.positions, k_raw, v_raw, prep.q_weight if norm else q, prep.k_weight if norm else q, cs,
+                     prep.slot_mapping, float(prep.eps), k_raw.stride(0), v_raw.stride(0), cs.stride(0),
+                     cs.shape[-1] // 2)
+    else:
+        norm = False
+        prep_args = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0)
     _attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
         q if k_scale is None else k_scale, q if v_scale is None else v_scale, sinks_arg, float(scale),
         float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
         tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(2), block_tables.stride(0), *prep_args,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, KV_FP8=kv["KV_FP8"],
-        HAS_K_SCALE=kv["HAS_K_SCALE"], HAS_V_SCALE=kv["HAS_V_SCALE"], USE_SINKS=sinks is not None,
+        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
+        PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
     )
     if num_splits > 1:
