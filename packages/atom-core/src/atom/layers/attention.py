@@ -39,7 +39,7 @@ from atom.forward_context import get_forward_context
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
                                   bind_kv_caches, check_cache_dtype, check_kv_scale, is_fp8,
                                   kv_cache_layers)
-from atom.ops.attention import write_kv_slots
+from atom.ops.attention import DecodePrep, write_kv_slots
 from atom.ops.norm import rms_norm
 from atom.envs import env_flag
 from atom.ops.registry import impl_of, resolve
@@ -174,8 +174,12 @@ class PagedAttention(nn.Module):
         self._prep = resolve("qk_norm_rope_cache", static=static or None)
         # decode steps: the attention kernel does the prep's work itself (one launch a layer less), where both
         # ops are the Triton kernels it merges
-        self._fused_prep = FUSED_DECODE_PREP and all(
-            getattr(impl_of(op), "backend", None) == "triton" for op in (self._attend, self._prep))
+        self._fused_attend = None
+        if FUSED_DECODE_PREP and all(getattr(impl_of(op), "backend", None) == "triton"
+                                     for op in (self._attend, self._prep)):
+            from atom.ops.triton_kernels import attention as triton_attention  # Triton is importable: resolved
+
+            self._fused_attend = triton_attention.paged_attention_impl
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
@@ -230,12 +234,10 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
         # not under torch.compile: the fused launch is a plain function, not a custom op dynamo can keep opaque
-        if (self._fused_prep and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
+        if (self._fused_attend is not None and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
                 and not torch.compiler.is_compiling()):
-            from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
-
             s = self.spec
-            out = paged_attention_impl(
+            out = self._fused_attend(
                 q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,
                 md.seq_lens, s.scale, s.sliding_window, s.logit_softcap, md.max_query_len, md.max_seq_len,
                 k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks,

@@ -31,6 +31,8 @@ rows together, each prefill row through torch's fused scaled_dot_product_attenti
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from atom.ops import cpu_native
@@ -157,6 +159,23 @@ def _read_slots_by_head(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tenso
     if cache.is_contiguous():
         return cache.view(-1, *cache.shape[2:]).transpose(0, 1)[:, slots]
     return _read_slots(cache, slots).permute(2, 0, 1, 3)
+
+
+class DecodePrep(NamedTuple):
+    """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself
+    (atom.ops.triton_kernels.attention.paged_attention_impl's prep): positions [T], raw k / v [T, Hk * D] (or [T, Hk, D]), the qk-norm weights
+    (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves or interleaved pairs, and
+    the cache slots [T] (-1: padding, nothing stored)."""
+
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    cos_sin: torch.Tensor
+    is_neox: bool
+    slot_mapping: torch.Tensor
 
 
 def write_kv_slots(

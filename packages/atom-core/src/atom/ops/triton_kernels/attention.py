@@ -11,13 +11,12 @@ one-split kernel, or in the merge.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from atom.envs import env_int
+from atom.ops.attention import DecodePrep
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
@@ -35,23 +34,6 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
-
-
-class DecodePrep(NamedTuple):
-    """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself
-    (paged_attention_impl's prep): positions [T], raw k / v [T, Hk * D] (or [T, Hk, D]), the qk-norm weights
-    (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves or interleaved pairs, and
-    the cache slots [T] (-1: padding, nothing stored)."""
-
-    positions: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    q_weight: torch.Tensor | None
-    k_weight: torch.Tensor | None
-    eps: float
-    cos_sin: torch.Tensor
-    is_neox: bool
-    slot_mapping: torch.Tensor
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
