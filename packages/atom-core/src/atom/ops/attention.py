@@ -162,10 +162,10 @@ def _read_slots_by_head(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tenso
 
 
 class DecodePrep(NamedTuple):
-    """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself
-    (atom.ops.triton_kernels.attention.paged_attention_impl's prep): positions [T], raw k / v [T, Hk * D] (or [T, Hk, D]), the qk-norm weights
-    (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves or interleaved pairs, and
-    the cache slots [T] (-1: padding, nothing stored)."""
+    """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself (the prep of
+    atom.ops.triton_kernels.attention.paged_attention_impl): positions [T], raw k / v [T, Hk * D] (or [T, Hk,
+    D]), the qk-norm weights (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves
+    or interleaved pairs, and the cache slots [T] (-1: padding, nothing stored)."""
 
     positions: torch.Tensor
     k: torch.Tensor
