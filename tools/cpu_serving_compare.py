@@ -66,28 +66,44 @@ def start(engine: str, ns: argparse.Namespace, log_path: str) -> tuple[subproces
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    try:
+        return proc, url, wait_ready(proc, url, ns.start_timeout, engine, log_path)
+    except BaseException:  # not ready in time, exited, or the budget's SIGINT while waiting: no server left behind
+        stop(proc)
+        raise
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, engine: str, log_path: str) -> float:
+    """Seconds until the server answers /health; raises if it exits first or is not ready within `timeout`."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < ns.start_timeout:
+    while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"{engine} exited with {proc.returncode}:\n" + open(log_path).read()[-4000:])
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, time.monotonic() - t0
+                return time.monotonic() - t0
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    stop(proc)
-    raise TimeoutError(f"{engine} not ready after {ns.start_timeout} s:\n" + open(log_path).read()[-4000:])
+    raise TimeoutError(f"{engine} not ready after {timeout} s:\n" + open(log_path).read()[-4000:])
+
+
+STOP_GRACE_S = 15  # SIGINT, then SIGKILL: under serve_vs_vllm.sh's `timeout -k 20` the driver itself is killed at 20 s
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group (vLLM's engine core is a child process holding the GPU memory)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(60)
+            proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
+    try:  # children that outlive the server process (or ignored SIGINT) go too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 WARMUP_SEED = 1

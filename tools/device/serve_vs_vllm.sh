@@ -41,5 +41,12 @@ timeout -s INT -k 20 "${SERVE_BUDGET_S:-540}" python3 tools/cpu_serving_compare.
   --max-model-len 4096 --json "${OUT:-/tmp}/serve_$shape.json" --log-dir "$logs" "$@"
 rc=$?
 [ $rc = 124 ] && echo "serve_vs_vllm: cut at SERVE_BUDGET_S=${SERVE_BUDGET_S:-540} s; the JSON holds the runs that finished"
+# A server must not outlive the comparison: in stop 39 a vLLM server whose start the budget cut kept 85% of the
+# GPU's memory and failed the next call's tests. The driver stops each server's process group; this is the
+# fallback when the driver itself was killed (timeout's -k).
+if pgrep -f "api_server --model $folder|atom_server serve $folder|VLLM::EngineCore" >/dev/null; then
+  echo "serve_vs_vllm: killing servers left behind: $(pgrep -f "api_server --model $folder|atom_server serve $folder|VLLM::EngineCore" | tr '\n' ' ')"
+  pkill -KILL -f "api_server --model $folder|atom_server serve $folder|VLLM::EngineCore"
+fi
 tar -czf "${OUT:-/tmp}/serve_logs_$shape.tar.gz" -C /tmp "serve_logs_$shape" 2>/dev/null
 exit $rc
