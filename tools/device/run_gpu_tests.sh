@@ -35,6 +35,14 @@ shift $(( $# > 0 ? 1 : 0 ))
 extra=("$@")
 
 mkdir -p "$site"
+# A server left by an earlier call (a cut serve_vs_vllm run in stop 39 kept 85% of the memory) makes every test that
+# sizes its KV cache from free memory fail: say what holds the GPU and stop the servers this repo's scripts start.
+busy=$(nvidia-smi --query-compute-apps=pid,used_memory,name --format=csv,noheader 2>/dev/null)
+if [ -n "$busy" ]; then
+  echo "run_gpu_tests: the GPU is in use before the tests: $busy"
+  pkill -KILL -f "vllm.entrypoints.openai.api_server|atom_server serve|VLLM::EngineCore" && sleep 3 \
+    && echo "run_gpu_tests: stopped leftover servers; now: $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
+fi
 if [ -d .carry/vllm/deps ] && [ ! -f "$site/.atom-deps-done" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     .carry/vllm/deps/*.whl 2> >(grep -v "Target directory .* already exists" >&2) && touch "$site/.atom-deps-done"
