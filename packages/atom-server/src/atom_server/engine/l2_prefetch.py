@@ -99,9 +99,14 @@ class L2Prefetch:
             self.forked = False
 
     def __enter__(self) -> L2Prefetch:
+        warmed = False
         for m in self.model.modules():
             if isinstance(m, LinearBase):
                 self.handles.append(m.register_forward_pre_hook(self._pre))
+                if not warmed and self.tensors(m):  # JIT-compile and load the prefetch kernel outside any capture
+                    from atom.ops.triton_kernels.pdl import prefetch_to_l2
+
+                    warmed = bool(prefetch_to_l2(self.tensors(m)[0], 1 << 16))
         self.handles.append(self.model.register_forward_hook(self._post))
         return self
 
