@@ -9,6 +9,11 @@ queries and output) / time against the copy rate.
         [--contexts 512,1536,3072] [--max-model-len 4096] [--heads 32,8,128] [--mla]
 
 --mla: the DeepSeek-V2-Lite latent attention (mla_decode) instead of the GQA kernel.
+--prep: Qwen3's decode prep (qk-norm, rope, the KV write) as its own kernel before the attention
+(qk_norm_rope_cache + paged_attention_impl, atom-server's default) against inside it (paged_attention_impl's
+prep, ATOM_ATTN_FUSED_DECODE_PREP=1), each captured `--layers` times in a row in one graph (the boundaries
+between kernels count, as in a step); us per layer. Run it with ATOM_PDL=0 too: with PDL a kernel's time
+includes its wait for the one before.
 """
 
 from __future__ import annotations
@@ -61,6 +66,44 @@ def mla_case(batch, ctx, max_model_len):
     return run, real_max, nbytes, None
 
 
+def prep_case(batch, ctx, heads, max_model_len, layers):
+    """(two kernels, one kernel): `layers` decode preps + attentions in a row, each layer its own cache."""
+    from atom.ops.attention import DecodePrep
+    from atom.ops.triton_kernels.qk_norm_rope_cache import qk_norm_rope_cache
+
+    hq, hkv, d = heads
+    ctxs = _contexts(batch, ctx)
+    per_layer = [paged(batch, 1, ctxs, hq, hkv, d) for _ in range(layers)]
+    dev, dt = per_layer[0][0][0].device, per_layer[0][0][0].dtype
+    seq = per_layer[0][0][5]
+    positions = (seq - 1).long()
+    cos_sin = torch.randn(max_model_len, d, device=dev, dtype=torch.float32)
+    qw, kw = torch.rand(d, device=dev, dtype=dt) + 0.5, torch.rand(d, device=dev, dtype=dt) + 0.5
+    raw = [(torch.randn(batch, hq * d, device=dev, dtype=dt), torch.randn(batch, hkv * d, device=dev, dtype=dt),
+            torch.randn(batch, hkv * d, device=dev, dtype=dt)) for _ in range(layers)]
+    layer_args = []
+    for (args, _), (q, k, v) in zip(per_layer, raw):
+        _, kc, vc, tables, qsl, lens, scale = args[:7]
+        # each sequence's new key goes to the slot after its cached ones: the last block-table entry it uses
+        last = (lens - 1).long()
+        slots = tables[torch.arange(batch, device=dev), last // 16].long() * 16 + last % 16
+        layer_args.append((q, k, v, kc, vc, _graph_width(tables, max_model_len), qsl, lens, scale, slots))
+
+    def two():
+        for q, k, v, kc, vc, wide, qsl, lens, scale, slots in layer_args:
+            q2, _ = qk_norm_rope_cache(positions, q, k, v, qw, kw, 1e-6, d, cos_sin, True, kc, vc, slots)
+            tk.paged_attention_impl(q2.view(batch, hq, d), kc, vc, wide, qsl, lens, scale, None, None, 1,
+                                    max_model_len)
+
+    def one():
+        for q, k, v, kc, vc, wide, qsl, lens, scale, slots in layer_args:
+            tk.paged_attention_impl(q.view(batch, hq, d), kc, vc, wide, qsl, lens, scale, None, None, 1,
+                                    max_model_len, prep=DecodePrep(positions, k, v, qw, kw, 1e-6, cos_sin, True,
+                                                                   slots))
+
+    return two, one
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64,128")
@@ -74,6 +117,17 @@ def main() -> None:
     bw = copy_bandwidth()
     heads = tuple(int(x) for x in ns.heads.split(","))
     print(f"copy rate {bw:,.0f} GB/s; max_model_len {ns.max_model_len}; {'MLA' if ns.mla else f'GQA {heads}'}")
+    if ns.prep:
+        print(f"{ns.layers} layers a graph, PDL {os.environ.get('ATOM_PDL', 'default')}")
+        print("batch  ctx(mean)  prep kernel + attention us/layer   prep inside attention us/layer   saved us/layer")
+        for b in (int(x) for x in ns.batches.split(",")):
+            for c in (int(x) for x in ns.contexts.split(",")):
+                if c * 3 // 2 > ns.max_model_len:
+                    continue
+                two, one = prep_case(b, c, heads, ns.max_model_len, ns.layers)
+                t2, t1 = (graph_time(f) * 1e3 / ns.layers for f in (two, one))
+                print(f"{b:5d}  {c:9d}  {t2:30.2f}   {t1:30.2f}   {t2 - t1:12.2f}", flush=True)
+        return
     print("batch  ctx(mean)  splits  per-seq us (% copy)   span us (% copy)   span=real max us   per-seq speed-up")
     rows = []
     for b in (int(x) for x in ns.batches.split(",")):
