@@ -176,3 +176,34 @@ def test_layer_stash_from_another_step_is_refused(tmp_path, monkeypatch):
             on.forward(torch.empty_like(q), k[:0], v[:0])
         with pytest.raises(RuntimeError, match="stash is missing"):  # consumed (and cleared) by the failed call
             on.forward(torch.empty_like(q), k[:0], v[:0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETING, reason="starts its own engines")
+def test_engine_greedy_tokens_equal_with_and_without_the_switch(tmp_path):
+    """A tiny Qwen3 through vllm.LLM on ATOM's attention backend with the attention ops on Triton's interpreter
+    (the rest on torch, for speed): 6 prompts, 12 greedy tokens each (11 pure decode steps of the whole batch),
+    eager and compiled (Dynamo tracing the prep op's fake), the same tokens and top-2 logprob gaps with the switch
+    on as off, and every decode step of both layers took the fused kernel (none with it off)."""
+    import torch
+    from conftest import ON_GPU, _collect, _start_offline
+    from tiny_checkpoints_vllm import make_checkpoint
+
+    if ON_GPU:
+        pytest.skip("the CPU interpreter's run; on a GPU the A/B is tools/device/bench_vs_vllm.sh")
+    path = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
+    env = dict(VLLM_CPU_CI_ENV="1", VLLM_CPU_OMP_THREADS_BIND="nobind", ATOM_VLLM_ATTENTION="1", TRITON_INTERPRET="1",
+               ATOM_KERNEL_BACKEND="torch",
+               ATOM_KERNEL_OVERRIDES="paged_attention=triton,qk_norm_rope_cache=triton,reshape_and_cache=triton")
+    procs = {fused: _start_offline([path, path + "@compile"] if fused else [path], str(tmp_path / f"{fused}.log"),
+                                   ATOM_ATTN_FUSED_DECODE_PREP=str(int(fused)), **env) for fused in (True, False)}
+    runs = {fused: _collect(proc, str(tmp_path / f"{fused}.log")) for fused, proc in procs.items()}
+    off = runs[False]["results"][path]
+    assert off["attn_impl"] == ["AtomAttentionImpl"] and off["fused_decode_steps"] == 0
+    assert "decode prep inside the attention kernel" in runs[True]["log"]
+    for spec in (path, path + "@compile"):
+        on = runs[True]["results"][spec]
+        assert on["fused_decode_steps"] == 11 * 2, spec  # 11 decode steps, 2 layers
+        assert on["tokens"] == off["tokens"], spec
+        assert on["gaps"] == off["gaps"], spec
+    assert torch.tensor([len(t) for t in off["tokens"]]).eq(12).all()
