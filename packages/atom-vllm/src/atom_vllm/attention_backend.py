@@ -197,6 +197,9 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         if self._fuses_decode(md, kv_cache):  # forward() runs qk_norm_rope_cache's work in its kernel
             n = md.num_actual_tokens
             slots = (md.slot_mapping if slots is None else slots)[:n]
+            # views of the model's qkv: kept alive by these references until forward() (a compiled piece ends at
+            # the attention op; after this op it allocates only the attention's output, smaller than qkv, so
+            # Inductor's buffer reuse has nothing to put in qkv's place first; check on a GPU with Inductor)
             self._stash = (md, q[:n], DecodePrep(positions[:n], k[:n], v[:n], q_weight, k_weight, eps, cos_sin,
                                                  is_neox, slots))
             # a custom op's output must not alias its input: forward() reads the stashed q, not this
