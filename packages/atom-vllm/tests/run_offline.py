@@ -11,7 +11,8 @@ Usage: python run_offline.py SPEC [SPEC...]
 The environment decides whether ATOM's plugin is on. Each line: "RESULT " + {"spec", "model_class"
 (module.qualname vLLM instantiated, per worker), "tokens": [[...] per prompt], "texts", "gaps" (top-2
 logprob gap of each generated token), "kv": (dtype of vLLM's KV cache, k_scale of every attention layer),
-"attn_impl": the attention implementation classes of the model's layers}.
+"attn_impl": the attention implementation classes of the model's layers, "fused_decode_steps": attention calls
+that ran the decode prep inside ATOM's kernel (ATOM_ATTN_FUSED_DECODE_PREP=1), all layers}.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _kv(model) -> tuple[str, list[float]]:
 
 def _attn_impls(model) -> list[str]:
     return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "attn_backend")})
+
+
+def _fused_decode_steps(model) -> int:
+    return sum(getattr(m.impl, "fused_decode_steps", 0) for m in model.modules() if hasattr(m, "attn_backend"))
 
 
 def _uses_mla(path: str) -> bool:
@@ -87,7 +92,8 @@ def run(spec: str, dtype: str) -> dict:
               "expert_dtype": llm.apply_model(_expert_dtype),
               "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
               "gaps": [_gaps(o.outputs[0]) for o in outs], "kv": llm.apply_model(_kv)[0],
-              "attn_impl": llm.apply_model(_attn_impls)[0]}
+              "attn_impl": llm.apply_model(_attn_impls)[0],
+              "fused_decode_steps": llm.apply_model(_fused_decode_steps)[0]}
     if "chunk16" in opts:
         again = llm.generate(PROMPTS, params, use_tqdm=False)
         result["tokens_again"] = [list(o.outputs[0].token_ids) for o in again]

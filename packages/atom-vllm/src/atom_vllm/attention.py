@@ -2,7 +2,8 @@
 
 On GPUs the layer runs ATOM's attention kernels (atom_vllm.attention_backend, handed over as `attn_backend`);
 on CPU, or with ATOM_VLLM_ATTENTION=0, vLLM chooses (FlashAttention 3 on Hopper, CPU_ATTN on CPU);
-ATOM_VLLM_ATTENTION=1 asks for ATOM's kernels on CPU too.
+ATOM_VLLM_ATTENTION=1 asks for ATOM's kernels on CPU too; with them, ATOM_ATTN_FUSED_DECODE_PREP=1 (off by default)
+runs a decode step's qk-norm, rope and KV write inside ATOM's Triton attention kernel (atom_vllm.attention_backend).
 vLLM owns the KV cache, its layout, prefix caching, scheduling and CUDA graphs either way; the layer registers
 itself under `spec.prefix`, which carries the layer index (vLLM requires exactly one integer in it).
 A sliding-window layer passes its window (`per_layer_sliding_window`: vLLM's hybrid KV cache manager then
@@ -89,7 +90,9 @@ class VllmAttentionFactory:
 def _prep_attention_cls(base: type[nn.Module]) -> type[nn.Module]:
     """vLLM's Attention with atom-core's `forward_with_prep` hook (atom.layers.attention.PagedAttention has the
     same): the model hands over q and k before its qk-norm and rope, and ATOM's qk_norm_rope_cache op does norm,
-    rope and the KV write in one kernel (atom_vllm::norm_rope_write); vLLM's attention op then only attends."""
+    rope and the KV write in one kernel (atom_vllm::norm_rope_write); vLLM's attention op then only attends.
+    With ATOM_ATTN_FUSED_DECODE_PREP=1 a pure decode step's prep runs inside the attention kernel instead: the prep
+    op hands its arguments to the attention op through the layer's impl (atom_vllm.attention_backend)."""
 
     class AtomPrepAttention(base):
         def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -18,6 +18,17 @@ CUDA graphs: full graphs for batches of single-token decodes (vLLM pads them wit
 slot -1, which write nothing and attend to nothing); the graph is captured at max_seq_len = max_model_len and
 ATOM's decode kernel splits each sequence's own keys, so one capture serves every context. Other batches run
 the op eagerly between vLLM's piecewise graphs.
+
+Fused decode prep (ATOM_ATTN_FUSED_DECODE_PREP=1, off by default; atom-server's switch of the same name): at a
+pure decode step (max_query_len 1, one token a sequence) ATOM's Triton attention kernel does the work of the
+qk_norm_rope_cache op itself (q/k RMS-norm, rope, the K/V write; `paged_attention_impl(prep=DecodePrep)`), one
+launch a layer less. The model's prep op (atom_vllm::norm_rope_write, inside vLLM's compiled pieces) then
+launches nothing: it stashes the raw q and the prep's arguments on this layer's impl and returns a placeholder
+of q's shape, which vLLM's attention op (`forward`) hands back; `forward` takes the stash (checked to be this
+step's) and runs the fused kernel. Both ops decide alike from the same forward context: Triton resolved for
+both ops, metadata present, max_query_len 1, tokens == sequences, and not a piecewise CUDA graph (there the prep
+op is replayed from its capture without Python, so it must keep its own kernel). Full CUDA graphs of uniform
+decode batches capture the fused kernel (padded rows: seq_len 0, slot -1). Every other step runs the two ops.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ from typing import ClassVar
 
 import torch
 
-from atom.ops.registry import resolve
+from atom.layers import attention as core_attention
+from atom.ops.attention import DecodePrep
+from atom.ops.registry import impl_of, resolve
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
@@ -149,6 +162,16 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
                                if sinks is not None else static)
         self._attend_into = _into_variant(self._attend)
         self._prep = resolve("qk_norm_rope_cache", static=static)
+        # ATOM_ATTN_FUSED_DECODE_PREP (atom.layers.attention): decode steps run the prep inside the attention
+        # kernel, where both ops are the Triton kernels it merges (atom-server's condition)
+        self._fused_attend = None
+        if core_attention.FUSED_DECODE_PREP and all(getattr(impl_of(op), "backend", None) == "triton"
+                                                    for op in (self._attend, self._prep)):
+            from atom.ops.triton_kernels.attention import paged_attention_impl
+
+            self._fused_attend = paged_attention_impl
+        self._stash: tuple | None = None  # (metadata, raw q, DecodePrep) from norm_rope_write to forward
+        self.fused_decode_steps = 0  # forward calls that ran the fused kernel (tests, logs)
 
     def _caches(self, layer: torch.nn.Module, kv_cache: torch.Tensor):
         """(K view, V view, k_scale, v_scale) of this layer's cache (ATOM's kernels' arguments)."""
@@ -165,10 +188,22 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
                         v: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                         cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
         """The model's qk-norm (optional) and rope of q and k and this layer's KV write in one ATOM op (atom-server's
-        decode prep); returns the rotated q for forward(), which then writes nothing (no key rows).
+        decode prep); returns the rotated q for forward(), which then writes nothing (no key rows). At a fused
+        decode step (_fuses_decode) it launches nothing: the arguments wait on this impl for forward()'s kernel.
         slots: the forward context's slot mapping of the layer (the persistent buffer vLLM's own KV update reads
         inside its piecewise graphs), else the metadata's."""
         num_tokens = q.shape[0]
+        self._stash = None
+        if self._fuses_decode(md, kv_cache):  # forward() runs qk_norm_rope_cache's work in its kernel
+            n = md.num_actual_tokens
+            slots = (md.slot_mapping if slots is None else slots)[:n]
+            # views of the model's qkv: kept alive by these references until forward() (a compiled piece ends at
+            # the attention op; after this op it allocates only the attention's output, smaller than qkv, so
+            # Inductor's buffer reuse has nothing to put in qkv's place first; check on a GPU with Inductor)
+            self._stash = (md, q[:n], DecodePrep(positions[:n], k[:n], v[:n], q_weight, k_weight, eps, cos_sin,
+                                                 is_neox, slots))
+            # a custom op's output must not alias its input: forward() reads the stashed q, not this
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
         if md is None or kv_cache.numel() == 0:  # vLLM's memory-profiling run: nothing to write yet
             slots = torch.full((num_tokens,), -1, dtype=torch.long, device=q.device)
             k_cache = v_cache = torch.empty(1, 1, self.num_kv_heads, self.head_size, dtype=k.dtype, device=k.device)
@@ -183,17 +218,37 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
                               k_cache, v_cache, slots, k_scale=k_scale, v_scale=v_scale)
         return q_out
 
+    def _fuses_decode(self, md: AtomAttentionMetadata | None, kv_cache: torch.Tensor) -> bool:
+        """Whether this step's prep runs inside the attention kernel (the same answer in norm_rope_write and
+        forward: both read the step's forward context)."""
+        return (self._fused_attend is not None and md is not None and kv_cache.numel() > 0
+                and md.max_query_len == 1 and md.num_actual_tokens == md.seq_lens.shape[0]
+                and not _in_piecewise_cudagraph())
+
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AtomAttentionMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
                 **unused) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("ATOM's attention backend does not quantize its output")
+        stash, self._stash = self._stash, None
         if attn_metadata is None:  # vLLM's memory-profiling run: no cache bound yet
             return output
         md = attn_metadata
         n = md.num_actual_tokens
         k_cache, v_cache, k_scale, v_scale = self._caches(layer, kv_cache)
+        if stash is not None or (self._fuses_decode(md, kv_cache) and key is not None and not key.numel()):
+            if stash is None or stash[0] is not md:
+                raise RuntimeError(f"{getattr(layer, 'layer_name', '?')}: the fused decode prep's stash is "
+                                   f"{'missing' if stash is None else 'from another step'} "
+                                   "(norm_rope_write and the attention op must run in one step)")
+            _, q_raw, prep = stash
+            self._fused_attend(q_raw.view(n, self.num_heads, self.head_size), k_cache, v_cache, md.block_table,
+                               md.query_start_loc, md.seq_lens, self.scale, self.sliding_window,
+                               self.logits_soft_cap, md.max_query_len, md.max_seq_len, k_scale=k_scale,
+                               v_scale=v_scale, sinks=self.sinks, out=output[:n], prep=prep)
+            self.fused_decode_steps += 1
+            return output
         if key is not None and key.numel():  # no rows: norm_rope_write wrote this step's K and V
             self._write(key[:n], value[:n], k_cache, v_cache, md.slot_mapping[:n], k_scale=k_scale, v_scale=v_scale)
         args = (query[:n], k_cache, v_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale,
@@ -204,6 +259,17 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         else:
             output[:n].copy_(self._attend(*args, **kw))
         return output
+
+
+def _in_piecewise_cudagraph() -> bool:
+    """This forward runs vLLM's piecewise CUDA graphs (capture or replay): ops inside the pieces replay their
+    capture's kernels without Python."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    mode = getattr(get_forward_context(), "cudagraph_runtime_mode", None)
+    return getattr(mode, "name", None) == "PIECEWISE"
 
 
 def _fp8_dtype() -> torch.dtype:
