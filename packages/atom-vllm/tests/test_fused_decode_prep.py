@@ -36,7 +36,7 @@ def test_cases_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "layer"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "5 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def _layers(tmp_path, monkeypatch, kv_cache_dtype: str, window: int | None, sinks: bool):
@@ -176,6 +176,44 @@ def test_layer_stash_from_another_step_is_refused(tmp_path, monkeypatch):
             on.forward(torch.empty_like(q), k[:0], v[:0])
         with pytest.raises(RuntimeError, match="stash is missing"):  # consumed (and cleared) by the failed call
             on.forward(torch.empty_like(q), k[:0], v[:0])
+
+
+@interpreted
+def test_layer_writes_kv_through_the_contexts_slots_without_metadata(tmp_path, monkeypatch):
+    """vLLM captures its piecewise CUDA graphs with no attention metadata and the forward context's persistent slot
+    buffer (-1 while capturing; the step's slots when a captured piece is replayed, with no Python running): the prep
+    op's K/V write must go through that buffer into the layer's cache. Until stop 39 it wrote into a private dummy
+    there, so every prefill vLLM ran as a piecewise graph left its keys and values out of the cache. Both layers:
+    with the switch off (today's path) and on (not fused without metadata)."""
+    import torch
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import set_forward_context
+
+    from atom_vllm.attention_backend import norm_rope_write
+
+    torch.manual_seed(0)
+    config, on, off = _layers(tmp_path, monkeypatch, "auto", None, False)
+    tables = torch.arange(8, dtype=torch.int32).view(2, 4)
+    cos_sin = torch.randn(64, HEAD)
+    md, pos, real = _metadata([0, 0], [3, 2], tables)  # a prefill of two prompts
+    q, k, v = (torch.randn(real, n * HEAD) for n in (NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS))
+    weights = (torch.rand(HEAD) + 0.5, torch.rand(HEAD) + 0.5)
+    for layer in (off, on):
+        name = layer.layer_name
+        # the reference: the same step with its metadata (an eager step)
+        layer.kv_cache = torch.zeros(NUM_BLOCKS, NUM_KV_HEADS, BLOCK, 2 * HEAD)
+        with set_forward_context({name: md}, config, slot_mapping={name: md.slot_mapping}):
+            norm_rope_write(pos, q, k, v, *weights, 1e-6, cos_sin, True, name)
+        expected = layer.kv_cache.clone()
+        assert expected.abs().sum() > 0
+        for slots, want in ((torch.full_like(md.slot_mapping, -1), torch.zeros_like(expected)),  # the capture
+                            (md.slot_mapping.clone(), expected)):  # a replay: the buffer holds the step's slots
+            layer.kv_cache = torch.zeros(NUM_BLOCKS, NUM_KV_HEADS, BLOCK, 2 * HEAD)
+            with set_forward_context(None, config, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE,
+                                     slot_mapping={name: slots}):
+                norm_rope_write(pos, q, k, v, *weights, 1e-6, cos_sin, True, name)
+            assert layer.impl._stash is None
+            assert torch.equal(layer.kv_cache, want), name
 
 
 @pytest.mark.slow

@@ -204,11 +204,15 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
                                                  is_neox, slots))
             # a custom op's output must not alias its input: forward() reads the stashed q, not this
             return torch.empty_like(q, memory_format=torch.contiguous_format)
-        if md is None or kv_cache.numel() == 0:  # vLLM's memory-profiling run: nothing to write yet
+        if kv_cache.numel() == 0 or (md is None and slots is None):  # vLLM's memory-profiling run: no cache yet
             slots = torch.full((num_tokens,), -1, dtype=torch.long, device=q.device)
             k_cache = v_cache = torch.empty(1, 1, self.num_kv_heads, self.head_size, dtype=k.dtype, device=k.device)
             k_scale = v_scale = None
         else:
+            # No metadata with a bound cache is how vLLM captures its piecewise CUDA graphs: the forward context's
+            # slots are its persistent buffer (-1 while capturing, the step's slots when the piece is replayed), so
+            # the captured write must go through them into the real cache (a private dummy here left every replayed
+            # prefill's keys and values unwritten)
             k_cache, v_cache, k_scale, v_scale = self._caches(layer, kv_cache)
             slots = md.slot_mapping if slots is None else slots
             if slots.shape[0] < num_tokens:  # rows past the step's tokens (padding) write nothing
