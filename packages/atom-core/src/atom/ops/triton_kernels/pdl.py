@@ -92,7 +92,8 @@ PREFETCH_LANES = 32  # prefetches a program issues (one warp, one each)
 
 
 @triton.jit
-def _prefetch_kernel(base_ptr, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr):
+def _prefetch_kernel(base_ptr, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # launched without PDL (its own stream, a hint on constant weights): keeps every kernel's rule
     i = tl.program_id(0).to(tl.int64) * LANES + tl.arange(0, LANES)
     off = tl.minimum(i * CHUNK, ((nbytes - 1) // CHUNK) * CHUNK)  # lanes past the end repeat the last chunk
     prefetch_l2(base_ptr + off, tl.minimum(nbytes - off, CHUNK).to(tl.int32))
@@ -108,5 +109,5 @@ def prefetch_to_l2(t: torch.Tensor, max_bytes: int) -> int:
         return 0
     flat = t.detach().reshape(-1).view(torch.uint8)
     grid = (triton.cdiv(triton.cdiv(nbytes, PREFETCH_CHUNK), PREFETCH_LANES),)
-    _prefetch_kernel[grid](flat, nbytes, CHUNK=PREFETCH_CHUNK, LANES=PREFETCH_LANES, num_warps=1)
+    _prefetch_kernel[grid](flat, nbytes, CHUNK=PREFETCH_CHUNK, LANES=PREFETCH_LANES, PDL=False, num_warps=1)
     return nbytes
