@@ -40,7 +40,7 @@ import torch
 
 from atom.layers import attention as core_attention
 from atom.ops.attention import DecodePrep
-from atom.ops.registry import impl_of, resolve
+from atom.ops.registry import resolve
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
@@ -164,12 +164,7 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         self._prep = resolve("qk_norm_rope_cache", static=static)
         # ATOM_ATTN_FUSED_DECODE_PREP (atom.layers.attention): decode steps run the prep inside the attention
         # kernel, where both ops are the Triton kernels it merges (atom-server's condition)
-        self._fused_attend = None
-        if core_attention.FUSED_DECODE_PREP and all(getattr(impl_of(op), "backend", None) == "triton"
-                                                    for op in (self._attend, self._prep)):
-            from atom.ops.triton_kernels.attention import paged_attention_impl
-
-            self._fused_attend = paged_attention_impl
+        self._fused_attend = core_attention.fused_decode_attend(self._attend, self._prep)
         self._stash: tuple | None = None  # (metadata, raw q, DecodePrep) from norm_rope_write to forward
         self.fused_decode_steps = 0  # forward calls that ran the fused kernel (tests, logs)
 

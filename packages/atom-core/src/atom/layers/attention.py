@@ -140,9 +140,21 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 
 
 # ATOM_ATTN_FUSED_DECODE_PREP=1: at decode the attention kernel does qk_norm_rope_cache's work itself (one
-# launch a layer less; atom.ops.triton_kernels.attention's PREP). Off by default until it has run on a GPU:
-# written and tested under the interpreter only (bit-identical there; tools/device/README.md item G2).
+# launch a layer less; atom.ops.triton_kernels.attention's PREP). Off by default: on the H200 it gained 1-3% on
+# qwen3-8b at batch 1 / 32 and lost 3-6% on qwen3-0.6b (BENCHMARKS.md, stop 39). Read by atom-server's
+# PagedAttention and atom-vllm's attention backend alike.
 FUSED_DECODE_PREP = env_flag("ATOM_ATTN_FUSED_DECODE_PREP", False)
+
+
+def fused_decode_attend(attend, prep):
+    """The launcher of the attention kernel that does the decode prep itself (`paged_attention_impl`, taking
+    `prep=DecodePrep(...)`) when ATOM_ATTN_FUSED_DECODE_PREP is on and both resolved ops, `paged_attention` and
+    `qk_norm_rope_cache`, are the Triton kernels it merges; else None."""
+    if not FUSED_DECODE_PREP or any(getattr(impl_of(op), "backend", None) != "triton" for op in (attend, prep)):
+        return None
+    from atom.ops.triton_kernels import attention as triton_attention  # Triton is importable: resolved
+
+    return triton_attention.paged_attention_impl
 
 
 class PagedAttention(nn.Module):
@@ -174,12 +186,7 @@ class PagedAttention(nn.Module):
         self._prep = resolve("qk_norm_rope_cache", static=static or None)
         # decode steps: the attention kernel does the prep's work itself (one launch a layer less), where both
         # ops are the Triton kernels it merges
-        self._fused_attend = None
-        if FUSED_DECODE_PREP and all(getattr(impl_of(op), "backend", None) == "triton"
-                                     for op in (self._attend, self._prep)):
-            from atom.ops.triton_kernels import attention as triton_attention  # Triton is importable: resolved
-
-            self._fused_attend = triton_attention.paged_attention_impl
+        self._fused_attend = fused_decode_attend(self._attend, self._prep)
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores

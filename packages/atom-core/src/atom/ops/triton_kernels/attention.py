@@ -18,7 +18,7 @@ import triton.language as tl
 from atom.envs import env_int
 from atom.ops.attention import DecodePrep
 from atom.ops.registry import register
-from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
+from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms, unit_rows
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -34,10 +34,6 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
-
-
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @triton.jit
@@ -418,8 +414,8 @@ def paged_attention_impl(
     if prep is not None:
         if max_query_len != 1 or num_tokens != batch:
             raise ValueError("paged_attention_impl: prep is for decode steps (one query a sequence)")
-        k_raw, v_raw = (_unit_rows(x.reshape(num_tokens, -1)) for x in (prep.k, prep.v))
-        cs = _unit_rows(prep.cos_sin)
+        k_raw, v_raw = (unit_rows(x.reshape(num_tokens, -1)) for x in (prep.k, prep.v))
+        cs = unit_rows(prep.cos_sin)
         norm = prep.q_weight is not None
         prep_args = (prep.positions, k_raw, v_raw, prep.q_weight if norm else q, prep.k_weight if norm else q, cs,
                      prep.slot_mapping, float(prep.eps), k_raw.stride(0), v_raw.stride(0), cs.stride(0),

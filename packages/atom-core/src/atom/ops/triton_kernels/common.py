@@ -10,6 +10,11 @@ import torch
 from atom.envs import env_flag, env_int  # noqa: F401  (the kernels' switches read them from here)
 
 
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last axis is contiguous (what the kernels' row pointers assume), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def interpreting() -> bool:
     """True under Triton's CPU interpreter, whose tl.dot mis-handles bf16/fp16 operands (seen with triton
     3.9): kernels then upcast dot operands to fp32, which changes rounding only."""

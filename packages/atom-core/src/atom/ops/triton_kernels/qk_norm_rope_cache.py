@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.common import unit_rows
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -101,10 +102,6 @@ def _qk_norm_rope_cache_kernel(
     tl.store(vc_ptr + vc_base + h * vc_stride_h + d, val, mask=mv & write)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @register("qk_norm_rope_cache", "triton")
 def qk_norm_rope_cache(
     positions: torch.Tensor,
@@ -126,8 +123,8 @@ def qk_norm_rope_cache(
     """q [T, Hq*D], k/v [T, Hk*D] -> (rotated q, rotated k); writes rotated k and v at slot_mapping (-1 skipped);
     FP8 caches store k / k_scale and v / v_scale."""
     num_tokens = positions.shape[0]
-    q2, k2, v2 = (_rows(x.reshape(num_tokens, -1)) for x in (q, k, v))
-    cs = _rows(cos_sin)
+    q2, k2, v2 = (unit_rows(x.reshape(num_tokens, -1)) for x in (q, k, v))
+    cs = unit_rows(cos_sin)
     rot_half = cs.shape[-1] // 2
     hq, hk = q2.shape[1] // head_dim, k2.shape[1] // head_dim
     q_out = torch.empty(num_tokens, hq * head_dim, dtype=q.dtype, device=q.device)

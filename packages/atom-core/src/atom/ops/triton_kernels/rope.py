@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton_kernels.common import unit_rows
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 
@@ -49,10 +50,6 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, q_out, k_out, q_stride, k_stride
                 BLOCK_P)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @register("rotary_embedding", "triton")
 def rotary_embedding(
     positions: torch.Tensor,
@@ -64,8 +61,8 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq*head_dim], k: [T, Hk*head_dim] -> rotated copies of the same shapes."""
     num_tokens = positions.shape[0]
-    q2, k2 = _rows(q.reshape(num_tokens, -1)), _rows(k.reshape(num_tokens, -1))
-    cs = _rows(cos_sin)
+    q2, k2 = unit_rows(q.reshape(num_tokens, -1)), unit_rows(k.reshape(num_tokens, -1))
+    cs = unit_rows(cos_sin)
     rot_half = cs.shape[-1] // 2
     hq, hk = q2.shape[1] // head_dim, k2.shape[1] // head_dim
     q_out = torch.empty(num_tokens, hq * head_dim, dtype=q.dtype, device=q.device)
