@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim (qwen3-8b)")
     ap.add_argument("--mla", action="store_true")
+    ap.add_argument("--prep", action="store_true", help="the decode prep as its own kernel against inside attention")
+    ap.add_argument("--layers", type=int, default=8, help="--prep: layers captured in a row in one graph")
     ap.add_argument("--out")
     ns = ap.parse_args()
     torch.manual_seed(0)
