@@ -203,7 +203,6 @@ class DecodeGraphs:
         self.replays: Counter[str] = Counter()  # replays by kind ("decode", "verify"; the MTP graphs add theirs)
         self.short_rows = 0  # rows of verify replays with fewer than K drafts (padded in front)
         self.pool = None
-        self.l2_prefetch = None  # ATOM_L2_PREFETCH_MB: what the captures prefetched (l2_prefetch.py)
         # Tensor parallel: every rank captures the same sizes in the same order, the collectives inside (the
         # warm-up runs them eagerly first, so the communicators exist). NCCL's watchdog thread queries CUDA
         # events meanwhile: only this thread's calls may be held against the capture.
@@ -280,16 +279,6 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        from atom_server.engine import l2_prefetch
-
-        if l2_prefetch.available(self.device) and get_tp_group().world_size == 1:
-            self.l2_prefetch = l2_prefetch.L2Prefetch(self.model, self.device, l2_prefetch.PREFETCH_MB << 20)
-            with self.l2_prefetch:
-                self._capture_all()
-        else:
-            self._capture_all()
-
-    def _capture_all(self) -> None:
         if self.verify_q:  # the largest graphs first, so smaller ones reuse their memory
             # warm-ups (and the MTP graphs' after these): a verify row's q queries at positions >= 0; every step
             # rewrites the lengths before its replay

@@ -85,29 +85,3 @@ def prefetch_l2(ptrs, nbytes):
     return tl.inline_asm_elementwise(
         "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
         "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-PREFETCH_CHUNK = 64 << 10  # bytes one bulk prefetch asks for
-PREFETCH_LANES = 32  # prefetches a program issues (one warp, one each)
-
-
-@triton.jit
-def _prefetch_kernel(base_ptr, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # launched without PDL (its own stream, a hint on constant weights): keeps every kernel's rule
-    i = tl.program_id(0).to(tl.int64) * LANES + tl.arange(0, LANES)
-    off = tl.minimum(i * CHUNK, ((nbytes - 1) // CHUNK) * CHUNK)  # lanes past the end repeat the last chunk
-    prefetch_l2(base_ptr + off, tl.minimum(nbytes - off, CHUNK).to(tl.int32))
-
-
-def prefetch_to_l2(t: torch.Tensor, max_bytes: int) -> int:
-    """Launch a tiny kernel on the current stream that asks L2 for the first min(size, max_bytes) bytes of the
-    contiguous CUDA tensor t (rounded down to 16) and returns at once (the prefetches complete on their own);
-    returns the bytes asked for (0: nothing launched: not contiguous, not 16-byte aligned, or empty). A hint:
-    it changes no value anywhere (tools/device and atom-server's L2 prefetch on a side stream use it)."""
-    nbytes = min(t.numel() * t.element_size(), max_bytes) // 16 * 16
-    if nbytes <= 0 or not t.is_contiguous() or t.data_ptr() % 16:
-        return 0
-    flat = t.detach().reshape(-1).view(torch.uint8)
-    grid = (triton.cdiv(triton.cdiv(nbytes, PREFETCH_CHUNK), PREFETCH_LANES),)
-    _prefetch_kernel[grid](flat, nbytes, CHUNK=PREFETCH_CHUNK, LANES=PREFETCH_LANES, PDL=False, num_warps=1)
-    return nbytes
