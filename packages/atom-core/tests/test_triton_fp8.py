@@ -345,6 +345,88 @@ def test_swap_max_m_env(monkeypatch):
     assert tk._env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 
 
+# Weight-only (W8A16, WEIGHT_ONLY_MAX_M): the swap-AB kernel on the float activations as they are. M = 1 with split 4
+# (a partial last split), [32, 64] blocks, fp16 per-channel with split 2, a per-tensor scale at 32-column tiles, and 40
+# rows at 16-row tiles (three row blocks, the last partial).
+WEIGHT_ONLY_CASES = {
+    "m1_block_split": ((1, 130, 520, "block", (128, 128), 4), torch.bfloat16, {}),
+    "block_64": (LINEAR_CASES["decode_block_64"], torch.bfloat16, {}),
+    "channel_split_fp16": (LINEAR_CASES["decode_channel_split"], torch.float16, {}),
+    "tensor": (LINEAR_CASES["decode_tensor"], torch.bfloat16, dict(block_n=32)),
+    "row_blocks": ((40, 200, 300, "block", (128, 128), None), torch.bfloat16, dict(block_m=16)),
+}
+# bf16 / fp16 outputs of exact products summed in float32: the output's rounding (the interpreter truncates
+# float32 -> bf16, about doubling it)
+TOL_W8A16 = 3e-3 if ON_GPU else 5e-3
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_ONLY_CASES))
+def test_fp8_linear_weight_only(name, monkeypatch):
+    """Against the float model on the dequantized weights (x W_dq^T + b in float64): within the output's rounding, and
+    several times closer than the W8A8 path (activations rounded to e4m3's 3 mantissa bits). No activation is
+    quantized: the quantization kernels are not called."""
+    (m, n, k, layout, block, split), xdtype, tile = WEIGHT_ONLY_CASES[name]
+    _check_weight_only(name, m, n, k, layout, block, split, xdtype, tile, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("layout", ["block", "channel"])
+@pytest.mark.parametrize("m", [1, 32])
+@pytest.mark.parametrize("proj", ["qkv", "o", "gate_up", "down"])
+def test_fp8_linear_weight_only_large(proj, m, layout, monkeypatch):
+    """The qwen3-8b linears weight-only at their default tiles and split-K on the real SM count (the bf16 MMA on
+    widened FP8 weights)."""
+    n, k = LARGE_LINEAR[proj]
+    _check_weight_only(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, {}, monkeypatch)
+
+
+def _check_weight_only(name, m, n, k, layout, block, split, xdtype, tile, monkeypatch):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    q, s, block_size = _weight(n, k, layout, block or (128, 128))
+    x, b = activations(m, k, xdtype), rand(n, dtype=xdtype)
+    exact = x.double() @ Q.dequantize_weight(q, s, block_size).double().T + b.double()
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", {**tile, **({"split_k": split} if split else {})})
+    w8a8 = triton_op("fp8_linear")(x, q, s, b, block_size)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an activation was quantized on the weight-only path")
+
+    monkeypatch.setattr(tk, "WEIGHT_ONLY_MAX_M", 64)
+    monkeypatch.setattr(tk, "per_token_quant_fp8", refuse)
+    monkeypatch.setattr(tk, "per_token_group_quant_fp8", refuse)
+    out = triton_op("fp8_linear")(x, q, s, b, block_size)
+    assert out.dtype == xdtype and out.shape == (m, n)
+    err, err8 = _rel(out, exact), _rel(w8a8, exact)
+    print(f"ERR fp8_linear weight-only {name}: rel={err:.3e} (W8A8 {err8:.3e})")
+    assert err < TOL_W8A16 and err < err8 / 4, (err, err8)
+
+
+def test_weight_only_bounds(monkeypatch):
+    """Which calls run weight-only: M rows up to the bound, bf16 / fp16 activations only (float32 keeps the
+    precise W8A8 path); the producers then hand floats (takes_float_input); the switch is parsed strictly."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "WEIGHT_ONLY_MAX_M", 32)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    assert tk.weight_only_applies(1, torch.bfloat16) and tk.weight_only_applies(32, torch.float16)
+    assert not tk.weight_only_applies(33, torch.bfloat16) and not tk.weight_only_applies(0, torch.bfloat16)
+    assert not tk.weight_only_applies(4, torch.float32)
+    assert tk.takes_float_input(8, True, torch.bfloat16) and not tk.takes_float_input(64, True, torch.bfloat16)
+    monkeypatch.setenv("ATOM_FP8_WEIGHT_ONLY_MAX_M", "16")
+    assert tk._env_weight_only_max_m() == 16
+    for bad in ("x", "65", "-1"):
+        monkeypatch.setenv("ATOM_FP8_WEIGHT_ONLY_MAX_M", bad)
+        with pytest.raises(ValueError, match="ATOM_FP8_WEIGHT_ONLY_MAX_M"):
+            tk._env_weight_only_max_m()
+
+
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])
 def test_fp8_linear_dot_path_at_small_m(name):
     """GEMV and swap-AB off (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
