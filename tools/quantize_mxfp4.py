@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 
 import torch
 from safetensors import safe_open
@@ -52,35 +53,31 @@ def _source_files(src: str) -> list[str]:
     return files
 
 
-def convert(src: str, dst: str, max_shard_bytes: int = 5 << 30) -> None:
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    if config.get("model_type") != "gpt_oss":
-        raise ValueError(f"{src} is not a GPT-OSS checkpoint (model_type {config.get('model_type')!r})")
-    if config.get("quantization_config"):
-        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+def write_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict, dst: str,
+                     max_shard_bytes: int = 5 << 30) -> None:
+    """Write (name, tensor) pairs as a GPT-OSS checkpoint with MXFP4 experts into dst: the expert weights quantized
+    (on their own device, stored from the CPU), the rest as they are, in shards of at most max_shard_bytes, with
+    config (no quantization_config) plus the released checkpoints' quantization_config as config.json."""
     os.makedirs(dst, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     found = 0
-    for file in _source_files(src):
-        with safe_open(os.path.join(src, file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name.endswith(_EXPERT_WEIGHTS):
-                    out = quantize_expert_tensor(name, tensor)
-                    found += 1
-                else:
-                    out = {name: tensor}
-                for key, value in out.items():
-                    nbytes = value.numel() * value.element_size()
-                    if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-                        shards.append({})
-                        sizes.append(0)
-                    shards[-1][key] = value
-                    sizes[-1] += nbytes
+    for name, tensor in tensors:
+        if name.endswith(_EXPERT_WEIGHTS):
+            out = quantize_expert_tensor(name, tensor)
+            found += 1
+        else:
+            out = {name: tensor}
+        for key, value in out.items():
+            value = value.detach().cpu().contiguous()
+            nbytes = value.numel() * value.element_size()
+            if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][key] = value
+            sizes[-1] += nbytes
     if not found:
-        raise ValueError(f"{src} has no expert weights ({', '.join(_EXPERT_WEIGHTS)}) to quantize")
+        raise ValueError(f"no expert weights ({', '.join(_EXPERT_WEIGHTS)}) to quantize")
     if len(shards) == 1:
         save_file(shards[0], os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -91,9 +88,30 @@ def convert(src: str, dst: str, max_shard_bytes: int = 5 << 30) -> None:
             weight_map.update(dict.fromkeys(shard, file))
         with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
-    config["quantization_config"] = {"modules_to_not_convert": MODULES_TO_NOT_CONVERT, "quant_method": "mxfp4"}
+    config = {**config, "quantization_config": {"modules_to_not_convert": MODULES_TO_NOT_CONVERT,
+                                                "quant_method": "mxfp4"}}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def convert(src: str, dst: str, max_shard_bytes: int = 5 << 30) -> None:
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") != "gpt_oss":
+        raise ValueError(f"{src} is not a GPT-OSS checkpoint (model_type {config.get('model_type')!r})")
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+
+    def tensors():
+        for file in _source_files(src):
+            with safe_open(os.path.join(src, file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    try:
+        write_checkpoint(tensors(), config, dst, max_shard_bytes)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
     for file in os.listdir(src):
         if file.endswith(".safetensors") or file in ("config.json", "model.safetensors.index.json"):
             continue

@@ -10,8 +10,10 @@ same way everywhere, makes the engines do the same work.
 
 Every tensor is uniform(-1e-3, 1e-3) from a generator seeded per tensor (vLLM's dummy rule), except the MoE
 routers, uniform(-router_scale, router_scale). transformers builds the model from the config on `device` and
-writes it with `save_pretrained` (its MoE conversions give the hub's per-expert names). Quantized configs are
-refused (their packed tensors are not what transformers builds).
+writes it with `save_pretrained` (its MoE conversions give the hub's per-expert names). A GPT-OSS config with MXFP4
+experts (`quantization_config.quant_method: mxfp4`, the gpt-oss-20b preset) is built in float and written with its
+experts quantized by tools/quantize_mxfp4.py (the released layout, ~13 GB for 20b instead of 42); other quantized
+configs are refused (their packed tensors are not what transformers builds).
 
     python3 tools/device/materialize_checkpoint.py CONFIG_FOLDER OUT_FOLDER [--router-scale 1.0] [--device cuda]
 """
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 
@@ -54,9 +57,11 @@ def materialize(config_folder: str, out: str, router_scale: float = 1.0, device:
 
     with open(os.path.join(config_folder, "config.json")) as f:
         config = json.load(f)
-    if config.get("quantization_config"):
-        raise ValueError(f"{config_folder}: a quantized config ({config['quantization_config'].get('quant_method')}) "
-                         "cannot be materialized; run it with load_format=dummy")
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    mxfp4 = quant == "mxfp4" and config.get("model_type") == "gpt_oss"
+    if quant and not mxfp4:
+        raise ValueError(f"{config_folder}: a quantized config ({quant}) cannot be materialized; run it with "
+                         "load_format=dummy")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     stamp = dict(config=config, router_scale=router_scale)
     done = os.path.join(out, DONE)
@@ -65,14 +70,24 @@ def materialize(config_folder: str, out: str, router_scale: float = 1.0, device:
             if json.load(f) == stamp:
                 return out
     dtype = getattr(torch, str(config.get("torch_dtype", "bfloat16")).removeprefix("torch."))
+    hf_config = AutoConfig.from_pretrained(config_folder)
+    if mxfp4:  # built in float, written with its experts quantized (the released gpt-oss layout)
+        delattr(hf_config, "quantization_config")
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     routers = fill(model, router_scale)
     if config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"):
         if not routers:
             raise ValueError(f"{config_folder}: an MoE config, but no router weight matched {ROUTER_SUFFIXES}")
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, max_shard_size="5GB")
+    if mxfp4:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import quantize_mxfp4
+
+        float_config = {k: v for k, v in config.items() if k != "quantization_config"}
+        quantize_mxfp4.write_checkpoint(model.state_dict().items(), float_config, out)
+    else:
+        model.save_pretrained(out, max_shard_size="5GB")
     del model
     for name in os.listdir(config_folder):  # the tokenizer files, and the preset's own config
         if name.startswith("tokenizer") or name.endswith(".jinja") or name == "config.json":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 
 import pytest
@@ -393,6 +394,62 @@ def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
         json.dump({**cfg, "quantization_config": {"quant_method": "mxfp4"}}, f)
     with pytest.raises(ValueError, match="quantized config"):
         mat.materialize(str(tmp_path / "q"), str(tmp_path / "q-out"))
+
+
+def test_materialized_mxfp4_gpt_oss_checkpoint_is_the_released_layout_and_loads_like_transformers(tmp_path):
+    """materialize_checkpoint.py on a GPT-OSS config with MXFP4 experts (the gpt-oss-20b preset's case): the float
+    model is filled (routers at their scale), its experts written as *_blocks / *_scales (tools/quantize_mxfp4.py,
+    the released layout) beside the other tensors, config.json the given one; ATOM's logits on it equal
+    transformers' (which dequantizes the experts itself) to 1e-4, float32."""
+    import transformers
+    from safetensors import safe_open
+
+    from atom.loader import load_model
+
+    mat = _make_table_module("materialize_checkpoint")
+    cfg = transformers.GptOssConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
+                                    tie_word_embeddings=False, dtype="float32",
+                                    architectures=["GptOssForCausalLM"])
+    cfg.save_pretrained(tmp_path / "cfg")
+    with open(tmp_path / "cfg" / "config.json") as f:
+        raw = json.load(f)
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(tmp_path / "cfg" / "config.json", "w") as f:
+        json.dump(raw, f)
+    out = mat.materialize(str(tmp_path / "cfg"), str(tmp_path / "ckpt"), router_scale=0.5, device="cpu")
+    with open(tmp_path / "ckpt" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["quant_method"] == "mxfp4"
+    names, routers = {}, 0.0
+    for f in (tmp_path / "ckpt").iterdir():
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    t = st.get_tensor(key)
+                    names[key] = (t.dtype, tuple(t.shape))
+                    if key.endswith("mlp.router.weight"):
+                        routers = max(routers, t.abs().max().item())
+    e = "model.layers.0.mlp.experts."
+    assert names[e + "gate_up_proj_blocks"] == (torch.uint8, (4, 128, 2, 16))
+    assert names[e + "gate_up_proj_scales"] == (torch.uint8, (4, 128, 2))
+    assert names[e + "down_proj_blocks"] == (torch.uint8, (4, 64, 2, 16))
+    assert e + "gate_up_proj" not in names and 0.4 < routers <= 0.5
+
+    prompt = torch.tensor([[5, 17, 33, 2, 90, 7, 7, 8, 200, 3]])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True)).float().eval()
+    with torch.no_grad():
+        want = ref(prompt).logits[0, -1].double()
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "atom-core" / "tests"))
+    from paged_harness import PagedHarness
+
+    model, _ = load_model(out, dtype="float32", device="cpu", progress=False)
+    harness = PagedHarness(model, num_blocks=8, block_size=4, device="cpu")
+    got = harness.step([prompt[0].tolist()], harness.add(1))[0].double()
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
 def test_device_table_keeps_the_sessions_measured_crosscheck():
