@@ -461,15 +461,16 @@ def fp8_rows(bench, opts) -> None:
                   2 * n * k + 2 * m * (k + n), 2 * m * n * k)
     sweep = json.loads(os.environ.get("ATOM_FP8_GEMM_SWEEP", "null")) or []
     for m in [int(v) for v in os.environ.get("ATOM_FP8_SWEEP_M", "1,16,128").split(",")] if sweep else []:
-        for proj in ("o", "down"):
+        for proj in os.environ.get("ATOM_FP8_SWEEP_PROJ", "o,down").split(","):
             n, k = FP8_LINEARS[proj]
-            q, s = weights[proj]["block"]
             x = rnd(m, k)
-            for tile in sweep:
-                tk_fp8.GEMM_TILE_OVERRIDE = tile
-                bench(f"  sweep fp8_linear {proj} M{m} {tile}", lin, None, (x, q, s, None, [128, 128]),
-                      n * k + 2 * m * (k + n))
-            tk_fp8.GEMM_TILE_OVERRIDE = None
+            for layout in os.environ.get("ATOM_FP8_SWEEP_LAYOUT", "block").split(","):
+                q, s = weights[proj][layout]
+                block = [128, 128] if layout == "block" else None
+                for tile in sweep:  # the tl.dot GEMM (scaled_mm off: it ignores the tile)
+                    with patched(tk_fp8, GEMM_TILE_OVERRIDE=tile, SCALED_MM=False):
+                        bench(f"  sweep fp8_linear {proj} M{m} {layout} {tile}", lin, None, (x, q, s, None, block),
+                              n * k + 2 * m * (k + n), 2 * m * n * k)
     gemv_sweep = json.loads(os.environ.get("ATOM_FP8_GEMV_SWEEP", "null"))
     if gemv_sweep is None:  # around the default tiles ([16, 1024-2048]); W loads pipelined over K steps
         # (num_stages 2-3) were 2-4x slower on every shape (2026-12-02, KERNEL_NOTES.md) and are left out
