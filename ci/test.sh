@@ -30,20 +30,22 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # and waiting on them), so a sequential run left a core idle. The server suite is the longest (~9 min); the
 # other lane holds the rest. Balanced on a fresh clone's run (2026-12-02, 2-core Xeon with AMX: server 1,120 s,
 # sglang 252; core 167, triton-interpret 622, vllm 434, quickstart 136): the lanes were 1,256 / 1,475 s with
-# sglang in the second, 1,372 / 1,359 with it here.
+# sglang in the second, 1,372 / 1,359 with it here. On 2026-12-04 (stop 40, a slower box: core 254, triton-interpret
+# 815, vllm 646, quickstart 116; server 1,135, sglang 451) the lanes were 1,586 / 1,831 s: quickstart moved here
+# (1,702 / 1,715).
 # atom-core, atom-server, atom-vllm on torch 2.13 CPU (Triton kernel tests run in their own process
 # because TRITON_INTERPRET must be set before triton is imported).
 lane_server() {
   run_suite server .venv/bin/python packages/atom-server/tests
   run_suite sglang .venv-sglang/bin/python packages/atom-sglang/tests
+  # The README's quick start in a fresh virtual environment (pip cache and the on-disk torch wheel reused),
+  # answering one chat request with the bundled SmolLM2 through the official openai client.
+  run_suite quickstart .venv/bin/python ci/test_quickstart.py -s
 }
 lane_rest() {
   run_suite core .venv/bin/python packages/atom-core/tests --ignore-glob='*test_triton_*'
   TRITON_INTERPRET=1 run_suite triton-interpret .venv/bin/python packages/atom-core/tests/test_triton_*.py
   run_suite vllm .venv/bin/python packages/atom-vllm/tests
-  # The README's quick start in a fresh virtual environment (pip cache and the on-disk torch wheel reused),
-  # answering one chat request with the bundled SmolLM2 through the official openai client.
-  run_suite quickstart .venv/bin/python ci/test_quickstart.py -s
 }
 suites_t0=$SECONDS
 lane_server & lane_server_pid=$!
