@@ -1,9 +1,12 @@
 """The MXFP4 expert paths side by side at gpt-oss-20b shapes, in a few minutes (a short device call).
 
 For each token count: the per-pair GEMV (element-wise and PTX decode), regdot (element-wise, PTX float32 and PTX
-bf16 decode), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM, each with its default tile, as
+bf16 decode), regdot on the fragment-order copy (regdot_frag, ATOM_MX_FRAG: _expert_gemm_mxf_kernel, at every size
+from 1 token, so that it also meets the GEMV), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM,
+each with its default tile, as
 CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
---sweep adds regdot's tiles and its K splits (default decode) at a few sizes. --routing random (default) spreads
+--sweep adds regdot's tiles and its K splits (default decode) at a few sizes; --sweep-kernels frag_split the
+fragment kernel's K splits and token tiles. --routing random (default) spreads
 the pairs over the 32 experts, so a batch touches every expert from about 16 tokens on; --routing concentrated
 sends every token to the same 4 experts, which is what a random-weight engine (load_format=dummy, ATOM's and
 vLLM's benchmarks) does: the router's bias decides, so each of those experts gets the whole batch.
@@ -22,6 +25,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from atom.ops import moe as ref_moe
+from atom.ops.mxfp4 import pack_fragments
 from atom.ops.registry import resolve
 from atom.ops.triton_kernels import moe_swigluoai as tk
 
@@ -35,6 +39,7 @@ PATHS = {  # name: (module settings, token counts it runs at)
     "regdot": (dict(GEMM, MX_GEMM="regdot", MX_PTX=False), lambda t: 4 <= t <= 1024),
     "regdot_ptx": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), lambda t: 4 <= t <= 1024),
     "regdot_bf16": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
+    "regdot_frag": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: t <= 1024),
     "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
     "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
 }
@@ -72,6 +77,7 @@ def main() -> None:
     s2 = torch.randint(118, 125, (E, H, I // 32), dtype=torch.uint8, device=dev)
     b13 = torch.randn(E, 2 * I, device=dev, dtype=torch.bfloat16) * 0.1
     b2 = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * 0.1
+    frags = (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))  # regdot_frag's copy
     names = {key for settings, _ in PATHS.values() for key in settings} | {"MX_TILE_OVERRIDE", "MX_SPLIT_K"}
     saved = {name: getattr(tk, name) for name in names}
     rows = []
@@ -82,6 +88,8 @@ def main() -> None:
         for key, value in settings.items():
             setattr(tk, key, value)
         tk.MX_TILE_OVERRIDE = tile
+        if name.startswith("regdot_frag"):
+            args = args + frags
         try:
             out = op(*args).float()
             us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda else 0.0
@@ -115,6 +123,10 @@ def main() -> None:
                 for tile, split in SPLIT_SWEEP if "split" in kernels else ():
                     run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args,
                         want, tile)
+                for tile, split in SPLIT_SWEEP if "frag_split" in kernels else ():  # the frag kernel: block_m only
+                    if tile["block_n"] == 64:
+                        run(tokens, f"regdot_frag_split{split}", dict(PATHS["regdot_frag"][0], MX_SPLIT_K=str(split)),
+                            args, want, tile)
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)

@@ -23,7 +23,8 @@ from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
 from atom.loader import load_model
 from atom.ops import attention as ref_attn
-from atom.ops.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+from atom.ops.mxfp4 import (E2M1_VALUES, FRAG_CODE_BYTES, FRAG_K3, FRAG_MASK, FRAG_MAX_SCALE, FRAG_MUL3,
+                             FRAG_SCALE_BIAS, dequantize_mxfp4, pack_fragments, quantize_mxfp4, unpack_fragments)
 
 PROMPT_LENS = (7, 12, 10)
 
@@ -185,6 +186,63 @@ def test_dequantize_matches_a_hand_built_definition():
     assert torch.equal(dequantize_mxfp4(blocks.view(rows, groups, 16), scales, torch.bfloat16).double(), want)
     with pytest.raises(ValueError, match="do not match scales"):
         dequantize_mxfp4(blocks, scales[:, :-1])
+
+
+def _registers_of_words(frag: torch.Tensor) -> torch.Tensor:
+    """The fragment order's decode, instruction by instruction as its PTX (atom.ops.triton_kernels.moe_swigluoai.
+    _frag_decode_ptx) on uint32 words: [..., 128 threads, 8 words, 4 registers] of bf16x2 bits."""
+    raw = frag[..., :FRAG_CODE_BYTES].unflatten(-1, (128, 8, 4)).long()
+    w = sum(raw[..., i] << (8 * i) for i in range(4))
+    rotl = lambda v, r: ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF  # noqa: E731 (shf.l.wrap)
+    regs = (w & FRAG_MASK, rotl(w, 10) & FRAG_MASK, rotl(w, 13) & FRAG_MASK,
+            (((w & FRAG_K3) * FRAG_MUL3) & 0xFFFFFFFF) & FRAG_MASK)  # mul.lo.u32 keeps the low 32 bits
+    return torch.stack(regs, dim=-1)
+
+
+@pytest.mark.parametrize("rows, cols, halves", [(96, 160, 2), (64, 128, 1), (130, 320, 1)])
+def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves):
+    """atom.ops.mxfp4.pack_fragments: every bf16 half of every decoded register (2^-126 times a code's value, times
+    2^(s - 1) from the stored scale byte, as the kernel's one multiply) is the dequantized weight at the row and
+    column the fragment layout gives it, scales 0 and 128 (the ends of the single-multiply range) included; rows
+    and columns past the matrix decode to 0; unpack_fragments inverts the packing. The mapping is re-derived here
+    from wgmma's A-operand layout, not taken from the packer."""
+    experts = 2
+    blocks = torch.randint(0, 256, (experts, halves * rows, cols // 2), dtype=torch.uint8)
+    scales = torch.randint(0, FRAG_MAX_SCALE + 1, (experts, halves * rows, cols // 32), dtype=torch.uint8)
+    scales[0, 0, 0], scales[1, -1, -1] = 0, FRAG_MAX_SCALE
+    frag = pack_fragments(blocks, scales, halves)
+    tiles, steps = frag.shape[1] // halves, frag.shape[2]
+    want = torch.zeros(experts, halves, tiles * 64, steps * 128, dtype=torch.float64)
+    want[:, :, :rows, :cols] = dequantize_mxfp4(blocks, scales).double().unflatten(1, (halves, rows))
+    regs = _registers_of_words(frag)  # [E, halves * tiles, steps, 128, 8, 4]
+    halves16 = torch.stack((regs & 0xFFFF, regs >> 16), dim=-1)  # [..., register, low / high half]
+    base = (halves16 << 16).to(torch.int32).view(torch.float32).double() * 2.0**126  # bf16 -> exact value
+    stored = frag[..., FRAG_CODE_BYTES:].unflatten(-1, (32, 4, 2)).long() - FRAG_SCALE_BIAS  # s; [.., quad, b, r]
+    t = torch.arange(128)
+    w_, g, c = t // 32, (t // 4) % 8, t % 4
+    got = torch.full_like(want, float("nan"))
+    for j in range(8):
+        for reg in range(4):
+            e1, h = reg % 2, reg // 2  # registers: (r0, lo cols), (r1, lo cols), (r0, hi cols), (r1, hi cols)
+            s_val = stored[..., t // 4, j // 2, e1]  # [E, halves * tiles, steps, 128]
+            for e0 in range(2):
+                value = base[..., j, reg, e0] * torch.exp2((s_val - 1).double()) * 2.0**-126
+                row = 16 * w_ + 8 * e1 + g
+                col = 16 * j + 8 * h + 2 * c + e0
+                for tile in range(halves * tiles):
+                    for step in range(steps):
+                        hv, tt = divmod(tile, tiles)
+                        got[:, hv, tt * 64 + row, step * 128 + col] = value[:, tile, step]
+    assert torch.equal(got, want)
+    assert [torch.equal(a, b) for a, b in zip(unpack_fragments(frag, rows, cols, halves), (blocks, scales))] == [
+        True, True]
+
+
+def test_fragment_order_refuses_scales_beyond_its_multiply():
+    blocks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    scales = torch.full((1, 64, 4), FRAG_MAX_SCALE + 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="above 128"):
+        pack_fragments(blocks, scales)
 
 
 def test_quantize_picks_the_nearest_value_ties_to_even():

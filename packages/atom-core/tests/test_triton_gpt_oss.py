@@ -23,7 +23,7 @@ from test_triton_kernels import DEVICE, LARGE, ON_GPU, TOL, _paged_case, check, 
 from atom.ops import attention as ref_attn  # noqa: E402
 from atom.ops import moe as ref_moe  # noqa: E402
 from atom.ops.moe_swigluoai import fused_experts_swigluoai as ref_experts  # noqa: E402
-from atom.ops.mxfp4 import quantize_mxfp4  # noqa: E402
+from atom.ops.mxfp4 import pack_fragments, quantize_mxfp4  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 GPU = LARGE.marks  # gpu marker + skip without one
@@ -136,12 +136,13 @@ LARGE_EXPERT_SIZES = {  # gpt-oss-20b experts: hidden 2880, intermediate 2880, 3
 }
 
 
-def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False, concentrated=False):
+def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False, concentrated=False, frag=False):
     """mx_gemm ("regdot" / "scaled_dot"): that MXFP4 grouped kernel at every size, decode sizes
     too (by default they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by
     default from 2,720 pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode
     grouped kernel). concentrated: every token routed to the same top_k experts (what random-weight engines
-    see: the router's bias decides), so each of them gets all the tokens."""
+    see: the router's bias decides), so each of them gets all the tokens. frag: regdot reads a fragment-order
+    copy of the weights (atom.ops.mxfp4.pack_fragments, ATOM_MX_FRAG)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -165,6 +166,8 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False,
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode") == (
         tokens * top_k <= tk.MX_PTX_GEMV_MAX_PAIRS)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    if frag:
+        args += (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
     saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM
     tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = mx_gemm is not None, 1 if mx_gemm else saved[1]
     tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = 1 if dequant else 0, mx_gemm or saved[3]
@@ -180,7 +183,9 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False,
     finally:
         tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = saved
     path = (f" {mx_gemm}" if mx_gemm else " dequant" if dequant else "") + (" concentrated" if concentrated else "")
+    path += " frag" if frag else ""
     check(f"fused_experts_swigluoai {name} {weights_format} {dtype}{path}", out, ref_experts(*args), TOL[dtype])
+    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -224,6 +229,91 @@ def test_fused_experts_swigluoai_regdot_split_k(name, concentrated, split_k, mon
     monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
     _run_experts(name, {**CROWDED_SIZES, **EXPERT_SIZES}[name], "mxfp4_random_codes", torch.bfloat16,
                  mx_gemm="regdot", concentrated=concentrated)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("name", sorted(CROWDED_SIZES) + ["tiny", "tiny_decode", "k_chunks"])
+def test_fused_experts_swigluoai_regdot_on_fragments(name, split_k, monkeypatch):
+    """regdot on the fragment-order copy (ATOM_MX_FRAG, _expert_gemm_mxf_kernel): the reference's sums, and the
+    same output as regdot on the checkpoint layout up to the dot's accumulation order. Rows that do not fill a
+    64-row tile (intermediate 96, 160), K that ends inside a 128-column step (320, 160) and splits left with no
+    step, decode sizes too; random codes over all 16 values and many exponents."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
+    size = {**CROWDED_SIZES, **EXPERT_SIZES, **K_CHUNK_SIZES}[name]
+    torch.manual_seed(7)
+    on_frags = _run_experts(name, size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot", frag=True)
+    torch.manual_seed(7)
+    plain = _run_experts(name, size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot")
+    check(f"regdot on fragments against regdot {name}", on_frags, plain, TOL[torch.bfloat16])
+
+
+@pytest.fixture
+def triton_experts(monkeypatch):
+    """GPT-OSS experts layers built with the Triton fused_experts_swigluoai (CPU: under the interpreter)."""
+    from atom.ops.registry import forget_resolutions
+
+    monkeypatch.setenv("ATOM_KERNEL_OVERRIDES", "fused_experts_swigluoai=triton")
+    forget_resolutions("fused_experts_swigluoai")
+    yield
+    forget_resolutions("fused_experts_swigluoai")
+
+
+def _mxfp4_experts_layer():
+    from atom.layers.gpt_oss_moe import SwigluOaiExperts
+    from atom.quantization.mxfp4 import Mxfp4Config
+
+    layer = SwigluOaiExperts(4, 64, 96, 1.702, 7.0, params_dtype=torch.bfloat16, quant_config=Mxfp4Config())
+    (layer.w13_weight.data, layer.w13_weight_scale.data) = _mxfp4_weights(4, 192, 64, (120, 125))
+    (layer.w2_weight.data, layer.w2_weight_scale.data) = _mxfp4_weights(4, 64, 96, (120, 125))
+    layer.w13_bias.data, layer.w2_bias.data = rand(4, 192, dtype=torch.bfloat16), rand(4, 64, dtype=torch.bfloat16)
+    return layer
+
+
+def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeypatch):
+    """ATOM_MX_FRAG=1: the MXFP4 experts' process_weights_after_loading keeps a fragment-order copy (the Triton
+    backend only), forward passes it to the kernels, and the layer's output is the reference's; off, none is kept."""
+    from atom.ops.registry import impl_of
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_GEMM_MIN_PAIRS", 1)  # the grouped kernel at 24 pairs
+    monkeypatch.setattr(tk, "MX_FRAG", False)
+    off = _mxfp4_experts_layer()
+    assert impl_of(off.quant_method.experts).backend == "triton"
+    off.quant_method.process_weights_after_loading(off)
+    assert off.w13_frag is None and off.w2_frag is None
+    monkeypatch.setattr(tk, "MX_FRAG", True)
+    on = _mxfp4_experts_layer()
+    on.quant_method.process_weights_after_loading(on)
+    assert on.w13_frag.shape == (4, 2 * 2, 1, tk.FRAG_STEP_BYTES) and on.w2_frag.shape == (4, 1, 1,
+                                                                                           tk.FRAG_STEP_BYTES)
+    x = rand(12, 64, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(12, 4), 2, True)
+    launches = []
+    kernel = tk._expert_gemm_mxf_kernel
+    monkeypatch.setattr(tk, "_expert_gemm_mxf_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
+    got = on(x, weights, ids)
+    assert len(launches) == 2  # gate / up, then down, from the fragments
+    want = ref_experts(x, on.w13_weight, on.w2_weight, on.w13_bias, on.w2_bias, weights, ids, 1.702, 7.0,
+                       on.w13_weight_scale, on.w2_weight_scale)
+    check("GPT-OSS experts layer on fragments", got, want, TOL[torch.bfloat16])
+
+
+def test_fused_experts_swigluoai_refuses_mismatched_fragments():
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    x = rand(4, 64, dtype=torch.bfloat16)
+    (w13, s13), (w2, s2) = _mxfp4_weights(2, 192, 64, (120, 125)), _mxfp4_weights(2, 64, 96, (120, 125))
+    b13, b2 = rand(2, 192, dtype=torch.bfloat16), rand(2, 64, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(4, 2), 2, True)
+    args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    f13, f2 = pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2)
+    with pytest.raises(ValueError, match="both or not at all"):
+        tk.fused_experts_swigluoai(*args, f13, None)
+    with pytest.raises(ValueError, match="w13_frag is"):
+        tk.fused_experts_swigluoai(*args, pack_fragments(w13, s13), f2)  # 3 tiles of 192 rows, not 2 x 2 of 96
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -315,6 +405,43 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
             assert torch.equal(plain, ptx), (split, bf16, (plain.float() - ptx.float()).abs().max())
         check(f"fused_experts_swigluoai ptx decode T{tokens} split {split}", ptx, ref_experts(*args),
               TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.version.hip is not None, reason="needs an NVIDIA GPU (inline PTX)")
+@pytest.mark.parametrize("concentrated", [False, True])
+@pytest.mark.parametrize("tokens", [1, 8, 32, 128])
+def test_regdot_on_fragments_large(tokens, concentrated, monkeypatch):
+    """regdot on the fragment-order copy at the gpt-oss-20b expert shapes (every code, scales up to 2^1, the
+    single-multiply limit): the PTX decode gives the Triton integer decode's bits, whole and split over K, and
+    both match the reference and regdot on the checkpoint layout."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    if not tk._has_bf16x2_mul(None):
+        pytest.skip("the fragment decode's bf16x2 multiply needs sm_90")
+    x = rand(tokens, 2880, dtype=torch.bfloat16)
+    w13, s13 = _mxfp4_weights(32, 2 * 2880, 2880, (116, 129))
+    w2, s2 = _mxfp4_weights(32, 2880, 2880, (118, 125))
+    b13, b2 = rand(32, 2 * 2880, dtype=torch.bfloat16), rand(32, 2880, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
+    if concentrated:
+        ids = torch.tensor([1, 9, 17, 25], device=DEVICE).to(ids).expand(tokens, 4).contiguous()
+    args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    frags = (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
+    op = triton_op("fused_experts_swigluoai")
+    monkeypatch.setattr(tk, "MX_GEMM", "regdot")
+    monkeypatch.setattr(tk, "MX_GEMM_MIN_PAIRS", 1)  # the grouped kernel from one token
+    want = ref_experts(*args)
+    plain = op(*args)
+    for split in ("1", "3"):
+        monkeypatch.setattr(tk, "MX_SPLIT_K", split)
+        monkeypatch.setattr(tk, "MX_PTX", False)  # _frag_decode_tl on the GPU
+        integer = op(*args, *frags)
+        monkeypatch.setattr(tk, "MX_PTX", True)
+        ptx = op(*args, *frags)
+        assert torch.equal(integer, ptx), (split, (integer.float() - ptx.float()).abs().max())
+        check(f"regdot on fragments T{tokens} split {split}", ptx, want, TOL[torch.bfloat16])
+        check(f"regdot on fragments against regdot T{tokens} split {split}", ptx, plain, TOL[torch.bfloat16])
 
 
 def test_split_k_rule(monkeypatch):

@@ -28,7 +28,7 @@ from torch import nn
 from atom.distributed import get_ep_group, get_tp_group
 from atom.layers.linear import ReplicatedLinear
 from atom.ops.mxfp4 import BLOCK as MXFP4_BLOCK
-from atom.ops.registry import resolve
+from atom.ops.registry import impl_of, resolve
 from atom.quantization import MoEMethod, QuantizationConfig
 
 # checkpoint tensor suffix (after "mlp.experts.") -> parameter name
@@ -160,7 +160,8 @@ class SwigluOaiMethod(MoEMethod):
               topk_ids: torch.Tensor) -> torch.Tensor:
         w13_scale, w2_scale = self.scales(layer)
         return self.experts(x, layer.w13_weight, layer.w2_weight, layer.w13_bias, layer.w2_bias, topk_weights,
-                            topk_ids, layer.alpha, layer.limit, w13_scale, w2_scale)
+                            topk_ids, layer.alpha, layer.limit, w13_scale, w2_scale,
+                            getattr(layer, "w13_frag", None), getattr(layer, "w2_frag", None))
 
     def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
         """Nothing to repack: the Triton kernels read the loaded layout (an AITER binding would shuffle here)."""
@@ -200,6 +201,18 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
 
     def scales(self, layer: SwigluOaiExperts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return layer.w13_weight_scale, layer.w2_weight_scale
+
+    def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
+        """With the Triton kernels and ATOM_MX_FRAG=1: a second copy of the experts in fragment order
+        (atom.ops.mxfp4.pack_fragments), which their grouped GEMM reads (plain attributes: not in the state dict,
+        never loaded into)."""
+        layer.w13_frag = layer.w2_frag = None
+        impl = impl_of(self.experts)
+        if impl is not None and impl.backend == "triton":
+            from atom.ops.triton_kernels.moe_swigluoai import fragments_for
+
+            layer.w13_frag, layer.w2_frag = fragments_for(layer.w13_weight, layer.w13_weight_scale,
+                                                          layer.w2_weight, layer.w2_weight_scale)
 
 
 def swigluoai_method_for(quant_config: QuantizationConfig | None, layer: SwigluOaiExperts,

@@ -74,8 +74,12 @@ def fused_experts_swigluoai(
     limit: float,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    w13_frag: torch.Tensor | None = None,
+    w2_frag: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum_k w_k * expert_{id_k}(x), looping over the experts that received tokens.
+    """sum_k w_k * expert_{id_k}(x), looping over the experts that received tokens. w13_frag / w2_frag (a
+    fragment-order copy of the MXFP4 weights for the Triton kernels, atom.ops.mxfp4.pack_fragments) are not read:
+    the reference dequantizes the checkpoint layout.
 
     Rounding as the kernels: each projection (plus its bias) in the activation dtype, the activation
     from those rounded values, the weighted sum over k in float32."""

@@ -81,3 +81,98 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     code = code | ((scaled < 0).long() << 3)
     packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
     return packed.flatten(-2), (exponent + E8M0_BIAS).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- fragment order (for Hopper's wgmma)
+# A copy of an expert matrix laid out for one warpgroup's matrix instruction with its weights as the register
+# operand (wgmma m64nNk16, bf16 A from registers): tiles of 64 rows x 128 columns, one "step" each, 4,352 bytes:
+#   - 4,096 bytes of codes: thread t's 32 bytes at 32 t, eight 32-bit words, word j = the k16 slice j. Thread
+#     t = 32 w + 4 g + c holds rows r0 = 16 w + g and r1 = r0 + 8; word j holds its fragment's 8 codes, the
+#     columns 16 j + 2 c + (0, 1) and 16 j + 2 c + (8, 9) of both rows, in the order of the fragment's four bf16x2
+#     registers: (r0, lo cols), (r1, lo cols), (r0, hi cols), (r1, hi cols); value v = 4 h + 2 e1 + e0 of the word
+#     is row r0 + 8 e1, column 16 j + 8 h + 2 c + e0.
+#   - 256 bytes of scales: for each row pair (8 w + g = t // 4, shared by the four threads of a quad), 8 bytes,
+#     (block b, row r) at 2 b + r: the E8M0 byte s of row r0 + 8 r, columns 32 b .. 32 b + 31, stored as s + 126
+#     (the bf16 exponent field of 2^(s - 1)); hence s <= 128 (every real checkpoint's scales are far below).
+# Inside a word, each code's bits sit where a few instructions turn the word into the four bf16x2 registers of
+# 2^-126 times the codes' values (magnitude at bf16 bits 6-8, sign at 15, two values a register): register 0 is
+# w & M, register 1 rotl(w, 10) & M, register 2 rotl(w, 13) & M, register 3 ((w & K3) * MUL3) & M (the three
+# shifted copies of the multiply never carry into M's bits); one bf16x2 multiply by (2^(s - 1), 2^(s - 1)) then
+# gives the exact value times 2^(s - 127). atom.ops.triton_kernels.moe_swigluoai decodes it.
+# Rows pad to a multiple of 64 and columns to one of 128 with code 0 (scale byte 126).
+FRAG_ROWS, FRAG_COLS = 64, 128
+FRAG_CODE_BYTES = FRAG_ROWS * FRAG_COLS // 2
+FRAG_SCALE_BYTES = FRAG_ROWS // 2 * FRAG_COLS // BLOCK * 2
+FRAG_STEP_BYTES = FRAG_CODE_BYTES + FRAG_SCALE_BYTES
+FRAG_MAX_SCALE = 128  # 2^(s - 1) must be a normal bf16
+FRAG_SCALE_BIAS = 126
+FRAG_MASK, FRAG_K3, FRAG_MUL3 = 0x81C081C0, 0x001B001B, 0x1084
+# value v of a word: the bits of its magnitude's bits 0, 1, 2 and of its sign
+FRAG_BITS = ((6, 7, 8, 15), (22, 23, 24, 31), (28, 29, 30, 5), (12, 13, 14, 21),
+             (25, 26, 27, 2), (9, 10, 11, 18), (4, 0, 1, 3), (20, 16, 17, 19))
+
+
+def _frag_grid(rows: int, cols: int) -> tuple[int, int]:
+    return -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
+
+
+def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) -> torch.Tensor:
+    """MXFP4 experts (blocks uint8 [E, R, K/2], scales uint8 [E, R, K/32]) -> fragment order, uint8
+    [E, halves * ceil(N / 64), ceil(K / 128), FRAG_STEP_BYTES] with N = R / halves: each half of the rows (a fused
+    gate / up matrix: halves=2) padded and tiled on its own, so that tile i of the second half is tile i of the
+    first's partner. One expert at a time (the intermediate is 8 bytes a weight)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 3:
+        raise ValueError(f"pack_fragments: uint8 [E, R, K/2] blocks and [E, R, K/32] scales, got {blocks.dtype} "
+                         f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    experts, rows, half_k = blocks.shape
+    if tuple(scales.shape) != (experts, rows, 2 * half_k // BLOCK) or rows % halves:
+        raise ValueError(f"pack_fragments: scales {tuple(scales.shape)} do not match blocks {tuple(blocks.shape)} "
+                         f"in {halves} halves")
+    if experts and int(scales.max()) > FRAG_MAX_SCALE:
+        raise ValueError(f"pack_fragments: E8M0 scales above {FRAG_MAX_SCALE} (2^1) do not fit the fragment "
+                         "order's single bf16 multiply")
+    n, k = rows // halves, 2 * half_k
+    tiles, steps = _frag_grid(n, k)
+    out = torch.empty(experts, halves * tiles, steps, FRAG_STEP_BYTES, dtype=torch.uint8, device=blocks.device)
+    for e in range(experts):
+        codes = torch.stack((blocks[e] & 15, blocks[e] >> 4), dim=-1).reshape(halves, n, k)
+        codes = torch.nn.functional.pad(codes, (0, steps * FRAG_COLS - k, 0, tiles * FRAG_ROWS - n))
+        # row = 64 T + 16 w + 8 e1 + g, column = 128 S + 16 j + 8 h + 2 c + e0
+        codes = codes.reshape(halves, tiles, 4, 2, 8, steps, 8, 2, 4, 2)
+        codes = codes.permute(0, 1, 5, 2, 4, 8, 6, 7, 3, 9).reshape(halves * tiles, steps, 128, 8, 8).long()
+        word = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for v, bits in enumerate(FRAG_BITS):
+            for i, bit in enumerate(bits):
+                word |= ((codes[..., v] >> i) & 1) << bit
+        out[e, :, :, :FRAG_CODE_BYTES] = torch.stack([(word >> (8 * i)) & 255 for i in range(4)], dim=-1).reshape(
+            halves * tiles, steps, FRAG_CODE_BYTES).to(torch.uint8)
+        s = scales[e].reshape(halves, n, k // BLOCK).to(torch.int16) + FRAG_SCALE_BIAS
+        s = torch.nn.functional.pad(s, (0, steps * FRAG_COLS // BLOCK - k // BLOCK, 0, tiles * FRAG_ROWS - n),
+                                    value=FRAG_SCALE_BIAS)
+        s = s.reshape(halves, tiles, 4, 2, 8, steps, FRAG_COLS // BLOCK).permute(0, 1, 5, 2, 4, 6, 3)
+        out[e, :, :, FRAG_CODE_BYTES:] = s.reshape(halves * tiles, steps, FRAG_SCALE_BYTES).to(torch.uint8)
+    return out
+
+
+def unpack_fragments(frag: torch.Tensor, rows: int, cols: int, halves: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_fragments' inverse: (blocks uint8 [E, halves * rows, cols / 2], scales uint8 [E, halves * rows,
+    cols / 32]) for halves of `rows` rows and `cols` columns each."""
+    tiles, steps = _frag_grid(rows, cols)
+    experts = frag.shape[0]
+    if tuple(frag.shape) != (experts, halves * tiles, steps, FRAG_STEP_BYTES):
+        raise ValueError(f"unpack_fragments: {tuple(frag.shape)} is not the fragment order of {halves} x "
+                         f"[{rows}, {cols}]")
+    raw = frag[..., :FRAG_CODE_BYTES].reshape(experts, halves * tiles, steps, 128, 8, 4).long()
+    word = sum(raw[..., i] << (8 * i) for i in range(4))
+    codes = torch.zeros(*word.shape, 8, dtype=torch.long, device=frag.device)
+    for v, bits in enumerate(FRAG_BITS):
+        for i, bit in enumerate(bits):
+            codes[..., v] |= ((word >> bit) & 1) << i
+    codes = codes.reshape(experts, halves, tiles, steps, 4, 8, 4, 8, 2, 2, 2)  # hv T S w g c j h e1 e0
+    codes = codes.permute(0, 1, 2, 4, 9, 5, 3, 7, 8, 6, 10)  # hv T w e1 g S j h c e0
+    codes = codes.reshape(experts, halves, tiles * FRAG_ROWS, steps * FRAG_COLS)[:, :, :rows, :cols]
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).reshape(experts, halves * rows, cols // 2)
+    s = frag[..., FRAG_CODE_BYTES:].reshape(experts, halves, tiles, steps, 4, 8, FRAG_COLS // BLOCK, 2)
+    s = s.permute(0, 1, 2, 4, 7, 5, 3, 6).reshape(experts, halves, tiles * FRAG_ROWS, steps * FRAG_COLS // BLOCK)
+    scales = (s[:, :, :rows, : cols // BLOCK].to(torch.int16) - FRAG_SCALE_BIAS).to(torch.uint8)
+    return blocks, scales.reshape(experts, halves * rows, cols // BLOCK)

@@ -24,16 +24,20 @@ GEMM. All are exact to the dequantized weights up to the dot's own accumulation.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from atom.ops.mxfp4 import FRAG_CODE_BYTES, FRAG_COLS, FRAG_MAX_SCALE, FRAG_ROWS, FRAG_STEP_BYTES, pack_fragments
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
+
+logger = logging.getLogger(__name__)
 
 # Up to this many (token, k) pairs, one GEMV per pair (see moe.PAIR_GEMV_MAX_PAIRS). Module-level for sweeps.
 PAIR_GEMV_MAX_PAIRS = 16
@@ -125,6 +129,13 @@ def _split_rule(raw: str) -> tuple[tuple[int, int], ...]:
 # routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
 # everywhere (125.6 / 426.9 at 32 tokens).
 MX_SPLIT_K_RULE = "64:3,192:2,1"
+# ATOM_MX_FRAG=1 (off until the device measures it): GPT-OSS's MXFP4 experts keep a second copy of their weights
+# in fragment order (atom.ops.mxfp4.pack_fragments, ~12 GB more for gpt-oss-20b), which regdot then reads
+# (_expert_gemm_mxf_kernel); the per-pair GEMV and the prefill's dequantization keep reading the checkpoint
+# layout. Local sm_90 compile (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions
+# a warp for 128 weights a thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down
+# projection 240 (3.75) against 483 (7.5). regdot is bound by instruction issue at decode sizes.
+MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
@@ -555,6 +566,141 @@ def _expert_gemm_mxr_kernel(
                           pair, row_ok, alpha, limit, GATED)
 
 
+# ---------------------------------------------------------------- regdot on the fragment order (ATOM_MX_FRAG)
+@triton.jit
+def _frag_decode_ptx(codes, s0, s1):
+    """(lo, hi) bf16 [..., 4]: a fragment-order word (4 bytes, atom.ops.mxfp4's FRAG_BITS) -> its four bf16x2
+    registers, lo = (r0 lo cols, r1 lo cols) and hi = (r0 hi cols, r1 hi cols), times the block scale: each
+    register is a mask (and a rotate, or a multiply that places three shifted copies) of the word, 2^-126 times
+    the codes' values, then one bf16x2 multiply by s0 (row r0's (2^(s - 1), 2^(s - 1))) or s1 (row r1's). Exact,
+    as _e2m1_bytes_bf16_ptx. s0, s1: int32 bf16x2 bits, the same for the word's four elements. CUDA sm_90+."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t;
+        and.b32 t, $4, 0x81C081C0;
+        mul.rn.bf16x2 $0, t, $5;
+        shf.l.wrap.b32 t, $4, $4, 10;
+        and.b32 t, t, 0x81C081C0;
+        mul.rn.bf16x2 $1, t, $9;
+        shf.l.wrap.b32 t, $4, $4, 13;
+        and.b32 t, t, 0x81C081C0;
+        mul.rn.bf16x2 $2, t, $5;
+        and.b32 t, $4, 0x001B001B;
+        mul.lo.u32 t, t, 0x1084;
+        and.b32 t, t, 0x81C081C0;
+        mul.rn.bf16x2 $3, t, $9;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        args=[codes, s0, s1], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _frag_registers(r0, r1, f0, f1):
+    """Two bf16x2 registers (uint32 bits of 2^-126 times two values each; rows r0 and r1) -> float32 [..., 4]
+    (r0 low half, r0 high half, r1 low, r1 high) times the rows' scales f0 / f1: the element order of
+    _frag_decode_ptx's outputs."""
+    a = tl.join(((r0 & 0xFFFF) << 16).to(tl.float32, bitcast=True) * f0,
+                (r0 & 0xFFFF0000).to(tl.float32, bitcast=True) * f0)
+    b = tl.join(((r1 & 0xFFFF) << 16).to(tl.float32, bitcast=True) * f1,
+                (r1 & 0xFFFF0000).to(tl.float32, bitcast=True) * f1)
+    v = tl.permute(tl.join(a, b), (0, 1, 3, 2))
+    return tl.reshape(v, [v.shape[0], v.shape[1], 4])
+
+
+@triton.jit
+def _frag_decode_tl(codes, s0, s1):
+    """_frag_decode_ptx's values in float32, by Triton integer ops (the interpreter, GPUs without the PTX): codes
+    uint8 [128, 8, 4], s0 / s1 uint32 [128, 8] (bf16x2 scale bits per word)."""
+    w = tl.sum(codes.to(tl.uint32) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], axis=2)
+    m = 0x81C081C0
+    r0 = w & m
+    r1 = ((w << 10) | (w >> 22)) & m
+    r2 = ((w << 13) | (w >> 19)) & m
+    r3 = ((w & 0x001B001B) * 0x1084) & m
+    f0 = ((s0 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    f1 = ((s1 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return _frag_registers(r0, r1, f0, f1), _frag_registers(r2, r3, f0, f1)
+
+
+@triton.jit
+def _frag_tile(step_ptr, woff, soff, dtype: tl.constexpr, PTX: tl.constexpr):
+    """One fragment-order step (atom.ops.mxfp4.pack_fragments) -> the logical [64, 128] weight tile in dtype,
+    scaled. Thread t reads its own 32 code bytes (two 16-byte loads) and its row pair's 8 scale bytes; the
+    reshape / permute chain from (thread = (w, g, c), word j, element (e1, e0), half h) to row 16 w + 8 e1 + g and
+    column 16 j + 8 h + 2 c + e0 is a relabelling of registers, so on Hopper the decoded registers feed the
+    matrix instruction as they are."""
+    codes = tl.join(tl.load(step_ptr + woff), tl.load(step_ptr + 16 + woff))  # [128, 16, 2]
+    codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [128, 8, 4])  # word j = bytes 4 j .. 4 j + 3
+    pairs = tl.load(step_ptr + soff).to(tl.uint32) * 0x00800080  # [128, 8]: (block b, row r) at 2 b + r
+    s0, s1 = tl.split(tl.reshape(pairs, [128, 4, 2]))
+    s0 = tl.reshape(tl.broadcast_to(s0[:, :, None], [128, 4, 2]), [128, 8])  # word j lies in block j // 2
+    s1 = tl.reshape(tl.broadcast_to(s1[:, :, None], [128, 4, 2]), [128, 8])
+    if PTX:
+        lo, hi = _frag_decode_ptx(codes, tl.broadcast_to(s0.to(tl.int32, bitcast=True)[:, :, None], [128, 8, 4]),
+                                  tl.broadcast_to(s1.to(tl.int32, bitcast=True)[:, :, None], [128, 8, 4]))
+    else:
+        lo, hi = _frag_decode_tl(codes, s0, s1)
+    v = tl.reshape(tl.join(lo, hi), [4, 8, 4, 8, 2, 2, 2])  # w g c j e1 e0 h
+    return tl.reshape(tl.permute(v, (0, 4, 1, 3, 6, 2, 5)), [64, 128]).to(dtype)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _expert_gemm_mxf_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
+    n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, up_tiles, steps,
+    bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, PTX: tl.constexpr,
+    STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """regdot (_expert_gemm_mxr_kernel) on the fragment order: out^T = W A^T for 64 weight rows (one warpgroup's
+    matrix instruction, one tile of the copy) and BLOCK_M pairs, K in steps of 128. Each step reads the tile's
+    4,096 code bytes and 256 scale bytes in one piece, decodes them with ~1.5 instructions a weight
+    (_frag_tile) and dots them with the step's activations, K in its natural order (no even / odd split). The
+    gated matrix's up rows are tile up_tiles + n_blk. SPLIT_K and the epilogue as regdot's."""
+    pdl_wait(PDL)
+    tile = tl.program_id(0)
+    n_blk = tl.program_id(1)
+    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+    if past_end:
+        return
+    row_ok = pair < num_pairs
+    a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
+    n = n_blk * 64 + tl.arange(0, 64)
+    n_ok = n < n_out
+    t = tl.arange(0, 128)
+    woff = t[:, None] * 32 + tl.arange(0, 16)[None, :]
+    soff = CODE_BYTES + (t // 4)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    w_tile = w_ptr + expert * w_stride_e + n_blk.to(tl.int64) * steps * STEP_BYTES
+    up_offset = up_tiles.to(tl.int64) * steps * STEP_BYTES
+    dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
+    acc = tl.zeros([64, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([64, BLOCK_M], tl.float32)
+    s_begin = 0
+    s_end = steps
+    if SPLIT_K > 1:
+        span = tl.cdiv(steps, SPLIT_K)
+        s_begin = tl.program_id(2) * span
+        s_end = tl.minimum(steps, s_begin + span)
+    for s in range(s_begin, s_end):
+        k = s * 128 + tl.arange(0, 128)
+        a = tl.load(a_cols + k[:, None], mask=(k < k_dim)[:, None] & row_ok[None, :], other=0.0).to(dtype)
+        step = w_tile + s * STEP_BYTES
+        acc = tl.dot(_frag_tile(step, woff, soff, dtype, PTX), a, acc)
+        if GATED:
+            acc_up = tl.dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX), a, acc_up)
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
+        part_mask = n_ok[:, None] & row_ok[None, :]
+        tl.store(part, acc, mask=part_mask)
+        if GATED:
+            tl.store(part + n_out, acc_up, mask=part_mask)
+    else:
+        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
+                          pair, row_ok, alpha, limit, GATED)
+
+
 @triton.jit
 def _sum_splits(rows, part_stride_s, n_ok, SPLIT_K: tl.constexpr):
     """The SPLIT_K float32 partial sums of rows, added in split order (the same bits every run)."""
@@ -692,7 +838,8 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return out
 
 
-def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: bool) -> tuple[int, int]:
+def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: bool, w13_frag=None,
+                  w2_frag=None) -> tuple[int, int]:
     """(hidden, inter) after checking every operand against them."""
     num_experts, two_i = w13.shape[:2]
     inter = two_i // 2
@@ -703,6 +850,10 @@ def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: boo
     if mxfp4:
         expect["w13_scale"] = (w13_scale, (num_experts, two_i, hidden // 32))
         expect["w2_scale"] = (w2_scale, (num_experts, hidden, inter // 32))
+    for name, frag, halves, rows, cols in (("w13_frag", w13_frag, 2, inter, hidden), ("w2_frag", w2_frag, 1, hidden, inter)):
+        if frag is not None:
+            tiles, steps = -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
+            expect[name] = (frag, (num_experts, halves * tiles, steps, FRAG_STEP_BYTES))
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape or t.stride(-1) != 1:
             raise ValueError(f"fused_experts_swigluoai: {name} is {tuple(t.shape)} (strides {t.stride()}), "
@@ -722,6 +873,22 @@ def _ptx_decode(x: torch.Tensor) -> bool:
 def _has_bf16x2_mul(device_index: int | None) -> bool:
     """mul.rn.bf16x2 (regdot's bf16 decode) needs sm_90 or newer; Ampere takes the float32 PTX decode."""
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
+                  s2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The fragment-order copies of a layer's MXFP4 experts (w13 gate / up halves, w2) for regdot, or (None, None):
+    with ATOM_MX_FRAG=1 on NVIDIA sm_90+ (the decode's bf16x2 multiply) or under the interpreter, when every scale
+    fits the single multiply (E8M0 <= 128, i.e. 2^1)."""
+    if not MX_FRAG or w13.numel() == 0:
+        return None, None
+    if not interpreting() and not (w13.is_cuda and torch.version.hip is None and _has_bf16x2_mul(w13.device.index)):
+        return None, None
+    if max(int(s13.max()), int(s2.max())) > FRAG_MAX_SCALE:
+        logger.warning("ATOM_MX_FRAG: E8M0 scales above %d in this layer's experts; regdot reads the checkpoint "
+                       "layout", FRAG_MAX_SCALE)
+        return None, None
+    return pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2)
 
 
 def regdot_decode(x: torch.Tensor) -> str:
@@ -795,7 +962,8 @@ def _mx_split_k(num_tokens: int, kernel: str) -> int:
     return next(split for max_tokens, split in rule if num_tokens <= max_tokens)
 
 
-def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit) -> torch.Tensor:
+def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit, f13=None,
+                f2=None) -> torch.Tensor:
     num_tokens = x.shape[0]
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
@@ -808,7 +976,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     num_tiles = sorted_ids.numel() // block_m
     ids = topk_ids.reshape(-1)
 
-    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
+    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated, frag=None):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
         args = (a, w, s, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
                 a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
@@ -819,11 +987,21 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                 part = torch.empty(split_k, num_pairs, (2 if gated else 1) * n_out, dtype=torch.float32,
                                    device=a.device)
                 part_strides = part.stride(0), part.stride(1)
-            _expert_gemm_mxr_kernel[(*grid, split_k)](
-                *args, part, *part_strides, GATED=gated,
-                E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
-                BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
-                num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_args(a.device))
+            if frag is not None:
+                up_tiles = frag.shape[1] // 2 if gated else 0
+                _expert_gemm_mxf_kernel[(num_tiles, triton.cdiv(n_out, FRAG_ROWS), split_k)](
+                    a, frag, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
+                    a.stride(0), frag.stride(0), up_tiles, frag.shape[2], b.stride(0), out.stride(0), alpha, limit,
+                    part, *part_strides, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
+                    F32_DOT=interpreting(), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
+                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, num_warps=4, num_stages=tile["num_stages"],
+                    **pdl_args(a.device))
+            else:
+                _expert_gemm_mxr_kernel[(*grid, split_k)](
+                    *args, part, *part_strides, GATED=gated,
+                    E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
+                    BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
+                    num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_args(a.device))
             if split_k > 1:
                 block = 256
                 _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
@@ -835,8 +1013,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
             BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"],
             num_stages=tile["num_stages"], **pdl_args(a.device))
 
-    gemm(x, w13, s13, b13, h, inter, hidden, top_k, True)
-    gemm(h, w2, s2, b2, y, hidden, inter, 1, False)
+    gemm(x, w13, s13, b13, h, inter, hidden, top_k, True, f13)
+    gemm(h, w2, s2, b2, y, hidden, inter, 1, False, f2)
     return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
 
 
@@ -853,16 +1031,23 @@ def fused_experts_swigluoai(
     limit: float,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    w13_frag: torch.Tensor | None = None,
+    w2_frag: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum_k w_k * expert_{id_k}(x): per-pair GEMVs at decode sizes, expert-sorted grouped GEMMs beyond."""
+    """sum_k w_k * expert_{id_k}(x): per-pair GEMVs at decode sizes, expert-sorted grouped GEMMs beyond.
+    w13_frag / w2_frag: the same MXFP4 weights in fragment order (atom.ops.mxfp4.pack_fragments), which regdot
+    then reads instead (_expert_gemm_mxf_kernel); the other paths read the packed checkpoint layout."""
     mxfp4 = w13_scale is not None
     if mxfp4 != (w2_scale is not None):
         raise ValueError("fused_experts_swigluoai: give both MXFP4 scales (w13_scale, w2_scale) or neither")
+    if (w13_frag is None) != (w2_frag is None) or (w13_frag is not None and not mxfp4):
+        raise ValueError("fused_experts_swigluoai: the fragment-order copies (w13_frag, w2_frag) come both or not "
+                         "at all, and only with MXFP4 weights")
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    hidden, inter = _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4)
+    hidden, inter = _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4, w13_frag, w2_frag)
     num_experts = w13.shape[0]
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
@@ -876,7 +1061,8 @@ def fused_experts_swigluoai(
     ptx = mxfp4 and _ptx_decode(x)
     path = experts_path(x.dtype, mxfp4, num_pairs, ptx)
     if path == "mx_gemm":
-        return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit)
+        return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit,
+                           w13_frag, w2_frag)
 
     if path == "per_pair":
         ids = topk_ids.reshape(-1).contiguous()
