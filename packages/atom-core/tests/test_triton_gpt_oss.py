@@ -496,12 +496,16 @@ def test_fused_experts_swigluoai_refuses_half_mxfp4():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot")])
-# one token: the per-pair GEMV; 64: the register-decode grouped GEMM or an MXFP4 grouped kernel
+@pytest.mark.parametrize("tokens, mx_gemm", [(1, None), (64, None), (64, "regdot"), (64, "scaled_dot"),
+                                            (64, "regdot_frag")])
+# one token: the per-pair GEMV; 64: the register-decode grouped GEMM or an MXFP4 grouped kernel (regdot_frag: on
+# the fragment-order copy)
 def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     """Decode runs as CUDA-graph replays: no host sync may hide in the MXFP4 path (tile choice, sort)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
+    frag = mx_gemm == "regdot_frag"
+    mx_gemm = "regdot" if frag else mx_gemm
     monkeypatch.setattr(tk, "MXFP4_SCALED_DOT", mx_gemm is not None)
     monkeypatch.setattr(tk, "MX_GEMM", mx_gemm or tk.MX_GEMM)
     x = rand(tokens, 2880, dtype=torch.bfloat16)
@@ -511,6 +515,8 @@ def test_mxfp4_experts_capture_in_a_cuda_graph(tokens, mx_gemm, monkeypatch):
     weights, ids = ref_moe.moe_topk_softmax(rand(tokens, 32), 4, True)
     op = triton_op("fused_experts_swigluoai")
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
+    if frag:
+        args += (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
     eager = op(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
