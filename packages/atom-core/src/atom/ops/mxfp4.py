@@ -120,7 +120,8 @@ def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) 
     """MXFP4 experts (blocks uint8 [E, R, K/2], scales uint8 [E, R, K/32]) -> fragment order, uint8
     [E, halves * ceil(N / 64), ceil(K / 128), FRAG_STEP_BYTES] with N = R / halves: each half of the rows (a fused
     gate / up matrix: halves=2) padded and tiled on its own, so that tile i of the second half is tile i of the
-    first's partner. One expert at a time (the intermediate is 8 bytes a weight)."""
+    first's partner. A few experts at a time (the intermediate is 8 bytes a weight: ~1 GB at most); a byte-order
+    view of int32 words, so little-endian hosts only (every GPU host ATOM runs on)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 3:
         raise ValueError(f"pack_fragments: uint8 [E, R, K/2] blocks and [E, R, K/32] scales, got {blocks.dtype} "
                          f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
@@ -134,23 +135,27 @@ def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) 
     n, k = rows // halves, 2 * half_k
     tiles, steps = _frag_grid(n, k)
     out = torch.empty(experts, halves * tiles, steps, FRAG_STEP_BYTES, dtype=torch.uint8, device=blocks.device)
-    for e in range(experts):
-        codes = torch.stack((blocks[e] & 15, blocks[e] >> 4), dim=-1).reshape(halves, n, k)
+    # bits[v, code]: the word bits code `code` sets in value slot v (disjoint, so a sum is their OR)
+    table = torch.tensor([[sum(((code >> i) & 1) << bit for i, bit in enumerate(FRAG_BITS[v])) for code in range(16)]
+                          for v in range(8)], dtype=torch.int64).to(torch.int32).to(blocks.device).flatten()
+    slot = torch.arange(8, device=blocks.device, dtype=torch.int32) * 16
+    chunk = max(1, min(experts, (1 << 27) // max(1, rows * k)))  # ~1 GB of intermediates at most
+    for e0 in range(0, experts, chunk):
+        e1 = min(experts, e0 + chunk)
+        b = blocks[e0:e1]
+        codes = torch.stack((b & 15, b >> 4), dim=-1).reshape(e1 - e0, halves, n, k)
         codes = torch.nn.functional.pad(codes, (0, steps * FRAG_COLS - k, 0, tiles * FRAG_ROWS - n))
-        # row = 64 T + 16 w + 8 e1 + g, column = 128 S + 16 j + 8 h + 2 c + e0
-        codes = codes.reshape(halves, tiles, 4, 2, 8, steps, 8, 2, 4, 2)
-        codes = codes.permute(0, 1, 5, 2, 4, 8, 6, 7, 3, 9).reshape(halves * tiles, steps, 128, 8, 8).long()
-        word = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for v, bits in enumerate(FRAG_BITS):
-            for i, bit in enumerate(bits):
-                word |= ((codes[..., v] >> i) & 1) << bit
-        out[e, :, :, :FRAG_CODE_BYTES] = torch.stack([(word >> (8 * i)) & 255 for i in range(4)], dim=-1).reshape(
-            halves * tiles, steps, FRAG_CODE_BYTES).to(torch.uint8)
-        s = scales[e].reshape(halves, n, k // BLOCK).to(torch.int16) + FRAG_SCALE_BIAS
-        s = torch.nn.functional.pad(s, (0, steps * FRAG_COLS // BLOCK - k // BLOCK, 0, tiles * FRAG_ROWS - n),
-                                    value=FRAG_SCALE_BIAS)
-        s = s.reshape(halves, tiles, 4, 2, 8, steps, FRAG_COLS // BLOCK).permute(0, 1, 5, 2, 4, 6, 3)
-        out[e, :, :, FRAG_CODE_BYTES:] = s.reshape(halves * tiles, steps, FRAG_SCALE_BYTES).to(torch.uint8)
+        # row = 64 T + 16 w + 8 e1 + g, column = 128 S + 16 j + 8 h + 2 c + e0; value slot v = 4 h + 2 e1 + e0
+        codes = codes.reshape(e1 - e0, halves, tiles, 4, 2, 8, steps, 8, 2, 4, 2)
+        codes = codes.permute(0, 1, 2, 6, 3, 5, 9, 7, 8, 4, 10).reshape(e1 - e0, halves * tiles, steps, 128, 8, 8)
+        word = table[codes.to(torch.int32) + slot].sum(dim=-1, dtype=torch.int32)  # two's complement: the bits
+        out[e0:e1, :, :, :FRAG_CODE_BYTES] = word.view(torch.uint8).reshape(e1 - e0, halves * tiles, steps,
+                                                                            FRAG_CODE_BYTES)
+    s = scales.reshape(experts, halves, n, k // BLOCK).to(torch.int16) + FRAG_SCALE_BIAS
+    s = torch.nn.functional.pad(s, (0, steps * FRAG_COLS // BLOCK - k // BLOCK, 0, tiles * FRAG_ROWS - n),
+                                value=FRAG_SCALE_BIAS)
+    s = s.reshape(experts, halves, tiles, 4, 2, 8, steps, FRAG_COLS // BLOCK).permute(0, 1, 2, 6, 3, 5, 7, 4)
+    out[..., FRAG_CODE_BYTES:] = s.reshape(experts, halves * tiles, steps, FRAG_SCALE_BYTES).to(torch.uint8)
     return out
 
 
