@@ -50,7 +50,7 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
 # regdot's K split (ATOM_MX_SPLIT_K) with two tiles: (block_m, block_n, split_k)
 SPLIT_SWEEP = [(dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3), split)
-               for bm, bn in ((16, 64), (32, 64)) for split in (1, 2, 3, 4, 6)]
+               for bm, bn in ((16, 64), (32, 64), (64, 64)) for split in (1, 2, 3, 4, 6)]
 
 
 def main() -> None:
@@ -121,12 +121,14 @@ def main() -> None:
                 for tile in SWEEP if "regdot" in kernels else ():
                     run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
                 for tile, split in SPLIT_SWEEP if "split" in kernels else ():
-                    run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args,
-                        want, tile)
-                for tile, split in SPLIT_SWEEP if "frag_split" in kernels else ():  # the frag kernel: block_m only
-                    if tile["block_n"] == 64:
-                        run(tokens, f"regdot_frag_split{split}", dict(PATHS["regdot_frag"][0], MX_SPLIT_K=str(split)),
+                    if tile["block_m"] < 64:
+                        run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)),
                             args, want, tile)
+                # the fragment kernel reads block_m (tokens a tile; 64: a batch routed to 4 experts decodes each
+                # weight once) and num_stages; its 64 weight rows are fixed
+                for tile, split in SPLIT_SWEEP if "frag_split" in kernels else ():
+                    run(tokens, f"regdot_frag_split{split}", dict(PATHS["regdot_frag"][0], MX_SPLIT_K=str(split)),
+                        args, want, tile)
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)
