@@ -875,6 +875,11 @@ def _has_bf16x2_mul(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
                   s2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The fragment-order copies of a layer's MXFP4 experts (w13 gate / up halves, w2) for regdot, or (None, None):
@@ -885,8 +890,8 @@ def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
     if not interpreting() and not (w13.is_cuda and torch.version.hip is None and _has_bf16x2_mul(w13.device.index)):
         return None, None
     if max(int(s13.max()), int(s2.max())) > FRAG_MAX_SCALE:
-        logger.warning("ATOM_MX_FRAG: E8M0 scales above %d in this layer's experts; regdot reads the checkpoint "
-                       "layout", FRAG_MAX_SCALE)
+        _warn_once(f"ATOM_MX_FRAG: E8M0 scales above {FRAG_MAX_SCALE} (2^1) in GPT-OSS experts: those layers keep "
+                   "reading the checkpoint layout")
         return None, None
     return pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2)
 
