@@ -141,8 +141,9 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False,
     too (by default they take the GEMV); dequant: MXFP4 dequantized + the dense grouped GEMM at every size (by
     default from 2,720 pairs); neither: the default paths without the MXFP4 GEMM (the GEMV, the register-decode
     grouped kernel). concentrated: every token routed to the same top_k experts (what random-weight engines
-    see: the router's bias decides), so each of them gets all the tokens. frag: regdot reads a fragment-order
-    copy of the weights (atom.ops.mxfp4.pack_fragments, ATOM_MX_FRAG)."""
+    see: the router's bias decides), so each of them gets all the tokens. frag: the weights in fragment order
+    only (atom.ops.mxfp4.pack_fragments, ATOM_MX_FRAG; the checkpoint-layout tensors passed empty), which regdot's
+    fragment kernel reads at every size (with dequant: their dequantization)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     tokens, hidden, inter, experts, top_k = size
@@ -166,8 +167,11 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False,
     assert (tokens * top_k <= tk.PAIR_GEMV_MAX_PAIRS) == name.endswith("decode") == (
         tokens * top_k <= tk.MX_PTX_GEMV_MAX_PAIRS)
     args = (x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2)
-    if frag:
-        args += (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
+    op_args = args
+    if frag:  # the fragments alone, as the layer keeps them: the checkpoint-layout tensors emptied
+        empty = w13.new_empty(0)
+        op_args = (*args[:1], empty, empty, *args[3:9], empty, empty, pack_fragments(w13, s13, halves=2),
+                   pack_fragments(w2, s2))
     saved = tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM
     tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS = mx_gemm is not None, 1 if mx_gemm else saved[1]
     tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = 1 if dequant else 0, mx_gemm or saved[3]
@@ -179,7 +183,7 @@ def _run_experts(name, size, weights_format, dtype, mx_gemm=None, dequant=False,
         want = ("dequant" if dequant and mxfp4 else "mx_gemm" if mx_gemm and mxfp4 and dtype == torch.bfloat16
                 else "per_pair" if tokens * top_k <= gemv_max else "grouped")
         assert tk.experts_path(dtype, mxfp4, tokens * top_k, ptx) == want
-        out = triton_op("fused_experts_swigluoai")(*args)
+        out = triton_op("fused_experts_swigluoai")(*op_args)
     finally:
         tk.MXFP4_SCALED_DOT, tk.MX_GEMM_MIN_PAIRS, tk.MX_DEQUANT_MIN_PAIRS, tk.MX_GEMM = saved
     path = (f" {mx_gemm}" if mx_gemm else " dequant" if dequant else "") + (" concentrated" if concentrated else "")
@@ -234,10 +238,10 @@ def test_fused_experts_swigluoai_regdot_split_k(name, concentrated, split_k, mon
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("name", sorted(CROWDED_SIZES) + ["tiny", "tiny_decode", "k_chunks"])
 def test_fused_experts_swigluoai_regdot_on_fragments(name, split_k, monkeypatch):
-    """regdot on the fragment-order copy (ATOM_MX_FRAG, _expert_gemm_mxf_kernel): the reference's sums, and the
+    """regdot on the fragment order alone (ATOM_MX_FRAG, _expert_gemm_mxf_kernel): the reference's sums, and the
     same output as regdot on the checkpoint layout up to the dot's accumulation order. Rows that do not fill a
     64-row tile (intermediate 96, 160), K that ends inside a 128-column step (320, 160) and splits left with no
-    step, decode sizes too; random codes over all 16 values and many exponents."""
+    step, the GEMV's sizes too; random codes over all 16 values and many exponents."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
@@ -272,8 +276,9 @@ def _mxfp4_experts_layer():
 
 
 def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeypatch):
-    """ATOM_MX_FRAG=1: the MXFP4 experts' process_weights_after_loading keeps a fragment-order copy (the Triton
-    backend only), forward passes it to the kernels, and the layer's output is the reference's; off, none is kept."""
+    """ATOM_MX_FRAG=1: the MXFP4 experts' process_weights_after_loading repacks them in fragment order (the Triton
+    backend only) and empties the checkpoint layout, forward passes the fragments to the kernels, and the layer's
+    output is the reference's on the original weights; off, nothing changes."""
     from atom.ops.registry import impl_of
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
@@ -285,9 +290,12 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
     assert off.w13_frag is None and off.w2_frag is None
     monkeypatch.setattr(tk, "MX_FRAG", True)
     on = _mxfp4_experts_layer()
+    checkpoint = [getattr(on, n).detach().clone() for n in ("w13_weight", "w2_weight", "w13_weight_scale",
+                                                            "w2_weight_scale")]
     on.quant_method.process_weights_after_loading(on)
     assert on.w13_frag.shape == (4, 2 * 2, 1, tk.FRAG_STEP_BYTES) and on.w2_frag.shape == (4, 1, 1,
                                                                                            tk.FRAG_STEP_BYTES)
+    assert on.w13_weight.numel() == on.w2_weight_scale.numel() == 0  # one copy of the experts, not two
     x = rand(12, 64, dtype=torch.bfloat16)
     weights, ids = ref_moe.moe_topk_softmax(rand(12, 4), 2, True)
     launches = []
@@ -296,9 +304,19 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
         "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
     got = on(x, weights, ids)
     assert len(launches) == 2  # gate / up, then down, from the fragments
-    want = ref_experts(x, on.w13_weight, on.w2_weight, on.w13_bias, on.w2_bias, weights, ids, 1.702, 7.0,
-                       on.w13_weight_scale, on.w2_weight_scale)
+    w13, w2, s13, s2 = checkpoint
+    want = ref_experts(x, w13, w2, on.w13_bias, on.w2_bias, weights, ids, 1.702, 7.0, s13, s2)
     check("GPT-OSS experts layer on fragments", got, want, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["tiny_decode", "k_chunks"])
+def test_fused_experts_swigluoai_fragments_in_float32_and_prefill(name, dtype):
+    """The fragment order alone serves float32 activations (exact float32 dots) and the prefill's path (its
+    dequantization, _mx_frag_dequant_kernel, then the dense grouped GEMM)."""
+    size = {**EXPERT_SIZES, **K_CHUNK_SIZES}[name]
+    _run_experts(name, size, "mxfp4_random_codes", dtype, frag=True)
+    _run_experts(name, size, "mxfp4_quantized", dtype, dequant=True, frag=True)
 
 
 def test_fused_experts_swigluoai_refuses_mismatched_fragments():
@@ -410,11 +428,12 @@ def test_mxfp4_ptx_decode_is_bit_identical(tokens, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU or torch.version.hip is not None, reason="needs an NVIDIA GPU (inline PTX)")
 @pytest.mark.parametrize("concentrated", [False, True])
-@pytest.mark.parametrize("tokens", [1, 8, 32, 128])
+@pytest.mark.parametrize("tokens", [1, 8, 32, 128, 1024])
 def test_regdot_on_fragments_large(tokens, concentrated, monkeypatch):
-    """regdot on the fragment-order copy at the gpt-oss-20b expert shapes (every code, scales up to 2^1, the
-    single-multiply limit): the PTX decode gives the Triton integer decode's bits, whole and split over K, and
-    both match the reference and regdot on the checkpoint layout."""
+    """The fragment order at the gpt-oss-20b expert shapes (every code, scales up to 2^1, the single-multiply
+    limit): regdot's fragment kernel at 1-128 tokens (the GEMV's sizes too), their dequantization at 1,024 (the
+    prefill's path): the PTX decode gives the Triton integer decode's bits, whole and split over K, and both match
+    the reference and the checkpoint layout's paths."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     if not tk._has_bf16x2_mul(None):

@@ -203,9 +203,9 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
         return layer.w13_weight_scale, layer.w2_weight_scale
 
     def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
-        """With the Triton kernels and ATOM_MX_FRAG=1: a second copy of the experts in fragment order
-        (atom.ops.mxfp4.pack_fragments), which their grouped GEMM reads (plain attributes: not in the state dict,
-        never loaded into)."""
+        """With the Triton kernels and ATOM_MX_FRAG=1: the experts repacked in fragment order
+        (atom.ops.mxfp4.pack_fragments; plain attributes, not in the state dict), which every Triton path then
+        reads; the checkpoint-layout tensors are emptied (the same memory, one copy)."""
         layer.w13_frag = layer.w2_frag = None
         impl = impl_of(self.experts)
         if impl is not None and impl.backend == "triton":
@@ -213,6 +213,10 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
 
             layer.w13_frag, layer.w2_frag = fragments_for(layer.w13_weight, layer.w13_weight_scale,
                                                           layer.w2_weight, layer.w2_weight_scale)
+            if layer.w13_frag is not None:
+                for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
+                    param = getattr(layer, name)
+                    param.data = param.data.new_empty(0)
 
 
 def swigluoai_method_for(quant_config: QuantizationConfig | None, layer: SwigluOaiExperts,

@@ -57,7 +57,7 @@ def _experts_example(t, static):
 
 
 define_op("fused_experts_swigluoai", example=_experts_example,
-          fake=lambda x, w13, w2, *args, **kwargs: x.new_empty(x.shape[0], w2.shape[1]))
+          fake=lambda x, w13, w2, w13_bias, w2_bias, *args, **kwargs: x.new_empty(x.shape[0], w2_bias.shape[1]))
 
 
 # Reads per-expert token counts on the host: neither capturable nor traceable (a custom op under compile).

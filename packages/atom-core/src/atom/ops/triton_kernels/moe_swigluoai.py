@@ -129,10 +129,10 @@ def _split_rule(raw: str) -> tuple[tuple[int, int], ...]:
 # routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
 # everywhere (125.6 / 426.9 at 32 tokens).
 MX_SPLIT_K_RULE = "64:3,192:2,1"
-# ATOM_MX_FRAG=1 (off until the device measures it): GPT-OSS's MXFP4 experts keep a second copy of their weights
-# in fragment order (atom.ops.mxfp4.pack_fragments, ~12 GB more for gpt-oss-20b), which regdot then reads
-# (_expert_gemm_mxf_kernel); the per-pair GEMV and the prefill's dequantization keep reading the checkpoint
-# layout. Local sm_90 compile (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions
+# ATOM_MX_FRAG=1 (off until the device measures it): GPT-OSS's MXFP4 experts are repacked at load in fragment
+# order (atom.ops.mxfp4.pack_fragments; the checkpoint-layout tensors are emptied), and every Triton path reads
+# it: regdot's kernel on the fragments (_expert_gemm_mxf_kernel) at every size below MX_DEQUANT_MIN_PAIRS (the
+# per-pair GEMV's sizes too), the prefill's dequantization (_mx_frag_dequant_kernel) above. Local sm_90 compile (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions
 # a warp for 128 weights a thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down
 # projection 240 (3.75) against 483 (7.5). regdot is bound by instruction issue at decode sizes.
 MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
@@ -651,14 +651,15 @@ def _expert_gemm_mxf_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, up_tiles, steps,
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
-    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, PTX: tl.constexpr,
-    STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    PTX: tl.constexpr, STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """regdot (_expert_gemm_mxr_kernel) on the fragment order: out^T = W A^T for 64 weight rows (one warpgroup's
     matrix instruction, one tile of the copy) and BLOCK_M pairs, K in steps of 128. Each step reads the tile's
     4,096 code bytes and 256 scale bytes in one piece, decodes them with ~1.5 instructions a weight
     (_frag_tile) and dots them with the step's activations, K in its natural order (no even / odd split). The
-    gated matrix's up rows are tile up_tiles + n_blk. SPLIT_K and the epilogue as regdot's."""
+    gated matrix's up rows are tile up_tiles + n_blk. SPLIT_K and the epilogue as regdot's. IEEE: exact float32
+    dots (float32 activations; bf16 / fp16 ones are exact in any case)."""
     pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
@@ -687,9 +688,9 @@ def _expert_gemm_mxf_kernel(
         k = s * 128 + tl.arange(0, 128)
         a = tl.load(a_cols + k[:, None], mask=(k < k_dim)[:, None] & row_ok[None, :], other=0.0).to(dtype)
         step = w_tile + s * STEP_BYTES
-        acc = tl.dot(_frag_tile(step, woff, soff, dtype, PTX), a, acc)
+        acc = _dot(_frag_tile(step, woff, soff, dtype, PTX), a, acc, IEEE)
         if GATED:
-            acc_up = tl.dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX), a, acc_up)
+            acc_up = _dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX), a, acc_up, IEEE)
     if SPLIT_K > 1:
         part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
         part_mask = n_ok[:, None] & row_ok[None, :]
@@ -699,6 +700,42 @@ def _expert_gemm_mxf_kernel(
     else:
         _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
                           pair, row_ok, alpha, limit, GATED)
+
+
+@triton.jit
+def _mx_frag_dequant_kernel(frag_ptr, out_ptr, n_rows, k_dim, tiles, halves_tiles, steps, out_stride_e,
+                            out_stride_n, STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, PTX: tl.constexpr,
+                            PDL: tl.constexpr):
+    """One fragment-order step (64 rows x 128 columns of one expert's matrix) -> its dense values in out's dtype;
+    grid (experts x halves x tiles, steps). Rows of the second half land at n_rows + row."""
+    pdl_wait(PDL)
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    expert = pid // halves_tiles
+    half = (pid % halves_tiles) // tiles
+    tile = pid % tiles
+    t = tl.arange(0, 128)
+    woff = t[:, None] * 32 + tl.arange(0, 16)[None, :]
+    soff = CODE_BYTES + (t // 4)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    step = frag_ptr + (pid.to(tl.int64) * steps + s) * STEP_BYTES
+    w = _frag_tile(step, woff, soff, out_ptr.dtype.element_ty, PTX)
+    rows = tile * 64 + tl.arange(0, 64)
+    cols = s * 128 + tl.arange(0, 128)
+    out = out_ptr + expert.to(tl.int64) * out_stride_e + (half * n_rows + rows)[:, None] * out_stride_n + cols[None, :]
+    tl.store(out, w, mask=(rows < n_rows)[:, None] & (cols < k_dim)[None, :])
+
+
+def mxfp4_frag_dequantize(frag: torch.Tensor, rows: int, cols: int, halves: int, dtype: torch.dtype,
+                          ptx: bool) -> torch.Tensor:
+    """Fragment-order experts (atom.ops.mxfp4.pack_fragments) of `halves` x [rows, cols] -> dense [E, halves *
+    rows, cols] in dtype (a fresh tensor). ptx: the PTX decode (bf16 out, sm_90+)."""
+    experts, halves_tiles, steps, _ = frag.shape
+    out = torch.empty(experts, halves * rows, cols, dtype=dtype, device=frag.device)
+    _mx_frag_dequant_kernel[(experts * halves_tiles, steps)](
+        frag, out, rows, cols, halves_tiles // halves, halves_tiles, steps, out.stride(0), out.stride(1),
+        STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, PTX=ptx and dtype == torch.bfloat16, num_warps=4,
+        **pdl_args(frag.device))
+    return out
 
 
 @triton.jit
@@ -841,15 +878,17 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: bool, w13_frag=None,
                   w2_frag=None) -> tuple[int, int]:
     """(hidden, inter) after checking every operand against them."""
-    num_experts, two_i = w13.shape[:2]
+    num_experts, two_i = w13_bias.shape[:2]
     inter = two_i // 2
     hidden = x.shape[1]
     packing = 2 if mxfp4 else 1
-    expect = {"w13": (w13, (num_experts, two_i, hidden // packing)), "w2": (w2, (num_experts, hidden, inter // packing)),
-              "w13_bias": (w13_bias, (num_experts, two_i)), "w2_bias": (w2_bias, (num_experts, hidden))}
-    if mxfp4:
-        expect["w13_scale"] = (w13_scale, (num_experts, two_i, hidden // 32))
-        expect["w2_scale"] = (w2_scale, (num_experts, hidden, inter // 32))
+    expect = {"w13_bias": (w13_bias, (num_experts, two_i)), "w2_bias": (w2_bias, (num_experts, hidden))}
+    if w13_frag is None or w13.numel() or w2.numel():  # the fragments alone: the checkpoint layout was dropped
+        expect["w13"] = (w13, (num_experts, two_i, hidden // packing))
+        expect["w2"] = (w2, (num_experts, hidden, inter // packing))
+        if mxfp4:
+            expect["w13_scale"] = (w13_scale, (num_experts, two_i, hidden // 32))
+            expect["w2_scale"] = (w2_scale, (num_experts, hidden, inter // 32))
     for name, frag, halves, rows, cols in (("w13_frag", w13_frag, 2, inter, hidden), ("w2_frag", w2_frag, 1, hidden, inter)):
         if frag is not None:
             tiles, steps = -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
@@ -882,7 +921,7 @@ def _warn_once(message: str) -> None:
 
 def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
                   s2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The fragment-order copies of a layer's MXFP4 experts (w13 gate / up halves, w2) for regdot, or (None, None):
+    """The fragment-order copies of a layer's MXFP4 experts (w13 gate / up halves, w2), or (None, None):
     with ATOM_MX_FRAG=1 on NVIDIA sm_90+ (the decode's bf16x2 multiply) or under the interpreter, when every scale
     fits the single multiply (E8M0 <= 128, i.e. 2^1)."""
     if not MX_FRAG or w13.numel() == 0:
@@ -970,23 +1009,24 @@ def _mx_split_k(num_tokens: int, kernel: str) -> int:
 def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, limit, f13=None,
                 f2=None) -> torch.Tensor:
     num_tokens = x.shape[0]
-    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    num_experts, top_k = b13.shape[0], topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     inter, hidden = h.shape[1], y.shape[1]
-    tile = _mx_tile(num_pairs, num_experts, MX_GEMM)
+    kernel = "regdot" if f13 is not None else MX_GEMM  # the fragments are read by regdot's kernel only
+    tile = _mx_tile(num_pairs, num_experts, kernel)
     block_m = tile["block_m"]
-    decode = regdot_decode(x) if MX_GEMM == "regdot" else None
-    split_k = _mx_split_k(num_tokens, MX_GEMM)
+    decode = regdot_decode(x) if kernel == "regdot" else None
+    split_k = _mx_split_k(num_tokens, kernel)
     sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
     num_tiles = sorted_ids.numel() // block_m
     ids = topk_ids.reshape(-1)
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated, frag=None):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
-        args = (a, w, s, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
-                a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha,
-                limit)
-        if MX_GEMM == "regdot":
+        args = None if frag is not None else (  # the checkpoint layout may be empty beside the fragments
+            a, w, s, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div, a.stride(0),
+            w.stride(0), w.stride(1), s.stride(0), s.stride(1), b.stride(0), out.stride(0), alpha, limit)
+        if kernel == "regdot":
             part, part_strides = out, (0, 0)  # any pointer without the split
             if split_k > 1:
                 part = torch.empty(split_k, num_pairs, (2 if gated else 1) * n_out, dtype=torch.float32,
@@ -998,7 +1038,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                     a, frag, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
                     a.stride(0), frag.stride(0), up_tiles, frag.shape[2], b.stride(0), out.stride(0), alpha, limit,
                     part, *part_strides, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
-                    F32_DOT=interpreting(), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
+                    F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
                     CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, num_warps=4, num_stages=tile["num_stages"],
                     **pdl_args(a.device))
             else:
@@ -1040,8 +1080,9 @@ def fused_experts_swigluoai(
     w2_frag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_k w_k * expert_{id_k}(x): per-pair GEMVs at decode sizes, expert-sorted grouped GEMMs beyond.
-    w13_frag / w2_frag: the same MXFP4 weights in fragment order (atom.ops.mxfp4.pack_fragments), which regdot
-    then reads instead (_expert_gemm_mxf_kernel); the other paths read the packed checkpoint layout."""
+    w13_frag / w2_frag: the same MXFP4 weights in fragment order (atom.ops.mxfp4.pack_fragments), which every path
+    then reads (regdot's kernel on them below MX_DEQUANT_MIN_PAIRS, their dequantization above); w13 / w2 and
+    their scales may then be empty (the layer drops the checkpoint layout)."""
     mxfp4 = w13_scale is not None
     if mxfp4 != (w2_scale is not None):
         raise ValueError("fused_experts_swigluoai: give both MXFP4 scales (w13_scale, w2_scale) or neither")
@@ -1050,10 +1091,10 @@ def fused_experts_swigluoai(
                          "at all, and only with MXFP4 weights")
     num_tokens = x.shape[0]
     if num_tokens == 0:
-        return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
+        return torch.empty(0, w2_bias.shape[1], dtype=x.dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     hidden, inter = _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4, w13_frag, w2_frag)
-    num_experts = w13.shape[0]
+    num_experts = w13_bias.shape[0]
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     weights = topk_weights.reshape(-1).float().contiguous()
@@ -1065,6 +1106,8 @@ def fused_experts_swigluoai(
 
     ptx = mxfp4 and _ptx_decode(x)
     path = experts_path(x.dtype, mxfp4, num_pairs, ptx)
+    if w13_frag is not None and path != "dequant":  # the fragments serve every size below the prefill's bound
+        path = "mx_gemm"
     if path == "mx_gemm":
         return _mx_experts(x, w13, w2, s13, s2, w13_bias, w2_bias, weights, topk_ids, h, y, alpha, limit,
                            w13_frag, w2_frag)
@@ -1093,9 +1136,11 @@ def fused_experts_swigluoai(
     num_tiles = sorted_ids.numel() // block_m
     ieee = dot_ieee(x.dtype)
 
-    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated):
+    def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated, frag=None):
         packed = mxfp4 and not dequant
-        if dequant:
+        if dequant and frag is not None:
+            w = s = mxfp4_frag_dequantize(frag, n_out, k_dim, 2 if gated else 1, a.dtype, ptx)
+        elif dequant:
             w = s = mxfp4_dequantize(w, s, a.dtype)
         rows = block_m + (2 if gated else 1) * bn
         k_step, stages = fit_tile(tile["num_stages"], bk, lambda k: (rows * k * a.element_size(), 0), a.device)
@@ -1106,6 +1151,6 @@ def fused_experts_swigluoai(
             BLOCK_N=bn, BLOCK_K=max(k_step, 64 if packed else 16), F32_DOT=interpreting(), IEEE=ieee,
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
-    gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True)
-    gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False)
+    gemm(x, w13, s13, w13_bias, h, inter, hidden, top_k, True, w13_frag)
+    gemm(h, w2, s2, w2_bias, y, hidden, inter, 1, False, w2_frag)
     return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
