@@ -36,10 +36,13 @@ ALIGNED = ("a_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "sorted_ids_ptr", "
            "part_stride_p")
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                 aligned: tuple[str, ...] = ALIGNED):
+    """fn compiled for sm_90 with these argument types, constexprs and 16-divisible arguments (`aligned`: the
+    pointers, sizes and strides a real launch specializes; without them loads do not vectorize)."""
     names = fn.arg_names
     signature = {**signature, **{k: "constexpr" for k in constexprs}}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned if a in names}
     src = ASTSource(fn=fn, signature={n: signature[n] for n in names},
                     constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
@@ -100,7 +103,7 @@ def main() -> None:
                                       DECODE="bf16", SPLIT_K=opts.split_k, PDL=True))
             frag = compile_sm90(_expert_gemm_mxf_kernel, {**COMMON, "w_ptr": "*u8", "up_tiles": "i32",
                                                           "steps": "i32"},
-                                dict(GATED=gated, E_PAD=32, BLOCK_M=block_m, F32_DOT=False, PTX=True,
+                                dict(GATED=gated, E_PAD=32, BLOCK_M=block_m, F32_DOT=False, IEEE=False, PTX=True,
                                      STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=opts.split_k,
                                      PDL=True))
             for name, kernel in (("checkpoint layout", plain), ("fragment order", frag)):
