@@ -234,8 +234,8 @@ def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves):
                         hv, tt = divmod(tile, tiles)
                         got[:, hv, tt * 64 + row, step * 128 + col] = value[:, tile, step]
     assert torch.equal(got, want)
-    assert [torch.equal(a, b) for a, b in zip(unpack_fragments(frag, rows, cols, halves), (blocks, scales))] == [
-        True, True]
+    unpacked_blocks, unpacked_scales = unpack_fragments(frag, rows, cols, halves)
+    assert torch.equal(unpacked_blocks, blocks) and torch.equal(unpacked_scales, scales)
 
 
 def test_fragment_order_refuses_scales_beyond_its_multiply():

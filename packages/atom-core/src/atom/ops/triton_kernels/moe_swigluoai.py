@@ -132,9 +132,10 @@ MX_SPLIT_K_RULE = "64:3,192:2,1"
 # ATOM_MX_FRAG=1 (off until the device measures it): GPT-OSS's MXFP4 experts are repacked at load in fragment
 # order (atom.ops.mxfp4.pack_fragments; the checkpoint-layout tensors are emptied), and every Triton path reads
 # it: regdot's kernel on the fragments (_expert_gemm_mxf_kernel) at every size below MX_DEQUANT_MIN_PAIRS (the
-# per-pair GEMV's sizes too), the prefill's dequantization (_mx_frag_dequant_kernel) above. Local sm_90 compile (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions
-# a warp for 128 weights a thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down
-# projection 240 (3.75) against 483 (7.5). regdot is bound by instruction issue at decode sizes.
+# per-pair GEMV's sizes too), the prefill's dequantization (_mx_frag_dequant_kernel) above. Local sm_90 compile
+# (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions a warp for 128 weights a
+# thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240 (3.75)
+# against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
 MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
@@ -889,7 +890,8 @@ def _check_shapes(x, w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, mxfp4: boo
         if mxfp4:
             expect["w13_scale"] = (w13_scale, (num_experts, two_i, hidden // 32))
             expect["w2_scale"] = (w2_scale, (num_experts, hidden, inter // 32))
-    for name, frag, halves, rows, cols in (("w13_frag", w13_frag, 2, inter, hidden), ("w2_frag", w2_frag, 1, hidden, inter)):
+    for name, frag, halves, rows, cols in (("w13_frag", w13_frag, 2, inter, hidden),
+                                           ("w2_frag", w2_frag, 1, hidden, inter)):
         if frag is not None:
             tiles, steps = -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
             expect[name] = (frag, (num_experts, halves * tiles, steps, FRAG_STEP_BYTES))
