@@ -428,6 +428,22 @@ def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride
              mask=n_ok[:, None] & row_ok[None, :])
 
 
+@triton.jit
+def _finish_tile(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair, row_ok,
+                 alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The end of a regdot program: split over K, its float32 sums (gate, then up: [pair, 2 n_out]) into
+    part_ptr[split] for _split_k_finish_kernel; whole, the epilogue (_store_transposed)."""
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
+        part_mask = n_ok[:, None] & row_ok[None, :]
+        tl.store(part, acc, mask=part_mask)
+        if GATED:
+            tl.store(part + n_out, acc_up, mask=part_mask)
+    else:
+        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
+                          pair, row_ok, alpha, limit, GATED)
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_mx_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
@@ -556,15 +572,8 @@ def _expert_gemm_mxr_kernel(
             else:
                 acc_up = tl.dot(low, a_even, acc_up)
                 acc_up = tl.dot(high, a_odd, acc_up)
-    if SPLIT_K > 1:
-        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
-        part_mask = n_ok[:, None] & row_ok[None, :]
-        tl.store(part, acc, mask=part_mask)
-        if GATED:
-            tl.store(part + n_out, acc_up, mask=part_mask)
-    else:
-        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
-                          pair, row_ok, alpha, limit, GATED)
+    _finish_tile(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair, row_ok,
+                 alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K)
 
 
 # ---------------------------------------------------------------- regdot on the fragment order (ATOM_MX_FRAG)
@@ -692,15 +701,8 @@ def _expert_gemm_mxf_kernel(
         acc = _dot(_frag_tile(step, woff, soff, dtype, PTX), a, acc, IEEE)
         if GATED:
             acc_up = _dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX), a, acc_up, IEEE)
-    if SPLIT_K > 1:
-        part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
-        part_mask = n_ok[:, None] & row_ok[None, :]
-        tl.store(part, acc, mask=part_mask)
-        if GATED:
-            tl.store(part + n_out, acc_up, mask=part_mask)
-    else:
-        _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out,
-                          pair, row_ok, alpha, limit, GATED)
+    _finish_tile(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair, row_ok,
+                 alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K)
 
 
 @triton.jit
