@@ -309,6 +309,20 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
     check("GPT-OSS experts layer on fragments", got, want, TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("block_m", [32, 64])
+@pytest.mark.parametrize("concentrated", [False, True])
+def test_fragments_with_larger_token_tiles(block_m, concentrated, monkeypatch):
+    """ATOM_MX_FRAG_BLOCK_M: 32 or 64 tokens a tile of the fragment kernel (one tile an expert when a batch goes to
+    few experts), split and whole."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_FRAG_BLOCK_M", block_m)
+    for split in ("1", "2"):
+        monkeypatch.setattr(tk, "MX_SPLIT_K", split)
+        _run_experts("crowded", CROWDED_SIZES["crowded"], "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot",
+                     concentrated=concentrated, frag=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["tiny_decode", "k_chunks"])
 def test_fused_experts_swigluoai_fragments_in_float32_and_prefill(name, dtype):

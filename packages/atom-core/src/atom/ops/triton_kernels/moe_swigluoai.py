@@ -137,6 +137,14 @@ MX_SPLIT_K_RULE = "64:3,192:2,1"
 # thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240 (3.75)
 # against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
 MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
+# ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0: regdot's tile rule, which goes by the
+# average pairs an expert). A batch routed to few experts (random-weight engines) decodes each weight once per
+# tile of its tokens, so larger tiles decode less there; spread routing gives each expert a few tokens, where
+# larger tiles only cost registers (static: 88 / 130 / 170 registers at 16 / 32 / 64 for gate / up).
+MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "0").strip() or "0"
+if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
+    raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
+MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
@@ -1018,6 +1026,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     inter, hidden = h.shape[1], y.shape[1]
     kernel = "regdot" if f13 is not None else MX_GEMM  # the fragments are read by regdot's kernel only
     tile = _mx_tile(num_pairs, num_experts, kernel)
+    if f13 is not None and MX_FRAG_BLOCK_M and MX_TILE_OVERRIDE is None:
+        tile = dict(tile, block_m=MX_FRAG_BLOCK_M)
     block_m = tile["block_m"]
     decode = regdot_decode(x) if kernel == "regdot" else None
     split_k = _mx_split_k(num_tokens, kernel)
