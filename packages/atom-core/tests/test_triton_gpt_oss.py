@@ -264,21 +264,21 @@ def triton_experts(monkeypatch):
     forget_resolutions("fused_experts_swigluoai")
 
 
-def _mxfp4_experts_layer():
+def _mxfp4_experts_layer(dtype=torch.bfloat16):
     from atom.layers.gpt_oss_moe import SwigluOaiExperts
     from atom.quantization.mxfp4 import Mxfp4Config
 
-    layer = SwigluOaiExperts(4, 64, 96, 1.702, 7.0, params_dtype=torch.bfloat16, quant_config=Mxfp4Config())
+    layer = SwigluOaiExperts(4, 64, 96, 1.702, 7.0, params_dtype=dtype, quant_config=Mxfp4Config())
     (layer.w13_weight.data, layer.w13_weight_scale.data) = _mxfp4_weights(4, 192, 64, (120, 125))
     (layer.w2_weight.data, layer.w2_weight_scale.data) = _mxfp4_weights(4, 64, 96, (120, 125))
-    layer.w13_bias.data, layer.w2_bias.data = rand(4, 192, dtype=torch.bfloat16), rand(4, 64, dtype=torch.bfloat16)
+    layer.w13_bias.data, layer.w2_bias.data = rand(4, 192, dtype=dtype), rand(4, 64, dtype=dtype)
     return layer
 
 
 def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeypatch):
     """ATOM_MX_FRAG=1: the MXFP4 experts' process_weights_after_loading repacks them in fragment order (the Triton
-    backend only) and empties the checkpoint layout, forward passes the fragments to the kernels, and the layer's
-    output is the reference's on the original weights; off, nothing changes."""
+    backend, bf16 models) and empties the checkpoint layout, forward passes the fragments to the kernels, and the
+    layer's output is the reference's on the original weights; off, or for a float32 model, nothing changes."""
     from atom.ops.registry import impl_of
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
@@ -296,6 +296,9 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
     assert on.w13_frag.shape == (4, 2 * 2, 1, tk.FRAG_STEP_BYTES) and on.w2_frag.shape == (4, 1, 1,
                                                                                            tk.FRAG_STEP_BYTES)
     assert on.w13_weight.numel() == on.w2_weight_scale.numel() == 0  # one copy of the experts, not two
+    float32 = _mxfp4_experts_layer(torch.float32)  # exact float32 dots would spill at the fragment tiles
+    float32.quant_method.process_weights_after_loading(float32)
+    assert float32.w13_frag is None and float32.w13_weight.numel() > 0
     x = rand(12, 64, dtype=torch.bfloat16)
     weights, ids = ref_moe.moe_topk_softmax(rand(12, 4), 2, True)
     launches = []

@@ -203,7 +203,7 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
         return layer.w13_weight_scale, layer.w2_weight_scale
 
     def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
-        """With the Triton kernels and ATOM_MX_FRAG=1: the experts repacked in fragment order
+        """With the Triton kernels, a bf16 model and ATOM_MX_FRAG=1: the experts repacked in fragment order
         (atom.ops.mxfp4.pack_fragments; plain attributes, not in the state dict), which every Triton path then
         reads; the checkpoint-layout tensors are emptied (the same memory, one copy)."""
         layer.w13_frag = layer.w2_frag = None
@@ -212,7 +212,8 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
             from atom.ops.triton_kernels.moe_swigluoai import fragments_for
 
             layer.w13_frag, layer.w2_frag = fragments_for(layer.w13_weight, layer.w13_weight_scale,
-                                                          layer.w2_weight, layer.w2_weight_scale)
+                                                          layer.w2_weight, layer.w2_weight_scale,
+                                                          layer.w13_bias.dtype)  # the model's dtype
             if layer.w13_frag is not None:
                 for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
                     param = getattr(layer, name)

@@ -931,12 +931,13 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
-                  s2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def fragments_for(w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The fragment-order copies of a layer's MXFP4 experts (w13 gate / up halves, w2), or (None, None):
-    with ATOM_MX_FRAG=1 on NVIDIA sm_90+ (the decode's bf16x2 multiply) or under the interpreter, when every scale
-    fits the single multiply (E8M0 <= 128, i.e. 2^1)."""
-    if not MX_FRAG or w13.numel() == 0:
+    with ATOM_MX_FRAG=1 for a bf16 model (dtype: its activations; the PTX decode builds bf16, and float32's exact
+    dots spill at these tiles) on NVIDIA sm_90+ (the decode's bf16x2 multiply) or under the interpreter, when every
+    scale fits the single multiply (E8M0 <= 128, i.e. 2^1)."""
+    if not MX_FRAG or w13.numel() == 0 or dtype != torch.bfloat16:
         return None, None
     if not interpreting() and not (w13.is_cuda and torch.version.hip is None and _has_bf16x2_mul(w13.device.index)):
         return None, None
