@@ -246,3 +246,37 @@ def test_cuda_graphs_with_sinks_and_the_window_pool(tmp_path):  # pragma: no cov
     hf = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32,
                                               quantization_config=Mxfp4Config(dequantize=True)).float().eval()
     assert runs[False] == _hf_greedy(hf, prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.serial  # KV sized from free GPU memory: not beside other GPU tests
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bf16_mxfp4_experts_on_fragments_under_cuda_graphs(tmp_path, monkeypatch):  # pragma: no cover - GPU
+    """ATOM_MX_FRAG=1 (the MXFP4 experts repacked in fragment order, the checkpoint layout dropped) in a bf16 engine
+    with decode graphs: greedy tokens that follow transformers' float32 model on the dequantized weights except
+    across near ties (atom.testing's bf16 rule), as the checkpoint-layout kernels' do."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+    from atom.testing import assert_bf16_greedy_close
+
+    dense = write_tiny_gpt_oss(tmp_path / "dense")
+    mxfp4 = str(tmp_path / "mxfp4")
+    _quantize(dense, mxfp4)
+    hf = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32,
+                                              quantization_config=Mxfp4Config(dequantize=True)).float().eval()
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in (5, 33, 70, 12, 2, 48)]
+    for frag in (False, True):
+        monkeypatch.setattr(tk, "MX_FRAG", frag)
+        llm = LLM(mxfp4, dtype="bfloat16", block_size=BLOCK, max_model_len=128, max_num_seqs=8,
+                  max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+        experts = llm.llm_engine.runner.model.model.layers[0].mlp.experts
+        assert (experts.w13_frag is not None) == frag and (experts.w13_weight.numel() == 0) == frag
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        tokens = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                               use_tqdm=False)]
+        del llm
+        with torch.no_grad():
+            ref = [hf(torch.tensor([p + t])).logits[0, len(p) - 1:-1] for p, t in zip(prompts, tokens, strict=True)]
+        assert_bf16_greedy_close(tokens, ref)
