@@ -349,6 +349,9 @@ def test_fused_experts_swigluoai_refuses_mismatched_fragments():
         tk.fused_experts_swigluoai(*args, f13, None)
     with pytest.raises(ValueError, match="w13_frag is"):
         tk.fused_experts_swigluoai(*args, pack_fragments(w13, s13), f2)  # 3 tiles of 192 rows, not 2 x 2 of 96
+    empty = w13.new_empty(0)
+    with pytest.raises(ValueError, match="fragment order only"):
+        ref_experts(x, empty, empty, b13, b2, weights, ids, 1.702, 7.0, empty, empty, f13, f2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

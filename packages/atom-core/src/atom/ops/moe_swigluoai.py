@@ -79,10 +79,13 @@ def fused_experts_swigluoai(
 ) -> torch.Tensor:
     """sum_k w_k * expert_{id_k}(x), looping over the experts that received tokens. w13_frag / w2_frag (a
     fragment-order copy of the MXFP4 weights for the Triton kernels, atom.ops.mxfp4.pack_fragments) are not read:
-    the reference dequantizes the checkpoint layout.
+    the reference dequantizes the checkpoint layout, so it refuses a call where only the fragments are left.
 
     Rounding as the kernels: each projection (plus its bias) in the activation dtype, the activation
     from those rounded values, the weighted sum over k in float32."""
+    if w13.numel() == 0 and w13_frag is not None:
+        raise ValueError("fused_experts_swigluoai (torch reference): the experts are in fragment order only "
+                         "(ATOM_MX_FRAG dropped the checkpoint layout), which only the Triton kernels read")
     num_experts = w13.shape[0]
     dtype = x.dtype
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
