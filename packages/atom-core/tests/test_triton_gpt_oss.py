@@ -312,6 +312,26 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
     check("GPT-OSS experts layer on fragments", got, want, TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("frag", [False, True])
+@pytest.mark.parametrize("concentrated", [False, True])
+def test_split_down_projection_ends_in_the_top_k_sum(frag, concentrated, monkeypatch):
+    """MX_SPLIT_SUM_TOPK: the split-K down projection's partial sums, its bias and rounding, and the weighted top-k
+    sum in one kernel give the bits of _split_k_finish_kernel followed by moe._sum_topk (interpreter: 3 splits of
+    a 160-wide K; the GPU runs the gpt-oss-20b shape, test_regdot_on_fragments_large's weights)."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    name, size = ("k_chunks_crowded", CROWDED_SIZES["k_chunks_crowded"]) if not ON_GPU else (
+        "batch32", LARGE_EXPERT_SIZES["batch32"])
+    monkeypatch.setattr(tk, "MX_SPLIT_K", "3")
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(tk, "MX_SPLIT_SUM_TOPK", fused)
+        torch.manual_seed(11)
+        outs.append(_run_experts(name, size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot",
+                                 concentrated=concentrated, frag=frag))
+    assert torch.equal(*outs), (outs[0].float() - outs[1].float()).abs().max()
+
+
 @pytest.mark.parametrize("block_m", [32, 64])
 @pytest.mark.parametrize("concentrated", [False, True])
 def test_fragments_with_larger_token_tiles(block_m, concentrated, monkeypatch):

@@ -145,6 +145,9 @@ MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "0").strip() or "0"
 if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
     raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
+# With K split, the down projection's partial sums go straight to the top-k sum (_split_k_sum_topk_kernel: one
+# kernel where _split_k_finish_kernel and moe._sum_topk ran, the same bits); False: the two kernels (tests, A/B).
+MX_SPLIT_SUM_TOPK = True
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
@@ -785,6 +788,32 @@ def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, n_out, p
 
 
 @triton.jit
+def _split_k_sum_topk_kernel(part_ptr, bias_ptr, ids_ptr, w_ptr, out_ptr, n_out, top_k, part_stride_s,
+                             part_stride_p, bias_stride_e, out_stride, K_PAD: tl.constexpr, SPLIT_K: tl.constexpr,
+                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """The split-K down projection's end and the top-k sum in one kernel, for one token and BLOCK columns: each of
+    its pairs' SPLIT_K float32 partial sums added in split order plus the expert's bias, rounded to the activation
+    dtype (out's: the down projection's rounding, as _split_k_finish_kernel stores it), weighted in float32 and
+    summed over the pairs (moe._sum_topk_kernel's arithmetic: compile without FP contraction). Pairs of id -1
+    contribute nothing."""
+    pdl_wait(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.arange(0, K_PAD)
+    pair = t * top_k + k
+    ids = tl.load(ids_ptr + pair, mask=k < top_k, other=-1).to(tl.int64)
+    m = ((k < top_k) & (ids >= 0))[:, None] & (n < n_out)[None, :]
+    rows = part_ptr + pair[:, None] * part_stride_p + n[None, :]
+    acc = tl.load(rows, mask=m, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(rows + s * part_stride_s, mask=m, other=0.0)
+    bias = tl.load(bias_ptr + ids[:, None] * bias_stride_e + n[None, :], mask=m, other=0.0).to(tl.float32)
+    y = (acc + bias).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y = y * tl.load(w_ptr + pair, mask=k < top_k, other=0.0)[:, None]
+    tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
+
+
+@triton.jit
 def _gemv_chunk(x_ptr, w_rows, s_rows, n_ok, k0, k_dim, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
                 PTX: tl.constexpr):
     """Products W[n, k] * x[k] of a K chunk in float32: [BLOCK_N, BLOCK_K] (dense), or [BLOCK_N, BLOCK_K/32]
@@ -1062,20 +1091,32 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                     E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
                     BLOCK_K=tile["block_k"], F32_DOT=interpreting(), DECODE=decode, SPLIT_K=split_k,
                     num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_args(a.device))
+            if split_k > 1 and not gated and MX_SPLIT_SUM_TOPK:  # the down projection: its end joins the top-k sum
+                return part
             if split_k > 1:
                 block = 256
                 _split_k_finish_kernel[(num_pairs, triton.cdiv(n_out, block))](
                     part, a, b, out, ids, n_out, *part_strides, b.stride(0), out.stride(0),
                     alpha, limit, GATED=gated, SPLIT_K=split_k, BLOCK=block, num_warps=4, **pdl_args(part.device))
-            return
+            return None
         _expert_gemm_mx_kernel[grid](
             *args, GATED=gated, ACT_FORMAT=_ACT_FORMAT[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"], num_warps=tile["num_warps"],
             num_stages=tile["num_stages"], **pdl_args(a.device))
+        return None
 
     gemm(x, w13, s13, b13, h, inter, hidden, top_k, True, f13)
-    gemm(h, w2, s2, b2, y, hidden, inter, 1, False, f2)
-    return _sum_topk(y, topk_ids.reshape(-1).contiguous(), num_tokens, top_k, x.dtype, weights)
+    part = gemm(h, w2, s2, b2, y, hidden, inter, 1, False, f2)
+    flat_ids = ids.contiguous()
+    if part is None:
+        return _sum_topk(y, flat_ids, num_tokens, top_k, x.dtype, weights)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    block = 256
+    _split_k_sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        part, b2, flat_ids, weights, out, hidden, top_k, part.stride(0), part.stride(1), b2.stride(0), out.stride(0),
+        K_PAD=triton.next_power_of_2(top_k), SPLIT_K=split_k, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        **pdl_args(x.device))
+    return out
 
 
 @register("fused_experts_swigluoai", "triton")
