@@ -146,8 +146,9 @@ if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
     raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
 # With K split, the down projection's partial sums go straight to the top-k sum (_split_k_sum_topk_kernel: one
-# kernel where _split_k_finish_kernel and moe._sum_topk ran, the same bits); False: the two kernels (tests, A/B).
-MX_SPLIT_SUM_TOPK = True
+# kernel where _split_k_finish_kernel and moe._sum_topk ran, the same bits: one launch and the [pairs, hidden]
+# round trip less a layer). ATOM_MX_SPLIT_SUM_TOPK=0: the two kernels (tests, the engine A/B; not yet measured).
+MX_SPLIT_SUM_TOPK = os.environ.get("ATOM_MX_SPLIT_SUM_TOPK", "1") == "1"
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
