@@ -48,9 +48,12 @@ SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
          for bm, bn, bk, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
                                    (32, 128, 128, 4, 3), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
                                    (64, 128, 128, 8, 3), (16, 64, 256, 4, 2), (32, 128, 64, 4, 4))]
+# the fragment kernel: tokens a tile (its 64 weight rows are fixed), pipeline stages, K split
+FRAG_SWEEP = [(dict(block_m=bm, block_n=64, block_k=128, num_warps=4, num_stages=st), split)
+              for bm, st in ((16, 3), (32, 3), (64, 3), (16, 4), (16, 5), (32, 4)) for split in (1, 2, 3, 4, 6)]
 # regdot's K split (ATOM_MX_SPLIT_K) with two tiles: (block_m, block_n, split_k)
 SPLIT_SWEEP = [(dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3), split)
-               for bm, bn in ((16, 64), (32, 64), (64, 64)) for split in (1, 2, 3, 4, 6)]
+               for bm, bn in ((16, 64), (32, 64)) for split in (1, 2, 3, 4, 6)]
 
 
 def main() -> None:
@@ -121,12 +124,11 @@ def main() -> None:
                 for tile in SWEEP if "regdot" in kernels else ():
                     run(tokens, "regdot_tile", PATHS["regdot_bf16"][0], args, want, tile)
                 for tile, split in SPLIT_SWEEP if "split" in kernels else ():
-                    if tile["block_m"] < 64:
-                        run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)),
-                            args, want, tile)
+                    run(tokens, f"regdot_split{split}", dict(PATHS["regdot_bf16"][0], MX_SPLIT_K=str(split)), args,
+                        want, tile)
                 # the fragment kernel reads block_m (tokens a tile; 64: a batch routed to 4 experts decodes each
-                # weight once) and num_stages; its 64 weight rows are fixed
-                for tile, split in SPLIT_SWEEP if "frag_split" in kernels else ():
+                # weight once) and num_stages (more bytes in flight once the decode is cheap)
+                for tile, split in FRAG_SWEEP if "frag_split" in kernels else ():
                     run(tokens, f"regdot_frag_split{split}", dict(PATHS["regdot_frag"][0], MX_SPLIT_K=str(split)),
                         args, want, tile)
     finally:
