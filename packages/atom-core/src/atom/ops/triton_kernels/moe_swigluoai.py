@@ -444,7 +444,8 @@ def _store_transposed(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride
 def _finish_tile(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair, row_ok,
                  alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED: tl.constexpr, SPLIT_K: tl.constexpr):
     """The end of a regdot program: split over K, its float32 sums (gate, then up: [pair, 2 n_out]) into
-    part_ptr[split] for _split_k_finish_kernel; whole, the epilogue (_store_transposed)."""
+    part_ptr[split] for _split_k_finish_kernel (or, the down projection's, _split_k_sum_topk_kernel); whole, the
+    epilogue (_store_transposed)."""
     if SPLIT_K > 1:
         part = part_ptr + tl.program_id(2) * part_stride_s + pair[None, :] * part_stride_p + n[:, None]
         part_mask = n_ok[:, None] & row_ok[None, :]
