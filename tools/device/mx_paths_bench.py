@@ -40,6 +40,9 @@ PATHS = {  # name: (module settings, token counts it runs at)
     "regdot_ptx": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=False), lambda t: 4 <= t <= 1024),
     "regdot_bf16": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: 1 <= t),
     "regdot_frag": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True), lambda t: t <= 1024),
+    # the same at one token with the expert sort and its grid (per-pair programs off): what the per-pair mode saves
+    "regdot_frag_sorted": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True,
+                                MX_FRAG_PER_PAIR_MAX_PAIRS=0), lambda t: t == 1),
     "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
     "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
 }

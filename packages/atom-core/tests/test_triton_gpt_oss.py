@@ -332,6 +332,23 @@ def test_split_down_projection_ends_in_the_top_k_sum(frag, concentrated, monkeyp
     assert torch.equal(*outs), (outs[0].float() - outs[1].float()).abs().max()
 
 
+@pytest.mark.parametrize("split", ["1", "3"])
+@pytest.mark.parametrize("name", ["tiny_one_decode", "tiny_decode"])
+def test_fragments_per_pair_without_the_sort(name, split, monkeypatch):
+    """MX_FRAG_PER_PAIR_MAX_PAIRS: up to that many pairs the fragment kernel takes one program per pair (no expert
+    sort): the reference's sums, and the same bits as the sorted tiles (each output column is its own dot), whole
+    and split; 6 pairs of 3 tokens share experts, which only costs a second decode."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_SPLIT_K", split)
+    outs = []
+    for bound in (8, 0):
+        monkeypatch.setattr(tk, "MX_FRAG_PER_PAIR_MAX_PAIRS", bound)
+        torch.manual_seed(5)
+        outs.append(_run_experts(name, EXPERT_SIZES[name], "mxfp4_random_codes", torch.bfloat16, frag=True))
+    assert torch.equal(*outs), (outs[0].float() - outs[1].float()).abs().max()
+
+
 @pytest.mark.parametrize("block_m", [32, 64])
 @pytest.mark.parametrize("concentrated", [False, True])
 def test_fragments_with_larger_token_tiles(block_m, concentrated, monkeypatch):

@@ -145,6 +145,12 @@ MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "0").strip() or "0"
 if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
     raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
+# Up to this many pairs (one token at top-4: a token's experts are distinct, so no weight is decoded twice; pairs
+# of several tokens may share one, decoded once a pair) the fragment kernel runs one program per pair and column
+# block, without the expert sort: the sort's kernel and the grid's
+# empty tiles (cdiv(pairs, block_m) + experts of them, most returning at once: ~4,000 programs for gpt-oss-20b's
+# gate / up at one token, 540 doing work) are gone. Module-level for sweeps and the tests.
+MX_FRAG_PER_PAIR_MAX_PAIRS = 4
 # With K split, the down projection's partial sums go straight to the top-k sum (_split_k_sum_topk_kernel: one
 # kernel where _split_k_finish_kernel and moe._sum_topk ran, the same bits: one launch and the [pairs, hidden]
 # round trip less a layer). ATOM_MX_SPLIT_SUM_TOPK=0: the two kernels (tests, the engine A/B; not yet measured).
@@ -675,21 +681,31 @@ def _expert_gemm_mxf_kernel(
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, up_tiles, steps,
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr, STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    PTX: tl.constexpr, STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr,
+    PER_PAIR: tl.constexpr, PDL: tl.constexpr,
 ):
     """regdot (_expert_gemm_mxr_kernel) on the fragment order: out^T = W A^T for 64 weight rows (one warpgroup's
     matrix instruction, one tile of the copy) and BLOCK_M pairs, K in steps of 128. Each step reads the tile's
     4,096 code bytes and 256 scale bytes in one piece, decodes them with ~1.5 instructions a weight
     (_frag_tile) and dots them with the step's activations, K in its natural order (no even / odd split). The
     gated matrix's up rows are tile up_tiles + n_blk. SPLIT_K and the epilogue as regdot's. IEEE: exact float32
-    dots (float32 activations; bf16 / fp16 ones are exact in any case)."""
+    dots (float32 activations; bf16 / fp16 ones are exact in any case). PER_PAIR (a token's few pairs, all on
+    distinct experts): no sort, program_id(0) is the pair and sorted_ids_ptr holds the pairs' expert ids; the
+    tile's other rows are masked (the matrix instruction's narrow side costs nothing next to the decode)."""
     pdl_wait(PDL)
     tile = tl.program_id(0)
     n_blk = tl.program_id(1)
-    expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
-    if past_end:
-        return
-    row_ok = pair < num_pairs
+    if PER_PAIR:
+        expert = tl.load(sorted_ids_ptr + tile).to(tl.int64)
+        if expert < 0:  # another rank's expert: no rows
+            return
+        pair = tile + tl.zeros([BLOCK_M], tl.int64)
+        row_ok = tl.arange(0, BLOCK_M) == 0
+    else:
+        expert, pair, past_end = sorted_tile(sorted_ids_ptr, padded_end_ptr, num_experts, tile, E_PAD, BLOCK_M)
+        if past_end:
+            return
+        row_ok = pair < num_pairs
     a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
     n = n_blk * 64 + tl.arange(0, 64)
     n_ok = n < n_out
@@ -1063,9 +1079,13 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     block_m = tile["block_m"]
     decode = regdot_decode(x) if kernel == "regdot" else None
     split_k = _mx_split_k(num_tokens, kernel)
-    sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
-    num_tiles = sorted_ids.numel() // block_m
     ids = topk_ids.reshape(-1)
+    per_pair = f13 is not None and num_pairs <= MX_FRAG_PER_PAIR_MAX_PAIRS
+    if per_pair:  # one token's pairs: no sort, no tiles past the experts' runs
+        sorted_ids, padded_end, num_tiles = ids.contiguous(), ids, num_pairs
+    else:
+        sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
+        num_tiles = sorted_ids.numel() // block_m
 
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated, frag=None):
         grid = (num_tiles, triton.cdiv(n_out, tile["block_n"]))
@@ -1085,8 +1105,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                     a.stride(0), frag.stride(0), up_tiles, frag.shape[2], b.stride(0), out.stride(0), alpha, limit,
                     part, *part_strides, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
                     F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
-                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, num_warps=4, num_stages=tile["num_stages"],
-                    **pdl_args(a.device))
+                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair, num_warps=4,
+                    num_stages=tile["num_stages"], **pdl_args(a.device))
             else:
                 _expert_gemm_mxr_kernel[(*grid, split_k)](
                     *args, part, *part_strides, GATED=gated,
