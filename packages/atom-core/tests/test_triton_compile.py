@@ -39,6 +39,13 @@ def test_triton_custom_op_with_optional_arguments(op, static):
     check_custom_op(op, "triton", DEVICE, static=static)
 
 
+def test_triton_experts_on_fragments_as_a_custom_op():
+    """The MXFP4 experts in fragment order only (ATOM_MX_FRAG: the checkpoint-layout tensors empty): the custom
+    op's fake takes its output width from the bias, and compiled equals eager (Triton only; the torch reference
+    refuses this call)."""
+    check_custom_op("fused_experts_swigluoai", "triton", DEVICE, static={"mxfp4": True, "frag": True})
+
+
 @pytest.mark.parametrize("op", ["reshape_and_cache", "paged_attention", "qk_norm_rope_cache",
                                 "mla_cache_write", "mla_norm_rope_cache", "mla_decode", "mla_prefill"])
 def test_triton_custom_op_over_an_fp8_kv_cache(op):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.mxfp4 import BLOCK, dequantize_mxfp4
+from atom.ops.mxfp4 import BLOCK, dequantize_mxfp4, pack_fragments
 from atom.ops.registry import define_op, register
 
 
@@ -37,7 +37,7 @@ def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, expert: int, dtyp
 
 def _experts_example(t, static):
     """Five tokens, top-2 of 4 experts, biases, clamps that engage; MXFP4 weights (random codes, scales
-    around 2^-4) when static["mxfp4"]."""
+    around 2^-4) when static["mxfp4"], in fragment order only when also static["frag"]."""
     hidden, inter, experts, tokens, top_k = 64, 64, 4, 5, 2
     ids = torch.stack([t.randperm(experts)[:top_k] for _ in range(tokens)])
     weights = torch.softmax(t.randn(tokens, top_k, dtype=torch.float32), dim=-1)
@@ -53,6 +53,10 @@ def _experts_example(t, static):
         return codes, scales
 
     (w13, s13), (w2, s2) = packed(2 * inter, hidden), packed(hidden, inter)
+    if static.get("frag"):  # the fragment order alone, as ATOM_MX_FRAG leaves the layer (Triton only)
+        empty = w13.new_empty(0)
+        return (x, empty, empty, b13, b2, weights, ids, 1.702, 1.2, empty, empty,
+                pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
     return (x, w13, w2, b13, b2, weights, ids, 1.702, 1.2, s13, s2)
 
 
