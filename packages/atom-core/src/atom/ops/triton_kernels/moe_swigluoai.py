@@ -147,9 +147,9 @@ if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
 # Up to this many pairs (one token at top-4: a token's experts are distinct, so no weight is decoded twice; pairs
 # of several tokens may share one, decoded once a pair) the fragment kernel runs one program per pair and column
-# block, without the expert sort: the sort's kernel and the grid's
-# empty tiles (cdiv(pairs, block_m) + experts of them, most returning at once: ~4,000 programs for gpt-oss-20b's
-# gate / up at one token, 540 doing work) are gone. Module-level for sweeps and the tests.
+# block, without the expert sort: the sort's kernel and the grid's empty tiles (cdiv(pairs, block_m) + experts of
+# them, most returning at once: ~4,000 programs for gpt-oss-20b's gate / up at one token, 540 doing work) are
+# gone. Module-level for sweeps and the tests.
 MX_FRAG_PER_PAIR_MAX_PAIRS = 4
 # With K split, the down projection's partial sums go straight to the top-k sum (_split_k_sum_topk_kernel: one
 # kernel where _split_k_finish_kernel and moe._sum_topk ran, the same bits: one launch and the [pairs, hidden]
@@ -1079,10 +1079,10 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
     block_m = tile["block_m"]
     decode = regdot_decode(x) if kernel == "regdot" else None
     split_k = _mx_split_k(num_tokens, kernel)
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()
     per_pair = f13 is not None and num_pairs <= MX_FRAG_PER_PAIR_MAX_PAIRS
-    if per_pair:  # one token's pairs: no sort, no tiles past the experts' runs
-        sorted_ids, padded_end, num_tiles = ids.contiguous(), ids, num_pairs
+    if per_pair:  # one token's pairs: no sort, no tiles past the experts' runs (padded_end: unread)
+        sorted_ids, padded_end, num_tiles = ids, ids, num_pairs
     else:
         sorted_ids, padded_end = _align_by_expert(topk_ids, num_experts, block_m)
         num_tiles = sorted_ids.numel() // block_m
@@ -1129,13 +1129,12 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
 
     gemm(x, w13, s13, b13, h, inter, hidden, top_k, True, f13)
     part = gemm(h, w2, s2, b2, y, hidden, inter, 1, False, f2)
-    flat_ids = ids.contiguous()
     if part is None:
-        return _sum_topk(y, flat_ids, num_tokens, top_k, x.dtype, weights)
+        return _sum_topk(y, ids, num_tokens, top_k, x.dtype, weights)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     block = 256
     _split_k_sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        part, b2, flat_ids, weights, out, hidden, top_k, part.stride(0), part.stride(1), b2.stride(0), out.stride(0),
+        part, b2, ids, weights, out, hidden, top_k, part.stride(0), part.stride(1), b2.stride(0), out.stride(0),
         K_PAD=triton.next_power_of_2(top_k), SPLIT_K=split_k, BLOCK=block, num_warps=4, enable_fp_fusion=False,
         **pdl_args(x.device))
     return out
