@@ -223,6 +223,13 @@ def test_reasoning_split_on_a_scripted_output(client):
     assert hidden.content == "42" and getattr(hidden, "reasoning_content", None) is None
     off = chat(client, "A number?", max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT]}).choices[0].message
     assert off.content == SCRIPTED_THOUGHT  # enable_thinking false: everything is content
+    # reasoning_effort "none" turns thinking off as vLLM does (enable_thinking follows it unless the kwargs set it)
+    none = chat(client, "A number?", max_tokens=40, reasoning_effort="none",
+                extra_body={"guided_choice": [SCRIPTED_THOUGHT], "chat_template_kwargs": {}}).choices[0].message
+    assert none.content == SCRIPTED_THOUGHT and getattr(none, "reasoning_content", None) is None
+    low = chat(client, "A number?", max_tokens=40, reasoning_effort="low",
+               extra_body={"guided_choice": [SCRIPTED_THOUGHT], "chat_template_kwargs": {}}).choices[0].message
+    assert (low.reasoning_content, low.content) == ("The user wants a number.", "42")
 
 
 BAD = [

@@ -63,20 +63,21 @@ def _reference_swiglu_limit(wanted: float) -> float:
     return wanted if "config.swiglu_limit" in inspect.getsource(modeling_gpt_oss.GptOssExperts) else 7.0
 
 
-def write_tiny_gpt_oss(path: str, seed: int = 0) -> str:
-    """Save a 2-layer GPT-OSS (float32, dense experts; sliding window 5 on layer 0, sinks, YaRN) plus tokenizer."""
+def write_tiny_gpt_oss(path: str, seed: int = 0, tokenizer=None, max_positions: int = 256) -> str:
+    """Save a 2-layer GPT-OSS (float32, dense experts; sliding window 5 on layer 0, sinks, YaRN from 64 positions
+    to max_positions) plus tokenizer (build_tokenizer()'s unless one is given)."""
     import math
 
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    tok = build_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     config = GptOssConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256,
+                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=max_positions,
                           swiglu_limit=_reference_swiglu_limit(1.2),
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                          rope_parameters={"rope_type": "yarn", "factor": max_positions / 64, "beta_fast": 32.0, "beta_slow": 1.0,
                                            "truncate": False, "original_max_position_embeddings": 64,
                                            "rope_theta": 150000.0})
     torch.manual_seed(seed)

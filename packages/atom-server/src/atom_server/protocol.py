@@ -54,7 +54,6 @@ REFUSED_CHAT_FIELDS: dict[str, tuple[tuple, str]] = {
     **REFUSED_COMMON,
     "echo": ((False,), f"{_NO} for chat completions"),
     "documents": ((), f"{_NO} (pass them through chat_template_kwargs)"),
-    "reasoning_effort": ((), f"{_NO} (pass it through chat_template_kwargs)"),
     "return_prompt_text": ((False,), _NO),
 }
 REFUSED_COMPLETION_FIELDS: dict[str, tuple[tuple, str]] = {
@@ -71,7 +70,7 @@ IMPLEMENTED_VLLM_FIELDS = (
     "prompt_logprobs", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "truncation_side",
     "return_token_ids", "priority", "logit_bias", "request_id", "structured_outputs", "guided_json",
     "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "response_format",
-    "tools", "tool_choice", "include_reasoning")
+    "tools", "tool_choice", "include_reasoning", "reasoning_effort")
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
@@ -268,6 +267,9 @@ class ChatCompletionRequest(_with_refusals("_ChatFields", _SamplingFields, REFUS
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     include_reasoning: bool = True  # with --reasoning-parser: false drops reasoning_content
+    # OpenAI's; as vLLM: given to the chat template (reasoning_effort, and enable_thinking = effort != "none"
+    # unless chat_template_kwargs set it). gpt-oss takes low / medium / high.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     parallel_tool_calls: bool | None = True  # accepted, no effect (ACCEPTED_NO_OP)
 
     @field_validator("tools")

@@ -27,6 +27,7 @@ from atom_server.serving.chat_templates import ChatTemplateRenderer
 from atom_server.serving.context import ServerState, ServingContext, engine_error
 from atom_server.serving.engine_client import EngineClient, EngineDeadError, EngineShutdownError
 from atom_server.serving.errors import APIError, bad_request, current_request_id, install_error_handlers
+from atom_server.serving.harmony import check_parsers, harmony_stop_ids
 from atom_server.serving.listen import bind_port
 from atom_server.serving.metrics import Metrics
 from atom_server.serving.server_args import ServerLimits
@@ -309,6 +310,13 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
         await templates.close()
         raise
     client.attach_tokenizer(tokenizer)
+    try:
+        harmony = check_parsers(info.model_type, limits.reasoning_parser, limits.tool_call_parser)
+    except ValueError:
+        sock.close()
+        await client.shutdown(timeout_s=5)
+        await templates.close()
+        raise
     logger.info("model %s (served as %s), dtype %s, kernel backend %s, KV cache capacity %d tokens, "
                 "max_model_len %d", info.model_path, ", ".join(repr(n) for n in names), info.dtype,
                 info.kernel_backend, info.kv_capacity_tokens, info.max_model_len)
@@ -316,7 +324,8 @@ async def serve(engine_args, host: str = "0.0.0.0", port: int = 8000, api_key: s
                 "start a new engine (--engine-restart always)" if limits.engine_restart == "always"
                 else "exit with status 1 (--engine-restart never)", limits.shutdown_timeout)
     state = ServerState(client=client, tokenizer=tokenizer, metrics=metrics, api_key=api_key,
-                        generation_defaults=defaults, served_model_names=names, limits=limits, templates=templates)
+                        generation_defaults=defaults, served_model_names=names, limits=limits, templates=templates,
+                        harmony=harmony, harmony_stop_ids=harmony_stop_ids(tokenizer) if harmony else [])
 
     async def drain() -> None:
         state.shutting_down = True

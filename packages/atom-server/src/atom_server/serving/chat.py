@@ -13,6 +13,7 @@ from atom_server.serving import openai_format as fmt
 from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext, engine_error
 from atom_server.serving.errors import bad_request
+from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput
 from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
 from atom_server.serving.streams import SSE_DONE, chain, sse
 from atom_server.serving.structured import structured_outputs_of, tool_choice_constraint
@@ -42,7 +43,7 @@ def _tool_setup(ctx: ServingContext, req: ChatCompletionRequest):
         if not (lim.enable_auto_tool_choice and lim.tool_call_parser):
             raise bad_request('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
                               "--tool-call-parser", param="tool_choice")
-        return TOOL_PARSERS[lim.tool_call_parser], None, True
+        return TOOL_PARSERS.get(lim.tool_call_parser), None, True  # harmony's "openai" has no class here
     if choice == "required":
         return RequiredToolParser, ("tool_choice", tool_choice_constraint(tools, choice)), False
     name = choice.function.name
@@ -101,6 +102,21 @@ class _ChoiceOutput:
         return message, called
 
 
+def _template_kwargs(ctx: ServingContext, req: ChatCompletionRequest) -> dict | None:
+    """chat_template_kwargs plus reasoning_effort, as vLLM merges them (the request field wins; enable_thinking
+    follows it unless the kwargs set it). gpt-oss's system message takes low / medium / high."""
+    effort = req.reasoning_effort
+    if effort is None:
+        return req.chat_template_kwargs
+    if ctx.state.harmony and effort not in REASONING_EFFORTS:
+        raise bad_request(f"reasoning_effort {effort!r} is not one gpt-oss takes ({', '.join(REASONING_EFFORTS)})",
+                          param="reasoning_effort")
+    kwargs = dict(req.chat_template_kwargs or {})
+    kwargs.setdefault("enable_thinking", effort != "none")
+    kwargs["reasoning_effort"] = effort
+    return kwargs
+
+
 def _finish_reason(reason: str | None, called: bool, named: bool) -> str | None:
     """OpenAI's: "tool_calls" when auto / required tool calls ended the answer, "stop" for a named function."""
     if reason == "stop" and called and not named:
@@ -117,10 +133,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_prompt_logprobs(req)
     ctx.check_work(1, req.n, "messages")
     tool_parser_cls, forced, auto_tools = _tool_setup(ctx, req)
+    # gpt-oss: its harmony messages are read here unless a tool_choice forces a call (then the grammar writes
+    # the call's JSON and the required / named parser reads it, as for every model).
+    harmony = ctx.state.harmony and forced is None
     structured = await structured_outputs_of(ctx, req, forced)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    template_kwargs = _template_kwargs(ctx, req)
     text = await ctx.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                 req.chat_template, req.chat_template_kwargs, tools=tools)
+                                 req.chat_template, template_kwargs, tools=tools,
+                                 reasoning_as_thinking=ctx.state.harmony)
     ids = ctx.truncate(await ctx.encode(text, req.add_special_tokens, "messages"), req)
     ctx.check_ids(ids, "messages")
     wanted, param = req.max_tokens, "max_tokens"
@@ -130,8 +151,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = ctx.fit_max_tokens(len(ids), wanted, param if wanted is not None else "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     # A tool parser reads markers that tokenizers often keep as special tokens ([TOOL_CALLS], <|python_tag|>).
+    # Harmony's markers are special tokens, which its parser reads.
     params = ctx.sampling_params(req, max_tokens, k, req.prompt_logprobs, structured,
-                                 skip_special_tokens=False if auto_tools else None)
+                                 skip_special_tokens=False if auto_tools or ctx.state.harmony else None,
+                                 extra_stop_token_ids=ctx.state.harmony_stop_ids)
     ctx.check_engine()
     rid, engine_rid = ctx.response_id(req, "chatcmpl")
     gen = ctx.client.generate(engine_rid, ids, params, text, stream=req.stream, priority=req.priority)
@@ -142,8 +165,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
     named = forced is not None and req.tool_choice != "required"
 
-    def choice_output() -> _ChoiceOutput:
-        return _ChoiceOutput(reasoning_cls(req.chat_template_kwargs) if reasoning_cls is not None else None,
+    def choice_output() -> _ChoiceOutput | HarmonyOutput:
+        if harmony:
+            return HarmonyOutput(auto_tools, req.include_reasoning)
+        return _ChoiceOutput(reasoning_cls(template_kwargs) if reasoning_cls is not None else None,
                              tool_parser_cls() if tool_parser_cls is not None else None, req.include_reasoning)
 
     def logprobs_of(ids: list[int], entries: list | None) -> dict | None:

@@ -4,6 +4,8 @@ and conversions from a request body to engine inputs (prompt ids, SamplingParams
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +29,8 @@ from atom_server.serving.metrics import Metrics
 from atom_server.serving.preprocess import Preprocessor, PromptTooLong, QueueFull
 from atom_server.serving.server_args import ServerLimits
 from atom_server.serving.streams import merge, until_disconnect
+
+logger = logging.getLogger(__name__)
 
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -59,6 +63,8 @@ class ServerState:
     preprocess: Preprocessor | None = None
     templates: ChatTemplateRenderer | None = None  # the model's own chat template
     request_templates: ChatTemplateRenderer | None = None  # templates sent in requests (trusted servers only)
+    harmony: bool = False  # the model answers in gpt-oss's harmony format (serving/harmony.py)
+    harmony_stop_ids: list[int] = dataclasses.field(default_factory=list)  # <|return|>, <|call|> in its tokenizer
     shutting_down: bool = False
     exit_code: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -218,11 +224,13 @@ class ServingContext:
 
     # ---- conversions ----
     def sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
-                        structured_outputs=None, skip_special_tokens: bool | None = None) -> SamplingParams:
+                        structured_outputs=None, skip_special_tokens: bool | None = None,
+                        extra_stop_token_ids=()) -> SamplingParams:
         self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
         self.check_priority(req)
         kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-                  stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed,
+                  stop_token_ids=_merged(req.stop_token_ids, extra_stop_token_ids), ignore_eos=req.ignore_eos,
+                  seed=req.seed,
                   logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                   skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
                   include_stop_str_in_output=req.include_stop_str_in_output,
@@ -246,7 +254,10 @@ class ServingContext:
         return params
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool,
-                          template: str | None, template_kwargs: dict | None, tools: list | None = None) -> str:
+                          template: str | None, template_kwargs: dict | None, tools: list | None = None,
+                          reasoning_as_thinking: bool = False) -> str:
+        """The chat template's text. reasoning_as_thinking: an assistant turn's reasoning_content (or vLLM
+        0.32's `reasoning`) goes to the template as `thinking`, where gpt-oss's template reads its analysis."""
         template_kwargs = dict(template_kwargs or {})
         if template_kwargs.get("chat_template") is not None:
             template = template or template_kwargs.pop("chat_template")
@@ -271,6 +282,12 @@ class ServingContext:
                 d["content"] = "\n".join(texts)
             elif m.content is None:
                 d["content"] = ""  # OpenAI allows null content (an assistant turn with tool calls); vLLM does this
+            if d["role"] == "assistant" and "tool_calls" in d:
+                _arguments_as_objects(d, f"messages.{i}.tool_calls")
+            if reasoning_as_thinking and d["role"] == "assistant" and "thinking" not in d:
+                thought = d.get("reasoning_content", d.get("reasoning"))
+                if isinstance(thought, str) and thought:
+                    d["thinking"] = thought
             dicts.append(d)
         try:
             source = self.tokenizer.get_chat_template(template)
@@ -320,3 +337,36 @@ class ServingContext:
         self.metrics.count_error(err.status)
         err.log()
         return err.sse()
+
+
+def _merged(ids: list[int] | None, extra) -> list[int] | None:
+    if not extra:
+        return ids
+    return list(dict.fromkeys([*(ids or []), *extra]))
+
+
+def _arguments_as_objects(message: dict, param: str) -> None:
+    """Tool calls of an assistant turn as chat templates take them (vLLM's _postprocess_messages): arguments
+    an object, not OpenAI's JSON text (templates write `arguments | tojson`); an empty list dropped. Arguments
+    that are not a JSON object become {} (a bad turn in the history must not fail every later request)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return
+    if not calls:
+        message.pop("tool_calls")
+        return
+    for item in calls:
+        if not isinstance(item, dict):
+            raise bad_request("assistant tool_calls entries must be objects", param=param)
+        function = item.get("function")
+        if item.get("type", "function") != "function" or not isinstance(function, dict):
+            raise bad_request("chat completions take assistant tool_calls of type 'function' only", param=param)
+        args = function.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                logger.warning("tool call %r has arguments that are not JSON; given to the template as {}",
+                               function.get("name"))
+                args = {}
+        function["arguments"] = args if isinstance(args, dict) else {}

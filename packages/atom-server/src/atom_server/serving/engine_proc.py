@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_capacity_tokens=int(core.kv_capacity_tokens),
             vocab_size=_vocab_size(core),
             profiling=core.profiler.enabled,
+            model_type=getattr(core.config, "model_type", None),
         )))
         proc = EngineCoreProc(core, ctx, pull, push, ns.output, ns.parent_pid)
         proc.run()

@@ -23,17 +23,20 @@ class ServerLimits:
     reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        from atom_server.serving.harmony import HARMONY_REASONING_PARSER, HARMONY_TOOL_PARSER
         from atom_server.serving.reasoning import REASONING_PARSERS
         from atom_server.serving.tool_parsers import TOOL_PARSERS
 
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, "
+        tool_parsers = [*TOOL_PARSERS, HARMONY_TOOL_PARSER]
+        reasoning_parsers = [*REASONING_PARSERS, HARMONY_REASONING_PARSER]
+        if self.tool_call_parser is not None and self.tool_call_parser not in tool_parsers:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(tool_parsers)}, "
                              f"got {self.tool_call_parser!r}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs --tool-call-parser (one of "
-                             f"{', '.join(TOOL_PARSERS)})")
-        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
-            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"{', '.join(tool_parsers)})")
+        if self.reasoning_parser is not None and self.reasoning_parser not in reasoning_parsers:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(reasoning_parsers)}, "
                              f"got {self.reasoning_parser!r}")
         for name in ("max_request_body_bytes", "max_prompts_per_request", "max_seqs_per_request"):
             v = getattr(self, name)
@@ -69,6 +72,7 @@ class ServerLimits:
                        help="when the engine process dies or stalls: 'never' exits the server with status 1 "
                             "(as vLLM, for a supervisor to restart), 'always' starts a new engine process "
                             "(default: %(default)s)")
+        from atom_server.serving.harmony import HARMONY_REASONING_PARSER, HARMONY_TOOL_PARSER
         from atom_server.serving.reasoning import REASONING_PARSERS
         from atom_server.serving.tool_parsers import TOOL_PARSERS
 
@@ -76,13 +80,16 @@ class ServerLimits:
         t.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="let the model decide when to call tools (tool_choice \"auto\", the default when a "
                             "request has tools); needs --tool-call-parser")
-        t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+        t.add_argument("--tool-call-parser", choices=sorted([*TOOL_PARSERS, HARMONY_TOOL_PARSER]), default=None,
                        help="how tool calls are read from the model's output: hermes (Qwen2/2.5/3, Hermes), "
-                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS]) (default: none; tool_choice \"auto\" "
-                            "is refused, \"required\" and a named function still work)")
-        t.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
-                       help="split <think>...</think> from the answer into reasoning_content: qwen3, deepseek_r1 "
-                            "(default: none; the whole output is content)")
+                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS]), openai (gpt-oss: harmony's "
+                            "commentary messages to functions.*) (default: none; tool_choice \"auto\" is refused, "
+                            "\"required\" and a named function still work)")
+        t.add_argument("--reasoning-parser", choices=sorted([*REASONING_PARSERS, HARMONY_REASONING_PARSER]),
+                       default=None,
+                       help="split <think>...</think> from the answer into reasoning_content: qwen3, deepseek_r1; "
+                            "openai_gptoss: harmony's analysis channel (gpt-oss models get it without the flag, "
+                            "as in vLLM) (default: none; the whole output is content)")
         return parser
 
     @classmethod

@@ -52,6 +52,7 @@ class EngineReady(msgspec.Struct, tag="ready"):
     kv_capacity_tokens: int
     vocab_size: int | None = None
     profiling: bool = False  # --profiler-dir given: /start_profile and /stop_profile exist
+    model_type: str | None = None  # config.json's (the chat layer reads gpt_oss's harmony format)
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):
