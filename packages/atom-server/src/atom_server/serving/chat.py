@@ -65,16 +65,10 @@ class _ChoiceOutput:
 
     def delta(self, text: str, final: bool) -> dict:
         reasoning, content = self.reasoning.feed(text, final) if self.reasoning is not None else ("", text)
-        out: dict = {}
+        calls: list[dict] = []
         if self.tools is not None:
             content, calls = self.tools.feed(content, final)
-            if calls:
-                out["tool_calls"] = calls
-        if reasoning and self.include_reasoning:
-            out["reasoning_content"] = out["reasoning"] = reasoning
-        if content:
-            out["content"] = content
-        return out
+        return fmt.chat_delta(reasoning, content, calls, self.include_reasoning)
 
     @property
     def tools_called(self) -> bool:

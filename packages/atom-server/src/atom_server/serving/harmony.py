@@ -23,6 +23,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from atom_server.serving.openai_format import chat_delta
+from atom_server.serving.tool_parsers import tool_call_id
+
 START, END, MESSAGE, CHANNEL, CONSTRAIN = "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>"
 RETURN, CALL = "<|return|>", "<|call|>"
 TERMINATORS = (END, CALL, RETURN)
@@ -280,7 +283,6 @@ class HarmonyOutput:
         self.num_calls = 0
 
     def delta(self, text: str, final: bool) -> dict:
-        from atom_server.serving.tool_parsers import tool_call_id
 
         reasoning, content, calls = "", "", []
         for ev in self.parser.feed(text, final):
@@ -299,22 +301,13 @@ class HarmonyOutput:
                     calls[-1]["function"]["arguments"] += ev.text
                 else:
                     calls.append({"index": self.num_calls - 1, "function": {"arguments": ev.text}})
-        out: dict = {}
-        if calls:
-            out["tool_calls"] = calls
-        if reasoning and self.include_reasoning:
-            out["reasoning_content"] = out["reasoning"] = reasoning
-        if content:
-            out["content"] = content
-        return out
+        return chat_delta(reasoning, content, calls, self.include_reasoning)
 
     @property
     def tools_called(self) -> bool:
         return self.num_calls > 0
 
     def message(self, text: str) -> tuple[dict, bool]:
-        from atom_server.serving.tool_parsers import tool_call_id
-
         result = parse_completion(text)
         message: dict = {"role": "assistant", "content": result.content}
         if self.include_reasoning:

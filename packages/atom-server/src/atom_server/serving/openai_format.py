@@ -102,3 +102,16 @@ def usage(outputs: list[RequestOutput]) -> dict:
 def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_delta(reasoning: str, content: str, calls: list[dict], include_reasoning: bool) -> dict:
+    """A streamed chat choice's delta (vLLM's shape): tool-call deltas, reasoning (as reasoning_content and vLLM
+    0.32's reasoning) unless dropped, content; empty parts left out."""
+    out: dict = {}
+    if calls:
+        out["tool_calls"] = calls
+    if reasoning and include_reasoning:
+        out["reasoning_content"] = out["reasoning"] = reasoning
+    if content:
+        out["content"] = content
+    return out
