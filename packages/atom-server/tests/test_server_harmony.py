@@ -174,3 +174,21 @@ def test_a_parser_that_does_not_fit_stops_the_start(checkpoint, tmp_path):
     assert srv.proc.wait(300) == 1
     srv.stop()
     assert "--reasoning-parser qwen3 does not read gpt_oss models" in srv.log()
+
+
+def test_responses_api_reads_harmony(client):
+    """/v1/responses on gpt-oss: the analysis channel as a reasoning item, the call as a function_call item,
+    whole and through the official client's stream helper."""
+    kw = dict(model=MODEL, input="Weather in Paris?", max_output_tokens=160, temperature=0,
+              tools=[{"type": "function", **TOOLS[0]["function"]}], reasoning={"effort": "low"},
+              extra_body={"structured_outputs": {"choice": [CALL]}})
+    resp = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_response()
+    for r in (resp, streamed):
+        assert [i.type for i in r.output] == ["reasoning", "function_call"] and r.status == "completed"
+        assert r.output[0].content[0].text == "Need the weather."
+        assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Paris"})
+    assert resp.reasoning.effort == "low"

@@ -286,3 +286,111 @@ def test_bad_constraints_do_not_disturb_requests_in_flight(server, client):
     assert long_out.choices[0].finish_reason == "length" and long_out.usage.completion_tokens == 48
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", code.choices[0].message.content)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---- /v1/responses (OpenAI's Responses API over the same pipeline) ----------------------------------------------
+RESP_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+SCRIPTED_TURN = ('<think>Weather needs a tool.</think>I will check.<tool_call>\n{"name": "get_weather", "arguments": '
+                 '{"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+
+
+def _items(output) -> list[tuple]:
+    """Output items as (type, text or (name, arguments))."""
+    out = []
+    for item in output:
+        if item.type == "reasoning":
+            out.append(("reasoning", "".join(c.text for c in item.content or [])))
+        elif item.type == "message":
+            out.append(("message", "".join(c.text for c in item.content)))
+        else:
+            out.append(("function_call", (item.name, json.loads(item.arguments))))
+    return out
+
+
+def test_responses_text_equals_chat(client):
+    """A string input and instructions: the same greedy text as chat completions with a system and a user turn;
+    max_output_tokens ends it as incomplete (max_output_tokens), usage counts the tokens."""
+    resp = client.responses.create(model=MODEL, input="Name a color.", instructions="Answer in one word.",
+                                   max_output_tokens=6, temperature=0, extra_body=NO_THINKING)
+    ref = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Answer in one word."},
+                                                                {"role": "user", "content": "Name a color."}],
+                                         max_tokens=6, temperature=0, extra_body=NO_THINKING)
+    assert resp.object == "response" and resp.id.startswith("resp_") and resp.model == MODEL
+    assert resp.output_text == ref.choices[0].message.content
+    assert (resp.status == "incomplete") == (ref.choices[0].finish_reason == "length")
+    if resp.status == "incomplete":
+        assert resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.input_tokens == ref.usage.prompt_tokens and resp.usage.output_tokens == ref.usage.completion_tokens
+
+
+def test_responses_reasoning_message_and_function_call(client):
+    """Parsed output as items (reasoning, message, function_call), whole and streamed: the official client's
+    stream helper accumulates the events (it checks their identities) to the same items."""
+    kw = dict(model=MODEL, input="Weather in Paris?", tools=RESP_TOOLS, max_output_tokens=120, temperature=0,
+              extra_body={"structured_outputs": {"choice": [SCRIPTED_TURN]}})
+    want = [("reasoning", "Weather needs a tool."), ("message", "I will check."),
+            ("function_call", ("get_weather", {"city": "Paris", "unit": "celsius"}))]
+    resp = client.responses.create(**kw)
+    assert resp.status == "completed" and _items(resp.output) == want
+    assert resp.output[2].call_id.startswith("chatcmpl-tool-") and resp.output[2].status == "completed"
+    with client.responses.stream(**kw) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert _items(final.output) == want and final.status == "completed"
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert {"response.reasoning_text.delta", "response.output_text.delta",
+            "response.function_call_arguments.delta"} <= set(kinds)
+
+
+def test_responses_follow_up_turn_equals_chat(client):
+    """Earlier output items (reasoning, function_call) and a function_call_output as input: the same greedy text
+    as chat completions given the equivalent turns (assistant with reasoning_content and tool_calls, tool)."""
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "reasoning", "id": "rs_1", "summary": [],
+              "content": [{"type": "reasoning_text", "text": "Weather needs a tool."}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+              "arguments": '{"city": "Paris", "unit": "celsius"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "21 C and sunny"}]
+    resp = client.responses.create(model=MODEL, input=items, tools=RESP_TOOLS, max_output_tokens=8, temperature=0,
+                                   extra_body={"chat_template_kwargs": {}})
+    ref = client.chat.completions.create(
+        model=MODEL, tools=TOOLS, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "reasoning_content": "Weather needs a tool.",
+                   "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                       "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "21 C and sunny"}],
+        extra_body={"chat_template_kwargs": {}})
+    msg = ref.choices[0].message
+    want_text = msg.content or ""
+    assert resp.output_text == want_text
+    assert [i.type for i in resp.output if i.type == "reasoning"] == (["reasoning"] if msg.reasoning_content else [])
+
+
+def test_responses_json_schema_format(client):
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"]}
+    resp = client.responses.create(model=MODEL, input="Pick a color.", max_output_tokens=40, temperature=0,
+                                   text={"format": {"type": "json_schema", "name": "pick", "schema": schema}},
+                                   extra_body=NO_THINKING)
+    jsonschema.validate(json.loads(resp.output_text), schema)
+    assert resp.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"background": True}, "background"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
+    ({"input": [{"type": "function_call", "name": "f"}]}, "input.0"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"tool_choice": {"type": "function", "name": "nope"}, "tools": RESP_TOOLS}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+])
+def test_responses_bad_requests_are_400s_naming_the_field(server, body, param):
+    import httpx
+
+    payload = {"model": MODEL, "input": "hi", **body}
+    r = httpx.post(server.url + "/v1/responses", json=payload, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

@@ -302,3 +302,106 @@ class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[TokenId]
 
+
+
+_STATELESS = "is not supported by atom-server: responses are not stored; send the whole conversation as input"
+# /v1/responses fields refused unless neutral (field -> (neutral values besides None / [] / {}, why)).
+REFUSED_RESPONSES_FIELDS: dict[str, tuple[tuple, str]] = {
+    "previous_response_id": ((), _STATELESS),
+    "conversation": ((), _STATELESS),
+    "background": ((False,), "is not supported by atom-server (no background responses)"),
+    "prompt": ((), "is not supported by atom-server (no stored prompt templates)"),
+    "top_logprobs": ((0,), "is not supported by atom-server on /v1/responses (use chat completions)"),
+    "truncation": (("disabled",), "'auto' is not supported by atom-server (a prompt over the context is a 400)"),
+}
+
+
+class ResponsesTool(_Body):
+    """A Responses API tool: function tools only (built-in tools such as web_search run on OpenAI's side)."""
+
+    type: str
+    name: str | None = Field(None, min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _functions_only(cls, value):
+        if value != "function":
+            raise ValueError(f"tools of type {value!r} are not supported by atom-server (function tools only)")
+        return value
+
+
+class ResponsesToolChoiceFunction(_Body):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class ResponsesReasoning(_Body):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: str | None = None  # accepted; summaries are not generated
+    generate_summary: str | None = None
+
+
+class ResponsesTextFormat(_Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(_Body):
+    format: ResponsesTextFormat | None = None
+    verbosity: str | None = None  # accepted, no effect
+
+
+class ResponsesRequest(_with_refusals("_ResponsesFields", _Body, REFUSED_RESPONSES_FIELDS)):
+    """POST /v1/responses (OpenAI's Responses API, as vLLM serves it for any model): stateless (no stored
+    responses), function tools, text / json_schema / json_object output formats, reasoning effort, streaming events.
+    Sampling fields as on the other endpoints (vLLM's extras included)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = _int(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = _int(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = _int(None)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = True  # accepted, no effect
+    max_tool_calls: int | None = None  # accepted: it bounds built-in tool calls, which atom-server has none of
+    reasoning: ResponsesReasoning | None = None
+    include_reasoning: bool = True
+    text: ResponsesText | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    stream: bool = False
+    store: bool | None = True  # accepted; nothing is stored (the response says store: false)
+    metadata: dict[str, str] | None = None
+    include: list[str] | None = None  # accepted (no stored or encrypted content to include)
+    user: str | None = None
+    service_tier: str | None = None
+    priority: int = _int(0)
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    skip_special_tokens: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _named_tools(cls, value):
+        for i, t in enumerate(value or []):
+            if not t.name:
+                raise ValueError(f"tools[{i}] needs a name")
+        return value

@@ -18,10 +18,12 @@ from atom_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
 from atom_server.serving.chat import create_chat_completion
+from atom_server.serving.responses import create_response
 from atom_server.serving.completions import create_completion
 from atom_server.serving.chat_templates import ChatTemplateRenderer
 from atom_server.serving.context import ServerState, ServingContext, engine_error
@@ -231,6 +233,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await create_chat_completion(ctx, req, raw)
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, raw: Request):
+        return await create_response(ctx, req, raw)
 
     return app
 

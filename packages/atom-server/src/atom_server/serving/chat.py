@@ -3,7 +3,9 @@ outputs, tool calls and reasoning (vLLM's shapes), streaming role then deltas.""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -11,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from atom_server.protocol import ChatCompletionRequest
 from atom_server.serving import openai_format as fmt
 from atom_server.serving.completions import CLIENT_GONE
-from atom_server.serving.context import ServingContext, engine_error
+from atom_server.serving.context import ServingContext
 from atom_server.serving.errors import bad_request
 from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput
 from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
@@ -118,7 +120,19 @@ def _finish_reason(reason: str | None, called: bool, named: bool) -> str | None:
     return reason
 
 
-async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+@dataclasses.dataclass
+class ChatRun:
+    """A chat request made ready to generate: its prompt ids and sampling parameters, and how each choice's text
+    is read (reasoning, content, tool calls). /v1/responses runs the same."""
+    ids: list[int]
+    text: str
+    params: object  # SamplingParams
+    k: int | None  # top logprobs (None: no logprobs)
+    output: Callable[[], _ChoiceOutput | HarmonyOutput]
+    named: bool  # a named tool_choice (finish_reason stays "stop")
+
+
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatRun:
     ctx.check_model(req.model)
     ctx.check_engine()
     if req.top_logprobs and not req.logprobs:
@@ -149,6 +163,20 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = ctx.sampling_params(req, max_tokens, k, req.prompt_logprobs, structured,
                                  skip_special_tokens=False if auto_tools or ctx.state.harmony else None,
                                  extra_stop_token_ids=ctx.state.harmony_stop_ids)
+    reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
+
+    def choice_output() -> _ChoiceOutput | HarmonyOutput:
+        if harmony:
+            return HarmonyOutput(auto_tools, req.include_reasoning)
+        return _ChoiceOutput(reasoning_cls(template_kwargs) if reasoning_cls is not None else None,
+                             tool_parser_cls() if tool_parser_cls is not None else None, req.include_reasoning)
+
+    return ChatRun(ids, text, params, k, choice_output, forced is not None and req.tool_choice != "required")
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    run = await prepare_chat(ctx, req)
+    ids, text, params, k, choice_output, named = run.ids, run.text, run.params, run.k, run.output, run.named
     ctx.check_engine()
     rid, engine_rid = ctx.response_id(req, "chatcmpl")
     gen = ctx.client.generate(engine_rid, ids, params, text, stream=req.stream, priority=req.priority)
@@ -156,14 +184,6 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if first is None:
         return Response(status_code=CLIENT_GONE)
     created = int(time.time())
-    reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
-    named = forced is not None and req.tool_choice != "required"
-
-    def choice_output() -> _ChoiceOutput | HarmonyOutput:
-        if harmony:
-            return HarmonyOutput(auto_tools, req.include_reasoning)
-        return _ChoiceOutput(reasoning_cls(template_kwargs) if reasoning_cls is not None else None,
-                             tool_parser_cls() if tool_parser_cls is not None else None, req.include_reasoning)
 
     def logprobs_of(ids: list[int], entries: list | None) -> dict | None:
         if k is None or not ids:
@@ -210,13 +230,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    final = first[1]
-    try:
-        async for _, ro in source:
-            final = ro
-    except Exception as e:
-        raise engine_error(e) from e
-    if not final.finished:
+    final = await ctx.last_output(first, source)
+    if final is None:
         return Response(status_code=CLIENT_GONE)
     choices = []
     for co in sorted(final.outputs, key=lambda c: c.index):

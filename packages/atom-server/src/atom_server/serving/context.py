@@ -331,12 +331,26 @@ class ServingContext:
             raise engine_error(e) from e
         return first, source
 
-    def stream_error(self, e: Exception) -> str:
-        """An error after the 200 status went out: an error event in the stream."""
+    async def last_output(self, first, source) -> RequestOutput | None:
+        """A non-streaming request's final (cumulative) output; None when its client left before the end."""
+        final = first[1]
+        try:
+            async for _, ro in source:
+                final = ro
+        except Exception as e:
+            raise engine_error(e) from e
+        return final if final.finished else None
+
+    def stream_failure(self, e: Exception) -> APIError:
+        """An error after the 200 status went out: counted and logged; the caller sends it in the stream."""
         err = engine_error(e)
         self.metrics.count_error(err.status)
         err.log()
-        return err.sse()
+        return err
+
+    def stream_error(self, e: Exception) -> str:
+        """An error after the 200 status went out: an error event in the stream."""
+        return self.stream_failure(e).sse()
 
 
 def _merged(ids: list[int] | None, extra) -> list[int] | None:
