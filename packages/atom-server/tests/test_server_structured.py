@@ -394,3 +394,38 @@ def test_responses_bad_requests_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/responses", json=payload, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_responses_random_bodies_are_answered_or_refused(server):
+    """Seeded random input items and fields: every answer is a 200 or an OpenAI 400, never a 5xx, and the server
+    keeps serving."""
+    import httpx
+
+    rng = random.Random(7)
+    values = [None, 0, -1, 3, 1.5, "", "x", "user", [], {}, [1], ["a"], [{}], {"type": "x"}, True]
+    kinds = ["message", "reasoning", "function_call", "function_call_output", "input_image", None, 5]
+
+    def item():
+        d = {k: rng.choice(values) for k in rng.sample(["role", "content", "name", "call_id", "arguments", "output",
+                                                         "summary", "text"], rng.randint(0, 4))}
+        kind = rng.choice(kinds)
+        if kind is not None:
+            d["type"] = kind
+        if rng.random() < 0.5:
+            d["role"], d["content"] = rng.choice(["user", "assistant", "tool"]), rng.choice(["hi", [{"type": "input_text",
+                                                                                             "text": "hi"}], 3])
+        return d
+
+    fields = ["instructions", "max_output_tokens", "tools", "tool_choice", "reasoning", "text", "temperature",
+              "metadata", "store", "include", "truncation", "top_logprobs", "stop"]
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for _ in range(30):
+            body = {"model": MODEL, "input": rng.choice(["hi", [item() for _ in range(rng.randint(1, 3))]]),
+                    "max_output_tokens": 4}
+            for name in rng.sample(fields, rng.randint(0, 3)):
+                body[name] = rng.choice(values)
+            r = http.post("/v1/responses", json=body)
+            assert r.status_code in (200, 400), (r.status_code, body, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert http.get("/health").status_code == 200

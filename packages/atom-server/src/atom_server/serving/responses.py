@@ -72,7 +72,10 @@ def chat_messages(req: ResponsesRequest) -> list[dict]:
             messages.append(turn)
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            if not isinstance(parts, list):
+                raise bad_request("a reasoning item's content is a list of reasoning_text parts",
+                                  param=f"{param}.content")
+            reasoning = "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
         elif kind == "function_call":
             name, call_id = item.get("name"), item.get("call_id")
             if not isinstance(name, str) or not name or not isinstance(call_id, str) or not call_id:
