@@ -97,7 +97,7 @@ def parse_header(text: str, role: str | None) -> Header:
         before, _, after = text.partition(CHANNEL)
         if not after or after[0].isspace():
             raise HeaderError("a channel marker without a channel")
-        name, *rest = after.split(maxsplit=1) if after else [""]
+        name, *rest = after.split(maxsplit=1)
         if CONSTRAIN in name:  # "final<|constrain|>json"
             name, _, tail = name.partition(CONSTRAIN)
             rest = [CONSTRAIN + tail + (" " + rest[0] if rest else "")]
@@ -221,7 +221,6 @@ class HarmonyParser:
                     continue
                 keep = 0 if final else _partial(self.buf, TERMINATORS)
                 text, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-                self.pending += text
                 self.body += text
                 if text:
                     events.append(Event(kind_of(self.header), text, self.header))
