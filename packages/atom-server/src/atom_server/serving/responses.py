@@ -34,6 +34,10 @@ _PASSED = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
            "include_reasoning", "chat_template_kwargs", "priority", "request_id", "skip_special_tokens", "user")
 
 
+_CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+                      "reasoning_effort": "reasoning.effort"}
+
+
 def _text_of(content, param: str) -> str:
     if isinstance(content, str):
         return content
@@ -130,10 +134,12 @@ def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
         body["response_format"] = {"type": "json_object"}
     try:
         return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
+    except ValidationError as e:  # named as the Responses request names it
         first = e.errors()[0]
-        raise bad_request(f"{first.get('msg', 'invalid value')}",
-                          param=".".join(str(p) for p in first.get("loc", ()))) from e
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc:
+            loc[0] = _CHAT_TO_RESPONSES.get(loc[0], loc[0])
+        raise bad_request(f"{first.get('msg', 'invalid value')}", param=".".join(loc) or None) from e
 
 
 def _new_id(prefix: str) -> str:
