@@ -211,3 +211,25 @@ def test_parsers_must_fit_the_model():
         check_parsers("gpt_oss", None, "hermes")
     with pytest.raises(ValueError, match="--tool-call-parser openai reads the harmony format"):
         check_parsers("qwen3", None, "openai")
+
+
+def test_harmony_constraint_lets_the_analysis_come_first():
+    """A structured-output spec marked harmony (set by the chat layer for gpt-oss): xgrammar's matcher accepts the
+    constrained text after the final channel's header, with or without an analysis message first, and refuses it
+    bare or violating the schema."""
+    xgr = pytest.importorskip("xgrammar")
+    from atom_server.engine.structured_output import grammar_of
+    from atom_server.sampling_params import StructuredOutputsParams
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["a"]))  # accept_string reads bytes, not tokens
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    final = '<|channel|>final<|message|>{"answer": "yes"}'
+    cases = {final: True, "<|channel|>analysis<|message|>Think: a<b, so yes.<|end|><|start|>assistant" + final: True,
+             '{"answer": "yes"}': False, '<|channel|>final<|message|>{"answer": "maybe"}': False,
+             "<|channel|>analysis<|message|>x<|end|>" + final: False}
+    for harmony in (True, False):
+        grammar = compiler.compile_grammar(grammar_of(StructuredOutputsParams(json=schema, harmony=harmony)))
+        for text, ok in cases.items():
+            matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
+            got = matcher.accept_string(text) and matcher.is_terminated()
+            assert got == (ok if harmony else text == '{"answer": "yes"}'), (harmony, text)

@@ -192,3 +192,30 @@ def test_responses_api_reads_harmony(client):
         assert r.output[0].content[0].text == "Need the weather."
         assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Paris"})
     assert resp.reasoning.effort == "low"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_constrains_the_final_message(client, checkpoint, stream):
+    """A json_schema response_format on gpt-oss: the grammar lets an analysis message come first and constrains the
+    final channel's message (vLLM's harmony structural tag); the content validates, the raw turn is harmony."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    kw = dict(max_tokens=400, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+              extra_body={"return_token_ids": True})
+    if stream:
+        chunks = [c for c in chat(client, "Yes or no?", stream=True, **kw) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+        ids = [t for c in chunks for t in (c.choices[0].model_extra.get("token_ids") or [])]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = chat(client, "Yes or no?", **kw).choices[0]
+        content, reasoning = choice.message.content, choice.message.reasoning_content or ""
+        ids, finish = choice.model_extra["token_ids"], choice.finish_reason
+    raw = AutoTokenizer.from_pretrained(checkpoint).decode(ids, skip_special_tokens=False)
+    assert finish == "stop", raw
+    jsonschema.validate(json.loads(content), schema)
+    head = f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant" if reasoning else ""
+    assert raw.startswith(head + "<|channel|>final<|message|>"), raw

@@ -34,6 +34,9 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+    # gpt-oss (harmony): the constraint holds the final channel's message, which an analysis message may precede
+    # (vLLM's structural tag for harmony); set by the chat layer, not a request field.
+    harmony: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in GRAMMAR_KINDS if getattr(self, k) is not None]

@@ -74,18 +74,29 @@ def _whitespace_kwargs(spec: StructuredOutputsParams) -> dict:
     return {"any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
+# What comes before the constrained text in a gpt-oss answer (spec.harmony): an optional analysis message (any
+# text without "<|"), then the final channel's header; the markers are matched as text (the detokenized markers).
+HARMONY_PREFIX = r"""
+root ::= analysis? "<|channel|>final<|message|>"
+analysis ::= "<|channel|>analysis<|message|>" body "<|end|><|start|>assistant"
+body ::= ([^<] | "<" [^|])*
+"""
+
+
 def grammar_of(spec: StructuredOutputsParams):
     """The xgrammar Grammar of a spec (no tokenizer needed); ValueError saying what does not compile."""
     xgr = _xgr()
     kind = spec.kind
     try:
         if kind in ("json", "json_object"):
-            return xgr.Grammar.from_json_schema(spec.json_schema_text(), **_whitespace_kwargs(spec))
-        if kind == "regex":
-            return xgr.Grammar.from_regex(spec.regex)
-        if kind == "choice":
-            return xgr.Grammar.from_ebnf(choice_grammar(spec.choice))
-        return xgr.Grammar.from_ebnf(spec.grammar)
+            grammar = xgr.Grammar.from_json_schema(spec.json_schema_text(), **_whitespace_kwargs(spec))
+        elif kind == "regex":
+            grammar = xgr.Grammar.from_regex(spec.regex)
+        elif kind == "choice":
+            grammar = xgr.Grammar.from_ebnf(choice_grammar(spec.choice))
+        else:
+            grammar = xgr.Grammar.from_ebnf(spec.grammar)
+        return xgr.Grammar.concat(xgr.Grammar.from_ebnf(HARMONY_PREFIX), grammar) if spec.harmony else grammar
     except ValueError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError with its parser's message
@@ -154,6 +165,8 @@ class GrammarCompiler:
         kind = spec.kind
         c = self.compiler
         try:
+            if spec.harmony:
+                return c.compile_grammar(grammar_of(spec))
             if kind in ("json", "json_object"):
                 return c.compile_json_schema(spec.json_schema_text(), **_whitespace_kwargs(spec))
             if kind == "regex":

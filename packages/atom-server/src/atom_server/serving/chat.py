@@ -145,6 +145,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     # the call's JSON and the required / named parser reads it, as for every model).
     harmony = ctx.state.harmony and forced is None
     structured = await structured_outputs_of(ctx, req, forced)
+    if harmony and structured is not None:  # the final message is constrained; the analysis may come first
+        structured = dataclasses.replace(structured, harmony=True)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     template_kwargs = _template_kwargs(ctx, req)
     text = await ctx.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
