@@ -15,7 +15,7 @@ from atom_server.serving import openai_format as fmt
 from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext
 from atom_server.serving.errors import bad_request
-from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput
+from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput, spells_harmony
 from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
 from atom_server.serving.streams import SSE_DONE, chain, sse
 from atom_server.serving.structured import structured_outputs_of, tool_choice_constraint
@@ -145,7 +145,9 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     # the call's JSON and the required / named parser reads it, as for every model).
     harmony = ctx.state.harmony and forced is None
     structured = await structured_outputs_of(ctx, req, forced)
-    if harmony and structured is not None:  # the final message is constrained; the analysis may come first
+    if harmony and structured is not None and not spells_harmony(structured):
+        # the final message is constrained and the analysis may come first; a constraint that writes harmony's
+        # markers itself constrains the whole turn
         structured = dataclasses.replace(structured, harmony=True)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     template_kwargs = _template_kwargs(ctx, req)

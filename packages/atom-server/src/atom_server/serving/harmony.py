@@ -63,6 +63,13 @@ def harmony_stop_ids(tokenizer) -> list[int]:
     return [vocab[t] for t in STOP_TOKENS if t in vocab]
 
 
+def spells_harmony(spec) -> bool:
+    """Whether a structured-output constraint writes harmony's markers itself (then it constrains the whole turn,
+    not the final message)."""
+    text = json.dumps([spec.json, spec.regex, spec.choice, spec.grammar], default=str)
+    return any(json.dumps(m)[1:-1] in text for m in (START, CHANNEL, MESSAGE, END))
+
+
 class HeaderError(ValueError):
     pass
 
