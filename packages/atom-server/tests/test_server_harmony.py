@@ -165,6 +165,9 @@ def test_markers_are_special_tokens_kept_for_the_parser(client, checkpoint):
     vocab = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
     choice = chat(client, "Hi", max_tokens=8, logit_bias={str(vocab["<|call|>"]): 100}).choices[0]
     assert choice.finish_reason == "stop" and choice.message.content is None
+    ignored = chat(client, "Hi", max_tokens=4, logit_bias={str(vocab["<|call|>"]): 100},
+                   extra_body={"ignore_eos": True}).choices[0]
+    assert ignored.finish_reason == "length"  # ignore_eos runs past the turn's end tokens, as for EOS
     choice = chat(client, "Hi", max_tokens=3, logit_bias={str(vocab["<|channel|>"]): 100}).choices[0]
     assert choice.finish_reason == "length" and choice.message.content == "<|channel|>" * 3
 

@@ -166,7 +166,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     # Harmony's markers are special tokens, which its parser reads.
     params = ctx.sampling_params(req, max_tokens, k, req.prompt_logprobs, structured,
                                  skip_special_tokens=False if auto_tools or ctx.state.harmony else None,
-                                 extra_stop_token_ids=ctx.state.harmony_stop_ids)
+                                 extra_stop_token_ids=() if req.ignore_eos else ctx.state.harmony_stop_ids)
     reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
 
     def choice_output() -> _ChoiceOutput | HarmonyOutput:
