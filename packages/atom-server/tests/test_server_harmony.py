@@ -37,7 +37,7 @@ TEMPLATE = (
     "{{ m.content }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
                                                           "required": ["city"]}}}]
 THOUGHT_AND_ANSWER = ("<|channel|>analysis<|message|>The user wants a number.<|end|><|start|>assistant"
                       "<|channel|>final<|message|>42")
@@ -222,3 +222,22 @@ def test_response_format_constrains_the_final_message(client, checkpoint, stream
     jsonschema.validate(json.loads(content), schema)
     head = f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant" if reasoning else ""
     assert raw.startswith(head + "<|channel|>final<|message|>"), raw
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_tool_choice_is_written_in_harmony(client, checkpoint, choice):
+    """tool_choice required / named on gpt-oss: the grammar writes the call as harmony's commentary message to
+    functions.get_weather (an analysis message may come first), its arguments valid against the tool's schema;
+    finish_reason tool_calls for required, stop for a named function (OpenAI's)."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}}
+    out = chat(client, "Weather in Paris?", max_tokens=300, tools=TOOLS, tool_choice=tool_choice,
+               extra_body={"return_token_ids": True}).choices[0]
+    raw = AutoTokenizer.from_pretrained(checkpoint).decode(out.model_extra["token_ids"], skip_special_tokens=False)
+    assert "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>" in raw, raw
+    [call] = out.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), TOOLS[0]["function"]["parameters"])
+    assert out.finish_reason == ("tool_calls" if choice == "required" else "stop")

@@ -16,7 +16,7 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_TOKEN_ID_LIST = 1 << 17  # allowed_token_ids, logit_bias entries
 MAX_BAD_WORDS = 128
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; values beyond are clamped (as vLLM)
-GRAMMAR_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+GRAMMAR_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag", "harmony_calls")
 
 
 @dataclass
@@ -37,6 +37,9 @@ class StructuredOutputsParams:
     # gpt-oss (harmony): the constraint holds the final channel's message, which an analysis message may precede
     # (vLLM's structural tag for harmony); set by the chat layer, not a request field.
     harmony: bool = False
+    # gpt-oss's forced tool calls ([name, parameters schema] pairs): an analysis message may come first, then a
+    # commentary message to functions.NAME with a body valid against its schema; set by the chat layer.
+    harmony_calls: list | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in GRAMMAR_KINDS if getattr(self, k) is not None]

@@ -76,11 +76,16 @@ def _whitespace_kwargs(spec: StructuredOutputsParams) -> dict:
 
 # What comes before the constrained text in a gpt-oss answer (spec.harmony): an optional analysis message (any
 # text without "<|"), then the final channel's header; the markers are matched as text (the detokenized markers).
-HARMONY_PREFIX = r"""
-root ::= analysis? "<|channel|>final<|message|>"
+HARMONY_ANALYSIS = r"""
+root ::= analysis?
 analysis ::= "<|channel|>analysis<|message|>" body "<|end|><|start|>assistant"
 body ::= ([^<] | "<" [^|])*
 """
+def harmony_call_header(name: str) -> str:
+    return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+
+
+HARMONY_PREFIX = HARMONY_ANALYSIS.replace("root ::= analysis?", 'root ::= analysis? "<|channel|>final<|message|>"')
 
 
 def grammar_of(spec: StructuredOutputsParams):
@@ -88,6 +93,12 @@ def grammar_of(spec: StructuredOutputsParams):
     xgr = _xgr()
     kind = spec.kind
     try:
+        if kind == "harmony_calls":
+            calls = [xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(harmony_call_header(name))}"),
+                                        xgr.Grammar.from_json_schema(json.dumps(schema), **_whitespace_kwargs(spec)))
+                     for name, schema in spec.harmony_calls]
+            body = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+            return xgr.Grammar.concat(xgr.Grammar.from_ebnf(HARMONY_ANALYSIS), body)
         if kind in ("json", "json_object"):
             grammar = xgr.Grammar.from_json_schema(spec.json_schema_text(), **_whitespace_kwargs(spec))
         elif kind == "regex":
@@ -165,7 +176,7 @@ class GrammarCompiler:
         kind = spec.kind
         c = self.compiler
         try:
-            if spec.harmony:
+            if spec.harmony or kind == "harmony_calls":
                 return c.compile_grammar(grammar_of(spec))
             if kind in ("json", "json_object"):
                 return c.compile_json_schema(spec.json_schema_text(), **_whitespace_kwargs(spec))

@@ -18,7 +18,11 @@ from atom_server.serving.errors import bad_request
 from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput, spells_harmony
 from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
 from atom_server.serving.streams import SSE_DONE, chain, sse
-from atom_server.serving.structured import structured_outputs_of, tool_choice_constraint
+from atom_server.serving.structured import (
+    harmony_tool_constraint,
+    structured_outputs_of,
+    tool_choice_constraint,
+)
 from atom_server.serving.tool_parsers import (
     TOOL_PARSERS,
     NamedToolParser,
@@ -141,11 +145,14 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     ctx.check_prompt_logprobs(req)
     ctx.check_work(1, req.n, "messages")
     tool_parser_cls, forced, auto_tools = _tool_setup(ctx, req)
-    # gpt-oss: its harmony messages are read here unless a tool_choice forces a call (then the grammar writes
-    # the call's JSON and the required / named parser reads it, as for every model).
-    harmony = ctx.state.harmony and forced is None
+    # gpt-oss: its harmony messages are read here; a forced call is written in harmony too (the grammar allows an
+    # analysis message, then the call's commentary message), and the harmony parser surfaces it.
+    harmony = ctx.state.harmony
+    if harmony and forced is not None:
+        forced = ("tool_choice", harmony_tool_constraint(req.tools, req.tool_choice))
+        auto_tools = True
     structured = await structured_outputs_of(ctx, req, forced)
-    if harmony and structured is not None and not spells_harmony(structured):
+    if harmony and structured is not None and structured.harmony_calls is None and not spells_harmony(structured):
         # the final message is constrained and the analysis may come first; a constraint that writes harmony's
         # markers itself constrains the whole turn
         structured = dataclasses.replace(structured, harmony=True)

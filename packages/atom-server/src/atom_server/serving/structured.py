@@ -71,6 +71,15 @@ def tool_choice_constraint(tools: list, tool_choice) -> StructuredOutputsParams 
     return None
 
 
+def harmony_tool_constraint(tools: list, tool_choice) -> StructuredOutputsParams:
+    """gpt-oss's forced calls in its own format (vLLM's harmony structural tag): an optional analysis message, then
+    a commentary message to functions.NAME whose JSON body matches that function's parameters; "required" takes
+    any of the tools, a named function that one."""
+    names = [t.function.name for t in tools] if tool_choice == "required" else [tool_choice.function.name]
+    params = {t.function.name: t.function.parameters or {"type": "object"} for t in tools}
+    return StructuredOutputsParams(harmony_calls=[[name, params[name]] for name in names])
+
+
 async def structured_outputs_of(ctx, req, forced: tuple[str, StructuredOutputsParams] | None = None
                                 ) -> StructuredOutputsParams | None:
     """The request's one constraint (or None), compiled once here (without the vocabulary) to check it."""
