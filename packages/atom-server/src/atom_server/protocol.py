@@ -135,9 +135,10 @@ class StructuredOutputsFields(_Body):
     structural_tag: str | None = None
 
 
-class _SamplingFields(_Body):
+class _SamplingCore(_Body):
+    """The sampling fields every generating endpoint takes (/v1/responses too)."""
+
     model: str | None = None
-    n: int = _int(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = _int(None, ge=-1)
@@ -146,11 +147,15 @@ class _SamplingFields(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = _int(0, ge=0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     skip_special_tokens: bool = True
+
+
+class _SamplingFields(_SamplingCore):
+    n: int = _int(1, ge=1, le=128)
+    min_tokens: int = _int(0, ge=0)
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -358,26 +363,14 @@ class ResponsesText(_Body):
     verbosity: str | None = None  # accepted, no effect
 
 
-class ResponsesRequest(_with_refusals("_ResponsesFields", _Body, REFUSED_RESPONSES_FIELDS)):
+class ResponsesRequest(_with_refusals("_ResponsesFields", _SamplingCore, REFUSED_RESPONSES_FIELDS)):
     """POST /v1/responses (OpenAI's Responses API, as vLLM serves it for any model): stateless (no stored
     responses), function tools, text / json_schema / json_object output formats, reasoning effort, streaming events.
     Sampling fields as on the other endpoints (vLLM's extras included)."""
 
-    model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = _int(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = _int(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = _int(None)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputsFields | None = None
     tools: list[ResponsesTool] | None = None
@@ -396,7 +389,6 @@ class ResponsesRequest(_with_refusals("_ResponsesFields", _Body, REFUSED_RESPONS
     service_tier: str | None = None
     priority: int = _int(0)
     request_id: str | None = Field(None, min_length=1, max_length=256)
-    skip_special_tokens: bool = True
 
     @field_validator("tools")
     @classmethod
