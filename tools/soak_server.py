@@ -81,6 +81,11 @@ def valid_request(rng: random.Random, max_tokens: int) -> tuple[str, dict]:
             body["logprobs"] = rng.randint(0, 5)
             body["echo"] = rng.random() < 0.5
         return "/v1/completions", body
+    if rng.random() < 0.3:  # the Responses API (no n)
+        body = {"input": prompt if rng.random() < 0.7 else [{"role": "user", "content": prompt}],
+                "max_output_tokens": common["max_tokens"], "temperature": common["temperature"],
+                "stream": common["stream"], "instructions": rng.choice([None, "Be brief."])}
+        return "/v1/responses", {k: v for k, v in body.items() if v is not None}
     body = {"messages": [{"role": "user", "content": prompt}], **common}
     if rng.random() < 0.2:
         body["logprobs"], body["top_logprobs"] = True, rng.randint(0, 5)
@@ -108,6 +113,11 @@ def invalid_request(rng: random.Random) -> tuple[str, object]:
                                                    "{% endfor %}{% endfor %}"}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 9}),
         ("/detokenize", {"tokens": [10 ** 12]}),
+        ("/v1/responses", {"input": []}),
+        ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}),
+        ("/v1/responses", {"input": [{"type": "input_image"}]}),
+        ("/v1/responses", {"input": "x", "max_output_tokens": 10 ** 9}),
+        ("/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}),
     ]
     return rng.choice(choices)
 
@@ -146,9 +156,10 @@ async def one(c: httpx.AsyncClient, url: str, rng: random.Random, args, tally: T
                             tally.add("disconnected (stream)")
                             return
                 status = r.status_code
-                if status == 200 and (not lines or lines[-1] != "data: [DONE]"
-                                      or any('"error"' in x for x in lines)):
-                    tally.failures.append(f"stream without [DONE] or with an error event: {lines[-2:]}")
+                ended = bool(lines) and (lines[-1] == "data: [DONE]" if path != "/v1/responses" else
+                                         '"response.completed"' in lines[-1] or '"response.incomplete"' in lines[-1])
+                if status == 200 and (not ended or any('"error"' in x for x in lines if '"error": null' not in x)):
+                    tally.failures.append(f"stream without its end or with an error event: {lines[-2:]}")
         else:
             r = await c.post(url + path, json=body, timeout=(0.05 + rng.random() * 0.3) if disconnect else args.timeout)
             status = r.status_code
@@ -159,7 +170,7 @@ async def one(c: httpx.AsyncClient, url: str, rng: random.Random, args, tally: T
             tally.add("disconnected (plain)")
             return
         raise
-    tally.add(f"valid {status // 100}xx")
+    tally.add(f"valid {status // 100}xx {path}")
     if status >= 500:
         tally.failures.append(f"valid body -> {status}")
     tally.latencies.append(time.monotonic() - t)
