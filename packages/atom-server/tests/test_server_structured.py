@@ -429,3 +429,11 @@ def test_responses_random_bodies_are_answered_or_refused(server):
             if r.status_code == 400:
                 assert r.json()["error"]["type"] == "invalid_request_error", r.text
         assert http.get("/health").status_code == 200
+
+
+def test_responses_are_not_stored(client):
+    """Retrieving, deleting or cancelling a response: OpenAI's 404 saying nothing is stored."""
+    resp = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, extra_body=NO_THINKING)
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.cancel):
+        with pytest.raises(openai.NotFoundError, match="does not store responses"):
+            call(resp.id)

@@ -238,6 +238,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def responses(req: ResponsesRequest, raw: Request):
         return await create_response(ctx, req, raw)
 
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def stored_response(response_id: str):
+        raise APIError(404, f"response {response_id!r} not found: atom-server does not store responses",
+                       code="not_found")
+
     return app
 
 
