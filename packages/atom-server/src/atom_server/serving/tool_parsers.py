@@ -6,6 +6,9 @@
   `<|python_tag|>`), several separated by `;`; anything else is content.
 - `mistral`: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}` objects, or (v11+ tokenizers)
   `[TOOL_CALLS]name[ARGS]{...}` repeated; content is the text before.
+- `deepseek_v3` (DeepSeek-V3, R1): `<｜tool▁calls▁begin｜>` then `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`,
+  the arguments in a json code fence, `<｜tool▁call▁end｜>` per call; `deepseek_v31` (DeepSeek-V3.1):
+  `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`. Content is the text before the section.
 Plus the two forms structured outputs force (chat.py picks them for tool_choice): `required` (a JSON array of
 `{"name", "parameters"}`, vLLM's schema) and a named function (the output is the arguments object itself).
 
@@ -274,6 +277,80 @@ class MistralToolParser(ToolParser):
         return out
 
 
+class DeepSeekV31ToolParser(ToolParser):
+    """DeepSeek-V3.1: `<｜tool▁calls▁begin｜>` then per call `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS
+    <｜tool▁call▁end｜>` (arguments: a JSON object), `<｜tool▁calls▁end｜>` after the last."""
+
+    name = "deepseek_v31"
+    markers = ("<｜tool▁calls▁begin｜>",)
+    CALL, SEP, END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+
+    def _name_and_body(self, section: str, sep: int, at: int) -> tuple[str | None, int]:
+        """(the call's name, where its arguments start; -1: not yet written)."""
+        return section[at + len(self.CALL):sep].strip(), sep + len(self.SEP)
+
+    def _arguments(self, section: str, body: int, end: int) -> str:
+        return section[body:end].strip() if end >= 0 else section[body:].lstrip()
+
+    def calls(self, section: str, final: bool) -> list[PartialCall]:
+        out = []
+        pos = 0
+        while True:
+            at = section.find(self.CALL, pos)
+            if at < 0:
+                return out
+            sep = section.find(self.SEP, at)
+            if sep < 0:
+                return out
+            name, body = self._name_and_body(section, sep, at)
+            if name is None or body < 0:
+                return out
+            end = section.find(self.END, body)
+            raw = self._arguments(section, body, end)
+            if end < 0 and not final:  # a suffix that may still become the end marker stays back
+                raw = raw[:len(raw) - _held(raw, self.tail())]
+            out.append(PartialCall(name, raw, end >= 0 or final))
+            if end < 0:
+                return out
+            pos = end + len(self.END)
+
+    def tail(self) -> str:
+        return self.END
+
+
+class DeepSeekV3ToolParser(DeepSeekV31ToolParser):
+    """DeepSeek-V3 / R1: per call `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` newline, then the arguments in
+    a json code fence, then `<｜tool▁call▁end｜>`."""
+
+    name = "deepseek_v3"
+    FENCE, CLOSE = "```json\n", "\n```"
+
+    def _name_and_body(self, section: str, sep: int, at: int) -> tuple[str | None, int]:
+        line = section.find("\n", sep)
+        if line < 0:
+            return None, -1
+        fence = line + 1
+        if not section.startswith(self.FENCE, fence):
+            return (None, -1) if self.FENCE.startswith(section[fence:]) else (section[sep + len(self.SEP):line], -1)
+        return section[sep + len(self.SEP):line].strip(), fence + len(self.FENCE)
+
+    def _arguments(self, section: str, body: int, end: int) -> str:
+        if end >= 0:
+            return section[body:end].removesuffix(self.CLOSE)
+        return section[body:]
+
+    def tail(self) -> str:
+        return self.CLOSE + self.END
+
+
+def _held(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 class RequiredToolParser(ToolParser):
     """tool_choice "required": the output is a JSON array of {"name", "parameters"} (forced by its grammar)."""
 
@@ -315,6 +392,8 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     HermesToolParser.name: HermesToolParser,
     Llama3JsonToolParser.name: Llama3JsonToolParser,
     MistralToolParser.name: MistralToolParser,
+    DeepSeekV3ToolParser.name: DeepSeekV3ToolParser,
+    DeepSeekV31ToolParser.name: DeepSeekV31ToolParser,
 }
 
 
