@@ -330,8 +330,8 @@ class DeepSeekV3ToolParser(DeepSeekV31ToolParser):
         if line < 0:
             return None, -1
         fence = line + 1
-        if not section.startswith(self.FENCE, fence):
-            return (None, -1) if self.FENCE.startswith(section[fence:]) else (section[sep + len(self.SEP):line], -1)
+        if not section.startswith(self.FENCE, fence):  # not yet written, or not this format: no call (yet)
+            return None, -1
         return section[sep + len(self.SEP):line].strip(), fence + len(self.FENCE)
 
     def _arguments(self, section: str, body: int, end: int) -> str:
