@@ -160,7 +160,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     template_kwargs = _template_kwargs(ctx, req)
     text = await ctx.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
                                  req.chat_template, template_kwargs, tools=tools,
-                                 reasoning_as_thinking=ctx.state.harmony)
+                                 reasoning_as_thinking=harmony)
     ids = ctx.truncate(await ctx.encode(text, req.add_special_tokens, "messages"), req)
     ctx.check_ids(ids, "messages")
     wanted, param = req.max_tokens, "max_tokens"
@@ -172,7 +172,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     # A tool parser reads markers that tokenizers often keep as special tokens ([TOOL_CALLS], <|python_tag|>).
     # Harmony's markers are special tokens, which its parser reads.
     params = ctx.sampling_params(req, max_tokens, k, req.prompt_logprobs, structured,
-                                 skip_special_tokens=False if auto_tools or ctx.state.harmony else None,
+                                 skip_special_tokens=False if auto_tools or harmony else None,
                                  extra_stop_token_ids=() if req.ignore_eos else ctx.state.harmony_stop_ids)
     reasoning_cls = REASONING_PARSERS.get(ctx.limits.reasoning_parser) if ctx.limits.reasoning_parser else None
 

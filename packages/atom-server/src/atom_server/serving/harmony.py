@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 
 from atom_server.serving.openai_format import chat_delta
+from atom_server.serving.reasoning import partial_tag
 from atom_server.serving.tool_parsers import tool_call_id
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN = "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>"
@@ -154,14 +155,6 @@ def tool_arguments(header: Header, body: str) -> str:
         return body
 
 
-def _partial(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of one of the tags."""
-    for k in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
-        if any(t.startswith(text[-k:]) for t in tags):
-            return k
-    return 0
-
-
 @dataclass
 class Event:
     """What one feed produced: text of the message in progress (kind from its header) or a whole message."""
@@ -193,7 +186,7 @@ class HarmonyParser:
             if self.state == "between":
                 at = self.buf.find(START)
                 if at < 0:
-                    keep = _partial(self.buf, (START,)) if not final else 0
+                    keep = partial_tag(self.buf, (START,)) if not final else 0
                     self.buf = self.buf[len(self.buf) - keep:]
                     break
                 self.buf = self.buf[at + len(START):]
@@ -201,7 +194,7 @@ class HarmonyParser:
             elif self.state == "header":
                 at = self.buf.find(MESSAGE)
                 if at < 0:
-                    keep = 0 if final else _partial(self.buf, (MESSAGE,))
+                    keep = 0 if final else partial_tag(self.buf, (MESSAGE,))
                     taken, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                     self.header_text += taken
                     self.pending += taken
@@ -226,7 +219,7 @@ class HarmonyParser:
                         events.append(Event(kind_of(self.header), text, self.header))
                     self._finish(events)
                     continue
-                keep = 0 if final else _partial(self.buf, TERMINATORS)
+                keep = 0 if final else partial_tag(self.buf, TERMINATORS)
                 text, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                 self.body += text
                 if text:

@@ -53,7 +53,7 @@ class ReasoningParser:
             return "", "", False  # could still become (or lead to) the opening tag
         end = self._find_end(text)
         if end is None:
-            keep = len(text) if final else len(text) - _partial_tag(text, (self.end_tag, *self.implicit_ends))
+            keep = len(text) if final else len(text) - partial_tag(text, (self.end_tag, *self.implicit_ends))
             return text[:keep], "", False
         return text[:end[0]], text[end[1]:], True
 
@@ -65,7 +65,7 @@ class ReasoningParser:
         return Split(reasoning or None, content or None)
 
 
-def _partial_tag(text: str, tags: tuple[str, ...]) -> int:
+def partial_tag(text: str, tags: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that is a proper prefix of one of the tags."""
     for k in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
         if any(t.startswith(text[-k:]) for t in tags):

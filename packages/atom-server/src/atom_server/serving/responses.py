@@ -182,9 +182,10 @@ class _Response:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompt_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict:
+def _usage(prompt_tokens: int, output_tokens: int) -> dict:
+    """Reasoning and cached tokens are not counted (reported as 0)."""
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + output_tokens}
 
 

@@ -24,6 +24,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from atom_server.serving.reasoning import partial_tag
+
 _WS = " \t\r\n"
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -308,7 +310,7 @@ class DeepSeekV31ToolParser(ToolParser):
             end = section.find(self.END, body)
             raw = self._arguments(section, body, end)
             if end < 0 and not final:  # a suffix that may still become the end marker stays back
-                raw = raw[:len(raw) - _held(raw, self.tail())]
+                raw = raw[:len(raw) - partial_tag(raw, (self.tail(),))]
             out.append(PartialCall(name, raw, end >= 0 or final))
             if end < 0:
                 return out
@@ -341,14 +343,6 @@ class DeepSeekV3ToolParser(DeepSeekV31ToolParser):
 
     def tail(self) -> str:
         return self.CLOSE + self.END
-
-
-def _held(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for k in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class RequiredToolParser(ToolParser):
