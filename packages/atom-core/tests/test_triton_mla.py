@@ -144,18 +144,21 @@ def test_mla_norm_rope_cache(size, dtype, is_neox, kv_dtype):
     else:
         diff = (flat[written].view(torch.uint8) != flat_ref[written].view(torch.uint8)).float().mean().item()
         print(f"ERR {name}: {diff:.2%} of the written codes differ")
-        check(name + " cache", from_cache(flat[written], scale), from_cache(flat_ref[written], scale), 0.05)
-        # float32: the reference's codes, except a value within a float32 rounding of an e4m3 midpoint (the norm's
-        # sum order differs on the GPU: a few codes in millions, each the neighbouring code). bf16: a value one bf16
-        # step away can land on the next e4m3 code; under the interpreter, which truncates to bf16 instead of
-        # rounding, up to ~15% do
+        # A code that differs is the reference's neighbour (same sign: neighbouring codes are 1 apart), so each
+        # dequantized value is within one e4m3 step (at most 2^-3 of it) of the reference's. float32: only a value
+        # within a float32 rounding of an e4m3 midpoint differs (the norm's sum order differs on the GPU: a few
+        # codes in millions). bf16: a value one bf16 step away can land on the next code; under the interpreter,
+        # which truncates to bf16 instead of rounding, ~15% do, and the 20-odd rows of the tiny case are too few
+        # for a bound on that share (a norm bound of 0.05 failed one draw in CI at 0.061), so only the GPU's is held
+        got, want = flat[written].view(torch.uint8), flat_ref[written].view(torch.uint8)
+        off = got != want
+        steps = (got[off].int() - want[off].int()).abs()
+        assert bool((steps == 1).all()), (diff, steps.tolist()[:8])
+        check(name + " cache", from_cache(flat[written], scale), from_cache(flat_ref[written], scale), 2.0**-3)
         if dtype == torch.float32:
-            got, want = flat[written].view(torch.uint8), flat_ref[written].view(torch.uint8)
-            off = got != want
-            steps = (got[off].int() - want[off].int()).abs()  # same sign: neighbouring codes are 1 apart
-            assert diff < 1e-5 and bool((steps == 1).all()), (diff, steps.tolist()[:8])
+            assert diff < 1e-5, diff
         elif ON_GPU:
-            assert diff < 0.01
+            assert diff < 0.01, diff
 
 
 DECODE_CASES = {
