@@ -9,7 +9,8 @@ checkpoint, whose router weights are large enough (`router_scale`) that the rout
 same way everywhere, makes the engines do the same work.
 
 Every tensor is uniform(-1e-3, 1e-3) from a generator seeded per tensor (vLLM's dummy rule), except the MoE
-routers, uniform(-router_scale, router_scale). transformers builds the model from the config on `device` and
+routers, uniform(-router_scale, router_scale), and the biases, 0 (see fill: constant biases concentrated GPT-OSS's
+routing). transformers builds the model from the config on `device` and
 writes it with `save_pretrained` (its MoE conversions give the hub's per-expert names). A GPT-OSS config with MXFP4
 experts (`quantization_config.quant_method: mxfp4`, the gpt-oss-20b preset) is built in float and written with its
 experts quantized by tools/quantize_mxfp4.py (the released layout, ~13 GB for 20b instead of 42); other quantized
@@ -32,21 +33,35 @@ import torch
 # GPT-OSS: mlp.router)
 ROUTER_SUFFIXES = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")
 DONE = ".materialized.json"
+FILL_RULE = 2  # fill()'s rules (2: a seed a tensor, biases 0); a checkpoint written under others is rewritten
 
 
 def is_router(name: str) -> bool:
     return name.endswith(ROUTER_SUFFIXES)
 
 
+def is_bias(name: str) -> bool:
+    """A bias: `*.bias`, GPT-OSS's experts' `*_bias`, DeepSeek's router `e_score_correction_bias`."""
+    return name.endswith("bias")
+
+
 @torch.no_grad()
 def fill(model: torch.nn.Module, router_scale: float, seed: int = 1234) -> int:
-    """Overwrite every parameter in place; returns how many router weights got router_scale."""
+    """Overwrite every parameter in place; returns how many router weights got router_scale.
+
+    Each tensor draws from its own seed (seed + its index): one seed for all made every layer the same layer.
+    Biases are 0: a bias is the same for every token, and GPT-OSS adds several a layer (attention, experts) to the
+    residual, which outgrew the token's own part (its +-1e-3 embedding) within two layers and sent a whole batch to
+    the same few experts, as dummy weights do (CPU, gpt-oss-20b's widths: 6-8 of the 32 experts for 32 tokens from
+    the third layer on, each token's top-4 sharing one expert; with these rules 31-32 in every layer)."""
     routers = 0
-    for name, p in model.named_parameters():
-        gen = torch.Generator(device=p.device).manual_seed(seed)
+    for index, (name, p) in enumerate(model.named_parameters()):
+        gen = torch.Generator(device=p.device).manual_seed(seed + index)
         bound = router_scale if is_router(name) else 1e-3
         routers += is_router(name)
-        if p.is_floating_point():
+        if is_bias(name):
+            p.zero_()
+        elif p.is_floating_point():
             p.uniform_(-bound, bound, generator=gen)
     return routers
 
@@ -63,7 +78,7 @@ def materialize(config_folder: str, out: str, router_scale: float = 1.0, device:
         raise ValueError(f"{config_folder}: a quantized config ({quant}) cannot be materialized; run it with "
                          "load_format=dummy")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stamp = dict(config=config, router_scale=router_scale)
+    stamp = dict(config=config, router_scale=router_scale, fill=FILL_RULE)
     done = os.path.join(out, DONE)
     if os.path.exists(done):
         with open(done) as f:

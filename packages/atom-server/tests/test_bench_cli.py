@@ -452,6 +452,33 @@ def test_materialized_mxfp4_gpt_oss_checkpoint_is_the_released_layout_and_loads_
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
+def test_materialized_gpt_oss_routes_a_batch_over_the_experts():
+    """materialize_checkpoint.fill on a GPT-OSS model (transformers', the oracle of routing): a batch of 32 random
+    tokens reaches most experts in every layer, as a real checkpoint's does, and no expert is in every token's
+    top-k. The earlier rule (one seed for every tensor, biases +-1e-3 like every weight) failed this: the biases,
+    the same for every token, outgrew the embeddings, and from the third layer all 32 tokens went to the same 4 of
+    16 experts (one in every token's top-4); on the gpt-oss-20b benchmark shape 6-8 of 32."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    mat = _make_table_module("materialize_checkpoint")
+    cfg = GptOssConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=16,
+                       num_experts_per_tok=4, sliding_window=8, max_position_embeddings=128, tie_word_embeddings=False)
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        assert mat.fill(model, 1.0) == 4
+    picked = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.router.register_forward_hook(lambda mod, args, out, i=i: picked.__setitem__(i, out[-1]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 512, (32, 6)))
+    for i in range(4):
+        counts = torch.bincount(picked[i].reshape(32, 6, -1)[:, -1].flatten(), minlength=16)
+        touched, top_share = int((counts > 0).sum()), counts.max().item() / 32
+        print(f"layer {i}: {touched} of 16 experts, the busiest in {top_share:.0%} of the tokens' top-4")
+        assert touched >= 12 and top_share < 0.8, (i, counts.tolist())
+
+
 def test_device_table_keeps_the_sessions_measured_crosscheck():
     """bench_vs_vllm.py cross-checks vLLM once a session: a later call of that session records "done earlier";
     the merged table keeps the measured comparison and prints it."""

@@ -243,7 +243,7 @@ class GptOssMoE(nn.Module):
         # The router stays unquantized (the released checkpoints list it in modules_to_not_convert).
         self.router = ReplicatedLinear(config.hidden_size, num_experts, bias=True, prefix=f"{prefix}.router")
         self.experts = SwigluOaiExperts(num_experts, config.hidden_size, config.intermediate_size,
-                                        getattr(config, "swiglu_alpha", 1.702), config.swiglu_limit,
+                                        getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0),
                                         quant_config=quant_config, prefix=f"{prefix}.experts")
         self._topk = resolve("moe_topk_softmax")
 

@@ -136,12 +136,12 @@ MX_SPLIT_K_RULE = "64:3,192:2,1"
 # (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions a warp for 128 weights a
 # thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240 (3.75)
 # against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
-MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
+MX_FRAG = os.environ.get("ATOM_MX_FRAG", "1") == "1"
 # ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0: regdot's tile rule, which goes by the
 # average pairs an expert). A batch routed to few experts (random-weight engines) decodes each weight once per
 # tile of its tokens, so larger tiles decode less there; spread routing gives each expert a few tokens, where
 # larger tiles only cost registers (static: 88 / 130 / 170 registers at 16 / 32 / 64 for gate / up).
-MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "0").strip() or "0"
+MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "32").strip() or "0"
 if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
     raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
@@ -675,7 +675,9 @@ def _frag_tile(step_ptr, woff, soff, dtype: tl.constexpr, PTX: tl.constexpr):
     return tl.reshape(tl.permute(v, (0, 4, 1, 3, 6, 2, 5)), [64, 128]).to(dtype)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+# up_tiles: Triton passes an int argument equal to 1 as a constant (a model with one 64-row tile of up rows,
+# found on the GPU), which has no .to(); the down GEMM passes 0
+@triton.jit(do_not_specialize=["num_pairs", "up_tiles"])
 def _expert_gemm_mxf_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, sorted_ids_ptr, padded_end_ptr,
     n_out, k_dim, num_pairs, num_experts, a_row_div, a_stride, w_stride_e, up_tiles, steps,
