@@ -136,7 +136,7 @@ MX_SPLIT_K_RULE = "64:3,192:2,1"
 # (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions a warp for 128 weights a
 # thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240 (3.75)
 # against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
-MX_FRAG = os.environ.get("ATOM_MX_FRAG", "1") == "1"
+MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
 # ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0: regdot's tile rule, which goes by the
 # average pairs an expert). A batch routed to few experts (random-weight engines) decodes each weight once per
 # tile of its tokens, so larger tiles decode less there; spread routing gives each expert a few tokens, where
@@ -759,15 +759,18 @@ def _mx_frag_dequant_kernel(frag_ptr, out_ptr, n_rows, k_dim, tiles, halves_tile
     tl.store(out, w, mask=(rows < n_rows)[:, None] & (cols < k_dim)[None, :])
 
 
-def mxfp4_frag_dequantize(frag: torch.Tensor, rows: int, cols: int, halves: int, dtype: torch.dtype,
-                          ptx: bool) -> torch.Tensor:
+def mxfp4_frag_dequantize(frag: torch.Tensor, rows: int, cols: int, halves: int, dtype: torch.dtype) -> torch.Tensor:
     """Fragment-order experts (atom.ops.mxfp4.pack_fragments) of `halves` x [rows, cols] -> dense [E, halves *
-    rows, cols] in dtype (a fresh tensor). ptx: the PTX decode (bf16 out, sm_90+)."""
+    rows, cols] in dtype (a fresh tensor), by the integer decode (_frag_decode_tl), not the PTX one: the
+    PTX decode (inline asm, pack=4) takes a thread's 4 consecutive registers as one word's 4 bytes, which holds where
+    the tile feeds a dot but not where it is stored: on the H200 (2026-12-05) its bf16 output here was wrong
+    (relative error 0.96-2.0; PTX against integer decode 1,352-1,460 apart at 1,024 tokens), while the integer
+    decode's float32 output was exact; the GEMM kernel's PTX decode gave the integer decode's bits at 1-128 tokens."""
     experts, halves_tiles, steps, _ = frag.shape
     out = torch.empty(experts, halves * rows, cols, dtype=dtype, device=frag.device)
     _mx_frag_dequant_kernel[(experts * halves_tiles, steps)](
         frag, out, rows, cols, halves_tiles // halves, halves_tiles, steps, out.stride(0), out.stride(1),
-        STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, PTX=ptx and dtype == torch.bfloat16, num_warps=4,
+        STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, PTX=False, num_warps=4,
         **pdl_args(frag.device))
     return out
 
@@ -1218,7 +1221,7 @@ def fused_experts_swigluoai(
     def gemm(a, w, s, b, out, n_out, k_dim, row_div, gated, frag=None):
         packed = mxfp4 and not dequant
         if dequant and frag is not None:
-            w = s = mxfp4_frag_dequantize(frag, n_out, k_dim, 2 if gated else 1, a.dtype, ptx)
+            w = s = mxfp4_frag_dequantize(frag, n_out, k_dim, 2 if gated else 1, a.dtype)
         elif dequant:
             w = s = mxfp4_dequantize(w, s, a.dtype)
         rows = block_m + (2 if gated else 1) * bn
