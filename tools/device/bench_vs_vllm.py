@@ -154,6 +154,14 @@ def without_atom(pythonpath: str) -> str:
     return os.pathsep.join(e for e in pythonpath.split(os.pathsep) if e and not has_atom(e))
 
 
+def atom_env_of_call(environ: dict[str, str] | None = None) -> str:
+    """The call's own ATOM_* settings as sorted NAME=VALUE pairs ('' for none); the device scripts' own variables
+    (ATOM_SITE*, ATOM_TEST_*, ATOM_GPU_TEST_*) are no engine settings."""
+    environ = os.environ if environ is None else environ
+    return " ".join(f"{k}={v}" for k, v in sorted(environ.items()) if k.startswith("ATOM_")
+                    and not k.startswith(("ATOM_SITE", "ATOM_TEST_", "ATOM_GPU_TEST_")))
+
+
 def session_id() -> str:
     """The device session: one id per machine start (a fresh machine has an empty /tmp). make_table.py
     compares engines only within one session: two machines (or two starts of one) differ by more than the
@@ -405,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         stem = f"bench_{shape}{par}{variant}_{time.strftime('%H%M%S')}"  # calls keep their files
         path = os.path.join(ns.out, stem + ".json")
         bench["session"] = session_id()
+        # the ATOM_* switches this call ran every ATOM engine with (`ATOM_MX_FRAG=1 bash bench_vs_vllm.sh ...`):
+        # make_table.py keeps calls with different ones apart (on 2026-12-05 a call's "atom" with ATOM_MX_FRAG=1
+        # was merged with another call's plain "atom")
+        bench["atom_env"] = atom_env_of_call()
         bench["repeats"] = []  # one {engine: report} per round; "engines" keeps the first round's (older readers)
         with open(os.path.join(ns.out, stem + ".log"), "w") as log:
             for rnd in range(ns.repeats):

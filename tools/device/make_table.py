@@ -34,8 +34,8 @@ PERF_MD_H100_BS1_MS = {"qwen3-0.6b": 0.40, "qwen3-8b": 5.10, "qwen3-30b-a3b": 2.
 
 
 def variant(bench: dict[str, Any]) -> str:
-    """'' for the bf16 runs; e.g. 'fp8-kvfp8' for --quantization fp8 --kv-cache-dtype fp8, 'ckpt' for --materialize
-    (their own table rows)."""
+    """'' for the bf16 runs; e.g. 'fp8-kvfp8' for --quantization fp8 --kv-cache-dtype fp8, 'ckpt' for --materialize,
+    '[ATOM_X=1]' for a call run with ATOM_* switches in its environment (their own table rows)."""
     parts = []
     if bench.get("quantization"):
         parts.append(str(bench["quantization"]))
@@ -43,7 +43,10 @@ def variant(bench: dict[str, Any]) -> str:
         parts.append("kv" + str(bench["kv_cache_dtype"]).replace("_", ""))
     if str(bench.get("weights", "dummy")).startswith("materialized"):
         parts.append("ckpt")  # one random checkpoint on disk, loaded by every engine
-    return "-".join(parts)
+    label = "-".join(parts)
+    if bench.get("atom_env"):  # a call's ATOM_* switches: never merged with a call without them
+        label = (label + " " if label else "") + f"[{bench['atom_env']}]"
+    return label
 
 
 def step_bytes(cfg: dict[str, Any], batch: int, context: float, dtype_bytes: int = 2, weight_bytes: float | None = None,
@@ -203,7 +206,9 @@ def rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for e in ENGINES:
                 got = [rnd[e][bs] for rnd in rounds if bs in rnd[e]]
                 row[f"{e}_tok_s_all"] = [r["output_tok_s"] for r in got]
-                row[f"{e}_ms_step_all"] = [r["ms_per_step"] for r in got if r.get("ms_per_step")]
+                # a step time of 0 or less is no measurement: (run time - the prefill-only run's time) / steps, where
+                # the prefill-only run compiled kernels the timed run then had (vLLM 0.24's MXFP4 MoE, 2026-12-05)
+                row[f"{e}_ms_step_all"] = [r["ms_per_step"] for r in got if (r.get("ms_per_step") or 0) > 0]
                 row[f"{e}_tok_s"] = _median(row[f"{e}_tok_s_all"])
                 row[f"{e}_ms_step"] = _median(row[f"{e}_ms_step_all"])
                 row[f"{e}_prefill_ms"] = _median([r["prefill_ms"] for r in got if r.get("prefill_ms")])

@@ -300,6 +300,24 @@ def test_device_table_merges_calls_per_shape():
     assert merged["engines"]["vllm"]["runs"][0]["output_tok_s"] == 200.0
 
 
+def test_device_table_keeps_calls_with_other_atom_switches_apart():
+    """A call run as `ATOM_X=1 bash bench_vs_vllm.sh ...` records its ATOM_* switches; make_table.py never merges
+    its engines with those of a call without them (the same shape and session), and labels the rows."""
+    bench, mt = _bench_vs_vllm_module(), _make_table_module()
+    assert bench.atom_env_of_call({"ATOM_MX_FRAG": "1", "ATOM_A": "x", "ATOM_SITE": "/s", "ATOM_TEST_DEVICES": "cuda",
+                                   "HOME": "/root"}) == "ATOM_A=x ATOM_MX_FRAG=1"
+    run = dict(batch_size=1, input_len=128, output_len=128, ms_per_step=9.0, prefill_ms=5.0)
+    plain = dict(shape="s", date="2026-12-05", time="05:11:00", command="A", config=None, session="S1",
+                 atom_env="", engines=dict(atom=dict(runs=[{**run, "output_tok_s": 100.0}])))
+    switched = dict(shape="s", date="2026-12-05", time="05:15:00", command="B", config=None, session="S1",
+                    atom_env="ATOM_MX_FRAG=1", engines=dict(atom=dict(runs=[{**run, "output_tok_s": 120.0}])))
+    switched["engines"]["vllm"] = dict(runs=[{**run, "output_tok_s": 90.0, "ms_per_step": -2.4}])
+    rows = mt.rows(mt.merge([plain, switched]))
+    assert [(r["shape"], r["atom_tok_s"]) for r in rows] == [("s", 100.0), ("s [ATOM_MX_FRAG=1]", 120.0)]
+    # a negative step time (the prefill-only run compiled what the timed run then had) is no figure
+    assert rows[1]["vllm_tok_s"] == 90.0 and rows[1]["vllm_ms_step"] is None and rows[1]["atom_ms_step"] == 9.0
+
+
 def test_device_table_never_pairs_sessions_and_reports_the_spread():
     """Issue 16's method: engines of two device sessions are never compared; rounds give median and spread."""
     mt = _make_table_module()
