@@ -236,3 +236,26 @@ def test_harmony_constraint_lets_the_analysis_come_first():
             matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
             got = matcher.accept_string(text) and matcher.is_terminated()
             assert got == (ok if harmony else text == '{"answer": "yes"}'), (harmony, text)
+
+
+def test_reasoning_tokens_are_the_analysis_bodies_tokens():
+    """usage's reasoning_tokens on a harmony completion: the tokens of its reasoning messages' bodies (analysis,
+    no function recipient: what becomes reasoning_content). Oracle: openai_harmony's StreamableParser, token by
+    token, counting the tokens that add content to such a message; 200 random turns."""
+    from atom_server.serving.harmony import reasoning_spans
+    from atom_server.serving.reasoning import tokens_in_spans
+
+    rng = random.Random(17)
+    for _ in range(200):
+        tokens = _turn(rng)
+        parser, want = oh.StreamableParser(ENC, role=oh.Role.ASSISTANT), 0
+        for t in tokens:
+            try:
+                parser.process(t)
+            except oh.HarmonyError:
+                continue
+            if (parser.state == oh.StreamState.CONTENT and parser.current_channel == "analysis"
+                    and not is_function_recipient(parser.current_recipient) and parser.last_content_delta):
+                want += 1
+        text = ENC.decode(tokens)
+        assert tokens_in_spans(reasoning_spans(text), tokens, ENC.decode) == want, text

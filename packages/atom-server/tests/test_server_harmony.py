@@ -89,6 +89,31 @@ def test_analysis_is_reasoning_and_final_is_content(client):
     assert hidden.content == "42" and getattr(hidden, "reasoning_content", None) is None
 
 
+def test_usage_counts_the_analysis_tokens(checkpoint, client):
+    """usage.completion_tokens_details.reasoning_tokens: the tokens of the analysis message's body, counted here
+    from the returned token ids (the guided model spells the markers with ordinary tokens: the tokens whose text,
+    every prefix decoded, lies wholly inside the body); the same in the streamed usage and in /v1/responses'
+    output_tokens_details."""
+    from transformers import AutoTokenizer
+
+    kw = dict(max_tokens=120, extra_body={"guided_choice": [THOUGHT_AND_ANSWER], "return_token_ids": True})
+    whole = chat(client, "A number?", **kw)
+    ids = whole.choices[0].model_extra["token_ids"]
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    assert tok.decode(ids, skip_special_tokens=False).startswith(THOUGHT_AND_ANSWER)
+    ends = [len(tok.decode(ids[:k], skip_special_tokens=False)) for k in range(len(ids) + 1)]
+    body = "The user wants a number."
+    begin = THOUGHT_AND_ANSWER.index(body)
+    want = sum(1 for i in range(len(ids)) if ends[i] >= begin and ends[i + 1] <= begin + len(body))
+    assert want > 0 and whole.usage.completion_tokens_details.reasoning_tokens == want
+    assert whole.usage.completion_tokens == len(ids)
+    chunks = list(chat(client, "A number?", stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == want
+    resp = client.responses.create(model=MODEL, input="A number?", max_output_tokens=120, temperature=0,
+                                   extra_body={"structured_outputs": {"choice": [THOUGHT_AND_ANSWER]}})
+    assert resp.usage.output_tokens_details.reasoning_tokens == want
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_tool_call(client, stream):
     kw = dict(max_tokens=160, tools=TOOLS, extra_body={"guided_choice": [CALL]})

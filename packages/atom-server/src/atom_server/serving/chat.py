@@ -3,6 +3,7 @@ outputs, tool calls and reasoning (vLLM's shapes), streaming role then deltas.""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext
 from atom_server.serving.errors import bad_request
 from atom_server.serving.harmony import REASONING_EFFORTS, HarmonyOutput, spells_harmony
-from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer
+from atom_server.serving.reasoning import REASONING_PARSERS, ReasoningStreamer, tokens_in_spans
 from atom_server.serving.streams import SSE_DONE, chain, sse
 from atom_server.serving.structured import (
     harmony_tool_constraint,
@@ -80,6 +81,9 @@ class _ChoiceOutput:
     def tools_called(self) -> bool:
         return self.tools is not None and self.tools.called
 
+    def reasoning_spans(self, text: str) -> list[tuple[int, int]]:
+        return self.reasoning_parser.spans(text) if self.reasoning_parser is not None else []
+
     def message(self, text: str) -> tuple[dict, bool]:
         """The whole message and whether it called tools."""
         message: dict = {"role": "assistant"}
@@ -134,6 +138,27 @@ class ChatRun:
     k: int | None  # top logprobs (None: no logprobs)
     output: Callable[[], _ChoiceOutput | HarmonyOutput]
     named: bool  # a named tool_choice (finish_reason stays "stop")
+    reasoning: bool = False  # a reasoning parser reads the answers: the usage counts reasoning tokens (as vLLM)
+
+    async def reasoning_tokens(self, ctx: ServingContext, choices: list[tuple[str, list[int]]]) -> int:
+        """The reasoning tokens of the choices' (text, token ids): those inside the spans their parser reads as
+        reasoning (decoded as the engine detokenized them; in a worker thread: O(log n) decodes a choice)."""
+        skip = getattr(self.params, "skip_special_tokens", True)
+
+        def count() -> int:
+            def decode(ids: list[int]) -> str:
+                return ctx.tokenizer.decode(ids, skip_special_tokens=skip)
+            return sum(tokens_in_spans(self.output().reasoning_spans(text), list(ids), decode)
+                       for text, ids in choices)
+
+        return await asyncio.to_thread(count)
+
+    async def usage(self, ctx: ServingContext, prompt_tokens: int, choices: list[tuple[str, list[int]]]) -> dict:
+        """OpenAI's usage; with a reasoning parser, completion_tokens_details.reasoning_tokens as vLLM reports it."""
+        usage = fmt.usage_counts(prompt_tokens, sum(len(ids) for _, ids in choices))
+        if self.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": await self.reasoning_tokens(ctx, choices)}
+        return usage
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatRun:
@@ -182,7 +207,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
         return _ChoiceOutput(reasoning_cls(template_kwargs) if reasoning_cls is not None else None,
                              tool_parser_cls() if tool_parser_cls is not None else None, req.include_reasoning)
 
-    return ChatRun(ids, text, params, k, choice_output, forced is not None and req.tool_choice != "required")
+    return ChatRun(ids, text, params, k, choice_output, forced is not None and req.tool_choice != "required",
+                   reasoning=harmony or reasoning_cls is not None)
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -207,8 +233,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = [choice_output() for _ in range(req.n)]
 
         async def body():
-            completion_tokens = 0
             finished = False
+            got: list[tuple[str, list[int]]] = [("", []) for _ in range(req.n)]  # each choice's text and ids
             try:
                 for i in range(req.n):
                     chunk = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -219,7 +245,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                 async for _, ro in chain(first, source):  # delta outputs: only what is new
                     finished = ro.finished
                     for co in ro.outputs:
-                        completion_tokens += len(co.token_ids)
+                        text_so_far, ids_so_far = got[co.index]  # the text only where reasoning is counted
+                        got[co.index] = (text_so_far + co.text if run.reasoning else "",
+                                         ids_so_far + list(co.token_ids))
                         done = co.finish_reason is not None
                         out = outputs[co.index]
                         delta = out.delta(co.text, done)
@@ -234,7 +262,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                             choice["token_ids"] = list(co.token_ids)
                         yield sse({**head, "choices": [choice]})
                 if include_usage and finished:
-                    yield sse({**head, "choices": [], "usage": fmt.usage_counts(len(ids), completion_tokens)})
+                    yield sse({**head, "choices": [], "usage": await run.usage(ctx, len(ids), got)})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE
@@ -252,8 +280,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         if req.return_token_ids:
             choice["token_ids"] = list(co.token_ids)
         choices.append(choice)
+    usage = await run.usage(ctx, len(final.prompt_token_ids),
+                            [(co.text, list(co.token_ids)) for co in final.outputs])
     response = {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
-                "choices": choices, "usage": fmt.usage([final])}
+                "choices": choices, "usage": usage}
     if req.prompt_logprobs is not None:
         response["prompt_logprobs"] = fmt.prompt_logprobs(final.prompt_logprobs, final.prompt_token_ids,
                                                           req.prompt_logprobs, ctx.text_of)

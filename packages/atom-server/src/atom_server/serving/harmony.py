@@ -271,6 +271,25 @@ def parse_completion(text: str) -> HarmonyResult:
     return HarmonyResult("\n".join(reasoning) or None, "\n".join(content) or None, calls)
 
 
+def reasoning_spans(text: str) -> list[tuple[int, int]]:
+    """Where the bodies of a whole completion's reasoning (analysis) messages lie in it, as parse_completion reads
+    them (the usage's reasoning_tokens count the tokens in these spans)."""
+    parser = HarmonyParser()
+    parser.feed(text, final=True)
+    spans, pos = [], 0
+    for header, body in parser.messages:
+        at = text.find(MESSAGE, pos)
+        while at >= 0 and not text.startswith(body, at + len(MESSAGE)):  # a marker in a skipped stretch
+            at = text.find(MESSAGE, at + 1)
+        if at < 0:  # the recovery's raw content (the last message): no body of its own
+            break
+        begin = at + len(MESSAGE)
+        pos = begin + len(body)
+        if header.role == "assistant" and kind_of(header) == "reasoning" and body:
+            spans.append((begin, pos))
+    return spans
+
+
 class HarmonyOutput:
     """One choice of a chat completion from a harmony model: the chat layer's interface (serving/chat.py's
     _ChoiceOutput): delta() while streaming, message() for a whole output, tools_called."""
@@ -305,6 +324,9 @@ class HarmonyOutput:
     @property
     def tools_called(self) -> bool:
         return self.num_calls > 0
+
+    def reasoning_spans(self, text: str) -> list[tuple[int, int]]:
+        return reasoning_spans(text)
 
     def message(self, text: str) -> tuple[dict, bool]:
         result = parse_completion(text)

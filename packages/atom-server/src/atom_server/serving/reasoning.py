@@ -11,6 +11,7 @@ Responses carry the reasoning as `reasoning_content` and, as vLLM 0.32 names it,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -57,6 +58,16 @@ class ReasoningParser:
             return text[:keep], "", False
         return text[:end[0]], text[end[1]:], True
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Where the reasoning lies in a whole output, as extract() reads it: [(begin, end)], or [] with thinking
+        off (the usage's reasoning_tokens count the tokens in these spans)."""
+        if not self.enabled:
+            return []
+        at = text.find(self.start_tag)
+        begin = at + len(self.start_tag) if at >= 0 else 0
+        end = self._find_end(text[begin:])
+        return [(begin, begin + end[0] if end is not None else len(text))]
+
     def extract(self, text: str) -> Split:
         """A whole output (non-streaming)."""
         reasoning, content, _ = self.split(text, final=True)
@@ -71,6 +82,40 @@ def partial_tag(text: str, tags: tuple[str, ...]) -> int:
         if any(t.startswith(text[-k:]) for t in tags):
             return k
     return 0
+
+
+def tokens_in_spans(spans: list[tuple[int, int]], token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """How many of token_ids lie wholly inside the character spans of their text (decode(token_ids)): the usage's
+    reasoning_tokens. A token's end is the length of the decoded prefix that ends with it, which grows with the
+    prefix, so each span's two boundaries are binary searches over prefix decodes (O(log n) decodes). Tags that are
+    single tokens (the think tags of Qwen3 and DeepSeek, harmony's markers) are not counted: vLLM's count of the
+    tokens between the tags."""
+    n = len(token_ids)
+    if not spans or not n:
+        return 0
+    cache: dict[int, int] = {n: len(decode(token_ids))}
+
+    def end_of(k: int) -> int:  # characters of the first k tokens
+        if k not in cache:
+            cache[k] = len(decode(token_ids[:k])) if k else 0
+        return cache[k]
+
+    def first_reaching(offset: int) -> int:  # the fewest tokens whose text reaches offset (n + 1: none does)
+        lo, hi = 0, n + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid <= n and end_of(mid) >= offset:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    total = 0
+    for begin, end in spans:
+        first = first_reaching(begin)  # tokens before it end at or before begin
+        last = min(first_reaching(end + 1) - 1, n)  # tokens up to it end at or before end
+        total += max(0, last - first)
+    return total
 
 
 class DeepSeekR1ReasoningParser(ReasoningParser):

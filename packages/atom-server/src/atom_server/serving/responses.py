@@ -182,11 +182,13 @@ class _Response:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompt_tokens: int, output_tokens: int) -> dict:
-    """Reasoning and cached tokens are not counted (reported as 0)."""
+async def _usage(ctx: ServingContext, run, prompt_tokens: int, text: str, token_ids: list[int]) -> dict:
+    """The Responses API's usage: reasoning tokens counted as chat completions count them (0 without a reasoning
+    parser); cached tokens are not counted (reported as 0)."""
+    reasoning = await run.reasoning_tokens(ctx, [(text, token_ids)]) if run.reasoning else 0
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt_tokens + output_tokens}
+            "output_tokens": len(token_ids), "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt_tokens + len(token_ids)}
 
 
 def _reasoning_item(text: str, done: bool) -> dict:
@@ -308,13 +310,14 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
         async def body():
             output = run.output()
             items = _ItemStream(resp)
-            tokens, finish = 0, None
+            text, token_ids, finish = "", [], None
             yield resp.event("response.created", response=resp.body("in_progress", None))
             yield resp.event("response.in_progress", response=resp.body("in_progress", None))
             try:
                 async for _, ro in chain(first, source):
                     for co in ro.outputs:
-                        tokens += len(co.token_ids)
+                        text += co.text
+                        token_ids.extend(co.token_ids)
                         done = co.finish_reason is not None
                         for event in items.feed(output.delta(co.text, done)):
                             yield event
@@ -323,8 +326,8 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
                 for event in items.close():
                     yield event
                 incomplete = finish == "length"
-                final = resp.body("incomplete" if incomplete else "completed", _usage(len(run.ids), tokens),
-                                  incomplete)
+                usage = await _usage(ctx, run, len(run.ids), text, token_ids)
+                final = resp.body("incomplete" if incomplete else "completed", usage, incomplete)
                 yield resp.event("response.incomplete" if incomplete else "response.completed", response=final)
             except Exception as e:
                 err = ctx.stream_failure(e)
@@ -339,5 +342,5 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
     message, _ = run.output().message(co.text)
     resp.items = output_items(message)
     incomplete = co.finish_reason == "length"
-    return resp.body("incomplete" if incomplete else "completed", _usage(len(run.ids), len(co.token_ids)),
-                     incomplete)
+    usage = await _usage(ctx, run, len(run.ids), co.text, list(co.token_ids))
+    return resp.body("incomplete" if incomplete else "completed", usage, incomplete)
