@@ -234,7 +234,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
         async def body():
             finished = False
-            got: list[tuple[str, list[int]]] = [("", []) for _ in range(req.n)]  # each choice's text and ids
+            pieces: list[list[str]] = [[] for _ in range(req.n)]  # each choice's text (where reasoning is counted)
+            got_ids: list[list[int]] = [[] for _ in range(req.n)]  # and token ids
             try:
                 for i in range(req.n):
                     chunk = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -245,9 +246,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                 async for _, ro in chain(first, source):  # delta outputs: only what is new
                     finished = ro.finished
                     for co in ro.outputs:
-                        text_so_far, ids_so_far = got[co.index]  # the text only where reasoning is counted
-                        got[co.index] = (text_so_far + co.text if run.reasoning else "",
-                                         ids_so_far + list(co.token_ids))
+                        if run.reasoning:
+                            pieces[co.index].append(co.text)
+                        got_ids[co.index].extend(co.token_ids)
                         done = co.finish_reason is not None
                         out = outputs[co.index]
                         delta = out.delta(co.text, done)
@@ -262,6 +263,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                             choice["token_ids"] = list(co.token_ids)
                         yield sse({**head, "choices": [choice]})
                 if include_usage and finished:
+                    got = [("".join(p), i) for p, i in zip(pieces, got_ids)]
                     yield sse({**head, "choices": [], "usage": await run.usage(ctx, len(ids), got)})
             except Exception as e:
                 yield ctx.stream_error(e)

@@ -310,13 +310,13 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
         async def body():
             output = run.output()
             items = _ItemStream(resp)
-            text, token_ids, finish = "", [], None
+            pieces, token_ids, finish = [], [], None
             yield resp.event("response.created", response=resp.body("in_progress", None))
             yield resp.event("response.in_progress", response=resp.body("in_progress", None))
             try:
                 async for _, ro in chain(first, source):
                     for co in ro.outputs:
-                        text += co.text
+                        pieces.append(co.text)
                         token_ids.extend(co.token_ids)
                         done = co.finish_reason is not None
                         for event in items.feed(output.delta(co.text, done)):
@@ -326,7 +326,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
                 for event in items.close():
                     yield event
                 incomplete = finish == "length"
-                usage = await _usage(ctx, run, len(run.ids), text, token_ids)
+                usage = await _usage(ctx, run, len(run.ids), "".join(pieces), token_ids)
                 final = resp.body("incomplete" if incomplete else "completed", usage, incomplete)
                 yield resp.event("response.incomplete" if incomplete else "response.completed", response=final)
             except Exception as e:
