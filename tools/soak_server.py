@@ -75,6 +75,8 @@ def valid_request(rng: random.Random, max_tokens: int) -> tuple[str, dict]:
         common["seed"] = rng.randint(-(1 << 63), (1 << 63) - 1)
     if rng.random() < 0.2:
         common["ignore_eos"] = True
+    if common["stream"] and rng.random() < 0.5:
+        common["stream_options"] = {"include_usage": True}  # the final usage chunk (reasoning tokens counted there)
     if rng.random() < 0.5:
         body = {"prompt": prompt if rng.random() < 0.8 else [prompt, prompt[::-1]], **common}
         if rng.random() < 0.2:
