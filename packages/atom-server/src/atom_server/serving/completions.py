@@ -93,11 +93,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             ids_started: set[tuple[int, int]] = set()
             offsets: dict[tuple[int, int], int] = {}
             finished: set[int] = set()
+            cached: dict[int, int] = {}  # prompt -> tokens the prefix cache held
             completion_tokens = 0
             try:
                 async for pi, ro in chain(first, source):  # delta outputs: only what is new
                     if ro.finished:
                         finished.add(pi)
+                    cached[pi] = fmt.cached_tokens([ro])
                     if ro.prompt_logprobs is not None:
                         prompt_lps[pi] = ro.prompt_logprobs
                     for co in ro.outputs:
@@ -127,7 +129,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         yield sse({**head, "choices": [choice]})
                 if include_usage and len(finished) == len(prompts):
                     num_prompt = sum(len(ids) for _, ids in prompts)
-                    yield sse({**head, "choices": [], "usage": fmt.usage_counts(num_prompt, completion_tokens)})
+                    details = sum(cached.values()) if ctx.limits.enable_prompt_tokens_details else None
+                    yield sse({**head, "choices": [],
+                               "usage": fmt.usage_counts(num_prompt, completion_tokens, details)})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE
@@ -160,4 +164,5 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                 choice["prompt_token_ids"] = ro.prompt_token_ids
                 choice["token_ids"] = list(co.token_ids)
             choices.append(choice)
-    return {**head, "choices": choices, "usage": fmt.usage([finals[i] for i in range(len(prompts))])}
+    return {**head, "choices": choices, "usage": fmt.usage([finals[i] for i in range(len(prompts))],
+                                                           ctx.limits.enable_prompt_tokens_details)}

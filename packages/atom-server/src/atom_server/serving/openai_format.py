@@ -92,16 +92,25 @@ def prompt_logprobs(entries: list | None, prompt_ids: list[int], num: int, text_
     return out
 
 
-def usage(outputs: list[RequestOutput]) -> dict:
-    """Usage of finished cumulative outputs."""
+def usage(outputs: list[RequestOutput], prompt_details: bool = False) -> dict:
+    """Usage of finished cumulative outputs (prompt_details: --enable-prompt-tokens-details)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return usage_counts(prompt, completion)
+    return usage_counts(prompt, completion, cached_tokens(outputs) if prompt_details else None)
 
 
-def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def cached_tokens(outputs: list[RequestOutput]) -> int:
+    """Prompt tokens the prefix cache held when the requests were admitted (their KV was not computed again)."""
+    return sum(int(o.metrics.get("num_cached_tokens", 0)) for o in outputs)
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int, cached: int | None = None) -> dict:
+    """OpenAI's usage; with cached (vLLM's --enable-prompt-tokens-details) prompt_tokens_details.cached_tokens."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 def chat_delta(reasoning: str, content: str, calls: list[dict], include_reasoning: bool) -> dict:

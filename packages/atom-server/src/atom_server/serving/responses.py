@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from atom_server.protocol import ChatCompletionRequest, ResponsesRequest
+from atom_server.serving.openai_format import cached_tokens
 from atom_server.serving.chat import prepare_chat
 from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext
@@ -182,11 +183,11 @@ class _Response:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _usage(ctx: ServingContext, run, prompt_tokens: int, text: str, token_ids: list[int]) -> dict:
+async def _usage(ctx: ServingContext, run, prompt_tokens: int, text: str, token_ids: list[int], cached: int) -> dict:
     """The Responses API's usage: reasoning tokens counted as chat completions count them (0 without a reasoning
-    parser); cached tokens are not counted (reported as 0)."""
+    parser), and the prompt tokens the prefix cache held (always, as vLLM)."""
     reasoning = await run.reasoning_tokens(ctx, [(text, token_ids)]) if run.reasoning else 0
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": len(token_ids), "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": prompt_tokens + len(token_ids)}
 
@@ -310,11 +311,12 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
         async def body():
             output = run.output()
             items = _ItemStream(resp)
-            pieces, token_ids, finish = [], [], None
+            pieces, token_ids, finish, cached = [], [], None, 0
             yield resp.event("response.created", response=resp.body("in_progress", None))
             yield resp.event("response.in_progress", response=resp.body("in_progress", None))
             try:
                 async for _, ro in chain(first, source):
+                    cached = cached_tokens([ro])
                     for co in ro.outputs:
                         pieces.append(co.text)
                         token_ids.extend(co.token_ids)
@@ -326,7 +328,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
                 for event in items.close():
                     yield event
                 incomplete = finish == "length"
-                usage = await _usage(ctx, run, len(run.ids), "".join(pieces), token_ids)
+                usage = await _usage(ctx, run, len(run.ids), "".join(pieces), token_ids, cached)
                 final = resp.body("incomplete" if incomplete else "completed", usage, incomplete)
                 yield resp.event("response.incomplete" if incomplete else "response.completed", response=final)
             except Exception as e:
@@ -342,5 +344,5 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
     message, _ = run.output().message(co.text)
     resp.items = output_items(message)
     incomplete = co.finish_reason == "length"
-    usage = await _usage(ctx, run, len(run.ids), co.text, list(co.token_ids))
+    usage = await _usage(ctx, run, len(run.ids), co.text, list(co.token_ids), cached_tokens([final]))
     return resp.body("incomplete" if incomplete else "completed", usage, incomplete)

@@ -21,6 +21,7 @@ class ServerLimits:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens (vLLM's flag)
 
     def __post_init__(self) -> None:
         from atom_server.serving.harmony import HARMONY_REASONING_PARSER, HARMONY_TOOL_PARSER
@@ -72,6 +73,10 @@ class ServerLimits:
                        help="when the engine process dies or stalls: 'never' exits the server with status 1 "
                             "(as vLLM, for a supervisor to restart), 'always' starts a new engine process "
                             "(default: %(default)s)")
+        g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="usage of chat and completions responses gets prompt_tokens_details.cached_tokens: "
+                            "the prompt tokens the prefix cache already held (as vLLM; /v1/responses always "
+                            "reports them)")
         from atom_server.serving.harmony import HARMONY_REASONING_PARSER, HARMONY_TOOL_PARSER
         from atom_server.serving.reasoning import REASONING_PARSERS
         from atom_server.serving.tool_parsers import TOOL_PARSERS
