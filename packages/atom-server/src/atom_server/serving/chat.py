@@ -153,11 +153,12 @@ class ChatRun:
 
         return await asyncio.to_thread(count)
 
-    async def usage(self, ctx: ServingContext, prompt_tokens: int, choices: list[tuple[str, list[int]]],
-                    cached: int) -> dict:
-        """OpenAI's usage; with a reasoning parser, completion_tokens_details.reasoning_tokens as vLLM reports it;
-        with --enable-prompt-tokens-details, prompt_tokens_details.cached_tokens."""
-        usage = fmt.usage_counts(prompt_tokens, sum(len(ids) for _, ids in choices),
+    async def usage(self, ctx: ServingContext, prompt_tokens: int, completion_tokens: int, cached: int,
+                    choices: list[tuple[str, list[int]]]) -> dict:
+        """OpenAI's usage; with a reasoning parser, completion_tokens_details.reasoning_tokens of the choices' (text,
+        token ids) as vLLM reports it (choices are read only then); with --enable-prompt-tokens-details,
+        prompt_tokens_details.cached_tokens."""
+        usage = fmt.usage_counts(prompt_tokens, completion_tokens,
                                  cached if ctx.limits.enable_prompt_tokens_details else None)
         if self.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": await self.reasoning_tokens(ctx, choices)}
@@ -236,9 +237,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = [choice_output() for _ in range(req.n)]
 
         async def body():
-            finished, cached = False, 0
-            pieces: list[list[str]] = [[] for _ in range(req.n)]  # each choice's text (where reasoning is counted)
-            got_ids: list[list[int]] = [[] for _ in range(req.n)]  # and token ids
+            completion_tokens = 0
+            finished = False
+            keep = include_usage and run.reasoning  # the usage chunk counts reasoning tokens: keep text and ids
+            pieces: list[list[str]] = [[] for _ in range(req.n)]
+            got_ids: list[list[int]] = [[] for _ in range(req.n)]
             try:
                 for i in range(req.n):
                     chunk = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -248,11 +251,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                     yield sse(chunk)
                 async for _, ro in chain(first, source):  # delta outputs: only what is new
                     finished = ro.finished
-                    cached = fmt.cached_tokens([ro])
                     for co in ro.outputs:
-                        if run.reasoning:
+                        completion_tokens += len(co.token_ids)
+                        if keep:
                             pieces[co.index].append(co.text)
-                        got_ids[co.index].extend(co.token_ids)
+                            got_ids[co.index].extend(co.token_ids)
                         done = co.finish_reason is not None
                         out = outputs[co.index]
                         delta = out.delta(co.text, done)
@@ -266,9 +269,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                         if req.return_token_ids:
                             choice["token_ids"] = list(co.token_ids)
                         yield sse({**head, "choices": [choice]})
-                if include_usage and finished:
-                    got = [("".join(p), i) for p, i in zip(pieces, got_ids)]
-                    yield sse({**head, "choices": [], "usage": await run.usage(ctx, len(ids), got, cached)})
+                if include_usage and finished:  # ro: the last output, whose metrics hold the cached tokens
+                    usage = await run.usage(ctx, len(ids), completion_tokens, fmt.cached_tokens([ro]),
+                                            [("".join(p), i) for p, i in zip(pieces, got_ids)])
+                    yield sse({**head, "choices": [], "usage": usage})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE
@@ -286,8 +290,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         if req.return_token_ids:
             choice["token_ids"] = list(co.token_ids)
         choices.append(choice)
-    usage = await run.usage(ctx, len(final.prompt_token_ids),
-                            [(co.text, list(co.token_ids)) for co in final.outputs], fmt.cached_tokens([final]))
+    usage = await run.usage(ctx, len(final.prompt_token_ids), sum(len(co.token_ids) for co in final.outputs),
+                            fmt.cached_tokens([final]), [(co.text, list(co.token_ids)) for co in final.outputs])
     response = {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
                 "choices": choices, "usage": usage}
     if req.prompt_logprobs is not None:

@@ -93,13 +93,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             ids_started: set[tuple[int, int]] = set()
             offsets: dict[tuple[int, int], int] = {}
             finished: set[int] = set()
-            cached: dict[int, int] = {}  # prompt -> tokens the prefix cache held
+            details = ctx.limits.enable_prompt_tokens_details
+            cached: dict[int, int] = {}  # prompt -> tokens the prefix cache held (with details)
             completion_tokens = 0
             try:
                 async for pi, ro in chain(first, source):  # delta outputs: only what is new
                     if ro.finished:
                         finished.add(pi)
-                    cached[pi] = fmt.cached_tokens([ro])
+                    if details:
+                        cached[pi] = fmt.cached_tokens([ro])
                     if ro.prompt_logprobs is not None:
                         prompt_lps[pi] = ro.prompt_logprobs
                     for co in ro.outputs:
@@ -129,9 +131,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         yield sse({**head, "choices": [choice]})
                 if include_usage and len(finished) == len(prompts):
                     num_prompt = sum(len(ids) for _, ids in prompts)
-                    details = sum(cached.values()) if ctx.limits.enable_prompt_tokens_details else None
-                    yield sse({**head, "choices": [],
-                               "usage": fmt.usage_counts(num_prompt, completion_tokens, details)})
+                    yield sse({**head, "choices": [], "usage": fmt.usage_counts(
+                        num_prompt, completion_tokens, sum(cached.values()) if details else None)})
             except Exception as e:
                 yield ctx.stream_error(e)
             yield SSE_DONE

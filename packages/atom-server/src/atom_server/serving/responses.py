@@ -20,11 +20,11 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from atom_server.protocol import ChatCompletionRequest, ResponsesRequest
-from atom_server.serving.openai_format import cached_tokens
 from atom_server.serving.chat import prepare_chat
 from atom_server.serving.completions import CLIENT_GONE
 from atom_server.serving.context import ServingContext
 from atom_server.serving.errors import bad_request
+from atom_server.serving.openai_format import cached_tokens
 from atom_server.serving.streams import chain
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -183,13 +183,15 @@ class _Response:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _usage(ctx: ServingContext, run, prompt_tokens: int, text: str, token_ids: list[int], cached: int) -> dict:
-    """The Responses API's usage: reasoning tokens counted as chat completions count them (0 without a reasoning
-    parser), and the prompt tokens the prefix cache held (always, as vLLM)."""
+async def _usage(ctx: ServingContext, run, prompt_tokens: int, output_tokens: int, cached: int, text: str,
+                 token_ids: list[int]) -> dict:
+    """The Responses API's usage: reasoning tokens of (text, token_ids) counted as chat completions count them (0
+    without a reasoning parser; text and ids are read only with one), and the prompt tokens the prefix cache held
+    (always, as vLLM)."""
     reasoning = await run.reasoning_tokens(ctx, [(text, token_ids)]) if run.reasoning else 0
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": len(token_ids), "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": prompt_tokens + len(token_ids)}
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt_tokens + output_tokens}
 
 
 def _reasoning_item(text: str, done: bool) -> dict:
@@ -311,24 +313,25 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
         async def body():
             output = run.output()
             items = _ItemStream(resp)
-            pieces, token_ids, finish, cached = [], [], None, 0
+            tokens, pieces, token_ids, finish, cached = 0, [], [], None, 0
             yield resp.event("response.created", response=resp.body("in_progress", None))
             yield resp.event("response.in_progress", response=resp.body("in_progress", None))
             try:
                 async for _, ro in chain(first, source):
-                    cached = cached_tokens([ro])
                     for co in ro.outputs:
-                        pieces.append(co.text)
-                        token_ids.extend(co.token_ids)
+                        tokens += len(co.token_ids)
+                        if run.reasoning:  # the usage counts reasoning tokens: keep text and ids
+                            pieces.append(co.text)
+                            token_ids.extend(co.token_ids)
                         done = co.finish_reason is not None
                         for event in items.feed(output.delta(co.text, done)):
                             yield event
                         if done:
-                            finish = co.finish_reason
+                            finish, cached = co.finish_reason, cached_tokens([ro])
                 for event in items.close():
                     yield event
                 incomplete = finish == "length"
-                usage = await _usage(ctx, run, len(run.ids), "".join(pieces), token_ids, cached)
+                usage = await _usage(ctx, run, len(run.ids), tokens, cached, "".join(pieces), token_ids)
                 final = resp.body("incomplete" if incomplete else "completed", usage, incomplete)
                 yield resp.event("response.incomplete" if incomplete else "response.completed", response=final)
             except Exception as e:
@@ -344,5 +347,6 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw: Reque
     message, _ = run.output().message(co.text)
     resp.items = output_items(message)
     incomplete = co.finish_reason == "length"
-    usage = await _usage(ctx, run, len(run.ids), co.text, list(co.token_ids), cached_tokens([final]))
+    usage = await _usage(ctx, run, len(run.ids), len(co.token_ids), cached_tokens([final]), co.text,
+                         list(co.token_ids))
     return resp.body("incomplete" if incomplete else "completed", usage, incomplete)
