@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
     ap.add_argument("--sweep-kernels", default="regdot,split", help="regdot: its tiles; split: its K splits")
     ap.add_argument("--out")
+    ap.add_argument("--once", action="store_true",
+                    help="run each path 3 times, untimed (for a profiler: ncu --launch-skip 4 --launch-count 2 "
+                         "takes the third call's two GEMMs)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (no timings)")
     opts = ap.parse_args()
     if opts.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -98,7 +101,10 @@ def main() -> None:
             args = args + frags
         try:
             out = op(*args).float()
-            us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda else 0.0
+            if opts.once:
+                op(*args), op(*args)
+                torch.cuda.synchronize() if out.is_cuda else None
+            us = do_bench_cudagraph(lambda: op(*args), rep=200) * 1e3 if out.is_cuda and not opts.once else 0.0
             row = dict(tokens=tokens, path=name, routing=opts.routing, us=us,
                        diff=0.0 if want is None else (out - want).abs().max().item())
         except Exception as exc:  # a path or tile the compiler refuses
