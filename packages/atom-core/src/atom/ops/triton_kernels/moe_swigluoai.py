@@ -129,15 +129,16 @@ def _split_rule(raw: str) -> tuple[tuple[int, int], ...]:
 # routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
 # everywhere (125.6 / 426.9 at 32 tokens).
 MX_SPLIT_K_RULE = "64:3,192:2,1"
-# ATOM_MX_FRAG=1 (off until its GPU tests pass; measured on the H200 2026-12-05: 1.3-1.7x faster than regdot a
-# layer call, 15-28% shorter gpt-oss-20b decode steps, BENCHMARKS.md): GPT-OSS's MXFP4 experts are repacked at load in fragment
-# order (atom.ops.mxfp4.pack_fragments; the checkpoint-layout tensors are emptied), and every Triton path reads
-# it: regdot's kernel on the fragments (_expert_gemm_mxf_kernel) at every size below MX_DEQUANT_MIN_PAIRS (the
-# per-pair GEMV's sizes too), the prefill's dequantization (_mx_frag_dequant_kernel) above. Local sm_90 compile
-# (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions a warp for 128 weights a
-# thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240 (3.75)
-# against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
-MX_FRAG = os.environ.get("ATOM_MX_FRAG", "0") == "1"
+# ATOM_MX_FRAG (default 1; 0: the checkpoint layout and regdot's own kernel): GPT-OSS's MXFP4 experts are repacked at
+# load in fragment order (atom.ops.mxfp4.pack_fragments; the checkpoint-layout tensors are emptied), and every Triton
+# path reads it: regdot's kernel on the fragments (_expert_gemm_mxf_kernel) at every size below MX_DEQUANT_MIN_PAIRS
+# (the per-pair GEMV's sizes too), the prefill's dequantization (_mx_frag_dequant_kernel) above. Measured on the
+# H200 (2026-12-05, BENCHMARKS.md): 1.3-1.7x faster than regdot a layer call, 15-28% shorter gpt-oss-20b decode
+# steps; on by default since its GPU suites passed there (core 205, server 14 with it on; 2026-12-05 11:00 UTC).
+# Local sm_90 compile (Triton 3.6, tools/device/mx_frag_sass.py): the gated K step takes 390 instructions a warp for
+# 128 weights a thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240
+# (3.75) against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
+MX_FRAG = os.environ.get("ATOM_MX_FRAG", "1") == "1"
 # ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0: regdot's tile rule, which goes by the
 # average pairs an expert). A batch routed to few experts (random-weight engines) decodes each weight once per
 # tile of its tokens, so larger tiles decode less there; spread routing gives each expert a few tokens, where
