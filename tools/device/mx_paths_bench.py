@@ -6,7 +6,8 @@ from 1 token, so that it also meets the GEMV), scaled-dot (tl.dot_scaled) and de
 each with its default tile, as
 CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
 --sweep adds regdot's tiles and its K splits (default decode) at a few sizes; --sweep-kernels frag_split the
-fragment kernel's K splits and token tiles. --routing random (default) spreads
+fragment kernel's K splits and token tiles, frag_ungated the same with gate and up as one plain matrix (--frag-tiles,
+--frag-splits narrow both). --routing random (default) spreads
 the pairs over the 32 experts, so a batch touches every expert from about 16 tokens on; --routing concentrated
 sends every token to the same 4 experts, which is what a random-weight engine (load_format=dummy, ATOM's and
 vLLM's benchmarks) does: the router's bias decides, so each of those experts gets the whole batch.
@@ -43,6 +44,9 @@ PATHS = {  # name: (module settings, token counts it runs at)
     # the same at one token with the expert sort and its grid (per-pair programs off): what the per-pair mode saves
     "regdot_frag_sorted": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True,
                                 MX_FRAG_PER_PAIR_MAX_PAIRS=0), lambda t: t == 1),
+    # gate and up as one plain matrix of 64-row tiles (ATOM_MX_FRAG_UNGATED; only where K is split, <= 192 tokens)
+    "regdot_frag_ungated": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True, MX_FRAG_UNGATED=True),
+                            lambda t: 2 <= t <= 192),
     "scaled_dot": (dict(GEMM, MX_GEMM="scaled_dot"), lambda t: t >= 4),
     "dequant": (dict(GEMM, MX_DEQUANT_MIN_PAIRS=1), lambda t: t >= 128),
 }
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--routing", choices=("random", "concentrated"), default="random")
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
     ap.add_argument("--sweep-kernels", default="regdot,split", help="regdot: its tiles; split: its K splits")
+    ap.add_argument("--frag-tiles", help="the fragment sweeps' tiles as TOKENSxSTAGES, e.g. 16x3,16x4 (default: all)")
+    ap.add_argument("--frag-splits", help="the fragment sweeps' K splits, e.g. 2,3,4 (default: all)")
     ap.add_argument("--out")
     ap.add_argument("--once", action="store_true",
                     help="run each path 3 times, untimed (for a profiler: ncu --launch-skip 4 --launch-count 2 "
@@ -76,6 +82,9 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+    frag_sweep = [(tile, split) for tile, split in FRAG_SWEEP
+                  if (not opts.frag_tiles or f"{tile['block_m']}x{tile['num_stages']}" in opts.frag_tiles.split(","))
+                  and (not opts.frag_splits or str(split) in opts.frag_splits.split(","))]
     torch.manual_seed(0)
     dev = opts.device
     E, H, I = (32, 2880, 2880) if dev == "cuda" else (8, 64, 64)
@@ -137,9 +146,13 @@ def main() -> None:
                         want, tile)
                 # the fragment kernel reads block_m (tokens a tile; 64: a batch routed to 4 experts decodes each
                 # weight once) and num_stages (more bytes in flight once the decode is cheap)
-                for tile, split in FRAG_SWEEP if "frag_split" in kernels else ():
+                for tile, split in frag_sweep if "frag_split" in kernels else ():
                     run(tokens, f"regdot_frag_split{split}", dict(PATHS["regdot_frag"][0], MX_SPLIT_K=str(split)),
                         args, want, tile)
+                for tile, split in frag_sweep if "frag_ungated" in kernels else ():  # K split only
+                    if split > 1:
+                        run(tokens, f"regdot_frag_ungated_split{split}",
+                            dict(PATHS["regdot_frag_ungated"][0], MX_SPLIT_K=str(split)), args, want, tile)
     finally:
         for key, value in saved.items():
             setattr(tk, key, value)

@@ -160,6 +160,14 @@ MX_FRAG_PER_PAIR_MAX_PAIRS = 4
 # round trip less a layer). ATOM_MX_SPLIT_SUM_TOPK=0: the two kernels (tests, the engine A/B; not yet measured).
 MX_SPLIT_SUM_TOPK = os.environ.get("ATOM_MX_SPLIT_SUM_TOPK", "1") == "1"
 MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
+# ATOM_MX_FRAG_UNGATED=1 (off until measured): with K split, the fragment kernel runs the gate / up matrix as one
+# plain matrix of 2 x intermediate rows (its up tiles follow its gate tiles in the copy, and the split's float32
+# sums go to the same [split, pair, gate | up] columns), so each program decodes one 64-row tile a K step instead
+# of a gate and an up tile: 66 registers against 88 (Triton 3.6, sm_90, 16 tokens a tile), 7 programs an SM
+# against 5, at the price of loading each activation slice twice (once for gate, once for up). The same float32
+# sums bit for bit (each program's dots are the gated kernel's, in the same order). Needs intermediate % 64 == 0
+# (gpt-oss: 2,880 = 45 x 64); elsewhere, and without a K split, the gated kernel runs.
+MX_FRAG_UNGATED = os.environ.get("ATOM_MX_FRAG_UNGATED", "0") == "1"
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
 
@@ -1109,11 +1117,15 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                 part_strides = part.stride(0), part.stride(1)
             if frag is not None:
                 up_tiles = frag.shape[1] // 2 if gated else 0
-                _expert_gemm_mxf_kernel[(num_tiles, triton.cdiv(n_out, FRAG_ROWS), split_k)](
-                    a, frag, b, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts, row_div,
-                    a.stride(0), frag.stride(0), up_tiles, frag.shape[2], b.stride(0), out.stride(0), alpha, limit,
-                    part, *part_strides, GATED=gated, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
-                    F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
+                # one plain matrix of gate and up rows (MX_FRAG_UNGATED): its split sums land where the gated
+                # kernel's would, [split, pair, gate | up]
+                plain = gated and split_k > 1 and MX_FRAG_UNGATED and n_out % FRAG_ROWS == 0
+                rows, one = (2 * n_out, False) if plain else (n_out, gated)
+                _expert_gemm_mxf_kernel[(num_tiles, triton.cdiv(rows, FRAG_ROWS), split_k)](
+                    a, frag, b, out, sorted_ids, padded_end, rows, k_dim, num_pairs, num_experts, row_div,
+                    a.stride(0), frag.stride(0), 0 if plain else up_tiles, frag.shape[2], b.stride(0), out.stride(0),
+                    alpha, limit, part, *part_strides, GATED=one, E_PAD=triton.next_power_of_2(num_experts),
+                    BLOCK_M=block_m, F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
                     CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair, num_warps=4,
                     num_stages=tile["num_stages"], **pdl_args(a.device))
             else:
