@@ -44,6 +44,9 @@ PATHS = {  # name: (module settings, token counts it runs at)
     # the same at one token with the expert sort and its grid (per-pair programs off): what the per-pair mode saves
     "regdot_frag_sorted": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True,
                                 MX_FRAG_PER_PAIR_MAX_PAIRS=0), lambda t: t == 1),
+    # stop 41-43's code layout (each thread's 32 bytes together: half-used 32-byte sectors), for the A/B
+    "regdot_frag_contig": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True, MX_FRAG_WORDS_SPLIT=False),
+                           lambda t: t <= 1024),
     # gate and up as one plain matrix of 64-row tiles (ATOM_MX_FRAG_UNGATED; only where K is split, <= 192 tokens)
     "regdot_frag_ungated": (dict(GEMM, MX_GEMM="regdot", MX_PTX=True, MX_REGDOT_BF16=True, MX_FRAG_UNGATED=True),
                             lambda t: 2 <= t <= 192),
@@ -96,6 +99,7 @@ def main() -> None:
     b13 = torch.randn(E, 2 * I, device=dev, dtype=torch.bfloat16) * 0.1
     b2 = torch.randn(E, H, device=dev, dtype=torch.bfloat16) * 0.1
     frags = (pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))  # regdot_frag's copy
+    contig = (pack_fragments(w13, s13, halves=2, split_words=False), pack_fragments(w2, s2, split_words=False))
     names = {key for settings, _ in PATHS.values() for key in settings} | {"MX_TILE_OVERRIDE", "MX_SPLIT_K"}
     saved = {name: getattr(tk, name) for name in names}
     rows = []
@@ -107,7 +111,7 @@ def main() -> None:
             setattr(tk, key, value)
         tk.MX_TILE_OVERRIDE = tile
         if name.startswith("regdot_frag"):
-            args = args + frags
+            args = args + (contig if settings.get("MX_FRAG_WORDS_SPLIT") is False else frags)
         try:
             out = op(*args).float()
             if opts.once:

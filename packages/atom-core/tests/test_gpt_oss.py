@@ -188,10 +188,13 @@ def test_dequantize_matches_a_hand_built_definition():
         dequantize_mxfp4(blocks, scales[:, :-1])
 
 
-def _registers_of_words(frag: torch.Tensor) -> torch.Tensor:
+def _registers_of_words(frag: torch.Tensor, split_words: bool = True) -> torch.Tensor:
     """The fragment order's decode, instruction by instruction as its PTX (atom.ops.triton_kernels.moe_swigluoai.
     _frag_decode_ptx) on uint32 words: [..., 128 threads, 8 words, 4 registers] of bf16x2 bits."""
-    raw = frag[..., :FRAG_CODE_BYTES].unflatten(-1, (128, 8, 4)).long()
+    if split_words:  # thread t's words 0-3 at 16 t, words 4-7 at 2,048 + 16 t (one 512-byte run a warp a load)
+        raw = frag[..., :FRAG_CODE_BYTES].unflatten(-1, (2, 128, 4, 4)).movedim(-4, -3).flatten(-3, -2).long()
+    else:  # thread t's 32 bytes at 32 t
+        raw = frag[..., :FRAG_CODE_BYTES].unflatten(-1, (128, 8, 4)).long()
     w = sum(raw[..., i] << (8 * i) for i in range(4))
     rotl = lambda v, r: ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF  # noqa: E731 (shf.l.wrap)
     regs = (w & FRAG_MASK, rotl(w, 10) & FRAG_MASK, rotl(w, 13) & FRAG_MASK,
@@ -199,8 +202,9 @@ def _registers_of_words(frag: torch.Tensor) -> torch.Tensor:
     return torch.stack(regs, dim=-1)
 
 
+@pytest.mark.parametrize("split_words", [True, False], ids=["split", "contiguous"])
 @pytest.mark.parametrize("rows, cols, halves", [(96, 160, 2), (64, 128, 1), (130, 320, 1)])
-def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves):
+def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves, split_words):
     """atom.ops.mxfp4.pack_fragments: every bf16 half of every decoded register (2^-126 times a code's value, times
     2^(s - 1) from the stored scale byte, as the kernel's one multiply) is the dequantized weight at the row and
     column the fragment layout gives it, scales 0 and 128 (the ends of the single-multiply range) included; rows
@@ -210,11 +214,11 @@ def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves):
     blocks = torch.randint(0, 256, (experts, halves * rows, cols // 2), dtype=torch.uint8)
     scales = torch.randint(0, FRAG_MAX_SCALE + 1, (experts, halves * rows, cols // 32), dtype=torch.uint8)
     scales[0, 0, 0], scales[1, -1, -1] = 0, FRAG_MAX_SCALE
-    frag = pack_fragments(blocks, scales, halves)
+    frag = pack_fragments(blocks, scales, halves, split_words=split_words)
     tiles, steps = frag.shape[1] // halves, frag.shape[2]
     want = torch.zeros(experts, halves, tiles * 64, steps * 128, dtype=torch.float64)
     want[:, :, :rows, :cols] = dequantize_mxfp4(blocks, scales).double().unflatten(1, (halves, rows))
-    regs = _registers_of_words(frag)  # [E, halves * tiles, steps, 128, 8, 4]
+    regs = _registers_of_words(frag, split_words)  # [E, halves * tiles, steps, 128, 8, 4]
     halves16 = torch.stack((regs & 0xFFFF, regs >> 16), dim=-1)  # [..., register, low / high half]
     base = (halves16 << 16).to(torch.int32).view(torch.float32).double() * 2.0**126  # bf16 -> exact value
     stored = frag[..., FRAG_CODE_BYTES:].unflatten(-1, (32, 4, 2)).long() - FRAG_SCALE_BIAS  # s; [.., quad, b, r]
@@ -234,7 +238,7 @@ def test_fragment_order_decodes_to_the_dequantized_weights(rows, cols, halves):
                         hv, tt = divmod(tile, tiles)
                         got[:, hv, tt * 64 + row, step * 128 + col] = value[:, tile, step]
     assert torch.equal(got, want)
-    unpacked_blocks, unpacked_scales = unpack_fragments(frag, rows, cols, halves)
+    unpacked_blocks, unpacked_scales = unpack_fragments(frag, rows, cols, halves, split_words=split_words)
     assert torch.equal(unpacked_blocks, blocks) and torch.equal(unpacked_scales, scales)
 
 

@@ -282,6 +282,35 @@ def test_fragments_gate_and_up_as_one_plain_matrix(size, split_k, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fragments_in_either_code_layout(split_k, monkeypatch):
+    """The fragment kernel reads pack_fragments' default layout (a thread's words 0-3 and 4-7 in two 512-byte runs a
+    warp) and stop 41-43's (a thread's 32 bytes together; MX_FRAG_WORDS_SPLIT off, kept for timings): the same
+    output from the same weights."""
+    from atom.ops.triton_kernels import moe_swigluoai as tk
+
+    monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
+    tokens, hidden, inter, experts, top_k = 20, 320, 96, 5, 2
+    torch.manual_seed(5)
+    x = rand(tokens, hidden, dtype=torch.bfloat16)
+    w13, s13 = _mxfp4_weights(experts, 2 * inter, hidden, (121, 126))
+    w2, s2 = _mxfp4_weights(experts, hidden, inter, (121, 126))
+    b13, b2 = rand(experts, 2 * inter, dtype=torch.bfloat16), rand(experts, hidden, dtype=torch.bfloat16)
+    weights, ids = ref_moe.moe_topk_softmax(rand(tokens, experts), top_k, True)
+    empty = w13.new_empty(0)
+    monkeypatch.setattr(tk, "MXFP4_SCALED_DOT", True)
+    monkeypatch.setattr(tk, "MX_GEMM_MIN_PAIRS", 1)
+    outs = []
+    for split in (True, False):
+        monkeypatch.setattr(tk, "MX_FRAG_WORDS_SPLIT", split)
+        frags = (pack_fragments(w13, s13, halves=2, split_words=split), pack_fragments(w2, s2, split_words=split))
+        outs.append(triton_op("fused_experts_swigluoai")(x, empty, empty, b13, b2, weights, ids, 1.702, 7.0, empty,
+                                                         empty, *frags))
+    assert torch.equal(outs[0], outs[1])
+    check("fragments, either layout", outs[0], ref_experts(x, w13, w2, b13, b2, weights, ids, 1.702, 7.0, s13, s2),
+          TOL[torch.bfloat16])
+
+
 @pytest.fixture
 def triton_experts(monkeypatch):
     """GPT-OSS experts layers built with the Triton fused_experts_swigluoai (CPU: under the interpreter)."""

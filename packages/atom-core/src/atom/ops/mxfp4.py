@@ -86,7 +86,10 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- fragment order (for Hopper's wgmma)
 # A copy of an expert matrix laid out for one warpgroup's matrix instruction with its weights as the register
 # operand (wgmma m64nNk16, bf16 A from registers): tiles of 64 rows x 128 columns, one "step" each, 4,352 bytes:
-#   - 4,096 bytes of codes: thread t's 32 bytes at 32 t, eight 32-bit words, word j = the k16 slice j. Thread
+#   - 4,096 bytes of codes: thread t's 32 bytes, eight 32-bit words, word j = the k16 slice j; words 0-3 at 16 t,
+#     words 4-7 at 2,048 + 16 t, so that each of a warp's two 16-byte copies reads 512 contiguous bytes, whole
+#     32-byte sectors (with a thread's 32 bytes together, each copy used half of every sector it fetched and the
+#     second fetched the same sectors again: twice the L2-to-SM traffic of the codes). Thread
 #     t = 32 w + 4 g + c holds rows r0 = 16 w + g and r1 = r0 + 8; word j holds its fragment's 8 codes, the
 #     columns 16 j + 2 c + (0, 1) and 16 j + 2 c + (8, 9) of both rows, in the order of the fragment's four bf16x2
 #     registers: (r0, lo cols), (r1, lo cols), (r0, hi cols), (r1, hi cols); value v = 4 h + 2 e1 + e0 of the word
@@ -102,6 +105,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Rows pad to a multiple of 64 and columns to one of 128 with code 0 (scale byte 126).
 FRAG_ROWS, FRAG_COLS = 64, 128
 FRAG_CODE_BYTES = FRAG_ROWS * FRAG_COLS // 2
+FRAG_HALF_BYTES = FRAG_CODE_BYTES // 2  # where a tile's words 4-7 begin
 FRAG_SCALE_BYTES = FRAG_ROWS // 2 * FRAG_COLS // BLOCK * 2
 FRAG_STEP_BYTES = FRAG_CODE_BYTES + FRAG_SCALE_BYTES
 FRAG_MAX_SCALE = 128  # 2^(s - 1) must be a normal bf16
@@ -116,11 +120,12 @@ def _frag_grid(rows: int, cols: int) -> tuple[int, int]:
     return -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
 
 
-def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) -> torch.Tensor:
+def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1, split_words: bool = True) -> torch.Tensor:
     """MXFP4 experts (blocks uint8 [E, R, K/2], scales uint8 [E, R, K/32]) -> fragment order, uint8
     [E, halves * ceil(N / 64), ceil(K / 128), FRAG_STEP_BYTES] with N = R / halves: each half of the rows (a fused
     gate / up matrix: halves=2) padded and tiled on its own, so that tile i of the second half is tile i of the
-    first's partner. A few experts at a time (the intermediate is 8 bytes a weight: ~1 GB at most); a byte-order
+    first's partner. split_words=False: each thread's 32 code bytes together at 32 t (stop 41-43's layout, kept
+    for A/B timings: the kernels take it with MX_FRAG_WORDS_SPLIT off). A few experts at a time (the intermediate is 8 bytes a weight: ~1 GB at most); a byte-order
     view of int32 words, so little-endian hosts only (every GPU host ATOM runs on)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 3:
         raise ValueError(f"pack_fragments: uint8 [E, R, K/2] blocks and [E, R, K/32] scales, got {blocks.dtype} "
@@ -149,8 +154,10 @@ def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) 
         codes = codes.reshape(e1 - e0, halves, tiles, 4, 2, 8, steps, 8, 2, 4, 2)
         codes = codes.permute(0, 1, 2, 6, 3, 5, 9, 7, 8, 4, 10).reshape(e1 - e0, halves * tiles, steps, 128, 8, 8)
         word = table[codes.to(torch.int32) + slot].sum(dim=-1, dtype=torch.int32)  # two's complement: the bits
-        out[e0:e1, :, :, :FRAG_CODE_BYTES] = word.view(torch.uint8).reshape(e1 - e0, halves * tiles, steps,
-                                                                            FRAG_CODE_BYTES)
+        # [thread, word, byte] -> [words 0-3 | 4-7, thread, 16 bytes]
+        word = word.view(torch.uint8).reshape(e1 - e0, halves * tiles, steps, 128, 2, 16)
+        word = word.transpose(3, 4) if split_words else word
+        out[e0:e1, :, :, :FRAG_CODE_BYTES] = word.reshape(e1 - e0, halves * tiles, steps, FRAG_CODE_BYTES)
     s = scales.reshape(experts, halves, n, k // BLOCK).to(torch.int16) + FRAG_SCALE_BIAS
     s = torch.nn.functional.pad(s, (0, steps * FRAG_COLS // BLOCK - k // BLOCK, 0, tiles * FRAG_ROWS - n),
                                 value=FRAG_SCALE_BIAS)
@@ -159,7 +166,8 @@ def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1) 
     return out
 
 
-def unpack_fragments(frag: torch.Tensor, rows: int, cols: int, halves: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_fragments(frag: torch.Tensor, rows: int, cols: int, halves: int = 1,
+                     split_words: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """pack_fragments' inverse: (blocks uint8 [E, halves * rows, cols / 2], scales uint8 [E, halves * rows,
     cols / 32]) for halves of `rows` rows and `cols` columns each."""
     tiles, steps = _frag_grid(rows, cols)
@@ -167,7 +175,8 @@ def unpack_fragments(frag: torch.Tensor, rows: int, cols: int, halves: int = 1) 
     if tuple(frag.shape) != (experts, halves * tiles, steps, FRAG_STEP_BYTES):
         raise ValueError(f"unpack_fragments: {tuple(frag.shape)} is not the fragment order of {halves} x "
                          f"[{rows}, {cols}]")
-    raw = frag[..., :FRAG_CODE_BYTES].reshape(experts, halves * tiles, steps, 128, 8, 4).long()
+    raw = frag[..., :FRAG_CODE_BYTES].reshape(experts, halves * tiles, steps, 2, 128, 16)
+    raw = (raw.transpose(3, 4) if split_words else raw).reshape(experts, halves * tiles, steps, 128, 8, 4).long()
     word = sum(raw[..., i] << (8 * i) for i in range(4))
     codes = torch.zeros(*word.shape, 8, dtype=torch.long, device=frag.device)
     for v, bits in enumerate(FRAG_BITS):

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from atom.ops.mxfp4 import FRAG_CODE_BYTES, FRAG_COLS, FRAG_MAX_SCALE, FRAG_ROWS, FRAG_STEP_BYTES, pack_fragments
+from atom.ops.mxfp4 import (FRAG_CODE_BYTES, FRAG_COLS, FRAG_HALF_BYTES, FRAG_MAX_SCALE, FRAG_ROWS, FRAG_STEP_BYTES,
+                             pack_fragments)
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
 from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile
@@ -168,6 +169,10 @@ MX_SPLIT_K = os.environ.get("ATOM_MX_SPLIT_K", "auto").strip()
 # sums bit for bit (each program's dots are the gated kernel's, in the same order). Needs intermediate % 64 == 0
 # (gpt-oss: 2,880 = 45 x 64); elsewhere, and without a K split, the gated kernel runs.
 MX_FRAG_UNGATED = os.environ.get("ATOM_MX_FRAG_UNGATED", "0") == "1"
+# The fragment kernel's code layout (pack_fragments' split_words, which must match): the default splits each thread's
+# words 0-3 and 4-7 into two 512-byte runs a warp; False reads stop 41-43's layout (tools/device/mx_paths_bench.py's
+# regdot_frag_contig, for an A/B in one session).
+MX_FRAG_WORDS_SPLIT = True
 if MX_SPLIT_K != "auto":
     _split_rule(MX_SPLIT_K)  # refuse a bad value at import
 
@@ -665,14 +670,34 @@ def _frag_decode_tl(codes, s0, s1):
     return _frag_registers(r0, r1, f0, f1), _frag_registers(r2, r3, f0, f1)
 
 
+_FRAG_HALF = tl.constexpr(FRAG_HALF_BYTES)  # a jit function reads module globals only as constexprs
+
+
 @triton.jit
-def _frag_tile(step_ptr, woff, soff, dtype: tl.constexpr, PTX: tl.constexpr):
+def _frag_offsets(CODE_BYTES: tl.constexpr, WORDS_SPLIT: tl.constexpr):
+    """(woff, soff) of a fragment-order step: thread t's first 16 code bytes and its row pair's 8 scale bytes.
+    WORDS_SPLIT (pack_fragments' default): the first 16 at 16 t, the last 16 at 2,048 + 16 t (_frag_tile), so a
+    warp's 16-byte copy reads 512 contiguous bytes; else at 32 t and 32 t + 16 (stop 41-43's layout: each copy
+    used half of every 32-byte sector it fetched)."""
+    t = tl.arange(0, 128)
+    woff = t[:, None] * (16 if WORDS_SPLIT else 32) + tl.arange(0, 16)[None, :]
+    soff = CODE_BYTES + (t // 4)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    return woff, soff
+
+
+@triton.jit
+def _frag_tile(step_ptr, woff, soff, dtype: tl.constexpr, PTX: tl.constexpr, WORDS_SPLIT: tl.constexpr):
     """One fragment-order step (atom.ops.mxfp4.pack_fragments) -> the logical [64, 128] weight tile in dtype,
-    scaled. Thread t reads its own 32 code bytes (two 16-byte loads) and its row pair's 8 scale bytes; the
+    scaled. Thread t reads its own 32 code bytes (two 16-byte loads: words 0-3 at woff, 4-7 2,048 bytes on,
+    or 16 without WORDS_SPLIT: _frag_offsets) and its row pair's 8 scale bytes; the
     reshape / permute chain from (thread = (w, g, c), word j, element (e1, e0), half h) to row 16 w + 8 e1 + g and
     column 16 j + 8 h + 2 c + e0 is a relabelling of registers, so on Hopper the decoded registers feed the
     matrix instruction as they are."""
-    codes = tl.join(tl.load(step_ptr + woff), tl.load(step_ptr + 16 + woff))  # [128, 16, 2]
+    if WORDS_SPLIT:
+        last = tl.load(step_ptr + _FRAG_HALF + woff)
+    else:
+        last = tl.load(step_ptr + 16 + woff)
+    codes = tl.join(tl.load(step_ptr + woff), last)  # [128, 16, 2]
     codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [128, 8, 4])  # word j = bytes 4 j .. 4 j + 3
     pairs = tl.load(step_ptr + soff).to(tl.uint32) * 0x00800080  # [128, 8]: (block b, row r) at 2 b + r
     s0, s1 = tl.split(tl.reshape(pairs, [128, 4, 2]))
@@ -696,7 +721,7 @@ def _expert_gemm_mxf_kernel(
     bias_stride_e, out_stride, alpha, limit, part_ptr, part_stride_s, part_stride_p,
     GATED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, STEP_BYTES: tl.constexpr, CODE_BYTES: tl.constexpr, SPLIT_K: tl.constexpr,
-    PER_PAIR: tl.constexpr, PDL: tl.constexpr,
+    PER_PAIR: tl.constexpr, PDL: tl.constexpr, WORDS_SPLIT: tl.constexpr = True,
 ):
     """regdot (_expert_gemm_mxr_kernel) on the fragment order: out^T = W A^T for 64 weight rows (one warpgroup's
     matrix instruction, one tile of the copy) and BLOCK_M pairs, K in steps of 128. Each step reads the tile's
@@ -723,9 +748,7 @@ def _expert_gemm_mxf_kernel(
     a_cols = a_ptr + (pair // a_row_div)[None, :] * a_stride
     n = n_blk * 64 + tl.arange(0, 64)
     n_ok = n < n_out
-    t = tl.arange(0, 128)
-    woff = t[:, None] * 32 + tl.arange(0, 16)[None, :]
-    soff = CODE_BYTES + (t // 4)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    woff, soff = _frag_offsets(CODE_BYTES, WORDS_SPLIT)
     w_tile = w_ptr + expert * w_stride_e + n_blk.to(tl.int64) * steps * STEP_BYTES
     up_offset = up_tiles.to(tl.int64) * steps * STEP_BYTES
     dtype = tl.float32 if F32_DOT else a_ptr.dtype.element_ty
@@ -741,9 +764,9 @@ def _expert_gemm_mxf_kernel(
         k = s * 128 + tl.arange(0, 128)
         a = tl.load(a_cols + k[:, None], mask=(k < k_dim)[:, None] & row_ok[None, :], other=0.0).to(dtype)
         step = w_tile + s * STEP_BYTES
-        acc = _dot(_frag_tile(step, woff, soff, dtype, PTX), a, acc, IEEE)
+        acc = _dot(_frag_tile(step, woff, soff, dtype, PTX, WORDS_SPLIT), a, acc, IEEE)
         if GATED:
-            acc_up = _dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX), a, acc_up, IEEE)
+            acc_up = _dot(_frag_tile(step + up_offset, woff, soff, dtype, PTX, WORDS_SPLIT), a, acc_up, IEEE)
     _finish_tile(acc, acc_up, a_ptr, bias_ptr, out_ptr, expert, bias_stride_e, out_stride, n, n_ok, n_out, pair, row_ok,
                  alpha, limit, part_ptr, part_stride_s, part_stride_p, GATED, SPLIT_K)
 
@@ -760,11 +783,9 @@ def _mx_frag_dequant_kernel(frag_ptr, out_ptr, n_rows, k_dim, tiles, halves_tile
     expert = pid // halves_tiles
     half = (pid % halves_tiles) // tiles
     tile = pid % tiles
-    t = tl.arange(0, 128)
-    woff = t[:, None] * 32 + tl.arange(0, 16)[None, :]
-    soff = CODE_BYTES + (t // 4)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    woff, soff = _frag_offsets(CODE_BYTES, True)
     step = frag_ptr + (pid.to(tl.int64) * steps + s) * STEP_BYTES
-    w = _frag_tile(step, woff, soff, out_ptr.dtype.element_ty, PTX)
+    w = _frag_tile(step, woff, soff, out_ptr.dtype.element_ty, PTX, True)
     rows = tile * 64 + tl.arange(0, 64)
     cols = s * 128 + tl.arange(0, 128)
     out = out_ptr + expert.to(tl.int64) * out_stride_e + (half * n_rows + rows)[:, None] * out_stride_n + cols[None, :]
@@ -1126,7 +1147,8 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                     a.stride(0), frag.stride(0), 0 if plain else up_tiles, frag.shape[2], b.stride(0), out.stride(0),
                     alpha, limit, part, *part_strides, GATED=one, E_PAD=triton.next_power_of_2(num_experts),
                     BLOCK_M=block_m, F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
-                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair, num_warps=4,
+                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair, WORDS_SPLIT=MX_FRAG_WORDS_SPLIT,
+                    num_warps=4,
                     num_stages=tile["num_stages"], **pdl_args(a.device))
             else:
                 _expert_gemm_mxr_kernel[(*grid, split_k)](
