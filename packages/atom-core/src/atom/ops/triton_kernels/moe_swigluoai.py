@@ -140,13 +140,16 @@ MX_SPLIT_K_RULE = "64:3,192:2,1"
 # 128 weights a thread (3.0 a weight) against regdot's 855 (6.7), 88 registers against 125; the down projection 240
 # (3.75) against 483 (7.5). regdot is bound by instruction issue at decode sizes (KERNEL_NOTES.md, stops 29 and 41).
 MX_FRAG = os.environ.get("ATOM_MX_FRAG", "1") == "1"
-# ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0: regdot's tile rule, which goes by the
-# average pairs an expert). A batch routed to few experts (random-weight engines) decodes each weight once per
-# tile of its tokens, so larger tiles decode less there; spread routing gives each expert a few tokens, where
-# larger tiles only cost registers (static: 88 / 130 / 170 registers at 16 / 32 / 64 for gate / up). Default 32,
-# measured (H200, 2026-12-05): against the tile rule 2.30 / 3.18 / 5.87 ms a step at batch 1 / 32 / 128 vs 2.54 /
-# 3.64 / 5.86 (few experts a batch); in the kernel at spread routing 4% slower at 32 tokens, 4% faster at 128.
-MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "32").strip() or "0"
+# ATOM_MX_FRAG_BLOCK_M: tokens a tile of the fragment kernel (16, 32 or 64; 0, the default: regdot's tile rule, which
+# goes by the average pairs an expert: 16 up to 8, 32 beyond). A batch routed to few experts (random-weight engines)
+# decodes each weight once per tile of its tokens, so larger tiles decode less there; spread routing (real
+# checkpoints) gives each expert a few tokens, where larger tiles only cost registers (static: 88 / 130 / 170
+# registers at 16 / 32 / 64 for gate / up). H200, 2026-12-05, the kernel at spread routing (mx_paths_bench.py
+# --routing random): the rule's picks won, 16 at 32 tokens (231.2 us against 241.4 for 32) and 32 at 128 (267.1
+# against 346.0 for 16). 32 everywhere was the default in stop 43, from engine runs whose checkpoint routed a batch to
+# 6-8 experts (2.30 / 3.18 ms a step at batch 1 / 32 against the rule's 2.54 / 3.64); `bench_vs_vllm.sh` on a
+# materialized checkpoint now spreads the batch as real weights do.
+MX_FRAG_BLOCK_M = os.environ.get("ATOM_MX_FRAG_BLOCK_M", "0").strip() or "0"
 if MX_FRAG_BLOCK_M not in ("0", "16", "32", "64"):
     raise ValueError(f"ATOM_MX_FRAG_BLOCK_M must be 16, 32 or 64 (0: the tile rule), got {MX_FRAG_BLOCK_M!r}")
 MX_FRAG_BLOCK_M = int(MX_FRAG_BLOCK_M)
