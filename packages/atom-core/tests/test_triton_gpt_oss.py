@@ -254,12 +254,14 @@ def test_fused_experts_swigluoai_regdot_on_fragments(name, split_k, monkeypatch)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize("size", [(20, 320, 128, 5, 2), (17, 256, 64, 4, 2)], ids=["k_partial", "one_tile"])
+@pytest.mark.parametrize("size", [(20, 320, 128, 5, 2), (17, 256, 64, 4, 2), (1, 256, 128, 4, 2)],
+                         ids=["k_partial", "one_tile", "one_token"])
 def test_fragments_gate_and_up_as_one_plain_matrix(size, split_k, monkeypatch):
     """ATOM_MX_FRAG_UNGATED: with K split, the gate / up matrix runs as one plain matrix of 2 x intermediate rows
     (the fragment kernel's GATED=False: a 64-row tile a program), and its float32 split sums land where the gated
     kernel's do, so the layer's output is the gated kernel's bit for bit; without a split the gated kernel runs.
-    Intermediate 128 (two gate tiles, then two up tiles) with K ending inside a step, and one 64-row tile each."""
+    Intermediate 128 (two gate tiles, then two up tiles) with K ending inside a step, one 64-row tile each, and one
+    token (the per-pair programs without the expert sort)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
     kernel, grids = tk._expert_gemm_mxf_kernel, []
@@ -276,8 +278,8 @@ def test_fragments_gate_and_up_as_one_plain_matrix(size, split_k, monkeypatch):
         monkeypatch.setattr(tk, "MX_FRAG_UNGATED", ungated)
         torch.manual_seed(11)
         grids.clear()
-        outs.append(_run_experts("plain_gate_up", size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot",
-                                 frag=True))
+        name = "plain_gate_up_decode" if size[0] * size[4] <= tk.PAIR_GEMV_MAX_PAIRS else "plain_gate_up"
+        outs.append(_run_experts(name, size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot", frag=True))
         assert grids[0][1] == (2 if ungated and split_k > 1 else 1) * inter // 64
     assert torch.equal(outs[0], outs[1])
 

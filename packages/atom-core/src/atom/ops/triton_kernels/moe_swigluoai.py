@@ -1144,15 +1144,15 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
                 # one plain matrix of gate and up rows (MX_FRAG_UNGATED): its split sums land where the gated
                 # kernel's would, [split, pair, gate | up]
                 plain = gated and split_k > 1 and MX_FRAG_UNGATED and n_out % FRAG_ROWS == 0
-                rows, one = (2 * n_out, False) if plain else (n_out, gated)
+                rows, gated_kernel = (2 * n_out, False) if plain else (n_out, gated)
                 _expert_gemm_mxf_kernel[(num_tiles, triton.cdiv(rows, FRAG_ROWS), split_k)](
                     a, frag, b, out, sorted_ids, padded_end, rows, k_dim, num_pairs, num_experts, row_div,
                     a.stride(0), frag.stride(0), 0 if plain else up_tiles, frag.shape[2], b.stride(0), out.stride(0),
-                    alpha, limit, part, *part_strides, GATED=one, E_PAD=triton.next_power_of_2(num_experts),
-                    BLOCK_M=block_m, F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16", STEP_BYTES=FRAG_STEP_BYTES,
-                    CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair, WORDS_SPLIT=MX_FRAG_WORDS_SPLIT,
-                    num_warps=4,
-                    num_stages=tile["num_stages"], **pdl_args(a.device))
+                    alpha, limit, part, *part_strides, GATED=gated_kernel, E_PAD=triton.next_power_of_2(num_experts),
+                    BLOCK_M=block_m, F32_DOT=interpreting(), IEEE=dot_ieee(a.dtype), PTX=decode == "bf16",
+                    STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=split_k, PER_PAIR=per_pair,
+                    WORDS_SPLIT=MX_FRAG_WORDS_SPLIT, num_warps=4, num_stages=tile["num_stages"],
+                    **pdl_args(a.device))
             else:
                 _expert_gemm_mxr_kernel[(*grid, split_k)](
                     *args, part, *part_strides, GATED=gated,
