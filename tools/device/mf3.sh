@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MF3 (tools/device/README.md): one device call, ~8 min. The fragment order's new code layout on the GPU (its tests),
+# MF3 (tools/device/README.md): one device call, under 10 min (its parts time out at 120 + 220 + 2 x 90 s). The fragment order's new code layout on the GPU (its tests),
 # the one-session A/B against the old layout and the plain gate / up matrix, the tile sweep at 32 and 128 spread
 # tokens, and an Nsight Compute profile of the two GEMMs at 32 tokens. Results under $OUT (or ./mf3_out).
 #     bash tools/device/mf3.sh            (carry .carry/vllm/c1 to stage vLLM for the vs-vLLM calls after it)
@@ -8,15 +8,15 @@ out=${OUT:-mf3_out}
 mkdir -p "$out"
 export PYTHONPATH=packages/atom-core/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=150 bash tools/device/run_gpu_tests.sh core -k "fragments or gpt_oss" \
+ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=120 bash tools/device/run_gpu_tests.sh core -k "fragments or gpt_oss" \
   2>&1 | grep -E "passed|failed|GPU TESTS|ERR|Error" | tail -8
-timeout 260 python3 tools/device/mx_paths_bench.py --routing random --tokens 1,8,32,128,512 \
+timeout 220 python3 tools/device/mx_paths_bench.py --routing random --tokens 1,8,32,128,512 \
   --paths regdot_frag,regdot_frag_contig,regdot_frag_ungated --sweep --sweep-tokens 32,128 \
   --sweep-kernels frag_split,frag_ungated --frag-tiles 16x3,16x4,32x3 --frag-splits 1,2,3,4 \
   --out "$out/frag_ab.json" 2>&1 | grep -v Warn | cut -c1-200
 for layout in split contig; do
   path=regdot_frag; [ "$layout" = contig ] && path=regdot_frag_contig
-  timeout 100 ncu --clock-control none --kernel-name regex:_expert_gemm_mxf --launch-skip 4 --launch-count 2 \
+  timeout 90 ncu --clock-control none --kernel-name regex:_expert_gemm_mxf --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
     python3 tools/device/mx_paths_bench.py --routing random --tokens 32 --paths $path --once > "$out/ncu32_$layout.txt" 2>&1
