@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# MF3 (tools/device/README.md): one device call, under 10 min (its parts time out at 120 + 220 + 2 x 90 s). The
-# fragment order's new code layout on the GPU (its tests), the one-session A/B against the old layout and the plain gate / up matrix, the tile sweep at 32 and 128 spread
-# tokens, and an Nsight Compute profile of the two GEMMs at 32 tokens. Results under $OUT (or ./mf3_out).
+# MF3 (tools/device/README.md): one device call, under 10 min (its parts time out at 120 + 220 + 2 x 90 s): the
+# fragment order's new code layout on the GPU (its tests), the one-session A/B against the old layout and the plain
+# gate / up matrix, the tile sweep at 32 and 128 spread tokens, and an Nsight Compute profile of the two GEMMs at 32
+# tokens on both layouts. Results under $OUT (or ./mf3_out).
 #     bash tools/device/mf3.sh            (carry .carry/vllm/c1 to stage vLLM for the vs-vLLM calls after it)
 set -uo pipefail
 out=${OUT:-mf3_out}
