@@ -120,13 +120,14 @@ def _frag_grid(rows: int, cols: int) -> tuple[int, int]:
     return -(-rows // FRAG_ROWS), -(-cols // FRAG_COLS)
 
 
-def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1, split_words: bool = True) -> torch.Tensor:
+def pack_fragments(blocks: torch.Tensor, scales: torch.Tensor, halves: int = 1,
+                   split_words: bool = True) -> torch.Tensor:
     """MXFP4 experts (blocks uint8 [E, R, K/2], scales uint8 [E, R, K/32]) -> fragment order, uint8
     [E, halves * ceil(N / 64), ceil(K / 128), FRAG_STEP_BYTES] with N = R / halves: each half of the rows (a fused
     gate / up matrix: halves=2) padded and tiled on its own, so that tile i of the second half is tile i of the
     first's partner. split_words=False: each thread's 32 code bytes together at 32 t (stop 41-43's layout, kept
-    for A/B timings: the kernels take it with MX_FRAG_WORDS_SPLIT off). A few experts at a time (the intermediate is 8 bytes a weight: ~1 GB at most); a byte-order
-    view of int32 words, so little-endian hosts only (every GPU host ATOM runs on)."""
+    for A/B timings: the kernels read it with MX_FRAG_WORDS_SPLIT off). A few experts at a time (the intermediate
+    is 8 bytes a weight: ~1 GB at most); a byte-order view of int32 words, so little-endian hosts only (every GPU host ATOM runs on)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 3:
         raise ValueError(f"pack_fragments: uint8 [E, R, K/2] blocks and [E, R, K/32] scales, got {blocks.dtype} "
                          f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
