@@ -105,7 +105,7 @@ def main() -> None:
                                                           "steps": "i32"},
                                 dict(GATED=gated, E_PAD=32, BLOCK_M=block_m, F32_DOT=False, IEEE=False, PTX=True,
                                      STEP_BYTES=FRAG_STEP_BYTES, CODE_BYTES=FRAG_CODE_BYTES, SPLIT_K=opts.split_k,
-                                     PER_PAIR=False, PDL=True))
+                                     PER_PAIR=False, PDL=True, WORDS_SPLIT=True))
             for name, kernel in (("checkpoint layout", plain), ("fragment order", frag)):
                 total, loop = loop_counts(kernel)
                 n = sum(loop.values())
