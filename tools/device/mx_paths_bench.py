@@ -4,8 +4,7 @@ For each token count: the per-pair GEMV (element-wise and PTX decode), regdot (e
 bf16 decode), regdot on the fragment-order copy (regdot_frag, ATOM_MX_FRAG: _expert_gemm_mxf_kernel, at every size
 from 1 token, so that it also meets the GEMV), scaled-dot (tl.dot_scaled) and dequantize + the dense grouped GEMM,
 each with its default tile, as
-CUDA-graph replays (first row, read_all_experts: torch reading every expert's fragment copy once, the bytes bound at
-spread routing measured in the same call) (us per layer call), and each one's max difference from the first path run at that size.
+CUDA-graph replays (us per layer call), and each one's max difference from the first path run at that size.
 --sweep adds regdot's tiles and its K splits (default decode) at a few sizes; --sweep-kernels frag_split the
 fragment kernel's K splits and token tiles, frag_ungated the same with gate and up as one plain matrix (--frag-tiles,
 --frag-splits narrow both). --routing random (default) spreads
@@ -131,12 +130,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return out
 
-    if dev == "cuda" and not opts.once:  # the bytes bound, measured: every expert's fragment codes and scales read once
-        words = [f.view(-1).view(torch.int32) for f in frags]
-        us = do_bench_cudagraph(lambda: [w.sum() for w in words], rep=200) * 1e3
-        mb = sum(f.numel() for f in frags) / 1e6
-        rows.append(dict(path="read_all_experts", mb=mb, us=us, gb_s=mb / us * 1e3))
-        print(json.dumps(rows[-1]), flush=True)
     try:
         for tokens in [int(t) for t in opts.tokens.split(",")]:
             x = torch.randn(tokens, H, device=dev, dtype=torch.bfloat16)
