@@ -589,8 +589,14 @@ def test_split_k_rule(monkeypatch):
     for bad in ("0", "four", "48:", "48:0,1", "", "48:4"):  # "48:4": no split beyond 48 tokens
         with pytest.raises(ValueError, match="ATOM_MX_SPLIT_K"):
             tk._split_rule(bad)
-    monkeypatch.setattr(tk, "MX_SPLIT_K", "48:4,192:2,1")
+    monkeypatch.setattr(tk, "MX_SPLIT_K", "auto")  # each kernel its own rule
+    monkeypatch.setattr(tk, "MX_SPLIT_K_RULE", "64:3,1")
+    monkeypatch.setattr(tk, "MX_FRAG_SPLIT_K_RULE", "8:2,1")
+    assert [tk._mx_split_k(t, "regdot") for t in (1, 64, 65)] == [3, 3, 1]
+    assert [tk._mx_split_k(t, "regdot", frag=True) for t in (1, 8, 9, 64)] == [2, 2, 1, 1]
+    monkeypatch.setattr(tk, "MX_SPLIT_K", "48:4,192:2,1")  # a set rule: both kernels
     assert [tk._mx_split_k(t, "regdot") for t in (1, 48, 49, 192, 193)] == [4, 4, 2, 2, 1]
+    assert [tk._mx_split_k(t, "regdot", frag=True) for t in (1, 48, 49, 192, 193)] == [4, 4, 2, 2, 1]
     assert tk._mx_split_k(32, "scaled_dot") == 1
     monkeypatch.setattr(tk, "MX_SPLIT_K", "3")
     assert tk._mx_split_k(1000, "regdot") == 3

@@ -130,6 +130,13 @@ def _split_rule(raw: str) -> tuple[tuple[int, int], ...]:
 # routing (392.5-423.1), so the tile rule stays; sub-tiles that skip padding (git history: 922cd9b) lost
 # everywhere (125.6 / 426.9 at 32 tokens).
 MX_SPLIT_K_RULE = "64:3,192:2,1"
+# The fragment kernel's own rule (ATOM_MX_SPLIT_K="auto"; a number or rule there sets both). H100, 2026-12-05, the
+# kernel at spread routing (mx_paths_bench.py --routing random --sweep-kernels frag_split, us a layer call, one
+# process): 32 tokens, 16 tokens a tile: split 1 178.3, 2 185.0, 3 185.4, 4 190.6; 128 tokens, 32 a tile: split 1
+# 211.7, 2 233.6, 3 245.4, 4 266.5. A spread batch already gives the grid a tile for most experts, so the split's
+# float32 round trip and finishing kernel only cost; regdot's rule above was measured on a batch routed to 4 experts
+# (random-weight engines), where it pays. Up to 8 tokens (one token: 4 programs a column block) the split stays.
+MX_FRAG_SPLIT_K_RULE = "8:3,1"
 # ATOM_MX_FRAG (default 1; 0: the checkpoint layout and regdot's own kernel): GPT-OSS's MXFP4 experts are repacked at
 # load in fragment order (atom.ops.mxfp4.pack_fragments; the checkpoint-layout tensors are emptied), and every Triton
 # path reads it: regdot's kernel on the fragments (_expert_gemm_mxf_kernel) at every size below MX_DEQUANT_MIN_PAIRS
@@ -1099,11 +1106,13 @@ def _mx_tile(num_pairs: int, num_experts: int, kernel: str) -> dict:
     return dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
-def _mx_split_k(num_tokens: int, kernel: str) -> int:
-    """How many K ranges regdot splits its GEMMs into (MX_SPLIT_K; "auto": by the batch's tokens)."""
+def _mx_split_k(num_tokens: int, kernel: str, frag: bool = False) -> int:
+    """How many K ranges regdot splits its GEMMs into (MX_SPLIT_K; "auto": by the batch's tokens, the fragment
+    kernel by its own rule)."""
     if kernel != "regdot":
         return 1
-    rule = _split_rule(MX_SPLIT_K_RULE if MX_SPLIT_K == "auto" else MX_SPLIT_K)
+    auto = MX_FRAG_SPLIT_K_RULE if frag else MX_SPLIT_K_RULE
+    rule = _split_rule(auto if MX_SPLIT_K == "auto" else MX_SPLIT_K)
     return next(split for max_tokens, split in rule if num_tokens <= max_tokens)
 
 
@@ -1119,7 +1128,7 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
         tile = dict(tile, block_m=MX_FRAG_BLOCK_M)
     block_m = tile["block_m"]
     decode = regdot_decode(x) if kernel == "regdot" else None
-    split_k = _mx_split_k(num_tokens, kernel)
+    split_k = _mx_split_k(num_tokens, kernel, frag=f13 is not None)
     ids = topk_ids.reshape(-1).contiguous()
     per_pair = f13 is not None and num_pairs <= MX_FRAG_PER_PAIR_MAX_PAIRS
     if per_pair:  # one token's pairs: no sort, no tiles past the experts' runs (padded_end: unread)
