@@ -14,7 +14,6 @@ Paths per (shape, M, layout):
   swap codes  the swap-AB kernel on codes a producer made (fp8_linear_quantized: no quantization kernel), and
               the same with serial split-K switched (the last program of a tile adds the partials; the row says
               which way it ran)
-  weight-only the swap-AB kernel on the bf16 activations, each FP8 weight tile widened to bf16 (WEIGHT_ONLY_MAX_M)
   bf16        cuBLAS on the bf16 weight (the same shape, twice the bytes)
 --sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout. --pdl adds
 swap codes rows with programmatic dependent launch (pdl.py) switched, with L2 prefetch sizes of 0 / 256 / 4,096
@@ -110,8 +109,6 @@ def main() -> None:
                         for q, s in ws:
                             lin_q(a, sa, q, s, None, block, torch.bfloat16)
                     row(f"swap codes {tag}", codes, nbytes, rotate)
-                    with patched(tk, WEIGHT_ONLY_MAX_M=64):  # the float activations, no quantization anywhere
-                        row(f"weight-only {tag}", call_all(), nbytes, rotate)
                     with patched(tk, SWAP_SERIAL_SPLIT=not tk.SWAP_SERIAL_SPLIT):
                         row(f"swap codes {tag} serial split {tk.SWAP_SERIAL_SPLIT}", codes, nbytes, rotate)
                     if opts.pdl:

@@ -36,11 +36,11 @@ only 1.4-2.5 TB/s: kernel launch and ramp-up dominate GEMMs of 16-100 MB (KERNEL
 With per-token activations (per-channel / per-tensor weights) the GEMV reads the quantization kernel's codes
 instead (GEMV_FUSED_QUANT_PER_TOKEN: quantizing a whole row in every program lost), or a fused producer's.
 
-Weight-only (W8A16, M <= WEIGHT_ONLY_MAX_M, bf16 / fp16 activations; off by default until measured): the swap-AB
-kernel widens each FP8 weight tile to the activations' dtype in registers (exact) and dots it with the float
-activations as they are. Nothing is quantized: the producers hand the linear floats (`takes_float_input`) and
-fp8_linear runs no quantization kernel, which at batch 1 is ~11 us of a qwen3-8b FP8 layer; the result is the
-dequantized-weight model's up to the output's rounding (W8A8 adds e4m3's rounding of every activation).
+Weight-only (W8A16: the swap-AB kernel widening each FP8 weight tile to bf16 and dotting it with the float
+activations) was built and measured, and removed: on an H100 (2026-12-05, fp8_skinny_bench.py) it was 4.6-9.3 us a
+call slower than the same kernel on a fused producer's codes (qwen3-8b down at M = 1: 30.2 against 25.3 us; gate_up
+at M = 32: 53.8 against 44.5), more than the quantization it saves (fused into the producers), as the static count
+predicted (4.6-4.9 instructions a weight against 1.4-2.2; KERNEL_NOTES.md stop 42).
 
 Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (128) rows or more go to torch._scaled_mm's
 rowwise-scaled kernel (CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled
@@ -249,8 +249,7 @@ def _fp8_gemm_swap_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, A16: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -264,9 +263,7 @@ def _fp8_gemm_swap_kernel(
 
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
     bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
-    _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation). A16 (weight-only, WEIGHT_ONLY_MAX_M):
-    a_ptr holds the float activations themselves (bf16 / fp16, no scales): each weight tile is widened to their dtype
-    (exact) and dotted with them, the weight scales applied as usual; F32_DOT (the interpreter) widens both to float32."""
+    _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -285,7 +282,7 @@ def _fp8_gemm_swap_kernel(
         prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
     pdl_wait(PDL)
 
-    if not BLOCK_SCALES and not A16:
+    if not BLOCK_SCALES:
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -294,32 +291,21 @@ def _fp8_gemm_swap_kernel(
         k_ok = k < K
         w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        if A16 and F32_DOT:  # the interpreter (its bf16 dots are wrong): exact float32 operands
-            w = w.to(tl.float32)
-            a_t = a_t.to(tl.float32)
-        elif A16:  # every FP8 value is exact in bf16 / fp16
-            w = w.to(a_t.dtype)
-        elif PRECISE:
+        if PRECISE:
             w = w.to(tl.bfloat16)
             a_t = a_t.to(tl.bfloat16)
         if BLOCK_SCALES:
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
                          other=0.0)
-            if A16:
-                acc += tl.dot(w, a_t) * sw[:, None]
-            else:
-                sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
-                acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
-        elif PRECISE or A16:
+            sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+            acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
+        elif PRECISE:
             acc = tl.dot(w, a_t, acc)
         else:
             acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
     if not BLOCK_SCALES:
         sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
-        if A16:
-            acc = acc * sw[:, None]
-        else:
-            acc = acc * (sw[:, None] * sa[None, :])
+        acc = acc * (sw[:, None] * sa[None, :])
 
     mask = n_ok[:, None] & m_ok[None, :]
     offs = m64[None, :] * out_stride_m + n64[:, None]
@@ -589,21 +575,6 @@ SWAP_MAX_M = _env_swap_max_m()
 SWAP_TILE_OVERRIDE: dict | None = None
 
 
-def _env_weight_only_max_m() -> int:
-    return _env_rows("ATOM_FP8_WEIGHT_ONLY_MAX_M", 0, 64)
-
-
-# Rows up to which fp8_linear runs weight-only (W8A16): the swap-AB kernel widens each FP8 weight tile to the
-# activations' dtype (bf16 / fp16, exact) and dots it with the float activations as they are; no activation
-# quantization anywhere (the producers hand floats, the o_proj input's quantization kernel is gone). At decode
-# sizes the GEMMs stream weights and the widening is a few instructions a weight, while the quantization work is
-# ~11 us of a qwen3-8b FP8 layer at batch 1 (BENCHMARKS.md, 2026-12-02 profile: norm + quantization 2.8 us x 2,
-# SiLU-and-mul + quantization 6.2, the o_proj input's 4.0, against 1.7 / 1.1 / 0 as float ops). The result is
-# closer to the dequantized-weight model than W8A8's (no activation rounding to 3 mantissa bits). 0 (off) until
-# measured on the H200 (tools/device/README.md); ATOM_FP8_WEIGHT_ONLY_MAX_M sets it per process (at most 64).
-WEIGHT_ONLY_MAX_M = _env_weight_only_max_m()
-
-
 # Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
 # (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode). Off: on the H200 (2026-12-03,
 # fp8_skinny_bench.py, qwen3-8b linears) it was slower than the second kernel in every row (o M32 13.0 against 10.5
@@ -712,10 +683,9 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
 
 
 def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
-               a16: bool) -> torch.Tensor:
-    """The swap-AB kernel with split-K over M = a.shape[0] rows: on FP8 codes + scales, or (a16) on the float
-    activations themselves (weight-only; a_scale unused)."""
+               bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool
+               ) -> torch.Tensor:
+    """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales."""
     n, k = weight.shape
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -739,7 +709,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-            PREFETCH=prefetch, PRECISE=precise, A16=a16, F32_DOT=a16 and interpreting(),
+            PREFETCH=prefetch, PRECISE=precise,
             num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
@@ -763,7 +733,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     # float32 outputs are the correctness mode (held to float32 references): exact products, float32 sums
     precise = out_dtype == torch.float32 and a.is_cuda and not interpreting()
     if 0 < m <= SWAP_MAX_M:
-        return _swap_gemm(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, precise, a16=False)
+        return _swap_gemm(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, precise)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return out
@@ -794,8 +764,7 @@ def fp8_linear(
     block_size: list[int] | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b with an FP8 weight [N, K] (block, per-channel or per-tensor scales; see
-    atom.ops.quant_fp8.fp8_linear) and dynamically quantized activations (or, at M <= WEIGHT_ONLY_MAX_M, the float
-    activations as they are); y in x's dtype."""
+    atom.ops.quant_fp8.fp8_linear) and dynamically quantized activations; y in x's dtype."""
     check_linear_args(x, weight, weight_scale, bias, block_size)
     n, k = weight.shape
     x2 = _rows(x)
@@ -805,9 +774,6 @@ def fp8_linear(
     if weight.stride(-1) != 1:
         raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
     block_scales = block_size is not None
-    if weight_only_applies(m, x.dtype):
-        return _swap_gemm(x2, x2, weight, weight_scale, bias, block_size, x.dtype, False, a16=True).view(
-            *x.shape[:-1], n)
     if gemv_quantizes_input(m, block_scales):
         out = _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True)
         return out.view(*x.shape[:-1], n)
@@ -818,15 +784,10 @@ def fp8_linear(
     return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(*x.shape[:-1], n)
 
 
-def weight_only_applies(m: int, dtype: torch.dtype) -> bool:
-    """Whether fp8_linear runs an M-row call on dtype activations weight-only (WEIGHT_ONLY_MAX_M)."""
-    return 0 < m <= WEIGHT_ONLY_MAX_M and dtype in (torch.bfloat16, torch.float16)
-
-
-def takes_float_input(m: int, block_scales: bool, dtype: torch.dtype) -> bool:
-    """Whether fp8_linear wants an M-row input as floats (weight-only, or its GEMV quantizes it): then a producer
-    hands it floats, elsewhere FP8 codes + scales (atom.layers.fp8_input)."""
-    return weight_only_applies(m, dtype) or gemv_quantizes_input(m, block_scales)
+def takes_float_input(m: int, block_scales: bool) -> bool:
+    """Whether fp8_linear wants an M-row input as floats (its GEMV quantizes it): then a producer hands it floats,
+    elsewhere FP8 codes + scales (atom.layers.fp8_input)."""
+    return gemv_quantizes_input(m, block_scales)
 
 
 def gemv_quantizes_input(m: int, block_scales: bool) -> bool:
