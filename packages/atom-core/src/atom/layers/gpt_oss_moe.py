@@ -151,7 +151,9 @@ class SwigluOaiMethod(MoEMethod):
                        params_dtype: torch.dtype) -> None:
         _param(layer, "w13_bias", (num_experts, 2 * intermediate_size), params_dtype, layer.load_w13_bias)
         _param(layer, "w2_bias", (num_experts, hidden_size), params_dtype, layer.load_w2_bias)
-        self.experts = resolve("fused_experts_swigluoai", static={"mxfp4": self.mxfp4})
+        # alpha / limit: a binding may compute SwiGLU with fixed ones (aiter's); its guard and self-check see them
+        self.experts = resolve("fused_experts_swigluoai",
+                               static={"mxfp4": self.mxfp4, "alpha": layer.alpha, "limit": layer.limit})
 
     def scales(self, layer: SwigluOaiExperts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None
@@ -163,8 +165,21 @@ class SwigluOaiMethod(MoEMethod):
                             topk_ids, layer.alpha, layer.limit, w13_scale, w2_scale,
                             getattr(layer, "w13_frag", None), getattr(layer, "w2_frag", None))
 
+    # the op's weight arguments (OpDef.weight_args), as the layer holds them
+    WEIGHT_PARAMS = ("w13_weight", "w2_weight", "w13_bias", "w2_bias", "w13_weight_scale", "w2_weight_scale")
+
     def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
-        """Nothing to repack: the Triton kernels read the loaded layout (an AITER binding would shuffle here)."""
+        """An implementation with its own layout (Impl.prepare_weights: aiter pads and shuffles MXFP4 experts) gets
+        the weights once here, in place of the loaded ones (one copy); the Triton kernels and the torch reference
+        read the loaded layout."""
+        impl = impl_of(self.experts)
+        if impl is None or impl.prepare_weights is None:
+            return
+        params = [getattr(layer, name, None) for name in self.WEIGHT_PARAMS]
+        for param, data in zip(params, impl.prepare_weights(*(p.data if p is not None else None for p in params)),
+                               strict=True):
+            if param is not None:
+                param.data = data
 
 
 class UnquantizedSwigluOaiMethod(SwigluOaiMethod):
@@ -205,10 +220,13 @@ class Mxfp4SwigluOaiMethod(SwigluOaiMethod):
     def process_weights_after_loading(self, layer: SwigluOaiExperts) -> None:
         """With the Triton kernels, a bf16 model and ATOM_MX_FRAG=1: the experts repacked in fragment order
         (atom.ops.mxfp4.pack_fragments; plain attributes, not in the state dict), which every Triton path then
-        reads; the checkpoint-layout tensors are emptied (the same memory, one copy)."""
+        reads; the checkpoint-layout tensors are emptied (the same memory, one copy). Another implementation's
+        own layout: SwigluOaiMethod's."""
         layer.w13_frag = layer.w2_frag = None
         impl = impl_of(self.experts)
-        if impl is not None and impl.backend == "triton":
+        if impl is None or impl.backend != "triton":
+            super().process_weights_after_loading(layer)
+        else:
             from atom.ops.triton_kernels.moe_swigluoai import fragments_for
 
             layer.w13_frag, layer.w2_frag = fragments_for(layer.w13_weight, layer.w13_weight_scale,

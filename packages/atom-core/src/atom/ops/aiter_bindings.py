@@ -26,10 +26,13 @@ them), moe_grouped_topk (biased_grouped_topk / grouped_topk), and FP8:
   e4m3fn and e4m3fnuz), then aiter.gemm_a8w8_blockscale (128 x 128 block scales) or aiter.gemm_a8w8
   (per-token x per-channel scales; per-tensor checkpoints are stored per channel);
 - fp8_fused_experts: aiter.fused_moe with QuantType.per_128x128 or per_Token, experts shuffled in (16, 16)
-  tiles once after loading; e4m3fn GPUs only (why: atom.ops.aiter_support).
+  tiles once after loading; e4m3fn GPUs only (why: atom.ops.aiter_support);
+- fused_experts_swigluoai with MXFP4 experts (GPT-OSS): aiter.fused_moe's a16w4 path (QuantType.per_1x32,
+  ActivationType.Swiglu, bias1 / bias2), experts padded to multiples of 256 and shuffled once after loading;
+  gfx950 only, as in the original ATOM (MI300 runs ATOM's Triton MXFP4 kernels).
 Weights reach the FP8 bindings in the GPU's own FP8 type: the quantization seam (atom.quantization.fp8)
 converts e4m3fn checkpoints to e4m3fnuz on MI300 at load (scale doubled, -0 remapped), whatever backend runs.
-Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, fused_experts_swigluoai, the mla_*
+Not mapped (triton, else torch reference): sample, qk_norm_rope_cache, dense GPT-OSS experts, the mla_*
 ops (aiter's MLA decode wants page-size-1 indptr metadata, not ATOM's block tables), fp8_quant_group and
 fp8_quant_token (aiter's quantization kernels scale by amax * (1 / fp8_max), 240 on e4m3fnuz, and multiply
 by the reciprocal scale: their q and scales are not ATOM's, which the self-check of those ops compares
@@ -404,3 +407,69 @@ def fp8_fused_experts(
     return fused_moe(x.contiguous(), w13, w2, topk_weights.float().contiguous(),
                      topk_ids.to(torch.int32).contiguous(), None, ActivationType.Silu, quant,
                      w1_scale=w13_scale.contiguous(), w2_scale=w2_scale.contiguous())
+
+
+@functools.cache
+def _gfx() -> str:
+    """The GPU's gfx name (gfx942 on MI300, gfx950 on MI350), as ROCm's torch reports it."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).gcnArchName.split(":")[0]
+
+
+def _mxfp4_experts_supports(static) -> str | None:
+    return aiter_support.mxfp4_experts_supports(static, _gfx())
+
+
+def prepare_mxfp4_experts(w13, w2, w13_bias, w2_bias, w13_scale, w2_scale) -> tuple[torch.Tensor, ...]:
+    """GPT-OSS's MXFP4 experts in aiter's a16w4 layout, once after loading (in place of ATOM's): H and I padded to
+    multiples of 256 (aiter_support.pad_mxfp4_experts), the codes as fp4x2 and the scales as E8M0 in aiter's
+    shuffled tiles (gate half, then up half, as its kernels read w13), the biases float32."""
+    from aiter import dtypes
+    from aiter.ops.shuffle import shuffle_scale_a16w4, shuffle_weight_a16w4
+
+    w13, w2, b13, b2, s13, s2 = aiter_support.pad_mxfp4_experts(w13, w2, w13_bias, w2_bias, w13_scale, w2_scale)
+    experts = w13.shape[0]
+
+    def scales(s: torch.Tensor, gate_up: bool) -> torch.Tensor:
+        flat = shuffle_scale_a16w4(s.reshape(-1, s.shape[-1]).contiguous(), experts, gate_up)
+        return flat.view(dtypes.fp8_e8m0).view(s.shape)
+
+    return (shuffle_weight_a16w4(w13.view(dtypes.fp4x2), 16, True),
+            shuffle_weight_a16w4(w2.view(dtypes.fp4x2), 16, False), b13, b2, scales(s13, True), scales(s2, False))
+
+
+@register("fused_experts_swigluoai", "aiter", dtypes=_HALF, supports=_mxfp4_experts_supports,
+          prepare_weights=prepare_mxfp4_experts)
+def fused_experts_swigluoai(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_bias: torch.Tensor,
+    w2_bias: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    alpha: float,
+    limit: float,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_frag: torch.Tensor | None = None,
+    w2_frag: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts' weights, scales and biases in the layout of prepare_mxfp4_experts (H_pad = w2.shape[1]): x is
+    zero-padded to H_pad for aiter and its output cut back to H. The fragment-order copies are Triton's (unused)."""
+    from aiter import ActivationType, QuantType
+    from aiter.fused_moe import fused_moe
+
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("the AITER fused_experts_swigluoai binding runs MXFP4 experts only (no scales given)")
+    if (float(alpha), float(limit)) != aiter_support.AITER_SWIGLU:
+        raise ValueError(f"the AITER fused_experts_swigluoai binding computes SwiGLU with alpha / limit "
+                         f"{aiter_support.AITER_SWIGLU}, not ({alpha}, {limit})")
+    hidden = x.shape[1]
+    pad = w2.shape[1] - hidden
+    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+    # intermediate_pad 0: aiter then also computes the padded I columns, zeros that SwiGLU keeps zero (the real I
+    # is not in the padded tensors' shapes); hidden_pad lets it skip the padded K of stage 1
+    out = fused_moe(xp, w13, w2, topk_weights.float().contiguous(), topk_ids.to(torch.int32).contiguous(), None,
+                    ActivationType.Swiglu, QuantType.per_1x32, w1_scale=w13_scale, w2_scale=w2_scale,
+                    hidden_pad=pad, intermediate_pad=0, bias1=w13_bias, bias2=w2_bias)
+    return out[:, :hidden].contiguous() if pad else out

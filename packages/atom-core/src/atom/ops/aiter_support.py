@@ -15,6 +15,10 @@ What the guards encode (read in amd-aiter 0.1.7's sources, see docs/ARCHITECTURE
   quantizations round independently, and the outputs differ by 4-7% (relative norm, measured on the
   self-check's inputs), more than the self-check's bound. On e4m3fn (448 for both) they differ by output
   rounding only. So the binding serves e4m3fn GPUs; MI300 keeps ATOM's Triton MoE kernel.
+- MXFP4 experts (GPT-OSS): aiter.fused_moe's a16w4 path (QuantType.per_1x32, ActivationType.Swiglu, bf16
+  activations, fp4x2 weights and E8M0 scales shuffled by shuffle_weight_a16w4 / shuffle_scale_a16w4, float32 biases
+  as bias1 / bias2) runs cktile kernels built for gfx950, with Swiglu's alpha 1.702 and limit 7.0 fixed and the
+  gate rows before the up rows (ATOM's layout); its shuffles want H and I padded to 256.
 - FP8 KV cache: reshape_and_cache_flash / paged_attention_v1 with kv_cache_dtype "fp8" store and read the
   GPU's native FP8 type with per-tensor k_scale / v_scale (vLLM's convention, ATOM's too).
 """
@@ -73,6 +77,61 @@ def fp8_experts_supports(static: Mapping, native: torch.dtype) -> str | None:
             return (f"hidden {hidden} / intermediate {inter} are not multiples of 128 (aiter quantizes the "
                     "activations of block-scaled experts in whole 1 x 128 groups)")
     return None
+
+
+# ---------------------------------------------------------------- MXFP4 experts (GPT-OSS)
+
+# aiter's a16w4 MoE (fused_moe with QuantType.per_1x32 and ActivationType.Swiglu: bf16 activations, MXFP4 weights,
+# the cktile two-stage kernels) shuffles weights in [16 rows, 128 K] tiles and scales in [32 rows, 256 K] tiles
+# (aiter.ops.shuffle.shuffle_weight_a16w4 / shuffle_scale_a16w4), so both dimensions are padded to multiples of
+# 256, as the original ATOM pads GPT-OSS's 2,880 to 3,072.
+MXFP4_PAD = 256
+# The alpha and limit aiter's Swiglu computes with: fixed in its kernels (aiter.fused_moe.swiglu, its torch
+# reference, has them as defaults), GPT-OSS's own values.
+AITER_SWIGLU = (1.702, 7.0)
+
+
+def mxfp4_experts_supports(static: Mapping, arch: str) -> str | None:
+    """The fused_experts_swigluoai binding (aiter's a16w4 MoE). `arch`: the GPU's gfx name."""
+    if not static.get("mxfp4"):
+        return "dense GPT-OSS experts (the binding runs aiter's MXFP4 a16w4 MoE only)"
+    if not arch.startswith("gfx95"):
+        return (f"a {arch} GPU (aiter's a16w4 MoE kernels are built for gfx950; elsewhere ATOM's Triton MXFP4 "
+                "kernels run, as the original ATOM runs Triton MoE on MI300)")
+    if static.get("expert_parallel"):
+        return "expert parallelism (the binding does not pass aiter an expert mask for other ranks' experts)"
+    swiglu = (static.get("alpha"), static.get("limit"))
+    if swiglu != AITER_SWIGLU:
+        return (f"SwiGLU alpha {swiglu[0]} / limit {swiglu[1]} (aiter's Swiglu computes with alpha "
+                f"{AITER_SWIGLU[0]}, limit {AITER_SWIGLU[1]})")
+    return None
+
+
+def pad_mxfp4_experts(w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tensor, w2_bias: torch.Tensor,
+                      w13_scale: torch.Tensor, w2_scale: torch.Tensor, multiple: int = MXFP4_PAD
+                      ) -> tuple[torch.Tensor, ...]:
+    """GPT-OSS's MXFP4 experts in ATOM's layout (w13 uint8 [E, 2I, H/2], gate rows then up rows; w2 uint8 [E, H, I/2];
+    E8M0 scales [E, 2I, H/32] / [E, H, I/32]; biases [E, 2I] / [E, H]) with H and I zero-padded to multiples of
+    `multiple`: the gate and the up half each grow to I_pad rows, every K to the padded size. Padded codes are 0
+    (+0.0) with scale byte 127 (1.0), biases float32 and 0 there, so the padded experts dequantize to the original
+    ones in each half's top-left corner and zeros elsewhere: the padded gate / up columns give SwiGLU(0, 0) = 0, the
+    padded hidden rows 0. Same argument order as the op (fused_experts_swigluoai's weight arguments)."""
+    experts, two_i, half_h = w13.shape
+    hidden, inter = 2 * half_h, two_i // 2
+    hp, ip = -(-hidden // multiple) * multiple, -(-inter // multiple) * multiple
+
+    def grow(t: torch.Tensor, rows: int, cols: int, fill: int | float = 0) -> torch.Tensor:
+        out = t.new_full((t.shape[0], rows, cols), fill)
+        out[:, : t.shape[1], : t.shape[2]] = t
+        return out
+
+    def halves(t: torch.Tensor, cols: int, fill: int | float = 0) -> torch.Tensor:  # gate and up, each padded
+        return torch.cat([grow(h, ip, cols, fill) for h in t.chunk(2, dim=1)], dim=1)
+
+    b13 = halves(w13_bias.float().unsqueeze(-1), 1).squeeze(-1)
+    b2 = grow(w2_bias.float().unsqueeze(-1), hp, 1).squeeze(-1)
+    return (halves(w13, hp // 2), grow(w2, hp, ip // 2), b13, b2,
+            halves(w13_scale, hp // 32, 127), grow(w2_scale, hp, ip // 32, 127))
 
 
 # ---------------------------------------------------------------- linear

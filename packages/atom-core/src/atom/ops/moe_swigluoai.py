@@ -37,15 +37,18 @@ def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, expert: int, dtyp
 
 def _experts_example(t, static):
     """Five tokens, top-2 of 4 experts, biases, clamps that engage; MXFP4 weights (random codes, scales
-    around 2^-4) when static["mxfp4"], in fragment order only when also static["frag"]."""
+    around 2^-4) when static["mxfp4"], in fragment order only when also static["frag"]. The layer's SwiGLU
+    alpha / limit when static gives them (a binding may compute with fixed ones), the activations then scaled
+    so that the clamp still engages; else 1.702 / 1.2."""
     hidden, inter, experts, tokens, top_k = 64, 64, 4, 5, 2
+    alpha, limit = float(static.get("alpha", 1.702)), float(static.get("limit", 1.2))
     ids = torch.stack([t.randperm(experts)[:top_k] for _ in range(tokens)])
     weights = torch.softmax(t.randn(tokens, top_k, dtype=torch.float32), dim=-1)
-    x = t.randn(tokens, hidden)
+    x = t.randn(tokens, hidden, scale=max(1.0, limit / 1.2))
     b13, b2 = t.randn(experts, 2 * inter, scale=0.3), t.randn(experts, hidden, scale=0.3)
     if not static.get("mxfp4"):
         return (x, t.randn(experts, 2 * inter, hidden, scale=hidden**-0.5),
-                t.randn(experts, hidden, inter, scale=inter**-0.5), b13, b2, weights, ids, 1.702, 1.2)
+                t.randn(experts, hidden, inter, scale=inter**-0.5), b13, b2, weights, ids, alpha, limit)
 
     def packed(rows, k):
         codes = (t.rand(experts, rows, k // 2) * 256).to(torch.uint8)
@@ -55,13 +58,16 @@ def _experts_example(t, static):
     (w13, s13), (w2, s2) = packed(2 * inter, hidden), packed(hidden, inter)
     if static.get("frag"):  # the fragment order alone, as ATOM_MX_FRAG leaves the layer (Triton only)
         empty = w13.new_empty(0)
-        return (x, empty, empty, b13, b2, weights, ids, 1.702, 1.2, empty, empty,
+        return (x, empty, empty, b13, b2, weights, ids, alpha, limit, empty, empty,
                 pack_fragments(w13, s13, halves=2), pack_fragments(w2, s2))
-    return (x, w13, w2, b13, b2, weights, ids, 1.702, 1.2, s13, s2)
+    return (x, w13, w2, b13, b2, weights, ids, alpha, limit, s13, s2)
 
 
+# weight_args: what a binding may hold in its own layout (aiter pads and shuffles them); the output has x's shape
+# whatever that layout is
 define_op("fused_experts_swigluoai", example=_experts_example,
-          fake=lambda x, w13, w2, w13_bias, w2_bias, *args, **kwargs: x.new_empty(x.shape[0], w2_bias.shape[1]))
+          weight_args=("w13", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale"),
+          fake=lambda x, *args, **kwargs: x.new_empty(x.shape))
 
 
 # Reads per-expert token counts on the host: neither capturable nor traceable (a custom op under compile).
