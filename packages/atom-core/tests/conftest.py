@@ -58,6 +58,19 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def kernel_env_cleared(monkeypatch):
+    """No kernel-choice variable from the caller's environment (backend, overrides, self-check, the Triton
+    interpreter) and no cached resolution, before and after the test: the registry tests' starting point."""
+    from atom.ops import registry
+
+    for k in ("ATOM_KERNEL_BACKEND", "ATOM_KERNEL_OVERRIDES", "ATOM_KERNEL_SELF_CHECK", "TRITON_INTERPRET"):
+        monkeypatch.delenv(k, raising=False)
+    registry.forget_resolutions()
+    yield
+    registry.forget_resolutions()
+
+
+@pytest.fixture
 def planted_backend(monkeypatch):
     """plant(op, fn, **capabilities): register `fn` as `op`'s "aiter" implementation for this test and
     request it (ATOM_KERNEL_OVERRIDES=op=aiter). AITER cannot run here, so the platform is told the aiter

@@ -39,13 +39,7 @@ FN, FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
 _AITER_OK, _AITER_REASON = platform.backend_status("aiter")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in ("ATOM_KERNEL_BACKEND", "ATOM_KERNEL_OVERRIDES", "ATOM_KERNEL_SELF_CHECK", "TRITON_INTERPRET"):
-        monkeypatch.delenv(k, raising=False)
-    registry.forget_resolutions()
-    yield
-    registry.forget_resolutions()
+pytestmark = pytest.mark.usefixtures("kernel_env_cleared")
 
 
 def _warnings(caplog) -> list[str]:

@@ -26,7 +26,7 @@ from gpt_oss_checkpoint import CONFIG, write_dense, write_mxfp4
 from test_models_parity import _atom_logits
 
 from atom.loader import load_model
-from atom.ops import aiter_support, registry
+from atom.ops import aiter_support
 from atom.ops.moe_swigluoai import fused_experts_swigluoai as reference
 from atom.ops.mxfp4 import dequantize_mxfp4
 from atom.ops.registry import impl_of, resolve
@@ -35,13 +35,7 @@ LOGGER = "atom.ops.registry"
 GPT_OSS = {"mxfp4": True, "alpha": 1.702, "limit": 7.0}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in ("ATOM_KERNEL_BACKEND", "ATOM_KERNEL_OVERRIDES", "ATOM_KERNEL_SELF_CHECK", "TRITON_INTERPRET"):
-        monkeypatch.delenv(k, raising=False)
-    registry.forget_resolutions()
-    yield
-    registry.forget_resolutions()
+pytestmark = pytest.mark.usefixtures("kernel_env_cleared")
 
 
 def test_guard():

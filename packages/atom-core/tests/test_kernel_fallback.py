@@ -22,13 +22,7 @@ from atom.ops.registry import cuda_graph_blockers, impl_of, resolve
 LOGGER = "atom.ops.registry"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in ("ATOM_KERNEL_BACKEND", "ATOM_KERNEL_OVERRIDES", "ATOM_KERNEL_SELF_CHECK", "TRITON_INTERPRET"):
-        monkeypatch.delenv(k, raising=False)
-    registry.forget_resolutions()
-    yield
-    registry.forget_resolutions()
+pytestmark = pytest.mark.usefixtures("kernel_env_cleared")
 
 
 def _warnings(caplog) -> list[str]:
