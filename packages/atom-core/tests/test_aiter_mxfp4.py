@@ -1,9 +1,9 @@
 """AITER's MXFP4 experts binding (GPT-OSS: fused_experts_swigluoai on aiter's a16w4 MoE), as far as it can be
 checked here.
 
-No ROCm GPU is reachable, so `aiter` never imports here and the binding never runs; on ROCm the registry uses it
-only after its self-check against the torch reference passes (atom.ops.self_check). What is checked on every
-machine:
+No ROCm GPU is reachable, so `aiter` never imports here and the binding never runs (the gfx950 test at the end
+skips, with the platform's reason); on ROCm the registry uses it only after its self-check against the torch
+reference passes (atom.ops.self_check). What is checked on every machine:
 - the build-time guard (atom.ops.aiter_support.mxfp4_experts_supports): MXFP4 only, gfx950 only, no expert
   parallelism, and the SwiGLU constants aiter's kernels fix;
 - the padding the binding applies before aiter's shuffles (pad_mxfp4_experts): the padded experts dequantize to
@@ -25,8 +25,9 @@ import torch
 from gpt_oss_checkpoint import CONFIG, write_dense, write_mxfp4
 from test_models_parity import _atom_logits
 
+from atom import platform
 from atom.loader import load_model
-from atom.ops import aiter_support
+from atom.ops import aiter_support, registry
 from atom.ops.moe_swigluoai import fused_experts_swigluoai as reference
 from atom.ops.mxfp4 import dequantize_mxfp4
 from atom.ops.registry import impl_of, resolve
@@ -176,3 +177,30 @@ def test_self_check_rejects_a_call_that_misreads_the_padded_layout(planted_backe
     assert impl_of(chosen).backend != "aiter"
     assert any("fused_experts_swigluoai" in r.getMessage() and "relative error" in r.getMessage()
                for r in caplog.records if r.name == LOGGER), caplog.text
+
+
+_AITER_OK, _AITER_REASON = platform.backend_status("aiter")
+
+
+@pytest.mark.skipif(not _AITER_OK, reason=f"aiter unavailable: {_AITER_REASON}")
+@pytest.mark.parametrize("tokens", [1, 33, 300])
+def test_aiter_mxfp4_experts_match_torch(tokens):  # pragma: no cover - needs ROCm
+    """The real binding on a gfx950 GPU against the torch reference, at sizes that need padding (H 320, I 192)."""
+    from atom.ops.aiter_bindings import _gfx
+
+    if (why := aiter_support.mxfp4_experts_supports(GPT_OSS, _gfx())) is not None:
+        pytest.skip(why)
+    w = {k: v.cuda() for k, v in _experts(experts=8, hidden=320, inter=192).items()}
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, 320, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(tokens)]).cuda()
+    weights = torch.softmax(torch.randn(tokens, 4, generator=g), dim=-1).cuda()
+    b13, b2 = w["w13_bias"].bfloat16(), w["w2_bias"].bfloat16()
+    want = reference(x, w["w13"], w["w2"], b13, b2, weights, ids, *aiter_support.AITER_SWIGLU, w["w13_scale"],
+                     w["w2_scale"])
+    impl = registry.implementation("fused_experts_swigluoai", "aiter")
+    prepared = impl.prepare_weights(w["w13"], w["w2"], b13, b2, w["w13_scale"], w["w2_scale"])  # as the layer does
+    w13, w2, pb13, pb2, s13, s2 = prepared
+    got = resolve("fused_experts_swigluoai", "aiter")(x, w13, w2, pb13, pb2, weights, ids, *aiter_support.AITER_SWIGLU,
+                                                      s13, s2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
