@@ -15,7 +15,7 @@ and the producer returns its usual float tensor, unless
   torch path, not a float linear),
 - fp8_linear would run a quantization kernel for this call's row count (not where its GEMV quantizes the input
   itself: M <= GEMV_MAX_M with 1 x 128 groups; per-token layouts take the producer's codes there too;
-  `quant_fp8.takes_float_input`),
+  `quant_fp8.gemv_quantizes_input`),
 - nothing is being traced by torch.compile (atom-vllm compiles the backbone: the compiled graph keeps the
   float ops, which Inductor may fuse on its own).
 Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. All of these are decided from
@@ -77,7 +77,7 @@ class Fp8ConsumerLink:
         if fmt is None:
             return None
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return None if self._gemm_module.takes_float_input(rows, fmt.group_size is not None) else fmt
+        return None if self._gemm_module.gemv_quantizes_input(rows, fmt.group_size is not None) else fmt
 
 
 def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...],

@@ -116,7 +116,7 @@ def pad_mxfp4_experts(w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tenso
     (+0.0) with scale byte 127 (1.0), biases float32 and 0 there, so the padded experts dequantize to the original
     ones in each half's top-left corner and zeros elsewhere: the padded gate / up columns give SwiGLU(0, 0) = 0, the
     padded hidden rows 0. Same argument order as the op (fused_experts_swigluoai's weight arguments)."""
-    experts, two_i, half_h = w13.shape
+    _, two_i, half_h = w13.shape
     hidden, inter = 2 * half_h, two_i // 2
     hp, ip = -(-hidden // multiple) * multiple, -(-inter // multiple) * multiple
 

@@ -784,12 +784,6 @@ def fp8_linear(
     return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(*x.shape[:-1], n)
 
 
-def takes_float_input(m: int, block_scales: bool) -> bool:
-    """Whether fp8_linear wants an M-row input as floats (its GEMV quantizes it): then a producer hands it floats,
-    elsewhere FP8 codes + scales (atom.layers.fp8_input)."""
-    return gemv_quantizes_input(m, block_scales)
-
-
 def gemv_quantizes_input(m: int, block_scales: bool) -> bool:
     """Whether fp8_linear's GEMV quantizes an M-row input itself (GEMV_FUSED_QUANT; per-token layouts only with
     GEMV_FUSED_QUANT_PER_TOKEN): then a producer hands the linear floats, elsewhere FP8 codes + scales
