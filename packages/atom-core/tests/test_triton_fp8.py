@@ -345,6 +345,92 @@ def test_swap_max_m_env(monkeypatch):
     assert tk._env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 
 
+# Tensor-descriptor (TMA) loads: the same tiles through Hopper's bulk copies, zero past every edge instead of masks.
+# Partial row, column and K blocks in both kernels, split-K, every scale layout; the same codes reach the same dots,
+# so the outputs are bit-identical to the pointer loads' (and within the reference's bound).
+TMA_CASES = {  # K a multiple of 16 bytes (descriptors need 16-byte row strides), not of the 128-wide K step
+    "swap_block_m1_split": ((1, 130, 528, "block", (128, 128), 4), dict(gemv_max_m=0, swap_max_m=64)),
+    "swap_channel_rows": ((40, 150, 304, "channel", None, None), dict(gemv_max_m=0, swap_max_m=64,
+                                                                      swap_tile=dict(block_m=16))),
+    "swap_block_64": (LINEAR_CASES["decode_block_64"], dict(gemv_max_m=0, swap_max_m=64)),
+    "dot_block": ((40, 200, 304, "block", (128, 128), None), dict(gemv_max_m=0, swap_max_m=0)),
+    "dot_tensor_split": ((33, 72, 304, "tensor", None, 2), dict(gemv_max_m=0, swap_max_m=0)),
+    "dot_channel_m1": ((1, 200, 304, "channel", None, 2), dict(gemv_max_m=0, swap_max_m=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TMA_CASES))
+def test_fp8_linear_tma_loads_equal_pointer_loads(monkeypatch, name):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    case, kw = TMA_CASES[name]
+    made = []
+
+    def descriptors(*args):
+        made.append(tk_descriptors(*args))
+        return made[-1]
+
+    tk_descriptors = tk._descriptors
+    monkeypatch.setattr(tk, "_descriptors", descriptors)
+    seed = torch.initial_seed() % 2**31
+    outs = []
+    for tma in (False, True):
+        monkeypatch.setattr(tk, "TMA", tma)
+        torch.manual_seed(seed)
+        outs.append(_run_linear(f"{name} tma {tma}", *case, torch.float32, f32_tol=TOL_F32_FP8_MMA, **kw))
+    assert made and all(d is not None for d in made)  # the TMA run did load through descriptors
+    assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
+
+
+def test_fp8_linear_tma_falls_back_where_descriptors_cannot_carry_the_tensors():
+    """A row stride that is not a multiple of 16 bytes: no descriptors, the pointer loads run."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    w = torch.zeros(8, 208, dtype=torch.float8_e4m3fn, device=DEVICE)
+    a = torch.zeros(3, 208, dtype=torch.float8_e4m3fn, device=DEVICE)
+    assert tk._descriptors(a, w, 16, 64, 128) is not None
+    assert tk._descriptors(torch.zeros(3, 216, dtype=torch.float8_e4m3fn, device=DEVICE)[:, :208], w, 16, 64,
+                           128) is None
+    assert tk._descriptors(a, torch.zeros(8, 200, dtype=torch.float8_e4m3fn, device=DEVICE), 16, 64, 128) is None
+
+
+def test_fp8_tile_rules_from_the_environment(tmp_path):
+    """ATOM_FP8_TILES: the first rule whose max_m covers M picks the tile (split-K by the built-in rule unless
+    given), from JSON or a file; the built-in tables elsewhere; malformed rules are refused naming the variable."""
+    import json
+
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    rules = {"dot": [[64, {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 4}],
+                     [128, {"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3, "split_k": 1,
+                            "tma": True}]],
+             "swap": [[16, {"block_n": 128, "num_warps": 8, "tma": True}]], "scaled_mm_min_m": 256}
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(rules))
+    dev = torch.device(DEVICE)
+    for raw in (json.dumps(rules), f"@{path}"):
+        parsed = tk._parse_tiles(raw)
+        assert parsed == rules
+        saved = tk.TILE_RULES
+        tk.TILE_RULES = parsed
+        try:
+            t64 = tk._gemm_tile(50, 4096, 4096, 128, dev)
+            assert (t64["block_m"], t64["block_n"], t64["tma"]) == (64, 128, tk.TMA)
+            assert t64["split_k"] == tk._pow2_split(triton.cdiv(2 * tk.num_sms(dev), 32), 8)
+            t128 = tk._gemm_tile(128, 4096, 4096, 128, dev)
+            assert (t128["block_n"], t128["split_k"], t128["tma"]) == (256, 1, True)
+            assert tk._gemm_tile(129, 4096, 4096, 128, dev)["block_n"] == tk._gemm_table_tile(129)["block_n"]
+            assert tk._swap_tile(8, 4096, 4096, 128, dev)["block_n"] == 128
+            assert tk._swap_tile(32, 4096, 4096, 128, dev)["block_n"] == 64
+        finally:
+            tk.TILE_RULES = saved
+    assert tk._parse_tiles("") == {}
+    for bad in ("{", '{"dots": []}', '{"dot": [[64, {"block_q": 1}]]}', '{"dot": [64]}', "@/nonexistent/tiles",
+                '{"scaled_mm_min_m": "x"}'):
+        with pytest.raises(ValueError, match="ATOM_FP8_TILES"):
+            tk._parse_tiles(bad)
+
+
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])
 def test_fp8_linear_dot_path_at_small_m(name):
     """GEMV and swap-AB off (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
@@ -458,6 +544,28 @@ def test_fp8_linear_large(proj, m, layout):
     if m <= _gemv_candidate():
         _run_linear(f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
                     gemv_max_m=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("layout", ["block", "channel"])
+@pytest.mark.parametrize("m", [1, 32, 128])
+@pytest.mark.parametrize("proj", sorted(LARGE_LINEAR))
+def test_fp8_linear_large_tma(monkeypatch, proj, m, layout):
+    """The 8b shapes through tensor descriptors (swap-AB at 1 / 32 rows, the tl.dot GEMM at 128 with torch._scaled_mm
+    off): within the reference's bound, and the same bits as the pointer loads (the same dots on the same codes)."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    n, k = LARGE_LINEAR[proj]
+    monkeypatch.setattr(tk, "SCALED_MM", False)
+    seed = torch.initial_seed() % 2**31
+    outs = []
+    for tma in (False, True):
+        monkeypatch.setattr(tk, "TMA", tma)
+        torch.manual_seed(seed)
+        outs.append(_run_linear(f"8b {proj} {layout} tma {tma}", m, n, k, layout, (128, 128), None, torch.bfloat16,
+                                bias=False, gemv_max_m=0))
+    assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
 
 
 @pytest.mark.gpu

@@ -50,6 +50,7 @@ weights and other devices keep the tl.dot GEMM.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -175,16 +176,18 @@ def per_token_quant_fp8(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, a_desc, w_desc,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
 ):
     """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8. PRECISE (float32
     outputs, the correctness mode): the codes are widened to bf16 (exactly: e4m3 fits in bf16) for a dot that
-    accumulates in full float32, instead of Hopper's FP8 MMA (~14-bit accumulation between promotions)."""
+    accumulates in full float32, instead of Hopper's FP8 MMA (~14-bit accumulation between promotions).
+    TMA: the A and W tiles come through tensor descriptors (a_desc [M, K] blocks [BLOCK_M, BLOCK_K], w_desc [N, K]
+    blocks [BLOCK_N, BLOCK_K]; Hopper's bulk copies, zero past the edges) instead of per-thread loads."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -214,10 +217,14 @@ def _fp8_gemm_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if TMA:
+            aq = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0]).T
+        else:
+            aq = tl.load(a_ptr + m64[:, None] * a_stride + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_SCALES:
             sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
-        w = tl.load(w_ptr + n64[None, :] * w_stride + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if PRECISE:
             aq = aq.to(tl.bfloat16)
             w = w.to(tl.bfloat16)
@@ -244,12 +251,12 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _fp8_gemm_swap_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, final_ptr, cnt_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, final_ptr, cnt_ptr, a_desc, w_desc,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr,
+    SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -263,7 +270,8 @@ def _fp8_gemm_swap_kernel(
 
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
     bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
-    _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation)."""
+    _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation). TMA: as in _fp8_gemm_kernel
+    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K])."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -289,8 +297,14 @@ def _fp8_gemm_swap_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if TMA:
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
+        else:
+            w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                          other=0.0)
         if PRECISE:
             w = w.to(tl.bfloat16)
             a_t = a_t.to(tl.bfloat16)
@@ -535,13 +549,96 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
                                                           **pdl_args(out.device))
 
 
-# Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k).
+# Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k
+# (absent: the rule below), tma).
 GEMM_TILE_OVERRIDE: dict | None = None
+
+_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma"}
+
+
+def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
+    """The FP8 GEMMs' tile rules: JSON (or '@path' to a JSON file), {"dot": [[max_m, tile], ...], "swap": [[max_m,
+    tile], ...], "scaled_mm_min_m": rows}, every key optional; a tile takes the keys of GEMM_TILE_OVERRIDE (swap:
+    block_m is the padded activation rows). The first entry whose max_m >= M applies; split_k absent: the
+    built-in split rule. tools/device/fp8_tiles.py writes such a file from a sweep on the GPU at hand."""
+    import json
+
+    text = raw.strip()
+    if not text:
+        return {}
+    try:
+        if text.startswith("@"):
+            with open(text[1:]) as f:
+                text = f.read()
+        rules = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: cannot read the FP8 tile rules: {e}") from None
+    if not isinstance(rules, dict) or set(rules) - {"dot", "swap", "scaled_mm_min_m"}:
+        raise ValueError(f"{name} must be a JSON object with keys dot, swap, scaled_mm_min_m; got {raw[:200]!r}")
+    for kind in ("dot", "swap"):
+        for entry in rules.get(kind, []):
+            ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                  and isinstance(entry[1], dict) and not set(entry[1]) - _TILE_KEYS)
+            if not ok:
+                raise ValueError(f"{name}: each {kind} entry must be [max_m, {{tile}}] with keys from "
+                                 f"{sorted(_TILE_KEYS)}, got {entry!r}")
+    if not isinstance(rules.get("scaled_mm_min_m", 0), int):
+        raise ValueError(f"{name}: scaled_mm_min_m must be an integer")
+    return rules
+
+
+def _rule_tile(kind: str, m: int) -> dict | None:
+    for max_m, tile in TILE_RULES.get(kind, []):
+        if m <= max_m:
+            return dict(tile)
+    return None
+
+
+# The measured tile rules of this process (ATOM_FP8_TILES; empty: the built-in tables below).
+TILE_RULES = _parse_tiles(os.environ.get("ATOM_FP8_TILES", ""))
+
+# Load the FP8 GEMMs' A and W tiles through tensor descriptors (Hopper's TMA bulk copies) where a tile does not say:
+# off until measured (ATOM_FP8_TMA=1 turns it on; tiles of TILE_RULES / the overrides may set tma per size).
+TMA = _env_flag("ATOM_FP8_TMA", False)
+
+
+@functools.cache
+def _tma_device(device: torch.device) -> bool:
+    if interpreting():
+        return True
+    return (device.type == "cuda" and not torch.version.hip
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _descriptors(a: torch.Tensor, weight: torch.Tensor, a_rows: int, w_rows: int, block_k: int):
+    """Tensor descriptors of A [M, K] (blocks [a_rows, block_k]) and W [N, K] (blocks [w_rows, block_k]), or
+    None where TMA cannot carry them (device, unit inner stride, 16-byte aligned bases and row strides)."""
+    if not _tma_device(a.device):
+        return None
+    for t in (a, weight):
+        if (t.dim() != 2 or t.stride(1) != 1 or t.stride(0) * t.element_size() % 16
+                or (t.data_ptr() % 16 and not interpreting())):
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [a_rows, block_k]),
+            TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [w_rows, block_k]))
 
 
 def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
-    if GEMM_TILE_OVERRIDE is not None:
-        return dict(GEMM_TILE_OVERRIDE)
+    tile = dict(GEMM_TILE_OVERRIDE) if GEMM_TILE_OVERRIDE is not None else _rule_tile("dot", m)
+    if tile is None:
+        tile = _gemm_table_tile(m)
+    tile.setdefault("tma", TMA)
+    if "split_k" not in tile:
+        # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
+        # at least four K steps per split
+        programs = triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, tile["block_n"])
+        tile["split_k"] = _pow2_split(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(k, block_k) // 4)
+    return tile
+
+
+def _gemm_table_tile(m: int) -> dict:
     if m <= 16:
         tile = dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
     elif m <= 32:
@@ -552,10 +649,6 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
         tile = dict(block_m=128, block_n=64, num_warps=8, num_stages=4)
     else:
         tile = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
-    # at least four K steps per split
-    programs = triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, tile["block_n"])
-    tile["split_k"] = _pow2_split(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(k, block_k) // 4)
     return tile
 
 
@@ -612,7 +705,8 @@ PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16
 def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
     """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
     padded to a power of two >= 16; split K until about two programs per SM stream weights (>= 4 K steps each)."""
-    tile = dict(SWAP_TILE_OVERRIDE or {})
+    tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or {})
+    tile.setdefault("tma", TMA)
     tile.setdefault("block_m", max(16, triton.next_power_of_2(m)))
     tile.setdefault("block_n", 64)
     tile.setdefault("num_warps", 4)
@@ -649,7 +743,7 @@ SCALED_MM = _env_scaled_mm()
 # 18.3, down M64 46.6 / 36.0, gate_up M32 53.6 / 43.4), tied at M = 128 (the four GEMMs 139.3 against 139.9 us)
 # and won at M = 1024 by 1.4-2x (gate_up 188 against 271, o 38 against 75): prefill. In the engine (8b FP8,
 # bench_vs_vllm.sh, 3 rounds) scaled_mm at every M > 1 made batch 32 0.86x and batch 128 1.11x of tl.dot.
-SCALED_MM_MIN_M = 128
+SCALED_MM_MIN_M = TILE_RULES.get("scaled_mm_min_m", 128)
 
 
 @functools.cache
@@ -697,6 +791,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
                                a.device)
 
     grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
+    descs = _descriptors(a, weight, tile["block_m"], block_n, block_k) if tile["tma"] else None
     counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
     serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
     pdl = pdl_args(a.device)
@@ -705,11 +800,11 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
     def swap(target, k_per_split, split, add_bias):
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, out,
-            counters if serial else out, m, n, k,
+            counters if serial else out, *(descs or (a, weight)), m, n, k,
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-            PREFETCH=prefetch, PRECISE=precise,
+            PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
@@ -743,12 +838,15 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
                                lambda bn: ((tile["block_m"] + bn) * block_k * (3 if precise else 1), 0), a.device)
 
+    descs = _descriptors(a, weight, tile["block_m"], block_n, block_k) if tile["tma"] else None
+
     def gemm(target, k_per_split, split, add_bias):
         _fp8_gemm_kernel[(triton.cdiv(m, tile["block_m"]) * triton.cdiv(n, block_n), split)](
-            a, a_scale, weight, weight_scale, bias if add_bias else out, target, m, n, k,
+            a, a_scale, weight, weight_scale, bias if add_bias else out, target, *(descs or (a, weight)), m, n, k,
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, PRECISE=precise,
+            TMA=descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
