@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None, help="vLLM's --quantization (e.g. fp8 on a bf16 checkpoint)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype (e.g. fp8)")
     p.add_argument("--rows", type=int, default=25, help="kernels printed per batch size")
     p.add_argument("--prefill-rows", type=int, default=0,
                    help="also print the prefill's kernel table (its groups and this many kernels); the JSON always "
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=ns.model, skip_tokenizer_init=True, load_format="dummy", dtype=ns.dtype, seed=0,
               max_model_len=ns.input_len + ns.steps + 8, gpu_memory_utilization=ns.gpu_memory_utilization,
-              enable_prefix_caching=False, enforce_eager=ns.enforce_eager)
+              enable_prefix_caching=False, enforce_eager=ns.enforce_eager, quantization=ns.quantization,
+              kv_cache_dtype=ns.kv_cache_dtype)
     init_s = time.perf_counter() - t0
     vocab = llm.llm_engine.model_config.get_vocab_size()
     rng = random.Random(0)
