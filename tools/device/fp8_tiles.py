@@ -7,8 +7,9 @@ Run on a GPU machine:
 qwen3-8b's four linears (kernel_bench.FP8_LINEARS) on codes a producer made (fp8_linear_quantized: what the engine
 runs at decode), weights rotated past 2x the L2 as in fp8_skinny_bench.py, us a call under CUDA-graph replay.
 - --dot-rows (the tl.dot GEMM, e.g. batch 128's decode): the built-in tile, torch._scaled_mm (per-channel), and
-  DOT_TILES with pointer and TMA loads, split-K by the built-in rule (about two programs an SM);
-- --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile with and without TMA, and SWAP_TILES.
+  DOT_TILES with pointer and TMA loads, with and without fast accumulation (per-channel), split-K by the built-in
+  rule (about two programs an SM);
+- --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile, and SWAP_TILES the same ways.
 Per M the candidate with the least summed time over the four shapes in the --pick layout (per-channel: what
 `--quantization fp8` makes) wins; the rules file holds it unless it is the built-in choice, and scaled_mm_min_m
 moves past M where the tl.dot GEMM beat torch._scaled_mm. Every row and the per-layer sums are printed and kept.
@@ -17,6 +18,7 @@ moves past M where the tl.dot GEMM beat torch._scaled_mm. Every row and the per-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -34,10 +36,13 @@ from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 DEV = "cuda"
 L2_BYTES = 50 << 20
 # [block_m, block_n, num_warps, num_stages]; each with pointer loads and TMA
-DOT_TILES = [(128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 64, 4, 5), (64, 128, 4, 4),
-             (64, 256, 8, 3), (128, 64, 4, 5)]
+DOT_TILES = [(128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 5), (64, 128, 4, 4), (64, 128, 4, 5),
+             (64, 256, 8, 3), (64, 256, 8, 4)]
 # [block_n (weight rows), num_warps, num_stages]; block_m is the padded rows
-SWAP_TILES = [(64, 4, 5), (64, 4, 7), (128, 4, 4), (128, 8, 4), (128, 8, 6)]
+SWAP_TILES = [(64, 4, 5), (64, 4, 7), (128, 8, 4)]
+# fast_acc (the FP8 MMA accumulating all of K before promoting, as vLLM's CUTLASS kernels do) only changes per-channel /
+# per-tensor GEMMs: block scales promote every K step anyway
+FAST_ACC = {"channel": (False, True), "block": (False,)}
 
 
 def main() -> None:
@@ -66,18 +71,16 @@ def main() -> None:
             yield "built-in", dict(SWAP_MAX_M=0, GEMV_MAX_M=0), None
             if layout == "channel":
                 yield "scaled_mm", dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=True, SCALED_MM_MIN_M=0), "scaled_mm"
-            for bm, bn, w, st in DOT_TILES:
-                for tma in (False, True):
-                    tile = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma)
-                    yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}",
-                           dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=False, GEMM_TILE_OVERRIDE=tile), tile)
+            for (bm, bn, w, st), tma, fast in itertools.product(DOT_TILES, (False, True), FAST_ACC[layout]):
+                tile = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast)
+                yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}",
+                       dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=False, GEMM_TILE_OVERRIDE=tile), tile)
         else:
             yield "built-in", dict(SWAP_MAX_M=64, GEMV_MAX_M=0), None
-            for bn, w, st in SWAP_TILES:
-                for tma in (False, True):
-                    tile = dict(block_n=bn, num_warps=w, num_stages=st, tma=tma)
-                    yield (f"{bn} w{w} s{st}{' tma' if tma else ''}",
-                           dict(SWAP_MAX_M=64, GEMV_MAX_M=0, SWAP_TILE_OVERRIDE=tile), tile)
+            for (bn, w, st), tma, fast in itertools.product(SWAP_TILES, (False, True), FAST_ACC[layout]):
+                tile = dict(block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast)
+                yield (f"{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}",
+                       dict(SWAP_MAX_M=64, GEMV_MAX_M=0, SWAP_TILE_OVERRIDE=tile), tile)
 
     for proj, (n, k) in FP8_LINEARS.items():
         rotate = max(2, -(-2 * L2_BYTES // (n * k)))

@@ -382,6 +382,21 @@ def test_fp8_linear_tma_loads_equal_pointer_loads(monkeypatch, name):
     assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 
 
+@pytest.mark.parametrize("path", ["dot", "swap"])
+@pytest.mark.parametrize("layout", ["channel", "tensor"])
+def test_fp8_linear_fast_accumulation(monkeypatch, path, layout):
+    """fast_acc tiles (no float32 promotion inside K, per-channel / per-tensor weights) within the bf16 bound of the
+    reference, K = 1,040 (9 K steps) split in two."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    tile = dict(fast_acc=True, split_k=2)
+    if path == "dot":
+        monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=64, num_warps=4, num_stages=2, **tile))
+        monkeypatch.setattr(tk, "SCALED_MM", False)
+    _run_linear(f"fast_acc {path} {layout}", 5, 130, 1040, layout, None, None, torch.bfloat16,
+                gemv_max_m=0, swap_max_m=64 if path == "swap" else 0, swap_tile=tile if path == "swap" else None)
+
+
 def test_fp8_linear_tma_falls_back_where_descriptors_cannot_carry_the_tensors():
     """A row stride that is not a multiple of 16 bytes: no descriptors, the pointer loads run."""
     from atom.ops.triton_kernels import quant_fp8 as tk
@@ -404,7 +419,7 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
     rules = {"dot": [[64, {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 4}],
                      [128, {"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3, "split_k": 1,
                             "tma": True}]],
-             "swap": [[16, {"block_n": 128, "num_warps": 8, "tma": True}]], "scaled_mm_min_m": 256}
+             "swap": [[16, {"block_n": 128, "num_warps": 8, "tma": True, "fast_acc": True}]], "scaled_mm_min_m": 256}
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps(rules))
     dev = torch.device(DEVICE)
@@ -420,8 +435,10 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
             t128 = tk._gemm_tile(128, 4096, 4096, 128, dev)
             assert (t128["block_n"], t128["split_k"], t128["tma"]) == (256, 1, True)
             assert tk._gemm_tile(129, 4096, 4096, 128, dev)["block_n"] == tk._gemm_table_tile(129)["block_n"]
-            assert tk._swap_tile(8, 4096, 4096, 128, dev)["block_n"] == 128
-            assert tk._swap_tile(32, 4096, 4096, 128, dev)["block_n"] == 64
+            assert (tk._swap_tile(8, 4096, 4096, 128, dev)["block_n"], tk._swap_tile(8, 4096, 4096, 128, dev)["fast_acc"]
+                    ) == (128, True)
+            assert (tk._swap_tile(32, 4096, 4096, 128, dev)["block_n"], tk._swap_tile(32, 4096, 4096, 128, dev)["fast_acc"]
+                    ) == (64, False)
         finally:
             tk.TILE_RULES = saved
     assert tk._parse_tiles("") == {}
@@ -566,6 +583,14 @@ def test_fp8_linear_large_tma(monkeypatch, proj, m, layout):
         outs.append(_run_linear(f"8b {proj} {layout} tma {tma}", m, n, k, layout, (128, 128), None, torch.bfloat16,
                                 bias=False, gemv_max_m=0))
     assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
+    if layout == "channel":  # all of K in the FP8 MMA before the float32 promotion: still within the bf16 bound
+        if m > tk.SWAP_MAX_M:
+            monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=64, block_n=128, num_warps=4, num_stages=4,
+                                                               fast_acc=True))
+        else:
+            monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(fast_acc=True))
+        _run_linear(f"8b {proj} {layout} fast_acc", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
+                    gemv_max_m=0)
 
 
 @pytest.mark.gpu

@@ -181,13 +181,16 @@ def _fp8_gemm_kernel(
     k_per_split,
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
     """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8. PRECISE (float32
     outputs, the correctness mode): the codes are widened to bf16 (exactly: e4m3 fits in bf16) for a dot that
     accumulates in full float32, instead of Hopper's FP8 MMA (~14-bit accumulation between promotions).
     TMA: the A and W tiles come through tensor descriptors (a_desc [M, K] blocks [BLOCK_M, BLOCK_K], w_desc [N, K]
-    blocks [BLOCK_N, BLOCK_K]; Hopper's bulk copies, zero past the edges) instead of per-thread loads."""
+    blocks [BLOCK_N, BLOCK_K]; Hopper's bulk copies, zero past the edges) instead of per-thread loads.
+    FAST_ACC (per-channel / per-tensor weights): the FP8 MMA accumulates all of K before the float32 promotion
+    (Triton's default on sm90, CUTLASS's FP8FastAccum as vLLM runs it) instead of promoting every K step; block
+    scales promote every step anyway."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -232,7 +235,7 @@ def _fp8_gemm_kernel(
             sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
                          other=0.0)
             acc += tl.dot(aq, w) * (sa[:, None] * sw[None, :])
-        elif PRECISE:
+        elif PRECISE or FAST_ACC:
             acc = tl.dot(aq, w, acc)
         else:
             acc = tl.dot(aq, w, acc, max_num_imprecise_acc=BLOCK_K)
@@ -257,6 +260,7 @@ def _fp8_gemm_swap_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
+    FAST_ACC: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -271,7 +275,7 @@ def _fp8_gemm_swap_kernel(
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
     bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
     _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation). TMA: as in _fp8_gemm_kernel
-    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K])."""
+    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K]). FAST_ACC: as in _fp8_gemm_kernel."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -313,7 +317,7 @@ def _fp8_gemm_swap_kernel(
                          other=0.0)
             sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
             acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
-        elif PRECISE:
+        elif PRECISE or FAST_ACC:
             acc = tl.dot(w, a_t, acc)
         else:
             acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
@@ -550,10 +554,10 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
 
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k
-# (absent: the rule below), tma).
+# (absent: the rule below), tma, fast_acc (per-channel / per-tensor: no float32 promotion inside K; default off)).
 GEMM_TILE_OVERRIDE: dict | None = None
 
-_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma"}
+_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma", "fast_acc"}
 
 
 def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
@@ -630,6 +634,7 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     if tile is None:
         tile = _gemm_table_tile(m)
     tile.setdefault("tma", TMA)
+    tile.setdefault("fast_acc", False)
     if "split_k" not in tile:
         # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
         # at least four K steps per split
@@ -707,6 +712,7 @@ def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     padded to a power of two >= 16; split K until about two programs per SM stream weights (>= 4 K steps each)."""
     tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or {})
     tile.setdefault("tma", TMA)
+    tile.setdefault("fast_acc", False)
     tile.setdefault("block_m", max(16, triton.next_power_of_2(m)))
     tile.setdefault("block_n", 64)
     tile.setdefault("num_warps", 4)
@@ -804,7 +810,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-            PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None,
+            PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
             num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
@@ -846,7 +852,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, PRECISE=precise,
-            TMA=descs is not None,
+            TMA=descs is not None, FAST_ACC=tile["fast_acc"],
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
