@@ -397,6 +397,30 @@ def test_fp8_linear_fast_accumulation(monkeypatch, path, layout):
                 gemv_max_m=0, swap_max_m=64 if path == "swap" else 0, swap_tile=tile if path == "swap" else None)
 
 
+def test_fp8_builtin_tiles_and_their_switches(monkeypatch):
+    """The measured built-in choices: TMA in the swap-AB kernel from 2 rows and in the tl.dot GEMM's 65-128-row tile,
+    fast accumulation everywhere; ATOM_FP8_TMA / ATOM_FP8_FAST_ACC force them (malformed values refused)."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    dev = torch.device(DEVICE)
+    monkeypatch.setattr(tk, "TILE_RULES", {})
+    monkeypatch.setattr(tk, "TMA", None)
+    monkeypatch.setattr(tk, "FAST_ACC", True)
+    assert [tk._swap_tile(m, 4096, 4096, 128, dev)["tma"] for m in (1, 2, 32)] == [False, True, True]
+    assert [tk._gemm_tile(m, 4096, 4096, 128, dev)["tma"] for m in (64, 128, 129)] == [False, True, False]
+    assert tk._gemm_tile(128, 4096, 4096, 128, dev)["block_m"] == 64 and tk._swap_tile(1, 64, 128, 128, dev)["fast_acc"]
+    monkeypatch.setattr(tk, "TMA", False)
+    assert not tk._gemm_tile(128, 4096, 4096, 128, dev)["tma"] and not tk._swap_tile(8, 4096, 4096, 128, dev)["tma"]
+    monkeypatch.setattr(tk, "TMA", True)
+    assert tk._gemm_tile(16, 4096, 4096, 128, dev)["tma"] and tk._swap_tile(1, 4096, 4096, 128, dev)["tma"]
+    for name, value, want in (("ATOM_FP8_TMA", "", None), ("ATOM_FP8_TMA", "0", False), ("ATOM_FP8_TMA", "1", True)):
+        monkeypatch.setenv(name, value)
+        assert tk._env_tma() is want
+    monkeypatch.setenv("ATOM_FP8_TMA", "on")
+    with pytest.raises(ValueError, match="ATOM_FP8_TMA"):
+        tk._env_tma()
+
+
 def test_fp8_linear_tma_falls_back_where_descriptors_cannot_carry_the_tensors():
     """A row stride that is not a multiple of 16 bytes: no descriptors, the pointer loads run."""
     from atom.ops.triton_kernels import quant_fp8 as tk
@@ -430,7 +454,7 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
         tk.TILE_RULES = parsed
         try:
             t64 = tk._gemm_tile(50, 4096, 4096, 128, dev)
-            assert (t64["block_m"], t64["block_n"], t64["tma"]) == (64, 128, tk.TMA)
+            assert (t64["block_m"], t64["block_n"], t64["tma"], t64["fast_acc"]) == (64, 128, bool(tk.TMA), tk.FAST_ACC)
             assert t64["split_k"] == tk._pow2_split(triton.cdiv(2 * tk.num_sms(dev), 32), 8)
             t128 = tk._gemm_tile(128, 4096, 4096, 128, dev)
             assert (t128["block_n"], t128["split_k"], t128["tma"]) == (256, 1, True)
@@ -438,7 +462,7 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
             assert (tk._swap_tile(8, 4096, 4096, 128, dev)["block_n"], tk._swap_tile(8, 4096, 4096, 128, dev)["fast_acc"]
                     ) == (128, True)
             assert (tk._swap_tile(32, 4096, 4096, 128, dev)["block_n"], tk._swap_tile(32, 4096, 4096, 128, dev)["fast_acc"]
-                    ) == (64, False)
+                    ) == (64, tk.FAST_ACC)
         finally:
             tk.TILE_RULES = saved
     assert tk._parse_tiles("") == {}
@@ -514,7 +538,7 @@ def test_rowwise_scaled_mm_matches_the_reference(scale_layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("m", [2, 16, 128])
+@pytest.mark.parametrize("m", [2, 16, 128, 256])
 def test_fp8_linear_routes_per_channel_gemms_to_scaled_mm(m):
     """On sm90 a per-channel bf16 GEMM of SCALED_MM_MIN_M rows or more runs torch._scaled_mm (SCALED_MM), fewer rows
     and block scales run the tl.dot GEMM; with SCALED_MM off the per-channel GEMM runs tl.dot; all within

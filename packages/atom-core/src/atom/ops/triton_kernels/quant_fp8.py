@@ -42,9 +42,14 @@ call slower than the same kernel on a fused producer's codes (qwen3-8b down at M
 at M = 32: 53.8 against 44.5), more than the quantization it saves (fused into the producers), as the static count
 predicted (4.6-4.9 instructions a weight against 1.4-2.2; KERNEL_NOTES.md stop 42).
 
-Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (128) rows or more go to torch._scaled_mm's
-rowwise-scaled kernel (CUTLASS on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled
+Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (129) rows or more go to torch._scaled_mm's
+rowwise-scaled kernel (cuBLASLt on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled
 weights and other devices keep the tl.dot GEMM.
+
+Both GEMM kernels can load their tiles through tensor descriptors (TMA: Hopper's bulk copies, zero past the edges)
+and, for per-channel / per-tensor weights, let the FP8 MMA accumulate all of K before the float32 promotion
+(FAST_ACC, as vLLM's CUTLASS kernels do). The built-in choices follow an H100 sweep (tools/device/fp8_tiles.py);
+ATOM_FP8_TILES replaces them with rules measured on the GPU at hand (that script writes them).
 """
 
 from __future__ import annotations
@@ -601,9 +606,26 @@ def _rule_tile(kind: str, m: int) -> dict | None:
 # The measured tile rules of this process (ATOM_FP8_TILES; empty: the built-in tables below).
 TILE_RULES = _parse_tiles(os.environ.get("ATOM_FP8_TILES", ""))
 
-# Load the FP8 GEMMs' A and W tiles through tensor descriptors (Hopper's TMA bulk copies) where a tile does not say:
-# off until measured (ATOM_FP8_TMA=1 turns it on; tiles of TILE_RULES / the overrides may set tma per size).
-TMA = _env_flag("ATOM_FP8_TMA", False)
+
+
+def _env_tma() -> bool | None:
+    return None if not os.environ.get("ATOM_FP8_TMA", "").strip() else _env_flag("ATOM_FP8_TMA", False)
+
+
+# Load the FP8 GEMMs' A and W tiles through tensor descriptors (Hopper's TMA bulk copies) or per-thread pointers.
+# None: the built-in choice (the swap-AB kernel from 2 rows, the tl.dot GEMM's 65-128-row tile); ATOM_FP8_TMA=0 / 1
+# forces it off / on wherever a tile (rule, override) does not say. Measured on an H100 (2026-12-05,
+# tools/device/fp8_tiles.py, qwen3-8b linears on a producer's codes, weights rotated past L2, us a layer of four):
+# bit-identical outputs, and at most 1-3% either way a kernel (M = 1: 93.0 against 92.6 with fast accumulation, M = 32:
+# 94.8 against 95.3; M = 128 at [64, 64]: 113.1 against 115.4).
+TMA = _env_tma()
+# FP8 MMAs of per-channel / per-tensor weights accumulate all of K before the float32 promotion (fast_acc), as
+# CUTLASS's FP8FastAccum kernels vLLM runs do, instead of promoting every 128-wide K step (block scales promote
+# every step regardless; float32 outputs take bf16 operands and float32 sums). Same H100 sweep: 1-2% a kernel; in the
+# engine the measured tiles (TMA + fast accumulation, [64, 64] at 128 rows) were 1.02x at batch 32 and 128 in every
+# one of 3 rounds. The error stays inside the bf16 bound of the reference on the 8b shapes (test_fp8_linear_large_tma).
+# ATOM_FP8_FAST_ACC=0 promotes every K step again.
+FAST_ACC = _env_flag("ATOM_FP8_FAST_ACC", True)
 
 
 @functools.cache
@@ -633,8 +655,10 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     tile = dict(GEMM_TILE_OVERRIDE) if GEMM_TILE_OVERRIDE is not None else _rule_tile("dot", m)
     if tile is None:
         tile = _gemm_table_tile(m)
-    tile.setdefault("tma", TMA)
-    tile.setdefault("fast_acc", False)
+        if TMA is not None:
+            tile["tma"] = TMA
+    tile.setdefault("tma", bool(TMA))
+    tile.setdefault("fast_acc", FAST_ACC)
     if "split_k" not in tile:
         # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
         # at least four K steps per split
@@ -645,16 +669,17 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
 
 def _gemm_table_tile(m: int) -> dict:
     if m <= 16:
-        tile = dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
-    elif m <= 32:
-        tile = dict(block_m=32, block_n=64, num_warps=4, num_stages=4)
-    elif m <= 64:
-        tile = dict(block_m=64, block_n=64, num_warps=4, num_stages=4)
-    elif m <= 128:
-        tile = dict(block_m=128, block_n=64, num_warps=8, num_stages=4)
-    else:
-        tile = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    return tile
+        return dict(block_m=16, block_n=64, num_warps=4, num_stages=4, tma=False)
+    if m <= 32:
+        return dict(block_m=32, block_n=64, num_warps=4, num_stages=4, tma=False)
+    if m <= 64:
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=4, tma=False)
+    if m <= 128:
+        # H100, 2026-12-05 (fp8_tiles.py, per-channel, M = 128, us a layer of the four 8b linears): [64, 64], 4 warps,
+        # 5 stages, TMA, fast accumulation 113.1 against 117.6 for torch._scaled_mm and 122.1 for the old [128, 64] at
+        # 8 warps; [128, 128] and 64 x 256 lost (150-175). Hence SCALED_MM_MIN_M = 129.
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=5, tma=True)
+    return dict(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=False)
 
 
 def _env_swap_max_m() -> int:
@@ -711,8 +736,8 @@ def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
     """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
     padded to a power of two >= 16; split K until about two programs per SM stream weights (>= 4 K steps each)."""
     tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or {})
-    tile.setdefault("tma", TMA)
-    tile.setdefault("fast_acc", False)
+    tile.setdefault("tma", TMA if TMA is not None else m > 1)
+    tile.setdefault("fast_acc", FAST_ACC)
     tile.setdefault("block_m", max(16, triton.next_power_of_2(m)))
     tile.setdefault("block_n", 64)
     tile.setdefault("num_warps", 4)
@@ -749,7 +774,8 @@ SCALED_MM = _env_scaled_mm()
 # 18.3, down M64 46.6 / 36.0, gate_up M32 53.6 / 43.4), tied at M = 128 (the four GEMMs 139.3 against 139.9 us)
 # and won at M = 1024 by 1.4-2x (gate_up 188 against 271, o 38 against 75): prefill. In the engine (8b FP8,
 # bench_vs_vllm.sh, 3 rounds) scaled_mm at every M > 1 made batch 32 0.86x and batch 128 1.11x of tl.dot.
-SCALED_MM_MIN_M = TILE_RULES.get("scaled_mm_min_m", 128)
+# 129 since 2026-12-05: at 128 rows the tl.dot GEMM's [64, 64] TMA tile beat it by 4% (_gemm_table_tile).
+SCALED_MM_MIN_M = TILE_RULES.get("scaled_mm_min_m", 129)
 
 
 @functools.cache
