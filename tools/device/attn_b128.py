@@ -47,7 +47,7 @@ def main() -> None:
     rows = []
     for batch in (int(b) for b in ns.batches.split(",")):
         x = torch.randn(batch, 4096, device=kernel_bench.DEV, dtype=torch.bfloat16)
-        us = graph_time(lambda: tq.per_token_quant_fp8(x)) * 1e3
+        us = graph_time(lambda x=x: tq.per_token_quant_fp8(x)) * 1e3
         print(f"per_token_quant_fp8 [{batch}, 4096]: {us:.2f} us")
         rows.append(dict(kind="quant_token", batch=batch, us=us))
         for ctx in (int(c) for c in ns.contexts.split(",")):
@@ -66,7 +66,7 @@ def main() -> None:
                                                                                        ns.stages))):
                     tk.DECODE_TILE.update(block_n=bn, num_warps=w, num_stages=st)
                     try:
-                        ms = graph_time(lambda: tk.paged_attention_impl(
+                        ms = graph_time(lambda q=q, k_c=k_c, v_c=v_c, wide=wide, ks=ks, vs=vs: tk.paged_attention_impl(
                             q, k_c, v_c, wide, qsl, seq, scale, None, None, 1, ns.max_model_len, k_scale=ks,
                             v_scale=vs))
                     except Exception as e:  # noqa: BLE001 - a tile that does not fit is a row
