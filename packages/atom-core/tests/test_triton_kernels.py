@@ -161,6 +161,9 @@ ATTN_CASES = {
     "decode_window_softcap": ([1, 1], [20, 45], 6, 2, 32, 8, 16, 30.0, 2),
     "prefill_prefix": ([5, 19, 1], [0, 14, 33], 4, 2, 32, 4, None, None, None),
     "prefill_window_softcap": ([17, 6], [10, 0], 4, 4, 16, 4, 7, 20.0, None),
+    # head_dim below its power-of-two tile (column masks), pages of 6 keys (not a power of two)
+    "decode_head_dim_40_page_6": ([1, 1, 1], [9, 30, 2], 4, 2, 40, 6, None, None, 2),
+    "prefill_head_dim_40_page_6": ([5, 11], [0, 14], 4, 2, 40, 6, None, None, None),
 }
 LARGE_ATTN_CASES = {
     "decode_bs128": ([1] * 128, None, 32, 8, 128, 16, None, None, None),
@@ -194,6 +197,22 @@ def test_paged_attention(name, dtype):
 @pytest.mark.parametrize("name", sorted(LARGE_ATTN_CASES))
 def test_paged_attention_large(name, dtype):
     _run_attention(name, LARGE_ATTN_CASES[name], dtype)
+
+
+@pytest.mark.parametrize("name", ["decode_split", "prefill_prefix"])
+def test_paged_attention_int64_offsets_equal_int32(monkeypatch, name):
+    """Caches of 2^31 elements or more address keys with int64 offsets (OFF32_LIMIT); both give the same bits."""
+    from atom.ops.triton_kernels import attention as tk_attn
+
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, softcap, splits = ATTN_CASES[name]
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size,
+                                                             torch.float32)
+    outs = []
+    for limit in (2**31, 0):
+        monkeypatch.setattr(tk_attn, "OFF32_LIMIT", limit)
+        outs.append(tk_attn.paged_attention_impl(q, kc, vc, tables, qsl, lens, head_dim**-0.5, window, softcap, max_q,
+                                                 max_l, num_splits=splits))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("per_sequence", [True, False])

@@ -34,6 +34,22 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
+# FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
+# to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
+# long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
+# instructions, and this takes its loop from 1,011 to 829 instructions a 64-key step (tools/device/attn_sass.py,
+# Triton 3.6, sm_90). Off until a GPU has run it (the interpreter dots in float32 and cannot check it):
+# ATOM_ATTN_FP8_F16_DOT=1 turns it on (tools/device/README.md, item A1).
+F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", False)
+
+
+# Caches with fewer elements than this are addressed with int32 offsets in the key loop (int64 above): the paged
+# offsets' 64-bit multiply-adds were ~40% of the decode loop's instructions (tools/device/attn_sass.py).
+OFF32_LIMIT = 2**31
+
+
+def _f16_dot(q_dtype: torch.dtype, kv_fp8: bool) -> bool:
+    return F16_FP8_DOT and kv_fp8 and q_dtype in (torch.bfloat16, torch.float16) and not interpreting()
 
 
 @triton.jit
@@ -134,15 +150,16 @@ def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, 
 @triton.jit(do_not_specialize=["bt_stride"])
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, block_size, tokens_per_split,
+    k_scale_ptr, v_scale_ptr, sinks_ptr, scale, softcap, window, head_dim, tokens_per_split,
     num_heads,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     pos_ptr, k_raw_ptr, v_raw_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, eps, k_raw_stride_t, v_raw_stride_t, cs_stride,
     rot_half,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, EVEN_D: tl.constexpr, OFF32: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
     HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PREP: tl.constexpr,
     NORM: tl.constexpr, IS_NEOX: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
@@ -170,7 +187,10 @@ def _attention_kernel(
     row_ok = (r < BLOCK_Q * GROUP) & (qi < q_len)
     q_pos = ctx + qi
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
+    if EVEN_D:  # head_dim == BLOCK_D: no column masks
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = d < head_dim
     if PREP:
         cs_row = cs_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * cs_stride
         q = _norm_rope_rows(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h,
@@ -178,8 +198,13 @@ def _attention_kernel(
     else:
         q = tl.load(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_K_SCALE:  # an FP8 key is k_cache * k_scale: q.k scales by it
+        scale = scale * tl.load(k_scale_ptr).to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
     if F32_DOT:
         q = q.to(tl.float32)
+    elif F16_DOT:  # the softmax scale rides on q (fp16's range; exact otherwise up to fp16's 11 bits)
+        q = (q.to(tl.float32) * scale).to(tl.float16)
 
     # keys this tile can see: causal up to its last query, sliding window from its first
     hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
@@ -203,8 +228,8 @@ def _attention_kernel(
             k_row = k_raw_ptr + q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
             k_new = _norm_rope_rows(k_row, one, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX)
             v_new = tl.load(v_raw_ptr + q_start * v_raw_stride_t + kvh * head_dim + d[None, :], mask=d_ok[None, :])
-            blk_new = slot // block_size
-            in_new = slot % block_size
+            blk_new = slot // PAGE
+            in_new = slot % PAGE
             tl.store(kc_ptr + blk_new * kc_stride_b + in_new * kc_stride_s + kvh * kc_stride_h + d[None, :],
                      to_cache(k_new, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8,
                               FP8_MAX, MIN_EXP, EMULATE), mask=d_ok[None, :])
@@ -216,14 +241,14 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_K_SCALE:  # an FP8 key is k_cache * k_scale: q.k scales by it
-        scale = scale * tl.load(k_scale_ptr).to(tl.float32)
-    qk_scale = scale * 1.4426950408889634
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
-        in_blk = (k_pos % block_size).to(tl.int64)
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=k_ok, other=0)
+        in_blk = k_pos % PAGE
+        if not OFF32:  # int32 offsets where every element of both caches is within 2^31 of its start
+            blk = blk.to(tl.int64)
+            in_blk = in_blk.to(tl.int64)
         # offsets come from the block table, so the compiler cannot see they are aligned: say so, or the
         # K/V rows are read element by element instead of in 16-byte vectors
         k_off = tl.multiple_of(blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h, KV_ALIGN)
@@ -231,17 +256,24 @@ def _attention_kernel(
         k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         if F32_DOT:
             k = k.to(tl.float32)
-        elif KV_FP8:  # e4m3 -> bf16/fp16 is exact
+        elif F16_DOT:  # e4m3 -> fp16 is exact, one conversion a pair (to bf16 it takes ~4 instructions a pair)
+            k = k.to(tl.float16)
+        elif KV_FP8:  # e4m3 -> bf16 is exact
             k = k.to(q_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
         if USE_SOFTCAP:
-            s = _softcapped(s * scale, softcap) * 1.4426950408889634
+            s = _softcapped(s if F16_DOT else s * scale, softcap) * 1.4426950408889634
+        elif F16_DOT:
+            s = s * 1.4426950408889634
         else:
             s = s * qk_scale
-        ok = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if BLOCK_Q == 1:  # one query a tile: every key below hi (<= its position + 1) is visible to it
+            ok = k_ok[None, :]
+        else:
+            ok = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             ok = ok & ((q_pos[:, None] - k_pos[None, :]) < window)
         s = tl.where(ok, s, float("-inf"))
@@ -253,6 +285,8 @@ def _attention_kernel(
         v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if F32_DOT:
             v = v.to(tl.float32)
+        elif F16_DOT:
+            v = v.to(tl.float16)
         elif KV_FP8:
             v = v.to(q_ptr.dtype.element_ty)
         if IEEE:
@@ -426,13 +460,12 @@ def paged_attention_impl(
     _attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
         q if k_scale is None else k_scale, q if v_scale is None else v_scale, sinks_arg, float(scale),
-        float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, k_cache.shape[1],
-        tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *prep_args,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE=k_cache.shape[1],
+        EVEN_D=head_dim == block_d, OFF32=max(k_cache.numel(), v_cache.numel()) < OFF32_LIMIT, USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
+        F32_DOT=interpreting(), F16_DOT=_f16_dot(q.dtype, kv["KV_FP8"]), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
     )
