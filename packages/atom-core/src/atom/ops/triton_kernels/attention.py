@@ -44,8 +44,9 @@ F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", False)
 
 
 # Caches with fewer elements than this are addressed with int32 offsets in the key loop (int64 above): the paged
-# offsets' 64-bit multiply-adds were ~40% of the decode loop's instructions (tools/device/attn_sass.py).
-OFF32_LIMIT = 2**31
+# offsets' 64-bit multiply-adds were ~30% of the decode loop's instructions (tools/device/attn_sass.py).
+# ATOM_ATTN_OFF32=0 keeps int64 everywhere (engine A/B).
+OFF32_LIMIT = 2**31 if env_flag("ATOM_ATTN_OFF32", True) else 0
 
 
 def _f16_dot(q_dtype: torch.dtype, kv_fp8: bool) -> bool:
