@@ -372,14 +372,21 @@ def test_fp8_linear_tma_loads_equal_pointer_loads(monkeypatch, name):
 
     tk_descriptors = tk._descriptors
     monkeypatch.setattr(tk, "_descriptors", descriptors)
+    _tma_off_and_on(monkeypatch, name, *case, torch.float32, f32_tol=TOL_F32_FP8_MMA, **kw)
+    assert made and all(d is not None for d in made)  # the TMA run did load through descriptors
+
+
+def _tma_off_and_on(monkeypatch, name, *args, **kw):
+    """_run_linear with pointer loads, then with TMA, on the same random inputs; the outputs must be the same bits."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
     seed = torch.initial_seed() % 2**31
     outs = []
     for tma in (False, True):
         monkeypatch.setattr(tk, "TMA", tma)
         torch.manual_seed(seed)
-        outs.append(_run_linear(f"{name} tma {tma}", *case, torch.float32, f32_tol=TOL_F32_FP8_MMA, **kw))
-    assert made and all(d is not None for d in made)  # the TMA run did load through descriptors
-    assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
+        outs.append(_run_linear(f"{name} tma {tma}", *args, **kw))
+    assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
 
 
 @pytest.mark.parametrize("path", ["dot", "swap"])
@@ -599,14 +606,8 @@ def test_fp8_linear_large_tma(monkeypatch, proj, m, layout):
 
     n, k = LARGE_LINEAR[proj]
     monkeypatch.setattr(tk, "SCALED_MM", False)
-    seed = torch.initial_seed() % 2**31
-    outs = []
-    for tma in (False, True):
-        monkeypatch.setattr(tk, "TMA", tma)
-        torch.manual_seed(seed)
-        outs.append(_run_linear(f"8b {proj} {layout} tma {tma}", m, n, k, layout, (128, 128), None, torch.bfloat16,
-                                bias=False, gemv_max_m=0))
-    assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
+    _tma_off_and_on(monkeypatch, f"8b {proj} {layout}", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
+                    gemv_max_m=0)
     if layout == "channel":  # all of K in the FP8 MMA before the float32 promotion: still within the bf16 bound
         if m > tk.SWAP_MAX_M:
             monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=64, block_n=128, num_warps=4, num_stages=4,
