@@ -213,6 +213,9 @@ def test_paged_attention_int64_offsets_equal_int32(monkeypatch, name):
         outs.append(tk_attn.paged_attention_impl(q, kc, vc, tables, qsl, lens, head_dim**-0.5, window, softcap, max_q,
                                                  max_l, num_splits=splits))
     assert torch.equal(outs[0], outs[1])
+    # the offsets' range counts a strided view's gaps: a view of every other block spans twice its elements
+    both = torch.zeros(6, 2, 4, 2, 8)
+    assert tk_attn._span(both[:, 0]) == 5 * 128 + 63 + 1 > both[:, 0].numel()
 
 
 @pytest.mark.parametrize("per_sequence", [True, False])

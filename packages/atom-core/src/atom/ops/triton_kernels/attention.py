@@ -49,6 +49,12 @@ F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", False)
 OFF32_LIMIT = 2**31 if env_flag("ATOM_ATTN_OFF32", True) else 0
 
 
+def _span(t: torch.Tensor) -> int:
+    """Elements from t's first to its last, strides included (a host's cache may be a strided view of a larger
+    tensor): the offsets the key loop can form stay below it."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
 def _f16_dot(q_dtype: torch.dtype, kv_fp8: bool) -> bool:
     return F16_FP8_DOT and kv_fp8 and q_dtype in (torch.bfloat16, torch.float16) and not interpreting()
 
@@ -461,12 +467,15 @@ def paged_attention_impl(
     _attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_m, part_l, part_acc,
         q if k_scale is None else k_scale, q if v_scale is None else v_scale, sinks_arg, float(scale),
-        float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, tokens_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        float(logit_softcap or 0.0), int(sliding_window or 0), head_dim, tokens_per_split, num_heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *prep_args,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        EVEN_D=head_dim == block_d, OFF32=max(k_cache.numel(), v_cache.numel()) < OFF32_LIMIT, USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), F16_DOT=_f16_dot(q.dtype, kv["KV_FP8"]), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align, USE_SINKS=sinks is not None,
+        EVEN_D=head_dim == block_d, OFF32=max(_span(k_cache), _span(v_cache)) < OFF32_LIMIT,
+        USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
+        F32_DOT=interpreting(), F16_DOT=_f16_dot(q.dtype, kv["KV_FP8"]), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align,
+        USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
     )

@@ -559,7 +559,8 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
 
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k
-# (absent: the rule below), tma, fast_acc (per-channel / per-tensor: no float32 promotion inside K; default off)).
+# (absent: the rule below), tma, fast_acc (per-channel / per-tensor: no float32 promotion inside K; absent: TMA /
+# FAST_ACC below)).
 GEMM_TILE_OVERRIDE: dict | None = None
 
 _TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma", "fast_acc"}
@@ -605,7 +606,6 @@ def _rule_tile(kind: str, m: int) -> dict | None:
 
 # The measured tile rules of this process (ATOM_FP8_TILES; empty: the built-in tables below).
 TILE_RULES = _parse_tiles(os.environ.get("ATOM_FP8_TILES", ""))
-
 
 
 def _env_tma() -> bool | None:
