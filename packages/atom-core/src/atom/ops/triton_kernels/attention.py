@@ -52,7 +52,7 @@ OFF32_LIMIT = 2**31 if env_flag("ATOM_ATTN_OFF32", True) else 0
 def _span(t: torch.Tensor) -> int:
     """Elements from t's first to its last, strides included (a host's cache may be a strided view of a larger
     tensor): the offsets the key loop can form stay below it."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 def _f16_dot(q_dtype: torch.dtype, kv_fp8: bool) -> bool:
