@@ -151,6 +151,84 @@ def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, 
     return tl.where(rot, o, xf).to(dt)
 
 
+@triton.jit
+def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s,
+              kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d, d_ok, scale, qk_scale, softcap, window,
+              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr,
+              KV_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, KV_FP8: tl.constexpr,
+              IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr,
+              PARTIAL: tl.constexpr):
+    """One tile of BLOCK_N keys from `start` into the online softmax (m_i, l_i, acc). PARTIAL: the tile may run past
+    `hi` (the last one), so its keys are masked; whole tiles load and score without bounds masks."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < hi
+    if PARTIAL:
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=k_ok, other=0)
+    else:
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE)
+    in_blk = k_pos % PAGE
+    if not OFF32:  # int32 offsets where every element of both caches is within 2^31 of its start
+        blk = blk.to(tl.int64)
+        in_blk = in_blk.to(tl.int64)
+    # offsets come from the block table, so the compiler cannot see they are aligned: say so, or the
+    # K/V rows are read element by element instead of in 16-byte vectors
+    k_off = tl.multiple_of(blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h, KV_ALIGN)
+    v_off = tl.multiple_of(blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h, KV_ALIGN)
+    if PARTIAL:
+        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+    if F32_DOT:
+        k = k.to(tl.float32)
+    elif F16_DOT:  # e4m3 -> fp16 is exact, one conversion a pair (to bf16 it takes ~4 instructions a pair)
+        k = k.to(tl.float16)
+    elif KV_FP8:  # e4m3 -> bf16 is exact
+        k = k.to(DOT_DTYPE)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if USE_SOFTCAP:
+        s = _softcapped(s if F16_DOT else s * scale, softcap) * 1.4426950408889634
+    elif F16_DOT:
+        s = s * 1.4426950408889634
+    else:
+        s = s * qk_scale
+    # one query a tile (BLOCK_Q == 1): every key below hi (<= its position + 1) is visible to it
+    if BLOCK_Q > 1:
+        ok = k_pos[None, :] <= q_pos[:, None]
+        if PARTIAL:
+            ok = ok & k_ok[None, :]
+        if USE_WINDOW:
+            ok = ok & ((q_pos[:, None] - k_pos[None, :]) < window)
+        s = tl.where(ok, s, float("-inf"))
+    elif PARTIAL or USE_WINDOW:
+        ok = k_ok[None, :]
+        if USE_WINDOW:
+            ok = ok & ((q_pos[:, None] - k_pos[None, :]) < window)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if PARTIAL:
+        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+    if F32_DOT:
+        v = v.to(tl.float32)
+    elif F16_DOT:
+        v = v.to(tl.float16)
+    elif KV_FP8:
+        v = v.to(DOT_DTYPE)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
@@ -248,59 +326,20 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=k_ok, other=0)
-        in_blk = k_pos % PAGE
-        if not OFF32:  # int32 offsets where every element of both caches is within 2^31 of its start
-            blk = blk.to(tl.int64)
-            in_blk = in_blk.to(tl.int64)
-        # offsets come from the block table, so the compiler cannot see they are aligned: say so, or the
-        # K/V rows are read element by element instead of in 16-byte vectors
-        k_off = tl.multiple_of(blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h, KV_ALIGN)
-        v_off = tl.multiple_of(blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h, KV_ALIGN)
-        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if F32_DOT:
-            k = k.to(tl.float32)
-        elif F16_DOT:  # e4m3 -> fp16 is exact, one conversion a pair (to bf16 it takes ~4 instructions a pair)
-            k = k.to(tl.float16)
-        elif KV_FP8:  # e4m3 -> bf16 is exact
-            k = k.to(q_ptr.dtype.element_ty)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        if USE_SOFTCAP:
-            s = _softcapped(s if F16_DOT else s * scale, softcap) * 1.4426950408889634
-        elif F16_DOT:
-            s = s * 1.4426950408889634
-        else:
-            s = s * qk_scale
-        if BLOCK_Q == 1:  # one query a tile: every key below hi (<= its position + 1) is visible to it
-            ok = k_ok[None, :]
-        else:
-            ok = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            ok = ok & ((q_pos[:, None] - k_pos[None, :]) < window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32_DOT:
-            v = v.to(tl.float32)
-        elif F16_DOT:
-            v = v.to(tl.float16)
-        elif KV_FP8:
-            v = v.to(q_ptr.dtype.element_ty)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # whole key tiles without bounds masks, then the partial one (if any) with them
+    hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    for start in range(lo, hi_full, BLOCK_N):
+        m_i, l_i, acc = _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh,
+                                  kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d,
+                                  d_ok, scale, qk_scale, softcap, window, q_ptr.dtype.element_ty, BLOCK_N, PAGE,
+                                  OFF32, KV_ALIGN, F32_DOT, F16_DOT, KV_FP8, IEEE, USE_SOFTCAP, USE_WINDOW, BLOCK_Q,
+                                  False)
+    if hi_full < hi:
+        m_i, l_i, acc = _key_tile(q, m_i, l_i, acc, hi_full, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh,
+                                  kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d,
+                                  d_ok, scale, qk_scale, softcap, window, q_ptr.dtype.element_ty, BLOCK_N, PAGE,
+                                  OFF32, KV_ALIGN, F32_DOT, F16_DOT, KV_FP8, IEEE, USE_SOFTCAP, USE_WINDOW, BLOCK_Q,
+                                  True)
 
     if HAS_V_SCALE:  # an FP8 value is v_cache * v_scale
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
