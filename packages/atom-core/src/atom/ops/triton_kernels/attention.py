@@ -37,8 +37,8 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
-# instructions, and this takes its loop from 1,011 to 829 instructions a 64-key step (tools/device/attn_sass.py,
-# Triton 3.6, sm_90). Off until a GPU has run it (the interpreter dots in float32 and cannot check it):
+# instructions, and this takes its loop from 754 to 558 instructions a 64-key step (tools/device/attn_sass.py,
+# Triton 3.6, sm_90; 404 over a bf16 cache). Off until a GPU has run it (the interpreter dots in float32 and cannot check it):
 # ATOM_ATTN_FP8_F16_DOT=1 turns it on (tools/device/README.md, item A1).
 F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", False)
 
