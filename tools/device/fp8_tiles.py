@@ -7,10 +7,11 @@ Run on a GPU machine:
 qwen3-8b's four linears (kernel_bench.FP8_LINEARS) on codes a producer made (fp8_linear_quantized: what the engine
 runs at decode), weights rotated past 2x the L2 as in fp8_skinny_bench.py, us a call under CUDA-graph replay.
 - --dot-rows (the tl.dot GEMM, e.g. batch 128's decode): the built-in tile, torch._scaled_mm (per-channel), and
-  DOT_TILES with pointer and TMA loads, with and without fast accumulation (per-channel), split-K by the built-in
-  rule (about two programs an SM);
+  DOT_TILES with pointer and TMA loads, with and without fast accumulation (per-channel) and Triton's warp
+  specialization (TMA, 4 warps), split-K by the built-in rule (about two programs an SM);
 - --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile, and SWAP_TILES the same ways.
-Per M the candidate with the least summed time over the four shapes in the --pick layout (per-channel: what
+Each candidate's output is first checked against the torch reference on the same codes (WRONG_REL), so a tile that
+computes something else cannot win. Per M the candidate with the least summed time over the four shapes in the --pick layout (per-channel: what
 `--quantization fp8` makes) wins; the rules file holds it unless it is the built-in choice, and scaled_mm_min_m
 moves past M where the tl.dot GEMM beat torch._scaled_mm. Every row and the per-layer sums are printed and kept.
 """
@@ -40,6 +41,9 @@ DOT_TILES = [(128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 5)
              (64, 256, 8, 3), (64, 256, 8, 4)]
 # [block_n (weight rows), num_warps, num_stages]; block_m is the padded rows
 SWAP_TILES = [(64, 4, 5), (64, 4, 7), (128, 8, 4)]
+# a candidate whose output is further than this from the reference (relative to its largest value) is wrong: bf16
+# outputs and fast accumulation stay ~10x below it on these shapes
+WRONG_REL = 2e-2
 # fast_acc (the FP8 MMA accumulating all of K before promoting, as vLLM's CUTLASS kernels do) only changes per-channel /
 # per-tensor GEMMs: block scales promote every K step anyway
 FAST_ACC = {"channel": (False, True), "block": (False,)}
@@ -59,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy rate {copy:.0f} GB/s (read + write)", flush=True)
-    lin_q = resolve("fp8_linear_quantized", "triton")
+    lin_q, lin_ref = resolve("fp8_linear_quantized", "triton"), resolve("fp8_linear_quantized", "torch")
     rows: list[dict] = []
     layouts = opts.layouts.split(",")
     plans = [("dot", int(m)) for m in opts.dot_rows.split(",") if m] + \
@@ -71,9 +75,12 @@ def main() -> None:
             yield "built-in", dict(SWAP_MAX_M=0, GEMV_MAX_M=0), None
             if layout == "channel":
                 yield "scaled_mm", dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=True, SCALED_MM_MIN_M=0), "scaled_mm"
-            for (bm, bn, w, st), tma, fast in itertools.product(DOT_TILES, (False, True), FAST_ACC[layout]):
-                tile = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast)
-                yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}",
+            for (bm, bn, w, st), tma, fast, ws in itertools.product(DOT_TILES, (False, True), FAST_ACC[layout],
+                                                                   (False, True)):
+                if ws and not (tma and w == 4):  # warp specialization needs TMA; at 8 warps Triton 3.6 skips it
+                    continue
+                tile = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast, ws=ws)
+                yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}{' ws' if ws else ''}",
                        dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=False, GEMM_TILE_OVERRIDE=tile), tile)
         else:
             yield "built-in", dict(SWAP_MAX_M=64, GEMV_MAX_M=0), None
@@ -100,6 +107,11 @@ def main() -> None:
                     for q, s in ws:
                         lin_q(a, sa, q, s, None, block, torch.bfloat16)
 
+                # every candidate's output is checked against the torch reference on the same codes first: a tile
+                # that computes something else is a row marked wrong, never a winner
+                q0, s0 = weights[lay][0]
+                ref = lin_ref(a, sa, q0, s0, None, block, torch.float32)
+
                 for label, patches, tile in candidates(kind, m, lay):
                     if time.time() - t0 > opts.budget_s:
                         print(f"budget of {opts.budget_s:.0f} s spent: stopping before {proj} M{m} {lay} {label}")
@@ -109,6 +121,10 @@ def main() -> None:
                     row = dict(kind=kind, m=m, proj=proj, layout=lay, label=label, tile=tile)
                     try:
                         with patched(tk, **patches):
+                            got = lin_q(a, sa, q0, s0, None, block, torch.bfloat16).float()
+                            err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                            if not err <= WRONG_REL:
+                                raise ValueError(f"wrong output: max error {err:.2e} of the reference's largest")
                             us = graph_time(run) * 1e3 / rotate
                     except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -187,6 +187,7 @@ def _fp8_gemm_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PDL: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """out = A W^T (scaled); A fp8 with per-row or per-(row, K block) scales; W [N, K] fp8. PRECISE (float32
     outputs, the correctness mode): the codes are widened to bf16 (exactly: e4m3 fits in bf16) for a dot that
@@ -195,7 +196,8 @@ def _fp8_gemm_kernel(
     blocks [BLOCK_N, BLOCK_K]; Hopper's bulk copies, zero past the edges) instead of per-thread loads.
     FAST_ACC (per-channel / per-tensor weights): the FP8 MMA accumulates all of K before the float32 promotion
     (Triton's default on sm90, CUTLASS's FP8FastAccum as vLLM runs it) instead of promoting every K step; block
-    scales promote every step anyway."""
+    scales promote every step anyway. WS (with TMA): Triton's warp specialization of the K loop (a producer warp group
+    issues the bulk copies, the others run the MMAs), as CUTLASS's sm90 kernels are built."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -222,7 +224,7 @@ def _fp8_gemm_kernel(
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         k = k0 + kk
         k_ok = k < K
         if TMA:
@@ -563,7 +565,7 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
 # FAST_ACC below)).
 GEMM_TILE_OVERRIDE: dict | None = None
 
-_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma", "fast_acc"}
+_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma", "fast_acc", "ws"}
 
 
 def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
@@ -878,7 +880,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, PRECISE=precise,
-            TMA=descs is not None, FAST_ACC=tile["fast_acc"],
+            TMA=descs is not None, FAST_ACC=tile["fast_acc"], WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
     _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
