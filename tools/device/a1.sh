@@ -23,7 +23,7 @@ kernels)
 tests)
   for f16 in 0 1; do
     ATOM_ATTN_FP8_F16_DOT=$f16 ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${A1_TEST_BUDGET_S:-200} OUT=$out/tests_f16_$f16 \
-      bash tools/device/run_gpu_tests.sh core -k "attention or fp8_kv or paged or prep or kv_cache or large_tma or warp_spec" \
+      bash tools/device/run_gpu_tests.sh core -k "attention or fp8_kv or paged or prep or kv_cache or large_tma or warp_spec or mla" \
       > "$out/tests_f16_$f16.txt" 2>&1
     echo "== ATOM_ATTN_FP8_F16_DOT=$f16: $(tail -1 "$out/tests_f16_$f16.txt")"
     grep -h "^FAILED\|^ERROR" "$out"/tests_f16_$f16/*.log 2>/dev/null | head -20

@@ -170,6 +170,8 @@ DECODE_CASES = {
     "heads_20": ([11, 25], dict(TINY, heads=20), 2),  # two head tiles, the second partly empty
     # enough programs for the GPU (the interpreter counts 4 SMs): one split, FULL_DECODE_TILE
     "full_tile": ([9, 30, 2, 17, 0, 40], TINY, None),
+    # a latent and rope width below their power-of-two tiles (column masks), pages of 6 rows
+    "odd_dims_page_6": ([9, 30, 2], dict(TINY, lora=24, rope=6, block=6), 2),
 }
 LARGE_DECODE_CASES = {
     "v2_lite_bs1": ([3000], V2_LITE, None),
@@ -220,6 +222,22 @@ def test_mla_decode_splits_under_a_graph_span(monkeypatch, per_sequence):
 @pytest.mark.parametrize("name", sorted(DECODE_CASES))
 def test_mla_decode(name, dtype):
     _run_decode(name, DECODE_CASES[name], dtype)
+
+
+def test_mla_decode_int64_offsets_equal_int32(monkeypatch):
+    """Caches spanning 2^31 elements or more read rows with int64 offsets (attention.OFF32_LIMIT): the same bits."""
+    from atom.ops.triton_kernels import attention as tk
+    from atom.ops.triton_kernels.mla import mla_decode_impl
+
+    lens = [37, 70, 5]
+    q_nope, q_pe, cache, w, tables, _, seq_lens, _, _, _ = _latent_case(
+        [n - 1 for n in lens], [1] * len(lens), TINY, torch.float32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    outs = []
+    for limit in (2**31, 0):
+        monkeypatch.setattr(tk, "OFF32_LIMIT", limit)
+        outs.append(mla_decode_impl(q_nope, q_pe, cache, w, tables, seq_lens, 0.2, max(lens), num_splits=4))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])

@@ -206,9 +206,10 @@ def mla_norm_rope_cache(positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch
 
 
 @triton.jit
-def _causal_logits(qa, ka, qb, kb, k_ok, k_pos, q_pos, qk_scale, IEEE: tl.constexpr):
+def _causal_logits(qa, ka, qb, kb, k_ok, k_pos, q_pos, qk_scale, IEEE: tl.constexpr, ONE_QUERY: tl.constexpr):
     """(qa . ka + qb . kb) * qk_scale for one key tile (two parts: the no-rope / latent part and the rope part),
-    -inf where the key is past the tile's end or after the query (causal)."""
+    -inf where the key is past the tile's end or after the query (causal). ONE_QUERY: the tile holds one query
+    position, whose keys all lie below the tile's end, so only the end masks."""
     if IEEE:
         s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
         s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
@@ -216,6 +217,8 @@ def _causal_logits(qa, ka, qb, kb, k_ok, k_pos, q_pos, qk_scale, IEEE: tl.conste
         s = tl.dot(qa, tl.trans(ka))
         s += tl.dot(qb, tl.trans(kb))
     s = s * qk_scale
+    if ONE_QUERY:
+        return tl.where(k_ok[None, :], s, float("-inf"))
     return tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
 
 
@@ -241,14 +244,16 @@ def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
 @triton.jit(do_not_specialize=["bt_stride"])
 def _mla_attention_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    kv_scale_ptr, scale, lora, rope, block_size, tokens_per_split, num_heads,
+    kv_scale_ptr, scale, lora, rope, tokens_per_split, num_heads,
     ql_stride_t, ql_stride_h, qp_stride_t, qp_stride_h, out_stride_t, out_stride_h, c_stride_b, c_stride_s,
     bt_stride,
     HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PDL: tl.constexpr, PAGE: tl.constexpr, EVEN: tl.constexpr, OFF32: tl.constexpr,
 ):
+    """PAGE: the cache's block size; EVEN: lora == BLOCK_L and rope == BLOCK_R (no column masks); OFF32: int32 row
+    offsets (the cache spans fewer than 2^31 elements). As in attention._attention_kernel."""
     pdl_wait(PDL)
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -273,9 +278,13 @@ def _mla_attention_kernel(
     q_pos = ctx + qi
     tok = q_start + qi
     lc = tl.arange(0, BLOCK_L)
-    l_ok = lc < lora
     e = tl.arange(0, BLOCK_R)
-    e_ok = e < rope
+    if EVEN:
+        l_ok = tl.full([BLOCK_L], 1, tl.int1)
+        e_ok = tl.full([BLOCK_R], 1, tl.int1)
+    else:
+        l_ok = lc < lora
+        e_ok = e < rope
     q_lat = tl.load(ql_ptr + tok[:, None] * ql_stride_t + head[:, None] * ql_stride_h + lc[None, :],
                     mask=row_ok[:, None] & l_ok[None, :], other=0.0)
     q_pe = tl.load(qp_ptr + tok[:, None] * qp_stride_t + head[:, None] * qp_stride_h + e[None, :],
@@ -306,9 +315,13 @@ def _mla_attention_kernel(
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+        blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=k_ok, other=0)
+        in_blk = k_pos % PAGE
+        if not OFF32:
+            blk = blk.to(tl.int64)
+            in_blk = in_blk.to(tl.int64)
         # offsets come from the block table: say they are aligned, or rows are read element by element
-        row = tl.multiple_of(blk * c_stride_b + (k_pos % block_size).to(tl.int64) * c_stride_s, ROW_ALIGN)
+        row = tl.multiple_of(blk * c_stride_b + in_blk * c_stride_s, ROW_ALIGN)
         c = tl.load(cache_ptr + row[:, None] + lc[None, :], mask=k_ok[:, None] & l_ok[None, :], other=0.0)
         pe = tl.load(cache_ptr + row[:, None] + lora + e[None, :], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
         if F32_DOT:
@@ -317,7 +330,7 @@ def _mla_attention_kernel(
         elif KV_FP8:  # e4m3 -> bf16/fp16 is exact
             c = c.to(ql_ptr.dtype.element_ty)
             pe = pe.to(ql_ptr.dtype.element_ty)
-        s = _causal_logits(q_lat, c, q_pe, pe, k_ok, k_pos, q_pos, qk_scale, IEEE)
+        s = _causal_logits(q_lat, c, q_pe, pe, k_ok, k_pos, q_pos, qk_scale, IEEE, BLOCK_Q == 1)
         m_i, l_i, acc = _online_softmax_step(s, c, m_i, l_i, acc, IEEE)  # the values are the latent rows
 
     if HAS_SCALE:  # the values are the latent rows, entry * kv_scale (linear: the split merge is unchanged)
@@ -392,12 +405,14 @@ def mla_latent_attention(
     _mla_attention_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
         part_m, part_l, part_acc, seq_lens if kv_scale is None else kv_scale, float(scale), lora, rope,
-        kv_cache.shape[1], tokens_per_split, num_heads,
+        tokens_per_split, num_heads,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         HEADS=heads, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
         NUM_SPLITS=num_splits, DECODE=decode, F32_DOT=interpreting(), IEEE=dot_ieee(q_lat.dtype),
-        ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], num_warps=tile["num_warps"],
+        ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], PAGE=kv_cache.shape[1],
+        EVEN=lora == block_l and rope == block_r, OFF32=attention._span(kv_cache) < attention.OFF32_LIMIT,
+        num_warps=tile["num_warps"],
         num_stages=num_stages, **pdl_args(q_lat.device),
     )
     if num_splits > 1:
@@ -516,7 +531,7 @@ def _mla_expanded_kernel(
                     mask=k_ok[:, None] & (vc < v_dim)[None, :], other=0.0)
         if F32_DOT:
             kn, kp, v = kn.to(tl.float32), kp.to(tl.float32), v.to(tl.float32)
-        s = _causal_logits(qn, kn, qp, kp, k_ok, k_pos, q_pos, qk_scale, IEEE)
+        s = _causal_logits(qn, kn, qp, kp, k_ok, k_pos, q_pos, qk_scale, IEEE, False)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * out_stride_t + h * out_stride_h + vc[None, :], out.to(out_ptr.dtype.element_ty),
