@@ -9,7 +9,8 @@ runs at decode), weights rotated past 2x the L2 as in fp8_skinny_bench.py, us a 
 - --dot-rows (the tl.dot GEMM, e.g. batch 128's decode): the built-in tile, torch._scaled_mm (per-channel), and
   DOT_TILES with pointer and TMA loads, with and without fast accumulation (per-channel) and Triton's warp
   specialization (TMA, 4 warps), split-K by the built-in rule (about two programs an SM);
-- --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile, and SWAP_TILES the same ways.
+- --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile, and SWAP_TILES the same ways (warp
+  specialization at 4 warps: 12 warps and 168 registers a thread on sm_90, so one program an SM).
 Each candidate's output is first checked against the torch reference on the same codes (WRONG_REL), so a tile that
 computes something else cannot win. Per M the candidate with the least summed time over the four shapes in the --pick layout (per-channel: what
 `--quantization fp8` makes) wins; the rules file holds it unless it is the built-in choice, and scaled_mm_min_m
@@ -84,9 +85,12 @@ def main() -> None:
                        dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=False, GEMM_TILE_OVERRIDE=tile), tile)
         else:
             yield "built-in", dict(SWAP_MAX_M=64, GEMV_MAX_M=0), None
-            for (bn, w, st), tma, fast in itertools.product(SWAP_TILES, (False, True), FAST_ACC[layout]):
-                tile = dict(block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast)
-                yield (f"{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}",
+            for (bn, w, st), tma, fast, ws in itertools.product(SWAP_TILES, (False, True), FAST_ACC[layout],
+                                                               (False, True)):
+                if ws and not (tma and w == 4):
+                    continue
+                tile = dict(block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast, ws=ws)
+                yield (f"{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}{' ws' if ws else ''}",
                        dict(SWAP_MAX_M=64, GEMV_MAX_M=0, SWAP_TILE_OVERRIDE=tile), tile)
 
     for proj, (n, k) in FP8_LINEARS.items():

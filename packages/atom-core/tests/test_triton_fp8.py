@@ -389,16 +389,18 @@ def _tma_off_and_on(monkeypatch, name, *args, **kw):
     assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
 
 
+@pytest.mark.parametrize("path", ["dot", "swap"])
 @pytest.mark.parametrize("layout", ["block", "channel"])
-def test_fp8_linear_warp_specialized_tile(monkeypatch, layout):
+def test_fp8_linear_warp_specialized_tile(monkeypatch, path, layout):
     """A ws tile (Triton's warp-specialized K loop, TMA loads) against the reference: 40 rows in 16-row tiles, K = 1,040
     split in two (on the interpreter the loop runs as a plain loop; GPU: test_fp8_linear_large_tma)."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
-    monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=64, num_warps=4, num_stages=2, tma=True,
-                                                       ws=True, split_k=2))
+    tile = dict(block_m=16, block_n=64, num_warps=4, num_stages=2, tma=True, ws=True, split_k=2)
+    monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", tile)
     monkeypatch.setattr(tk, "SCALED_MM", False)
-    _run_linear(f"ws {layout}", 40, 130, 1040, layout, (128, 128), None, torch.bfloat16, gemv_max_m=0, swap_max_m=0)
+    _run_linear(f"ws {path} {layout}", 40, 130, 1040, layout, (128, 128), None, torch.bfloat16, gemv_max_m=0,
+                swap_max_m=64 if path == "swap" else 0, swap_tile=tile if path == "swap" else None)
 
 
 @pytest.mark.parametrize("path", ["dot", "swap"])
@@ -628,11 +630,13 @@ def test_fp8_linear_large_tma(monkeypatch, proj, m, layout):
             monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(fast_acc=True))
         _run_linear(f"8b {proj} {layout} fast_acc", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
                     gemv_max_m=0)
-    if m > tk.SWAP_MAX_M:  # Triton's warp specialization of the K loop (TMA loads, 4 consumer warps)
+    # Triton's warp specialization of the K loop (TMA loads, 4 consumer warps)
+    if m > tk.SWAP_MAX_M:
         monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=64, block_n=128, num_warps=4, num_stages=4,
                                                            tma=True, ws=True))
-        _run_linear(f"8b {proj} {layout} ws", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False,
-                    gemv_max_m=0)
+    else:
+        monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(tma=True, ws=True))
+    _run_linear(f"8b {proj} {layout} ws", m, n, k, layout, (128, 128), None, torch.bfloat16, bias=False, gemv_max_m=0)
 
 
 @pytest.mark.gpu

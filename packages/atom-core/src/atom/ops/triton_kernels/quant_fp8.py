@@ -267,7 +267,7 @@ def _fp8_gemm_swap_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
-    FAST_ACC: tl.constexpr,
+    FAST_ACC: tl.constexpr, WS: tl.constexpr,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -282,7 +282,7 @@ def _fp8_gemm_swap_kernel(
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
     bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
     _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation). TMA: as in _fp8_gemm_kernel
-    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K]). FAST_ACC: as in _fp8_gemm_kernel."""
+    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K]). FAST_ACC, WS: as in _fp8_gemm_kernel."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -305,7 +305,7 @@ def _fp8_gemm_swap_kernel(
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         k = k0 + kk
         k_ok = k < K
         if TMA:
@@ -839,6 +839,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
             PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
+            WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
