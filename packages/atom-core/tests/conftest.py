@@ -54,7 +54,9 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
-            report.sections.append(("seed", f"replay with ATOM_TEST_SEED={seeds[0]}"))
+            # The last one: a test whose data a module-scoped fixture drew under an earlier test's seed
+            # records that seed after its own (replaying with it draws the same data).
+            report.sections.append(("seed", f"replay with ATOM_TEST_SEED={seeds[-1]}"))
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ second on top of a cached prefix), then >= 8 decode steps fed with the oracle's 
 compared at every step.
 
 Relative error = max|atom - hf| / max|hf| over all compared logits of a case. float32 must be < 1e-4;
-bfloat16 (ATOM in bf16 vs transformers in float32): top-1 agreement on >= 80% of positions and a median
-per-position rel err < 2.5e-2 (atom.testing's bf16 bounds, which the engine tests of the other packages share).
+bfloat16 (ATOM in bf16 vs transformers in float32): a median per-position rel err < 2.5e-2 and the argmax
+equal on >= 80% of positions, a miss counted only where the reference is clearly ahead (atom.testing's bf16
+bounds, which the engine tests of the other packages share).
 Both run on every device under test (conftest.py: CPU, and CUDA on a GPU machine, where float32 meets the
 same 1e-4). The measured errors are printed in the session summary (see conftest.py).
 """
@@ -26,11 +27,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from atom.loader import load_model
 from atom.models import supported_architectures
-from atom.testing import BF16_MIN_TOP1, BF16_REL_ERR
+from atom.testing import assert_bf16_logits_close, bf16_logits_stats
 
 VOCAB, HIDDEN, LAYERS, HEADS, HEAD_DIM = 320, 64, 2, 4, 16
 DECODE_STEPS = 8
-PROMPT_LENS = (7, 12, 10)
+PROMPT_LENS = (7, 12, 10, 9, 11)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Reference:
     tokens: list[list[int]]
     logits: torch.Tensor  # all compared positions, stacked
     split: int | None
+    seed: int  # the test seed it was drawn under (a failure of a later test that uses it prints this one)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,7 @@ def reference(tmp_path_factory):
 
     def get(name: str) -> Reference:
         if name not in made:
+            seed = torch.initial_seed()
             case = CASES[name]
             config = getattr(transformers, case.config_class)(**{**_BASE, **case.overrides})
             hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
@@ -167,15 +170,16 @@ def reference(tmp_path_factory):
             prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in case.prompt_lens]
             split = min(case.prompt_lens) - 3 if case.chunked_prefill else None
             tokens, logits = _hf_greedy(hf, prompts, DECODE_STEPS, split)
-            made[name] = Reference(str(path), prompts, tokens, torch.cat(logits), split)
+            made[name] = Reference(str(path), prompts, tokens, torch.cat(logits), split, seed)
         return made[name]
 
     return get
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_float32_logits_match_transformers(name, reference, parity_report, device):
+def test_float32_logits_match_transformers(name, reference, parity_report, device, request):
     ref = reference(name)
+    request.node.user_properties.append(("seed", ref.seed))
     model, config = load_model(ref.path, dtype="float32", device=device, progress=False)
     assert type(model).__name__ == config.architectures[0]
     got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split, device))
@@ -186,26 +190,23 @@ def test_float32_logits_match_transformers(name, reference, parity_report, devic
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bfloat16_logits_close_to_transformers(name, reference, parity_report, device):
+def test_bfloat16_logits_close_to_transformers(name, reference, parity_report, device, request):
     ref = reference(name)
+    request.node.user_properties.append(("seed", ref.seed))
     model, config = load_model(ref.path, dtype="bfloat16", device=device, progress=False)
     assert next(model.parameters()).dtype == torch.bfloat16
     got = torch.cat(_atom_logits(model, ref.prompts, ref.tokens, ref.split, device))
-    err = rel_err(got, ref.logits)
-    top1 = float((got.argmax(-1) == ref.logits.argmax(-1)).float().mean())
-    parity_report.append(f"bfloat16 {device:4s} {name:32s} {config.architectures[0]:22s} rel_err={err:.2e} "
-                         f"top1={top1:.0%}")
-    assert top1 >= BF16_MIN_TOP1
+    stats = bf16_logits_stats(got, ref.logits)
+    parity_report.append(f"bfloat16 {device:4s} {name:32s} {config.architectures[0]:22s} median rel_err "
+                         f"{stats['median']:.2e} (worst {stats['worst']:.2e}) top1={stats['top1']:.0%} "
+                         f"clear misses {stats['clear_misses']:.0%}")
     # Per position: a bf16 near-tie in an MoE router (or a greedy argmax) changes one position's expert
     # choice, and the KV it writes then moves later positions of that sequence too, so neither the worst
-    # position nor a fixed fraction of positions is a stable bound. The median is: flips move a minority,
-    # while a systematic bug (wrong rope, bias, routing) moves every position. Measured: medians 5e-3 to
-    # 1e-2 over 15 fresh seeds, MoE cases included.
-    row_err = (got - ref.logits).abs().amax(-1) / ref.logits.abs().amax(-1)
-    median = float(row_err.median())
-    parity_report.append(f"bfloat16 {device:4s} {name:32s} median per-position rel_err {median:.2e} "
-                         f"(worst {float(row_err.max()):.2e})")
-    assert median < BF16_REL_ERR, f"median per-position rel_err {median:.2e} (overall {err:.2e})"
+    # position nor a fixed fraction of positions is a stable bound. The median is, over five sequences
+    # (with three, two routing flips in 800 draws of qwen3_moe_norm_topk moved two sequences and the
+    # median past the bound): flips move a minority, while a systematic bug (wrong rope, bias, routing)
+    # moves every position. Measured: medians 5e-3 to 1e-2, MoE cases included.
+    assert_bf16_logits_close(stats)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
