@@ -151,7 +151,8 @@ class Reference:
     tokens: list[list[int]]
     logits: torch.Tensor  # all compared positions, stacked
     split: int | None
-    seed: int  # the test seed it was drawn under (a failure of a later test that uses it prints this one)
+    # the test seed it was drawn under (a failure of a later test that uses it prints this one)
+    seed: int = field(default_factory=torch.initial_seed)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,6 @@ def reference(tmp_path_factory):
 
     def get(name: str) -> Reference:
         if name not in made:
-            seed = torch.initial_seed()
             case = CASES[name]
             config = getattr(transformers, case.config_class)(**{**_BASE, **case.overrides})
             hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
@@ -170,7 +170,7 @@ def reference(tmp_path_factory):
             prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in case.prompt_lens]
             split = min(case.prompt_lens) - 3 if case.chunked_prefill else None
             tokens, logits = _hf_greedy(hf, prompts, DECODE_STEPS, split)
-            made[name] = Reference(str(path), prompts, tokens, torch.cat(logits), split, seed)
+            made[name] = Reference(str(path), prompts, tokens, torch.cat(logits), split)
         return made[name]
 
     return get
