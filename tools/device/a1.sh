@@ -3,8 +3,10 @@
 #   bash tools/device/a1.sh kernels   (call 1, beside .carry/vllm/c1; atom-core's source only) attn_b128.py as is,
 #       with ATOM_ATTN_OFF32=0 (the int64 offsets of before) and with ATOM_ATTN_FP8_F16_DOT=1, PDL off; the static
 #       counts they follow: tools/device/attn_sass.py (KERNEL_NOTES.md, stop 47).
+#       Then stop 48's rowmax path at the kernel level: fp8_skinny_bench.py --rowmax on down_proj (SiLU-and-mul's
+#       producer quantizing itself + the swap kernel, against silu_and_mul_rowmax + the swap kernel quantizing).
 #   bash tools/device/a1.sh tests     (call 2, with .carry/vllm/deps) the attention / FP8-KV GPU tests as is and with
-#       the fp16 dots over FP8 caches.
+#       the fp16 dots over FP8 caches; the rowmax path's GPU tests (bit-identical outputs at the 8b down shape).
 set -uo pipefail
 out=${OUT:-a1_out}
 mkdir -p "$out"
@@ -19,6 +21,10 @@ kernels)
     echo "== $variant rc $?"
     grep -A3 "KV, batch" "$out/attn_$tag.txt" | grep -v "^--" | cut -c1-110
   done
+  timeout 200 python3 tools/device/fp8_skinny_bench.py --rowmax --rows 1,8,16,32 --shapes down \
+    --out "$out/rowmax.json" > "$out/rowmax.txt" 2>&1
+  echo "== rowmax rc $?"
+  grep "silu\|swap codes down M[0-9]* channel  " "$out/rowmax.txt" | cut -c1-120
   ;;
 tests)
   for f16 in 0 1; do
@@ -28,6 +34,10 @@ tests)
     echo "== ATOM_ATTN_FP8_F16_DOT=$f16: $(tail -1 "$out/tests_f16_$f16.txt")"
     grep -h "^FAILED\|^ERROR" "$out"/tests_f16_$f16/*.log 2>/dev/null | head -20
   done
+  ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=90 OUT=$out/tests_rowmax \
+    bash tools/device/run_gpu_tests.sh core -k "rowmax or reciprocal" > "$out/tests_rowmax.txt" 2>&1
+  echo "== rowmax tests: $(tail -1 "$out/tests_rowmax.txt")"
+  grep -h "^FAILED\|^ERROR" "$out"/tests_rowmax/*.log 2>/dev/null | head -20
   ;;
 *) echo "usage: a1.sh kernels|tests"; exit 2 ;;
 esac

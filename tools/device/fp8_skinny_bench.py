@@ -15,6 +15,11 @@ Paths per (shape, M, layout):
               the same with serial split-K switched (the last program of a tile adds the partials; the row says
               which way it ran)
   bf16        cuBLAS on the bf16 weight (the same shape, twice the bytes)
+--rowmax adds, per-channel, two rows that include the producer before each call (SiLU-and-mul of a [M, 2K]
+gate | up input, as before down_proj): "silu quant + swap codes" (silu_and_mul_quant_fp8, one program a row,
+then the swap kernel on its codes: the engine's path) and "silu rowmax + swap quant_a" (silu_and_mul_rowmax,
+then the swap kernel quantizing the rows itself: ATOM_FP8_ROWMAX_MAX_M); their difference is what the switch
+moves a layer (the engine's A/B: bench_vs_vllm.sh --alt-env ATOM_FP8_ROWMAX_MAX_M=<rows>).
 --sweep adds swap tiles (block_n, num_warps, num_stages, split) at M = 1, 16 and 64, block layout. --pdl adds
 swap codes rows with programmatic dependent launch (pdl.py) switched, with L2 prefetch sizes of 0 / 256 / 4,096
 bytes a weight row, and with serial split-K switched at prefetch 0: consecutive calls in the graph overlap as
@@ -53,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--pdl", action="store_true",
                     help="swap codes rows with programmatic dependent launch switched, and L2 prefetch sizes")
+    ap.add_argument("--rowmax", action="store_true",
+                    help="per-channel rows with the SiLU-and-mul producer: quantizing itself, or the GEMM quantizing")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--shapes", default=",".join(FP8_LINEARS))
     opts = ap.parse_args()
@@ -111,6 +118,22 @@ def main() -> None:
                     row(f"swap codes {tag}", codes, nbytes, rotate)
                     with patched(tk, SWAP_SERIAL_SPLIT=not tk.SWAP_SERIAL_SPLIT):
                         row(f"swap codes {tag} serial split {tk.SWAP_SERIAL_SPLIT}", codes, nbytes, rotate)
+                    if opts.rowmax and block is None:
+                        gate_up = torch.randn(m, 2 * k, device=DEV, dtype=torch.bfloat16)
+                        silu_q, silu_r = (resolve(op, "triton") for op in ("silu_and_mul_quant_fp8",
+                                                                             "silu_and_mul_rowmax"))
+                        lin_r = resolve("fp8_linear_rowmax", "triton")
+
+                        def producer_codes():
+                            for q, s in ws:
+                                lin_q(*silu_q(gate_up, None, torch.float8_e4m3fn), q, s, None, None, torch.bfloat16)
+
+                        def producer_rowmax():
+                            for q, s in ws:
+                                lin_r(*silu_r(gate_up), q, s, None, torch.bfloat16)
+                        row(f"silu quant + swap codes {tag}", producer_codes, nbytes, rotate)
+                        with patched(tk, ROWMAX_MAX_M=64):
+                            row(f"silu rowmax + swap quant_a {tag}", producer_rowmax, nbytes, rotate)
                     if opts.pdl:
                         with patched(pdl, ENABLED=not pdl.ENABLED):
                             row(f"swap codes {tag} pdl {pdl.ENABLED}", codes, nbytes, rotate)

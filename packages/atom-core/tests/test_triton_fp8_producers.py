@@ -22,8 +22,17 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+from triton import jit as triton_jit  # noqa: E402
+
 from atom.ops import quant_fp8 as Q  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
+from atom.ops.triton_kernels.fp8_common import (  # noqa: E402
+    dynamic_scale,
+    quantize,
+    quantize_by_reciprocal,
+    reciprocal,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -194,6 +203,149 @@ def test_fp8_linear_quantized_rejects_mismatched_inputs():
         triton("silu_and_mul_quant_fp8")(hidden_states(2, 192, torch.float32), 96, FP8)
 
 
+# ---------------------------------------------------------------- the GEMM quantizing per-token rows itself
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [96, 1024, 2500])  # one block below 1,024, one whole block, three with a partial one
+def test_silu_and_mul_rowmax_is_silu_and_mul_with_its_chunk_maxima(d, dtype):
+    """The float output is silu_and_mul's, bit for bit; each 1,024-column chunk's absolute maximum equals the
+    torch reference's, and their max is the row's."""
+    x = hidden_states(3, 2 * d, dtype)
+    y, parts = triton("silu_and_mul_rowmax")(x)
+    assert torch.equal(y, triton("silu_and_mul")(x))
+    assert parts.shape == (3, -(-d // 1024)) and parts.dtype == torch.float32
+    want = torch.nn.functional.pad(y.float().abs(), (0, parts.shape[1] * 1024 - d)).view(3, -1, 1024).amax(-1)
+    assert torch.equal(parts, want)
+    assert torch.equal(parts.amax(-1), y.float().abs().amax(-1))
+    ref_y, ref_parts = torch_ref("silu_and_mul_rowmax")(x)  # the reference's own silu_and_mul, chunked the same
+    assert ref_parts.shape == parts.shape
+    assert torch.equal(ref_parts, torch.nn.functional.pad(ref_y.float().abs(), (0, parts.shape[1] * 1024 - d))
+                       .view(3, -1, 1024).amax(-1))
+
+
+@triton_jit
+def _both_quantizers(x_ptr, amax_ptr, div_ptr, rcp_ptr, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    s = dynamic_scale(tl.load(amax_ptr + tl.arange(0, 1)), FP8_MAX, MIN_SCALE)
+    fp8 = div_ptr.dtype.element_ty
+    tl.store(div_ptr + i, quantize(x, s, fp8, FP8_MAX, MIN_EXP, EMULATE), mask=i < n)
+    tl.store(rcp_ptr + i, quantize_by_reciprocal(x, s, reciprocal(s), fp8, FP8_MAX, MIN_EXP, EMULATE), mask=i < n)
+
+
+def test_quantize_by_reciprocal_gives_the_division_s_codes():
+    """fp8_common.quantize_by_reciprocal against quantize on every finite bfloat16 value below a row maximum,
+    under scales from a spread of maxima (the interpreter's fma is a true one; the codes compared as magnitudes,
+    since a zero's sign may differ)."""
+    import triton
+
+    from atom.ops.triton_kernels.fp8_common import fp8_consts
+
+    finite = (torch.arange(0, 0x7F80, dtype=torch.int32) << 16).view(torch.float32)  # every positive bf16
+    for amax in (3e-7, 1e-3, 0.37, 1.0, 2.0 - 2**-23, 7.5, 448.0, 3.1e4, 2.0**100):
+        x = finite[finite <= amax]
+        x = torch.cat([x, -x]).to(DEVICE)
+        div, rcp = (torch.empty(x.shape, dtype=FP8, device=DEVICE) for _ in range(2))
+        _both_quantizers[(triton.cdiv(x.numel(), 4096),)](x, torch.tensor([amax], device=DEVICE), div, rcp, x.numel(),
+                                              BLOCK=4096, **fp8_consts(FP8))
+        assert torch.equal(div.view(torch.uint8) & 0x7F, rcp.view(torch.uint8) & 0x7F), amax
+        assert torch.equal(div.float(), rcp.float()), amax
+
+
+def _rowmax_on(monkeypatch, rows: int = 32):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "ROWMAX_MAX_M", rows)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    return tk
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channel", "tensor"])
+@pytest.mark.parametrize("m", [1, 3, 16, 20])
+def test_fp8_linear_rowmax_equals_the_quantized_path(m, layout, dtype, tma, monkeypatch):
+    """The swap-AB kernel quantizing float rows itself (QUANT_A, by reciprocal) gives what the quantization
+    kernel's codes through the same kernel give: equal outputs, with bias, K not a multiple of the K step, split
+    K, TMA loads and pointer loads."""
+    tk = _rowmax_on(monkeypatch)
+    monkeypatch.setattr(tk, "TMA", tma)
+    n, d = 96, 1296  # two row maxima, a partial last K step, rows 16-byte aligned for TMA
+    w, ws, _ = _weight(n, d, layout)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    x = hidden_states(m, 2 * d, dtype)
+    y, parts = triton("silu_and_mul_rowmax")(x)
+    assert tk.gemm_quantizes_rows(m, w, None, dtype)
+    calls = []
+    launch = tk._fp8_gemm_swap_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append((kw.get("QUANT_A", False), kw.get("TMA")))
+                return launch[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(tk, "_fp8_gemm_swap_kernel", Spy())
+    got = triton("fp8_linear_rowmax")(y, parts, w, ws, bias, dtype)
+    want = triton("fp8_linear_quantized")(*triton("silu_and_mul_quant_fp8")(x, None, FP8), w, ws, bias, None, dtype)
+    assert calls[0][0] and not calls[1][0], calls  # the rowmax call quantized in the kernel, the other did not
+    assert calls[0][1] == tma, calls
+    assert torch.equal(got, want)
+    ref = torch_ref("fp8_linear_rowmax")(y, parts, w, ws, bias, dtype)
+    assert torch.equal(ref, torch_ref("fp8_linear_quantized")(*torch_ref("fp8_quant_token")(y, FP8), w, ws, bias,
+                                                              None, dtype))
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
+
+
+def test_fp8_linear_rowmax_outside_its_rows_quantizes_first(monkeypatch):
+    """Rows past ROWMAX_MAX_M (or block layouts) take the quantization kernel and fp8_gemm_quantized: the same
+    output; bad inputs are refused with the argument named."""
+    tk = _rowmax_on(monkeypatch, rows=2)
+    n, d = 64, 300
+    w, ws, _ = _weight(n, d, "channel")
+    x = hidden_states(5, 2 * d, torch.bfloat16)
+    y, parts = triton("silu_and_mul_rowmax")(x)
+    assert not tk.gemm_quantizes_rows(5, w, None, torch.bfloat16)
+    want = triton("fp8_linear_quantized")(*triton("silu_and_mul_quant_fp8")(x, None, FP8), w, ws, None, None,
+                                          torch.bfloat16)
+    assert torch.equal(triton("fp8_linear_rowmax")(y, parts, w, ws, None, torch.bfloat16), want)
+    assert not tk.gemm_quantizes_rows(1, w, [128, 128], torch.bfloat16)
+    op = triton("fp8_linear_rowmax")
+    with pytest.raises(ValueError, match="row maxima"):
+        op(y, parts[:4], w, ws, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="features"):
+        op(y[:, :128], parts, w, ws, None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("rowmax_max_m", [2, 32])
+def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max_m, tmp_path, monkeypatch):
+    """A per-channel FP8 Qwen3 (per-token activations): down_proj fed SiLU-and-mul's float output and chunk
+    maxima at the decode step (2 rows; with 32, the prefill's 14 rows too) gives the logits of the producer
+    quantizing itself."""
+    tk = _rowmax_on(monkeypatch, rows=rowmax_max_m)
+    path = _tiny_fp8_qwen3(tmp_path, "compressed-tensors")
+    from atom.quantization.fp8 import Fp8LinearMethod
+
+    calls = []
+    inner = Fp8LinearMethod.apply
+
+    def spy(self, layer, x, bias=None):
+        calls.append((layer.prefix, type(x).__name__))
+        return inner(self, layer, x, bias)
+
+    monkeypatch.setattr(Fp8LinearMethod, "apply", spy)
+    got, _ = _model_logits(path, True, monkeypatch)
+    down = [kind for prefix, kind in calls if prefix.endswith("down_proj")]  # 2 layers x (prefill, decode)
+    prefill = "Fp8RowMaxActivation" if rowmax_max_m >= 14 else "Fp8Activation"  # the prefill has 9 + 5 rows
+    assert down == [prefill] * 2 + ["Fp8RowMaxActivation"] * 2, down
+    monkeypatch.setattr(tk, "ROWMAX_MAX_M", 0)
+    want, _ = _model_logits(path, True, monkeypatch)
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- GPU: qwen3-8b shapes
 
 
@@ -221,6 +373,23 @@ def test_fused_path_equals_unfused_at_8b_shapes(site, m, group):
         want = triton("fp8_linear")(y, w, ws, None, block)
     assert torch.equal(triton("fp8_linear_quantized")(q, s, w, ws, None, block, dtype), want)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 7, 16, 32])
+def test_fp8_linear_rowmax_at_8b_shapes(m, monkeypatch):
+    """down_proj of qwen3-8b (12,288 -> 4,096, per-channel), bf16, on the GPU: SiLU-and-mul's output and chunk
+    maxima through the swap kernel quantizing the rows itself (hardware conversion, no clamp) give the output of
+    the producer's codes through the same kernel (TMA from 2 rows, as the defaults choose)."""
+    _rowmax_on(monkeypatch, rows=32)
+    w, ws, _ = _weight(4096, 12288, "channel")
+    x = hidden_states(m, 2 * 12288, torch.bfloat16)
+    got = triton("fp8_linear_rowmax")(*triton("silu_and_mul_rowmax")(x), w, ws, None, torch.bfloat16)
+    want = triton("fp8_linear_quantized")(*triton("silu_and_mul_quant_fp8")(x, None, FP8), w, ws, None, None,
+                                          torch.bfloat16)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+    assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- a whole FP8 model, fused and not

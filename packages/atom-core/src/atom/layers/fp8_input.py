@@ -18,7 +18,10 @@ and the producer returns its usual float tensor, unless
   `quant_fp8.gemv_quantizes_input`),
 - nothing is being traced by torch.compile (atom-vllm compiles the backbone: the compiled graph keeps the
   float ops, which Inductor may fuse on its own).
-Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. All of these are decided from
+Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. A producer with a `rowmax` form
+(SiLU-and-mul) returns an `Fp8RowMaxActivation` instead where the linear's GEMM quantizes per-token activations
+itself from the producer's partial row maxima (`quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, off by
+default). All of these are decided from
 build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
 """
 
@@ -50,6 +53,14 @@ class Fp8Activation(NamedTuple):
     dtype: torch.dtype
 
 
+class Fp8RowMaxActivation(NamedTuple):
+    """Float activations x [M, K] for a per-token FP8 linear, with parts [M, P] float32 whose max over P is each
+    row's absolute maximum: the linear's GEMM quantizes them itself (atom.ops.fp8_producers, fp8_linear_rowmax)."""
+
+    x: torch.Tensor
+    parts: torch.Tensor
+
+
 def fused_producers_enabled() -> bool:
     raw = os.environ.get("ATOM_FP8_FUSED_PRODUCERS", "1").strip().lower()
     if raw not in ("0", "1", "false", "true", "off", "on", ""):
@@ -61,11 +72,12 @@ class Fp8ConsumerLink:
     """Held by a producer module: the linear its output feeds (a plain reference, not a submodule) and the fused
     producer ops, resolved on the producer's float op's backend."""
 
-    def __init__(self, consumer: nn.Module, fused_ops: tuple[Callable, ...]):
+    def __init__(self, consumer: nn.Module, fused_ops: tuple[Callable, ...], rowmax_op: Callable | None = None):
         from atom.ops.triton_kernels import quant_fp8  # the producer runs Triton: importable
 
         self._consumer = (consumer,)  # a tuple: nn.Module would register a module attribute as a child
         self.ops = fused_ops
+        self.rowmax_op = rowmax_op
         self._gemm_module = quant_fp8  # its GEMV bounds, read per call (a process may change them)
 
     def format_for(self, x: torch.Tensor) -> Fp8InputFormat | None:
@@ -79,12 +91,24 @@ class Fp8ConsumerLink:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return None if self._gemm_module.gemv_quantizes_input(rows, fmt.group_size is not None) else fmt
 
+    def takes_rowmax(self, x: torch.Tensor, fmt: Fp8InputFormat) -> bool:
+        """Whether this call's output goes over as an Fp8RowMaxActivation (the link has a rowmax op, the layout is
+        per token, and the GEMM would quantize these rows itself)."""
+        if self.rowmax_op is None or fmt.group_size is not None:
+            return False
+        method = self._consumer[0].quant_method
+        if getattr(method, "linear_rowmax", None) is None:
+            return False
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return self._gemm_module.gemm_quantizes_rows(rows, self._consumer[0].weight, None, x.dtype)
 
-def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...],
-                      consumer: nn.Module) -> Fp8ConsumerLink | None:
+
+def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...], consumer: nn.Module,
+                      rowmax_op_name: str | None = None) -> Fp8ConsumerLink | None:
     """The link a producer keeps to its consumer, or None when fusion cannot apply to this producer (off, or
     its float op is not the Triton kernel the fused kernels reproduce)."""
     impl = impl_of(float_op)
     if not fused_producers_enabled() or impl is None or impl.backend != "triton":
         return None
-    return Fp8ConsumerLink(consumer, tuple(resolve(name, "triton") for name in fused_op_names))
+    return Fp8ConsumerLink(consumer, tuple(resolve(name, "triton") for name in fused_op_names),
+                           resolve(rowmax_op_name, "triton") if rowmax_op_name else None)

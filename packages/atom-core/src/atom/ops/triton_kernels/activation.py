@@ -41,25 +41,36 @@ def gated_cols(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
 
 @triton.jit
 def _gated_kernel(x_ptr, out_ptr, d, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, parts_ptr=None, parts_stride=0, PARTS: tl.constexpr = False):
+    """PARTS: also the absolute maximum of this program's BLOCK columns of the stored output, at parts_ptr[row,
+    column block] (float32; silu_and_mul_rowmax)."""
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    y = gated_cols(x_ptr, row, cols, d, x_stride, ACT)
-    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=cols < d)
+    y = gated_cols(x_ptr, row, cols, d, x_stride, ACT).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_stride + cols, y, mask=cols < d)
+    if PARTS:  # columns past d hold act(0) * 0 = 0
+        tl.store(parts_ptr + row * parts_stride + tl.program_id(1) + tl.arange(0, 1),
+                 tl.max(tl.abs(y.to(tl.float32)), axis=0, keep_dims=True))
 
 
-def _gated(x: torch.Tensor, act: int) -> torch.Tensor:
+GATED_BLOCK = 1024  # columns a program (atom.ops.fp8_producers.ROWMAX_CHUNK: one partial maximum each)
+
+
+def _gated(x: torch.Tensor, act: int, parts: bool = False):
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
-    block = min(triton.next_power_of_2(d), 1024)
+    block = min(triton.next_power_of_2(d), GATED_BLOCK)
+    maxima = torch.empty(x2.shape[0], triton.cdiv(d, block), dtype=torch.float32, device=x.device) if parts else None
+    extra = dict(parts_ptr=maxima, parts_stride=maxima.stride(0), PARTS=True) if parts else {}
     if x2.shape[0]:
         _gated_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), out.stride(0), ACT=act,
-                                                            BLOCK=block, num_warps=4, **pdl_args(x2.device))
-    return out.view(*x.shape[:-1], d)
+                                                            BLOCK=block, num_warps=4, **pdl_args(x2.device), **extra)
+    y = out.view(*x.shape[:-1], d)
+    return (y, maxima.view(*x.shape[:-1], maxima.shape[1])) if parts else y
 
 
 @register("silu_and_mul", "triton")

@@ -64,6 +64,29 @@ def quantize(x, scale, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.c
     return to_fp8(tl.math.div_rn(x, tl.broadcast_to(scale, x.shape)), dtype, FP8_MAX, MIN_EXP, EMULATE)
 
 
+@triton.jit
+def reciprocal(scale):
+    """1 / scale rounded to nearest (IEEE division): quantize_by_reciprocal's second operand."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def quantize_by_reciprocal(x, scale, rcp, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+                           EMULATE: tl.constexpr):
+    """The codes of quantize(x, scale) up to the sign of zero, without a division per element: rcp =
+    reciprocal(scale) (both broadcastable to x); the quotient from x * rcp and one FMA correction (Markstein: with
+    rcp the correctly rounded reciprocal, q + (x - q * scale) * rcp is the correctly rounded x / scale while the
+    residual does not underflow; where it does, |x / scale| < ~1e-29 and both give a zero code, possibly of the
+    other sign: the same products in a dot). Checked against the division on every finite bfloat16 value under 600
+    scales (tools/device/swap_sass.py's docstring). On a GPU the conversion saturates (cvt.rn.satfinite) as the
+    clamp does: no clamp there."""
+    q0 = x * rcp
+    q = tl.fma(tl.fma(-q0, scale, x), rcp, q0)
+    if EMULATE:
+        return to_fp8(q, dtype, FP8_MAX, MIN_EXP, EMULATE)
+    return q.to(dtype, fp_downcast_rounding="rtne")
+
+
 def tl_fp8(dtype: torch.dtype):
     return {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e4m3fnuz: tl.float8e4b8}[dtype]
 

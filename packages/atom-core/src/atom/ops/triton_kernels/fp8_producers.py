@@ -17,14 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
-from atom.ops.fp8_producers import check_quantized_input
+from atom.ops.fp8_producers import ROWMAX_CHUNK, check_quantized_input, check_rowmax_input
 from atom.ops.quant_fp8 import check_weight_scale
 from atom.ops.registry import register
-from atom.ops.triton_kernels.activation import gated_cols
+from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
+from atom.ops.triton_kernels.common import interpreting
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
 from atom.ops.triton_kernels.norm import rms_norm_row
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
-from atom.ops.triton_kernels.quant_fp8 import _rows, check_group_size, fp8_gemm_quantized, row_block
+from atom.ops.triton_kernels.quant_fp8 import (
+    _rows,
+    _swap_gemm,
+    check_group_size,
+    fp8_gemm_quantized,
+    gemm_quantizes_rows,
+    per_token_quant_fp8,
+    row_block,
+)
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -182,6 +191,32 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
         _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0), BLOCK=block, **consts,
                                               num_warps=warps, **pdl_args(x.device))
     return views()
+
+
+@register("silu_and_mul_rowmax", "triton")
+def silu_and_mul_rowmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul's kernel, each program also storing its block's absolute maximum (atom.ops.fp8_producers)."""
+    if GATED_BLOCK != ROWMAX_CHUNK:
+        raise AssertionError("the gated kernel's block must be the reference's ROWMAX_CHUNK")
+    return _gated(x, 0, parts=True)
+
+
+@register("fp8_linear_rowmax", "triton")
+def fp8_linear_rowmax(x: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The swap-AB kernel quantizing x itself (QUANT_A) where fp8_gemm_quantized would run that kernel on x's
+    codes; elsewhere the quantization kernel and fp8_gemm_quantized (the same codes either way)."""
+    check_rowmax_input(x, parts, weight)
+    n, k = weight.shape
+    x2, parts2 = _rows(x), parts.reshape(-1, parts.shape[-1])
+    m = x2.shape[0]
+    if gemm_quantizes_rows(m, weight, None, out_dtype):
+        precise = out_dtype == torch.float32 and x2.is_cuda and not interpreting()
+        out = _swap_gemm(x2, parts2.contiguous(), weight, weight_scale, bias, None, out_dtype, precise, quant_a=True)
+    else:
+        q, s = per_token_quant_fp8(x2, weight.dtype)
+        out = fp8_gemm_quantized(q, s, weight, weight_scale, bias, None, out_dtype)
+    return out.view(*x.shape[:-1], n)
 
 
 @register("fp8_linear_quantized", "triton")

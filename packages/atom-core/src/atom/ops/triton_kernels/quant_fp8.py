@@ -65,7 +65,7 @@ from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import env_flag as _env_flag
 from atom.ops.triton_kernels.common import env_int, fit_tile, interpreting, num_sms
-from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize, quantize_by_reciprocal, reciprocal
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_l2
 
 
@@ -267,7 +267,9 @@ def _fp8_gemm_swap_kernel(
     SCALE_BN: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
-    FAST_ACC: tl.constexpr, WS: tl.constexpr,
+    FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
+    FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
+    EMULATE: tl.constexpr = False,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -282,7 +284,16 @@ def _fp8_gemm_swap_kernel(
     PDL: launched early (pdl.py); before waiting for the previous kernel each program asks for the first PREFETCH
     bytes (0: none, a multiple of 16) of each of its weight rows' K range to be brought into L2. PRECISE: as in
     _fp8_gemm_kernel (float32 outputs: bf16 operands, full float32 accumulation). TMA: as in _fp8_gemm_kernel
-    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K]). FAST_ACC, WS: as in _fp8_gemm_kernel."""
+    (w_desc blocks [BLOCK_N, BLOCK_K], a_desc blocks [BLOCK_M, BLOCK_K]). FAST_ACC, WS: as in _fp8_gemm_kernel.
+
+    QUANT_A (per-token scales only): a_ptr / a_desc hold the float activations and as_ptr [M, a_parts] partial
+    absolute maxima of each row (their max is the row's, as the producer found it: silu_and_mul_rowmax); the
+    program takes each row's scale from them and quantizes the activation tile of every K step itself, to the
+    codes the quantization kernels write (same dynamic_scale; quantize_by_reciprocal: the division's codes, up to
+    the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
+    to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
+    and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -301,7 +312,14 @@ def _fp8_gemm_swap_kernel(
         prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
     pdl_wait(PDL)
 
-    if not BLOCK_SCALES:
+    fp8 = w_ptr.dtype.element_ty
+    if QUANT_A:
+        p = tl.arange(0, A_PARTS)
+        parts = tl.load(as_ptr + m64[:, None] * as_stride + p[None, :], mask=m_ok[:, None] & (p < a_parts)[None, :],
+                        other=0.0)
+        sa = dynamic_scale(tl.max(parts, axis=1), FP8_MAX, MIN_SCALE)  # [BLOCK_M]; padded rows: the floor
+        ra = reciprocal(sa)
+    elif not BLOCK_SCALES:
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -316,6 +334,8 @@ def _fp8_gemm_swap_kernel(
                         other=0.0)
             a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                           other=0.0)
+        if QUANT_A:
+            a_t = quantize_by_reciprocal(a_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
         if PRECISE:
             w = w.to(tl.bfloat16)
             a_t = a_t.to(tl.bfloat16)
@@ -700,6 +720,26 @@ SWAP_MAX_M = _env_swap_max_m()
 SWAP_TILE_OVERRIDE: dict | None = None
 
 
+def _env_rowmax_max_m() -> int:
+    return _env_rows("ATOM_FP8_ROWMAX_MAX_M", 0, 64)
+
+
+# Rows up to which SiLU-and-mul hands a per-token FP8 linear (per-channel / per-tensor weights) its float output and
+# each 1,024-column block's absolute maximum (silu_and_mul_rowmax), and the swap-AB kernel quantizes the activations
+# itself (QUANT_A) instead of silu_and_mul_quant_fp8's one program walking each row. 0 (off) until a GPU has measured
+# it: at batch 1 of qwen3-8b FP8 that producer took 6.2 us against 1.1 for the float SiLU-and-mul (H200 profile,
+# 2026-12-04; its 12,288 columns are one program's), and the swap kernel's extra work is one division a thread and
+# K step at one row (ONE_ROW), BLOCK_M / 16 x that at more. ATOM_FP8_ROWMAX_MAX_M sets it per process.
+ROWMAX_MAX_M = _env_rowmax_max_m()
+
+
+def gemm_quantizes_rows(m: int, weight: torch.Tensor, block_size: list[int] | None, out_dtype: torch.dtype) -> bool:
+    """Whether an M-row per-token FP8 linear takes float activations and their rows' partial maxima (the swap-AB
+    kernel with QUANT_A: where fp8_gemm_quantized would run the swap kernel, up to ROWMAX_MAX_M rows)."""
+    return (block_size is None and GEMV_MAX_M < m <= min(ROWMAX_MAX_M, SWAP_MAX_M)
+            and not scaled_mm_applies(m, weight, block_size, out_dtype))
+
+
 # Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
 # (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode). Off: on the H200 (2026-12-03,
 # fp8_skinny_bench.py, qwen3-8b linears) it was slower than the second kernel in every row (o M32 13.0 against 10.5
@@ -811,9 +851,10 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
 
 
 def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool
-               ) -> torch.Tensor:
-    """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales."""
+               bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
+               quant_a: bool = False) -> torch.Tensor:
+    """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales, or (quant_a, per-token
+    layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel."""
     n, k = weight.shape
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -830,6 +871,13 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
     serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
     pdl = pdl_args(a.device)
     prefetch = PDL_PREFETCH_BYTES if pdl["PDL"] and k % 16 == 0 else 0
+    quant = {}
+    if quant_a:
+        if block_size is not None:
+            raise ValueError("the swap-AB kernel quantizes per-token activations only (block layouts: 1 x bk groups "
+                             "come from the producer)")
+        quant = dict(a_parts=a_scale.shape[1], QUANT_A=True, A_PARTS=triton.next_power_of_2(a_scale.shape[1]),
+                     **fp8_consts(weight.dtype))
 
     def swap(target, k_per_split, split, add_bias):
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
@@ -840,7 +888,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
             PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
             WS=tile.get("ws", False) and descs is not None,
-            num_warps=tile["num_warps"], num_stages=stages, **pdl)
+            num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
     return out
