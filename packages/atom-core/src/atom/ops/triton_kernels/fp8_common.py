@@ -78,8 +78,8 @@ def quantize_by_reciprocal(x, scale, rcp, dtype: tl.constexpr, FP8_MAX: tl.const
     rcp the correctly rounded reciprocal, q + (x - q * scale) * rcp is the correctly rounded x / scale while the
     residual does not underflow; where it does, |x / scale| < ~1e-29 and both give a zero code, possibly of the
     other sign: the same products in a dot). Checked against the division on every finite bfloat16 value under 600
-    scales (tools/device/swap_sass.py's docstring). On a GPU the conversion saturates (cvt.rn.satfinite) as the
-    clamp does: no clamp there."""
+    scales (KERNEL_NOTES.md, stop 48; test_triton_fp8_producers runs nine of them). On a GPU the conversion
+    saturates (cvt.rn.satfinite) as the clamp does: no clamp there."""
     q0 = x * rcp
     q = tl.fma(tl.fma(-q0, scale, x), rcp, q0)
     if EMULATE:
