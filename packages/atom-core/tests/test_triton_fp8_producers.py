@@ -320,12 +320,17 @@ def test_fp8_linear_rowmax_outside_its_rows_quantizes_first(monkeypatch):
         op(y[:, :128], parts, w, ws, None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("rowmax_max_m", [2, 32])
-def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max_m, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rowmax_max_m,fused_prep", [(2, False), (32, False), (2, True)])
+def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max_m, fused_prep, tmp_path,
+                                                                       monkeypatch):
     """A per-channel FP8 Qwen3 (per-token activations): down_proj fed SiLU-and-mul's float output and chunk
-    maxima at the decode step (2 rows; with 32, the prefill's 14 rows too) gives the logits of the producer
-    quantizing itself."""
+    maxima, o_proj the attention's output and per-head maxima, at the decode step (2 rows; with 32, the
+    prefill's 14 rows too): the logits of the producers quantizing themselves and of o_proj's quantization
+    kernel."""
+    from atom.layers import attention as attention_layer
+
     tk = _rowmax_on(monkeypatch, rows=rowmax_max_m)
+    monkeypatch.setattr(attention_layer, "FUSED_DECODE_PREP", fused_prep)  # decode: the prep inside attention
     path = _tiny_fp8_qwen3(tmp_path, "compressed-tensors")
     from atom.quantization.fp8 import Fp8LinearMethod
 
@@ -341,6 +346,9 @@ def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max
     down = [kind for prefix, kind in calls if prefix.endswith("down_proj")]  # 2 layers x (prefill, decode)
     prefill = "Fp8RowMaxActivation" if rowmax_max_m >= 14 else "Fp8Activation"  # the prefill has 9 + 5 rows
     assert down == [prefill] * 2 + ["Fp8RowMaxActivation"] * 2, down
+    o_proj = [kind for prefix, kind in calls if prefix.endswith("o_proj")]
+    prefill = "Fp8RowMaxActivation" if rowmax_max_m >= 14 else "Tensor"
+    assert o_proj == [prefill] * 2 + ["Fp8RowMaxActivation"] * 2, o_proj
     monkeypatch.setattr(tk, "ROWMAX_MAX_M", 0)
     want, _ = _model_logits(path, True, monkeypatch)
     assert torch.equal(got, want)

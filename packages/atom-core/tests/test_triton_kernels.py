@@ -199,6 +199,27 @@ def test_paged_attention_large(name, dtype):
     _run_attention(name, LARGE_ATTN_CASES[name], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["decode", "decode_split", "prefill_prefix", "decode_head_dim_40_page_6",
+                                  "prefill_head_dim_40_page_6"])
+def test_paged_attention_stores_per_head_maxima(name, dtype):
+    """maxima= (o_proj's per-head row maxima, fp8_linear_rowmax): every (token, head) gets the absolute maximum of
+    its stored output row, from the unsplit kernel, the merge kernel and the prefill tiles alike; the output is
+    the same bits as without it; a wrong buffer is refused."""
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, softcap, splits = ATTN_CASES[name]
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size, dtype)
+    args = (q, kc, vc, tables, qsl, lens, head_dim**-0.5, window, softcap, max_q, max_l)
+    want = paged_attention_impl(*args, num_splits=splits)
+    maxima = torch.full((q.shape[0], hq), -1.0, device=DEVICE)
+    got = paged_attention_impl(*args, num_splits=splits, maxima=maxima)
+    assert torch.equal(got, want)
+    assert torch.equal(maxima, want.float().abs().amax(-1))
+    with pytest.raises(ValueError, match="maxima"):
+        paged_attention_impl(*args, num_splits=splits, maxima=maxima[:, :1])
+
+
 @pytest.mark.parametrize("name", ["decode_split", "prefill_prefix"])
 def test_paged_attention_int64_offsets_equal_int32(monkeypatch, name):
     """Caches of 2^31 elements or more address keys with int64 offsets (OFF32_LIMIT); both give the same bits."""

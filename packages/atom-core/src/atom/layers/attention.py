@@ -26,6 +26,7 @@ An MLA implementation brings its own spec and builder the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from atom.forward_context import get_forward_context
+from atom.layers.fp8_input import Fp8RowMaxActivation, takes_rowmax
 from atom.layers.kv_cache import (FullAttentionKVSpec, KVCacheSpec, PagedKVCache, SlidingWindowKVSpec,
                                   bind_kv_caches, check_cache_dtype, check_kv_scale, is_fp8,
                                   kv_cache_layers)
@@ -187,6 +189,26 @@ class PagedAttention(nn.Module):
         # decode steps: the attention kernel does the prep's work itself (one launch a layer less), where both
         # ops are the Triton kernels it merges
         self._fused_attend = fused_decode_attend(self._attend, self._prep)
+        # the Triton kernel's launcher, which can also store each output row's per-head maxima (rowmax_attend)
+        self._rowmax_attend = None
+        if getattr(impl_of(self._attend), "backend", None) == "triton":
+            from atom.ops.triton_kernels import attention as triton_attention  # resolved: importable
+
+            self._rowmax_attend = triton_attention.paged_attention_impl
+        self._o_proj: tuple[nn.Module, ...] = ()  # the linear this layer's output feeds (feed_fp8_linear)
+
+    def feed_fp8_linear(self, linear: nn.Module) -> None:
+        """This layer's output goes to `linear` alone (the model's o_proj): where it is an FP8 linear whose GEMM
+        quantizes per-token rows itself (atom.layers.fp8_input.takes_rowmax), hand it the output with its per-head
+        maxima (an Fp8RowMaxActivation) instead of letting it run a quantization kernel."""
+        if self._rowmax_attend is not None:
+            self._o_proj = (linear,)  # a tuple: not a submodule
+
+    def _rowmax(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A float32 [num_tokens, num_heads] buffer for the per-head maxima when o_proj takes them this call."""
+        if not self._o_proj or not takes_rowmax(self._o_proj[0], num_tokens, dtype):
+            return None
+        return torch.empty(num_tokens, self.spec.num_heads, dtype=torch.float32, device=self.kv_cache.k.device)
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """The checkpoint's per-tensor FP8 KV-cache scale of this layer ("k" or "v"): the cache stores
@@ -244,12 +266,14 @@ class PagedAttention(nn.Module):
         if (self._fused_attend is not None and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
                 and not torch.compiler.is_compiling()):
             s = self.spec
+            maxima = self._rowmax(q.shape[0], q.dtype)
             out = self._fused_attend(
                 q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,
                 md.seq_lens, s.scale, s.sliding_window, s.logit_softcap, md.max_query_len, md.max_seq_len,
                 k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks,
-                prep=DecodePrep(positions, k, v, q_weight, k_weight, eps, cos_sin, is_neox, slots))
-            return out.reshape(q.shape[0], s.num_heads * s.head_dim)
+                prep=DecodePrep(positions, k, v, q_weight, k_weight, eps, cos_sin, is_neox, slots), maxima=maxima)
+            out = out.reshape(q.shape[0], s.num_heads * s.head_dim)
+            return out if maxima is None else Fp8RowMaxActivation(out, maxima)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
                           cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
@@ -259,11 +283,14 @@ class PagedAttention(nn.Module):
         s = self.spec
         num_tokens = q.shape[0]
         cache = self.kv_cache
-        out = self._attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
-                           md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
-                           md.max_query_len if max_lengths else None, md.max_seq_len if max_lengths else None,
-                           k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks)
-        return out.reshape(num_tokens, s.num_heads * s.head_dim)
+        maxima = self._rowmax(num_tokens, q.dtype) if max_lengths else None  # not on the traceable path
+        attend = self._attend if maxima is None else functools.partial(self._rowmax_attend, maxima=maxima)
+        out = attend(q.view(num_tokens, s.num_heads, s.head_dim), cache.k, cache.v, block_tables,
+                     md.query_start_loc, md.seq_lens, s.scale, s.sliding_window, s.logit_softcap,
+                     md.max_query_len if max_lengths else None, md.max_seq_len if max_lengths else None,
+                     k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks)
+        out = out.reshape(num_tokens, s.num_heads * s.head_dim)
+        return out if maxima is None else Fp8RowMaxActivation(out, maxima)
 
 
 def paged_attention_factory(spec: AttentionSpec, sinks: torch.Tensor | None = None) -> nn.Module:
@@ -329,6 +356,13 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.impl(q, k, v)
+
+    def feed_fp8_linear(self, linear: nn.Module) -> None:
+        """The output goes to `linear` alone: the implementation may hand it FP8-ready activations (ATOM's
+        PagedAttention; hosts' implementations keep their float output)."""
+        feed = getattr(self.impl, "feed_fp8_linear", None)
+        if feed is not None:
+            feed(linear)
 
     def load_kv_scale(self, kind: str, value: float) -> None:
         """A checkpoint's per-tensor FP8 KV-cache scale ("k" or "v") for this layer, handed to the host's

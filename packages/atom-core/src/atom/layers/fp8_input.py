@@ -19,9 +19,9 @@ and the producer returns its usual float tensor, unless
 - nothing is being traced by torch.compile (atom-vllm compiles the backbone: the compiled graph keeps the
   float ops, which Inductor may fuse on its own).
 Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. A producer with a `rowmax` form
-(SiLU-and-mul) returns an `Fp8RowMaxActivation` instead where the linear's GEMM quantizes per-token activations
-itself from the producer's partial row maxima (`quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, off by
-default). All of these are decided from
+(SiLU-and-mul; and ATOM's PagedAttention for o_proj) returns an `Fp8RowMaxActivation` instead where the linear's
+GEMM quantizes per-token activations itself from the producer's partial row maxima (`takes_rowmax`,
+`quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, off by default). All of these are decided from
 build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
 """
 
@@ -96,11 +96,23 @@ class Fp8ConsumerLink:
         per token, and the GEMM would quantize these rows itself)."""
         if self.rowmax_op is None or fmt.group_size is not None:
             return False
-        method = self._consumer[0].quant_method
-        if getattr(method, "linear_rowmax", None) is None:
-            return False
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return self._gemm_module.gemm_quantizes_rows(rows, self._consumer[0].weight, None, x.dtype)
+        return takes_rowmax(self._consumer[0], rows, x.dtype)
+
+
+def takes_rowmax(consumer: nn.Module, rows: int, dtype: torch.dtype) -> bool:
+    """Whether `consumer` (a linear) takes an Fp8RowMaxActivation of `rows` rows in `dtype` now: an FP8 linear on
+    the Triton GEMM with per-token activation scales whose GEMM quantizes that many rows itself
+    (quant_fp8.gemm_quantizes_rows), and nothing traced by torch.compile."""
+    method = getattr(consumer, "quant_method", None)
+    if getattr(method, "linear_rowmax", None) is None or torch.compiler.is_compiling():
+        return False
+    fmt = method.fused_input_format()
+    if fmt is None or fmt.group_size is not None:
+        return False
+    from atom.ops.triton_kernels import quant_fp8  # linear_rowmax is the Triton op: importable
+
+    return quant_fp8.gemm_quantizes_rows(rows, consumer.weight, None, dtype)
 
 
 def link_fp8_consumer(float_op: Callable, fused_op_names: tuple[str, ...], consumer: nn.Module,

@@ -84,6 +84,7 @@ class SelfAttention(nn.Module):
             has_sinks=opts.attention_sinks,
         )
         self.attn = Attention(spec, attn_factory, sinks=sinks)
+        self.attn.feed_fp8_linear(self.o_proj)  # its output feeds o_proj alone (atom.layers.fp8_input)
         # An implementation that can do qk-norm + rope + its KV write in one op gets them un-normed.
         self._fused_prep = (getattr(self.attn.impl, "forward_with_prep", None)
                             if self.rotary_emb.rope_type != "dynamic" else None)

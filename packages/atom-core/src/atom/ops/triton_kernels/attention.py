@@ -247,9 +247,13 @@ def _attention_kernel(
     F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, IEEE: tl.constexpr, KV_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
     HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PREP: tl.constexpr,
     NORM: tl.constexpr, IS_NEOX: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
-    EMULATE: tl.constexpr, PDL: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
 ):
-    """PREP (decode only: one query a sequence): q_ptr holds the raw queries and k_raw / v_raw this step's raw
+    """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
+    head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
+    over the heads is the row's (an FP8 o_proj quantizing per token takes them: fp8_linear_rowmax).
+
+    PREP (decode only: one query a sequence): q_ptr holds the raw queries and k_raw / v_raw this step's raw
     keys and values; the program normalizes and rotates its query heads itself, and the program whose keys end
     at the sequence's new key first normalizes, rotates and stores that key (and its value) in the cache, then
     walks its keys as usual (qk_norm_rope_cache's work, without its launch; no other program reads the new key)."""
@@ -351,9 +355,12 @@ def _attention_kernel(
             rescale = tl.exp2(m_i - m_fin)
             l_i = l_i * rescale + tl.exp2(sink - m_fin)
             acc = acc * rescale[:, None]
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + tok[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        if MAXIMA:
+            row_max = tl.max(tl.where(d_ok[None, :], tl.abs(out.to(tl.float32)), 0.0), axis=1)
+            tl.store(max_ptr + tok * max_stride_t + head, row_max, mask=row_ok)
     else:
         part = (tok * num_heads + head) * NUM_SPLITS + split
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
@@ -371,7 +378,8 @@ def _split_span(keys, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, seq_lens_ptr, window,
                          per_sequence, num_heads, head_dim, out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr,
+                         max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False):
     """One decode token's head: its splits' partial softmax states merged (token t is sequence t's query).
     per_sequence: the splits cut the sequence's own keys (window-limited), and only those that hold keys
     stored a state; otherwise every split did."""
@@ -400,8 +408,11 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
     if USE_SINKS:
         l_tot += tl.exp2(sink - m_ref)
     acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)
-    tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+    out = (tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * out_stride_t + h * out_stride_h + d, out, mask=d < head_dim)
+    if MAXIMA:  # as _attention_kernel's (its unsplit store)
+        tl.store(max_ptr + t * max_stride_t + h + tl.arange(0, 1),
+                 tl.max(tl.where(d < head_dim, tl.abs(out.to(tl.float32)), 0.0), axis=0, keep_dims=True))
 
 
 def _tokens_per_split(per_sequence: bool, span: int, num_splits: int, block_n: int) -> int:
@@ -440,9 +451,12 @@ def paged_attention_impl(
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     prep: DecodePrep | None = None,
+    maxima: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the decode split count open to callers (tests force the merge path) and, for
     hosts that own the output buffer (atom-vllm), `out`: [num_tokens, num_heads, head_dim], unit last stride.
+    maxima (float32 [num_tokens, num_heads], unit last stride): filled with each output row's absolute maximum
+    over head_dim, as stored (the o_proj input's per-head maxima: fp8_linear_rowmax).
     prep (decode steps: one query a sequence): q is raw (before qk-norm and rope) and the kernel does
     qk_norm_rope_cache's work for the step's keys and values itself (see _attention_kernel)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -454,6 +468,11 @@ def paged_attention_impl(
     elif out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} (last stride {out.stride(-1)}) must be q's shape {tuple(q.shape)} "
                          "with a unit last stride")
+    if maxima is not None and (tuple(maxima.shape) != (num_tokens, num_heads) or maxima.dtype != torch.float32
+                               or maxima.stride(-1) != 1):
+        raise ValueError(f"maxima {tuple(maxima.shape)} {maxima.dtype} must be float32 [{num_tokens}, {num_heads}] "
+                         "with a unit last stride")
+    max_args = dict(max_ptr=maxima, max_stride_t=maxima.stride(0), MAXIMA=True) if maxima is not None else {}
     if num_tokens == 0 or batch == 0:
         return out
     if max_query_len is None:
@@ -517,12 +536,14 @@ def paged_attention_impl(
         USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
+        **(max_args if num_splits == 1 else {}),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_m, part_l, part_acc, out, sinks_arg, seq_lens, int(sliding_window or 0),
             int(tokens_per_split == 0), num_heads, head_dim, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-            BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4, **pdl_args(q.device))
+            BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4, **pdl_args(q.device),
+            **max_args)
     return out
 
 

@@ -724,12 +724,13 @@ def _env_rowmax_max_m() -> int:
     return _env_rows("ATOM_FP8_ROWMAX_MAX_M", 0, 64)
 
 
-# Rows up to which SiLU-and-mul hands a per-token FP8 linear (per-channel / per-tensor weights) its float output and
-# each 1,024-column block's absolute maximum (silu_and_mul_rowmax), and the swap-AB kernel quantizes the activations
-# itself (QUANT_A) instead of silu_and_mul_quant_fp8's one program walking each row. 0 (off) until a GPU has measured
-# it: at batch 1 of qwen3-8b FP8 that producer took 6.2 us against 1.1 for the float SiLU-and-mul (H200 profile,
-# 2026-12-04; its 12,288 columns are one program's), and the swap kernel's extra work is one division a thread and
-# K step at one row (ONE_ROW), BLOCK_M / 16 x that at more. ATOM_FP8_ROWMAX_MAX_M sets it per process.
+# Rows up to which SiLU-and-mul (silu_and_mul_rowmax: each 1,024 columns' maximum) and ATOM's attention (each head's)
+# hand a per-token FP8 linear (per-channel / per-tensor weights: down_proj, o_proj) their float output with its row
+# maxima, and the swap-AB kernel quantizes the activations itself (QUANT_A) instead of a quantizing kernel walking
+# each row in one program. 0 (off) until a GPU has measured it: at batch 1 of qwen3-8b FP8 SiLU-and-mul + quantization
+# took 6.2 us against 1.1 for the float op, o_proj's quantization 4.0 us (H200 profile, 2026-12-02), and the swap
+# kernel's extra work is ~121 instructions a warp and K step at one row (tools/device/swap_sass.py).
+# ATOM_FP8_ROWMAX_MAX_M sets it per process.
 ROWMAX_MAX_M = _env_rowmax_max_m()
 
 
