@@ -706,30 +706,55 @@ def _run_moe(name, tokens, hidden, inter, experts, top_k, block, xdtype, tol, dt
 
 
 ROW_TOL_F32 = 1e-4  # a float32 output row without a flipped code: summation order only (measured <= 3e-5)
-NEAR_TIE = 1e-5  # relative: far beyond a float32 h's summation-order error (~1e-7)
+F32_EPS = 2.0**-24  # float32's unit roundoff
+# How far two float32 summation orders of a dot may put it apart, in units of F32_EPS times the sum of |terms|: the
+# worst case is K + 1; measured, the kernel's and torch's (1 or 2 threads) stay within ~1 (the flip behind
+# ATOM_TEST_SEED=2073388282: 2.5e-7 on an up-projection of 0.014 whose terms summed to 7.0 in magnitude)
+SUM_ORDER_ERR = 4
+NEAR_TIE = 1e-5  # and relative to |h| itself (the silu and product round too)
 
 
 def _near_tie_flips(x, w13, w2, s13, s2, weights, ids, block) -> torch.Tensor:
     """Per token: how far the output may move if codes of the intermediate h flip at near ties.
 
-    A float32 h one ulp off the reference's (summation order) can sit on the other side of an e4m3 rounding
-    midpoint and quantize to the neighbouring code. The elements at risk are those whose code changes when h
-    moves by NEAR_TIE (relative, at a fixed group scale); each moves the token's output by its code step times
-    the routing weight and the norm of w2's column. Elsewhere the kernel must match to summation order."""
+    The kernel's and the reference's float32 h = silu(g) * up differ by their summation orders (the reference's
+    depends even on torch's thread count), so an element near an e4m3 rounding midpoint may get the neighbouring
+    code in one of them. h is taken in float64 here, with a margin for how far a float32 h can be from it:
+    SUM_ORDER_ERR u times the sum of |terms| of g and of up (where the terms cancel this is far more than u |h|: a
+    margin of 1e-5 |h| alone missed such a flip, ATOM_TEST_SEED=2073388282 with one torch thread), carried through
+    silu(g) * up, plus NEAR_TIE |h|, plus the group scale's own error (its amax is such an element). An element is
+    at risk where that interval around its float64 quotient holds a midpoint; each moves the token's output by its
+    code step times the routing weight and the norm of w2's column."""
     from atom.ops.activation import silu_and_mul
 
     fp8 = w13.dtype
-    xq = Q.fake_quantize_activations(x, block, fp8)
+    xq = Q.fake_quantize_activations(x, block, fp8).double()
     bound = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    group = x.shape[-1] if block is None else block[1]
     for t in range(ids.shape[0]):
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             if e < 0:
                 continue
-            h = silu_and_mul(xq[t:t + 1] @ Q.dequantize_expert_w13(w13[e], s13[e], block).t())
-            _, sc = Q.quantize_activations(h, block, fp8)
-            s_full = Q.dequantize_activations(torch.ones_like(h), sc, None if block is None else block[1])
-            lo, hi = ((h * (1 + d) / s_full).to(fp8).double() * s_full for d in (-NEAR_TIE, NEAR_TIE))
+            w = Q.dequantize_expert_w13(w13[e], s13[e], block).double()
+            gu = xq[t:t + 1] @ w.t()
+            err_gu = SUM_ORDER_ERR * F32_EPS * (xq[t:t + 1].abs() @ w.abs().t())
+            inter = gu.shape[1] // 2
+            g, up, dg, du = gu[:, :inter], gu[:, inter:], err_gu[:, :inter], err_gu[:, inter:]
+            h = silu_and_mul(gu)
+            # |silu'| <= 1.1; the float32 silu and product round too (a few ulps of |h|)
+            dh = 1.1 * dg * (up.abs() + du) + torch.nn.functional.silu(g).abs() * du + NEAR_TIE * h.abs()
+            size = group if block is not None else inter
+            pad = -inter % size  # a partial last group: zeros change no maximum
+            groups = torch.nn.functional.pad(h, (0, pad)).view(1, -1, size)
+            dgroups = torch.nn.functional.pad(dh, (0, pad)).view(1, -1, size)
+            amax = groups.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+            d_amax = (dgroups * (groups.abs() == amax)).amax(-1, keepdim=True)
+            s = amax / Q.fp8_max(fp8)
+            q = groups / s
+            dq = dgroups / s + q.abs() * (d_amax / amax)
+            lo, hi = (((q + sign * dq).clamp(-Q.fp8_max(fp8), Q.fp8_max(fp8)).float().to(fp8).double() * s)
+                      .view(1, -1)[:, :inter] for sign in (-1, 1))
             cols = Q.dequantize_weight(w2[e], s2[e], block).double().norm(dim=0)
             bound[t] += abs(float(weights[t, k])) * ((hi - lo).abs()[0] * cols).sum()
     return bound
