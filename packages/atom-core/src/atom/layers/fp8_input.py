@@ -97,17 +97,18 @@ class Fp8ConsumerLink:
         if self.rowmax_op is None or fmt.group_size is not None:
             return False
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return takes_rowmax(self._consumer[0], rows, x.dtype)
+        return takes_rowmax(self._consumer[0], rows, x.dtype, fmt)
 
 
-def takes_rowmax(consumer: nn.Module, rows: int, dtype: torch.dtype) -> bool:
+def takes_rowmax(consumer: nn.Module, rows: int, dtype: torch.dtype, fmt: Fp8InputFormat | None = None) -> bool:
     """Whether `consumer` (a linear) takes an Fp8RowMaxActivation of `rows` rows in `dtype` now: an FP8 linear on
     the Triton GEMM with per-token activation scales whose GEMM quantizes that many rows itself
-    (quant_fp8.gemm_quantizes_rows), and nothing traced by torch.compile."""
+    (quant_fp8.gemm_quantizes_rows), and nothing traced by torch.compile. fmt: its fused_input_format(), when the
+    caller has asked already."""
     method = getattr(consumer, "quant_method", None)
     if getattr(method, "linear_rowmax", None) is None or torch.compiler.is_compiling():
         return False
-    fmt = method.fused_input_format()
+    fmt = fmt or method.fused_input_format()
     if fmt is None or fmt.group_size is not None:
         return False
     from atom.ops.triton_kernels import quant_fp8  # linear_rowmax is the Triton op: importable

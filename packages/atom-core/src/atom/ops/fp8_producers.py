@@ -83,9 +83,8 @@ define_op("silu_and_mul_rowmax",
 
 def _linear_rowmax_example(t, static):
     """fp8_linear's per-token example calls with their activations' chunk maxima."""
-    static = {**static, "block_size": None, "weight_layout": static.get("weight_layout", "channel")}
-    if static["weight_layout"] == "block":
-        static["weight_layout"] = "channel"
+    layout = "tensor" if static.get("weight_layout") == "tensor" else "channel"  # per-token activations only
+    static = {**static, "block_size": None, "weight_layout": layout}
     return [(x, _chunk_maxima(x), q, scale, bias, x.dtype) for x, q, scale, bias, _ in _linear_example(t, static)]
 
 
@@ -134,8 +133,7 @@ def _chunk_maxima(y: torch.Tensor) -> torch.Tensor:
     """max |y| over each ROWMAX_CHUNK columns of every row, float32 [..., rowmax_parts(d)]."""
     d = y.shape[-1]
     parts = rowmax_parts(d)
-    padded = F.pad(y.float().abs(), (0, parts * ROWMAX_CHUNK - d)) if d else y.float().new_zeros(
-        *y.shape[:-1], ROWMAX_CHUNK)
+    padded = F.pad(y.float().abs(), (0, parts * ROWMAX_CHUNK - d))
     return padded.view(*y.shape[:-1], parts, ROWMAX_CHUNK).amax(-1)
 
 

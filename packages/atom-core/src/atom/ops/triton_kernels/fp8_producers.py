@@ -35,6 +35,9 @@ from atom.ops.triton_kernels.quant_fp8 import (
     row_block,
 )
 
+# one partial maximum a program of the gated kernel: its block is the references' chunk
+assert GATED_BLOCK == ROWMAX_CHUNK, "the gated kernel's block must be atom.ops.fp8_producers.ROWMAX_CHUNK"
+
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -196,8 +199,6 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
 @register("silu_and_mul_rowmax", "triton")
 def silu_and_mul_rowmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_and_mul's kernel, each program also storing its block's absolute maximum (atom.ops.fp8_producers)."""
-    if GATED_BLOCK != ROWMAX_CHUNK:
-        raise AssertionError("the gated kernel's block must be the reference's ROWMAX_CHUNK")
     return _gated(x, 0, parts=True)
 
 
