@@ -21,7 +21,7 @@ and the producer returns its usual float tensor, unless
 Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. A producer with a `rowmax` form
 (SiLU-and-mul; and ATOM's PagedAttention for o_proj) returns an `Fp8RowMaxActivation` instead where the linear's
 GEMM quantizes per-token activations itself from the producer's partial row maxima (`takes_rowmax`,
-`quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, off by default). All of these are decided from
+`quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, 32 rows by default). All of these are decided from
 build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
 """
 

@@ -721,16 +721,16 @@ SWAP_TILE_OVERRIDE: dict | None = None
 
 
 def _env_rowmax_max_m() -> int:
-    return _env_rows("ATOM_FP8_ROWMAX_MAX_M", 0, 64)
+    return _env_rows("ATOM_FP8_ROWMAX_MAX_M", 32, 64)
 
 
 # Rows up to which SiLU-and-mul (silu_and_mul_rowmax: each 1,024 columns' maximum) and ATOM's attention (each head's)
 # hand a per-token FP8 linear (per-channel / per-tensor weights: down_proj, o_proj) their float output with its row
 # maxima, and the swap-AB kernel quantizes the activations itself (QUANT_A) instead of a quantizing kernel walking
-# each row in one program. 0 (off) until a GPU has measured it: at batch 1 of qwen3-8b FP8 SiLU-and-mul + quantization
-# took 6.2 us against 1.1 for the float op, o_proj's quantization 4.0 us (H200 profile, 2026-12-02), and the swap
-# kernel's extra work is ~121 instructions a warp and K step at one row (tools/device/swap_sass.py).
-# ATOM_FP8_ROWMAX_MAX_M sets it per process.
+# each row in one program: 32. On the H100 (2026-12-06, fp8_skinny_bench.py --rowmax, qwen3-8b's down_proj with its
+# producer, us a call) 30.3 -> 27.8 at 1 row, 31.1 -> 29.1 at 8, 31.4 -> 29.2 at 16, 31.9 -> 30.2 at 32; in the engine
+# (qwen3-8b FP8, FP8 KV, 3 interleaved rounds) 4.06 -> 3.88 ms a step at batch 1 and 4.82 -> 4.69 at batch 32 in
+# every round, batch 128 unchanged (not on this path). ATOM_FP8_ROWMAX_MAX_M sets it per process (0: off).
 ROWMAX_MAX_M = _env_rowmax_max_m()
 
 
