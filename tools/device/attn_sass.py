@@ -34,7 +34,7 @@ def signature(kv: str) -> dict:
            "out_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
            "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "sinks_ptr": "*bf16", "pos_ptr": "*i64",
            "k_raw_ptr": "*bf16", "v_raw_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cs_ptr": "*fp32",
-           "slot_ptr": "*i64"}
+           "slot_ptr": "*i64", "max_ptr": "*fp32"}
     scalars = {"scale": "fp32", "softcap": "fp32", "eps": "fp32"}
     return {n: ptr.get(n, scalars.get(n, I32)) for n in _attention_kernel.arg_names}
 

@@ -909,7 +909,10 @@ def test_paged_attention_registered_op_passes_kv_scales():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name,case", [
+    # qwen3-8b heads; with fp16 dots (the default) both decode cases run attention.F16_DECODE_TILE: 2 splits at
+    # batch 32, 1 at 128 (contexts 96-288, as the engine's batch-128 benchmark)
     ("decode_bs32", ([1] * 32, [4095] * 32, 32, 8, 128, 16, None)),
+    ("decode_bs128", ([1] * 128, [96 + 37 * i % 193 for i in range(128)], 32, 8, 128, 16, None)),
     ("prefill_bs4", ([1024, 512, 300, 77], [0, 1536, 1000, 3000], 32, 8, 128, 16, None)),
 ])
 def test_paged_attention_fp8_kv_large(name, case):

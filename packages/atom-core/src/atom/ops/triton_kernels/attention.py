@@ -38,9 +38,19 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
 # instructions, and this takes its loop from 754 to 558 instructions a 64-key step (tools/device/attn_sass.py,
-# Triton 3.6, sm_90; 404 over a bf16 cache). Off until a GPU has run it (the interpreter dots in float32 and cannot check it):
-# ATOM_ATTN_FP8_F16_DOT=1 turns it on (tools/device/README.md, item A1).
-F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", False)
+# Triton 3.6, sm_90; 404 over a bf16 cache). On by default since the H100 run of 2026-12-06: the attention / FP8-KV /
+# MLA GPU tests pass with it (315), and with the wide decode tile below it is faster at every measured point.
+# ATOM_ATTN_FP8_F16_DOT=0 dots in bf16 (A/B). The interpreter dots in float32 and cannot run it.
+F16_FP8_DOT = env_flag("ATOM_ATTN_FP8_F16_DOT", True)
+# The decode tile with fp16 dots over an FP8 cache where a decode runs at most WIDE_TILE_MAX_SPLITS splits (batches
+# that fill the SMs: qwen3-8b from batch 32 on an H100). attn_b128.py, H100 2026-12-06, qwen3-8b heads, graph replays,
+# PDL off, us a call, DECODE_TILE with bf16 dots -> DECODE_TILE with fp16 dots -> this tile with fp16 dots:
+#   batch 128, mean context 192: 50.1 -> 52.3 -> 48.5;   batch 128, 1,024: 173.9 -> 170.5 -> 139.3
+#   batch 32, 192 (2 splits):    26.7 -> 24.3 -> 22.6;   batch 32, 1,024:  73.2 -> 64.2 -> 53.8
+# (in the engine the fp16 dots at DECODE_TILE cost 0.11 ms a step at batch 128 and saved 0.06 at batch 32, as those
+# kernel rows say). With more splits (small batches) the 64-key tile stays: not measured there.
+F16_DECODE_TILE = dict(block_n=128, num_warps=4, num_stages=2)
+WIDE_TILE_MAX_SPLITS = 2
 
 
 # Caches with fewer elements than this are addressed with int32 offsets in the key loop (int64 above): the paged
@@ -483,11 +493,15 @@ def paged_attention_impl(
     span = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     block_d = triton.next_power_of_2(head_dim)
+    kv = kv_cache_consts(k_cache, k_scale, v_scale)
+    f16_dot = _f16_dot(q.dtype, kv["KV_FP8"])
     if max_query_len == 1:
         tile = DECODE_TILE
-        block_q, block_n = 1, tile["block_n"]
         if num_splits is None:
-            num_splits = _decode_splits(q.device, batch, num_kv_heads, span, block_n)
+            num_splits = _decode_splits(q.device, batch, num_kv_heads, span, tile["block_n"])
+        if num_splits <= WIDE_TILE_MAX_SPLITS and f16_dot:
+            tile = F16_DECODE_TILE
+        block_q, block_n = 1, tile["block_n"]
     else:
         tile = PREFILL_TILE
         block_q, block_n = max(1, tile["block_m"] // group), tile["block_n"]
@@ -509,7 +523,6 @@ def paged_attention_impl(
     kv_align = 16 if all(st % 16 == 0 for st in kv_strides) else 1
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
-    kv = kv_cache_consts(k_cache, k_scale, v_scale)
     if prep is not None:
         if max_query_len != 1 or num_tokens != batch:
             raise ValueError("paged_attention_impl: prep is for decode steps (one query a sequence)")
@@ -532,7 +545,7 @@ def paged_attention_impl(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE=k_cache.shape[1],
         EVEN_D=head_dim == block_d, OFF32=max(_span(k_cache), _span(v_cache)) < OFF32_LIMIT,
         USE_SOFTCAP=bool(logit_softcap), USE_WINDOW=bool(sliding_window), NUM_SPLITS=num_splits,
-        F32_DOT=interpreting(), F16_DOT=_f16_dot(q.dtype, kv["KV_FP8"]), IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align,
+        F32_DOT=interpreting(), F16_DOT=f16_dot, IEEE=dot_ieee(q.dtype), KV_ALIGN=kv_align,
         USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
