@@ -22,7 +22,12 @@ if ls .carry/atom/*.whl >/dev/null 2>&1; then
     2> >(grep -v "Target directory .* already exists" >&2) || { echo "setup: atom wheel install failed"; return 5 2>/dev/null || exit 5; }
   cat .carry/atom/BUILD_INFO 2>/dev/null
 fi
-if [ ! -f $S/vllm/__init__.py ] && [ -d .carry/vllm/deps ]; then
+if [ ! -f $S/vllm/__init__.py ] && [ -d .carry/vllm/deps ] && [ ! -f .carry/vllm/vllm-trim.tar.xz.sha256 ]; then
+  # vLLM's dependency wheels without vLLM (no checksum carried: a session that runs ATOM alone, as
+  # run_gpu_tests.sh does); the engines' imports (msgspec, fastapi, ...) come from them
+  [ -f $S/.atom-deps-done ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target $S .carry/vllm/deps/*.whl 2> >(grep -v "Target directory .* already exists" >&2) && touch $S/.atom-deps-done; }
+elif [ ! -f $S/vllm/__init__.py ] && [ -d .carry/vllm/deps ]; then
   for p in part-00 part-01; do
     [ -f /tmp/chunks/$p ] || { echo "setup: missing /tmp/chunks/$p (the machine went cold: start again with call 1)"; return 3 2>/dev/null || exit 3; }
   done
