@@ -255,6 +255,37 @@ def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_seque
               TOL[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["prefill_prefix", "prefill_window_softcap", "prefill_head_dim_40_page_6"])
+def test_paged_attention_in_a_prefill_graphs_layout(name):
+    """The layout of atom-server's prefill graphs (prefill_graphs.py): the step's rows, then one padding row whose
+    queries fill the bucket's token entries (its own keys over a zeroed table row: block 0, stale values), then rows
+    without queries, and max_query_len the bucket's size. The step's tokens get the bits of the launch sized for the
+    step (the (row, query tile) grid is the same work, whatever the rows and queries around it), and the reference."""
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    q_lens, ctx_lens, hq, hkv, head_dim, block_size, window, softcap, splits = ATTN_CASES[name]
+    q, kc, vc, tables, qsl, lens, max_q, max_l = _paged_case(q_lens, ctx_lens, hq, hkv, head_dim, block_size,
+                                                             torch.float32)
+    scale = head_dim**-0.5
+    want = paged_attention_impl(q, kc, vc, tables, qsl, lens, scale, window, softcap, max_q, max_l)
+    t, n = q.shape[0], len(q_lens)
+    bucket, rows = 64, 9  # entries and rows of the graph
+    pad = bucket - t
+    g_q = torch.cat([q, rand(pad, hq, head_dim)])
+    g_tables = torch.zeros(rows, max(tables.shape[1], triton.cdiv(pad, block_size)), dtype=torch.int32, device=DEVICE)
+    g_tables[:n, :tables.shape[1]] = tables
+    g_qsl = torch.full((rows + 1,), bucket, dtype=torch.int32, device=DEVICE)
+    g_qsl[:n + 1] = qsl
+    g_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    g_lens[:n] = lens
+    g_lens[n] = pad
+    got = paged_attention_impl(g_q, kc, vc, g_tables, g_qsl, g_lens, scale, window, softcap, bucket, 4096)
+    assert torch.equal(got[:t], want)
+    assert torch.isfinite(got[t:]).all()
+    ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, scale, window, softcap, max_q, max_l)
+    check(f"paged_attention prefill graph layout {name}", got[:t], ref, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype,kv_fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("qk_norm,is_neox,partial", [(True, True, False), (False, False, True)])
 @pytest.mark.parametrize("splits,window", [(1, None), (4, None), (2, 16)])

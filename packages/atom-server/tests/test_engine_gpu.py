@@ -42,17 +42,27 @@ def test_gpu_greedy_parity_and_profiled_kv(tmp_path):
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
 
 
-def test_cuda_graphs_match_eager(tmp_path):
+@pytest.mark.parametrize("budget", [None, 40])
+def test_cuda_graphs_match_eager(tmp_path, budget):
+    """Decode graphs and prefill graphs (captured) against eager steps; a 40-token step budget puts prompt chunks
+    beside decodes (mixed steps in the prefill graphs) and leaves 41-70-token prompts' first chunks at 40."""
     ckpt = write_tiny_llama(tmp_path)
     prompts = [{"prompt_token_ids": [7 + (i * 13) % 250 for i in range(n)]} for n in (5, 33, 70, 12, 2, 48)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     runs = {}
     for eager in (True, False):
         llm = LLM(ckpt, dtype="float32", block_size=16, max_model_len=256, max_num_seqs=8,
-                  gpu_memory_utilization=0.3, enforce_eager=eager)
-        assert (llm.llm_engine.runner.graphs is None) == eager
-        runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert runs[True] == runs[False]
+                  gpu_memory_utilization=0.3, enforce_eager=eager,
+                  **({} if budget is None else dict(max_num_batched_tokens=budget)))
+        runner = llm.llm_engine.runner
+        assert (runner.graphs is None) == eager and (runner.prefill_graphs is None) == eager
+        runs[eager] = llm.generate(prompts, params, use_tqdm=False)
+        if not eager:
+            assert sum(runner.prefill_graphs.replays.values()) > 0
+    assert [o.outputs[0].token_ids for o in runs[True]] == [o.outputs[0].token_ids for o in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys() and all(abs(da[t].logprob - db[t].logprob) < 1e-3 for t in da)
 
 
 def test_default_token_budget_is_vllms(tmp_path):

@@ -36,11 +36,11 @@ import torch
 
 from atom.distributed import get_tp_group
 from atom.forward_context import set_forward_context
-from atom.layers.attention import AttentionInputs, attention_specs, metadata_builder
+from atom.layers.attention import AttentionInputs, PagedAttention, attention_specs, metadata_builder
 from atom.layers.kv_cache import allocate_kv_caches, bind_kv_caches, bytes_per_block, kv_cache_specs
 from atom.layers.mla import mla_attention_specs
 from atom.loader import load_model
-from atom.ops.registry import cuda_graph_blockers, resolve
+from atom.ops.registry import cuda_graph_blockers, impl_of, resolve
 from atom.ops.sampling import apply_token_bitmask
 from atom_server import startup
 from atom_server.engine.block_manager import WINDOW_POOL_CACHE_FACTOR, window_pool_blocks
@@ -50,6 +50,7 @@ from atom_server.engine.cpu_compile import CompiledForward
 from atom_server.engine.cuda_graphs import DecodeGraphs, verify_capture_sizes
 from atom_server.engine.mtp_drafter import MTPDrafter
 from atom_server.engine.mtp_graphs import MTPGraphs
+from atom_server.engine.prefill_graphs import PrefillGraphs, max_graph_tokens
 from atom_server.engine.scheduler import ScheduledBatch
 from atom_server.engine.sequence import Sequence
 from atom_server.engine.rejection_sampler import (accept_greedy, draw, synthetic_accepted, target_probs,
@@ -238,6 +239,7 @@ class ModelRunner:
         self._synthetic_generator = torch.Generator().manual_seed(seed)
         self.graphs: DecodeGraphs | None = None
         self.mtp_graphs: MTPGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.eager_steps = 0  # steps run eager (the graphs count their replays: graphs.replays)
         mode = _graph_mode()
         if mode == "static":  # the graphs' input plumbing without capture (any device; tests)
@@ -253,7 +255,7 @@ class ModelRunner:
                         raise RuntimeError(f"CUDA graph capture failed on a tensor-parallel rank ({e}); "
                                            "run with --enforce-eager") from e
                     logger.warning("CUDA graph capture failed, running eager: %s", e)
-                    self.graphs = self.mtp_graphs = None
+                    self.graphs = self.mtp_graphs = self.prefill_graphs = None
                     torch.cuda.synchronize()
         if device.type != "cpu":
             startup.phase_done("CUDA graphs", "captured" if self.graphs is not None else "none")
@@ -303,6 +305,41 @@ class ModelRunner:
             sizes=verify_capture_sizes(self.max_num_seqs) if self.drafter is not None else None)
         if self.drafter is not None:
             self.mtp_graphs = MTPGraphs(self.model, self.graphs, spec.k)
+        self._build_prefill_graphs(capture)
+
+    def _prefill_graphs_off(self) -> str | None:
+        """Why eager steps keep running eager (no prefill graphs), or None."""
+        tokens = max_graph_tokens(self.max_num_batched_tokens)
+        if tokens <= 0:
+            return "ATOM_PREFILL_GRAPH_TOKENS=0"
+        if self.drafter is not None:
+            return "the MTP drafter reads the eager forward's hidden states"
+        if mla_attention_specs(self.model):
+            return "MLA attention (its prefill grid is rows x longest row)"
+        backends = {getattr(impl_of(m._attend), "backend", None) for m in self.model.modules()
+                    if isinstance(m, PagedAttention)}
+        if not backends or not backends <= {"triton", "torch"}:
+            return f"attention implementations {sorted(map(str, backends))} (the Triton or torch one reads them)"
+        return None
+
+    def _build_prefill_graphs(self, capture: bool) -> None:
+        """Graphs of the eager forward up to ATOM_PREFILL_GRAPH_TOKENS tokens (prefill_graphs.py). A capture that
+        fails leaves the decode graphs in place and eager steps eager (every tensor-parallel rank fails alike: the
+        same model, shapes and code)."""
+        self.prefill_graphs = None
+        if (reason := self._prefill_graphs_off()) is not None:
+            logger.info("prefill graphs off: %s", reason)
+            return
+        try:
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.attn_builder, self.device, self.max_num_seqs, self.max_model_len, self.block_size,
+                max_graph_tokens(self.max_num_batched_tokens), capture=capture, windowed=self.kv_window is not None,
+                pool=self.graphs.pool, capture_mode=self.graphs.capture_mode)
+        except RuntimeError as e:
+            logger.warning("prefill graph capture failed, eager steps stay eager: %s", e)
+            self.prefill_graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
 
     def spec_graph_bytes(self) -> int:
         """Device memory the speculative graphs hold beyond the decode graphs': the verify logits (the shared
@@ -714,6 +751,11 @@ class ModelRunner:
                  extra: torch.Tensor | None = None) -> torch.Tensor:
         fn = fn or self._target
         dev = self.device
+        if self.prefill_graphs is not None and fn == self._target and extra is None and self.compiled is None:
+            t = self.prefill_graphs.bucket(len(ids), len(seq_lens))
+            if t is not None:
+                return self.prefill_graphs.run(ids, positions, slots, window_slots, qsl, seq_lens, self.tables, rows,
+                                               t)
         inputs = self._attention_inputs(slots, window_slots, qsl, seq_lens, rows)
         ids_t, positions_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
         if self.compiled is not None and fn == self._target:

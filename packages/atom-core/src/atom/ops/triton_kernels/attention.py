@@ -258,6 +258,7 @@ def _attention_kernel(
     HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, USE_SINKS: tl.constexpr, PREP: tl.constexpr,
     NORM: tl.constexpr, IS_NEOX: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
+    num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
     head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
@@ -266,10 +267,24 @@ def _attention_kernel(
     PREP (decode only: one query a sequence): q_ptr holds the raw queries and k_raw / v_raw this step's raw
     keys and values; the program normalizes and rotates its query heads itself, and the program whose keys end
     at the sequence's new key first normalizes, rotates and stores that key (and its value) in the cache, then
-    walks its keys as usual (qk_norm_rope_cache's work, without its launch; no other program reads the new key)."""
+    walks its keys as usual (qk_norm_rope_cache's work, without its launch; no other program reads the new key).
+
+    FLAT (queries of more than one token a row): axis 0 enumerates (row, query tile) pairs instead of rows x the
+    longest row's tiles. Row b's tiles start at program qsl[b] // BLOCK_Q + b (each row gets at least its
+    ceil(q_len / BLOCK_Q) programs, and all rows fit in T // BLOCK_Q + num_rows programs for T queries); a program
+    finds its row by counting the rows that start at or before it (one vector load of the num_rows <= ROWS_PAD
+    starts). With a long prefill beside many decode rows, or a CUDA graph sized for more rows and queries than a
+    step has, the grid no longer holds rows x longest-row programs that return at once."""
     pdl_wait(PDL)
-    b = tl.program_id(0)
-    q_tile = tl.program_id(1)
+    if FLAT:
+        p = tl.program_id(0)
+        rows = tl.arange(0, ROWS_PAD)
+        starts = tl.load(qsl_ptr + rows, mask=rows < num_rows, other=2**30) // BLOCK_Q + rows
+        b = tl.sum((starts <= p).to(tl.int32), axis=0) - 1
+        q_tile = p - (tl.load(qsl_ptr + b) // BLOCK_Q + b)
+    else:
+        b = tl.program_id(0)
+        q_tile = tl.program_id(1)
     kvh = tl.program_id(2) // NUM_SPLITS
     split = tl.program_id(2) % NUM_SPLITS
 
@@ -521,7 +536,13 @@ def paged_attention_impl(
         part_m = part_l = part_acc = out
     kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     kv_align = 16 if all(st % 16 == 0 for st in kv_strides) else 1
-    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    flat = block_q > 1  # (row, query tile) pairs on axis 0: see _attention_kernel's FLAT
+    if flat:
+        grid = (num_tokens // block_q + batch, 1, num_kv_heads * num_splits)
+        flat_args = dict(num_rows=batch, FLAT=True, ROWS_PAD=triton.next_power_of_2(batch))
+    else:
+        grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+        flat_args = {}
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
     if prep is not None:
         if max_query_len != 1 or num_tokens != batch:
@@ -549,7 +570,7 @@ def paged_attention_impl(
         USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
-        **(max_args if num_splits == 1 else {}),
+        **(max_args if num_splits == 1 else {}), **flat_args,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
