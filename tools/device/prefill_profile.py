@@ -18,15 +18,14 @@ import argparse
 import json
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 
 from atom_server.bench import PRESETS, preset_checkpoint
 from atom_server.llm import LLM
 from atom_server.sampling_params import SamplingParams
+from decode_profile import TIMES, wrap  # tools/device: the same perf_counter wrappers
 
-TIMES: dict[str, list[float]] = defaultdict(list)
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
               "aten::_local_scalar_dense", "cudaMemcpy", "Memcpy DtoH")
 
@@ -34,21 +33,6 @@ SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def wrap(obj, attr: str, name: str) -> None:
-    fn = getattr(obj, attr, None)
-    if fn is None:
-        return
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            TIMES[name].append(time.perf_counter() - t)
-
-    setattr(obj, attr, timed)
 
 
 def prompts(vocab: int, bs: int, input_len: int, seed: int) -> list[dict]:

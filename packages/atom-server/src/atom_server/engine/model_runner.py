@@ -333,8 +333,8 @@ class ModelRunner:
         try:
             self.prefill_graphs = PrefillGraphs(
                 self.model, self.attn_builder, self.device, self.max_num_seqs, self.max_model_len, self.block_size,
-                max_graph_tokens(self.max_num_batched_tokens), capture=capture, windowed=self.kv_window is not None,
-                pool=self.graphs.pool, capture_mode=self.graphs.capture_mode)
+                max_graph_tokens(self.max_num_batched_tokens), windowed=self.kv_window is not None,
+                capture_graph=self.graphs.capture_graph if capture else None)
         except RuntimeError as e:
             logger.warning("prefill graph capture failed, eager steps stay eager: %s", e)
             self.prefill_graphs = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,7 +36,6 @@ import torch
 from atom.envs import env_int
 from atom.forward_context import set_forward_context
 from atom.layers.attention import AttentionInputs, AttentionMetadataBuilder
-from atom_server import startup
 from atom_server.engine.block_tables import BlockTables
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,14 @@ def rows_of(tokens: int, max_num_seqs: int) -> int:
 
 class PrefillGraphs:
     def __init__(self, model, builder: AttentionMetadataBuilder, device: torch.device, max_num_seqs: int,
-                 max_model_len: int, block_size: int, max_tokens: int, *, capture: bool = True,
-                 windowed: bool = False, pool=None, capture_mode: str = "global"):
+                 max_model_len: int, block_size: int, max_tokens: int, *,
+                 capture_graph: Callable[[str, Callable[[], object]], tuple] | None = None, windowed: bool = False):
+        """capture_graph: the decode graphs' (DecodeGraphs.capture_graph: warm-up, then capture into their pool);
+        None runs the bodies without capture (ATOM_DECODE_GRAPHS=static)."""
         self.model = model
         self.builder = builder
         self.device = device
-        self.capture = capture
+        self.capture = capture_graph is not None
         self.sizes = token_buckets(max_tokens)
         self.max_tokens = self.sizes[-1]
         self.rows = {t: rows_of(t, max_num_seqs) for t in self.sizes}
@@ -115,10 +117,8 @@ class PrefillGraphs:
         self.metadata = {t: self.builder.build_for_graph(self._inputs(t)) for t in self.sizes}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays: Counter[int] = Counter()  # replays by bucket
-        self.pool = pool
-        self.capture_mode = capture_mode
-        if capture:
-            self._capture()
+        if capture_graph is not None:
+            self._capture(capture_graph)
 
     def _inputs(self, t: int) -> AttentionInputs:
         d, r = self.d, self.rows[t]
@@ -140,25 +140,17 @@ class PrefillGraphs:
         return t if num_rows < self.rows[t] else None
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self, capture_graph) -> None:
         for t in reversed(self.sizes):  # the largest first, so smaller ones reuse its memory
             # warm-up and capture read one padding row of all t entries (every step rewrites the fields it uses)
             self._write_padding(t, 0, 0)
             self.dev.copy_(self.host)
-            md = self.metadata[t]
 
-            def body(t=t, md=md):
+            def body(t=t, md=self.metadata[t]):
                 with set_forward_context(md):
                     return self._body(t)
 
-            with startup.subphase(f"CUDA graph prefill tokens={t}"):
-                body()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_mode):
-                    hidden = body()
-                torch.cuda.synchronize()
-            self.graphs[t] = (graph, hidden)
+            self.graphs[t] = capture_graph(f"CUDA graph prefill tokens={t}", body)
         logger.info("captured CUDA graphs for eager steps of up to %s tokens (prefill graphs)", self.sizes)
 
     def _write_padding(self, t: int, used: int, n: int) -> None:
