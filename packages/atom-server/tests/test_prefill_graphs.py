@@ -26,9 +26,10 @@ def _generate(ckpt, prompts, params, monkeypatch, mode: str, **engine):
     llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=96, max_num_seqs=4, device="cpu",
               kv_cache_memory_bytes=1 << 20, **engine)
     runner = llm.llm_engine.runner
-    assert (runner.prefill_graphs is None) == (mode == "eager")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     replays = sum(runner.prefill_graphs.replays.values()) if runner.prefill_graphs is not None else 0
+    if mode == "eager":
+        assert runner.prefill_graphs is None
     return outs, replays, runner
 
 
@@ -63,6 +64,7 @@ def test_llama_prefill_graphs_match_eager(tmp_path, monkeypatch):
     engine = dict(max_num_batched_tokens=24, enable_prefix_caching=True)
     want, _, _ = _generate(ckpt, prompts, params, monkeypatch, "eager", **engine)
     got, replays, runner = _generate(ckpt, prompts, params, monkeypatch, "static", **engine)
+    assert runner.prefill_graphs is not None  # the startup self-check passed
     _same(got, want)
     assert replays > 0 and runner.eager_steps > replays  # some steps in graphs, some too large for them
 
@@ -75,6 +77,25 @@ def test_gpt_oss_prefill_graphs_match_eager(tmp_path, monkeypatch):
     engine = dict(max_num_batched_tokens=16)
     want, _, _ = _generate(ckpt, prompts, params, monkeypatch, "eager", **engine)
     got, replays, runner = _generate(ckpt, prompts, params, monkeypatch, "static", **engine)
-    assert runner.kv_window is not None and runner.prefill_graphs.windowed
+    assert runner.kv_window is not None and runner.prefill_graphs is not None and runner.prefill_graphs.windowed
     _same(got, want)
     assert replays > 0
+
+
+def test_a_graph_that_differs_from_eager_turns_itself_off(tmp_path, monkeypatch, caplog):
+    """The startup self-check (ModelRunner._check_prefill_graphs) runs a two-row step both ways: a graph body that
+    computes something else (here: hidden states scaled by 1.5) is refused with a warning, and eager steps serve."""
+    from atom_server.engine import prefill_graphs
+
+    ckpt = write_tiny_llama(str(tmp_path / "llama"))
+    body = prefill_graphs.PrefillGraphs._body
+    monkeypatch.setattr(prefill_graphs.PrefillGraphs, "_body", lambda self, t: body(self, t) * 1.5)
+    prompts = _prompts([5, 12])
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with caplog.at_level("WARNING"):
+        got, replays, runner = _generate(ckpt, prompts, params, monkeypatch, "static", max_num_batched_tokens=24)
+    assert runner.prefill_graphs is None and runner.graphs is not None and replays == 0
+    assert "prefill graphs off" in caplog.text
+    monkeypatch.setattr(prefill_graphs.PrefillGraphs, "_body", body)
+    want, _, _ = _generate(ckpt, prompts, params, monkeypatch, "eager", max_num_batched_tokens=24)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

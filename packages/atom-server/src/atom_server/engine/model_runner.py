@@ -27,6 +27,7 @@ the KV cache of every rank holds the smallest block count any rank can afford.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ class DecodeLaunch:
     seqs: list[Sequence]
     rows: dict[int, int]  # seq id -> row of the replay (where the next step finds its token)
     ticket: int
+
+
+# The prefill graphs' startup self-check: largest |graph - eager| / largest |eager| allowed per model dtype (the
+# graph's GEMMs run more rows than the eager forward's, so 16-bit sums may round apart; a broken graph is off by O(1)).
+PREFILL_CHECK_TOL = {torch.float32: 1e-3}
 
 
 def _graph_mode() -> str:
@@ -335,11 +341,52 @@ class ModelRunner:
                 self.model, self.attn_builder, self.device, self.max_num_seqs, self.max_model_len, self.block_size,
                 max_graph_tokens(self.max_num_batched_tokens), windowed=self.kv_window is not None,
                 capture_graph=self.graphs.capture_graph if capture else None)
-        except RuntimeError as e:
-            logger.warning("prefill graph capture failed, eager steps stay eager: %s", e)
+        except Exception as e:  # an op that cannot be captured at these sizes: eager steps stay eager
+            logger.warning("prefill graph capture failed, eager steps stay eager: %s: %s", type(e).__name__, e)
             self.prefill_graphs = None
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            return
+        err = self._check_prefill_graphs()
+        tol = PREFILL_CHECK_TOL.get(self.dtype, 0.1)
+        ok = int(math.isfinite(err) and err <= tol)
+        if self.tp_size > 1:  # every rank takes the same path
+            ok = get_tp_group().all_reduce_min(ok)
+        if not ok:
+            logger.warning("prefill graphs off: a two-row step through them differs from the eager forward by %.3g "
+                           "of its largest hidden state (allowed %.3g)", err, tol)
+            self.prefill_graphs = None
+
+    @torch.inference_mode()
+    def _check_prefill_graphs(self) -> float:
+        """max |graph - eager| / max |eager| of the hidden states of a two-row step (about 5 and 9 tokens) through the
+        prefill graphs and through the eager forward: nothing written to the KV cache (slot -1), each row's keys its
+        own queries over a zeroed block table (block 0's stale values, the same both ways). A self-check at startup,
+        as the AITER bindings have: a graph that went wrong turns itself off instead of serving wrong tokens."""
+        g = self.prefill_graphs
+        total = min(14, g.sizes[0])
+        n = 2 if total >= 2 and g.rows[g.sizes[0]] > 2 else 1
+        q_lens = [total // 3, total - total // 3] if n == 2 else [total]
+        qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+        positions = np.concatenate([np.arange(q) for q in q_lens]).astype(np.int64)
+        ids = (7 * np.arange(total) + 3) % self.vocab_size
+        slots = np.full(total, -1, dtype=np.int64)
+        seq_lens = np.asarray(q_lens, dtype=np.int64)
+        table = np.zeros((n, -(-max(q_lens) // self.block_size)), dtype=np.int32)
+        dev = self.device
+        inputs = AttentionInputs(
+            slot_mapping=torch.from_numpy(slots).to(dev), block_tables=torch.from_numpy(table).to(dev),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev), max_query_len=max(q_lens),
+            max_seq_len=max(q_lens))
+        if g.windowed:
+            inputs.window_slot_mapping, inputs.window_block_tables = inputs.slot_mapping, inputs.block_tables
+        with set_forward_context(self.attn_builder.build(inputs)):
+            eager = self.model(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)).float()
+        graph = g.run(ids, positions, slots, slots if g.windowed else None, qsl, seq_lens, table,
+                      table if g.windowed else None, g.bucket(total, n)).float()
+        g.replays.clear()  # the counts are the engine's steps
+        return float((graph - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
 
     def spec_graph_bytes(self) -> int:
         """Device memory the speculative graphs hold beyond the decode graphs': the verify logits (the shared
@@ -754,8 +801,8 @@ class ModelRunner:
         if self.prefill_graphs is not None and fn == self._target and extra is None and self.compiled is None:
             t = self.prefill_graphs.bucket(len(ids), len(seq_lens))
             if t is not None:
-                return self.prefill_graphs.run(ids, positions, slots, window_slots, qsl, seq_lens, self.tables, rows,
-                                               t)
+                return self.prefill_graphs.run_step(ids, positions, slots, window_slots, qsl, seq_lens, self.tables,
+                                                    rows, t)
         inputs = self._attention_inputs(slots, window_slots, qsl, seq_lens, rows)
         ids_t, positions_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
         if self.compiled is not None and fn == self._target:

@@ -82,7 +82,8 @@ class PrefillGraphs:
         self.rows = {t: rows_of(t, max_num_seqs) for t in self.sizes}
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self.width = -(-max_model_len // block_size)
+        # a padding row of up to max_tokens keys reads that many pages (more than max_model_len's when it is shorter)
+        self.width = max(-(-max_model_len // block_size), -(-self.max_tokens // block_size))
         self.windowed = windowed
         tm, rm = self.max_tokens, self.rows[self.max_tokens]
         fields = [("ids", 8, tm), ("positions", 8, tm), ("slots", 8, tm)]
@@ -170,10 +171,18 @@ class PrefillGraphs:
             if self.windowed:
                 hn["window_tables"][n, :pages] = 0
 
+    def run_step(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, window_slots: np.ndarray | None,
+                 qsl: np.ndarray, seq_lens: np.ndarray, tables: BlockTables, rows: np.ndarray, t: int) -> torch.Tensor:
+        """run() on the eager forward's inputs: each row's block-table row out of the runner's BlockTables."""
+        pages = max(int(tables.num_blocks[rows].max()), 1)
+        return self.run(ids, positions, slots, window_slots, qsl, seq_lens, tables.table[rows, :pages],
+                        tables.window[rows, :pages] if self.windowed else None, t)
+
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, window_slots: np.ndarray | None,
-            qsl: np.ndarray, seq_lens: np.ndarray, tables: BlockTables, rows: np.ndarray, t: int) -> torch.Tensor:
-        """The hidden states [len(ids), H] of a step (the eager forward's inputs) through bucket t's graph: a view of
-        the graph's output, valid until the next replay of any prefill graph."""
+            qsl: np.ndarray, seq_lens: np.ndarray, block_rows: np.ndarray, window_rows: np.ndarray | None,
+            t: int) -> torch.Tensor:
+        """The hidden states [len(ids), H] of a step through bucket t's graph (block_rows: each row's block table,
+        [rows, pages]): a view of the graph's output, valid until the next replay of any prefill graph."""
         used, n = len(ids), len(seq_lens)
         r = self.rows[t]
         if self.copied is not None:
@@ -187,10 +196,11 @@ class PrefillGraphs:
         hn["qsl"][:n + 1] = qsl
         hn["seq_lens"][:n] = seq_lens
         self._write_padding(t, used, n)
-        pages = max(int(tables.num_blocks[rows].max()), -(-(t - used) // self.block_size), 1)
-        hn["tables"][:n, :pages] = tables.table[rows, :pages]
+        own = block_rows.shape[1]
+        hn["tables"][:n, :own] = block_rows
         if self.windowed:
-            hn["window_tables"][:n, :pages] = tables.window[rows, :pages]
+            hn["window_tables"][:n, :own] = window_rows
+        pages = max(own, -(-(t - used) // self.block_size))  # the real rows' pages, the padding row's
         # the token and row fields in one copy (the whole header: a few KB), the used table rows in another
         self.dev[:self.header_bytes].copy_(self.host[:self.header_bytes], non_blocking=True)
         live = min(n + 1, r)
