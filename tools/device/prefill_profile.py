@@ -98,7 +98,8 @@ def one_config(label: str, preset: str, engine_args: dict, bs: int, input_len: i
                profiled_wall_ms=prof_wall, gpu_kernel_ms=kernels_us / 1e3, kernels=kernels, syncs=syncs,
                top_host=host[:30])
     print(f"[{label}] bs={bs} input {input_len}: prefill {res['prefill_ms']:.2f} ms "
-          f"[{min(walls):.2f}-{max(walls):.2f}]; profiled {prof_wall:.1f} ms wall, GPU kernels {kernels_us / 1e3:.2f} ms "
+          f"[{min(walls):.2f}-{max(walls):.2f}]; profiled {prof_wall:.1f} ms wall, "
+          f"GPU kernels {kernels_us / 1e3:.2f} ms "
           f"in {kernels} kernels", flush=True)
     for k, v in phases.items():
         print(f"[{label}]   {k:<24} {v['calls']:>5.1f} calls  {v['ms']:8.2f} ms", flush=True)
@@ -137,7 +138,8 @@ def main() -> None:
         gc.collect()
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", results=results), f, indent=1)
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            json.dump(dict(device=device, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ large for the largest bucket (which stay eager); a tiny GPT-OSS with its sliding
 
 from __future__ import annotations
 
-import pytest
 from tiny_checkpoint import write_tiny_gpt_oss, write_tiny_llama
 
 from atom_server import LLM, SamplingParams

@@ -7,13 +7,13 @@ ms: ~480 / ~380 launches at 40-90 us of host time each. vLLM replays graphs ther
 
 One graph per token bucket T (powers of two from 16 up to max_tokens, and max_tokens) computes the hidden states of
 T token entries for up to R = min(max_num_seqs, T) + 1 rows. A step of t <= T tokens in n < R rows puts its tokens in
-entries [0, t) and its rows in rows [0, n); the padding entries [t, T) form one padding row n (ids 0, positions
-0.., slot -1: no KV written; its own T - t keys over a zeroed block-table row, i.e. block 0: stale but finite values,
-as the verify graphs' padding reads); rows past n have no queries (query_start_loc stays at T) and their attention
-programs return at once (the (row, query tile) grid of the Triton attention: no rows x longest-row programs). The
-metadata says max_query_len = T and max_seq_len = max_model_len, so every kernel launches for the bucket, not for
-the step. The host then reads the first t hidden states: the LM head, sampling, prompt logprobs and speculative
-verification run as in an eager step (model_runner._execute_eager).
+entries [0, t) and its rows in rows [0, n); the padding entries [t, T) form one padding row n (ids 0, positions 0..
+modulo max_model_len, slot -1: no KV written; its own T - t keys over a zeroed block-table row, i.e. block 0: stale
+but finite values, as the verify graphs' padding reads); rows past n have no queries (query_start_loc stays at T)
+and their attention programs return at once (the (row, query tile) grid of the Triton attention: no rows x
+longest-row programs). The metadata says max_query_len = T and max_seq_len = max_model_len, so every kernel
+launches for the bucket, not for the step. The host then reads the first t hidden states: the LM head, sampling,
+prompt logprobs and speculative verification run as in an eager step (model_runner._execute_eager).
 
 Inputs live in one device byte buffer mirrored by a pinned host buffer (one copy for the token and row fields, one
 2-D copy for the block-table rows the step uses):
@@ -158,7 +158,7 @@ class PrefillGraphs:
         """Entries [used, t) as the padding row n (or no padding when used == t); rows past it without queries."""
         hn, r = self.hn, self.rows[t]
         hn["ids"][used:t] = 0
-        hn["positions"][used:t] = np.arange(t - used)
+        hn["positions"][used:t] = np.arange(t - used) % self.max_model_len  # within the rope table
         hn["slots"][used:t] = -1
         if self.windowed:
             hn["window_slots"][used:t] = -1
