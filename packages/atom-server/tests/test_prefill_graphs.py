@@ -18,10 +18,10 @@ def _prompts(lengths, vocab: int = 300, shared: int = 0):
     return [head + [3 + (i * 29 + j * 7) % (vocab - 3) for j in range(n)] for i, n in enumerate(lengths)]
 
 
-def _generate(ckpt, prompts, params, monkeypatch, mode: str, **engine):
+def _generate(ckpt, prompts, params, monkeypatch, mode: str, graph_tokens: int = 16, **engine):
     monkeypatch.setenv("ATOM_DECODE_GRAPHS", "off" if mode == "eager" else "static")
     monkeypatch.setenv("ATOM_ASYNC_SCHEDULING", "0")
-    monkeypatch.setenv("ATOM_PREFILL_GRAPH_TOKENS", "16")
+    monkeypatch.setenv("ATOM_PREFILL_GRAPH_TOKENS", str(graph_tokens))
     llm = LLM(ckpt, dtype="float32", block_size=BLOCK, max_model_len=96, max_num_seqs=4, device="cpu",
               kv_cache_memory_bytes=1 << 20, **engine)
     runner = llm.llm_engine.runner
@@ -98,3 +98,15 @@ def test_a_graph_that_differs_from_eager_turns_itself_off(tmp_path, monkeypatch,
     monkeypatch.setattr(prefill_graphs.PrefillGraphs, "_body", body)
     want, _, _ = _generate(ckpt, prompts, params, monkeypatch, "eager", max_num_batched_tokens=24)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_buckets_longer_than_the_model(tmp_path, monkeypatch):
+    """Buckets up to 256 tokens over a 96-token model: a step of two 70-token prompts runs in the 256-token graph,
+    whose padding row (116 entries) keeps its positions inside the rope table and its keys inside its table row."""
+    ckpt = write_tiny_llama(str(tmp_path / "llama"))
+    prompts = _prompts([70, 69])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    want, _, _ = _generate(ckpt, prompts, params, monkeypatch, "eager", 256, max_num_batched_tokens=256)
+    got, _, runner = _generate(ckpt, prompts, params, monkeypatch, "static", 256, max_num_batched_tokens=256)
+    assert runner.prefill_graphs.sizes[-1] == 256 and runner.prefill_graphs.replays[256] == 1
+    _same(got, want)
