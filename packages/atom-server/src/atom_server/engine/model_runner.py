@@ -374,17 +374,11 @@ class ModelRunner:
         seq_lens = np.asarray(q_lens, dtype=np.int64)
         table = np.zeros((n, -(-max(q_lens) // self.block_size)), dtype=np.int32)
         dev = self.device
-        inputs = AttentionInputs(
-            slot_mapping=torch.from_numpy(slots).to(dev), block_tables=torch.from_numpy(table).to(dev),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev), max_query_len=max(q_lens),
-            max_seq_len=max(q_lens))
-        if g.windowed:
-            inputs.window_slot_mapping, inputs.window_block_tables = inputs.slot_mapping, inputs.block_tables
+        windowed = (slots, table) if g.windowed else (None, None)
+        inputs = self._inputs_of(slots, windowed[0], qsl, seq_lens, table, windowed[1])
         with set_forward_context(self.attn_builder.build(inputs)):
             eager = self.model(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)).float()
-        graph = g.run(ids, positions, slots, slots if g.windowed else None, qsl, seq_lens, table,
-                      table if g.windowed else None, g.bucket(total, n)).float()
+        graph = g.run(ids, positions, slots, windowed[0], qsl, seq_lens, table, windowed[1], g.bucket(total, n)).float()
         g.replays.clear()  # the counts are the engine's steps
         return float((graph - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
 
@@ -812,12 +806,19 @@ class ModelRunner:
 
     def _attention_inputs(self, slots: np.ndarray, window_slots: np.ndarray | None, qsl: np.ndarray,
                           seq_lens: np.ndarray, rows: np.ndarray) -> AttentionInputs:
-        dev = self.device
         tables = self.tables
-        width = int(tables.num_blocks[rows].max())
+        table = tables.table[rows, :int(tables.num_blocks[rows].max())]
+        window = (tables.window[rows, :int(tables.window_num_blocks[rows].max())] if window_slots is not None
+                  else None)
+        return self._inputs_of(slots, window_slots, qsl, seq_lens, table, window)
+
+    def _inputs_of(self, slots: np.ndarray, window_slots: np.ndarray | None, qsl: np.ndarray, seq_lens: np.ndarray,
+                   table: np.ndarray, window_table: np.ndarray | None) -> AttentionInputs:
+        """A step's attention inputs on the device from host arrays (table: each row's block table)."""
+        dev = self.device
         inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(tables.table[rows, :width]).to(dev),
+            block_tables=torch.from_numpy(table).to(dev),
             query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
             max_query_len=int(np.diff(qsl).max()),
@@ -825,8 +826,7 @@ class ModelRunner:
         )
         if window_slots is not None:
             inputs.window_slot_mapping = torch.from_numpy(window_slots).to(dev)
-            window_width = int(tables.window_num_blocks[rows].max())
-            inputs.window_block_tables = torch.from_numpy(tables.window[rows, :window_width]).to(dev)
+            inputs.window_block_tables = torch.from_numpy(window_table).to(dev)
         return inputs
 
     # ---- sampling ------------------------------------------------------------------------------

@@ -97,7 +97,6 @@ class PrefillGraphs:
         self.header_bytes = at = -(-at // 8) * 8
         self.table_at = at
         at += 4 * rm * self.width * (2 if windowed else 1)
-        self.nbytes = at
         pinned = device.type == "cuda"
         self.dev = torch.zeros(at, dtype=torch.uint8, device=device)
         self.host = torch.zeros(at, dtype=torch.uint8, pin_memory=pinned)
@@ -173,8 +172,11 @@ class PrefillGraphs:
 
     def run_step(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, window_slots: np.ndarray | None,
                  qsl: np.ndarray, seq_lens: np.ndarray, tables: BlockTables, rows: np.ndarray, t: int) -> torch.Tensor:
-        """run() on the eager forward's inputs: each row's block-table row out of the runner's BlockTables."""
+        """run() on the eager forward's inputs: each row's block-table row out of the runner's BlockTables (as wide
+        as the widest of its main and window tables)."""
         pages = max(int(tables.num_blocks[rows].max()), 1)
+        if self.windowed:
+            pages = max(pages, int(tables.window_num_blocks[rows].max()))
         return self.run(ids, positions, slots, window_slots, qsl, seq_lens, tables.table[rows, :pages],
                         tables.window[rows, :pages] if self.windowed else None, t)
 
