@@ -79,7 +79,7 @@ def one_config(label: str, preset: str, engine_args: dict, bs: int, input_len: i
         llm.generate(ps, params, use_tqdm=False)
         sync()
         prof_wall = (time.perf_counter() - t) * 1e3
-    kernels_us, kernels, host = 0.0, 0, []
+    kernels_us, kernels, host, gpu = 0.0, 0, [], []
     syncs = {}
     for ev in prof.key_averages():
         dev = getattr(ev, "self_device_time_total", None)
@@ -87,16 +87,18 @@ def one_config(label: str, preset: str, engine_args: dict, bs: int, input_len: i
         if ev.device_type == torch.autograd.DeviceType.CUDA or (dev > 0 and ev.cpu_time_total == 0):
             kernels_us += dev
             kernels += ev.count
+            gpu.append(dict(name=ev.key, calls=ev.count, us=dev))
         else:
             host.append(dict(name=ev.key, calls=ev.count, self_cpu_us=ev.self_cpu_time_total,
                              cpu_us=ev.cpu_time_total))
         if any(s in ev.key for s in SYNC_NAMES):
             syncs[ev.key] = dict(calls=ev.count, cpu_us=ev.cpu_time_total)
     host.sort(key=lambda h: -h["self_cpu_us"])
+    gpu.sort(key=lambda g: -g["us"])
     res = dict(label=label, preset=preset, engine_args=engine_args, batch_size=bs, input_len=input_len,
                init_s=init_s, prefill_ms=statistics.median(walls), prefill_ms_all=walls, phases_ms=phases,
                profiled_wall_ms=prof_wall, gpu_kernel_ms=kernels_us / 1e3, kernels=kernels, syncs=syncs,
-               top_host=host[:30])
+               top_host=host[:30], top_kernels=gpu[:30])
     print(f"[{label}] bs={bs} input {input_len}: prefill {res['prefill_ms']:.2f} ms "
           f"[{min(walls):.2f}-{max(walls):.2f}]; profiled {prof_wall:.1f} ms wall, "
           f"GPU kernels {kernels_us / 1e3:.2f} ms "
@@ -105,6 +107,8 @@ def one_config(label: str, preset: str, engine_args: dict, bs: int, input_len: i
         print(f"[{label}]   {k:<24} {v['calls']:>5.1f} calls  {v['ms']:8.2f} ms", flush=True)
     for k, v in syncs.items():
         print(f"[{label}]   sync {k:<40} {v['calls']:>5} calls  {v['cpu_us'] / 1e3:8.2f} ms", flush=True)
+    for g in gpu[:12]:  # where a long prefill's GPU time goes (batch 128: GEMMs, attention, quantization)
+        print(f"[{label}]   gpu  {g['name'][:60]:<60} {g['calls']:>6}  {g['us'] / 1e3:8.2f} ms", flush=True)
     for h in host[:18]:
         print(f"[{label}]   host {h['name'][:60]:<60} {h['calls']:>6}  self {h['self_cpu_us'] / 1e3:7.2f} ms  "
               f"total {h['cpu_us'] / 1e3:7.2f} ms", flush=True)

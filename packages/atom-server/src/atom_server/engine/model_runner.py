@@ -356,6 +356,9 @@ class ModelRunner:
             logger.warning("prefill graphs off: a two-row step through them differs from the eager forward by %.3g "
                            "of its largest hidden state (allowed %.3g)", err, tol)
             self.prefill_graphs = None
+        else:
+            logger.info("prefill graphs kept: a two-row step through them is within %.3g of the eager forward "
+                        "(allowed %.3g)", err, tol)
 
     @torch.inference_mode()
     def _check_prefill_graphs(self) -> float:
