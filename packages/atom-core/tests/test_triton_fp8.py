@@ -541,12 +541,16 @@ def test_fp8_linear_rejects_what_the_kernel_cannot_run():
         triton_op("fp8_linear")(rand(2, 256), q, s, None, [32, 128])
 
 
+@pytest.mark.parametrize("fast_acc", [True, False])
 @pytest.mark.parametrize("scale_layout", ["channel_n", "channel_n1", "tensor"])
-def test_rowwise_scaled_mm_matches_the_reference(scale_layout):
-    """torch._scaled_mm's rowwise path (what fp8_linear runs above GEMV_MAX_M for per-channel / per-tensor
-    weights on sm90; torch runs it on CPU too) with the scale shapes ATOM's layers hold, and a bias."""
+def test_rowwise_scaled_mm_matches_the_reference(scale_layout, fast_acc, monkeypatch):
+    """torch._scaled_mm's rowwise path (what fp8_linear runs from SCALED_MM_MIN_M rows for per-channel / per-tensor
+    weights on sm90; torch runs it on CPU too) with the scale shapes ATOM's layers hold, and a bias; with fast
+    accumulation (the default) and without."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
+    monkeypatch.setattr(tk, "SCALED_MM_FAST_ACC", fast_acc)
+    assert tk._scaled_mm_fast_acc(torch.device(DEVICE)) == fast_acc  # this torch takes the flag here
     n, k, m = 96, 256, 5
     q, s, _ = _weight(n, k, "tensor" if scale_layout == "tensor" else "channel")
     s = s.reshape(n, 1) if scale_layout == "channel_n1" else s
@@ -555,6 +559,30 @@ def test_rowwise_scaled_mm_matches_the_reference(scale_layout):
     a, a_scale = Q.per_token_quant_fp8(x)
     out = tk.rowwise_scaled_mm(a, a_scale, q, s, b, torch.bfloat16)
     check(f"rowwise_scaled_mm {scale_layout}", out, Q.fp8_linear(x, q, s, b, None), TOL_BF16)
+
+
+def test_scaled_mm_without_fast_accumulation_where_torch_refuses_it(monkeypatch, caplog):
+    """A torch whose _scaled_mm refuses use_fast_accum with rowwise scales (fault injected: the torch here takes it)
+    costs one warning, and the GEMMs run without the flag."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    real = torch._scaled_mm
+
+    def refusing(*args, use_fast_accum=False, **kwargs):
+        if use_fast_accum:
+            raise RuntimeError("use_fast_accum is not supported with rowwise scaling")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", refusing)
+    monkeypatch.setattr(tk, "_FAST_ACC_PROBED", {})
+    with caplog.at_level("WARNING"):
+        assert not tk._scaled_mm_fast_acc(torch.device(DEVICE))
+    assert "refuses use_fast_accum" in caplog.text
+    q, s, _ = _weight(96, 256, "channel")
+    x = activations(5, 256, torch.bfloat16)
+    a, a_scale = Q.per_token_quant_fp8(x)
+    check("rowwise_scaled_mm without fast accumulation", tk.rowwise_scaled_mm(a, a_scale, q, s, None, torch.bfloat16),
+          Q.fp8_linear(x, q, s, None, None), TOL_BF16)
 
 
 @pytest.mark.gpu

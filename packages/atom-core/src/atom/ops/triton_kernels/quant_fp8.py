@@ -43,8 +43,8 @@ at M = 32: 53.8 against 44.5), more than the quantization it saves (fused into t
 predicted (4.6-4.9 instructions a weight against 1.4-2.2; KERNEL_NOTES.md stop 42).
 
 Per-token x per-channel / per-tensor GEMMs of SCALED_MM_MIN_M (129) rows or more go to torch._scaled_mm's
-rowwise-scaled kernel (cuBLASLt on sm90) where it applies (SCALED_MM, fp8_gemm_quantized); block-scaled
-weights and other devices keep the tl.dot GEMM.
+rowwise-scaled kernel (cuBLASLt on sm90) where it applies (SCALED_MM, fp8_gemm_quantized), with fast accumulation
+(SCALED_MM_FAST_ACC); block-scaled weights and other devices keep the tl.dot GEMM.
 
 Both GEMM kernels can load their tiles through tensor descriptors (TMA: Hopper's bulk copies, zero past the edges)
 and, for per-channel / per-tensor weights, let the FP8 MMA accumulate all of K before the float32 promotion
@@ -821,6 +821,42 @@ SCALED_MM = _env_scaled_mm()
 SCALED_MM_MIN_M = TILE_RULES.get("scaled_mm_min_m", 129)
 
 
+# torch._scaled_mm's FP8 MMAs accumulate all of K before the float32 promotion (use_fast_accum), as ATOM's own FP8
+# GEMMs do for these layouts (FAST_ACC) and vLLM's CUTLASS kernels do; torch's default promotes every few K steps.
+# These are the prefill GEMMs (SCALED_MM_MIN_M rows and more: batch 128's 16,384-token prefill is 253 ms of its
+# 1,069 ms run on the H100, 2026-12-06). ATOM_FP8_SCALED_MM_FAST_ACC=0 turns it off; a device whose torch refuses
+# the flag with rowwise scales (probed once, _scaled_mm_fast_acc) runs without it.
+SCALED_MM_FAST_ACC = _env_flag("ATOM_FP8_SCALED_MM_FAST_ACC", True)
+_FAST_ACC_PROBED: dict[torch.device, bool] = {}
+
+
+def _scaled_mm_fast_acc(device: torch.device) -> bool:
+    """Whether rowwise torch._scaled_mm calls on `device` pass use_fast_accum=True: SCALED_MM_FAST_ACC, and a tiny
+    call with it succeeded here once (probed outside any CUDA-graph capture; inside one, before the probe ran,
+    False)."""
+    if not SCALED_MM_FAST_ACC:
+        return False
+    ok = _FAST_ACC_PROBED.get(device)
+    if ok is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        a = torch.zeros(16, 32, dtype=torch.float8_e4m3fn, device=device)
+        ones = torch.ones(16, 1, dtype=torch.float32, device=device)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.reshape(1, 16), out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
+            ok = True
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            import logging
+
+            logging.getLogger(__name__).warning("torch._scaled_mm refuses use_fast_accum with rowwise scales on %s "
+                                                "(%s: %s); its FP8 GEMMs promote every few K steps", device,
+                                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            ok = False
+        _FAST_ACC_PROBED[device] = ok
+    return ok
+
+
 @functools.cache
 def _rowwise_scaled_mm_device(device: torch.device) -> bool:
     return (device.type == "cuda" and not interpreting() and not torch.version.hip
@@ -845,7 +881,8 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
     if scale_b.shape[1] != n:  # per tensor: one column scale each
         scale_b = scale_b.expand(1, n).contiguous()
     scale_a = a_scale.to(torch.float32).reshape(-1, 1)
-    out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b.contiguous(), out_dtype=out_dtype)
+    out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b.contiguous(), out_dtype=out_dtype,
+                           use_fast_accum=_scaled_mm_fast_acc(a.device))
     if bias is not None:
         out += bias
     return out

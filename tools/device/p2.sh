@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Device README item P2 (stop 51): fast accumulation in torch._scaled_mm (the FP8 prefill GEMMs), in one call (~7 min).
+# Carry .carry/vllm/deps and .carry/atom (rebuilt from HEAD: bash tools/device/build_carry.sh). From the repo root:
+#   bash tools/device/p2.sh [tests|profile|bench|all]   (default all; results under $OUT)
+# tests:   the rowwise scaled_mm and the large FP8 linears (1,024 rows run scaled_mm) against the reference, with the
+#          new default (use_fast_accum) — the GPU check of ATOM_FP8_SCALED_MM_FAST_ACC;
+# profile: prefill_profile.py at batch 128 x 128 tokens (one 16,384-token step, every GEMM on scaled_mm), FP8 + FP8 KV,
+#          fast accumulation on and off (one process each): the prefill ms (253 ms in the engine on the H100,
+#          2026-12-06, without it) and the kernels by GPU time;
+# bench:   the engine A/B, on (atom) / off (atom-alt), 3 interleaved rounds: batch 32's and 128's prefill and tok/s.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp/p2}
+mkdir -p "$out"
+what=${1:-all}
+nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${P2_TEST_BUDGET_S:-150} bash tools/device/run_gpu_tests.sh core \
+    -k "scaled_mm or fp8_linear_large" > "$out/p2_tests.txt" 2>&1
+  tail -2 "$out/p2_tests.txt"
+  grep -E "FAILED|refuses" "$out/p2_tests.txt" | head -10
+fi
+if [ "$what" = all ] || [ "$what" = profile ]; then
+  for fast in 1 0; do
+    ATOM_FP8_SCALED_MM_FAST_ACC=$fast PYTHONPATH=packages/atom-core/src:packages/atom-server/src:${ATOM_SITE:-/tmp/site} \
+      timeout 150 python3 tools/device/prefill_profile.py --batch-size 128 --repeats 3 \
+      --configs "fast$fast={\"quantization\":\"fp8\",\"kv_cache_dtype\":\"fp8\"}" --out "$out/prefill128_fast$fast.json" \
+      2>&1 | grep "^\[" | grep -v " host " | head -20
+  done
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 \
+    --engines atom,atom-alt --alt-env ATOM_FP8_SCALED_MM_FAST_ACC=0 --repeats 3 --budget-s "${P2_BENCH_S:-240}" \
+    --min-engine-s 30 --crosscheck off --out "$out" 2>&1 | tail -12
+fi
