@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Device README item P2 (stop 51): fast accumulation in torch._scaled_mm (the FP8 prefill GEMMs), in one call (~7 min).
+# Device README item P2 (stop 51): fast accumulation in torch._scaled_mm (the FP8 prefill GEMMs) and the prefill's
+# quantization kernels, in two calls.
 # Carry .carry/vllm/deps and .carry/atom (rebuilt from HEAD: bash tools/device/build_carry.sh). From the repo root:
-#   bash tools/device/p2.sh [tests|profile|bench|all]   (default all; results under $OUT)
+#   bash tools/device/p2.sh [tests|sweep|profile|bench|all]   (all = tests, sweep, profile: ~5-6 min; bench in a
+#   second call, ~4-5 min; results under $OUT)
 # tests:   the rowwise scaled_mm and the large FP8 linears (1,024 rows run scaled_mm) against the reference, with the
 #          new default (use_fast_accum) — the GPU check of ATOM_FP8_SCALED_MM_FAST_ACC;
 # profile: prefill_profile.py at batch 128 x 128 tokens (one 16,384-token step, every GEMM on scaled_mm), FP8 + FP8 KV,
 #          fast accumulation on and off (one process each): the prefill ms (253 ms in the engine on the H100,
 #          2026-12-06, without it) and the kernels by GPU time;
+# sweep:   scaled_mm_fast_acc.py (the 8b linears' scaled_mm with and without fast accumulation: us, error) and
+#          row_quant_sweep.py: the one-program-a-row quantization kernels (o_proj's input, SiLU-and-mul + quant) at
+#          128 / 4,096 / 16,384 rows with other (BLOCK, num_warps) launches: 43-45% of the copy rate in that prefill;
 # bench:   the engine A/B, on (atom) / off (atom-alt), 3 interleaved rounds: batch 32's and 128's prefill and tok/s.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +25,13 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   tail -2 "$out/p2_tests.txt"
   grep -E "FAILED|refuses" "$out/p2_tests.txt" | head -10
 fi
+if [ "$what" = all ] || [ "$what" = sweep ]; then
+  PYTHONPATH=packages/atom-core/src timeout 200 python3 tools/device/row_quant_sweep.py --out "$out/rowq.json" \
+    > "$out/rowq.txt" 2>&1
+  grep -E "copy rate|default|BEST|DIFFERS" "$out/rowq.txt" | cut -c1-120
+  PYTHONPATH=packages/atom-core/src timeout 120 python3 tools/device/scaled_mm_fast_acc.py \
+    --out "$out/scaled_mm_fast_acc.json" 2>&1 | tail -24
+fi
 if [ "$what" = all ] || [ "$what" = profile ]; then
   for fast in 1 0; do
     ATOM_FP8_SCALED_MM_FAST_ACC=$fast PYTHONPATH=packages/atom-core/src:packages/atom-server/src:${ATOM_SITE:-/tmp/site} \
@@ -28,7 +40,7 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
       2>&1 | grep "^\[" | grep -v " host " | head -20
   done
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if [ "$what" = bench ]; then
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 \
     --engines atom,atom-alt --alt-env ATOM_FP8_SCALED_MM_FAST_ACC=0 --repeats 3 --budget-s "${P2_BENCH_S:-240}" \
     --min-engine-s 30 --crosscheck off --out "$out" 2>&1 | tail -12
