@@ -46,7 +46,7 @@ def main() -> None:
             sa = xs.float().reshape(-1, 1)
             outs, us = {}, {}
             for fast in (False, True):
-                def call(fast=fast):
+                def call(fast=fast, xq=xq, wq=wq, sa=sa, sb=sb):
                     return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
                                             use_fast_accum=fast)
                 outs[fast] = call().float()
