@@ -179,11 +179,12 @@ LINEAR_CASES = {
 
 
 def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_e4m3fn, bias=True, gemv_max_m=None,
-                gemv_tile=None, f32_tol=None, gemv_fused=None, swap_max_m=None, swap_tile=None):
+                gemv_tile=None, f32_tol=None, gemv_fused=None, swap_max_m=None, swap_tile=None, dot_tile=None):
     """split: a split-K override for the path M takes (the GEMV's K step is then one scale block, so tiny K
     still has several steps); gemv_max_m: the GEMV/tl.dot bound for this call (None: the module's); gemv_fused:
     whether the GEMV quantizes the activations itself (None: the module's GEMV_FUSED_QUANT); swap_max_m /
-    swap_tile: the swap-AB kernel's row bound and tile for this call. Returns the output."""
+    swap_tile: the swap-AB kernel's row bound and tile for this call; dot_tile: keys over the tl.dot GEMM's tile.
+    Returns the output."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     q, s, block_size = _weight(n, k, layout, block or (128, 128), dtype)
@@ -207,8 +208,10 @@ def _run_linear(name, m, n, k, layout, block, split, xdtype, dtype=torch.float8_
         tk.GEMV_TILE_OVERRIDE = {**tk._gemv_tile(n, k, sub_k, x.device), "block_k": sub_k, **(gemv_tile or {})}
         if split is not None:
             tk.GEMV_TILE_OVERRIDE["split_k"] = split
-    elif split is not None:
-        tk.GEMM_TILE_OVERRIDE = dict(tk._gemm_tile(m, n, k, sub_k, x.device), split_k=split)
+    elif split is not None or dot_tile:
+        tk.GEMM_TILE_OVERRIDE = {**tk._gemm_tile(m, n, k, sub_k, x.device), **(dot_tile or {})}
+        if split is not None:
+            tk.GEMM_TILE_OVERRIDE["split_k"] = split
     try:
         out = triton_op("fp8_linear")(x, q, s, b, block_size)
     finally:
@@ -491,6 +494,33 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
                 '{"scaled_mm_min_m": "x"}'):
         with pytest.raises(ValueError, match="ATOM_FP8_TILES"):
             tk._parse_tiles(bad)
+
+
+@pytest.mark.parametrize("path", ["swap", "dot"])
+@pytest.mark.parametrize("layout", ["channel", "tensor", "block"])
+def test_fp8_gemm_tile_block_k(path, layout):
+    """A tile's block_k (a sweep key, fp8_tiles.py): per-channel / per-tensor GEMMs step K 256 at a time (K = 600:
+    two splits of 512 and 88, the last step partial) within the reference's bound; block scales keep the scale
+    block's steps whatever the tile says; a block_k that is not a power of two >= 32 is refused."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    dev = torch.device(DEVICE)
+    block = (128, 128) if layout == "block" else None
+    m = 3 if path == "swap" else 40
+    tile = {"block_k": 256}
+    assert tk._k_step(tile, 128, block is not None) == (128 if block else 256)
+    saved = tk.SWAP_TILE_OVERRIDE, tk.GEMM_TILE_OVERRIDE
+    try:
+        tk.SWAP_TILE_OVERRIDE, tk.GEMM_TILE_OVERRIDE = tile, {**tk._gemm_table_tile(m), **tile}
+        assert tk._swap_tile(m, 96, 600, 128, dev, block is not None)["block_k"] == (128 if block else 256)
+        assert tk._gemm_tile(m, 96, 600, 128, dev, block is not None)["block_k"] == (128 if block else 256)
+    finally:
+        tk.SWAP_TILE_OVERRIDE, tk.GEMM_TILE_OVERRIDE = saved
+    kw = dict(swap_tile=tile) if path == "swap" else dict(dot_tile=tile)
+    _run_linear(f"{path}_block_k_256", m, 96, 600, layout, block, 2, torch.float32, **kw)
+    for bad in (48, 16, "256"):
+        with pytest.raises(ValueError, match="block_k must be a power of two >= 32"):
+            tk._k_step({"block_k": bad}, 128, False)
 
 
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])

@@ -582,10 +582,22 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k
 # (absent: the rule below), tma, fast_acc (per-channel / per-tensor: no float32 promotion inside K; absent: TMA /
-# FAST_ACC below)).
+# FAST_ACC below), block_k (per-channel / per-tensor weights only: the K step, 128 by default; _k_step)).
 GEMM_TILE_OVERRIDE: dict | None = None
 
-_TILE_KEYS = {"block_m", "block_n", "num_warps", "num_stages", "split_k", "tma", "fast_acc", "ws"}
+_TILE_KEYS = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k", "tma", "fast_acc", "ws"}
+
+
+def _k_step(tile: dict, block_k: int, block_scales: bool) -> int:
+    """A GEMM tile's K step: the scale block's where the weights have block scales (a K step holds one block), else
+    the tile's block_k if it names one (a sweep key: per-channel / per-tensor weights have no K blocks; a power of
+    two >= 32), else 128."""
+    bk = tile.get("block_k")
+    if bk is None or block_scales:
+        return block_k
+    if not isinstance(bk, int) or bk < 32 or bk & (bk - 1):
+        raise ValueError(f"an FP8 GEMM tile's block_k must be a power of two >= 32, got {bk!r}")
+    return bk
 
 
 def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
@@ -673,7 +685,7 @@ def _descriptors(a: torch.Tensor, weight: torch.Tensor, a_rows: int, w_rows: int
             TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [w_rows, block_k]))
 
 
-def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
+def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device, block_scales: bool = False) -> dict:
     tile = dict(GEMM_TILE_OVERRIDE) if GEMM_TILE_OVERRIDE is not None else _rule_tile("dot", m)
     if tile is None:
         tile = _gemm_table_tile(m)
@@ -681,6 +693,7 @@ def _gemm_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> di
             tile["tma"] = TMA
     tile.setdefault("tma", bool(TMA))
     tile.setdefault("fast_acc", FAST_ACC)
+    tile["block_k"] = block_k = _k_step(tile, block_k, block_scales)
     if "split_k" not in tile:
         # weight-bandwidth bound shapes: split K until about two programs per SM stream weights, keeping
         # at least four K steps per split
@@ -716,7 +729,7 @@ def _env_swap_max_m() -> int:
 # against 38.7: a 64-row activation tile). Engine, qwen3-8b FP8, one round: batch 1 3.94 -> 3.82 ms a step, batch
 # 32 4.88 -> 4.60. ATOM_FP8_SWAP_MAX_M sets it per process (0: off).
 SWAP_MAX_M = _env_swap_max_m()
-# Tile override for sweeps: any of block_m, block_n, num_warps, num_stages, split_k.
+# Tile override for sweeps: any of block_m, block_n, block_k (per-channel / per-tensor), num_warps, num_stages, split_k.
 SWAP_TILE_OVERRIDE: dict | None = None
 
 
@@ -775,10 +788,12 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
-def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
+def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device, block_scales: bool = False) -> dict:
     """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
-    padded to a power of two >= 16; split K until about two programs per SM stream weights (>= 4 K steps each)."""
+    padded to a power of two >= 16, K steps of 128 (or a tile's block_k, _k_step); split K until about two programs
+    per SM stream weights (>= 4 K steps each)."""
     tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or {})
+    tile["block_k"] = block_k = _k_step(tile, block_k, block_scales)
     tile.setdefault("tma", TMA if TMA is not None else m > 1)
     tile.setdefault("fast_acc", FAST_ACC)
     tile.setdefault("block_m", max(16, triton.next_power_of_2(m)))
@@ -897,7 +912,8 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
-    tile = _swap_tile(m, n, k, block_k, a.device)
+    tile = _swap_tile(m, n, k, block_k, a.device, block_size is not None)
+    block_k = tile["block_k"]
     a_bytes = a.element_size()  # per stage: the activation and weight tiles (and their bf16 copies when precise)
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
                                lambda bn: ((tile["block_m"] * a_bytes + bn) * block_k * (3 if precise else 1), 0),
@@ -954,7 +970,8 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     if m == 0:
         return out
     scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
-    tile = _gemm_tile(m, n, k, block_k, a.device)
+    tile = _gemm_tile(m, n, k, block_k, a.device, block_size is not None)
+    block_k = tile["block_k"]
     # per stage: the fp8 A and W tiles (and their bf16 copies when precise)
     block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
                                lambda bn: ((tile["block_m"] + bn) * block_k * (3 if precise else 1), 0), a.device)
