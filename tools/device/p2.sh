@@ -12,7 +12,8 @@
 # sweep:   scaled_mm_fast_acc.py (the 8b linears' scaled_mm with and without fast accumulation: us, error) and
 #          row_quant_sweep.py: the one-program-a-row quantization kernels (o_proj's input, SiLU-and-mul + quant) at
 #          128 / 4,096 / 16,384 rows with other (BLOCK, num_warps) launches: 43-45% of the copy rate in that prefill;
-# bench:   the engine A/B, on (atom) / off (atom-alt), 3 interleaved rounds: batch 32's and 128's prefill and tok/s.
+# bench:   the engine A/B, on (atom) / off (atom-alt), 3 interleaved rounds: batch 32's and 128's prefill and tok/s;
+#          P2_ROW_TILE=min_rows:block:warps adds the sweep's row launch (ATOM_FP8_ROW_TILE_LARGE) as atom-alt2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/p2}
@@ -41,7 +42,10 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
   done
 fi
 if [ "$what" = bench ]; then
+  # P2_ROW_TILE=min_rows:block:warps (the sweep's winner at 4,096+ rows) adds ATOM_FP8_ROW_TILE_LARGE as atom-alt2
+  engines=atom,atom-alt; alt2=()
+  if [ -n "${P2_ROW_TILE:-}" ]; then engines=atom,atom-alt,atom-alt2; alt2=(--alt2-env "ATOM_FP8_ROW_TILE_LARGE=$P2_ROW_TILE"); fi
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 \
-    --engines atom,atom-alt --alt-env ATOM_FP8_SCALED_MM_FAST_ACC=0 --repeats 3 --budget-s "${P2_BENCH_S:-240}" \
-    --min-engine-s 30 --crosscheck off --out "$out" 2>&1 | tail -12
+    --engines "$engines" --alt-env ATOM_FP8_SCALED_MM_FAST_ACC=0 "${alt2[@]}" --repeats 3 \
+    --budget-s "${P2_BENCH_S:-240}" --min-engine-s 30 --crosscheck off --out "$out" 2>&1 | tail -20
 fi

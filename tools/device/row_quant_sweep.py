@@ -10,6 +10,8 @@ codes), the second time mostly from L2 — checks the codes and scales are bit-i
 prints us, GB/s and % of the device copy rate. PDL off (each launch alone).
 
     PYTHONPATH=packages/atom-core/src python3 tools/device/row_quant_sweep.py --rows 128,4096,16384 --out $OUT/rowq.json
+
+A winner at 4,096+ rows goes into the engine as ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps (quant_fp8.ROW_TILE_LARGE).
 """
 
 from __future__ import annotations

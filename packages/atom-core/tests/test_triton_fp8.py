@@ -138,6 +138,28 @@ def test_token_quantization_of_rows_longer_than_a_block(monkeypatch, row_block_m
     same_codes(f"quant token in chunks of {row_block_max}", q, rq)
 
 
+def test_token_quantization_with_the_large_row_launch(monkeypatch):
+    """ATOM_FP8_ROW_TILE_LARGE (min_rows:block:num_warps): from min_rows rows the row kernels take that launch (two
+    passes where the block is shorter than the row) and write the reference's codes; fewer rows keep the whole-row
+    launch; malformed values are refused naming the variable."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setenv("ATOM_FP8_ROW_TILE_LARGE", "4096:2048:8")
+    assert tk._env_row_tile_large() == (4096, 2048, 8)
+    for bad in ("4096:2048", "0:2048:8", "4096:3000:8", "4096:2048:3", "a:b:c", f"1:{2 * tk.ROW_BLOCK_MAX}:4"):
+        monkeypatch.setenv("ATOM_FP8_ROW_TILE_LARGE", bad)
+        with pytest.raises(ValueError, match="ATOM_FP8_ROW_TILE_LARGE"):
+            tk._env_row_tile_large()
+    monkeypatch.setattr(tk, "ROW_TILE_LARGE", (4, 64, 2))
+    assert tk.row_block(300, 3) == tk.row_block(300) == (512, 4) and tk.row_block(300, 4) == (64, 2)
+    assert tk.row_block(40, 4) == (64, 2)  # never wider than the row's own block
+    x = activations(5, 300, torch.bfloat16)
+    q, s = triton_op("fp8_quant_token")(x)
+    rq, rs = Q.per_token_quant_fp8(x)
+    assert torch.equal(s, rs)
+    same_codes("quant token, the large-row launch", q, rq)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("shape", [(4096, 4096), (1, 12288), (4096, 12288), (2, 20000)])

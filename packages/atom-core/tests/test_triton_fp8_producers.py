@@ -142,6 +142,16 @@ def test_silu_and_mul_quant_token_of_rows_longer_than_a_block(monkeypatch, d):
     check_fused(triton("silu_and_mul_quant_fp8")(x, None, FP8), triton("silu_and_mul")(x), None)
 
 
+def test_silu_and_mul_quant_token_with_the_large_row_launch(monkeypatch):
+    """From ROW_TILE_LARGE's row count the fused producer takes that launch (here two passes of 64 columns over
+    200): still SiLU-and-mul then the quantization."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "ROW_TILE_LARGE", (4, 64, 2))
+    x = hidden_states(5, 400, torch.bfloat16)
+    check_fused(triton("silu_and_mul_quant_fp8")(x, None, FP8), triton("silu_and_mul")(x), None)
+
+
 def _weight(n: int, k: int, layout: str):
     w = torch.randn(n, k, device=DEVICE) / k**0.5
     if layout == "block":

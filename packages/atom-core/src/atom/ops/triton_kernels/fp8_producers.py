@@ -190,7 +190,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int | None,
             x2, q, s, d, s.shape[1], x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, GROUP=group_size,
             **consts, num_warps=4, **pdl_args(x.device))
     elif rows:
-        block, warps = row_block(d)
+        block, warps = row_block(d, rows)
         _silu_mul_quant_token_kernel[(rows,)](x2, q, s, d, x2.stride(0), q.stride(0), BLOCK=block, **consts,
                                               num_warps=warps, **pdl_args(x.device))
     return views()

@@ -123,10 +123,35 @@ def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: t
 ROW_BLOCK_MAX = 16384
 
 
-def row_block(k: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of a one-program-a-row kernel over k columns: the whole row up to ROW_BLOCK_MAX (32
-    values a thread at most), else ROW_BLOCK_MAX chunks."""
+def _env_row_tile_large() -> tuple[int, int, int] | None:
+    raw = os.environ.get("ATOM_FP8_ROW_TILE_LARGE", "").strip()
+    if not raw:
+        return None
+    try:
+        rows, block, warps = (int(v) for v in raw.split(":"))
+    except ValueError:
+        raise ValueError(f"ATOM_FP8_ROW_TILE_LARGE must be min_rows:block:num_warps, got {raw!r}") from None
+    if rows < 1 or block < 16 or block & (block - 1) or block > ROW_BLOCK_MAX or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"ATOM_FP8_ROW_TILE_LARGE: min_rows >= 1, block a power of two in 16..{ROW_BLOCK_MAX}, "
+                         f"num_warps a power of two <= 32; got {raw!r}")
+    return rows, block, warps
+
+
+# The launch of the one-program-a-row quantization kernels (per_token_quant_fp8, SiLU-and-mul + per-token quant)
+# from min_rows rows up: (min_rows, BLOCK, num_warps), None: row_block's whole-row launch at every row count. That
+# launch is the decode's (latency: a few rows); at a prefill's thousands of rows it holds one program an SM and ran
+# at 43-45% of the copy rate (H100, 2026-12-05 profile, KERNEL_NOTES stop 51), where a BLOCK below the row length
+# (the kernels' two-pass loop: the second read mostly from L2) lets several programs share an SM. Not yet measured:
+# tools/device/row_quant_sweep.py sweeps it, ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps sets it per process.
+ROW_TILE_LARGE = _env_row_tile_large()
+
+
+def row_block(k: int, rows: int = 0) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a one-program-a-row kernel over k columns and `rows` rows: the whole row up to
+    ROW_BLOCK_MAX (32 values a thread at most), else ROW_BLOCK_MAX chunks; ROW_TILE_LARGE's from its row count."""
     block = min(ROW_BLOCK_MAX, triton.next_power_of_2(max(k, 16)))
+    if ROW_TILE_LARGE is not None and rows >= ROW_TILE_LARGE[0]:
+        return min(block, ROW_TILE_LARGE[1]), ROW_TILE_LARGE[2]
     return block, min(16, max(4, block // 512))
 
 
@@ -170,7 +195,7 @@ def per_token_quant_fp8(
     q = torch.empty(rows, k, dtype=fp8_dtype, device=x.device)
     s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        block, warps = row_block(k)
+        block, warps = row_block(k, rows)
         _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=block, **fp8_consts(fp8_dtype),
                                      num_warps=warps, **pdl_args(x.device))
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
