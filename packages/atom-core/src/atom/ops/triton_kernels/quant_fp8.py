@@ -55,6 +55,7 @@ ATOM_FP8_TILES replaces them with rules measured on the GPU at hand (that script
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -887,8 +888,6 @@ def _scaled_mm_fast_acc(device: torch.device) -> bool:
                              use_fast_accum=True)
             ok = True
         except (RuntimeError, NotImplementedError, TypeError) as e:
-            import logging
-
             logging.getLogger(__name__).warning("torch._scaled_mm refuses use_fast_accum with rowwise scales on %s "
                                                 "(%s: %s); its FP8 GEMMs promote every few K steps", device,
                                                 type(e).__name__, str(e).splitlines()[0] if str(e) else "")
