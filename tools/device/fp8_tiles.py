@@ -8,7 +8,8 @@ qwen3-8b's four linears (kernel_bench.FP8_LINEARS) on codes a producer made (fp8
 runs at decode), weights rotated past 2x the L2 as in fp8_skinny_bench.py, us a call under CUDA-graph replay.
 - --dot-rows (the tl.dot GEMM, e.g. batch 128's decode): the built-in tile, torch._scaled_mm (per-channel), and
   DOT_TILES with pointer and TMA loads, with and without fast accumulation (per-channel) and Triton's warp
-  specialization (TMA, 4 warps), split-K by the built-in rule (about two programs an SM);
+  specialization (TMA, 4 warps), split-K by the built-in rule (about two programs an SM), and the TMA tiles again
+  without split-K (split1: no float32 partials and no sum kernel);
 - --swap-rows (the swap-AB kernel, batch 1-32): the built-in tile, and SWAP_TILES the same ways (warp
   specialization at 4 warps: 12 warps and 168 registers a thread on sm_90, so one program an SM).
 Each candidate's output is first checked against the torch reference on the same codes (WRONG_REL), so a tile that
@@ -78,12 +79,19 @@ def main() -> None:
             yield "built-in", dict(SWAP_MAX_M=0, GEMV_MAX_M=0), None
             if layout == "channel":
                 yield "scaled_mm", dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=True, SCALED_MM_MIN_M=0), "scaled_mm"
-            for (bm, bn, w, st), tma, fast, ws in itertools.product(DOT_TILES, (False, True), FAST_ACC[layout],
-                                                                   (False, True)):
+            for (bm, bn, w, st), tma, fast, ws, split in itertools.product(
+                    DOT_TILES, (False, True), FAST_ACC[layout], (False, True), (None, 1)):
                 if ws and not (tma and w == 4):  # warp specialization needs TMA; at 8 warps Triton 3.6 skips it
                     continue
+                # split-K 1 (no partials, no second kernel: 3 of a layer's 4 GEMMs split at 128 rows by the
+                # rule, 108 sum kernels a step) on TMA tiles with the layout's fastest accumulation only
+                if split == 1 and not (tma and fast == FAST_ACC[layout][-1] and not ws):
+                    continue
                 tile = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma, fast_acc=fast, ws=ws)
-                yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}{' ws' if ws else ''}",
+                if split is not None:
+                    tile["split_k"] = split
+                yield (f"{bm}x{bn} w{w} s{st}{' tma' if tma else ''}{' fast' if fast else ''}{' ws' if ws else ''}"
+                       f"{' split1' if split == 1 else ''}",
                        dict(SWAP_MAX_M=0, GEMV_MAX_M=0, SCALED_MM=False, GEMM_TILE_OVERRIDE=tile), tile)
         else:
             yield "built-in", dict(SWAP_MAX_M=64, GEMV_MAX_M=0), None
