@@ -13,7 +13,7 @@
 #          row_quant_sweep.py: the one-program-a-row quantization kernels (o_proj's input, SiLU-and-mul + quant) at
 #          128 / 4,096 / 16,384 rows with other (BLOCK, num_warps) launches: 43-45% of the copy rate in that prefill;
 # bench:   the engine A/B, on (atom) / off (atom-alt), 3 interleaved rounds: batch 32's and 128's prefill and tok/s;
-#          P2_ROW_TILE=min_rows:block:warps adds the sweep's row launch (ATOM_FP8_ROW_TILE_LARGE) as atom-alt2.
+#          P2_ALT2_ENV adds atom-alt2 with the sweeps' winners (ATOM_FP8_ROW_TILE_LARGE, ATOM_FP8_TILES=@file).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/p2}
@@ -42,9 +42,10 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
   done
 fi
 if [ "$what" = bench ]; then
-  # P2_ROW_TILE=min_rows:block:warps (the sweep's winner at 4,096+ rows) adds ATOM_FP8_ROW_TILE_LARGE as atom-alt2
+  # P2_ALT2_ENV (e.g. "ATOM_FP8_ROW_TILE_LARGE=4096:4096:8 ATOM_FP8_TILES=@/tmp/fp8_tiles.json": the sweeps'
+  # winners) adds atom-alt2 with that environment
   engines=atom,atom-alt; alt2=()
-  if [ -n "${P2_ROW_TILE:-}" ]; then engines=atom,atom-alt,atom-alt2; alt2=(--alt2-env "ATOM_FP8_ROW_TILE_LARGE=$P2_ROW_TILE"); fi
+  if [ -n "${P2_ALT2_ENV:-}" ]; then engines=atom,atom-alt,atom-alt2; alt2=(--alt2-env "$P2_ALT2_ENV"); fi
   bash tools/device/bench_vs_vllm.sh --shapes qwen3-8b --quantization fp8 --kv-cache-dtype fp8 \
     --engines "$engines" --alt-env ATOM_FP8_SCALED_MM_FAST_ACC=0 "${alt2[@]}" --repeats 3 \
     --budget-s "${P2_BENCH_S:-240}" --min-engine-s 30 --crosscheck off --out "$out" 2>&1 | tail -20
