@@ -13,9 +13,9 @@ case "${1:-sweep}" in
 sweep)
   export PYTHONPATH=packages/atom-core/src${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-  timeout ${TILES_TIMEOUT_S:-330} python3 tools/device/fp8_tiles.py --out-rules /tmp/fp8_tiles.json \
+  timeout ${TILES_TIMEOUT_S:-530} python3 tools/device/fp8_tiles.py --out-rules /tmp/fp8_tiles.json \
     --out "$out/tiles.json" --dot-rows ${DOT_ROWS:-128} --swap-rows ${SWAP_ROWS:-1,32} --layouts channel \
-    --budget-s ${TILES_BUDGET_S:-300} > "$out/tiles.txt" 2>&1
+    --budget-s ${TILES_BUDGET_S:-480} > "$out/tiles.txt" 2>&1
   echo "tiles rc $?"; cp /tmp/fp8_tiles.json "$out/" 2>/dev/null
   sed -n '/the four linears/,$p' "$out/tiles.txt" | cut -c1-150
   ;;
