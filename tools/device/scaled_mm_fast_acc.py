@@ -26,16 +26,19 @@ def main() -> None:
     ap.add_argument("--rows", default="256,1024,4096,16384")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shrink", type=int, default=1, help="divide every N and K by this (a CPU smoke run)")
     a = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device=dev).manual_seed(0)
     rows = [int(r) for r in a.rows.split(",")]
     res = []
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"{name} torch {torch.__version__}")
     print(f"{'linear':<8} {'M':>6} {'promote us':>11} {'fast us':>9} {'fast/promote':>12} {'TFLOP/s fast':>12} "
           f"{'err promote':>11} {'err fast':>9}")
     tot = {}
     for name, (n, k) in LINEARS.items():
+        n, k = n // a.shrink, k // a.shrink
         w = torch.randn(n, k, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
         wq, ws = Q.per_token_quant_fp8(w)  # per output channel: the rows of W
         for m in rows:
@@ -67,7 +70,7 @@ def main() -> None:
               f"{f * 36 / 1e3:.2f} ms")
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=res), fh, indent=1)
+            json.dump(dict(device=name, torch=torch.__version__, rows=res), fh, indent=1)
 
 
 if __name__ == "__main__":
