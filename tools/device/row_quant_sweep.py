@@ -1,17 +1,20 @@
 """One-program-a-row FP8 quantization kernels at prefill sizes: tiles swept (run on the GPU).
 
-In batch 128's 16,384-token prefill of FP8 qwen3-8b (H100, 2026-12-05 profile, benchmarks/h100-2026-12-05c/
-profile128_nopdl.txt) `_silu_mul_quant_token_kernel` took ~0.79 ms a layer (~28 ms a prefill) for ~1 GB of traffic
-(43% of the copy rate) and `_quant_token_kernel` (o_proj's input) ~150 us for 201 MB (45%), while the norm + quant
-kernel ran at the copy rate. Their launch (`quant_fp8.row_block`) reads a whole row in one block (up to 16,384
-columns, 16 warps): best at decode, where a handful of rows is latency. This times each kernel over the rows of a
-prefill with other (BLOCK, num_warps) choices — BLOCK below the row length reads it twice (the amax pass, then the
-codes), the second time mostly from L2 — checks the codes and scales are bit-identical to the default launch's, and
-prints us, GB/s and % of the device copy rate. PDL off (each launch alone).
+In batch 128's 16,384-token prefill of FP8 qwen3-8b (H100, 2026-12-05 profile,
+benchmarks/h100-2026-12-05c/profile128_nopdl.txt) `_silu_mul_quant_token_kernel` took ~0.79 ms a layer (~28 ms a
+prefill) for ~1 GB of traffic (43% of the copy rate) and `_quant_token_kernel` (o_proj's input) ~150 us for 201 MB
+(45%), while the norm + quant kernel ran at the copy rate. Their launch (`quant_fp8.row_block`) reads a whole row
+in one block (up to 16,384 columns, 16 warps): best at decode, where a handful of rows is latency. This times each
+kernel over the rows of a prefill with other (BLOCK, num_warps) choices - BLOCK below the row length reads it
+twice (the amax pass, then the codes), the second time mostly from L2 - checks the codes and scales are
+bit-identical to the default launch's, and prints us, GB/s and % of the device copy rate. PDL off (each launch
+alone).
 
-    PYTHONPATH=packages/atom-core/src python3 tools/device/row_quant_sweep.py --rows 128,4096,16384 --out $OUT/rowq.json
+    PYTHONPATH=packages/atom-core/src python3 tools/device/row_quant_sweep.py --rows 128,4096,16384 \
+        --out $OUT/rowq.json
 
-A winner at 4,096+ rows goes into the engine as ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps (quant_fp8.ROW_TILE_LARGE).
+A winner at 4,096+ rows goes into the engine as ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps
+(quant_fp8.ROW_TILE_LARGE).
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ def launches(kind: str, m: int, k: int, dev: torch.device):
         def run(block, warps):
             q = torch.empty(m, k, dtype=FP8, device=dev)
             s = torch.empty(m, 1, dtype=torch.float32, device=dev)
-            qf._quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, **consts, PDL=False,
-                                         num_warps=warps)
+            qf._quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, **consts,
+                                         PDL=False, num_warps=warps)
             return q, s
         return run, m * k * (2 + 1) + m * 4
     if kind == "silu_mul_quant_token":
@@ -81,8 +84,9 @@ def launches(kind: str, m: int, k: int, dev: torch.device):
         def run(block, warps):
             q = torch.empty(m, k, dtype=FP8, device=dev)
             s = torch.empty(m, 1, dtype=torch.float32, device=dev)
-            fp._silu_mul_quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), ACT=fp._act_dtype(x.dtype),
-                                                  BLOCK=block, **consts, PDL=False, num_warps=warps)
+            fp._silu_mul_quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0),
+                                                  ACT=fp._act_dtype(x.dtype), BLOCK=block, **consts,
+                                                  PDL=False, num_warps=warps)
             return q, s
         return run, m * k * (4 + 1) + m * 4
     raise ValueError(kind)
@@ -114,19 +118,21 @@ def main() -> None:
                 if block < 16 or (block > qf.ROW_BLOCK_MAX):
                     continue
                 q, s = run(block, warps)
-                same = bool(torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(s, ref[1]))
+                same = bool(torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
+                            and torch.equal(s, ref[1]))
                 us = timed(lambda b=block, w=warps, run=run: run(b, w), a.reps)
                 gbs = nbytes / us / 1e3
-                rows.append(dict(kernel=kind, cols=k, rows=m, block=block, warps=warps, default=(block, warps) == default,
-                                 us=us, gbs=gbs, pct_copy=100 * gbs / rate if rate == rate else None, identical=same))
+                rows.append(dict(kernel=kind, cols=k, rows=m, block=block, warps=warps,
+                                 default=(block, warps) == default, us=us, gbs=gbs,
+                                 pct_copy=100 * gbs / rate if rate == rate else None, identical=same))
             best = min(rows, key=lambda r: r["us"])
             for r in rows:
                 tag = " default" if r["default"] else ""
                 tag += " BEST" if r is best else ""
                 tag += "" if r["identical"] else " DIFFERS"
                 pct = f"{r['pct_copy']:5.1f}%" if r["pct_copy"] is not None else "   - "
-                print(f"{kind:<22} k={k:<6} M={m:<6} block {r['block']:>5} warps {r['warps']:>2}: {r['us']:9.1f} us "
-                      f"{r['gbs']:8.0f} GB/s {pct}{tag}", flush=True)
+                print(f"{kind:<22} k={k:<6} M={m:<6} block {r['block']:>5} warps {r['warps']:>2}: "
+                      f"{r['us']:9.1f} us {r['gbs']:8.0f} GB/s {pct}{tag}", flush=True)
             res += rows
     if a.out:
         with open(a.out, "w") as f:

@@ -1,9 +1,10 @@
-"""torch._scaled_mm's rowwise FP8 GEMM with and without fast accumulation on qwen3-8b's four linears (run on the GPU).
+"""torch._scaled_mm's rowwise FP8 GEMM with and without fast accumulation on qwen3-8b's four linears (on the
+GPU; `--shrink 32` on CPU checks the script).
 
 ATOM runs the per-token x per-channel FP8 GEMMs of SCALED_MM_MIN_M rows and more (prefills) through
-torch._scaled_mm (quant_fp8.rowwise_scaled_mm); SCALED_MM_FAST_ACC passes use_fast_accum. For each shape and row
-count this prints the time of one call either way (CUDA events, median of --reps after warm-up) and each output's
-largest error against the float32 product of the dequantized operands, relative to its largest value.
+torch._scaled_mm (quant_fp8.rowwise_scaled_mm); SCALED_MM_FAST_ACC passes use_fast_accum. For each shape and
+row count this prints the time of one call either way (CUDA events, median of --reps after warm-up) and each
+output's largest error against the float32 product of the dequantized operands, relative to its largest value.
 
     PYTHONPATH=packages/atom-core/src python3 tools/device/scaled_mm_fast_acc.py --rows 256,1024,4096,16384
 """
@@ -34,7 +35,8 @@ def main() -> None:
     res = []
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name} torch {torch.__version__}")
-    print(f"{'linear':<8} {'M':>6} {'promote us':>11} {'fast us':>9} {'fast/promote':>12} {'TFLOP/s fast':>12} "
+    print(f"{'linear':<8} {'M':>6} {'promote us':>11} {'fast us':>9} {'fast/promote':>12} "
+          f"{'TFLOP/s fast':>12} "
           f"{'err promote':>11} {'err fast':>9}")
     tot = {}
     for name, (n, k) in LINEARS.items():
@@ -59,8 +61,8 @@ def main() -> None:
             tflops = 2 * m * n * k / us[True] / 1e6
             print(f"{name:<8} {m:>6} {us[False]:>11.1f} {us[True]:>9.1f} {us[True] / us[False]:>12.3f} "
                   f"{tflops:>12.0f} {err[False]:>11.2e} {err[True]:>9.2e}", flush=True)
-            res.append(dict(linear=name, m=m, n=n, k=k, promote_us=us[False], fast_us=us[True], err_promote=err[False],
-                            err_fast=err[True]))
+            res.append(dict(linear=name, m=m, n=n, k=k, promote_us=us[False], fast_us=us[True],
+                            err_promote=err[False], err_fast=err[True]))
             t = tot.setdefault(m, [0.0, 0.0])
             t[0] += us[False]
             t[1] += us[True]
