@@ -5,7 +5,8 @@
 #   bash tools/device/p2.sh [tests|sweep|profile|bench|all]   (all = tests, sweep, profile: ~5-6 min; bench in a
 #   second call, ~4-5 min; results under $OUT)
 # tests:   the rowwise scaled_mm and the large FP8 linears (1,024 rows run scaled_mm) against the reference, with the
-#          new default (use_fast_accum) — the GPU check of ATOM_FP8_SCALED_MM_FAST_ACC;
+#          new default (use_fast_accum) — the GPU check of ATOM_FP8_SCALED_MM_FAST_ACC; and MLA (its latent
+#          attention on the (row, query tile) grid, stop 51);
 # profile: prefill_profile.py at batch 128 x 128 tokens (one 16,384-token step, every GEMM on scaled_mm), FP8 + FP8 KV,
 #          fast accumulation on and off (one process each): the prefill ms (253 ms in the engine on the H100,
 #          2026-12-06, without it) and the kernels by GPU time;
@@ -22,7 +23,7 @@ what=${1:-all}
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$what" = all ] || [ "$what" = tests ]; then
   ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${P2_TEST_BUDGET_S:-150} bash tools/device/run_gpu_tests.sh core \
-    -k "scaled_mm or fp8_linear_large" > "$out/p2_tests.txt" 2>&1
+    -k "scaled_mm or fp8_linear_large or mla" > "$out/p2_tests.txt" 2>&1
   tail -2 "$out/p2_tests.txt"
   grep -E "FAILED|refuses" "$out/p2_tests.txt" | head -10
 fi

@@ -299,6 +299,38 @@ def test_mla_prefill(name, dtype, form, monkeypatch):
     _run_prefill(name, PREFILL_CASES[name], dtype, form=form, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("name", ["cached_prefix_and_decode_row", "heads_6"])
+def test_mla_latent_attention_in_a_padded_layout(name):
+    """The latent attention's multi-query launch enumerates (row, query tile) pairs (attention.flat_row_tile): in
+    a layout with more token entries and rows than the step (one padding row holding the extra queries over its own
+    keys, then rows without queries; max_query_len the padded size), the step's tokens get the bits of the launch
+    sized for the step, and the torch reference's values."""
+    from atom.ops.triton_kernels.mla import _absorbed
+
+    ctx, q_lens, dims = PREFILL_CASES[name]
+    q_nope, q_pe, cache, w, tables, qsl, lens, max_q, max_l, _ = _latent_case(ctx, q_lens, dims, torch.float32)
+    scale = (dims["nope"] + dims["rope"]) ** -0.5
+    want = _absorbed(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l)
+    t, n = q_nope.shape[0], len(q_lens)
+    bucket, rows = 32, 7
+    pad = bucket - t
+    g_nope = torch.cat([q_nope, rand(pad, *q_nope.shape[1:])])
+    g_pe = torch.cat([q_pe, rand(pad, *q_pe.shape[1:])])
+    g_tables = torch.zeros(rows, max(tables.shape[1], triton.cdiv(pad, dims["block"])), dtype=torch.int32,
+                           device=DEVICE)
+    g_tables[:n, :tables.shape[1]] = tables
+    g_qsl = torch.full((rows + 1,), bucket, dtype=torch.int32, device=DEVICE)
+    g_qsl[:n + 1] = qsl
+    g_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    g_lens[:n] = lens
+    g_lens[n] = pad
+    got = _absorbed(g_nope, g_pe, cache, w, g_tables, g_qsl, g_lens, scale, bucket, 4096)
+    assert torch.equal(got[:t], want)
+    assert torch.isfinite(got[t:]).all()
+    ref = ref_mla.mla_prefill(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l)
+    check(f"mla latent attention padded layout {name}", got[:t], ref, TOL[torch.float32])
+
+
 def test_mla_prefill_expanded_in_sequence_groups(monkeypatch):
     """A K|V budget smaller than one sequence's expansion: the expanded form runs one sequence at a time (its
     queries found through query_start_loc, its rows at the group's offset) and still matches the oracle."""

@@ -239,6 +239,20 @@ def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_
     return m_new, l_i, acc
 
 
+@triton.jit
+def flat_row_tile(qsl_ptr, num_rows, BLOCK_Q: tl.constexpr, ROWS_PAD: tl.constexpr):
+    """(row, query tile) of this program on a grid whose axis 0 enumerates (row, query tile) pairs: row b's tiles
+    start at program qsl[b] // BLOCK_Q + b, so every row gets at least its ceil(q_len / BLOCK_Q) programs and all
+    rows fit in T // BLOCK_Q + num_rows programs for T queries; the row is the count of rows starting at or before
+    the program, minus one (one vector load of the num_rows <= ROWS_PAD starts). A tile at or past its row's
+    queries is the caller's to skip."""
+    p = tl.program_id(0)
+    rows = tl.arange(0, ROWS_PAD)
+    starts = tl.load(qsl_ptr + rows, mask=rows < num_rows, other=2**30) // BLOCK_Q + rows
+    b = tl.sum((starts <= p).to(tl.int32), axis=0) - 1
+    return b, p - (tl.load(qsl_ptr + b) // BLOCK_Q + b)
+
+
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
@@ -277,11 +291,7 @@ def _attention_kernel(
     step has, the grid no longer holds rows x longest-row programs that return at once."""
     pdl_wait(PDL)
     if FLAT:
-        p = tl.program_id(0)
-        rows = tl.arange(0, ROWS_PAD)
-        starts = tl.load(qsl_ptr + rows, mask=rows < num_rows, other=2**30) // BLOCK_Q + rows
-        b = tl.sum((starts <= p).to(tl.int32), axis=0) - 1
-        q_tile = p - (tl.load(qsl_ptr + b) // BLOCK_Q + b)
+        b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
     else:
         b = tl.program_id(0)
         q_tile = tl.program_id(1)

@@ -31,7 +31,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
 # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels.attention import (_decode_splits, _merge_splits_kernel, _split_span,
-                                                 _tokens_per_split)
+                                                 _tokens_per_split, flat_row_tile)
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
@@ -251,12 +251,18 @@ def _mla_attention_kernel(
     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
     HAS_SCALE: tl.constexpr, PDL: tl.constexpr, PAGE: tl.constexpr, EVEN: tl.constexpr, OFF32: tl.constexpr,
+    num_rows=0, ROWS_PAD: tl.constexpr = 1,
 ):
     """PAGE: the cache's block size; EVEN: lora == BLOCK_L and rope == BLOCK_R (no column masks); OFF32: int32 row
-    offsets (the cache spans fewer than 2^31 elements). As in attention._attention_kernel."""
+    offsets (the cache spans fewer than 2^31 elements). As in attention._attention_kernel. Multi-query launches
+    (not DECODE) enumerate (row, query tile) pairs on axis 0 (attention.flat_row_tile: num_rows rows, ROWS_PAD
+    their power-of-two bound) instead of rows x the longest row's query tiles."""
     pdl_wait(PDL)
-    b = tl.program_id(0)
-    q_tile = tl.program_id(1)
+    if DECODE:
+        b = tl.program_id(0)
+        q_tile = 0
+    else:
+        b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
     head_tile = tl.program_id(2) // NUM_SPLITS
     split = tl.program_id(2) % NUM_SPLITS
 
@@ -401,7 +407,10 @@ def mla_latent_attention(
         part_m = part_l = part_acc = out
     row_align = 16 if all(st % 16 == 0 for st in kv_cache.stride()[:2]) else 1
     fp8 = _fp8_consts(kv_cache, kv_scale)
-    grid = (batch, 1 if decode else triton.cdiv(max_query_len, block_q), head_tiles * num_splits)
+    # decode: a program per sequence; else (row, query tile) pairs on axis 0 (flat_row_tile): at most
+    # T // block_q + batch of them, whatever the longest row
+    grid = (batch if decode else num_tokens // block_q + batch, 1, head_tiles * num_splits)
+    flat_args = {} if decode else dict(num_rows=batch, ROWS_PAD=triton.next_power_of_2(batch))
     _mla_attention_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
         part_m, part_l, part_acc, seq_lens if kv_scale is None else kv_scale, float(scale), lora, rope,
@@ -413,7 +422,7 @@ def mla_latent_attention(
         ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], PAGE=kv_cache.shape[1],
         EVEN=lora == block_l and rope == block_r, OFF32=attention._span(kv_cache) < attention.OFF32_LIMIT,
         num_warps=tile["num_warps"],
-        num_stages=num_stages, **pdl_args(q_lat.device),
+        num_stages=num_stages, **flat_args, **pdl_args(q_lat.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](  # out as the sinks: none (unread)
