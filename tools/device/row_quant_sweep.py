@@ -65,7 +65,7 @@ def copy_rate(dev: torch.device) -> float:
 
 
 def launches(kind: str, m: int, k: int, dev: torch.device):
-    """(inputs, bytes moved, launch(block, warps) -> (q, s)) of one kernel over m rows."""
+    """(launch(block, warps) -> (q, s), bytes one launch moves) of one kernel over m rows of k columns."""
     g = torch.Generator(device=dev).manual_seed(m + k)
     consts = fp8_consts(FP8)
     if kind == "quant_token":

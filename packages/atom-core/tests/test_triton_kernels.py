@@ -255,6 +255,25 @@ def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_seque
               TOL[torch.float32])
 
 
+def prefill_graph_layout(queries, tables, qsl, lens, block_size: int, bucket: int, rows: int):
+    """A step's attention inputs in the layout of atom-server's prefill graphs (prefill_graphs.py): `bucket` token
+    entries and `rows` rows; the step's rows first, then one padding row whose random queries fill the remaining
+    entries over its own keys (a zeroed table row: block 0), then rows without queries. Returns the padded query
+    tensors (each [T, ...] -> [bucket, ...]), block tables, query_start_loc and seq_lens."""
+    t, n = queries[0].shape[0], lens.shape[0]
+    pad = bucket - t
+    padded = [torch.cat([x, rand(pad, *x.shape[1:])]) for x in queries]
+    g_tables = torch.zeros(rows, max(tables.shape[1], triton.cdiv(pad, block_size)), dtype=torch.int32,
+                           device=DEVICE)
+    g_tables[:n, :tables.shape[1]] = tables
+    g_qsl = torch.full((rows + 1,), bucket, dtype=torch.int32, device=DEVICE)
+    g_qsl[:n + 1] = qsl
+    g_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    g_lens[:n] = lens
+    g_lens[n] = pad
+    return padded, g_tables, g_qsl, g_lens
+
+
 @pytest.mark.parametrize("name", ["prefill_prefix", "prefill_window_softcap", "prefill_head_dim_40_page_6"])
 def test_paged_attention_in_a_prefill_graphs_layout(name):
     """The layout of atom-server's prefill graphs (prefill_graphs.py): the step's rows, then one padding row whose
@@ -268,17 +287,9 @@ def test_paged_attention_in_a_prefill_graphs_layout(name):
                                                              torch.float32)
     scale = head_dim**-0.5
     want = paged_attention_impl(q, kc, vc, tables, qsl, lens, scale, window, softcap, max_q, max_l)
-    t, n = q.shape[0], len(q_lens)
-    bucket, rows = 64, 9  # entries and rows of the graph
-    pad = bucket - t
-    g_q = torch.cat([q, rand(pad, hq, head_dim)])
-    g_tables = torch.zeros(rows, max(tables.shape[1], triton.cdiv(pad, block_size)), dtype=torch.int32, device=DEVICE)
-    g_tables[:n, :tables.shape[1]] = tables
-    g_qsl = torch.full((rows + 1,), bucket, dtype=torch.int32, device=DEVICE)
-    g_qsl[:n + 1] = qsl
-    g_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
-    g_lens[:n] = lens
-    g_lens[n] = pad
+    t = q.shape[0]
+    bucket = 64
+    (g_q,), g_tables, g_qsl, g_lens = prefill_graph_layout([q], tables, qsl, lens, block_size, bucket, rows=9)
     got = paged_attention_impl(g_q, kc, vc, g_tables, g_qsl, g_lens, scale, window, softcap, bucket, 4096)
     assert torch.equal(got[:t], want)
     assert torch.isfinite(got[t:]).all()

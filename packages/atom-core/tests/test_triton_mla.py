@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_triton_kernels import DEVICE, DTYPES, LARGE, ON_GPU, TOL, check, rand, triton_op
+from test_triton_kernels import DEVICE, DTYPES, LARGE, ON_GPU, TOL, check, prefill_graph_layout, rand, triton_op
 
 import triton  # noqa: E402  (the module above skips this file without a GPU or the interpreter)
 from atom.ops import mla as ref_mla  # noqa: E402
@@ -311,19 +311,9 @@ def test_mla_latent_attention_in_a_padded_layout(name):
     q_nope, q_pe, cache, w, tables, qsl, lens, max_q, max_l, _ = _latent_case(ctx, q_lens, dims, torch.float32)
     scale = (dims["nope"] + dims["rope"]) ** -0.5
     want = _absorbed(q_nope, q_pe, cache, w, tables, qsl, lens, scale, max_q, max_l)
-    t, n = q_nope.shape[0], len(q_lens)
-    bucket, rows = 32, 7
-    pad = bucket - t
-    g_nope = torch.cat([q_nope, rand(pad, *q_nope.shape[1:])])
-    g_pe = torch.cat([q_pe, rand(pad, *q_pe.shape[1:])])
-    g_tables = torch.zeros(rows, max(tables.shape[1], triton.cdiv(pad, dims["block"])), dtype=torch.int32,
-                           device=DEVICE)
-    g_tables[:n, :tables.shape[1]] = tables
-    g_qsl = torch.full((rows + 1,), bucket, dtype=torch.int32, device=DEVICE)
-    g_qsl[:n + 1] = qsl
-    g_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
-    g_lens[:n] = lens
-    g_lens[n] = pad
+    t, bucket = q_nope.shape[0], 32
+    (g_nope, g_pe), g_tables, g_qsl, g_lens = prefill_graph_layout([q_nope, q_pe], tables, qsl, lens, dims["block"],
+                                                                   bucket, rows=7)
     got = _absorbed(g_nope, g_pe, cache, w, g_tables, g_qsl, g_lens, scale, bucket, 4096)
     assert torch.equal(got[:t], want)
     assert torch.isfinite(got[t:]).all()
