@@ -49,9 +49,9 @@ def size(paths):
 
 tree = subprocess.run("git ls-files -z --cached --others --exclude-standard", shell=True, capture_output=True).stdout
 tree_bytes = sum(os.path.getsize(f) for f in tree.decode().split("\0") if f and os.path.isfile(f))
-calls = {"call 1": [".carry/vllm/c1", ".carry/atom"],
-         "call 2": [".carry/vllm/c2", ".carry/vllm/deps", ".carry/vllm/vllm-trim.tar.xz.sha256"],
-         "call 3": [], "call 4": [".carry/vllm/c3"]}
+calls = {"call 1": [".carry/vllm/c1"],
+         "call 2": [".carry/vllm/c2", ".carry/vllm/deps", ".carry/vllm/vllm-trim.tar.xz.sha256", ".carry/atom"],
+         "call 3": [".carry/vllm/c1b", ".carry/vllm/c3"]}
 for call, paths in calls.items():
     mib = (tree_bytes + size(paths)) / 2**20
     print(f"{call}: working tree {tree_bytes / 2**20:.1f} MiB + carry {size(paths) / 2**20:.1f} MiB = {mib:.1f} MiB"

@@ -47,7 +47,7 @@ if [ -d .carry/vllm/deps ] && [ ! -f "$site/.atom-deps-done" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     .carry/vllm/deps/*.whl 2> >(grep -v "Target directory .* already exists" >&2) && touch "$site/.atom-deps-done"
 fi
-if [ -f .carry/vllm/c1/part-00 ] || [ -f .carry/vllm/c2/part-01 ] || ls .carry/atom/*.whl >/dev/null 2>&1; then
+if ls .carry/vllm/c*/part-* >/dev/null 2>&1 || ls .carry/atom/*.whl >/dev/null 2>&1; then
   source tools/device/setup_device.sh || echo "setup_device.sh: exit $? (vLLM not installed; see above)"
 fi
 # Source trees first (they win over carried atom wheels, whose dist-info only serves the vLLM entry point).
