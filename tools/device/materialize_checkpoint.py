@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -45,6 +46,17 @@ def is_bias(name: str) -> bool:
     return name.endswith("bias")
 
 
+def fill_tensor(name: str, t: torch.Tensor, index: int, router_scale: float, seed: int = 1234) -> bool:
+    """Overwrite one tensor in place (its own seed, seed + index); True when it is a router weight."""
+    if is_bias(name):
+        t.zero_()
+    elif t.is_floating_point():
+        gen = torch.Generator(device=t.device).manual_seed(seed + index)
+        t.uniform_(-(router_scale if is_router(name) else 1e-3), router_scale if is_router(name) else 1e-3,
+                   generator=gen)
+    return is_router(name)
+
+
 @torch.no_grad()
 def fill(model: torch.nn.Module, router_scale: float, seed: int = 1234) -> int:
     """Overwrite every parameter in place; returns how many router weights got router_scale.
@@ -54,15 +66,53 @@ def fill(model: torch.nn.Module, router_scale: float, seed: int = 1234) -> int:
     residual, which outgrew the token's own part (its +-1e-3 embedding) within two layers and sent a whole batch to
     the same few experts, as dummy weights do (CPU, gpt-oss-20b's widths: 6-8 of the 32 experts for 32 tokens from
     the third layer on, each token's top-4 sharing one expert; with these rules 31-32 in every layer)."""
-    routers = 0
-    for index, (name, p) in enumerate(model.named_parameters()):
-        gen = torch.Generator(device=p.device).manual_seed(seed + index)
-        bound = router_scale if is_router(name) else 1e-3
-        routers += is_router(name)
-        if is_bias(name):
-            p.zero_()
-        elif p.is_floating_point():
-            p.uniform_(-bound, bound, generator=gen)
+    return sum(fill_tensor(name, p, index, router_scale, seed)
+               for index, (name, p) in enumerate(model.named_parameters()))
+
+
+def _layer_of(name: str) -> int:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+@torch.no_grad()
+def write_layerwise(model: torch.nn.Module, out: str, router_scale: float, device: str) -> int:
+    """Write a meta-device model's checkpoint one decoder layer at a time: each layer's tensors are made on
+    `device`, filled (fill's rules, the same seeds: the index in named_parameters), turned into the hub's names
+    (transformers' revert_weight_conversion: fused experts back to one tensor an expert) and written as one
+    safetensors shard, then freed. Peak memory is one layer, not the model: save_pretrained on the GPU ran out of
+    memory for qwen3-30b-a3b (61 GB of bf16 and the per-expert copies of its conversion, 2026-12-06). Returns the
+    router count."""
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = list(model.named_parameters())
+    saved = set(model.state_dict())
+    # persistent buffers are in a checkpoint too (DeepSeek-V3's e_score_correction_bias): biases, so 0
+    buffers = [(name, b) for name, b in model.named_buffers() if name in saved]
+    if odd := [name for name, _ in buffers if not is_bias(name)]:
+        raise ValueError(f"persistent buffers without a fill rule: {odd[:4]}")
+    groups: dict[int, list[tuple[int, str, torch.Tensor]]] = {}
+    for index, (name, p) in enumerate(params + buffers):
+        groups.setdefault(_layer_of(name), []).append((index, name, p))
+    weight_map: dict[str, str] = {}
+    routers = total = 0
+    order = sorted(groups)
+    for n, layer in enumerate(order):
+        tensors = {}
+        for index, name, p in groups[layer]:
+            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            routers += fill_tensor(name, t, index, router_scale)
+            tensors[name] = t
+        shard = f"model-{n + 1:05d}-of-{len(order):05d}.safetensors"
+        reverted = {k: v.contiguous().cpu() for k, v in revert_weight_conversion(model, tensors).items()}
+        del tensors
+        save_file(reverted, os.path.join(out, shard), metadata={"format": "pt"})
+        for k, v in reverted.items():
+            weight_map[k] = shard
+            total += v.numel() * v.element_size()
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     return routers
 
 
@@ -88,22 +138,27 @@ def materialize(config_folder: str, out: str, router_scale: float = 1.0, device:
     hf_config = AutoConfig.from_pretrained(config_folder)
     if mxfp4:  # built in float, written with its experts quantized (the released gpt-oss layout)
         delattr(hf_config, "quantization_config")
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    routers = fill(model, router_scale)
-    if config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"):
-        if not routers:
-            raise ValueError(f"{config_folder}: an MoE config, but no router weight matched {ROUTER_SUFFIXES}")
+    moe = bool(config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"))
     os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # shards of an earlier fill or shape
+        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+            os.remove(os.path.join(out, name))
     if mxfp4:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        routers = fill(model, router_scale)
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         import quantize_mxfp4
 
         float_config = {k: v for k, v in config.items() if k != "quantization_config"}
         quantize_mxfp4.write_checkpoint(model.state_dict().items(), float_config, out)
+        del model
     else:
-        model.save_pretrained(out, max_shard_size="5GB")
-    del model
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        routers = write_layerwise(model, out, router_scale, device)
+    if moe and not routers:
+        raise ValueError(f"{config_folder}: an MoE config, but no router weight matched {ROUTER_SUFFIXES}")
     for name in os.listdir(config_folder):  # the tokenizer files, and the preset's own config
         if name.startswith("tokenizer") or name.endswith(".jinja") or name == "config.json":
             shutil.copy(os.path.join(config_folder, name), out)

@@ -370,6 +370,23 @@ def test_throughput_refuses_negative_warmup_runs(capsys):
     assert "--warmup-runs must be >= 0" in capsys.readouterr().err
 
 
+def test_bench_materializes_moe_shapes_that_vllm_runs():
+    """bench_vs_vllm.py --materialize auto (the default): one random checkpoint for an MoE shape whenever a vLLM
+    engine runs it (its dummy routers sent a whole batch to a few experts: 153% of the roofline), dummy weights for
+    dense shapes and for ATOM against ATOM; on / off force it."""
+    from atom_server.bench import PRESETS
+
+    bench = _bench_vs_vllm_module()
+    moe, dense = PRESETS["qwen3-30b-a3b"], PRESETS["qwen3-8b"]
+    assert bench.wants_materialize("auto", moe, ["vllm", "atom"])
+    assert bench.wants_materialize("auto", PRESETS["deepseek-v2-lite"], ["atom-vllm"])
+    assert not bench.wants_materialize("auto", moe, ["atom", "atom-alt"])
+    assert not bench.wants_materialize("auto", dense, ["vllm", "atom"])
+    assert bench.wants_materialize("on", dense, ["atom"]) and not bench.wants_materialize("off", moe, ["vllm"])
+    assert bench.parse_args(["--materialize"]).materialize == "on"
+    assert bench.parse_args([]).materialize == "auto"
+
+
 def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
     """tools/device/materialize_checkpoint.py (bench_vs_vllm.py --materialize): one random MoE checkpoint on disk,
     routers at their own scale, in the hub's tensor names: ATOM's greedy tokens on it equal transformers'."""
@@ -387,15 +404,17 @@ def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
     out = mat.materialize(str(tmp_path / "cfg"), str(tmp_path / "ckpt"), router_scale=0.5, device="cpu")
     files = [f for f in (tmp_path / "ckpt").iterdir() if f.suffix == ".safetensors"]
     routers = other = 0.0
-    for f in files:
+    keys = []
+    for f in files:  # one shard a decoder layer, one for the rest
         with safe_open(str(f), "pt") as st:
+            keys += st.keys()
             for key in st.keys():
                 amax = st.get_tensor(key).abs().max().item()
                 if key.endswith("mlp.gate.weight"):
                     routers = max(routers, amax)
                 else:
                     other = max(other, amax)
-            assert any(".experts.0.gate_proj.weight" in k for k in st.keys())  # the hub's per-expert names
+    assert len(files) == 3 and any(".experts.0.gate_proj.weight" in k for k in keys)  # the hub's per-expert names
     assert 0.4 < routers <= 0.5 and other <= 1e-3
     prompts = [[5, 17, 33, 2, 90], [7, 7, 8]]
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
