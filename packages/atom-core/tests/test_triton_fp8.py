@@ -139,13 +139,17 @@ def test_token_quantization_of_rows_longer_than_a_block(monkeypatch, row_block_m
 
 
 def test_token_quantization_with_the_large_row_launch(monkeypatch):
-    """ATOM_FP8_ROW_TILE_LARGE (min_rows:block:num_warps): from min_rows rows the row kernels take that launch (two
-    passes where the block is shorter than the row) and write the reference's codes; fewer rows keep the whole-row
-    launch; malformed values are refused naming the variable."""
+    """ATOM_FP8_ROW_TILE_LARGE (min_rows:block:num_warps; unset: 2,048 rows, BLOCK 4,096, 8 warps; off: none): from
+    min_rows rows the row kernels take that launch (two passes where the block is shorter than the row) and write the
+    reference's codes; fewer rows keep the whole-row launch; malformed values are refused naming the variable."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     monkeypatch.setenv("ATOM_FP8_ROW_TILE_LARGE", "4096:2048:8")
     assert tk._env_row_tile_large() == (4096, 2048, 8)
+    monkeypatch.setenv("ATOM_FP8_ROW_TILE_LARGE", "off")
+    assert tk._env_row_tile_large() is None
+    monkeypatch.delenv("ATOM_FP8_ROW_TILE_LARGE")
+    assert tk._env_row_tile_large() == tk.ROW_TILE_LARGE_DEFAULT == (2048, 4096, 8)
     for bad in ("4096:2048", "0:2048:8", "4096:3000:8", "4096:2048:3", "a:b:c", f"1:{2 * tk.ROW_BLOCK_MAX}:4"):
         monkeypatch.setenv("ATOM_FP8_ROW_TILE_LARGE", bad)
         with pytest.raises(ValueError, match="ATOM_FP8_ROW_TILE_LARGE"):
@@ -531,6 +535,9 @@ def test_fp8_gemm_tile_block_k(path, layout):
     m = 3 if path == "swap" else 40
     tile = {"block_k": 256}
     assert tk._k_step(tile, 128, block is not None) == (128 if block else 256)
+    if tk.SWAP_TILE_OVERRIDE is None and not tk.TILE_RULES.get("swap"):  # the built-in: SWAP_CHANNEL_TILE
+        built_in = tk._swap_tile(m, 4096, 4096, 128, dev, block is not None)
+        assert (built_in["block_k"], built_in["num_stages"]) == ((128, 5) if block else (256, 3))
     saved = tk.SWAP_TILE_OVERRIDE, tk.GEMM_TILE_OVERRIDE
     try:
         tk.SWAP_TILE_OVERRIDE, tk.GEMM_TILE_OVERRIDE = tile, {**tk._gemm_table_tile(m), **tile}

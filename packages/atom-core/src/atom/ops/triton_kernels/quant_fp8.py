@@ -124,9 +124,14 @@ def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: t
 ROW_BLOCK_MAX = 16384
 
 
+ROW_TILE_LARGE_DEFAULT = (2048, 4096, 8)
+
+
 def _env_row_tile_large() -> tuple[int, int, int] | None:
     raw = os.environ.get("ATOM_FP8_ROW_TILE_LARGE", "").strip()
     if not raw:
+        return ROW_TILE_LARGE_DEFAULT
+    if raw.lower() in ("0", "off", "none"):
         return None
     try:
         rows, block, warps = (int(v) for v in raw.split(":"))
@@ -142,8 +147,12 @@ def _env_row_tile_large() -> tuple[int, int, int] | None:
 # from min_rows rows up: (min_rows, BLOCK, num_warps), None: row_block's whole-row launch at every row count. That
 # launch is the decode's (latency: a few rows); at a prefill's thousands of rows it holds one program an SM and ran
 # at 43-45% of the copy rate (H100, 2026-12-05 profile, KERNEL_NOTES stop 51), where a BLOCK below the row length
-# (the kernels' two-pass loop: the second read mostly from L2) lets several programs share an SM. Not yet measured:
-# tools/device/row_quant_sweep.py sweeps it, ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps sets it per process.
+# (the kernels' two-pass loop: the second read mostly from L2) lets several programs share an SM.
+# tools/device/row_quant_sweep.py (H100, 2026-12-06, bit-identical codes): SiLU-and-mul + quant of 12,288 columns
+# 753 -> 462 us at 16,384 rows and 212 -> 145 us at 4,096 with BLOCK 4,096 and 8 warps (the per-token quant of
+# 4,096 columns keeps its launch: 4,096 / 8 is already its whole row); the engine's batch-128 FP8 run 0.99x [0.99-
+# 1.00x] against it, 3 rounds (ATOM_FP8_ROW_TILE_LARGE=2048:4096:8 as the alt). Hence the default from 2,048 rows;
+# ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps sets another per process, =off the whole-row launch everywhere.
 ROW_TILE_LARGE = _env_row_tile_large()
 
 
@@ -814,11 +823,21 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
+# The swap-AB tile of per-channel / per-tensor weights (no K blocks), where no override or rule names one: K steps
+# of 256 in 3 stages. fp8_tiles.py (H100, 2026-12-06, qwen3-8b's four linears, per channel): 90.2 -> 88.4 us a
+# layer at 1 row, 92.6 -> 90.9 at 32, the best of 33 tiles at both; the engine with them (3 rounds, FP8 + FP8 KV):
+# batch 1 3.73 -> 3.71 ms a step in every round, batch 32 4.45 -> 4.40 (0.98-1.01x by tok/s). Block-scaled
+# weights keep their scale block's K step and 5 stages.
+SWAP_CHANNEL_TILE = {"block_k": 256, "num_stages": 3}
+
+
 def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device, block_scales: bool = False) -> dict:
     """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
-    padded to a power of two >= 16, K steps of 128 (or a tile's block_k, _k_step); split K until about two programs
-    per SM stream weights (>= 4 K steps each)."""
-    tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or {})
+    padded to a power of two >= 16, K steps of 128 (or a tile's block_k, _k_step; SWAP_CHANNEL_TILE's 256 for
+    weights without K blocks); split K until about two programs per SM stream weights (>= 4 K steps each)."""
+    tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or None)
+    if tile is None:
+        tile = {} if block_scales else dict(SWAP_CHANNEL_TILE)
     tile["block_k"] = block_k = _k_step(tile, block_k, block_scales)
     tile.setdefault("tma", TMA if TMA is not None else m > 1)
     tile.setdefault("fast_acc", FAST_ACC)
