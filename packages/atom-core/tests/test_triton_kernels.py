@@ -351,9 +351,10 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
 
 
 def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
-    """A tiny Qwen3 (qk-norm, rope) on the Triton kernels through PagedHarness: its decode steps take the fused
-    prep (counted) and give the logits and KV caches of the model with qk_norm_rope_cache as its own kernel
-    (ATOM_ATTN_FUSED_DECODE_PREP=0's path): bit for bit under the interpreter, within bf16 tolerance on a GPU."""
+    """A tiny Qwen3 (qk-norm, rope; KV heads serving 4 query heads) on the Triton kernels through PagedHarness: under
+    the default rule its decode steps take the fused prep (counted) and give the logits and KV caches of the model
+    with qk_norm_rope_cache as its own kernel (ATOM_ATTN_FUSED_DECODE_PREP=0's path): bit for bit under the
+    interpreter, within bf16 tolerance on a GPU."""
     import sys
 
     import transformers
@@ -366,7 +367,7 @@ def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
     from atom.ops import registry
     from atom.ops.triton_kernels import attention as tk
 
-    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
                                       num_key_value_heads=2, head_dim=16, intermediate_size=96,
                                       max_position_embeddings=64)
     torch.manual_seed(0)
@@ -382,7 +383,7 @@ def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "paged_attention_impl", counting)
 
-    def run(fused: bool):
+    def run(fused: bool | None):
         monkeypatch.setattr(layers_attn, "FUSED_DECODE_PREP", fused)
         registry.forget_resolutions()
         model, _ = load_model(str(tmp_path), dtype="bfloat16", device=DEVICE, progress=False)
@@ -397,13 +398,38 @@ def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
 
     want, want_caches = run(False)
     assert not any(fused_calls)
-    got, got_caches = run(True)
+    got, got_caches = run(None)  # the default rule: KV heads serving 4 query heads, 2-row decode steps: fused
     assert sum(fused_calls) == 3 * 2, fused_calls  # every decode step, both layers; the prefill is not fused
     if ON_GPU:
         check("qwen3 decode prep fused", got, want, TOL[torch.bfloat16])
     else:
         assert torch.equal(got, want)
         assert all(torch.equal(a, b) for pa, pb in zip(got_caches, want_caches) for a, b in zip(pa, pb))
+
+
+def test_fused_decode_prep_rule():
+    """fuses_decode: by default (ATOM_ATTN_FUSED_DECODE_PREP unset) the prep runs inside the attention kernel at
+    decode steps of at most 32 rows in layers whose KV heads serve 4+ query heads and that have no sinks (measured:
+    qwen3-8b's groups of 4 gained at batch 1 / 32, qwen3-0.6b's groups of 2 and batch 128 lost); =1 at every decode
+    step, =0 never (no fused launcher at all); any other value is refused naming the variable."""
+    import subprocess
+    import sys
+
+    from atom.layers import attention as layers_attn
+
+    rule = layers_attn.fuses_decode
+    assert rule(32, 8, 1) and rule(32, 4, 32)
+    assert not rule(32, 8, 33) and not rule(16, 8, 1) and not rule(64, 8, 1, sinks=True)
+    assert rule(16, 8, 128, mode=True) and rule(64, 8, 1, sinks=True, mode=True)
+    assert not rule(32, 8, 1, mode=False)
+    probe = "import atom.layers.attention as a; print(a.FUSED_DECODE_PREP)"
+    for raw, want in (("", "None"), ("1", "True"), ("0", "False")):
+        env = {**os.environ, "ATOM_ATTN_FUSED_DECODE_PREP": raw}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == want, (raw, out.stderr[-500:])
+    env = {**os.environ, "ATOM_ATTN_FUSED_DECODE_PREP": "yes"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "ATOM_ATTN_FUSED_DECODE_PREP" in out.stderr
 
 
 def test_decode_split_count_follows_the_programs_an_sm_aims_for(monkeypatch):

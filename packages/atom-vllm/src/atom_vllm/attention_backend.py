@@ -19,14 +19,15 @@ slot -1, which write nothing and attend to nothing); the graph is captured at ma
 ATOM's decode kernel splits each sequence's own keys, so one capture serves every context. Other batches run
 the op eagerly between vLLM's piecewise graphs.
 
-Fused decode prep (ATOM_ATTN_FUSED_DECODE_PREP=1, off by default; atom-server's switch of the same name): at a
+Fused decode prep (atom.layers.attention's rule: decode steps of at most 32 rows in layers whose KV heads serve 4+
+query heads, no sinks; ATOM_ATTN_FUSED_DECODE_PREP=1 every decode step, =0 none; atom-server's switch): at a
 pure decode step (max_query_len 1, one token a sequence) ATOM's Triton attention kernel does the work of the
 qk_norm_rope_cache op itself (q/k RMS-norm, rope, the K/V write; `paged_attention_impl(prep=DecodePrep)`), one
 launch a layer less. The model's prep op (atom_vllm::norm_rope_write, inside vLLM's compiled pieces) then
 launches nothing: it stashes the raw q and the prep's arguments on this layer's impl and returns a placeholder
 of q's shape, which vLLM's attention op (`forward`) hands back; `forward` takes the stash (checked to be this
 step's) and runs the fused kernel. Both ops decide alike from the same forward context: Triton resolved for
-both ops, metadata present, max_query_len 1, tokens == sequences, and not a piecewise CUDA graph (there the prep
+both ops, metadata present, max_query_len 1, tokens == sequences, the rule, and not a piecewise CUDA graph (there the prep
 op is replayed from its capture without Python, so it must keep its own kernel). Full CUDA graphs of uniform
 decode batches capture the fused kernel (padded rows: seq_len 0, slot -1). Every other step runs the two ops.
 """
@@ -165,6 +166,7 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         # ATOM_ATTN_FUSED_DECODE_PREP (atom.layers.attention): decode steps run the prep inside the attention
         # kernel, where both ops are the Triton kernels it merges (atom-server's condition)
         self._fused_attend = core_attention.fused_decode_attend(self._attend, self._prep)
+        self._fused_mode = core_attention.FUSED_DECODE_PREP  # which decode steps use it (fuses_decode)
         self._stash: tuple | None = None  # (metadata, raw q, DecodePrep) from norm_rope_write to forward
         self.fused_decode_steps = 0  # forward calls that ran the fused kernel (tests, logs)
 
@@ -222,6 +224,8 @@ class AtomAttentionImpl(AttentionImpl[AtomAttentionMetadata]):
         forward: both read the step's forward context)."""
         return (self._fused_attend is not None and md is not None and kv_cache.numel() > 0
                 and md.max_query_len == 1 and md.num_actual_tokens == md.seq_lens.shape[0]
+                and core_attention.fuses_decode(self.num_heads, self.num_kv_heads, md.num_actual_tokens,
+                                                self.sinks is not None, self._fused_mode)
                 and not _in_piecewise_cudagraph())
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

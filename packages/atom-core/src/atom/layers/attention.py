@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,22 +142,39 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
                                       inputs.window_slot_mapping, inputs.window_block_tables)
 
 
-# ATOM_ATTN_FUSED_DECODE_PREP=1: at decode the attention kernel does qk_norm_rope_cache's work itself (one
-# launch a layer less; atom.ops.triton_kernels.attention's PREP). Off by default: on the H200 it gained 1-3% on
-# qwen3-8b at batch 1 / 32 and lost 3-6% on qwen3-0.6b (BENCHMARKS.md, stop 39). Read by atom-server's
-# PagedAttention and atom-vllm's attention backend alike.
-FUSED_DECODE_PREP = env_flag("ATOM_ATTN_FUSED_DECODE_PREP", False)
+# The decode prep inside the attention kernel: at decode the attention kernel does qk_norm_rope_cache's work
+# itself (one launch a layer less; atom.ops.triton_kernels.attention's PREP). Measured on the H200 (BENCHMARKS.md,
+# stops 39-40; 3 interleaved rounds, bf16): qwen3-8b (32 query heads a KV head's 8: groups of 4) gained 60 us a step
+# at batch 1 and 32 in every round in atom-server (0.97x / 0.99x) and 1.4% / 0.7% in vLLM+ATOM, and lost ~1% at 128;
+# qwen3-0.6b (groups of 2) lost 3-6% at every batch (inside the fused kernel with groups of 2, attn_decode_bench.py).
+# Hence the default rule (None, "auto"): fused for decode steps of at most FUSED_PREP_MAX_ROWS rows in layers whose
+# KV heads serve at least FUSED_PREP_MIN_GROUP query heads. ATOM_ATTN_FUSED_DECODE_PREP=1 fuses every decode step,
+# =0 none. Read by atom-server's PagedAttention and atom-vllm's attention backend alike.
+FUSED_DECODE_PREP: bool | None = (None if os.environ.get("ATOM_ATTN_FUSED_DECODE_PREP", "").strip() == ""
+                                  else env_flag("ATOM_ATTN_FUSED_DECODE_PREP", False))
+FUSED_PREP_MAX_ROWS = 32
+FUSED_PREP_MIN_GROUP = 4
 
 
 def fused_decode_attend(attend, prep):
     """The launcher of the attention kernel that does the decode prep itself (`paged_attention_impl`, taking
-    `prep=DecodePrep(...)`) when ATOM_ATTN_FUSED_DECODE_PREP is on and both resolved ops, `paged_attention` and
-    `qk_norm_rope_cache`, are the Triton kernels it merges; else None."""
-    if not FUSED_DECODE_PREP or any(getattr(impl_of(op), "backend", None) != "triton" for op in (attend, prep)):
+    `prep=DecodePrep(...)`) unless ATOM_ATTN_FUSED_DECODE_PREP=0, where both resolved ops, `paged_attention` and
+    `qk_norm_rope_cache`, are the Triton kernels it merges; else None. Whether a step uses it: fuses_decode."""
+    if FUSED_DECODE_PREP is False or any(getattr(impl_of(op), "backend", None) != "triton" for op in (attend, prep)):
         return None
     from atom.ops.triton_kernels import attention as triton_attention  # Triton is importable: resolved
 
     return triton_attention.paged_attention_impl
+
+
+def fuses_decode(num_heads: int, num_kv_heads: int, rows: int, sinks: bool = False,
+                 mode: bool | None = None) -> bool:
+    """Whether a pure decode step of `rows` rows runs its prep inside the attention kernel (where the layer has
+    the fused launcher). mode: FUSED_DECODE_PREP as the layer saw it when built; True (=1) always, else the
+    measured rule, which leaves out layers with attention sinks (GPT-OSS: not among the measured shapes)."""
+    if mode is not None:
+        return mode
+    return not sinks and rows <= FUSED_PREP_MAX_ROWS and num_heads >= FUSED_PREP_MIN_GROUP * num_kv_heads
 
 
 class PagedAttention(nn.Module):
@@ -189,6 +207,7 @@ class PagedAttention(nn.Module):
         # decode steps: the attention kernel does the prep's work itself (one launch a layer less), where both
         # ops are the Triton kernels it merges
         self._fused_attend = fused_decode_attend(self._attend, self._prep)
+        self._fused_mode = FUSED_DECODE_PREP  # which decode steps use it (fuses_decode)
         # the Triton kernel's launcher, which can also store each output row's per-head maxima (rowmax_attend)
         self._rowmax_attend = None
         if getattr(impl_of(self._attend), "backend", None) == "triton":
@@ -263,9 +282,10 @@ class PagedAttention(nn.Module):
         cache = self.kv_cache
         slots, tables = self._slots_and_tables(md)
         # not under torch.compile: the fused launch is a plain function, not a custom op dynamo can keep opaque
+        s = self.spec
         if (self._fused_attend is not None and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
+                and fuses_decode(s.num_heads, s.num_kv_heads, q.shape[0], self.sinks is not None, self._fused_mode)
                 and not torch.compiler.is_compiling()):
-            s = self.spec
             maxima = self._rowmax(q.shape[0], q.dtype)
             out = self._fused_attend(
                 q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,

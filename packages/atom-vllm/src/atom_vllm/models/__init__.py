@@ -160,7 +160,7 @@ class VllmCausalLM:
         elif factories["attn_factory"].backend_cls is not None:
             attention = "vLLM's Attention layer running ATOM's kernels"
             if any(getattr(getattr(m, "impl", None), "_fused_attend", None) is not None for m in self.modules()):
-                attention += ", decode prep inside the attention kernel (ATOM_ATTN_FUSED_DECODE_PREP=1)"
+                attention += ", decode prep inside the attention kernel where ATOM_ATTN_FUSED_DECODE_PREP's rule says"
         else:
             attention = "vLLM's Attention layer on vLLM's backend"
         logger.info("ATOM built %s.%s (TP %d/%d, kernel backend %s, attention: %s)", type(self).__module__,
