@@ -87,6 +87,11 @@ def write_layerwise(model: torch.nn.Module, out: str, router_scale: float, devic
     from transformers.core_model_loading import revert_weight_conversion
 
     params = list(model.named_parameters())
+    need = sum(p.numel() * p.element_size() for _, p in params)
+    free = shutil.disk_usage(out).free
+    if need + (1 << 30) > free:  # refuse before writing: a full disk half-way costs a device call
+        raise OSError(f"{out}: the checkpoint needs {need / 2**30:.1f} GiB, the disk has {free / 2**30:.1f} GiB free "
+                      "(1 GiB kept spare)")
     saved = set(model.state_dict())
     # persistent buffers are in a checkpoint too (DeepSeek-V3's e_score_correction_bias): biases, so 0
     buffers = [(name, b) for name, b in model.named_buffers() if name in saved]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -385,6 +386,25 @@ def test_bench_materializes_moe_shapes_that_vllm_runs():
     assert bench.wants_materialize("on", dense, ["atom"]) and not bench.wants_materialize("off", moe, ["vllm"])
     assert bench.parse_args(["--materialize"]).materialize == "on"
     assert bench.parse_args([]).materialize == "auto"
+
+
+def test_materialize_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    """materialize_checkpoint.py counts the checkpoint's bytes before writing: short of them (+1 GiB) it refuses,
+    naming both, and writes no shard (a full disk half-way through 57 GiB of qwen3-30b-a3b costs a device call)."""
+    import collections
+
+    from transformers import Qwen3MoeConfig
+
+    mat = _make_table_module("materialize_checkpoint")
+    Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, max_position_embeddings=128, architectures=["Qwen3MoeForCausalLM"]
+                   ).save_pretrained(tmp_path / "cfg")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(mat.shutil, "disk_usage", lambda path: usage(2 << 30, 1 << 30, 1 << 30))
+    with pytest.raises(OSError, match=r"needs 0\.0 GiB, the disk has 1\.0 GiB free"):
+        mat.materialize(str(tmp_path / "cfg"), str(tmp_path / "ckpt"), device="cpu")
+    assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".safetensors")]
 
 
 def test_materialized_checkpoint_loads_in_atom_like_transformers(tmp_path):
