@@ -144,9 +144,10 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 
 # The decode prep inside the attention kernel: at decode the attention kernel does qk_norm_rope_cache's work
 # itself (one launch a layer less; atom.ops.triton_kernels.attention's PREP). Measured on the H200 (BENCHMARKS.md,
-# stops 39-40; 3 interleaved rounds, bf16): qwen3-8b (32 query heads a KV head's 8: groups of 4) gained 60 us a step
-# at batch 1 and 32 in every round in atom-server (0.97x / 0.99x) and 1.4% / 0.7% in vLLM+ATOM, and lost ~1% at 128;
-# qwen3-0.6b (groups of 2) lost 3-6% at every batch (inside the fused kernel with groups of 2, attn_decode_bench.py).
+# 2026-12-04's two A/Bs; 3 interleaved rounds, bf16): qwen3-8b (32 query heads over 8 KV heads: groups of 4)
+# gained 60 us a step at batch 1 and 32 in every round in atom-server (0.97x / 0.99x) and 1.4% / 0.7% in
+# vLLM+ATOM, and lost ~1% at 128; qwen3-0.6b (groups of 2) lost 3-6% at every batch (inside the fused kernel with
+# groups of 2, attn_decode_bench.py). Not yet measured over FP8 caches or on other shapes.
 # Hence the default rule (None, "auto"): fused for decode steps of at most FUSED_PREP_MAX_ROWS rows in layers whose
 # KV heads serve at least FUSED_PREP_MIN_GROUP query heads. ATOM_ATTN_FUSED_DECODE_PREP=1 fuses every decode step,
 # =0 none. Read by atom-server's PagedAttention and atom-vllm's attention backend alike.
