@@ -188,6 +188,26 @@ def test_device_table_markdown():
     assert "NVIDIA H200" in text and "timed out after 240 s" in text and "no 'ATOM built' line" in text
 
 
+def test_device_table_flags_steps_faster_than_the_roofline():
+    """A decode step more than 5% under its roofline read less than the workload needs (vLLM's qwen3-30b-a3b FP8
+    batches under dummy routers, 144-153%, 2026-12-06): the table's problems name the engine, batch and share, and
+    point MoE shapes at --materialize; a step at 74% is not flagged."""
+    from atom_server.bench import PRESETS
+
+    mt = _make_table_module()
+    roof = mt.roofline_ms(PRESETS["qwen3-30b-a3b"], 32, 192, 3000.0)
+
+    def rep(step):
+        return dict(runs=[dict(batch_size=32, input_len=128, output_len=128, output_tok_s=1000.0, ms_per_step=step)])
+
+    bench = dict(shape="qwen3-30b-a3b", device="NVIDIA H100", bandwidth_gbps=3000.0, date="2026-12-06",
+                 dtype="bfloat16", config=PRESETS["qwen3-30b-a3b"], command="bash tools/device/bench_vs_vllm.sh",
+                 engines=dict(atom=rep(roof / 0.74), vllm=rep(roof / 1.53)))
+    text = mt.markdown([bench])
+    flagged = [line for line in text.splitlines() if "of the roofline, fewer bytes" in line]
+    assert len(flagged) == 1 and "vLLM batch 32: 153%" in flagged[0] and "--materialize" in flagged[0]
+
+
 def test_device_table_pairs_atom_alt_by_round():
     """bench_vs_vllm.py's atom-alt / atom-alt2 engines (ATOM with --alt-env / --alt2-env): ATOM / alt per round,
     a table each."""
