@@ -15,7 +15,7 @@ mkdir -p $S $SA /tmp/chunks
 rm -rf $S/atom $S/atom_server $S/atom_vllm $S/atom_core-*.dist-info $S/atom_server-*.dist-info \
   $S/atom_vllm-*.dist-info  # an older setup installed them beside vLLM
 if [ ! -f $S/vllm/__init__.py ]; then  # every carried piece of vLLM's tarball, whichever call carried it
-  for f in .carry/vllm/c*/part-*; do [ -f "$f" ] && cp -n "$f" /tmp/chunks/; done
+  for f in .carry/vllm/c*/part-*; do [ -f "$f" ] && [ ! -f "/tmp/chunks/${f##*/}" ] && cp "$f" /tmp/chunks/; done
   [ -f .carry/vllm/vllm-trim.tar.xz.sha256 ] && cp .carry/vllm/vllm-trim.tar.xz.sha256 /tmp/chunks/SHA256
 fi
 if ls .carry/atom/*.whl >/dev/null 2>&1; then
@@ -35,7 +35,8 @@ if [ ! -f $S/vllm/__init__.py ] && [ -f /tmp/chunks/SHA256 ] && ls /tmp/chunks/p
     cat /tmp/chunks/part-* | python3 -c "import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$S', filter='fully_trusted')"
     rm -f /tmp/chunks/part-*  # 99 MB of disk back; /tmp/site/vllm marks the install as done
   else
-    echo "setup: vLLM not complete yet; pieces here: $(cd /tmp/chunks && ls part-* | tr '\n' ' ')(carry the rest: .carry/vllm/c*)"
+    echo "setup: vLLM not complete yet; pieces here: $(cd /tmp/chunks && ls part-* | tr '\n' ' ')" \
+      "(carry the rest: .carry/vllm/c*)"
   fi
 fi
 if ls .carry/vllm/serve/*.whl >/dev/null 2>&1 && [ -f $S/vllm/__init__.py ]; then  # `vllm serve`'s extra imports

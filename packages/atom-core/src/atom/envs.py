@@ -19,8 +19,9 @@ def env_int(name: str, default: int, most: int, unit: str) -> int:
     return value
 
 
-def env_flag(name: str, default: bool) -> bool:
-    """A 0 / 1 switch from the environment (unset: default); anything else is refused naming it."""
+def env_flag(name: str, default: bool | None) -> bool | None:
+    """A 0 / 1 switch from the environment (unset: default, which may be None for "decided elsewhere"); anything
+    else is refused naming it."""
     raw = os.environ.get(name, "").strip()
     if raw not in ("", "0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")

@@ -27,8 +27,8 @@ launch a layer less. The model's prep op (atom_vllm::norm_rope_write, inside vLL
 launches nothing: it stashes the raw q and the prep's arguments on this layer's impl and returns a placeholder
 of q's shape, which vLLM's attention op (`forward`) hands back; `forward` takes the stash (checked to be this
 step's) and runs the fused kernel. Both ops decide alike from the same forward context: Triton resolved for
-both ops, metadata present, max_query_len 1, tokens == sequences, the rule, and not a piecewise CUDA graph (there the prep
-op is replayed from its capture without Python, so it must keep its own kernel). Full CUDA graphs of uniform
+both ops, metadata present, max_query_len 1, tokens == sequences, the rule, and not a piecewise CUDA graph (there
+the prep op is replayed from its capture without Python, so it must keep its own kernel). Full CUDA graphs of uniform
 decode batches capture the fused kernel (padded rows: seq_len 0, slot -1). Every other step runs the two ops.
 """
 

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,8 +150,7 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 # Hence the default rule (None, "auto"): fused for decode steps of at most FUSED_PREP_MAX_ROWS rows in layers whose
 # KV heads serve at least FUSED_PREP_MIN_GROUP query heads. ATOM_ATTN_FUSED_DECODE_PREP=1 fuses every decode step,
 # =0 none. Read by atom-server's PagedAttention and atom-vllm's attention backend alike.
-FUSED_DECODE_PREP: bool | None = (None if os.environ.get("ATOM_ATTN_FUSED_DECODE_PREP", "").strip() == ""
-                                  else env_flag("ATOM_ATTN_FUSED_DECODE_PREP", False))
+FUSED_DECODE_PREP: bool | None = env_flag("ATOM_ATTN_FUSED_DECODE_PREP", None)
 FUSED_PREP_MAX_ROWS = 32
 FUSED_PREP_MIN_GROUP = 4
 
