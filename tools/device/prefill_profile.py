@@ -48,7 +48,8 @@ def one_config(label: str, preset: str, engine_args: dict, bs: int, input_len: i
                 skip_tokenizer_init=True)
     args.update(engine_args)
     t = time.perf_counter()
-    llm = LLM(model, load_format="dummy", seed=0, **args)
+    # a preset: random weights (dummy); a folder: its own weights (e.g. materialize_checkpoint.py's)
+    llm = LLM(model, load_format="dummy" if preset in PRESETS else "auto", seed=0, **args)
     init_s = time.perf_counter() - t
     eng = llm.llm_engine
     vocab = eng.runner.vocab_size
