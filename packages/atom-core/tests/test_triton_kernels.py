@@ -689,6 +689,38 @@ def test_moe_align_kernel_matches_the_torch_path(monkeypatch, experts, block_m, 
     assert torch.equal(flat[real], flat[real].sort(stable=True).values)
 
 
+def test_moe_sum_topk_over_several_column_blocks():
+    """The top-k sum's programs, one token's column blocks after another: each token's rows weighted and summed in
+    float32 into its own output row, every column of a hidden size that is two 256-column blocks and a part, and
+    pairs of id -1 left out."""
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    tokens, top_k, hidden = 5, 3, 600
+    y = rand(tokens * top_k, hidden, dtype=torch.bfloat16)
+    ids = torch.randint(0, 4, (tokens, top_k), device=DEVICE)
+    ids[1, 2] = -1
+    weights = torch.rand(tokens * top_k, device=DEVICE)
+    got = tk_moe._sum_topk(y, ids.reshape(-1).contiguous(), tokens, top_k, torch.float32, weights)
+    keep = (ids.reshape(-1) >= 0).float()[:, None]
+    ref = (y.float() * (weights[:, None] * keep)).reshape(tokens, top_k, hidden).sum(1)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks,e_pad", [(2, 8), (600, 256)])
+def test_moe_align_scan_kernel_matches_torch_cumsum(chunks, e_pad):
+    """The chunk scan of the "scan" path: an exclusive prefix over the chunks (row 0 zeros, the totals last) equal
+    to torch.cumsum's, across several 256-chunk tiles (the running total carried between them) and one."""
+    from atom.ops.triton_kernels import moe as tk_moe
+
+    counts = torch.randint(0, 65, (chunks, e_pad), dtype=torch.int32, device=DEVICE)
+    scan = torch.full((chunks + 1, e_pad), -7, dtype=torch.int32, device=DEVICE)
+    block_e = min(e_pad, 16)
+    tk_moe._align_scan_kernel[(e_pad // block_e,)](counts, scan, chunks, E_PAD=e_pad, BLOCK_E=block_e, ROWS=256,
+                                                   PDL=False)
+    ref = torch.cat([torch.zeros(1, e_pad, dtype=torch.int64, device=DEVICE), counts.long().cumsum(0)])
+    assert torch.equal(scan.long(), ref)
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("is_neox,partial", [(True, False), (False, True)])

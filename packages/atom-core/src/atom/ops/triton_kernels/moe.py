@@ -126,10 +126,31 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, padded_end_ptr, num
     tl.store(sorted_ids_ptr + base + earlier, idx, mask=(idx < num_pairs) & (ids >= 0))
 
 
+@triton.jit
+def _align_scan_kernel(counts_ptr, scan_ptr, num_chunks, E_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                       ROWS: tl.constexpr, PDL: tl.constexpr):
+    """scan[0] = 0, scan[c + 1] = counts[0] + ... + counts[c] for BLOCK_E experts' columns of the per-chunk
+    counts [num_chunks, E_PAD]: ROWS chunks at a time, the running total carried from one to the next."""
+    pdl_wait(PDL)
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    r = tl.arange(0, ROWS)
+    carry = tl.zeros([BLOCK_E], tl.int32)
+    tl.store(scan_ptr + e, carry)
+    for r0 in range(0, num_chunks, ROWS):
+        rows = r0 + r
+        tile = tl.load(counts_ptr + rows[:, None] * E_PAD + e[None, :], mask=(rows < num_chunks)[:, None], other=0)
+        tl.store(scan_ptr + (rows[:, None] + 1) * E_PAD + e[None, :], tl.cumsum(tile, axis=0) + carry[None, :],
+                 mask=(rows < num_chunks)[:, None])
+        carry += tl.sum(tile, axis=0)
+
+
 # Up to this many (token, k) pairs the two kernels above sort them as they are (decode and small prefills: every
-# place program reduces all chunks' counts); beyond, the counts go through one torch cumsum over the chunks first
-# (SCANNED). H200, DeepSeek-V2-Lite at 16K tokens (131K pairs): the torch sort it replaces (argsort + ~10 ops) took
-# ~270 us a layer. ALIGN_PATH_OVERRIDE: "kernels", "scan" or "torch" (the reference layout) for tests and sweeps.
+# place program reduces all chunks' counts); beyond, the counts go through a scan over the chunks first (SCANNED).
+# H200, DeepSeek-V2-Lite at 16K tokens (131K pairs): the torch sort it replaces (argsort + ~10 ops) took ~270 us a
+# layer. The scan was torch.cumsum over dim 0 until stop 53: on the H100's qwen3-30b-a3b FP8 batch-128 prefill
+# (16,384 tokens, 2,048 chunks x 256 columns) it took 357 us a layer (17 of the prefill's 269 ms; torch's outer-dim
+# scan walks the chunks one after another in a few hundred threads); _align_scan_kernel does it in 16 programs of
+# 256-chunk tiles. ALIGN_PATH_OVERRIDE: "kernels", "scan" or "torch" (the reference layout) for tests and sweeps.
 _ALIGN_KERNEL_MAX_PAIRS = 2048
 _ALIGN_CHUNK = 64
 ALIGN_PATH_OVERRIDE: str | None = None
@@ -154,8 +175,10 @@ def _align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
             _align_count_kernel[(chunks,)](flat, counts, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4,
                                            **pdl_args(flat.device))
         if scanned:  # exclusive prefix over the chunks, the totals as a last row
-            scan = torch.zeros(chunks + 1, e_pad, dtype=torch.int32, device=flat.device)
-            torch.cumsum(counts, 0, dtype=torch.int32, out=scan[1:])
+            scan = torch.empty(chunks + 1, e_pad, dtype=torch.int32, device=flat.device)
+            block_e = min(e_pad, 16)
+            _align_scan_kernel[(e_pad // block_e,)](counts, scan, chunks, E_PAD=e_pad, BLOCK_E=block_e, ROWS=256,
+                                                    num_warps=4, **pdl_args(flat.device))
             counts = scan
         _align_place_kernel[(chunks,)](flat, counts, sorted_ids, padded_end, num_pairs, num_experts, chunks,
                                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK,
@@ -330,8 +353,11 @@ def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, top_k, y_stride, out
     WEIGHTED: y holds the experts' outputs (any dtype) and w the routing weights; otherwise y's float32 rows are
     weighted already."""
     pdl_wait(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # one token's column blocks are consecutive programs: the k rows of a token stream in order, instead of
+    # every token's first 256 columns, then every token's next (the (tokens, column blocks) grid this replaced)
+    n_blocks = tl.cdiv(n_out, BLOCK)
+    t = (tl.program_id(0) // n_blocks).to(tl.int64)
+    n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     k = tl.arange(0, K_PAD)
     ids = tl.load(ids_ptr + t * top_k + k, mask=k < top_k, other=-1)
     m = ((k < top_k) & (ids >= 0))[:, None] & (n[None, :] < n_out)
@@ -373,7 +399,7 @@ def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, d
     (y.float() * w summed) and the bits of the float32 rows weighted in the GEMM epilogue that this replaced."""
     out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
     block = 256
-    _sum_topk_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](
+    _sum_topk_kernel[(num_tokens * triton.cdiv(y.shape[1], block),)](
         y, ids, y if weights is None else weights, out, y.shape[1], top_k, y.stride(0), out.stride(0),
         K_PAD=triton.next_power_of_2(top_k), WEIGHTED=weights is not None, BLOCK=block, num_warps=4,
         enable_fp_fusion=False, **pdl_args(y.device))
