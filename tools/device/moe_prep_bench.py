@@ -2,9 +2,11 @@
 
 - The chunk scan of `moe._align_by_expert`'s "scan" path (prefills above 2,048 pairs): torch.cumsum over dim 0
   (until stop 53; 357 us a layer in the H100's batch-128 FP8 prefill profile) against `_align_scan_kernel`.
-- The top-k sum `moe._sum_topk`: the (tokens, column blocks) grid it had until stop 53 (every token's first 256
-  columns, then every token's next: 8 rows x 512 B per program, 32 KB apart from the next program's) against the
-  1-D grid with one token's column blocks consecutive. Same kernel body otherwise; outputs compared bit for bit.
+- The top-k sum `moe._sum_topk`: the kernel it had until stop 53 (a [8, 256] tile of the k rows reduced with
+  tl.sum over axis 0 across the program's warps, 4; also on 1, 2 and 8 warps) against the shipped one (the k
+  rows added one after another as 1-D loads in registers). Outputs compared bit for bit ("same"): the order of
+  the k additions differs, so the tile's results differ from the shipped kernel's in the last bits (the shipped
+  kernel adds in k order).
 
 Each timed alone (PDL off), median of --reps CUDA-event timings; GB/s and % of the device copy rate.
 
@@ -51,17 +53,31 @@ def measure(tokens: int, a: argparse.Namespace, rate: float, dev: torch.device) 
         _sum_topk_2d_kernel[(tokens, triton.cdiv(a.hidden, block))](
             y, ids, w, out_old, a.hidden, a.top_k, y.stride(0), out_old.stride(0),
             K_PAD=triton.next_power_of_2(a.top_k), BLOCK=block, num_warps=4, enable_fp_fusion=False)
+        return out_old
 
     def new():
         return tk_moe._sum_topk(y, ids, tokens, a.top_k, torch.bfloat16, w)
 
+    variants = [("sum_topk_tile_4w (old)", old), ("sum_topk (shipped)", new)]
+    for blk, warps in ((256, 1), (256, 2), (256, 8)):
+        out_v = torch.empty(tokens, a.hidden, dtype=torch.bfloat16, device=dev)
+
+        def warps_variant(blk=blk, warps=warps, out_v=out_v):
+            _sum_topk_2d_kernel[(tokens, triton.cdiv(a.hidden, blk))](
+                y, ids, w, out_v, a.hidden, a.top_k, y.stride(0), out_v.stride(0),
+                K_PAD=triton.next_power_of_2(a.top_k), BLOCK=blk, num_warps=warps, enable_fp_fusion=False)
+            return out_v
+        variants.append((f"sum_topk_2d_{blk}_{warps}w", warps_variant))
     old()
-    same = torch.equal(out_old, new())
+    ref = new()
+    same = torch.equal(out_old, ref)
     nbytes = pairs * a.hidden * 2 + tokens * a.hidden * 2
-    for name, fn in (("sum_topk_2d_grid", old), ("sum_topk_1d_grid", new)):
+    for name, fn in variants:
+        got = fn()
         us = timed(fn, a.reps)
         rows.append(dict(kernel=name, tokens=tokens, us=us, gbps=nbytes / us / 1e3,
-                         pct_copy=100 * nbytes / us / 1e3 / rate, bit_identical=same))
+                         pct_copy=100 * nbytes / us / 1e3 / rate,
+                         bit_identical=torch.equal(got, ref)))
     if pairs > tk_moe._ALIGN_KERNEL_MAX_PAIRS:
         chunks = triton.cdiv(pairs, tk_moe._ALIGN_CHUNK)
         e_pad = triton.next_power_of_2(a.experts + 1)
@@ -82,7 +98,7 @@ def measure(tokens: int, a: argparse.Namespace, rate: float, dev: torch.device) 
         same = torch.equal(scan_t, scan_k)
         for name, fn in (("scan_torch_cumsum", torch_scan), ("scan_kernel", kernel_scan)):
             rows.append(dict(kernel=name, tokens=tokens, chunks=chunks, us=timed(fn, a.reps), bit_identical=same))
-        ids2 = ids.reshape(tokens, a.top_k)
+        ids2 = ids.reshape(tokens, a.top_k).long()  # the torch path scatters int64 counts
         for path in ("scan", "torch"):
             tk_moe.ALIGN_PATH_OVERRIDE = path
             rows.append(dict(kernel=f"align_by_expert_{path}", tokens=tokens,

@@ -347,24 +347,32 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, n_out, k_dim, h_stride, w_st
 
 
 @triton.jit
-def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, top_k, y_stride, out_stride, K_PAD: tl.constexpr,
+def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, y_stride, out_stride, TOP_K: tl.constexpr,
                      WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[t] = sum_k w[t, k] * y[t * top_k + k] in float32 over the pairs of id >= 0, cast to the output dtype.
-    WEIGHTED: y holds the experts' outputs (any dtype) and w the routing weights; otherwise y's float32 rows are
-    weighted already."""
+    """out[t] = sum_k w[t, k] * y[t * TOP_K + k] in float32 over the pairs of id >= 0, added in k order, cast to
+    the output dtype. WEIGHTED: y holds the experts' outputs (any dtype) and w the routing weights; otherwise y's
+    float32 rows are weighted already. Program: one token's BLOCK columns (a 1-D grid, the token's column blocks
+    consecutive).
+
+    The k rows are added one after another as 1-D loads, all in one thread's registers. Until stop 53 this loaded
+    a [K_PAD, BLOCK] tile and reduced it with tl.sum over axis 0 across 4 warps (through shared memory): on the
+    H100 (tools/device/moe_prep_bench.py, qwen3-30b-a3b's 16,384-token prefill, 604 MB) that took 1,224 us, 16%
+    of the copy rate, 1.2 ms of every MoE layer's prefill; the same tile on one warp took 222 us, and this 216
+    us (93%)."""
     pdl_wait(PDL)
-    # one token's column blocks are consecutive programs: the k rows of a token stream in order, instead of
-    # every token's first 256 columns, then every token's next (the (tokens, column blocks) grid this replaced)
     n_blocks = tl.cdiv(n_out, BLOCK)
     t = (tl.program_id(0) // n_blocks).to(tl.int64)
     n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-    k = tl.arange(0, K_PAD)
-    ids = tl.load(ids_ptr + t * top_k + k, mask=k < top_k, other=-1)
-    m = ((k < top_k) & (ids >= 0))[:, None] & (n[None, :] < n_out)
-    y = tl.load(y_ptr + (t * top_k + k[:, None]) * y_stride + n[None, :], mask=m, other=0.0).to(tl.float32)
-    if WEIGHTED:
-        y = y * tl.load(w_ptr + t * top_k + k, mask=k < top_k, other=0.0)[:, None]
-    tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
+    n_ok = n < n_out
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = t * TOP_K + k
+        kept = (tl.zeros([BLOCK], tl.int32) + tl.load(ids_ptr + pair).to(tl.int32)) >= 0  # id -1: another rank's
+        y = tl.load(y_ptr + pair * y_stride + n, mask=n_ok & kept, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            y = y * tl.load(w_ptr + pair)
+        acc += y
+    tl.store(out_ptr + t * out_stride + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # Up to this many (token, k) pairs, fused_experts runs one GEMV per pair instead of sorting pairs by expert:
@@ -398,11 +406,12 @@ def _sum_topk(y: torch.Tensor, ids: torch.Tensor, num_tokens: int, top_k: int, d
     rounding; without it each product is rounded to float32 and then added, the reference's rounding
     (y.float() * w summed) and the bits of the float32 rows weighted in the GEMM epilogue that this replaced."""
     out = torch.empty(num_tokens, y.shape[1], dtype=dtype, device=y.device)
-    block = 256
+    # H100 (moe_prep_bench.py): 1,024 columns a program at a prefill's 16,384 tokens (93% of the copy rate; 256
+    # gave 90%); 256 at decode, where a handful of tokens should still spread over several SMs
+    block = 1024 if num_tokens >= 256 else 256
     _sum_topk_kernel[(num_tokens * triton.cdiv(y.shape[1], block),)](
-        y, ids, y if weights is None else weights, out, y.shape[1], top_k, y.stride(0), out.stride(0),
-        K_PAD=triton.next_power_of_2(top_k), WEIGHTED=weights is not None, BLOCK=block, num_warps=4,
-        enable_fp_fusion=False, **pdl_args(y.device))
+        y, ids, y if weights is None else weights, out, y.shape[1], y.stride(0), out.stride(0), TOP_K=top_k,
+        WEIGHTED=weights is not None, BLOCK=block, num_warps=4, enable_fp_fusion=False, **pdl_args(y.device))
     return out
 
 

@@ -854,29 +854,32 @@ def _split_k_finish_kernel(part_ptr, a_ptr, bias_ptr, out_ptr, ids_ptr, n_out, p
 
 
 @triton.jit
-def _split_k_sum_topk_kernel(part_ptr, bias_ptr, ids_ptr, w_ptr, out_ptr, n_out, top_k, part_stride_s,
-                             part_stride_p, bias_stride_e, out_stride, K_PAD: tl.constexpr, SPLIT_K: tl.constexpr,
+def _split_k_sum_topk_kernel(part_ptr, bias_ptr, ids_ptr, w_ptr, out_ptr, n_out, part_stride_s,
+                             part_stride_p, bias_stride_e, out_stride, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr,
                              BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The split-K down projection's end and the top-k sum in one kernel, for one token and BLOCK columns: each of
     its pairs' SPLIT_K float32 partial sums added in split order plus the expert's bias, rounded to the activation
     dtype (out's: the down projection's rounding, as _split_k_finish_kernel stores it), weighted in float32 and
-    summed over the pairs (moe._sum_topk_kernel's arithmetic: compile without FP contraction). Pairs of id -1
-    contribute nothing."""
+    added in k order (moe._sum_topk_kernel's arithmetic, 1-D rows in registers instead of a cross-warp reduction:
+    compile without FP contraction). Pairs of id -1 contribute nothing."""
     pdl_wait(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    k = tl.arange(0, K_PAD)
-    pair = t * top_k + k
-    ids = tl.load(ids_ptr + pair, mask=k < top_k, other=-1).to(tl.int64)
-    m = ((k < top_k) & (ids >= 0))[:, None] & (n < n_out)[None, :]
-    rows = part_ptr + pair[:, None] * part_stride_p + n[None, :]
-    acc = tl.load(rows, mask=m, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(rows + s * part_stride_s, mask=m, other=0.0)
-    bias = tl.load(bias_ptr + ids[:, None] * bias_stride_e + n[None, :], mask=m, other=0.0).to(tl.float32)
-    y = (acc + bias).to(out_ptr.dtype.element_ty).to(tl.float32)
-    y = y * tl.load(w_ptr + pair, mask=k < top_k, other=0.0)[:, None]
-    tl.store(out_ptr + t * out_stride + n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
+    n_blocks = tl.cdiv(n_out, BLOCK)
+    t = (tl.program_id(0) // n_blocks).to(tl.int64)
+    n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = n < n_out
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = t * TOP_K + k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        m = n_ok & ((tl.zeros([BLOCK], tl.int64) + expert) >= 0)
+        row = part_ptr + pair * part_stride_p + n
+        part = tl.load(row, mask=m, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):
+            part += tl.load(row + s * part_stride_s, mask=m, other=0.0)
+        bias = tl.load(bias_ptr + expert * bias_stride_e + n, mask=m, other=0.0).to(tl.float32)
+        y = (part + bias).to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += y * tl.load(w_ptr + pair)
+    tl.store(out_ptr + t * out_stride + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -1188,10 +1191,9 @@ def _mx_experts(x, w13, w2, s13, s2, b13, b2, weights, topk_ids, h, y, alpha, li
         return _sum_topk(y, ids, num_tokens, top_k, x.dtype, weights)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     block = 256
-    _split_k_sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        part, b2, ids, weights, out, hidden, top_k, part.stride(0), part.stride(1), b2.stride(0), out.stride(0),
-        K_PAD=triton.next_power_of_2(top_k), SPLIT_K=split_k, BLOCK=block, num_warps=4, enable_fp_fusion=False,
-        **pdl_args(x.device))
+    _split_k_sum_topk_kernel[(num_tokens * triton.cdiv(hidden, block),)](
+        part, b2, ids, weights, out, hidden, part.stride(0), part.stride(1), b2.stride(0), out.stride(0),
+        TOP_K=top_k, SPLIT_K=split_k, BLOCK=block, num_warps=4, enable_fp_fusion=False, **pdl_args(x.device))
     return out
 
 
