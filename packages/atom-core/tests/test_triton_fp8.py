@@ -886,6 +886,17 @@ def test_fp8_fused_experts_n_major(monkeypatch, name):
     _run_moe(name + " n_major", *MOE_CASES[name], torch.float32, TOL_F32_MOE)
 
 
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_fp8_fused_experts_channel_k_step(monkeypatch, block_k):
+    """Per-channel experts with another K step than the 128 default (a sweep's `block_k`): the same sums, K steps
+    that end inside the rows (hidden 96 / 64: one and a half steps; inter 48 / 32) included."""
+    from atom.ops.triton_kernels import moe_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=32, num_warps=4, num_stages=2,
+                                                       block_k=block_k))
+    _run_moe(f"sorted_channel k{block_k}", *MOE_CASES["sorted_channel"], torch.float32, TOL_F32_MOE)
+
+
 @needs_fnuz
 def test_fp8_fused_experts_e4m3fnuz():
     _run_moe("one_decode_block", *MOE_CASES["one_decode_block"], torch.float32, TOL_F32_MOE, torch.float8_e4m3fnuz)

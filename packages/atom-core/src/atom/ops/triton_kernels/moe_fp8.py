@@ -224,7 +224,8 @@ def _fp8_expert_gemm_kernel(
 
 
 # Tile overrides for sweeps (tools/device/kernel_bench.py): per-pair dict(gate_block_n, down_block_n, subs,
-# num_warps); sorted path dict(block_m, block_n, num_warps, num_stages, [n_major]). n_major (the launch order
+# num_warps); sorted path dict(block_m, block_n, num_warps, num_stages, [n_major], [block_k: per-channel weights
+# only, a power of two >= 32]). n_major (the launch order
 # that took the bf16 prefill GEMM from 6.22 to 5.65 ms a layer at the same tile, moe._gemm_tile) is not on in
 # the shipped rule until measured here: tools/device/moe_kernels_profile.py --fp8 block|channel sweeps it.
 PAIR_TILE_OVERRIDE: dict | None = None
@@ -329,6 +330,8 @@ def fp8_fused_experts(
     block = block_size is not None
     scale_bn, block_k, up_off = _layout(block_size, inter)
     tile = _gemm_tile(num_pairs, num_experts)
+    if not block and "block_k" in tile:  # per-channel / per-tensor scales: the K step is free (block: the group)
+        block_k = int(tile["block_k"])
     block_m = tile["block_m"]
     sorted_ids, padded_end = float_moe._align_by_expert(topk_ids, num_experts, block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
