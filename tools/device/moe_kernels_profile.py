@@ -12,7 +12,8 @@ block_n / block_k / warps / stages / n_major; `_gemm_tile` is the shipped rule);
 apart and the TFLOP/s of both.
 --fp8 block|channel: the FP8 experts (fp8_fused_experts; 128 x 128 block scales or per-channel scales, weights
 quantized from the same random bf16 ones); ATOM_GEMM_SWEEP then sets moe_fp8.GEMM_TILE_OVERRIDE (block_m, block_n,
-num_warps, num_stages, n_major; block_k: the scale group for block scales, free for per-channel ones), e.g.
+num_warps, num_stages, n_major; block_k: the scale group for block scales, free for per-channel ones; "down": {...}
+for the down projection alone), e.g.
 ATOM_GEMM_SWEEP='[null, {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 3, "n_major": true}]'.
 """
 

@@ -888,12 +888,13 @@ def test_fp8_fused_experts_n_major(monkeypatch, name):
 
 @pytest.mark.parametrize("block_k", [32, 64])
 def test_fp8_fused_experts_channel_k_step(monkeypatch, block_k):
-    """Per-channel experts with another K step than the 128 default (a sweep's `block_k`): the same sums, K steps
-    that end inside the rows (hidden 96 / 64: one and a half steps; inter 48 / 32) included."""
+    """Per-channel experts with another K step than the 128 default (a sweep's `block_k`), and the down projection
+    on a tile of its own (`down`): the same sums, K steps that end inside the rows (hidden 96 / 64: one and a half
+    steps; inter 48 / 32, 48 / 64) included."""
     from atom.ops.triton_kernels import moe_fp8 as tk
 
     monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=32, num_warps=4, num_stages=2,
-                                                       block_k=block_k))
+                                                       block_k=block_k, down=dict(block_n=16, block_k=96 - block_k)))
     _run_moe(f"sorted_channel k{block_k}", *MOE_CASES["sorted_channel"], torch.float32, TOL_F32_MOE)
 
 

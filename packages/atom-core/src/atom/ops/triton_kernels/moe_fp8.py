@@ -225,7 +225,7 @@ def _fp8_expert_gemm_kernel(
 
 # Tile overrides for sweeps (tools/device/kernel_bench.py): per-pair dict(gate_block_n, down_block_n, subs,
 # num_warps); sorted path dict(block_m, block_n, num_warps, num_stages, [n_major], [block_k: per-channel weights
-# only, a power of two >= 32]). n_major (the launch order
+# only, a power of two >= 32], [down: a dict of these but block_m, for the down projection alone]). n_major (the launch order
 # that took the bf16 prefill GEMM from 6.22 to 5.65 ms a layer at the same tile, moe._gemm_tile) is not on in
 # the shipped rule until measured here: tools/device/moe_kernels_profile.py --fp8 block|channel sweeps it.
 PAIR_TILE_OVERRIDE: dict | None = None
@@ -330,25 +330,27 @@ def fp8_fused_experts(
     block = block_size is not None
     scale_bn, block_k, up_off = _layout(block_size, inter)
     tile = _gemm_tile(num_pairs, num_experts)
-    if not block and "block_k" in tile:  # per-channel / per-tensor scales: the K step is free (block: the group)
-        block_k = int(tile["block_k"])
     block_m = tile["block_m"]
     sorted_ids, padded_end = float_moe._align_by_expert(topk_ids, num_experts, block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
     num_tiles = sorted_ids.numel() // block_m
 
     def launch(a, a_scale, w, w_scale, out, n_out, k_dim, a_row_div, gated, up_scale_off):
+        # a sweep's tile: "down" overrides the down projection's block_n / warps / stages / n_major / block_k
+        t = tile if gated else {**tile, **tile.get("down", {})}
+        # per-channel / per-tensor scales leave the K step free (block scales: one scale group a step)
+        bk = int(t["block_k"]) if not block and "block_k" in t else block_k
         # A, W (and up) fp8 tiles per stage; the column block shrinks when not even one stage fits
-        bn, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                              lambda b: ((block_m + (2 if gated else 1) * b) * block_k, 0), a.device)
-        n_major = bool(tile.get("n_major", False))
+        bn, stages = fit_tile(t["num_stages"], t["block_n"],
+                              lambda b: ((block_m + (2 if gated else 1) * b) * bk, 0), a.device)
+        n_major = bool(t.get("n_major", False))
         n_blocks = triton.cdiv(n_out, bn)
         _fp8_expert_gemm_kernel[(num_tiles * n_blocks,) if n_major else (num_tiles, n_blocks)](
             a, a_scale, w, w_scale, out, sorted_ids, padded_end, n_out, k_dim, num_pairs, num_experts,
             a_row_div, a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), *_scale_strides(w_scale, block),
             up_scale_off, out.stride(0), SCALE_BN=scale_bn, BLOCK_SCALES=block, GATED=gated, ACT=act,
             ACT_DTYPE=_TL_DTYPE[x.dtype], E_PAD=triton.next_power_of_2(num_experts),
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=block_k, N_MAJOR=n_major, num_warps=tile["num_warps"],
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, N_MAJOR=n_major, num_warps=t["num_warps"],
             num_stages=stages, **pdl_args(a.device))
 
     xq, xs = _quantized(x, block_size, w13.dtype)
