@@ -522,6 +522,26 @@ def test_fp8_tile_rules_from_the_environment(tmp_path):
             tk._parse_tiles(bad)
 
 
+def test_fp8_moe_tile_rules_from_the_environment(monkeypatch):
+    """ATOM_FP8_TILES' "moe" entries: by (token, expert) pairs per expert, over the built-in grouped-GEMM tile (so
+    an entry may give only what it changes, "down" for the down projection); malformed entries are refused."""
+    from atom.ops.triton_kernels import moe_fp8
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    rules = tk._parse_tiles('{"moe": [[64, {"num_stages": 5}], [1000000, {"block_m": 128, "block_k": 256, '
+                            '"down": {"block_n": 256}}]]}')
+    monkeypatch.setattr(tk, "TILE_RULES", rules)
+    builtin_small = dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
+    assert moe_fp8._gemm_tile(128 * 8, 128) == {**builtin_small, "num_stages": 5}
+    assert moe_fp8._gemm_tile(16384 * 8, 128) == dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
+                                                      block_k=256, down={"block_n": 256})
+    monkeypatch.setattr(tk, "TILE_RULES", {})
+    assert moe_fp8._gemm_tile(128 * 8, 128) == builtin_small
+    for bad in ('{"moe": [[64, {"split_k": 2}]]}', '{"moe": [[64, {"down": {"block_m": 32}}]]}', '{"moe": [64]}'):
+        with pytest.raises(ValueError, match="ATOM_FP8_TILES: each moe entry"):
+            tk._parse_tiles(bad)
+
+
 @pytest.mark.parametrize("path", ["swap", "dot"])
 @pytest.mark.parametrize("layout", ["channel", "tensor", "block"])
 def test_fp8_gemm_tile_block_k(path, layout):

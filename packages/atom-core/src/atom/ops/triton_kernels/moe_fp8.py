@@ -30,6 +30,7 @@ from atom.ops.triton_kernels import moe as float_moe
 from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
+from atom.ops.triton_kernels import quant_fp8 as dense_fp8
 from atom.ops.triton_kernels.quant_fp8 import per_token_group_quant_fp8, per_token_quant_fp8
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -244,10 +245,15 @@ def _gemm_tile(num_pairs: int, num_experts: int) -> dict:
         return GEMM_TILE_OVERRIDE
     per_expert = num_pairs / max(num_experts, 1)
     if per_expert <= 16:
-        return dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
-    if per_expert <= 64:
-        return dict(block_m=32, block_n=64, num_warps=4, num_stages=4)
-    return dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
+        tile = dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
+    elif per_expert <= 64:
+        tile = dict(block_m=32, block_n=64, num_warps=4, num_stages=4)
+    else:
+        tile = dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
+    for max_per_expert, rule in dense_fp8.TILE_RULES.get("moe", []):  # ATOM_FP8_TILES' "moe" entries, over the built-in
+        if per_expert <= max_per_expert:
+            return {**tile, **rule}
+    return tile
 
 
 def _scale_strides(scale: torch.Tensor, block: bool) -> tuple[int, int, int]:

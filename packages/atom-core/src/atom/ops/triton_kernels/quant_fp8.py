@@ -621,6 +621,8 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
 GEMM_TILE_OVERRIDE: dict | None = None
 
 _TILE_KEYS = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k", "tma", "fast_acc", "ws"}
+# the FP8 experts' grouped GEMM (moe_fp8._gemm_tile): "down" holds the down projection's own keys (not block_m)
+_MOE_TILE_KEYS = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "n_major", "down"}
 
 
 def _k_step(tile: dict, block_k: int, block_scales: bool) -> int:
@@ -637,9 +639,11 @@ def _k_step(tile: dict, block_k: int, block_scales: bool) -> int:
 
 def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
     """The FP8 GEMMs' tile rules: JSON (or '@path' to a JSON file), {"dot": [[max_m, tile], ...], "swap": [[max_m,
-    tile], ...], "scaled_mm_min_m": rows}, every key optional; a tile takes the keys of GEMM_TILE_OVERRIDE (swap:
-    block_m is the padded activation rows). The first entry whose max_m >= M applies; split_k absent: the
-    built-in split rule. tools/device/fp8_tiles.py writes such a file from a sweep on the GPU at hand."""
+    tile], ...], "scaled_mm_min_m": rows, "moe": [[max_pairs_per_expert, tile], ...]}, every key optional; a tile
+    takes the keys of GEMM_TILE_OVERRIDE (swap: block_m is the padded activation rows). The first entry whose max_m
+    >= M applies; split_k absent: the built-in split rule. "moe": the FP8 experts' grouped GEMM by (token, expert)
+    pairs per expert, its keys over the built-in tile's (moe_fp8.GEMM_TILE_OVERRIDE's keys). tools/device/fp8_tiles.py
+    writes the dense rules from a sweep on the GPU at hand."""
     import json
 
     text = raw.strip()
@@ -652,15 +656,16 @@ def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
         rules = json.loads(text)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name}: cannot read the FP8 tile rules: {e}") from None
-    if not isinstance(rules, dict) or set(rules) - {"dot", "swap", "scaled_mm_min_m"}:
-        raise ValueError(f"{name} must be a JSON object with keys dot, swap, scaled_mm_min_m; got {raw[:200]!r}")
-    for kind in ("dot", "swap"):
+    if not isinstance(rules, dict) or set(rules) - {"dot", "swap", "scaled_mm_min_m", "moe"}:
+        raise ValueError(f"{name} must be a JSON object with keys dot, swap, scaled_mm_min_m, moe; got {raw[:200]!r}")
+    for kind, keys in (("dot", _TILE_KEYS), ("swap", _TILE_KEYS), ("moe", _MOE_TILE_KEYS)):
         for entry in rules.get(kind, []):
             ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
-                  and isinstance(entry[1], dict) and not set(entry[1]) - _TILE_KEYS)
+                  and isinstance(entry[1], dict) and not set(entry[1]) - keys
+                  and (kind != "moe" or not set(entry[1].get("down", {})) - (keys - {"block_m", "down"})))
             if not ok:
-                raise ValueError(f"{name}: each {kind} entry must be [max_m, {{tile}}] with keys from "
-                                 f"{sorted(_TILE_KEYS)}, got {entry!r}")
+                raise ValueError(f"{name}: each {kind} entry must be [max_{'pairs_per_expert' if kind == 'moe' else 'm'}"
+                                 f", {{tile}}] with keys from {sorted(keys)}, got {entry!r}")
     if not isinstance(rules.get("scaled_mm_min_m", 0), int):
         raise ValueError(f"{name}: scaled_mm_min_m must be an integer")
     return rules
