@@ -347,6 +347,15 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, n_out, k_dim, h_stride, w_st
 
 
 @triton.jit
+def token_columns(n_out, BLOCK: tl.constexpr):
+    """(token, its BLOCK column indices, which are < n_out) of a top-k sum program: a 1-D grid of tokens x column
+    blocks, one token's column blocks consecutive."""
+    n_blocks = tl.cdiv(n_out, BLOCK)
+    n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return (tl.program_id(0) // n_blocks).to(tl.int64), n, n < n_out
+
+
+@triton.jit
 def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, y_stride, out_stride, TOP_K: tl.constexpr,
                      WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_k w[t, k] * y[t * TOP_K + k] in float32 over the pairs of id >= 0, added in k order, cast to
@@ -360,10 +369,7 @@ def _sum_topk_kernel(y_ptr, ids_ptr, w_ptr, out_ptr, n_out, y_stride, out_stride
     of the copy rate, 1.2 ms of every MoE layer's prefill; the same tile on one warp took 222 us, and this 216
     us (93%)."""
     pdl_wait(PDL)
-    n_blocks = tl.cdiv(n_out, BLOCK)
-    t = (tl.program_id(0) // n_blocks).to(tl.int64)
-    n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-    n_ok = n < n_out
+    t, n, n_ok = token_columns(n_out, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for k in tl.static_range(TOP_K):
         pair = t * TOP_K + k

@@ -27,10 +27,10 @@ import triton.language as tl
 from atom.ops.quant_fp8 import check_experts_args
 from atom.ops.registry import register
 from atom.ops.triton_kernels import moe as float_moe
+from atom.ops.triton_kernels import quant_fp8 as dense_fp8
 from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.common import fit_tile
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
-from atom.ops.triton_kernels import quant_fp8 as dense_fp8
 from atom.ops.triton_kernels.quant_fp8 import per_token_group_quant_fp8, per_token_quant_fp8
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 

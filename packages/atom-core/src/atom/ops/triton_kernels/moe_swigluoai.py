@@ -35,7 +35,7 @@ from atom.ops.mxfp4 import (FRAG_CODE_BYTES, FRAG_COLS, FRAG_HALF_BYTES, FRAG_MA
                              pack_fragments)
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, fit_tile, interpreting
-from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile
+from atom.ops.triton_kernels.moe import _align_by_expert, _gemm_tile, _pair_tile, _sum_topk, sorted_tile, token_columns
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 logger = logging.getLogger(__name__)
@@ -863,10 +863,7 @@ def _split_k_sum_topk_kernel(part_ptr, bias_ptr, ids_ptr, w_ptr, out_ptr, n_out,
     added in k order (moe._sum_topk_kernel's arithmetic, 1-D rows in registers instead of a cross-warp reduction:
     compile without FP contraction). Pairs of id -1 contribute nothing."""
     pdl_wait(PDL)
-    n_blocks = tl.cdiv(n_out, BLOCK)
-    t = (tl.program_id(0) // n_blocks).to(tl.int64)
-    n = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-    n_ok = n < n_out
+    t, n, n_ok = token_columns(n_out, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for k in tl.static_range(TOP_K):
         pair = t * TOP_K + k

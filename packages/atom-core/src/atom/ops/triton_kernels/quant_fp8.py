@@ -664,8 +664,9 @@ def _parse_tiles(raw: str, name: str = "ATOM_FP8_TILES") -> dict:
                   and isinstance(entry[1], dict) and not set(entry[1]) - keys
                   and (kind != "moe" or not set(entry[1].get("down", {})) - (keys - {"block_m", "down"})))
             if not ok:
-                raise ValueError(f"{name}: each {kind} entry must be [max_{'pairs_per_expert' if kind == 'moe' else 'm'}"
-                                 f", {{tile}}] with keys from {sorted(keys)}, got {entry!r}")
+                bound = "max_pairs_per_expert" if kind == "moe" else "max_m"
+                raise ValueError(f"{name}: each {kind} entry must be [{bound}, {{tile}}] with keys from "
+                                 f"{sorted(keys)}, got {entry!r}")
     if not isinstance(rules.get("scaled_mm_min_m", 0), int):
         raise ValueError(f"{name}: scaled_mm_min_m must be an integer")
     return rules
