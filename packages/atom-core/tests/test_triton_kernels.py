@@ -689,6 +689,21 @@ def test_moe_align_kernel_matches_the_torch_path(monkeypatch, experts, block_m, 
     assert torch.equal(flat[real], flat[real].sort(stable=True).values)
 
 
+def test_attention_merge_warps_from_the_environment(monkeypatch):
+    """ATOM_ATTN_MERGE_WARPS: the split-decode merge's warps (4 unless set); anything but 1 / 2 / 4 / 8 is refused
+    naming the variable."""
+    from atom.ops.triton_kernels import attention as tk_attn
+
+    monkeypatch.delenv("ATOM_ATTN_MERGE_WARPS", raising=False)
+    assert tk_attn._env_merge_warps() == 4
+    monkeypatch.setenv("ATOM_ATTN_MERGE_WARPS", "1")
+    assert tk_attn._env_merge_warps() == 1
+    for bad in ("3", "16", "x"):
+        monkeypatch.setenv("ATOM_ATTN_MERGE_WARPS", bad)
+        with pytest.raises(ValueError, match="ATOM_ATTN_MERGE_WARPS"):
+            tk_attn._env_merge_warps()
+
+
 def test_moe_sum_topk_over_several_column_blocks():
     """The top-k sum's programs, one token's column blocks after another: each token's rows weighted and summed in
     float32 into its own output row, every column of a hidden size that is two 256-column blocks and a part, and

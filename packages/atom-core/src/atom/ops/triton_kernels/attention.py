@@ -11,6 +11,8 @@ one-split kernel, or in the merge.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -57,6 +59,20 @@ WIDE_TILE_MAX_SPLITS = 2
 # offsets' 64-bit multiply-adds were ~30% of the decode loop's instructions (tools/device/attn_sass.py).
 # ATOM_ATTN_OFF32=0 keeps int64 everywhere (engine A/B).
 OFF32_LIMIT = 2**31 if env_flag("ATOM_ATTN_OFF32", True) else 0
+
+
+def _env_merge_warps() -> int:
+    raw = os.environ.get("ATOM_ATTN_MERGE_WARPS", "4").strip()
+    if raw not in ("1", "2", "4", "8"):
+        raise ValueError(f"ATOM_ATTN_MERGE_WARPS must be 1, 2, 4 or 8, got {raw!r}")
+    return int(raw)
+
+
+# Warps of the split-decode merge (_merge_splits_kernel: [splits, head_dim] summed over the splits). The MoE top-k
+# sum had the same form ([8, 256] summed over axis 0 on 4 warps) and ran at 16% of the copy rate, 5.5x slower than
+# on one warp (KERNEL_NOTES stop 53: the reduction across warps goes through shared memory). The merge is small
+# (latency, not bytes); ATOM_ATTN_MERGE_WARPS=1 is the A/B for tools/device/attn_b128.py, 4 until measured.
+MERGE_WARPS = _env_merge_warps()
 
 
 def _span(t: torch.Tensor) -> int:
@@ -586,8 +602,8 @@ def paged_attention_impl(
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_m, part_l, part_acc, out, sinks_arg, seq_lens, int(sliding_window or 0),
             int(tokens_per_split == 0), num_heads, head_dim, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-            BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=4, **pdl_args(q.device),
-            **max_args)
+            BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=MERGE_WARPS,
+            **pdl_args(q.device), **max_args)
     return out
 
 
