@@ -540,6 +540,10 @@ def test_fp8_moe_tile_rules_from_the_environment(monkeypatch):
     for bad in ('{"moe": [[64, {"split_k": 2}]]}', '{"moe": [[64, {"down": {"block_m": 32}}]]}', '{"moe": [64]}'):
         with pytest.raises(ValueError, match="ATOM_FP8_TILES: each moe entry"):
             tk._parse_tiles(bad)
+    monkeypatch.setattr(moe_fp8, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=32, num_warps=4, num_stages=2,
+                                                            block_k=48))
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        _run_moe("sorted_channel k48", *MOE_CASES["sorted_channel"], torch.float32, TOL_F32_MOE)
 
 
 @pytest.mark.parametrize("path", ["swap", "dot"])

@@ -226,9 +226,9 @@ def _fp8_expert_gemm_kernel(
 
 # Tile overrides for sweeps (tools/device/kernel_bench.py): per-pair dict(gate_block_n, down_block_n, subs,
 # num_warps); sorted path dict(block_m, block_n, num_warps, num_stages, [n_major], [block_k: per-channel weights
-# only, a power of two >= 32], [down: a dict of these but block_m, for the down projection alone]). n_major (the launch order
-# that took the bf16 prefill GEMM from 6.22 to 5.65 ms a layer at the same tile, moe._gemm_tile) is not on in
-# the shipped rule until measured here: tools/device/moe_kernels_profile.py --fp8 block|channel sweeps it.
+# only, a power of two >= 32], [down: a dict of these but block_m, for the down projection alone]). n_major (the
+# launch order that took the bf16 prefill GEMM from 6.22 to 5.65 ms a layer at the same tile, moe._gemm_tile) is
+# not on in the shipped rule until measured here: tools/device/moe_kernels_profile.py --fp8 block|channel sweeps it.
 PAIR_TILE_OVERRIDE: dict | None = None
 GEMM_TILE_OVERRIDE: dict | None = None
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -250,7 +250,7 @@ def _gemm_tile(num_pairs: int, num_experts: int) -> dict:
         tile = dict(block_m=32, block_n=64, num_warps=4, num_stages=4)
     else:
         tile = dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
-    for max_per_expert, rule in dense_fp8.TILE_RULES.get("moe", []):  # ATOM_FP8_TILES' "moe" entries, over the built-in
+    for max_per_expert, rule in dense_fp8.TILE_RULES.get("moe", []):  # ATOM_FP8_TILES' moe entries, over the above
         if per_expert <= max_per_expert:
             return {**tile, **rule}
     return tile
@@ -345,7 +345,9 @@ def fp8_fused_experts(
         # a sweep's tile: "down" overrides the down projection's block_n / warps / stages / n_major / block_k
         t = tile if gated else {**tile, **tile.get("down", {})}
         # per-channel / per-tensor scales leave the K step free (block scales: one scale group a step)
-        bk = int(t["block_k"]) if not block and "block_k" in t else block_k
+        bk = t["block_k"] if not block and "block_k" in t else block_k
+        if not isinstance(bk, int) or bk < 32 or bk & (bk - 1):
+            raise ValueError(f"an FP8 experts tile's block_k must be a power of two >= 32, got {bk!r}")
         # A, W (and up) fp8 tiles per stage; the column block shrinks when not even one stage fits
         bn, stages = fit_tile(t["num_stages"], t["block_n"],
                               lambda b: ((block_m + (2 if gated else 1) * b) * bk, 0), a.device)
