@@ -364,6 +364,136 @@ def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max
     assert torch.equal(got, want)
 
 
+def _norm_gemm_on(monkeypatch, rows: int = 32):
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "NORM_GEMM_MAX_M", rows)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    return tk
+
+
+def _swap_spy(tk, monkeypatch, key: str) -> list:
+    """Records (kw[key], TMA) of every swap-AB kernel launch."""
+    calls = []
+    launch = tk._fp8_gemm_swap_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append((kw.get(key, False), kw.get("TMA")))
+                return launch[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(tk, "_fp8_gemm_swap_kernel", Spy())
+    return calls
+
+
+def _norm_then_linear(x, res, nw, w, ws, bias, dtype, backend=triton):
+    """Today's two kernels: the (fused add +) RMSNorm + per-token quantization, then the FP8 GEMM on its codes."""
+    if res is None:
+        q, s = backend("rms_norm_quant_fp8")(x, nw, 1e-6, None, FP8)
+        total = None
+    else:
+        q, s, total = backend("fused_add_rms_norm_quant_fp8")(x, res, nw, 1e-6, None, FP8)
+    return backend("fp8_linear_quantized")(q, s, w, ws, bias, None, dtype), total
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channel", "tensor"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_fp8_linear_rmsnorm_equals_the_norm_quant_path(m, residual, layout, dtype, tma, monkeypatch):
+    """The swap-AB kernel doing the (fused add +) RMSNorm and the per-token quantization itself (NORM_A) against
+    the norm + quantization kernel and the same GEMM on its codes: x + residual bit for bit; the outputs equal
+    under the interpreter (its row sums are numpy's over the same block in both kernels; on a GPU rstd's sum runs
+    over other warps: test_fp8_linear_rmsnorm_at_8b_shapes bounds that), with bias, K not a multiple of the K
+    step, split K, TMA for the weights and pointer loads; and close to the torch reference."""
+    tk = _norm_gemm_on(monkeypatch)
+    monkeypatch.setattr(tk, "TMA", tma)
+    n, k = 96, 1296
+    w, ws, _ = _weight(n, k, layout)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    x = hidden_states(m, k, dtype)
+    res = hidden_states(m, k, dtype) if residual else None
+    nw = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    assert tk.gemm_normalizes_rows(m, w, dtype)
+    calls = _swap_spy(tk, monkeypatch, "NORM_A")
+    total = torch.full_like(x, float("nan")) if residual else None
+    got = triton("fp8_linear_rmsnorm")(x, res, total, nw, 1e-6, w, ws, bias, dtype)
+    assert calls == [(True, tma)], calls  # one kernel: no norm, no quantization launch
+    want, want_total = _norm_then_linear(x, res, nw, w, ws, bias, dtype)
+    if residual:
+        assert torch.equal(total, want_total)
+    if not ON_GPU:
+        assert torch.equal(got, want)
+    ref_total = torch.zeros_like(x) if residual else None
+    ref = torch_ref("fp8_linear_rmsnorm")(x, res, ref_total, nw, 1e-6, w, ws, bias, dtype)
+    ref_want, ref_want_total = _norm_then_linear(x, res, nw, w, ws, bias, dtype, backend=torch_ref)
+    assert torch.equal(ref, ref_want)
+    if residual:
+        assert torch.equal(ref_total, ref_want_total)  # (not to Triton's: the interpreter truncates to bf16)
+    # the interpreter truncates the norm's bf16 outputs (the reference rounds them): a code a step off here and there
+    tol = 5e-2 if dtype == torch.bfloat16 and not ON_GPU else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * float(ref.float().abs().max()))
+
+
+def test_fp8_linear_rmsnorm_outside_its_rows_runs_the_norm_kernel(monkeypatch):
+    """Rows past NORM_GEMM_MAX_M (0, the default: off) take the norm + quantization kernel and fp8_gemm_quantized:
+    the same output and x + residual as those two; bad inputs are refused with the argument named."""
+    tk = _norm_gemm_on(monkeypatch, rows=2)
+    n, k = 64, 300
+    w, ws, _ = _weight(n, k, "channel")
+    x, res = hidden_states(5, k, torch.bfloat16), hidden_states(5, k, torch.bfloat16)
+    nw = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(torch.bfloat16)
+    assert not tk.gemm_normalizes_rows(5, w, torch.bfloat16)
+    calls = _swap_spy(tk, monkeypatch, "NORM_A")
+    total = torch.empty_like(x)
+    got = triton("fp8_linear_rmsnorm")(x, res, total, nw, 1e-6, w, ws, None, torch.bfloat16)
+    assert not any(norm for norm, _ in calls), calls
+    want, want_total = _norm_then_linear(x, res, nw, w, ws, None, torch.bfloat16)
+    assert torch.equal(got, want) and torch.equal(total, want_total)
+    op = triton("fp8_linear_rmsnorm")
+    with pytest.raises(ValueError, match="both or neither"):
+        op(x, res, None, nw, 1e-6, w, ws, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="norm weight"):
+        op(x, None, None, nw[:128], 1e-6, w, ws, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="residual_out"):
+        op(x, res, total[:3], nw, 1e-6, w, ws, None, torch.bfloat16)
+    monkeypatch.setattr(tk, "NORM_GEMM_MAX_M", 0)
+    assert not tk.gemm_normalizes_rows(1, w, torch.bfloat16)
+
+
+@pytest.mark.parametrize("norm_max_m", [2, 32])
+def test_fp8_model_with_the_gemm_doing_the_norms(norm_max_m, tmp_path, monkeypatch):
+    """A per-channel FP8 Qwen3: qkv_proj and gate_up_proj fed their RMSNorm's input (Fp8NormActivation) at the
+    decode step (2 rows; with 32, the prefill's 14 rows too), x + residual written by the GEMM: the logits of
+    the norm kernels' path, and every residual handed on."""
+    tk = _norm_gemm_on(monkeypatch, rows=norm_max_m)
+    path = _tiny_fp8_qwen3(tmp_path, "compressed-tensors")
+    from atom.quantization.fp8 import Fp8LinearMethod
+
+    calls = []
+    inner = Fp8LinearMethod.apply
+
+    def spy(self, layer, x, bias=None):
+        calls.append((layer.prefix.rpartition(".")[2], type(x).__name__))
+        return inner(self, layer, x, bias)
+
+    monkeypatch.setattr(Fp8LinearMethod, "apply", spy)
+    got, _ = _model_logits(path, True, monkeypatch)
+    for site in ("qkv_proj", "gate_up_proj"):
+        kinds = [kind for s, kind in calls if s == site]  # 2 layers x (prefill, decode)
+        prefill = "Fp8NormActivation" if norm_max_m >= 14 else "Fp8Activation"
+        assert kinds == [prefill] * 2 + ["Fp8NormActivation"] * 2, (site, kinds)
+    monkeypatch.setattr(tk, "NORM_GEMM_MAX_M", 0)
+    want, _ = _model_logits(path, True, monkeypatch)
+    if ON_GPU:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    else:
+        assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- GPU: qwen3-8b shapes
 
 
@@ -408,6 +538,30 @@ def test_fp8_linear_rowmax_at_8b_shapes(m, monkeypatch):
                                           torch.bfloat16)
     assert torch.isfinite(want).all() and want.abs().max() > 0
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 7, 16, 32])
+@pytest.mark.parametrize("site", ["qkv", "gate_up"])
+def test_fp8_linear_rmsnorm_at_8b_shapes(site, m, monkeypatch):
+    """qwen3-8b's qkv_proj / gate_up_proj (per-channel), bf16, on the GPU: the swap kernel doing the fused add +
+    RMSNorm and the quantization itself against the norm + quantization kernel and the same GEMM. x + residual
+    bit for bit; rstd's float32 sum runs over other warps, so a norm output can move by one bf16 ulp and its code
+    by one step: the outputs within that (1% of the largest), and most of them equal."""
+    _norm_gemm_on(monkeypatch, rows=32)
+    hidden = 4096
+    n = {"qkv": 6144, "gate_up": 2 * 12288}[site]
+    w, ws, _ = _weight(n, hidden, "channel")
+    x, res = hidden_states(m, hidden, torch.bfloat16), hidden_states(m, hidden, torch.bfloat16)
+    nw = (1 + 0.2 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    total = torch.empty_like(x)
+    got = triton("fp8_linear_rmsnorm")(x, res, total, nw, 1e-6, w, ws, None, torch.bfloat16)
+    want, want_total = _norm_then_linear(x, res, nw, w, ws, None, torch.bfloat16)
+    assert torch.equal(total, want_total)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * float(want.float().abs().max()))
+    assert (got == want).float().mean() > 0.9
 
 
 # ---------------------------------------------------------------- a whole FP8 model, fused and not
