@@ -61,20 +61,6 @@ class Fp8RowMaxActivation(NamedTuple):
     parts: torch.Tensor
 
 
-class Fp8NormActivation(NamedTuple):
-    """An RMSNorm's input for a per-token FP8 linear whose GEMM does the norm itself (fp8_linear_rmsnorm):
-    rms_norm(x, norm_weight, eps), or with a residual rms_norm(x + residual, ...), x + residual going to
-    residual_out (written by the linear's kernel: the tensor the norm returned as its residual); dtype: the norm's
-    output dtype (the linear's output dtype)."""
-
-    x: torch.Tensor
-    residual: torch.Tensor | None
-    residual_out: torch.Tensor | None
-    norm_weight: torch.Tensor
-    eps: float
-    dtype: torch.dtype
-
-
 def fused_producers_enabled() -> bool:
     raw = os.environ.get("ATOM_FP8_FUSED_PRODUCERS", "1").strip().lower()
     if raw not in ("0", "1", "false", "true", "off", "on", ""):
@@ -112,16 +98,6 @@ class Fp8ConsumerLink:
             return False
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return takes_rowmax(self._consumer[0], rows, x.dtype, fmt)
-
-
-    def takes_norm(self, x: torch.Tensor, fmt: Fp8InputFormat) -> bool:
-        """Whether this call's RMSNorm goes over as an Fp8NormActivation (a per-token layout, the consumer's GEMM
-        does the norm for this many rows: quant_fp8.gemm_normalizes_rows)."""
-        method = getattr(self._consumer[0], "quant_method", None)
-        if getattr(method, "linear_rmsnorm", None) is None or fmt.group_size is not None:
-            return False
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return self._gemm_module.gemm_normalizes_rows(rows, self._consumer[0].weight, x.dtype)
 
 
 def takes_rowmax(consumer: nn.Module, rows: int, dtype: torch.dtype, fmt: Fp8InputFormat | None = None) -> bool:

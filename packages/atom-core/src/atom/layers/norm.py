@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, Fp8NormActivation, link_fp8_consumer
+from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, link_fp8_consumer
 from atom.ops.registry import resolve
 
 
@@ -31,11 +31,6 @@ class RMSNorm(nn.Module):
         if fmt is not None:
             w = self.weight
             dtype = x.dtype if w.dtype == x.dtype or x.dtype.itemsize > w.dtype.itemsize else w.dtype  # the norm's
-            if self._fp8.takes_norm(x, fmt):  # the linear's GEMM normalizes (and writes x + residual)
-                if residual is None:
-                    return Fp8NormActivation(x, None, None, w, self.eps, dtype)
-                total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                return Fp8NormActivation(x, residual, total, w, self.eps, dtype), total
             if residual is None:
                 q, s = self._fp8.ops[0](x, w, self.eps, fmt.group_size, fmt.fp8_dtype)
                 return Fp8Activation(q, s, dtype)

@@ -166,51 +166,6 @@ def fp8_linear_rowmax(x: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor
                                 out_dtype)
 
 
-def _linear_rmsnorm_example(t, static):
-    """fp8_linear's per-token example calls as an RMSNorm's input: with a residual, and one without."""
-    layout = "tensor" if static.get("weight_layout") == "tensor" else "channel"  # per-token activations only
-    static = {**static, "block_size": None, "weight_layout": layout}
-    calls = []
-    for x, q, scale, bias, _ in _linear_example(t, static):
-        g = 1 + t.randn(x.shape[-1], scale=0.1)
-        calls.append((x, t.randn(*x.shape), torch.zeros_like(x), g, 1e-6, q, scale, bias, x.dtype))
-    return [*calls, (x, None, None, g, 1e-6, q, scale, bias, x.dtype)]
-
-
-define_op("fp8_linear_rmsnorm", mutates_args=("residual_out",), example=_linear_rmsnorm_example,
-          fake=lambda x, residual, residual_out, norm_weight, eps, weight, *args: x.new_empty(
-              *x.shape[:-1], weight.shape[0], dtype=args[-1]))
-
-
-def check_rmsnorm_input(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                        norm_weight: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.shape[-1] != weight.shape[-1] or tuple(norm_weight.shape) != (x.shape[-1],):
-        raise ValueError(f"fp8_linear_rmsnorm: input has {x.shape[-1]} features, the norm weight "
-                         f"{tuple(norm_weight.shape)} and the weight {tuple(weight.shape)} expect {weight.shape[-1]}")
-    if (residual is None) != (residual_out is None):
-        raise ValueError("fp8_linear_rmsnorm: residual and residual_out come together (both or neither)")
-    for name, t in (("residual", residual), ("residual_out", residual_out)):
-        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
-            raise ValueError(f"fp8_linear_rmsnorm: {name} is {tuple(t.shape)} {t.dtype}, the input "
-                             f"{tuple(x.shape)} {x.dtype}")
-
-
-@register("fp8_linear_rmsnorm", "torch", cuda_graph=False)
-def fp8_linear_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                       norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """fp8_linear (per-token activation scales: per-channel / per-tensor weights) on rms_norm(x); with a residual,
-    residual_out <- x + residual and the linear on rms_norm(x + residual), as fused_add_rms_norm gives them. The
-    norm's output (in its own dtype) is quantized per token as fp8_quant_token does."""
-    check_rmsnorm_input(x, residual, residual_out, norm_weight, weight)
-    if residual is None:
-        y = rms_norm(x, norm_weight, eps)
-    else:
-        y, total = fused_add_rms_norm(x, residual, norm_weight, eps)
-        residual_out.copy_(total)
-    return fp8_linear_quantized(*per_token_quant_fp8(y, weight.dtype), weight, weight_scale, bias, None, out_dtype)
-
-
 def check_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, block_size) -> None:
     """Shape / dtype checks of pre-quantized activations against the FP8 weight they meet."""
     if q.dtype != weight.dtype:

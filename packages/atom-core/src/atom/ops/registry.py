@@ -395,7 +395,6 @@ _OP_FAMILY = {
     "fp8_linear_quantized": "fp8_producers",
     "silu_and_mul_rowmax": "fp8_producers",
     "fp8_linear_rowmax": "fp8_producers",
-    "fp8_linear_rmsnorm": "fp8_producers",
     "moe_grouped_topk": "moe_routing",
     "moe_router_logits": "moe_routing",
     "mla_cache_write": "mla",

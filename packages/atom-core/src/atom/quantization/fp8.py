@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from atom.distributed import get_tp_group
-from atom.layers.fp8_input import Fp8Activation, Fp8InputFormat, Fp8NormActivation, Fp8RowMaxActivation
+from atom.layers.fp8_input import Fp8Activation, Fp8InputFormat, Fp8RowMaxActivation
 from atom.loader.fp8_format import Fp8Format, check_block_partition, parse_quantization_config
 from atom.ops.quant_fp8 import (
     FP8_DTYPES,
@@ -172,8 +172,6 @@ class Fp8LinearMethod(LinearMethod):
         self.linear_quantized = resolve("fp8_linear_quantized", "triton") if triton_gemm else None
         # float activations with their rows' partial maxima (per-token layouts: the GEMM quantizes them)
         self.linear_rowmax = resolve("fp8_linear_rowmax", "triton") if triton_gemm and not self.block_size else None
-        # an RMSNorm's input (per-token layouts: the GEMM does the norm and the quantization)
-        self.linear_rmsnorm = resolve("fp8_linear_rmsnorm", "triton") if triton_gemm and not self.block_size else None
 
     def _check_shards_loaded(self, layer: nn.Module) -> None:
         if not self.loaded or len(self.output_sizes) == 1:
@@ -254,9 +252,6 @@ class Fp8LinearMethod(LinearMethod):
                                          x.dtype)
         if isinstance(x, Fp8RowMaxActivation):  # per token: the GEMM quantizes x from the producer's row maxima
             return self.linear_rowmax(x.x, x.parts, layer.weight, layer.weight_scale, bias, x.x.dtype)
-        if isinstance(x, Fp8NormActivation):  # per token: the GEMM does the producer's RMSNorm
-            return self.linear_rmsnorm(x.x, x.residual, x.residual_out, x.norm_weight, x.eps, layer.weight,
-                                       layer.weight_scale, bias, x.dtype)
         if self.w_hat is not None:
             return linear_on_dequantized(x, self.w_hat, bias, self.block_size, layer.weight.dtype)
         return self.linear(x, layer.weight, layer.weight_scale, bias, self.block_size)

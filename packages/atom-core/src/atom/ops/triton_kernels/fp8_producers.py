@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from atom.ops.fp8_producers import ROWMAX_CHUNK, check_quantized_input, check_rmsnorm_input, check_rowmax_input
+from atom.ops.fp8_producers import ROWMAX_CHUNK, check_quantized_input, check_rowmax_input
 from atom.ops.quant_fp8 import check_weight_scale
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
@@ -30,7 +30,6 @@ from atom.ops.triton_kernels.quant_fp8 import (
     _swap_gemm,
     check_group_size,
     fp8_gemm_quantized,
-    gemm_normalizes_rows,
     gemm_quantizes_rows,
     per_token_quant_fp8,
     row_block,
@@ -140,17 +139,14 @@ def _outputs(lead, k: int, rows: int, group_size: int | None, fp8_dtype: torch.d
     return q, s, lambda: (q.view(*lead, k), s.view(*lead, groups))
 
 
-def _norm_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read."""
-    return x.dtype if weight.dtype == x.dtype or x.dtype.itemsize > weight.dtype.itemsize else weight.dtype
-
-
 def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
     check_group_size(group_size, "the Triton FP8 producers")
     n = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
-    act = _norm_dtype(x, weight)
+    # the unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read
+    act = x.dtype if weight.dtype == x.dtype else (x.dtype if x.dtype.itemsize > weight.dtype.itemsize
+                                                    else weight.dtype)
     q, s, views = _outputs(x.shape[:-1], n, rows, group_size, fp8_dtype, x.device)
     res2 = _rows(residual) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else q
@@ -221,36 +217,6 @@ def fp8_linear_rowmax(x: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor
     else:
         q, s = per_token_quant_fp8(x2, weight.dtype)
         out = fp8_gemm_quantized(q, s, weight, weight_scale, bias, None, out_dtype)
-    return out.view(*x.shape[:-1], n)
-
-
-@register("fp8_linear_rmsnorm", "triton")
-def fp8_linear_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                       norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The swap-AB kernel doing the (fused add +) RMSNorm and the per-token quantization itself (NORM_A) where
-    quant_fp8.gemm_normalizes_rows holds; elsewhere the norm + quantization kernel and fp8_gemm_quantized (today's
-    two kernels). residual_out: x + residual, written by the kernel (or copied from the norm kernel's)."""
-    check_rmsnorm_input(x, residual, residual_out, norm_weight, weight)
-    check_weight_scale(weight_scale, *weight.shape, None, "fp8_linear_rmsnorm weight")
-    n, k = weight.shape
-    x2 = _rows(x)
-    m = x2.shape[0]
-    act = _act_dtype(_norm_dtype(x, norm_weight))
-    if gemm_normalizes_rows(m, weight, out_dtype):
-        res_out = residual_out if residual_out is None or residual_out.is_contiguous() else \
-            torch.empty_like(residual_out)
-        precise = out_dtype == torch.float32 and x2.is_cuda and not interpreting()
-        out = _swap_gemm(x2, x2, weight, weight_scale, bias, None, out_dtype, precise,
-                         norm=dict(weight=norm_weight, eps=eps, dtype=act,
-                                   residual=None if residual is None else _rows(residual), residual_out=res_out))
-        if res_out is not residual_out:
-            residual_out.copy_(res_out)
-    else:
-        q, s, *total = _norm_quant(x, residual, norm_weight, eps, None, weight.dtype)
-        if residual_out is not None:
-            residual_out.copy_(total[0])
-        out = fp8_gemm_quantized(_rows(q), _rows(s), weight, weight_scale, bias, None, out_dtype)
     return out.view(*x.shape[:-1], n)
 
 

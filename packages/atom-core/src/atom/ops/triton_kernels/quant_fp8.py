@@ -304,9 +304,7 @@ def _fp8_gemm_swap_kernel(
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
-    EMULATE: tl.constexpr = False, g_ptr=None, r_ptr=None, r_out_ptr=None, r_stride=0, eps=0.0,
-    NORM_A: tl.constexpr = False, NORM_RES: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16,
-    NORM_DTYPE: tl.constexpr = tl.bfloat16,
+    EMULATE: tl.constexpr = False,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -330,17 +328,7 @@ def _fp8_gemm_swap_kernel(
     the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
     to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
     and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
-    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251).
-
-    NORM_A (per-token scales only; fp8_linear_rmsnorm): a_ptr holds the RMSNorm's input x [M, K] (a_desc unused),
-    g_ptr its weight [K] (eps), and NORM_RES: r_ptr [M, K] the residual to add first (x + r, rounded to x's dtype,
-    as norm.rms_norm_row does), which the first program of each row block (column block 0, split 0) stores at
-    r_out_ptr [M, K] (contiguous rows). Each program first walks its real rows whole (NORM_BLOCK >= K columns in
-    one block, 1-D: no padded rows) for each row's rstd and the absolute maximum of its norm output, rounded to
-    NORM_DTYPE (the norm's output dtype) as the norm stores it; each K step then normalizes and quantizes its
-    activation tile as QUANT_A does. The norm kernel and its quantization (rms_norm_quant_fp8) are not launched:
-    one kernel a norm fewer. Not bit-identical to them: rstd's float32 sum runs over this program's warps, not the
-    norm kernel's, so a code can move by one step where a value sits at a rounding boundary."""
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -360,30 +348,7 @@ def _fp8_gemm_swap_kernel(
     pdl_wait(PDL)
 
     fp8 = w_ptr.dtype.element_ty
-    if NORM_A:
-        c = tl.arange(0, NORM_BLOCK)
-        c_ok = c < K
-        g_row = tl.load(g_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        writer = (pid_n == 0) & (split == 0)
-        rstd = tl.zeros([BLOCK_M], tl.float32)
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for i in range(0, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)):
-            row = (pid_m * BLOCK_M + i).to(tl.int64)
-            xr = tl.load(a_ptr + row * a_stride + c, mask=c_ok, other=0.0)
-            if NORM_RES:
-                rr = tl.load(r_ptr + row * r_stride + c, mask=c_ok, other=0.0)
-                xr = (xr.to(tl.float32) + rr.to(tl.float32)).to(xr.dtype)
-                if writer:
-                    tl.store(r_out_ptr + row * K + c, xr, mask=c_ok)
-            xf = xr.to(tl.float32)
-            rs = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-            y = ((xf * rs).to(xr.dtype).to(tl.float32) * g_row).to(NORM_DTYPE).to(tl.float32)
-            here = tl.arange(0, BLOCK_M) == i
-            rstd = tl.where(here, rs, rstd)
-            amax = tl.where(here, tl.max(tl.abs(y), axis=0), amax)
-        sa = dynamic_scale(amax, FP8_MAX, MIN_SCALE)  # padded rows: the floor
-        ra = reciprocal(sa)
-    elif QUANT_A:
+    if QUANT_A:
         p = tl.arange(0, A_PARTS)
         parts = tl.load(as_ptr + m64[:, None] * as_stride + p[None, :], mask=m_ok[:, None] & (p < a_parts)[None, :],
                         other=0.0)
@@ -398,23 +363,13 @@ def _fp8_gemm_swap_kernel(
         k_ok = k < K
         if TMA:
             w = w_desc.load([pid_n * BLOCK_N, k0])
+            a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
         else:
             w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)
-        if TMA and not NORM_A:
-            a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
-        else:
             a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                           other=0.0)
-        if NORM_A:  # x (+ r) -> the norm's output, in NORM_DTYPE, as in the walk above -> its codes
-            if NORM_RES:
-                r_t = tl.load(r_ptr + m64[None, :] * r_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                              other=0.0)
-                a_t = (a_t.to(tl.float32) + r_t.to(tl.float32)).to(a_t.dtype)
-            g_k = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            y_t = ((a_t.to(tl.float32) * rstd[None, :]).to(a_t.dtype).to(tl.float32) * g_k[:, None]).to(NORM_DTYPE)
-            a_t = quantize_by_reciprocal(y_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
-        elif QUANT_A:
+        if QUANT_A:
             a_t = quantize_by_reciprocal(a_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
         if PRECISE:
             w = w.to(tl.bfloat16)
@@ -840,30 +795,6 @@ def gemm_quantizes_rows(m: int, weight: torch.Tensor, block_size: list[int] | No
             and not scaled_mm_applies(m, weight, block_size, out_dtype))
 
 
-def _env_norm_gemm_max_m() -> int:
-    return _env_rows("ATOM_FP8_NORM_GEMM_MAX_M", 0, 64)
-
-
-# Rows up to which an RMSNorm feeding a per-token FP8 linear (qkv_proj, a dense MLP's gate_up_proj) hands the linear
-# its input, residual and weight, and the swap-AB kernel does the (fused add +) RMSNorm and the quantization itself
-# (NORM_A, fp8_linear_rmsnorm): one kernel a norm fewer at decode, each program walking its rows whole first (8 KB a
-# row at 4,096 columns, from L2). The lever KERNEL_NOTES stop 52 names for issue 12's batch-1 1.7x (~2.5 us a layer
-# short). 0 (off) until an engine A/B on the GPU (tools/device/README.md, P3): ATOM_FP8_NORM_GEMM_MAX_M=N turns it on
-# up to N rows per process.
-NORM_GEMM_MAX_M = _env_norm_gemm_max_m()
-# Columns up to which the swap-AB kernel normalizes a row itself (one block a row in registers: 64 a thread at 4
-# warps)
-NORM_GEMM_MAX_K = 8192
-
-
-def gemm_normalizes_rows(m: int, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether an M-row per-token FP8 linear takes an RMSNorm's input and does the norm itself (the swap-AB kernel
-    with NORM_A: where fp8_gemm_quantized would run the swap kernel, up to NORM_GEMM_MAX_M rows of at most
-    NORM_GEMM_MAX_K columns)."""
-    return (GEMV_MAX_M < m <= min(NORM_GEMM_MAX_M, SWAP_MAX_M) and weight.shape[1] <= NORM_GEMM_MAX_K
-            and not scaled_mm_applies(m, weight, None, out_dtype))
-
-
 # Split-K in the swap-AB kernel: the last program of a tile adds the partials (SERIAL) instead of a second kernel
 # (_split_k_sum_kernel: 3 of the 4 linears a layer split at decode). Off: on the H200 (2026-12-03,
 # fp8_skinny_bench.py, qwen3-8b linears) it was slower than the second kernel in every row (o M32 13.0 against 10.5
@@ -1023,11 +954,9 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
 
 def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
-               quant_a: bool = False, norm: dict | None = None) -> torch.Tensor:
+               quant_a: bool = False) -> torch.Tensor:
     """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales, or (quant_a, per-token
-    layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel, or
-    (norm, per-token layouts) on an RMSNorm's input a, normalized and quantized in the kernel: norm = dict(weight,
-    eps, dtype (the norm's output dtype, a Triton dtype), residual and residual_out (both [M, K], or both None)); a_scale unused."""
+    layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel."""
     n, k = weight.shape
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -1052,14 +981,6 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
                              "come from the producer)")
         quant = dict(a_parts=a_scale.shape[1], QUANT_A=True, A_PARTS=triton.next_power_of_2(a_scale.shape[1]),
                      **fp8_consts(weight.dtype))
-    if norm is not None:
-        if block_size is not None:
-            raise ValueError("the swap-AB kernel normalizes per-token activations only")
-        res, res_out = norm["residual"], norm["residual_out"]
-        quant = dict(g_ptr=norm["weight"], r_ptr=res if res is not None else a, r_stride=a.stride(0) if res is None
-                     else res.stride(0), r_out_ptr=res_out if res_out is not None else a, eps=float(norm["eps"]),
-                     NORM_A=True, NORM_RES=res is not None, NORM_BLOCK=triton.next_power_of_2(k),
-                     NORM_DTYPE=norm["dtype"], **fp8_consts(weight.dtype))
 
     def swap(target, k_per_split, split, add_bias):
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
