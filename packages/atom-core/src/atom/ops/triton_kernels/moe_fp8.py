@@ -234,9 +234,20 @@ GEMM_TILE_OVERRIDE: dict | None = None
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def _pair_tile() -> dict:
+# The per-pair tile of per-channel / per-tensor experts from 2 tokens. H100 (2026-12-06, moe_kernels_profile.py --fp8
+# channel, qwen3-30b-a3b's experts, PDL off, benchmarks/h100-2026-12-06e/pair_tile_sweep.txt): at 2 tokens (16 pairs)
+# gate|up 31.3-32.0 -> 22.5-24.0 us and down 14.9 -> 12.1-12.2 us a call against the one-token tile below, in three
+# processes; at one token that tile stays the best of 18 within 6% (14.8 / 7.2 us; subs 1 there: 16.8 / 8.2).
+PAIR_TILE_TWO_TOKENS = dict(gate_block_n=32, down_block_n=64, subs=1, num_warps=4)
+
+
+def _pair_tile(num_tokens: int = 1, block: bool = False) -> dict:
+    """The per-pair kernels' tile: PAIR_TILE_TWO_TOKENS from 2 tokens for per-channel / per-tensor scales (block
+    scales keep the one-token tile: not measured)."""
     if PAIR_TILE_OVERRIDE is not None:
         return PAIR_TILE_OVERRIDE
+    if num_tokens >= 2 and not block:
+        return dict(PAIR_TILE_TWO_TOKENS)
     return dict(gate_block_n=16, down_block_n=32, subs=2, num_warps=4)
 
 
@@ -280,7 +291,7 @@ def _per_pair(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, act, bloc
     scale_bn, group, up_off = _layout(block_size, inter)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()
-    tile = _pair_tile()
+    tile = _pair_tile(num_tokens, block)
     consts = fp8_consts(w13.dtype)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     s13 = _scale_strides(w13_scale, block)
