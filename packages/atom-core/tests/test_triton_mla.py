@@ -416,6 +416,69 @@ def test_moe_router_logits(tokens, experts, hidden, dtype):
     check("moe_router_logits", got, ref_routing.moe_router_logits(x, w), 1e-6)
 
 
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 20, 200), (5, 10, 64), (37, 20, 96), (80, 20, 96),
+                                                   pytest.param(32, 128, 2048, marks=LARGE.marks)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_gate_logits(tokens, experts, hidden, dtype, monkeypatch):
+    """Qwen3-MoE's / Mixtral's router in the model dtype through the router kernel (GATE_KERNEL_MAX_TOKENS set to
+    64): logits in x's dtype against F.linear, masked edges on every axis, 2 tokens a program up to 64 tokens (a
+    partial last tile at 5 and 37), 4 from 65; 80 tokens, past the bound, take the GEMM itself (bit for bit); the
+    qwen3-30b-a3b router (128 x 2048) on the GPU only."""
+    from atom.ops.triton_kernels import moe_routing as tk_routing
+
+    monkeypatch.setattr(tk_routing, "GATE_KERNEL_MAX_TOKENS", 64)
+    launches = []
+    kernel = tk_routing._router_logits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tk_routing, "_router_logits_kernel", Spy())
+    x = rand(tokens, hidden).to(dtype)
+    w = (rand(experts, hidden) * hidden ** -0.5).to(dtype)
+    got = triton_op("moe_gate_logits")(x, w)
+    want = ref_routing.moe_gate_logits(x, w)
+    assert got.dtype == dtype and got.shape == (tokens, experts)
+    assert len(launches) == (tokens <= 64), launches
+    if tokens > 64:
+        assert torch.equal(got, want)
+    # float32: summation order only; bf16: the rounding of one float32 sum (the interpreter truncates)
+    check("moe_gate_logits", got, want, 1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_qwen3_moe_with_the_gate_kernel(tmp_path, monkeypatch):
+    """A tiny Qwen3-MoE on the Triton kernels, float32: with GATE_KERNEL_MAX_TOKENS > 0 its MoE block's router is
+    moe_gate_logits' kernel (prefill and decode), and the logits are the plain gate's within float32 summation
+    order; with 0 (the default) the gate stays the linear layer."""
+    from compile_checks import PROMPTS, write_tiny_qwen3_moe
+    from paged_harness import PagedHarness
+
+    from atom.loader import load_model
+    from atom.models.decoder import SparseMoE
+    from atom.ops import registry
+    from atom.ops.triton_kernels import moe_routing as tk_routing
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    write_tiny_qwen3_moe(tmp_path)
+    runs = []
+    for max_tokens in (0, 64):
+        monkeypatch.setattr(tk_routing, "GATE_KERNEL_MAX_TOKENS", max_tokens)
+        model, _ = load_model(str(tmp_path), dtype="float32", device=DEVICE, progress=False)
+        moe = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        assert moe and all((m._gate_logits is not None) == (max_tokens > 0) for m in moe)
+        harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
+        seqs = harness.add(len(PROMPTS))
+        steps = [harness.step(PROMPTS, seqs)]
+        steps.append(harness.step([[int(t)] for t in steps[0].argmax(-1)], seqs))
+        runs.append(torch.cat(steps))
+    registry.forget_resolutions()
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_shared", [1, 2, 3])
 def test_moe_grouped_topk_appends_the_shared_expert_slots(num_shared):
     """num_shared > 0 (DeepSeekMoE's shared experts held as expert slots): the routed columns are the plain

@@ -23,6 +23,7 @@ from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, Re
 from atom.layers.moe import FusedMoE
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding
+from atom.ops.registry import impl_of, resolve
 from atom.quantization import QuantizationConfig, weights_reloading
 
 
@@ -142,9 +143,24 @@ class SparseMoE(nn.Module):
         self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size, inter,
                                 renormalize=renorm, activation=act, quant_config=quant_config,
                                 prefix=f"{prefix}.experts")
+        self._gate_logits = _gate_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_logits is not None:  # the router's GEMM as a Triton kernel at a few tokens
+            return self.experts(x, self._gate_logits(x, self.gate.weight))
         return self.experts(x, self.gate(x))
+
+
+def _gate_kernel():
+    """The Triton moe_gate_logits where it would run its kernel (ATOM_MOE_GATE_KERNEL_MAX_TOKENS > 0 and Triton the
+    backend chosen), else None: the gate stays a plain linear (the CPU's packed GEMMs; traceable by torch.compile)."""
+    op = resolve("moe_gate_logits")
+    impl = impl_of(op)
+    if impl is None or impl.backend != "triton":
+        return None
+    from atom.ops.triton_kernels import moe_routing
+
+    return op if moe_routing.GATE_KERNEL_MAX_TOKENS > 0 else None
 
 
 def _is_moe_layer(config, layer_idx: int, opts: DecoderOptions) -> bool:

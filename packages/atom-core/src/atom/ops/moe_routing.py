@@ -127,3 +127,19 @@ def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """DeepSeek's router: x [T, H] (the model dtype) against the float32 weight [E, H] -> float32 logits [T, E],
     computed in float32 as transformers does (x upcast first)."""
     return F.linear(x.float(), weight.float())
+
+
+def _gate_example(t, static):
+    experts, hidden = int(static.get("num_experts", 16)), int(static.get("hidden_size", 64))
+    w = t.randn(experts, hidden, scale=hidden ** -0.5)
+    return [(t.randn(m, hidden), w) for m in (1, 5)]
+
+
+define_op("moe_gate_logits", example=_gate_example)
+
+
+@register("moe_gate_logits", "torch")
+def moe_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An unquantized router in the model dtype (Qwen3-MoE's and Mixtral's gate, a bias-free nn.Linear): x [T, H]
+    against weight [E, H] -> logits [T, E] in x's dtype, as transformers computes them (float32 sums, rounded)."""
+    return F.linear(x, weight)

@@ -397,6 +397,7 @@ _OP_FAMILY = {
     "fp8_linear_rowmax": "fp8_producers",
     "moe_grouped_topk": "moe_routing",
     "moe_router_logits": "moe_routing",
+    "moe_gate_logits": "moe_routing",
     "mla_cache_write": "mla",
     "mla_norm_rope_cache": "mla",
     "mla_decode": "mla",

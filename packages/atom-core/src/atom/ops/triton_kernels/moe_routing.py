@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from atom.envs import env_int
 from atom.ops.registry import register
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -19,7 +20,8 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 @triton.jit
 def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, x_stride, w_stride, out_stride,
                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """logits[t, e] = sum_h float(x[t, h]) * w[e, h] in float32 FMAs. One program holds BLOCK_E whole weight
+    """logits[t, e] = sum_h float(x[t, h]) * float(w[e, h]) in float32 FMAs, stored in out's dtype. One program
+    holds BLOCK_E whole weight
     rows in registers (read once) and walks BLOCK_T tokens: at decode the weight is spread over
     E / BLOCK_E programs (a float32 tl.dot in IEEE precision measured 45 us a call on the H200)."""
     pdl_wait(PDL)
@@ -49,13 +51,36 @@ ROUTER_GEMM_MIN_TOKENS = 512
 def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] against the float32 router weight [E, H] -> float32 logits [T, E]: below ROUTER_GEMM_MIN_TOKENS in
     one kernel (no float32 copy of x, no cuBLAS GEMV + reduction pair), from there a float32 GEMM."""
-    num_tokens, hidden = x.shape
-    num_experts = weight.shape[0]
-    if num_tokens >= ROUTER_GEMM_MIN_TOKENS:
+    if x.shape[0] >= ROUTER_GEMM_MIN_TOKENS:
         # prefill: the walk is serial over a program's tokens, a float32 GEMM is not (H200, V2-Lite's router:
         # ~600 us a layer at 16K tokens on the kernel)
         return F.linear(x.float(), weight.float())
-    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    return _router_logits(x, weight, torch.float32)
+
+
+# Tokens up to which an unquantized router in the model dtype (moe_gate_logits: Qwen3-MoE's and Mixtral's gate) runs
+# _router_logits_kernel (float32 sums of the weight rows, rounded to the logits' dtype as a cuBLAS GEMM rounds them)
+# instead of the cuBLAS GEMM. On the H100 (2026-12-06, decode_profile.py, qwen3-30b-a3b FP8 at batch 1, PDL off)
+# that GEMM took 4.9 us a layer for 0.5 MB of weights (7.5% of the step), and a cuBLAS kernel between two Triton
+# kernels also breaks their programmatic dependent launch chain. 0 (off) until an engine A/B on the GPU:
+# ATOM_MOE_GATE_KERNEL_MAX_TOKENS=N sets it per process (read when a model is built: SparseMoE calls the op only
+# with N > 0).
+GATE_KERNEL_MAX_TOKENS = env_int("ATOM_MOE_GATE_KERNEL_MAX_TOKENS", 0, ROUTER_GEMM_MIN_TOKENS - 1, "tokens")
+
+
+@register("moe_gate_logits", "triton")
+def moe_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] against the router weight [E, H] (the model dtype) -> logits [T, E] in x's dtype: up to
+    GATE_KERNEL_MAX_TOKENS tokens in one Triton kernel, else the GEMM."""
+    if not 0 < x.shape[0] <= GATE_KERNEL_MAX_TOKENS:
+        return F.linear(x, weight)
+    return _router_logits(x, weight, x.dtype)
+
+
+def _router_logits(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
     if num_tokens:
         x = x if x.stride(-1) == 1 else x.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
