@@ -34,6 +34,7 @@ from atom.ops.registry import resolve  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fp8_helpers import make_fp8_experts  # noqa: E402
+from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -185,19 +186,9 @@ def test_token_quantization_several_rows_a_program(monkeypatch):
     monkeypatch.setattr(tk, "QUANT_ROWS", (4, 512, 4))
     assert tk.token_quant_rows(300, 37) == 4
     assert tk.token_quant_rows(300, 15) == 1 and tk.token_quant_rows(600, 37) == 1  # few rows; rows too long
-    launches = []
-    kernel = tk._quant_token_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kw):
-                launches.append((grid, kw.get("ROWS", 1)))
-                return kernel[grid](*args, **kw)
-            return run
-
-    monkeypatch.setattr(tk, "_quant_token_kernel", Spy())
+    launches = spy_launches(monkeypatch, tk, "_quant_token_kernel")
     q, s = triton_op("fp8_quant_token")(x)
-    assert launches == [((10,), 4)], launches  # 37 rows, 4 a program
+    assert [(la.grid, la.kwargs.get("ROWS", 1)) for la in launches] == [((10,), 4)], launches  # 37 rows, 4 a program
     assert torch.equal(s, s1) and torch.equal(q.view(torch.uint8), q1.view(torch.uint8))
     rq, rs = Q.per_token_quant_fp8(x)
     assert torch.equal(s, rs)

@@ -23,6 +23,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
+from launch_spy import spy_launches  # noqa: E402
 from triton import jit as triton_jit  # noqa: E402
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
@@ -288,19 +289,10 @@ def test_fp8_linear_rowmax_equals_the_quantized_path(m, layout, dtype, tma, monk
     x = hidden_states(m, 2 * d, dtype)
     y, parts = triton("silu_and_mul_rowmax")(x)
     assert tk.gemm_quantizes_rows(m, w, None, dtype)
-    calls = []
-    launch = tk._fp8_gemm_swap_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kw):
-                calls.append((kw.get("QUANT_A", False), kw.get("TMA")))
-                return launch[grid](*args, **kw)
-            return run
-
-    monkeypatch.setattr(tk, "_fp8_gemm_swap_kernel", Spy())
+    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
     got = triton("fp8_linear_rowmax")(y, parts, w, ws, bias, dtype)
     want = triton("fp8_linear_quantized")(*triton("silu_and_mul_quant_fp8")(x, None, FP8), w, ws, bias, None, dtype)
+    calls = [(la.kwargs.get("QUANT_A", False), la.kwargs.get("TMA")) for la in launches]
     assert calls[0][0] and not calls[1][0], calls  # the rowmax call quantized in the kernel, the other did not
     assert calls[0][1] == tma, calls
     assert torch.equal(got, want)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
+from launch_spy import spy_launches  # noqa: E402
 from test_triton_kernels import DEVICE, LARGE, ON_GPU, TOL, _paged_case, check, rand, triton_op  # noqa: E402
 
 from atom.ops import attention as ref_attn  # noqa: E402
@@ -264,23 +265,16 @@ def test_fragments_gate_and_up_as_one_plain_matrix(size, split_k, monkeypatch):
     token (the per-pair programs without the expert sort)."""
     from atom.ops.triton_kernels import moe_swigluoai as tk
 
-    kernel, grids = tk._expert_gemm_mxf_kernel, []
-
-    class Spy:  # the launches' grids: the gate / up launch's column blocks say which kernel ran
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(tk, "_expert_gemm_mxf_kernel", Spy())
+    launches = spy_launches(monkeypatch, tk, "_expert_gemm_mxf_kernel")  # the gate / up launch's column blocks
     monkeypatch.setattr(tk, "MX_SPLIT_K", str(split_k))
     inter, outs = size[2], []
     for ungated in (False, True):
         monkeypatch.setattr(tk, "MX_FRAG_UNGATED", ungated)
         torch.manual_seed(11)
-        grids.clear()
+        launches.clear()
         name = "plain_gate_up_decode" if size[0] * size[4] <= tk.PAIR_GEMV_MAX_PAIRS else "plain_gate_up"
         outs.append(_run_experts(name, size, "mxfp4_random_codes", torch.bfloat16, mx_gemm="regdot", frag=True))
-        assert grids[0][1] == (2 if ungated and split_k > 1 else 1) * inter // 64
+        assert launches[0].grid[1] == (2 if ungated and split_k > 1 else 1) * inter // 64
     assert torch.equal(outs[0], outs[1])
 
 
@@ -361,10 +355,7 @@ def test_gpt_oss_experts_layer_keeps_and_reads_fragments(triton_experts, monkeyp
     assert float32.w13_frag is None and float32.w13_weight.numel() > 0
     x = rand(12, 64, dtype=torch.bfloat16)
     weights, ids = ref_moe.moe_topk_softmax(rand(12, 4), 2, True)
-    launches = []
-    kernel = tk._expert_gemm_mxf_kernel
-    monkeypatch.setattr(tk, "_expert_gemm_mxf_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
+    launches = spy_launches(monkeypatch, tk, "_expert_gemm_mxf_kernel")
     got = on(x, weights, ids)
     assert len(launches) == 2  # gate / up, then down, from the fragments
     w13, w2, s13, s2 = checkpoint
@@ -717,17 +708,7 @@ def test_sum_topk_rounds_each_weighted_row_before_adding(dtype, monkeypatch):
     holds no fma."""
     from atom.ops.triton_kernels import moe
 
-    launches = []
-    kernel = moe._sum_topk_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((kwargs, kernel[grid](*args, **kwargs)))
-                return launches[-1][1]
-            return launch
-
-    monkeypatch.setattr(moe, "_sum_topk_kernel", Spy())
+    launches = spy_launches(monkeypatch, moe, "_sum_topk_kernel")
     tokens, width = (512, 2880) if ON_GPU else (6, 300)
     y = rand(tokens * 2, width, dtype=dtype)
     ids = torch.randint(0, 8, (tokens, 2), device=DEVICE)
@@ -737,7 +718,7 @@ def test_sum_topk_rounds_each_weighted_row_before_adding(dtype, monkeypatch):
     terms = y.float().view(tokens, 2, width) * weights[:, :, None]
     terms = torch.where((ids >= 0)[:, :, None], terms, 0.0)
     assert torch.equal(out, terms[:, 0] + terms[:, 1]), (out - terms[:, 0] - terms[:, 1]).abs().max()
-    (kwargs, compiled), = launches
+    (_, kwargs, compiled), = launches
     assert kwargs.get("enable_fp_fusion") is False
     if ON_GPU and torch.version.hip is None:
         assert "fma" not in compiled.asm["ptx"]

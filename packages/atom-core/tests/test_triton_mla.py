@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from launch_spy import spy_launches
 from test_triton_kernels import DEVICE, DTYPES, LARGE, ON_GPU, TOL, check, prefill_graph_layout, rand, triton_op
 
 import triton  # noqa: E402  (the module above skips this file without a GPU or the interpreter)
@@ -427,15 +428,7 @@ def test_moe_gate_logits(tokens, experts, hidden, dtype, monkeypatch):
     from atom.ops.triton_kernels import moe_routing as tk_routing
 
     monkeypatch.setattr(tk_routing, "GATE_KERNEL_MAX_TOKENS", 64)
-    launches = []
-    kernel = tk_routing._router_logits_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(tk_routing, "_router_logits_kernel", Spy())
+    launches = spy_launches(monkeypatch, tk_routing, "_router_logits_kernel")
     x = rand(tokens, hidden).to(dtype)
     w = (rand(experts, hidden) * hidden ** -0.5).to(dtype)
     got = triton_op("moe_gate_logits")(x, w)
