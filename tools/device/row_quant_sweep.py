@@ -71,18 +71,17 @@ def launches(kind: str, m: int, k: int, dev: torch.device):
     if kind == "quant_token":
         x = torch.randn(m, k, generator=g, device=dev, dtype=torch.bfloat16)
 
-        def run(block, warps, rows=1):
+        def run(block, warps):
             q = torch.empty(m, k, dtype=FP8, device=dev)
             s = torch.empty(m, 1, dtype=torch.float32, device=dev)
-            qf._quant_token_kernel[(-(-m // rows),)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, **consts,
-                                                     PDL=False, n_rows=m, ROWS=rows, num_warps=warps)
+            qf._quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, **consts,
+                                         PDL=False, num_warps=warps)
             return q, s
         return run, m * k * (2 + 1) + m * 4
     if kind == "silu_mul_quant_token":
         x = torch.randn(m, 2 * k, generator=g, device=dev, dtype=torch.bfloat16)
 
-        def run(block, warps, rows=1):
-            assert rows == 1, "several rows a program: the per-token quantization kernel only"
+        def run(block, warps):
             q = torch.empty(m, k, dtype=FP8, device=dev)
             s = torch.empty(m, 1, dtype=torch.float32, device=dev)
             fp._silu_mul_quant_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0),
@@ -98,35 +97,33 @@ def main() -> None:
     ap.add_argument("--rows", default="128,4096,16384")
     ap.add_argument("--kernels", default="quant_token:4096,silu_mul_quant_token:12288",
                     help="kernel:columns (qwen3-8b: o_proj's input 4,096; down_proj's 12,288)")
-    ap.add_argument("--tiles", default=None, help="block:warps[:rows],... (default: a sweep of 10; rows > 1: that many "
-                    "rows a program, the per-token quantization kernel only, block >= the row: ATOM_FP8_QUANT_ROWS)")
+    ap.add_argument("--tiles", default=None, help="block:warps,... (default: a sweep of 10)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiles = [tuple(int(v) for v in t.split(":")) for t in a.tiles.split(",")] if a.tiles else TILES
-    tiles = [t if len(t) == 3 else (*t, 1) for t in tiles]
     rate = copy_rate(dev)
     print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}: copy rate {rate:,.0f} GB/s")
     res = []
     for spec in a.kernels.split(","):
         kind, k = spec.split(":")
         k = int(k)
-        default = (*qf.row_block(k), 1)
+        default = qf.row_block(k)
         for m in (int(r) for r in a.rows.split(",")):
             run, nbytes = launches(kind, m, k, dev)
             ref = run(*default)
             rows = []
-            for block, warps, per in [default] + [t for t in tiles if t != default]:
-                if block < 16 or (block > qf.ROW_BLOCK_MAX) or (per > 1 and (block < k or kind != "quant_token")):
+            for block, warps in [default] + [t for t in tiles if t != default]:
+                if block < 16 or (block > qf.ROW_BLOCK_MAX):
                     continue
-                q, s = run(block, warps, per)
+                q, s = run(block, warps)
                 same = bool(torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
                             and torch.equal(s, ref[1]))
-                us = timed(lambda b=block, w=warps, p=per, run=run: run(b, w, p), a.reps)
+                us = timed(lambda b=block, w=warps, run=run: run(b, w), a.reps)
                 gbs = nbytes / us / 1e3
-                rows.append(dict(kernel=kind, cols=k, rows=m, block=block, warps=warps, rows_a_program=per,
-                                 default=(block, warps, per) == default, us=us, gbs=gbs,
+                rows.append(dict(kernel=kind, cols=k, rows=m, block=block, warps=warps,
+                                 default=(block, warps) == default, us=us, gbs=gbs,
                                  pct_copy=100 * gbs / rate if rate == rate else None, identical=same))
             best = min(rows, key=lambda r: r["us"])
             for r in rows:
@@ -134,8 +131,7 @@ def main() -> None:
                 tag += " BEST" if r is best else ""
                 tag += "" if r["identical"] else " DIFFERS"
                 pct = f"{r['pct_copy']:5.1f}%" if r["pct_copy"] is not None else "   - "
-                print(f"{kind:<22} k={k:<6} M={m:<6} block {r['block']:>5} warps {r['warps']:>2} "
-                      f"rows {r['rows_a_program']:>2}: "
+                print(f"{kind:<22} k={k:<6} M={m:<6} block {r['block']:>5} warps {r['warps']:>2}: "
                       f"{r['us']:9.1f} us {r['gbs']:8.0f} GB/s {pct}{tag}", flush=True)
             res += rows
     if a.out:

@@ -165,36 +165,6 @@ def test_token_quantization_with_the_large_row_launch(monkeypatch):
     same_codes("quant token, the large-row launch", q, rq)
 
 
-def test_token_quantization_several_rows_a_program(monkeypatch):
-    """ATOM_FP8_QUANT_ROWS (rows:max_cols:num_warps; unset: one row a program): from ROW_TILE_LARGE's row count, rows
-    of at most max_cols columns are quantized that many a program (a [rows, block] tile, a partial last one): the
-    one-row launch's scales and codes bit for bit, and the reference's; longer rows and fewer rows keep their launch;
-    malformed values are refused naming the variable."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    monkeypatch.setenv("ATOM_FP8_QUANT_ROWS", "8:1024:4")
-    assert tk._env_quant_rows() == (8, 1024, 4)
-    monkeypatch.delenv("ATOM_FP8_QUANT_ROWS")
-    assert tk._env_quant_rows() == (1, 0, 0)
-    for bad in ("8:1024", "3:1024:4", "8:8:4", "64:1024:4", "8:1024:3", "a:b:c"):
-        monkeypatch.setenv("ATOM_FP8_QUANT_ROWS", bad)
-        with pytest.raises(ValueError, match="ATOM_FP8_QUANT_ROWS"):
-            tk._env_quant_rows()
-    x = activations(37, 300, torch.bfloat16)
-    q1, s1 = triton_op("fp8_quant_token")(x)
-    monkeypatch.setattr(tk, "ROW_TILE_LARGE", (16, 512, 4))
-    monkeypatch.setattr(tk, "QUANT_ROWS", (4, 512, 4))
-    assert tk.token_quant_rows(300, 37) == 4
-    assert tk.token_quant_rows(300, 15) == 1 and tk.token_quant_rows(600, 37) == 1  # few rows; rows too long
-    launches = spy_launches(monkeypatch, tk, "_quant_token_kernel")
-    q, s = triton_op("fp8_quant_token")(x)
-    assert [(la.grid, la.kwargs.get("ROWS", 1)) for la in launches] == [((10,), 4)], launches  # 37 rows, 4 a program
-    assert torch.equal(s, s1) and torch.equal(q.view(torch.uint8), q1.view(torch.uint8))
-    rq, rs = Q.per_token_quant_fp8(x)
-    assert torch.equal(s, rs)
-    same_codes("quant token, several rows a program", q, rq)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("shape", [(4096, 4096), (1, 12288), (4096, 12288), (2, 20000)])

@@ -93,38 +93,27 @@ def _quant_group_kernel(x_ptr, q_ptr, s_ptr, k_dim, num_groups, x_stride, q_stri
 @triton.jit
 def _quant_token_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_stride, q_stride, BLOCK: tl.constexpr,
                         FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-                        EMULATE: tl.constexpr, PDL: tl.constexpr, n_rows=0, ROWS: tl.constexpr = 1):
-    """One row per program: its absolute max, then the quantized row (read once when it fits one BLOCK). ROWS > 1
-    (BLOCK >= k_dim): ROWS consecutive rows of the n_rows a program, as one [ROWS, BLOCK] tile (each row's max over
-    its own columns: the same scales and codes)."""
+                        EMULATE: tl.constexpr, PDL: tl.constexpr):
+    """One row per program: its absolute max, then the quantized row (read once when it fits one BLOCK)."""
     pdl_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
-    if ROWS > 1:
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        tile_ok = (r < n_rows)[:, None] & (c < k_dim)[None, :]
-        xt = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        st = dynamic_scale(tl.max(tl.abs(xt), axis=1), FP8_MAX, MIN_SCALE)  # [ROWS]
-        tl.store(q_ptr + r[:, None] * q_stride + c[None, :],
-                 quantize(xt, st[:, None], q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE), mask=tile_ok)
-        tl.store(s_ptr + r, st, mask=r < n_rows)
+    if BLOCK >= k_dim:
+        x = tl.load(x_ptr + row * x_stride + c, mask=c < k_dim, other=0.0).to(tl.float32)
+        s = dynamic_scale(tl.max(tl.abs(x), axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        tl.store(q_ptr + row * q_stride + c, quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
+                 mask=c < k_dim)
     else:
-        row = tl.program_id(0).to(tl.int64)
-        if BLOCK >= k_dim:
-            x = tl.load(x_ptr + row * x_stride + c, mask=c < k_dim, other=0.0).to(tl.float32)
-            s = dynamic_scale(tl.max(tl.abs(x), axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
-            tl.store(q_ptr + row * q_stride + c, quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE),
-                     mask=c < k_dim)
-        else:
-            amax = tl.zeros([BLOCK], tl.float32)
-            for k0 in range(0, k_dim, BLOCK):
-                x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-            s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
-            for k0 in range(0, k_dim, BLOCK):
-                x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
-                tl.store(q_ptr + row * q_stride + k0 + c,
-                         quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE), mask=k0 + c < k_dim)
-        tl.store(s_ptr + row + tl.arange(0, 1), s)
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, k_dim, BLOCK):
+            x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = dynamic_scale(tl.max(amax, axis=0, keep_dims=True), FP8_MAX, MIN_SCALE)  # [1]
+        for k0 in range(0, k_dim, BLOCK):
+            x = tl.load(x_ptr + row * x_stride + k0 + c, mask=k0 + c < k_dim, other=0.0).to(tl.float32)
+            tl.store(q_ptr + row * q_stride + k0 + c,
+                     quantize(x, s, q_ptr.dtype.element_ty, FP8_MAX, MIN_EXP, EMULATE), mask=k0 + c < k_dim)
+    tl.store(s_ptr + row + tl.arange(0, 1), s)
 
 
 # Per-token quantization: one program a row, so at decode a handful of programs do all the work. Measured in the
@@ -165,37 +154,6 @@ def _env_row_tile_large() -> tuple[int, int, int] | None:
 # 1.00x] against it, 3 rounds (ATOM_FP8_ROW_TILE_LARGE=2048:4096:8 as the alt). Hence the default from 2,048 rows;
 # ATOM_FP8_ROW_TILE_LARGE=min_rows:block:num_warps sets another per process, =off the whole-row launch everywhere.
 ROW_TILE_LARGE = _env_row_tile_large()
-
-
-def _env_quant_rows() -> tuple[int, int, int]:
-    raw = os.environ.get("ATOM_FP8_QUANT_ROWS", "").strip()
-    if not raw or raw.lower() in ("0", "1", "off", "none"):
-        return 1, 0, 0
-    try:
-        rows, max_cols, warps = (int(v) for v in raw.split(":"))
-    except ValueError:
-        raise ValueError(f"ATOM_FP8_QUANT_ROWS must be rows:max_cols:num_warps, got {raw!r}") from None
-    if rows < 1 or rows & (rows - 1) or max_cols < 16 or rows * triton.next_power_of_2(max_cols) > ROW_BLOCK_MAX \
-            or warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"ATOM_FP8_QUANT_ROWS: rows a power of two, max_cols >= 16 with rows x max_cols (padded to a "
-                         f"power of two) <= {ROW_BLOCK_MAX} values a program, num_warps a power of two <= 16; "
-                         f"got {raw!r}")
-    return rows, max_cols, warps
-
-
-# Per-token quantization of short rows at prefill sizes (from ROW_TILE_LARGE's row count, rows of at most max_cols
-# columns): (rows a program, max_cols, num_warps); rows 1: one row a program (the launch above). The MoE's h (768
-# columns, 131,072 rows at qwen3-30b-a3b's batch-128 prefill) ran at 57% of the copy rate one row a program (176 us,
-# H100, KERNEL_NOTES stop 53): each program moves 1.5 KB. Off until tools/device/row_quant_sweep.py measures it
-# (its tiles take a third field, rows); ATOM_FP8_QUANT_ROWS=rows:max_cols:num_warps turns it on per process.
-QUANT_ROWS = _env_quant_rows()
-
-
-def token_quant_rows(k: int, rows: int) -> int:
-    """Rows a program of the per-token quantization kernel takes for `rows` rows of k columns (QUANT_ROWS)."""
-    per, max_cols, _ = QUANT_ROWS
-    large = ROW_TILE_LARGE is not None and rows >= ROW_TILE_LARGE[0]
-    return per if per > 1 and large and k <= max_cols else 1
 
 
 def row_block(k: int, rows: int = 0) -> tuple[int, int]:
@@ -246,12 +204,7 @@ def per_token_quant_fp8(
     rows, k = x2.shape
     q = torch.empty(rows, k, dtype=fp8_dtype, device=x.device)
     s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    per = token_quant_rows(k, rows)
-    if rows and per > 1:
-        _quant_token_kernel[(triton.cdiv(rows, per),)](
-            x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=triton.next_power_of_2(k), **fp8_consts(fp8_dtype),
-            n_rows=rows, ROWS=per, num_warps=QUANT_ROWS[2], **pdl_args(x.device))
-    elif rows:
+    if rows:
         block, warps = row_block(k, rows)
         _quant_token_kernel[(rows,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=block, **fp8_consts(fp8_dtype),
                                      num_warps=warps, **pdl_args(x.device))
