@@ -444,7 +444,7 @@ def test_moe_gate_logits(tokens, experts, hidden, dtype, monkeypatch):
 def test_qwen3_moe_with_the_gate_kernel(tmp_path, monkeypatch):
     """A tiny Qwen3-MoE on the Triton kernels, float32: with GATE_KERNEL_MAX_TOKENS > 0 its MoE block's router is
     moe_gate_logits' kernel (prefill and decode), and the logits are the plain gate's within float32 summation
-    order; with 0 (the default) the gate stays the linear layer."""
+    order; with 0 (off; 64 is the default) the gate stays the linear layer."""
     from compile_checks import PROMPTS, write_tiny_qwen3_moe
     from paged_harness import PagedHarness
 

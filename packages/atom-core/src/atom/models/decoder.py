@@ -146,14 +146,16 @@ class SparseMoE(nn.Module):
         self._gate_logits = _gate_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_logits is not None:  # the router's GEMM as a Triton kernel at a few tokens
+        if self._gate_logits is not None and not torch.compiler.is_compiling():
+            # the router's GEMM as a Triton kernel at a few tokens (atom-vllm's compiled graph keeps the linear)
             return self.experts(x, self._gate_logits(x, self.gate.weight))
         return self.experts(x, self.gate(x))
 
 
 def _gate_kernel():
-    """The Triton moe_gate_logits where it would run its kernel (ATOM_MOE_GATE_KERNEL_MAX_TOKENS > 0 and Triton the
-    backend chosen), else None: the gate stays a plain linear (the CPU's packed GEMMs; traceable by torch.compile)."""
+    """The Triton moe_gate_logits where it would run its kernel (ATOM_MOE_GATE_KERNEL_MAX_TOKENS > 0, 64 by default,
+    and Triton the backend chosen), else None: the gate stays a plain linear (the CPU's packed GEMMs; under
+    torch.compile too, SparseMoE.forward)."""
     op = resolve("moe_gate_logits")
     impl = impl_of(op)
     if impl is None or impl.backend != "triton":

@@ -61,10 +61,12 @@ def moe_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # _router_logits_kernel (float32 sums of the weight rows, rounded to the logits' dtype as a cuBLAS GEMM rounds them)
 # instead of the cuBLAS GEMM. On the H100 (2026-12-06, decode_profile.py, qwen3-30b-a3b FP8 at batch 1, PDL off)
 # that GEMM took 4.9 us a layer for 0.5 MB of weights (7.5% of the step), and a cuBLAS kernel between two Triton
-# kernels also breaks their programmatic dependent launch chain. 0 (off) until an engine A/B on the GPU:
+# kernels also breaks their programmatic dependent launch chain. The engine A/B (H100, 2026-12-06, stop 55, 3
+# interleaved rounds, qwen3-30b-a3b FP8 + FP8 KV, materialized weights): batch 1 3.10 -> 2.93 ms a step in every
+# round (1.06x), batch 32 12.56 -> 12.48, batch 128 unchanged (its decode steps have 128 tokens: past the bound).
 # ATOM_MOE_GATE_KERNEL_MAX_TOKENS=N sets it per process (read when a model is built: SparseMoE calls the op only
-# with N > 0).
-GATE_KERNEL_MAX_TOKENS = env_int("ATOM_MOE_GATE_KERNEL_MAX_TOKENS", 0, ROUTER_GEMM_MIN_TOKENS - 1, "tokens")
+# with N > 0; 0 turns it off).
+GATE_KERNEL_MAX_TOKENS = env_int("ATOM_MOE_GATE_KERNEL_MAX_TOKENS", 64, ROUTER_GEMM_MIN_TOKENS - 1, "tokens")
 
 
 @register("moe_gate_logits", "triton")
