@@ -448,7 +448,7 @@ def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", 
         method = getattr(m, "quant_method", None)
         if isinstance(method, Fp8LinearMethod) and method.linear_quantized is not None:
             inner = method.linear_quantized
-            method.linear_quantized = lambda *a, _f=inner, _p=m.prefix: (calls.append(_p), _f(*a))[1]
+            method.linear_quantized = lambda *a, _f=inner, _p=m.prefix, **kw: (calls.append(_p), _f(*a, **kw))[1]
     harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
     seqs = harness.add(2)
     out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
@@ -538,4 +538,132 @@ def test_fp8_model_with_fused_producers_compiles_in_one_graph(tmp_path, monkeypa
     assert registry.cuda_graph_blockers(model) == []
     assert torch.equal(compiled, eager)
     torch._dynamo.reset()
+    registry.forget_resolutions()
+
+
+# ---------------------------------------------------------------- split-K partials added by the norm
+
+
+def _split_sum(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What fp8_linear stores after a split-K GEMM: quant_fp8's _split_k_sum_kernel on the partials (float32,
+    added in split order, rounded to dtype by Triton's conversion)."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
+    tk._split_k_sum_kernel[(triton_cdiv(out.numel(), 1024),)](parts, out, out, out.numel(), out.shape[-1],
+                                                              SPLIT=parts.shape[0], HAS_BIAS=False, BLOCK=1024,
+                                                              PDL=False)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("m,k", [(1, 200), (5, 320)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_adding_split_parts_equal_the_sum_kernel_then_the_norm(splits, m, k, dtype):
+    """x handed over as a split-K GEMM's float32 partials: the float norm and the FP8-emitting one give the very
+    outputs and residual of the partials summed (as _split_k_sum_kernel does) and then normed."""
+    from atom.ops.triton_kernels.fp8_producers import fused_add_rms_norm_quant_fp8_parts
+    from atom.ops.triton_kernels.norm import fused_add_rms_norm_parts
+
+    parts = torch.stack([hidden_states(m, k, torch.float32) / splits for _ in range(splits)]).contiguous()
+    res = hidden_states(m, k, dtype)
+    w = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
+    x = _split_sum(parts, dtype)
+    y, r = fused_add_rms_norm_parts(parts, res, w, 1e-6)
+    y_want, r_want = triton("fused_add_rms_norm")(x, res, w, 1e-6)
+    assert torch.equal(y, y_want) and torch.equal(r, r_want)
+    for group in (128, None):
+        got = fused_add_rms_norm_quant_fp8_parts(parts, res, w, 1e-6, group, FP8)
+        want = triton("fused_add_rms_norm_quant_fp8")(x, res, w, 1e-6, group, FP8)
+        for g, t in zip(got, want, strict=True):
+            assert torch.equal(g.view(torch.uint8) if g.dtype == FP8 else g,
+                               t.view(torch.uint8) if t.dtype == FP8 else t)
+    with pytest.raises(ValueError, match="partials"):
+        fused_add_rms_norm_parts(parts.to(torch.bfloat16), res, w, 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        fused_add_rms_norm_parts(parts[:, :, :-1].contiguous(), res, w, 1e-6)
+
+
+@pytest.mark.parametrize("path", ["gemv", "swap", "gemm"])
+def test_fp8_linear_leaves_its_split_parts_to_the_caller(path, monkeypatch):
+    """fp8_linear(..., parts=[]) of a call that splits over K: the partials, whose sum in split order is the
+    output of the same call without parts; a call that does not split, or has a bias, returns its output."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    m, n, k = (1, 64, 256) if path != "gemm" else (80, 64, 256)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 4 if path == "gemv" else 0)
+    monkeypatch.setattr(tk, "SWAP_MAX_M", 64)
+    monkeypatch.setattr(tk, "GEMV_TILE_OVERRIDE", {**tk._gemv_tile(n, k, 128, torch.device(DEVICE)), "block_k": 128,
+                                                   "split_k": 2})
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, block_k=64, split_k=2))
+    monkeypatch.setattr(tk, "GEMM_TILE_OVERRIDE", dict(block_m=16, block_n=64, block_k=64, num_warps=4,
+                                                       num_stages=2, split_k=2, tma=False))
+    monkeypatch.setattr(tk, "_rowwise_scaled_mm_device", lambda device: False)
+    x = hidden_states(m, k, torch.bfloat16)
+    w, ws, _ = _weight(n, k, "channel")
+    want = tk.fp8_linear(x, w, ws)
+    parts: list = []
+    tk.fp8_linear(x, w, ws, parts=parts)
+    assert len(parts) == 1 and parts[0].shape == (2, m, n) and parts[0].dtype == torch.float32
+    assert torch.equal(_split_sum(parts[0], torch.bfloat16), want)
+    bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
+    parts = []
+    assert torch.equal(tk.fp8_linear(x, w, ws, bias, parts=parts), tk.fp8_linear(x, w, ws, bias)) and parts == []
+
+
+@pytest.mark.parametrize("fmt,gemv_max_m,rowmax_max_m", [("fp8-block", 0, 0), ("compressed-tensors", 0, 32),
+                                                         ("fp8-block", 2, 0)])
+def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, gemv_max_m, rowmax_max_m, tmp_path,
+                                                                         monkeypatch):
+    """Every FP8 GEMM split in two over K: with ATOM_FP8_NORM_SUMS_SPLITS o_proj and the dense MLPs' down_proj
+    hand their partials to the next residual norm (the last down_proj to the final norm), and the logits of
+    prefill + decode are the very ones of the sum kernel's path."""
+    from atom.layers.fp8_input import SplitKPartials
+    from atom.layers.norm import RMSNorm
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
+    monkeypatch.setattr(tk, "ROWMAX_MAX_M", rowmax_max_m)
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, block_k=32, split_k=2))
+    monkeypatch.setattr(tk, "GEMV_TILE_OVERRIDE", dict(block_n=32, block_k=32, num_warps=4, num_stages=2,
+                                                       split_k=2))
+    path = _tiny_fp8_qwen3(tmp_path, fmt)
+    monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", False)
+    want, _ = _model_logits(path, True, monkeypatch)
+    handed = []
+    inner = RMSNorm.forward
+
+    def spy(self, x, residual=None):
+        if isinstance(x, SplitKPartials):
+            handed.append(tuple(x.parts.shape))
+        return inner(self, x, residual)
+
+    monkeypatch.setattr(RMSNorm, "forward", spy)
+    monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", True)
+    got, _ = _model_logits(path, True, monkeypatch)
+    # 2 layers x (o_proj, down_proj) x (prefill of 14 rows, decode of 2)
+    assert sorted(handed) == sorted([(2, 14, 64)] * 4 + [(2, 2, 64)] * 4), handed
+    assert torch.equal(got, want)
+
+
+def test_the_split_parts_hand_off_is_off_by_default_and_on_one_rank_only(tmp_path, monkeypatch):
+    """Without ATOM_FP8_NORM_SUMS_SPLITS no linear hands partials on; with it, o_proj and the dense down_proj do,
+    qkv_proj / gate_up_proj (whose consumers are not norms) never."""
+    from atom.loader import load_model
+    from atom.ops import registry
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    path = _tiny_fp8_qwen3(tmp_path, "fp8-block")
+    for flag in (False, True):
+        monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", flag)
+        registry.forget_resolutions()
+        model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False)
+        layer = model.model.layers[0]
+        assert layer.self_attn.o_proj._sums_in_norm is flag and layer.mlp.down_proj._sums_in_norm is flag
+        assert not hasattr(layer.self_attn.qkv_proj, "_sums_in_norm")
     registry.forget_resolutions()

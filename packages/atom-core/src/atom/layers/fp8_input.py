@@ -23,6 +23,14 @@ Then it returns an `Fp8Activation`, which only `Fp8LinearMethod.apply` accepts. 
 GEMM quantizes per-token activations itself from the producer's partial row maxima (`takes_rowmax`,
 `quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, 32 rows by default). All of these are decided from
 build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
+
+The other direction, GEMM -> norm (`SplitKPartials`): an FP8 linear whose output feeds a residual RMSNorm alone
+(o_proj -> post_attention_layernorm, a dense MLP's down_proj -> the next layer's input_layernorm or the final
+norm; `RowParallelLinear.sum_splits_in`, wired in decoder.py) hands over the float32 partials of a GEMM that
+splits over K, and the norm's kernel adds them (in split order, rounded to the residual's dtype: bit-identical)
+instead of quant_fp8's _split_k_sum_kernel: one kernel fewer per such pair at decode. Only with
+ATOM_FP8_NORM_SUMS_SPLITS=1 (off until measured on a GPU), one rank, no bias, both sides on Triton, and nothing
+traced by torch.compile.
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ class Fp8Activation(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
     dtype: torch.dtype
+
+
+class SplitKPartials(NamedTuple):
+    """A linear's output not yet summed: parts [splits, M, N] float32, whose sum over dim 0 in order, rounded to
+    the residual's dtype, is the output (atom.layers.norm.RMSNorm adds them; see the module doc)."""
+
+    parts: torch.Tensor
 
 
 class Fp8RowMaxActivation(NamedTuple):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from atom.distributed import get_tp_group
+from atom.layers.fp8_input import SplitKPartials
 from atom.quantization import QuantizationConfig, linear_method_for, set_weight_attrs
 
 
@@ -220,12 +221,26 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype,
                          quant_config=quant_config, prefix=prefix)
         self.reduce_results = reduce_results
+        self._sums_in_norm = False
+
+    def sum_splits_in(self, norm: nn.Module) -> None:
+        """This linear's output goes to `norm` alone, as the x of norm(x, residual) (decoder.py): where its GEMM
+        splits over K, hand the float32 partials over (SplitKPartials) for the norm's kernel to add
+        (atom.layers.fp8_input). Only where the quantization method can (`defers_split`: the Triton FP8 GEMM with
+        ATOM_FP8_NORM_SUMS_SPLITS on), on one rank, without a bias, and the norm adds them
+        (`norm.takes_split_parts`)."""
+        self._sums_in_norm = (self.tp_size == 1 and self.bias is None and norm.takes_split_parts()
+                              and getattr(self.quant_method, "defers_split", False))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         # Split along input features only: the bias (output_dim only) is whole on every rank.
         load_sharded(param, loaded, type(self).__name__, 0, "input", 0, self.input_size, self.tp_rank, self.tp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        if self._sums_in_norm and not torch.compiler.is_compiling():  # one rank, no bias (sum_splits_in)
+            parts: list[torch.Tensor] = []
+            y = self.quant_method.apply(self, x, None, split_parts=parts)
+            return SplitKPartials(parts[0]) if parts else y
         # Bias is added once, after the reduction.
         y = self.quant_method.apply(self, x, None)
         if self.tp_size > 1 and self.reduce_results:

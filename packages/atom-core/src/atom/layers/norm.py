@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, link_fp8_consumer
-from atom.ops.registry import resolve
+from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, SplitKPartials, link_fp8_consumer
+from atom.ops.registry import impl_of, resolve
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +24,18 @@ class RMSNorm(nn.Module):
         takes them (see atom.layers.fp8_input)."""
         self._fp8 = link_fp8_consumer(self._norm, ("rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8"), linear)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def takes_split_parts(self) -> bool:
+        """Whether forward adds a SplitKPartials x itself: its fused add runs the Triton kernel (which has the
+        partials form; atom.layers.fp8_input)."""
+        impl = impl_of(self._add_norm)
+        return impl is not None and impl.backend == "triton"
+
+    def forward(self, x: torch.Tensor | SplitKPartials, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) when a residual is given; norm(...) is an
-        Fp8Activation when the linear this norm feeds takes one."""
+        Fp8Activation when the linear this norm feeds takes one. x may be a SplitKPartials (with a residual):
+        the split-K GEMM's partials, added by the norm's kernel."""
+        if isinstance(x, SplitKPartials):
+            return self._forward_parts(x.parts, residual)
         fmt = self._fp8.format_for(x) if self._fp8 is not None else None
         if fmt is not None:
             w = self.weight
@@ -39,3 +48,18 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self._norm(x, self.weight, self.eps)
         return self._add_norm(x, residual, self.weight, self.eps)
+
+    def _forward_parts(self, parts: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            raise ValueError("RMSNorm: split-K partials come with a residual (norm(x + residual))")
+        from atom.ops.triton_kernels.fp8_producers import fused_add_rms_norm_quant_fp8_parts
+        from atom.ops.triton_kernels.norm import fused_add_rms_norm_parts
+
+        fmt = self._fp8.format_for(residual) if self._fp8 is not None else None
+        if fmt is None:
+            return fused_add_rms_norm_parts(parts, residual, self.weight, self.eps)
+        w = self.weight
+        dtype = residual.dtype if w.dtype == residual.dtype or residual.dtype.itemsize > w.dtype.itemsize else w.dtype
+        q, s, residual = fused_add_rms_norm_quant_fp8_parts(parts, residual, w, self.eps, fmt.group_size,
+                                                            fmt.fp8_dtype)
+        return Fp8Activation(q, s, dtype), residual

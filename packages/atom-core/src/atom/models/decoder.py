@@ -195,6 +195,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm.feed_fp8_linear(self.self_attn.qkv_proj)
         if isinstance(self.mlp, DenseMLP):
             self.post_attention_layernorm.feed_fp8_linear(self.mlp.gate_up_proj)
+        # o_proj's output feeds the residual norm alone: a split-K FP8 GEMM may leave its sum to the norm
+        self.self_attn.o_proj.sum_splits_in(self.post_attention_layernorm)
 
     def forward(self, positions, hidden, residual):
         if residual is None:
@@ -218,6 +220,11 @@ class DecoderModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # a dense MLP's output feeds the next layer's input norm (or the final one) alone, as its x
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, DenseMLP):
+                nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+                layer.mlp.down_proj.sum_splits_in(nxt)
 
     def forward(self, input_ids, positions, inputs_embeds=None):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -245,16 +245,30 @@ class Fp8LinearMethod(LinearMethod):
             return None
         return Fp8InputFormat(int(self.block_size[1]) if self.block_size else None, self.fp8_dtype)
 
+    @property
+    def defers_split(self) -> bool:
+        """Whether apply can leave a split-K GEMM's partials to the consumer (split_parts; RowParallelLinear's
+        sum_splits_in): the Triton GEMM, with ATOM_FP8_NORM_SUMS_SPLITS on."""
+        if self.linear_quantized is None:
+            return False
+        from atom.ops.triton_kernels import quant_fp8  # the Triton GEMM runs: importable
+
+        return quant_fp8.NORM_SUMS_SPLITS
+
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, split_parts: list | None = None) -> torch.Tensor:
+        """split_parts (a list; only where defers_split): a GEMM that splits over K appends its float32 partials
+        [splits, M, N] to it and leaves the returned tensor unwritten (the caller hands the partials on)."""
+        extra = {} if split_parts is None else {"parts": split_parts}
         if isinstance(x, Fp8Activation):  # quantized by its producer in fused_input_format's layout
             return self.linear_quantized(x.q, x.scale, layer.weight, layer.weight_scale, bias, self.block_size,
-                                         x.dtype)
+                                         x.dtype, **extra)
         if isinstance(x, Fp8RowMaxActivation):  # per token: the GEMM quantizes x from the producer's row maxima
-            return self.linear_rowmax(x.x, x.parts, layer.weight, layer.weight_scale, bias, x.x.dtype)
+            return self.linear_rowmax(x.x, x.parts, layer.weight, layer.weight_scale, bias, x.x.dtype,
+                                      **({} if split_parts is None else {"split_parts": split_parts}))
         if self.w_hat is not None:
             return linear_on_dequantized(x, self.w_hat, bias, self.block_size, layer.weight.dtype)
-        return self.linear(x, layer.weight, layer.weight_scale, bias, self.block_size)
+        return self.linear(x, layer.weight, layer.weight_scale, bias, self.block_size, **extra)
 
 
 class Fp8MoEMethod(MoEMethod):

@@ -23,7 +23,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
 from atom.ops.triton_kernels.common import interpreting
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
-from atom.ops.triton_kernels.norm import rms_norm_row
+from atom.ops.triton_kernels.norm import check_split_parts, rms_norm_row
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 from atom.ops.triton_kernels.quant_fp8 import (
     _rows,
@@ -66,14 +66,15 @@ def _store_quantized(y, q_row, s_row, col0, n_cols, num_groups, BLOCK: tl.conste
 
 @triton.jit
 def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_cols, num_groups, x_stride,
-                           res_stride, q_stride, s_stride, eps, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                           BLOCK: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr,
+                           res_stride, q_stride, s_stride, eps, part_stride, ACT: tl.constexpr,
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr,
                            FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, MIN_EXP: tl.constexpr,
-                           EMULATE: tl.constexpr, PDL: tl.constexpr):
-    # the float part is norm.py's own row function (bit-identical norm output)
+                           EMULATE: tl.constexpr, PDL: tl.constexpr, PARTS: tl.constexpr = 0):
+    # the float part is norm.py's own row function (bit-identical norm output); PARTS: x as split-K partials
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
-    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK)
+    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK,
+                     PARTS, part_stride)
     y = y.to(ACT).to(tl.float32)  # the norm's output, as the unfused norm stores it
     _store_quantized(y, q_ptr + row * q_stride, s_ptr + row * s_stride, 0, n_cols, num_groups, BLOCK, GROUP,
                      ROW_SCALE, FP8_MAX, MIN_SCALE, MIN_EXP, EMULATE)
@@ -139,11 +140,15 @@ def _outputs(lead, k: int, rows: int, group_size: int | None, fp8_dtype: torch.d
     return q, s, lambda: (q.view(*lead, k), s.view(*lead, groups))
 
 
-def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
+def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype, parts: torch.Tensor | None = None):
+    """parts: x given as a split-K GEMM's float32 partials [S, rows, N] (x itself is then the residual: its shape
+    and dtype)."""
     check_group_size(group_size, "the Triton FP8 producers")
     n = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
+    src, src_stride, part_stride, n_parts = (x2, x2.stride(0), 0, 0) if parts is None else (
+        parts, parts.stride(1), parts.stride(0), parts.shape[0])
     # the unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read
     act = x.dtype if weight.dtype == x.dtype else (x.dtype if x.dtype.itemsize > weight.dtype.itemsize
                                                     else weight.dtype)
@@ -154,10 +159,10 @@ def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype):
     row_scale = group_size is None or block <= group_size  # per token, or one group holding the whole row
     if rows:
         _rms_norm_quant_kernel[(rows,)](
-            x2, res2, weight, q, s, res_out, n, s.shape[1], x2.stride(0), res2.stride(0), q.stride(0), s.stride(0),
-            eps, ACT=_act_dtype(act), HAS_RES=residual is not None, BLOCK=block, GROUP=group_size or block,
-            ROW_SCALE=row_scale, **fp8_consts(fp8_dtype), num_warps=min(max(block // 256, 1), 16),
-            **pdl_args(x.device))
+            src, res2, weight, q, s, res_out, n, s.shape[1], src_stride, res2.stride(0), q.stride(0), s.stride(0),
+            eps, part_stride, ACT=_act_dtype(act), HAS_RES=residual is not None, BLOCK=block,
+            GROUP=group_size or block, ROW_SCALE=row_scale, **fp8_consts(fp8_dtype),
+            num_warps=min(max(block // 256, 1), 16), PARTS=n_parts, **pdl_args(x.device))
     return (*views(), res_out.view(x.shape))
 
 
@@ -173,6 +178,17 @@ def fused_add_rms_norm_quant_fp8(
     fp8_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _norm_quant(x, residual, weight, eps, group_size, fp8_dtype)
+
+
+def fused_add_rms_norm_quant_fp8_parts(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None,
+    fp8_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm_quant_fp8 with x given as a split-K GEMM's float32 partials [S, rows, N] (norm.py's
+    fused_add_rms_norm_parts: x = their sum in split order, in the residual's dtype). Bit-identical to the sum
+    kernel followed by fused_add_rms_norm_quant_fp8."""
+    check_split_parts(parts, residual)
+    return _norm_quant(residual, residual, weight, eps, group_size, fp8_dtype, parts=parts)
 
 
 @register("silu_and_mul_quant_fp8", "triton")
@@ -204,19 +220,22 @@ def silu_and_mul_rowmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("fp8_linear_rowmax", "triton")
 def fp8_linear_rowmax(x: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                      bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+                      split_parts: list | None = None) -> torch.Tensor:
     """The swap-AB kernel quantizing x itself (QUANT_A) where fp8_gemm_quantized would run that kernel on x's
-    codes; elsewhere the quantization kernel and fp8_gemm_quantized (the same codes either way)."""
+    codes; elsewhere the quantization kernel and fp8_gemm_quantized (the same codes either way). split_parts:
+    fp8_gemm_quantized's `parts` (the split-K partials left for the consumer to add)."""
     check_rowmax_input(x, parts, weight)
     n, k = weight.shape
     x2, parts2 = _rows(x), parts.reshape(-1, parts.shape[-1])
     m = x2.shape[0]
     if gemm_quantizes_rows(m, weight, None, out_dtype):
         precise = out_dtype == torch.float32 and x2.is_cuda and not interpreting()
-        out = _swap_gemm(x2, parts2.contiguous(), weight, weight_scale, bias, None, out_dtype, precise, quant_a=True)
+        out = _swap_gemm(x2, parts2.contiguous(), weight, weight_scale, bias, None, out_dtype, precise, quant_a=True,
+                         parts=split_parts)
     else:
         q, s = per_token_quant_fp8(x2, weight.dtype)
-        out = fp8_gemm_quantized(q, s, weight, weight_scale, bias, None, out_dtype)
+        out = fp8_gemm_quantized(q, s, weight, weight_scale, bias, None, out_dtype, parts=split_parts)
     return out.view(*x.shape[:-1], n)
 
 
@@ -229,8 +248,11 @@ def fp8_linear_quantized(
     bias: torch.Tensor | None,
     block_size: list[int] | None,
     out_dtype: torch.dtype,
+    *,
+    parts: list | None = None,
 ) -> torch.Tensor:
-    """quant_fp8's GEMM on pre-quantized activations (fp8_gemm_quantized: what fp8_linear runs at M > GEMV_MAX_M)."""
+    """quant_fp8's GEMM on pre-quantized activations (fp8_gemm_quantized: what fp8_linear runs at M > GEMV_MAX_M;
+    parts: its split-K partials left for the consumer)."""
     check_quantized_input(q, scale, weight, block_size)
     n, k = weight.shape
     check_weight_scale(weight_scale, n, k, block_size, "fp8_linear_quantized weight")
@@ -238,5 +260,5 @@ def fp8_linear_quantized(
         raise ValueError(f"fp8_linear_quantized bias has shape {tuple(bias.shape)}, expected ({n},)")
     if weight.stride(-1) != 1:
         raise ValueError("fp8_linear_quantized: the weight's K dimension must be contiguous")
-    return fp8_gemm_quantized(_rows(q), _rows(scale), weight, weight_scale, bias, block_size, out_dtype).view(
-        *q.shape[:-1], n)
+    return fp8_gemm_quantized(_rows(q), _rows(scale), weight, weight_scale, bias, block_size, out_dtype,
+                              parts=parts).view(*q.shape[:-1], n)

@@ -12,13 +12,23 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 @triton.jit
 def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PARTS: tl.constexpr, part_stride):
     """One row of (fused add +) RMSNorm: stores x + residual (HAS_RES) and returns norm(x) * w in float32, before
     the cast to the output dtype. Shared by the float kernel below and the FP8-emitting one
-    (fp8_producers.py), so their outputs agree bit for bit."""
+    (fp8_producers.py), so their outputs agree bit for bit.
+
+    PARTS > 0 (with HAS_RES): x is a split-K GEMM's float32 partials (x_ptr [PARTS, rows, n_cols], part_stride
+    apart), added here in split order and rounded to the residual's dtype, as quant_fp8's _split_k_sum_kernel
+    adds and stores them: the same x, without that kernel."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if PARTS > 0:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(PARTS):
+            acc += tl.load(x_ptr + s * part_stride + row * x_stride + cols, mask=mask, other=0.0)
+        x = acc.to(res_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RES:
         # residual = x + residual, rounded to the activation dtype as the reference does
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -33,10 +43,12 @@ def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
-                     eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     eps, part_stride, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     PARTS: tl.constexpr = 0):
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
-    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK)
+    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RES, BLOCK,
+                     PARTS, part_stride)
     cols = tl.arange(0, BLOCK)
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
@@ -61,9 +73,38 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = triton.next_power_of_2(n)
     num_warps = min(max(block // 256, 1), 16)
     _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, n, x2.stride(0), res2.stride(0),
-                                     out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
+                                     out.stride(0), eps, 0, HAS_RES=residual is not None, BLOCK=block,
                                      num_warps=num_warps, **pdl_args(x.device))
     return out.view(x.shape), res_out.view(x.shape)
+
+
+def check_split_parts(parts: torch.Tensor, residual: torch.Tensor) -> None:
+    """parts: a split-K GEMM's float32 partials [S, rows, N] of an output shaped like residual (rows x N)."""
+    if parts.dim() != 3 or parts.dtype != torch.float32 or not parts.is_contiguous():
+        raise ValueError(f"split-K partials must be a contiguous float32 [splits, rows, N] tensor, got "
+                         f"{parts.dtype} {tuple(parts.shape)}")
+    if parts.shape[1] * parts.shape[2] != residual.numel() or parts.shape[2] != residual.shape[-1]:
+        raise ValueError(f"split-K partials {tuple(parts.shape)} do not match the residual {tuple(residual.shape)}")
+
+
+def fused_add_rms_norm_parts(parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm(x, residual, weight, eps) with x given as a split-K GEMM's float32 partials [S, rows, N]
+    (x = their sum in split order, in the residual's dtype: what _split_k_sum_kernel would store). Bit-identical to
+    the sum kernel followed by fused_add_rms_norm; one kernel fewer. Triton only (atom.layers.linear's split-sum
+    hand-off runs where the GEMM and this norm are both Triton)."""
+    check_split_parts(parts, residual)
+    n = residual.shape[-1]
+    res2 = _rows(residual)
+    out_dtype = residual.dtype if weight.dtype == residual.dtype else _promote(weight.dtype, residual.dtype)
+    out = torch.empty(res2.shape, dtype=out_dtype, device=residual.device)
+    res_out = torch.empty_like(res2)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(res2.shape[0],)](parts, res2, weight, out, res_out, n, parts.stride(1), res2.stride(0),
+                                       out.stride(0), eps, parts.stride(0), HAS_RES=True, BLOCK=block,
+                                       num_warps=min(max(block // 256, 1), 16), PARTS=parts.shape[0],
+                                       **pdl_args(residual.device))
+    return out.view(residual.shape), res_out.view(residual.shape)
 
 
 @register("rms_norm", "triton")

@@ -596,16 +596,22 @@ def _gemv_tile(n: int, k: int, sub_k: int, device: torch.device) -> dict:
 
 
 def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, out,
-                  reduces_itself: bool = False) -> None:
+                  reduces_itself: bool = False, parts: list | None = None) -> None:
     """`launch(target, k_per_split, split, add_bias)` over `split` K ranges (multiples of `step`): straight into
     out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias), unless the kernel
-    `reduces_itself` (then it adds the bias too)."""
+    `reduces_itself` (then it adds the bias too). parts (a list, without a bias): where the call splits, the
+    partials [split, M, N] are appended to it and not added (out is left unwritten): the consumer adds them
+    (split_sum_parts, the norms of atom.layers.norm)."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     has_bias = bias is not None
     if split > 1 and reduces_itself:
         launch(target, k_per_split, split, has_bias)
+        return
+    if split > 1 and parts is not None and not has_bias:
+        launch(target, k_per_split, split, False)
+        parts.append(target)
         return
     launch(target, k_per_split, split, has_bias and split == 1)
     if split > 1:
@@ -802,6 +808,14 @@ def gemm_quantizes_rows(m: int, weight: torch.Tensor, block_size: list[int] | No
 # sum kernel overlaps the GEMM's tail. ATOM_FP8_SWAP_SERIAL_SPLIT=1 turns it on; bit-identical either way (same
 # order); kept for GPUs without PDL.
 SWAP_SERIAL_SPLIT = _env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
+
+# The other way to drop the second kernel: a linear whose output feeds a residual RMSNorm alone (o_proj, a dense
+# MLP's down_proj; decoder.py) hands the norm its float32 partials and the norm's kernel adds them in split order
+# (atom.layers.fp8_input's SplitKPartials: bit-identical; the partials' 16 KB a split per row read by the norm's
+# one program instead of 8 KB of bf16). Nothing is added ahead of the GEMM's K loop (stop 54's lesson) and the
+# norm stays one program a row under PDL. Off until the engine A/B on a GPU (qwen3-8b FP8 at batch 1: two of the
+# three sum kernels a layer; tools/device/README.md).
+NORM_SUMS_SPLITS = _env_flag("ATOM_FP8_NORM_SUMS_SPLITS", False)
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 
 
@@ -954,7 +968,7 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
 
 def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
-               quant_a: bool = False) -> torch.Tensor:
+               quant_a: bool = False, parts: list | None = None) -> torch.Tensor:
     """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales, or (quant_a, per-token
     layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel."""
     n, k = weight.shape
@@ -993,28 +1007,28 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 
-    _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial)
+    _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial, parts=parts)
     return out
 
 
 def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype
-                       ) -> torch.Tensor:
+                       bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype,
+                       parts: list | None = None) -> torch.Tensor:
     """out [M, N] in out_dtype = the FP8 GEMM on activations already quantized (a [M, K] fp8, a_scale [M, 1]
     per token or [M, K / bk] per group): the GEMV up to GEMV_MAX_M rows, torch._scaled_mm where
     scaled_mm_applies, else the tl.dot GEMM with split-K. fp8_linear (wherever it runs a quantization kernel,
     gemv_quantizes_input) and fp8_linear_quantized (the fused producers) both end here, so their outputs are
-    equal."""
+    equal. parts: as _launch_split's (the partials of a call that splits are appended, out left unwritten)."""
     n, k = weight.shape
     m = a.shape[0]
     if 0 < m <= GEMV_MAX_M:
-        return _gemv(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, quant_a=False)
+        return _gemv(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, quant_a=False, parts=parts)
     if m and a.dtype == weight.dtype and scaled_mm_applies(m, weight, block_size, out_dtype):
         return rowwise_scaled_mm(a, a_scale, weight, weight_scale, bias, out_dtype)
     # float32 outputs are the correctness mode (held to float32 references): exact products, float32 sums
     precise = out_dtype == torch.float32 and a.is_cuda and not interpreting()
     if 0 < m <= SWAP_MAX_M:
-        return _swap_gemm(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, precise)
+        return _swap_gemm(a, a_scale, weight, weight_scale, bias, block_size, out_dtype, precise, parts=parts)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return out
@@ -1036,7 +1050,7 @@ def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             TMA=descs is not None, FAST_ACC=tile["fast_acc"], WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
 
-    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out)
+    _launch_split(gemm, m, n, k, block_k, tile["split_k"], bias, out, parts=parts)
     return out
 
 
@@ -1047,9 +1061,12 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     block_size: list[int] | None = None,
+    *,
+    parts: list | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b with an FP8 weight [N, K] (block, per-channel or per-tensor scales; see
-    atom.ops.quant_fp8.fp8_linear) and dynamically quantized activations; y in x's dtype."""
+    atom.ops.quant_fp8.fp8_linear) and dynamically quantized activations; y in x's dtype. parts: as
+    fp8_gemm_quantized's (Triton only: the torch reference has no split)."""
     check_linear_args(x, weight, weight_scale, bias, block_size)
     n, k = weight.shape
     x2 = _rows(x)
@@ -1060,13 +1077,14 @@ def fp8_linear(
         raise ValueError("fp8_linear: the weight's K dimension must be contiguous")
     block_scales = block_size is not None
     if gemv_quantizes_input(m, block_scales):
-        out = _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True)
+        out = _gemv(x2, x2, weight, weight_scale, bias, block_size, x.dtype, quant_a=True, parts=parts)
         return out.view(*x.shape[:-1], n)
     if block_scales:
         a, a_scale = per_token_group_quant_fp8(x2, _scale_layout(weight_scale, block_size)[1], weight.dtype)
     else:
         a, a_scale = per_token_quant_fp8(x2, weight.dtype)
-    return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype).view(*x.shape[:-1], n)
+    return fp8_gemm_quantized(a, a_scale, weight, weight_scale, bias, block_size, x.dtype, parts=parts).view(
+        *x.shape[:-1], n)
 
 
 def gemv_quantizes_input(m: int, block_scales: bool) -> bool:
@@ -1077,8 +1095,8 @@ def gemv_quantizes_input(m: int, block_scales: bool) -> bool:
 
 
 def _gemv(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-          bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, quant_a: bool
-          ) -> torch.Tensor:
+          bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, quant_a: bool,
+          parts: list | None = None) -> torch.Tensor:
     """The GEMV (M <= GEMV_MAX_M) on quantized activations, or (quant_a) on float ones it quantizes itself (a and
     a_scale both the float rows)."""
     m, (n, k) = a.shape[0], weight.shape
@@ -1095,5 +1113,5 @@ def _gemv(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_s
             SUB_K=block_k, QUANT_A=quant_a, **fp8_consts(weight.dtype), STAGES=tile["num_stages"],
             num_warps=tile["num_warps"], **pdl_args(a.device))
 
-    _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out)
+    _launch_split(gemv_launch, m, n, k, tile["block_k"], tile["split_k"], bias, out, parts=parts)
     return out
