@@ -652,7 +652,7 @@ def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, g
 
 def test_the_split_parts_hand_off_is_off_by_default_and_on_one_rank_only(tmp_path, monkeypatch):
     """Without ATOM_FP8_NORM_SUMS_SPLITS no linear hands partials on; with it, o_proj and the dense down_proj do,
-    qkv_proj / gate_up_proj (whose consumers are not norms) never."""
+    qkv_proj (its own switch) and gate_up_proj (not consumed by a norm) do not."""
     from atom.loader import load_model
     from atom.ops import registry
     from atom.ops.triton_kernels import quant_fp8 as tk
@@ -664,6 +664,47 @@ def test_the_split_parts_hand_off_is_off_by_default_and_on_one_rank_only(tmp_pat
         registry.forget_resolutions()
         model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False)
         layer = model.model.layers[0]
-        assert layer.self_attn.o_proj._sums_in_norm is flag and layer.mlp.down_proj._sums_in_norm is flag
-        assert not hasattr(layer.self_attn.qkv_proj, "_sums_in_norm")
+        assert layer.self_attn.o_proj._leaves_splits is flag and layer.mlp.down_proj._leaves_splits is flag
+        assert not layer.self_attn.qkv_proj._leaves_splits and not layer.mlp.gate_up_proj._leaves_splits
     registry.forget_resolutions()
+
+
+@pytest.mark.parametrize("fmt,gemv_max_m", [("compressed-tensors", 0), ("fp8-block", 2)])
+def test_fp8_model_logits_are_identical_with_the_attention_adding_qkv_parts(fmt, gemv_max_m, tmp_path,
+                                                                             monkeypatch):
+    """Every FP8 GEMM split in two over K, the decode prep inside the attention kernel, both hand-offs on
+    (ATOM_FP8_ATTN_SUMS_SPLITS and ATOM_FP8_NORM_SUMS_SPLITS): at the decode step qkv_proj's partials go to the
+    attention kernel (q / k / v read from them, k / v written to the cache from them), at the prefill (not a fused
+    step) the sum kernel adds them first; the logits are the sum kernel's path's, bit for bit."""
+    from atom.layers import attention as attention_layer
+    from atom.layers.attention import PagedAttention
+    from atom.layers.fp8_input import SplitKPartials
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(attention_layer, "FUSED_DECODE_PREP", True)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
+    monkeypatch.setattr(tk, "ROWMAX_MAX_M", 0)
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, block_k=32, split_k=2))
+    monkeypatch.setattr(tk, "GEMV_TILE_OVERRIDE", dict(block_n=32, block_k=32, num_warps=4, num_stages=2,
+                                                       split_k=2))
+    path = _tiny_fp8_qwen3(tmp_path, fmt)
+    want, _ = _model_logits(path, True, monkeypatch)
+    prepped, summed = [], []
+    inner_prep, inner_sum = PagedAttention.forward_with_prep, SplitKPartials.summed
+
+    def spy_prep(self, *args, qkv_parts=None):
+        prepped.append(qkv_parts is not None)
+        return inner_prep(self, *args, qkv_parts=qkv_parts)
+
+    def spy_sum(self):
+        summed.append(self.parts.shape)
+        return inner_sum(self)
+
+    monkeypatch.setattr(PagedAttention, "forward_with_prep", spy_prep)
+    monkeypatch.setattr(SplitKPartials, "summed", spy_sum)
+    monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", True)
+    monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", True)
+    got, _ = _model_logits(path, True, monkeypatch)
+    assert prepped == [False] * 2 + [True] * 2, prepped  # 2 layers: the prefill, then the decode step
+    assert summed == [(2, 14, 128)] * 2, summed  # the prefill's qkv (64 q + 2 x 32 kv columns)
+    assert torch.equal(got, want)

@@ -266,10 +266,14 @@ class PagedAttention(nn.Module):
 
     def forward_with_prep(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                          cos_sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+                          cos_sin: torch.Tensor, is_neox: bool, qkv_parts: tuple | None = None) -> torch.Tensor:
         """forward() with the model's qk-norm (optional) and rope folded in: one qk_norm_rope_cache op does
-        norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated."""
+        norm + rope + KV write (fewer launches per layer in decode). q, k un-normed and un-rotated. qkv_parts
+        (only where fuses_decode_step said yes for these rows): q / k / v unwritten, the split-K qkv GEMM's
+        partials (DecodePrep.qkv_parts) for the attention kernel to add."""
         md = self._context()
+        if qkv_parts is not None and not self._fuses_step(md, q.shape[0]):
+            raise ValueError("PagedAttention: qkv partials are for steps whose decode prep runs inside the kernel")
         if md.traceable:  # the same ops, as traceable tensor code
             s = self.spec
             t = q.shape[0]
@@ -282,20 +286,33 @@ class PagedAttention(nn.Module):
         slots, tables = self._slots_and_tables(md)
         # not under torch.compile: the fused launch is a plain function, not a custom op dynamo can keep opaque
         s = self.spec
-        if (self._fused_attend is not None and md.max_query_len == 1 and q.shape[0] == md.seq_lens.shape[0]
-                and fuses_decode(s.num_heads, s.num_kv_heads, q.shape[0], self.sinks is not None, self._fused_mode)
-                and not torch.compiler.is_compiling()):
+        if self._fuses_step(md, q.shape[0]):
             maxima = self._rowmax(q.shape[0], q.dtype)
             out = self._fused_attend(
                 q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,
                 md.seq_lens, s.scale, s.sliding_window, s.logit_softcap, md.max_query_len, md.max_seq_len,
                 k_scale=cache.k_scale, v_scale=cache.v_scale, sinks=self.sinks,
-                prep=DecodePrep(positions, k, v, q_weight, k_weight, eps, cos_sin, is_neox, slots), maxima=maxima)
+                prep=DecodePrep(positions, k, v, q_weight, k_weight, eps, cos_sin, is_neox, slots, qkv_parts),
+                maxima=maxima)
             out = out.reshape(q.shape[0], s.num_heads * s.head_dim)
             return out if maxima is None else Fp8RowMaxActivation(out, maxima)
         q, _ = self._prep(positions, q, k, v, q_weight, k_weight, eps, self.spec.head_dim, cos_sin, is_neox,
                           cache.k, cache.v, slots, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return self._attend_cached(q, md, tables)
+
+    # the attention kernel adds a split-K qkv GEMM's partials itself on the steps it does the prep of (SelfAttention)
+    takes_qkv_parts = True
+
+    def _fuses_step(self, md: PagedAttentionMetadata, rows: int) -> bool:
+        s = self.spec
+        return (self._fused_attend is not None and not md.traceable and md.max_query_len == 1
+                and rows == md.seq_lens.shape[0]
+                and fuses_decode(s.num_heads, s.num_kv_heads, rows, self.sinks is not None, self._fused_mode)
+                and not torch.compiler.is_compiling())
+
+    def fuses_decode_step(self, rows: int) -> bool:
+        """Whether forward_with_prep runs this step's prep (`rows` query rows) inside the attention kernel."""
+        return self._fuses_step(self._context(), rows)
 
     def _attend_cached(self, q: torch.Tensor, md: PagedAttentionMetadata, block_tables: torch.Tensor,
                        max_lengths: bool = True) -> torch.Tensor:

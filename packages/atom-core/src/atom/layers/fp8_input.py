@@ -24,13 +24,16 @@ GEMM quantizes per-token activations itself from the producer's partial row maxi
 `quant_fp8.gemm_quantizes_rows`: ATOM_FP8_ROWMAX_MAX_M, 32 rows by default). All of these are decided from
 build-time facts and the row count, so CUDA-graph capture sees no host sync and no data-dependent branch.
 
-The other direction, GEMM -> norm (`SplitKPartials`): an FP8 linear whose output feeds a residual RMSNorm alone
-(o_proj -> post_attention_layernorm, a dense MLP's down_proj -> the next layer's input_layernorm or the final
+The other direction, GEMM -> consumer (`SplitKPartials`): an FP8 linear whose output feeds a residual RMSNorm
+alone (o_proj -> post_attention_layernorm, a dense MLP's down_proj -> the next layer's input_layernorm or the final
 norm; `RowParallelLinear.sum_splits_in`, wired in decoder.py) hands over the float32 partials of a GEMM that
 splits over K, and the norm's kernel adds them (in split order, rounded to the residual's dtype: bit-identical)
-instead of quant_fp8's _split_k_sum_kernel: one kernel fewer per such pair at decode. Only with
-ATOM_FP8_NORM_SUMS_SPLITS=1 (off until measured on a GPU), one rank, no bias, both sides on Triton, and nothing
-traced by torch.compile.
+instead of quant_fp8's _split_k_sum_kernel: one kernel fewer per such pair at decode. Likewise qkv_proj ->
+ATOM's attention on the decode steps whose prep (qk-norm, rope, KV write) runs inside the attention kernel
+(`LinearBase.leave_splits`, decoder.SelfAttention; other steps add the partials with the sum kernel,
+`SplitKPartials.summed`). Only with ATOM_FP8_NORM_SUMS_SPLITS=1 / ATOM_FP8_ATTN_SUMS_SPLITS=1 (off until
+measured on a GPU), no bias (and one rank for the norms: a row-parallel output is all-reduced), both sides on
+Triton, and nothing traced by torch.compile.
 """
 
 from __future__ import annotations
@@ -63,9 +66,18 @@ class Fp8Activation(NamedTuple):
 
 class SplitKPartials(NamedTuple):
     """A linear's output not yet summed: parts [splits, M, N] float32, whose sum over dim 0 in order, rounded to
-    the residual's dtype, is the output (atom.layers.norm.RMSNorm adds them; see the module doc)."""
+    out's dtype, is the output; out [M, N] the output tensor, left unwritten (its shape, dtype and strides).
+    atom.layers.norm.RMSNorm adds them, and ATOM's attention kernel the qkv_proj's (decoder.SelfAttention)."""
 
     parts: torch.Tensor
+    out: torch.Tensor
+
+    def summed(self) -> torch.Tensor:
+        """out, written: the partials added by quant_fp8's sum kernel (where the consumer cannot add them)."""
+        from atom.ops.triton_kernels import quant_fp8  # partials come from the Triton GEMM: importable
+
+        quant_fp8.add_split_parts(self.parts, self.out)
+        return self.out
 
 
 class Fp8RowMaxActivation(NamedTuple):

@@ -95,6 +95,7 @@ class LinearBase(nn.Module):
         self.params_dtype = dtype
         self.quant_method = linear_method_for(quant_config, self, prefix)
         self.quant_method.create_weights(self, in_features, self.output_partition_sizes(), dtype)
+        self._leaves_splits = False  # leave_splits
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             set_weight_attrs(self.bias, weight_loader=self.weight_loader, output_dim=0)
@@ -116,7 +117,22 @@ class LinearBase(nn.Module):
         load_sharded(param, loaded, name, index, "output", offset, size, rank, ranks,
                      self.output_partition_sizes()[:index])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def leave_splits(self, consumer: str) -> bool:
+        """Hand this linear's split-K partials to its consumer from now on (SplitKPartials; atom.layers.fp8_input),
+        where the quantization method can for that consumer ("norm" or "attention": the Triton FP8 GEMM with the
+        consumer's switch on) and there is no bias. Returns whether it will."""
+        can = getattr(self.quant_method, "defers_split", None)
+        self._leaves_splits = self.bias is None and can is not None and can(consumer)
+        return self._leaves_splits
+
+    def _apply_leaving_splits(self, x):
+        parts: list[torch.Tensor] = []
+        y = self.quant_method.apply(self, x, None, split_parts=parts)
+        return SplitKPartials(parts[0], y) if parts else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        if self._leaves_splits and not torch.compiler.is_compiling():  # no bias: leave_splits
+            return self._apply_leaving_splits(x)
         return self.quant_method.apply(self, x, self.bias)
 
 
@@ -221,26 +237,22 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype,
                          quant_config=quant_config, prefix=prefix)
         self.reduce_results = reduce_results
-        self._sums_in_norm = False
 
     def sum_splits_in(self, norm: nn.Module) -> None:
         """This linear's output goes to `norm` alone, as the x of norm(x, residual) (decoder.py): where its GEMM
         splits over K, hand the float32 partials over (SplitKPartials) for the norm's kernel to add
-        (atom.layers.fp8_input). Only where the quantization method can (`defers_split`: the Triton FP8 GEMM with
-        ATOM_FP8_NORM_SUMS_SPLITS on), on one rank, without a bias, and the norm adds them
-        (`norm.takes_split_parts`)."""
-        self._sums_in_norm = (self.tp_size == 1 and self.bias is None and norm.takes_split_parts()
-                              and getattr(self.quant_method, "defers_split", False))
+        (atom.layers.fp8_input). Only where leave_splits("norm") can, on one rank (no all-reduce), and the norm
+        adds them (`norm.takes_split_parts`)."""
+        if self.tp_size == 1 and norm.takes_split_parts():
+            self.leave_splits("norm")
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         # Split along input features only: the bias (output_dim only) is whole on every rank.
         load_sharded(param, loaded, type(self).__name__, 0, "input", 0, self.input_size, self.tp_rank, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
-        if self._sums_in_norm and not torch.compiler.is_compiling():  # one rank, no bias (sum_splits_in)
-            parts: list[torch.Tensor] = []
-            y = self.quant_method.apply(self, x, None, split_parts=parts)
-            return SplitKPartials(parts[0]) if parts else y
+        if self._leaves_splits and not torch.compiler.is_compiling():  # one rank, no bias (sum_splits_in)
+            return self._apply_leaving_splits(x)
         # Bias is added once, after the reduction.
         y = self.quant_method.apply(self, x, None)
         if self.tp_size > 1 and self.reduce_results:

@@ -18,6 +18,7 @@ from torch import nn
 from atom.layers.activation import GatedActivation
 from atom.layers.attention import Attention, AttentionFactory, AttentionSpec
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from atom.layers.fp8_input import SplitKPartials
 from atom.layers.gpt_oss_moe import GptOssMoE
 from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from atom.layers.moe import FusedMoE
@@ -89,6 +90,9 @@ class SelfAttention(nn.Module):
         # An implementation that can do qk-norm + rope + its KV write in one op gets them un-normed.
         self._fused_prep = (getattr(self.attn.impl, "forward_with_prep", None)
                             if self.rotary_emb.rope_type != "dynamic" else None)
+        # ATOM's attention adds a split-K qkv GEMM's partials itself on the steps it does the prep of
+        self._qkv_parts = (self._fused_prep is not None and getattr(self.attn.impl, "takes_qkv_parts", False)
+                           and self.qkv_proj.leave_splits("attention"))
 
     def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         n, rank = param.shape[0], self.qkv_proj.tp_rank
@@ -99,11 +103,20 @@ class SelfAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        qkv_parts = None
+        if isinstance(qkv, SplitKPartials):  # _qkv_parts: the attention kernel adds them on the steps it preps
+            if self.attn.impl.fuses_decode_step(qkv.out.shape[0]):
+                qkv_parts = (*qkv.parts[0].split(sizes, dim=-1), qkv.parts.shape[0], qkv.parts.stride(0))
+                qkv = qkv.out
+            else:
+                qkv = qkv.summed()
+        q, k, v = qkv.split(sizes, dim=-1)
         if self._fused_prep is not None:
             qn, kn = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+            extra = {} if qkv_parts is None else {"qkv_parts": qkv_parts}
             out = self._fused_prep(positions, q, k, v, qn.weight if qn else None, kn.weight if kn else None,
-                                   qn.eps if qn else 0.0, self.rotary_emb.cos_sin, self.rotary_emb.is_neox)
+                                   qn.eps if qn else 0.0, self.rotary_emb.cos_sin, self.rotary_emb.is_neox, **extra)
             return self.o_proj(out)
         if self.qk_norm:
             t = qkv.shape[0]  # x may be an Fp8Activation (atom.layers.fp8_input)

@@ -165,7 +165,9 @@ class DecodePrep(NamedTuple):
     """qk_norm_rope_cache's arguments, for a decode step whose attention does that work itself (the prep of
     atom.ops.triton_kernels.attention.paged_attention_impl): positions [T], raw k / v [T, Hk * D] (or [T, Hk,
     D]), the qk-norm weights (None: no qk-norm), eps, the cos | sin table [max_pos, rot_dim], neox-style halves
-    or interleaved pairs, and the cache slots [T] (-1: padding, nothing stored)."""
+    or interleaved pairs, and the cache slots [T] (-1: padding, nothing stored). qkv_parts (Triton kernel only):
+    q, k and v were left unwritten by a split-K qkv GEMM; (qp, kp, vp, splits, part_stride) are the matching views
+    of its float32 partials (atom.layers.fp8_input.SplitKPartials), which the kernel adds itself."""
 
     positions: torch.Tensor
     k: torch.Tensor
@@ -176,6 +178,7 @@ class DecodePrep(NamedTuple):
     cos_sin: torch.Tensor
     is_neox: bool
     slot_mapping: torch.Tensor
+    qkv_parts: tuple | None = None
 
 
 def write_kv_slots(

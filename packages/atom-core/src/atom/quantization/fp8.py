@@ -245,15 +245,15 @@ class Fp8LinearMethod(LinearMethod):
             return None
         return Fp8InputFormat(int(self.block_size[1]) if self.block_size else None, self.fp8_dtype)
 
-    @property
-    def defers_split(self) -> bool:
-        """Whether apply can leave a split-K GEMM's partials to the consumer (split_parts; RowParallelLinear's
-        sum_splits_in): the Triton GEMM, with ATOM_FP8_NORM_SUMS_SPLITS on."""
+    def defers_split(self, consumer: str) -> bool:
+        """Whether apply can leave a split-K GEMM's partials to a consumer of this kind (split_parts;
+        LinearBase.leave_splits): the Triton GEMM, with the consumer's switch on (ATOM_FP8_NORM_SUMS_SPLITS for
+        "norm", ATOM_FP8_ATTN_SUMS_SPLITS for "attention")."""
         if self.linear_quantized is None:
             return False
         from atom.ops.triton_kernels import quant_fp8  # the Triton GEMM runs: importable
 
-        return quant_fp8.NORM_SUMS_SPLITS
+        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS}[consumer]
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
               bias: torch.Tensor | None = None, split_parts: list | None = None) -> torch.Tensor:

@@ -144,15 +144,29 @@ def _softcapped(s, softcap):
 
 
 @triton.jit
+def _load_rows(row_ptr, part_ptr, offs, mask, PARTS: tl.constexpr, part_stride):
+    """row_ptr[offs] in its own dtype, or (PARTS > 0) the same elements as a split-K GEMM's float32 partials
+    (part_ptr: the element of partial 0 that row_ptr's is; PARTS of them part_stride apart), added in split order
+    from zero and rounded to row_ptr's dtype: what quant_fp8's _split_k_sum_kernel would have stored at row_ptr."""
+    if PARTS > 0:
+        acc = tl.zeros(mask.shape, tl.float32)
+        for s in tl.static_range(PARTS):
+            acc += tl.load(part_ptr + s * part_stride + offs, mask=mask, other=0.0)
+        return acc.to(row_ptr.dtype.element_ty)
+    return tl.load(row_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, NORM: tl.constexpr,
-                    IS_NEOX: tl.constexpr):
+                    IS_NEOX: tl.constexpr, part_ptr, PARTS: tl.constexpr, part_stride):
     """Rows of q or k (row_ptr [R, 1]: each row's first element; row_ok [R, 1]) RMS-normalized (NORM, weight
     w_ptr) and rotated by the cos / sin row cs_row (cos then sin, rot_half each), in the rows' dtype: the
     arithmetic and roundings of qk_norm_rope_cache's _norm_rope_heads, laid out over d [BLOCK_D] instead of
-    the two rotation halves (each element reads its rotation partner)."""
+    the two rotation halves (each element reads its rotation partner). PARTS > 0: the rows are read as split-K
+    partials (_load_rows; part_ptr [R, 1] the partials' elements matching row_ptr's)."""
     dd = d[None, :]
     m = row_ok & (dd < head_dim)
-    x = tl.load(row_ptr + dd, mask=m, other=0.0)
+    x = _load_rows(row_ptr, part_ptr, dd, m, PARTS, part_stride)
     dt = x.dtype
     xf = x.to(tl.float32)
     rot = dd < 2 * rot_half
@@ -164,7 +178,7 @@ def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, 
         first = dd % 2 == 0
         partner = tl.where(first, dd + 1, dd - 1)
         ci = dd // 2
-    xp = tl.load(row_ptr + partner, mask=m & rot, other=0.0).to(tl.float32)
+    xp = _load_rows(row_ptr, part_ptr, partner, m & rot, PARTS, part_stride).to(tl.float32)
     if NORM:
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=1, keep_dims=True) / head_dim + eps)
         w = tl.load(w_ptr + dd, mask=dd < head_dim, other=0.0).to(tl.float32)
@@ -289,6 +303,7 @@ def _attention_kernel(
     NORM: tl.constexpr, IS_NEOX: tl.constexpr, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
     num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
+    qp_ptr=None, kp_ptr=None, vp_ptr=None, part_stride=0, PREP_PARTS: tl.constexpr = 0,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
     head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
@@ -298,6 +313,9 @@ def _attention_kernel(
     keys and values; the program normalizes and rotates its query heads itself, and the program whose keys end
     at the sequence's new key first normalizes, rotates and stores that key (and its value) in the cache, then
     walks its keys as usual (qk_norm_rope_cache's work, without its launch; no other program reads the new key).
+    PREP_PARTS > 0: q / k_raw / v_raw were left unwritten by a split-K qkv GEMM, whose float32 partials qp / kp / vp
+    (same element strides, PREP_PARTS of them part_stride apart) the prep adds itself (_load_rows: the values the
+    sum kernel would have stored), one kernel fewer.
 
     FLAT (queries of more than one token a row): axis 0 enumerates (row, query tile) pairs instead of rows x the
     longest row's tiles. Row b's tiles start at program qsl[b] // BLOCK_Q + b (each row gets at least its
@@ -333,8 +351,13 @@ def _attention_kernel(
         d_ok = d < head_dim
     if PREP:
         cs_row = cs_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * cs_stride
-        q = _norm_rope_rows(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h,
-                            row_ok[:, None], d, qw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX)
+        q_off = (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h
+        if PREP_PARTS > 0:
+            qp_row = qp_ptr + q_off
+        else:  # no partials (qp_ptr None): any pointer, never read
+            qp_row = q_ptr + q_off
+        q = _norm_rope_rows(q_ptr + q_off, row_ok[:, None], d, qw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX,
+                            qp_row, PREP_PARTS, part_stride)
     else:
         q = tl.load(q_ptr + (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -365,9 +388,15 @@ def _attention_kernel(
         slot = tl.load(slot_ptr + q_start).to(tl.int64)
         if (hi == seq_len) & (lo < hi) & (slot >= 0):  # this program's keys end at the new one: store it first
             one = tl.full([1, 1], 1, tl.int1)
-            k_row = k_raw_ptr + q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
-            k_new = _norm_rope_rows(k_row, one, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX)
-            v_new = tl.load(v_raw_ptr + q_start * v_raw_stride_t + kvh * head_dim + d[None, :], mask=d_ok[None, :])
+            k_off = q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
+            v_off = q_start * v_raw_stride_t + kvh * head_dim
+            if PREP_PARTS > 0:
+                kp_row, vp_row = kp_ptr + k_off, vp_ptr + v_off
+            else:
+                kp_row, vp_row = k_raw_ptr + k_off, v_raw_ptr + v_off
+            k_new = _norm_rope_rows(k_raw_ptr + k_off, one, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX,
+                                    kp_row, PREP_PARTS, part_stride)
+            v_new = _load_rows(v_raw_ptr + v_off, vp_row, d[None, :], d_ok[None, :], PREP_PARTS, part_stride)
             blk_new = slot // PAGE
             in_new = slot % PAGE
             tl.store(kc_ptr + blk_new * kc_stride_b + in_new * kc_stride_s + kvh * kc_stride_h + d[None, :],
@@ -570,6 +599,7 @@ def paged_attention_impl(
         grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
         flat_args = {}
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
+    parts_args = {}
     if prep is not None:
         if max_query_len != 1 or num_tokens != batch:
             raise ValueError("paged_attention_impl: prep is for decode steps (one query a sequence)")
@@ -579,6 +609,14 @@ def paged_attention_impl(
         prep_args = (prep.positions, k_raw, v_raw, prep.q_weight if norm else q, prep.k_weight if norm else q, cs,
                      prep.slot_mapping, float(prep.eps), k_raw.stride(0), v_raw.stride(0), cs.stride(0),
                      cs.shape[-1] // 2)
+        if prep.qkv_parts is not None:  # q / k / v unwritten: the prep adds the qkv GEMM's partials itself
+            qp, kp, vp, n_parts, part_stride = prep.qkv_parts
+            qp, kp, vp = qp.view(q.shape), kp.reshape(num_tokens, -1), vp.reshape(num_tokens, -1)
+            if (qp.dtype != torch.float32 or qp.stride() != q.stride() or kp.stride() != k_raw.stride()
+                    or vp.stride() != v_raw.stride()):
+                raise ValueError("paged_attention_impl: the qkv partials must be float32 views with q / k / v's "
+                                 "element strides")
+            parts_args = dict(qp_ptr=qp, kp_ptr=kp, vp_ptr=vp, part_stride=part_stride, PREP_PARTS=n_parts)
     else:
         norm = False
         prep_args = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0)
@@ -596,7 +634,7 @@ def paged_attention_impl(
         USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
-        **(max_args if num_splits == 1 else {}), **flat_args,
+        **(max_args if num_splits == 1 else {}), **flat_args, **parts_args,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

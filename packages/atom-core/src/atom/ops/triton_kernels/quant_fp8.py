@@ -615,10 +615,16 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
         return
     launch(target, k_per_split, split, has_bias and split == 1)
     if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, bias if has_bias else out, out, m * n, n,
-                                                          SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
-                                                          **pdl_args(out.device))
+        add_split_parts(target, out, bias)
+
+
+def add_split_parts(parts: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """out [M, N] (contiguous) = the float32 partials parts [S, M, N] added in split order (+ bias), in out's dtype."""
+    total = out.numel()
+    block = 1024
+    _split_k_sum_kernel[(triton.cdiv(total, block),)](parts, bias if bias is not None else out, out, total,
+                                                      out.shape[-1], SPLIT=parts.shape[0], HAS_BIAS=bias is not None,
+                                                      BLOCK=block, num_warps=4, **pdl_args(out.device))
 
 
 # Tile override for tools/device/kernel_bench.py sweeps: dict(block_m, block_n, num_warps, num_stages, split_k
@@ -816,6 +822,9 @@ SWAP_SERIAL_SPLIT = _env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 # norm stays one program a row under PDL. Off until the engine A/B on a GPU (qwen3-8b FP8 at batch 1: two of the
 # three sum kernels a layer; tools/device/README.md).
 NORM_SUMS_SPLITS = _env_flag("ATOM_FP8_NORM_SUMS_SPLITS", False)
+# The same for qkv_proj, whose partials ATOM's attention kernel adds on the decode steps it does the prep of (qk-norm,
+# rope, KV write: the third split GEMM of a qwen3-8b layer at batch 1). Off until the same A/B.
+ATTN_SUMS_SPLITS = _env_flag("ATOM_FP8_ATTN_SUMS_SPLITS", False)
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 
 
