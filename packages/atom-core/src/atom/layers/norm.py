@@ -38,8 +38,7 @@ class RMSNorm(nn.Module):
             return self._forward_parts(x.parts, residual)
         fmt = self._fp8.format_for(x) if self._fp8 is not None else None
         if fmt is not None:
-            w = self.weight
-            dtype = x.dtype if w.dtype == x.dtype or x.dtype.itemsize > w.dtype.itemsize else w.dtype  # the norm's
+            w, dtype = self.weight, self._out_dtype(x.dtype)
             if residual is None:
                 q, s = self._fp8.ops[0](x, w, self.eps, fmt.group_size, fmt.fp8_dtype)
                 return Fp8Activation(q, s, dtype)
@@ -58,8 +57,11 @@ class RMSNorm(nn.Module):
         fmt = self._fp8.format_for(residual) if self._fp8 is not None else None
         if fmt is None:
             return fused_add_rms_norm_parts(parts, residual, self.weight, self.eps)
-        w = self.weight
-        dtype = residual.dtype if w.dtype == residual.dtype or residual.dtype.itemsize > w.dtype.itemsize else w.dtype
-        q, s, residual = fused_add_rms_norm_quant_fp8_parts(parts, residual, w, self.eps, fmt.group_size,
+        q, s, residual = fused_add_rms_norm_quant_fp8_parts(parts, residual, self.weight, self.eps, fmt.group_size,
                                                             fmt.fp8_dtype)
-        return Fp8Activation(q, s, dtype), residual
+        return Fp8Activation(q, s, self._out_dtype(residual.dtype)), residual
+
+    def _out_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """The float norm's output dtype for x_dtype input: x's, or the weight's where that is wider."""
+        w = self.weight.dtype
+        return x_dtype if w == x_dtype or x_dtype.itemsize > w.itemsize else w

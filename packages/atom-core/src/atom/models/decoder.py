@@ -105,7 +105,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv_proj(x)
         sizes = [self.q_size, self.kv_size, self.kv_size]
         qkv_parts = None
-        if isinstance(qkv, SplitKPartials):  # _qkv_parts: the attention kernel adds them on the steps it preps
+        if self._qkv_parts and isinstance(qkv, SplitKPartials):  # the attention kernel adds them on the steps it preps
             if self.attn.impl.fuses_decode_step(qkv.out.shape[0]):
                 qkv_parts = (*qkv.parts[0].split(sizes, dim=-1), qkv.parts.shape[0], qkv.parts.stride(0))
                 qkv = qkv.out
