@@ -650,7 +650,7 @@ def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, g
     assert torch.equal(got, want)
 
 
-def test_the_split_parts_hand_off_is_off_by_default_and_on_one_rank_only(tmp_path, monkeypatch):
+def test_the_split_parts_hand_off_is_off_by_default_and_skips_qkv_and_gate_up(tmp_path, monkeypatch):
     """Without ATOM_FP8_NORM_SUMS_SPLITS no linear hands partials on; with it, o_proj and the dense down_proj do,
     qkv_proj (its own switch) and gate_up_proj (not consumed by a norm) do not."""
     from atom.loader import load_model

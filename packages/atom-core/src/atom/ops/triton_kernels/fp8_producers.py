@@ -23,7 +23,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
 from atom.ops.triton_kernels.common import interpreting
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
-from atom.ops.triton_kernels.norm import check_split_parts, rms_norm_row
+from atom.ops.triton_kernels.norm import check_split_parts, norm_out_dtype, rms_norm_row
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 from atom.ops.triton_kernels.quant_fp8 import (
     _rows,
@@ -150,8 +150,7 @@ def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype, parts: torch.Te
     src, src_stride, part_stride, n_parts = (x2, x2.stride(0), 0, 0) if parts is None else (
         parts, parts.stride(1), parts.stride(0), parts.shape[0])
     # the unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read
-    act = x.dtype if weight.dtype == x.dtype else (x.dtype if x.dtype.itemsize > weight.dtype.itemsize
-                                                    else weight.dtype)
+    act = norm_out_dtype(x.dtype, weight.dtype)
     q, s, views = _outputs(x.shape[:-1], n, rows, group_size, fp8_dtype, x.device)
     res2 = _rows(residual) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else q

@@ -62,19 +62,28 @@ def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if a.itemsize > b.itemsize else b
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def norm_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """The norm's output dtype: x's, or the wider of x's and the weight's. Plain dtype logic, not
+    torch.result_type: torch.compile (vLLM's Dynamo) cannot trace an op that returns a dtype."""
+    return x_dtype if w_dtype == x_dtype else _promote(w_dtype, x_dtype)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            parts: torch.Tensor | None = None):
+    """parts: x given as a split-K GEMM's float32 partials [S, rows, N]; x is then the residual (its shape and
+    dtype), as in fp8_producers._norm_quant."""
     n = x.shape[-1]
     x2 = _rows(x)
-    # Plain dtype logic, not torch.result_type: torch.compile (vLLM's Dynamo) cannot trace an op that returns a dtype.
-    out_dtype = x.dtype if weight.dtype == x.dtype else _promote(weight.dtype, x.dtype)
-    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    src, src_stride, part_stride, n_parts = (x2, x2.stride(0), 0, 0) if parts is None else (
+        parts, parts.stride(1), parts.stride(0), parts.shape[0])
+    out = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight.dtype), device=x.device)
     res2 = _rows(residual) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out
     block = triton.next_power_of_2(n)
     num_warps = min(max(block // 256, 1), 16)
-    _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, n, x2.stride(0), res2.stride(0),
-                                     out.stride(0), eps, 0, HAS_RES=residual is not None, BLOCK=block,
-                                     num_warps=num_warps, **pdl_args(x.device))
+    _rms_norm_kernel[(x2.shape[0],)](src, res2, weight, out, res_out, n, src_stride, res2.stride(0),
+                                     out.stride(0), eps, part_stride, HAS_RES=residual is not None, BLOCK=block,
+                                     num_warps=num_warps, PARTS=n_parts, **pdl_args(x.device))
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -94,17 +103,7 @@ def fused_add_rms_norm_parts(parts: torch.Tensor, residual: torch.Tensor, weight
     the sum kernel followed by fused_add_rms_norm; one kernel fewer. Triton only (atom.layers.linear's split-sum
     hand-off runs where the GEMM and this norm are both Triton)."""
     check_split_parts(parts, residual)
-    n = residual.shape[-1]
-    res2 = _rows(residual)
-    out_dtype = residual.dtype if weight.dtype == residual.dtype else _promote(weight.dtype, residual.dtype)
-    out = torch.empty(res2.shape, dtype=out_dtype, device=residual.device)
-    res_out = torch.empty_like(res2)
-    block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(res2.shape[0],)](parts, res2, weight, out, res_out, n, parts.stride(1), res2.stride(0),
-                                       out.stride(0), eps, parts.stride(0), HAS_RES=True, BLOCK=block,
-                                       num_warps=min(max(block // 256, 1), 16), PARTS=parts.shape[0],
-                                       **pdl_args(residual.device))
-    return out.view(residual.shape), res_out.view(residual.shape)
+    return _launch(residual, residual, weight, eps, parts=parts)
 
 
 @register("rms_norm", "triton")
