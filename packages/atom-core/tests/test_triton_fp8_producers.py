@@ -419,6 +419,23 @@ def test_fp8_model_logits_are_identical_with_the_gate_up_gemm_gating(tmp_path, m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 16, 32])
+def test_the_gated_gemm_at_8b_shapes(m):
+    """qwen3-8b's gate_up (2 x 12,288 x 4,096, per channel) on the built-in tile rules: the gated kernel's
+    activation and row maxima are the GEMM + silu_and_mul_rowmax's, bit for bit."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    w, ws, _ = _weight(2 * 12288, 4096, "channel")
+    q, scale = triton("fp8_quant_token")(hidden_states(m, 4096, torch.bfloat16), FP8)
+    if not tk.gated_gemm_applies(m, w, None, torch.bfloat16):
+        pytest.skip(f"{m} rows do not run the swap-AB kernel here")
+    h, maxima = tk.fp8_gated_rowmax(q, scale, w, ws, torch.bfloat16)
+    y, parts = triton("silu_and_mul_rowmax")(tk.fp8_gemm_quantized(q, scale, w, ws, None, None, torch.bfloat16))
+    assert torch.equal(h, y) and torch.equal(maxima.amax(-1), parts.amax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("group", [128, None])
 @pytest.mark.parametrize("m", [17, 128, 300])
 @pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
