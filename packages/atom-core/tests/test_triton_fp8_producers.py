@@ -312,6 +312,7 @@ def test_the_gated_gemm_equals_the_gemm_then_silu_and_mul_rowmax(m, layout, dtyp
     maxima (max over each row's partials; the chunks differ), and down_proj's rowmax GEMM on either gives the same
     output. d not a multiple of the column block (masked rows out of the maxima), K not of the K step."""
     tk = _rowmax_on(monkeypatch)
+    monkeypatch.setattr(tk, "GATED_GEMM", True)
     monkeypatch.setattr(tk, "TMA", tma)
     monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_k=64, split_k=1))
     d, k = 80, 208
@@ -333,6 +334,7 @@ def test_the_gated_gemm_applies_to_swap_rows_of_per_channel_weights_only(monkeyp
     """Where gated_gemm_applies is False the MLP runs gate_up and the activation; bad inputs get an error naming
     what is wrong."""
     tk = _rowmax_on(monkeypatch)
+    monkeypatch.setattr(tk, "GATED_GEMM", True)
     w, ws, _ = _weight(160, 128, "channel")
     assert tk.gated_gemm_applies(1, w, None, torch.bfloat16)
     assert not tk.gated_gemm_applies(1, w, [128, 128], torch.bfloat16)  # block scales
@@ -420,10 +422,12 @@ def test_fp8_model_logits_are_identical_with_the_gate_up_gemm_gating(tmp_path, m
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("m", [1, 16, 32])
-def test_the_gated_gemm_at_8b_shapes(m):
+def test_the_gated_gemm_at_8b_shapes(m, monkeypatch):
     """qwen3-8b's gate_up (2 x 12,288 x 4,096, per channel) on the built-in tile rules: the gated kernel's
     activation and row maxima are the GEMM + silu_and_mul_rowmax's, bit for bit."""
     from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GATED_GEMM", True)
 
     w, ws, _ = _weight(2 * 12288, 4096, "channel")
     q, scale = triton("fp8_quant_token")(hidden_states(m, 4096, torch.bfloat16), FP8)

@@ -1055,8 +1055,10 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
 
 # The gate_up GEMM with SiLU-and-mul and its row maxima in the epilogue (fp8_gated_rowmax): where a dense MLP's
 # down_proj quantizes its rows itself (gemm_quantizes_rows) and gate_up runs the swap-AB kernel, the activation's
-# kernel (36 launches a qwen3-8b step) folds into the GEMM. ATOM_FP8_GATED_GEMM=0 keeps the two kernels.
-GATED_GEMM = _env_flag("ATOM_FP8_GATED_GEMM", True)
+# kernel (36 launches a qwen3-8b step at batch 1, ~1.4 us each in stop 56's profile) folds into the GEMM; the
+# GEMM's programs stream twice the rows (gate and up) and halve in number. Bit-identical. Off until the engine A/B
+# on a GPU (ATOM_FP8_GATED_GEMM=1; tools/device/README.md).
+GATED_GEMM = _env_flag("ATOM_FP8_GATED_GEMM", False)
 
 
 def gated_gemm_applies(m: int, weight: torch.Tensor, block_size: list[int] | None, out_dtype: torch.dtype) -> bool:
