@@ -302,51 +302,6 @@ def test_fp8_linear_rowmax_equals_the_quantized_path(m, layout, dtype, tma, monk
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["channel", "tensor"])
-@pytest.mark.parametrize("m", [1, 3, 20])
-def test_the_gated_gemm_equals_the_gemm_then_silu_and_mul_rowmax(m, layout, dtype, tma, monkeypatch):
-    """fp8_gated_rowmax (the gate_up swap-AB kernel with SiLU-and-mul and its row maxima in the epilogue) against
-    its two kernels (fp8_linear_quantized, then silu_and_mul_rowmax): the same bits of the activation, the same row
-    maxima (max over each row's partials; the chunks differ), and down_proj's rowmax GEMM on either gives the same
-    output. d not a multiple of the column block (masked rows out of the maxima), K not of the K step."""
-    tk = _rowmax_on(monkeypatch)
-    monkeypatch.setattr(tk, "GATED_GEMM", True)
-    monkeypatch.setattr(tk, "TMA", tma)
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_k=64, split_k=1))
-    d, k = 80, 208
-    w, ws, _ = _weight(2 * d, k, layout)
-    q, scale = triton("fp8_quant_token")(hidden_states(m, k, dtype), FP8)
-    assert tk.gated_gemm_applies(m, w, None, dtype)
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    h, maxima = tk.fp8_gated_rowmax(q, scale, w, ws, dtype)
-    assert len(launches) == 1 and launches[0].kwargs["GATED"] and launches[0].kwargs["TMA"] == tma
-    y, parts = triton("silu_and_mul_rowmax")(triton("fp8_linear_quantized")(q, scale, w, ws, None, None, dtype))
-    assert h.dtype == dtype and torch.equal(h, y)
-    assert maxima.shape == (m, 2) and torch.equal(maxima.amax(-1), parts.amax(-1))
-    w2, ws2, _ = _weight(48, d, layout)
-    assert torch.equal(triton("fp8_linear_rowmax")(h, maxima, w2, ws2, None, dtype),
-                       triton("fp8_linear_rowmax")(y, parts, w2, ws2, None, dtype))
-
-
-def test_the_gated_gemm_applies_to_swap_rows_of_per_channel_weights_only(monkeypatch):
-    """Where gated_gemm_applies is False the MLP runs gate_up and the activation; bad inputs get an error naming
-    what is wrong."""
-    tk = _rowmax_on(monkeypatch)
-    monkeypatch.setattr(tk, "GATED_GEMM", True)
-    w, ws, _ = _weight(160, 128, "channel")
-    assert tk.gated_gemm_applies(1, w, None, torch.bfloat16)
-    assert not tk.gated_gemm_applies(1, w, [128, 128], torch.bfloat16)  # block scales
-    assert not tk.gated_gemm_applies(1, w[:159], None, torch.bfloat16)  # no gate | up halves
-    assert not tk.gated_gemm_applies(tk.SWAP_MAX_M + 1, w, None, torch.bfloat16)
-    monkeypatch.setattr(tk, "GATED_GEMM", False)
-    assert not tk.gated_gemm_applies(1, w, None, torch.bfloat16)
-    q, scale = triton("fp8_quant_group")(hidden_states(2, 128, torch.bfloat16), 64, FP8)
-    with pytest.raises(ValueError, match="per-token scales"):
-        tk.fp8_gated_rowmax(q, scale, w, ws, torch.bfloat16)
-
-
 def test_fp8_linear_rowmax_outside_its_rows_quantizes_first(monkeypatch):
     """Rows past ROWMAX_MAX_M (or block layouts) take the quantization kernel and fp8_gemm_quantized: the same
     output; bad inputs are refused with the argument named."""
@@ -401,41 +356,7 @@ def test_fp8_model_logits_are_identical_with_the_gemm_quantizing_rows(rowmax_max
     assert torch.equal(got, want)
 
 
-def test_fp8_model_logits_are_identical_with_the_gate_up_gemm_gating(tmp_path, monkeypatch):
-    """A per-channel FP8 Qwen3 whose gate_up GEMM runs SiLU-and-mul and the row maxima in its epilogue
-    (GatedActivation.gated_gemm: the prefill's 14 rows and the decode step's 2, each layer) gives the logits of
-    the GEMM followed by silu_and_mul_rowmax, bit for bit."""
-    tk = _rowmax_on(monkeypatch, rows=32)
-    path = _tiny_fp8_qwen3(tmp_path, "compressed-tensors")
-    monkeypatch.setattr(tk, "GATED_GEMM", False)
-    want, _ = _model_logits(path, True, monkeypatch)
-    monkeypatch.setattr(tk, "GATED_GEMM", True)
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    got, _ = _model_logits(path, True, monkeypatch)
-    assert sum(bool(la.kwargs.get("GATED")) for la in launches) == 4  # 2 layers x (prefill, decode)
-    assert torch.equal(got, want)
-
-
 # ---------------------------------------------------------------- GPU: qwen3-8b shapes
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("m", [1, 16, 32])
-def test_the_gated_gemm_at_8b_shapes(m, monkeypatch):
-    """qwen3-8b's gate_up (2 x 12,288 x 4,096, per channel) on the built-in tile rules: the gated kernel's
-    activation and row maxima are the GEMM + silu_and_mul_rowmax's, bit for bit."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    monkeypatch.setattr(tk, "GATED_GEMM", True)
-
-    w, ws, _ = _weight(2 * 12288, 4096, "channel")
-    q, scale = triton("fp8_quant_token")(hidden_states(m, 4096, torch.bfloat16), FP8)
-    if not tk.gated_gemm_applies(m, w, None, torch.bfloat16):
-        pytest.skip(f"{m} rows do not run the swap-AB kernel here")
-    h, maxima = tk.fp8_gated_rowmax(q, scale, w, ws, torch.bfloat16)
-    y, parts = triton("silu_and_mul_rowmax")(tk.fp8_gemm_quantized(q, scale, w, ws, None, None, torch.bfloat16))
-    assert torch.equal(h, y) and torch.equal(maxima.amax(-1), parts.amax(-1))
 
 
 @pytest.mark.gpu

@@ -28,35 +28,12 @@ class GatedActivation(nn.Module):
         self._name = gated_op_name(hidden_act)
         self._op = resolve(self._name)
         self._fp8: Fp8ConsumerLink | None = None
-        self._gate_up: tuple[nn.Module, ...] = ()  # take_gate_up (a tuple: not a submodule)
 
     def feed_fp8_linear(self, linear: nn.Module) -> None:
         """This activation's output goes to `linear` alone: hand it FP8 activations when it is an FP8 linear
         that takes them (see atom.layers.fp8_input)."""
         if self._name in _FP8_FORM:
             self._fp8 = link_fp8_consumer(self._op, (_FP8_FORM[self._name],), linear, _ROWMAX_FORM.get(self._name))
-
-    def take_gate_up(self, linear: nn.Module) -> None:
-        """linear (a merged gate | up linear) feeds this activation alone: where its FP8 GEMM can compute this
-        activation and the row maxima in its epilogue (the quant method's gated_rowmax) and the consumer takes row
-        maxima, gated_gemm runs both in one kernel. SiLU only (the kernel's epilogue)."""
-        if (self._fp8 is not None and self._fp8.rowmax_op is not None and self._name == "silu_and_mul"
-                and getattr(linear.quant_method, "gated_rowmax", None) is not None):
-            self._gate_up = (linear,)
-
-    def gated_gemm(self, x: torch.Tensor | Fp8Activation) -> Fp8RowMaxActivation | None:
-        """self(gate_up(x)) as an Fp8RowMaxActivation from the gate_up GEMM's kernel alone, or None where that does
-        not apply to this call (x not per-token codes, the consumer not taking row maxima of these rows, or the
-        GEMM not the swap-AB kernel): the caller runs gate_up and this activation."""
-        if not self._gate_up or not isinstance(x, Fp8Activation) or x.scale.shape[-1] != 1:
-            return None
-        fmt = self._fp8.consumer_format()
-        rows = x.q.numel() // x.q.shape[-1] if x.q.shape[-1] else 0
-        if fmt is None or fmt.group_size is not None or not self._fp8.takes_rows(rows, x.dtype, fmt):
-            return None
-        linear = self._gate_up[0]
-        out = linear.quant_method.gated_rowmax(linear, x)
-        return None if out is None else Fp8RowMaxActivation(*out)
 
     def forward(self, x: torch.Tensor):
         fmt = self._fp8.format_for(x) if self._fp8 is not None else None

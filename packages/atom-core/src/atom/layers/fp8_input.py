@@ -31,9 +31,9 @@ splits over K, and the norm's kernel adds them (in split order, rounded to the r
 instead of quant_fp8's _split_k_sum_kernel: one kernel fewer per such pair at decode. Likewise qkv_proj ->
 ATOM's attention on the decode steps whose prep (qk-norm, rope, KV write) runs inside the attention kernel
 (`LinearBase.leave_splits`, decoder.SelfAttention; other steps add the partials with the sum kernel,
-`SplitKPartials.summed`). On by default (ATOM_FP8_NORM_SUMS_SPLITS=0 / ATOM_FP8_ATTN_SUMS_SPLITS=0 turn them
-off; measured on an H100, quant_fp8), no bias (and one rank for the norms: a row-parallel output is all-reduced), both sides on
-Triton, and nothing traced by torch.compile.
+`SplitKPartials.summed`). On by default (measured on an H100, quant_fp8; ATOM_FP8_NORM_SUMS_SPLITS=0 /
+ATOM_FP8_ATTN_SUMS_SPLITS=0 turn them off), no bias (and one rank for the norms: a row-parallel output is
+all-reduced), both sides on Triton, and nothing traced by torch.compile.
 """
 
 from __future__ import annotations
@@ -107,16 +107,12 @@ class Fp8ConsumerLink:
         self.rowmax_op = rowmax_op
         self._gemm_module = quant_fp8  # its GEMV bounds, read per call (a process may change them)
 
-    def consumer_format(self) -> Fp8InputFormat | None:
-        """The consumer's fused_input_format (None under torch.compile or where it takes none)."""
+    def format_for(self, x: torch.Tensor) -> Fp8InputFormat | None:
+        """The layout to hand this call's output over in, or None for the float output."""
         if torch.compiler.is_compiling():
             return None
         wants = getattr(self._consumer[0].quant_method, "fused_input_format", None)
-        return wants() if wants is not None else None
-
-    def format_for(self, x: torch.Tensor) -> Fp8InputFormat | None:
-        """The layout to hand this call's output over in, or None for the float output."""
-        fmt = self.consumer_format()
+        fmt = wants() if wants is not None else None
         if fmt is None:
             return None
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -125,14 +121,10 @@ class Fp8ConsumerLink:
     def takes_rowmax(self, x: torch.Tensor, fmt: Fp8InputFormat) -> bool:
         """Whether this call's output goes over as an Fp8RowMaxActivation (the link has a rowmax op, the layout is
         per token, and the GEMM would quantize these rows itself)."""
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return self.takes_rows(rows, x.dtype, fmt)
-
-    def takes_rows(self, rows: int, dtype: torch.dtype, fmt: Fp8InputFormat) -> bool:
-        """takes_rowmax for an output of `rows` rows in `dtype`."""
         if self.rowmax_op is None or fmt.group_size is not None:
             return False
-        return takes_rowmax(self._consumer[0], rows, dtype, fmt)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return takes_rowmax(self._consumer[0], rows, x.dtype, fmt)
 
 
 def takes_rowmax(consumer: nn.Module, rows: int, dtype: torch.dtype, fmt: Fp8InputFormat | None = None) -> bool:

@@ -136,11 +136,9 @@ class DenseMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
         self.act = GatedActivation(hidden_act)
         self.act.feed_fp8_linear(self.down_proj)
-        self.act.take_gate_up(self.gate_up_proj)  # its output feeds the activation alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act.gated_gemm(x)  # the activation in gate_up's GEMM, where that runs (FP8, a few rows)
-        return self.down_proj(self.act(self.gate_up_proj(x)) if h is None else h)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class SparseMoE(nn.Module):

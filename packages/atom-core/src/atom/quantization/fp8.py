@@ -255,24 +255,6 @@ class Fp8LinearMethod(LinearMethod):
 
         return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS}[consumer]
 
-    def gated_rowmax(self, layer: nn.Module, x: Fp8Activation) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a merged gate | up linear (two equal shards, no bias) whose SiLU-and-mul feeds a linear that takes
-        row maxima (atom.layers.activation.GatedActivation.gated_gemm): silu_and_mul_rowmax of this layer's output
-        from one kernel (quant_fp8.fp8_gated_rowmax: the same bits), or None where that kernel does not run for
-        these rows / this layout (the caller runs the GEMM and the activation)."""
-        sizes = getattr(self, "output_sizes", ())
-        if (self.linear_rowmax is None or self.block_size is not None or self.w_hat is not None
-                or len(sizes) != 2 or sizes[0] != sizes[1] or layer.bias is not None or x.scale.shape[-1] != 1):
-            return None
-        from atom.ops.triton_kernels import quant_fp8  # the Triton GEMM runs: importable
-
-        q, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1, 1)
-        if not quant_fp8.gated_gemm_applies(q.shape[0], layer.weight, None, x.dtype):
-            return None
-        h, maxima = quant_fp8.fp8_gated_rowmax(q, scale, layer.weight, layer.weight_scale, x.dtype)
-        lead = x.q.shape[:-1]
-        return h.view(*lead, h.shape[-1]), maxima.view(*lead, maxima.shape[-1])
-
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
               bias: torch.Tensor | None = None, split_parts: list | None = None) -> torch.Tensor:
         """split_parts (a list; only where defers_split): a GEMM that splits over K appends its float32 partials

@@ -64,7 +64,6 @@ import triton.language as tl
 
 from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
-from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.common import env_flag as _env_flag
 from atom.ops.triton_kernels.common import env_int, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize, quantize_by_reciprocal, reciprocal
@@ -305,7 +304,7 @@ def _fp8_gemm_swap_kernel(
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
-    EMULATE: tl.constexpr = False, GATED: tl.constexpr = False, hmax_ptr=None, hmax_stride=0,
+    EMULATE: tl.constexpr = False,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -329,14 +328,7 @@ def _fp8_gemm_swap_kernel(
     the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
     to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
     and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
-    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251).
-
-    GATED (one split, no bias, scales per channel or per tensor; fp8_gated_rowmax): W is a gate_up weight [2N, K]
-    (gate rows, then up rows) and the program streams its gate rows n and up rows N + n side by side (two
-    accumulators); out_ptr [M, N] gets silu(gate) * up, computed from the bf16 gate and up as the GEMM would store
-    them and as silu_and_mul's kernel computes it (activation.gated_cols: the same bits), and hmax_ptr [M, column
-    blocks] the absolute maximum of each program's columns of it, the partial row maxima of silu_and_mul_rowmax: the
-    activation kernel's launch folded into the GEMM."""
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -366,31 +358,17 @@ def _fp8_gemm_swap_kernel(
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    if GATED:
-        acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         k = k0 + kk
         k_ok = k < K
         if TMA:
             w = w_desc.load([pid_n * BLOCK_N, k0])
-            if GATED:
-                w_up = w_desc.load([N + pid_n * BLOCK_N, k0])
             a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
         else:
             w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if GATED:
-                w_up = tl.load(w_ptr + (N + n64[:, None]) * w_stride + k[None, :],
-                               mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                           other=0.0)
-        if GATED:  # per channel / per tensor, no QUANT_A (checked at launch)
-            if PRECISE:
-                acc_up = tl.dot(w_up.to(tl.bfloat16), a_t.to(tl.bfloat16), acc_up)
-            elif FAST_ACC:
-                acc_up = tl.dot(w_up, a_t, acc_up)
-            else:
-                acc_up = tl.dot(w_up, a_t, acc_up, max_num_imprecise_acc=BLOCK_K)
         if QUANT_A:
             a_t = quantize_by_reciprocal(a_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
         if PRECISE:
@@ -411,17 +389,7 @@ def _fp8_gemm_swap_kernel(
 
     mask = n_ok[:, None] & m_ok[None, :]
     offs = m64[None, :] * out_stride_m + n64[:, None]
-    if GATED:
-        sw_up = tl.load(ws_ptr + (N + n64) * ws_stride_n, mask=n_ok, other=0.0)
-        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # scaled above
-        up = (acc_up * (sw_up[:, None] * sa[None, :])).to(out_ptr.dtype.element_ty).to(tl.float32)
-        h = (_act(gate, 0).to(out_ptr.dtype.element_ty).to(tl.float32) * up).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, h, mask=mask)
-        # [BLOCK_M]: this block's columns. Columns n >= N hold 0: their up rows N + n >= 2N read as zeros (masked
-        # pointer loads; TMA fills rows past the weight with zeros), whatever their gate rows read.
-        hmax = tl.max(tl.abs(h.to(tl.float32)), axis=0)
-        tl.store(hmax_ptr + m64 * hmax_stride + pid_n, hmax, mask=m_ok)
-    elif SPLIT == 1:
+    if SPLIT == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -1051,57 +1019,6 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial, parts=parts)
     return out
-
-
-# The gate_up GEMM with SiLU-and-mul and its row maxima in the epilogue (fp8_gated_rowmax): where a dense MLP's
-# down_proj quantizes its rows itself (gemm_quantizes_rows) and gate_up runs the swap-AB kernel, the activation's
-# kernel (36 launches a qwen3-8b step at batch 1, ~1.4 us each in stop 56's profile) folds into the GEMM; the
-# GEMM's programs stream twice the rows (gate and up) and halve in number. Bit-identical. Off until the engine A/B
-# on a GPU (ATOM_FP8_GATED_GEMM=1; tools/device/README.md).
-GATED_GEMM = _env_flag("ATOM_FP8_GATED_GEMM", False)
-
-
-def gated_gemm_applies(m: int, weight: torch.Tensor, block_size: list[int] | None, out_dtype: torch.dtype) -> bool:
-    """Whether fp8_gated_rowmax runs for an M-row gate_up GEMM on per-token codes: GATED_GEMM, scales per channel or
-    per tensor, and the rows fp8_gemm_quantized would give the swap-AB kernel."""
-    return (GATED_GEMM and block_size is None and weight.shape[0] % 2 == 0 and GEMV_MAX_M < m <= SWAP_MAX_M
-            and not scaled_mm_applies(m, weight, block_size, out_dtype))
-
-
-def fp8_gated_rowmax(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu_and_mul_rowmax(fp8_gemm_quantized(a, a_scale, weight, weight_scale, None, None, out_dtype)) in one
-    swap-AB launch (GATED): a [M, K] FP8 codes with per-token scales [M, 1], weight [2d, K] (gate | up rows) with
-    per-channel or per-tensor scales. Returns h [M, d] in out_dtype, the same bits as the two kernels, and partial
-    row maxima [M, cdiv(d, block_n)] (float32; their max over the last dim is silu_and_mul_rowmax's). Triton only:
-    the consumer is fp8_linear_rowmax's kernel (atom.layers.activation.GatedActivation.gated_gemm)."""
-    two_d, k = weight.shape
-    m, d = a.shape[0], two_d // 2
-    if two_d % 2 or a.dim() != 2 or a_scale.shape != (m, 1) or a.dtype != weight.dtype:
-        raise ValueError(f"fp8_gated_rowmax: needs FP8 codes [M, K] with per-token scales [M, 1] and a gate_up "
-                         f"weight [2d, K] of their dtype, got {a.dtype} {tuple(a.shape)}, scales "
-                         f"{tuple(a_scale.shape)}, weight {weight.dtype} {tuple(weight.shape)}")
-    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, None)
-    tile = _swap_tile(m, d, k, block_k, a.device)
-    block_k = tile["block_k"]
-    precise = out_dtype == torch.float32 and a.is_cuda and not interpreting()
-    # per stage: the activation tile and two weight tiles (and their bf16 copies when precise)
-    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] + 2 * bn) * block_k * (3 if precise else 1), 0), a.device)
-    out = torch.empty(m, d, dtype=out_dtype, device=a.device)
-    grid = (triton.cdiv(d, block_n), 1, triton.cdiv(m, tile["block_m"]))
-    maxima = torch.empty(m, grid[0], dtype=torch.float32, device=a.device)
-    if m == 0:
-        return out, maxima
-    descs = _descriptors(a, weight, tile["block_m"], block_n, block_k) if tile["tma"] else None
-    _fp8_gemm_swap_kernel[grid](
-        a, a_scale, weight, weight_scale, out, out, out, out, *(descs or (a, weight)), m, d, k,
-        a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, 0, d, k,
-        SCALE_BN=scale_bn, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=1, BLOCK_M=tile["block_m"], BLOCK_N=block_n,
-        BLOCK_K=block_k, SERIAL=False, PREFETCH=0, PRECISE=precise, TMA=descs is not None,
-        FAST_ACC=tile["fast_acc"], WS=tile.get("ws", False) and descs is not None, GATED=True, hmax_ptr=maxima,
-        hmax_stride=maxima.stride(0), num_warps=tile["num_warps"], num_stages=stages, **pdl_args(a.device))
-    return out, maxima
 
 
 def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
