@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, SplitKPartials, link_fp8_consumer
+from atom.ops.norm import norm_out_dtype
 from atom.ops.registry import impl_of, resolve
 
 
@@ -62,6 +63,5 @@ class RMSNorm(nn.Module):
         return Fp8Activation(q, s, self._out_dtype(residual.dtype)), residual
 
     def _out_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
-        """The float norm's output dtype for x_dtype input: x's, or the weight's where that is wider."""
-        w = self.weight.dtype
-        return x_dtype if w == x_dtype or x_dtype.itemsize > w.itemsize else w
+        """The float norm's output dtype for x_dtype input (atom.ops.norm.norm_out_dtype)."""
+        return norm_out_dtype(x_dtype, self.weight.dtype)

@@ -7,6 +7,14 @@ import torch
 from atom.ops.registry import define_op, register
 
 
+def norm_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ATOM's norm kernels return for x_dtype input and a w_dtype weight: x's, or the weight's where that
+    is wider (the layers that hand a norm's output on in another form, FP8 codes or split partials, report it).
+    Plain dtype logic, not torch.result_type: torch.compile (vLLM's Dynamo) cannot trace an op that returns a
+    dtype."""
+    return w_dtype if w_dtype.itemsize > x_dtype.itemsize else x_dtype
+
+
 def _hidden(static) -> int:
     return int(static.get("hidden_size", 256))
 

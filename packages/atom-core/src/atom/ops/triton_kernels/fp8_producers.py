@@ -18,12 +18,13 @@ import triton
 import triton.language as tl
 
 from atom.ops.fp8_producers import ROWMAX_CHUNK, check_quantized_input, check_rowmax_input
+from atom.ops.norm import norm_out_dtype
 from atom.ops.quant_fp8 import check_weight_scale
 from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
 from atom.ops.triton_kernels.common import interpreting
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
-from atom.ops.triton_kernels.norm import check_split_parts, norm_out_dtype, rms_norm_row
+from atom.ops.triton_kernels.norm import check_split_parts, rms_norm_row
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 from atom.ops.triton_kernels.quant_fp8 import (
     _rows,

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atom.ops.norm import norm_out_dtype
 from atom.ops.registry import register
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
@@ -56,16 +57,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stri
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return a if a.itemsize > b.itemsize else b
-
-
-def norm_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    """The norm's output dtype: x's, or the wider of x's and the weight's. Plain dtype logic, not
-    torch.result_type: torch.compile (vLLM's Dynamo) cannot trace an op that returns a dtype."""
-    return x_dtype if w_dtype == x_dtype else _promote(w_dtype, x_dtype)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -821,7 +821,7 @@ SWAP_SERIAL_SPLIT = _env_flag("ATOM_FP8_SWAP_SERIAL_SPLIT", False)
 # one program instead of 8 KB of bf16). Nothing is added ahead of the GEMM's K loop (stop 54's lesson) and the
 # norm stays one program a row under PDL. On by default since stop 56's A/B on an H100 (three interleaved rounds,
 # qwen3-8b FP8 + FP8 KV, with the qkv hand-off below: batch 1 3.66 -> 3.61 ms a step, 32 4.41 -> 4.34, 128
-# 6.42 -> 6.30 in every round; qwen3-30b-a3b 2.91 -> 2.87 at batch 1, equal at 32 / 128; BENCHMARKS.md).
+# 6.41 -> 6.30 in every round; qwen3-30b-a3b 2.91 -> 2.87 at batch 1, equal at 32 / 128; BENCHMARKS.md).
 NORM_SUMS_SPLITS = _env_flag("ATOM_FP8_NORM_SUMS_SPLITS", True)
 # The same for qkv_proj, whose partials ATOM's attention kernel adds on the decode steps it does the prep of (qk-norm,
 # rope, KV write: the third split GEMM of a qwen3-8b layer at batch 1). On by default since the same A/B.
