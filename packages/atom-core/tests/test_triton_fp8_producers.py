@@ -545,19 +545,13 @@ def test_fp8_model_with_fused_producers_compiles_in_one_graph(tmp_path, monkeypa
 
 
 def _split_sum(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What fp8_linear stores after a split-K GEMM: quant_fp8's _split_k_sum_kernel on the partials (float32,
-    added in split order, rounded to dtype by Triton's conversion)."""
+    """What fp8_linear stores after a split-K GEMM: quant_fp8's sum kernel on the partials (float32, added in split
+    order, rounded to dtype by Triton's conversion)."""
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
-    tk._split_k_sum_kernel[(triton_cdiv(out.numel(), 1024),)](parts, out, out, out.numel(), out.shape[-1],
-                                                              SPLIT=parts.shape[0], HAS_BIAS=False, BLOCK=1024,
-                                                              PDL=False)
+    tk.add_split_parts(parts, out)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @pytest.mark.parametrize("splits", [2, 3])

@@ -272,7 +272,8 @@ class PagedAttention(nn.Module):
         (only where fuses_decode_step said yes for these rows): q / k / v unwritten, the split-K qkv GEMM's
         partials (DecodePrep.qkv_parts) for the attention kernel to add."""
         md = self._context()
-        if qkv_parts is not None and not self._fuses_step(md, q.shape[0]):
+        fused = self._fuses_step(md, q.shape[0])
+        if qkv_parts is not None and not fused:
             raise ValueError("PagedAttention: qkv partials are for steps whose decode prep runs inside the kernel")
         if md.traceable:  # the same ops, as traceable tensor code
             s = self.spec
@@ -286,7 +287,7 @@ class PagedAttention(nn.Module):
         slots, tables = self._slots_and_tables(md)
         # not under torch.compile: the fused launch is a plain function, not a custom op dynamo can keep opaque
         s = self.spec
-        if self._fuses_step(md, q.shape[0]):
+        if fused:
             maxima = self._rowmax(q.shape[0], q.dtype)
             out = self._fused_attend(
                 q.view(q.shape[0], s.num_heads, s.head_dim), cache.k, cache.v, tables, md.query_start_loc,

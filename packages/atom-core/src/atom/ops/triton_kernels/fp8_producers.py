@@ -24,7 +24,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels.activation import GATED_BLOCK, _gated, gated_cols
 from atom.ops.triton_kernels.common import interpreting
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize
-from atom.ops.triton_kernels.norm import check_split_parts, rms_norm_row
+from atom.ops.triton_kernels.norm import check_split_parts, rms_norm_row, row_source
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 from atom.ops.triton_kernels.quant_fp8 import (
     _rows,
@@ -148,8 +148,7 @@ def _norm_quant(x, residual, weight, eps, group_size, fp8_dtype, parts: torch.Te
     n = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
-    src, src_stride, part_stride, n_parts = (x2, x2.stride(0), 0, 0) if parts is None else (
-        parts, parts.stride(1), parts.stride(0), parts.shape[0])
+    src, src_stride, part_stride, n_parts = row_source(x2, parts)
     # the unfused norm's output dtype (norm.py's _launch): what the quantization kernel would read
     act = norm_out_dtype(x.dtype, weight.dtype)
     q, s, views = _outputs(x.shape[:-1], n, rows, group_size, fp8_dtype, x.device)

@@ -59,14 +59,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def row_source(x2: torch.Tensor, parts: torch.Tensor | None) -> tuple[torch.Tensor, int, int, int]:
+    """(x_ptr, x_stride, part_stride, PARTS) of rms_norm_row: the rows x2 [rows, N], or a split-K GEMM's float32
+    partials [S, rows, N] standing for them."""
+    if parts is None:
+        return x2, x2.stride(0), 0, 0
+    return parts, parts.stride(1), parts.stride(0), parts.shape[0]
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
             parts: torch.Tensor | None = None):
     """parts: x given as a split-K GEMM's float32 partials [S, rows, N]; x is then the residual (its shape and
     dtype), as in fp8_producers._norm_quant."""
     n = x.shape[-1]
     x2 = _rows(x)
-    src, src_stride, part_stride, n_parts = (x2, x2.stride(0), 0, 0) if parts is None else (
-        parts, parts.stride(1), parts.stride(0), parts.shape[0])
+    src, src_stride, part_stride, n_parts = row_source(x2, parts)
     out = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight.dtype), device=x.device)
     res2 = _rows(residual) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out

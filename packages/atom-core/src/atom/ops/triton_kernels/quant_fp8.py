@@ -601,7 +601,8 @@ def _launch_split(launch, m: int, n: int, k: int, step: int, split: int, bias, o
     out, or into float32 partials that _split_k_sum_kernel adds in split order (plus bias), unless the kernel
     `reduces_itself` (then it adds the bias too). parts (a list, without a bias): where the call splits, the
     partials [split, M, N] are appended to it and not added (out is left unwritten): the consumer adds them
-    (split_sum_parts, the norms of atom.layers.norm)."""
+    (atom.layers.fp8_input.SplitKPartials: the norms' kernels, the attention kernel's decode prep, or
+    add_split_parts)."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
