@@ -243,16 +243,22 @@ def test_paged_attention_int64_offsets_equal_int32(monkeypatch, name):
 def test_paged_attention_decode_splits_under_a_graph_span(monkeypatch, per_sequence):
     """A CUDA graph passes max_model_len as max_seq_len: the splits cut each sequence's own keys
     (SPLIT_PER_SEQUENCE) or the graph's span (the old rule); both must equal the reference, with contexts far
-    below the span, one of them shorter than a key tile, and a sliding window."""
+    below the span, one of them shorter than a key tile, and a sliding window. The programs' order on the grid
+    (SPLIT_MAJOR or head-major) changes no bit: each program computes the same split of the same head."""
     from atom.ops.triton_kernels import attention as tk
 
     monkeypatch.setattr(tk, "SPLIT_PER_SEQUENCE", per_sequence)
     for window in (None, 24):
         q, kc, vc, tables, qsl, lens, max_q, _ = _paged_case([1, 1, 1], [5, 70, 200], 4, 2, 32, 4, torch.float32)
-        out = tk.paged_attention_impl(q, kc, vc, tables, qsl, lens, 32**-0.5, window, None, 1, 4096, num_splits=8)
+        outs = []
+        for split_major in (True, False):
+            monkeypatch.setattr(tk, "SPLIT_MAJOR", split_major)
+            outs.append(tk.paged_attention_impl(q, kc, vc, tables, qsl, lens, 32**-0.5, window, None, 1, 4096,
+                                                num_splits=8))
         ref = ref_attn.paged_attention(q, kc, vc, tables, qsl, lens, 32**-0.5, window, None, 1, 4096)
-        check(f"paged_attention graph span per_sequence={per_sequence} window={window}", out, ref,
+        check(f"paged_attention graph span per_sequence={per_sequence} window={window}", outs[0], ref,
               TOL[torch.float32])
+        assert torch.equal(outs[0], outs[1])
 
 
 def prefill_graph_layout(queries, tables, qsl, lens, block_size: int, bucket: int, rows: int):

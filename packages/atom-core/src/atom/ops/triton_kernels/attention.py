@@ -36,6 +36,15 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 # under a CUDA graph max_model_len -- so that a 1.5K-token context of a graph captured for 4K used half its
 # splits (False, or ATOM_ATTN_SPLIT_PER_SEQUENCE=0: the old rule, kept for A/B runs and attn_decode_bench.py).
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
+# Split decode programs in split-major order (grid (rows, heads, splits)) instead of head-major (rows, 1, heads *
+# splits): a short context fills only a sequence's first splits, and the GPU dispatches programs in grid order, so
+# head-major the working programs of the last heads sat behind hundreds of empty ones. At qwen3-8b batch 1
+# (8 KV heads, 64 splits, ~200 keys: 4 splits of 64 keys a head) 32 of the 512 programs work; over an FP8 cache the
+# kernel takes 214 registers (two programs an SM, 264 resident on an H100: sm_90 compile here), so heads 5-7's
+# working programs waited for a second wave, behind empty programs that must clear their PDL wait first (bf16's
+# 128-register kernel fits all 512 in one wave). Split-major, the working splits of every head come first.
+# ATOM_ATTN_SPLIT_MAJOR=0 keeps the head-major order (A/B).
+SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
@@ -304,6 +313,7 @@ def _attention_kernel(
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
     num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
     qp_ptr=None, kp_ptr=None, vp_ptr=None, part_stride=0, PREP_PARTS: tl.constexpr = 0,
+    SPLIT_MAJOR: tl.constexpr = False,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
     head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
@@ -328,9 +338,8 @@ def _attention_kernel(
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
     else:
         b = tl.program_id(0)
-        q_tile = tl.program_id(1)
-    kvh = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+        q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
+    kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
 
     q_start = tl.load(qsl_ptr + b).to(tl.int64)
     q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
@@ -446,6 +455,17 @@ def _attention_kernel(
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
         tl.store(part_l_ptr + part, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def split_coords(NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr):
+    """(head, split) of this program. SPLIT_MAJOR (decode launches of NUM_SPLITS > 1 and one query tile): the grid is
+    (rows, heads, splits), so that the working splits of a short context come first in dispatch order; else
+    (rows, query tiles, heads * NUM_SPLITS), head-major. `head`: a KV head, or MLA's head tile."""
+    if SPLIT_MAJOR:
+        return tl.program_id(1), tl.program_id(2)
+    else:
+        return tl.program_id(2) // NUM_SPLITS, tl.program_id(2) % NUM_SPLITS
 
 
 @triton.jit
@@ -598,6 +618,9 @@ def paged_attention_impl(
     else:
         grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
         flat_args = {}
+    split_major = SPLIT_MAJOR and num_splits > 1 and grid[1] == 1 and not flat
+    if split_major:  # see split_coords
+        grid = (batch, num_kv_heads, num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
     parts_args = {}
     if prep is not None:
@@ -634,7 +657,7 @@ def paged_attention_impl(
         USE_SINKS=sinks is not None,
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
-        **(max_args if num_splits == 1 else {}), **flat_args, **parts_args,
+        **(max_args if num_splits == 1 else {}), **flat_args, **parts_args, SPLIT_MAJOR=split_major,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

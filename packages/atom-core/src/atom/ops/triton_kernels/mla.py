@@ -31,7 +31,7 @@ from atom.ops.registry import register
 from atom.ops.triton_kernels import attention  # its SPLIT_PER_SEQUENCE rule
 # one split rule (per program: a KV head there, a head tile here)
 from atom.ops.triton_kernels.attention import (_decode_splits, _merge_splits_kernel, _split_span,
-                                                 _tokens_per_split, flat_row_tile)
+                                                 _tokens_per_split, flat_row_tile, split_coords)
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, to_cache
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
@@ -251,7 +251,7 @@ def _mla_attention_kernel(
     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROW_ALIGN: tl.constexpr, KV_FP8: tl.constexpr,
     HAS_SCALE: tl.constexpr, PDL: tl.constexpr, PAGE: tl.constexpr, EVEN: tl.constexpr, OFF32: tl.constexpr,
-    num_rows=0, ROWS_PAD: tl.constexpr = 1,
+    num_rows=0, ROWS_PAD: tl.constexpr = 1, SPLIT_MAJOR: tl.constexpr = False,
 ):
     """PAGE: the cache's block size; EVEN: lora == BLOCK_L and rope == BLOCK_R (no column masks); OFF32: int32 row
     offsets (the cache spans fewer than 2^31 elements). As in attention._attention_kernel. Multi-query launches
@@ -263,8 +263,7 @@ def _mla_attention_kernel(
         q_tile = 0
     else:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
-    head_tile = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    head_tile, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
 
     if DECODE:  # token b is sequence b's only query
         q_start = b.to(tl.int64)
@@ -410,6 +409,9 @@ def mla_latent_attention(
     # decode: a program per sequence; else (row, query tile) pairs on axis 0 (flat_row_tile): at most
     # T // block_q + batch of them, whatever the longest row
     grid = (batch if decode else num_tokens // block_q + batch, 1, head_tiles * num_splits)
+    split_major = attention.SPLIT_MAJOR and decode and num_splits > 1
+    if split_major:  # attention.split_coords
+        grid = (batch, head_tiles, num_splits)
     flat_args = {} if decode else dict(num_rows=batch, ROWS_PAD=triton.next_power_of_2(batch))
     _mla_attention_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc if not decode else seq_lens, seq_lens, out,
@@ -422,7 +424,7 @@ def mla_latent_attention(
         ROW_ALIGN=row_align, KV_FP8=fp8["KV_FP8"], HAS_SCALE=fp8["HAS_SCALE"], PAGE=kv_cache.shape[1],
         EVEN=lora == block_l and rope == block_r, OFF32=attention._span(kv_cache) < attention.OFF32_LIMIT,
         num_warps=tile["num_warps"],
-        num_stages=num_stages, **flat_args, **pdl_args(q_lat.device),
+        num_stages=num_stages, **flat_args, **pdl_args(q_lat.device), SPLIT_MAJOR=split_major,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](  # out as the sinks: none (unread)
