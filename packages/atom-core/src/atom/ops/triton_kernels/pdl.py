@@ -78,6 +78,18 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def pdl_launch_then_wait(PDL: tl.constexpr):
+    """pdl_wait's two halves the other way round: the next kernel's programs may be scheduled before this one's
+    wait returns, so they sit resident while the kernel before this one still runs. For a short kernel between a
+    latency-bound one and a GEMM (the split-decode merge before o_proj): the GEMM's programs can then prefetch
+    their constant weights (ATOM_FP8_PDL_PREFETCH) while HBM is otherwise idle. Their own wait still orders
+    every read of this kernel's outputs."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def prefetch_l2(ptrs, nbytes):
     """Ask the GPU to bring `nbytes` (a multiple of 16, > 0) from each address of `ptrs` (16-byte aligned) into
     L2 without waiting for them (Hopper's bulk prefetch, `cp.async.bulk.prefetch.L2`). For constant weights
