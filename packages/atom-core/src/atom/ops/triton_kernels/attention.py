@@ -22,7 +22,7 @@ from atom.ops.attention import DecodePrep
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms, unit_rows
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
-from atom.ops.triton_kernels.pdl import pdl_args, pdl_launch_then_wait, pdl_wait
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -46,7 +46,7 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # ATOM_ATTN_SPLIT_MAJOR=0 keeps the head-major order (A/B).
 SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
 # The split-decode merge lets the next kernel's programs (o_proj's GEMM) be scheduled before its own PDL wait
-# (pdl.pdl_launch_then_wait), so that they are resident during the attention kernel and can prefetch their weights
+# (pdl.pdl_wait's LAUNCH_FIRST), so that they are resident during the attention kernel and can prefetch their weights
 # into L2 while the latency-bound attention leaves HBM idle (ATOM_FP8_PDL_PREFETCH). Off until measured.
 MERGE_EARLY_LAUNCH = env_flag("ATOM_ATTN_MERGE_EARLY_LAUNCH", False)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
@@ -487,10 +487,7 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
     """One decode token's head: its splits' partial softmax states merged (token t is sequence t's query).
     per_sequence: the splits cut the sequence's own keys (window-limited), and only those that hold keys
     stored a state; otherwise every split did. EARLY: MERGE_EARLY_LAUNCH."""
-    if EARLY:
-        pdl_launch_then_wait(PDL)
-    else:
-        pdl_wait(PDL)
+    pdl_wait(PDL, EARLY)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
