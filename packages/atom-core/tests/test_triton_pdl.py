@@ -195,3 +195,47 @@ def test_moe_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypatch,
     norm = 1 + 0.1 * rand(hidden)
     x = rand(tokens, hidden)
     _check_chain_under_pdl(monkeypatch, lambda inp: _moe_chain(inp, router, w13, w2, norm, 6, top_k), x)
+
+
+def _attention_o_chain(q, caches, meta, o_weight, layers: int):
+    """`layers` decode attentions (split over the keys, so the merge kernel runs) each followed by an FP8 o_proj
+    that quantizes the attention's output itself from its per-head maxima (fp8_linear_rowmax), the projection
+    fed back as the next queries."""
+    from atom.ops.triton_kernels.attention import paged_attention_impl
+
+    o_proj = resolve("fp8_linear_rowmax", "triton")
+    w, s = o_weight
+    t, heads, d = q.shape
+    for _ in range(layers):
+        maxima = torch.empty(t, heads, dtype=torch.float32, device=q.device)
+        attn = paged_attention_impl(q, *caches, *meta, num_splits=4, maxima=maxima)
+        q = o_proj(attn.view(t, heads * d), maxima, w, s, None, torch.bfloat16).view(t, heads, d)
+    return q
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("early", [False, True])
+def test_attention_merge_then_o_proj_with_prefetch_under_pdl(monkeypatch, tokens, early):
+    """The split-decode merge launching its dependents before its own wait (MERGE_EARLY_LAUNCH) and o_proj's
+    programs prefetching their weights before theirs (PDL_PREFETCH_BYTES): in a CUDA graph and eagerly, the same
+    bits as the chain with PDL off."""
+    from atom.ops.triton_kernels import attention as attn_mod
+
+    gen = torch.Generator(device="cuda").manual_seed(3000 + tokens)
+    heads, kv_heads, d, page = 8, 2, 128, 16
+    lens = [150 + 37 * i for i in range(tokens)]
+    blocks = [(n + page - 1) // page for n in lens]
+    tables = torch.zeros(tokens, max(blocks), dtype=torch.int32, device="cuda")
+    perm = torch.randperm(sum(blocks), generator=gen, device="cuda").int()
+    for i, start in enumerate(torch.tensor([0] + blocks).cumsum(0)[:-1].tolist()):
+        tables[i, :blocks[i]] = perm[start:start + blocks[i]]
+    caches = [torch.randn(sum(blocks), page, kv_heads, d, generator=gen, device="cuda").to(torch.bfloat16)
+              for _ in range(2)]
+    qsl = torch.arange(tokens + 1, dtype=torch.int32, device="cuda")
+    meta = (tables, qsl, torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5, None, None, 1, 4096)
+    o_weight = _fp8_weight(heads * d, heads * d, gen)
+    q = torch.randn(tokens, heads, d, generator=gen, device="cuda").to(torch.bfloat16)
+    monkeypatch.setattr(attn_mod, "MERGE_EARLY_LAUNCH", early)
+    monkeypatch.setattr(tk, "PDL_PREFETCH_BYTES", 1024)
+    _check_chain_under_pdl(monkeypatch, lambda inp: _attention_o_chain(inp, caches, meta, o_weight, 6), q)
