@@ -69,8 +69,8 @@ def _kernels():
 
 def test_every_triton_kernel_waits_before_it_touches_memory():
     """The rule PDL rests on, checked in the source: every kernel takes the PDL constexpr and calls pdl_wait(PDL)
-    (or pdl_wait(PDL, LAUNCH_FIRST)) in its top-level body, and nothing before that call loads, stores or runs an
-    atomic; the one helper allowed there is prefetch_l2 (constant weights). A kernel launched early without it would read stale activations."""
+    in its top-level body, and nothing before that call loads, stores or runs an atomic; the one helper allowed
+    there is prefetch_l2 (constant weights). A kernel launched early without it would read stale activations."""
     import ast
 
     memory = ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min",
@@ -80,7 +80,7 @@ def test_every_triton_kernel_waits_before_it_touches_memory():
     for fname, fn in kernels:
         where = f"{fname}:{fn.name}"
         assert "PDL" in [a.arg for a in fn.args.args], f"{where} has no PDL constexpr"
-        waits = [i for i, st in enumerate(fn.body) if ast.unparse(st).startswith("pdl_wait(PDL")]
+        waits = [i for i, st in enumerate(fn.body) if ast.unparse(st) == "pdl_wait(PDL)"]
         assert waits, f"{where} never calls pdl_wait(PDL) in its top-level body"
         for st in fn.body[:waits[0]]:
             for call in (c for c in ast.walk(st) if isinstance(c, ast.Call)):
@@ -215,13 +215,10 @@ def _attention_o_chain(q, caches, meta, o_weight, layers: int):
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
 @pytest.mark.parametrize("tokens", [1, 4])
-@pytest.mark.parametrize("early", [False, True])
-def test_attention_merge_then_o_proj_with_prefetch_under_pdl(monkeypatch, tokens, early):
-    """The split-decode merge launching its dependents before its own wait (MERGE_EARLY_LAUNCH) and o_proj's
-    programs prefetching their weights before theirs (PDL_PREFETCH_BYTES): in a CUDA graph and eagerly, the same
-    bits as the chain with PDL off."""
-    from atom.ops.triton_kernels import attention as attn_mod
-
+def test_attention_merge_then_o_proj_with_prefetch_under_pdl(monkeypatch, tokens):
+    """Decode attention split over the keys, its merge kernel, and o_proj quantizing the merged rows itself from the
+    stored per-head maxima, with o_proj's programs prefetching their weights before their wait
+    (PDL_PREFETCH_BYTES): in a CUDA graph and eagerly, the same bits as the chain with PDL off."""
     gen = torch.Generator(device="cuda").manual_seed(3000 + tokens)
     heads, kv_heads, d, page = 8, 2, 128, 16
     lens = [150 + 37 * i for i in range(tokens)]
@@ -236,6 +233,5 @@ def test_attention_merge_then_o_proj_with_prefetch_under_pdl(monkeypatch, tokens
     meta = (tables, qsl, torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5, None, None, 1, 4096)
     o_weight = _fp8_weight(heads * d, heads * d, gen)
     q = torch.randn(tokens, heads, d, generator=gen, device="cuda").to(torch.bfloat16)
-    monkeypatch.setattr(attn_mod, "MERGE_EARLY_LAUNCH", early)
     monkeypatch.setattr(tk, "PDL_PREFETCH_BYTES", 1024)
     _check_chain_under_pdl(monkeypatch, lambda inp: _attention_o_chain(inp, caches, meta, o_weight, 6), q)

@@ -45,10 +45,6 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # 128-register kernel fits all 512 in one wave). Split-major, the working splits of every head come first.
 # ATOM_ATTN_SPLIT_MAJOR=0 keeps the head-major order (A/B).
 SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
-# The split-decode merge lets the next kernel's programs (o_proj's GEMM) be scheduled before its own PDL wait
-# (pdl.pdl_wait's LAUNCH_FIRST), so that they are resident during the attention kernel and can prefetch their weights
-# into L2 while the latency-bound attention leaves HBM idle (ATOM_FP8_PDL_PREFETCH). Off until measured.
-MERGE_EARLY_LAUNCH = env_flag("ATOM_ATTN_MERGE_EARLY_LAUNCH", False)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
@@ -483,11 +479,11 @@ def _split_span(keys, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, seq_lens_ptr, window,
                          per_sequence, num_heads, head_dim, out_stride_t, out_stride_h, NUM_SPLITS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_SINKS: tl.constexpr, PDL: tl.constexpr,
-                         max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False, EARLY: tl.constexpr = False):
+                         max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False):
     """One decode token's head: its splits' partial softmax states merged (token t is sequence t's query).
     per_sequence: the splits cut the sequence's own keys (window-limited), and only those that hold keys
-    stored a state; otherwise every split did. EARLY: MERGE_EARLY_LAUNCH."""
-    pdl_wait(PDL, EARLY)
+    stored a state; otherwise every split did."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -668,7 +664,7 @@ def paged_attention_impl(
             part_m, part_l, part_acc, out, sinks_arg, seq_lens, int(sliding_window or 0),
             int(tokens_per_split == 0), num_heads, head_dim, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
             BLOCK_N=block_n, BLOCK_D=block_d, USE_SINKS=sinks is not None, num_warps=MERGE_WARPS,
-            **pdl_args(q.device), **max_args, EARLY=MERGE_EARLY_LAUNCH)
+            **pdl_args(q.device), **max_args)
     return out
 
 

@@ -68,22 +68,13 @@ def pdl_args(device: torch.device) -> dict:
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr, LAUNCH_FIRST: tl.constexpr = False):
+def pdl_wait(PDL: tl.constexpr):
     """Block until the previous kernel of the stream has completed (its writes visible), then let the next
     kernel's programs be scheduled. A no-op without PDL. Call before the first read of anything a previous
-    kernel writes and before the first write.
-    LAUNCH_FIRST: the two halves the other way round: the next kernel's programs may be scheduled before this
-    one's wait returns, so they sit resident while the kernel before this one still runs. For a short kernel
-    between a latency-bound one and a GEMM (the split-decode merge before o_proj): the GEMM's programs can then
-    prefetch their constant weights (ATOM_FP8_PDL_PREFETCH) while HBM is otherwise idle; their own wait still
-    orders every read of this kernel's outputs."""
+    kernel writes and before the first write."""
     if PDL:
-        if LAUNCH_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

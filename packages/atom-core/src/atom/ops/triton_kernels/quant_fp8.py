@@ -850,7 +850,10 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 # calls in one graph) PDL alone took o_proj 9.75 -> 8.49 us and down 19.75 -> 18.68 at M = 1; prefetching 256 bytes a
 # row changed nothing, 1,024 undid the gain and 4,096 cost 20-45% (gate_up 31.7 -> 46.9 us): the early programs'
 # prefetches compete with the running kernel's own stream and are fetched again when the L2 set is full.
-# ATOM_FP8_PDL_PREFETCH sets it per process.
+# In the engine, where every decode GEMM follows a latency-bound kernel (norm, split merge, SiLU-and-mul) and HBM
+# idles meanwhile, 1,024 bytes lost too (H200, 2026-12-06, qwen3-8b FP8 + FP8 KV, 3 rounds: batch 1 2.91 -> 3.09 ms
+# a step with the merge also launching o_proj's programs before its own wait, so that o_proj prefetched during the
+# attention; 3.13 without that, one round; batch 32 3.56 -> 3.64). ATOM_FP8_PDL_PREFETCH sets it per process.
 PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
