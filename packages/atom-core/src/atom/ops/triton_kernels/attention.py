@@ -38,12 +38,12 @@ DECODE_TILE = dict(block_n=64, num_warps=4, num_stages=3,
 SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # Split decode programs in split-major order (grid (rows, heads, splits)) instead of head-major (rows, 1, heads *
 # splits): a short context fills only a sequence's first splits, and the GPU dispatches programs in grid order, so
-# head-major the working programs of the last heads sat behind hundreds of empty ones. At qwen3-8b batch 1
-# (8 KV heads, 64 splits, ~200 keys: 4 splits of 64 keys a head) 32 of the 512 programs work; over an FP8 cache the
-# kernel takes 214 registers (two programs an SM, 264 resident on an H100: sm_90 compile here), so heads 5-7's
-# working programs waited for a second wave, behind empty programs that must clear their PDL wait first (bf16's
-# 128-register kernel fits all 512 in one wave). Split-major, the working splits of every head come first.
-# ATOM_ATTN_SPLIT_MAJOR=0 keeps the head-major order (A/B).
+# head-major the working programs of the last heads queue behind the empty ones. At qwen3-8b batch 1 under a 4K graph
+# (8 KV heads, 64 splits, ~200 keys: 4 working splits a head) 32 of 512 programs work, and over an FP8 cache the
+# head-major kernel took 214 registers (two programs an SM on sm_90, compiled here), so heads 5-7's would wait for a
+# second wave. Measured only where it cannot show (H100, 2026-12-06, 3 rounds: the bench's graphs are built for 256
+# tokens, 4 splits all working): 1.00x at batch 1 / 32 / 128. Kept for the long-context graphs, and because without
+# the runtime division of the grid index the FP8 kernel takes 182 registers. ATOM_ATTN_SPLIT_MAJOR=0: head-major.
 SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
