@@ -206,6 +206,7 @@ def test_mla_decode_splits_under_a_graph_span(monkeypatch, per_sequence):
     """max_seq_len = a CUDA graph's max_model_len, contexts far below it (one shorter than a key tile): the
     splits over each sequence's own keys and over the graph's span both equal the reference."""
     from atom.ops.triton_kernels import attention as tk
+    from atom.ops.triton_kernels import mla as tm
     from atom.ops.triton_kernels.mla import mla_decode_impl
 
     monkeypatch.setattr(tk, "SPLIT_PER_SEQUENCE", per_sequence)
@@ -215,6 +216,7 @@ def test_mla_decode_splits_under_a_graph_span(monkeypatch, per_sequence):
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = (TINY["nope"] + TINY["rope"]) ** -0.5
     outs = []
+    monkeypatch.setattr(tm, "MAX_HEADS_PER_TILE", 2)  # two head tiles, so that the two grid orders differ
     for split_major in (True, False):  # the programs' order on the grid changes no bit
         monkeypatch.setattr(tk, "SPLIT_MAJOR", split_major)
         outs.append(mla_decode_impl(q_nope, q_pe, cache, w, tables, seq_lens, scale, 4096, num_splits=8))

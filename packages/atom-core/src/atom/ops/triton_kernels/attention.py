@@ -618,7 +618,7 @@ def paged_attention_impl(
     else:
         grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
         flat_args = {}
-    split_major = SPLIT_MAJOR and num_splits > 1 and grid[1] == 1 and not flat
+    split_major = SPLIT_MAJOR and num_splits > 1  # splits only at decode: one query tile, not flat
     if split_major:  # see split_coords
         grid = (batch, num_kv_heads, num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
