@@ -13,6 +13,7 @@ ATOM_PDL parsed strictly).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ from atom.ops import quant_fp8 as Q  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
 from atom.ops.triton_kernels import common, pdl  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 HOPPER = ON_GPU and not torch.version.hip and torch.cuda.get_device_capability() >= (9, 0)
@@ -67,10 +71,16 @@ def _kernels():
                 yield os.path.basename(path), node
 
 
+# Helpers a kernel may call before its wait: they touch nothing but constant weights (the swap-AB GEMM's L2
+# prefetch and its EARLY weight tiles, quant_fp8.EARLY_K_STEPS).
+WEIGHT_HELPERS = ("prefetch_l2", "_swap_w_tile")
+
+
 def test_every_triton_kernel_waits_before_it_touches_memory():
     """The rule PDL rests on, checked in the source: every kernel takes the PDL constexpr and calls pdl_wait(PDL)
-    in its top-level body, and nothing before that call loads, stores or runs an atomic; the one helper allowed
-    there is prefetch_l2 (constant weights). A kernel launched early without it would read stale activations."""
+    in its top-level body, and nothing before that call loads, stores or runs an atomic; the helpers allowed
+    there read constant weights only (WEIGHT_HELPERS). A kernel launched early without it would read stale
+    activations."""
     import ast
 
     memory = ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min",
@@ -86,9 +96,9 @@ def test_every_triton_kernel_waits_before_it_touches_memory():
             for call in (c for c in ast.walk(st) if isinstance(c, ast.Call)):
                 name = ast.unparse(call.func)
                 assert name.split(".")[-1] not in memory, f"{where}: {name} before pdl_wait"
-                # a helper (another jitted function) may load: only prefetch_l2 is allowed; tl.* and tensor
+                # a helper (another jitted function) may load: only the weight helpers are allowed; tl.* and tensor
                 # methods (x.to) are arithmetic
-                assert not isinstance(call.func, ast.Name) or name == "prefetch_l2", f"{where}: {name}() before pdl_wait"
+                assert not isinstance(call.func, ast.Name) or name in WEIGHT_HELPERS, f"{where}: {name}() before pdl_wait"
 
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
@@ -161,6 +171,30 @@ def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypat
     monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
     monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
     _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("m", [1, 4])
+def test_decode_chain_with_early_weight_loads_under_pdl(monkeypatch, m):
+    """The swap-AB GEMMs loading their first two K steps' weight tiles before the PDL wait (EARLY_K_STEPS, pointer
+    loads: one row, and 4 rows with TMA off): in a CUDA graph and eagerly, the same bits as the chain with PDL off,
+    which are those of the plain K loop."""
+    gen = torch.Generator(device="cuda").manual_seed(1100 + m)
+    hidden, inter = 1024, 3072
+    weights = [(_fp8_weight(2 * inter, hidden, gen), _fp8_weight(hidden, inter, gen), _fp8_weight(hidden, hidden, gen))
+               for _ in range(2)]
+    norms = [1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    x = torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(tk, "TMA", False)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    monkeypatch.setattr(tk, "EARLY_K_STEPS", 0)
+    plain = _layer_chain(x, weights, norms, 12)
+    monkeypatch.setattr(tk, "EARLY_K_STEPS", 2)
+    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
+    _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
+    assert launches and all(la.kwargs["EARLY"] == 2 for la in launches)
+    assert torch.equal(_layer_chain(x, weights, norms, 12), plain)
 
 
 def _moe_chain(x, router, w13, w2, norm, layers: int, top_k: int):

@@ -295,6 +295,45 @@ def _fp8_gemm_kernel(
 
 
 @triton.jit
+def _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k, K, row0, k0, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """The swap-AB kernel's weight tile [BLOCK_N, BLOCK_K] at K offsets k (= k0 + arange), zeros past K."""
+    if TMA:
+        w = w_desc.load([row0, k0])
+    else:
+        w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0, kk, K, a_stride, as_stride,
+                 ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8: tl.constexpr, SCALE_BN: tl.constexpr,
+                 BLOCK_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
+                 TMA: tl.constexpr, FAST_ACC: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr,
+                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+    """One K step of the swap-AB kernel on its weight tile w: the activation tile at k0 (quantized here under
+    QUANT_A with the rows' scales sa and reciprocals ra), the dot, and the scales of block layouts; the new acc."""
+    k = k0 + kk
+    if TMA:
+        a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
+    else:
+        a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=(k < K)[:, None] & m_ok[None, :], other=0.0)
+    if QUANT_A:
+        a_t = quantize_by_reciprocal(a_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
+    if PRECISE:
+        w = w.to(tl.bfloat16)
+        a_t = a_t.to(tl.bfloat16)
+    if BLOCK_SCALES:
+        sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok, other=0.0)
+        sa_k = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
+        acc += tl.dot(w, a_t) * (sw[:, None] * sa_k[None, :])
+    elif PRECISE or FAST_ACC:
+        acc = tl.dot(w, a_t, acc)
+    else:
+        acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _fp8_gemm_swap_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, final_ptr, cnt_ptr, a_desc, w_desc,
     M, N, K, a_stride, as_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split, out_stride_m,
@@ -304,7 +343,7 @@ def _fp8_gemm_swap_kernel(
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
-    EMULATE: tl.constexpr = False,
+    EMULATE: tl.constexpr = False, EARLY: tl.constexpr = 0,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -328,7 +367,12 @@ def _fp8_gemm_swap_kernel(
     the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
     to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
     and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
-    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251).
+
+    EARLY (0-2; every split has at least EARLY K steps, the launch sees to it): the weight tiles of the program's
+    first EARLY K steps are loaded (into registers) before pdl_wait, so that under PDL their DRAM latency passes
+    while the previous kernel finishes; those steps are then added in the same order as the loop would (same bits).
+    Weights only: nothing a previous kernel writes is read before the wait."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -345,6 +389,11 @@ def _fp8_gemm_swap_kernel(
     if PREFETCH > 0:  # constant weights only: before the wait (K % 16 == 0, checked at launch)
         rows = tl.minimum(n64, N - 1)
         prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
+    if EARLY >= 1:  # constant weights only: before the wait
+        w_early0 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + kk, K, pid_n * BLOCK_N, k_lo, BLOCK_N, TMA)
+    if EARLY >= 2:
+        w_early1 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + BLOCK_K + kk, K, pid_n * BLOCK_N,
+                                k_lo + BLOCK_K, BLOCK_N, TMA)
     pdl_wait(PDL)
 
     fp8 = w_ptr.dtype.element_ty
@@ -356,33 +405,25 @@ def _fp8_gemm_swap_kernel(
         ra = reciprocal(sa)
     elif not BLOCK_SCALES:
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
+        ra = sa
+    else:  # per K step (_swap_k_step)
+        sa = tl.zeros([BLOCK_M], tl.float32)
+        ra = sa
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
-        k = k0 + kk
-        k_ok = k < K
-        if TMA:
-            w = w_desc.load([pid_n * BLOCK_N, k0])
-            a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
-        else:
-            w = tl.load(w_ptr + n64[:, None] * w_stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                          other=0.0)
-        if QUANT_A:
-            a_t = quantize_by_reciprocal(a_t.to(tl.float32), sa[None, :], ra[None, :], fp8, FP8_MAX, MIN_EXP, EMULATE)
-        if PRECISE:
-            w = w.to(tl.bfloat16)
-            a_t = a_t.to(tl.bfloat16)
-        if BLOCK_SCALES:
-            sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok,
-                         other=0.0)
-            sa = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
-            acc += tl.dot(w, a_t) * (sw[:, None] * sa[None, :])
-        elif PRECISE or FAST_ACC:
-            acc = tl.dot(w, a_t, acc)
-        else:
-            acc = tl.dot(w, a_t, acc, max_num_imprecise_acc=BLOCK_K)
+    if EARLY >= 1:
+        acc = _swap_k_step(acc, w_early0, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo, kk, K, a_stride,
+                           as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
+                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
+    if EARLY >= 2:
+        acc = _swap_k_step(acc, w_early1, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo + BLOCK_K, kk, K,
+                           a_stride, as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES,
+                           BLOCK_M, BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
+    for k0 in tl.range(k_lo + EARLY * BLOCK_K, k_hi, BLOCK_K, warp_specialize=WS):
+        w = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k0 + kk, K, pid_n * BLOCK_N, k0, BLOCK_N, TMA)
+        acc = _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0, kk, K, a_stride,
+                           as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
+                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
     if not BLOCK_SCALES:
         sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
         acc = acc * (sw[:, None] * sa[None, :])
@@ -857,6 +898,18 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
+# K steps of weight tiles each swap-AB program loads before its PDL wait (the kernel's EARLY, 0-2): under PDL a
+# decode GEMM's programs are resident and waiting while the latency-bound kernel before it (norm, split merge,
+# SiLU-and-mul: HBM idle) runs, and these loads' DRAM latency passes meanwhile instead of after the wait, where
+# the K loop's first step waits for it. Unlike PDL_PREFETCH_BYTES these are the kernel's own loads into registers
+# (no second fetch, no serial prefetch loop), ~16 KB a program a step (64 rows x 256). Same bits (the steps are
+# added in loop order). Pointer loads only (batch 1's tile): with TMA (2-32 rows) the peeled steps took the K
+# loop out of Triton 3.6's pipeliner (sm_90 compile here, tools/device/swap_sass.py: 195 -> 449 instructions a step,
+# mbarrier waits inside), while the pointer loop stays 113 (56 -> 63 registers at EARLY 1, 8 loads ahead of the
+# wait). Not yet measured: 0 (off) until an engine A/B; ATOM_FP8_EARLY_K sets it per process.
+EARLY_K_STEPS = env_int("ATOM_FP8_EARLY_K", 0, 2, "K steps")
+
+
 # The swap-AB tile of per-channel / per-tensor weights (no K blocks), where no override or rule names one: K steps
 # of 256 in 3 stages. fp8_tiles.py (H100, 2026-12-06, qwen3-8b's four linears, per channel): 90.2 -> 88.4 us a
 # layer at 1 row, 92.6 -> 90.9 at 32, the best of 33 tiles at both; the engine with them (3 rounds, FP8 + FP8 KV):
@@ -1011,6 +1064,8 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
                      **fp8_consts(weight.dtype))
 
     def swap(target, k_per_split, split, add_bias):
+        # pointer loads only; every split (the last is the shortest) has at least `early` K steps
+        early = 0 if descs is not None else min(EARLY_K_STEPS, triton.cdiv(k - (split - 1) * k_per_split, block_k))
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, out,
             counters if serial else out, *(descs or (a, weight)), m, n, k,
@@ -1018,7 +1073,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
             PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
-            WS=tile.get("ws", False) and descs is not None,
+            WS=tile.get("ws", False) and descs is not None, EARLY=early,
             num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial, parts=parts)
