@@ -11,6 +11,7 @@ for the report (`pytest -s`).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ from atom.ops import norm as ref_norm  # noqa: E402
 from atom.ops import rope as ref_rope  # noqa: E402
 from atom.ops import sampling as ref_sampling  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
@@ -354,6 +358,45 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
                                             head_dim, cos_sin, is_neox, *ref_caches, slots)
         ref = ref_attn.paged_attention(rq.view(q_raw.shape), *ref_caches, *args)
         check(name + " vs torch", got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("splits,kv_fp8", [(1, False), (4, True)])
+def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8):
+    """EARLY_META (the rows' query start, sequence length, position and KV slot loaded before the PDL wait): the
+    outputs and caches of the same launch without it, bit for bit; it is passed only with the prep."""
+    from atom.ops.triton_kernels import attention as tka
+    from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
+
+    hq, hk, head_dim, block_size = 4, 2, 32, 4
+    ctx = [9, 37, 70, 3]
+    q_raw, kc, vc, tables, qsl, lens, _, _ = _paged_case([1] * len(ctx), ctx, hq, hk, head_dim, block_size,
+                                                         torch.bfloat16)
+    cos_sin = rand(128, head_dim)
+    positions = (lens - 1).long() + torch.tensor([0, 5, 2, 9], device=DEVICE)  # not the last key's index
+    new = lens.long() - 1
+    slots = tables.long().gather(1, (new // block_size)[:, None])[:, 0] * block_size + new % block_size
+    slots[3] = -1
+    k_raw, v_raw = rand(len(ctx), 2 * hk * head_dim, dtype=torch.bfloat16).split(hk * head_dim, dim=-1)
+    qw, kw = rand(head_dim, dtype=torch.bfloat16), rand(head_dim, dtype=torch.bfloat16)
+    scales = {}
+    if kv_fp8:
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        scales = dict(k_scale=torch.tensor([0.75], device=DEVICE), v_scale=torch.tensor([1.25], device=DEVICE))
+    args = (tables, qsl, lens, head_dim**-0.5, None, None, 1, 4096)
+    prep = DecodePrep(positions, k_raw, v_raw, qw, kw, 1e-6, cos_sin, True, slots)
+    launches = spy_launches(monkeypatch, tka, "_attention_kernel")
+    outs = []
+    for early in (False, True):
+        monkeypatch.setattr(tka, "EARLY_META", early)
+        caches = [kc.clone(), vc.clone()]
+        outs.append((paged_attention_impl(q_raw, *caches, *args, num_splits=splits, **scales, prep=prep), caches))
+    monkeypatch.setattr(tka, "EARLY_META", True)
+    paged_attention_impl(q_raw, kc.clone(), vc.clone(), *args, num_splits=splits, **scales)  # no prep
+    assert [la.kwargs["EARLY_META"] for la in launches] == [False, True, False]
+    (want, want_caches), (got, got_caches) = outs
+    assert torch.equal(got, want)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got_caches, want_caches))
+    assert not torch.equal(got_caches[0].view(torch.uint8), kc.view(torch.uint8))  # the new keys were stored
 
 
 def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):

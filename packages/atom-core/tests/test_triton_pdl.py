@@ -71,16 +71,17 @@ def _kernels():
                 yield os.path.basename(path), node
 
 
-# Helpers a kernel may call before its wait: they touch nothing but constant weights (the swap-AB GEMM's L2
-# prefetch and its EARLY weight tiles, quant_fp8.EARLY_K_STEPS).
-WEIGHT_HELPERS = ("prefetch_l2", "_swap_w_tile")
+# Helpers a kernel may call before its wait: they read nothing but constant weights (the swap-AB GEMM's L2
+# prefetch and its EARLY weight tiles, quant_fp8.EARLY_K_STEPS) or a decode step's host-written metadata (the
+# attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it).
+PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():
     """The rule PDL rests on, checked in the source: every kernel takes the PDL constexpr and calls pdl_wait(PDL)
     in its top-level body, and nothing before that call loads, stores or runs an atomic; the helpers allowed
-    there read constant weights only (WEIGHT_HELPERS). A kernel launched early without it would read stale
-    activations."""
+    there read constant weights or host-written step metadata only (PRE_WAIT_HELPERS). A kernel launched early
+    without it would read stale activations."""
     import ast
 
     memory = ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min",
@@ -96,9 +97,9 @@ def test_every_triton_kernel_waits_before_it_touches_memory():
             for call in (c for c in ast.walk(st) if isinstance(c, ast.Call)):
                 name = ast.unparse(call.func)
                 assert name.split(".")[-1] not in memory, f"{where}: {name} before pdl_wait"
-                # a helper (another jitted function) may load: only the weight helpers are allowed; tl.* and tensor
+                # a helper (another jitted function) may load: only PRE_WAIT_HELPERS are allowed; tl.* and tensor
                 # methods (x.to) are arithmetic
-                assert not isinstance(call.func, ast.Name) or name in WEIGHT_HELPERS, f"{where}: {name}() before pdl_wait"
+                assert not isinstance(call.func, ast.Name) or name in PRE_WAIT_HELPERS, f"{where}: {name}() before pdl_wait"
 
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")

@@ -45,6 +45,10 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 # tokens, 4 splits all working): 1.00x at batch 1 / 32 / 128. Kept for the long-context graphs, and because without
 # the runtime division of the grid index the FP8 kernel takes 182 registers. ATOM_ATTN_SPLIT_MAJOR=0: head-major.
 SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
+# Decode steps with the prep inside (PREP) load each row's step metadata (query start, sequence length, position, KV
+# slot: host-written) before their PDL wait (_attention_kernel's EARLY_META), taking two dependent load latencies
+# off the path after the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_META=1.
+EARLY_META = env_flag("ATOM_ATTN_EARLY_META", False)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
@@ -295,6 +299,18 @@ def flat_row_tile(qsl_ptr, num_rows, BLOCK_Q: tl.constexpr, ROWS_PAD: tl.constex
 # do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
 # batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
 # this scalar offset does not use (tools/triton_specializations.py counts the compiles).
+@triton.jit
+def _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b):
+    """Row b's (query start, query length, sequence length, position, KV slot) of a decode step (PREP): values the
+    host writes before the step's first kernel, which _attention_kernel may load before its PDL wait (EARLY_META)."""
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    pos = tl.load(pos_ptr + q_start).to(tl.int64)
+    slot = tl.load(slot_ptr + q_start).to(tl.int64)
+    return q_start, q_len, seq_len, pos, slot
+
+
 @triton.jit(do_not_specialize=["bt_stride"])
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -313,7 +329,7 @@ def _attention_kernel(
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
     num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
     qp_ptr=None, kp_ptr=None, vp_ptr=None, part_stride=0, PREP_PARTS: tl.constexpr = 0,
-    SPLIT_MAJOR: tl.constexpr = False,
+    SPLIT_MAJOR: tl.constexpr = False, EARLY_META: tl.constexpr = False,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
     head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
@@ -332,20 +348,31 @@ def _attention_kernel(
     ceil(q_len / BLOCK_Q) programs, and all rows fit in T // BLOCK_Q + num_rows programs for T queries); a program
     finds its row by counting the rows that start at or before it (one vector load of the num_rows <= ROWS_PAD
     starts). With a long prefill beside many decode rows, or a CUDA graph sized for more rows and queries than a
-    step has, the grid no longer holds rows x longest-row programs that return at once."""
+    step has, the grid no longer holds rows x longest-row programs that return at once.
+
+    EARLY_META (PREP, not FLAT): the row's step metadata (query start and length, sequence length, position, KV
+    slot) is loaded before pdl_wait: the host writes it before the step's first kernel, and only the kernel right
+    before this one (the qkv GEMM) may still run during a PDL wait, so under PDL those dependent loads pass while
+    it finishes instead of after. Same values, same bits."""
+    if EARLY_META:  # host-written step metadata only: see the docstring
+        b = tl.program_id(0)
+        q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)
+        q_start, q_len, seq_len, pos, slot = _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b)
     pdl_wait(PDL)
     if FLAT:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
-    else:
+    elif not EARLY_META:
         b = tl.program_id(0)
         q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
     kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
 
-    q_start = tl.load(qsl_ptr + b).to(tl.int64)
-    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    if not EARLY_META:
+        q_start = tl.load(qsl_ptr + b).to(tl.int64)
+        q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if not EARLY_META:
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     ctx = seq_len - q_len  # cached prefix before this sequence's queries
 
     r = tl.arange(0, BLOCK_M)
@@ -359,7 +386,9 @@ def _attention_kernel(
     else:
         d_ok = d < head_dim
     if PREP:
-        cs_row = cs_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * cs_stride
+        if not EARLY_META:
+            pos = tl.load(pos_ptr + q_start).to(tl.int64)
+        cs_row = cs_ptr + pos * cs_stride
         q_off = (q_start + qi)[:, None] * q_stride_t + head[:, None] * q_stride_h
         if PREP_PARTS > 0:
             qp_row = qp_ptr + q_off
@@ -394,7 +423,8 @@ def _attention_kernel(
         hi = tl.minimum(hi, lo + span)
 
     if PREP:
-        slot = tl.load(slot_ptr + q_start).to(tl.int64)
+        if not EARLY_META:
+            slot = tl.load(slot_ptr + q_start).to(tl.int64)
         if (hi == seq_len) & (lo < hi) & (slot >= 0):  # this program's keys end at the new one: store it first
             one = tl.full([1, 1], 1, tl.int1)
             k_off = q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
@@ -658,6 +688,7 @@ def paged_attention_impl(
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
         **(max_args if num_splits == 1 else {}), **flat_args, **parts_args, SPLIT_MAJOR=split_major,
+        EARLY_META=EARLY_META and prep is not None and not flat,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
