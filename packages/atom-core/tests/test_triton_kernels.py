@@ -395,7 +395,8 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     assert [la.kwargs["EARLY_META"] for la in launches] == [False, True, False]
     (want, want_caches), (got, got_caches) = outs
     assert torch.equal(got, want)
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got_caches, want_caches))
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for a, b in zip(got_caches, want_caches, strict=True))
     assert not torch.equal(got_caches[0].view(torch.uint8), kc.view(torch.uint8))  # the new keys were stored
 
 
