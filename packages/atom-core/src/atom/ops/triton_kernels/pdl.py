@@ -9,10 +9,13 @@ until the previous grid has completed and its writes are visible. In a captured 
 programmatic edges. Measured on the H200 (BENCHMARKS.md, 2026-12-03): ~1 us a kernel boundary, qwen3-8b FP8
 decode 1.07x / 1.05x at batch 1 / 32, qwen3-0.6b 1.04-1.09x.
 
-The rule every PDL kernel keeps: before `gdc_wait` it reads nothing but constant weights and writes nothing
-(the previous kernel may still read what it would overwrite). ATOM's kernels wait first thing; only the FP8
-swap-AB GEMM can do something before it (`prefetch_l2` of its weight slice, ATOM_FP8_PDL_PREFETCH: measured
-slower, off). `pdl_args(device)` gives both halves together, the launch option and the kernel's `PDL`
+The rule every PDL kernel keeps: before `gdc_wait` it reads nothing but constant weights, or a decode step's
+host-written metadata (no kernel writes it, and only the kernel right before a waiting one may still run), and
+writes nothing (the previous kernel may still read what it would overwrite). ATOM's kernels wait first thing;
+only these do something before it, each behind a switch: the FP8 swap-AB GEMM (`prefetch_l2` of its weight
+slice, ATOM_FP8_PDL_PREFETCH: measured slower, off; its first K steps' weight tiles, ATOM_FP8_EARLY_K) and the
+decode attention with the prep inside (its rows' step metadata, ATOM_ATTN_EARLY_META); the last two not yet
+measured, off. `pdl_args(device)` gives both halves together, the launch option and the kernel's `PDL`
 constexpr, so a kernel never launches early without its wait.
 
 On: NVIDIA sm_90+ with a Triton that has the launch option (3.4+), outside torch.compile's tracing (Dynamo's
