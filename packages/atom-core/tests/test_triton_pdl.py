@@ -132,6 +132,15 @@ def _layer_chain(x, weights, norms, layers: int):
     return h + residual
 
 
+def _chain_inputs(m: int, seed: int, hidden: int = 1024, inter: int = 3072):
+    """_layer_chain's weights (two layers' gate_up, down, o), norms and an [m, hidden] input."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    weights = [(_fp8_weight(2 * inter, hidden, gen), _fp8_weight(hidden, inter, gen), _fp8_weight(hidden, hidden, gen))
+               for _ in range(2)]
+    norms = [1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    return weights, norms, torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+
 def _check_chain_under_pdl(monkeypatch, chain, x, replays: int = 20):
     """chain(x) with PDL off is the reference; with PDL on, run eagerly and as a captured CUDA graph replayed
     `replays` times on a static copy of x, it must give the same bits every time."""
@@ -163,12 +172,7 @@ def _check_chain_under_pdl(monkeypatch, chain, x, replays: int = 20):
 @pytest.mark.parametrize("m", [1, 8, 32])
 @pytest.mark.parametrize("serial", [False, True])
 def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypatch, m, serial):
-    gen = torch.Generator(device="cuda").manual_seed(1000 + m)
-    hidden, inter = 1024, 3072
-    weights = [(_fp8_weight(2 * inter, hidden, gen), _fp8_weight(hidden, inter, gen), _fp8_weight(hidden, hidden, gen))
-               for _ in range(2)]
-    norms = [1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    x = torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    weights, norms, x = _chain_inputs(m, 1000 + m)
     monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
     monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
     _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
@@ -180,12 +184,7 @@ def test_decode_chain_with_early_weight_loads_under_pdl(monkeypatch, m):
     """The swap-AB GEMMs loading their first two K steps' weight tiles before the PDL wait (EARLY_K_STEPS, pointer
     loads: one row, and 4 rows with TMA off): in a CUDA graph and eagerly, the same bits as the chain with PDL off,
     which are those of the plain K loop."""
-    gen = torch.Generator(device="cuda").manual_seed(1100 + m)
-    hidden, inter = 1024, 3072
-    weights = [(_fp8_weight(2 * inter, hidden, gen), _fp8_weight(hidden, inter, gen), _fp8_weight(hidden, hidden, gen))
-               for _ in range(2)]
-    norms = [1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    x = torch.randn(m, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    weights, norms, x = _chain_inputs(m, 1100 + m)
     monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
     monkeypatch.setattr(tk, "TMA", False)
     monkeypatch.setattr(pdl, "ENABLED", False)
