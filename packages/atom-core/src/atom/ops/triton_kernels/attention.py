@@ -296,9 +296,6 @@ def flat_row_tile(qsl_ptr, num_rows, BLOCK_Q: tl.constexpr, ROWS_PAD: tl.constex
     return b, p - (tl.load(qsl_ptr + b) // BLOCK_Q + b)
 
 
-# do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
-# batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
-# this scalar offset does not use (tools/triton_specializations.py counts the compiles).
 @triton.jit
 def _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b):
     """Row b's (query start, query length, sequence length, position, KV slot) of a decode step (PREP): values the
@@ -311,6 +308,9 @@ def _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b):
     return q_start, q_len, seq_len, pos, slot
 
 
+# do_not_specialize: the block-table row stride (the widest table of an eager batch) changes from batch to
+# batch; Triton would compile again each time it turns 1 or a multiple of 16, for a divisibility hint that
+# this scalar offset does not use (tools/triton_specializations.py counts the compiles).
 @triton.jit(do_not_specialize=["bt_stride"])
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -354,16 +354,14 @@ def _attention_kernel(
     slot) is loaded before pdl_wait: the host writes it before the step's first kernel, and only the kernel right
     before this one (the qkv GEMM) may still run during a PDL wait, so under PDL those dependent loads pass while
     it finishes instead of after. Same values, same bits."""
-    if EARLY_META:  # host-written step metadata only: see the docstring
+    if not FLAT:
         b = tl.program_id(0)
-        q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)
+        q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
+    if EARLY_META:  # host-written step metadata only: see the docstring
         q_start, q_len, seq_len, pos, slot = _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b)
     pdl_wait(PDL)
     if FLAT:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
-    elif not EARLY_META:
-        b = tl.program_id(0)
-        q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
     kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
 
     if not EARLY_META:
