@@ -7,6 +7,13 @@ and FP8 caches, so changes to the loop can be counted before device time. Use th
 mx_frag_sass.py for the install into /tmp/tri36):
 
     PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/attn_sass.py [--block-n 64] [--group 4]
+
+--prep compiles the decode kernel with the prep inside (qk-norm, rope, KV write; the qkv GEMM's 2 partials added)
+over an FP8 cache with fp16 dots, as a qwen3-8b FP8 batch-1 step runs it, once per --early mode (off; meta:
+EARLY_META; kv: EARLY_META + EARLY_KV), and prints registers, instructions and what runs ahead of the PDL wait
+(ACQBULK): global loads (LDG) and L2 prefetches (CCTL):
+
+    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/attn_sass.py --prep --splits 4 --early off,meta,kv
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sys
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mx_frag_sass import compile_sm90, loop_counts, registers  # noqa: E402
+from mx_frag_sass import BIN, compile_sm90, loop_counts, registers  # noqa: E402
 
 from atom.ops.triton_kernels.attention import _attention_kernel  # noqa: E402
 
@@ -39,13 +46,55 @@ def signature(kv: str) -> dict:
     return {n: ptr.get(n, scalars.get(n, I32)) for n in _attention_kernel.arg_names}
 
 
+def before_wait(kernel) -> str:
+    """Global loads (LDG) and L2 prefetches (CCTL) ahead of the PDL wait (ACQBULK), of all."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                          check=True).stdout
+    os.unlink(f.name)
+    ops = [m.group(1).split(".")[0] for m in re.finditer(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)]
+    wait = next((i for i, op in enumerate(ops) if op == "ACQBULK"), len(ops))
+    return ", ".join(f"{op} {sum(1 for o in ops[:wait] if o == op)} of {ops.count(op)}" for op in ("LDG", "CCTL")) \
+        + " ahead of the wait" + ("" if wait < len(ops) else " (no PDL wait)")
+
+
+def prep_variants(opts) -> None:
+    """The decode kernel with the prep inside over an FP8 cache (fp16 dots, int32 offsets), per --early mode."""
+    names = _attention_kernel.arg_names
+    for mode in opts.early.split(","):
+        consts = dict(GROUP=opts.group, BLOCK_Q=1, BLOCK_M=max(16, opts.group), BLOCK_N=64, BLOCK_D=128,
+                      USE_SOFTCAP=False, USE_WINDOW=False, NUM_SPLITS=opts.splits, F32_DOT=False, IEEE=False,
+                      KV_ALIGN=16, KV_FP8=True, HAS_K_SCALE=True, HAS_V_SCALE=True, USE_SINKS=False, PREP=True,
+                      NORM=True, IS_NEOX=True, FP8_MAX=448.0, MIN_EXP=-6, EMULATE=False, PDL=True, PAGE=16,
+                      EVEN_D=True, OFF32=True, F16_DOT=True, PREP_PARTS=2, SPLIT_MAJOR=opts.splits > 1,
+                      EARLY_META=mode in ("meta", "kv"), EARLY_KV=mode == "kv", KV_LINE=128, KV_LINES=1,
+                      KV_ASM=True, MAXIMA=False, FLAT=False, ROWS_PAD=1)
+        consts = {k: v for k, v in consts.items() if k in names}
+        sig = signature("*fp8e4nv")
+        sig.update({"qp_ptr": "*fp32", "kp_ptr": "*fp32", "vp_ptr": "*fp32"})
+        kernel = compile_sm90(_attention_kernel, sig, consts, num_warps=4, num_stages=opts.stages, aligned=ALIGNED)
+        total, loop = loop_counts(kernel)
+        print(f"early {mode}: kernel {total} instructions, key loop {sum(loop.values())}; {registers(kernel)}; "
+              f"{before_wait(kernel)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-n", default="64")
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--splits", type=int, default=1)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--prep", action="store_true", help="the decode kernel with the prep inside, per --early mode")
+    ap.add_argument("--early", default="off,meta,kv")
     opts = ap.parse_args()
+    if opts.prep:
+        prep_variants(opts)
+        return
     print(f"Triton {triton.__version__}, sm_90, 4 warps, {opts.stages} stages, GROUP {opts.group}, "
           f"{opts.splits} split(s); the key loop, one warp's instructions a step")
     names = _attention_kernel.arg_names

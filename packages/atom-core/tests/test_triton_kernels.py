@@ -362,8 +362,10 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
 
 @pytest.mark.parametrize("splits,kv_fp8", [(1, False), (4, True)])
 def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8):
-    """EARLY_META (the rows' query start, sequence length, position and KV slot loaded before the PDL wait): the
-    outputs and caches of the same launch without it, bit for bit; it is passed only with the prep."""
+    """EARLY_META (the rows' query start, sequence length, position and KV slot loaded before the PDL wait) and
+    EARLY_KV with it (each program's first key tile asked into L2 before the wait; under the interpreter the same
+    addresses loaded and dropped): the outputs and caches of the same launch without them, bit for bit; they are
+    passed only with the prep, EARLY_KV only with EARLY_META."""
     from atom.ops.triton_kernels import attention as tka
     from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
 
@@ -386,18 +388,21 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     prep = DecodePrep(positions, k_raw, v_raw, qw, kw, 1e-6, cos_sin, True, slots)
     launches = spy_launches(monkeypatch, tka, "_attention_kernel")
     outs = []
-    for early in (False, True):
-        monkeypatch.setattr(tka, "EARLY_META", early)
+    for meta, kv in ((False, False), (True, False), (True, True), (False, True)):
+        monkeypatch.setattr(tka, "EARLY_META", meta)
+        monkeypatch.setattr(tka, "EARLY_KV", kv)
         caches = [kc.clone(), vc.clone()]
         outs.append((paged_attention_impl(q_raw, *caches, *args, num_splits=splits, **scales, prep=prep), caches))
-    monkeypatch.setattr(tka, "EARLY_META", True)
     paged_attention_impl(q_raw, kc.clone(), vc.clone(), *args, num_splits=splits, **scales)  # no prep
-    assert [la.kwargs["EARLY_META"] for la in launches] == [False, True, False]
-    (want, want_caches), (got, got_caches) = outs
-    assert torch.equal(got, want)
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-               for a, b in zip(got_caches, want_caches, strict=True))
-    assert not torch.equal(got_caches[0].view(torch.uint8), kc.view(torch.uint8))  # the new keys were stored
+    assert [(la.kwargs["EARLY_META"], la.kwargs["EARLY_KV"]) for la in launches] == [
+        (False, False), (True, False), (True, True), (False, False), (False, False)]
+    assert launches[2].kwargs["KV_ASM"] == (DEVICE != "cpu")  # the interpreter loads instead of prefetching
+    (want, want_caches), *rest = outs
+    for got, got_caches in rest:
+        assert torch.equal(got, want)
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for a, b in zip(got_caches, want_caches, strict=True))
+    assert not torch.equal(want_caches[0].view(torch.uint8), kc.view(torch.uint8))  # the new keys were stored
 
 
 def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):

@@ -73,8 +73,9 @@ def _kernels():
 
 # Helpers a kernel may call before its wait: they read nothing but constant weights (the swap-AB GEMM's L2
 # prefetch and its EARLY weight tiles, quant_fp8.EARLY_K_STEPS) or a decode step's host-written metadata (the
-# attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it).
-PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta")
+# attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it; with
+# EARLY_KV the block-table entries too, to prefetch -- not load -- the first key tile's cache lines).
+PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_prefetch_keys")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():

@@ -22,7 +22,7 @@ from atom.ops.attention import DecodePrep
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import dot_ieee, env_flag, fit_tile, interpreting, num_sms, unit_rows
 from atom.ops.triton_kernels.fp8_common import kv_cache_consts, load_kv_scale, to_cache
-from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_line_l2
 
 # Prefill tile: rows of queries x heads per program, keys per step, warps, pipeline depth. Module-level so
 # tools/device/kernel_bench.py can sweep it.
@@ -49,6 +49,13 @@ SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
 # slot: host-written) before their PDL wait (_attention_kernel's EARLY_META), taking two dependent load latencies
 # off the path after the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_META=1.
 EARLY_META = env_flag("ATOM_ATTN_EARLY_META", False)
+# With EARLY_META, each decode program also asks L2 for its first key tile's K and V lines before the wait
+# (_prefetch_keys: the row's block-table entries, host-written, then one `prefetch.global.L2` a line). The keys of
+# earlier steps were written by kernels that completed before the qkv GEMM started, and a prefetch reads no value,
+# so nothing stale can be seen; after the wait the tile's loads find L2 instead of HBM, one DRAM latency off the
+# path behind the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_KV=1 (needs
+# ATOM_ATTN_EARLY_META=1).
+EARLY_KV = env_flag("ATOM_ATTN_EARLY_KV", False)
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
@@ -297,6 +304,56 @@ def flat_row_tile(qsl_ptr, num_rows, BLOCK_Q: tl.constexpr, ROWS_PAD: tl.constex
 
 
 @triton.jit
+def _program_keys(seq_len, q_len, q_tile, split, window, tokens_per_split, BLOCK_Q: tl.constexpr,
+                  USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys of this program's query tile (causal up to its last query, sliding window from its
+    first) and, split, of its split. Splitting a sequence's own keys (tokens_per_split 0), a split past them has
+    lo >= hi."""
+    ctx = seq_len - q_len  # cached prefix before this sequence's queries
+    hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, ctx + q_tile * BLOCK_Q - window + 1)
+    if NUM_SPLITS > 1:
+        span = tokens_per_split
+        if span == 0:  # this sequence's own keys in equal parts (not the batch's longest context, nor the
+            span = _split_span(hi - lo, NUM_SPLITS, BLOCK_N)  # max_model_len of a CUDA graph)
+        lo = lo + split * span
+        hi = tl.minimum(hi, lo + span)
+    return lo, hi
+
+
+@triton.jit
+def _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
+                   kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                   NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, USE_WINDOW: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+                   ASM: tl.constexpr):
+    """EARLY_KV (decode, before pdl_wait): ask L2 for the K and V lines (LINES of LINE elements a row) of this
+    program's first key tile. Reads only the row's block-table entries (host-written step metadata); the cache
+    lines are prefetched, not loaded. ASM False (the interpreter, which runs no inline assembly): the same
+    addresses are loaded instead and dropped."""
+    kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
+    lo, hi = _program_keys(seq_len, q_len, 0, split, window, tokens_per_split, 1, USE_WINDOW, NUM_SPLITS, BLOCK_N)
+    k_pos = lo + tl.arange(0, BLOCK_N)
+    ok = k_pos < tl.where(q_len > 0, hi, lo)  # a padded row (no query) of a CUDA graph has nothing to fetch
+    blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=ok, other=0).to(tl.int64)
+    in_blk = (k_pos % PAGE).to(tl.int64)
+    col = (tl.arange(0, LINES) * LINE)[None, :]
+    ok = ok[:, None] & (col < head_dim)
+    k_off = (blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h)[:, None] + col
+    v_off = (blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h)[:, None] + col
+    k_rows = tl.where(ok, kc_ptr + k_off, kc_ptr)  # masked lanes: the cache's first line, a harmless address
+    v_rows = tl.where(ok, vc_ptr + v_off, vc_ptr)
+    if ASM:
+        prefetch_line_l2(k_rows)
+        prefetch_line_l2(v_rows)
+    else:
+        tl.load(k_rows)
+        tl.load(v_rows)
+
+
+@triton.jit
 def _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b):
     """Row b's (query start, query length, sequence length, position, KV slot) of a decode step (PREP): values the
     host writes before the step's first kernel, which _attention_kernel may load before its PDL wait (EARLY_META)."""
@@ -329,7 +386,8 @@ def _attention_kernel(
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
     num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
     qp_ptr=None, kp_ptr=None, vp_ptr=None, part_stride=0, PREP_PARTS: tl.constexpr = 0,
-    SPLIT_MAJOR: tl.constexpr = False, EARLY_META: tl.constexpr = False,
+    SPLIT_MAJOR: tl.constexpr = False, EARLY_META: tl.constexpr = False, EARLY_KV: tl.constexpr = False,
+    KV_LINE: tl.constexpr = 1, KV_LINES: tl.constexpr = 1, KV_ASM: tl.constexpr = True,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
     head_dim values as stored, at max_ptr[token, head] (float32): per-head maxima of the o_proj input, whose max
@@ -353,12 +411,18 @@ def _attention_kernel(
     EARLY_META (PREP, not FLAT): the row's step metadata (query start and length, sequence length, position, KV
     slot) is loaded before pdl_wait: the host writes it before the step's first kernel, and only the kernel right
     before this one (the qkv GEMM) may still run during a PDL wait, so under PDL those dependent loads pass while
-    it finishes instead of after. Same values, same bits."""
+    it finishes instead of after. Same values, same bits.
+
+    EARLY_KV (with EARLY_META): the program's first key tile is asked into L2 before the wait (_prefetch_keys)."""
     if not FLAT:
         b = tl.program_id(0)
         q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
     if EARLY_META:  # host-written step metadata only: see the docstring
         q_start, q_len, seq_len, pos, slot = _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b)
+    if EARLY_KV:  # prefetches of earlier steps' keys and values: see EARLY_KV
+        _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
+                       kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, NUM_SPLITS,
+                       SPLIT_MAJOR, USE_WINDOW, BLOCK_N, PAGE, KV_LINE, KV_LINES, KV_ASM)
     pdl_wait(PDL)
     if FLAT:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
@@ -405,20 +469,12 @@ def _attention_kernel(
     elif F16_DOT:  # the softmax scale rides on q (fp16's range; exact otherwise up to fp16's 11 bits)
         q = (q.to(tl.float32) * scale).to(tl.float16)
 
-    # keys this tile can see: causal up to its last query, sliding window from its first
-    hi = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(0, ctx + q_tile * BLOCK_Q - window + 1)
+    # keys this tile can see: causal up to its last query, sliding window from its first; this split's part
+    lo, hi = _program_keys(seq_len, q_len, q_tile, split, window, tokens_per_split, BLOCK_Q, USE_WINDOW, NUM_SPLITS,
+                           BLOCK_N)
     if NUM_SPLITS > 1:
-        span = tokens_per_split
-        if span == 0:  # this sequence's own keys in equal parts (not the batch's longest context, nor the
-            span = _split_span(hi - lo, NUM_SPLITS, BLOCK_N)  # max_model_len of a CUDA graph)
-        empty = (tokens_per_split == 0) & (split * span >= hi - lo)
-        if empty:  # past this sequence's keys: no state to store, the merge does not read this split
-            return
-        lo = lo + split * span
-        hi = tl.minimum(hi, lo + span)
+        if (tokens_per_split == 0) & (lo >= hi):  # past this sequence's keys: no state to store, the merge does
+            return  # not read this split
 
     if PREP:
         if not EARLY_META:
@@ -650,6 +706,10 @@ def paged_attention_impl(
     if split_major:  # see split_coords
         grid = (batch, num_kv_heads, num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
+    early_meta = EARLY_META and prep is not None and not flat
+    early_kv = EARLY_KV and early_meta
+    kv_line = 128 // k_cache.element_size()  # elements a 128-byte line (K and V caches share the dtype)
+    kv_lines = triton.next_power_of_2(triton.cdiv(head_dim, kv_line))
     parts_args = {}
     if prep is not None:
         if max_query_len != 1 or num_tokens != batch:
@@ -686,7 +746,7 @@ def paged_attention_impl(
         PREP=prep is not None, NORM=norm, IS_NEOX=bool(prep.is_neox) if prep is not None else True, **kv,
         num_warps=tile["num_warps"], num_stages=num_stages, **pdl_args(q.device),
         **(max_args if num_splits == 1 else {}), **flat_args, **parts_args, SPLIT_MAJOR=split_major,
-        EARLY_META=EARLY_META and prep is not None and not flat,
+        EARLY_META=early_meta, EARLY_KV=early_kv, KV_LINE=kv_line, KV_LINES=kv_lines, KV_ASM=not interpreting(),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

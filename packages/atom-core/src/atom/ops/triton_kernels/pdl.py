@@ -88,3 +88,13 @@ def prefetch_l2(ptrs, nbytes):
     return tl.inline_asm_elementwise(
         "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
         "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_line_l2(ptrs):
+    """Ask the GPU to bring the 128-byte line holding each address of `ptrs` into L2 without waiting for it
+    (`prefetch.global.L2`: one per-thread instruction an address, no uniform-datapath loop as prefetch_l2's bulk
+    form compiles to). A hint: it reads no value, so it cannot see stale data; the returned zeros keep the
+    instruction alive and can be ignored."""
+    return tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
