@@ -25,7 +25,7 @@ import sys
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mx_frag_sass import BIN, compile_sm90, loop_counts, registers  # noqa: E402
+from mx_frag_sass import ahead_of_wait, compile_sm90, loop_counts, registers  # noqa: E402
 
 from atom.ops.triton_kernels.attention import _attention_kernel  # noqa: E402
 
@@ -48,19 +48,8 @@ def signature(kv: str) -> dict:
 
 def before_wait(kernel) -> str:
     """Global loads (LDG) and L2 prefetches (CCTL) ahead of the PDL wait (ACQBULK), of all."""
-    import re
-    import subprocess
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                          check=True).stdout
-    os.unlink(f.name)
-    ops = [m.group(1).split(".")[0] for m in re.finditer(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)]
-    wait = next((i for i, op in enumerate(ops) if op == "ACQBULK"), len(ops))
-    return ", ".join(f"{op} {sum(1 for o in ops[:wait] if o == op)} of {ops.count(op)}" for op in ("LDG", "CCTL")) \
-        + " ahead of the wait" + ("" if wait < len(ops) else " (no PDL wait)")
+    return ", ".join(f"{op} {a} of {n}" for op, (a, n) in ahead_of_wait(kernel, ("LDG", "CCTL")).items()) \
+        + " ahead of the wait"
 
 
 def prep_variants(opts) -> None:

@@ -76,6 +76,19 @@ def loop_counts(kernel) -> tuple[int, Counter]:
     return len(ops), best
 
 
+def ahead_of_wait(kernel, opcodes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """For each opcode: (instructions of it before the PDL wait (ACQBULK), in the whole kernel); with no wait in the
+    kernel every instruction counts as before it."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                          check=True).stdout
+    os.unlink(f.name)
+    ops = [m.group(1).split(".")[0] for m in re.finditer(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)]
+    wait = next((i for i, op in enumerate(ops) if op == "ACQBULK"), len(ops))
+    return {op: (ops[:wait].count(op), ops.count(op)) for op in opcodes}
+
+
 def registers(kernel) -> str:
     with tempfile.NamedTemporaryFile(suffix=".ptx", delete=False, mode="w") as f:
         f.write(kernel.asm["ptx"])

@@ -19,7 +19,7 @@ import sys
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mx_frag_sass import compile_sm90, loop_counts, registers  # noqa: E402
+from mx_frag_sass import ahead_of_wait, compile_sm90, loop_counts, registers  # noqa: E402
 
 from atom.ops.triton_kernels.quant_fp8 import _fp8_gemm_swap_kernel  # noqa: E402
 
@@ -40,21 +40,9 @@ def signature(act: str, block_m: int, block_n: int, block_k: int, tma: bool) -> 
 
 def before_wait(kernel) -> str:
     """Global loads (LDG / LDGSTS / UTMALDG) issued before the PDL wait (ACQBULK), of all."""
-    import re
-    import subprocess
-    import tempfile
-
-    from mx_frag_sass import BIN
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                          check=True).stdout
-    os.unlink(f.name)
-    ops = [m.group(1) for m in re.finditer(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)]
-    wait = next((i for i, op in enumerate(ops) if op.startswith("ACQBULK")), None)
-    loads = [i for i, op in enumerate(ops) if op.split(".")[0] in ("LDG", "LDGSTS", "UTMALDG")]
-    early = sum(1 for i in loads if wait is not None and i < wait)
-    return f"{early} of {len(loads)} global loads before the PDL wait" if wait is not None else "no PDL wait"
+    counts = ahead_of_wait(kernel, ("LDG", "LDGSTS", "UTMALDG"))
+    early, total = sum(a for a, _ in counts.values()), sum(n for _, n in counts.values())
+    return f"{early} of {total} global loads before the PDL wait"
 
 
 def main() -> None:
