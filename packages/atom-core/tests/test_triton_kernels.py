@@ -393,6 +393,7 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
         monkeypatch.setattr(tka, "EARLY_KV", kv)
         caches = [kc.clone(), vc.clone()]
         outs.append((paged_attention_impl(q_raw, *caches, *args, num_splits=splits, **scales, prep=prep), caches))
+    monkeypatch.setattr(tka, "EARLY_META", True)
     paged_attention_impl(q_raw, kc.clone(), vc.clone(), *args, num_splits=splits, **scales)  # no prep
     assert [(la.kwargs["EARLY_META"], la.kwargs["EARLY_KV"]) for la in launches] == [
         (False, False), (True, False), (True, True), (False, False), (False, False)]

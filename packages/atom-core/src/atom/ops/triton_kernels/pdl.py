@@ -16,8 +16,8 @@ only these do something before it, each behind a switch: the FP8 swap-AB GEMM (`
 slice, ATOM_FP8_PDL_PREFETCH: measured slower, off; its first K steps' weight tiles, ATOM_FP8_EARLY_K) and the
 decode attention with the prep inside (its rows' step metadata, ATOM_ATTN_EARLY_META; with it, ATOM_ATTN_EARLY_KV,
 its block-table entries and an L2 prefetch of its first key tile: a prefetch reads no value, so it cannot see
-stale data); the last three not yet measured, off. `pdl_args(device)` gives both halves together, the launch option and the kernel's `PDL`
-constexpr, so a kernel never launches early without its wait.
+stale data); the last three not yet measured, off. `pdl_args(device)` gives both halves together, the launch
+option and the kernel's `PDL` constexpr, so a kernel never launches early without its wait.
 
 On: NVIDIA sm_90+ with a Triton that has the launch option (3.4+), outside torch.compile's tracing (Dynamo's
 Triton wrapper does not pass the option) and outside the interpreter. ATOM_PDL=0 turns it off per process.
