@@ -352,11 +352,18 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
     else:
         assert torch.equal(got, want), name
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(fused, caches)), name
-    if not kv_fp8:  # the torch references: prep, then attention
+    if not kv_fp8:  # the torch references, each stage on the same inputs as the kernel's: prep, then attention
         ref_caches = [kc.clone(), vc.clone()]
         rq, _ = ref_prep.qk_norm_rope_cache(positions, q_raw.reshape(len(ctx), -1), k_raw, v_raw, qw, kw, 1e-6,
                                             head_dim, cos_sin, is_neox, *ref_caches, slots)
-        ref = ref_attn.paged_attention(rq.view(q_raw.shape), *ref_caches, *args)
+        check(name + " prep vs torch", q_rot.float(), rq.float(), TOL[dtype])
+        for a, b in zip(fused, ref_caches, strict=True):
+            check(name + " cache vs torch", a.float(), b.float(), TOL[dtype])
+        # the attention on the queries and caches the kernel itself produced (got equals want, whose queries are
+        # q_rot): in bf16 the two preps' roundings differ by an ulp or two, and a sharp softmax (qk-norm weights
+        # ~N(0, 1)) amplifies that input difference to a few percent of the output (seed 1582937417: q 0.96%
+        # apart, the outputs 3.2%), which is not the attention's error (0.4% on the same inputs there)
+        ref = ref_attn.paged_attention(q_rot.view(q_raw.shape), *fused, *args)
         check(name + " vs torch", got, ref, TOL[dtype])
 
 
