@@ -10,10 +10,10 @@ mx_frag_sass.py for the install into /tmp/tri36):
 
 --prep compiles the decode kernel with the prep inside (qk-norm, rope, KV write; the qkv GEMM's 2 partials added)
 over an FP8 cache with fp16 dots, as a qwen3-8b FP8 batch-1 step runs it, once per --early mode (off; meta:
-EARLY_META; kv: EARLY_META + EARLY_KV), and prints registers, instructions and what runs ahead of the PDL wait
+EARLY_META; kv: EARLY_META + EARLY_KV 1, the prefetch; load: EARLY_META + EARLY_KV 2, the loads), and prints registers, instructions and what runs ahead of the PDL wait
 (ACQBULK): global loads (LDG) and L2 prefetches (CCTL):
 
-    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/attn_sass.py --prep --splits 4 --early off,meta,kv
+    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/attn_sass.py --prep --splits 4 --early off,meta,kv,load
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def prep_variants(opts) -> None:
                       KV_ALIGN=16, KV_FP8=True, HAS_K_SCALE=True, HAS_V_SCALE=True, USE_SINKS=False, PREP=True,
                       NORM=True, IS_NEOX=True, FP8_MAX=448.0, MIN_EXP=-6, EMULATE=False, PDL=True, PAGE=16,
                       EVEN_D=True, OFF32=True, F16_DOT=True, PREP_PARTS=2, SPLIT_MAJOR=opts.splits > 1,
-                      EARLY_META=mode in ("meta", "kv"), EARLY_KV=mode == "kv", KV_LINE=128, KV_LINES=1,
+                      EARLY_META=mode in ("meta", "kv", "load"), EARLY_KV={"kv": 1, "load": 2}.get(mode, 0),
+                      KV_LINE=128, KV_LINES=1,
                       KV_ASM=True, MAXIMA=False, FLAT=False, ROWS_PAD=1)
         consts = {k: v for k, v in consts.items() if k in names}
         sig = signature("*fp8e4nv")
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=1)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--prep", action="store_true", help="the decode kernel with the prep inside, per --early mode")
-    ap.add_argument("--early", default="off,meta,kv")
+    ap.add_argument("--early", default="off,meta,kv,load")
     opts = ap.parse_args()
     if opts.prep:
         prep_variants(opts)

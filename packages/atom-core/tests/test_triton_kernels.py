@@ -367,16 +367,18 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
         check(name + " vs torch", got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("splits,kv_fp8", [(1, False), (4, True)])
-def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8):
+@pytest.mark.parametrize("splits,kv_fp8,head_dim", [(1, False, 32), (4, True, 32), (2, False, 40)])
+def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8, head_dim):
     """EARLY_META (the rows' query start, sequence length, position and KV slot loaded before the PDL wait) and
-    EARLY_KV with it (each program's first key tile asked into L2 before the wait; under the interpreter the same
-    addresses loaded and dropped): the outputs and caches of the same launch without them, bit for bit; they are
-    passed only with the prep, EARLY_KV only with EARLY_META."""
+    EARLY_KV with it (1: each program's first key tile asked into L2 before the wait, under the interpreter the same
+    addresses loaded and dropped; 2: that tile loaded before the wait and the new key put in from registers): the
+    outputs and caches of the same launch without them, bit for bit; they are passed only with the prep, EARLY_KV
+    only with EARLY_META. The rows put the new key in a preloaded partial tile (9, 37; at 4 splits 70 too), after a
+    whole preloaded tile (70, one split), and leave it unstored (slot -1); head_dim 40 masks columns."""
     from atom.ops.triton_kernels import attention as tka
     from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
 
-    hq, hk, head_dim, block_size = 4, 2, 32, 4
+    hq, hk, block_size = 4, 2, 4
     ctx = [9, 37, 70, 3]
     q_raw, kc, vc, tables, qsl, lens, _, _ = _paged_case([1] * len(ctx), ctx, hq, hk, head_dim, block_size,
                                                          torch.bfloat16)
@@ -395,7 +397,7 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     prep = DecodePrep(positions, k_raw, v_raw, qw, kw, 1e-6, cos_sin, True, slots)
     launches = spy_launches(monkeypatch, tka, "_attention_kernel")
     outs = []
-    for meta, kv in ((False, False), (True, False), (True, True), (False, True)):
+    for meta, kv in ((False, 0), (True, 0), (True, 1), (False, 1), (True, 2)):
         monkeypatch.setattr(tka, "EARLY_META", meta)
         monkeypatch.setattr(tka, "EARLY_KV", kv)
         caches = [kc.clone(), vc.clone()]
@@ -403,7 +405,7 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     monkeypatch.setattr(tka, "EARLY_META", True)
     paged_attention_impl(q_raw, kc.clone(), vc.clone(), *args, num_splits=splits, **scales)  # no prep
     assert [(la.kwargs["EARLY_META"], la.kwargs["EARLY_KV"]) for la in launches] == [
-        (False, False), (True, False), (True, True), (False, False), (False, False)]
+        (False, 0), (True, 0), (True, 1), (False, 0), (True, 2), (False, 0)]
     assert launches[2].kwargs["KV_ASM"] == (DEVICE != "cpu")  # the interpreter loads instead of prefetching
     (want, want_caches), *rest = outs
     for got, got_caches in rest:

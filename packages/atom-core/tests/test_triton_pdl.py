@@ -74,8 +74,10 @@ def _kernels():
 # Helpers a kernel may call before its wait: they read nothing but constant weights (the swap-AB GEMM's L2
 # prefetch and its EARLY weight tiles, quant_fp8.EARLY_K_STEPS) or a decode step's host-written metadata (the
 # attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it; with
-# EARLY_KV the block-table entries too, to prefetch -- not load -- the first key tile's cache lines).
-PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_prefetch_keys")
+# EARLY_KV the block-table entries too, and the first key tile's cache lines, prefetched (1) or loaded (2): earlier
+# steps' keys, written by kernels that completed before the qkv GEMM started; the new key's slot is read stale and
+# replaced from registers after the wait).
+PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_prefetch_keys", "_early_tile")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():

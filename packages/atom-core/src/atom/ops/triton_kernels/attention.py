@@ -55,7 +55,13 @@ EARLY_META = env_flag("ATOM_ATTN_EARLY_META", False)
 # so nothing stale can be seen; after the wait the tile's loads find L2 instead of HBM, one DRAM latency off the
 # path behind the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_KV=1 (needs
 # ATOM_ATTN_EARLY_META=1).
-EARLY_KV = env_flag("ATOM_ATTN_EARLY_KV", False)
+# ATOM_ATTN_EARLY_KV=2 loads the first tile's K and V into registers before the wait instead (_early_tile): after the
+# wait no load stands between the query's prep and its first scores. The program holding the new key stores it as
+# before and puts the same cache-dtype values into its preloaded tile (where the pre-wait load saw the slot's old
+# bytes), so the store -> barrier -> reload chain leaves its path too. Tiles over EARLY_LOAD_MAX_BYTES a cache fall
+# back to the prefetch (registers: a 64-key FP8 tile is 16 a thread for K and 16 for V at 4 warps).
+EARLY_KV = env_int("ATOM_ATTN_EARLY_KV", 0, 2, "0 off, 1 prefetch, 2 load")
+EARLY_LOAD_MAX_BYTES = 8192
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as
 # long as over a bf16 one at half the bytes (H100, 2026-12-05, tools/device/attn_b128.py): its loop is bound by
@@ -212,14 +218,11 @@ def _norm_rope_rows(row_ptr, row_ok, d, w_ptr, eps, cs_row, head_dim, rot_half, 
 
 
 @triton.jit
-def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s,
-              kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d, d_ok, scale, qk_scale, softcap, window,
-              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr,
-              KV_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, KV_FP8: tl.constexpr,
-              IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr,
-              PARTIAL: tl.constexpr):
-    """One tile of BLOCK_N keys from `start` into the online softmax (m_i, l_i, acc). PARTIAL: the tile may run past
-    `hi` (the last one), so its keys are masked; whole tiles load and score without bounds masks."""
+def _kv_offsets(start, hi, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                vc_stride_h, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr, KV_ALIGN: tl.constexpr,
+                PARTIAL: tl.constexpr):
+    """The tile of BLOCK_N keys from `start`: their positions, which are below `hi`, and their K and V rows'
+    offsets in the caches (through the block table)."""
     k_pos = start + tl.arange(0, BLOCK_N)
     k_ok = k_pos < hi
     if PARTIAL:
@@ -234,16 +237,60 @@ def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_
     # K/V rows are read element by element instead of in 16-byte vectors
     k_off = tl.multiple_of(blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h, KV_ALIGN)
     v_off = tl.multiple_of(blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h, KV_ALIGN)
+    return k_pos, k_ok, k_off, v_off
+
+
+@triton.jit
+def _load_k(kc_ptr, k_off, k_ok, d, d_ok, PARTIAL: tl.constexpr):
+    """The tile's keys, transposed ([BLOCK_D, BLOCK_N]), in the cache's dtype; masked keys (PARTIAL) read 0."""
     if PARTIAL:
-        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-    else:
-        k = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+        return tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    return tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_v(vc_ptr, v_off, k_ok, d, d_ok, PARTIAL: tl.constexpr):
+    """The tile's values ([BLOCK_N, BLOCK_D]) in the cache's dtype; masked keys (PARTIAL) read 0."""
+    if PARTIAL:
+        return tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    return tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_operand(x, DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, KV_FP8: tl.constexpr):
+    """Cache values as the key walk's dots take them."""
     if F32_DOT:
-        k = k.to(tl.float32)
+        x = x.to(tl.float32)
     elif F16_DOT:  # e4m3 -> fp16 is exact, one conversion a pair (to bf16 it takes ~4 instructions a pair)
-        k = k.to(tl.float16)
+        x = x.to(tl.float16)
     elif KV_FP8:  # e4m3 -> bf16 is exact
-        k = k.to(DOT_DTYPE)
+        x = x.to(DOT_DTYPE)
+    return x
+
+
+@triton.jit
+def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s,
+              kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d, d_ok, scale, qk_scale, softcap, window,
+              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr,
+              KV_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, KV_FP8: tl.constexpr,
+              IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr,
+              PARTIAL: tl.constexpr, PRELOADED: tl.constexpr = False, k_pre=0, v_pre=0, new_at=-1, k_new=0,
+              v_new=0):
+    """One tile of BLOCK_N keys from `start` into the online softmax (m_i, l_i, acc). PARTIAL: the tile may run past
+    `hi` (the last one), so its keys are masked; whole tiles load and score without bounds masks.
+    PRELOADED (EARLY_KV 2, with PARTIAL): the tile's K and V were loaded before the PDL wait (_early_tile, cache
+    dtype); key `new_at` (-1: none) was stored after that load, and its K and V rows are k_new / v_new ([BLOCK_D],
+    the stored values as _dot_operand gives them), put in place of what the early load saw."""
+    if PRELOADED:
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        k = _dot_operand(k_pre, DOT_DTYPE, F32_DOT, F16_DOT, KV_FP8)
+        k = tl.where((k_pos == new_at)[None, :], k_new[:, None], k)
+    else:
+        k_pos, k_ok, k_off, v_off = _kv_offsets(start, hi, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s,
+                                                kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_N, PAGE,
+                                                OFF32, KV_ALIGN, PARTIAL)
+        k = _dot_operand(_load_k(kc_ptr, k_off, k_ok, d, d_ok, PARTIAL), DOT_DTYPE, F32_DOT, F16_DOT, KV_FP8)
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")
     else:
@@ -272,16 +319,11 @@ def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if PARTIAL:
-        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    if PRELOADED:
+        v = _dot_operand(v_pre, DOT_DTYPE, F32_DOT, F16_DOT, KV_FP8)
+        v = tl.where((k_pos == new_at)[:, None], v_new[None, :], v)
     else:
-        v = tl.load(vc_ptr + v_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-    if F32_DOT:
-        v = v.to(tl.float32)
-    elif F16_DOT:
-        v = v.to(tl.float16)
-    elif KV_FP8:
-        v = v.to(DOT_DTYPE)
+        v = _dot_operand(_load_v(vc_ptr, v_off, k_ok, d, d_ok, PARTIAL), DOT_DTYPE, F32_DOT, F16_DOT, KV_FP8)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -354,6 +396,30 @@ def _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window,
 
 
 @triton.jit
+def _early_tile(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
+                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr, KV_ALIGN: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    """EARLY_KV 2 (decode, before pdl_wait): this program's first key tile's K ([BLOCK_D, BLOCK_N]) and V
+    ([BLOCK_N, BLOCK_D]) in the cache dtype, as _key_tile(PARTIAL) loads them. Reads the row's block-table entries
+    (host-written step metadata) and earlier steps' keys and values, which kernels that completed before the qkv GEMM
+    started wrote; the new key's slot, stored by this kernel after the wait, is read stale here and replaced from
+    registers by _key_tile. A padded row (no query) loads nothing."""
+    kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
+    lo, hi = _program_keys(seq_len, q_len, 0, split, window, tokens_per_split, 1, USE_WINDOW, NUM_SPLITS, BLOCK_N)
+    hi = tl.where(q_len > 0, hi, lo)
+    d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = d < head_dim
+    _, k_ok, k_off, v_off = _kv_offsets(lo, hi, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s, kc_stride_h,
+                                        vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_N, PAGE, OFF32, KV_ALIGN, True)
+    return _load_k(kc_ptr, k_off, k_ok, d, d_ok, True), _load_v(vc_ptr, v_off, k_ok, d, d_ok, True)
+
+
+@triton.jit
 def _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b):
     """Row b's (query start, query length, sequence length, position, KV slot) of a decode step (PREP): values the
     host writes before the step's first kernel, which _attention_kernel may load before its PDL wait (EARLY_META)."""
@@ -386,7 +452,7 @@ def _attention_kernel(
     EMULATE: tl.constexpr, PDL: tl.constexpr, max_ptr=None, max_stride_t=0, MAXIMA: tl.constexpr = False,
     num_rows=0, FLAT: tl.constexpr = False, ROWS_PAD: tl.constexpr = 1,
     qp_ptr=None, kp_ptr=None, vp_ptr=None, part_stride=0, PREP_PARTS: tl.constexpr = 0,
-    SPLIT_MAJOR: tl.constexpr = False, EARLY_META: tl.constexpr = False, EARLY_KV: tl.constexpr = False,
+    SPLIT_MAJOR: tl.constexpr = False, EARLY_META: tl.constexpr = False, EARLY_KV: tl.constexpr = 0,
     KV_LINE: tl.constexpr = 1, KV_LINES: tl.constexpr = 1, KV_ASM: tl.constexpr = True,
 ):
     """MAXIMA: where this program stores outputs (not split partials), also each row's absolute maximum over its
@@ -413,16 +479,23 @@ def _attention_kernel(
     before this one (the qkv GEMM) may still run during a PDL wait, so under PDL those dependent loads pass while
     it finishes instead of after. Same values, same bits.
 
-    EARLY_KV (with EARLY_META): the program's first key tile is asked into L2 before the wait (_prefetch_keys)."""
+    EARLY_KV (with EARLY_META): 1, the program's first key tile is asked into L2 before the wait (_prefetch_keys);
+    2, it is loaded into registers before the wait (_early_tile) and walked first, the new key put in from registers
+    by the program that stores it (_key_tile's PRELOADED)."""
     if not FLAT:
         b = tl.program_id(0)
         q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
     if EARLY_META:  # host-written step metadata only: see the docstring
         q_start, q_len, seq_len, pos, slot = _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b)
-    if EARLY_KV:  # prefetches of earlier steps' keys and values: see EARLY_KV
+    if EARLY_KV == 1:  # prefetches of earlier steps' keys and values: see EARLY_KV
         _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
                        kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, NUM_SPLITS,
                        SPLIT_MAJOR, USE_WINDOW, BLOCK_N, PAGE, KV_LINE, KV_LINES, KV_ASM)
+    if EARLY_KV == 2:  # loads of earlier steps' keys and values (the new key's slot is replaced later): EARLY_KV
+        k_pre, v_pre = _early_tile(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split,
+                                   head_dim, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                   vc_stride_h, NUM_SPLITS, SPLIT_MAJOR, USE_WINDOW, BLOCK_N, BLOCK_D, PAGE, OFF32,
+                                   KV_ALIGN, EVEN_D)
     pdl_wait(PDL)
     if FLAT:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
@@ -476,6 +549,11 @@ def _attention_kernel(
         if (tokens_per_split == 0) & (lo >= hi):  # past this sequence's keys: no state to store, the merge does
             return  # not read this split
 
+    if EARLY_KV == 2:  # the new key's K / V rows as the walk's dots take them, where this program stores it
+        new_at = -1
+        k_new_dot = _dot_operand(tl.zeros([BLOCK_D], tl.float32).to(kc_ptr.dtype.element_ty), q_ptr.dtype.element_ty,
+                                 F32_DOT, F16_DOT, KV_FP8)
+        v_new_dot = k_new_dot
     if PREP:
         if not EARLY_META:
             slot = tl.load(slot_ptr + q_start).to(tl.int64)
@@ -492,12 +570,20 @@ def _attention_kernel(
             v_new = _load_rows(v_raw_ptr + v_off, vp_row, d[None, :], d_ok[None, :], PREP_PARTS, part_stride)
             blk_new = slot // PAGE
             in_new = slot % PAGE
-            tl.store(kc_ptr + blk_new * kc_stride_b + in_new * kc_stride_s + kvh * kc_stride_h + d[None, :],
-                     to_cache(k_new, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8,
-                              FP8_MAX, MIN_EXP, EMULATE), mask=d_ok[None, :])
-            tl.store(vc_ptr + blk_new * vc_stride_b + in_new * vc_stride_s + kvh * vc_stride_h + d[None, :],
-                     to_cache(v_new, load_kv_scale(v_scale_ptr, HAS_V_SCALE), vc_ptr.dtype.element_ty, KV_FP8,
-                              FP8_MAX, MIN_EXP, EMULATE), mask=d_ok[None, :])
+            k_c = to_cache(k_new, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8, FP8_MAX,
+                           MIN_EXP, EMULATE)
+            v_c = to_cache(v_new, load_kv_scale(v_scale_ptr, HAS_V_SCALE), vc_ptr.dtype.element_ty, KV_FP8, FP8_MAX,
+                           MIN_EXP, EMULATE)
+            tl.store(kc_ptr + blk_new * kc_stride_b + in_new * kc_stride_s + kvh * kc_stride_h + d[None, :], k_c,
+                     mask=d_ok[None, :])
+            tl.store(vc_ptr + blk_new * vc_stride_b + in_new * vc_stride_s + kvh * vc_stride_h + d[None, :], v_c,
+                     mask=d_ok[None, :])
+            if EARLY_KV == 2:  # what a load of the stored rows gives (columns past head_dim read 0)
+                new_at = seq_len - 1
+                k_new_dot = tl.where(d_ok, _dot_operand(tl.reshape(k_c, [BLOCK_D]), q_ptr.dtype.element_ty, F32_DOT,
+                                                        F16_DOT, KV_FP8), 0.0)
+                v_new_dot = tl.where(d_ok, _dot_operand(tl.reshape(v_c, [BLOCK_D]), q_ptr.dtype.element_ty, F32_DOT,
+                                                        F16_DOT, KV_FP8), 0.0)
         tl.debug_barrier()  # those stores visible to every thread of the program before the walk reads them
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -505,13 +591,25 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # whole key tiles without bounds masks, then the partial one (if any) with them
     hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    for start in range(lo, hi_full, BLOCK_N):
+    first = lo  # the first full tile the loop loads
+    if EARLY_KV == 2:  # the first tile, preloaded, masked as a partial one (a whole tile's masks are all true)
+        if lo < hi:
+            m_i, l_i, acc = _key_tile(q, m_i, l_i, acc, lo, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh,
+                                      kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d,
+                                      d_ok, scale, qk_scale, softcap, window, q_ptr.dtype.element_ty, BLOCK_N, PAGE,
+                                      OFF32, KV_ALIGN, F32_DOT, F16_DOT, KV_FP8, IEEE, USE_SOFTCAP, USE_WINDOW,
+                                      BLOCK_Q, True, True, k_pre, v_pre, new_at, k_new_dot, v_new_dot)
+        first = lo + BLOCK_N
+    for start in range(first, hi_full, BLOCK_N):
         m_i, l_i, acc = _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh,
                                   kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d,
                                   d_ok, scale, qk_scale, softcap, window, q_ptr.dtype.element_ty, BLOCK_N, PAGE,
                                   OFF32, KV_ALIGN, F32_DOT, F16_DOT, KV_FP8, IEEE, USE_SOFTCAP, USE_WINDOW, BLOCK_Q,
                                   False)
-    if hi_full < hi:
+    tail = hi_full < hi
+    if EARLY_KV == 2:
+        tail = tail & (hi_full >= first)  # unless the partial tile was the preloaded first one
+    if tail:
         m_i, l_i, acc = _key_tile(q, m_i, l_i, acc, hi_full, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh,
                                   kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d,
                                   d_ok, scale, qk_scale, softcap, window, q_ptr.dtype.element_ty, BLOCK_N, PAGE,
@@ -707,7 +805,9 @@ def paged_attention_impl(
         grid = (batch, num_kv_heads, num_splits)
     sinks_arg = sinks if sinks is not None else out  # any pointer when there are none
     early_meta = EARLY_META and prep is not None and not flat
-    early_kv = EARLY_KV and early_meta
+    early_kv = EARLY_KV if early_meta else 0
+    if early_kv == 2 and block_n * block_d * k_cache.element_size() > EARLY_LOAD_MAX_BYTES:
+        early_kv = 1  # registers: the wide tile is prefetched instead
     kv_line = 128 // k_cache.element_size()  # elements a 128-byte line (K and V caches share the dtype)
     kv_lines = triton.next_power_of_2(triton.cdiv(head_dim, kv_line))
     parts_args = {}
