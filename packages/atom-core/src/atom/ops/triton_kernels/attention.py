@@ -269,6 +269,24 @@ def _dot_operand(x, DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr, F16_DOT: tl.
 
 
 @triton.jit
+def _new_key_rows(k_raw_ptr, v_raw_ptr, kp_ptr, vp_ptr, q_start, kvh, head_dim, k_raw_stride_t, v_raw_stride_t, ok,
+                  d, d_ok, kw_ptr, eps, cs_row, rot_half, NORM: tl.constexpr, IS_NEOX: tl.constexpr,
+                  PREP_PARTS: tl.constexpr, part_stride):
+    """The step's key of KV head kvh, normalized and rotated, and its value ([1, BLOCK_D] each, the rows' dtype), for
+    the decode prep's store; ok [1, 1]: whether to read them (0 elsewhere)."""
+    k_off = q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
+    v_off = q_start * v_raw_stride_t + kvh * head_dim
+    if PREP_PARTS > 0:
+        kp_row, vp_row = kp_ptr + k_off, vp_ptr + v_off
+    else:
+        kp_row, vp_row = k_raw_ptr + k_off, v_raw_ptr + v_off
+    k_new = _norm_rope_rows(k_raw_ptr + k_off, ok, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX, kp_row,
+                            PREP_PARTS, part_stride)
+    v_new = _load_rows(v_raw_ptr + v_off, vp_row, d[None, :], d_ok[None, :] & ok, PREP_PARTS, part_stride)
+    return k_new, v_new
+
+
+@triton.jit
 def _key_tile(q, m_i, l_i, acc, start, hi, q_pos, kc_ptr, vc_ptr, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s,
               kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, d, d_ok, scale, qk_scale, softcap, window,
               DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr,
@@ -529,6 +547,14 @@ def _attention_kernel(
             qp_row = qp_ptr + q_off
         else:  # no partials (qp_ptr None): any pointer, never read
             qp_row = q_ptr + q_off
+        if EARLY_KV == 2:  # the new key's rows read beside the queries' (masked off in the other programs): the
+            # program storing it, the layer's slowest, no longer waits for q's prep before it loads them
+            lo_n, hi_n = _program_keys(seq_len, q_len, q_tile, split, window, tokens_per_split, BLOCK_Q, USE_WINDOW,
+                                       NUM_SPLITS, BLOCK_N)
+            holds = (hi_n == seq_len) & (lo_n < hi_n) & (slot >= 0)
+            k_new, v_new = _new_key_rows(k_raw_ptr, v_raw_ptr, kp_ptr, vp_ptr, q_start, kvh, head_dim, k_raw_stride_t,
+                                         v_raw_stride_t, tl.zeros([1, 1], tl.int32) + tl.where(holds, 1, 0) > 0, d,
+                                         d_ok, kw_ptr, eps, cs_row, rot_half, NORM, IS_NEOX, PREP_PARTS, part_stride)
         q = _norm_rope_rows(q_ptr + q_off, row_ok[:, None], d, qw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX,
                             qp_row, PREP_PARTS, part_stride)
     else:
@@ -558,16 +584,10 @@ def _attention_kernel(
         if not EARLY_META:
             slot = tl.load(slot_ptr + q_start).to(tl.int64)
         if (hi == seq_len) & (lo < hi) & (slot >= 0):  # this program's keys end at the new one: store it first
-            one = tl.full([1, 1], 1, tl.int1)
-            k_off = q_start * k_raw_stride_t + kvh * head_dim + tl.zeros([1, 1], tl.int64)
-            v_off = q_start * v_raw_stride_t + kvh * head_dim
-            if PREP_PARTS > 0:
-                kp_row, vp_row = kp_ptr + k_off, vp_ptr + v_off
-            else:
-                kp_row, vp_row = k_raw_ptr + k_off, v_raw_ptr + v_off
-            k_new = _norm_rope_rows(k_raw_ptr + k_off, one, d, kw_ptr, eps, cs_row, head_dim, rot_half, NORM, IS_NEOX,
-                                    kp_row, PREP_PARTS, part_stride)
-            v_new = _load_rows(v_raw_ptr + v_off, vp_row, d[None, :], d_ok[None, :], PREP_PARTS, part_stride)
+            if EARLY_KV != 2:  # (EARLY_KV 2 read them with the queries)
+                k_new, v_new = _new_key_rows(k_raw_ptr, v_raw_ptr, kp_ptr, vp_ptr, q_start, kvh, head_dim,
+                                             k_raw_stride_t, v_raw_stride_t, tl.full([1, 1], 1, tl.int1), d, d_ok,
+                                             kw_ptr, eps, cs_row, rot_half, NORM, IS_NEOX, PREP_PARTS, part_stride)
             blk_new = slot // PAGE
             in_new = slot % PAGE
             k_c = to_cache(k_new, load_kv_scale(k_scale_ptr, HAS_K_SCALE), kc_ptr.dtype.element_ty, KV_FP8, FP8_MAX,
