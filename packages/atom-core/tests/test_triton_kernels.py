@@ -415,6 +415,39 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     assert not torch.equal(want_caches[0].view(torch.uint8), kc.view(torch.uint8))  # the new keys were stored
 
 
+def test_early_kv_loads_fall_back_to_the_prefetch_over_8_kb_a_tile(monkeypatch):
+    """ATOM_ATTN_EARLY_KV=2 loads the first key tile into registers only where a cache's tile is at most
+    EARLY_LOAD_MAX_BYTES (a head_dim 128 bf16 tile of 64 keys is 16 KB: the prefetch, 1, instead), with the same
+    bits as without; the variable is read as 0-2 and anything else is refused naming it."""
+    import subprocess
+
+    from atom.ops.triton_kernels import attention as tka
+    from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
+
+    head_dim = 128
+    q_raw, kc, vc, tables, qsl, lens, _, _ = _paged_case([1], [20], 4, 1, head_dim, 16, torch.bfloat16)
+    new = lens.long() - 1
+    slots = tables.long()[0, new // 16] * 16 + new % 16
+    k_raw, v_raw = rand(1, 2 * head_dim, dtype=torch.bfloat16).split(head_dim, dim=-1)
+    prep = DecodePrep(new, k_raw, v_raw, None, None, 1e-6, rand(64, head_dim), True, slots)
+    launches = spy_launches(monkeypatch, tka, "_attention_kernel")
+    outs = []
+    for kv in (0, 2):
+        monkeypatch.setattr(tka, "EARLY_META", kv > 0)
+        monkeypatch.setattr(tka, "EARLY_KV", kv)
+        outs.append(paged_attention_impl(q_raw, kc.clone(), vc.clone(), tables, qsl, lens, head_dim**-0.5, None,
+                                         None, 1, 4096, num_splits=1, prep=prep))
+    assert [la.kwargs["EARLY_KV"] for la in launches] == [0, 1]
+    assert launches[1].kwargs["BLOCK_N"] * launches[1].kwargs["BLOCK_D"] * 2 > tka.EARLY_LOAD_MAX_BYTES
+    assert torch.equal(outs[0], outs[1])
+    probe = "import atom.ops.triton_kernels.attention as a; print(a.EARLY_KV)"
+    for raw, code in (("2", 0), ("3", 1)):
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "ATOM_ATTN_EARLY_KV": raw},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == code, out.stderr[-500:]
+        assert out.stdout.strip() == "2" if code == 0 else "ATOM_ATTN_EARLY_KV must be between 0 and 2" in out.stderr
+
+
 def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
     """A tiny Qwen3 (qk-norm, rope; KV heads serving 4 query heads) on the Triton kernels through PagedHarness: under
     the default rule its decode steps take the fused prep (counted) and give the logits and KV caches of the model
