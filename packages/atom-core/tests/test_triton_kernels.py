@@ -367,14 +367,16 @@ def test_decode_prep_inside_attention_equals_the_two_kernels(dtype, kv_fp8, qk_n
         check(name + " vs torch", got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("splits,kv_fp8,head_dim", [(1, False, 32), (4, True, 32), (2, False, 40)])
-def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8, head_dim):
+@pytest.mark.parametrize("splits,kv_fp8,head_dim,window", [(1, False, 32, None), (4, True, 32, None),
+                                                            (2, False, 40, 24)])
+def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits, kv_fp8, head_dim, window):
     """EARLY_META (the rows' query start, sequence length, position and KV slot loaded before the PDL wait) and
     EARLY_KV with it (1: each program's first key tile asked into L2 before the wait, under the interpreter the same
     addresses loaded and dropped; 2: that tile loaded before the wait and the new key put in from registers): the
     outputs and caches of the same launch without them, bit for bit; they are passed only with the prep, EARLY_KV
     only with EARLY_META. The rows put the new key in a preloaded partial tile (9, 37; at 4 splits 70 too), after a
-    whole preloaded tile (70, one split), and leave it unstored (slot -1); head_dim 40 masks columns."""
+    whole preloaded tile (70, one split), and leave it unstored (slot -1); head_dim 40 masks columns, under a
+    sliding window (the first tile starts inside the context)."""
     from atom.ops.triton_kernels import attention as tka
     from atom.ops.triton_kernels.attention import DecodePrep, paged_attention_impl
 
@@ -393,7 +395,7 @@ def test_decode_prep_with_early_metadata_gives_the_same_bits(monkeypatch, splits
     if kv_fp8:
         kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
         scales = dict(k_scale=torch.tensor([0.75], device=DEVICE), v_scale=torch.tensor([1.25], device=DEVICE))
-    args = (tables, qsl, lens, head_dim**-0.5, None, None, 1, 4096)
+    args = (tables, qsl, lens, head_dim**-0.5, window, None, 1, 4096)
     prep = DecodePrep(positions, k_raw, v_raw, qw, kw, 1e-6, cos_sin, True, slots)
     launches = spy_launches(monkeypatch, tka, "_attention_kernel")
     outs = []
