@@ -232,6 +232,28 @@ def test_device_table_pairs_atom_alt_by_round():
     assert "1.30x [1.10-1.50x] n=2" in alt_row and "1.50x [1.00-2.00x] n=2" in alt2_row
 
 
+def test_device_table_gives_atom_base_ratios_end_to_end_and_by_step():
+    """ATOM's FP8 run over its bf16 one (atom-base), paired by round, both end to end (tok/s, the prefill inside)
+    and by decode step (bf16 ms over FP8 ms), at three decimals: qwen3-8b batch 1 on the H100 (2026-12-07) was 1.696x
+    and 1.701x, both "1.70x" at two."""
+    mt = _make_table_module()
+
+    def rep(tok_s, step):
+        return dict(runs=[dict(batch_size=1, input_len=128, output_len=128, output_tok_s=tok_s, ms_per_step=step,
+                               prefill_ms=6.0)])
+
+    rounds = [dict(atom=rep(277.2, 3.590), **{"atom-base": rep(163.4, 6.113)}),
+              dict(atom=rep(277.4, 3.591), **{"atom-base": rep(163.5, 6.108)})]
+    bench = dict(shape="s", date="2026-12-07", dtype="bfloat16", config=None, command="c", session="S1",
+                 engines=rounds[0], repeats=rounds)
+    (row,) = mt.rows([bench])
+    assert row["atom_base_ratio_all"] == pytest.approx([277.2 / 163.4, 277.4 / 163.5])
+    assert row["atom_base_step_ratio_all"] == pytest.approx([6.113 / 3.590, 6.108 / 3.591])
+    base_row = [line for line in mt.markdown([bench]).splitlines() if line.startswith("| s | 1 |")][-1]
+    cells = [c.strip() for c in base_row.strip("|").split("|")]
+    assert cells[4] == "1.697x [1.696-1.697x] n=2" and cells[5] == "1.702x [1.701-1.703x] n=2"
+
+
 def test_device_table_pairs_atom_vllm_alt_by_round():
     """bench_vs_vllm.py's atom-vllm-alt engine (vLLM+ATOM with --vllm-alt-env): vLLM+ATOM / alt per round in a table
     of its own; the main table's vLLM+ATOM columns stay atom-vllm's, against vLLM."""
