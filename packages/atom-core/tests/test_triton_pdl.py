@@ -77,7 +77,7 @@ def _kernels():
 # EARLY_KV the block-table entries too, and the first key tile's cache lines, prefetched (1) or loaded (2): earlier
 # steps' keys, written by kernels that completed before the qkv GEMM started; the new key's slot is read stale and
 # replaced from registers after the wait).
-PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_prefetch_keys", "_early_tile")
+PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():

@@ -384,27 +384,31 @@ def _program_keys(seq_len, q_len, q_tile, split, window, tokens_per_split, BLOCK
 
 
 @triton.jit
-def _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
-                   kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                   NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                   ASM: tl.constexpr):
-    """EARLY_KV (decode, before pdl_wait): ask L2 for the K and V lines (LINES of LINE elements a row) of this
-    program's first key tile. Reads only the row's block-table entries (host-written step metadata); the cache
-    lines are prefetched, not loaded. ASM False (the interpreter, which runs no inline assembly): the same
-    addresses are loaded instead and dropped."""
+def _first_tile(bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, kc_stride_b, kc_stride_s, kc_stride_h,
+                vc_stride_b, vc_stride_s, vc_stride_h, NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr,
+                USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr,
+                KV_ALIGN: tl.constexpr):
+    """EARLY_KV (decode, before pdl_wait): this program's first key tile as _key_tile(PARTIAL) addresses it, from the
+    row's block-table entries (host-written step metadata): (which keys are in range, K rows' offsets, V rows'). A
+    padded row (no query) of a CUDA graph has none."""
     kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
     lo, hi = _program_keys(seq_len, q_len, 0, split, window, tokens_per_split, 1, USE_WINDOW, NUM_SPLITS, BLOCK_N)
-    k_pos = lo + tl.arange(0, BLOCK_N)
-    ok = k_pos < tl.where(q_len > 0, hi, lo)  # a padded row (no query) of a CUDA graph has nothing to fetch
-    blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + k_pos // PAGE, mask=ok, other=0).to(tl.int64)
-    in_blk = (k_pos % PAGE).to(tl.int64)
+    _, k_ok, k_off, v_off = _kv_offsets(lo, tl.where(q_len > 0, hi, lo), bt_ptr, b, bt_stride, kvh, kc_stride_b,
+                                        kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_N, PAGE,
+                                        OFF32, KV_ALIGN, True)
+    return k_ok, k_off, v_off
+
+
+@triton.jit
+def _prefetch_keys(kc_ptr, vc_ptr, k_ok, k_off, v_off, head_dim, LINE: tl.constexpr, LINES: tl.constexpr,
+                   ASM: tl.constexpr):
+    """EARLY_KV 1 (before pdl_wait): ask L2 for the K and V lines (LINES of LINE elements a row) of the first key
+    tile (_first_tile); prefetched, not loaded. ASM False (the interpreter, which runs no inline assembly): the same
+    addresses are loaded instead and dropped."""
     col = (tl.arange(0, LINES) * LINE)[None, :]
-    ok = ok[:, None] & (col < head_dim)
-    k_off = (blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h)[:, None] + col
-    v_off = (blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h)[:, None] + col
-    k_rows = tl.where(ok, kc_ptr + k_off, kc_ptr)  # masked lanes: the cache's first line, a harmless address
-    v_rows = tl.where(ok, vc_ptr + v_off, vc_ptr)
+    ok = k_ok[:, None] & (col < head_dim)
+    k_rows = tl.where(ok, kc_ptr + k_off[:, None] + col, kc_ptr)  # masked lanes: the cache's first line, harmless
+    v_rows = tl.where(ok, vc_ptr + v_off[:, None] + col, vc_ptr)
     if ASM:
         prefetch_line_l2(k_rows)
         prefetch_line_l2(v_rows)
@@ -414,27 +418,23 @@ def _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window,
 
 
 @triton.jit
-def _early_tile(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
-                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                NUM_SPLITS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, PAGE: tl.constexpr, OFF32: tl.constexpr, KV_ALIGN: tl.constexpr,
-                EVEN_D: tl.constexpr):
-    """EARLY_KV 2 (decode, before pdl_wait): this program's first key tile's K ([BLOCK_D, BLOCK_N]) and V
-    ([BLOCK_N, BLOCK_D]) in the cache dtype, as _key_tile(PARTIAL) loads them. Reads the row's block-table entries
-    (host-written step metadata) and earlier steps' keys and values, which kernels that completed before the qkv GEMM
-    started wrote; the new key's slot, stored by this kernel after the wait, is read stale here and replaced from
-    registers by _key_tile. A padded row (no query) loads nothing."""
-    kvh, split = split_coords(NUM_SPLITS, SPLIT_MAJOR)
-    lo, hi = _program_keys(seq_len, q_len, 0, split, window, tokens_per_split, 1, USE_WINDOW, NUM_SPLITS, BLOCK_N)
-    hi = tl.where(q_len > 0, hi, lo)
+def _early_tile(kc_ptr, vc_ptr, k_ok, k_off, v_off, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """EARLY_KV 2 (before pdl_wait): the first key tile's (_first_tile) K ([BLOCK_D, BLOCK_N]) and V ([BLOCK_N,
+    BLOCK_D]) in the cache dtype, as _key_tile(PARTIAL) loads them: earlier steps' keys and values, which kernels
+    that completed before the qkv GEMM started wrote; the new key's slot, stored by this kernel after the wait, is
+    read stale here and replaced from registers by _key_tile."""
     d = tl.arange(0, BLOCK_D)
     if EVEN_D:
         d_ok = tl.full([BLOCK_D], 1, tl.int1)
     else:
         d_ok = d < head_dim
-    _, k_ok, k_off, v_off = _kv_offsets(lo, hi, bt_ptr, b, bt_stride, kvh, kc_stride_b, kc_stride_s, kc_stride_h,
-                                        vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_N, PAGE, OFF32, KV_ALIGN, True)
     return _load_k(kc_ptr, k_off, k_ok, d, d_ok, True), _load_v(vc_ptr, v_off, k_ok, d, d_ok, True)
+
+
+@triton.jit
+def _holds_new_key(lo, hi, seq_len, slot):
+    """Whether the program walking keys [lo, hi) is the one that stores the step's new key (a slot of -1: none)."""
+    return (hi == seq_len) & (lo < hi) & (slot >= 0)
 
 
 @triton.jit
@@ -505,15 +505,16 @@ def _attention_kernel(
         q_tile = 0 if SPLIT_MAJOR else tl.program_id(1)  # split-major decode grids have one query tile
     if EARLY_META:  # host-written step metadata only: see the docstring
         q_start, q_len, seq_len, pos, slot = _decode_meta(qsl_ptr, seq_lens_ptr, pos_ptr, slot_ptr, b)
-    if EARLY_KV == 1:  # prefetches of earlier steps' keys and values: see EARLY_KV
-        _prefetch_keys(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split, head_dim,
-                       kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, NUM_SPLITS,
-                       SPLIT_MAJOR, USE_WINDOW, BLOCK_N, PAGE, KV_LINE, KV_LINES, KV_ASM)
-    if EARLY_KV == 2:  # loads of earlier steps' keys and values (the new key's slot is replaced later): EARLY_KV
-        k_pre, v_pre = _early_tile(kc_ptr, vc_ptr, bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split,
-                                   head_dim, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-                                   vc_stride_h, NUM_SPLITS, SPLIT_MAJOR, USE_WINDOW, BLOCK_N, BLOCK_D, PAGE, OFF32,
-                                   KV_ALIGN, EVEN_D)
+    if EARLY_KV > 0:  # earlier steps' keys and values: prefetched (1) or loaded (2; the new key's slot is replaced
+        # later): see EARLY_KV
+        first_ok, first_k, first_v = _first_tile(bt_ptr, b, bt_stride, seq_len, q_len, window, tokens_per_split,
+                                                 kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                                 vc_stride_h, NUM_SPLITS, SPLIT_MAJOR, USE_WINDOW, BLOCK_N, PAGE,
+                                                 OFF32, KV_ALIGN)
+        if EARLY_KV == 1:
+            _prefetch_keys(kc_ptr, vc_ptr, first_ok, first_k, first_v, head_dim, KV_LINE, KV_LINES, KV_ASM)
+        else:
+            k_pre, v_pre = _early_tile(kc_ptr, vc_ptr, first_ok, first_k, first_v, head_dim, BLOCK_D, EVEN_D)
     pdl_wait(PDL)
     if FLAT:
         b, q_tile = flat_row_tile(qsl_ptr, num_rows, BLOCK_Q, ROWS_PAD)
@@ -551,7 +552,7 @@ def _attention_kernel(
             # program storing it, the layer's slowest, no longer waits for q's prep before it loads them
             lo_n, hi_n = _program_keys(seq_len, q_len, q_tile, split, window, tokens_per_split, BLOCK_Q, USE_WINDOW,
                                        NUM_SPLITS, BLOCK_N)
-            holds = (hi_n == seq_len) & (lo_n < hi_n) & (slot >= 0)
+            holds = _holds_new_key(lo_n, hi_n, seq_len, slot)
             k_new, v_new = _new_key_rows(k_raw_ptr, v_raw_ptr, kp_ptr, vp_ptr, q_start, kvh, head_dim, k_raw_stride_t,
                                          v_raw_stride_t, tl.zeros([1, 1], tl.int32) + tl.where(holds, 1, 0) > 0, d,
                                          d_ok, kw_ptr, eps, cs_row, rot_half, NORM, IS_NEOX, PREP_PARTS, part_stride)
@@ -583,7 +584,7 @@ def _attention_kernel(
     if PREP:
         if not EARLY_META:
             slot = tl.load(slot_ptr + q_start).to(tl.int64)
-        if (hi == seq_len) & (lo < hi) & (slot >= 0):  # this program's keys end at the new one: store it first
+        if _holds_new_key(lo, hi, seq_len, slot):  # this program's keys end at the new one: store it first
             if EARLY_KV != 2:  # (EARLY_KV 2 read them with the queries)
                 k_new, v_new = _new_key_rows(k_raw_ptr, v_raw_ptr, kp_ptr, vp_ptr, q_start, kvh, head_dim,
                                              k_raw_stride_t, v_raw_stride_t, tl.full([1, 1], 1, tl.int1), d, d_ok,
