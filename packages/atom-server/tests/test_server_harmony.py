@@ -75,6 +75,21 @@ def chat(client, messages, **kw):
     return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kw)
 
 
+def scripted_bias(checkpoint, analysis: bool) -> dict:
+    """A logit_bias that fixes the path a grammar leaves open before the constrained message: with `analysis` the
+    model takes the analysis channel ("a" first after <|channel|>) and ends that message at once (<|end|> above
+    everything), else it goes straight to the constrained message. How long a random model's free analysis runs
+    depends on the device's rounding (on an H100 it filled max_tokens, 2026-12-07); the tests check what follows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    bias = {str(tok.convert_tokens_to_ids("<|end|>")): 100}
+    if analysis:
+        [a] = tok("a", add_special_tokens=False).input_ids
+        bias[str(a)] = 50
+    return bias
+
+
 def test_analysis_is_reasoning_and_final_is_content(client):
     kw = dict(max_tokens=120, extra_body={"guided_choice": [THOUGHT_AND_ANSWER]})
     choice = chat(client, "A number?", **kw).choices[0]
@@ -160,7 +175,10 @@ def test_prompt_carries_effort_history_and_tools(client, checkpoint):
     resp = chat(client, messages, max_tokens=2, tools=TOOLS, reasoning_effort="high",
                 extra_body={"return_token_ids": True})
     text = AutoTokenizer.from_pretrained(checkpoint).decode(resp.prompt_token_ids)
-    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    try:
+        enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    except oh.HarmonyError as e:  # its vocabulary file is downloaded on first use
+        pytest.skip(f"openai_harmony cannot load its vocabulary on this machine (offline?): {e}")
     tokens = enc.encode(text, allowed_special="all")
     assert tokens[-2:] == enc.encode("<|start|>assistant", allowed_special="all")
     parsed = enc.parse_messages_from_completion_tokens(tokens[:-2], role=None)
@@ -223,8 +241,8 @@ def test_responses_api_reads_harmony(client):
     assert resp.reasoning.effort == "low"
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_response_format_constrains_the_final_message(client, checkpoint, stream):
+@pytest.mark.parametrize("stream,analysis", [(False, True), (True, False)])
+def test_response_format_constrains_the_final_message(client, checkpoint, stream, analysis):
     """A json_schema response_format on gpt-oss: the grammar lets an analysis message come first and constrains the
     final channel's message (vLLM's harmony structural tag); the content validates, the raw turn is harmony."""
     import jsonschema
@@ -232,7 +250,7 @@ def test_response_format_constrains_the_final_message(client, checkpoint, stream
 
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
     kw = dict(max_tokens=400, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
-              extra_body={"return_token_ids": True})
+              logit_bias=scripted_bias(checkpoint, analysis), extra_body={"return_token_ids": True})
     if stream:
         chunks = [c for c in chat(client, "Yes or no?", stream=True, **kw) if c.choices]
         content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -246,7 +264,7 @@ def test_response_format_constrains_the_final_message(client, checkpoint, stream
     raw = AutoTokenizer.from_pretrained(checkpoint).decode(ids, skip_special_tokens=False)
     assert finish == "stop", raw
     jsonschema.validate(json.loads(content), schema)
-    head = f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant" if reasoning else ""
+    head = f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant" if analysis else ""
     assert raw.startswith(head + "<|channel|>final<|message|>"), raw
 
 
@@ -259,9 +277,11 @@ def test_forced_tool_choice_is_written_in_harmony(client, checkpoint, choice):
     from transformers import AutoTokenizer
 
     tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}}
+    analysis = choice == "required"
     out = chat(client, "Weather in Paris?", max_tokens=300, tools=TOOLS, tool_choice=tool_choice,
-               extra_body={"return_token_ids": True}).choices[0]
+               logit_bias=scripted_bias(checkpoint, analysis), extra_body={"return_token_ids": True}).choices[0]
     raw = AutoTokenizer.from_pretrained(checkpoint).decode(out.model_extra["token_ids"], skip_special_tokens=False)
+    assert raw.startswith("<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>") == analysis, raw
     assert "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>" in raw, raw
     [call] = out.message.tool_calls
     assert call.function.name == "get_weather"
