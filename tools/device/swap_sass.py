@@ -4,10 +4,9 @@ itself from their rows' partial maxima (QUANT_A), per-channel weights, qwen3-8b'
 launch (64 weight rows a program, K steps of 128, split K). One warp's instructions a K step by opcode and the
 registers ptxas gives each. Use the device's Triton (3.6; see mx_frag_sass.py for the install into /tmp/tri36):
 
-    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/swap_sass.py [--block-k 256] [--stages 3] [--early 0,1,2]
+    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/swap_sass.py [--block-k 256] [--stages 3]
 
-EARLY (the weight K steps each program loads before its PDL wait, quant_fp8.EARLY_K_STEPS): the last column counts
-the global loads the compiled kernel issues ahead of the wait (ACQBULK).
+The last column counts the global loads the compiled kernel issues ahead of its PDL wait (ACQBULK).
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-k", type=int, default=256)
     ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--early", default="0,1,2", help="EARLY values (weight K steps loaded before the PDL wait)")
     args = ap.parse_args()
     bk = args.block_k
     print(f"Triton {triton.__version__}, sm_90, 4 warps, {args.stages} stages, [64 weight rows, BLOCK_M rows, K {bk}], "
@@ -61,18 +59,16 @@ def main() -> None:
                 ("codes, 17-32 rows (TMA)", "*fp8e4nv", 32, True, False),
                 ("QUANT_A, 17-32 rows (TMA)", "*bf16", 32, True, True)]
     for label, act, block_m, tma, quant in variants:
-        for early in (int(e) for e in args.early.split(",")):
-            consts = dict(SCALE_BN=1, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=4, BLOCK_M=block_m, BLOCK_N=64,
-                          BLOCK_K=bk, SERIAL=False, PDL=True, PREFETCH=0, PRECISE=False, TMA=tma, FAST_ACC=True,
-                          WS=False, QUANT_A=quant, A_PARTS=16, FP8_MAX=448.0, MIN_SCALE=1.0 / (448.0 * 512.0),
-                          MIN_EXP=-6, EMULATE=False, EARLY=early)
-            kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma), consts, num_warps=4,
-                                  num_stages=args.stages, aligned=ALIGNED)
-            total, loop = loop_counts(kernel)
-            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
-            print(f"{label}, EARLY {early}: loop {sum(loop.values())}, kernel {total}; {registers(kernel)}; "
-                  f"{before_wait(kernel)}\n    {top}")
-
+        consts = dict(SCALE_BN=1, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=4, BLOCK_M=block_m, BLOCK_N=64,
+                      BLOCK_K=bk, SERIAL=False, PDL=True, PREFETCH=0, PRECISE=False, TMA=tma, FAST_ACC=True,
+                      WS=False, QUANT_A=quant, A_PARTS=16, FP8_MAX=448.0, MIN_SCALE=1.0 / (448.0 * 512.0),
+                      MIN_EXP=-6, EMULATE=False)
+        kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma), consts, num_warps=4,
+                              num_stages=args.stages, aligned=ALIGNED)
+        total, loop = loop_counts(kernel)
+        top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
+        print(f"{label}: loop {sum(loop.values())}, kernel {total}; {registers(kernel)}; {before_wait(kernel)}\n"
+              f"    {top}")
 
 if __name__ == "__main__":
     main()

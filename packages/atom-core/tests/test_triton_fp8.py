@@ -34,7 +34,6 @@ from atom.ops.registry import resolve  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fp8_helpers import make_fp8_experts  # noqa: E402
-from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -352,66 +351,6 @@ def test_fp8_linear_swap_ab_serial_split_equals_the_sum_kernel(monkeypatch, m, s
     assert int(counters.abs().sum()) == 0
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][0])
     check(f"fp8_linear swap serial split M={m}", outs[True][0], Q.fp8_linear(x, q, s, b, block), TOL_F32_FP8_MMA)
-
-
-@pytest.mark.parametrize("m,layout,split,early", [(1, "block", 3, 2), (1, "channel", 2, 1), (3, "tensor", 1, 2),
-                                                   (1, "channel", 4, 2)])
-def test_fp8_linear_swap_ab_early_weight_steps_give_the_same_bits(monkeypatch, m, layout, split, early):
-    """EARLY_K_STEPS (the first K steps' weight tiles loaded before the PDL wait, then added ahead of the K loop)
-    gives the bits of the plain loop: block scales per step, per-channel / per-tensor scales at the end, split K.
-    Block, split 3 over K = 520: ranges of 256, 256 and 8, so the last split has one K step and the launch asks for
-    one early step only; channel, split 4: one step a split (clamped to 1)."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    q, s, block = _weight(130, 520, layout)
-    x, b = activations(m, 520, torch.float32), rand(130)
-    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(tk, "SWAP_MAX_M", 64)
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, split_k=split, tma=False))
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    monkeypatch.setattr(tk, "EARLY_K_STEPS", 0)
-    want = triton_op("fp8_linear")(x, q, s, b, block)
-    monkeypatch.setattr(tk, "EARLY_K_STEPS", early)
-    got = triton_op("fp8_linear")(x, q, s, b, block)
-    k_per_split = triton.cdiv(triton.cdiv(520, split), 128) * 128  # _launch_split's ranges, K steps of 128
-    last_steps = triton.cdiv(520 - (triton.cdiv(520, k_per_split) - 1) * k_per_split, 128)
-    assert [la.kwargs["EARLY"] for la in launches] == [0, min(early, last_steps)]
-    assert launches[1].kwargs["EARLY"] > 0
-    assert torch.equal(got, want)
-    check(f"fp8_linear swap early {early} M={m} {layout}", got, Q.fp8_linear(x, q, s, b, block), TOL_F32_FP8_MMA)
-
-
-@pytest.mark.parametrize("m", [1, 5])
-def test_fp8_linear_rowmax_early_weight_steps_give_the_same_bits(monkeypatch, m):
-    """The same for the swap-AB kernel quantizing float rows itself (QUANT_A): the peeled steps quantize their
-    activation tiles with the rows' scales found after the wait."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    monkeypatch.setattr(tk, "ROWMAX_MAX_M", 32)
-    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_k=64, split_k=2, tma=False))
-    q, s, _ = _weight(96, 648, "channel")
-    y = activations(m, 648, torch.bfloat16)
-    parts = torch.stack([y[:, :300].float().abs().amax(1), y[:, 300:].float().abs().amax(1)], 1).contiguous()
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    monkeypatch.setattr(tk, "EARLY_K_STEPS", 0)
-    want = triton_op("fp8_linear_rowmax")(y, parts, q, s, None, torch.bfloat16)
-    monkeypatch.setattr(tk, "EARLY_K_STEPS", 2)
-    got = triton_op("fp8_linear_rowmax")(y, parts, q, s, None, torch.bfloat16)
-    assert [(la.kwargs.get("QUANT_A"), la.kwargs["EARLY"]) for la in launches] == [(True, 0), (True, 2)]
-    assert torch.equal(got, want)
-    ref = resolve("fp8_linear_rowmax", "torch")(y, parts, q, s, None, torch.bfloat16)
-    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
-
-
-def test_early_k_env(monkeypatch):
-    from atom.ops.triton_kernels import common
-
-    monkeypatch.setenv("ATOM_FP8_EARLY_K", "1")
-    assert common.env_int("ATOM_FP8_EARLY_K", 0, 2, "K steps") == 1
-    monkeypatch.setenv("ATOM_FP8_EARLY_K", "3")
-    with pytest.raises(ValueError, match="ATOM_FP8_EARLY_K must be between 0 and 2"):
-        common.env_int("ATOM_FP8_EARLY_K", 0, 2, "K steps")
 
 
 def test_fp8_linear_swap_ab_bf16_no_bias():

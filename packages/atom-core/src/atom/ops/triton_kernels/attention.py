@@ -47,20 +47,22 @@ SPLIT_PER_SEQUENCE = env_flag("ATOM_ATTN_SPLIT_PER_SEQUENCE", True)
 SPLIT_MAJOR = env_flag("ATOM_ATTN_SPLIT_MAJOR", True)
 # Decode steps with the prep inside (PREP) load each row's step metadata (query start, sequence length, position, KV
 # slot: host-written) before their PDL wait (_attention_kernel's EARLY_META), taking two dependent load latencies
-# off the path after the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_META=1.
-EARLY_META = env_flag("ATOM_ATTN_EARLY_META", False)
-# With EARLY_META, each decode program also asks L2 for its first key tile's K and V lines before the wait
+# off the path after the qkv GEMM. Same bits. ATOM_ATTN_EARLY_META=0 turns it (and EARLY_KV) off.
+EARLY_META = env_flag("ATOM_ATTN_EARLY_META", True)
+# With EARLY_META, EARLY_KV 1 has each decode program ask L2 for its first key tile's K and V lines before the wait
 # (_prefetch_keys: the row's block-table entries, host-written, then one `prefetch.global.L2` a line). The keys of
 # earlier steps were written by kernels that completed before the qkv GEMM started, and a prefetch reads no value,
-# so nothing stale can be seen; after the wait the tile's loads find L2 instead of HBM, one DRAM latency off the
-# path behind the qkv GEMM. Same bits. Not yet measured: off until an engine A/B; ATOM_ATTN_EARLY_KV=1 (needs
-# ATOM_ATTN_EARLY_META=1).
-# ATOM_ATTN_EARLY_KV=2 loads the first tile's K and V into registers before the wait instead (_early_tile): after the
-# wait no load stands between the query's prep and its first scores. The program holding the new key stores it as
-# before and puts the same cache-dtype values into its preloaded tile (where the pre-wait load saw the slot's old
-# bytes), so the store -> barrier -> reload chain leaves its path too. Tiles over EARLY_LOAD_MAX_BYTES a cache fall
-# back to the prefetch (registers: a 64-key FP8 tile is 16 a thread for K and 16 for V at 4 warps).
-EARLY_KV = env_int("ATOM_ATTN_EARLY_KV", 0, 2, "0 off, 1 prefetch, 2 load")
+# so nothing stale can be seen; after the wait the tile's loads find L2 instead of HBM.
+# EARLY_KV 2 (the default) loads the first tile's K and V into registers before the wait instead (_early_tile):
+# after the wait no load stands between the query's prep and its first scores. The program holding the new key
+# stores it as before and puts the same cache-dtype values into its preloaded tile (where the pre-wait load saw the
+# slot's old bytes), so the store -> barrier -> reload chain leaves its path too. Tiles over EARLY_LOAD_MAX_BYTES a
+# cache fall back to the prefetch (registers: a 64-key FP8 tile is 16 a thread for K and 16 for V at 4 warps).
+# Same bits. Measured (H100, 2026-12-07, 3 rounds each, A/B in one call, ms a decode step): qwen3-8b FP8 + FP8 KV
+# batch 1 3.59 -> 3.54 (EARLY_META with EARLY_KV 1: 3.57), batch 32 4.32 -> 4.27; qwen3-30b-a3b bf16 batch 1
+# 3.58 -> 3.54, batch 32 19.12 -> 19.18 (0.98-1.01x by tok/s); qwen3-0.6b 1.29 / 1.55-1.56 either way.
+# ATOM_ATTN_EARLY_KV=0 / 1: off / the prefetch.
+EARLY_KV = env_int("ATOM_ATTN_EARLY_KV", 2, 2, "0 off, 1 prefetch, 2 load")
 EARLY_LOAD_MAX_BYTES = 8192
 # FP8 caches: dot in fp16 (e4m3 -> fp16 is one conversion a pair of values, exact; q takes the softmax scale and goes
 # to fp16, p is a probability) instead of bf16 (~4 instructions a pair). The decode kernel over an FP8 cache took as

@@ -343,7 +343,7 @@ def _fp8_gemm_swap_kernel(
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
-    EMULATE: tl.constexpr = False, EARLY: tl.constexpr = 0,
+    EMULATE: tl.constexpr = False,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -367,12 +367,7 @@ def _fp8_gemm_swap_kernel(
     the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
     to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
     and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
-    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251).
-
-    EARLY (0-2; every split has at least EARLY K steps, the launch sees to it): the weight tiles of the program's
-    first EARLY K steps are loaded (into registers) before pdl_wait, so that under PDL their DRAM latency passes
-    while the previous kernel finishes; those steps are then added in the same order as the loop would (same bits).
-    Weights only: nothing a previous kernel writes is read before the wait."""
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -389,11 +384,6 @@ def _fp8_gemm_swap_kernel(
     if PREFETCH > 0:  # constant weights only: before the wait (K % 16 == 0, checked at launch)
         rows = tl.minimum(n64, N - 1)
         prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
-    if EARLY >= 1:  # constant weights only: before the wait
-        w_early0 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + kk, K, pid_n * BLOCK_N, k_lo, BLOCK_N, TMA)
-    if EARLY >= 2:
-        w_early1 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + BLOCK_K + kk, K, pid_n * BLOCK_N,
-                                k_lo + BLOCK_K, BLOCK_N, TMA)
     pdl_wait(PDL)
 
     fp8 = w_ptr.dtype.element_ty
@@ -411,15 +401,7 @@ def _fp8_gemm_swap_kernel(
         ra = sa
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    if EARLY >= 1:
-        acc = _swap_k_step(acc, w_early0, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo, kk, K, a_stride,
-                           as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
-                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
-    if EARLY >= 2:
-        acc = _swap_k_step(acc, w_early1, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo + BLOCK_K, kk, K,
-                           a_stride, as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES,
-                           BLOCK_M, BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
-    for k0 in tl.range(k_lo + EARLY * BLOCK_K, k_hi, BLOCK_K, warp_specialize=WS):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         w = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k0 + kk, K, pid_n * BLOCK_N, k0, BLOCK_N, TMA)
         acc = _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0, kk, K, a_stride,
                            as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
@@ -898,18 +880,6 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16 * 16
 
 
-# K steps of weight tiles each swap-AB program loads before its PDL wait (the kernel's EARLY, 0-2): under PDL a
-# decode GEMM's programs are resident and waiting while the latency-bound kernel before it (norm, split merge,
-# SiLU-and-mul: HBM idle) runs, and these loads' DRAM latency passes meanwhile instead of after the wait, where
-# the K loop's first step waits for it. Unlike PDL_PREFETCH_BYTES these are the kernel's own loads into registers
-# (no second fetch, no serial prefetch loop), ~16 KB a program a step (64 rows x 256). Same bits (the steps are
-# added in loop order). Pointer loads only (batch 1's tile): with TMA (2-32 rows) the peeled steps took the K
-# loop out of Triton 3.6's pipeliner (sm_90 compile here, tools/device/swap_sass.py: 195 -> 449 instructions a step,
-# mbarrier waits inside), while the pointer loop stays 113 (56 -> 63 registers at EARLY 1, 8 loads ahead of the
-# wait). Not yet measured: 0 (off) until an engine A/B; ATOM_FP8_EARLY_K sets it per process.
-EARLY_K_STEPS = env_int("ATOM_FP8_EARLY_K", 0, 2, "K steps")
-
-
 # The swap-AB tile of per-channel / per-tensor weights (no K blocks), where no override or rule names one: K steps
 # of 256 in 3 stages. fp8_tiles.py (H100, 2026-12-06, qwen3-8b's four linears, per channel): 90.2 -> 88.4 us a
 # layer at 1 row, 92.6 -> 90.9 at 32, the best of 33 tiles at both; the engine with them (3 rounds, FP8 + FP8 KV):
@@ -1064,8 +1034,6 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
                      **fp8_consts(weight.dtype))
 
     def swap(target, k_per_split, split, add_bias):
-        # pointer loads only; every split (the last is the shortest) has at least `early` K steps
-        early = 0 if descs is not None else min(EARLY_K_STEPS, triton.cdiv(k - (split - 1) * k_per_split, block_k))
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, out,
             counters if serial else out, *(descs or (a, weight)), m, n, k,
@@ -1073,7 +1041,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
             SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
             PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
-            WS=tile.get("ws", False) and descs is not None, EARLY=early,
+            WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial, parts=parts)
