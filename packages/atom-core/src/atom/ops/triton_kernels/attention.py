@@ -59,8 +59,9 @@ EARLY_META = env_flag("ATOM_ATTN_EARLY_META", True)
 # slot's old bytes), so the store -> barrier -> reload chain leaves its path too. Tiles over EARLY_LOAD_MAX_BYTES a
 # cache fall back to the prefetch (registers: a 64-key FP8 tile is 16 a thread for K and 16 for V at 4 warps).
 # Same bits. Measured (H100, 2026-12-07, 3 rounds each, A/B in one call, ms a decode step): qwen3-8b FP8 + FP8 KV
-# batch 1 3.59 -> 3.54 (EARLY_META with EARLY_KV 1: 3.57), batch 32 4.32 -> 4.27; qwen3-30b-a3b bf16 batch 1
-# 3.58 -> 3.54, batch 32 19.12 -> 19.18 (0.98-1.01x by tok/s); qwen3-0.6b 1.29 / 1.55-1.56 either way.
+# batch 1 3.59 -> 3.54 (EARLY_META with EARLY_KV 1: 3.57), batch 32 4.32 -> 4.27; over bf16 caches (head_dim 128:
+# a 16 KB tile, so EARLY_KV 1) qwen3-30b-a3b batch 1 3.58 -> 3.54, batch 32 19.12 -> 19.18 (0.98-1.01x by tok/s),
+# qwen3-0.6b 1.29 / 1.55 -> 1.29 / 1.56.
 # ATOM_ATTN_EARLY_KV=0 / 1: off / the prefetch.
 EARLY_KV = env_int("ATOM_ATTN_EARLY_KV", 2, 2, "0 off, 1 prefetch, 2 load")
 EARLY_LOAD_MAX_BYTES = 8192
