@@ -15,8 +15,8 @@ writes nothing (the previous kernel may still read what it would overwrite). ATO
 only these do something before it, each behind a switch: the FP8 swap-AB GEMM (`prefetch_l2` of its weight
 slice, ATOM_FP8_PDL_PREFETCH: measured slower, off) and the decode attention with the prep inside (its rows' step
 metadata, ATOM_ATTN_EARLY_META; with it, ATOM_ATTN_EARLY_KV, its block-table entries and an L2 prefetch of its first
-key tile (1: a prefetch reads no value, so it cannot see stale data) or loads of that tile (2)); both on by default
-(EARLY_KV 2) since they won on the H100 (2026-12-07). EARLY_KV 2 reads device-written
+key tile (1: a prefetch reads no value, so it cannot see stale data) or loads of that tile (2)); the attention's
+two are on by default (EARLY_KV 2) since they won on the H100 (2026-12-07). EARLY_KV 2 reads device-written
 data before the wait, which the rule allows for data no kernel since the one two launches back writes: every
 kernel lets its dependents launch only after its own wait (pdl_wait below), so when a kernel's programs run, all
 kernels before the one right before it have completed. The keys of earlier steps were written by earlier steps'
