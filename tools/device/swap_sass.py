@@ -26,14 +26,14 @@ ALIGNED = ("a_ptr", "as_ptr", "w_ptr", "ws_ptr", "bias_ptr", "out_ptr", "final_p
            "w_stride", "out_stride_split", "out_stride_m", "k_per_split")
 
 
-def signature(act: str, block_m: int, block_n: int, block_k: int, tma: bool) -> dict:
-    ptr = {"a_ptr": act, "as_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
+def signature(act: str, block_m: int, block_n: int, block_k: int, tma: bool, weight: str = "*fp8e4nv") -> dict:
+    ptr = {"a_ptr": act, "as_ptr": "*fp32", "w_ptr": weight, "ws_ptr": "*fp32", "bias_ptr": "*bf16",
            "out_ptr": "*fp32", "final_ptr": "*bf16", "cnt_ptr": "*i32"}
     if tma:
         ptr["a_desc"] = f"tensordesc<{act[1:]}[{block_m}, {block_k}]>"
-        ptr["w_desc"] = f"tensordesc<fp8e4nv[{block_n}, {block_k}]>"
+        ptr["w_desc"] = f"tensordesc<{weight[1:]}[{block_n}, {block_k}]>"
     else:
-        ptr["a_desc"], ptr["w_desc"] = act, "*fp8e4nv"
+        ptr["a_desc"], ptr["w_desc"] = act, weight
     return {n: ptr.get(n, "i32") for n in _fp8_gemm_swap_kernel.arg_names}
 
 
@@ -48,6 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-k", type=int, default=256)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--dense", action="store_true",
+                    help="the bf16 weights' form (SCALED=False: atom.ops.triton_kernels.dense) instead of FP8")
     args = ap.parse_args()
     bk = args.block_k
     print(f"Triton {triton.__version__}, sm_90, 4 warps, {args.stages} stages, [64 weight rows, BLOCK_M rows, K {bk}], "
@@ -58,12 +60,17 @@ def main() -> None:
                 ("QUANT_A, 2-16 rows (TMA)", "*bf16", 16, True, True),
                 ("codes, 17-32 rows (TMA)", "*fp8e4nv", 32, True, False),
                 ("QUANT_A, 17-32 rows (TMA)", "*bf16", 32, True, True)]
+    if args.dense:
+        variants = [("bf16 weights, 1 row (pointer loads)", "*bf16", 16, False, False),
+                    ("bf16 weights, 2-16 rows (TMA)", "*bf16", 16, True, False),
+                    ("bf16 weights, 17-32 rows (TMA)", "*bf16", 32, True, False)]
     for label, act, block_m, tma, quant in variants:
         consts = dict(SCALE_BN=1, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=4, BLOCK_M=block_m, BLOCK_N=64,
                       BLOCK_K=bk, SERIAL=False, PDL=True, PREFETCH=0, PRECISE=False, TMA=tma, FAST_ACC=True,
                       WS=False, QUANT_A=quant, A_PARTS=16, FP8_MAX=448.0, MIN_SCALE=1.0 / (448.0 * 512.0),
-                      MIN_EXP=-6, EMULATE=False)
-        kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma), consts, num_warps=4,
+                      MIN_EXP=-6, EMULATE=False, SCALED=not args.dense, F32_DOT=False)
+        weight = "*bf16" if args.dense else "*fp8e4nv"
+        kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma, weight), consts, num_warps=4,
                               num_stages=args.stages, aligned=ALIGNED)
         total, loop = loop_counts(kernel)
         top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))

@@ -388,6 +388,7 @@ _OP_FAMILY = {
     "fp8_quant_token": "quant_fp8",
     "fp8_quantize_weight": "quant_fp8",
     "fp8_linear": "quant_fp8",
+    "dense_linear": "dense",
     "fp8_fused_experts": "quant_fp8",
     "rms_norm_quant_fp8": "fp8_producers",
     "fused_add_rms_norm_quant_fp8": "fp8_producers",

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atom.ops import cpu_linear
+from atom.ops.dense import dense_linear_for
 from atom.ops.registry import impl_of, resolve
 from atom.quantization.base import LinearMethod, MoEMethod, new_param
 
 
 class UnquantizedLinearMethod(LinearMethod):
+    """F.linear (atom.ops.cpu_linear's packed weights on CPU), or on a GPU the dense_linear op where it is on
+    (atom.ops.dense: the swap-AB kernel at decode), which can also leave its split-K partials to the consumer."""
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
-        new_param(layer, "weight", (sum(output_sizes), input_size), params_dtype, output_dim=0, input_dim=1)
+        n = sum(output_sizes)
+        new_param(layer, "weight", (n, input_size), params_dtype, output_dim=0, input_dim=1)
+        self.linear = dense_linear_for(params_dtype, n, input_size)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         cpu_linear.forget(layer)  # new weights: the CPU packed copy is made again on the next forward
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+              split_parts: list | None = None) -> torch.Tensor:
+        """split_parts (a list; only where defers_split): as Fp8LinearMethod.apply's."""
+        if self.linear is not None:
+            return self.linear(x, layer.weight, bias, **({} if split_parts is None else {"parts": split_parts}))
         return cpu_linear.linear(x, layer.weight, bias, layer)
+
+    def defers_split(self, consumer: str) -> bool:
+        """Whether apply can leave a split-K GEMM's partials to a consumer of this kind: the dense_linear op, with
+        the consumer's switch on (the FP8 linears' ATOM_FP8_NORM_SUMS_SPLITS / ATOM_FP8_ATTN_SUMS_SPLITS)."""
+        if self.linear is None:
+            return False
+        from atom.ops.triton_kernels import quant_fp8
+
+        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS}[consumer]
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight

@@ -7,6 +7,7 @@ Each op keeps the exact signature and semantics of its torch reference in `atom.
 from atom.ops.triton_kernels import (  # noqa: F401
     activation,
     attention,
+    dense,
     fp8_producers,
     mla,
     moe,

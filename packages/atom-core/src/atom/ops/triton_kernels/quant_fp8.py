@@ -309,7 +309,7 @@ def _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0
                  ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8: tl.constexpr, SCALE_BN: tl.constexpr,
                  BLOCK_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
                  TMA: tl.constexpr, FAST_ACC: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr,
-                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr):
+                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, F32_DOT: tl.constexpr = False):
     """One K step of the swap-AB kernel on its weight tile w: the activation tile at k0 (quantized here under
     QUANT_A with the rows' scales sa and reciprocals ra), the dot, and the scales of block layouts; the new acc."""
     k = k0 + kk
@@ -322,6 +322,8 @@ def _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0
     if PRECISE:
         w = w.to(tl.bfloat16)
         a_t = a_t.to(tl.bfloat16)
+    if F32_DOT:
+        a_t = a_t.to(tl.float32)
     if BLOCK_SCALES:
         sw = tl.load(ws_ptr + (n64 // SCALE_BN) * ws_stride_n + (k0 // BLOCK_K) * ws_stride_k, mask=n_ok, other=0.0)
         sa_k = tl.load(as_ptr + m64 * as_stride + k0 // BLOCK_K, mask=m_ok, other=0.0)
@@ -343,7 +345,7 @@ def _fp8_gemm_swap_kernel(
     SERIAL: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRECISE: tl.constexpr, TMA: tl.constexpr,
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
-    EMULATE: tl.constexpr = False,
+    EMULATE: tl.constexpr = False, SCALED: tl.constexpr = True, F32_DOT: tl.constexpr = False,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -367,7 +369,11 @@ def _fp8_gemm_swap_kernel(
     the sign of zero): no quantization kernel, and no pass over the row before W streams. A_PARTS: a_parts padded
     to a power of two. Each thread quantizes its share of the padded [BLOCK_K, BLOCK_M] tile (16 values at 4 warps
     and 16 rows): a tile holding only the real row, spread by a select, was rematerialized by Triton in the
-    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251)."""
+    padded tile's layout all the same (Triton 3.6, sm_90: 280 instructions a K step against 251).
+
+    SCALED=False: 16-bit weights and activations of the same dtype (atom.ops.triton_kernels.dense, the bf16 /
+    fp16 linears at decode): no scales at all (as_ptr / ws_ptr unused), the plain dot; F32_DOT: its operands in
+    float32 (the interpreter, whose 16-bit tl.dot is wrong)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -393,20 +399,22 @@ def _fp8_gemm_swap_kernel(
                         other=0.0)
         sa = dynamic_scale(tl.max(parts, axis=1), FP8_MAX, MIN_SCALE)  # [BLOCK_M]; padded rows: the floor
         ra = reciprocal(sa)
-    elif not BLOCK_SCALES:
+    elif SCALED and not BLOCK_SCALES:
         sa = tl.load(as_ptr + m64 * as_stride, mask=m_ok, other=0.0)
         ra = sa
-    else:  # per K step (_swap_k_step)
+    else:  # per K step (_swap_k_step), or none
         sa = tl.zeros([BLOCK_M], tl.float32)
         ra = sa
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         w = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k0 + kk, K, pid_n * BLOCK_N, k0, BLOCK_N, TMA)
+        if F32_DOT:
+            w = w.to(tl.float32)
         acc = _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0, kk, K, a_stride,
                            as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
-                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE)
-    if not BLOCK_SCALES:
+                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE, F32_DOT)
+    if SCALED and not BLOCK_SCALES:
         sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
         acc = acc * (sw[:, None] * sa[None, :])
 
@@ -888,11 +896,16 @@ PDL_PREFETCH_BYTES = env_int("ATOM_FP8_PDL_PREFETCH", 0, 1 << 20, "bytes") // 16
 SWAP_CHANNEL_TILE = {"block_k": 256, "num_stages": 3}
 
 
-def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device, block_scales: bool = False) -> dict:
+def _swap_tile(m: int, n: int, k: int, block_k: int, device: torch.device, block_scales: bool = False,
+               base: dict | None = None) -> dict:
     """[block_n weight rows, block_m activation rows] tiles: 64 weight rows at 4 warps (one wgmma M), the rows
     padded to a power of two >= 16, K steps of 128 (or a tile's block_k, _k_step; SWAP_CHANNEL_TILE's 256 for
-    weights without K blocks); split K until about two programs per SM stream weights (>= 4 K steps each)."""
-    tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or None)
+    weights without K blocks, or `base`'s: the 16-bit weights' tile); split K until about two programs per SM
+    stream weights (>= 4 K steps each)."""
+    if base is not None:
+        tile = dict(base)
+    else:
+        tile = dict(SWAP_TILE_OVERRIDE) if SWAP_TILE_OVERRIDE is not None else (_rule_tile("swap", m) or None)
     if tile is None:
         tile = {} if block_scales else dict(SWAP_CHANNEL_TILE)
     tile["block_k"] = block_k = _k_step(tile, block_k, block_scales)
@@ -1003,28 +1016,32 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
     return out
 
 
-def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
-               quant_a: bool = False, parts: list | None = None) -> torch.Tensor:
+               quant_a: bool = False, parts: list | None = None, dense_tile: dict | None = None) -> torch.Tensor:
     """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales, or (quant_a, per-token
-    layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel."""
+    layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel;
+    or (weight_scale None: atom.ops.triton_kernels.dense, whose tile `dense_tile` is) on 16-bit weights and
+    activations of one dtype, no scales."""
     n, k = weight.shape
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size)
-    tile = _swap_tile(m, n, k, block_k, a.device, block_size is not None)
+    scaled = weight_scale is not None
+    scale_bn, block_k, ws_stride_n, ws_stride_k = _scale_layout(weight_scale, block_size) if scaled else (1, 128, 0, 0)
+    tile = _swap_tile(m, n, k, block_k, a.device, block_size is not None, None if scaled else dense_tile)
     block_k = tile["block_k"]
-    a_bytes = a.element_size()  # per stage: the activation and weight tiles (and their bf16 copies when precise)
-    block_n, stages = fit_tile(tile["num_stages"], tile["block_n"],
-                               lambda bn: ((tile["block_m"] * a_bytes + bn) * block_k * (3 if precise else 1), 0),
-                               a.device)
+    # per stage: the activation and weight tiles (and their bf16 copies when precise)
+    a_bytes, w_bytes = a.element_size(), weight.element_size()
+    block_n, stages = fit_tile(
+        tile["num_stages"], tile["block_n"],
+        lambda bn: ((tile["block_m"] * a_bytes + bn * w_bytes) * block_k * (3 if precise else 1), 0), a.device)
 
     grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
     descs = _descriptors(a, weight, tile["block_m"], block_n, block_k) if tile["tma"] else None
     counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
     serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
     pdl = pdl_args(a.device)
-    prefetch = PDL_PREFETCH_BYTES if pdl["PDL"] and k % 16 == 0 else 0
+    prefetch = PDL_PREFETCH_BYTES if pdl["PDL"] and k % 16 == 0 and scaled else 0
     quant = {}
     if quant_a:
         if block_size is not None:
@@ -1033,14 +1050,18 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, wei
         quant = dict(a_parts=a_scale.shape[1], QUANT_A=True, A_PARTS=triton.next_power_of_2(a_scale.shape[1]),
                      **fp8_consts(weight.dtype))
 
+    if not scaled:
+        a_scale, weight_scale = a, weight  # unused pointers
+        quant = dict(SCALED=False, F32_DOT=interpreting())
+
     def swap(target, k_per_split, split, add_bias):
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
             a, a_scale, weight, weight_scale, bias if add_bias else out, target, out,
             counters if serial else out, *(descs or (a, weight)), m, n, k,
-            a.stride(0), a_scale.stride(0), weight.stride(0), ws_stride_n, ws_stride_k, m * n, n, k_per_split,
-            SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
+            a.stride(0), a_scale.stride(0) if scaled else 0, weight.stride(0), ws_stride_n, ws_stride_k, m * n, n,
+            k_per_split, SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
-            PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"],
+            PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"] or not scaled,
             WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 

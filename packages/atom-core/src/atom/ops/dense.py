@@ -1,0 +1,67 @@
+"""The dense (unquantized) linear as an op: y = x W^T + b with bf16 / fp16 / float32 weights.
+
+The torch reference is F.linear; on CPU the layers keep atom.ops.cpu_linear (oneDNN's packed weights), so this op
+exists for the GPU's decode GEMMs: the Triton implementation (atom.ops.triton_kernels.dense) runs the swap-AB kernel
+of the FP8 GEMMs on 16-bit weights for up to DENSE_SWAP_MAX_M rows, where cuBLAS's one-row choices stream some
+shapes at half the copy rate (qwen3-8b's o_proj at one row, H100: 20.7 us for 33.5 MB, 54%), and F.linear above.
+
+ATOM_DENSE_SWAP_MAX_M (rows, 0-64; 0 turns the op off, and the layers call F.linear as before) sets the bound per
+process; dense_linear_for says whether a layer takes the op at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from atom.ops.registry import define_op, impl_of, register, resolve
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _env_swap_max_m() -> int:
+    raw = os.environ.get("ATOM_DENSE_SWAP_MAX_M", "").strip()
+    if not raw:
+        return 0
+    try:
+        rows = int(raw)
+    except ValueError:
+        raise ValueError(f"ATOM_DENSE_SWAP_MAX_M={raw!r} is not an integer (rows; 0 turns it off)") from None
+    if not 0 <= rows <= 64:
+        raise ValueError(f"ATOM_DENSE_SWAP_MAX_M={rows} is out of range (0-64 rows)")
+    return rows
+
+
+# Rows up to which the Triton dense_linear runs the swap-AB kernel: off (0) until an engine A/B says otherwise.
+DENSE_SWAP_MAX_M = _env_swap_max_m()
+
+
+def _example(t, static):
+    n, k = int(static.get("output_size", 192)), int(static.get("input_size", 256))
+    w = t.randn(n, k, scale=k**-0.5)
+    return [(t.randn(m, k), w, None) for m in (1, 7)]
+
+
+define_op("dense_linear", example=_example,
+          fake=lambda x, weight, *args, **kwargs: x.new_empty(*x.shape[:-1], weight.shape[0]))
+
+
+@register("dense_linear", "torch")
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b (F.linear). The Triton implementation also takes `parts` (its split-K hand-off,
+    atom.layers.fp8_input's SplitKPartials), passed only where the layer's defers_split says it may."""
+    return F.linear(x, weight, bias)
+
+
+def dense_linear_for(dtype: torch.dtype, output_size: int, input_size: int) -> Callable | None:
+    """The dense_linear implementation a layer of `dtype` weights [output_size, input_size] should call, or None
+    when it should keep F.linear / atom.ops.cpu_linear: the op is off (DENSE_SWAP_MAX_M 0), the dtype is not a
+    16-bit float, or the chain ends at the torch reference (CPU, ROCm without Triton)."""
+    if DENSE_SWAP_MAX_M <= 0 or dtype not in _DTYPES:
+        return None
+    fn = resolve("dense_linear", dtype=dtype, static={"output_size": output_size, "input_size": input_size})
+    impl = impl_of(fn)
+    return fn if impl is not None and impl.backend != "torch" else None
