@@ -3,10 +3,11 @@
 The torch reference is F.linear; on CPU the layers keep atom.ops.cpu_linear (oneDNN's packed weights), so this op
 exists for the GPU's decode GEMMs: the Triton implementation (atom.ops.triton_kernels.dense) runs the swap-AB kernel
 of the FP8 GEMMs on 16-bit weights for up to DENSE_SWAP_MAX_M rows, where cuBLAS's one-row choices stream some
-shapes at half the copy rate (qwen3-8b's o_proj at one row, H100: 20.7 us for 33.5 MB, 54%), and F.linear above.
+shapes at half the copy rate (qwen3-8b's o_proj at one row, H100: 19.4 us for 33.5 MB, 58% of the copy rate,
+against 16.1 us), and F.linear above.
 
 ATOM_DENSE_SWAP_MAX_M (rows, 0-64; 0 turns the op off, and the layers call F.linear as before) sets the bound per
-process; dense_linear_for says whether a layer takes the op at all.
+process (default: 32 on NVIDIA GPUs, 0 elsewhere); dense_linear_for says whether a layer takes the op at all.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from atom.ops.registry import define_op, impl_of, register, resolve
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _default_swap_max_m() -> int:
+    """32 rows on NVIDIA GPUs, where it was measured; 0 elsewhere (ROCm: not measured; CPU, the interpreter
+    included: the layers keep F.linear and oneDNN, and the tests switch it on themselves)."""
+    return 32 if torch.cuda.is_available() and not torch.version.hip else 0
+
+
 def _env_swap_max_m() -> int:
     raw = os.environ.get("ATOM_DENSE_SWAP_MAX_M", "").strip()
     if not raw:
-        return 0
+        return _default_swap_max_m()
     try:
         rows = int(raw)
     except ValueError:
@@ -35,7 +42,12 @@ def _env_swap_max_m() -> int:
     return rows
 
 
-# Rows up to which the Triton dense_linear runs the swap-AB kernel: off (0) until an engine A/B says otherwise.
+# Rows up to which the Triton dense_linear runs the swap-AB kernel: 32 on NVIDIA GPUs. H100, 2026-12-07 (stop 62,
+# bench_vs_vllm.sh --alt-env ATOM_DENSE_SWAP_MAX_M=32, 3 interleaved rounds of fresh processes, bf16, random weights,
+# 128 in / 128 out, ms a decode step, the same in every round): qwen3-8b batch 1 6.33 -> 5.79, batch 32 6.82 ->
+# 6.48; qwen3-0.6b batch 1 1.30 -> 1.05, batch 32 1.56 -> 1.48; qwen3-30b-a3b (its attention linears) batch 1 3.60
+# -> 3.40, batch 32 19.66 -> 19.64. Kernel by kernel (tools/device/dense_skinny_bench.py, one row, us a call):
+# 8b o_proj 19.4 -> 16.1, down 45.3 -> 41.6, gate_up 78.6 -> 73.9, qkv 24.6 -> 22.9; 0.6b o_proj 6.2 -> 3.5.
 DENSE_SWAP_MAX_M = _env_swap_max_m()
 
 
