@@ -22,6 +22,7 @@ from atom.ops import dense as dense_ref  # noqa: E402
 from atom.ops.triton_kernels import dense as tk_dense  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 from launch_spy import spy_launches  # noqa: E402
+from split_spies import spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -110,7 +111,11 @@ def test_the_row_bound_from_the_environment_is_checked(raw, why, monkeypatch):
     monkeypatch.setenv("ATOM_DENSE_SWAP_MAX_M", "16")
     assert dense_ref._env_swap_max_m() == 16
     monkeypatch.delenv("ATOM_DENSE_SWAP_MAX_M")
-    assert dense_ref._env_swap_max_m() == (32 if torch.cuda.is_available() and not torch.version.hip else 0)
+    assert dense_ref._env_swap_max_m() is None  # unset: the platform's default, asked at build time
+    monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", None)
+    assert dense_ref.swap_max_m() == (32 if torch.cuda.is_available() and not torch.version.hip else 0)
+    monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 0)
+    assert dense_ref.swap_max_m() == 0 and dense_ref.dense_linear_for(torch.bfloat16, 64, 64) is None
 
 
 def test_the_tile_from_the_environment_is_checked(monkeypatch):
@@ -167,9 +172,6 @@ def test_a_bf16_model_on_dense_linear_hands_its_splits_to_the_norms_and_keeps_it
     """A 2-layer bf16 Qwen3 with every linear on dense_linear (its K split in two): o_proj and down_proj hand their
     partials to the next residual norm, and the logits of prefill + decode stay within bf16 rounding of F.linear's
     (cuBLAS / CPU) model: each linear's output is rounded once either way, from float32 sums in another order."""
-    from atom.layers.fp8_input import SplitKPartials
-    from atom.layers.norm import RMSNorm
-
     path = _tiny_qwen3(tmp_path)
     monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 0)
     want, calls = _logits(path, monkeypatch)
@@ -177,15 +179,7 @@ def test_a_bf16_model_on_dense_linear_hands_its_splits_to_the_norms_and_keeps_it
     monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 16)
     monkeypatch.setattr(tk_dense, "TILE", dict(block_k=32, num_stages=2, split_k=2))
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)
-    handed = []
-    inner = RMSNorm.forward
-
-    def spy(self, x, residual=None):
-        if isinstance(x, SplitKPartials):
-            handed.append(tuple(x.parts.shape))
-        return inner(self, x, residual)
-
-    monkeypatch.setattr(RMSNorm, "forward", spy)
+    handed = spy_norm_hand_offs(monkeypatch)
     got, calls = _logits(path, monkeypatch)
     prefixes = {p.rsplit(".", 1)[-1] for p, _ in calls}
     assert prefixes == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, prefixes
@@ -203,8 +197,6 @@ def test_a_bf16_model_on_dense_linear_gives_the_same_bits_with_both_hand_offs(tm
     go to the attention kernel at the decode step, and the prefill's are added first (not a fused step); the
     logits are those of the sum kernel's path, bit for bit."""
     from atom.layers import attention as attention_layer
-    from atom.layers.attention import PagedAttention
-    from atom.layers.fp8_input import SplitKPartials
 
     path = _tiny_qwen3(tmp_path)
     monkeypatch.setattr(attention_layer, "FUSED_DECODE_PREP", True)
@@ -213,19 +205,7 @@ def test_a_bf16_model_on_dense_linear_gives_the_same_bits_with_both_hand_offs(tm
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", False)
     want, _ = _logits(path, monkeypatch)
-    prepped, summed = [], []
-    inner_prep, inner_sum = PagedAttention.forward_with_prep, SplitKPartials.summed
-
-    def spy_prep(self, *args, qkv_parts=None):
-        prepped.append(qkv_parts is not None)
-        return inner_prep(self, *args, qkv_parts=qkv_parts)
-
-    def spy_sum(self):
-        summed.append(tuple(self.parts.shape))
-        return inner_sum(self)
-
-    monkeypatch.setattr(PagedAttention, "forward_with_prep", spy_prep)
-    monkeypatch.setattr(SplitKPartials, "summed", spy_sum)
+    prepped, summed = spy_attention_hand_offs(monkeypatch)
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", True)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", True)
     got, _ = _logits(path, monkeypatch)

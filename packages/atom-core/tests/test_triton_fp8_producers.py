@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 from launch_spy import spy_launches  # noqa: E402
+from split_spies import spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
 from triton import jit as triton_jit  # noqa: E402
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
@@ -616,8 +617,6 @@ def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, g
     """Every FP8 GEMM split in two over K: with ATOM_FP8_NORM_SUMS_SPLITS o_proj and the dense MLPs' down_proj
     hand their partials to the next residual norm (the last down_proj to the final norm), and the logits of
     prefill + decode are the very ones of the sum kernel's path."""
-    from atom.layers.fp8_input import SplitKPartials
-    from atom.layers.norm import RMSNorm
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     monkeypatch.setattr(tk, "GEMV_MAX_M", gemv_max_m)
@@ -629,15 +628,7 @@ def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, g
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)  # qkv_proj's hand-off: the next test
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", False)
     want, _ = _model_logits(path, True, monkeypatch)
-    handed = []
-    inner = RMSNorm.forward
-
-    def spy(self, x, residual=None):
-        if isinstance(x, SplitKPartials):
-            handed.append(tuple(x.parts.shape))
-        return inner(self, x, residual)
-
-    monkeypatch.setattr(RMSNorm, "forward", spy)
+    handed = spy_norm_hand_offs(monkeypatch)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", True)
     got, _ = _model_logits(path, True, monkeypatch)
     # 2 layers x (o_proj, down_proj) x (prefill of 14 rows, decode of 2)
@@ -674,8 +665,6 @@ def test_fp8_model_logits_are_identical_with_the_attention_adding_qkv_parts(fmt,
     attention kernel (q / k / v read from them, k / v written to the cache from them), at the prefill (not a fused
     step) the sum kernel adds them first; the logits are the sum kernel's path's, bit for bit."""
     from atom.layers import attention as attention_layer
-    from atom.layers.attention import PagedAttention
-    from atom.layers.fp8_input import SplitKPartials
     from atom.ops.triton_kernels import quant_fp8 as tk
 
     monkeypatch.setattr(attention_layer, "FUSED_DECODE_PREP", True)
@@ -688,19 +677,7 @@ def test_fp8_model_logits_are_identical_with_the_attention_adding_qkv_parts(fmt,
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)  # the reference: both sums in the sum kernel (both default on)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", False)
     want, _ = _model_logits(path, True, monkeypatch)
-    prepped, summed = [], []
-    inner_prep, inner_sum = PagedAttention.forward_with_prep, SplitKPartials.summed
-
-    def spy_prep(self, *args, qkv_parts=None):
-        prepped.append(qkv_parts is not None)
-        return inner_prep(self, *args, qkv_parts=qkv_parts)
-
-    def spy_sum(self):
-        summed.append(self.parts.shape)
-        return inner_sum(self)
-
-    monkeypatch.setattr(PagedAttention, "forward_with_prep", spy_prep)
-    monkeypatch.setattr(SplitKPartials, "summed", spy_sum)
+    prepped, summed = spy_attention_hand_offs(monkeypatch)
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", True)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", True)
     got, _ = _model_logits(path, True, monkeypatch)
