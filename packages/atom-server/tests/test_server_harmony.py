@@ -78,16 +78,17 @@ def chat(client, messages, **kw):
 def scripted_bias(checkpoint, analysis: bool) -> dict:
     """A logit_bias that fixes the path a grammar leaves open before the constrained message: with `analysis` the
     model takes the analysis channel ("a" first after <|channel|>) and ends that message at once (<|end|> above
-    everything), else it goes straight to the constrained message. How long a random model's free analysis runs
-    depends on the device's rounding (on an H100 it filled max_tokens, 2026-12-07); the tests check what follows."""
+    everything), else "a" is held down (-100) and the grammar's only other channel (final, commentary) is taken:
+    the channel's name is spelled a-n-al-ys-i-s by the test tokenizer, and where "a" falls inside constrained text
+    the grammar still has it or another spelling of the same characters. How long a random model's free analysis
+    runs, and which channel it picks unbiased, depend on the device's rounding (on an H100 the analysis filled
+    max_tokens, and with only <|end|> raised it chose analysis where the test wanted none, 2026-12-07); the tests
+    check what follows."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    bias = {str(tok.convert_tokens_to_ids("<|end|>")): 100}
-    if analysis:
-        [a] = tok("a", add_special_tokens=False).input_ids
-        bias[str(a)] = 50
-    return bias
+    [a] = tok("a", add_special_tokens=False).input_ids
+    return {str(tok.convert_tokens_to_ids("<|end|>")): 100, str(a): 50 if analysis else -100}
 
 
 def test_analysis_is_reasoning_and_final_is_content(client):
