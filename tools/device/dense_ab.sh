@@ -7,7 +7,7 @@
 shape=${1:-qwen3-8b}; budget=${2:-330}
 source tools/device/setup_device.sh >/dev/null 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
-ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=60 bash tools/device/run_gpu_tests.sh core -k "dense or swap_ab" 2>&1 | tail -2
+ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=100 bash tools/device/run_gpu_tests.sh core -k dense 2>&1 | tail -2
 PYTHONPATH=/tmp/site-atom:/tmp/site${PYTHONPATH:+:$PYTHONPATH} timeout 170 python3 tools/device/dense_skinny_bench.py \
   --sweep --rows 1,4,16,32 --out "$OUT/dense_bench.json" > "$OUT/dense_bench.txt" 2>&1
 sed -n '/^summary/,$p' "$OUT/dense_bench.txt"
