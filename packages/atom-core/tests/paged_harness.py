@@ -62,3 +62,17 @@ class PagedHarness:
         self.tables += [[] for _ in range(n)]
         self.lens += [0] * n
         return list(range(start, start + n))
+
+
+TWO_PROMPTS = ([5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2])
+
+
+def prefill_then_decode(model, device, steps=((7, 8),)) -> torch.Tensor:
+    """The logits of a prefill of TWO_PROMPTS (14 rows), then of one decode step (2 rows) per entry of steps (its
+    tokens, one a sequence), as [2 * (1 + len(steps)), vocab] float32 on the CPU; 16 blocks of 4."""
+    harness = PagedHarness(model, num_blocks=16, block_size=4, device=device)
+    seqs = harness.add(2)
+    out = [harness.step([list(p) for p in TWO_PROMPTS], seqs)]
+    for tokens in steps:
+        out.append(harness.step([[t] for t in tokens], seqs))
+    return torch.cat(out).float().cpu()

@@ -432,7 +432,7 @@ def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", 
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from paged_harness import PagedHarness
+    from paged_harness import prefill_then_decode
 
     from atom.loader import load_model
     from atom.ops import registry
@@ -450,12 +450,9 @@ def _model_logits(path: str, fused: bool, monkeypatch, dtype: str = "bfloat16", 
         if isinstance(method, Fp8LinearMethod) and method.linear_quantized is not None:
             inner = method.linear_quantized
             method.linear_quantized = lambda *a, _f=inner, _p=m.prefix, **kw: (calls.append(_p), _f(*a, **kw))[1]
-    harness = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE)
-    seqs = harness.add(2)
-    out = [harness.step([[5, 9, 2, 77, 3, 14, 8, 40, 41], [4, 4, 60, 1, 2]], seqs)]
-    out.append(harness.step([[7], [8]], seqs))
+    logits = prefill_then_decode(model, DEVICE)
     registry.forget_resolutions()
-    return torch.cat(out).float().cpu(), calls
+    return logits, calls
 
 
 @pytest.mark.parametrize("fmt,gemv_max_m", [("fp8-block", 0), ("compressed-tensors", 0), ("fp8-block", 2),

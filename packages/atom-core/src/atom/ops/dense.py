@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from atom.envs import env_int
 from atom.ops.registry import define_op, impl_of, register, resolve
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -33,16 +34,10 @@ def _default_swap_max_m() -> int:
 
 
 def _env_swap_max_m() -> int | None:
-    raw = os.environ.get("ATOM_DENSE_SWAP_MAX_M", "").strip()
-    if not raw:
+    """ATOM_DENSE_SWAP_MAX_M (0-64 rows), or None where it is unset."""
+    if not os.environ.get("ATOM_DENSE_SWAP_MAX_M", "").strip():
         return None
-    try:
-        rows = int(raw)
-    except ValueError:
-        raise ValueError(f"ATOM_DENSE_SWAP_MAX_M={raw!r} is not an integer (rows; 0 turns it off)") from None
-    if not 0 <= rows <= 64:
-        raise ValueError(f"ATOM_DENSE_SWAP_MAX_M={rows} is out of range (0-64 rows)")
-    return rows
+    return env_int("ATOM_DENSE_SWAP_MAX_M", 0, 64, "rows; 0 turns the op off")
 
 
 # Rows up to which the Triton dense_linear runs the swap-AB kernel (None: swap_max_m's default, 32 on NVIDIA GPUs).
