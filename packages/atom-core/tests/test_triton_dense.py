@@ -209,3 +209,49 @@ def test_a_bf16_model_on_dense_linear_gives_the_same_bits_with_both_hand_offs(tm
     assert prepped == [False] * 2 + [True] * 2, prepped  # 2 layers: the prefill, then the decode step
     assert summed == [(2, 14, 128)] * 2, summed  # the prefill's qkv (64 q + 2 x 32 kv columns)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act", ["silu_and_mul", "gelu_tanh_and_mul"])
+@pytest.mark.parametrize("m,k", [(1, 200), (3, 256), (16, 96)])
+def test_the_gated_prologue_gives_the_activation_kernels_bits(m, k, act, swap_on):
+    """dense_linear(gate | up, gated=act): the swap-AB kernel multiplying act(gate) * up on its tiles is the very
+    output of the activation's kernel followed by dense_linear (split in two, K not a multiple of the K step), and
+    leaves the same partials; above the row bound it runs the activation's kernel, then F.linear; a width that is
+    not 2K is refused naming the gated op."""
+    from atom.ops.registry import resolve
+
+    gated_op = resolve(act, "triton")
+    g = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, 2 * k, generator=g) * 2).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(64, k, generator=g) * k**-0.5).to(DEVICE, torch.bfloat16)
+    want = tk_dense.dense_linear(gated_op(x), w)
+    assert [launch.kwargs["GATED"] for launch in swap_on] == [-1]
+    assert torch.equal(tk_dense.dense_linear(x, w, gated=act), want)
+    assert [launch.kwargs["GATED"] for launch in swap_on] == [-1, {"silu_and_mul": 0, "gelu_tanh_and_mul": 1}[act]]
+    parts_want, parts_got = [], []
+    tk_dense.dense_linear(gated_op(x), w, parts=parts_want)
+    tk_dense.dense_linear(x, w, parts=parts_got, gated=act)
+    assert len(parts_got) == 1 and torch.equal(parts_got[0], parts_want[0])
+    big = torch.randn(65, 2 * k, generator=g).to(DEVICE, torch.bfloat16)
+    assert torch.equal(tk_dense.dense_linear(big, w, gated=act), F.linear(gated_op(big), w))
+    with pytest.raises(ValueError, match=f"expects {2 * k} .*{act}"):
+        tk_dense.dense_linear(x[:, :k], w, gated=act)
+
+
+def test_a_bf16_model_with_the_gated_prologue_gives_the_same_bits(tmp_path, monkeypatch):
+    """ATOM_DENSE_GATED on a 2-layer bf16 Qwen3 on dense_linear: at the decode step (2 rows) and the prefill (14 rows,
+    under the row bound here) down_proj takes the SiLU's (gate | up) itself and no SiLU-and-mul kernel runs; the logits
+    are the switch-off model's, bit for bit."""
+    from atom.ops.triton_kernels import activation
+
+    path = _tiny_qwen3(tmp_path)
+    monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 16)
+    monkeypatch.setattr(tk_dense, "TILE", dict(block_k=32, num_stages=2, split_k=2))
+    monkeypatch.setattr(dense_ref, "GATED_PROLOGUE", False)
+    want, _ = _logits(path, monkeypatch)
+    gated_launches = spy_launches(monkeypatch, activation, "_gated_kernel")
+    monkeypatch.setattr(dense_ref, "GATED_PROLOGUE", True)
+    got, calls = _logits(path, monkeypatch)
+    assert gated_launches == []
+    assert sorted(rows for p, rows in calls if p.endswith("down_proj")) == [2, 2, 14, 14]
+    assert torch.equal(got, want)
