@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from atom.ops import dense as dense_ref  # noqa: E402
 from atom.ops.triton_kernels import dense as tk_dense  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
-from kernel_bench import copy_bandwidth, graph_time, patched  # noqa: E402
+from kernel_bench import GraphRows, copy_bandwidth, patched  # noqa: E402
 
 DEV = "cuda"
 L2_BYTES = 50 << 20
@@ -55,19 +55,8 @@ def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"copy rate {copy:.0f} GB/s (read + write); built-in tile {tk_dense.TILE}", flush=True)
-    rows_out, summary = [], []
-
-    def row(name, fn, nbytes, calls):
-        try:
-            us = graph_time(fn) * 1e3 / calls
-        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row, not the end of the run
-            print(f"{name:72s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-            rows_out.append(dict(name=name, error=str(e)[:500]))
-            return None
-        gbs = nbytes / us / 1e3
-        print(f"{name:72s} {us:8.2f} us {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}% of copy", flush=True)
-        rows_out.append(dict(name=name, us=us, gbs=gbs, pct_copy=100 * gbs / copy))
-        return us
+    bench, summary = GraphRows(copy, width=72), []
+    row, rows_out = bench.time, bench.rows
 
     for shape in opts.shapes.split(","):
         n, k = SHAPES[shape]

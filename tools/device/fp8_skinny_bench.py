@@ -36,7 +36,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import FP8_LINEARS, copy_bandwidth, graph_time, patched  # noqa: E402
+from kernel_bench import FP8_LINEARS, GraphRows, copy_bandwidth, patched  # noqa: E402
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
 from atom.ops.registry import resolve  # noqa: E402
@@ -45,11 +45,6 @@ from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 
 DEV = "cuda"
 L2_BYTES = 50 << 20
-
-
-def graph_us(fn, calls: int) -> float:
-    """us per call of `calls` calls of fn captured in one CUDA graph (kernel_bench.graph_time, median replay)."""
-    return graph_time(fn) * 1e3 / calls
 
 
 def main() -> None:
@@ -67,18 +62,8 @@ def main() -> None:
     copy = copy_bandwidth()
     print(f"copy rate {copy:.0f} GB/s (read + write)", flush=True)
     lin, lin_q = resolve("fp8_linear", "triton"), resolve("fp8_linear_quantized", "triton")
-    rows_out = []
-
-    def row(name, fn, nbytes, calls):
-        try:
-            us = graph_us(fn, calls)
-        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row, not the end of the run
-            print(f"{name:70s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-            rows_out.append(dict(name=name, error=str(e)[:500]))
-            return
-        gbs = nbytes / us / 1e3
-        print(f"{name:70s} {us:8.2f} us {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}% of copy", flush=True)
-        rows_out.append(dict(name=name, us=us, gbs=gbs, pct_copy=100 * gbs / copy))
+    bench = GraphRows(copy)
+    row, rows_out = bench.time, bench.rows
 
     for proj in opts.shapes.split(","):
         n, k = FP8_LINEARS[proj]

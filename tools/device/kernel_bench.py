@@ -56,6 +56,28 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / ms / 1e6
 
 
+class GraphRows:
+    """Rows of a weight-streaming bench: `time(name, fn, nbytes, calls)` times `calls` calls of fn in one CUDA graph
+    (graph_time), prints us a call, GB/s of `nbytes` and the share of the copy rate `copy_gbs`, keeps the row in
+    `.rows` and returns the us (None, with the row marked failed, where fn does not run: a tile that does not
+    compile is a row, not the end of the run)."""
+
+    def __init__(self, copy_gbs: float, width: int = 70):
+        self.copy, self.width, self.rows = copy_gbs, width, []
+
+    def time(self, name: str, fn, nbytes: float, calls: int) -> float | None:
+        try:
+            us = graph_time(fn) * 1e3 / calls
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:{self.width}s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            self.rows.append(dict(name=name, error=str(e)[:500]))
+            return None
+        gbs = nbytes / us / 1e3
+        print(f"{name:{self.width}s} {us:8.2f} us {gbs:7.0f} GB/s {100 * gbs / self.copy:5.1f}% of copy", flush=True)
+        self.rows.append(dict(name=name, us=us, gbs=gbs, pct_copy=100 * gbs / self.copy))
+        return us
+
+
 def rnd(*shape, dtype=BF16, scale=1.0):
     return (torch.randn(*shape, device=DEV) * scale).to(dtype)
 

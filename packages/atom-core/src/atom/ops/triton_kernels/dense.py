@@ -1,16 +1,16 @@
 """Triton dense_linear (atom.ops.dense): bf16 / fp16 linears at decode on the FP8 GEMMs' swap-AB kernel.
 
-Up to atom.ops.dense.swap_max_m() rows (32 on NVIDIA GPUs), y = x W^T runs quant_fp8's _fp8_gemm_swap_kernel with SCALED=False:
-the 16-bit weight tile [64 rows, block_k] is the matrix instruction's wide operand, the few activation rows
-(padded to 16) the narrow one, split over K until about two programs per SM stream weights. A call that splits
+Up to atom.ops.dense.swap_max_m() rows (32 on NVIDIA GPUs), y = x W^T runs quant_fp8's _fp8_gemm_swap_kernel with
+SCALED=False: the 16-bit weight tile [64 rows, block_k] is the matrix instruction's wide operand, the few activation
+rows (padded to 16) the narrow one, split over K until about two programs per SM stream weights. A call that splits
 hands its float32 partials to a consumer that adds them (parts: the residual RMSNorm after o_proj / down_proj,
 the attention's decode prep after qkv_proj), as the FP8 linears do; otherwise the partials are added by
 _split_k_sum_kernel. Above the bound, and for anything else (float32, mixed dtypes), F.linear (cuBLAS).
 
 The tile: DENSE_SWAP_TILE, K steps of 128 bf16 (the bytes of the FP8 tile's 256) in 4 stages: within 0.4% of the
 best of 8 tiles swept over qwen3-8b's four linears at one row, and tied with it in the engine (H100, stop 62,
-dense_skinny_bench.py --sweep); ATOM_DENSE_SWAP_TILE (a JSON object of quant_fp8's tile keys: block_n, block_k, num_warps, num_stages,
-split_k, tma) replaces it per process, for sweeps.
+dense_skinny_bench.py --sweep). ATOM_DENSE_SWAP_TILE (a JSON object of quant_fp8's tile keys: block_n, block_k,
+num_warps, num_stages, split_k, tma) replaces it per process, for sweeps.
 """
 
 from __future__ import annotations
