@@ -4,8 +4,8 @@
 #   site, so the vLLM plugin is found through its entry points when it is on PYTHONPATH, and vLLM's baseline
 #   runs from /tmp/site alone, where atom is not installed at all: issue 16's method).
 # - vLLM 0.24.0 (carry recipe: /work/shared/device/vllm-peer): each call copies the tarball's pieces it
-#   carries (.carry/vllm/c*/part-*, any number of calls, e.g. c1, then c2 + deps + the sha256, then c1b with
-#   c3) to /tmp/chunks, installs the dependency wheels when carried, and joins the pieces into /tmp/site once
+#   carries (.carry/vllm/c*/part-*, any number of calls: c1, then c2 + the sha256 + .carry/atom, then deps, then
+#   c3 for the MoE shapes; tools/device/build_carry.sh prints each call's size) to /tmp/chunks, installs the dependency wheels when carried, and joins the pieces into /tmp/site once
 #   the checksum says all are here; a call carrying .carry/vllm/c3 adds vLLM's MoE kernels. Without the vLLM
 #   pieces only the ATOM engine can run (NEED_VLLM=0).
 set -uo pipefail
