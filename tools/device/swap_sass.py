@@ -49,8 +49,7 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, default=256)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dense", action="store_true",
-                    help="the bf16 weights' form (SCALED=False: atom.ops.triton_kernels.dense) instead of FP8, with and "
-                         "without the SiLU-and-mul prologue (GATED)")
+                    help="the bf16 weights' form (SCALED=False: atom.ops.triton_kernels.dense) instead of FP8")
     args = ap.parse_args()
     bk = args.block_k
     print(f"Triton {triton.__version__}, sm_90, 4 warps, {args.stages} stages, [64 weight rows, BLOCK_M rows, K {bk}], "
@@ -61,19 +60,15 @@ def main() -> None:
                 ("QUANT_A, 2-16 rows (TMA)", "*bf16", 16, True, True),
                 ("codes, 17-32 rows (TMA)", "*fp8e4nv", 32, True, False),
                 ("QUANT_A, 17-32 rows (TMA)", "*bf16", 32, True, True)]
-    gated = {}
     if args.dense:
         variants = [("bf16 weights, 1 row (pointer loads)", "*bf16", 16, False, False),
                     ("bf16 weights, 2-16 rows (TMA)", "*bf16", 16, True, False),
-                    ("bf16 weights, 17-32 rows (TMA)", "*bf16", 32, True, False),
-                    ("bf16 weights, SiLU-and-mul prologue, 1 row", "*bf16", 16, False, False),
-                    ("bf16 weights, SiLU-and-mul prologue, 2-16 rows (TMA weights)", "*bf16", 16, True, False)]
-        gated = {label: 0 for label, *_ in variants if "prologue" in label}
+                    ("bf16 weights, 17-32 rows (TMA)", "*bf16", 32, True, False)]
     for label, act, block_m, tma, quant in variants:
         consts = dict(SCALE_BN=1, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=4, BLOCK_M=block_m, BLOCK_N=64,
                       BLOCK_K=bk, SERIAL=False, PDL=True, PREFETCH=0, PRECISE=False, TMA=tma, FAST_ACC=True,
                       WS=False, QUANT_A=quant, A_PARTS=16, FP8_MAX=448.0, MIN_SCALE=1.0 / (448.0 * 512.0),
-                      MIN_EXP=-6, EMULATE=False, SCALED=not args.dense, F32_DOT=False, GATED=gated.get(label, -1))
+                      MIN_EXP=-6, EMULATE=False, SCALED=not args.dense, F32_DOT=False)
         weight = "*bf16" if args.dense else "*fp8e4nv"
         kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma, weight), consts, num_warps=4,
                               num_stages=args.stages, aligned=ALIGNED)

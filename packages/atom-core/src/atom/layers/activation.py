@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from atom.layers.fp8_input import Fp8Activation, Fp8ConsumerLink, Fp8RowMaxActivation, link_fp8_consumer
-from atom.ops import dense
 from atom.ops.registry import resolve
 
 _GATED = {"silu": "silu_and_mul", "swish": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul",
@@ -29,7 +28,6 @@ class GatedActivation(nn.Module):
         self._name = gated_op_name(hidden_act)
         self._op = resolve(self._name)
         self._fp8: Fp8ConsumerLink | None = None
-        self._dense_dtype: torch.dtype | None = None  # feed_dense_linear: its weight's dtype
 
     def feed_fp8_linear(self, linear: nn.Module) -> None:
         """This activation's output goes to `linear` alone: hand it FP8 activations when it is an FP8 linear
@@ -37,17 +35,7 @@ class GatedActivation(nn.Module):
         if self._name in _FP8_FORM:
             self._fp8 = link_fp8_consumer(self._op, (_FP8_FORM[self._name],), linear, _ROWMAX_FORM.get(self._name))
 
-    def feed_dense_linear(self, linear: nn.Module) -> None:
-        """This activation's output goes to `linear` alone: hand it the (gate | up) input itself (a GatedInput) on
-        the calls its dense_linear kernel runs, where its method takes one (atom.ops.dense.GATED_PROLOGUE)."""
-        taker = getattr(linear.quant_method, "takes_gated_input", None)
-        # both gated ops have a prologue form; the dtype, not the module (which would become a child of this one)
-        self._dense_dtype = linear.weight.dtype if taker is not None and taker() else None
-
     def forward(self, x: torch.Tensor):
-        if x.dtype == self._dense_dtype and not torch.compiler.is_compiling() \
-                and 0 < x.numel() // x.shape[-1] <= dense.swap_max_m():
-            return dense.GatedInput(x, self._name)
         fmt = self._fp8.format_for(x) if self._fp8 is not None else None
         if fmt is not None:
             if self._fp8.takes_rowmax(x, fmt):

@@ -136,7 +136,6 @@ class DenseMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
         self.act = GatedActivation(hidden_act)
         self.act.feed_fp8_linear(self.down_proj)
-        self.act.feed_dense_linear(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from atom.envs import env_flag, env_int
+from atom.envs import env_int
 from atom.ops.registry import define_op, impl_of, register, resolve
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -49,22 +48,6 @@ def _env_swap_max_m() -> int | None:
 # dense_skinny_bench.py, one row, us a call, partials left to the consumer): 8b o_proj 19.4 -> 16.1, down 45.3 ->
 # 41.6, gate_up 78.6 -> 74.8, qkv 24.6 -> 23.8; 0.6b o_proj 6.2 -> 3.7.
 DENSE_SWAP_MAX_M: int | None = _env_swap_max_m()
-
-
-# ATOM_DENSE_GATED=1: where a gated activation (SiLU- or GELU-and-mul) feeds a dense_linear alone (a dense MLP's
-# down_proj) and the call takes the swap-AB kernel, the activation hands its (gate | up) input over as a GatedInput
-# and the kernel computes act(gate) * up on its activation tiles (the same values the activation's kernel would
-# store): one launch fewer a layer. Off until an engine A/B (tools/device/README.md, stop 62).
-GATED_PROLOGUE = env_flag("ATOM_DENSE_GATED", False)
-
-
-class GatedInput(NamedTuple):
-    """A dense linear's input still as (gate | up) rows [..., 2K] of the gated op `act` ("silu_and_mul" or
-    "gelu_tanh_and_mul"): UnquantizedLinearMethod.apply hands it to the Triton dense_linear, which multiplies
-    act(gate) * up itself."""
-
-    x: torch.Tensor
-    act: str
 
 
 def swap_max_m() -> int:

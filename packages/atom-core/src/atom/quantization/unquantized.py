@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from atom.ops import cpu_linear
-from atom.ops import dense as _dense
-from atom.ops.dense import GatedInput, dense_linear_for
+from atom.ops.dense import dense_linear_for
 from atom.ops.registry import impl_of, resolve
 from atom.quantization.base import LinearMethod, MoEMethod, new_param
 
@@ -27,18 +26,10 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
               split_parts: list | None = None) -> torch.Tensor:
-        """split_parts (a list; only where defers_split): as Fp8LinearMethod.apply's. x may be a GatedInput (only
-        where takes_gated_input: the activation's (gate | up), multiplied inside the dense_linear kernel)."""
-        extra = {} if split_parts is None else {"parts": split_parts}
-        if isinstance(x, GatedInput):
-            return self.linear(x.x, layer.weight, bias, gated=x.act, **extra)
+        """split_parts (a list; only where defers_split): as Fp8LinearMethod.apply's."""
         if self.linear is not None:
-            return self.linear(x, layer.weight, bias, **extra)
+            return self.linear(x, layer.weight, bias, **({} if split_parts is None else {"parts": split_parts}))
         return cpu_linear.linear(x, layer.weight, bias, layer)
-
-    def takes_gated_input(self) -> bool:
-        """Whether apply takes a GatedInput (atom.ops.dense.GATED_PROLOGUE, the Triton dense_linear)."""
-        return self.linear is not None and _dense.GATED_PROLOGUE
 
     def defers_split(self, consumer: str) -> bool:
         """Whether apply can leave a split-K GEMM's partials to a consumer of this kind: the dense_linear op, with

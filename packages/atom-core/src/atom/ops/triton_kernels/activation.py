@@ -34,13 +34,6 @@ def gated_cols(x_ptr, row, cols, d, x_stride, ACT: tl.constexpr):
     mask = cols < d
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0)
-    return gated_values(gate, up, ACT)
-
-
-@triton.jit
-def gated_values(gate, up, ACT: tl.constexpr):
-    """act(gate) * up elementwise in float32 (gated_cols' arithmetic; also the swap-AB GEMM's GATED prologue, which
-    so feeds its dot the very values this module's kernel stores)."""
     # act(gate) is rounded to the input dtype before the product, as the torch reference does
     a = _act(gate.to(tl.float32), ACT)
     return a.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
@@ -78,10 +71,6 @@ def _gated(x: torch.Tensor, act: int, parts: bool = False):
                                                             BLOCK=block, num_warps=4, **pdl_args(x2.device), **extra)
     y = out.view(*x.shape[:-1], d)
     return (y, maxima.view(*x.shape[:-1], maxima.shape[1])) if parts else y
-
-
-# the gated ops' ACT codes (_act), also for the swap-AB GEMM's GATED prologue (atom.ops.triton_kernels.dense)
-ACT_CODES = {"silu_and_mul": 0, "gelu_tanh_and_mul": 1}
 
 
 @register("silu_and_mul", "triton")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from atom.ops import dense as dense_ref
 from atom.ops.registry import register
-from atom.ops.triton_kernels import activation, quant_fp8
+from atom.ops.triton_kernels import quant_fp8
 
 DENSE_SWAP_TILE = {"block_k": 128, "num_stages": 4}
 
@@ -54,21 +54,15 @@ def swap_applies(m: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @register("dense_linear", "triton", dtypes=(torch.bfloat16, torch.float16))
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 parts: list | None = None, gated: str | None = None) -> torch.Tensor:
+                 parts: list | None = None) -> torch.Tensor:
     """y = x W^T + b in x's dtype; the swap-AB kernel up to swap_max_m() rows (parts: as quant_fp8's
-    _launch_split), F.linear above. gated ("silu_and_mul" / "gelu_tanh_and_mul"; not part of the op's signature):
-    x holds (gate | up) rows of 2K features and y = gated(x) W^T + b, the swap-AB kernel multiplying act(gate) * up
-    on its activation tiles (atom.ops.dense.GatedInput), or above the row bound the activation's kernel first."""
+    _launch_split), F.linear above."""
     n, k = weight.shape
-    width = 2 * k if gated is not None else k
-    if x.shape[-1] != width:
-        raise ValueError(f"dense_linear: input has {x.shape[-1]} features, the weight [{n}, {k}] expects {width}"
-                         + (f" ({gated}'s gate | up)" if gated is not None else ""))
-    m = x.numel() // width if width else 0
+    if x.shape[-1] != k:
+        raise ValueError(f"dense_linear: input has {x.shape[-1]} features, the weight [{n}, {k}] expects {k}")
+    m = x.numel() // k if k else 0
     if not swap_applies(m, x, weight):
-        if gated is not None:
-            x = activation._gated(x, activation.ACT_CODES[gated])
         return F.linear(x, weight, bias)
     out = quant_fp8._swap_gemm(quant_fp8._rows(x), None, weight, None, bias, None, x.dtype, False, parts=parts,
-                               dense_tile=TILE, gated=-1 if gated is None else activation.ACT_CODES[gated])
+                               dense_tile=TILE)
     return out.view(*x.shape[:-1], n)

@@ -65,7 +65,6 @@ import triton.language as tl
 from atom.ops.quant_fp8 import check_linear_args
 from atom.ops.registry import register
 from atom.ops.triton_kernels.common import env_flag as _env_flag
-from atom.ops.triton_kernels.activation import gated_values
 from atom.ops.triton_kernels.common import env_int, fit_tile, interpreting, num_sms
 from atom.ops.triton_kernels.fp8_common import dynamic_scale, fp8_consts, quantize, quantize_by_reciprocal, reciprocal
 from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_l2
@@ -310,18 +309,11 @@ def _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0
                  ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8: tl.constexpr, SCALE_BN: tl.constexpr,
                  BLOCK_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
                  TMA: tl.constexpr, FAST_ACC: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr,
-                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, F32_DOT: tl.constexpr = False,
-                 GATED: tl.constexpr = -1):
+                 MIN_EXP: tl.constexpr, EMULATE: tl.constexpr, F32_DOT: tl.constexpr = False):
     """One K step of the swap-AB kernel on its weight tile w: the activation tile at k0 (quantized here under
-    QUANT_A with the rows' scales sa and reciprocals ra; under GATED >= 0 act(gate) * up of (gate | up) rows,
-    act = activation.py's ACT code, rounded to their dtype), the dot, and the scales of block layouts; the new acc."""
+    QUANT_A with the rows' scales sa and reciprocals ra), the dot, and the scales of block layouts; the new acc."""
     k = k0 + kk
-    if GATED >= 0:  # pointer loads: a TMA box past K would read up's columns as gate's
-        rows = a_ptr + m64[None, :] * a_stride + k[:, None]
-        mask = (k < K)[:, None] & m_ok[None, :]
-        gate = tl.load(rows, mask=mask, other=0.0)
-        a_t = gated_values(gate, tl.load(rows + K, mask=mask, other=0.0), GATED).to(gate.dtype)
-    elif TMA:
+    if TMA:
         a_t = a_desc.load([pid_m * BLOCK_M, k0]).T
     else:
         a_t = tl.load(a_ptr + m64[None, :] * a_stride + k[:, None], mask=(k < K)[:, None] & m_ok[None, :], other=0.0)
@@ -354,7 +346,6 @@ def _fp8_gemm_swap_kernel(
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
     EMULATE: tl.constexpr = False, SCALED: tl.constexpr = True, F32_DOT: tl.constexpr = False,
-    GATED: tl.constexpr = -1,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -382,9 +373,7 @@ def _fp8_gemm_swap_kernel(
 
     SCALED=False: 16-bit weights and activations of the same dtype (atom.ops.triton_kernels.dense, the bf16 /
     fp16 linears at decode): no scales at all (as_ptr / ws_ptr unused), the plain dot; F32_DOT: its operands in
-    float32 (the interpreter, whose 16-bit tl.dot is wrong). GATED (with SCALED=False; an activation.py ACT code,
-    -1: none): a_ptr holds (gate | up) rows of 2K columns and each K step's activation tile is act(gate) * up,
-    computed here instead of by the gated activation's kernel (_swap_k_step)."""
+    float32 (the interpreter, whose 16-bit tl.dot is wrong)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -424,7 +413,7 @@ def _fp8_gemm_swap_kernel(
             w = w.to(tl.float32)
         acc = _swap_k_step(acc, w, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k0, kk, K, a_stride,
                            as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
-                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE, F32_DOT, GATED)
+                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE, F32_DOT)
     if SCALED and not BLOCK_SCALES:
         sw = tl.load(ws_ptr + n64 * ws_stride_n, mask=n_ok, other=0.0)
         acc = acc * (sw[:, None] * sa[None, :])
@@ -1029,13 +1018,11 @@ def rowwise_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
 
 def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                bias: torch.Tensor | None, block_size: list[int] | None, out_dtype: torch.dtype, precise: bool,
-               quant_a: bool = False, parts: list | None = None, dense_tile: dict | None = None,
-               gated: int = -1) -> torch.Tensor:
+               quant_a: bool = False, parts: list | None = None, dense_tile: dict | None = None) -> torch.Tensor:
     """The swap-AB kernel with split-K over M = a.shape[0] rows, on FP8 codes + scales, or (quant_a, per-token
     layouts) on float activations and their rows' partial absolute maxima [M, parts], quantized in the kernel;
     or (weight_scale None: atom.ops.triton_kernels.dense, whose tile `dense_tile` is) on 16-bit weights and
-    activations of one dtype, no scales; gated (an activation.py ACT code): a holds (gate | up) rows of 2K columns,
-    multiplied as act(gate) * up (the kernel's GATED)."""
+    activations of one dtype, no scales."""
     n, k = weight.shape
     m = a.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -1047,8 +1034,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tens
     a_bytes, w_bytes = a.element_size(), weight.element_size()
     block_n, stages = fit_tile(
         tile["num_stages"], tile["block_n"],
-        lambda bn: ((tile["block_m"] * a_bytes * (2 if gated >= 0 else 1) + bn * w_bytes) * block_k
-                    * (3 if precise else 1), 0), a.device)
+        lambda bn: ((tile["block_m"] * a_bytes + bn * w_bytes) * block_k * (3 if precise else 1), 0), a.device)
 
     grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, tile["block_m"]))
     descs = _descriptors(a, weight, tile["block_m"], block_n, block_k) if tile["tma"] else None
@@ -1066,7 +1052,7 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tens
 
     if not scaled:
         a_scale, weight_scale = a, weight  # unused pointers
-        quant = dict(SCALED=False, F32_DOT=interpreting(), GATED=gated)
+        quant = dict(SCALED=False, F32_DOT=interpreting())
 
     def swap(target, k_per_split, split, add_bias):
         _fp8_gemm_swap_kernel[(grid_nm[0], split, grid_nm[1])](
