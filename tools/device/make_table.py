@@ -320,6 +320,10 @@ def _problems(benches: list[dict[str, Any]]) -> list[str]:
                 notes.append(f"{where}: ATOM's model was built although the plugin was disabled")
             if e == "vllm" and rep.get("atom_importable"):
                 notes.append(f"{where}: atom was importable in vLLM's baseline ({rep['atom_importable']})")
+            for bs, run in sorted(_runs(rep).items()):  # rows() leaves these out of the ms/step medians
+                if "ms_per_step" in run and (run["ms_per_step"] or 0) <= 0:
+                    notes.append(f"{where} batch {bs}: no decode step time ({run['ms_per_step']:.2f} ms: the "
+                                 "prefill-only run took longer than the full run); left out of the ms/step median")
         xc = b.get("crosscheck") or {}
         if "error" in xc or xc.get("agree") is False:
             notes.append(f"- {b['shape']}: {crosscheck_line(xc)}")

@@ -208,6 +208,27 @@ def test_device_table_flags_steps_faster_than_the_roofline():
     assert len(flagged) == 1 and "vLLM batch 32: 153%" in flagged[0] and "--materialize" in flagged[0]
 
 
+def test_device_table_names_a_step_time_that_is_no_measurement():
+    """A run whose prefill-only pass took longer than its full run has a step time of 0 or less (vLLM+ATOM's
+    qwen3-8b batch 32 in one round of 2026-12-07 on the H200: -2.95 ms): the median step leaves it out and the
+    problems name the engine, round and batch; the tok/s (end to end) still counts."""
+    mt = _make_table_module()
+
+    def rep(tok_s, step):
+        return dict(runs=[dict(batch_size=32, input_len=128, output_len=128, output_tok_s=tok_s, ms_per_step=step)])
+
+    rounds = [dict(vllm=rep(100.0, 5.7), **{"atom-vllm": rep(110.0, 5.0)}),
+              dict(vllm=rep(100.0, 5.8), **{"atom-vllm": rep(112.0, -2.95)}),
+              dict(vllm=rep(100.0, 5.7), **{"atom-vllm": rep(111.0, 5.1)})]
+    bench = dict(shape="qwen3-8b", date="2026-12-07", dtype="bfloat16", config=None, command="c", session="S1",
+                 engines=rounds[0], repeats=rounds)
+    (row,) = mt.rows([bench])
+    assert row["atom-vllm_ms_step"] == pytest.approx(5.05) and row["atom-vllm_tok_s"] == 111.0
+    flagged = [line for line in mt.markdown([bench]).splitlines() if "no decode step time" in line]
+    assert flagged == ["- qwen3-8b vLLM+ATOM round 2 batch 32: no decode step time (-2.95 ms: the prefill-only run "
+                       "took longer than the full run); left out of the ms/step median"]
+
+
 def test_device_table_pairs_atom_alt_by_round():
     """bench_vs_vllm.py's atom-alt / atom-alt2 engines (ATOM with --alt-env / --alt2-env): ATOM / alt per round,
     a table each."""
