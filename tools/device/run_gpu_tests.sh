@@ -11,9 +11,9 @@
 # - Dependencies: the carried wheels of .carry/vllm/deps (msgspec, pyzmq, fastapi, uvicorn, openai, gguf, ...)
 #   are installed into /tmp/site first (once per machine); so carry ".carry/vllm/deps" (21 MB).
 # - atom-vllm runs when vLLM is importable (tools/device/setup_device.sh installs it: carry .carry/vllm/c1 in
-#   one call, then .carry/vllm/c2 + .carry/vllm/deps + .carry/vllm/vllm-trim.tar.xz.sha256 + .carry/atom, for
-#   the plugin's entry point); atom-sglang when SGLang is (not carried now). Otherwise their suite is
-#   skipped with a line saying why.
+#   one call, then .carry/vllm/c2 + .carry/vllm/vllm-trim.tar.xz.sha256 + .carry/atom (the plugin's entry point),
+#   then .carry/vllm/deps with this script: the working tree travels with each call under a 64 MiB limit);
+#   atom-sglang when SGLang is (not carried now). Otherwise their suite is skipped with a line saying why.
 # - Each suite: a parallel pass (pytest-xdist, ATOM_TEST_WORKERS processes, default 8; many small CUDA
 #   processes share the GPU), then a serial pass of the tests marked `serial` (they size the KV cache from
 #   free GPU memory, so nothing else may run beside them).
