@@ -36,10 +36,10 @@ def _env_tile() -> dict:
         tile = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"ATOM_DENSE_SWAP_TILE is not a JSON object: {e}") from None
-    bad = set(tile) - (quant_fp8._TILE_KEYS - {"block_m", "fast_acc", "ws"}) if isinstance(tile, dict) else None
-    if bad is None or bad:
-        raise ValueError(f"ATOM_DENSE_SWAP_TILE: unknown keys {sorted(bad or [])} (or not an object); keys: block_n, "
-                         "block_k, num_warps, num_stages, split_k, tma")
+    allowed = quant_fp8._TILE_KEYS - {"block_m", "fast_acc", "ws"}
+    if not isinstance(tile, dict) or set(tile) - allowed:
+        what = f"unknown keys {sorted(set(tile) - allowed)}" if isinstance(tile, dict) else "not a JSON object"
+        raise ValueError(f"ATOM_DENSE_SWAP_TILE: {what}; keys: {', '.join(sorted(allowed))}")
     return tile
 
 
