@@ -41,3 +41,20 @@ def spy_attention_hand_offs(monkeypatch) -> tuple[list[bool], list[tuple]]:
     monkeypatch.setattr(PagedAttention, "forward_with_prep", spy_prep)
     monkeypatch.setattr(SplitKPartials, "summed", spy_sum)
     return prepped, summed
+
+
+def spy_activation_hand_offs(monkeypatch) -> list[tuple]:
+    """The shapes [splits, rows, columns] of the partials GatedActivation.forward takes, in call order, for the
+    test's duration."""
+    from atom.layers.activation import GatedActivation
+    from atom.layers.fp8_input import SplitKPartials
+
+    handed, inner = [], GatedActivation.forward
+
+    def spy(self, x):
+        if isinstance(x, SplitKPartials):
+            handed.append(tuple(x.parts.shape))
+        return inner(self, x)
+
+    monkeypatch.setattr(GatedActivation, "forward", spy)
+    return handed

@@ -22,7 +22,7 @@ from atom.ops import dense as dense_ref  # noqa: E402
 from atom.ops.triton_kernels import dense as tk_dense  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 from launch_spy import spy_launches  # noqa: E402
-from split_spies import spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
+from split_spies import spy_activation_hand_offs, spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -88,6 +88,56 @@ def test_dense_linear_leaves_its_split_parts_to_the_caller(swap_on):
     assert torch.equal(out, want)
     parts = []
     assert torch.equal(tk_dense.dense_linear(x, w, b, parts=parts), tk_dense.dense_linear(x, w, b)) and parts == []
+
+
+@pytest.mark.parametrize("name,dtype,splits,rows,rowmax", [("silu_and_mul", torch.bfloat16, 2, 1, False),
+                                                          ("silu_and_mul", torch.float16, 3, 5, True),
+                                                          ("gelu_tanh_and_mul", torch.bfloat16, 4, 2, False),
+                                                          ("silu_and_mul", torch.float32, 2, 3, True)])
+def test_the_gated_activation_adds_split_parts_as_the_sum_kernel_does(name, dtype, splits, rows, rowmax):
+    """gated_from_split_parts on a gate_up GEMM's float32 partials [S, rows, 2d]: the same bits as the sum kernel
+    (quant_fp8.add_split_parts into the GEMM's output dtype) followed by the op, and for the rowmax form the same
+    partial row maxima; d = 1,100 spans two of the kernel's 1,024-column programs. Partials of the wrong shape or
+    dtype: an error naming both."""
+    from atom.ops.registry import resolve
+    from atom.ops.triton_kernels.activation import gated_from_split_parts
+
+    g = torch.Generator().manual_seed(splits * 10 + rows)
+    d = 1100
+    parts = (torch.randn(splits, rows, 2 * d, generator=g) * 2).to(DEVICE)
+    out = torch.empty(rows, 2 * d, dtype=dtype, device=DEVICE)
+    summed = torch.empty_like(out)
+    tk.add_split_parts(parts, summed)
+    op = resolve("silu_and_mul_rowmax" if rowmax else name, "triton")
+    want = op(summed)
+    got = gated_from_split_parts(name, parts, out, rowmax=rowmax)
+    for a, b in zip(got, want) if rowmax else [(got, want)]:
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        gated_from_split_parts(name, parts.to(torch.bfloat16), out)
+    with pytest.raises(ValueError, match=f"{rows}, {2 * d}"):
+        gated_from_split_parts(name, parts[:, :, :-2], out)
+
+
+@pytest.mark.parametrize("m,k", [(1, 1024), (2, 200)])
+def test_dense_linear_with_preloaded_weights_gives_the_same_bits(m, k, monkeypatch):
+    """quant_fp8.SWAP_PRELOAD_STEPS on the 16-bit form: K split into ranges of <= 2 steps, all loaded before the
+    wait (K = 200 in steps of 64: ranges of 128 and 72, early 2); the bits of the plain loop over the same split."""
+    monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 64)
+    monkeypatch.setattr(tk_dense, "TILE", dict(block_k=64, num_stages=2))
+    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 2)
+    monkeypatch.setattr(tk, "SWAP_PRELOAD_PROGRAMS_PER_SM", 8)
+    monkeypatch.setattr(tk, "TMA", False)  # pointer loads at 2 rows too (TMA launches never preload)
+    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
+    x, w, _ = _operands(m, 96, k, torch.bfloat16, False)
+    got = tk_dense.dense_linear(x, w)
+    split = launches[0].grid[1]
+    assert (split, launches[0].kwargs["EARLY"]) == ((8, 2) if k == 1024 else (2, 2))
+    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 0)
+    monkeypatch.setattr(tk_dense, "TILE", dict(block_k=64, num_stages=2, split_k=split))
+    want = tk_dense.dense_linear(x, w)
+    assert launches[1].grid[1] == split and launches[1].kwargs["EARLY"] == 0
+    assert torch.equal(got, want)
 
 
 def test_dense_linear_runs_f_linear_where_the_kernel_does_not_apply(swap_on):
@@ -208,4 +258,22 @@ def test_a_bf16_model_on_dense_linear_gives_the_same_bits_with_both_hand_offs(tm
     got, _ = _logits(path, monkeypatch)
     assert prepped == [False] * 2 + [True] * 2, prepped  # 2 layers: the prefill, then the decode step
     assert summed == [(2, 14, 128)] * 2, summed  # the prefill's qkv (64 q + 2 x 32 kv columns)
+    assert torch.equal(got, want)
+
+
+def test_a_bf16_model_gives_the_same_bits_with_the_activation_adding_gate_up_parts(tmp_path, monkeypatch):
+    """dense_linear split in two, the norms' and the attention's hand-offs on: with ATOM_FP8_ACT_SUMS_SPLITS each
+    dense MLP's gate_up_proj hands its partials to the gated activation (prefill and decode), and the logits are
+    those of the sum kernel's path, bit for bit; off, no activation takes partials."""
+    path = _tiny_qwen3(tmp_path)
+    monkeypatch.setattr(dense_ref, "DENSE_SWAP_MAX_M", 16)
+    monkeypatch.setattr(tk_dense, "TILE", dict(block_k=32, num_stages=2, split_k=2))
+    handed = spy_activation_hand_offs(monkeypatch)
+    monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", False)
+    want, _ = _logits(path, monkeypatch)
+    assert handed == []
+    monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", True)
+    got, _ = _logits(path, monkeypatch)
+    # 2 layers x (prefill of 14 rows, decode of 2); gate | up = 2 x 96 columns
+    assert sorted(handed) == sorted([(2, 14, 192)] * 2 + [(2, 2, 192)] * 2), handed
     assert torch.equal(got, want)

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 from launch_spy import spy_launches  # noqa: E402
-from split_spies import spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
+from split_spies import spy_activation_hand_offs, spy_attention_hand_offs, spy_norm_hand_offs  # noqa: E402
 from triton import jit as triton_jit  # noqa: E402
 
 from atom.ops import quant_fp8 as Q  # noqa: E402
@@ -634,9 +634,10 @@ def test_fp8_model_logits_are_identical_with_the_norms_adding_split_parts(fmt, g
 
 
 def test_the_norms_split_parts_hand_off_switch_and_its_exclusions(tmp_path, monkeypatch):
-    """ATOM_FP8_NORM_SUMS_SPLITS off (qkv_proj's own switch held off too): no linear hands partials on; on (the
-    default): o_proj and the dense down_proj do, qkv_proj (not consumed by a norm: ATOM_FP8_ATTN_SUMS_SPLITS) and
-    gate_up_proj (consumed by the activation) do not."""
+    """ATOM_FP8_NORM_SUMS_SPLITS off (qkv_proj's and gate_up_proj's own switches held off too): no linear hands
+    partials on; on (the default): o_proj and the dense down_proj do, qkv_proj (not consumed by a norm:
+    ATOM_FP8_ATTN_SUMS_SPLITS) and gate_up_proj (consumed by the activation: ATOM_FP8_ACT_SUMS_SPLITS) do not;
+    the activation's switch alone: gate_up_proj alone."""
     from atom.loader import load_model
     from atom.ops import registry
     from atom.ops.triton_kernels import quant_fp8 as tk
@@ -644,14 +645,40 @@ def test_the_norms_split_parts_hand_off_switch_and_its_exclusions(tmp_path, monk
     monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)
     path = _tiny_fp8_qwen3(tmp_path, "fp8-block")
-    for flag in (False, True):
-        monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", flag)
+    for norm, act in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", norm)
+        monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", act)
         registry.forget_resolutions()
         model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False)
         layer = model.model.layers[0]
-        assert layer.self_attn.o_proj._leaves_splits is flag and layer.mlp.down_proj._leaves_splits is flag
-        assert not layer.self_attn.qkv_proj._leaves_splits and not layer.mlp.gate_up_proj._leaves_splits
+        assert layer.self_attn.o_proj._leaves_splits is norm and layer.mlp.down_proj._leaves_splits is norm
+        assert not layer.self_attn.qkv_proj._leaves_splits and layer.mlp.gate_up_proj._leaves_splits is act
     registry.forget_resolutions()
+
+
+@pytest.mark.parametrize("fmt,rowmax_max_m", [("compressed-tensors", 32), ("fp8-block", 0)])
+def test_fp8_model_logits_are_identical_with_the_activation_adding_gate_up_parts(fmt, rowmax_max_m, tmp_path,
+                                                                              monkeypatch):
+    """Every FP8 GEMM split in two over K: with ATOM_FP8_ACT_SUMS_SPLITS the dense MLPs' gate_up_proj hands its
+    partials to the gated activation, whose rowmax form (per-token, down_proj quantizing its rows) adds them in its
+    kernel and whose FP8 codes form (block layout) has the sum kernel add them first; the logits of prefill +
+    decode are the sum kernel's path's, bit for bit."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(tk, "ROWMAX_MAX_M", rowmax_max_m)
+    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_m=16, block_k=32, split_k=2))
+    path = _tiny_fp8_qwen3(tmp_path, fmt)
+    monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", False)
+    want, _ = _model_logits(path, True, monkeypatch)
+    handed = spy_activation_hand_offs(monkeypatch)
+    prepped, summed = spy_attention_hand_offs(monkeypatch)
+    monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", True)
+    got, _ = _model_logits(path, True, monkeypatch)
+    assert len(handed) == 4 and {h[0] for h in handed} == {2}, handed  # 2 layers x (prefill, decode)
+    # the codes form has them summed first (every call); the rowmax form (14 and 2 rows, <= ROWMAX_MAX_M) never
+    assert sum(1 for s in summed if s in handed) == (0 if rowmax_max_m else 4), (summed, handed)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("fmt,gemv_max_m", [("compressed-tensors", 0), ("fp8-block", 2)])
@@ -673,6 +700,7 @@ def test_fp8_model_logits_are_identical_with_the_attention_adding_qkv_parts(fmt,
     path = _tiny_fp8_qwen3(tmp_path, fmt)
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", False)  # the reference: both sums in the sum kernel (both default on)
     monkeypatch.setattr(tk, "NORM_SUMS_SPLITS", False)
+    monkeypatch.setattr(tk, "ACT_SUMS_SPLITS", False)  # gate_up's: its own test (the codes form sums them first)
     want, _ = _model_logits(path, True, monkeypatch)
     prepped, summed = spy_attention_hand_offs(monkeypatch)
     monkeypatch.setattr(tk, "ATTN_SUMS_SPLITS", True)

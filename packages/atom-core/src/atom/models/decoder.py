@@ -136,6 +136,8 @@ class DenseMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
         self.act = GatedActivation(hidden_act)
         self.act.feed_fp8_linear(self.down_proj)
+        if self.act.takes_split_parts():  # a split-K gate_up GEMM's partials are added by the activation's kernel
+            self.gate_up_proj.leave_splits("activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -248,12 +248,13 @@ class Fp8LinearMethod(LinearMethod):
     def defers_split(self, consumer: str) -> bool:
         """Whether apply can leave a split-K GEMM's partials to a consumer of this kind (split_parts;
         LinearBase.leave_splits): the Triton GEMM, with the consumer's switch on (ATOM_FP8_NORM_SUMS_SPLITS for
-        "norm", ATOM_FP8_ATTN_SUMS_SPLITS for "attention")."""
+        "norm", ATOM_FP8_ATTN_SUMS_SPLITS for "attention", ATOM_FP8_ACT_SUMS_SPLITS for "activation")."""
         if self.linear_quantized is None:
             return False
         from atom.ops.triton_kernels import quant_fp8  # the Triton GEMM runs: importable
 
-        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS}[consumer]
+        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS,
+                "activation": quant_fp8.ACT_SUMS_SPLITS}[consumer]
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
               bias: torch.Tensor | None = None, split_parts: list | None = None) -> torch.Tensor:

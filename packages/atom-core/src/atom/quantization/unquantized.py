@@ -33,12 +33,14 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def defers_split(self, consumer: str) -> bool:
         """Whether apply can leave a split-K GEMM's partials to a consumer of this kind: the dense_linear op, with
-        the consumer's switch on (the FP8 linears' ATOM_FP8_NORM_SUMS_SPLITS / ATOM_FP8_ATTN_SUMS_SPLITS)."""
+        the consumer's switch on (the FP8 linears' ATOM_FP8_NORM_SUMS_SPLITS / ATOM_FP8_ATTN_SUMS_SPLITS /
+        ATOM_FP8_ACT_SUMS_SPLITS)."""
         if self.linear is None:
             return False
         from atom.ops.triton_kernels import quant_fp8
 
-        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS}[consumer]
+        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS,
+                "activation": quant_fp8.ACT_SUMS_SPLITS}[consumer]
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight
