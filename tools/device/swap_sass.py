@@ -50,13 +50,10 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dense", action="store_true",
                     help="the bf16 weights' form (SCALED=False: atom.ops.triton_kernels.dense) instead of FP8")
-    ap.add_argument("--early", type=int, default=0,
-                    help="EARLY: K steps of weight tiles loaded before the PDL wait (quant_fp8.SWAP_PRELOAD_STEPS; "
-                         "the launch then passes 1 stage)")
     args = ap.parse_args()
     bk = args.block_k
     print(f"Triton {triton.__version__}, sm_90, 4 warps, {args.stages} stages, [64 weight rows, BLOCK_M rows, K {bk}], "
-          f"split 4, EARLY {args.early}; the K loop, one warp's instructions a step")
+          "split 4; the K loop, one warp's instructions a step")
     variants = [("codes, 1 row (pointer loads)", "*fp8e4nv", 16, False, False),
                 ("QUANT_A, 1 row (pointer loads)", "*bf16", 16, False, True),
                 ("codes, 2-16 rows (TMA)", "*fp8e4nv", 16, True, False),
@@ -71,7 +68,7 @@ def main() -> None:
         consts = dict(SCALE_BN=1, BLOCK_SCALES=False, HAS_BIAS=False, SPLIT=4, BLOCK_M=block_m, BLOCK_N=64,
                       BLOCK_K=bk, SERIAL=False, PDL=True, PREFETCH=0, PRECISE=False, TMA=tma, FAST_ACC=True,
                       WS=False, QUANT_A=quant, A_PARTS=16, FP8_MAX=448.0, MIN_SCALE=1.0 / (448.0 * 512.0),
-                      MIN_EXP=-6, EMULATE=False, SCALED=not args.dense, F32_DOT=False, EARLY=args.early)
+                      MIN_EXP=-6, EMULATE=False, SCALED=not args.dense, F32_DOT=False)
         weight = "*bf16" if args.dense else "*fp8e4nv"
         kernel = compile_sm90(_fp8_gemm_swap_kernel, signature(act, block_m, 64, bk, tma, weight), consts, num_warps=4,
                               num_stages=args.stages, aligned=ALIGNED)

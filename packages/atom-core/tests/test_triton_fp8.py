@@ -34,7 +34,6 @@ from atom.ops.registry import resolve  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fp8_helpers import make_fp8_experts  # noqa: E402
-from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -352,89 +351,6 @@ def test_fp8_linear_swap_ab_serial_split_equals_the_sum_kernel(monkeypatch, m, s
     assert int(counters.abs().sum()) == 0
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][0])
     check(f"fp8_linear swap serial split M={m}", outs[True][0], Q.fp8_linear(x, q, s, b, block), TOL_F32_FP8_MMA)
-
-
-def test_the_preload_split_rule():
-    """preload_split: K ranges of at most `steps` K steps, early = the steps of the shortest (the last), None past
-    `per_sm` programs an SM; qwen3-0.6b's bf16 linears (64-row tiles, K steps of 128) on 132 SMs at 2 steps and 2
-    programs an SM: qkv / o_proj / down_proj preload, gate_up (384 programs) does not."""
-    from atom.ops.triton_kernels.quant_fp8 import preload_split
-
-    assert preload_split(1024, 128, 64, 132, 2, 2) == (4, 2)  # qkv: 4 x 2 steps, 256 programs
-    assert preload_split(2048, 128, 16, 132, 2, 2) == (8, 2)  # o_proj
-    assert preload_split(3072, 128, 16, 132, 2, 2) == (12, 2)  # down_proj
-    assert preload_split(1024, 128, 96, 132, 2, 2) is None  # gate_up: 384 programs
-    assert preload_split(1024, 128, 96, 132, 2, 3) == (4, 2)
-    assert preload_split(520, 128, 2, 132, 2, 2) == (3, 1)  # ranges of 256, 256, 8: the last has one step
-    assert preload_split(100, 128, 1, 132, 2, 2) == (1, 1)  # one step, no split
-    assert preload_split(1024, 128, 64, 132, 0, 2) is None
-
-
-@pytest.mark.parametrize("m,layout,k", [(1, "block", 520), (1, "channel", 1024), (3, "tensor", 1280)])
-def test_fp8_linear_swap_ab_preloaded_weights_give_the_same_bits(monkeypatch, m, layout, k):
-    """SWAP_PRELOAD_STEPS (K split into ranges of <= 2 steps whose weight tiles are all loaded before the PDL wait,
-    then added ahead of the empty K loop) gives the bits of the plain loop over the same split: block scales per
-    step, per-channel / per-tensor scales at the end; K = 520 leaves the last range one step (early 1). Pointer
-    loads only: 3 rows with TMA off (with it, no preload)."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    monkeypatch.setattr(tk, "TMA", False)
-    q, s, block = _weight(130, k, layout)
-    x, b = activations(m, k, torch.float32), rand(130)
-    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(tk, "SWAP_MAX_M", 64)
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 2)
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_PROGRAMS_PER_SM", 8)  # the interpreter's stand-in has 4 SMs
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    got = triton_op("fp8_linear")(x, q, s, b, block)
-    (la,) = launches
-    split, early = tk.preload_split(k, la.kwargs["BLOCK_K"], 3, tk.num_sms(x.device))
-    assert (la.grid[1], la.kwargs["EARLY"], la.kwargs["num_stages"]) == (split, early, 1) and split > 1
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 0)
-    base = {} if block else dict(tk.SWAP_CHANNEL_TILE)  # the built-in tile's K step, with the preload's split
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(base, block_m=16, split_k=split, tma=False))
-    want = triton_op("fp8_linear")(x, q, s, b, block)
-    assert launches[1].kwargs["BLOCK_K"] == la.kwargs["BLOCK_K"] and launches[1].kwargs["EARLY"] == 0 and launches[1].grid[1] == split
-    assert torch.equal(got, want)
-    check(f"fp8_linear swap preload M={m} {layout}", got, Q.fp8_linear(x, q, s, b, block), TOL_F32_FP8_MMA)
-
-
-@pytest.mark.parametrize("m", [1, 5])
-def test_fp8_linear_rowmax_preloaded_weights_give_the_same_bits(monkeypatch, m):
-    """The same for the swap-AB kernel quantizing float rows itself (QUANT_A): the preloaded steps quantize their
-    activation tiles with the rows' scales found after the wait."""
-    from atom.ops.triton_kernels import quant_fp8 as tk
-
-    monkeypatch.setattr(tk, "ROWMAX_MAX_M", 32)
-    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_k=64, tma=False))
-    q, s, _ = _weight(96, 648, "channel")
-    y = activations(m, 648, torch.bfloat16)
-    parts = torch.stack([y[:, :300].float().abs().amax(1), y[:, 300:].float().abs().amax(1)], 1).contiguous()
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 2)
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_PROGRAMS_PER_SM", 8)
-    got = triton_op("fp8_linear_rowmax")(y, parts, q, s, None, torch.bfloat16)
-    split = launches[0].grid[1]
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 0)
-    monkeypatch.setattr(tk, "SWAP_TILE_OVERRIDE", dict(block_k=64, split_k=split, tma=False))
-    want = triton_op("fp8_linear_rowmax")(y, parts, q, s, None, torch.bfloat16)
-    # K = 648 in steps of 64: 6 ranges of 128, the last 8 wide (one step)
-    assert [(la.kwargs.get("QUANT_A"), la.kwargs["EARLY"], la.grid[1]) for la in launches] == [(True, 1, 6),
-                                                                                                (True, 0, 6)]
-    assert torch.equal(got, want)
-    ref = resolve("fp8_linear_rowmax", "torch")(y, parts, q, s, None, torch.bfloat16)
-    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
-
-
-def test_the_preload_env(monkeypatch):
-    from atom.ops.triton_kernels import common
-
-    monkeypatch.setenv("ATOM_SWAP_PRELOAD", "2")
-    assert common.env_int("ATOM_SWAP_PRELOAD", 0, 2, "K steps") == 2
-    monkeypatch.setenv("ATOM_SWAP_PRELOAD", "3")
-    with pytest.raises(ValueError, match="ATOM_SWAP_PRELOAD must be between 0 and 2"):
-        common.env_int("ATOM_SWAP_PRELOAD", 0, 2, "K steps")
 
 
 def test_fp8_linear_swap_ab_bf16_no_bias():

@@ -30,7 +30,6 @@ from atom.ops.triton_kernels import common, pdl  # noqa: E402
 from atom.ops.triton_kernels import quant_fp8 as tk  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from launch_spy import spy_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 HOPPER = ON_GPU and not torch.version.hip and torch.cuda.get_device_capability() >= (9, 0)
@@ -72,12 +71,12 @@ def _kernels():
 
 
 # Helpers a kernel may call before its wait: they read nothing but constant weights (the swap-AB GEMM's L2
-# prefetch and its preloaded weight tiles, quant_fp8.SWAP_PRELOAD_STEPS) or a decode step's host-written metadata (the
+# prefetch) or a decode step's host-written metadata (the
 # attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it; with
 # EARLY_KV the block-table entries too, and the first key tile's cache lines, prefetched (1) or loaded (2): earlier
 # steps' keys, written by kernels that completed before the qkv GEMM started; the new key's slot is read stale and
 # replaced from registers after the wait).
-PRE_WAIT_HELPERS = ("prefetch_l2", "_swap_w_tile", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile")
+PRE_WAIT_HELPERS = ("prefetch_l2", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():
@@ -179,23 +178,6 @@ def test_decode_chain_with_pdl_in_a_cuda_graph_equals_the_serial_chain(monkeypat
     monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
     monkeypatch.setattr(tk, "SWAP_SERIAL_SPLIT", serial)
     _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
-
-
-@pytest.mark.skipif(not HOPPER, reason="PDL needs an NVIDIA GPU of compute capability 9.0 or newer")
-@pytest.mark.parametrize("m", [1, 4])
-def test_decode_chain_with_preloaded_weights_under_pdl(monkeypatch, m):
-    """The swap-AB GEMMs loading all their weight tiles before the PDL wait (SWAP_PRELOAD_STEPS 2: K ranges of at
-    most two steps, pointer loads: one row, and 4 rows with TMA off): in a CUDA graph and eagerly, the same bits as
-    the chain with PDL off over the same splits (the plain K loop)."""
-    weights, norms, x = _chain_inputs(m, 1100 + m)
-    monkeypatch.setattr(tk, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(tk, "TMA", False)
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_STEPS", 2)
-    monkeypatch.setattr(tk, "SWAP_PRELOAD_PROGRAMS_PER_SM", 8)
-    launches = spy_launches(monkeypatch, tk, "_fp8_gemm_swap_kernel")
-    _check_chain_under_pdl(monkeypatch, lambda inp: _layer_chain(inp, weights, norms, 12), x)
-    assert launches and all(la.kwargs["EARLY"] > 0 for la in launches)
-    assert any(la.kwargs["PDL"] for la in launches) and not all(la.kwargs["PDL"] for la in launches)
 
 
 def _moe_chain(x, router, w13, w2, norm, layers: int, top_k: int):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atom.layers.fp8_input import (Fp8Activation, Fp8ConsumerLink, Fp8RowMaxActivation, SplitKPartials,
-                                   link_fp8_consumer)
+from atom.layers.fp8_input import (
+    Fp8Activation,
+    Fp8ConsumerLink,
+    Fp8RowMaxActivation,
+    SplitKPartials,
+    link_fp8_consumer,
+)
 from atom.ops.registry import impl_of, resolve
 
 _GATED = {"silu": "silu_and_mul", "swish": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul",

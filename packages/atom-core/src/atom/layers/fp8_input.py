@@ -31,8 +31,9 @@ splits over K, and the norm's kernel adds them (in split order, rounded to the r
 instead of quant_fp8's _split_k_sum_kernel: one kernel fewer per such pair at decode. Likewise qkv_proj ->
 ATOM's attention on the decode steps whose prep (qk-norm, rope, KV write) runs inside the attention kernel
 (`LinearBase.leave_splits`, decoder.SelfAttention; other steps add the partials with the sum kernel,
-`SplitKPartials.summed`). On by default (measured on an H100, quant_fp8; ATOM_FP8_NORM_SUMS_SPLITS=0 /
-ATOM_FP8_ATTN_SUMS_SPLITS=0 turn them off), no bias (and one rank for the norms: a row-parallel output is
+`SplitKPartials.summed`), and a dense MLP's gate_up_proj -> its gated activation (decoder.DenseMLP; the FP8
+codes form has the sum kernel add them first). On by default (measured on an H100, quant_fp8;
+ATOM_FP8_NORM_SUMS_SPLITS=0 / ATOM_FP8_ATTN_SUMS_SPLITS=0 / ATOM_FP8_ACT_SUMS_SPLITS=0 turn them off), no bias (and one rank for the norms: a row-parallel output is
 all-reduced), both sides on Triton, and nothing traced by torch.compile.
 """
 
@@ -67,7 +68,8 @@ class Fp8Activation(NamedTuple):
 class SplitKPartials(NamedTuple):
     """A linear's output not yet summed: parts [splits, M, N] float32, whose sum over dim 0 in order, rounded to
     out's dtype, is the output; out [M, N] the output tensor, left unwritten (its shape, dtype and strides).
-    atom.layers.norm.RMSNorm adds them, and ATOM's attention kernel the qkv_proj's (decoder.SelfAttention)."""
+    atom.layers.norm.RMSNorm adds them, ATOM's attention kernel the qkv_proj's (decoder.SelfAttention), and the gated
+    activation a dense MLP's gate_up_proj's (atom.layers.activation)."""
 
     parts: torch.Tensor
     out: torch.Tensor

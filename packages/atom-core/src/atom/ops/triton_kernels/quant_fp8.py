@@ -346,7 +346,6 @@ def _fp8_gemm_swap_kernel(
     FAST_ACC: tl.constexpr, WS: tl.constexpr, a_parts=1, QUANT_A: tl.constexpr = False, A_PARTS: tl.constexpr = 1,
     FP8_MAX: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1.0, MIN_EXP: tl.constexpr = -6,
     EMULATE: tl.constexpr = False, SCALED: tl.constexpr = True, F32_DOT: tl.constexpr = False,
-    EARLY: tl.constexpr = 0,
 ):
     """out^T = W A^T for a few rows (swap AB): the weight tile [BLOCK_N, BLOCK_K] is the matrix instruction's
     first operand, so its 64-row side is filled by weight rows, and the BLOCK_M (16-64) activation rows are the
@@ -374,13 +373,7 @@ def _fp8_gemm_swap_kernel(
 
     SCALED=False: 16-bit weights and activations of the same dtype (atom.ops.triton_kernels.dense, the bf16 /
     fp16 linears at decode): no scales at all (as_ptr / ws_ptr unused), the plain dot; F32_DOT: its operands in
-    float32 (the interpreter, whose 16-bit tl.dot is wrong).
-
-    EARLY (0-2; every split has at least EARLY K steps, the launch sees to it): the weight tiles of the program's
-    first EARLY K steps are loaded into registers before pdl_wait, then added ahead of the K loop in loop order
-    (same bits). The launch asks for it only where they are all of the program's steps (SWAP_PRELOAD_STEPS: small
-    weights), so that nothing but the activation tile's load is left after the wait. Weights only: nothing a
-    previous kernel writes is read before the wait."""
+    float32 (the interpreter, whose 16-bit tl.dot is wrong)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -397,11 +390,6 @@ def _fp8_gemm_swap_kernel(
     if PREFETCH > 0:  # constant weights only: before the wait (K % 16 == 0, checked at launch)
         rows = tl.minimum(n64, N - 1)
         prefetch_l2(w_ptr + rows * w_stride + k_lo, tl.minimum(k_hi - k_lo, PREFETCH) + tl.zeros_like(n))
-    if EARLY >= 1:  # constant weights only: before the wait
-        w_early0 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + kk, K, pid_n * BLOCK_N, k_lo, BLOCK_N, TMA)
-    if EARLY >= 2:
-        w_early1 = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k_lo + BLOCK_K + kk, K, pid_n * BLOCK_N,
-                                k_lo + BLOCK_K, BLOCK_N, TMA)
     pdl_wait(PDL)
 
     fp8 = w_ptr.dtype.element_ty
@@ -419,19 +407,7 @@ def _fp8_gemm_swap_kernel(
         ra = sa
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    if EARLY >= 1:
-        if F32_DOT:
-            w_early0 = w_early0.to(tl.float32)
-        acc = _swap_k_step(acc, w_early0, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo, kk, K, a_stride,
-                           as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES, BLOCK_M,
-                           BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE, F32_DOT)
-    if EARLY >= 2:
-        if F32_DOT:
-            w_early1 = w_early1.to(tl.float32)
-        acc = _swap_k_step(acc, w_early1, a_ptr, as_ptr, a_desc, ws_ptr, n64, n_ok, m64, m_ok, k_lo + BLOCK_K, kk, K,
-                           a_stride, as_stride, ws_stride_n, ws_stride_k, pid_m, sa, ra, fp8, SCALE_BN, BLOCK_SCALES,
-                           BLOCK_M, BLOCK_K, PRECISE, TMA, FAST_ACC, QUANT_A, FP8_MAX, MIN_EXP, EMULATE, F32_DOT)
-    for k0 in tl.range(k_lo + EARLY * BLOCK_K, k_hi, BLOCK_K, warp_specialize=WS):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
         w = _swap_w_tile(w_ptr, w_desc, n64, n_ok, w_stride, k0 + kk, K, pid_n * BLOCK_N, k0, BLOCK_N, TMA)
         if F32_DOT:
             w = w.to(tl.float32)
@@ -885,19 +861,9 @@ ATTN_SUMS_SPLITS = _env_flag("ATOM_FP8_ATTN_SUMS_SPLITS", True)
 # The same for a dense MLP's gate_up_proj, whose partials the gated activation's kernel adds (atom.layers.activation;
 # the bf16 / float form and the FP8 rowmax form; the FP8 codes form still sums first): where gate_up splits at
 # decode (qwen3-0.6b: 8 K steps, split 2) the sum kernel was one launch a layer more.
+# On by default since stop 64's A/B (H100, qwen3-0.6b bf16, 3 interleaved rounds: batch 1 1.052 -> 1.037 ms a step,
+# batch 32 1.473 -> 1.459, every round; qwen3-8b's gate_up does not split: 384 programs).
 ACT_SUMS_SPLITS = _env_flag("ATOM_FP8_ACT_SUMS_SPLITS", True)
-# Small weights at decode: the swap-AB launch splits K so that each program has at most this many K steps (0: off)
-# and loads all of them before its PDL wait (the kernel's EARLY), where the programs number at most
-# SWAP_PRELOAD_PROGRAMS_PER_SM an SM (so that they can all be resident while the kernel before them runs). Under
-# PDL a decode GEMM's programs launch while the latency-bound kernel before it (a norm, the split merge, the
-# activation: one to a few dozen programs, HBM idle) runs; with its whole weight tile in registers by the time the
-# wait returns, only the activation tile's load (L2) and the dots are left on the layer's critical path. Stop 61's
-# EARLY_K (the first 1-2 of many K steps, qwen3-8b FP8) lost: the pipelined loop's loads still met a DRAM latency
-# after the wait. This asks for no loop at all: at qwen3-0.6b bf16, 4 K steps of 16 KB a program today, qkv 256
-# programs, o_proj 128, down_proj 192 with 2 steps; weights up to ~8 MB (bf16) at 2 steps and 264 programs.
-# Pointer loads only (one row: TMA is off there by default). Off until an engine A/B; ATOM_SWAP_PRELOAD=1|2.
-SWAP_PRELOAD_STEPS = env_int("ATOM_SWAP_PRELOAD", 0, 2, "K steps")
-SWAP_PRELOAD_PROGRAMS_PER_SM = env_int("ATOM_SWAP_PRELOAD_PROGRAMS_PER_SM", 2, 8, "programs")
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 
 
@@ -1081,14 +1047,6 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tens
     counters = _split_counters(a.device) if SWAP_SERIAL_SPLIT else None
     serial = counters is not None and grid_nm[0] * grid_nm[1] <= counters.numel()
     pdl = pdl_args(a.device)
-    early = 0
-    # with PDL off too (the same splits and bits either way; nothing to hide the loads behind there)
-    if SWAP_PRELOAD_STEPS and descs is None and not serial:
-        preload = preload_split(k, block_k, grid_nm[0] * grid_nm[1], num_sms(a.device))
-        if preload is not None:
-            tile = dict(tile, split_k=preload[0])
-            early = preload[1]
-            stages = 1  # no K loop is left to pipeline
     prefetch = PDL_PREFETCH_BYTES if pdl["PDL"] and k % 16 == 0 and scaled else 0
     quant = {}
     if quant_a:
@@ -1110,29 +1068,11 @@ def _swap_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tens
             k_per_split, SCALE_BN=scale_bn, BLOCK_SCALES=block_size is not None, HAS_BIAS=add_bias, SPLIT=split,
             BLOCK_M=tile["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=serial and split > 1,
             PREFETCH=prefetch, PRECISE=precise, TMA=descs is not None, FAST_ACC=tile["fast_acc"] or not scaled,
-            WS=tile.get("ws", False) and descs is not None, EARLY=early,
+            WS=tile.get("ws", False) and descs is not None,
             num_warps=tile["num_warps"], num_stages=stages, **quant, **pdl)
 
     _launch_split(swap, m, n, k, block_k, tile["split_k"], bias, out, reduces_itself=serial, parts=parts)
     return out
-
-
-def preload_split(k: int, block_k: int, tiles: int, sms: int, steps: int | None = None,
-                  per_sm: int | None = None) -> tuple[int, int] | None:
-    """(split, early) for the swap-AB kernel to load each program's whole weight range before its PDL wait: K split
-    into ranges of at most `steps` K steps (SWAP_PRELOAD_STEPS), early = the steps of every range (the last may be
-    shorter: early is the fewest); None where that makes more than `per_sm` programs an SM
-    (SWAP_PRELOAD_PROGRAMS_PER_SM) or steps is 0. _launch_split's ranges: ceil(ceil(k / split) / block_k) steps."""
-    steps = SWAP_PRELOAD_STEPS if steps is None else steps
-    per_sm = SWAP_PRELOAD_PROGRAMS_PER_SM if per_sm is None else per_sm
-    if steps <= 0:
-        return None
-    split = triton.cdiv(triton.cdiv(k, block_k), steps)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
-    if tiles * split > per_sm * sms:
-        return None
-    return split, triton.cdiv(k - (split - 1) * k_per_split, block_k)
 
 
 def fp8_gemm_quantized(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
