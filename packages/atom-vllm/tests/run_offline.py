@@ -124,4 +124,13 @@ def _wait_for_gpu_memory(timeout_s: float = 30.0) -> None:
 if __name__ == "__main__":
     dtype = os.environ.get("ATOM_TEST_DTYPE", "float32")
     for spec in sys.argv[1:]:
-        print("RESULT " + json.dumps(run(spec, dtype)), flush=True)
+        try:
+            result = run(spec, dtype)
+        except Exception as e:  # noqa: BLE001 - one engine that cannot start fails its own tests, not every spec's
+            import traceback
+
+            traceback.print_exc()
+            result = {"spec": spec, "error": f"{type(e).__name__}: {e}"[:4000]}
+            gc.collect()
+            _wait_for_gpu_memory()
+        print("RESULT " + json.dumps(result), flush=True)
