@@ -33,8 +33,9 @@ ATOM's attention on the decode steps whose prep (qk-norm, rope, KV write) runs i
 (`LinearBase.leave_splits`, decoder.SelfAttention; other steps add the partials with the sum kernel,
 `SplitKPartials.summed`), and a dense MLP's gate_up_proj -> its gated activation (decoder.DenseMLP; the FP8
 codes form has the sum kernel add them first). On by default (measured on an H100, quant_fp8;
-ATOM_FP8_NORM_SUMS_SPLITS=0 / ATOM_FP8_ATTN_SUMS_SPLITS=0 / ATOM_FP8_ACT_SUMS_SPLITS=0 turn them off), no bias (and one rank for the norms: a row-parallel output is
-all-reduced), both sides on Triton, and nothing traced by torch.compile.
+ATOM_FP8_NORM_SUMS_SPLITS=0 / ATOM_FP8_ATTN_SUMS_SPLITS=0 / ATOM_FP8_ACT_SUMS_SPLITS=0 turn them off), no bias
+(and one rank for the norms: a row-parallel output is all-reduced), both sides on Triton, and nothing traced by
+torch.compile.
 """
 
 from __future__ import annotations
