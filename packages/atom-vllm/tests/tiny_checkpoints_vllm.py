@@ -76,6 +76,12 @@ def _config(arch: str):
                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                  "original_max_position_embeddings": 128, "mscale": 0.707,
                                                  "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})
+    if arch == "deepseek_v2_fa3":  # V2-Lite's head sizes (Q/K 128 + 64, V 128): vLLM's FA3 MLA prefill on a GPU takes
+        # Q/K head dims in (128, 192] and V in (96, 128] only (test_fp8_vllm's GPU-only FP8 latent-cache test)
+        return DeepseekV2Config(**{**_COMMON, **_MLA, "qk_nope_head_dim": 128, "v_head_dim": 128}, q_lora_rank=None,
+                                topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                                routed_scaling_factor=1.0,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "deepseek_v3":  # q_lora, sigmoid routing with correction bias over 4 groups, an MTP layer
         return DeepseekV3Config(**{**_COMMON, **_MLA}, q_lora_rank=64, n_group=4, topk_group=2, norm_topk_prob=True,
                                 routed_scaling_factor=2.5, num_nextn_predict_layers=1, topk_method="noaux_tc",
