@@ -57,13 +57,21 @@ def smollm2_fp8(tmp_path_factory):
     return fp8, deq
 
 
-def token_ids_of(tok, logprob_tokens: list[str]) -> list[int]:
-    """ATOM's answer as token ids, from the chat logprobs' per-token strings (the server does not return ids:
-    return_token_ids is refused): each string is the decode of one token, mapped back through the
-    vocabulary. Only partial UTF-8 byte tokens ('\ufffd') share a decode; an English answer has none."""
+def tokens_by_text(tok) -> dict[str, list[int]]:
+    """Every token id of the vocabulary under its decode (built once per tokenizer: ~49k decodes)."""
     by_text: dict[str, list[int]] = {}
     for i in range(len(tok)):
         by_text.setdefault(tok.decode([i]), []).append(i)
+    return by_text
+
+
+def token_ids_of(tok, logprob_tokens: list[str], by_text: dict[str, list[int]] | None = None) -> list[int]:
+    """ATOM's answer as token ids, from the chat logprobs' per-token strings (the server does not return ids:
+    return_token_ids is refused): each string is the decode of one token, mapped back through the
+    vocabulary (by_text: tokens_by_text(tok), when the caller has it already). Only partial UTF-8 byte tokens
+    ('\ufffd') share a decode; an English answer has none."""
+    if by_text is None:
+        by_text = tokens_by_text(tok)
     ids = []
     for t in logprob_tokens:
         candidates = by_text.get(t, [])
@@ -89,6 +97,7 @@ def reference_run(fp8: str, deq: str, answers: list[dict]) -> list[dict]:
     def one_ulp_up(x, block_size, fp8_dtype):
         return exact(torch.nextafter(x, torch.full_like(x, float("inf"))), block_size, fp8_dtype)
 
+    by_text = tokens_by_text(tok)
     rows = []
     for prompt, answer in zip(PROMPTS, answers):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -98,7 +107,7 @@ def reference_run(fp8: str, deq: str, answers: list[dict]) -> list[dict]:
             ref = hf.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
         if tok.eos_token_id in ref:  # ATOM stops at the tokenizer's EOS too
             ref = ref[: ref.index(tok.eos_token_id)]
-        got = token_ids_of(tok, answer["tokens"])
+        got = token_ids_of(tok, answer["tokens"], by_text)
         assert len(got) == answer["completion_tokens"], (got, answer)
         assert tok.decode(got, skip_special_tokens=True) == answer["text"], (got, answer)
         forced = torch.cat([ids[0], torch.tensor(got, dtype=ids.dtype)])[None]
