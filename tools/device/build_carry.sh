@@ -6,6 +6,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
+# ../shared/device/vllm-peer/make_carry.sh cuts vLLM's tarball at 60 MiB; with the working tree (~9.5 MiB) riding
+# along, a call carrying that first piece goes over the 64 MiB limit: re-cut it at 50 MiB (checked by its sha256).
+if [ -f .carry/vllm/c1/part-00 ] && [ -f .carry/vllm/c2/part-01 ] \
+   && [ "$(stat -c %s .carry/vllm/c1/part-00)" -gt $((50 * 1024 * 1024)) ]; then
+  t=$(mktemp -d)
+  cat .carry/vllm/c1/part-00 .carry/vllm/c2/part-01 > "$t/vllm-trim.tar.xz"
+  if [ "$(sha256sum "$t/vllm-trim.tar.xz" | awk '{print $1}')" = "$(cat .carry/vllm/vllm-trim.tar.xz.sha256)" ]; then
+    (cd "$t" && split -b 50M -d -a 2 vllm-trim.tar.xz part-)
+    mv "$t/part-00" .carry/vllm/c1/part-00 && mv "$t/part-01" .carry/vllm/c2/part-01
+    echo "vLLM's tarball re-cut into pieces of <= 50 MiB (c1, c2)"
+  else
+    echo "build_carry: .carry/vllm's pieces do not match their sha256; run make_carry.sh again" >&2
+  fi
+  rm -rf "$t"
+fi
 rm -rf .carry/atom && mkdir -p .carry/atom
 for p in atom-core atom-server atom-vllm; do
   "$PY" -m pip wheel -q --no-deps --no-build-isolation "packages/$p" -w .carry/atom
