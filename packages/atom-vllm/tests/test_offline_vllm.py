@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOM_ATTENTION
+from conftest import ATOM_ATTENTION, MLA_ARCHS  # MLA: vLLM's MLAAttention layer, not ATOM's attention backend
 from tiny_checkpoints_vllm import ARCHS, PROMPTS
 
 VLLM_CLASS = {
@@ -23,7 +23,6 @@ VLLM_CLASS = {
 }
 ATOM_CLASS = {arch: f"atom_vllm.models.{name.rsplit('.', 1)[1]}" for arch, name in VLLM_CLASS.items()}
 TRANSFORMERS_REFERENCE = {"deepseek_v3"}
-MLA_ARCHS = {"deepseek_v2", "deepseek_v3"}  # vLLM's MLAAttention layer, not ATOM's attention backend
 pytestmark = pytest.mark.slow
 ONE_GPU = torch.cuda.is_available() and torch.cuda.device_count() < 2  # no TP=2 run (conftest.py)
 

@@ -253,8 +253,7 @@ class Fp8LinearMethod(LinearMethod):
             return False
         from atom.ops.triton_kernels import quant_fp8  # the Triton GEMM runs: importable
 
-        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS,
-                "activation": quant_fp8.ACT_SUMS_SPLITS}[consumer]
+        return quant_fp8.consumer_sums_splits(consumer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation,
               bias: torch.Tensor | None = None, split_parts: list | None = None) -> torch.Tensor:

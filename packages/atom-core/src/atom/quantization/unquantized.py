@@ -39,8 +39,7 @@ class UnquantizedLinearMethod(LinearMethod):
             return False
         from atom.ops.triton_kernels import quant_fp8
 
-        return {"norm": quant_fp8.NORM_SUMS_SPLITS, "attention": quant_fp8.ATTN_SUMS_SPLITS,
-                "activation": quant_fp8.ACT_SUMS_SPLITS}[consumer]
+        return quant_fp8.consumer_sums_splits(consumer)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight

@@ -104,7 +104,7 @@ def _gated(x: torch.Tensor, act: int, parts: bool = False, split_parts: torch.Te
     return (y, maxima.view(*x.shape[:-1], maxima.shape[1])) if parts else y
 
 
-_ACT_CODES = {"silu_and_mul": 0, "gelu_tanh_and_mul": 1}
+_ACT_CODES = {"silu_and_mul": 0, "gelu_tanh_and_mul": 1}  # the gated ops' ACT (_act)
 
 
 def gated_from_split_parts(name: str, split_parts: torch.Tensor, out: torch.Tensor, rowmax: bool = False):
@@ -117,9 +117,9 @@ def gated_from_split_parts(name: str, split_parts: torch.Tensor, out: torch.Tens
 
 @register("silu_and_mul", "triton")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return _gated(x, 0)
+    return _gated(x, _ACT_CODES["silu_and_mul"])
 
 
 @register("gelu_tanh_and_mul", "triton")
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return _gated(x, 1)
+    return _gated(x, _ACT_CODES["gelu_tanh_and_mul"])

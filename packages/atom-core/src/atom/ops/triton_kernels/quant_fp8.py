@@ -864,6 +864,12 @@ ATTN_SUMS_SPLITS = _env_flag("ATOM_FP8_ATTN_SUMS_SPLITS", True)
 # On by default since stop 64's A/B (H100, qwen3-0.6b bf16, 3 interleaved rounds: batch 1 1.052 -> 1.037 ms a step,
 # batch 32 1.473 -> 1.459, every round; qwen3-8b's gate_up does not split: 384 programs).
 ACT_SUMS_SPLITS = _env_flag("ATOM_FP8_ACT_SUMS_SPLITS", True)
+
+
+def consumer_sums_splits(consumer: str) -> bool:
+    """Whether a consumer of this kind ("norm", "attention", "activation") adds a split-K GEMM's partials itself
+    now (its switch above); the linear methods' defers_split asks here."""
+    return {"norm": NORM_SUMS_SPLITS, "attention": ATTN_SUMS_SPLITS, "activation": ACT_SUMS_SPLITS}[consumer]
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 
 
