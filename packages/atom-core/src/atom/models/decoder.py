@@ -17,6 +17,7 @@ from torch import nn
 
 from atom.layers.activation import GatedActivation
 from atom.layers.attention import Attention, AttentionFactory, AttentionSpec
+from atom.layers.decode_layer import OneLaunchDecode
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.fp8_input import SplitKPartials
 from atom.layers.gpt_oss_moe import GptOssMoE
@@ -212,8 +213,14 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm.feed_fp8_linear(self.mlp.gate_up_proj)
         # o_proj's output feeds the residual norm alone: a split-K FP8 GEMM may leave its sum to the norm
         self.self_attn.o_proj.sum_splits_in(self.post_attention_layernorm)
+        # one-row decode steps as one launch, where the layer is one it runs (ATOM_DECODE_LAYER)
+        self._one_launch = OneLaunchDecode.for_layer(self)
 
     def forward(self, positions, hidden, residual):
+        if self._one_launch is not None:
+            done = self._one_launch.forward(positions, hidden, residual)
+            if done is not None:
+                return done
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)

@@ -1,0 +1,419 @@
+"""A whole dense decoder layer of a one-token decode step in one persistent kernel (issue 16's fixed cost).
+
+At batch 1 a layer's work is small (qwen3-0.6b: 31 MB of weights, 9-10 us at the copy rate) and ATOM ran it as
+8-10 kernels, each paying ~3-4 us of launch, ramp and drain (KERNEL_NOTES stop 64: at 0.6b a GEMM's ~4.7 us is
+neither its DRAM latency nor its stream). Here one launch of `P` programs (one an SM, all resident) runs the
+layer's five phases with a grid-wide barrier between them:
+
+  0. residual + x -> RMSNorm -> qkv rows (each program its share of the qkv weight's rows; every program computes
+     the norm of the whole 1 x H row itself, which is a few KB from L2)
+  1. attention: programs over (KV head, split): the query heads' qk-norm and rope, the new key's norm, rope and
+     cache store (by the program whose keys end at it), the split's partial softmax state
+  2. the splits merged (every program, for the heads of each K chunk) -> o_proj rows
+  3. residual + o -> RMSNorm -> gate and up rows of the program's intermediate slice -> act(gate) * up
+  4. down_proj rows
+
+Each program loads its next phase's first weight chunk before it waits at the barrier (weights are constant), so
+the weight stream of a phase overlaps the previous phase's tail and the barrier. The layer's output (down_proj's
+rows) and its residual are the next layer's input; the next launch's programs load their qkv weight before their
+PDL wait.
+
+Roundings follow the unfused layer (the module path, atom.models.decoder): the residual sums, the norms' outputs,
+each linear's output, the attention output and act(gate) are rounded to the model dtype where the module rounds
+them; only the linears' float32 summation order differs (one program sums a row's K in chunks).
+
+The grid barrier (`_grid_sync`): a counter a barrier, each program adds 1 (release, GPU scope) and polls until the
+counter holds P, then one acquire read. The counters reset themselves: program 0 zeroes barrier k-1's counter
+after it passed barrier k (every program has left k-1 by then) and the last barrier's at the start of the next
+launch of the same layer. A launch needs all P programs resident at once: P is at most the SM count, one program
+an SM. Under the interpreter (which runs programs one after the other) there is no barrier: the phases run as five
+launches (PHASE_LO / PHASE_HI), the same code and arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.envs import env_int
+from atom.ops.triton_kernels.activation import _act
+from atom.ops.triton_kernels.attention import (
+    _holds_new_key,
+    _key_tile,
+    _new_key_rows,
+    _norm_rope_rows,
+    _program_keys,
+    _split_span,
+)
+from atom.ops.triton_kernels.common import dot_ieee, interpreting, num_sms
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
+
+NUM_PHASES = 5
+NUM_BARRIERS = NUM_PHASES - 1
+_LAST_BARRIER = tl.constexpr(NUM_BARRIERS - 1)
+# Elements of one weight chunk a program holds (a phase's first chunk is loaded before the barrier): 32,768 bf16
+# is 64 KB, 256 bytes a thread at 8 warps. ATOM_DECODE_LAYER_CHUNK overrides it for A/B runs.
+CHUNK_ELEMS = max(env_int("ATOM_DECODE_LAYER_CHUNK", 32768, 1 << 20, "weight elements a program's chunk"), 1024)
+NUM_WARPS = max(env_int("ATOM_DECODE_LAYER_WARPS", 8, 32, "warps a program"), 1)
+ATTN_BLOCK_N = 64  # keys a tile in the attention phase
+
+
+@triton.jit
+def _grid_sync(bar_ptr, k: tl.constexpr, P: tl.constexpr, GRID_SYNC: tl.constexpr):
+    """Barrier k of the launch: returns when all P programs have arrived, with their stores before it visible.
+    Program 0 then zeroes barrier k-1's counter (every program has left it). No-op without GRID_SYNC."""
+    if GRID_SYNC:
+        tl.debug_barrier()  # every thread's stores of this program issued before the arrival
+        tl.atomic_add(bar_ptr + k, 1, sem="release", scope="gpu")
+        seen = tl.load(bar_ptr + k, volatile=True)
+        while seen < P:
+            seen = tl.load(bar_ptr + k, volatile=True)
+        tl.atomic_add(bar_ptr + k, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        if k > 0:
+            if tl.program_id(0) == 0:
+                tl.store(bar_ptr + (k - 1), 0)
+
+
+@triton.jit
+def _rows_of(pid, N, R: tl.constexpr, T: tl.constexpr):
+    """This program's rows of an N-row weight: R consecutive ones from pid * R, as a T-wide (power of two) tile."""
+    r = tl.arange(0, T)
+    rows = pid * R + r
+    return rows, (r < R) & (rows < N)
+
+
+@triton.jit
+def _w_chunk(w_ptr, rows, row_ok, K, k0, KB: tl.constexpr):
+    """Rows x columns [k0, k0 + KB) of a row-major [N, K] weight."""
+    k = k0 + tl.arange(0, KB)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=row_ok[:, None] & (k < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _residual(a_ptr, b_ptr, k, ok, HAS_B: tl.constexpr):
+    """(a + b)[k] rounded to a's dtype (a residual sum, as norm.rms_norm_row); a alone without HAS_B."""
+    a = tl.load(a_ptr + k, mask=ok, other=0.0)
+    if HAS_B:
+        a = (a.to(tl.float32) + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)).to(a.dtype)
+    return a
+
+
+@triton.jit
+def _rstd(a_ptr, b_ptr, H, eps, BLOCK_H: tl.constexpr, HAS_B: tl.constexpr):
+    """1 / rms of the residual sum a + b, in float32."""
+    c = tl.arange(0, BLOCK_H)
+    s = _residual(a_ptr, b_ptr, c, c < H, HAS_B).to(tl.float32)
+    return tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+
+
+@triton.jit
+def _normed_chunk(a_ptr, b_ptr, w_ptr, rstd, H, k0, KB: tl.constexpr, HAS_B: tl.constexpr):
+    """Columns [k0, k0 + KB) of RMSNorm(a + b) * w as the norm kernel stores them (norm.rms_norm_row's
+    roundings), in float32 (0 past H)."""
+    k = k0 + tl.arange(0, KB)
+    ok = k < H
+    s = _residual(a_ptr, b_ptr, k, ok, HAS_B)
+    n = (s.to(tl.float32) * rstd).to(s.dtype).to(tl.float32) * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    return n.to(s.dtype).to(tl.float32)
+
+
+@triton.jit
+def _store_residual(a_ptr, b_ptr, out_ptr, H, BLOCK_H: tl.constexpr, HAS_B: tl.constexpr):
+    c = tl.arange(0, BLOCK_H)
+    tl.store(out_ptr + c, _residual(a_ptr, b_ptr, c, c < H, HAS_B), mask=c < H)
+
+
+@triton.jit
+def _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, h0, filled, HB: tl.constexpr, S: tl.constexpr,
+                  D: tl.constexpr, dtype: tl.constexpr):
+    """Heads [h0, h0 + HB) of the attention output ([HB, D], float32 of the dtype-rounded values): their `filled`
+    splits' partial softmax states merged (attention._merge_splits_kernel's arithmetic)."""
+    h = h0 + tl.arange(0, HB)
+    s = tl.arange(0, S)
+    d = tl.arange(0, D)
+    s_ok = (s < filled)[None, :] & (h >= 0)[:, None]
+    base = h[:, None] * S + s[None, :]
+    m = tl.load(part_m_ptr + base, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=1)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_ref[:, None])
+    l_tot = tl.sum(l_s * w, axis=1)
+    acc = tl.load(part_acc_ptr + base[:, :, None] * D + d[None, None, :], mask=s_ok[:, :, None], other=0.0)
+    o = tl.sum(acc * w[:, :, None], axis=1) / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    return o.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _wo_chunk(wo_ptr, rows, row_ok, h0, KO: tl.constexpr, HB: tl.constexpr, D: tl.constexpr):
+    """o_proj's weight rows x the input columns of heads [h0, h0 + HB): [T, HB, D]."""
+    hb = tl.arange(0, HB)
+    d = tl.arange(0, D)
+    return tl.load(wo_ptr + rows[:, None, None].to(tl.int64) * KO + (h0 + hb)[None, :, None] * D + d[None, None, :],
+                   mask=row_ok[:, None, None], other=0.0)
+
+
+@triton.jit
+def _decode_layer_kernel(
+    x_ptr, res_ptr, res1_ptr, res_out_ptr, out_ptr, in_w_ptr, post_w_ptr, eps,
+    wqkv_ptr, bqkv_ptr, qkv_ptr, qn_w_ptr, kn_w_ptr, qk_eps, cs_ptr, cs_stride, rot_half,
+    pos_ptr, seq_lens_ptr, slot_ptr, bt_ptr, kc_ptr, vc_ptr,
+    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+    part_m_ptr, part_l_ptr, part_acc_ptr, scale, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
+    H, I, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
+    R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr,
+    R_O: tl.constexpr, T_O: tl.constexpr, HB_O: tl.constexpr,
+    R_GU: tl.constexpr, T_GU: tl.constexpr, KB_GU: tl.constexpr,
+    R_D: tl.constexpr, T_D: tl.constexpr, KB_D: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, KV_ALIGN: tl.constexpr,
+    HAS_RES: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_NEOX: tl.constexpr,
+    ACT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, PDL: tl.constexpr,
+):
+    """See the module docstring. One decode row: x, res [H] (res unread without HAS_RES: the first layer, whose
+    residual is x); writes res1 (x + res, program 0), qkv, the attention partials, o, act (scratch), res_out (res1
+    + o, program 0) and out (down_proj's output) [H]. PHASE_LO..PHASE_HI: the phases this launch runs."""
+    pid = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    GROUP: tl.constexpr = HQ // HKV
+    KO: tl.constexpr = HQ * D
+    NQKV: tl.constexpr = (HQ + 2 * HKV) * D
+
+    # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
+    if PHASE_LO == 0:
+        q_rows, q_ok = _rows_of(pid, NQKV, R_QKV, T_QKV)
+        w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)  # constant weights: before the PDL wait
+        pdl_wait(PDL)
+        if GRID_SYNC:
+            if pid == 0:  # the previous launch of this layer left its last barrier's counter set
+                tl.store(bar_ptr + _LAST_BARRIER, 0)
+        rstd = _rstd(x_ptr, res_ptr, H, eps, BLOCK_H, HAS_RES)
+        if pid == 0:
+            _store_residual(x_ptr, res_ptr, res1_ptr, H, BLOCK_H, HAS_RES)
+        acc = tl.sum(w0.to(tl.float32) * _normed_chunk(x_ptr, res_ptr, in_w_ptr, rstd, H, 0, KB_QKV, HAS_RES)[None, :],
+                     axis=1)
+        for k0 in range(KB_QKV, H, KB_QKV):
+            w = _w_chunk(wqkv_ptr, q_rows, q_ok, H, k0, KB_QKV)
+            acc += tl.sum(w.to(tl.float32)
+                          * _normed_chunk(x_ptr, res_ptr, in_w_ptr, rstd, H, k0, KB_QKV, HAS_RES)[None, :], axis=1)
+        if QKV_BIAS:
+            acc += tl.load(bqkv_ptr + q_rows, mask=q_ok, other=0.0).to(tl.float32)
+        tl.store(qkv_ptr + q_rows, acc.to(dtype), mask=q_ok)
+
+    # ---- phase 1: attention, programs over (KV head, split) ----
+    if (PHASE_LO <= 1) & (PHASE_HI >= 1):
+        if PHASE_LO < 1:
+            _grid_sync(bar_ptr, 0, P, GRID_SYNC)
+        else:
+            pdl_wait(PDL)
+        seq_len = tl.load(seq_lens_ptr).to(tl.int32)
+        pos = tl.load(pos_ptr).to(tl.int64)
+        slot = tl.load(slot_ptr).to(tl.int64)
+        cs_row = cs_ptr + pos * cs_stride
+        d = tl.arange(0, D)
+        d_ok = tl.full([D], 1, tl.int1)
+        r = tl.arange(0, GROUP_M)
+        row_ok = r < GROUP
+        qk_scale = scale * 1.4426950408889634
+        row0 = pid * 0  # the block table's one row
+        for item in range(pid, HKV * S, P):
+            kvh = item // S
+            split = item % S
+            head = kvh * GROUP + r
+            q_row = qkv_ptr + head[:, None] * D
+            q = _norm_rope_rows(q_row, row_ok[:, None], d, qn_w_ptr, qk_eps, cs_row, D, rot_half, QK_NORM, IS_NEOX,
+                                q_row, 0, 0)
+            if F32_DOT:
+                q = q.to(tl.float32)
+            lo, hi = _program_keys(seq_len, 1, 0, split, 0, 0, 1, False, S, BLOCK_N)
+            if _holds_new_key(lo, hi, seq_len, slot):  # this program's keys end at the new one: store it first
+                k_new, v_new = _new_key_rows(qkv_ptr + KO, qkv_ptr + KO + HKV * D, qkv_ptr, qkv_ptr, 0, kvh, D, 0, 0,
+                                             tl.full([1, 1], 1, tl.int1), d, d_ok, kn_w_ptr, qk_eps, cs_row, rot_half,
+                                             QK_NORM, IS_NEOX, 0, 0)
+                blk = slot // PAGE
+                in_blk = slot % PAGE
+                tl.store(kc_ptr + blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h + d[None, :], k_new)
+                tl.store(vc_ptr + blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h + d[None, :], v_new)
+                tl.debug_barrier()  # visible to every thread of the program before the walk reads them
+            if lo < hi:
+                m_i = tl.full([GROUP_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([GROUP_M], tl.float32)
+                acc_a = tl.zeros([GROUP_M, D], tl.float32)
+                hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+                for start in range(lo, hi_full, BLOCK_N):
+                    m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, start, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
+                                                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                                vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
+                                                False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, False)
+                if hi_full < hi:
+                    m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, hi_full, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
+                                                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                                vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
+                                                False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, True)
+                part = head * S + split
+                tl.store(part_m_ptr + part, m_i, mask=row_ok)
+                tl.store(part_l_ptr + part, l_i, mask=row_ok)
+                tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_a, mask=row_ok[:, None])
+
+    # ---- phase 2: the splits merged -> o_proj rows ----
+    if (PHASE_LO <= 2) & (PHASE_HI >= 2):
+        o_rows, o_ok = _rows_of(pid, H, R_O, T_O)
+        wo0 = _wo_chunk(wo_ptr, o_rows, o_ok, 0, KO, HB_O, D)
+        if PHASE_LO < 2:
+            _grid_sync(bar_ptr, 1, P, GRID_SYNC)
+        else:
+            pdl_wait(PDL)
+        keys = tl.load(seq_lens_ptr).to(tl.int32)
+        filled = tl.cdiv(keys, _split_span(keys, S, BLOCK_N))
+        o = _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, 0, filled, HB_O, S, D, dtype)
+        acc_o = tl.sum(tl.sum(wo0.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+        for h0 in range(HB_O, HQ, HB_O):
+            w = _wo_chunk(wo_ptr, o_rows, o_ok, h0, KO, HB_O, D)
+            o = _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, h0, filled, HB_O, S, D, dtype)
+            acc_o += tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+        tl.store(o_ptr + o_rows, acc_o.to(dtype), mask=o_ok)
+
+    # ---- phase 3: residual + o -> RMSNorm -> gate / up rows -> act(gate) * up ----
+    if (PHASE_LO <= 3) & (PHASE_HI >= 3):
+        i_rows, i_ok = _rows_of(pid, I, R_GU, T_GU)
+        wg0 = _w_chunk(wgu_ptr, i_rows, i_ok, H, 0, KB_GU)
+        wu0 = _w_chunk(wgu_ptr, i_rows + I, i_ok, H, 0, KB_GU)
+        if PHASE_LO < 3:
+            _grid_sync(bar_ptr, 2, P, GRID_SYNC)
+        else:
+            pdl_wait(PDL)
+        rstd2 = _rstd(o_ptr, res1_ptr, H, eps, BLOCK_H, True)
+        if pid == 0:
+            _store_residual(o_ptr, res1_ptr, res_out_ptr, H, BLOCK_H, True)
+        n = _normed_chunk(o_ptr, res1_ptr, post_w_ptr, rstd2, H, 0, KB_GU, True)[None, :]
+        g = tl.sum(wg0.to(tl.float32) * n, axis=1)
+        u = tl.sum(wu0.to(tl.float32) * n, axis=1)
+        for k0 in range(KB_GU, H, KB_GU):
+            n = _normed_chunk(o_ptr, res1_ptr, post_w_ptr, rstd2, H, k0, KB_GU, True)[None, :]
+            g += tl.sum(_w_chunk(wgu_ptr, i_rows, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
+            u += tl.sum(_w_chunk(wgu_ptr, i_rows + I, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
+        gate = g.to(dtype).to(tl.float32)
+        a = _act(gate, ACT).to(dtype).to(tl.float32) * u.to(dtype).to(tl.float32)
+        tl.store(act_ptr + i_rows, a.to(dtype), mask=i_ok)
+
+    # ---- phase 4: down_proj rows ----
+    if PHASE_HI == 4:
+        d_rows, dr_ok = _rows_of(pid, H, R_D, T_D)
+        wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, I, 0, KB_D)
+        if PHASE_LO < 4:
+            _grid_sync(bar_ptr, 3, P, GRID_SYNC)
+        else:
+            pdl_wait(PDL)
+        k = tl.arange(0, KB_D)
+        acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < I, other=0.0).to(tl.float32)[None, :],
+                       axis=1)
+        for k0 in range(KB_D, I, KB_D):
+            kk = k0 + k
+            a_k = tl.load(act_ptr + kk, mask=kk < I, other=0.0).to(tl.float32)
+            acc_d += tl.sum(_w_chunk(wd_ptr, d_rows, dr_ok, I, k0, KB_D).to(tl.float32) * a_k[None, :], axis=1)
+        tl.store(out_ptr + d_rows, acc_d.to(dtype), mask=dr_ok)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _chunk(k: int, rows_tile: int, tiles: int = 1) -> int:
+    """Columns a weight chunk: a power of two, at most the whole (padded) K, about CHUNK_ELEMS over the tiles."""
+    return max(16, min(triton.next_power_of_2(k), _pow2_floor(CHUNK_ELEMS // (rows_tile * tiles))))
+
+
+def _rows_tile(n: int, programs: int) -> tuple[int, int]:
+    r = triton.cdiv(n, programs)
+    return r, triton.next_power_of_2(r)
+
+
+def grid_programs(device: torch.device) -> int:
+    """Programs a launch: one an SM (all must be resident at once for the barriers)."""
+    return num_sms(device)
+
+
+def decode_splits(programs: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """Attention splits of a KV head: a power of two, (KV heads x splits) <= programs, none shorter than a key tile."""
+    most = max(1, triton.cdiv(max_seq_len, ATTN_BLOCK_N))
+    return max(1, min(_pow2_floor(max(programs // num_kv_heads, 1)), triton.next_power_of_2(most), 64))
+
+
+def decode_layer(
+    x: torch.Tensor, residual: torch.Tensor | None, *, input_norm_w: torch.Tensor, post_norm_w: torch.Tensor,
+    eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None, qk_eps: float, cos_sin: torch.Tensor, is_neox: bool, positions: torch.Tensor,
+    seq_lens: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, o_w: torch.Tensor, gate_up_w: torch.Tensor,
+    down_w: torch.Tensor, act: int, barriers: torch.Tensor, max_seq_len: int, programs: int | None = None,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of a one-row decode step (x [1, H] the previous layer's output or the embedding,
+    residual [1, H] or None for the first layer): returns (down_proj's output, the new residual), both [1, H],
+    what DecoderLayer.forward returns. barriers: this layer's int32 [NUM_BARRIERS] counters, zero before the first
+    launch (each launch leaves them for the next). max_seq_len: the longest context this launch may see (a CUDA
+    graph's max_model_len) sizes the attention splits."""
+    device = x.device
+    hidden = x.shape[-1]
+    head_dim = k_cache.shape[-1]
+    inter = down_w.shape[1]
+    nqkv = (num_heads + 2 * num_kv_heads) * head_dim
+    if x.shape != (1, hidden) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"decode_layer: x must be one row [1, H] in a float dtype, got {x.dtype} {tuple(x.shape)}")
+    if head_dim != triton.next_power_of_2(head_dim) or num_heads % num_kv_heads:
+        raise ValueError(f"decode_layer: head_dim {head_dim} must be a power of two and {num_heads} query heads a "
+                         f"multiple of {num_kv_heads} KV heads")
+    for name, w, shape in (("qkv", qkv_w, (nqkv, hidden)), ("o_proj", o_w, (hidden, num_heads * head_dim)),
+                           ("gate_up", gate_up_w, (2 * inter, hidden)), ("down", down_w, (hidden, inter))):
+        if tuple(w.shape) != shape or not w.is_contiguous() or w.dtype != x.dtype:
+            raise ValueError(f"decode_layer: {name} weight must be a contiguous {x.dtype} {shape}, got "
+                             f"{w.dtype} {tuple(w.shape)}")
+    if k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
+        raise ValueError(f"decode_layer: the KV cache must be in the model dtype {x.dtype}, got {k_cache.dtype}")
+    p = programs or grid_programs(device)
+    s = splits or decode_splits(p, num_kv_heads, max_seq_len)
+    r_qkv, t_qkv = _rows_tile(nqkv, p)
+    r_o, t_o = _rows_tile(hidden, p)
+    r_gu, t_gu = _rows_tile(inter, p)
+    r_d, t_d = _rows_tile(hidden, p)
+    hb_o = max(1, min(triton.next_power_of_2(num_heads), _pow2_floor(CHUNK_ELEMS // (t_o * head_dim)),
+                      _pow2_floor(max(64 // s, 1))))
+    while num_heads % hb_o:
+        hb_o //= 2
+    f = dict(dtype=x.dtype, device=device)
+    res1, res_out, out = (torch.empty(1, hidden, **f) for _ in range(3))
+    qkv = torch.empty(nqkv, **f)
+    o = torch.empty(hidden, **f)
+    act_buf = torch.empty(inter, **f)
+    part_m = torch.empty(num_heads, s, dtype=torch.float32, device=device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(num_heads, s, head_dim, dtype=torch.float32, device=device)
+    cs = cos_sin if cos_sin.stride(-1) == 1 else cos_sin.contiguous()
+    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+    qn = q_norm_w if q_norm_w is not None else input_norm_w  # any pointer without qk-norm (never read)
+    kn = k_norm_w if k_norm_w is not None else qn
+    common = dict(
+        H=hidden, I=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(hidden), P=p,
+        R_QKV=r_qkv, T_QKV=t_qkv, KB_QKV=_chunk(hidden, t_qkv), R_O=r_o, T_O=t_o, HB_O=hb_o,
+        R_GU=r_gu, T_GU=t_gu, KB_GU=_chunk(hidden, t_gu, 2), R_D=r_d, T_D=t_d, KB_D=_chunk(inter, t_d),
+        S=s, BLOCK_N=ATTN_BLOCK_N, PAGE=k_cache.shape[1], GROUP_M=max(16, triton.next_power_of_2(num_heads //
+                                                                                                  num_kv_heads)),
+        KV_ALIGN=16 if all(st % 16 == 0 for st in kv_strides) else 1,
+        HAS_RES=residual is not None, QKV_BIAS=qkv_b is not None, QK_NORM=q_norm_w is not None,
+        IS_NEOX=bool(is_neox), ACT=act, F32_DOT=interpreting(), IEEE=dot_ieee(x.dtype), num_warps=NUM_WARPS,
+    )
+    args = (x, residual if residual is not None else x, res1, res_out, out, input_norm_w, post_norm_w, float(eps),
+            qkv_w, qkv_b if qkv_b is not None else qkv_w, qkv, qn, kn, float(qk_eps), cs, cs.stride(0),
+            cs.shape[-1] // 2, positions, seq_lens, slot_mapping, block_tables, k_cache, v_cache, *kv_strides,
+            part_m, part_l, part_acc, float(scale), o_w, o, gate_up_w, act_buf, down_w, barriers)
+    if interpreting() or device.type != "cuda":  # programs run one after the other: a launch a phase
+        for phase in range(NUM_PHASES):
+            _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=False, PDL=False)
+    else:
+        _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, GRID_SYNC=True,
+                                   **pdl_args(device))
+    return out, res_out
+

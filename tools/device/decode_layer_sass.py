@@ -1,0 +1,65 @@
+"""The one-launch decode layer (`atom.ops.triton_kernels.decode_layer._decode_layer_kernel`) compiled for sm_90 on
+this machine (no GPU needed): registers, spills, and the global loads issued before the PDL wait, for a preset's
+shapes with the launcher's tiles (132 programs, as an H100 / H200). Use the device's Triton (3.6; see
+mx_frag_sass.py for the install into /tmp/tri36):
+
+    PYTHONPATH=/tmp/tri36:packages/atom-core/src python tools/device/decode_layer_sass.py [--preset qwen3-0.6b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from mx_frag_sass import ahead_of_wait, compile_sm90, registers  # noqa: E402
+
+from atom.ops.triton_kernels import decode_layer as dl  # noqa: E402
+
+SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate
+    "qwen3-0.6b": (1024, 16, 8, 128, 3072),
+    "qwen3-8b": (4096, 32, 8, 128, 12288),
+}
+SCALARS = {"eps", "qk_eps", "scale", "cs_stride", "rot_half", "kc_stride_b", "kc_stride_s", "kc_stride_h",
+           "vc_stride_b", "vc_stride_s", "vc_stride_h", "H", "I"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--programs", type=int, default=132)
+    ap.add_argument("--max-seq-len", type=int, default=4096)
+    opts = ap.parse_args()
+    hidden, hq, hkv, d, inter = SHAPES[opts.preset]
+    p = opts.programs
+    s = dl.decode_splits(p, hkv, opts.max_seq_len)
+    nqkv = (hq + 2 * hkv) * d
+    r_qkv, t_qkv = dl._rows_tile(nqkv, p)
+    r_o, t_o = dl._rows_tile(hidden, p)
+    r_gu, t_gu = dl._rows_tile(inter, p)
+    hb_o = max(1, min(triton.next_power_of_2(hq), dl._pow2_floor(dl.CHUNK_ELEMS // (t_o * d)),
+                      dl._pow2_floor(max(64 // s, 1))))
+    const = dict(HQ=hq, HKV=hkv, D=d, BLOCK_H=triton.next_power_of_2(hidden), P=p, R_QKV=r_qkv, T_QKV=t_qkv,
+                 KB_QKV=dl._chunk(hidden, t_qkv), R_O=r_o, T_O=t_o, HB_O=hb_o, R_GU=r_gu, T_GU=t_gu,
+                 KB_GU=dl._chunk(hidden, t_gu, 2), R_D=r_o, T_D=t_o, KB_D=dl._chunk(inter, t_o), S=s,
+                 BLOCK_N=dl.ATTN_BLOCK_N, PAGE=16, GROUP_M=max(16, triton.next_power_of_2(hq // hkv)), KV_ALIGN=16,
+                 HAS_RES=True, QKV_BIAS=False, QK_NORM=True, IS_NEOX=True, ACT=0, F32_DOT=False, IEEE=False,
+                 PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1, GRID_SYNC=True, PDL=True)
+    ptrs = {n: "*bf16" for n in dl._decode_layer_kernel.arg_names if n.endswith("_ptr")}
+    ptrs.update(cs_ptr="*fp32", pos_ptr="*i64", seq_lens_ptr="*i32", slot_ptr="*i64", bt_ptr="*i32",
+                part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", bar_ptr="*i32")
+    sig = {n: ptrs.get(n, "fp32" if n in ("eps", "qk_eps", "scale") else "i32")
+           for n in dl._decode_layer_kernel.arg_names if n not in const}
+    aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("H", "I")
+    k = compile_sm90(dl._decode_layer_kernel, sig, const, num_warps=dl.NUM_WARPS, num_stages=1, aligned=aligned)
+    loads = ahead_of_wait(k, ("LDG",))["LDG"]
+    print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, tiles qkv {t_qkv}x{const['KB_QKV']}, "
+          f"o {t_o}x{hb_o}x{d}, gate_up 2x{t_gu}x{const['KB_GU']}, down {t_o}x{const['KB_D']}: {registers(k)}; "
+          f"{loads[0]} of {loads[1]} LDG before the PDL wait")
+
+
+if __name__ == "__main__":
+    main()
