@@ -58,9 +58,9 @@ def _reference(L, x, res, pos, seq_len, slot, table, k_cache, v_cache, dtype):
     def rnd(t):
         return _to_dtype(t, dtype).double()
 
-    f = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in L.items()}
+    f = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in L.items()}
     hq, hkv, d = L["hq"], L["hkv"], L["d"]
-    r1 = rnd(x.double() + (res.double() if res is not None else 0.0))
+    r1 = rnd(x.double().cpu() + (res.double().cpu() if res is not None else 0.0))
     h = _rms(r1, f["in_w"], L["eps"], rnd)
     qkv = rnd(h @ f["qkv_w"].T + (f["qkv_b"] if L["qkv_b"] is not None else 0.0))
     q = qkv[0, :hq * d].view(hq, d)
