@@ -15,16 +15,15 @@ import sys
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mx_frag_sass import ahead_of_wait, compile_sm90, registers  # noqa: E402
-
 from atom.ops.triton_kernels import decode_layer as dl  # noqa: E402
+from mx_frag_sass import ahead_of_wait, compile_sm90, registers  # noqa: E402
 
 SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate
     "qwen3-0.6b": (1024, 16, 8, 128, 3072),
     "qwen3-8b": (4096, 32, 8, 128, 12288),
 }
 SCALARS = {"eps", "qk_eps", "scale", "cs_stride", "rot_half", "kc_stride_b", "kc_stride_s", "kc_stride_h",
-           "vc_stride_b", "vc_stride_s", "vc_stride_h", "H", "I"}
+           "vc_stride_b", "vc_stride_s", "vc_stride_h", "H", "INTER"}
 
 
 def main() -> None:
@@ -53,7 +52,7 @@ def main() -> None:
                 part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", bar_ptr="*i32")
     sig = {n: ptrs.get(n, "fp32" if n in ("eps", "qk_eps", "scale") else "i32")
            for n in dl._decode_layer_kernel.arg_names if n not in const}
-    aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("H", "I")
+    aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("H", "INTER")
     k = compile_sm90(dl._decode_layer_kernel, sig, const, num_warps=dl.NUM_WARPS, num_stages=1, aligned=aligned)
     loads = ahead_of_wait(k, ("LDG",))["LDG"]
     print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, tiles qkv {t_qkv}x{const['KB_QKV']}, "

@@ -21,7 +21,12 @@ from atom.layers.decode_layer import OneLaunchDecode
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.fp8_input import SplitKPartials
 from atom.layers.gpt_oss_moe import GptOssMoE
-from atom.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from atom.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from atom.layers.moe import FusedMoE
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding

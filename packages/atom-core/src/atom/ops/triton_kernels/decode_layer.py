@@ -163,7 +163,7 @@ def _decode_layer_kernel(
     pos_ptr, seq_lens_ptr, slot_ptr, bt_ptr, kc_ptr, vc_ptr,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     part_m_ptr, part_l_ptr, part_acc_ptr, scale, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
-    H, I, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
+    H, INTER, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
     R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr,
     R_O: tl.constexpr, T_O: tl.constexpr, HB_O: tl.constexpr,
     R_GU: tl.constexpr, T_GU: tl.constexpr, KB_GU: tl.constexpr,
@@ -278,9 +278,9 @@ def _decode_layer_kernel(
 
     # ---- phase 3: residual + o -> RMSNorm -> gate / up rows -> act(gate) * up ----
     if (PHASE_LO <= 3) & (PHASE_HI >= 3):
-        i_rows, i_ok = _rows_of(pid, I, R_GU, T_GU)
+        i_rows, i_ok = _rows_of(pid, INTER, R_GU, T_GU)
         wg0 = _w_chunk(wgu_ptr, i_rows, i_ok, H, 0, KB_GU)
-        wu0 = _w_chunk(wgu_ptr, i_rows + I, i_ok, H, 0, KB_GU)
+        wu0 = _w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, 0, KB_GU)
         if PHASE_LO < 3:
             _grid_sync(bar_ptr, 2, P, GRID_SYNC)
         else:
@@ -294,7 +294,7 @@ def _decode_layer_kernel(
         for k0 in range(KB_GU, H, KB_GU):
             n = _normed_chunk(o_ptr, res1_ptr, post_w_ptr, rstd2, H, k0, KB_GU, True)[None, :]
             g += tl.sum(_w_chunk(wgu_ptr, i_rows, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
-            u += tl.sum(_w_chunk(wgu_ptr, i_rows + I, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
+            u += tl.sum(_w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
         gate = g.to(dtype).to(tl.float32)
         a = _act(gate, ACT).to(dtype).to(tl.float32) * u.to(dtype).to(tl.float32)
         tl.store(act_ptr + i_rows, a.to(dtype), mask=i_ok)
@@ -302,18 +302,18 @@ def _decode_layer_kernel(
     # ---- phase 4: down_proj rows ----
     if PHASE_HI == 4:
         d_rows, dr_ok = _rows_of(pid, H, R_D, T_D)
-        wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, I, 0, KB_D)
+        wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC)
         else:
             pdl_wait(PDL)
         k = tl.arange(0, KB_D)
-        acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < I, other=0.0).to(tl.float32)[None, :],
+        acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < INTER, other=0.0).to(tl.float32)[None, :],
                        axis=1)
-        for k0 in range(KB_D, I, KB_D):
+        for k0 in range(KB_D, INTER, KB_D):
             kk = k0 + k
-            a_k = tl.load(act_ptr + kk, mask=kk < I, other=0.0).to(tl.float32)
-            acc_d += tl.sum(_w_chunk(wd_ptr, d_rows, dr_ok, I, k0, KB_D).to(tl.float32) * a_k[None, :], axis=1)
+            a_k = tl.load(act_ptr + kk, mask=kk < INTER, other=0.0).to(tl.float32)
+            acc_d += tl.sum(_w_chunk(wd_ptr, d_rows, dr_ok, INTER, k0, KB_D).to(tl.float32) * a_k[None, :], axis=1)
         tl.store(out_ptr + d_rows, acc_d.to(dtype), mask=dr_ok)
 
 
@@ -396,7 +396,7 @@ def decode_layer(
     qn = q_norm_w if q_norm_w is not None else input_norm_w  # any pointer without qk-norm (never read)
     kn = k_norm_w if k_norm_w is not None else qn
     common = dict(
-        H=hidden, I=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(hidden), P=p,
+        H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(hidden), P=p,
         R_QKV=r_qkv, T_QKV=t_qkv, KB_QKV=_chunk(hidden, t_qkv), R_O=r_o, T_O=t_o, HB_O=hb_o,
         R_GU=r_gu, T_GU=t_gu, KB_GU=_chunk(hidden, t_gu, 2), R_D=r_d, T_D=t_d, KB_D=_chunk(inter, t_d),
         S=s, BLOCK_N=ATTN_BLOCK_N, PAGE=k_cache.shape[1], GROUP_M=max(16, triton.next_power_of_2(num_heads //
