@@ -75,8 +75,10 @@ def _kernels():
 # attention's EARLY_META: only the kernel right before may still run during a wait, and no kernel writes it; with
 # EARLY_KV the block-table entries too, and the first key tile's cache lines, prefetched (1) or loaded (2): earlier
 # steps' keys, written by kernels that completed before the qkv GEMM started; the new key's slot is read stale and
-# replaced from registers after the wait).
-PRE_WAIT_HELPERS = ("prefetch_l2", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile")
+# replaced from registers after the wait). The one-launch decode layer loads its first chunk of qkv weight rows
+# (_w_chunk of its _rows_of, which is arithmetic).
+PRE_WAIT_HELPERS = ("prefetch_l2", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile", "_rows_of",
+                    "_w_chunk")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():

@@ -182,11 +182,13 @@ def _decode_layer_kernel(
     KO: tl.constexpr = HQ * D
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
 
+    q_rows, q_ok = _rows_of(pid, NQKV, R_QKV, T_QKV)
+    if PHASE_LO == 0:  # the first chunk of this program's qkv rows: constant weights, before the PDL wait
+        w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)
+    pdl_wait(PDL)
+
     # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
     if PHASE_LO == 0:
-        q_rows, q_ok = _rows_of(pid, NQKV, R_QKV, T_QKV)
-        w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)  # constant weights: before the PDL wait
-        pdl_wait(PDL)
         if GRID_SYNC:
             if pid == 0:  # the previous launch of this layer left its last barrier's counter set
                 tl.store(bar_ptr + _LAST_BARRIER, 0)
@@ -207,8 +209,6 @@ def _decode_layer_kernel(
     if (PHASE_LO <= 1) & (PHASE_HI >= 1):
         if PHASE_LO < 1:
             _grid_sync(bar_ptr, 0, P, GRID_SYNC)
-        else:
-            pdl_wait(PDL)
         seq_len = tl.load(seq_lens_ptr).to(tl.int32)
         pos = tl.load(pos_ptr).to(tl.int64)
         slot = tl.load(slot_ptr).to(tl.int64)
@@ -264,8 +264,6 @@ def _decode_layer_kernel(
         wo0 = _wo_chunk(wo_ptr, o_rows, o_ok, 0, KO, HB_O, D)
         if PHASE_LO < 2:
             _grid_sync(bar_ptr, 1, P, GRID_SYNC)
-        else:
-            pdl_wait(PDL)
         keys = tl.load(seq_lens_ptr).to(tl.int32)
         filled = tl.cdiv(keys, _split_span(keys, S, BLOCK_N))
         o = _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, 0, filled, HB_O, S, D, dtype)
@@ -283,8 +281,6 @@ def _decode_layer_kernel(
         wu0 = _w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, 0, KB_GU)
         if PHASE_LO < 3:
             _grid_sync(bar_ptr, 2, P, GRID_SYNC)
-        else:
-            pdl_wait(PDL)
         rstd2 = _rstd(o_ptr, res1_ptr, H, eps, BLOCK_H, True)
         if pid == 0:
             _store_residual(o_ptr, res1_ptr, res_out_ptr, H, BLOCK_H, True)
@@ -305,8 +301,6 @@ def _decode_layer_kernel(
         wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC)
-        else:
-            pdl_wait(PDL)
         k = tl.arange(0, KB_D)
         acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < INTER, other=0.0).to(tl.float32)[None, :],
                        axis=1)
