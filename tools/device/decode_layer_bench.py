@@ -1,0 +1,96 @@
+"""Where the one-launch decode layer's time goes: `_decode_layer_kernel` on a preset's shapes (random bf16 weights,
+one sequence of --context keys), launched with its phases cut after phase 0, 1, ... 4 (PHASE_HI; the barriers
+on), each cut captured 28 times back to back in a CUDA graph (as a step's layers, every launch its own weights so
+nothing stays in L2), replayed; us a launch by CUDA events, median of 20 replays. The differences between cuts are
+the phases' costs (a phase's time includes the barrier before it).
+
+    python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+from atom.ops.triton_kernels import decode_layer as dl
+from atom.ops.triton_kernels.common import num_sms
+
+SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072), "qwen3-8b": (4096, 32, 8, 128, 12288)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=28)
+    opts = ap.parse_args()
+    hidden, hq, hkv, d, inter = SHAPES[opts.preset]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    nqkv = (hq + 2 * hkv) * d
+    page, blocks = 16, triton.cdiv(opts.context, 16) + 1
+
+    def w(*shape):
+        return (torch.randn(*shape, device=dev) * shape[-1] ** -0.5).to(dt)
+
+    layers = [dict(qkv=w(nqkv, hidden), o=w(hidden, hq * d), gu=w(2 * inter, hidden), down=w(hidden, inter),
+                   kc=torch.randn(blocks, page, hkv, d, device=dev).to(dt),
+                   vc=torch.randn(blocks, page, hkv, d, device=dev).to(dt),
+                   bar=torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=dev)) for _ in range(opts.layers)]
+    norm = torch.ones(hidden, device=dev, dtype=dt)
+    qn = torch.ones(d, device=dev, dtype=dt)
+    cs = torch.rand(4096, d, device=dev)
+    pos = torch.tensor([opts.context - 1], device=dev)
+    seq = torch.tensor([opts.context], device=dev, dtype=torch.int32)
+    slot = torch.tensor([opts.context - 1], device=dev)
+    table = torch.arange(blocks, device=dev, dtype=torch.int32)[None]
+    x = torch.randn(1, hidden, device=dev).to(dt)
+    res = torch.randn(1, hidden, device=dev).to(dt)
+    orig = dl._decode_layer_kernel
+    print(f"{torch.cuda.get_device_name()}, {opts.preset}, context {opts.context}, {num_sms(dev)} programs, "
+          f"{dl.NUM_WARPS} warps, chunk {dl.CHUNK_ELEMS}")
+    prev = 0.0
+    for hi in range(dl.NUM_PHASES):
+        class Cut:  # the launcher's kernel with the phases after `hi` left out
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    kw["PHASE_HI"] = min(kw["PHASE_HI"], hi)
+                    return orig[grid](*a, **kw)
+                return launch
+
+        dl._decode_layer_kernel = Cut()
+
+        def step():
+            h, r = x, res
+            for L in layers:
+                out, r2 = dl.decode_layer(
+                    h, r, input_norm_w=norm, post_norm_w=norm, eps=1e-6, qkv_w=L["qkv"], qkv_b=None, q_norm_w=qn,
+                    k_norm_w=qn, qk_eps=1e-6, cos_sin=cs, is_neox=True, positions=pos, seq_lens=seq,
+                    slot_mapping=slot, block_tables=table, k_cache=L["kc"], v_cache=L["vc"], scale=d**-0.5,
+                    num_heads=hq, num_kv_heads=hkv, o_w=L["o"], gate_up_w=L["gu"], down_w=L["down"], act=0,
+                    barriers=L["bar"], max_seq_len=4096)
+            return out
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1000 / opts.layers)
+        t = statistics.median(times)
+        print(f"phases 0..{hi}: {t:7.2f} us a launch (+{t - prev:6.2f})")
+        prev = t
+    dl._decode_layer_kernel = orig
+
+
+if __name__ == "__main__":
+    main()
