@@ -52,11 +52,11 @@ def main() -> None:
           f"{dl.NUM_WARPS} warps, chunk {dl.CHUNK_ELEMS}")
     prev = 0.0
     for hi in range(dl.NUM_PHASES):
-        class Cut:  # the launcher's kernel with the phases after `hi` left out
+        class Cut:  # noqa: B023 - the launcher's kernel with the phases after `hi` left out (used in this iteration)
             def __getitem__(self, grid):
-                def launch(*a, **kw):
-                    kw["PHASE_HI"] = min(kw["PHASE_HI"], hi)
-                    return orig[grid](*a, **kw)
+                def launch(*args, _hi=hi, **kw):  # noqa: B023 - used within this iteration
+                    kw["PHASE_HI"] = min(kw["PHASE_HI"], _hi)
+                    return orig[grid](*args, **kw)
                 return launch
 
         dl._decode_layer_kernel = Cut()
