@@ -512,8 +512,9 @@ def test_qwen3_decode_with_the_prep_inside_attention(tmp_path, monkeypatch):
 
 def test_fused_decode_prep_rule():
     """fuses_decode: by default (ATOM_ATTN_FUSED_DECODE_PREP unset) the prep runs inside the attention kernel at
-    decode steps of at most 32 rows in layers whose KV heads serve 4+ query heads and that have no sinks (measured:
-    qwen3-8b's groups of 4 gained at batch 1 / 32, qwen3-0.6b's groups of 2 and batch 128 lost); =1 at every decode
+    decode steps of at most 32 rows in layers whose KV heads serve 2+ query heads and that have no sinks (measured:
+    qwen3-8b's groups of 4 gained at batch 1 / 32, batch 128 lost; qwen3-0.6b's groups of 2 gained at 1 / 32 on
+    2026-12-07); =1 at every decode
     step, =0 never (no fused launcher at all); any other value is refused naming the variable."""
     import subprocess
     import sys
@@ -522,7 +523,8 @@ def test_fused_decode_prep_rule():
 
     rule = layers_attn.fuses_decode
     assert rule(32, 8, 1) and rule(32, 4, 32)
-    assert not rule(32, 8, 33) and not rule(16, 8, 1) and not rule(64, 8, 1, sinks=True)
+    assert rule(16, 8, 1) and rule(16, 8, 32)
+    assert not rule(32, 8, 33) and not rule(8, 8, 1) and not rule(64, 8, 1, sinks=True)
     assert rule(16, 8, 128, mode=True) and rule(64, 8, 1, sinks=True, mode=True)
     assert not rule(32, 8, 1, mode=False)
     probe = "import atom.layers.attention as a; print(a.FUSED_DECODE_PREP)"

@@ -146,13 +146,16 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 # 2026-12-04's two A/Bs; 3 interleaved rounds, bf16): qwen3-8b (32 query heads over 8 KV heads: groups of 4)
 # gained 60 us a step at batch 1 and 32 in every round in atom-server (0.97x / 0.99x) and 1.4% / 0.7% in
 # vLLM+ATOM, and lost ~1% at 128; qwen3-0.6b (groups of 2) lost 3-6% at every batch (inside the fused kernel with
-# groups of 2, attn_decode_bench.py). Not yet measured over FP8 caches or on other shapes.
+# groups of 2, attn_decode_bench.py). Re-measured on the H200 on 2026-12-07 (stop 65, 3 interleaved rounds, after the
+# qkv partials' hand-off and dense_linear, under which the unfused step runs qk_norm_rope_cache and a sum kernel a
+# layer): qwen3-0.6b's groups of 2 now gain in every round, batch 1 0.94 -> 0.86 ms a step, batch 32 1.29 -> 1.21.
+# Not yet measured over FP8 caches, at groups of 1, or on other shapes.
 # Hence the default rule (None, "auto"): fused for decode steps of at most FUSED_PREP_MAX_ROWS rows in layers whose
 # KV heads serve at least FUSED_PREP_MIN_GROUP query heads. ATOM_ATTN_FUSED_DECODE_PREP=1 fuses every decode step,
 # =0 none. Read by atom-server's PagedAttention and atom-vllm's attention backend alike.
 FUSED_DECODE_PREP: bool | None = env_flag("ATOM_ATTN_FUSED_DECODE_PREP", None)
 FUSED_PREP_MAX_ROWS = 32
-FUSED_PREP_MIN_GROUP = 4
+FUSED_PREP_MIN_GROUP = 2
 
 
 def fused_decode_attend(attend, prep):
