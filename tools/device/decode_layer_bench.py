@@ -14,8 +14,21 @@ import statistics
 
 import torch
 import triton
+import triton.language as tl
 from atom.ops.triton_kernels import decode_layer as dl
 from atom.ops.triton_kernels.common import num_sms
+
+
+@triton.jit
+def _barriers_only_kernel(bar_ptr, P: tl.constexpr):
+    """The launch's grid barriers with no work between them (their cost alone)."""
+    dl._grid_sync(bar_ptr, 0, P, True)
+    dl._grid_sync(bar_ptr, 1, P, True)
+    dl._grid_sync(bar_ptr, 2, P, True)
+    dl._grid_sync(bar_ptr, 3, P, True)
+    if tl.program_id(0) == 0:
+        tl.store(bar_ptr + 3, 0)
+
 
 SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072), "qwen3-8b": (4096, 32, 8, 128, 12288)}
 
@@ -90,6 +103,26 @@ def main() -> None:
         print(f"phases 0..{hi}: {t:7.2f} us a launch (+{t - prev:6.2f})")
         prev = t
     dl._decode_layer_kernel = orig
+    p = num_sms(dev)
+    bars = [torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=dev) for _ in range(opts.layers)]
+    for warps in (1, dl.NUM_WARPS):
+        def barriers(_w=warps):
+            for b in bars:
+                _barriers_only_kernel[(p,)](b, P=p, num_warps=_w)
+        barriers()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            barriers()
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1000 / opts.layers)
+        print(f"4 barriers alone, {warps} warps: {statistics.median(times):6.2f} us a launch")
 
 
 if __name__ == "__main__":

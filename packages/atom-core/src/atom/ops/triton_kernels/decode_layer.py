@@ -22,8 +22,8 @@ Roundings follow the unfused layer (the module path, atom.models.decoder): the r
 each linear's output, the attention output and act(gate) are rounded to the model dtype where the module rounds
 them; only the linears' float32 summation order differs (one program sums a row's K in chunks).
 
-The grid barrier (`_grid_sync`): a counter a barrier, each program adds 1 (release, GPU scope) and polls until the
-counter holds P, then one acquire read. The counters reset themselves: program 0 zeroes barrier k-1's counter
+The grid barrier (`_grid_sync`): a counter a barrier, each program adds 1 (release, GPU scope) and reads it back
+(acquire) until it holds P. The counters reset themselves: program 0 zeroes barrier k-1's counter
 after it passed barrier k (every program has left k-1 by then) and the last barrier's at the start of the next
 launch of the same layer. A launch needs all P programs resident at once: P is at most the SM count, one program
 an SM. Under the interpreter (which runs programs one after the other) there is no barrier: the phases run as five
@@ -65,11 +65,9 @@ def _grid_sync(bar_ptr, k: tl.constexpr, P: tl.constexpr, GRID_SYNC: tl.constexp
     Program 0 then zeroes barrier k-1's counter (every program has left it). No-op without GRID_SYNC."""
     if GRID_SYNC:
         tl.debug_barrier()  # every thread's stores of this program issued before the arrival
-        tl.atomic_add(bar_ptr + k, 1, sem="release", scope="gpu")
-        seen = tl.load(bar_ptr + k, volatile=True)
-        while seen < P:
-            seen = tl.load(bar_ptr + k, volatile=True)
-        tl.atomic_add(bar_ptr + k, 0, sem="acquire", scope="gpu")
+        seen = tl.atomic_add(bar_ptr + k, 1, sem="release", scope="gpu") + 1
+        while seen < P:  # acquire reads (an add of 0 whose value is used: one with its value unused is dropped)
+            seen = tl.atomic_add(bar_ptr + k, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
         if k > 0:
             if tl.program_id(0) == 0:
