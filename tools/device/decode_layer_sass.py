@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-import triton
-
 sys.path.insert(0, os.path.dirname(__file__))
 from atom.ops.triton_kernels import decode_layer as dl  # noqa: E402
 from mx_frag_sass import ahead_of_wait, compile_sm90, registers  # noqa: E402
@@ -22,9 +20,6 @@ SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate
     "qwen3-0.6b": (1024, 16, 8, 128, 3072),
     "qwen3-8b": (4096, 32, 8, 128, 12288),
 }
-SCALARS = {"eps", "qk_eps", "scale", "cs_stride", "rot_half", "kc_stride_b", "kc_stride_s", "kc_stride_h",
-           "vc_stride_b", "vc_stride_s", "vc_stride_h", "H", "INTER"}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -35,29 +30,23 @@ def main() -> None:
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     p = opts.programs
     s = dl.decode_splits(p, hkv, opts.max_seq_len)
-    nqkv = (hq + 2 * hkv) * d
-    r_qkv, t_qkv = dl._rows_tile(nqkv, p)
-    r_o, t_o = dl._rows_tile(hidden, p)
-    r_gu, t_gu = dl._rows_tile(inter, p)
-    hb_o = max(1, min(triton.next_power_of_2(hq), dl._pow2_floor(dl.CHUNK_ELEMS // (t_o * d)),
-                      dl._pow2_floor(max(64 // s, 1))))
-    const = dict(HQ=hq, HKV=hkv, D=d, BLOCK_H=triton.next_power_of_2(hidden), P=p, R_QKV=r_qkv, T_QKV=t_qkv,
-                 KB_QKV=dl._chunk(hidden, t_qkv), R_O=r_o, T_O=t_o, HB_O=hb_o, R_GU=r_gu, T_GU=t_gu,
-                 KB_GU=dl._chunk(hidden, t_gu, 2), R_D=r_o, T_D=t_o, KB_D=dl._chunk(inter, t_o), S=s,
-                 BLOCK_N=dl.ATTN_BLOCK_N, PAGE=16, GROUP_M=max(16, triton.next_power_of_2(hq // hkv)), KV_ALIGN=16,
-                 HAS_RES=True, QKV_BIAS=False, QK_NORM=True, IS_NEOX=True, ACT=0, F32_DOT=False, IEEE=False,
+    const = dict(**dl.tiles(hidden, inter, hq, hkv, d, 2, p, s), PAGE=16, KV_ALIGN=16, HAS_RES=True,
+                 QKV_BIAS=False, QK_NORM=True, IS_NEOX=True, ACT=0, F32_DOT=False, IEEE=False, ASM=True,
                  PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1, GRID_SYNC=True, PDL=True)
+    for k in ("H", "INTER"):
+        const.pop(k)
     ptrs = {n: "*bf16" for n in dl._decode_layer_kernel.arg_names if n.endswith("_ptr")}
     ptrs.update(cs_ptr="*fp32", pos_ptr="*i64", seq_lens_ptr="*i32", slot_ptr="*i64", bt_ptr="*i32",
                 part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", bar_ptr="*i32")
     sig = {n: ptrs.get(n, "fp32" if n in ("eps", "qk_eps", "scale") else "i32")
            for n in dl._decode_layer_kernel.arg_names if n not in const}
     aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("H", "INTER")
+    c = const
     k = compile_sm90(dl._decode_layer_kernel, sig, const, num_warps=dl.NUM_WARPS, num_stages=1, aligned=aligned)
     loads = ahead_of_wait(k, ("LDG",))["LDG"]
-    print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, tiles qkv {t_qkv}x{const['KB_QKV']}, "
-          f"o {t_o}x{hb_o}x{d}, gate_up 2x{t_gu}x{const['KB_GU']}, down {t_o}x{const['KB_D']}: {registers(k)}; "
-          f"{loads[0]} of {loads[1]} LDG before the PDL wait")
+    print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, chunks qkv {c['T_QKV']}x{c['KB_QKV']}, "
+          f"o {c['T_O']}x{c['KB_O']}, gate_up 2x{c['T_GU']}x{c['KB_GU']}, down {c['T_D']}x{c['KB_D']}: "
+          f"{registers(k)}; {loads[0]} of {loads[1]} LDG before the PDL wait")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def test_decode_layer_matches_the_layer_in_float64(case, dtype, seq_len):
     res = (torch.randn(1, hidden) * 2).to(DEVICE, dtype) if case != "qwen2-bias" else None  # first layer: none
     ref_out, ref_res, ref_k, ref_v = _reference(L, x, res, pos, seq_len, slot, table, k_cache.cpu(), v_cache.cpu(),
                                                     dtype)
-    barriers = torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE)
+    barriers = dl.counters(hkv, torch.device(DEVICE))
     out, res_out = _run(L, x, res, pos, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256)
     tol = TOL[dtype]
 
@@ -163,7 +163,7 @@ def test_decode_layer_matches_the_layer_in_float64(case, dtype, seq_len):
     close(v_cache[blk, off], ref_v, "new value in the cache")
     # each barrier's counter is zeroed one barrier later, the last one's by the next launch of the layer
     last = dl.grid_programs(torch.device(DEVICE)) if ON_GPU else 0
-    assert barriers.tolist() == [0] * (dl.NUM_BARRIERS - 1) + [last], barriers.tolist()
+    assert barriers.tolist() == [0] * (dl.NUM_BARRIERS - 1) + [last] + [0] * hkv, barriers.tolist()
 
 
 def triton_cdiv(a, b):
@@ -182,7 +182,7 @@ def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
     table = torch.arange(16, dtype=torch.int32)
     slot = seq_len - 1
     x, res = torch.randn(1, hidden, device=DEVICE), torch.randn(1, hidden, device=DEVICE)
-    barriers = torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE)
+    barriers = dl.counters(hkv, torch.device(DEVICE))
     outs = [_run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256,
                  programs=p, splits=s)[0] for p, s in ((3, 1), (5, splits), (8, 2 * splits))]
     for o in outs[1:]:
@@ -195,11 +195,14 @@ def test_decode_layer_refuses_what_it_does_not_run():
     cache = torch.zeros(4, 16, 2, 32, device=DEVICE)
     with pytest.raises(ValueError, match="one row"):
         _run(L, x, None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
+             dl.counters(2, torch.device(DEVICE)), max_seq_len=16)
+    with pytest.raises(ValueError, match="counters"):  # one a KV head too
+        _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE), max_seq_len=16)
     with pytest.raises(ValueError, match="qkv weight"):
         L["qkv_w"] = L["qkv_w"][:, :-1]
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
-             torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE), max_seq_len=16)
+             dl.counters(2, torch.device(DEVICE)), max_seq_len=16)
 
 
 def _tiny_checkpoint(tmp_path, family):

@@ -87,7 +87,7 @@ class OneLaunchDecode:
                 or cache.k_scale is not None):
             return None
         if self._barriers is None or self._barriers.device != hidden.device:
-            self._barriers = torch.zeros(kernel.NUM_BARRIERS, dtype=torch.int32, device=hidden.device)
+            self._barriers = kernel.counters(impl.spec.num_kv_heads, hidden.device)
         slots, tables = impl._slots_and_tables(md)
         mlp, s = layer.mlp, impl.spec
         qn, kn = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)

@@ -47,11 +47,12 @@ from atom.ops.triton_kernels.attention import (
     _split_span,
 )
 from atom.ops.triton_kernels.common import dot_ieee, interpreting, num_sms
-from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait
+from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_line_l2
 
 NUM_PHASES = 5
 NUM_BARRIERS = NUM_PHASES - 1
 _LAST_BARRIER = tl.constexpr(NUM_BARRIERS - 1)
+NUM_BARRIERS_C = tl.constexpr(NUM_BARRIERS)  # the KV heads' split counts follow the barriers' counters
 # Elements of one weight chunk a program holds (a phase's first chunk is loaded before the barrier): 32,768 bf16
 # is 64 KB, 256 bytes a thread at 8 warps. ATOM_DECODE_LAYER_CHUNK overrides it for A/B runs.
 CHUNK_ELEMS = max(env_int("ATOM_DECODE_LAYER_CHUNK", 32768, 1 << 20, "weight elements a program's chunk"), 1024)
@@ -125,33 +126,46 @@ def _store_residual(a_ptr, b_ptr, out_ptr, H, BLOCK_H: tl.constexpr, HAS_B: tl.c
 
 
 @triton.jit
-def _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, h0, filled, HB: tl.constexpr, S: tl.constexpr,
-                  D: tl.constexpr, dtype: tl.constexpr):
-    """Heads [h0, h0 + HB) of the attention output ([HB, D], float32 of the dtype-rounded values): their `filled`
-    splits' partial softmax states merged (attention._merge_splits_kernel's arithmetic)."""
-    h = h0 + tl.arange(0, HB)
+def _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                 S: tl.constexpr, D: tl.constexpr):
+    """The attention output of KV head kvh's GROUP query heads ([GROUP_P, D] float32): their `filled` splits' partial
+    softmax states merged (attention._merge_splits_kernel's arithmetic). All splits' loads are independent (the
+    split loop is unrolled, masked past `filled`)."""
+    g = tl.arange(0, GROUP_P)
     s = tl.arange(0, S)
     d = tl.arange(0, D)
-    s_ok = (s < filled)[None, :] & (h >= 0)[:, None]
-    base = h[:, None] * S + s[None, :]
-    m = tl.load(part_m_ptr + base, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(part_l_ptr + base, mask=s_ok, other=0.0)
+    g_ok = g < GROUP
+    head = kvh * GROUP + g
+    ok = g_ok[:, None] & (s < filled)[None, :]
+    base = head[:, None] * S + s[None, :]
+    m = tl.load(part_m_ptr + base, mask=ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base, mask=ok, other=0.0)
     m_max = tl.max(m, axis=1)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_ref[:, None])
     l_tot = tl.sum(l_s * w, axis=1)
-    acc = tl.load(part_acc_ptr + base[:, :, None] * D + d[None, None, :], mask=s_ok[:, :, None], other=0.0)
-    o = tl.sum(acc * w[:, :, None], axis=1) / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
-    return o.to(dtype).to(tl.float32)
+    acc = tl.zeros([GROUP_P, D], tl.float32)
+    rows_ok = g_ok[:, None] & (d < D)[None, :]
+    split_of = tl.zeros([GROUP_P, D], tl.int32)
+    for k in tl.static_range(S):
+        w_k = tl.sum(tl.where(s[None, :] == k, w, 0.0), axis=1)
+        a = tl.load(part_acc_ptr + (head * S + k)[:, None] * D + d[None, :], mask=rows_ok & (split_of + k < filled),
+                    other=0.0)
+        acc += a * w_k[:, None]
+    return acc / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
 
 
 @triton.jit
-def _wo_chunk(wo_ptr, rows, row_ok, h0, KO: tl.constexpr, HB: tl.constexpr, D: tl.constexpr):
-    """o_proj's weight rows x the input columns of heads [h0, h0 + HB): [T, HB, D]."""
-    hb = tl.arange(0, HB)
-    d = tl.arange(0, D)
-    return tl.load(wo_ptr + rows[:, None, None].to(tl.int64) * KO + (h0 + hb)[None, :, None] * D + d[None, None, :],
-                   mask=row_ok[:, None, None], other=0.0)
+def _prefetch_rest(w_ptr, rows, row_ok, K, KB: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+                   ASM: tl.constexpr):
+    """Ask L2 for the 128-byte lines of columns [KB, K) of these weight rows (the chunks after the first, which is
+    loaded into registers), without waiting: loaded after the barrier, they come from L2. LINE: elements a line;
+    LINES: a power of two >= the lines past KB (0: none). Off under the interpreter (no inline assembly there)."""
+    if ASM:
+        if LINES > 0:
+            col = KB + tl.arange(0, LINES) * LINE
+            ok = row_ok[:, None] & (col < K)[None, :]
+            prefetch_line_l2(tl.where(ok, w_ptr + rows[:, None].to(tl.int64) * K + col[None, :], w_ptr))
 
 
 @triton.jit
@@ -160,13 +174,15 @@ def _decode_layer_kernel(
     wqkv_ptr, bqkv_ptr, qkv_ptr, qn_w_ptr, kn_w_ptr, qk_eps, cs_ptr, cs_stride, rot_half,
     pos_ptr, seq_lens_ptr, slot_ptr, bt_ptr, kc_ptr, vc_ptr,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-    part_m_ptr, part_l_ptr, part_acc_ptr, scale, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, scale, attn_ptr, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
     H, INTER, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
     R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr,
-    R_O: tl.constexpr, T_O: tl.constexpr, HB_O: tl.constexpr,
+    R_O: tl.constexpr, T_O: tl.constexpr, KB_O: tl.constexpr,
     R_GU: tl.constexpr, T_GU: tl.constexpr, KB_GU: tl.constexpr,
     R_D: tl.constexpr, T_D: tl.constexpr, KB_D: tl.constexpr,
-    S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, KV_ALIGN: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, GROUP_P: tl.constexpr,
+    KV_ALIGN: tl.constexpr, LINE: tl.constexpr, LINES_QKV: tl.constexpr, LINES_O: tl.constexpr,
+    LINES_GU: tl.constexpr, LINES_D: tl.constexpr, ASM: tl.constexpr,
     HAS_RES: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_NEOX: tl.constexpr,
     ACT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
     PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, PDL: tl.constexpr,
@@ -181,8 +197,9 @@ def _decode_layer_kernel(
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
 
     q_rows, q_ok = _rows_of(pid, NQKV, R_QKV, T_QKV)
-    if PHASE_LO == 0:  # the first chunk of this program's qkv rows: constant weights, before the PDL wait
-        w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)
+    if PHASE_LO == 0:  # the first chunk of this program's qkv rows (the rest into L2): constant weights, before the
+        w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)  # PDL wait
+        _prefetch_rest(wqkv_ptr, q_rows, q_ok, H, KB_QKV, LINE, LINES_QKV, ASM)
     pdl_wait(PDL)
 
     # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
@@ -255,21 +272,31 @@ def _decode_layer_kernel(
                 tl.store(part_m_ptr + part, m_i, mask=row_ok)
                 tl.store(part_l_ptr + part, l_i, mask=row_ok)
                 tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_a, mask=row_ok[:, None])
+                # the last of the KV head's splits to finish merges them (its count: release of this program's
+                # partials, acquire of the others'), and zeroes the count for the next launch
+                tl.debug_barrier()
+                done = tl.atomic_add(bar_ptr + NUM_BARRIERS_C + kvh, 1, sem="acq_rel", scope="gpu")
+                filled = tl.cdiv(seq_len, _split_span(seq_len, S, BLOCK_N))
+                if done == filled - 1:
+                    o_g = _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP, GROUP_P, S, D)
+                    g = tl.arange(0, GROUP_P)
+                    tl.store(attn_ptr + (kvh * GROUP + g)[:, None] * D + d[None, :], o_g.to(dtype),
+                             mask=(g < GROUP)[:, None])
+                    tl.store(bar_ptr + NUM_BARRIERS_C + kvh, 0)
 
-    # ---- phase 2: the splits merged -> o_proj rows ----
+    # ---- phase 2: o_proj rows of the attention output ----
     if (PHASE_LO <= 2) & (PHASE_HI >= 2):
         o_rows, o_ok = _rows_of(pid, H, R_O, T_O)
-        wo0 = _wo_chunk(wo_ptr, o_rows, o_ok, 0, KO, HB_O, D)
+        wo0 = _w_chunk(wo_ptr, o_rows, o_ok, KO, 0, KB_O)
+        _prefetch_rest(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
             _grid_sync(bar_ptr, 1, P, GRID_SYNC)
-        keys = tl.load(seq_lens_ptr).to(tl.int32)
-        filled = tl.cdiv(keys, _split_span(keys, S, BLOCK_N))
-        o = _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, 0, filled, HB_O, S, D, dtype)
-        acc_o = tl.sum(tl.sum(wo0.to(tl.float32) * o[None, :, :], axis=2), axis=1)
-        for h0 in range(HB_O, HQ, HB_O):
-            w = _wo_chunk(wo_ptr, o_rows, o_ok, h0, KO, HB_O, D)
-            o = _merged_heads(part_m_ptr, part_l_ptr, part_acc_ptr, h0, filled, HB_O, S, D, dtype)
-            acc_o += tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+        ko = tl.arange(0, KB_O)
+        acc_o = tl.sum(wo0.to(tl.float32) * tl.load(attn_ptr + ko, mask=ko < KO, other=0.0).to(tl.float32)[None, :],
+                       axis=1)
+        for k0 in range(KB_O, KO, KB_O):
+            a_k = tl.load(attn_ptr + k0 + ko, mask=k0 + ko < KO, other=0.0).to(tl.float32)
+            acc_o += tl.sum(_w_chunk(wo_ptr, o_rows, o_ok, KO, k0, KB_O).to(tl.float32) * a_k[None, :], axis=1)
         tl.store(o_ptr + o_rows, acc_o.to(dtype), mask=o_ok)
 
     # ---- phase 3: residual + o -> RMSNorm -> gate / up rows -> act(gate) * up ----
@@ -277,6 +304,8 @@ def _decode_layer_kernel(
         i_rows, i_ok = _rows_of(pid, INTER, R_GU, T_GU)
         wg0 = _w_chunk(wgu_ptr, i_rows, i_ok, H, 0, KB_GU)
         wu0 = _w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, 0, KB_GU)
+        _prefetch_rest(wgu_ptr, i_rows, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
+        _prefetch_rest(wgu_ptr, i_rows + INTER, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
         if PHASE_LO < 3:
             _grid_sync(bar_ptr, 2, P, GRID_SYNC)
         rstd2 = _rstd(o_ptr, res1_ptr, H, eps, BLOCK_H, True)
@@ -297,6 +326,7 @@ def _decode_layer_kernel(
     if PHASE_HI == 4:
         d_rows, dr_ok = _rows_of(pid, H, R_D, T_D)
         wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
+        _prefetch_rest(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC)
         k = tl.arange(0, KB_D)
@@ -334,6 +364,41 @@ def decode_splits(programs: int, num_kv_heads: int, max_seq_len: int) -> int:
     return max(1, min(_pow2_floor(max(programs // num_kv_heads, 1)), triton.next_power_of_2(most), 64))
 
 
+def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: int, elem_size: int, programs: int,
+          splits: int) -> dict:
+    """The kernel's shape constexprs: each phase's rows a program (R_*) and their power-of-two tile (T_*), its weight
+    chunk's columns (KB_*: about CHUNK_ELEMS elements; the first is loaded before the barrier) and the 128-byte
+    lines a row past that chunk (LINES_*: asked into L2 before the barrier), the attention's splits and groups."""
+    ko = num_heads * head_dim
+    nqkv = ko + 2 * num_kv_heads * head_dim
+    r_qkv, t_qkv = _rows_tile(nqkv, programs)
+    r_o, t_o = _rows_tile(hidden, programs)
+    r_gu, t_gu = _rows_tile(inter, programs)
+    kb = dict(KB_QKV=_chunk(hidden, t_qkv), KB_O=_chunk(ko, t_o), KB_GU=_chunk(hidden, t_gu, 2),
+              KB_D=_chunk(inter, t_o))
+    line = 128 // elem_size
+
+    def lines(k: int, first: int) -> int:
+        return 0 if k <= first else triton.next_power_of_2(triton.cdiv(k - first, line))
+
+    group = num_heads // num_kv_heads
+    return dict(H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim,
+                BLOCK_H=triton.next_power_of_2(hidden), P=programs, R_QKV=r_qkv, T_QKV=t_qkv, R_O=r_o, T_O=t_o,
+                R_GU=r_gu, T_GU=t_gu, R_D=r_o, T_D=t_o, **kb, S=splits, BLOCK_N=ATTN_BLOCK_N,
+                GROUP_M=max(16, triton.next_power_of_2(group)), GROUP_P=triton.next_power_of_2(group), LINE=line,
+                LINES_QKV=lines(hidden, kb["KB_QKV"]), LINES_O=lines(ko, kb["KB_O"]),
+                LINES_GU=lines(hidden, kb["KB_GU"]), LINES_D=lines(inter, kb["KB_D"]))
+
+
+def counters_needed(num_kv_heads: int) -> int:
+    return NUM_BARRIERS + num_kv_heads
+
+
+def counters(num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """A layer's counters for decode_layer's `barriers`: one a grid barrier, one a KV head (its finished splits)."""
+    return torch.zeros(counters_needed(num_kv_heads), dtype=torch.int32, device=device)
+
+
 def decode_layer(
     x: torch.Tensor, residual: torch.Tensor | None, *, input_norm_w: torch.Tensor, post_norm_w: torch.Tensor,
     eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm_w: torch.Tensor | None,
@@ -345,8 +410,8 @@ def decode_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a one-row decode step (x [1, H] the previous layer's output or the embedding,
     residual [1, H] or None for the first layer): returns (down_proj's output, the new residual), both [1, H],
-    what DecoderLayer.forward returns. barriers: this layer's int32 [NUM_BARRIERS] counters, zero before the first
-    launch (each launch leaves them for the next). max_seq_len: the longest context this launch may see (a CUDA
+    what DecoderLayer.forward returns. barriers: this layer's int32 counters (`counters`: the barriers' and each KV
+    head's split count), zero before the first launch (each launch leaves them for the next). max_seq_len: the longest context this launch may see (a CUDA
     graph's max_model_len) sizes the attention splits."""
     device = x.device
     hidden = x.shape[-1]
@@ -365,42 +430,36 @@ def decode_layer(
                              f"{w.dtype} {tuple(w.shape)}")
     if k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
         raise ValueError(f"decode_layer: the KV cache must be in the model dtype {x.dtype}, got {k_cache.dtype}")
+    if barriers.dtype != torch.int32 or barriers.numel() < counters_needed(num_kv_heads):
+        raise ValueError(f"decode_layer: barriers must be int32 with {counters_needed(num_kv_heads)} counters "
+                         "(decode_layer.counters)")
     p = programs or grid_programs(device)
     s = splits or decode_splits(p, num_kv_heads, max_seq_len)
-    r_qkv, t_qkv = _rows_tile(nqkv, p)
-    r_o, t_o = _rows_tile(hidden, p)
-    r_gu, t_gu = _rows_tile(inter, p)
-    r_d, t_d = _rows_tile(hidden, p)
-    hb_o = max(1, min(triton.next_power_of_2(num_heads), _pow2_floor(CHUNK_ELEMS // (t_o * head_dim)),
-                      _pow2_floor(max(64 // s, 1))))
-    while num_heads % hb_o:
-        hb_o //= 2
+    ko = num_heads * head_dim
+    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     f = dict(dtype=x.dtype, device=device)
     res1, res_out, out = (torch.empty(1, hidden, **f) for _ in range(3))
     qkv = torch.empty(nqkv, **f)
     o = torch.empty(hidden, **f)
+    attn = torch.empty(ko, **f)
     act_buf = torch.empty(inter, **f)
     part_m = torch.empty(num_heads, s, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(num_heads, s, head_dim, dtype=torch.float32, device=device)
     cs = cos_sin if cos_sin.stride(-1) == 1 else cos_sin.contiguous()
-    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     qn = q_norm_w if q_norm_w is not None else input_norm_w  # any pointer without qk-norm (never read)
     kn = k_norm_w if k_norm_w is not None else qn
     common = dict(
-        H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(hidden), P=p,
-        R_QKV=r_qkv, T_QKV=t_qkv, KB_QKV=_chunk(hidden, t_qkv), R_O=r_o, T_O=t_o, HB_O=hb_o,
-        R_GU=r_gu, T_GU=t_gu, KB_GU=_chunk(hidden, t_gu, 2), R_D=r_d, T_D=t_d, KB_D=_chunk(inter, t_d),
-        S=s, BLOCK_N=ATTN_BLOCK_N, PAGE=k_cache.shape[1], GROUP_M=max(16, triton.next_power_of_2(num_heads //
-                                                                                                  num_kv_heads)),
-        KV_ALIGN=16 if all(st % 16 == 0 for st in kv_strides) else 1,
+        **tiles(hidden, inter, num_heads, num_kv_heads, head_dim, x.element_size(), p, s),
+        PAGE=k_cache.shape[1], KV_ALIGN=16 if all(st % 16 == 0 for st in kv_strides) else 1,
         HAS_RES=residual is not None, QKV_BIAS=qkv_b is not None, QK_NORM=q_norm_w is not None,
-        IS_NEOX=bool(is_neox), ACT=act, F32_DOT=interpreting(), IEEE=dot_ieee(x.dtype), num_warps=NUM_WARPS,
+        IS_NEOX=bool(is_neox), ACT=act, F32_DOT=interpreting(), IEEE=dot_ieee(x.dtype), ASM=not interpreting(),
+        num_warps=NUM_WARPS,
     )
     args = (x, residual if residual is not None else x, res1, res_out, out, input_norm_w, post_norm_w, float(eps),
             qkv_w, qkv_b if qkv_b is not None else qkv_w, qkv, qn, kn, float(qk_eps), cs, cs.stride(0),
             cs.shape[-1] // 2, positions, seq_lens, slot_mapping, block_tables, k_cache, v_cache, *kv_strides,
-            part_m, part_l, part_acc, float(scale), o_w, o, gate_up_w, act_buf, down_w, barriers)
+            part_m, part_l, part_acc, float(scale), attn, o_w, o, gate_up_w, act_buf, down_w, barriers)
     if interpreting() or device.type != "cuda":  # programs run one after the other: a launch a phase
         for phase in range(NUM_PHASES):
             _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=False, PDL=False)
