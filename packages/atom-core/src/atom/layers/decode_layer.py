@@ -27,7 +27,7 @@ def _why_not(layer: nn.Module) -> str | None:
     from atom.quantization.unquantized import UnquantizedLinearMethod
 
     attn = layer.self_attn
-    impl = attn.attn.impl
+    impl = getattr(getattr(attn, "attn", None), "impl", None)  # a host's own attention (vLLM, SGLang) has none
     if not isinstance(impl, PagedAttention) or impl._rowmax_attend is None:
         return "not ATOM's Triton paged attention"
     s = impl.spec
