@@ -184,7 +184,7 @@ def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
     x, res = torch.randn(1, hidden, device=DEVICE), torch.randn(1, hidden, device=DEVICE)
     barriers = dl.counters(hkv, torch.device(DEVICE))
     outs = [_run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256,
-                 programs=p, splits=s)[0] for p, s in ((3, 1), (5, splits), (8, 2 * splits))]
+                 programs=p, splits=s)[0] for p, s in ((3, 1), (8, splits), (17, 2 * splits))]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
 
@@ -196,6 +196,9 @@ def test_decode_layer_refuses_what_it_does_not_run():
     with pytest.raises(ValueError, match="one row"):
         _run(L, x, None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              dl.counters(2, torch.device(DEVICE)), max_seq_len=16)
+    with pytest.raises(ValueError, match="must fit 4 programs"):  # a program a (KV head, split)
+        _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
+             dl.counters(2, torch.device(DEVICE)), max_seq_len=16, programs=4, splits=4)
     with pytest.raises(ValueError, match="counters"):  # one a KV head too
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE), max_seq_len=16)

@@ -39,8 +39,12 @@ import triton.language as tl
 from atom.envs import env_int
 from atom.ops.triton_kernels.activation import _act
 from atom.ops.triton_kernels.attention import (
+    _dot_operand,
     _holds_new_key,
     _key_tile,
+    _kv_offsets,
+    _load_k,
+    _load_v,
     _new_key_rows,
     _norm_rope_rows,
     _program_keys,
@@ -220,30 +224,42 @@ def _decode_layer_kernel(
             acc += tl.load(bqkv_ptr + q_rows, mask=q_ok, other=0.0).to(tl.float32)
         tl.store(qkv_ptr + q_rows, acc.to(dtype), mask=q_ok)
 
-    # ---- phase 1: attention, programs over (KV head, split) ----
+    # ---- phase 1: attention, a program a (KV head, split) (HKV * S <= P) ----
     if (PHASE_LO <= 1) & (PHASE_HI >= 1):
-        if PHASE_LO < 1:
-            _grid_sync(bar_ptr, 0, P, GRID_SYNC)
+        # before the barrier: the step's metadata (host-written) and this program's first key tile (earlier steps'
+        # keys: written by completed kernels; the new key's slot is read stale and replaced from registers)
         seq_len = tl.load(seq_lens_ptr).to(tl.int32)
         pos = tl.load(pos_ptr).to(tl.int64)
         slot = tl.load(slot_ptr).to(tl.int64)
-        cs_row = cs_ptr + pos * cs_stride
         d = tl.arange(0, D)
         d_ok = tl.full([D], 1, tl.int1)
-        r = tl.arange(0, GROUP_M)
-        row_ok = r < GROUP
-        qk_scale = scale * 1.4426950408889634
         row0 = pid * 0  # the block table's one row
-        for item in range(pid, HKV * S, P):
-            kvh = item // S
-            split = item % S
+        kvh = pid // S
+        split = pid % S
+        has_item = pid < HKV * S
+        lo, hi = _program_keys(seq_len, 1, 0, split, 0, 0, 1, False, S, BLOCK_N)
+        hi = tl.where(has_item, hi, lo)
+        _, k_ok0, k_off0, v_off0 = _kv_offsets(lo, hi, bt_ptr, row0, 0, kvh, kc_stride_b, kc_stride_s, kc_stride_h,
+                                               vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_N, PAGE, False,
+                                               KV_ALIGN, True)
+        k_pre = _load_k(kc_ptr, k_off0, k_ok0, d, d_ok, True)
+        v_pre = _load_v(vc_ptr, v_off0, k_ok0, d, d_ok, True)
+        if PHASE_LO < 1:
+            _grid_sync(bar_ptr, 0, P, GRID_SYNC)
+        if lo < hi:
+            cs_row = cs_ptr + pos * cs_stride
+            r = tl.arange(0, GROUP_M)
+            row_ok = r < GROUP
+            qk_scale = scale * 1.4426950408889634
             head = kvh * GROUP + r
             q_row = qkv_ptr + head[:, None] * D
             q = _norm_rope_rows(q_row, row_ok[:, None], d, qn_w_ptr, qk_eps, cs_row, D, rot_half, QK_NORM, IS_NEOX,
                                 q_row, 0, 0)
             if F32_DOT:
                 q = q.to(tl.float32)
-            lo, hi = _program_keys(seq_len, 1, 0, split, 0, 0, 1, False, S, BLOCK_N)
+            new_at = -1
+            k_new_dot = _dot_operand(tl.zeros([D], tl.float32).to(dtype), dtype, F32_DOT, False, False)
+            v_new_dot = k_new_dot
             if _holds_new_key(lo, hi, seq_len, slot):  # this program's keys end at the new one: store it first
                 k_new, v_new = _new_key_rows(qkv_ptr + KO, qkv_ptr + KO + HKV * D, qkv_ptr, qkv_ptr, 0, kvh, D, 0, 0,
                                              tl.full([1, 1], 1, tl.int1), d, d_ok, kn_w_ptr, qk_eps, cs_row, rot_half,
@@ -252,37 +268,45 @@ def _decode_layer_kernel(
                 in_blk = slot % PAGE
                 tl.store(kc_ptr + blk * kc_stride_b + in_blk * kc_stride_s + kvh * kc_stride_h + d[None, :], k_new)
                 tl.store(vc_ptr + blk * vc_stride_b + in_blk * vc_stride_s + kvh * vc_stride_h + d[None, :], v_new)
-                tl.debug_barrier()  # visible to every thread of the program before the walk reads them
-            if lo < hi:
-                m_i = tl.full([GROUP_M], float("-inf"), tl.float32)
-                l_i = tl.zeros([GROUP_M], tl.float32)
-                acc_a = tl.zeros([GROUP_M, D], tl.float32)
-                hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-                for start in range(lo, hi_full, BLOCK_N):
-                    m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, start, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
-                                                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-                                                vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
-                                                False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, False)
-                if hi_full < hi:
-                    m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, hi_full, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
-                                                kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-                                                vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
-                                                False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, True)
-                part = head * S + split
-                tl.store(part_m_ptr + part, m_i, mask=row_ok)
-                tl.store(part_l_ptr + part, l_i, mask=row_ok)
-                tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_a, mask=row_ok[:, None])
-                # the last of the KV head's splits to finish merges them (its count: release of this program's
-                # partials, acquire of the others'), and zeroes the count for the next launch
-                tl.debug_barrier()
-                done = tl.atomic_add(bar_ptr + NUM_BARRIERS_C + kvh, 1, sem="acq_rel", scope="gpu")
-                filled = tl.cdiv(seq_len, _split_span(seq_len, S, BLOCK_N))
-                if done == filled - 1:
-                    o_g = _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP, GROUP_P, S, D)
-                    g = tl.arange(0, GROUP_P)
-                    tl.store(attn_ptr + (kvh * GROUP + g)[:, None] * D + d[None, :], o_g.to(dtype),
-                             mask=(g < GROUP)[:, None])
-                    tl.store(bar_ptr + NUM_BARRIERS_C + kvh, 0)
+                new_at = seq_len - 1  # in the preloaded tile it replaces what the early load saw
+                k_new_dot = _dot_operand(tl.reshape(k_new, [D]), dtype, F32_DOT, False, False)
+                v_new_dot = _dot_operand(tl.reshape(v_new, [D]), dtype, F32_DOT, False, False)
+                tl.debug_barrier()  # visible to every thread of the program before a later tile reads it
+            m_i = tl.full([GROUP_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([GROUP_M], tl.float32)
+            acc_a = tl.zeros([GROUP_M, D], tl.float32)
+            m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, lo, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
+                                        kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                                        d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE, False, KV_ALIGN,
+                                        F32_DOT, False, False, IEEE, False, False, 1, True, True, k_pre, v_pre,
+                                        new_at, k_new_dot, v_new_dot)
+            first = lo + BLOCK_N
+            hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+            for start in range(first, hi_full, BLOCK_N):
+                m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, start, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
+                                            kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                            vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
+                                            False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, False)
+            if (hi_full < hi) & (hi_full >= first):
+                m_i, l_i, acc_a = _key_tile(q, m_i, l_i, acc_a, hi_full, hi, 0, kc_ptr, vc_ptr, bt_ptr, row0, 0, kvh,
+                                            kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
+                                            vc_stride_h, d, d_ok, scale, qk_scale, 0.0, 0, dtype, BLOCK_N, PAGE,
+                                            False, KV_ALIGN, F32_DOT, False, False, IEEE, False, False, 1, True)
+            part = head * S + split
+            tl.store(part_m_ptr + part, m_i, mask=row_ok)
+            tl.store(part_l_ptr + part, l_i, mask=row_ok)
+            tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_a, mask=row_ok[:, None])
+            # the last of the KV head's splits to finish merges them (its count: release of this program's
+            # partials, acquire of the others'), and zeroes the count for the next launch
+            tl.debug_barrier()
+            done = tl.atomic_add(bar_ptr + NUM_BARRIERS_C + kvh, 1, sem="acq_rel", scope="gpu")
+            filled = tl.cdiv(seq_len, _split_span(seq_len, S, BLOCK_N))
+            if done == filled - 1:
+                o_g = _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP, GROUP_P, S, D)
+                g = tl.arange(0, GROUP_P)
+                tl.store(attn_ptr + (kvh * GROUP + g)[:, None] * D + d[None, :], o_g.to(dtype),
+                         mask=(g < GROUP)[:, None])
+                tl.store(bar_ptr + NUM_BARRIERS_C + kvh, 0)
 
     # ---- phase 2: o_proj rows of the attention output ----
     if (PHASE_LO <= 2) & (PHASE_HI >= 2):
@@ -435,6 +459,8 @@ def decode_layer(
                          "(decode_layer.counters)")
     p = programs or grid_programs(device)
     s = splits or decode_splits(p, num_kv_heads, max_seq_len)
+    if num_kv_heads * s > p or s & (s - 1):
+        raise ValueError(f"decode_layer: {num_kv_heads} KV heads x {s} splits (a power of two) must fit {p} programs")
     ko = num_heads * head_dim
     kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     f = dict(dtype=x.dtype, device=device)
