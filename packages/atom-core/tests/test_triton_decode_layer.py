@@ -267,3 +267,27 @@ def test_a_model_decoding_one_row_with_one_launch_a_layer_matches_transformers(t
     got = torch.cat(got).double().cpu()
     err = (got - want).abs().max().item()
     assert err <= 1e-4 * want.abs().max().item(), err
+
+
+def test_layers_it_cannot_run_keep_their_modules(tmp_path, monkeypatch):
+    """OneLaunchDecode takes a layer only where its kernel runs what the modules run: off (the default), or over FP8
+    linears, every layer keeps its modules, and the reason is named."""
+    from atom.layers import decode_layer as layer_mod
+    from atom.loader import load_model
+    from atom.ops import registry
+
+    path, _ = _tiny_checkpoint(tmp_path, "qwen3")
+    monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
+    monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
+    registry.forget_resolutions()
+    try:
+        monkeypatch.setattr(layer_mod, "ENABLED", False)
+        model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False)
+        assert all(layer._one_launch is None for layer in model.model.layers)
+        assert layer_mod._why_not(model.model.layers[0]) is None  # a layer it could run
+        monkeypatch.setattr(layer_mod, "ENABLED", True)
+        model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False, quantization="fp8")
+        assert all(layer._one_launch is None for layer in model.model.layers)
+        assert layer_mod._why_not(model.model.layers[0]) == "quantized or tensor-parallel linears"
+    finally:
+        registry.forget_resolutions()
