@@ -60,6 +60,9 @@ NUM_BARRIERS_C = tl.constexpr(NUM_BARRIERS)  # the KV heads' split counts follow
 # Elements of one weight chunk a program holds (a phase's first chunk is loaded before the barrier): 32,768 bf16
 # is 64 KB, 256 bytes a thread at 8 warps. ATOM_DECODE_LAYER_CHUNK overrides it for A/B runs.
 CHUNK_ELEMS = max(env_int("ATOM_DECODE_LAYER_CHUNK", 32768, 1 << 20, "weight elements a program's chunk"), 1024)
+# Bytes of a phase's later weight chunks a program asks L2 for before the barrier (132 programs: ~8.4 MB of L2 at 64
+# KB). ATOM_DECODE_LAYER_PREFETCH sets it (0: none).
+PREFETCH_BYTES = env_int("ATOM_DECODE_LAYER_PREFETCH", 65536, 1 << 24, "bytes a program")
 NUM_WARPS = max(env_int("ATOM_DECODE_LAYER_WARPS", 8, 32, "warps a program"), 1)
 ATTN_BLOCK_N = 64  # keys a tile in the attention phase
 
@@ -402,16 +405,21 @@ def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: 
               KB_D=_chunk(inter, t_o))
     line = 128 // elem_size
 
-    def lines(k: int, first: int) -> int:
-        return 0 if k <= first else triton.next_power_of_2(triton.cdiv(k - first, line))
+    def lines(k: int, first: int, rows: int, tiles: int = 1) -> int:
+        """Lines a row past the first chunk, a power of two, within PREFETCH_BYTES a program (what L2 holds for all
+        programs at once: qwen3-8b's gate_up rows would be 100 MB)."""
+        if k <= first:
+            return 0
+        most = PREFETCH_BYTES // (128 * rows * tiles)
+        return min(triton.next_power_of_2(triton.cdiv(k - first, line)), _pow2_floor(most) if most else 0)
 
     group = num_heads // num_kv_heads
     return dict(H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim,
                 BLOCK_H=triton.next_power_of_2(hidden), P=programs, R_QKV=r_qkv, T_QKV=t_qkv, R_O=r_o, T_O=t_o,
                 R_GU=r_gu, T_GU=t_gu, R_D=r_o, T_D=t_o, **kb, S=splits, BLOCK_N=ATTN_BLOCK_N,
                 GROUP_M=max(16, triton.next_power_of_2(group)), GROUP_P=triton.next_power_of_2(group), LINE=line,
-                LINES_QKV=lines(hidden, kb["KB_QKV"]), LINES_O=lines(ko, kb["KB_O"]),
-                LINES_GU=lines(hidden, kb["KB_GU"]), LINES_D=lines(inter, kb["KB_D"]))
+                LINES_QKV=lines(hidden, kb["KB_QKV"], t_qkv), LINES_O=lines(ko, kb["KB_O"], t_o),
+                LINES_GU=lines(hidden, kb["KB_GU"], t_gu, 2), LINES_D=lines(inter, kb["KB_D"], t_o))
 
 
 def counters_needed(num_kv_heads: int) -> int:
