@@ -20,14 +20,17 @@ from atom.ops.triton_kernels.common import num_sms
 
 
 @triton.jit
-def _barriers_only_kernel(bar_ptr, P: tl.constexpr):
+def _barriers_only_kernel(bar_ptr, P: tl.constexpr, MODE: tl.constexpr, FLAGS_AT: tl.constexpr):
     """The launch's grid barriers with no work between them (their cost alone)."""
-    dl._grid_sync(bar_ptr, 0, P, True)
-    dl._grid_sync(bar_ptr, 1, P, True)
-    dl._grid_sync(bar_ptr, 2, P, True)
-    dl._grid_sync(bar_ptr, 3, P, True)
-    if tl.program_id(0) == 0:
-        tl.store(bar_ptr + 3, 0)
+    if tl.program_id(0) == 0:  # what the layer kernel does at its start: the previous launch's last word
+        if MODE == 1:
+            tl.store(bar_ptr + 3, 0)
+        else:
+            tl.store(bar_ptr + FLAGS_AT + 96, 0)
+    dl._grid_sync(bar_ptr, 0, P, MODE, FLAGS_AT)
+    dl._grid_sync(bar_ptr, 1, P, MODE, FLAGS_AT)
+    dl._grid_sync(bar_ptr, 2, P, MODE, FLAGS_AT)
+    dl._grid_sync(bar_ptr, 3, P, MODE, FLAGS_AT)
 
 
 SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072), "qwen3-8b": (4096, 32, 8, 128, 12288)}
@@ -50,7 +53,7 @@ def main() -> None:
     layers = [dict(qkv=w(nqkv, hidden), o=w(hidden, hq * d), gu=w(2 * inter, hidden), down=w(hidden, inter),
                    kc=torch.randn(blocks, page, hkv, d, device=dev).to(dt),
                    vc=torch.randn(blocks, page, hkv, d, device=dev).to(dt),
-                   bar=torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=dev)) for _ in range(opts.layers)]
+                   bar=dl.counters(hkv, dev)) for _ in range(opts.layers)]
     norm = torch.ones(hidden, device=dev, dtype=dt)
     qn = torch.ones(d, device=dev, dtype=dt)
     cs = torch.rand(4096, d, device=dev)
@@ -104,11 +107,11 @@ def main() -> None:
         prev = t
     dl._decode_layer_kernel = orig
     p = num_sms(dev)
-    bars = [torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=dev) for _ in range(opts.layers)]
-    for warps in (1, dl.NUM_WARPS):
-        def barriers(_w=warps):
+    bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]
+    for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):
+        def barriers(_w=warps, _m=mode):
             for b in bars:
-                _barriers_only_kernel[(p,)](b, P=p, num_warps=_w)
+                _barriers_only_kernel[(p,)](b, P=p, MODE=_m, FLAGS_AT=dl.flags_at(hkv), num_warps=_w)
         barriers()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
@@ -122,7 +125,8 @@ def main() -> None:
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) * 1000 / opts.layers)
-        print(f"4 barriers alone, {warps} warps: {statistics.median(times):6.2f} us a launch")
+        print(f"4 barriers alone, form {mode} (ATOM_DECODE_LAYER_BARRIER), {warps} warps: "
+              f"{statistics.median(times):6.2f} us a launch")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--programs", type=int, default=132)
     ap.add_argument("--max-seq-len", type=int, default=4096)
+    ap.add_argument("--barrier", type=int, default=1, choices=(1, 2), help="the grid barrier's form (GRID_SYNC)")
     opts = ap.parse_args()
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     p = opts.programs
     s = dl.decode_splits(p, hkv, opts.max_seq_len)
     const = dict(**dl.tiles(hidden, inter, hq, hkv, d, 2, p, s), PAGE=16, KV_ALIGN=16, HAS_RES=True,
                  QKV_BIAS=False, QK_NORM=True, IS_NEOX=True, ACT=0, F32_DOT=False, IEEE=False, ASM=True,
-                 PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1, GRID_SYNC=True, PDL=True)
+                 PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1, GRID_SYNC=opts.barrier,
+                 FLAGS_AT=dl.flags_at(hkv), PDL=True)
     for k in ("H", "INTER"):
         const.pop(k)
     ptrs = {n: "*bf16" for n in dl._decode_layer_kernel.arg_names if n.endswith("_ptr")}

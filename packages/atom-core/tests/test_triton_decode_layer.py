@@ -161,9 +161,9 @@ def test_decode_layer_matches_the_layer_in_float64(case, dtype, seq_len):
     blk, off = slot // page, slot % page
     close(k_cache[blk, off], ref_k, "new key in the cache")
     close(v_cache[blk, off], ref_v, "new value in the cache")
-    # each barrier's counter is zeroed one barrier later, the last one's by the next launch of the layer
-    last = dl.grid_programs(torch.device(DEVICE)) if ON_GPU else 0
-    assert barriers.tolist() == [0] * (dl.NUM_BARRIERS - 1) + [last] + [0] * hkv, barriers.tolist()
+    # each barrier's counter (or flag) is zeroed one barrier later, the last one's by the next launch of the layer:
+    # the launch leaves that one word set (on a GPU; the interpreter's phase launches have no barriers)
+    assert int(barriers.count_nonzero()) == (1 if ON_GPU else 0), barriers.tolist()
 
 
 def triton_cdiv(a, b):

@@ -23,7 +23,7 @@ each linear's output, the attention output and act(gate) are rounded to the mode
 them; only the linears' float32 summation order differs (one program sums a row's K in chunks).
 
 The grid barrier (`_grid_sync`): a counter a barrier, each program adds 1 (release, GPU scope) and reads it back
-(acquire) until it holds P. The counters reset themselves: program 0 zeroes barrier k-1's counter
+(acquire) until it holds P (ATOM_DECODE_LAYER_BARRIER=2: the last to arrive sets a flag the others poll instead). The counters reset themselves: program 0 zeroes barrier k-1's counter
 after it passed barrier k (every program has left k-1 by then) and the last barrier's at the start of the next
 launch of the same layer. A launch needs all P programs resident at once: P is at most the SM count, one program
 an SM. Under the interpreter (which runs programs one after the other) there is no barrier: the phases run as five
@@ -63,23 +63,40 @@ CHUNK_ELEMS = max(env_int("ATOM_DECODE_LAYER_CHUNK", 32768, 1 << 20, "weight ele
 # Bytes of a phase's later weight chunks a program asks L2 for before the barrier (132 programs: ~8.4 MB of L2 at 64
 # KB). ATOM_DECODE_LAYER_PREFETCH sets it (0: none).
 PREFETCH_BYTES = env_int("ATOM_DECODE_LAYER_PREFETCH", 65536, 1 << 24, "bytes a program")
+# The grid barrier's form (_grid_sync): 1, every program polls the counter the adds go to; 2, the last to arrive sets
+# a flag on a line of its own, which the others poll. ATOM_DECODE_LAYER_BARRIER for A/B runs (1 until measured).
+BARRIER = max(env_int("ATOM_DECODE_LAYER_BARRIER", 1, 2, "1 counter, 2 flag"), 1)
 NUM_WARPS = max(env_int("ATOM_DECODE_LAYER_WARPS", 8, 32, "warps a program"), 1)
 ATTN_BLOCK_N = 64  # keys a tile in the attention phase
 
 
 @triton.jit
-def _grid_sync(bar_ptr, k: tl.constexpr, P: tl.constexpr, GRID_SYNC: tl.constexpr):
+def _grid_sync(bar_ptr, k: tl.constexpr, P: tl.constexpr, GRID_SYNC: tl.constexpr, FLAGS_AT: tl.constexpr):
     """Barrier k of the launch: returns when all P programs have arrived, with their stores before it visible.
-    Program 0 then zeroes barrier k-1's counter (every program has left it). No-op without GRID_SYNC."""
-    if GRID_SYNC:
+    GRID_SYNC 0: none (the interpreter's phase launches). 1: each program adds 1 to counter k (release) and reads it
+    back (acquire) until it holds P; program 0 then zeroes counter k-1 (every program has left it). 2: the program
+    whose add (acq_rel) completes the count zeroes the counter and sets flag k (release, on a line of its own); the
+    others poll the flag (acquire), not the counter the adds go to; program 0 then zeroes flag k-1."""
+    if GRID_SYNC > 0:
         tl.debug_barrier()  # every thread's stores of this program issued before the arrival
-        seen = tl.atomic_add(bar_ptr + k, 1, sem="release", scope="gpu") + 1
-        while seen < P:  # acquire reads (an add of 0 whose value is used: one with its value unused is dropped)
-            seen = tl.atomic_add(bar_ptr + k, 0, sem="acquire", scope="gpu")
+        if GRID_SYNC == 1:
+            seen = tl.atomic_add(bar_ptr + k, 1, sem="release", scope="gpu") + 1
+            while seen < P:  # acquire reads (an add of 0 whose value is used: one with its value unused is dropped)
+                seen = tl.atomic_add(bar_ptr + k, 0, sem="acquire", scope="gpu")
+        else:
+            if tl.atomic_add(bar_ptr + k, 1, sem="acq_rel", scope="gpu") == P - 1:
+                tl.store(bar_ptr + k, 0)
+                tl.atomic_xchg(bar_ptr + FLAGS_AT + 32 * k, 1, sem="release", scope="gpu")
+            seen = tl.atomic_add(bar_ptr + FLAGS_AT + 32 * k, 0, sem="acquire", scope="gpu")
+            while seen == 0:
+                seen = tl.atomic_add(bar_ptr + FLAGS_AT + 32 * k, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
         if k > 0:
             if tl.program_id(0) == 0:
-                tl.store(bar_ptr + (k - 1), 0)
+                if GRID_SYNC == 1:
+                    tl.store(bar_ptr + (k - 1), 0)
+                else:
+                    tl.store(bar_ptr + FLAGS_AT + 32 * (k - 1), 0)
 
 
 @triton.jit
@@ -192,7 +209,8 @@ def _decode_layer_kernel(
     LINES_GU: tl.constexpr, LINES_D: tl.constexpr, ASM: tl.constexpr,
     HAS_RES: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_NEOX: tl.constexpr,
     ACT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
-    PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, PDL: tl.constexpr,
+    PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, FLAGS_AT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """See the module docstring. One decode row: x, res [H] (res unread without HAS_RES: the first layer, whose
     residual is x); writes res1 (x + res, program 0), qkv, the attention partials, o, act (scratch), res_out (res1
@@ -211,9 +229,12 @@ def _decode_layer_kernel(
 
     # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
     if PHASE_LO == 0:
-        if GRID_SYNC:
-            if pid == 0:  # the previous launch of this layer left its last barrier's counter set
-                tl.store(bar_ptr + _LAST_BARRIER, 0)
+        if GRID_SYNC > 0:
+            if pid == 0:  # the previous launch of this layer left its last barrier's counter (1) or flag (2) set
+                if GRID_SYNC == 1:
+                    tl.store(bar_ptr + _LAST_BARRIER, 0)
+                else:
+                    tl.store(bar_ptr + FLAGS_AT + 32 * _LAST_BARRIER, 0)
         rstd = _rstd(x_ptr, res_ptr, H, eps, BLOCK_H, HAS_RES)
         if pid == 0:
             _store_residual(x_ptr, res_ptr, res1_ptr, H, BLOCK_H, HAS_RES)
@@ -248,7 +269,7 @@ def _decode_layer_kernel(
         k_pre = _load_k(kc_ptr, k_off0, k_ok0, d, d_ok, True)
         v_pre = _load_v(vc_ptr, v_off0, k_ok0, d, d_ok, True)
         if PHASE_LO < 1:
-            _grid_sync(bar_ptr, 0, P, GRID_SYNC)
+            _grid_sync(bar_ptr, 0, P, GRID_SYNC, FLAGS_AT)
         if lo < hi:
             cs_row = cs_ptr + pos * cs_stride
             r = tl.arange(0, GROUP_M)
@@ -317,7 +338,7 @@ def _decode_layer_kernel(
         wo0 = _w_chunk(wo_ptr, o_rows, o_ok, KO, 0, KB_O)
         _prefetch_rest(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
-            _grid_sync(bar_ptr, 1, P, GRID_SYNC)
+            _grid_sync(bar_ptr, 1, P, GRID_SYNC, FLAGS_AT)
         ko = tl.arange(0, KB_O)
         acc_o = tl.sum(wo0.to(tl.float32) * tl.load(attn_ptr + ko, mask=ko < KO, other=0.0).to(tl.float32)[None, :],
                        axis=1)
@@ -334,7 +355,7 @@ def _decode_layer_kernel(
         _prefetch_rest(wgu_ptr, i_rows, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
         _prefetch_rest(wgu_ptr, i_rows + INTER, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
         if PHASE_LO < 3:
-            _grid_sync(bar_ptr, 2, P, GRID_SYNC)
+            _grid_sync(bar_ptr, 2, P, GRID_SYNC, FLAGS_AT)
         rstd2 = _rstd(o_ptr, res1_ptr, H, eps, BLOCK_H, True)
         if pid == 0:
             _store_residual(o_ptr, res1_ptr, res_out_ptr, H, BLOCK_H, True)
@@ -355,7 +376,7 @@ def _decode_layer_kernel(
         wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
         _prefetch_rest(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
-            _grid_sync(bar_ptr, 3, P, GRID_SYNC)
+            _grid_sync(bar_ptr, 3, P, GRID_SYNC, FLAGS_AT)
         k = tl.arange(0, KB_D)
         acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < INTER, other=0.0).to(tl.float32)[None, :],
                        axis=1)
@@ -422,12 +443,19 @@ def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: 
                 LINES_GU=lines(hidden, kb["KB_GU"], t_gu, 2), LINES_D=lines(inter, kb["KB_D"], t_o))
 
 
+def flags_at(num_kv_heads: int) -> int:
+    """Where the barriers' flags (GRID_SYNC 2) start in the counters: after the counters and the KV heads' counts, on
+    a 128-byte line of their own, one line a flag."""
+    return 32 * triton.cdiv(NUM_BARRIERS + num_kv_heads, 32)
+
+
 def counters_needed(num_kv_heads: int) -> int:
-    return NUM_BARRIERS + num_kv_heads
+    return flags_at(num_kv_heads) + 32 * NUM_BARRIERS
 
 
 def counters(num_kv_heads: int, device: torch.device) -> torch.Tensor:
-    """A layer's counters for decode_layer's `barriers`: one a grid barrier, one a KV head (its finished splits)."""
+    """A layer's counters for decode_layer's `barriers`: one a grid barrier, one a KV head (its finished splits), and
+    the barriers' flags (flags_at)."""
     return torch.zeros(counters_needed(num_kv_heads), dtype=torch.int32, device=device)
 
 
@@ -496,9 +524,10 @@ def decode_layer(
             part_m, part_l, part_acc, float(scale), attn, o_w, o, gate_up_w, act_buf, down_w, barriers)
     if interpreting() or device.type != "cuda":  # programs run one after the other: a launch a phase
         for phase in range(NUM_PHASES):
-            _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=False, PDL=False)
+            _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=0,
+                                       FLAGS_AT=flags_at(num_kv_heads), PDL=False)
     else:
-        _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, GRID_SYNC=True,
-                                   **pdl_args(device))
+        _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, GRID_SYNC=BARRIER,
+                                   FLAGS_AT=flags_at(num_kv_heads), **pdl_args(device))
     return out, res_out
 
