@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The next stop's first device call (tools/device/README.md, "Pending (stop 65)"), from the repo root, carrying
+# .carry/atom + .carry/vllm/deps:
+#   bash tools/device/s66.sh phases|test|ab|ab8   (results under $OUT)
+# phases: where the one-launch layer's time goes (decode_layer_bench.py: the launch cut after each phase, and the
+#         four barriers alone in both forms), qwen3-0.6b and qwen3-8b, then the same with ATOM_DECODE_LAYER_BARRIER=2
+#         (~2 min).
+# test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA).
+# ab:     qwen3-0.6b batch 1, 3 rounds: the default (fused prep at groups of 2 since stop 65) against ATOM_DECODE_LAYER=1
+#         (atom-alt) and ATOM_DECODE_LAYER=1 ATOM_DECODE_LAYER_BARRIER=2 (atom-alt2) (~4 min).
+# ab8:    qwen3-8b batch 1, 3 rounds: the default against ATOM_DECODE_LAYER=1 (s65.sh ab8).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp/s66}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name --format=csv,noheader
+case "${1:-phases}" in
+  phases)
+    source tools/device/setup_device.sh >/dev/null 2>&1
+    export PYTHONPATH=packages/atom-core/src:${PYTHONPATH:-}
+    for preset in qwen3-0.6b qwen3-8b; do
+      timeout 150 python3 tools/device/decode_layer_bench.py --preset "$preset" 2>&1 | tail -10 | tee "$out/phases_$preset.txt"
+      ATOM_DECODE_LAYER_BARRIER=2 timeout 100 python3 tools/device/decode_layer_bench.py --preset "$preset" 2>&1 \
+        | tail -10 | head -6 | tee "$out/phases_${preset}_flag.txt"
+    done ;;
+  test)
+    source tools/device/setup_device.sh >/dev/null 2>&1
+    ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${S66_TEST_BUDGET_S:-150} ATOM_TEST_TIMEOUT_S=120 \
+      bash tools/device/run_gpu_tests.sh core -k "decode_layer or fused_decode_prep" > "$out/s66_tests.txt" 2>&1
+    tail -2 "$out/s66_tests.txt"
+    grep -hE "^E  " "$out"/core*.log /tmp/atom-gpu/core*.log 2>/dev/null | sort | uniq -c | head -10 ;;
+  ab)
+    bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b --batch-sizes 1 --engines atom,atom-alt,atom-alt2 \
+      --alt-env ATOM_DECODE_LAYER=1 --alt2-env "ATOM_DECODE_LAYER=1 ATOM_DECODE_LAYER_BARRIER=2" \
+      --repeats 3 --budget-s "${S66_BUDGET_S:-260}" --min-engine-s 15 --crosscheck off ;;
+  ab8)
+    bash tools/device/s65.sh ab8 ;;
+  *) echo "usage: s66.sh phases|test|ab|ab8" >&2; exit 2 ;;
+esac
