@@ -116,6 +116,18 @@ def _w_chunk(w_ptr, rows, row_ok, K, k0, KB: tl.constexpr):
 
 
 @triton.jit
+def _rows_times(w_ptr, rows, row_ok, K, w_first, x_ptr, KB: tl.constexpr):
+    """These rows of a row-major [N, K] weight times the K-vector at x_ptr, in float32: the first chunk from registers
+    (w_first, loaded before the barrier), the others loaded here."""
+    k = tl.arange(0, KB)
+    acc = tl.sum(w_first.to(tl.float32) * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :], axis=1)
+    for k0 in range(KB, K, KB):
+        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(_w_chunk(w_ptr, rows, row_ok, K, k0, KB).to(tl.float32) * x[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _residual(a_ptr, b_ptr, k, ok, HAS_B: tl.constexpr):
     """(a + b)[k] rounded to a's dtype (a residual sum, as norm.rms_norm_row); a alone without HAS_B."""
     a = tl.load(a_ptr + k, mask=ok, other=0.0)
@@ -339,13 +351,7 @@ def _decode_layer_kernel(
         _prefetch_rest(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
             _grid_sync(bar_ptr, 1, P, GRID_SYNC, FLAGS_AT)
-        ko = tl.arange(0, KB_O)
-        acc_o = tl.sum(wo0.to(tl.float32) * tl.load(attn_ptr + ko, mask=ko < KO, other=0.0).to(tl.float32)[None, :],
-                       axis=1)
-        for k0 in range(KB_O, KO, KB_O):
-            a_k = tl.load(attn_ptr + k0 + ko, mask=k0 + ko < KO, other=0.0).to(tl.float32)
-            acc_o += tl.sum(_w_chunk(wo_ptr, o_rows, o_ok, KO, k0, KB_O).to(tl.float32) * a_k[None, :], axis=1)
-        tl.store(o_ptr + o_rows, acc_o.to(dtype), mask=o_ok)
+        tl.store(o_ptr + o_rows, _rows_times(wo_ptr, o_rows, o_ok, KO, wo0, attn_ptr, KB_O).to(dtype), mask=o_ok)
 
     # ---- phase 3: residual + o -> RMSNorm -> gate / up rows -> act(gate) * up ----
     if (PHASE_LO <= 3) & (PHASE_HI >= 3):
@@ -377,14 +383,8 @@ def _decode_layer_kernel(
         _prefetch_rest(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC, FLAGS_AT)
-        k = tl.arange(0, KB_D)
-        acc_d = tl.sum(wd0.to(tl.float32) * tl.load(act_ptr + k, mask=k < INTER, other=0.0).to(tl.float32)[None, :],
-                       axis=1)
-        for k0 in range(KB_D, INTER, KB_D):
-            kk = k0 + k
-            a_k = tl.load(act_ptr + kk, mask=kk < INTER, other=0.0).to(tl.float32)
-            acc_d += tl.sum(_w_chunk(wd_ptr, d_rows, dr_ok, INTER, k0, KB_D).to(tl.float32) * a_k[None, :], axis=1)
-        tl.store(out_ptr + d_rows, acc_d.to(dtype), mask=dr_ok)
+        tl.store(out_ptr + d_rows, _rows_times(wd_ptr, d_rows, dr_ok, INTER, wd0, act_ptr, KB_D).to(dtype),
+                 mask=dr_ok)
 
 
 def _pow2_floor(n: int) -> int:
