@@ -5,7 +5,8 @@
 # phases: where the one-launch layer's time goes (decode_layer_bench.py: the launch cut after each phase, and the
 #         four barriers alone in both forms), qwen3-0.6b and qwen3-8b, then the same with ATOM_DECODE_LAYER_BARRIER=2
 #         (~2 min).
-# test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA), in both barrier forms.
+# test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA), in both barrier forms, and the
+#         engine's one-row CUDA graphs with it against the modules (test_engine_gpu.py -k one_launch).
 # ab:     qwen3-0.6b batch 1, 3 rounds: the default (fused prep at groups of 2 since stop 65) against ATOM_DECODE_LAYER=1
 #         (atom-alt) and ATOM_DECODE_LAYER=1 ATOM_DECODE_LAYER_BARRIER=2 (atom-alt2) (~4 min).
 # ab8:    qwen3-8b batch 1, 3 rounds: the default against ATOM_DECODE_LAYER=1 (s65.sh ab8).
@@ -31,7 +32,11 @@ case "${1:-phases}" in
         -k "decode_layer or fused_decode_prep" > "$out/s66_tests_$form.txt" 2>&1
       tail -1 "$out/s66_tests_$form.txt"
       grep -hE "^E  " "$out/form$form"/core*.log 2>/dev/null | sort | uniq -c | head -6
-    done ;;
+    done
+    # the engine: one-row decode graphs with the one-launch layers against the modules (greedy, logprobs)
+    ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=90 ATOM_TEST_TIMEOUT_S=80 OUT="$out/server" \
+      bash tools/device/run_gpu_tests.sh server -k one_launch > "$out/s66_server.txt" 2>&1
+    tail -1 "$out/s66_server.txt" ;;
   ab)
     bash tools/device/bench_vs_vllm.sh --shapes qwen3-0.6b --batch-sizes 1 --engines atom,atom-alt,atom-alt2 \
       --alt-env ATOM_DECODE_LAYER=1 --alt2-env "ATOM_DECODE_LAYER=1 ATOM_DECODE_LAYER_BARRIER=2" \

@@ -78,3 +78,29 @@ def test_default_token_budget_is_vllms(tmp_path):
     prompts = [{"prompt_token_ids": [(7 * i + j) % 100 + 1 for j in range(256 - 1)]} for i in range(64)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 1 for o in outs)
+
+
+def test_one_launch_layers_on_cuda_graphs_match_the_modules(tmp_path, monkeypatch):
+    """ATOM_DECODE_LAYER on (atom.layers.decode_layer): one sequence at a time, its decode steps (CUDA graphs of one
+    row) run each layer as one launch; greedy tokens equal to the modules' run and logprobs within 1e-3 (float32:
+    the linears' sums in another order), one prompt after the other so every step has one row."""
+    from atom.layers import decode_layer as layer_mod
+    from atom.ops.triton_kernels import decode_layer as kernel
+
+    ckpt = write_tiny_llama(tmp_path)
+    prompts = [{"prompt_token_ids": [7 + (i * 13) % 250 for i in range(n)]} for n in (5, 33, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    launches = []
+    real = kernel.decode_layer
+    monkeypatch.setattr(kernel, "decode_layer", lambda *a, **kw: (launches.append(1), real(*a, **kw))[1])
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(layer_mod, "ENABLED", on)
+        llm = LLM(ckpt, dtype="float32", block_size=16, max_model_len=256, max_num_seqs=1,
+                  gpu_memory_utilization=0.3)
+        runs[on] = [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
+        assert bool(launches) == on  # captured (and warmed up) with the one-launch layers, replayed after
+    assert [o.outputs[0].token_ids for o in runs[False]] == [o.outputs[0].token_ids for o in runs[True]]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert da.keys() == db.keys() and all(abs(da[t].logprob - db[t].logprob) < 1e-3 for t in da)
