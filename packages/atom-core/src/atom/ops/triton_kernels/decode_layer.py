@@ -7,27 +7,30 @@ layer's five phases with a grid-wide barrier between them:
 
   0. residual + x -> RMSNorm -> qkv rows (each program its share of the qkv weight's rows; every program computes
      the norm of the whole 1 x H row itself, which is a few KB from L2)
-  1. attention: programs over (KV head, split): the query heads' qk-norm and rope, the new key's norm, rope and
-     cache store (by the program whose keys end at it), the split's partial softmax state
-  2. the splits merged (every program, for the heads of each K chunk) -> o_proj rows
+  1. attention: a program a (KV head, split), its step metadata and first key tile loaded before the barrier: the
+     query heads' qk-norm and rope, the new key's norm, rope and cache store (by the program whose keys end at it,
+     put into its preloaded tile from registers), the split's partial softmax state; the last program to finish a
+     KV head's splits (an acq_rel count a head) merges them into the attention output
+  2. o_proj rows of the attention output
   3. residual + o -> RMSNorm -> gate and up rows of the program's intermediate slice -> act(gate) * up
   4. down_proj rows
 
-Each program loads its next phase's first weight chunk before it waits at the barrier (weights are constant), so
-the weight stream of a phase overlaps the previous phase's tail and the barrier. The layer's output (down_proj's
-rows) and its residual are the next layer's input; the next launch's programs load their qkv weight before their
-PDL wait.
+Each program loads its next phase's first weight chunk into registers, and asks L2 for the rest (up to
+PREFETCH_BYTES), before it waits at the barrier (weights are constant), so the weight stream of a phase overlaps the
+previous phase's tail and the barrier. The layer's output (down_proj's rows) and its residual are the next layer's
+input; the next launch's programs load their first qkv chunk before their PDL wait.
 
 Roundings follow the unfused layer (the module path, atom.models.decoder): the residual sums, the norms' outputs,
 each linear's output, the attention output and act(gate) are rounded to the model dtype where the module rounds
 them; only the linears' float32 summation order differs (one program sums a row's K in chunks).
 
 The grid barrier (`_grid_sync`): a counter a barrier, each program adds 1 (release, GPU scope) and reads it back
-(acquire) until it holds P (ATOM_DECODE_LAYER_BARRIER=2: the last to arrive sets a flag the others poll instead). The counters reset themselves: program 0 zeroes barrier k-1's counter
-after it passed barrier k (every program has left k-1 by then) and the last barrier's at the start of the next
-launch of the same layer. A launch needs all P programs resident at once: P is at most the SM count, one program
-an SM. Under the interpreter (which runs programs one after the other) there is no barrier: the phases run as five
-launches (PHASE_LO / PHASE_HI), the same code and arithmetic.
+(acquire) until it holds P (ATOM_DECODE_LAYER_BARRIER=2: the last to arrive sets a flag the others poll instead).
+The counters reset themselves: program 0 zeroes barrier k-1's counter (or flag) after it passed barrier k (every
+program has left k-1 by then) and the last barrier's at the start of the next launch of the same layer. A launch
+needs all P programs resident at once: P is at most the SM count, one program an SM. Under the interpreter (which
+runs programs one after the other) there is no barrier: the phases run as five launches (PHASE_LO / PHASE_HI), the
+same code and arithmetic.
 """
 
 from __future__ import annotations
