@@ -269,9 +269,11 @@ def test_a_model_decoding_one_row_with_one_launch_a_layer_matches_transformers(t
     assert err <= 1e-4 * want.abs().max().item(), err
 
 
-def test_layers_it_cannot_run_keep_their_modules(tmp_path, monkeypatch):
+def test_layers_it_cannot_run_keep_their_modules(tmp_path, monkeypatch, caplog):
     """OneLaunchDecode takes a layer only where its kernel runs what the modules run: off (the default), or over FP8
-    linears, every layer keeps its modules, and the reason is named."""
+    linears, every layer keeps its modules, and the reason is named (logged once when ATOM_DECODE_LAYER asked)."""
+    import logging
+
     from atom.layers import decode_layer as layer_mod
     from atom.loader import load_model
     from atom.ops import registry
@@ -286,8 +288,13 @@ def test_layers_it_cannot_run_keep_their_modules(tmp_path, monkeypatch):
         assert all(layer._one_launch is None for layer in model.model.layers)
         assert layer_mod._why_not(model.model.layers[0]) is None  # a layer it could run
         monkeypatch.setattr(layer_mod, "ENABLED", True)
-        model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False, quantization="fp8")
+        monkeypatch.setattr(layer_mod, "_SAID", set())
+        with caplog.at_level(logging.INFO, logger=layer_mod.__name__):
+            model, _ = load_model(path, dtype="bfloat16", device=DEVICE, progress=False, quantization="fp8")
         assert all(layer._one_launch is None for layer in model.model.layers)
         assert layer_mod._why_not(model.model.layers[0]) == "quantized or tensor-parallel linears"
+        said = [r.getMessage() for r in caplog.records if r.name == layer_mod.__name__]
+        assert said == ["ATOM_DECODE_LAYER: decoder layers keep their modules at decode (quantized or "
+                        "tensor-parallel linears)"], said  # once, not once a layer
     finally:
         registry.forget_resolutions()

@@ -12,12 +12,22 @@ tests run it).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from atom.envs import env_flag
 
 ENABLED = env_flag("ATOM_DECODE_LAYER", False)
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()  # what was logged (once a process, not once a layer)
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.info(message)
 
 
 def _why_not(layer: nn.Module) -> str | None:
@@ -65,7 +75,12 @@ class OneLaunchDecode:
             from atom.ops.triton_kernels import decode_layer  # noqa: F401 - Triton importable
         except ImportError:
             return None
-        return OneLaunchDecode(layer) if _why_not(layer) is None else None
+        why = _why_not(layer)
+        if why is not None:  # asked for and not taken: say why (the user set ATOM_DECODE_LAYER=1)
+            _say_once(f"ATOM_DECODE_LAYER: decoder layers keep their modules at decode ({why})")
+            return None
+        _say_once("ATOM_DECODE_LAYER: one-row decode steps run each decoder layer as one launch")
+        return OneLaunchDecode(layer)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
