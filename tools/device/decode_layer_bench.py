@@ -1,7 +1,8 @@
 """Where the one-launch decode layer's time goes: `_decode_layer_kernel` on a preset's shapes (random bf16 weights,
-one sequence of --context keys), launched with its phases cut after phase 0, 1, ... 4 (PHASE_HI; the barriers
-on), each cut captured 28 times back to back in a CUDA graph (as a step's layers, every launch its own weights so
-nothing stays in L2), replayed; us a launch by CUDA events, median of 20 replays. The differences between cuts are
+one sequence of --context keys), launched with its phases cut after phase 0, 1, ... 4 (decode_layer's last_phase;
+the barriers on), each cut captured 28 times back to back in a CUDA graph (as a step's layers, every launch its own
+weights so nothing stays in L2), replayed; us a launch by CUDA events, median of 20 replays
+(skinny_gemm_variants.timed_us). The differences between cuts are
 the phases' costs (a phase's time includes the barrier before it).
 
     python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28]
@@ -10,13 +11,17 @@ the phases' costs (a phase's time includes the barrier before it).
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
 from atom.ops.triton_kernels import decode_layer as dl
 from atom.ops.triton_kernels.common import num_sms
+
+sys.path.insert(0, os.path.dirname(__file__))
+from skinny_gemm_variants import timed_us  # noqa: E402 - us a call, CUDA graph replays (median of 20)
 
 
 @triton.jit
@@ -33,7 +38,10 @@ def _barriers_only_kernel(bar_ptr, P: tl.constexpr, MODE: tl.constexpr, FLAGS_AT
     dl._grid_sync(bar_ptr, 3, P, MODE, FLAGS_AT)
 
 
-SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072), "qwen3-8b": (4096, 32, 8, 128, 12288)}
+SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate (decode_layer_sass.py takes them from here)
+    "qwen3-0.6b": (1024, 16, 8, 128, 3072),
+    "qwen3-8b": (4096, 32, 8, 128, 12288),
+}
 
 
 def main() -> None:
@@ -63,71 +71,35 @@ def main() -> None:
     table = torch.arange(blocks, device=dev, dtype=torch.int32)[None]
     x = torch.randn(1, hidden, device=dev).to(dt)
     res = torch.randn(1, hidden, device=dev).to(dt)
-    orig = dl._decode_layer_kernel
     print(f"{torch.cuda.get_device_name()}, {opts.preset}, context {opts.context}, {num_sms(dev)} programs, "
           f"{dl.NUM_WARPS} warps, chunk {dl.CHUNK_ELEMS}")
     prev = 0.0
-    for hi in range(dl.NUM_PHASES):
-        class Cut:  # noqa: B023 - the launcher's kernel with the phases after `hi` left out (used in this iteration)
-            def __getitem__(self, grid):
-                def launch(*args, _hi=hi, **kw):  # noqa: B023 - used within this iteration
-                    kw["PHASE_HI"] = min(kw["PHASE_HI"], _hi)
-                    return orig[grid](*args, **kw)
-                return launch
+    for last in range(dl.NUM_PHASES):
+        for L in layers:  # fresh counters: a cut launch leaves its own last barrier's set
+            L["bar"] = dl.counters(hkv, dev)
 
-        dl._decode_layer_kernel = Cut()
-
-        def step():
+        def step(_last=last):
             h, r = x, res
             for L in layers:
-                out, r2 = dl.decode_layer(
+                dl.decode_layer(
                     h, r, input_norm_w=norm, post_norm_w=norm, eps=1e-6, qkv_w=L["qkv"], qkv_b=None, q_norm_w=qn,
                     k_norm_w=qn, qk_eps=1e-6, cos_sin=cs, is_neox=True, positions=pos, seq_lens=seq,
                     slot_mapping=slot, block_tables=table, k_cache=L["kc"], v_cache=L["vc"], scale=d**-0.5,
                     num_heads=hq, num_kv_heads=hkv, o_w=L["o"], gate_up_w=L["gu"], down_w=L["down"], act=0,
-                    barriers=L["bar"], max_seq_len=4096)
-            return out
+                    barriers=L["bar"], max_seq_len=4096, last_phase=_last)
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1000 / opts.layers)
-        t = statistics.median(times)
-        print(f"phases 0..{hi}: {t:7.2f} us a launch (+{t - prev:6.2f})")
+        t = timed_us(step, opts.layers)
+        print(f"phases 0..{last}: {t:7.2f} us a launch (+{t - prev:6.2f})")
         prev = t
-    dl._decode_layer_kernel = orig
     p = num_sms(dev)
     bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]
     for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):
         def barriers(_w=warps, _m=mode):
             for b in bars:
                 _barriers_only_kernel[(p,)](b, P=p, MODE=_m, FLAGS_AT=dl.flags_at(hkv), num_warps=_w)
-        barriers()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            barriers()
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1000 / opts.layers)
-        print(f"4 barriers alone, form {mode} (ATOM_DECODE_LAYER_BARRIER), {warps} warps: "
-              f"{statistics.median(times):6.2f} us a launch")
 
+        print(f"4 barriers alone, form {mode} (ATOM_DECODE_LAYER_BARRIER), {warps} warps: "
+              f"{timed_us(barriers, opts.layers):6.2f} us a launch")
 
 if __name__ == "__main__":
     main()

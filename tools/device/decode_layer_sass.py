@@ -14,12 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from atom.ops.triton_kernels import decode_layer as dl  # noqa: E402
+from decode_layer_bench import SHAPES  # noqa: E402
 from mx_frag_sass import ahead_of_wait, compile_sm90, registers  # noqa: E402
 
-SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate
-    "qwen3-0.6b": (1024, 16, 8, 128, 3072),
-    "qwen3-8b": (4096, 32, 8, 128, 12288),
-}
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -47,7 +44,7 @@ def main() -> None:
     k = compile_sm90(dl._decode_layer_kernel, sig, const, num_warps=dl.NUM_WARPS, num_stages=1, aligned=aligned)
     loads = ahead_of_wait(k, ("LDG",))["LDG"]
     print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, chunks qkv {c['T_QKV']}x{c['KB_QKV']}, "
-          f"o {c['T_O']}x{c['KB_O']}, gate_up 2x{c['T_GU']}x{c['KB_GU']}, down {c['T_D']}x{c['KB_D']}: "
+          f"o {c['T_H']}x{c['KB_O']}, gate_up 2x{c['T_GU']}x{c['KB_GU']}, down {c['T_H']}x{c['KB_D']}: "
           f"{registers(k)}; {loads[0]} of {loads[1]} LDG before the PDL wait")
 
 

@@ -199,6 +199,9 @@ def test_decode_layer_refuses_what_it_does_not_run():
     with pytest.raises(ValueError, match="must fit 4 programs"):  # a program a (KV head, split)
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              dl.counters(2, torch.device(DEVICE)), max_seq_len=16, programs=4, splits=4)
+    with pytest.raises(ValueError, match="last_phase must be 0..4"):
+        _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
+             dl.counters(2, torch.device(DEVICE)), max_seq_len=16, last_phase=5)
     with pytest.raises(ValueError, match="counters"):  # one a KV head too
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE), max_seq_len=16)

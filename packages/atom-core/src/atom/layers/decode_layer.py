@@ -64,7 +64,14 @@ class OneLaunchDecode:
     parameters, only references to the layer's."""
 
     def __init__(self, layer: nn.Module):
+        from atom.ops.triton_kernels import decode_layer as kernel
+        from atom.ops.triton_kernels.activation import _ACT_CODES
+        from atom.ops.triton_kernels.common import interpreting
+
         object.__setattr__(self, "layer", layer)
+        self._kernel = kernel  # the module (its launcher looked up at each call)
+        self._act = _ACT_CODES[layer.mlp.act._name]
+        self._interpreting = interpreting()  # the CPU runs it under Triton's interpreter only (the tests)
         self._barriers: torch.Tensor | None = None
 
     @staticmethod
@@ -72,7 +79,7 @@ class OneLaunchDecode:
         if not ENABLED:
             return None
         try:
-            from atom.ops.triton_kernels import decode_layer  # noqa: F401 - Triton importable
+            import atom.ops.triton_kernels.decode_layer  # noqa: F401 - Triton importable
         except ImportError:
             return None
         why = _why_not(layer)
@@ -86,15 +93,13 @@ class OneLaunchDecode:
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(the MLP's output, the new residual) as DecoderLayer.forward returns them, or None where this step is
         not one it runs (the caller runs the modules)."""
-        from atom.ops.triton_kernels import decode_layer as kernel
-        from atom.ops.triton_kernels.common import interpreting
-
+        kernel = self._kernel
         layer = self.layer
         attn = layer.self_attn
         impl = attn.attn.impl
         if (type(hidden) is not torch.Tensor or hidden.shape[0] != 1 or (residual is not None
                                                                           and type(residual) is not torch.Tensor)
-                or torch.compiler.is_compiling() or not (hidden.is_cuda or interpreting())):
+                or torch.compiler.is_compiling() or not (hidden.is_cuda or self._interpreting)):
             return None
         md = impl._context()
         cache = impl.kv_cache
@@ -114,4 +119,4 @@ class OneLaunchDecode:
             is_neox=attn.rotary_emb.is_neox, positions=positions, seq_lens=md.seq_lens, slot_mapping=slots,
             block_tables=tables, k_cache=cache.k, v_cache=cache.v, scale=s.scale, num_heads=s.num_heads,
             num_kv_heads=s.num_kv_heads, o_w=attn.o_proj.weight, gate_up_w=mlp.gate_up_proj.weight,
-            down_w=mlp.down_proj.weight, act=0, barriers=self._barriers, max_seq_len=md.max_seq_len)
+            down_w=mlp.down_proj.weight, act=self._act, barriers=self._barriers, max_seq_len=md.max_seq_len)

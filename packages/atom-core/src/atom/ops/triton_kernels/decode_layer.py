@@ -58,7 +58,6 @@ from atom.ops.triton_kernels.pdl import pdl_args, pdl_wait, prefetch_line_l2
 
 NUM_PHASES = 5
 NUM_BARRIERS = NUM_PHASES - 1
-_LAST_BARRIER = tl.constexpr(NUM_BARRIERS - 1)
 NUM_BARRIERS_C = tl.constexpr(NUM_BARRIERS)  # the KV heads' split counts follow the barriers' counters
 # Elements of one weight chunk a program holds (a phase's first chunk is loaded before the barrier): 32,768 bf16
 # is 64 KB, 256 bytes a thread at 8 warps. ATOM_DECODE_LAYER_CHUNK overrides it for A/B runs.
@@ -216,9 +215,9 @@ def _decode_layer_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, scale, attn_ptr, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
     H, INTER, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
     R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr,
-    R_O: tl.constexpr, T_O: tl.constexpr, KB_O: tl.constexpr,
+    R_H: tl.constexpr, T_H: tl.constexpr, KB_O: tl.constexpr,
     R_GU: tl.constexpr, T_GU: tl.constexpr, KB_GU: tl.constexpr,
-    R_D: tl.constexpr, T_D: tl.constexpr, KB_D: tl.constexpr,
+    KB_D: tl.constexpr,
     S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, GROUP_P: tl.constexpr,
     KV_ALIGN: tl.constexpr, LINE: tl.constexpr, LINES_QKV: tl.constexpr, LINES_O: tl.constexpr,
     LINES_GU: tl.constexpr, LINES_D: tl.constexpr, ASM: tl.constexpr,
@@ -244,12 +243,14 @@ def _decode_layer_kernel(
 
     # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
     if PHASE_LO == 0:
-        if GRID_SYNC > 0:
-            if pid == 0:  # the previous launch of this layer left its last barrier's counter (1) or flag (2) set
+        # the previous launch of this layer left its last barrier's counter (1) or flag (2) set: program 0 zeroes that
+        # of this launch's last barrier (PHASE_HI - 1; below 3 where decode_layer's last_phase cut the launch short)
+        if (GRID_SYNC > 0) & (PHASE_HI > 0):
+            if pid == 0:
                 if GRID_SYNC == 1:
-                    tl.store(bar_ptr + _LAST_BARRIER, 0)
+                    tl.store(bar_ptr + (PHASE_HI - 1), 0)
                 else:
-                    tl.store(bar_ptr + FLAGS_AT + 32 * _LAST_BARRIER, 0)
+                    tl.store(bar_ptr + FLAGS_AT + 32 * (PHASE_HI - 1), 0)
         rstd = _rstd(x_ptr, res_ptr, H, eps, BLOCK_H, HAS_RES)
         if pid == 0:
             _store_residual(x_ptr, res_ptr, res1_ptr, H, BLOCK_H, HAS_RES)
@@ -349,7 +350,7 @@ def _decode_layer_kernel(
 
     # ---- phase 2: o_proj rows of the attention output ----
     if (PHASE_LO <= 2) & (PHASE_HI >= 2):
-        o_rows, o_ok = _rows_of(pid, H, R_O, T_O)
+        o_rows, o_ok = _rows_of(pid, H, R_H, T_H)
         wo0 = _w_chunk(wo_ptr, o_rows, o_ok, KO, 0, KB_O)
         _prefetch_rest(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
@@ -381,7 +382,7 @@ def _decode_layer_kernel(
 
     # ---- phase 4: down_proj rows ----
     if PHASE_HI == 4:
-        d_rows, dr_ok = _rows_of(pid, H, R_D, T_D)
+        d_rows, dr_ok = _rows_of(pid, H, R_H, T_H)
         wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
         _prefetch_rest(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
@@ -417,16 +418,17 @@ def decode_splits(programs: int, num_kv_heads: int, max_seq_len: int) -> int:
 
 def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: int, elem_size: int, programs: int,
           splits: int) -> dict:
-    """The kernel's shape constexprs: each phase's rows a program (R_*) and their power-of-two tile (T_*), its weight
+    """The kernel's shape constexprs: each phase's rows a program (R_*; R_H for o_proj's and down_proj's H rows) and
+    their power-of-two tile (T_*), its weight
     chunk's columns (KB_*: about CHUNK_ELEMS elements; the first is loaded before the barrier) and the 128-byte
     lines a row past that chunk (LINES_*: asked into L2 before the barrier), the attention's splits and groups."""
     ko = num_heads * head_dim
     nqkv = ko + 2 * num_kv_heads * head_dim
     r_qkv, t_qkv = _rows_tile(nqkv, programs)
-    r_o, t_o = _rows_tile(hidden, programs)
+    r_h, t_h = _rows_tile(hidden, programs)
     r_gu, t_gu = _rows_tile(inter, programs)
-    kb = dict(KB_QKV=_chunk(hidden, t_qkv), KB_O=_chunk(ko, t_o), KB_GU=_chunk(hidden, t_gu, 2),
-              KB_D=_chunk(inter, t_o))
+    kb = dict(KB_QKV=_chunk(hidden, t_qkv), KB_O=_chunk(ko, t_h), KB_GU=_chunk(hidden, t_gu, 2),
+              KB_D=_chunk(inter, t_h))
     line = 128 // elem_size
 
     def lines(k: int, first: int, rows: int, tiles: int = 1) -> int:
@@ -439,11 +441,11 @@ def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: 
 
     group = num_heads // num_kv_heads
     return dict(H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim,
-                BLOCK_H=triton.next_power_of_2(hidden), P=programs, R_QKV=r_qkv, T_QKV=t_qkv, R_O=r_o, T_O=t_o,
-                R_GU=r_gu, T_GU=t_gu, R_D=r_o, T_D=t_o, **kb, S=splits, BLOCK_N=ATTN_BLOCK_N,
+                BLOCK_H=triton.next_power_of_2(hidden), P=programs, R_QKV=r_qkv, T_QKV=t_qkv, R_H=r_h, T_H=t_h,
+                R_GU=r_gu, T_GU=t_gu, **kb, S=splits, BLOCK_N=ATTN_BLOCK_N,
                 GROUP_M=max(16, triton.next_power_of_2(group)), GROUP_P=triton.next_power_of_2(group), LINE=line,
-                LINES_QKV=lines(hidden, kb["KB_QKV"], t_qkv), LINES_O=lines(ko, kb["KB_O"], t_o),
-                LINES_GU=lines(hidden, kb["KB_GU"], t_gu, 2), LINES_D=lines(inter, kb["KB_D"], t_o))
+                LINES_QKV=lines(hidden, kb["KB_QKV"], t_qkv), LINES_O=lines(ko, kb["KB_O"], t_h),
+                LINES_GU=lines(hidden, kb["KB_GU"], t_gu, 2), LINES_D=lines(inter, kb["KB_D"], t_h))
 
 
 def flags_at(num_kv_heads: int) -> int:
@@ -469,13 +471,14 @@ def decode_layer(
     seq_lens: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, o_w: torch.Tensor, gate_up_w: torch.Tensor,
     down_w: torch.Tensor, act: int, barriers: torch.Tensor, max_seq_len: int, programs: int | None = None,
-    splits: int | None = None,
+    splits: int | None = None, last_phase: int = NUM_PHASES - 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a one-row decode step (x [1, H] the previous layer's output or the embedding,
     residual [1, H] or None for the first layer): returns (down_proj's output, the new residual), both [1, H],
     what DecoderLayer.forward returns. barriers: this layer's int32 counters (`counters`: the barriers' and each KV
     head's split count), zero before the first launch (each launch leaves them for the next). max_seq_len: the longest context this launch may see (a CUDA
-    graph's max_model_len) sizes the attention splits."""
+    graph's max_model_len) sizes the attention splits. last_phase < 4 stops the launch early (its outputs then
+    unwritten; tools/device/decode_layer_bench.py times the phases so)."""
     device = x.device
     hidden = x.shape[-1]
     head_dim = k_cache.shape[-1]
@@ -496,6 +499,8 @@ def decode_layer(
     if barriers.dtype != torch.int32 or barriers.numel() < counters_needed(num_kv_heads):
         raise ValueError(f"decode_layer: barriers must be int32 with {counters_needed(num_kv_heads)} counters "
                          "(decode_layer.counters)")
+    if not 0 <= last_phase < NUM_PHASES:
+        raise ValueError(f"decode_layer: last_phase must be 0..{NUM_PHASES - 1}, got {last_phase}")
     p = programs or grid_programs(device)
     s = splits or decode_splits(p, num_kv_heads, max_seq_len)
     if num_kv_heads * s > p or s & (s - 1):
@@ -526,11 +531,11 @@ def decode_layer(
             cs.shape[-1] // 2, positions, seq_lens, slot_mapping, block_tables, k_cache, v_cache, *kv_strides,
             part_m, part_l, part_acc, float(scale), attn, o_w, o, gate_up_w, act_buf, down_w, barriers)
     if interpreting() or device.type != "cuda":  # programs run one after the other: a launch a phase
-        for phase in range(NUM_PHASES):
+        for phase in range(last_phase + 1):
             _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=0,
                                        FLAGS_AT=flags_at(num_kv_heads), PDL=False)
     else:
-        _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, GRID_SYNC=BARRIER,
+        _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=0, PHASE_HI=last_phase, GRID_SYNC=BARRIER,
                                    FLAGS_AT=flags_at(num_kv_heads), **pdl_args(device))
     return out, res_out
 

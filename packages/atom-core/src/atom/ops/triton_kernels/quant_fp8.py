@@ -870,6 +870,8 @@ def consumer_sums_splits(consumer: str) -> bool:
     """Whether a consumer of this kind ("norm", "attention", "activation") adds a split-K GEMM's partials itself
     now (its switch above); the linear methods' defers_split asks here."""
     return {"norm": NORM_SUMS_SPLITS, "attention": ATTN_SUMS_SPLITS, "activation": ACT_SUMS_SPLITS}[consumer]
+
+
 SPLIT_COUNTERS = 1 << 16  # tiles (column blocks x row blocks) one call may have; more: the second kernel
 
 
