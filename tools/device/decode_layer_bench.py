@@ -3,9 +3,10 @@ one sequence of --context keys), launched with its phases cut after phase 0, 1, 
 the barriers on), each cut captured 28 times back to back in a CUDA graph (as a step's layers, every launch its own
 weights so nothing stays in L2), replayed; us a launch by CUDA events, median of 20 replays
 (skinny_gemm_variants.timed_us). The differences between cuts are
-the phases' costs (a phase's time includes the barrier before it).
+the phases' costs (a phase's time includes the barrier before it). With --stream B the cuts run again with the early
+stream at B bytes a program (ATOM_DECODE_LAYER_STREAM; each launch given the next launch's qkv weight).
 
-    python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28]
+    python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28] [--stream 262144]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--stream", type=int, default=0, help="also the cuts with the early stream at this many bytes")
     opts = ap.parse_args()
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -73,24 +75,27 @@ def main() -> None:
     res = torch.randn(1, hidden, device=dev).to(dt)
     print(f"{torch.cuda.get_device_name()}, {opts.preset}, context {opts.context}, {num_sms(dev)} programs, "
           f"{dl.NUM_WARPS} warps, chunk {dl.CHUNK_ELEMS}")
-    prev = 0.0
-    for last in range(dl.NUM_PHASES):
-        for L in layers:  # fresh counters: a cut launch leaves its own last barrier's set
-            L["bar"] = dl.counters(hkv, dev)
+    for stream in sorted({0, opts.stream}):
+        prev = 0.0
+        for last in range(dl.NUM_PHASES):
+            for L in layers:  # fresh counters: a cut launch leaves its own last barrier's set
+                L["bar"] = dl.counters(hkv, dev)
 
-        def step(_last=last):
-            h, r = x, res
-            for L in layers:
-                dl.decode_layer(
-                    h, r, input_norm_w=norm, post_norm_w=norm, eps=1e-6, qkv_w=L["qkv"], qkv_b=None, q_norm_w=qn,
-                    k_norm_w=qn, qk_eps=1e-6, cos_sin=cs, is_neox=True, positions=pos, seq_lens=seq,
-                    slot_mapping=slot, block_tables=table, k_cache=L["kc"], v_cache=L["vc"], scale=d**-0.5,
-                    num_heads=hq, num_kv_heads=hkv, o_w=L["o"], gate_up_w=L["gu"], down_w=L["down"], act=0,
-                    barriers=L["bar"], max_seq_len=4096, last_phase=_last)
+            def step(_last=last, _stream=stream):
+                h, r = x, res
+                for i, L in enumerate(layers):
+                    nxt = layers[i + 1]["qkv"] if _stream and i + 1 < len(layers) else None
+                    dl.decode_layer(
+                        h, r, input_norm_w=norm, post_norm_w=norm, eps=1e-6, qkv_w=L["qkv"], qkv_b=None,
+                        q_norm_w=qn, k_norm_w=qn, qk_eps=1e-6, cos_sin=cs, is_neox=True, positions=pos,
+                        seq_lens=seq, slot_mapping=slot, block_tables=table, k_cache=L["kc"], v_cache=L["vc"],
+                        scale=d**-0.5, num_heads=hq, num_kv_heads=hkv, o_w=L["o"], gate_up_w=L["gu"],
+                        down_w=L["down"], act=0, barriers=L["bar"], max_seq_len=4096, last_phase=_last,
+                        next_qkv_w=nxt, stream=_stream)
 
-        t = timed_us(step, opts.layers)
-        print(f"phases 0..{last}: {t:7.2f} us a launch (+{t - prev:6.2f})")
-        prev = t
+            t = timed_us(step, opts.layers)
+            print(f"early stream {stream:>7} B, phases 0..{last}: {t:7.2f} us a launch (+{t - prev:6.2f})")
+            prev = t
     p = num_sms(dev)
     bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]
     for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):

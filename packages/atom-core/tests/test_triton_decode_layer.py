@@ -187,6 +187,11 @@ def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
                  programs=p, splits=s)[0] for p, s in ((3, 1), (8, splits), (17, 2 * splits))]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
+    # the early stream (this layer's later weights and the next layer's qkv asked into L2) changes no bit
+    nxt = _layer(hidden, hq, hkv, d, inter, torch.float32, qk_norm, bias, neox, rot)
+    streamed = _run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256,
+                    programs=8, splits=splits, next_qkv_w=nxt["qkv_w"], stream=1 << 20)[0]
+    assert torch.equal(streamed, outs[1])
 
 
 def test_decode_layer_refuses_what_it_does_not_run():
@@ -205,6 +210,9 @@ def test_decode_layer_refuses_what_it_does_not_run():
     with pytest.raises(ValueError, match="counters"):  # one a KV head too
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
              torch.zeros(dl.NUM_BARRIERS, dtype=torch.int32, device=DEVICE), max_seq_len=16)
+    with pytest.raises(ValueError, match="the next layer's qkv weight"):
+        _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
+             dl.counters(2, torch.device(DEVICE)), max_seq_len=16, next_qkv_w=L["qkv_w"][:-1])
     with pytest.raises(ValueError, match="qkv weight"):
         L["qkv_w"] = L["qkv_w"][:, :-1]
         _run(L, x[:1], None, 0, 1, 0, torch.zeros(1, dtype=torch.int32), cache, cache,
@@ -251,13 +259,17 @@ def test_a_model_decoding_one_row_with_one_launch_a_layer_matches_transformers(t
     monkeypatch.setenv("ATOM_KERNEL_BACKEND", "triton")
     monkeypatch.delenv("ATOM_KERNEL_OVERRIDES", raising=False)
     monkeypatch.setattr(layer_mod, "ENABLED", True)
-    launches = []
+    monkeypatch.setattr(dl, "STREAM_BYTES", 1 << 20)  # the early stream on (on a GPU; no result changes)
+    launches, nexts = [], []
     real = dl.decode_layer
-    monkeypatch.setattr(dl, "decode_layer", lambda *a, **kw: (launches.append(kw["k_cache"].shape), real(*a, **kw))[1])
+    monkeypatch.setattr(dl, "decode_layer", lambda *a, **kw: (launches.append(kw["k_cache"].shape),
+                                                              nexts.append(kw["next_qkv_w"]), real(*a, **kw))[2])
     registry.forget_resolutions()
     try:
         model, _ = load_model(path, dtype="float32", device=DEVICE, progress=False)
-        assert all(layer._one_launch is not None for layer in model.model.layers)
+        layers = model.model.layers
+        assert all(layer._one_launch is not None for layer in layers)
+        assert layers[0]._one_launch.next_layer is layers[1] and layers[1]._one_launch.next_layer is None
         harness = PagedHarness(model, num_blocks=8, block_size=4, device=DEVICE)
         seq = harness.add(1)
         got = [harness.step([prompt], seq)]
@@ -267,6 +279,7 @@ def test_a_model_decoding_one_row_with_one_launch_a_layer_matches_transformers(t
     finally:
         registry.forget_resolutions()
     assert len(launches) == 2 * len(steps)
+    assert all(n is layers[1].self_attn.qkv_proj.weight for n in nexts[0::2]) and nexts[1::2] == [None] * len(steps)
     got = torch.cat(got).double().cpu()
     err = (got - want).abs().max().item()
     assert err <= 1e-4 * want.abs().max().item(), err

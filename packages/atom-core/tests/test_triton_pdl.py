@@ -76,9 +76,10 @@ def _kernels():
 # EARLY_KV the block-table entries too, and the first key tile's cache lines, prefetched (1) or loaded (2): earlier
 # steps' keys, written by kernels that completed before the qkv GEMM started; the new key's slot is read stale and
 # replaced from registers after the wait). The one-launch decode layer loads its first chunk of qkv weight rows
-# (_w_chunk of its _rows_of, which is arithmetic) and asks L2 for the rest of them (_prefetch_rest).
+# (_w_chunk of its _rows_of, which is arithmetic) and asks L2 for the rest of them and for its rows of the later
+# phases' weights (_prefetch_lines).
 PRE_WAIT_HELPERS = ("prefetch_l2", "_decode_meta", "_first_tile", "_prefetch_keys", "_early_tile", "_rows_of",
-                    "_w_chunk", "_prefetch_rest")
+                    "_w_chunk", "_prefetch_lines")
 
 
 def test_every_triton_kernel_waits_before_it_touches_memory():

@@ -73,6 +73,9 @@ class OneLaunchDecode:
         self._act = _ACT_CODES[layer.mlp.act._name]
         self._interpreting = interpreting()  # the CPU runs it under Triton's interpreter only (the tests)
         self._barriers: torch.Tensor | None = None
+        # the next decoder layer where it runs one launch too (DecoderModel sets it): its qkv weight is the early
+        # stream's last part (decode_layer's next_qkv_w)
+        self.next_layer: nn.Module | None = None
 
     @staticmethod
     def for_layer(layer: nn.Module) -> OneLaunchDecode | None:
@@ -119,4 +122,5 @@ class OneLaunchDecode:
             is_neox=attn.rotary_emb.is_neox, positions=positions, seq_lens=md.seq_lens, slot_mapping=slots,
             block_tables=tables, k_cache=cache.k, v_cache=cache.v, scale=s.scale, num_heads=s.num_heads,
             num_kv_heads=s.num_kv_heads, o_w=attn.o_proj.weight, gate_up_w=mlp.gate_up_proj.weight,
-            down_w=mlp.down_proj.weight, act=self._act, barriers=self._barriers, max_seq_len=md.max_seq_len)
+            down_w=mlp.down_proj.weight, act=self._act, barriers=self._barriers, max_seq_len=md.max_seq_len,
+            next_qkv_w=self.next_layer.self_attn.qkv_proj.weight if self.next_layer is not None else None)

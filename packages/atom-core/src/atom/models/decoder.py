@@ -252,6 +252,10 @@ class DecoderModel(nn.Module):
             if isinstance(layer.mlp, DenseMLP):
                 nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
                 layer.mlp.down_proj.sum_splits_in(nxt)
+        # a one-launch layer's early stream asks L2 for the next one-launch layer's qkv weight
+        for layer, nxt in zip(self.layers[:-1], self.layers[1:], strict=True):
+            if layer._one_launch is not None and nxt._one_launch is not None:
+                layer._one_launch.next_layer = nxt
 
     def forward(self, input_ids, positions, inputs_embeds=None):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -20,6 +20,12 @@ PREFETCH_BYTES), before it waits at the barrier (weights are constant), so the w
 previous phase's tail and the barrier. The layer's output (down_proj's rows) and its residual are the next layer's
 input; the next launch's programs load their first qkv chunk before their PDL wait.
 
+The early stream (STREAM_BYTES, ATOM_DECODE_LAYER_STREAM; 0, off, until measured): at its start a program also asks
+L2 for its rows of the later phases' weights (o_proj, gate_up, down, in that order, up to STREAM_BYTES), and after
+barrier 2 for its rows of the next layer's qkv weight (`next_qkv_w`, up to STREAM_BYTES), so that DRAM streams the
+layer's weights from the launch's start through the attention, the barriers and the next launch's start instead of
+a phase at a time (qwen3-0.6b: a program's share of a layer is ~232 KB, the layer's 31 MB fit in L2).
+
 Roundings follow the unfused layer (the module path, atom.models.decoder): the residual sums, the norms' outputs,
 each linear's output, the attention output and act(gate) are rounded to the model dtype where the module rounds
 them; only the linears' float32 summation order differs (one program sums a row's K in chunks).
@@ -68,6 +74,9 @@ PREFETCH_BYTES = env_int("ATOM_DECODE_LAYER_PREFETCH", 65536, 1 << 24, "bytes a 
 # The grid barrier's form (_grid_sync): 1, every program polls the counter the adds go to; 2, the last to arrive sets
 # a flag on a line of its own, which the others poll. ATOM_DECODE_LAYER_BARRIER for A/B runs (1 until measured).
 BARRIER = max(env_int("ATOM_DECODE_LAYER_BARRIER", 1, 2, "1 counter, 2 flag"), 1)
+# Bytes of the later phases' weights (and, apart, of the next layer's qkv weight) a program asks L2 for early (the
+# module docstring's early stream). ATOM_DECODE_LAYER_STREAM sets it (0: off).
+STREAM_BYTES = env_int("ATOM_DECODE_LAYER_STREAM", 0, 1 << 24, "bytes a program")
 NUM_WARPS = max(env_int("ATOM_DECODE_LAYER_WARPS", 8, 32, "warps a program"), 1)
 ATTN_BLOCK_N = 64  # keys a tile in the attention phase
 
@@ -194,14 +203,15 @@ def _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP: tl.co
 
 
 @triton.jit
-def _prefetch_rest(w_ptr, rows, row_ok, K, KB: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                   ASM: tl.constexpr):
-    """Ask L2 for the 128-byte lines of columns [KB, K) of these weight rows (the chunks after the first, which is
-    loaded into registers), without waiting: loaded after the barrier, they come from L2. LINE: elements a line;
-    LINES: a power of two >= the lines past KB (0: none). Off under the interpreter (no inline assembly there)."""
+def _prefetch_lines(w_ptr, rows, row_ok, K, C0: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+                    ASM: tl.constexpr):
+    """Ask L2 for LINES 128-byte lines from column C0 of these rows of a row-major [N, K] weight (those past K
+    masked), without waiting: loaded later, they come from L2. C0 = a phase's first chunk (KB: that chunk is loaded
+    into registers) for the rest of a phase's weight before its barrier; 0 for the early stream. LINE: elements a
+    line; LINES: a power of two (0: none). Off under the interpreter (no inline assembly there)."""
     if ASM:
         if LINES > 0:
-            col = KB + tl.arange(0, LINES) * LINE
+            col = C0 + tl.arange(0, LINES) * LINE
             ok = row_ok[:, None] & (col < K)[None, :]
             prefetch_line_l2(tl.where(ok, w_ptr + rows[:, None].to(tl.int64) * K + col[None, :], w_ptr))
 
@@ -213,14 +223,15 @@ def _decode_layer_kernel(
     pos_ptr, seq_lens_ptr, slot_ptr, bt_ptr, kc_ptr, vc_ptr,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     part_m_ptr, part_l_ptr, part_acc_ptr, scale, attn_ptr, wo_ptr, o_ptr, wgu_ptr, act_ptr, wd_ptr, bar_ptr,
-    H, INTER, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
+    nqkv_ptr, H, INTER, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, P: tl.constexpr,
     R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr,
     R_H: tl.constexpr, T_H: tl.constexpr, KB_O: tl.constexpr,
     R_GU: tl.constexpr, T_GU: tl.constexpr, KB_GU: tl.constexpr,
     KB_D: tl.constexpr,
     S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, GROUP_P: tl.constexpr,
     KV_ALIGN: tl.constexpr, LINE: tl.constexpr, LINES_QKV: tl.constexpr, LINES_O: tl.constexpr,
-    LINES_GU: tl.constexpr, LINES_D: tl.constexpr, ASM: tl.constexpr,
+    LINES_GU: tl.constexpr, LINES_D: tl.constexpr, EL_O: tl.constexpr, EL_GU: tl.constexpr, EL_D: tl.constexpr,
+    EL_NEXT: tl.constexpr, ASM: tl.constexpr,
     HAS_RES: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_NEOX: tl.constexpr,
     ACT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
     PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, FLAGS_AT: tl.constexpr,
@@ -228,7 +239,8 @@ def _decode_layer_kernel(
 ):
     """See the module docstring. One decode row: x, res [H] (res unread without HAS_RES: the first layer, whose
     residual is x); writes res1 (x + res, program 0), qkv, the attention partials, o, act (scratch), res_out (res1
-    + o, program 0) and out (down_proj's output) [H]. PHASE_LO..PHASE_HI: the phases this launch runs."""
+    + o, program 0) and out (down_proj's output) [H]. PHASE_LO..PHASE_HI: the phases this launch runs. EL_*: the early
+    stream's lines a row (o_proj, gate_up, down from the start; the next layer's qkv at nqkv_ptr after barrier 2)."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     GROUP: tl.constexpr = HQ // HKV
@@ -238,7 +250,17 @@ def _decode_layer_kernel(
     q_rows, q_ok = _rows_of(pid, NQKV, R_QKV, T_QKV)
     if PHASE_LO == 0:  # the first chunk of this program's qkv rows (the rest into L2): constant weights, before the
         w0 = _w_chunk(wqkv_ptr, q_rows, q_ok, H, 0, KB_QKV)  # PDL wait
-        _prefetch_rest(wqkv_ptr, q_rows, q_ok, H, KB_QKV, LINE, LINES_QKV, ASM)
+        _prefetch_lines(wqkv_ptr, q_rows, q_ok, H, KB_QKV, LINE, LINES_QKV, ASM)
+        # the early stream: the later phases' rows into L2 now (their own loads come after the barriers)
+        e_rows, e_ok = _rows_of(pid, H, R_H, T_H)  # o_proj's and down_proj's
+        g_rows, g_ok = _rows_of(pid, INTER, R_GU, T_GU)
+        if PHASE_HI >= 2:
+            _prefetch_lines(wo_ptr, e_rows, e_ok, KO, 0, LINE, EL_O, ASM)
+        if PHASE_HI >= 3:
+            _prefetch_lines(wgu_ptr, g_rows, g_ok, H, 0, LINE, EL_GU, ASM)
+            _prefetch_lines(wgu_ptr, g_rows + INTER, g_ok, H, 0, LINE, EL_GU, ASM)
+        if PHASE_HI == 4:
+            _prefetch_lines(wd_ptr, e_rows, e_ok, INTER, 0, LINE, EL_D, ASM)
     pdl_wait(PDL)
 
     # ---- phase 0: residual + x -> RMSNorm -> qkv rows ----
@@ -352,7 +374,7 @@ def _decode_layer_kernel(
     if (PHASE_LO <= 2) & (PHASE_HI >= 2):
         o_rows, o_ok = _rows_of(pid, H, R_H, T_H)
         wo0 = _w_chunk(wo_ptr, o_rows, o_ok, KO, 0, KB_O)
-        _prefetch_rest(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
+        _prefetch_lines(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
             _grid_sync(bar_ptr, 1, P, GRID_SYNC, FLAGS_AT)
         tl.store(o_ptr + o_rows, _rows_times(wo_ptr, o_rows, o_ok, KO, wo0, attn_ptr, KB_O).to(dtype), mask=o_ok)
@@ -362,10 +384,12 @@ def _decode_layer_kernel(
         i_rows, i_ok = _rows_of(pid, INTER, R_GU, T_GU)
         wg0 = _w_chunk(wgu_ptr, i_rows, i_ok, H, 0, KB_GU)
         wu0 = _w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, 0, KB_GU)
-        _prefetch_rest(wgu_ptr, i_rows, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
-        _prefetch_rest(wgu_ptr, i_rows + INTER, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
+        _prefetch_lines(wgu_ptr, i_rows, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
+        _prefetch_lines(wgu_ptr, i_rows + INTER, i_ok, H, KB_GU, LINE, LINES_GU, ASM)
         if PHASE_LO < 3:
             _grid_sync(bar_ptr, 2, P, GRID_SYNC, FLAGS_AT)
+        # the early stream: this program's rows of the next layer's qkv weight (its launch loads them first)
+        _prefetch_lines(nqkv_ptr, q_rows, q_ok, H, 0, LINE, EL_NEXT, ASM)
         rstd2 = _rstd(o_ptr, res1_ptr, H, eps, BLOCK_H, True)
         if pid == 0:
             _store_residual(o_ptr, res1_ptr, res_out_ptr, H, BLOCK_H, True)
@@ -384,7 +408,7 @@ def _decode_layer_kernel(
     if PHASE_HI == 4:
         d_rows, dr_ok = _rows_of(pid, H, R_H, T_H)
         wd0 = _w_chunk(wd_ptr, d_rows, dr_ok, INTER, 0, KB_D)
-        _prefetch_rest(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
+        _prefetch_lines(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC, FLAGS_AT)
         tl.store(out_ptr + d_rows, _rows_times(wd_ptr, d_rows, dr_ok, INTER, wd0, act_ptr, KB_D).to(dtype),
@@ -417,11 +441,13 @@ def decode_splits(programs: int, num_kv_heads: int, max_seq_len: int) -> int:
 
 
 def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: int, elem_size: int, programs: int,
-          splits: int) -> dict:
+          splits: int, stream: int = 0, next_layer: bool = False) -> dict:
     """The kernel's shape constexprs: each phase's rows a program (R_*; R_H for o_proj's and down_proj's H rows) and
-    their power-of-two tile (T_*), its weight
-    chunk's columns (KB_*: about CHUNK_ELEMS elements; the first is loaded before the barrier) and the 128-byte
-    lines a row past that chunk (LINES_*: asked into L2 before the barrier), the attention's splits and groups."""
+    their power-of-two tile (T_*), its weight chunk's columns (KB_*: about CHUNK_ELEMS elements; the first is loaded
+    before the barrier) and the 128-byte lines a row past that chunk (LINES_*: asked into L2 before the barrier),
+    the early stream's lines a row (EL_*: within `stream` bytes a program, o_proj, gate_up, down in that order from
+    the launch's start; the next layer's qkv, `next_layer`, within `stream` again, after barrier 2), the attention's
+    splits and groups."""
     ko = num_heads * head_dim
     nqkv = ko + 2 * num_kv_heads * head_dim
     r_qkv, t_qkv = _rows_tile(nqkv, programs)
@@ -431,21 +457,32 @@ def tiles(hidden: int, inter: int, num_heads: int, num_kv_heads: int, head_dim: 
               KB_D=_chunk(inter, t_h))
     line = 128 // elem_size
 
-    def lines(k: int, first: int, rows: int, tiles: int = 1) -> int:
-        """Lines a row past the first chunk, a power of two, within PREFETCH_BYTES a program (what L2 holds for all
-        programs at once: qwen3-8b's gate_up rows would be 100 MB)."""
+    def lines(k: int, first: int, rows: int, tiles: int = 1, budget: int = PREFETCH_BYTES) -> int:
+        """Lines a row from column `first`, a power of two, within `budget` bytes a program (before a barrier:
+        PREFETCH_BYTES, what L2 holds for all programs at once; qwen3-8b's gate_up rows would be 100 MB)."""
         if k <= first:
             return 0
-        most = PREFETCH_BYTES // (128 * rows * tiles)
+        most = budget // (128 * rows * tiles)
         return min(triton.next_power_of_2(triton.cdiv(k - first, line)), _pow2_floor(most) if most else 0)
+
+    early, left = {}, stream
+    for name, k, rows, n in (("EL_O", ko, t_h, 1), ("EL_GU", hidden, t_gu, 2), ("EL_D", inter, t_h, 1)):
+        early[name] = lines(k, 0, rows, n, left)
+        left -= early[name] * 128 * rows * n
+    early["EL_NEXT"] = lines(hidden, 0, t_qkv, 1, stream) if next_layer else 0
+
+    def late(k: int, first: int, rows: int, tiles: int, el: int) -> int:
+        """The phase's lines past its first chunk, none where the early stream asked for the whole rows."""
+        return 0 if el * line >= k else lines(k, first, rows, tiles)
 
     group = num_heads // num_kv_heads
     return dict(H=hidden, INTER=inter, HQ=num_heads, HKV=num_kv_heads, D=head_dim,
                 BLOCK_H=triton.next_power_of_2(hidden), P=programs, R_QKV=r_qkv, T_QKV=t_qkv, R_H=r_h, T_H=t_h,
                 R_GU=r_gu, T_GU=t_gu, **kb, S=splits, BLOCK_N=ATTN_BLOCK_N,
                 GROUP_M=max(16, triton.next_power_of_2(group)), GROUP_P=triton.next_power_of_2(group), LINE=line,
-                LINES_QKV=lines(hidden, kb["KB_QKV"], t_qkv), LINES_O=lines(ko, kb["KB_O"], t_h),
-                LINES_GU=lines(hidden, kb["KB_GU"], t_gu, 2), LINES_D=lines(inter, kb["KB_D"], t_h))
+                LINES_QKV=lines(hidden, kb["KB_QKV"], t_qkv), LINES_O=late(ko, kb["KB_O"], t_h, 1, early["EL_O"]),
+                LINES_GU=late(hidden, kb["KB_GU"], t_gu, 2, early["EL_GU"]),
+                LINES_D=late(inter, kb["KB_D"], t_h, 1, early["EL_D"]), **early)
 
 
 def flags_at(num_kv_heads: int) -> int:
@@ -471,14 +508,17 @@ def decode_layer(
     seq_lens: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, o_w: torch.Tensor, gate_up_w: torch.Tensor,
     down_w: torch.Tensor, act: int, barriers: torch.Tensor, max_seq_len: int, programs: int | None = None,
-    splits: int | None = None, last_phase: int = NUM_PHASES - 1,
+    splits: int | None = None, last_phase: int = NUM_PHASES - 1, next_qkv_w: torch.Tensor | None = None,
+    stream: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a one-row decode step (x [1, H] the previous layer's output or the embedding,
     residual [1, H] or None for the first layer): returns (down_proj's output, the new residual), both [1, H],
     what DecoderLayer.forward returns. barriers: this layer's int32 counters (`counters`: the barriers' and each KV
     head's split count), zero before the first launch (each launch leaves them for the next). max_seq_len: the longest context this launch may see (a CUDA
     graph's max_model_len) sizes the attention splits. last_phase < 4 stops the launch early (its outputs then
-    unwritten; tools/device/decode_layer_bench.py times the phases so)."""
+    unwritten; tools/device/decode_layer_bench.py times the phases so). next_qkv_w: the next layer's qkv weight
+    (as qkv_w), which the early stream asks into L2 after barrier 2; stream: the early stream's bytes a program
+    (None: STREAM_BYTES; 0: off). Neither changes a result."""
     device = x.device
     hidden = x.shape[-1]
     head_dim = k_cache.shape[-1]
@@ -494,6 +534,10 @@ def decode_layer(
         if tuple(w.shape) != shape or not w.is_contiguous() or w.dtype != x.dtype:
             raise ValueError(f"decode_layer: {name} weight must be a contiguous {x.dtype} {shape}, got "
                              f"{w.dtype} {tuple(w.shape)}")
+    if next_qkv_w is not None and (next_qkv_w.shape != qkv_w.shape or next_qkv_w.dtype != qkv_w.dtype
+                                   or not next_qkv_w.is_contiguous()):
+        raise ValueError(f"decode_layer: the next layer's qkv weight must be a contiguous {qkv_w.dtype} "
+                         f"{tuple(qkv_w.shape)}, got {next_qkv_w.dtype} {tuple(next_qkv_w.shape)}")
     if k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
         raise ValueError(f"decode_layer: the KV cache must be in the model dtype {x.dtype}, got {k_cache.dtype}")
     if barriers.dtype != torch.int32 or barriers.numel() < counters_needed(num_kv_heads):
@@ -520,7 +564,8 @@ def decode_layer(
     qn = q_norm_w if q_norm_w is not None else input_norm_w  # any pointer without qk-norm (never read)
     kn = k_norm_w if k_norm_w is not None else qn
     common = dict(
-        **tiles(hidden, inter, num_heads, num_kv_heads, head_dim, x.element_size(), p, s),
+        **tiles(hidden, inter, num_heads, num_kv_heads, head_dim, x.element_size(), p, s,
+                STREAM_BYTES if stream is None else int(stream), next_qkv_w is not None),
         PAGE=k_cache.shape[1], KV_ALIGN=16 if all(st % 16 == 0 for st in kv_strides) else 1,
         HAS_RES=residual is not None, QKV_BIAS=qkv_b is not None, QK_NORM=q_norm_w is not None,
         IS_NEOX=bool(is_neox), ACT=act, F32_DOT=interpreting(), IEEE=dot_ieee(x.dtype), ASM=not interpreting(),
@@ -529,7 +574,8 @@ def decode_layer(
     args = (x, residual if residual is not None else x, res1, res_out, out, input_norm_w, post_norm_w, float(eps),
             qkv_w, qkv_b if qkv_b is not None else qkv_w, qkv, qn, kn, float(qk_eps), cs, cs.stride(0),
             cs.shape[-1] // 2, positions, seq_lens, slot_mapping, block_tables, k_cache, v_cache, *kv_strides,
-            part_m, part_l, part_acc, float(scale), attn, o_w, o, gate_up_w, act_buf, down_w, barriers)
+            part_m, part_l, part_acc, float(scale), attn, o_w, o, gate_up_w, act_buf, down_w, barriers,
+            next_qkv_w if next_qkv_w is not None else qkv_w)
     if interpreting() or device.type != "cuda":  # programs run one after the other: a launch a phase
         for phase in range(last_phase + 1):
             _decode_layer_kernel[(p,)](*args, **common, PHASE_LO=phase, PHASE_HI=phase, GRID_SYNC=0,
