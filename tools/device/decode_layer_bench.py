@@ -3,10 +3,13 @@ one sequence of --context keys), launched with its phases cut after phase 0, 1, 
 the barriers on), each cut captured 28 times back to back in a CUDA graph (as a step's layers, every launch its own
 weights so nothing stays in L2), replayed; us a launch by CUDA events, median of 20 replays
 (skinny_gemm_variants.timed_us). The differences between cuts are
-the phases' costs (a phase's time includes the barrier before it). With --stream B the cuts run again with the early
-stream at B bytes a program (ATOM_DECODE_LAYER_STREAM; each launch given the next launch's qkv weight).
+the phases' costs (a phase's time includes the barrier before it). With --stream B and / or --loop-ahead N the cuts
+run again with the early stream at B bytes a program (ATOM_DECODE_LAYER_STREAM; each launch given the next launch's
+qkv weight) and the K loops asking L2 for the chunk N steps on (ATOM_DECODE_LAYER_LOOP_AHEAD). Each cut is its own
+compile (~5-10 s).
 
-    python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28] [--stream 262144]
+    python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28] [--stream 262144] \
+        [--loop-ahead 1]
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--stream", type=int, default=0, help="also the cuts with the early stream at this many bytes")
+    ap.add_argument("--stream", type=int, default=0, help="the second form's early stream, bytes a program")
+    ap.add_argument("--loop-ahead", type=int, default=0, help="the second form's K loop L2 requests, chunks ahead")
     opts = ap.parse_args()
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -75,13 +79,14 @@ def main() -> None:
     res = torch.randn(1, hidden, device=dev).to(dt)
     print(f"{torch.cuda.get_device_name()}, {opts.preset}, context {opts.context}, {num_sms(dev)} programs, "
           f"{dl.NUM_WARPS} warps, chunk {dl.CHUNK_ELEMS}")
-    for stream in sorted({0, opts.stream}):
+    forms = [(0, 0)] + ([(opts.stream, opts.loop_ahead)] if opts.stream or opts.loop_ahead else [])
+    for stream, ahead in forms:
         prev = 0.0
         for last in range(dl.NUM_PHASES):
             for L in layers:  # fresh counters: a cut launch leaves its own last barrier's set
                 L["bar"] = dl.counters(hkv, dev)
 
-            def step(_last=last, _stream=stream):
+            def step(_last=last, _stream=stream, _ahead=ahead):
                 h, r = x, res
                 for i, L in enumerate(layers):
                     nxt = layers[i + 1]["qkv"] if _stream and i + 1 < len(layers) else None
@@ -91,10 +96,11 @@ def main() -> None:
                         seq_lens=seq, slot_mapping=slot, block_tables=table, k_cache=L["kc"], v_cache=L["vc"],
                         scale=d**-0.5, num_heads=hq, num_kv_heads=hkv, o_w=L["o"], gate_up_w=L["gu"],
                         down_w=L["down"], act=0, barriers=L["bar"], max_seq_len=4096, last_phase=_last,
-                        next_qkv_w=nxt, stream=_stream)
+                        next_qkv_w=nxt, stream=_stream, loop_ahead=_ahead)
 
             t = timed_us(step, opts.layers)
-            print(f"early stream {stream:>7} B, phases 0..{last}: {t:7.2f} us a launch (+{t - prev:6.2f})")
+            print(f"early stream {stream:>7} B, loop ahead {ahead}, phases 0..{last}: {t:7.2f} us a launch "
+                  f"(+{t - prev:6.2f})")
             prev = t
     p = num_sms(dev)
     bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]

@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("--barrier", type=int, default=1, choices=(1, 2), help="the grid barrier's form (GRID_SYNC)")
     ap.add_argument("--stream", type=int, default=dl.STREAM_BYTES,
                     help="the early stream's bytes a program (ATOM_DECODE_LAYER_STREAM), with a next layer")
+    ap.add_argument("--loop-ahead", type=int, default=dl.LOOP_AHEAD, help="ATOM_DECODE_LAYER_LOOP_AHEAD")
     opts = ap.parse_args()
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     p = opts.programs
     s = dl.decode_splits(p, hkv, opts.max_seq_len)
     const = dict(**dl.tiles(hidden, inter, hq, hkv, d, 2, p, s, opts.stream, True), PAGE=16, KV_ALIGN=16, HAS_RES=True,
                  QKV_BIAS=False, QK_NORM=True, IS_NEOX=True, ACT=0, F32_DOT=False, IEEE=False, ASM=True,
-                 PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1, GRID_SYNC=opts.barrier,
+                 LOOP_AHEAD=opts.loop_ahead, PHASE_LO=0, PHASE_HI=dl.NUM_PHASES - 1,
+                 GRID_SYNC=opts.barrier,
                  FLAGS_AT=dl.flags_at(hkv), PDL=True)
     for k in ("H", "INTER"):
         const.pop(k)
@@ -48,7 +50,7 @@ def main() -> None:
     print(f"{opts.preset}: {p} programs, {dl.NUM_WARPS} warps, splits {s}, chunks qkv {c['T_QKV']}x{c['KB_QKV']}, "
           f"o {c['T_H']}x{c['KB_O']}, gate_up 2x{c['T_GU']}x{c['KB_GU']}, down {c['T_H']}x{c['KB_D']}, early stream "
           f"{opts.stream} B (lines a row o {c['EL_O']}, gate_up {c['EL_GU']}, down {c['EL_D']}, next qkv "
-          f"{c['EL_NEXT']}): "
+          f"{c['EL_NEXT']}), loop ahead {opts.loop_ahead}: "
           f"{registers(k)}; {loads[0]} of {loads[1]} LDG before the PDL wait")
 
 

@@ -171,9 +171,10 @@ def triton_cdiv(a, b):
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
-    """The attention splits and the program count partition the same sums (rows of a linear are summed by one
-    program each way; the softmax merge is exact up to float32): float32 results agree to 1e-6."""
+def test_decode_layer_splits_and_programs_do_not_change_the_result(splits, monkeypatch):
+    """The attention splits, the program count and the weight chunks partition the same sums (rows of a linear are
+    summed by one program each way; the softmax merge is exact up to float32): float32 results agree to 1e-6. The
+    L2 requests (the early stream, the loops' requests ahead) change no bit."""
     hidden, hq, hkv, d, inter, qk_norm, bias, neox, rot = CASES["qwen3-like"]
     L = _layer(hidden, hq, hkv, d, inter, torch.float32, qk_norm, bias, neox, rot)
     seq_len, page = 150, 16
@@ -187,11 +188,15 @@ def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
                  programs=p, splits=s)[0] for p, s in ((3, 1), (8, splits), (17, 2 * splits))]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
-    # the early stream (this layer's later weights and the next layer's qkv asked into L2) changes no bit
+    # every phase's rows in several chunks (the K loops run), then the same with the early stream (this layer's later
+    # weights and the next layer's qkv asked into L2) and the loops' L2 requests a chunk ahead: no bit changes
     nxt = _layer(hidden, hq, hkv, d, inter, torch.float32, qk_norm, bias, neox, rot)
-    streamed = _run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256,
-                    programs=8, splits=splits, next_qkv_w=nxt["qkv_w"], stream=1 << 20)[0]
-    assert torch.equal(streamed, outs[1])
+    monkeypatch.setattr(dl, "CHUNK_ELEMS", 1024)  # qkv 32 x 32, o_proj 16 x 64, gate_up 2 x 16 x 32, down 16 x 64
+    chunked, streamed = (_run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers,
+                              max_seq_len=256, programs=8, splits=splits, **kw)[0]
+                         for kw in ({}, dict(next_qkv_w=nxt["qkv_w"], stream=1 << 20, loop_ahead=1)))
+    torch.testing.assert_close(chunked, outs[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(streamed, chunked)
 
 
 def test_decode_layer_refuses_what_it_does_not_run():

@@ -77,6 +77,10 @@ BARRIER = max(env_int("ATOM_DECODE_LAYER_BARRIER", 1, 2, "1 counter, 2 flag"), 1
 # Bytes of the later phases' weights (and, apart, of the next layer's qkv weight) a program asks L2 for early (the
 # module docstring's early stream). ATOM_DECODE_LAYER_STREAM sets it (0: off).
 STREAM_BYTES = env_int("ATOM_DECODE_LAYER_STREAM", 0, 1 << 24, "bytes a program")
+# Weight chunks ahead a K loop's step asks L2 for (LOOP_AHEAD; 0: none). A phase whose rows a program holds in more
+# than one chunk (qwen3-8b: every phase, 64 KB chunks) loads a chunk into registers and then sums it, so without it
+# a program's loads stop while it sums. ATOM_DECODE_LAYER_LOOP_AHEAD sets it (0 until measured).
+LOOP_AHEAD = env_int("ATOM_DECODE_LAYER_LOOP_AHEAD", 0, 8, "chunks")
 NUM_WARPS = max(env_int("ATOM_DECODE_LAYER_WARPS", 8, 32, "warps a program"), 1)
 ATTN_BLOCK_N = 64  # keys a tile in the attention phase
 
@@ -127,12 +131,16 @@ def _w_chunk(w_ptr, rows, row_ok, K, k0, KB: tl.constexpr):
 
 
 @triton.jit
-def _rows_times(w_ptr, rows, row_ok, K, w_first, x_ptr, KB: tl.constexpr):
+def _rows_times(w_ptr, rows, row_ok, K, w_first, x_ptr, KB: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr,
+                ASM: tl.constexpr):
     """These rows of a row-major [N, K] weight times the K-vector at x_ptr, in float32: the first chunk from registers
-    (w_first, loaded before the barrier), the others loaded here."""
+    (w_first, loaded before the barrier), the others loaded here, each step asking L2 for the chunk AHEAD steps on
+    (0: none)."""
     k = tl.arange(0, KB)
     acc = tl.sum(w_first.to(tl.float32) * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :], axis=1)
     for k0 in range(KB, K, KB):
+        if AHEAD > 0:
+            _prefetch_lines(w_ptr, rows, row_ok, K, k0 + AHEAD * KB, LINE, KB // LINE, ASM)
         x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
         acc += tl.sum(_w_chunk(w_ptr, rows, row_ok, K, k0, KB).to(tl.float32) * x[None, :], axis=1)
     return acc
@@ -203,15 +211,15 @@ def _merge_group(part_m_ptr, part_l_ptr, part_acc_ptr, kvh, filled, GROUP: tl.co
 
 
 @triton.jit
-def _prefetch_lines(w_ptr, rows, row_ok, K, C0: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                    ASM: tl.constexpr):
-    """Ask L2 for LINES 128-byte lines from column C0 of these rows of a row-major [N, K] weight (those past K
-    masked), without waiting: loaded later, they come from L2. C0 = a phase's first chunk (KB: that chunk is loaded
-    into registers) for the rest of a phase's weight before its barrier; 0 for the early stream. LINE: elements a
-    line; LINES: a power of two (0: none). Off under the interpreter (no inline assembly there)."""
+def _prefetch_lines(w_ptr, rows, row_ok, K, c0, LINE: tl.constexpr, LINES: tl.constexpr, ASM: tl.constexpr):
+    """Ask L2 for LINES 128-byte lines from column c0 of these rows of a row-major [N, K] weight (those past K
+    masked), without waiting: loaded later, they come from L2. c0 = a phase's first chunk (KB: that chunk is loaded
+    into registers) for the rest of a phase's weight before its barrier; 0 for the early stream; a later chunk's
+    in a K loop (LOOP_AHEAD). LINE: elements a line; LINES: a power of two (0: none). Off under the interpreter (no
+    inline assembly there)."""
     if ASM:
         if LINES > 0:
-            col = C0 + tl.arange(0, LINES) * LINE
+            col = c0 + tl.arange(0, LINES) * LINE
             ok = row_ok[:, None] & (col < K)[None, :]
             prefetch_line_l2(tl.where(ok, w_ptr + rows[:, None].to(tl.int64) * K + col[None, :], w_ptr))
 
@@ -231,7 +239,7 @@ def _decode_layer_kernel(
     S: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, GROUP_M: tl.constexpr, GROUP_P: tl.constexpr,
     KV_ALIGN: tl.constexpr, LINE: tl.constexpr, LINES_QKV: tl.constexpr, LINES_O: tl.constexpr,
     LINES_GU: tl.constexpr, LINES_D: tl.constexpr, EL_O: tl.constexpr, EL_GU: tl.constexpr, EL_D: tl.constexpr,
-    EL_NEXT: tl.constexpr, ASM: tl.constexpr,
+    EL_NEXT: tl.constexpr, LOOP_AHEAD: tl.constexpr, ASM: tl.constexpr,
     HAS_RES: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_NEOX: tl.constexpr,
     ACT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
     PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr, GRID_SYNC: tl.constexpr, FLAGS_AT: tl.constexpr,
@@ -240,7 +248,8 @@ def _decode_layer_kernel(
     """See the module docstring. One decode row: x, res [H] (res unread without HAS_RES: the first layer, whose
     residual is x); writes res1 (x + res, program 0), qkv, the attention partials, o, act (scratch), res_out (res1
     + o, program 0) and out (down_proj's output) [H]. PHASE_LO..PHASE_HI: the phases this launch runs. EL_*: the early
-    stream's lines a row (o_proj, gate_up, down from the start; the next layer's qkv at nqkv_ptr after barrier 2)."""
+    stream's lines a row (o_proj, gate_up, down from the start; the next layer's qkv at nqkv_ptr after barrier 2).
+    LOOP_AHEAD: a K loop's step asks L2 for the chunk that many steps on (0: none)."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     GROUP: tl.constexpr = HQ // HKV
@@ -279,6 +288,8 @@ def _decode_layer_kernel(
         acc = tl.sum(w0.to(tl.float32) * _normed_chunk(x_ptr, res_ptr, in_w_ptr, rstd, H, 0, KB_QKV, HAS_RES)[None, :],
                      axis=1)
         for k0 in range(KB_QKV, H, KB_QKV):
+            if LOOP_AHEAD > 0:
+                _prefetch_lines(wqkv_ptr, q_rows, q_ok, H, k0 + LOOP_AHEAD * KB_QKV, LINE, KB_QKV // LINE, ASM)
             w = _w_chunk(wqkv_ptr, q_rows, q_ok, H, k0, KB_QKV)
             acc += tl.sum(w.to(tl.float32)
                           * _normed_chunk(x_ptr, res_ptr, in_w_ptr, rstd, H, k0, KB_QKV, HAS_RES)[None, :], axis=1)
@@ -377,7 +388,8 @@ def _decode_layer_kernel(
         _prefetch_lines(wo_ptr, o_rows, o_ok, KO, KB_O, LINE, LINES_O, ASM)
         if PHASE_LO < 2:
             _grid_sync(bar_ptr, 1, P, GRID_SYNC, FLAGS_AT)
-        tl.store(o_ptr + o_rows, _rows_times(wo_ptr, o_rows, o_ok, KO, wo0, attn_ptr, KB_O).to(dtype), mask=o_ok)
+        o = _rows_times(wo_ptr, o_rows, o_ok, KO, wo0, attn_ptr, KB_O, LINE, LOOP_AHEAD, ASM)
+        tl.store(o_ptr + o_rows, o.to(dtype), mask=o_ok)
 
     # ---- phase 3: residual + o -> RMSNorm -> gate / up rows -> act(gate) * up ----
     if (PHASE_LO <= 3) & (PHASE_HI >= 3):
@@ -397,6 +409,9 @@ def _decode_layer_kernel(
         g = tl.sum(wg0.to(tl.float32) * n, axis=1)
         u = tl.sum(wu0.to(tl.float32) * n, axis=1)
         for k0 in range(KB_GU, H, KB_GU):
+            if LOOP_AHEAD > 0:
+                _prefetch_lines(wgu_ptr, i_rows, i_ok, H, k0 + LOOP_AHEAD * KB_GU, LINE, KB_GU // LINE, ASM)
+                _prefetch_lines(wgu_ptr, i_rows + INTER, i_ok, H, k0 + LOOP_AHEAD * KB_GU, LINE, KB_GU // LINE, ASM)
             n = _normed_chunk(o_ptr, res1_ptr, post_w_ptr, rstd2, H, k0, KB_GU, True)[None, :]
             g += tl.sum(_w_chunk(wgu_ptr, i_rows, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
             u += tl.sum(_w_chunk(wgu_ptr, i_rows + INTER, i_ok, H, k0, KB_GU).to(tl.float32) * n, axis=1)
@@ -411,8 +426,8 @@ def _decode_layer_kernel(
         _prefetch_lines(wd_ptr, d_rows, dr_ok, INTER, KB_D, LINE, LINES_D, ASM)
         if PHASE_LO < 4:
             _grid_sync(bar_ptr, 3, P, GRID_SYNC, FLAGS_AT)
-        tl.store(out_ptr + d_rows, _rows_times(wd_ptr, d_rows, dr_ok, INTER, wd0, act_ptr, KB_D).to(dtype),
-                 mask=dr_ok)
+        y = _rows_times(wd_ptr, d_rows, dr_ok, INTER, wd0, act_ptr, KB_D, LINE, LOOP_AHEAD, ASM)
+        tl.store(out_ptr + d_rows, y.to(dtype), mask=dr_ok)
 
 
 def _pow2_floor(n: int) -> int:
@@ -509,7 +524,7 @@ def decode_layer(
     v_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, o_w: torch.Tensor, gate_up_w: torch.Tensor,
     down_w: torch.Tensor, act: int, barriers: torch.Tensor, max_seq_len: int, programs: int | None = None,
     splits: int | None = None, last_phase: int = NUM_PHASES - 1, next_qkv_w: torch.Tensor | None = None,
-    stream: int | None = None,
+    stream: int | None = None, loop_ahead: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a one-row decode step (x [1, H] the previous layer's output or the embedding,
     residual [1, H] or None for the first layer): returns (down_proj's output, the new residual), both [1, H],
@@ -518,7 +533,8 @@ def decode_layer(
     graph's max_model_len) sizes the attention splits. last_phase < 4 stops the launch early (its outputs then
     unwritten; tools/device/decode_layer_bench.py times the phases so). next_qkv_w: the next layer's qkv weight
     (as qkv_w), which the early stream asks into L2 after barrier 2; stream: the early stream's bytes a program
-    (None: STREAM_BYTES; 0: off). Neither changes a result."""
+    (None: STREAM_BYTES; 0: off); loop_ahead: chunks a K loop asks L2 for ahead (None: LOOP_AHEAD). None of them
+    changes a result."""
     device = x.device
     hidden = x.shape[-1]
     head_dim = k_cache.shape[-1]
@@ -569,6 +585,7 @@ def decode_layer(
         PAGE=k_cache.shape[1], KV_ALIGN=16 if all(st % 16 == 0 for st in kv_strides) else 1,
         HAS_RES=residual is not None, QKV_BIAS=qkv_b is not None, QK_NORM=q_norm_w is not None,
         IS_NEOX=bool(is_neox), ACT=act, F32_DOT=interpreting(), IEEE=dot_ieee(x.dtype), ASM=not interpreting(),
+        LOOP_AHEAD=LOOP_AHEAD if loop_ahead is None else int(loop_ahead),
         num_warps=NUM_WARPS,
     )
     args = (x, residual if residual is not None else x, res1, res_out, out, input_norm_w, post_norm_w, float(eps),
