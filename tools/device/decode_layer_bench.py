@@ -6,7 +6,9 @@ weights so nothing stays in L2), replayed; us a launch by CUDA events, median of
 the phases' costs (a phase's time includes the barrier before it). With --stream B and / or --loop-ahead N the cuts
 run again with the early stream at B bytes a program (ATOM_DECODE_LAYER_STREAM; each launch given the next launch's
 qkv weight) and the K loops asking L2 for the chunk N steps on (ATOM_DECODE_LAYER_LOOP_AHEAD). Each cut is its own
-compile (~5-10 s).
+compile (~5-10 s). Then the kernel's weight reads alone (the same programs, rows and chunks, no barriers, no other
+work; with --loop-ahead also with the requests ahead): the floor of its weight stream, us a launch and GB/s; and the
+four barriers alone in both forms.
 
     python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28] [--stream 262144] \
         [--loop-ahead 1]
@@ -40,6 +42,35 @@ def _barriers_only_kernel(bar_ptr, P: tl.constexpr, MODE: tl.constexpr, FLAGS_AT
     dl._grid_sync(bar_ptr, 1, P, MODE, FLAGS_AT)
     dl._grid_sync(bar_ptr, 2, P, MODE, FLAGS_AT)
     dl._grid_sync(bar_ptr, 3, P, MODE, FLAGS_AT)
+
+
+@triton.jit
+def _stream_rows(w_ptr, pid, N, K, R: tl.constexpr, T: tl.constexpr, KB: tl.constexpr, LINE: tl.constexpr,
+                 AHEAD: tl.constexpr):
+    """Sum of this program's rows of a row-major [N, K] weight, read chunk by chunk as the layer kernel reads them
+    (decode_layer's _rows_of / _w_chunk tiles), each step asking L2 for the chunk AHEAD on (0: none)."""
+    rows, ok = dl._rows_of(pid, N, R, T)
+    acc = tl.zeros([T], tl.float32)
+    for k0 in range(0, K, KB):
+        if AHEAD > 0:
+            dl._prefetch_lines(w_ptr, rows, ok, K, k0 + AHEAD * KB, LINE, KB // LINE, True)
+        acc += tl.sum(dl._w_chunk(w_ptr, rows, ok, K, k0, KB).to(tl.float32), axis=1)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _stream_only_kernel(wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, out_ptr, H, INTER, NQKV, KO,
+                        R_QKV: tl.constexpr, T_QKV: tl.constexpr, KB_QKV: tl.constexpr, R_H: tl.constexpr,
+                        T_H: tl.constexpr, KB_O: tl.constexpr, R_GU: tl.constexpr, T_GU: tl.constexpr,
+                        KB_GU: tl.constexpr, KB_D: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr):
+    """The layer kernel's weight reads alone (the same programs, rows and chunks; gate and up as one tile of twice
+    the rows), no barriers and no other work: the floor of its weight stream."""
+    pid = tl.program_id(0)
+    acc = _stream_rows(wqkv_ptr, pid, NQKV, H, R_QKV, T_QKV, KB_QKV, LINE, AHEAD)
+    acc += _stream_rows(wo_ptr, pid, H, KO, R_H, T_H, KB_O, LINE, AHEAD)
+    acc += _stream_rows(wgu_ptr, pid, 2 * INTER, H, 2 * R_GU, 2 * T_GU, KB_GU, LINE, AHEAD)
+    acc += _stream_rows(wd_ptr, pid, H, INTER, R_H, T_H, KB_D, LINE, AHEAD)
+    tl.store(out_ptr + pid, acc)
 
 
 SHAPES = {  # hidden, query heads, KV heads, head_dim, intermediate (decode_layer_sass.py takes them from here)
@@ -103,6 +134,21 @@ def main() -> None:
                   f"(+{t - prev:6.2f})")
             prev = t
     p = num_sms(dev)
+    t = dl.tiles(hidden, inter, hq, hkv, d, 2, p, dl.decode_splits(p, hkv, 4096))
+    sink = torch.empty(p, device=dev)
+    nbytes = sum(L[k].numel() * L[k].element_size() for k in ("qkv", "o", "gu", "down") for L in layers[:1])
+    for ahead in sorted({0, opts.loop_ahead}):
+        def stream(_a=ahead):
+            for L in layers:
+                _stream_only_kernel[(p,)](L["qkv"], L["o"], L["gu"], L["down"], sink, hidden, inter, nqkv, hq * d,
+                                          R_QKV=t["R_QKV"], T_QKV=t["T_QKV"], KB_QKV=t["KB_QKV"], R_H=t["R_H"],
+                                          T_H=t["T_H"], KB_O=t["KB_O"], R_GU=t["R_GU"], T_GU=t["T_GU"],
+                                          KB_GU=t["KB_GU"], KB_D=t["KB_D"], LINE=t["LINE"], AHEAD=_a,
+                                          num_warps=dl.NUM_WARPS)
+
+        us = timed_us(stream, opts.layers)
+        print(f"the weight reads alone (loop ahead {ahead}): {us:6.2f} us a launch, {nbytes / us / 1e3:6.0f} GB/s "
+              f"({nbytes / 1e6:.1f} MB)")
     bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]
     for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):
         def barriers(_w=warps, _m=mode):

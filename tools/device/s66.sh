@@ -3,8 +3,8 @@
 # .carry/atom + .carry/vllm/deps:
 #   bash tools/device/s66.sh phases|test|ab|ab8   (results under $OUT)
 # phases: where the one-launch layer's time goes (decode_layer_bench.py: the launch cut after each phase, without and
-#         with the early stream at 256 KB a program and the K loops' L2 requests a chunk ahead, and the four barriers
-#         alone in both forms), qwen3-0.6b and qwen3-8b, then the cuts with ATOM_DECODE_LAYER_BARRIER=2 (~5-8 min: a
+#         with the early stream at 256 KB a program and the K loops' L2 requests a chunk ahead, the weight reads alone
+#         (the stream's floor) and the four barriers alone in both forms), qwen3-0.6b and qwen3-8b, then the cuts with ATOM_DECODE_LAYER_BARRIER=2 (~5-8 min: a
 #         compile a cut; a call of its own).
 # test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA), in both barrier forms, and the
 #         engine's one-row CUDA graphs with it against the modules (test_engine_gpu.py -k one_launch), the early
