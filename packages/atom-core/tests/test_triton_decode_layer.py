@@ -170,32 +170,46 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_decode_layer_splits_and_programs_do_not_change_the_result(splits, monkeypatch):
-    """The attention splits, the program count and the weight chunks partition the same sums (rows of a linear are
-    summed by one program each way; the softmax merge is exact up to float32): float32 results agree to 1e-6. The
-    L2 requests (the early stream, the loops' requests ahead) change no bit."""
+def _float32_case():
+    """A qwen3-like float32 layer over 150 keys and the launch's inputs."""
     hidden, hq, hkv, d, inter, qk_norm, bias, neox, rot = CASES["qwen3-like"]
     L = _layer(hidden, hq, hkv, d, inter, torch.float32, qk_norm, bias, neox, rot)
     seq_len, page = 150, 16
     k_cache = torch.randn(16, page, hkv, d, device=DEVICE)
     v_cache = torch.randn(16, page, hkv, d, device=DEVICE)
     table = torch.arange(16, dtype=torch.int32)
-    slot = seq_len - 1
     x, res = torch.randn(1, hidden, device=DEVICE), torch.randn(1, hidden, device=DEVICE)
     barriers = dl.counters(hkv, torch.device(DEVICE))
-    outs = [_run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=256,
-                 programs=p, splits=s)[0] for p, s in ((3, 1), (8, splits), (17, 2 * splits))]
+
+    def run(**kw):
+        return _run(L, x, res, seq_len - 1, seq_len, seq_len - 1, table, k_cache, v_cache, barriers, max_seq_len=256,
+                    **kw)[0]
+
+    return run
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_layer_splits_and_programs_do_not_change_the_result(splits):
+    """The attention splits and the program count partition the same sums (rows of a linear are summed by one
+    program each way; the softmax merge is exact up to float32): float32 results agree to 1e-6."""
+    run = _float32_case()
+    outs = [run(programs=p, splits=s) for p, s in ((3, 1), (8, splits), (17, 2 * splits))]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
-    # every phase's rows in several chunks (the K loops run), then the same with the early stream (this layer's later
-    # weights and the next layer's qkv asked into L2) and the loops' L2 requests a chunk ahead: no bit changes
-    nxt = _layer(hidden, hq, hkv, d, inter, torch.float32, qk_norm, bias, neox, rot)
+
+
+def test_decode_layer_chunks_and_l2_requests_do_not_change_the_result(monkeypatch):
+    """Every phase's rows in several weight chunks (the K loops run) sum to the one-chunk result (1e-6, float32); the
+    early stream (this layer's later weights and the next layer's qkv asked into L2) and the loops' L2 requests a
+    chunk ahead change no bit (on a GPU, where they are issued; under the interpreter they are not, and this checks
+    the arguments)."""
+    run = _float32_case()
+    whole = run(programs=8, splits=4)
+    nxt = _layer(*CASES["qwen3-like"][:5], torch.float32, True, False, True, 32)
     monkeypatch.setattr(dl, "CHUNK_ELEMS", 1024)  # qkv 32 x 32, o_proj 16 x 64, gate_up 2 x 16 x 32, down 16 x 64
-    chunked, streamed = (_run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers,
-                              max_seq_len=256, programs=8, splits=splits, **kw)[0]
-                         for kw in ({}, dict(next_qkv_w=nxt["qkv_w"], stream=1 << 20, loop_ahead=1)))
-    torch.testing.assert_close(chunked, outs[0], rtol=1e-6, atol=1e-6)
+    chunked = run(programs=8, splits=4)
+    streamed = run(programs=8, splits=4, next_qkv_w=nxt["qkv_w"], stream=1 << 20, loop_ahead=1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     assert torch.equal(streamed, chunked)
 
 
