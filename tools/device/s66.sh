@@ -6,7 +6,8 @@
 #         with the early stream at 256 KB a program and the K loops' L2 requests a chunk ahead, the weight reads alone
 #         (the stream's floor) and the four barriers alone in both forms), qwen3-0.6b and qwen3-8b, then the cuts with ATOM_DECODE_LAYER_BARRIER=2 (~5-8 min: a
 #         compile a cut; a call of its own).
-# test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA), in both barrier forms, and the
+# test:   the one-launch layer's GPU cases (test_triton_decode_layer.py on CUDA, incl. qwen3-0.6b's and qwen3-8b's
+#         shapes against the float64 reference), in both barrier forms, and the
 #         engine's one-row CUDA graphs with it against the modules (test_engine_gpu.py -k one_launch), the early
 #         stream off and on.
 # ab:     qwen3-0.6b batch 1, 3 rounds: the default (fused prep at groups of 2 since stop 65) against ATOM_DECODE_LAYER=1
@@ -38,7 +39,7 @@ case "${1:-phases}" in
   test)
     source tools/device/setup_device.sh >/dev/null 2>&1
     for form in 1 2; do  # both barrier forms
-      ATOM_DECODE_LAYER_BARRIER=$form ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${S66_TEST_BUDGET_S:-100} \
+      ATOM_DECODE_LAYER_BARRIER=$form ATOM_TEST_DEVICES=cuda ATOM_GPU_TEST_BUDGET_S=${S66_TEST_BUDGET_S:-150} \
         ATOM_TEST_TIMEOUT_S=90 OUT="$out/form$form" bash tools/device/run_gpu_tests.sh core \
         -k "decode_layer or fused_decode_prep" > "$out/s66_tests_$form.txt" 2>&1
       tail -1 "$out/s66_tests_$form.txt"

@@ -170,6 +170,41 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+# qwen3-0.6b's and qwen3-8b's layer shapes: hidden, query heads, KV heads, head_dim, intermediate (as
+# tools/device/decode_layer_bench.py's SHAPES)
+REAL_SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072), "qwen3-8b": (4096, 32, 8, 128, 12288)}
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes on a GPU only (the interpreter would take minutes)")
+@pytest.mark.parametrize("l2", [(0, 0), (262144, 1)], ids=["plain", "stream"])
+@pytest.mark.parametrize("shape", list(REAL_SHAPES))
+def test_decode_layer_at_real_shapes_on_cuda(shape, l2):
+    """The launch at a real model's shapes (the whole grid, several weight chunks a program at 8b, 16 splits a KV
+    head over 256 keys), with the L2 switches off and on, twice (the second launch on the counters the first left),
+    against the float64 reference within the bf16 bound of the small cases."""
+    hidden, hq, hkv, d, inter = REAL_SHAPES[shape]
+    stream, ahead = l2
+    dtype = torch.bfloat16
+    L = _layer(hidden, hq, hkv, d, inter, dtype, True, False, True, d)
+    nxt = _layer(hidden, hq, hkv, d, 16, dtype, True, False, True, d)["qkv_w"]  # the next layer's qkv (any values)
+    page, seq_len = 16, 256
+    blocks = seq_len // page + 4
+    k_cache = (torch.randn(blocks, page, hkv, d) * 0.5).to(DEVICE, dtype)
+    v_cache = torch.randn(blocks, page, hkv, d).to(DEVICE, dtype)
+    table = torch.randperm(blocks)[:seq_len // page + 1].to(torch.int32)
+    slot = int(table[(seq_len - 1) // page]) * page + (seq_len - 1) % page
+    x = torch.randn(1, hidden).to(DEVICE, dtype)
+    res = (torch.randn(1, hidden) * 2).to(DEVICE, dtype)
+    want = _reference(L, x, res, seq_len - 1, seq_len, slot, table, k_cache.cpu(), v_cache.cpu(), dtype)[:2]
+    barriers = dl.counters(hkv, torch.device(DEVICE))
+    for launch in range(2):
+        got = _run(L, x, res, seq_len - 1, seq_len, slot, table, k_cache, v_cache, barriers, max_seq_len=4096,
+                   next_qkv_w=nxt, stream=stream, loop_ahead=ahead)
+        for g, w, what in zip(got, want, ("down_proj output", "residual"), strict=True):
+            err = (g.double().cpu() - w).abs().max().item()
+            assert err <= TOL[dtype] * max(w.abs().max().item(), 1.0), f"{what}, launch {launch}: max error {err:.3g}"
+
+
 def _float32_case():
     """A qwen3-like float32 layer over 150 keys and the launch's inputs."""
     hidden, hq, hkv, d, inter, qk_norm, bias, neox, rot = CASES["qwen3-like"]
