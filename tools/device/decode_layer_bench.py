@@ -136,7 +136,7 @@ def main() -> None:
     p = num_sms(dev)
     t = dl.tiles(hidden, inter, hq, hkv, d, 2, p, dl.decode_splits(p, hkv, 4096))
     sink = torch.empty(p, device=dev)
-    nbytes = sum(L[k].numel() * L[k].element_size() for k in ("qkv", "o", "gu", "down") for L in layers[:1])
+    nbytes = sum(layers[0][k].numel() * layers[0][k].element_size() for k in ("qkv", "o", "gu", "down"))
     for ahead in sorted({0, opts.loop_ahead}):
         def stream(_a=ahead):
             for L in layers:
