@@ -22,13 +22,15 @@ import random
 import pytest
 import torch
 
-from atom.testing import devices_under_test
+from atom.testing import devices_under_test, speed_up_triton_interpreter
 
 _PARITY_KEY = pytest.StashKey[list]()
 
 # Test tensors are tiny: one intra-op thread is several times faster than OpenMP spinning on a shared
 # 2-core CI machine, and results do not depend on it.
 torch.set_num_threads(1)
+# Under TRITON_INTERPRET=1 (the triton-interpret lane): no re-patching of triton.language a helper call.
+speed_up_triton_interpreter()
 
 
 @pytest.fixture(scope="module", params=[pytest.param(d, marks=[pytest.mark.gpu] if d != "cpu" else [])

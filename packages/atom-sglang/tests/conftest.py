@@ -10,3 +10,6 @@ import os
 
 # Set before sglang is imported anywhere: SGLang's model registry reads it at import time.
 os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "atom_sglang.models")
+from atom.testing import speed_up_triton_interpreter  # noqa: E402
+
+speed_up_triton_interpreter()  # the interpreter cases' own pytest process (TRITON_INTERPRET=1) only

@@ -17,8 +17,10 @@ import time
 
 import pytest
 import torch
+from atom.testing import speed_up_triton_interpreter
 from atom_vllm.switches import atom_attention_enabled
 
+speed_up_triton_interpreter()  # the interpreter cases' own pytest process (TRITON_INTERPRET=1) only
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
