@@ -11,7 +11,14 @@ work; with --loop-ahead also with the requests ahead): the floor of its weight s
 four barriers alone in both forms.
 
     python tools/device/decode_layer_bench.py [--preset qwen3-0.6b] [--context 256] [--layers 28] [--stream 262144] \
-        [--loop-ahead 1]
+        [--loop-ahead 1] [--full-only] [--reads-sweep]
+
+--full-only times the whole launch only (no cuts: one compile a form), for sweeps of ATOM_DECODE_LAYER_WARPS and
+ATOM_DECODE_LAYER_CHUNK from the environment. --reads-sweep times the weight reads alone over programs (1, 2 and 4
+an SM: the reads need no residency), warps (4, 8) and chunk elements (16K, 32K, 64K): stop 67 measured the reads
+alone at half the copy rate at qwen3-0.6b (1.5 of 3.0 TB/s on the H100) and at the copy rate at qwen3-8b, so
+whether more loads in flight an SM (more programs or warps, larger chunks) lift the small shape's stream is the
+question before the kernel changes its grid.
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--stream", type=int, default=0, help="the second form's early stream, bytes a program")
     ap.add_argument("--loop-ahead", type=int, default=0, help="the second form's K loop L2 requests, chunks ahead")
+    ap.add_argument("--full-only", action="store_true", help="the whole launch only, no cuts")
+    ap.add_argument("--reads-sweep", action="store_true",
+                    help="the weight reads alone over programs an SM, warps and chunk elements")
     opts = ap.parse_args()
     hidden, hq, hkv, d, inter = SHAPES[opts.preset]
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -113,7 +123,7 @@ def main() -> None:
     forms = [(0, 0)] + ([(opts.stream, opts.loop_ahead)] if opts.stream or opts.loop_ahead else [])
     for stream, ahead in forms:
         prev = 0.0
-        for last in range(dl.NUM_PHASES):
+        for last in range(dl.NUM_PHASES - 1 if opts.full_only else 0, dl.NUM_PHASES):
             for L in layers:  # fresh counters: a cut launch leaves its own last barrier's set
                 L["bar"] = dl.counters(hkv, dev)
 
@@ -133,22 +143,40 @@ def main() -> None:
             print(f"early stream {stream:>7} B, loop ahead {ahead}, phases 0..{last}: {t:7.2f} us a launch "
                   f"(+{t - prev:6.2f})")
             prev = t
-    p = num_sms(dev)
-    t = dl.tiles(hidden, inter, hq, hkv, d, 2, p, dl.decode_splits(p, hkv, 4096))
-    sink = torch.empty(p, device=dev)
+    sms = num_sms(dev)
     nbytes = sum(layers[0][k].numel() * layers[0][k].element_size() for k in ("qkv", "o", "gu", "down"))
-    for ahead in sorted({0, opts.loop_ahead}):
-        def stream(_a=ahead):
+
+    def reads_alone(p: int, ahead: int, warps: int) -> float:
+        """us a launch of the weight reads alone at p programs (tiles at the module's CHUNK_ELEMS)."""
+        t = dl.tiles(hidden, inter, hq, hkv, d, 2, p, dl.decode_splits(p, hkv, 4096))
+        sink = torch.empty(p, device=dev)
+
+        def stream():
             for L in layers:
                 _stream_only_kernel[(p,)](L["qkv"], L["o"], L["gu"], L["down"], sink, hidden, inter, nqkv, hq * d,
                                           R_QKV=t["R_QKV"], T_QKV=t["T_QKV"], KB_QKV=t["KB_QKV"], R_H=t["R_H"],
                                           T_H=t["T_H"], KB_O=t["KB_O"], R_GU=t["R_GU"], T_GU=t["T_GU"],
-                                          KB_GU=t["KB_GU"], KB_D=t["KB_D"], LINE=t["LINE"], AHEAD=_a,
-                                          num_warps=dl.NUM_WARPS)
+                                          KB_GU=t["KB_GU"], KB_D=t["KB_D"], LINE=t["LINE"], AHEAD=ahead,
+                                          num_warps=warps)
 
-        us = timed_us(stream, opts.layers)
+        return timed_us(stream, opts.layers)
+
+    for ahead in sorted({0, opts.loop_ahead}):
+        us = reads_alone(sms, ahead, dl.NUM_WARPS)
         print(f"the weight reads alone (loop ahead {ahead}): {us:6.2f} us a launch, {nbytes / us / 1e3:6.0f} GB/s "
               f"({nbytes / 1e6:.1f} MB)")
+    if opts.reads_sweep:
+        chunk0 = dl.CHUNK_ELEMS
+        try:
+            for chunk in (16384, 32768, 65536):
+                dl.CHUNK_ELEMS = chunk  # tiles() reads it: the chunks' columns
+                for per_sm in (1, 2, 4):
+                    for warps in (4, 8):
+                        us = reads_alone(per_sm * sms, 0, warps)
+                        print(f"reads alone, {per_sm} program(s) an SM, {warps} warps, chunk {chunk:>6}: "
+                              f"{us:6.2f} us a launch, {nbytes / us / 1e3:6.0f} GB/s")
+        finally:
+            dl.CHUNK_ELEMS = chunk0
     bars = [dl.counters(hkv, dev) for _ in range(opts.layers)]
     for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):
         def barriers(_w=warps, _m=mode):
