@@ -181,7 +181,7 @@ def main() -> None:
     for mode, warps in ((1, 1), (1, dl.NUM_WARPS), (2, 1), (2, dl.NUM_WARPS)):
         def barriers(_w=warps, _m=mode):
             for b in bars:
-                _barriers_only_kernel[(p,)](b, P=p, MODE=_m, FLAGS_AT=dl.flags_at(hkv), num_warps=_w)
+                _barriers_only_kernel[(sms,)](b, P=sms, MODE=_m, FLAGS_AT=dl.flags_at(hkv), num_warps=_w)
 
         print(f"4 barriers alone, form {mode} (ATOM_DECODE_LAYER_BARRIER), {warps} warps: "
               f"{timed_us(barriers, opts.layers):6.2f} us a launch")

@@ -17,9 +17,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter as ti  # noqa: E402
-
 from atom.testing import speed_up_triton_interpreter  # noqa: E402
+from triton.runtime import interpreter as ti  # noqa: E402
 
 
 @triton.jit
