@@ -43,9 +43,11 @@ DOT_TILES = [(128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 5)
              (64, 256, 8, 3), (64, 256, 8, 4)]
 # [block_n (weight rows), num_warps, num_stages, block_k]; block_m is the padded rows. block_k 256 (per-channel /
 # per-tensor only: K steps of twice the bytes, half the steps; stop 51) for the batch-1 GEMMs at ~70% of the copy
-# rate. (64, 4, 5, 256): 64 KB of weight in flight a program, for the H200's faster HBM (KERNEL_NOTES stop 66).
+# rate. (64, 4, 5, 256): 64 KB of weight in flight a program, for the H200's faster HBM (KERNEL_NOTES stop 66);
+# (64, 4, 3 / 4, 512): the same bytes in flight in fewer, longer K steps (sm_90 compile here: 44 registers from
+# codes, 146 quantizing rows, no spills; stop 67).
 SWAP_TILES = [(64, 4, 5, 128), (64, 4, 7, 128), (128, 8, 4, 128), (64, 4, 3, 256), (64, 4, 4, 256), (64, 4, 5, 256),
-              (128, 8, 3, 256)]
+              (128, 8, 3, 256), (64, 4, 3, 512), (64, 4, 4, 512)]
 # a candidate whose output is further than this from the reference (relative to its largest value) is wrong: bf16
 # outputs and fast accumulation stay ~10x below it on these shapes
 WRONG_REL = 2e-2

@@ -576,6 +576,22 @@ def test_fp8_gemm_tile_block_k(path, layout):
             tk._k_step({"block_k": bad}, 128, False)
 
 
+def test_fp8_swap_tile_block_k_512():
+    """The longest K step fp8_tiles.py sweeps for the swap-AB GEMM at one row (block_k 512, per-channel weights): K =
+    600 in two splits of 512 and 88, the first one whole K step and the last partial, within the reference's
+    bound."""
+    from atom.ops.triton_kernels import quant_fp8 as tk
+
+    tile = {"block_k": 512, "num_stages": 3}
+    saved = tk.SWAP_TILE_OVERRIDE
+    try:
+        tk.SWAP_TILE_OVERRIDE = tile
+        assert tk._swap_tile(1, 96, 600, 128, torch.device(DEVICE))["block_k"] == 512
+    finally:
+        tk.SWAP_TILE_OVERRIDE = saved
+    _run_linear("swap_block_k_512", 1, 96, 600, "channel", None, 2, torch.float32, swap_tile=tile)
+
+
 @pytest.mark.parametrize("name", ["decode_block_split", "decode_channel_split", "decode_tensor"])
 def test_fp8_linear_dot_path_at_small_m(name):
     """GEMV and swap-AB off (kernel_bench's comparison) runs the tl.dot GEMM at M <= 4."""
