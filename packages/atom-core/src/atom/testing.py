@@ -146,8 +146,8 @@ def speed_up_triton_interpreter() -> bool:
         from triton.runtime import interpreter as ti
     except ImportError:
         return False
-    cls, patch_lang = getattr(ti, "InterpretedFunction", None), getattr(ti, "_patch_lang", None)
-    if cls is None or patch_lang is None:
+    cls = getattr(ti, "InterpretedFunction", None)
+    if cls is None or not hasattr(ti, "_patch_lang"):
         return False
     if getattr(cls.__call__, "_atom_fast", False):
         return True
